@@ -1,0 +1,68 @@
+/**
+ * The `jetfill` command line: `deno run -A cli.ts <command> [options]`.
+ *
+ * @module
+ */
+import { UsageError } from "./src/errors.ts";
+
+type Command = (args: string[]) => Promise<number>;
+
+const COMMANDS: Record<string, { summary: string; load: () => Promise<Command> }> = {
+  sync: {
+    summary: "copy events from Jetstream into a Deno KV queue",
+    load: async () => (await import("./src/cli/sync.ts")).syncCommand,
+  },
+  serve: {
+    summary: "serve a capture file as a Jetstream-compatible /subscribe endpoint",
+    load: async () => (await import("./src/cli/serve.ts")).serveCommand,
+  },
+};
+
+function usage(): string {
+  const lines = Object.entries(COMMANDS).map(([name, c]) => `  ${name.padEnd(8)} ${c.summary}`);
+  return [
+    "Usage: jetfill <command> [options]",
+    "",
+    "Commands:",
+    ...lines,
+    "",
+    "Run 'jetfill <command> --help' for the options of a command.",
+  ].join("\n");
+}
+
+/**
+ * Runs the CLI with the given arguments and resolves to the process exit code:
+ * 0 success, 1 runtime failure, 2 usage or validation error, 130 interrupted after a clean flush.
+ *
+ * @example
+ * ```ts
+ * import { main } from "./cli.ts";
+ * const code = await main(["--help"]);
+ * ```
+ */
+export async function main(args: string[]): Promise<number> {
+  const [name, ...rest] = args;
+  if (name === undefined || name === "--help" || name === "-h" || name === "help") {
+    console.log(usage());
+    return name === undefined ? 2 : 0;
+  }
+  const command = COMMANDS[name];
+  if (!command) {
+    console.error(`jetfill: unknown command '${name}': expected one of ${Object.keys(COMMANDS).join(", ")}`);
+    return 2;
+  }
+  try {
+    return await (await command.load())(rest);
+  } catch (err) {
+    if (err instanceof UsageError) {
+      console.error(`jetfill ${name}: ${err.message}`);
+      return 2;
+    }
+    console.error(`jetfill ${name}: ${err instanceof Error ? err.message : String(err)}`);
+    return 1;
+  }
+}
+
+if (import.meta.main) {
+  Deno.exit(await main(Deno.args));
+}
