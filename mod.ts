@@ -1,0 +1,53 @@
+/**
+ * jetfill: a faithful slice of the Bluesky firehose, from Jetstream into a Deno KV queue.
+ *
+ * @example
+ * ```ts
+ * import { decodeQueueMessage, runBackfillSync } from "@jetfill/jetfill";
+ *
+ * const stats = await runBackfillSync({
+ *   wantedCollections: ["app.bsky.feed.post"],
+ *   startTimestamp: "2026-11-28",
+ *   numRecords: 1000,
+ *   kv: "./posts.sqlite",
+ * });
+ * console.log(stats.recordsStored, stats.stopReason);
+ *
+ * const kv = await Deno.openKv("./posts.sqlite");
+ * kv.listenQueue((message) => {
+ *   for (const event of decodeQueueMessage(message)) console.log(event.did, event.time_us);
+ * });
+ * ```
+ *
+ * @module
+ */
+export { runBackfillSync } from "./src/backfill.ts";
+export {
+  type BackfillSyncOptions,
+  instanceUrl,
+  MAX_WANTED_COLLECTIONS,
+  MAX_WANTED_DIDS,
+  PUBLIC_INSTANCES,
+  type ResolvedSyncOptions,
+  resolveSyncOptions,
+} from "./src/options.ts";
+export type {
+  DateChange,
+  SkipReason,
+  StopReason,
+  SyncErrorReport,
+  SyncProgress,
+  SyncStats,
+} from "./src/stats.ts";
+export { decodeQueueMessage, isQueueMessage, type QueueMessage } from "./src/queue/message.ts";
+export { type Checkpoint, queueLength, readCheckpoint, type RunState } from "./src/queue/kv_queue.ts";
+export type {
+  AccountEvent,
+  CommitData,
+  CommitEvent,
+  EventKind,
+  IdentityEvent,
+  JetstreamEvent,
+} from "./src/jetstream/events.ts";
+export { UsageError } from "./src/errors.ts";
+export { isoFromUs, parseTimestamp, TIMESTAMP_FORMATS, utcDate } from "./src/time.ts";

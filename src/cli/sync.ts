@@ -1,0 +1,194 @@
+/**
+ * `jetfill sync`: copy events from Jetstream into a Deno KV queue.
+ *
+ * @module
+ */
+import { runBackfillSync } from "../backfill.ts";
+import type { BackfillSyncOptions } from "../options.ts";
+import type { SyncProgress, SyncStats } from "../stats.ts";
+import { isoFromUs, TIMESTAMP_FORMATS } from "../time.ts";
+import { type FlagSpec, numberFlag, parseFlags, readListFile } from "./args.ts";
+
+const HELP = `Usage: jetfill sync [options]
+
+Copy the Jetstream events you select into a Deno KV queue, then print statistics.
+
+Selection:
+  --did DID               keep this DID (did:plc: or did:web:); repeatable
+  --dids-file PATH        DIDs to keep, one per line
+  --collection NSID       keep this collection, or a prefix like app.bsky.graph.*; repeatable
+                          (default app.bsky.feed.post)
+  --kind KIND             commit, identity or account; repeatable (default commit)
+  --start TIME            start here (sent as the cursor); ${TIMESTAMP_FORMATS}; UTC
+  --end TIME              stop at the first event at or after this time (not stored)
+  --limit N               stop after exactly N stored records (default 10000)
+
+Connection:
+  --instance HOST|URL     Jetstream host or ws:// / wss:// URL; repeatable, tried in order
+                          (default jetstream1.us-east.bsky.network)
+  --compress              ask for zstd-compressed frames
+  --zstd-dictionary PATH  the zstd dictionary for --compress
+  --idle-timeout SECONDS  reconnect a connection silent this long (default 60)
+  --max-retries N         attempts in a row without progress before giving up (default 10)
+  --max-time SECONDS      stop after this long, even when nothing arrives (default 900)
+
+Queue:
+  --kv PATH               Deno KV database (default ./jetfill-data/<queue-name>.sqlite)
+  --queue-name NAME       queue name (default jetstream_sync)
+  --batch-size N          records per batch and atomic commit (default 100)
+  --resume                continue this queue's last run from its checkpoint
+  --force                 with --resume, accept different options
+
+Output:
+  --json                  print the statistics as JSON on stdout
+  --verbose               report every skipped frame on stderr
+  -h, --help              show this help
+
+Exit codes: 0 done, 1 runtime failure, 2 bad input, 130 interrupted (after storing what was received).`;
+
+const FLAGS: FlagSpec = {
+  did: { type: "string", multiple: true },
+  "dids-file": { type: "string" },
+  collection: { type: "string", multiple: true },
+  kind: { type: "string", multiple: true },
+  start: { type: "string" },
+  end: { type: "string" },
+  limit: { type: "string" },
+  instance: { type: "string", multiple: true },
+  compress: { type: "boolean" },
+  "zstd-dictionary": { type: "string" },
+  "idle-timeout": { type: "string" },
+  "max-retries": { type: "string" },
+  "max-time": { type: "string" },
+  kv: { type: "string" },
+  "queue-name": { type: "string" },
+  "batch-size": { type: "string" },
+  resume: { type: "boolean" },
+  force: { type: "boolean" },
+  json: { type: "boolean" },
+  verbose: { type: "boolean" },
+  help: { type: "boolean", short: "h" },
+};
+
+/** Turns the flags of `jetfill sync` into library options. */
+export async function syncOptionsFromFlags(v: Record<string, unknown>): Promise<BackfillSyncOptions> {
+  const dids = [...((v.did as string[] | undefined) ?? [])];
+  if (v["dids-file"] !== undefined) dids.push(...await readListFile("dids-file", v["dids-file"] as string));
+  const options: BackfillSyncOptions = {};
+  if (dids.length > 0) options.wantedDids = dids;
+  if (v.collection) options.wantedCollections = v.collection as string[];
+  if (v.kind) options.kinds = v.kind as BackfillSyncOptions["kinds"];
+  if (v.start !== undefined) options.startTimestamp = v.start as string;
+  if (v.end !== undefined) options.endTimestamp = v.end as string;
+  if (v.instance) options.instance = v.instance as string[];
+  if (v.kv !== undefined) options.kv = v.kv as string;
+  if (v["queue-name"] !== undefined) options.queueName = v["queue-name"] as string;
+  if (v.compress) options.compress = true;
+  if (v.resume) options.resume = true;
+  if (v.force) options.force = true;
+  const limit = numberFlag("limit", v.limit, { integer: true, positive: true });
+  if (limit !== undefined) options.numRecords = limit;
+  const batch = numberFlag("batch-size", v["batch-size"], { integer: true, positive: true });
+  if (batch !== undefined) options.batchSize = batch;
+  const maxTime = numberFlag("max-time", v["max-time"], { positive: true });
+  if (maxTime !== undefined) options.maxTime = maxTime;
+  const idle = numberFlag("idle-timeout", v["idle-timeout"], { positive: true });
+  if (idle !== undefined) options.idleTimeout = idle;
+  const retries = numberFlag("max-retries", v["max-retries"], { integer: true, min: 0 });
+  if (retries !== undefined) options.maxRetries = retries;
+  return options;
+}
+
+function progressLine(p: SyncProgress): string {
+  const pct = p.percent !== null ? ` ${p.percent.toFixed(1)}% of window` : "";
+  return `${p.recordsStored} records, ${Math.round(p.rate)}/s, ${p.messagesReceived} messages, ${
+    p.currentDate ?? "-"
+  }${pct}, ${p.elapsed.toFixed(0)} s`;
+}
+
+/** A readable summary of the statistics. */
+export function formatSummary(s: SyncStats): string {
+  const lines = [
+    `records stored      ${s.recordsStored}`,
+    `messages received   ${s.messagesReceived}`,
+    `total time          ${s.totalTime.toFixed(2)} s (${Math.round(s.recordsPerSecond)} records/s)`,
+    `stopped by          ${s.stopReason}${s.error ? `: ${s.error}` : ""}`,
+    `target reached      ${s.targetReached}`,
+    `end reached         ${s.endCursorReached}`,
+    `collections         ${s.collections.join(", ") || "-"}`,
+    `latest cursor       ${
+      s.latestCursor === null ? "-" : `${s.latestCursor} (${isoFromUs(s.latestCursor)})`
+    }`,
+    `current date        ${s.currentDate ?? "-"}`,
+    `queue length        ${s.queueLength} messages waiting`,
+  ];
+  const days = Object.entries(s.recordsPerDay).sort();
+  if (days.length > 0) lines.push(`records per day     ${days.map(([d, n]) => `${d}: ${n}`).join(", ")}`);
+  const skipped = Object.entries(s.skipped);
+  if (skipped.length > 0) {
+    lines.push(`skipped frames      ${skipped.map(([r, n]) => `${r}: ${n}`).join(", ")}`);
+  }
+  if (s.reconnects || s.failovers || s.duplicatesDropped) {
+    lines.push(
+      `reconnects          ${s.reconnects} (failovers ${s.failovers}, duplicates dropped ${s.duplicatesDropped})`,
+    );
+  }
+  if (s.bytesDecoded > 0) {
+    lines.push(
+      `compression         ${s.bytesReceived} bytes on the wire, ${s.bytesDecoded} decoded (${
+        (s.bytesDecoded / Math.max(1, s.bytesReceived)).toFixed(2)
+      }x)`,
+    );
+  }
+  if (s.latestCursor !== null) {
+    lines.push(`resume with         jetfill sync --resume (same --kv and --queue-name)`);
+  }
+  return lines.join("\n");
+}
+
+/**
+ * Runs `jetfill sync` with its arguments; resolves to the exit code.
+ *
+ * @example
+ * ```ts
+ * import { syncCommand } from "./sync.ts";
+ * const code = await syncCommand(["--instance", "ws://127.0.0.1:6008", "--limit", "100", "--json"]);
+ * ```
+ */
+export async function syncCommand(args: string[]): Promise<number> {
+  const v = parseFlags("sync", args, FLAGS);
+  if (v.help) {
+    console.log(HELP);
+    return 0;
+  }
+  const options = await syncOptionsFromFlags(v);
+  const controller = new AbortController();
+  const onSignal = () => controller.abort();
+  Deno.addSignalListener("SIGINT", onSignal);
+  Deno.addSignalListener("SIGTERM", onSignal);
+  const live = Deno.stderr.isTerminal() && !v.json;
+  const enc = new TextEncoder();
+  options.signal = controller.signal;
+  if (live) options.onProgress = (p) => Deno.stderr.writeSync(enc.encode(`\r\x1b[2K${progressLine(p)}`));
+  options.onError = (r) => {
+    if (r.reason === "connection" || r.reason === "retry" || v.verbose) {
+      if (live) Deno.stderr.writeSync(enc.encode("\r\x1b[2K"));
+      console.error(`jetfill sync: ${r.message}`);
+    }
+  };
+  let stats: SyncStats;
+  try {
+    stats = await runBackfillSync(options);
+  } finally {
+    Deno.removeSignalListener("SIGINT", onSignal);
+    Deno.removeSignalListener("SIGTERM", onSignal);
+    if (live) Deno.stderr.writeSync(enc.encode("\r\x1b[2K"));
+  }
+  if (v.json) console.log(JSON.stringify(stats));
+  else console.log(formatSummary(stats));
+  if (stats.stopReason === "error") {
+    if (v.json) console.error(`jetfill sync: ${stats.error}`);
+    return 1;
+  }
+  return stats.stopReason === "aborted" ? 130 : 0;
+}

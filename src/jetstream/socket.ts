@@ -1,0 +1,223 @@
+/**
+ * One WebSocket connection to Jetstream, read by pulling: frames are buffered as they arrive and
+ * taken in arrays by the pipeline. The buffer is bounded: when the pipeline falls behind, the
+ * connection closes itself (`overflow`) and the caller reconnects from its cursor, so memory stays
+ * flat instead of growing with the backlog. A silent connection is closed after an idle timeout,
+ * because Deno does not show the server's pings.
+ *
+ * @module
+ */
+
+/** A frame as received: text (JSON) or binary (zstd). */
+export type Frame = string | ArrayBuffer;
+
+/** Why a connection ended. */
+export type CloseCause =
+  | { kind: "closed"; code: number; reason: string }
+  | { kind: "idle" }
+  | { kind: "overflow" }
+  | { kind: "aborted" };
+
+/** A connection attempt failed before the WebSocket opened. */
+export class ConnectError extends Error {
+  /** The HTTP status of the refused upgrade, when there was one. */
+  readonly status: number | undefined;
+  /** The body of the refusal (Jetstream explains a 400 there), when it could be read. */
+  readonly body: string | undefined;
+  /** Creates the error. */
+  constructor(message: string, status?: number, body?: string) {
+    super(message);
+    this.name = "ConnectError";
+    this.status = status;
+    this.body = body;
+  }
+}
+
+/** Options of {@link openConnection}. */
+export interface ConnectionOptions {
+  /** Close the connection when nothing arrives for this long (ms). */
+  idleTimeoutMs: number;
+  /** Close the connection when frames waiting to be pulled exceed this many bytes. */
+  maxBufferedBytes: number;
+  /** Text to send as soon as the socket opens (the `options_update` hello). */
+  hello?: string;
+  /** Extra protocols to offer. */
+  protocols?: string[];
+  /** Aborting closes the connection. */
+  signal?: AbortSignal;
+}
+
+/** An open connection; pull frames with {@link Connection.next}. */
+export class Connection {
+  /** The URL connected to. */
+  readonly url: string;
+  /** Bytes received on this connection. */
+  bytesReceived = 0;
+  /** Why it ended, once it has. */
+  cause: CloseCause | undefined;
+  #ws: WebSocket;
+  #buf: Frame[] = [];
+  #bufBytes = 0;
+  #wake: (() => void) | undefined;
+  #lastActivity = Date.now();
+  #idleTimer: ReturnType<typeof setTimeout> | undefined;
+  #opts: ConnectionOptions;
+  #onAbort = () => this.#end({ kind: "aborted" });
+
+  /** Wraps an open socket; use {@link openConnection}. */
+  constructor(ws: WebSocket, url: string, opts: ConnectionOptions) {
+    this.#ws = ws;
+    this.url = url;
+    this.#opts = opts;
+    ws.onmessage = (e: MessageEvent) => this.#onMessage(e.data);
+    ws.onclose = (e: CloseEvent) => this.#end({ kind: "closed", code: e.code, reason: e.reason });
+    ws.onerror = () => {};
+    opts.signal?.addEventListener("abort", this.#onAbort, { once: true });
+    this.#armIdle();
+  }
+
+  #onMessage(data: Frame): void {
+    if (this.cause) return;
+    const size = typeof data === "string" ? data.length : data.byteLength;
+    this.bytesReceived += size;
+    this.#bufBytes += size;
+    this.#buf.push(data);
+    this.#lastActivity = Date.now();
+    if (this.#bufBytes > this.#opts.maxBufferedBytes) this.#end({ kind: "overflow" });
+    const wake = this.#wake;
+    if (wake) {
+      this.#wake = undefined;
+      wake();
+    }
+  }
+
+  #armIdle(): void {
+    const ms = this.#opts.idleTimeoutMs;
+    if (!Number.isFinite(ms)) return;
+    const tick = () => {
+      if (this.cause) return;
+      const quiet = Date.now() - this.#lastActivity;
+      if (quiet >= ms) this.#end({ kind: "idle" });
+      else this.#idleTimer = setTimeout(tick, ms - quiet);
+    };
+    this.#idleTimer = setTimeout(tick, ms);
+  }
+
+  #end(cause: CloseCause): void {
+    if (this.cause) return;
+    this.cause = cause;
+    clearTimeout(this.#idleTimer);
+    this.#opts.signal?.removeEventListener("abort", this.#onAbort);
+    if (this.#ws.readyState === WebSocket.OPEN || this.#ws.readyState === WebSocket.CONNECTING) {
+      try {
+        this.#ws.close(1000);
+      } catch { /* already closing */ }
+    }
+    const wake = this.#wake;
+    this.#wake = undefined;
+    wake?.();
+  }
+
+  /**
+   * The frames received since the last call, waiting for at least one; `null` once the connection
+   * has ended and everything received was taken.
+   */
+  async next(): Promise<Frame[] | null> {
+    while (this.#buf.length === 0) {
+      if (this.cause) return null;
+      await new Promise<void>((resolve) => (this.#wake = resolve));
+    }
+    const frames = this.#buf;
+    this.#buf = [];
+    this.#bufBytes = 0;
+    return frames;
+  }
+
+  /** Closes the connection; frames already received can still be taken. */
+  close(): void {
+    this.#end({ kind: "aborted" });
+  }
+
+  /** Resolves once the socket is fully closed (so tests and shutdowns leave nothing open). */
+  async closed(): Promise<void> {
+    if (this.#ws.readyState === WebSocket.CLOSED) return;
+    await new Promise<void>((resolve) => this.#ws.addEventListener("close", () => resolve(), { once: true }));
+  }
+}
+
+async function refusalBody(url: string, signal?: AbortSignal): Promise<{ status?: number; body?: string }> {
+  // The WebSocket API hides the refused upgrade's response; a plain GET with the same query gets
+  // the server's explanation (Jetstream validates the query before upgrading).
+  const http = url.replace(/^ws/, "http");
+  try {
+    const res = await fetch(http, { signal: signal ?? AbortSignal.timeout(5000) });
+    const body = (await res.text()).trim().slice(0, 500);
+    return { status: res.status, body };
+  } catch {
+    return {};
+  }
+}
+
+/**
+ * Opens a WebSocket and resolves once it is open; rejects with a {@link ConnectError} carrying the
+ * HTTP status and body when the server refuses the upgrade.
+ *
+ * @example
+ * ```ts
+ * import { openConnection } from "./socket.ts";
+ * const conn = await openConnection("ws://127.0.0.1:6008/subscribe", {
+ *   idleTimeoutMs: 60_000,
+ *   maxBufferedBytes: 64 << 20,
+ * });
+ * for (let frames = await conn.next(); frames; frames = await conn.next()) console.log(frames.length);
+ * ```
+ */
+export function openConnection(url: string, opts: ConnectionOptions): Promise<Connection> {
+  return new Promise((resolve, reject) => {
+    if (opts.signal?.aborted) return reject(new ConnectError(`connection to ${url} aborted`));
+    const ws = new WebSocket(url, opts.protocols);
+    ws.binaryType = "arraybuffer";
+    let message = "";
+    const timer = setTimeout(() => {
+      message = `no answer within ${Math.round(Math.min(opts.idleTimeoutMs, 30_000) / 1000)} s`;
+      ws.close();
+    }, Math.min(opts.idleTimeoutMs, 30_000));
+    const onAbort = () => {
+      message = "aborted";
+      ws.close();
+    };
+    opts.signal?.addEventListener("abort", onAbort, { once: true });
+    ws.onopen = () => {
+      clearTimeout(timer);
+      opts.signal?.removeEventListener("abort", onAbort);
+      const conn = new Connection(ws, url, opts);
+      if (opts.hello) ws.send(opts.hello);
+      resolve(conn);
+    };
+    ws.onerror = (e) => {
+      message ||= (e as ErrorEvent).message ?? "connection failed";
+    };
+    ws.onclose = async () => {
+      clearTimeout(timer);
+      opts.signal?.removeEventListener("abort", onAbort);
+      const status = /status code:? (\d{3})/i.exec(message)?.[1];
+      if (status && Number(status) >= 400 && Number(status) < 500 && !opts.signal?.aborted) {
+        const r = await refusalBody(url, opts.signal);
+        const body = r.status === Number(status) ? r.body : undefined;
+        return reject(
+          new ConnectError(
+            `${url} refused the connection: HTTP ${status}${body ? `: ${body}` : ""}`,
+            Number(status),
+            body,
+          ),
+        );
+      }
+      reject(
+        new ConnectError(
+          `cannot connect to ${url}: ${message.replace(/^NetworkError: /, "")}`,
+          status ? Number(status) : undefined,
+        ),
+      );
+    };
+  });
+}

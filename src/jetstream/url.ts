@@ -1,0 +1,65 @@
+/**
+ * Builds `/subscribe` URLs and the `options_update` hello of the legacy wire (protocol doc §1.1, §2).
+ *
+ * @module
+ */
+
+/** Above this many DIDs the filter goes in an `options_update` message instead of the URL. */
+export const URL_DID_LIMIT = 50;
+
+/** What a subscription asks for. */
+export interface SubscribeParams {
+  /** DIDs; all when empty. */
+  wantedDids: readonly string[];
+  /** Collections or prefixes; all when empty. */
+  wantedCollections: readonly string[];
+  /** Inclusive cursor (unix µs on legacy servers); live when undefined. */
+  cursor?: number;
+  /** Ask for zstd frames. */
+  compress?: boolean;
+}
+
+/** A subscription request: the URL and, when the filters are too large for it, the hello to send. */
+export interface SubscribeRequest {
+  /** The WebSocket URL. */
+  url: string;
+  /** An `options_update` text to send right after the socket opens, if any. */
+  hello?: string;
+}
+
+/**
+ * Builds the URL (repeated query parameters, as Jetstream reads them) and, for many DIDs, the
+ * `options_update` hello with `requireHello=true`, so the URL never overflows.
+ *
+ * @example
+ * ```ts
+ * import { buildSubscribeRequest } from "./url.ts";
+ * const req = buildSubscribeRequest("wss://jetstream1.us-east.bsky.network/subscribe", {
+ *   wantedDids: [],
+ *   wantedCollections: ["app.bsky.feed.post", "app.bsky.graph.*"],
+ *   cursor: 1725911162329308,
+ * });
+ * req.url; // "wss://…/subscribe?wantedCollections=app.bsky.feed.post&wantedCollections=app.bsky.graph.*&cursor=1725911162329308"
+ * ```
+ */
+export function buildSubscribeRequest(base: string, params: SubscribeParams): SubscribeRequest {
+  const url = new URL(base);
+  const q = url.searchParams;
+  for (const key of ["wantedDids", "wantedCollections", "cursor", "compress", "requireHello"]) q.delete(key);
+  for (const c of params.wantedCollections) q.append("wantedCollections", c);
+  const viaHello = params.wantedDids.length > URL_DID_LIMIT;
+  if (!viaHello) { for (const d of params.wantedDids) q.append("wantedDids", d); }
+  // Always an integer of microseconds: a seconds value would be a sequence number on a v2 server.
+  if (params.cursor !== undefined) q.set("cursor", String(Math.trunc(params.cursor)));
+  if (params.compress) q.set("compress", "true");
+  if (viaHello) q.set("requireHello", "true");
+  // URLSearchParams encodes '*' as %2A and ':' as %3A; Jetstream decodes both, but keeping them
+  // literal makes logged URLs readable.
+  const text = url.toString().replaceAll("%2A", "*").replaceAll("%3A", ":");
+  if (!viaHello) return { url: text };
+  const hello = JSON.stringify({
+    type: "options_update",
+    payload: { wantedCollections: params.wantedCollections, wantedDids: params.wantedDids },
+  });
+  return { url: text, hello };
+}

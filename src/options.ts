@@ -1,0 +1,386 @@
+/**
+ * The options of {@link runBackfillSync} and their validation. `resolveSyncOptions()` turns what a
+ * user gave into checked, UTC, microsecond values before anything connects.
+ *
+ * @module
+ */
+import { z } from "zod";
+import { UsageError } from "./errors.ts";
+import { EVENT_KINDS, type EventKind } from "./jetstream/events.ts";
+import { isCollectionFilter, isDid } from "./validate.ts";
+import { isoFromUs, parseTimestamp, TIMESTAMP_FORMATS } from "./time.ts";
+import type { DateChange, SyncErrorReport, SyncProgress } from "./stats.ts";
+
+/**
+ * The public Jetstream hosts: the four numbered legacy hosts (v1 wire, µs cursors), then the two
+ * v2 hosts (protocol doc §0). The first is the default instance.
+ */
+export const PUBLIC_INSTANCES: readonly string[] = [
+  "jetstream1.us-east.bsky.network",
+  "jetstream2.us-east.bsky.network",
+  "jetstream1.us-west.bsky.network",
+  "jetstream2.us-west.bsky.network",
+  "jetstream.us-east.bsky.network",
+  "jetstream.us-west.bsky.network",
+];
+
+/** Jetstream's own limits on one subscription (protocol doc §1.1). */
+export const MAX_WANTED_DIDS = 10_000;
+/** Jetstream's own limits on one subscription (protocol doc §1.1). */
+export const MAX_WANTED_COLLECTIONS = 100;
+
+/** Options of {@link runBackfillSync}. Every field is optional. */
+export interface BackfillSyncOptions {
+  /** DIDs to keep (`did:plc:` or `did:web:`); all accounts when empty. At most 10,000. */
+  wantedDids?: readonly string[];
+  /**
+   * Collection NSIDs, or prefixes such as `app.bsky.graph.*`. At most 100.
+   * @default {["app.bsky.feed.post"]}
+   */
+  wantedCollections?: readonly string[];
+  /**
+   * Event kinds to store. Identity and account events pass Jetstream's collection filter, so they
+   * are only stored when asked for here.
+   * @default {["commit"]}
+   */
+  kinds?: readonly EventKind[];
+  /**
+   * Where to start: `YYYY-MM-DD`, `YYYY-MM-DD-HH:MM:SS`, ISO-8601 with `Z` or an offset, integer unix
+   * microseconds, or a `Date`. Always UTC. Sent as Jetstream's `cursor`. Live tail when absent.
+   */
+  startTimestamp?: string | number | Date;
+  /** Exclusive end, same formats: the first event at or after it stops the run and is not stored. */
+  endTimestamp?: string | number | Date;
+  /**
+   * Stop after exactly this many stored records.
+   * @default {10000}
+   */
+  numRecords?: number;
+  /**
+   * A host (`jetstream1.us-east.bsky.network` means `wss://HOST/subscribe`) or a full `ws://`/`wss://`
+   * URL; several are tried in order when one fails.
+   * @default {PUBLIC_INSTANCES[0]}
+   */
+  instance?: string | readonly string[];
+  /**
+   * Stop after this many seconds, even when no message arrives.
+   * @default {900}
+   */
+  maxTime?: number;
+  /**
+   * The queue's name; it also names the default database file.
+   * @default {"jetstream_sync"}
+   */
+  queueName?: string;
+  /**
+   * Records per batch: each batch is committed atomically with the queue's checkpoint, and no queue
+   * message holds more records than this.
+   * @default {100}
+   */
+  batchSize?: number;
+  /**
+   * Ask Jetstream for zstd-compressed frames.
+   * @default {false}
+   */
+  compress?: boolean;
+  /** A `Deno.Kv` to write to, or a database path. Default `./jetfill-data/<queueName>.sqlite`. */
+  kv?: Deno.Kv | string;
+  /** Aborting stops the run: pending records are flushed, then the statistics are returned. */
+  signal?: AbortSignal;
+  /** Called with progress figures at most a few times a second, and once at the end. */
+  onProgress?: (progress: SyncProgress) => void;
+  /** Called when the UTC date of the events being processed changes. */
+  onDateChange?: (change: DateChange) => void;
+  /** Called for every frame that is skipped (malformed, unknown kind…) and every connection problem. */
+  onError?: (report: SyncErrorReport) => void;
+  /**
+   * Continue the queue's last run from its checkpoint: same filters and window, starting after the
+   * last stored event, counting toward the same limit.
+   * @default {false}
+   */
+  resume?: boolean;
+  /**
+   * With `resume`, accept options that differ from the checkpoint's run.
+   * @default {false}
+   */
+  force?: boolean;
+  /**
+   * Seconds without any message before a connection is taken for dead and reopened. Narrow filters
+   * can be quiet for long; the reconnect is harmless (the cursor makes it lossless).
+   * @default {60}
+   */
+  idleTimeout?: number;
+  /**
+   * Connection attempts in a row without progress before the run stops with an error.
+   * @default {10}
+   */
+  maxRetries?: number;
+}
+
+/** The options after validation, in the units the pipeline uses. */
+export interface ResolvedSyncOptions {
+  /** Unique DIDs in the order given. */
+  wantedDids: string[];
+  /** Unique collection filters in the order given. */
+  wantedCollections: string[];
+  /** Unique kinds. */
+  kinds: EventKind[];
+  /** Start, unix µs. */
+  startUs: number | undefined;
+  /** Exclusive end, unix µs. */
+  endUs: number | undefined;
+  /** Record limit. */
+  numRecords: number;
+  /** WebSocket URLs, in the order to try them. */
+  instances: string[];
+  /** Wall-clock limit in milliseconds. */
+  maxTimeMs: number;
+  /** Queue name. */
+  queueName: string;
+  /** Records per batch. */
+  batchSize: number;
+  /** Ask for zstd frames. */
+  compress: boolean;
+  /** The database given by the user, if any. */
+  kv: Deno.Kv | string | undefined;
+  /** Continue the last run. */
+  resume: boolean;
+  /** Resume even with other options. */
+  force: boolean;
+  /** Idle timeout, ms. */
+  idleTimeoutMs: number;
+  /** Retries without progress before giving up. */
+  maxRetries: number;
+  /** Failed attempts on one instance before trying the next. */
+  failoverAfter: number;
+  /** How far to rewind the cursor when switching instance, µs. */
+  rewindUs: number;
+  /** Content keys remembered for deduplication. */
+  dedupeWindow: number;
+  /** Bytes of received frames a connection may hold before it closes itself. */
+  maxBufferedBytes: number;
+}
+
+const KIND_SET = new Set<string>(EVENT_KINDS);
+const QUEUE_NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$/;
+
+function show(value: unknown): string {
+  if (typeof value === "string") return JSON.stringify(value);
+  if (typeof value === "bigint") return `${value}n`;
+  if (value instanceof Date) return `Date(${value.toString()})`;
+  if (Array.isArray(value)) return `an array of ${value.length}`;
+  try {
+    return JSON.stringify(value) ?? String(value);
+  } catch {
+    return String(value);
+  }
+}
+
+function because(name: string, expected: string, value: unknown): string {
+  return `Cannot sync as '${name}' must be ${expected}: current value is ${show(value)}`;
+}
+
+function err(name: string, expected: string) {
+  return { error: (iss: { input?: unknown }) => because(name, expected, iss.input) };
+}
+
+const positiveInt = (name: string) =>
+  z.number(err(name, "a positive integer")).refine(
+    (n) => Number.isSafeInteger(n) && n > 0,
+    err(name, "a positive integer"),
+  );
+
+const stringList = (name: string) =>
+  z.array(z.string(err(name, "an array of strings")), err(name, "an array of strings"));
+
+const timestamp = (name: string) => z.union([z.string(), z.number(), z.date()], err(name, TIMESTAMP_FORMATS));
+
+const fn = (name: string) =>
+  z.custom<(arg: never) => void>((v) => typeof v === "function", err(name, "a function"));
+
+/** The shape of the options object; value-level checks follow in {@link resolveSyncOptions}. */
+export const SyncOptionsSchema = z.strictObject({
+  wantedDids: stringList("wantedDids").optional(),
+  wantedCollections: stringList("wantedCollections").optional(),
+  kinds: stringList("kinds").optional(),
+  startTimestamp: timestamp("startTimestamp").optional(),
+  endTimestamp: timestamp("endTimestamp").optional(),
+  numRecords: positiveInt("numRecords").optional(),
+  instance: z.union([z.string(), z.array(z.string())], err("instance", "a host or URL, or an array of them"))
+    .optional(),
+  maxTime: z.number(err("maxTime", "a positive number of seconds")).refine(
+    (n) => Number.isFinite(n) && n > 0,
+    err("maxTime", "a positive number of seconds"),
+  ).optional(),
+  queueName: z.string(err("queueName", "a name of letters, digits, '_', '.' or '-'")).refine(
+    (s) => QUEUE_NAME.test(s),
+    err("queueName", "1 to 100 letters, digits, '_', '.' or '-', starting with a letter or digit"),
+  ).optional(),
+  batchSize: positiveInt("batchSize").refine((n) => n <= 10_000, err("batchSize", "at most 10000"))
+    .optional(),
+  compress: z.boolean(err("compress", "a boolean")).optional(),
+  kv: z.union(
+    [z.string().min(1), z.custom<Deno.Kv>((v) => typeof v === "object" && v !== null)],
+    err(
+      "kv",
+      "a Deno.Kv or a database path",
+    ),
+  ).optional(),
+  signal: z.custom<AbortSignal>((v) => v instanceof AbortSignal, err("signal", "an AbortSignal")).optional(),
+  onProgress: fn("onProgress").optional(),
+  onDateChange: fn("onDateChange").optional(),
+  onError: fn("onError").optional(),
+  resume: z.boolean(err("resume", "a boolean")).optional(),
+  force: z.boolean(err("force", "a boolean")).optional(),
+  idleTimeout: z.number(err("idleTimeout", "a positive number of seconds")).refine(
+    (n) => n > 0,
+    err("idleTimeout", "a positive number of seconds"),
+  ).optional(),
+  maxRetries: z.number(err("maxRetries", "a non-negative integer")).refine(
+    (n) => Number.isSafeInteger(n) && n >= 0,
+    err("maxRetries", "a non-negative integer"),
+  ).optional(),
+}, {
+  error: (iss) =>
+    iss.code === "unrecognized_keys"
+      ? `Cannot sync as ${iss.keys.map((k) => `'${k}'`).join(", ")} ${
+        iss.keys.length === 1 ? "is not an option" : "are not options"
+      } of runBackfillSync()`
+      : undefined,
+});
+
+/**
+ * Turns a host, or a `ws://`/`wss://` URL, into the WebSocket URL to connect to. A bare host means
+ * `wss://HOST/subscribe`; a URL without a path gets `/subscribe`.
+ *
+ * @example
+ * ```ts
+ * import { instanceUrl } from "./options.ts";
+ * instanceUrl("jetstream2.us-west.bsky.network"); // "wss://jetstream2.us-west.bsky.network/subscribe"
+ * instanceUrl("ws://127.0.0.1:6008"); // "ws://127.0.0.1:6008/subscribe"
+ * ```
+ */
+export function instanceUrl(value: string): string {
+  const text = value.trim();
+  const expected = "a host name or a ws:// or wss:// URL";
+  if (/^[a-z][a-z0-9+.-]*:\/\//i.test(text)) {
+    let url: URL;
+    try {
+      url = new URL(text);
+    } catch {
+      throw new UsageError(because("instance", expected, value));
+    }
+    if (url.protocol !== "ws:" && url.protocol !== "wss:") {
+      throw new UsageError(because("instance", expected, value));
+    }
+    if (url.pathname === "" || url.pathname === "/") url.pathname = "/subscribe";
+    url.hash = "";
+    return url.toString();
+  }
+  if (!/^[a-zA-Z0-9.-]+(:\d{1,5})?$/.test(text) || text.startsWith(".") || text.length === 0) {
+    throw new UsageError(because("instance", expected, value));
+  }
+  return `wss://${text}/subscribe`;
+}
+
+function unique<T>(values: readonly T[]): T[] {
+  return [...new Set(values)];
+}
+
+function toUs(name: string, value: string | number | Date | undefined): number | undefined {
+  if (value === undefined) return undefined;
+  const us = parseTimestamp(value);
+  if (us === undefined) throw new UsageError(because(name, TIMESTAMP_FORMATS, value));
+  return us;
+}
+
+/**
+ * Validates `options` and fills in defaults. Throws a {@link UsageError} naming the first value that
+ * cannot be used and what was expected.
+ *
+ * @example
+ * ```ts
+ * import { resolveSyncOptions } from "./options.ts";
+ * const o = resolveSyncOptions({ startTimestamp: "2024-01-01", numRecords: 50 });
+ * o.startUs; // 1704067200000000
+ * ```
+ */
+export function resolveSyncOptions(options: BackfillSyncOptions = {}): ResolvedSyncOptions {
+  const parsed = SyncOptionsSchema.safeParse(options);
+  if (!parsed.success) throw new UsageError(parsed.error.issues[0].message);
+  const o = parsed.data;
+
+  const wantedDids = unique(o.wantedDids ?? []);
+  for (const did of wantedDids) {
+    if (!isDid(did)) throw new UsageError(because("wantedDids", "did:plc: or did:web: DIDs", did));
+  }
+  if (wantedDids.length > MAX_WANTED_DIDS) {
+    throw new UsageError(
+      `Cannot sync as 'wantedDids' must hold at most ${MAX_WANTED_DIDS} DIDs (Jetstream's limit): current value has ${wantedDids.length}`,
+    );
+  }
+  const wantedCollections = unique(o.wantedCollections ?? ["app.bsky.feed.post"]);
+  for (const c of wantedCollections) {
+    if (!isCollectionFilter(c)) {
+      throw new UsageError(
+        because(
+          "wantedCollections",
+          "NSIDs such as app.bsky.feed.post or prefixes such as app.bsky.graph.*",
+          c,
+        ),
+      );
+    }
+  }
+  if (wantedCollections.length > MAX_WANTED_COLLECTIONS) {
+    throw new UsageError(
+      `Cannot sync as 'wantedCollections' must hold at most ${MAX_WANTED_COLLECTIONS} collections (Jetstream's limit): current value has ${wantedCollections.length}`,
+    );
+  }
+  const kinds = unique(o.kinds ?? ["commit"]);
+  for (const k of kinds) {
+    if (!KIND_SET.has(k)) throw new UsageError(because("kinds", `one of ${EVENT_KINDS.join(", ")}`, k));
+  }
+  if (kinds.length === 0) {
+    throw new UsageError(because("kinds", `at least one of ${EVENT_KINDS.join(", ")}`, []));
+  }
+
+  const startUs = toUs("startTimestamp", o.startTimestamp);
+  const endUs = toUs("endTimestamp", o.endTimestamp);
+  if (startUs !== undefined && endUs !== undefined && endUs <= startUs) {
+    throw new UsageError(
+      `Cannot sync as 'endTimestamp' must be after 'startTimestamp': ${isoFromUs(endUs)} is not after ${
+        isoFromUs(startUs)
+      }`,
+    );
+  }
+  const given = o.instance === undefined
+    ? [PUBLIC_INSTANCES[0]]
+    : typeof o.instance === "string"
+    ? [o.instance]
+    : o.instance;
+  if (given.length === 0) throw new UsageError(because("instance", "at least one host or URL", []));
+  const instances = unique(given.map(instanceUrl));
+
+  return {
+    wantedDids,
+    wantedCollections,
+    kinds: kinds as EventKind[],
+    startUs,
+    endUs,
+    numRecords: o.numRecords ?? 10_000,
+    instances,
+    maxTimeMs: (o.maxTime ?? 900) * 1000,
+    queueName: o.queueName ?? "jetstream_sync",
+    batchSize: o.batchSize ?? 100,
+    compress: o.compress ?? false,
+    kv: o.kv,
+    resume: o.resume ?? false,
+    force: o.force ?? false,
+    idleTimeoutMs: (o.idleTimeout ?? 60) * 1000,
+    maxRetries: o.maxRetries ?? 10,
+    failoverAfter: 2,
+    rewindUs: 5_000_000,
+    dedupeWindow: 100_000,
+    maxBufferedBytes: 64 << 20,
+  };
+}

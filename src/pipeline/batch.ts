@@ -1,0 +1,142 @@
+/**
+ * Packs selected events into queue messages: at most `batchSize` records a message, and never more
+ * than Deno KV's 64 KiB a message, measured by an upper bound on the serialized size.
+ *
+ * @module
+ */
+import type { JetstreamEvent } from "../jetstream/events.ts";
+import { compressEvent } from "../queue/message.ts";
+import { KV_VALUE_LIMIT, serializedSizeBound } from "../queue/size.ts";
+
+/** A packed message with what it counts for. */
+export interface PackedMessage {
+  /** The events, as received. */
+  records: JetstreamEvent[];
+  /** Gzip of an event too large to travel as a record. */
+  compressed?: Uint8Array[];
+  /** Upper bound on the serialized size of the whole message. */
+  size: number;
+  /** Number of events. */
+  count: number;
+  /** `time_us` of the last event. */
+  cursor: number;
+  /** Events per UTC day. */
+  days: Map<string, number>;
+  /** Collections of the commit events. */
+  collections: Set<string>;
+}
+
+/** A batch: `batchSize` records (fewer for the last one), as consecutive messages. */
+export interface Batch {
+  /** The messages, in order. */
+  messages: PackedMessage[];
+  /** Number of records. */
+  records: number;
+}
+
+/** An event that is too large for a queue message even when gzipped. */
+export class OversizedEventError extends Error {
+  /** Creates the error for the event at `timeUs`. */
+  constructor(timeUs: number, bytes: number, limit: number) {
+    super(
+      `event at time_us ${timeUs} is ${bytes} bytes after gzip, more than the ${limit} bytes a Deno KV queue message can hold`,
+    );
+    this.name = "OversizedEventError";
+  }
+}
+
+/**
+ * Accumulates events into batches of messages.
+ *
+ * @example
+ * ```ts
+ * import { Batcher } from "./batch.ts";
+ * const b = new Batcher("jetstream_sync", 100);
+ * const text = '{"did":"did:plc:aaaaaaaaaaaaaaaaaaaaaaaa","time_us":1725911162329308,"kind":"commit"}';
+ * b.add(JSON.parse(text), text, "2024-09-09", undefined); // false: the batch is not full yet
+ * b.take()?.records; // 1
+ * ```
+ */
+export class Batcher {
+  readonly #batchSize: number;
+  readonly #budget: number;
+  readonly #overhead: number;
+  #messages: PackedMessage[] = [];
+  #current: PackedMessage | undefined;
+  #records = 0;
+
+  /** A batcher for `queue` with `batchSize` records a batch. */
+  constructor(queue: string, batchSize: number, messageLimit = KV_VALUE_LIMIT) {
+    this.#batchSize = batchSize;
+    // Room for the envelope { v, queue, seq, cursor, records } and KV's own framing.
+    this.#overhead = 96 + 2 * queue.length;
+    this.#budget = messageLimit - 512;
+  }
+
+  /** Records in the batch being built. */
+  get records(): number {
+    return this.#records;
+  }
+
+  #fresh(): PackedMessage {
+    return {
+      records: [],
+      size: this.#overhead,
+      count: 0,
+      cursor: 0,
+      days: new Map(),
+      collections: new Set(),
+    };
+  }
+
+  #note(m: PackedMessage, event: JetstreamEvent, day: string, collection: string | undefined): void {
+    m.count++;
+    m.cursor = event.time_us;
+    m.days.set(day, (m.days.get(day) ?? 0) + 1);
+    if (collection !== undefined) m.collections.add(collection);
+  }
+
+  /**
+   * Adds an event with its JSON text (for sizing), UTC day and collection. Returns true when the
+   * batch is full and should be taken.
+   */
+  add(event: JetstreamEvent, text: string, day: string, collection: string | undefined): boolean {
+    const size = serializedSizeBound(text);
+    if (size + this.#overhead > this.#budget) {
+      // Too large to travel as a record: it goes alone, gzipped.
+      if (this.#current) this.#messages.push(this.#current);
+      this.#current = undefined;
+      const gz = compressEvent(text);
+      const m = this.#fresh();
+      m.compressed = [gz];
+      m.size += gz.length + 16;
+      if (m.size > this.#budget) {
+        throw new OversizedEventError(event.time_us, gz.length, this.#budget - this.#overhead);
+      }
+      this.#note(m, event, day, collection);
+      this.#messages.push(m);
+    } else {
+      let m = this.#current;
+      if (m && m.size + size > this.#budget) {
+        this.#messages.push(m);
+        m = undefined;
+      }
+      if (!m) m = this.#current = this.#fresh();
+      m.records.push(event);
+      m.size += size;
+      this.#note(m, event, day, collection);
+    }
+    return ++this.#records >= this.#batchSize;
+  }
+
+  /** Takes the batch built so far, or undefined when it is empty. */
+  take(): Batch | undefined {
+    if (this.#current) this.#messages.push(this.#current);
+    this.#current = undefined;
+    if (this.#records === 0) return undefined;
+    const batch = { messages: this.#messages, records: this.#records };
+    this.#messages = [];
+    this.#records = 0;
+    return batch;
+  }
+}

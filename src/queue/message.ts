@@ -1,0 +1,86 @@
+/**
+ * The queue's public contract: the shape of each message jetfill enqueues, and how to read it back.
+ *
+ * @module
+ */
+import { gunzipSync, gzipSync } from "node:zlib";
+import type { JetstreamEvent } from "../jetstream/events.ts";
+
+/**
+ * One message of a jetfill queue, as enqueued in Deno KV.
+ *
+ * `records` are Jetstream events exactly as received (parsed JSON). An event too large to fit in a
+ * message on its own travels alone under `compressed`, as the gzip of its UTF-8 JSON; use
+ * {@link decodeQueueMessage} to get every event whatever the form.
+ */
+export interface QueueMessage {
+  /** Format version. */
+  v: 1;
+  /** The queue's name. */
+  queue: string;
+  /** Position of this message in its queue, counting from 1, never reused. */
+  seq: number;
+  /** `time_us` of the message's last record. */
+  cursor: number;
+  /** The events, as received. */
+  records: JetstreamEvent[];
+  /** Events too large for a message, each the gzip of its UTF-8 JSON. */
+  compressed?: Uint8Array[];
+}
+
+/**
+ * Whether `value` has the shape of a {@link QueueMessage}.
+ *
+ * @example
+ * ```ts
+ * import { isQueueMessage } from "./message.ts";
+ * isQueueMessage({ v: 1, queue: "q", seq: 1, cursor: 1, records: [] }); // true
+ * ```
+ */
+export function isQueueMessage(value: unknown): value is QueueMessage {
+  if (typeof value !== "object" || value === null) return false;
+  const m = value as Record<string, unknown>;
+  return m.v === 1 && typeof m.queue === "string" && typeof m.seq === "number" &&
+    typeof m.cursor === "number" &&
+    Array.isArray(m.records) && (m.compressed === undefined || Array.isArray(m.compressed));
+}
+
+/**
+ * Every event of a queue message, in order, with `compressed` events unpacked.
+ * Throws a `TypeError` for a value that is not a jetfill message.
+ *
+ * @example
+ * ```ts
+ * import { decodeQueueMessage } from "./message.ts";
+ * const kv = await Deno.openKv(":memory:");
+ * kv.listenQueue((msg) => {
+ *   for (const event of decodeQueueMessage(msg)) console.log(event.did, event.time_us);
+ * });
+ * ```
+ */
+export function decodeQueueMessage(message: unknown): JetstreamEvent[] {
+  if (!isQueueMessage(message)) {
+    throw new TypeError(
+      `Cannot decode queue message: expected { v: 1, queue, seq, cursor, records }, got ${describe(message)}`,
+    );
+  }
+  if (!message.compressed || message.compressed.length === 0) return message.records;
+  const out = message.records.slice();
+  for (const bytes of message.compressed) {
+    out.push(JSON.parse(TEXT.decode(gunzipSync(bytes))) as JetstreamEvent);
+  }
+  return out;
+}
+
+function describe(value: unknown): string {
+  if (typeof value !== "object" || value === null) return String(value);
+  return `an object with keys ${Object.keys(value).join(", ") || "(none)"}`;
+}
+
+const TEXT = new TextDecoder();
+const UTF8 = new TextEncoder();
+
+/** Gzip of an event's UTF-8 JSON text, as stored under `compressed`. */
+export function compressEvent(text: string): Uint8Array {
+  return new Uint8Array(gzipSync(UTF8.encode(text), { level: 9 }));
+}

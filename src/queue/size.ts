@@ -1,0 +1,36 @@
+/**
+ * Upper bounds on the size Deno KV gives a value when it serializes it (V8's value serializer), so
+ * that messages can be packed under KV's 64 KiB limit without serializing twice.
+ *
+ * @module
+ */
+
+/** Deno KV's limit on one enqueued message, serialized. */
+export const KV_VALUE_LIMIT = 65_536;
+/** Deno KV's limit on the total size of one atomic commit. */
+export const KV_COMMIT_LIMIT = 819_200;
+/** Deno KV's limit on mutations (enqueues included) in one atomic commit. */
+export const KV_MUTATION_LIMIT = 1000;
+
+// A string holding any character above U+00FF is stored as UTF-16 (two bytes a character). The
+// JSON text may spell such characters as \uXXXX escapes, so those count too.
+// deno-lint-ignore no-control-regex
+const WIDE = /[^\x00-\xff]|\\u(?!00[0-9a-fA-F]{2})/;
+
+/**
+ * An upper bound on the serialized size of the parsed form of one JSON event text.
+ *
+ * V8 writes one-byte strings at one byte a character plus a tag and a length, which the quotes,
+ * colons and commas of the JSON text pay for; small structures (empty arrays) cost a few bytes more,
+ * hence the margin. Two-byte text is bounded by twice its length.
+ *
+ * @example
+ * ```ts
+ * import { serializedSizeBound } from "./size.ts";
+ * serializedSizeBound('{"did":"did:plc:x","time_us":1}'); // a little over 31
+ * ```
+ */
+export function serializedSizeBound(text: string): number {
+  const n = text.length;
+  return WIDE.test(text) ? 2 * n + 32 : n + (n >> 5) + 32;
+}

@@ -1,0 +1,188 @@
+/**
+ * Counters of a sync run and the statistics it returns. No timers and no I/O here: the pipeline
+ * tells the tracker what happened and asks it for figures.
+ *
+ * @module
+ */
+import { utcDate } from "./time.ts";
+
+/** Why a run stopped. */
+export type StopReason = "limit" | "end" | "max_time" | "aborted" | "closed" | "error";
+
+/** Why a frame was received but not stored. */
+export type SkipReason =
+  | "malformed_json"
+  | "missing_fields"
+  | "unknown_kind"
+  | "binary_frame"
+  | "decode_failed"
+  | "oversized";
+
+/** The statistics of a run: the original specification's fields in camelCase, and more. */
+export interface SyncStats {
+  /** Records stored in the queue by this run (durably committed). */
+  recordsStored: number;
+  /** WebSocket messages received from Jetstream, stored or not. */
+  messagesReceived: number;
+  /** Seconds from start to the end of the run. */
+  totalTime: number;
+  /** `recordsStored / totalTime`. */
+  recordsPerSecond: number;
+  /** Collections of the stored commit records, sorted. */
+  collections: string[];
+  /** Whether `numRecords` records were stored. */
+  targetReached: boolean;
+  /** `time_us` of the last record durably stored by this run (or, on resume, by the run it continues), or null. */
+  latestCursor: number | null;
+  /** Messages waiting in this queue after the run. */
+  queueLength: number;
+  /** UTC date (`YYYY-MM-DD`) of the last event processed, or null. */
+  currentDate: string | null;
+  /** Whether the run stopped at the end timestamp. */
+  endCursorReached: boolean;
+  /** Why the run stopped. */
+  stopReason: StopReason;
+  /** Records stored by this run, per UTC day of their `time_us`. */
+  recordsPerDay: Record<string, number>;
+  /** Queue messages written by this run. */
+  messagesEnqueued: number;
+  /** Frames received but skipped, by reason. */
+  skipped: Partial<Record<SkipReason, number>>;
+  /** Bytes received on the wire (compressed frames count as sent). */
+  bytesReceived: number;
+  /** Bytes after zstd decoding (0 when the stream was not compressed). */
+  bytesDecoded: number;
+  /** Connections opened again after the first one. */
+  reconnects: number;
+  /** Switches to another instance. */
+  failovers: number;
+  /** Events dropped because they were already processed (inclusive cursors, rewinds, replays). */
+  duplicatesDropped: number;
+  /** The error that stopped the run, when `stopReason` is `error`. */
+  error?: string;
+}
+
+/** A progress report, sent while the run goes on. */
+export interface SyncProgress {
+  /** Records durably stored so far. */
+  recordsStored: number;
+  /** Messages received so far. */
+  messagesReceived: number;
+  /** Records per second since the start. */
+  rate: number;
+  /** UTC date of the last event processed. */
+  currentDate: string | null;
+  /** `time_us` of the last event processed. */
+  cursor: number | null;
+  /** Seconds since the start. */
+  elapsed: number;
+  /** Share of the time window covered (0–100), when both start and end are given. */
+  percent: number | null;
+  /** Share of the record limit reached (0–100). */
+  percentOfLimit: number;
+}
+
+/** The UTC date of processed events moved from one day to another. */
+export interface DateChange {
+  /** The previous date. */
+  from: string;
+  /** The new date. */
+  to: string;
+  /** `time_us` of the first event of the new date. */
+  timeUs: number;
+}
+
+/** Something went wrong with one frame or one connection; the run goes on unless it says otherwise. */
+export interface SyncErrorReport {
+  /** What kind of problem. */
+  reason: SkipReason | "connection" | "retry";
+  /** A readable explanation. */
+  message: string;
+  /** The WebSocket URL concerned. */
+  instance?: string;
+}
+
+/** Mutable counters of one run. */
+export class StatsTracker {
+  /** Records durably stored. */
+  recordsStored = 0;
+  /** Messages received. */
+  messagesReceived = 0;
+  /** Queue messages written. */
+  messagesEnqueued = 0;
+  /** `time_us` of the last stored record. */
+  latestCursor: number | null = null;
+  /** `time_us` of the last processed event. */
+  lastProcessedUs: number | null = null;
+  /** UTC date of the last processed event. */
+  currentDate: string | null = null;
+  /** Bytes received on the wire. */
+  bytesReceived = 0;
+  /** Bytes after decoding zstd frames. */
+  bytesDecoded = 0;
+  /** Reconnections. */
+  reconnects = 0;
+  /** Instance switches. */
+  failovers = 0;
+  /** Duplicates dropped. */
+  duplicatesDropped = 0;
+  /** Skips by reason. */
+  readonly skipped: Partial<Record<SkipReason, number>> = {};
+  /** Stored records per UTC day. */
+  readonly recordsPerDay: Record<string, number> = {};
+  readonly #collections = new Set<string>();
+  // Date strings are cached per UTC day so the hot path does not format a Date per event.
+  #dayStart = Number.POSITIVE_INFINITY;
+  #dayEnd = Number.NEGATIVE_INFINITY;
+  #day = "";
+
+  /** Creates a tracker; `currentDate` starts at the start timestamp's date when there is one. */
+  constructor(startUs?: number) {
+    if (startUs !== undefined) this.currentDate = utcDate(startUs);
+  }
+
+  /** The UTC date of `us`, cheaply for runs of events on the same day. */
+  dayOf(us: number): string {
+    if (us >= this.#dayStart && us < this.#dayEnd) return this.#day;
+    const day = utcDate(us);
+    this.#dayStart = Date.parse(day) * 1000;
+    this.#dayEnd = this.#dayStart + 86_400_000_000;
+    this.#day = day;
+    return day;
+  }
+
+  /** Records that an event was processed; returns the date change it caused, if any. */
+  processed(us: number): DateChange | undefined {
+    this.lastProcessedUs = us;
+    const day = this.dayOf(us);
+    if (day === this.currentDate) return undefined;
+    const from = this.currentDate;
+    this.currentDate = day;
+    return from === null ? undefined : { from, to: day, timeUs: us };
+  }
+
+  /** Counts a skipped frame. */
+  skip(reason: SkipReason): void {
+    this.skipped[reason] = (this.skipped[reason] ?? 0) + 1;
+  }
+
+  /** Records a durable commit of `records` records whose days and collections are given. */
+  committed(
+    records: number,
+    lastUs: number,
+    perDay: Map<string, number>,
+    collections: Iterable<string>,
+    messages: number,
+  ): void {
+    this.recordsStored += records;
+    this.messagesEnqueued += messages;
+    this.latestCursor = lastUs;
+    for (const [day, n] of perDay) this.recordsPerDay[day] = (this.recordsPerDay[day] ?? 0) + n;
+    for (const c of collections) this.#collections.add(c);
+  }
+
+  /** Collections of the stored records, sorted. */
+  collections(): string[] {
+    return [...this.#collections].sort();
+  }
+}
