@@ -1,0 +1,146 @@
+import assert from "node:assert/strict";
+import { serialize } from "node:v8";
+import { Batcher } from "../src/pipeline/batch.ts";
+import { decodeQueueMessage } from "../src/queue/message.ts";
+import { KV_VALUE_LIMIT, serializedSizeBound } from "../src/queue/size.ts";
+import { QueueWriter } from "../src/queue/writer.ts";
+import { queueKey, queueLength, readCheckpoint } from "../src/queue/kv_queue.ts";
+import { commit, drainQueue } from "./helpers/events.ts";
+
+const T0 = Date.UTC(2026, 10, 27, 23, 59, 59) * 1000;
+
+Deno.test("serializedSizeBound() is never below V8's serialized size", () => {
+  const texts = [
+    JSON.stringify(commit(T0)),
+    JSON.stringify(commit(T0, { text: "日本語のテキスト😀".repeat(50) })),
+    JSON.stringify(commit(T0, { text: "\\u65e5 escaped" })).replace("escaped", "\\u65e5"),
+    JSON.stringify({ did: "x", time_us: 1, kind: "commit", commit: { a: [], b: {}, c: [[], [], {}], d: [1, 2, 3, 64, 8191] } }),
+    JSON.stringify(commit(T0, { text: "é".repeat(3000) })),
+  ];
+  for (const text of texts) {
+    const actual = serialize(JSON.parse(text)).length;
+    assert.ok(serializedSizeBound(text) >= actual, `bound ${serializedSizeBound(text)} < actual ${actual} for ${text.slice(0, 60)}`);
+  }
+});
+
+Deno.test("Batcher packs messages under 64 KiB and at most batchSize records", () => {
+  const b = new Batcher("q", 100);
+  let full = false;
+  const wide = "漢字とemoji😀".repeat(200);
+  for (let i = 0; i < 100; i++) full = b.add(commit(T0 + i, { text: wide }), JSON.stringify(commit(T0 + i, { text: wide })), "2026-11-27", "app.bsky.feed.post");
+  assert.ok(full);
+  const batch = b.take()!;
+  assert.equal(batch.records, 100);
+  assert.ok(batch.messages.length > 1, "wide events must spill into several messages");
+  for (const m of batch.messages) {
+    const size = serialize({ v: 1, queue: "q", seq: 1, cursor: m.cursor, records: m.records }).length;
+    assert.ok(size < KV_VALUE_LIMIT, `message of ${size} bytes`);
+    assert.ok(m.count <= 100);
+  }
+  assert.equal(b.take(), undefined);
+});
+
+async function tempKv(): Promise<{ path: string; kv: Deno.Kv; dir: string }> {
+  const dir = await Deno.makeTempDir();
+  const path = `${dir}/q.sqlite`;
+  return { path, kv: await Deno.openKv(path), dir };
+}
+
+function newCheckpoint(queue: string) {
+  return {
+    checkpoint: {
+      v: 1 as const,
+      queue,
+      seq: 0,
+      cursor: 0,
+      recordsStored: 0,
+      updatedAt: 0,
+      run: { id: "t", selection: {}, recordsStored: 0, instance: "ws://x" },
+    },
+    versionstamp: null,
+  };
+}
+
+Deno.test("QueueWriter stores an event over 64 KiB whole, gzipped, with its checkpoint", async () => {
+  const { path, kv, dir } = await tempKv();
+  try {
+    const huge = commit(T0, { text: "大きい投稿😀".repeat(9000) });
+    const text = JSON.stringify(huge);
+    assert.ok(serialize(huge).length > KV_VALUE_LIMIT);
+    const small = commit(T0 + 1);
+    const b = new Batcher("q", 100);
+    b.add(huge, text, "2026-11-27", "app.bsky.feed.post");
+    b.add(small, JSON.stringify(small), "2026-11-27", "app.bsky.feed.post");
+    const w = new QueueWriter(kv, "q", newCheckpoint("q"), () => {});
+    await w.add(b.take()!);
+    await w.flush();
+    const cp = (await readCheckpoint(kv, "q")).value!;
+    assert.equal(cp.seq, 2);
+    assert.equal(cp.cursor, T0 + 1);
+    assert.equal(cp.recordsStored, 2);
+    assert.equal(await queueLength(kv, "q"), 2);
+    kv.close();
+    const msgs = (await drainQueue(path, 2)) as { seq: number; compressed?: Uint8Array[] }[];
+    msgs.sort((a, b) => a.seq - b.seq);
+    assert.equal(msgs[0].compressed?.length, 1);
+    assert.deepEqual(decodeQueueMessage(msgs[0]), [huge]);
+    assert.deepEqual(decodeQueueMessage(msgs[1]), [small]);
+  } finally {
+    try {
+      kv.close();
+    } catch { /* closed */ }
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("QueueWriter splits a batch only where KV's commit limits force it, keeping counters exact", async () => {
+  const { path, kv, dir } = await tempKv();
+  try {
+    // 100 records of ~30 KB each: ~3 MB, far over one commit's 800 KiB.
+    const b = new Batcher("q", 100);
+    // The first event is on 2026-11-27, the other 99 after midnight.
+    const events = Array.from({ length: 100 }, (_, i) => commit(i === 0 ? T0 : T0 + 1_000_000 + i, { text: "x".repeat(30_000) }));
+    for (const e of events) b.add(e, JSON.stringify(e), i2day(e.time_us), "app.bsky.feed.post");
+    let commits = 0;
+    const w = new QueueWriter(kv, "q", newCheckpoint("q"), () => commits++);
+    await w.add(b.take()!);
+    await w.flush();
+    assert.ok(commits > 1, `expected several commits, got ${commits}`);
+    const cp = (await readCheckpoint(kv, "q")).value!;
+    assert.equal(cp.recordsStored, 100);
+    assert.equal(cp.cursor, T0 + 1_000_099);
+    const days = await Array.fromAsync(kv.list<Deno.KvU64>({ prefix: queueKey("q", "day") }));
+    assert.deepEqual(days.map((d) => [d.key[3], Number(d.value.value)]), [["2026-11-27", 1], ["2026-11-28", 99]]);
+    kv.close();
+    const msgs = await drainQueue(path, cp.seq);
+    const got = msgs.flatMap((m) => decodeQueueMessage(m)).sort((a, b) => a.time_us - b.time_us);
+    assert.deepEqual(got, events);
+  } finally {
+    try {
+      kv.close();
+    } catch { /* closed */ }
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+function i2day(us: number): string {
+  return new Date(us / 1000).toISOString().slice(0, 10);
+}
+
+Deno.test("QueueWriter refuses to continue when another writer changed the queue", async () => {
+  const { kv, dir } = await tempKv();
+  try {
+    const w = new QueueWriter(kv, "q", newCheckpoint("q"), () => {});
+    const b = new Batcher("q", 1);
+    b.add(commit(T0), JSON.stringify(commit(T0)), "2026-11-27", "app.bsky.feed.post");
+    await w.add(b.take()!);
+    await w.flush();
+    await kv.set(queueKey("q", "checkpoint"), { intruder: true });
+    b.add(commit(T0 + 1), JSON.stringify(commit(T0 + 1)), "2026-11-27", "app.bsky.feed.post");
+    await w.add(b.take()!);
+    await assert.rejects(() => w.flush(), /changed by another writer/);
+  } finally {
+    kv.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+});

@@ -1,0 +1,77 @@
+import assert from "node:assert/strict";
+import { UsageError } from "../src/errors.ts";
+import { instanceUrl, PUBLIC_INSTANCES, resolveSyncOptions } from "../src/options.ts";
+import type { BackfillSyncOptions } from "../src/options.ts";
+
+function rejects(options: unknown, pattern: RegExp): void {
+  assert.throws(() => resolveSyncOptions(options as BackfillSyncOptions), (err: unknown) => {
+    assert.ok(err instanceof UsageError, `expected a UsageError, got ${err}`);
+    assert.match(err.message, pattern);
+    return true;
+  });
+}
+
+Deno.test("resolveSyncOptions() fills in the original's defaults", () => {
+  const o = resolveSyncOptions();
+  assert.deepEqual(o.wantedCollections, ["app.bsky.feed.post"]);
+  assert.deepEqual(o.kinds, ["commit"]);
+  assert.equal(o.numRecords, 10000);
+  assert.equal(o.maxTimeMs, 900_000);
+  assert.equal(o.queueName, "jetstream_sync");
+  assert.equal(o.batchSize, 100);
+  assert.equal(o.compress, false);
+  assert.deepEqual(o.instances, [`wss://${PUBLIC_INSTANCES[0]}/subscribe`]);
+  assert.equal(o.startUs, undefined);
+});
+
+Deno.test("PUBLIC_INSTANCES lists the four legacy hosts and the two v2 hosts", () => {
+  assert.equal(PUBLIC_INSTANCES.length, 6);
+  assert.equal(PUBLIC_INSTANCES.filter((h) => /^jetstream\d\./.test(h)).length, 4);
+  assert.ok(PUBLIC_INSTANCES.includes("jetstream.us-east.bsky.network"));
+  assert.ok(PUBLIC_INSTANCES.includes("jetstream.us-west.bsky.network"));
+});
+
+Deno.test("resolveSyncOptions() converts the window to UTC microseconds", () => {
+  const o = resolveSyncOptions({ startTimestamp: "2024-01-01", endTimestamp: "2024-01-07-12:00:00" });
+  assert.equal(o.startUs, Date.UTC(2024, 0, 1) * 1000);
+  assert.equal(o.endUs, Date.UTC(2024, 0, 7, 12) * 1000);
+});
+
+Deno.test("resolveSyncOptions() names the bad value and what was expected", () => {
+  rejects({ batchSize: 0 }, /'batchSize' must be a positive integer: current value is 0/);
+  rejects({ numRecords: -5 }, /'numRecords' must be a positive integer: current value is -5/);
+  rejects({ numRecords: 1.5 }, /'numRecords' must be a positive integer: current value is 1.5/);
+  rejects({ maxTime: 0 }, /'maxTime' must be a positive number of seconds: current value is 0/);
+  rejects({ startTimestamp: "01/02/2024" }, /'startTimestamp' must be YYYY-MM-DD.*current value is "01\/02\/2024"/);
+  rejects({ endTimestamp: "2024-02-30" }, /'endTimestamp' must be .*"2024-02-30"/);
+  rejects({ wantedDids: ["did:plc:nope"] }, /'wantedDids' must be did:plc: or did:web: DIDs: current value is "did:plc:nope"/);
+  rejects({ wantedCollections: ["app.bsky.graph.fo*"] }, /'wantedCollections' must be NSIDs.*"app.bsky.graph.fo\*"/);
+  rejects({ kinds: ["heartbeat"] }, /'kinds' must be one of commit, identity, account: current value is "heartbeat"/);
+  rejects({ kinds: [] }, /'kinds' must be at least one/);
+  rejects({ instance: "http://example.com" }, /'instance' must be a host name or a ws:\/\/ or wss:\/\/ URL: current value is "http:\/\/example.com"/);
+  rejects({ queueName: "../etc" }, /'queueName' must be .*"..\/etc"/);
+  rejects({ batchSize: "100" }, /'batchSize' must be a positive integer: current value is "100"/);
+  rejects({ bogus: 1 }, /'bogus' is not an option of runBackfillSync\(\)/);
+});
+
+Deno.test("resolveSyncOptions() refuses an end that is not after the start", () => {
+  rejects(
+    { startTimestamp: "2024-01-07", endTimestamp: "2024-01-01" },
+    /'endTimestamp' must be after 'startTimestamp': 2024-01-01T00:00:00.000000Z is not after 2024-01-07T00:00:00.000000Z/,
+  );
+});
+
+Deno.test("resolveSyncOptions() enforces Jetstream's DID and collection limits", () => {
+  const dids = Array.from({ length: 10_001 }, (_, i) => `did:web:host${i}.example`);
+  rejects({ wantedDids: dids }, /at most 10000 DIDs.*has 10001/);
+  const colls = Array.from({ length: 101 }, (_, i) => `app.bsky.c${i}.x`);
+  rejects({ wantedCollections: colls }, /at most 100 collections.*has 101/);
+  assert.equal(resolveSyncOptions({ wantedDids: dids.slice(0, 10_000) }).wantedDids.length, 10_000);
+});
+
+Deno.test("instanceUrl() turns hosts into wss URLs and keeps given URLs", () => {
+  assert.equal(instanceUrl("jetstream2.us-west.bsky.network"), "wss://jetstream2.us-west.bsky.network/subscribe");
+  assert.equal(instanceUrl("ws://127.0.0.1:6008"), "ws://127.0.0.1:6008/subscribe");
+  assert.equal(instanceUrl("ws://127.0.0.1:6008/subscribe"), "ws://127.0.0.1:6008/subscribe");
+  assert.equal(instanceUrl("localhost:6008"), "wss://localhost:6008/subscribe");
+});

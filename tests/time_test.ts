@@ -1,0 +1,56 @@
+import assert from "node:assert/strict";
+import { isoFromUs, parseTimestamp, usFromIso, utcDate } from "../src/time.ts";
+
+Deno.test("parseTimestamp() reads YYYY-MM-DD as UTC midnight", () => {
+  assert.equal(parseTimestamp("2024-01-01"), Date.UTC(2024, 0, 1) * 1000);
+});
+
+Deno.test("parseTimestamp() reads the original YYYY-MM-DD-HH:MM:SS format as UTC", () => {
+  assert.equal(parseTimestamp("2024-01-01-12:30:00"), Date.UTC(2024, 0, 1, 12, 30) * 1000);
+});
+
+Deno.test("parseTimestamp() reads ISO-8601 with Z, with offsets and with microseconds", () => {
+  const noon = Date.UTC(2024, 0, 1, 12, 30) * 1000;
+  assert.equal(parseTimestamp("2024-01-01T12:30:00Z"), noon);
+  assert.equal(parseTimestamp("2024-01-01T14:30:00+02:00"), noon);
+  assert.equal(parseTimestamp("2024-01-01T07:30:00-0500"), noon);
+  assert.equal(parseTimestamp("2024-01-01T12:30:00.123456Z"), noon + 123456);
+  assert.equal(parseTimestamp("2024-01-01T12:30:00.1Z"), noon + 100000);
+  assert.equal(parseTimestamp("2024-01-01T12:30Z"), noon);
+});
+
+Deno.test("parseTimestamp() reads integer unix microseconds and refuses seconds or milliseconds", () => {
+  assert.equal(parseTimestamp("1725911162329308"), 1725911162329308);
+  assert.equal(parseTimestamp(1725911162329308), 1725911162329308);
+  assert.equal(parseTimestamp("1725911162"), undefined);
+  assert.equal(parseTimestamp("1725911162329"), undefined);
+});
+
+Deno.test("parseTimestamp() does not depend on the host time zone", () => {
+  // The original used naive local datetimes; the same text must give the same instant anywhere.
+  const tz = Deno.env.get("TZ");
+  try {
+    Deno.env.set("TZ", "America/Los_Angeles");
+    assert.equal(parseTimestamp("2024-07-01-00:00:00"), Date.UTC(2024, 6, 1) * 1000);
+    assert.equal(utcDate(Date.UTC(2024, 6, 1, 3) * 1000), "2024-07-01");
+  } finally {
+    if (tz === undefined) Deno.env.delete("TZ");
+    else Deno.env.set("TZ", tz);
+  }
+});
+
+Deno.test("parseTimestamp() refuses impossible dates, local times and other text", () => {
+  for (const bad of ["2024-02-30", "2024-13-01", "2024-01-01T25:00:00Z", "2024-01-01T12:00:00", "yesterday", ""]) {
+    assert.equal(parseTimestamp(bad), undefined, bad);
+  }
+});
+
+Deno.test("parseTimestamp() accepts a Date", () => {
+  assert.equal(parseTimestamp(new Date(Date.UTC(2024, 0, 1))), Date.UTC(2024, 0, 1) * 1000);
+});
+
+Deno.test("utcDate() and isoFromUs() format in UTC with microseconds", () => {
+  assert.equal(utcDate(1725911162329308), "2024-09-09");
+  assert.equal(isoFromUs(1725911162329308), "2024-09-09T19:46:02.329308Z");
+  assert.equal(usFromIso("2024-09-09T19:46:02.329308Z"), 1725911162329308);
+});
