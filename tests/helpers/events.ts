@@ -12,7 +12,13 @@ export function did(n: number): string {
 /** A commit event. */
 export function commit(
   timeUs: number,
-  opts: { did?: string; collection?: string; text?: string; rkey?: string; operation?: "create" | "update" | "delete" } = {},
+  opts: {
+    did?: string;
+    collection?: string;
+    text?: string;
+    rkey?: string;
+    operation?: "create" | "update" | "delete";
+  } = {},
 ): JetstreamEvent {
   const collection = opts.collection ?? "app.bsky.feed.post";
   const operation = opts.operation ?? "create";
@@ -24,7 +30,11 @@ export function commit(
   };
   const commit = operation === "delete" ? base : {
     ...base,
-    record: { $type: collection, createdAt: new Date(timeUs / 1000).toISOString(), text: opts.text ?? "hello" },
+    record: {
+      $type: collection,
+      createdAt: new Date(timeUs / 1000).toISOString(),
+      text: opts.text ?? "hello",
+    },
     cid: "bafyreidwaivazkwu67xztlmuobx35hs2lnfh3kolmgfmucldvhd3sgzcqi",
   };
   return { did: opts.did ?? did(1), time_us: timeUs, kind: "commit", commit } as JetstreamEvent;
@@ -36,7 +46,12 @@ export function identity(timeUs: number, didValue = did(2)): JetstreamEvent {
     did: didValue,
     time_us: timeUs,
     kind: "identity",
-    identity: { did: didValue, handle: "someone.test", seq: timeUs % 1e9, time: new Date(timeUs / 1000).toISOString() },
+    identity: {
+      did: didValue,
+      handle: "someone.test",
+      seq: timeUs % 1e9,
+      time: new Date(timeUs / 1000).toISOString(),
+    },
   };
 }
 

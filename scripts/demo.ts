@@ -1,0 +1,75 @@
+/**
+ * `deno task demo`: generates a synthetic capture (made-up accounts, no real data), serves it as a
+ * Jetstream `/subscribe` endpoint on loopback and runs `jetfill sync` against it, printing the
+ * statistics. Everything stays on this machine.
+ *
+ * @module
+ */
+import { generateCapture } from "../src/server/synth.ts";
+import { isoFromUs } from "../src/time.ts";
+
+const HOUR_US = 3_600_000_000;
+const dir = "./jetfill-data";
+const capture = `${dir}/demo-capture.ndjson`;
+const kvPath = `${dir}/demo.sqlite`;
+await Deno.mkdir(dir, { recursive: true });
+
+// Two days of synthetic firehose, ending an hour ago, 40,000 events.
+const startUs = Date.now() * 1000 - 49 * HOUR_US;
+const lines = generateCapture({ count: 40_000, seed: 7, startUs, stepUs: (48 * HOUR_US) / 40_000 });
+await Deno.writeTextFile(capture, lines.join("\n") + "\n");
+console.log(`wrote ${lines.length} synthetic events to ${capture}`);
+
+// The server runs in its own process, as a real Jetstream would.
+const self = new URL("../cli.ts", import.meta.url).pathname;
+const server = new Deno.Command(Deno.execPath(), {
+  args: ["run", "-A", self, "serve", "--file", capture, "--port", "0"],
+  stdout: "piped",
+  stderr: "inherit",
+}).spawn();
+const reader = server.stdout.pipeThrough(new TextDecoderStream()).getReader();
+let banner = "";
+while (!banner.includes("\n")) {
+  const { value, done } = await reader.read();
+  if (done) throw new Error("the demo server exited before listening");
+  banner += value;
+}
+const url = /listening on (\S+)/.exec(banner)?.[1];
+if (!url) throw new Error(`unexpected server banner: ${banner}`);
+console.log(`serving it at ${url}`);
+
+// A window of one day that starts 6 hours into the capture: posts and likes, at most 20,000.
+const start = isoFromUs(startUs + 6 * HOUR_US).replace(/\.\d+Z$/, "Z");
+const end = isoFromUs(startUs + 30 * HOUR_US).replace(/\.\d+Z$/, "Z");
+await Deno.remove(kvPath).catch(() => {});
+const args = [
+  "run",
+  "-A",
+  self,
+  "sync",
+  "--instance",
+  url,
+  "--collection",
+  "app.bsky.feed.post",
+  "--collection",
+  "app.bsky.feed.like",
+  "--start",
+  start,
+  "--end",
+  end,
+  "--limit",
+  "20000",
+  "--kv",
+  kvPath,
+  "--queue-name",
+  "demo",
+];
+console.log(`\n$ jetfill sync ${args.slice(4).join(" ")}\n`);
+const sync = await new Deno.Command(Deno.execPath(), { args, stdout: "inherit", stderr: "inherit" }).output();
+server.kill("SIGTERM");
+await reader.cancel();
+await server.status;
+console.log(
+  `\nThe queue is in ${kvPath}; read it with: deno run -A cli.ts export --kv ${kvPath} --queue-name demo`,
+);
+Deno.exit(sync.code);

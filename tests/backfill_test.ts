@@ -1,0 +1,284 @@
+import assert from "node:assert/strict";
+import { runBackfillSync } from "../src/backfill.ts";
+import { UsageError } from "../src/errors.ts";
+import type { JetstreamEvent } from "../src/jetstream/events.ts";
+import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
+import { queueKey } from "../src/queue/kv_queue.ts";
+import type { DateChange, SyncProgress } from "../src/stats.ts";
+import { account, commit, did, drainQueue, identity } from "./helpers/events.ts";
+import { serveEvents, tempDb } from "./helpers/loopback.ts";
+
+// 23:00 UTC on 2026-11-26: the capture crosses midnight after an hour.
+const T0 = Date.UTC(2026, 10, 26, 23) * 1000;
+const MINUTE = 60_000_000;
+
+/** 300 events, one a minute: posts, likes, follows, plus an identity and an account event every 50. */
+function capture(): JetstreamEvent[] {
+  const out: JetstreamEvent[] = [];
+  for (let i = 0; i < 300; i++) {
+    const t = T0 + i * MINUTE;
+    if (i % 50 === 10) out.push(identity(t));
+    else if (i % 50 === 20) out.push(account(t));
+    else {
+      const collection = ["app.bsky.feed.post", "app.bsky.feed.like", "app.bsky.graph.follow"][i % 3];
+      out.push(commit(t, { collection, did: did(i % 7), text: i % 5 === 0 ? `投稿 ${i} 😀` : `post ${i}` }));
+    }
+  }
+  return out;
+}
+
+async function stored(
+  path: string,
+  messages: number,
+): Promise<{ msgs: QueueMessage[]; events: JetstreamEvent[] }> {
+  const msgs = (await drainQueue(path, messages)) as QueueMessage[];
+  msgs.sort((a, b) => a.seq - b.seq);
+  return { msgs, events: msgs.flatMap((m) => decodeQueueMessage(m)) };
+}
+
+Deno.test("runBackfillSync() stores exactly numRecords events, as received, and stops by limit", async () => {
+  const events = capture();
+  await using server = serveEvents(events);
+  await using db = await tempDb();
+  const stats = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    numRecords: 25,
+    batchSize: 10,
+    startTimestamp: T0,
+  });
+  assert.equal(stats.stopReason, "limit");
+  assert.equal(stats.recordsStored, 25);
+  assert.equal(stats.targetReached, true);
+  assert.equal(stats.endCursorReached, false);
+  assert.equal(stats.queueLength, 3);
+  const expected = events.filter((e) => e.kind === "commit" && e.commit.collection === "app.bsky.feed.post")
+    .slice(0, 25);
+  const { msgs, events: got } = await stored(db.path, 3);
+  assert.deepEqual(msgs.map((m) => m.seq), [1, 2, 3]);
+  assert.deepEqual(msgs.map((m) => m.records.length), [10, 10, 5]);
+  assert.deepEqual(got.map((e) => JSON.stringify(e)), expected.map((e) => JSON.stringify(e)));
+  assert.equal(msgs[2].cursor, expected[24].time_us);
+  assert.equal(stats.latestCursor, expected[24].time_us);
+  assert.deepEqual(stats.collections, ["app.bsky.feed.post"]);
+  assert.equal(server.connections[0].query.includes("wantedCollections=app.bsky.feed.post"), true);
+  assert.ok(server.connections[0].query.includes(`cursor=${T0}`));
+});
+
+Deno.test("runBackfillSync() stops at the exclusive end, without storing the event that reached it", async () => {
+  const events = capture();
+  await using server = serveEvents(events);
+  await using db = await tempDb();
+  const end = T0 + 90 * MINUTE; // event 90 is a post (90 % 3 === 0)
+  const stats = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    wantedCollections: ["app.bsky.feed.*"],
+    startTimestamp: T0 + 30 * MINUTE,
+    endTimestamp: end,
+  });
+  assert.equal(stats.stopReason, "end");
+  assert.equal(stats.endCursorReached, true);
+  assert.equal(stats.targetReached, false);
+  const expected = events.filter((e) =>
+    e.kind === "commit" && e.commit.collection.startsWith("app.bsky.feed.") &&
+    e.time_us >= T0 + 30 * MINUTE &&
+    e.time_us < end
+  );
+  assert.equal(stats.recordsStored, expected.length);
+  const { events: got } = await stored(db.path, stats.queueLength);
+  assert.deepEqual(got, expected);
+  assert.ok(got.every((e) => e.time_us < end));
+  assert.deepEqual(stats.collections, ["app.bsky.feed.like", "app.bsky.feed.post"]);
+  assert.equal(stats.currentDate, "2026-11-27");
+});
+
+Deno.test("runBackfillSync() keeps identity and account events out unless their kinds are asked for", async () => {
+  const events = capture();
+  await using server = serveEvents(events, { closeAtEnd: true });
+  await using db = await tempDb();
+  const commitsOnly = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    queueName: "a",
+    startTimestamp: T0,
+  });
+  assert.equal(commitsOnly.stopReason, "closed");
+  const posts =
+    events.filter((e) => e.kind === "commit" && e.commit.collection === "app.bsky.feed.post").length;
+  assert.equal(commitsOnly.recordsStored, posts);
+
+  const withOthers = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    queueName: "b",
+    startTimestamp: T0,
+    kinds: ["commit", "identity", "account"],
+  });
+  assert.equal(withOthers.recordsStored, posts + 12);
+  const onlyAccounts = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    queueName: "c",
+    startTimestamp: T0,
+    kinds: ["account"],
+  });
+  assert.equal(onlyAccounts.recordsStored, 6);
+  assert.deepEqual(onlyAccounts.collections, []);
+});
+
+Deno.test("runBackfillSync() filters by DID in the URL, and by options_update for many DIDs", async () => {
+  const events = capture();
+  await using server = serveEvents(events, { closeAtEnd: true });
+  await using db = await tempDb();
+  const few = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    queueName: "few",
+    startTimestamp: T0,
+    wantedDids: [did(3)],
+    wantedCollections: ["app.bsky.feed.post", "app.bsky.graph.follow"],
+  });
+  const expectFew = events.filter((e) =>
+    e.kind === "commit" && e.did === did(3) &&
+    ["app.bsky.feed.post", "app.bsky.graph.follow"].includes(e.commit.collection)
+  );
+  assert.equal(few.recordsStored, expectFew.length);
+  assert.ok(server.connections[0].query.includes(`wantedDids=${did(3)}`));
+  assert.deepEqual(server.connections[0].hellos, []);
+
+  const many = [did(3), ...Array.from({ length: 200 }, (_, i) => did(1000 + i))];
+  const viaHello = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    queueName: "many",
+    startTimestamp: T0,
+    wantedDids: many,
+    wantedCollections: ["app.bsky.feed.post", "app.bsky.graph.follow"],
+  });
+  assert.equal(viaHello.recordsStored, expectFew.length);
+  const conn = server.connections[1];
+  assert.ok(conn.query.includes("requireHello=true"));
+  assert.ok(!conn.query.includes("wantedDids"));
+  assert.equal(conn.hellos[0].wantedDids?.length, 201);
+});
+
+Deno.test("runBackfillSync() reports date changes and per-day counts in UTC", async () => {
+  const events = capture();
+  await using server = serveEvents(events, { closeAtEnd: true });
+  await using db = await tempDb();
+  const changes: DateChange[] = [];
+  const progress: SyncProgress[] = [];
+  const stats = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    startTimestamp: T0,
+    endTimestamp: T0 + 200 * MINUTE,
+    wantedCollections: ["app.bsky.feed.like"],
+    onDateChange: (c) => changes.push(c),
+    onProgress: (p) => progress.push(p),
+  });
+  assert.deepEqual(changes.map((c) => [c.from, c.to]), [["2026-11-26", "2026-11-27"]]);
+  assert.equal(changes[0].timeUs, T0 + 60 * MINUTE);
+  const likes = events.filter((e) => e.kind === "commit" && e.commit.collection === "app.bsky.feed.like");
+  const day1 = likes.filter((e) => e.time_us < T0 + 60 * MINUTE).length;
+  const day2 = likes.filter((e) => e.time_us >= T0 + 60 * MINUTE && e.time_us < T0 + 200 * MINUTE).length;
+  assert.deepEqual(stats.recordsPerDay, { "2026-11-26": day1, "2026-11-27": day2 });
+  const last = progress.at(-1)!;
+  assert.equal(last.recordsStored, day1 + day2);
+  assert.ok(last.percent !== null && last.percent > 99);
+  const kv = await Deno.openKv(db.path);
+  const days = await Array.fromAsync(kv.list<Deno.KvU64>({ prefix: queueKey("jetstream_sync", "day") }));
+  kv.close();
+  assert.deepEqual(days.map((d) => [d.key.at(-1), Number(d.value.value)]), [["2026-11-26", day1], [
+    "2026-11-27",
+    day2,
+  ]]);
+});
+
+Deno.test("runBackfillSync() stops on max_time even when no message arrives", async () => {
+  // A cursor in the future means live: the server sends nothing and keeps the socket open.
+  await using server = serveEvents(capture(), { now: () => T0 + 400 * MINUTE });
+  await using db = await tempDb();
+  const t = performance.now();
+  const stats = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    startTimestamp: T0 + 500 * MINUTE,
+    maxTime: 0.5,
+  });
+  const elapsed = performance.now() - t;
+  assert.equal(stats.stopReason, "max_time");
+  assert.equal(stats.recordsStored, 0);
+  assert.equal(stats.latestCursor, null);
+  assert.equal(stats.messagesReceived, 0);
+  assert.ok(elapsed < 5000, `took ${elapsed} ms`);
+});
+
+Deno.test("runBackfillSync() flushes what it has and reports aborted when its signal aborts", async () => {
+  await using server = serveEvents(capture());
+  await using db = await tempDb();
+  const controller = new AbortController();
+  const stats = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    startTimestamp: T0,
+    wantedCollections: ["app.bsky.feed.post"],
+    batchSize: 1000,
+    signal: controller.signal,
+    onDateChange: () => controller.abort(),
+  });
+  assert.equal(stats.stopReason, "aborted");
+  assert.ok(stats.recordsStored > 0);
+  const { events } = await stored(db.path, stats.queueLength);
+  assert.equal(events.length, stats.recordsStored);
+  assert.equal(events.at(-1)!.time_us, stats.latestCursor);
+});
+
+Deno.test("runBackfillSync() fails fast with the server's text on HTTP 400", async () => {
+  await using db = await tempDb();
+  await using http = Deno.serve(
+    { port: 0, hostname: "127.0.0.1", onListen() {} },
+    () => new Response("invalid subscriber options: too many wanted collections", { status: 400 }),
+  );
+  await assert.rejects(
+    () =>
+      runBackfillSync({ instance: `ws://127.0.0.1:${http.addr.port}/subscribe`, kv: db.path, maxRetries: 0 }),
+    (err: unknown) =>
+      err instanceof UsageError &&
+      /HTTP 400: invalid subscriber options: too many wanted collections/.test(err.message),
+  );
+});
+
+Deno.test("runBackfillSync() refuses bad options before connecting", async () => {
+  await assert.rejects(
+    () => runBackfillSync({ batchSize: 0 }),
+    /'batchSize' must be a positive integer: current value is 0/,
+  );
+  await assert.rejects(
+    () => runBackfillSync({ startTimestamp: "2024-01-02", endTimestamp: "2024-01-01" }),
+    /'endTimestamp' must be after 'startTimestamp'/,
+  );
+});
+
+Deno.test("runBackfillSync() continues seq numbers and counters across runs on one queue", async () => {
+  const events = capture();
+  await using server = serveEvents(events);
+  await using db = await tempDb();
+  const first = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    startTimestamp: T0,
+    numRecords: 5,
+  });
+  const second = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    startTimestamp: T0,
+    numRecords: 5,
+  });
+  assert.equal(first.queueLength, 1);
+  assert.equal(second.queueLength, 2);
+  const { msgs } = await stored(db.path, 2);
+  assert.deepEqual(msgs.map((m) => m.seq), [1, 2]);
+});
