@@ -14,12 +14,20 @@ Deno.test("serializedSizeBound() is never below V8's serialized size", () => {
     JSON.stringify(commit(T0)),
     JSON.stringify(commit(T0, { text: "日本語のテキスト😀".repeat(50) })),
     JSON.stringify(commit(T0, { text: "\\u65e5 escaped" })).replace("escaped", "\\u65e5"),
-    JSON.stringify({ did: "x", time_us: 1, kind: "commit", commit: { a: [], b: {}, c: [[], [], {}], d: [1, 2, 3, 64, 8191] } }),
+    JSON.stringify({
+      did: "x",
+      time_us: 1,
+      kind: "commit",
+      commit: { a: [], b: {}, c: [[], [], {}], d: [1, 2, 3, 64, 8191] },
+    }),
     JSON.stringify(commit(T0, { text: "é".repeat(3000) })),
   ];
   for (const text of texts) {
     const actual = serialize(JSON.parse(text)).length;
-    assert.ok(serializedSizeBound(text) >= actual, `bound ${serializedSizeBound(text)} < actual ${actual} for ${text.slice(0, 60)}`);
+    assert.ok(
+      serializedSizeBound(text) >= actual,
+      `bound ${serializedSizeBound(text)} < actual ${actual} for ${text.slice(0, 60)}`,
+    );
   }
 });
 
@@ -27,7 +35,14 @@ Deno.test("Batcher packs messages under 64 KiB and at most batchSize records", (
   const b = new Batcher("q", 100);
   let full = false;
   const wide = "漢字とemoji😀".repeat(200);
-  for (let i = 0; i < 100; i++) full = b.add(commit(T0 + i, { text: wide }), JSON.stringify(commit(T0 + i, { text: wide })), "2026-11-27", "app.bsky.feed.post");
+  for (let i = 0; i < 100; i++) {
+    full = b.add(
+      commit(T0 + i, { text: wide }),
+      JSON.stringify(commit(T0 + i, { text: wide })),
+      "2026-11-27",
+      "app.bsky.feed.post",
+    );
+  }
   assert.ok(full);
   const batch = b.take()!;
   assert.equal(batch.records, 100);
@@ -99,7 +114,10 @@ Deno.test("QueueWriter splits a batch only where KV's commit limits force it, ke
     // 100 records of ~30 KB each: ~3 MB, far over one commit's 800 KiB.
     const b = new Batcher("q", 100);
     // The first event is on 2026-11-27, the other 99 after midnight.
-    const events = Array.from({ length: 100 }, (_, i) => commit(i === 0 ? T0 : T0 + 1_000_000 + i, { text: "x".repeat(30_000) }));
+    const events = Array.from(
+      { length: 100 },
+      (_, i) => commit(i === 0 ? T0 : T0 + 1_000_000 + i, { text: "x".repeat(30_000) }),
+    );
     for (const e of events) b.add(e, JSON.stringify(e), i2day(e.time_us), "app.bsky.feed.post");
     let commits = 0;
     const w = new QueueWriter(kv, "q", newCheckpoint("q"), () => commits++);
@@ -110,7 +128,10 @@ Deno.test("QueueWriter splits a batch only where KV's commit limits force it, ke
     assert.equal(cp.recordsStored, 100);
     assert.equal(cp.cursor, T0 + 1_000_099);
     const days = await Array.fromAsync(kv.list<Deno.KvU64>({ prefix: queueKey("q", "day") }));
-    assert.deepEqual(days.map((d) => [d.key[3], Number(d.value.value)]), [["2026-11-27", 1], ["2026-11-28", 99]]);
+    assert.deepEqual(days.map((d) => [d.key[3], Number(d.value.value)]), [["2026-11-27", 1], [
+      "2026-11-28",
+      99,
+    ]]);
     kv.close();
     const msgs = await drainQueue(path, cp.seq);
     const got = msgs.flatMap((m) => decodeQueueMessage(m)).sort((a, b) => a.time_us - b.time_us);

@@ -42,13 +42,28 @@ Deno.test("resolveSyncOptions() names the bad value and what was expected", () =
   rejects({ numRecords: -5 }, /'numRecords' must be a positive integer: current value is -5/);
   rejects({ numRecords: 1.5 }, /'numRecords' must be a positive integer: current value is 1.5/);
   rejects({ maxTime: 0 }, /'maxTime' must be a positive number of seconds: current value is 0/);
-  rejects({ startTimestamp: "01/02/2024" }, /'startTimestamp' must be YYYY-MM-DD.*current value is "01\/02\/2024"/);
+  rejects(
+    { startTimestamp: "01/02/2024" },
+    /'startTimestamp' must be YYYY-MM-DD.*current value is "01\/02\/2024"/,
+  );
   rejects({ endTimestamp: "2024-02-30" }, /'endTimestamp' must be .*"2024-02-30"/);
-  rejects({ wantedDids: ["did:plc:nope"] }, /'wantedDids' must be did:plc: or did:web: DIDs: current value is "did:plc:nope"/);
-  rejects({ wantedCollections: ["app.bsky.graph.fo*"] }, /'wantedCollections' must be NSIDs.*"app.bsky.graph.fo\*"/);
-  rejects({ kinds: ["heartbeat"] }, /'kinds' must be one of commit, identity, account: current value is "heartbeat"/);
+  rejects(
+    { wantedDids: ["did:plc:nope"] },
+    /'wantedDids' must be did:plc: or did:web: DIDs: current value is "did:plc:nope"/,
+  );
+  rejects(
+    { wantedCollections: ["app.bsky.graph.fo*"] },
+    /'wantedCollections' must be NSIDs.*"app.bsky.graph.fo\*"/,
+  );
+  rejects(
+    { kinds: ["heartbeat"] },
+    /'kinds' must be one of commit, identity, account: current value is "heartbeat"/,
+  );
   rejects({ kinds: [] }, /'kinds' must be at least one/);
-  rejects({ instance: "http://example.com" }, /'instance' must be a host name or a ws:\/\/ or wss:\/\/ URL: current value is "http:\/\/example.com"/);
+  rejects(
+    { instance: "http://example.com" },
+    /'instance' must be a host name or a ws:\/\/ or wss:\/\/ URL: current value is "http:\/\/example.com"/,
+  );
   rejects({ queueName: "../etc" }, /'queueName' must be .*"..\/etc"/);
   rejects({ batchSize: "100" }, /'batchSize' must be a positive integer: current value is "100"/);
   rejects({ bogus: 1 }, /'bogus' is not an option of runBackfillSync\(\)/);
@@ -70,7 +85,10 @@ Deno.test("resolveSyncOptions() enforces Jetstream's DID and collection limits",
 });
 
 Deno.test("instanceUrl() turns hosts into wss URLs and keeps given URLs", () => {
-  assert.equal(instanceUrl("jetstream2.us-west.bsky.network"), "wss://jetstream2.us-west.bsky.network/subscribe");
+  assert.equal(
+    instanceUrl("jetstream2.us-west.bsky.network"),
+    "wss://jetstream2.us-west.bsky.network/subscribe",
+  );
   assert.equal(instanceUrl("ws://127.0.0.1:6008"), "ws://127.0.0.1:6008/subscribe");
   assert.equal(instanceUrl("ws://127.0.0.1:6008/subscribe"), "ws://127.0.0.1:6008/subscribe");
   assert.equal(instanceUrl("localhost:6008"), "wss://localhost:6008/subscribe");

@@ -40,7 +40,9 @@ Deno.test("parseTimestamp() does not depend on the host time zone", () => {
 });
 
 Deno.test("parseTimestamp() refuses impossible dates, local times and other text", () => {
-  for (const bad of ["2024-02-30", "2024-13-01", "2024-01-01T25:00:00Z", "2024-01-01T12:00:00", "yesterday", ""]) {
+  for (
+    const bad of ["2024-02-30", "2024-13-01", "2024-01-01T25:00:00Z", "2024-01-01T12:00:00", "yesterday", ""]
+  ) {
     assert.equal(parseTimestamp(bad), undefined, bad);
   }
 });

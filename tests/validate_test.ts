@@ -5,7 +5,16 @@ Deno.test("isDid() accepts did:plc and did:web and refuses the rest", () => {
   assert.ok(isDid("did:plc:q6gjnaw2blty4crticxkmujt"));
   assert.ok(isDid("did:web:example.com"));
   assert.ok(isDid("did:web:localhost%3A8080"));
-  for (const bad of ["did:plc:short", "did:plc:Q6GJNAW2BLTY4CRTICXKMUJT", "did:key:z6Mk", "plc:abc", "did:web:", ""]) {
+  for (
+    const bad of [
+      "did:plc:short",
+      "did:plc:Q6GJNAW2BLTY4CRTICXKMUJT",
+      "did:key:z6Mk",
+      "plc:abc",
+      "did:web:",
+      "",
+    ]
+  ) {
     assert.ok(!isDid(bad), bad);
   }
 });
