@@ -1,0 +1,159 @@
+/**
+ * The little HTTP/1.1 the replay server needs on a raw TCP connection: read one request head, answer
+ * with a plain-text response, and accept a WebSocket upgrade (RFC 6455 §4.2).
+ *
+ * The server owns its TCP connections (instead of using `Deno.serve` and `Deno.upgradeWebSocket`) so
+ * it can batch many WebSocket frames per write and, later, misbehave on purpose at the byte level.
+ *
+ * @module
+ */
+
+/** A parsed request head plus the bytes that followed it on the connection. */
+export interface RequestHead {
+  /** Request method, as sent (`GET`). */
+  method: string;
+  /** Request target, as sent (`/subscribe?cursor=1`). */
+  target: string;
+  /** Header fields (names are case-insensitive). */
+  headers: Headers;
+  /** Bytes already read past the end of the head (the start of WebSocket frames, if any). */
+  rest: Uint8Array;
+}
+
+/** Why a request head could not be read. */
+export class HttpError extends Error {
+  /** The status to answer with. */
+  readonly status: number;
+  /** Creates the error. */
+  constructor(status: number, message: string) {
+    super(message);
+    this.name = "HttpError";
+    this.status = status;
+  }
+}
+
+/** Go's net/http default limit on a request head; a 10,000-DID query string fits in it. */
+export const MAX_HEAD_BYTES = 1 << 20;
+
+const decoder = new TextDecoder();
+const encoder = new TextEncoder();
+const WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+const REASONS: Record<number, string> = {
+  101: "Switching Protocols",
+  200: "OK",
+  400: "Bad Request",
+  404: "Not Found",
+  405: "Method Not Allowed",
+  426: "Upgrade Required",
+  431: "Request Header Fields Too Large",
+  503: "Service Unavailable",
+};
+
+function findHeadEnd(buf: Uint8Array, from: number, to: number): number {
+  for (let i = Math.max(0, from - 3); i + 3 < to; i++) {
+    if (buf[i] === 13 && buf[i + 1] === 10 && buf[i + 2] === 13 && buf[i + 3] === 10) return i;
+  }
+  return -1;
+}
+
+/**
+ * Reads one HTTP/1.1 request head from a connection. Resolves to `null` when the peer closes before
+ * sending anything; throws {@linkcode HttpError} for a malformed or oversized head.
+ *
+ * @example
+ * ```ts ignore
+ * import { readRequestHead } from "./http1.ts";
+ * const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+ * const conn = await listener.accept();
+ * const head = await readRequestHead(conn);
+ * console.log(head?.method, head?.target);
+ * ```
+ */
+export async function readRequestHead(conn: Deno.Conn): Promise<RequestHead | null> {
+  let buf = new Uint8Array(16 * 1024);
+  let len = 0;
+  let end = -1;
+  while (end === -1) {
+    if (len === buf.length) {
+      if (buf.length >= MAX_HEAD_BYTES) throw new HttpError(431, "request head too large");
+      const bigger = new Uint8Array(Math.min(buf.length * 4, MAX_HEAD_BYTES));
+      bigger.set(buf);
+      buf = bigger;
+    }
+    const n = await conn.read(buf.subarray(len));
+    if (n === null) {
+      if (len === 0) return null;
+      throw new HttpError(400, "connection closed inside the request head");
+    }
+    const from = len;
+    len += n;
+    end = findHeadEnd(buf, from, len);
+  }
+  const lines = decoder.decode(buf.subarray(0, end)).split("\r\n");
+  const requestLine = /^([A-Z]+) (\S+) HTTP\/1\.[01]$/.exec(lines[0]);
+  if (!requestLine) throw new HttpError(400, "malformed request line");
+  const headers = new Headers();
+  for (let i = 1; i < lines.length; i++) {
+    const colon = lines[i].indexOf(":");
+    if (colon <= 0) throw new HttpError(400, "malformed header line");
+    try {
+      headers.append(lines[i].slice(0, colon).trim(), lines[i].slice(colon + 1).trim());
+    } catch {
+      throw new HttpError(400, "invalid header");
+    }
+  }
+  return { method: requestLine[1], target: requestLine[2], headers, rest: buf.slice(end + 4, len) };
+}
+
+/**
+ * Writes a complete plain-text response that closes the connection (`Connection: close`), the way
+ * the legacy server answers refused subscriptions.
+ *
+ * @example
+ * ```ts ignore
+ * import { writeTextResponse } from "./http1.ts";
+ * await writeTextResponse(conn, 400, "invalid cursor: abc");
+ * ```
+ */
+export async function writeTextResponse(conn: Deno.Conn, status: number, body: string): Promise<void> {
+  const payload = encoder.encode(body);
+  const head = `HTTP/1.1 ${status} ${REASONS[status] ?? "Unknown"}\r\n` +
+    "Content-Type: text/plain; charset=UTF-8\r\n" +
+    "Access-Control-Allow-Origin: *\r\n" +
+    `Content-Length: ${payload.length}\r\n` +
+    "Connection: close\r\n\r\n";
+  const bytes = new Uint8Array(head.length + payload.length);
+  bytes.set(encoder.encode(head));
+  bytes.set(payload, head.length);
+  let off = 0;
+  while (off < bytes.length) off += await conn.write(bytes.subarray(off));
+}
+
+/**
+ * Checks that a request is a WebSocket opening handshake and returns the `101 Switching Protocols`
+ * response head to send, or a reason the request is not one.
+ *
+ * @example
+ * ```ts ignore
+ * import { acceptWebSocket } from "./http1.ts";
+ * const accepted = await acceptWebSocket(head.headers);
+ * if ("error" in accepted) console.log(accepted.error);
+ * ```
+ */
+export async function acceptWebSocket(
+  headers: Headers,
+): Promise<{ response: Uint8Array } | { error: string }> {
+  if (!(headers.get("upgrade") ?? "").toLowerCase().split(/\s*,\s*/).includes("websocket")) {
+    return { error: "expected a WebSocket upgrade request ('Upgrade: websocket')" };
+  }
+  const key = headers.get("sec-websocket-key");
+  if (!key) return { error: "missing 'Sec-WebSocket-Key'" };
+  if (headers.get("sec-websocket-version") !== "13") return { error: "unsupported 'Sec-WebSocket-Version'" };
+  const digest = new Uint8Array(await crypto.subtle.digest("SHA-1", encoder.encode(key + WS_GUID)));
+  let binary = "";
+  for (const byte of digest) binary += String.fromCharCode(byte);
+  const head = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
+    `Sec-WebSocket-Accept: ${btoa(binary)}\r\n\r\n`;
+  return { response: encoder.encode(head) };
+}
