@@ -1,0 +1,564 @@
+import assert from "node:assert/strict";
+import { fileURLToPath } from "node:url";
+import { generateCapture, synthDids } from "../src/server/synth.ts";
+import { type CaptureEvent, loadCapture, parseCapture } from "../src/server/capture.ts";
+import { type JetstreamServerOptions, serveJetstream } from "../src/server/server.ts";
+import { serveCommand } from "../src/cli/serve.ts";
+import { UsageError } from "../src/errors.ts";
+import { collectMessages, rawGet, waitFor } from "./helpers/ws_collect.ts";
+
+const SEED = 11;
+const START_US = 1_770_000_000_000_000; // 2026-02-02, safely in the past
+const LINES = generateCapture({ count: 3000, seed: SEED, startUs: START_US, stepUs: 1000 });
+const EVENTS = parseCapture(LINES);
+const DIDS = synthDids(500, SEED);
+const encoder = new TextEncoder();
+
+function serve(options: Partial<JetstreamServerOptions> = {}): ReturnType<typeof serveJetstream> {
+  return serveJetstream({ events: EVENTS, closeAtEnd: true, ...options });
+}
+
+function lines(filter: (event: CaptureEvent) => boolean, from = 0): string[] {
+  return EVENTS.slice(from).filter(filter).map((event) => event.text);
+}
+
+/** The most active DID of the capture, so DID filters select a fair number of events. */
+function busiestDid(): string {
+  const counts = new Map<string, number>();
+  for (const event of EVENTS) counts.set(event.did, (counts.get(event.did) ?? 0) + 1);
+  return [...counts].sort((a, b) => b[1] - a[1])[0][0];
+}
+
+function httpUrl(wsUrl: string, query = ""): string {
+  return wsUrl.replace(/^ws:/, "http:") + (query ? `?${query}` : "");
+}
+
+async function get(url: string): Promise<{ status: number; body: string }> {
+  const response = await fetch(url);
+  return { status: response.status, body: await response.text() };
+}
+
+function update(payload: unknown): string {
+  return JSON.stringify({ type: "options_update", payload });
+}
+
+// --- generator -------------------------------------------------------------------------------
+
+Deno.test("`generateCapture()` is deterministic for a seed and differs across seeds", () => {
+  const again = generateCapture({ count: 3000, seed: SEED, startUs: START_US, stepUs: 1000 });
+  assert.deepEqual(again, LINES);
+  const other = generateCapture({ count: 3000, seed: SEED + 1, startUs: START_US, stepUs: 1000 });
+  assert.notDeepEqual(other, LINES);
+});
+
+Deno.test("`generateCapture()` makes legacy-wire events of realistic size and mix", () => {
+  const big = generateCapture({ count: 20_000, seed: 3, startUs: START_US });
+  const bytes = big.reduce((sum, line) => sum + encoder.encode(line).length, 0);
+  const mean = bytes / big.length;
+  assert.ok(mean >= 500 && mean <= 600, `mean event size ${mean} B`);
+  const kinds = new Map<string, number>();
+  const collections = new Set<string>();
+  let previous = START_US - 1;
+  let deletes = 0;
+  let nonAscii = 0;
+  for (const line of big) {
+    assert.ok(!line.includes("\n"));
+    const event = JSON.parse(line);
+    assert.ok(event.time_us > previous, "time_us strictly increasing");
+    previous = event.time_us;
+    kinds.set(event.kind, (kinds.get(event.kind) ?? 0) + 1);
+    assert.match(event.did, /^did:(plc:[a-z2-7]{24}|web:example-\d+\.test)$/);
+    // Go struct field order.
+    assert.deepEqual(Object.keys(event), ["did", "time_us", "kind", event.kind]);
+    if (event.kind === "commit") {
+      const c = event.commit;
+      collections.add(c.collection);
+      assert.match(c.rev, /^[2-7a-z]{13}$/);
+      if (c.operation === "delete") {
+        deletes++;
+        assert.deepEqual(Object.keys(c), ["rev", "operation", "collection", "rkey"]);
+      } else {
+        assert.deepEqual(Object.keys(c), ["rev", "operation", "collection", "rkey", "record", "cid"]);
+        assert.match(c.cid, /^bafyrei[a-z2-7]{52}$/);
+        assert.equal(c.record.$type, c.collection);
+      }
+    }
+    if (encoder.encode(line).length > line.length) nonAscii++;
+  }
+  assert.equal(big[0].slice(0, 7), '{"did":');
+  assert.equal(JSON.parse(big[0]).time_us, START_US);
+  const share = (kind: string): number => (kinds.get(kind) ?? 0) / big.length;
+  assert.ok(share("identity") > 0.01 && share("identity") < 0.03, `identity share ${share("identity")}`);
+  assert.ok(share("account") > 0.005 && share("account") < 0.02, `account share ${share("account")}`);
+  assert.ok(deletes / big.length > 0.02, "some deletes");
+  assert.ok(nonAscii > 0, "some CJK or emoji text");
+  assert.deepEqual([...collections].sort(), [
+    "app.bsky.actor.profile",
+    "app.bsky.feed.like",
+    "app.bsky.feed.post",
+    "app.bsky.feed.repost",
+    "app.bsky.graph.block",
+    "app.bsky.graph.follow",
+  ]);
+});
+
+Deno.test("`synthDids()` lists the generator's accounts, including a few did:web", () => {
+  assert.equal(DIDS.length, 500);
+  assert.equal(new Set(DIDS).size, 500);
+  assert.deepEqual(synthDids(500, SEED), DIDS);
+  assert.ok(DIDS.includes("did:web:example-99.test"));
+  const used = new Set(EVENTS.map((event) => event.did));
+  for (const did of used) assert.ok(DIDS.includes(did), `${did} comes from synthDids()`);
+});
+
+// --- capture files -------------------------------------------------------------------------------
+
+Deno.test("`parseCapture()` keeps exact lines, skips blank ones and extracts filter fields", () => {
+  const events = parseCapture(["", LINES[0], "   ", LINES[1]]);
+  assert.equal(events.length, 2);
+  assert.equal(events[0].text, LINES[0]);
+  const parsed = JSON.parse(LINES[0]);
+  assert.equal(events[0].timeUs, parsed.time_us);
+  assert.equal(events[0].did, parsed.did);
+  assert.equal(events[0].kind, parsed.kind);
+  assert.equal(events[0].collection, parsed.commit?.collection);
+  const identity = EVENTS.find((event) => event.kind === "identity");
+  assert.equal(identity?.collection, undefined);
+});
+
+Deno.test("`parseCapture()` names the source, line and problem of a malformed line", () => {
+  assert.throws(
+    () => parseCapture([LINES[0], "", "{not json"], "cap.ndjson"),
+    /^Error: cap\.ndjson:3: invalid JSON/,
+  );
+  assert.throws(
+    () => parseCapture(['{"did":"did:plc:x","kind":"identity"}'], "cap.ndjson"),
+    /cap\.ndjson:1: 'time_us' must be an integer of microseconds: got missing/,
+  );
+  assert.throws(() => parseCapture(["[1,2]"]), /capture:1: expected a JSON object, got an array/);
+});
+
+Deno.test("`loadCapture()` reads a file and reports bad lines with the path", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const path = `${dir}/capture.ndjson`;
+    await Deno.writeTextFile(path, LINES.slice(0, 500).join("\n") + "\n\n");
+    const events = await loadCapture(path);
+    assert.deepEqual(events, EVENTS.slice(0, 500));
+    await Deno.writeTextFile(path, `${LINES[0]}\n{"did":"did:plc:x","time_us":"soon","kind":"commit"}\n`);
+    await assert.rejects(loadCapture(path), new RegExp(`${path}:2: 'time_us' must be an integer`));
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+// --- HTTP routes and 400s ------------------------------------------------------------------------
+
+Deno.test("`serveJetstream()` answers GET / and 404 like the legacy server", async () => {
+  await using server = serve();
+  assert.deepEqual(await get(httpUrl(server.url).replace("/subscribe", "/")), {
+    status: 200,
+    body: "Welcome to Jetstream",
+  });
+  assert.equal((await get(httpUrl(server.url).replace("/subscribe", "/nope"))).status, 404);
+  assert.match(server.url, /^ws:\/\/127\.0\.0\.1:\d+\/subscribe$/);
+  assert.equal(server.url, `ws://127.0.0.1:${server.port}/subscribe`);
+});
+
+Deno.test("`serveJetstream()` refuses bad options with the legacy 400 bodies", async () => {
+  await using server = serve();
+  const cases: [string, string][] = [
+    ["cursor=abc", "invalid cursor: abc"],
+    ["cursor=1.5", "invalid cursor: 1.5"],
+    ["cursor=99999999999999999999", "invalid cursor: 99999999999999999999"],
+    [
+      "wantedCollections=app.bsky.graph.fo*",
+      "invalid subscriber options: invalid collection: app.bsky.graph.fo*",
+    ],
+    ["wantedCollections=not-an-nsid", "invalid subscriber options: invalid collection: not-an-nsid"],
+    ["wantedDids=alice.bsky.social", "invalid subscriber options"],
+    ["wantedDids=did:plc:", "invalid subscriber options"],
+    [
+      Array.from({ length: 101 }, () => "wantedCollections=app.bsky.*").join("&"),
+      "invalid subscriber options: too many wanted collections",
+    ],
+    [
+      Array.from({ length: 10_001 }, (_, i) => `wantedDids=did:web:d${i}.test`).join("&"),
+      "invalid subscriber options: too many wanted DIDs",
+    ],
+    ["compress=true", "compression not available on this server"],
+  ];
+  for (const [query, body] of cases) {
+    // A raw request, because fetch refuses URLs as long as the 10,001-DID one.
+    assert.deepEqual(
+      await rawGet(server.port, `/subscribe?${query}`),
+      { status: 400, body },
+      query.slice(0, 60),
+    );
+  }
+  // Limits count unique values: 101 copies of one NSID and 10,001 DIDs with a duplicate are fine
+  // (the plain GET then fails only for not being a WebSocket upgrade).
+  const fine = [
+    Array.from({ length: 101 }, () => "wantedCollections=app.bsky.feed.post").join("&"),
+    Array.from({ length: 10_001 }, (_, i) => `wantedDids=did:web:d${i % 10_000}.test`).join("&"),
+    "wantedCollections=app.*&wantedDids=did:key:z6Mkabc&cursor=-5&maxMessageSizeBytes=junk",
+  ];
+  for (const query of fine) {
+    const { status, body } = await rawGet(server.port, `/subscribe?${query}`);
+    assert.equal(status, 400);
+    assert.match(body, /expected a WebSocket upgrade/);
+  }
+  assert.equal(server.connections.length, cases.length + fine.length);
+  assert.equal(server.connections[0].status, 400);
+  assert.equal(server.connections[0].error, "invalid cursor: abc");
+});
+
+// --- filters -------------------------------------------------------------------------------------
+
+Deno.test("`serveJetstream()` plays the whole capture without a cursor and closes at the end", async () => {
+  await using server = serve();
+  const { messages, code } = await collectMessages(server.url);
+  assert.equal(code, 1000);
+  assert.deepEqual(messages, LINES);
+  assert.equal(server.connections[0].sent, LINES.length);
+});
+
+Deno.test("`serveJetstream()` reads repeated wantedCollections params", async () => {
+  await using server = serve();
+  const { messages } = await collectMessages(
+    `${server.url}?wantedCollections=app.bsky.feed.repost&wantedCollections=app.bsky.graph.block`,
+  );
+  const wanted = new Set(["app.bsky.feed.repost", "app.bsky.graph.block"]);
+  assert.deepEqual(messages, lines((e) => e.kind !== "commit" || wanted.has(e.collection!)));
+  assert.deepEqual(server.connections[0].params.wantedCollections, [...wanted]);
+  assert.equal(
+    server.connections[0].query,
+    "wantedCollections=app.bsky.feed.repost&wantedCollections=app.bsky.graph.block",
+  );
+});
+
+Deno.test("`serveJetstream()` treats a `.*` suffix as a prefix match", async () => {
+  await using server = serve();
+  const { messages } = await collectMessages(`${server.url}?wantedCollections=app.bsky.graph.*`);
+  const expected = lines((e) => e.kind !== "commit" || e.collection!.startsWith("app.bsky.graph."));
+  assert.deepEqual(messages, expected);
+  assert.ok(expected.some((line) => line.includes("app.bsky.graph.follow")));
+  assert.ok(expected.some((line) => line.includes("app.bsky.graph.block")));
+});
+
+Deno.test("`serveJetstream()` lets identity and account events through a collection filter", async () => {
+  await using server = serve();
+  const { messages } = await collectMessages(`${server.url}?wantedCollections=app.bsky.feed.post`);
+  const kinds = new Set(messages.map((m) => JSON.parse(m as string).kind));
+  assert.deepEqual([...kinds].sort(), ["account", "commit", "identity"]);
+  assert.deepEqual(messages, lines((e) => e.kind !== "commit" || e.collection === "app.bsky.feed.post"));
+});
+
+Deno.test("`serveJetstream()` applies the DID filter to every kind", async () => {
+  await using server = serve();
+  const did = busiestDid();
+  const other = DIDS.find((d) => d.startsWith("did:web:") && EVENTS.some((e) => e.did === d))!;
+  const { messages } = await collectMessages(`${server.url}?wantedDids=${did}&wantedDids=${other}`);
+  const expected = lines((e) => e.did === did || e.did === other);
+  assert.ok(expected.length > 20);
+  assert.deepEqual(messages, expected);
+});
+
+// --- cursor --------------------------------------------------------------------------------------
+
+Deno.test("`serveJetstream()` replays from an inclusive cursor", async () => {
+  await using server = serve();
+  const { messages } = await collectMessages(`${server.url}?cursor=${EVENTS[1234].timeUs}`);
+  assert.equal(messages[0], LINES[1234]);
+  assert.deepEqual(messages, LINES.slice(1234));
+  const between = await collectMessages(`${server.url}?cursor=${EVENTS[1234].timeUs + 1}`);
+  assert.deepEqual(between.messages, LINES.slice(1235));
+});
+
+Deno.test("`serveJetstream()` clamps a cursor older than the capture", async () => {
+  await using server = serve();
+  const { messages } = await collectMessages(`${server.url}?cursor=${START_US - 86_400_000_000}`);
+  assert.deepEqual(messages, LINES);
+});
+
+Deno.test("`serveJetstream()` replays everything for cursor 0 or a negative cursor", async () => {
+  await using server = serve();
+  assert.deepEqual((await collectMessages(`${server.url}?cursor=0`)).messages, LINES);
+  assert.deepEqual((await collectMessages(`${server.url}?cursor=-5`)).messages, LINES);
+  assert.equal(server.connections[1].params.cursor, -5);
+});
+
+Deno.test("`serveJetstream()` sends nothing for a cursor in the future (live)", async () => {
+  // "Now" is in the middle of the capture: a cursor after it means live, a cursor before replays.
+  await using server = serve({ now: () => EVENTS[1500].timeUs });
+  const future = await collectMessages(`${server.url}?cursor=${EVENTS[2000].timeUs}`);
+  assert.deepEqual(future.messages, []);
+  assert.equal(future.code, 1000);
+  const past = await collectMessages(`${server.url}?cursor=${EVENTS[1000].timeUs}`);
+  assert.deepEqual(past.messages, LINES.slice(1000));
+});
+
+// --- size limit and compression ------------------------------------------------------------------
+
+Deno.test("`serveJetstream()` skips events longer than maxMessageSizeBytes", async () => {
+  await using server = serve();
+  const limit = 450;
+  const { messages } = await collectMessages(`${server.url}?maxMessageSizeBytes=${limit}`);
+  const expected = lines((e) => encoder.encode(e.text).length <= limit);
+  assert.ok(expected.length > 100 && expected.length < LINES.length - 100);
+  assert.deepEqual(messages, expected);
+  // Garbage or negative values mean no limit.
+  assert.equal((await collectMessages(`${server.url}?maxMessageSizeBytes=-1`)).messages.length, LINES.length);
+  assert.equal(
+    (await collectMessages(`${server.url}?maxMessageSizeBytes=lots`)).messages.length,
+    LINES.length,
+  );
+});
+
+Deno.test("`serveJetstream()` sends compressor output as binary frames on compressed connections", async () => {
+  // Any encoder will do here; a real one is zstd with the legacy dictionary.
+  const compressor = (text: string): Uint8Array => encoder.encode(`Z${text.length}:${text}`);
+  await using server = serve({ compressor });
+  const viaQuery = await collectMessages(`${server.url}?compress=true&wantedCollections=app.bsky.feed.like`);
+  const expected = EVENTS.filter((e) => e.kind !== "commit" || e.collection === "app.bsky.feed.like");
+  assert.deepEqual(viaQuery.messages, expected.map((e) => compressor(e.text)));
+  const viaHeader = await collectMessages(`${server.url}?cursor=${EVENTS[2990].timeUs}`, {
+    headers: { "Socket-Encoding": "zstd" },
+  });
+  assert.deepEqual(viaHeader.messages, EVENTS.slice(2990).map((e) => compressor(e.text)));
+  assert.equal(server.connections[1].params.compress, true);
+  // The size limit measures the compressed frame.
+  const limit = 500;
+  const limited = await collectMessages(`${server.url}?compress=true&maxMessageSizeBytes=${limit}`);
+  assert.deepEqual(
+    limited.messages,
+    EVENTS.map((e) => compressor(e.text)).filter((frame) => frame.length <= limit),
+  );
+});
+
+// --- requireHello and options_update -------------------------------------------------------------
+
+Deno.test("`serveJetstream()` sends nothing before the hello when requireHello=true", async () => {
+  await using server = serve();
+  const { messages, timedOut } = await collectMessages(`${server.url}?requireHello=true`, {
+    // Unknown types and binary frames are ignored and do not count as a hello.
+    send: [JSON.stringify({ type: "heartbeat", payload: "x" }), new Uint8Array([1, 2, 3])],
+    timeoutMs: 300,
+  });
+  assert.equal(timedOut, true);
+  assert.deepEqual(messages, []);
+  await waitFor(() => server.connections[0].closeCode !== undefined);
+  assert.equal(server.connections[0].sent, 0);
+  assert.deepEqual(server.connections[0].hellos, []);
+});
+
+Deno.test("`serveJetstream()` starts after the hello and applies its filters", async () => {
+  await using server = serve();
+  const did = busiestDid();
+  const hello = { wantedDids: [did], wantedCollections: ["app.bsky.feed.post"], maxMessageSizeBytes: 10 };
+  const { messages } = await collectMessages(`${server.url}?requireHello=true`, { send: [update(hello)] });
+  // maxMessageSizeBytes in an update is ignored, as on the legacy server.
+  assert.deepEqual(
+    messages,
+    lines((e) => e.did === did && (e.kind !== "commit" || e.collection === "app.bsky.feed.post")),
+  );
+  assert.deepEqual(server.connections[0].hellos, [hello]);
+});
+
+Deno.test("`serveJetstream()` replaces, not merges, the filters on options_update", async () => {
+  await using server = serve();
+  const did = busiestDid();
+  // The query asks for one DID's posts; the hello asks only for likes, so the DID filter is gone.
+  const replaced = await collectMessages(
+    `${server.url}?requireHello=true&wantedDids=${did}&wantedCollections=app.bsky.feed.post`,
+    { send: [update({ wantedCollections: ["app.bsky.feed.like"] })] },
+  );
+  assert.deepEqual(
+    replaced.messages,
+    lines((e) => e.kind !== "commit" || e.collection === "app.bsky.feed.like"),
+  );
+  // Empty arrays switch both filters off.
+  const cleared = await collectMessages(
+    `${server.url}?requireHello=true&wantedDids=${did}&wantedCollections=app.bsky.feed.post`,
+    { send: [update({ wantedCollections: [], wantedDids: [] })] },
+  );
+  assert.deepEqual(cleared.messages, LINES);
+});
+
+Deno.test("`serveJetstream()` closes with 1000 and a reason on an invalid options_update", async () => {
+  await using server = serve();
+  const cases: [string, RegExp][] = [
+    ["{nope", /^failed to unmarshal subscriber sourced message: /],
+    [update({ wantedDids: "did:plc:abc" }), /^failed to unmarshal subscriber options update: /],
+    [
+      update({ wantedDids: ["not a did"] }),
+      /^failed to parse subscriber options: invalid subscriber options$/,
+    ],
+    [
+      update({ wantedCollections: ["app.bsky.feed.po*"] }),
+      /^failed to parse subscriber options: invalid subscriber options: invalid collection: app\.bsky\.feed\.po\*$/,
+    ],
+  ];
+  for (const [message, reason] of cases) {
+    const result = await collectMessages(`${server.url}?requireHello=true`, { send: [message] });
+    assert.equal(result.code, 1000, message);
+    assert.match(result.reason, reason);
+    assert.ok(new TextEncoder().encode(result.reason).length <= 123);
+    assert.deepEqual(result.messages, []);
+  }
+});
+
+// --- connection lifetime -------------------------------------------------------------------------
+
+Deno.test("`serveJetstream()` keeps the connection open after the capture unless closeAtEnd", async () => {
+  await using server = serve({ closeAtEnd: false });
+  const { messages, timedOut } = await collectMessages(`${server.url}?cursor=${EVENTS[2900].timeUs}`, {
+    timeoutMs: 300,
+  });
+  assert.equal(timedOut, true);
+  assert.deepEqual(messages, LINES.slice(2900));
+  await waitFor(() => server.connections[0].closeCode !== undefined);
+  assert.equal(server.connections[0].sent, 100);
+});
+
+Deno.test("`serveJetstream()` closes open connections with 1001 on shutdown or abort", async () => {
+  const controller = new AbortController();
+  const server = serve({ closeAtEnd: false, signal: controller.signal });
+  const pending = collectMessages(`${server.url}?cursor=${EVENTS[2999].timeUs}`, { timeoutMs: 3000 });
+  await waitFor(() => server.connections[0]?.sent === 1);
+  controller.abort();
+  const result = await pending;
+  await server.shutdown();
+  assert.equal(result.code, 1001);
+  assert.equal(result.reason, "server shutting down");
+  assert.equal(result.closedByClient, false);
+  assert.deepEqual(result.messages, [LINES[2999]]);
+  await assert.rejects(fetch(httpUrl(server.url)), TypeError);
+});
+
+Deno.test("`serveJetstream()` records each connection's query, params, hellos and close", async () => {
+  await using server = serve();
+  const did = busiestDid();
+  await collectMessages(
+    `${server.url}?wantedDids=${did}&cursor=${EVENTS[10].timeUs}&maxMessageSizeBytes=2000`,
+    {
+      count: 2,
+    },
+  );
+  await waitFor(() => server.connections[0].closeCode !== undefined);
+  const [record] = server.connections;
+  assert.equal(record.id, 1);
+  assert.equal(record.status, 101);
+  assert.equal(record.query, `wantedDids=${did}&cursor=${EVENTS[10].timeUs}&maxMessageSizeBytes=2000`);
+  assert.deepEqual(record.params, {
+    wantedCollections: [],
+    wantedDids: [did],
+    cursor: EVENTS[10].timeUs,
+    compress: false,
+    maxMessageSizeBytes: 2000,
+    requireHello: false,
+  });
+  assert.equal(record.closeCode, 1000);
+  assert.ok(record.sent >= 2);
+});
+
+// --- CLI -----------------------------------------------------------------------------------------
+
+Deno.test("`serveCommand()` throws UsageError for bad flags and files", async () => {
+  await assert.rejects(
+    serveCommand([]),
+    (err: Error) => err instanceof UsageError && /--file/.test(err.message),
+  );
+  await assert.rejects(
+    serveCommand(["--file", "x.ndjson", "--port", "http"]),
+    (err: Error) => err instanceof UsageError && /'--port'.*'http'/.test(err.message),
+  );
+  await assert.rejects(
+    serveCommand(["--file", "x.ndjson", "--port", "70000"]),
+    (err: Error) => err instanceof UsageError && /70000/.test(err.message),
+  );
+  await assert.rejects(
+    serveCommand(["--file", "/nonexistent/capture.ndjson"]),
+    (err: Error) => err instanceof UsageError && /'\/nonexistent\/capture\.ndjson'/.test(err.message),
+  );
+  await assert.rejects(
+    serveCommand(["--file", "x.ndjson", "--bogus"]),
+    (err: Error) => err instanceof UsageError && /bogus/.test(err.message),
+  );
+  const dir = await Deno.makeTempDir();
+  try {
+    await Deno.writeTextFile(`${dir}/bad.ndjson`, `${LINES[0]}\nnot json\n`);
+    await assert.rejects(
+      serveCommand(["--file", `${dir}/bad.ndjson`]),
+      (err: Error) => err instanceof UsageError && err.message.includes(`${dir}/bad.ndjson:2: invalid JSON`),
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("`serveCommand()` runs as `jetfill serve`, prints one listening line and stops on SIGTERM", async () => {
+  const root = fileURLToPath(new URL("..", import.meta.url));
+  const dir = await Deno.makeTempDir();
+  try {
+    const file = `${dir}/capture.ndjson`;
+    const gen = await new Deno.Command(Deno.execPath(), {
+      args: [
+        "run",
+        "-A",
+        "scripts/gen_capture.ts",
+        "--out",
+        file,
+        "--count",
+        "200",
+        "--seed",
+        "5",
+        "--start-us",
+        `${START_US}`,
+      ],
+      cwd: root,
+      stdout: "null",
+      stderr: "piped",
+    }).output();
+    assert.equal(gen.code, 0, new TextDecoder().decode(gen.stderr));
+    const expected = generateCapture({ count: 200, seed: 5, startUs: START_US });
+    assert.equal(await Deno.readTextFile(file), expected.join("\n") + "\n");
+
+    const child = new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", "cli.ts", "serve", "--file", file, "--port", "0", "--close-at-end"],
+      cwd: root,
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+    const stdout = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+    let out = "";
+    while (!out.includes("\n")) {
+      const { value, done } = await stdout.read();
+      if (done) break;
+      out += value;
+    }
+    const match = /^listening on (ws:\/\/127\.0\.0\.1:\d+\/subscribe)\n$/.exec(out);
+    assert.ok(match, `first stdout line: ${JSON.stringify(out)}`);
+    const { messages, code } = await collectMessages(`${match[1]}?wantedCollections=app.bsky.feed.post`);
+    assert.equal(code, 1000);
+    assert.deepEqual(
+      messages,
+      expected.filter((line) => {
+        const event = JSON.parse(line);
+        return event.kind !== "commit" || event.commit.collection === "app.bsky.feed.post";
+      }),
+    );
+    child.kill("SIGTERM");
+    for (;;) {
+      const { value, done } = await stdout.read();
+      if (done) break;
+      out += value;
+    }
+    const status = await child.status;
+    const stderr = await new Response(child.stderr).text();
+    assert.equal(status.code, 0, stderr);
+    assert.equal(out.split("\n").length, 2, "exactly one line on stdout");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
