@@ -6,6 +6,7 @@ import { type JetstreamServerOptions, serveJetstream } from "../src/server/serve
 import { serveCommand } from "../src/cli/serve.ts";
 import { UsageError } from "../src/errors.ts";
 import { collectMessages, rawGet, waitFor } from "./helpers/ws_collect.ts";
+import { closeCode, RawWebSocket } from "./helpers/raw_ws.ts";
 
 const SEED = 11;
 const START_US = 1_770_000_000_000_000; // 2026-02-02, safely in the past
@@ -460,6 +461,74 @@ Deno.test("`serveJetstream()` records each connection's query, params, hellos an
   });
   assert.equal(record.closeCode, 1000);
   assert.ok(record.sent >= 2);
+});
+
+// --- WebSocket protocol details ------------------------------------------------------------------
+
+Deno.test("`serveJetstream()` answers pings, joins a fragmented hello and echoes the client's close", async () => {
+  await using server = serve({ closeAtEnd: false });
+  const ws = await RawWebSocket.connect(
+    server.port,
+    `/subscribe?requireHello=true&cursor=${EVENTS[2995].timeUs}`,
+  );
+  try {
+    await ws.send(9, encoder.encode("hi"));
+    const pong = await ws.next();
+    assert.equal(pong?.opcode, 10);
+    assert.equal(new TextDecoder().decode(pong?.payload), "hi");
+    const hello = encoder.encode(update({ wantedDids: [] }));
+    await ws.send(1, hello.subarray(0, 10), { fin: false });
+    await ws.send(0, hello.subarray(10, 20), { fin: false });
+    await ws.send(0, hello.subarray(20));
+    const texts: string[] = [];
+    while (texts.length < 5) {
+      const frame = await ws.next();
+      assert.equal(frame?.opcode, 1);
+      texts.push(new TextDecoder().decode(frame!.payload));
+    }
+    assert.deepEqual(texts, LINES.slice(2995));
+    await ws.send(8, new Uint8Array([0x0f, 0xa0])); // 4000
+    const { frames, close } = await ws.untilClose();
+    assert.deepEqual(frames, []);
+    assert.equal(closeCode(close!), 4000);
+    assert.equal(await ws.next(), null, "the server closes the TCP connection after the echo");
+  } finally {
+    ws.close();
+  }
+  await waitFor(() => server.connections[0].closeCode !== undefined);
+  assert.equal(server.connections[0].closeCode, 4000);
+  assert.equal(server.connections[0].hellos.length, 1);
+});
+
+Deno.test("`serveJetstream()` fails the connection on unmasked frames and invalid UTF-8", async () => {
+  await using server = serve({ closeAtEnd: false });
+  const cases: [Uint8Array, { mask?: boolean }, number][] = [
+    [encoder.encode("{}"), { mask: false }, 1002],
+    [new Uint8Array([0xff, 0xfe]), {}, 1007],
+  ];
+  for (const [payload, options, code] of cases) {
+    const ws = await RawWebSocket.connect(server.port, "/subscribe?requireHello=true");
+    try {
+      await ws.send(1, payload, options);
+      const { close } = await ws.untilClose();
+      assert.equal(closeCode(close!), code);
+      assert.equal(await ws.next(), null);
+    } finally {
+      ws.close();
+    }
+  }
+  await waitFor(() => server.connections.every((c) => c.closeCode !== undefined));
+  assert.deepEqual(server.connections.map((c) => c.closeCode), [1002, 1007]);
+});
+
+Deno.test("`serveJetstream()` records 1006 when a client drops the connection without a close frame", async () => {
+  await using server = serve({ closeAtEnd: false });
+  const ws = await RawWebSocket.connect(server.port, `/subscribe?cursor=${EVENTS[2999].timeUs}`);
+  const frame = await ws.next();
+  assert.equal(new TextDecoder().decode(frame?.payload), LINES[2999]);
+  ws.close();
+  await waitFor(() => server.connections[0].closeCode !== undefined);
+  assert.equal(server.connections[0].closeCode, 1006);
 });
 
 // --- CLI -----------------------------------------------------------------------------------------
