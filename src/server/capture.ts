@@ -8,6 +8,18 @@
 /**
  * One captured event: the exact line, to be sent byte for byte, plus the few fields the server
  * filters on, extracted once so that serving never parses JSON.
+ *
+ * @example
+ * ```ts
+ * import type { CaptureEvent } from "./capture.ts";
+ * const event: CaptureEvent = {
+ *   text: '{"did":"did:plc:abc","time_us":1,"kind":"commit","commit":{"collection":"app.bsky.feed.like"}}',
+ *   timeUs: 1,
+ *   did: "did:plc:abc",
+ *   kind: "commit",
+ *   collection: "app.bsky.feed.like",
+ * };
+ * ```
  */
 export interface CaptureEvent {
   /** The exact captured line, without its newline. */

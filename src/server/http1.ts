@@ -8,7 +8,15 @@
  * @module
  */
 
-/** A parsed request head plus the bytes that followed it on the connection. */
+/**
+ * A parsed request head plus the bytes that followed it on the connection.
+ *
+ * @example
+ * ```ts ignore
+ * const head = await readRequestHead(conn);
+ * if (head) console.log(head.method, head.target, head.headers.get("upgrade"), head.rest.length);
+ * ```
+ */
 export interface RequestHead {
   /** Request method, as sent (`GET`). */
   method: string;
@@ -20,7 +28,16 @@ export interface RequestHead {
   rest: Uint8Array;
 }
 
-/** Why a request head could not be read. */
+/**
+ * Why a request head could not be read, with the status to answer.
+ *
+ * @example
+ * ```ts
+ * import { HttpError } from "./http1.ts";
+ * const err = new HttpError(431, "request head too large");
+ * console.log(err.status); // 431
+ * ```
+ */
 export class HttpError extends Error {
   /** The status to answer with. */
   readonly status: number;
@@ -32,7 +49,15 @@ export class HttpError extends Error {
   }
 }
 
-/** Go's net/http default limit on a request head; a 10,000-DID query string fits in it. */
+/**
+ * Go's net/http default limit on a request head; a 10,000-DID query string fits in it.
+ *
+ * @example
+ * ```ts
+ * import { MAX_HEAD_BYTES } from "./http1.ts";
+ * console.log(MAX_HEAD_BYTES); // 1048576
+ * ```
+ */
 export const MAX_HEAD_BYTES = 1 << 20;
 
 const decoder = new TextDecoder();

@@ -12,11 +12,35 @@ const DID_RE = /^did:[a-z]+:[a-zA-Z0-9._:%-]*[a-zA-Z0-9._-]$/;
 const NSID_RE =
   /^[a-zA-Z]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?(\.[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)+(\.[a-zA-Z]([a-zA-Z]{0,61}[a-zA-Z])?)$/;
 
-/** The legacy server's base error text; its 400 bodies and close reasons start with it. */
+/**
+ * The legacy server's base error text; its 400 bodies and close reasons start with it.
+ *
+ * @example
+ * ```ts
+ * import { INVALID_OPTIONS } from "./options.ts";
+ * console.log(`${INVALID_OPTIONS}: too many wanted DIDs`);
+ * ```
+ */
 export const INVALID_OPTIONS = "invalid subscriber options";
-/** Limit on wanted collections (prefixes plus unique full NSIDs). */
+/**
+ * Limit on wanted collections (prefixes plus unique full NSIDs).
+ *
+ * @example
+ * ```ts
+ * import { MAX_WANTED_COLLECTIONS } from "./options.ts";
+ * console.log(MAX_WANTED_COLLECTIONS); // 100
+ * ```
+ */
 export const MAX_WANTED_COLLECTIONS = 100;
-/** Limit on unique wanted DIDs. */
+/**
+ * Limit on unique wanted DIDs.
+ *
+ * @example
+ * ```ts
+ * import { MAX_WANTED_DIDS } from "./options.ts";
+ * console.log(MAX_WANTED_DIDS); // 10000
+ * ```
+ */
 export const MAX_WANTED_DIDS = 10_000;
 
 /**
@@ -52,6 +76,12 @@ export function isValidNsid(value: string): boolean {
 /**
  * The filter part of a subscriber's options, which an `options_update` replaces as a whole.
  * `null` means "no filter" for that dimension.
+ *
+ * @example
+ * ```ts
+ * import type { SubscriberFilter } from "./options.ts";
+ * const onlyGraph: SubscriberFilter = { collections: new Set(), prefixes: ["app.bsky.graph."], dids: null };
+ * ```
  */
 export interface SubscriberFilter {
   /** Unique full collection NSIDs, or `null` when there is no collection filter. */
@@ -135,7 +165,16 @@ export function wants(
   return false;
 }
 
-/** Options of one `/subscribe` request, resolved from its query string and headers. */
+/**
+ * Options of one `/subscribe` request, resolved from its query string and headers.
+ *
+ * @example
+ * ```ts
+ * import { parseSubscribeRequest } from "./options.ts";
+ * const { params } = parseSubscribeRequest(new URLSearchParams("cursor=5&requireHello=true"), new Headers());
+ * console.log(params.cursor, params.requireHello); // 5 true
+ * ```
+ */
 export interface SubscribeParams {
   /** Raw `wantedCollections` values, in order. */
   wantedCollections: string[];
@@ -154,7 +193,16 @@ export interface SubscribeParams {
   requireHello: boolean;
 }
 
-/** The outcome of {@linkcode parseSubscribeRequest}: always the params, then the filter or the 400 text. */
+/**
+ * The outcome of {@linkcode parseSubscribeRequest}: always the params, then the filter or the 400 text.
+ *
+ * @example
+ * ```ts
+ * import { parseSubscribeRequest } from "./options.ts";
+ * const parsed = parseSubscribeRequest(new URLSearchParams("wantedDids=nope"), new Headers());
+ * if (!parsed.ok) console.log(parsed.error); // "invalid subscriber options"
+ * ```
+ */
 export type ParsedSubscribeRequest =
   | { ok: true; params: SubscribeParams; filter: SubscriberFilter }
   | { ok: false; params: SubscribeParams; error: string };
@@ -215,7 +263,15 @@ export function parseMaxMessageSizeBytes(raw: string): number {
   return Number(value & 0xffffffffn);
 }
 
-/** A valid `options_update` message's payload, as received. */
+/**
+ * A valid `options_update` message's payload, as received.
+ *
+ * @example
+ * ```ts
+ * import type { OptionsUpdatePayload } from "./options.ts";
+ * const hello: OptionsUpdatePayload = { wantedCollections: ["app.bsky.feed.post"], wantedDids: [] };
+ * ```
+ */
 export interface OptionsUpdatePayload {
   /** Replacement collection filter; empty or absent means all collections. */
   wantedCollections?: string[];
@@ -225,7 +281,16 @@ export interface OptionsUpdatePayload {
   maxMessageSizeBytes?: number;
 }
 
-/** What a client text message means. */
+/**
+ * What a client text message means.
+ *
+ * @example
+ * ```ts
+ * import { type ClientMessage, parseClientMessage } from "./options.ts";
+ * const message: ClientMessage = parseClientMessage('{"type":"heartbeat"}');
+ * console.log(message.type); // "ignored"
+ * ```
+ */
 export type ClientMessage =
   | { type: "options_update"; payload: OptionsUpdatePayload; filter: SubscriberFilter }
   | { type: "ignored"; messageType: unknown }

@@ -26,7 +26,15 @@ import {
 } from "./options.ts";
 import { ServerWebSocket } from "./websocket.ts";
 
-/** Options of {@linkcode serveJetstream}. */
+/**
+ * Options of {@linkcode serveJetstream}.
+ *
+ * @example
+ * ```ts
+ * import type { JetstreamServerOptions } from "./server.ts";
+ * const options: JetstreamServerOptions = { events: [], port: 6008, closeAtEnd: true };
+ * ```
+ */
 export interface JetstreamServerOptions {
   /** The events to serve, in `time_us` order (see `loadCapture()` and `parseCapture()`). */
   events: CaptureEvent[];
@@ -72,7 +80,16 @@ export interface JetstreamServerOptions {
   highWaterMark?: number;
 }
 
-/** What the server saw and did on one `/subscribe` request; updated as the connection runs. */
+/**
+ * What the server saw and did on one `/subscribe` request; updated as the connection runs, so tests
+ * can check what a client asked for.
+ *
+ * @example
+ * ```ts ignore
+ * const [first] = server.connections;
+ * console.log(first.query, first.params.cursor, first.hellos.length, first.sent, first.closeCode);
+ * ```
+ */
 export interface ConnectionRecord {
   /** 1-based number of the request, in arrival order. */
   id: number;
@@ -94,7 +111,17 @@ export interface ConnectionRecord {
   closeReason?: string;
 }
 
-/** A running server; see {@linkcode serveJetstream}. */
+/**
+ * A running server; see {@linkcode serveJetstream}.
+ *
+ * @example
+ * ```ts
+ * import { serveJetstream } from "./server.ts";
+ * const server = serveJetstream({ events: [] });
+ * console.log(server.url); // ws://127.0.0.1:PORT/subscribe
+ * await server.shutdown();
+ * ```
+ */
 export interface JetstreamServer {
   /** The WebSocket URL, `ws://127.0.0.1:PORT/subscribe`. */
   url: string;

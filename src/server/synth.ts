@@ -8,7 +8,15 @@
  * @module
  */
 
-/** Options of {@linkcode generateCapture}. */
+/**
+ * Options of {@linkcode generateCapture}.
+ *
+ * @example
+ * ```ts
+ * import type { GenerateCaptureOptions } from "./synth.ts";
+ * const options: GenerateCaptureOptions = { count: 10_000, seed: 42, startUs: 1_770_000_000_000_000, stepUs: 2000 };
+ * ```
+ */
 export interface GenerateCaptureOptions {
   /** How many events to generate. */
   count: number;

@@ -9,7 +9,18 @@
  * @module
  */
 
-/** Callbacks for what the client sends. */
+/**
+ * Callbacks for what the client sends.
+ *
+ * @example
+ * ```ts
+ * import type { WebSocketHandlers } from "./websocket.ts";
+ * const handlers: WebSocketHandlers = {
+ *   onText: (text) => console.log("client said", text),
+ *   onClose: (code) => console.log("closed", code),
+ * };
+ * ```
+ */
 export interface WebSocketHandlers {
   /** A complete text message. */
   onText?: (text: string) => void;
@@ -19,7 +30,15 @@ export interface WebSocketHandlers {
   onClose?: (code: number, reason: string) => void;
 }
 
-/** Options of {@linkcode ServerWebSocket}. */
+/**
+ * Options of {@linkcode ServerWebSocket}.
+ *
+ * @example
+ * ```ts
+ * import type { ServerWebSocketOptions } from "./websocket.ts";
+ * const options: ServerWebSocketOptions = { maxMessageBytes: 10_000_000, closeTimeoutMs: 500 };
+ * ```
+ */
 export interface ServerWebSocketOptions {
   /**
    * Largest client message accepted; a bigger one closes the connection with 1009.

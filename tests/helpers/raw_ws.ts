@@ -8,7 +8,15 @@
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
 
-/** One frame received from the server. */
+/**
+ * One frame received from the server.
+ *
+ * @example
+ * ```ts ignore
+ * const frame: RawFrame | null = await ws.next();
+ * if (frame?.opcode === 1) console.log(new TextDecoder().decode(frame.payload));
+ * ```
+ */
 export interface RawFrame {
   /** The FIN bit. */
   fin: boolean;
@@ -155,7 +163,15 @@ export class RawWebSocket {
   }
 }
 
-/** The close code in a close frame's payload (1005 when it has none). */
+/**
+ * The close code in a close frame's payload (1005 when it has none).
+ *
+ * @example
+ * ```ts
+ * import { closeCode } from "./raw_ws.ts";
+ * closeCode({ fin: true, opcode: 8, payload: new Uint8Array([0x03, 0xe8]) }); // 1000
+ * ```
+ */
 export function closeCode(frame: RawFrame): number {
   return frame.payload.length >= 2 ? (frame.payload[0] << 8) | frame.payload[1] : 1005;
 }

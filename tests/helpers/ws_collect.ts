@@ -5,7 +5,15 @@
  * @module
  */
 
-/** Options of {@linkcode collectMessages}. */
+/**
+ * Options of {@linkcode collectMessages}.
+ *
+ * @example
+ * ```ts
+ * import type { CollectOptions } from "./ws_collect.ts";
+ * const options: CollectOptions = { count: 10, send: ['{"type":"options_update","payload":{}}'], timeoutMs: 1000 };
+ * ```
+ */
 export interface CollectOptions {
   /** Stop (and close from the client side) after this many messages. */
   count?: number;
@@ -21,7 +29,14 @@ export interface CollectOptions {
   timeoutMs?: number;
 }
 
-/** What {@linkcode collectMessages} saw. */
+/**
+ * What {@linkcode collectMessages} saw.
+ *
+ * @example
+ * ```ts ignore
+ * const { messages, code, reason, timedOut }: Collected = await collectMessages(url);
+ * ```
+ */
 export interface Collected {
   /** Text messages as strings, binary ones as bytes, in arrival order. */
   messages: (string | Uint8Array)[];
