@@ -299,6 +299,14 @@ Deno.test("`serveJetstream()` sends nothing for a cursor in the future (live)", 
   assert.deepEqual(past.messages, LINES.slice(1000));
 });
 
+Deno.test("`serveJetstream()` filters by cursor in array order when a capture is out of order", async () => {
+  // Captures from v2 hosts can have non-monotonic time_us; the server then scans instead of seeking.
+  const shuffled = [EVENTS[5], EVENTS[1], EVENTS[9], EVENTS[3], EVENTS[7]];
+  await using server = serve({ events: shuffled });
+  const { messages } = await collectMessages(`${server.url}?cursor=${EVENTS[4].timeUs}`);
+  assert.deepEqual(messages, [LINES[5], LINES[9], LINES[7]]);
+});
+
 // --- size limit and compression ------------------------------------------------------------------
 
 Deno.test("`serveJetstream()` skips events longer than maxMessageSizeBytes", async () => {
