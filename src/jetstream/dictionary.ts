@@ -1,0 +1,283 @@
+/**
+ * Finding the zstd dictionary for Jetstream's compressed wire.
+ *
+ * No Jetstream server serves the legacy dictionary (protocol doc §4.1), and jetfill does not ship
+ * it (it holds verbatim events), so it comes from the user, from a cached copy, or from the public
+ * Jetstream repositories, checked against its known sha256.
+ *
+ * @module
+ */
+
+import { UsageError } from "../errors.ts";
+import { dictionaryIdOf } from "./zstd.ts";
+
+/** sha256 of the legacy Jetstream dictionary (`legacy_subscribe.zdict`, 112,640 bytes). */
+export const LEGACY_DICTIONARY_SHA256 = "b8d77b46933aceecbdd5275a01241efc985c970c78162b8150cf67a26522f70c";
+
+/** The environment variable that names a dictionary file. */
+export const ZSTD_DICTIONARY_ENV = "JETFILL_ZSTD_DICTIONARY";
+
+/**
+ * Where the legacy dictionary is downloaded from, in order: the v2 repository's copy, then the
+ * legacy repository's original (the same bytes).
+ */
+export const DEFAULT_DICTIONARY_URLS: readonly string[] = [
+  "https://raw.githubusercontent.com/bluesky-social/jetstream/main/internal/subscribe/dictionaries/legacy_subscribe.zdict",
+  "https://raw.githubusercontent.com/bluesky-social/jetstream-legacy/main/pkg/models/zstd_dictionary",
+];
+
+// A dictionary is ~110 KB; refuse to buffer an unexpectedly huge download.
+const MAX_DOWNLOAD_BYTES = 16 * 1024 * 1024;
+
+/** Options of {@linkcode resolveZstdDictionary}. */
+export interface ResolveZstdDictionaryOptions {
+  /**
+   * A dictionary given by the user: a file path or the bytes. Used as given (it may be another
+   * dictionary than the legacy one, such as a v2 server's), after checking it is a zstd dictionary.
+   */
+  dictionary?: string | Uint8Array;
+  /**
+   * Reads an environment variable (`JETFILL_ZSTD_DICTIONARY`, `XDG_CACHE_HOME`, `HOME`).
+   *
+   * @default {(name) => Deno.env.get(name)}, treating a denied permission as unset
+   */
+  env?: (name: string) => string | undefined;
+  /**
+   * Directory of the cached download; `undefined` when neither variable is set disables caching.
+   *
+   * @default {"$XDG_CACHE_HOME/jetfill" or "$HOME/.cache/jetfill"}
+   */
+  cacheDir?: string;
+  /**
+   * URLs to download the dictionary from, tried in order.
+   *
+   * @default {DEFAULT_DICTIONARY_URLS}
+   */
+  downloadUrls?: readonly string[];
+  /**
+   * Lower-case hex sha256 that a cached or downloaded dictionary must have.
+   *
+   * @default {LEGACY_DICTIONARY_SHA256}
+   */
+  expectedSha256?: string;
+  /**
+   * The `fetch` used for downloads.
+   *
+   * @default {globalThis.fetch}
+   */
+  fetch?: typeof fetch;
+  /** Aborts a download; the abort reason is thrown as is. */
+  signal?: AbortSignal;
+}
+
+/** Where a dictionary came from. */
+export type ZstdDictionarySource = "option" | "env" | "cache" | "download";
+
+/** A dictionary ready for {@linkcode createZstdDecoder}. */
+export interface ResolvedZstdDictionary {
+  /** The dictionary's bytes. */
+  bytes: Uint8Array;
+  /** The dictionary's ID, from its header. */
+  dictionaryId: number;
+  /** Which step found it. */
+  source: ZstdDictionarySource;
+  /** The file it was read from or cached to, if any. */
+  path?: string;
+}
+
+/**
+ * Finds the zstd dictionary, trying in order: the `dictionary` option (a path or bytes), the
+ * `JETFILL_ZSTD_DICTIONARY` environment variable (a path), a cached copy whose sha256 matches, and
+ * a download checked against the sha256 (then cached, written atomically).
+ *
+ * Throws {@linkcode UsageError} for an explicit path that does not exist or is not a zstd
+ * dictionary, and when nothing works, saying how to provide the dictionary and why the download
+ * failed.
+ *
+ * @example
+ * ```ts
+ * import { resolveZstdDictionary } from "./dictionary.ts";
+ * import { createZstdDecoder } from "./zstd.ts";
+ * const { bytes, source } = await resolveZstdDictionary({ dictionary: "./legacy_subscribe.zdict" });
+ * console.log(source); // "option"
+ * const decoder = await createZstdDecoder(bytes);
+ * ```
+ */
+export async function resolveZstdDictionary(
+  options: ResolveZstdDictionaryOptions = {},
+): Promise<ResolvedZstdDictionary> {
+  const env = options.env ?? readEnv;
+  if (options.dictionary !== undefined) {
+    if (typeof options.dictionary === "string") {
+      return await readGivenDictionary(options.dictionary, "option", "--zstd-dictionary");
+    }
+    return {
+      bytes: options.dictionary,
+      dictionaryId: checkDictionary(options.dictionary, "The zstd dictionary given as bytes"),
+      source: "option",
+    };
+  }
+  const fromEnv = env(ZSTD_DICTIONARY_ENV);
+  if (fromEnv) return await readGivenDictionary(fromEnv, "env", ZSTD_DICTIONARY_ENV);
+
+  const expectedSha256 = (options.expectedSha256 ?? LEGACY_DICTIONARY_SHA256).toLowerCase();
+  const cacheDir = options.cacheDir ?? defaultCacheDir(env);
+  const cachePath = cacheDir === undefined
+    ? undefined
+    : joinPath(cacheDir, `zstd-dictionary-${expectedSha256}.zdict`);
+  if (cachePath !== undefined) {
+    const cached = await readCached(cachePath, expectedSha256);
+    if (cached) {
+      return { bytes: cached, dictionaryId: dictionaryIdOf(cached), source: "cache", path: cachePath };
+    }
+  }
+
+  const failures: string[] = [];
+  const doFetch = options.fetch ?? fetch;
+  for (const url of options.downloadUrls ?? DEFAULT_DICTIONARY_URLS) {
+    options.signal?.throwIfAborted();
+    let bytes: Uint8Array;
+    try {
+      bytes = await download(doFetch, url, options.signal);
+    } catch (error) {
+      if (options.signal?.aborted) throw options.signal.reason;
+      failures.push(`${url}: ${error instanceof Error ? error.message : String(error)}`);
+      continue;
+    }
+    const actual = await sha256Hex(bytes);
+    if (actual !== expectedSha256) {
+      failures.push(`${url}: sha256 mismatch: got ${actual}, expected ${expectedSha256}`);
+      continue;
+    }
+    let dictionaryId: number;
+    try {
+      dictionaryId = dictionaryIdOf(bytes);
+    } catch (error) {
+      failures.push(`${url}: ${(error as Error).message}`);
+      continue;
+    }
+    const written = cachePath !== undefined && await writeAtomically(cachePath, bytes);
+    return { bytes, dictionaryId, source: "download", path: written ? cachePath : undefined };
+  }
+
+  throw new UsageError(
+    "No zstd dictionary for Jetstream's compressed wire: provide the legacy dictionary " +
+      `(legacy_subscribe.zdict, sha256 ${LEGACY_DICTIONARY_SHA256}) with --zstd-dictionary PATH, ` +
+      `the zstdDictionary option, or the ${ZSTD_DICTIONARY_ENV} environment variable, or connect without compression. ` +
+      (failures.length === 0
+        ? "No download URL was configured."
+        : `Downloading it failed: ${failures.join("; ")}.`),
+  );
+}
+
+async function readGivenDictionary(
+  path: string,
+  source: "option" | "env",
+  via: string,
+): Promise<ResolvedZstdDictionary> {
+  let bytes: Uint8Array;
+  try {
+    bytes = await Deno.readFile(path);
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound) {
+      throw new UsageError(`Cannot read the zstd dictionary '${path}' (from ${via}): no such file`, {
+        cause: error,
+      });
+    }
+    throw new UsageError(
+      `Cannot read the zstd dictionary '${path}' (from ${via}): ${(error as Error).message}`,
+      { cause: error },
+    );
+  }
+  return { bytes, dictionaryId: checkDictionary(bytes, `The file '${path}' (from ${via})`), source, path };
+}
+
+function checkDictionary(bytes: Uint8Array, what: string): number {
+  try {
+    return dictionaryIdOf(bytes);
+  } catch (error) {
+    throw new UsageError(`${what} is not a zstd dictionary: ${(error as Error).message}`, { cause: error });
+  }
+}
+
+/** Reads the cached copy; `undefined` when it is missing, unreadable or not the expected bytes. */
+async function readCached(path: string, expectedSha256: string): Promise<Uint8Array | undefined> {
+  let bytes: Uint8Array;
+  try {
+    bytes = await Deno.readFile(path);
+  } catch {
+    return undefined;
+  }
+  // A truncated or tampered cache file is ignored; a successful download replaces it.
+  return await sha256Hex(bytes) === expectedSha256 ? bytes : undefined;
+}
+
+async function download(doFetch: typeof fetch, url: string, signal?: AbortSignal): Promise<Uint8Array> {
+  const response = await doFetch(url, { signal, redirect: "follow" });
+  if (!response.ok) {
+    await response.body?.cancel();
+    throw new Error(`HTTP ${response.status} ${response.statusText}`.trimEnd());
+  }
+  const declared = Number(response.headers.get("content-length") ?? "0");
+  if (declared > MAX_DOWNLOAD_BYTES) {
+    await response.body?.cancel();
+    throw new Error(`the response is ${declared} bytes, more than a dictionary can be`);
+  }
+  const chunks: Uint8Array[] = [];
+  let length = 0;
+  if (response.body) {
+    for await (const chunk of response.body) {
+      length += chunk.byteLength;
+      if (length > MAX_DOWNLOAD_BYTES) throw new Error(`the response is over ${MAX_DOWNLOAD_BYTES} bytes`);
+      chunks.push(chunk);
+    }
+  }
+  const bytes = new Uint8Array(length);
+  let offset = 0;
+  for (const chunk of chunks) {
+    bytes.set(chunk, offset);
+    offset += chunk.byteLength;
+  }
+  return bytes;
+}
+
+/** Writes via a temporary file and a rename, so readers never see a partial file. */
+async function writeAtomically(path: string, bytes: Uint8Array): Promise<boolean> {
+  const dir = path.slice(0, Math.max(path.lastIndexOf("/"), path.lastIndexOf("\\")));
+  const temp = `${path}.${crypto.randomUUID()}.tmp`;
+  try {
+    if (dir) await Deno.mkdir(dir, { recursive: true });
+    await Deno.writeFile(temp, bytes);
+    await Deno.rename(temp, path);
+    return true;
+  } catch {
+    // Caching is an optimisation: a read-only or denied cache directory must not fail the run.
+    await Deno.remove(temp).catch(() => {});
+    return false;
+  }
+}
+
+async function sha256Hex(bytes: Uint8Array): Promise<string> {
+  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", bytes as Uint8Array<ArrayBuffer>));
+  return Array.from(digest, (byte) => byte.toString(16).padStart(2, "0")).join("");
+}
+
+function defaultCacheDir(env: (name: string) => string | undefined): string | undefined {
+  const xdg = env("XDG_CACHE_HOME");
+  if (xdg) return joinPath(xdg, "jetfill");
+  const home = env("HOME") || env("USERPROFILE");
+  return home ? joinPath(home, ".cache", "jetfill") : undefined;
+}
+
+function joinPath(...parts: string[]): string {
+  return parts.map((part, i) => (i === 0 ? part.replace(/[/\\]+$/, "") : part)).join("/");
+}
+
+function readEnv(name: string): string | undefined {
+  try {
+    return Deno.env.get(name);
+  } catch {
+    // Without --allow-env the variable is treated as unset rather than failing the run.
+    return undefined;
+  }
+}

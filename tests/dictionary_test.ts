@@ -1,0 +1,268 @@
+import assert from "node:assert/strict";
+import { fileURLToPath } from "node:url";
+import { UsageError } from "../src/errors.ts";
+import {
+  LEGACY_DICTIONARY_SHA256,
+  resolveZstdDictionary,
+  type ResolveZstdDictionaryOptions,
+  ZSTD_DICTIONARY_ENV,
+} from "../src/jetstream/dictionary.ts";
+import { LEGACY_DICTIONARY_ID, V2_DICTIONARY_ID } from "../src/jetstream/zstd.ts";
+
+const LEGACY_PATH = fileURLToPath(new URL("../../shared/jetstream/legacy_subscribe.zdict", import.meta.url));
+const V2_PATH = fileURLToPath(
+  new URL("../../shared/jetstream/subscribe_events_20260811.zdict", import.meta.url),
+);
+const legacyDictionary = await Deno.readFile(LEGACY_PATH);
+const CACHE_NAME = `zstd-dictionary-${LEGACY_DICTIONARY_SHA256}.zdict`;
+
+/** An environment with only the given variables, so the real one never leaks into a test. */
+function envOf(vars: Record<string, string> = {}): (name: string) => string | undefined {
+  return (name) => vars[name];
+}
+
+/** A loopback HTTP server; `routes` maps a path to the body served (404 otherwise). */
+async function withServer(
+  routes: Record<string, Uint8Array>,
+  fn: (base: string, hits: string[]) => Promise<void>,
+): Promise<void> {
+  const hits: string[] = [];
+  const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, (request) => {
+    const path = new URL(request.url).pathname;
+    hits.push(path);
+    const body = routes[path];
+    return body ? new Response(body as Uint8Array<ArrayBuffer>) : new Response("not found", { status: 404 });
+  });
+  try {
+    await fn(`http://127.0.0.1:${server.addr.port}`, hits);
+  } finally {
+    await server.shutdown();
+  }
+}
+
+async function withTempDir(fn: (dir: string) => Promise<void>): Promise<void> {
+  const dir = await Deno.makeTempDir({ prefix: "jetfill_dictionary_test_" });
+  try {
+    await fn(dir);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
+async function listDir(dir: string): Promise<string[]> {
+  try {
+    return (await Array.fromAsync(Deno.readDir(dir))).map((entry) => entry.name).sort();
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound) return [];
+    throw error;
+  }
+}
+
+/** Options that can reach nothing: no environment, an empty cache, no download URLs. */
+function isolated(dir: string, extra: ResolveZstdDictionaryOptions = {}): ResolveZstdDictionaryOptions {
+  return { env: envOf(), cacheDir: `${dir}/cache`, downloadUrls: [], ...extra };
+}
+
+Deno.test("`resolveZstdDictionary()` uses the dictionary option given as a path", async () => {
+  await withTempDir(async (dir) => {
+    const resolved = await resolveZstdDictionary(
+      isolated(dir, { dictionary: V2_PATH, env: envOf({ [ZSTD_DICTIONARY_ENV]: LEGACY_PATH }) }),
+    );
+    // Explicit dictionaries are not held to the legacy hash: a v2 dictionary is fine.
+    assert.equal(resolved.source, "option");
+    assert.equal(resolved.path, V2_PATH);
+    assert.equal(resolved.dictionaryId, V2_DICTIONARY_ID);
+    assert.deepEqual(resolved.bytes, await Deno.readFile(V2_PATH));
+  });
+});
+
+Deno.test("`resolveZstdDictionary()` uses the dictionary option given as bytes", async () => {
+  await withTempDir(async (dir) => {
+    const resolved = await resolveZstdDictionary(isolated(dir, { dictionary: legacyDictionary }));
+    assert.equal(resolved.source, "option");
+    assert.equal(resolved.path, undefined);
+    assert.equal(resolved.dictionaryId, LEGACY_DICTIONARY_ID);
+    assert.equal(resolved.bytes, legacyDictionary);
+    await assert.rejects(
+      () => resolveZstdDictionary(isolated(dir, { dictionary: new TextEncoder().encode("{}") })),
+      (error: unknown) =>
+        error instanceof UsageError && /given as bytes is not a zstd dictionary/.test(error.message),
+    );
+  });
+});
+
+Deno.test("`resolveZstdDictionary()` names a missing or unusable dictionary path in a UsageError", async () => {
+  await withTempDir(async (dir) => {
+    const missing = `${dir}/nope/legacy.zdict`;
+    await assert.rejects(
+      () => resolveZstdDictionary(isolated(dir, { dictionary: missing })),
+      (error: unknown) => {
+        assert.ok(error instanceof UsageError);
+        assert.equal(
+          error.message,
+          `Cannot read the zstd dictionary '${missing}' (from --zstd-dictionary): no such file`,
+        );
+        return true;
+      },
+    );
+    await assert.rejects(
+      () => resolveZstdDictionary(isolated(dir, { env: envOf({ [ZSTD_DICTIONARY_ENV]: missing }) })),
+      (error: unknown) =>
+        error instanceof UsageError && error.message.includes(`'${missing}' (from ${ZSTD_DICTIONARY_ENV})`),
+    );
+    const notDictionary = `${dir}/events.json`;
+    await Deno.writeTextFile(notDictionary, '{"did":"did:plc:x","kind":"commit"}\n');
+    await assert.rejects(
+      () => resolveZstdDictionary(isolated(dir, { dictionary: notDictionary })),
+      (error: unknown) =>
+        error instanceof UsageError &&
+        error.message.startsWith(
+          `The file '${notDictionary}' (from --zstd-dictionary) is not a zstd dictionary`,
+        ),
+    );
+  });
+});
+
+Deno.test("`resolveZstdDictionary()` uses JETFILL_ZSTD_DICTIONARY when no option is given", async () => {
+  await withTempDir(async (dir) => {
+    const resolved = await resolveZstdDictionary(
+      isolated(dir, { env: envOf({ [ZSTD_DICTIONARY_ENV]: LEGACY_PATH }) }),
+    );
+    assert.equal(resolved.source, "env");
+    assert.equal(resolved.path, LEGACY_PATH);
+    assert.equal(resolved.dictionaryId, LEGACY_DICTIONARY_ID);
+  });
+});
+
+Deno.test("`resolveZstdDictionary()` uses a cached copy whose sha256 matches, before downloading", async () => {
+  await withTempDir(async (dir) => {
+    await Deno.mkdir(`${dir}/cache`);
+    await Deno.writeFile(`${dir}/cache/${CACHE_NAME}`, legacyDictionary);
+    await withServer({ "/dict": legacyDictionary }, async (base, hits) => {
+      const resolved = await resolveZstdDictionary(isolated(dir, { downloadUrls: [`${base}/dict`] }));
+      assert.equal(resolved.source, "cache");
+      assert.equal(resolved.path, `${dir}/cache/${CACHE_NAME}`);
+      assert.deepEqual(resolved.bytes, legacyDictionary);
+      assert.deepEqual(hits, []);
+    });
+  });
+});
+
+Deno.test("`resolveZstdDictionary()` downloads, verifies and caches the dictionary atomically", async () => {
+  await withTempDir(async (dir) => {
+    await withServer({ "/jetstream/legacy_subscribe.zdict": legacyDictionary }, async (base, hits) => {
+      const options = isolated(dir, {
+        downloadUrls: [`${base}/missing.zdict`, `${base}/jetstream/legacy_subscribe.zdict`],
+      });
+      const resolved = await resolveZstdDictionary(options);
+      assert.equal(resolved.source, "download");
+      assert.equal(resolved.dictionaryId, LEGACY_DICTIONARY_ID);
+      assert.deepEqual(resolved.bytes, legacyDictionary);
+      assert.equal(resolved.path, `${dir}/cache/${CACHE_NAME}`);
+      // The 404 was skipped; only the final file is left, no temporary one.
+      assert.deepEqual(hits, ["/missing.zdict", "/jetstream/legacy_subscribe.zdict"]);
+      assert.deepEqual(await listDir(`${dir}/cache`), [CACHE_NAME]);
+      assert.deepEqual(await Deno.readFile(`${dir}/cache/${CACHE_NAME}`), legacyDictionary);
+
+      const again = await resolveZstdDictionary(options);
+      assert.equal(again.source, "cache");
+      assert.equal(hits.length, 2);
+    });
+  });
+});
+
+Deno.test("`resolveZstdDictionary()` ignores a corrupt cache file and replaces it", async () => {
+  await withTempDir(async (dir) => {
+    await Deno.mkdir(`${dir}/cache`);
+    await Deno.writeFile(`${dir}/cache/${CACHE_NAME}`, legacyDictionary.subarray(0, 5000));
+    await withServer({ "/d": legacyDictionary }, async (base) => {
+      const resolved = await resolveZstdDictionary(isolated(dir, { downloadUrls: [`${base}/d`] }));
+      assert.equal(resolved.source, "download");
+      assert.deepEqual(await Deno.readFile(`${dir}/cache/${CACHE_NAME}`), legacyDictionary);
+    });
+  });
+});
+
+Deno.test("`resolveZstdDictionary()` refuses a download with the wrong sha256 and caches nothing", async () => {
+  await withTempDir(async (dir) => {
+    const v2 = await Deno.readFile(V2_PATH);
+    await withServer({ "/d": v2 }, async (base) => {
+      await assert.rejects(
+        () => resolveZstdDictionary(isolated(dir, { downloadUrls: [`${base}/d`] })),
+        (error: unknown) => {
+          assert.ok(error instanceof UsageError);
+          assert.match(error.message, /--zstd-dictionary PATH/);
+          assert.match(
+            error.message,
+            new RegExp(
+              `${base}/d: sha256 mismatch: got f631a689a829b84b[0-9a-f]+, expected ${LEGACY_DICTIONARY_SHA256}`,
+            ),
+          );
+          return true;
+        },
+      );
+      assert.deepEqual(await listDir(`${dir}/cache`), []);
+    });
+  });
+});
+
+Deno.test("`resolveZstdDictionary()` says how to provide the dictionary when nothing works", async () => {
+  await withTempDir(async (dir) => {
+    // A port that was just closed: the connection is refused, a network error.
+    const server = Deno.serve(
+      { hostname: "127.0.0.1", port: 0, onListen: () => {} },
+      () => new Response("x"),
+    );
+    const url = `http://127.0.0.1:${server.addr.port}/legacy_subscribe.zdict`;
+    await server.shutdown();
+    await assert.rejects(
+      () => resolveZstdDictionary(isolated(dir, { downloadUrls: [url] })),
+      (error: unknown) => {
+        assert.ok(error instanceof UsageError);
+        assert.match(error.message, /--zstd-dictionary PATH/);
+        assert.match(error.message, /the zstdDictionary option/);
+        assert.match(error.message, /JETFILL_ZSTD_DICTIONARY/);
+        assert.ok(error.message.includes(`Downloading it failed: ${url}: `), error.message);
+        return true;
+      },
+    );
+    await assert.rejects(
+      () => resolveZstdDictionary(isolated(dir)),
+      (error: unknown) => error instanceof UsageError && /No download URL was configured/.test(error.message),
+    );
+  });
+});
+
+Deno.test("`resolveZstdDictionary()` caches under $XDG_CACHE_HOME/jetfill, else $HOME/.cache/jetfill", async () => {
+  await withTempDir(async (dir) => {
+    await withServer({ "/d": legacyDictionary }, async (base) => {
+      const xdg = await resolveZstdDictionary({
+        env: envOf({ XDG_CACHE_HOME: `${dir}/xdg`, HOME: `${dir}/home` }),
+        downloadUrls: [`${base}/d`],
+      });
+      assert.equal(xdg.path, `${dir}/xdg/jetfill/${CACHE_NAME}`);
+      const home = await resolveZstdDictionary({
+        env: envOf({ HOME: `${dir}/home` }),
+        downloadUrls: [`${base}/d`],
+      });
+      assert.equal(home.source, "download");
+      assert.equal(home.path, `${dir}/home/.cache/jetfill/${CACHE_NAME}`);
+      const cached = await resolveZstdDictionary({ env: envOf({ HOME: `${dir}/home` }), downloadUrls: [] });
+      assert.equal(cached.source, "cache");
+    });
+  });
+});
+
+Deno.test("`resolveZstdDictionary()` stops a download when its signal aborts", async () => {
+  await withTempDir(async (dir) => {
+    const controller = new AbortController();
+    controller.abort(new Error("stopped by the user"));
+    await assert.rejects(
+      () =>
+        resolveZstdDictionary(
+          isolated(dir, { downloadUrls: ["http://127.0.0.1:9/d"], signal: controller.signal }),
+        ),
+      { message: "stopped by the user" },
+    );
+  });
+});
