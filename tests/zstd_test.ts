@@ -166,6 +166,21 @@ Deno.test("`createZstdDecoder()` decodes a frame compressed without a dictionary
   }
 });
 
+Deno.test("`ZstdDecoder.decode()` results stay intact across later decodes", async () => {
+  const events = sampleEvents();
+  const frames = await zstdFrames(events, ["-D", LEGACY_PATH]);
+  const zstd = await createZstdDecoder(legacyDictionary);
+  // Enough results to fill several 64 KiB pools.
+  const kept: Uint8Array[] = [];
+  for (let round = 0; round < 120; round++) for (const frame of frames) kept.push(zstd.decode(frame));
+  kept.forEach((decoded, i) => assert.deepEqual(decoded, events[i % events.length]));
+  // A caller that transfers a result's buffer detaches the pool; decoding carries on.
+  const transferred = zstd.decode(frames[0]);
+  structuredClone(transferred.buffer, { transfer: [transferred.buffer] });
+  assert.equal(transferred.byteLength, 0);
+  assert.deepEqual(zstd.decode(frames[1]), events[1]);
+});
+
 Deno.test("`ZstdDecoder.decode()` throws a corrupt ZstdDecodeError for damaged bytes and keeps working", async () => {
   const events = sampleEvents();
   const [frame] = await zstdFrames([events[5]], ["-D", LEGACY_PATH]);
