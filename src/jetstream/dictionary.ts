@@ -11,15 +11,39 @@
 import { UsageError } from "../errors.ts";
 import { dictionaryIdOf } from "./zstd.ts";
 
-/** sha256 of the legacy Jetstream dictionary (`legacy_subscribe.zdict`, 112,640 bytes). */
+/**
+ * sha256 of the legacy Jetstream dictionary (`legacy_subscribe.zdict`, 112,640 bytes), the same
+ * bytes in the v2 repository and the legacy one.
+ *
+ * @example
+ * ```ts
+ * import { LEGACY_DICTIONARY_SHA256, resolveZstdDictionary } from "./dictionary.ts";
+ * const { bytes } = await resolveZstdDictionary({ expectedSha256: LEGACY_DICTIONARY_SHA256 });
+ * ```
+ */
 export const LEGACY_DICTIONARY_SHA256 = "b8d77b46933aceecbdd5275a01241efc985c970c78162b8150cf67a26522f70c";
 
-/** The environment variable that names a dictionary file. */
+/**
+ * The environment variable that names a dictionary file: `JETFILL_ZSTD_DICTIONARY`.
+ *
+ * @example
+ * ```ts
+ * import { ZSTD_DICTIONARY_ENV } from "./dictionary.ts";
+ * Deno.env.set(ZSTD_DICTIONARY_ENV, "/etc/jetfill/legacy_subscribe.zdict");
+ * ```
+ */
 export const ZSTD_DICTIONARY_ENV = "JETFILL_ZSTD_DICTIONARY";
 
 /**
  * Where the legacy dictionary is downloaded from, in order: the v2 repository's copy, then the
  * legacy repository's original (the same bytes).
+ *
+ * @example
+ * ```ts
+ * import { DEFAULT_DICTIONARY_URLS, resolveZstdDictionary } from "./dictionary.ts";
+ * const mirror = "https://mirror.example/legacy_subscribe.zdict";
+ * await resolveZstdDictionary({ downloadUrls: [mirror, ...DEFAULT_DICTIONARY_URLS] });
+ * ```
  */
 export const DEFAULT_DICTIONARY_URLS: readonly string[] = [
   "https://raw.githubusercontent.com/bluesky-social/jetstream/main/internal/subscribe/dictionaries/legacy_subscribe.zdict",
@@ -29,7 +53,16 @@ export const DEFAULT_DICTIONARY_URLS: readonly string[] = [
 // A dictionary is ~110 KB; refuse to buffer an unexpectedly huge download.
 const MAX_DOWNLOAD_BYTES = 16 * 1024 * 1024;
 
-/** Options of {@linkcode resolveZstdDictionary}. */
+/**
+ * Options of {@linkcode resolveZstdDictionary}.
+ *
+ * @example
+ * ```ts
+ * import { resolveZstdDictionary, type ResolveZstdDictionaryOptions } from "./dictionary.ts";
+ * const options: ResolveZstdDictionaryOptions = { cacheDir: "/var/cache/jetfill", signal: AbortSignal.timeout(30_000) };
+ * await resolveZstdDictionary(options);
+ * ```
+ */
 export interface ResolveZstdDictionaryOptions {
   /**
    * A dictionary given by the user: a file path or the bytes. Used as given (it may be another
@@ -70,10 +103,28 @@ export interface ResolveZstdDictionaryOptions {
   signal?: AbortSignal;
 }
 
-/** Where a dictionary came from. */
+/**
+ * Where a dictionary came from: the `dictionary` option, `JETFILL_ZSTD_DICTIONARY`, the cache, or a
+ * download.
+ *
+ * @example
+ * ```ts
+ * import { resolveZstdDictionary, type ZstdDictionarySource } from "./dictionary.ts";
+ * const source: ZstdDictionarySource = (await resolveZstdDictionary()).source;
+ * ```
+ */
 export type ZstdDictionarySource = "option" | "env" | "cache" | "download";
 
-/** A dictionary ready for {@linkcode createZstdDecoder}. */
+/**
+ * A dictionary ready for `createZstdDecoder()`.
+ *
+ * @example
+ * ```ts
+ * import { resolveZstdDictionary, type ResolvedZstdDictionary } from "./dictionary.ts";
+ * const resolved: ResolvedZstdDictionary = await resolveZstdDictionary();
+ * console.log(`dictionary ${resolved.dictionaryId} from ${resolved.path ?? resolved.source}`);
+ * ```
+ */
 export interface ResolvedZstdDictionary {
   /** The dictionary's bytes. */
   bytes: Uint8Array;

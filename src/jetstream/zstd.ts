@@ -16,19 +16,54 @@
  * @module
  */
 
-/** Dictionary ID of the legacy Jetstream dictionary (`legacy_subscribe.zdict`, `0x6015466D`). */
+/**
+ * Dictionary ID of the legacy Jetstream dictionary (`legacy_subscribe.zdict`, `0x6015466D`), used on
+ * the v1 wire (`/subscribe?compress=true`).
+ *
+ * @example
+ * ```ts
+ * import { frameDictionaryId, LEGACY_DICTIONARY_ID } from "./zstd.ts";
+ * const frame = await Deno.readFile("event.json.zst");
+ * console.log(frameDictionaryId(frame) === LEGACY_DICTIONARY_ID);
+ * ```
+ */
 export const LEGACY_DICTIONARY_ID = 1612007021;
 
-/** Dictionary ID of the v2 wire's `subscribe_events_20260811.zdict`. */
+/**
+ * Dictionary ID of the v2 wire's `subscribe_events_20260811.zdict` (`?zstdDictionary=20260811`).
+ *
+ * @example
+ * ```ts
+ * import { dictionaryIdOf, V2_DICTIONARY_ID } from "./zstd.ts";
+ * const dictionary = await Deno.readFile("subscribe_events_20260811.zdict");
+ * console.log(dictionaryIdOf(dictionary) === V2_DICTIONARY_ID); // true
+ * ```
+ */
 export const V2_DICTIONARY_ID = 20260811;
 
 /**
  * The default and the largest `maxDecodedBytes`: 32 MiB, the read limit the official Go client
  * applies to decoded messages.
+ *
+ * @example
+ * ```ts
+ * import { createZstdDecoder, DEFAULT_MAX_DECODED_BYTES } from "./zstd.ts";
+ * const dictionary = await Deno.readFile("legacy_subscribe.zdict");
+ * const decoder = await createZstdDecoder(dictionary, { maxDecodedBytes: DEFAULT_MAX_DECODED_BYTES / 4 });
+ * ```
  */
 export const DEFAULT_MAX_DECODED_BYTES: number = 32 * 1024 * 1024;
 
-/** Why a frame could not be decoded. */
+/**
+ * Why a frame could not be decoded: it names another dictionary than the decoder's, it is not a
+ * valid zstd frame (corrupt, truncated or not zstd at all), or it decodes past `maxDecodedBytes`.
+ *
+ * @example
+ * ```ts
+ * import type { ZstdDecodeErrorReason } from "./zstd.ts";
+ * const counts: Record<ZstdDecodeErrorReason, number> = { "dictionary-mismatch": 0, corrupt: 0, "too-large": 0 };
+ * ```
+ */
 export type ZstdDecodeErrorReason = "dictionary-mismatch" | "corrupt" | "too-large";
 
 /**
@@ -68,7 +103,16 @@ export class ZstdDecodeError extends Error {
   }
 }
 
-/** Options of {@linkcode createZstdDecoder}. */
+/**
+ * Options of {@linkcode createZstdDecoder}.
+ *
+ * @example
+ * ```ts
+ * import { createZstdDecoder, type ZstdDecoderOptions } from "./zstd.ts";
+ * const options: ZstdDecoderOptions = { maxDecodedBytes: 4 * 1024 * 1024 };
+ * const decoder = await createZstdDecoder(await Deno.readFile("legacy_subscribe.zdict"), options);
+ * ```
+ */
 export interface ZstdDecoderOptions {
   /**
    * Largest decoded size accepted for one frame, in bytes; larger frames throw a
@@ -80,7 +124,17 @@ export interface ZstdDecoderOptions {
   maxDecodedBytes?: number;
 }
 
-/** A decoder bound to one dictionary. */
+/**
+ * A decoder bound to one dictionary, made by {@linkcode createZstdDecoder}. Create it once and
+ * reuse it across messages and reconnections: each one holds its own WebAssembly instance.
+ *
+ * @example
+ * ```ts
+ * import { createZstdDecoder, type ZstdDecoder } from "./zstd.ts";
+ * const decoder: ZstdDecoder = await createZstdDecoder(await Deno.readFile("legacy_subscribe.zdict"));
+ * const json = new TextDecoder().decode(decoder.decode(await Deno.readFile("event.json.zst")));
+ * ```
+ */
 export interface ZstdDecoder {
   /** The ID of the decoder's dictionary, as written in its header. */
   readonly dictionaryId: number;
@@ -98,7 +152,16 @@ export interface ZstdDecoder {
   decode(frame: Uint8Array): Uint8Array<ArrayBuffer>;
 }
 
-/** An encoder bound to one dictionary. */
+/**
+ * An encoder bound to one dictionary, made by {@linkcode createZstdEncoder}.
+ *
+ * @example
+ * ```ts
+ * import { createZstdEncoder, type ZstdEncoder } from "./zstd.ts";
+ * const encoder: ZstdEncoder = await createZstdEncoder(await Deno.readFile("legacy_subscribe.zdict"));
+ * const frame = encoder.encode(new TextEncoder().encode('{"kind":"commit"}'));
+ * ```
+ */
 export interface ZstdEncoder {
   /** The ID of the encoder's dictionary; every frame names it in its header. */
   readonly dictionaryId: number;
@@ -124,8 +187,8 @@ const DICTIONARY_MAGIC = 0xec30a437;
  * @example
  * ```ts
  * import { frameDictionaryId, LEGACY_DICTIONARY_ID } from "./zstd.ts";
- * const frame = new Uint8Array(await new Response(new Blob()).arrayBuffer());
- * if (frameDictionaryId(frame) === LEGACY_DICTIONARY_ID) console.log("legacy wire frame");
+ * const frame = await Deno.readFile("event.json.zst");
+ * if (frameDictionaryId(frame) === LEGACY_DICTIONARY_ID) console.log("needs the legacy dictionary");
  * ```
  */
 export function frameDictionaryId(frame: Uint8Array): number | undefined {
@@ -219,7 +282,16 @@ export async function createZstdEncoder(dictionary: Uint8Array, level = 3): Prom
   return new WasmEncoder(wasm, dictionary, dictionaryId, level);
 }
 
-/** What {@linkcode ZstdDecompressionStream} decodes with: a dictionary, or a decoder made earlier. */
+/**
+ * What {@linkcode ZstdDecompressionStream} decodes with: a dictionary (and decoder options), or a
+ * decoder made earlier.
+ *
+ * @example
+ * ```ts
+ * import type { ZstdDecompressionStreamInit } from "./zstd.ts";
+ * const init: ZstdDecompressionStreamInit = { dictionary: await Deno.readFile("legacy_subscribe.zdict") };
+ * ```
+ */
 export type ZstdDecompressionStreamInit =
   | ({ dictionary: Uint8Array } & ZstdDecoderOptions)
   | ZstdDecoder;
@@ -294,7 +366,9 @@ function readFrameHeader(frame: Uint8Array): FrameHeader | string {
   let offset = 5;
   const headerSize = offset + (singleSegment ? 0 : 1) + dictionaryIdSize + contentSizeSize;
   // Every frame has at least one 3-byte block header after its frame header.
-  if (frame.byteLength < headerSize + 3) return `it is truncated inside its ${headerSize}-byte header`;
+  if (frame.byteLength < headerSize + 3) {
+    return `it is ${frame.byteLength} bytes long, shorter than its ${headerSize}-byte header and first block header`;
+  }
 
   let windowSize = 0;
   if (!singleSegment) {
@@ -592,8 +666,13 @@ function checkVectorLayout(wasm: WasmBinding): void {
   try {
     vector.resize(4, 0);
     vector.set(3, 0xa5);
-    if (wasm.HEAPU8[dataAddress(wasm, vector) + 3] !== 0xa5) {
-      throw new Error("zstd-codec's std::vector layout is not the expected one (begin pointer first)");
+    const begin = dataAddress(wasm, vector);
+    const words = vector.$$.ptr >>> 2;
+    if (
+      wasm.HEAPU8[begin + 3] !== 0xa5 || wasm.HEAPU32[words + 1] - begin !== 4 ||
+      wasm.HEAPU32[words + 2] - begin < 4
+    ) {
+      throw new Error("zstd-codec's std::vector layout is not the expected one (begin, end, capacity end)");
     }
   } finally {
     vector.delete();
