@@ -312,8 +312,16 @@ export class ServerWebSocket {
     payload[1] = code & 255;
     payload.set(bytes, 2);
     this.#control(8, payload);
-    if (this.#closeReceived) return;
-    this.#closeTimer = setTimeout(() => this.#finish(1006, ""), this.#closeTimeoutMs);
+    this.#armCloseTimer();
+  }
+
+  /** Bounds the closing handshake, even when the client stops reading while our queue is full. */
+  #armCloseTimer(): void {
+    if (this.#closeTimer !== undefined || this.#finished) return;
+    this.#closeTimer = setTimeout(() => {
+      const received = this.#closeReceived;
+      this.#finish(received?.code ?? 1006, received?.reason ?? "");
+    }, this.#closeTimeoutMs);
   }
 
   /** Drops the TCP connection without a close frame (the client sees 1006). */
@@ -488,6 +496,7 @@ export class ServerWebSocket {
       this.#closeSent = true;
       const echo = payload.length >= 2 ? payload.subarray(0, 2) : new Uint8Array(0);
       this.#control(8, echo);
+      this.#armCloseTimer();
     } else if (!this.#writing && this.bufferedAmount === 0) {
       this.#finish(code, reason);
     }
