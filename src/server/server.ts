@@ -105,9 +105,12 @@ export interface ConnectionRecord {
   hellos: OptionsUpdatePayload[];
   /** Events sent so far (queued to the socket). */
   sent: number;
-  /** Close code, once the connection has closed. */
+  /**
+   * Once closed: the code of the client's close frame (an echo of the server's when the server
+   * closed first), or 1006 when the connection ended without one.
+   */
   closeCode?: number;
-  /** Close reason, once the connection has closed. */
+  /** Once closed: the reason in the client's close frame. */
   closeReason?: string;
 }
 
