@@ -383,7 +383,7 @@ async function readConnection(
         text = frame;
       } else if (decode) {
         try {
-          const raw = decode(new Uint8Array(frame));
+          const raw = decode(frame instanceof Uint8Array ? frame : new Uint8Array(frame));
           stats.bytesDecoded += raw.byteLength;
           text = TEXT.decode(raw);
         } catch (err) {

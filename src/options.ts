@@ -381,6 +381,6 @@ export function resolveSyncOptions(options: BackfillSyncOptions = {}): ResolvedS
     failoverAfter: 2,
     rewindUs: 5_000_000,
     dedupeWindow: 100_000,
-    maxBufferedBytes: 64 << 20,
+    maxBufferedBytes: 8 << 20,
   };
 }

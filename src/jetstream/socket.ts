@@ -1,15 +1,36 @@
 /**
- * One WebSocket connection to Jetstream, read by pulling: frames are buffered as they arrive and
- * taken in arrays by the pipeline. The buffer is bounded: when the pipeline falls behind, the
- * connection closes itself (`overflow`) and the caller reconnects from its cursor, so memory stays
- * flat instead of growing with the backlog. A silent connection is closed after an idle timeout,
- * because Deno does not show the server's pings.
+ * One WebSocket connection to Jetstream, read by pulling.
+ *
+ * Where Deno offers `WebSocketStream` (`"unstable": ["net"]`, which this project's deno.json sets),
+ * frames are read only when the pipeline asks for them: a slow sink stops the reads and TCP slows the
+ * server, so memory stays flat. Elsewhere the standard `WebSocket` is used: it never stops reading, so
+ * its frames go into a bounded buffer, and when the pipeline falls behind the connection closes
+ * itself (`overflow`) and the caller reconnects from its cursor instead of buffering without limit.
+ *
+ * Either way, a silent connection is closed after an idle timeout, because Deno does not show the
+ * server's pings.
  *
  * @module
  */
 
 /** A frame as received: text (JSON) or binary (zstd). */
-export type Frame = string | ArrayBuffer;
+export type Frame = string | ArrayBuffer | Uint8Array;
+
+/** The common face of both transports. */
+export interface Connection {
+  /** The URL connected to. */
+  readonly url: string;
+  /** Bytes received on this connection. */
+  readonly bytesReceived: number;
+  /** Why it ended, once it has. */
+  readonly cause: CloseCause | undefined;
+  /** The next frames, waiting for at least one; `null` once the connection has ended. */
+  next(): Promise<Frame[] | null>;
+  /** Closes the connection. */
+  close(): void;
+  /** Resolves once the socket is fully released. */
+  closed(): Promise<void>;
+}
 
 /** Why a connection ended. */
 export type CloseCause =
@@ -45,10 +66,12 @@ export interface ConnectionOptions {
   protocols?: string[];
   /** Aborting closes the connection. */
   signal?: AbortSignal;
+  /** Use the buffered `WebSocket` transport even where `WebSocketStream` exists. */
+  forceBuffered?: boolean;
 }
 
-/** An open connection; pull frames with {@link Connection.next}. */
-export class Connection {
+/** A connection over the standard `WebSocket`, with a bounded buffer. */
+export class BufferedConnection implements Connection {
   /** The URL connected to. */
   readonly url: string;
   /** Bytes received on this connection. */
@@ -145,6 +168,165 @@ export class Connection {
   }
 }
 
+interface WebSocketStreamLike {
+  opened: Promise<{
+    readable: ReadableStream<string | Uint8Array>;
+    writable: WritableStream<string | Uint8Array>;
+  }>;
+  closed: Promise<{ closeCode?: number; reason?: string }>;
+  close(info?: { closeCode?: number; reason?: string }): void;
+}
+type WebSocketStreamCtor = new (url: string, options?: { protocols?: string[] }) => WebSocketStreamLike;
+
+/** A connection over `WebSocketStream`: nothing is read until the pipeline asks. */
+class StreamConnection implements Connection {
+  readonly url: string;
+  bytesReceived = 0;
+  cause: CloseCause | undefined;
+  readonly #wss: WebSocketStreamLike;
+  readonly #reader: ReadableStreamDefaultReader<string | Uint8Array>;
+  readonly #opts: ConnectionOptions;
+  #lastActivity = Date.now();
+  #idleTimer: ReturnType<typeof setTimeout> | undefined;
+  #onAbort = () => this.#end({ kind: "aborted" });
+  #wake: ((frames: Frame[] | null) => void) | undefined;
+
+  constructor(
+    wss: WebSocketStreamLike,
+    reader: ReadableStreamDefaultReader<string | Uint8Array>,
+    url: string,
+    opts: ConnectionOptions,
+  ) {
+    this.#wss = wss;
+    this.#reader = reader;
+    this.url = url;
+    this.#opts = opts;
+    opts.signal?.addEventListener("abort", this.#onAbort, { once: true });
+    const ms = opts.idleTimeoutMs;
+    if (Number.isFinite(ms)) {
+      const tick = () => {
+        if (this.cause) return;
+        const quiet = Date.now() - this.#lastActivity;
+        if (quiet >= ms) this.#end({ kind: "idle" });
+        else this.#idleTimer = setTimeout(tick, ms - quiet);
+      };
+      this.#idleTimer = setTimeout(tick, ms);
+    }
+  }
+
+  #end(cause: CloseCause): void {
+    if (this.cause) return;
+    this.cause = cause;
+    clearTimeout(this.#idleTimer);
+    this.#opts.signal?.removeEventListener("abort", this.#onAbort);
+    // A pending next() is answered here, not by cancelling the reader: cancelling trips a Deno 2.9
+    // WebSocketStream bug (its pull enqueues into the cancelled stream and throws).
+    const wake = this.#wake;
+    this.#wake = undefined;
+    wake?.(null);
+    try {
+      this.#wss.close({ closeCode: 1000 });
+    } catch { /* already closed */ }
+  }
+
+  next(): Promise<Frame[] | null> {
+    if (this.cause) return Promise.resolve(null);
+    return new Promise((resolve) => {
+      this.#wake = resolve;
+      this.#reader.read().then((chunk) => {
+        if (this.#wake !== resolve) return;
+        if (chunk.done) {
+          this.#wake = undefined;
+          this.#wss.closed.catch(() => ({ closeCode: 1006, reason: "" })).then((info) => {
+            this.#end({ kind: "closed", code: info.closeCode || 1006, reason: info.reason ?? "" });
+            resolve(null);
+          });
+          return;
+        }
+        this.#wake = undefined;
+        const frame = chunk.value;
+        this.bytesReceived += typeof frame === "string" ? frame.length : frame.byteLength;
+        this.#lastActivity = Date.now();
+        resolve([frame]);
+      }, (err: Error) => {
+        if (this.#wake !== resolve) return;
+        this.#wake = undefined;
+        this.#end({ kind: "closed", code: 1006, reason: err?.message ?? "" });
+        resolve(null);
+      });
+    });
+  }
+
+  close(): void {
+    this.#end({ kind: "aborted" });
+  }
+
+  async closed(): Promise<void> {
+    // A stalled server may never answer the close handshake; do not wait for it forever.
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    await Promise.race([
+      this.#wss.closed.catch(() => {}),
+      new Promise<void>((resolve) => (timer = setTimeout(resolve, 2000))),
+    ]);
+    clearTimeout(timer);
+  }
+}
+
+async function openStreamConnection(
+  Stream: WebSocketStreamCtor,
+  url: string,
+  opts: ConnectionOptions,
+): Promise<Connection> {
+  if (opts.signal?.aborted) throw new ConnectError(`connection to ${url} aborted`);
+  const wss = new Stream(url, opts.protocols ? { protocols: opts.protocols } : undefined);
+  wss.closed.catch(() => {});
+  const limit = Math.min(opts.idleTimeoutMs, 30_000);
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  let abort: (() => void) | undefined;
+  try {
+    const opened = await Promise.race([
+      wss.opened,
+      new Promise<never>((_, reject) => {
+        timer = setTimeout(() => reject(new Error(`no answer within ${Math.round(limit / 1000)} s`)), limit);
+        abort = () => reject(new Error("aborted"));
+        opts.signal?.addEventListener("abort", abort, { once: true });
+      }),
+    ]);
+    const reader = opened.readable.getReader();
+    if (opts.hello) {
+      const writer = opened.writable.getWriter();
+      await writer.write(opts.hello);
+      writer.releaseLock();
+    }
+    return new StreamConnection(wss, reader, url, opts);
+  } catch (err) {
+    try {
+      wss.close();
+    } catch { /* not open */ }
+    throw await connectError(url, (err as Error).message ?? String(err), opts.signal);
+  } finally {
+    clearTimeout(timer);
+    if (abort) opts.signal?.removeEventListener("abort", abort);
+  }
+}
+
+async function connectError(url: string, message: string, signal?: AbortSignal): Promise<ConnectError> {
+  const status = /status code:? (\d{3})/i.exec(message)?.[1];
+  if (status && Number(status) >= 400 && Number(status) < 500 && !signal?.aborted) {
+    const r = await refusalBody(url, signal);
+    const body = r.status === Number(status) ? r.body : undefined;
+    return new ConnectError(
+      `${url} refused the connection: HTTP ${status}${body ? `: ${body}` : ""}`,
+      Number(status),
+      body,
+    );
+  }
+  return new ConnectError(
+    `cannot connect to ${url}: ${message.replace(/^(NetworkError|WebSocketError): /, "")}`,
+    status ? Number(status) : undefined,
+  );
+}
+
 async function refusalBody(url: string, signal?: AbortSignal): Promise<{ status?: number; body?: string }> {
   // The WebSocket API hides the refused upgrade's response; a plain GET with the same query gets
   // the server's explanation (Jetstream validates the query before upgrading).
@@ -173,6 +355,8 @@ async function refusalBody(url: string, signal?: AbortSignal): Promise<{ status?
  * ```
  */
 export function openConnection(url: string, opts: ConnectionOptions): Promise<Connection> {
+  const Stream = (globalThis as unknown as { WebSocketStream?: WebSocketStreamCtor }).WebSocketStream;
+  if (Stream && !opts.forceBuffered) return openStreamConnection(Stream, url, opts);
   return new Promise((resolve, reject) => {
     if (opts.signal?.aborted) return reject(new ConnectError(`connection to ${url} aborted`));
     const ws = new WebSocket(url, opts.protocols);
@@ -190,7 +374,7 @@ export function openConnection(url: string, opts: ConnectionOptions): Promise<Co
     ws.onopen = () => {
       clearTimeout(timer);
       opts.signal?.removeEventListener("abort", onAbort);
-      const conn = new Connection(ws, url, opts);
+      const conn = new BufferedConnection(ws, url, opts);
       if (opts.hello) ws.send(opts.hello);
       resolve(conn);
     };
@@ -200,24 +384,7 @@ export function openConnection(url: string, opts: ConnectionOptions): Promise<Co
     ws.onclose = async () => {
       clearTimeout(timer);
       opts.signal?.removeEventListener("abort", onAbort);
-      const status = /status code:? (\d{3})/i.exec(message)?.[1];
-      if (status && Number(status) >= 400 && Number(status) < 500 && !opts.signal?.aborted) {
-        const r = await refusalBody(url, opts.signal);
-        const body = r.status === Number(status) ? r.body : undefined;
-        return reject(
-          new ConnectError(
-            `${url} refused the connection: HTTP ${status}${body ? `: ${body}` : ""}`,
-            Number(status),
-            body,
-          ),
-        );
-      }
-      reject(
-        new ConnectError(
-          `cannot connect to ${url}: ${message.replace(/^NetworkError: /, "")}`,
-          status ? Number(status) : undefined,
-        ),
-      );
+      reject(await connectError(url, message, opts.signal));
     };
   });
 }

@@ -43,7 +43,7 @@ const COMMIT_BUDGET = KV_COMMIT_LIMIT - 16_384;
 // Mutations besides the enqueues: the checkpoint, two counters and one counter a day.
 const FIXED_MUTATIONS = 16;
 // Past this many bytes of batches waiting for their commit, add() waits: the reader slows down.
-const HIGH_WATER_BYTES = 8 << 20;
+const HIGH_WATER_BYTES = 2 << 20;
 
 /** Writes batches of one queue. */
 export class QueueWriter {

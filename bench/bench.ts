@@ -1,0 +1,118 @@
+/**
+ * `deno task bench`: throughput and memory figures, printed (never asserted by tests).
+ *
+ * - ceiling: receive + `JSON.parse` only, from the project's server in another process;
+ * - end to end: `runBackfillSync()` from the same server through to Deno KV, with its ratio to the ceiling;
+ * - the same with KV on a RAM disk (/dev/shm), to separate the pipeline from the disk;
+ * - peak RSS of a 200,000-event sync into a deliberately slow sink (KV commits delayed).
+ *
+ * `deno task bench --quick` uses fewer events.
+ *
+ * @module
+ */
+import { runBackfillSync } from "../src/backfill.ts";
+import { generateCapture } from "../src/server/synth.ts";
+
+const quick = Deno.args.includes("--quick");
+const EVENTS = quick ? 50_000 : 200_000;
+const HOUR_US = 3_600_000_000;
+const root = new URL("..", import.meta.url).pathname;
+const work = `${root}.bench`;
+await Deno.mkdir(work, { recursive: true });
+
+const startUs = Date.now() * 1000 - 40 * HOUR_US;
+const capturePath = `${work}/capture-${EVENTS}.ndjson`;
+const lines = generateCapture({ count: EVENTS, seed: 11, startUs, stepUs: (30 * HOUR_US) / EVENTS });
+await Deno.writeTextFile(capturePath, lines.join("\n") + "\n");
+const avgBytes = lines.reduce((n, l) => n + l.length, 0) / lines.length;
+
+/** Starts `jetfill serve` in its own process. */
+async function startServer(): Promise<{ url: string; stop: () => Promise<void> }> {
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", `${root}cli.ts`, "serve", "--file", capturePath, "--port", "0", "--close-at-end"],
+    stdout: "piped",
+    stderr: "inherit",
+  }).spawn();
+  const reader = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  let banner = "";
+  while (!banner.includes("\n")) {
+    const { value, done } = await reader.read();
+    if (done) throw new Error("server exited early");
+    banner += value;
+  }
+  const url = /listening on (\S+)/.exec(banner)![1];
+  return {
+    url,
+    stop: async () => {
+      child.kill("SIGTERM");
+      await reader.cancel();
+      await child.status;
+    },
+  };
+}
+
+async function ceiling(url: string): Promise<number> {
+  const t0 = performance.now();
+  let n = 0;
+  await new Promise<void>((resolve) => {
+    const ws = new WebSocket(`${url}?cursor=0`);
+    ws.onmessage = (e) => {
+      JSON.parse(e.data);
+      n++;
+    };
+    ws.onclose = () => resolve();
+  });
+  return n / ((performance.now() - t0) / 1000);
+}
+
+async function sync(url: string, kvPath: string, batchSize: number) {
+  await Deno.remove(kvPath).catch(() => {});
+  return await runBackfillSync({
+    instance: url,
+    kv: kvPath,
+    startTimestamp: startUs,
+    wantedCollections: [],
+    kinds: ["commit", "identity", "account"],
+    numRecords: EVENTS,
+    batchSize,
+    queueName: "bench",
+  });
+}
+
+function fmt(n: number): string {
+  return Math.round(n).toLocaleString("en-US");
+}
+
+console.log(`capture: ${fmt(EVENTS)} synthetic events, ${fmt(avgBytes)} bytes on average\n`);
+const server = await startServer();
+try {
+  const ceil = Math.max(await ceiling(server.url), await ceiling(server.url));
+  console.log(`ceiling (receive + JSON.parse, server in another process): ${fmt(ceil)} events/s`);
+  const rows: [string, number][] = [];
+  for (
+    const [label, path, batch] of [
+      ["end to end, KV on disk, batchSize 100", `${work}/bench.sqlite`, 100],
+      ["end to end, KV on disk, batchSize 1000", `${work}/bench.sqlite`, 1000],
+      ["end to end, KV in /dev/shm, batchSize 100", "/dev/shm/jetfill-bench.sqlite", 100],
+    ] as const
+  ) {
+    if (path.startsWith("/dev/shm") && !(await Deno.stat("/dev/shm").catch(() => null))) continue;
+    const s = await sync(server.url, path, batch);
+    if (s.recordsStored !== EVENTS) {
+      throw new Error(`${label}: stored ${s.recordsStored} of ${EVENTS} (${s.stopReason})`);
+    }
+    const rate = s.recordsStored / s.totalTime;
+    rows.push([label, rate]);
+    console.log(`${label}: ${fmt(rate)} events/s (${(rate / ceil * 100).toFixed(0)}% of the ceiling)`);
+    await Deno.remove(path).catch(() => {});
+  }
+
+  // Memory with a slow sink, in a process of its own so that nothing else counts in its RSS.
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", `${root}bench/slow_sink.ts`, server.url, String(startUs), String(EVENTS), work],
+    stderr: "inherit",
+  }).output();
+  console.log(new TextDecoder().decode(out.stdout).trim());
+} finally {
+  await server.stop();
+}
