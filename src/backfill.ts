@@ -10,6 +10,8 @@
  */
 import { backoffDelay, delay } from "./async.ts";
 import { UsageError } from "./errors.ts";
+import { resolveZstdDictionary } from "./jetstream/dictionary.ts";
+import { createZstdDecoder, ZstdDecodeError } from "./jetstream/zstd.ts";
 import type { JetstreamEvent } from "./jetstream/events.ts";
 import { type ConnectError, type Connection, type Frame, openConnection } from "./jetstream/socket.ts";
 import { buildSubscribeRequest } from "./jetstream/url.ts";
@@ -244,11 +246,14 @@ async function run(
   return result;
 }
 
-// deno-lint-ignore require-await
-async function loadDecoder(_options: BackfillSyncOptions): Promise<(bytes: Uint8Array) => Uint8Array> {
-  throw new UsageError(
-    "Cannot sync as 'compress' is not supported yet: zstd decoding is not built in this version",
-  );
+/** Resolves the dictionary (option, environment, cache, verified download) and prepares a decoder. */
+async function loadDecoder(options: BackfillSyncOptions): Promise<(bytes: Uint8Array) => Uint8Array> {
+  const dictionary = await resolveZstdDictionary({
+    dictionary: options.zstdDictionary,
+    signal: options.signal,
+  });
+  const decoder = await createZstdDecoder(dictionary.bytes);
+  return (bytes) => decoder.decode(bytes);
 }
 
 function stopWith(ctx: RunContext, reason: StopReason): void {
@@ -371,6 +376,7 @@ async function readConnection(
     ctx.report({ reason, message, instance: conn.url });
   };
   let bytesBefore = 0;
+  let mismatches = 0;
   for (let frames: Frame[] | null = await conn.next(); frames !== null; frames = await conn.next()) {
     if (ctx.stop) return;
     stats.messagesReceived += frames.length;
@@ -384,9 +390,15 @@ async function readConnection(
       } else if (decode) {
         try {
           const raw = decode(frame instanceof Uint8Array ? frame : new Uint8Array(frame));
+          mismatches = 0;
           stats.bytesDecoded += raw.byteLength;
           text = TEXT.decode(raw);
         } catch (err) {
+          if (err instanceof ZstdDecodeError && err.reason === "dictionary-mismatch" && ++mismatches >= 5) {
+            // Frame after frame naming another dictionary: a wrong dictionary, not a bad frame.
+            stats.skip("decode_failed");
+            throw new Error(`${err.message}; give the matching dictionary with --zstd-dictionary`);
+          }
           skip(
             "decode_failed",
             `frame of ${frame.byteLength} bytes could not be decoded: ${(err as Error).message}`,

@@ -83,6 +83,11 @@ export interface BackfillSyncOptions {
    * @default {false}
    */
   compress?: boolean;
+  /**
+   * The zstd dictionary for `compress`: a path or the bytes. Otherwise `JETFILL_ZSTD_DICTIONARY`, a
+   * cached copy, or a download from the public Jetstream repository verified by its sha256.
+   */
+  zstdDictionary?: string | Uint8Array;
   /** A `Deno.Kv` to write to, or a database path. Default `./jetfill-data/<queueName>.sqlite`. */
   kv?: Deno.Kv | string;
   /** Aborting stops the run: pending records are flushed, then the statistics are returned. */
@@ -219,6 +224,13 @@ export const SyncOptionsSchema = z.strictObject({
   batchSize: positiveInt("batchSize").refine((n) => n <= 10_000, err("batchSize", "at most 10000"))
     .optional(),
   compress: z.boolean(err("compress", "a boolean")).optional(),
+  zstdDictionary: z.union(
+    [z.string().min(1), z.instanceof(Uint8Array)],
+    err(
+      "zstdDictionary",
+      "a file path or the dictionary's bytes",
+    ),
+  ).optional(),
   kv: z.union(
     [z.string().min(1), z.custom<Deno.Kv>((v) => typeof v === "object" && v !== null)],
     err(

@@ -8,6 +8,8 @@ import { parseArgs } from "node:util";
 import { UsageError } from "../errors.ts";
 import { loadCapture } from "../server/capture.ts";
 import { serveJetstream } from "../server/server.ts";
+import { resolveZstdDictionary } from "../jetstream/dictionary.ts";
+import { createZstdEncoder } from "../jetstream/zstd.ts";
 
 const HELP = `Usage: jetfill serve --file <capture.ndjson> [options]
 
@@ -20,6 +22,9 @@ Options:
   --port <n>          port to listen on, 0 for any free port (default: 0)
   --hostname <host>   interface to listen on (default: 127.0.0.1)
   --close-at-end      close each connection (code 1000) once its events are sent
+  --zstd-dictionary <path>
+                      serve compress=true connections with zstd frames made with this
+                      dictionary (without it such requests get HTTP 400)
   -h, --help          show this help
 
 Prints one line, "listening on ws://HOST:PORT/subscribe", once ready; runs until SIGINT or SIGTERM.`;
@@ -58,6 +63,7 @@ export async function serveCommand(args: string[]): Promise<number> {
         port: { type: "string" },
         hostname: { type: "string" },
         "close-at-end": { type: "boolean" },
+        "zstd-dictionary": { type: "string" },
         help: { type: "boolean", short: "h" },
       },
       strict: true,
@@ -98,6 +104,15 @@ export async function serveCommand(args: string[]): Promise<number> {
     });
   }
 
+  let compressor: ((text: string) => Uint8Array) | undefined;
+  if (values["zstd-dictionary"] !== undefined) {
+    const dictionary = await resolveZstdDictionary({ dictionary: values["zstd-dictionary"] });
+    const encoder = await createZstdEncoder(dictionary.bytes);
+    const utf8 = new TextEncoder();
+    // The server caches each event's frame, so the copy out of the encoder happens once per event.
+    compressor = (text) => encoder.encode(utf8.encode(text)).slice();
+  }
+
   const controller = new AbortController();
   let server;
   try {
@@ -106,6 +121,7 @@ export async function serveCommand(args: string[]): Promise<number> {
       hostname,
       port,
       closeAtEnd: values["close-at-end"] ?? false,
+      compressor,
       signal: controller.signal,
     });
   } catch (err) {

@@ -27,7 +27,8 @@ Connection:
   --instance HOST|URL     Jetstream host or ws:// / wss:// URL; repeatable, tried in order
                           (default jetstream1.us-east.bsky.network)
   --compress              ask for zstd-compressed frames
-  --zstd-dictionary PATH  the zstd dictionary for --compress
+  --zstd-dictionary PATH  the zstd dictionary for --compress (else $JETFILL_ZSTD_DICTIONARY, a
+                          cached copy, or a download verified by its sha256)
   --idle-timeout SECONDS  reconnect a connection silent this long (default 60)
   --max-retries N         attempts in a row without progress before giving up (default 10)
   --max-time SECONDS      stop after this long, even when nothing arrives (default 900)
@@ -84,6 +85,7 @@ export async function syncOptionsFromFlags(v: Record<string, unknown>): Promise<
   if (v.kv !== undefined) options.kv = v.kv as string;
   if (v["queue-name"] !== undefined) options.queueName = v["queue-name"] as string;
   if (v.compress) options.compress = true;
+  if (v["zstd-dictionary"] !== undefined) options.zstdDictionary = v["zstd-dictionary"] as string;
   if (v.resume) options.resume = true;
   if (v.force) options.force = true;
   const limit = numberFlag("limit", v.limit, { integer: true, positive: true });

@@ -1,0 +1,169 @@
+import assert from "node:assert/strict";
+import { runBackfillSync } from "../src/backfill.ts";
+import { UsageError } from "../src/errors.ts";
+import type { JetstreamEvent } from "../src/jetstream/events.ts";
+import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
+import type { SyncErrorReport } from "../src/stats.ts";
+import { commit, did, drainQueue, identity } from "./helpers/events.ts";
+import { serveEvents, tempDb } from "./helpers/loopback.ts";
+import { LEGACY_DICT, V2_DICT, zstdFrames } from "./helpers/zstd_cli.ts";
+
+const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
+
+function capture(n: number): JetstreamEvent[] {
+  return Array.from({ length: n }, (_, i) =>
+    i % 40 === 7 ? identity(T0 + i * 1000) : commit(T0 + i * 1000, {
+      did: did(i % 5),
+      collection: i % 2 ? "app.bsky.feed.like" : "app.bsky.feed.post",
+      text: `投稿 number ${i} with some text 😀 `.repeat(1 + (i % 4)),
+    }));
+}
+
+/** A compressor serving frames made by the zstd CLI, looked up by event text. */
+async function cliCompressor(events: JetstreamEvent[], dict: string, noContentSize = false) {
+  const texts = events.map((e) => JSON.stringify(e));
+  const frames = await zstdFrames(texts, dict, noContentSize);
+  const table = new Map(texts.map((t, i) => [t, frames[i]]));
+  return (text: string) => {
+    const frame = table.get(text);
+    if (!frame) throw new Error("no frame for event");
+    return frame;
+  };
+}
+
+async function storedEvents(path: string, messages: number): Promise<JetstreamEvent[]> {
+  const msgs = (await drainQueue(path, messages)) as QueueMessage[];
+  return msgs.sort((a, b) => a.seq - b.seq).flatMap((m) => decodeQueueMessage(m));
+}
+
+for (const noContentSize of [false, true]) {
+  Deno.test(`runBackfillSync() stores every event of a compressed stream of zstd CLI frames${noContentSize ? " without content size" : ""}`, async () => {
+    const events = capture(300);
+    await using server = serveEvents(events, {
+      closeAtEnd: true,
+      compressor: await cliCompressor(events, LEGACY_DICT, noContentSize),
+    });
+    await using db = await tempDb();
+    const stats = await runBackfillSync({
+      instance: server.url,
+      kv: db.path,
+      compress: true,
+      zstdDictionary: LEGACY_DICT,
+      startTimestamp: T0,
+      wantedCollections: ["app.bsky.feed.post", "app.bsky.feed.like"],
+    });
+    assert.equal(stats.stopReason, "closed");
+    assert.ok(server.connections[0].query.includes("compress=true"));
+    const expected = events.filter((e) => e.kind === "commit");
+    assert.equal(stats.recordsStored, expected.length);
+    assert.deepEqual(await storedEvents(db.path, stats.queueLength), expected);
+    assert.equal(stats.messagesReceived, 300);
+    assert.ok(
+      stats.bytesDecoded > stats.bytesReceived * 1.3,
+      `${stats.bytesDecoded} decoded from ${stats.bytesReceived}`,
+    );
+    assert.deepEqual(stats.skipped, {});
+  });
+}
+
+Deno.test("runBackfillSync() counts and reports a frame that fails to decode, and goes on", async () => {
+  const events = capture(50);
+  const good = await cliCompressor(events, LEGACY_DICT);
+  const bad = JSON.stringify(events[20]);
+  await using server = serveEvents(events, {
+    closeAtEnd: true,
+    // A frame with zstd's magic and garbage after it.
+    compressor: (text) =>
+      text === bad ? new Uint8Array([0x28, 0xb5, 0x2f, 0xfd, 1, 2, 3, 4, 5, 6, 7]) : good(text),
+  });
+  await using db = await tempDb();
+  const errors: SyncErrorReport[] = [];
+  const stats = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    compress: true,
+    zstdDictionary: await Deno.readFile(LEGACY_DICT),
+    startTimestamp: T0,
+    kinds: ["commit", "identity"],
+    wantedCollections: [],
+    onError: (e) => errors.push(e),
+  });
+  assert.equal(stats.recordsStored, 49);
+  assert.deepEqual(stats.skipped, { decode_failed: 1 });
+  assert.equal(errors.filter((e) => e.reason === "decode_failed").length, 1);
+  assert.match(errors.find((e) => e.reason === "decode_failed")!.message, /could not be decoded/);
+});
+
+Deno.test("runBackfillSync() stops with a clear error when frames name another dictionary", async () => {
+  const events = capture(20);
+  await using server = serveEvents(events, {
+    closeAtEnd: true,
+    compressor: await cliCompressor(events, V2_DICT),
+  });
+  await using db = await tempDb();
+  const stats = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    compress: true,
+    zstdDictionary: LEGACY_DICT,
+    startTimestamp: T0,
+  });
+  assert.equal(stats.stopReason, "error");
+  assert.equal(stats.recordsStored, 0);
+  assert.match(stats.error!, /dictionary 20260811.*dictionary 1612007021.*--zstd-dictionary/s);
+});
+
+Deno.test("runBackfillSync() names a missing dictionary file before connecting", async () => {
+  await assert.rejects(
+    () => runBackfillSync({ compress: true, zstdDictionary: "/nonexistent/dict.zdict", kv: ":memory:" }),
+    (err: unknown) => err instanceof UsageError && err.message.includes("/nonexistent/dict.zdict"),
+  );
+});
+
+Deno.test("jetfill serve --zstd-dictionary serves compressed frames that jetfill sync stores", async () => {
+  await using db = await tempDb();
+  const events = capture(100);
+  const file = `${db.dir}/capture.ndjson`;
+  await Deno.writeTextFile(file, events.map((e) => JSON.stringify(e)).join("\n") + "\n");
+  const cli = new URL("../cli.ts", import.meta.url).pathname;
+  const server = new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", cli, "serve", "--file", file, "--zstd-dictionary", LEGACY_DICT, "--close-at-end"],
+    stdout: "piped",
+    stderr: "null",
+  }).spawn();
+  const reader = server.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  try {
+    const { value } = await reader.read();
+    const url = /listening on (\S+)/.exec(value ?? "")![1];
+    const out = await new Deno.Command(Deno.execPath(), {
+      args: [
+        "run",
+        "-A",
+        cli,
+        "sync",
+        "--instance",
+        url,
+        "--compress",
+        "--zstd-dictionary",
+        LEGACY_DICT,
+        "--start",
+        String(T0),
+        "--collection",
+        "app.bsky.feed.*",
+        "--kv",
+        db.path,
+        "--json",
+      ],
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    assert.equal(out.code, 0, new TextDecoder().decode(out.stderr));
+    const stats = JSON.parse(new TextDecoder().decode(out.stdout));
+    assert.equal(stats.recordsStored, events.filter((e) => e.kind === "commit").length);
+    assert.ok(stats.bytesDecoded > stats.bytesReceived);
+  } finally {
+    server.kill("SIGTERM");
+    await reader.cancel();
+    await server.status;
+  }
+});

@@ -1,0 +1,44 @@
+/** Frames made by the real `zstd` command-line tool, in one run for many events. */
+import { fileURLToPath } from "node:url";
+
+/** The shared dictionaries (never committed here). */
+export const LEGACY_DICT = fileURLToPath(
+  new URL("../../../shared/jetstream/legacy_subscribe.zdict", import.meta.url),
+);
+/** The v2 dictionary. */
+export const V2_DICT = fileURLToPath(
+  new URL("../../../shared/jetstream/subscribe_events_20260811.zdict", import.meta.url),
+);
+
+/**
+ * Compresses each text as its own frame with `zstd -D dict`, like Jetstream does per event.
+ * `noContentSize` makes frames without the content-size field.
+ */
+export async function zstdFrames(
+  texts: string[],
+  dict: string,
+  noContentSize = false,
+): Promise<Uint8Array[]> {
+  const dir = await Deno.makeTempDir({ prefix: "jetfill-zstd-" });
+  try {
+    const names = texts.map((_, i) => `${dir}/in/${String(i).padStart(6, "0")}.json`);
+    await Deno.mkdir(`${dir}/in`);
+    await Deno.mkdir(`${dir}/out`);
+    await Promise.all(texts.map((t, i) => Deno.writeTextFile(names[i], t)));
+    const args = [
+      "-q",
+      "-D",
+      dict,
+      "--output-dir-flat",
+      `${dir}/out`,
+      ...(noContentSize ? ["--no-content-size"] : []),
+    ];
+    const out = await new Deno.Command("zstd", { args: [...args, ...names], stderr: "piped" }).output();
+    if (!out.success) throw new Error(`zstd failed: ${new TextDecoder().decode(out.stderr)}`);
+    return await Promise.all(
+      texts.map((_, i) => Deno.readFile(`${dir}/out/${String(i).padStart(6, "0")}.json.zst`)),
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+}
