@@ -12,6 +12,7 @@
  */
 import { runBackfillSync } from "../src/backfill.ts";
 import { generateCapture } from "../src/server/synth.ts";
+import { benchZstd } from "./zstd_bench.ts";
 
 const quick = Deno.args.includes("--quick");
 const EVENTS = quick ? 50_000 : 200_000;
@@ -26,10 +27,24 @@ const lines = generateCapture({ count: EVENTS, seed: 11, startUs, stepUs: (30 * 
 await Deno.writeTextFile(capturePath, lines.join("\n") + "\n");
 const avgBytes = lines.reduce((n, l) => n + l.length, 0) / lines.length;
 
+const dictionary = Deno.env.get("JETFILL_ZSTD_DICTIONARY") ??
+  `${root}../shared/jetstream/legacy_subscribe.zdict`;
+
 /** Starts `jetfill serve` in its own process. */
-async function startServer(): Promise<{ url: string; stop: () => Promise<void> }> {
+async function startServer(extra: string[] = []): Promise<{ url: string; stop: () => Promise<void> }> {
   const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", `${root}cli.ts`, "serve", "--file", capturePath, "--port", "0", "--close-at-end"],
+    args: [
+      "run",
+      "-A",
+      `${root}cli.ts`,
+      "serve",
+      "--file",
+      capturePath,
+      "--port",
+      "0",
+      "--close-at-end",
+      ...extra,
+    ],
     stdout: "piped",
     stderr: "inherit",
   }).spawn();
@@ -65,9 +80,11 @@ async function ceiling(url: string): Promise<number> {
   return n / ((performance.now() - t0) / 1000);
 }
 
-async function sync(url: string, kvPath: string, batchSize: number) {
+async function sync(url: string, kvPath: string, batchSize: number, compress = false) {
   await Deno.remove(kvPath).catch(() => {});
   return await runBackfillSync({
+    compress,
+    zstdDictionary: compress ? dictionary : undefined,
     instance: url,
     kv: kvPath,
     startTimestamp: startUs,
@@ -116,3 +133,29 @@ try {
 } finally {
   await server.stop();
 }
+
+// Compressed: the server sends zstd frames made with the legacy dictionary.
+const zserver = await startServer(["--zstd-dictionary", dictionary]);
+try {
+  const path = `${work}/bench-z.sqlite`;
+  const s = await sync(zserver.url, path, 100, true);
+  if (s.recordsStored !== EVENTS) {
+    throw new Error(`compressed: stored ${s.recordsStored} of ${EVENTS} (${s.stopReason})`);
+  }
+  console.log(
+    `end to end, compressed, KV on disk, batchSize 100: ${fmt(s.recordsStored / s.totalTime)} events/s, ${
+      (s.bytesDecoded / s.bytesReceived).toFixed(2)
+    }x smaller on the wire (target 60,000 events/s)`,
+  );
+  await Deno.remove(path).catch(() => {});
+} finally {
+  await zserver.stop();
+}
+const z = await benchZstd({ dictionaryPath: dictionary });
+console.log(
+  `zstd decoder: ${z.decoderMBps.toFixed(0)} MB/s, ${fmt(z.decoderFramesPerSec)} frames/s on ${
+    fmt(z.avgEventBytes)
+  }-byte events (target 100 MB/s); zstd CLI on the same frames: ${
+    z.cliMBps.toFixed(1)
+  } MB/s (whole-file runs, mostly I/O)`,
+);

@@ -17,7 +17,7 @@ import { type ConnectError, type Connection, type Frame, openConnection } from "
 import { buildSubscribeRequest } from "./jetstream/url.ts";
 import { type BackfillSyncOptions, type ResolvedSyncOptions, resolveSyncOptions } from "./options.ts";
 import { Batcher } from "./pipeline/batch.ts";
-import { contentKey, createSelector, RecentKeys, shapeProblem } from "./pipeline/filter.ts";
+import { createSelector, ReplayGuard, shapeProblem } from "./pipeline/filter.ts";
 import {
   type Checkpoint,
   defaultKvPath,
@@ -270,7 +270,7 @@ async function consumeStream(
 ): Promise<void> {
   const { o, stats } = ctx;
   const select = createSelector(o);
-  const seen = new RecentKeys(o.dedupeWindow);
+  const guard = new ReplayGuard(o.dedupeWindow);
   const decode = ctx.decodeFrame;
   let instanceIndex = Math.max(0, resumeFrom ? o.instances.indexOf(resumeFrom.run.instance) : 0);
   // Events at or below this time_us were processed on the current instance (its cursor is inclusive).
@@ -316,11 +316,16 @@ async function consumeStream(
       continue;
     }
     connections++;
-    if (connections > 1) stats.reconnects++;
+    if (connections > 1) {
+      stats.reconnects++;
+      // What follows may repeat what was processed: an inclusive cursor, a rewind after a
+      // failover, a restarted server re-sending events under new time_us.
+      guard.arm();
+    }
     ctx.writer.setRun({ instance: base });
     const before = stats.messagesReceived;
     try {
-      await readConnection(ctx, conn, select, seen, decode, floorUs, options);
+      await readConnection(ctx, conn, select, guard, decode, floorUs, options);
     } finally {
       conn.close();
       await conn.closed();
@@ -363,7 +368,7 @@ async function readConnection(
   ctx: RunContext,
   conn: Connection,
   select: (ev: JetstreamEvent) => boolean,
-  seen: RecentKeys,
+  guard: ReplayGuard,
   decode: ((bytes: Uint8Array) => Uint8Array) | undefined,
   floorUs: number,
   options: BackfillSyncOptions,
@@ -444,10 +449,11 @@ async function readConnection(
         if (change) options.onDateChange?.(change);
       }
       if (!select(ev)) continue;
-      if (!seen.add(contentKey(ev))) {
+      if (guard.isReplay(ev)) {
         stats.duplicatesDropped++;
         continue;
       }
+      guard.record(ev);
       const collection = ev.kind === "commit" ? ev.commit.collection : undefined;
       const full = batcher.add(ev, text, stats.dayOf(t), collection);
       ctx.accepted++;

@@ -98,36 +98,96 @@ export function contentKey(ev: JetstreamEvent): string {
 }
 
 /**
- * A bounded set of recently seen keys. Keys live in two generations: when the newer one is full it
- * becomes the older one and the oldest generation is dropped, so at least `capacity / 2` and at most
- * `capacity` of the latest keys are remembered, at O(1) a key.
+ * Deduplication of replays, at almost no cost while nothing is replayed.
+ *
+ * Normally each selected event only has its identifying strings remembered in a ring (pointer
+ * writes, no new strings). When a replay may follow — a reconnect with an inclusive cursor, a
+ * rewind on failover, a server that restarted and re-ingested events under new `time_us` — `arm()`
+ * turns the ring into a set of {@link contentKey}s, and the next `capacity` events are checked
+ * against it.
  *
  * @example
  * ```ts
- * import { RecentKeys } from "./filter.ts";
- * const seen = new RecentKeys(4);
- * seen.add("a"); // true: new
- * seen.add("a"); // false: seen
+ * import { ReplayGuard } from "./filter.ts";
+ * const guard = new ReplayGuard(1000);
+ * const ev = { did: "did:plc:x", time_us: 1, kind: "identity" as const, identity: { did: "did:plc:x", seq: 1, time: "t" } };
+ * guard.record(ev);
+ * guard.arm();
+ * guard.isReplay(ev); // true
  * ```
  */
-export class RecentKeys {
-  readonly #half: number;
-  #current = new Set<string>();
-  #previous = new Set<string>();
+export class ReplayGuard {
+  readonly #capacity: number;
+  // Parallel arrays of the identifying fields (references to strings the event already holds), so
+  // that remembering costs no allocation and does not keep whole events alive.
+  readonly #did: string[];
+  readonly #a: unknown[];
+  readonly #b: unknown[];
+  readonly #c: unknown[];
+  readonly #d: unknown[];
+  #next = 0;
+  #count = 0;
+  #keys: Set<string> | undefined;
+  #remaining = 0;
 
-  /** Remembers about `capacity` keys. */
+  /** Remembers the last `capacity` events and checks as many after `arm()`. */
   constructor(capacity: number) {
-    this.#half = Math.max(1, Math.ceil(capacity / 2));
+    this.#capacity = Math.max(1, capacity);
+    this.#did = new Array(this.#capacity);
+    this.#a = new Array(this.#capacity);
+    this.#b = new Array(this.#capacity);
+    this.#c = new Array(this.#capacity);
+    this.#d = new Array(this.#capacity);
   }
 
-  /** Adds `key`; false when it was already there. */
-  add(key: string): boolean {
-    if (this.#current.has(key) || this.#previous.has(key)) return false;
-    if (this.#current.size >= this.#half) {
-      this.#previous = this.#current;
-      this.#current = new Set();
+  /** Whether replays are being checked. */
+  get armed(): boolean {
+    return this.#keys !== undefined;
+  }
+
+  /** Remembers a selected event (after {@link isReplay} said it is new). */
+  record(ev: JetstreamEvent): void {
+    const i = this.#next;
+    this.#did[i] = ev.did;
+    if (ev.kind === "commit") {
+      const c = ev.commit;
+      this.#a[i] = c.collection;
+      this.#b[i] = c.rkey;
+      this.#c[i] = c.rev;
+      this.#d[i] = c.operation;
+    } else {
+      const body = (ev.kind === "identity" ? ev.identity : ev.account) as { time?: unknown; seq?: unknown };
+      this.#a[i] = ev.kind;
+      this.#b[i] = body.time ?? ev.time_us;
+      this.#c[i] = body.seq ?? "";
+      this.#d[i] = undefined;
     }
-    this.#current.add(key);
-    return true;
+    this.#next = (i + 1) % this.#capacity;
+    if (this.#count < this.#capacity) this.#count++;
+  }
+
+  /** Starts checking: what follows may repeat what was recorded. */
+  arm(): void {
+    const keys = this.#keys ?? new Set<string>();
+    for (let i = 0; i < this.#count; i++) {
+      keys.add(
+        this.#d[i] === undefined
+          ? `${this.#did[i]} ${this.#a[i]} ${this.#b[i]} ${this.#c[i]}`
+          : `${this.#did[i]} ${this.#a[i]} ${this.#b[i]} ${this.#c[i]} ${this.#d[i]}`,
+      );
+    }
+    this.#keys = keys;
+    this.#remaining = this.#capacity;
+  }
+
+  /** Whether `ev` repeats a recorded event; only ever true while armed. */
+  isReplay(ev: JetstreamEvent): boolean {
+    const keys = this.#keys;
+    if (!keys) return false;
+    const key = contentKey(ev);
+    if (keys.has(key)) return true;
+    keys.add(key);
+    if (--this.#remaining <= 0) this.#keys = undefined;
+    return false;
   }
 }
