@@ -16,7 +16,8 @@ export function parseFlags(command: string, args: string[], spec: FlagSpec): Rec
     const { values } = parseArgs({ args, options: spec, strict: true, allowPositionals: false });
     return values as Record<string, unknown>;
   } catch (err) {
-    const msg = (err as Error).message.replace(/\. To specify a positional argument.*$/s, "");
+    // parseArgs explains some errors over several lines; the CLI promises one.
+    const msg = (err as Error).message.replace(/\. To specify a positional argument.*$/s, "").replace(/\s*\n\s*/g, " ");
     throw new UsageError(`${msg} (see 'jetfill ${command} --help')`);
   }
 }

@@ -1,0 +1,169 @@
+import assert from "node:assert/strict";
+import { commit } from "./helpers/events.ts";
+import { serveEvents, tempDb } from "./helpers/loopback.ts";
+
+const CLI = new URL("../cli.ts", import.meta.url).pathname;
+const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
+
+async function run(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", CLI, ...args],
+    stdout: "piped",
+    stderr: "piped",
+    env: { NO_COLOR: "1" },
+  }).output();
+  const dec = new TextDecoder();
+  return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
+}
+
+const BAD: [string[], RegExp][] = [
+  [["sync", "--bogus"], /Unknown option '--bogus'/],
+  [["sync", "--limit", "abc"], /--limit must be a positive integer: current value is "abc"/],
+  [["sync", "--limit", "0"], /--limit must be a positive integer: current value is "0"/],
+  [["sync", "--batch-size=-3"], /--batch-size must be a positive integer: current value is "-3"/],
+  [["sync", "--batch-size", "-3"], /Option '--batch-size' argument is ambiguous/],
+  [["sync", "--max-time", "soon"], /--max-time must be a positive number: current value is "soon"/],
+  [["sync", "--start", "01/02/2024"], /'startTimestamp' must be YYYY-MM-DD.*"01\/02\/2024"/],
+  [["sync", "--start", "2024-01-02", "--end", "2024-01-01"], /'endTimestamp' must be after 'startTimestamp'/],
+  [
+    ["sync", "--did", "did:plc:bad"],
+    /'wantedDids' must be did:plc: or did:web: DIDs: current value is "did:plc:bad"/,
+  ],
+  [["sync", "--collection", "app.bsky.feed.po*"], /'wantedCollections' must be NSIDs/],
+  [["sync", "--kind", "sync"], /'kinds' must be one of commit, identity, account: current value is "sync"/],
+  [["sync", "--instance", "ftp://x"], /'instance' must be a host name or a ws:\/\/ or wss:\/\/ URL/],
+  [["sync", "--dids-file", "/nonexistent/dids.txt"], /--dids-file "\/nonexistent\/dids.txt" cannot be read/],
+  [["sync", "stray"], /Unexpected argument 'stray'/],
+  [["nosuchcommand"], /unknown command 'nosuchcommand'/],
+];
+
+for (const [args, pattern] of BAD) {
+  Deno.test(`jetfill ${args.join(" ")} exits 2 with one clear line`, async () => {
+    const r = await run(args);
+    assert.equal(r.code, 2, r.stderr);
+    const lines = r.stderr.trim().split("\n");
+    assert.equal(lines.length, 1, `expected one line, got:\n${r.stderr}`);
+    assert.match(lines[0], pattern);
+    assert.doesNotMatch(r.stderr, /\bat .*\.ts:\d+/);
+  });
+}
+
+Deno.test("jetfill sync --help lists every option", async () => {
+  const r = await run(["sync", "--help"]);
+  assert.equal(r.code, 0);
+  for (
+    const flag of [
+      "--did",
+      "--dids-file",
+      "--collection",
+      "--kind",
+      "--start",
+      "--end",
+      "--limit",
+      "--instance",
+      "--max-time",
+      "--queue-name",
+      "--batch-size",
+      "--compress",
+      "--kv",
+      "--json",
+      "--resume",
+    ]
+  ) {
+    assert.ok(r.stdout.includes(flag), flag);
+  }
+});
+
+Deno.test("jetfill sync --json prints exactly the statistics object on stdout", async () => {
+  const events = Array.from({ length: 50 }, (_, i) => commit(T0 + i * 1000));
+  await using server = serveEvents(events);
+  await using db = await tempDb();
+  const path = `${db.dir}/dids.txt`;
+  await Deno.writeTextFile(path, `# accounts\n${events[0].did}\n\n`);
+  const r = await run([
+    "sync",
+    "--instance",
+    server.url,
+    "--kv",
+    db.path,
+    "--start",
+    String(T0),
+    "--limit",
+    "20",
+    "--dids-file",
+    path,
+    "--json",
+  ]);
+  assert.equal(r.code, 0, r.stderr);
+  const stats = JSON.parse(r.stdout);
+  assert.equal(stats.recordsStored, 20);
+  assert.equal(stats.stopReason, "limit");
+  assert.equal(stats.targetReached, true);
+  assert.equal(stats.endCursorReached, false);
+  assert.equal(typeof stats.totalTime, "number");
+  assert.deepEqual(Object.keys(stats).slice(0, 10), [
+    "recordsStored",
+    "messagesReceived",
+    "totalTime",
+    "recordsPerSecond",
+    "collections",
+    "targetReached",
+    "latestCursor",
+    "queueLength",
+    "currentDate",
+    "endCursorReached",
+  ]);
+  assert.ok(server.connections[0].query.includes(`wantedDids=${events[0].did}`));
+});
+
+Deno.test("jetfill sync prints a readable summary without --json", async () => {
+  const events = Array.from({ length: 10 }, (_, i) => commit(T0 + i * 1000));
+  await using server = serveEvents(events, { closeAtEnd: true });
+  await using db = await tempDb();
+  const r = await run(["sync", "--instance", server.url, "--kv", db.path, "--start", "2026-11-27T10:00:00Z"]);
+  assert.equal(r.code, 0, r.stderr);
+  assert.match(r.stdout, /records stored\s+10/);
+  assert.match(r.stdout, /stopped by\s+closed/);
+});
+
+Deno.test("jetfill sync --resume refuses a queue without a checkpoint, and different filters unless forced", async () => {
+  await using db = await tempDb();
+  const none = await run(["sync", "--kv", db.path, "--resume", "--instance", "ws://127.0.0.1:9/subscribe"]);
+  assert.equal(none.code, 2);
+  assert.match(none.stderr, /Cannot resume queue 'jetstream_sync': it has no checkpoint yet/);
+
+  const events = Array.from({ length: 30 }, (_, i) => commit(T0 + i * 1000));
+  await using server = serveEvents(events);
+  const first = await run([
+    "sync",
+    "--instance",
+    server.url,
+    "--kv",
+    db.path,
+    "--start",
+    String(T0),
+    "--limit",
+    "10",
+    "--json",
+  ]);
+  assert.equal(first.code, 0, first.stderr);
+  const other = await run([
+    "sync",
+    "--instance",
+    server.url,
+    "--kv",
+    db.path,
+    "--start",
+    String(T0),
+    "--limit",
+    "10",
+    "--collection",
+    "app.bsky.feed.like",
+    "--resume",
+  ]);
+  assert.equal(other.code, 2);
+  assert.match(
+    other.stderr,
+    /with different options: wantedCollections was \["app.bsky.feed.post"\], now \["app.bsky.feed.like"\]/,
+  );
+});
