@@ -17,7 +17,10 @@ export function parseFlags(command: string, args: string[], spec: FlagSpec): Rec
     return values as Record<string, unknown>;
   } catch (err) {
     // parseArgs explains some errors over several lines; the CLI promises one.
-    const msg = (err as Error).message.replace(/\. To specify a positional argument.*$/s, "").replace(/\s*\n\s*/g, " ");
+    const msg = (err as Error).message.replace(/\. To specify a positional argument.*$/s, "").replace(
+      /\s*\n\s*/g,
+      " ",
+    );
     throw new UsageError(`${msg} (see 'jetfill ${command} --help')`);
   }
 }
