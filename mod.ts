@@ -45,6 +45,7 @@ export type {
   AccountEvent,
   CommitData,
   CommitEvent,
+  EventBase,
   EventKind,
   IdentityEvent,
   JetstreamEvent,

@@ -30,7 +30,7 @@ export interface CommitData {
 }
 
 /** Fields every event carries. */
-interface EventBase {
+export interface EventBase {
   /** The repository DID. */
   did: string;
   /** Jetstream's own ingest time, unix microseconds. */
