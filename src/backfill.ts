@@ -86,16 +86,45 @@ interface RunContext {
  * ```
  */
 export async function runBackfillSync(options: BackfillSyncOptions = {}): Promise<SyncStats> {
-  const o = resolveSyncOptions(options);
+  let o = resolveSyncOptions(options);
   const started = performance.now();
-  const decodeFrame = o.compress ? await loadDecoder(options) : undefined;
   const kv = typeof o.kv === "object" ? o.kv : await openKvAt(o.kv ?? defaultKvPath(o.queueName));
   const ownsKv = typeof o.kv !== "object";
   try {
+    if (o.resume) {
+      // Options left out on resume are the checkpoint's: `--resume` alone continues the same run.
+      const previous = (await readCheckpoint(kv, o.queueName)).value?.run;
+      if (previous) {
+        options = inheritOptions(options, previous);
+        o = resolveSyncOptions(options);
+      }
+    }
+    const decodeFrame = o.compress ? await loadDecoder(options) : undefined;
     return await run(o, options, kv, started, decodeFrame);
   } finally {
     if (ownsKv) kv.close();
   }
+}
+
+function inheritOptions(options: BackfillSyncOptions, run: RunState): BackfillSyncOptions {
+  const sel = run.selection as {
+    wantedDids?: string[];
+    wantedCollections?: string[];
+    kinds?: BackfillSyncOptions["kinds"];
+    startUs?: number | null;
+    endUs?: number | null;
+    numRecords?: number;
+  };
+  return {
+    ...options,
+    wantedDids: options.wantedDids ?? sel.wantedDids,
+    wantedCollections: options.wantedCollections ?? sel.wantedCollections,
+    kinds: options.kinds ?? sel.kinds,
+    startTimestamp: options.startTimestamp ?? sel.startUs ?? undefined,
+    endTimestamp: options.endTimestamp ?? sel.endUs ?? undefined,
+    numRecords: options.numRecords ?? sel.numRecords,
+    instance: options.instance ?? run.instances,
+  };
 }
 
 async function run(
@@ -128,9 +157,13 @@ async function run(
     }
     resumeFrom = existing.value;
   }
-  const runState: RunState = resumeFrom
-    ? { ...resumeFrom.run, selection }
-    : { id: crypto.randomUUID(), selection, recordsStored: 0, instance: o.instances[0] };
+  const runState: RunState = resumeFrom ? { ...resumeFrom.run, selection, instances: o.instances } : {
+    id: crypto.randomUUID(),
+    selection,
+    recordsStored: 0,
+    instance: o.instances[0],
+    instances: o.instances,
+  };
   const checkpoint: Checkpoint = existing.value
     ? { ...existing.value, run: runState }
     : { v: 1, queue: o.queueName, seq: 0, cursor: 0, recordsStored: 0, updatedAt: Date.now(), run: runState };

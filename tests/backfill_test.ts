@@ -282,3 +282,32 @@ Deno.test("runBackfillSync() continues seq numbers and counters across runs on o
   const { msgs } = await stored(db.path, 2);
   assert.deepEqual(msgs.map((m) => m.seq), [1, 2]);
 });
+
+Deno.test("runBackfillSync({ resume: true }) continues the last run with its own options", async () => {
+  const events = capture();
+  await using server = serveEvents(events);
+  await using db = await tempDb();
+  const controller = new AbortController();
+  const first = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    startTimestamp: T0,
+    wantedCollections: ["app.bsky.feed.like", "app.bsky.graph.follow"],
+    numRecords: 150,
+    batchSize: 7,
+    signal: controller.signal,
+    onDateChange: () => controller.abort(),
+  });
+  assert.equal(first.stopReason, "aborted");
+  assert.ok(first.recordsStored > 0 && first.recordsStored < 150, String(first.recordsStored));
+  const second = await runBackfillSync({ kv: db.path, resume: true, batchSize: 7 });
+  assert.equal(second.stopReason, "limit");
+  assert.equal(first.recordsStored + second.recordsStored, 150);
+  assert.equal(second.targetReached, true);
+  assert.equal(server.connections[1].query.includes(`cursor=${first.latestCursor}`), true);
+  const expected = events.filter((e) =>
+    e.kind === "commit" && ["app.bsky.feed.like", "app.bsky.graph.follow"].includes(e.commit.collection)
+  ).slice(0, 150);
+  const { events: got } = await stored(db.path, first.queueLength + second.messagesEnqueued);
+  assert.deepEqual(got, expected);
+});

@@ -37,8 +37,9 @@ Queue:
   --kv PATH               Deno KV database (default ./jetfill-data/<queue-name>.sqlite)
   --queue-name NAME       queue name (default jetstream_sync)
   --batch-size N          records per batch and atomic commit (default 100)
-  --resume                continue this queue's last run from its checkpoint
-  --force                 with --resume, accept different options
+  --resume                continue this queue's last run from its checkpoint: options left out
+                          are the last run's; different selection options are refused
+  --force                 with --resume, accept different selection options
 
 Output:
   --json                  print the statistics as JSON on stdout

@@ -42,6 +42,8 @@ export interface RunState {
   recordsStored: number;
   /** The WebSocket URL the last record came from. */
   instance: string;
+  /** The instances the run was given, in order. */
+  instances?: string[];
   /** Server sequence cursor (v2 hosts) of the last record, when the server sends one. */
   seqCursor?: number;
 }
