@@ -15,6 +15,8 @@ import { createZstdDecoder, ZstdDecodeError } from "./jetstream/zstd.ts";
 import type { JetstreamEvent } from "./jetstream/events.ts";
 import { type ConnectError, type Connection, type Frame, openConnection } from "./jetstream/socket.ts";
 import { buildSubscribeRequest } from "./jetstream/url.ts";
+import { probeCoverageStart } from "./jetstream/coverage.ts";
+import { isoFromUs } from "./time.ts";
 import { type BackfillSyncOptions, type ResolvedSyncOptions, resolveSyncOptions } from "./options.ts";
 import { Batcher } from "./pipeline/batch.ts";
 import { createSelector, ReplayGuard, shapeProblem } from "./pipeline/filter.ts";
@@ -262,6 +264,9 @@ async function run(
     reconnects: stats.reconnects,
     failovers: stats.failovers,
     duplicatesDropped: stats.duplicatesDropped,
+    coverageStart: stats.coverageStart,
+    startClamped: stats.startClamped,
+    coverageGapUs: stats.coverageGapUs,
   };
   if (ctx.error !== undefined) result.error = ctx.error;
   await kv.set(queueKey(o.queueName, "run"), {
@@ -310,9 +315,19 @@ async function consumeStream(
   let floorUs = resumeFrom && resumeFrom.run.recordsStored > 0 ? resumeFrom.cursor : -1;
   let failures = 0;
   let connections = 0;
+  let disconnectedAt = performance.now();
+
+  // Coverage: is the requested start (or the resume point) still within the server's history?
+  const from = floorUs >= 0 ? floorUs : o.startUs;
+  if (from !== undefined) await checkCoverage(ctx, o.instances[instanceIndex], from, floorUs < 0);
 
   while (!ctx.stop) {
     const base = o.instances[instanceIndex];
+    if (floorUs >= 0 && connections > 0 && performance.now() - disconnectedAt > o.idleTimeoutMs) {
+      // After an outage longer than the idle timeout the cursor may have fallen out of history.
+      await checkCoverage(ctx, base, floorUs, false);
+      if (ctx.stop) break;
+    }
     const cursor = floorUs >= 0 ? floorUs : o.startUs;
     const req = buildSubscribeRequest(base, { ...o, cursor, compress: o.compress });
     let conn: Connection;
@@ -364,6 +379,7 @@ async function consumeStream(
       await conn.closed();
     }
     if (stats.lastProcessedUs !== null) floorUs = Math.max(floorUs, stats.lastProcessedUs);
+    disconnectedAt = performance.now();
     if (ctx.stop) break;
     const cause = conn.cause!;
     if (cause.kind === "closed" && cause.code === 1000) {
@@ -394,6 +410,39 @@ async function consumeStream(
       await delay(backoffDelay(Math.max(1, failures)), ctx.internal.signal);
     }
   }
+}
+
+/**
+ * Probes where `base`'s history begins and compares it with `fromUs`, the requested start
+ * (`atStart`) or a resume point. A gap is counted and reported; with `strict` it stops the run,
+ * before anything is stored when it is found at the start.
+ */
+async function checkCoverage(ctx: RunContext, base: string, fromUs: number, atStart: boolean): Promise<void> {
+  if (!new URL(base).pathname.endsWith("/subscribe")) return;
+  const oldest = await probeCoverageStart(base, { signal: ctx.internal.signal });
+  if (oldest === null || ctx.stop) return;
+  ctx.stats.coverageStart ??= oldest;
+  if (oldest <= fromUs) return;
+  const gap = oldest - fromUs;
+  ctx.stats.coverageGapUs += gap;
+  if (atStart) ctx.stats.startClamped = true;
+  const what = atStart ? "the requested start" : "the point to resume from";
+  const message = `${new URL(base).host} only holds events from ${isoFromUs(oldest)} on; ${what}, ${
+    isoFromUs(fromUs)
+  }, is ${describeDuration(gap)} earlier, so events in between cannot be had from this server`;
+  ctx.report({ reason: "coverage", message, instance: base });
+  if (!ctx.o.strict) return;
+  if (atStart && ctx.stats.recordsStored === 0) throw new UsageError(`${message} (refused by --strict)`);
+  ctx.stop = "error";
+  ctx.error = `${message} (stopped by --strict)`;
+}
+
+function describeDuration(us: number): string {
+  const s = us / 1e6;
+  if (s < 120) return `${s.toFixed(1)} s`;
+  if (s < 7200) return `${(s / 60).toFixed(1)} min`;
+  if (s < 172800) return `${(s / 3600).toFixed(1)} h`;
+  return `${(s / 86400).toFixed(1)} days`;
 }
 
 /** Reads one connection until it ends or the run stops. */

@@ -120,6 +120,12 @@ export interface BackfillSyncOptions {
    * @default {10}
    */
   maxRetries?: number;
+  /**
+   * Refuse to run (before storing anything) when the server's history starts after the requested
+   * start, and stop when an outage outlasts it; by default both are reported and the run goes on.
+   * @default {false}
+   */
+  strict?: boolean;
 }
 
 /** The options after validation, in the units the pipeline uses. */
@@ -160,6 +166,8 @@ export interface ResolvedSyncOptions {
   failoverAfter: number;
   /** How far to rewind the cursor when switching instance, µs. */
   rewindUs: number;
+  /** Refuse gaps in coverage. */
+  strict: boolean;
   /** Content keys remembered for deduplication. */
   dedupeWindow: number;
   /** Bytes of received frames a connection may hold before it closes itself. */
@@ -248,6 +256,7 @@ export const SyncOptionsSchema = z.strictObject({
     (n) => n > 0,
     err("idleTimeout", "a positive number of seconds"),
   ).optional(),
+  strict: z.boolean(err("strict", "a boolean")).optional(),
   maxRetries: z.number(err("maxRetries", "a non-negative integer")).refine(
     (n) => Number.isSafeInteger(n) && n >= 0,
     err("maxRetries", "a non-negative integer"),
@@ -390,6 +399,7 @@ export function resolveSyncOptions(options: BackfillSyncOptions = {}): ResolvedS
     force: o.force ?? false,
     idleTimeoutMs: (o.idleTimeout ?? 60) * 1000,
     maxRetries: o.maxRetries ?? 10,
+    strict: o.strict ?? false,
     failoverAfter: 2,
     rewindUs: 5_000_000,
     dedupeWindow: 100_000,

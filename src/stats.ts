@@ -58,6 +58,12 @@ export interface SyncStats {
   failovers: number;
   /** Events dropped because they were already processed (inclusive cursors, rewinds, replays). */
   duplicatesDropped: number;
+  /** `time_us` of the oldest event the server still held when asked (probed when a start is given), or null. */
+  coverageStart: number | null;
+  /** Whether the requested start was older than the server's history, so the server moved it forward. */
+  startClamped: boolean;
+  /** Microseconds of requested time that the server could not provide (at the start and after long outages). */
+  coverageGapUs: number;
   /** The error that stopped the run, when `stopReason` is `error`. */
   error?: string;
 }
@@ -95,7 +101,7 @@ export interface DateChange {
 /** Something went wrong with one frame or one connection; the run goes on unless it says otherwise. */
 export interface SyncErrorReport {
   /** What kind of problem. */
-  reason: SkipReason | "connection" | "retry";
+  reason: SkipReason | "connection" | "retry" | "coverage" | "info";
   /** A readable explanation. */
   message: string;
   /** The WebSocket URL concerned. */
@@ -126,6 +132,12 @@ export class StatsTracker {
   failovers = 0;
   /** Duplicates dropped. */
   duplicatesDropped = 0;
+  /** Oldest event the server held. */
+  coverageStart: number | null = null;
+  /** The start was moved forward by the server. */
+  startClamped = false;
+  /** Requested time the server could not provide, µs. */
+  coverageGapUs = 0;
   /** Skips by reason. */
   readonly skipped: Partial<Record<SkipReason, number>> = {};
   /** Stored records per UTC day. */

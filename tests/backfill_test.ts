@@ -6,7 +6,7 @@ import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
 import { queueKey } from "../src/queue/kv_queue.ts";
 import type { DateChange, SyncProgress } from "../src/stats.ts";
 import { account, commit, did, drainQueue, identity } from "./helpers/events.ts";
-import { serveEvents, tempDb } from "./helpers/loopback.ts";
+import { serveEvents, syncConnections, tempDb } from "./helpers/loopback.ts";
 
 // 23:00 UTC on 2026-11-26: the capture crosses midnight after an hour.
 const T0 = Date.UTC(2026, 10, 26, 23) * 1000;
@@ -61,8 +61,8 @@ Deno.test("runBackfillSync() stores exactly numRecords events, as received, and 
   assert.equal(msgs[2].cursor, expected[24].time_us);
   assert.equal(stats.latestCursor, expected[24].time_us);
   assert.deepEqual(stats.collections, ["app.bsky.feed.post"]);
-  assert.equal(server.connections[0].query.includes("wantedCollections=app.bsky.feed.post"), true);
-  assert.ok(server.connections[0].query.includes(`cursor=${T0}`));
+  assert.equal(syncConnections(server)[0].query.includes("wantedCollections=app.bsky.feed.post"), true);
+  assert.ok(syncConnections(server)[0].query.includes(`cursor=${T0}`));
 });
 
 Deno.test("runBackfillSync() stops at the exclusive end, without storing the event that reached it", async () => {
@@ -144,8 +144,8 @@ Deno.test("runBackfillSync() filters by DID in the URL, and by options_update fo
     ["app.bsky.feed.post", "app.bsky.graph.follow"].includes(e.commit.collection)
   );
   assert.equal(few.recordsStored, expectFew.length);
-  assert.ok(server.connections[0].query.includes(`wantedDids=${did(3)}`));
-  assert.deepEqual(server.connections[0].hellos, []);
+  assert.ok(syncConnections(server)[0].query.includes(`wantedDids=${did(3)}`));
+  assert.deepEqual(syncConnections(server)[0].hellos, []);
 
   const many = [did(3), ...Array.from({ length: 200 }, (_, i) => did(1000 + i))];
   const viaHello = await runBackfillSync({
@@ -157,7 +157,7 @@ Deno.test("runBackfillSync() filters by DID in the URL, and by options_update fo
     wantedCollections: ["app.bsky.feed.post", "app.bsky.graph.follow"],
   });
   assert.equal(viaHello.recordsStored, expectFew.length);
-  const conn = server.connections[1];
+  const conn = syncConnections(server)[1];
   assert.ok(conn.query.includes("requireHello=true"));
   assert.ok(!conn.query.includes("wantedDids"));
   assert.equal(conn.hellos[0].wantedDids?.length, 201);
@@ -304,7 +304,7 @@ Deno.test("runBackfillSync({ resume: true }) continues the last run with its own
   assert.equal(second.stopReason, "limit");
   assert.equal(first.recordsStored + second.recordsStored, 150);
   assert.equal(second.targetReached, true);
-  assert.equal(server.connections[1].query.includes(`cursor=${first.latestCursor}`), true);
+  assert.equal(syncConnections(server)[1].query.includes(`cursor=${first.latestCursor}`), true);
   const expected = events.filter((e) =>
     e.kind === "commit" && ["app.bsky.feed.like", "app.bsky.graph.follow"].includes(e.commit.collection)
   ).slice(0, 150);

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { commit } from "./helpers/events.ts";
-import { serveEvents, tempDb } from "./helpers/loopback.ts";
+import { serveEvents, syncConnections, tempDb } from "./helpers/loopback.ts";
 
 const CLI = new URL("../cli.ts", import.meta.url).pathname;
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
@@ -113,7 +113,7 @@ Deno.test("jetfill sync --json prints exactly the statistics object on stdout", 
     "currentDate",
     "endCursorReached",
   ]);
-  assert.ok(server.connections[0].query.includes(`wantedDids=${events[0].did}`));
+  assert.ok(syncConnections(server)[0].query.includes(`wantedDids=${events[0].did}`));
 });
 
 Deno.test("jetfill sync prints a readable summary without --json", async () => {

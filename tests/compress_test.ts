@@ -5,7 +5,7 @@ import type { JetstreamEvent } from "../src/jetstream/events.ts";
 import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
 import type { SyncErrorReport } from "../src/stats.ts";
 import { commit, did, drainQueue, identity } from "./helpers/events.ts";
-import { serveEvents, tempDb } from "./helpers/loopback.ts";
+import { serveEvents, syncConnections, tempDb } from "./helpers/loopback.ts";
 import { LEGACY_DICT, V2_DICT, zstdFrames } from "./helpers/zstd_cli.ts";
 
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
@@ -53,7 +53,7 @@ for (const noContentSize of [false, true]) {
       wantedCollections: ["app.bsky.feed.post", "app.bsky.feed.like"],
     });
     assert.equal(stats.stopReason, "closed");
-    assert.ok(server.connections[0].query.includes("compress=true"));
+    assert.ok(syncConnections(server)[0].query.includes("compress=true"));
     const expected = events.filter((e) => e.kind === "commit");
     assert.equal(stats.recordsStored, expected.length);
     assert.deepEqual(await storedEvents(db.path, stats.queueLength), expected);

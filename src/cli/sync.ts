@@ -22,6 +22,8 @@ Selection:
   --start TIME            start here (sent as the cursor); ${TIMESTAMP_FORMATS}; UTC
   --end TIME              stop at the first event at or after this time (not stored)
   --limit N               stop after exactly N stored records (default 10000)
+  --strict                refuse to run when the server's history starts after --start (it
+                          would silently start later), and stop on a gap after a long outage
 
 Connection:
   --instance HOST|URL     Jetstream host or ws:// / wss:// URL; repeatable, tried in order
@@ -66,6 +68,7 @@ const FLAGS: FlagSpec = {
   "queue-name": { type: "string" },
   "batch-size": { type: "string" },
   resume: { type: "boolean" },
+  strict: { type: "boolean" },
   force: { type: "boolean" },
   json: { type: "boolean" },
   verbose: { type: "boolean" },
@@ -89,6 +92,7 @@ export async function syncOptionsFromFlags(v: Record<string, unknown>): Promise<
   if (v["zstd-dictionary"] !== undefined) options.zstdDictionary = v["zstd-dictionary"] as string;
   if (v.resume) options.resume = true;
   if (v.force) options.force = true;
+  if (v.strict) options.strict = true;
   const limit = numberFlag("limit", v.limit, { integer: true, positive: true });
   if (limit !== undefined) options.numRecords = limit;
   const batch = numberFlag("batch-size", v["batch-size"], { integer: true, positive: true });
@@ -136,6 +140,15 @@ export function formatSummary(s: SyncStats): string {
       `reconnects          ${s.reconnects} (failovers ${s.failovers}, duplicates dropped ${s.duplicatesDropped})`,
     );
   }
+  if (s.startClamped || s.coverageGapUs > 0) {
+    lines.push(
+      `coverage            server history starts ${
+        s.coverageStart === null ? "?" : isoFromUs(s.coverageStart)
+      }; ${(s.coverageGapUs / 3.6e9).toFixed(2)} h of the requested time could not be had${
+        s.startClamped ? " (start moved forward by the server)" : ""
+      }`,
+    );
+  }
   if (s.bytesDecoded > 0) {
     lines.push(
       `compression         ${s.bytesReceived} bytes on the wire, ${s.bytesDecoded} decoded (${
@@ -174,7 +187,10 @@ export async function syncCommand(args: string[]): Promise<number> {
   options.signal = controller.signal;
   if (live) options.onProgress = (p) => Deno.stderr.writeSync(enc.encode(`\r\x1b[2K${progressLine(p)}`));
   options.onError = (r) => {
-    if (r.reason === "connection" || r.reason === "retry" || v.verbose) {
+    if (r.reason === "coverage") {
+      if (live) Deno.stderr.writeSync(enc.encode("\r\x1b[2K"));
+      console.error(`jetfill sync: warning: ${r.message}`);
+    } else if (r.reason === "connection" || r.reason === "retry" || v.verbose) {
       if (live) Deno.stderr.writeSync(enc.encode("\r\x1b[2K"));
       console.error(`jetfill sync: ${r.message}`);
     }

@@ -25,3 +25,8 @@ export async function tempDb(): Promise<{ path: string; dir: string } & AsyncDis
     [Symbol.asyncDispose]: () => Deno.remove(dir, { recursive: true }),
   };
 }
+
+/** The sync's own connections, without the coverage probes (`cursor=0`, no filters). */
+export function syncConnections(server: JetstreamServer): JetstreamServer["connections"] {
+  return server.connections.filter((c) => c.query !== "cursor=0");
+}

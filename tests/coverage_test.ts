@@ -1,0 +1,91 @@
+import assert from "node:assert/strict";
+import { runBackfillSync } from "../src/backfill.ts";
+import { UsageError } from "../src/errors.ts";
+import type { SyncErrorReport } from "../src/stats.ts";
+import { commit } from "./helpers/events.ts";
+import { serveEvents, tempDb } from "./helpers/loopback.ts";
+
+// The server's history starts at T0; the requests below ask for two days earlier.
+const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
+const DAY = 86_400_000_000;
+const events = Array.from({ length: 100 }, (_, i) => commit(T0 + i * 1_000_000));
+const CLI = new URL("../cli.ts", import.meta.url).pathname;
+
+Deno.test("runBackfillSync() reports a start older than the server's history as clamped, with the gap", async () => {
+  await using server = serveEvents(events, { closeAtEnd: true });
+  await using db = await tempDb();
+  const reports: SyncErrorReport[] = [];
+  const stats = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    startTimestamp: T0 - 2 * DAY,
+    onError: (r) => reports.push(r),
+  });
+  assert.equal(stats.startClamped, true);
+  assert.equal(stats.coverageStart, T0);
+  assert.equal(stats.coverageGapUs, 2 * DAY);
+  assert.equal(stats.recordsStored, 100);
+  const warning = reports.find((r) => r.reason === "coverage");
+  assert.match(
+    warning!.message,
+    /only holds events from 2026-11-27T10:00:00.000000Z on; the requested start, 2026-11-25T10:00:00.000000Z, is 2.0 days earlier/,
+  );
+});
+
+Deno.test("runBackfillSync() reports full coverage when the start is within the history", async () => {
+  await using server = serveEvents(events, { closeAtEnd: true });
+  await using db = await tempDb();
+  const stats = await runBackfillSync({ instance: server.url, kv: db.path, startTimestamp: T0 + 10_000_000 });
+  assert.equal(stats.startClamped, false);
+  assert.equal(stats.coverageStart, T0);
+  assert.equal(stats.coverageGapUs, 0);
+  assert.equal(stats.recordsStored, 90);
+});
+
+Deno.test("runBackfillSync({ strict: true }) refuses a clamped start before storing anything", async () => {
+  await using server = serveEvents(events, { closeAtEnd: true });
+  await using db = await tempDb();
+  await assert.rejects(
+    () => runBackfillSync({ instance: server.url, kv: db.path, startTimestamp: T0 - DAY, strict: true }),
+    (err: unknown) => err instanceof UsageError && /refused by --strict/.test(err.message),
+  );
+  const kv = await Deno.openKv(db.path);
+  const entries = await Array.fromAsync(kv.list({ prefix: ["jetfill"] }));
+  kv.close();
+  assert.deepEqual(entries, []);
+});
+
+Deno.test("jetfill sync warns in plain words about a clamped start, and --strict exits 2", async () => {
+  await using server = serveEvents(events, { closeAtEnd: true });
+  await using db = await tempDb();
+  const args = [
+    "run",
+    "-A",
+    CLI,
+    "sync",
+    "--instance",
+    server.url,
+    "--kv",
+    db.path,
+    "--start",
+    "2026-11-20",
+    "--json",
+  ];
+  const warned = await new Deno.Command(Deno.execPath(), { args, stdout: "piped", stderr: "piped" }).output();
+  assert.equal(warned.code, 0);
+  const stderr = new TextDecoder().decode(warned.stderr);
+  assert.match(
+    stderr,
+    /warning: 127\.0\.0\.1:\d+ only holds events from 2026-11-27T10:00:00.000000Z on; the requested start, 2026-11-20T00:00:00.000000Z, is 7.4 days earlier/,
+  );
+  const stats = JSON.parse(new TextDecoder().decode(warned.stdout));
+  assert.equal(stats.startClamped, true);
+
+  const strict = await new Deno.Command(Deno.execPath(), {
+    args: [...args, "--strict", "--queue-name", "s"],
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  assert.equal(strict.code, 2);
+  assert.match(new TextDecoder().decode(strict.stderr), /refused by --strict/);
+});
