@@ -58,6 +58,12 @@ function differences(a: Record<string, unknown>, b: Record<string, unknown>): st
   return [...names].filter((k) => JSON.stringify(a[k]) !== JSON.stringify(b[k]));
 }
 
+/** The v2 sequence position: the host whose seq it is, and the last seq processed there. */
+interface SeqState {
+  host: string | undefined;
+  floor: number;
+}
+
 interface RunContext {
   o: ResolvedSyncOptions;
   stats: StatsTracker;
@@ -313,6 +319,13 @@ async function consumeStream(
   let instanceIndex = Math.max(0, resumeFrom ? o.instances.indexOf(resumeFrom.run.instance) : 0);
   // Events at or below this time_us were processed on the current instance (its cursor is inclusive).
   let floorUs = resumeFrom && resumeFrom.run.recordsStored > 0 ? resumeFrom.cursor : -1;
+  // On v2 hosts events carry the server's sequence number (`cursor`): it, not time_us, is the
+  // exact resume position there, and it is only ever sent back to the host that issued it.
+  const seq: SeqState = { host: undefined, floor: -1 };
+  if (resumeFrom?.run.seqCursor !== undefined && resumeFrom.run.seqInstance !== undefined) {
+    seq.host = resumeFrom.run.seqInstance;
+    seq.floor = resumeFrom.run.seqCursor;
+  }
   let failures = 0;
   let connections = 0;
   let disconnectedAt = performance.now();
@@ -328,7 +341,8 @@ async function consumeStream(
       await checkCoverage(ctx, base, floorUs, false);
       if (ctx.stop) break;
     }
-    const cursor = floorUs >= 0 ? floorUs : o.startUs;
+    const bySeq = seq.host === base && seq.floor >= 0;
+    const cursor = bySeq ? seq.floor : floorUs >= 0 ? floorUs : o.startUs;
     const req = buildSubscribeRequest(base, { ...o, cursor, compress: o.compress });
     let conn: Connection;
     try {
@@ -371,9 +385,21 @@ async function consumeStream(
       guard.arm();
     }
     ctx.writer.setRun({ instance: base });
+    ctx.batcher.host = base;
     const before = stats.messagesReceived;
     try {
-      await readConnection(ctx, conn, select, guard, decode, floorUs, options);
+      await readConnection(
+        ctx,
+        conn,
+        base,
+        select,
+        guard,
+        decode,
+        floorUs,
+        bySeq ? seq.floor : -1,
+        seq,
+        options,
+      );
     } finally {
       conn.close();
       await conn.closed();
@@ -449,10 +475,13 @@ function describeDuration(us: number): string {
 async function readConnection(
   ctx: RunContext,
   conn: Connection,
+  base: string,
   select: (ev: JetstreamEvent) => boolean,
   guard: ReplayGuard,
   decode: ((bytes: Uint8Array) => Uint8Array) | undefined,
   floorUs: number,
+  seqFloor: number,
+  seq: SeqState,
   options: BackfillSyncOptions,
 ): Promise<void> {
   const { o, stats, batcher } = ctx;
@@ -521,7 +550,20 @@ async function readConnection(
       }
       // Below the floor: the inclusive replay of a reconnect. Below the start: a server that
       // replays from before the requested cursor (bluesky-social/jetstream#343).
-      if (t <= floorUs || t < startUs) {
+      const evSeq = (ev as { cursor?: unknown }).cursor;
+      if (typeof evSeq === "number") {
+        // A v2 host: its seq orders events; time_us may not (protocol doc §3.2).
+        if (evSeq <= seqFloor) {
+          stats.duplicatesDropped++;
+          continue;
+        }
+        if (seq.host !== base) {
+          seq.host = base;
+          seq.floor = -1;
+        }
+        seq.floor = Math.max(seq.floor, evSeq);
+        if (t < startUs) continue;
+      } else if (t <= floorUs || t < startUs) {
         if (t <= floorUs) stats.duplicatesDropped++;
         continue;
       }

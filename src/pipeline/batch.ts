@@ -20,6 +20,10 @@ export interface PackedMessage {
   count: number;
   /** `time_us` of the last event. */
   cursor: number;
+  /** The v2 server's sequence number (`cursor` field) of the last event that had one. */
+  seq?: number;
+  /** The instance that issued `seq` (sequence numbers are only meaningful there). */
+  seqHost?: string;
   /** Events per UTC day. */
   days: Map<string, number>;
   /** Collections of the commit events. */
@@ -64,6 +68,8 @@ export class Batcher {
   #messages: PackedMessage[] = [];
   #current: PackedMessage | undefined;
   #records = 0;
+  /** The instance events are coming from now, recorded with their sequence numbers. */
+  host: string | undefined;
 
   /** A batcher for `queue` with `batchSize` records a batch. */
   constructor(queue: string, batchSize: number, messageLimit = KV_VALUE_LIMIT) {
@@ -92,6 +98,10 @@ export class Batcher {
   #note(m: PackedMessage, event: JetstreamEvent, day: string, collection: string | undefined): void {
     m.count++;
     m.cursor = event.time_us;
+    if (typeof event.cursor === "number") {
+      m.seq = event.cursor;
+      m.seqHost = this.host;
+    }
     m.days.set(day, (m.days.get(day) ?? 0) + 1);
     if (collection !== undefined) m.collections.add(collection);
   }

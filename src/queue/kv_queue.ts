@@ -44,8 +44,10 @@ export interface RunState {
   instance: string;
   /** The instances the run was given, in order. */
   instances?: string[];
-  /** Server sequence cursor (v2 hosts) of the last record, when the server sends one. */
+  /** Server sequence cursor (v2 hosts) of the last stored record that had one. */
   seqCursor?: number;
+  /** The instance that issued `seqCursor`; a sequence number is never sent to another. */
+  seqInstance?: string;
 }
 
 /** Key of a queue's item under the jetfill namespace. */

@@ -157,6 +157,8 @@ export class QueueWriter {
     let seq = this.#checkpoint.seq;
     let records = 0;
     let cursor = this.#checkpoint.cursor;
+    let seqCursor = this.#checkpoint.run.seqCursor;
+    let seqInstance = this.#checkpoint.run.seqInstance;
     const days = new Map<string, number>();
     const collections = new Set<string>();
     for (const m of group) {
@@ -166,6 +168,10 @@ export class QueueWriter {
       op.enqueue(message, { keysIfUndelivered: [queueKey(q, "dead", seq)] });
       records += m.count;
       cursor = m.cursor;
+      if (m.seq !== undefined) {
+        seqCursor = m.seq;
+        seqInstance = m.seqHost;
+      }
       for (const [d, n] of m.days) days.set(d, (days.get(d) ?? 0) + n);
       for (const c of m.collections) collections.add(c);
     }
@@ -179,7 +185,7 @@ export class QueueWriter {
       cursor,
       recordsStored: prev.recordsStored + records,
       updatedAt: Date.now(),
-      run: { ...prev.run, recordsStored: prev.run.recordsStored + records },
+      run: { ...prev.run, recordsStored: prev.run.recordsStored + records, seqCursor, seqInstance },
     };
     op.set(cpKey, checkpoint);
     const res = await op.commit();
