@@ -8,6 +8,7 @@ import { parseArgs } from "node:util";
 import { UsageError } from "../errors.ts";
 import { loadCapture } from "../server/capture.ts";
 import { serveJetstream } from "../server/server.ts";
+import type { ServerFaults } from "../server/faults.ts";
 import { resolveZstdDictionary } from "../jetstream/dictionary.ts";
 import { createZstdEncoder } from "../jetstream/zstd.ts";
 
@@ -27,12 +28,34 @@ Options:
                       dictionary (without it such requests get HTTP 400)
   -h, --help          show this help
 
+Faults (all off by default, all deterministic):
+  --refuse-first <k>  answer the first k subscription requests with HTTP 503
+                      "service not ready: bootstrap in progress"
+  --drop-every <n>    drop every connection without a close frame (1006) after its n-th event
+  --stall-after <n>   after its n-th event (0: at once), a connection goes quiet but stays open
+  --stall-connections <m>
+                      how many connections stall, the first m (default: 1)
+  --garbage-every <n> after every n events, send one bad frame (malformed JSON, binary junk,
+                      unknown kind, missing time_us, ~2 MiB), cycling through the kinds
+
 Prints one line, "listening on ws://HOST:PORT/subscribe", once ready; runs until SIGINT or SIGTERM.`;
 
 function parsePort(raw: string): number {
   if (!/^\d+$/.test(raw) || Number(raw) > 65535) {
     throw new UsageError(
       `Cannot serve as '--port' must be an integer from 0 to 65535: current value is '${raw}'`,
+    );
+  }
+  return Number(raw);
+}
+
+function parseCount(flag: string, raw: string | undefined, min: number): number | undefined {
+  if (raw === undefined) return undefined;
+  if (!/^\d+$/.test(raw) || !Number.isSafeInteger(Number(raw)) || Number(raw) < min) {
+    throw new UsageError(
+      `Cannot serve as '--${flag}' must be ${
+        min === 0 ? "a non-negative" : "a positive"
+      } integer: current value is '${raw}'`,
     );
   }
   return Number(raw);
@@ -64,6 +87,11 @@ export async function serveCommand(args: string[]): Promise<number> {
         hostname: { type: "string" },
         "close-at-end": { type: "boolean" },
         "zstd-dictionary": { type: "string" },
+        "refuse-first": { type: "string" },
+        "drop-every": { type: "string" },
+        "stall-after": { type: "string" },
+        "stall-connections": { type: "string" },
+        "garbage-every": { type: "string" },
         help: { type: "boolean", short: "h" },
       },
       strict: true,
@@ -82,6 +110,13 @@ export async function serveCommand(args: string[]): Promise<number> {
   const port = values.port === undefined ? 0 : parsePort(values.port);
   const hostname = values.hostname ?? "127.0.0.1";
   if (hostname === "") throw new UsageError("Cannot serve as '--hostname' must not be empty");
+  const faults: ServerFaults = {
+    refuseFirst: parseCount("refuse-first", values["refuse-first"], 0),
+    dropEvery: parseCount("drop-every", values["drop-every"], 1),
+    stallAfter: parseCount("stall-after", values["stall-after"], 0),
+    stallConnections: parseCount("stall-connections", values["stall-connections"], 0),
+    garbageEvery: parseCount("garbage-every", values["garbage-every"], 1),
+  };
 
   let events;
   try {
@@ -122,6 +157,7 @@ export async function serveCommand(args: string[]): Promise<number> {
       port,
       closeAtEnd: values["close-at-end"] ?? false,
       compressor,
+      faults,
       signal: controller.signal,
     });
   } catch (err) {

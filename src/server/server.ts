@@ -15,6 +15,14 @@
  * @module
  */
 import type { CaptureEvent } from "./capture.ts";
+import {
+  garbageKind,
+  junkBytes,
+  type ResolvedFaults,
+  resolveFaults,
+  type ServerFaults,
+  v1Garbage,
+} from "./faults.ts";
 import { acceptWebSocket, HttpError, readRequestHead, type RequestHead, writeTextResponse } from "./http1.ts";
 import {
   type OptionsUpdatePayload,
@@ -78,6 +86,11 @@ export interface JetstreamServerOptions {
    * @default {4194304}
    */
   highWaterMark?: number;
+  /**
+   * Deliberate misbehaviour (HTTP 503s, dropped, stalled and garbage-laden connections), all off by
+   * default and all deterministic; see {@linkcode ServerFaults}.
+   */
+  faults?: ServerFaults;
 }
 
 /**
@@ -112,6 +125,12 @@ export interface ConnectionRecord {
   closeCode?: number;
   /** Once closed: the reason in the client's close frame. */
   closeReason?: string;
+  /** Whether the server dropped the connection on purpose (`faults.dropEvery`). */
+  dropped: boolean;
+  /** Whether the connection went quiet on purpose (`faults.stallAfter`). */
+  stalled: boolean;
+  /** Bad frames sent on purpose so far (`faults.garbageEvery`). */
+  garbage: number;
 }
 
 /**
@@ -177,6 +196,11 @@ class EventTable {
     return lo;
   }
 
+  /** Compresses any text, uncached (for one-off frames). */
+  compressText(text: string): Uint8Array {
+    return this.#compressor!(text);
+  }
+
   compressed(index: number): Uint8Array {
     let frame = this.#compressed[index];
     if (frame === undefined) {
@@ -197,11 +221,14 @@ interface SessionConfig {
   minTimeUs: number;
   closeAtEnd: boolean;
   highWaterMark: number;
+  faults: ResolvedFaults;
+  /** Whether this connection is one of those that stall (`faults.stallConnections`). */
+  stalls: boolean;
 }
 
 /**
- * One subscriber. Every event frame leaves through `#pump()`, the seam where fault injection
- * (dropping every Nth message, stalls, garbage frames via `sendRaw`, abrupt `abort()`) can go later.
+ * One subscriber. Every event frame leaves through `#pump()`, which stops at the event counts where
+ * a fault is due (`#nextStop()`) and applies it (`#fault()`).
  */
 class Session {
   readonly #config: SessionConfig;
@@ -261,6 +288,52 @@ class Session {
     return this.done;
   }
 
+  /** The smallest event count `>= from` after which a fault is due, or `Infinity`. */
+  #nextStop(from: number): number {
+    const { faults, stalls } = this.#config;
+    let next = Infinity;
+    if (faults.garbageEvery !== Infinity) {
+      next = Math.max(1, Math.ceil(from / faults.garbageEvery)) * faults.garbageEvery;
+    }
+    if (faults.dropEvery >= from && faults.dropEvery < next) next = faults.dropEvery;
+    if (stalls && faults.stallAfter >= from && faults.stallAfter < next) next = faults.stallAfter;
+    return next;
+  }
+
+  /**
+   * Applies the faults due after `count` events (the last one at `lastIndex`, -1 before any).
+   * Resolves to true when the pump must stop: the connection was dropped or stalled.
+   */
+  async #fault(count: number, lastIndex: number): Promise<boolean> {
+    const { faults, stalls, record, table } = this.#config;
+    const ws = this.#ws;
+    if (ws.closing) return true;
+    if (count > 0 && count % faults.garbageEvery === 0 && lastIndex >= 0) {
+      const index = record.garbage++;
+      const kind = garbageKind(record.id, index);
+      if (kind === "binary-junk") {
+        ws.sendBinary(junkBytes(record.id, index));
+      } else {
+        const text = v1Garbage(kind, table.events[lastIndex].text, `${record.id}-${index}`);
+        if (record.params.compress) ws.sendBinary(table.compressText(text));
+        else ws.sendText(text);
+      }
+    }
+    if (count === faults.dropEvery) {
+      record.dropped = true;
+      await ws.drain(0);
+      ws.abort();
+      return true;
+    }
+    if (stalls && count === faults.stallAfter) {
+      record.stalled = true;
+      ws.mute();
+      await ws.finished;
+      return true;
+    }
+    return false;
+  }
+
   async #pump(): Promise<void> {
     const { table, record, minTimeUs, highWaterMark } = this.#config;
     const ws = this.#ws;
@@ -271,7 +344,15 @@ class Session {
     const compress = record.params.compress;
     let i = this.#config.start;
     let sent = 0;
-    while (i < end && !ws.closing) {
+    let last = -1;
+    let nextStop = this.#nextStop(0);
+    for (;;) {
+      if (sent === nextStop) {
+        record.sent = sent;
+        if (await this.#fault(sent, last)) return;
+        nextStop = this.#nextStop(sent + 1);
+      }
+      if (i >= end || ws.closing) break;
       // Queue frames synchronously until the socket holds enough to stay busy: nothing is written
       // before this loop yields, and awaiting per message would cost most of the throughput.
       let check = 0;
@@ -288,14 +369,15 @@ class Session {
           if (ws.closing) break;
           continue; // over maxMessageSizeBytes
         }
-        sent++;
+        last = index;
+        if (++sent === nextStop) break;
         if (++check === CHECK_EVERY) {
           check = 0;
           if (ws.bufferedAmount > highWaterMark) break;
         }
       }
       record.sent = sent;
-      await ws.drain(highWaterMark / 2);
+      if (sent !== nextStop) await ws.drain(highWaterMark / 2);
     }
     record.sent = sent;
     if (this.#config.closeAtEnd) ws.close(1000, "");
@@ -342,6 +424,7 @@ export function serveJetstream(options: JetstreamServerOptions): JetstreamServer
     compressor,
     highWaterMark = DEFAULT_HIGH_WATER_MARK,
   } = options;
+  const faults = resolveFaults(options.faults);
   if (!Array.isArray(events)) {
     throw new TypeError("Cannot serve as 'events' must be an array of capture events");
   }
@@ -362,15 +445,23 @@ export function serveJetstream(options: JetstreamServerOptions): JetstreamServer
   const pending = new Set<Deno.TcpConn>();
   const tasks = new Set<Promise<void>>();
   let stopping: Promise<void> | undefined;
+  /** Subscription requests refused so far by `faults.refuseFirst`. */
+  let refused = 0;
+  /** WebSocket connections accepted so far (for `faults.stallConnections`). */
+  let upgraded = 0;
 
   /**
    * Decides whether a subscription may proceed to the WebSocket handshake; `undefined` means yes.
-   * Refusals such as "503 for the first K connections" belong here.
+   * `faults.refuseFirst` comes first, as a bootstrapping server refuses before reading anything.
    */
   const admit = (
     record: ConnectionRecord,
     parsed: ReturnType<typeof parseSubscribeRequest>,
   ): { status: number; body: string } | undefined => {
+    if (refused < faults.refuseFirst) {
+      refused++;
+      return { status: 503, body: "service not ready: bootstrap in progress" };
+    }
     if (!parsed.ok) return { status: 400, body: parsed.error };
     if (record.params.compress && !table.canCompress) {
       return { status: 400, body: "compression not available on this server" };
@@ -389,6 +480,9 @@ export function serveJetstream(options: JetstreamServerOptions): JetstreamServer
       status: 101,
       hellos: [],
       sent: 0,
+      dropped: false,
+      stalled: false,
+      garbage: 0,
     };
     connections.push(record);
     let refusal = admit(record, parsed);
@@ -422,6 +516,8 @@ export function serveJetstream(options: JetstreamServerOptions): JetstreamServer
         minTimeUs,
         closeAtEnd,
         highWaterMark,
+        faults,
+        stalls: upgraded++ < faults.stallConnections,
       },
       conn,
       head,

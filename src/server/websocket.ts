@@ -106,6 +106,8 @@ export class ServerWebSocket {
   #fragmentBytes = 0;
   #fragmentOpcode = 0;
   #finished = false;
+  /** Set by {@linkcode ServerWebSocket.mute}: nothing but a close echo goes out any more. */
+  #muted = false;
   #resolveFinished!: (result: { code: number; reason: string }) => void;
   /** Resolves once the TCP connection is closed, with the code the connection closed with. */
   readonly finished: Promise<{ code: number; reason: string }>;
@@ -133,9 +135,19 @@ export class ServerWebSocket {
     return this.#queued + this.#batchLen;
   }
 
-  /** Whether sending is over: a close frame was queued or the connection is gone. */
+  /** Whether sending is over: a close frame was queued, the connection is gone or it was muted. */
   get closing(): boolean {
-    return this.#closeSent || this.#finished;
+    return this.#closeSent || this.#finished || this.#muted;
+  }
+
+  /**
+   * Goes quiet for good, keeping the connection open (fault injection: a stalled server). Later
+   * sends are refused, pings are no longer answered, and {@linkcode ServerWebSocket.close} drops the
+   * connection without a close frame. A close frame from the client is still echoed, so clients can
+   * leave cleanly. Whatever is already queued is still written.
+   */
+  mute(): void {
+    this.#muted = true;
   }
 
   /** Makes room for `bytes` in the current batch, moving a full batch to the write queue. */
@@ -243,7 +255,7 @@ export class ServerWebSocket {
    * whether it was queued; false also once the connection is closing.
    */
   sendText(text: string, maxBytes = 0): boolean {
-    if (this.#closeSent || this.#finished) return false;
+    if (this.#closeSent || this.#finished || this.#muted) return false;
     const upper = text.length * 3;
     this.#reserve(upper + 10);
     // Encode in place after the longest possible header, then move the payload left when the exact
@@ -264,7 +276,7 @@ export class ServerWebSocket {
 
   /** Queues a binary frame. Returns false once the connection is closing. */
   sendBinary(data: Uint8Array): boolean {
-    if (this.#closeSent || this.#finished) return false;
+    if (this.#closeSent || this.#finished || this.#muted) return false;
     this.#reserve(data.length + 10);
     this.#header(2, data.length);
     this.#batch.set(data, this.#batchLen);
@@ -278,7 +290,7 @@ export class ServerWebSocket {
    * deliberately broken frames in fault-injection tests.
    */
   sendRaw(bytes: Uint8Array): void {
-    if (this.#finished) return;
+    if (this.#finished || this.#muted) return;
     this.#reserve(bytes.length);
     this.#batch.set(bytes, this.#batchLen);
     this.#batchLen += bytes.length;
@@ -296,10 +308,14 @@ export class ServerWebSocket {
   /**
    * Starts the closing handshake: queues a close frame after everything already queued and drops the
    * connection if the client has not answered within the close timeout. The reason is cut to the
-   * 123 bytes a close frame can hold.
+   * 123 bytes a close frame can hold. On a muted connection it drops the connection instead.
    */
   close(code = 1000, reason = ""): void {
     if (this.#closeSent || this.#finished) return;
+    if (this.#muted) {
+      this.abort();
+      return;
+    }
     this.#closeSent = true;
     let bytes = encoder.encode(reason);
     if (bytes.length > 123) {
@@ -433,7 +449,7 @@ export class ServerWebSocket {
       if (!fin || payload.length > 125) throw new ProtocolError(1002, "bad control frame");
       if (opcode === 8) this.#onClose(payload);
       else if (opcode === 9) {
-        if (!this.#closeSent) this.#control(10, payload);
+        if (!this.#closeSent && !this.#muted) this.#control(10, payload);
       } else if (opcode !== 10) throw new ProtocolError(1002, "unknown opcode");
       return;
     }
