@@ -40,7 +40,10 @@ export interface CollectOptions {
 export interface Collected {
   /** Text messages as strings, binary ones as bytes, in arrival order. */
   messages: (string | Uint8Array)[];
-  /** The close code the client saw. */
+  /**
+   * The close code the client saw; 1006 when the connection ended without a close frame (Deno's
+   * `WebSocket` reports 0 then, after an `error` event).
+   */
   code: number;
   /** The close reason the client saw. */
   reason: string;
@@ -87,7 +90,8 @@ export function collectMessages(url: string, options: CollectOptions = {}): Prom
     socket.onerror = () => {};
     socket.onclose = (event) => {
       clearTimeout(timer);
-      resolve({ messages, code: event.code, reason: event.reason, closedByClient, timedOut });
+      const code = event.code === 0 ? 1006 : event.code;
+      resolve({ messages, code, reason: event.reason, closedByClient, timedOut });
     };
   });
 }
