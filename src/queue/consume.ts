@@ -1,0 +1,1113 @@
+/**
+ * The other end of the queue: {@link consume} hands every message of a jetfill queue to a handler,
+ * once, and keeps the queue's counters true; {@link queueStatus}, {@link deadLetters} and
+ * {@link requeueDeadLetters} read and repair what it leaves behind.
+ *
+ * What Deno KV queues do, measured on Deno 2.9.6 with the local SQLite backend
+ * (`docs/consuming.md` and `deno-runtime.md` §1 have the figures), and what this module does about it:
+ *
+ * - **At-least-once.** A message can be delivered again: after its handler failed, after an
+ *   acknowledgement was lost, or because it was "requeued" (below). Every jetfill message carries a
+ *   `seq` unique in its queue, so consume() records each handled `seq` under
+ *   `["jetfill", queue, "handled", seq]` in the same atomic commit that adds to the `messagesHandled`
+ *   and `recordsHandled` counters, and skips a message whose `seq` is already recorded (a duplicate).
+ *   The commit checks that the record is still absent, so two consumers racing on one message never
+ *   count it twice. Records expire after {@link DEDUPE_WINDOW_MS}.
+ * - **The 5 s rule.** KV marks a dequeued message as running with a deadline of dequeue time + 5 s and
+ *   never extends it. Whenever any process opens the database (even just to read), and every ~60 s in
+ *   a process that has it open, running messages past their deadline are put back in the queue, and
+ *   each such requeue uses up one of the message's retries. `listenQueue` also dequeues every ready
+ *   message at once, however slow the handler. So consume() acknowledges every message within
+ *   {@link ACK_DEADLINE_MS} of its delivery: it holds only as many delivered messages as it expects
+ *   to finish in time (from the measured handling time), puts the rest back with a delay (a new
+ *   enqueue of the same message, which uses up no retry), and gives each handler at most
+ *   `min(handlerTimeout, time left before the deadline)`. A handler past its time is reported as a
+ *   `timeout`, its `signal` is aborted and its message is failed, so that KV redelivers it.
+ * - **No cross-process wake-up.** A listener only sees another process's enqueues on a 60 s poll, but
+ *   it takes everything that is ready when it opens the database. With a path, consume() therefore
+ *   runs in sessions: open, listen, handle what arrives, and once idle and at least `pollInterval` old,
+ *   close and open again. A session is only closed when nothing is in flight: acknowledgements made
+ *   after `close()` are lost (measured), and such messages come back only after their deadline.
+ * - **Handlers run `concurrency` at a time** (default 1), lowest `seq` first: messages enqueued in
+ *   one commit are dequeued in random order, so consume() waits up to `reorderWindow` for a missing
+ *   `seq` before it goes on without it.
+ * - **Failures and dead letters.** A handler that throws leaves its message to KV, which redelivers it
+ *   on its backoff schedule; when the retries run out KV writes the message to the keys given at
+ *   enqueue time, `["jetfill", queue, "dead", seq]` for jetfill's writer. Dead letters are not counted
+ *   as handled; list them with {@link deadLetters} and retry them with {@link requeueDeadLetters}.
+ * - **Messages that are not this queue's** (another queue name in the same database, or not a jetfill
+ *   message at all) are put back with a delay and reported as `foreign`: a database has one KV queue,
+ *   and consume() never drops a message it does not own.
+ *
+ * @module
+ */
+import type { JetstreamEvent } from "../jetstream/events.ts";
+import { counterValue, defaultKvPath, openKvAt, queueKey, readCheckpoint } from "./kv_queue.ts";
+import { decodeQueueMessage, isQueueMessage, type QueueMessage } from "./message.ts";
+import { isoFromUs } from "../time.ts";
+
+/** Deno KV's redelivery deadline: a message not acknowledged this long after its dequeue can be requeued. */
+export const KV_REDELIVERY_DEADLINE_MS = 5_000;
+/** consume() acknowledges (or fails) every message within this time of its delivery. */
+export const ACK_DEADLINE_MS = 4_000;
+/** How long the record of a handled `seq` is kept for deduplication: 7 days. */
+export const DEDUPE_WINDOW_MS = 7 * 24 * 3600_000;
+
+// After the last handler settles, Deno still has to send the acknowledgement; closing the database
+// before that loses it. A few milliseconds are enough on an idle backend; this leaves room.
+const ACK_SETTLE_MS = 40;
+// Deliveries received when no consumer is attached to a shared Kv come back after this delay.
+const ORPHAN_DELAY_MS = 1_000;
+// Messages of another queue come back after this delay, for their own consumer to take.
+const FOREIGN_DELAY_MS = 2_000;
+// Put-backs per atomic commit: 12 messages of 64 KiB stay under KV's 800 KiB per commit.
+const PUT_BACKS_PER_COMMIT = 12;
+// A handler is not started with less time than this before the deadline: it is put back instead.
+const MIN_RUN_MS = 100;
+// The handling time assumed before the first message is measured.
+const INITIAL_SERVICE_MS = 10;
+// Held messages are planned to finish within this of their delivery; the rest is put back. KV's
+// deadline is 5 s after a message became ready, which for a fresh message picked up within a poll
+// interval leaves about 4 s; this keeps a margin for slow turns of the event loop.
+const HOLD_TARGET_MS = 3_000;
+// How long to keep waiting for a message put back here when it is the next seq.
+const REORDER_GRACE_MS = 500;
+const MIN_PUT_BACK_DELAY_MS = 100;
+const MAX_PUT_BACK_DELAY_MS = 60_000;
+// After a handler failure, KV redelivers after 100 ms and then 1 s (its default schedule).
+const RETRY_EXPECTED_MS = 1_300;
+// A session that is settled but expects messages back stays open at most this many poll intervals.
+const MAX_SESSION_POLLS = 10;
+// The main loop's longest sleep: how often deadlines and untilEmpty are looked at when nothing happens.
+const TICK_MS = 100;
+// untilEmpty looks at the counters only after a session had this long to receive what was ready.
+const MIN_SESSION_FOR_EMPTY_MS = 250;
+
+/** What a handler gets with the events of one message. */
+export interface ConsumeContext {
+  /** The queue's name. */
+  queue: string;
+  /** The message's `seq`: unique in its queue, the key of deduplication. */
+  seq: number;
+  /** `time_us` of the message's last event. */
+  cursor: number;
+  /**
+   * Aborted when the handler runs out of time (see {@link ConsumeOptions.handlerTimeout}); the
+   * message is then redelivered, so a handler that stops early loses nothing.
+   */
+  signal: AbortSignal;
+  /** Milliseconds left before the handler is timed out, when it starts. */
+  timeLeft: number;
+}
+
+/**
+ * Handles the events of one queue message. Resolve when they are safely stored: the message is then
+ * acknowledged. Throw (or reject) to have it redelivered later.
+ */
+export type ConsumeHandler = (events: JetstreamEvent[], context: ConsumeContext) => void | Promise<void>;
+
+/** Why consume() reported a problem; none of them stops it. */
+export type ConsumeErrorReason =
+  /** The handler threw; KV will redeliver the message. */
+  | "handler"
+  /** The handler ran out of time; its signal was aborted and the message failed for redelivery. */
+  | "timeout"
+  /** A message of another queue, or not a jetfill message, was put back for its own consumer. */
+  | "foreign"
+  /** Recording a handled message, or putting one back, failed; KV will redeliver it. */
+  | "storage";
+
+/** A problem reported to {@link ConsumeOptions.onError}. */
+export interface ConsumeErrorReport {
+  /** What happened. */
+  reason: ConsumeErrorReason;
+  /** A sentence for people. */
+  message: string;
+  /** The message's `seq`, when known. */
+  seq?: number;
+  /** The error thrown, for `handler` and `storage`. */
+  error?: unknown;
+}
+
+/** Options of {@link consume}. */
+export interface ConsumeOptions {
+  /** Called once per message with its events, in `seq` order as far as delivery allows. */
+  handler: ConsumeHandler;
+  /**
+   * The database: a path, or an open `Deno.Kv`.
+   *
+   * With a path, consume() opens it in sessions (see `pollInterval`) and picks up messages that other
+   * processes enqueue within about `pollInterval`. With a `Deno.Kv`, consume() starts one
+   * `listenQueue` on it that lasts until you close it (do not call `listenQueue` on it yourself);
+   * messages enqueued through the same `Deno.Kv` arrive at once, but those of other processes only
+   * on KV's 60 s poll. While no consume() runs on that `Deno.Kv`, the messages it receives are put
+   * back with a 1 s delay.
+   *
+   * @default {"./jetfill-data/<queueName>.sqlite"}
+   */
+  kv?: Deno.Kv | string;
+  /** The queue's name. @default {"jetstream_sync"} */
+  queueName?: string;
+  /** Stops consume() when aborted: the running handlers finish, the messages held are put back. */
+  signal?: AbortSignal;
+  /**
+   * Stop once no message of the queue is waiting: the counters show every enqueued message handled
+   * or dead-lettered. Should messages be counted as waiting that never arrive (taken by a plain
+   * `listenQueue` that keeps no counters), consume() stops after `emptyTimeout` without news.
+   * @default {false}
+   */
+  untilEmpty?: boolean;
+  /**
+   * The most a handler may run, ms. It also never runs past {@link ACK_DEADLINE_MS} after its
+   * message's delivery, whatever this says. A handler past its time has its signal aborted and its
+   * message failed, for KV to redeliver; keep handlers well under this.
+   * @default {3000}
+   */
+  handlerTimeout?: number;
+  /** Handlers running at once, 1 to 100. @default {1} */
+  concurrency?: number;
+  /** With a path, how often an idle consumer reopens the database to see new messages, ms. @default {1000} */
+  pollInterval?: number;
+  /** With `untilEmpty`, stop after this long without a delivery or a change of the counters, ms. @default {10000} */
+  emptyTimeout?: number;
+  /** How long to wait for a missing lower `seq` before handling a higher one, ms. @default {250} */
+  reorderWindow?: number;
+  /** Told about every problem; consume() goes on. */
+  onError?: (report: ConsumeErrorReport) => void;
+}
+
+/** Why consume() stopped. */
+export type ConsumeStopReason =
+  /** The signal was aborted. */
+  | "aborted"
+  /** `untilEmpty`: no message of the queue is waiting. */
+  | "empty"
+  /** `untilEmpty`: the counters show messages waiting, but nothing arrived for `emptyTimeout`. */
+  | "idle";
+
+/** What consume() did, when it stops. */
+export interface ConsumeResult {
+  /** Messages handled (handler resolved, recorded as handled). */
+  messages: number;
+  /** Events in those messages. */
+  records: number;
+  /** Deliveries skipped because their `seq` was already handled or being handled. */
+  duplicates: number;
+  /** Handler failures (thrown, or timed out), each leaving its message for redelivery. */
+  failures: number;
+  /** Of the failures, those that were timeouts. */
+  timeouts: number;
+  /** Messages of this queue put back with a delay, to keep within the 5 s deadline or on stop. */
+  deferred: number;
+  /** Messages of other queues (or not jetfill's) put back for their own consumers. */
+  foreign: number;
+  /** Times the database was opened (sessions). */
+  sessions: number;
+  /** Why it stopped. */
+  stopReason: ConsumeStopReason;
+  /** Seconds from start to stop. */
+  elapsed: number;
+}
+
+/** One listenQueue delivery waiting for its outcome. */
+interface Settle {
+  resolve: () => void;
+  reject: (err: unknown) => void;
+}
+
+/** A message of this queue, held or being handled, with every delivery of it that awaits an answer. */
+interface Delivery {
+  message: QueueMessage;
+  /** Answered: later copies must be judged afresh. */
+  done: boolean;
+  /** Whether its seq was found handled already; undefined until read. */
+  handled?: boolean;
+  kv: Deno.Kv;
+  deliveredAt: number;
+  settles: Settle[];
+}
+
+interface PutBack {
+  kv: Deno.Kv;
+  value: unknown;
+  delay: number;
+  keysIfUndelivered: Deno.KvKey[];
+  settles: Settle[];
+}
+
+function positive(name: string, value: number | undefined, fallback: number, integer = false): number {
+  if (value === undefined) return fallback;
+  if (
+    typeof value !== "number" || !Number.isFinite(value) || value <= 0 ||
+    (integer && !Number.isInteger(value))
+  ) {
+    throw new RangeError(
+      `Cannot consume as '${name}' must be a positive ${integer ? "integer" : "number"}: current value is ${
+        String(value)
+      }`,
+    );
+  }
+  return value;
+}
+
+// Databases consume() closed: a delivery that still arrives from one is left to KV.
+const closedKvs = new WeakSet<Deno.Kv>();
+const registry = new WeakMap<Deno.Kv, { consumer: Consumer | undefined }>();
+
+/** The delivery entry point of a shared Kv: routes to the attached consumer, or puts back. */
+function attach(kv: Deno.Kv, consumer: Consumer): void {
+  let entry = registry.get(kv);
+  if (!entry) {
+    const created: { consumer: Consumer | undefined } = { consumer: undefined };
+    entry = created;
+    registry.set(kv, created);
+    kv.listenQueue((raw) =>
+      created.consumer ? created.consumer.deliver(kv, raw) : putBackAlone(kv, raw, ORPHAN_DELAY_MS)
+    ).catch(() => {
+      // Ends with the Kv; a failure to listen leaves the messages in the queue, nothing to do.
+    });
+  }
+  if (entry.consumer) {
+    throw new TypeError("Cannot consume as another consume() is already running on this Deno.Kv");
+  }
+  entry.consumer = consumer;
+}
+
+function detach(kv: Deno.Kv, consumer: Consumer): void {
+  const entry = registry.get(kv);
+  if (entry?.consumer === consumer) entry.consumer = undefined;
+}
+
+/** The keys a message should be written to when KV gives up on it: jetfill's dead-letter key. */
+function deadKeysOf(value: unknown): Deno.KvKey[] {
+  return isQueueMessage(value) ? [queueKey(value.queue, "dead", value.seq)] : [];
+}
+
+async function putBackAlone(kv: Deno.Kv, value: unknown, delay: number): Promise<void> {
+  await kv.enqueue(value, { delay, keysIfUndelivered: deadKeysOf(value) });
+}
+
+class Consumer {
+  readonly #o: Required<Omit<ConsumeOptions, "kv" | "signal" | "onError">>;
+  readonly #onError: ((r: ConsumeErrorReport) => void) | undefined;
+  readonly #queue: string;
+  // Held deliveries, sorted by seq; and by seq, the held and running ones not yet answered, for
+  // coalescing the copies KV may deliver meanwhile.
+  readonly #held: Delivery[] = [];
+  readonly #bySeq = new Map<number, Delivery>();
+  // Deliveries being handled, with when they started; by delivery, not by seq, because a fresh
+  // copy of a seq can start while the previous one is still finishing.
+  readonly #running = new Map<Delivery, number>();
+  readonly #putBacks: PutBack[] = [];
+  // When the messages this consumer put back are due to come back, by seq (for ordering).
+  readonly #due = new Map<number, number>();
+  #flushing = false;
+  #unsettled = 0;
+  #lastSettleAt = 0;
+  #lastDeliveryAt = performance.now();
+  #lastStartedSeq: number | undefined;
+  #serviceMs = INITIAL_SERVICE_MS;
+  #handlerMs = INITIAL_SERVICE_MS;
+  // The end of the last slot given to a message put back (performance.now() time).
+  #reservedUntil = 0;
+  // Until when messages of this queue are expected back (put back, or failed and retried by KV):
+  // a session stays open till then, as its own backend delivers them at once.
+  #dueUntil = 0;
+  #wakeAt = Number.POSITIVE_INFINITY;
+  #wake: (() => void) | undefined;
+  // untilEmpty: when the counters were last read, what they said, and when that last changed.
+  lastCheck = 0;
+  lastWaiting = -1;
+  lastChange = performance.now();
+  stopReason: ConsumeStopReason | undefined;
+  readonly result: Omit<ConsumeResult, "stopReason" | "elapsed"> = {
+    messages: 0,
+    records: 0,
+    duplicates: 0,
+    failures: 0,
+    timeouts: 0,
+    deferred: 0,
+    foreign: 0,
+    sessions: 0,
+  };
+
+  constructor(options: ConsumeOptions, queue: string) {
+    this.#queue = queue;
+    this.#onError = options.onError;
+    this.#o = {
+      handler: options.handler,
+      queueName: queue,
+      untilEmpty: options.untilEmpty ?? false,
+      handlerTimeout: positive("handlerTimeout", options.handlerTimeout, 3_000),
+      concurrency: positive("concurrency", options.concurrency, 1, true),
+      pollInterval: positive("pollInterval", options.pollInterval, 1_000),
+      emptyTimeout: positive("emptyTimeout", options.emptyTimeout, 10_000),
+      reorderWindow: options.reorderWindow === 0 ? 0 : positive("reorderWindow", options.reorderWindow, 250),
+    };
+    if (this.#o.concurrency > 100) {
+      throw new RangeError(
+        `Cannot consume as 'concurrency' must be at most 100: current value is ${this.#o.concurrency}`,
+      );
+    }
+  }
+
+  get options(): Readonly<Required<Omit<ConsumeOptions, "kv" | "signal" | "onError">>> {
+    return this.#o;
+  }
+
+  get lastDeliveryAt(): number {
+    return this.#lastDeliveryAt;
+  }
+
+  get dueUntil(): number {
+    return this.#dueUntil;
+  }
+
+  notify(): void {
+    const w = this.#wake;
+    this.#wake = undefined;
+    w?.();
+  }
+
+  /** Sleeps until something happens, or until the next thing pump() waits for (at most TICK_MS). */
+  async sleep(): Promise<void> {
+    const ms = Math.max(1, Math.min(TICK_MS, this.#wakeAt - performance.now()));
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    await new Promise<void>((resolve) => {
+      this.#wake = resolve;
+      timer = setTimeout(resolve, ms);
+    });
+    clearTimeout(timer);
+    this.#wake = undefined;
+  }
+
+  stop(reason: ConsumeStopReason): void {
+    this.stopReason ??= reason;
+    this.notify();
+  }
+
+  /** Nothing held, running, being put back or waiting for an answer. */
+  quiet(): boolean {
+    return this.#unsettled === 0 && this.#held.length === 0 && this.#running.size === 0 &&
+      this.#putBacks.length === 0 && !this.#flushing;
+  }
+
+  /** Quiet long enough for Deno to have sent the last acknowledgement. */
+  settled(now: number): boolean {
+    return this.quiet() && now - this.#lastSettleAt >= ACK_SETTLE_MS;
+  }
+
+  /** The listenQueue handler: resolves to acknowledge, rejects to have KV redeliver. */
+  deliver(kv: Deno.Kv, raw: unknown): Promise<void> {
+    // Deno can hand over a message it dequeued just as the session closed; its acknowledgement
+    // cannot be sent any more, so it is left alone: KV delivers it again after its deadline.
+    if (closedKvs.has(kv)) return Promise.resolve();
+    this.#unsettled++;
+    const now = performance.now();
+    this.#lastDeliveryAt = now;
+    return new Promise<void>((resolve, reject) => {
+      const settle: Settle = {
+        resolve: () => {
+          this.#settled();
+          resolve();
+        },
+        reject: (err) => {
+          this.#settled();
+          reject(err);
+        },
+      };
+      if (!isQueueMessage(raw) || raw.queue !== this.#queue) {
+        this.result.foreign++;
+        this.#report({
+          reason: "foreign",
+          message: isQueueMessage(raw)
+            ? `message ${raw.seq} of queue '${raw.queue}' is not this queue's ('${this.#queue}'); put back for its consumer`
+            : "a message that is not a jetfill queue message was put back for its consumer",
+          seq: isQueueMessage(raw) ? raw.seq : undefined,
+        });
+        this.#putBack({
+          kv,
+          value: raw,
+          delay: FOREIGN_DELAY_MS,
+          keysIfUndelivered: deadKeysOf(raw),
+          settles: [settle],
+        });
+        return;
+      }
+      const seq = raw.seq;
+      this.#due.delete(seq);
+      const known = this.#bySeq.get(seq);
+      if (known && !known.done) {
+        // A second copy of a message already here (requeued by KV): it shares the first one's fate.
+        this.result.duplicates++;
+        known.settles.push(settle);
+        return;
+      }
+      const delivery: Delivery = { message: raw, done: false, kv, deliveredAt: now, settles: [settle] };
+      if (this.stopReason) {
+        this.#defer(delivery, ORPHAN_DELAY_MS);
+        return;
+      }
+      this.#insert(delivery);
+      this.pump();
+    });
+  }
+
+  #settled(): void {
+    this.#unsettled--;
+    this.#lastSettleAt = performance.now();
+    this.notify();
+  }
+
+  #report(r: ConsumeErrorReport): void {
+    try {
+      this.#onError?.(r);
+    } catch {
+      // A reporting callback must not break the consumer.
+    }
+  }
+
+  #insert(d: Delivery): void {
+    const seq = d.message.seq;
+    let lo = 0;
+    let hi = this.#held.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (this.#held[mid].message.seq < seq) lo = mid + 1;
+      else hi = mid;
+    }
+    this.#held.splice(lo, 0, d);
+    this.#bySeq.set(seq, d);
+  }
+
+  /** The delivery is answered (or about to be): a later copy of its seq is judged afresh. */
+  #finish(d: Delivery): void {
+    d.done = true;
+    if (this.#bySeq.get(d.message.seq) === d) this.#bySeq.delete(d.message.seq);
+  }
+
+  /** Handling time to plan with: the recent average, or longer while a handler is slow right now. */
+  #planMs(now: number): number {
+    let ms = this.#serviceMs;
+    for (const startedAt of this.#running.values()) ms = Math.max(ms, now - startedAt);
+    return Math.max(1, ms);
+  }
+
+  /** Starts what can start, and puts back what would be held too long. */
+  pump(): void {
+    const now = performance.now();
+    this.#wakeAt = Number.POSITIVE_INFINITY;
+    if (this.stopReason) {
+      while (this.#held.length > 0) this.#defer(this.#held.pop()!, ORPHAN_DELAY_MS);
+      return;
+    }
+    const c = this.#o.concurrency;
+    const plan = this.#planMs(now);
+    // Put back, from the highest seq down, what is not expected to finish within HOLD_TARGET_MS
+    // of its delivery (expected wait, its own handling, and half of that again as a margin).
+    const busy = this.#running.size >= c ? 1 : 0;
+    const evicted: Delivery[] = [];
+    for (let k = this.#held.length - 1; k >= 0; k--) {
+      if (k === 0 && !busy) break; // it starts now; #handle decides with the exact time left
+      const d = this.#held[k];
+      const wait = (Math.floor(k / c) + busy) * plan;
+      if (now + wait + 1.5 * plan > d.deliveredAt + HOLD_TARGET_MS) evicted.push(this.#held.splice(k, 1)[0]);
+    }
+    // Each one put back gets its own slot, lowest seq first, after what stays and what was put
+    // back before: they come back one by one about when a handler is free for them, instead of
+    // all at once (to be put back again).
+    const freeAt = now + (Math.ceil(this.#held.length / c) + busy) * plan;
+    for (let i = evicted.length - 1; i >= 0; i--) {
+      const slot = Math.max(freeAt, this.#reservedUntil);
+      this.#reservedUntil = slot + plan / c;
+      this.#defer(evicted[i], slot - now);
+    }
+    while (this.#running.size < c && this.#held.length > 0) {
+      const first = this.#held[0];
+      const waitUntil = this.#orderWait(first, now);
+      if (waitUntil > now) {
+        this.#wakeAt = waitUntil;
+        break;
+      }
+      this.#held.shift();
+      this.#start(first, now);
+    }
+  }
+
+  /**
+   * Until when the lowest held message should wait for a lower seq to arrive (`now` or earlier:
+   * go). Messages of one commit are dequeued in random order, so a gap after the last seq started
+   * is given `reorderWindow` to fill, or a little longer when it is a message put back here and
+   * due back any moment.
+   */
+  #orderWait(first: Delivery, now: number): number {
+    const last = this.#lastStartedSeq;
+    if (last !== undefined && first.message.seq <= last + 1) return now;
+    let until = first.deliveredAt + this.#o.reorderWindow;
+    if (last !== undefined) {
+      const due = this.#due.get(last + 1);
+      if (due !== undefined && due - now < this.#o.reorderWindow) {
+        until = Math.max(until, due + REORDER_GRACE_MS);
+      }
+    }
+    // Never at the cost of the held messages' own deadline.
+    return Math.min(until, first.deliveredAt + HOLD_TARGET_MS / 2);
+  }
+
+  #defer(d: Delivery, delay: number): void {
+    this.#finish(d);
+    this.result.deferred++;
+    const ms = Math.round(Math.min(MAX_PUT_BACK_DELAY_MS, Math.max(MIN_PUT_BACK_DELAY_MS, delay)));
+    const dueAt = performance.now() + ms;
+    this.#due.set(d.message.seq, dueAt);
+    this.#dueUntil = Math.max(this.#dueUntil, dueAt + 200);
+    this.#putBack({
+      kv: d.kv,
+      value: d.message,
+      delay: ms,
+      keysIfUndelivered: [queueKey(this.#queue, "dead", d.message.seq)],
+      settles: d.settles,
+    });
+  }
+
+  #putBack(p: PutBack): void {
+    this.#putBacks.push(p);
+    if (!this.#flushing) void this.#flushPutBacks();
+  }
+
+  /** Group commits of put-backs: each message is back in the queue before its delivery is acknowledged. */
+  async #flushPutBacks(): Promise<void> {
+    this.#flushing = true;
+    try {
+      // Let the put-backs of this turn gather.
+      await Promise.resolve();
+      while (this.#putBacks.length > 0) {
+        const kv = this.#putBacks[0].kv;
+        const group: PutBack[] = [];
+        while (
+          group.length < PUT_BACKS_PER_COMMIT && this.#putBacks.length > 0 && this.#putBacks[0].kv === kv
+        ) {
+          group.push(this.#putBacks.shift()!);
+        }
+        let failure: unknown;
+        try {
+          const res = await retryBusy(() => {
+            const op = kv.atomic();
+            for (const p of group) {
+              op.enqueue(p.value, { delay: p.delay, keysIfUndelivered: p.keysIfUndelivered });
+            }
+            return op.commit();
+          });
+          if (!res.ok) failure = new Error("the commit was refused");
+        } catch (err) {
+          failure = err;
+        }
+        for (const p of group) {
+          for (const s of p.settles) {
+            if (failure === undefined) s.resolve();
+            else s.reject(failure);
+          }
+        }
+        if (failure !== undefined) {
+          this.#report({
+            reason: "storage",
+            message: `could not put ${group.length} message(s) back: ${
+              errorText(failure)
+            }; KV will redeliver them`,
+            error: failure,
+          });
+        }
+      }
+    } finally {
+      this.#flushing = false;
+      this.notify();
+    }
+  }
+
+  #start(d: Delivery, now: number): void {
+    const seq = d.message.seq;
+    if (this.#lastStartedSeq === undefined || seq > this.#lastStartedSeq) this.#lastStartedSeq = seq;
+    this.#running.set(d, now);
+    void this.#handle(d).finally(() => {
+      this.#serviceMs = 0.8 * this.#serviceMs + 0.2 * (performance.now() - now);
+      this.#running.delete(d);
+      this.pump();
+      this.notify();
+    });
+  }
+
+  /**
+   * Whether `d` was handled already. One read answers for up to 10 held messages (KV's getMany
+   * limit), so deduplication costs a tenth of a read a message; a message handled elsewhere
+   * between this read and its own commit is caught by that commit's check.
+   */
+  async #alreadyHandled(d: Delivery): Promise<boolean> {
+    if (d.handled === undefined) {
+      const batch = [d];
+      for (const h of this.#held) {
+        if (batch.length >= 10) break;
+        if (h.handled === undefined && h.kv === d.kv) batch.push(h);
+      }
+      const marks = await retryBusy(() =>
+        d.kv.getMany(batch.map((b) => queueKey(this.#queue, "handled", b.message.seq)))
+      );
+      marks.forEach((m, i) => batch[i].handled = m.versionstamp !== null);
+    }
+    return d.handled === true;
+  }
+
+  async #handle(d: Delivery): Promise<void> {
+    const { message, kv } = d;
+    const seq = message.seq;
+    const handledKey = queueKey(this.#queue, "handled", seq);
+    const settleAll = (err?: unknown) => {
+      this.#finish(d);
+      if (err !== undefined) this.#dueUntil = Math.max(this.#dueUntil, performance.now() + RETRY_EXPECTED_MS);
+      for (const s of d.settles) err === undefined ? s.resolve() : s.reject(err);
+    };
+    let events: JetstreamEvent[];
+    try {
+      if (await this.#alreadyHandled(d)) {
+        this.result.duplicates++;
+        settleAll();
+        return;
+      }
+      events = decodeQueueMessage(message);
+    } catch (err) {
+      this.result.failures++;
+      this.#report({
+        reason: "handler",
+        message: `message ${seq} could not be read: ${errorText(err)}`,
+        seq,
+        error: err,
+      });
+      settleAll(err);
+      return;
+    }
+    const now = performance.now();
+    const timeLeft = Math.min(this.#o.handlerTimeout, d.deliveredAt + ACK_DEADLINE_MS - now);
+    // A message that lost time waiting here and is now unlikely to finish goes back rather than
+    // time out (a timeout uses up one of its retries; a put-back does not). A fresh one always runs.
+    const waited = now - d.deliveredAt;
+    if (timeLeft < MIN_RUN_MS || (waited > 250 && timeLeft < 1.5 * this.#handlerMs)) {
+      this.#defer(d, 0);
+      return;
+    }
+    const controller = new AbortController();
+    const context: ConsumeContext = {
+      queue: this.#queue,
+      seq,
+      cursor: message.cursor,
+      signal: controller.signal,
+      timeLeft: Math.round(timeLeft),
+    };
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const timedOut = new Promise<"timeout">((resolve) => {
+      timer = setTimeout(() => resolve("timeout"), timeLeft);
+    });
+    let outcome: "ok" | "timeout";
+    const started = performance.now();
+    try {
+      const running = Promise.resolve().then(() => this.#o.handler(events, context));
+      // A handler left behind by a timeout may still fail; that must not become an unhandled rejection.
+      running.catch(() => {});
+      outcome = await Promise.race([running.then(() => "ok" as const), timedOut]);
+    } catch (err) {
+      this.result.failures++;
+      this.#report({
+        reason: "handler",
+        message: `handler failed on message ${seq}: ${errorText(err)}`,
+        seq,
+        error: err,
+      });
+      settleAll(err);
+      return;
+    } finally {
+      clearTimeout(timer);
+      this.#handlerMs = 0.8 * this.#handlerMs + 0.2 * (performance.now() - started);
+    }
+    if (outcome === "timeout") {
+      const err = new Error(`handler of message ${seq} ran past its ${Math.round(timeLeft)} ms`);
+      err.name = "TimeoutError";
+      controller.abort(err);
+      this.result.failures++;
+      this.result.timeouts++;
+      this.#report({
+        reason: "timeout",
+        message: `${err.message}; the message will be redelivered`,
+        seq,
+        error: err,
+      });
+      settleAll(err);
+      return;
+    }
+    try {
+      const res = await retryBusy(() =>
+        kv.atomic()
+          .check({ key: handledKey, versionstamp: null })
+          .sum(queueKey(this.#queue, "count", "messagesHandled"), 1n)
+          .sum(queueKey(this.#queue, "count", "recordsHandled"), BigInt(events.length))
+          .set(handledKey, Date.now(), { expireIn: DEDUPE_WINDOW_MS })
+          .commit()
+      );
+      if (res.ok) {
+        this.result.messages++;
+        this.result.records += events.length;
+      } else {
+        // Another consumer handled and recorded it while this handler ran.
+        this.result.duplicates++;
+      }
+      settleAll();
+    } catch (err) {
+      this.result.failures++;
+      this.#report({
+        reason: "storage",
+        message: `could not record message ${seq} as handled: ${errorText(err)}; KV will redeliver it`,
+        seq,
+        error: err,
+      });
+      settleAll(err);
+    }
+  }
+
+  /** Messages of the queue still to come: enqueued, not handled, not dead-lettered. */
+  async waiting(kv: Deno.Kv): Promise<number> {
+    const [enq, handled] = await retryBusy(() =>
+      kv.getMany([
+        queueKey(this.#queue, "count", "messages"),
+        queueKey(this.#queue, "count", "messagesHandled"),
+      ])
+    );
+    const open = counterValue(enq) - counterValue(handled);
+    if (open <= 0) return 0;
+    let dead = 0;
+    for (const letter of await deadLetters(kv, this.#queue)) if (!letter.handled) dead++;
+    return Math.max(0, open - dead);
+  }
+}
+
+/**
+ * Runs a KV operation again when SQLite reports the database busy (another process holds its write
+ * lock, for example one opening it), a few times over about 350 ms; other errors go through.
+ */
+async function retryBusy<T>(op: () => Promise<T>): Promise<T> {
+  for (let attempt = 0;; attempt++) {
+    try {
+      return await op();
+    } catch (err) {
+      if (attempt >= 3 || !(err instanceof Error) || !/database is locked|busy/i.test(err.message)) throw err;
+      await new Promise((r) => setTimeout(r, 50 * 2 ** attempt));
+    }
+  }
+}
+
+function errorText(err: unknown): string {
+  return err instanceof Error ? err.message : String(err);
+}
+
+/**
+ * Consumes a jetfill queue: calls `options.handler` once per message with its decoded events,
+ * records each handled message in the queue's counters, and resolves with what it did when it
+ * stops (on `signal`, or with `untilEmpty` once nothing is waiting).
+ *
+ * Delivery is at least once; consume() makes duplicates rare (see the module documentation for
+ * how): a message whose `seq` was handled already is skipped, but a process that dies between
+ * storing a message's events and its acknowledgement, or two consumers both running a handler that
+ * overran KV's 5 s deadline, can hand the same events over twice. Make the handler idempotent (for
+ * example, key what you store by `did` + `commit.rev` + `commit.rkey`, or by `seq`).
+ *
+ * Handlers must finish well within {@link ACK_DEADLINE_MS} (default `handlerTimeout` 3 s): consume()
+ * measures them and holds no more messages than it can finish in time, putting the rest back.
+ *
+ * @example
+ * ```ts
+ * import { consume } from "./consume.ts";
+ * const controller = new AbortController();
+ * Deno.addSignalListener("SIGINT", () => controller.abort());
+ * const result = await consume({
+ *   kv: "./jetfill-data/jetstream_sync.sqlite",
+ *   signal: controller.signal,
+ *   handler: async (events, { seq }) => {
+ *     await Deno.writeTextFile(`./out/${seq}.json`, JSON.stringify(events)); // idempotent: keyed by seq
+ *   },
+ * });
+ * console.log(`${result.records} events in ${result.messages} messages`);
+ * ```
+ */
+export async function consume(options: ConsumeOptions): Promise<ConsumeResult> {
+  if (typeof options?.handler !== "function") {
+    throw new TypeError(
+      `Cannot consume as 'handler' must be a function: current value is ${typeof options?.handler}`,
+    );
+  }
+  const queue = options.queueName ?? "jetstream_sync";
+  if (typeof queue !== "string" || queue === "") {
+    throw new TypeError(
+      `Cannot consume as 'queueName' must be a non-empty string: current value is ${String(queue)}`,
+    );
+  }
+  const consumer = new Consumer(options, queue);
+  const started = performance.now();
+  const onAbort = () => consumer.stop("aborted");
+  if (options.signal?.aborted) consumer.stop("aborted");
+  options.signal?.addEventListener("abort", onAbort, { once: true });
+  try {
+    if (typeof options.kv === "object" && options.kv !== null) {
+      const kv = options.kv;
+      attach(kv, consumer);
+      try {
+        await session(consumer, kv, performance.now(), false);
+      } finally {
+        detach(kv, consumer);
+      }
+    } else {
+      const path = options.kv ?? defaultKvPath(queue);
+      while (!consumer.stopReason) {
+        const kv = await openKvAt(path);
+        consumer.result.sessions++;
+        const listening = kv.listenQueue((raw) => consumer.deliver(kv, raw));
+        try {
+          await session(consumer, kv, performance.now(), true);
+        } finally {
+          closedKvs.add(kv);
+          kv.close();
+          await listening;
+        }
+      }
+    }
+  } finally {
+    options.signal?.removeEventListener("abort", onAbort);
+  }
+  return {
+    ...consumer.result,
+    sessions: Math.max(1, consumer.result.sessions),
+    stopReason: consumer.stopReason ?? "aborted",
+    elapsed: (performance.now() - started) / 1000,
+  };
+}
+
+/**
+ * Runs one session: handles deliveries until consume() stops (and everything is settled), or, when
+ * `reopen`, until the session is idle and `pollInterval` old.
+ */
+async function session(consumer: Consumer, kv: Deno.Kv, openedAt: number, reopen: boolean): Promise<void> {
+  const o = consumer.options;
+  while (true) {
+    consumer.pump();
+    const now = performance.now();
+    if (consumer.settled(now)) {
+      if (consumer.stopReason) return;
+      if (o.untilEmpty && now - openedAt >= MIN_SESSION_FOR_EMPTY_MS && now - consumer.lastCheck >= TICK_MS) {
+        consumer.lastCheck = now;
+        const waiting = await consumer.waiting(kv);
+        if (waiting !== consumer.lastWaiting) {
+          consumer.lastWaiting = waiting;
+          consumer.lastChange = performance.now();
+        }
+        if (waiting === 0) consumer.stop("empty");
+        else if (
+          performance.now() - Math.max(consumer.lastChange, consumer.lastDeliveryAt) >= o.emptyTimeout
+        ) {
+          consumer.stop("idle");
+        }
+        // Deliveries may have come during the read: look again before closing anything.
+        continue;
+      }
+      // Reopen to see other processes' messages, unless this session's own backend is about to
+      // deliver messages put back or retried: closing then could catch one in flight.
+      const age = now - openedAt;
+      if (
+        reopen && age >= o.pollInterval &&
+        (now >= consumer.dueUntil || age >= MAX_SESSION_POLLS * o.pollInterval)
+      ) {
+        return;
+      }
+    }
+    await consumer.sleep();
+  }
+}
+
+/** A message KV gave up delivering, as kept under `["jetfill", queue, "dead", seq]`. */
+export interface DeadLetter {
+  /** The message's `seq` (from its key). */
+  seq: number;
+  /** The message as enqueued (a {@link QueueMessage} for jetfill's own messages). */
+  message: unknown;
+  /** Events in the message (0 when it cannot be decoded). */
+  records: number;
+  /**
+   * Whether the message was handled after all: its acknowledgement was lost on its last delivery.
+   * Such a letter is a leftover, not a lost message; {@link requeueDeadLetters} deletes it.
+   */
+  handled: boolean;
+}
+
+/**
+ * The dead letters of a queue, lowest `seq` first.
+ *
+ * @example
+ * ```ts
+ * import { deadLetters } from "./consume.ts";
+ * const kv = await Deno.openKv("./jetfill-data/jetstream_sync.sqlite");
+ * for (const letter of await deadLetters(kv, "jetstream_sync")) {
+ *   if (!letter.handled) console.log(`message ${letter.seq}: ${letter.records} events never handled`);
+ * }
+ * kv.close();
+ * ```
+ */
+export async function deadLetters(kv: Deno.Kv, queue: string): Promise<DeadLetter[]> {
+  const letters: DeadLetter[] = [];
+  for await (const entry of kv.list({ prefix: queueKey(queue, "dead") })) {
+    const seq = entry.key[entry.key.length - 1];
+    if (typeof seq !== "number") continue;
+    let records = 0;
+    try {
+      records = decodeQueueMessage(entry.value).length;
+    } catch {
+      // Not a jetfill message: kept and listed, with no events to count.
+    }
+    letters.push({ seq, message: entry.value, records, handled: false });
+  }
+  for (let i = 0; i < letters.length; i += 10) {
+    const chunk = letters.slice(i, i + 10);
+    const marks = await kv.getMany(chunk.map((l) => queueKey(queue, "handled", l.seq)));
+    marks.forEach((m, j) => chunk[j].handled = m.versionstamp !== null);
+  }
+  return letters;
+}
+
+/**
+ * Puts a queue's dead letters back in the queue, for another round of deliveries (after fixing what
+ * made the handler fail); each is deleted in the same commit that enqueues it again. Leftovers of
+ * messages that were handled after all are deleted. Resolves to the number of messages requeued.
+ *
+ * @example
+ * ```ts
+ * import { requeueDeadLetters } from "./consume.ts";
+ * const kv = await Deno.openKv("./jetfill-data/jetstream_sync.sqlite");
+ * console.log(`${await requeueDeadLetters(kv, "jetstream_sync")} messages requeued`);
+ * kv.close();
+ * ```
+ */
+export async function requeueDeadLetters(kv: Deno.Kv, queue: string): Promise<number> {
+  let requeued = 0;
+  for (const letter of await deadLetters(kv, queue)) {
+    const key = queueKey(queue, "dead", letter.seq);
+    const current = await kv.get(key);
+    if (current.versionstamp === null) continue;
+    const op = kv.atomic().check(current).delete(key);
+    if (!letter.handled) op.enqueue(letter.message, { keysIfUndelivered: [key] });
+    const res = await op.commit();
+    if (res.ok && !letter.handled) requeued++;
+  }
+  return requeued;
+}
+
+/** A queue's state, as `jetfill status` shows it. */
+export interface QueueStatus {
+  /** The queue's name. */
+  queue: string;
+  /** Seq of the last message enqueued (0 when none). */
+  lastSeq: number;
+  /** `time_us` of the last record stored, or null when none was. */
+  latestCursor: number | null;
+  /** `latestCursor` as an ISO 8601 UTC time, or null. */
+  latestCursorTime: string | null;
+  /** When the checkpoint was last written, ISO 8601 UTC, or null. */
+  checkpointUpdatedAt: string | null;
+  /** Records ever stored in the queue (all runs). */
+  recordsStored: number;
+  /** Messages ever enqueued. */
+  messagesEnqueued: number;
+  /** Messages handled by consumers. */
+  messagesHandled: number;
+  /** Records in the handled messages. */
+  recordsHandled: number;
+  /** Messages still to be handled: in the KV queue, neither handled nor dead-lettered. */
+  messagesWaiting: number;
+  /** Records in the waiting messages. */
+  recordsWaiting: number;
+  /** Dead letters not handled after all (see {@link deadLetters}). */
+  deadLetters: number;
+  /** Records in those dead letters. */
+  deadRecords: number;
+  /** Messages not handled, dead letters included: what `queueLength()` and a sync's `queueLength` report. */
+  queueLength: number;
+  /** Records stored per UTC day of their `time_us`, all runs together. */
+  recordsPerDay: Record<string, number>;
+  /** The last sync run, as it recorded itself when it finished, or null. */
+  lastRun: {
+    /** Random id of the run. */
+    id: string;
+    /** When it finished, ISO 8601 UTC. */
+    finishedAt: string;
+    /** The options it ran with. */
+    options: Record<string, unknown>;
+    /** Its statistics, as `jetfill sync --json` printed them. */
+    stats: Record<string, unknown>;
+  } | null;
+}
+
+/**
+ * Reads a queue's checkpoint, counters, per-day counts, dead letters and last run. Reading takes
+ * a consistent view of each part, not of all of them together: figures read while a sync or a
+ * consumer runs may be a commit apart.
+ *
+ * @example
+ * ```ts
+ * import { queueStatus } from "./consume.ts";
+ * const kv = await Deno.openKv("./jetfill-data/jetstream_sync.sqlite");
+ * const s = await queueStatus(kv, "jetstream_sync");
+ * console.log(`${s.messagesWaiting} messages (${s.recordsWaiting} records) waiting, ${s.deadLetters} dead`);
+ * kv.close();
+ * ```
+ */
+export async function queueStatus(kv: Deno.Kv, queue: string): Promise<QueueStatus> {
+  const checkpoint = (await readCheckpoint(kv, queue)).value;
+  const counts = await kv.getMany([
+    queueKey(queue, "count", "messages"),
+    queueKey(queue, "count", "records"),
+    queueKey(queue, "count", "messagesHandled"),
+    queueKey(queue, "count", "recordsHandled"),
+  ]);
+  const [messagesEnqueued, recordsEnqueued, messagesHandled, recordsHandled] = counts.map(counterValue);
+  const recordsPerDay: Record<string, number> = {};
+  for await (const entry of kv.list({ prefix: queueKey(queue, "day") })) {
+    const day = entry.key[entry.key.length - 1];
+    if (typeof day === "string") recordsPerDay[day] = counterValue(entry);
+  }
+  const dead = (await deadLetters(kv, queue)).filter((l) => !l.handled);
+  const deadRecords = dead.reduce((n, l) => n + l.records, 0);
+  const run = (await kv.get<{
+    id: string;
+    finishedAt: number;
+    options: Record<string, unknown>;
+    stats: Record<string, unknown>;
+  }>(queueKey(queue, "run"))).value;
+  const latest = checkpoint && checkpoint.recordsStored > 0 ? checkpoint.cursor : null;
+  return {
+    queue,
+    lastSeq: checkpoint?.seq ?? 0,
+    latestCursor: latest,
+    latestCursorTime: latest === null ? null : isoFromUs(latest),
+    checkpointUpdatedAt: checkpoint ? new Date(checkpoint.updatedAt).toISOString() : null,
+    recordsStored: checkpoint?.recordsStored ?? recordsEnqueued,
+    messagesEnqueued,
+    messagesHandled,
+    recordsHandled,
+    messagesWaiting: Math.max(0, messagesEnqueued - messagesHandled - dead.length),
+    recordsWaiting: Math.max(0, recordsEnqueued - recordsHandled - deadRecords),
+    deadLetters: dead.length,
+    deadRecords,
+    queueLength: Math.max(0, messagesEnqueued - messagesHandled),
+    recordsPerDay,
+    lastRun: run
+      ? {
+        id: run.id,
+        finishedAt: new Date(run.finishedAt).toISOString(),
+        options: run.options,
+        stats: run.stats,
+      }
+      : null,
+  };
+}

@@ -1,0 +1,437 @@
+/**
+ * consume(): real Deno KV files in temp folders, messages written by the real QueueWriter, and real
+ * subprocesses for the cross-process cases (this file is also their script: `deno run` it with a role).
+ */
+import assert from "node:assert/strict";
+import { DatabaseSync } from "node:sqlite";
+import type { JetstreamEvent } from "../src/jetstream/events.ts";
+import { Batcher } from "../src/pipeline/batch.ts";
+import {
+  ACK_DEADLINE_MS,
+  consume,
+  type ConsumeErrorReport,
+  deadLetters,
+  queueStatus,
+  requeueDeadLetters,
+} from "../src/queue/consume.ts";
+import { type Checkpoint, queueKey, queueLength, readCheckpoint } from "../src/queue/kv_queue.ts";
+import type { QueueMessage } from "../src/queue/message.ts";
+import { QueueWriter } from "../src/queue/writer.ts";
+import { generateCapture } from "../src/server/synth.ts";
+import { utcDate } from "../src/time.ts";
+
+const Q = "jetstream_sync";
+
+/** Stores `lines` in `queue` through the real batcher and writer; returns the events as stored. */
+export async function produce(
+  kv: Deno.Kv,
+  lines: string[],
+  options: { queue?: string; batchSize?: number } = {},
+): Promise<JetstreamEvent[]> {
+  const queue = options.queue ?? Q;
+  const existing = await readCheckpoint(kv, queue);
+  const checkpoint: Checkpoint = existing.value ?? {
+    v: 1,
+    queue,
+    seq: 0,
+    cursor: 0,
+    recordsStored: 0,
+    updatedAt: Date.now(),
+    run: { id: crypto.randomUUID(), selection: {}, recordsStored: 0, instance: "test" },
+  };
+  const writer = new QueueWriter(kv, queue, { checkpoint, versionstamp: existing.versionstamp }, () => {});
+  const batcher = new Batcher(queue, options.batchSize ?? 50);
+  const events: JetstreamEvent[] = [];
+  for (const line of lines) {
+    const ev = JSON.parse(line) as JetstreamEvent;
+    events.push(ev);
+    const collection = ev.kind === "commit" ? ev.commit.collection : undefined;
+    if (batcher.add(ev, line, utcDate(ev.time_us), collection)) await writer.add(batcher.take()!);
+  }
+  const last = batcher.take();
+  if (last) await writer.add(last);
+  await writer.flush();
+  return events;
+}
+
+/** What KV itself still holds in its queue tables (test-only look at the SQLite file). */
+function kvQueueTables(path: string): { queued: number; running: number } {
+  const db = new DatabaseSync(path, { readOnly: true });
+  try {
+    const n = (t: string) => Number((db.prepare(`select count(*) as n from ${t}`).get() as { n: number }).n);
+    return { queued: n("queue"), running: n("queue_running") };
+  } finally {
+    db.close();
+  }
+}
+
+async function tempDb(): Promise<{ dir: string; path: string }> {
+  const dir = await Deno.makeTempDir({ prefix: "jetfill_consume_" });
+  return { dir, path: `${dir}/q.sqlite` };
+}
+
+function message(seq: number, events: JetstreamEvent[], queue = Q): QueueMessage {
+  return { v: 1, queue, seq, cursor: events.at(-1)?.time_us ?? 0, records: events };
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+Deno.test("consume() hands over every stored event once, in seq order, and drains the counters", async () => {
+  const { dir, path } = await tempDb();
+  try {
+    const kv = await Deno.openKv(path);
+    const stored = await produce(kv, generateCapture({ count: 1200, seed: 7 }), { batchSize: 40 });
+    const before = await queueStatus(kv, Q);
+    kv.close();
+    assert.equal(before.messagesWaiting, before.messagesEnqueued);
+    assert.equal(before.recordsWaiting, 1200);
+
+    const seen: JetstreamEvent[] = [];
+    const seqs: number[] = [];
+    const result = await consume({
+      kv: path,
+      untilEmpty: true,
+      handler: (events, ctx) => {
+        seqs.push(ctx.seq);
+        seen.push(...events);
+      },
+    });
+    assert.equal(result.stopReason, "empty");
+    assert.equal(result.records, 1200);
+    assert.equal(result.messages, before.messagesEnqueued);
+    assert.equal(result.duplicates, 0);
+    assert.deepEqual(seqs, [...seqs].sort((a, b) => a - b), "handled in seq order");
+    assert.deepEqual(seen, stored);
+
+    const kv2 = await Deno.openKv(path);
+    const after = await queueStatus(kv2, Q);
+    assert.equal(await queueLength(kv2, Q), 0);
+    assert.equal(after.messagesHandled, before.messagesEnqueued);
+    assert.equal(after.recordsHandled, 1200);
+    assert.equal(after.messagesWaiting, 0);
+    assert.equal(after.recordsWaiting, 0);
+    kv2.close();
+    assert.deepEqual(kvQueueTables(path), { queued: 0, running: 0 }, "every delivery was acknowledged");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("consume() skips a redelivered seq and a second consume() finds nothing", async () => {
+  const { dir, path } = await tempDb();
+  try {
+    const kv = await Deno.openKv(path);
+    const stored = await produce(kv, generateCapture({ count: 30, seed: 3 }), { batchSize: 10 });
+    // A copy of message 2, as KV makes when it requeues a message whose acknowledgement was lost.
+    await kv.enqueue(message(2, stored.slice(10, 20)));
+    kv.close();
+    let calls = 0;
+    const first = await consume({ kv: path, untilEmpty: true, handler: () => void calls++ });
+    assert.equal(first.messages, 3);
+    assert.equal(first.duplicates, 1);
+    assert.equal(calls, 3);
+    const second = await consume({ kv: path, untilEmpty: true, handler: () => void calls++ });
+    assert.equal(second.messages, 0);
+    assert.equal(second.stopReason, "empty");
+    assert.deepEqual(kvQueueTables(path), { queued: 0, running: 0 });
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+/**
+ * Enqueues `msg` as jetfill's writer does (dead-letter key, counters), but with a short backoff
+ * schedule: the writer's is KV's default, whose retries take 96 s to run out.
+ */
+async function enqueueLikeWriter(kv: Deno.Kv, msg: QueueMessage, backoffSchedule: number[]): Promise<void> {
+  const res = await kv.atomic()
+    .enqueue(msg, { backoffSchedule, keysIfUndelivered: [queueKey(msg.queue, "dead", msg.seq)] })
+    .sum(queueKey(msg.queue, "count", "messages"), 1n)
+    .sum(queueKey(msg.queue, "count", "records"), BigInt(msg.records.length))
+    .commit();
+  assert.ok(res.ok);
+}
+
+Deno.test("consume() leaves a throwing handler's message for redelivery, then to its dead letter", async () => {
+  const { dir, path } = await tempDb();
+  try {
+    const events = generateCapture({ count: 20, seed: 5 }).map((l) => JSON.parse(l) as JetstreamEvent);
+    const kv = await Deno.openKv(path);
+    await enqueueLikeWriter(kv, message(1, events.slice(0, 10)), [50, 50, 50]);
+    await enqueueLikeWriter(kv, message(2, events.slice(10)), [50, 50, 50]);
+    kv.close();
+    const attempts = new Map<number, number>();
+    const errors: ConsumeErrorReport[] = [];
+    const result = await consume({
+      kv: path,
+      untilEmpty: true,
+      onError: (r) => errors.push(r),
+      handler: (_events, { seq }) => {
+        attempts.set(seq, (attempts.get(seq) ?? 0) + 1);
+        if (seq === 2) throw new Error(`attempt ${attempts.get(seq)} fails`);
+        if (attempts.get(seq) === 1) throw new Error("fails once");
+      },
+    });
+    assert.equal(result.stopReason, "empty", "a dead-lettered message no longer counts as waiting");
+    assert.equal(attempts.get(1), 2, "message 1 redelivered once, then handled");
+    assert.equal(attempts.get(2), 4, "message 2 delivered once and retried 3 times");
+    assert.equal(result.messages, 1);
+    assert.equal(result.failures, 5);
+    assert.equal(errors.length, 5);
+    assert.ok(errors.every((e) => e.reason === "handler"));
+
+    const kv2 = await Deno.openKv(path);
+    const dead = await deadLetters(kv2, Q);
+    assert.equal(dead.length, 1);
+    assert.equal(dead[0].seq, 2);
+    assert.equal(dead[0].records, 10);
+    assert.equal(dead[0].handled, false);
+    assert.deepEqual((dead[0].message as QueueMessage).records, events.slice(10));
+    const status = await queueStatus(kv2, Q);
+    assert.equal(status.deadLetters, 1);
+    assert.equal(status.deadRecords, 10);
+    assert.equal(status.messagesWaiting, 0);
+    assert.equal(status.queueLength, 1, "queueLength() counts what is not handled, dead letters included");
+
+    // After the fix: requeue the dead letter, and consume it.
+    assert.equal(await requeueDeadLetters(kv2, Q), 1);
+    assert.equal((await deadLetters(kv2, Q)).length, 0);
+    let got: JetstreamEvent[] = [];
+    const again = await consume({ kv: kv2, untilEmpty: true, handler: (evs) => void (got = evs) });
+    assert.equal(again.messages, 1);
+    assert.deepEqual(got, events.slice(10));
+    const final = await queueStatus(kv2, Q);
+    assert.deepEqual([final.messagesHandled, final.recordsHandled, final.queueLength], [2, 20, 0]);
+    kv2.close();
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("consume() times out a handler past handlerTimeout, aborts its signal, and gets the message again", async () => {
+  const { dir, path } = await tempDb();
+  try {
+    const kv = await Deno.openKv(path);
+    await produce(kv, generateCapture({ count: 10, seed: 11 }), { batchSize: 10 });
+    kv.close();
+    let calls = 0;
+    let aborted: unknown;
+    const errors: ConsumeErrorReport[] = [];
+    const result = await consume({
+      kv: path,
+      untilEmpty: true,
+      handlerTimeout: 200,
+      onError: (r) => errors.push(r),
+      handler: async (_events, { signal, timeLeft }) => {
+        calls++;
+        assert.ok(timeLeft <= 200);
+        if (calls > 1) return;
+        await new Promise<void>((resolve) => signal.addEventListener("abort", () => resolve()));
+        aborted = signal.reason;
+      },
+    });
+    assert.equal(calls, 2);
+    assert.equal((aborted as Error).name, "TimeoutError");
+    assert.deepEqual([result.messages, result.failures, result.timeouts], [1, 1, 1]);
+    assert.equal(errors.length, 1);
+    assert.equal(errors[0].reason, "timeout");
+    assert.match(errors[0].message, /ran past its 200 ms; the message will be redelivered/);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("consume() puts back another queue's message for its own consumer", async () => {
+  const { dir, path } = await tempDb();
+  try {
+    const kv = await Deno.openKv(path);
+    await produce(kv, generateCapture({ count: 20, seed: 12 }), { batchSize: 20 });
+    await produce(kv, generateCapture({ count: 5, seed: 13 }), { queue: "other", batchSize: 5 });
+    kv.close();
+    const errors: ConsumeErrorReport[] = [];
+    const mine = await consume({
+      kv: path,
+      untilEmpty: true,
+      onError: (r) => errors.push(r),
+      handler: () => {},
+    });
+    assert.equal(mine.records, 20);
+    assert.ok(mine.foreign >= 1);
+    assert.equal(errors[0].reason, "foreign");
+    assert.match(errors[0].message, /message 1 of queue 'other' is not this queue's \('jetstream_sync'\)/);
+    let got = 0;
+    const theirs = await consume({
+      kv: path,
+      queueName: "other",
+      untilEmpty: true,
+      handler: (events) => void (got += events.length),
+    });
+    assert.equal(theirs.messages, 1);
+    assert.equal(got, 5);
+    assert.deepEqual(kvQueueTables(path), { queued: 0, running: 0 });
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("consume() on a Deno.Kv gets what the same process enqueues at once, and stops on signal", async () => {
+  const kv = await Deno.openKv(":memory:");
+  try {
+    const ac = new AbortController();
+    const seen: number[] = [];
+    const latencies: number[] = [];
+    const consuming = consume({
+      kv,
+      signal: ac.signal,
+      handler: (events, { seq }) => {
+        seen.push(seq);
+        latencies.push(Date.now() - events[0].time_us / 1000);
+        if (seen.length === 5) ac.abort();
+      },
+    });
+    const base = JSON.parse(generateCapture({ count: 1, seed: 14 })[0]) as JetstreamEvent;
+    for (let i = 0; i < 5; i++) {
+      const ev = { ...base, time_us: Date.now() * 1000 };
+      await produce(kv, [JSON.stringify(ev)], { batchSize: 1 });
+      await sleep(30);
+    }
+    const result = await consuming;
+    assert.equal(result.stopReason, "aborted");
+    assert.deepEqual(seen, [1, 2, 3, 4, 5]);
+    assert.ok(Math.max(...latencies) < 500, `same-process latency ${latencies}`);
+    assert.equal(await queueLength(kv, Q), 0);
+  } finally {
+    kv.close();
+  }
+});
+
+Deno.test("consume() rejects bad options with messages that name them", async () => {
+  const handler = () => {};
+  await assert.rejects(
+    // deno-lint-ignore no-explicit-any
+    consume({ handler: undefined as any }),
+    {
+      name: "TypeError",
+      message: "Cannot consume as 'handler' must be a function: current value is undefined",
+    },
+  );
+  await assert.rejects(consume({ handler, concurrency: 0 }), {
+    name: "RangeError",
+    message: "Cannot consume as 'concurrency' must be a positive integer: current value is 0",
+  });
+  await assert.rejects(consume({ handler, concurrency: 101 }), {
+    message: "Cannot consume as 'concurrency' must be at most 100: current value is 101",
+  });
+  await assert.rejects(consume({ handler, handlerTimeout: -1 }), {
+    message: "Cannot consume as 'handlerTimeout' must be a positive number: current value is -1",
+  });
+  await assert.rejects(consume({ handler, queueName: "" }), {
+    message: "Cannot consume as 'queueName' must be a non-empty string: current value is ",
+  });
+});
+
+Deno.test("consume() keeps slow handlers out of KV's 5 s redelivery while another process opens the database", async () => {
+  const { dir, path } = await tempDb();
+  try {
+    const kv = await Deno.openKv(path);
+    await produce(kv, generateCapture({ count: 600, seed: 15 }), { batchSize: 10 });
+    kv.close();
+    // Every open of the file requeues the running messages past their deadline, so a consumer
+    // that holds all 60 messages of 80 ms (4.8 s of work) would see many come back.
+    const opener = new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", "--unstable-kv", import.meta.filename!, "opener", path, "250"],
+      stdout: "null",
+      stderr: "inherit",
+    }).spawn();
+    const calls = new Map<number, number>();
+    const result = await consume({
+      kv: path,
+      untilEmpty: true,
+      handler: async (_events, { seq }) => {
+        calls.set(seq, (calls.get(seq) ?? 0) + 1);
+        await sleep(80);
+      },
+    });
+    opener.kill();
+    await opener.status;
+    assert.equal(result.messages, 60);
+    assert.equal(calls.size, 60);
+    assert.deepEqual([...calls.values()].filter((n) => n > 1), [], "no handler ran twice for a message");
+    assert.ok(result.deferred > 0, "messages that could not be handled in time were put back");
+    assert.deepEqual(kvQueueTables(path), { queued: 0, running: 0 });
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("consume() in another process sees each event of a producer process once, within 3 s of its enqueue", async () => {
+  const { dir, path } = await tempDb();
+  try {
+    const run = (...args: string[]) =>
+      new Deno.Command(Deno.execPath(), {
+        args: ["run", "-A", "--unstable-kv", import.meta.filename!, ...args],
+        stdout: "piped",
+        stderr: "inherit",
+      }).spawn();
+    const consumer = run("consumer", path, "20");
+    await sleep(300);
+    const producer = run("producer", path, "20", "150");
+    const [c, p] = await Promise.all([consumer.output(), producer.output()]);
+    assert.ok(p.success && c.success);
+    const lines = new TextDecoder().decode(c.stdout).trim().split("\n").map((l) =>
+      JSON.parse(l) as { seq: number; latencyMs: number; events: number }
+    );
+    assert.deepEqual(
+      lines.map((l) => l.seq).sort((a, b) => a - b),
+      Array.from({ length: 20 }, (_, i) => i + 1),
+    );
+    const latencies = lines.map((l) => l.latencyMs).sort((a, b) => a - b);
+    console.log(
+      `cross-process latency: p50 ${latencies[10]} ms, max ${
+        latencies[19]
+      } ms (ack deadline ${ACK_DEADLINE_MS} ms)`,
+    );
+    assert.ok(latencies[19] < 3000, `max latency ${latencies[19]} ms`);
+    assert.deepEqual(kvQueueTables(path), { queued: 0, running: 0 });
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+// Roles for the subprocesses of the tests above.
+if (import.meta.main) {
+  const [role, path, ...rest] = Deno.args;
+  if (role === "opener") {
+    // Opens and closes the database over and over, as `jetfill status` or a new sync would.
+    while (true) {
+      const kv = await Deno.openKv(path);
+      await kv.get(["jetfill"]);
+      kv.close();
+      await sleep(Number(rest[0]));
+    }
+  } else if (role === "producer") {
+    const [count, intervalMs] = rest.map(Number);
+    const kv = await Deno.openKv(path);
+    const base = JSON.parse(generateCapture({ count: 1, seed: 16 })[0]) as JetstreamEvent;
+    for (let i = 0; i < count; i++) {
+      await produce(kv, [JSON.stringify({ ...base, time_us: Date.now() * 1000 })], { batchSize: 1 });
+      await sleep(intervalMs);
+    }
+    kv.close();
+  } else if (role === "consumer") {
+    const expected = Number(rest[0]);
+    const ac = new AbortController();
+    const timer = setTimeout(() => ac.abort(), 20_000);
+    let seen = 0;
+    await consume({
+      kv: path,
+      signal: ac.signal,
+      handler: (events, { seq }) => {
+        const latencyMs = Date.now() - Math.round(events[0].time_us / 1000);
+        console.log(JSON.stringify({ seq, latencyMs, events: events.length }));
+        if (++seen === expected) ac.abort();
+      },
+    });
+    clearTimeout(timer);
+  }
+}
