@@ -16,6 +16,14 @@ import type { JetstreamEvent } from "./jetstream/events.ts";
 import { type ConnectError, type Connection, type Frame, openConnection } from "./jetstream/socket.ts";
 import { buildSubscribeRequest } from "./jetstream/url.ts";
 import { probeCoverageStart } from "./jetstream/coverage.ts";
+import {
+  buildV2Url,
+  fetchV2Dictionary,
+  isV2Url,
+  mapV2Frame,
+  parseXrpcError,
+  type V2Frame,
+} from "./jetstream/v2.ts";
 import { isoFromUs } from "./time.ts";
 import { type BackfillSyncOptions, type ResolvedSyncOptions, resolveSyncOptions } from "./options.ts";
 import { Batcher } from "./pipeline/batch.ts";
@@ -58,6 +66,102 @@ function differences(a: Record<string, unknown>, b: Record<string, unknown>): st
   return [...names].filter((k) => JSON.stringify(a[k]) !== JSON.stringify(b[k]));
 }
 
+/** What one connection needs to know about itself. */
+interface Session {
+  /** The instance URL. */
+  base: string;
+  /** Whether it speaks the v2 wire. */
+  v2: boolean;
+  /** The zstd decoder for its binary frames. */
+  decode: ((bytes: Uint8Array) => Uint8Array) | undefined;
+  /** time_us already processed on this instance (inclusive replay). */
+  floorUs: number;
+  /** seq already processed on this instance, or -1. */
+  seqFloor: number;
+  /** An error frame came: the close that follows is not the end of the stream. */
+  errorFrame: boolean;
+  /** An OutdatedCursor info came: the next event shows where history starts. */
+  outdatedFrom: number | undefined;
+  /** The time cursor sent, if any. */
+  requestedUs: number | undefined;
+}
+
+/** Handles a v2 info, error or other non-event frame; true when the connection is done. */
+function handleV2Frame(ctx: RunContext, session: Session, m: Exclude<V2Frame, { type: "event" }>): boolean {
+  switch (m.type) {
+    case "info":
+      ctx.report({ reason: "info", message: `${m.name}: ${m.message}`, instance: session.base });
+      if (m.name === "OutdatedCursor" && session.requestedUs !== undefined) {
+        session.outdatedFrom = session.requestedUs;
+      }
+      return false;
+    case "error":
+      session.errorFrame = true;
+      ctx.report({
+        reason: "retry",
+        message: `server error ${m.error}: ${m.message}`,
+        instance: session.base,
+      });
+      return false;
+    case "invalid":
+      ctx.stats.skip("missing_fields");
+      ctx.report({ reason: "missing_fields", message: `v2 frame ${m.reason}`, instance: session.base });
+      return false;
+    default:
+      return false;
+  }
+}
+
+/** The first event after an OutdatedCursor shows where the server's history starts. */
+function noteOutdated(ctx: RunContext, session: Session, firstUs: number): void {
+  const from = session.outdatedFrom!;
+  session.outdatedFrom = undefined;
+  const { stats } = ctx;
+  stats.coverageStart ??= firstUs;
+  if (firstUs <= from) return;
+  const atStart = stats.lastProcessedUs === null;
+  if (atStart) stats.startClamped = true;
+  stats.coverageGapUs += firstUs - from;
+  const what = atStart ? "the requested start" : "the point to resume from";
+  const message = `${new URL(session.base).host} only holds events from ${isoFromUs(firstUs)} on; ${what}, ${
+    isoFromUs(from)
+  }, is ${describeDuration(firstUs - from)} earlier, so events in between cannot be had from this server`;
+  ctx.report({ reason: "coverage", message, instance: session.base });
+  if (!ctx.o.strict) return;
+  if (atStart && stats.recordsStored === 0 && ctx.accepted === ctx.writer.checkpoint.run.recordsStored) {
+    throw new UsageError(`${message} (refused by --strict)`);
+  }
+  stopWith(ctx, "error");
+  ctx.error = `${message} (stopped by --strict)`;
+}
+
+/** The decoder for a v2 host's dictionary, fetched from it once (or the one given, if its ID matches). */
+async function v2Decoder(
+  ctx: RunContext,
+  base: string,
+  options: BackfillSyncOptions,
+): Promise<{ id: number; decode: (bytes: Uint8Array) => Uint8Array } | undefined> {
+  if (ctx.v2Dictionary) return ctx.v2Dictionary;
+  let bytes: Uint8Array;
+  try {
+    bytes = (await fetchV2Dictionary(base, ctx.internal.signal)).bytes;
+  } catch (err) {
+    if (options.zstdDictionary === undefined) {
+      ctx.report({
+        reason: "connection",
+        message: `cannot fetch the v2 zstd dictionary (${(err as Error).message}); continuing uncompressed`,
+        instance: base,
+      });
+      ctx.v2Compress = false;
+      return undefined;
+    }
+    bytes = (await resolveZstdDictionary({ dictionary: options.zstdDictionary })).bytes;
+  }
+  const decoder = await createZstdDecoder(bytes);
+  ctx.v2Dictionary = { id: decoder.dictionaryId, decode: (b) => decoder.decode(b) };
+  return ctx.v2Dictionary;
+}
+
 /** The v2 sequence position: the host whose seq it is, and the last seq processed there. */
 interface SeqState {
   host: string | undefined;
@@ -75,6 +179,10 @@ interface RunContext {
   internal: AbortController;
   report: (r: SyncErrorReport) => void;
   decodeFrame: ((bytes: Uint8Array) => Uint8Array) | undefined;
+  /** Whether v2 connections still ask for zstd frames. */
+  v2Compress: boolean;
+  /** The v2 dictionary's decoder, once fetched. */
+  v2Dictionary: { id: number; decode: (bytes: Uint8Array) => Uint8Array } | undefined;
 }
 
 /**
@@ -107,7 +215,10 @@ export async function runBackfillSync(options: BackfillSyncOptions = {}): Promis
         o = resolveSyncOptions(options);
       }
     }
-    const decodeFrame = o.compress ? await loadDecoder(options) : undefined;
+    // The legacy dictionary is only needed for /subscribe connections; v2 hosts serve their own.
+    const decodeFrame = o.compress && o.instances.some((u) => !isV2Url(u))
+      ? await loadDecoder(options)
+      : undefined;
     return await run(o, options, kv, started, decodeFrame);
   } finally {
     if (ownsKv) kv.close();
@@ -225,6 +336,8 @@ async function run(
     internal,
     report: (r) => options.onError?.(r),
     decodeFrame,
+    v2Compress: true,
+    v2Dictionary: undefined,
   };
   if (options.signal?.aborted) stopWith(ctx, "aborted");
   if (ctx.accepted >= o.numRecords) stopWith(ctx, "limit");
@@ -315,7 +428,6 @@ async function consumeStream(
   const { o, stats } = ctx;
   const select = createSelector(o);
   const guard = new ReplayGuard(o.dedupeWindow);
-  const decode = ctx.decodeFrame;
   let instanceIndex = Math.max(0, resumeFrom ? o.instances.indexOf(resumeFrom.run.instance) : 0);
   // Events at or below this time_us were processed on the current instance (its cursor is inclusive).
   let floorUs = resumeFrom && resumeFrom.run.recordsStored > 0 ? resumeFrom.cursor : -1;
@@ -343,7 +455,16 @@ async function consumeStream(
     }
     const bySeq = seq.host === base && seq.floor >= 0;
     const cursor = bySeq ? seq.floor : floorUs >= 0 ? floorUs : o.startUs;
-    const req = buildSubscribeRequest(base, { ...o, cursor, compress: o.compress });
+    const v2 = isV2Url(base);
+    let decode = ctx.decodeFrame;
+    let req: { url: string; hello?: string };
+    if (v2) {
+      const dict = o.compress && ctx.v2Compress ? await v2Decoder(ctx, base, options) : undefined;
+      decode = dict?.decode;
+      req = { url: buildV2Url(base, { ...o, cursor, zstdDictionary: dict?.id }) };
+    } else {
+      req = buildSubscribeRequest(base, { ...o, cursor, compress: o.compress });
+    }
     let conn: Connection;
     try {
       conn = await openConnection(req.url, {
@@ -355,6 +476,29 @@ async function consumeStream(
     } catch (err) {
       if (ctx.stop) break;
       const e = err as ConnectError;
+      const xrpc = v2 ? parseXrpcError(e.body) : undefined;
+      if (xrpc?.error === "CursorTooOld" && bySeq) {
+        // The seq fell out of the server's window: go on from the time cursor, which the server
+        // clamps and reports (#info OutdatedCursor), so the gap is measured.
+        ctx.report({ reason: "retry", message: `${xrpc.message}; resuming by time instead`, instance: base });
+        seq.host = undefined;
+        seq.floor = -1;
+        continue;
+      }
+      if (xrpc?.error === "UnknownZstdDictionary" && ctx.v2Dictionary) {
+        const known = ctx.v2Dictionary.id;
+        ctx.v2Dictionary = undefined;
+        const again = await v2Decoder(ctx, base, options);
+        if (!again || again.id === known) {
+          ctx.v2Compress = false;
+          ctx.report({
+            reason: "retry",
+            message: `${xrpc.message}; continuing uncompressed`,
+            instance: base,
+          });
+        }
+        continue;
+      }
       if (e.status !== undefined && e.status >= 400 && e.status < 500 && e.status !== 429) {
         if (stats.recordsStored === 0 && connections === 0) throw new UsageError(e.message);
         ctx.stop = "error";
@@ -387,19 +531,18 @@ async function consumeStream(
     ctx.writer.setRun({ instance: base });
     ctx.batcher.host = base;
     const before = stats.messagesReceived;
+    const session: Session = {
+      base,
+      v2,
+      decode,
+      floorUs,
+      seqFloor: bySeq ? seq.floor : -1,
+      errorFrame: false,
+      outdatedFrom: undefined,
+      requestedUs: bySeq ? undefined : cursor,
+    };
     try {
-      await readConnection(
-        ctx,
-        conn,
-        base,
-        select,
-        guard,
-        decode,
-        floorUs,
-        bySeq ? seq.floor : -1,
-        seq,
-        options,
-      );
+      await readConnection(ctx, conn, session, select, guard, seq, options);
     } finally {
       conn.close();
       await conn.closed();
@@ -408,7 +551,7 @@ async function consumeStream(
     disconnectedAt = performance.now();
     if (ctx.stop) break;
     const cause = conn.cause!;
-    if (cause.kind === "closed" && cause.code === 1000) {
+    if (cause.kind === "closed" && cause.code === 1000 && !session.errorFrame) {
       ctx.stop = "closed";
       break;
     }
@@ -475,16 +618,14 @@ function describeDuration(us: number): string {
 async function readConnection(
   ctx: RunContext,
   conn: Connection,
-  base: string,
+  session: Session,
   select: (ev: JetstreamEvent) => boolean,
   guard: ReplayGuard,
-  decode: ((bytes: Uint8Array) => Uint8Array) | undefined,
-  floorUs: number,
-  seqFloor: number,
   seq: SeqState,
   options: BackfillSyncOptions,
 ): Promise<void> {
   const { o, stats, batcher } = ctx;
+  const { base, decode, floorUs, seqFloor } = session;
   const endUs = o.endUs ?? Number.POSITIVE_INFINITY;
   const startUs = o.startUs ?? Number.NEGATIVE_INFINITY;
   const skip = (reason: SkipReason, message: string) => {
@@ -534,6 +675,18 @@ async function readConnection(
       } catch {
         skip("malformed_json", `frame is not JSON: ${text.slice(0, 80)}`);
         continue;
+      }
+      if (session.v2) {
+        const m = mapV2Frame(ev);
+        if (m.type !== "event") {
+          if (handleV2Frame(ctx, session, m)) return;
+          continue;
+        }
+        ev = m.event;
+        // Sizing and the gzip of an oversized event need the stored form's text.
+        text = JSON.stringify(ev);
+        if (session.outdatedFrom !== undefined) noteOutdated(ctx, session, ev.time_us);
+        if (ctx.stop) return;
       }
       const problem = shapeProblem(ev);
       if (problem) {

@@ -8,6 +8,7 @@ import { z } from "zod";
 import { UsageError } from "./errors.ts";
 import { EVENT_KINDS, type EventKind } from "./jetstream/events.ts";
 import { isCollectionFilter, isDid } from "./validate.ts";
+import { V2_HOSTS, V2_SUBSCRIBE_PATH } from "./jetstream/v2.ts";
 import { isoFromUs, parseTimestamp, TIMESTAMP_FORMATS } from "./time.ts";
 import type { DateChange, SyncErrorReport, SyncProgress } from "./stats.ts";
 
@@ -83,6 +84,12 @@ export interface BackfillSyncOptions {
    * @default {false}
    */
   compress?: boolean;
+  /**
+   * The wire to speak: `v1` is `/subscribe` (every server), `v2` is
+   * `/xrpc/network.bsky.jetstream.subscribeEvents` (v2 servers only). By default the v2 hosts get v2
+   * and everything else v1; a URL with a path keeps its path.
+   */
+  wire?: "v1" | "v2";
   /**
    * The zstd dictionary for `compress`: a path or the bytes. Otherwise `JETFILL_ZSTD_DICTIONARY`, a
    * cached copy, or a download from the public Jetstream repository verified by its sha256.
@@ -232,6 +239,7 @@ export const SyncOptionsSchema = z.strictObject({
   batchSize: positiveInt("batchSize").refine((n) => n <= 10_000, err("batchSize", "at most 10000"))
     .optional(),
   compress: z.boolean(err("compress", "a boolean")).optional(),
+  wire: z.enum(["v1", "v2"], err("wire", '"v1" or "v2"')).optional(),
   zstdDictionary: z.union(
     [z.string().min(1), z.instanceof(Uint8Array)],
     err(
@@ -272,20 +280,23 @@ export const SyncOptionsSchema = z.strictObject({
 
 /**
  * Turns a host, or a `ws://`/`wss://` URL, into the WebSocket URL to connect to. A bare host means
- * `wss://HOST/subscribe`; a URL without a path gets `/subscribe`.
+ * `wss://HOST/subscribe`, except the v2 hosts, whose default is the v2 wire
+ * (`/xrpc/network.bsky.jetstream.subscribeEvents`); a URL without a path gets the same default.
+ * `wire` forces one wire: `/subscribe` (v1) or `subscribeEvents` (v2).
  *
  * @example
  * ```ts
  * import { instanceUrl } from "./options.ts";
  * instanceUrl("jetstream2.us-west.bsky.network"); // "wss://jetstream2.us-west.bsky.network/subscribe"
  * instanceUrl("ws://127.0.0.1:6008"); // "ws://127.0.0.1:6008/subscribe"
+ * instanceUrl("jetstream.us-east.bsky.network"); // "wss://jetstream.us-east.bsky.network/xrpc/network.bsky.jetstream.subscribeEvents"
  * ```
  */
-export function instanceUrl(value: string): string {
+export function instanceUrl(value: string, wire?: "v1" | "v2"): string {
   const text = value.trim();
   const expected = "a host name or a ws:// or wss:// URL";
+  let url: URL;
   if (/^[a-z][a-z0-9+.-]*:\/\//i.test(text)) {
-    let url: URL;
     try {
       url = new URL(text);
     } catch {
@@ -294,14 +305,20 @@ export function instanceUrl(value: string): string {
     if (url.protocol !== "ws:" && url.protocol !== "wss:") {
       throw new UsageError(because("instance", expected, value));
     }
-    if (url.pathname === "" || url.pathname === "/") url.pathname = "/subscribe";
-    url.hash = "";
-    return url.toString();
+  } else {
+    if (!/^[a-zA-Z0-9.-]+(:\d{1,5})?$/.test(text) || text.startsWith(".") || text.length === 0) {
+      throw new UsageError(because("instance", expected, value));
+    }
+    url = new URL(`wss://${text}/`);
   }
-  if (!/^[a-zA-Z0-9.-]+(:\d{1,5})?$/.test(text) || text.startsWith(".") || text.length === 0) {
-    throw new UsageError(because("instance", expected, value));
+  url.hash = "";
+  const bare = url.pathname === "" || url.pathname === "/";
+  const v2 = wire === "v2" || (wire === undefined && bare && V2_HOSTS.includes(url.hostname));
+  if (bare || wire !== undefined) {
+    if (v2) url.pathname = V2_SUBSCRIBE_PATH;
+    else if (bare || url.pathname.endsWith(V2_SUBSCRIBE_PATH)) url.pathname = "/subscribe";
   }
-  return `wss://${text}/subscribe`;
+  return url.toString();
 }
 
 function unique<T>(values: readonly T[]): T[] {
@@ -380,7 +397,7 @@ export function resolveSyncOptions(options: BackfillSyncOptions = {}): ResolvedS
     ? [o.instance]
     : o.instance;
   if (given.length === 0) throw new UsageError(because("instance", "at least one host or URL", []));
-  const instances = unique(given.map(instanceUrl));
+  const instances = unique(given.map((i) => instanceUrl(i, o.wire)));
 
   return {
     wantedDids,

@@ -1,0 +1,185 @@
+/**
+ * The v2 wire, `GET /xrpc/network.bsky.jetstream.subscribeEvents` (protocol doc §1.3, §3.3, §4.2).
+ *
+ * Its message frames are mapped to the same {@link JetstreamEvent} shape the `/subscribe` wire of a
+ * v2 server sends, so the queue holds one format whatever the wire:
+ *
+ * | v2 payload | stored event |
+ * |---|---|
+ * | `#commit` `{seq, did, time, rev, operation, collection, rkey, record?, cid?}` | `{did, time_us, cursor: seq, kind: "commit", commit: {rev, operation, collection, rkey, record?, cid?}}` |
+ * | `#identity` `{seq, did, time, identity}` | `{did, time_us, cursor: seq, kind: "identity", identity}` |
+ * | `#account` `{seq, did, time, account}` | `{did, time_us, cursor: seq, kind: "account", account}` |
+ *
+ * `time_us` is `time` (RFC 3339 with six fractional digits) in microseconds. `#sync` events and
+ * unknown types are skipped, `#info` frames are surfaced, error frames end the connection.
+ *
+ * @module
+ */
+import type { EventKind, JetstreamEvent } from "./events.ts";
+import { usFromIso } from "../time.ts";
+
+/** Path of the v2 subscription endpoint. */
+export const V2_SUBSCRIBE_PATH = "/xrpc/network.bsky.jetstream.subscribeEvents";
+/** Path of the v2 dictionary endpoint. */
+export const V2_DICTIONARY_PATH = "/xrpc/network.bsky.jetstream.getZstdDictionary";
+/** Hosts that run the v2 server, where the v2 wire is the default. */
+export const V2_HOSTS: readonly string[] = [
+  "jetstream.us-east.bsky.network",
+  "jetstream.us-west.bsky.network",
+];
+
+/** Whether a WebSocket URL is the v2 wire's endpoint. */
+export function isV2Url(url: string): boolean {
+  return new URL(url).pathname.endsWith(V2_SUBSCRIBE_PATH);
+}
+
+/** What a v2 subscription asks for. */
+export interface V2Params {
+  /** Kinds; all four when empty. */
+  kinds: readonly EventKind[];
+  /** DIDs; all when empty. */
+  wantedDids: readonly string[];
+  /** Collections of commits; all when empty. */
+  wantedCollections: readonly string[];
+  /** Inclusive cursor: a seq below 1e15, unix µs above. */
+  cursor?: number;
+  /** Dictionary ID for zstd frames. */
+  zstdDictionary?: number;
+}
+
+/**
+ * The v2 subscription URL (repeated `kinds`, `dids`, `collections`; the legacy names are refused
+ * by v2 servers).
+ *
+ * @example
+ * ```ts
+ * import { buildV2Url } from "./v2.ts";
+ * buildV2Url("wss://jetstream.us-east.bsky.network/xrpc/network.bsky.jetstream.subscribeEvents", {
+ *   kinds: ["commit"], wantedDids: [], wantedCollections: ["app.bsky.feed.post"], cursor: 123,
+ * });
+ * ```
+ */
+export function buildV2Url(base: string, p: V2Params): string {
+  const url = new URL(base);
+  const q = url.searchParams;
+  for (const key of ["kinds", "dids", "collections", "cursor", "zstdDictionary"]) q.delete(key);
+  for (const k of p.kinds) q.append("kinds", k);
+  for (const d of p.wantedDids) q.append("dids", d);
+  // Collections constrain commits only, and are refused when commits are not asked for.
+  if (p.kinds.includes("commit")) { for (const c of p.wantedCollections) q.append("collections", c); }
+  if (p.cursor !== undefined) q.set("cursor", String(Math.trunc(p.cursor)));
+  if (p.zstdDictionary !== undefined) q.set("zstdDictionary", String(p.zstdDictionary));
+  return url.toString().replaceAll("%2A", "*").replaceAll("%3A", ":");
+}
+
+/** One v2 frame, classified. */
+export type V2Frame =
+  | { type: "event"; event: JetstreamEvent }
+  | { type: "info"; name: string; message: string }
+  | { type: "error"; error: string; message: string }
+  | { type: "skip"; reason: string }
+  | { type: "invalid"; reason: string };
+
+const KINDS = new Set(["commit", "identity", "account"]);
+
+/**
+ * Maps a parsed v2 frame to an event (see the module's table), or says what else it is.
+ *
+ * @example
+ * ```ts
+ * import { mapV2Frame } from "./v2.ts";
+ * mapV2Frame({ $type: "message", payload: { $type: "network.bsky.jetstream.subscribeEvents#identity",
+ *   seq: 7, did: "did:plc:x", time: "2024-09-09T19:46:02.329308Z", identity: { did: "did:plc:x", seq: 1, time: "t" } } });
+ * // { type: "event", event: { did: "did:plc:x", time_us: 1725911162329308, cursor: 7, kind: "identity", identity: {…} } }
+ * ```
+ */
+export function mapV2Frame(frame: unknown): V2Frame {
+  if (typeof frame !== "object" || frame === null) return { type: "invalid", reason: "not an object" };
+  const f = frame as Record<string, unknown>;
+  if (f.$type === "error") {
+    return { type: "error", error: String(f.error ?? "unknown"), message: String(f.message ?? "") };
+  }
+  if (f.$type !== "message") return { type: "skip", reason: `frame type ${String(f.$type)}` };
+  const p = f.payload as Record<string, unknown> | undefined;
+  if (typeof p !== "object" || p === null || typeof p.$type !== "string") {
+    return { type: "invalid", reason: "message without payload" };
+  }
+  const kind = p.$type.slice(p.$type.indexOf("#") + 1);
+  if (kind === "info") return { type: "info", name: String(p.name ?? ""), message: String(p.message ?? "") };
+  if (!KINDS.has(kind)) return { type: "skip", reason: `payload type ${p.$type}` };
+  const timeUs = typeof p.time === "string" ? usFromIso(p.time) : undefined;
+  if (typeof p.did !== "string" || typeof p.seq !== "number" || timeUs === undefined) {
+    return { type: "invalid", reason: "missing did, seq or time" };
+  }
+  if (kind === "commit") {
+    if (typeof p.collection !== "string" || typeof p.rkey !== "string" || typeof p.operation !== "string") {
+      return { type: "invalid", reason: "commit without collection, rkey or operation" };
+    }
+    const commit: Record<string, unknown> = {
+      rev: p.rev,
+      operation: p.operation,
+      collection: p.collection,
+      rkey: p.rkey,
+    };
+    if (p.record !== undefined) commit.record = p.record;
+    if (p.cid !== undefined) commit.cid = p.cid;
+    return {
+      type: "event",
+      event: {
+        did: p.did,
+        time_us: timeUs,
+        cursor: p.seq,
+        kind: "commit",
+        commit,
+      } as unknown as JetstreamEvent,
+    };
+  }
+  const body = p[kind];
+  if (typeof body !== "object" || body === null) {
+    return { type: "invalid", reason: `${kind} without its body` };
+  }
+  return {
+    type: "event",
+    event: { did: p.did, time_us: timeUs, cursor: p.seq, kind, [kind]: body } as unknown as JetstreamEvent,
+  };
+}
+
+/** The XRPC error name and message of a refused request body, when it is one. */
+export function parseXrpcError(body: string | undefined): { error: string; message: string } | undefined {
+  if (!body) return undefined;
+  try {
+    const v = JSON.parse(body);
+    if (typeof v?.error === "string") return { error: v.error, message: String(v.message ?? "") };
+  } catch { /* plain text */ }
+  return undefined;
+}
+
+/**
+ * Fetches the server's current v2 zstd dictionary (`getZstdDictionary`), with its ID.
+ *
+ * @example
+ * ```ts
+ * import { fetchV2Dictionary } from "./v2.ts";
+ * const { id, bytes } = await fetchV2Dictionary("wss://jetstream.us-east.bsky.network/xrpc/network.bsky.jetstream.subscribeEvents");
+ * ```
+ */
+export async function fetchV2Dictionary(
+  wsUrl: string,
+  signal?: AbortSignal,
+): Promise<{ id: number; bytes: Uint8Array }> {
+  const url = new URL(wsUrl);
+  url.protocol = url.protocol === "wss:" ? "https:" : "http:";
+  url.pathname = V2_DICTIONARY_PATH;
+  url.search = "";
+  const res = await fetch(url, { signal: signal ?? AbortSignal.timeout(30_000) });
+  if (!res.ok) {
+    throw new Error(`${url} answered HTTP ${res.status}: ${(await res.text()).slice(0, 200)}`);
+  }
+  const bytes = new Uint8Array(await res.arrayBuffer());
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const id = bytes.byteLength >= 8 && view.getUint32(0, true) === 0xec30a437
+    ? view.getUint32(4, true)
+    : Number(res.headers.get("x-zstd-dictionary-id"));
+  if (!Number.isSafeInteger(id) || id <= 0) throw new Error(`${url} did not send a zstd dictionary`);
+  return { id, bytes };
+}
