@@ -16,6 +16,14 @@ const COMMANDS: Record<string, { summary: string; load: () => Promise<Command> }
     summary: "serve a capture file as a Jetstream-compatible /subscribe endpoint",
     load: async () => (await import("./src/cli/serve.ts")).serveCommand,
   },
+  export: {
+    summary: "write a queue's events as NDJSON (consumes the queue)",
+    load: async () => (await import("./src/cli/export.ts")).exportCommand,
+  },
+  status: {
+    summary: "show a queue's checkpoint, counts, dead letters and last run",
+    load: async () => (await import("./src/cli/status.ts")).statusCommand,
+  },
 };
 
 function usage(): string {

@@ -41,6 +41,24 @@ export type {
 } from "./src/stats.ts";
 export { decodeQueueMessage, isQueueMessage, type QueueMessage } from "./src/queue/message.ts";
 export { type Checkpoint, queueLength, readCheckpoint, type RunState } from "./src/queue/kv_queue.ts";
+export {
+  ACK_DEADLINE_MS,
+  consume,
+  type ConsumeContext,
+  type ConsumeErrorReason,
+  type ConsumeErrorReport,
+  type ConsumeHandler,
+  type ConsumeOptions,
+  type ConsumeResult,
+  type ConsumeStopReason,
+  type DeadLetter,
+  deadLetters,
+  DEDUPE_WINDOW_MS,
+  KV_REDELIVERY_DEADLINE_MS,
+  type QueueStatus,
+  queueStatus,
+  requeueDeadLetters,
+} from "./src/queue/consume.ts";
 export type {
   AccountEvent,
   CommitData,

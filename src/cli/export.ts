@@ -1,0 +1,232 @@
+/**
+ * `jetfill export`: write a queue's events as NDJSON, to stdout or a file, consuming the queue.
+ *
+ * @module
+ */
+import { UsageError } from "../errors.ts";
+import { consume, type ConsumeResult } from "../queue/consume.ts";
+import { defaultKvPath } from "../queue/kv_queue.ts";
+import { type FlagSpec, parseFlags } from "./args.ts";
+
+const HELP = `Usage: jetfill export [options]
+
+Write the events of a queue as NDJSON, one Jetstream event per line as it was received, to stdout
+or to a file. The output is a capture for 'jetfill serve --file', so a sync can be replayed.
+
+Export consumes the queue: a Deno KV queue cannot be read without taking its messages, so the
+events written leave the queue and a second export will not find them again. To keep the queue,
+export a copy of the database file (made while no sync writes to it).
+
+Options:
+  --kv PATH               Deno KV database (default ./jetfill-data/<queue-name>.sqlite)
+  --queue-name NAME       queue name (default jetstream_sync)
+  --out FILE              append to FILE instead of writing to stdout; FILE is created when
+                          missing and never truncated, as the events in it have left the queue
+  --follow                keep waiting for new messages until interrupted (default: stop once
+                          no message of the queue is waiting)
+  -h, --help              show this help
+
+Each message's events are written, flushed and synced to disk before the message is acknowledged,
+so an interrupted export loses nothing. Delivery is at least once: an export killed between the
+sync and the acknowledgement writes that message's events again next time. A partial last line,
+left by an export killed in the middle of a write, is removed before --out appends.
+
+Prints a summary on stderr. Exit codes: 0 done, 1 runtime failure (such as a write error),
+2 bad input, 130 interrupted (after a clean stop).`;
+
+const FLAGS: FlagSpec = {
+  kv: { type: "string" },
+  "queue-name": { type: "string" },
+  out: { type: "string" },
+  follow: { type: "boolean" },
+  help: { type: "boolean", short: "h" },
+};
+
+const UTF8 = new TextEncoder();
+
+/** Where the lines go: writes that complete, and a sync that makes them durable. */
+interface Sink {
+  write(bytes: Uint8Array): void;
+  sync(): Promise<void>;
+  close(): void;
+}
+
+function writeAll(w: { writeSync(p: Uint8Array): number }, bytes: Uint8Array): void {
+  let off = 0;
+  while (off < bytes.length) off += w.writeSync(bytes.subarray(off));
+}
+
+/** Stdout; synced when it is a regular file (a redirection), through a second handle on it. */
+function stdoutSink(): Sink {
+  let file: Deno.FsFile | undefined;
+  try {
+    // A pipe or a terminal has nothing to sync; a file does, and fsync works on any handle to it.
+    if (Deno.statSync("/dev/stdout").isFile) file = Deno.openSync("/dev/stdout", { read: true });
+  } catch {
+    file = undefined;
+  }
+  return {
+    write: (bytes) => writeAll(Deno.stdout, bytes),
+    sync: async () => await file?.sync(),
+    close: () => file?.close(),
+  };
+}
+
+/**
+ * Opens `path` for appending, first cutting a partial last line: it can only come from an export
+ * killed during a write, whose message was therefore not acknowledged and will be written again.
+ */
+async function fileSink(path: string): Promise<{ sink: Sink; removed: number }> {
+  let file: Deno.FsFile;
+  try {
+    file = await Deno.open(path, { read: true, append: true, create: true });
+  } catch (err) {
+    throw new UsageError(`--out ${JSON.stringify(path)} cannot be opened: ${(err as Error).message}`);
+  }
+  let removed = 0;
+  const size = (await file.stat()).size;
+  if (size > 0) {
+    const chunk = new Uint8Array(64 * 1024);
+    let end = size;
+    let keep = -1;
+    while (end > 0 && keep < 0) {
+      const start = Math.max(0, end - chunk.length);
+      await file.seek(start, Deno.SeekMode.Start);
+      const view = chunk.subarray(0, end - start);
+      let got = 0;
+      while (got < view.length) {
+        const n = await file.read(view.subarray(got));
+        if (n === null) break;
+        got += n;
+      }
+      const nl = view.subarray(0, got).lastIndexOf(10);
+      if (nl >= 0) keep = start + nl + 1;
+      end = start;
+    }
+    if (keep < 0) keep = 0;
+    if (keep < size) {
+      removed = size - keep;
+      await file.truncate(keep);
+      await file.sync();
+    }
+  }
+  return {
+    sink: { write: (bytes) => writeAll(file, bytes), sync: () => file.sync(), close: () => file.close() },
+    removed,
+  };
+}
+
+async function exists(path: string): Promise<boolean> {
+  try {
+    await Deno.stat(path);
+    return true;
+  } catch (err) {
+    if (err instanceof Deno.errors.NotFound) return false;
+    throw err;
+  }
+}
+
+/** The summary line printed on stderr. */
+export function exportSummary(r: ConsumeResult, out: string | undefined): string {
+  const parts = [`${r.records} events from ${r.messages} messages ${out ? `appended to ${out}` : "written"}`];
+  if (r.duplicates > 0) parts.push(`${r.duplicates} duplicate deliveries skipped`);
+  if (r.failures > 0) parts.push(`${r.failures} failed deliveries left to KV`);
+  return `jetfill export: ${parts.join("; ")} (${r.elapsed.toFixed(1)} s)`;
+}
+
+/**
+ * Runs `jetfill export` with its arguments; resolves to the exit code.
+ *
+ * @example
+ * ```ts
+ * import { exportCommand } from "./export.ts";
+ * const code = await exportCommand(["--kv", "./jetfill-data/jetstream_sync.sqlite", "--out", "capture.ndjson"]);
+ * ```
+ */
+export async function exportCommand(args: string[]): Promise<number> {
+  const v = parseFlags("export", args, FLAGS);
+  if (v.help) {
+    console.log(HELP);
+    return 0;
+  }
+  const queue = (v["queue-name"] as string | undefined) ?? "jetstream_sync";
+  if (queue === "") throw new UsageError("--queue-name must not be empty");
+  const path = (v.kv as string | undefined) ?? defaultKvPath(queue);
+  const out = v.out as string | undefined;
+  if (out === "") throw new UsageError("--out must name a file");
+  // Without --follow there is nothing to wait for in a database that does not exist; with it, the
+  // export may well start before the sync that creates it.
+  if (!v.follow && !(await exists(path))) {
+    throw new UsageError(
+      `Cannot export as the database ${JSON.stringify(path)} does not exist (check --kv and --queue-name)`,
+    );
+  }
+  let sink: Sink;
+  if (out !== undefined) {
+    const opened = await fileSink(out);
+    sink = opened.sink;
+    if (opened.removed > 0) {
+      console.error(
+        `jetfill export: removed a partial last line (${opened.removed} bytes) from ${out}, left by an interrupted export; its events are written again`,
+      );
+    }
+  } else {
+    sink = stdoutSink();
+  }
+
+  const controller = new AbortController();
+  let interrupted = false;
+  const onSignal = () => {
+    interrupted = true;
+    controller.abort();
+  };
+  Deno.addSignalListener("SIGINT", onSignal);
+  Deno.addSignalListener("SIGTERM", onSignal);
+  let writeError: unknown;
+  let result: ConsumeResult;
+  try {
+    result = await consume({
+      kv: path,
+      queueName: queue,
+      untilEmpty: !v.follow,
+      signal: controller.signal,
+      handler: async (events) => {
+        if (writeError !== undefined) throw writeError;
+        let text = "";
+        for (const event of events) text += JSON.stringify(event) + "\n";
+        try {
+          sink.write(UTF8.encode(text));
+          await sink.sync();
+        } catch (err) {
+          // Every later message would fail the same way (a full disk, a closed pipe): stop, and
+          // leave this one unacknowledged for the next export.
+          writeError = err;
+          controller.abort();
+          throw err;
+        }
+      },
+      onError: (r) => {
+        if (r.reason !== "foreign" && writeError === undefined) console.error(`jetfill export: ${r.message}`);
+      },
+    });
+  } finally {
+    Deno.removeSignalListener("SIGINT", onSignal);
+    Deno.removeSignalListener("SIGTERM", onSignal);
+    sink.close();
+  }
+  console.error(exportSummary(result, out));
+  if (writeError !== undefined) {
+    console.error(
+      `jetfill export: stopped: cannot write ${out ?? "to stdout"}: ${
+        writeError instanceof Error ? writeError.message : String(writeError)
+      }`,
+    );
+    return 1;
+  }
+  if (result.stopReason === "idle") {
+    console.error(
+      "jetfill export: stopped after 10 s without a message although the counters show messages waiting; they may have been taken by a consumer that keeps no counters (see 'jetfill status')",
+    );
+  }
+  return interrupted ? 130 : 0;
+}

@@ -1,0 +1,139 @@
+/**
+ * `jetfill status`: what a queue holds and what its last run did.
+ *
+ * @module
+ */
+import { UsageError } from "../errors.ts";
+import { type QueueStatus, queueStatus } from "../queue/consume.ts";
+import { defaultKvPath } from "../queue/kv_queue.ts";
+import { isoFromUs } from "../time.ts";
+import { type FlagSpec, parseFlags } from "./args.ts";
+
+const HELP = `Usage: jetfill status [options]
+
+Show a queue's checkpoint (last cursor and its UTC time), the messages and records enqueued,
+handled, waiting and dead-lettered, the records stored per UTC day, and the last run's options
+and statistics. Status only reads; but like any opening of the database, it lets KV requeue
+messages that a consumer has held past KV's 5 s deadline (they are then delivered again).
+
+Options:
+  --kv PATH               Deno KV database (default ./jetfill-data/<queue-name>.sqlite)
+  --queue-name NAME       queue name (default jetstream_sync)
+  --json                  print one JSON object on stdout (fields below)
+  -h, --help              show this help
+
+JSON fields: kv (the database path), queue, lastSeq, latestCursor (time_us of the last record
+stored, or null), latestCursorTime (its ISO 8601 UTC time), checkpointUpdatedAt, recordsStored,
+messagesEnqueued, messagesHandled, recordsHandled, messagesWaiting and recordsWaiting (in the
+queue: neither handled nor dead-lettered), deadLetters and deadRecords (messages KV gave up
+delivering), queueLength (messages not handled, dead letters included, as a sync reports it),
+recordsPerDay ({ "YYYY-MM-DD": records }), lastRun ({ id, finishedAt, options, stats } with the
+sync's own statistics as 'jetfill sync --json' printed them, or null).
+
+Exit codes: 0 done, 1 runtime failure, 2 bad input (such as a database that does not exist).`;
+
+const FLAGS: FlagSpec = {
+  kv: { type: "string" },
+  "queue-name": { type: "string" },
+  json: { type: "boolean" },
+  help: { type: "boolean", short: "h" },
+};
+
+/** `jetfill status --json`: the queue's status and the database it was read from. */
+export type StatusJson = QueueStatus & { kv: string };
+
+function entries(o: Record<string, unknown>): string {
+  return Object.entries(o).map(([k, v]) => `${k}=${typeof v === "string" ? v : JSON.stringify(v)}`).join(
+    ", ",
+  );
+}
+
+/**
+ * A readable report of a queue's status.
+ *
+ * @example
+ * ```ts
+ * import { formatStatus } from "./status.ts";
+ * import { queueStatus } from "../queue/consume.ts";
+ * const kv = await Deno.openKv("./jetfill-data/jetstream_sync.sqlite");
+ * console.log(formatStatus(await queueStatus(kv, "jetstream_sync"), "./jetfill-data/jetstream_sync.sqlite"));
+ * kv.close();
+ * ```
+ */
+export function formatStatus(s: QueueStatus, path: string): string {
+  const lines = [
+    `queue               ${s.queue} (${path})`,
+    `last cursor         ${
+      s.latestCursor === null ? "- (nothing stored yet)" : `${s.latestCursor} (${s.latestCursorTime})`
+    }`,
+    `checkpoint          seq ${s.lastSeq}${
+      s.checkpointUpdatedAt ? `, written ${s.checkpointUpdatedAt}` : ""
+    }`,
+    `stored              ${s.recordsStored} records in ${s.messagesEnqueued} messages`,
+    `handled             ${s.recordsHandled} records in ${s.messagesHandled} messages`,
+    `waiting             ${s.recordsWaiting} records in ${s.messagesWaiting} messages`,
+    `dead letters        ${s.deadLetters} messages (${s.deadRecords} records)`,
+  ];
+  const days = Object.entries(s.recordsPerDay).sort();
+  lines.push(
+    `records per day     ${days.length === 0 ? "-" : days.map(([d, n]) => `${d}: ${n}`).join(", ")}`,
+  );
+  if (s.lastRun) {
+    const st = s.lastRun.stats;
+    const latest = typeof st.latestCursor === "number" ? ` up to ${isoFromUs(st.latestCursor)}` : "";
+    lines.push(
+      `last run            ${s.lastRun.id}, finished ${s.lastRun.finishedAt}`,
+      `  stored            ${st.recordsStored} records in ${st.messagesEnqueued} messages${latest}, ${
+        typeof st.totalTime === "number" ? st.totalTime.toFixed(2) : "?"
+      } s, stopped by ${st.stopReason}${st.error ? `: ${st.error}` : ""}`,
+      `  options           ${entries(s.lastRun.options)}`,
+    );
+  } else {
+    lines.push(`last run            -`);
+  }
+  return lines.join("\n");
+}
+
+/**
+ * Runs `jetfill status` with its arguments; resolves to the exit code.
+ *
+ * @example
+ * ```ts
+ * import { statusCommand } from "./status.ts";
+ * const code = await statusCommand(["--kv", "./jetfill-data/jetstream_sync.sqlite", "--json"]);
+ * ```
+ */
+export async function statusCommand(args: string[]): Promise<number> {
+  const v = parseFlags("status", args, FLAGS);
+  if (v.help) {
+    console.log(HELP);
+    return 0;
+  }
+  const queue = (v["queue-name"] as string | undefined) ?? "jetstream_sync";
+  if (queue === "") throw new UsageError("--queue-name must not be empty");
+  const path = (v.kv as string | undefined) ?? defaultKvPath(queue);
+  // Deno.openKv would create an empty database just to report that it is empty.
+  try {
+    const info = await Deno.stat(path);
+    if (!info.isFile) throw new UsageError(`Cannot show the status as ${JSON.stringify(path)} is not a file`);
+  } catch (err) {
+    if (err instanceof Deno.errors.NotFound) {
+      throw new UsageError(
+        `Cannot show the status as the database ${
+          JSON.stringify(path)
+        } does not exist (check --kv and --queue-name)`,
+      );
+    }
+    throw err;
+  }
+  const kv = await Deno.openKv(path);
+  let status: QueueStatus;
+  try {
+    status = await queueStatus(kv, queue);
+  } finally {
+    kv.close();
+  }
+  if (v.json) console.log(JSON.stringify({ kv: path, ...status } satisfies StatusJson));
+  else console.log(formatStatus(status, path));
+  return 0;
+}

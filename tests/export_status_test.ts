@@ -1,0 +1,304 @@
+/**
+ * `jetfill export` and `jetfill status`, run as real processes against real KV files; the
+ * end-to-end test syncs from the project's loopback server with `jetfill sync`.
+ */
+import assert from "node:assert/strict";
+import type { JetstreamEvent } from "../src/jetstream/events.ts";
+import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
+import { generateCapture } from "../src/server/synth.ts";
+import { serveEvents } from "./helpers/loopback.ts";
+import { Batcher } from "../src/pipeline/batch.ts";
+import { type Checkpoint, readCheckpoint } from "../src/queue/kv_queue.ts";
+import { QueueWriter } from "../src/queue/writer.ts";
+import { isoFromUs, utcDate } from "../src/time.ts";
+
+const CLI = new URL("../cli.ts", import.meta.url).pathname;
+const TEXT = new TextDecoder();
+
+interface Run {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+async function jetfill(...args: string[]): Promise<Run> {
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", "--unstable-kv", CLI, ...args],
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  return { code: out.code, stdout: TEXT.decode(out.stdout), stderr: TEXT.decode(out.stderr) };
+}
+
+async function tempDir(): Promise<string> {
+  return await Deno.makeTempDir({ prefix: "jetfill_export_" });
+}
+
+/** Stores `lines` in the default queue through the real batcher and writer, as a sync does. */
+async function store(path: string, lines: string[], batchSize = 100): Promise<JetstreamEvent[]> {
+  const queue = "jetstream_sync";
+  const kv = await Deno.openKv(path);
+  try {
+    const existing = await readCheckpoint(kv, queue);
+    const checkpoint: Checkpoint = existing.value ?? {
+      v: 1,
+      queue,
+      seq: 0,
+      cursor: 0,
+      recordsStored: 0,
+      updatedAt: Date.now(),
+      run: { id: crypto.randomUUID(), selection: {}, recordsStored: 0, instance: "test" },
+    };
+    const writer = new QueueWriter(kv, queue, { checkpoint, versionstamp: existing.versionstamp }, () => {});
+    const batcher = new Batcher(queue, batchSize);
+    const events: JetstreamEvent[] = [];
+    for (const line of lines) {
+      const ev = JSON.parse(line) as JetstreamEvent;
+      events.push(ev);
+      const collection = ev.kind === "commit" ? ev.commit.collection : undefined;
+      if (batcher.add(ev, line, utcDate(ev.time_us), collection)) await writer.add(batcher.take()!);
+    }
+    const last = batcher.take();
+    if (last) await writer.add(last);
+    await writer.flush();
+    return events;
+  } finally {
+    kv.close();
+  }
+}
+
+/** Reads a queue the plain way, independently of consume(): every message, by seq. */
+async function readQueue(path: string, messages: number): Promise<QueueMessage[]> {
+  const kv = await Deno.openKv(path);
+  const got: QueueMessage[] = [];
+  let done!: () => void;
+  const all = new Promise<void>((r) => done = r);
+  const listening = kv.listenQueue((m) => {
+    got.push(m as QueueMessage);
+    if (got.length === messages) done();
+  });
+  const timer = setTimeout(done, 10_000);
+  await all;
+  clearTimeout(timer);
+  await new Promise((r) => setTimeout(r, 50));
+  kv.close();
+  await listening;
+  return got.sort((a, b) => a.seq - b.seq);
+}
+
+const lines = (text: string) => text.split("\n").filter((l) => l !== "");
+
+Deno.test("jetfill export writes exactly the stored events, in order, and leaves nothing for a second export", async () => {
+  const dir = await tempDir();
+  try {
+    const path = `${dir}/q.sqlite`;
+    const stored = await store(path, generateCapture({ count: 2500, seed: 21 }));
+    const out = `${dir}/out.ndjson`;
+    const first = await jetfill("export", "--kv", path, "--out", out);
+    assert.equal(first.code, 0, first.stderr);
+    assert.equal(first.stdout, "");
+    assert.match(first.stderr, /^jetfill export: 2500 events from \d+ messages appended to .*out\.ndjson \(/);
+    const written = lines(await Deno.readTextFile(out));
+    assert.deepEqual(written, stored.map((e) => JSON.stringify(e)));
+    const before = await Deno.readTextFile(out);
+    const second = await jetfill("export", "--kv", path, "--out", out);
+    assert.equal(second.code, 0);
+    assert.match(second.stderr, /0 events from 0 messages/);
+    assert.equal(await Deno.readTextFile(out), before, "appends, never truncates");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("jetfill export writes to stdout, and cuts a partial last line before appending to --out", async () => {
+  const dir = await tempDir();
+  try {
+    const path = `${dir}/q.sqlite`;
+    const stored = await store(path, generateCapture({ count: 300, seed: 22 }), 50);
+    const half = await jetfill("export", "--kv", path);
+    assert.equal(half.code, 0, half.stderr);
+    assert.deepEqual(lines(half.stdout), stored.map((e) => JSON.stringify(e)));
+
+    const more = await store(path, generateCapture({ count: 40, seed: 23 }), 50);
+    const out = `${dir}/out.ndjson`;
+    await Deno.writeTextFile(out, '{"kept":1}\n{"did":"did:plc:cut-in-the-middle');
+    const run = await jetfill("export", "--kv", path, "--out", out);
+    assert.equal(run.code, 0, run.stderr);
+    assert.match(run.stderr, /removed a partial last line \(33 bytes\)/);
+    assert.deepEqual(lines(await Deno.readTextFile(out)), [
+      '{"kept":1}',
+      ...more.map((e) => JSON.stringify(e)),
+    ]);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("jetfill export --follow picks up what another process enqueues and exits 130 on SIGINT", async () => {
+  const dir = await tempDir();
+  try {
+    const path = `${dir}/q.sqlite`;
+    const out = `${dir}/follow.ndjson`;
+    const child = new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", "--unstable-kv", CLI, "export", "--kv", path, "--out", out, "--follow"],
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+    const expected: string[] = [];
+    for (let i = 0; i < 3; i++) {
+      await new Promise((r) => setTimeout(r, 400));
+      const evs = await store(path, generateCapture({ count: 30, seed: 30 + i }), 10);
+      expected.push(...evs.map((e) => JSON.stringify(e)));
+    }
+    const deadline = Date.now() + 5_000;
+    while (Date.now() < deadline) {
+      const text = await Deno.readTextFile(out).catch(() => "");
+      if (lines(text).length >= expected.length) break;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    child.kill("SIGINT");
+    const result = await child.output();
+    const stderr = TEXT.decode(result.stderr);
+    assert.equal(result.code, 130, stderr);
+    assert.match(stderr, /90 events from 9 messages/);
+    assert.deepEqual(lines(await Deno.readTextFile(out)), expected);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("jetfill export and status refuse a missing database and bad flags with exit code 2", async () => {
+  const dir = await tempDir();
+  try {
+    const missing = `${dir}/missing.sqlite`;
+    const exp = await jetfill("export", "--kv", missing);
+    assert.equal(exp.code, 2);
+    assert.match(
+      exp.stderr,
+      /jetfill export: Cannot export as the database ".*missing\.sqlite" does not exist/,
+    );
+    const st = await jetfill("status", "--kv", missing);
+    assert.equal(st.code, 2);
+    assert.match(
+      st.stderr,
+      /jetfill status: Cannot show the status as the database ".*missing\.sqlite" does not exist/,
+    );
+    assert.equal((await Array.fromAsync(Deno.readDir(dir))).length, 0, "no database was created");
+    const bad = await jetfill("export", "--nope");
+    assert.equal(bad.code, 2);
+    assert.match(bad.stderr, /see 'jetfill export --help'/);
+    const help = await jetfill("export", "--help");
+    assert.equal(help.code, 0);
+    assert.match(help.stdout, /Export consumes the queue/);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("jetfill status shows the queue's counts, per-day records and dead letters, in text and JSON", async () => {
+  const dir = await tempDir();
+  try {
+    const path = `${dir}/q.sqlite`;
+    const stored = await store(path, generateCapture({ count: 450, seed: 24 }), 100);
+    const days: Record<string, number> = {};
+    for (const e of stored) {
+      const d = utcDate(e.time_us);
+      days[d] = (days[d] ?? 0) + 1;
+    }
+    const kv = await Deno.openKv(path);
+    // A dead letter, as KV writes it when a message's retries run out.
+    const enqueued = await kv.get(["jetfill", "jetstream_sync", "count", "messages"]);
+    const messages = Number((enqueued.value as Deno.KvU64).value);
+    await kv.set(["jetfill", "jetstream_sync", "dead", 2], {
+      v: 1,
+      queue: "jetstream_sync",
+      seq: 2,
+      cursor: 0,
+      records: stored.slice(0, 7),
+    });
+    kv.close();
+    const run = await jetfill("status", "--kv", path, "--json");
+    assert.equal(run.code, 0, run.stderr);
+    const s = JSON.parse(run.stdout);
+    assert.equal(s.kv, path);
+    assert.equal(s.latestCursor, stored.at(-1)!.time_us);
+    assert.equal(s.latestCursorTime, isoFromUs(stored.at(-1)!.time_us));
+    assert.equal(s.recordsStored, 450);
+    assert.equal(s.messagesEnqueued, messages);
+    assert.equal(s.messagesWaiting, messages - 1);
+    assert.equal(s.recordsWaiting, 450 - 7);
+    assert.equal(s.deadLetters, 1);
+    assert.equal(s.deadRecords, 7);
+    assert.equal(s.queueLength, messages);
+    assert.deepEqual(s.recordsPerDay, days);
+    assert.equal(s.lastRun, null);
+    const text = await jetfill("status", "--kv", path);
+    assert.equal(text.code, 0);
+    assert.match(text.stdout, new RegExp(`waiting\\s+443 records in ${messages - 1} messages`));
+    assert.match(text.stdout, /dead letters\s+1 messages \(7 records\)/);
+    assert.match(text.stdout, /last cursor\s+\d+ \(\d{4}-\d\d-\d\dT[\d:.]+Z\)/);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("a finished jetfill sync: status --json matches its statistics, export matches an independent reading", async () => {
+  const dir = await tempDir();
+  try {
+    const capture = generateCapture({ count: 3000, seed: 25 });
+    await using server = serveEvents(capture, { closeAtEnd: true });
+    const path = `${dir}/sync.sqlite`;
+    const sync = await jetfill(
+      "sync",
+      "--instance",
+      server.url,
+      "--kv",
+      path,
+      "--collection",
+      "app.bsky.feed.*",
+      "--limit",
+      "100000",
+      "--json",
+    );
+    assert.equal(sync.code, 0, sync.stderr);
+    const stats = JSON.parse(sync.stdout);
+    assert.equal(stats.stopReason, "closed");
+    assert.ok(stats.recordsStored > 500);
+
+    const status = await jetfill("status", "--kv", path, "--json");
+    assert.equal(status.code, 0, status.stderr);
+    const s = JSON.parse(status.stdout);
+    assert.deepEqual(s.lastRun.stats, stats);
+    assert.equal(s.recordsStored, stats.recordsStored);
+    assert.equal(s.messagesEnqueued, stats.messagesEnqueued);
+    assert.equal(s.messagesWaiting, stats.messagesEnqueued);
+    assert.equal(s.queueLength, stats.queueLength);
+    assert.equal(s.latestCursor, stats.latestCursor);
+    assert.deepEqual(s.recordsPerDay, stats.recordsPerDay);
+    assert.equal(s.lastRun.options.queueName, "jetstream_sync");
+
+    // An independent reading of the same queue, from a copy of the database.
+    const copy = `${dir}/copy.sqlite`;
+    await Deno.copyFile(path, copy);
+    const independent = (await readQueue(copy, stats.messagesEnqueued)).flatMap((m) => decodeQueueMessage(m));
+    const out = `${dir}/export.ndjson`;
+    const exp = await jetfill("export", "--kv", path, "--out", out);
+    assert.equal(exp.code, 0, exp.stderr);
+    const exported = lines(await Deno.readTextFile(out));
+    assert.equal(exported.length, stats.recordsStored);
+    assert.deepEqual(exported, independent.map((e) => JSON.stringify(e)));
+    const selected = capture.filter((l) =>
+      (JSON.parse(l) as JetstreamEvent).kind === "commit" &&
+      (JSON.parse(l) as { commit: { collection: string } }).commit.collection.startsWith("app.bsky.feed.")
+    );
+    assert.deepEqual(exported, selected.map((l) => JSON.stringify(JSON.parse(l))));
+
+    const after = JSON.parse((await jetfill("status", "--kv", path, "--json")).stdout);
+    assert.deepEqual(
+      [after.messagesHandled, after.recordsHandled, after.messagesWaiting, after.queueLength],
+      [stats.messagesEnqueued, stats.recordsStored, 0, 0],
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
