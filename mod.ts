@@ -54,6 +54,7 @@ export {
   type DeadLetter,
   deadLetters,
   DEDUPE_WINDOW_MS,
+  HOLD_TARGET_MS,
   KV_REDELIVERY_DEADLINE_MS,
   type QueueStatus,
   queueStatus,

@@ -13,16 +13,21 @@
  *   and `recordsHandled` counters, and skips a message whose `seq` is already recorded (a duplicate).
  *   The commit checks that the record is still absent, so two consumers racing on one message never
  *   count it twice. Records expire after {@link DEDUPE_WINDOW_MS}.
- * - **The 5 s rule.** KV marks a dequeued message as running with a deadline of dequeue time + 5 s and
- *   never extends it. Whenever any process opens the database (even just to read), and every ~60 s in
- *   a process that has it open, running messages past their deadline are put back in the queue, and
- *   each such requeue uses up one of the message's retries. `listenQueue` also dequeues every ready
- *   message at once, however slow the handler. So consume() acknowledges every message within
- *   {@link ACK_DEADLINE_MS} of its delivery: it holds only as many delivered messages as it expects
- *   to finish in time (from the measured handling time), puts the rest back with a delay (a new
- *   enqueue of the same message, which uses up no retry), and gives each handler at most
- *   `min(handlerTimeout, time left before the deadline)`. A handler past its time is reported as a
- *   `timeout`, its `signal` is aborted and its message is failed, so that KV redelivers it.
+ * - **The 5 s rule.** When KV hands a message over, it marks it as running with a deadline of the
+ *   time the message became ready (its enqueue time, plus any delay) + 5 s, and never extends it.
+ *   Whenever any process opens the database (even just to read it) and every ~60 s in a process
+ *   that has it open, running messages past their deadline are put back in the queue as if they had
+ *   failed: each such requeue uses up one of the message's retries and makes a copy that is
+ *   delivered again. A fresh message thus has 5 s minus its pickup latency; a message that waited in
+ *   the queue (any backlog) is past its deadline the moment it is dequeued, and exposed to a requeue
+ *   for as long as it is held. And `listenQueue` dequeues every ready message at once, however slow
+ *   the handler. So consume() keeps what it holds small and short-lived: it holds only the messages
+ *   it expects to finish within {@link HOLD_TARGET_MS} of their delivery (from the measured handling
+ *   time), and puts the others back, highest `seq` first, each with a delay that brings it back about
+ *   when a handler is free for it (a new enqueue of the same message: it uses up no retry, and comes
+ *   back with a fresh deadline). Each handler runs at most `min(handlerTimeout, ACK_DEADLINE_MS
+ *   after its delivery)`; one past its time is reported as a `timeout`, its `signal` is aborted and
+ *   its message failed, for KV to redeliver. Copies that a requeue still makes are skipped by `seq`.
  * - **No cross-process wake-up.** A listener only sees another process's enqueues on a 60 s poll, but
  *   it takes everything that is ready when it opens the database. With a path, consume() therefore
  *   runs in sessions: open, listen, handle what arrives, and once idle and at least `pollInterval` old,
@@ -46,9 +51,12 @@ import { counterValue, defaultKvPath, openKvAt, queueKey, readCheckpoint } from 
 import { decodeQueueMessage, isQueueMessage, type QueueMessage } from "./message.ts";
 import { isoFromUs } from "../time.ts";
 
-/** Deno KV's redelivery deadline: a message not acknowledged this long after its dequeue can be requeued. */
+/**
+ * Deno KV's redelivery deadline: a message not acknowledged this long after it became ready (was
+ * enqueued, or its delay ran out) is requeued by the next cleanup (any opening of the database).
+ */
 export const KV_REDELIVERY_DEADLINE_MS = 5_000;
-/** consume() acknowledges (or fails) every message within this time of its delivery. */
+/** consume() answers (acknowledges, fails or puts back) every delivery within this time of it. */
 export const ACK_DEADLINE_MS = 4_000;
 /** How long the record of a handled `seq` is kept for deduplication: 7 days. */
 export const DEDUPE_WINDOW_MS = 7 * 24 * 3600_000;
@@ -66,10 +74,13 @@ const PUT_BACKS_PER_COMMIT = 12;
 const MIN_RUN_MS = 100;
 // The handling time assumed before the first message is measured.
 const INITIAL_SERVICE_MS = 10;
-// Held messages are planned to finish within this of their delivery; the rest is put back. KV's
-// deadline is 5 s after a message became ready, which for a fresh message picked up within a poll
-// interval leaves about 4 s; this keeps a margin for slow turns of the event loop.
-const HOLD_TARGET_MS = 3_000;
+/**
+ * consume() holds a delivered message only when it expects to finish it within this time of its
+ * delivery; it puts the others back. KV's deadline is 5 s after a message became ready, which for a
+ * fresh message picked up within a 1 s poll leaves about 4 s; this keeps a margin for slow turns of
+ * the event loop and for handlers slower than their average.
+ */
+export const HOLD_TARGET_MS = 3_000;
 // How long to keep waiting for a message put back here when it is the next seq.
 const REORDER_GRACE_MS = 500;
 const MIN_PUT_BACK_DELAY_MS = 100;
