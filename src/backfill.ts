@@ -530,7 +530,7 @@ async function consumeStream(
     }
     ctx.writer.setRun({ instance: base });
     ctx.batcher.host = base;
-    const before = stats.messagesReceived;
+    const before = { us: stats.lastProcessedUs, seq: seq.floor, accepted: ctx.accepted };
     const session: Session = {
       base,
       v2,
@@ -555,8 +555,13 @@ async function consumeStream(
       ctx.stop = "closed";
       break;
     }
-    const progressed = stats.messagesReceived > before;
-    failures = progressed ? 0 : failures + 1;
+    // Progress means new events, not the inclusive replay of the last one.
+    const progressed = stats.lastProcessedUs !== before.us || seq.floor !== before.seq ||
+      ctx.accepted !== before.accepted;
+    // A quiet connection closed by the idle timeout had been accepted by the server: a narrow
+    // filter can be silent for long, so it does not count as a failure.
+    if (progressed) failures = 0;
+    else if (cause.kind !== "idle") failures++;
     const why = cause.kind === "closed"
       ? `connection closed (code ${cause.code}${cause.reason ? `: ${cause.reason}` : ""})`
       : cause.kind === "idle"
@@ -666,6 +671,13 @@ async function readConnection(
         skip(
           "binary_frame",
           `unexpected binary frame of ${frame.byteLength} bytes on an uncompressed connection`,
+        );
+        continue;
+      }
+      if (text.length > o.maxEventBytes) {
+        skip(
+          "oversized",
+          `frame of ${text.length} characters is over the ${o.maxEventBytes}-byte event limit`,
         );
         continue;
       }

@@ -128,6 +128,12 @@ export interface BackfillSyncOptions {
    */
   maxRetries?: number;
   /**
+   * Frames larger than this are skipped (counted as `oversized` and reported), not stored. Real
+   * Jetstream events are a few KB; records are far below 1 MiB.
+   * @default {1048576}
+   */
+  maxEventBytes?: number;
+  /**
    * Refuse to run (before storing anything) when the server's history starts after the requested
    * start, and stop when an outage outlasts it; by default both are reported and the run goes on.
    * @default {false}
@@ -175,6 +181,8 @@ export interface ResolvedSyncOptions {
   rewindUs: number;
   /** Refuse gaps in coverage. */
   strict: boolean;
+  /** Frames above this size are skipped. */
+  maxEventBytes: number;
   /** Content keys remembered for deduplication. */
   dedupeWindow: number;
   /** Bytes of received frames a connection may hold before it closes itself. */
@@ -265,6 +273,7 @@ export const SyncOptionsSchema = z.strictObject({
     err("idleTimeout", "a positive number of seconds"),
   ).optional(),
   strict: z.boolean(err("strict", "a boolean")).optional(),
+  maxEventBytes: positiveInt("maxEventBytes").optional(),
   maxRetries: z.number(err("maxRetries", "a non-negative integer")).refine(
     (n) => Number.isSafeInteger(n) && n >= 0,
     err("maxRetries", "a non-negative integer"),
@@ -417,6 +426,7 @@ export function resolveSyncOptions(options: BackfillSyncOptions = {}): ResolvedS
     idleTimeoutMs: (o.idleTimeout ?? 60) * 1000,
     maxRetries: o.maxRetries ?? 10,
     strict: o.strict ?? false,
+    maxEventBytes: o.maxEventBytes ?? 1_048_576,
     failoverAfter: 2,
     rewindUs: 5_000_000,
     dedupeWindow: 100_000,

@@ -1,16 +1,16 @@
 /**
- * `jetfill serve`: serve a capture file as a legacy Jetstream `/subscribe` endpoint, for demos,
- * tests and benchmarks without the internet.
+ * `jetfill serve`: serve a capture file as a legacy (or, with `--v2`, a v2) Jetstream server, for
+ * demos, tests and benchmarks without the internet.
  *
  * @module
  */
 import { parseArgs } from "node:util";
 import { UsageError } from "../errors.ts";
 import { loadCapture } from "../server/capture.ts";
-import { serveJetstream } from "../server/server.ts";
+import { type ErrorAfter, serveJetstream } from "../server/server.ts";
 import type { ServerFaults } from "../server/faults.ts";
 import { resolveZstdDictionary } from "../jetstream/dictionary.ts";
-import { createZstdEncoder } from "../jetstream/zstd.ts";
+import { createZstdEncoder, dictionaryIdOf } from "../jetstream/zstd.ts";
 
 const HELP = `Usage: jetfill serve --file <capture.ndjson> [options]
 
@@ -27,6 +27,23 @@ Options:
                       serve compress=true connections with zstd frames made with this
                       dictionary (without it such requests get HTTP 400)
   -h, --help          show this help
+
+v2 server (protocol doc §1.2, §1.3):
+  --v2                imitate the v2 server: seqs, "cursor" on /subscribe events, v2 cursor
+                      rules and errors, and /xrpc/network.bsky.jetstream.subscribeEvents and
+                      /xrpc/network.bsky.jetstream.getZstdDictionary
+  --seq-base <n>      the first event gets seq n+1 (default: 1000)
+  --lookback-floor-seq <seq>
+                      events before this seq are outside the history window (both versions)
+  --history-start-us <µs>
+                      events before this time_us are outside the history window (both versions)
+  --early-replay-us <µs>
+                      time cursors start this much earlier than asked (bluesky-social/jetstream#343)
+  --v2-zstd-dictionary <path>
+                      serve subscribeEvents?zstdDictionary=<id> with zstd frames made with this
+                      dictionary, and the dictionary itself on getZstdDictionary
+  --error-after <n>   end each connection after n events: on subscribeEvents with an error frame
+  --error-name <name> ConsumerTooSlow (default) or InternalError
 
 Faults (all off by default, all deterministic):
   --refuse-first <k>  answer the first k subscription requests with HTTP 503
@@ -61,10 +78,6 @@ function parseCount(flag: string, raw: string | undefined, min: number): number 
   return Number(raw);
 }
 
-function urlHost(hostname: string): string {
-  return hostname.includes(":") ? `[${hostname}]` : hostname;
-}
-
 /**
  * Runs `jetfill serve` with the arguments after the command name and resolves to the exit code
  * (0 after a clean shutdown on SIGINT or SIGTERM). Bad flags or an unreadable capture throw a
@@ -92,6 +105,14 @@ export async function serveCommand(args: string[]): Promise<number> {
         "stall-after": { type: "string" },
         "stall-connections": { type: "string" },
         "garbage-every": { type: "string" },
+        v2: { type: "boolean" },
+        "seq-base": { type: "string" },
+        "lookback-floor-seq": { type: "string" },
+        "history-start-us": { type: "string" },
+        "early-replay-us": { type: "string" },
+        "v2-zstd-dictionary": { type: "string" },
+        "error-after": { type: "string" },
+        "error-name": { type: "string" },
         help: { type: "boolean", short: "h" },
       },
       strict: true,
@@ -117,6 +138,27 @@ export async function serveCommand(args: string[]): Promise<number> {
     stallConnections: parseCount("stall-connections", values["stall-connections"], 0),
     garbageEvery: parseCount("garbage-every", values["garbage-every"], 1),
   };
+  const v2 = values.v2 ?? false;
+  for (const flag of ["seq-base", "early-replay-us", "v2-zstd-dictionary"] as const) {
+    if (!v2 && values[flag] !== undefined) throw new UsageError(`Cannot serve as '--${flag}' needs '--v2'`);
+  }
+  const seqBase = parseCount("seq-base", values["seq-base"], 0);
+  const lookbackFloorSeq = parseCount("lookback-floor-seq", values["lookback-floor-seq"], 1);
+  const historyStartUs = parseCount("history-start-us", values["history-start-us"], 0);
+  const earlyReplayUs = parseCount("early-replay-us", values["early-replay-us"], 0);
+  const errorEvents = parseCount("error-after", values["error-after"], 0);
+  const errorName = values["error-name"] ?? "ConsumerTooSlow";
+  if (errorName !== "ConsumerTooSlow" && errorName !== "InternalError") {
+    throw new UsageError(
+      `Cannot serve as '--error-name' must be ConsumerTooSlow or InternalError: current value is '${errorName}'`,
+    );
+  }
+  if (values["error-name"] !== undefined && errorEvents === undefined) {
+    throw new UsageError("Cannot serve as '--error-name' needs '--error-after'");
+  }
+  const errorAfter: ErrorAfter | undefined = errorEvents === undefined
+    ? undefined
+    : { events: errorEvents, error: errorName };
 
   let events;
   try {
@@ -148,6 +190,26 @@ export async function serveCommand(args: string[]): Promise<number> {
     compressor = (text) => encoder.encode(utf8.encode(text)).slice();
   }
 
+  let v2Dictionary: Uint8Array | undefined;
+  let v2Compressor: ((text: string) => Uint8Array) | undefined;
+  const v2Path = values["v2-zstd-dictionary"];
+  if (v2Path !== undefined) {
+    try {
+      v2Dictionary = await Deno.readFile(v2Path);
+      dictionaryIdOf(v2Dictionary);
+    } catch (err) {
+      throw new UsageError(
+        `Cannot serve as '--v2-zstd-dictionary' is not a readable zstd dictionary: '${v2Path}' (${
+          (err as Error).message
+        })`,
+        { cause: err },
+      );
+    }
+    const encoder = await createZstdEncoder(v2Dictionary, 1);
+    const utf8 = new TextEncoder();
+    v2Compressor = (text) => encoder.encode(utf8.encode(text)).slice();
+  }
+
   const controller = new AbortController();
   let server;
   try {
@@ -158,6 +220,14 @@ export async function serveCommand(args: string[]): Promise<number> {
       closeAtEnd: values["close-at-end"] ?? false,
       compressor,
       faults,
+      version: v2 ? "v2" : "legacy",
+      seqBase,
+      lookbackFloorSeq,
+      historyStartUs,
+      earlyReplayUs,
+      v2Compressor,
+      v2Dictionary,
+      errorAfter,
       signal: controller.signal,
     });
   } catch (err) {
@@ -166,7 +236,8 @@ export async function serveCommand(args: string[]): Promise<number> {
     }
     throw err;
   }
-  console.log(`listening on ws://${urlHost(hostname)}:${server.port}/subscribe`);
+  // One line; on a v2 server it names the v2 wire too.
+  console.log(`listening on ${server.url}${v2 ? ` and ${server.v2Url}` : ""}`);
 
   const signals: Deno.Signal[] = Deno.build.os === "windows" ? ["SIGINT"] : ["SIGINT", "SIGTERM"];
   const stop = (): void => controller.abort();

@@ -237,7 +237,21 @@ class StreamConnection implements Connection {
         if (this.#wake !== resolve) return;
         if (chunk.done) {
           this.#wake = undefined;
-          this.#wss.closed.catch(() => ({ closeCode: 1006, reason: "" })).then((info) => {
+          // Answer the close, and do not wait forever for a handshake a broken peer never ends.
+          try {
+            this.#wss.close();
+          } catch { /* already closing */ }
+          let timer: ReturnType<typeof setTimeout> | undefined;
+          Promise.race([
+            this.#wss.closed.catch(() => ({ closeCode: 1006, reason: "" })),
+            new Promise<{ closeCode: number; reason: string }>((r) =>
+              timer = setTimeout(
+                () => r({ closeCode: 1006, reason: "the server's close did not complete" }),
+                1000,
+              )
+            ),
+          ]).then((info) => {
+            clearTimeout(timer);
             this.#end({ kind: "closed", code: info.closeCode || 1006, reason: info.reason ?? "" });
             resolve(null);
           });
@@ -312,7 +326,7 @@ async function openStreamConnection(
 
 async function connectError(url: string, message: string, signal?: AbortSignal): Promise<ConnectError> {
   const status = /status code:? (\d{3})/i.exec(message)?.[1];
-  if (status && Number(status) >= 400 && Number(status) < 500 && !signal?.aborted) {
+  if (status && Number(status) >= 400 && !signal?.aborted) {
     const r = await refusalBody(url, signal);
     const body = r.status === Number(status) ? r.body : undefined;
     return new ConnectError(

@@ -67,6 +67,7 @@ const WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 const REASONS: Record<number, string> = {
   101: "Switching Protocols",
   200: "OK",
+  304: "Not Modified",
   400: "Bad Request",
   404: "Not Found",
   405: "Method Not Allowed",
@@ -132,6 +133,37 @@ export async function readRequestHead(conn: Deno.Conn): Promise<RequestHead | nu
 }
 
 /**
+ * Writes a complete response that closes the connection (`Connection: close`), with the given
+ * content type and extra header fields.
+ *
+ * @example
+ * ```ts ignore
+ * import { writeResponse } from "./http1.ts";
+ * await writeResponse(conn, 200, dictionaryBytes, "application/octet-stream", { ETag: '"zstd-dict-1"' });
+ * ```
+ */
+export async function writeResponse(
+  conn: Deno.Conn,
+  status: number,
+  body: string | Uint8Array,
+  contentType: string,
+  headers: Record<string, string> = {},
+): Promise<void> {
+  const payload = typeof body === "string" ? encoder.encode(body) : body;
+  let head = `HTTP/1.1 ${status} ${REASONS[status] ?? "Unknown"}\r\n` +
+    `Content-Type: ${contentType}\r\n` +
+    "Access-Control-Allow-Origin: *\r\n";
+  for (const [name, value] of Object.entries(headers)) head += `${name}: ${value}\r\n`;
+  head += `Content-Length: ${payload.length}\r\nConnection: close\r\n\r\n`;
+  const headBytes = encoder.encode(head);
+  const bytes = new Uint8Array(headBytes.length + payload.length);
+  bytes.set(headBytes);
+  bytes.set(payload, headBytes.length);
+  let off = 0;
+  while (off < bytes.length) off += await conn.write(bytes.subarray(off));
+}
+
+/**
  * Writes a complete plain-text response that closes the connection (`Connection: close`), the way
  * the legacy server answers refused subscriptions.
  *
@@ -141,23 +173,33 @@ export async function readRequestHead(conn: Deno.Conn): Promise<RequestHead | nu
  * await writeTextResponse(conn, 400, "invalid cursor: abc");
  * ```
  */
-export async function writeTextResponse(conn: Deno.Conn, status: number, body: string): Promise<void> {
-  const payload = encoder.encode(body);
-  const head = `HTTP/1.1 ${status} ${REASONS[status] ?? "Unknown"}\r\n` +
-    "Content-Type: text/plain; charset=UTF-8\r\n" +
-    "Access-Control-Allow-Origin: *\r\n" +
-    `Content-Length: ${payload.length}\r\n` +
-    "Connection: close\r\n\r\n";
-  const bytes = new Uint8Array(head.length + payload.length);
-  bytes.set(encoder.encode(head));
-  bytes.set(payload, head.length);
-  let off = 0;
-  while (off < bytes.length) off += await conn.write(bytes.subarray(off));
+export function writeTextResponse(conn: Deno.Conn, status: number, body: string): Promise<void> {
+  return writeResponse(conn, status, body, "text/plain; charset=UTF-8");
+}
+
+/**
+ * Writes an XRPC error envelope `{"error":name,"message":message}` as `application/json`, the way
+ * the v2 server answers refused `subscribeEvents` requests and failed XRPC calls.
+ *
+ * @example
+ * ```ts ignore
+ * import { writeXrpcError } from "./http1.ts";
+ * await writeXrpcError(conn, 400, "InvalidRequest", "subscribe: invalid cursor: \"abc\"");
+ * ```
+ */
+export function writeXrpcError(
+  conn: Deno.Conn,
+  status: number,
+  name: string,
+  message: string,
+): Promise<void> {
+  return writeResponse(conn, status, JSON.stringify({ error: name, message }), "application/json");
 }
 
 /**
  * Checks that a request is a WebSocket opening handshake and returns the `101 Switching Protocols`
- * response head to send, or a reason the request is not one.
+ * response head to send, or a reason the request is not one. The first of `subprotocols` that the
+ * client offered (matched case-sensitively) is echoed in `Sec-WebSocket-Protocol`.
  *
  * @example
  * ```ts ignore
@@ -168,6 +210,7 @@ export async function writeTextResponse(conn: Deno.Conn, status: number, body: s
  */
 export async function acceptWebSocket(
   headers: Headers,
+  subprotocols: readonly string[] = [],
 ): Promise<{ response: Uint8Array } | { error: string }> {
   if (!(headers.get("upgrade") ?? "").toLowerCase().split(/\s*,\s*/).includes("websocket")) {
     return { error: "expected a WebSocket upgrade request ('Upgrade: websocket')" };
@@ -178,7 +221,10 @@ export async function acceptWebSocket(
   const digest = new Uint8Array(await crypto.subtle.digest("SHA-1", encoder.encode(key + WS_GUID)));
   let binary = "";
   for (const byte of digest) binary += String.fromCharCode(byte);
+  const offered = (headers.get("sec-websocket-protocol") ?? "").split(",").map((token) => token.trim());
+  const protocol = subprotocols.find((token) => offered.includes(token));
   const head = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
-    `Sec-WebSocket-Accept: ${btoa(binary)}\r\n\r\n`;
+    `Sec-WebSocket-Accept: ${btoa(binary)}\r\n` +
+    (protocol ? `Sec-WebSocket-Protocol: ${protocol}\r\n` : "") + "\r\n";
   return { response: encoder.encode(head) };
 }

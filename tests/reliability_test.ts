@@ -1,0 +1,155 @@
+import assert from "node:assert/strict";
+import { runBackfillSync } from "../src/backfill.ts";
+import type { JetstreamEvent } from "../src/jetstream/events.ts";
+import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
+import type { SyncErrorReport } from "../src/stats.ts";
+import { commit, did, drainQueue, identity } from "./helpers/events.ts";
+import { serveEvents, syncConnections, tempDb } from "./helpers/loopback.ts";
+
+const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
+
+function capture(n = 2000): JetstreamEvent[] {
+  return Array.from({ length: n }, (_, i) =>
+    i % 97 === 5 ? identity(T0 + i * 1000) : commit(T0 + i * 1000, {
+      did: did(i % 13),
+      collection: i % 3 === 0 ? "app.bsky.feed.like" : "app.bsky.feed.post",
+      text: `post ${i}`,
+    }));
+}
+
+const posts = (events: JetstreamEvent[]) =>
+  events.filter((e) => e.kind === "commit" && e.commit.collection === "app.bsky.feed.post");
+
+async function stored(path: string, messages: number): Promise<JetstreamEvent[]> {
+  const msgs = (await drainQueue(path, messages)) as QueueMessage[];
+  msgs.sort((a, b) => a.seq - b.seq);
+  assert.deepEqual(msgs.map((m) => m.seq), Array.from({ length: messages }, (_, i) => i + 1));
+  return msgs.flatMap((m) => decodeQueueMessage(m));
+}
+
+Deno.test("runBackfillSync() reconnects after abrupt drops and stores every event exactly once", async () => {
+  const events = capture();
+  await using server = serveEvents(events, { closeAtEnd: true, faults: { dropEvery: 170 } });
+  await using db = await tempDb();
+  const reports: SyncErrorReport[] = [];
+  const stats = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    startTimestamp: T0,
+    batchSize: 25,
+    onError: (r) => reports.push(r),
+  });
+  assert.equal(stats.stopReason, "closed");
+  assert.ok(stats.reconnects >= 5, `reconnects: ${stats.reconnects}`);
+  assert.ok(stats.duplicatesDropped >= stats.reconnects, "the inclusive replay must be dropped");
+  assert.ok(reports.some((r) => r.reason === "retry" && /code 1006/.test(r.message)));
+  const got = await stored(db.path, stats.queueLength);
+  assert.deepEqual(got, posts(events));
+  assert.equal(stats.recordsStored, posts(events).length);
+  // Each reconnect resumed from the last processed event, inclusive.
+  const queries = syncConnections(server).map((c) => c.query);
+  assert.ok(queries.slice(1).every((q) => /cursor=\d{16}/.test(q)));
+});
+
+Deno.test("runBackfillSync() retries 503 refusals with backoff, then gives up after maxRetries with a clear error", async () => {
+  const events = capture(300);
+  {
+    await using server = serveEvents(events, { closeAtEnd: true, faults: { refuseFirst: 3 } });
+    await using db = await tempDb();
+    const stats = await runBackfillSync({ instance: server.url, kv: db.path, startTimestamp: T0 });
+    assert.equal(stats.stopReason, "closed");
+    assert.equal(stats.recordsStored, posts(events).length);
+  }
+  {
+    await using server = serveEvents(events, { closeAtEnd: true, faults: { refuseFirst: 100 } });
+    await using db = await tempDb();
+    const stats = await runBackfillSync({ instance: server.url, kv: db.path, maxRetries: 2 });
+    assert.equal(stats.stopReason, "error");
+    assert.match(
+      stats.error!,
+      /gave up after 3 connection attempts without progress; last error: .*HTTP 503/,
+    );
+    assert.equal(stats.recordsStored, 0);
+  }
+});
+
+Deno.test("runBackfillSync() reconnects a stalled connection after the idle timeout", async () => {
+  const events = capture(600);
+  await using server = serveEvents(events, { closeAtEnd: true, faults: { stallAfter: 200 } });
+  await using db = await tempDb();
+  const stats = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    idleTimeout: 0.3,
+  });
+  assert.equal(stats.stopReason, "closed");
+  assert.ok(stats.reconnects >= 1);
+  assert.deepEqual(await stored(db.path, stats.queueLength), posts(events));
+});
+
+Deno.test("runBackfillSync() counts hostile frames by reason, stores none of them and goes on", async () => {
+  const events = capture(1000);
+  await using server = serveEvents(events, { closeAtEnd: true, faults: { garbageEvery: 40 } });
+  await using db = await tempDb();
+  const reports: SyncErrorReport[] = [];
+  const stats = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    kinds: ["commit", "identity", "account"],
+    wantedCollections: [],
+    onError: (r) => reports.push(r),
+  });
+  assert.equal(stats.stopReason, "closed");
+  const garbage = syncConnections(server).reduce((n, c) => n + (c.garbage ?? 0), 0);
+  const skipped = Object.values(stats.skipped).reduce((a, b) => a + (b ?? 0), 0);
+  assert.equal(skipped, garbage);
+  for (
+    const reason of ["malformed_json", "binary_frame", "unknown_kind", "missing_fields", "oversized"] as const
+  ) {
+    assert.ok((stats.skipped[reason] ?? 0) > 0, `no ${reason} counted: ${JSON.stringify(stats.skipped)}`);
+    assert.ok(reports.some((r) => r.reason === reason), `no ${reason} reported`);
+  }
+  assert.deepEqual(await stored(db.path, stats.queueLength), events);
+});
+
+Deno.test("runBackfillSync() fails over to the next instance, rewinds and deduplicates by content", async () => {
+  const events = capture(1200);
+  const flaky = serveEvents(events);
+  await using good = serveEvents(events, { closeAtEnd: true });
+  await using db = await tempDb();
+  let stopped: Promise<void> | undefined;
+  const stats = await runBackfillSync({
+    instance: [flaky.url, good.url],
+    kv: db.path,
+    startTimestamp: T0,
+    batchSize: 20,
+    // The first instance goes away for good after the first commit.
+    onProgress: () => {
+      stopped ??= flaky.shutdown();
+    },
+  });
+  await stopped;
+  assert.equal(stats.stopReason, "closed");
+  assert.ok(stats.failovers >= 1, `failovers: ${stats.failovers}`);
+  assert.ok(stats.duplicatesDropped > 0, "the rewound replay must be deduplicated");
+  assert.deepEqual(await stored(db.path, stats.queueLength), posts(events));
+  const first = syncConnections(good)[0].query.match(/cursor=(\d+)/)![1];
+  const flakyLast = Math.max(...syncConnections(flaky).map((c) => c.sent));
+  assert.ok(Number(first) <= T0 + flakyLast * 1000, "the switch rewinds the cursor");
+});
+
+Deno.test("runBackfillSync() does not count quiet idle reconnects as failures", async () => {
+  // A cursor in the future: the server accepts and stays silent, like a narrow live filter.
+  await using server = serveEvents(capture(10), { now: () => T0 });
+  await using db = await tempDb();
+  const stats = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    startTimestamp: T0 + 3_600_000_000,
+    idleTimeout: 0.1,
+    maxRetries: 1,
+    maxTime: 1.5,
+  });
+  assert.equal(stats.stopReason, "max_time");
+  assert.ok(stats.reconnects >= 2, `reconnects: ${stats.reconnects}`);
+});
