@@ -28,12 +28,15 @@ Selection:
 Connection:
   --instance HOST|URL     Jetstream host or ws:// / wss:// URL; repeatable, tried in order
                           (default jetstream1.us-east.bsky.network)
+  --wire v1|v2            /subscribe (v1, every server) or subscribeEvents (v2 servers); default
+                          v2 for jetstream.us-east/us-west.bsky.network, v1 otherwise
   --compress              ask for zstd-compressed frames
   --zstd-dictionary PATH  the zstd dictionary for --compress (else $JETFILL_ZSTD_DICTIONARY, a
                           cached copy, or a download verified by its sha256)
   --idle-timeout SECONDS  reconnect a connection silent this long (default 60)
   --max-retries N         attempts in a row without progress before giving up (default 10)
   --max-time SECONDS      stop after this long, even when nothing arrives (default 900)
+  --max-event-bytes N     skip (and count) frames larger than this (default 1048576)
 
 Queue:
   --kv PATH               Deno KV database (default ./jetfill-data/<queue-name>.sqlite)
@@ -60,6 +63,8 @@ const FLAGS: FlagSpec = {
   limit: { type: "string" },
   instance: { type: "string", multiple: true },
   compress: { type: "boolean" },
+  wire: { type: "string" },
+  "max-event-bytes": { type: "string" },
   "zstd-dictionary": { type: "string" },
   "idle-timeout": { type: "string" },
   "max-retries": { type: "string" },
@@ -89,6 +94,9 @@ export async function syncOptionsFromFlags(v: Record<string, unknown>): Promise<
   if (v.kv !== undefined) options.kv = v.kv as string;
   if (v["queue-name"] !== undefined) options.queueName = v["queue-name"] as string;
   if (v.compress) options.compress = true;
+  if (v.wire !== undefined) options.wire = v.wire as "v1" | "v2";
+  const maxEvent = numberFlag("max-event-bytes", v["max-event-bytes"], { integer: true, positive: true });
+  if (maxEvent !== undefined) options.maxEventBytes = maxEvent;
   if (v["zstd-dictionary"] !== undefined) options.zstdDictionary = v["zstd-dictionary"] as string;
   if (v.resume) options.resume = true;
   if (v.force) options.force = true;
