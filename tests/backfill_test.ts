@@ -311,3 +311,22 @@ Deno.test("runBackfillSync({ resume: true }) continues the last run with its own
   const { events: got } = await stored(db.path, first.queueLength + second.messagesEnqueued);
   assert.deepEqual(got, expected);
 });
+
+Deno.test("runBackfillSync() writes to a Deno.Kv it is given and leaves it open", async () => {
+  await using server = serveEvents(capture(), { closeAtEnd: true });
+  const kv = await Deno.openKv(":memory:");
+  try {
+    const stats = await runBackfillSync({
+      instance: server.url,
+      kv,
+      startTimestamp: T0,
+      queueName: "mine",
+      numRecords: 5,
+    });
+    assert.equal(stats.recordsStored, 5);
+    const cp = await kv.get<{ recordsStored: number }>(queueKey("mine", "checkpoint"));
+    assert.equal(cp.value?.recordsStored, 5);
+  } finally {
+    kv.close();
+  }
+});

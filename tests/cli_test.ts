@@ -167,3 +167,37 @@ Deno.test("jetfill sync --resume refuses a queue without a checkpoint, and diffe
     /with different options: wantedCollections was \["app.bsky.feed.post"\], now \["app.bsky.feed.like"\]/,
   );
 });
+
+Deno.test("jetfill sync stores what it received and exits 130 on Ctrl-C (SIGINT)", async () => {
+  // No end, no limit reached, a server that stays open: only the interrupt stops the run.
+  const events = Array.from({ length: 500 }, (_, i) => commit(T0 + i * 1000));
+  await using server = serveEvents(events);
+  await using db = await tempDb();
+  const child = new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "-A",
+      CLI,
+      "sync",
+      "--instance",
+      server.url,
+      "--kv",
+      db.path,
+      "--start",
+      String(T0),
+      "--json",
+    ],
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  // Wait until the whole capture was served, then interrupt.
+  while (!(syncConnections(server)[0]?.sent >= 500)) await new Promise((r) => setTimeout(r, 50));
+  await new Promise((r) => setTimeout(r, 300));
+  child.kill("SIGINT");
+  const out = await child.output();
+  assert.equal(out.code, 130, new TextDecoder().decode(out.stderr));
+  const stats = JSON.parse(new TextDecoder().decode(out.stdout));
+  assert.equal(stats.stopReason, "aborted");
+  assert.equal(stats.recordsStored, 500);
+  assert.equal(stats.latestCursor, events[499].time_us);
+});
