@@ -1,0 +1,102 @@
+/**
+ * The state one sync run shares between its stages: options, counters, the writer and batcher, and
+ * why it stops; plus what one connection knows about itself and the v2 sequence position.
+ *
+ * @module
+ */
+import type { ResolvedSyncOptions } from "../options.ts";
+import type { StatsTracker, StopReason, SyncErrorReport } from "../stats.ts";
+import type { QueueWriter } from "../queue/writer.ts";
+import type { Batcher } from "./batch.ts";
+import { isoFromUs } from "../time.ts";
+import { UsageError } from "../errors.ts";
+
+/** What one connection needs to know about itself. */
+export interface Session {
+  /** The instance URL. */
+  base: string;
+  /** Whether it speaks the v2 wire. */
+  v2: boolean;
+  /** The zstd decoder for its binary frames. */
+  decode: ((bytes: Uint8Array) => Uint8Array) | undefined;
+  /** time_us already processed on this instance (inclusive replay). */
+  floorUs: number;
+  /** seq already processed on this instance, or -1. */
+  seqFloor: number;
+  /** An error frame came: the close that follows is not the end of the stream. */
+  errorFrame: boolean;
+  /** An OutdatedCursor info came: the next event shows where history starts. */
+  outdatedFrom: number | undefined;
+  /** The time cursor sent, if any. */
+  requestedUs: number | undefined;
+}
+
+/** The v2 sequence position: the host whose seq it is, and the last seq processed there. */
+export interface SeqState {
+  host: string | undefined;
+  floor: number;
+}
+
+/** A run's shared state. */
+export interface RunContext {
+  o: ResolvedSyncOptions;
+  stats: StatsTracker;
+  writer: QueueWriter;
+  batcher: Batcher;
+  stop: StopReason | undefined;
+  error: string | undefined;
+  accepted: number;
+  internal: AbortController;
+  report: (r: SyncErrorReport) => void;
+  decodeFrame: ((bytes: Uint8Array) => Uint8Array) | undefined;
+  /** Whether v2 connections still ask for zstd frames. */
+  v2Compress: boolean;
+  /** The v2 dictionary's decoder, once fetched. */
+  v2Dictionary: { id: number; decode: (bytes: Uint8Array) => Uint8Array } | undefined;
+}
+
+/** Stops the run for `reason` (the first reason wins) and aborts what is waiting. */
+export function stopWith(ctx: RunContext, reason: StopReason): void {
+  if (ctx.stop) return;
+  ctx.stop = reason;
+  ctx.internal.abort();
+}
+
+/**
+ * Records that history before `firstUs` is missing where events from `fromUs` were asked for (the
+ * requested start when `atStart`, else a resume point), reports it in plain words and, with
+ * `strict`, refuses (before anything is stored) or stops the run.
+ */
+export function coverageGap(
+  ctx: RunContext,
+  base: string,
+  fromUs: number,
+  firstUs: number,
+  atStart: boolean,
+): void {
+  const { stats } = ctx;
+  stats.coverageStart ??= firstUs;
+  if (firstUs <= fromUs) return;
+  const gap = firstUs - fromUs;
+  stats.coverageGapUs += gap;
+  if (atStart) stats.startClamped = true;
+  const what = atStart ? "the requested start" : "the point to resume from";
+  const message = `${new URL(base).host} only holds events from ${isoFromUs(firstUs)} on; ${what}, ${
+    isoFromUs(fromUs)
+  }, is ${describeDuration(gap)} earlier, so events in between cannot be had from this server`;
+  ctx.report({ reason: "coverage", message, instance: base });
+  if (!ctx.o.strict) return;
+  if (atStart && stats.recordsStored === 0 && ctx.accepted === ctx.writer.checkpoint.run.recordsStored) {
+    throw new UsageError(`${message} (refused by --strict)`);
+  }
+  stopWith(ctx, "error");
+  ctx.error = `${message} (stopped by --strict)`;
+}
+
+function describeDuration(us: number): string {
+  const s = us / 1e6;
+  if (s < 120) return `${s.toFixed(1)} s`;
+  if (s < 7200) return `${(s / 60).toFixed(1)} min`;
+  if (s < 172800) return `${(s / 3600).toFixed(1)} h`;
+  return `${(s / 86400).toFixed(1)} days`;
+}

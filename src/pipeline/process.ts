@@ -1,0 +1,187 @@
+/**
+ * The per-frame hot path of a sync: decode (zstd), parse, map v2 frames, check the shape, apply the
+ * window and deduplication, select, batch, and hand full batches to the writer. One connection at a
+ * time; the reconnect loop is in `../source.ts`.
+ *
+ * @module
+ */
+import type { JetstreamEvent } from "../jetstream/events.ts";
+import type { Connection, Frame } from "../jetstream/socket.ts";
+import { mapV2Frame, type V2Frame } from "../jetstream/v2.ts";
+import { ZstdDecodeError } from "../jetstream/zstd.ts";
+import type { BackfillSyncOptions } from "../options.ts";
+import type { SkipReason } from "../stats.ts";
+import { coverageGap, type RunContext, type SeqState, type Session, stopWith } from "./context.ts";
+import { type ReplayGuard, shapeProblem } from "./filter.ts";
+
+const TEXT = new TextDecoder();
+
+/** Handles a v2 info, error or other non-event frame; true when the connection is done. */
+function handleV2Frame(ctx: RunContext, session: Session, m: Exclude<V2Frame, { type: "event" }>): boolean {
+  switch (m.type) {
+    case "info":
+      ctx.report({ reason: "info", message: `${m.name}: ${m.message}`, instance: session.base });
+      if (m.name === "OutdatedCursor" && session.requestedUs !== undefined) {
+        session.outdatedFrom = session.requestedUs;
+      }
+      return false;
+    case "error":
+      session.errorFrame = true;
+      ctx.report({
+        reason: "retry",
+        message: `server error ${m.error}: ${m.message}`,
+        instance: session.base,
+      });
+      return false;
+    case "invalid":
+      ctx.stats.skip("missing_fields");
+      ctx.report({ reason: "missing_fields", message: `v2 frame ${m.reason}`, instance: session.base });
+      return false;
+    default:
+      return false;
+  }
+}
+
+/** The first event after an OutdatedCursor shows where the server's history starts. */
+function noteOutdated(ctx: RunContext, session: Session, firstUs: number): void {
+  const from = session.outdatedFrom!;
+  session.outdatedFrom = undefined;
+  coverageGap(ctx, session.base, from, firstUs, ctx.stats.lastProcessedUs === null);
+}
+
+/** Reads one connection until it ends or the run stops. */
+export async function readConnection(
+  ctx: RunContext,
+  conn: Connection,
+  session: Session,
+  select: (ev: JetstreamEvent) => boolean,
+  guard: ReplayGuard,
+  seq: SeqState,
+  options: BackfillSyncOptions,
+): Promise<void> {
+  const { o, stats, batcher } = ctx;
+  const { base, decode, floorUs, seqFloor } = session;
+  const endUs = o.endUs ?? Number.POSITIVE_INFINITY;
+  const startUs = o.startUs ?? Number.NEGATIVE_INFINITY;
+  const skip = (reason: SkipReason, message: string) => {
+    stats.skip(reason);
+    ctx.report({ reason, message, instance: conn.url });
+  };
+  let bytesBefore = 0;
+  let mismatches = 0;
+  for (let frames: Frame[] | null = await conn.next(); frames !== null; frames = await conn.next()) {
+    if (ctx.stop) return;
+    stats.messagesReceived += frames.length;
+    stats.bytesReceived += conn.bytesReceived - bytesBefore;
+    bytesBefore = conn.bytesReceived;
+    for (let i = 0; i < frames.length; i++) {
+      const frame = frames[i];
+      let text: string;
+      if (typeof frame === "string") {
+        text = frame;
+      } else if (decode) {
+        try {
+          const raw = decode(frame instanceof Uint8Array ? frame : new Uint8Array(frame));
+          mismatches = 0;
+          stats.bytesDecoded += raw.byteLength;
+          text = TEXT.decode(raw);
+        } catch (err) {
+          if (err instanceof ZstdDecodeError && err.reason === "dictionary-mismatch" && ++mismatches >= 5) {
+            // Frame after frame naming another dictionary: a wrong dictionary, not a bad frame.
+            stats.skip("decode_failed");
+            throw new Error(`${err.message}; give the matching dictionary with --zstd-dictionary`);
+          }
+          skip(
+            "decode_failed",
+            `frame of ${frame.byteLength} bytes could not be decoded: ${(err as Error).message}`,
+          );
+          continue;
+        }
+      } else {
+        skip(
+          "binary_frame",
+          `unexpected binary frame of ${frame.byteLength} bytes on an uncompressed connection`,
+        );
+        continue;
+      }
+      if (text.length > o.maxEventBytes) {
+        skip(
+          "oversized",
+          `frame of ${text.length} characters is over the ${o.maxEventBytes}-byte event limit`,
+        );
+        continue;
+      }
+      let ev: JetstreamEvent;
+      try {
+        ev = JSON.parse(text);
+      } catch {
+        skip("malformed_json", `frame is not JSON: ${text.slice(0, 80)}`);
+        continue;
+      }
+      if (session.v2) {
+        const m = mapV2Frame(ev);
+        if (m.type !== "event") {
+          if (handleV2Frame(ctx, session, m)) return;
+          continue;
+        }
+        ev = m.event;
+        // Sizing and the gzip of an oversized event need the stored form's text.
+        text = JSON.stringify(ev);
+        if (session.outdatedFrom !== undefined) noteOutdated(ctx, session, ev.time_us);
+        if (ctx.stop) return;
+      }
+      const problem = shapeProblem(ev);
+      if (problem) {
+        skip(
+          problem,
+          `${problem === "unknown_kind" ? "unknown kind" : "missing fields"} in ${text.slice(0, 120)}`,
+        );
+        continue;
+      }
+      const t = ev.time_us;
+      if (t >= endUs) {
+        stopWith(ctx, "end");
+        return;
+      }
+      // Below the floor: the inclusive replay of a reconnect. Below the start: a server that
+      // replays from before the requested cursor (bluesky-social/jetstream#343).
+      const evSeq = (ev as { cursor?: unknown }).cursor;
+      if (typeof evSeq === "number") {
+        // A v2 host: its seq orders events; time_us may not (protocol doc §3.2).
+        if (evSeq <= seqFloor) {
+          stats.duplicatesDropped++;
+          continue;
+        }
+        if (seq.host !== base) {
+          seq.host = base;
+          seq.floor = -1;
+        }
+        seq.floor = Math.max(seq.floor, evSeq);
+        if (t < startUs) continue;
+      } else if (t <= floorUs || t < startUs) {
+        if (t <= floorUs) stats.duplicatesDropped++;
+        continue;
+      }
+      // A rewound replay after a failover must not move the date backwards.
+      if (stats.lastProcessedUs === null || t > stats.lastProcessedUs) {
+        const change = stats.processed(t);
+        if (change) options.onDateChange?.(change);
+      }
+      if (!select(ev)) continue;
+      if (guard.isReplay(ev)) {
+        stats.duplicatesDropped++;
+        continue;
+      }
+      guard.record(ev);
+      const collection = ev.kind === "commit" ? ev.commit.collection : undefined;
+      const full = batcher.add(ev, text, stats.dayOf(t), collection);
+      ctx.accepted++;
+      if (ctx.accepted >= o.numRecords) {
+        stopWith(ctx, "limit");
+        return;
+      }
+      if (full) await ctx.writer.add(batcher.take()!);
+      if (ctx.stop) return;
+    }
+  }
+}

@@ -1,0 +1,226 @@
+/**
+ * The connection loop of a sync: one connection at a time to the instances in order, reconnecting
+ * with the cursor of the last event processed (or the v2 sequence on the host that issued it),
+ * backing off with jitter, failing over with a rewind, checking coverage, and handing each
+ * connection to the per-frame pipeline.
+ *
+ * @module
+ */
+import { backoffDelay, delay } from "./async.ts";
+import { UsageError } from "./errors.ts";
+import { probeCoverageStart } from "./jetstream/coverage.ts";
+import { resolveZstdDictionary } from "./jetstream/dictionary.ts";
+import { type ConnectError, type Connection, openConnection } from "./jetstream/socket.ts";
+import { buildSubscribeRequest } from "./jetstream/url.ts";
+import { buildV2Url, fetchV2Dictionary, isV2Url, parseXrpcError } from "./jetstream/v2.ts";
+import { createZstdDecoder } from "./jetstream/zstd.ts";
+import type { BackfillSyncOptions } from "./options.ts";
+import { coverageGap, type RunContext, type SeqState, type Session } from "./pipeline/context.ts";
+import { createSelector, ReplayGuard } from "./pipeline/filter.ts";
+import { readConnection } from "./pipeline/process.ts";
+import type { Checkpoint } from "./queue/kv_queue.ts";
+
+/** The decoder for a v2 host's dictionary, fetched from it once (or the one given, if its ID matches). */
+async function v2Decoder(
+  ctx: RunContext,
+  base: string,
+  options: BackfillSyncOptions,
+): Promise<{ id: number; decode: (bytes: Uint8Array) => Uint8Array } | undefined> {
+  if (ctx.v2Dictionary) return ctx.v2Dictionary;
+  let bytes: Uint8Array;
+  try {
+    bytes = (await fetchV2Dictionary(base, ctx.internal.signal)).bytes;
+  } catch (err) {
+    if (options.zstdDictionary === undefined) {
+      ctx.report({
+        reason: "connection",
+        message: `cannot fetch the v2 zstd dictionary (${(err as Error).message}); continuing uncompressed`,
+        instance: base,
+      });
+      ctx.v2Compress = false;
+      return undefined;
+    }
+    bytes = (await resolveZstdDictionary({ dictionary: options.zstdDictionary })).bytes;
+  }
+  const decoder = await createZstdDecoder(bytes);
+  ctx.v2Dictionary = { id: decoder.dictionaryId, decode: (b) => decoder.decode(b) };
+  return ctx.v2Dictionary;
+}
+
+/** The reconnect loop: one connection at a time, until a stop condition. */
+export async function consumeStream(
+  ctx: RunContext,
+  options: BackfillSyncOptions,
+  resumeFrom: Checkpoint | undefined,
+): Promise<void> {
+  const { o, stats } = ctx;
+  const select = createSelector(o);
+  const guard = new ReplayGuard(o.dedupeWindow);
+  let instanceIndex = Math.max(0, resumeFrom ? o.instances.indexOf(resumeFrom.run.instance) : 0);
+  // Events at or below this time_us were processed on the current instance (its cursor is inclusive).
+  let floorUs = resumeFrom && resumeFrom.run.recordsStored > 0 ? resumeFrom.cursor : -1;
+  // On v2 hosts events carry the server's sequence number (`cursor`): it, not time_us, is the
+  // exact resume position there, and it is only ever sent back to the host that issued it.
+  const seq: SeqState = { host: undefined, floor: -1 };
+  if (resumeFrom?.run.seqCursor !== undefined && resumeFrom.run.seqInstance !== undefined) {
+    seq.host = resumeFrom.run.seqInstance;
+    seq.floor = resumeFrom.run.seqCursor;
+  }
+  let failures = 0;
+  let connections = 0;
+  let disconnectedAt = performance.now();
+
+  // Coverage: is the requested start (or the resume point) still within the server's history?
+  const from = floorUs >= 0 ? floorUs : o.startUs;
+  if (from !== undefined) await checkCoverage(ctx, o.instances[instanceIndex], from, floorUs < 0);
+
+  while (!ctx.stop) {
+    const base = o.instances[instanceIndex];
+    if (floorUs >= 0 && connections > 0 && performance.now() - disconnectedAt > o.idleTimeoutMs) {
+      // After an outage longer than the idle timeout the cursor may have fallen out of history.
+      await checkCoverage(ctx, base, floorUs, false);
+      if (ctx.stop) break;
+    }
+    const bySeq = seq.host === base && seq.floor >= 0;
+    const cursor = bySeq ? seq.floor : floorUs >= 0 ? floorUs : o.startUs;
+    const v2 = isV2Url(base);
+    let decode = ctx.decodeFrame;
+    let req: { url: string; hello?: string };
+    if (v2) {
+      const dict = o.compress && ctx.v2Compress ? await v2Decoder(ctx, base, options) : undefined;
+      decode = dict?.decode;
+      req = { url: buildV2Url(base, { ...o, cursor, zstdDictionary: dict?.id }) };
+    } else {
+      req = buildSubscribeRequest(base, { ...o, cursor, compress: o.compress });
+    }
+    let conn: Connection;
+    try {
+      conn = await openConnection(req.url, {
+        idleTimeoutMs: o.idleTimeoutMs,
+        maxBufferedBytes: o.maxBufferedBytes,
+        hello: req.hello,
+        signal: ctx.internal.signal,
+      });
+    } catch (err) {
+      if (ctx.stop) break;
+      const e = err as ConnectError;
+      const xrpc = v2 ? parseXrpcError(e.body) : undefined;
+      if (xrpc?.error === "CursorTooOld" && bySeq) {
+        // The seq fell out of the server's window: go on from the time cursor, which the server
+        // clamps and reports (#info OutdatedCursor), so the gap is measured.
+        ctx.report({ reason: "retry", message: `${xrpc.message}; resuming by time instead`, instance: base });
+        seq.host = undefined;
+        seq.floor = -1;
+        continue;
+      }
+      if (xrpc?.error === "UnknownZstdDictionary" && ctx.v2Dictionary) {
+        const known = ctx.v2Dictionary.id;
+        ctx.v2Dictionary = undefined;
+        const again = await v2Decoder(ctx, base, options);
+        if (!again || again.id === known) {
+          ctx.v2Compress = false;
+          ctx.report({
+            reason: "retry",
+            message: `${xrpc.message}; continuing uncompressed`,
+            instance: base,
+          });
+        }
+        continue;
+      }
+      if (e.status !== undefined && e.status >= 400 && e.status < 500 && e.status !== 429) {
+        if (stats.recordsStored === 0 && connections === 0) throw new UsageError(e.message);
+        ctx.stop = "error";
+        ctx.error = e.message;
+        break;
+      }
+      failures++;
+      ctx.report({ reason: "connection", message: e.message, instance: base });
+      if (failures > o.maxRetries) {
+        ctx.stop = "error";
+        ctx.error =
+          `gave up after ${failures} connection attempts without progress; last error: ${e.message}`;
+        break;
+      }
+      if (o.instances.length > 1 && failures % o.failoverAfter === 0) {
+        instanceIndex = (instanceIndex + 1) % o.instances.length;
+        stats.failovers++;
+        if (floorUs >= 0) floorUs -= o.rewindUs;
+      }
+      await delay(backoffDelay(failures), ctx.internal.signal);
+      continue;
+    }
+    connections++;
+    if (connections > 1) {
+      stats.reconnects++;
+      // What follows may repeat what was processed: an inclusive cursor, a rewind after a
+      // failover, a restarted server re-sending events under new time_us.
+      guard.arm();
+    }
+    ctx.writer.setRun({ instance: base });
+    ctx.batcher.host = base;
+    const before = { us: stats.lastProcessedUs, seq: seq.floor, accepted: ctx.accepted };
+    const session: Session = {
+      base,
+      v2,
+      decode,
+      floorUs,
+      seqFloor: bySeq ? seq.floor : -1,
+      errorFrame: false,
+      outdatedFrom: undefined,
+      requestedUs: bySeq ? undefined : cursor,
+    };
+    try {
+      await readConnection(ctx, conn, session, select, guard, seq, options);
+    } finally {
+      conn.close();
+      await conn.closed();
+    }
+    if (stats.lastProcessedUs !== null) floorUs = Math.max(floorUs, stats.lastProcessedUs);
+    disconnectedAt = performance.now();
+    if (ctx.stop) break;
+    const cause = conn.cause!;
+    if (cause.kind === "closed" && cause.code === 1000 && !session.errorFrame) {
+      ctx.stop = "closed";
+      break;
+    }
+    // Progress means new events, not the inclusive replay of the last one.
+    const progressed = stats.lastProcessedUs !== before.us || seq.floor !== before.seq ||
+      ctx.accepted !== before.accepted;
+    // A quiet connection closed by the idle timeout had been accepted by the server: a narrow
+    // filter can be silent for long, so it does not count as a failure.
+    if (progressed) failures = 0;
+    else if (cause.kind !== "idle") failures++;
+    const why = cause.kind === "closed"
+      ? `connection closed (code ${cause.code}${cause.reason ? `: ${cause.reason}` : ""})`
+      : cause.kind === "idle"
+      ? `no message for ${o.idleTimeoutMs / 1000} s`
+      : cause.kind === "overflow"
+      ? "the pipeline fell behind the socket; reconnecting from the cursor"
+      : "connection aborted";
+    ctx.report({ reason: "retry", message: `${why}; reconnecting`, instance: base });
+    if (failures > o.maxRetries) {
+      ctx.stop = "error";
+      ctx.error = `gave up after ${failures} reconnects without progress; last: ${why}`;
+      break;
+    }
+    if (o.instances.length > 1 && failures > 0 && failures % o.failoverAfter === 0) {
+      instanceIndex = (instanceIndex + 1) % o.instances.length;
+      stats.failovers++;
+      if (floorUs >= 0) floorUs -= o.rewindUs;
+    }
+    if (failures > 0 || cause.kind !== "overflow") {
+      await delay(backoffDelay(Math.max(1, failures)), ctx.internal.signal);
+    }
+  }
+}
+
+/**
+ * Probes where `base`'s history begins and compares it with `fromUs`, the requested start
+ * (`atStart`) or a resume point; see {@link coverageGap}.
+ */
+async function checkCoverage(ctx: RunContext, base: string, fromUs: number, atStart: boolean): Promise<void> {
+  if (!new URL(base).pathname.endsWith("/subscribe")) return;
+  const oldest = await probeCoverageStart(base, { signal: ctx.internal.signal });
+  if (oldest === null || ctx.stop) return;
+  coverageGap(ctx, base, fromUs, oldest, atStart);
+}
