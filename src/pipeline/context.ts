@@ -33,21 +33,33 @@ export interface Session {
 
 /** The v2 sequence position: the host whose seq it is, and the last seq processed there. */
 export interface SeqState {
+  /** The instance that issued `floor`. */
   host: string | undefined;
+  /** The last seq processed there, or -1. */
   floor: number;
 }
 
 /** A run's shared state. */
 export interface RunContext {
+  /** The resolved options. */
   o: ResolvedSyncOptions;
+  /** The run's counters. */
   stats: StatsTracker;
+  /** Commits batches with the checkpoint. */
   writer: QueueWriter;
+  /** Packs selected events into messages. */
   batcher: Batcher;
+  /** Why the run stops, once decided. */
   stop: StopReason | undefined;
+  /** The message of an `error` stop. */
   error: string | undefined;
+  /** Records handed to the batcher by this run and the runs it resumes (for the limit). */
   accepted: number;
+  /** Aborted when the run stops, so that waits end at once. */
   internal: AbortController;
+  /** Passes a report to `onError`. */
   report: (r: SyncErrorReport) => void;
+  /** Decoder of legacy-dictionary zstd frames, when compressing on /subscribe. */
   decodeFrame: ((bytes: Uint8Array) => Uint8Array) | undefined;
   /** Whether v2 connections still ask for zstd frames. */
   v2Compress: boolean;
