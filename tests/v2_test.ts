@@ -1,0 +1,228 @@
+import assert from "node:assert/strict";
+import { runBackfillSync } from "../src/backfill.ts";
+import { UsageError } from "../src/errors.ts";
+import type { JetstreamEvent } from "../src/jetstream/events.ts";
+import { createZstdEncoder } from "../src/jetstream/zstd.ts";
+import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
+import type { SyncErrorReport } from "../src/stats.ts";
+import { account, commit, did, drainQueue, identity } from "./helpers/events.ts";
+import { serveEvents, syncConnections, tempDb } from "./helpers/loopback.ts";
+import { V2_DICT } from "./helpers/zstd_cli.ts";
+
+const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
+const V2_PATH = "/xrpc/network.bsky.jetstream.subscribeEvents";
+
+function capture(n = 600): JetstreamEvent[] {
+  return Array.from(
+    { length: n },
+    (_, i) =>
+      i % 50 === 7 ? identity(T0 + i * 1000) : i % 50 === 9 ? account(T0 + i * 1000) : commit(T0 + i * 1000, {
+        did: did(i % 9),
+        collection: i % 3 === 0 ? "app.bsky.feed.like" : "app.bsky.feed.post",
+        text: `v2 post ${i} 😀`,
+      }),
+  );
+}
+
+async function stored(path: string, messages: number): Promise<JetstreamEvent[]> {
+  const msgs = (await drainQueue(path, messages)) as QueueMessage[];
+  return msgs.sort((a, b) => a.seq - b.seq).flatMap((m) => decodeQueueMessage(m));
+}
+
+const v2Url = (url: string) => url.replace(/\/subscribe$/, V2_PATH);
+const ALL = { kinds: ["commit", "identity", "account"] as const, wantedCollections: [] as string[] };
+
+Deno.test("a v1-wire sync on a v2 host reconnects by sequence cursor and stores each event once", async () => {
+  const events = capture();
+  await using server = serveEvents(events, { version: "v2", closeAtEnd: true, faults: { dropEvery: 130 } });
+  await using db = await tempDb();
+  const stats = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    startTimestamp: T0,
+    ...ALL,
+    kinds: ["commit", "identity", "account"],
+  });
+  assert.equal(stats.stopReason, "closed");
+  assert.ok(stats.reconnects >= 3);
+  const got = await stored(db.path, stats.queueLength);
+  assert.equal(got.length, events.length);
+  assert.deepEqual(got.map((e) => e.cursor), events.map((_, i) => 1001 + i));
+  const later = syncConnections(server).slice(1).map((c) => Number(/cursor=(\d+)/.exec(c.query)![1]));
+  assert.ok(later.every((c) => c < 1e15 && c > 1000), `seq cursors expected, got ${later}`);
+});
+
+Deno.test("a v2 host's early replay from before the requested start (jetstream#343) is dropped", async () => {
+  const events = capture();
+  await using server = serveEvents(events, { version: "v2", closeAtEnd: true, earlyReplayUs: 200_000 });
+  await using db = await tempDb();
+  const start = T0 + 300 * 1000;
+  const stats = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    startTimestamp: start,
+    ...ALL,
+    kinds: ["commit", "identity", "account"],
+  });
+  const got = await stored(db.path, stats.queueLength);
+  assert.ok(syncConnections(server)[0].sent > events.length - 300, "the server replayed early");
+  assert.deepEqual(got.map((e) => e.time_us), events.filter((e) => e.time_us >= start).map((e) => e.time_us));
+});
+
+Deno.test("the v2 wire stores the same events as /subscribe on a v2 server", async () => {
+  const events = capture();
+  await using server = serveEvents(events, { version: "v2", closeAtEnd: true });
+  await using a = await tempDb();
+  await using b = await tempDb();
+  const opts = {
+    startTimestamp: T0,
+    kinds: ["commit", "identity", "account"] as ("commit" | "identity" | "account")[],
+    wantedCollections: ["app.bsky.feed.post"],
+  };
+  const v1 = await runBackfillSync({ instance: server.url, kv: a.path, ...opts });
+  const v2 = await runBackfillSync({ instance: v2Url(server.url), kv: b.path, ...opts });
+  assert.equal(v2.stopReason, "closed");
+  const q = syncConnections(server).at(-1)!.query;
+  assert.ok(
+    /kinds=commit&kinds=identity&kinds=account/.test(q) && /collections=app.bsky.feed.post/.test(q),
+    q,
+  );
+  assert.ok(v1.recordsStored > 0);
+  assert.deepEqual(await stored(b.path, v2.queueLength), await stored(a.path, v1.queueLength));
+});
+
+Deno.test("the v2 wire reconnects after an error frame and resumes by seq", async () => {
+  const events = capture();
+  await using server = serveEvents(events, {
+    version: "v2",
+    closeAtEnd: true,
+    errorAfter: { events: 200, error: "ConsumerTooSlow" },
+  });
+  await using db = await tempDb();
+  const reports: SyncErrorReport[] = [];
+  const stats = await runBackfillSync({
+    instance: v2Url(server.url),
+    kv: db.path,
+    startTimestamp: T0,
+    ...ALL,
+    kinds: ["commit", "identity", "account"],
+    onError: (r) => reports.push(r),
+  });
+  assert.equal(stats.stopReason, "closed");
+  assert.ok(reports.some((r) => /ConsumerTooSlow/.test(r.message)));
+  assert.equal((await stored(db.path, stats.queueLength)).length, events.length);
+});
+
+Deno.test("the v2 wire reports OutdatedCursor as a clamped start, and --strict refuses it", async () => {
+  const events = capture();
+  const history = T0 + 100 * 1000;
+  await using server = serveEvents(events, { version: "v2", closeAtEnd: true, historyStartUs: history });
+  await using db = await tempDb();
+  const reports: SyncErrorReport[] = [];
+  const stats = await runBackfillSync({
+    instance: v2Url(server.url),
+    kv: db.path,
+    startTimestamp: T0,
+    onError: (r) => reports.push(r),
+  });
+  assert.equal(stats.startClamped, true);
+  assert.equal(stats.coverageStart, history);
+  assert.equal(stats.coverageGapUs, history - T0);
+  assert.ok(reports.some((r) => r.reason === "info" && /OutdatedCursor/.test(r.message)));
+  await assert.rejects(
+    () =>
+      runBackfillSync({
+        instance: v2Url(server.url),
+        kv: db.path,
+        queueName: "strict",
+        startTimestamp: T0,
+        strict: true,
+      }),
+    (err: unknown) => err instanceof UsageError && /refused by --strict/.test(err.message),
+  );
+});
+
+Deno.test("the v2 wire's InvalidRequest is the user's to fix: it fails fast with the server's message", async () => {
+  await using server = serveEvents(capture(10), { version: "v2", closeAtEnd: true });
+  await using db = await tempDb();
+  await assert.rejects(
+    () => runBackfillSync({ instance: v2Url(server.url), kv: db.path, wantedCollections: ["app.*"] }),
+    (err: unknown) => err instanceof UsageError && /HTTP 400.*InvalidRequest/.test(err.message),
+  );
+});
+
+Deno.test("a compressed v2-wire sync fetches the v2 dictionary and decodes its frames", async () => {
+  const events = capture();
+  const dictionary = await Deno.readFile(V2_DICT);
+  const encoder = await createZstdEncoder(dictionary);
+  const utf8 = new TextEncoder();
+  await using server = serveEvents(events, {
+    version: "v2",
+    closeAtEnd: true,
+    v2Dictionary: dictionary,
+    v2Compressor: (text) => encoder.encode(utf8.encode(text)).slice(),
+  });
+  await using db = await tempDb();
+  const stats = await runBackfillSync({
+    instance: v2Url(server.url),
+    kv: db.path,
+    startTimestamp: T0,
+    compress: true,
+    ...ALL,
+    kinds: ["commit", "identity", "account"],
+  });
+  assert.equal(stats.stopReason, "closed");
+  assert.ok(syncConnections(server)[0].query.includes("zstdDictionary=20260811"));
+  assert.ok(stats.bytesDecoded > stats.bytesReceived);
+  assert.deepEqual(
+    (await stored(db.path, stats.queueLength)).map((e) => e.time_us),
+    events.map((e) => e.time_us),
+  );
+});
+
+Deno.test("a v2 server that does not know the fetched dictionary ID is read uncompressed", async () => {
+  const events = capture(100);
+  const dictionary = await Deno.readFile(V2_DICT);
+  // It serves a dictionary but cannot compress with it: zstdDictionary=<id> gets UnknownZstdDictionary.
+  await using server = serveEvents(events, { version: "v2", closeAtEnd: true, v2Dictionary: dictionary });
+  await using db = await tempDb();
+  const reports: SyncErrorReport[] = [];
+  const stats = await runBackfillSync({
+    instance: v2Url(server.url),
+    kv: db.path,
+    startTimestamp: T0,
+    compress: true,
+    ...ALL,
+    kinds: ["commit", "identity", "account"],
+    onError: (r) => reports.push(r),
+  });
+  assert.equal(stats.recordsStored, 100);
+  assert.ok(reports.some((r) => /continuing uncompressed/.test(r.message)), JSON.stringify(reports));
+});
+
+Deno.test("--resume on a v2 host continues by the stored sequence cursor", async () => {
+  const events = capture();
+  await using server = serveEvents(events, { version: "v2", closeAtEnd: true, faults: { dropEvery: 150 } });
+  await using db = await tempDb();
+  const controller = new AbortController();
+  const kinds: ("commit" | "identity" | "account")[] = ["commit", "identity", "account"];
+  const first = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    startTimestamp: T0,
+    kinds,
+    wantedCollections: [],
+    signal: controller.signal,
+    // Stop at the first drop, as a crash would.
+    onError: (r) => r.reason === "retry" && controller.abort(),
+  });
+  assert.equal(first.stopReason, "aborted");
+  assert.equal(first.recordsStored, 150);
+  const before = syncConnections(server).length;
+  const second = await runBackfillSync({ kv: db.path, resume: true });
+  assert.equal(second.stopReason, "closed");
+  const resumed = syncConnections(server)[before].query;
+  assert.match(resumed, /cursor=1150(&|$)/, resumed);
+  const got = await stored(db.path, first.queueLength + second.messagesEnqueued);
+  assert.deepEqual(got.map((e) => e.cursor), events.map((_, i) => 1001 + i));
+});
