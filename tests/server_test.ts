@@ -191,11 +191,13 @@ Deno.test("`serveJetstream()` refuses bad options with the legacy 400 bodies", a
   ];
   for (const [query, body] of cases) {
     // A raw request, because fetch refuses URLs as long as the 10,001-DID one.
+    const response = await rawGet(server.port, `/subscribe?${query}`);
     assert.deepEqual(
-      await rawGet(server.port, `/subscribe?${query}`),
+      { status: response.status, body: response.body },
       { status: 400, body },
       query.slice(0, 60),
     );
+    assert.match(response.headers.get("content-type") ?? "", /^text\/plain/);
   }
   // Limits count unique values: 101 copies of one NSID and 10,001 DIDs with a duplicate are fine
   // (the plain GET then fails only for not being a WebSocket upgrade).

@@ -21,6 +21,8 @@ export interface CollectOptions {
   send?: (string | Uint8Array)[];
   /** Extra request headers (Deno's non-standard `WebSocket` options bag). */
   headers?: Record<string, string>;
+  /** Subprotocols to offer (`Sec-WebSocket-Protocol`). */
+  protocols?: string[];
   /**
    * Give up after this long: close from the client side and return what arrived.
    *
@@ -51,6 +53,8 @@ export interface Collected {
   closedByClient: boolean;
   /** Whether the timeout fired. */
   timedOut: boolean;
+  /** The subprotocol the server selected ("" for none). */
+  protocol: string;
 }
 
 /**
@@ -64,9 +68,11 @@ export interface Collected {
  * ```
  */
 export function collectMessages(url: string, options: CollectOptions = {}): Promise<Collected> {
-  const { count, send = [], headers, timeoutMs = 5000 } = options;
+  const { count, send = [], headers, protocols, timeoutMs = 5000 } = options;
   // Deno accepts an options bag with headers as the second argument (protocol doc §10.11).
-  const socket = headers ? new WebSocket(url, { headers } as unknown as string[]) : new WebSocket(url);
+  const socket = headers
+    ? new WebSocket(url, { headers, protocols } as unknown as string[])
+    : new WebSocket(url, protocols);
   socket.binaryType = "arraybuffer";
   const messages: (string | Uint8Array)[] = [];
   let closedByClient = false;
@@ -91,7 +97,7 @@ export function collectMessages(url: string, options: CollectOptions = {}): Prom
     socket.onclose = (event) => {
       clearTimeout(timer);
       const code = event.code === 0 ? 1006 : event.code;
-      resolve({ messages, code, reason: event.reason, closedByClient, timedOut });
+      resolve({ messages, code, reason: event.reason, closedByClient, timedOut, protocol: socket.protocol });
     };
   });
 }
@@ -114,8 +120,9 @@ export async function waitFor(condition: () => boolean, timeoutMs = 3000): Promi
 }
 
 /**
- * Sends one raw HTTP/1.1 GET over TCP and returns the status and body. Unlike `fetch`, it has no
- * URL length limit, so it can send the 10,000-DID query strings the legacy server accepts.
+ * Sends one raw HTTP/1.1 GET over TCP and returns the status, body and response headers. Unlike
+ * `fetch`, it has no URL length limit, so it can send the 10,000-DID query strings the legacy server
+ * accepts, and it can send any header.
  *
  * @example
  * ```ts ignore
@@ -123,15 +130,27 @@ export async function waitFor(condition: () => boolean, timeoutMs = 3000): Promi
  * const { status, body } = await rawGet(server.port, "/subscribe?cursor=abc");
  * ```
  */
-export async function rawGet(port: number, target: string): Promise<{ status: number; body: string }> {
+export async function rawGet(
+  port: number,
+  target: string,
+  headers: Record<string, string> = {},
+): Promise<{ status: number; body: string; headers: Headers }> {
   const conn = await Deno.connect({ hostname: "127.0.0.1", port });
   try {
-    const request = new TextEncoder().encode(`GET ${target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n`);
+    let head = `GET ${target} HTTP/1.1\r\nHost: 127.0.0.1\r\n`;
+    for (const [name, value] of Object.entries(headers)) head += `${name}: ${value}\r\n`;
+    const request = new TextEncoder().encode(`${head}\r\n`);
     let off = 0;
     while (off < request.length) off += await conn.write(request.subarray(off));
     const response = await new Response(conn.readable).text();
     const status = Number(/^HTTP\/1\.1 (\d{3}) /.exec(response)?.[1]);
-    return { status, body: response.slice(response.indexOf("\r\n\r\n") + 4) };
+    const end = response.indexOf("\r\n\r\n");
+    const fields = new Headers();
+    for (const line of response.slice(0, end).split("\r\n").slice(1)) {
+      const colon = line.indexOf(":");
+      fields.append(line.slice(0, colon).trim(), line.slice(colon + 1).trim());
+    }
+    return { status, body: response.slice(end + 4), headers: fields };
   } finally {
     try {
       conn.close();
