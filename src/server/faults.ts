@@ -14,7 +14,8 @@ import { objectMembers } from "./json_scan.ts";
 
 /**
  * Faults to inject; every field is optional and off when absent. When several fire after the same
- * event, they apply in this order: a garbage frame, then the drop, then the stall.
+ * event, they apply in this order: a garbage frame, then the server option `errorAfter` (error
+ * frame and drop), then the drop, then the stall.
  *
  * @example
  * ```ts
