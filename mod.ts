@@ -3,7 +3,7 @@
  *
  * @example
  * ```ts
- * import { decodeQueueMessage, runBackfillSync } from "@jetfill/jetfill";
+ * import { consume, runBackfillSync } from "@jetfill/jetfill";
  *
  * const stats = await runBackfillSync({
  *   wantedCollections: ["app.bsky.feed.post"],
@@ -13,9 +13,13 @@
  * });
  * console.log(stats.recordsStored, stats.stopReason);
  *
- * const kv = await Deno.openKv("./posts.sqlite");
- * kv.listenQueue((message) => {
- *   for (const event of decodeQueueMessage(message)) console.log(event.did, event.time_us);
+ * // Take the events out again: one handler call per queue message, at least once.
+ * await consume({
+ *   kv: "./posts.sqlite",
+ *   untilEmpty: true,
+ *   handler: (events) => {
+ *     for (const event of events) console.log(event.did, event.time_us);
+ *   },
  * });
  * ```
  *
