@@ -1,6 +1,10 @@
 /**
  * One WebSocket connection to Jetstream, read by pulling.
  *
+ * By default (`transport: "raw"`) the project's own client in `raw_ws.ts` is used: it reads the
+ * socket in large chunks, only when the pipeline asks, and parses every message of a chunk at once.
+ * The transports below remain as options.
+ *
  * Where Deno offers `WebSocketStream` (`"unstable": ["net"]`, which this project's deno.json sets),
  * frames are read only when the pipeline asks for them: a slow sink stops the reads and TCP slows the
  * server, so memory stays flat. Elsewhere the standard `WebSocket` is used: it never stops reading, so
@@ -12,6 +16,7 @@
  *
  * @module
  */
+import { openRawConnection } from "./raw_ws.ts";
 
 /** A frame as received: text (JSON) or binary (zstd). */
 export type Frame = string | ArrayBuffer | Uint8Array;
@@ -66,8 +71,17 @@ export interface ConnectionOptions {
   protocols?: string[];
   /** Aborting closes the connection. */
   signal?: AbortSignal;
-  /** Use the buffered `WebSocket` transport even where `WebSocketStream` exists. */
+  /** Use the buffered `WebSocket` transport even where `WebSocketStream` exists (`transport: "websocket"`). */
   forceBuffered?: boolean;
+  /**
+   * How to connect: `"raw"`, this project's own WebSocket client on `Deno.connect`/`Deno.connectTls`
+   * (pulled, many messages per read; see `raw_ws.ts`); `"stream"`, Deno's `WebSocketStream` (pulled,
+   * one message per read), or `WebSocket` where it is missing; `"websocket"`, the standard
+   * `WebSocket` with a bounded buffer.
+   *
+   * @default {"raw", or "websocket" with forceBuffered}
+   */
+  transport?: "raw" | "stream" | "websocket";
 }
 
 /** A connection over the standard `WebSocket`, with a bounded buffer. */
@@ -369,8 +383,12 @@ async function refusalBody(url: string, signal?: AbortSignal): Promise<{ status?
  * ```
  */
 export function openConnection(url: string, opts: ConnectionOptions): Promise<Connection> {
+  const transport = opts.transport ?? (opts.forceBuffered ? "websocket" : "raw");
+  // Deno's own sockets cost a promise and an async op per message; the raw client parses whole
+  // reads at once, which matters at Jetstream's rates.
+  if (transport === "raw" && /^wss?:\/\//i.test(url)) return openRawConnection(url, opts);
   const Stream = (globalThis as unknown as { WebSocketStream?: WebSocketStreamCtor }).WebSocketStream;
-  if (Stream && !opts.forceBuffered) return openStreamConnection(Stream, url, opts);
+  if (Stream && transport !== "websocket") return openStreamConnection(Stream, url, opts);
   return new Promise((resolve, reject) => {
     if (opts.signal?.aborted) return reject(new ConnectError(`connection to ${url} aborted`));
     const ws = new WebSocket(url, opts.protocols);

@@ -1,0 +1,714 @@
+/**
+ * A WebSocket client (RFC 6455) on a raw TCP or TLS connection, built for receive speed.
+ *
+ * Deno's `WebSocket` and `WebSocketStream` cost an async op, a promise and an event or stream chunk
+ * per message; at Jetstream's rates (hundreds of thousands of ~550-byte messages a second) that
+ * machinery took a quarter of the main thread, and its garbage much of the rest. Here the socket is
+ * read in large chunks and every complete message in a chunk is parsed in one synchronous loop, so
+ * the per-message cost is one `TextDecoder.decode()` call.
+ *
+ * Reading is pulled: the socket is read only when {@linkcode RawConnection.next} is called and no
+ * complete message is left, so a slow consumer stops the reads, TCP slows the server, and memory
+ * stays bounded by the read buffer (or by the largest message allowed).
+ *
+ * No extensions (no permessage-deflate) are offered.
+ *
+ * @module
+ */
+import { type CloseCause, ConnectError, type Connection, type Frame } from "./socket.ts";
+
+export type { CloseCause, Connection, Frame };
+
+/**
+ * Options of {@linkcode openRawConnection}. The `ConnectionOptions` of `openConnection()` fit as
+ * they are (`maxBufferedBytes` is not needed: nothing is read ahead of the consumer).
+ *
+ * @example
+ * ```ts
+ * import type { RawConnectionOptions } from "./raw_ws.ts";
+ * const options: RawConnectionOptions = { idleTimeoutMs: 60_000, hello: '{"type":"options_update"}' };
+ * ```
+ */
+export interface RawConnectionOptions {
+  /**
+   * End the connection (cause `idle`) when a read has waited this long without a byte. The
+   * opening handshake is bounded by the smaller of this and 30 s.
+   *
+   * @default {Infinity}
+   */
+  idleTimeoutMs?: number;
+  /** Text to send as soon as the handshake completes (the `options_update` hello). */
+  hello?: string;
+  /** Subprotocols to offer in `Sec-WebSocket-Protocol`. */
+  protocols?: string[];
+  /** Aborting it cancels the handshake, or closes the connection (cause `aborted`). */
+  signal?: AbortSignal;
+  /**
+   * The largest message accepted, fragments included; a larger one closes the connection with
+   * code 1009 (cause `closed`, code 1009).
+   *
+   * @default {33554432}
+   */
+  maxMessageBytes?: number;
+}
+
+const READ_BUFFER_BYTES = 256 * 1024;
+const DEFAULT_MAX_MESSAGE_BYTES = 32 * 1024 * 1024;
+/** Largest response head accepted in the handshake. */
+const MAX_HEAD_BYTES = 64 * 1024;
+/** A refusal's body is read up to this size, and for at most this long. */
+const MAX_BODY_BYTES = 64 * 1024;
+const BODY_TIMEOUT_MS = 2000;
+/** How long a close frame may take to leave before the TCP connection is dropped anyway. */
+const CLOSE_WRITE_TIMEOUT_MS = 250;
+/** `closed()` never waits longer than this. */
+const CLOSED_TIMEOUT_MS = 2000;
+const WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+const TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
+
+const encoder = new TextEncoder();
+// Not fatal: Deno decodes non-fatal UTF-8 on its fast path, and a message with invalid UTF-8 then
+// fails JSON validation downstream (as a skipped frame) instead of closing the connection with 1007.
+const decoder = new TextDecoder();
+
+/**
+ * One open WebSocket connection made by {@linkcode openRawConnection}. Not safe for concurrent
+ * `next()` calls: one reader at a time, as with every {@linkcode Connection}.
+ *
+ * @example
+ * ```ts ignore
+ * import { openRawConnection } from "./raw_ws.ts";
+ * const conn = await openRawConnection("ws://127.0.0.1:6008/subscribe", { idleTimeoutMs: 60_000 });
+ * for (let frames = await conn.next(); frames; frames = await conn.next()) console.log(frames.length);
+ * console.log(conn.cause); // { kind: "closed", code: 1000, reason: "" }
+ * await conn.closed();
+ * ```
+ */
+export class RawConnection implements Connection {
+  /** The URL connected to. */
+  readonly url: string;
+  /** Message payload bytes received (a text message counts its length in UTF-16 code units). */
+  bytesReceived = 0;
+  /** Why it ended, once it has. */
+  cause: CloseCause | undefined;
+  /** The subprotocol the server chose, or `""`. */
+  readonly protocol: string;
+  readonly #conn: Deno.Conn;
+  readonly #maxMessageBytes: number;
+  readonly #idleTimeoutMs: number;
+  readonly #signal: AbortSignal | undefined;
+  /** Received bytes: `#head` is the first not yet parsed, `#tail` the end of what was read. */
+  #buf: Uint8Array;
+  #head: number;
+  #tail: number;
+  /** Bytes (from `#head`) the frame in progress needs in the buffer, when it is incomplete. */
+  #need = 0;
+  /** The fragmented message being received: its opcode (0 when none), parts and size. */
+  #fragmentOpcode = 0;
+  #fragments: Uint8Array[] = [];
+  #fragmentBytes = 0;
+  /** A close frame or a protocol error was met: nothing after it is parsed. */
+  #stopped = false;
+  #reading = false;
+  #lastActivity = Date.now();
+  #idleTimer: ReturnType<typeof setTimeout> | undefined;
+  #finishing = false;
+  #closeSent = false;
+  #connClosed = false;
+  /** Control frames and text go out one after another, never interleaved. */
+  #writes: Promise<void> = Promise.resolve();
+  readonly #closedPromise: Promise<void>;
+  #resolveClosed!: () => void;
+  readonly #onAbort = (): void => this.#finish({ kind: "aborted" }, 1000);
+  readonly #onIdleTick = (): void => this.#idleTick();
+
+  /**
+   * Takes over a connection whose handshake has completed; use {@linkcode openRawConnection}.
+   * `buf` holds the bytes read so far, of which `buf[head..tail)` follow the `101` response.
+   */
+  constructor(
+    conn: Deno.Conn,
+    url: string,
+    buf: Uint8Array,
+    head: number,
+    tail: number,
+    protocol: string,
+    options: RawConnectionOptions = {},
+  ) {
+    this.#conn = conn;
+    this.url = url;
+    this.#buf = buf;
+    this.#head = head;
+    this.#tail = tail;
+    this.protocol = protocol;
+    this.#maxMessageBytes = options.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES;
+    this.#idleTimeoutMs = options.idleTimeoutMs ?? Number.POSITIVE_INFINITY;
+    this.#signal = options.signal;
+    this.#closedPromise = new Promise((resolve) => this.#resolveClosed = resolve);
+    this.#signal?.addEventListener("abort", this.#onAbort, { once: true });
+    if (Number.isFinite(this.#idleTimeoutMs)) {
+      this.#idleTimer = setTimeout(this.#onIdleTick, this.#idleTimeoutMs);
+    }
+    if (this.#signal?.aborted) this.#onAbort();
+  }
+
+  /**
+   * Every complete message received so far, reading the socket (and waiting) only when none is
+   * left; `null` once the connection has ended and everything received was taken.
+   */
+  async next(): Promise<Frame[] | null> {
+    if (this.#reading) throw new Error("next() called while another next() is pending");
+    for (;;) {
+      if (this.#head < this.#tail && !this.#stopped) {
+        const frames = this.#parse();
+        if (frames.length > 0) return frames;
+      }
+      if (this.cause !== undefined || this.#stopped) return null;
+      await this.#fill();
+    }
+  }
+
+  /**
+   * Queues a text message (masked, as client frames must be). Returns false once closing.
+   *
+   * @example
+   * ```ts ignore
+   * conn.sendText(JSON.stringify({ type: "options_update", payload: { wantedCollections: [] } }));
+   * ```
+   */
+  sendText(text: string): boolean {
+    return this.#send(1, encoder.encode(text));
+  }
+
+  /** Sends a close frame (1000) if the connection is open, then drops it; frames already read can still be taken. */
+  close(): void {
+    this.#finish({ kind: "aborted" }, 1000);
+  }
+
+  /** Resolves once the TCP connection is closed, or after 2 s at most. */
+  async closed(): Promise<void> {
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    await Promise.race([
+      this.#closedPromise,
+      new Promise<void>((resolve) => timer = setTimeout(resolve, CLOSED_TIMEOUT_MS)),
+    ]);
+    clearTimeout(timer);
+  }
+
+  /** Reads more bytes into the buffer, making room first; sets `cause` when the stream ends. */
+  async #fill(): Promise<void> {
+    let buf = this.#buf;
+    const pending = this.#tail - this.#head;
+    // Only an incomplete frame is left when we read, so moving it to the front is cheap; a buffer
+    // grown for a big message goes back to the usual size once that message is gone.
+    if (
+      buf.length > READ_BUFFER_BYTES && this.#need <= READ_BUFFER_BYTES && pending <= READ_BUFFER_BYTES / 2
+    ) {
+      const smaller = new Uint8Array(READ_BUFFER_BYTES);
+      smaller.set(buf.subarray(this.#head, this.#tail));
+      buf = this.#buf = smaller;
+    } else if (this.#need > buf.length) {
+      const bigger = new Uint8Array(Math.ceil(this.#need / 65536) * 65536);
+      bigger.set(buf.subarray(this.#head, this.#tail));
+      buf = this.#buf = bigger;
+    } else if (this.#head > 0) {
+      buf.copyWithin(0, this.#head, this.#tail);
+    }
+    this.#head = 0;
+    this.#tail = pending;
+    this.#reading = true;
+    this.#lastActivity = Date.now();
+    let n: number | null;
+    try {
+      n = await this.#conn.read(buf.subarray(pending));
+    } catch (err) {
+      // Closing the connection (idle, abort) interrupts the read; otherwise the peer reset it.
+      this.#reading = false;
+      this.#finish({ kind: "closed", code: 1006, reason: (err as Error)?.message ?? "" }, undefined);
+      return;
+    }
+    this.#reading = false;
+    if (n === null) {
+      this.#finish({ kind: "closed", code: 1006, reason: "" }, undefined);
+      return;
+    }
+    this.#tail += n;
+    this.#lastActivity = Date.now();
+  }
+
+  /** Parses every complete frame from `#head` on and returns the complete messages among them. */
+  #parse(): Frame[] {
+    const frames: Frame[] = [];
+    const buf = this.#buf;
+    const tail = this.#tail;
+    let pos = this.#head;
+    let received = 0;
+    this.#need = 0;
+    while (tail - pos >= 2) {
+      const b0 = buf[pos];
+      const b1 = buf[pos + 1];
+      if ((b0 & 0x70) !== 0 || (b1 & 0x80) !== 0) {
+        this.#head = pos;
+        this.bytesReceived += received;
+        this.#protocolError(1002, (b0 & 0x70) !== 0 ? "reserved bits set" : "masked frame from the server");
+        return frames;
+      }
+      let length = b1;
+      let at = pos + 2;
+      if (length === 126) {
+        if (tail - pos < 4) break;
+        length = (buf[pos + 2] << 8) | buf[pos + 3];
+        at = pos + 4;
+      } else if (length === 127) {
+        if (tail - pos < 10) break;
+        const high = (buf[pos + 2] << 24 >>> 0) + (buf[pos + 3] << 16) + (buf[pos + 4] << 8) + buf[pos + 5];
+        const low = (buf[pos + 6] << 24 >>> 0) + (buf[pos + 7] << 16) + (buf[pos + 8] << 8) + buf[pos + 9];
+        // Beyond 2^53 the length is not even a safe integer; it is far over any limit anyway.
+        length = high > 0x1fffff ? Number.POSITIVE_INFINITY : high * 4294967296 + low;
+        at = pos + 10;
+      }
+      const opcode = b0 & 0x0f;
+      // Refuse an oversized message or a bad control frame from its header, before buffering it.
+      if (opcode >= 8 && (length > 125 || (b0 & 0x80) === 0)) {
+        this.#head = pos;
+        this.bytesReceived += received;
+        this.#protocolError(1002, "fragmented or oversized control frame");
+        return frames;
+      }
+      if (length > this.#maxMessageBytes - (opcode === 0 ? this.#fragmentBytes : 0)) {
+        this.#head = pos;
+        this.bytesReceived += received;
+        this.#protocolError(1009, "message too big");
+        return frames;
+      }
+      if (tail - at < length) {
+        this.#need = at - pos + length;
+        break;
+      }
+      const end = at + length;
+      if (b0 === 0x81 && this.#fragmentOpcode === 0) {
+        // The hot path: a whole text message in one frame.
+        const text = decoder.decode(buf.subarray(at, end));
+        received += text.length;
+        frames.push(text);
+        pos = end;
+        continue;
+      }
+      pos = end;
+      this.bytesReceived += received;
+      received = 0;
+      if (!this.#onFrame(b0, buf, at, end, frames)) {
+        this.#head = pos;
+        return frames;
+      }
+    }
+    this.#head = pos;
+    this.bytesReceived += received;
+    return frames;
+  }
+
+  /** Everything but an unfragmented text frame. Returns false when parsing must stop. */
+  #onFrame(b0: number, buf: Uint8Array, at: number, end: number, frames: Frame[]): boolean {
+    const fin = (b0 & 0x80) !== 0;
+    const opcode = b0 & 0x0f;
+    switch (opcode) {
+      case 1:
+      case 2:
+        if (this.#fragmentOpcode !== 0) {
+          return this.#protocolError(1002, "new message inside a fragmented one");
+        }
+        if (fin) {
+          this.#deliver(opcode, buf.subarray(at, end), frames);
+        } else {
+          // Fragments are copied out: the read buffer is reused.
+          this.#fragmentOpcode = opcode;
+          this.#fragments = [buf.slice(at, end)];
+          this.#fragmentBytes = end - at;
+        }
+        return true;
+      case 0: {
+        if (this.#fragmentOpcode === 0) return this.#protocolError(1002, "continuation without a message");
+        this.#fragments.push(buf.slice(at, end));
+        this.#fragmentBytes += end - at;
+        if (!fin) return true;
+        const whole = new Uint8Array(this.#fragmentBytes);
+        let off = 0;
+        for (const part of this.#fragments) {
+          whole.set(part, off);
+          off += part.length;
+        }
+        const messageOpcode = this.#fragmentOpcode;
+        this.#fragmentOpcode = 0;
+        this.#fragments = [];
+        this.#fragmentBytes = 0;
+        this.#deliver(messageOpcode, whole, frames);
+        return true;
+      }
+      case 8: {
+        if (end - at === 1) return this.#protocolError(1002, "close frame with a one-byte payload");
+        const code = end - at >= 2 ? (buf[at] << 8) | buf[at + 1] : 1005;
+        const reason = end - at > 2 ? decoder.decode(buf.subarray(at + 2, end)) : "";
+        this.#stopped = true;
+        // Echo the code, as browsers and Deno do; an empty close is answered with an empty one.
+        if (code !== 1005) this.#send(8, buf.slice(at, at + 2));
+        else this.#send(8, new Uint8Array(0));
+        this.#finish({ kind: "closed", code, reason }, undefined);
+        return false;
+      }
+      case 9:
+        this.#send(10, buf.slice(at, end));
+        return true;
+      case 10:
+        return true;
+      default:
+        return this.#protocolError(1002, `unknown opcode ${opcode}`);
+    }
+  }
+
+  #deliver(opcode: number, payload: Uint8Array, frames: Frame[]): void {
+    if (opcode === 1) {
+      const text = decoder.decode(payload);
+      this.bytesReceived += text.length;
+      frames.push(text);
+    } else {
+      // A copy, unless the payload already is one: views into the read buffer would be overwritten.
+      const bytes = payload.buffer === this.#buf.buffer ? payload.slice() : payload;
+      this.bytesReceived += bytes.byteLength;
+      frames.push(bytes);
+    }
+  }
+
+  #protocolError(code: number, reason: string): false {
+    this.#stopped = true;
+    this.#finish({ kind: "closed", code, reason }, code, reason);
+    return false;
+  }
+
+  #idleTick(): void {
+    this.#idleTimer = undefined;
+    if (this.cause !== undefined) return;
+    // Only time spent waiting on the socket counts: a busy consumer is not an idle server.
+    const quiet = this.#reading ? Date.now() - this.#lastActivity : 0;
+    if (quiet >= this.#idleTimeoutMs) this.#finish({ kind: "idle" }, 1000);
+    else this.#idleTimer = setTimeout(this.#onIdleTick, this.#idleTimeoutMs - quiet);
+  }
+
+  /** Queues a masked frame. Returns false once a close frame was sent or the connection dropped. */
+  #send(opcode: number, payload: Uint8Array): boolean {
+    if (this.#closeSent || this.#connClosed) return false;
+    if (opcode === 8) this.#closeSent = true;
+    const frame = encodeClientFrame(opcode, payload);
+    const conn = this.#conn;
+    this.#writes = this.#writes.then(() => writeAll(conn, frame)).catch(() => {});
+    return true;
+  }
+
+  /**
+   * Ends the connection once: records the cause (the first one wins), sends a close frame with
+   * `closeCode` if given, and drops the TCP connection once that frame is out (or soon anyway).
+   */
+  #finish(cause: CloseCause, closeCode: number | undefined, reason = ""): void {
+    this.cause ??= cause;
+    if (this.#finishing) return;
+    this.#finishing = true;
+    clearTimeout(this.#idleTimer);
+    this.#idleTimer = undefined;
+    this.#signal?.removeEventListener("abort", this.#onAbort);
+    if (closeCode !== undefined) this.#send(8, closePayload(closeCode, reason));
+    this.#dropSoon();
+  }
+
+  async #dropSoon(): Promise<void> {
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    await Promise.race([
+      this.#writes,
+      new Promise<void>((resolve) => timer = setTimeout(resolve, CLOSE_WRITE_TIMEOUT_MS)),
+    ]);
+    clearTimeout(timer);
+    this.#connClosed = true;
+    closeQuietly(this.#conn);
+    // A write still pending was interrupted by the close; let it settle before reporting closed.
+    await this.#writes;
+    this.#resolveClosed();
+  }
+}
+
+/** A client frame: FIN set, masked with a fresh random key. */
+function encodeClientFrame(opcode: number, payload: Uint8Array): Uint8Array {
+  const length = payload.length;
+  const header = length < 126 ? 2 : length < 65536 ? 4 : 10;
+  const frame = new Uint8Array(header + 4 + length);
+  frame[0] = 0x80 | opcode;
+  if (length < 126) {
+    frame[1] = 0x80 | length;
+  } else if (length < 65536) {
+    frame[1] = 0x80 | 126;
+    frame[2] = length >>> 8;
+    frame[3] = length & 255;
+  } else {
+    frame[1] = 0x80 | 127;
+    // Bytes 2 to 5 (the high 32 bits) stay 0: client messages are far below 4 GiB.
+    frame[6] = length >>> 24;
+    frame[7] = (length >>> 16) & 255;
+    frame[8] = (length >>> 8) & 255;
+    frame[9] = length & 255;
+  }
+  const key = frame.subarray(header, header + 4);
+  crypto.getRandomValues(key);
+  for (let i = 0; i < length; i++) frame[header + 4 + i] = payload[i] ^ key[i & 3];
+  return frame;
+}
+
+/** A close frame's payload: the code, then the reason cut to the 123 bytes a control frame allows. */
+function closePayload(code: number, reason: string): Uint8Array {
+  let bytes = encoder.encode(reason);
+  if (bytes.length > 123) {
+    let cut = 123;
+    while (cut > 0 && (bytes[cut] & 0xc0) === 0x80) cut--; // do not split a UTF-8 sequence
+    bytes = bytes.subarray(0, cut);
+  }
+  const payload = new Uint8Array(2 + bytes.length);
+  payload[0] = code >>> 8;
+  payload[1] = code & 255;
+  payload.set(bytes, 2);
+  return payload;
+}
+
+async function writeAll(conn: Deno.Conn, bytes: Uint8Array): Promise<void> {
+  let off = 0;
+  while (off < bytes.length) off += await conn.write(bytes.subarray(off));
+}
+
+function closeQuietly(conn: Deno.Conn): void {
+  try {
+    conn.close();
+  } catch {
+    // Already closed.
+  }
+}
+
+function base64(bytes: Uint8Array): string {
+  let binary = "";
+  for (const byte of bytes) binary += String.fromCharCode(byte);
+  return btoa(binary);
+}
+
+function findHeadEnd(buf: Uint8Array, from: number, to: number): number {
+  for (let i = Math.max(0, from - 3); i + 3 < to; i++) {
+    if (buf[i] === 13 && buf[i + 1] === 10 && buf[i + 2] === 13 && buf[i + 3] === 10) return i;
+  }
+  return -1;
+}
+
+/** The body of a `Transfer-Encoding: chunked` response, as much of it as arrived. */
+function dechunk(bytes: Uint8Array): Uint8Array {
+  const parts: Uint8Array[] = [];
+  let pos = 0;
+  while (pos < bytes.length) {
+    let eol = pos;
+    while (eol + 1 < bytes.length && !(bytes[eol] === 13 && bytes[eol + 1] === 10)) eol++;
+    if (eol + 1 >= bytes.length) break;
+    const size = parseInt(decoder.decode(bytes.subarray(pos, eol)).split(";")[0].trim(), 16);
+    if (!(size > 0)) break;
+    parts.push(bytes.subarray(eol + 2, Math.min(eol + 2 + size, bytes.length)));
+    pos = eol + 2 + size + 2;
+  }
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let off = 0;
+  for (const part of parts) {
+    out.set(part, off);
+    off += part.length;
+  }
+  return out;
+}
+
+/**
+ * Reads the body of a refused upgrade (per `Content-Length`, chunked, or until the server closes),
+ * at most {@linkcode MAX_BODY_BYTES} and for at most {@linkcode BODY_TIMEOUT_MS}: the explanation
+ * is worth a short wait, not a hang.
+ */
+async function readRefusalBody(conn: Deno.Conn, initial: Uint8Array, headers: Headers): Promise<string> {
+  const chunked = /\bchunked\b/i.test(headers.get("transfer-encoding") ?? "");
+  const declared = Number(headers.get("content-length") ?? NaN);
+  const want = chunked || !Number.isFinite(declared) ? MAX_BODY_BYTES : Math.min(declared, MAX_BODY_BYTES);
+  const body = new Uint8Array(Math.max(want, initial.length));
+  body.set(initial);
+  let len = initial.length;
+  const timer = setTimeout(() => closeQuietly(conn), BODY_TIMEOUT_MS);
+  try {
+    while (len < want) {
+      if (chunked && decoder.decode(body.subarray(Math.max(0, len - 7), len)).endsWith("0\r\n\r\n")) break;
+      const n = await conn.read(body.subarray(len, want));
+      if (n === null) break;
+      len += n;
+    }
+  } catch {
+    // Cut short by the timeout or a reset: keep what arrived.
+  } finally {
+    clearTimeout(timer);
+  }
+  const bytes = chunked ? dechunk(body.subarray(0, len)) : body.subarray(0, Math.min(len, want));
+  return decoder.decode(bytes).trim();
+}
+
+/**
+ * Opens a WebSocket over `Deno.connect` (ws://) or `Deno.connectTls` (wss://) and resolves once the
+ * handshake is done and the `hello`, if any, is queued. A refused upgrade rejects with a
+ * {@linkcode ConnectError} carrying the HTTP status and the response body; a network failure,
+ * timeout or abort with a `ConnectError` without a status.
+ *
+ * @example
+ * ```ts ignore
+ * import { openRawConnection } from "./raw_ws.ts";
+ * const conn = await openRawConnection("ws://127.0.0.1:6008/subscribe?cursor=0", {
+ *   idleTimeoutMs: 60_000,
+ *   signal: AbortSignal.timeout(10_000),
+ * });
+ * let n = 0;
+ * for (let frames = await conn.next(); frames; frames = await conn.next()) n += frames.length;
+ * console.log(n, conn.cause);
+ * ```
+ */
+export async function openRawConnection(
+  url: string,
+  options: RawConnectionOptions = {},
+): Promise<RawConnection> {
+  const target = new URL(url);
+  const secure = target.protocol === "wss:";
+  if (!secure && target.protocol !== "ws:") {
+    throw new TypeError(
+      `Cannot open a WebSocket as the URL must start with ws:// or wss://: current value is ${url}`,
+    );
+  }
+  const idleTimeoutMs = options.idleTimeoutMs ?? Number.POSITIVE_INFINITY;
+  if (!(idleTimeoutMs > 0)) {
+    throw new RangeError(
+      `Cannot open a WebSocket as 'idleTimeoutMs' must be a positive number: current value is ${idleTimeoutMs}`,
+    );
+  }
+  const max = options.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES;
+  if (!Number.isSafeInteger(max) || max <= 0) {
+    throw new RangeError(
+      `Cannot open a WebSocket as 'maxMessageBytes' must be a positive integer: current value is ${max}`,
+    );
+  }
+  const protocols = options.protocols ?? [];
+  const badProtocol = protocols.find((p) => !TOKEN.test(p));
+  if (badProtocol !== undefined) {
+    throw new TypeError(
+      `Cannot open a WebSocket as a protocol must be a token: current value is '${badProtocol}'`,
+    );
+  }
+  const signal = options.signal;
+  if (signal?.aborted) throw new ConnectError(`connection to ${url} aborted`);
+
+  const limit = Math.min(idleTimeoutMs, 30_000);
+  const hostname = target.hostname.replace(/^\[(.*)\]$/, "$1");
+  const port = target.port ? Number(target.port) : secure ? 443 : 80;
+  // The deadline and the caller's signal both cut the handshake short: closing the connection
+  // makes the pending read or write fail at once.
+  let conn: Deno.Conn | undefined;
+  let failure: string | undefined;
+  let rejectCut: (err: Error) => void = () => {};
+  const cutShort = new Promise<never>((_, reject) => rejectCut = reject);
+  cutShort.catch(() => {});
+  const connectAbort = new AbortController();
+  const cut = (why: string): void => {
+    if (failure !== undefined) return;
+    failure = why;
+    connectAbort.abort();
+    if (conn) closeQuietly(conn);
+    rejectCut(new Error(why));
+  };
+  const timer = setTimeout(() => cut(`no answer within ${Math.round(limit / 1000)} s`), limit);
+  const onAbort = (): void => cut("aborted");
+  signal?.addEventListener("abort", onAbort, { once: true });
+  try {
+    const connecting: Promise<Deno.Conn> = secure
+      ? Deno.connectTls({ hostname, port })
+      : Deno.connect({ hostname, port, signal: connectAbort.signal });
+    // A connection that arrives after the handshake was cut short is closed as it arrives.
+    connecting.then((c) => {
+      if (failure !== undefined) closeQuietly(c);
+    }, () => {});
+    conn = await Promise.race([connecting, cutShort]);
+
+    const key = base64(crypto.getRandomValues(new Uint8Array(16)));
+    const request = `GET ${target.pathname}${target.search} HTTP/1.1\r\n` +
+      `Host: ${target.host}\r\n` +
+      "Upgrade: websocket\r\nConnection: Upgrade\r\n" +
+      `Sec-WebSocket-Key: ${key}\r\nSec-WebSocket-Version: 13\r\n` +
+      (protocols.length > 0 ? `Sec-WebSocket-Protocol: ${protocols.join(", ")}\r\n` : "") +
+      "User-Agent: jetfill\r\n\r\n";
+    await writeAll(conn, encoder.encode(request));
+
+    // The read buffer of the connection-to-be: frames sent right behind the 101 land in it.
+    const buf = new Uint8Array(READ_BUFFER_BYTES);
+    let len = 0;
+    let headEnd = -1;
+    while (headEnd === -1) {
+      if (len >= MAX_HEAD_BYTES) throw new Error("the server's response head is too large");
+      const n = await conn.read(buf.subarray(len, MAX_HEAD_BYTES));
+      if (n === null) throw new Error("the server closed the connection during the handshake");
+      headEnd = findHeadEnd(buf, len, len + n);
+      len += n;
+    }
+    const lines = decoder.decode(buf.subarray(0, headEnd)).split("\r\n");
+    const statusLine = /^HTTP\/1\.[01] (\d{3})/.exec(lines[0]);
+    if (!statusLine) throw new Error(`malformed response: ${JSON.stringify(lines[0].slice(0, 100))}`);
+    const status = Number(statusLine[1]);
+    const headers = new Headers();
+    for (let i = 1; i < lines.length; i++) {
+      const colon = lines[i].indexOf(":");
+      if (colon <= 0) continue;
+      try {
+        headers.append(lines[i].slice(0, colon).trim(), lines[i].slice(colon + 1).trim());
+      } catch {
+        // An invalid header line is ignored, as browsers do.
+      }
+    }
+    if (status !== 101) {
+      const body = await readRefusalBody(conn, buf.slice(headEnd + 4, len), headers);
+      throw new ConnectError(
+        `${url} refused the connection: HTTP ${status}${body ? `: ${body}` : ""}`,
+        status,
+        body,
+      );
+    }
+    const expected = base64(
+      new Uint8Array(await crypto.subtle.digest("SHA-1", encoder.encode(key + WS_GUID))),
+    );
+    if ((headers.get("upgrade") ?? "").toLowerCase() !== "websocket") {
+      throw new Error("invalid handshake: 'Upgrade' is not 'websocket'");
+    }
+    if (!(headers.get("connection") ?? "").toLowerCase().split(/\s*,\s*/).includes("upgrade")) {
+      throw new Error("invalid handshake: 'Connection' does not include 'Upgrade'");
+    }
+    if (headers.get("sec-websocket-accept") !== expected) {
+      throw new Error("invalid handshake: wrong 'Sec-WebSocket-Accept'");
+    }
+    if (headers.has("sec-websocket-extensions")) {
+      throw new Error("invalid handshake: the server chose an extension that was not offered");
+    }
+    const protocol = headers.get("sec-websocket-protocol") ?? "";
+    if (protocol !== "" && !protocols.includes(protocol)) {
+      throw new Error(`invalid handshake: the server chose protocol '${protocol}', which was not offered`);
+    }
+    if (failure !== undefined) throw new Error(failure);
+    const connection = new RawConnection(conn, url, buf, headEnd + 4, len, protocol, {
+      ...options,
+      idleTimeoutMs,
+      maxMessageBytes: max,
+    });
+    if (options.hello !== undefined) connection.sendText(options.hello);
+    return connection;
+  } catch (err) {
+    if (conn) closeQuietly(conn);
+    if (err instanceof ConnectError) throw err;
+    const message = failure ?? ((err as Error)?.message || String(err));
+    throw new ConnectError(`cannot connect to ${url}: ${message}`);
+  } finally {
+    clearTimeout(timer);
+    signal?.removeEventListener("abort", onAbort);
+  }
+}

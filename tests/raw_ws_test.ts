@@ -1,0 +1,616 @@
+import assert from "node:assert/strict";
+import { openRawConnection, RawConnection } from "../src/jetstream/raw_ws.ts";
+import { ConnectError, type Connection, type Frame, openConnection } from "../src/jetstream/socket.ts";
+import { parseCapture } from "../src/server/capture.ts";
+import { acceptWebSocket, readRequestHead } from "../src/server/http1.ts";
+import { serveJetstream } from "../src/server/server.ts";
+import { generateCapture } from "../src/server/synth.ts";
+
+const encoder = new TextEncoder();
+const decoder = new TextDecoder();
+const START_US = 1_770_000_000_000_000;
+const LINES = generateCapture({ count: 3000, seed: 5, startUs: START_US, stepUs: 1000 });
+const EVENTS = parseCapture(LINES);
+
+/** Every frame until the end, and the cause. */
+async function drain(conn: Connection): Promise<Frame[]> {
+  const all: Frame[] = [];
+  for (let frames = await conn.next(); frames; frames = await conn.next()) all.push(...frames);
+  return all;
+}
+
+// --- a scripted server on raw TCP, for what Deno.upgradeWebSocket cannot send -------------------
+
+/** A server frame (unmasked unless `mask`), with 7-, 16- or 64-bit length as the payload needs. */
+function frame(
+  opcode: number,
+  payload: Uint8Array | string,
+  { fin = true, rsv = 0, mask = false } = {},
+): Uint8Array {
+  const bytes = typeof payload === "string" ? encoder.encode(payload) : payload;
+  const n = bytes.length;
+  const header = n < 126 ? 2 : n < 65536 ? 4 : 10;
+  const out = new Uint8Array(header + (mask ? 4 : 0) + n);
+  out[0] = (fin ? 0x80 : 0) | rsv | opcode;
+  if (n < 126) out[1] = n;
+  else if (n < 65536) {
+    out[1] = 126;
+    out[2] = n >> 8;
+    out[3] = n & 255;
+  } else {
+    out[1] = 127;
+    new DataView(out.buffer).setBigUint64(2, BigInt(n));
+  }
+  if (mask) out[1] |= 0x80;
+  out.set(bytes, header + (mask ? 4 : 0));
+  return out;
+}
+
+function concat(...parts: Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let off = 0;
+  for (const p of parts) {
+    out.set(p, off);
+    off += p.length;
+  }
+  return out;
+}
+
+interface ClientFrame {
+  fin: boolean;
+  opcode: number;
+  masked: boolean;
+  payload: Uint8Array;
+}
+
+/** The server's end of one connection: the request, raw writes, and the client's frames. */
+class Peer {
+  readonly conn: Deno.Conn;
+  readonly target: string;
+  readonly headers: Headers;
+  #buf: Uint8Array;
+
+  constructor(conn: Deno.Conn, target: string, headers: Headers, rest: Uint8Array) {
+    this.conn = conn;
+    this.target = target;
+    this.headers = headers;
+    this.#buf = rest;
+  }
+
+  async write(...parts: Uint8Array[]): Promise<void> {
+    const bytes = concat(...parts);
+    let off = 0;
+    while (off < bytes.length) off += await this.conn.write(bytes.subarray(off));
+  }
+
+  /** The next frame the client sent, or `null` at the end of the stream. */
+  async readFrame(): Promise<ClientFrame | null> {
+    for (;;) {
+      const b = this.#buf;
+      if (b.length >= 2) {
+        let length = b[1] & 0x7f;
+        let off = 2;
+        if (length === 126) {
+          length = (b[2] << 8) | b[3];
+          off = 4;
+        }
+        const masked = (b[1] & 0x80) !== 0;
+        const keyAt = off;
+        if (masked) off += 4;
+        if (b.length >= off + length) {
+          const payload = b.slice(off, off + length);
+          if (masked) { for (let i = 0; i < length; i++) payload[i] ^= b[keyAt + (i & 3)]; }
+          this.#buf = b.slice(off + length);
+          return { fin: (b[0] & 0x80) !== 0, opcode: b[0] & 0x0f, masked, payload };
+        }
+      }
+      const chunk = new Uint8Array(65536);
+      let n: number | null;
+      try {
+        n = await this.conn.read(chunk);
+      } catch {
+        n = null;
+      }
+      if (n === null) return null;
+      this.#buf = concat(this.#buf, chunk.subarray(0, n));
+    }
+  }
+
+  close(): void {
+    try {
+      this.conn.close();
+    } catch { /* already closed */ }
+  }
+}
+
+/**
+ * Serves one connection on 127.0.0.1 with `script`. With `upgrade` (the default) the handshake is
+ * answered first; the script may send more in the same write through `Peer.write`.
+ */
+function scripted(
+  script: (peer: Peer, handshake: Uint8Array) => Promise<void>,
+): { url: string; done: Promise<void> } & AsyncDisposable {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = (listener.addr as Deno.NetAddr).port;
+  let peer: Peer | undefined;
+  const done = (async () => {
+    const conn = await listener.accept();
+    listener.close();
+    const head = await readRequestHead(conn);
+    assert.ok(head);
+    peer = new Peer(conn, head.target, head.headers, head.rest);
+    const accepted = await acceptWebSocket(head.headers);
+    assert.ok("response" in accepted);
+    try {
+      await script(peer, accepted.response);
+    } finally {
+      peer.close();
+    }
+  })();
+  return {
+    url: `ws://127.0.0.1:${port}`,
+    done,
+    [Symbol.asyncDispose]: async () => {
+      try {
+        listener.close();
+      } catch { /* closed after accept */ }
+      peer?.close();
+      await done.catch(() => {});
+    },
+  };
+}
+
+// --- a Deno.serve server ------------------------------------------------------------------------
+
+function denoServer(
+  onSocket: (socket: WebSocket, headers: Headers) => void,
+): { url: string; server: Deno.HttpServer } & AsyncDisposable {
+  const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, (request) => {
+    if (request.headers.get("upgrade") !== "websocket") {
+      return new Response("not a websocket", { status: 400 });
+    }
+    // The request's headers cannot be read once it is upgraded.
+    const headers = new Headers(request.headers);
+    const { socket, response } = Deno.upgradeWebSocket(request);
+    onSocket(socket, headers);
+    return response;
+  });
+  return {
+    url: `ws://127.0.0.1:${server.addr.port}`,
+    server,
+    [Symbol.asyncDispose]: () => server.shutdown(),
+  };
+}
+
+// --- tests ---------------------------------------------------------------------------------------
+
+Deno.test("`openRawConnection()` receives text and binary messages in order, then the server's close", async () => {
+  let closedOnServer: { code: number; reason: string } | undefined;
+  let userAgent: string | null = null;
+  await using srv = denoServer((socket, headers) => {
+    userAgent = headers.get("user-agent");
+    socket.onopen = () => {
+      socket.send("one");
+      socket.send(new Uint8Array([1, 2, 3]));
+      socket.send("ünïcödé ✓");
+      socket.send(new Uint8Array(0));
+      socket.send("");
+      socket.close(4001, "done here");
+    };
+    socket.onclose = (e) => closedOnServer = { code: e.code, reason: e.reason };
+  });
+  const conn = await openRawConnection(`${srv.url}/x?y=1`, { idleTimeoutMs: 5000 });
+  const frames = await drain(conn);
+  assert.deepEqual(frames, ["one", new Uint8Array([1, 2, 3]), "ünïcödé ✓", new Uint8Array(0), ""]);
+  assert.deepEqual(conn.cause, { kind: "closed", code: 4001, reason: "done here" });
+  assert.equal(conn.bytesReceived, 3 + 3 + "ünïcödé ✓".length);
+  assert.equal(await conn.next(), null);
+  await conn.closed();
+  for (let i = 0; i < 100 && !closedOnServer; i++) await new Promise((r) => setTimeout(r, 10));
+  // The close frame was echoed with the same code.
+  assert.equal(closedOnServer?.code, 4001);
+  assert.equal(userAgent, "jetfill");
+});
+
+Deno.test("`openRawConnection()` keeps frames sent in the same write as the 101 response", async () => {
+  await using srv = scripted(async (peer, handshake) => {
+    await peer.write(handshake, frame(1, "first"), frame(1, "second"), frame(8, new Uint8Array([3, 232])));
+    await peer.readFrame();
+  });
+  const conn = await openRawConnection(srv.url, { idleTimeoutMs: 5000 });
+  assert.deepEqual(await drain(conn), ["first", "second"]);
+  assert.deepEqual(conn.cause, { kind: "closed", code: 1000, reason: "" });
+  await conn.closed();
+});
+
+Deno.test("`openRawConnection()` joins fragmented messages, with control frames between the fragments", async () => {
+  const big = "x".repeat(70_000); // 64-bit length
+  const mid = "y".repeat(300); // 16-bit length
+  const seen: { pong?: { masked: boolean; payload: string }; close?: ClientFrame } = {};
+  await using srv = scripted(async (peer, handshake) => {
+    await peer.write(
+      handshake,
+      frame(1, "he", { fin: false }),
+      frame(0, "ll", { fin: false }),
+      frame(9, "ping!"),
+      frame(10, "unsolicited pong"),
+      frame(0, "o"),
+      frame(2, new Uint8Array([1, 2]), { fin: false }),
+      frame(0, new Uint8Array([3]), { fin: true }),
+      frame(1, mid),
+    );
+    // Split a frame across writes, header included, to exercise partial reads.
+    const tail = concat(frame(1, big), frame(1, "after"));
+    await peer.write(tail.subarray(0, 5));
+    await new Promise((r) => setTimeout(r, 20));
+    await peer.write(tail.subarray(5, 40_000));
+    await new Promise((r) => setTimeout(r, 20));
+    await peer.write(
+      tail.subarray(40_000),
+      frame(8, concat(new Uint8Array([3, 232]), encoder.encode("bye"))),
+    );
+    for (let f = await peer.readFrame(); f; f = await peer.readFrame()) {
+      if (f.opcode === 10) seen.pong = { masked: f.masked, payload: decoder.decode(f.payload) };
+      if (f.opcode === 8) {
+        seen.close = f;
+        break;
+      }
+    }
+  });
+  const conn = await openRawConnection(srv.url, { idleTimeoutMs: 5000 });
+  const frames = await drain(conn);
+  assert.deepEqual(frames, ["hello", new Uint8Array([1, 2, 3]), mid, big, "after"]);
+  assert.deepEqual(conn.cause, { kind: "closed", code: 1000, reason: "bye" });
+  await srv.done;
+  await conn.closed();
+  assert.deepEqual(seen.pong, { masked: true, payload: "ping!" });
+  assert.equal(seen.close?.masked, true);
+  assert.deepEqual([...seen.close.payload], [3, 232]);
+});
+
+Deno.test("`openRawConnection()` answers a ping with a masked pong carrying its payload", async () => {
+  const seen: { pong?: ClientFrame | null } = {};
+  await using srv = scripted(async (peer, handshake) => {
+    await peer.write(handshake, frame(9, new Uint8Array([0, 255, 7, 42, 9])));
+    seen.pong = await peer.readFrame();
+    await peer.write(frame(1, "done"), frame(8, new Uint8Array(0)));
+    await peer.readFrame();
+  });
+  const conn = await openRawConnection(srv.url, { idleTimeoutMs: 5000 });
+  assert.deepEqual(await drain(conn), ["done"]);
+  // A close frame without a status code reports 1005.
+  assert.deepEqual(conn.cause, { kind: "closed", code: 1005, reason: "" });
+  await srv.done;
+  await conn.closed();
+  assert.equal(seen.pong?.opcode, 10);
+  assert.equal(seen.pong.masked, true);
+  assert.deepEqual([...seen.pong.payload], [0, 255, 7, 42, 9]);
+});
+
+Deno.test("`openRawConnection()` reports 1006 when the TCP connection ends without a close frame", async () => {
+  await using srv = scripted(async (peer, handshake) => {
+    await peer.write(handshake, frame(1, "a"), frame(1, "b"), frame(1, "partial").subarray(0, 4));
+  });
+  const conn = await openRawConnection(srv.url, { idleTimeoutMs: 5000 });
+  assert.deepEqual(await drain(conn), ["a", "b"]);
+  assert.deepEqual(conn.cause, { kind: "closed", code: 1006, reason: "" });
+  await conn.closed();
+});
+
+Deno.test("`openRawConnection()` closes with 1002 on a masked server frame, reserved bits and other protocol errors", async () => {
+  for (
+    const bad of [
+      frame(1, "masked", { mask: true }),
+      frame(1, "rsv", { rsv: 0x40 }),
+      frame(9, "split ping", { fin: false }),
+      frame(3, "unknown opcode"),
+      frame(0, "continuation of nothing"),
+      concat(frame(1, "a", { fin: false }), frame(1, "b")),
+    ]
+  ) {
+    const seen: { close?: ClientFrame | null } = {};
+    await using srv = scripted(async (peer, handshake) => {
+      await peer.write(handshake, frame(1, "fine"), bad, frame(1, "never"));
+      seen.close = await peer.readFrame();
+    });
+    const conn = await openRawConnection(srv.url, { idleTimeoutMs: 5000 });
+    assert.deepEqual(await drain(conn), ["fine"]);
+    assert.equal(conn.cause?.kind, "closed");
+    assert.equal(conn.cause?.kind === "closed" && conn.cause.code, 1002);
+    await srv.done;
+    await conn.closed();
+    assert.equal(seen.close!.opcode, 8);
+    assert.equal((seen.close!.payload[0] << 8) | seen.close!.payload[1], 1002);
+  }
+});
+
+Deno.test("`openRawConnection()` closes with 1009 on a message over `maxMessageBytes`, fragmented or not", async () => {
+  for (
+    const parts of [
+      [frame(1, "z".repeat(2000))],
+      [frame(1, "z".repeat(600), { fin: false }), frame(0, "z".repeat(600))],
+    ]
+  ) {
+    const seen: { close?: ClientFrame | null } = {};
+    await using srv = scripted(async (peer, handshake) => {
+      await peer.write(handshake, frame(1, "small"), ...parts);
+      seen.close = await peer.readFrame();
+    });
+    const conn = await openRawConnection(srv.url, { idleTimeoutMs: 5000, maxMessageBytes: 1000 });
+    assert.deepEqual(await drain(conn), ["small"]);
+    assert.deepEqual(conn.cause, { kind: "closed", code: 1009, reason: "message too big" });
+    await srv.done;
+    await conn.closed();
+    assert.equal((seen.close!.payload[0] << 8) | seen.close!.payload[1], 1009);
+  }
+});
+
+Deno.test("`openRawConnection()` receives 2 MiB text and binary messages intact", async () => {
+  const text = Array.from({ length: 2 * 1024 * 1024 / 16 }, (_, i) => i.toString(16).padStart(16, "-")).join(
+    "",
+  );
+  const binary = new Uint8Array(2 * 1024 * 1024).map((_, i) => (i * 31) & 255);
+  await using srv = denoServer((socket) => {
+    socket.onopen = () => {
+      socket.send("before");
+      socket.send(text);
+      socket.send(binary);
+      socket.send("after");
+      socket.close(1000);
+    };
+  });
+  const conn = await openRawConnection(srv.url, { idleTimeoutMs: 5000 });
+  const frames = await drain(conn);
+  assert.equal(frames.length, 4);
+  assert.equal(frames[0], "before");
+  assert.ok(frames[1] === text, "the 2 MiB text differs");
+  assert.deepEqual(frames[2], binary);
+  assert.equal(frames[3], "after");
+  assert.equal(conn.cause?.kind, "closed");
+  await conn.closed();
+});
+
+Deno.test("`openRawConnection()` hands out binary messages that later reads do not overwrite", async () => {
+  await using srv = denoServer((socket) => {
+    socket.onopen = async () => {
+      for (let i = 0; i < 200; i++) {
+        socket.send(new Uint8Array(4000).fill(i));
+        if (i % 20 === 0) await new Promise((r) => setTimeout(r, 1));
+      }
+      socket.close(1000);
+    };
+  });
+  const conn = await openRawConnection(srv.url, { idleTimeoutMs: 5000 });
+  const frames = await drain(conn);
+  assert.equal(frames.length, 200);
+  frames.forEach((f, i) => {
+    assert.ok(f instanceof Uint8Array);
+    assert.ok(f.every((b) => b === i), `message ${i} was overwritten`);
+  });
+  await conn.closed();
+});
+
+Deno.test("`openRawConnection()` throws a ConnectError with the status and body of a refused upgrade", async () => {
+  await using server = serveJetstream({ events: EVENTS, closeAtEnd: true });
+  const url = `${server.url}?cursor=abc`;
+  const err = await openRawConnection(url, { idleTimeoutMs: 5000 }).then(
+    () => assert.fail("expected a refusal"),
+    (e: unknown) => e as ConnectError,
+  );
+  assert.ok(err instanceof ConnectError);
+  assert.equal(err.status, 400);
+  assert.ok(err.body && err.body.length > 0);
+  assert.equal(err.body, server.connections[0].error);
+  assert.equal(err.message, `${url} refused the connection: HTTP 400: ${err.body}`);
+
+  // A chunked body (a streamed response) is read too.
+  await using chunked = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, () => {
+    const body = new ReadableStream<Uint8Array>({
+      start(c) {
+        c.enqueue(encoder.encode("service not ready: "));
+        c.enqueue(encoder.encode("bootstrap in progress"));
+        c.close();
+      },
+    });
+    return new Response(body, { status: 503 });
+  });
+  const url2 = `ws://127.0.0.1:${chunked.addr.port}/subscribe`;
+  const err2 = await openRawConnection(url2, { idleTimeoutMs: 5000 }).catch((e: unknown) =>
+    e as ConnectError
+  );
+  assert.ok(err2 instanceof ConnectError);
+  assert.equal(err2.status, 503);
+  assert.equal(err2.body, "service not ready: bootstrap in progress");
+  assert.equal(
+    err2.message,
+    `${url2} refused the connection: HTTP 503: service not ready: bootstrap in progress`,
+  );
+});
+
+Deno.test("`openRawConnection()` throws a ConnectError without a status for network and handshake failures", async () => {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = (listener.addr as Deno.NetAddr).port;
+  listener.close();
+  const refused = await openRawConnection(`ws://127.0.0.1:${port}/`).catch((e: unknown) => e as ConnectError);
+  assert.ok(refused instanceof ConnectError);
+  assert.match(refused.message, new RegExp(`^cannot connect to ws://127.0.0.1:${port}/: `));
+  assert.equal(refused.status, undefined);
+
+  await using srv = scripted(async (peer) => {
+    await peer.write(encoder.encode(
+      "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
+        "Sec-WebSocket-Accept: bm90IHRoZSByaWdodCBrZXk=\r\n\r\n",
+    ));
+    await peer.readFrame();
+  });
+  const bad = await openRawConnection(srv.url).catch((e: unknown) => e as ConnectError);
+  assert.ok(bad instanceof ConnectError);
+  assert.match(bad.message, /Sec-WebSocket-Accept/);
+});
+
+Deno.test("`openRawConnection()` ends an idle connection, and its pending `next()` resolves", async () => {
+  await using srv = scripted(async (peer, handshake) => {
+    await peer.write(handshake, frame(1, "only"));
+    await peer.readFrame(); // the client's close frame, or the end
+  });
+  const conn = await openRawConnection(srv.url, { idleTimeoutMs: 150 });
+  assert.deepEqual(await conn.next(), ["only"]);
+  const t0 = performance.now();
+  assert.equal(await conn.next(), null);
+  const waited = performance.now() - t0;
+  assert.deepEqual(conn.cause, { kind: "idle" });
+  assert.ok(waited >= 140 && waited < 1000, `waited ${waited} ms`);
+  await conn.closed();
+});
+
+Deno.test("`openRawConnection()` does not count a busy consumer's time as idle", async () => {
+  await using srv = scripted(async (peer, handshake) => {
+    await peer.write(handshake, frame(1, "one"), frame(1, "two"));
+    await new Promise((r) => setTimeout(r, 50));
+    await peer.write(frame(1, "three"), frame(8, new Uint8Array([3, 232])));
+    await peer.readFrame();
+  });
+  const conn = await openRawConnection(srv.url, { idleTimeoutMs: 150 });
+  assert.deepEqual(await conn.next(), ["one", "two"]);
+  await new Promise((r) => setTimeout(r, 400)); // the consumer is busy, not the server idle
+  assert.deepEqual(await drain(conn), ["three"]);
+  assert.deepEqual(conn.cause, { kind: "closed", code: 1000, reason: "" });
+  await conn.closed();
+});
+
+Deno.test("`openRawConnection()` closes on abort: a pending `next()` resolves and the server gets 1000", async () => {
+  const seen: { close?: ClientFrame | null } = {};
+  await using srv = scripted(async (peer, handshake) => {
+    await peer.write(handshake);
+    seen.close = await peer.readFrame();
+  });
+  const controller = new AbortController();
+  const conn = await openRawConnection(srv.url, { idleTimeoutMs: 5000, signal: controller.signal });
+  const pending = conn.next();
+  setTimeout(() => controller.abort(), 30);
+  assert.equal(await pending, null);
+  assert.deepEqual(conn.cause, { kind: "aborted" });
+  await srv.done;
+  await conn.closed();
+  assert.equal(seen.close!.opcode, 8);
+  assert.equal(seen.close!.masked, true);
+  assert.equal((seen.close!.payload[0] << 8) | seen.close!.payload[1], 1000);
+
+  // Aborted before or during the handshake: a ConnectError.
+  const already = await openRawConnection(srv.url, { signal: AbortSignal.abort() }).catch((e: unknown) => e);
+  assert.ok(already instanceof ConnectError);
+  await using silent = scripted(async (peer) => {
+    await peer.readFrame(); // never answers the handshake
+  });
+  const during = new AbortController();
+  setTimeout(() => during.abort(), 30);
+  const cut = await openRawConnection(silent.url, { signal: during.signal }).catch((e: unknown) => e);
+  assert.ok(cut instanceof ConnectError);
+  assert.equal(cut.message, `cannot connect to ${silent.url}: aborted`);
+});
+
+Deno.test("`openRawConnection()` gives up on a handshake after min(idleTimeoutMs, 30 s)", async () => {
+  await using silent = scripted(async (peer) => {
+    await peer.readFrame();
+  });
+  const err = await openRawConnection(silent.url, { idleTimeoutMs: 100 }).catch((e: unknown) => e);
+  assert.ok(err instanceof ConnectError);
+  assert.match(err.message, /no answer within/);
+});
+
+Deno.test("`openRawConnection()` sends `hello` and offers `protocols`", async () => {
+  const got: string[] = [];
+  let offered: string | null = null;
+  await using srv = denoServer((socket, headers) => {
+    offered = headers.get("sec-websocket-protocol");
+    socket.onmessage = (e) => {
+      got.push(e.data);
+      socket.send(`echo ${e.data}`);
+      socket.close(1000);
+    };
+  });
+  const conn = await openRawConnection(srv.url, {
+    idleTimeoutMs: 5000,
+    hello: '{"type":"options_update"}',
+    protocols: ["a", "b"],
+  });
+  assert.deepEqual(await drain(conn), ['echo {"type":"options_update"}']);
+  assert.deepEqual(got, ['{"type":"options_update"}']);
+  assert.equal(offered, "a, b");
+  await conn.closed();
+});
+
+Deno.test("`openConnection()` uses the raw transport by default and replays the project server's capture", async () => {
+  await using server = serveJetstream({ events: EVENTS, closeAtEnd: true });
+  const hello = JSON.stringify({
+    type: "options_update",
+    payload: { wantedCollections: ["app.bsky.feed.post"], wantedDids: [] },
+  });
+  const conn = await openConnection(`${server.url}?requireHello=true`, {
+    idleTimeoutMs: 5000,
+    maxBufferedBytes: 1 << 20,
+    hello,
+  });
+  assert.ok(conn instanceof RawConnection);
+  const frames = await drain(conn);
+  const wanted = LINES.filter((l) => {
+    const e = JSON.parse(l);
+    return e.kind !== "commit" || e.commit.collection === "app.bsky.feed.post";
+  });
+  assert.deepEqual(frames, wanted);
+  assert.equal(conn.bytesReceived, wanted.reduce((n, l) => n + l.length, 0));
+  assert.deepEqual(conn.cause, { kind: "closed", code: 1000, reason: "" });
+  await conn.closed();
+  assert.deepEqual(server.connections[0].hellos, [{
+    wantedCollections: ["app.bsky.feed.post"],
+    wantedDids: [],
+  }]);
+
+  // The other transports stay available.
+  for (
+    const opts of [{ transport: "stream" as const }, { transport: "websocket" as const }, {
+      forceBuffered: true,
+    }]
+  ) {
+    const other = await openConnection(`${server.url}?cursor=${EVENTS[2990].timeUs}`, {
+      idleTimeoutMs: 5000,
+      maxBufferedBytes: 1 << 20,
+      ...opts,
+    });
+    assert.ok(!(other instanceof RawConnection));
+    assert.deepEqual(await drain(other), LINES.slice(2990));
+    other.close();
+    await other.closed();
+  }
+});
+
+Deno.test("`openRawConnection()` reports 1006 when the project server drops the connection", async () => {
+  await using server = serveJetstream({ events: EVENTS, closeAtEnd: true, faults: { dropEvery: 1234 } });
+  const conn = await openRawConnection(server.url, { idleTimeoutMs: 5000 });
+  assert.deepEqual(await drain(conn), LINES.slice(0, 1234));
+  assert.deepEqual(conn.cause, { kind: "closed", code: 1006, reason: "" });
+  await conn.closed();
+});
+
+Deno.test("`openRawConnection()` reads only when asked, so a slow consumer holds the server back", async () => {
+  const seen: { wrote?: boolean } = {};
+  const payload = frame(2, new Uint8Array(1 << 20));
+  await using srv = scripted(async (peer, handshake) => {
+    await peer.write(handshake);
+    try {
+      // 64 MiB: far more than the kernel's socket buffers hold.
+      for (let i = 0; i < 64; i++) await peer.write(payload);
+      seen.wrote = true;
+    } catch {
+      seen.wrote = false; // the client went away first
+    }
+  });
+  const conn = await openRawConnection(srv.url, { idleTimeoutMs: 5000 });
+  assert.ok(((await conn.next()) ?? []).length >= 1);
+  await new Promise((r) => setTimeout(r, 300));
+  assert.equal(seen.wrote, undefined, "the server could write everything: the client read ahead");
+  conn.close();
+  await conn.closed();
+  await srv.done;
+  assert.equal(seen.wrote, false);
+});
