@@ -12,6 +12,9 @@
  */
 import { runBackfillSync } from "../src/backfill.ts";
 import { generateCapture } from "../src/server/synth.ts";
+import { Batcher } from "../src/pipeline/batch.ts";
+import { QueueWriter } from "../src/queue/writer.ts";
+import { openConnection } from "../src/jetstream/socket.ts";
 import { benchZstd } from "./zstd_bench.ts";
 import { createZstdDecoder } from "../src/jetstream/zstd.ts";
 
@@ -81,6 +84,18 @@ async function ceiling(url: string): Promise<number> {
   return n / ((performance.now() - t0) / 1000);
 }
 
+async function ownCeiling(url: string): Promise<number> {
+  const t0 = performance.now();
+  let n = 0;
+  const conn = await openConnection(`${url}?cursor=0`, { idleTimeoutMs: 30_000, maxBufferedBytes: 16 << 20 });
+  for (let frames = await conn.next(); frames; frames = await conn.next()) {
+    for (const f of frames) JSON.parse(f as string);
+    n += frames.length;
+  }
+  await conn.closed();
+  return n / ((performance.now() - t0) / 1000);
+}
+
 async function compressedCeiling(url: string): Promise<number> {
   const decoder = await createZstdDecoder(await Deno.readFile(dictionary));
   const text = new TextDecoder();
@@ -96,6 +111,37 @@ async function compressedCeiling(url: string): Promise<number> {
     ws.onclose = () => resolve();
   });
   return n / ((performance.now() - t0) / 1000);
+}
+
+/** The sink alone: the same events, already parsed, through Batcher and QueueWriter into KV. */
+async function kvCeiling(path: string): Promise<number> {
+  await Deno.remove(path).catch(() => {});
+  const kv = await Deno.openKv(path);
+  const events = lines.map((l) => JSON.parse(l));
+  const checkpoint = {
+    v: 1 as const,
+    queue: "kv",
+    seq: 0,
+    cursor: 0,
+    recordsStored: 0,
+    updatedAt: 0,
+    run: { id: "bench", selection: {}, recordsStored: 0, instance: "" },
+  };
+  const writer = new QueueWriter(kv, "kv", { checkpoint, versionstamp: null }, () => {});
+  const batcher = new Batcher("kv", 100);
+  const t0 = performance.now();
+  for (let i = 0; i < events.length; i++) {
+    if (batcher.add(events[i], lines[i], "2026-11-28", events[i].commit?.collection)) {
+      await writer.add(batcher.take()!);
+    }
+  }
+  const last = batcher.take();
+  if (last) await writer.add(last);
+  await writer.flush();
+  const rate = events.length / ((performance.now() - t0) / 1000);
+  kv.close();
+  await Deno.remove(path).catch(() => {});
+  return rate;
 }
 
 async function sync(url: string, kvPath: string, batchSize: number, compress = false) {
@@ -122,7 +168,14 @@ console.log(`capture: ${fmt(EVENTS)} synthetic events, ${fmt(avgBytes)} bytes on
 const server = await startServer();
 try {
   const ceil = Math.max(await ceiling(server.url), await ceiling(server.url));
-  console.log(`ceiling (receive + JSON.parse, server in another process): ${fmt(ceil)} events/s`);
+  console.log(`ceiling (WebSocket receive + JSON.parse, server in another process): ${fmt(ceil)} events/s`);
+  const own = Math.max(await ownCeiling(server.url), await ownCeiling(server.url));
+  console.log(`ceiling (jetfill's transport receive + JSON.parse): ${fmt(own)} events/s`);
+  console.log(
+    `sink alone (parsed events → Batcher → QueueWriter → KV on disk): ${
+      fmt(await kvCeiling(`${work}/kv.sqlite`))
+    } events/s`,
+  );
   const rows: [string, number][] = [];
   for (
     const [label, path, batch] of [
@@ -138,7 +191,11 @@ try {
     }
     const rate = s.recordsStored / s.totalTime;
     rows.push([label, rate]);
-    console.log(`${label}: ${fmt(rate)} events/s (${(rate / ceil * 100).toFixed(0)}% of the ceiling)`);
+    console.log(
+      `${label}: ${fmt(rate)} events/s (${(rate / ceil * 100).toFixed(0)}% of the WebSocket ceiling, ${
+        (rate / own * 100).toFixed(0)
+      }% of jetfill's)`,
+    );
     await Deno.remove(path).catch(() => {});
   }
 
