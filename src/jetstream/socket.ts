@@ -84,6 +84,23 @@ export interface ConnectionOptions {
   transport?: "raw" | "stream" | "websocket";
 }
 
+/**
+ * Calls `onIdle` once `ms` have passed since `lastActivity()` (re-armed as activity moves it), and
+ * returns the function that stops watching. Deno hides the server's pings, so silence is all a
+ * client can see of a dead connection.
+ */
+export function watchIdle(ms: number, lastActivity: () => number, onIdle: () => void): () => void {
+  if (!Number.isFinite(ms)) return () => {};
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const tick = () => {
+    const quiet = Date.now() - lastActivity();
+    if (quiet >= ms) onIdle();
+    else timer = setTimeout(tick, ms - quiet);
+  };
+  timer = setTimeout(tick, ms);
+  return () => clearTimeout(timer);
+}
+
 /** A connection over the standard `WebSocket`, with a bounded buffer. */
 export class BufferedConnection implements Connection {
   /** The URL connected to. */
@@ -97,7 +114,7 @@ export class BufferedConnection implements Connection {
   #bufBytes = 0;
   #wake: (() => void) | undefined;
   #lastActivity = Date.now();
-  #idleTimer: ReturnType<typeof setTimeout> | undefined;
+  #stopIdle: () => void = () => {};
   #opts: ConnectionOptions;
   #onAbort = () => this.#end({ kind: "aborted" });
 
@@ -107,7 +124,8 @@ export class BufferedConnection implements Connection {
     this.url = url;
     this.#opts = opts;
     ws.onmessage = (e: MessageEvent) => this.#onMessage(e.data);
-    ws.onclose = (e: CloseEvent) => this.#end({ kind: "closed", code: e.code, reason: e.reason });
+    // Deno reports 0 for a connection lost without a close frame; the protocol calls that 1006.
+    ws.onclose = (e: CloseEvent) => this.#end({ kind: "closed", code: e.code || 1006, reason: e.reason });
     ws.onerror = () => {};
     opts.signal?.addEventListener("abort", this.#onAbort, { once: true });
     this.#armIdle();
@@ -129,21 +147,17 @@ export class BufferedConnection implements Connection {
   }
 
   #armIdle(): void {
-    const ms = this.#opts.idleTimeoutMs;
-    if (!Number.isFinite(ms)) return;
-    const tick = () => {
-      if (this.cause) return;
-      const quiet = Date.now() - this.#lastActivity;
-      if (quiet >= ms) this.#end({ kind: "idle" });
-      else this.#idleTimer = setTimeout(tick, ms - quiet);
-    };
-    this.#idleTimer = setTimeout(tick, ms);
+    this.#stopIdle = watchIdle(
+      this.#opts.idleTimeoutMs,
+      () => this.#lastActivity,
+      () => this.#end({ kind: "idle" }),
+    );
   }
 
   #end(cause: CloseCause): void {
     if (this.cause) return;
     this.cause = cause;
-    clearTimeout(this.#idleTimer);
+    this.#stopIdle();
     this.#opts.signal?.removeEventListener("abort", this.#onAbort);
     if (this.#ws.readyState === WebSocket.OPEN || this.#ws.readyState === WebSocket.CONNECTING) {
       try {
@@ -201,7 +215,7 @@ class StreamConnection implements Connection {
   readonly #reader: ReadableStreamDefaultReader<string | Uint8Array>;
   readonly #opts: ConnectionOptions;
   #lastActivity = Date.now();
-  #idleTimer: ReturnType<typeof setTimeout> | undefined;
+  #stopIdle: () => void = () => {};
   #onAbort = () => this.#end({ kind: "aborted" });
   #wake: ((frames: Frame[] | null) => void) | undefined;
 
@@ -216,22 +230,17 @@ class StreamConnection implements Connection {
     this.url = url;
     this.#opts = opts;
     opts.signal?.addEventListener("abort", this.#onAbort, { once: true });
-    const ms = opts.idleTimeoutMs;
-    if (Number.isFinite(ms)) {
-      const tick = () => {
-        if (this.cause) return;
-        const quiet = Date.now() - this.#lastActivity;
-        if (quiet >= ms) this.#end({ kind: "idle" });
-        else this.#idleTimer = setTimeout(tick, ms - quiet);
-      };
-      this.#idleTimer = setTimeout(tick, ms);
-    }
+    this.#stopIdle = watchIdle(
+      opts.idleTimeoutMs,
+      () => this.#lastActivity,
+      () => this.#end({ kind: "idle" }),
+    );
   }
 
   #end(cause: CloseCause): void {
     if (this.cause) return;
     this.cause = cause;
-    clearTimeout(this.#idleTimer);
+    this.#stopIdle();
     this.#opts.signal?.removeEventListener("abort", this.#onAbort);
     // A pending next() is answered here, not by cancelling the reader: cancelling trips a Deno 2.9
     // WebSocketStream bug (its pull enqueues into the cancelled stream and throws).
