@@ -134,33 +134,10 @@ Deno.test("jetfill sync --resume refuses a queue without a checkpoint, and diffe
 
   const events = Array.from({ length: 30 }, (_, i) => commit(T0 + i * 1000));
   await using server = serveEvents(events);
-  const first = await run([
-    "sync",
-    "--instance",
-    server.url,
-    "--kv",
-    db.path,
-    "--start",
-    String(T0),
-    "--limit",
-    "10",
-    "--json",
-  ]);
+  const base = ["sync", "--instance", server.url, "--kv", db.path, "--start", String(T0), "--limit", "10"];
+  const first = await run([...base, "--json"]);
   assert.equal(first.code, 0, first.stderr);
-  const other = await run([
-    "sync",
-    "--instance",
-    server.url,
-    "--kv",
-    db.path,
-    "--start",
-    String(T0),
-    "--limit",
-    "10",
-    "--collection",
-    "app.bsky.feed.like",
-    "--resume",
-  ]);
+  const other = await run([...base, "--collection", "app.bsky.feed.like", "--resume"]);
   assert.equal(other.code, 2);
   assert.match(
     other.stderr,
