@@ -459,8 +459,17 @@ function encodeClientFrame(opcode: number, payload: Uint8Array): Uint8Array {
   return frame;
 }
 
-/** A close frame's payload: the code, then the reason cut to the 123 bytes a control frame allows. */
-function closePayload(code: number, reason: string): Uint8Array {
+/**
+ * A close frame's payload: the code, then the reason cut to the 123 bytes a control frame allows
+ * (without splitting a UTF-8 sequence). Shared with the project's server.
+ *
+ * @example
+ * ```ts
+ * import { closePayload } from "./raw_ws.ts";
+ * closePayload(1000, "bye"); // Uint8Array [3, 232, 98, 121, 101]
+ * ```
+ */
+export function closePayload(code: number, reason: string): Uint8Array {
   let bytes = encoder.encode(reason);
   if (bytes.length > 123) {
     let cut = 123;

@@ -8,6 +8,7 @@
  *
  * @module
  */
+import { closePayload } from "../jetstream/raw_ws.ts";
 
 /**
  * Callbacks for what the client sends.
@@ -317,17 +318,7 @@ export class ServerWebSocket {
       return;
     }
     this.#closeSent = true;
-    let bytes = encoder.encode(reason);
-    if (bytes.length > 123) {
-      let cut = 123;
-      while (cut > 0 && (bytes[cut] & 0xc0) === 0x80) cut--; // do not split a UTF-8 sequence
-      bytes = bytes.subarray(0, cut);
-    }
-    const payload = new Uint8Array(2 + bytes.length);
-    payload[0] = code >>> 8;
-    payload[1] = code & 255;
-    payload.set(bytes, 2);
-    this.#control(8, payload);
+    this.#control(8, closePayload(code, reason));
     this.#armCloseTimer();
   }
 
