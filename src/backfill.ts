@@ -30,16 +30,56 @@ import { StatsTracker, type SyncErrorReport, type SyncStats } from "./stats.ts";
 
 const PROGRESS_INTERVAL_MS = 250;
 
-/** The options that decide which events a run stores; a resumed run must have the same. */
-export function selectionOf(o: ResolvedSyncOptions): Record<string, unknown> {
+/** Up to this many DIDs are kept in the checkpoint itself; more go under their own keys. */
+const INLINE_DIDS = 100;
+/** DIDs per KV value when a long list is stored apart (well under 64 KiB). */
+const DIDS_PER_KEY = 1000;
+
+/**
+ * The options that decide which events a run stores; a resumed run must have the same. A long DID
+ * list is represented by its count and hash: the checkpoint is rewritten on every commit and a KV
+ * value holds 64 KiB at most (the list itself is stored once, by {@link storeDidList}).
+ */
+export async function selectionOf(o: ResolvedSyncOptions): Promise<Record<string, unknown>> {
+  const dids = [...o.wantedDids].sort();
+  let wantedDids: unknown = dids;
+  if (dids.length > INLINE_DIDS) {
+    const digest = await crypto.subtle.digest("SHA-256", new TextEncoder().encode(dids.join("\n")));
+    const sha256 = Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, "0")).join("");
+    wantedDids = { count: dids.length, sha256 };
+  }
   return {
-    wantedDids: [...o.wantedDids].sort(),
+    wantedDids,
     wantedCollections: [...o.wantedCollections].sort(),
     kinds: [...o.kinds].sort(),
     startUs: o.startUs ?? null,
     endUs: o.endUs ?? null,
     numRecords: o.numRecords,
   };
+}
+
+/** Stores a long DID list under `["jetfill", queue, "dids", i]`, so that `--resume` can reuse it. */
+async function storeDidList(kv: Deno.Kv, queue: string, dids: readonly string[]): Promise<void> {
+  const sorted = [...dids].sort();
+  const old = await Array.fromAsync(kv.list({ prefix: queueKey(queue, "dids") }));
+  let op = kv.atomic();
+  for (const e of old) op.delete(e.key);
+  for (let i = 0; i * DIDS_PER_KEY < sorted.length; i++) {
+    op.set(queueKey(queue, "dids", i), sorted.slice(i * DIDS_PER_KEY, (i + 1) * DIDS_PER_KEY));
+    if ((i + 1) % 10 === 0) {
+      await op.commit();
+      op = kv.atomic();
+    }
+  }
+  await op.commit();
+}
+
+/** The DID list of a run's selection, whether inline or stored apart. */
+async function loadDidList(kv: Deno.Kv, queue: string, value: unknown): Promise<string[] | undefined> {
+  if (Array.isArray(value)) return value as string[];
+  if (typeof value !== "object" || value === null) return undefined;
+  const parts = await Array.fromAsync(kv.list<string[]>({ prefix: queueKey(queue, "dids") }));
+  return parts.flatMap((p) => p.value);
 }
 
 function differences(a: Record<string, unknown>, b: Record<string, unknown>): string[] {
@@ -73,7 +113,8 @@ export async function runBackfillSync(options: BackfillSyncOptions = {}): Promis
       // Options left out on resume are the checkpoint's: `--resume` alone continues the same run.
       const previous = (await readCheckpoint(kv, o.queueName)).value?.run;
       if (previous) {
-        options = inheritOptions(options, previous);
+        const dids = await loadDidList(kv, o.queueName, previous.selection.wantedDids);
+        options = inheritOptions(options, previous, dids);
         o = resolveSyncOptions(options);
       }
     }
@@ -87,9 +128,12 @@ export async function runBackfillSync(options: BackfillSyncOptions = {}): Promis
   }
 }
 
-function inheritOptions(options: BackfillSyncOptions, run: RunState): BackfillSyncOptions {
+function inheritOptions(
+  options: BackfillSyncOptions,
+  run: RunState,
+  dids: string[] | undefined,
+): BackfillSyncOptions {
   const sel = run.selection as {
-    wantedDids?: string[];
     wantedCollections?: string[];
     kinds?: BackfillSyncOptions["kinds"];
     startUs?: number | null;
@@ -98,7 +142,7 @@ function inheritOptions(options: BackfillSyncOptions, run: RunState): BackfillSy
   };
   return {
     ...options,
-    wantedDids: options.wantedDids ?? sel.wantedDids,
+    wantedDids: options.wantedDids ?? dids,
     wantedCollections: options.wantedCollections ?? sel.wantedCollections,
     kinds: options.kinds ?? sel.kinds,
     startTimestamp: options.startTimestamp ?? sel.startUs ?? undefined,
@@ -115,7 +159,8 @@ async function run(
   started: number,
   decodeFrame: ((bytes: Uint8Array) => Uint8Array) | undefined,
 ): Promise<SyncStats> {
-  const selection = selectionOf(o);
+  const selection = await selectionOf(o);
+  if (o.wantedDids.length > INLINE_DIDS) await storeDidList(kv, o.queueName, o.wantedDids);
   const existing = await readCheckpoint(kv, o.queueName);
   let resumeFrom: Checkpoint | undefined;
   if (o.resume) {
@@ -220,7 +265,7 @@ async function run(
     await writer.flush();
   } catch (err) {
     ctx.stop = "error";
-    ctx.error = `could not store the last batch: ${err instanceof Error ? err.message : String(err)}`;
+    ctx.error ??= `could not store the last batch: ${err instanceof Error ? err.message : String(err)}`;
   }
   progress(true);
 
@@ -250,18 +295,26 @@ async function run(
     coverageGapUs: stats.coverageGapUs,
   };
   if (ctx.error !== undefined) result.error = ctx.error;
-  await kv.set(queueKey(o.queueName, "run"), {
-    id: writer.checkpoint.run.id,
-    finishedAt: Date.now(),
-    options: {
-      ...selection,
-      instances: o.instances,
-      queueName: o.queueName,
-      batchSize: o.batchSize,
-      compress: o.compress,
-    },
-    stats: result,
-  });
+  try {
+    // For `jetfill status`; the statistics are returned whether or not this record can be written.
+    await kv.set(queueKey(o.queueName, "run"), {
+      id: writer.checkpoint.run.id,
+      finishedAt: Date.now(),
+      options: {
+        ...selection,
+        instances: o.instances,
+        queueName: o.queueName,
+        batchSize: o.batchSize,
+        compress: o.compress,
+      },
+      stats: result,
+    });
+  } catch (err) {
+    options.onError?.({
+      reason: "connection",
+      message: `could not record the run for status: ${(err as Error).message}`,
+    });
+  }
   return result;
 }
 

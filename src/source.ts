@@ -47,6 +47,9 @@ async function v2Decoder(
   return ctx.v2Dictionary;
 }
 
+/** How far a reconnect by time rewinds, µs (the replay guard drops what comes again). */
+const RECONNECT_REWIND_US = 1_000_000;
+
 /** The reconnect loop: one connection at a time, until a stop condition. */
 export async function consumeStream(
   ctx: RunContext,
@@ -69,6 +72,7 @@ export async function consumeStream(
   let failures = 0;
   let connections = 0;
   let disconnectedAt = performance.now();
+  let lastSpanUs = 0;
 
   // Coverage: is the requested start (or the resume point) still within the server's history?
   const from = floorUs >= 0 ? floorUs : o.startUs;
@@ -82,7 +86,14 @@ export async function consumeStream(
       if (ctx.stop) break;
     }
     const bySeq = seq.host === base && seq.floor >= 0;
-    const cursor = bySeq ? seq.floor : floorUs >= 0 ? floorUs : o.startUs;
+    // Reconnecting by time, ask for a little more than the inclusive cursor: a legacy server can
+    // drop or reorder events around its replay-to-live switch (jetstream-legacy#42). What comes
+    // again is recognised by the armed replay guard.
+    // Only after a connection that covered well over the rewind, so that a server dropping every
+    // connection early still lets the sync move forward.
+    const rewind = !bySeq && floorUs >= 0 && lastSpanUs > 2 * RECONNECT_REWIND_US;
+    const sessionFloor = rewind ? floorUs - RECONNECT_REWIND_US : floorUs;
+    const cursor = bySeq ? seq.floor : sessionFloor >= 0 ? sessionFloor : o.startUs;
     const v2 = isV2Url(base);
     let decode = ctx.decodeFrame;
     let req: { url: string; hello?: string };
@@ -156,18 +167,19 @@ export async function consumeStream(
       // failover, a restarted server re-sending events under new time_us.
       guard.arm();
     }
-    ctx.writer.setRun({ instance: base });
     ctx.batcher.host = base;
     const before = { us: stats.lastProcessedUs, seq: seq.floor, accepted: ctx.accepted };
     const session: Session = {
       base,
       v2,
       decode,
-      floorUs,
+      floorUs: sessionFloor,
       seqFloor: bySeq ? seq.floor : -1,
       errorFrame: false,
       outdatedFrom: undefined,
       requestedUs: bySeq ? undefined : cursor,
+      maxUs: -1,
+      minUs: -1,
     };
     try {
       await readConnection(ctx, conn, session, select, guard, seq, options);
@@ -175,7 +187,10 @@ export async function consumeStream(
       conn.close();
       await conn.closed();
     }
-    if (stats.lastProcessedUs !== null) floorUs = Math.max(floorUs, stats.lastProcessedUs);
+    // The floor is this instance's own clock: what this connection processed, not another
+    // instance's time (after a failover the two differ by up to the rewind).
+    if (session.maxUs >= 0) floorUs = Math.max(session.floorUs, session.maxUs);
+    lastSpanUs = session.maxUs >= 0 && session.minUs >= 0 ? session.maxUs - session.minUs : 0;
     disconnectedAt = performance.now();
     if (ctx.stop) break;
     const cause = conn.cause!;

@@ -330,3 +330,59 @@ Deno.test("runBackfillSync() writes to a Deno.Kv it is given and leaves it open"
     kv.close();
   }
 });
+
+Deno.test("runBackfillSync() takes 3,000 DIDs (hello, hashed in the checkpoint) and resumes with them", async () => {
+  const events = capture();
+  await using server = serveEvents(events);
+  await using db = await tempDb();
+  const dids = [did(3), did(4), ...Array.from({ length: 2998 }, (_, i) => `did:web:host${i}.example`)];
+  const controller = new AbortController();
+  const first = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    startTimestamp: T0,
+    wantedDids: dids,
+    wantedCollections: [],
+    batchSize: 5,
+    signal: controller.signal,
+    onDateChange: () => controller.abort(),
+  });
+  assert.equal(first.stopReason, "aborted");
+  const second = await runBackfillSync({ kv: db.path, resume: true, maxTime: 2 });
+  const expected = events.filter((e) => e.kind === "commit" && (e.did === did(3) || e.did === did(4)));
+  assert.equal(first.recordsStored + second.recordsStored, expected.length);
+  assert.equal(syncConnections(server).at(-1)!.hellos[0].wantedDids?.length, 3000);
+});
+
+Deno.test("runBackfillSync() stores a record whose structure serializes far larger than its JSON", async () => {
+  // 14,000 empty arrays: 42 KB of JSON, more than 64 KiB once V8 serializes it.
+  const hostile = commit(T0 + 1, { collection: "com.example.weird" });
+  (hostile as { commit: { record: Record<string, unknown> } }).commit.record.items = Array.from({
+    length: 14_000,
+  }, () => []);
+  const events = [commit(T0), hostile, commit(T0 + 2)];
+  await using server = serveEvents(events, { closeAtEnd: true });
+  await using db = await tempDb();
+  const stats = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    startTimestamp: T0,
+    wantedCollections: [],
+  });
+  assert.equal(stats.stopReason, "closed");
+  assert.equal(stats.recordsStored, 3);
+  assert.deepEqual((await stored(db.path, stats.queueLength)).events, events);
+});
+
+Deno.test("runBackfillSync() skips and reports an event too large even gzipped, and goes on", async () => {
+  // 300,000 random characters: gzip cannot bring them under 64 KiB.
+  const noise = Array.from({ length: 300_000 }, () => Math.floor(Math.random() * 36).toString(36)).join("");
+  const huge = commit(T0 + 1, { text: noise });
+  const events = [commit(T0), huge, commit(T0 + 2)];
+  await using server = serveEvents(events, { closeAtEnd: true });
+  await using db = await tempDb();
+  const stats = await runBackfillSync({ instance: server.url, kv: db.path, startTimestamp: T0 });
+  assert.equal(stats.stopReason, "closed");
+  assert.equal(stats.recordsStored, 2);
+  assert.equal(stats.skipped.oversized, 1);
+});

@@ -153,3 +153,19 @@ Deno.test("runBackfillSync() does not count quiet idle reconnects as failures", 
   assert.equal(stats.stopReason, "max_time");
   assert.ok(stats.reconnects >= 2, `reconnects: ${stats.reconnects}`);
 });
+
+Deno.test("runBackfillSync() rewinds a second on reconnect after a long connection, storing each event once", async () => {
+  // 10 ms apart: the first connection covers 4 s before it is dropped, so the reconnect rewinds.
+  const events = Array.from(
+    { length: 600 },
+    (_, i) => commit(T0 + i * 10_000, { did: did(i % 5), text: `p${i}` }),
+  );
+  await using server = serveEvents(events, { closeAtEnd: true, faults: { dropEvery: 400 } });
+  await using db = await tempDb();
+  const stats = await runBackfillSync({ instance: server.url, kv: db.path, startTimestamp: T0 });
+  assert.equal(stats.stopReason, "closed");
+  const second = syncConnections(server)[1].query;
+  assert.ok(second.includes(`cursor=${T0 + 399 * 10_000 - 1_000_000}`), second);
+  assert.ok(stats.duplicatesDropped >= 100, `duplicates: ${stats.duplicatesDropped}`);
+  assert.deepEqual(await stored(db.path, stats.queueLength), events);
+});

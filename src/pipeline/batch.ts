@@ -24,6 +24,8 @@ export interface PackedMessage {
   seq?: number;
   /** The instance that issued `seq` (sequence numbers are only meaningful there). */
   seqHost?: string;
+  /** The instance the last event came from. */
+  host?: string;
   /** Events per UTC day. */
   days: Map<string, number>;
   /** Collections of the commit events. */
@@ -98,6 +100,7 @@ export class Batcher {
   #note(m: PackedMessage, event: JetstreamEvent, day: string, collection: string | undefined): void {
     m.count++;
     m.cursor = event.time_us;
+    m.host = this.host;
     if (typeof event.cursor === "number") {
       m.seq = event.cursor;
       m.seqHost = this.host;

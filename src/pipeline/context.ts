@@ -29,6 +29,10 @@ export interface Session {
   outdatedFrom: number | undefined;
   /** The time cursor sent, if any. */
   requestedUs: number | undefined;
+  /** The highest time_us processed on this connection (-1 before any). */
+  maxUs: number;
+  /** The first new time_us processed on this connection (-1 before any). */
+  minUs: number;
 }
 
 /** The v2 sequence position: the host whose seq it is, and the last seq processed there. */

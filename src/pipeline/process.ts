@@ -13,6 +13,7 @@ import type { BackfillSyncOptions } from "../options.ts";
 import type { SkipReason } from "../stats.ts";
 import { coverageGap, type RunContext, type SeqState, type Session, stopWith } from "./context.ts";
 import { type ReplayGuard, shapeProblem } from "./filter.ts";
+import { OversizedEventError } from "./batch.ts";
 
 const TEXT = new TextDecoder();
 
@@ -157,11 +158,19 @@ export async function readConnection(
           seq.floor = -1;
         }
         seq.floor = Math.max(seq.floor, evSeq);
+        // Connected by time (no seq of this host yet): the floor applies by time_us, which also
+        // drops a v2 host's replay from before the cursor (#343).
+        if (seqFloor < 0 && t <= floorUs) {
+          stats.duplicatesDropped++;
+          continue;
+        }
         if (t < startUs) continue;
       } else if (t <= floorUs || t < startUs) {
         if (t <= floorUs) stats.duplicatesDropped++;
         continue;
       }
+      if (t > session.maxUs) session.maxUs = t;
+      if (session.minUs < 0) session.minUs = t;
       // A rewound replay after a failover must not move the date backwards.
       if (stats.lastProcessedUs === null || t > stats.lastProcessedUs) {
         const change = stats.processed(t);
@@ -174,7 +183,15 @@ export async function readConnection(
       }
       guard.record(ev);
       const collection = ev.kind === "commit" ? ev.commit.collection : undefined;
-      const full = batcher.add(ev, text, stats.dayOf(t), collection);
+      let full: boolean;
+      try {
+        full = batcher.add(ev, text, stats.dayOf(t), collection);
+      } catch (err) {
+        if (!(err instanceof OversizedEventError)) throw err;
+        // Too large for a queue message even gzipped: counted and reported, and the run goes on.
+        skip("oversized", err.message);
+        continue;
+      }
       ctx.accepted++;
       if (ctx.accepted >= o.numRecords) {
         stopWith(ctx, "limit");

@@ -10,9 +10,13 @@
  *
  * @module
  */
-import type { Batch, PackedMessage } from "../pipeline/batch.ts";
+import { serialize } from "node:v8";
+import type { JetstreamEvent } from "../jetstream/events.ts";
+import { type Batch, OversizedEventError, type PackedMessage } from "../pipeline/batch.ts";
+import { utcDate } from "../time.ts";
+import { compressEvent } from "./message.ts";
 import { type Checkpoint, queueKey, type RunState } from "./kv_queue.ts";
-import { KV_COMMIT_LIMIT, KV_MUTATION_LIMIT } from "./size.ts";
+import { KV_COMMIT_LIMIT, KV_MUTATION_LIMIT, KV_VALUE_LIMIT } from "./size.ts";
 
 /** What a commit stored, for the statistics. */
 export interface CommitReport {
@@ -40,8 +44,8 @@ export class ConcurrentWriterError extends Error {
 }
 
 const COMMIT_BUDGET = KV_COMMIT_LIMIT - 16_384;
-// Mutations besides the enqueues: the checkpoint, two counters and one counter a day.
-const FIXED_MUTATIONS = 16;
+// Mutations besides the enqueues and the one counter a UTC day: the checkpoint and two counters.
+const FIXED_MUTATIONS = 3;
 // Past this many bytes of batches waiting for their commit, add() waits: the reader slows down.
 const HIGH_WATER_BYTES = 2 << 20;
 
@@ -80,11 +84,6 @@ export class QueueWriter {
     return this.#checkpoint;
   }
 
-  /** Updates the run state written with the next commits (for example the instance in use). */
-  setRun(run: Partial<RunState>): void {
-    this.#checkpoint = { ...this.#checkpoint, run: { ...this.#checkpoint.run, ...run } };
-  }
-
   /** Queues a batch for commit; waits only when too much is already waiting. Throws a past failure. */
   async add(batch: Batch): Promise<void> {
     if (this.#failure) throw this.#failure;
@@ -121,44 +120,59 @@ export class QueueWriter {
   // Whole batches while they fit; a lone batch too large for one commit is split by messages.
   #takeGroup(): PackedMessage[] {
     const group: PackedMessage[] = [];
+    const days = new Set<string>();
     let bytes = 0;
+    const fits = (m: PackedMessage, count: number, size: number) => {
+      const newDays = [...m.days.keys()].filter((d) => !days.has(d)).length;
+      return count + 1 + FIXED_MUTATIONS + days.size + newDays <= KV_MUTATION_LIMIT &&
+        size + m.size <= COMMIT_BUDGET;
+    };
     while (this.#pending.length > 0) {
       const batch = this.#pending[0];
-      let size = 0;
-      for (const m of batch) size += m.size;
-      if (
-        group.length + batch.length + FIXED_MUTATIONS <= KV_MUTATION_LIMIT && bytes + size <= COMMIT_BUDGET
-      ) {
+      // Would the whole batch fit? Check message by message against a copy of the day set.
+      const before = new Set(days);
+      let count = group.length;
+      let size = bytes;
+      let whole = true;
+      for (const m of batch) {
+        if (!fits(m, count, size)) {
+          whole = false;
+          break;
+        }
+        count++;
+        size += m.size;
+        for (const d of m.days.keys()) days.add(d);
+      }
+      if (whole) {
         group.push(...batch);
-        bytes += size;
+        bytes = size;
         this.#pending.shift();
         continue;
       }
+      days.clear();
+      for (const d of before) days.add(d);
       if (group.length > 0) break;
       let taken = 0;
-      while (
-        taken < batch.length && taken + 1 + FIXED_MUTATIONS <= KV_MUTATION_LIMIT &&
-        bytes + batch[taken].size <= COMMIT_BUDGET
-      ) {
+      while (taken < batch.length && (taken === 0 || fits(batch[taken], taken, bytes))) {
         bytes += batch[taken].size;
+        for (const d of batch[taken].days.keys()) days.add(d);
         taken++;
       }
-      group.push(...batch.splice(0, Math.max(taken, 1)));
+      group.push(...batch.splice(0, taken));
       break;
     }
     this.#pendingBytes -= bytes;
     return group;
   }
 
-  async #commit(group: PackedMessage[]): Promise<void> {
+  async #commit(group: PackedMessage[], exact = false): Promise<void> {
     const q = this.#queue;
     const cpKey = queueKey(q, "checkpoint");
     const op = this.#kv.atomic().check({ key: cpKey, versionstamp: this.#versionstamp });
-    let seq = this.#checkpoint.seq;
+    const prev = this.#checkpoint;
+    let { seq, cursor } = prev;
+    let { seqCursor, seqInstance, instance } = prev.run;
     let records = 0;
-    let cursor = this.#checkpoint.cursor;
-    let seqCursor = this.#checkpoint.run.seqCursor;
-    let seqInstance = this.#checkpoint.run.seqInstance;
     const days = new Map<string, number>();
     const collections = new Set<string>();
     for (const m of group) {
@@ -168,6 +182,8 @@ export class QueueWriter {
       op.enqueue(message, { keysIfUndelivered: [queueKey(q, "dead", seq)] });
       records += m.count;
       cursor = m.cursor;
+      // The checkpoint names the host of the last stored record, so a resume asks the right one.
+      if (m.host !== undefined) instance = m.host;
       if (m.seq !== undefined) {
         seqCursor = m.seq;
         seqInstance = m.seqHost;
@@ -178,25 +194,109 @@ export class QueueWriter {
     op.sum(queueKey(q, "count", "messages"), BigInt(group.length));
     op.sum(queueKey(q, "count", "records"), BigInt(records));
     for (const [d, n] of days) op.sum(queueKey(q, "day", d), BigInt(n));
-    const prev = this.#checkpoint;
     const checkpoint: Checkpoint = {
       ...prev,
       seq,
       cursor,
       recordsStored: prev.recordsStored + records,
       updatedAt: Date.now(),
-      run: { ...prev.run, recordsStored: prev.run.recordsStored + records, seqCursor, seqInstance },
+      run: { ...prev.run, recordsStored: prev.run.recordsStored + records, seqCursor, seqInstance, instance },
     };
     op.set(cpKey, checkpoint);
-    const res = await op.commit();
+    let res: Deno.KvCommitResult | Deno.KvCommitError;
+    try {
+      res = await op.commit();
+    } catch (err) {
+      // The size bound was beaten (hostile structures serialize larger than their JSON): measure
+      // exactly, split or gzip what does not fit, and commit in pieces. Nothing was written.
+      if (exact || !/too large/i.test(String((err as Error).message))) throw err;
+      for (const part of regroup(group.flatMap((m) => fitExactly(q, m)))) await this.#commit(part, true);
+      return;
+    }
     if (!res.ok) throw new ConcurrentWriterError(q);
     this.#versionstamp = res.versionstamp;
-    // Run-state changes made while this commit was in flight (setRun) are kept for the next one.
-    this.#checkpoint = {
-      ...checkpoint,
-      run: { ...this.#checkpoint.run, recordsStored: checkpoint.run.recordsStored },
-    };
+    this.#checkpoint = checkpoint;
     for (const w of this.#waiters.splice(0)) w();
     this.#onCommit({ records, messages: group.length, cursor, days, collections }, checkpoint);
   }
+}
+
+/** A message's exact serialized size, as Deno KV will see it (V8's serializer, plus a margin). */
+function exactSize(queue: string, m: PackedMessage): number {
+  const value: Record<string, unknown> = {
+    v: 1,
+    queue,
+    seq: Number.MAX_SAFE_INTEGER,
+    cursor: m.cursor,
+    records: m.records,
+  };
+  if (m.compressed) value.compressed = m.compressed;
+  return serialize(value).length + 64;
+}
+
+/** Splits a message until each part fits KV's value limit by exact measure; a lone record is gzipped. */
+function fitExactly(queue: string, m: PackedMessage): PackedMessage[] {
+  const size = exactSize(queue, m);
+  if (size <= KV_VALUE_LIMIT - 256) return [{ ...m, size }];
+  if (m.records.length > 1) {
+    const half = m.records.length >> 1;
+    return [
+      ...fitExactly(queue, packRecords(m, m.records.slice(0, half))),
+      ...fitExactly(queue, packRecords(m, m.records.slice(half))),
+    ];
+  }
+  const event = m.records[0];
+  const gz = compressEvent(JSON.stringify(event));
+  const packed = { ...packRecords(m, []), compressed: [gz], count: 1, cursor: event.time_us };
+  packed.days = new Map([[utcDate(event.time_us), 1]]);
+  if (event.kind === "commit") packed.collections = new Set([event.commit.collection]);
+  const again = exactSize(queue, packed);
+  if (again > KV_VALUE_LIMIT - 256) {
+    throw new OversizedEventError(event.time_us, gz.length, KV_VALUE_LIMIT - 256);
+  }
+  return [{ ...packed, size: again }];
+}
+
+/** A message holding `records`, with its counts, from the message they were part of. */
+function packRecords(from: PackedMessage, records: JetstreamEvent[]): PackedMessage {
+  const days = new Map<string, number>();
+  const collections = new Set<string>();
+  let seq: number | undefined;
+  for (const r of records) {
+    const d = utcDate(r.time_us);
+    days.set(d, (days.get(d) ?? 0) + 1);
+    if (r.kind === "commit") collections.add(r.commit.collection);
+    if (typeof r.cursor === "number") seq = r.cursor;
+  }
+  return {
+    records,
+    size: 0,
+    count: records.length,
+    cursor: records.at(-1)?.time_us ?? from.cursor,
+    days,
+    collections,
+    seq,
+    seqHost: seq === undefined ? undefined : from.seqHost,
+    host: from.host,
+  };
+}
+
+/** Consecutive groups of messages within one commit's limits, by their (exact) sizes. */
+function regroup(messages: PackedMessage[]): PackedMessage[][] {
+  const groups: PackedMessage[][] = [];
+  let group: PackedMessage[] = [];
+  let bytes = 0;
+  for (const m of messages) {
+    const days = new Set(group.flatMap((g) => [...g.days.keys()]).concat([...m.days.keys()]));
+    const mutations = group.length + 1 + FIXED_MUTATIONS + days.size;
+    if (group.length > 0 && (bytes + m.size > COMMIT_BUDGET || mutations > KV_MUTATION_LIMIT)) {
+      groups.push(group);
+      group = [];
+      bytes = 0;
+    }
+    group.push(m);
+    bytes += m.size;
+  }
+  if (group.length > 0) groups.push(group);
+  return groups;
 }
