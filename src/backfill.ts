@@ -120,7 +120,7 @@ export async function runBackfillSync(options: BackfillSyncOptions = {}): Promis
     }
     // The legacy dictionary is only needed for /subscribe connections; v2 hosts serve their own.
     const decodeFrame = o.compress && o.instances.some((u) => !isV2Url(u))
-      ? await loadDecoder(options)
+      ? await loadDecoder(options, o.maxTimeMs)
       : undefined;
     return await run(o, options, kv, started, decodeFrame);
   } finally {
@@ -319,11 +319,14 @@ async function run(
 }
 
 /** Resolves the dictionary (option, environment, cache, verified download) and prepares a decoder. */
-async function loadDecoder(options: BackfillSyncOptions): Promise<(bytes: Uint8Array) => Uint8Array> {
-  const dictionary = await resolveZstdDictionary({
-    dictionary: options.zstdDictionary,
-    signal: options.signal,
-  });
+async function loadDecoder(
+  options: BackfillSyncOptions,
+  maxTimeMs: number,
+): Promise<(bytes: Uint8Array) => Uint8Array> {
+  // A download that hangs must not outlive --max-time.
+  const limit = AbortSignal.timeout(maxTimeMs);
+  const signal = options.signal ? AbortSignal.any([options.signal, limit]) : limit;
+  const dictionary = await resolveZstdDictionary({ dictionary: options.zstdDictionary, signal });
   const decoder = await createZstdDecoder(dictionary.bytes);
   return (bytes) => decoder.decode(bytes);
 }

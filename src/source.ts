@@ -124,7 +124,7 @@ export async function consumeStream(
         seq.floor = -1;
         continue;
       }
-      if (xrpc?.error === "UnknownZstdDictionary" && ctx.v2Dictionary) {
+      if (xrpc?.error === "UnknownZstdDictionary" && ctx.v2Dictionary && failures++ < o.maxRetries) {
         const known = ctx.v2Dictionary.id;
         ctx.v2Dictionary = undefined;
         const again = await v2Decoder(ctx, base, options);
@@ -195,6 +195,14 @@ export async function consumeStream(
     if (ctx.stop) break;
     const cause = conn.cause!;
     if (cause.kind === "closed" && cause.code === 1000 && !session.errorFrame) {
+      // A legacy server also closes with 1000 to refuse an options_update; say why it closed.
+      if (cause.reason) {
+        ctx.report({
+          reason: "connection",
+          message: `server closed the stream: ${cause.reason}`,
+          instance: base,
+        });
+      }
       ctx.stop = "closed";
       break;
     }

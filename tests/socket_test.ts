@@ -53,3 +53,24 @@ for (const transport of ["raw", "stream", "websocket"] as const) {
     assert.deepEqual(conn.cause, { kind: "idle" });
   });
 }
+
+Deno.test("openConnection() ends a connection that only pings after the idle timeout", async () => {
+  // Deno's server pings every idleTimeout seconds; the client answers, but no message comes.
+  await using server = Deno.serve({ port: 0, hostname: "127.0.0.1", onListen() {} }, (req) => {
+    const { socket, response } = Deno.upgradeWebSocket(req, { idleTimeout: 0.1 });
+    socket.onopen = () => socket.send("one event");
+    return response;
+  });
+  const conn = await openConnection(`ws://127.0.0.1:${server.addr.port}/subscribe`, {
+    idleTimeoutMs: 600,
+    maxBufferedBytes: 1 << 20,
+  });
+  const t0 = performance.now();
+  const got: unknown[] = [];
+  for (let frames = await conn.next(); frames; frames = await conn.next()) got.push(...frames);
+  conn.close();
+  await conn.closed();
+  assert.deepEqual(got, ["one event"]);
+  assert.deepEqual(conn.cause, { kind: "idle" });
+  assert.ok(performance.now() - t0 < 3000);
+});

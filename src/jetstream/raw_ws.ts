@@ -158,6 +158,9 @@ export class RawConnection implements Connection {
    */
   async next(): Promise<Frame[] | null> {
     if (this.#reading) throw new Error("next() called while another next() is pending");
+    // Idle time runs from here until a message arrives: pings and pongs read meanwhile do not
+    // count, so a server that only pings (jetstream-legacy#48) is still caught.
+    this.#lastActivity = Date.now();
     for (;;) {
       if (this.#head < this.#tail && !this.#stopped) {
         const frames = this.#parse();
@@ -217,7 +220,6 @@ export class RawConnection implements Connection {
     this.#head = 0;
     this.#tail = pending;
     this.#reading = true;
-    this.#lastActivity = Date.now();
     let n: number | null;
     try {
       n = await this.#conn.read(buf.subarray(pending));
@@ -233,7 +235,6 @@ export class RawConnection implements Connection {
       return;
     }
     this.#tail += n;
-    this.#lastActivity = Date.now();
   }
 
   /** Parses every complete frame from `#head` on and returns the complete messages among them. */
