@@ -15,7 +15,7 @@ import type { JetstreamEvent } from "../jetstream/events.ts";
 import { type Batch, OversizedEventError, type PackedMessage } from "../pipeline/batch.ts";
 import { utcDate } from "../time.ts";
 import { compressEvent } from "./message.ts";
-import { type Checkpoint, queueKey, type RunState } from "./kv_queue.ts";
+import { type Checkpoint, queueKey } from "./kv_queue.ts";
 import { KV_COMMIT_LIMIT, KV_MUTATION_LIMIT, KV_VALUE_LIMIT } from "./size.ts";
 
 /** What a commit stored, for the statistics. */
