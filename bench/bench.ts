@@ -16,6 +16,7 @@ import { Batcher } from "../src/pipeline/batch.ts";
 import { QueueWriter } from "../src/queue/writer.ts";
 import { openConnection } from "../src/jetstream/socket.ts";
 import { benchZstd } from "./zstd_bench.ts";
+import { spawnServer } from "../scripts/spawn_server.ts";
 import { createZstdDecoder } from "../src/jetstream/zstd.ts";
 
 const quick = Deno.args.includes("--quick");
@@ -34,40 +35,9 @@ const avgBytes = lines.reduce((n, l) => n + l.length, 0) / lines.length;
 const dictionary = Deno.env.get("JETFILL_ZSTD_DICTIONARY") ??
   `${root}../shared/jetstream/legacy_subscribe.zdict`;
 
-/** Starts `jetfill serve` in its own process. */
-async function startServer(extra: string[] = []): Promise<{ url: string; stop: () => Promise<void> }> {
-  const child = new Deno.Command(Deno.execPath(), {
-    args: [
-      "run",
-      "-A",
-      `${root}cli.ts`,
-      "serve",
-      "--file",
-      capturePath,
-      "--port",
-      "0",
-      "--close-at-end",
-      ...extra,
-    ],
-    stdout: "piped",
-    stderr: "inherit",
-  }).spawn();
-  const reader = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
-  let banner = "";
-  while (!banner.includes("\n")) {
-    const { value, done } = await reader.read();
-    if (done) throw new Error("server exited early");
-    banner += value;
-  }
-  const url = /listening on (\S+)/.exec(banner)![1];
-  return {
-    url,
-    stop: async () => {
-      child.kill("SIGTERM");
-      await reader.cancel();
-      await child.status;
-    },
-  };
+/** Starts `jetfill serve` on the capture in its own process. */
+function startServer(extra: string[] = []) {
+  return spawnServer(["--file", capturePath, "--port", "0", "--close-at-end", ...extra]);
 }
 
 async function ceiling(url: string): Promise<number> {

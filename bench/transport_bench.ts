@@ -8,6 +8,7 @@
  *
  * @module
  */
+import { spawnServer } from "../scripts/spawn_server.ts";
 import { type ConnectionOptions, openConnection } from "../src/jetstream/socket.ts";
 import { generateCapture } from "../src/server/synth.ts";
 
@@ -34,29 +35,8 @@ await Deno.writeTextFile(capturePath, lines.join("\n") + "\n");
 const avgBytes = lines.reduce((n, l) => n + l.length, 0) / lines.length;
 
 /** Starts `jetfill serve` in its own process, so that the server does not share our thread. */
-async function startServer(): Promise<{ url: string; stop: () => Promise<void> }> {
-  const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", `${root}cli.ts`, "serve", "--file", capturePath, "--port", "0", "--close-at-end"],
-    stdout: "piped",
-    stderr: "inherit",
-  }).spawn();
-  const reader = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
-  let banner = "";
-  while (!banner.includes("\n")) {
-    const { value, done } = await reader.read();
-    if (done) throw new Error("server exited early");
-    banner += value;
-  }
-  const url = /listening on (\S+)/.exec(banner)?.[1];
-  if (!url) throw new Error(`unexpected banner: ${banner}`);
-  return {
-    url,
-    stop: async () => {
-      child.kill("SIGTERM");
-      await reader.cancel();
-      await child.status;
-    },
-  };
+function startServer() {
+  return spawnServer(["--file", capturePath, "--port", "0", "--close-at-end"]);
 }
 
 type Transport = NonNullable<ConnectionOptions["transport"]>;

@@ -7,6 +7,7 @@
  */
 import { generateCapture } from "../src/server/synth.ts";
 import { isoFromUs } from "../src/time.ts";
+import { spawnServer } from "./spawn_server.ts";
 
 const HOUR_US = 3_600_000_000;
 const dir = "./jetfill-data";
@@ -20,22 +21,11 @@ const lines = generateCapture({ count: 40_000, seed: 7, startUs, stepUs: (48 * H
 await Deno.writeTextFile(capture, lines.join("\n") + "\n");
 console.log(`wrote ${lines.length} synthetic events to ${capture}`);
 
-// The server runs in its own process, as a real Jetstream would.
 const self = new URL("../cli.ts", import.meta.url).pathname;
-const server = new Deno.Command(Deno.execPath(), {
-  args: ["run", "-A", self, "serve", "--file", capture, "--port", "0"],
-  stdout: "piped",
-  stderr: "inherit",
-}).spawn();
-const reader = server.stdout.pipeThrough(new TextDecoderStream()).getReader();
-let banner = "";
-while (!banner.includes("\n")) {
-  const { value, done } = await reader.read();
-  if (done) throw new Error("the demo server exited before listening");
-  banner += value;
-}
-const url = /listening on (\S+)/.exec(banner)?.[1];
-if (!url) throw new Error(`unexpected server banner: ${banner}`);
+
+// The server runs in its own process, as a real Jetstream would.
+const server = await spawnServer(["--file", capture, "--port", "0"]);
+const url = server.url;
 console.log(`serving it at ${url}`);
 
 // A window of one day that starts 6 hours into the capture: posts and likes, at most 20,000.
@@ -66,9 +56,7 @@ const args = [
 ];
 console.log(`\n$ jetfill sync ${args.slice(4).join(" ")}\n`);
 const sync = await new Deno.Command(Deno.execPath(), { args, stdout: "inherit", stderr: "inherit" }).output();
-server.kill("SIGTERM");
-await reader.cancel();
-await server.status;
+await server.stop();
 console.log(
   `\nThe queue is in ${kvPath}; read it with: deno run -A cli.ts export --kv ${kvPath} --queue-name demo`,
 );

@@ -164,8 +164,9 @@ export function formatSummary(s: SyncStats): string {
       }x)`,
     );
   }
-  if (s.latestCursor !== null) {
-    lines.push(`resume with         jetfill sync --resume (same --kv and --queue-name)`);
+  // A run that stopped short of its limit and end can be continued where it stopped.
+  if (s.stopReason !== "limit" && s.stopReason !== "end" && s.latestCursor !== null) {
+    lines.push(`continue with       jetfill sync --resume (with the same --kv and --queue-name)`);
   }
   return lines.join("\n");
 }
