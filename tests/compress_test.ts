@@ -7,6 +7,7 @@ import type { SyncErrorReport } from "../src/stats.ts";
 import { commit, did, drainQueue, identity } from "./helpers/events.ts";
 import { serveEvents, syncConnections, tempDb } from "./helpers/loopback.ts";
 import { LEGACY_DICT, V2_DICT, zstdFrames } from "./helpers/zstd_cli.ts";
+import { spawnServer } from "../scripts/spawn_server.ts";
 
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
 
@@ -126,15 +127,9 @@ Deno.test("jetfill serve --zstd-dictionary serves compressed frames that jetfill
   const file = `${db.dir}/capture.ndjson`;
   await Deno.writeTextFile(file, events.map((e) => JSON.stringify(e)).join("\n") + "\n");
   const cli = new URL("../cli.ts", import.meta.url).pathname;
-  const server = new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", cli, "serve", "--file", file, "--zstd-dictionary", LEGACY_DICT, "--close-at-end"],
-    stdout: "piped",
-    stderr: "null",
-  }).spawn();
-  const reader = server.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  const server = await spawnServer(["--file", file, "--zstd-dictionary", LEGACY_DICT, "--close-at-end"]);
+  const url = server.url;
   try {
-    const { value } = await reader.read();
-    const url = /listening on (\S+)/.exec(value ?? "")![1];
     const out = await new Deno.Command(Deno.execPath(), {
       args: [
         "run",
@@ -162,8 +157,6 @@ Deno.test("jetfill serve --zstd-dictionary serves compressed frames that jetfill
     assert.equal(stats.recordsStored, events.filter((e) => e.kind === "commit").length);
     assert.ok(stats.bytesDecoded > stats.bytesReceived);
   } finally {
-    server.kill("SIGTERM");
-    await reader.cancel();
-    await server.status;
+    await server.stop();
   }
 });
