@@ -216,9 +216,7 @@ async function run(
       currentDate: stats.currentDate,
       cursor,
       elapsed,
-      percent: o.startUs !== undefined && o.endUs !== undefined && cursor !== null
-        ? Math.max(0, Math.min(100, ((cursor - o.startUs) / (o.endUs - o.startUs)) * 100))
-        : null,
+      percent: windowPercent(o.startUs ?? stats.firstProcessedUs, o.endUs, cursor),
       percentOfLimit: Math.min(100, ((ctx.writer.checkpoint.run.recordsStored) / o.numRecords) * 100),
     });
   };
@@ -316,6 +314,18 @@ async function run(
     });
   }
   return result;
+}
+
+/** How far `cursor` is through the window from `start` to `end` (0–100), or null without an end. */
+function windowPercent(
+  start: number | null | undefined,
+  end: number | undefined,
+  cursor: number | null,
+): number | null {
+  if (end === undefined || start === undefined || start === null || cursor === null || end <= start) {
+    return null;
+  }
+  return Math.max(0, Math.min(100, ((cursor - start) / (end - start)) * 100));
 }
 
 /** Resolves the dictionary (option, environment, cache, verified download) and prepares a decoder. */

@@ -82,7 +82,7 @@ export interface SyncProgress {
   cursor: number | null;
   /** Seconds since the start. */
   elapsed: number;
-  /** Share of the time window covered (0–100), when both start and end are given. */
+  /** Share of the time window covered (0–100) when an end is given; the window starts at the start, or at the first event. */
   percent: number | null;
   /** Share of the record limit reached (0–100). */
   percentOfLimit: number;
@@ -120,6 +120,8 @@ export class StatsTracker {
   latestCursor: number | null = null;
   /** `time_us` of the last processed event. */
   lastProcessedUs: number | null = null;
+  /** `time_us` of the first processed event (the window's start when none was given). */
+  firstProcessedUs: number | null = null;
   /** UTC date of the last processed event. */
   currentDate: string | null = null;
   /** Bytes received on the wire. */
@@ -166,6 +168,7 @@ export class StatsTracker {
   /** Records that an event was processed; returns the date change it caused, if any. */
   processed(us: number): DateChange | undefined {
     this.lastProcessedUs = us;
+    this.firstProcessedUs ??= us;
     const day = this.dayOf(us);
     if (day === this.currentDate) return undefined;
     const from = this.currentDate;

@@ -386,3 +386,19 @@ Deno.test("runBackfillSync() skips and reports an event too large even gzipped, 
   assert.equal(stats.recordsStored, 2);
   assert.equal(stats.skipped.oversized, 1);
 });
+
+Deno.test("runBackfillSync() reports the percent of the window when only an end is given", async () => {
+  await using server = serveEvents(capture());
+  await using db = await tempDb();
+  const progress: SyncProgress[] = [];
+  const stats = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    endTimestamp: T0 + 100 * MINUTE,
+    wantedCollections: [],
+    onProgress: (p) => progress.push(p),
+  });
+  assert.equal(stats.stopReason, "end");
+  const last = progress.at(-1)!;
+  assert.ok(last.percent !== null && last.percent > 98, `percent: ${last.percent}`);
+});
