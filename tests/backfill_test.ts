@@ -91,6 +91,12 @@ Deno.test("runBackfillSync() stops at the exclusive end, without storing the eve
   assert.ok(got.every((e) => e.time_us < end));
   assert.deepEqual(stats.collections, ["app.bsky.feed.like", "app.bsky.feed.post"]);
   assert.equal(stats.currentDate, "2026-11-27");
+  // Every message the server sent up to and including the one that reached the end.
+  const sent = events.filter((e) =>
+    e.time_us >= T0 + 30 * MINUTE && e.time_us <= end &&
+    (e.kind !== "commit" || e.commit.collection.startsWith("app.bsky.feed."))
+  );
+  assert.equal(stats.messagesReceived, sent.length);
 });
 
 Deno.test("runBackfillSync() keeps identity and account events out unless their kinds are asked for", async () => {

@@ -68,15 +68,15 @@ export async function readConnection(
     stats.skip(reason);
     ctx.report({ reason, message, instance: conn.url });
   };
-  let bytesBefore = 0;
   let mismatches = 0;
   for (let frames: Frame[] | null = await conn.next(); frames !== null; frames = await conn.next()) {
     if (ctx.stop) return;
-    stats.messagesReceived += frames.length;
-    stats.bytesReceived += conn.bytesReceived - bytesBefore;
-    bytesBefore = conn.bytesReceived;
+    // Counted as the loop takes them, as the original did: frames read ahead of a stop are not
+    // "received" by the run.
     for (let i = 0; i < frames.length; i++) {
       const frame = frames[i];
+      stats.messagesReceived++;
+      stats.bytesReceived += typeof frame === "string" ? frame.length : frame.byteLength;
       let text: string;
       if (typeof frame === "string") {
         text = frame;
