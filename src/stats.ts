@@ -191,7 +191,8 @@ export class StatsTracker {
   ): void {
     this.recordsStored += records;
     this.messagesEnqueued += messages;
-    this.latestCursor = lastUs;
+    // A commit repaired after later ones holds older records: the latest stays the latest.
+    this.latestCursor = this.latestCursor === null ? lastUs : Math.max(this.latestCursor, lastUs);
     for (const [day, n] of perDay) this.recordsPerDay[day] = (this.recordsPerDay[day] ?? 0) + n;
     for (const c of collections) this.#collections.add(c);
   }

@@ -156,10 +156,32 @@ Deno.test("QueueWriter refuses to continue when another writer changed the queue
     b.add(commit(T0), JSON.stringify(commit(T0)), "2026-11-27", "app.bsky.feed.post");
     await w.add(b.take()!);
     await w.flush();
-    await kv.set(queueKey("q", "checkpoint"), { intruder: true });
+    // A second writer takes the queue's lock.
+    await kv.set(queueKey("q", "writer"), { run: "intruder" });
     b.add(commit(T0 + 1), JSON.stringify(commit(T0 + 1)), "2026-11-27", "app.bsky.feed.post");
     await w.add(b.take()!);
     await assert.rejects(() => w.flush(), /changed by another writer/);
+  } finally {
+    kv.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("QueueWriter refuses to start on a checkpoint that changed since it was read", async () => {
+  const { kv, dir } = await tempKv();
+  try {
+    const stale = newCheckpoint("q");
+    const first = new QueueWriter(kv, "q", stale, () => {});
+    const b = new Batcher("q", 1);
+    b.add(commit(T0), JSON.stringify(commit(T0)), "2026-11-27", "app.bsky.feed.post");
+    await first.add(b.take()!);
+    await first.flush();
+    // A second writer that read the (then empty) checkpoint before the first one committed.
+    const second = new QueueWriter(kv, "q", stale, () => {});
+    b.add(commit(T0 + 1), JSON.stringify(commit(T0 + 1)), "2026-11-27", "app.bsky.feed.post");
+    await second.add(b.take()!);
+    await assert.rejects(() => second.flush(), /changed by another writer/);
+    assert.equal((await readCheckpoint(kv, "q")).value?.seq, 1);
   } finally {
     kv.close();
     await Deno.remove(dir, { recursive: true });
