@@ -21,6 +21,24 @@ Deno.test("serializedSizeBound() is never below V8's serialized size", () => {
       commit: { a: [], b: {}, c: [[], [], {}], d: [1, 2, 3, 64, 8191] },
     }),
     JSON.stringify(commit(T0, { text: "é".repeat(3000) })),
+    JSON.stringify({
+      did: "x",
+      time_us: 1,
+      kind: "commit",
+      commit: { items: Array.from({ length: 14_000 }, () => []) },
+    }),
+    JSON.stringify({
+      did: "x",
+      time_us: 1,
+      kind: "commit",
+      commit: { items: Array.from({ length: 5_000 }, (_, i) => [i]) },
+    }),
+    JSON.stringify({
+      did: "x",
+      time_us: 1,
+      kind: "commit",
+      commit: { items: Array.from({ length: 5_000 }, () => ({})) },
+    }),
   ];
   for (const text of texts) {
     const actual = serialize(JSON.parse(text)).length;

@@ -59,8 +59,11 @@ const DEPTH = 3;
 interface Inflight {
   promise: Promise<Deno.KvCommitResult | Deno.KvCommitError>;
   group: PackedMessage[];
+  /** The seq of each message of `group`. */
+  seqs: number[];
   checkpoint: Checkpoint;
   report: CommitReport;
+  /** A repair: its records were counted in the checkpoint when first issued. */
   exact: boolean;
 }
 
@@ -218,7 +221,7 @@ export class QueueWriter {
   }
 
   /** Builds and sends the commit of `group`, on top of the last one issued. */
-  #issue(group: PackedMessage[], exact = false): Inflight {
+  #issue(group: PackedMessage[], exact = false, reuse: number[] = []): Inflight {
     const q = this.#queue;
     const op = this.#kv.atomic().check({ key: queueKey(q, "writer"), versionstamp: this.#lock! });
     const prev = this.#issued;
@@ -228,11 +231,20 @@ export class QueueWriter {
     let last = cursor;
     const days = new Map<string, number>();
     const collections = new Set<string>();
-    for (const m of group) {
-      seq++;
-      const message: Record<string, unknown> = { v: 1, queue: q, seq, cursor: m.cursor, records: m.records };
+    const seqs: number[] = [];
+    for (const [i, m] of group.entries()) {
+      // A repair reuses the seqs of the refused commit first, so that seq numbers keep no gap.
+      const n = i < reuse.length ? reuse[i] : ++seq;
+      seqs.push(n);
+      const message: Record<string, unknown> = {
+        v: 1,
+        queue: q,
+        seq: n,
+        cursor: m.cursor,
+        records: m.records,
+      };
       if (m.compressed) message.compressed = m.compressed;
-      op.enqueue(message, { keysIfUndelivered: [queueKey(q, "dead", seq)] });
+      op.enqueue(message, { keysIfUndelivered: [queueKey(q, "dead", n)] });
       records += m.count;
       last = m.cursor;
       // A re-issued group (exact) is older than what was issued after it: it must not move the
@@ -253,26 +265,24 @@ export class QueueWriter {
     op.sum(queueKey(q, "count", "messages"), BigInt(group.length));
     op.sum(queueKey(q, "count", "records"), BigInt(records));
     for (const [d, n] of days) op.sum(queueKey(q, "day", d), BigInt(n));
+    // A repair's records were counted when the refused commit was issued (the commits after it built
+    // on that count), so only a first issue adds them.
+    const added = exact ? 0 : records;
     const checkpoint: Checkpoint = {
       ...prev,
       seq,
       cursor,
-      recordsStored: prev.recordsStored + records,
+      recordsStored: prev.recordsStored + added,
       updatedAt: Date.now(),
-      run: { ...prev.run, recordsStored: prev.run.recordsStored + records, seqCursor, seqInstance, instance },
+      run: { ...prev.run, recordsStored: prev.run.recordsStored + added, seqCursor, seqInstance, instance },
     };
     op.set(queueKey(q, "checkpoint"), checkpoint);
     this.#issued = checkpoint;
     const promise = op.commit();
     // Observed by #complete; until then a rejection must not count as unhandled.
     promise.catch(() => {});
-    return {
-      promise,
-      group,
-      checkpoint,
-      report: { records, messages: group.length, cursor: last, days, collections },
-      exact,
-    };
+    const report = { records, messages: group.length, cursor: last, days, collections };
+    return { promise, group, seqs, checkpoint, report, exact };
   }
 
   /** Waits for the oldest commit in flight and reports it; repairs a size refusal. */
@@ -287,7 +297,10 @@ export class QueueWriter {
       if (head.exact || !/too large/i.test(String((err as Error).message))) throw err;
       for (const next of later.splice(0)) await this.#complete(next, []);
       const parts = regroup(head.group.flatMap((m) => fitExactly(this.#queue, m)));
-      for (const part of parts) await this.#complete(this.#issue(part, true), []);
+      const reuse = head.seqs.slice();
+      for (const part of parts) {
+        await this.#complete(this.#issue(part, true, reuse.splice(0, part.length)), []);
+      }
       return;
     }
     if (!res.ok) throw new ConcurrentWriterError(this.#queue);
