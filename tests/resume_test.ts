@@ -75,15 +75,15 @@ Deno.test("a sync killed with SIGKILL at random moments and resumed stores what 
   // a last resumed run finish. Waiting for progress keeps a loaded machine's slow start-up from
   // turning every kill into a kill before the first commit.
   let partialKills = 0;
-  for (let attempt = 0; attempt < 4; attempt++) {
+  for (let attempt = 0; attempt < 6; attempt++) {
     const before = await stored();
     const args = syncArgs(server.url, killed.path);
     if (before >= 0) args.push("--resume");
     const child = new Deno.Command(Deno.execPath(), { args, stdout: "null", stderr: "null" }).spawn();
     let exited = false;
     child.status.then(() => (exited = true));
-    while (!exited && (await stored()) < before + 500) await new Promise((r) => setTimeout(r, 20));
-    await new Promise((r) => setTimeout(r, Math.random() * 60));
+    while (!exited && (await stored()) < before + 200) await new Promise((r) => setTimeout(r, 10));
+    await new Promise((r) => setTimeout(r, Math.random() * 30));
     if (!exited) {
       child.kill("SIGKILL");
       const after = await stored();
