@@ -9,8 +9,10 @@
 export interface SpawnedServer {
   /** The `/subscribe` URL it listens on. */
   url: string;
-  /** Stops it (SIGTERM) and waits for it to exit. */
-  stop(): Promise<void>;
+  /** The whole first line it printed (a v2 server names its subscribeEvents URL there too). */
+  banner: string;
+  /** Stops it (SIGTERM), waits for it to exit and resolves to its exit code. */
+  stop(): Promise<number>;
 }
 
 const CLI = new URL("../cli.ts", import.meta.url).pathname;
@@ -27,11 +29,14 @@ const CLI = new URL("../cli.ts", import.meta.url).pathname;
  * await server.stop();
  * ```
  */
-export async function spawnServer(args: string[]): Promise<SpawnedServer> {
+export async function spawnServer(
+  args: string[],
+  options: { stderr?: "inherit" | "null" } = {},
+): Promise<SpawnedServer> {
   const child = new Deno.Command(Deno.execPath(), {
     args: ["run", "-A", CLI, "serve", ...args],
     stdout: "piped",
-    stderr: "inherit",
+    stderr: options.stderr ?? "inherit",
   }).spawn();
   const reader = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
   let banner = "";
@@ -44,10 +49,11 @@ export async function spawnServer(args: string[]): Promise<SpawnedServer> {
   if (!url) throw new Error(`unexpected banner from jetfill serve: ${banner}`);
   return {
     url,
+    banner,
     stop: async () => {
       child.kill("SIGTERM");
       await reader.cancel();
-      await child.status;
+      return (await child.status).code;
     },
   };
 }

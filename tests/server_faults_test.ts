@@ -1,5 +1,5 @@
+import { spawnServer } from "../scripts/spawn_server.ts";
 import assert from "node:assert/strict";
-import { fileURLToPath } from "node:url";
 import { generateCapture } from "../src/server/synth.ts";
 import { parseCapture } from "../src/server/capture.ts";
 import { type JetstreamServerOptions, serveJetstream } from "../src/server/server.ts";
@@ -256,17 +256,12 @@ Deno.test("`serveCommand()` rejects bad fault flags with UsageError", async () =
 });
 
 Deno.test("`serveCommand()` passes fault flags to the server", async () => {
-  const root = fileURLToPath(new URL("..", import.meta.url));
   const dir = await Deno.makeTempDir();
   try {
     const file = `${dir}/capture.ndjson`;
     await Deno.writeTextFile(file, LINES.slice(0, 100).join("\n") + "\n");
-    const child = new Deno.Command(Deno.execPath(), {
-      args: [
-        "run",
-        "-A",
-        "cli.ts",
-        "serve",
+    const server = await spawnServer(
+      [
         "--file",
         file,
         "--close-at-end",
@@ -277,19 +272,10 @@ Deno.test("`serveCommand()` passes fault flags to the server", async () => {
         "--garbage-every",
         "30",
       ],
-      cwd: root,
-      stdout: "piped",
-      stderr: "piped",
-    }).spawn();
-    const stdout = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
-    let out = "";
-    while (!out.includes("\n")) {
-      const { value, done } = await stdout.read();
-      if (done) break;
-      out += value;
-    }
-    const url = /listening on (\S+)/.exec(out)?.[1];
-    assert.ok(url, out);
+      { stderr: "null" },
+    );
+    const url = server.url;
+
     const refused = await fetch(url.replace(/^ws:/, "http:"));
     assert.equal(refused.status, 503);
     await refused.body?.cancel();
@@ -299,10 +285,7 @@ Deno.test("`serveCommand()` passes fault flags to the server", async () => {
     assert.deepEqual(messages.slice(0, 30), LINES.slice(0, 30));
     assert.ok(messages[30] instanceof Uint8Array, "connection 2 starts the cycle at binary junk");
     assert.deepEqual(messages.slice(31), LINES.slice(30, 40));
-    child.kill("SIGTERM");
-    await stdout.cancel();
-    assert.equal((await child.status).code, 0);
-    await child.stderr.cancel();
+    assert.equal(await server.stop(), 0);
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

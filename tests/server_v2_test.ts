@@ -1,5 +1,5 @@
+import { spawnServer } from "../scripts/spawn_server.ts";
 import assert from "node:assert/strict";
-import { fileURLToPath } from "node:url";
 import { generateCapture } from "../src/server/synth.ts";
 import { parseCapture } from "../src/server/capture.ts";
 import { type JetstreamServerOptions, serveJetstream } from "../src/server/server.ts";
@@ -67,15 +67,6 @@ async function xrpcError(port: number, target: string, headers: Record<string, s
   const response = await rawGet(port, target, headers);
   assert.equal(response.headers.get("content-type"), "application/json", target);
   return { status: response.status, ...JSON.parse(response.body) };
-}
-
-async function dictionaryExists(): Promise<boolean> {
-  try {
-    await Deno.stat(V2_DICT);
-    return true;
-  } catch {
-    return false;
-  }
 }
 
 // --- frames ---------------------------------------------------------------------------------------
@@ -616,7 +607,6 @@ Deno.test("`serveJetstream()` v2 injects v2-shaped garbage on subscribeEvents", 
 
 Deno.test({
   name: "`serveJetstream()` v2 compresses every subscribeEvents frame with the v2 dictionary",
-  ignore: !(await dictionaryExists()),
   async fn() {
     const dictionary = await Deno.readFile(V2_DICT);
     const zstd = await createZstdEncoder(dictionary, 1);
@@ -743,43 +733,26 @@ Deno.test("`serveCommand()` rejects v2 flags without --v2 and bad v2 values", as
 
 Deno.test({
   name: "`serveCommand()` runs a v2 server with --v2 and its flags",
-  ignore: !(await dictionaryExists()),
   async fn() {
-    const root = fileURLToPath(new URL("..", import.meta.url));
     const dir = await Deno.makeTempDir();
     try {
       const file = `${dir}/capture.ndjson`;
       await Deno.writeTextFile(file, LINES.slice(0, 100).join("\n") + "\n");
-      const child = new Deno.Command(Deno.execPath(), {
-        args: [
-          "run",
-          "-A",
-          "cli.ts",
-          "serve",
-          "--file",
-          file,
-          "--close-at-end",
-          "--v2",
-          "--seq-base",
-          "0",
-          "--lookback-floor-seq",
-          "51",
-          "--v2-zstd-dictionary",
-          V2_DICT,
-          "--error-after",
-          "10",
-        ],
-        cwd: root,
-        stdout: "piped",
-        stderr: "piped",
-      }).spawn();
-      const stdout = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
-      let out = "";
-      while (!out.includes("\n")) {
-        const { value, done } = await stdout.read();
-        if (done) break;
-        out += value;
-      }
+      const server = await spawnServer([
+        "--file",
+        file,
+        "--close-at-end",
+        "--v2",
+        "--seq-base",
+        "0",
+        "--lookback-floor-seq",
+        "51",
+        "--v2-zstd-dictionary",
+        V2_DICT,
+        "--error-after",
+        "10",
+      ], { stderr: "null" });
+      const out = `${server.banner}`;
       const match = /^listening on (ws:\/\/127\.0\.0\.1:(\d+)\/subscribe) and (ws:\/\/\S+subscribeEvents)\n$/
         .exec(out);
       assert.ok(match, out);
@@ -798,10 +771,7 @@ Deno.test({
       assert.equal(dictionary.headers.get("x-zstd-dictionary-id"), String(V2_DICTIONARY_ID));
       const v1 = await collectMessages(`${match[1]}?cursor=60`, { count: 1 });
       assert.equal(JSON.parse(v1.messages[0] as string).cursor, 60);
-      child.kill("SIGTERM");
-      await stdout.cancel();
-      assert.equal((await child.status).code, 0);
-      await child.stderr.cancel();
+      assert.equal(await server.stop(), 0);
     } finally {
       await Deno.remove(dir, { recursive: true });
     }
