@@ -14,6 +14,7 @@ import { runBackfillSync } from "../src/backfill.ts";
 import { generateCapture } from "../src/server/synth.ts";
 import { Batcher } from "../src/pipeline/batch.ts";
 import { QueueWriter } from "../src/queue/writer.ts";
+import { emptyCheckpoint } from "../src/queue/kv_queue.ts";
 import { openConnection } from "../src/jetstream/socket.ts";
 import { benchZstd } from "./zstd_bench.ts";
 import { spawnServer } from "../scripts/spawn_server.ts";
@@ -88,15 +89,7 @@ async function kvCeiling(path: string): Promise<number> {
   await Deno.remove(path).catch(() => {});
   const kv = await Deno.openKv(path);
   const events = lines.map((l) => JSON.parse(l));
-  const checkpoint = {
-    v: 1 as const,
-    queue: "kv",
-    seq: 0,
-    cursor: 0,
-    recordsStored: 0,
-    updatedAt: 0,
-    run: { id: "bench", selection: {}, recordsStored: 0, instance: "" },
-  };
+  const checkpoint = emptyCheckpoint("kv");
   const writer = new QueueWriter(kv, "kv", { checkpoint, versionstamp: null }, () => {});
   const batcher = new Batcher("kv", 100);
   const t0 = performance.now();

@@ -18,6 +18,7 @@ import { type RunContext, stopWith } from "./pipeline/context.ts";
 import {
   type Checkpoint,
   defaultKvPath,
+  emptyCheckpoint,
   openKvAt,
   queueKey,
   queueLength,
@@ -192,7 +193,7 @@ async function run(
   };
   const checkpoint: Checkpoint = existing.value
     ? { ...existing.value, run: runState }
-    : { v: 1, queue: o.queueName, seq: 0, cursor: 0, recordsStored: 0, updatedAt: Date.now(), run: runState };
+    : emptyCheckpoint(o.queueName, runState);
 
   const stats = new StatsTracker(o.startUs);
   if (resumeFrom && resumeFrom.run.recordsStored > 0) stats.latestCursor = resumeFrom.cursor;

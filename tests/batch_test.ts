@@ -4,7 +4,7 @@ import { Batcher } from "../src/pipeline/batch.ts";
 import { decodeQueueMessage } from "../src/queue/message.ts";
 import { KV_VALUE_LIMIT, serializedSizeBound } from "../src/queue/size.ts";
 import { QueueWriter } from "../src/queue/writer.ts";
-import { queueKey, queueLength, readCheckpoint } from "../src/queue/kv_queue.ts";
+import { emptyCheckpoint, queueKey, queueLength, readCheckpoint } from "../src/queue/kv_queue.ts";
 import { commit, drainQueue } from "./helpers/events.ts";
 
 const T0 = Date.UTC(2026, 10, 27, 23, 59, 59) * 1000;
@@ -80,18 +80,7 @@ async function tempKv(): Promise<{ path: string; kv: Deno.Kv; dir: string }> {
 }
 
 function newCheckpoint(queue: string) {
-  return {
-    checkpoint: {
-      v: 1 as const,
-      queue,
-      seq: 0,
-      cursor: 0,
-      recordsStored: 0,
-      updatedAt: 0,
-      run: { id: "t", selection: {}, recordsStored: 0, instance: "ws://x" },
-    },
-    versionstamp: null,
-  };
+  return { checkpoint: emptyCheckpoint(queue), versionstamp: null };
 }
 
 Deno.test("QueueWriter stores an event over 64 KiB whole, gzipped, with its checkpoint", async () => {

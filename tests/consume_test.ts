@@ -14,7 +14,13 @@ import {
   queueStatus,
   requeueDeadLetters,
 } from "../src/queue/consume.ts";
-import { type Checkpoint, queueKey, queueLength, readCheckpoint } from "../src/queue/kv_queue.ts";
+import {
+  type Checkpoint,
+  emptyCheckpoint,
+  queueKey,
+  queueLength,
+  readCheckpoint,
+} from "../src/queue/kv_queue.ts";
 import type { QueueMessage } from "../src/queue/message.ts";
 import { QueueWriter } from "../src/queue/writer.ts";
 import { generateCapture } from "../src/server/synth.ts";
@@ -30,15 +36,7 @@ export async function produce(
 ): Promise<JetstreamEvent[]> {
   const queue = options.queue ?? Q;
   const existing = await readCheckpoint(kv, queue);
-  const checkpoint: Checkpoint = existing.value ?? {
-    v: 1,
-    queue,
-    seq: 0,
-    cursor: 0,
-    recordsStored: 0,
-    updatedAt: Date.now(),
-    run: { id: crypto.randomUUID(), selection: {}, recordsStored: 0, instance: "test" },
-  };
+  const checkpoint: Checkpoint = existing.value ?? emptyCheckpoint(queue);
   const writer = new QueueWriter(kv, queue, { checkpoint, versionstamp: existing.versionstamp }, () => {});
   const batcher = new Batcher(queue, options.batchSize ?? 50);
   const events: JetstreamEvent[] = [];

@@ -8,7 +8,7 @@ import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
 import { generateCapture } from "../src/server/synth.ts";
 import { serveEvents } from "./helpers/loopback.ts";
 import { Batcher } from "../src/pipeline/batch.ts";
-import { type Checkpoint, readCheckpoint } from "../src/queue/kv_queue.ts";
+import { type Checkpoint, emptyCheckpoint, readCheckpoint } from "../src/queue/kv_queue.ts";
 import { QueueWriter } from "../src/queue/writer.ts";
 import { isoFromUs, utcDate } from "../src/time.ts";
 
@@ -40,15 +40,7 @@ async function store(path: string, lines: string[], batchSize = 100): Promise<Je
   const kv = await Deno.openKv(path);
   try {
     const existing = await readCheckpoint(kv, queue);
-    const checkpoint: Checkpoint = existing.value ?? {
-      v: 1,
-      queue,
-      seq: 0,
-      cursor: 0,
-      recordsStored: 0,
-      updatedAt: Date.now(),
-      run: { id: crypto.randomUUID(), selection: {}, recordsStored: 0, instance: "test" },
-    };
+    const checkpoint: Checkpoint = existing.value ?? emptyCheckpoint(queue);
     const writer = new QueueWriter(kv, queue, { checkpoint, versionstamp: existing.versionstamp }, () => {});
     const batcher = new Batcher(queue, batchSize);
     const events: JetstreamEvent[] = [];

@@ -51,6 +51,28 @@ export interface RunState {
   seqInstance?: string;
 }
 
+/**
+ * The checkpoint of a queue nothing was stored in yet, for a run described by `run` (by default a
+ * new run with an empty selection).
+ *
+ * @example
+ * ```ts
+ * import { emptyCheckpoint } from "./kv_queue.ts";
+ * emptyCheckpoint("jetstream_sync").seq; // 0
+ * ```
+ */
+export function emptyCheckpoint(queue: string, run?: RunState): Checkpoint {
+  return {
+    v: 1,
+    queue,
+    seq: 0,
+    cursor: 0,
+    recordsStored: 0,
+    updatedAt: Date.now(),
+    run: run ?? { id: crypto.randomUUID(), selection: {}, recordsStored: 0, instance: "" },
+  };
+}
+
 /** Key of a queue's item under the jetfill namespace. */
 export function queueKey(queue: string, ...parts: Deno.KvKeyPart[]): Deno.KvKey {
   return ["jetfill", queue, ...parts];
