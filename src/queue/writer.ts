@@ -41,7 +41,7 @@ export class ConcurrentWriterError extends Error {
   /** Creates the error for `queue`. */
   constructor(queue: string) {
     super(
-      `queue '${queue}' was changed by another writer during this run; stopping so that its checkpoint stays true`,
+      `queue '${queue}' was changed by another writer during this run (another sync on the same --kv and --queue-name?); stopped so that its checkpoint stays true: run one sync per queue, then --resume`,
     );
     this.name = "ConcurrentWriterError";
   }
