@@ -93,3 +93,17 @@ Deno.test("instanceUrl() turns hosts into wss URLs and keeps given URLs", () => 
   assert.equal(instanceUrl("ws://127.0.0.1:6008/subscribe"), "ws://127.0.0.1:6008/subscribe");
   assert.equal(instanceUrl("localhost:6008"), "wss://localhost:6008/subscribe");
 });
+
+Deno.test("instanceUrl() gives the v2 hosts the v2 wire by default, and `wire` overrides it", () => {
+  const v2 = "/xrpc/network.bsky.jetstream.subscribeEvents";
+  assert.equal(instanceUrl("jetstream.us-east.bsky.network"), `wss://jetstream.us-east.bsky.network${v2}`);
+  assert.equal(
+    instanceUrl("jetstream.us-west.bsky.network", "v1"),
+    "wss://jetstream.us-west.bsky.network/subscribe",
+  );
+  assert.equal(instanceUrl("ws://127.0.0.1:6008/subscribe", "v2"), `ws://127.0.0.1:6008${v2}`);
+  assert.equal(instanceUrl(`ws://127.0.0.1:6008${v2}`), `ws://127.0.0.1:6008${v2}`);
+  assert.deepEqual(resolveSyncOptions({ instance: "jetstream.us-east.bsky.network", wire: "v1" }).instances, [
+    "wss://jetstream.us-east.bsky.network/subscribe",
+  ]);
+});
