@@ -15,6 +15,7 @@ export type SkipReason =
   | "missing_fields"
   | "unknown_kind"
   | "binary_frame"
+  | "invalid_utf8"
   | "decode_failed"
   | "oversized";
 

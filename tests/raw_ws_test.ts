@@ -1,6 +1,14 @@
 import assert from "node:assert/strict";
 import { openRawConnection, RawConnection } from "../src/jetstream/raw_ws.ts";
-import { ConnectError, type Connection, type Frame, openConnection } from "../src/jetstream/socket.ts";
+import {
+  ConnectError,
+  type Connection,
+  type Frame,
+  InvalidTextFrame,
+  openConnection,
+} from "../src/jetstream/socket.ts";
+import { runBackfillSync } from "../src/backfill.ts";
+import type { SyncErrorReport } from "../src/stats.ts";
 import { parseCapture } from "../src/server/capture.ts";
 import { acceptWebSocket, readRequestHead } from "../src/server/http1.ts";
 import { serveJetstream } from "../src/server/server.ts";
@@ -203,7 +211,7 @@ Deno.test("`openRawConnection()` receives text and binary messages in order, the
   const frames = await drain(conn);
   assert.deepEqual(frames, ["one", new Uint8Array([1, 2, 3]), "ünïcödé ✓", new Uint8Array(0), ""]);
   assert.deepEqual(conn.cause, { kind: "closed", code: 4001, reason: "done here" });
-  assert.equal(conn.bytesReceived, 3 + 3 + "ünïcödé ✓".length);
+  assert.equal(conn.bytesReceived, 3 + 3 + encoder.encode("ünïcödé ✓").length);
   assert.equal(await conn.next(), null);
   await conn.closed();
   for (let i = 0; i < 100 && !closedOnServer; i++) await new Promise((r) => setTimeout(r, 10));
@@ -221,6 +229,77 @@ Deno.test("`openRawConnection()` keeps frames sent in the same write as the 101 
   assert.deepEqual(await drain(conn), ["first", "second"]);
   assert.deepEqual(conn.cause, { kind: "closed", code: 1000, reason: "" });
   await conn.closed();
+});
+
+Deno.test("`openRawConnection()` hands on a text message that is not UTF-8 as an InvalidTextFrame", async () => {
+  const invalid = new Uint8Array([0x7b, 0x22, 0x61, 0x22, 0x3a, 0x22, 0xff, 0xfe, 0x22, 0x7d]); // {"a":"\xff\xfe"}
+  await using srv = scripted(async (peer, handshake) => {
+    await peer.write(
+      handshake,
+      frame(1, "before"),
+      frame(1, invalid),
+      // A real U+FFFD (EF BF BD) is text like any other.
+      frame(1, '{"text":"\uFFFD"}'),
+      // Invalid across fragments: a two-byte sequence cut and followed by ASCII.
+      frame(1, new Uint8Array([0x22, 0xc3]), { fin: false }),
+      frame(0, new Uint8Array([0x28, 0x22])),
+      frame(1, "after"),
+      frame(8, new Uint8Array([3, 232])),
+    );
+    await peer.readFrame();
+  });
+  const conn = await openRawConnection(srv.url, { idleTimeoutMs: 5000 });
+  const frames = await drain(conn);
+  assert.deepEqual(frames, [
+    "before",
+    new InvalidTextFrame(invalid.length),
+    '{"text":"\uFFFD"}',
+    new InvalidTextFrame(4),
+    "after",
+  ]);
+  assert.ok(frames[1] instanceof InvalidTextFrame);
+  await conn.closed();
+});
+
+Deno.test("runBackfillSync() counts a text frame that is not UTF-8 as invalid_utf8 and stores the rest", async () => {
+  const [a, b, c] = LINES.filter((l) => l.includes('"app.bsky.feed.post"')).slice(0, 3);
+  // The second event with a byte that is not UTF-8 inside its DID: decoded leniently, it would be
+  // stored with U+FFFD in place of that byte.
+  const bad = encoder.encode(b);
+  bad[b.indexOf("did:") + 4] = 0xff;
+  await using srv = scripted(async (peer, handshake) => {
+    await peer.write(handshake, frame(1, a), frame(1, bad), frame(1, c));
+    await peer.readFrame();
+  });
+  const dir = await Deno.makeTempDir();
+  try {
+    const reports: SyncErrorReport[] = [];
+    const stats = await runBackfillSync({
+      instance: `${srv.url}/subscribe`,
+      kv: `${dir}/q.sqlite`,
+      numRecords: 2,
+      onError: (r) => reports.push(r),
+    });
+    assert.equal(stats.stopReason, "limit");
+    assert.equal(stats.recordsStored, 2);
+    assert.deepEqual(stats.skipped, { invalid_utf8: 1 });
+    assert.ok(reports.some((r) => r.reason === "invalid_utf8" && r.message.includes("not valid UTF-8")));
+    const kv = await Deno.openKv(`${dir}/q.sqlite`);
+    try {
+      const got: unknown[] = [];
+      const { promise, resolve } = Promise.withResolvers<void>();
+      kv.listenQueue((m) => {
+        got.push(...(m as { records: unknown[] }).records);
+        if (got.length >= 2) resolve();
+      });
+      await promise;
+      assert.deepEqual(got, [JSON.parse(a), JSON.parse(c)]);
+    } finally {
+      kv.close();
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 });
 
 Deno.test("`openRawConnection()` joins fragmented messages, with control frames between the fragments", async () => {
@@ -558,7 +637,7 @@ Deno.test("`openConnection()` uses the raw transport by default and replays the 
     return e.kind !== "commit" || e.commit.collection === "app.bsky.feed.post";
   });
   assert.deepEqual(frames, wanted);
-  assert.equal(conn.bytesReceived, wanted.reduce((n, l) => n + l.length, 0));
+  assert.equal(conn.bytesReceived, wanted.reduce((n, l) => n + encoder.encode(l).length, 0));
   assert.deepEqual(conn.cause, { kind: "closed", code: 1000, reason: "" });
   await conn.closed();
   assert.deepEqual(server.connections[0].hellos, [{

@@ -15,7 +15,8 @@
  *
  * @module
  */
-import { type CloseCause, ConnectError, type Connection, type Frame } from "./socket.ts";
+import { type CloseCause, ConnectError, type Connection, type Frame, InvalidTextFrame } from "./socket.ts";
+import { utf8Text } from "./utf8.ts";
 
 export type { CloseCause, Connection, Frame };
 
@@ -67,9 +68,12 @@ const WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 const TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
 
 const encoder = new TextEncoder();
-// Not fatal: Deno decodes non-fatal UTF-8 on its fast path, and a message with invalid UTF-8 then
-// fails JSON validation downstream (as a skipped frame) instead of closing the connection with 1007.
 const decoder = new TextDecoder();
+
+/** The message's text, or an {@link InvalidTextFrame} when its bytes are not UTF-8. */
+function textOf(bytes: Uint8Array): string | InvalidTextFrame {
+  return utf8Text(bytes) ?? new InvalidTextFrame(bytes.byteLength);
+}
 
 /**
  * One open WebSocket connection made by {@linkcode openRawConnection}. Not safe for concurrent
@@ -87,7 +91,7 @@ const decoder = new TextDecoder();
 export class RawConnection implements Connection {
   /** The URL connected to. */
   readonly url: string;
-  /** Message payload bytes received (a text message counts its length in UTF-16 code units). */
+  /** Message payload bytes received. */
   bytesReceived = 0;
   /** Why it ended, once it has. */
   cause: CloseCause | undefined;
@@ -289,9 +293,8 @@ export class RawConnection implements Connection {
       const end = at + length;
       if (b0 === 0x81 && this.#fragmentOpcode === 0) {
         // The hot path: a whole text message in one frame.
-        const text = decoder.decode(buf.subarray(at, end));
-        received += text.length;
-        frames.push(text);
+        frames.push(textOf(buf.subarray(at, end)));
+        received += length;
         pos = end;
         continue;
       }
@@ -368,9 +371,8 @@ export class RawConnection implements Connection {
 
   #deliver(opcode: number, payload: Uint8Array, frames: Frame[]): void {
     if (opcode === 1) {
-      const text = decoder.decode(payload);
-      this.bytesReceived += text.length;
-      frames.push(text);
+      frames.push(textOf(payload));
+      this.bytesReceived += payload.byteLength;
     } else {
       // A copy, unless the payload already is one: views into the read buffer would be overwritten.
       const bytes = payload.buffer === this.#buf.buffer ? payload.slice() : payload;

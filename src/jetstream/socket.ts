@@ -18,8 +18,18 @@
  */
 import { openRawConnection } from "./raw_ws.ts";
 
-/** A frame as received: text (JSON) or binary (zstd). */
-export type Frame = string | ArrayBuffer | Uint8Array;
+/**
+ * A text message whose payload is not valid UTF-8. Deno's `WebSocket` fails the whole connection
+ * on one (close 1007), and the reconnect would meet it again; jetfill's transport hands it on as
+ * this, so that the run counts it and goes on.
+ */
+export class InvalidTextFrame {
+  /** A frame of `byteLength` payload bytes. */
+  constructor(readonly byteLength: number) {}
+}
+
+/** A frame as received: text (JSON), binary (zstd), or text that is not UTF-8. */
+export type Frame = string | ArrayBuffer | Uint8Array | InvalidTextFrame;
 
 /** The common face of both transports. */
 export interface Connection {

@@ -6,7 +6,8 @@
  * @module
  */
 import type { JetstreamEvent } from "../jetstream/events.ts";
-import type { Connection, Frame } from "../jetstream/socket.ts";
+import { type Connection, type Frame, InvalidTextFrame } from "../jetstream/socket.ts";
+import { utf8Text } from "../jetstream/utf8.ts";
 import { mapV2Frame, type V2Frame } from "../jetstream/v2.ts";
 import { ZstdDecodeError } from "../jetstream/zstd.ts";
 import type { BackfillSyncOptions } from "../options.ts";
@@ -14,8 +15,6 @@ import type { SkipReason } from "../stats.ts";
 import { coverageGap, type RunContext, type SeqState, type Session, stopWith } from "./context.ts";
 import { type ReplayGuard, shapeProblem } from "./filter.ts";
 import { OversizedEventError } from "./batch.ts";
-
-const TEXT = new TextDecoder();
 
 /** Handles a v2 info, error or other non-event frame; true when the connection is done. */
 function handleV2Frame(ctx: RunContext, session: Session, m: Exclude<V2Frame, { type: "event" }>): boolean {
@@ -80,12 +79,20 @@ export async function readConnection(
       let text: string;
       if (typeof frame === "string") {
         text = frame;
+      } else if (frame instanceof InvalidTextFrame) {
+        skip("invalid_utf8", `text frame of ${frame.byteLength} bytes is not valid UTF-8`);
+        continue;
       } else if (decode) {
         try {
           const raw = decode(frame instanceof Uint8Array ? frame : new Uint8Array(frame));
           mismatches = 0;
           stats.bytesDecoded += raw.byteLength;
-          text = TEXT.decode(raw);
+          const decoded = utf8Text(raw);
+          if (decoded === undefined) {
+            skip("invalid_utf8", `decompressed frame of ${raw.byteLength} bytes is not valid UTF-8`);
+            continue;
+          }
+          text = decoded;
         } catch (err) {
           if (err instanceof ZstdDecodeError && err.reason === "dictionary-mismatch" && ++mismatches >= 5) {
             // Frame after frame naming another dictionary: a wrong dictionary, not a bad frame.
