@@ -98,13 +98,29 @@ export function contentKey(ev: JetstreamEvent): string {
 }
 
 /**
+ * Two independent 32-bit hashes of `key`, as one string (64 bits: a false match between two
+ * different events is about 1 in 10^9 for a whole window checked against a whole window).
+ */
+function hashPair(key: string): [number, number] {
+  let a = 0x811c9dc5 | 0;
+  let b = 0x9747b28c | 0;
+  for (let i = 0; i < key.length; i++) {
+    const c = key.charCodeAt(i);
+    a = Math.imul(a ^ c, 0x01000193);
+    b = Math.imul(b + c, 0x5bd1e995);
+    b ^= b >>> 13;
+  }
+  return [a, Math.imul(b ^ (b >>> 15), 0x27d4eb2d)];
+}
+
+/**
  * Deduplication of replays, at almost no cost while nothing is replayed.
  *
- * Normally each selected event only has its identifying strings remembered in a ring (pointer
- * writes, no new strings). When a replay may follow — a reconnect with an inclusive cursor, a
- * rewind on failover, a server that restarted and re-ingested events under new `time_us` — `arm()`
- * turns the ring into a set of {@link contentKey}s, and the next `capacity` events are checked
- * against it.
+ * Each selected event leaves two 32-bit hashes of its {@link contentKey} in a ring of typed
+ * arrays: remembering keeps no string and no event alive, so it adds nothing for the garbage
+ * collector to copy or keep. When a replay may follow — a reconnect with an inclusive cursor, a
+ * rewind on failover, a server that restarted and re-ingested events under new `time_us` —
+ * `arm()` turns the ring into a set, and the next `capacity` events are checked against it.
  *
  * @example
  * ```ts
@@ -118,13 +134,8 @@ export function contentKey(ev: JetstreamEvent): string {
  */
 export class ReplayGuard {
   readonly #capacity: number;
-  // Parallel arrays of the identifying fields (references to strings the event already holds), so
-  // that remembering costs no allocation and does not keep whole events alive.
-  readonly #did: string[];
-  readonly #a: unknown[];
-  readonly #b: unknown[];
-  readonly #c: unknown[];
-  readonly #d: unknown[];
+  readonly #a: Int32Array;
+  readonly #b: Int32Array;
   #next = 0;
   #count = 0;
   #keys: Set<string> | undefined;
@@ -133,11 +144,8 @@ export class ReplayGuard {
   /** Remembers the last `capacity` events and checks as many after `arm()`. */
   constructor(capacity: number) {
     this.#capacity = Math.max(1, capacity);
-    this.#did = new Array(this.#capacity);
-    this.#a = new Array(this.#capacity);
-    this.#b = new Array(this.#capacity);
-    this.#c = new Array(this.#capacity);
-    this.#d = new Array(this.#capacity);
+    this.#a = new Int32Array(this.#capacity);
+    this.#b = new Int32Array(this.#capacity);
   }
 
   /** Whether replays are being checked. */
@@ -147,21 +155,10 @@ export class ReplayGuard {
 
   /** Remembers a selected event (after {@link isReplay} said it is new). */
   record(ev: JetstreamEvent): void {
+    const [a, b] = hashPair(contentKey(ev));
     const i = this.#next;
-    this.#did[i] = ev.did;
-    if (ev.kind === "commit") {
-      const c = ev.commit;
-      this.#a[i] = c.collection;
-      this.#b[i] = c.rkey;
-      this.#c[i] = c.rev;
-      this.#d[i] = c.operation;
-    } else {
-      const body = (ev.kind === "identity" ? ev.identity : ev.account) as { time?: unknown; seq?: unknown };
-      this.#a[i] = ev.kind;
-      this.#b[i] = body.time ?? ev.time_us;
-      this.#c[i] = body.seq ?? "";
-      this.#d[i] = undefined;
-    }
+    this.#a[i] = a;
+    this.#b[i] = b;
     this.#next = (i + 1) % this.#capacity;
     if (this.#count < this.#capacity) this.#count++;
   }
@@ -169,13 +166,7 @@ export class ReplayGuard {
   /** Starts checking: what follows may repeat what was recorded. */
   arm(): void {
     const keys = this.#keys ?? new Set<string>();
-    for (let i = 0; i < this.#count; i++) {
-      keys.add(
-        this.#d[i] === undefined
-          ? `${this.#did[i]} ${this.#a[i]} ${this.#b[i]} ${this.#c[i]}`
-          : `${this.#did[i]} ${this.#a[i]} ${this.#b[i]} ${this.#c[i]} ${this.#d[i]}`,
-      );
-    }
+    for (let i = 0; i < this.#count; i++) keys.add(`${this.#a[i]}:${this.#b[i]}`);
     this.#keys = keys;
     this.#remaining = this.#capacity;
   }
@@ -184,7 +175,8 @@ export class ReplayGuard {
   isReplay(ev: JetstreamEvent): boolean {
     const keys = this.#keys;
     if (!keys) return false;
-    const key = contentKey(ev);
+    const [a, b] = hashPair(contentKey(ev));
+    const key = `${a}:${b}`;
     if (keys.has(key)) return true;
     keys.add(key);
     if (--this.#remaining <= 0) this.#keys = undefined;
