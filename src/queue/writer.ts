@@ -3,7 +3,7 @@
  * checkpoint and its counters, so a crash can never leave records without their checkpoint or a
  * checkpoint ahead of its records.
  *
- * Commits are issued in order, up to six in flight: Deno KV applies one process's writes in the
+ * Commits are issued in order, up to three in flight: Deno KV applies one process's writes in the
  * order they are issued, and overlapping them keeps its writer busy while the next commit is being
  * serialized (measured here: 1.6x with two, 2x with three). Each commit checks the queue's writer
  * lock, taken at the first commit together with a check of the checkpoint as read, so a second
@@ -51,12 +51,14 @@ const COMMIT_BUDGET = KV_COMMIT_LIMIT - 16_384;
 // Mutations besides the enqueues and the one counter a UTC day: the checkpoint and two counters.
 const FIXED_MUTATIONS = 3;
 // Past this many bytes of batches waiting for their commit, add() waits: the reader slows down.
-// Measured with a slow sink (bench/slow_sink.ts): at 1 MiB the process peaks near 160 MB RSS, at
-// 1.5 MiB or more V8 grows its heap to 210–240 MB for the same speed. Six commits in flight keep
-// end-to-end throughput where three with 2 MiB had it.
+// Measured with a slow sink (bench/slow_sink.ts, commits delayed 20 ms): the parsed events waiting
+// are what V8's heap grows with; at 2 MiB the process peaked at 205–240 MB RSS, at 1 MiB 165–185.
 const HIGH_WATER_BYTES = 1 << 20;
 // Commits in flight at once.
-const DEPTH = 6;
+const DEPTH = 3;
+// With a slot free, a commit is issued before the oldest in flight lands once this much is
+// waiting: a slow disk is kept busy with several commits instead of a buffer being filled.
+const MIN_GROUP_BYTES = 256 << 10;
 
 /** A commit issued and not yet known to be durable. */
 interface Inflight {
@@ -88,6 +90,7 @@ export class QueueWriter {
   #running: Promise<void> | undefined;
   #failure: unknown;
   #waiters: (() => void)[] = [];
+  #onEnough: (() => void) | undefined;
 
   /**
    * A writer that continues from `checkpoint` (as read, with its versionstamp, or null for a new
@@ -117,11 +120,20 @@ export class QueueWriter {
     if (this.#failure) throw this.#failure;
     this.#pending.push(batch.messages);
     for (const m of batch.messages) this.#pendingBytes += m.size;
+    if (this.#pendingBytes >= MIN_GROUP_BYTES && this.#onEnough) {
+      this.#onEnough();
+      this.#onEnough = undefined;
+    }
     this.#running ??= this.#loop();
     while (this.#pendingBytes > HIGH_WATER_BYTES && this.#busy() && !this.#failure) {
       await new Promise<void>((resolve) => this.#waiters.push(resolve));
     }
     if (this.#failure) throw this.#failure;
+  }
+
+  /** Resolves once the batches waiting are worth a commit of their own. */
+  #enough(): Promise<false> {
+    return new Promise((resolve) => this.#onEnough = () => resolve(false));
   }
 
   #busy(): boolean {
@@ -141,6 +153,12 @@ export class QueueWriter {
       while (this.#pending.length > 0 || inflight.length > 0) {
         while (this.#pending.length > 0 && inflight.length < DEPTH) {
           inflight.push(this.#issue(this.#takeGroup()));
+        }
+        if (inflight.length < DEPTH) {
+          // A free slot: the next commit goes as soon as enough is waiting for one, without
+          // waiting for the oldest in flight to land.
+          const head = inflight[0].promise.then(() => true, () => true);
+          if (await Promise.race([head, this.#enough()]) !== true) continue;
         }
         await this.#complete(inflight.shift()!, inflight);
       }
