@@ -2,7 +2,8 @@
  * `deno task bench`: throughput and memory figures, printed (never asserted by tests).
  *
  * - ceiling: receive + `JSON.parse` only, from the project's server in another process;
- * - end to end: `runBackfillSync()` from the same server through to Deno KV, with its ratio to the ceiling;
+ * - end to end: `runBackfillSync()` from the same server through to Deno KV, with its ratio to the ceiling
+ *   (each the best of two runs);
  * - the same with KV on a RAM disk (/dev/shm), to separate the pipeline from the disk;
  * - peak RSS of a 200,000-event sync into a deliberately slow sink (KV commits delayed).
  *
@@ -139,7 +140,6 @@ try {
       fmt(await kvCeiling(`${work}/kv.sqlite`))
     } events/s`,
   );
-  const rows: [string, number][] = [];
   for (
     const [label, path, batch] of [
       ["end to end, KV on disk, batchSize 100", `${work}/bench.sqlite`, 100],
@@ -148,12 +148,15 @@ try {
     ] as const
   ) {
     if (path.startsWith("/dev/shm") && !(await Deno.stat("/dev/shm").catch(() => null))) continue;
-    const s = await sync(server.url, path, batch);
-    if (s.recordsStored !== EVENTS) {
-      throw new Error(`${label}: stored ${s.recordsStored} of ${EVENTS} (${s.stopReason})`);
+    // Best of two, as for the ceilings: the same statistic on both sides of the ratio.
+    let rate = 0;
+    for (let run = 0; run < 2; run++) {
+      const s = await sync(server.url, path, batch);
+      if (s.recordsStored !== EVENTS) {
+        throw new Error(`${label}: stored ${s.recordsStored} of ${EVENTS} (${s.stopReason})`);
+      }
+      rate = Math.max(rate, s.recordsStored / s.totalTime);
     }
-    const rate = s.recordsStored / s.totalTime;
-    rows.push([label, rate]);
     console.log(
       `${label}: ${fmt(rate)} events/s (${(rate / ceil * 100).toFixed(0)}% of the WebSocket ceiling, ${
         (rate / own * 100).toFixed(0)
