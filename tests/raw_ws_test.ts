@@ -262,7 +262,11 @@ Deno.test("`openRawConnection()` hands on a text message that is not UTF-8 as an
 });
 
 Deno.test("runBackfillSync() counts a text frame that is not UTF-8 as invalid_utf8 and stores the rest", async () => {
-  const [a, b, c] = LINES.filter((l) => l.includes('"app.bsky.feed.post"')).slice(0, 3);
+  // Posts with text beyond ASCII, so that bytes and characters differ.
+  const [a, b, c] = LINES.filter((l) => l.includes('"app.bsky.feed.post"') && /[^ -~]/.test(l)).slice(
+    0,
+    3,
+  );
   // The second event with a byte that is not UTF-8 inside its DID: decoded leniently, it would be
   // stored with U+FFFD in place of that byte.
   const bad = encoder.encode(b);
@@ -283,6 +287,8 @@ Deno.test("runBackfillSync() counts a text frame that is not UTF-8 as invalid_ut
     assert.equal(stats.stopReason, "limit");
     assert.equal(stats.recordsStored, 2);
     assert.deepEqual(stats.skipped, { invalid_utf8: 1 });
+    // Bytes on the wire, not characters.
+    assert.equal(stats.bytesReceived, encoder.encode(a).length + bad.length + encoder.encode(c).length);
     assert.ok(reports.some((r) => r.reason === "invalid_utf8" && r.message.includes("not valid UTF-8")));
     const kv = await Deno.openKv(`${dir}/q.sqlite`);
     try {

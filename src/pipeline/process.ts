@@ -68,14 +68,18 @@ export async function readConnection(
     ctx.report({ reason, message, instance: conn.url });
   };
   let mismatches = 0;
+  // Bytes as the connection counts them: payload bytes on the wire (for text, UTF-8 bytes, not
+  // characters).
+  let counted = conn.bytesReceived;
   for (let frames: Frame[] | null = await conn.next(); frames !== null; frames = await conn.next()) {
+    stats.bytesReceived += conn.bytesReceived - counted;
+    counted = conn.bytesReceived;
     if (ctx.stop) return;
     // Counted as the loop takes them, as the original did: frames read ahead of a stop are not
     // "received" by the run.
     for (let i = 0; i < frames.length; i++) {
       const frame = frames[i];
       stats.messagesReceived++;
-      stats.bytesReceived += typeof frame === "string" ? frame.length : frame.byteLength;
       let text: string;
       if (typeof frame === "string") {
         text = frame;
