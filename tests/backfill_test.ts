@@ -395,6 +395,32 @@ Deno.test("runBackfillSync() skips and reports an event too large even gzipped, 
   assert.equal(stats.skipped.oversized, 1);
 });
 
+Deno.test("runBackfillSync() measures maxEventBytes in UTF-8 bytes, not characters", async () => {
+  // 3,000 characters of 3 bytes each: under a 5,000 limit by characters, over it by bytes.
+  const wide = commit(T0 + 1, { text: "✓".repeat(3000) });
+  const ascii = commit(T0 + 2, { text: "x".repeat(3000) });
+  const events = [commit(T0), wide, ascii];
+  await using server = serveEvents(events, { closeAtEnd: true });
+  await using db = await tempDb();
+  const reports: string[] = [];
+  const stats = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    startTimestamp: T0,
+    maxEventBytes: 5000,
+    onError: (r) => reports.push(r.message),
+  });
+  assert.equal(stats.stopReason, "closed");
+  assert.equal(stats.recordsStored, 2);
+  assert.deepEqual(stats.skipped, { oversized: 1 });
+  const bytes = new TextEncoder().encode(JSON.stringify(wide)).length;
+  assert.ok(
+    reports.some((m) => m.includes(`event of ${bytes} bytes is over the 5000-byte event limit`)),
+    reports[0],
+  );
+  assert.deepEqual((await stored(db.path, stats.queueLength)).events, [events[0], ascii]);
+});
+
 Deno.test("runBackfillSync() reports the percent of the window when only an end is given", async () => {
   await using server = serveEvents(capture());
   await using db = await tempDb();

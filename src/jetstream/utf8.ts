@@ -28,3 +28,29 @@ export function utf8Text(bytes: Uint8Array): string | undefined {
     return undefined;
   }
 }
+
+/**
+ * The UTF-8 length of `text` in bytes (a lone surrogate counts as the 3 bytes of U+FFFD).
+ *
+ * @example
+ * ```ts
+ * import { utf8Length } from "./utf8.ts";
+ * utf8Length("é✓😀"); // 2 + 3 + 4
+ * ```
+ */
+export function utf8Length(text: string): number {
+  let n = text.length;
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    if (c < 0x80) continue;
+    if (c < 0x800) n += 1;
+    else if (
+      c >= 0xd800 && c <= 0xdbff && i + 1 < text.length && (text.charCodeAt(i + 1) & 0xfc00) === 0xdc00
+    ) {
+      // A surrogate pair: two UTF-16 units, four bytes.
+      n += 2;
+      i++;
+    } else n += 2;
+  }
+  return n;
+}

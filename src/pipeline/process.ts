@@ -7,7 +7,7 @@
  */
 import type { JetstreamEvent } from "../jetstream/events.ts";
 import { type Connection, type Frame, InvalidTextFrame } from "../jetstream/socket.ts";
-import { utf8Text } from "../jetstream/utf8.ts";
+import { utf8Length, utf8Text } from "../jetstream/utf8.ts";
 import { mapV2Frame, type V2Frame } from "../jetstream/v2.ts";
 import { ZstdDecodeError } from "../jetstream/zstd.ts";
 import type { BackfillSyncOptions } from "../options.ts";
@@ -116,12 +116,18 @@ export async function readConnection(
         );
         continue;
       }
-      if (text.length > o.maxEventBytes) {
-        skip(
-          "oversized",
-          `frame of ${text.length} characters is over the ${o.maxEventBytes}-byte event limit`,
-        );
-        continue;
+      // In bytes of UTF-8: counted only when the characters alone do not settle it.
+      if (text.length * 3 > o.maxEventBytes) {
+        const bytes = text.length > o.maxEventBytes ? text.length : utf8Length(text);
+        if (bytes > o.maxEventBytes) {
+          skip(
+            "oversized",
+            `event of ${
+              bytes === text.length ? `${bytes} characters` : `${bytes} bytes`
+            } is over the ${o.maxEventBytes}-byte event limit`,
+          );
+          continue;
+        }
       }
       let ev: JetstreamEvent;
       try {
