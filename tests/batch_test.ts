@@ -151,6 +151,61 @@ Deno.test("QueueWriter splits a batch only where KV's commit limits force it, ke
   }
 });
 
+Deno.test("QueueWriter on a slow disk issues the next commit once 256 KiB wait, before the oldest lands", async () => {
+  const { kv, dir } = await tempKv();
+  try {
+    // Every commit takes 200 ms to land: a slow disk, with the real KV behind it.
+    let started = 0;
+    let inFlight = 0;
+    let most = 0;
+    const { promise: firstData, resolve: onFirstData } = Promise.withResolvers<void>();
+    const slow = new Proxy(kv, {
+      get(target, prop) {
+        if (prop === "atomic") {
+          return () => {
+            const op = target.atomic();
+            const commit = op.commit.bind(op);
+            op.commit = async () => {
+              // The first commit takes the writer lock; the second is the first with records.
+              if (++started === 2) onFirstData();
+              most = Math.max(most, ++inFlight);
+              await new Promise((r) => setTimeout(r, 200));
+              try {
+                return await commit();
+              } finally {
+                inFlight--;
+              }
+            };
+            return op;
+          };
+        }
+        const v = Reflect.get(target, prop, target);
+        return typeof v === "function" ? v.bind(target) : v;
+      },
+    });
+    const w = new QueueWriter(slow, "q", newCheckpoint("q"), () => {});
+    const events = Array.from({ length: 40 }, (_, i) => commit(T0 + i, { text: "y".repeat(10_000) }));
+    const batch = (from: number) => {
+      const b = new Batcher("q", 10);
+      for (const e of events.slice(from, from + 10)) {
+        b.add(e, JSON.stringify(e), "2026-11-27", "app.bsky.feed.post");
+      }
+      return b.take()!;
+    };
+    await w.add(batch(0));
+    await firstData;
+    // ~300 KB more while the first commit (~100 KB) is in flight: worth a commit of their own.
+    for (let i = 10; i < 40; i += 10) await w.add(batch(i));
+    await w.flush();
+    assert.equal(most, 2, `commits in flight at most: ${most}`);
+    assert.equal(started, 3);
+    assert.equal((await readCheckpoint(kv, "q")).value!.recordsStored, 40);
+  } finally {
+    kv.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 function i2day(us: number): string {
   return new Date(us / 1000).toISOString().slice(0, 10);
 }

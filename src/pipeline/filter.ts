@@ -98,8 +98,8 @@ export function contentKey(ev: JetstreamEvent): string {
 }
 
 /**
- * Two independent 32-bit hashes of `key`, as one string (64 bits: a false match between two
- * different events is about 1 in 10^9 for a whole window checked against a whole window).
+ * Two independent 32-bit hashes of `key` (64 bits together: a false match between two different
+ * events is about 1 in 10^9 for a whole window checked against a whole window).
  */
 function hashPair(key: string): [number, number] {
   let a = 0x811c9dc5 | 0;
