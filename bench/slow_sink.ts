@@ -6,30 +6,15 @@
  * @module
  */
 import { runBackfillSync } from "../src/backfill.ts";
+import { slowKv } from "../tests/helpers/slow_kv.ts";
 
 const [url, startUs, events, work] = Deno.args;
 const path = `${work}/bench-slow.sqlite`;
 await Deno.remove(path).catch(() => {});
 const real = await Deno.openKv(path);
 
-/** The real KV, with every atomic commit delayed: a slow disk, without touching jetfill. */
-const slow = new Proxy(real, {
-  get(target, prop) {
-    if (prop === "atomic") {
-      return () => {
-        const op = target.atomic();
-        const commit = op.commit.bind(op);
-        op.commit = async () => {
-          await new Promise((r) => setTimeout(r, 20));
-          return await commit();
-        };
-        return op;
-      };
-    }
-    const v = Reflect.get(target, prop, target);
-    return typeof v === "function" ? v.bind(target) : v;
-  },
-});
+// The real KV, with every atomic commit delayed: a slow disk, without touching jetfill.
+const slow = slowKv(real, 20);
 
 let peak = Deno.memoryUsage().rss;
 let heap = 0;

@@ -6,6 +6,7 @@ import { KV_VALUE_LIMIT, serializedSizeBound } from "../src/queue/size.ts";
 import { QueueWriter } from "../src/queue/writer.ts";
 import { emptyCheckpoint, queueKey, queueLength, readCheckpoint } from "../src/queue/kv_queue.ts";
 import { commit, drainQueue } from "./helpers/events.ts";
+import { slowKv } from "./helpers/slow_kv.ts";
 
 const T0 = Date.UTC(2026, 10, 27, 23, 59, 59) * 1000;
 
@@ -159,29 +160,13 @@ Deno.test("QueueWriter on a slow disk issues the next commit once 256 KiB wait, 
     let inFlight = 0;
     let most = 0;
     const { promise: firstData, resolve: onFirstData } = Promise.withResolvers<void>();
-    const slow = new Proxy(kv, {
-      get(target, prop) {
-        if (prop === "atomic") {
-          return () => {
-            const op = target.atomic();
-            const commit = op.commit.bind(op);
-            op.commit = async () => {
-              // The first commit takes the writer lock; the second is the first with records.
-              if (++started === 2) onFirstData();
-              most = Math.max(most, ++inFlight);
-              await new Promise((r) => setTimeout(r, 200));
-              try {
-                return await commit();
-              } finally {
-                inFlight--;
-              }
-            };
-            return op;
-          };
-        }
-        const v = Reflect.get(target, prop, target);
-        return typeof v === "function" ? v.bind(target) : v;
+    const slow = slowKv(kv, 200, {
+      started: () => {
+        // The first commit takes the writer lock; the second is the first with records.
+        if (++started === 2) onFirstData();
+        most = Math.max(most, ++inFlight);
       },
+      ended: () => inFlight--,
     });
     const w = new QueueWriter(slow, "q", newCheckpoint("q"), () => {});
     const events = Array.from({ length: 40 }, (_, i) => commit(T0 + i, { text: "y".repeat(10_000) }));
