@@ -548,6 +548,30 @@ Deno.test("`openRawConnection()` ends an idle connection, and its pending `next(
   await conn.closed();
 });
 
+Deno.test("`openRawConnection()` ends a connection that only pings: pings are not messages", async () => {
+  let pongs = 0;
+  await using srv = scripted(async (peer, handshake) => {
+    await peer.write(handshake, frame(1, "only"));
+    // A stalled stream whose server still pings every 50 ms, as Jetstream pings every 30 s.
+    const pinger = setInterval(() => peer.write(frame(9, "keepalive")).catch(() => {}), 50);
+    try {
+      for (let f = await peer.readFrame(); f; f = await peer.readFrame()) {
+        if (f.opcode === 10) pongs++;
+        if (f.opcode === 8) break;
+      }
+    } finally {
+      clearInterval(pinger);
+    }
+  });
+  const conn = await openRawConnection(srv.url, { idleTimeoutMs: 400 });
+  assert.deepEqual(await conn.next(), ["only"]);
+  assert.equal(await conn.next(), null);
+  assert.deepEqual(conn.cause, { kind: "idle" });
+  await conn.closed();
+  await srv.done;
+  assert.ok(pongs >= 3, `answered ${pongs} pings`);
+});
+
 Deno.test("`openRawConnection()` does not count a busy consumer's time as idle", async () => {
   await using srv = scripted(async (peer, handshake) => {
     await peer.write(handshake, frame(1, "one"), frame(1, "two"));

@@ -32,8 +32,9 @@ export type { CloseCause, Connection, Frame };
  */
 export interface RawConnectionOptions {
   /**
-   * End the connection (cause `idle`) when a read has waited this long without a byte. The
-   * opening handshake is bounded by the smaller of this and 30 s.
+   * End the connection (cause `idle`) when `next()` has waited this long without a message:
+   * pings and pongs do not count, so a server that stalls but keeps pinging is caught. The opening
+   * handshake is bounded by the smaller of this and 30 s.
    *
    * @default {Infinity}
    */
