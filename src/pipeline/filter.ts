@@ -75,48 +75,54 @@ export function createSelector(selection: Selection): (event: JetstreamEvent) =>
   };
 }
 
-/**
- * The identity of an event's content, the same on every Jetstream instance: `did`, collection,
- * rkey, rev and operation for commits; `did`, kind and the relay's time and seq otherwise.
- *
- * @example
- * ```ts
- * import { contentKey } from "./filter.ts";
- * contentKey({
- *   did: "did:plc:x", time_us: 1, kind: "commit",
- *   commit: { rev: "3l3", operation: "create", collection: "app.bsky.feed.like", rkey: "3l4" },
- * }); // "did:plc:x app.bsky.feed.like 3l4 3l3 create"
- * ```
- */
-export function contentKey(ev: JetstreamEvent): string {
-  if (ev.kind === "commit") {
-    const c = ev.commit;
-    return `${ev.did} ${c.collection} ${c.rkey} ${c.rev} ${c.operation}`;
-  }
-  const body = (ev.kind === "identity" ? ev.identity : ev.account) as { time?: unknown; seq?: unknown };
-  return `${ev.did} ${ev.kind} ${body.time ?? ev.time_us} ${body.seq ?? ""}`;
-}
+// The two 32-bit hashes of the last hashContent() call (module state: no allocation per event).
+let hashA = 0;
+let hashB = 0;
 
-/**
- * Two independent 32-bit hashes of `key` (64 bits together: a false match between two different
- * events is about 1 in 10^9 for a whole window checked against a whole window).
- */
-function hashPair(key: string): [number, number] {
-  let a = 0x811c9dc5 | 0;
-  let b = 0x9747b28c | 0;
-  for (let i = 0; i < key.length; i++) {
-    const c = key.charCodeAt(i);
+function mix(s: unknown): void {
+  const str = typeof s === "string" ? s : String(s);
+  let a = hashA;
+  let b = hashB;
+  for (let i = 0; i < str.length; i++) {
+    const c = str.charCodeAt(i);
     a = Math.imul(a ^ c, 0x01000193);
     b = Math.imul(b + c, 0x5bd1e995);
     b ^= b >>> 13;
   }
-  return [a, Math.imul(b ^ (b >>> 15), 0x27d4eb2d)];
+  // A separator no character can produce, so that field boundaries count.
+  hashA = Math.imul(a ^ 0x10000, 0x01000193);
+  hashB = Math.imul(b + 0x10000, 0x5bd1e995);
+}
+
+/**
+ * Two independent 32-bit hashes, into `hashA` and `hashB`, of the identity of an event's content,
+ * the same on every Jetstream instance: `did`, collection, rkey, rev and operation for commits;
+ * `did`, kind and the relay's time and seq otherwise. 64 bits together: a false match between two
+ * different events is about 1 in 10^9 for a whole window checked against a whole window.
+ */
+function hashContent(ev: JetstreamEvent): void {
+  hashA = 0x811c9dc5 | 0;
+  hashB = 0x9747b28c | 0;
+  mix(ev.did);
+  if (ev.kind === "commit") {
+    const c = ev.commit;
+    mix(c.collection);
+    mix(c.rkey);
+    mix(c.rev);
+    mix(c.operation);
+  } else {
+    const body = (ev.kind === "identity" ? ev.identity : ev.account) as { time?: unknown; seq?: unknown };
+    mix(ev.kind);
+    mix(body.time ?? ev.time_us);
+    mix(body.seq ?? "");
+  }
+  hashB = Math.imul(hashB ^ (hashB >>> 15), 0x27d4eb2d);
 }
 
 /**
  * Deduplication of replays, at almost no cost while nothing is replayed.
  *
- * Each selected event leaves two 32-bit hashes of its {@link contentKey} in a ring of typed
+ * Each selected event leaves two 32-bit hashes of its content's identity in a ring of typed
  * arrays: remembering keeps no string and no event alive, so it adds nothing for the garbage
  * collector to copy or keep. When a replay may follow — a reconnect with an inclusive cursor, a
  * rewind on failover, a server that restarted and re-ingested events under new `time_us` —
@@ -155,10 +161,10 @@ export class ReplayGuard {
 
   /** Remembers a selected event (after {@link isReplay} said it is new). */
   record(ev: JetstreamEvent): void {
-    const [a, b] = hashPair(contentKey(ev));
+    hashContent(ev);
     const i = this.#next;
-    this.#a[i] = a;
-    this.#b[i] = b;
+    this.#a[i] = hashA;
+    this.#b[i] = hashB;
     this.#next = (i + 1) % this.#capacity;
     if (this.#count < this.#capacity) this.#count++;
   }
@@ -175,8 +181,8 @@ export class ReplayGuard {
   isReplay(ev: JetstreamEvent): boolean {
     const keys = this.#keys;
     if (!keys) return false;
-    const [a, b] = hashPair(contentKey(ev));
-    const key = `${a}:${b}`;
+    hashContent(ev);
+    const key = `${hashA}:${hashB}`;
     if (keys.has(key)) return true;
     keys.add(key);
     if (--this.#remaining <= 0) this.#keys = undefined;
