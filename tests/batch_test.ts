@@ -41,13 +41,22 @@ Deno.test("serializedSizeBound() is never below V8's serialized size", () => {
       commit: { items: Array.from({ length: 5_000 }, () => ({})) },
     }),
   ];
+  // All-ASCII texts whose escapes decide: Latin-1 stays one byte a character, U+2028 does not.
+  texts.push(JSON.stringify(commit(T0, { text: "x".repeat(2000) })).replace('"xx', '"\\u00e9\\u2028'));
+  texts.push(JSON.stringify(commit(T0, { text: "x".repeat(2000) })).replace('"xx', '"\\u00e9\\u00ff'));
+  const encoder = new TextEncoder();
   for (const text of texts) {
     const actual = serialize(JSON.parse(text)).length;
-    assert.ok(
-      serializedSizeBound(text) >= actual,
-      `bound ${serializedSizeBound(text)} < actual ${actual} for ${text.slice(0, 60)}`,
-    );
+    // With and without the UTF-8 length (which lets an all-ASCII text skip the wide-character search).
+    for (const bound of [serializedSizeBound(text), serializedSizeBound(text, encoder.encode(text).length)]) {
+      assert.ok(bound >= actual, `bound ${bound} < actual ${actual} for ${text.slice(0, 60)}`);
+    }
   }
+  // The hint changes nothing for an all-ASCII text without escapes, nor for one with a wide escape.
+  const plain = JSON.stringify(commit(T0));
+  assert.equal(serializedSizeBound(plain, plain.length), serializedSizeBound(plain));
+  const escaped = texts.at(-2)!;
+  assert.equal(serializedSizeBound(escaped, escaped.length), serializedSizeBound(escaped));
 });
 
 Deno.test("Batcher packs messages under 64 KiB and at most batchSize records", () => {

@@ -94,6 +94,8 @@ export class RawConnection implements Connection {
   readonly url: string;
   /** Message payload bytes received. */
   bytesReceived = 0;
+  /** The payload size in bytes of each message the last `next()` returned. */
+  frameBytes: number[] = [];
   /** Why it ended, once it has. */
   cause: CloseCause | undefined;
   /** The subprotocol the server chose, or `""`. */
@@ -245,6 +247,7 @@ export class RawConnection implements Connection {
   /** Parses every complete frame from `#head` on and returns the complete messages among them. */
   #parse(): Frame[] {
     const frames: Frame[] = [];
+    const sizes: number[] = this.frameBytes = [];
     const buf = this.#buf;
     const tail = this.#tail;
     let pos = this.#head;
@@ -295,6 +298,7 @@ export class RawConnection implements Connection {
       if (b0 === 0x81 && this.#fragmentOpcode === 0) {
         // The hot path: a whole text message in one frame.
         frames.push(textOf(buf.subarray(at, end)));
+        sizes.push(length);
         received += length;
         pos = end;
         continue;
@@ -371,6 +375,7 @@ export class RawConnection implements Connection {
   }
 
   #deliver(opcode: number, payload: Uint8Array, frames: Frame[]): void {
+    this.frameBytes.push(payload.byteLength);
     if (opcode === 1) {
       frames.push(textOf(payload));
       this.bytesReceived += payload.byteLength;

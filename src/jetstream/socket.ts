@@ -41,6 +41,11 @@ export interface Connection {
   readonly cause: CloseCause | undefined;
   /** The next frames, waiting for at least one; `null` once the connection has ended. */
   next(): Promise<Frame[] | null>;
+  /**
+   * The payload size in bytes of each frame the last `next()` returned, when the transport knows it
+   * (for a text frame, its UTF-8 length).
+   */
+  readonly frameBytes?: readonly number[];
   /** Closes the connection. */
   close(): void;
   /** Resolves once the socket is fully released. */

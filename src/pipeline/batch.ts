@@ -110,11 +110,18 @@ export class Batcher {
   }
 
   /**
-   * Adds an event with its JSON text (for sizing), UTC day and collection. Returns true when the
-   * batch is full and should be taken.
+   * Adds an event with its JSON text (for sizing), UTC day and collection, and the text's UTF-8
+   * length when known (it makes sizing cheaper). Returns true when the batch is full and should be
+   * taken.
    */
-  add(event: JetstreamEvent, text: string, day: string, collection: string | undefined): boolean {
-    const size = serializedSizeBound(text);
+  add(
+    event: JetstreamEvent,
+    text: string,
+    day: string,
+    collection: string | undefined,
+    utf8Bytes?: number,
+  ): boolean {
+    const size = serializedSizeBound(text, utf8Bytes);
     if (size + this.#overhead > this.#budget) {
       // Too large to travel as a record: it goes alone, gzipped.
       if (this.#current) this.#messages.push(this.#current);

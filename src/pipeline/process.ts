@@ -74,6 +74,7 @@ export async function readConnection(
   for (let frames: Frame[] | null = await conn.next(); frames !== null; frames = await conn.next()) {
     stats.bytesReceived += conn.bytesReceived - counted;
     counted = conn.bytesReceived;
+    const sizes = conn.frameBytes;
     if (ctx.stop) return;
     // Counted as the loop takes them, as the original did: frames read ahead of a stop are not
     // "received" by the run.
@@ -81,8 +82,11 @@ export async function readConnection(
       const frame = frames[i];
       stats.messagesReceived++;
       let text: string;
+      // The text's UTF-8 length, when known: it makes sizing cheaper.
+      let utf8Bytes: number | undefined;
       if (typeof frame === "string") {
         text = frame;
+        utf8Bytes = sizes?.[i];
       } else if (frame instanceof InvalidTextFrame) {
         skip("invalid_utf8", `text frame of ${frame.byteLength} bytes is not valid UTF-8`);
         continue;
@@ -97,6 +101,7 @@ export async function readConnection(
             continue;
           }
           text = decoded;
+          utf8Bytes = raw.byteLength;
         } catch (err) {
           if (err instanceof ZstdDecodeError && err.reason === "dictionary-mismatch" && ++mismatches >= 5) {
             // Frame after frame naming another dictionary: a wrong dictionary, not a bad frame.
@@ -118,7 +123,7 @@ export async function readConnection(
       }
       // In bytes of UTF-8: counted only when the characters alone do not settle it.
       if (text.length * 3 > o.maxEventBytes) {
-        const bytes = text.length > o.maxEventBytes ? text.length : utf8Length(text);
+        const bytes = utf8Bytes ?? (text.length > o.maxEventBytes ? text.length : utf8Length(text));
         if (bytes > o.maxEventBytes) {
           skip(
             "oversized",
@@ -145,6 +150,7 @@ export async function readConnection(
         ev = m.event;
         // Sizing and the gzip of an oversized event need the stored form's text.
         text = JSON.stringify(ev);
+        utf8Bytes = undefined;
         if (session.outdatedFrom !== undefined) noteOutdated(ctx, session, ev.time_us);
         if (ctx.stop) return;
       }
@@ -202,7 +208,7 @@ export async function readConnection(
       const collection = ev.kind === "commit" ? ev.commit.collection : undefined;
       let full: boolean;
       try {
-        full = batcher.add(ev, text, stats.dayOf(t), collection);
+        full = batcher.add(ev, text, stats.dayOf(t), collection, utf8Bytes);
       } catch (err) {
         if (!(err instanceof OversizedEventError)) throw err;
         // Too large for a queue message even gzipped: counted and reported, and the run goes on.

@@ -23,6 +23,20 @@ function occurrences(text: string, char: string): number {
   return n;
 }
 
+/** Whether an all-ASCII JSON text holds a `\uXXXX` escape of a character above U+00FF. */
+function hasWideEscape(text: string): boolean {
+  for (let i = text.indexOf("\\u"); i !== -1; i = text.indexOf("\\u", i + 2)) {
+    // \u00XX stays one byte; anything else (or an escaped backslash before a "u") counts as wide.
+    if (
+      text.charCodeAt(i + 2) !== 48 || text.charCodeAt(i + 3) !== 48 || !HEX2.test(text.slice(i + 4, i + 6))
+    ) {
+      return true;
+    }
+  }
+  return false;
+}
+const HEX2 = /^[0-9a-fA-F]{2}$/;
+
 /**
  * An upper bound on the serialized size of the parsed form of one JSON event text.
  *
@@ -33,14 +47,18 @@ function occurrences(text: string, char: string): number {
  * by twice its length. Non-integer numbers (9 bytes as doubles) are not counted: the atproto data
  * model has none, and the writer measures exactly if KV ever refuses a message.
  *
+ * `utf8Bytes`, the text's UTF-8 length when the caller knows it, saves the search for wide
+ * characters in an all-ASCII text (as many bytes as characters): only escapes are looked for.
+ *
  * @example
  * ```ts
  * import { serializedSizeBound } from "./size.ts";
  * serializedSizeBound('{"did":"did:plc:x","time_us":1}'); // a little over 31
  * ```
  */
-export function serializedSizeBound(text: string): number {
+export function serializedSizeBound(text: string, utf8Bytes?: number): number {
   const n = text.length;
-  const base = WIDE.test(text) ? 2 * n + 32 : n + (n >> 5) + 32;
+  const wide = utf8Bytes === n ? hasWideEscape(text) : WIDE.test(text);
+  const base = wide ? 2 * n + 32 : n + (n >> 5) + 32;
   return base + 4 * occurrences(text, "[") + occurrences(text, "{");
 }
