@@ -23,7 +23,22 @@ const EVENTS = parseCapture(LINES);
 /** Every frame until the end, and the cause. */
 async function drain(conn: Connection): Promise<Frame[]> {
   const all: Frame[] = [];
-  for (let frames = await conn.next(); frames; frames = await conn.next()) all.push(...frames);
+  for (let frames = await conn.next(); frames; frames = await conn.next()) {
+    all.push(...frames);
+    if (conn instanceof RawConnection) {
+      // Each message's payload size comes with it: a text's UTF-8 length, a binary's length.
+      assert.deepEqual(
+        conn.frameBytes,
+        frames.map((f) =>
+          typeof f === "string"
+            ? encoder.encode(f).length
+            : f instanceof InvalidTextFrame
+            ? f.byteLength
+            : f.byteLength
+        ),
+      );
+    }
+  }
   return all;
 }
 
