@@ -52,7 +52,7 @@ const COMMIT_BUDGET = KV_COMMIT_LIMIT - 16_384;
 const FIXED_MUTATIONS = 3;
 // Past this many bytes of batches waiting for their commit, add() waits: the reader slows down.
 // Measured with a slow sink (bench/slow_sink.ts, commits delayed 20 ms): the parsed events waiting
-// are what V8's heap grows with; at 2 MiB the process peaked at 205–240 MB RSS, at 1 MiB 165–185.
+// are what V8's heap grows with; at 2 MiB the process peaked at 205–240 MB RSS, at 1 MiB 160–190.
 const HIGH_WATER_BYTES = 1 << 20;
 // Commits in flight at once.
 const DEPTH = 3;
