@@ -19,6 +19,7 @@ import { coverageGap, type RunContext, type SeqState, type Session } from "./pip
 import { createSelector, ReplayGuard } from "./pipeline/filter.ts";
 import { readConnection } from "./pipeline/process.ts";
 import type { Checkpoint } from "./queue/kv_queue.ts";
+import { isoFromUs } from "./time.ts";
 
 /** The decoder for a v2 host's dictionary, fetched from it once (or the one given, if its ID matches). */
 async function v2Decoder(
@@ -62,6 +63,20 @@ export async function consumeStream(
   let instanceIndex = Math.max(0, resumeFrom ? o.instances.indexOf(resumeFrom.run.instance) : 0);
   // Events at or below this time_us were processed on the current instance (its cursor is inclusive).
   let floorUs = resumeFrom && resumeFrom.run.recordsStored > 0 ? resumeFrom.cursor : -1;
+  if (floorUs >= 0 && !o.instances.includes(resumeFrom!.run.instance)) {
+    // time_us is assigned by each instance: another one's cursor is only close. Without the events
+    // before the switch to compare with, a rewind would repeat them, so none is made; say so.
+    const to = o.instances[0];
+    ctx.report({
+      reason: "info",
+      message: `resuming on ${new URL(to).host}, not ${
+        new URL(resumeFrom!.run.instance).host
+      } where the queue's last record came from; time_us differ between instances, so events within a few seconds of ${
+        isoFromUs(floorUs)
+      } may be missing or repeated (resume with that instance listed to continue exactly)`,
+      instance: to,
+    });
+  }
   // On v2 hosts events carry the server's sequence number (`cursor`): it, not time_us, is the
   // exact resume position there, and it is only ever sent back to the host that issued it.
   const seq: SeqState = { host: undefined, floor: -1 };

@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
 import { runBackfillSync } from "../src/backfill.ts";
+import type { SyncErrorReport } from "../src/stats.ts";
 import { UsageError } from "../src/errors.ts";
 import type { JetstreamEvent } from "../src/jetstream/events.ts";
 import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
@@ -316,6 +317,44 @@ Deno.test("runBackfillSync({ resume: true }) continues the last run with its own
   ).slice(0, 150);
   const { events: got } = await stored(db.path, first.queueLength + second.messagesEnqueued);
   assert.deepEqual(got, expected);
+});
+
+Deno.test("runBackfillSync({ resume: true }) on another instance says that the switch may miss or repeat events", async () => {
+  const events = capture();
+  await using first = serveEvents(events, { closeAtEnd: true });
+  await using other = serveEvents(events, { closeAtEnd: true });
+  await using db = await tempDb();
+  const controller = new AbortController();
+  const a = await runBackfillSync({
+    instance: first.url,
+    kv: db.path,
+    startTimestamp: T0,
+    wantedCollections: [],
+    batchSize: 7,
+    signal: controller.signal,
+    onDateChange: () => controller.abort(),
+  });
+  assert.equal(a.stopReason, "aborted");
+  assert.ok(a.recordsStored > 0);
+  const reports: SyncErrorReport[] = [];
+  const b = await runBackfillSync({
+    kv: db.path,
+    resume: true,
+    instance: other.url,
+    onError: (r) => reports.push(r),
+  });
+  assert.equal(b.stopReason, "closed");
+  const info = reports.filter((r) => r.reason === "info");
+  assert.equal(info.length, 1, JSON.stringify(reports));
+  assert.match(
+    info[0].message,
+    new RegExp(`resuming on ${new URL(other.url).host}, not ${new URL(first.url).host}`),
+  );
+  assert.match(info[0].message, /may be missing or repeated/);
+  // Resumed where the last record came from: nothing to say.
+  const again: SyncErrorReport[] = [];
+  await runBackfillSync({ kv: db.path, resume: true, onError: (r) => again.push(r) });
+  assert.equal(again.filter((r) => r.reason === "info").length, 0, JSON.stringify(again));
 });
 
 Deno.test("runBackfillSync() writes to a Deno.Kv it is given and leaves it open", async () => {
