@@ -6,6 +6,7 @@
  */
 import { parseArgs, type ParseArgsConfig } from "node:util";
 import { UsageError } from "../errors.ts";
+import { defaultKvPath } from "../queue/kv_queue.ts";
 
 /** Flag definitions in `parseArgs` form. */
 export type FlagSpec = NonNullable<ParseArgsConfig["options"]>;
@@ -23,6 +24,13 @@ export function parseFlags(command: string, args: string[], spec: FlagSpec): Rec
     );
     throw new UsageError(`${msg} (see 'jetfill ${command} --help')`);
   }
+}
+
+/** The queue (`--queue-name`, default `jetstream_sync`) and its database (`--kv`, default by queue). */
+export function queueFlags(v: Record<string, unknown>): { queue: string; path: string } {
+  const queue = (v["queue-name"] as string | undefined) ?? "jetstream_sync";
+  if (queue === "") throw new UsageError("--queue-name must not be empty");
+  return { queue, path: (v.kv as string | undefined) ?? defaultKvPath(queue) };
 }
 
 /** A number flag: integer or not, with a lower bound. */

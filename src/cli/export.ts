@@ -5,8 +5,7 @@
  */
 import { UsageError } from "../errors.ts";
 import { consume, type ConsumeResult } from "../queue/consume.ts";
-import { defaultKvPath } from "../queue/kv_queue.ts";
-import { type FlagSpec, parseFlags } from "./args.ts";
+import { type FlagSpec, parseFlags, queueFlags } from "./args.ts";
 
 const HELP = `Usage: jetfill export [options]
 
@@ -149,9 +148,7 @@ export async function exportCommand(args: string[]): Promise<number> {
     console.log(HELP);
     return 0;
   }
-  const queue = (v["queue-name"] as string | undefined) ?? "jetstream_sync";
-  if (queue === "") throw new UsageError("--queue-name must not be empty");
-  const path = (v.kv as string | undefined) ?? defaultKvPath(queue);
+  const { queue, path } = queueFlags(v);
   const out = v.out as string | undefined;
   if (out === "") throw new UsageError("--out must name a file");
   // Without --follow there is nothing to wait for in a database that does not exist; with it, the

@@ -5,9 +5,8 @@
  */
 import { UsageError } from "../errors.ts";
 import { type QueueStatus, queueStatus } from "../queue/consume.ts";
-import { defaultKvPath } from "../queue/kv_queue.ts";
 import { isoFromUs } from "../time.ts";
-import { type FlagSpec, parseFlags } from "./args.ts";
+import { type FlagSpec, parseFlags, queueFlags } from "./args.ts";
 
 const HELP = `Usage: jetfill status [options]
 
@@ -109,9 +108,7 @@ export async function statusCommand(args: string[]): Promise<number> {
     console.log(HELP);
     return 0;
   }
-  const queue = (v["queue-name"] as string | undefined) ?? "jetstream_sync";
-  if (queue === "") throw new UsageError("--queue-name must not be empty");
-  const path = (v.kv as string | undefined) ?? defaultKvPath(queue);
+  const { queue, path } = queueFlags(v);
   // Deno.openKv would create an empty database just to report that it is empty.
   try {
     const info = await Deno.stat(path);
