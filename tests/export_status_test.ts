@@ -176,6 +176,11 @@ Deno.test("jetfill export and status refuse a missing database and bad flags wit
       /jetfill status: Cannot show the status as the database ".*missing\.sqlite" does not exist/,
     );
     assert.equal((await Array.fromAsync(Deno.readDir(dir))).length, 0, "no database was created");
+    for (const command of ["export", "status"]) {
+      const empty = await jetfill(command, "--queue-name", "");
+      assert.equal(empty.code, 2);
+      assert.match(empty.stderr, new RegExp(`jetfill ${command}: --queue-name must not be empty`));
+    }
     const bad = await jetfill("export", "--nope");
     assert.equal(bad.code, 2);
     assert.match(bad.stderr, /see 'jetfill export --help'/);
