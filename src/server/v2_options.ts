@@ -16,6 +16,7 @@ import {
   type ParsedSubscribeRequest,
   type SubscribeParams,
   type SubscriberFilter,
+  wants,
 } from "./options.ts";
 
 /**
@@ -374,13 +375,8 @@ export function wantsV2(
   collection: string | undefined,
 ): boolean {
   if (filter.kinds !== null && !filter.kinds.has(kind)) return false;
-  if (filter.dids !== null && !filter.dids.has(did)) return false;
-  if (filter.collections === null || kind !== "commit" || !collection) return true;
-  if (filter.collections.has(collection)) return true;
-  for (const prefix of filter.prefixes) {
-    if (collection.startsWith(prefix)) return true;
-  }
-  return false;
+  // Past the kinds, DIDs and collections select as on the legacy wire.
+  return wants(filter, did, kind, collection);
 }
 
 /**
