@@ -5,7 +5,6 @@
 import assert from "node:assert/strict";
 import { DatabaseSync } from "node:sqlite";
 import type { JetstreamEvent } from "../src/jetstream/events.ts";
-import { Batcher } from "../src/pipeline/batch.ts";
 import {
   ACK_DEADLINE_MS,
   consume,
@@ -14,43 +13,12 @@ import {
   queueStatus,
   requeueDeadLetters,
 } from "../src/queue/consume.ts";
-import {
-  type Checkpoint,
-  emptyCheckpoint,
-  queueKey,
-  queueLength,
-  readCheckpoint,
-} from "../src/queue/kv_queue.ts";
+import { queueKey, queueLength } from "../src/queue/kv_queue.ts";
 import type { QueueMessage } from "../src/queue/message.ts";
-import { QueueWriter } from "../src/queue/writer.ts";
 import { generateCapture } from "../src/server/synth.ts";
-import { utcDate } from "../src/time.ts";
+import { produce } from "./helpers/produce.ts";
 
 const Q = "jetstream_sync";
-
-/** Stores `lines` in `queue` through the real batcher and writer; returns the events as stored. */
-export async function produce(
-  kv: Deno.Kv,
-  lines: string[],
-  options: { queue?: string; batchSize?: number } = {},
-): Promise<JetstreamEvent[]> {
-  const queue = options.queue ?? Q;
-  const existing = await readCheckpoint(kv, queue);
-  const checkpoint: Checkpoint = existing.value ?? emptyCheckpoint(queue);
-  const writer = new QueueWriter(kv, queue, { checkpoint, versionstamp: existing.versionstamp }, () => {});
-  const batcher = new Batcher(queue, options.batchSize ?? 50);
-  const events: JetstreamEvent[] = [];
-  for (const line of lines) {
-    const ev = JSON.parse(line) as JetstreamEvent;
-    events.push(ev);
-    const collection = ev.kind === "commit" ? ev.commit.collection : undefined;
-    if (batcher.add(ev, line, utcDate(ev.time_us), collection)) await writer.add(batcher.take()!);
-  }
-  const last = batcher.take();
-  if (last) await writer.add(last);
-  await writer.flush();
-  return events;
-}
 
 /** What KV itself still holds in its queue tables (test-only look at the SQLite file). */
 function kvQueueTables(path: string): { queued: number; running: number } {

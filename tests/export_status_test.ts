@@ -7,9 +7,7 @@ import type { JetstreamEvent } from "../src/jetstream/events.ts";
 import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
 import { generateCapture } from "../src/server/synth.ts";
 import { serveEvents } from "./helpers/loopback.ts";
-import { Batcher } from "../src/pipeline/batch.ts";
-import { type Checkpoint, emptyCheckpoint, readCheckpoint } from "../src/queue/kv_queue.ts";
-import { QueueWriter } from "../src/queue/writer.ts";
+import { produce } from "./helpers/produce.ts";
 import { isoFromUs, utcDate } from "../src/time.ts";
 
 const CLI = new URL("../cli.ts", import.meta.url).pathname;
@@ -34,26 +32,11 @@ async function tempDir(): Promise<string> {
   return await Deno.makeTempDir({ prefix: "jetfill_export_" });
 }
 
-/** Stores `lines` in the default queue through the real batcher and writer, as a sync does. */
+/** Stores `lines` in the default queue of the database at `path`, as a sync does. */
 async function store(path: string, lines: string[], batchSize = 100): Promise<JetstreamEvent[]> {
-  const queue = "jetstream_sync";
   const kv = await Deno.openKv(path);
   try {
-    const existing = await readCheckpoint(kv, queue);
-    const checkpoint: Checkpoint = existing.value ?? emptyCheckpoint(queue);
-    const writer = new QueueWriter(kv, queue, { checkpoint, versionstamp: existing.versionstamp }, () => {});
-    const batcher = new Batcher(queue, batchSize);
-    const events: JetstreamEvent[] = [];
-    for (const line of lines) {
-      const ev = JSON.parse(line) as JetstreamEvent;
-      events.push(ev);
-      const collection = ev.kind === "commit" ? ev.commit.collection : undefined;
-      if (batcher.add(ev, line, utcDate(ev.time_us), collection)) await writer.add(batcher.take()!);
-    }
-    const last = batcher.take();
-    if (last) await writer.add(last);
-    await writer.flush();
-    return events;
+    return await produce(kv, lines, { batchSize });
   } finally {
     kv.close();
   }
