@@ -33,10 +33,10 @@ Connection:
   --compress              ask for zstd-compressed frames
   --zstd-dictionary PATH  the zstd dictionary for --compress (else $JETFILL_ZSTD_DICTIONARY, a
                           cached copy, or a download verified by its sha256)
-  --idle-timeout SECONDS  reconnect a connection silent this long (default 60)
+  --idle-timeout SECONDS  reconnect when no message came for this long (default 60)
   --max-retries N         attempts in a row without progress before giving up (default 10)
   --max-time SECONDS      stop after this long, even when nothing arrives (default 900)
-  --max-event-bytes N     skip (and count) frames larger than this (default 1048576)
+  --max-event-bytes N     skip (and count) events of more UTF-8 bytes (default 1048576)
 
 Queue:
   --kv PATH               Deno KV database (default ./jetfill-data/<queue-name>.sqlite)
