@@ -129,8 +129,8 @@ export interface BackfillSyncOptions {
   maxRetries?: number;
   /**
    * Events of more UTF-8 bytes than this (after any zstd decoding) are skipped (counted as
-   * `oversized` and reported), not stored. Real
-   * Jetstream events are a few KB; records are far below 1 MiB.
+   * `oversized` and reported), not stored. Real Jetstream events are a few KB; records are far
+   * below 1 MiB.
    * @default {1048576}
    */
   maxEventBytes?: number;
