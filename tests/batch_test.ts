@@ -79,7 +79,10 @@ Deno.test("Batcher packs messages under 64 KiB and at most batchSize records", (
     const size = serialize({ v: 1, queue: "q", seq: 1, cursor: m.cursor, records: m.records }).length;
     assert.ok(size < KV_VALUE_LIMIT, `message of ${size} bytes`);
     assert.ok(m.count <= 100);
+    // Each record's text travels with it: a refused commit is rebuilt from the texts.
+    assert.deepEqual(m.texts.map((t) => JSON.parse(t)), m.records);
   }
+  assert.equal(batch.messages.flatMap((m) => m.texts).length, 100);
   assert.equal(b.take(), undefined);
 });
 

@@ -12,6 +12,12 @@ import { KV_VALUE_LIMIT, serializedSizeBound } from "../queue/size.ts";
 export interface PackedMessage {
   /** The events, as received. */
   records: JetstreamEvent[];
+  /**
+   * The JSON text of each record. The writer keeps these, not the records, while a commit is in
+   * flight: strings cost the garbage collector far less than parsed events, and a commit refused
+   * for size is rebuilt from them.
+   */
+  texts: string[];
   /** Gzip of an event too large to travel as a record. */
   compressed?: Uint8Array[];
   /** Upper bound on the serialized size of the whole message. */
@@ -89,6 +95,7 @@ export class Batcher {
   #fresh(): PackedMessage {
     return {
       records: [],
+      texts: [],
       size: this.#overhead,
       count: 0,
       cursor: 0,
@@ -143,6 +150,7 @@ export class Batcher {
       }
       if (!m) m = this.#current = this.#fresh();
       m.records.push(event);
+      m.texts.push(text);
       m.size += size;
       this.#note(m, event, day, collection);
     }

@@ -63,6 +63,7 @@ const MIN_GROUP_BYTES = 256 << 10;
 /** A commit issued and not yet known to be durable. */
 interface Inflight {
   promise: Promise<Deno.KvCommitResult | Deno.KvCommitError>;
+  /** The messages, without their records (already serialized): rebuilt from texts for a repair. */
   group: PackedMessage[];
   /** The seq of each message of `group`. */
   seqs: number[];
@@ -253,6 +254,7 @@ export class QueueWriter {
     const days = new Map<string, number>();
     const collections = new Set<string>();
     const seqs: number[] = [];
+    const kept: PackedMessage[] = [];
     for (const [i, m] of group.entries()) {
       // A repair reuses the seqs of the refused commit first, so that seq numbers keep no gap.
       const n = i < reuse.length ? reuse[i] : ++seq;
@@ -266,6 +268,9 @@ export class QueueWriter {
       };
       if (m.compressed) message.compressed = m.compressed;
       op.enqueue(message, { keysIfUndelivered: [queueKey(q, "dead", n)] });
+      // Serialized: the parsed records can go; a repair parses their texts again. Holding them
+      // until the commit lands kept a few thousand events alive through every young-generation GC.
+      kept.push(m.records.length > 0 ? { ...m, records: [] } : m);
       records += m.count;
       last = m.cursor;
       // A re-issued group (exact) is older than what was issued after it: it must not move the
@@ -303,7 +308,7 @@ export class QueueWriter {
     // Observed by #complete; until then a rejection must not count as unhandled.
     promise.catch(() => {});
     const report = { records, messages: group.length, cursor: last, days, collections };
-    return { promise, group, seqs, checkpoint, report, exact };
+    return { promise, group: kept, seqs, checkpoint, report, exact };
   }
 
   /** Waits for the oldest commit in flight and reports it; repairs a size refusal. */
@@ -317,7 +322,7 @@ export class QueueWriter {
       // exactly, split or gzipped, and committed again after them.
       if (head.exact || !/too large/i.test(String((err as Error).message))) throw err;
       for (const next of later.splice(0)) await this.#complete(next, []);
-      const parts = regroup(head.group.flatMap((m) => fitExactly(this.#queue, m)));
+      const parts = regroup(head.group.flatMap((m) => fitExactly(this.#queue, restore(m))));
       const reuse = head.seqs.slice();
       for (const part of parts) {
         await this.#complete(this.#issue(part, true, reuse.splice(0, part.length)), []);
@@ -329,6 +334,11 @@ export class QueueWriter {
     for (const w of this.#waiters.splice(0)) w();
     this.#onCommit(head.report, head.checkpoint);
   }
+}
+
+/** A message with its records parsed again from their texts (the JSON they were parsed from). */
+function restore(m: PackedMessage): PackedMessage {
+  return m.records.length === m.texts.length ? m : { ...m, records: m.texts.map((t) => JSON.parse(t)) };
 }
 
 /** A message's exact serialized size, as Deno KV will see it (V8's serializer, plus a margin). */
@@ -351,13 +361,13 @@ function fitExactly(queue: string, m: PackedMessage): PackedMessage[] {
   if (m.records.length > 1) {
     const half = m.records.length >> 1;
     return [
-      ...fitExactly(queue, packRecords(m, m.records.slice(0, half))),
-      ...fitExactly(queue, packRecords(m, m.records.slice(half))),
+      ...fitExactly(queue, packRecords(m, m.records.slice(0, half), m.texts.slice(0, half))),
+      ...fitExactly(queue, packRecords(m, m.records.slice(half), m.texts.slice(half))),
     ];
   }
   const event = m.records[0];
   const gz = compressEvent(JSON.stringify(event));
-  const packed = { ...packRecords(m, []), compressed: [gz], count: 1, cursor: event.time_us };
+  const packed = { ...packRecords(m, [], []), compressed: [gz], count: 1, cursor: event.time_us };
   packed.days = new Map([[utcDate(event.time_us), 1]]);
   if (event.kind === "commit") packed.collections = new Set([event.commit.collection]);
   const again = exactSize(queue, packed);
@@ -367,8 +377,8 @@ function fitExactly(queue: string, m: PackedMessage): PackedMessage[] {
   return [{ ...packed, size: again }];
 }
 
-/** A message holding `records`, with its counts, from the message they were part of. */
-function packRecords(from: PackedMessage, records: JetstreamEvent[]): PackedMessage {
+/** A message holding `records` (parsed from `texts`), with its counts, from the message they were part of. */
+function packRecords(from: PackedMessage, records: JetstreamEvent[], texts: string[]): PackedMessage {
   const days = new Map<string, number>();
   const collections = new Set<string>();
   let seq: number | undefined;
@@ -380,6 +390,7 @@ function packRecords(from: PackedMessage, records: JetstreamEvent[]): PackedMess
   }
   return {
     records,
+    texts,
     size: 0,
     count: records.length,
     cursor: records.at(-1)?.time_us ?? from.cursor,
