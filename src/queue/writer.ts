@@ -12,6 +12,11 @@
  * KV's per-commit limits (1000 mutations, 800 KiB) force it, and a slow disk costs fewer, larger
  * commits instead of a growing backlog.
  *
+ * A batch's messages are enqueued into the next commit as soon as the batch is added, so parsed
+ * events are garbage by the time their commit is issued; what waits is at most one commit's worth of
+ * serialized bytes. When that commit is full and every slot is taken, `add()` waits: the reader
+ * slows down instead of the heap growing.
+ *
  * @module
  */
 import { serialize } from "node:v8";
@@ -50,15 +55,29 @@ export class ConcurrentWriterError extends Error {
 const COMMIT_BUDGET = KV_COMMIT_LIMIT - 16_384;
 // Mutations besides the enqueues and the one counter a UTC day: the checkpoint and two counters.
 const FIXED_MUTATIONS = 3;
-// Past this many bytes of batches waiting for their commit, add() waits: the reader slows down.
-// Measured with a slow sink (bench/slow_sink.ts, commits delayed 20 ms): the parsed events waiting
-// are what V8's heap grows with; at 2 MiB the process peaked at 205–240 MB RSS, at 1 MiB 160–190.
-const HIGH_WATER_BYTES = 1 << 20;
 // Commits in flight at once.
 const DEPTH = 3;
 // With a slot free, a commit is issued before the oldest in flight lands once this much is
 // waiting: a slow disk is kept busy with several commits instead of a buffer being filled.
 const MIN_GROUP_BYTES = 256 << 10;
+
+/**
+ * The next commit, built as batches arrive: each message is enqueued (serialized by KV) when its
+ * batch is added, so that parsed events do not wait for a commit slot. Holding them until then kept
+ * about a thousand events alive through every young-generation GC. Its checkpoint and counters are
+ * added when it is issued.
+ */
+interface Building {
+  op: Deno.AtomicOperation;
+  /** The messages, without their records: a repair parses their texts again. */
+  group: PackedMessage[];
+  /** The seq of each message of `group`. */
+  seqs: number[];
+  /** Upper bound of the serialized bytes enqueued. */
+  bytes: number;
+  /** UTC days of the records (one counter mutation each). */
+  days: Set<string>;
+}
 
 /** A commit issued and not yet known to be durable. */
 interface Inflight {
@@ -86,12 +105,15 @@ export class QueueWriter {
   #readVersionstamp: string | null;
   /** The writer lock's versionstamp, checked by every commit. */
   #lock: string | undefined;
-  #pending: PackedMessage[][] = [];
-  #pendingBytes = 0;
+  /** The last seq given to a message (of the commit being built, or one issued). */
+  #seq: number;
+  #building: Building;
   #running: Promise<void> | undefined;
   #failure: unknown;
   #waiters: (() => void)[] = [];
   #onEnough: (() => void) | undefined;
+  /** add() waits for the commit being built to be issued: it has no room for the next batch. */
+  #blocked = false;
 
   /**
    * A writer that continues from `checkpoint` (as read, with its versionstamp, or null for a new
@@ -107,8 +129,10 @@ export class QueueWriter {
     this.#queue = queue;
     this.#issued = start.checkpoint;
     this.#durable = start.checkpoint;
+    this.#seq = start.checkpoint.seq;
     this.#readVersionstamp = start.versionstamp;
     this.#onCommit = onCommit;
+    this.#building = this.#open();
   }
 
   /** The checkpoint of the last durable commit. */
@@ -116,29 +140,55 @@ export class QueueWriter {
     return this.#durable;
   }
 
-  /** Queues a batch for commit; waits only when too much is already waiting. Throws a past failure. */
+  /**
+   * Enqueues a batch into the commit being built; waits only when that commit has no room left
+   * and every commit slot is taken. Throws a past failure.
+   */
   async add(batch: Batch): Promise<void> {
     if (this.#failure) throw this.#failure;
-    this.#pending.push(batch.messages);
-    for (const m of batch.messages) this.#pendingBytes += m.size;
-    if (this.#pendingBytes >= MIN_GROUP_BYTES && this.#onEnough) {
+    // A batch goes whole into one commit unless it cannot fit even an empty one (KV's limits).
+    while (this.#building.group.length > 0 && !this.#fits(batch.messages)) await this.#handOver();
+    for (const m of batch.messages) {
+      while (!this.#fits([m])) await this.#handOver();
+      this.#append(this.#building, m, ++this.#seq);
+    }
+    if (this.#building.bytes >= MIN_GROUP_BYTES) this.#wakeLoop();
+    this.#running ??= this.#loop();
+  }
+
+  /** Waits until the commit being built is issued (or the writer failed). */
+  async #handOver(): Promise<void> {
+    this.#running ??= this.#loop();
+    this.#blocked = true;
+    this.#wakeLoop();
+    await new Promise<void>((resolve) => this.#waiters.push(resolve));
+    if (this.#failure) throw this.#failure;
+  }
+
+  #wakeLoop(): void {
+    if (this.#onEnough) {
       this.#onEnough();
       this.#onEnough = undefined;
     }
-    this.#running ??= this.#loop();
-    while (this.#pendingBytes > HIGH_WATER_BYTES && this.#busy() && !this.#failure) {
-      await new Promise<void>((resolve) => this.#waiters.push(resolve));
+  }
+
+  /** Whether `messages` fit in the commit being built, within KV's per-commit limits. */
+  #fits(messages: PackedMessage[]): boolean {
+    const b = this.#building;
+    let count = b.group.length;
+    let size = b.bytes;
+    let newDays = 0;
+    for (const m of messages) {
+      count++;
+      size += m.size;
+      for (const d of m.days.keys()) if (!b.days.has(d)) newDays++;
     }
-    if (this.#failure) throw this.#failure;
+    return count + FIXED_MUTATIONS + b.days.size + newDays <= KV_MUTATION_LIMIT && size <= COMMIT_BUDGET;
   }
 
   /** Resolves once the batches waiting are worth a commit of their own. */
   #enough(): Promise<false> {
     return new Promise((resolve) => this.#onEnough = () => resolve(false));
-  }
-
-  #busy(): boolean {
-    return this.#running !== undefined;
   }
 
   /** Waits until every added batch is committed; throws if a commit failed. */
@@ -151,11 +201,16 @@ export class QueueWriter {
     const inflight: Inflight[] = [];
     try {
       if (this.#lock === undefined) await this.#acquire();
-      while (this.#pending.length > 0 || inflight.length > 0) {
-        while (this.#pending.length > 0 && inflight.length < DEPTH) {
-          inflight.push(this.#issue(this.#takeGroup()));
+      while (this.#building.group.length > 0 || inflight.length > 0) {
+        if (this.#building.group.length > 0 && inflight.length < DEPTH) {
+          const building = this.#building;
+          this.#building = this.#open();
+          this.#blocked = false;
+          inflight.push(this.#issue(building, false));
+          for (const w of this.#waiters.splice(0)) w();
+          continue;
         }
-        if (inflight.length < DEPTH) {
+        if (inflight.length < DEPTH && !this.#blocked) {
           // A free slot: the next commit goes as soon as enough is waiting for one, without
           // waiting for the oldest in flight to land.
           const head = inflight[0].promise.then(() => true, () => true);
@@ -170,7 +225,7 @@ export class QueueWriter {
       for (const rest of inflight) {
         const res = await rest.promise.catch(() => undefined);
         if (res?.ok) {
-          if (rest.checkpoint.seq > this.#durable.seq) this.#durable = rest.checkpoint;
+          this.#durable = rest.checkpoint;
           this.#onCommit(rest.report, rest.checkpoint);
         }
       }
@@ -194,85 +249,44 @@ export class QueueWriter {
     this.#lock = res.versionstamp;
   }
 
-  // Whole batches while they fit; a lone batch too large for one commit is split by messages.
-  #takeGroup(): PackedMessage[] {
-    const group: PackedMessage[] = [];
-    const days = new Set<string>();
-    let bytes = 0;
-    const fits = (m: PackedMessage, count: number, size: number) => {
-      const newDays = [...m.days.keys()].filter((d) => !days.has(d)).length;
-      return count + 1 + FIXED_MUTATIONS + days.size + newDays <= KV_MUTATION_LIMIT &&
-        size + m.size <= COMMIT_BUDGET;
-    };
-    while (this.#pending.length > 0) {
-      const batch = this.#pending[0];
-      // Would the whole batch fit? Check message by message against a copy of the day set.
-      const before = new Set(days);
-      let count = group.length;
-      let size = bytes;
-      let whole = true;
-      for (const m of batch) {
-        if (!fits(m, count, size)) {
-          whole = false;
-          break;
-        }
-        count++;
-        size += m.size;
-        for (const d of m.days.keys()) days.add(d);
-      }
-      if (whole) {
-        group.push(...batch);
-        bytes = size;
-        this.#pending.shift();
-        continue;
-      }
-      days.clear();
-      for (const d of before) days.add(d);
-      if (group.length > 0) break;
-      let taken = 0;
-      while (taken < batch.length && (taken === 0 || fits(batch[taken], taken, bytes))) {
-        bytes += batch[taken].size;
-        for (const d of batch[taken].days.keys()) days.add(d);
-        taken++;
-      }
-      group.push(...batch.splice(0, taken));
-      break;
-    }
-    this.#pendingBytes -= bytes;
-    return group;
+  #open(): Building {
+    return { op: this.#kv.atomic(), group: [], seqs: [], bytes: 0, days: new Set() };
   }
 
-  /** Builds and sends the commit of `group`, on top of the last one issued. */
-  #issue(group: PackedMessage[], exact = false, reuse: number[] = []): Inflight {
+  /** Enqueues message `m` as `seq` into `b`; its parsed records are not kept. */
+  #append(b: Building, m: PackedMessage, seq: number): void {
+    const message: Record<string, unknown> = {
+      v: 1,
+      queue: this.#queue,
+      seq,
+      cursor: m.cursor,
+      records: m.records,
+    };
+    if (m.compressed) message.compressed = m.compressed;
+    b.op.enqueue(message, { keysIfUndelivered: [queueKey(this.#queue, "dead", seq)] });
+    b.group.push(m.records.length > 0 ? { ...m, records: [] } : m);
+    b.seqs.push(seq);
+    b.bytes += m.size;
+    for (const d of m.days.keys()) b.days.add(d);
+  }
+
+  /** Adds the checkpoint and counters to `b`, on top of the last commit issued, and sends it. */
+  #issue(b: Building, exact: boolean): Inflight {
     const q = this.#queue;
-    const op = this.#kv.atomic().check({ key: queueKey(q, "writer"), versionstamp: this.#lock! });
+    const { op, group, seqs } = b;
+    op.check({ key: queueKey(q, "writer"), versionstamp: this.#lock! });
     const prev = this.#issued;
-    let { seq, cursor } = prev;
+    let { cursor } = prev;
     let { seqCursor, seqInstance, instance } = prev.run;
     let records = 0;
     let last = cursor;
     const days = new Map<string, number>();
     const collections = new Set<string>();
-    const seqs: number[] = [];
-    const kept: PackedMessage[] = [];
-    for (const [i, m] of group.entries()) {
-      // A repair reuses the seqs of the refused commit first, so that seq numbers keep no gap.
-      const n = i < reuse.length ? reuse[i] : ++seq;
-      seqs.push(n);
-      const message: Record<string, unknown> = {
-        v: 1,
-        queue: q,
-        seq: n,
-        cursor: m.cursor,
-        records: m.records,
-      };
-      if (m.compressed) message.compressed = m.compressed;
-      op.enqueue(message, { keysIfUndelivered: [queueKey(q, "dead", n)] });
-      // Serialized: the parsed records can go; a repair parses their texts again. Holding them
-      // until the commit lands kept a few thousand events alive through every young-generation GC.
-      kept.push(m.records.length > 0 ? { ...m, records: [] } : m);
+    for (const m of group) {
       records += m.count;
       last = m.cursor;
+      for (const [d, n] of m.days) days.set(d, (days.get(d) ?? 0) + n);
+      for (const c of m.collections) collections.add(c);
       // A re-issued group (exact) is older than what was issued after it: it must not move the
       // checkpoint's position back.
       if (exact) continue;
@@ -284,10 +298,6 @@ export class QueueWriter {
         seqInstance = m.seqHost;
       }
     }
-    for (const m of group) {
-      for (const [d, n] of m.days) days.set(d, (days.get(d) ?? 0) + n);
-      for (const c of m.collections) collections.add(c);
-    }
     op.sum(queueKey(q, "count", "messages"), BigInt(group.length));
     op.sum(queueKey(q, "count", "records"), BigInt(records));
     for (const [d, n] of days) op.sum(queueKey(q, "day", d), BigInt(n));
@@ -296,7 +306,9 @@ export class QueueWriter {
     const added = exact ? 0 : records;
     const checkpoint: Checkpoint = {
       ...prev,
-      seq,
+      // The highest seq given so far: a repair's extra messages take seqs after the ones of the
+      // commit being built meanwhile.
+      seq: Math.max(prev.seq, ...seqs),
       cursor,
       recordsStored: prev.recordsStored + added,
       updatedAt: Date.now(),
@@ -308,7 +320,7 @@ export class QueueWriter {
     // Observed by #complete; until then a rejection must not count as unhandled.
     promise.catch(() => {});
     const report = { records, messages: group.length, cursor: last, days, collections };
-    return { promise, group: kept, seqs, checkpoint, report, exact };
+    return { promise, group, seqs, checkpoint, report, exact };
   }
 
   /** Waits for the oldest commit in flight and reports it; repairs a size refusal. */
@@ -325,12 +337,16 @@ export class QueueWriter {
       const parts = regroup(head.group.flatMap((m) => fitExactly(this.#queue, restore(m))));
       const reuse = head.seqs.slice();
       for (const part of parts) {
-        await this.#complete(this.#issue(part, true, reuse.splice(0, part.length)), []);
+        const b = this.#open();
+        for (const m of part) this.#append(b, m, reuse.shift() ?? ++this.#seq);
+        await this.#complete(this.#issue(b, true), []);
       }
       return;
     }
     if (!res.ok) throw new ConcurrentWriterError(this.#queue);
-    if (head.checkpoint.seq > this.#durable.seq) this.#durable = head.checkpoint;
+    // Commits complete in the order they were issued (a repair's after the later ones), and each
+    // builds on the one issued before it: the last to land is the newest state.
+    this.#durable = head.checkpoint;
     for (const w of this.#waiters.splice(0)) w();
     this.#onCommit(head.report, head.checkpoint);
   }
