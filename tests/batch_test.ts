@@ -41,6 +41,26 @@ Deno.test("serializedSizeBound() is never below V8's serialized size", () => {
       commit: { items: Array.from({ length: 5_000 }, () => ({})) },
     }),
   ];
+  // Only the strings around wide characters are two-byte: short wide strings in a long ASCII text, a
+  // wide key, escaped quotes and backslashes next to wide characters, surrogate pairs, several strings.
+  texts.push(JSON.stringify({
+    did: "x",
+    time_us: 1,
+    kind: "commit",
+    commit: {
+      a: "ascii ".repeat(500),
+      "キー": "é",
+      q: '"😀\\"漢"\\',
+      list: ["ü", "字", "x".repeat(300) + "😀", "\\u2028"],
+      deep: { t: "tab\t漢\n" + "y".repeat(200) },
+    },
+  }));
+  for (let i = 0; i < 50; i++) {
+    const parts = Array.from({ length: 1 + (i % 7) }, (_, j) => 'ab"c'.repeat(i * j) + (j % 2 ? "字" : "é"));
+    texts.push(
+      JSON.stringify({ did: "x", time_us: i, kind: "commit", commit: { parts, [`k${"字".repeat(i)}`]: i } }),
+    );
+  }
   // All-ASCII texts whose escapes decide: Latin-1 stays one byte a character, U+2028 does not.
   texts.push(JSON.stringify(commit(T0, { text: "x".repeat(2000) })).replace('"xx', '"\\u00e9\\u2028'));
   texts.push(JSON.stringify(commit(T0, { text: "x".repeat(2000) })).replace('"xx', '"\\u00e9\\u00ff'));

@@ -16,6 +16,37 @@ export const KV_MUTATION_LIMIT = 1000;
 // JSON text may spell such characters as \uXXXX escapes, so those count too.
 // deno-lint-ignore no-control-regex
 const WIDE = /[^\x00-\xff]|\\u(?!00[0-9a-fA-F]{2})/;
+// deno-lint-ignore no-control-regex
+const WIDE_ALL = /[^\x00-\xff]|\\u(?!00[0-9a-fA-F]{2})/g;
+
+/** Whether the quote at `i` is escaped (preceded by an odd number of backslashes). */
+function escapedQuote(text: string, i: number): boolean {
+  let n = 0;
+  while (i - n - 1 >= 0 && text.charCodeAt(i - n - 1) === 92) n++;
+  return (n & 1) === 1;
+}
+
+/**
+ * What the strings of a valid JSON text that hold a wide character (or a wide escape) add when V8
+ * stores them as UTF-16: each such string costs at most twice its length plus 5 bytes of tag,
+ * length and padding, of which the one-byte bound already counts its JSON length and quotes. The
+ * JSON length is never below the string's own (escapes only lengthen it).
+ */
+function wideExtra(text: string): number {
+  let extra = 0;
+  WIDE_ALL.lastIndex = 0;
+  for (let m = WIDE_ALL.exec(text); m !== null; m = WIDE_ALL.exec(text)) {
+    // The enclosing string: wide characters and escapes occur only inside strings.
+    let open = text.lastIndexOf('"', m.index - 1);
+    while (open > 0 && escapedQuote(text, open)) open = text.lastIndexOf('"', open - 1);
+    let close = text.indexOf('"', m.index + 1);
+    while (close !== -1 && escapedQuote(text, close)) close = text.indexOf('"', close + 1);
+    if (open < 0 || close < 0) return text.length + 32; // not inside a string: the old bound
+    extra += close - open + 4;
+    WIDE_ALL.lastIndex = close + 1;
+  }
+  return extra;
+}
 
 function occurrences(text: string, char: string): number {
   let n = 0;
@@ -43,8 +74,10 @@ const HEX2 = /^[0-9a-fA-F]{2}$/;
  * V8 writes one-byte strings at one byte a character plus a tag and a length, which the quotes,
  * colons and commas of the JSON text pay for. Arrays cost up to 4 bytes more than their brackets
  * and objects 1 more (tags, lengths and counts), hence the per-bracket terms: without them, a record
- * of many small arrays (`[[],[],…]`) serializes to far more than its text. Two-byte text is bounded
- * by twice its length. Non-integer numbers (9 bytes as doubles) are not counted: the atproto data
+ * of many small arrays (`[[],[],…]`) serializes to far more than its text. A string holding a
+ * character above U+00FF is stored as UTF-16: it adds at most its JSON length plus 5 bytes, found
+ * by locating the strings around such characters (only those strings, not the whole text, are
+ * two-byte; counting the whole text twice overestimated non-Latin-1 events by 75 %). Non-integer numbers (9 bytes as doubles) are not counted: the atproto data
  * model has none, and the writer measures exactly if KV ever refuses a message.
  *
  * `utf8Bytes`, the text's UTF-8 length when the caller knows it, saves the search for wide
@@ -59,6 +92,6 @@ const HEX2 = /^[0-9a-fA-F]{2}$/;
 export function serializedSizeBound(text: string, utf8Bytes?: number): number {
   const n = text.length;
   const wide = utf8Bytes === n ? hasWideEscape(text) : WIDE.test(text);
-  const base = wide ? 2 * n + 32 : n + (n >> 5) + 32;
+  const base = n + (n >> 5) + 32 + (wide ? wideExtra(text) : 0);
   return base + 4 * occurrences(text, "[") + occurrences(text, "{");
 }
