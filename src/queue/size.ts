@@ -15,9 +15,7 @@ export const KV_MUTATION_LIMIT = 1000;
 // A string holding any character above U+00FF is stored as UTF-16 (two bytes a character). The
 // JSON text may spell such characters as \uXXXX escapes, so those count too.
 // deno-lint-ignore no-control-regex
-const WIDE = /[^\x00-\xff]|\\u(?!00[0-9a-fA-F]{2})/;
-// deno-lint-ignore no-control-regex
-const WIDE_ALL = /[^\x00-\xff]|\\u(?!00[0-9a-fA-F]{2})/g;
+const WIDE = /[^\x00-\xff]|\\u(?!00[0-9a-fA-F]{2})/g;
 
 /** Whether the quote at `i` is escaped (preceded by an odd number of backslashes). */
 function escapedQuote(text: string, i: number): boolean {
@@ -34,16 +32,18 @@ function escapedQuote(text: string, i: number): boolean {
  */
 function wideExtra(text: string): number {
   let extra = 0;
-  WIDE_ALL.lastIndex = 0;
-  for (let m = WIDE_ALL.exec(text); m !== null; m = WIDE_ALL.exec(text)) {
+  WIDE.lastIndex = 0;
+  // test() with the global flag moves lastIndex past each match without building a match array.
+  while (WIDE.test(text)) {
+    const after = WIDE.lastIndex;
     // The enclosing string: wide characters and escapes occur only inside strings.
-    let open = text.lastIndexOf('"', m.index - 1);
+    let open = text.lastIndexOf('"', after - 1);
     while (open > 0 && escapedQuote(text, open)) open = text.lastIndexOf('"', open - 1);
-    let close = text.indexOf('"', m.index + 1);
+    let close = text.indexOf('"', after);
     while (close !== -1 && escapedQuote(text, close)) close = text.indexOf('"', close + 1);
     if (open < 0 || close < 0) return text.length + 32; // not inside a string: the old bound
     extra += close - open + 4;
-    WIDE_ALL.lastIndex = close + 1;
+    WIDE.lastIndex = close + 1;
   }
   return extra;
 }
@@ -91,7 +91,8 @@ const HEX2 = /^[0-9a-fA-F]{2}$/;
  */
 export function serializedSizeBound(text: string, utf8Bytes?: number): number {
   const n = text.length;
-  const wide = utf8Bytes === n ? hasWideEscape(text) : WIDE.test(text);
-  const base = n + (n >> 5) + 32 + (wide ? wideExtra(text) : 0);
+  // One pass finds the wide strings; an all-ASCII text can only have wide escapes.
+  const wide = utf8Bytes === n && !hasWideEscape(text) ? 0 : wideExtra(text);
+  const base = n + (n >> 5) + 32 + wide;
   return base + 4 * occurrences(text, "[") + occurrences(text, "{");
 }
