@@ -3,8 +3,9 @@
  *
  * - ceiling: receive + `JSON.parse` only, from the project's server in another process;
  * - end to end: `runBackfillSync()` from the same server through to Deno KV, with its ratio to the ceiling
- *   (each the best of two runs);
+ *   (each the best of two runs, after one untimed warm-up sync);
  * - the same with KV on a RAM disk (/dev/shm), to separate the pipeline from the disk;
+ * - the sink alone (parsed events into KV, bench/sink_alone.ts), in a process of its own;
  * - peak RSS of a 200,000-event sync into a deliberately slow sink (KV commits delayed).
  *
  * `deno task bench --quick` uses fewer events.
@@ -13,9 +14,6 @@
  */
 import { runBackfillSync } from "../src/backfill.ts";
 import { generateCapture } from "../src/server/synth.ts";
-import { Batcher } from "../src/pipeline/batch.ts";
-import { QueueWriter } from "../src/queue/writer.ts";
-import { emptyCheckpoint } from "../src/queue/kv_queue.ts";
 import { openConnection } from "../src/jetstream/socket.ts";
 import { benchZstd } from "./zstd_bench.ts";
 import { spawnServer } from "../scripts/spawn_server.ts";
@@ -85,27 +83,14 @@ async function compressedCeiling(url: string): Promise<number> {
   return n / ((performance.now() - t0) / 1000);
 }
 
-/** The sink alone: the same events, already parsed, through Batcher and QueueWriter into KV. */
+/** The sink alone (bench/sink_alone.ts), in a process of its own. */
 async function kvCeiling(path: string): Promise<number> {
-  await Deno.remove(path).catch(() => {});
-  const kv = await Deno.openKv(path);
-  const events = lines.map((l) => JSON.parse(l));
-  const checkpoint = emptyCheckpoint("kv");
-  const writer = new QueueWriter(kv, "kv", { checkpoint, versionstamp: null }, () => {});
-  const batcher = new Batcher("kv", 100);
-  const t0 = performance.now();
-  for (let i = 0; i < events.length; i++) {
-    if (batcher.add(events[i], lines[i], "2026-11-28", events[i].commit?.collection)) {
-      await writer.add(batcher.take()!);
-    }
-  }
-  const last = batcher.take();
-  if (last) await writer.add(last);
-  await writer.flush();
-  const rate = events.length / ((performance.now() - t0) / 1000);
-  kv.close();
-  await Deno.remove(path).catch(() => {});
-  return rate;
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", `${root}bench/sink_alone.ts`, capturePath, path],
+    stderr: "inherit",
+  }).output();
+  if (!out.success) throw new Error("bench/sink_alone.ts failed");
+  return Number(new TextDecoder().decode(out.stdout).trim());
 }
 
 async function sync(url: string, kvPath: string, batchSize: number, compress = false) {
@@ -140,6 +125,11 @@ try {
       fmt(await kvCeiling(`${work}/kv.sqlite`))
     } events/s`,
   );
+  // One untimed sync first. The rows then measure the pipeline with its code compiled and V8's heap
+  // grown to its working size, as in any sync that lasts more than a second: without it the first row
+  // measured 10–25 % below the same sync run third (the ceilings' few lines warm up within their
+  // first run).
+  await sync(server.url, `${work}/bench.sqlite`, 100);
   for (
     const [label, path, batch] of [
       ["end to end, KV on disk, batchSize 100", `${work}/bench.sqlite`, 100],
