@@ -7,6 +7,7 @@ import { QueueWriter } from "../src/queue/writer.ts";
 import { emptyCheckpoint, queueKey, queueLength, readCheckpoint } from "../src/queue/kv_queue.ts";
 import { commit, drainQueue } from "./helpers/events.ts";
 import { slowKv } from "./helpers/slow_kv.ts";
+import { delay } from "../src/async.ts";
 
 const T0 = Date.UTC(2026, 10, 27, 23, 59, 59) * 1000;
 
@@ -217,6 +218,43 @@ Deno.test("QueueWriter on a slow disk issues the next commit once 256 KiB wait, 
     assert.equal(most, 2, `commits in flight at most: ${most}`);
     assert.equal(started, 3);
     assert.equal((await readCheckpoint(kv, "q")).value!.recordsStored, 40);
+  } finally {
+    kv.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("QueueWriter makes add() wait once the commit being built is full and every slot is taken", async () => {
+  const { kv, dir } = await tempKv();
+  try {
+    // Every commit takes 300 ms to land, the writer lock's included.
+    const slow = slowKv(kv, 300);
+    let durable = 0;
+    const w = new QueueWriter(slow, "q", newCheckpoint("q"), (r) => durable += r.records);
+    // Batches of ~195 KB: four fit in one commit (800 KiB), a fifth does not.
+    const big = commit(T0, { text: "z".repeat(19_000) });
+    const batch = () => {
+      const b = new Batcher("q", 10);
+      for (let i = 0; i < 10; i++) b.add(big, JSON.stringify(big), "2026-11-27", "app.bsky.feed.post");
+      return b.take()!;
+    };
+    const outstandingAtWait: number[] = [];
+    for (let i = 0; i < 24; i++) {
+      const outstanding = i - durable / 10;
+      const pending = w.add(batch());
+      // add() either returns at once or waits for a commit to be issued or to land.
+      if (await Promise.race([pending.then(() => false), delay(50).then(() => true)])) {
+        outstandingAtWait.push(outstanding);
+      }
+      await pending;
+    }
+    await w.flush();
+    // It waited, and never with more than three commits in flight and one full commit being built
+    // (16 batches) already accepted; at least once, with all three slots taken (12 or more).
+    assert.ok(outstandingAtWait.length > 0, "add() never waited");
+    assert.ok(Math.max(...outstandingAtWait) <= 16, `waited with ${outstandingAtWait} batches outstanding`);
+    assert.ok(Math.max(...outstandingAtWait) >= 12, `waited with ${outstandingAtWait} batches outstanding`);
+    assert.equal((await readCheckpoint(kv, "q")).value!.recordsStored, 240);
   } finally {
     kv.close();
     await Deno.remove(dir, { recursive: true });

@@ -335,6 +335,8 @@ export class QueueWriter {
       if (head.exact || !/too large/i.test(String((err as Error).message))) throw err;
       for (const next of later.splice(0)) await this.#complete(next, []);
       const parts = regroup(head.group.flatMap((m) => fitExactly(this.#queue, restore(m))));
+      // The refused commit's seqs first, so that seq numbers keep no gap; a split needs more, taken
+      // after those of the commit being built meanwhile.
       const reuse = head.seqs.slice();
       for (const part of parts) {
         const b = this.#open();
