@@ -13,9 +13,9 @@ export interface PackedMessage {
   /** The events, as received. */
   records: JetstreamEvent[];
   /**
-   * The JSON text of each record. The writer keeps these, not the records, while a commit is in
-   * flight: strings cost the garbage collector far less than parsed events, and a commit refused
-   * for size is rebuilt from them.
+   * The JSON text of each record. Once a message is serialized into its commit, the writer keeps
+   * these, not the records: strings cost the garbage collector far less than parsed events, and a
+   * commit refused for size is rebuilt from them.
    */
   texts: string[];
   /** Gzip of an event too large to travel as a record. */

@@ -75,10 +75,11 @@ const HEX2 = /^[0-9a-fA-F]{2}$/;
  * colons and commas of the JSON text pay for. Arrays cost up to 4 bytes more than their brackets
  * and objects 1 more (tags, lengths and counts), hence the per-bracket terms: without them, a record
  * of many small arrays (`[[],[],…]`) serializes to far more than its text. A string holding a
- * character above U+00FF is stored as UTF-16: it adds at most its JSON length plus 5 bytes, found
- * by locating the strings around such characters (only those strings, not the whole text, are
- * two-byte; counting the whole text twice overestimated non-Latin-1 events by 75 %). Non-integer numbers (9 bytes as doubles) are not counted: the atproto data
- * model has none, and the writer measures exactly if KV ever refuses a message.
+ * character above U+00FF is stored as UTF-16: it adds at most its JSON length plus 5 bytes, found by
+ * locating the strings around such characters (only those strings are two-byte, not the whole text;
+ * counting the whole text twice overestimated non-Latin-1 events by 75 %). Non-integer numbers
+ * (9 bytes as doubles) are not counted: the atproto data model has none, and the writer measures
+ * exactly if KV ever refuses a message.
  *
  * `utf8Bytes`, the text's UTF-8 length when the caller knows it, saves the search for wide
  * characters in an all-ASCII text (as many bytes as characters): only escapes are looked for.
