@@ -112,8 +112,6 @@ export class QueueWriter {
   #failure: unknown;
   #waiters: (() => void)[] = [];
   #onEnough: (() => void) | undefined;
-  /** add() waits for the commit being built to be issued: it has no room for the next batch. */
-  #blocked = false;
 
   /**
    * A writer that continues from `checkpoint` (as read, with its versionstamp, or null for a new
@@ -159,7 +157,6 @@ export class QueueWriter {
   /** Waits until the commit being built is issued (or the writer failed). */
   async #handOver(): Promise<void> {
     this.#running ??= this.#loop();
-    this.#blocked = true;
     this.#wakeLoop();
     await new Promise<void>((resolve) => this.#waiters.push(resolve));
     if (this.#failure) throw this.#failure;
@@ -205,14 +202,13 @@ export class QueueWriter {
         if (this.#building.group.length > 0 && inflight.length < DEPTH) {
           const building = this.#building;
           this.#building = this.#open();
-          this.#blocked = false;
           inflight.push(this.#issue(building, false));
           for (const w of this.#waiters.splice(0)) w();
           continue;
         }
-        if (inflight.length < DEPTH && !this.#blocked) {
-          // A free slot: the next commit goes as soon as enough is waiting for one, without
-          // waiting for the oldest in flight to land.
+        if (inflight.length < DEPTH) {
+          // A free slot and nothing built yet: the next commit goes as soon as enough is waiting
+          // for one (or add() needs it issued), without waiting for the oldest in flight to land.
           const head = inflight[0].promise.then(() => true, () => true);
           if (await Promise.race([head, this.#enough()]) !== true) continue;
         }
