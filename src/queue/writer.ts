@@ -23,7 +23,7 @@ import { serialize } from "node:v8";
 import type { JetstreamEvent } from "../jetstream/events.ts";
 import { type Batch, OversizedEventError, type PackedMessage } from "../pipeline/batch.ts";
 import { utcDate } from "../time.ts";
-import { compressEvent } from "./message.ts";
+import { compressEvent, type QueueMessage } from "./message.ts";
 import { type Checkpoint, queueKey } from "./kv_queue.ts";
 import { KV_COMMIT_LIMIT, KV_MUTATION_LIMIT, KV_VALUE_LIMIT } from "./size.ts";
 
@@ -145,9 +145,9 @@ export class QueueWriter {
   async add(batch: Batch): Promise<void> {
     if (this.#failure) throw this.#failure;
     // A batch goes whole into one commit unless it cannot fit even an empty one (KV's limits).
-    while (this.#building.group.length > 0 && !this.#fits(batch.messages)) await this.#handOver();
+    while (this.#building.group.length > 0 && !fits(this.#building, batch.messages)) await this.#handOver();
     for (const m of batch.messages) {
-      while (!this.#fits([m])) await this.#handOver();
+      while (!fits(this.#building, [m])) await this.#handOver();
       this.#append(this.#building, m, ++this.#seq);
     }
     if (this.#building.bytes >= MIN_GROUP_BYTES) this.#wakeLoop();
@@ -167,20 +167,6 @@ export class QueueWriter {
       this.#onEnough();
       this.#onEnough = undefined;
     }
-  }
-
-  /** Whether `messages` fit in the commit being built, within KV's per-commit limits. */
-  #fits(messages: PackedMessage[]): boolean {
-    const b = this.#building;
-    let count = b.group.length;
-    let size = b.bytes;
-    let newDays = 0;
-    for (const m of messages) {
-      count++;
-      size += m.size;
-      for (const d of m.days.keys()) if (!b.days.has(d)) newDays++;
-    }
-    return count + FIXED_MUTATIONS + b.days.size + newDays <= KV_MUTATION_LIMIT && size <= COMMIT_BUDGET;
   }
 
   /** Resolves once the batches waiting are worth a commit of their own. */
@@ -251,15 +237,7 @@ export class QueueWriter {
 
   /** Enqueues message `m` as `seq` into `b`; its parsed records are not kept. */
   #append(b: Building, m: PackedMessage, seq: number): void {
-    const message: Record<string, unknown> = {
-      v: 1,
-      queue: this.#queue,
-      seq,
-      cursor: m.cursor,
-      records: m.records,
-    };
-    if (m.compressed) message.compressed = m.compressed;
-    b.op.enqueue(message, { keysIfUndelivered: [queueKey(this.#queue, "dead", seq)] });
+    b.op.enqueue(envelope(this.#queue, seq, m), { keysIfUndelivered: [queueKey(this.#queue, "dead", seq)] });
     b.group.push(m.records.length > 0 ? { ...m, records: [] } : m);
     b.seqs.push(seq);
     b.bytes += m.size;
@@ -330,15 +308,19 @@ export class QueueWriter {
       // exactly, split or gzipped, and committed again after them.
       if (head.exact || !/too large/i.test(String((err as Error).message))) throw err;
       for (const next of later.splice(0)) await this.#complete(next, []);
-      const parts = regroup(head.group.flatMap((m) => fitExactly(this.#queue, restore(m))));
+      const exact = head.group.flatMap((m) => fitExactly(this.#queue, restore(m)));
       // The refused commit's seqs first, so that seq numbers keep no gap; a split needs more, taken
       // after those of the commit being built meanwhile.
       const reuse = head.seqs.slice();
-      for (const part of parts) {
-        const b = this.#open();
-        for (const m of part) this.#append(b, m, reuse.shift() ?? ++this.#seq);
-        await this.#complete(this.#issue(b, true), []);
+      let b = this.#open();
+      for (const m of exact) {
+        if (b.group.length > 0 && !fits(b, [m])) {
+          await this.#complete(this.#issue(b, true), []);
+          b = this.#open();
+        }
+        this.#append(b, m, reuse.shift() ?? ++this.#seq);
       }
+      await this.#complete(this.#issue(b, true), []);
       return;
     }
     if (!res.ok) throw new ConcurrentWriterError(this.#queue);
@@ -350,22 +332,33 @@ export class QueueWriter {
   }
 }
 
+/** Whether `messages` fit in commit `b` too, within KV's per-commit limits. */
+function fits(b: Building, messages: PackedMessage[]): boolean {
+  let size = b.bytes;
+  let newDays: Set<string> | undefined;
+  for (const m of messages) {
+    size += m.size;
+    for (const d of m.days.keys()) if (!b.days.has(d)) (newDays ??= new Set()).add(d);
+  }
+  const mutations = b.group.length + messages.length + FIXED_MUTATIONS + b.days.size + (newDays?.size ?? 0);
+  return mutations <= KV_MUTATION_LIMIT && size <= COMMIT_BUDGET;
+}
+
 /** A message with its records parsed again from their texts (the JSON they were parsed from). */
 function restore(m: PackedMessage): PackedMessage {
   return m.records.length === m.texts.length ? m : { ...m, records: m.texts.map((t) => JSON.parse(t)) };
 }
 
+/** The queue message that carries `m` as `seq`. */
+function envelope(queue: string, seq: number, m: PackedMessage): QueueMessage {
+  const message: QueueMessage = { v: 1, queue, seq, cursor: m.cursor, records: m.records };
+  if (m.compressed) message.compressed = m.compressed;
+  return message;
+}
+
 /** A message's exact serialized size, as Deno KV will see it (V8's serializer, plus a margin). */
 function exactSize(queue: string, m: PackedMessage): number {
-  const value: Record<string, unknown> = {
-    v: 1,
-    queue,
-    seq: Number.MAX_SAFE_INTEGER,
-    cursor: m.cursor,
-    records: m.records,
-  };
-  if (m.compressed) value.compressed = m.compressed;
-  return serialize(value).length + 64;
+  return serialize(envelope(queue, Number.MAX_SAFE_INTEGER, m)).length + 64;
 }
 
 /** Splits a message until each part fits KV's value limit by exact measure; a lone record is gzipped. */
@@ -414,24 +407,4 @@ function packRecords(from: PackedMessage, records: JetstreamEvent[], texts: stri
     seqHost: seq === undefined ? undefined : from.seqHost,
     host: from.host,
   };
-}
-
-/** Consecutive groups of messages within one commit's limits, by their (exact) sizes. */
-function regroup(messages: PackedMessage[]): PackedMessage[][] {
-  const groups: PackedMessage[][] = [];
-  let group: PackedMessage[] = [];
-  let bytes = 0;
-  for (const m of messages) {
-    const days = new Set(group.flatMap((g) => [...g.days.keys()]).concat([...m.days.keys()]));
-    const mutations = group.length + 1 + FIXED_MUTATIONS + days.size;
-    if (group.length > 0 && (bytes + m.size > COMMIT_BUDGET || mutations > KV_MUTATION_LIMIT)) {
-      groups.push(group);
-      group = [];
-      bytes = 0;
-    }
-    group.push(m);
-    bytes += m.size;
-  }
-  if (group.length > 0) groups.push(group);
-  return groups;
 }
