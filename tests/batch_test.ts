@@ -185,24 +185,26 @@ Deno.test("QueueWriter splits a batch only where KV's commit limits force it, ke
   }
 });
 
-Deno.test("QueueWriter on a slow disk issues the next commit once 256 KiB wait, before the oldest lands", async () => {
+Deno.test("QueueWriter on a slow disk fills the next commit while one is in flight, and sends it once full", async () => {
   const { kv, dir } = await tempKv();
   try {
     // Every commit takes 200 ms to land: a slow disk, with the real KV behind it.
     let started = 0;
     let inFlight = 0;
     let most = 0;
-    const { promise: firstData, resolve: onFirstData } = Promise.withResolvers<void>();
+    let waiting: { n: number; resolve: () => void } | undefined;
     const slow = slowKv(kv, 200, {
       started: () => {
-        // The first commit takes the writer lock; the second is the first with records.
-        if (++started === 2) onFirstData();
         most = Math.max(most, ++inFlight);
+        if (++started >= (waiting?.n ?? Infinity)) waiting!.resolve();
       },
       ended: () => inFlight--,
     });
+    const untilStarted = (n: number) =>
+      started >= n ? Promise.resolve() : new Promise<void>((resolve) => waiting = { n, resolve });
     const w = new QueueWriter(slow, "q", newCheckpoint("q"), () => {});
-    const events = Array.from({ length: 40 }, (_, i) => commit(T0 + i, { text: "y".repeat(10_000) }));
+    // Batches of ten 10 KB events: about 100 KB each.
+    const events = Array.from({ length: 150 }, (_, i) => commit(T0 + i, { text: "y".repeat(10_000) }));
     const batch = (from: number) => {
       const b = new Batcher("q", 10);
       for (const e of events.slice(from, from + 10)) {
@@ -210,14 +212,23 @@ Deno.test("QueueWriter on a slow disk issues the next commit once 256 KiB wait, 
       }
       return b.take()!;
     };
+    // The writer lock, then the first batch: KV had nothing in hand, so it went at once.
     await w.add(batch(0));
-    await firstData;
-    // ~300 KB more while the first commit (~100 KB) is in flight: worth a commit of their own.
+    await untilStarted(2);
+    // ~300 KB more while that commit is in flight: they wait for it and go together in one commit.
     for (let i = 10; i < 40; i += 10) await w.add(batch(i));
     await w.flush();
+    assert.equal(started, 3, "lock, first batch, the next three together");
+    assert.equal(most, 1, `commits in flight at most: ${most}`);
+    // Now ~1.1 MB while one is in flight: the next commit fills up (800 KiB) and goes before the
+    // first lands.
+    await w.add(batch(40));
+    await untilStarted(4);
+    for (let i = 50; i < 150; i += 10) await w.add(batch(i));
+    await w.flush();
     assert.equal(most, 2, `commits in flight at most: ${most}`);
-    assert.equal(started, 3);
-    assert.equal((await readCheckpoint(kv, "q")).value!.recordsStored, 40);
+    assert.equal(started, 6, "the batch alone, a full commit, the rest");
+    assert.equal((await readCheckpoint(kv, "q")).value!.recordsStored, 150);
   } finally {
     kv.close();
     await Deno.remove(dir, { recursive: true });

@@ -12,6 +12,11 @@
  * KV's per-commit limits (1000 mutations, 800 KiB) force it, and a slow disk costs fewer, larger
  * commits instead of a growing backlog.
  *
+ * A commit is issued as soon as KV has none in hand, so a slow stream is stored batch by batch;
+ * while KV is busy, the next commit is filled up to those limits first. KV on SQLite syncs its log
+ * once per commit (about 1.5 ms on this disk): issuing part-filled commits whenever a slot was free
+ * made 40 % more of them for the same records.
+ *
  * A batch's messages are enqueued into the next commit as soon as the batch is added, so parsed
  * events are garbage by the time their commit is issued; what waits is at most one commit's worth of
  * serialized bytes. When that commit is full and every slot is taken, `add()` waits: the reader
@@ -57,9 +62,6 @@ const COMMIT_BUDGET = KV_COMMIT_LIMIT - 16_384;
 const FIXED_MUTATIONS = 3;
 // Commits in flight at once.
 const DEPTH = 3;
-// With a slot free, a commit is issued before the oldest in flight lands once this much is
-// waiting: a slow disk is kept busy with several commits instead of a buffer being filled.
-const MIN_GROUP_BYTES = 256 << 10;
 
 /**
  * The next commit, built as batches arrive: each message is enqueued (serialized by KV) when its
@@ -110,8 +112,9 @@ export class QueueWriter {
   #building: Building;
   #running: Promise<void> | undefined;
   #failure: unknown;
+  /** add() calls waiting for the commit being built to be issued (it is full). */
   #waiters: (() => void)[] = [];
-  #onEnough: (() => void) | undefined;
+  #onFull: (() => void) | undefined;
 
   /**
    * A writer that continues from `checkpoint` (as read, with its versionstamp, or null for a new
@@ -150,28 +153,22 @@ export class QueueWriter {
       while (!fits(this.#building, [m])) await this.#handOver();
       this.#append(this.#building, m, ++this.#seq);
     }
-    if (this.#building.bytes >= MIN_GROUP_BYTES) this.#wakeLoop();
     this.#running ??= this.#loop();
   }
 
   /** Waits until the commit being built is issued (or the writer failed). */
   async #handOver(): Promise<void> {
     this.#running ??= this.#loop();
-    this.#wakeLoop();
-    await new Promise<void>((resolve) => this.#waiters.push(resolve));
+    const wait = new Promise<void>((resolve) => this.#waiters.push(resolve));
+    this.#onFull?.();
+    this.#onFull = undefined;
+    await wait;
     if (this.#failure) throw this.#failure;
   }
 
-  #wakeLoop(): void {
-    if (this.#onEnough) {
-      this.#onEnough();
-      this.#onEnough = undefined;
-    }
-  }
-
-  /** Resolves once the batches waiting are worth a commit of their own. */
-  #enough(): Promise<false> {
-    return new Promise((resolve) => this.#onEnough = () => resolve(false));
+  /** Resolves once an add() waits for the commit being built. */
+  #full(): Promise<false> {
+    return new Promise((resolve) => this.#onFull = () => resolve(false));
   }
 
   /** Waits until every added batch is committed; throws if a commit failed. */
@@ -185,18 +182,20 @@ export class QueueWriter {
     try {
       if (this.#lock === undefined) await this.#acquire();
       while (this.#building.group.length > 0 || inflight.length > 0) {
-        if (this.#building.group.length > 0 && inflight.length < DEPTH) {
-          const building = this.#building;
+        const building = this.#building;
+        // Issued when KV has nothing in hand, or when it is full and a slot is free.
+        const full = this.#waiters.length > 0;
+        if (building.group.length > 0 && (inflight.length === 0 || (full && inflight.length < DEPTH))) {
           this.#building = this.#open();
           inflight.push(this.#issue(building, false));
           for (const w of this.#waiters.splice(0)) w();
           continue;
         }
         if (inflight.length < DEPTH) {
-          // A free slot and nothing built yet: the next commit goes as soon as enough is waiting
-          // for one (or add() needs it issued), without waiting for the oldest in flight to land.
+          // A free slot: the commit being built goes when the oldest in flight lands, or earlier
+          // if it fills up first.
           const head = inflight[0].promise.then(() => true, () => true);
-          if (await Promise.race([head, this.#enough()]) !== true) continue;
+          if (await Promise.race([head, this.#full()]) !== true) continue;
         }
         await this.#complete(inflight.shift()!, inflight);
       }
@@ -327,7 +326,6 @@ export class QueueWriter {
     // Commits complete in the order they were issued (a repair's after the later ones), and each
     // builds on the one issued before it: the last to land is the newest state.
     this.#durable = head.checkpoint;
-    for (const w of this.#waiters.splice(0)) w();
     this.#onCommit(head.report, head.checkpoint);
   }
 }
