@@ -3,7 +3,9 @@
  *
  * - ceiling: receive + `JSON.parse` only, from the project's server in another process;
  * - end to end: `runBackfillSync()` from the same server through to Deno KV, with its ratio to the ceiling
- *   (each the best of two runs, after one untimed warm-up sync);
+ *   (after one untimed warm-up sync; the ceiling and the first row alternate three times, each taking
+ *   its best, so that the VM slowing down or speeding up between them cannot move the ratio; the other
+ *   rows are the best of two);
  * - the same with KV on a RAM disk (/dev/shm), to separate the pipeline from the disk;
  * - the sink alone (parsed events into KV, bench/sink_alone.ts), in a process of its own;
  * - peak RSS of a 200,000-event sync into a deliberately slow sink (KV commits delayed).
@@ -116,37 +118,40 @@ function fmt(n: number): string {
 console.log(`capture: ${fmt(EVENTS)} synthetic events, ${fmt(avgBytes)} bytes on average\n`);
 const server = await startServer();
 try {
-  const ceil = Math.max(await ceiling(server.url), await ceiling(server.url));
-  console.log(`ceiling (WebSocket receive + JSON.parse, server in another process): ${fmt(ceil)} events/s`);
   const own = Math.max(await ownCeiling(server.url), await ownCeiling(server.url));
-  console.log(`ceiling (jetfill's transport receive + JSON.parse): ${fmt(own)} events/s`);
-  console.log(
-    `sink alone (parsed events → Batcher → QueueWriter → KV on disk): ${
-      fmt(await kvCeiling(`${work}/kv.sqlite`))
-    } events/s`,
-  );
+  const sinkAlone = await kvCeiling(`${work}/kv.sqlite`);
   // One untimed sync first. The rows then measure the pipeline with its code compiled and V8's heap
   // grown to its working size, as in any sync that lasts more than a second: without it the first row
   // measured 10–25 % below the same sync run third (the ceilings' few lines warm up within their
   // first run).
   await sync(server.url, `${work}/bench.sqlite`, 100);
-  for (
-    const [label, path, batch] of [
-      ["end to end, KV on disk, batchSize 100", `${work}/bench.sqlite`, 100],
-      ["end to end, KV on disk, batchSize 1000", `${work}/bench.sqlite`, 1000],
-      ["end to end, KV in /dev/shm, batchSize 100", "/dev/shm/jetfill-bench.sqlite", 100],
-    ] as const
-  ) {
-    if (path.startsWith("/dev/shm") && !(await Deno.stat("/dev/shm").catch(() => null))) continue;
-    // Best of two, as for the ceilings: the same statistic on both sides of the ratio.
-    let rate = 0;
-    for (let run = 0; run < 2; run++) {
-      const s = await sync(server.url, path, batch);
-      if (s.recordsStored !== EVENTS) {
-        throw new Error(`${label}: stored ${s.recordsStored} of ${EVENTS} (${s.stopReason})`);
-      }
-      rate = Math.max(rate, s.recordsStored / s.totalTime);
+  const rows = [
+    ["end to end, KV on disk, batchSize 100", `${work}/bench.sqlite`, 100],
+    ["end to end, KV on disk, batchSize 1000", `${work}/bench.sqlite`, 1000],
+    ["end to end, KV in /dev/shm, batchSize 100", "/dev/shm/jetfill-bench.sqlite", 100],
+  ] as const;
+  const timedSync = async ([label, path, batch]: typeof rows[number]) => {
+    const s = await sync(server.url, path, batch);
+    if (s.recordsStored !== EVENTS) {
+      throw new Error(`${label}: stored ${s.recordsStored} of ${EVENTS} (${s.stopReason})`);
     }
+    return s.recordsStored / s.totalTime;
+  };
+  // The ceiling and the first row in turns: the best of each, the same statistic on both sides of
+  // the ratio, measured over the same minute.
+  let ceil = 0;
+  let first = 0;
+  for (let round = 0; round < 3; round++) {
+    ceil = Math.max(ceil, await ceiling(server.url));
+    first = Math.max(first, await timedSync(rows[0]));
+  }
+  console.log(`ceiling (WebSocket receive + JSON.parse, server in another process): ${fmt(ceil)} events/s`);
+  console.log(`ceiling (jetfill's transport receive + JSON.parse): ${fmt(own)} events/s`);
+  console.log(`sink alone (parsed events → Batcher → QueueWriter → KV on disk): ${fmt(sinkAlone)} events/s`);
+  for (const row of rows) {
+    const [label, path] = row;
+    if (path.startsWith("/dev/shm") && !(await Deno.stat("/dev/shm").catch(() => null))) continue;
+    const rate = row === rows[0] ? first : Math.max(await timedSync(row), await timedSync(row));
     console.log(
       `${label}: ${fmt(rate)} events/s (${(rate / ceil * 100).toFixed(0)}% of the WebSocket ceiling, ${
         (rate / own * 100).toFixed(0)
