@@ -5,6 +5,8 @@ import { UsageError } from "../src/errors.ts";
 import type { JetstreamEvent } from "../src/jetstream/events.ts";
 import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
 import { queueKey } from "../src/queue/kv_queue.ts";
+import { KV_COMMIT_LIMIT, serializedSizeBound } from "../src/queue/size.ts";
+import { serialize } from "node:v8";
 import type { DateChange, SyncProgress } from "../src/stats.ts";
 import { account, commit, did, drainQueue, identity } from "./helpers/events.ts";
 import { serveEvents, syncConnections, tempDb } from "./helpers/loopback.ts";
@@ -508,4 +510,46 @@ Deno.test("runBackfillSync() repairs a refused commit after the later ones lande
   kv.close();
   assert.equal(cp.cursor, T0 + 999);
   assert.equal(cp.recordsStored, 1000);
+});
+
+Deno.test("runBackfillSync() repairs a refused commit that needs several commits once measured exactly", async () => {
+  // 40 records of 4,000 doubles: 16 KB of JSON each, 36 KB serialized. By the size bound the batch
+  // fits one commit; measured exactly it is over 1.4 MB, so its repair takes two commits or more.
+  const events = Array.from({ length: 40 }, (_, i) => {
+    const e = commit(T0 + i, { collection: "com.example.weird" });
+    (e as { commit: { record: Record<string, unknown> } }).commit.record.items = Array.from(
+      { length: 4_000 },
+      () => 0.5,
+    );
+    return e;
+  });
+  const bound = events.reduce((n, e) => n + serializedSizeBound(JSON.stringify(e)), 0);
+  const exact = events.reduce((n, e) => n + serialize(e).length, 0);
+  assert.ok(bound < KV_COMMIT_LIMIT - 16_384 && exact > KV_COMMIT_LIMIT, `bound ${bound}, exact ${exact}`);
+  const tail = [commit(T0 + 40), commit(T0 + 41)];
+  await using server = serveEvents([...events, ...tail], { closeAtEnd: true });
+  await using db = await tempDb();
+  const stats = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    startTimestamp: T0,
+    wantedCollections: [],
+    batchSize: 40,
+  });
+  assert.equal(stats.stopReason, "closed");
+  assert.equal(stats.recordsStored, 42);
+  assert.equal(stats.latestCursor, T0 + 41);
+  const { msgs, events: all } = await stored(db.path, stats.queueLength);
+  assert.deepEqual(msgs.map((m) => m.seq), Array.from({ length: msgs.length }, (_, i) => i + 1));
+  assert.deepEqual(all.sort((a, b) => a.time_us - b.time_us), [...events, ...tail]);
+  const kv = await Deno.openKv(db.path);
+  const cp = (await kv.get<{ cursor: number; recordsStored: number; seq: number }>(
+    queueKey("jetstream_sync", "checkpoint"),
+  )).value!;
+  const records = await kv.get<Deno.KvU64>(queueKey("jetstream_sync", "count", "records"));
+  kv.close();
+  assert.equal(cp.cursor, T0 + 41);
+  assert.equal(cp.recordsStored, 42);
+  assert.equal(cp.seq, msgs.length);
+  assert.equal(Number(records.value!.value), 42);
 });
