@@ -39,6 +39,46 @@ async function stored(
   return { msgs, events: msgs.flatMap((m) => decodeQueueMessage(m)) };
 }
 
+/**
+ * A commit whose record holds `doubles` numbers of 9 bytes each once serialized, against 4 in its
+ * JSON: the size bound does not foresee it (atproto records hold no floats), so KV refuses it.
+ */
+function withDoubles(timeUs: number, doubles: number): JetstreamEvent {
+  const e = commit(timeUs, { collection: "com.example.weird" });
+  (e as { commit: { record: Record<string, unknown> } }).commit.record.items = Array.from(
+    { length: doubles },
+    () => 0.5,
+  );
+  return e;
+}
+
+/**
+ * Checks that the queue holds `expected` once each, in messages numbered 1, 2, 3… without a gap, and
+ * that the checkpoint and the records counter say so.
+ */
+async function assertStoredOnce(
+  path: string,
+  queueLength: number,
+  expected: JetstreamEvent[],
+): Promise<void> {
+  const { msgs, events } = await stored(path, queueLength);
+  assert.deepEqual(msgs.map((m) => m.seq), Array.from({ length: msgs.length }, (_, i) => i + 1));
+  assert.deepEqual(events.sort((a, b) => a.time_us - b.time_us), expected);
+  const kv = await Deno.openKv(path);
+  try {
+    const cp = (await kv.get<{ cursor: number; recordsStored: number; seq: number }>(
+      queueKey("jetstream_sync", "checkpoint"),
+    )).value!;
+    const records = await kv.get<Deno.KvU64>(queueKey("jetstream_sync", "count", "records"));
+    assert.equal(cp.cursor, expected.at(-1)!.time_us);
+    assert.equal(cp.recordsStored, expected.length);
+    assert.equal(cp.seq, msgs.length);
+    assert.equal(Number(records.value!.value), expected.length);
+  } finally {
+    kv.close();
+  }
+}
+
 Deno.test("runBackfillSync() stores exactly numRecords events, as received, and stops by limit", async () => {
   const events = capture();
   await using server = serveEvents(events);
@@ -402,13 +442,8 @@ Deno.test("runBackfillSync() takes 3,000 DIDs (hello, hashed in the checkpoint) 
 });
 
 Deno.test("runBackfillSync() stores a record whose structure serializes far larger than its JSON", async () => {
-  // 9,000 doubles: 36 KB of JSON, 81 KB once V8 serializes it (9 bytes each), which the size bound
-  // does not foresee (atproto records hold no floats), so KV refuses the message.
-  const hostile = commit(T0 + 1, { collection: "com.example.weird" });
-  (hostile as { commit: { record: Record<string, unknown> } }).commit.record.items = Array.from(
-    { length: 9_000 },
-    () => 0.5,
-  );
+  // 9,000 doubles: 36 KB of JSON, 81 KB once V8 serializes it.
+  const hostile = withDoubles(T0 + 1, 9_000);
   const events = [commit(T0), hostile, commit(T0 + 2)];
   await using server = serveEvents(events, { closeAtEnd: true });
   await using db = await tempDb();
@@ -479,10 +514,7 @@ Deno.test("runBackfillSync() reports the percent of the window when only an end 
 });
 
 Deno.test("runBackfillSync() repairs a refused commit after the later ones landed, losing and repeating nothing", async () => {
-  const hostile = commit(T0 + 500, { collection: "com.example.weird" });
-  (hostile as { commit: { record: Record<string, unknown> } }).commit.record.items = Array.from({
-    length: 9_000,
-  }, () => 0.5);
+  const hostile = withDoubles(T0 + 500, 9_000);
   const events = Array.from(
     { length: 1000 },
     (_, i) => i === 500 ? hostile : commit(T0 + i, { text: `p${i}` }),
@@ -499,30 +531,14 @@ Deno.test("runBackfillSync() repairs a refused commit after the later ones lande
   assert.equal(stats.stopReason, "closed");
   assert.equal(stats.recordsStored, 1000);
   assert.equal(stats.latestCursor, T0 + 999);
-  const { msgs, events: all } = await stored(db.path, stats.queueLength);
   // Seq numbers stay 1, 2, 3… without a gap, though the repaired messages come after later ones.
-  assert.deepEqual(msgs.map((m) => m.seq), Array.from({ length: msgs.length }, (_, i) => i + 1));
-  assert.deepEqual(all.sort((a, b) => a.time_us - b.time_us), events);
-  const kv = await Deno.openKv(db.path);
-  const cp =
-    (await kv.get<{ cursor: number; recordsStored: number }>(queueKey("jetstream_sync", "checkpoint")))
-      .value!;
-  kv.close();
-  assert.equal(cp.cursor, T0 + 999);
-  assert.equal(cp.recordsStored, 1000);
+  await assertStoredOnce(db.path, stats.queueLength, events);
 });
 
 Deno.test("runBackfillSync() repairs a refused commit that needs several commits once measured exactly", async () => {
   // 40 records of 4,000 doubles: 16 KB of JSON each, 36 KB serialized. By the size bound the batch
   // fits one commit; measured exactly it is over 1.4 MB, so its repair takes two commits or more.
-  const events = Array.from({ length: 40 }, (_, i) => {
-    const e = commit(T0 + i, { collection: "com.example.weird" });
-    (e as { commit: { record: Record<string, unknown> } }).commit.record.items = Array.from(
-      { length: 4_000 },
-      () => 0.5,
-    );
-    return e;
-  });
+  const events = Array.from({ length: 40 }, (_, i) => withDoubles(T0 + i, 4_000));
   const bound = events.reduce((n, e) => n + serializedSizeBound(JSON.stringify(e)), 0);
   const exact = events.reduce((n, e) => n + serialize(e).length, 0);
   assert.ok(bound < KV_COMMIT_LIMIT - 16_384 && exact > KV_COMMIT_LIMIT, `bound ${bound}, exact ${exact}`);
@@ -539,17 +555,5 @@ Deno.test("runBackfillSync() repairs a refused commit that needs several commits
   assert.equal(stats.stopReason, "closed");
   assert.equal(stats.recordsStored, 42);
   assert.equal(stats.latestCursor, T0 + 41);
-  const { msgs, events: all } = await stored(db.path, stats.queueLength);
-  assert.deepEqual(msgs.map((m) => m.seq), Array.from({ length: msgs.length }, (_, i) => i + 1));
-  assert.deepEqual(all.sort((a, b) => a.time_us - b.time_us), [...events, ...tail]);
-  const kv = await Deno.openKv(db.path);
-  const cp = (await kv.get<{ cursor: number; recordsStored: number; seq: number }>(
-    queueKey("jetstream_sync", "checkpoint"),
-  )).value!;
-  const records = await kv.get<Deno.KvU64>(queueKey("jetstream_sync", "count", "records"));
-  kv.close();
-  assert.equal(cp.cursor, T0 + 41);
-  assert.equal(cp.recordsStored, 42);
-  assert.equal(cp.seq, msgs.length);
-  assert.equal(Number(records.value!.value), 42);
+  await assertStoredOnce(db.path, stats.queueLength, [...events, ...tail]);
 });
