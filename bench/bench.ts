@@ -8,12 +8,14 @@
  *   rows are the best of two);
  * - the same with KV on a RAM disk (/dev/shm), to separate the pipeline from the disk;
  * - the sink alone (parsed events into KV, bench/sink_alone.ts), in a process of its own;
+ * - Deno KV alone: ready-made payloads enqueued in commits like the writer's, the floor under all of it;
  * - peak RSS of a 200,000-event sync into a deliberately slow sink (KV commits delayed).
  *
  * `deno task bench --quick` uses fewer events.
  *
  * @module
  */
+import { serialize } from "node:v8";
 import { runBackfillSync } from "../src/backfill.ts";
 import { generateCapture } from "../src/server/synth.ts";
 import { openConnection } from "../src/jetstream/socket.ts";
@@ -33,6 +35,9 @@ const capturePath = `${work}/capture-${EVENTS}.ndjson`;
 const lines = generateCapture({ count: EVENTS, seed: 11, startUs, stepUs: (30 * HOUR_US) / EVENTS });
 await Deno.writeTextFile(capturePath, lines.join("\n") + "\n");
 const avgBytes = lines.reduce((n, l) => n + l.length, 0) / lines.length;
+// What KV stores of an event: its parsed form, serialized by V8 (the first 20,000 are enough).
+const sample = lines.slice(0, 20_000);
+const serializedBytes = sample.reduce((n, l) => n + serialize(JSON.parse(l)).length, 0) / sample.length;
 
 const dictionary = Deno.env.get("JETFILL_ZSTD_DICTIONARY") ??
   `${root}../shared/jetstream/legacy_subscribe.zdict`;
@@ -85,6 +90,31 @@ async function compressedCeiling(url: string): Promise<number> {
   return n / ((performance.now() - t0) / 1000);
 }
 
+/**
+ * Deno KV alone, on the disk under `path`: 48 KiB payloads (bytes, which KV's serializer copies as
+ * they are), 16 to a commit and three commits in flight, as the writer issues them. Returns bytes
+ * stored per second.
+ */
+async function kvAlone(path: string): Promise<number> {
+  await Deno.remove(path).catch(() => {});
+  const kv = await Deno.openKv(path);
+  const payload = new Uint8Array(48 << 10).map((_, i) => i * 7);
+  const commits = quick ? 40 : 130;
+  const t0 = performance.now();
+  const inflight: Promise<unknown>[] = [];
+  for (let c = 0; c < commits; c++) {
+    const op = kv.atomic();
+    for (let i = 0; i < 16; i++) op.enqueue(payload);
+    inflight.push(op.set(["checkpoint"], c).commit());
+    if (inflight.length === 3) await inflight.shift();
+  }
+  await Promise.all(inflight);
+  const rate = commits * 16 * payload.length / ((performance.now() - t0) / 1000);
+  kv.close();
+  await Deno.remove(path).catch(() => {});
+  return rate;
+}
+
 /** The sink alone (bench/sink_alone.ts), in a process of its own. */
 async function kvCeiling(path: string): Promise<number> {
   const out = await new Deno.Command(Deno.execPath(), {
@@ -120,6 +150,7 @@ const server = await startServer();
 try {
   const own = Math.max(await ownCeiling(server.url), await ownCeiling(server.url));
   const sinkAlone = await kvCeiling(`${work}/kv.sqlite`);
+  const kvBytes = await kvAlone(`${work}/kv-alone.sqlite`);
   // One untimed sync first. The rows then measure the pipeline with its code compiled and V8's heap
   // grown to its working size, as in any sync that lasts more than a second: without it the first row
   // measured 10–25 % below the same sync run third (the ceilings' few lines warm up within their
@@ -147,6 +178,11 @@ try {
   }
   console.log(`ceiling (WebSocket receive + JSON.parse, server in another process): ${fmt(ceil)} events/s`);
   console.log(`ceiling (jetfill's transport receive + JSON.parse): ${fmt(own)} events/s`);
+  console.log(
+    `Deno KV alone (ready-made 48 KiB messages, 16 a commit, on disk): ${(kvBytes / 1e6).toFixed(0)} MB/s, ` +
+      `the bytes of ${fmt(kvBytes / serializedBytes)} events/s of this capture ` +
+      `(${fmt(serializedBytes)} bytes each once serialized)`,
+  );
   console.log(`sink alone (parsed events → Batcher → QueueWriter → KV on disk): ${fmt(sinkAlone)} events/s`);
   for (const row of rows) {
     const [label, path] = row;
