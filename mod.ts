@@ -75,3 +75,17 @@ export type {
 } from "./src/jetstream/events.ts";
 export { UsageError } from "./src/errors.ts";
 export { isoFromUs, parseTimestamp, TIMESTAMP_FORMATS, utcDate } from "./src/time.ts";
+export {
+  type ConnectionRecord,
+  type ErrorAfter,
+  type JetstreamServer,
+  type JetstreamServerOptions,
+  serveJetstream,
+  type ServerVersion,
+} from "./src/server/server.ts";
+export type { ServerFaults } from "./src/server/faults.ts";
+export type { OptionsUpdatePayload, SubscribeParams } from "./src/server/options.ts";
+export type { SubscribeEventsParams } from "./src/server/v2_options.ts";
+export type { V2ErrorName } from "./src/server/v2_frames.ts";
+export { type CaptureEvent, loadCapture, parseCapture } from "./src/server/capture.ts";
+export { generateCapture, type GenerateCaptureOptions } from "./src/server/synth.ts";

@@ -641,3 +641,22 @@ Deno.test("`serveCommand()` runs as `jetfill serve`, prints one listening line a
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("the package exports the server: the README's offline sync runs against it", async () => {
+  const { generateCapture, parseCapture, runBackfillSync, serveJetstream } = await import("../mod.ts");
+  const dir = await Deno.makeTempDir();
+  try {
+    const lines = generateCapture({ count: 1000 });
+    await using server = serveJetstream({ events: parseCapture(lines), closeAtEnd: true });
+    const stats = await runBackfillSync({ instance: server.url, kv: `${dir}/offline.sqlite` });
+    const posts = lines.map((l) => JSON.parse(l)).filter((e) =>
+      e.kind === "commit" && e.commit.collection === "app.bsky.feed.post"
+    );
+    assert.ok(posts.length > 0);
+    assert.equal(stats.stopReason, "closed");
+    assert.equal(stats.recordsStored, posts.length);
+    assert.equal(stats.latestCursor, posts.at(-1).time_us);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
