@@ -116,7 +116,7 @@ async function kvAlone(path: string): Promise<number> {
 }
 
 /** The sink alone (bench/sink_alone.ts), in a process of its own. */
-async function kvCeiling(path: string): Promise<number> {
+async function sinkAloneRate(path: string): Promise<number> {
   const out = await new Deno.Command(Deno.execPath(), {
     args: ["run", "-A", `${root}bench/sink_alone.ts`, capturePath, path],
     stderr: "inherit",
@@ -149,7 +149,7 @@ console.log(`capture: ${fmt(EVENTS)} synthetic events, ${fmt(avgBytes)} bytes on
 const server = await startServer();
 try {
   const own = Math.max(await ownCeiling(server.url), await ownCeiling(server.url));
-  const sinkAlone = await kvCeiling(`${work}/kv.sqlite`);
+  const sinkAlone = await sinkAloneRate(`${work}/kv.sqlite`);
   const kvBytes = await kvAlone(`${work}/kv-alone.sqlite`);
   // One untimed sync first. The rows then measure the pipeline with its code compiled and V8's heap
   // grown to its working size, as in any sync that lasts more than a second: without it the first row
