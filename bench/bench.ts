@@ -22,6 +22,7 @@ import { openConnection } from "../src/jetstream/socket.ts";
 import { benchZstd } from "./zstd_bench.ts";
 import { spawnServer } from "../scripts/spawn_server.ts";
 import { createZstdDecoder } from "../src/jetstream/zstd.ts";
+import { openKvAt } from "../src/queue/kv_queue.ts";
 
 const quick = Deno.args.includes("--quick");
 const EVENTS = quick ? 50_000 : 200_000;
@@ -91,13 +92,13 @@ async function compressedCeiling(url: string): Promise<number> {
 }
 
 /**
- * Deno KV alone, on the disk under `path`: 48 KiB payloads (bytes, which KV's serializer copies as
+ * Deno KV alone, on the disk under `path` in a database created as a sync creates it: 48 KiB payloads (bytes, which KV's serializer copies as
  * they are), 16 to a commit and three commits in flight, as the writer issues them. Returns bytes
  * stored per second.
  */
 async function kvAlone(path: string): Promise<number> {
   await Deno.remove(path).catch(() => {});
-  const kv = await Deno.openKv(path);
+  const kv = await openKvAt(path);
   const payload = new Uint8Array(48 << 10).map((_, i) => i * 7);
   const commits = quick ? 40 : 130;
   const t0 = performance.now();

@@ -8,7 +8,7 @@
  */
 import { Batcher } from "../src/pipeline/batch.ts";
 import { QueueWriter } from "../src/queue/writer.ts";
-import { emptyCheckpoint } from "../src/queue/kv_queue.ts";
+import { emptyCheckpoint, openKvAt } from "../src/queue/kv_queue.ts";
 
 const [capture, path] = Deno.args;
 const lines = (await Deno.readTextFile(capture)).trimEnd().split("\n");
@@ -16,7 +16,7 @@ const events = lines.map((l) => JSON.parse(l));
 const encoder = new TextEncoder();
 const utf8 = lines.map((l) => encoder.encode(l).length);
 await Deno.remove(path).catch(() => {});
-const kv = await Deno.openKv(path);
+const kv = await openKvAt(path);
 const writer = new QueueWriter(kv, "kv", { checkpoint: emptyCheckpoint("kv"), versionstamp: null }, () => {});
 const batcher = new Batcher("kv", 100);
 const t0 = performance.now();

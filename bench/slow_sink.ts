@@ -7,11 +7,13 @@
  */
 import { runBackfillSync } from "../src/backfill.ts";
 import { slowKv } from "../tests/helpers/slow_kv.ts";
+import { openKvAt } from "../src/queue/kv_queue.ts";
 
 const [url, startUs, events, work] = Deno.args;
 const path = `${work}/bench-slow.sqlite`;
 await Deno.remove(path).catch(() => {});
-const real = await Deno.openKv(path);
+// Created as a sync creates its database.
+const real = await openKvAt(path);
 
 // The real KV, with every atomic commit delayed: a slow disk, without touching jetfill.
 const slow = slowKv(real, 20);

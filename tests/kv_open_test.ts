@@ -1,0 +1,85 @@
+import assert from "node:assert/strict";
+import { DatabaseSync } from "node:sqlite";
+import { runBackfillSync } from "../src/backfill.ts";
+import { KV_PAGE_SIZE, openKvAt } from "../src/queue/kv_queue.ts";
+import type { QueueMessage } from "../src/queue/message.ts";
+import { commit, did, drainQueue } from "./helpers/events.ts";
+import { serveEvents, tempDb } from "./helpers/loopback.ts";
+
+const T0 = Date.UTC(2026, 10, 27) * 1000;
+
+/** The page size and journal mode SQLite reads from the file at `path`. */
+function pragmas(path: string): { pageSize: number; journal: string } {
+  const db = new DatabaseSync(path);
+  try {
+    const { page_size } = db.prepare("PRAGMA page_size").get() as { page_size: number };
+    const { journal_mode } = db.prepare("PRAGMA journal_mode").get() as { journal_mode: string };
+    return { pageSize: page_size, journal: journal_mode };
+  } finally {
+    db.close();
+  }
+}
+
+/** The records of a queue's `count` messages, read with a plain listenQueue, in seq order. */
+async function storedRecords(path: string, count: number) {
+  const msgs = (await drainQueue(path, count)) as QueueMessage[];
+  assert.equal(msgs.length, count);
+  return msgs.sort((a, b) => a.seq - b.seq).flatMap((m) => m.records);
+}
+
+/** Posts one a second, each of about 3 KB, so that a message spans several pages of either size. */
+function posts(n: number) {
+  return Array.from(
+    { length: n },
+    (_, i) => commit(T0 + i * 1e6, { did: did(i), text: `${i} `.repeat(1000) }),
+  );
+}
+
+Deno.test("a sync creates its database with 16 KiB pages in WAL mode, and a plain Deno.openKv reads it", async () => {
+  const events = posts(120);
+  await using server = serveEvents(events);
+  await using db = await tempDb();
+  const stats = await runBackfillSync({
+    instance: server.url,
+    kv: `${db.dir}/new/q.sqlite`,
+    batchSize: 50,
+    numRecords: 120,
+  });
+  assert.equal(stats.recordsStored, 120);
+  assert.deepEqual(pragmas(`${db.dir}/new/q.sqlite`), { pageSize: KV_PAGE_SIZE, journal: "wal" });
+  assert.deepEqual(await storedRecords(`${db.dir}/new/q.sqlite`, stats.queueLength), events);
+  // Nothing is left of the database made under another name.
+  assert.deepEqual([...Deno.readDirSync(`${db.dir}/new`)].map((e) => e.name), ["q.sqlite"]);
+});
+
+Deno.test("a sync into a database that Deno KV created keeps its pages and adds to its queue", async () => {
+  const events = posts(60);
+  await using server = serveEvents(events);
+  await using db = await tempDb();
+  const kv = await Deno.openKv(db.path);
+  await kv.set(["mine"], "kept");
+  kv.close();
+  const before = pragmas(db.path).pageSize;
+  assert.notEqual(before, KV_PAGE_SIZE);
+  const stats = await runBackfillSync({ instance: server.url, kv: db.path, batchSize: 30, numRecords: 60 });
+  assert.equal(stats.recordsStored, 60);
+  assert.equal(pragmas(db.path).pageSize, before);
+  assert.deepEqual(await storedRecords(db.path, stats.queueLength), events);
+  const again = await Deno.openKv(db.path);
+  assert.equal((await again.get(["mine"])).value, "kept");
+  again.close();
+});
+
+Deno.test("openKvAt() called at once from several places creates one database that they all share", async () => {
+  await using db = await tempDb();
+  const handles = await Promise.all(Array.from({ length: 4 }, () => openKvAt(db.path)));
+  try {
+    await handles[0].set(["k"], 1);
+    for (const kv of handles) assert.equal((await kv.get(["k"])).value, 1);
+  } finally {
+    for (const kv of handles) kv.close();
+  }
+  assert.equal(pragmas(db.path).pageSize, KV_PAGE_SIZE);
+  const names = [...Deno.readDirSync(db.dir)].map((e) => e.name);
+  assert.ok(!names.some((n) => n.includes(".new")), `leftovers: ${names.join(", ")}`);
+});
