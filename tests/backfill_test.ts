@@ -53,7 +53,7 @@ function withDoubles(timeUs: number, doubles: number): JetstreamEvent {
 }
 
 /**
- * Checks that a sync that ran until the server closed stored `expected` once each, in messages
+ * Checks that a sync that ran until the server closed stored `expected` once each and in order, in messages
  * numbered 1, 2, 3… without a gap, and that its statistics, the checkpoint and the records counter
  * say so.
  */
@@ -63,7 +63,7 @@ async function assertStoredOnce(path: string, stats: SyncStats, expected: Jetstr
   assert.equal(stats.latestCursor, expected.at(-1)!.time_us);
   const { msgs, events } = await stored(path, stats.queueLength);
   assert.deepEqual(msgs.map((m) => m.seq), Array.from({ length: msgs.length }, (_, i) => i + 1));
-  assert.deepEqual(events.sort((a, b) => a.time_us - b.time_us), expected);
+  assert.deepEqual(events, expected);
   const kv = await Deno.openKv(path);
   try {
     const cp = (await kv.get<{ cursor: number; recordsStored: number; seq: number }>(
@@ -513,7 +513,7 @@ Deno.test("runBackfillSync() reports the percent of the window when only an end 
   assert.ok(last.percent !== null && last.percent > 98, `percent: ${last.percent}`);
 });
 
-Deno.test("runBackfillSync() repairs a refused commit after the later ones landed, losing and repeating nothing", async () => {
+Deno.test("runBackfillSync() repairs a refused commit in its place, losing and repeating nothing", async () => {
   const hostile = withDoubles(T0 + 500, 9_000);
   const events = Array.from(
     { length: 1000 },
@@ -528,8 +528,59 @@ Deno.test("runBackfillSync() repairs a refused commit after the later ones lande
     wantedCollections: [],
     batchSize: 10,
   });
-  // Seq numbers stay 1, 2, 3… without a gap, though the repaired messages come after later ones.
+  // Seq numbers stay 1, 2, 3… without a gap, and the records stay in their order.
   await assertStoredOnce(db.path, stats, events);
+});
+
+Deno.test("a crash in the middle of a repair loses nothing: --resume stores the rest, in order, with no seq gap", async () => {
+  // As above: the batch of 40 is refused, and its repair takes two commits or more.
+  const events = Array.from({ length: 40 }, (_, i) => withDoubles(T0 + i, 4_000));
+  const tail = Array.from({ length: 5 }, (_, i) => commit(T0 + 40 + i));
+  await using server = serveEvents([...events, ...tail], { closeAtEnd: true });
+  await using db = await tempDb();
+  const real = await Deno.openKv(db.path);
+  // The process "dies" once the repair's first commit has landed: no commit after it gets written.
+  let refused = false;
+  let landedSince = 0;
+  const crashing = new Proxy(real, {
+    get(target, prop) {
+      if (prop !== "atomic") {
+        const v = Reflect.get(target, prop, target);
+        return typeof v === "function" ? v.bind(target) : v;
+      }
+      return () => {
+        const op = target.atomic();
+        const commitOp = op.commit.bind(op);
+        op.commit = () => {
+          if (refused && landedSince >= 1) return Promise.reject(new Error("simulated crash"));
+          const p = commitOp();
+          p.then(() => refused && landedSince++, () => refused = true);
+          return p;
+        };
+        return op;
+      };
+    },
+  });
+  const first = await runBackfillSync({
+    instance: server.url,
+    kv: crashing,
+    startTimestamp: T0,
+    wantedCollections: [],
+    batchSize: 40,
+  });
+  real.close();
+  assert.equal(first.stopReason, "error");
+  assert.ok(refused && landedSince === 1, "the repair's first commit did not land alone");
+  assert.ok(
+    first.recordsStored > 0 && first.recordsStored < 40,
+    `stored ${first.recordsStored} before the crash`,
+  );
+  const second = await runBackfillSync({ kv: db.path, resume: true });
+  assert.equal(second.stopReason, "closed");
+  assert.equal(first.recordsStored + second.recordsStored, 45);
+  const { msgs, events: got } = await stored(db.path, second.queueLength);
+  assert.deepEqual(msgs.map((m) => m.seq), Array.from({ length: msgs.length }, (_, i) => i + 1));
+  assert.deepEqual(got, [...events, ...tail]);
 });
 
 Deno.test("runBackfillSync() repairs a refused commit that needs several commits once measured exactly", async () => {

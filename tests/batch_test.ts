@@ -315,3 +315,86 @@ Deno.test("QueueWriter refuses to start on a checkpoint that changed since it wa
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+/**
+ * `kv`, logging every commit as it is handed to KV: the seqs and record times it enqueues, then
+ * whether it landed.
+ */
+function loggingKv(kv: Deno.Kv) {
+  const log: { seqs: number[]; times: number[]; ok?: boolean }[] = [];
+  const proxy = new Proxy(kv, {
+    get(target, prop) {
+      if (prop === "atomic") {
+        return () => {
+          const op = target.atomic();
+          const entry: (typeof log)[number] = { seqs: [], times: [] };
+          const enqueue = op.enqueue.bind(op);
+          op.enqueue = (value, options) => {
+            const m = value as { seq: number; records: { time_us: number }[] };
+            entry.seqs.push(m.seq);
+            entry.times.push(...m.records.map((r) => r.time_us));
+            return enqueue(value, options);
+          };
+          const commit = op.commit.bind(op);
+          op.commit = () => {
+            log.push(entry);
+            const p = commit();
+            p.then((r) => entry.ok = r.ok, () => entry.ok = false);
+            return p;
+          };
+          return op;
+        };
+      }
+      const v = Reflect.get(target, prop, target);
+      return typeof v === "function" ? v.bind(target) : v;
+    },
+  });
+  return { kv: proxy, log };
+}
+
+Deno.test("QueueWriter sends nothing after a commit that KV refuses until that commit's records are stored", async () => {
+  const { path, kv, dir } = await tempKv();
+  try {
+    const { kv: logged, log } = loggingKv(kv);
+    const w = new QueueWriter(logged, "q", newCheckpoint("q"), () => {});
+    // Records of 1,000 doubles: 4 KB of JSON each, 9 KB serialized, which the size bound does not
+    // foresee; then ordinary records, more than two commits' worth. All in one batch, so that the
+    // commit after the first is full at once, before KV has answered for the first.
+    const doubles = Array.from({ length: 100 }, (_, i) => {
+      const e = commit(T0 + i, { collection: "com.example.weird" });
+      (e as { commit: { record: Record<string, unknown> } }).commit.record.items = Array.from(
+        { length: 1000 },
+        () => 0.5,
+      );
+      return e;
+    });
+    const plain = Array.from({ length: 400 }, (_, i) => commit(T0 + 1000 + i, { text: "p".repeat(5000) }));
+    const events = [...doubles, ...plain];
+    const b = new Batcher("q", events.length);
+    for (const e of events) b.add(e, JSON.stringify(e), "2026-11-27", undefined);
+    await w.add(b.take()!);
+    await w.flush();
+    assert.ok(
+      log.some((c) => c.ok === false),
+      "no commit was refused: the test no longer exercises a repair",
+    );
+    // The commits that landed, in the order KV got them, stored the records in their order: none
+    // of the later records went before the refused records were stored again.
+    const landed = log.filter((c) => c.ok).flatMap((c) => c.times);
+    assert.deepEqual(landed, events.map((e) => e.time_us));
+    const cp = (await readCheckpoint(kv, "q")).value!;
+    assert.equal(cp.recordsStored, events.length);
+    assert.equal(cp.cursor, events.at(-1)!.time_us);
+    kv.close();
+    const msgs = (await drainQueue(path, cp.seq)) as { seq: number }[];
+    assert.deepEqual(
+      msgs.map((m) => m.seq).sort((a, b) => a - b),
+      Array.from({ length: cp.seq }, (_, i) => i + 1),
+    );
+  } finally {
+    try {
+      kv.close();
+    } catch { /* closed */ }
+    await Deno.remove(dir, { recursive: true });
+  }
+});

@@ -22,6 +22,14 @@
  * serialized bytes. When that commit is full and every slot is taken, `add()` waits: the reader
  * slows down instead of the heap growing.
  *
+ * Messages are packed by an upper bound of their size, which only structures outside the atproto
+ * data model beat (doubles serialize to 9 bytes). KV then refuses the commit as it takes it, before
+ * writing anything. A commit is issued only once the event loop has turned since the one before, so
+ * that refusal is known and nothing goes after it: its records are measured exactly and committed in
+ * its place, and the commit being built meanwhile is numbered after them. Commits land in the order
+ * of their records and seqs, each with a checkpoint true of what has landed, so a crash at any point
+ * leaves a queue that a resume continues without a gap.
+ *
  * @module
  */
 import { serialize } from "node:v8";
@@ -90,8 +98,14 @@ interface Inflight {
   seqs: number[];
   checkpoint: Checkpoint;
   report: CommitReport;
-  /** A repair: its records were counted in the checkpoint when first issued. */
+  /** A repair, its sizes measured exactly: a refusal is not repaired again. */
   exact: boolean;
+  /** KV refused it for its size. */
+  refused: boolean;
+  /** The event loop has turned since it was issued, so a refusal would be known. */
+  vetted: boolean;
+  /** Resolves when `vetted` turns true. */
+  whenVetted: Promise<void>;
 }
 
 /** Writes batches of one queue. */
@@ -185,13 +199,26 @@ export class QueueWriter {
         const building = this.#building;
         // Issued when KV has nothing in hand, or when it is full and a slot is free.
         const full = this.#waiters.length > 0;
-        if (building.group.length > 0 && (inflight.length === 0 || (full && inflight.length < DEPTH))) {
+        // Nothing goes after a commit that KV refused: it would land before the refused records are
+        // stored again, and a crash in between would leave them out behind a checkpoint past them.
+        // KV checks a commit's limits when it takes it, so the refusal is known once the event loop
+        // has turned after the commit was issued.
+        const refused = inflight.some((f) => f.refused);
+        if (
+          building.group.length > 0 && !refused &&
+          (inflight.length === 0 || (full && inflight.length < DEPTH))
+        ) {
+          const last = inflight.at(-1);
+          if (last && !last.vetted) {
+            await last.whenVetted;
+            continue;
+          }
           this.#building = this.#open();
           inflight.push(this.#issue(building, false));
           for (const w of this.#waiters.splice(0)) w();
           continue;
         }
-        if (inflight.length < DEPTH) {
+        if (inflight.length < DEPTH && !refused) {
           // A free slot: the commit being built goes when the oldest in flight lands, or earlier
           // if it fills up first.
           const head = inflight[0].promise.then(() => true, () => true);
@@ -260,9 +287,6 @@ export class QueueWriter {
       last = m.cursor;
       for (const [d, n] of m.days) days.set(d, (days.get(d) ?? 0) + n);
       for (const c of m.collections) collections.add(c);
-      // A re-issued group (exact) is older than what was issued after it: it must not move the
-      // checkpoint's position back.
-      if (exact) continue;
       cursor = m.cursor;
       // The checkpoint names the host of the last stored record, so a resume asks the right one.
       if (m.host !== undefined) instance = m.host;
@@ -274,26 +298,32 @@ export class QueueWriter {
     op.sum(queueKey(q, "count", "messages"), BigInt(group.length));
     op.sum(queueKey(q, "count", "records"), BigInt(records));
     for (const [d, n] of days) op.sum(queueKey(q, "day", d), BigInt(n));
-    // A repair's records were counted when the refused commit was issued (the commits after it built
-    // on that count), so only a first issue adds them.
-    const added = exact ? 0 : records;
     const checkpoint: Checkpoint = {
       ...prev,
-      // The highest seq given so far: a repair's extra messages take seqs after the ones of the
-      // commit being built meanwhile.
-      seq: Math.max(prev.seq, ...seqs),
+      seq: seqs.at(-1)!,
       cursor,
-      recordsStored: prev.recordsStored + added,
+      recordsStored: prev.recordsStored + records,
       updatedAt: Date.now(),
-      run: { ...prev.run, recordsStored: prev.run.recordsStored + added, seqCursor, seqInstance, instance },
+      run: { ...prev.run, recordsStored: prev.run.recordsStored + records, seqCursor, seqInstance, instance },
     };
     op.set(queueKey(q, "checkpoint"), checkpoint);
     this.#issued = checkpoint;
     const promise = op.commit();
-    // Observed by #complete; until then a rejection must not count as unhandled.
-    promise.catch(() => {});
     const report = { records, messages: group.length, cursor: last, days, collections };
-    return { promise, group, seqs, checkpoint, report, exact };
+    const issued: Inflight = {
+      promise,
+      group,
+      seqs,
+      checkpoint,
+      report,
+      exact,
+      refused: false,
+      vetted: false,
+      whenVetted: new Promise((resolve) => setTimeout(resolve, 0)).then(() => void (issued.vetted = true)),
+    };
+    // Observed by #complete; until then a rejection must not count as unhandled.
+    promise.catch((err) => issued.refused = tooLarge(err));
+    return issued;
   }
 
   /** Waits for the oldest commit in flight and reports it; repairs a size refusal. */
@@ -302,32 +332,44 @@ export class QueueWriter {
     try {
       res = await head.promise;
     } catch (err) {
-      // The size bound was beaten (hostile structures serialize larger than their JSON). Nothing
-      // of this commit was written: once the later ones have landed, its records are measured
-      // exactly, split or gzipped, and committed again after them.
-      if (head.exact || !/too large/i.test(String((err as Error).message))) throw err;
-      for (const next of later.splice(0)) await this.#complete(next, []);
-      const exact = head.group.flatMap((m) => fitExactly(this.#queue, restore(m)));
-      // The refused commit's seqs first, so that seq numbers keep no gap; a split needs more, taken
-      // after those of the commit being built meanwhile.
-      const reuse = head.seqs.slice();
+      // The size bound was beaten (hostile structures serialize larger than their JSON), and KV
+      // refused the commit: nothing of it was written. The loop issues nothing after a commit until
+      // KV has taken it, so nothing later is in flight and every earlier commit has landed. Its
+      // records are measured exactly, split or gzipped, and committed in its place, each commit
+      // with a true checkpoint: a crash midway leaves a queue that a resume continues without a
+      // gap.
+      if (head.exact || later.length > 0 || !tooLarge(err)) throw err;
+      const parts = head.group.flatMap((m) => fitExactly(this.#queue, restore(m)));
+      // The repair takes the refused commit's seqs and, if it needs more, the next ones: the
+      // messages of the commit being built, which took those, are numbered again after it.
+      const pending = this.#building;
+      this.#building = this.#open();
+      let seq = head.seqs[0];
+      this.#seq = seq - 1 + parts.length;
+      for (const m of pending.group) this.#append(this.#building, restore(m), ++this.#seq);
+      this.#issued = this.#durable;
       let b = this.#open();
-      for (const m of exact) {
+      for (const m of parts) {
         if (b.group.length > 0 && !fits(b, [m])) {
           await this.#complete(this.#issue(b, true), []);
           b = this.#open();
         }
-        this.#append(b, m, reuse.shift() ?? ++this.#seq);
+        this.#append(b, m, seq++);
       }
       await this.#complete(this.#issue(b, true), []);
       return;
     }
     if (!res.ok) throw new ConcurrentWriterError(this.#queue);
-    // Commits complete in the order they were issued (a repair's after the later ones), and each
-    // builds on the one issued before it: the last to land is the newest state.
+    // Commits complete in the order they were issued, and each builds on the one issued before it:
+    // the last to land is the newest state.
     this.#durable = head.checkpoint;
     this.#onCommit(head.report, head.checkpoint);
   }
+}
+
+/** Whether KV refused a commit for its size (a message over 64 KiB, or the commit over 800 KiB). */
+function tooLarge(err: unknown): boolean {
+  return /too large/i.test(String((err as Error)?.message));
 }
 
 /** Whether `messages` fit in commit `b` too, within KV's per-commit limits. */
