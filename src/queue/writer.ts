@@ -319,7 +319,11 @@ export class QueueWriter {
       exact,
       refused: false,
       vetted: false,
-      whenVetted: new Promise((resolve) => setTimeout(resolve, 0)).then(() => void (issued.vetted = true)),
+      whenVetted: new Promise((resolve) => setTimeout(resolve, 0)).then(() => {
+        issued.vetted = true;
+        // Taken by KV: the texts kept for a repair are not needed any more.
+        if (!issued.refused) issued.group = [];
+      }),
     };
     // Observed by #complete; until then a rejection must not count as unhandled.
     promise.catch((err) => issued.refused = tooLarge(err));
@@ -338,7 +342,10 @@ export class QueueWriter {
       // records are measured exactly, split or gzipped, and committed in its place, each commit
       // with a true checkpoint: a crash midway leaves a queue that a resume continues without a
       // gap.
-      if (head.exact || later.length > 0 || !tooLarge(err)) throw err;
+      // (Deno KV checks a commit's limits before it writes anything, so a refusal cannot come later
+      // than that. If one ever did, with commits after it or its texts let go, the sync stops with
+      // KV's error rather than store the records out of place.)
+      if (head.exact || later.length > 0 || head.group.length === 0 || !tooLarge(err)) throw err;
       const parts = head.group.flatMap((m) => fitExactly(this.#queue, restore(m)));
       // The repair takes the refused commit's seqs and, if it needs more, the next ones: the
       // messages of the commit being built, which took those, are numbered again after it.
