@@ -92,7 +92,10 @@ interface Building {
 /** A commit issued and not yet known to be durable. */
 interface Inflight {
   promise: Promise<Deno.KvCommitResult | Deno.KvCommitError>;
-  /** The messages, without their records (already serialized): rebuilt from texts for a repair. */
+  /**
+   * The messages, without their records (already serialized): rebuilt from their texts for a
+   * repair. Emptied once vetted.
+   */
   group: PackedMessage[];
   /** The seq of each message of `group`. */
   seqs: number[];
