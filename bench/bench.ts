@@ -92,9 +92,9 @@ async function compressedCeiling(url: string): Promise<number> {
 }
 
 /**
- * Deno KV alone, on the disk under `path` in a database created as a sync creates it: 48 KiB payloads (bytes, which KV's serializer copies as
- * they are), 16 to a commit and three commits in flight, as the writer issues them. Returns bytes
- * stored per second.
+ * Deno KV alone, on the disk under `path`, in a database created as a sync creates it: 48 KiB
+ * payloads (bytes, which KV's serializer copies as they are), 16 to a commit and three commits in
+ * flight, as the writer issues them. Returns bytes stored per second.
  */
 async function kvAlone(path: string): Promise<number> {
   await Deno.remove(path).catch(() => {});

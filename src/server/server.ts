@@ -142,7 +142,8 @@ export interface JetstreamServerOptions {
   compressor?: (text: string) => Uint8Array;
   /**
    * Bytes a connection may have queued in its socket before the sender yields and waits for them to
-   * drain. Larger values cost memory; much smaller ones cost throughput.
+   * drain. Larger values cost memory; much smaller ones cost throughput. A new connection starts at
+   * 64 KiB (or this, if smaller) and doubles each turn up to it.
    *
    * @default {4194304}
    */
