@@ -109,6 +109,8 @@ interface Inflight {
   vetted: boolean;
   /** Resolves when `vetted` turns true. */
   whenVetted: Promise<void>;
+  /** Marks it vetted (at the turn of the event loop after it was issued, or once it completed). */
+  vet: () => void;
 }
 
 /** Writes batches of one queue. */
@@ -313,6 +315,7 @@ export class QueueWriter {
     this.#issued = checkpoint;
     const promise = op.commit();
     const report = { records, messages: group.length, cursor: last, days, collections };
+    let vetted!: () => void;
     const issued: Inflight = {
       promise,
       group,
@@ -322,12 +325,18 @@ export class QueueWriter {
       exact,
       refused: false,
       vetted: false,
-      whenVetted: new Promise((resolve) => setTimeout(resolve, 0)).then(() => {
+      whenVetted: new Promise((resolve) => vetted = resolve),
+      vet: () => {
+        if (issued.vetted) return;
+        clearTimeout(timer);
         issued.vetted = true;
         // Taken by KV: the texts kept for a repair are not needed any more.
         if (!issued.refused) issued.group = [];
-      }),
+        vetted();
+      },
     };
+    // Cleared once the commit completes, so that no timer outlives the writer.
+    const timer = setTimeout(issued.vet, 0);
     // Observed by #complete; until then a rejection must not count as unhandled.
     promise.catch((err) => issued.refused = tooLarge(err));
     return issued;
@@ -339,6 +348,7 @@ export class QueueWriter {
     try {
       res = await head.promise;
     } catch (err) {
+      head.vet();
       // The size bound was beaten (hostile structures serialize larger than their JSON), and KV
       // refused the commit: nothing of it was written. The loop issues nothing after a commit until
       // KV has taken it, so nothing later is in flight and every earlier commit has landed. Its
@@ -369,6 +379,7 @@ export class QueueWriter {
       await this.#complete(this.#issue(b, true), []);
       return;
     }
+    head.vet();
     if (!res.ok) throw new ConcurrentWriterError(this.#queue);
     // Commits complete in the order they were issued, and each builds on the one issued before it:
     // the last to land is the newest state.
