@@ -4,7 +4,13 @@ import { Batcher } from "../src/pipeline/batch.ts";
 import { decodeQueueMessage } from "../src/queue/message.ts";
 import { KV_VALUE_LIMIT, serializedSizeBound } from "../src/queue/size.ts";
 import { QueueWriter } from "../src/queue/writer.ts";
-import { emptyCheckpoint, queueKey, queueLength, readCheckpoint } from "../src/queue/kv_queue.ts";
+import {
+  emptyCheckpoint,
+  queueKey,
+  queueLength,
+  readCheckpoint,
+  retryWhileBusy,
+} from "../src/queue/kv_queue.ts";
 import { commit, drainQueue } from "./helpers/events.ts";
 import { slowKv } from "./helpers/slow_kv.ts";
 import { delay } from "../src/async.ts";
@@ -395,6 +401,119 @@ Deno.test("QueueWriter sends nothing after a commit that KV refuses until that c
     try {
       kv.close();
     } catch { /* closed */ }
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+/**
+ * `kv`, whose commits numbered in `busy` (counting from 1, the writer lock's included) fail once,
+ * `afterMs` after they are issued, the way SQLite's "database is locked" does: without writing
+ * anything. Any later commit of the same operation goes through.
+ */
+function busyKv(kv: Deno.Kv, busy: Set<number>, afterMs: number) {
+  let n = 0;
+  const failed: number[] = [];
+  const proxy = new Proxy(kv, {
+    get(target, prop) {
+      if (prop !== "atomic") {
+        const v = Reflect.get(target, prop, target);
+        return typeof v === "function" ? v.bind(target) : v;
+      }
+      return () => {
+        const op = target.atomic();
+        const commit = op.commit.bind(op);
+        let first = true;
+        op.commit = () => {
+          const number = first ? ++n : 0;
+          first = false;
+          if (!busy.has(number)) return commit();
+          failed.push(number);
+          return delay(afterMs).then(() => Promise.reject(new TypeError("database is locked")));
+        };
+        return op;
+      };
+    },
+  });
+  return { kv: proxy, failed };
+}
+
+Deno.test("QueueWriter commits again what SQLite was too busy to take, in order, even after later commits landed", async () => {
+  const { path, kv, dir } = await tempKv();
+  try {
+    // Commit 2 (the first batch, alone) and commit 5 (in the middle of a burst, with later commits
+    // in flight that land before it fails) are refused once.
+    const { kv: flaky, failed } = busyKv(kv, new Set([2, 5]), 100);
+    const w = new QueueWriter(flaky, "q", newCheckpoint("q"), () => {});
+    // Batches of ten 10 KB events: about 100 KB each, so that commits fill up and overlap.
+    const events = Array.from({ length: 400 }, (_, i) => commit(T0 + i, { text: "b".repeat(10_000) }));
+    for (let i = 0; i < events.length; i += 10) {
+      const b = new Batcher("q", 10);
+      for (const e of events.slice(i, i + 10)) {
+        b.add(e, JSON.stringify(e), "2026-11-27", "app.bsky.feed.post");
+      }
+      await w.add(b.take()!);
+      if (i === 0) await delay(200);
+    }
+    await w.flush();
+    assert.deepEqual(failed, [2, 5]);
+    const cp = (await readCheckpoint(kv, "q")).value!;
+    assert.equal(cp.recordsStored, events.length);
+    assert.equal(cp.cursor, events.at(-1)!.time_us);
+    const records = await kv.get<Deno.KvU64>(queueKey("q", "count", "records"));
+    assert.equal(Number(records.value!.value), events.length);
+    kv.close();
+    const msgs = (await drainQueue(path, cp.seq)) as { seq: number; records: { time_us: number }[] }[];
+    msgs.sort((a, b) => a.seq - b.seq);
+    assert.deepEqual(msgs.map((m) => m.seq), Array.from({ length: cp.seq }, (_, i) => i + 1));
+    assert.deepEqual(msgs.flatMap((m) => m.records.map((r) => r.time_us)), events.map((e) => e.time_us));
+  } finally {
+    try {
+      kv.close();
+    } catch { /* closed */ }
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("QueueWriter keeps writing while another connection writes to the same database", async () => {
+  const { path, kv, dir } = await tempKv();
+  const other = await Deno.openKv(path);
+  try {
+    // Another connection writing all along, as a consumer acknowledging messages does: SQLite then
+    // reports some of the writer's commits busy (measured: a few in a hundred).
+    let stop = false;
+    const writes = (async () => {
+      let n = 0;
+      while (!stop) {
+        await retryWhileBusy(() => other.atomic().sum(["other"], 1n).commit(), 5000);
+        n++;
+      }
+      return n;
+    })();
+    const w = new QueueWriter(kv, "q", newCheckpoint("q"), () => {});
+    const events = Array.from({ length: 300 }, (_, i) => commit(T0 + i));
+    for (let i = 0; i < events.length; i++) {
+      const b = new Batcher("q", 1);
+      b.add(events[i], JSON.stringify(events[i]), "2026-11-27", "app.bsky.feed.post");
+      await w.add(b.take()!);
+      if (i % 3 === 0) await delay(1);
+    }
+    await w.flush();
+    stop = true;
+    assert.ok(await writes > 0);
+    const cp = (await readCheckpoint(kv, "q")).value!;
+    assert.equal(cp.recordsStored, events.length);
+    other.close();
+    kv.close();
+    const msgs = (await drainQueue(path, cp.seq)) as { seq: number; records: { time_us: number }[] }[];
+    msgs.sort((a, b) => a.seq - b.seq);
+    assert.deepEqual(msgs.map((m) => m.seq), Array.from({ length: cp.seq }, (_, i) => i + 1));
+    assert.deepEqual(msgs.flatMap((m) => m.records.map((r) => r.time_us)), events.map((e) => e.time_us));
+  } finally {
+    for (const k of [kv, other]) {
+      try {
+        k.close();
+      } catch { /* closed */ }
+    }
     await Deno.remove(dir, { recursive: true });
   }
 });

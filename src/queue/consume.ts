@@ -47,7 +47,14 @@
  * @module
  */
 import type { JetstreamEvent } from "../jetstream/events.ts";
-import { counterValue, defaultKvPath, openKvAt, queueKey, readCheckpoint } from "./kv_queue.ts";
+import {
+  counterValue,
+  defaultKvPath,
+  openKvAt,
+  queueKey,
+  readCheckpoint,
+  retryWhileBusy,
+} from "./kv_queue.ts";
 import { decodeQueueMessage, isQueueMessage, type QueueMessage } from "./message.ts";
 import { isoFromUs } from "../time.ts";
 
@@ -797,19 +804,9 @@ class Consumer {
   }
 }
 
-/**
- * Runs a KV operation again when SQLite reports the database busy (another process holds its write
- * lock, for example one opening it), a few times over about 350 ms; other errors go through.
- */
-async function retryBusy<T>(op: () => Promise<T>): Promise<T> {
-  for (let attempt = 0;; attempt++) {
-    try {
-      return await op();
-    } catch (err) {
-      if (attempt >= 3 || !(err instanceof Error) || !/database is locked|busy/i.test(err.message)) throw err;
-      await new Promise((r) => setTimeout(r, 50 * 2 ** attempt));
-    }
-  }
+/** A KV operation, run again a few times over about 350 ms while SQLite reports the database busy. */
+function retryBusy<T>(op: () => Promise<T>): Promise<T> {
+  return retryWhileBusy(op, 350);
 }
 
 function errorText(err: unknown): string {

@@ -148,6 +148,39 @@ async function createDatabase(path: string): Promise<void> {
   }
 }
 
+/** Whether `err` is SQLite's "database is locked": nothing of the operation was written. */
+export function isBusy(err: unknown): boolean {
+  return err instanceof Error && /database is locked|busy/i.test(err.message);
+}
+
+/**
+ * Runs `op` again while SQLite reports the database busy, waiting 50 ms, then twice as long each
+ * time (at most 1 s), until `budgetMs` have been spent waiting; other errors go through at once.
+ * Another connection holds SQLite's write lock (a process opening the database), or wrote between an
+ * atomic commit's checks and its writes (a consumer acknowledging messages): either way nothing of
+ * the operation was written, and running it again is safe.
+ *
+ * @example
+ * ```ts
+ * import { retryWhileBusy } from "./kv_queue.ts";
+ * const kv = await Deno.openKv(":memory:");
+ * await retryWhileBusy(() => kv.set(["k"], 1), 1000);
+ * kv.close();
+ * ```
+ */
+export async function retryWhileBusy<T>(op: () => Promise<T>, budgetMs: number): Promise<T> {
+  let waited = 0;
+  for (let wait = 50;; wait = Math.min(wait * 2, 1000)) {
+    try {
+      return await op();
+    } catch (err) {
+      if (!isBusy(err) || waited >= budgetMs) throw err;
+      await new Promise((r) => setTimeout(r, wait));
+      waited += wait;
+    }
+  }
+}
+
 /** The default database path of a queue. */
 export function defaultKvPath(queue: string): string {
   return `./jetfill-data/${queue}.sqlite`;

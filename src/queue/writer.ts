@@ -27,8 +27,14 @@
  * writing anything. A commit is issued only once the event loop has turned since the one before, so
  * that refusal is known and nothing goes after it: its records are measured exactly and committed in
  * its place, and the commit being built meanwhile is numbered after them. Commits land in the order
- * of their records and seqs, each with a checkpoint true of what has landed, so a crash at any point
- * leaves a queue that a resume continues without a gap.
+ * of their records and seqs, each with a checkpoint true of what has landed, so a crash leaves a queue
+ * that a resume continues without a gap.
+ *
+ * A commit that SQLite reports busy ("database is locked": another connection, such as a consumer
+ * acknowledging messages, wrote between the commit's checks and its writes) wrote nothing. It is
+ * committed again once the commits issued after it have settled, and none of those moves the
+ * checkpoint back. Until it lands, a crash could leave its records behind a later checkpoint: the one
+ * window left, as long as a retry takes.
  *
  * @module
  */
@@ -37,7 +43,7 @@ import type { JetstreamEvent } from "../jetstream/events.ts";
 import { type Batch, OversizedEventError, type PackedMessage } from "../pipeline/batch.ts";
 import { utcDate } from "../time.ts";
 import { compressEvent, type QueueMessage } from "./message.ts";
-import { type Checkpoint, queueKey } from "./kv_queue.ts";
+import { type Checkpoint, isBusy, queueKey, retryWhileBusy } from "./kv_queue.ts";
 import { KV_COMMIT_LIMIT, KV_MUTATION_LIMIT, KV_VALUE_LIMIT } from "./size.ts";
 
 /** What a commit stored, for the statistics. */
@@ -70,6 +76,8 @@ const COMMIT_BUDGET = KV_COMMIT_LIMIT - 16_384;
 const FIXED_MUTATIONS = 3;
 // Commits in flight at once.
 const DEPTH = 3;
+// How long a commit is tried again while SQLite reports the database busy.
+const BUSY_BUDGET_MS = 30_000;
 
 /**
  * The next commit, built as batches arrive: each message is enqueued (serialized by KV) when its
@@ -91,6 +99,8 @@ interface Building {
 
 /** A commit issued and not yet known to be durable. */
 interface Inflight {
+  /** The operation, committed again if SQLite was busy. */
+  op: Deno.AtomicOperation;
   promise: Promise<Deno.KvCommitResult | Deno.KvCommitError>;
   /**
    * The messages, without their records (already serialized): rebuilt from their texts for a
@@ -254,10 +264,10 @@ export class QueueWriter {
    */
   async #acquire(): Promise<void> {
     const q = this.#queue;
-    const res = await this.#kv.atomic()
+    const op = this.#kv.atomic()
       .check({ key: queueKey(q, "checkpoint"), versionstamp: this.#readVersionstamp })
-      .set(queueKey(q, "writer"), { run: this.#issued.run.id, at: Date.now() })
-      .commit();
+      .set(queueKey(q, "writer"), { run: this.#issued.run.id, at: Date.now() });
+    const res = await retryWhileBusy(() => op.commit(), BUSY_BUDGET_MS);
     if (!res.ok) throw new ConcurrentWriterError(q);
     this.#lock = res.versionstamp;
   }
@@ -317,6 +327,7 @@ export class QueueWriter {
     const report = { records, messages: group.length, cursor: last, days, collections };
     let vetted!: () => void;
     const issued: Inflight = {
+      op,
       promise,
       group,
       seqs,
@@ -349,6 +360,7 @@ export class QueueWriter {
       res = await head.promise;
     } catch (err) {
       head.vet();
+      if (isBusy(err)) return await this.#recommit(head, later);
       // The size bound was beaten (hostile structures serialize larger than their JSON), and KV
       // refused the commit: nothing of it was written. The loop issues nothing after a commit until
       // KV has taken it, so nothing later is in flight and every earlier commit has landed. Its
@@ -385,6 +397,49 @@ export class QueueWriter {
     // the last to land is the newest state.
     this.#durable = head.checkpoint;
     this.#onCommit(head.report, head.checkpoint);
+  }
+
+  /**
+   * SQLite could not give KV its write lock for `head`: another connection wrote between the
+   * commit's checks and its writes (a consumer acknowledging messages, say), and nothing of it was
+   * written. The commits issued after it may have landed meanwhile. They are awaited; then, in the
+   * order they were issued, `head` and each of them that failed the same way are committed again,
+   * none moving the checkpoint back from a later one that landed. All are reported once landed, in
+   * their order. A commit refused for its size can only be the last issued: it is repaired after.
+   */
+  async #recommit(head: Inflight, later: Inflight[]): Promise<void> {
+    const all = [head, ...later.splice(0)];
+    const again = new Set([head]);
+    let refused: Inflight | undefined;
+    let newest: Checkpoint | undefined;
+    for (const f of all.slice(1)) {
+      try {
+        const res = await f.promise;
+        f.vet();
+        if (!res.ok) throw new ConcurrentWriterError(this.#queue);
+        newest = f.checkpoint;
+      } catch (err) {
+        f.vet();
+        if (err instanceof ConcurrentWriterError) throw err;
+        if (isBusy(err)) again.add(f);
+        else if (f === all.at(-1) && f.refused) refused = f;
+        else throw err;
+      }
+    }
+    for (const f of all) {
+      if (!again.has(f)) continue;
+      if (newest !== undefined && newest.seq > f.checkpoint.seq) {
+        f.op.set(queueKey(this.#queue, "checkpoint"), newest);
+      } else newest = f.checkpoint;
+      const res = await retryWhileBusy(() => f.op.commit(), BUSY_BUDGET_MS);
+      if (!res.ok) throw new ConcurrentWriterError(this.#queue);
+    }
+    for (const f of all) {
+      if (f === refused) continue;
+      this.#durable = f.checkpoint;
+      this.#onCommit(f.report, f.checkpoint);
+    }
+    if (refused) await this.#complete(refused, []);
   }
 }
 
