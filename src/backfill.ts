@@ -23,6 +23,7 @@ import {
   queueKey,
   queueLength,
   readCheckpoint,
+  retryWhileBusy,
   type RunState,
 } from "./queue/kv_queue.ts";
 import { QueueWriter } from "./queue/writer.ts";
@@ -68,11 +69,16 @@ async function storeDidList(kv: Deno.Kv, queue: string, dids: readonly string[])
   for (let i = 0; i * DIDS_PER_KEY < sorted.length; i++) {
     op.set(queueKey(queue, "dids", i), sorted.slice(i * DIDS_PER_KEY, (i + 1) * DIDS_PER_KEY));
     if ((i + 1) % 10 === 0) {
-      await op.commit();
+      await commitWhileBusy(op);
       op = kv.atomic();
     }
   }
-  await op.commit();
+  await commitWhileBusy(op);
+}
+
+/** Commits `op`, again while SQLite reports the database busy (it then wrote nothing). */
+function commitWhileBusy(op: Deno.AtomicOperation): Promise<Deno.KvCommitResult | Deno.KvCommitError> {
+  return retryWhileBusy(() => op.commit(), 5000);
 }
 
 /** The DID list of a run's selection, whether inline or stored apart. */
@@ -296,7 +302,7 @@ async function run(
   if (ctx.error !== undefined) result.error = ctx.error;
   try {
     // For `jetfill status`; the statistics are returned whether or not this record can be written.
-    await kv.set(queueKey(o.queueName, "run"), {
+    const run = kv.atomic().set(queueKey(o.queueName, "run"), {
       id: writer.checkpoint.run.id,
       finishedAt: Date.now(),
       options: {
@@ -308,6 +314,7 @@ async function run(
       },
       stats: result,
     });
+    await commitWhileBusy(run);
   } catch (err) {
     options.onError?.({
       reason: "connection",
