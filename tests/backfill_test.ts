@@ -10,6 +10,7 @@ import { serialize } from "node:v8";
 import type { DateChange, SyncProgress, SyncStats } from "../src/stats.ts";
 import { account, commit, did, drainQueue, identity } from "./helpers/events.ts";
 import { serveEvents, syncConnections, tempDb } from "./helpers/loopback.ts";
+import { patchAtomic } from "./helpers/kv_patch.ts";
 
 // 23:00 UTC on 2026-11-26: the capture crosses midnight after an hour.
 const T0 = Date.UTC(2026, 10, 26, 23) * 1000;
@@ -542,24 +543,13 @@ Deno.test("a crash in the middle of a repair loses nothing: --resume stores the 
   // The process "dies" once the repair's first commit has landed: no commit after it gets written.
   let refused = false;
   let landedSince = 0;
-  const crashing = new Proxy(real, {
-    get(target, prop) {
-      if (prop !== "atomic") {
-        const v = Reflect.get(target, prop, target);
-        return typeof v === "function" ? v.bind(target) : v;
-      }
-      return () => {
-        const op = target.atomic();
-        const commitOp = op.commit.bind(op);
-        op.commit = () => {
-          if (refused && landedSince >= 1) return Promise.reject(new Error("simulated crash"));
-          const p = commitOp();
-          p.then(() => refused && landedSince++, () => refused = true);
-          return p;
-        };
-        return op;
-      };
-    },
+  const crashing = patchAtomic(real, (op, commit) => {
+    op.commit = () => {
+      if (refused && landedSince >= 1) return Promise.reject(new Error("simulated crash"));
+      const p = commit();
+      p.then(() => refused && landedSince++, () => refused = true);
+      return p;
+    };
   });
   const first = await runBackfillSync({
     instance: server.url,

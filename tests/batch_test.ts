@@ -13,6 +13,7 @@ import {
 } from "../src/queue/kv_queue.ts";
 import { commit, drainQueue } from "./helpers/events.ts";
 import { slowKv } from "./helpers/slow_kv.ts";
+import { patchAtomic } from "./helpers/kv_patch.ts";
 import { delay } from "../src/async.ts";
 
 const T0 = Date.UTC(2026, 10, 27, 23, 59, 59) * 1000;
@@ -328,32 +329,21 @@ Deno.test("QueueWriter refuses to start on a checkpoint that changed since it wa
  */
 function loggingKv(kv: Deno.Kv) {
   const log: { seqs: number[]; times: number[]; ok?: boolean }[] = [];
-  const proxy = new Proxy(kv, {
-    get(target, prop) {
-      if (prop === "atomic") {
-        return () => {
-          const op = target.atomic();
-          const entry: (typeof log)[number] = { seqs: [], times: [] };
-          const enqueue = op.enqueue.bind(op);
-          op.enqueue = (value, options) => {
-            const m = value as { seq: number; records: { time_us: number }[] };
-            entry.seqs.push(m.seq);
-            entry.times.push(...m.records.map((r) => r.time_us));
-            return enqueue(value, options);
-          };
-          const commit = op.commit.bind(op);
-          op.commit = () => {
-            log.push(entry);
-            const p = commit();
-            p.then((r) => entry.ok = r.ok, () => entry.ok = false);
-            return p;
-          };
-          return op;
-        };
-      }
-      const v = Reflect.get(target, prop, target);
-      return typeof v === "function" ? v.bind(target) : v;
-    },
+  const proxy = patchAtomic(kv, (op, commit) => {
+    const entry: (typeof log)[number] = { seqs: [], times: [] };
+    const enqueue = op.enqueue.bind(op);
+    op.enqueue = (value, options) => {
+      const m = value as { seq: number; records: { time_us: number }[] };
+      entry.seqs.push(m.seq);
+      entry.times.push(...m.records.map((r) => r.time_us));
+      return enqueue(value, options);
+    };
+    op.commit = () => {
+      log.push(entry);
+      const p = commit();
+      p.then((r) => entry.ok = r.ok, () => entry.ok = false);
+      return p;
+    };
   });
   return { kv: proxy, log };
 }
@@ -413,26 +403,15 @@ Deno.test("QueueWriter sends nothing after a commit that KV refuses until that c
 function busyKv(kv: Deno.Kv, busy: Set<number>, afterMs: number) {
   let n = 0;
   const failed: number[] = [];
-  const proxy = new Proxy(kv, {
-    get(target, prop) {
-      if (prop !== "atomic") {
-        const v = Reflect.get(target, prop, target);
-        return typeof v === "function" ? v.bind(target) : v;
-      }
-      return () => {
-        const op = target.atomic();
-        const commit = op.commit.bind(op);
-        let first = true;
-        op.commit = () => {
-          const number = first ? ++n : 0;
-          first = false;
-          if (!busy.has(number)) return commit();
-          failed.push(number);
-          return delay(afterMs).then(() => Promise.reject(new TypeError("database is locked")));
-        };
-        return op;
-      };
-    },
+  const proxy = patchAtomic(kv, (op, commit) => {
+    let first = true;
+    op.commit = () => {
+      const number = first ? ++n : 0;
+      first = false;
+      if (!busy.has(number)) return commit();
+      failed.push(number);
+      return delay(afterMs).then(() => Promise.reject(new TypeError("database is locked")));
+    };
   });
   return { kv: proxy, failed };
 }

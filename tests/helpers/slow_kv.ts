@@ -4,6 +4,7 @@
  *
  * @module
  */
+import { patchAtomic } from "./kv_patch.ts";
 
 /** Hooks around each delayed commit. */
 export interface SlowKvHooks {
@@ -15,26 +16,15 @@ export interface SlowKvHooks {
 
 /** `kv` with every `atomic().commit()` delayed by `delayMs`. */
 export function slowKv(kv: Deno.Kv, delayMs: number, hooks: SlowKvHooks = {}): Deno.Kv {
-  return new Proxy(kv, {
-    get(target, prop) {
-      if (prop === "atomic") {
-        return () => {
-          const op = target.atomic();
-          const commit = op.commit.bind(op);
-          op.commit = async () => {
-            hooks.started?.();
-            try {
-              await new Promise((r) => setTimeout(r, delayMs));
-              return await commit();
-            } finally {
-              hooks.ended?.();
-            }
-          };
-          return op;
-        };
+  return patchAtomic(kv, (op, commit) => {
+    op.commit = async () => {
+      hooks.started?.();
+      try {
+        await new Promise((r) => setTimeout(r, delayMs));
+        return await commit();
+      } finally {
+        hooks.ended?.();
       }
-      const v = Reflect.get(target, prop, target);
-      return typeof v === "function" ? v.bind(target) : v;
-    },
+    };
   });
 }
