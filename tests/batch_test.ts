@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { serialize } from "node:v8";
 import { Batcher } from "../src/pipeline/batch.ts";
-import { decodeQueueMessage } from "../src/queue/message.ts";
+import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
 import { KV_VALUE_LIMIT, serializedSizeBound } from "../src/queue/size.ts";
 import { QueueWriter } from "../src/queue/writer.ts";
 import {
@@ -114,10 +114,46 @@ Deno.test("Batcher packs messages under 64 KiB and at most batchSize records", (
   assert.equal(b.take(), undefined);
 });
 
-async function tempKv(): Promise<{ path: string; kv: Deno.Kv; dir: string }> {
+/** A KV database in a temporary folder; closed (if still open) and removed on dispose. */
+async function tempKv(): Promise<{ path: string; kv: Deno.Kv } & AsyncDisposable> {
   const dir = await Deno.makeTempDir();
   const path = `${dir}/q.sqlite`;
-  return { path, kv: await Deno.openKv(path), dir };
+  const kv = await Deno.openKv(path);
+  return {
+    path,
+    kv,
+    async [Symbol.asyncDispose]() {
+      closeQuietly(kv);
+      await Deno.remove(dir, { recursive: true });
+    },
+  };
+}
+
+/** Closes `kv`, which a test may have closed already. */
+function closeQuietly(kv: Deno.Kv): void {
+  try {
+    kv.close();
+  } catch { /* closed */ }
+}
+
+/**
+ * Checks that the queue in `db` holds `events` exactly, in messages numbered 1, 2, 3… without a gap
+ * and in their order, and that its checkpoint and records counter say so. Closes the database.
+ */
+async function assertStoredInOrder(
+  db: { path: string; kv: Deno.Kv },
+  events: { time_us: number }[],
+): Promise<void> {
+  const cp = (await readCheckpoint(db.kv, "q")).value!;
+  assert.equal(cp.recordsStored, events.length);
+  assert.equal(cp.cursor, events.at(-1)!.time_us);
+  const records = await db.kv.get<Deno.KvU64>(queueKey("q", "count", "records"));
+  assert.equal(Number(records.value!.value), events.length);
+  db.kv.close();
+  const msgs = (await drainQueue(db.path, cp.seq)) as QueueMessage[];
+  msgs.sort((a, b) => a.seq - b.seq);
+  assert.deepEqual(msgs.map((m) => m.seq), Array.from({ length: cp.seq }, (_, i) => i + 1));
+  assert.deepEqual(msgs.flatMap((m) => m.records.map((r) => r.time_us)), events.map((e) => e.time_us));
 }
 
 function newCheckpoint(queue: string) {
@@ -125,158 +161,138 @@ function newCheckpoint(queue: string) {
 }
 
 Deno.test("QueueWriter stores an event over 64 KiB whole, gzipped, with its checkpoint", async () => {
-  const { path, kv, dir } = await tempKv();
-  try {
-    const huge = commit(T0, { text: "大きい投稿😀".repeat(9000) });
-    const text = JSON.stringify(huge);
-    assert.ok(serialize(huge).length > KV_VALUE_LIMIT);
-    const small = commit(T0 + 1);
-    const b = new Batcher("q", 100);
-    b.add(huge, text, "2026-11-27", "app.bsky.feed.post");
-    b.add(small, JSON.stringify(small), "2026-11-27", "app.bsky.feed.post");
-    const w = new QueueWriter(kv, "q", newCheckpoint("q"), () => {});
-    await w.add(b.take()!);
-    await w.flush();
-    const cp = (await readCheckpoint(kv, "q")).value!;
-    assert.equal(cp.seq, 2);
-    assert.equal(cp.cursor, T0 + 1);
-    assert.equal(cp.recordsStored, 2);
-    assert.equal(await queueLength(kv, "q"), 2);
-    kv.close();
-    const msgs = (await drainQueue(path, 2)) as { seq: number; compressed?: Uint8Array[] }[];
-    msgs.sort((a, b) => a.seq - b.seq);
-    assert.equal(msgs[0].compressed?.length, 1);
-    assert.deepEqual(decodeQueueMessage(msgs[0]), [huge]);
-    assert.deepEqual(decodeQueueMessage(msgs[1]), [small]);
-  } finally {
-    try {
-      kv.close();
-    } catch { /* closed */ }
-    await Deno.remove(dir, { recursive: true });
-  }
+  await using db = await tempKv();
+  const { path, kv } = db;
+  const huge = commit(T0, { text: "大きい投稿😀".repeat(9000) });
+  const text = JSON.stringify(huge);
+  assert.ok(serialize(huge).length > KV_VALUE_LIMIT);
+  const small = commit(T0 + 1);
+  const b = new Batcher("q", 100);
+  b.add(huge, text, "2026-11-27", "app.bsky.feed.post");
+  b.add(small, JSON.stringify(small), "2026-11-27", "app.bsky.feed.post");
+  const w = new QueueWriter(kv, "q", newCheckpoint("q"), () => {});
+  await w.add(b.take()!);
+  await w.flush();
+  const cp = (await readCheckpoint(kv, "q")).value!;
+  assert.equal(cp.seq, 2);
+  assert.equal(cp.cursor, T0 + 1);
+  assert.equal(cp.recordsStored, 2);
+  assert.equal(await queueLength(kv, "q"), 2);
+  kv.close();
+  const msgs = (await drainQueue(path, 2)) as { seq: number; compressed?: Uint8Array[] }[];
+  msgs.sort((a, b) => a.seq - b.seq);
+  assert.equal(msgs[0].compressed?.length, 1);
+  assert.deepEqual(decodeQueueMessage(msgs[0]), [huge]);
+  assert.deepEqual(decodeQueueMessage(msgs[1]), [small]);
 });
 
 Deno.test("QueueWriter splits a batch only where KV's commit limits force it, keeping counters exact", async () => {
-  const { path, kv, dir } = await tempKv();
-  try {
-    // 100 records of ~30 KB each: ~3 MB, far over one commit's 800 KiB.
-    const b = new Batcher("q", 100);
-    // The first event is on 2026-11-27, the other 99 after midnight.
-    const events = Array.from(
-      { length: 100 },
-      (_, i) => commit(i === 0 ? T0 : T0 + 1_000_000 + i, { text: "x".repeat(30_000) }),
-    );
-    for (const e of events) b.add(e, JSON.stringify(e), i2day(e.time_us), "app.bsky.feed.post");
-    let commits = 0;
-    const w = new QueueWriter(kv, "q", newCheckpoint("q"), () => commits++);
-    await w.add(b.take()!);
-    await w.flush();
-    assert.ok(commits > 1, `expected several commits, got ${commits}`);
-    const cp = (await readCheckpoint(kv, "q")).value!;
-    assert.equal(cp.recordsStored, 100);
-    assert.equal(cp.cursor, T0 + 1_000_099);
-    const days = await Array.fromAsync(kv.list<Deno.KvU64>({ prefix: queueKey("q", "day") }));
-    assert.deepEqual(days.map((d) => [d.key[3], Number(d.value.value)]), [["2026-11-27", 1], [
-      "2026-11-28",
-      99,
-    ]]);
-    kv.close();
-    const msgs = await drainQueue(path, cp.seq);
-    const got = msgs.flatMap((m) => decodeQueueMessage(m)).sort((a, b) => a.time_us - b.time_us);
-    assert.deepEqual(got, events);
-  } finally {
-    try {
-      kv.close();
-    } catch { /* closed */ }
-    await Deno.remove(dir, { recursive: true });
-  }
+  await using db = await tempKv();
+  const { path, kv } = db;
+  // 100 records of ~30 KB each: ~3 MB, far over one commit's 800 KiB.
+  const b = new Batcher("q", 100);
+  // The first event is on 2026-11-27, the other 99 after midnight.
+  const events = Array.from(
+    { length: 100 },
+    (_, i) => commit(i === 0 ? T0 : T0 + 1_000_000 + i, { text: "x".repeat(30_000) }),
+  );
+  for (const e of events) b.add(e, JSON.stringify(e), i2day(e.time_us), "app.bsky.feed.post");
+  let commits = 0;
+  const w = new QueueWriter(kv, "q", newCheckpoint("q"), () => commits++);
+  await w.add(b.take()!);
+  await w.flush();
+  assert.ok(commits > 1, `expected several commits, got ${commits}`);
+  const cp = (await readCheckpoint(kv, "q")).value!;
+  assert.equal(cp.recordsStored, 100);
+  assert.equal(cp.cursor, T0 + 1_000_099);
+  const days = await Array.fromAsync(kv.list<Deno.KvU64>({ prefix: queueKey("q", "day") }));
+  assert.deepEqual(days.map((d) => [d.key[3], Number(d.value.value)]), [["2026-11-27", 1], [
+    "2026-11-28",
+    99,
+  ]]);
+  kv.close();
+  const msgs = await drainQueue(path, cp.seq);
+  const got = msgs.flatMap((m) => decodeQueueMessage(m)).sort((a, b) => a.time_us - b.time_us);
+  assert.deepEqual(got, events);
 });
 
 Deno.test("QueueWriter on a slow disk fills the next commit while one is in flight, and sends it once full", async () => {
-  const { kv, dir } = await tempKv();
-  try {
-    // Every commit takes 200 ms to land: a slow disk, with the real KV behind it.
-    let started = 0;
-    let inFlight = 0;
-    let most = 0;
-    let waiting: { n: number; resolve: () => void } | undefined;
-    const slow = slowKv(kv, 200, {
-      started: () => {
-        most = Math.max(most, ++inFlight);
-        if (++started >= (waiting?.n ?? Infinity)) waiting!.resolve();
-      },
-      ended: () => inFlight--,
-    });
-    const untilStarted = (n: number) =>
-      started >= n ? Promise.resolve() : new Promise<void>((resolve) => waiting = { n, resolve });
-    const w = new QueueWriter(slow, "q", newCheckpoint("q"), () => {});
-    // Batches of ten 10 KB events: about 100 KB each.
-    const events = Array.from({ length: 150 }, (_, i) => commit(T0 + i, { text: "y".repeat(10_000) }));
-    const batch = (from: number) => {
-      const b = new Batcher("q", 10);
-      for (const e of events.slice(from, from + 10)) {
-        b.add(e, JSON.stringify(e), "2026-11-27", "app.bsky.feed.post");
-      }
-      return b.take()!;
-    };
-    // The writer lock, then the first batch: KV had nothing in hand, so it went at once.
-    await w.add(batch(0));
-    await untilStarted(2);
-    // ~300 KB more while that commit is in flight: they wait for it and go together in one commit.
-    for (let i = 10; i < 40; i += 10) await w.add(batch(i));
-    await w.flush();
-    assert.equal(started, 3, "lock, first batch, the next three together");
-    assert.equal(most, 1, `commits in flight at most: ${most}`);
-    // Now ~1.1 MB while one is in flight: the next commit fills up (800 KiB) and goes before the
-    // first lands.
-    await w.add(batch(40));
-    await untilStarted(4);
-    for (let i = 50; i < 150; i += 10) await w.add(batch(i));
-    await w.flush();
-    assert.equal(most, 2, `commits in flight at most: ${most}`);
-    assert.equal(started, 6, "the batch alone, a full commit, the rest");
-    assert.equal((await readCheckpoint(kv, "q")).value!.recordsStored, 150);
-  } finally {
-    kv.close();
-    await Deno.remove(dir, { recursive: true });
-  }
+  await using db = await tempKv();
+  const { kv } = db;
+  // Every commit takes 200 ms to land: a slow disk, with the real KV behind it.
+  let started = 0;
+  let inFlight = 0;
+  let most = 0;
+  let waiting: { n: number; resolve: () => void } | undefined;
+  const slow = slowKv(kv, 200, {
+    started: () => {
+      most = Math.max(most, ++inFlight);
+      if (++started >= (waiting?.n ?? Infinity)) waiting!.resolve();
+    },
+    ended: () => inFlight--,
+  });
+  const untilStarted = (n: number) =>
+    started >= n ? Promise.resolve() : new Promise<void>((resolve) => waiting = { n, resolve });
+  const w = new QueueWriter(slow, "q", newCheckpoint("q"), () => {});
+  // Batches of ten 10 KB events: about 100 KB each.
+  const events = Array.from({ length: 150 }, (_, i) => commit(T0 + i, { text: "y".repeat(10_000) }));
+  const batch = (from: number) => {
+    const b = new Batcher("q", 10);
+    for (const e of events.slice(from, from + 10)) {
+      b.add(e, JSON.stringify(e), "2026-11-27", "app.bsky.feed.post");
+    }
+    return b.take()!;
+  };
+  // The writer lock, then the first batch: KV had nothing in hand, so it went at once.
+  await w.add(batch(0));
+  await untilStarted(2);
+  // ~300 KB more while that commit is in flight: they wait for it and go together in one commit.
+  for (let i = 10; i < 40; i += 10) await w.add(batch(i));
+  await w.flush();
+  assert.equal(started, 3, "lock, first batch, the next three together");
+  assert.equal(most, 1, `commits in flight at most: ${most}`);
+  // Now ~1.1 MB while one is in flight: the next commit fills up (800 KiB) and goes before the
+  // first lands.
+  await w.add(batch(40));
+  await untilStarted(4);
+  for (let i = 50; i < 150; i += 10) await w.add(batch(i));
+  await w.flush();
+  assert.equal(most, 2, `commits in flight at most: ${most}`);
+  assert.equal(started, 6, "the batch alone, a full commit, the rest");
+  assert.equal((await readCheckpoint(kv, "q")).value!.recordsStored, 150);
 });
 
 Deno.test("QueueWriter makes add() wait once the commit being built is full and every slot is taken", async () => {
-  const { kv, dir } = await tempKv();
-  try {
-    // Every commit takes 300 ms to land, the writer lock's included.
-    const slow = slowKv(kv, 300);
-    let durable = 0;
-    const w = new QueueWriter(slow, "q", newCheckpoint("q"), (r) => durable += r.records);
-    // Batches of ~195 KB: four fit in one commit (800 KiB), a fifth does not.
-    const big = commit(T0, { text: "z".repeat(19_000) });
-    const batch = () => {
-      const b = new Batcher("q", 10);
-      for (let i = 0; i < 10; i++) b.add(big, JSON.stringify(big), "2026-11-27", "app.bsky.feed.post");
-      return b.take()!;
-    };
-    const outstandingAtWait: number[] = [];
-    for (let i = 0; i < 24; i++) {
-      const outstanding = i - durable / 10;
-      const pending = w.add(batch());
-      // add() either returns at once or waits for a commit to be issued or to land.
-      if (await Promise.race([pending.then(() => false), delay(50).then(() => true)])) {
-        outstandingAtWait.push(outstanding);
-      }
-      await pending;
+  await using db = await tempKv();
+  const { kv } = db;
+  // Every commit takes 300 ms to land, the writer lock's included.
+  const slow = slowKv(kv, 300);
+  let durable = 0;
+  const w = new QueueWriter(slow, "q", newCheckpoint("q"), (r) => durable += r.records);
+  // Batches of ~195 KB: four fit in one commit (800 KiB), a fifth does not.
+  const big = commit(T0, { text: "z".repeat(19_000) });
+  const batch = () => {
+    const b = new Batcher("q", 10);
+    for (let i = 0; i < 10; i++) b.add(big, JSON.stringify(big), "2026-11-27", "app.bsky.feed.post");
+    return b.take()!;
+  };
+  const outstandingAtWait: number[] = [];
+  for (let i = 0; i < 24; i++) {
+    const outstanding = i - durable / 10;
+    const pending = w.add(batch());
+    // add() either returns at once or waits for a commit to be issued or to land.
+    if (await Promise.race([pending.then(() => false), delay(50).then(() => true)])) {
+      outstandingAtWait.push(outstanding);
     }
-    await w.flush();
-    // It waited, and never with more than three commits in flight and one full commit being built
-    // (16 batches) already accepted; at least once, with all three slots taken (12 or more).
-    assert.ok(outstandingAtWait.length > 0, "add() never waited");
-    assert.ok(Math.max(...outstandingAtWait) <= 16, `waited with ${outstandingAtWait} batches outstanding`);
-    assert.ok(Math.max(...outstandingAtWait) >= 12, `waited with ${outstandingAtWait} batches outstanding`);
-    assert.equal((await readCheckpoint(kv, "q")).value!.recordsStored, 240);
-  } finally {
-    kv.close();
-    await Deno.remove(dir, { recursive: true });
+    await pending;
   }
+  await w.flush();
+  // It waited, and never with more than three commits in flight and one full commit being built
+  // (16 batches) already accepted; at least once, with all three slots taken (12 or more).
+  assert.ok(outstandingAtWait.length > 0, "add() never waited");
+  assert.ok(Math.max(...outstandingAtWait) <= 16, `waited with ${outstandingAtWait} batches outstanding`);
+  assert.ok(Math.max(...outstandingAtWait) >= 12, `waited with ${outstandingAtWait} batches outstanding`);
+  assert.equal((await readCheckpoint(kv, "q")).value!.recordsStored, 240);
 });
 
 function i2day(us: number): string {
@@ -284,43 +300,35 @@ function i2day(us: number): string {
 }
 
 Deno.test("QueueWriter refuses to continue when another writer changed the queue", async () => {
-  const { kv, dir } = await tempKv();
-  try {
-    const w = new QueueWriter(kv, "q", newCheckpoint("q"), () => {});
-    const b = new Batcher("q", 1);
-    b.add(commit(T0), JSON.stringify(commit(T0)), "2026-11-27", "app.bsky.feed.post");
-    await w.add(b.take()!);
-    await w.flush();
-    // A second writer takes the queue's lock.
-    await kv.set(queueKey("q", "writer"), { run: "intruder" });
-    b.add(commit(T0 + 1), JSON.stringify(commit(T0 + 1)), "2026-11-27", "app.bsky.feed.post");
-    await w.add(b.take()!);
-    await assert.rejects(() => w.flush(), /changed by another writer/);
-  } finally {
-    kv.close();
-    await Deno.remove(dir, { recursive: true });
-  }
+  await using db = await tempKv();
+  const { kv } = db;
+  const w = new QueueWriter(kv, "q", newCheckpoint("q"), () => {});
+  const b = new Batcher("q", 1);
+  b.add(commit(T0), JSON.stringify(commit(T0)), "2026-11-27", "app.bsky.feed.post");
+  await w.add(b.take()!);
+  await w.flush();
+  // A second writer takes the queue's lock.
+  await kv.set(queueKey("q", "writer"), { run: "intruder" });
+  b.add(commit(T0 + 1), JSON.stringify(commit(T0 + 1)), "2026-11-27", "app.bsky.feed.post");
+  await w.add(b.take()!);
+  await assert.rejects(() => w.flush(), /changed by another writer/);
 });
 
 Deno.test("QueueWriter refuses to start on a checkpoint that changed since it was read", async () => {
-  const { kv, dir } = await tempKv();
-  try {
-    const stale = newCheckpoint("q");
-    const first = new QueueWriter(kv, "q", stale, () => {});
-    const b = new Batcher("q", 1);
-    b.add(commit(T0), JSON.stringify(commit(T0)), "2026-11-27", "app.bsky.feed.post");
-    await first.add(b.take()!);
-    await first.flush();
-    // A second writer that read the (then empty) checkpoint before the first one committed.
-    const second = new QueueWriter(kv, "q", stale, () => {});
-    b.add(commit(T0 + 1), JSON.stringify(commit(T0 + 1)), "2026-11-27", "app.bsky.feed.post");
-    await second.add(b.take()!);
-    await assert.rejects(() => second.flush(), /changed by another writer/);
-    assert.equal((await readCheckpoint(kv, "q")).value?.seq, 1);
-  } finally {
-    kv.close();
-    await Deno.remove(dir, { recursive: true });
-  }
+  await using db = await tempKv();
+  const { kv } = db;
+  const stale = newCheckpoint("q");
+  const first = new QueueWriter(kv, "q", stale, () => {});
+  const b = new Batcher("q", 1);
+  b.add(commit(T0), JSON.stringify(commit(T0)), "2026-11-27", "app.bsky.feed.post");
+  await first.add(b.take()!);
+  await first.flush();
+  // A second writer that read the (then empty) checkpoint before the first one committed.
+  const second = new QueueWriter(kv, "q", stale, () => {});
+  b.add(commit(T0 + 1), JSON.stringify(commit(T0 + 1)), "2026-11-27", "app.bsky.feed.post");
+  await second.add(b.take()!);
+  await assert.rejects(() => second.flush(), /changed by another writer/);
+  assert.equal((await readCheckpoint(kv, "q")).value?.seq, 1);
 });
 
 /**
@@ -349,50 +357,36 @@ function loggingKv(kv: Deno.Kv) {
 }
 
 Deno.test("QueueWriter sends nothing after a commit that KV refuses until that commit's records are stored", async () => {
-  const { path, kv, dir } = await tempKv();
-  try {
-    const { kv: logged, log } = loggingKv(kv);
-    const w = new QueueWriter(logged, "q", newCheckpoint("q"), () => {});
-    // Records of 1,000 doubles: 4 KB of JSON each, 9 KB serialized, which the size bound does not
-    // foresee; then ordinary records, more than two commits' worth. All in one batch, so that the
-    // commit after the first is full at once, before KV has answered for the first.
-    const doubles = Array.from({ length: 100 }, (_, i) => {
-      const e = commit(T0 + i, { collection: "com.example.weird" });
-      (e as { commit: { record: Record<string, unknown> } }).commit.record.items = Array.from(
-        { length: 1000 },
-        () => 0.5,
-      );
-      return e;
-    });
-    const plain = Array.from({ length: 400 }, (_, i) => commit(T0 + 1000 + i, { text: "p".repeat(5000) }));
-    const events = [...doubles, ...plain];
-    const b = new Batcher("q", events.length);
-    for (const e of events) b.add(e, JSON.stringify(e), "2026-11-27", undefined);
-    await w.add(b.take()!);
-    await w.flush();
-    assert.ok(
-      log.some((c) => c.ok === false),
-      "no commit was refused: the test no longer exercises a repair",
+  await using db = await tempKv();
+  const { kv } = db;
+  const { kv: logged, log } = loggingKv(kv);
+  const w = new QueueWriter(logged, "q", newCheckpoint("q"), () => {});
+  // Records of 1,000 doubles: 4 KB of JSON each, 9 KB serialized, which the size bound does not
+  // foresee; then ordinary records, more than two commits' worth. All in one batch, so that the
+  // commit after the first is full at once, before KV has answered for the first.
+  const doubles = Array.from({ length: 100 }, (_, i) => {
+    const e = commit(T0 + i, { collection: "com.example.weird" });
+    (e as { commit: { record: Record<string, unknown> } }).commit.record.items = Array.from(
+      { length: 1000 },
+      () => 0.5,
     );
-    // The commits that landed, in the order KV got them, stored the records in their order: none
-    // of the later records went before the refused records were stored again.
-    const landed = log.filter((c) => c.ok).flatMap((c) => c.times);
-    assert.deepEqual(landed, events.map((e) => e.time_us));
-    const cp = (await readCheckpoint(kv, "q")).value!;
-    assert.equal(cp.recordsStored, events.length);
-    assert.equal(cp.cursor, events.at(-1)!.time_us);
-    kv.close();
-    const msgs = (await drainQueue(path, cp.seq)) as { seq: number }[];
-    assert.deepEqual(
-      msgs.map((m) => m.seq).sort((a, b) => a - b),
-      Array.from({ length: cp.seq }, (_, i) => i + 1),
-    );
-  } finally {
-    try {
-      kv.close();
-    } catch { /* closed */ }
-    await Deno.remove(dir, { recursive: true });
-  }
+    return e;
+  });
+  const plain = Array.from({ length: 400 }, (_, i) => commit(T0 + 1000 + i, { text: "p".repeat(5000) }));
+  const events = [...doubles, ...plain];
+  const b = new Batcher("q", events.length);
+  for (const e of events) b.add(e, JSON.stringify(e), "2026-11-27", undefined);
+  await w.add(b.take()!);
+  await w.flush();
+  assert.ok(
+    log.some((c) => c.ok === false),
+    "no commit was refused: the test no longer exercises a repair",
+  );
+  // The commits that landed, in the order KV got them, stored the records in their order: none
+  // of the later records went before the refused records were stored again.
+  const landed = log.filter((c) => c.ok).flatMap((c) => c.times);
+  assert.deepEqual(landed, events.map((e) => e.time_us));
+  await assertStoredInOrder(db, events);
 });
 
 /**
@@ -417,44 +411,30 @@ function busyKv(kv: Deno.Kv, busy: Set<number>, afterMs: number) {
 }
 
 Deno.test("QueueWriter commits again what SQLite was too busy to take, in order, even after later commits landed", async () => {
-  const { path, kv, dir } = await tempKv();
-  try {
-    // Commit 2 (the first batch, alone) and commit 5 (in the middle of a burst, with later commits
-    // in flight that land before it fails) are refused once.
-    const { kv: flaky, failed } = busyKv(kv, new Set([2, 5]), 100);
-    const w = new QueueWriter(flaky, "q", newCheckpoint("q"), () => {});
-    // Batches of ten 10 KB events: about 100 KB each, so that commits fill up and overlap.
-    const events = Array.from({ length: 400 }, (_, i) => commit(T0 + i, { text: "b".repeat(10_000) }));
-    for (let i = 0; i < events.length; i += 10) {
-      const b = new Batcher("q", 10);
-      for (const e of events.slice(i, i + 10)) {
-        b.add(e, JSON.stringify(e), "2026-11-27", "app.bsky.feed.post");
-      }
-      await w.add(b.take()!);
-      if (i === 0) await delay(200);
+  await using db = await tempKv();
+  const { kv } = db;
+  // Commit 2 (the first batch, alone) and commit 5 (in the middle of a burst, with later commits
+  // in flight that land before it fails) are refused once.
+  const { kv: flaky, failed } = busyKv(kv, new Set([2, 5]), 100);
+  const w = new QueueWriter(flaky, "q", newCheckpoint("q"), () => {});
+  // Batches of ten 10 KB events: about 100 KB each, so that commits fill up and overlap.
+  const events = Array.from({ length: 400 }, (_, i) => commit(T0 + i, { text: "b".repeat(10_000) }));
+  for (let i = 0; i < events.length; i += 10) {
+    const b = new Batcher("q", 10);
+    for (const e of events.slice(i, i + 10)) {
+      b.add(e, JSON.stringify(e), "2026-11-27", "app.bsky.feed.post");
     }
-    await w.flush();
-    assert.deepEqual(failed, [2, 5]);
-    const cp = (await readCheckpoint(kv, "q")).value!;
-    assert.equal(cp.recordsStored, events.length);
-    assert.equal(cp.cursor, events.at(-1)!.time_us);
-    const records = await kv.get<Deno.KvU64>(queueKey("q", "count", "records"));
-    assert.equal(Number(records.value!.value), events.length);
-    kv.close();
-    const msgs = (await drainQueue(path, cp.seq)) as { seq: number; records: { time_us: number }[] }[];
-    msgs.sort((a, b) => a.seq - b.seq);
-    assert.deepEqual(msgs.map((m) => m.seq), Array.from({ length: cp.seq }, (_, i) => i + 1));
-    assert.deepEqual(msgs.flatMap((m) => m.records.map((r) => r.time_us)), events.map((e) => e.time_us));
-  } finally {
-    try {
-      kv.close();
-    } catch { /* closed */ }
-    await Deno.remove(dir, { recursive: true });
+    await w.add(b.take()!);
+    if (i === 0) await delay(200);
   }
+  await w.flush();
+  assert.deepEqual(failed, [2, 5]);
+  await assertStoredInOrder(db, events);
 });
 
 Deno.test("QueueWriter keeps writing while another connection writes to the same database", async () => {
-  const { path, kv, dir } = await tempKv();
+  await using db = await tempKv();
+  const { path, kv } = db;
   const other = await Deno.openKv(path);
   try {
     // Another connection writing all along, as a consumer acknowledging messages does: SQLite then
@@ -479,20 +459,8 @@ Deno.test("QueueWriter keeps writing while another connection writes to the same
     await w.flush();
     stop = true;
     assert.ok(await writes > 0);
-    const cp = (await readCheckpoint(kv, "q")).value!;
-    assert.equal(cp.recordsStored, events.length);
-    other.close();
-    kv.close();
-    const msgs = (await drainQueue(path, cp.seq)) as { seq: number; records: { time_us: number }[] }[];
-    msgs.sort((a, b) => a.seq - b.seq);
-    assert.deepEqual(msgs.map((m) => m.seq), Array.from({ length: cp.seq }, (_, i) => i + 1));
-    assert.deepEqual(msgs.flatMap((m) => m.records.map((r) => r.time_us)), events.map((e) => e.time_us));
+    await assertStoredInOrder(db, events);
   } finally {
-    for (const k of [kv, other]) {
-      try {
-        k.close();
-      } catch { /* closed */ }
-    }
-    await Deno.remove(dir, { recursive: true });
+    closeQuietly(other);
   }
 });
