@@ -6,6 +6,7 @@
 import { UsageError } from "../errors.ts";
 import { consume, type ConsumeResult } from "../queue/consume.ts";
 import { type FlagSpec, parseFlags, queueFlags } from "./args.ts";
+import { pathExists } from "../fs.ts";
 
 const HELP = `Usage: jetfill export [options]
 
@@ -115,16 +116,6 @@ async function fileSink(path: string): Promise<{ sink: Sink; removed: number }> 
   };
 }
 
-async function exists(path: string): Promise<boolean> {
-  try {
-    await Deno.stat(path);
-    return true;
-  } catch (err) {
-    if (err instanceof Deno.errors.NotFound) return false;
-    throw err;
-  }
-}
-
 /** The summary line printed on stderr. */
 export function exportSummary(r: ConsumeResult, out: string | undefined): string {
   const parts = [`${r.records} events from ${r.messages} messages ${out ? `appended to ${out}` : "written"}`];
@@ -153,7 +144,7 @@ export async function exportCommand(args: string[]): Promise<number> {
   if (out === "") throw new UsageError("--out must name a file");
   // Without --follow there is nothing to wait for in a database that does not exist; with it, the
   // export may well start before the sync that creates it.
-  if (!v.follow && !(await exists(path))) {
+  if (!v.follow && !(await pathExists(path))) {
     throw new UsageError(
       `Cannot export as the database ${JSON.stringify(path)} does not exist (check --kv and --queue-name)`,
     );

@@ -14,6 +14,7 @@
  * @module
  */
 import type { QueueMessage } from "./message.ts";
+import { pathExists } from "../fs.ts";
 
 /** The state a queue keeps about what it holds; written in the same commit as the messages. */
 export interface Checkpoint {
@@ -109,19 +110,9 @@ export async function openKvAt(path: string): Promise<Deno.Kv> {
     const slash = path.lastIndexOf("/");
     if (slash > 0) await Deno.mkdir(path.slice(0, slash), { recursive: true });
     // Only a speed-up: where it cannot be done, Deno KV creates the database as it always does.
-    if (!(await exists(path))) await createDatabase(path).catch(() => {});
+    if (!(await pathExists(path))) await createDatabase(path).catch(() => {});
   }
   return await Deno.openKv(path);
-}
-
-async function exists(path: string): Promise<boolean> {
-  try {
-    await Deno.lstat(path);
-    return true;
-  } catch (e) {
-    if (e instanceof Deno.errors.NotFound) return false;
-    throw e;
-  }
 }
 
 /**
