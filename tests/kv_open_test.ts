@@ -83,3 +83,29 @@ Deno.test("openKvAt() called at once from several places creates one database th
   const names = [...Deno.readDirSync(db.dir)].map((e) => e.name);
   assert.ok(!names.some((n) => n.includes(".new")), `leftovers: ${names.join(", ")}`);
 });
+
+Deno.test("openKvAt() creates its database with 16 KiB pages under permissions scoped to its folder", async () => {
+  await using db = await tempDb();
+  // A process allowed to read and write only that folder, as a careful user would run it.
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "--unstable-kv",
+      `--allow-read=${db.dir}`,
+      `--allow-write=${db.dir}`,
+      import.meta.filename!,
+      "open",
+      db.path,
+    ],
+    stderr: "inherit",
+  }).output();
+  assert.ok(out.success);
+  assert.equal(pragmas(db.path).pageSize, KV_PAGE_SIZE);
+});
+
+// The subprocess of the test above.
+if (import.meta.main && Deno.args[0] === "open") {
+  const kv = await openKvAt(Deno.args[1]);
+  await kv.set(["k"], 1);
+  kv.close();
+}
