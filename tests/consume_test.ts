@@ -401,3 +401,40 @@ if (import.meta.main) {
     clearTimeout(timer);
   }
 }
+
+Deno.test("consume() stops soon when aborted with a backlog, and a later consume() gets the rest once", async () => {
+  const { dir, path } = await tempDb();
+  try {
+    const kv = await Deno.openKv(path);
+    const stored = await produce(kv, generateCapture({ count: 8000, seed: 9 }), { batchSize: 10 });
+    kv.close();
+    // Abort after 20 messages, with about 780 still waiting: KV keeps delivering them, and each one
+    // that comes after the stop is put back. Stopping must not wait for those to cease.
+    const ac = new AbortController();
+    const seen: JetstreamEvent[] = [];
+    let abortedAt = 0;
+    const first = await consume({
+      kv: path,
+      signal: ac.signal,
+      handler: (events) => {
+        seen.push(...events);
+        if (seen.length === 200) {
+          abortedAt = performance.now();
+          ac.abort();
+        }
+      },
+    });
+    const stopMs = performance.now() - abortedAt;
+    assert.equal(first.stopReason, "aborted");
+    assert.ok(stopMs < 3000, `stopped ${Math.round(stopMs)} ms after the abort`);
+    const rest = await consume({
+      kv: path,
+      untilEmpty: true,
+      handler: (events) => void seen.push(...events),
+    });
+    assert.equal(rest.stopReason, "empty");
+    assert.deepEqual(seen.sort((a, b) => a.time_us - b.time_us), stored);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});

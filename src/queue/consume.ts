@@ -71,6 +71,10 @@ export const DEDUPE_WINDOW_MS = 7 * 24 * 3600_000;
 // After the last handler settles, Deno still has to send the acknowledgement; closing the database
 // before that loses it. A few milliseconds are enough on an idle backend; this leaves room.
 const ACK_SETTLE_MS = 40;
+// After a stop, KV goes on delivering a backlog, and each delivery is put back at once: a quiet
+// spell of ACK_SETTLE_MS may never come. From this long after the stop, consume() returns at the
+// first moment nothing is unsettled.
+const STOP_GRACE_MS = 250;
 // Deliveries received when no consumer is attached to a shared Kv come back after this delay.
 const ORPHAN_DELAY_MS = 1_000;
 // Messages of another queue come back after this delay, for their own consumer to take.
@@ -336,6 +340,8 @@ class Consumer {
   // untilEmpty: when the counters were last read, what they said, and when that last changed.
   lastCheck = 0;
   lastWaiting = -1;
+  /** When stop() was first called (performance.now() time). */
+  stoppedAt = 0;
   lastChange = performance.now();
   stopReason: ConsumeStopReason | undefined;
   readonly result: Omit<ConsumeResult, "stopReason" | "elapsed"> = {
@@ -400,8 +406,15 @@ class Consumer {
   }
 
   stop(reason: ConsumeStopReason): void {
+    if (!this.stopReason) this.stoppedAt = performance.now();
     this.stopReason ??= reason;
     this.notify();
+  }
+
+  /** Stopped, and done with everything started: settled, or quiet after STOP_GRACE_MS. */
+  finished(now: number): boolean {
+    return this.stopReason !== undefined &&
+      (this.settled(now) || (this.quiet() && now - this.stoppedAt >= STOP_GRACE_MS));
   }
 
   /** Nothing held, running, being put back or waiting for an answer. */
@@ -903,8 +916,8 @@ async function session(consumer: Consumer, kv: Deno.Kv, openedAt: number, reopen
   while (true) {
     consumer.pump();
     const now = performance.now();
+    if (consumer.finished(now)) return;
     if (consumer.settled(now)) {
-      if (consumer.stopReason) return;
       if (o.untilEmpty && now - openedAt >= MIN_SESSION_FOR_EMPTY_MS && now - consumer.lastCheck >= TICK_MS) {
         consumer.lastCheck = now;
         const waiting = await consumer.waiting(kv);
