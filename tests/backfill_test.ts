@@ -8,6 +8,7 @@ import { queueKey } from "../src/queue/kv_queue.ts";
 import { KV_COMMIT_LIMIT, serializedSizeBound } from "../src/queue/size.ts";
 import { serialize } from "node:v8";
 import type { DateChange, SyncProgress, SyncStats } from "../src/stats.ts";
+import type { BackfillSyncOptions } from "../src/options.ts";
 import { account, commit, did, drainQueue, identity } from "./helpers/events.ts";
 import { serveEvents, syncConnections, tempDb } from "./helpers/loopback.ts";
 import { patchAtomic } from "./helpers/kv_patch.ts";
@@ -78,6 +79,17 @@ async function assertStoredOnce(path: string, stats: SyncStats, expected: Jetstr
   } finally {
     kv.close();
   }
+}
+
+/** A sync from `T0` that aborts itself at its first UTC date change (the capture crosses midnight). */
+function syncUntilMidnight(options: BackfillSyncOptions): Promise<SyncStats> {
+  const controller = new AbortController();
+  return runBackfillSync({
+    startTimestamp: T0,
+    ...options,
+    signal: controller.signal,
+    onDateChange: () => controller.abort(),
+  });
 }
 
 Deno.test("runBackfillSync() stores exactly numRecords events, as received, and stops by limit", async () => {
@@ -268,15 +280,11 @@ Deno.test("runBackfillSync() stops on max_time even when no message arrives", as
 Deno.test("runBackfillSync() flushes what it has and reports aborted when its signal aborts", async () => {
   await using server = serveEvents(capture());
   await using db = await tempDb();
-  const controller = new AbortController();
-  const stats = await runBackfillSync({
+  const stats = await syncUntilMidnight({
     instance: server.url,
     kv: db.path,
-    startTimestamp: T0,
     wantedCollections: ["app.bsky.feed.post"],
     batchSize: 1000,
-    signal: controller.signal,
-    onDateChange: () => controller.abort(),
   });
   assert.equal(stats.stopReason, "aborted");
   assert.ok(stats.recordsStored > 0);
@@ -337,16 +345,12 @@ Deno.test("runBackfillSync({ resume: true }) continues the last run with its own
   const events = capture();
   await using server = serveEvents(events);
   await using db = await tempDb();
-  const controller = new AbortController();
-  const first = await runBackfillSync({
+  const first = await syncUntilMidnight({
     instance: server.url,
     kv: db.path,
-    startTimestamp: T0,
     wantedCollections: ["app.bsky.feed.like", "app.bsky.graph.follow"],
     numRecords: 150,
     batchSize: 7,
-    signal: controller.signal,
-    onDateChange: () => controller.abort(),
   });
   assert.equal(first.stopReason, "aborted");
   assert.ok(first.recordsStored > 0 && first.recordsStored < 150, String(first.recordsStored));
@@ -367,15 +371,11 @@ Deno.test("runBackfillSync({ resume: true }) on another instance says that the s
   await using first = serveEvents(events, { closeAtEnd: true });
   await using other = serveEvents(events, { closeAtEnd: true });
   await using db = await tempDb();
-  const controller = new AbortController();
-  const a = await runBackfillSync({
+  const a = await syncUntilMidnight({
     instance: first.url,
     kv: db.path,
-    startTimestamp: T0,
     wantedCollections: [],
     batchSize: 7,
-    signal: controller.signal,
-    onDateChange: () => controller.abort(),
   });
   assert.equal(a.stopReason, "aborted");
   assert.ok(a.recordsStored > 0);
@@ -424,16 +424,12 @@ Deno.test("runBackfillSync() takes 3,000 DIDs (hello, hashed in the checkpoint) 
   await using server = serveEvents(events);
   await using db = await tempDb();
   const dids = [did(3), did(4), ...Array.from({ length: 2998 }, (_, i) => `did:web:host${i}.example`)];
-  const controller = new AbortController();
-  const first = await runBackfillSync({
+  const first = await syncUntilMidnight({
     instance: server.url,
     kv: db.path,
-    startTimestamp: T0,
     wantedDids: dids,
     wantedCollections: [],
     batchSize: 5,
-    signal: controller.signal,
-    onDateChange: () => controller.abort(),
   });
   assert.equal(first.stopReason, "aborted");
   const second = await runBackfillSync({ kv: db.path, resume: true, maxTime: 2 });
