@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { DatabaseSync } from "node:sqlite";
 import { runBackfillSync } from "../src/backfill.ts";
-import { KV_PAGE_SIZE, openKvAt } from "../src/queue/kv_queue.ts";
+import { KV_PAGE_SIZE, openKvAt, retryWhileBusy } from "../src/queue/kv_queue.ts";
 import type { QueueMessage } from "../src/queue/message.ts";
 import { commit, did, drainQueue } from "./helpers/events.ts";
 import { serveEvents, tempDb } from "./helpers/loopback.ts";
@@ -101,6 +101,23 @@ Deno.test("openKvAt() creates its database with 16 KiB pages under permissions s
   }).output();
   assert.ok(out.success);
   assert.equal(pragmas(db.path).pageSize, KV_PAGE_SIZE);
+});
+
+Deno.test("retryWhileBusy() runs again while the database is busy, then says for how long it waited", async () => {
+  let calls = 0;
+  const busy = () => Promise.reject(new TypeError("database is locked"));
+  assert.equal(await retryWhileBusy(() => ++calls < 3 ? busy() : Promise.resolve("done"), 1000), "done");
+  assert.equal(calls, 3);
+  await assert.rejects(
+    () => retryWhileBusy(busy, 100),
+    /database is locked: another connection kept the database busy for 0\.\d s .*run again/,
+  );
+  calls = 0;
+  await assert.rejects(
+    () => retryWhileBusy(() => (calls++, Promise.reject(new Error("disk full"))), 1000),
+    /disk full/,
+  );
+  assert.equal(calls, 1);
 });
 
 // The subprocess of the test above.

@@ -147,7 +147,8 @@ export function isBusy(err: unknown): boolean {
 
 /**
  * Runs `op` again while SQLite reports the database busy, waiting 50 ms, then twice as long each
- * time (at most 1 s), until `budgetMs` have been spent waiting; other errors go through at once.
+ * time (at most 1 s), until `budgetMs` have been spent waiting, then throws an error that says so;
+ * other errors go through at once.
  * Another connection holds SQLite's write lock (a process opening the database), or wrote between an
  * atomic commit's checks and its writes (a consumer acknowledging messages): either way nothing of
  * the operation was written, and running it again is safe.
@@ -166,7 +167,15 @@ export async function retryWhileBusy<T>(op: () => Promise<T>, budgetMs: number):
     try {
       return await op();
     } catch (err) {
-      if (!isBusy(err) || waited >= budgetMs) throw err;
+      if (!isBusy(err)) throw err;
+      if (waited >= budgetMs) {
+        throw new Error(
+          `${(err as Error).message}: another connection kept the database busy for ${
+            (waited / 1000).toFixed(1)
+          } s (another process writing to it?); stop it or wait, then run again`,
+          { cause: err },
+        );
+      }
       await new Promise((r) => setTimeout(r, wait));
       waited += wait;
     }
