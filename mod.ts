@@ -44,7 +44,14 @@ export type {
   SyncStats,
 } from "./src/stats.ts";
 export { decodeQueueMessage, isQueueMessage, type QueueMessage } from "./src/queue/message.ts";
-export { type Checkpoint, queueLength, readCheckpoint, type RunState } from "./src/queue/kv_queue.ts";
+export {
+  type Checkpoint,
+  KV_PAGE_SIZE,
+  openKvAt,
+  queueLength,
+  readCheckpoint,
+  type RunState,
+} from "./src/queue/kv_queue.ts";
 export {
   ACK_DEADLINE_MS,
   consume,

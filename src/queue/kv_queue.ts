@@ -103,7 +103,16 @@ export const KV_PAGE_SIZE = 16_384;
 /**
  * Opens the database at `path`, creating its folder. A database that does not exist yet is created
  * with {@link KV_PAGE_SIZE} pages in WAL mode, then opened by Deno KV like any other; an existing
- * one is opened as it is.
+ * one is opened as it is. `runBackfillSync()` and `consume()` open a `kv` path this way; use it to
+ * open a database yourself, for instance to share one handle between a sync and a consumer.
+ *
+ * @example
+ * ```ts ignore
+ * import { openKvAt, runBackfillSync } from "./mod.ts";
+ * const kv = await openKvAt("./jetfill-data/jetstream_sync.sqlite");
+ * await runBackfillSync({ kv, numRecords: 1000 });
+ * kv.close();
+ * ```
  */
 export async function openKvAt(path: string): Promise<Deno.Kv> {
   if (path !== ":memory:") {
