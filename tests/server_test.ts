@@ -153,6 +153,33 @@ Deno.test("`loadCapture()` reads a file and reports bad lines with the path", as
   }
 });
 
+Deno.test("`loadCapture()` keeps lines that straddle its 1 MiB reads whole, CRLF and a last line without newline included", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const path = `${dir}/capture.ndjson`;
+    const enc = new TextEncoder();
+    // Pad the first line so that a three-byte character ("✓") of the second is cut in two by the end
+    // of the first read.
+    const event = (did: string, text: string) =>
+      JSON.stringify({ did, time_us: 1, kind: "commit", commit: { collection: "app.bsky.feed.post", text } });
+    const second = event("did:plc:b", "✓ é 😀");
+    const beforeMark = enc.encode(second.slice(0, second.indexOf("✓"))).length;
+    const head = event("did:plc:a", "");
+    const first = event("did:plc:a", "x".repeat((1 << 20) - 2 - beforeMark - enc.encode(head).length));
+    assert.equal(enc.encode(first).length + 1 + beforeMark, (1 << 20) - 1);
+    // A line longer than a whole read, and a last line with CRLF and no final newline.
+    const long = event("did:plc:c", "y".repeat((1 << 20) + 5000));
+    const last = event("did:plc:d", "end");
+    const file = `${first}\n${second}\n${long}\r\n\n${last}\r`;
+    await Deno.writeFile(path, enc.encode(file));
+    const events = await loadCapture(path);
+    assert.deepEqual(events.map((e) => e.text), [first, second, long, last]);
+    assert.deepEqual(events.map((e) => e.did), ["did:plc:a", "did:plc:b", "did:plc:c", "did:plc:d"]);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 // --- HTTP routes and 400s ------------------------------------------------------------------------
 
 Deno.test("`serveJetstream()` answers GET / and 404 like the legacy server", async () => {
