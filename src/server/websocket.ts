@@ -56,6 +56,11 @@ export interface ServerWebSocketOptions {
 }
 
 const BATCH_BYTES = 128 * 1024;
+// Written batches kept for reuse: enough to cover the server's default 4 MiB high-water mark, so that
+// a busy connection does not allocate (and zero) a fresh 128 KiB buffer for every batch. Measured on
+// the 200,000-event bench capture against 4 spares: half the server's CPU on the first connection, an
+// eighth less on later ones, and 50 MB less RSS.
+const SPARE_BATCHES = 36;
 const encoder = new TextEncoder();
 const strictDecoder = new TextDecoder("utf-8", { fatal: true });
 
@@ -188,7 +193,7 @@ export class ServerWebSocket {
         while (off < chunk.length) off += await this.#conn.write(chunk.subarray(off));
         this.#queue.shift();
         this.#queued -= chunk.length;
-        if (chunk.buffer.byteLength === BATCH_BYTES && this.#spare.length < 4) {
+        if (chunk.buffer.byteLength === BATCH_BYTES && this.#spare.length < SPARE_BATCHES) {
           this.#spare.push(new Uint8Array(chunk.buffer as ArrayBuffer));
         }
         this.#wakeDrainers();
