@@ -81,6 +81,17 @@ async function assertStoredOnce(path: string, stats: SyncStats, expected: Jetstr
   }
 }
 
+/** A sync of every kind of event, of every collection, from `T0` into the database at `kvPath`. */
+function syncEverything(url: string, kvPath: string, options: BackfillSyncOptions = {}): Promise<SyncStats> {
+  return runBackfillSync({
+    instance: url,
+    kv: kvPath,
+    startTimestamp: T0,
+    wantedCollections: [],
+    ...options,
+  });
+}
+
 /** A sync from `T0` that aborts itself at its first UTC date change (the capture crosses midnight). */
 function syncUntilMidnight(options: BackfillSyncOptions): Promise<SyncStats> {
   const controller = new AbortController();
@@ -444,12 +455,7 @@ Deno.test("runBackfillSync() stores a record whose structure serializes far larg
   const events = [commit(T0), hostile, commit(T0 + 2)];
   await using server = serveEvents(events, { closeAtEnd: true });
   await using db = await tempDb();
-  const stats = await runBackfillSync({
-    instance: server.url,
-    kv: db.path,
-    startTimestamp: T0,
-    wantedCollections: [],
-  });
+  const stats = await syncEverything(server.url, db.path);
   assert.equal(stats.stopReason, "closed");
   assert.equal(stats.recordsStored, 3);
   assert.deepEqual((await stored(db.path, stats.queueLength)).events, events);
@@ -518,13 +524,7 @@ Deno.test("runBackfillSync() repairs a refused commit in its place, losing and r
   );
   await using server = serveEvents(events, { closeAtEnd: true });
   await using db = await tempDb();
-  const stats = await runBackfillSync({
-    instance: server.url,
-    kv: db.path,
-    startTimestamp: T0,
-    wantedCollections: [],
-    batchSize: 10,
-  });
+  const stats = await syncEverything(server.url, db.path, { batchSize: 10 });
   // Seq numbers stay 1, 2, 3… without a gap, and the records stay in their order.
   await assertStoredOnce(db.path, stats, events);
 });
@@ -579,12 +579,6 @@ Deno.test("runBackfillSync() repairs a refused commit that needs several commits
   const tail = [commit(T0 + 40), commit(T0 + 41)];
   await using server = serveEvents([...events, ...tail], { closeAtEnd: true });
   await using db = await tempDb();
-  const stats = await runBackfillSync({
-    instance: server.url,
-    kv: db.path,
-    startTimestamp: T0,
-    wantedCollections: [],
-    batchSize: 40,
-  });
+  const stats = await syncEverything(server.url, db.path, { batchSize: 40 });
   await assertStoredOnce(db.path, stats, [...events, ...tail]);
 });
