@@ -141,40 +141,34 @@ export async function loadCapture(path: string): Promise<CaptureEvent[]> {
       throw new Error(`${path}:${lineNo}: ${(err as Error).message}`);
     }
   };
-  // Plain reads into one reused buffer; a line cut by the end of a read waits in `rest`.
+  // Plain reads into one reused buffer. A line cut by the end of a read waits in `rest`, in pieces
+  // joined once its end arrives (a line longer than many reads is copied once, not once a read).
   using file = await Deno.open(path, { read: true });
   const buf = new Uint8Array(1 << 20);
-  let rest: Uint8Array | undefined;
+  const rest: Uint8Array[] = [];
+  const joinRest = (last: Uint8Array): Uint8Array => {
+    rest.push(last);
+    const joined = new Uint8Array(rest.reduce((n, part) => n + part.length, 0));
+    let at = 0;
+    for (const part of rest) {
+      joined.set(part, at);
+      at += part.length;
+    }
+    rest.length = 0;
+    return joined;
+  };
   for (;;) {
     const n = await file.read(buf);
     if (n === null) break;
     const chunk = buf.subarray(0, n);
     let start = 0;
-    let end = chunk.indexOf(10);
-    if (end !== -1 && rest) {
-      take(concat(rest, chunk.subarray(0, end)));
-      rest = undefined;
-      start = end + 1;
-      end = chunk.indexOf(10, start);
-    }
-    if (rest) {
-      rest = concat(rest, chunk);
-      continue;
-    }
-    for (; end !== -1; end = chunk.indexOf(10, start)) {
-      take(chunk.subarray(start, end));
+    for (let end = chunk.indexOf(10); end !== -1; end = chunk.indexOf(10, start)) {
+      take(rest.length > 0 ? joinRest(chunk.subarray(0, end)) : chunk.subarray(start, end));
       start = end + 1;
     }
     // Copied: the buffer is read into again.
-    if (start < n) rest = chunk.slice(start);
+    if (start < n) rest.push(chunk.slice(start));
   }
-  if (rest) take(rest);
+  if (rest.length > 0) take(joinRest(new Uint8Array()));
   return events;
-}
-
-function concat(a: Uint8Array, b: Uint8Array): Uint8Array {
-  const joined = new Uint8Array(a.length + b.length);
-  joined.set(a);
-  joined.set(b, a.length);
-  return joined;
 }
