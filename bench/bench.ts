@@ -4,8 +4,8 @@
  * - ceiling: receive + `JSON.parse` only, from the project's server in another process;
  * - end to end: `runBackfillSync()` from the same server through to Deno KV, with its ratio to the ceiling
  *   (after one untimed warm-up sync; the ceiling and the first row alternate three times, each taking
- *   its best, so that the VM slowing down or speeding up between them cannot move the ratio; the other
- *   rows are the best of two);
+ *   its best, so that the VM slowing down or speeding up between them moves the ratio less; the rounds
+ *   are printed, so that a run where it did anyway can be told; the other rows are the best of two);
  * - the same with KV on a RAM disk (/dev/shm), to separate the pipeline from the disk;
  * - the sink alone (parsed events into KV, bench/sink_alone.ts), in a process of its own;
  * - Deno KV alone: ready-made payloads enqueued in commits like the writer's, the floor under all of it;
@@ -171,12 +171,14 @@ try {
   };
   // The ceiling and the first row in turns: the best of each, the same statistic on both sides of
   // the ratio, measured over the same minute.
-  let ceil = 0;
-  let first = 0;
+  const ceilings: number[] = [];
+  const firsts: number[] = [];
   for (let round = 0; round < 3; round++) {
-    ceil = Math.max(ceil, await ceiling(server.url));
-    first = Math.max(first, await timedSync(rows[0]));
+    ceilings.push(await ceiling(server.url));
+    firsts.push(await timedSync(rows[0]));
   }
+  const ceil = Math.max(...ceilings);
+  const first = Math.max(...firsts);
   console.log(`ceiling (WebSocket receive + JSON.parse, server in another process): ${fmt(ceil)} events/s`);
   console.log(`ceiling (jetfill's transport receive + JSON.parse): ${fmt(own)} events/s`);
   console.log(
@@ -194,6 +196,13 @@ try {
         (rate / own * 100).toFixed(0)
       }% of jetfill's)`,
     );
+    if (row === rows[0]) {
+      // The rounds themselves, so that a VM changing speed during the measurement can be seen.
+      const k = (n: number) => `${Math.round(n / 1000)}k`;
+      console.log(
+        `  (rounds, in turns: ceiling ${ceilings.map(k).join(", ")}; end to end ${firsts.map(k).join(", ")})`,
+      );
+    }
     await Deno.remove(path).catch(() => {});
   }
 
