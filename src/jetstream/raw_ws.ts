@@ -17,6 +17,7 @@
  */
 import { type CloseCause, ConnectError, type Connection, type Frame, InvalidTextFrame } from "./socket.ts";
 import { utf8Text } from "./utf8.ts";
+import { concat } from "../bytes.ts";
 
 export type { CloseCause, Connection, Frame };
 
@@ -340,12 +341,7 @@ export class RawConnection implements Connection {
         this.#fragments.push(buf.slice(at, end));
         this.#fragmentBytes += end - at;
         if (!fin) return true;
-        const whole = new Uint8Array(this.#fragmentBytes);
-        let off = 0;
-        for (const part of this.#fragments) {
-          whole.set(part, off);
-          off += part.length;
-        }
+        const whole = concat(this.#fragments);
         const messageOpcode = this.#fragmentOpcode;
         this.#fragmentOpcode = 0;
         this.#fragments = [];
@@ -531,13 +527,7 @@ function dechunk(bytes: Uint8Array): Uint8Array {
     parts.push(bytes.subarray(eol + 2, Math.min(eol + 2 + size, bytes.length)));
     pos = eol + 2 + size + 2;
   }
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let off = 0;
-  for (const part of parts) {
-    out.set(part, off);
-    off += part.length;
-  }
-  return out;
+  return concat(parts);
 }
 
 /**

@@ -4,6 +4,7 @@
  *
  * @module
  */
+import { concat } from "../bytes.ts";
 
 /**
  * One captured event: the exact line, to be sent byte for byte, plus the few fields the server
@@ -148,12 +149,7 @@ export async function loadCapture(path: string): Promise<CaptureEvent[]> {
   const rest: Uint8Array[] = [];
   const joinRest = (last: Uint8Array): Uint8Array => {
     rest.push(last);
-    const joined = new Uint8Array(rest.reduce((n, part) => n + part.length, 0));
-    let at = 0;
-    for (const part of rest) {
-      joined.set(part, at);
-      at += part.length;
-    }
+    const joined = concat(rest);
     rest.length = 0;
     return joined;
   };

@@ -9,6 +9,7 @@
  * @module
  */
 import { closePayload } from "../jetstream/raw_ws.ts";
+import { concat } from "../bytes.ts";
 
 /**
  * Callbacks for what the client sends.
@@ -455,12 +456,7 @@ export class ServerWebSocket {
       if (this.#fragmentBytes > this.#maxMessageBytes) throw new ProtocolError(1009, "message too big");
       this.#fragments.push(payload);
       if (!fin) return;
-      const whole = new Uint8Array(this.#fragmentBytes);
-      let off = 0;
-      for (const part of this.#fragments) {
-        whole.set(part, off);
-        off += part.length;
-      }
+      const whole = concat(this.#fragments);
       const messageOpcode = this.#fragmentOpcode;
       this.#fragments = [];
       this.#fragmentBytes = 0;
