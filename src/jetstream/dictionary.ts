@@ -8,6 +8,7 @@
  * @module
  */
 
+import { concat } from "../bytes.ts";
 import { UsageError } from "../errors.ts";
 import { dictionaryIdOf } from "./zstd.ts";
 
@@ -283,13 +284,7 @@ async function download(doFetch: typeof fetch, url: string, signal?: AbortSignal
       chunks.push(chunk);
     }
   }
-  const bytes = new Uint8Array(length);
-  let offset = 0;
-  for (const chunk of chunks) {
-    bytes.set(chunk, offset);
-    offset += chunk.byteLength;
-  }
-  return bytes;
+  return concat(chunks);
 }
 
 /** Writes via a temporary file and a rename, so readers never see a partial file. */
