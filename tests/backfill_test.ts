@@ -7,6 +7,7 @@ import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
 import { queueKey } from "../src/queue/kv_queue.ts";
 import { KV_COMMIT_LIMIT, serializedSizeBound } from "../src/queue/size.ts";
 import { serialize } from "node:v8";
+import { gunzipSync } from "node:zlib";
 import type { DateChange, SyncProgress, SyncStats } from "../src/stats.ts";
 import type { BackfillSyncOptions } from "../src/options.ts";
 import { account, commit, did, drainQueue, identity } from "./helpers/events.ts";
@@ -450,15 +451,21 @@ Deno.test("runBackfillSync() takes 3,000 DIDs (hello, hashed in the checkpoint) 
 });
 
 Deno.test("runBackfillSync() stores a record whose structure serializes far larger than its JSON", async () => {
-  // 9,000 doubles: 36 KB of JSON, 81 KB once V8 serializes it.
+  // 9,000 doubles: 45 KB of JSON, 81 KB once V8 serializes it. Written `0.50`, which
+  // JSON.stringify would spell `0.5`: the gzipped copy must be the text as received.
   const hostile = withDoubles(T0 + 1, 9_000);
+  const hostileText = JSON.stringify(hostile).replaceAll("0.5", "0.50");
   const events = [commit(T0), hostile, commit(T0 + 2)];
-  await using server = serveEvents(events, { closeAtEnd: true });
+  await using server = serveEvents([events[0], hostileText, events[2]], { closeAtEnd: true });
   await using db = await tempDb();
   const stats = await syncEverything(server.url, db.path);
   assert.equal(stats.stopReason, "closed");
   assert.equal(stats.recordsStored, 3);
-  assert.deepEqual((await stored(db.path, stats.queueLength)).events, events);
+  const { msgs, events: got } = await stored(db.path, stats.queueLength);
+  assert.deepEqual(got, events);
+  const gz = msgs.flatMap((m) => m.compressed ?? []);
+  assert.equal(gz.length, 1, "the hostile record did not travel gzipped");
+  assert.equal(new TextDecoder().decode(gunzipSync(gz[0])), hostileText);
 });
 
 Deno.test("runBackfillSync() skips and reports an event too large even gzipped, and goes on", async () => {

@@ -490,7 +490,9 @@ function fitExactly(queue: string, m: PackedMessage): PackedMessage[] {
     ];
   }
   const event = m.records[0];
-  const gz = compressEvent(JSON.stringify(event));
+  // The text as received, as the batcher gzips it: re-encoding the parsed event could change it (a
+  // number written `0.50`, an integer beyond 2^53).
+  const gz = compressEvent(m.texts[0]);
   const packed = { ...packRecords(m, [], []), compressed: [gz], count: 1, cursor: event.time_us };
   packed.days = new Map([[utcDate(event.time_us), 1]]);
   if (event.kind === "commit") packed.collections = new Set([event.commit.collection]);
