@@ -15,6 +15,7 @@
  */
 import type { QueueMessage } from "./message.ts";
 import { pathExists } from "../fs.ts";
+import { delay } from "../async.ts";
 
 /** The state a queue keeps about what it holds; written in the same commit as the messages. */
 export interface Checkpoint {
@@ -185,7 +186,7 @@ export async function retryWhileBusy<T>(op: () => Promise<T>, budgetMs: number):
           { cause: err },
         );
       }
-      await new Promise((r) => setTimeout(r, wait));
+      await delay(wait);
       waited += wait;
     }
   }
