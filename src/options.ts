@@ -123,7 +123,7 @@ export interface BackfillSyncOptions {
    */
   idleTimeout?: number;
   /**
-   * Connection attempts in a row without progress before the run stops with an error.
+   * Retries in a row without progress (attempts after the first) before the run stops with an error.
    * @default {10}
    */
   maxRetries?: number;

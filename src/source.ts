@@ -10,12 +10,18 @@ import { backoffDelay, delay } from "./async.ts";
 import { UsageError } from "./errors.ts";
 import { probeCoverageStart } from "./jetstream/coverage.ts";
 import { resolveZstdDictionary } from "./jetstream/dictionary.ts";
-import { type ConnectError, type Connection, openConnection } from "./jetstream/socket.ts";
+import { type CloseCause, ConnectError, type Connection, openConnection } from "./jetstream/socket.ts";
 import { buildSubscribeRequest } from "./jetstream/url.ts";
 import { buildV2Url, fetchV2Dictionary, isV2Url, parseXrpcError } from "./jetstream/v2.ts";
 import { createZstdDecoder } from "./jetstream/zstd.ts";
 import type { BackfillSyncOptions } from "./options.ts";
-import { coverageGap, type RunContext, type SeqState, type Session } from "./pipeline/context.ts";
+import {
+  coverageGap,
+  coverageUnknown,
+  type RunContext,
+  type SeqState,
+  type Session,
+} from "./pipeline/context.ts";
 import { createSelector, ReplayGuard } from "./pipeline/filter.ts";
 import { readConnection } from "./pipeline/process.ts";
 import type { Checkpoint } from "./queue/kv_queue.ts";
@@ -86,19 +92,51 @@ export async function consumeStream(
   }
   let failures = 0;
   let connections = 0;
+  let lastFailure: string | undefined;
   let disconnectedAt = performance.now();
   let lastSpanUs = 0;
 
-  // Coverage: is the requested start (or the resume point) still within the server's history?
+  /** Counts a failed attempt and waits out its backoff, failing over on the way; false: give up. */
+  const failedAttempt = async (base: string, message: string): Promise<boolean> => {
+    failures++;
+    lastFailure = message;
+    ctx.report({ reason: "connection", message, instance: base });
+    if (failures > o.maxRetries) {
+      ctx.stop = "error";
+      ctx.error = `gave up after ${failures} connection attempts without progress; last error: ${message}`;
+      return false;
+    }
+    if (o.instances.length > 1 && failures % o.failoverAfter === 0) {
+      instanceIndex = (instanceIndex + 1) % o.instances.length;
+      stats.failovers++;
+      if (floorUs >= 0) floorUs -= o.rewindUs;
+    }
+    await delay(backoffDelay(failures), ctx.internal.signal);
+    return true;
+  };
+
+  // Coverage still to check: is the requested start (or the resume point) within the history of
+  // the server about to be used? Checked before its first connection and after a long outage.
   const from = floorUs >= 0 ? floorUs : o.startUs;
-  if (from !== undefined) await checkCoverage(ctx, o.instances[instanceIndex], from, floorUs < 0);
+  let coverage = from === undefined ? undefined : { fromUs: from, atStart: floorUs < 0 };
 
   while (!ctx.stop) {
     const base = o.instances[instanceIndex];
-    if (floorUs >= 0 && connections > 0 && performance.now() - disconnectedAt > o.idleTimeoutMs) {
+    if (
+      !coverage && floorUs >= 0 && connections > 0 && performance.now() - disconnectedAt > o.idleTimeoutMs
+    ) {
       // After an outage longer than the idle timeout the cursor may have fallen out of history.
-      await checkCoverage(ctx, base, floorUs, false);
+      coverage = { fromUs: floorUs, atStart: false };
+    }
+    if (coverage) {
+      const failed = await checkCoverage(ctx, base, coverage.fromUs, coverage.atStart);
       if (ctx.stop) break;
+      if (failed !== undefined) {
+        // A probe refused for a while (a v2 host warming up) or lost is retried like a connection.
+        if (!await failedAttempt(base, failed)) break;
+        continue;
+      }
+      coverage = undefined;
     }
     const bySeq = seq.host === base && seq.floor >= 0;
     // Reconnecting by time, ask for a little more than the inclusive cursor: a legacy server can
@@ -159,20 +197,7 @@ export async function consumeStream(
         ctx.error = e.message;
         break;
       }
-      failures++;
-      ctx.report({ reason: "connection", message: e.message, instance: base });
-      if (failures > o.maxRetries) {
-        ctx.stop = "error";
-        ctx.error =
-          `gave up after ${failures} connection attempts without progress; last error: ${e.message}`;
-        break;
-      }
-      if (o.instances.length > 1 && failures % o.failoverAfter === 0) {
-        instanceIndex = (instanceIndex + 1) % o.instances.length;
-        stats.failovers++;
-        if (floorUs >= 0) floorUs -= o.rewindUs;
-      }
-      await delay(backoffDelay(failures), ctx.internal.signal);
+      if (!await failedAttempt(base, e.message)) break;
       continue;
     }
     connections++;
@@ -183,7 +208,12 @@ export async function consumeStream(
       guard.arm();
     }
     ctx.batcher.host = base;
-    const before = { us: stats.lastProcessedUs, seq: seq.floor, accepted: ctx.accepted };
+    const before = {
+      us: stats.lastProcessedUs,
+      seq: seq.floor,
+      accepted: ctx.accepted,
+      messages: stats.messagesReceived,
+    };
     const session: Session = {
       base,
       v2,
@@ -209,6 +239,18 @@ export async function consumeStream(
     disconnectedAt = performance.now();
     if (ctx.stop) break;
     const cause = conn.cause!;
+    if (stats.messagesReceived === before.messages && refusedSubscription(cause)) {
+      // Closed before sending anything, for what was asked: retrying the same request is no use.
+      const message = `${new URL(base).host} refused the subscription (close code ${cause.code}${
+        cause.reason ? `: ${cause.reason}` : ""
+      })`;
+      if (connections === 1 && stats.recordsStored === 0 && ctx.accepted === before.accepted) {
+        throw new UsageError(message);
+      }
+      ctx.stop = "error";
+      ctx.error = message;
+      break;
+    }
     if (cause.kind === "closed" && cause.code === 1000 && !session.errorFrame) {
       // A legacy server also closes with 1000 to refuse an options_update; say why it closed.
       if (cause.reason) {
@@ -250,15 +292,50 @@ export async function consumeStream(
       await delay(backoffDelay(Math.max(1, failures)), ctx.internal.signal);
     }
   }
+  if (ctx.stop === "max_time" && connections === 0 && lastFailure !== undefined) {
+    // Not a run that ran out of time, but one that never got a connection.
+    ctx.stop = "error";
+    ctx.error = `no connection within maxTime (${o.maxTimeMs / 1000} s); last error: ${lastFailure}`;
+  }
+}
+
+/**
+ * Whether a close says the server refused the subscription itself: 1007 or 1008 (the v2 server's
+ * `/subscribe` on a bad or refused `options_update`), or 1000 with the legacy server's reasons for
+ * refusing one (protocol doc §2).
+ */
+function refusedSubscription(cause: CloseCause): cause is Extract<CloseCause, { kind: "closed" }> {
+  if (cause.kind !== "closed") return false;
+  if (cause.code === 1007 || cause.code === 1008) return true;
+  return cause.code === 1000 &&
+    /^failed to (unmarshal subscriber|parse subscriber options)/.test(cause.reason ?? "");
 }
 
 /**
  * Probes where `base`'s history begins and compares it with `fromUs`, the requested start
- * (`atStart`) or a resume point; see {@link coverageGap}.
+ * (`atStart`) or a resume point; see {@link coverageGap}. Resolves to a message when the probe
+ * failed in a way worth retrying (a network error, a timeout, a 5xx or 429 refusal); a server that
+ * refuses the probe itself leaves coverage unknown, which is reported (and stops a strict run).
  */
-async function checkCoverage(ctx: RunContext, base: string, fromUs: number, atStart: boolean): Promise<void> {
-  if (!new URL(base).pathname.endsWith("/subscribe")) return;
-  const oldest = await probeCoverageStart(base, { signal: ctx.internal.signal });
-  if (oldest === null || ctx.stop) return;
+async function checkCoverage(
+  ctx: RunContext,
+  base: string,
+  fromUs: number,
+  atStart: boolean,
+): Promise<string | undefined> {
+  if (!new URL(base).pathname.endsWith("/subscribe")) return undefined;
+  let oldest: number | null;
+  try {
+    oldest = await probeCoverageStart(base, { signal: ctx.internal.signal });
+  } catch (err) {
+    if (ctx.stop) return undefined;
+    const status = err instanceof ConnectError ? err.status : undefined;
+    const message = `could not find where ${new URL(base).host}'s history begins: ${(err as Error).message}`;
+    if (status === undefined || status >= 500 || status === 429) return message;
+    coverageUnknown(ctx, base, message);
+    return undefined;
+  }
+  if (oldest === null || ctx.stop) return undefined;
   coverageGap(ctx, base, fromUs, oldest, atStart);
+  return undefined;
 }

@@ -89,3 +89,39 @@ Deno.test("jetfill sync warns in plain words about a clamped start, and --strict
   assert.equal(strict.code, 2);
   assert.match(new TextDecoder().decode(strict.stderr), /refused by --strict/);
 });
+
+Deno.test("runBackfillSync() retries a coverage probe refused with 503 instead of skipping the check", async () => {
+  // The first two subscription requests (probes) are refused, as by a v2 host warming up.
+  await using server = serveEvents(events, { closeAtEnd: true, faults: { refuseFirst: 2 } });
+  await using db = await tempDb();
+  const stats = await runBackfillSync({ instance: server.url, kv: db.path, startTimestamp: T0 - 2 * DAY });
+  assert.equal(stats.startClamped, true);
+  assert.equal(stats.coverageStart, T0);
+  assert.equal(stats.coverageGapUs, 2 * DAY);
+  assert.equal(stats.recordsStored, 100);
+  // Two refused probes, the third answered, then the sync's own connection.
+  assert.deepEqual(server.connections.map((c) => c.query === "cursor=0"), [true, true, true, false]);
+});
+
+Deno.test("runBackfillSync({ strict: true }) refuses to run when the server will not say where its history begins", async () => {
+  // A server that refuses every request with 400: the probe cannot tell, and a strict run must know.
+  await using server = Deno.serve(
+    { hostname: "127.0.0.1", port: 0, onListen: () => {} },
+    () => new Response("invalid subscriber options", { status: 400 }),
+  );
+  await using db = await tempDb();
+  await assert.rejects(
+    () =>
+      runBackfillSync({
+        instance: `ws://127.0.0.1:${server.addr.port}/subscribe`,
+        kv: db.path,
+        startTimestamp: T0,
+        strict: true,
+      }),
+    (err: unknown) =>
+      err instanceof UsageError &&
+      /could not find where 127\.0\.0\.1:\d+'s history begins: .*HTTP 400.*\(--strict needs to know\)/.test(
+        err.message,
+      ),
+  );
+});

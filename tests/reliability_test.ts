@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
 import { runBackfillSync } from "../src/backfill.ts";
+import { UsageError } from "../src/errors.ts";
 import type { JetstreamEvent } from "../src/jetstream/events.ts";
 import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
 import type { SyncErrorReport } from "../src/stats.ts";
@@ -168,4 +169,57 @@ Deno.test("runBackfillSync() rewinds a second on reconnect after a long connecti
   assert.ok(second.includes(`cursor=${T0 + 399 * 10_000 - 1_000_000}`), second);
   assert.ok(stats.duplicatesDropped >= 100, `duplicates: ${stats.duplicatesDropped}`);
   assert.deepEqual(await stored(db.path, stats.queueLength), events);
+});
+
+/** A /subscribe endpoint that closes each connection with `code` and `reason` on its first message. */
+function refusingServer(code: number, reason: string): Deno.HttpServer<Deno.NetAddr> {
+  return Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, (req) => {
+    const { socket, response } = Deno.upgradeWebSocket(req);
+    socket.onmessage = () => socket.close(code, reason);
+    return response;
+  });
+}
+
+Deno.test("runBackfillSync() stops at once, with the server's reason, when an options_update is refused by a close", async () => {
+  const dids = Array.from({ length: 60 }, (_, i) => did(i));
+  for (
+    const [code, reason] of [
+      // The legacy server's refusal (protocol doc §2), and the v2 server's /subscribe.
+      [1000, "failed to parse subscriber options: too many wanted DIDs"],
+      [1008, "subscribe: invalid options: too many wanted DIDs: 60 > 50"],
+    ] as const
+  ) {
+    await using server = refusingServer(code, reason);
+    await using db = await tempDb();
+    const started = performance.now();
+    await assert.rejects(
+      () =>
+        runBackfillSync({
+          instance: `ws://127.0.0.1:${server.addr.port}/subscribe`,
+          kv: db.path,
+          wantedDids: dids,
+        }),
+      (err: unknown) =>
+        err instanceof UsageError &&
+        err.message ===
+          `127.0.0.1:${server.addr.port} refused the subscription (close code ${code}: ${reason})`,
+    );
+    assert.ok(performance.now() - started < 2000, "refused, not retried with backoff");
+  }
+});
+
+Deno.test("runBackfillSync() that never gets a connection within maxTime stops with an error, not max_time", async () => {
+  // A port that was just free: nothing listens there.
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = (listener.addr as Deno.NetAddr).port;
+  listener.close();
+  await using db = await tempDb();
+  const stats = await runBackfillSync({
+    instance: `ws://127.0.0.1:${port}/subscribe`,
+    kv: db.path,
+    maxTime: 1,
+  });
+  assert.equal(stats.stopReason, "error");
+  assert.match(stats.error!, /^no connection within maxTime \(1 s\); last error: .*127\.0\.0\.1/);
+  assert.equal(stats.recordsStored, 0);
 });

@@ -11,8 +11,9 @@ import { openConnection } from "./socket.ts";
 import { buildSubscribeRequest } from "./url.ts";
 
 /**
- * The `time_us` of the oldest event `base` (a `/subscribe` URL) still serves, or `null` when it
- * cannot tell (no event within the timeout, a refusal, a network error).
+ * The `time_us` of the oldest event `base` (a `/subscribe` URL) still serves, or `null` when no
+ * event came within the timeout. A refused or failed connection rejects with its error (a
+ * `ConnectError` carries the HTTP status of a refusal), so that the caller can retry it.
  *
  * @example
  * ```ts
@@ -27,16 +28,11 @@ export async function probeCoverageStart(
   const { url } = buildSubscribeRequest(base, { wantedDids: [], wantedCollections: [], cursor: 0 });
   const timeout = AbortSignal.timeout(options.timeoutMs ?? 10_000);
   const signal = options.signal ? AbortSignal.any([options.signal, timeout]) : timeout;
-  let conn;
-  try {
-    conn = await openConnection(url, {
-      idleTimeoutMs: options.timeoutMs ?? 10_000,
-      maxBufferedBytes: 1 << 20,
-      signal,
-    });
-  } catch {
-    return null;
-  }
+  const conn = await openConnection(url, {
+    idleTimeoutMs: options.timeoutMs ?? 10_000,
+    maxBufferedBytes: 1 << 20,
+    signal,
+  });
   try {
     for (let frames = await conn.next(); frames; frames = await conn.next()) {
       for (const frame of frames) {

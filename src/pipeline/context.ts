@@ -100,10 +100,34 @@ export function coverageGap(
   const message = `${new URL(base).host} only holds events from ${isoFromUs(firstUs)} on; ${what}, ${
     isoFromUs(fromUs)
   }, is ${describeDuration(gap)} earlier, so events in between cannot be had from this server`;
-  ctx.report({ reason: "coverage", message, instance: base });
-  if (!ctx.o.strict) return;
+  // A strict run says it once, in its error.
+  if (!ctx.o.strict) {
+    ctx.report({ reason: "coverage", message, instance: base });
+    return;
+  }
   if (atStart && stats.recordsStored === 0 && ctx.accepted === ctx.writer.checkpoint.run.recordsStored) {
     throw new UsageError(`${message} (refused by --strict)`);
+  }
+  stopWith(ctx, "error");
+  ctx.error = `${message} (stopped by --strict)`;
+}
+
+/**
+ * Records that where `base`'s history begins could not be found out (`message` says why): a start
+ * older than it would be moved forward unseen. Reported; a strict run stops, before storing
+ * anything when it has not started yet.
+ */
+export function coverageUnknown(ctx: RunContext, base: string, message: string): void {
+  if (!ctx.o.strict) {
+    ctx.report({
+      reason: "coverage",
+      message: `${message}; a start before it would go unnoticed`,
+      instance: base,
+    });
+    return;
+  }
+  if (ctx.stats.recordsStored === 0 && ctx.accepted === ctx.writer.checkpoint.run.recordsStored) {
+    throw new UsageError(`${message} (--strict needs to know)`);
   }
   stopWith(ctx, "error");
   ctx.error = `${message} (stopped by --strict)`;
