@@ -50,9 +50,14 @@ function usage(): string {
  */
 export async function main(args: string[]): Promise<number> {
   const [name, ...rest] = args;
-  if (name === undefined || name === "--help" || name === "-h" || name === "help") {
+  if (name === undefined) {
+    // Not what was asked for: the usage goes where errors go.
+    console.error(usage());
+    return 2;
+  }
+  if (name === "--help" || name === "-h" || name === "help") {
     console.log(usage());
-    return name === undefined ? 2 : 0;
+    return 0;
   }
   const command = COMMANDS[name];
   if (!command) {

@@ -196,6 +196,8 @@ const QUEUE_NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$/;
 function show(value: unknown): string {
   if (typeof value === "string") return JSON.stringify(value);
   if (typeof value === "bigint") return `${value}n`;
+  // JSON would spell NaN and Infinity as null.
+  if (typeof value === "number") return String(value);
   if (value instanceof Date) return `Date(${value.toString()})`;
   if (Array.isArray(value)) return `an array of ${value.length}`;
   try {
@@ -338,8 +340,22 @@ function unique<T>(values: readonly T[]): T[] {
 function toUs(name: string, value: string | number | Date | undefined): number | undefined {
   if (value === undefined) return undefined;
   const us = parseTimestamp(value);
-  if (us === undefined) throw new UsageError(because(name, TIMESTAMP_FORMATS, value));
+  if (us === undefined) throw new UsageError(because(name, TIMESTAMP_FORMATS, value) + unitHint(value));
   return us;
+}
+
+/** For an integer too small to be microseconds: the unit it looks like and its value in µs. */
+function unitHint(value: string | number | Date): string {
+  const n = typeof value === "string" && /^\d+$/.test(value.trim()) ? Number(value.trim()) : value;
+  if (typeof n !== "number" || !Number.isSafeInteger(n) || n <= 0) return "";
+  const digits = String(n).length;
+  const unit = digits <= 10
+    ? { name: "seconds", scale: 1_000_000 }
+    : digits <= 13
+    ? { name: "milliseconds", scale: 1000 }
+    : undefined;
+  if (!unit || !Number.isSafeInteger(n * unit.scale)) return "";
+  return ` (${n} looks like ${unit.name}; in microseconds that is ${n * unit.scale})`;
 }
 
 /**

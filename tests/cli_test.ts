@@ -21,7 +21,13 @@ const BAD: [string[], RegExp][] = [
   [["sync", "--limit", "abc"], /--limit must be a positive integer: current value is "abc"/],
   [["sync", "--limit", "0"], /--limit must be a positive integer: current value is "0"/],
   [["sync", "--batch-size=-3"], /--batch-size must be a positive integer: current value is "-3"/],
-  [["sync", "--batch-size", "-3"], /Option '--batch-size' argument is ambiguous/],
+  [["sync", "--batch-size", "-3"], /--batch-size must be a positive integer: current value is "-3"/],
+  [["sync", "--limit", "0x10"], /--limit must be a positive integer: current value is "0x10"/],
+  [["sync", "--limit", "1e3"], /--limit must be a positive integer: current value is "1e3"/],
+  [
+    ["sync", "--start", "1764000000"],
+    /current value is "1764000000" \(1764000000 looks like seconds; in microseconds that is 1764000000000000\)/,
+  ],
   [["sync", "--max-time", "soon"], /--max-time must be a positive number: current value is "soon"/],
   [["sync", "--start", "01/02/2024"], /'startTimestamp' must be YYYY-MM-DD.*"01\/02\/2024"/],
   [["sync", "--start", "2024-01-02", "--end", "2024-01-01"], /'endTimestamp' must be after 'startTimestamp'/],
@@ -47,6 +53,13 @@ for (const [args, pattern] of BAD) {
     assert.doesNotMatch(r.stderr, /\bat .*\.ts:\d+/);
   });
 }
+
+Deno.test("jetfill without a command prints its usage on stderr and exits 2", async () => {
+  const r = await run([]);
+  assert.equal(r.code, 2);
+  assert.equal(r.stdout, "");
+  assert.match(r.stderr, /^Usage: jetfill <command> \[options\]/);
+});
 
 Deno.test("jetfill sync --help lists every option", async () => {
   const r = await run(["sync", "--help"]);

@@ -41,6 +41,8 @@ Deno.test("resolveSyncOptions() names the bad value and what was expected", () =
   rejects({ batchSize: 0 }, /'batchSize' must be a positive integer: current value is 0/);
   rejects({ numRecords: -5 }, /'numRecords' must be a positive integer: current value is -5/);
   rejects({ numRecords: 1.5 }, /'numRecords' must be a positive integer: current value is 1.5/);
+  rejects({ numRecords: NaN }, /'numRecords' must be a positive integer: current value is NaN/);
+  rejects({ maxTime: Infinity }, /'maxTime' must be a positive number of seconds: current value is Infinity/);
   rejects({ maxTime: 0 }, /'maxTime' must be a positive number of seconds: current value is 0/);
   rejects(
     { startTimestamp: "01/02/2024" },

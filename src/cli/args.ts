@@ -14,7 +14,12 @@ export type FlagSpec = NonNullable<ParseArgsConfig["options"]>;
 /** Parses `args` against `spec`; unknown flags and stray arguments are usage errors. */
 export function parseFlags(command: string, args: string[], spec: FlagSpec): Record<string, unknown> {
   try {
-    const { values } = parseArgs({ args, options: spec, strict: true, allowPositionals: false });
+    const { values } = parseArgs({
+      args: attachNegatives(args, spec),
+      options: spec,
+      strict: true,
+      allowPositionals: false,
+    });
     return values as Record<string, unknown>;
   } catch (err) {
     // parseArgs explains some errors over several lines; the CLI promises one.
@@ -24,6 +29,25 @@ export function parseFlags(command: string, args: string[], spec: FlagSpec): Rec
     );
     throw new UsageError(`${msg} (see 'jetfill ${command} --help')`);
   }
+}
+
+/**
+ * `--limit -5` as `--limit=-5`: `parseArgs` takes a value that starts with a dash for a flag and
+ * reports it as ambiguous, while the value's own check says what was expected.
+ */
+function attachNegatives(args: string[], spec: FlagSpec): string[] {
+  const out: string[] = [];
+  for (let i = 0; i < args.length; i++) {
+    const name = args[i].startsWith("--") ? args[i].slice(2) : undefined;
+    const next = args[i + 1];
+    if (name && spec[name]?.type === "string" && next !== undefined && /^-[\d.]/.test(next)) {
+      out.push(`${args[i]}=${next}`);
+      i++;
+    } else {
+      out.push(args[i]);
+    }
+  }
+  return out;
 }
 
 /** The queue (`--queue-name`, default `jetstream_sync`) and its database (`--kv`, default by queue). */
@@ -41,13 +65,14 @@ export function numberFlag(
 ): number | undefined {
   if (value === undefined) return undefined;
   const text = String(value);
-  const n = Number(text);
+  // Plain decimal only: Number() would also take "0x10", "0b11", "1e1" and " 5 ".
+  const n = /^(\d+(\.\d*)?|\.\d+)$/.test(text) ? Number(text) : NaN;
   const expected = rule.integer
     ? rule.positive ? "a positive integer" : `an integer of at least ${rule.min ?? 0}`
     : rule.positive
     ? "a positive number"
     : "a number";
-  const ok = text.trim() !== "" && Number.isFinite(n) && (!rule.integer || Number.isSafeInteger(n)) &&
+  const ok = Number.isFinite(n) && (!rule.integer || Number.isSafeInteger(n)) &&
     (!rule.positive || n > 0) && (rule.min === undefined || n >= rule.min);
   if (!ok) throw new UsageError(`--${flag} must be ${expected}: current value is ${JSON.stringify(text)}`);
   return n;
