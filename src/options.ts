@@ -7,8 +7,8 @@
 import { z } from "zod";
 import { UsageError } from "./errors.ts";
 import { EVENT_KINDS, type EventKind } from "./jetstream/events.ts";
-import { isCollectionFilter, isDid } from "./validate.ts";
-import { V2_HOSTS, V2_SUBSCRIBE_PATH } from "./jetstream/v2.ts";
+import { isCollectionFilter, isDid, isNsid } from "./validate.ts";
+import { isV2Url, V2_HOSTS, V2_SUBSCRIBE_PATH } from "./jetstream/v2.ts";
 import { isoFromUs, parseTimestamp, TIMESTAMP_FORMATS } from "./time.ts";
 import type { DateChange, SyncErrorReport, SyncProgress } from "./stats.ts";
 
@@ -424,6 +424,21 @@ export function resolveSyncOptions(options: BackfillSyncOptions = {}): ResolvedS
     : o.instance;
   if (given.length === 0) throw new UsageError(because("instance", "at least one host or URL", []));
   const instances = unique(given.map((i) => instanceUrl(i, o.wire)));
+  const v2 = instances.find(isV2Url);
+  if (v2 !== undefined) {
+    // The v2 wire checks a prefix's head as an NSID prefix (`app.*` is refused there, accepted on
+    // /subscribe): refuse it here, before connecting (protocol doc §1.3).
+    const bad = wantedCollections.find((c) => c.endsWith(".*") && !isNsid(`${c.slice(0, -2)}.x`));
+    if (bad !== undefined) {
+      throw new UsageError(
+        because(
+          "wantedCollections",
+          `prefixes of at least two segments such as app.bsky.* on the v2 wire (${new URL(v2).host})`,
+          bad,
+        ),
+      );
+    }
+  }
 
   return {
     wantedDids,

@@ -57,6 +57,17 @@ Deno.test("resolveSyncOptions() names the bad value and what was expected", () =
     { wantedCollections: ["app.bsky.graph.fo*"] },
     /'wantedCollections' must be NSIDs.*"app.bsky.graph.fo\*"/,
   );
+  // A one-segment prefix: the legacy wire takes it, the v2 wire answers 400 (protocol doc §1.3).
+  assert.deepEqual(resolveSyncOptions({ wantedCollections: ["app.*"] }).wantedCollections, ["app.*"]);
+  rejects(
+    { wantedCollections: ["app.*"], instance: "jetstream.us-east.bsky.network" },
+    /'wantedCollections' must be prefixes of at least two segments such as app.bsky.\* on the v2 wire \(jetstream.us-east.bsky.network\): current value is "app.\*"/,
+  );
+  assert.deepEqual(
+    resolveSyncOptions({ wantedCollections: ["app.bsky.*"], instance: "jetstream.us-east.bsky.network" })
+      .wantedCollections,
+    ["app.bsky.*"],
+  );
   rejects(
     { kinds: ["heartbeat"] },
     /'kinds' must be one of commit, identity, account: current value is "heartbeat"/,
