@@ -191,7 +191,8 @@ export interface ResolvedSyncOptions {
 }
 
 const KIND_SET = new Set<string>(EVENT_KINDS);
-const QUEUE_NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$/;
+/** What a queue name may be: it also names the default database file. */
+export const QUEUE_NAME: RegExp = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$/;
 
 function show(value: unknown): string {
   if (typeof value === "string") return JSON.stringify(value);

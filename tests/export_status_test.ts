@@ -160,9 +160,16 @@ Deno.test("jetfill export and status refuse a missing database and bad flags wit
     );
     assert.equal((await Array.fromAsync(Deno.readDir(dir))).length, 0, "no database was created");
     for (const command of ["export", "status"]) {
-      const empty = await jetfill(command, "--queue-name", "");
-      assert.equal(empty.code, 2);
-      assert.match(empty.stderr, new RegExp(`jetfill ${command}: --queue-name must not be empty`));
+      for (const name of ["", "bad/name"]) {
+        const refused = await jetfill(command, "--queue-name", name);
+        assert.equal(refused.code, 2);
+        assert.match(
+          refused.stderr,
+          new RegExp(
+            `jetfill ${command}: --queue-name must be 1 to 100 letters.*: current value is "${name}"`,
+          ),
+        );
+      }
     }
     const bad = await jetfill("export", "--nope");
     assert.equal(bad.code, 2);
@@ -217,6 +224,15 @@ Deno.test("jetfill status shows the queue's counts, per-day records and dead let
     assert.match(text.stdout, new RegExp(`waiting\\s+443 records in ${messages - 1} messages`));
     assert.match(text.stdout, /dead letters\s+1 messages \(7 records\)/);
     assert.match(text.stdout, /last cursor\s+\d+ \(\d{4}-\d\d-\d\dT[\d:.]+Z\)/);
+    assert.equal(text.stderr, "");
+    // Another queue's name: nothing there, and a pointer to the queue the database holds.
+    const other = await jetfill("status", "--kv", path, "--queue-name", "other");
+    assert.equal(other.code, 0);
+    assert.match(other.stdout, /last cursor\s+- \(nothing stored yet\)/);
+    assert.equal(
+      other.stderr.trim(),
+      `jetfill status: queue 'other' has nothing in ${path}, which holds 'jetstream_sync': see --queue-name`,
+    );
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

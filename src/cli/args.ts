@@ -7,6 +7,7 @@
 import { parseArgs, type ParseArgsConfig } from "node:util";
 import { UsageError } from "../errors.ts";
 import { defaultKvPath } from "../queue/kv_queue.ts";
+import { QUEUE_NAME } from "../options.ts";
 
 /** Flag definitions in `parseArgs` form. */
 export type FlagSpec = NonNullable<ParseArgsConfig["options"]>;
@@ -53,7 +54,13 @@ function attachNegatives(args: string[], spec: FlagSpec): string[] {
 /** The queue (`--queue-name`, default `jetstream_sync`) and its database (`--kv`, default by queue). */
 export function queueFlags(v: Record<string, unknown>): { queue: string; path: string } {
   const queue = (v["queue-name"] as string | undefined) ?? "jetstream_sync";
-  if (queue === "") throw new UsageError("--queue-name must not be empty");
+  if (!QUEUE_NAME.test(queue)) {
+    throw new UsageError(
+      `--queue-name must be 1 to 100 letters, digits, '_', '.' or '-', starting with a letter or digit: current value is ${
+        JSON.stringify(queue)
+      }`,
+    );
+  }
   return { queue, path: (v.kv as string | undefined) ?? defaultKvPath(queue) };
 }
 

@@ -125,12 +125,37 @@ export async function statusCommand(args: string[]): Promise<number> {
   }
   const kv = await Deno.openKv(path);
   let status: QueueStatus;
+  let others: string[] = [];
   try {
     status = await queueStatus(kv, queue);
+    if (status.messagesEnqueued === 0) others = (await queuesIn(kv)).filter((q) => q !== queue);
   } finally {
     kv.close();
   }
   if (v.json) console.log(JSON.stringify({ kv: path, ...status } satisfies StatusJson));
   else console.log(formatStatus(status, path));
+  if (others.length > 0) {
+    console.error(
+      `jetfill status: queue '${queue}' has nothing in ${path}, which holds ${
+        others.map((q) => `'${q}'`).join(", ")
+      }: see --queue-name`,
+    );
+  }
   return 0;
+}
+
+/** The names of the jetfill queues a database holds, one key read each (at most 20). */
+async function queuesIn(kv: Deno.Kv): Promise<string[]> {
+  const names: string[] = [];
+  let start: Deno.KvKey | undefined;
+  while (names.length < 20) {
+    const selector = start ? { prefix: ["jetfill"], start } : { prefix: ["jetfill"] };
+    const [entry] = await Array.fromAsync(kv.list(selector, { limit: 1 }));
+    const name = entry?.key[1];
+    if (typeof name !== "string") break;
+    names.push(name);
+    // The first key past every key of this queue.
+    start = ["jetfill", `${name}\0`];
+  }
+  return names;
 }

@@ -444,7 +444,9 @@ class Consumer {
         },
         reject: (err) => {
           this.#settled();
-          reject(err);
+          // Deno prints what a listenQueue handler rejects with ("Exception in queue handler …"),
+          // with its stack for an Error: one line says it all (onError has the error itself).
+          reject(`jetfill consume: a message was left for KV to redeliver (${errorText(err)})`);
         },
       };
       if (!isQueueMessage(raw) || raw.queue !== this.#queue) {
