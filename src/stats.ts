@@ -151,9 +151,15 @@ export class StatsTracker {
   #dayEnd = Number.NEGATIVE_INFINITY;
   #day = "";
 
-  /** Creates a tracker; `currentDate` starts at the start timestamp's date when there is one. */
+  /** The date before the first event, for date changes: the start timestamp's, when there is one. */
+  #dateBefore: string | null = null;
+
+  /**
+   * Creates a tracker. `currentDate` stays null until an event is processed; the first event on a
+   * later day than the start timestamp's is a date change from that day, as in the original.
+   */
   constructor(startUs?: number) {
-    if (startUs !== undefined) this.currentDate = utcDate(startUs);
+    if (startUs !== undefined) this.#dateBefore = utcDate(startUs);
   }
 
   /** The UTC date of `us`, cheaply for runs of events on the same day. */
@@ -172,8 +178,9 @@ export class StatsTracker {
     this.firstProcessedUs ??= us;
     const day = this.dayOf(us);
     if (day === this.currentDate) return undefined;
-    const from = this.currentDate;
+    const from = this.currentDate ?? this.#dateBefore;
     this.currentDate = day;
+    if (from === day) return undefined;
     return from === null ? undefined : { from, to: day, timeUs: us };
   }
 

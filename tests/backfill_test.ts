@@ -286,6 +286,8 @@ Deno.test("runBackfillSync() stops on max_time even when no message arrives", as
   assert.equal(stats.recordsStored, 0);
   assert.equal(stats.latestCursor, null);
   assert.equal(stats.messagesReceived, 0);
+  // The last event processed: there was none (not the start's date).
+  assert.equal(stats.currentDate, null);
   assert.ok(elapsed < 5000, `took ${elapsed} ms`);
 });
 
