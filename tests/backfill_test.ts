@@ -477,10 +477,20 @@ Deno.test("runBackfillSync() skips and reports an event too large even gzipped, 
   const events = [commit(T0), huge, commit(T0 + 2)];
   await using server = serveEvents(events, { closeAtEnd: true });
   await using db = await tempDb();
-  const stats = await runBackfillSync({ instance: server.url, kv: db.path, startTimestamp: T0 });
+  const reports: string[] = [];
+  const stats = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    startTimestamp: T0,
+    onError: (r) => reports.push(`${r.reason}: ${r.message}`),
+  });
   assert.equal(stats.stopReason, "closed");
   assert.equal(stats.recordsStored, 2);
   assert.equal(stats.skipped.oversized, 1);
+  assert.ok(
+    reports.some((m) => m.startsWith(`oversized: event at time_us ${T0 + 1} is `)),
+    reports.join("\n"),
+  );
 });
 
 Deno.test("runBackfillSync() measures maxEventBytes in UTF-8 bytes, not characters", async () => {
@@ -503,7 +513,9 @@ Deno.test("runBackfillSync() measures maxEventBytes in UTF-8 bytes, not characte
   assert.deepEqual(stats.skipped, { oversized: 1 });
   const bytes = new TextEncoder().encode(JSON.stringify(wide)).length;
   assert.ok(
-    reports.some((m) => m.includes(`event of ${bytes} bytes is over the 5000-byte event limit`)),
+    reports.some((m) =>
+      m === `event at time_us ${T0 + 1} of ${bytes} bytes is over the 5000-byte event limit (maxEventBytes)`
+    ),
     reports[0],
   );
   assert.deepEqual((await stored(db.path, stats.queueLength)).events, [events[0], ascii]);

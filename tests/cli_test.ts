@@ -191,3 +191,32 @@ Deno.test("jetfill sync stores what it received and exits 130 on Ctrl-C (SIGINT)
   assert.equal(stats.recordsStored, 500);
   assert.equal(stats.latestCursor, events[499].time_us);
 });
+
+Deno.test("jetfill sync warns on stderr about each event it leaves out for size, naming it", async () => {
+  const events = [commit(T0), commit(T0 + 1, { text: "x".repeat(3000) }), commit(T0 + 2)];
+  await using server = serveEvents(events, { closeAtEnd: true });
+  await using db = await tempDb();
+  const r = await run([
+    "sync",
+    "--instance",
+    server.url,
+    "--kv",
+    db.path,
+    "--start",
+    String(T0),
+    "--max-event-bytes",
+    "2000",
+    "--json",
+  ]);
+  assert.equal(r.code, 0, r.stderr);
+  assert.equal(JSON.parse(r.stdout).skipped.oversized, 1);
+  assert.match(
+    r.stderr,
+    new RegExp(
+      `^jetfill sync: warning: event at time_us ${
+        T0 + 1
+      } of \\d+ (bytes|characters) is over the 2000-byte event limit`,
+      "m",
+    ),
+  );
+});

@@ -125,11 +125,13 @@ export async function readConnection(
       if (text.length * 3 > o.maxEventBytes) {
         const bytes = utf8Bytes ?? (text.length > o.maxEventBytes ? text.length : utf8Length(text));
         if (bytes > o.maxEventBytes) {
+          // Not parsed (it may be huge): its head says which event it is, when it can.
+          const at = /"time_us":(\d+)/.exec(text.slice(0, 400))?.[1];
           skip(
             "oversized",
-            `event of ${
+            `event ${at ? `at time_us ${at} ` : ""}of ${
               bytes === text.length ? `${bytes} characters` : `${bytes} bytes`
-            } is over the ${o.maxEventBytes}-byte event limit`,
+            } is over the ${o.maxEventBytes}-byte event limit (maxEventBytes)`,
           );
           continue;
         }
