@@ -628,7 +628,7 @@ export async function openRawConnection(
     if (conn) closeQuietly(conn);
     rejectCut(new Error(why));
   };
-  const timer = setTimeout(() => cut(`no answer within ${Math.round(limit / 1000)} s`), limit);
+  const timer = setTimeout(() => cut(`no answer within ${limit / 1000} s`), limit);
   const onAbort = (): void => cut("aborted");
   signal?.addEventListener("abort", onAbort, { once: true });
   try {

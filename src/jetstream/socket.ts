@@ -339,7 +339,7 @@ async function openStreamConnection(
     const opened = await Promise.race([
       wss.opened,
       new Promise<never>((_, reject) => {
-        timer = setTimeout(() => reject(new Error(`no answer within ${Math.round(limit / 1000)} s`)), limit);
+        timer = setTimeout(() => reject(new Error(`no answer within ${limit / 1000} s`)), limit);
         abort = () => reject(new Error("aborted"));
         opts.signal?.addEventListener("abort", abort, { once: true });
       }),
@@ -419,7 +419,7 @@ export function openConnection(url: string, opts: ConnectionOptions): Promise<Co
     ws.binaryType = "arraybuffer";
     let message = "";
     const timer = setTimeout(() => {
-      message = `no answer within ${Math.round(Math.min(opts.idleTimeoutMs, 30_000) / 1000)} s`;
+      message = `no answer within ${Math.min(opts.idleTimeoutMs, 30_000) / 1000} s`;
       ws.close();
     }, Math.min(opts.idleTimeoutMs, 30_000));
     const onAbort = () => {
