@@ -146,8 +146,9 @@ Deno.test("the v2 wire's InvalidRequest is the user's to fix: it fails fast with
   await using server = serveEvents(capture(10), { version: "v2", closeAtEnd: true });
   await using db = await tempDb();
   await assert.rejects(
-    () => runBackfillSync({ instance: v2Url(server.url), kv: db.path, wantedCollections: ["app.*"] }),
-    (err: unknown) => err instanceof UsageError && /HTTP 400.*InvalidRequest/.test(err.message),
+    // A v1 parameter left in the URL: the v2 wire refuses it, naming its replacement.
+    () => runBackfillSync({ instance: `${v2Url(server.url)}?requireHello=true`, kv: db.path }),
+    (err: unknown) => err instanceof UsageError && /HTTP 400.*InvalidRequest.*requireHello/.test(err.message),
   );
 });
 
