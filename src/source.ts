@@ -141,7 +141,7 @@ export async function consumeStream(
     const bySeq = seq.host === base && seq.floor >= 0;
     // Reconnecting by time, ask for a little more than the inclusive cursor: a legacy server can
     // drop or reorder events around its replay-to-live switch (jetstream-legacy#42). What comes
-    // again is recognised by the armed replay guard.
+    // again is recognised by the replay guard.
     // Only after a connection that covered well over the rewind, so that a server dropping every
     // connection early still lets the sync move forward.
     const rewind = !bySeq && floorUs >= 0 && lastSpanUs > 2 * RECONNECT_REWIND_US;
@@ -201,12 +201,7 @@ export async function consumeStream(
       continue;
     }
     connections++;
-    if (connections > 1) {
-      stats.reconnects++;
-      // What follows may repeat what was processed: an inclusive cursor, a rewind after a
-      // failover, a restarted server re-sending events under new time_us.
-      guard.arm();
-    }
+    if (connections > 1) stats.reconnects++;
     ctx.batcher.host = base;
     const before = {
       us: stats.lastProcessedUs,

@@ -19,34 +19,46 @@ function commit(
   } as JetstreamEvent;
 }
 
-Deno.test("ReplayGuard drops what it recorded once armed, by content and not by time_us", () => {
+Deno.test("ReplayGuard recognises the same content again, whatever its time_us, and only that", () => {
   const guard = new ReplayGuard(100);
-  for (let i = 0; i < 50; i++) guard.record(commit(i));
-  assert.equal(guard.isReplay(commit(3)), false, "nothing is checked before arm()");
-  guard.arm();
-  assert.ok(guard.armed);
-  // The same content under another time_us (a rewind on another instance) is a replay.
-  assert.equal(guard.isReplay({ ...commit(7), time_us: 1 }), true);
-  assert.equal(guard.isReplay(commit(49)), true);
+  for (let i = 0; i < 50; i++) assert.equal(guard.repeats(commit(i)), false, `event ${i} is new`);
+  // The same content under another time_us (a rewind on another instance, a server's re-ingest).
+  assert.equal(guard.repeats({ ...commit(7), time_us: 1 }), true);
+  assert.equal(guard.repeats(commit(49)), true);
   // Any field of the identity that differs makes it another event.
-  assert.equal(guard.isReplay(commit(7, { rev: "3lother" })), false);
-  assert.equal(guard.isReplay(commit(8, { operation: "delete" })), false);
-  assert.equal(guard.isReplay(commit(9, { rkey: "rkother" })), false);
-  assert.equal(guard.isReplay(commit(50)), false);
-  // A new event seen while armed is remembered too: its own replay is caught.
-  assert.equal(guard.isReplay(commit(50)), true);
+  assert.equal(guard.repeats(commit(7, { rev: "3lother" })), false);
+  assert.equal(guard.repeats(commit(8, { operation: "delete" })), false);
+  assert.equal(guard.repeats(commit(9, { rkey: "rkother" })), false);
+  assert.equal(guard.repeats(commit(50)), false);
+  assert.equal(guard.repeats(commit(50)), true, "a new event is remembered at once");
 });
 
-Deno.test("ReplayGuard remembers only the last `capacity` events and checks until as many new ones passed", () => {
+Deno.test("ReplayGuard remembers only the last `capacity` events", () => {
   const guard = new ReplayGuard(10);
-  for (let i = 0; i < 25; i++) guard.record(commit(i));
-  guard.arm();
-  assert.equal(guard.isReplay(commit(14)), false, "older than the window");
-  for (let i = 15; i < 25; i++) assert.equal(guard.isReplay(commit(i)), true, `event ${i}`);
-  // Replays do not use up the check; new events do: nine more and the guard is disarmed.
-  for (let i = 100; i < 109; i++) assert.equal(guard.isReplay(commit(i)), false);
-  assert.equal(guard.armed, false);
-  assert.equal(guard.isReplay(commit(20)), false, "no longer checked");
+  for (let i = 0; i < 25; i++) guard.repeats(commit(i));
+  assert.equal(guard.repeats(commit(14)), false, "older than the window: new again (and now remembered)");
+  // Remembering 14 pushed 15 out; 16 to 24 are still there.
+  assert.equal(guard.repeats(commit(15)), false);
+  for (let i = 17; i < 25; i++) assert.equal(guard.repeats(commit(i)), true, `event ${i}`);
+});
+
+Deno.test("ReplayGuard agrees with a plain window of the last `capacity` keys over a long random run", () => {
+  // Small table, many collisions and evictions: the open addressing and its deletions must hold.
+  let seed = 7;
+  const random = () => (seed = Math.imul(seed ^ (seed >>> 15), 0x2c1b3c6d) + 0x9e3779b9 | 0) >>> 0;
+  for (const capacity of [1, 3, 64, 1000]) {
+    const guard = new ReplayGuard(capacity);
+    const window: number[] = [];
+    for (let n = 0; n < 50_000; n++) {
+      const i = random() % (capacity * 3 + 2);
+      const expected = window.includes(i);
+      assert.equal(guard.repeats(commit(i)), expected, `capacity ${capacity}, step ${n}, event ${i}`);
+      if (!expected) {
+        window.push(i);
+        if (window.length > capacity) window.shift();
+      }
+    }
+  }
 });
 
 Deno.test("ReplayGuard keys identity and account events by did, kind, time and seq", () => {
@@ -57,9 +69,8 @@ Deno.test("ReplayGuard keys identity and account events by did, kind, time and s
     kind: "identity",
     identity: { did: "did:plc:bbbbbbbbbbbbbbbbbbbbbbbb", seq, time },
   } as JetstreamEvent);
-  guard.record(identity(1, "2024-09-09T19:46:02.102Z"));
-  guard.arm();
-  assert.equal(guard.isReplay({ ...identity(1, "2024-09-09T19:46:02.102Z"), time_us: 99 }), true);
-  assert.equal(guard.isReplay(identity(2, "2024-09-09T19:46:02.102Z")), false);
-  assert.equal(guard.isReplay(identity(1, "2024-09-09T19:46:03.000Z")), false);
+  assert.equal(guard.repeats(identity(1, "2024-09-09T19:46:02.102Z")), false);
+  assert.equal(guard.repeats({ ...identity(1, "2024-09-09T19:46:02.102Z"), time_us: 99 }), true);
+  assert.equal(guard.repeats(identity(2, "2024-09-09T19:46:02.102Z")), false);
+  assert.equal(guard.repeats(identity(1, "2024-09-09T19:46:03.000Z")), false);
 });

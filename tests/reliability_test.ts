@@ -223,3 +223,19 @@ Deno.test("runBackfillSync() that never gets a connection within maxTime stops w
   assert.match(stats.error!, /^no connection within maxTime \(1 s\); last error: .*127\.0\.0\.1/);
   assert.equal(stats.recordsStored, 0);
 });
+
+Deno.test("runBackfillSync() stores once what a server re-ingested under new time_us, within one connection", async () => {
+  // A legacy server that restarted re-ingests its last seconds with new time_us (protocol doc §5.4):
+  // a replay of its history then holds those events twice, with no reconnect on the client's side.
+  const first = Array.from({ length: 100 }, (_, i) => commit(T0 + i * 1000, { did: did(i % 5) }));
+  const again = first.slice(90).map((e, i) => ({ ...e, time_us: T0 + 200_000 + i * 1000 }));
+  const after = Array.from({ length: 20 }, (_, i) => commit(T0 + 300_000 + i * 1000, { did: did(i % 5) }));
+  await using server = serveEvents([...first, ...again, ...after], { closeAtEnd: true });
+  await using db = await tempDb();
+  const stats = await runBackfillSync({ instance: server.url, kv: db.path, startTimestamp: T0 });
+  assert.equal(stats.stopReason, "closed");
+  assert.equal(stats.reconnects, 0);
+  assert.equal(stats.duplicatesDropped, 10);
+  assert.equal(stats.recordsStored, 120);
+  assert.deepEqual(await stored(db.path, stats.queueLength), [...first, ...after]);
+});

@@ -120,72 +120,87 @@ function hashContent(ev: JetstreamEvent): void {
 }
 
 /**
- * Deduplication of replays, at almost no cost while nothing is replayed.
+ * Deduplication by content, over the last `capacity` selected events.
  *
- * Each selected event leaves two 32-bit hashes of its content's identity in a ring of typed
- * arrays: remembering keeps no string and no event alive, so it adds nothing for the garbage
- * collector to copy or keep. When a replay may follow — a reconnect with an inclusive cursor, a
- * rewind on failover, a server that restarted and re-ingested events under new `time_us` —
- * `arm()` turns the ring into a set, and the next `capacity` events are checked against it.
+ * What can come twice: the inclusive replay of a reconnect, a rewind on failover, and events a
+ * restarted server re-ingested under new `time_us` or seqs (protocol doc §5.4), which a replay of
+ * history can hold within one connection. Each selected event leaves two 32-bit hashes of its
+ * content's identity in a ring of typed arrays, indexed by an open-addressing table of ring
+ * positions: remembering keeps no string and no event alive, and a check costs a hash and a probe
+ * or two, with nothing for the garbage collector.
  *
  * @example
  * ```ts
  * import { ReplayGuard } from "./filter.ts";
  * const guard = new ReplayGuard(1000);
  * const ev = { did: "did:plc:x", time_us: 1, kind: "identity" as const, identity: { did: "did:plc:x", seq: 1, time: "t" } };
- * guard.record(ev);
- * guard.arm();
- * guard.isReplay(ev); // true
+ * guard.repeats(ev); // false: remembered now
+ * guard.repeats({ ...ev, time_us: 2 }); // true: the same event under another time_us
  * ```
  */
 export class ReplayGuard {
   readonly #capacity: number;
-  readonly #a: Int32Array;
-  readonly #b: Int32Array;
+  /** The remembered events' hashes in arrival order, as (b, a) pairs: what to forget next. */
+  readonly #ring: Int32Array;
+  /** The same pairs by hash, with linear probing; (0, 0) is an empty slot. */
+  readonly #table: Int32Array;
+  readonly #mask: number;
   #next = 0;
   #count = 0;
-  #keys: Set<string> | undefined;
-  #remaining = 0;
 
-  /** Remembers the last `capacity` events and checks as many after `arm()`. */
+  /** Remembers the last `capacity` selected events. */
   constructor(capacity: number) {
     this.#capacity = Math.max(1, capacity);
-    this.#a = new Int32Array(this.#capacity);
-    this.#b = new Int32Array(this.#capacity);
+    this.#ring = new Int32Array(2 * this.#capacity);
+    // At most half full, so that probes stay short.
+    let size = 2;
+    while (size < 2 * this.#capacity) size *= 2;
+    this.#table = new Int32Array(2 * size);
+    this.#mask = size - 1;
   }
 
-  /** Whether replays are being checked. */
-  get armed(): boolean {
-    return this.#keys !== undefined;
-  }
-
-  /** Remembers a selected event (after {@link isReplay} said it is new). */
-  record(ev: JetstreamEvent): void {
+  /** Whether `ev` repeats one of the last `capacity` events passed here; if not, it is remembered. */
+  repeats(ev: JetstreamEvent): boolean {
     hashContent(ev);
-    const i = this.#next;
-    this.#a[i] = hashA;
-    this.#b[i] = hashB;
-    this.#next = (i + 1) % this.#capacity;
-    if (this.#count < this.#capacity) this.#count++;
-  }
-
-  /** Starts checking: what follows may repeat what was recorded. */
-  arm(): void {
-    const keys = this.#keys ?? new Set<string>();
-    for (let i = 0; i < this.#count; i++) keys.add(`${this.#a[i]}:${this.#b[i]}`);
-    this.#keys = keys;
-    this.#remaining = this.#capacity;
-  }
-
-  /** Whether `ev` repeats a recorded event; only ever true while armed. */
-  isReplay(ev: JetstreamEvent): boolean {
-    const keys = this.#keys;
-    if (!keys) return false;
-    hashContent(ev);
-    const key = `${hashA}:${hashB}`;
-    if (keys.has(key)) return true;
-    keys.add(key);
-    if (--this.#remaining <= 0) this.#keys = undefined;
+    const b = hashB;
+    // (0, 0) marks an empty slot.
+    const a = hashA === 0 && b === 0 ? 1 : hashA;
+    const table = this.#table, mask = this.#mask;
+    for (let slot = b & mask;; slot = (slot + 1) & mask) {
+      const tb = table[2 * slot], ta = table[2 * slot + 1];
+      if (tb === b && ta === a) return true;
+      if (tb === 0 && ta === 0) break;
+    }
+    const ring = this.#ring, i = this.#next;
+    if (this.#count === this.#capacity) this.#forget(ring[2 * i], ring[2 * i + 1]);
+    else this.#count++;
+    ring[2 * i] = b;
+    ring[2 * i + 1] = a;
+    let slot = b & mask;
+    while (table[2 * slot] !== 0 || table[2 * slot + 1] !== 0) slot = (slot + 1) & mask;
+    table[2 * slot] = b;
+    table[2 * slot + 1] = a;
+    this.#next = i + 1 === this.#capacity ? 0 : i + 1;
     return false;
+  }
+
+  /** Removes the pair (b, a) from the table, closing the gap (backward-shift deletion). */
+  #forget(b: number, a: number): void {
+    const table = this.#table, mask = this.#mask;
+    let hole = b & mask;
+    while (table[2 * hole] !== b || table[2 * hole + 1] !== a) hole = (hole + 1) & mask;
+    for (let j = (hole + 1) & mask;; j = (j + 1) & mask) {
+      const tb = table[2 * j], ta = table[2 * j + 1];
+      if (tb === 0 && ta === 0) break;
+      // An entry may move back to the hole only if its home slot is not after the hole (cyclically,
+      // on the way from its home to where it sits).
+      if (((j - (tb & mask)) & mask) >= ((j - hole) & mask)) {
+        table[2 * hole] = tb;
+        table[2 * hole + 1] = ta;
+        hole = j;
+      }
+    }
+    table[2 * hole] = 0;
+    table[2 * hole + 1] = 0;
   }
 }

@@ -202,11 +202,11 @@ export async function readConnection(
         if (change) options.onDateChange?.(change);
       }
       if (!select(ev)) continue;
-      if (guard.isReplay(ev)) {
+      // The same content again: a replay, a rewind, or a server's re-ingest under new time_us.
+      if (guard.repeats(ev)) {
         stats.duplicatesDropped++;
         continue;
       }
-      guard.record(ev);
       const collection = ev.kind === "commit" ? ev.commit.collection : undefined;
       let full: boolean;
       try {
