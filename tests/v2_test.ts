@@ -227,3 +227,42 @@ Deno.test("--resume on a v2 host continues by the stored sequence cursor", async
   const got = await stored(db.path, first.queueLength + second.messagesEnqueued);
   assert.deepEqual(got.map((e) => e.cursor), events.map((_, i) => 1001 + i));
 });
+
+Deno.test("--resume on a v2 host whose seq fell out of its window goes on by time and reports the gap from the resume point", async () => {
+  const events = capture();
+  const db = await tempDb();
+  await using _db = db;
+  const controller = new AbortController();
+  let port: number;
+  {
+    await using server = serveEvents(events, { version: "v2", faults: { dropEvery: 150 } });
+    port = Number(new URL(server.url).port);
+    const first = await runBackfillSync({
+      instance: v2Url(server.url),
+      kv: db.path,
+      startTimestamp: T0,
+      kinds: ["commit", "identity", "account"],
+      wantedCollections: [],
+      signal: controller.signal,
+      onError: (r) => r.reason === "retry" && controller.abort(),
+    });
+    assert.equal(first.stopReason, "aborted");
+    assert.equal(first.recordsStored, 150, "seqs 1001 to 1150");
+  }
+  // The same host later: its window now starts at seq 1300, after the stored seq (1150).
+  await using _server = serveEvents(events, {
+    version: "v2",
+    closeAtEnd: true,
+    port,
+    lookbackFloorSeq: 1300,
+  });
+  const reports: SyncErrorReport[] = [];
+  const second = await runBackfillSync({ kv: db.path, resume: true, onError: (r) => reports.push(r) });
+  assert.equal(second.stopReason, "closed");
+  assert.equal(second.startClamped, false, "the requested start was not what the server moved");
+  // From the last stored event (seq 1150) to the first the server still holds (seq 1300).
+  assert.equal(second.coverageGapUs, events[299].time_us - events[149].time_us);
+  assert.ok(reports.some((r) => /CursorTooOld|resuming by time instead/.test(r.message)));
+  const gap = reports.find((r) => r.reason === "coverage");
+  assert.match(gap!.message, /the point to resume from, .* is .* earlier/);
+});

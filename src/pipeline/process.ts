@@ -46,7 +46,8 @@ function handleV2Frame(ctx: RunContext, session: Session, m: Exclude<V2Frame, { 
 function noteOutdated(ctx: RunContext, session: Session, firstUs: number): void {
   const from = session.outdatedFrom!;
   session.outdatedFrom = undefined;
-  coverageGap(ctx, session.base, from, firstUs, ctx.stats.lastProcessedUs === null);
+  // The requested start when nothing came before it, in this run or the one it resumes.
+  coverageGap(ctx, session.base, from, firstUs, ctx.stats.lastProcessedUs === null && ctx.accepted === 0);
 }
 
 /** Reads one connection until it ends or the run stops. */
