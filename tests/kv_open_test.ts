@@ -103,6 +103,23 @@ Deno.test("openKvAt() creates its database with 16 KiB pages under permissions s
   assert.equal(pragmas(db.path).pageSize, KV_PAGE_SIZE);
 });
 
+Deno.test("retryWhileBusy() tries again every few milliseconds, so that short gaps in another writer's lock are caught", async () => {
+  // Busy for 500 ms, as under a consumer in another process that holds the write lock for most of
+  // each second: a growing backoff (50, 100, 200, 400 ms…) would try 5 times and get in at 750 ms.
+  let calls = 0;
+  const started = performance.now();
+  const result = await retryWhileBusy(() => {
+    calls++;
+    return performance.now() - started < 500
+      ? Promise.reject(new TypeError("database is locked"))
+      : Promise.resolve("done");
+  }, 5000);
+  const elapsed = performance.now() - started;
+  assert.equal(result, "done");
+  assert.ok(calls >= 10, `only ${calls} attempts in 500 ms`);
+  assert.ok(elapsed < 650, `got through ${elapsed - 500} ms after the lock was free`);
+});
+
 Deno.test("retryWhileBusy() runs again while the database is busy, then says for how long it waited", async () => {
   let calls = 0;
   const busy = () => Promise.reject(new TypeError("database is locked"));

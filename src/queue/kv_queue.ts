@@ -156,9 +156,12 @@ export function isBusy(err: unknown): boolean {
 }
 
 /**
- * Runs `op` again while SQLite reports the database busy, waiting 50 ms, then twice as long each
- * time (at most 1 s), until `budgetMs` have been spent waiting, then throws an error that says so;
- * other errors go through at once.
+ * Runs `op` again while SQLite reports the database busy, after a random 5 to 25 ms each time, until
+ * `budgetMs` have been spent waiting, then throws an error that says so; other errors go through at
+ * once. Short waits, not a growing backoff: a busy consumer in another process holds the write lock
+ * for most of each second (a commit and its sync per message it handles), and only an attempt that
+ * comes in one of the gaps between its commits gets through; SQLite answers a busy attempt at once,
+ * so trying often costs little.
  * Another connection holds SQLite's write lock (a process opening the database), or wrote between an
  * atomic commit's checks and its writes (a consumer acknowledging messages): either way nothing of
  * the operation was written, and running it again is safe.
@@ -172,12 +175,13 @@ export function isBusy(err: unknown): boolean {
  * ```
  */
 export async function retryWhileBusy<T>(op: () => Promise<T>, budgetMs: number): Promise<T> {
-  let waited = 0;
-  for (let wait = 50;; wait = Math.min(wait * 2, 1000)) {
+  const started = performance.now();
+  for (;;) {
     try {
       return await op();
     } catch (err) {
       if (!isBusy(err)) throw err;
+      const waited = performance.now() - started;
       if (waited >= budgetMs) {
         throw new Error(
           `${(err as Error).message}: another connection kept the database busy for ${
@@ -186,8 +190,7 @@ export async function retryWhileBusy<T>(op: () => Promise<T>, budgetMs: number):
           { cause: err },
         );
       }
-      await delay(wait);
-      waited += wait;
+      await delay(5 + Math.random() * 20);
     }
   }
 }
