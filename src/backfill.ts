@@ -12,7 +12,12 @@ import { UsageError } from "./errors.ts";
 import { resolveZstdDictionary } from "./jetstream/dictionary.ts";
 import { isV2Url } from "./jetstream/v2.ts";
 import { createZstdDecoder } from "./jetstream/zstd.ts";
-import { type BackfillSyncOptions, type ResolvedSyncOptions, resolveSyncOptions } from "./options.ts";
+import {
+  type BackfillSyncOptions,
+  DEFAULT_MAX_EVENT_BYTES,
+  type ResolvedSyncOptions,
+  resolveSyncOptions,
+} from "./options.ts";
 import { Batcher } from "./pipeline/batch.ts";
 import { type RunContext, stopWith } from "./pipeline/context.ts";
 import {
@@ -57,6 +62,8 @@ export async function selectionOf(o: ResolvedSyncOptions): Promise<Record<string
     startUs: o.startUs ?? null,
     endUs: o.endUs ?? null,
     numRecords: o.numRecords,
+    // Which events are stored too; only when set, so that runs recorded before it compare equal.
+    ...(o.maxEventBytes === DEFAULT_MAX_EVENT_BYTES ? {} : { maxEventBytes: o.maxEventBytes }),
   };
 }
 
@@ -146,9 +153,13 @@ function inheritOptions(
     startUs?: number | null;
     endUs?: number | null;
     numRecords?: number;
+    maxEventBytes?: number;
   };
   return {
     ...options,
+    batchSize: options.batchSize ?? run.settings?.batchSize,
+    compress: options.compress ?? run.settings?.compress,
+    maxEventBytes: options.maxEventBytes ?? sel.maxEventBytes,
     wantedDids: options.wantedDids ?? dids,
     wantedCollections: options.wantedCollections ?? sel.wantedCollections,
     kinds: options.kinds ?? sel.kinds,
@@ -190,13 +201,17 @@ async function run(
     }
     resumeFrom = existing.value;
   }
-  const runState: RunState = resumeFrom ? { ...resumeFrom.run, selection, instances: o.instances } : {
-    id: crypto.randomUUID(),
-    selection,
-    recordsStored: 0,
-    instance: o.instances[0],
-    instances: o.instances,
-  };
+  const settings = { batchSize: o.batchSize, compress: o.compress };
+  const runState: RunState = resumeFrom
+    ? { ...resumeFrom.run, selection, instances: o.instances, settings }
+    : {
+      id: crypto.randomUUID(),
+      selection,
+      recordsStored: 0,
+      instance: o.instances[0],
+      instances: o.instances,
+      settings,
+    };
   const checkpoint: Checkpoint = existing.value
     ? { ...existing.value, run: runState }
     : emptyCheckpoint(o.queueName, runState);

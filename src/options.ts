@@ -191,6 +191,9 @@ export interface ResolvedSyncOptions {
 }
 
 const KIND_SET = new Set<string>(EVENT_KINDS);
+/** The default of `maxEventBytes`: 1 MiB of UTF-8. */
+export const DEFAULT_MAX_EVENT_BYTES = 1_048_576;
+
 /** What a queue name may be: it also names the default database file. */
 export const QUEUE_NAME: RegExp = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$/;
 
@@ -459,7 +462,7 @@ export function resolveSyncOptions(options: BackfillSyncOptions = {}): ResolvedS
     idleTimeoutMs: (o.idleTimeout ?? 60) * 1000,
     maxRetries: o.maxRetries ?? 10,
     strict: o.strict ?? false,
-    maxEventBytes: o.maxEventBytes ?? 1_048_576,
+    maxEventBytes: o.maxEventBytes ?? DEFAULT_MAX_EVENT_BYTES,
     failoverAfter: 2,
     rewindUs: 5_000_000,
     dedupeWindow: 100_000,

@@ -368,7 +368,7 @@ Deno.test("runBackfillSync({ resume: true }) continues the last run with its own
   });
   assert.equal(first.stopReason, "aborted");
   assert.ok(first.recordsStored > 0 && first.recordsStored < 150, String(first.recordsStored));
-  const second = await runBackfillSync({ kv: db.path, resume: true, batchSize: 7 });
+  const second = await runBackfillSync({ kv: db.path, resume: true });
   assert.equal(second.stopReason, "limit");
   assert.equal(first.recordsStored + second.recordsStored, 150);
   assert.equal(second.targetReached, true);
@@ -376,8 +376,30 @@ Deno.test("runBackfillSync({ resume: true }) continues the last run with its own
   const expected = events.filter((e) =>
     e.kind === "commit" && ["app.bsky.feed.like", "app.bsky.graph.follow"].includes(e.commit.collection)
   ).slice(0, 150);
-  const { events: got } = await stored(db.path, first.queueLength + second.messagesEnqueued);
+  const { msgs, events: got } = await stored(db.path, first.queueLength + second.messagesEnqueued);
   assert.deepEqual(got, expected);
+  assert.ok(msgs.every((m) => m.records.length <= 7), "the batch size is the last run's too");
+});
+
+Deno.test("runBackfillSync({ resume: true }) keeps the last run's maxEventBytes, and refuses another unless forced", async () => {
+  // One event a minute across midnight; every tenth is too large for the run's 2,000-byte limit.
+  const events = Array.from(
+    { length: 200 },
+    (_, i) => commit(T0 + i * MINUTE, { text: i % 10 === 4 ? "x".repeat(3000) : `post ${i}` }),
+  );
+  await using server = serveEvents(events, { closeAtEnd: true });
+  await using db = await tempDb();
+  const first = await syncUntilMidnight({ instance: server.url, kv: db.path, maxEventBytes: 2000 });
+  assert.equal(first.stopReason, "aborted");
+  await assert.rejects(
+    () => runBackfillSync({ kv: db.path, resume: true, maxEventBytes: 5000 }),
+    (err: unknown) => err instanceof UsageError && /maxEventBytes was 2000, now 5000/.test(err.message),
+  );
+  const second = await runBackfillSync({ kv: db.path, resume: true });
+  assert.equal(second.stopReason, "closed");
+  assert.equal(first.skipped.oversized! + second.skipped.oversized!, 20);
+  const { events: got } = await stored(db.path, first.queueLength + second.messagesEnqueued);
+  assert.deepEqual(got, events.filter((_, i) => i % 10 !== 4));
 });
 
 Deno.test("runBackfillSync({ resume: true }) on another instance says that the switch may miss or repeat events", async () => {

@@ -51,6 +51,8 @@ export interface RunState {
   seqCursor?: number;
   /** The instance that issued `seqCursor`; a sequence number is never sent to another. */
   seqInstance?: string;
+  /** How the run packs and asks for events, which a `--resume` that leaves them out keeps. */
+  settings?: { batchSize: number; compress: boolean };
 }
 
 /**
