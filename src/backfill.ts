@@ -34,6 +34,7 @@ import {
 import { QueueWriter } from "./queue/writer.ts";
 import { consumeStream } from "./source.ts";
 import { StatsTracker, type SyncErrorReport, type SyncStats } from "./stats.ts";
+import { isoFromUs } from "./time.ts";
 
 const PROGRESS_INTERVAL_MS = 250;
 
@@ -94,6 +95,18 @@ async function loadDidList(kv: Deno.Kv, queue: string, value: unknown): Promise<
   if (typeof value !== "object" || value === null) return undefined;
   const parts = await Array.fromAsync(kv.list<string[]>({ prefix: queueKey(queue, "dids") }));
   return parts.flatMap((p) => p.value);
+}
+
+/** The option a selection key comes from, as the user wrote it. */
+function optionName(key: string): string {
+  return key === "startUs" ? "startTimestamp" : key === "endUs" ? "endTimestamp" : key;
+}
+
+/** A selection value for people: times as UTC ISO-8601, none as "none". */
+function showSelected(key: string, value: unknown): string {
+  if (value === null || value === undefined) return "none";
+  if ((key === "startUs" || key === "endUs") && typeof value === "number") return isoFromUs(value);
+  return JSON.stringify(value);
 }
 
 function differences(a: Record<string, unknown>, b: Record<string, unknown>): string[] {
@@ -192,8 +205,8 @@ async function run(
       throw new UsageError(
         `Cannot resume queue '${o.queueName}' with different options: ${
           diff.map((k) =>
-            `${k} was ${JSON.stringify(existing.value!.run.selection[k])}, now ${
-              JSON.stringify(selection[k])
+            `${optionName(k)} was ${showSelected(k, existing.value!.run.selection[k])}, now ${
+              showSelected(k, selection[k])
             }`
           ).join("; ")
         } (pass --force to resume anyway)`,

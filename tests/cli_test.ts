@@ -156,6 +156,9 @@ Deno.test("jetfill sync --resume refuses a queue without a checkpoint, and diffe
     other.stderr,
     /with different options: wantedCollections was \["app.bsky.feed.post"\], now \["app.bsky.feed.like"\]/,
   );
+  const later = await run([...base, "--end", "2026-11-28", "--resume"]);
+  assert.equal(later.code, 2);
+  assert.match(later.stderr, /endTimestamp was none, now 2026-11-28T00:00:00.000000Z \(pass --force/);
 });
 
 Deno.test("jetfill sync stores what it received and exits 130 on Ctrl-C (SIGINT)", async () => {
