@@ -5,6 +5,7 @@
  */
 import { UsageError } from "../errors.ts";
 import { type QueueStatus, queueStatus } from "../queue/consume.ts";
+import { openKvAt } from "../queue/kv_queue.ts";
 import { isoFromUs } from "../time.ts";
 import { type FlagSpec, parseFlags, queueFlags } from "./args.ts";
 
@@ -123,7 +124,7 @@ export async function statusCommand(args: string[]): Promise<number> {
     }
     throw err;
   }
-  const kv = await Deno.openKv(path);
+  const kv = await openKvAt(path);
   let status: QueueStatus;
   let others: string[] = [];
   try {

@@ -124,7 +124,19 @@ export async function openKvAt(path: string): Promise<Deno.Kv> {
     // Only a speed-up: where it cannot be done, Deno KV creates the database as it always does.
     if (!(await pathExists(path))) await createDatabase(path).catch(() => {});
   }
-  return await Deno.openKv(path);
+  try {
+    return await Deno.openKv(path);
+  } catch (err) {
+    // SQLite's "unable to open database file" names neither the file nor the likely cause.
+    throw new Error(
+      `cannot open the Deno KV database ${JSON.stringify(path)}: ${(err as Error).message}${
+        /unable to open|readonly|read-only/i.test((err as Error).message)
+          ? " (is its folder writable? SQLite needs to create its -wal and -shm files beside it)"
+          : ""
+      }`,
+      { cause: err },
+    );
+  }
 }
 
 /**
