@@ -143,3 +143,18 @@ if (import.meta.main && Deno.args[0] === "open") {
   await kv.set(["k"], 1);
   kv.close();
 }
+
+Deno.test("openKvAt() names a database it cannot open, and why when it can tell", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "jetfill-test-" });
+  try {
+    await assert.rejects(
+      () => openKvAt(dir),
+      (err: unknown) =>
+        err instanceof Error &&
+        err.message.startsWith(`cannot open the Deno KV database ${JSON.stringify(dir)}: `) &&
+        err.message.endsWith("(it is a folder: give the database file's path)"),
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});

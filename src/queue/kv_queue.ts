@@ -127,13 +127,15 @@ export async function openKvAt(path: string): Promise<Deno.Kv> {
   try {
     return await Deno.openKv(path);
   } catch (err) {
-    // SQLite's "unable to open database file" names neither the file nor the likely cause.
+    // SQLite's "unable to open database file" does not say why.
+    const folder = await Deno.stat(path).then((s) => s.isDirectory, () => false);
+    const hint = folder
+      ? " (it is a folder: give the database file's path)"
+      : /unable to open|readonly|read-only/i.test((err as Error).message)
+      ? " (is its folder writable? SQLite needs to create its -wal and -shm files beside it)"
+      : "";
     throw new Error(
-      `cannot open the Deno KV database ${JSON.stringify(path)}: ${(err as Error).message}${
-        /unable to open|readonly|read-only/i.test((err as Error).message)
-          ? " (is its folder writable? SQLite needs to create its -wal and -shm files beside it)"
-          : ""
-      }`,
+      `cannot open the Deno KV database ${JSON.stringify(path)}: ${(err as Error).message}${hint}`,
       { cause: err },
     );
   }
