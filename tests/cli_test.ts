@@ -199,18 +199,8 @@ Deno.test("jetfill sync warns on stderr about each event it leaves out for size,
   const events = [commit(T0), commit(T0 + 1, { text: "x".repeat(3000) }), commit(T0 + 2)];
   await using server = serveEvents(events, { closeAtEnd: true });
   await using db = await tempDb();
-  const r = await run([
-    "sync",
-    "--instance",
-    server.url,
-    "--kv",
-    db.path,
-    "--start",
-    String(T0),
-    "--max-event-bytes",
-    "2000",
-    "--json",
-  ]);
+  const flags = ["--start", String(T0), "--max-event-bytes", "2000", "--json"];
+  const r = await run(["sync", "--instance", server.url, "--kv", db.path, ...flags]);
   assert.equal(r.code, 0, r.stderr);
   assert.equal(JSON.parse(r.stdout).skipped.oversized, 1);
   assert.match(
