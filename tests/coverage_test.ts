@@ -120,7 +120,7 @@ Deno.test("runBackfillSync({ strict: true }) refuses to run when the server will
       }),
     (err: unknown) =>
       err instanceof UsageError &&
-      /could not find where 127\.0\.0\.1:\d+'s history begins: .*HTTP 400.*\(--strict needs to know\)/.test(
+      /could not find where 127\.0\.0\.1:\d+'s history begins: .*HTTP 400.*\(refused by --strict\)/.test(
         err.message,
       ),
   );

@@ -100,16 +100,7 @@ export function coverageGap(
   const message = `${new URL(base).host} only holds events from ${isoFromUs(firstUs)} on; ${what}, ${
     isoFromUs(fromUs)
   }, is ${describeDuration(gap)} earlier, so events in between cannot be had from this server`;
-  // A strict run says it once, in its error.
-  if (!ctx.o.strict) {
-    ctx.report({ reason: "coverage", message, instance: base });
-    return;
-  }
-  if (atStart && stats.recordsStored === 0 && ctx.accepted === ctx.writer.checkpoint.run.recordsStored) {
-    throw new UsageError(`${message} (refused by --strict)`);
-  }
-  stopWith(ctx, "error");
-  ctx.error = `${message} (stopped by --strict)`;
+  coverageProblem(ctx, base, message, message, atStart);
 }
 
 /**
@@ -118,16 +109,28 @@ export function coverageGap(
  * anything when it has not started yet.
  */
 export function coverageUnknown(ctx: RunContext, base: string, message: string): void {
+  coverageProblem(ctx, base, `${message}; a start before it would go unnoticed`, message, true);
+}
+
+/**
+ * Reports a coverage problem (`warning`) or, with `strict`, says it once in the run's error
+ * (`message`): a refusal before anything is stored when `refusable`, else a stop.
+ */
+function coverageProblem(
+  ctx: RunContext,
+  base: string,
+  warning: string,
+  message: string,
+  refusable: boolean,
+): void {
   if (!ctx.o.strict) {
-    ctx.report({
-      reason: "coverage",
-      message: `${message}; a start before it would go unnoticed`,
-      instance: base,
-    });
+    ctx.report({ reason: "coverage", message: warning, instance: base });
     return;
   }
-  if (ctx.stats.recordsStored === 0 && ctx.accepted === ctx.writer.checkpoint.run.recordsStored) {
-    throw new UsageError(`${message} (--strict needs to know)`);
+  if (
+    refusable && ctx.stats.recordsStored === 0 && ctx.accepted === ctx.writer.checkpoint.run.recordsStored
+  ) {
+    throw new UsageError(`${message} (refused by --strict)`);
   }
   stopWith(ctx, "error");
   ctx.error = `${message} (stopped by --strict)`;
