@@ -125,9 +125,9 @@ function hashContent(ev: JetstreamEvent): void {
  * What can come twice: the inclusive replay of a reconnect, a rewind on failover, and events a
  * restarted server re-ingested under new `time_us` or seqs (protocol doc §5.4), which a replay of
  * history can hold within one connection. Each selected event leaves two 32-bit hashes of its
- * content's identity in a ring of typed arrays, indexed by an open-addressing table of ring
- * positions: remembering keeps no string and no event alive, and a check costs a hash and a probe
- * or two, with nothing for the garbage collector.
+ * content's identity in a ring (the order to forget them in) and in an open-addressing table (to
+ * find them), both typed arrays: remembering keeps no string and no event alive, and a check costs
+ * a hash and a probe or two, with nothing for the garbage collector.
  *
  * @example
  * ```ts
