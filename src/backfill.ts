@@ -8,6 +8,7 @@
  *
  * @module
  */
+import { delay } from "./async.ts";
 import { UsageError } from "./errors.ts";
 import { resolveZstdDictionary } from "./jetstream/dictionary.ts";
 import { isV2Url } from "./jetstream/v2.ts";
@@ -31,7 +32,7 @@ import {
   retryWhileBusy,
   type RunState,
 } from "./queue/kv_queue.ts";
-import { QueueWriter } from "./queue/writer.ts";
+import { ConcurrentWriterError, QueueWriter } from "./queue/writer.ts";
 import { consumeStream } from "./source.ts";
 import { StatsTracker, type SyncErrorReport, type SyncStats } from "./stats.ts";
 import { isoFromUs } from "./time.ts";
@@ -183,6 +184,33 @@ function inheritOptions(
   };
 }
 
+/** How recent a checkpoint must be, with the writer lock still taken, for a sync to be watched. */
+const LIVE_WRITER_MS = 2000;
+
+/**
+ * The queue's checkpoint, once it is clear that no other sync is writing it. A checkpoint written
+ * less than {@link LIVE_WRITER_MS} ago while the writer lock is still taken (a sync releases it when
+ * it stops) may be a running sync's: it is watched until that age, and refused if it moves. A
+ * crashed sync costs the next one that wait; an idle running one is caught by the lock instead.
+ */
+async function watchForLiveWriter(
+  kv: Deno.Kv,
+  queue: string,
+  existing: Deno.KvEntryMaybe<Checkpoint>,
+): Promise<Deno.KvEntryMaybe<Checkpoint>> {
+  if (!existing.value) return existing;
+  const age = Date.now() - existing.value.updatedAt;
+  if (age >= LIVE_WRITER_MS || (await kv.get(queueKey(queue, "writer"))).versionstamp === null) {
+    return existing;
+  }
+  await delay(LIVE_WRITER_MS - age);
+  const again = await readCheckpoint(kv, queue);
+  if (again.versionstamp !== existing.versionstamp) {
+    throw new ConcurrentWriterError(queue, "is being written by another sync right now");
+  }
+  return again;
+}
+
 async function run(
   o: ResolvedSyncOptions,
   options: BackfillSyncOptions,
@@ -192,7 +220,7 @@ async function run(
 ): Promise<SyncStats> {
   const selection = await selectionOf(o);
   if (o.wantedDids.length > INLINE_DIDS) await storeDidList(kv, o.queueName, o.wantedDids);
-  const existing = await readCheckpoint(kv, o.queueName);
+  const existing = await watchForLiveWriter(kv, o.queueName, await readCheckpoint(kv, o.queueName));
   let resumeFrom: Checkpoint | undefined;
   if (o.resume) {
     if (!existing.value) {
@@ -296,6 +324,7 @@ async function run(
     const last = ctx.batcher.take();
     if (last) await writer.add(last);
     await writer.flush();
+    await writer.release();
   } catch (err) {
     ctx.stop = "error";
     ctx.error ??= `could not store the last batch: ${err instanceof Error ? err.message : String(err)}`;

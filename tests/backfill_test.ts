@@ -4,7 +4,10 @@ import type { SyncErrorReport } from "../src/stats.ts";
 import { UsageError } from "../src/errors.ts";
 import type { JetstreamEvent } from "../src/jetstream/events.ts";
 import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
-import { queueKey } from "../src/queue/kv_queue.ts";
+import { queueKey, readCheckpoint } from "../src/queue/kv_queue.ts";
+import { ConcurrentWriterError, QueueWriter } from "../src/queue/writer.ts";
+import { Batcher } from "../src/pipeline/batch.ts";
+import { delay } from "../src/async.ts";
 import { KV_COMMIT_LIMIT, serializedSizeBound } from "../src/queue/size.ts";
 import { serialize } from "node:v8";
 import { gunzipSync } from "node:zlib";
@@ -624,4 +627,64 @@ Deno.test("runBackfillSync() repairs a refused commit that needs several commits
   await using db = await tempDb();
   const stats = await syncEverything(server.url, db.path, { batchSize: 40 });
   await assertStoredOnce(db.path, stats, [...events, ...tail]);
+});
+
+Deno.test("a sync refuses a queue that another sync is writing right now, and takes it once that one stopped", async () => {
+  const events = Array.from({ length: 400 }, (_, i) => commit(T0 + i * 1000, { did: did(i % 7) }));
+  await using server = serveEvents(events);
+  await using db = await tempDb();
+  const first = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    startTimestamp: T0,
+    numRecords: 100,
+  });
+  assert.equal(first.stopReason, "limit");
+  const kv = await Deno.openKv(db.path);
+  assert.equal(
+    (await kv.get(queueKey("jetstream_sync", "writer"))).versionstamp,
+    null,
+    "released when it stopped",
+  );
+  // Another sync, running: a real QueueWriter committing a batch every 300 ms.
+  const start = await readCheckpoint(kv, "jetstream_sync");
+  const running = new QueueWriter(kv, "jetstream_sync", {
+    checkpoint: start.value!,
+    versionstamp: start.versionstamp,
+  }, () => {});
+  let stop = false;
+  const writing = (async () => {
+    for (let i = 0; !stop; i++) {
+      const b = new Batcher("jetstream_sync", 1);
+      const e = commit(T0 + 1_000_000 + i, { did: did(1) });
+      b.add(e, JSON.stringify(e), "2026-11-26", "app.bsky.feed.post");
+      await running.add(b.take()!);
+      await running.flush();
+      await delay(300);
+    }
+  })();
+  try {
+    await delay(400);
+    await assert.rejects(
+      () => runBackfillSync({ kv: db.path, resume: true, numRecords: 200, force: true }),
+      (err: unknown) =>
+        err instanceof ConcurrentWriterError &&
+        /is being written by another sync right now/.test(err.message),
+    );
+  } finally {
+    stop = true;
+    await writing;
+    await running.release();
+  }
+  // Stopped and released: a resume goes on (the fake writer's cursor is past the capture: nothing
+  // more comes, so it runs until its maxTime).
+  const after = await runBackfillSync({
+    kv: db.path,
+    resume: true,
+    numRecords: 200,
+    force: true,
+    maxTime: 1,
+  });
+  assert.equal(after.stopReason, "max_time");
+  kv.close();
 });

@@ -63,10 +63,10 @@ export interface CommitReport {
 
 /** The queue was written by someone else while this writer held it. */
 export class ConcurrentWriterError extends Error {
-  /** Creates the error for `queue`. */
-  constructor(queue: string) {
+  /** Creates the error for `queue`, saying what happened (by default: changed during this run). */
+  constructor(queue: string, what = "was changed by another writer during this run") {
     super(
-      `queue '${queue}' was changed by another writer during this run (another sync on the same --kv and --queue-name?); stopped so that its checkpoint stays true: run one sync per queue, then --resume`,
+      `queue '${queue}' ${what} (another sync on the same --kv and --queue-name?); stopped so that its checkpoint stays true: run one sync per queue, then --resume`,
     );
     this.name = "ConcurrentWriterError";
   }
@@ -205,6 +205,19 @@ export class QueueWriter {
   async flush(): Promise<void> {
     while (this.#running) await this.#running;
     if (this.#failure) throw this.#failure;
+  }
+
+  /**
+   * Gives the queue's writer lock back once everything is flushed, if this writer still holds it: a
+   * lock left in place says that a sync may be running (or crashed), which the next one watches
+   * for. Failing to release it only costs the next sync that short watch.
+   */
+  async release(): Promise<void> {
+    if (this.#lock === undefined) return;
+    const key = queueKey(this.#queue, "writer");
+    const op = this.#kv.atomic().check({ key, versionstamp: this.#lock }).delete(key);
+    this.#lock = undefined;
+    await retryWhileBusy(() => op.commit(), BUSY_BUDGET_MS).catch(() => {});
   }
 
   async #loop(): Promise<void> {
