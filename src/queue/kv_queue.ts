@@ -4,7 +4,7 @@
  *
  * Keys, all under `["jetfill", <queue>]`:
  * - `"checkpoint"`: {@link Checkpoint}, rewritten by every commit;
- * - `"writer"`: the lock of the run writing the queue, checked by every commit;
+ * - `"writer"`: the lock of the run writing the queue, checked by every commit, removed when it stops;
  * - `"count", "messages" | "records"`: `Deno.KvU64` totals ever enqueued;
  * - `"count", "messagesHandled" | "recordsHandled"`: totals consumed (see `consume()`);
  * - `"day", "YYYY-MM-DD"`: `Deno.KvU64` records stored per UTC day;
