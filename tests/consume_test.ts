@@ -438,3 +438,33 @@ Deno.test("consume() stops soon when aborted with a backlog, and a later consume
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("consume() leaves a failed delivery to KV with one line on stderr, not the error's stack", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "jetfill-test-" });
+  try {
+    const path = `${dir}/q.sqlite`;
+    const kv = await Deno.openKv(path);
+    await produce(kv, generateCapture({ count: 5, seed: 3 }));
+    kv.close();
+    // Deno prints what a listenQueue handler rejects with; a child process shows what a user sees.
+    const script = `
+      import { consume } from ${JSON.stringify(new URL("../src/queue/consume.ts", import.meta.url).href)};
+      let calls = 0;
+      const r = await consume({ kv: ${JSON.stringify(path)}, untilEmpty: true, onError: () => {},
+        handler: () => { if (calls++ === 0) throw new Error("boom"); } });
+      console.log(r.messages);
+    `;
+    const out = await new Deno.Command(Deno.execPath(), {
+      args: ["eval", "--unstable-kv", script],
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    const stderr = new TextDecoder().decode(out.stderr);
+    assert.ok(out.success, stderr);
+    assert.equal(new TextDecoder().decode(out.stdout).trim(), "1", "handled on its second delivery");
+    assert.match(stderr, /jetfill consume: a message was left for KV to redeliver \(boom\)/);
+    assert.doesNotMatch(stderr, /^\s+at /m, "no stack trace");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
