@@ -219,7 +219,6 @@ async function run(
   decodeFrame: ((bytes: Uint8Array) => Uint8Array) | undefined,
 ): Promise<SyncStats> {
   const selection = await selectionOf(o);
-  if (o.wantedDids.length > INLINE_DIDS) await storeDidList(kv, o.queueName, o.wantedDids);
   const existing = await watchForLiveWriter(kv, o.queueName, await readCheckpoint(kv, o.queueName));
   let resumeFrom: Checkpoint | undefined;
   if (o.resume) {
@@ -242,6 +241,8 @@ async function run(
     }
     resumeFrom = existing.value;
   }
+  // Only once this run is going ahead: a refused one must not replace the list of the run it met.
+  if (o.wantedDids.length > INLINE_DIDS) await storeDidList(kv, o.queueName, o.wantedDids);
   const settings = { batchSize: o.batchSize, compress: o.compress };
   const runState: RunState = resumeFrom
     ? { ...resumeFrom.run, selection, instances: o.instances, settings }

@@ -688,3 +688,27 @@ Deno.test("a sync refuses a queue that another sync is writing right now, and ta
   assert.equal(after.stopReason, "max_time");
   kv.close();
 });
+
+Deno.test("a resume refused for its DIDs leaves the stored DID list of the run as it was", async () => {
+  const events = Array.from({ length: 50 }, (_, i) => commit(T0 + i * 1000, { did: did(i % 5) }));
+  await using server = serveEvents(events);
+  await using db = await tempDb();
+  // More DIDs than fit in the checkpoint: the list is stored apart, the checkpoint keeps its hash.
+  const web = (tag: string) => Array.from({ length: 145 }, (_, i) => `did:web:${tag}${i}.example`);
+  const ours = Array.from({ length: 5 }, (_, i) => did(i));
+  const first = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    startTimestamp: T0,
+    wantedDids: [...ours, ...web("a")],
+    numRecords: 10,
+  });
+  assert.equal(first.stopReason, "limit");
+  await assert.rejects(
+    () => runBackfillSync({ kv: db.path, resume: true, wantedDids: [...ours, ...web("b")] }),
+    (err: unknown) => err instanceof UsageError && /different options: wantedDids was/.test(err.message),
+  );
+  // The run's own list is still there: a plain resume takes it and is not refused.
+  const again = await runBackfillSync({ kv: db.path, resume: true });
+  assert.equal(again.stopReason, "limit");
+});
