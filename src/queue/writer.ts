@@ -217,7 +217,8 @@ export class QueueWriter {
     const key = queueKey(this.#queue, "writer");
     const op = this.#kv.atomic().check({ key, versionstamp: this.#lock }).delete(key);
     this.#lock = undefined;
-    await retryWhileBusy(() => op.commit(), BUSY_BUDGET_MS).catch(() => {});
+    // Best effort, and not worth a long wait at the end of a run.
+    await retryWhileBusy(() => op.commit(), 2000).catch(() => {});
   }
 
   async #loop(): Promise<void> {
