@@ -203,7 +203,8 @@ async function watchForLiveWriter(
   if (age >= LIVE_WRITER_MS || (await kv.get(queueKey(queue, "writer"))).versionstamp === null) {
     return existing;
   }
-  await delay(LIVE_WRITER_MS - age);
+  // (A clock set back since that write would make the age negative: never wait longer.)
+  await delay(Math.min(LIVE_WRITER_MS, LIVE_WRITER_MS - age));
   const again = await readCheckpoint(kv, queue);
   if (again.versionstamp !== existing.versionstamp) {
     throw new ConcurrentWriterError(queue, "is being written by another sync right now");

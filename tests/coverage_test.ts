@@ -125,3 +125,28 @@ Deno.test("runBackfillSync({ strict: true }) refuses to run when the server will
       ),
   );
 });
+
+Deno.test("runBackfillSync() warns when a server refuses the coverage probe, and goes on", async () => {
+  // 400 for the probe (cursor=0, no filters); the sync's own connection is accepted and closed.
+  await using server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, (req) => {
+    if (new URL(req.url).searchParams.get("cursor") === "0") return new Response("no", { status: 400 });
+    const { socket, response } = Deno.upgradeWebSocket(req);
+    socket.onopen = () => socket.close(1000, "done");
+    return response;
+  });
+  await using db = await tempDb();
+  const reports: SyncErrorReport[] = [];
+  const stats = await runBackfillSync({
+    instance: `ws://127.0.0.1:${server.addr.port}/subscribe`,
+    kv: db.path,
+    startTimestamp: T0,
+    onError: (r) => reports.push(r),
+  });
+  assert.equal(stats.stopReason, "closed");
+  assert.equal(stats.coverageStart, null);
+  const warning = reports.find((r) => r.reason === "coverage");
+  assert.match(
+    warning!.message,
+    /^could not find where 127\.0\.0\.1:\d+'s history begins: .*HTTP 400.*; a start before it would go unnoticed$/,
+  );
+});
