@@ -32,7 +32,7 @@ import {
   retryWhileBusy,
   type RunState,
 } from "./queue/kv_queue.ts";
-import { ConcurrentWriterError, QueueWriter } from "./queue/writer.ts";
+import { ConcurrentWriterError, QueueWriter, WRITER_HEARTBEAT_MS } from "./queue/writer.ts";
 import { consumeStream } from "./source.ts";
 import { StatsTracker, type SyncErrorReport, type SyncStats } from "./stats.ts";
 import { isoFromUs } from "./time.ts";
@@ -184,32 +184,45 @@ function inheritOptions(
   };
 }
 
-/** How recent a checkpoint must be, with the writer lock still taken, for a sync to be watched. */
+/** How recent a running sync's last sign of life must be, with the writer lock taken, to be watched. */
 const LIVE_WRITER_MS = 2000;
 
 /**
- * The queue's checkpoint, once it is clear that no other sync is writing it. A checkpoint written
- * less than {@link LIVE_WRITER_MS} ago while the writer lock is still taken (a sync releases it when
- * it stops) may be a running sync's: it is watched until that age, and refused if it moves. A
- * crashed sync costs the next one that wait; an idle running one is caught by the lock instead.
+ * The queue's checkpoint and the writer lock's versionstamp as seen (null when free), once it is
+ * clear that no other sync is writing it. A sync holds the lock from its start until it stops, and
+ * shows that it is alive by committing or, when quiet, by a heartbeat every
+ * {@link WRITER_HEARTBEAT_MS}. Whichever of the two is less than {@link LIVE_WRITER_MS} old, with the
+ * lock taken, may be a running sync's: both are watched for about a second, and the sync is refused
+ * if either moves. A crashed sync costs the next one that wait; the lock is then taken with a check
+ * that it is still the one seen, so that two syncs starting together cannot both go ahead.
  */
 async function watchForLiveWriter(
   kv: Deno.Kv,
   queue: string,
   existing: Deno.KvEntryMaybe<Checkpoint>,
-): Promise<Deno.KvEntryMaybe<Checkpoint>> {
-  if (!existing.value) return existing;
-  const age = Date.now() - existing.value.updatedAt;
-  if (age >= LIVE_WRITER_MS || (await kv.get(queueKey(queue, "writer"))).versionstamp === null) {
-    return existing;
-  }
-  // (A clock set back since that write would make the age negative: never wait longer.)
-  await delay(Math.min(LIVE_WRITER_MS, LIVE_WRITER_MS - age));
+): Promise<{ existing: Deno.KvEntryMaybe<Checkpoint>; lock: string | null }> {
+  const keys = [queueKey(queue, "writer"), queueKey(queue, "alive")] as const;
+  const [lock, alive] = await kv.getMany<[{ at?: number }, { at?: number }]>(keys);
+  if (lock.versionstamp === null) return { existing, lock: null };
+  const last = Math.max(
+    existing.value?.updatedAt ?? -Infinity,
+    alive.value?.at ?? -Infinity,
+    lock.value?.at ?? -Infinity,
+  );
+  const age = Date.now() - last;
+  if (!(age < LIVE_WRITER_MS)) return { existing, lock: lock.versionstamp };
+  // Long enough for two heartbeats; never longer than LIVE_WRITER_MS, even with a clock set back
+  // since that write (a negative age).
+  await delay(Math.min(LIVE_WRITER_MS, Math.max(LIVE_WRITER_MS - age, 2 * WRITER_HEARTBEAT_MS)));
   const again = await readCheckpoint(kv, queue);
-  if (again.versionstamp !== existing.versionstamp) {
+  const [lockAgain, aliveAgain] = await kv.getMany(keys);
+  if (
+    again.versionstamp !== existing.versionstamp || aliveAgain.versionstamp !== alive.versionstamp ||
+    lockAgain.versionstamp !== lock.versionstamp
+  ) {
     throw new ConcurrentWriterError(queue, "is being written by another sync right now");
   }
-  return again;
+  return { existing: again, lock: lock.versionstamp };
 }
 
 async function run(
@@ -220,7 +233,7 @@ async function run(
   decodeFrame: ((bytes: Uint8Array) => Uint8Array) | undefined,
 ): Promise<SyncStats> {
   const selection = await selectionOf(o);
-  const existing = await watchForLiveWriter(kv, o.queueName, await readCheckpoint(kv, o.queueName));
+  const { existing, lock } = await watchForLiveWriter(kv, o.queueName, await readCheckpoint(kv, o.queueName));
   let resumeFrom: Checkpoint | undefined;
   if (o.resume) {
     if (!existing.value) {
@@ -242,8 +255,6 @@ async function run(
     }
     resumeFrom = existing.value;
   }
-  // Only once this run is going ahead: a refused one must not replace the list of the run it met.
-  if (o.wantedDids.length > INLINE_DIDS) await storeDidList(kv, o.queueName, o.wantedDids);
   const settings = { batchSize: o.batchSize, compress: o.compress };
   const runState: RunState = resumeFrom
     ? { ...resumeFrom.run, selection, instances: o.instances, settings }
@@ -289,7 +300,7 @@ async function run(
   const writer = new QueueWriter(
     kv,
     o.queueName,
-    { checkpoint, versionstamp: existing.versionstamp },
+    { checkpoint, versionstamp: existing.versionstamp, lock },
     (r) => {
       stats.committed(r.records, r.cursor, r.days, r.collections, r.messages);
       progress(false);
@@ -312,24 +323,38 @@ async function run(
   if (options.signal?.aborted) stopWith(ctx, "aborted");
   if (ctx.accepted >= o.numRecords) stopWith(ctx, "limit");
 
+  // Errors before the stream starts, and refused subscriptions, are thrown, not reported.
+  let refusal: { error: unknown } | undefined;
+  let streaming = false;
   try {
+    // The lock is held from now on, so that a sync started beside this one is refused even while
+    // this one is quiet.
+    await writer.claim();
+    // Only once this run is going ahead: a refused one must not replace the list of the run it met.
+    if (o.wantedDids.length > INLINE_DIDS) await storeDidList(kv, o.queueName, o.wantedDids);
+    streaming = true;
     await consumeStream(ctx, options, resumeFrom);
   } catch (err) {
-    if (err instanceof UsageError) throw err;
+    if (err instanceof UsageError || !streaming) refusal = { error: err };
     ctx.stop ??= "error";
     ctx.error ??= err instanceof Error ? err.message : String(err);
   } finally {
     clearTimeout(timer);
     options.signal?.removeEventListener("abort", onUserAbort);
   }
+  if (refusal) {
+    await writer.release();
+    throw refusal.error;
+  }
   try {
     const last = ctx.batcher.take();
     if (last) await writer.add(last);
     await writer.flush();
-    await writer.release();
   } catch (err) {
     ctx.stop = "error";
     ctx.error ??= `could not store the last batch: ${err instanceof Error ? err.message : String(err)}`;
+  } finally {
+    await writer.release();
   }
   progress(true);
 

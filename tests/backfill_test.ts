@@ -689,6 +689,59 @@ Deno.test("a sync refuses a queue that another sync is writing right now, and ta
   kv.close();
 });
 
+Deno.test("a quiet sync that has stored nothing for seconds still holds its queue: a second sync is refused", async () => {
+  // 20 events, then nothing: the first sync stores them and then waits for more, committing nothing.
+  const events = Array.from({ length: 20 }, (_, i) => commit(T0 + i * 1000, { did: did(1) }));
+  await using server = serveEvents(events);
+  await using db = await tempDb();
+  const first = runBackfillSync({ instance: server.url, kv: db.path, startTimestamp: T0, maxTime: 5 });
+  // Well past the 2 s after its last commit that a checkpoint alone would have shown.
+  await delay(3500);
+  await assert.rejects(
+    () => runBackfillSync({ kv: db.path, resume: true, force: true, maxTime: 1 }),
+    (err: unknown) =>
+      err instanceof ConcurrentWriterError &&
+      /is being written by another sync right now/.test(err.message),
+  );
+  const stats = await first;
+  assert.equal(stats.stopReason, "max_time");
+  assert.equal(stats.error, undefined);
+  assert.equal(stats.recordsStored, 20);
+  // Stopped, it gave the queue back at once: no lock, no heartbeat left behind.
+  const kv = await Deno.openKv(db.path);
+  const [lock, alive] = await kv.getMany([
+    queueKey("jetstream_sync", "writer"),
+    queueKey("jetstream_sync", "alive"),
+  ]);
+  kv.close();
+  assert.equal(lock.versionstamp, null);
+  assert.equal(alive.versionstamp, null);
+});
+
+Deno.test("of two syncs started together on one queue, exactly one goes ahead", async () => {
+  const events = Array.from({ length: 50 }, (_, i) => commit(T0 + i * 1000, { did: did(i % 3) }));
+  await using server = serveEvents(events);
+  await using db = await tempDb();
+  const first = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    startTimestamp: T0,
+    numRecords: 10,
+  });
+  assert.equal(first.stopReason, "limit");
+  // Both read the same checkpoint and no lock; the first to take the lock wins, the other is refused.
+  const both = await Promise.allSettled(
+    [1, 2].map(() => runBackfillSync({ kv: db.path, resume: true, force: true, numRecords: 30, maxTime: 2 })),
+  );
+  const refused = both.filter((r) => r.status === "rejected");
+  assert.equal(refused.length, 1, JSON.stringify(both.map((r) => r.status)));
+  assert.ok((refused[0] as PromiseRejectedResult).reason instanceof ConcurrentWriterError);
+  const ran = (both.find((r) => r.status === "fulfilled") as PromiseFulfilledResult<SyncStats>).value;
+  assert.equal(ran.stopReason, "limit");
+  const { msgs } = await stored(db.path, ran.queueLength);
+  assert.deepEqual(msgs.map((m) => m.seq), Array.from({ length: msgs.length }, (_, i) => i + 1));
+});
+
 Deno.test("a resume refused for its DIDs leaves the stored DID list of the run as it was", async () => {
   const events = Array.from({ length: 50 }, (_, i) => commit(T0 + i * 1000, { did: did(i % 5) }));
   await using server = serveEvents(events);

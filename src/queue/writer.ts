@@ -81,6 +81,13 @@ const DEPTH = 3;
 const BUSY_BUDGET_MS = 30_000;
 
 /**
+ * How often a writer that holds its queue's lock shows that it is alive when it has not committed
+ * meanwhile (a quiet live tail): it sets `["jetfill", queue, "alive"]`, which a sync starting beside
+ * it watches.
+ */
+export const WRITER_HEARTBEAT_MS = 500;
+
+/**
  * The next commit, built as batches arrive: each message is enqueued (serialized by KV) when its
  * batch is added, so that parsed events do not wait for a commit slot. Holding them until then kept
  * about a thousand events alive through every young-generation GC. Its checkpoint and counters are
@@ -145,15 +152,23 @@ export class QueueWriter {
   /** add() calls waiting for the commit being built to be issued (it is full). */
   #waiters: (() => void)[] = [];
   #onFull: (() => void) | undefined;
+  /** The writer lock's versionstamp as seen before this writer started, when it was looked at. */
+  readonly #seenLock: string | null | undefined;
+  /** `Date.now()` of the last write that shows this writer alive (a commit, the lock, a heartbeat). */
+  #lastWrite = 0;
+  #heartbeat: ReturnType<typeof setInterval> | undefined;
+  #beating: Promise<void> | undefined;
 
   /**
    * A writer that continues from `checkpoint` (as read, with its versionstamp, or null for a new
-   * queue) and calls `onCommit` after every durable commit.
+   * queue) and calls `onCommit` after every durable commit. With `lock` (the writer lock's
+   * versionstamp as seen, null when there was none), taking the lock also checks that nobody took it
+   * since.
    */
   constructor(
     kv: Deno.Kv,
     queue: string,
-    start: { checkpoint: Checkpoint; versionstamp: string | null },
+    start: { checkpoint: Checkpoint; versionstamp: string | null; lock?: string | null },
     onCommit: (report: CommitReport, checkpoint: Checkpoint) => void,
   ) {
     this.#kv = kv;
@@ -162,6 +177,7 @@ export class QueueWriter {
     this.#durable = start.checkpoint;
     this.#seq = start.checkpoint.seq;
     this.#readVersionstamp = start.versionstamp;
+    this.#seenLock = start.lock;
     this.#onCommit = onCommit;
     this.#building = this.#open();
   }
@@ -208,14 +224,45 @@ export class QueueWriter {
   }
 
   /**
-   * Gives the queue's writer lock back once everything is flushed, if this writer still holds it: a
+   * Takes the queue's writer lock now rather than at the first commit, and from then on shows that
+   * this writer is alive: when it has not committed for {@link WRITER_HEARTBEAT_MS}, it sets the
+   * queue's `alive` key. A sync that starts beside it, even while it is quiet, then sees it running.
+   * Throws {@link ConcurrentWriterError} when another writer took the lock or moved the checkpoint
+   * since they were read. {@link release} stops the heartbeat.
+   */
+  async claim(): Promise<void> {
+    if (this.#lock === undefined) await this.#acquire("is being written by another sync right now");
+    this.#heartbeat ??= setInterval(() => this.#beat(), WRITER_HEARTBEAT_MS / 2);
+  }
+
+  #beat(): void {
+    if (
+      this.#beating || this.#lock === undefined || this.#failure ||
+      Date.now() - this.#lastWrite < WRITER_HEARTBEAT_MS
+    ) return;
+    this.#lastWrite = Date.now();
+    // Only while the lock is still ours: a writer that lost it must not look alive.
+    const op = this.#kv.atomic()
+      .check({ key: queueKey(this.#queue, "writer"), versionstamp: this.#lock })
+      .set(queueKey(this.#queue, "alive"), { run: this.#issued.run.id, at: this.#lastWrite });
+    // Best effort: a beat that SQLite finds busy is simply the next one's to make.
+    this.#beating = op.commit().then(() => {}, () => {}).finally(() => this.#beating = undefined);
+  }
+
+  /**
+   * Stops the heartbeat and gives the queue's writer lock back, if this writer still holds it: a
    * lock left in place says that a sync may be running (or crashed), which the next one watches
-   * for. Failing to release it only costs the next sync that short watch.
+   * for. Failing to release it only costs the next sync that short watch. Call it once everything
+   * is flushed (or the writer failed).
    */
   async release(): Promise<void> {
+    clearInterval(this.#heartbeat);
+    this.#heartbeat = undefined;
+    await this.#beating;
     if (this.#lock === undefined) return;
     const key = queueKey(this.#queue, "writer");
-    const op = this.#kv.atomic().check({ key, versionstamp: this.#lock }).delete(key);
+    const op = this.#kv.atomic().check({ key, versionstamp: this.#lock }).delete(key)
+      .delete(queueKey(this.#queue, "alive"));
     this.#lock = undefined;
     // Best effort, and not worth a long wait at the end of a run.
     await retryWhileBusy(() => op.commit(), 2000).catch(() => {});
@@ -275,16 +322,19 @@ export class QueueWriter {
 
   /**
    * Takes the queue's writer lock, in one commit with a check that the checkpoint is still the one
-   * read: a writer that started meanwhile, or a later one, makes our commits fail their check.
+   * read (and the lock the one seen, when it was looked at): a writer that started meanwhile, or a
+   * later one, makes our commits fail their check.
    */
-  async #acquire(): Promise<void> {
+  async #acquire(refusal?: string): Promise<void> {
     const q = this.#queue;
     const op = this.#kv.atomic()
-      .check({ key: queueKey(q, "checkpoint"), versionstamp: this.#readVersionstamp })
-      .set(queueKey(q, "writer"), { run: this.#issued.run.id, at: Date.now() });
+      .check({ key: queueKey(q, "checkpoint"), versionstamp: this.#readVersionstamp });
+    if (this.#seenLock !== undefined) op.check({ key: queueKey(q, "writer"), versionstamp: this.#seenLock });
+    op.set(queueKey(q, "writer"), { run: this.#issued.run.id, at: Date.now() });
     const res = await retryWhileBusy(() => op.commit(), BUSY_BUDGET_MS);
-    if (!res.ok) throw new ConcurrentWriterError(q);
+    if (!res.ok) throw new ConcurrentWriterError(q, refusal);
     this.#lock = res.versionstamp;
+    this.#lastWrite = Date.now();
   }
 
   #open(): Building {
@@ -338,6 +388,7 @@ export class QueueWriter {
     };
     op.set(queueKey(q, "checkpoint"), checkpoint);
     this.#issued = checkpoint;
+    this.#lastWrite = checkpoint.updatedAt;
     const promise = op.commit();
     const report = { records, messages: group.length, cursor: last, days, collections };
     let vetted!: () => void;
