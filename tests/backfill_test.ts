@@ -7,6 +7,7 @@ import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
 import { queueKey, readCheckpoint } from "../src/queue/kv_queue.ts";
 import { ConcurrentWriterError, QueueWriter } from "../src/queue/writer.ts";
 import { Batcher } from "../src/pipeline/batch.ts";
+import { queueStatus } from "../src/queue/consume.ts";
 import { delay } from "../src/async.ts";
 import { KV_COMMIT_LIMIT, serializedSizeBound } from "../src/queue/size.ts";
 import { serialize } from "node:v8";
@@ -697,6 +698,11 @@ Deno.test("a quiet sync that has stored nothing for seconds still holds its queu
   const first = runBackfillSync({ instance: server.url, kv: db.path, startTimestamp: T0, maxTime: 5 });
   // Well past the 2 s after its last commit that a checkpoint alone would have shown.
   await delay(3500);
+  const kv = await Deno.openKv(db.path);
+  const running = (await queueStatus(kv, "jetstream_sync")).writer;
+  assert.ok(running, "status shows no sync running");
+  const seen = Date.now() - Date.parse(running.lastSeen);
+  assert.ok(seen < 2000, `last seen ${seen} ms ago`);
   await assert.rejects(
     () => runBackfillSync({ kv: db.path, resume: true, force: true, maxTime: 1 }),
     (err: unknown) =>
@@ -708,7 +714,7 @@ Deno.test("a quiet sync that has stored nothing for seconds still holds its queu
   assert.equal(stats.error, undefined);
   assert.equal(stats.recordsStored, 20);
   // Stopped, it gave the queue back at once: no lock, no heartbeat left behind.
-  const kv = await Deno.openKv(db.path);
+  assert.equal((await queueStatus(kv, "jetstream_sync")).writer, null);
   const [lock, alive] = await kv.getMany([
     queueKey("jetstream_sync", "writer"),
     queueKey("jetstream_sync", "alive"),

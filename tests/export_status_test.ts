@@ -9,6 +9,7 @@ import { generateCapture } from "../src/server/synth.ts";
 import { serveEvents } from "./helpers/loopback.ts";
 import { produce } from "./helpers/produce.ts";
 import { isoFromUs, utcDate } from "../src/time.ts";
+import { queueKey } from "../src/queue/kv_queue.ts";
 
 const CLI = new URL("../cli.ts", import.meta.url).pathname;
 const TEXT = new TextDecoder();
@@ -203,6 +204,9 @@ Deno.test("jetfill status shows the queue's counts, per-day records and dead let
       cursor: 0,
       records: stored.slice(0, 7),
     });
+    // The writer lock of a sync killed a minute ago.
+    const killedAt = Date.now() - 60_000;
+    await kv.set(queueKey("jetstream_sync", "writer"), { run: "killed-run", at: killedAt });
     kv.close();
     const run = await jetfill("status", "--kv", path, "--json");
     assert.equal(run.code, 0, run.stderr);
@@ -219,7 +223,10 @@ Deno.test("jetfill status shows the queue's counts, per-day records and dead let
     assert.equal(s.queueLength, messages);
     assert.deepEqual(s.recordsPerDay, days);
     assert.equal(s.lastRun, null);
+    const killed = new Date(killedAt).toISOString();
+    assert.deepEqual(s.writer, { run: "killed-run", since: killed, lastSeen: killed });
     const text = await jetfill("status", "--kv", path);
+    assert.match(text.stdout, /writer\s+left by a sync that did not stop cleanly: run killed-run since /);
     assert.equal(text.code, 0);
     assert.match(text.stdout, new RegExp(`waiting\\s+443 records in ${messages - 1} messages`));
     assert.match(text.stdout, /dead letters\s+1 messages \(7 records\)/);
@@ -265,6 +272,7 @@ Deno.test("a finished jetfill sync: status --json matches its statistics, export
     assert.equal(status.code, 0, status.stderr);
     const s = JSON.parse(status.stdout);
     assert.deepEqual(s.lastRun.stats, stats);
+    assert.equal(s.writer, null, "the sync gave its writer lock back");
     assert.equal(s.recordsStored, stats.recordsStored);
     assert.equal(s.messagesEnqueued, stats.messagesEnqueued);
     assert.equal(s.messagesWaiting, stats.messagesEnqueued);

@@ -27,7 +27,9 @@ stored, or null), latestCursorTime (its ISO 8601 UTC time), checkpointUpdatedAt,
 messagesEnqueued, messagesHandled, recordsHandled, messagesWaiting and recordsWaiting (in the
 queue: neither handled nor dead-lettered), deadLetters and deadRecords (messages KV gave up
 delivering), queueLength (messages not handled, dead letters included, as a sync reports it),
-recordsPerDay ({ "YYYY-MM-DD": records }), lastRun ({ id, finishedAt, options, stats } with the
+recordsPerDay ({ "YYYY-MM-DD": records }), writer (the sync holding the queue's writer lock:
+{ run, since, lastSeen }, or null when none does; a lastSeen over 2 s old is a crashed sync),
+lastRun ({ id, finishedAt, options, stats } with the
 sync's own statistics as 'jetfill sync --json' printed them, or null).
 
 Exit codes: 0 done, 1 runtime failure, 2 bad input (such as a database that does not exist).`;
@@ -78,6 +80,18 @@ export function formatStatus(s: QueueStatus, path: string): string {
   lines.push(
     `records per day     ${days.length === 0 ? "-" : days.map(([d, n]) => `${d}: ${n}`).join(", ")}`,
   );
+  if (s.writer) {
+    const ago = (Date.now() - Date.parse(s.writer.lastSeen)) / 1000;
+    lines.push(
+      `writer              ${
+        ago < 2 ? "a sync is running" : "left by a sync that did not stop cleanly"
+      }: run ${s.writer.run} since ${s.writer.since}, last seen ${s.writer.lastSeen} (${
+        Math.max(0, ago).toFixed(1)
+      } s ago)`,
+    );
+  } else {
+    lines.push(`writer              - (no sync running)`);
+  }
   if (s.lastRun) {
     const st = s.lastRun.stats;
     const latest = typeof st.latestCursor === "number" ? ` up to ${isoFromUs(st.latestCursor)}` : "";

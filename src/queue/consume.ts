@@ -1058,6 +1058,19 @@ export interface QueueStatus {
   queueLength: number;
   /** Records stored per UTC day of their `time_us`, all runs together. */
   recordsPerDay: Record<string, number>;
+  /**
+   * The sync that holds the queue's writer lock, or null when none does (a sync gives it back when
+   * it stops). A running sync shows it is alive by its commits, or every 0.5 s while quiet: a
+   * `lastSeen` more than 2 s old is a sync that crashed, and the next one takes the lock over.
+   */
+  writer: {
+    /** Random id of its run. */
+    run: string;
+    /** When it took the lock, ISO 8601 UTC. */
+    since: string;
+    /** Its last commit or heartbeat, ISO 8601 UTC. */
+    lastSeen: string;
+  } | null;
   /** The last sync run, as it recorded itself when it finished, or null. */
   lastRun: {
     /** Random id of the run. */
@@ -1108,6 +1121,21 @@ export async function queueStatus(kv: Deno.Kv, queue: string): Promise<QueueStat
     stats: Record<string, unknown>;
   }>(queueKey(queue, "run"))).value;
   const latest = checkpoint && checkpoint.recordsStored > 0 ? checkpoint.cursor : null;
+  const [lock, alive] = await kv.getMany<[{ run?: string; at?: number }, { at?: number }]>([
+    queueKey(queue, "writer"),
+    queueKey(queue, "alive"),
+  ]);
+  let writer: QueueStatus["writer"] = null;
+  if (lock.value && typeof lock.value.at === "number") {
+    const at = lock.value.at;
+    // Commits of the lock's run count as signs of life too.
+    const committed = checkpoint && checkpoint.run.id === lock.value.run ? checkpoint.updatedAt : at;
+    writer = {
+      run: String(lock.value.run),
+      since: new Date(at).toISOString(),
+      lastSeen: new Date(Math.max(at, committed, alive.value?.at ?? at)).toISOString(),
+    };
+  }
   return {
     queue,
     lastSeq: checkpoint?.seq ?? 0,
@@ -1124,6 +1152,7 @@ export async function queueStatus(kv: Deno.Kv, queue: string): Promise<QueueStat
     deadRecords,
     queueLength: Math.max(0, messagesEnqueued - messagesHandled),
     recordsPerDay,
+    writer,
     lastRun: run
       ? {
         id: run.id,
