@@ -37,6 +37,13 @@ function capture(): JetstreamEvent[] {
   return out;
 }
 
+/** A first sync from T0 with `extra` options, which must stop at its limit. */
+async function firstSync(url: string, path: string, extra: BackfillSyncOptions): Promise<SyncStats> {
+  const stats = await runBackfillSync({ instance: url, kv: path, startTimestamp: T0, ...extra });
+  assert.equal(stats.stopReason, "limit");
+  return stats;
+}
+
 async function stored(
   path: string,
   messages: number,
@@ -634,13 +641,7 @@ Deno.test("a sync refuses a queue that another sync is writing right now, and ta
   const events = Array.from({ length: 400 }, (_, i) => commit(T0 + i * 1000, { did: did(i % 7) }));
   await using server = serveEvents(events);
   await using db = await tempDb();
-  const first = await runBackfillSync({
-    instance: server.url,
-    kv: db.path,
-    startTimestamp: T0,
-    numRecords: 100,
-  });
-  assert.equal(first.stopReason, "limit");
+  await firstSync(server.url, db.path, { numRecords: 100 });
   const kv = await Deno.openKv(db.path);
   assert.equal(
     (await kv.get(queueKey("jetstream_sync", "writer"))).versionstamp,
@@ -728,13 +729,7 @@ Deno.test("of two syncs started together on one queue, exactly one goes ahead", 
   const events = Array.from({ length: 50 }, (_, i) => commit(T0 + i * 1000, { did: did(i % 3) }));
   await using server = serveEvents(events);
   await using db = await tempDb();
-  const first = await runBackfillSync({
-    instance: server.url,
-    kv: db.path,
-    startTimestamp: T0,
-    numRecords: 10,
-  });
-  assert.equal(first.stopReason, "limit");
+  await firstSync(server.url, db.path, { numRecords: 10 });
   // Both read the same checkpoint and no lock; the first to take the lock wins, the other is refused.
   const both = await Promise.allSettled(
     [1, 2].map(() => runBackfillSync({ kv: db.path, resume: true, force: true, numRecords: 30, maxTime: 2 })),
@@ -755,14 +750,7 @@ Deno.test("a resume refused for its DIDs leaves the stored DID list of the run a
   // More DIDs than fit in the checkpoint: the list is stored apart, the checkpoint keeps its hash.
   const web = (tag: string) => Array.from({ length: 145 }, (_, i) => `did:web:${tag}${i}.example`);
   const ours = Array.from({ length: 5 }, (_, i) => did(i));
-  const first = await runBackfillSync({
-    instance: server.url,
-    kv: db.path,
-    startTimestamp: T0,
-    wantedDids: [...ours, ...web("a")],
-    numRecords: 10,
-  });
-  assert.equal(first.stopReason, "limit");
+  await firstSync(server.url, db.path, { wantedDids: [...ours, ...web("a")], numRecords: 10 });
   await assert.rejects(
     () => runBackfillSync({ kv: db.path, resume: true, wantedDids: [...ours, ...web("b")] }),
     (err: unknown) => err instanceof UsageError && /different options: wantedDids was/.test(err.message),
