@@ -75,7 +75,8 @@ export interface BackfillSyncOptions {
   queueName?: string;
   /**
    * Records per batch: each batch is committed atomically with the queue's checkpoint, and no queue
-   * message holds more records than this.
+   * message holds more records than this. A batch that has not filled one second after its first
+   * record is committed as it is, so a quiet stream's records are stored within about a second.
    * @default {100}
    */
   batchSize?: number;

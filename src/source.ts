@@ -284,6 +284,9 @@ export async function consumeStream(
       if (floorUs >= 0) floorUs -= o.rewindUs;
     }
     if (failures > 0 || cause.kind !== "overflow") {
+      // A part-filled batch is stored before the wait, not kept for the next connection.
+      const partial = ctx.batcher.take();
+      if (partial) await ctx.writer.add(partial);
       await delay(backoffDelay(Math.max(1, failures)), ctx.internal.signal);
     }
   }

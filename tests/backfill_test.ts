@@ -7,6 +7,7 @@ import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
 import { queueKey, readCheckpoint } from "../src/queue/kv_queue.ts";
 import { ConcurrentWriterError, QueueWriter } from "../src/queue/writer.ts";
 import { Batcher } from "../src/pipeline/batch.ts";
+import { FLUSH_AFTER_MS } from "../src/pipeline/process.ts";
 import { queueStatus } from "../src/queue/consume.ts";
 import { delay } from "../src/async.ts";
 import { KV_COMMIT_LIMIT, serializedSizeBound } from "../src/queue/size.ts";
@@ -689,6 +690,31 @@ Deno.test("a sync refuses a queue that another sync is writing right now, and ta
   });
   assert.equal(after.stopReason, "max_time");
   kv.close();
+});
+
+Deno.test("a part-filled batch is committed once its first record has waited a second, while the sync goes on", async () => {
+  // 8 events, then a quiet stream: the batch of 100 never fills.
+  const events = Array.from({ length: 8 }, (_, i) => commit(T0 + i * 1000, { did: did(i % 3) }));
+  await using server = serveEvents(events);
+  await using db = await tempDb();
+  const started = performance.now();
+  const sync = runBackfillSync({ instance: server.url, kv: db.path, startTimestamp: T0, maxTime: 4 });
+  const kv = await Deno.openKv(db.path);
+  let count = 0;
+  while (count < 8 && performance.now() - started < 3000) {
+    await delay(100);
+    count = (await readCheckpoint(kv, "jetstream_sync")).value?.recordsStored ?? 0;
+  }
+  const after = performance.now() - started;
+  kv.close();
+  assert.equal(count, 8, "the part-filled batch was not committed while the sync ran");
+  assert.ok(after < FLUSH_AFTER_MS + 1500, `committed after ${after} ms`);
+  const stats = await sync;
+  assert.equal(stats.stopReason, "max_time");
+  assert.equal(stats.recordsStored, 8);
+  assert.equal(stats.messagesEnqueued, 1);
+  const { events: got } = await stored(db.path, stats.queueLength);
+  assert.deepEqual(got, events);
 });
 
 Deno.test("a quiet sync that has stored nothing for seconds still holds its queue: a second sync is refused", async () => {

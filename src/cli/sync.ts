@@ -41,7 +41,8 @@ Connection:
 Queue:
   --kv PATH               Deno KV database (default ./jetfill-data/<queue-name>.sqlite)
   --queue-name NAME       queue name (default jetstream_sync)
-  --batch-size N          records per batch and atomic commit (default 100)
+  --batch-size N          records per batch and atomic commit (default 100); a batch not full
+                          1 s after its first record is committed as it is
   --resume                continue this queue's last run from its checkpoint: options left out
                           are the last run's; different selection options are refused
   --force                 with --resume, accept different selection options

@@ -78,6 +78,8 @@ export class Batcher {
   #records = 0;
   /** The instance events are coming from now, recorded with their sequence numbers. */
   host: string | undefined;
+  /** `performance.now()` when the batch being built got its first record. */
+  startedAt = 0;
 
   /** A batcher for `queue` with `batchSize` records a batch. */
   constructor(queue: string, batchSize: number, messageLimit = KV_VALUE_LIMIT) {
@@ -128,6 +130,7 @@ export class Batcher {
     collection: string | undefined,
     utf8Bytes?: number,
   ): boolean {
+    if (this.#records === 0) this.startedAt = performance.now();
     const size = serializedSizeBound(text, utf8Bytes);
     if (size + this.#overhead > this.#budget) {
       // Too large to travel as a record: it goes alone, gzipped.

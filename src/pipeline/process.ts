@@ -50,7 +50,49 @@ function noteOutdated(ctx: RunContext, session: Session, firstUs: number): void 
   coverageGap(ctx, session.base, from, firstUs, ctx.stats.lastProcessedUs === null && ctx.accepted === 0);
 }
 
-/** Reads one connection until it ends or the run stops. */
+/**
+ * How long a part-filled batch waits for more records before it is committed as it is: a quiet
+ * stream's records are stored, visible to consumers and safe from a crash within about this long,
+ * not only once `batchSize` of them have come.
+ */
+export const FLUSH_AFTER_MS = 1000;
+
+/** What the wait for frames gives when the batch being built is due to be committed. */
+const DUE = Symbol("due");
+
+/**
+ * A timer for a `performance.now()` time. A wait races the frames against a promise of its own
+ * that `wake` settles, dropped once the wait is over: racing every wait against one long-lived
+ * promise would leave a reaction on it per wait, each holding the frames that wait returned, until
+ * the timer fires (a second of the stream kept alive).
+ */
+interface Tick {
+  timer: ReturnType<typeof setTimeout>;
+  fired: boolean;
+  wake: (() => void) | undefined;
+}
+
+// At module level, so that the hot loop's variables are not captured by a closure.
+function armTick(at: number): Tick {
+  const tick: Tick = { timer: 0 as unknown as ReturnType<typeof setTimeout>, fired: false, wake: undefined };
+  tick.timer = setTimeout(() => {
+    tick.fired = true;
+    tick.wake?.();
+  }, Math.max(0, at - performance.now()));
+  return tick;
+}
+
+/** Waits for `pending` or for `tick` to fire, whichever comes first. */
+function frameOrTick(pending: Promise<Frame[] | null>, tick: Tick): Promise<Frame[] | null | typeof DUE> {
+  if (tick.fired) return Promise.resolve(DUE);
+  const due = new Promise<typeof DUE>((resolve) => tick.wake = () => resolve(DUE));
+  return Promise.race([pending, due]);
+}
+
+/**
+ * Reads one connection until it ends or the run stops. While a batch is being built, the wait for
+ * the next frames is also a wait for that batch's age to reach {@link FLUSH_AFTER_MS}.
+ */
 export async function readConnection(
   ctx: RunContext,
   conn: Connection,
@@ -72,159 +114,186 @@ export async function readConnection(
   // Bytes as the connection counts them: payload bytes on the wire (for text, UTF-8 bytes, not
   // characters).
   let counted = conn.bytesReceived;
-  for (let frames: Frame[] | null = await conn.next(); frames !== null; frames = await conn.next()) {
-    stats.bytesReceived += conn.bytesReceived - counted;
-    counted = conn.bytesReceived;
-    const sizes = conn.frameBytes;
-    if (ctx.stop) return;
-    // Counted as the loop takes them, as the original did: frames read ahead of a stop are not
-    // "received" by the run.
-    for (let i = 0; i < frames.length; i++) {
-      const frame = frames[i];
-      stats.messagesReceived++;
-      let text: string;
-      // The text's UTF-8 length, when known: it makes sizing cheaper.
-      let utf8Bytes: number | undefined;
-      if (typeof frame === "string") {
-        text = frame;
-        utf8Bytes = sizes?.[i];
-      } else if (frame instanceof InvalidTextFrame) {
-        skip("invalid_utf8", `text frame of ${frame.byteLength} bytes is not valid UTF-8`);
+  // One timer at a time, armed only while a batch is being built and frames are awaited.
+  let tick: Tick | undefined;
+  let pending = conn.next();
+  try {
+    for (;;) {
+      let got: Frame[] | null | typeof DUE;
+      if (batcher.records > 0) {
+        tick ??= armTick(batcher.startedAt + FLUSH_AFTER_MS);
+        got = await frameOrTick(pending, tick);
+        tick.wake = undefined;
+      } else got = await pending;
+      if (got === DUE) {
+        tick = undefined;
+        // The timer may be one armed for a batch since taken: only a batch that is old enough goes.
+        if (batcher.records > 0 && performance.now() - batcher.startedAt >= FLUSH_AFTER_MS - 1) {
+          await ctx.writer.add(batcher.take()!);
+          if (ctx.stop) return;
+        }
         continue;
-      } else if (decode) {
-        try {
-          const raw = decode(frame instanceof Uint8Array ? frame : new Uint8Array(frame));
-          mismatches = 0;
-          stats.bytesDecoded += raw.byteLength;
-          const decoded = utf8Text(raw);
-          if (decoded === undefined) {
-            skip("invalid_utf8", `decompressed frame of ${raw.byteLength} bytes is not valid UTF-8`);
+      }
+      if (got === null) return;
+      const frames = got;
+      stats.bytesReceived += conn.bytesReceived - counted;
+      counted = conn.bytesReceived;
+      const sizes = conn.frameBytes;
+      if (ctx.stop) return;
+      // Counted as the loop takes them, as the original did: frames read ahead of a stop are not
+      // "received" by the run.
+      for (let i = 0; i < frames.length; i++) {
+        const frame = frames[i];
+        stats.messagesReceived++;
+        let text: string;
+        // The text's UTF-8 length, when known: it makes sizing cheaper.
+        let utf8Bytes: number | undefined;
+        if (typeof frame === "string") {
+          text = frame;
+          utf8Bytes = sizes?.[i];
+        } else if (frame instanceof InvalidTextFrame) {
+          skip("invalid_utf8", `text frame of ${frame.byteLength} bytes is not valid UTF-8`);
+          continue;
+        } else if (decode) {
+          try {
+            const raw = decode(frame instanceof Uint8Array ? frame : new Uint8Array(frame));
+            mismatches = 0;
+            stats.bytesDecoded += raw.byteLength;
+            const decoded = utf8Text(raw);
+            if (decoded === undefined) {
+              skip("invalid_utf8", `decompressed frame of ${raw.byteLength} bytes is not valid UTF-8`);
+              continue;
+            }
+            text = decoded;
+            utf8Bytes = raw.byteLength;
+          } catch (err) {
+            if (err instanceof ZstdDecodeError && err.reason === "dictionary-mismatch" && ++mismatches >= 5) {
+              // Frame after frame naming another dictionary: a wrong dictionary, not a bad frame.
+              stats.skip("decode_failed");
+              throw new Error(`${err.message}; give the matching dictionary with --zstd-dictionary`);
+            }
+            skip(
+              "decode_failed",
+              `frame of ${frame.byteLength} bytes could not be decoded: ${(err as Error).message}`,
+            );
             continue;
           }
-          text = decoded;
-          utf8Bytes = raw.byteLength;
-        } catch (err) {
-          if (err instanceof ZstdDecodeError && err.reason === "dictionary-mismatch" && ++mismatches >= 5) {
-            // Frame after frame naming another dictionary: a wrong dictionary, not a bad frame.
-            stats.skip("decode_failed");
-            throw new Error(`${err.message}; give the matching dictionary with --zstd-dictionary`);
+        } else {
+          skip(
+            "binary_frame",
+            `unexpected binary frame of ${frame.byteLength} bytes on an uncompressed connection`,
+          );
+          continue;
+        }
+        // In bytes of UTF-8: counted only when the characters alone do not settle it.
+        if (text.length * 3 > o.maxEventBytes) {
+          const bytes = utf8Bytes ?? (text.length > o.maxEventBytes ? text.length : utf8Length(text));
+          if (bytes > o.maxEventBytes) {
+            // Not parsed (it may be huge): its head says which event it is, when it can.
+            const at = /"time_us":(\d+)/.exec(text.slice(0, 400))?.[1];
+            skip(
+              "oversized",
+              `event ${at ? `at time_us ${at} ` : ""}of ${
+                bytes === text.length ? `${bytes} characters` : `${bytes} bytes`
+              } is over the ${o.maxEventBytes}-byte event limit (maxEventBytes)`,
+            );
+            continue;
           }
+        }
+        let ev: JetstreamEvent;
+        try {
+          ev = JSON.parse(text);
+        } catch {
+          skip("malformed_json", `frame is not JSON: ${text.slice(0, 80)}`);
+          continue;
+        }
+        if (session.v2) {
+          const m = mapV2Frame(ev);
+          if (m.type !== "event") {
+            if (handleV2Frame(ctx, session, m)) return;
+            continue;
+          }
+          ev = m.event;
+          // Sizing and the gzip of an oversized event need the stored form's text.
+          text = JSON.stringify(ev);
+          utf8Bytes = undefined;
+          if (session.outdatedFrom !== undefined) noteOutdated(ctx, session, ev.time_us);
+          if (ctx.stop) return;
+        }
+        const problem = shapeProblem(ev);
+        if (problem) {
           skip(
-            "decode_failed",
-            `frame of ${frame.byteLength} bytes could not be decoded: ${(err as Error).message}`,
+            problem,
+            `${problem === "unknown_kind" ? "unknown kind" : "missing fields"} in ${text.slice(0, 120)}`,
           );
           continue;
         }
-      } else {
-        skip(
-          "binary_frame",
-          `unexpected binary frame of ${frame.byteLength} bytes on an uncompressed connection`,
-        );
-        continue;
-      }
-      // In bytes of UTF-8: counted only when the characters alone do not settle it.
-      if (text.length * 3 > o.maxEventBytes) {
-        const bytes = utf8Bytes ?? (text.length > o.maxEventBytes ? text.length : utf8Length(text));
-        if (bytes > o.maxEventBytes) {
-          // Not parsed (it may be huge): its head says which event it is, when it can.
-          const at = /"time_us":(\d+)/.exec(text.slice(0, 400))?.[1];
-          skip(
-            "oversized",
-            `event ${at ? `at time_us ${at} ` : ""}of ${
-              bytes === text.length ? `${bytes} characters` : `${bytes} bytes`
-            } is over the ${o.maxEventBytes}-byte event limit (maxEventBytes)`,
-          );
+        const t = ev.time_us;
+        if (t >= endUs) {
+          stopWith(ctx, "end");
+          return;
+        }
+        // Below the floor: the inclusive replay of a reconnect. Below the start: a server that
+        // replays from before the requested cursor (bluesky-social/jetstream#343).
+        const evSeq = (ev as { cursor?: unknown }).cursor;
+        if (typeof evSeq === "number") {
+          // A v2 host: its seq orders events; time_us may not (protocol doc §3.2).
+          if (evSeq <= seqFloor) {
+            stats.duplicatesDropped++;
+            continue;
+          }
+          if (seq.host !== base) {
+            seq.host = base;
+            seq.floor = -1;
+          }
+          seq.floor = Math.max(seq.floor, evSeq);
+          // Connected by time (no seq of this host yet): the floor applies by time_us, which also
+          // drops a v2 host's replay from before the cursor (#343).
+          if (seqFloor < 0 && t <= floorUs) {
+            stats.duplicatesDropped++;
+            continue;
+          }
+          if (t < startUs) continue;
+        } else if (t <= floorUs || t < startUs) {
+          if (t <= floorUs) stats.duplicatesDropped++;
           continue;
         }
-      }
-      let ev: JetstreamEvent;
-      try {
-        ev = JSON.parse(text);
-      } catch {
-        skip("malformed_json", `frame is not JSON: ${text.slice(0, 80)}`);
-        continue;
-      }
-      if (session.v2) {
-        const m = mapV2Frame(ev);
-        if (m.type !== "event") {
-          if (handleV2Frame(ctx, session, m)) return;
+        if (t > session.maxUs) session.maxUs = t;
+        if (session.minUs < 0) session.minUs = t;
+        // A rewound replay after a failover must not move the date backwards.
+        if (stats.lastProcessedUs === null || t > stats.lastProcessedUs) {
+          const change = stats.processed(t);
+          if (change) options.onDateChange?.(change);
+        }
+        if (!select(ev)) continue;
+        // The same content again: a replay, a rewind, or a server's re-ingest under new time_us.
+        if (guard.repeats(ev)) {
+          stats.duplicatesDropped++;
           continue;
         }
-        ev = m.event;
-        // Sizing and the gzip of an oversized event need the stored form's text.
-        text = JSON.stringify(ev);
-        utf8Bytes = undefined;
-        if (session.outdatedFrom !== undefined) noteOutdated(ctx, session, ev.time_us);
+        const collection = ev.kind === "commit" ? ev.commit.collection : undefined;
+        let full: boolean;
+        try {
+          full = batcher.add(ev, text, stats.dayOf(t), collection, utf8Bytes);
+        } catch (err) {
+          if (!(err instanceof OversizedEventError)) throw err;
+          // Too large for a queue message even gzipped: counted and reported, and the run goes on.
+          skip("oversized", err.message);
+          continue;
+        }
+        ctx.accepted++;
+        if (ctx.accepted >= o.numRecords) {
+          stopWith(ctx, "limit");
+          return;
+        }
+        if (full) await ctx.writer.add(batcher.take()!);
         if (ctx.stop) return;
       }
-      const problem = shapeProblem(ev);
-      if (problem) {
-        skip(
-          problem,
-          `${problem === "unknown_kind" ? "unknown kind" : "missing fields"} in ${text.slice(0, 120)}`,
-        );
-        continue;
-      }
-      const t = ev.time_us;
-      if (t >= endUs) {
-        stopWith(ctx, "end");
-        return;
-      }
-      // Below the floor: the inclusive replay of a reconnect. Below the start: a server that
-      // replays from before the requested cursor (bluesky-social/jetstream#343).
-      const evSeq = (ev as { cursor?: unknown }).cursor;
-      if (typeof evSeq === "number") {
-        // A v2 host: its seq orders events; time_us may not (protocol doc §3.2).
-        if (evSeq <= seqFloor) {
-          stats.duplicatesDropped++;
-          continue;
-        }
-        if (seq.host !== base) {
-          seq.host = base;
-          seq.floor = -1;
-        }
-        seq.floor = Math.max(seq.floor, evSeq);
-        // Connected by time (no seq of this host yet): the floor applies by time_us, which also
-        // drops a v2 host's replay from before the cursor (#343).
-        if (seqFloor < 0 && t <= floorUs) {
-          stats.duplicatesDropped++;
-          continue;
-        }
-        if (t < startUs) continue;
-      } else if (t <= floorUs || t < startUs) {
-        if (t <= floorUs) stats.duplicatesDropped++;
-        continue;
-      }
-      if (t > session.maxUs) session.maxUs = t;
-      if (session.minUs < 0) session.minUs = t;
-      // A rewound replay after a failover must not move the date backwards.
-      if (stats.lastProcessedUs === null || t > stats.lastProcessedUs) {
-        const change = stats.processed(t);
-        if (change) options.onDateChange?.(change);
-      }
-      if (!select(ev)) continue;
-      // The same content again: a replay, a rewind, or a server's re-ingest under new time_us.
-      if (guard.repeats(ev)) {
-        stats.duplicatesDropped++;
-        continue;
-      }
-      const collection = ev.kind === "commit" ? ev.commit.collection : undefined;
-      let full: boolean;
-      try {
-        full = batcher.add(ev, text, stats.dayOf(t), collection, utf8Bytes);
-      } catch (err) {
-        if (!(err instanceof OversizedEventError)) throw err;
-        // Too large for a queue message even gzipped: counted and reported, and the run goes on.
-        skip("oversized", err.message);
-        continue;
-      }
-      ctx.accepted++;
-      if (ctx.accepted >= o.numRecords) {
-        stopWith(ctx, "limit");
-        return;
-      }
-      if (full) await ctx.writer.add(batcher.take()!);
-      if (ctx.stop) return;
+      pending = conn.next();
     }
+  } finally {
+    clearTimeout(tick?.timer);
+    // Left behind when the run stops before the connection ends: its end is no one's error.
+    pending.catch(() => {});
   }
 }
