@@ -1,9 +1,34 @@
 /**
- * The two async helpers jetfill needs (`@std/async` is not reachable here): an abortable delay and
- * an exponential backoff with full jitter.
+ * The async helpers jetfill needs (`@std/async` is not reachable here): an abortable delay, an
+ * exponential backoff with full jitter, and a timeout longer than `setTimeout` allows.
  *
  * @module
  */
+
+/** The longest delay `setTimeout` takes (2^31 − 1 ms, about 24.8 days); a longer one fires at once. */
+export const MAX_TIMER_MS = 2 ** 31 - 1;
+
+/**
+ * Calls `fn` after `ms` milliseconds, however long: a delay over `step` (by default
+ * {@link MAX_TIMER_MS}) is waited in steps. Returns a function that cancels it.
+ *
+ * @example
+ * ```ts
+ * import { longTimeout } from "./async.ts";
+ * const cancel = longTimeout(() => console.log("thirty days later"), 30 * 86_400_000);
+ * cancel();
+ * ```
+ */
+export function longTimeout(fn: () => void, ms: number, step: number = MAX_TIMER_MS): () => void {
+  const due = performance.now() + ms;
+  let timer: ReturnType<typeof setTimeout>;
+  const arm = () => {
+    const left = due - performance.now();
+    timer = left > step ? setTimeout(arm, step) : setTimeout(fn, Math.max(0, left));
+  };
+  arm();
+  return () => clearTimeout(timer);
+}
 
 /**
  * Resolves after `ms` milliseconds, or early (without error) when `signal` aborts.

@@ -8,7 +8,7 @@
  *
  * @module
  */
-import { delay } from "./async.ts";
+import { delay, longTimeout, MAX_TIMER_MS } from "./async.ts";
 import { UsageError } from "./errors.ts";
 import { resolveZstdDictionary } from "./jetstream/dictionary.ts";
 import { isV2Url } from "./jetstream/v2.ts";
@@ -275,7 +275,7 @@ async function run(
   const internal = new AbortController();
   const onUserAbort = () => stopWith(ctx, "aborted");
   options.signal?.addEventListener("abort", onUserAbort, { once: true });
-  const timer = setTimeout(() => stopWith(ctx, "max_time"), o.maxTimeMs);
+  const cancelTimer = longTimeout(() => stopWith(ctx, "max_time"), o.maxTimeMs);
 
   let lastProgress = 0;
   const progress = (force: boolean) => {
@@ -339,7 +339,7 @@ async function run(
     ctx.stop ??= "error";
     ctx.error ??= err instanceof Error ? err.message : String(err);
   } finally {
-    clearTimeout(timer);
+    cancelTimer();
     options.signal?.removeEventListener("abort", onUserAbort);
   }
   if (refusal) {
@@ -426,7 +426,7 @@ async function loadDecoder(
   maxTimeMs: number,
 ): Promise<(bytes: Uint8Array) => Uint8Array> {
   // A download that hangs must not outlive --max-time.
-  const limit = AbortSignal.timeout(maxTimeMs);
+  const limit = AbortSignal.timeout(Math.min(maxTimeMs, MAX_TIMER_MS));
   const signal = options.signal ? AbortSignal.any([options.signal, limit]) : limit;
   const dictionary = await resolveZstdDictionary({ dictionary: options.zstdDictionary, signal });
   const decoder = await createZstdDecoder(dictionary.bytes);

@@ -6,6 +6,7 @@
  */
 import { z } from "zod";
 import { UsageError } from "./errors.ts";
+import { MAX_TIMER_MS } from "./async.ts";
 import { EVENT_KINDS, type EventKind } from "./jetstream/events.ts";
 import { isCollectionFilter, isDid, isNsid } from "./validate.ts";
 import { isV2Url, V2_HOSTS, V2_SUBSCRIBE_PATH } from "./jetstream/v2.ts";
@@ -460,7 +461,8 @@ export function resolveSyncOptions(options: BackfillSyncOptions = {}): ResolvedS
     kv: o.kv,
     resume: o.resume ?? false,
     force: o.force ?? false,
-    idleTimeoutMs: (o.idleTimeout ?? 60) * 1000,
+    // Beyond what a timer can wait, an idle timeout is no timeout.
+    idleTimeoutMs: Math.min((o.idleTimeout ?? 60) * 1000, MAX_TIMER_MS),
     maxRetries: o.maxRetries ?? 10,
     strict: o.strict ?? false,
     maxEventBytes: o.maxEventBytes ?? DEFAULT_MAX_EVENT_BYTES,

@@ -692,6 +692,23 @@ Deno.test("a sync refuses a queue that another sync is writing right now, and ta
   kv.close();
 });
 
+Deno.test("runBackfillSync() with maxTime and idleTimeout beyond what setTimeout can wait runs normally", async () => {
+  // setTimeout fires a delay over 2^31 - 1 ms (24.8 days) at once: the run stopped by max_time at
+  // its start, storing nothing.
+  const events = Array.from({ length: 5 }, (_, i) => commit(T0 + i * 1000));
+  await using server = serveEvents(events, { closeAtEnd: true });
+  await using db = await tempDb();
+  const stats = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    startTimestamp: T0,
+    maxTime: 3_000_000,
+    idleTimeout: 3_000_000,
+  });
+  assert.equal(stats.stopReason, "closed");
+  assert.equal(stats.recordsStored, 5);
+});
+
 Deno.test("a part-filled batch is committed once its first record has waited a second, while the sync goes on", async () => {
   // 8 events, then a quiet stream: the batch of 100 never fills.
   const events = Array.from({ length: 8 }, (_, i) => commit(T0 + i * 1000, { did: did(i % 3) }));
