@@ -81,6 +81,7 @@ export type {
   JetstreamEvent,
 } from "./src/jetstream/events.ts";
 export { UsageError } from "./src/errors.ts";
+export { ConcurrentWriterError } from "./src/queue/writer.ts";
 export { isoFromUs, parseTimestamp, TIMESTAMP_FORMATS, utcDate } from "./src/time.ts";
 export {
   type ConnectionRecord,

@@ -258,14 +258,20 @@ export const SyncOptionsSchema = z.strictObject({
   compress: z.boolean(err("compress", "a boolean")).optional(),
   wire: z.enum(["v1", "v2"], err("wire", '"v1" or "v2"')).optional(),
   zstdDictionary: z.union(
-    [z.string().min(1), z.instanceof(Uint8Array)],
+    [
+      z.string().min(1, err("zstdDictionary", "a file path or the dictionary's bytes")),
+      z.instanceof(Uint8Array),
+    ],
     err(
       "zstdDictionary",
       "a file path or the dictionary's bytes",
     ),
   ).optional(),
   kv: z.union(
-    [z.string().min(1), z.custom<Deno.Kv>((v) => typeof v === "object" && v !== null)],
+    [
+      z.string().min(1, err("kv", "a Deno.Kv or a database path")),
+      z.custom<Deno.Kv>((v) => typeof v === "object" && v !== null),
+    ],
     err(
       "kv",
       "a Deno.Kv or a database path",

@@ -17,6 +17,7 @@ import { queueKey, queueLength } from "../src/queue/kv_queue.ts";
 import type { QueueMessage } from "../src/queue/message.ts";
 import { generateCapture } from "../src/server/synth.ts";
 import { produce } from "./helpers/produce.ts";
+import { UsageError } from "../src/errors.ts";
 
 const Q = "jetstream_sync";
 
@@ -78,6 +79,24 @@ Deno.test("consume() hands over every stored event once, in seq order, and drain
     assert.equal(after.recordsWaiting, 0);
     kv2.close();
     assert.deepEqual(kvQueueTables(path), { queued: 0, running: 0 }, "every delivery was acknowledged");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("consume() until empty refuses a database that does not exist, and creates nothing", async () => {
+  const { dir, path } = await tempDb();
+  try {
+    await assert.rejects(
+      () => consume({ kv: path, untilEmpty: true, handler: () => {} }),
+      (err: unknown) =>
+        err instanceof UsageError &&
+        err.message ===
+          `Cannot consume as the database ${
+            JSON.stringify(path)
+          } does not exist (check 'kv' and 'queueName')`,
+    );
+    assert.deepEqual(await Array.fromAsync(Deno.readDir(dir)), []);
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

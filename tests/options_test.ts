@@ -44,6 +44,11 @@ Deno.test("resolveSyncOptions() names the bad value and what was expected", () =
   rejects({ numRecords: NaN }, /'numRecords' must be a positive integer: current value is NaN/);
   rejects({ maxTime: Infinity }, /'maxTime' must be a positive number of seconds: current value is Infinity/);
   rejects({ maxTime: 0 }, /'maxTime' must be a positive number of seconds: current value is 0/);
+  rejects({ kv: "" }, /'kv' must be a Deno.Kv or a database path: current value is ""/);
+  rejects(
+    { zstdDictionary: "" },
+    /'zstdDictionary' must be a file path or the dictionary's bytes: current value is ""/,
+  );
   rejects(
     { startTimestamp: "01/02/2024" },
     /'startTimestamp' must be YYYY-MM-DD.*current value is "01\/02\/2024"/,

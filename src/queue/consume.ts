@@ -57,6 +57,8 @@ import {
 } from "./kv_queue.ts";
 import { decodeQueueMessage, isQueueMessage, type QueueMessage } from "./message.ts";
 import { isoFromUs } from "../time.ts";
+import { pathExists } from "../fs.ts";
+import { UsageError } from "../errors.ts";
 
 /**
  * Deno KV's redelivery deadline: a message not acknowledged this long after it became ready (was
@@ -163,7 +165,9 @@ export interface ConsumeOptions {
    * `listenQueue` on it that lasts until you close it (do not call `listenQueue` on it yourself);
    * messages enqueued through the same `Deno.Kv` arrive at once, but those of other processes only
    * on KV's 60 s poll. While no consume() runs on that `Deno.Kv`, the messages it receives are put
-   * back with a 1 s delay.
+   * back with a 1 s delay. A path that does not exist is refused with `untilEmpty` (a
+   * {@link UsageError}: most likely a mistyped path); without it, consume() creates the database
+   * and waits for a sync to fill it.
    *
    * @default {"./jetfill-data/<queueName>.sqlite"}
    */
@@ -869,6 +873,15 @@ export async function consume(options: ConsumeOptions): Promise<ConsumeResult> {
       `Cannot consume as 'queueName' must be a non-empty string: current value is ${String(queue)}`,
     );
   }
+  const path = typeof options.kv === "object" && options.kv !== null
+    ? undefined
+    : options.kv ?? defaultKvPath(queue);
+  // Until empty, a database that does not exist is a mistyped path, not a queue to wait for.
+  if (path !== undefined && options.untilEmpty && !(await pathExists(path))) {
+    throw new UsageError(
+      `Cannot consume as the database ${JSON.stringify(path)} does not exist (check 'kv' and 'queueName')`,
+    );
+  }
   const consumer = new Consumer(options, queue);
   const started = performance.now();
   const onAbort = () => consumer.stop("aborted");
@@ -884,9 +897,8 @@ export async function consume(options: ConsumeOptions): Promise<ConsumeResult> {
         detach(kv, consumer);
       }
     } else {
-      const path = options.kv ?? defaultKvPath(queue);
       while (!consumer.stopReason) {
-        const kv = await openKvAt(path);
+        const kv = await openKvAt(path!);
         consumer.result.sessions++;
         const listening = kv.listenQueue((raw) => consumer.deliver(kv, raw));
         try {

@@ -61,12 +61,16 @@ export interface CommitReport {
   collections: Set<string>;
 }
 
-/** The queue was written by someone else while this writer held it. */
+/**
+ * Another sync is writing the queue. `runBackfillSync()` rejects with it before connecting when a
+ * sync that is running holds the queue, and a run stops with its message (`stopReason: "error"`)
+ * when another writer took the queue during the run; what was stored stays as it is.
+ */
 export class ConcurrentWriterError extends Error {
   /** Creates the error for `queue`, saying what happened (by default: changed during this run). */
   constructor(queue: string, what = "was changed by another writer during this run") {
     super(
-      `queue '${queue}' ${what} (another sync on the same --kv and --queue-name?); stopped so that its checkpoint stays true: run one sync per queue, then --resume`,
+      `queue '${queue}' ${what} (another sync on the same database and queue name?); stopped so that its checkpoint stays true: run one sync per queue, then resume it (--resume)`,
     );
     this.name = "ConcurrentWriterError";
   }
