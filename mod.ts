@@ -51,6 +51,7 @@ export {
   queueLength,
   readCheckpoint,
   type RunState,
+  type TailKeys,
 } from "./src/queue/kv_queue.ts";
 export {
   ACK_DEADLINE_MS,

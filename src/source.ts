@@ -69,6 +69,16 @@ export async function consumeStream(
   let instanceIndex = Math.max(0, resumeFrom ? o.instances.indexOf(resumeFrom.run.instance) : 0);
   // Events at or below this time_us were processed on the current instance (its cursor is inclusive).
   let floorUs = resumeFrom && resumeFrom.run.recordsStored > 0 ? resumeFrom.cursor : -1;
+  // Whether the guard knows the records stored at floorUs: a resume learns them from the checkpoint
+  // (on the instance they came from), a run from storing them.
+  let floorKnown = floorUs < 0;
+  const tail = resumeFrom?.tail;
+  if (
+    floorUs >= 0 && tail?.us === floorUs && tail.keys && o.instances.includes(resumeFrom!.run.instance)
+  ) {
+    guard.remember(tail.keys);
+    floorKnown = true;
+  }
   if (floorUs >= 0 && !o.instances.includes(resumeFrom!.run.instance)) {
     // time_us is assigned by each instance: another one's cursor is only close. Without the events
     // before the switch to compare with, a rewind would repeat them, so none is made; say so.
@@ -214,6 +224,7 @@ export async function consumeStream(
       v2,
       decode,
       floorUs: sessionFloor,
+      floorKnown,
       seqFloor: bySeq ? seq.floor : -1,
       errorFrame: false,
       outdatedFrom: undefined,
@@ -229,7 +240,10 @@ export async function consumeStream(
     }
     // The floor is this instance's own clock: what this connection processed, not another
     // instance's time (after a failover the two differ by up to the rewind).
-    if (session.maxUs >= 0) floorUs = Math.max(session.floorUs, session.maxUs);
+    if (session.maxUs >= 0) {
+      floorUs = Math.max(session.floorUs, session.maxUs);
+      floorKnown = true;
+    }
     lastSpanUs = session.maxUs >= 0 && session.minUs >= 0 ? session.maxUs - session.minUs : 0;
     disconnectedAt = performance.now();
     if (ctx.stop) break;

@@ -786,6 +786,26 @@ Deno.test("of two syncs started together on one queue, exactly one goes ahead", 
   assert.deepEqual(msgs.map((m) => m.seq), Array.from({ length: msgs.length }, (_, i) => i + 1));
 });
 
+Deno.test("a resume keeps an event that shares its time_us with the last one stored", async () => {
+  // Events 3 and 4 share a time_us; the first run stops at its limit right after event 3, and the
+  // resume asks from that time_us, inclusive: event 3 comes again and is known, event 4 is new.
+  const events = Array.from(
+    { length: 8 },
+    (_, i) => commit(T0 + (i >= 3 ? i - 1 : i) * 1000, { did: did(i), rkey: `3ktie${i}` }),
+  );
+  assert.equal(events[2].time_us, events[3].time_us);
+  await using server = serveEvents(events, { closeAtEnd: true });
+  await using db = await tempDb();
+  await firstSync(server.url, db.path, { numRecords: 3 });
+  const second = await runBackfillSync({ kv: db.path, resume: true, force: true, numRecords: 100 });
+  assert.equal(second.stopReason, "closed");
+  assert.equal(second.recordsStored, 5);
+  assert.equal(second.duplicatesDropped, 1);
+  const { msgs, events: got } = await stored(db.path, second.queueLength);
+  assert.deepEqual(msgs.map((m) => m.seq), Array.from({ length: msgs.length }, (_, i) => i + 1));
+  assert.deepEqual(got, events);
+});
+
 Deno.test("a resume refused for its DIDs leaves the stored DID list of the run as it was", async () => {
   const events = Array.from({ length: 50 }, (_, i) => commit(T0 + i * 1000, { did: did(i % 5) }));
   await using server = serveEvents(events);

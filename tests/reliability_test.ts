@@ -52,6 +52,30 @@ Deno.test("runBackfillSync() reconnects after abrupt drops and stores every even
   assert.ok(queries.slice(1).every((q) => /cursor=\d{16}/.test(q)));
 });
 
+Deno.test("runBackfillSync() keeps an event that shares its time_us with the last one before a drop", async () => {
+  // Events 5 and 6 share a time_us (a v2 host's display time can; two different records), and the
+  // connection drops right after event 5. The reconnect asks from that time_us, inclusive.
+  const events = Array.from(
+    { length: 10 },
+    (_, i) => commit(T0 + (i >= 5 ? i - 1 : i) * 1000, { did: did(i), rkey: `3ktie${i}` }),
+  );
+  assert.equal(events[4].time_us, events[5].time_us);
+  await using server = serveEvents(events, { closeAtEnd: true, faults: { dropEvery: 5 } });
+  await using db = await tempDb();
+  const stats = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    startTimestamp: T0,
+    batchSize: 3,
+  });
+  assert.equal(stats.stopReason, "closed");
+  assert.ok(stats.reconnects >= 1);
+  assert.deepEqual(await stored(db.path, stats.queueLength), events);
+  assert.equal(stats.recordsStored, 10);
+  // Event 5 came again with its replay and was recognised by content.
+  assert.ok(stats.duplicatesDropped >= 1);
+});
+
 Deno.test("runBackfillSync() retries 503 refusals with backoff, then gives up after maxRetries with a clear error", async () => {
   const events = capture(300);
   {

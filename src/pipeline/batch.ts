@@ -7,6 +7,10 @@
 import type { JetstreamEvent } from "../jetstream/events.ts";
 import { compressEvent } from "../queue/message.ts";
 import { KV_VALUE_LIMIT, serializedSizeBound } from "../queue/size.ts";
+import type { TailKeys } from "../queue/kv_queue.ts";
+
+/** The most content keys of records at one `time_us` that a checkpoint keeps. */
+export const MAX_TAIL_KEYS = 256;
 
 /** A packed message with what it counts for. */
 export interface PackedMessage {
@@ -36,6 +40,11 @@ export interface PackedMessage {
   days: Map<string, number>;
   /** Collections of the commit events. */
   collections: Set<string>;
+  /**
+   * On the last message of a batch: the content keys of the records added at `cursor`, in this
+   * batch and the ones before it, for the checkpoint.
+   */
+  tail?: TailKeys;
 }
 
 /** A batch: `batchSize` records (fewer for the last one), as consecutive messages. */
@@ -80,6 +89,12 @@ export class Batcher {
   host: string | undefined;
   /** `performance.now()` when the batch being built got its first record. */
   startedAt = 0;
+  #tailUs = -1;
+  /** Content keys, as (b, a) pairs, of the records added at `#tailUs` (no allocation per record). */
+  readonly #tailKeys = new Int32Array(2 * MAX_TAIL_KEYS);
+  #tailLength = 0;
+  /** More records at `#tailUs` than MAX_TAIL_KEYS. */
+  #tailOverflow = false;
 
   /** A batcher for `queue` with `batchSize` records a batch. */
   constructor(queue: string, batchSize: number, messageLimit = KV_VALUE_LIMIT) {
@@ -160,11 +175,38 @@ export class Batcher {
     return ++this.#records >= this.#batchSize;
   }
 
+  /**
+   * Notes the content key (see `ReplayGuard`) of the record just added, at `timeUs`: the keys of
+   * the records at the last `time_us` go with the batch into the checkpoint.
+   */
+  noteKey(timeUs: number, b: number, a: number): void {
+    if (timeUs !== this.#tailUs) {
+      this.#tailUs = timeUs;
+      this.#tailLength = 0;
+      this.#tailOverflow = false;
+    }
+    const n = this.#tailLength;
+    if (n === this.#tailKeys.length) {
+      this.#tailOverflow = true;
+      return;
+    }
+    this.#tailKeys[n] = b;
+    this.#tailKeys[n + 1] = a;
+    this.#tailLength = n + 2;
+  }
+
   /** Takes the batch built so far, or undefined when it is empty. */
   take(): Batch | undefined {
     if (this.#current) this.#messages.push(this.#current);
     this.#current = undefined;
     if (this.#records === 0) return undefined;
+    const last = this.#messages.at(-1)!;
+    if (last.cursor === this.#tailUs) {
+      last.tail = {
+        us: this.#tailUs,
+        keys: this.#tailOverflow ? null : Array.from(this.#tailKeys.subarray(0, this.#tailLength)),
+      };
+    }
     const batch = { messages: this.#messages, records: this.#records };
     this.#messages = [];
     this.#records = 0;

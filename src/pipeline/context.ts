@@ -21,6 +21,12 @@ export interface Session {
   decode: ((bytes: Uint8Array) => Uint8Array) | undefined;
   /** time_us already processed on this instance (inclusive replay). */
   floorUs: number;
+  /**
+   * Whether the replay guard knows every record stored at `floorUs` (this run stored them, or the
+   * resumed checkpoint named them): events at that very time then go on to it, and only those it
+   * knows are dropped. Otherwise every event at `floorUs` is taken for the replay.
+   */
+  floorKnown: boolean;
   /** seq already processed on this instance, or -1. */
   seqFloor: number;
   /** An error frame came: the close that follows is not the end of the stream. */

@@ -147,6 +147,10 @@ export class ReplayGuard {
   readonly #mask: number;
   #next = 0;
   #count = 0;
+  /** The content key of the event last passed to {@link repeats}: its two hashes. */
+  lastB = 0;
+  /** See {@link lastB}. */
+  lastA = 0;
 
   /** Remembers the last `capacity` selected events. */
   constructor(capacity: number) {
@@ -165,12 +169,28 @@ export class ReplayGuard {
     const b = hashB;
     // (0, 0) marks an empty slot.
     const a = hashA === 0 && b === 0 ? 1 : hashA;
+    this.lastB = b;
+    this.lastA = a;
     const table = this.#table, mask = this.#mask;
     for (let slot = b & mask;; slot = (slot + 1) & mask) {
       const tb = table[2 * slot], ta = table[2 * slot + 1];
       if (tb === b && ta === a) return true;
       if (tb === 0 && ta === 0) break;
     }
+    this.#insert(b, a);
+    return false;
+  }
+
+  /**
+   * Remembers content keys as (b, a) pairs, as {@link repeats} leaves them in {@link lastB} and
+   * {@link lastA}: a resume gives the keys of the records stored at its checkpoint's cursor.
+   */
+  remember(keys: readonly number[]): void {
+    for (let k = 0; k + 1 < keys.length; k += 2) this.#insert(keys[k], keys[k + 1]);
+  }
+
+  #insert(b: number, a: number): void {
+    const table = this.#table, mask = this.#mask;
     const ring = this.#ring, i = this.#next;
     if (this.#count === this.#capacity) this.#forget(ring[2 * i], ring[2 * i + 1]);
     else this.#count++;
@@ -181,7 +201,6 @@ export class ReplayGuard {
     table[2 * slot] = b;
     table[2 * slot + 1] = a;
     this.#next = i + 1 === this.#capacity ? 0 : i + 1;
-    return false;
   }
 
   /** Removes the pair (b, a) from the table, closing the gap (backward-shift deletion). */

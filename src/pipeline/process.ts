@@ -103,7 +103,7 @@ export async function readConnection(
   options: BackfillSyncOptions,
 ): Promise<void> {
   const { o, stats, batcher } = ctx;
-  const { base, decode, floorUs, seqFloor } = session;
+  const { base, decode, floorUs, floorKnown, seqFloor } = session;
   const endUs = o.endUs ?? Number.POSITIVE_INFINITY;
   const startUs = o.startUs ?? Number.NEGATIVE_INFINITY;
   const skip = (reason: SkipReason, message: string) => {
@@ -249,12 +249,14 @@ export async function readConnection(
           seq.floor = Math.max(seq.floor, evSeq);
           // Connected by time (no seq of this host yet): the floor applies by time_us, which also
           // drops a v2 host's replay from before the cursor (#343).
-          if (seqFloor < 0 && t <= floorUs) {
+          if (seqFloor < 0 && (t < floorUs || (t === floorUs && !floorKnown))) {
             stats.duplicatesDropped++;
             continue;
           }
           if (t < startUs) continue;
-        } else if (t <= floorUs || t < startUs) {
+        } else if (t < floorUs || (t === floorUs && !floorKnown) || t < startUs) {
+          // (At the floor itself, with the guard knowing what was stored there, only what it knows is a
+          // repeat: two events can share a time_us, and the second may not be stored yet.)
           if (t <= floorUs) stats.duplicatesDropped++;
           continue;
         }
@@ -281,6 +283,7 @@ export async function readConnection(
           skip("oversized", err.message);
           continue;
         }
+        batcher.noteKey(t, guard.lastB, guard.lastA);
         ctx.accepted++;
         if (ctx.accepted >= o.numRecords) {
           stopWith(ctx, "limit");

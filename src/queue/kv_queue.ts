@@ -33,6 +33,20 @@ export interface Checkpoint {
   updatedAt: number;
   /** The run that wrote it: what `--resume` needs to continue it. */
   run: RunState;
+  /**
+   * The content keys (pairs of 32-bit hashes, see `ReplayGuard`) of the records stored at `cursor`,
+   * so that a resume, whose cursor is inclusive, tells them from other events at that same time;
+   * `keys` is null when there were too many to keep. Absent in checkpoints of older versions.
+   */
+  tail?: TailKeys;
+}
+
+/** The content keys of the last records stored, all at time `us`. */
+export interface TailKeys {
+  /** Their `time_us`. */
+  us: number;
+  /** Their keys as (b, a) pairs, or null when there were too many to keep. */
+  keys: number[] | null;
 }
 
 /** What a run must remember so that it can be resumed. */

@@ -382,8 +382,12 @@ export class QueueWriter {
     op.sum(queueKey(q, "count", "messages"), BigInt(group.length));
     op.sum(queueKey(q, "count", "records"), BigInt(records));
     for (const [d, n] of days) op.sum(queueKey(q, "day", d), BigInt(n));
+    const tail = group.at(-1)?.tail;
     const checkpoint: Checkpoint = {
       ...prev,
+      // Only the keys of records at the checkpoint's own cursor (a batch split by KV's limits
+      // leaves its first part without them: a resume there keeps every record at that time out).
+      tail: tail?.us === cursor ? tail : undefined,
       seq: seqs.at(-1)!,
       cursor,
       recordsStored: prev.recordsStored + records,
