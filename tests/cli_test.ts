@@ -1,4 +1,5 @@
 import assert from "node:assert/strict";
+import { queueKey } from "../src/queue/kv_queue.ts";
 import { commit } from "./helpers/events.ts";
 import { serveEvents, syncConnections, tempDb } from "./helpers/loopback.ts";
 
@@ -161,39 +162,45 @@ Deno.test("jetfill sync --resume refuses a queue without a checkpoint, and diffe
   assert.match(later.stderr, /endTimestamp was none, now 2026-11-28T00:00:00.000000Z \(pass --force/);
 });
 
-Deno.test("jetfill sync stores what it received and exits 130 on Ctrl-C (SIGINT)", async () => {
-  // No end, no limit reached, a server that stays open: only the interrupt stops the run.
-  const events = Array.from({ length: 500 }, (_, i) => commit(T0 + i * 1000));
-  await using server = serveEvents(events);
-  await using db = await tempDb();
-  const child = new Deno.Command(Deno.execPath(), {
-    args: [
-      "run",
-      "-A",
-      CLI,
-      "sync",
-      "--instance",
-      server.url,
-      "--kv",
-      db.path,
-      "--start",
-      String(T0),
-      "--json",
-    ],
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  // Wait until the whole capture was served, then interrupt.
-  while (!(syncConnections(server)[0]?.sent >= 500)) await new Promise((r) => setTimeout(r, 50));
-  await new Promise((r) => setTimeout(r, 300));
-  child.kill("SIGINT");
-  const out = await child.output();
-  assert.equal(out.code, 130, new TextDecoder().decode(out.stderr));
-  const stats = JSON.parse(new TextDecoder().decode(out.stdout));
-  assert.equal(stats.stopReason, "aborted");
-  assert.equal(stats.recordsStored, 500);
-  assert.equal(stats.latestCursor, events[499].time_us);
-});
+for (const signal of ["SIGINT", "SIGTERM", "SIGHUP"] as const) {
+  Deno.test(`jetfill sync stores what it received, gives its queue back and exits 130 on ${signal}`, async () => {
+    // No end, no limit reached, a server that stays open: only the interrupt stops the run.
+    const events = Array.from({ length: 500 }, (_, i) => commit(T0 + i * 1000));
+    await using server = serveEvents(events);
+    await using db = await tempDb();
+    const child = new Deno.Command(Deno.execPath(), {
+      args: [
+        "run",
+        "-A",
+        CLI,
+        "sync",
+        "--instance",
+        server.url,
+        "--kv",
+        db.path,
+        "--start",
+        String(T0),
+        "--json",
+      ],
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+    // Wait until the whole capture was served, then interrupt.
+    while (!(syncConnections(server)[0]?.sent >= 500)) await new Promise((r) => setTimeout(r, 50));
+    await new Promise((r) => setTimeout(r, 300));
+    child.kill(signal);
+    const out = await child.output();
+    assert.equal(out.code, 130, new TextDecoder().decode(out.stderr));
+    const stats = JSON.parse(new TextDecoder().decode(out.stdout));
+    assert.equal(stats.stopReason, "aborted");
+    assert.equal(stats.recordsStored, 500);
+    assert.equal(stats.latestCursor, events[499].time_us);
+    const kv = await Deno.openKv(db.path);
+    const lock = await kv.get(queueKey("jetstream_sync", "writer"));
+    kv.close();
+    assert.equal(lock.versionstamp, null, "the writer lock was left behind");
+  });
+}
 
 Deno.test("jetfill sync warns on stderr about each event it leaves out for size, naming it", async () => {
   const events = [commit(T0), commit(T0 + 1, { text: "x".repeat(3000) }), commit(T0 + 2)];

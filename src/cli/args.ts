@@ -95,3 +95,24 @@ export async function readListFile(flag: string, path: string): Promise<string[]
   }
   return text.split(/\r?\n/).map((l) => l.trim()).filter((l) => l !== "" && !l.startsWith("#"));
 }
+
+/**
+ * Calls `stop` on the signals that ask a command to stop: Ctrl-C (SIGINT) everywhere, and on other
+ * systems than Windows SIGTERM (`kill`, service managers) and SIGHUP (the terminal closed). Returns
+ * a function that removes the listeners.
+ *
+ * @example
+ * ```ts ignore
+ * import { onStopSignals } from "./args.ts";
+ * const controller = new AbortController();
+ * const remove = onStopSignals(() => controller.abort());
+ * remove();
+ * ```
+ */
+export function onStopSignals(stop: () => void): () => void {
+  const signals: Deno.Signal[] = Deno.build.os === "windows" ? ["SIGINT"] : ["SIGINT", "SIGTERM", "SIGHUP"];
+  for (const name of signals) Deno.addSignalListener(name, stop);
+  return () => {
+    for (const name of signals) Deno.removeSignalListener(name, stop);
+  };
+}

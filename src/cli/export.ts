@@ -5,7 +5,7 @@
  */
 import { UsageError } from "../errors.ts";
 import { consume, type ConsumeResult } from "../queue/consume.ts";
-import { type FlagSpec, parseFlags, queueFlags } from "./args.ts";
+import { type FlagSpec, onStopSignals, parseFlags, queueFlags } from "./args.ts";
 import { pathExists } from "../fs.ts";
 
 const HELP = `Usage: jetfill export [options]
@@ -164,12 +164,10 @@ export async function exportCommand(args: string[]): Promise<number> {
 
   const controller = new AbortController();
   let interrupted = false;
-  const onSignal = () => {
+  const removeSignals = onStopSignals(() => {
     interrupted = true;
     controller.abort();
-  };
-  Deno.addSignalListener("SIGINT", onSignal);
-  Deno.addSignalListener("SIGTERM", onSignal);
+  });
   let writeError: unknown;
   let result: ConsumeResult;
   try {
@@ -198,8 +196,7 @@ export async function exportCommand(args: string[]): Promise<number> {
       },
     });
   } finally {
-    Deno.removeSignalListener("SIGINT", onSignal);
-    Deno.removeSignalListener("SIGTERM", onSignal);
+    removeSignals();
     sink.close();
   }
   console.error(exportSummary(result, out));

@@ -11,6 +11,7 @@ import { type ErrorAfter, serveJetstream } from "../server/server.ts";
 import type { ServerFaults } from "../server/faults.ts";
 import { resolveZstdDictionary } from "../jetstream/dictionary.ts";
 import { createZstdEncoder, dictionaryIdOf } from "../jetstream/zstd.ts";
+import { onStopSignals } from "./args.ts";
 
 const HELP = `Usage: jetfill serve --file <capture.ndjson> [options]
 
@@ -55,7 +56,7 @@ Faults (all off by default, all deterministic):
   --garbage-every <n> after every n events, send one bad frame (malformed JSON, binary junk,
                       unknown kind, missing time_us, ~2 MiB), cycling through the kinds
 
-Prints one line, "listening on ws://HOST:PORT/subscribe", once ready; runs until SIGINT or SIGTERM.`;
+Prints one line, "listening on ws://HOST:PORT/subscribe", once ready; runs until SIGINT, SIGTERM or SIGHUP.`;
 
 function parsePort(raw: string): number {
   if (!/^\d+$/.test(raw) || Number(raw) > 65535) {
@@ -80,7 +81,7 @@ function parseCount(flag: string, raw: string | undefined, min: number): number 
 
 /**
  * Runs `jetfill serve` with the arguments after the command name and resolves to the exit code
- * (0 after a clean shutdown on SIGINT or SIGTERM). Bad flags or an unreadable capture throw a
+ * (0 after a clean shutdown on SIGINT, SIGTERM or SIGHUP). Bad flags or an unreadable capture throw a
  * `UsageError`.
  *
  * @example
@@ -239,16 +240,14 @@ export async function serveCommand(args: string[]): Promise<number> {
   // One line; on a v2 server it names the v2 wire too.
   console.log(`listening on ${server.url}${v2 ? ` and ${server.v2Url}` : ""}`);
 
-  const signals: Deno.Signal[] = Deno.build.os === "windows" ? ["SIGINT"] : ["SIGINT", "SIGTERM"];
-  const stop = (): void => controller.abort();
-  for (const name of signals) Deno.addSignalListener(name, stop);
+  const removeSignals = onStopSignals(() => controller.abort());
   try {
     await new Promise<void>((resolve) =>
       controller.signal.addEventListener("abort", () => resolve(), { once: true })
     );
     await server.shutdown();
   } finally {
-    for (const name of signals) Deno.removeSignalListener(name, stop);
+    removeSignals();
   }
   return 0;
 }

@@ -7,7 +7,7 @@ import { runBackfillSync } from "../backfill.ts";
 import type { BackfillSyncOptions } from "../options.ts";
 import type { SyncProgress, SyncStats } from "../stats.ts";
 import { isoFromUs, TIMESTAMP_FORMATS } from "../time.ts";
-import { type FlagSpec, numberFlag, parseFlags, readListFile } from "./args.ts";
+import { type FlagSpec, numberFlag, onStopSignals, parseFlags, readListFile } from "./args.ts";
 
 const HELP = `Usage: jetfill sync [options]
 
@@ -189,9 +189,7 @@ export async function syncCommand(args: string[]): Promise<number> {
   }
   const options = await syncOptionsFromFlags(v);
   const controller = new AbortController();
-  const onSignal = () => controller.abort();
-  Deno.addSignalListener("SIGINT", onSignal);
-  Deno.addSignalListener("SIGTERM", onSignal);
+  const removeSignals = onStopSignals(() => controller.abort());
   const live = Deno.stderr.isTerminal() && !v.json;
   const enc = new TextEncoder();
   options.signal = controller.signal;
@@ -210,8 +208,7 @@ export async function syncCommand(args: string[]): Promise<number> {
   try {
     stats = await runBackfillSync(options);
   } finally {
-    Deno.removeSignalListener("SIGINT", onSignal);
-    Deno.removeSignalListener("SIGTERM", onSignal);
+    removeSignals();
     if (live) Deno.stderr.writeSync(enc.encode("\r\x1b[2K"));
   }
   if (v.json) console.log(JSON.stringify(stats));

@@ -249,8 +249,12 @@ export class QueueWriter {
     const op = this.#kv.atomic()
       .check({ key: queueKey(this.#queue, "writer"), versionstamp: this.#lock })
       .set(queueKey(this.#queue, "alive"), { run: this.#issued.run.id, at: this.#lastWrite });
-    // Best effort: a beat that SQLite finds busy is simply the next one's to make.
-    this.#beating = op.commit().then(() => {}, () => {}).finally(() => this.#beating = undefined);
+    // A consumer beside it can keep SQLite busy most of the time (a commit per message): the beat is
+    // tried again like a commit, for up to two beats' time, or a sync started meanwhile would see
+    // this one silent. Past that it is the next beat's to make.
+    this.#beating = retryWhileBusy(() => op.commit(), 2 * WRITER_HEARTBEAT_MS)
+      .then(() => {}, () => {})
+      .finally(() => this.#beating = undefined);
   }
 
   /**
