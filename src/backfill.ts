@@ -306,6 +306,10 @@ async function run(
       progress(false);
     },
   );
+  writer.onLost = (err) => {
+    ctx.error ??= err.message;
+    stopWith(ctx, "error");
+  };
   const ctx: RunContext = {
     o,
     stats,

@@ -768,6 +768,28 @@ Deno.test("a quiet sync that has stored nothing for seconds still holds its queu
   assert.equal(alive.versionstamp, null);
 });
 
+Deno.test("a quiet sync whose writer lock another sync took stops at once with an error, storing nothing more", async () => {
+  // As after a pause (SIGSTOP) long enough for another sync to take the queue over: this one must
+  // not go on unaware until its next commit.
+  const events = Array.from({ length: 5 }, (_, i) => commit(T0 + i * 1000, { did: did(1) }));
+  await using server = serveEvents(events);
+  await using db = await tempDb();
+  const started = performance.now();
+  const sync = runBackfillSync({ instance: server.url, kv: db.path, startTimestamp: T0, maxTime: 20 });
+  await delay(1500);
+  const kv = await Deno.openKv(db.path);
+  const taker = await kv.set(queueKey("jetstream_sync", "writer"), { run: "another-sync", at: Date.now() });
+  const stats = await sync;
+  const took = performance.now() - started;
+  assert.equal(stats.stopReason, "error");
+  assert.match(stats.error!, /was changed by another writer during this run/);
+  assert.ok(took < 5000, `it ran on for ${took} ms`);
+  assert.equal(stats.recordsStored, 5);
+  // The other sync's lock is left as it is.
+  assert.equal((await kv.get(queueKey("jetstream_sync", "writer"))).versionstamp, taker.versionstamp);
+  kv.close();
+});
+
 Deno.test("of two syncs started together on one queue, exactly one goes ahead", async () => {
   const events = Array.from({ length: 50 }, (_, i) => commit(T0 + i * 1000, { did: did(i % 3) }));
   await using server = serveEvents(events);

@@ -162,6 +162,11 @@ export class QueueWriter {
   #lastWrite = 0;
   #heartbeat: ReturnType<typeof setInterval> | undefined;
   #beating: Promise<void> | undefined;
+  /**
+   * Called when a heartbeat finds that another writer took the queue's lock (this writer was
+   * paused, say, and taken for dead): the run should stop, as its next commit would fail.
+   */
+  onLost: ((err: ConcurrentWriterError) => void) | undefined;
 
   /**
    * A writer that continues from `checkpoint` (as read, with its versionstamp, or null for a new
@@ -253,7 +258,14 @@ export class QueueWriter {
     // tried again like a commit, for up to two beats' time, or a sync started meanwhile would see
     // this one silent. Past that it is the next beat's to make.
     this.#beating = retryWhileBusy(() => op.commit(), 2 * WRITER_HEARTBEAT_MS)
-      .then(() => {}, () => {})
+      .then((res) => {
+        if (res.ok || this.#failure) return;
+        // Another sync took the lock: a quiet writer would only find out at its next commit.
+        const lost = new ConcurrentWriterError(this.#queue);
+        this.#failure = lost;
+        clearInterval(this.#heartbeat);
+        this.onLost?.(lost);
+      }, () => {})
       .finally(() => this.#beating = undefined);
   }
 
