@@ -32,7 +32,7 @@ import {
   retryWhileBusy,
   type RunState,
 } from "./queue/kv_queue.ts";
-import { ConcurrentWriterError, QueueWriter, WRITER_HEARTBEAT_MS } from "./queue/writer.ts";
+import { ConcurrentWriterError, QueueWriter } from "./queue/writer.ts";
 import { consumeStream } from "./source.ts";
 import { StatsTracker, type SyncErrorReport, type SyncStats } from "./stats.ts";
 import { isoFromUs } from "./time.ts";
@@ -184,36 +184,40 @@ function inheritOptions(
   };
 }
 
-/** How recent a running sync's last sign of life must be, with the writer lock taken, to be watched. */
+/** How long a sync watches a queue whose lock is taken, for a sign of life of the sync holding it. */
 const LIVE_WRITER_MS = 2000;
+/** A lock whose last recorded sign of life is older than this is a crashed sync's: not watched. */
+const RECENT_WRITER_MS = 10_000;
 
 /**
- * The queue's checkpoint and the writer lock's versionstamp as seen (null when free), once it is
- * clear that no other sync is writing it. A sync holds the lock from its start until it stops, and
- * shows that it is alive by committing or, when quiet, by a heartbeat every
- * {@link WRITER_HEARTBEAT_MS}. Whichever of the two is less than {@link LIVE_WRITER_MS} old, with the
- * lock taken, may be a running sync's: both are watched for about a second, and the sync is refused
- * if either moves. A crashed sync costs the next one that wait; the lock is then taken with a check
- * that it is still the one seen, so that two syncs starting together cannot both go ahead.
+ * The queue's checkpoint, with the versionstamps of the writer lock and of the `alive` key as seen
+ * (null when absent), once it is clear that no other sync is writing it. A sync holds the lock from
+ * its start until it stops, and shows that it is alive by committing or, when quiet, by a heartbeat
+ * every 0.5 s (`WRITER_HEARTBEAT_MS`). With the lock taken and a sign of life recorded in the last
+ * {@link RECENT_WRITER_MS}, the checkpoint, the lock and `alive` are watched for
+ * {@link LIVE_WRITER_MS}, and the sync is refused if any of them moves. (A heartbeat may take a
+ * while to land beside a busy consumer, and it records when it started: a whole watch, not one
+ * reckoned from that time, gives it its chance.) A crashed sync costs the next one that wait. The
+ * lock is then taken with a check that the lock and `alive` are still as seen, so that a sync that
+ * shows itself alive only then, or another sync starting at the same time, makes the taking fail.
  */
 async function watchForLiveWriter(
   kv: Deno.Kv,
   queue: string,
   existing: Deno.KvEntryMaybe<Checkpoint>,
-): Promise<{ existing: Deno.KvEntryMaybe<Checkpoint>; lock: string | null }> {
+): Promise<{ existing: Deno.KvEntryMaybe<Checkpoint>; lock: string | null; alive: string | null }> {
   const keys = [queueKey(queue, "writer"), queueKey(queue, "alive")] as const;
   const [lock, alive] = await kv.getMany<[{ at?: number }, { at?: number }]>(keys);
-  if (lock.versionstamp === null) return { existing, lock: null };
+  const seen = { existing, lock: lock.versionstamp, alive: alive.versionstamp };
+  if (lock.versionstamp === null) return seen;
   const last = Math.max(
     existing.value?.updatedAt ?? -Infinity,
     alive.value?.at ?? -Infinity,
     lock.value?.at ?? -Infinity,
   );
-  const age = Date.now() - last;
-  if (!(age < LIVE_WRITER_MS)) return { existing, lock: lock.versionstamp };
-  // Long enough for two heartbeats; never longer than LIVE_WRITER_MS, even with a clock set back
-  // since that write (a negative age).
-  await delay(Math.min(LIVE_WRITER_MS, Math.max(LIVE_WRITER_MS - age, 2 * WRITER_HEARTBEAT_MS)));
+  // (A clock set back since that write makes the age negative: such a lock is watched too.)
+  if (!(Date.now() - last < RECENT_WRITER_MS)) return seen;
+  await delay(LIVE_WRITER_MS);
   const again = await readCheckpoint(kv, queue);
   const [lockAgain, aliveAgain] = await kv.getMany(keys);
   if (
@@ -222,7 +226,7 @@ async function watchForLiveWriter(
   ) {
     throw new ConcurrentWriterError(queue, "is being written by another sync right now");
   }
-  return { existing: again, lock: lock.versionstamp };
+  return { ...seen, existing: again };
 }
 
 async function run(
@@ -233,7 +237,11 @@ async function run(
   decodeFrame: ((bytes: Uint8Array) => Uint8Array) | undefined,
 ): Promise<SyncStats> {
   const selection = await selectionOf(o);
-  const { existing, lock } = await watchForLiveWriter(kv, o.queueName, await readCheckpoint(kv, o.queueName));
+  const { existing, lock, alive } = await watchForLiveWriter(
+    kv,
+    o.queueName,
+    await readCheckpoint(kv, o.queueName),
+  );
   let resumeFrom: Checkpoint | undefined;
   if (o.resume) {
     if (!existing.value) {
@@ -300,7 +308,7 @@ async function run(
   const writer = new QueueWriter(
     kv,
     o.queueName,
-    { checkpoint, versionstamp: existing.versionstamp, lock },
+    { checkpoint, versionstamp: existing.versionstamp, lock, alive },
     (r) => {
       stats.committed(r.records, r.cursor, r.days, r.collections, r.messages);
       progress(false);

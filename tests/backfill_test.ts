@@ -4,7 +4,7 @@ import type { SyncErrorReport } from "../src/stats.ts";
 import { UsageError } from "../src/errors.ts";
 import type { JetstreamEvent } from "../src/jetstream/events.ts";
 import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
-import { queueKey, readCheckpoint } from "../src/queue/kv_queue.ts";
+import { emptyCheckpoint, queueKey, readCheckpoint } from "../src/queue/kv_queue.ts";
 import { ConcurrentWriterError, QueueWriter } from "../src/queue/writer.ts";
 import { Batcher } from "../src/pipeline/batch.ts";
 import { FLUSH_AFTER_MS } from "../src/pipeline/process.ts";
@@ -787,6 +787,39 @@ Deno.test("a quiet sync whose writer lock another sync took stops at once with a
   assert.equal(stats.recordsStored, 5);
   // The other sync's lock is left as it is.
   assert.equal((await kv.get(queueKey("jetstream_sync", "writer"))).versionstamp, taker.versionstamp);
+  kv.close();
+});
+
+Deno.test("a writer does not take a queue whose holder showed a sign of life after it was looked at", async () => {
+  // A heartbeat that lands late (a consumer kept the database busy) still counts: taking the lock
+  // checks `alive` as seen at the end of the watch.
+  await using db = await tempDb();
+  const kv = await Deno.openKv(db.path);
+  const q = "jetstream_sync";
+  const lock = await kv.set(queueKey(q, "writer"), { run: "holder", at: Date.now() - 60_000 });
+  const alive = await kv.set(queueKey(q, "alive"), { run: "holder", at: Date.now() - 60_000 });
+  const start = await readCheckpoint(kv, q);
+  const writer = new QueueWriter(kv, q, {
+    checkpoint: emptyCheckpoint(q),
+    versionstamp: start.versionstamp,
+    lock: lock.versionstamp,
+    alive: alive.versionstamp,
+  }, () => {});
+  // The holder's late heartbeat.
+  await kv.set(queueKey(q, "alive"), { run: "holder", at: Date.now() });
+  await assert.rejects(() => writer.claim(), ConcurrentWriterError);
+  await writer.release();
+  assert.equal((await kv.get(queueKey(q, "writer"))).versionstamp, lock.versionstamp, "the lock was taken");
+  // Without that heartbeat, the same writer takes over the crashed holder's lock.
+  const seen = await kv.getMany([queueKey(q, "writer"), queueKey(q, "alive")]);
+  const next = new QueueWriter(kv, q, {
+    checkpoint: emptyCheckpoint(q),
+    versionstamp: start.versionstamp,
+    lock: seen[0].versionstamp,
+    alive: seen[1].versionstamp,
+  }, () => {});
+  await next.claim();
+  await next.release();
   kv.close();
 });
 

@@ -28,7 +28,7 @@ messagesEnqueued, messagesHandled, recordsHandled, messagesWaiting and recordsWa
 queue: neither handled nor dead-lettered), deadLetters and deadRecords (messages KV gave up
 delivering), queueLength (messages not handled, dead letters included, as a sync reports it),
 recordsPerDay ({ "YYYY-MM-DD": records }), writer (the sync holding the queue's writer lock:
-{ run, since, lastSeen }, or null when none does; a lastSeen over 2 s old is a crashed sync),
+{ run, since, lastSeen }, or null when none does; a lastSeen over 10 s old is a crashed sync),
 lastRun ({ id, finishedAt, options, stats } with the
 sync's own statistics as 'jetfill sync --json' printed them, or null).
 
@@ -84,7 +84,11 @@ export function formatStatus(s: QueueStatus, path: string): string {
     const ago = (Date.now() - Date.parse(s.writer.lastSeen)) / 1000;
     lines.push(
       `writer              ${
-        ago < 2 ? "a sync is running" : "left by a sync that did not stop cleanly"
+        ago < 2
+          ? "a sync is running"
+          : ago < 10
+          ? "a sync is running, or crashed (no sign of life for a while)"
+          : "left by a sync that did not stop cleanly"
       }: run ${s.writer.run} since ${s.writer.since}, last seen ${s.writer.lastSeen} (${
         Math.max(0, ago).toFixed(1)
       } s ago)`,

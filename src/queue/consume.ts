@@ -1073,7 +1073,8 @@ export interface QueueStatus {
   /**
    * The sync that holds the queue's writer lock, or null when none does (a sync gives it back when
    * it stops). A running sync shows it is alive by its commits, or every 0.5 s while quiet: a
-   * `lastSeen` more than 2 s old is a sync that crashed, and the next one takes the lock over.
+   * `lastSeen` more than 10 s old is a sync that crashed, which the next one takes the lock over from
+   * (one seen less long ago is watched for 2 s first).
    */
   writer: {
     /** Random id of its run. */

@@ -158,6 +158,8 @@ export class QueueWriter {
   #onFull: (() => void) | undefined;
   /** The writer lock's versionstamp as seen before this writer started, when it was looked at. */
   readonly #seenLock: string | null | undefined;
+  /** The same for the queue's `alive` key. */
+  readonly #seenAlive: string | null | undefined;
   /** `Date.now()` of the last write that shows this writer alive (a commit, the lock, a heartbeat). */
   #lastWrite = 0;
   #heartbeat: ReturnType<typeof setInterval> | undefined;
@@ -172,12 +174,17 @@ export class QueueWriter {
    * A writer that continues from `checkpoint` (as read, with its versionstamp, or null for a new
    * queue) and calls `onCommit` after every durable commit. With `lock` (the writer lock's
    * versionstamp as seen, null when there was none), taking the lock also checks that nobody took it
-   * since.
+   * since; with `alive`, that the sync holding it showed no sign of life since.
    */
   constructor(
     kv: Deno.Kv,
     queue: string,
-    start: { checkpoint: Checkpoint; versionstamp: string | null; lock?: string | null },
+    start: {
+      checkpoint: Checkpoint;
+      versionstamp: string | null;
+      lock?: string | null;
+      alive?: string | null;
+    },
     onCommit: (report: CommitReport, checkpoint: Checkpoint) => void,
   ) {
     this.#kv = kv;
@@ -187,6 +194,7 @@ export class QueueWriter {
     this.#seq = start.checkpoint.seq;
     this.#readVersionstamp = start.versionstamp;
     this.#seenLock = start.lock;
+    this.#seenAlive = start.alive;
     this.#onCommit = onCommit;
     this.#building = this.#open();
   }
@@ -350,6 +358,7 @@ export class QueueWriter {
     const op = this.#kv.atomic()
       .check({ key: queueKey(q, "checkpoint"), versionstamp: this.#readVersionstamp });
     if (this.#seenLock !== undefined) op.check({ key: queueKey(q, "writer"), versionstamp: this.#seenLock });
+    if (this.#seenAlive !== undefined) op.check({ key: queueKey(q, "alive"), versionstamp: this.#seenAlive });
     op.set(queueKey(q, "writer"), { run: this.#issued.run.id, at: Date.now() });
     const res = await retryWhileBusy(() => op.commit(), BUSY_BUDGET_MS);
     if (!res.ok) throw new ConcurrentWriterError(q, refusal);
