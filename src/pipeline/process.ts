@@ -6,7 +6,7 @@
  * @module
  */
 import type { JetstreamEvent } from "../jetstream/events.ts";
-import { type Connection, type Frame, InvalidTextFrame } from "../jetstream/socket.ts";
+import { type Connection, InvalidTextFrame } from "../jetstream/socket.ts";
 import { utf8Length, utf8Text } from "../jetstream/utf8.ts";
 import { mapV2Frame, type V2Frame } from "../jetstream/v2.ts";
 import { ZstdDecodeError } from "../jetstream/zstd.ts";
@@ -57,41 +57,12 @@ function noteOutdated(ctx: RunContext, session: Session, firstUs: number): void 
  */
 export const FLUSH_AFTER_MS = 1000;
 
-/** What the wait for frames gives when the batch being built is due to be committed. */
-const DUE = Symbol("due");
+/** How often a connection's reader looks for a part-filled batch that is due (ms). */
+const FLUSH_CHECK_MS = 250;
 
 /**
- * A timer for a `performance.now()` time. A wait races the frames against a promise of its own
- * that `wake` settles, dropped once the wait is over: racing every wait against one long-lived
- * promise would leave a reaction on it per wait, each holding the frames that wait returned, until
- * the timer fires (a second of the stream kept alive).
- */
-interface Tick {
-  timer: ReturnType<typeof setTimeout>;
-  fired: boolean;
-  wake: (() => void) | undefined;
-}
-
-// At module level, so that the hot loop's variables are not captured by a closure.
-function armTick(at: number): Tick {
-  const tick: Tick = { timer: 0 as unknown as ReturnType<typeof setTimeout>, fired: false, wake: undefined };
-  tick.timer = setTimeout(() => {
-    tick.fired = true;
-    tick.wake?.();
-  }, Math.max(0, at - performance.now()));
-  return tick;
-}
-
-/** Waits for `pending` or for `tick` to fire, whichever comes first. */
-function frameOrTick(pending: Promise<Frame[] | null>, tick: Tick): Promise<Frame[] | null | typeof DUE> {
-  if (tick.fired) return Promise.resolve(DUE);
-  const due = new Promise<typeof DUE>((resolve) => tick.wake = () => resolve(DUE));
-  return Promise.race([pending, due]);
-}
-
-/**
- * Reads one connection until it ends or the run stops. While a batch is being built, the wait for
- * the next frames is also a wait for that batch's age to reach {@link FLUSH_AFTER_MS}.
+ * Reads one connection until it ends or the run stops. A batch whose first record is
+ * {@link FLUSH_AFTER_MS} old is committed as it is while the reader waits for frames.
  */
 export async function readConnection(
   ctx: RunContext,
@@ -114,26 +85,28 @@ export async function readConnection(
   // Bytes as the connection counts them: payload bytes on the wire (for text, UTF-8 bytes, not
   // characters).
   let counted = conn.bytesReceived;
-  // One timer at a time, armed only while a batch is being built and frames are awaited.
-  let tick: Tick | undefined;
+  // A part-filled batch that is due is committed by a timer, and only while the loop waits for
+  // frames: the loop itself is then parked, and before its own next commit it waits for that one,
+  // so batches stay in order. (Racing each wait against a timer instead cost a third of the
+  // throughput with KV on disk.)
+  let waiting = false;
+  let flushing: Promise<void> | undefined;
+  const flushTimer = setInterval(() => {
+    if (
+      !waiting || flushing || ctx.stop || batcher.records === 0 ||
+      performance.now() - batcher.startedAt < FLUSH_AFTER_MS
+    ) return;
+    flushing = ctx.writer.add(batcher.take()!).catch((err) => {
+      ctx.error ??= `could not store a batch: ${err instanceof Error ? err.message : String(err)}`;
+      stopWith(ctx, "error");
+    }).finally(() => flushing = undefined);
+  }, FLUSH_CHECK_MS);
   let pending = conn.next();
   try {
     for (;;) {
-      let got: Frame[] | null | typeof DUE;
-      if (batcher.records > 0) {
-        tick ??= armTick(batcher.startedAt + FLUSH_AFTER_MS);
-        got = await frameOrTick(pending, tick);
-        tick.wake = undefined;
-      } else got = await pending;
-      if (got === DUE) {
-        tick = undefined;
-        // The timer may be one armed for a batch since taken: only a batch that is old enough goes.
-        if (batcher.records > 0 && performance.now() - batcher.startedAt >= FLUSH_AFTER_MS - 1) {
-          await ctx.writer.add(batcher.take()!);
-          if (ctx.stop) return;
-        }
-        continue;
-      }
+      waiting = true;
+      const got = await pending;
+      waiting = false;
       if (got === null) return;
       const frames = got;
       stats.bytesReceived += conn.bytesReceived - counted;
@@ -289,14 +262,20 @@ export async function readConnection(
           stopWith(ctx, "limit");
           return;
         }
-        if (full) await ctx.writer.add(batcher.take()!);
+        if (full) {
+          const batch = batcher.take()!;
+          if (flushing) await flushing;
+          await ctx.writer.add(batch);
+        }
         if (ctx.stop) return;
       }
       pending = conn.next();
     }
   } finally {
-    clearTimeout(tick?.timer);
+    clearInterval(flushTimer);
     // Left behind when the run stops before the connection ends: its end is no one's error.
     pending.catch(() => {});
+    // What comes next (a reconnect's flush, the run's last batch) goes after it.
+    if (flushing) await flushing;
   }
 }
