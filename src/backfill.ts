@@ -32,6 +32,7 @@ import {
   retryWhileBusy,
   type RunState,
 } from "./queue/kv_queue.ts";
+import { lockQueueFile, type QueueFileLock, queueLockPath } from "./queue/file_lock.ts";
 import { ConcurrentWriterError, QueueWriter } from "./queue/writer.ts";
 import { consumeStream } from "./source.ts";
 import { StatsTracker, type SyncErrorReport, type SyncStats } from "./stats.ts";
@@ -134,9 +135,24 @@ function differences(a: Record<string, unknown>, b: Record<string, unknown>): st
 export async function runBackfillSync(options: BackfillSyncOptions = {}): Promise<SyncStats> {
   let o = resolveSyncOptions(options);
   const started = performance.now();
-  const kv = typeof o.kv === "object" ? o.kv : await openKvAt(o.kv ?? defaultKvPath(o.queueName));
-  const ownsKv = typeof o.kv !== "object";
+  const path = typeof o.kv === "object" ? undefined : o.kv ?? defaultKvPath(o.queueName);
+  const kv = path === undefined ? o.kv as Deno.Kv : await openKvAt(path);
+  let fileLock: QueueFileLock | undefined;
   try {
+    if (path !== undefined) {
+      // Before anything is read: a sync that is running, even paused or kept from writing by a busy
+      // consumer, holds it.
+      const lock = await lockQueueFile(path, o.queueName);
+      if (lock === "held") {
+        throw new ConcurrentWriterError(
+          o.queueName,
+          `is being written by another sync right now (a running process holds ${
+            JSON.stringify(await queueLockPath(path, o.queueName))
+          })`,
+        );
+      }
+      fileLock = lock;
+    }
     if (o.resume) {
       // Options left out on resume are the checkpoint's: `--resume` alone continues the same run.
       const previous = (await readCheckpoint(kv, o.queueName)).value?.run;
@@ -152,7 +168,9 @@ export async function runBackfillSync(options: BackfillSyncOptions = {}): Promis
       : undefined;
     return await run(o, options, kv, started, decodeFrame);
   } finally {
-    if (ownsKv) kv.close();
+    if (path !== undefined) kv.close();
+    // After the writer lock is given back (in run()): the next sync finds the queue free.
+    fileLock?.release();
   }
 }
 
@@ -365,10 +383,26 @@ async function run(
   } catch (err) {
     ctx.stop = "error";
     ctx.error ??= `could not store the last batch: ${err instanceof Error ? err.message : String(err)}`;
+  }
+  try {
+    progress(true);
+    return await finish(o, options, kv, ctx, selection, started);
   } finally {
+    // Done by finish() unless something failed before it: release() is idempotent.
     await writer.release();
   }
-  progress(true);
+}
+
+/** The run's statistics, recorded for `jetfill status` as the writer lock is given back. */
+async function finish(
+  o: ResolvedSyncOptions,
+  options: BackfillSyncOptions,
+  kv: Deno.Kv,
+  ctx: RunContext,
+  selection: Record<string, unknown>,
+  started: number,
+): Promise<SyncStats> {
+  const { stats, writer } = ctx;
 
   const totalTime = (performance.now() - started) / 1000;
   const result: SyncStats = {
@@ -396,9 +430,11 @@ async function run(
     coverageGapUs: stats.coverageGapUs,
   };
   if (ctx.error !== undefined) result.error = ctx.error;
-  try {
-    // For `jetfill status`; the statistics are returned whether or not this record can be written.
-    const run = kv.atomic().set(queueKey(o.queueName, "run"), {
+  // The run's record for `jetfill status` goes with the lock's release, and only while the lock is
+  // still this run's; the statistics are returned whether or not it can be written.
+  const record = {
+    key: queueKey(o.queueName, "run"),
+    value: {
       id: writer.checkpoint.run.id,
       finishedAt: Date.now(),
       options: {
@@ -409,8 +445,10 @@ async function run(
         compress: o.compress,
       },
       stats: result,
-    });
-    await commitWhileBusy(run);
+    },
+  };
+  try {
+    await writer.release(record);
   } catch (err) {
     options.onError?.({
       reason: "connection",

@@ -785,8 +785,10 @@ Deno.test("a quiet sync whose writer lock another sync took stops at once with a
   assert.match(stats.error!, /was changed by another writer during this run/);
   assert.ok(took < 5000, `it ran on for ${took} ms`);
   assert.equal(stats.recordsStored, 5);
-  // The other sync's lock is left as it is.
+  // The other sync's lock is left as it is, and the run that lost the queue records nothing for
+  // `jetfill status`, where it would stand in for the run that took it.
   assert.equal((await kv.get(queueKey("jetstream_sync", "writer"))).versionstamp, taker.versionstamp);
+  assert.equal((await kv.get(queueKey("jetstream_sync", "run"))).versionstamp, null);
   kv.close();
 });
 
@@ -823,15 +825,18 @@ Deno.test("a writer does not take a queue whose holder showed a sign of life aft
   kv.close();
 });
 
-Deno.test("of two syncs started together on one queue, exactly one goes ahead", async () => {
+Deno.test("of two syncs started together on one queue, each with its own Deno.Kv handle, exactly one goes ahead", async () => {
   const events = Array.from({ length: 50 }, (_, i) => commit(T0 + i * 1000, { did: did(i % 3) }));
   await using server = serveEvents(events);
   await using db = await tempDb();
   await firstSync(server.url, db.path, { numRecords: 10 });
-  // Both read the same checkpoint and no lock; the first to take the lock wins, the other is refused.
+  // Handles given by the caller have no lock file: the writer lock in the database decides. Both
+  // read the same checkpoint and no lock; the first to take the lock wins, the other is refused.
+  const handles = [await Deno.openKv(db.path), await Deno.openKv(db.path)];
   const both = await Promise.allSettled(
-    [1, 2].map(() => runBackfillSync({ kv: db.path, resume: true, force: true, numRecords: 30, maxTime: 2 })),
+    handles.map((kv) => runBackfillSync({ kv, resume: true, force: true, numRecords: 30, maxTime: 2 })),
   );
+  for (const kv of handles) kv.close();
   const refused = both.filter((r) => r.status === "rejected");
   assert.equal(refused.length, 1, JSON.stringify(both.map((r) => r.status)));
   assert.ok((refused[0] as PromiseRejectedResult).reason instanceof ConcurrentWriterError);
@@ -839,6 +844,33 @@ Deno.test("of two syncs started together on one queue, exactly one goes ahead", 
   assert.equal(ran.stopReason, "limit");
   const { msgs } = await stored(db.path, ran.queueLength);
   assert.deepEqual(msgs.map((m) => m.seq), Array.from({ length: msgs.length }, (_, i) => i + 1));
+});
+
+Deno.test("of two syncs started together on one queue of a database path, the second waits its turn or is refused", async () => {
+  const events = Array.from({ length: 50 }, (_, i) => commit(T0 + i * 1000, { did: did(i % 3) }));
+  await using server = serveEvents(events);
+  await using db = await tempDb();
+  await firstSync(server.url, db.path, { numRecords: 10 });
+  // The lock file lets one in at a time: the other either finds the lock held and is refused, or
+  // gets it once the first has stopped (it tries for half a second) and finds the limit reached.
+  const both = await Promise.allSettled(
+    [1, 2].map(() => runBackfillSync({ kv: db.path, resume: true, force: true, numRecords: 30, maxTime: 2 })),
+  );
+  for (const r of both) {
+    if (r.status === "rejected") assert.ok(r.reason instanceof ConcurrentWriterError, String(r.reason));
+  }
+  const ran = both.filter((r) => r.status === "fulfilled").map((r) =>
+    (r as PromiseFulfilledResult<SyncStats>).value
+  );
+  assert.ok(ran.length >= 1);
+  assert.equal(ran.reduce((n, s) => n + s.recordsStored, 0), 20);
+  for (const s of ran) assert.equal(s.error, undefined);
+  const kv = await Deno.openKv(db.path);
+  const waiting = (await queueStatus(kv, "jetstream_sync")).queueLength;
+  kv.close();
+  const { msgs, events: got } = await stored(db.path, waiting);
+  assert.deepEqual(msgs.map((m) => m.seq), Array.from({ length: msgs.length }, (_, i) => i + 1));
+  assert.deepEqual(got, events.slice(0, 30));
 });
 
 Deno.test("a resume keeps an event that shares its time_us with the last one stored", async () => {

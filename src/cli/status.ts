@@ -6,6 +6,7 @@
 import { UsageError } from "../errors.ts";
 import { type QueueStatus, queueStatus } from "../queue/consume.ts";
 import { openKvAt } from "../queue/kv_queue.ts";
+import { queueFileLocked, queueLockPath } from "../queue/file_lock.ts";
 import { isoFromUs } from "../time.ts";
 import { type FlagSpec, parseFlags, queueFlags } from "./args.ts";
 
@@ -28,7 +29,9 @@ messagesEnqueued, messagesHandled, recordsHandled, messagesWaiting and recordsWa
 queue: neither handled nor dead-lettered), deadLetters and deadRecords (messages KV gave up
 delivering), queueLength (messages not handled, dead letters included, as a sync reports it),
 recordsPerDay ({ "YYYY-MM-DD": records }), writer (the sync holding the queue's writer lock:
-{ run, since, lastSeen }, or null when none does; a lastSeen over 10 s old is a crashed sync),
+{ run, since, lastSeen }, or null when none does; a lastSeen over 10 s old is a crashed sync,
+unless its process still holds the lock file), lockFile ({ path, held }: held while a sync's
+process is alive, even paused; null when no sync has made one),
 lastRun ({ id, finishedAt, options, stats } with the
 sync's own statistics as 'jetfill sync --json' printed them, or null).
 
@@ -42,7 +45,14 @@ const FLAGS: FlagSpec = {
 };
 
 /** `jetfill status --json`: the queue's status and the database it was read from. */
-export type StatusJson = QueueStatus & { kv: string };
+export type StatusJson = QueueStatus & {
+  kv: string;
+  /**
+   * The queue's lock file, which a running sync holds (even while paused or kept from writing), or
+   * null when there is none (no sync has run there since lock files came in).
+   */
+  lockFile: { path: string; held: boolean } | null;
+};
 
 function entries(o: Record<string, unknown>): string {
   return Object.entries(o).map(([k, v]) => `${k}=${typeof v === "string" ? v : JSON.stringify(v)}`).join(
@@ -62,7 +72,7 @@ function entries(o: Record<string, unknown>): string {
  * kv.close();
  * ```
  */
-export function formatStatus(s: QueueStatus, path: string): string {
+export function formatStatus(s: QueueStatus, path: string, lockFile: StatusJson["lockFile"] = null): string {
   const lines = [
     `queue               ${s.queue} (${path})`,
     `last cursor         ${
@@ -80,11 +90,15 @@ export function formatStatus(s: QueueStatus, path: string): string {
   lines.push(
     `records per day     ${days.length === 0 ? "-" : days.map(([d, n]) => `${d}: ${n}`).join(", ")}`,
   );
+  // A held lock file settles it: its process is alive, however long it has been silent.
+  const held = lockFile?.held === true;
   if (s.writer) {
     const ago = (Date.now() - Date.parse(s.writer.lastSeen)) / 1000;
     lines.push(
       `writer              ${
-        ago < 2
+        held
+          ? `a sync is running (its process holds ${lockFile!.path})`
+          : ago < 2
           ? "a sync is running"
           : ago < 10
           ? "a sync is running, or crashed (no sign of life for a while)"
@@ -93,6 +107,8 @@ export function formatStatus(s: QueueStatus, path: string): string {
         Math.max(0, ago).toFixed(1)
       } s ago)`,
     );
+  } else if (held) {
+    lines.push(`writer              a sync is starting or stopping (its process holds ${lockFile!.path})`);
   } else {
     lines.push(`writer              - (no sync running)`);
   }
@@ -151,8 +167,10 @@ export async function statusCommand(args: string[]): Promise<number> {
   } finally {
     kv.close();
   }
-  if (v.json) console.log(JSON.stringify({ kv: path, ...status } satisfies StatusJson));
-  else console.log(formatStatus(status, path));
+  const held = await queueFileLocked(path, queue);
+  const lockFile = held === undefined ? null : { path: await queueLockPath(path, queue), held };
+  if (v.json) console.log(JSON.stringify({ kv: path, ...status, lockFile } satisfies StatusJson));
+  else console.log(formatStatus(status, path, lockFile));
   if (others.length > 0) {
     console.error(
       `jetfill status: queue '${queue}' has nothing in ${path}, which holds ${

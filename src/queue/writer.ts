@@ -7,8 +7,9 @@
  * order they are issued, and overlapping them keeps its writer busy while the next commit is being
  * filled. (Measured end to end on this 2-core machine: one at a time was 4–6 % slower, six were no
  * faster; the main thread's parsing and serializing set the pace.) Each commit checks the queue's
- * writer lock, taken at the first commit together with a check of the checkpoint as read, so a
- * second writer is noticed instead of corrupting the sequence. While commits are in flight, the batches
+ * writer lock, taken (by `claim()`, or else at the first commit) together with a check of the
+ * checkpoint as read, so a second writer is noticed instead of corrupting the sequence. A sync given
+ * a database path also holds the queue's lock file (`file_lock.ts`) around all of this. While commits are in flight, the batches
  * that complete meanwhile go together in the next one (group commit): a batch is never split unless
  * KV's per-commit limits (1000 mutations, 800 KiB) force it, and a slow disk costs fewer, larger
  * commits instead of a growing backlog.
@@ -282,17 +283,43 @@ export class QueueWriter {
    * lock left in place says that a sync may be running (or crashed), which the next one watches
    * for. Failing to release it only costs the next sync that short watch. Call it once everything
    * is flushed (or the writer failed).
+   *
+   * `record`, a value to set in the same commit (the run's record for `jetfill status`), is only
+   * written while the lock is still this writer's, so a sync that lost its queue cannot write over
+   * what the one that took it records; release() then throws why it was not written.
    */
-  async release(): Promise<void> {
+  async release(record?: { key: Deno.KvKey; value: unknown }): Promise<void> {
     clearInterval(this.#heartbeat);
     this.#heartbeat = undefined;
     await this.#beating;
-    if (this.#lock === undefined) return;
-    const key = queueKey(this.#queue, "writer");
-    const op = this.#kv.atomic().check({ key, versionstamp: this.#lock }).delete(key)
-      .delete(queueKey(this.#queue, "alive"));
+    const lock = this.#lock;
     this.#lock = undefined;
-    // Best effort, and not worth a long wait at the end of a run.
+    if (record !== undefined) {
+      const op = this.#kv.atomic();
+      if (lock !== undefined) this.#giveBack(op, lock);
+      op.set(record.key, record.value);
+      let res: Deno.KvCommitResult | Deno.KvCommitError;
+      try {
+        res = await retryWhileBusy(() => op.commit(), 5000);
+      } catch (err) {
+        if (lock !== undefined) await this.#release(lock);
+        throw err;
+      }
+      if (!res.ok) throw new ConcurrentWriterError(this.#queue, "was taken by another sync during this run");
+    } else if (lock !== undefined) {
+      await this.#release(lock);
+    }
+  }
+
+  /** Deletes the writer lock and `alive`, if the lock is still `lock`. */
+  #giveBack(op: Deno.AtomicOperation, lock: string): Deno.AtomicOperation {
+    const key = queueKey(this.#queue, "writer");
+    return op.check({ key, versionstamp: lock }).delete(key).delete(queueKey(this.#queue, "alive"));
+  }
+
+  /** Gives the lock back: best effort, and not worth a long wait at the end of a run. */
+  async #release(lock: string): Promise<void> {
+    const op = this.#giveBack(this.#kv.atomic(), lock);
     await retryWhileBusy(() => op.commit(), 2000).catch(() => {});
   }
 
