@@ -10,7 +10,7 @@ import { MAX_TIMER_MS } from "./async.ts";
 import { EVENT_KINDS, type EventKind } from "./jetstream/events.ts";
 import { isCollectionFilter, isDid, isNsid } from "./validate.ts";
 import { isV2Url, V2_HOSTS, V2_SUBSCRIBE_PATH } from "./jetstream/v2.ts";
-import { isoFromUs, parseTimestamp, TIMESTAMP_FORMATS } from "./time.ts";
+import { isoFromUs, MIN_TIMESTAMP_US, parseTimestamp, TIMESTAMP_FORMATS } from "./time.ts";
 import type { DateChange, SyncErrorReport, SyncProgress } from "./stats.ts";
 
 /**
@@ -356,18 +356,25 @@ function toUs(name: string, value: string | number | Date | undefined): number |
   return us;
 }
 
-/** For an integer too small to be microseconds: the unit it looks like and its value in µs. */
+/**
+ * For an integer that is not microseconds of the Bluesky era: the unit it looks like (seconds,
+ * milliseconds, nanoseconds) and its value in µs, or what an integer is taken as.
+ */
 function unitHint(value: string | number | Date): string {
-  const n = typeof value === "string" && /^\d+$/.test(value.trim()) ? Number(value.trim()) : value;
-  if (typeof n !== "number" || !Number.isSafeInteger(n) || n <= 0) return "";
-  const digits = String(n).length;
-  const unit = digits <= 10
-    ? { name: "seconds", scale: 1_000_000 }
-    : digits <= 13
-    ? { name: "milliseconds", scale: 1000 }
-    : undefined;
-  if (!unit || !Number.isSafeInteger(n * unit.scale)) return "";
-  return ` (${n} looks like ${unit.name}; in microseconds that is ${n * unit.scale})`;
+  const digits = typeof value === "string" ? value.trim() : typeof value === "number" ? String(value) : "";
+  if (!/^\d+$/.test(digits)) return "";
+  // Nanoseconds are past what a double holds exactly: their microseconds are their first digits.
+  if (digits.length === 19) {
+    return ` (${digits} looks like nanoseconds; in microseconds that is ${digits.slice(0, 16)})`;
+  }
+  const n = Number(digits);
+  const scale = digits.length <= 10 ? 1_000_000 : digits.length <= 13 ? 1000 : 1;
+  if (scale > 1 && n * scale >= MIN_TIMESTAMP_US && Number.isSafeInteger(n * scale)) {
+    return ` (${n} looks like ${scale === 1000 ? "milliseconds" : "seconds"}; in microseconds that is ${
+      n * scale
+    })`;
+  }
+  return ` (an integer is taken as unix microseconds, from ${MIN_TIMESTAMP_US} on: 16 digits, such as 1725911162329308)`;
 }
 
 /**

@@ -87,6 +87,27 @@ Deno.test("resolveSyncOptions() names the bad value and what was expected", () =
   rejects({ bogus: 1 }, /'bogus' is not an option of runBackfillSync\(\)/);
 });
 
+Deno.test("resolveSyncOptions() says what a refused integer timestamp looks like, or what an integer is taken as", () => {
+  rejects(
+    { startTimestamp: "0" },
+    /current value is "0" \(an integer is taken as unix microseconds, from 1000000000000000 on: 16 digits/,
+  );
+  rejects({ startTimestamp: 42 }, /current value is 42 \(an integer is taken as unix microseconds/);
+  rejects(
+    { startTimestamp: 1764000000 },
+    /\(1764000000 looks like seconds; in microseconds that is 1764000000000000\)/,
+  );
+  rejects(
+    { endTimestamp: "1764000000123" },
+    /\(1764000000123 looks like milliseconds; in microseconds that is 1764000000123000\)/,
+  );
+  rejects(
+    { startTimestamp: "1764000000123456789" },
+    /\(1764000000123456789 looks like nanoseconds; in microseconds that is 1764000000123456\)/,
+  );
+  rejects({ startTimestamp: "17640000001234567" }, /\(an integer is taken as unix microseconds/);
+});
+
 Deno.test("resolveSyncOptions() refuses an end that is not after the start", () => {
   rejects(
     { startTimestamp: "2024-01-07", endTimestamp: "2024-01-01" },
