@@ -264,7 +264,7 @@ async function run(
   if (o.resume) {
     if (!existing.value) {
       throw new UsageError(
-        `Cannot resume queue '${o.queueName}': it has no checkpoint yet (start it without --resume)`,
+        `Cannot resume queue '${o.queueName}': it has no checkpoint yet (start it without resume: true, or --resume)`,
       );
     }
     const diff = differences(existing.value.run.selection, selection);
@@ -276,7 +276,7 @@ async function run(
               showSelected(k, selection[k])
             }`
           ).join("; ")
-        } (pass --force to resume anyway)`,
+        } (pass force: true, or --force, to resume anyway)`,
       );
     }
     resumeFrom = existing.value;

@@ -159,7 +159,10 @@ Deno.test("jetfill sync --resume refuses a queue without a checkpoint, and diffe
   );
   const later = await run([...base, "--end", "2026-11-28", "--resume"]);
   assert.equal(later.code, 2);
-  assert.match(later.stderr, /endTimestamp was none, now 2026-11-28T00:00:00.000000Z \(pass --force/);
+  assert.match(
+    later.stderr,
+    /endTimestamp was none, now 2026-11-28T00:00:00.000000Z \(pass force: true, or --force, to resume anyway\)/,
+  );
 });
 
 for (const signal of ["SIGINT", "SIGTERM", "SIGHUP"] as const) {

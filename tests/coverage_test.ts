@@ -47,7 +47,7 @@ Deno.test("runBackfillSync({ strict: true }) refuses a clamped start before stor
   await using db = await tempDb();
   await assert.rejects(
     () => runBackfillSync({ instance: server.url, kv: db.path, startTimestamp: T0 - DAY, strict: true }),
-    (err: unknown) => err instanceof UsageError && /refused by --strict/.test(err.message),
+    (err: unknown) => err instanceof UsageError && /refused by strict: true, or --strict/.test(err.message),
   );
   const kv = await Deno.openKv(db.path);
   const entries = await Array.fromAsync(kv.list({ prefix: ["jetfill"] }));
@@ -87,7 +87,7 @@ Deno.test("jetfill sync warns in plain words about a clamped start, and --strict
     stderr: "piped",
   }).output();
   assert.equal(strict.code, 2);
-  assert.match(new TextDecoder().decode(strict.stderr), /refused by --strict/);
+  assert.match(new TextDecoder().decode(strict.stderr), /refused by strict: true, or --strict/);
 });
 
 Deno.test("runBackfillSync() retries a coverage probe refused with 503 instead of skipping the check", async () => {
@@ -120,9 +120,10 @@ Deno.test("runBackfillSync({ strict: true }) refuses to run when the server will
       }),
     (err: unknown) =>
       err instanceof UsageError &&
-      /could not find where 127\.0\.0\.1:\d+'s history begins: .*HTTP 400.*\(refused by --strict\)/.test(
-        err.message,
-      ),
+      /could not find where 127\.0\.0\.1:\d+'s history begins: .*HTTP 400.*\(refused by strict: true, or --strict\)/
+        .test(
+          err.message,
+        ),
   );
 });
 

@@ -136,10 +136,10 @@ function coverageProblem(
   if (
     refusable && ctx.stats.recordsStored === 0 && ctx.accepted === ctx.writer.checkpoint.run.recordsStored
   ) {
-    throw new UsageError(`${message} (refused by --strict)`);
+    throw new UsageError(`${message} (refused by strict: true, or --strict)`);
   }
   stopWith(ctx, "error");
-  ctx.error = `${message} (stopped by --strict)`;
+  ctx.error = `${message} (stopped by strict: true, or --strict)`;
 }
 
 function describeDuration(us: number): string {

@@ -159,7 +159,9 @@ export async function readConnection(
             if (err instanceof ZstdDecodeError && err.reason === "dictionary-mismatch" && ++mismatches >= 5) {
               // Frame after frame naming another dictionary: a wrong dictionary, not a bad frame.
               stats.skip("decode_failed");
-              throw new Error(`${err.message}; give the matching dictionary with --zstd-dictionary`);
+              throw new Error(
+                `${err.message}; give the matching dictionary (zstdDictionary, or --zstd-dictionary)`,
+              );
             }
             skip(
               "decode_failed",

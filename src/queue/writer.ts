@@ -71,7 +71,7 @@ export class ConcurrentWriterError extends Error {
   /** Creates the error for `queue`, saying what happened (by default: changed during this run). */
   constructor(queue: string, what = "was changed by another writer during this run") {
     super(
-      `queue '${queue}' ${what} (another sync on the same database and queue name?); stopped so that its checkpoint stays true: run one sync per queue, then resume it (--resume)`,
+      `queue '${queue}' ${what} (another sync on the same database and queue name?); stopped so that its checkpoint stays true: run one sync per queue, then resume it (resume: true, or --resume)`,
     );
     this.name = "ConcurrentWriterError";
   }
