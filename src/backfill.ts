@@ -149,6 +149,7 @@ export async function runBackfillSync(options: BackfillSyncOptions = {}): Promis
           `is being written by another sync right now (a running process holds ${
             JSON.stringify(await queueLockPath(path, o.queueName))
           })`,
+          true,
         );
       }
       fileLock = lock;
@@ -242,7 +243,7 @@ async function watchForLiveWriter(
     again.versionstamp !== existing.versionstamp || aliveAgain.versionstamp !== alive.versionstamp ||
     lockAgain.versionstamp !== lock.versionstamp
   ) {
-    throw new ConcurrentWriterError(queue, "is being written by another sync right now");
+    throw new ConcurrentWriterError(queue, "is being written by another sync right now", true);
   }
   return { ...seen, existing: again };
 }

@@ -34,7 +34,7 @@ Deno.test("a sync is refused at once, reading and writing nothing, while its que
         assert.ok(err instanceof ConcurrentWriterError, String(err));
         assert.match(
           err.message,
-          /queue 'jetstream_sync' is being written by another sync right now \(a running process holds ".*queue\.sqlite-jetstream_sync\.lock"\)/,
+          /queue 'jetstream_sync' is being written by another sync right now \(a running process holds ".*queue\.sqlite-jetstream_sync\.lock"\): run one sync per queue, and resume this one once that one has stopped \(resume: true, or --resume\)$/,
         );
         return true;
       },

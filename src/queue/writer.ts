@@ -68,10 +68,15 @@ export interface CommitReport {
  * when another writer took the queue during the run; what was stored stays as it is.
  */
 export class ConcurrentWriterError extends Error {
-  /** Creates the error for `queue`, saying what happened (by default: changed during this run). */
-  constructor(queue: string, what = "was changed by another writer during this run") {
+  /**
+   * Creates the error for `queue`, saying what happened: by default, that it was changed during
+   * this run; with `refused`, why this run did not start.
+   */
+  constructor(queue: string, what = "was changed by another writer during this run", refused = false) {
     super(
-      `queue '${queue}' ${what} (another sync on the same database and queue name?); stopped so that its checkpoint stays true: run one sync per queue, then resume it (resume: true, or --resume)`,
+      refused
+        ? `queue '${queue}' ${what}: run one sync per queue, and resume this one once that one has stopped (resume: true, or --resume)`
+        : `queue '${queue}' ${what} (another sync on the same database and queue name?); stopped so that its checkpoint stays true: run one sync per queue, then resume it (resume: true, or --resume)`,
     );
     this.name = "ConcurrentWriterError";
   }
@@ -388,7 +393,7 @@ export class QueueWriter {
     if (this.#seenAlive !== undefined) op.check({ key: queueKey(q, "alive"), versionstamp: this.#seenAlive });
     op.set(queueKey(q, "writer"), { run: this.#issued.run.id, at: Date.now() });
     const res = await retryWhileBusy(() => op.commit(), BUSY_BUDGET_MS);
-    if (!res.ok) throw new ConcurrentWriterError(q, refusal);
+    if (!res.ok) throw new ConcurrentWriterError(q, refusal, refusal !== undefined);
     this.#lock = res.versionstamp;
     this.#lastWrite = Date.now();
   }
