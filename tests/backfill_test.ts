@@ -709,6 +709,40 @@ Deno.test("runBackfillSync() with maxTime and idleTimeout beyond what setTimeout
   assert.equal(stats.recordsStored, 5);
 });
 
+Deno.test("a part-filled batch is stored when its connection drops, not held through the reconnect attempts", async () => {
+  const events = Array.from({ length: 5 }, (_, i) => commit(T0 + i * 1000, { did: did(i) }));
+  const server = serveEvents(events, { faults: { dropEvery: 5 } });
+  await using db = await tempDb();
+  const abort = new AbortController();
+  const sync = runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    startTimestamp: T0,
+    maxTime: 60,
+    signal: abort.signal,
+  });
+  try {
+    while (!syncConnections(server)[0]?.dropped) await delay(10);
+    // The server is gone: the sync keeps trying to reconnect, and has stored what it had meanwhile.
+    await server.shutdown();
+    const kv = await Deno.openKv(db.path);
+    try {
+      let stored = 0;
+      for (const until = Date.now() + 10_000; stored < 5 && Date.now() < until; await delay(50)) {
+        stored = (await readCheckpoint(kv, "jetstream_sync")).value?.recordsStored ?? 0;
+      }
+      assert.equal(stored, 5, "the records waited for the next connection");
+    } finally {
+      kv.close();
+    }
+  } finally {
+    abort.abort();
+  }
+  const stats = await sync;
+  assert.equal(stats.stopReason, "aborted");
+  assert.equal(stats.recordsStored, 5);
+});
+
 Deno.test("a part-filled batch is committed once its first record has waited a second, while the sync goes on", async () => {
   // 8 events, then a quiet stream: the batch of 100 never fills.
   const events = Array.from({ length: 8 }, (_, i) => commit(T0 + i * 1000, { did: did(i % 3) }));
