@@ -21,6 +21,7 @@ import {
 } from "./options.ts";
 import { Batcher } from "./pipeline/batch.ts";
 import { type RunContext, stopWith } from "./pipeline/context.ts";
+import { ReplayGuard } from "./pipeline/filter.ts";
 import {
   type Checkpoint,
   defaultKvPath,
@@ -29,8 +30,11 @@ import {
   queueKey,
   queueLength,
   readCheckpoint,
+  readRecentKeys,
+  RECENT_KEYS,
   retryWhileBusy,
   type RunState,
+  setRecentKeys,
 } from "./queue/kv_queue.ts";
 import { lockQueueFile, type QueueFileLock, queueLockPath } from "./queue/file_lock.ts";
 import { ConcurrentWriterError, QueueWriter } from "./queue/writer.ts";
@@ -342,6 +346,7 @@ async function run(
     stats,
     writer,
     batcher: new Batcher(o.queueName, o.batchSize),
+    guard: new ReplayGuard(o.dedupeWindow),
     stop: undefined,
     error: undefined,
     accepted: runState.recordsStored,
@@ -364,7 +369,8 @@ async function run(
     // Only once this run is going ahead: a refused one must not replace the list of the run it met.
     if (o.wantedDids.length > INLINE_DIDS) await storeDidList(kv, o.queueName, o.wantedDids);
     streaming = true;
-    await consumeStream(ctx, options, resumeFrom);
+    const recent = resumeFrom ? await readRecentKeys(kv, o.queueName) : undefined;
+    await consumeStream(ctx, options, resumeFrom, recent);
   } catch (err) {
     if (err instanceof UsageError || !streaming) refusal = { error: err };
     ctx.stop ??= "error";
@@ -377,17 +383,20 @@ async function run(
     await writer.release();
     throw refusal.error;
   }
+  // Whether every record this run took is stored: only then may the keys the guard holds be kept.
+  let stored = false;
   try {
     const last = ctx.batcher.take();
     if (last) await writer.add(last);
     await writer.flush();
+    stored = true;
   } catch (err) {
     ctx.stop = "error";
     ctx.error ??= `could not store the last batch: ${err instanceof Error ? err.message : String(err)}`;
   }
   try {
     progress(true);
-    return await finish(o, options, kv, ctx, selection, started);
+    return await finish(o, options, kv, ctx, selection, started, stored);
   } finally {
     // Done by finish() unless something failed before it: release() is idempotent.
     await writer.release();
@@ -402,6 +411,7 @@ async function finish(
   ctx: RunContext,
   selection: Record<string, unknown>,
   started: number,
+  stored: boolean,
 ): Promise<SyncStats> {
   const { stats, writer } = ctx;
 
@@ -432,24 +442,27 @@ async function finish(
   };
   if (ctx.error !== undefined) result.error = ctx.error;
   // The run's record for `jetfill status` goes with the lock's release, and only while the lock is
-  // still this run's; the statistics are returned whether or not it can be written.
+  // still this run's; the statistics are returned whether or not it can be written. So do the content
+  // keys of the last records stored, for a resume (only when all that this run took is stored).
   const record = {
-    key: queueKey(o.queueName, "run"),
-    value: {
-      id: writer.checkpoint.run.id,
-      finishedAt: Date.now(),
-      options: {
-        ...selection,
-        instances: o.instances,
-        queueName: o.queueName,
-        batchSize: o.batchSize,
-        compress: o.compress,
-      },
-      stats: result,
+    id: writer.checkpoint.run.id,
+    finishedAt: Date.now(),
+    options: {
+      ...selection,
+      instances: o.instances,
+      queueName: o.queueName,
+      batchSize: o.batchSize,
+      compress: o.compress,
     },
+    stats: result,
   };
+  const { cursor, seq } = writer.checkpoint;
+  const recent = stored ? { cursor, seq, keys: ctx.guard.recent(RECENT_KEYS) } : undefined;
   try {
-    await writer.release(record);
+    await writer.release((op) => {
+      op.set(queueKey(o.queueName, "run"), record);
+      if (recent) setRecentKeys(op, o.queueName, recent);
+    });
   } catch (err) {
     options.onError?.({
       reason: "connection",

@@ -22,9 +22,9 @@ import {
   type SeqState,
   type Session,
 } from "./pipeline/context.ts";
-import { createSelector, ReplayGuard } from "./pipeline/filter.ts";
+import { createSelector } from "./pipeline/filter.ts";
 import { readConnection } from "./pipeline/process.ts";
-import type { Checkpoint } from "./queue/kv_queue.ts";
+import type { Checkpoint, RecentKeys } from "./queue/kv_queue.ts";
 import { isoFromUs } from "./time.ts";
 
 /** The decoder for a v2 host's dictionary, fetched from it once (or the one given, if its ID matches). */
@@ -62,10 +62,13 @@ export async function consumeStream(
   ctx: RunContext,
   options: BackfillSyncOptions,
   resumeFrom: Checkpoint | undefined,
+  recent: RecentKeys | undefined,
 ): Promise<void> {
-  const { o, stats } = ctx;
+  const { o, stats, guard } = ctx;
   const select = createSelector(o);
-  const guard = new ReplayGuard(o.dedupeWindow);
+  // The last records the queue stored, by content: a server's re-ingest of them under new time_us
+  // is dropped, as within a run.
+  if (recent) guard.remember(recent.keys);
   let instanceIndex = Math.max(0, resumeFrom ? o.instances.indexOf(resumeFrom.run.instance) : 0);
   // Events at or below this time_us were processed on the current instance (its cursor is inclusive).
   let floorUs = resumeFrom && resumeFrom.run.recordsStored > 0 ? resumeFrom.cursor : -1;
@@ -80,18 +83,40 @@ export async function consumeStream(
     floorKnown = true;
   }
   if (floorUs >= 0 && !o.instances.includes(resumeFrom!.run.instance)) {
-    // time_us is assigned by each instance: another one's cursor is only close. Without the events
-    // before the switch to compare with, a rewind would repeat them, so none is made; say so.
+    // time_us is assigned by each instance: another one's cursor is only close. With the content of
+    // the last records stored known (written when the queue's last run stopped, so not after a
+    // crash), the stream is taken up a few seconds earlier, as on a failover, and what comes again is
+    // dropped. Without them a rewind would only repeat events, so none is made; say so.
     const to = o.instances[0];
-    ctx.report({
-      reason: "info",
-      message: `resuming on ${new URL(to).host}, not ${
-        new URL(resumeFrom!.run.instance).host
-      } where the queue's last record came from; time_us differ between instances, so events within a few seconds of ${
-        isoFromUs(floorUs)
-      } may be missing or repeated (resume with that instance listed to continue exactly)`,
-      instance: to,
-    });
+    const known = recent !== undefined && recent.keys.length > 0 && recent.cursor === resumeFrom!.cursor &&
+      recent.seq === resumeFrom!.seq;
+    if (known) {
+      floorUs -= o.rewindUs;
+      floorKnown = true;
+      ctx.report({
+        reason: "info",
+        message: `resuming on ${new URL(to).host}, not ${
+          new URL(resumeFrom!.run.instance).host
+        } where the queue's last record came from; time_us differ between instances, so the stream is taken up ${
+          o.rewindUs / 1e6
+        } s before ${
+          isoFromUs(resumeFrom!.cursor)
+        } and the events stored already are recognised by content (the last ${
+          recent.keys.length / 2
+        } records stored are known)`,
+        instance: to,
+      });
+    } else {
+      ctx.report({
+        reason: "info",
+        message: `resuming on ${new URL(to).host}, not ${
+          new URL(resumeFrom!.run.instance).host
+        } where the queue's last record came from; time_us differ between instances, so events within a few seconds of ${
+          isoFromUs(floorUs)
+        } may be missing or repeated (resume with that instance listed to continue exactly)`,
+        instance: to,
+      });
+    }
   }
   // On v2 hosts events carry the server's sequence number (`cursor`): it, not time_us, is the
   // exact resume position there, and it is only ever sent back to the host that issued it.

@@ -42,6 +42,29 @@ Deno.test("ReplayGuard remembers only the last `capacity` events", () => {
   for (let i = 17; i < 25; i++) assert.equal(guard.repeats(commit(i)), true, `event ${i}`);
 });
 
+Deno.test("ReplayGuard gives the keys of its last events, oldest first, for another guard to remember", () => {
+  const guard = new ReplayGuard(10);
+  for (let i = 0; i < 25; i++) guard.repeats(commit(i));
+  // Only the window is there: events 15 to 24.
+  assert.equal(guard.recent(100).length, 20);
+  const last4 = guard.recent(4);
+  assert.equal(last4.length, 8);
+  const next = new ReplayGuard(10);
+  next.remember(last4);
+  for (let i = 21; i < 25; i++) assert.equal(next.repeats(commit(i)), true, `event ${i}`);
+  assert.equal(next.repeats(commit(20)), false);
+  // In order: remembering them again (with one more) changes nothing, and the oldest goes first.
+  next.remember(guard.recent(6));
+  assert.equal(next.repeats(commit(19)), true);
+  for (let i = 0; i < 4; i++) next.repeats(commit(100 + i));
+  // All 10 slots: 21 to 24 (remembered first), 20, 19, 100 to 103. One more pushes out 21, the
+  // oldest, and nothing else.
+  next.repeats(commit(104));
+  assert.equal(next.repeats(commit(22)), true);
+  assert.equal(next.repeats(commit(19)), true);
+  assert.equal(next.repeats(commit(21)), false);
+});
+
 Deno.test("ReplayGuard agrees with a plain window of the last `capacity` keys over a long random run", () => {
   // Small table, many collisions and evictions: the open addressing and its deletions must hold.
   let seed = 7;

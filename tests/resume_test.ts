@@ -1,4 +1,5 @@
 import assert from "node:assert/strict";
+import { runBackfillSync } from "../src/backfill.ts";
 import type { JetstreamEvent } from "../src/jetstream/events.ts";
 import { readCheckpoint } from "../src/queue/kv_queue.ts";
 import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
@@ -104,4 +105,93 @@ Deno.test("a sync killed with SIGKILL at random moments and resumed stores what 
   assert.equal(expected.length, LIMIT);
   assert.equal(got.length, LIMIT);
   assert.deepEqual(got, expected);
+});
+
+Deno.test("a resume drops a server's re-ingest, under new time_us, of records the queue stored before it stopped", async () => {
+  const at = (i: number) => T0 + i * 1000;
+  const originals = Array.from(
+    { length: 15 },
+    (_, i) => commit(at(i), { did: did(i), rkey: `3kreingest${i}` }),
+  );
+  // The server restarted after event 9 and re-ingested events 5 to 9 with new time_us.
+  const copies = originals.slice(5, 10).map((e, k) => ({ ...e, time_us: at(9) + 100 * (k + 1) }));
+  const served = [...originals.slice(0, 10), ...copies, ...originals.slice(10)];
+  await using server = serveEvents(served, { closeAtEnd: true });
+  await using db = await tempDb();
+  const first = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    startTimestamp: T0,
+    numRecords: 10,
+  });
+  assert.equal(first.stopReason, "limit");
+  assert.equal(first.latestCursor, at(9));
+  const resumed = await runBackfillSync({ kv: db.path, resume: true, force: true, numRecords: 100 });
+  assert.equal(resumed.stopReason, "closed");
+  assert.equal(resumed.recordsStored, 5);
+  // The five copies, and event 9 again (the cursor is inclusive).
+  assert.equal(resumed.duplicatesDropped, 6);
+  assert.deepEqual(await queueEvents(db.path), originals);
+});
+
+for (const skewMs of [1500, -1500]) {
+  Deno.test(`a resume on another instance, whose time_us are ${skewMs} ms off, stores each event once`, async () => {
+    const events = Array.from({ length: 20 }, (_, i) => commit(T0 + i * 1_000_000, { did: did(i) }));
+    const other = events.map((e) => ({ ...e, time_us: e.time_us + skewMs * 1000 }));
+    await using a = serveEvents(events, { closeAtEnd: true });
+    await using b = serveEvents(other, { closeAtEnd: true });
+    await using db = await tempDb();
+    const first = await runBackfillSync({ instance: a.url, kv: db.path, startTimestamp: T0, numRecords: 10 });
+    assert.equal(first.stopReason, "limit");
+    const reports: string[] = [];
+    const resumed = await runBackfillSync({
+      kv: db.path,
+      resume: true,
+      force: true,
+      numRecords: 100,
+      instance: b.url,
+      onError: (r) => reports.push(`${r.reason}: ${r.message}`),
+    });
+    assert.equal(resumed.stopReason, "closed");
+    assert.equal(resumed.recordsStored, 10);
+    assert.ok(
+      reports.some((m) =>
+        /^info: resuming on .* the stream is taken up 5 s before .* recognised by content/.test(m)
+      ),
+      reports.join("\n"),
+    );
+    const stored = await queueEvents(db.path);
+    assert.deepEqual(
+      stored.map((e) => (e as { commit: { rkey: string } }).commit.rkey),
+      events.map((e) => (e as { commit: { rkey: string } }).commit.rkey),
+    );
+    assert.deepEqual(stored.slice(0, 10), events.slice(0, 10));
+    assert.deepEqual(stored.slice(10), other.slice(10));
+  });
+}
+
+Deno.test("a resume on another instance without the keys of the last records stored (after a crash) says what it cannot do", async () => {
+  const events = Array.from({ length: 20 }, (_, i) => commit(T0 + i * 1_000_000, { did: did(i) }));
+  await using a = serveEvents(events, { closeAtEnd: true });
+  await using b = serveEvents(events, { closeAtEnd: true });
+  await using db = await tempDb();
+  await runBackfillSync({ instance: a.url, kv: db.path, startTimestamp: T0, numRecords: 10 });
+  // As a sync killed with SIGKILL leaves it: the keys were never written.
+  const kv = await Deno.openKv(db.path);
+  await kv.delete(["jetfill", "jetstream_sync", "recent", 0]);
+  kv.close();
+  const reports: string[] = [];
+  const resumed = await runBackfillSync({
+    kv: db.path,
+    resume: true,
+    force: true,
+    numRecords: 100,
+    instance: b.url,
+    onError: (r) => reports.push(`${r.reason}: ${r.message}`),
+  });
+  assert.equal(resumed.recordsStored, 10);
+  assert.ok(
+    reports.some((m) => /^info: resuming on .* may be missing or repeated/.test(m)),
+    reports.join("\n"),
+  );
 });

@@ -8,6 +8,7 @@ import type { ResolvedSyncOptions } from "../options.ts";
 import type { StatsTracker, StopReason, SyncErrorReport } from "../stats.ts";
 import type { QueueWriter } from "../queue/writer.ts";
 import type { Batcher } from "./batch.ts";
+import type { ReplayGuard } from "./filter.ts";
 import { isoFromUs } from "../time.ts";
 import { UsageError } from "../errors.ts";
 
@@ -59,6 +60,8 @@ export interface RunContext {
   writer: QueueWriter;
   /** Packs selected events into messages. */
   batcher: Batcher;
+  /** Recognises events by content: what was stored comes again after a reconnect or a re-ingest. */
+  guard: ReplayGuard;
   /** Why the run stops, once decided. */
   stop: StopReason | undefined;
   /** The message of an `error` stop. */

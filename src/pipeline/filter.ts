@@ -171,22 +171,42 @@ export class ReplayGuard {
     const a = hashA === 0 && b === 0 ? 1 : hashA;
     this.lastB = b;
     this.lastA = a;
-    const table = this.#table, mask = this.#mask;
-    for (let slot = b & mask;; slot = (slot + 1) & mask) {
-      const tb = table[2 * slot], ta = table[2 * slot + 1];
-      if (tb === b && ta === a) return true;
-      if (tb === 0 && ta === 0) break;
-    }
+    if (this.#has(b, a)) return true;
     this.#insert(b, a);
     return false;
   }
 
+  #has(b: number, a: number): boolean {
+    const table = this.#table, mask = this.#mask;
+    for (let slot = b & mask;; slot = (slot + 1) & mask) {
+      const tb = table[2 * slot], ta = table[2 * slot + 1];
+      if (tb === b && ta === a) return true;
+      if (tb === 0 && ta === 0) return false;
+    }
+  }
+
   /**
    * Remembers content keys as (b, a) pairs, as {@link repeats} leaves them in {@link lastB} and
-   * {@link lastA}: a resume gives the keys of the records stored at its checkpoint's cursor.
+   * {@link lastA}, and {@link recent} gives them: a resume gives the keys of the records its queue
+   * stored last. Keys already remembered are not remembered twice.
    */
-  remember(keys: readonly number[]): void {
-    for (let k = 0; k + 1 < keys.length; k += 2) this.#insert(keys[k], keys[k + 1]);
+  remember(keys: ArrayLike<number>): void {
+    for (let k = 0; k + 1 < keys.length; k += 2) {
+      if (!this.#has(keys[k], keys[k + 1])) this.#insert(keys[k], keys[k + 1]);
+    }
+  }
+
+  /** The keys of the last `max` events remembered (or fewer), oldest first, as (b, a) pairs. */
+  recent(max: number): Int32Array {
+    const n = Math.min(max, this.#count);
+    const out = new Int32Array(2 * n);
+    let i = (this.#next - n + this.#capacity) % this.#capacity;
+    for (let k = 0; k < 2 * n; k += 2) {
+      out[k] = this.#ring[2 * i];
+      out[k + 1] = this.#ring[2 * i + 1];
+      i = i + 1 === this.#capacity ? 0 : i + 1;
+    }
+    return out;
   }
 
   #insert(b: number, a: number): void {

@@ -49,6 +49,60 @@ export interface TailKeys {
   keys: number[] | null;
 }
 
+/**
+ * The most content keys of a queue's last records kept for a resume (see {@link readRecentKeys}): a
+ * restarted server re-ingests up to a few seconds of events (a v2 server up to 4,096) under new
+ * `time_us`, and a resume on another instance rewinds 5 s; both are recognised by these keys.
+ */
+export const RECENT_KEYS = 12_288;
+/** Keys a KV value holds (48 KiB of them, under the 64 KiB a value may have). */
+const RECENT_KEYS_PER_VALUE = 6144;
+
+/** The content keys of the last records a queue stored, as of the checkpoint at `cursor` and `seq`. */
+export interface RecentKeys {
+  /** The checkpoint's cursor when they were written. */
+  cursor: number;
+  /** The checkpoint's seq when they were written. */
+  seq: number;
+  /** (b, a) pairs of 32-bit hashes, oldest first (see `ReplayGuard`). */
+  keys: Int32Array;
+}
+
+/**
+ * Adds to `op` the writes that keep `keys` (at most {@link RECENT_KEYS} pairs) as the queue's recent
+ * keys. Only keys of records durably stored may go there: a resume drops what they name.
+ */
+export function setRecentKeys(op: Deno.AtomicOperation, queue: string, recent: RecentKeys): void {
+  const parts = Math.ceil(RECENT_KEYS / RECENT_KEYS_PER_VALUE);
+  for (let part = 0; part < parts; part++) {
+    const keys = recent.keys.slice(2 * part * RECENT_KEYS_PER_VALUE, 2 * (part + 1) * RECENT_KEYS_PER_VALUE);
+    op.set(queueKey(queue, "recent", part), { v: 1, cursor: recent.cursor, seq: recent.seq, keys });
+  }
+}
+
+/** The queue's recent keys, or undefined when none were kept (or in a form this version does not know). */
+export async function readRecentKeys(kv: Deno.Kv, queue: string): Promise<RecentKeys | undefined> {
+  const parts = Math.ceil(RECENT_KEYS / RECENT_KEYS_PER_VALUE);
+  const entries = await kv.getMany<{ v: number; cursor: number; seq: number; keys: Int32Array }[]>(
+    Array.from({ length: parts }, (_, part) => queueKey(queue, "recent", part)),
+  );
+  const values = entries.map((e) => e.value);
+  const first = values[0];
+  if (
+    !first ||
+    values.some((v) =>
+      !v || v.v !== 1 || !(v.keys instanceof Int32Array) || v.cursor !== first.cursor || v.seq !== first.seq
+    )
+  ) return undefined;
+  const keys = new Int32Array(values.reduce((n, v) => n + v!.keys.length, 0));
+  let at = 0;
+  for (const v of values) {
+    keys.set(v!.keys, at);
+    at += v!.keys.length;
+  }
+  return { cursor: first.cursor, seq: first.seq, keys };
+}
+
 /** What a run must remember so that it can be resumed. */
 export interface RunState {
   /** Random id of the run. */

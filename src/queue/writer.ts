@@ -289,20 +289,20 @@ export class QueueWriter {
    * for. Failing to release it only costs the next sync that short watch. Call it once everything
    * is flushed (or the writer failed).
    *
-   * `record`, a value to set in the same commit (the run's record for `jetfill status`), is only
-   * written while the lock is still this writer's, so a sync that lost its queue cannot write over
-   * what the one that took it records; release() then throws why it was not written.
+   * `last`, writes to add to the same commit (the run's record for `jetfill status`), goes only
+   * while the lock is still this writer's, so a sync that lost its queue cannot write over what the
+   * one that took it records; release() then throws why it was not written.
    */
-  async release(record?: { key: Deno.KvKey; value: unknown }): Promise<void> {
+  async release(last?: (op: Deno.AtomicOperation) => void): Promise<void> {
     clearInterval(this.#heartbeat);
     this.#heartbeat = undefined;
     await this.#beating;
     const lock = this.#lock;
     this.#lock = undefined;
-    if (record !== undefined) {
+    if (last !== undefined) {
       const op = this.#kv.atomic();
       if (lock !== undefined) this.#giveBack(op, lock);
-      op.set(record.key, record.value);
+      last(op);
       let res: Deno.KvCommitResult | Deno.KvCommitError;
       try {
         res = await retryWhileBusy(() => op.commit(), 5000);
