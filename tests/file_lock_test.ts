@@ -6,6 +6,7 @@ import { ConcurrentWriterError } from "../src/queue/writer.ts";
 import { delay } from "../src/async.ts";
 import { commit } from "./helpers/events.ts";
 import { serveEvents, syncConnections, tempDb } from "./helpers/loopback.ts";
+import type { JetstreamServer } from "../src/server/server.ts";
 
 const CLI = new URL("../cli.ts", import.meta.url).pathname;
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
@@ -18,6 +19,17 @@ function cli(args: string[]): Deno.ChildProcess {
     stderr: "piped",
     env: { NO_COLOR: "1" },
   }).spawn();
+}
+
+/**
+ * Starts `jetfill sync` from T0 on `server`, which stays open, and resolves once the server sent all
+ * `count` events and the sync had time to store them.
+ */
+async function syncAll(server: JetstreamServer, kv: string, count: number): Promise<Deno.ChildProcess> {
+  const child = cli(["sync", "--instance", server.url, "--kv", kv, "--start", String(T0), "--json"]);
+  while (!(syncConnections(server)[0]?.sent >= count)) await delay(50);
+  await delay(1500);
+  return child;
 }
 
 Deno.test("a sync is refused at once, reading and writing nothing, while its queue's lock file is held", async () => {
@@ -68,9 +80,7 @@ Deno.test("the lock file of a sync killed with SIGKILL is free at once: the next
   // Stays open after the capture: the first sync runs until it is killed.
   await using server = serveEvents(events);
   await using db = await tempDb();
-  const first = cli(["sync", "--instance", server.url, "--kv", db.path, "--start", String(T0), "--json"]);
-  while (!(syncConnections(server)[0]?.sent >= 30)) await delay(50);
-  await delay(1500);
+  const first = await syncAll(server, db.path, events.length);
   assert.equal(await queueFileLocked(db.path, "jetstream_sync"), true);
   first.kill("SIGKILL");
   await first.output();
@@ -84,9 +94,7 @@ Deno.test("a paused sync keeps its queue: a second sync is refused however long 
   const events = Array.from({ length: 20 }, (_, i) => commit(T0 + i * 1000));
   await using server = serveEvents(events);
   await using db = await tempDb();
-  const first = cli(["sync", "--instance", server.url, "--kv", db.path, "--start", String(T0), "--json"]);
-  while (!(syncConnections(server)[0]?.sent >= 20)) await delay(50);
-  await delay(1500);
+  const first = await syncAll(server, db.path, events.length);
   first.kill("SIGSTOP");
   try {
     // Longer than a sync waits for a sign of life in the database (10 s): by that alone, the paused

@@ -1,6 +1,7 @@
 import assert from "node:assert/strict";
 import { runBackfillSync } from "../src/backfill.ts";
 import type { JetstreamEvent } from "../src/jetstream/events.ts";
+import type { SyncStats } from "../src/stats.ts";
 import { readCheckpoint } from "../src/queue/kv_queue.ts";
 import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
 import { commit, did, drainQueue } from "./helpers/events.ts";
@@ -134,6 +135,20 @@ Deno.test("a resume drops a server's re-ingest, under new time_us, of records th
   assert.deepEqual(await queueEvents(db.path), originals);
 });
 
+/** Resumes the queue at `path` on `instance`, with a higher limit; the run's reports as "reason: message". */
+async function resumeOn(path: string, instance: string): Promise<{ resumed: SyncStats; reports: string[] }> {
+  const reports: string[] = [];
+  const resumed = await runBackfillSync({
+    kv: path,
+    resume: true,
+    force: true,
+    numRecords: 100,
+    instance,
+    onError: (r) => reports.push(`${r.reason}: ${r.message}`),
+  });
+  return { resumed, reports };
+}
+
 for (const skewMs of [1500, -1500]) {
   Deno.test(`a resume on another instance, whose time_us are ${skewMs} ms off, stores each event once`, async () => {
     const events = Array.from({ length: 20 }, (_, i) => commit(T0 + i * 1_000_000, { did: did(i) }));
@@ -143,15 +158,7 @@ for (const skewMs of [1500, -1500]) {
     await using db = await tempDb();
     const first = await runBackfillSync({ instance: a.url, kv: db.path, startTimestamp: T0, numRecords: 10 });
     assert.equal(first.stopReason, "limit");
-    const reports: string[] = [];
-    const resumed = await runBackfillSync({
-      kv: db.path,
-      resume: true,
-      force: true,
-      numRecords: 100,
-      instance: b.url,
-      onError: (r) => reports.push(`${r.reason}: ${r.message}`),
-    });
+    const { resumed, reports } = await resumeOn(db.path, b.url);
     assert.equal(resumed.stopReason, "closed");
     assert.equal(resumed.recordsStored, 10);
     assert.ok(
@@ -180,15 +187,7 @@ Deno.test("a resume on another instance without the keys of the last records sto
   const kv = await Deno.openKv(db.path);
   await kv.delete(["jetfill", "jetstream_sync", "recent", 0]);
   kv.close();
-  const reports: string[] = [];
-  const resumed = await runBackfillSync({
-    kv: db.path,
-    resume: true,
-    force: true,
-    numRecords: 100,
-    instance: b.url,
-    onError: (r) => reports.push(`${r.reason}: ${r.message}`),
-  });
+  const { resumed, reports } = await resumeOn(db.path, b.url);
   assert.equal(resumed.recordsStored, 10);
   assert.ok(
     reports.some((m) => /^info: resuming on .* may be missing or repeated/.test(m)),
