@@ -148,15 +148,23 @@ export async function runBackfillSync(options: BackfillSyncOptions = {}): Promis
       // consumer, holds it.
       const lock = await lockQueueFile(path, o.queueName);
       if (lock === "held") {
+        const file = JSON.stringify(await queueLockPath(path, o.queueName));
         throw new ConcurrentWriterError(
           o.queueName,
-          `is being written by another sync right now (a running process holds ${
-            JSON.stringify(await queueLockPath(path, o.queueName))
-          })`,
+          `is being written by another sync right now (a running process holds ${file}; lsof or fuser on that file shows which)`,
           true,
         );
       }
-      fileLock = lock;
+      if (lock && "reason" in lock) {
+        options.onError?.({
+          reason: "lock",
+          message: `cannot use the lock file ${JSON.stringify(lock.path)} (${lock.reason}); ` +
+            "only the writer lock in the database keeps another sync out of this queue, and a sync paused " +
+            "for over 10 s or kept from writing by a busy consumer can be taken over",
+        });
+      } else {
+        fileLock = lock;
+      }
     }
     if (o.resume) {
       // Options left out on resume are the checkpoint's: `--resume` alone continues the same run.
@@ -171,7 +179,7 @@ export async function runBackfillSync(options: BackfillSyncOptions = {}): Promis
     const decodeFrame = o.compress && o.instances.some((u) => !isV2Url(u))
       ? await loadDecoder(options, o.maxTimeMs)
       : undefined;
-    return await run(o, options, kv, started, decodeFrame);
+    return await run(o, options, kv, started, decodeFrame, fileLock !== undefined);
   } finally {
     if (path !== undefined) kv.close();
     // After the writer lock is given back (in run()): the next sync finds the queue free.
@@ -223,16 +231,21 @@ const RECENT_WRITER_MS = 10_000;
  * reckoned from that time, gives it its chance.) A crashed sync costs the next one that wait. The
  * lock is then taken with a check that the lock and `alive` are still as seen, so that a sync that
  * shows itself alive only then, or another sync starting at the same time, makes the taking fail.
+ * When this sync holds the queue's lock file (`lockFile`) and the lock's holder said it held it too,
+ * that holder has stopped: no watch.
  */
 async function watchForLiveWriter(
   kv: Deno.Kv,
   queue: string,
+  lockFile: boolean,
   existing: Deno.KvEntryMaybe<Checkpoint>,
 ): Promise<{ existing: Deno.KvEntryMaybe<Checkpoint>; lock: string | null; alive: string | null }> {
   const keys = [queueKey(queue, "writer"), queueKey(queue, "alive")] as const;
-  const [lock, alive] = await kv.getMany<[{ at?: number }, { at?: number }]>(keys);
+  const [lock, alive] = await kv.getMany<[{ at?: number; lockFile?: boolean }, { at?: number }]>(keys);
   const seen = { existing, lock: lock.versionstamp, alive: alive.versionstamp };
   if (lock.versionstamp === null) return seen;
+  // Its holder held the queue's lock file, which this sync holds now: it is not running.
+  if (lockFile && lock.value?.lockFile === true) return seen;
   const last = Math.max(
     existing.value?.updatedAt ?? -Infinity,
     alive.value?.at ?? -Infinity,
@@ -258,11 +271,13 @@ async function run(
   kv: Deno.Kv,
   started: number,
   decodeFrame: ((bytes: Uint8Array) => Uint8Array) | undefined,
+  lockFile: boolean,
 ): Promise<SyncStats> {
   const selection = await selectionOf(o);
   const { existing, lock, alive } = await watchForLiveWriter(
     kv,
     o.queueName,
+    lockFile,
     await readCheckpoint(kv, o.queueName),
   );
   let resumeFrom: Checkpoint | undefined;
@@ -331,7 +346,7 @@ async function run(
   const writer = new QueueWriter(
     kv,
     o.queueName,
-    { checkpoint, versionstamp: existing.versionstamp, lock, alive },
+    { checkpoint, versionstamp: existing.versionstamp, lock, alive, lockFile },
     (r) => {
       stats.committed(r.records, r.cursor, r.days, r.collections, r.messages);
       progress(false);

@@ -10,6 +10,8 @@ import { serveEvents } from "./helpers/loopback.ts";
 import { produce } from "./helpers/produce.ts";
 import { isoFromUs, utcDate } from "../src/time.ts";
 import { queueKey } from "../src/queue/kv_queue.ts";
+import type { QueueStatus } from "../src/queue/consume.ts";
+import { formatStatus } from "../src/cli/status.ts";
 
 const CLI = new URL("../cli.ts", import.meta.url).pathname;
 const TEXT = new TextDecoder();
@@ -224,7 +226,7 @@ Deno.test("jetfill status shows the queue's counts, per-day records and dead let
     assert.deepEqual(s.recordsPerDay, days);
     assert.equal(s.lastRun, null);
     const killed = new Date(killedAt).toISOString();
-    assert.deepEqual(s.writer, { run: "killed-run", since: killed, lastSeen: killed });
+    assert.deepEqual(s.writer, { run: "killed-run", since: killed, lastSeen: killed, lockFile: false });
     const text = await jetfill("status", "--kv", path);
     assert.match(text.stdout, /writer\s+left by a sync that did not stop cleanly: run killed-run since /);
     assert.equal(text.code, 0);
@@ -305,4 +307,46 @@ Deno.test("a finished jetfill sync: status --json matches its statistics, export
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
+});
+
+Deno.test("status ties a held lock file to the writer only when the writer said it holds one", () => {
+  const long = new Date(Date.now() - 60_000).toISOString();
+  const base: QueueStatus = {
+    queue: "q",
+    lastSeq: 0,
+    latestCursor: null,
+    latestCursorTime: null,
+    checkpointUpdatedAt: null,
+    recordsStored: 0,
+    messagesEnqueued: 0,
+    messagesHandled: 0,
+    recordsHandled: 0,
+    messagesWaiting: 0,
+    recordsWaiting: 0,
+    deadLetters: 0,
+    deadRecords: 0,
+    queueLength: 0,
+    recordsPerDay: {},
+    writer: { run: "r1", since: long, lastSeen: long, lockFile: true },
+    lastRun: null,
+  };
+  const held = { path: "/d/q.sqlite@q.lock", held: true };
+  // Silent for a minute, but its process holds the lock file: running (paused, say).
+  assert.match(
+    formatStatus(base, "q.sqlite", held),
+    /^writer +a sync is running \(its process holds \/d\/q\.sqlite@q\.lock\): run r1/m,
+  );
+  assert.match(
+    formatStatus(base, "q.sqlite", { ...held, held: false }),
+    /^writer +left by a sync that did not stop cleanly/m,
+  );
+  // A writer with a Deno.Kv handle has no lock file: the one held is another process's.
+  const handle = { ...base, writer: { ...base.writer!, lockFile: false } };
+  const text = formatStatus(handle, "q.sqlite", held);
+  assert.match(text, /^writer +left by a sync that did not stop cleanly: run r1/m);
+  assert.match(text, /^lock file +held by a running process: \/d\/q\.sqlite@q\.lock$/m);
+  assert.match(
+    formatStatus({ ...base, writer: null }, "q.sqlite", held),
+    /^writer +a sync is starting or stopping/m,
+  );
 });

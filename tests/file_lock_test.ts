@@ -1,9 +1,11 @@
 import assert from "node:assert/strict";
 import { runBackfillSync } from "../src/backfill.ts";
-import { lockQueueFile, queueFileLocked } from "../src/queue/file_lock.ts";
+import { lockQueueFile, type QueueFileLock, queueFileLocked } from "../src/queue/file_lock.ts";
 import { openKvAt, queueKey, readCheckpoint } from "../src/queue/kv_queue.ts";
 import { ConcurrentWriterError } from "../src/queue/writer.ts";
 import { delay } from "../src/async.ts";
+import { UsageError } from "../src/errors.ts";
+import { pathToFileURL as toFileUrlNode } from "node:url";
 import { commit } from "./helpers/events.ts";
 import { serveEvents, syncConnections, tempDb } from "./helpers/loopback.ts";
 import type { JetstreamServer } from "../src/server/server.ts";
@@ -19,6 +21,13 @@ function cli(args: string[]): Deno.ChildProcess {
     stderr: "piped",
     env: { NO_COLOR: "1" },
   }).spawn();
+}
+
+/** Takes the lock file of `queue` in the database at `path`, which must be free. */
+async function take(path: string, queue = "jetstream_sync"): Promise<QueueFileLock> {
+  const lock = await lockQueueFile(path, queue);
+  assert.ok(lock && typeof lock === "object" && "release" in lock, JSON.stringify(lock));
+  return lock;
 }
 
 /**
@@ -37,8 +46,7 @@ Deno.test("a sync is refused at once, reading and writing nothing, while its que
   await using server = serveEvents(events, { closeAtEnd: true });
   await using db = await tempDb();
   (await openKvAt(db.path)).close();
-  const held = await lockQueueFile(db.path, "jetstream_sync");
-  assert.ok(held !== undefined && held !== "held", String(held));
+  const held = await take(db.path);
   try {
     await assert.rejects(
       () => runBackfillSync({ instance: server.url, kv: db.path, startTimestamp: T0 }),
@@ -46,7 +54,7 @@ Deno.test("a sync is refused at once, reading and writing nothing, while its que
         assert.ok(err instanceof ConcurrentWriterError, String(err));
         assert.match(
           err.message,
-          /queue 'jetstream_sync' is being written by another sync right now \(a running process holds ".*queue\.sqlite-jetstream_sync\.lock"\): run one sync per queue, and resume this one once that one has stopped \(resume: true, or --resume\)$/,
+          /queue 'jetstream_sync' is being written by another sync right now \(a running process holds ".*queue\.sqlite@jetstream_sync\.lock"; lsof or fuser on that file shows which\): let that sync finish or stop it, then run again \(--resume, or resume: true, continues its run\); a separate run needs a queue name of its own/,
         );
         return true;
       },
@@ -107,7 +115,7 @@ Deno.test("a paused sync keeps its queue: a second sync is refused however long 
     }).output();
     const s = JSON.parse(dec.decode(status.stdout));
     assert.equal(s.lockFile.held, true);
-    assert.match(s.lockFile.path, /queue\.sqlite-jetstream_sync\.lock$/);
+    assert.match(s.lockFile.path, /queue\.sqlite@jetstream_sync\.lock$/);
     assert.ok(s.writer, "no writer in the status");
     const second = await cli([
       "sync",
@@ -136,4 +144,125 @@ Deno.test("a paused sync keeps its queue: a second sync is refused however long 
   assert.equal(stats.error, undefined);
   assert.equal(stats.recordsStored, 20);
   assert.equal(await queueFileLocked(db.path, "jetstream_sync"), false);
+});
+
+Deno.test("lock files of different databases and queues never share a name", async () => {
+  await using db = await tempDb();
+  // "feeds" with queue "posts-en" and "feeds-posts" with queue "en": joined by "-", one name.
+  for (const name of ["feeds", "feeds-posts"]) (await openKvAt(`${db.dir}/${name}`)).close();
+  const a = await take(`${db.dir}/feeds`, "posts-en");
+  const b = await take(`${db.dir}/feeds-posts`, "en");
+  assert.notEqual(a.path, b.path);
+  a.release();
+  b.release();
+});
+
+Deno.test("looking whether a lock file is held does not make it held, for another look or for a sync", async () => {
+  await using db = await tempDb();
+  (await openKvAt(db.path)).close();
+  (await take(db.path)).release();
+  // A look in progress (a shared lock, as `jetfill status` takes it for a moment).
+  const { DatabaseSync } = await import("node:sqlite");
+  const looking = new DatabaseSync(`${await Deno.realPath(db.path)}@jetstream_sync.lock`, { readOnly: true });
+  looking.exec("BEGIN");
+  looking.prepare("SELECT count(*) FROM sqlite_master").get();
+  try {
+    assert.equal(await queueFileLocked(db.path, "jetstream_sync"), false);
+  } finally {
+    looking.close();
+  }
+  // Once the look is over, a sync takes the lock.
+  (await take(db.path)).release();
+});
+
+Deno.test("a database with two names (hard links) is refused before anything is written", async () => {
+  const events = [commit(T0)];
+  await using server = serveEvents(events, { closeAtEnd: true });
+  await using db = await tempDb();
+  (await openKvAt(db.path)).close();
+  await Deno.link(db.path, `${db.dir}/other-name.sqlite`);
+  for (const kv of [db.path, `${db.dir}/other-name.sqlite`]) {
+    await assert.rejects(
+      () => runBackfillSync({ instance: server.url, kv, startTimestamp: T0 }),
+      (err) => {
+        assert.ok(err instanceof UsageError, String(err));
+        assert.match(err.message, /the file has 2 names \(hard links\).*give the database a single name/);
+        return true;
+      },
+    );
+  }
+  assert.equal(server.connections.length, 0);
+});
+
+Deno.test("a sync whose lock file cannot be written says so, and goes on with the writer lock alone", async () => {
+  const events = Array.from({ length: 3 }, (_, i) => commit(T0 + i * 1000));
+  await using server = serveEvents(events, { closeAtEnd: true });
+  await using db = await tempDb();
+  (await openKvAt(db.path)).close();
+  const lock = `${await Deno.realPath(db.path)}@jetstream_sync.lock`;
+  await Deno.writeFile(lock, new Uint8Array());
+  // (Tests run as root, for whom file modes do not forbid writing: Deno's permissions do.)
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "-A",
+      `--deny-write=${lock}`,
+      CLI,
+      "sync",
+      "--instance",
+      server.url,
+      "--kv",
+      db.path,
+      "--start",
+      String(T0),
+      "--json",
+    ],
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const stderr = dec.decode(out.stderr);
+  assert.equal(out.code, 0, stderr);
+  assert.equal(JSON.parse(dec.decode(out.stdout)).recordsStored, 3);
+  assert.match(
+    stderr,
+    /^jetfill sync: warning: cannot use the lock file ".*@jetstream_sync\.lock" \(.+\); only the writer lock in the database keeps another sync out/m,
+  );
+});
+
+Deno.test("a sync finding the writer lock of a sync that held the lock file, now free, does not wait for signs of life", async () => {
+  const events = Array.from({ length: 3 }, (_, i) => commit(T0 + i * 1000));
+  await using server = serveEvents(events, { closeAtEnd: true });
+  await using db = await tempDb();
+  // As a sync with a lock file leaves the queue when it is killed: its writer lock, just written.
+  const kv = await openKvAt(db.path);
+  await kv.set(queueKey("jetstream_sync", "writer"), { run: "killed", at: Date.now(), lockFile: true });
+  kv.close();
+  const started = performance.now();
+  const stats = await runBackfillSync({ instance: server.url, kv: db.path, startTimestamp: T0 });
+  // The watch for a live writer lasts 2 s; this sync did not wait for it.
+  assert.ok(performance.now() - started < 1800, `took ${performance.now() - started} ms`);
+  assert.equal(stats.recordsStored, 3);
+  assert.equal(stats.error, undefined);
+});
+
+Deno.test("a file: URL names the database like its path, lock file included", async () => {
+  const events = Array.from({ length: 3 }, (_, i) => commit(T0 + i * 1000));
+  await using server = serveEvents(events, { closeAtEnd: true });
+  await using db = await tempDb();
+  const url = toFileUrlNode(db.path).href;
+  const stats = await runBackfillSync({ instance: server.url, kv: url, startTimestamp: T0 });
+  assert.equal(stats.recordsStored, 3);
+  assert.deepEqual([...Deno.readDirSync(db.dir)].map((e) => e.name).sort(), [
+    "queue.sqlite",
+    "queue.sqlite@jetstream_sync.lock",
+  ]);
+  const status = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", CLI, "status", "--kv", url, "--json"],
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  assert.equal(status.code, 0, dec.decode(status.stderr));
+  const s = JSON.parse(dec.decode(status.stdout));
+  assert.equal(s.recordsStored, 3);
+  assert.deepEqual(s.lockFile, { path: `${await Deno.realPath(db.path)}@jetstream_sync.lock`, held: false });
 });

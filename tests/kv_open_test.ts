@@ -51,7 +51,7 @@ Deno.test("a sync creates its database with 16 KiB pages in WAL mode, and a plai
   // Nothing is left of the database made under another name; the queue's lock file stays.
   assert.deepEqual([...Deno.readDirSync(`${db.dir}/new`)].map((e) => e.name).sort(), [
     "q.sqlite",
-    "q.sqlite-jetstream_sync.lock",
+    "q.sqlite@jetstream_sync.lock",
   ]);
 });
 

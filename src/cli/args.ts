@@ -6,7 +6,7 @@
  */
 import { parseArgs, type ParseArgsConfig } from "node:util";
 import { UsageError } from "../errors.ts";
-import { defaultKvPath } from "../queue/kv_queue.ts";
+import { defaultKvPath, localDatabasePath } from "../queue/kv_queue.ts";
 import { QUEUE_NAME } from "../options.ts";
 
 /** Flag definitions in `parseArgs` form. */
@@ -61,7 +61,9 @@ export function queueFlags(v: Record<string, unknown>): { queue: string; path: s
       }`,
     );
   }
-  return { queue, path: (v.kv as string | undefined) ?? defaultKvPath(queue) };
+  const given = (v.kv as string | undefined) ?? defaultKvPath(queue);
+  // A file: URL names a file like its path does (Deno.openKv takes both).
+  return { queue, path: localDatabasePath(given) ?? given };
 }
 
 /** A number flag: integer or not, with a lower bound. */

@@ -29,11 +29,11 @@ messagesEnqueued, messagesHandled, recordsHandled, messagesWaiting and recordsWa
 queue: neither handled nor dead-lettered), deadLetters and deadRecords (messages KV gave up
 delivering), queueLength (messages not handled, dead letters included, as a sync reports it),
 recordsPerDay ({ "YYYY-MM-DD": records }), writer (the sync holding the queue's writer lock:
-{ run, since, lastSeen }, or null when none does; a lastSeen over 10 s old is a crashed sync,
-unless its process still holds the lock file), lockFile ({ path, held }: held while a sync's
-process is alive, even paused; null when no sync has made one),
-lastRun ({ id, finishedAt, options, stats } with the
-sync's own statistics as 'jetfill sync --json' printed them, or null).
+{ run, since, lastSeen, lockFile }, or null when none does; a lastSeen over 10 s old is a crashed
+sync, unless it holds the lock file (lockFile true) and the lock file is held), lockFile ({ path,
+held }: held while a sync's process is alive, even paused; null when there is none to look at),
+lastRun ({ id, finishedAt, options, stats } with the sync's own statistics as 'jetfill sync
+--json' printed them, or null).
 
 Exit codes: 0 done, 1 runtime failure, 2 bad input (such as a database that does not exist).`;
 
@@ -90,13 +90,14 @@ export function formatStatus(s: QueueStatus, path: string, lockFile: StatusJson[
   lines.push(
     `records per day     ${days.length === 0 ? "-" : days.map(([d, n]) => `${d}: ${n}`).join(", ")}`,
   );
-  // A held lock file settles it: its process is alive, however long it has been silent.
+  // A lock file held by the writer's process settles it: that process is alive, however long it has
+  // been silent. (A writer without one, with a Deno.Kv handle, is judged by its signs of life.)
   const held = lockFile?.held === true;
   if (s.writer) {
     const ago = (Date.now() - Date.parse(s.writer.lastSeen)) / 1000;
     lines.push(
       `writer              ${
-        held
+        held && s.writer.lockFile
           ? `a sync is running (its process holds ${lockFile!.path})`
           : ago < 2
           ? "a sync is running"
@@ -107,6 +108,9 @@ export function formatStatus(s: QueueStatus, path: string, lockFile: StatusJson[
         Math.max(0, ago).toFixed(1)
       } s ago)`,
     );
+    if (held && !s.writer.lockFile) {
+      lines.push(`lock file           held by a running process: ${lockFile!.path}`);
+    }
   } else if (held) {
     lines.push(`writer              a sync is starting or stopping (its process holds ${lockFile!.path})`);
   } else {

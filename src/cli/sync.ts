@@ -195,7 +195,7 @@ export async function syncCommand(args: string[]): Promise<number> {
   options.signal = controller.signal;
   if (live) options.onProgress = (p) => Deno.stderr.writeSync(enc.encode(`\r\x1b[2K${progressLine(p)}`));
   options.onError = (r) => {
-    if (r.reason === "coverage" || r.reason === "oversized") {
+    if (r.reason === "coverage" || r.reason === "oversized" || r.reason === "lock") {
       // Data that cannot be had, or that is left out: always said.
       if (live) Deno.stderr.writeSync(enc.encode("\r\x1b[2K"));
       console.error(`jetfill sync: warning: ${r.message}`);

@@ -50,6 +50,7 @@ import type { JetstreamEvent } from "../jetstream/events.ts";
 import {
   counterValue,
   defaultKvPath,
+  localDatabasePath,
   openKvAt,
   queueKey,
   readCheckpoint,
@@ -877,7 +878,7 @@ export async function consume(options: ConsumeOptions): Promise<ConsumeResult> {
     ? undefined
     : options.kv ?? defaultKvPath(queue);
   // Until empty, a database that does not exist is a mistyped path, not a queue to wait for.
-  if (path !== undefined && options.untilEmpty && !(await pathExists(path))) {
+  if (path !== undefined && options.untilEmpty && !(await pathExists(localDatabasePath(path) ?? path))) {
     throw new UsageError(
       `Cannot consume as the database ${JSON.stringify(path)} does not exist (check 'kv' and 'queueName')`,
     );
@@ -1079,6 +1080,11 @@ export interface QueueStatus {
   writer: {
     /** Random id of its run. */
     run: string;
+    /**
+     * Whether that sync holds the queue's lock file too (it was given a database path): while a
+     * process holds the lock file, it is running, however long ago it was last seen.
+     */
+    lockFile: boolean;
     /** When it took the lock, ISO 8601 UTC. */
     since: string;
     /** Its last commit or heartbeat, ISO 8601 UTC. */
@@ -1134,7 +1140,9 @@ export async function queueStatus(kv: Deno.Kv, queue: string): Promise<QueueStat
     stats: Record<string, unknown>;
   }>(queueKey(queue, "run"))).value;
   const latest = checkpoint && checkpoint.recordsStored > 0 ? checkpoint.cursor : null;
-  const [lock, alive] = await kv.getMany<[{ run?: string; at?: number }, { at?: number }]>([
+  const [lock, alive] = await kv.getMany<
+    [{ run?: string; at?: number; lockFile?: boolean }, { at?: number }]
+  >([
     queueKey(queue, "writer"),
     queueKey(queue, "alive"),
   ]);
@@ -1145,6 +1153,7 @@ export async function queueStatus(kv: Deno.Kv, queue: string): Promise<QueueStat
     const committed = checkpoint && checkpoint.run.id === lock.value.run ? checkpoint.updatedAt : at;
     writer = {
       run: String(lock.value.run),
+      lockFile: lock.value.lockFile === true,
       since: new Date(at).toISOString(),
       lastSeen: new Date(Math.max(at, committed, alive.value?.at ?? at)).toISOString(),
     };

@@ -14,7 +14,8 @@
  * @module
  */
 import type { QueueMessage } from "./message.ts";
-import { pathExists } from "../fs.ts";
+import { fileURLToPath } from "node:url";
+import { UsageError } from "../errors.ts";
 import { delay } from "../async.ts";
 
 /** The state a queue keeps about what it holds; written in the same commit as the messages. */
@@ -186,11 +187,24 @@ export const KV_PAGE_SIZE = 16_384;
  * ```
  */
 export async function openKvAt(path: string): Promise<Deno.Kv> {
-  if (path !== ":memory:") {
-    const slash = path.lastIndexOf("/");
-    if (slash > 0) await Deno.mkdir(path.slice(0, slash), { recursive: true });
+  const file = localDatabasePath(path);
+  if (file !== undefined) {
+    const slash = file.lastIndexOf("/");
+    if (slash > 0) await Deno.mkdir(file.slice(0, slash), { recursive: true });
+    const info = await Deno.stat(file).catch(() => undefined);
     // Only a speed-up: where it cannot be done, Deno KV creates the database as it always does.
-    if (!(await pathExists(path))) await createDatabase(path).catch(() => {});
+    if (!info) await createDatabase(file).catch(() => {});
+    else if (info.isFile && info.nlink !== null && info.nlink > 1) {
+      throw new UsageError(
+        `Cannot open the Deno KV database ${
+          JSON.stringify(path)
+        }: the file has ${info.nlink} names (hard links), ` +
+          "and SQLite keeps a database's log beside the name it is opened by, so processes using different " +
+          "names would not see each other's writes and could corrupt it; give the database a single name " +
+          "(a symbolic link to it is fine)",
+      );
+    }
+    path = file;
   }
   try {
     return await Deno.openKv(path);
@@ -207,6 +221,23 @@ export async function openKvAt(path: string): Promise<Deno.Kv> {
       { cause: err },
     );
   }
+}
+
+/**
+ * The file of a local database: `path` itself, or the path of a `file:` URL; undefined for
+ * `:memory:` and for a remote database's URL.
+ *
+ * @example
+ * ```ts
+ * import { localDatabasePath } from "./kv_queue.ts";
+ * localDatabasePath("file:///tmp/q.sqlite"); // "/tmp/q.sqlite"
+ * localDatabasePath("https://kv.example.com"); // undefined
+ * ```
+ */
+export function localDatabasePath(path: string): string | undefined {
+  if (path === ":memory:") return undefined;
+  if (/^file:/i.test(path)) return fileURLToPath(path);
+  return /^[a-z][a-z0-9+.-]*:\/\//i.test(path) ? undefined : path;
 }
 
 /**

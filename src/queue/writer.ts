@@ -75,7 +75,7 @@ export class ConcurrentWriterError extends Error {
   constructor(queue: string, what = "was changed by another writer during this run", refused = false) {
     super(
       refused
-        ? `queue '${queue}' ${what}: run one sync per queue, and resume this one once that one has stopped (resume: true, or --resume)`
+        ? `queue '${queue}' ${what}: let that sync finish or stop it, then run again (--resume, or resume: true, continues its run); a separate run needs a queue name of its own (--queue-name, or queueName)`
         : `queue '${queue}' ${what} (another sync on the same database and queue name?); stopped so that its checkpoint stays true: run one sync per queue, then resume it (resume: true, or --resume)`,
     );
     this.name = "ConcurrentWriterError";
@@ -166,6 +166,8 @@ export class QueueWriter {
   readonly #seenLock: string | null | undefined;
   /** The same for the queue's `alive` key. */
   readonly #seenAlive: string | null | undefined;
+  /** This sync holds the queue's lock file too. */
+  readonly #lockFile: boolean;
   /** `Date.now()` of the last write that shows this writer alive (a commit, the lock, a heartbeat). */
   #lastWrite = 0;
   #heartbeat: ReturnType<typeof setInterval> | undefined;
@@ -180,7 +182,8 @@ export class QueueWriter {
    * A writer that continues from `checkpoint` (as read, with its versionstamp, or null for a new
    * queue) and calls `onCommit` after every durable commit. With `lock` (the writer lock's
    * versionstamp as seen, null when there was none), taking the lock also checks that nobody took it
-   * since; with `alive`, that the sync holding it showed no sign of life since.
+   * since; with `alive`, that the sync holding it showed no sign of life since. `lockFile` says in
+   * the writer lock that this sync also holds the queue's lock file (see `file_lock.ts`).
    */
   constructor(
     kv: Deno.Kv,
@@ -190,6 +193,7 @@ export class QueueWriter {
       versionstamp: string | null;
       lock?: string | null;
       alive?: string | null;
+      lockFile?: boolean;
     },
     onCommit: (report: CommitReport, checkpoint: Checkpoint) => void,
   ) {
@@ -201,6 +205,7 @@ export class QueueWriter {
     this.#readVersionstamp = start.versionstamp;
     this.#seenLock = start.lock;
     this.#seenAlive = start.alive;
+    this.#lockFile = start.lockFile === true;
     this.#onCommit = onCommit;
     this.#building = this.#open();
   }
@@ -391,7 +396,7 @@ export class QueueWriter {
       .check({ key: queueKey(q, "checkpoint"), versionstamp: this.#readVersionstamp });
     if (this.#seenLock !== undefined) op.check({ key: queueKey(q, "writer"), versionstamp: this.#seenLock });
     if (this.#seenAlive !== undefined) op.check({ key: queueKey(q, "alive"), versionstamp: this.#seenAlive });
-    op.set(queueKey(q, "writer"), { run: this.#issued.run.id, at: Date.now() });
+    op.set(queueKey(q, "writer"), { run: this.#issued.run.id, at: Date.now(), lockFile: this.#lockFile });
     const res = await retryWhileBusy(() => op.commit(), BUSY_BUDGET_MS);
     if (!res.ok) throw new ConcurrentWriterError(q, refusal, refusal !== undefined);
     this.#lock = res.versionstamp;
