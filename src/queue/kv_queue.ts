@@ -194,11 +194,11 @@ export async function openKvAt(path: string): Promise<Deno.Kv> {
     const info = await Deno.stat(file).catch(() => undefined);
     // Only a speed-up: where it cannot be done, Deno KV creates the database as it always does.
     if (!info) await createDatabase(file).catch(() => {});
-    else if (info.isFile && info.nlink !== null && info.nlink > 1) {
+    else if (await linkCount(file, info) > 1) {
       throw new UsageError(
         `Cannot open the Deno KV database ${
           JSON.stringify(path)
-        }: the file has ${info.nlink} names (hard links), ` +
+        }: the file has several names (hard links), ` +
           "and SQLite keeps a database's log beside the name it is opened by, so processes using different " +
           "names would not see each other's writes and could corrupt it; give the database a single name " +
           "(a symbolic link to it is fine)",
@@ -221,6 +221,16 @@ export async function openKvAt(path: string): Promise<Deno.Kv> {
       { cause: err },
     );
   }
+}
+
+/**
+ * How many names (hard links) the file `info` of `path` has. A database that another process is
+ * creating has two for a moment (see {@link createDatabase}): only a count that stays is counted.
+ */
+async function linkCount(path: string, info: Deno.FileInfo): Promise<number> {
+  if (!info.isFile || info.nlink === null || info.nlink <= 1) return 1;
+  await delay(100);
+  return (await Deno.stat(path).catch(() => info)).nlink ?? 1;
 }
 
 /**
