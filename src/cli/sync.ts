@@ -19,7 +19,9 @@ Selection:
   --collection NSID       keep this collection, or a prefix like app.bsky.graph.*; repeatable
                           (default app.bsky.feed.post)
   --kind KIND             commit, identity or account; repeatable (default commit)
-  --start TIME            start here (sent as the cursor); ${TIMESTAMP_FORMATS}; UTC
+  --start TIME            start here (sent as the cursor), in UTC: ${
+  TIMESTAMP_FORMATS.replace(", ISO", ",\n                          ISO")
+}
   --end TIME              stop at the first event at or after this time (not stored)
   --limit N               stop after exactly N stored records (default 10000)
   --strict                refuse to run when the server's history starts after --start (it
@@ -39,7 +41,9 @@ Connection:
   --max-event-bytes N     skip (and count) events of more UTF-8 bytes (default 1048576)
 
 Queue:
-  --kv PATH               Deno KV database (default ./jetfill-data/<queue-name>.sqlite)
+  --kv PATH               Deno KV database (default ./jetfill-data/<queue-name>.sqlite); while it
+                          runs, the sync holds PATH@<queue-name>.lock beside it, and a second
+                          sync of the same queue is refused
   --queue-name NAME       queue name (default jetstream_sync)
   --batch-size N          records per batch and atomic commit (default 100); a batch not full
                           1 s after its first record is committed as it is
