@@ -246,7 +246,15 @@ async function linkCount(path: string, info: Deno.FileInfo): Promise<number> {
  */
 export function localDatabasePath(path: string): string | undefined {
   if (path === ":memory:") return undefined;
-  if (/^file:/i.test(path)) return fileURLToPath(path);
+  if (/^file:/i.test(path)) {
+    try {
+      return fileURLToPath(path);
+    } catch (err) {
+      throw new UsageError(
+        `${JSON.stringify(path)} is not a database path or a file: URL of one (${(err as Error).message})`,
+      );
+    }
+  }
   return /^[a-z][a-z0-9+.-]*:\/\//i.test(path) ? undefined : path;
 }
 

@@ -9,10 +9,10 @@
  * faster; the main thread's parsing and serializing set the pace.) Each commit checks the queue's
  * writer lock, taken (by `claim()`, or else at the first commit) together with a check of the
  * checkpoint as read, so a second writer is noticed instead of corrupting the sequence. A sync given
- * a database path also holds the queue's lock file (`file_lock.ts`) around all of this. While commits are in flight, the batches
- * that complete meanwhile go together in the next one (group commit): a batch is never split unless
- * KV's per-commit limits (1000 mutations, 800 KiB) force it, and a slow disk costs fewer, larger
- * commits instead of a growing backlog.
+ * a database path also holds the queue's lock file (`file_lock.ts`) around all of this. While
+ * commits are in flight, the batches that complete meanwhile go together in the next one (group
+ * commit): a batch is never split unless KV's per-commit limits (1000 mutations, 800 KiB) force it,
+ * and a slow disk costs fewer, larger commits instead of a growing backlog.
  *
  * A commit is issued as soon as KV has none in hand, so a slow stream is stored batch by batch;
  * while KV is busy, the next commit is filled up to those limits first. KV on SQLite syncs its log
