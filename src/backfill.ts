@@ -26,15 +26,14 @@ import {
   type Checkpoint,
   defaultKvPath,
   emptyCheckpoint,
+  listKeyEntries,
   openKvAt,
   queueKey,
   queueLength,
   readCheckpoint,
-  readRecentKeys,
-  RECENT_KEYS,
+  recentKeysOf,
   retryWhileBusy,
   type RunState,
-  setRecentKeys,
 } from "./queue/kv_queue.ts";
 import { lockQueueFile, type QueueFileLock, queueLockPath } from "./queue/file_lock.ts";
 import { ConcurrentWriterError, QueueWriter } from "./queue/writer.ts";
@@ -343,10 +342,12 @@ async function run(
     });
   };
 
+  // The content keys of the last records stored, kept with them: a resume starts knowing them.
+  const keyEntries = await listKeyEntries(kv, o.queueName);
   const writer = new QueueWriter(
     kv,
     o.queueName,
-    { checkpoint, versionstamp: existing.versionstamp, lock, alive, lockFile },
+    { checkpoint, versionstamp: existing.versionstamp, lock, alive, lockFile, keyEntries },
     (r) => {
       stats.committed(r.records, r.cursor, r.days, r.collections, r.messages);
       progress(false);
@@ -384,8 +385,7 @@ async function run(
     // Only once this run is going ahead: a refused one must not replace the list of the run it met.
     if (o.wantedDids.length > INLINE_DIDS) await storeDidList(kv, o.queueName, o.wantedDids);
     streaming = true;
-    const recent = resumeFrom ? await readRecentKeys(kv, o.queueName) : undefined;
-    await consumeStream(ctx, options, resumeFrom, recent);
+    await consumeStream(ctx, options, resumeFrom, resumeFrom ? recentKeysOf(keyEntries) : undefined);
   } catch (err) {
     if (err instanceof UsageError || !streaming) refusal = { error: err };
     ctx.stop ??= "error";
@@ -398,20 +398,17 @@ async function run(
     await writer.release();
     throw refusal.error;
   }
-  // Whether every record this run took is stored: only then may the keys the guard holds be kept.
-  let stored = false;
   try {
     const last = ctx.batcher.take();
     if (last) await writer.add(last);
     await writer.flush();
-    stored = true;
   } catch (err) {
     ctx.stop = "error";
     ctx.error ??= `could not store the last batch: ${err instanceof Error ? err.message : String(err)}`;
   }
   try {
     progress(true);
-    return await finish(o, options, kv, ctx, selection, started, stored);
+    return await finish(o, options, kv, ctx, selection, started);
   } finally {
     // Done by finish() unless something failed before it: release() is idempotent.
     await writer.release();
@@ -426,7 +423,6 @@ async function finish(
   ctx: RunContext,
   selection: Record<string, unknown>,
   started: number,
-  stored: boolean,
 ): Promise<SyncStats> {
   const { stats, writer } = ctx;
 
@@ -457,8 +453,7 @@ async function finish(
   };
   if (ctx.error !== undefined) result.error = ctx.error;
   // The run's record for `jetfill status` goes with the lock's release, and only while the lock is
-  // still this run's; the statistics are returned whether or not it can be written. So do the content
-  // keys of the last records stored, for a resume (only when all that this run took is stored).
+  // still this run's; the statistics are returned whether or not it can be written.
   const record = {
     id: writer.checkpoint.run.id,
     finishedAt: Date.now(),
@@ -471,13 +466,8 @@ async function finish(
     },
     stats: result,
   };
-  const { cursor, seq } = writer.checkpoint;
-  const recent = stored ? { cursor, seq, keys: ctx.guard.recent(RECENT_KEYS) } : undefined;
   try {
-    await writer.release((op) => {
-      op.set(queueKey(o.queueName, "run"), record);
-      if (recent) setRecentKeys(op, o.queueName, recent);
-    });
+    await writer.release((op) => op.set(queueKey(o.queueName, "run"), record));
   } catch (err) {
     options.onError?.({
       reason: "connection",

@@ -70,6 +70,7 @@ export async function consumeStream(
   // is dropped, as within a run.
   if (recent) guard.remember(recent.keys);
   let instanceIndex = Math.max(0, resumeFrom ? o.instances.indexOf(resumeFrom.run.instance) : 0);
+  let startUs = o.startUs ?? Number.NEGATIVE_INFINITY;
   // Events at or below this time_us were processed on the current instance (its cursor is inclusive).
   let floorUs = resumeFrom && resumeFrom.run.recordsStored > 0 ? resumeFrom.cursor : -1;
   // Whether the guard knows the records stored at floorUs: a resume learns them from the checkpoint
@@ -84,15 +85,19 @@ export async function consumeStream(
   }
   if (floorUs >= 0 && !o.instances.includes(resumeFrom!.run.instance)) {
     // time_us is assigned by each instance: another one's cursor is only close. With the content of
-    // the last records stored known (written when the queue's last run stopped, so not after a
-    // crash), the stream is taken up a few seconds earlier, as on a failover, and what comes again is
-    // dropped. Without them a rewind would only repeat events, so none is made; say so.
+    // the last records stored known (kept with them, see KeyEntry), the stream is taken up a few
+    // seconds earlier, as on a failover, and what comes again is dropped. Without them (a queue
+    // written by an older version) a rewind would only repeat events, so none is made; say so.
     const to = o.instances[0];
     const known = recent !== undefined && recent.keys.length > 0 && recent.cursor === resumeFrom!.cursor &&
       recent.seq === resumeFrom!.seq;
     if (known) {
       floorUs -= o.rewindUs;
       floorKnown = true;
+      // The start too is a time of the first instance: here an event stored after it can come a
+      // little before it. Within the rewind, what was stored is recognised; what was not is let in,
+      // rather than lost (at worst an event a few seconds before the start, near which the run stopped).
+      startUs -= o.rewindUs;
       ctx.report({
         reason: "info",
         message: `resuming on ${new URL(to).host}, not ${
@@ -107,8 +112,9 @@ export async function consumeStream(
         instance: to,
       });
     } else {
+      // Data that may be missing: said as a coverage warning is, always.
       ctx.report({
-        reason: "info",
+        reason: "coverage",
         message: `resuming on ${new URL(to).host}, not ${
           new URL(resumeFrom!.run.instance).host
         } where the queue's last record came from; time_us differ between instances, so events within a few seconds of ${
@@ -251,6 +257,7 @@ export async function consumeStream(
       floorUs: sessionFloor,
       floorKnown,
       seqFloor: bySeq ? seq.floor : -1,
+      startUs,
       errorFrame: false,
       outdatedFrom: undefined,
       requestedUs: bySeq ? undefined : cursor,

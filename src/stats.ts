@@ -199,8 +199,10 @@ export class StatsTracker {
   ): void {
     this.recordsStored += records;
     this.messagesEnqueued += messages;
-    // A commit repaired after later ones holds older records: the latest stays the latest.
-    this.latestCursor = this.latestCursor === null ? lastUs : Math.max(this.latestCursor, lastUs);
+    // Commits are reported in the order of their records, so this is the last record's time_us, as
+    // the checkpoint has it: after a failover or a resume on another instance, whose time_us run a
+    // little behind, it can be below the one before.
+    this.latestCursor = lastUs;
     for (const [day, n] of perDay) this.recordsPerDay[day] = (this.recordsPerDay[day] ?? 0) + n;
     for (const c of collections) this.#collections.add(c);
   }

@@ -4,7 +4,14 @@ import type { SyncErrorReport } from "../src/stats.ts";
 import { UsageError } from "../src/errors.ts";
 import type { JetstreamEvent } from "../src/jetstream/events.ts";
 import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
-import { emptyCheckpoint, queueKey, readCheckpoint } from "../src/queue/kv_queue.ts";
+import {
+  emptyCheckpoint,
+  listKeyEntries,
+  queueKey,
+  readCheckpoint,
+  RECENT_KEYS,
+  recentKeysOf,
+} from "../src/queue/kv_queue.ts";
 import { ConcurrentWriterError, QueueWriter } from "../src/queue/writer.ts";
 import { Batcher } from "../src/pipeline/batch.ts";
 import { FLUSH_AFTER_MS } from "../src/pipeline/process.ts";
@@ -942,4 +949,46 @@ Deno.test("a resume refused for its DIDs leaves the stored DID list of the run a
   // The run's own list is still there: a plain resume takes it and is not refused.
   const again = await runBackfillSync({ kv: db.path, resume: true });
   assert.equal(again.stopReason, "limit");
+});
+
+/** Writes `count` records `stepUs` apart through a batcher and a writer, noting key (i + 1, -(i + 1)) for record i. */
+async function writeKeyed(kv: Deno.Kv, count: number, stepUs: number): Promise<void> {
+  const q = "jetstream_sync";
+  const writer = new QueueWriter(kv, q, { checkpoint: emptyCheckpoint(q), versionstamp: null }, () => {});
+  const batcher = new Batcher(q, 100);
+  for (let i = 0; i < count; i++) {
+    const ev = commit(T0 + i * stepUs, { did: did(i % 7) });
+    const full = batcher.add(ev, JSON.stringify(ev), "2026-11-26", "app.bsky.feed.post");
+    batcher.noteKey(ev.time_us, i + 1, -(i + 1));
+    if (full) await writer.add(batcher.take()!);
+  }
+  const last = batcher.take();
+  if (last) await writer.add(last);
+  await writer.flush();
+}
+
+/** The keys a queue keeps, as the indexes of writeKeyed()'s records, in order. */
+async function keptIndexes(kv: Deno.Kv): Promise<number[]> {
+  const recent = recentKeysOf(await listKeyEntries(kv, "jetstream_sync"))!;
+  const out: number[] = [];
+  for (let k = 0; k < recent.keys.length; k += 2) {
+    assert.equal(recent.keys[k + 1], -recent.keys[k]);
+    out.push(recent.keys[k] - 1);
+  }
+  return out;
+}
+
+Deno.test("the queue keeps the content keys of its last records with them: 12,288 at least, and 10 s back", async () => {
+  // 30,000 records a millisecond apart: 30 s, of which the last 12,288 cover more than 10 s.
+  const dense = await Deno.openKv(":memory:");
+  await writeKeyed(dense, 30_000, 1000);
+  const kept = await keptIndexes(dense);
+  dense.close();
+  assert.ok(kept.length >= RECENT_KEYS && kept.length < RECENT_KEYS + 2000, `${kept.length} kept`);
+  assert.deepEqual(kept, Array.from({ length: kept.length }, (_, i) => 30_000 - kept.length + i));
+  // 30,000 records in 3 s: all within the last 10 s, all kept.
+  const denser = await Deno.openKv(":memory:");
+  await writeKeyed(denser, 30_000, 100);
+  assert.equal((await keptIndexes(denser)).length, 30_000);
+  denser.close();
 });

@@ -42,23 +42,23 @@ Deno.test("ReplayGuard remembers only the last `capacity` events", () => {
   for (let i = 17; i < 25; i++) assert.equal(guard.repeats(commit(i)), true, `event ${i}`);
 });
 
-Deno.test("ReplayGuard gives the keys of its last events, oldest first, for another guard to remember", () => {
-  const guard = new ReplayGuard(10);
-  for (let i = 0; i < 25; i++) guard.repeats(commit(i));
-  // Only the window is there: events 15 to 24.
-  assert.equal(guard.recent(100).length, 20);
-  const last4 = guard.recent(4);
-  assert.equal(last4.length, 8);
+Deno.test("ReplayGuard remembers keys given as (b, a) pairs, in order, each once", () => {
+  const source = new ReplayGuard(100);
+  const keys: number[] = [];
+  for (let i = 0; i < 25; i++) {
+    source.repeats(commit(i));
+    keys.push(source.lastB, source.lastA);
+  }
   const next = new ReplayGuard(10);
-  next.remember(last4);
+  next.remember(keys.slice(2 * 21));
   for (let i = 21; i < 25; i++) assert.equal(next.repeats(commit(i)), true, `event ${i}`);
   assert.equal(next.repeats(commit(20)), false);
-  // In order: remembering them again (with one more) changes nothing, and the oldest goes first.
-  next.remember(guard.recent(6));
+  // Given again (with one more, 19), only 19 is new; in order, so that the oldest go first.
+  next.remember(keys.slice(2 * 19));
   assert.equal(next.repeats(commit(19)), true);
   for (let i = 0; i < 4; i++) next.repeats(commit(100 + i));
   // All 10 slots: 21 to 24 (remembered first), 20, 19, 100 to 103. One more pushes out 21, the
-  // oldest, and nothing else.
+  // oldest, and nothing else: had 20 and 21 to 24 been remembered twice, 21 would still be there.
   next.repeats(commit(104));
   assert.equal(next.repeats(commit(22)), true);
   assert.equal(next.repeats(commit(19)), true);

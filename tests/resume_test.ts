@@ -5,6 +5,7 @@ import type { SyncStats } from "../src/stats.ts";
 import { readCheckpoint } from "../src/queue/kv_queue.ts";
 import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
 import { commit, did, drainQueue } from "./helpers/events.ts";
+import { delay } from "../src/async.ts";
 import { serveEvents, tempDb } from "./helpers/loopback.ts";
 
 const CLI = new URL("../cli.ts", import.meta.url).pathname;
@@ -177,20 +178,97 @@ for (const skewMs of [1500, -1500]) {
   });
 }
 
-Deno.test("a resume on another instance without the keys of the last records stored (after a crash) says what it cannot do", async () => {
+Deno.test("a resume on another instance without the keys of the last records stored (a queue of an older version) says what it cannot do", async () => {
   const events = Array.from({ length: 20 }, (_, i) => commit(T0 + i * 1_000_000, { did: did(i) }));
   await using a = serveEvents(events, { closeAtEnd: true });
   await using b = serveEvents(events, { closeAtEnd: true });
   await using db = await tempDb();
   await runBackfillSync({ instance: a.url, kv: db.path, startTimestamp: T0, numRecords: 10 });
-  // As a sync killed with SIGKILL leaves it: the keys were never written.
   const kv = await Deno.openKv(db.path);
-  await kv.delete(["jetfill", "jetstream_sync", "recent", 0]);
+  for await (const e of kv.list({ prefix: ["jetfill", "jetstream_sync", "keys"] })) await kv.delete(e.key);
   kv.close();
   const { resumed, reports } = await resumeOn(db.path, b.url);
   assert.equal(resumed.recordsStored, 10);
   assert.ok(
-    reports.some((m) => /^info: resuming on .* may be missing or repeated/.test(m)),
+    reports.some((m) => /^coverage: resuming on .* may be missing or repeated/.test(m)),
     reports.join("\n"),
   );
+});
+
+Deno.test("a sync killed with SIGKILL leaves the keys of what it stored: a resume elsewhere drops a re-ingest of it", async () => {
+  const at = (i: number) => T0 + i * 1000;
+  const originals = Array.from(
+    { length: 15 },
+    (_, i) => commit(at(i), { did: did(i), rkey: `3kkilled${i}` }),
+  );
+  // The first instance stays open after event 9; the other re-ingested events 5 to 9 with new time_us.
+  await using first = serveEvents(originals.slice(0, 10));
+  const copies = originals.slice(5, 10).map((e, k) => ({ ...e, time_us: at(9) + 100 * (k + 1) }));
+  await using other = serveEvents([...originals.slice(0, 10), ...copies, ...originals.slice(10)], {
+    closeAtEnd: true,
+  });
+  await using db = await tempDb();
+  const child = new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "-A",
+      CLI,
+      "sync",
+      "--instance",
+      first.url,
+      "--kv",
+      db.path,
+      "--start",
+      String(T0),
+      "--limit",
+      "100",
+    ],
+    stdout: "null",
+    stderr: "null",
+  }).spawn();
+  const kv = await Deno.openKv(db.path);
+  try {
+    while (((await readCheckpoint(kv, "jetstream_sync")).value?.recordsStored ?? 0) < 10) await delay(50);
+  } finally {
+    kv.close();
+  }
+  child.kill("SIGKILL");
+  await child.status;
+  const { resumed, reports } = await resumeOn(db.path, other.url);
+  assert.equal(resumed.recordsStored, 5, reports.join("\n"));
+  assert.deepEqual(await queueEvents(db.path), originals);
+});
+
+Deno.test("a resume on an instance whose time_us run behind, right after the start, loses nothing, and its latestCursor is its last record's", async () => {
+  // Two events a second from the start; the other instance is 1.5 s behind, so the third event, not
+  // stored yet, comes there before the start.
+  const events = Array.from({ length: 12 }, (_, i) => commit(T0 + i * 500_000, { did: did(i) }));
+  const other = events.map((e) => ({ ...e, time_us: e.time_us - 1_500_000 }));
+  await using a = serveEvents(events, { closeAtEnd: true });
+  await using b = serveEvents(other, { closeAtEnd: true });
+  await using db = await tempDb();
+  await runBackfillSync({ instance: a.url, kv: db.path, startTimestamp: T0, numRecords: 2 });
+  const { resumed, reports } = await resumeOn(db.path, b.url);
+  assert.equal(resumed.recordsStored, 10, reports.join("\n"));
+  const stored = await queueEvents(db.path);
+  assert.deepEqual(stored, [...events.slice(0, 2), ...other.slice(2)]);
+  // The last record stored, as the checkpoint has it: not the first instance's later cursor.
+  assert.equal(resumed.latestCursor, other[11].time_us);
+});
+
+Deno.test("a resume's latestCursor is the time_us of its last record even when that is below the previous cursor", async () => {
+  const events = Array.from({ length: 11 }, (_, i) => commit(T0 + i * 500_000, { did: did(i) }));
+  const other = events.map((e) => ({ ...e, time_us: e.time_us - 1_500_000 }));
+  await using a = serveEvents(events, { closeAtEnd: true });
+  await using b = serveEvents(other, { closeAtEnd: true });
+  await using db = await tempDb();
+  const first = await runBackfillSync({ instance: a.url, kv: db.path, startTimestamp: T0, numRecords: 10 });
+  assert.equal(first.latestCursor, events[9].time_us);
+  const { resumed } = await resumeOn(db.path, b.url);
+  assert.equal(resumed.recordsStored, 1);
+  assert.ok(other[10].time_us < events[9].time_us);
+  assert.equal(resumed.latestCursor, other[10].time_us);
+  const kv = await Deno.openKv(db.path);
+  assert.equal((await readCheckpoint(kv, "jetstream_sync")).value?.cursor, other[10].time_us);
+  kv.close();
 });

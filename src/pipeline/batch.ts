@@ -24,6 +24,11 @@ export interface PackedMessage {
   texts: string[];
   /** Gzip of an event too large to travel as a record. */
   compressed?: Uint8Array[];
+  /**
+   * The content keys (see `ReplayGuard`) of its events, in order, as (b, a) pairs, when they were
+   * noted: the writer keeps the last ones in the queue, so that a resume knows what is stored.
+   */
+  keys: number[];
   /** Upper bound on the serialized size of the whole message. */
   size: number;
   /** Number of events. */
@@ -113,6 +118,7 @@ export class Batcher {
     return {
       records: [],
       texts: [],
+      keys: [],
       size: this.#overhead,
       count: 0,
       cursor: 0,
@@ -176,10 +182,12 @@ export class Batcher {
   }
 
   /**
-   * Notes the content key (see `ReplayGuard`) of the record just added, at `timeUs`: the keys of
-   * the records at the last `time_us` go with the batch into the checkpoint.
+   * Notes the content key (see `ReplayGuard`) of the record just added, at `timeUs`: it goes with
+   * its message to the writer, and the keys of the records at the last `time_us` go with the batch
+   * into the checkpoint.
    */
   noteKey(timeUs: number, b: number, a: number): void {
+    (this.#current ?? this.#messages.at(-1))?.keys.push(b, a);
     if (timeUs !== this.#tailUs) {
       this.#tailUs = timeUs;
       this.#tailLength = 0;

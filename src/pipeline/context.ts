@@ -30,6 +30,8 @@ export interface Session {
   floorKnown: boolean;
   /** seq already processed on this instance, or -1. */
   seqFloor: number;
+  /** Events before this time_us are before the window (the start, or a little earlier: see consumeStream). */
+  startUs: number;
   /** An error frame came: the close that follows is not the end of the stream. */
   errorFrame: boolean;
   /** An OutdatedCursor info came: the next event shows where history starts. */

@@ -187,26 +187,13 @@ export class ReplayGuard {
 
   /**
    * Remembers content keys as (b, a) pairs, as {@link repeats} leaves them in {@link lastB} and
-   * {@link lastA}, and {@link recent} gives them: a resume gives the keys of the records its queue
-   * stored last. Keys already remembered are not remembered twice.
+   * {@link lastA}: a resume gives the keys of the records its queue stored last. Keys already
+   * remembered are not remembered twice.
    */
   remember(keys: ArrayLike<number>): void {
     for (let k = 0; k + 1 < keys.length; k += 2) {
       if (!this.#has(keys[k], keys[k + 1])) this.#insert(keys[k], keys[k + 1]);
     }
-  }
-
-  /** The keys of the last `max` events remembered (or fewer), oldest first, as (b, a) pairs. */
-  recent(max: number): Int32Array {
-    const n = Math.min(max, this.#count);
-    const out = new Int32Array(2 * n);
-    let i = (this.#next - n + this.#capacity) % this.#capacity;
-    for (let k = 0; k < 2 * n; k += 2) {
-      out[k] = this.#ring[2 * i];
-      out[k + 1] = this.#ring[2 * i + 1];
-      i = i + 1 === this.#capacity ? 0 : i + 1;
-    }
-    return out;
   }
 
   #insert(b: number, a: number): void {

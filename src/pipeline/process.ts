@@ -103,7 +103,7 @@ export async function readConnection(
   const { o, stats, batcher } = ctx;
   const { base, decode, floorUs, floorKnown, seqFloor } = session;
   const endUs = o.endUs ?? Number.POSITIVE_INFINITY;
-  const startUs = o.startUs ?? Number.NEGATIVE_INFINITY;
+  const startUs = session.startUs;
   const skip = (reason: SkipReason, message: string) => {
     stats.skip(reason);
     ctx.report({ reason, message, instance: conn.url });

@@ -51,57 +51,68 @@ export interface TailKeys {
 }
 
 /**
- * The most content keys of a queue's last records kept for a resume (see {@link readRecentKeys}): a
- * restarted server re-ingests up to a few seconds of events (a v2 server up to 4,096) under new
- * `time_us`, and a resume on another instance rewinds 5 s; both are recognised by these keys.
+ * How far back from the newest `time_us` stored a queue keeps the content keys of its records (see
+ * {@link KeyEntry}): a restarted legacy server re-ingests its last seconds under new `time_us`, and a
+ * resume on another instance, whose `time_us` differ by seconds, takes the stream up 5 s earlier.
  */
+export const KEYS_SPAN_US = 10_000_000;
+/** The fewest records whose keys a queue keeps, however old: a v2 server re-ingests up to 4,096. */
 export const RECENT_KEYS = 12_288;
-/** Keys a KV value holds (48 KiB of them, under the 64 KiB a value may have). */
-const RECENT_KEYS_PER_VALUE = 6144;
 
-/** The content keys of the last records a queue stored, as of the checkpoint at `cursor` and `seq`. */
-export interface RecentKeys {
-  /** The checkpoint's cursor when they were written. */
-  cursor: number;
-  /** The checkpoint's seq when they were written. */
+/**
+ * The content keys (see `ReplayGuard`) of the records of one commit, in order, kept under
+ * `["jetfill", queue, "keys", seq]` (the seq of its last message) in the same commit as the records,
+ * and deleted by a later commit once older than {@link KEYS_SPAN_US} and {@link RECENT_KEYS}
+ * records: what the queue holds of them is always what it stored last, even after a crash.
+ */
+export interface KeyEntry {
+  /** The seq of the commit's last message. */
   seq: number;
-  /** (b, a) pairs of 32-bit hashes, oldest first (see `ReplayGuard`). */
+  /** The `time_us` of the commit's last record (the checkpoint's cursor after it). */
+  cursor: number;
+  /** (b, a) pairs of 32-bit hashes. */
   keys: Int32Array;
 }
 
-/**
- * Adds to `op` the writes that keep `keys` (at most {@link RECENT_KEYS} pairs) as the queue's recent
- * keys. Only keys of records durably stored may go there: a resume drops what they name.
- */
-export function setRecentKeys(op: Deno.AtomicOperation, queue: string, recent: RecentKeys): void {
-  const parts = Math.ceil(RECENT_KEYS / RECENT_KEYS_PER_VALUE);
-  for (let part = 0; part < parts; part++) {
-    const keys = recent.keys.slice(2 * part * RECENT_KEYS_PER_VALUE, 2 * (part + 1) * RECENT_KEYS_PER_VALUE);
-    op.set(queueKey(queue, "recent", part), { v: 1, cursor: recent.cursor, seq: recent.seq, keys });
-  }
+/** The key of a {@link KeyEntry}. */
+export function keysKey(queue: string, seq: number): Deno.KvKey {
+  return queueKey(queue, "keys", seq);
 }
 
-/** The queue's recent keys, or undefined when none were kept (or in a form this version does not know). */
-export async function readRecentKeys(kv: Deno.Kv, queue: string): Promise<RecentKeys | undefined> {
-  const parts = Math.ceil(RECENT_KEYS / RECENT_KEYS_PER_VALUE);
-  const entries = await kv.getMany<{ v: number; cursor: number; seq: number; keys: Int32Array }[]>(
-    Array.from({ length: parts }, (_, part) => queueKey(queue, "recent", part)),
-  );
-  const values = entries.map((e) => e.value);
-  const first = values[0];
-  if (
-    !first ||
-    values.some((v) =>
-      !v || v.v !== 1 || !(v.keys instanceof Int32Array) || v.cursor !== first.cursor || v.seq !== first.seq
-    )
-  ) return undefined;
-  const keys = new Int32Array(values.reduce((n, v) => n + v!.keys.length, 0));
-  let at = 0;
-  for (const v of values) {
-    keys.set(v!.keys, at);
-    at += v!.keys.length;
+/** The queue's key entries, oldest first. */
+export async function listKeyEntries(kv: Deno.Kv, queue: string): Promise<KeyEntry[]> {
+  const entries: KeyEntry[] = [];
+  for await (
+    const e of kv.list<{ v: number; cursor: number; keys: Int32Array }>({ prefix: queueKey(queue, "keys") })
+  ) {
+    const seq = e.key[e.key.length - 1];
+    if (typeof seq !== "number" || e.value?.v !== 1 || !(e.value.keys instanceof Int32Array)) continue;
+    entries.push({ seq, cursor: e.value.cursor, keys: e.value.keys });
   }
-  return { cursor: first.cursor, seq: first.seq, keys };
+  return entries;
+}
+
+/** The content keys of the last records a queue stored, from its key entries. */
+export interface RecentKeys {
+  /** The cursor of the newest entry: the checkpoint's, when the entries are complete. */
+  cursor: number;
+  /** The seq of the newest entry: the checkpoint's, when the entries are complete. */
+  seq: number;
+  /** (b, a) pairs, oldest first. */
+  keys: Int32Array;
+}
+
+/** All the keys of `entries` (oldest first), or undefined when there are none. */
+export function recentKeysOf(entries: KeyEntry[]): RecentKeys | undefined {
+  const last = entries.at(-1);
+  if (!last) return undefined;
+  const keys = new Int32Array(entries.reduce((n, e) => n + e.keys.length, 0));
+  let at = 0;
+  for (const e of entries) {
+    keys.set(e.keys, at);
+    at += e.keys.length;
+  }
+  return { cursor: last.cursor, seq: last.seq, keys };
 }
 
 /** What a run must remember so that it can be resumed. */

@@ -41,11 +41,19 @@
  * @module
  */
 import { serialize } from "node:v8";
-import type { JetstreamEvent } from "../jetstream/events.ts";
 import { type Batch, OversizedEventError, type PackedMessage } from "../pipeline/batch.ts";
 import { utcDate } from "../time.ts";
 import { compressEvent, type QueueMessage } from "./message.ts";
-import { type Checkpoint, isBusy, queueKey, retryWhileBusy } from "./kv_queue.ts";
+import {
+  type Checkpoint,
+  isBusy,
+  type KeyEntry,
+  KEYS_SPAN_US,
+  keysKey,
+  queueKey,
+  RECENT_KEYS,
+  retryWhileBusy,
+} from "./kv_queue.ts";
 import { KV_COMMIT_LIMIT, KV_MUTATION_LIMIT, KV_VALUE_LIMIT } from "./size.ts";
 
 /** What a commit stored, for the statistics. */
@@ -83,8 +91,14 @@ export class ConcurrentWriterError extends Error {
 }
 
 const COMMIT_BUDGET = KV_COMMIT_LIMIT - 16_384;
-// Mutations besides the enqueues and the one counter a UTC day: the checkpoint and two counters.
-const FIXED_MUTATIONS = 3;
+// Key entries (see KeyEntry) a commit deletes at most.
+const KEY_DELETES = 16;
+// Mutations besides the enqueues and the one counter a UTC day: the checkpoint, two counters, the
+// commit's key entry and the key entries it deletes.
+const FIXED_MUTATIONS = 4 + KEY_DELETES;
+// Content keys a commit's key entry holds at most, as numbers (two a record): 56 KB, under the
+// 64 KiB of a KV value.
+const MAX_KEY_NUMBERS = 14_000;
 // Commits in flight at once.
 const DEPTH = 3;
 // How long a commit is tried again while SQLite reports the database busy.
@@ -113,6 +127,8 @@ interface Building {
   bytes: number;
   /** UTC days of the records (one counter mutation each). */
   days: Set<string>;
+  /** The content keys of its records, as noted by the batcher: its key entry. */
+  keys: number[];
 }
 
 /** A commit issued and not yet known to be durable. */
@@ -168,6 +184,12 @@ export class QueueWriter {
   readonly #seenAlive: string | null | undefined;
   /** This sync holds the queue's lock file too. */
   readonly #lockFile: boolean;
+  /** The queue's key entries (see `KeyEntry`), oldest first: seq, cursor and records of each. */
+  readonly #keyEntries: { seq: number; cursor: number; count: number }[];
+  /** Records whose keys the entries hold. */
+  #keyRecords: number;
+  /** The largest cursor of the entries. */
+  #keysNewest: number;
   /** `Date.now()` of the last write that shows this writer alive (a commit, the lock, a heartbeat). */
   #lastWrite = 0;
   #heartbeat: ReturnType<typeof setInterval> | undefined;
@@ -184,6 +206,8 @@ export class QueueWriter {
    * versionstamp as seen, null when there was none), taking the lock also checks that nobody took it
    * since; with `alive`, that the sync holding it showed no sign of life since. `lockFile` says in
    * the writer lock that this sync also holds the queue's lock file (see `file_lock.ts`).
+   * `keyEntries` are the queue's key entries as read (see `KeyEntry`), which its commits then keep
+   * up to date.
    */
   constructor(
     kv: Deno.Kv,
@@ -194,6 +218,7 @@ export class QueueWriter {
       lock?: string | null;
       alive?: string | null;
       lockFile?: boolean;
+      keyEntries?: readonly KeyEntry[];
     },
     onCommit: (report: CommitReport, checkpoint: Checkpoint) => void,
   ) {
@@ -206,6 +231,13 @@ export class QueueWriter {
     this.#seenLock = start.lock;
     this.#seenAlive = start.alive;
     this.#lockFile = start.lockFile === true;
+    this.#keyEntries = (start.keyEntries ?? []).map((e) => ({
+      seq: e.seq,
+      cursor: e.cursor,
+      count: e.keys.length / 2,
+    }));
+    this.#keyRecords = this.#keyEntries.reduce((n, e) => n + e.count, 0);
+    this.#keysNewest = this.#keyEntries.reduce((n, e) => Math.max(n, e.cursor), -Infinity);
     this.#onCommit = onCommit;
     this.#building = this.#open();
   }
@@ -404,7 +436,7 @@ export class QueueWriter {
   }
 
   #open(): Building {
-    return { op: this.#kv.atomic(), group: [], seqs: [], bytes: 0, days: new Set() };
+    return { op: this.#kv.atomic(), group: [], seqs: [], bytes: 0, days: new Set(), keys: [] };
   }
 
   /** Enqueues message `m` as `seq` into `b`; its parsed records are not kept. */
@@ -414,6 +446,7 @@ export class QueueWriter {
     b.seqs.push(seq);
     b.bytes += m.size;
     for (const d of m.days.keys()) b.days.add(d);
+    for (const k of m.keys) b.keys.push(k);
   }
 
   /** Adds the checkpoint and counters to `b`, on top of the last commit issued, and sends it. */
@@ -457,6 +490,7 @@ export class QueueWriter {
       run: { ...prev.run, recordsStored: prev.run.recordsStored + records, seqCursor, seqInstance, instance },
     };
     op.set(queueKey(q, "checkpoint"), checkpoint);
+    this.#keepKeys(op, b.keys, checkpoint);
     this.#issued = checkpoint;
     this.#lastWrite = checkpoint.updatedAt;
     const promise = op.commit();
@@ -487,6 +521,31 @@ export class QueueWriter {
     // Observed by #complete; until then a rejection must not count as unhandled.
     promise.catch((err) => issued.refused = tooLarge(err));
     return issued;
+  }
+
+  /**
+   * Adds the commit's key entry to `op`, and deletes the oldest entries that are past both
+   * {@link KEYS_SPAN_US} and {@link RECENT_KEYS} records (a few a commit).
+   */
+  #keepKeys(op: Deno.AtomicOperation, keys: number[], checkpoint: Checkpoint): void {
+    const q = this.#queue;
+    const entries = this.#keyEntries;
+    if (keys.length > 0) {
+      op.set(keysKey(q, checkpoint.seq), { v: 1, cursor: checkpoint.cursor, keys: Int32Array.from(keys) });
+      entries.push({ seq: checkpoint.seq, cursor: checkpoint.cursor, count: keys.length / 2 });
+      this.#keyRecords += keys.length / 2;
+    }
+    // (time_us can go back, after a failover: the newest is the largest.)
+    this.#keysNewest = Math.max(this.#keysNewest, checkpoint.cursor);
+    for (let n = 0; n < KEY_DELETES && entries.length > 1; n++) {
+      const oldest = entries[0];
+      if (oldest.cursor >= this.#keysNewest - KEYS_SPAN_US || this.#keyRecords - oldest.count < RECENT_KEYS) {
+        break;
+      }
+      op.delete(keysKey(q, oldest.seq));
+      this.#keyRecords -= oldest.count;
+      entries.shift();
+    }
   }
 
   /** Waits for the oldest commit in flight and reports it; repairs a size refusal. */
@@ -587,13 +646,16 @@ function tooLarge(err: unknown): boolean {
 /** Whether `messages` fit in commit `b` too, within KV's per-commit limits. */
 function fits(b: Building, messages: PackedMessage[]): boolean {
   let size = b.bytes;
+  let keys = b.keys.length;
   let newDays: Set<string> | undefined;
   for (const m of messages) {
     size += m.size;
+    keys += m.keys.length;
     for (const d of m.days.keys()) if (!b.days.has(d)) (newDays ??= new Set()).add(d);
   }
   const mutations = b.group.length + messages.length + FIXED_MUTATIONS + b.days.size + (newDays?.size ?? 0);
-  return mutations <= KV_MUTATION_LIMIT && size <= COMMIT_BUDGET;
+  // The key entry: four bytes a number.
+  return mutations <= KV_MUTATION_LIMIT && size + 4 * keys <= COMMIT_BUDGET && keys <= MAX_KEY_NUMBERS;
 }
 
 /** A message with its records parsed again from their texts (the JSON they were parsed from). */
@@ -620,15 +682,15 @@ function fitExactly(queue: string, m: PackedMessage): PackedMessage[] {
   if (m.records.length > 1) {
     const half = m.records.length >> 1;
     return [
-      ...fitExactly(queue, packRecords(m, m.records.slice(0, half), m.texts.slice(0, half))),
-      ...fitExactly(queue, packRecords(m, m.records.slice(half), m.texts.slice(half))),
+      ...fitExactly(queue, packRecords(m, 0, half)),
+      ...fitExactly(queue, packRecords(m, half, m.records.length)),
     ];
   }
   const event = m.records[0];
   // The text as received, as the batcher gzips it: re-encoding the parsed event could change it (a
   // number written `0.50`, an integer beyond 2^53).
   const gz = compressEvent(m.texts[0]);
-  const packed = { ...packRecords(m, [], []), compressed: [gz], count: 1, cursor: event.time_us };
+  const packed = { ...packRecords(m, 0, 0), keys: m.keys, compressed: [gz], count: 1, cursor: event.time_us };
   packed.days = new Map([[utcDate(event.time_us), 1]]);
   if (event.kind === "commit") packed.collections = new Set([event.commit.collection]);
   const again = exactSize(queue, packed);
@@ -638,8 +700,15 @@ function fitExactly(queue: string, m: PackedMessage): PackedMessage[] {
   return [{ ...packed, size: again }];
 }
 
-/** A message holding `records` (parsed from `texts`), with its counts, from the message they were part of. */
-function packRecords(from: PackedMessage, records: JetstreamEvent[], texts: string[]): PackedMessage {
+/**
+ * A message holding the records `from` to `to` (excluded) of message `m`, with their texts, keys and
+ * counts.
+ */
+function packRecords(m: PackedMessage, from: number, to: number): PackedMessage {
+  const records = m.records.slice(from, to);
+  const texts = m.texts.slice(from, to);
+  // Keys are noted for every record of a sync's messages; a message without them stays without.
+  const keys = m.keys.length === 2 * m.records.length ? m.keys.slice(2 * from, 2 * to) : [];
   const days = new Map<string, number>();
   const collections = new Set<string>();
   let seq: number | undefined;
@@ -652,13 +721,14 @@ function packRecords(from: PackedMessage, records: JetstreamEvent[], texts: stri
   return {
     records,
     texts,
+    keys,
     size: 0,
     count: records.length,
-    cursor: records.at(-1)?.time_us ?? from.cursor,
+    cursor: records.at(-1)?.time_us ?? m.cursor,
     days,
     collections,
     seq,
-    seqHost: seq === undefined ? undefined : from.seqHost,
-    host: from.host,
+    seqHost: seq === undefined ? undefined : m.seqHost,
+    host: m.host,
   };
 }
