@@ -2,20 +2,10 @@ import assert from "node:assert/strict";
 import { queueKey } from "../src/queue/kv_queue.ts";
 import { commit } from "./helpers/events.ts";
 import { serveEvents, syncConnections, tempDb } from "./helpers/loopback.ts";
+import { runCli, spawnCli, syncArgs } from "./helpers/cli.ts";
 
-const CLI = new URL("../cli.ts", import.meta.url).pathname;
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
-
-async function run(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  const out = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", CLI, ...args],
-    stdout: "piped",
-    stderr: "piped",
-    env: { NO_COLOR: "1" },
-  }).output();
-  const dec = new TextDecoder();
-  return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
-}
+const run = runCli;
 
 const BAD: [string[], RegExp][] = [
   [["sync", "--bogus"], /Unknown option '--bogus'/],
@@ -94,20 +84,7 @@ Deno.test("jetfill sync --json prints exactly the statistics object on stdout", 
   await using db = await tempDb();
   const path = `${db.dir}/dids.txt`;
   await Deno.writeTextFile(path, `# accounts\n${events[0].did}\n\n`);
-  const r = await run([
-    "sync",
-    "--instance",
-    server.url,
-    "--kv",
-    db.path,
-    "--start",
-    String(T0),
-    "--limit",
-    "20",
-    "--dids-file",
-    path,
-    "--json",
-  ]);
+  const r = await run(syncArgs(server.url, db.path, T0, "--limit", "20", "--dids-file", path, "--json"));
   assert.equal(r.code, 0, r.stderr);
   const stats = JSON.parse(r.stdout);
   assert.equal(stats.recordsStored, 20);
@@ -171,23 +148,7 @@ for (const signal of ["SIGINT", "SIGTERM", "SIGHUP"] as const) {
     const events = Array.from({ length: 500 }, (_, i) => commit(T0 + i * 1000));
     await using server = serveEvents(events);
     await using db = await tempDb();
-    const child = new Deno.Command(Deno.execPath(), {
-      args: [
-        "run",
-        "-A",
-        CLI,
-        "sync",
-        "--instance",
-        server.url,
-        "--kv",
-        db.path,
-        "--start",
-        String(T0),
-        "--json",
-      ],
-      stdout: "piped",
-      stderr: "piped",
-    }).spawn();
+    const child = spawnCli(syncArgs(server.url, db.path, T0, "--json"));
     // Wait until the whole capture was served, then interrupt.
     while (!(syncConnections(server)[0]?.sent >= 500)) await new Promise((r) => setTimeout(r, 50));
     await new Promise((r) => setTimeout(r, 300));

@@ -9,19 +9,10 @@ import { pathToFileURL as toFileUrlNode } from "node:url";
 import { commit } from "./helpers/events.ts";
 import { serveEvents, syncConnections, tempDb } from "./helpers/loopback.ts";
 import type { JetstreamServer } from "../src/server/server.ts";
+import { runCli, spawnCli, syncArgs } from "./helpers/cli.ts";
 
-const CLI = new URL("../cli.ts", import.meta.url).pathname;
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
 const dec = new TextDecoder();
-
-function cli(args: string[]): Deno.ChildProcess {
-  return new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", CLI, ...args],
-    stdout: "piped",
-    stderr: "piped",
-    env: { NO_COLOR: "1" },
-  }).spawn();
-}
 
 /** Takes the lock file of `queue` in the database at `path`, which must be free. */
 async function take(path: string, queue = "jetstream_sync"): Promise<QueueFileLock> {
@@ -35,7 +26,7 @@ async function take(path: string, queue = "jetstream_sync"): Promise<QueueFileLo
  * `count` events and the sync had time to store them.
  */
 async function syncAll(server: JetstreamServer, kv: string, count: number): Promise<Deno.ChildProcess> {
-  const child = cli(["sync", "--instance", server.url, "--kv", kv, "--start", String(T0), "--json"]);
+  const child = spawnCli(syncArgs(server.url, kv, T0, "--json"));
   while (!(syncConnections(server)[0]?.sent >= count)) await delay(50);
   await delay(1500);
   return child;
@@ -108,16 +99,11 @@ Deno.test("a paused sync keeps its queue: a second sync is refused however long 
     // Longer than a sync waits for a sign of life in the database (10 s): by that alone, the paused
     // sync would be taken for crashed and its queue taken over.
     await delay(11_000);
-    const status = await new Deno.Command(Deno.execPath(), {
-      args: ["run", "-A", CLI, "status", "--kv", db.path, "--json"],
-      stdout: "piped",
-      stderr: "piped",
-    }).output();
-    const s = JSON.parse(dec.decode(status.stdout));
+    const s = JSON.parse((await runCli(["status", "--kv", db.path, "--json"])).stdout);
     assert.equal(s.lockFile.held, true);
     assert.match(s.lockFile.path, /queue\.sqlite@jetstream_sync\.lock$/);
     assert.ok(s.writer, "no writer in the status");
-    const second = await cli([
+    const second = await runCli([
       "sync",
       "--instance",
       server.url,
@@ -126,13 +112,9 @@ Deno.test("a paused sync keeps its queue: a second sync is refused however long 
       "--resume",
       "--max-time",
       "3",
-      "--json",
-    ]).output();
-    assert.equal(second.code, 1, dec.decode(second.stderr));
-    assert.match(
-      dec.decode(second.stderr),
-      /is being written by another sync right now \(a running process holds/,
-    );
+    ]);
+    assert.equal(second.code, 1, second.stderr);
+    assert.match(second.stderr, /is being written by another sync right now \(a running process holds/);
   } finally {
     first.kill("SIGCONT");
   }
@@ -205,29 +187,11 @@ Deno.test("a sync whose lock file cannot be written says so, and goes on with th
   const lock = `${await Deno.realPath(db.path)}@jetstream_sync.lock`;
   await Deno.writeFile(lock, new Uint8Array());
   // (Tests run as root, for whom file modes do not forbid writing: Deno's permissions do.)
-  const out = await new Deno.Command(Deno.execPath(), {
-    args: [
-      "run",
-      "-A",
-      `--deny-write=${lock}`,
-      CLI,
-      "sync",
-      "--instance",
-      server.url,
-      "--kv",
-      db.path,
-      "--start",
-      String(T0),
-      "--json",
-    ],
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  const stderr = dec.decode(out.stderr);
-  assert.equal(out.code, 0, stderr);
-  assert.equal(JSON.parse(dec.decode(out.stdout)).recordsStored, 3);
+  const out = await runCli(syncArgs(server.url, db.path, T0, "--json"), [`--deny-write=${lock}`]);
+  assert.equal(out.code, 0, out.stderr);
+  assert.equal(JSON.parse(out.stdout).recordsStored, 3);
   assert.match(
-    stderr,
+    out.stderr,
     /^jetfill sync: warning: cannot use the lock file ".*@jetstream_sync\.lock" \(.+\); only the writer lock in the database keeps another sync out/m,
   );
 });
@@ -259,13 +223,9 @@ Deno.test("a file: URL names the database like its path, lock file included", as
     "queue.sqlite",
     "queue.sqlite@jetstream_sync.lock",
   ]);
-  const status = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", CLI, "status", "--kv", url, "--json"],
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  assert.equal(status.code, 0, dec.decode(status.stderr));
-  const s = JSON.parse(dec.decode(status.stdout));
+  const status = await runCli(["status", "--kv", url, "--json"]);
+  assert.equal(status.code, 0, status.stderr);
+  const s = JSON.parse(status.stdout);
   assert.equal(s.recordsStored, 3);
   assert.deepEqual(s.lockFile, { path: `${await Deno.realPath(db.path)}@jetstream_sync.lock`, held: false });
 });

@@ -6,9 +6,9 @@ import { readCheckpoint } from "../src/queue/kv_queue.ts";
 import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
 import { commit, did, drainQueue } from "./helpers/events.ts";
 import { delay } from "../src/async.ts";
+import { CLI, spawnCli, syncArgs } from "./helpers/cli.ts";
 import { serveEvents, tempDb } from "./helpers/loopback.ts";
 
-const CLI = new URL("../cli.ts", import.meta.url).pathname;
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
 const LIMIT = 20_000;
 
@@ -21,23 +21,13 @@ function capture(): JetstreamEvent[] {
     }));
 }
 
-function syncArgs(url: string, kv: string): string[] {
+/** `deno run` arguments of a sync of the first LIMIT events, in batches of 10. */
+function limitedSync(url: string, kv: string): string[] {
   return [
     "run",
     "-A",
     CLI,
-    "sync",
-    "--instance",
-    url,
-    "--kv",
-    kv,
-    "--start",
-    String(T0),
-    "--limit",
-    String(LIMIT),
-    "--batch-size",
-    "10",
-    "--json",
+    ...syncArgs(url, kv, T0, "--limit", String(LIMIT), "--batch-size", "10", "--json"),
   ];
 }
 
@@ -59,7 +49,7 @@ Deno.test("a sync killed with SIGKILL at random moments and resumed stores what 
   await using whole = await tempDb();
 
   const uninterrupted = await new Deno.Command(Deno.execPath(), {
-    args: syncArgs(server.url, whole.path),
+    args: limitedSync(server.url, whole.path),
     stdout: "piped",
     stderr: "piped",
   }).output();
@@ -80,7 +70,7 @@ Deno.test("a sync killed with SIGKILL at random moments and resumed stores what 
   let partialKills = 0;
   for (let attempt = 0; attempt < 6; attempt++) {
     const before = await stored();
-    const args = syncArgs(server.url, killed.path);
+    const args = limitedSync(server.url, killed.path);
     if (before >= 0) args.push("--resume");
     const child = new Deno.Command(Deno.execPath(), { args, stdout: "null", stderr: "null" }).spawn();
     let exited = false;
@@ -95,7 +85,7 @@ Deno.test("a sync killed with SIGKILL at random moments and resumed stores what 
     await child.status;
   }
   const last = await new Deno.Command(Deno.execPath(), {
-    args: [...syncArgs(server.url, killed.path), "--resume"],
+    args: [...limitedSync(server.url, killed.path), "--resume"],
     stdout: "null",
     stderr: "piped",
   }).output();
@@ -208,24 +198,7 @@ Deno.test("a sync killed with SIGKILL leaves the keys of what it stored: a resum
     closeAtEnd: true,
   });
   await using db = await tempDb();
-  const child = new Deno.Command(Deno.execPath(), {
-    args: [
-      "run",
-      "-A",
-      CLI,
-      "sync",
-      "--instance",
-      first.url,
-      "--kv",
-      db.path,
-      "--start",
-      String(T0),
-      "--limit",
-      "100",
-    ],
-    stdout: "null",
-    stderr: "null",
-  }).spawn();
+  const child = spawnCli(syncArgs(first.url, db.path, T0, "--limit", "100"));
   const kv = await Deno.openKv(db.path);
   try {
     while (((await readCheckpoint(kv, "jetstream_sync")).value?.recordsStored ?? 0) < 10) await delay(50);
@@ -233,7 +206,7 @@ Deno.test("a sync killed with SIGKILL leaves the keys of what it stored: a resum
     kv.close();
   }
   child.kill("SIGKILL");
-  await child.status;
+  await child.output();
   const { resumed, reports } = await resumeOn(db.path, other.url);
   assert.equal(resumed.recordsStored, 5, reports.join("\n"));
   assert.deepEqual(await queueEvents(db.path), originals);
