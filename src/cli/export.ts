@@ -10,8 +10,10 @@ import { pathExists } from "../fs.ts";
 
 const HELP = `Usage: jetfill export [options]
 
-Write the events of a queue as NDJSON, one Jetstream event per line as it was received, to stdout
-or to a file. The output is a capture for 'jetfill serve --file', so a sync can be replayed.
+Write the events of a queue as NDJSON, one Jetstream event per line, to stdout or to a file: the
+event as stored, written by JSON.stringify (the same values as received; an escape such as \\u003c
+in a string comes out as the character it stands for). The output is a capture for 'jetfill serve
+--file', so a sync can be replayed.
 
 Export consumes the queue: a Deno KV queue cannot be read without taking its messages, so the
 events written leave the queue and a second export will not find them again. To keep the queue,
