@@ -32,6 +32,37 @@ Deno.test("runBackfillSync() reports a start older than the server's history as 
   );
 });
 
+Deno.test("runBackfillSync() counts as missing only the requested window, not the time after its end", async () => {
+  await using server = serveEvents(events, { closeAtEnd: true });
+  await using db = await tempDb();
+  const reports: SyncErrorReport[] = [];
+  const stats = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    startTimestamp: T0 - 2 * DAY,
+    endTimestamp: T0 - DAY,
+    onError: (r) => reports.push(r),
+  });
+  assert.equal(stats.startClamped, true);
+  assert.equal(stats.coverageGapUs, DAY);
+  assert.equal(stats.recordsStored, 0);
+  assert.equal(stats.stopReason, "end");
+  assert.match(
+    reports.find((r) => r.reason === "coverage")!.message,
+    /only holds events from 2026-11-27T10:00:00.000000Z on, after the requested end, 2026-11-26T10:00:00.000000Z: none of the 24.0 h from 2026-11-25T10:00:00.000000Z can be had/,
+  );
+  // An end within the history: the gap runs to where the history starts.
+  const within = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    queueName: "within",
+    startTimestamp: T0 - DAY,
+    endTimestamp: T0 + 10_000_000,
+  });
+  assert.equal(within.coverageGapUs, DAY);
+  assert.equal(within.recordsStored, 10);
+});
+
 Deno.test("runBackfillSync() reports full coverage when the start is within the history", async () => {
   await using server = serveEvents(events, { closeAtEnd: true });
   await using db = await tempDb();

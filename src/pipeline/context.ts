@@ -104,13 +104,19 @@ export function coverageGap(
   const { stats } = ctx;
   stats.coverageStart ??= firstUs;
   if (firstUs <= fromUs) return;
-  const gap = firstUs - fromUs;
+  // Only what was asked for is missing: up to the end, when there is one.
+  const endUs = ctx.o.endUs ?? Number.POSITIVE_INFINITY;
+  const gap = Math.min(firstUs, endUs) - fromUs;
   stats.coverageGapUs += gap;
   if (atStart) stats.startClamped = true;
   const what = atStart ? "the requested start" : "the point to resume from";
-  const message = `${new URL(base).host} only holds events from ${isoFromUs(firstUs)} on; ${what}, ${
-    isoFromUs(fromUs)
-  }, is ${describeDuration(gap)} earlier, so events in between cannot be had from this server`;
+  const message = firstUs >= endUs
+    ? `${new URL(base).host} only holds events from ${isoFromUs(firstUs)} on, after the requested end, ${
+      isoFromUs(endUs)
+    }: none of the ${describeDuration(gap)} from ${isoFromUs(fromUs)} can be had from this server`
+    : `${new URL(base).host} only holds events from ${isoFromUs(firstUs)} on; ${what}, ${
+      isoFromUs(fromUs)
+    }, is ${describeDuration(gap)} earlier, so events in between cannot be had from this server`;
   coverageProblem(ctx, base, message, message, atStart);
 }
 
