@@ -27,9 +27,11 @@ import {
   defaultKvPath,
   emptyCheckpoint,
   listKeyEntries,
+  localDatabasePath,
   openKvAt,
   queueKey,
   queueLength,
+  queuesIn,
   readCheckpoint,
   recentKeysOf,
   retryWhileBusy,
@@ -40,6 +42,7 @@ import { ConcurrentWriterError, QueueWriter } from "./queue/writer.ts";
 import { consumeStream } from "./source.ts";
 import { StatsTracker, type SyncErrorReport, type SyncStats } from "./stats.ts";
 import { isoFromUs } from "./time.ts";
+import { pathExists } from "./fs.ts";
 
 const PROGRESS_INTERVAL_MS = 250;
 
@@ -139,9 +142,28 @@ export async function runBackfillSync(options: BackfillSyncOptions = {}): Promis
   let o = resolveSyncOptions(options);
   const started = performance.now();
   const path = typeof o.kv === "object" ? undefined : o.kv ?? defaultKvPath(o.queueName);
+  if (o.resume && path !== undefined) {
+    // Nothing to resume: say so before a database (and its folder) is made.
+    const file = localDatabasePath(path);
+    if (file !== undefined && !(await pathExists(file))) {
+      throw new UsageError(
+        `Cannot resume queue '${o.queueName}': the database ${
+          JSON.stringify(path)
+        } does not exist (check --kv / kv)`,
+      );
+    }
+  }
   const kv = path === undefined ? o.kv as Deno.Kv : await openKvAt(path);
   let fileLock: QueueFileLock | undefined;
   try {
+    if (o.resume) {
+      // Options left out on resume are the checkpoint's: `--resume` alone continues the same run.
+      const previous = (await readCheckpoint(kv, o.queueName)).value?.run;
+      if (!previous) throw await nothingToResume(kv, o.queueName);
+      const dids = await loadDidList(kv, o.queueName, previous.selection.wantedDids);
+      options = inheritOptions(options, previous, dids);
+      o = resolveSyncOptions(options);
+    }
     if (path !== undefined) {
       // Before anything is read: a sync that is running, even paused or kept from writing by a busy
       // consumer, holds it.
@@ -165,15 +187,6 @@ export async function runBackfillSync(options: BackfillSyncOptions = {}): Promis
         fileLock = lock;
       }
     }
-    if (o.resume) {
-      // Options left out on resume are the checkpoint's: `--resume` alone continues the same run.
-      const previous = (await readCheckpoint(kv, o.queueName)).value?.run;
-      if (previous) {
-        const dids = await loadDidList(kv, o.queueName, previous.selection.wantedDids);
-        options = inheritOptions(options, previous, dids);
-        o = resolveSyncOptions(options);
-      }
-    }
     // The legacy dictionary is only needed for /subscribe connections; v2 hosts serve their own.
     const decodeFrame = o.compress && o.instances.some((u) => !isV2Url(u))
       ? await loadDecoder(options, o.maxTimeMs)
@@ -184,6 +197,18 @@ export async function runBackfillSync(options: BackfillSyncOptions = {}): Promis
     // After the writer lock is given back (in run()): the next sync finds the queue free.
     fileLock?.release();
   }
+}
+
+/** The refusal of a resume of a queue that has no checkpoint, naming the queues the database holds. */
+async function nothingToResume(kv: Deno.Kv, queue: string): Promise<UsageError> {
+  const others = (await queuesIn(kv)).filter((q) => q !== queue);
+  return new UsageError(
+    `Cannot resume queue '${queue}': it has no checkpoint yet${
+      others.length > 0
+        ? ` (this database holds ${others.map((q) => `'${q}'`).join(", ")}: see --queue-name / queueName)`
+        : ""
+    }; a first run of a queue is started without --resume / resume: true`,
+  );
 }
 
 function inheritOptions(
@@ -281,11 +306,7 @@ async function run(
   );
   let resumeFrom: Checkpoint | undefined;
   if (o.resume) {
-    if (!existing.value) {
-      throw new UsageError(
-        `Cannot resume queue '${o.queueName}': it has no checkpoint yet (start it without resume: true, or --resume)`,
-      );
-    }
+    if (!existing.value) throw await nothingToResume(kv, o.queueName);
     const diff = differences(existing.value.run.selection, selection);
     if (diff.length > 0 && !o.force) {
       throw new UsageError(
@@ -295,7 +316,7 @@ async function run(
               showSelected(k, selection[k])
             }`
           ).join("; ")
-        } (pass force: true, or --force, to resume anyway)`,
+        } (pass --force / force: true to resume anyway)`,
       );
     }
     resumeFrom = existing.value;

@@ -429,6 +429,11 @@ export function resolveSyncOptions(options: BackfillSyncOptions = {}): ResolvedS
 
   const startUs = toUs("startTimestamp", o.startTimestamp);
   const endUs = toUs("endTimestamp", o.endTimestamp);
+  if (o.force && !o.resume) {
+    throw new UsageError(
+      "Cannot sync as 'force' only applies to a resume: it accepts options that differ from the run resumed (--force with --resume)",
+    );
+  }
   if (startUs !== undefined && endUs !== undefined && endUs <= startUs) {
     throw new UsageError(
       `Cannot sync as 'endTimestamp' must be after 'startTimestamp': ${isoFromUs(endUs)} is not after ${

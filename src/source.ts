@@ -339,7 +339,9 @@ export async function consumeStream(
   if (ctx.stop === "max_time" && connections === 0 && lastFailure !== undefined) {
     // Not a run that ran out of time, but one that never got a connection.
     ctx.stop = "error";
-    ctx.error = `no connection within maxTime (${o.maxTimeMs / 1000} s); last error: ${lastFailure}`;
+    ctx.error = `no connection within --max-time / maxTime (${
+      o.maxTimeMs / 1000
+    } s); last error: ${lastFailure}`;
   }
 }
 

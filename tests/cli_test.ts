@@ -119,12 +119,47 @@ Deno.test("jetfill sync prints a readable summary without --json", async () => {
 
 Deno.test("jetfill sync --resume refuses a queue without a checkpoint, and different filters unless forced", async () => {
   await using db = await tempDb();
-  const none = await run(["sync", "--kv", db.path, "--resume", "--instance", "ws://127.0.0.1:9/subscribe"]);
-  assert.equal(none.code, 2);
-  assert.match(none.stderr, /Cannot resume queue 'jetstream_sync': it has no checkpoint yet/);
+  // No database: nothing is made.
+  const missing = `${db.dir}/typo/queue.sqlite`;
+  const nothing = await run([
+    "sync",
+    "--kv",
+    missing,
+    "--resume",
+    "--instance",
+    "ws://127.0.0.1:9/subscribe",
+  ]);
+  assert.equal(nothing.code, 2);
+  assert.match(
+    nothing.stderr,
+    /Cannot resume queue 'jetstream_sync': the database ".*typo\/queue\.sqlite" does not exist/,
+  );
+  assert.deepEqual([...Deno.readDirSync(db.dir)], []);
 
   const events = Array.from({ length: 30 }, (_, i) => commit(T0 + i * 1000));
   await using server = serveEvents(events);
+  // A database that holds another queue: it is named, and no lock file is made for this one.
+  const otherQueue = await run([
+    "sync",
+    "--instance",
+    server.url,
+    "--kv",
+    db.path,
+    "--start",
+    String(T0),
+    "--limit",
+    "5",
+    "--queue-name",
+    "other",
+  ]);
+  assert.equal(otherQueue.code, 0, otherQueue.stderr);
+  const none = await run(["sync", "--kv", db.path, "--resume", "--instance", "ws://127.0.0.1:9/subscribe"]);
+  assert.equal(none.code, 2);
+  assert.match(
+    none.stderr,
+    /Cannot resume queue 'jetstream_sync': it has no checkpoint yet \(this database holds 'other': see --queue-name \/ queueName\); a first run of a queue is started without --resume/,
+  );
+  assert.ok(!(await Deno.stat(`${db.path}@jetstream_sync.lock`).then(() => true, () => false)));
   const base = ["sync", "--instance", server.url, "--kv", db.path, "--start", String(T0), "--limit", "10"];
   const first = await run([...base, "--json"]);
   assert.equal(first.code, 0, first.stderr);
@@ -138,7 +173,7 @@ Deno.test("jetfill sync --resume refuses a queue without a checkpoint, and diffe
   assert.equal(later.code, 2);
   assert.match(
     later.stderr,
-    /endTimestamp was none, now 2026-11-28T00:00:00.000000Z \(pass force: true, or --force, to resume anyway\)/,
+    /endTimestamp was none, now 2026-11-28T00:00:00.000000Z \(pass --force \/ force: true to resume anyway\)/,
   );
 });
 

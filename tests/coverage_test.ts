@@ -78,7 +78,7 @@ Deno.test("runBackfillSync({ strict: true }) refuses a clamped start before stor
   await using db = await tempDb();
   await assert.rejects(
     () => runBackfillSync({ instance: server.url, kv: db.path, startTimestamp: T0 - DAY, strict: true }),
-    (err: unknown) => err instanceof UsageError && /refused by strict: true, or --strict/.test(err.message),
+    (err: unknown) => err instanceof UsageError && /refused by --strict \/ strict: true/.test(err.message),
   );
   const kv = await Deno.openKv(db.path);
   const entries = await Array.fromAsync(kv.list({ prefix: ["jetfill"] }));
@@ -118,7 +118,7 @@ Deno.test("jetfill sync warns in plain words about a clamped start, and --strict
     stderr: "piped",
   }).output();
   assert.equal(strict.code, 2);
-  assert.match(new TextDecoder().decode(strict.stderr), /refused by strict: true, or --strict/);
+  assert.match(new TextDecoder().decode(strict.stderr), /refused by --strict \/ strict: true/);
 });
 
 Deno.test("runBackfillSync() retries a coverage probe refused with 503 instead of skipping the check", async () => {
@@ -151,7 +151,7 @@ Deno.test("runBackfillSync({ strict: true }) refuses to run when the server will
       }),
     (err: unknown) =>
       err instanceof UsageError &&
-      /could not find where 127\.0\.0\.1:\d+'s history begins: .*HTTP 400.*\(refused by strict: true, or --strict\)/
+      /could not find where 127\.0\.0\.1:\d+'s history begins: .*HTTP 400.*\(refused by --strict \/ strict: true\)/
         .test(
           err.message,
         ),

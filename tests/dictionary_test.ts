@@ -100,7 +100,7 @@ Deno.test("`resolveZstdDictionary()` names a missing or unusable dictionary path
         assert.ok(error instanceof UsageError);
         assert.equal(
           error.message,
-          `Cannot read the zstd dictionary '${missing}' (from zstdDictionary, or --zstd-dictionary): no such file`,
+          `Cannot read the zstd dictionary '${missing}' (from --zstd-dictionary / zstdDictionary): no such file`,
         );
         return true;
       },
@@ -117,7 +117,7 @@ Deno.test("`resolveZstdDictionary()` names a missing or unusable dictionary path
       (error: unknown) =>
         error instanceof UsageError &&
         error.message.startsWith(
-          `The file '${notDictionary}' (from zstdDictionary, or --zstd-dictionary) is not a zstd dictionary`,
+          `The file '${notDictionary}' (from --zstd-dictionary / zstdDictionary) is not a zstd dictionary`,
         ),
     );
   });

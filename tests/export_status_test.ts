@@ -340,6 +340,15 @@ Deno.test("status ties a held lock file to the writer only when the writer said 
     formatStatus(base, "q.sqlite", { ...held, held: false }),
     /^writer +left by a sync that did not stop cleanly/m,
   );
+  // Seen a moment ago, but its lock file is free: it is gone (killed), not running.
+  const now = new Date().toISOString();
+  assert.match(
+    formatStatus({ ...base, writer: { ...base.writer!, lastSeen: now } }, "q.sqlite", {
+      ...held,
+      held: false,
+    }),
+    /^writer +left by a sync that did not stop cleanly \(no process holds its lock file\)/m,
+  );
   // A writer with a Deno.Kv handle has no lock file: the one held is another process's.
   const handle = { ...base, writer: { ...base.writer!, lockFile: false } };
   const text = formatStatus(handle, "q.sqlite", held);

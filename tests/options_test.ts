@@ -108,6 +108,11 @@ Deno.test("resolveSyncOptions() says what a refused integer timestamp looks like
   rejects({ startTimestamp: "17640000001234567" }, /\(an integer is taken as unix microseconds/);
 });
 
+Deno.test("resolveSyncOptions() refuses force without resume", () => {
+  rejects({ force: true }, /'force' only applies to a resume/);
+  assert.equal(resolveSyncOptions({ force: true, resume: true }).force, true);
+});
+
 Deno.test("resolveSyncOptions() refuses an end that is not after the start", () => {
   rejects(
     { startTimestamp: "2024-01-07", endTimestamp: "2024-01-01" },

@@ -244,7 +244,10 @@ Deno.test("runBackfillSync() that never gets a connection within maxTime stops w
     maxTime: 1,
   });
   assert.equal(stats.stopReason, "error");
-  assert.match(stats.error!, /^no connection within maxTime \(1 s\); last error: .*127\.0\.0\.1/);
+  assert.match(
+    stats.error!,
+    /^no connection within --max-time \/ maxTime \(1 s\); last error: .*127\.0\.0\.1/,
+  );
   assert.equal(stats.recordsStored, 0);
 });
 

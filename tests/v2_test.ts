@@ -138,7 +138,7 @@ Deno.test("the v2 wire reports OutdatedCursor as a clamped start, and --strict r
         startTimestamp: T0,
         strict: true,
       }),
-    (err: unknown) => err instanceof UsageError && /refused by strict: true, or --strict/.test(err.message),
+    (err: unknown) => err instanceof UsageError && /refused by --strict \/ strict: true/.test(err.message),
   );
 });
 

@@ -5,7 +5,7 @@
  */
 import { UsageError } from "../errors.ts";
 import { type QueueStatus, queueStatus } from "../queue/consume.ts";
-import { openKvAt } from "../queue/kv_queue.ts";
+import { openKvAt, queuesIn } from "../queue/kv_queue.ts";
 import { queueFileLocked, queueLockPath } from "../queue/file_lock.ts";
 import { isoFromUs } from "../time.ts";
 import { type FlagSpec, parseFlags, queueFlags } from "./args.ts";
@@ -99,6 +99,8 @@ export function formatStatus(s: QueueStatus, path: string, lockFile: StatusJson[
       `writer              ${
         held && s.writer.lockFile
           ? `a sync is running (its process holds ${lockFile!.path})`
+          : s.writer.lockFile && lockFile?.held === false
+          ? "left by a sync that did not stop cleanly (no process holds its lock file)"
           : ago < 2
           ? "a sync is running"
           : ago < 10
@@ -183,20 +185,4 @@ export async function statusCommand(args: string[]): Promise<number> {
     );
   }
   return 0;
-}
-
-/** The names of the jetfill queues a database holds, one key read each (at most 20). */
-async function queuesIn(kv: Deno.Kv): Promise<string[]> {
-  const names: string[] = [];
-  let start: Deno.KvKey | undefined;
-  while (names.length < 20) {
-    const selector = start ? { prefix: ["jetfill"], start } : { prefix: ["jetfill"] };
-    const [entry] = await Array.fromAsync(kv.list(selector, { limit: 1 }));
-    const name = entry?.key[1];
-    if (typeof name !== "string") break;
-    names.push(name);
-    // The first key past every key of this queue.
-    start = ["jetfill", `${name}\0`];
-  }
-  return names;
 }

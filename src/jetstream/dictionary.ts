@@ -161,7 +161,7 @@ export async function resolveZstdDictionary(
   const env = options.env ?? readEnv;
   if (options.dictionary !== undefined) {
     if (typeof options.dictionary === "string") {
-      return await readGivenDictionary(options.dictionary, "option", "zstdDictionary, or --zstd-dictionary");
+      return await readGivenDictionary(options.dictionary, "option", "--zstd-dictionary / zstdDictionary");
     }
     return {
       bytes: options.dictionary,

@@ -147,10 +147,10 @@ function coverageProblem(
   if (
     refusable && ctx.stats.recordsStored === 0 && ctx.accepted === ctx.writer.checkpoint.run.recordsStored
   ) {
-    throw new UsageError(`${message} (refused by strict: true, or --strict)`);
+    throw new UsageError(`${message} (refused by --strict / strict: true)`);
   }
   stopWith(ctx, "error");
-  ctx.error = `${message} (stopped by strict: true, or --strict)`;
+  ctx.error = `${message} (stopped by --strict / strict: true)`;
 }
 
 function describeDuration(us: number): string {

@@ -160,7 +160,7 @@ export async function readConnection(
               // Frame after frame naming another dictionary: a wrong dictionary, not a bad frame.
               stats.skip("decode_failed");
               throw new Error(
-                `${err.message}; give the matching dictionary (zstdDictionary, or --zstd-dictionary)`,
+                `${err.message}; give the matching dictionary (--zstd-dictionary / zstdDictionary)`,
               );
             }
             skip(

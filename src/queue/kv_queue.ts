@@ -373,3 +373,19 @@ export async function queueLength(kv: Deno.Kv, queue: string): Promise<number> {
 export async function readCheckpoint(kv: Deno.Kv, queue: string): Promise<Deno.KvEntryMaybe<Checkpoint>> {
   return await kv.get<Checkpoint>(queueKey(queue, "checkpoint"));
 }
+
+/** The names of the jetfill queues a database holds, one key read each (at most 20). */
+export async function queuesIn(kv: Deno.Kv): Promise<string[]> {
+  const names: string[] = [];
+  let start: Deno.KvKey | undefined;
+  while (names.length < 20) {
+    const selector = start ? { prefix: ["jetfill"], start } : { prefix: ["jetfill"] };
+    const [entry] = await Array.fromAsync(kv.list(selector, { limit: 1 }));
+    const name = entry?.key[1];
+    if (typeof name !== "string") break;
+    names.push(name);
+    // The first key past every key of this queue.
+    start = ["jetfill", `${name}\0`];
+  }
+  return names;
+}
