@@ -320,6 +320,14 @@ async function run(
       );
     }
     resumeFrom = existing.value;
+  } else if (existing.value && existing.value.recordsStored > 0) {
+    // Easy to do by mistake: the same run again stores the same events again.
+    options.onError?.({
+      reason: "queue",
+      message: `queue '${o.queueName}' already holds ${existing.value.recordsStored} records (the last from ${
+        isoFromUs(existing.value.cursor)
+      }); this run adds its own after them, as a new run: to continue the run that stored them instead, use --resume / resume: true`,
+    });
   }
   const settings = { batchSize: o.batchSize, compress: o.compress };
   const runState: RunState = resumeFrom

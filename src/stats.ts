@@ -102,7 +102,7 @@ export interface DateChange {
 /** Something went wrong with one frame or one connection; the run goes on unless it says otherwise. */
 export interface SyncErrorReport {
   /** What kind of problem. */
-  reason: SkipReason | "connection" | "retry" | "coverage" | "info" | "lock";
+  reason: SkipReason | "connection" | "retry" | "coverage" | "info" | "lock" | "queue";
   /** A readable explanation. */
   message: string;
   /** The WebSocket URL concerned. */

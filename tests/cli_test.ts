@@ -219,3 +219,20 @@ Deno.test("jetfill sync warns on stderr about each event it leaves out for size,
     ),
   );
 });
+
+Deno.test("jetfill sync notes that a run without --resume adds to a queue that already holds records", async () => {
+  const events = Array.from({ length: 20 }, (_, i) => commit(T0 + i * 1000));
+  await using server = serveEvents(events, { closeAtEnd: true });
+  await using db = await tempDb();
+  const args = syncArgs(server.url, db.path, T0, "--limit", "10", "--json");
+  const first = await run(args);
+  assert.equal(first.code, 0, first.stderr);
+  assert.doesNotMatch(first.stderr, /note:/);
+  const again = await run(args);
+  assert.equal(again.code, 0, again.stderr);
+  assert.match(
+    again.stderr,
+    /^jetfill sync: note: queue 'jetstream_sync' already holds 10 records \(the last from 2026-11-27T10:00:00\.009000Z\); this run adds its own after them, as a new run: to continue the run that stored them instead, use --resume/m,
+  );
+  assert.equal(JSON.parse(again.stdout).recordsStored, 10);
+});

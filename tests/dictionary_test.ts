@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { fileURLToPath } from "node:url";
+import { LEGACY_DICT as LEGACY_PATH, V2_DICT as V2_PATH } from "./helpers/zstd_cli.ts";
 import { UsageError } from "../src/errors.ts";
 import {
   LEGACY_DICTIONARY_SHA256,
@@ -9,10 +9,6 @@ import {
 } from "../src/jetstream/dictionary.ts";
 import { LEGACY_DICTIONARY_ID, V2_DICTIONARY_ID } from "../src/jetstream/zstd.ts";
 
-const LEGACY_PATH = fileURLToPath(new URL("../../shared/jetstream/legacy_subscribe.zdict", import.meta.url));
-const V2_PATH = fileURLToPath(
-  new URL("../../shared/jetstream/subscribe_events_20260811.zdict", import.meta.url),
-);
 const legacyDictionary = await Deno.readFile(LEGACY_PATH);
 const CACHE_NAME = `zstd-dictionary-${LEGACY_DICTIONARY_SHA256}.zdict`;
 

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { fileURLToPath } from "node:url";
+import { LEGACY_DICT as LEGACY_PATH, V2_DICT as V2_PATH } from "./helpers/zstd_cli.ts";
 import {
   createZstdDecoder,
   createZstdEncoder,
@@ -13,10 +13,6 @@ import {
 } from "../src/jetstream/zstd.ts";
 
 // The dictionaries live beside the repository (never committed: the legacy one holds real events).
-const LEGACY_PATH = fileURLToPath(new URL("../../shared/jetstream/legacy_subscribe.zdict", import.meta.url));
-const V2_PATH = fileURLToPath(
-  new URL("../../shared/jetstream/subscribe_events_20260811.zdict", import.meta.url),
-);
 const legacyDictionary = await Deno.readFile(LEGACY_PATH);
 const v2Dictionary = await Deno.readFile(V2_PATH);
 

@@ -199,14 +199,17 @@ export async function syncCommand(args: string[]): Promise<number> {
   options.signal = controller.signal;
   if (live) options.onProgress = (p) => Deno.stderr.writeSync(enc.encode(`\r\x1b[2K${progressLine(p)}`));
   options.onError = (r) => {
-    if (r.reason === "coverage" || r.reason === "oversized" || r.reason === "lock") {
-      // Data that cannot be had, or that is left out: always said.
-      if (live) Deno.stderr.writeSync(enc.encode("\r\x1b[2K"));
-      console.error(`jetfill sync: warning: ${r.message}`);
-    } else if (r.reason === "connection" || r.reason === "retry" || v.verbose) {
-      if (live) Deno.stderr.writeSync(enc.encode("\r\x1b[2K"));
-      console.error(`jetfill sync: ${r.message}`);
-    }
+    // Data that cannot be had or is left out, and a queue that already holds records: always said.
+    const label = r.reason === "queue"
+      ? "note: "
+      : r.reason === "coverage" || r.reason === "oversized" || r.reason === "lock"
+      ? "warning: "
+      : r.reason === "connection" || r.reason === "retry" || v.verbose
+      ? ""
+      : undefined;
+    if (label === undefined) return;
+    if (live) Deno.stderr.writeSync(enc.encode("\r\x1b[2K"));
+    console.error(`jetfill sync: ${label}${r.message}`);
   };
   let stats: SyncStats;
   try {
