@@ -141,8 +141,17 @@ export async function consumeStream(
   const failedAttempt = async (base: string, message: string): Promise<boolean> => {
     failures++;
     lastFailure = message;
-    ctx.report({ reason: "connection", message, instance: base });
-    if (failures > o.maxRetries) {
+    const giveUp = failures > o.maxRetries;
+    const wait = giveUp ? 0 : backoffDelay(failures);
+    // Which try it was, and what comes next: a run that cannot connect is not silently stuck.
+    ctx.report({
+      reason: "connection",
+      message: `${message} (attempt ${failures} of ${o.maxRetries + 1}${
+        giveUp ? "" : `; trying again in ${(wait / 1000).toFixed(1)} s`
+      })`,
+      instance: base,
+    });
+    if (giveUp) {
       ctx.stop = "error";
       ctx.error = `gave up after ${failures} connection attempts without progress; last error: ${message}`;
       return false;
@@ -152,7 +161,7 @@ export async function consumeStream(
       stats.failovers++;
       if (floorUs >= 0) floorUs -= o.rewindUs;
     }
-    await delay(backoffDelay(failures), ctx.internal.signal);
+    await delay(wait, ctx.internal.signal);
     return true;
   };
 

@@ -238,16 +238,24 @@ Deno.test("runBackfillSync() that never gets a connection within maxTime stops w
   const port = (listener.addr as Deno.NetAddr).port;
   listener.close();
   await using db = await tempDb();
+  const reports: string[] = [];
   const stats = await runBackfillSync({
     instance: `ws://127.0.0.1:${port}/subscribe`,
     kv: db.path,
     maxTime: 1,
+    onError: (r) => reports.push(`${r.reason}: ${r.message}`),
   });
   assert.equal(stats.stopReason, "error");
   assert.match(
     stats.error!,
     /^no connection within --max-time \/ maxTime \(1 s\); last error: .*127\.0\.0\.1/,
   );
+  // Each failed try says which it was and when the next comes.
+  assert.match(
+    reports[0],
+    /^connection: cannot connect to .* \(attempt 1 of 11; trying again in \d+\.\d s\)$/,
+  );
+  assert.match(reports[1], /\(attempt 2 of 11; trying again in/);
   assert.equal(stats.recordsStored, 0);
 });
 
