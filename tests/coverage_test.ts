@@ -1,7 +1,8 @@
 import assert from "node:assert/strict";
 import { runBackfillSync } from "../src/backfill.ts";
 import { UsageError } from "../src/errors.ts";
-import type { SyncErrorReport } from "../src/stats.ts";
+import type { SyncErrorReport, SyncStats } from "../src/stats.ts";
+import type { BackfillSyncOptions } from "../src/options.ts";
 import { commit } from "./helpers/events.ts";
 import { serveEvents, tempDb } from "./helpers/loopback.ts";
 
@@ -11,15 +12,22 @@ const DAY = 86_400_000_000;
 const events = Array.from({ length: 100 }, (_, i) => commit(T0 + i * 1_000_000));
 const CLI = new URL("../cli.ts", import.meta.url).pathname;
 
+/** Runs a sync with `options`, collecting what it reports. */
+async function syncReporting(
+  options: BackfillSyncOptions,
+): Promise<{ stats: SyncStats; reports: SyncErrorReport[] }> {
+  const reports: SyncErrorReport[] = [];
+  const stats = await runBackfillSync({ ...options, onError: (r) => reports.push(r) });
+  return { stats, reports };
+}
+
 Deno.test("runBackfillSync() reports a start older than the server's history as clamped, with the gap", async () => {
   await using server = serveEvents(events, { closeAtEnd: true });
   await using db = await tempDb();
-  const reports: SyncErrorReport[] = [];
-  const stats = await runBackfillSync({
+  const { stats, reports } = await syncReporting({
     instance: server.url,
     kv: db.path,
     startTimestamp: T0 - 2 * DAY,
-    onError: (r) => reports.push(r),
   });
   assert.equal(stats.startClamped, true);
   assert.equal(stats.coverageStart, T0);
@@ -35,13 +43,11 @@ Deno.test("runBackfillSync() reports a start older than the server's history as 
 Deno.test("runBackfillSync() counts as missing only the requested window, not the time after its end", async () => {
   await using server = serveEvents(events, { closeAtEnd: true });
   await using db = await tempDb();
-  const reports: SyncErrorReport[] = [];
-  const stats = await runBackfillSync({
+  const { stats, reports } = await syncReporting({
     instance: server.url,
     kv: db.path,
     startTimestamp: T0 - 2 * DAY,
     endTimestamp: T0 - DAY,
-    onError: (r) => reports.push(r),
   });
   assert.equal(stats.startClamped, true);
   assert.equal(stats.coverageGapUs, DAY);
@@ -167,12 +173,10 @@ Deno.test("runBackfillSync() warns when a server refuses the coverage probe, and
     return response;
   });
   await using db = await tempDb();
-  const reports: SyncErrorReport[] = [];
-  const stats = await runBackfillSync({
+  const { stats, reports } = await syncReporting({
     instance: `ws://127.0.0.1:${server.addr.port}/subscribe`,
     kv: db.path,
     startTimestamp: T0,
-    onError: (r) => reports.push(r),
   });
   assert.equal(stats.stopReason, "closed");
   assert.equal(stats.coverageStart, null);
