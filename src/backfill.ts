@@ -400,6 +400,7 @@ async function run(
     decodeFrame,
     v2Compress: true,
     v2Dictionary: undefined,
+    awaitStoredUntilUs: -1,
   };
   if (options.signal?.aborted) stopWith(ctx, "aborted");
   if (ctx.accepted >= o.numRecords) stopWith(ctx, "limit");

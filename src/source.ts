@@ -95,9 +95,12 @@ export async function consumeStream(
       floorUs -= o.rewindUs;
       floorKnown = true;
       // The start too is a time of the first instance: here an event stored after it can come a
-      // little before it. Within the rewind, what was stored is recognised; what was not is let in,
-      // rather than lost (at worst an event a few seconds before the start, near which the run stopped).
+      // little before it. Within the rewind, what was stored is recognised; new events before the
+      // first of those are ones the first instance had before its start (or left out), and the
+      // ones after it are let in whatever their time here. (Past the cursor plus the rewind without
+      // one, the wait ends, with a warning.)
       startUs -= o.rewindUs;
+      ctx.awaitStoredUntilUs = resumeFrom!.cursor + o.rewindUs;
       ctx.report({
         reason: "info",
         message: `resuming on ${new URL(to).host}, not ${

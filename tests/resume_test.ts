@@ -245,3 +245,36 @@ Deno.test("a resume's latestCursor is the time_us of its last record even when t
   assert.equal((await readCheckpoint(kv, "jetstream_sync")).value?.cursor, other[10].time_us);
   kv.close();
 });
+
+Deno.test("a resume on an instance whose time_us run ahead, right after the start, stores nothing the first instance had before it", async () => {
+  // The first instance is 1.5 s behind: it puts the first three events before the start, and never
+  // stores them; on the other, they come after it, and before the first event stored.
+  const events = Array.from({ length: 12 }, (_, i) => commit(T0 + i * 500_000, { did: did(i) }));
+  const behind = events.map((e) => ({ ...e, time_us: e.time_us - 1_500_000 }));
+  await using a = serveEvents(behind, { closeAtEnd: true });
+  await using b = serveEvents(events, { closeAtEnd: true });
+  await using db = await tempDb();
+  const first = await runBackfillSync({ instance: a.url, kv: db.path, startTimestamp: T0, numRecords: 2 });
+  assert.equal(first.latestCursor, behind[4].time_us);
+  const { resumed, reports } = await resumeOn(db.path, b.url);
+  assert.equal(resumed.recordsStored, 7, reports.join("\n"));
+  assert.deepEqual(await queueEvents(db.path), [...behind.slice(3, 5), ...events.slice(5)]);
+});
+
+Deno.test("a resume on another instance that has none of the records stored last says so, and stores from 5 s on", async () => {
+  const events = Array.from({ length: 30 }, (_, i) => commit(T0 + i * 1_000_000, { did: did(i) }));
+  await using a = serveEvents(events, { closeAtEnd: true });
+  // The other instance lost the first twelve events (an outage of its own).
+  await using b = serveEvents(events.slice(12), { closeAtEnd: true });
+  await using db = await tempDb();
+  await runBackfillSync({ instance: a.url, kv: db.path, startTimestamp: T0, numRecords: 10 });
+  const { resumed, reports } = await resumeOn(db.path, b.url);
+  assert.ok(
+    reports.some((m) =>
+      /^coverage: none of the records stored last came again on .* storing from there/.test(m)
+    ),
+    reports.join("\n"),
+  );
+  // It waited for one up to 5 s past the cursor (event 9): events 12 and 13 are left out, 14 on stored.
+  assert.equal(resumed.recordsStored, 16);
+});

@@ -80,6 +80,12 @@ export interface RunContext {
   v2Compress: boolean;
   /** The v2 dictionary's decoder, once fetched. */
   v2Dictionary: { id: number; decode: (bytes: Uint8Array) => Uint8Array } | undefined;
+  /**
+   * On a resume on another instance: until a record stored before is recognised, new events come
+   * before the stored ones (the first instance had them before its start, or left them out) and
+   * are not stored, up to this `time_us`, past which it gives up waiting; -1 otherwise.
+   */
+  awaitStoredUntilUs: number;
 }
 
 /** Stops the run for `reason` (the first reason wins) and aborts what is waiting. */

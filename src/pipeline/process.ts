@@ -15,6 +15,7 @@ import type { SkipReason } from "../stats.ts";
 import { coverageGap, type RunContext, type SeqState, type Session, stopWith } from "./context.ts";
 import { type ReplayGuard, shapeProblem } from "./filter.ts";
 import { OversizedEventError } from "./batch.ts";
+import { isoFromUs } from "../time.ts";
 
 /** Handles a v2 info, error or other non-event frame; true when the connection is done. */
 function handleV2Frame(ctx: RunContext, session: Session, m: Exclude<V2Frame, { type: "event" }>): boolean {
@@ -40,6 +41,24 @@ function handleV2Frame(ctx: RunContext, session: Session, m: Exclude<V2Frame, { 
     default:
       return false;
   }
+}
+
+/**
+ * Whether a new event on a resume on another instance comes after the records stored before (see
+ * `RunContext.awaitStoredUntilUs`): before the first of them is recognised, it does not, unless the
+ * wait is over (a coverage warning then says so).
+ */
+function storedYet(ctx: RunContext, t: number, instance: string): boolean {
+  if (t < ctx.awaitStoredUntilUs) return false;
+  ctx.awaitStoredUntilUs = -1;
+  ctx.report({
+    reason: "coverage",
+    message: `none of the records stored last came again on ${new URL(instance).host} up to ${
+      isoFromUs(t)
+    }; storing from there, so events just before may be missing`,
+    instance,
+  });
+  return true;
 }
 
 /** The first event after an OutdatedCursor shows where the server's history starts. */
@@ -262,8 +281,11 @@ export async function readConnection(
         // The same content again: a replay, a rewind, or a server's re-ingest under new time_us.
         if (guard.repeats(ev)) {
           stats.duplicatesDropped++;
+          // A record stored before: what comes after it on this instance is new.
+          ctx.awaitStoredUntilUs = -1;
           continue;
         }
+        if (ctx.awaitStoredUntilUs >= 0 && !storedYet(ctx, t, conn.url)) continue;
         const collection = ev.kind === "commit" ? ev.commit.collection : undefined;
         let full: boolean;
         try {
