@@ -140,12 +140,31 @@ async function resumeOn(path: string, instance: string): Promise<{ resumed: Sync
   return { resumed, reports };
 }
 
+/**
+ * The same `count` events, `stepUs` apart from T0, served by two instances: `a` with these time_us,
+ * `b` with time_us `skewUs` later (earlier when negative), as instances of one relay differ.
+ */
+function twoInstances(count: number, stepUs: number, skewUs: number) {
+  const events = Array.from({ length: count }, (_, i) => commit(T0 + i * stepUs, { did: did(i) }));
+  const other = events.map((e) => ({ ...e, time_us: e.time_us + skewUs }));
+  const a = serveEvents(events, { closeAtEnd: true });
+  const b = serveEvents(other, { closeAtEnd: true });
+  return {
+    events,
+    other,
+    a,
+    b,
+    [Symbol.asyncDispose]: async () => {
+      await a.shutdown();
+      await b.shutdown();
+    },
+  };
+}
+
 for (const skewMs of [1500, -1500]) {
   Deno.test(`a resume on another instance, whose time_us are ${skewMs} ms off, stores each event once`, async () => {
-    const events = Array.from({ length: 20 }, (_, i) => commit(T0 + i * 1_000_000, { did: did(i) }));
-    const other = events.map((e) => ({ ...e, time_us: e.time_us + skewMs * 1000 }));
-    await using a = serveEvents(events, { closeAtEnd: true });
-    await using b = serveEvents(other, { closeAtEnd: true });
+    await using pair = twoInstances(20, 1_000_000, skewMs * 1000);
+    const { events, other, a, b } = pair;
     await using db = await tempDb();
     const first = await runBackfillSync({ instance: a.url, kv: db.path, startTimestamp: T0, numRecords: 10 });
     assert.equal(first.stopReason, "limit");
@@ -215,10 +234,8 @@ Deno.test("a sync killed with SIGKILL leaves the keys of what it stored: a resum
 Deno.test("a resume on an instance whose time_us run behind, right after the start, loses nothing, and its latestCursor is its last record's", async () => {
   // Two events a second from the start; the other instance is 1.5 s behind, so the third event, not
   // stored yet, comes there before the start.
-  const events = Array.from({ length: 12 }, (_, i) => commit(T0 + i * 500_000, { did: did(i) }));
-  const other = events.map((e) => ({ ...e, time_us: e.time_us - 1_500_000 }));
-  await using a = serveEvents(events, { closeAtEnd: true });
-  await using b = serveEvents(other, { closeAtEnd: true });
+  await using pair = twoInstances(12, 500_000, -1_500_000);
+  const { events, other, a, b } = pair;
   await using db = await tempDb();
   await runBackfillSync({ instance: a.url, kv: db.path, startTimestamp: T0, numRecords: 2 });
   const { resumed, reports } = await resumeOn(db.path, b.url);
@@ -230,10 +247,8 @@ Deno.test("a resume on an instance whose time_us run behind, right after the sta
 });
 
 Deno.test("a resume's latestCursor is the time_us of its last record even when that is below the previous cursor", async () => {
-  const events = Array.from({ length: 11 }, (_, i) => commit(T0 + i * 500_000, { did: did(i) }));
-  const other = events.map((e) => ({ ...e, time_us: e.time_us - 1_500_000 }));
-  await using a = serveEvents(events, { closeAtEnd: true });
-  await using b = serveEvents(other, { closeAtEnd: true });
+  await using pair = twoInstances(11, 500_000, -1_500_000);
+  const { events, other, a, b } = pair;
   await using db = await tempDb();
   const first = await runBackfillSync({ instance: a.url, kv: db.path, startTimestamp: T0, numRecords: 10 });
   assert.equal(first.latestCursor, events[9].time_us);
@@ -249,10 +264,9 @@ Deno.test("a resume's latestCursor is the time_us of its last record even when t
 Deno.test("a resume on an instance whose time_us run ahead, right after the start, stores nothing the first instance had before it", async () => {
   // The first instance is 1.5 s behind: it puts the first three events before the start, and never
   // stores them; on the other, they come after it, and before the first event stored.
-  const events = Array.from({ length: 12 }, (_, i) => commit(T0 + i * 500_000, { did: did(i) }));
-  const behind = events.map((e) => ({ ...e, time_us: e.time_us - 1_500_000 }));
-  await using a = serveEvents(behind, { closeAtEnd: true });
-  await using b = serveEvents(events, { closeAtEnd: true });
+  // (The pair's second instance is the one behind, synced first here.)
+  await using pair = twoInstances(12, 500_000, -1_500_000);
+  const { events, other: behind, a: b, b: a } = pair;
   await using db = await tempDb();
   const first = await runBackfillSync({ instance: a.url, kv: db.path, startTimestamp: T0, numRecords: 2 });
   assert.equal(first.latestCursor, behind[4].time_us);
