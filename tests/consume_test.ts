@@ -458,6 +458,50 @@ Deno.test("consume() stops soon when aborted with a backlog, and a later consume
   }
 });
 
+Deno.test("consume() puts back the message of a handler that fails once stopping, using up no retry", async () => {
+  const { dir, path } = await tempDb();
+  try {
+    const kv = await Deno.openKv(path);
+    const stored = await produce(kv, generateCapture({ count: 50, seed: 12 }), { batchSize: 10 });
+    kv.close();
+    // The handler's output is gone at the third message: it stops consume() and throws.
+    const ac = new AbortController();
+    const seen: JetstreamEvent[] = [];
+    const reports: string[] = [];
+    const first = await consume({
+      kv: path,
+      signal: ac.signal,
+      onError: (r) => reports.push(`${r.reason}: ${r.message}`),
+      handler: (events, { seq }) => {
+        if (seq === 3) {
+          ac.abort();
+          throw new Error("output closed");
+        }
+        seen.push(...events);
+      },
+    });
+    assert.equal(first.messages, 2);
+    assert.equal(first.failures, 0);
+    assert.ok(first.deferred >= 1);
+    assert.ok(
+      reports.some((r) =>
+        /^handler: .*message 3 while stopping: output closed; the message was put back/.test(r)
+      ),
+      reports.join("\n"),
+    );
+    const rest = await consume({
+      kv: path,
+      untilEmpty: true,
+      handler: (events) => void seen.push(...events),
+    });
+    assert.equal(rest.messages, 3);
+    assert.deepEqual(seen, stored);
+    assert.deepEqual(kvQueueTables(path), { queued: 0, running: 0 });
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("consume() leaves a failed delivery to KV with one line on stderr, not the error's stack", async () => {
   const dir = await Deno.makeTempDir({ prefix: "jetfill-test-" });
   try {

@@ -112,6 +112,36 @@ Deno.test("jetfill export writes to stdout, and cuts a partial last line before 
   }
 });
 
+Deno.test("jetfill export whose reader closes stdout (export | head) exits 0 quietly and keeps the message it was writing", async () => {
+  const dir = await tempDir();
+  try {
+    const path = `${dir}/q.sqlite`;
+    const stored = await store(path, generateCapture({ count: 2500, seed: 24 }));
+    const child = new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", CLI, "export", "--kv", path],
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+    // Read a first chunk, then close the pipe, as `head` does.
+    const reader = child.stdout.getReader();
+    const first = await reader.read();
+    assert.ok(!first.done && first.value.length > 0);
+    await reader.cancel();
+    const [status, err] = await Promise.all([child.status, new Response(child.stderr).text()]);
+    assert.equal(status.code, 0, err);
+    assert.doesNotMatch(err, /Exception in queue handler|failed deliveries/);
+    assert.match(err, /stdout was closed by its reader; the message being written stays in the queue/);
+    const written = Number(/: (\d+) events from \d+ messages written/.exec(err)?.[1]);
+    assert.ok(written < stored.length, err);
+    // What the first export did not write is all there, in order, and nothing more.
+    const rest = await jetfill("export", "--kv", path);
+    assert.equal(rest.code, 0, rest.stderr);
+    assert.deepEqual(lines(rest.stdout), stored.slice(written).map((e) => JSON.stringify(e)));
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("jetfill export --follow picks up what another process enqueues and exits 130 on SIGINT", async () => {
   const dir = await tempDir();
   try {

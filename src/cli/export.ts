@@ -33,8 +33,10 @@ so an interrupted export loses nothing. Delivery is at least once: an export kil
 sync and the acknowledgement writes that message's events again next time. A partial last line,
 left by an export killed in the middle of a write, is removed before --out appends.
 
-Prints a summary on stderr. Exit codes: 0 done, 1 runtime failure (such as a write error),
-2 bad input, 130 interrupted (after a clean stop).`;
+Prints a summary on stderr. Exit codes: 0 done (also when the reader of stdout closes it early,
+as 'export | head' does: the message being written then stays in the queue, but the ones written
+before it have left it), 1 runtime failure (such as a write error), 2 bad input, 130 interrupted
+(after a clean stop).`;
 
 const FLAGS: FlagSpec = {
   kv: { type: "string" },
@@ -202,6 +204,20 @@ export async function exportCommand(args: string[]): Promise<number> {
     sink.close();
   }
   console.error(exportSummary(result, out));
+  if (writeError instanceof Deno.errors.BrokenPipe && out === undefined) {
+    // The reader closed the pipe (`export | head`): it has what it wanted. The message being
+    // written went back to the queue; the ones written before it have left it.
+    console.error(
+      `jetfill export: stdout was closed by its reader; the message being written stays in the queue${
+        result.messages === 1
+          ? "; the message written before it has left it"
+          : result.messages > 1
+          ? `; the ${result.messages} messages written before it have left it`
+          : ""
+      }`,
+    );
+    return 0;
+  }
   if (writeError !== undefined) {
     console.error(
       `jetfill export: stopped: cannot write ${out ?? "to stdout"}: ${

@@ -127,7 +127,9 @@ export interface ConsumeContext {
 
 /**
  * Handles the events of one queue message. Resolve when they are safely stored: the message is then
- * acknowledged. Throw (or reject) to have it redelivered later.
+ * acknowledged. Throw (or reject) to have it redelivered later. A handler that throws once
+ * consume() is stopping (its `signal` aborted, say by the handler itself when its output is gone)
+ * has its message put back instead, like the messages held: it uses up no retry.
  */
 export type ConsumeHandler = (events: JetstreamEvent[], context: ConsumeContext) => void | Promise<void>;
 
@@ -751,6 +753,20 @@ class Consumer {
       running.catch(() => {});
       outcome = await Promise.race([running.then(() => "ok" as const), timedOut]);
     } catch (err) {
+      if (this.stopReason !== undefined) {
+        // A handler that fails once consume() is stopping (say, it stopped it: its output is gone)
+        // has its message put back, as the held ones are: no retry used up, no failure logged by Deno.
+        this.#report({
+          reason: "handler",
+          message: `handler failed on message ${seq} while stopping: ${
+            errorText(err)
+          }; the message was put back`,
+          seq,
+          error: err,
+        });
+        this.#defer(d, 0);
+        return;
+      }
       this.result.failures++;
       this.#report({
         reason: "handler",
