@@ -40,7 +40,8 @@ function usage(): string {
 
 /**
  * Runs the CLI with the given arguments and resolves to the process exit code:
- * 0 success, 1 runtime failure, 2 usage or validation error, 130 interrupted after a clean flush.
+ * 0 success, 1 runtime failure, 2 usage or validation error, 130 interrupted by Ctrl-C after a clean
+ * flush (143 by SIGTERM, 129 by SIGHUP).
  *
  * @example
  * ```ts

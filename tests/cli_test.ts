@@ -177,8 +177,8 @@ Deno.test("jetfill sync --resume refuses a queue without a checkpoint, and diffe
   );
 });
 
-for (const signal of ["SIGINT", "SIGTERM", "SIGHUP"] as const) {
-  Deno.test(`jetfill sync stores what it received, gives its queue back and exits 130 on ${signal}`, async () => {
+for (const [signal, code] of [["SIGINT", 130], ["SIGTERM", 143], ["SIGHUP", 129]] as const) {
+  Deno.test(`jetfill sync stores what it received, gives its queue back and exits ${code} on ${signal}`, async () => {
     // No end, no limit reached, a server that stays open: only the interrupt stops the run.
     const events = Array.from({ length: 500 }, (_, i) => commit(T0 + i * 1000));
     await using server = serveEvents(events);
@@ -189,7 +189,7 @@ for (const signal of ["SIGINT", "SIGTERM", "SIGHUP"] as const) {
     await new Promise((r) => setTimeout(r, 300));
     child.kill(signal);
     const out = await child.output();
-    assert.equal(out.code, 130, new TextDecoder().decode(out.stderr));
+    assert.equal(out.code, code, new TextDecoder().decode(out.stderr));
     const stats = JSON.parse(new TextDecoder().decode(out.stdout));
     assert.equal(stats.stopReason, "aborted");
     assert.equal(stats.recordsStored, 500);

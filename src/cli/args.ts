@@ -99,9 +99,9 @@ export async function readListFile(flag: string, path: string): Promise<string[]
 }
 
 /**
- * Calls `stop` on the signals that ask a command to stop: Ctrl-C (SIGINT) everywhere, and on other
- * systems than Windows SIGTERM (`kill`, service managers) and SIGHUP (the terminal closed). Returns
- * a function that removes the listeners.
+ * Calls `stop` with the signal's name on the signals that ask a command to stop: Ctrl-C (SIGINT)
+ * everywhere, and on other systems than Windows SIGTERM (`kill`, service managers) and SIGHUP (the
+ * terminal closed). Returns a function that removes the listeners.
  *
  * @example
  * ```ts ignore
@@ -111,10 +111,22 @@ export async function readListFile(flag: string, path: string): Promise<string[]
  * remove();
  * ```
  */
-export function onStopSignals(stop: () => void): () => void {
-  const signals: Deno.Signal[] = Deno.build.os === "windows" ? ["SIGINT"] : ["SIGINT", "SIGTERM", "SIGHUP"];
-  for (const name of signals) Deno.addSignalListener(name, stop);
+export function onStopSignals(stop: (signal: StopSignal) => void): () => void {
+  const signals: StopSignal[] = Deno.build.os === "windows" ? ["SIGINT"] : ["SIGINT", "SIGTERM", "SIGHUP"];
+  const listeners = signals.map((name) => [name, () => stop(name)] as const);
+  for (const [name, listener] of listeners) Deno.addSignalListener(name, listener);
   return () => {
-    for (const name of signals) Deno.removeSignalListener(name, stop);
+    for (const [name, listener] of listeners) Deno.removeSignalListener(name, listener);
   };
+}
+
+/** The signals that {@link onStopSignals} listens to. */
+export type StopSignal = "SIGINT" | "SIGTERM" | "SIGHUP";
+
+/**
+ * The exit code of a command stopped by `signal` after a clean stop, as shells report a process
+ * that a signal ended: 128 plus its number (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP).
+ */
+export function interruptedExitCode(signal: StopSignal): number {
+  return 128 + { SIGHUP: 1, SIGINT: 2, SIGTERM: 15 }[signal];
 }

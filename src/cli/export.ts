@@ -5,7 +5,14 @@
  */
 import { UsageError } from "../errors.ts";
 import { consume, type ConsumeResult } from "../queue/consume.ts";
-import { type FlagSpec, onStopSignals, parseFlags, queueFlags } from "./args.ts";
+import {
+  type FlagSpec,
+  interruptedExitCode,
+  onStopSignals,
+  parseFlags,
+  queueFlags,
+  type StopSignal,
+} from "./args.ts";
 import { pathExists } from "../fs.ts";
 
 const HELP = `Usage: jetfill export [options]
@@ -36,7 +43,7 @@ left by an export killed in the middle of a write, is removed before --out appen
 Prints a summary on stderr. Exit codes: 0 done (also when the reader of stdout closes it early,
 as 'export | head' does: the message being written then stays in the queue, but the ones written
 before it have left it), 1 runtime failure (such as a write error), 2 bad input, 130 interrupted
-(after a clean stop).`;
+by Ctrl-C (143 by SIGTERM, 129 by SIGHUP), after a clean stop.`;
 
 const FLAGS: FlagSpec = {
   kv: { type: "string" },
@@ -167,9 +174,9 @@ export async function exportCommand(args: string[]): Promise<number> {
   }
 
   const controller = new AbortController();
-  let interrupted = false;
-  const removeSignals = onStopSignals(() => {
-    interrupted = true;
+  let interrupted: StopSignal | undefined;
+  const removeSignals = onStopSignals((signal) => {
+    interrupted = signal;
     controller.abort();
   });
   let writeError: unknown;
@@ -231,5 +238,5 @@ export async function exportCommand(args: string[]): Promise<number> {
       "jetfill export: stopped after 10 s without a message although the counters show messages waiting; they may have been taken by a consumer that keeps no counters (see 'jetfill status')",
     );
   }
-  return interrupted ? 130 : 0;
+  return interrupted ? interruptedExitCode(interrupted) : 0;
 }

@@ -7,7 +7,15 @@ import { runBackfillSync } from "../backfill.ts";
 import type { BackfillSyncOptions } from "../options.ts";
 import type { SyncProgress, SyncStats } from "../stats.ts";
 import { isoFromUs, TIMESTAMP_FORMATS } from "../time.ts";
-import { type FlagSpec, numberFlag, onStopSignals, parseFlags, readListFile } from "./args.ts";
+import {
+  type FlagSpec,
+  interruptedExitCode,
+  numberFlag,
+  onStopSignals,
+  parseFlags,
+  readListFile,
+  type StopSignal,
+} from "./args.ts";
 
 const HELP = `Usage: jetfill sync [options]
 
@@ -56,7 +64,8 @@ Output:
   --verbose               report every skipped frame on stderr
   -h, --help              show this help
 
-Exit codes: 0 done, 1 runtime failure, 2 bad input, 130 interrupted (after storing what was received).`;
+Exit codes: 0 done, 1 runtime failure, 2 bad input, 130 interrupted by Ctrl-C (143 by SIGTERM, 129 by
+SIGHUP), after storing what was received.`;
 
 const FLAGS: FlagSpec = {
   did: { type: "string", multiple: true },
@@ -193,7 +202,11 @@ export async function syncCommand(args: string[]): Promise<number> {
   }
   const options = await syncOptionsFromFlags(v);
   const controller = new AbortController();
-  const removeSignals = onStopSignals(() => controller.abort());
+  let stoppedBy: StopSignal = "SIGINT";
+  const removeSignals = onStopSignals((signal) => {
+    stoppedBy = signal;
+    controller.abort();
+  });
   const live = Deno.stderr.isTerminal() && !v.json;
   const enc = new TextEncoder();
   options.signal = controller.signal;
@@ -224,5 +237,5 @@ export async function syncCommand(args: string[]): Promise<number> {
     if (v.json) console.error(`jetfill sync: ${stats.error}`);
     return 1;
   }
-  return stats.stopReason === "aborted" ? 130 : 0;
+  return stats.stopReason === "aborted" ? interruptedExitCode(stoppedBy) : 0;
 }
