@@ -4,6 +4,7 @@
  * @module
  */
 import { UsageError } from "./src/errors.ts";
+import { programName } from "./src/cli/program.ts";
 
 type Command = (args: string[]) => Promise<number>;
 
@@ -28,13 +29,14 @@ const COMMANDS: Record<string, { summary: string; load: () => Promise<Command> }
 
 function usage(): string {
   const lines = Object.entries(COMMANDS).map(([name, c]) => `  ${name.padEnd(8)} ${c.summary}`);
+  const program = programName();
   return [
-    "Usage: jetfill <command> [options]",
+    `Usage: ${program} <command> [options]`,
     "",
     "Commands:",
     ...lines,
     "",
-    "Run 'jetfill <command> --help' for the options of a command.",
+    `Run '${program} <command> --help' for the options of a command.`,
   ].join("\n");
 }
 

@@ -3,6 +3,7 @@ import { queueKey } from "../src/queue/kv_queue.ts";
 import { commit } from "./helpers/events.ts";
 import { serveEvents, syncConnections, tempDb } from "./helpers/loopback.ts";
 import { runCli, spawnCli, syncArgs } from "./helpers/cli.ts";
+import { asRun } from "../src/cli/program.ts";
 
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
 const run = runCli;
@@ -49,7 +50,7 @@ Deno.test("jetfill without a command prints its usage on stderr and exits 2", as
   const r = await run([]);
   assert.equal(r.code, 2);
   assert.equal(r.stdout, "");
-  assert.match(r.stderr, /^Usage: jetfill <command> \[options\]/);
+  assert.match(r.stderr, /^Usage: deno run -A \S*cli\.ts <command> \[options\]/);
 });
 
 Deno.test("jetfill sync --help lists every option", async () => {
@@ -235,4 +236,23 @@ Deno.test("jetfill sync notes that a run without --resume adds to a queue that a
     /^jetfill sync: note: queue 'jetstream_sync' already holds 10 records \(the last from 2026-11-27T10:00:00\.009000Z\); this run adds its own after them, as a new run: to continue the run that stored them instead, use --resume/m,
   );
   assert.equal(JSON.parse(again.stdout).recordsStored, 10);
+});
+
+Deno.test("help and suggested commands name the CLI as it is run: deno run -A cli.ts, or the binary", () => {
+  const help =
+    "Usage: jetfill sync [options]\n  --kv PATH   (default ./jetfill-data/x.sqlite)\nsee 'jetfill serve --file' or (jetfill status)";
+  assert.equal(
+    asRun(help, "deno run -A cli.ts"),
+    "Usage: deno run -A cli.ts sync [options]\n  --kv PATH   (default ./jetfill-data/x.sqlite)\nsee 'deno run -A cli.ts serve --file' or (deno run -A cli.ts status)",
+  );
+  assert.equal(asRun(help, "jf$1"), help.replaceAll("jetfill ", "jf$1 "));
+  assert.equal(asRun(help, "jetfill"), help);
+});
+
+Deno.test("the CLI run from a checkout says how to run it again: deno run -A and the path of cli.ts", async () => {
+  const r = await runCli(["sync", "--bogus"]);
+  assert.equal(r.code, 2);
+  assert.match(r.stderr, /\(see 'deno run -A \S*cli\.ts sync --help'\)/);
+  const help = await runCli(["serve", "--help"]);
+  assert.match(help.stdout, /^Usage: deno run -A \S*cli\.ts serve --file/);
 });

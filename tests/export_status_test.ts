@@ -206,7 +206,7 @@ Deno.test("jetfill export and status refuse a missing database and bad flags wit
     }
     const bad = await jetfill("export", "--nope");
     assert.equal(bad.code, 2);
-    assert.match(bad.stderr, /see 'jetfill export --help'/);
+    assert.match(bad.stderr, /see 'deno run -A \S*cli\.ts export --help'/);
     const help = await jetfill("export", "--help");
     assert.equal(help.code, 0);
     assert.match(help.stdout, /Export consumes the queue/);

@@ -8,6 +8,7 @@ import { parseArgs, type ParseArgsConfig } from "node:util";
 import { UsageError } from "../errors.ts";
 import { defaultKvPath, localDatabasePath } from "../queue/kv_queue.ts";
 import { QUEUE_NAME } from "../options.ts";
+import { programName } from "./program.ts";
 
 /** Flag definitions in `parseArgs` form. */
 export type FlagSpec = NonNullable<ParseArgsConfig["options"]>;
@@ -28,7 +29,7 @@ export function parseFlags(command: string, args: string[], spec: FlagSpec): Rec
       /\s*\n\s*/g,
       " ",
     );
-    throw new UsageError(`${msg} (see 'jetfill ${command} --help')`);
+    throw new UsageError(`${msg} (see '${programName()} ${command} --help')`);
   }
 }
 

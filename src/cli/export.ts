@@ -14,6 +14,7 @@ import {
   type StopSignal,
 } from "./args.ts";
 import { pathExists } from "../fs.ts";
+import { asRun, programName } from "./program.ts";
 
 const HELP = `Usage: jetfill export [options]
 
@@ -147,7 +148,7 @@ export function exportSummary(r: ConsumeResult, out: string | undefined): string
 export async function exportCommand(args: string[]): Promise<number> {
   const v = parseFlags("export", args, FLAGS);
   if (v.help) {
-    console.log(HELP);
+    console.log(asRun(HELP));
     return 0;
   }
   const { queue, path } = queueFlags(v);
@@ -235,7 +236,7 @@ export async function exportCommand(args: string[]): Promise<number> {
   }
   if (result.stopReason === "idle") {
     console.error(
-      "jetfill export: stopped after 10 s without a message although the counters show messages waiting; they may have been taken by a consumer that keeps no counters (see 'jetfill status')",
+      `jetfill export: stopped after 10 s without a message although the counters show messages waiting; they may have been taken by a consumer that keeps no counters (see '${programName()} status')`,
     );
   }
   return interrupted ? interruptedExitCode(interrupted) : 0;

@@ -12,6 +12,7 @@ import type { ServerFaults } from "../server/faults.ts";
 import { resolveZstdDictionary } from "../jetstream/dictionary.ts";
 import { createZstdEncoder, dictionaryIdOf } from "../jetstream/zstd.ts";
 import { onStopSignals } from "./args.ts";
+import { asRun, programName } from "./program.ts";
 
 const HELP = `Usage: jetfill serve --file <capture.ndjson> [options]
 
@@ -120,10 +121,10 @@ export async function serveCommand(args: string[]): Promise<number> {
       allowPositionals: false,
     }));
   } catch (err) {
-    throw new UsageError(`${(err as Error).message}; see 'jetfill serve --help'`);
+    throw new UsageError(`${(err as Error).message}; see '${programName()} serve --help'`);
   }
   if (values.help) {
-    console.log(HELP);
+    console.log(asRun(HELP));
     return 0;
   }
   if (values.file === undefined || values.file === "") {

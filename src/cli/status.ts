@@ -9,6 +9,7 @@ import { openKvAt, queuesIn } from "../queue/kv_queue.ts";
 import { queueFileLocked, queueLockPath } from "../queue/file_lock.ts";
 import { isoFromUs } from "../time.ts";
 import { type FlagSpec, parseFlags, queueFlags } from "./args.ts";
+import { asRun } from "./program.ts";
 
 const HELP = `Usage: jetfill status [options]
 
@@ -146,7 +147,7 @@ export function formatStatus(s: QueueStatus, path: string, lockFile: StatusJson[
 export async function statusCommand(args: string[]): Promise<number> {
   const v = parseFlags("status", args, FLAGS);
   if (v.help) {
-    console.log(HELP);
+    console.log(asRun(HELP));
     return 0;
   }
   const { queue, path } = queueFlags(v);

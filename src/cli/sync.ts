@@ -16,6 +16,7 @@ import {
   readListFile,
   type StopSignal,
 } from "./args.ts";
+import { asRun, programName } from "./program.ts";
 
 const HELP = `Usage: jetfill sync [options]
 
@@ -180,7 +181,7 @@ export function formatSummary(s: SyncStats): string {
   }
   // A run that stopped short of its limit and end can be continued where it stopped.
   if (s.stopReason !== "limit" && s.stopReason !== "end" && s.latestCursor !== null) {
-    lines.push(`continue with       jetfill sync --resume (with the same --kv and --queue-name)`);
+    lines.push(`continue with       ${programName()} sync --resume (with the same --kv and --queue-name)`);
   }
   return lines.join("\n");
 }
@@ -197,7 +198,7 @@ export function formatSummary(s: SyncStats): string {
 export async function syncCommand(args: string[]): Promise<number> {
   const v = parseFlags("sync", args, FLAGS);
   if (v.help) {
-    console.log(HELP);
+    console.log(asRun(HELP));
     return 0;
   }
   const options = await syncOptionsFromFlags(v);

@@ -1,0 +1,42 @@
+/**
+ * How the user runs this command line, for usage lines and for the commands that messages suggest:
+ * `jetfill` as a compiled binary, `deno run -A cli.ts` from a checkout.
+ *
+ * @module
+ */
+import { relative } from "node:path";
+import { fileURLToPath } from "node:url";
+
+/**
+ * The command that runs this CLI: the binary's own name when it is `deno compile`d, else
+ * `deno run -A` and the path of `cli.ts` from the working directory; `jetfill` when neither applies
+ * (the CLI's functions called from another program).
+ *
+ * @example
+ * ```ts ignore
+ * import { programName } from "./program.ts";
+ * programName(); // "deno run -A cli.ts" in a checkout
+ * ```
+ */
+export function programName(): string {
+  const exe = Deno.execPath().split(/[\\/]/).at(-1)!.replace(/\.exe$/i, "");
+  if (exe !== "deno") return exe;
+  const main = Deno.mainModule;
+  if (!main.startsWith("file:") || !main.endsWith("/cli.ts")) return "jetfill";
+  const path = relative(Deno.cwd(), fileURLToPath(main));
+  return `deno run -A ${/^[\w./@+-]+$/.test(path) ? path : JSON.stringify(path)}`;
+}
+
+/**
+ * `text` with the commands it names (`jetfill <command> …`) spelled as this CLI is run (`program`).
+ *
+ * @example
+ * ```ts
+ * import { asRun } from "./program.ts";
+ * asRun("Usage: jetfill sync [options]", "deno run -A cli.ts"); // "Usage: deno run -A cli.ts sync [options]"
+ * ```
+ */
+export function asRun(text: string, program: string = programName()): string {
+  if (program === "jetfill") return text;
+  return text.replace(/(^|[\s'`(])jetfill (?=<command>|[a-z]+\b)/gm, (_, before) => `${before}${program} `);
+}
