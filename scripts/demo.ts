@@ -54,7 +54,7 @@ const args = [
   "--queue-name",
   "demo",
 ];
-console.log(`\n$ jetfill sync ${args.slice(4).join(" ")}\n`);
+console.log(`\n$ deno run -A cli.ts sync ${args.slice(4).join(" ")}\n`);
 const sync = await new Deno.Command(Deno.execPath(), { args, stdout: "inherit", stderr: "inherit" }).output();
 await server.stop();
 console.log(
