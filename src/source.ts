@@ -137,6 +137,8 @@ export async function consumeStream(
   let failures = 0;
   let connections = 0;
   let lastFailure: string | undefined;
+  // The instance being connected to (its coverage probe, then its stream), until it answers.
+  let connecting: string | undefined;
   let disconnectedAt = performance.now();
   let lastSpanUs = 0;
 
@@ -144,6 +146,7 @@ export async function consumeStream(
   const failedAttempt = async (base: string, message: string): Promise<boolean> => {
     failures++;
     lastFailure = message;
+    connecting = undefined;
     const giveUp = failures > o.maxRetries;
     const wait = giveUp ? 0 : backoffDelay(failures);
     // Which try it was, and what comes next: a run that cannot connect is not silently stuck.
@@ -181,6 +184,7 @@ export async function consumeStream(
       // After an outage longer than the idle timeout the cursor may have fallen out of history.
       coverage = { fromUs: floorUs, atStart: false };
     }
+    connecting = base;
     if (coverage) {
       const failed = await checkCoverage(ctx, base, coverage.fromUs, coverage.atStart);
       if (ctx.stop) break;
@@ -253,6 +257,7 @@ export async function consumeStream(
       if (!await failedAttempt(base, e.message)) break;
       continue;
     }
+    connecting = undefined;
     connections++;
     if (connections > 1) stats.reconnects++;
     ctx.batcher.host = base;
@@ -348,12 +353,16 @@ export async function consumeStream(
       await delay(backoffDelay(Math.max(1, failures)), ctx.internal.signal);
     }
   }
-  if (ctx.stop === "max_time" && connections === 0 && lastFailure !== undefined) {
-    // Not a run that ran out of time, but one that never got a connection.
+  if (
+    ctx.stop === "max_time" && connections === 0 && (lastFailure !== undefined || connecting !== undefined)
+  ) {
+    // Not a run that ran out of time, but one that never got a connection: attempts failed, or the
+    // one under way had no answer yet (a server that accepts TCP but never answers the upgrade).
     ctx.stop = "error";
-    ctx.error = `no connection within --max-time / maxTime (${
-      o.maxTimeMs / 1000
-    } s); last error: ${lastFailure}`;
+    const parts = [`no connection within --max-time / maxTime (${o.maxTimeMs / 1000} s)`];
+    if (connecting !== undefined) parts.push(`${new URL(connecting).host} had not answered yet`);
+    if (lastFailure !== undefined) parts.push(`last error: ${lastFailure}`);
+    ctx.error = parts.join("; ");
   }
 }
 

@@ -259,6 +259,40 @@ Deno.test("runBackfillSync() that never gets a connection within maxTime stops w
   assert.equal(stats.recordsStored, 0);
 });
 
+Deno.test("runBackfillSync() whose server never answers the upgrade within maxTime stops with an error, not max_time", async () => {
+  // Accepts TCP connections and never answers: the upgrade (and a coverage probe) hangs. maxTime
+  // is far below the idle timeout, so no attempt fails before the run's time is up.
+  using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = (listener.addr as Deno.NetAddr).port;
+  const held: Deno.Conn[] = [];
+  const accepting = (async () => {
+    for await (const conn of listener) held.push(conn);
+  })().catch(() => {});
+  await using db = await tempDb();
+  try {
+    for (const startTimestamp of [undefined, Date.now() * 1000 - 3_600_000_000]) {
+      const stats = await runBackfillSync({
+        instance: `ws://127.0.0.1:${port}/subscribe`,
+        kv: db.path,
+        queueName: startTimestamp === undefined ? "live" : "history",
+        startTimestamp,
+        maxTime: 1,
+        onError: () => {},
+      });
+      assert.equal(stats.stopReason, "error");
+      assert.equal(
+        stats.error,
+        `no connection within --max-time / maxTime (1 s); 127.0.0.1:${port} had not answered yet`,
+      );
+      assert.equal(stats.recordsStored, 0);
+    }
+  } finally {
+    listener.close();
+    for (const conn of held) conn.close();
+    await accepting;
+  }
+});
+
 Deno.test("runBackfillSync() stores once what a server re-ingested under new time_us, within one connection", async () => {
   // A legacy server that restarted re-ingests its last seconds with new time_us (protocol doc §5.4):
   // a replay of its history then holds those events twice, with no reconnect on the client's side.
