@@ -401,6 +401,7 @@ async function run(
     v2Compress: true,
     v2Dictionary: undefined,
     awaitStoredUntilUs: -1,
+    awaitDrops: false,
   };
   if (options.signal?.aborted) stopWith(ctx, "aborted");
   if (ctx.accepted >= o.numRecords) stopWith(ctx, "limit");

@@ -292,3 +292,22 @@ Deno.test("a resume on another instance that has none of the records stored last
   // It waited for one up to 5 s past the cursor (event 9): events 12 and 13 are left out, 14 on stored.
   assert.equal(resumed.recordsStored, 16);
 });
+
+Deno.test("a resume on another instance far from the start stores the events the first one left out, even when none of its records come again", async () => {
+  const events = Array.from({ length: 30 }, (_, i) => commit(T0 + i * 1_000_000, { did: did(i) }));
+  // An event the first instance never had, and the other instance lost 9 to 14 (an outage of its
+  // own), the last records stored: none of them comes again there.
+  const extra = commit(T0 + 12_500_000, { did: did(99), rkey: "3kextra" });
+  await using a = serveEvents(events, { closeAtEnd: true });
+  await using b = serveEvents([...events.slice(0, 9), extra, ...events.slice(15)], { closeAtEnd: true });
+  await using db = await tempDb();
+  // Stored up to event 14, 14 s after the start: new events there cannot be from before it.
+  await runBackfillSync({ instance: a.url, kv: db.path, startTimestamp: T0, numRecords: 15 });
+  const { resumed, reports } = await resumeOn(db.path, b.url);
+  assert.equal(resumed.recordsStored, 16, reports.join("\n"));
+  assert.deepEqual(await queueEvents(db.path), [...events.slice(0, 15), extra, ...events.slice(15)]);
+  assert.ok(
+    reports.some((m) => /^coverage: none of the records stored last came again on .*: it lacks them/.test(m)),
+    reports.join("\n"),
+  );
+});

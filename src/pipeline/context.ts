@@ -81,11 +81,17 @@ export interface RunContext {
   /** The v2 dictionary's decoder, once fetched. */
   v2Dictionary: { id: number; decode: (bytes: Uint8Array) => Uint8Array } | undefined;
   /**
-   * On a resume on another instance: until a record stored before is recognised, new events come
-   * before the stored ones (the first instance had them before its start, or left them out) and
-   * are not stored, up to this `time_us`, past which it gives up waiting; -1 otherwise.
+   * On a resume on another instance: the `time_us` up to which a record stored before is looked
+   * for, -1 once one is recognised (or otherwise). Past it without one, a coverage warning says
+   * that the instance lacks them, and may lack events around the cursor.
    */
   awaitStoredUntilUs: number;
+  /**
+   * Whether new events that come before the first record recognised are left out: near the start
+   * they can be ones the first instance had before it. Further on, they are ones it left out, and
+   * are stored.
+   */
+  awaitDrops: boolean;
 }
 
 /** Stops the run for `reason` (the first reason wins) and aborts what is waiting. */

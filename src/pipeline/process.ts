@@ -44,18 +44,23 @@ function handleV2Frame(ctx: RunContext, session: Session, m: Exclude<V2Frame, { 
 }
 
 /**
- * Whether a new event on a resume on another instance comes after the records stored before (see
- * `RunContext.awaitStoredUntilUs`): before the first of them is recognised, it does not, unless the
- * wait is over (a coverage warning then says so).
+ * Whether a new event on a resume on another instance is stored while no record stored before was
+ * recognised yet (see `RunContext.awaitStoredUntilUs` and `awaitDrops`). Once the wait is over, a
+ * coverage warning says that none came.
  */
 function storedYet(ctx: RunContext, t: number, instance: string): boolean {
-  if (t < ctx.awaitStoredUntilUs) return false;
+  if (t < ctx.awaitStoredUntilUs) return !ctx.awaitDrops;
   ctx.awaitStoredUntilUs = -1;
+  const host = new URL(instance).host;
   ctx.report({
     reason: "coverage",
-    message: `none of the records stored last came again on ${new URL(instance).host} up to ${
-      isoFromUs(t)
-    }; storing from there, so events just before may be missing`,
+    message: ctx.awaitDrops
+      ? `none of the records stored last came again on ${host} up to ${
+        isoFromUs(t)
+      }; storing from there, so events just before may be missing`
+      : `none of the records stored last came again on ${host} up to ${
+        isoFromUs(t)
+      }: it lacks them, and may lack events around them too, which are then missing`,
     instance,
   });
   return true;
