@@ -140,6 +140,8 @@ function differences(a: Record<string, unknown>, b: Record<string, unknown>): st
  */
 export async function runBackfillSync(options: BackfillSyncOptions = {}): Promise<SyncStats> {
   let o = resolveSyncOptions(options);
+  const callbacks = new Callbacks();
+  options = callbacks.guard(options);
   const started = performance.now();
   const path = typeof o.kv === "object" ? undefined : o.kv ?? defaultKvPath(o.queueName);
   if (o.resume && path !== undefined) {
@@ -153,7 +155,7 @@ export async function runBackfillSync(options: BackfillSyncOptions = {}): Promis
       );
     }
   }
-  const kv = path === undefined ? o.kv as Deno.Kv : await openKvAt(path);
+  const kv = path === undefined ? await usableKv(o.kv as Deno.Kv) : await openKvAt(path);
   let fileLock: QueueFileLock | undefined;
   try {
     if (o.resume) {
@@ -191,12 +193,68 @@ export async function runBackfillSync(options: BackfillSyncOptions = {}): Promis
     const decodeFrame = o.compress && o.instances.some((u) => !isV2Url(u))
       ? await loadDecoder(options, o.maxTimeMs)
       : undefined;
-    return await run(o, options, kv, started, decodeFrame, fileLock !== undefined);
+    return await run(o, options, kv, started, decodeFrame, fileLock !== undefined, callbacks);
   } finally {
     if (path !== undefined) kv.close();
     // After the writer lock is given back (in run()): the next sync finds the queue free.
     fileLock?.release();
   }
+}
+
+/**
+ * The caller's callbacks (`onProgress`, `onDateChange`, `onError`), each guarded: one that throws
+ * stops the run as an error that names it, after what was received is stored, and the statistics
+ * are returned as for any other error.
+ */
+class Callbacks {
+  /** What the first callback that threw said. */
+  failure: string | undefined;
+  /** Stops the run, once it has a context; a failure before that stops it as soon as it has one. */
+  #stop: ((failure: string) => void) | undefined;
+
+  /** `options` with its callbacks guarded. */
+  guard(options: BackfillSyncOptions): BackfillSyncOptions {
+    const wrap = <A>(name: string, fn: ((arg: A) => void) | undefined) =>
+      fn &&
+      ((arg: A) => {
+        try {
+          fn(arg);
+        } catch (err) {
+          this.failure ??= `${name} threw: ${err instanceof Error ? err.message : String(err)}`;
+          this.#stop?.(this.failure);
+        }
+      });
+    return {
+      ...options,
+      onProgress: wrap("onProgress", options.onProgress),
+      onDateChange: wrap("onDateChange", options.onDateChange),
+      onError: wrap("onError", options.onError),
+    };
+  }
+
+  /** From now on a failure stops `ctx` (at once, when one came before). */
+  attach(ctx: RunContext): void {
+    this.#stop = (failure) => {
+      ctx.error ??= failure;
+      stopWith(ctx, "error");
+    };
+    if (this.failure !== undefined) this.#stop(this.failure);
+  }
+}
+
+/** A `Deno.Kv` given as `kv`, once it is known to be open. */
+async function usableKv(kv: Deno.Kv): Promise<Deno.Kv> {
+  try {
+    await kv.get(queueKey("-"));
+  } catch (err) {
+    if (err instanceof Deno.errors.BadResource) {
+      throw new UsageError(
+        "Cannot sync as 'kv' must be an open Deno.Kv: current value is one that was closed",
+      );
+    }
+    throw err;
+  }
+  return kv;
 }
 
 /** The refusal of a resume of a queue that has no checkpoint, naming the queues the database holds. */
@@ -296,6 +354,7 @@ async function run(
   started: number,
   decodeFrame: ((bytes: Uint8Array) => Uint8Array) | undefined,
   lockFile: boolean,
+  callbacks: Callbacks,
 ): Promise<SyncStats> {
   const selection = await selectionOf(o);
   const { existing, lock, alive } = await watchForLiveWriter(
@@ -366,7 +425,10 @@ async function run(
       currentDate: stats.currentDate,
       cursor,
       elapsed,
-      percent: windowPercent(o.startUs ?? stats.firstProcessedUs, o.endUs, cursor),
+      // The end reached: the whole window, whatever the time of the last event before it.
+      percent: ctx.stop === "end" && o.endUs !== undefined
+        ? 100
+        : windowPercent(o.startUs ?? stats.firstProcessedUs, o.endUs, cursor),
       percentOfLimit: Math.min(100, ((ctx.writer.checkpoint.run.recordsStored) / o.numRecords) * 100),
     });
   };
@@ -403,12 +465,14 @@ async function run(
     awaitStoredUntilUs: -1,
     awaitDrops: false,
   };
+  callbacks.attach(ctx);
   if (options.signal?.aborted) stopWith(ctx, "aborted");
   if (ctx.accepted >= o.numRecords) stopWith(ctx, "limit");
 
   // Errors before the stream starts, and refused subscriptions, are thrown, not reported.
   let refusal: { error: unknown } | undefined;
   let streaming = false;
+  let ticker: ReturnType<typeof setInterval> | undefined;
   try {
     // The lock is held from now on, so that a sync started beside this one is refused even while
     // this one is quiet.
@@ -416,12 +480,15 @@ async function run(
     // Only once this run is going ahead: a refused one must not replace the list of the run it met.
     if (o.wantedDids.length > INLINE_DIDS) await storeDidList(kv, o.queueName, o.wantedDids);
     streaming = true;
+    // Between commits too (a quiet selection stores little): the events processed, the date.
+    if (options.onProgress) ticker = setInterval(() => progress(false), PROGRESS_INTERVAL_MS);
     await consumeStream(ctx, options, resumeFrom, resumeFrom ? recentKeysOf(keyEntries) : undefined);
   } catch (err) {
     if (err instanceof UsageError || !streaming) refusal = { error: err };
     ctx.stop ??= "error";
     ctx.error ??= err instanceof Error ? err.message : String(err);
   } finally {
+    clearInterval(ticker);
     cancelTimer();
     options.signal?.removeEventListener("abort", onUserAbort);
   }
@@ -438,8 +505,14 @@ async function run(
     ctx.error ??= `could not store the last batch: ${err instanceof Error ? err.message : String(err)}`;
   }
   try {
+    const endReached = ctx.stop === "end";
     progress(true);
-    return await finish(o, options, kv, ctx, selection, started);
+    if (callbacks.failure !== undefined && ctx.stop !== "error") {
+      // The last progress report threw, after the run had stopped for another reason.
+      ctx.stop = "error";
+      ctx.error = callbacks.failure;
+    }
+    return await finish(o, options, kv, ctx, selection, started, endReached);
   } finally {
     // Done by finish() unless something failed before it: release() is idempotent.
     await writer.release();
@@ -454,6 +527,7 @@ async function finish(
   ctx: RunContext,
   selection: Record<string, unknown>,
   started: number,
+  endReached: boolean,
 ): Promise<SyncStats> {
   const { stats, writer } = ctx;
 
@@ -468,7 +542,7 @@ async function finish(
     latestCursor: stats.latestCursor,
     queueLength: await queueLength(kv, o.queueName),
     currentDate: stats.currentDate,
-    endCursorReached: ctx.stop === "end",
+    endCursorReached: endReached,
     stopReason: ctx.stop ?? "closed",
     recordsPerDay: stats.recordsPerDay,
     messagesEnqueued: stats.messagesEnqueued,

@@ -101,7 +101,12 @@ export interface BackfillSyncOptions {
   kv?: Deno.Kv | string;
   /** Aborting stops the run: pending records are flushed, then the statistics are returned. */
   signal?: AbortSignal;
-  /** Called with progress figures at most a few times a second, and once at the end. */
+  /**
+   * Called with progress figures about four times a second while events come (and after each
+   * commit, at most as often), and once at the end. Like `onDateChange` and `onError`, a callback
+   * that throws stops the run as an error (`stopReason: "error"`, `error` naming the callback),
+   * after what was received is stored.
+   */
   onProgress?: (progress: SyncProgress) => void;
   /** Called when the UTC date of the events being processed changes. */
   onDateChange?: (change: DateChange) => void;
@@ -270,7 +275,7 @@ export const SyncOptionsSchema = z.strictObject({
   kv: z.union(
     [
       z.string().min(1, err("kv", "a Deno.Kv or a database path")),
-      z.custom<Deno.Kv>((v) => typeof v === "object" && v !== null),
+      z.custom<Deno.Kv>((v) => typeof Deno.Kv === "function" && v instanceof Deno.Kv),
     ],
     err(
       "kv",
@@ -299,6 +304,8 @@ export const SyncOptionsSchema = z.strictObject({
       ? `Cannot sync as ${iss.keys.map((k) => `'${k}'`).join(", ")} ${
         iss.keys.length === 1 ? "is not an option" : "are not options"
       } of runBackfillSync()`
+      : iss.code === "invalid_type" && iss.expected === "object"
+      ? `Cannot sync as the options must be an object: current value is ${show(iss.input)}`
       : undefined,
 });
 

@@ -279,7 +279,8 @@ Deno.test("runBackfillSync() reports date changes and per-day counts in UTC", as
   assert.deepEqual(stats.recordsPerDay, { "2026-11-26": day1, "2026-11-27": day2 });
   const last = progress.at(-1)!;
   assert.equal(last.recordsStored, day1 + day2);
-  assert.ok(last.percent !== null && last.percent > 99);
+  assert.equal(stats.stopReason, "end");
+  assert.equal(last.percent, 100, "the end reached is the whole window");
   const kv = await Deno.openKv(db.path);
   const days = await Array.fromAsync(kv.list<Deno.KvU64>({ prefix: queueKey("jetstream_sync", "day") }));
   kv.close();
@@ -575,7 +576,110 @@ Deno.test("runBackfillSync() reports the percent of the window when only an end 
   });
   assert.equal(stats.stopReason, "end");
   const last = progress.at(-1)!;
-  assert.ok(last.percent !== null && last.percent > 98, `percent: ${last.percent}`);
+  assert.equal(last.percent, 100);
+});
+
+/** The last run recorded for `jetfill status` in the default queue of the database at `path`. */
+async function lastRunOf(path: string) {
+  const kv = await Deno.openKv(path);
+  try {
+    return (await queueStatus(kv, "jetstream_sync")).lastRun;
+  } finally {
+    kv.close();
+  }
+}
+
+Deno.test("runBackfillSync() reports progress while events come, not only when it commits", async () => {
+  // Nothing is selected, so nothing is committed; the server stays open and quiet after its events.
+  await using server = serveEvents(capture());
+  await using db = await tempDb();
+  const progress: SyncProgress[] = [];
+  const stats = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    startTimestamp: T0,
+    wantedCollections: ["app.bsky.graph.block"],
+    maxTime: 1.2,
+    onProgress: (p) => progress.push(p),
+  });
+  assert.equal(stats.stopReason, "max_time");
+  assert.equal(stats.recordsStored, 0);
+  assert.ok(progress.length >= 3, `${progress.length} progress reports`);
+  const during = progress.at(-2)!;
+  assert.equal(during.messagesReceived, stats.messagesReceived);
+  assert.equal(during.currentDate, stats.currentDate);
+});
+
+for (const name of ["onProgress", "onDateChange", "onError"] as const) {
+  Deno.test(`runBackfillSync() whose ${name} throws stops as an error naming it, with what it stored and its record`, async () => {
+    // Two days of posts, one frame of garbage: each callback is called at least once.
+    const events: unknown[] = capture();
+    events.splice(3, 0, { did: did(1), time_us: T0 + 1, kind: "heartbeat" });
+    await using server = serveEvents(events as JetstreamEvent[], { closeAtEnd: true });
+    await using db = await tempDb();
+    const stats = await runBackfillSync({
+      instance: server.url,
+      kv: db.path,
+      startTimestamp: T0,
+      batchSize: 5,
+      [name]: () => {
+        throw new Error("boom");
+      },
+    });
+    assert.equal(stats.stopReason, "error");
+    assert.equal(stats.error, `${name} threw: boom`);
+    assert.equal(stats.endCursorReached, false);
+    // What it says it stored is what the queue holds, and the run is on record.
+    const queue = await stored(db.path, stats.queueLength);
+    assert.equal(queue.events.length, stats.recordsStored);
+    assert.deepEqual((await lastRunOf(db.path))?.stats, stats);
+  });
+}
+
+Deno.test("runBackfillSync() whose last progress report throws still returns its statistics and records the run", async () => {
+  await using server = serveEvents(capture(), { closeAtEnd: true });
+  await using db = await tempDb();
+  let calls = 0;
+  let last = -1;
+  const stats = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    startTimestamp: T0,
+    endTimestamp: T0 + 100 * MINUTE,
+    onProgress: (p) => {
+      calls++;
+      // Only the final report (its percent is 100 once the end is reached).
+      if (p.percent === 100) {
+        last = p.recordsStored;
+        throw new Error("late boom");
+      }
+    },
+  });
+  assert.ok(calls >= 1);
+  assert.equal(stats.stopReason, "error");
+  assert.equal(stats.error, "onProgress threw: late boom");
+  assert.equal(stats.endCursorReached, true, "the end was reached before the report");
+  assert.equal(stats.recordsStored, last);
+  assert.deepEqual((await lastRunOf(db.path))?.stats, stats);
+});
+
+Deno.test("runBackfillSync() refuses a kv that is not an open Deno.Kv or a path, and options that are not an object", async () => {
+  const closed = await Deno.openKv(":memory:");
+  closed.close();
+  const cases: [unknown, RegExp][] = [
+    [{ kv: {} }, /^Cannot sync as 'kv' must be a Deno.Kv or a database path: current value is \{\}$/],
+    [{ kv: new Map() }, /^Cannot sync as 'kv' must be a Deno.Kv or a database path/],
+    [{ kv: [] }, /^Cannot sync as 'kv' must be a Deno.Kv or a database path/],
+    [{ kv: closed }, /^Cannot sync as 'kv' must be an open Deno.Kv: current value is one that was closed$/],
+    [null, /^Cannot sync as the options must be an object: current value is null$/],
+  ];
+  for (const [options, message] of cases) {
+    await assert.rejects(
+      () => runBackfillSync(options as BackfillSyncOptions),
+      (err: unknown) => err instanceof UsageError && message.test(err.message),
+      String(options),
+    );
+  }
 });
 
 Deno.test("runBackfillSync() repairs a refused commit in its place, losing and repeating nothing", async () => {
