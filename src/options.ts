@@ -204,7 +204,8 @@ export const DEFAULT_MAX_EVENT_BYTES = 1_048_576;
 /** What a queue name may be: it also names the default database file. */
 export const QUEUE_NAME: RegExp = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$/;
 
-function show(value: unknown): string {
+/** A value as an error message shows it: strings quoted, arrays by length, others as JSON. */
+export function show(value: unknown): string {
   if (typeof value === "string") return JSON.stringify(value);
   if (typeof value === "bigint") return `${value}n`;
   // JSON would spell NaN and Infinity as null.

@@ -9,6 +9,7 @@ import {
   ACK_DEADLINE_MS,
   consume,
   type ConsumeErrorReport,
+  type ConsumeOptions,
   deadLetters,
   queueStatus,
   requeueDeadLetters,
@@ -290,29 +291,47 @@ Deno.test("consume() on a Deno.Kv gets what the same process enqueues at once, a
   }
 });
 
-Deno.test("consume() rejects bad options with messages that name them", async () => {
+Deno.test("consume() rejects bad options with a UsageError that names them, before opening anything", async () => {
   const handler = () => {};
-  await assert.rejects(
-    // deno-lint-ignore no-explicit-any
-    consume({ handler: undefined as any }),
-    {
-      name: "TypeError",
-      message: "Cannot consume as 'handler' must be a function: current value is undefined",
-    },
-  );
-  await assert.rejects(consume({ handler, concurrency: 0 }), {
-    name: "RangeError",
-    message: "Cannot consume as 'concurrency' must be a positive integer: current value is 0",
-  });
-  await assert.rejects(consume({ handler, concurrency: 101 }), {
-    message: "Cannot consume as 'concurrency' must be at most 100: current value is 101",
-  });
-  await assert.rejects(consume({ handler, handlerTimeout: -1 }), {
-    message: "Cannot consume as 'handlerTimeout' must be a positive number: current value is -1",
-  });
-  await assert.rejects(consume({ handler, queueName: "" }), {
-    message: "Cannot consume as 'queueName' must be a non-empty string: current value is ",
-  });
+  const cases: [unknown, string][] = [
+    [{ handler: undefined }, "Cannot consume as 'handler' must be a function: current value is undefined"],
+    [
+      { handler, concurrency: 0 },
+      "Cannot consume as 'concurrency' must be an integer from 1 to 100: current value is 0",
+    ],
+    [
+      { handler, concurrency: 101 },
+      "Cannot consume as 'concurrency' must be an integer from 1 to 100: current value is 101",
+    ],
+    [
+      { handler, handlerTimeout: -1 },
+      "Cannot consume as 'handlerTimeout' must be a positive number: current value is -1",
+    ],
+    [
+      { handler, emptyTimeout: NaN },
+      "Cannot consume as 'emptyTimeout' must be a positive number: current value is NaN",
+    ],
+    [
+      { handler, pollInterval: 0 },
+      "Cannot consume as 'pollInterval' must be a positive number: current value is 0",
+    ],
+    [
+      { handler, queueName: "a/b" },
+      `Cannot consume as 'queueName' must be 1 to 100 letters, digits, '_', '.' or '-', starting with a letter or digit: current value is "a/b"`,
+    ],
+    [{ handler, kv: {} }, "Cannot consume as 'kv' must be a Deno.Kv or a database path: current value is {}"],
+    [{ handler, untilEmtpy: true }, "Cannot consume as 'untilEmtpy' is not an option of consume()"],
+    [null, "Cannot consume as the options must be an object: current value is null"],
+  ];
+  const before = [...Deno.readDirSync(".")].length;
+  for (const [options, message] of cases) {
+    await assert.rejects(
+      () => consume(options as ConsumeOptions),
+      (err: unknown) => err instanceof UsageError && err.message === message,
+      message,
+    );
+  }
+  assert.equal([...Deno.readDirSync(".")].length, before, "nothing created");
 });
 
 Deno.test("consume() keeps slow handlers out of KV's 5 s redelivery while another process opens the database", async () => {

@@ -60,6 +60,8 @@ import { decodeQueueMessage, isQueueMessage, type QueueMessage } from "./message
 import { isoFromUs } from "../time.ts";
 import { pathExists } from "../fs.ts";
 import { UsageError } from "../errors.ts";
+import { QUEUE_NAME, show } from "../options.ts";
+import { z } from "zod";
 
 /**
  * Deno KV's redelivery deadline: a message not acknowledged this long after it became ready (was
@@ -264,20 +266,61 @@ interface PutBack {
   settles: Settle[];
 }
 
-function positive(name: string, value: number | undefined, fallback: number, integer = false): number {
-  if (value === undefined) return fallback;
-  if (
-    typeof value !== "number" || !Number.isFinite(value) || value <= 0 ||
-    (integer && !Number.isInteger(value))
-  ) {
-    throw new RangeError(
-      `Cannot consume as '${name}' must be a positive ${integer ? "integer" : "number"}: current value is ${
-        String(value)
-      }`,
-    );
-  }
-  return value;
+function because(name: string, expected: string) {
+  return {
+    error: (iss: { input?: unknown }) =>
+      `Cannot consume as '${name}' must be ${expected}: current value is ${show(iss.input)}`,
+  };
 }
+
+const positiveNumber = (name: string) =>
+  z.number(because(name, "a positive number")).refine(
+    (n) => Number.isFinite(n) && n > 0,
+    because(name, "a positive number"),
+  );
+
+/** The shape of consume()'s options, checked before anything is opened. */
+const ConsumeOptionsSchema = z.strictObject({
+  handler: z.custom<ConsumeHandler>((v) => typeof v === "function", because("handler", "a function")),
+  kv: z.union(
+    [
+      z.string().min(1),
+      z.custom<Deno.Kv>((v) => typeof Deno.Kv === "function" && v instanceof Deno.Kv),
+    ],
+    because("kv", "a Deno.Kv or a database path"),
+  ).optional(),
+  queueName: z.string(because("queueName", "a queue name")).refine(
+    (s) => QUEUE_NAME.test(s),
+    because("queueName", "1 to 100 letters, digits, '_', '.' or '-', starting with a letter or digit"),
+  ).optional(),
+  signal: z.custom<AbortSignal>((v) => v instanceof AbortSignal, because("signal", "an AbortSignal"))
+    .optional(),
+  untilEmpty: z.boolean(because("untilEmpty", "a boolean")).optional(),
+  handlerTimeout: positiveNumber("handlerTimeout").optional(),
+  concurrency: z.number(because("concurrency", "an integer from 1 to 100")).refine(
+    (n) => Number.isInteger(n) && n >= 1 && n <= 100,
+    because("concurrency", "an integer from 1 to 100"),
+  ).optional(),
+  pollInterval: positiveNumber("pollInterval").optional(),
+  emptyTimeout: positiveNumber("emptyTimeout").optional(),
+  reorderWindow: z.number(because("reorderWindow", "a number of ms, 0 or more")).refine(
+    (n) => Number.isFinite(n) && n >= 0,
+    because("reorderWindow", "a number of ms, 0 or more"),
+  ).optional(),
+  onError: z.custom<(r: ConsumeErrorReport) => void>(
+    (v) => typeof v === "function",
+    because("onError", "a function"),
+  ).optional(),
+}, {
+  error: (iss) =>
+    iss.code === "unrecognized_keys"
+      ? `Cannot consume as ${iss.keys.map((k) => `'${k}'`).join(", ")} ${
+        iss.keys.length === 1 ? "is not an option" : "are not options"
+      } of consume()`
+      : iss.code === "invalid_type" && iss.expected === "object"
+      ? `Cannot consume as the options must be an object: current value is ${show(iss.input)}`
+      : undefined,
+});
 
 // Databases consume() closed: a delivery that still arrives from one is left to KV.
 const closedKvs = new WeakSet<Deno.Kv>();
@@ -369,17 +412,12 @@ class Consumer {
       handler: options.handler,
       queueName: queue,
       untilEmpty: options.untilEmpty ?? false,
-      handlerTimeout: positive("handlerTimeout", options.handlerTimeout, 3_000),
-      concurrency: positive("concurrency", options.concurrency, 1, true),
-      pollInterval: positive("pollInterval", options.pollInterval, 1_000),
-      emptyTimeout: positive("emptyTimeout", options.emptyTimeout, 10_000),
-      reorderWindow: options.reorderWindow === 0 ? 0 : positive("reorderWindow", options.reorderWindow, 250),
+      handlerTimeout: options.handlerTimeout ?? 3_000,
+      concurrency: options.concurrency ?? 1,
+      pollInterval: options.pollInterval ?? 1_000,
+      emptyTimeout: options.emptyTimeout ?? 10_000,
+      reorderWindow: options.reorderWindow ?? 250,
     };
-    if (this.#o.concurrency > 100) {
-      throw new RangeError(
-        `Cannot consume as 'concurrency' must be at most 100: current value is ${this.#o.concurrency}`,
-      );
-    }
   }
 
   get options(): Readonly<Required<Omit<ConsumeOptions, "kv" | "signal" | "onError">>> {
@@ -863,6 +901,9 @@ function errorText(err: unknown): string {
  * Handlers must finish well within {@link ACK_DEADLINE_MS} (default `handlerTimeout` 3 s): consume()
  * measures them and holds no more messages than it can finish in time, putting the rest back.
  *
+ * Bad options (a value out of range, a name that is not an option, a queue name that a sync would
+ * refuse) are rejected with a `UsageError` that names them, before anything is opened.
+ *
  * @example
  * ```ts
  * import { consume } from "./consume.ts";
@@ -879,17 +920,9 @@ function errorText(err: unknown): string {
  * ```
  */
 export async function consume(options: ConsumeOptions): Promise<ConsumeResult> {
-  if (typeof options?.handler !== "function") {
-    throw new TypeError(
-      `Cannot consume as 'handler' must be a function: current value is ${typeof options?.handler}`,
-    );
-  }
+  const parsed = ConsumeOptionsSchema.safeParse(options);
+  if (!parsed.success) throw new UsageError(parsed.error.issues[0].message);
   const queue = options.queueName ?? "jetstream_sync";
-  if (typeof queue !== "string" || queue === "") {
-    throw new TypeError(
-      `Cannot consume as 'queueName' must be a non-empty string: current value is ${String(queue)}`,
-    );
-  }
   const path = typeof options.kv === "object" && options.kv !== null
     ? undefined
     : options.kv ?? defaultKvPath(queue);
