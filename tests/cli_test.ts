@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { queueKey } from "../src/queue/kv_queue.ts";
-import { commit } from "./helpers/events.ts";
+import { commit, drainQueue } from "./helpers/events.ts";
 import { serveEvents, syncConnections, tempDb } from "./helpers/loopback.ts";
 import { runCli, spawnCli, syncArgs } from "./helpers/cli.ts";
 import { asRun } from "../src/cli/program.ts";
@@ -255,4 +255,59 @@ Deno.test("the CLI run from a checkout says how to run it again: deno run -A and
   assert.match(r.stderr, /\(see 'deno run -A \S*cli\.ts sync --help'\)/);
   const help = await runCli(["serve", "--help"]);
   assert.match(help.stdout, /^Usage: deno run -A \S*cli\.ts serve --file/);
+});
+
+/**
+ * A TLS front for `server` on 127.0.0.1, with the test certificate for `localhost` (its CA is
+ * `tests/fixtures/test-ca.crt`): what a client sees of a public Jetstream's `wss://` endpoint.
+ */
+function tlsFront(port: number) {
+  const fixtures = new URL("./fixtures/", import.meta.url);
+  const listener = Deno.listenTls({
+    hostname: "127.0.0.1",
+    port: 0,
+    cert: Deno.readTextFileSync(new URL("localhost.crt", fixtures)),
+    key: Deno.readTextFileSync(new URL("localhost.key", fixtures)),
+  });
+  const open: Deno.Conn[] = [];
+  const serving = (async () => {
+    for await (const tls of listener) {
+      const plain = await Deno.connect({ hostname: "127.0.0.1", port });
+      open.push(tls, plain);
+      tls.readable.pipeTo(plain.writable).catch(() => {});
+      plain.readable.pipeTo(tls.writable).catch(() => {});
+    }
+  })().catch(() => {});
+  return {
+    port: (listener.addr as Deno.NetAddr).port,
+    ca: new URL("test-ca.crt", fixtures).pathname,
+    [Symbol.asyncDispose]: async () => {
+      listener.close();
+      for (const c of open) {
+        try {
+          c.close();
+        } catch { /* closed already */ }
+      }
+      await serving;
+    },
+  };
+}
+
+Deno.test("jetfill sync reads a wss:// instance (TLS, the public Jetstream's scheme) as it reads ws://", async () => {
+  const events = Array.from({ length: 3000 }, (_, i) => commit(T0 + i * 1000, { text: `é${i}`.repeat(20) }));
+  await using server = serveEvents(events, { closeAtEnd: true });
+  await using front = tlsFront(Number(new URL(server.url).port));
+  await using db = await tempDb();
+  const r = await runCli(
+    syncArgs(`wss://localhost:${front.port}/subscribe`, db.path, T0, "--json"),
+    [`--cert=${front.ca}`],
+  );
+  assert.equal(r.code, 0, r.stderr);
+  const stats = JSON.parse(r.stdout);
+  assert.equal(stats.stopReason, "closed");
+  assert.equal(stats.recordsStored, 3000);
+  assert.equal(stats.latestCursor, events[2999].time_us);
+  const messages = await drainQueue(db.path, stats.queueLength) as { seq: number; records: unknown[] }[];
+  assert.deepEqual(messages.sort((a, b) => a.seq - b.seq).flatMap((m) => m.records), events);
+  assert.ok(syncConnections(server).length >= 1);
 });
