@@ -23,7 +23,12 @@ export function programName(): string {
   if (exe !== "deno") return exe;
   const main = Deno.mainModule;
   if (!main.startsWith("file:") || !main.endsWith("/cli.ts")) return "jetfill";
-  const path = relative(Deno.cwd(), fileURLToPath(main));
+  let path = fileURLToPath(main);
+  try {
+    path = relative(Deno.cwd(), path);
+  } catch {
+    // No working directory (removed, or not readable): the absolute path.
+  }
   return `deno run -A ${/^[\w./@+-]+$/.test(path) ? path : JSON.stringify(path)}`;
 }
 
