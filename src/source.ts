@@ -76,6 +76,9 @@ export async function consumeStream(
   // Whether the guard knows the records stored at floorUs: a resume learns them from the checkpoint
   // (on the instance they came from), a run from storing them.
   let floorKnown = floorUs < 0;
+  // Where the events still needed begin (-1: at the start): the floor before any rewind. A rewind
+  // asks for more than is needed, so a server's history that begins within it is no gap.
+  let neededUs = floorUs;
   const tail = resumeFrom?.tail;
   if (
     floorUs >= 0 && tail?.us === floorUs && tail.keys && o.instances.includes(resumeFrom!.run.instance)
@@ -176,8 +179,8 @@ export async function consumeStream(
 
   // Coverage still to check: is the requested start (or the resume point) within the history of
   // the server about to be used? Checked before its first connection and after a long outage.
-  const from = floorUs >= 0 ? floorUs : o.startUs;
-  let coverage = from === undefined ? undefined : { fromUs: from, atStart: floorUs < 0 };
+  const from = neededUs >= 0 ? neededUs : o.startUs;
+  let coverage = from === undefined ? undefined : { fromUs: from, atStart: neededUs < 0 };
 
   while (!ctx.stop) {
     const base = o.instances[instanceIndex];
@@ -185,7 +188,7 @@ export async function consumeStream(
       !coverage && floorUs >= 0 && connections > 0 && performance.now() - disconnectedAt > o.idleTimeoutMs
     ) {
       // After an outage longer than the idle timeout the cursor may have fallen out of history.
-      coverage = { fromUs: floorUs, atStart: false };
+      coverage = { fromUs: neededUs, atStart: false };
     }
     connecting = base;
     if (coverage) {
@@ -280,7 +283,8 @@ export async function consumeStream(
       startUs,
       errorFrame: false,
       outdatedFrom: undefined,
-      requestedUs: bySeq ? undefined : cursor,
+      // A history that begins within a rewind is no gap: measured from what is still needed.
+      requestedUs: bySeq || cursor === undefined ? undefined : Math.max(cursor, neededUs),
       maxUs: -1,
       minUs: -1,
     };
@@ -294,6 +298,7 @@ export async function consumeStream(
     // instance's time (after a failover the two differ by up to the rewind).
     if (session.maxUs >= 0) {
       floorUs = Math.max(session.floorUs, session.maxUs);
+      neededUs = Math.max(neededUs, floorUs);
       floorKnown = true;
     }
     lastSpanUs = session.maxUs >= 0 && session.minUs >= 0 ? session.maxUs - session.minUs : 0;

@@ -311,3 +311,25 @@ Deno.test("a resume on another instance far from the start stores the events the
     reports.join("\n"),
   );
 });
+
+for (const version of ["v1", "v2"] as const) {
+  Deno.test(`a resume on another ${version} instance whose history begins within the rewind reports no gap`, async () => {
+    const events = Array.from({ length: 30 }, (_, i) => commit(T0 + i * 1_000_000, { did: did(i) }));
+    const serve = (historyStartUs?: number) =>
+      serveEvents(events, { version: version === "v2" ? "v2" : undefined, closeAtEnd: true, historyStartUs });
+    const url = (s: ReturnType<typeof serve>) => version === "v2" ? s.v2Url : s.url;
+    await using a = serve();
+    // Its history begins 3 s before the last record stored (event 14): inside the 5 s rewind, and
+    // nothing after that record is missing there.
+    await using b = serve(T0 + 11_000_000);
+    await using db = await tempDb();
+    await runBackfillSync({ instance: url(a), kv: db.path, startTimestamp: T0, numRecords: 15 });
+    const { resumed, reports } = await resumeOn(db.path, url(b));
+    assert.equal(resumed.coverageGapUs, 0, reports.join("\n"));
+    assert.equal(resumed.startClamped, false);
+    assert.ok(!reports.some((m) => /only holds events from/.test(m)), reports.join("\n"));
+    // (A v2 host's events carry its seq as `cursor`.)
+    const stored = (await queueEvents(db.path)).map(({ cursor: _, ...e }) => e as JetstreamEvent);
+    assert.deepEqual(stored, events);
+  });
+}
