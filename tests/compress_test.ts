@@ -95,6 +95,35 @@ Deno.test("runBackfillSync() counts and reports a frame that fails to decode, an
   assert.match(errors.find((e) => e.reason === "decode_failed")!.message, /could not be decoded/);
 });
 
+Deno.test("runBackfillSync() counts a frame that decodes past the decoder's limit as oversized, always reported", async () => {
+  const events = capture(30);
+  // 40 MiB of one letter: a frame of a few kilobytes that would decode past the 32 MiB limit.
+  const huge = commit(T0 + 15 * 1000 + 1, { did: did(1), text: "a".repeat(40 * 1024 * 1024) });
+  const all = [...events.slice(0, 16), huge, ...events.slice(16)];
+  const texts = all.map((e) => JSON.stringify(e));
+  const frames = await zstdFrames(texts, LEGACY_DICT);
+  const table = new Map(texts.map((t, i) => [t, frames[i]]));
+  await using server = serveEvents(all, { closeAtEnd: true, compressor: (text) => table.get(text)! });
+  await using db = await tempDb();
+  const errors: SyncErrorReport[] = [];
+  const stats = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    compress: true,
+    zstdDictionary: LEGACY_DICT,
+    startTimestamp: T0,
+    kinds: ["commit", "identity"],
+    wantedCollections: [],
+    onError: (e) => errors.push(e),
+  });
+  assert.equal(stats.recordsStored, 30);
+  assert.deepEqual(stats.skipped, { oversized: 1 });
+  assert.match(
+    errors.find((e) => e.reason === "oversized")!.message,
+    /^frame of \d+ bytes decodes to more than 33554432 bytes, over the 1048576-byte event limit \(maxEventBytes\)$/,
+  );
+});
+
 Deno.test("runBackfillSync() stops with a clear error when frames name another dictionary", async () => {
   const events = capture(20);
   await using server = serveEvents(events, {

@@ -6,6 +6,7 @@ import {
   type Frame,
   InvalidTextFrame,
   openConnection,
+  OversizedFrame,
 } from "../src/jetstream/socket.ts";
 import { runBackfillSync } from "../src/backfill.ts";
 import type { SyncErrorReport } from "../src/stats.ts";
@@ -418,24 +419,92 @@ Deno.test("`openRawConnection()` closes with 1002 on a masked server frame, rese
   }
 });
 
-Deno.test("`openRawConnection()` closes with 1009 on a message over `maxMessageBytes`, fragmented or not", async () => {
-  for (
-    const parts of [
-      [frame(1, "z".repeat(2000))],
-      [frame(1, "z".repeat(600), { fin: false }), frame(0, "z".repeat(600))],
-    ]
-  ) {
-    const seen: { close?: ClientFrame | null } = {};
+Deno.test("`openRawConnection()` skips a message over `maxMessageBytes`, fragmented or not, and reads on", async () => {
+  const big = '{"did":"did:plc:x","time_us":1764000000000001,"kind":"commit","commit":{"record":{"text":"' +
+    "z".repeat(600_000) + '"}}}';
+  const cases: { parts: Uint8Array[]; bytes: number; binary: boolean }[] = [
+    { parts: [frame(1, "z".repeat(2000))], bytes: 2000, binary: false },
+    { parts: [frame(2, new Uint8Array(1500).fill(7))], bytes: 1500, binary: true },
+    // Fragmented: over the limit only with its second part, and ended by an empty last part.
+    {
+      parts: [
+        frame(1, "z".repeat(600), { fin: false }),
+        frame(0, "z".repeat(600), { fin: false }),
+        frame(0, ""),
+      ],
+      bytes: 1200,
+      binary: false,
+    },
+    // Larger than the read buffer: skipped across many reads.
+    { parts: [frame(1, big)], bytes: big.length, binary: false },
+  ];
+  for (const { parts, bytes, binary } of cases) {
     await using srv = scripted(async (peer, handshake) => {
-      await peer.write(handshake, frame(1, "small"), ...parts);
-      seen.close = await peer.readFrame();
+      await peer.write(
+        handshake,
+        frame(1, "small"),
+        ...parts,
+        frame(1, "after"),
+        frame(8, new Uint8Array([3, 232])),
+      );
+      await peer.readFrame();
     });
     const conn = await openRawConnection(srv.url, { idleTimeoutMs: 5000, maxMessageBytes: 1000 });
-    assert.deepEqual(await drain(conn), ["small"]);
-    assert.deepEqual(conn.cause, { kind: "closed", code: 1009, reason: "message too big" });
+    const frames = await drain(conn);
+    assert.equal(frames.length, 3);
+    assert.equal(frames[0], "small");
+    const skipped = frames[1];
+    assert.ok(skipped instanceof OversizedFrame);
+    assert.deepEqual([skipped.byteLength, skipped.binary, skipped.limit], [bytes, binary, 1000]);
+    assert.ok(skipped.head.length > 0 && skipped.head.length <= 512);
+    assert.equal(frames[2], "after");
+    assert.deepEqual(conn.cause, { kind: "closed", code: 1000, reason: "" });
     await srv.done;
     await conn.closed();
-    assert.equal((seen.close!.payload[0] << 8) | seen.close!.payload[1], 1009);
+  }
+});
+
+Deno.test("runBackfillSync() counts an event too large to read as oversized and goes on past it", async () => {
+  const T = 1764000000000000;
+  const post = (i: number, text: string) =>
+    JSON.stringify({
+      did: "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa",
+      time_us: T + i,
+      kind: "commit",
+      commit: {
+        rev: `3l${i}`,
+        operation: "create",
+        collection: "app.bsky.feed.post",
+        rkey: `3k${i}`,
+        record: { text },
+      },
+    });
+  // 40 MiB: over the 32 MiB a connection reads, so it is not even held.
+  const lines = [post(1, "a"), post(2, "é".repeat(20 * 1024 * 1024)), post(3, "b")];
+  await using server = serveJetstream({ events: parseCapture(lines), closeAtEnd: true });
+  const dir = await Deno.makeTempDir();
+  try {
+    const reports: SyncErrorReport[] = [];
+    const stats = await runBackfillSync({
+      instance: server.url,
+      kv: `${dir}/q.sqlite`,
+      startTimestamp: T,
+      onError: (r) => reports.push(r),
+    });
+    assert.equal(stats.stopReason, "closed");
+    assert.equal(stats.recordsStored, 2);
+    assert.deepEqual(stats.skipped, { oversized: 1 });
+    assert.equal(stats.reconnects, 0);
+    assert.ok(
+      reports.some((r) =>
+        r.reason === "oversized" &&
+        /^event at time_us 1764000000000002 of 41943\d+ bytes is over the 33554432-byte limit of a message the connection reads; skipped unread$/
+          .test(r.message)
+      ),
+      JSON.stringify(reports),
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
   }
 });
 

@@ -15,7 +15,14 @@
  *
  * @module
  */
-import { type CloseCause, ConnectError, type Connection, type Frame, InvalidTextFrame } from "./socket.ts";
+import {
+  type CloseCause,
+  ConnectError,
+  type Connection,
+  type Frame,
+  InvalidTextFrame,
+  OversizedFrame,
+} from "./socket.ts";
 import { utf8Text } from "./utf8.ts";
 import { concat } from "../bytes.ts";
 
@@ -47,8 +54,8 @@ export interface RawConnectionOptions {
   /** Aborting it cancels the handshake, or closes the connection (cause `aborted`). */
   signal?: AbortSignal;
   /**
-   * The largest message accepted, fragments included; a larger one closes the connection with
-   * code 1009 (cause `closed`, code 1009).
+   * The largest message read, fragments included: a larger one is skipped as it arrives, without
+   * being held, and handed on as an `OversizedFrame`.
    *
    * @default {33554432}
    */
@@ -56,6 +63,8 @@ export interface RawConnectionOptions {
 }
 
 const READ_BUFFER_BYTES = 256 * 1024;
+/** How much of the start of a message skipped for its size is kept (to say which event it was). */
+const SKIPPED_HEAD_BYTES = 512;
 const DEFAULT_MAX_MESSAGE_BYTES = 32 * 1024 * 1024;
 /** Largest response head accepted in the handshake. */
 const MAX_HEAD_BYTES = 64 * 1024;
@@ -115,6 +124,11 @@ export class RawConnection implements Connection {
   #fragmentOpcode = 0;
   #fragments: Uint8Array[] = [];
   #fragmentBytes = 0;
+  /** The message being skipped for its size: what is known of it, and its frames still to come. */
+  #skipping: { bytes: number; binary: boolean; head: Uint8Array; fin: boolean } | undefined;
+  /** A frame of it is being skipped, and `#skipLeft` of its payload bytes have not arrived yet. */
+  #skipFrame = false;
+  #skipLeft = 0;
   /** A close frame or a protocol error was met: nothing after it is parsed. */
   #stopped = false;
   #reading = false;
@@ -254,7 +268,24 @@ export class RawConnection implements Connection {
     let pos = this.#head;
     let received = 0;
     this.#need = 0;
-    while (tail - pos >= 2) {
+    for (;;) {
+      if (this.#skipFrame) {
+        // The payload of a frame being skipped for its size: dropped as it comes.
+        const n = Math.min(this.#skipLeft, tail - pos);
+        pos += n;
+        this.#skipLeft -= n;
+        this.#skipping!.bytes += n;
+        received += n;
+        if (this.#skipLeft > 0) break;
+        this.#skipFrame = false;
+        const skipped = this.#skipping!;
+        if (skipped.fin) {
+          this.#skipping = undefined;
+          frames.push(new OversizedFrame(skipped.bytes, skipped.binary, this.#maxMessageBytes, skipped.head));
+          sizes.push(skipped.bytes);
+        }
+      }
+      if (tail - pos < 2) break;
       const b0 = buf[pos];
       const b1 = buf[pos + 1];
       if ((b0 & 0x70) !== 0 || (b1 & 0x80) !== 0) {
@@ -285,11 +316,52 @@ export class RawConnection implements Connection {
         this.#protocolError(1002, "fragmented or oversized control frame");
         return frames;
       }
+      if (this.#skipping !== undefined && opcode < 8) {
+        if (opcode !== 0) {
+          this.#head = pos;
+          this.bytesReceived += received;
+          this.#protocolError(1002, "new message inside a fragmented one");
+          return frames;
+        }
+        // The next part of a message being skipped.
+        this.#skipping.fin = (b0 & 0x80) !== 0;
+        this.#skipFrame = true;
+        this.#skipLeft = length;
+        pos = at;
+        continue;
+      }
       if (length > this.#maxMessageBytes - (opcode === 0 ? this.#fragmentBytes : 0)) {
-        this.#head = pos;
-        this.bytesReceived += received;
-        this.#protocolError(1009, "message too big");
-        return frames;
+        const refusal: [number, string] | undefined = !Number.isSafeInteger(length)
+          ? [1009, "message too big"]
+          : opcode > 2 && opcode < 8
+          ? [1002, `unknown opcode ${opcode}`]
+          : opcode !== 0 && this.#fragmentOpcode !== 0
+          ? [1002, "new message inside a fragmented one"]
+          : opcode === 0 && this.#fragmentOpcode === 0
+          ? [1002, "continuation without a message"]
+          : undefined;
+        if (refusal) {
+          this.#head = pos;
+          this.bytesReceived += received;
+          this.#protocolError(...refusal);
+          return frames;
+        }
+        // Too large to hold: skipped as it arrives (with what was held of it), and handed on as
+        // an OversizedFrame once its last part is through.
+        const first = opcode === 0 ? this.#fragments[0] : buf.subarray(at, Math.min(tail, at + length));
+        this.#skipping = {
+          bytes: opcode === 0 ? this.#fragmentBytes : 0,
+          binary: (opcode === 0 ? this.#fragmentOpcode : opcode) === 2,
+          head: first.slice(0, SKIPPED_HEAD_BYTES),
+          fin: (b0 & 0x80) !== 0,
+        };
+        this.#fragmentOpcode = 0;
+        this.#fragments = [];
+        this.#fragmentBytes = 0;
+        this.#skipFrame = true;
+        this.#skipLeft = length;
+        pos = at;
+        continue;
       }
       if (tail - at < length) {
         this.#need = at - pos + length;

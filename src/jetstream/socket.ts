@@ -28,8 +28,26 @@ export class InvalidTextFrame {
   constructor(readonly byteLength: number) {}
 }
 
-/** A frame as received: text (JSON), binary (zstd), or text that is not UTF-8. */
-export type Frame = string | ArrayBuffer | Uint8Array | InvalidTextFrame;
+/**
+ * A message larger than the connection reads (`maxMessageBytes`): jetfill's transport skips its
+ * payload as it arrives, without holding it, and hands this on so that the run counts it and goes
+ * on (closing with 1009 would only bring the same message back on the reconnect).
+ */
+export class OversizedFrame {
+  /**
+   * A message of `byteLength` payload bytes, over `limit`; `head` is the start of its payload, as
+   * far as it was at hand (enough to say which event it was).
+   */
+  constructor(
+    readonly byteLength: number,
+    readonly binary: boolean,
+    readonly limit: number,
+    readonly head: Uint8Array,
+  ) {}
+}
+
+/** A frame as received: text (JSON), binary (zstd), text that is not UTF-8, or one too large to read. */
+export type Frame = string | ArrayBuffer | Uint8Array | InvalidTextFrame | OversizedFrame;
 
 /** The common face of both transports. */
 export interface Connection {

@@ -6,10 +6,10 @@
  * @module
  */
 import type { JetstreamEvent } from "../jetstream/events.ts";
-import { type Connection, InvalidTextFrame } from "../jetstream/socket.ts";
+import { type Connection, InvalidTextFrame, OversizedFrame } from "../jetstream/socket.ts";
 import { utf8Length, utf8Text } from "../jetstream/utf8.ts";
 import { mapV2Frame, type V2Frame } from "../jetstream/v2.ts";
-import { ZstdDecodeError } from "../jetstream/zstd.ts";
+import { DEFAULT_MAX_DECODED_BYTES, ZstdDecodeError } from "../jetstream/zstd.ts";
 import type { BackfillSyncOptions } from "../options.ts";
 import type { SkipReason } from "../stats.ts";
 import { coverageGap, type RunContext, type SeqState, type Session, stopWith } from "./context.ts";
@@ -64,6 +64,14 @@ function storedYet(ctx: RunContext, t: number, instance: string): boolean {
     instance,
   });
   return true;
+}
+
+/** What a message too large to read was, as far as its start says. */
+function oversizedFrameMessage(frame: OversizedFrame): string {
+  const at = frame.binary ? undefined : /"time_us":(\d+)/.exec(new TextDecoder().decode(frame.head))?.[1];
+  return `${
+    frame.binary ? "binary frame" : `event ${at ? `at time_us ${at} ` : ""}`
+  }of ${frame.byteLength} bytes is over the ${frame.limit}-byte limit of a message the connection reads; skipped unread`;
 }
 
 /** The first event after an OutdatedCursor shows where the server's history starts. */
@@ -167,6 +175,9 @@ export async function readConnection(
         } else if (frame instanceof InvalidTextFrame) {
           skip("invalid_utf8", `text frame of ${frame.byteLength} bytes is not valid UTF-8`);
           continue;
+        } else if (frame instanceof OversizedFrame) {
+          skip("oversized", oversizedFrameMessage(frame));
+          continue;
         } else if (decode) {
           try {
             const raw = decode(frame instanceof Uint8Array ? frame : new Uint8Array(frame));
@@ -180,6 +191,14 @@ export async function readConnection(
             text = decoded;
             utf8Bytes = raw.byteLength;
           } catch (err) {
+            if (err instanceof ZstdDecodeError && err.reason === "too-large") {
+              // An event over any size this run stores: the event limit's business, not a bad frame.
+              skip(
+                "oversized",
+                `frame of ${frame.byteLength} bytes decodes to more than ${DEFAULT_MAX_DECODED_BYTES} bytes, over the ${o.maxEventBytes}-byte event limit (maxEventBytes)`,
+              );
+              continue;
+            }
             if (err instanceof ZstdDecodeError && err.reason === "dictionary-mismatch" && ++mismatches >= 5) {
               // Frame after frame naming another dictionary: a wrong dictionary, not a bad frame.
               stats.skip("decode_failed");
