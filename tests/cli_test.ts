@@ -3,7 +3,7 @@ import { queueKey } from "../src/queue/kv_queue.ts";
 import { commit, drainQueue } from "./helpers/events.ts";
 import { serveEvents, syncConnections, tempDb } from "./helpers/loopback.ts";
 import { runCli, spawnCli, syncArgs } from "./helpers/cli.ts";
-import { asRun } from "../src/cli/program.ts";
+import { asRun, counted } from "../src/cli/program.ts";
 
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
 const run = runCli;
@@ -247,6 +247,13 @@ Deno.test("help and suggested commands name the CLI as it is run: deno run -A cl
   );
   assert.equal(asRun(help, "jf$1"), help.replaceAll("jetfill ", "jf$1 "));
   assert.equal(asRun(help, "jetfill"), help);
+  assert.deepEqual([counted(0, "message"), counted(1, "message"), counted(2, "message")], [
+    "0 messages",
+    "1 message",
+    "2 messages",
+  ]);
+  assert.equal(counted(1, "failed delivery", "failed deliveries"), "1 failed delivery");
+  assert.equal(counted(3, "failed delivery", "failed deliveries"), "3 failed deliveries");
 });
 
 Deno.test("the CLI run from a checkout says how to run it again: deno run -A and the path of cli.ts", async () => {

@@ -14,14 +14,14 @@ import {
   type StopSignal,
 } from "./args.ts";
 import { pathExists } from "../fs.ts";
-import { asRun, programName } from "./program.ts";
+import { asRun, counted, programName } from "./program.ts";
 
 const HELP = `Usage: jetfill export [options]
 
 Write the events of a queue as NDJSON, one Jetstream event per line, to stdout or to a file: the
 event as stored, written by JSON.stringify (the same values as received; an escape such as \\u003c
-in a string comes out as the character it stands for). The output is a capture for 'jetfill serve
---file', so a sync can be replayed.
+in a string comes out as the character it stands for). The output is a capture for
+'jetfill serve --file', so a sync can be replayed.
 
 Export consumes the queue: a Deno KV queue cannot be read without taking its messages, so the
 events written leave the queue and a second export will not find them again. To keep the queue,
@@ -130,9 +130,17 @@ async function fileSink(path: string): Promise<{ sink: Sink; removed: number }> 
 
 /** The summary line printed on stderr. */
 export function exportSummary(r: ConsumeResult, out: string | undefined): string {
-  const parts = [`${r.records} events from ${r.messages} messages ${out ? `appended to ${out}` : "written"}`];
-  if (r.duplicates > 0) parts.push(`${r.duplicates} duplicate deliveries skipped`);
-  if (r.failures > 0) parts.push(`${r.failures} failed deliveries left to KV`);
+  const parts = [
+    `${counted(r.records, "event")} from ${counted(r.messages, "message")} ${
+      out ? `appended to ${out}` : "written"
+    }`,
+  ];
+  if (r.duplicates > 0) {
+    parts.push(`${counted(r.duplicates, "duplicate delivery", "duplicate deliveries")} skipped`);
+  }
+  if (r.failures > 0) {
+    parts.push(`${counted(r.failures, "failed delivery", "failed deliveries")} left to KV`);
+  }
   return `jetfill export: ${parts.join("; ")} (${r.elapsed.toFixed(1)} s)`;
 }
 

@@ -45,3 +45,11 @@ export function asRun(text: string, program: string = programName()): string {
   if (program === "jetfill") return text;
   return text.replace(/(^|[\s'`(])jetfill (?=<command>|[a-z]+\b)/gm, (_, before) => `${before}${program} `);
 }
+
+/**
+ * `n` and the noun, singular for one: `counted(1, "message")` is "1 message", `counted(2, "message")`
+ * "2 messages".
+ */
+export function counted(n: number, noun: string, plural = `${noun}s`): string {
+  return `${n} ${n === 1 ? noun : plural}`;
+}

@@ -9,7 +9,7 @@ import { openKvAt, queuesIn } from "../queue/kv_queue.ts";
 import { queueFileLocked, queueLockPath } from "../queue/file_lock.ts";
 import { isoFromUs } from "../time.ts";
 import { type FlagSpec, parseFlags, queueFlags } from "./args.ts";
-import { asRun } from "./program.ts";
+import { asRun, counted } from "./program.ts";
 
 const HELP = `Usage: jetfill status [options]
 
@@ -33,8 +33,8 @@ recordsPerDay ({ "YYYY-MM-DD": records }), writer (the sync holding the queue's 
 { run, since, lastSeen, lockFile }, or null when none does; a lastSeen over 10 s old is a crashed
 sync, unless it holds the lock file (lockFile true) and the lock file is held), lockFile ({ path,
 held }: held while a sync's process is alive, even paused; null when there is none to look at),
-lastRun ({ id, finishedAt, options, stats } with the sync's own statistics as 'jetfill sync
---json' printed them, or null).
+lastRun ({ id, finishedAt, options, stats } with the sync's own statistics as
+'jetfill sync --json' printed them, or null).
 
 Exit codes: 0 done, 1 runtime failure, 2 bad input (such as a database that does not exist).`;
 
@@ -82,10 +82,10 @@ export function formatStatus(s: QueueStatus, path: string, lockFile: StatusJson[
     `checkpoint          seq ${s.lastSeq}${
       s.checkpointUpdatedAt ? `, written ${s.checkpointUpdatedAt}` : ""
     }`,
-    `stored              ${s.recordsStored} records in ${s.messagesEnqueued} messages`,
-    `handled             ${s.recordsHandled} records in ${s.messagesHandled} messages`,
-    `waiting             ${s.recordsWaiting} records in ${s.messagesWaiting} messages`,
-    `dead letters        ${s.deadLetters} messages (${s.deadRecords} records)`,
+    `stored              ${counted(s.recordsStored, "record")} in ${counted(s.messagesEnqueued, "message")}`,
+    `handled             ${counted(s.recordsHandled, "record")} in ${counted(s.messagesHandled, "message")}`,
+    `waiting             ${counted(s.recordsWaiting, "record")} in ${counted(s.messagesWaiting, "message")}`,
+    `dead letters        ${counted(s.deadLetters, "message")} (${counted(s.deadRecords, "record")})`,
   ];
   const days = Object.entries(s.recordsPerDay).sort();
   lines.push(

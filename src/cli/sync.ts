@@ -16,7 +16,7 @@ import {
   readListFile,
   type StopSignal,
 } from "./args.ts";
-import { asRun, programName } from "./program.ts";
+import { asRun, counted, programName } from "./program.ts";
 
 const HELP = `Usage: jetfill sync [options]
 
@@ -150,7 +150,7 @@ export function formatSummary(s: SyncStats): string {
       s.latestCursor === null ? "-" : `${s.latestCursor} (${isoFromUs(s.latestCursor)})`
     }`,
     `current date        ${s.currentDate ?? "-"}`,
-    `queue length        ${s.queueLength} messages waiting`,
+    `queue length        ${counted(s.queueLength, "message")} waiting`,
   ];
   const days = Object.entries(s.recordsPerDay).sort();
   if (days.length > 0) lines.push(`records per day     ${days.map(([d, n]) => `${d}: ${n}`).join(", ")}`);
