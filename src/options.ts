@@ -204,6 +204,48 @@ export const DEFAULT_MAX_EVENT_BYTES = 1_048_576;
 /** What a queue name may be: it also names the default database file. */
 export const QUEUE_NAME: RegExp = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$/;
 
+/**
+ * The option a misspelt or shortened name most likely meant, as " (did you mean 'x'?)", or "" when
+ * none is close: one `aliases` gives for it (such as a CLI flag's name), one at most two edits
+ * away, or one the name begins (or that begins the name).
+ */
+export function didYouMean(
+  name: string,
+  options: readonly string[],
+  aliases: Readonly<Record<string, string>> = {},
+): string {
+  const lower = name.toLowerCase();
+  if (Object.hasOwn(aliases, lower)) return ` (did you mean '${aliases[lower]}'?)`;
+  let best: string | undefined;
+  let bestDistance = 3;
+  for (const option of options) {
+    const o = option.toLowerCase();
+    const d = lower.length >= 3 && (o.startsWith(lower) || lower.startsWith(o)) ? 1 : editDistance(lower, o);
+    if (d < bestDistance) {
+      best = option;
+      bestDistance = d;
+    }
+  }
+  return best === undefined ? "" : ` (did you mean '${best}'?)`;
+}
+
+/** Levenshtein distance between `a` and `b`. */
+function editDistance(a: string, b: string): number {
+  let previous = Array.from({ length: b.length + 1 }, (_, j) => j);
+  for (let i = 1; i <= a.length; i++) {
+    const current = [i];
+    for (let j = 1; j <= b.length; j++) {
+      current[j] = Math.min(
+        previous[j] + 1,
+        current[j - 1] + 1,
+        previous[j - 1] + (a[i - 1] === b[j - 1] ? 0 : 1),
+      );
+    }
+    previous = current;
+  }
+  return previous[b.length];
+}
+
 /** A value as an error message shows it: strings quoted, arrays by length, others as JSON. */
 export function show(value: unknown): string {
   if (typeof value === "string") return JSON.stringify(value);
@@ -240,6 +282,24 @@ const timestamp = (name: string) => z.union([z.string(), z.number(), z.date()], 
 
 const fn = (name: string) =>
   z.custom<(arg: never) => void>((v) => typeof v === "function", err(name, "a function"));
+
+/** The options that the CLI's flags (and other likely names) stand for. */
+const CLI_NAMES: Record<string, string> = {
+  did: "wantedDids",
+  dids: "wantedDids",
+  collection: "wantedCollections",
+  collections: "wantedCollections",
+  kind: "kinds",
+  start: "startTimestamp",
+  end: "endTimestamp",
+  limit: "numRecords",
+  queue: "queueName",
+  db: "kv",
+  database: "kv",
+  path: "kv",
+  instances: "instance",
+  url: "instance",
+};
 
 /** The shape of the options object; value-level checks follow in {@link resolveSyncOptions}. */
 export const SyncOptionsSchema = z.strictObject({
@@ -300,11 +360,11 @@ export const SyncOptionsSchema = z.strictObject({
     err("maxRetries", "a non-negative integer"),
   ).optional(),
 }, {
-  error: (iss) =>
+  error: (iss): string | undefined =>
     iss.code === "unrecognized_keys"
       ? `Cannot sync as ${iss.keys.map((k) => `'${k}'`).join(", ")} ${
         iss.keys.length === 1 ? "is not an option" : "are not options"
-      } of runBackfillSync()`
+      } of runBackfillSync()${didYouMean(iss.keys[0], Object.keys(SyncOptionsSchema.shape), CLI_NAMES)}`
       : iss.code === "invalid_type" && iss.expected === "object"
       ? `Cannot sync as the options must be an object: current value is ${show(iss.input)}`
       : undefined,

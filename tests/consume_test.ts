@@ -320,7 +320,15 @@ Deno.test("consume() rejects bad options with a UsageError that names them, befo
       `Cannot consume as 'queueName' must be 1 to 100 letters, digits, '_', '.' or '-', starting with a letter or digit: current value is "a/b"`,
     ],
     [{ handler, kv: {} }, "Cannot consume as 'kv' must be a Deno.Kv or a database path: current value is {}"],
-    [{ handler, untilEmtpy: true }, "Cannot consume as 'untilEmtpy' is not an option of consume()"],
+    [
+      { handler, untilEmtpy: true },
+      "Cannot consume as 'untilEmtpy' is not an option of consume() (did you mean 'untilEmpty'?)",
+    ],
+    [
+      { handler, queue: "q" },
+      "Cannot consume as 'queue' is not an option of consume() (did you mean 'queueName'?)",
+    ],
+    [{ handler, zzz: 1 }, "Cannot consume as 'zzz' is not an option of consume()"],
     [null, "Cannot consume as the options must be an object: current value is null"],
   ];
   const before = [...Deno.readDirSync(".")].length;

@@ -84,7 +84,16 @@ Deno.test("resolveSyncOptions() names the bad value and what was expected", () =
   );
   rejects({ queueName: "../etc" }, /'queueName' must be .*"..\/etc"/);
   rejects({ batchSize: "100" }, /'batchSize' must be a positive integer: current value is "100"/);
-  rejects({ bogus: 1 }, /'bogus' is not an option of runBackfillSync\(\)/);
+  rejects({ bogus: 1 }, /'bogus' is not an option of runBackfillSync\(\)$/);
+  // A misspelling, or the CLI's name for it, gets the option it most likely meant.
+  rejects(
+    { wantedDid: [] },
+    /'wantedDid' is not an option of runBackfillSync\(\) \(did you mean 'wantedDids'\?\)$/,
+  );
+  rejects({ numrecords: 5 }, /\(did you mean 'numRecords'\?\)$/);
+  rejects({ limit: 5 }, /\(did you mean 'numRecords'\?\)$/);
+  rejects({ collections: [] }, /\(did you mean 'wantedCollections'\?\)$/);
+  rejects({ queue: "q" }, /\(did you mean 'queueName'\?\)$/);
 });
 
 Deno.test("resolveSyncOptions() says what a refused integer timestamp looks like, or what an integer is taken as", () => {
