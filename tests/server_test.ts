@@ -318,6 +318,18 @@ Deno.test("`serveJetstream()` replays everything for cursor 0 or a negative curs
   assert.equal(server.connections[1].params.cursor, -5);
 });
 
+Deno.test("`serveJetstream()` (legacy) takes a cursor in ms or seconds as a prefix of the µs keys, as its store does", async () => {
+  await using server = serve();
+  const from = (us: number) => EVENTS.filter((e) => e.timeUs >= us).map((e) => e.text);
+  // A 13-digit ms cursor: the keys with it as their prefix, and on.
+  const ms = Math.floor(EVENTS[1234].timeUs / 1000);
+  assert.ok(from(ms * 1000).length < LINES.length);
+  assert.deepEqual((await collectMessages(`${server.url}?cursor=${ms}`)).messages, from(ms * 1000));
+  // A 10-digit cursor in seconds, padded the same way.
+  const s = Math.floor(EVENTS[2000].timeUs / 1_000_000);
+  assert.deepEqual((await collectMessages(`${server.url}?cursor=${s}`)).messages, from(s * 1_000_000));
+});
+
 Deno.test("`serveJetstream()` sends nothing for a cursor in the future (live)", async () => {
   // "Now" is in the middle of the capture: a cursor after it means live, a cursor before replays.
   await using server = serve({ now: () => EVENTS[1500].timeUs });
@@ -444,6 +456,30 @@ Deno.test("`serveJetstream()` closes with 1000 and a reason on an invalid option
     assert.ok(new TextEncoder().encode(result.reason).length <= 123);
     assert.deepEqual(result.messages, []);
   }
+  // A reason too long for a close frame cannot be sent: the connection is dropped (1006), §2.
+  const long = await collectMessages(`${server.url}?requireHello=true`, {
+    send: [update({ wantedCollections: [`app.bsky.${"a".repeat(120)}*`] })],
+  });
+  assert.equal(long.code, 1006);
+  assert.deepEqual(long.messages, []);
+});
+
+Deno.test("`serveJetstream()` (legacy) ignores a client message over 10,000,000 bytes", async () => {
+  await using server = serve();
+  // A valid hello padded past the limit is ignored; the next one counts.
+  const padded = JSON.stringify({
+    type: "options_update",
+    payload: { wantedCollections: ["app.bsky.feed.like"] },
+    padding: "x".repeat(10_000_000),
+  });
+  const result = await collectMessages(`${server.url}?requireHello=true`, {
+    send: [padded, update({ wantedCollections: ["app.bsky.feed.post"] })],
+  });
+  assert.deepEqual(
+    result.messages,
+    lines((e) => e.kind !== "commit" || e.collection === "app.bsky.feed.post"),
+  );
+  assert.equal(server.connections[0].hellos.length, 1);
 });
 
 // --- connection lifetime -------------------------------------------------------------------------
@@ -459,20 +495,23 @@ Deno.test("`serveJetstream()` keeps the connection open after the capture unless
   assert.equal(server.connections[0].sent, 100);
 });
 
-Deno.test("`serveJetstream()` closes open connections with 1001 on shutdown or abort", async () => {
-  const controller = new AbortController();
-  const server = serve({ closeAtEnd: false, signal: controller.signal });
-  const pending = collectMessages(`${server.url}?cursor=${EVENTS[2999].timeUs}`, { timeoutMs: 3000 });
-  await waitFor(() => server.connections[0]?.sent === 1);
-  controller.abort();
-  const result = await pending;
-  await server.shutdown();
-  assert.equal(result.code, 1001);
-  assert.equal(result.reason, "server shutting down");
-  assert.equal(result.closedByClient, false);
-  assert.deepEqual(result.messages, [LINES[2999]]);
-  await assert.rejects(fetch(httpUrl(server.url)), TypeError);
-});
+for (const version of ["legacy", "v2"] as const) {
+  Deno.test(`\`serveJetstream()\` on shutdown or abort ${version === "v2" ? "closes connections with 1001, as the v2 server does" : "drops connections, as the legacy server does"}`, async () => {
+    const controller = new AbortController();
+    const server = serve({ closeAtEnd: false, signal: controller.signal, version });
+    const pending = collectMessages(`${server.url}?cursor=${EVENTS[2999].timeUs}`, { timeoutMs: 3000 });
+    await waitFor(() => server.connections[0]?.sent === 1);
+    controller.abort();
+    const result = await pending;
+    await server.shutdown();
+    // Protocol doc §5.3: legacy shutdown is abrupt (no close frame: 1006); v2 closes 1001.
+    assert.equal(result.code, version === "v2" ? 1001 : 1006);
+    assert.equal(result.reason, version === "v2" ? "server shutting down" : "");
+    assert.equal(result.closedByClient, false);
+    assert.equal(result.messages.length, 1);
+    await assert.rejects(fetch(httpUrl(server.url)), TypeError);
+  });
+}
 
 Deno.test("`serveJetstream()` records each connection's query, params, hellos and close", async () => {
   await using server = serve();

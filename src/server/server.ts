@@ -51,6 +51,7 @@ import {
   wants,
 } from "./options.ts";
 import { EventTable, type StartPlan, type Wire } from "./table.ts";
+import { utf8Length } from "../jetstream/utf8.ts";
 import { SUBSCRIBE_EVENTS_NSID, v2Error, type V2ErrorName, v2Garbage, v2Info } from "./v2_frames.ts";
 import {
   parseSubscribeEventsRequest,
@@ -252,7 +253,7 @@ export interface ConnectionRecord {
   startSeq?: number;
   /** v2 server: the seq of the last event sent, updated after each batch. */
   lastSeq?: number;
-  /** The `#info` notice sent before the events (`OutdatedCursor`, `FutureCursor`). */
+  /** The `#info` notice sent before the events (`OutdatedCursor`). */
   notice?: { name: string; message: string };
   /** The name of the terminal error frame sent (`errorAfter`). */
   errorFrame?: V2ErrorName;
@@ -297,8 +298,9 @@ export interface JetstreamServer {
   /** One record per subscription request, in arrival order (refused ones included). */
   connections: ConnectionRecord[];
   /**
-   * Stops listening, closes every connection (code 1001, `server shutting down`) and resolves once
-   * all sockets are released. Safe to call more than once.
+   * Stops listening, closes every connection (v2: code 1001, `server shutting down`; legacy: dropped
+   * without a close frame, as the legacy server does) and resolves once all sockets are released.
+   * Safe to call more than once.
    */
   shutdown(): Promise<void>;
   /** Same as {@linkcode JetstreamServer.shutdown}, for `await using`. */
@@ -319,6 +321,8 @@ const CHECK_EVERY = 64;
 const SUBSCRIBE_EVENTS_PATH = `/xrpc/${SUBSCRIBE_EVENTS_NSID}`;
 const GET_DICTIONARY_PATH = "/xrpc/network.bsky.jetstream.getZstdDictionary";
 const BOOTSTRAPPING = "service not ready: bootstrap in progress";
+/** Client messages over this size are ignored by the legacy server (protocol doc §2). */
+const LEGACY_IGNORED_MESSAGE_BYTES = 10_000_000;
 const ERROR_NAMES: readonly string[] = ["ConsumerTooSlow", "InternalError"];
 
 interface SessionConfig {
@@ -394,9 +398,15 @@ class Session {
   /** A client message on the legacy server. */
   #onText(text: string): void {
     if (this.#ws.closing) return;
+    // The legacy server reads any size, but ignores a message over 10,000,000 bytes (§2).
+    if (text.length > LEGACY_IGNORED_MESSAGE_BYTES / 3 && utf8Length(text) > LEGACY_IGNORED_MESSAGE_BYTES) {
+      return;
+    }
     const message = parseClientMessage(text);
     if (message.type === "invalid") {
-      this.#ws.close(1000, message.reason);
+      // A reason over the 123 bytes a close frame holds cannot be sent: the client sees 1006 (§2).
+      if (utf8Length(message.reason) > 123) this.#ws.abort();
+      else this.#ws.close(1000, message.reason);
       this.#wakeUp();
       return;
     }
@@ -431,9 +441,10 @@ class Session {
     }
   }
 
-  /** Starts closing with 1001; resolves when the connection is gone. */
+  /** Starts closing with 1001 (the legacy server just drops the connection); resolves when it is gone. */
   shutdown(): Promise<void> {
-    this.#ws.close(1001, "server shutting down");
+    if (this.#config.wire === "legacy") this.#ws.abort();
+    else this.#ws.close(1001, "server shutting down");
     this.#wakeUp();
     return this.done;
   }

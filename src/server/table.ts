@@ -192,21 +192,24 @@ export class EventTable {
   /**
    * Resolves a legacy-server `/subscribe` cursor (unix µs, inclusive): none → the floor ("live"
    * from the start of the history window), in the future → nothing, else the first event at or
-   * after it, never before the floor.
+   * after it, never before the floor. The legacy store compares its keys, `time_us` in decimal, as
+   * strings (protocol doc §1.1): a shorter cursor (seconds, milliseconds) acts as a prefix, that
+   * is, as if padded with zeros to the keys' 16 digits.
    */
   resolveLegacy(cursor: number | undefined, nowUs: number): StartPlan {
     if (cursor === undefined) return { start: this.floor, minTimeUs: -Infinity };
     if (cursor > nowUs) return { start: this.events.length, minTimeUs: -Infinity };
-    if (!this.sorted) return { start: this.floor, minTimeUs: cursor };
-    return { start: Math.max(this.floor, this.firstAtOrAfter(cursor)), minTimeUs: -Infinity };
+    const bound = cursor > 0 && cursor < 1e15 ? cursor * 10 ** (16 - String(cursor).length) : cursor;
+    if (!this.sorted) return { start: this.floor, minTimeUs: bound };
+    return { start: Math.max(this.floor, this.firstAtOrAfter(bound)), minTimeUs: -Infinity };
   }
 
   /**
    * Resolves a v2-server cursor (protocol doc §1.2, §1.3): below 1e15 a seq (0 means seq 1), else
    * unix µs. A seq below the floor is clamped on `/subscribe` and refused (`tooOld`) on
    * `subscribeEvents`; a time before the floor or before the capture is clamped, announced on
-   * `subscribeEvents` by an `OutdatedCursor` notice; a future seq means live (with a
-   * `FutureCursor` notice on `subscribeEvents`). `earlyReplayUs` reproduces
+   * `subscribeEvents` by an `OutdatedCursor` notice; a future seq means live (§1.3: no notice).
+   * `earlyReplayUs` reproduces
    * bluesky-social/jetstream#343: a time cursor starts that much earlier, silently.
    */
   resolveV2(cursor: number | undefined, wire: "v1" | "v2", nowUs: number, earlyReplayUs: number): StartPlan {
@@ -217,13 +220,6 @@ export class EventTable {
       const seq = Math.max(cursor, 1);
       if (seq >= this.nextSeq) {
         plan.start = end;
-        if (wire === "v2") {
-          plan.notice = {
-            name: "FutureCursor",
-            message:
-              `requested seq cursor ${cursor} is beyond this archive's next seq; starting at the live tip`,
-          };
-        }
       } else if (seq < this.floorSeq) {
         if (wire === "v2") {
           plan.tooOld = `cursor ${cursor} is older than the oldest available seq ${this.floorSeq}`;
