@@ -726,3 +726,36 @@ Deno.test("the package exports the server: the README's offline sync runs agains
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+for (const version of ["legacy", "v2"] as const) {
+  Deno.test(`\`serveJetstream()\` (${version}) pings every pingIntervalMs${version === "v2" ? " and drops a client whose pong is late" : "; pongs are not enforced"}`, async () => {
+    // A future cursor: a quiet live connection, which only pings keep busy.
+    await using server = serve({ version, closeAtEnd: false, pingIntervalMs: 100, pongTimeoutMs: 150 });
+    const quiet = `/subscribe?cursor=${Date.now() * 1000 + 3_600_000_000}`;
+    // A client that never answers pings.
+    const silent = await RawWebSocket.connect(server.port, quiet);
+    let pings = 0;
+    const started = performance.now();
+    let ended = false;
+    while (performance.now() - started < 700) {
+      const frame = await Promise.race([
+        silent.next(),
+        new Promise<"wait">((r) => setTimeout(() => r("wait"), 700)),
+      ]);
+      if (frame === "wait") break;
+      if (frame === null) {
+        ended = true;
+        break;
+      }
+      if (frame.opcode === 9) pings++;
+    }
+    silent.close();
+    assert.ok(pings >= 1, `${pings} pings`);
+    // v2: dropped once a pong is 150 ms late; legacy: still open after several unanswered pings.
+    assert.equal(ended, version === "v2", `ended: ${ended}, pings: ${pings}`);
+    if (version === "legacy") assert.ok(pings >= 3, `${pings} pings`);
+    // A client that answers (Deno's WebSocket does) stays.
+    const answering = await collectMessages(`ws://127.0.0.1:${server.port}${quiet}`, { timeoutMs: 600 });
+    assert.equal(answering.timedOut, true);
+  });
+}

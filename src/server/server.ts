@@ -128,6 +128,20 @@ export interface JetstreamServerOptions {
    */
   closeAtEnd?: boolean;
   /**
+   * How often a connection is pinged, ms (protocol doc §5.3: both servers ping every 30 s). The v2
+   * server drops a connection whose pong has not come `pongTimeoutMs` after the ping; the legacy
+   * server does not check.
+   *
+   * @default {30000}
+   */
+  pingIntervalMs?: number;
+  /**
+   * v2 server: how long a ping waits for its pong before the connection is dropped, ms.
+   *
+   * @default {5000}
+   */
+  pongTimeoutMs?: number;
+  /**
    * The clock deciding that a unix-µs cursor is in the future (and so means live), unix
    * microseconds.
    *
@@ -340,6 +354,8 @@ interface SessionConfig {
   plan: StartPlan;
   closeAtEnd: boolean;
   highWaterMark: number;
+  /** Ping every this many ms; on the v2 server, drop when the pong is this late (ms). */
+  ping: { intervalMs: number; pongTimeoutMs: number };
   faults: ResolvedFaults;
   /** Whether this connection is one of those that stall (`faults.stallConnections`). */
   stalls: boolean;
@@ -386,7 +402,28 @@ class Session {
     );
     this.#ws.sendRaw(handshake);
     const pump = this.#pump().catch(() => this.#ws.abort());
-    this.done = Promise.all([pump, this.#ws.finished]).then(() => {});
+    const pinging = this.#pingEvery(config.ping, config.wire !== "legacy");
+    this.done = Promise.all([pump, this.#ws.finished]).then(() => clearInterval(pinging));
+  }
+
+  /**
+   * Pings every `intervalMs` (§5.3); with `enforce` (the v2 server), a pong later than
+   * `pongTimeoutMs` drops the connection. A muted (stalled) connection sends no pings.
+   */
+  #pingEvery(ping: SessionConfig["ping"], enforce: boolean): ReturnType<typeof setInterval> {
+    const ws = this.#ws;
+    let pongTimer: ReturnType<typeof setTimeout> | undefined;
+    void ws.finished.then(() => clearTimeout(pongTimer));
+    return setInterval(() => {
+      if (ws.closing) return;
+      const sentAt = performance.now();
+      ws.ping();
+      if (!enforce || pongTimer !== undefined) return;
+      pongTimer = setTimeout(() => {
+        pongTimer = undefined;
+        if (ws.lastPongAt < sentAt) ws.abort();
+      }, ping.pongTimeoutMs);
+    }, ping.intervalMs);
   }
 
   #wakeUp(): void {
@@ -679,6 +716,8 @@ export function serveJetstream(options: JetstreamServerOptions): JetstreamServer
     now = () => Date.now() * 1000,
     compressor,
     highWaterMark = DEFAULT_HIGH_WATER_MARK,
+    pingIntervalMs = 30_000,
+    pongTimeoutMs = 5_000,
     version = "legacy",
     earlyReplayUs = 0,
     v2Compressor,
@@ -694,6 +733,14 @@ export function serveJetstream(options: JetstreamServerOptions): JetstreamServer
       `Cannot serve as 'port' must be an integer from 0 to 65535: current value is ${port}`,
     );
   }
+  for (const [name, ms] of [["pingIntervalMs", pingIntervalMs], ["pongTimeoutMs", pongTimeoutMs]] as const) {
+    if (!(ms > 0)) {
+      throw new RangeError(
+        `Cannot serve as '${name}' must be a positive number of ms: current value is ${ms}`,
+      );
+    }
+  }
+  const ping = { intervalMs: pingIntervalMs, pongTimeoutMs };
   if (!Number.isFinite(highWaterMark) || highWaterMark < 1) {
     throw new RangeError(
       `Cannot serve as 'highWaterMark' must be a positive number of bytes: current value is ${highWaterMark}`,
@@ -784,6 +831,7 @@ export function serveJetstream(options: JetstreamServerOptions): JetstreamServer
       plan,
       closeAtEnd,
       highWaterMark,
+      ping,
       faults,
       errorAfter,
     };
@@ -819,6 +867,7 @@ export function serveJetstream(options: JetstreamServerOptions): JetstreamServer
       plan,
       closeAtEnd,
       highWaterMark,
+      ping,
       faults,
       errorAfter,
     };

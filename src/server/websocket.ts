@@ -147,6 +147,14 @@ export class ServerWebSocket {
     return this.#closeSent || this.#finished || this.#muted;
   }
 
+  /** `performance.now()` when the client last answered a ping (a pong), or -1. */
+  lastPongAt = -1;
+
+  /** Sends a ping (an empty one), unless the connection is closing or muted. */
+  ping(): void {
+    if (!this.closing) this.#control(9, new Uint8Array(0));
+  }
+
   /**
    * Goes quiet for good, keeping the connection open (fault injection: a stalled server). Later
    * sends are refused, pings are no longer answered, and {@linkcode ServerWebSocket.close} drops the
@@ -447,7 +455,8 @@ export class ServerWebSocket {
       if (opcode === 8) this.#onClose(payload);
       else if (opcode === 9) {
         if (!this.#closeSent && !this.#muted) this.#control(10, payload);
-      } else if (opcode !== 10) throw new ProtocolError(1002, "unknown opcode");
+      } else if (opcode === 10) this.lastPongAt = performance.now();
+      else throw new ProtocolError(1002, "unknown opcode");
       return;
     }
     if (opcode === 0) {
