@@ -759,3 +759,20 @@ for (const version of ["legacy", "v2"] as const) {
     assert.equal(answering.timedOut, true);
   });
 }
+
+Deno.test("`serveJetstream()` drops a client that stops reading once a write has waited writeTimeoutMs", async () => {
+  // Enough to fill the socket buffers of a client that reads nothing.
+  const big = parseCapture(generateCapture({ count: 30_000, seed: SEED, startUs: START_US, stepUs: 1000 }));
+  await using server = serveJetstream({ events: big, closeAtEnd: false, writeTimeoutMs: 300 });
+  const stalled = await RawWebSocket.connect(server.port, "/subscribe?cursor=0");
+  try {
+    await waitFor(() => server.connections[0]?.closeCode !== undefined, 10_000);
+    assert.equal(server.connections[0].closeCode, 1006);
+    assert.ok(server.connections[0].sent < big.length, `${server.connections[0].sent} sent`);
+  } finally {
+    stalled.close();
+  }
+  // A reading client gets everything.
+  const reader = await collectMessages(`${server.url}?cursor=0`, { count: big.length, timeoutMs: 20_000 });
+  assert.equal(reader.messages.length, big.length);
+});

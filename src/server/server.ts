@@ -142,6 +142,13 @@ export interface JetstreamServerOptions {
    */
   pongTimeoutMs?: number;
   /**
+   * A write to a client that has not completed after this long drops the client without a close
+   * frame, ms (protocol doc §5.3: the legacy server's 10 s write deadline, the v2 server's 5 s).
+   *
+   * @default {10000 (legacy), 5000 (v2)}
+   */
+  writeTimeoutMs?: number;
+  /**
    * The clock deciding that a unix-µs cursor is in the future (and so means live), unix
    * microseconds.
    *
@@ -356,6 +363,8 @@ interface SessionConfig {
   highWaterMark: number;
   /** Ping every this many ms; on the v2 server, drop when the pong is this late (ms). */
   ping: { intervalMs: number; pongTimeoutMs: number };
+  /** A write to the client that takes longer drops it (ms). */
+  writeTimeoutMs: number;
   faults: ResolvedFaults;
   /** Whether this connection is one of those that stall (`faults.stallConnections`). */
   stalls: boolean;
@@ -398,7 +407,10 @@ class Session {
       config.wire === "v2"
         ? { onText: refuse, onBinary: refuse, onClose }
         : { onText: (text) => config.wire === "v1" ? this.#onTextV2(text) : this.#onText(text), onClose },
-      config.wire === "v1" ? { maxMessageBytes: V2_MAX_CLIENT_MESSAGE_BYTES } : {},
+      {
+        ...(config.wire === "v1" ? { maxMessageBytes: V2_MAX_CLIENT_MESSAGE_BYTES } : {}),
+        writeTimeoutMs: config.writeTimeoutMs,
+      },
     );
     this.#ws.sendRaw(handshake);
     const pump = this.#pump().catch(() => this.#ws.abort());
@@ -718,6 +730,7 @@ export function serveJetstream(options: JetstreamServerOptions): JetstreamServer
     highWaterMark = DEFAULT_HIGH_WATER_MARK,
     pingIntervalMs = 30_000,
     pongTimeoutMs = 5_000,
+    writeTimeoutMs,
     version = "legacy",
     earlyReplayUs = 0,
     v2Compressor,
@@ -733,7 +746,13 @@ export function serveJetstream(options: JetstreamServerOptions): JetstreamServer
       `Cannot serve as 'port' must be an integer from 0 to 65535: current value is ${port}`,
     );
   }
-  for (const [name, ms] of [["pingIntervalMs", pingIntervalMs], ["pongTimeoutMs", pongTimeoutMs]] as const) {
+  for (
+    const [name, ms] of [
+      ["pingIntervalMs", pingIntervalMs],
+      ["pongTimeoutMs", pongTimeoutMs],
+      ["writeTimeoutMs", writeTimeoutMs ?? 1],
+    ] as const
+  ) {
     if (!(ms > 0)) {
       throw new RangeError(
         `Cannot serve as '${name}' must be a positive number of ms: current value is ${ms}`,
@@ -832,6 +851,7 @@ export function serveJetstream(options: JetstreamServerOptions): JetstreamServer
       closeAtEnd,
       highWaterMark,
       ping,
+      writeTimeoutMs: writeTimeoutMs ?? (version === "legacy" ? 10_000 : 5_000),
       faults,
       errorAfter,
     };
@@ -868,6 +888,7 @@ export function serveJetstream(options: JetstreamServerOptions): JetstreamServer
       closeAtEnd,
       highWaterMark,
       ping,
+      writeTimeoutMs: writeTimeoutMs ?? (version === "legacy" ? 10_000 : 5_000),
       faults,
       errorAfter,
     };

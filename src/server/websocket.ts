@@ -54,6 +54,13 @@ export interface ServerWebSocketOptions {
    * @default {2000}
    */
   closeTimeoutMs?: number;
+  /**
+   * A write to the client that has not completed after this long drops the connection without a
+   * close frame (the real servers' per-frame write deadline: a client that stops reading is let go).
+   *
+   * @default {Infinity}
+   */
+  writeTimeoutMs?: number;
 }
 
 const BATCH_BYTES = 128 * 1024;
@@ -93,6 +100,7 @@ export class ServerWebSocket {
   readonly #handlers: WebSocketHandlers;
   readonly #maxMessageBytes: number;
   readonly #closeTimeoutMs: number;
+  readonly #writeTimeoutMs: number;
   /** Batch being filled. */
   #batch = new Uint8Array(BATCH_BYTES);
   #batchLen = 0;
@@ -133,6 +141,7 @@ export class ServerWebSocket {
     this.#handlers = handlers;
     this.#maxMessageBytes = options.maxMessageBytes ?? 16 * 1024 * 1024;
     this.#closeTimeoutMs = options.closeTimeoutMs ?? 2000;
+    this.#writeTimeoutMs = options.writeTimeoutMs ?? Number.POSITIVE_INFINITY;
     this.finished = new Promise((resolve) => this.#resolveFinished = resolve);
     this.#read(initial).catch(() => this.#finish(1006, ""));
   }
@@ -199,7 +208,7 @@ export class ServerWebSocket {
       while (this.#queue.length > 0 && !this.#finished) {
         const chunk = this.#queue[0];
         let off = 0;
-        while (off < chunk.length) off += await this.#conn.write(chunk.subarray(off));
+        while (off < chunk.length) off += await this.#timedWrite(chunk.subarray(off));
         this.#queue.shift();
         this.#queued -= chunk.length;
         if (chunk.buffer.byteLength === BATCH_BYTES && this.#spare.length < SPARE_BATCHES) {
@@ -219,6 +228,18 @@ export class ServerWebSocket {
     if (this.#closeSent && this.#closeReceived && this.bufferedAmount === 0) {
       this.#finish(this.#closeReceived.code, this.#closeReceived.reason);
     }
+  }
+
+  /** One write, failing once it has taken longer than the write timeout. */
+  #timedWrite(bytes: Uint8Array): Promise<number> {
+    const writing = this.#conn.write(bytes);
+    if (!Number.isFinite(this.#writeTimeoutMs)) return writing;
+    writing.catch(() => {});
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const late = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new Error("write timeout")), this.#writeTimeoutMs);
+    });
+    return Promise.race([writing, late]).finally(() => clearTimeout(timer));
   }
 
   #wakeDrainers(): void {
