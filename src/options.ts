@@ -209,7 +209,7 @@ export const QUEUE_NAME: RegExp = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$/;
  * none is close: one `aliases` gives for it (such as a CLI flag's name), one at most two edits
  * away, or one the name begins (or that begins the name).
  */
-export function didYouMean(
+function didYouMean(
   name: string,
   options: readonly string[],
   aliases: Readonly<Record<string, string>> = {},
@@ -244,6 +244,29 @@ function editDistance(a: string, b: string): number {
     previous = current;
   }
   return previous[b.length];
+}
+
+/**
+ * The error of an options object's schema for what is wrong with the object itself: a name that is
+ * not an option (with the one it most likely meant), or not an object at all. "Cannot `verb` as …".
+ */
+export function optionsObjectError(
+  verb: string,
+  fn: string,
+  options: () => readonly string[],
+  aliases: Readonly<Record<string, string>> = {},
+): (issue: { code?: string; keys?: string[]; expected?: string; input?: unknown }) => string | undefined {
+  return (iss) => {
+    if (iss.code === "unrecognized_keys" && iss.keys) {
+      return `Cannot ${verb} as ${iss.keys.map((k) => `'${k}'`).join(", ")} ${
+        iss.keys.length === 1 ? "is not an option" : "are not options"
+      } of ${fn}${didYouMean(iss.keys[0], options(), aliases)}`;
+    }
+    if (iss.code === "invalid_type" && iss.expected === "object") {
+      return `Cannot ${verb} as the options must be an object: current value is ${show(iss.input)}`;
+    }
+    return undefined;
+  };
 }
 
 /** A value as an error message shows it: strings quoted, arrays by length, others as JSON. */
@@ -360,14 +383,12 @@ export const SyncOptionsSchema = z.strictObject({
     err("maxRetries", "a non-negative integer"),
   ).optional(),
 }, {
-  error: (iss): string | undefined =>
-    iss.code === "unrecognized_keys"
-      ? `Cannot sync as ${iss.keys.map((k) => `'${k}'`).join(", ")} ${
-        iss.keys.length === 1 ? "is not an option" : "are not options"
-      } of runBackfillSync()${didYouMean(iss.keys[0], Object.keys(SyncOptionsSchema.shape), CLI_NAMES)}`
-      : iss.code === "invalid_type" && iss.expected === "object"
-      ? `Cannot sync as the options must be an object: current value is ${show(iss.input)}`
-      : undefined,
+  error: optionsObjectError(
+    "sync",
+    "runBackfillSync()",
+    (): string[] => Object.keys(SyncOptionsSchema.shape),
+    CLI_NAMES,
+  ),
 });
 
 /**

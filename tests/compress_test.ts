@@ -100,10 +100,10 @@ Deno.test("runBackfillSync() counts a frame that decodes past the decoder's limi
   // 40 MiB of one letter: a frame of a few kilobytes that would decode past the 32 MiB limit.
   const huge = commit(T0 + 15 * 1000 + 1, { did: did(1), text: "a".repeat(40 * 1024 * 1024) });
   const all = [...events.slice(0, 16), huge, ...events.slice(16)];
-  const texts = all.map((e) => JSON.stringify(e));
-  const frames = await zstdFrames(texts, LEGACY_DICT);
-  const table = new Map(texts.map((t, i) => [t, frames[i]]));
-  await using server = serveEvents(all, { closeAtEnd: true, compressor: (text) => table.get(text)! });
+  await using server = serveEvents(all, {
+    closeAtEnd: true,
+    compressor: await cliCompressor(all, LEGACY_DICT),
+  });
   await using db = await tempDb();
   const errors: SyncErrorReport[] = [];
   const stats = await runBackfillSync({

@@ -60,7 +60,7 @@ import { decodeQueueMessage, isQueueMessage, type QueueMessage } from "./message
 import { isoFromUs } from "../time.ts";
 import { pathExists } from "../fs.ts";
 import { UsageError } from "../errors.ts";
-import { didYouMean, QUEUE_NAME, show } from "../options.ts";
+import { optionsObjectError, QUEUE_NAME, show } from "../options.ts";
 import { z } from "zod";
 
 /**
@@ -312,19 +312,12 @@ const ConsumeOptionsSchema = z.strictObject({
     because("onError", "a function"),
   ).optional(),
 }, {
-  error: (iss): string | undefined =>
-    iss.code === "unrecognized_keys"
-      ? `Cannot consume as ${iss.keys.map((k) => `'${k}'`).join(", ")} ${
-        iss.keys.length === 1 ? "is not an option" : "are not options"
-      } of consume()${
-        didYouMean(iss.keys[0], Object.keys(ConsumeOptionsSchema.shape), {
-          timeout: "handlerTimeout",
-          queue: "queueName",
-        })
-      }`
-      : iss.code === "invalid_type" && iss.expected === "object"
-      ? `Cannot consume as the options must be an object: current value is ${show(iss.input)}`
-      : undefined,
+  error: optionsObjectError(
+    "consume",
+    "consume()",
+    (): string[] => Object.keys(ConsumeOptionsSchema.shape),
+    { timeout: "handlerTimeout", queue: "queueName" },
+  ),
 });
 
 // Databases consume() closed: a delivery that still arrives from one is left to KV.
