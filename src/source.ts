@@ -98,12 +98,13 @@ export async function consumeStream(
       floorUs -= o.rewindUs;
       floorKnown = true;
       // The start too is a time of the first instance: here an event stored after it can come a
-      // little before it. Within the rewind, what was stored is recognised. Near the start (time_us
-      // of the two instances within a rewind of each other), new events before the first of those
-      // can be ones the first instance had before its start: they are left out, and the ones after
-      // it are let in whatever their time here. Further on, new events are ones the first instance
-      // left out, and are stored. (Past the cursor plus the rewind without a record recognised, the
-      // wait ends with a warning: this instance lacks them, and may lack events around the cursor.)
+      // little before it. Within the rewind, what was stored is recognised. Near the start (a cursor
+      // less than two rewinds after it, as the instances' time_us differ by up to one), new events
+      // before the first of those can be ones the first instance had before its start: they are
+      // left out, and the ones after it are let in whatever their time here. Further on, new events
+      // are ones the first instance left out, and are stored. (Past the cursor plus the rewind
+      // without a record recognised, the wait ends with a warning: this instance lacks them, and may
+      // lack events around the cursor.)
       startUs -= o.rewindUs;
       ctx.awaitStoredUntilUs = resumeFrom!.cursor + o.rewindUs;
       ctx.awaitDrops = o.startUs !== undefined && resumeFrom!.cursor - o.startUs < 2 * o.rewindUs;
