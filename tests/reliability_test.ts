@@ -6,6 +6,8 @@ import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
 import type { SyncErrorReport } from "../src/stats.ts";
 import { commit, did, drainQueue, identity } from "./helpers/events.ts";
 import { serveEvents, syncConnections, tempDb } from "./helpers/loopback.ts";
+import { patchAtomic } from "./helpers/kv_patch.ts";
+import { delay } from "../src/async.ts";
 
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
 
@@ -50,6 +52,38 @@ Deno.test("runBackfillSync() reconnects after abrupt drops and stores every even
   // Each reconnect resumed from the last processed event, inclusive.
   const queries = syncConnections(server).map((c) => c.query);
   assert.ok(queries.slice(1).every((q) => /cursor=\d{16}/.test(q)));
+});
+
+Deno.test("runBackfillSync() held up by slow commits is dropped by the server's write deadline, and loses and repeats nothing", async () => {
+  // 40,000 events (about 10 MB), more than the socket buffers hold; each commit takes 250 ms, so the
+  // sync stops reading for longer than the server's 200 ms write deadline, which drops it (1006).
+  const events = capture(40_000);
+  await using server = serveEvents(events, { closeAtEnd: true, writeTimeoutMs: 200 });
+  await using db = await tempDb();
+  const real = await Deno.openKv(db.path);
+  try {
+    const slow = patchAtomic(real, (op, commit) => {
+      op.commit = async () => {
+        await delay(250);
+        return await commit();
+      };
+    });
+    const stats = await runBackfillSync({
+      instance: server.url,
+      kv: slow,
+      startTimestamp: T0,
+      numRecords: 100_000,
+      batchSize: 1000,
+      onError: () => {},
+    });
+    assert.equal(stats.stopReason, "closed");
+    assert.ok(stats.reconnects >= 1, `reconnects: ${stats.reconnects}`);
+    assert.ok(server.connections.some((c) => c.closeCode === 1006), "the server dropped a slow reader");
+    assert.equal(stats.recordsStored, posts(events).length);
+    assert.deepEqual(await stored(db.path, stats.queueLength), posts(events));
+  } finally {
+    real.close();
+  }
 });
 
 Deno.test("runBackfillSync() keeps an event that shares its time_us with the last one before a drop", async () => {
