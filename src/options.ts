@@ -203,6 +203,13 @@ export const DEFAULT_MAX_EVENT_BYTES = 1_048_576;
 
 /** What a queue name may be: it also names the default database file. */
 export const QUEUE_NAME: RegExp = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$/;
+/** {@link QUEUE_NAME} in words, for error messages. */
+export const QUEUE_NAME_RULE = "1 to 100 letters, digits, '_', '.' or '-', starting with a letter or digit";
+
+/** Whether `v` is a `Deno.Kv` (false where KV is not enabled, as no `Deno.Kv` can exist there). */
+export function isDenoKv(v: unknown): v is Deno.Kv {
+  return typeof Deno.Kv === "function" && v instanceof Deno.Kv;
+}
 
 /**
  * The option a misspelt or shortened name most likely meant, as " (did you mean 'x'?)", or "" when
@@ -340,7 +347,7 @@ export const SyncOptionsSchema = z.strictObject({
   ).optional(),
   queueName: z.string(err("queueName", "a name of letters, digits, '_', '.' or '-'")).refine(
     (s) => QUEUE_NAME.test(s),
-    err("queueName", "1 to 100 letters, digits, '_', '.' or '-', starting with a letter or digit"),
+    err("queueName", QUEUE_NAME_RULE),
   ).optional(),
   batchSize: positiveInt("batchSize").refine((n) => n <= 10_000, err("batchSize", "at most 10000"))
     .optional(),
@@ -359,7 +366,7 @@ export const SyncOptionsSchema = z.strictObject({
   kv: z.union(
     [
       z.string().min(1, err("kv", "a Deno.Kv or a database path")),
-      z.custom<Deno.Kv>((v) => typeof Deno.Kv === "function" && v instanceof Deno.Kv),
+      z.custom<Deno.Kv>(isDenoKv),
     ],
     err(
       "kv",

@@ -563,16 +563,26 @@ Deno.test("runBackfillSync() measures maxEventBytes in UTF-8 bytes, not characte
   assert.deepEqual((await stored(db.path, stats.queueLength)).events, [events[0], ascii]);
 });
 
-Deno.test("runBackfillSync() reports the percent of the window when only an end is given", async () => {
+/** A sync of `capture()` from a server that stays open, with `options`, and its progress reports. */
+async function syncWithProgress(
+  options: BackfillSyncOptions,
+): Promise<{ stats: SyncStats; progress: SyncProgress[] }> {
   await using server = serveEvents(capture());
   await using db = await tempDb();
   const progress: SyncProgress[] = [];
   const stats = await runBackfillSync({
     instance: server.url,
     kv: db.path,
+    ...options,
+    onProgress: (p) => progress.push(p),
+  });
+  return { stats, progress };
+}
+
+Deno.test("runBackfillSync() reports the percent of the window when only an end is given", async () => {
+  const { stats, progress } = await syncWithProgress({
     endTimestamp: T0 + 100 * MINUTE,
     wantedCollections: [],
-    onProgress: (p) => progress.push(p),
   });
   assert.equal(stats.stopReason, "end");
   const last = progress.at(-1)!;
@@ -591,16 +601,10 @@ async function lastRunOf(path: string) {
 
 Deno.test("runBackfillSync() reports progress while events come, not only when it commits", async () => {
   // Nothing is selected, so nothing is committed; the server stays open and quiet after its events.
-  await using server = serveEvents(capture());
-  await using db = await tempDb();
-  const progress: SyncProgress[] = [];
-  const stats = await runBackfillSync({
-    instance: server.url,
-    kv: db.path,
+  const { stats, progress } = await syncWithProgress({
     startTimestamp: T0,
     wantedCollections: ["app.bsky.graph.block"],
     maxTime: 1.2,
-    onProgress: (p) => progress.push(p),
   });
   assert.equal(stats.stopReason, "max_time");
   assert.equal(stats.recordsStored, 0);

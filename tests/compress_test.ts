@@ -3,7 +3,7 @@ import { runBackfillSync } from "../src/backfill.ts";
 import { UsageError } from "../src/errors.ts";
 import type { JetstreamEvent } from "../src/jetstream/events.ts";
 import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
-import type { SyncErrorReport } from "../src/stats.ts";
+import type { SyncErrorReport, SyncStats } from "../src/stats.ts";
 import { commit, did, drainQueue, identity } from "./helpers/events.ts";
 import { serveEvents, syncConnections, tempDb } from "./helpers/loopback.ts";
 import { LEGACY_DICT, V2_DICT, zstdFrames } from "./helpers/zstd_cli.ts";
@@ -67,6 +67,29 @@ for (const noContentSize of [false, true]) {
   });
 }
 
+/**
+ * A compressed sync of every commit and identity event from `url` with the legacy dictionary (as a
+ * path, or as bytes), and what it reported.
+ */
+async function syncCompressed(
+  url: string,
+  dictionary: string | Uint8Array = LEGACY_DICT,
+): Promise<{ stats: SyncStats; errors: SyncErrorReport[] }> {
+  await using db = await tempDb();
+  const errors: SyncErrorReport[] = [];
+  const stats = await runBackfillSync({
+    instance: url,
+    kv: db.path,
+    compress: true,
+    zstdDictionary: dictionary,
+    startTimestamp: T0,
+    kinds: ["commit", "identity"],
+    wantedCollections: [],
+    onError: (e) => errors.push(e),
+  });
+  return { stats, errors };
+}
+
 Deno.test("runBackfillSync() counts and reports a frame that fails to decode, and goes on", async () => {
   const events = capture(50);
   const good = await cliCompressor(events, LEGACY_DICT);
@@ -77,18 +100,7 @@ Deno.test("runBackfillSync() counts and reports a frame that fails to decode, an
     compressor: (text) =>
       text === bad ? new Uint8Array([0x28, 0xb5, 0x2f, 0xfd, 1, 2, 3, 4, 5, 6, 7]) : good(text),
   });
-  await using db = await tempDb();
-  const errors: SyncErrorReport[] = [];
-  const stats = await runBackfillSync({
-    instance: server.url,
-    kv: db.path,
-    compress: true,
-    zstdDictionary: await Deno.readFile(LEGACY_DICT),
-    startTimestamp: T0,
-    kinds: ["commit", "identity"],
-    wantedCollections: [],
-    onError: (e) => errors.push(e),
-  });
+  const { stats, errors } = await syncCompressed(server.url, await Deno.readFile(LEGACY_DICT));
   assert.equal(stats.recordsStored, 49);
   assert.deepEqual(stats.skipped, { decode_failed: 1 });
   assert.equal(errors.filter((e) => e.reason === "decode_failed").length, 1);
@@ -104,18 +116,7 @@ Deno.test("runBackfillSync() counts a frame that decodes past the decoder's limi
     closeAtEnd: true,
     compressor: await cliCompressor(all, LEGACY_DICT),
   });
-  await using db = await tempDb();
-  const errors: SyncErrorReport[] = [];
-  const stats = await runBackfillSync({
-    instance: server.url,
-    kv: db.path,
-    compress: true,
-    zstdDictionary: LEGACY_DICT,
-    startTimestamp: T0,
-    kinds: ["commit", "identity"],
-    wantedCollections: [],
-    onError: (e) => errors.push(e),
-  });
+  const { stats, errors } = await syncCompressed(server.url);
   assert.equal(stats.recordsStored, 30);
   assert.deepEqual(stats.skipped, { oversized: 1 });
   assert.match(

@@ -14,6 +14,7 @@ import { parseCapture } from "../src/server/capture.ts";
 import { acceptWebSocket, readRequestHead } from "../src/server/http1.ts";
 import { serveJetstream } from "../src/server/server.ts";
 import { generateCapture } from "../src/server/synth.ts";
+import { commit, did } from "./helpers/events.ts";
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
@@ -466,19 +467,7 @@ Deno.test("`openRawConnection()` skips a message over `maxMessageBytes`, fragmen
 
 Deno.test("runBackfillSync() counts an event too large to read as oversized and goes on past it", async () => {
   const T = 1764000000000000;
-  const post = (i: number, text: string) =>
-    JSON.stringify({
-      did: "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa",
-      time_us: T + i,
-      kind: "commit",
-      commit: {
-        rev: `3l${i}`,
-        operation: "create",
-        collection: "app.bsky.feed.post",
-        rkey: `3k${i}`,
-        record: { text },
-      },
-    });
+  const post = (i: number, text: string) => JSON.stringify(commit(T + i, { did: did(i), text }));
   // 40 MiB: over the 32 MiB a connection reads, so it is not even held.
   const lines = [post(1, "a"), post(2, "é".repeat(20 * 1024 * 1024)), post(3, "b")];
   await using server = serveJetstream({ events: parseCapture(lines), closeAtEnd: true });

@@ -7,7 +7,7 @@
 import { parseArgs, type ParseArgsConfig } from "node:util";
 import { UsageError } from "../errors.ts";
 import { defaultKvPath, localDatabasePath } from "../queue/kv_queue.ts";
-import { QUEUE_NAME } from "../options.ts";
+import { QUEUE_NAME, QUEUE_NAME_RULE } from "../options.ts";
 import { programName } from "./program.ts";
 
 /** Flag definitions in `parseArgs` form. */
@@ -57,9 +57,7 @@ export function queueFlags(v: Record<string, unknown>): { queue: string; path: s
   const queue = (v["queue-name"] as string | undefined) ?? "jetstream_sync";
   if (!QUEUE_NAME.test(queue)) {
     throw new UsageError(
-      `--queue-name must be 1 to 100 letters, digits, '_', '.' or '-', starting with a letter or digit: current value is ${
-        JSON.stringify(queue)
-      }`,
+      `--queue-name must be ${QUEUE_NAME_RULE}: current value is ${JSON.stringify(queue)}`,
     );
   }
   const given = (v.kv as string | undefined) ?? defaultKvPath(queue);

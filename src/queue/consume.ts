@@ -60,7 +60,7 @@ import { decodeQueueMessage, isQueueMessage, type QueueMessage } from "./message
 import { isoFromUs } from "../time.ts";
 import { pathExists } from "../fs.ts";
 import { UsageError } from "../errors.ts";
-import { optionsObjectError, QUEUE_NAME, show } from "../options.ts";
+import { isDenoKv, optionsObjectError, QUEUE_NAME, QUEUE_NAME_RULE, show } from "../options.ts";
 import { z } from "zod";
 
 /**
@@ -285,13 +285,13 @@ const ConsumeOptionsSchema = z.strictObject({
   kv: z.union(
     [
       z.string().min(1),
-      z.custom<Deno.Kv>((v) => typeof Deno.Kv === "function" && v instanceof Deno.Kv),
+      z.custom<Deno.Kv>(isDenoKv),
     ],
     because("kv", "a Deno.Kv or a database path"),
   ).optional(),
   queueName: z.string(because("queueName", "a queue name")).refine(
     (s) => QUEUE_NAME.test(s),
-    because("queueName", "1 to 100 letters, digits, '_', '.' or '-', starting with a letter or digit"),
+    because("queueName", QUEUE_NAME_RULE),
   ).optional(),
   signal: z.custom<AbortSignal>((v) => v instanceof AbortSignal, because("signal", "an AbortSignal"))
     .optional(),
