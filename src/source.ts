@@ -318,7 +318,7 @@ export async function consumeStream(
       ctx.error = message;
       break;
     }
-    if (cause.kind === "closed" && cause.code === 1000 && !session.errorFrame) {
+    if (cause.kind === "closed" && cause.code === 1000 && !session.errorFrame && !replayFailure(cause)) {
       // A legacy server also closes with 1000 to refuse an options_update; say why it closed.
       if (cause.reason) {
         ctx.report({
@@ -380,6 +380,15 @@ export async function consumeStream(
  * `/subscribe` on a bad or refused `options_update`), or 1000 with the legacy server's reasons for
  * refusing one (protocol doc §2).
  */
+/**
+ * A legacy server's failure to read its own history, which it reports as a normal close (1000
+ * `failed to replay events`, protocol doc §5.3): the server's trouble, not the end of the stream, so
+ * the connection is retried like a dropped one.
+ */
+function replayFailure(cause: CloseCause): boolean {
+  return cause.kind === "closed" && cause.code === 1000 && /^failed to replay/.test(cause.reason ?? "");
+}
+
 function refusedSubscription(cause: CloseCause): cause is Extract<CloseCause, { kind: "closed" }> {
   if (cause.kind !== "closed") return false;
   if (cause.code === 1007 || cause.code === 1008) return true;

@@ -266,6 +266,51 @@ Deno.test("runBackfillSync() stops at once, with the server's reason, when an op
   }
 });
 
+Deno.test("runBackfillSync() reconnects when a legacy server fails its replay with close 1000 'failed to replay events'", async () => {
+  const events = capture(300);
+  const lines = events.map((e) => JSON.stringify(e));
+  const cursors: (string | null)[] = [];
+  // A legacy server (protocol doc §5.3) whose first replay fails after 40 events. Then it serves from
+  // the cursor, inclusive, and closes normally at the end of its history.
+  await using server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, (req) => {
+    const cursor = new URL(req.url).searchParams.get("cursor");
+    const { socket, response } = Deno.upgradeWebSocket(req);
+    if (cursor === "0") {
+      // The coverage probe: the oldest event.
+      socket.onopen = () => socket.send(lines[0]);
+      return response;
+    }
+    cursors.push(cursor);
+    socket.onopen = () => {
+      const from = events.findIndex((e) => e.time_us >= Number(cursor ?? 0));
+      const failing = cursors.length === 1;
+      const upTo = failing ? from + 40 : lines.length;
+      for (let i = from; i < upTo; i++) socket.send(lines[i]);
+      socket.close(1000, failing ? "failed to replay events" : "");
+    };
+    return response;
+  });
+  await using db = await tempDb();
+  const reports: SyncErrorReport[] = [];
+  const stats = await runBackfillSync({
+    instance: `ws://127.0.0.1:${server.addr.port}/subscribe`,
+    kv: db.path,
+    startTimestamp: T0,
+    batchSize: 25,
+    onError: (r) => reports.push(r),
+  });
+  // The second connection's normal close ends the run; the first one's failure was retried.
+  assert.equal(stats.stopReason, "closed");
+  assert.equal(stats.reconnects, 1);
+  assert.equal(cursors.length, 2);
+  assert.equal(Number(cursors[1]), events[39].time_us);
+  assert.ok(
+    reports.some((r) => r.reason === "retry" && /code 1000: failed to replay events/.test(r.message)),
+  );
+  assert.deepEqual(await stored(db.path, stats.queueLength), posts(events));
+  assert.equal(stats.recordsStored, posts(events).length);
+});
+
 Deno.test("runBackfillSync() that never gets a connection within maxTime stops with an error, not max_time", async () => {
   // A port that was just free: nothing listens there.
   const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
