@@ -25,7 +25,7 @@ import {
 import { createSelector } from "./pipeline/filter.ts";
 import { readConnection } from "./pipeline/process.ts";
 import type { Checkpoint, RecentKeys } from "./queue/kv_queue.ts";
-import { isoFromUs } from "./time.ts";
+import { isoFromUs, MIN_TIMESTAMP_US } from "./time.ts";
 
 /** The decoder for a v2 host's dictionary, fetched from it once (or the one given, if its ID matches). */
 async function v2Decoder(
@@ -210,7 +210,11 @@ export async function consumeStream(
     // connection early still lets the sync move forward.
     const rewind = !bySeq && floorUs >= 0 && lastSpanUs > 2 * RECONNECT_REWIND_US;
     const sessionFloor = rewind ? floorUs - RECONNECT_REWIND_US : floorUs;
-    const cursor = bySeq ? seq.floor : sessionFloor >= 0 ? sessionFloor : o.startUs;
+    const timeUs = sessionFloor >= 0 ? sessionFloor : o.startUs;
+    // A time before 2001-09-09 (under 10^15 µs) would be a prefix of the keys to a legacy server and a
+    // seq to a v2 one (protocol doc §1): it goes as 10^15, earlier than any history, which asks for
+    // all that is retained.
+    const cursor = bySeq ? seq.floor : timeUs === undefined ? undefined : Math.max(timeUs, MIN_TIMESTAMP_US);
     const v2 = isV2Url(base);
     let decode = ctx.decodeFrame;
     let req: { url: string; hello?: string };
@@ -285,7 +289,7 @@ export async function consumeStream(
       errorFrame: false,
       outdatedFrom: undefined,
       // A history that begins within a rewind is no gap: measured from what is still needed.
-      requestedUs: bySeq || cursor === undefined ? undefined : Math.max(cursor, neededUs),
+      requestedUs: bySeq || timeUs === undefined ? undefined : Math.max(timeUs, neededUs),
       maxUs: -1,
       minUs: -1,
     };

@@ -40,6 +40,28 @@ Deno.test("runBackfillSync() reports a start older than the server's history as 
   );
 });
 
+Deno.test("runBackfillSync() sends a start before 2001-09-09 as 10^15 µs, which every wire reads as a time", async () => {
+  // Under 10^15 a cursor is a prefix of the keys to a legacy server and a seq to a v2 one (protocol
+  // doc §1): 2000-01-01 (946684800000000) would have been a future, live-only cursor on each.
+  const v2Path = "/xrpc/network.bsky.jetstream.subscribeEvents";
+  for (const [version, wire] of [["legacy", "/subscribe"], ["v2", "/subscribe"], ["v2", v2Path]] as const) {
+    await using server = serveEvents(events, { closeAtEnd: true, version });
+    await using db = await tempDb();
+    const { stats } = await syncReporting({
+      instance: server.url.replace(/\/subscribe$/, wire),
+      kv: db.path,
+      startTimestamp: "2000-01-01",
+    });
+    const label = `${version} ${wire}`;
+    assert.equal(stats.recordsStored, 100, label);
+    assert.equal(stats.startClamped, true, label);
+    assert.equal(stats.coverageStart, T0, label);
+    assert.equal(stats.coverageGapUs, T0 - Date.UTC(2000, 0, 1) * 1000, label);
+    const asked = server.connections.map((c) => new URLSearchParams(c.query).get("cursor"));
+    assert.ok(asked.includes("1000000000000000"), `${label}: ${asked}`);
+  }
+});
+
 Deno.test("runBackfillSync() counts as missing only the requested window, not the time after its end", async () => {
   await using server = serveEvents(events, { closeAtEnd: true });
   await using db = await tempDb();
