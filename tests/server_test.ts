@@ -6,7 +6,7 @@ import { type JetstreamServerOptions, serveJetstream } from "../src/server/serve
 import { serveCommand } from "../src/cli/serve.ts";
 import { UsageError } from "../src/errors.ts";
 import { collectMessages, rawGet, waitFor } from "./helpers/ws_collect.ts";
-import { closeCode, RawWebSocket } from "./helpers/raw_ws.ts";
+import { closeCode, encodeFrame, RawWebSocket } from "./helpers/raw_ws.ts";
 
 const SEED = 11;
 const START_US = 1_770_000_000_000_000; // 2026-02-02, safely in the past
@@ -235,8 +235,9 @@ Deno.test("`serveJetstream()` refuses bad options with the legacy 400 bodies", a
   ];
   for (const query of fine) {
     const { status, body } = await rawGet(server.port, `/subscribe?${query}`);
+    // gorilla/websocket's refusal, with nothing of the reason in it.
     assert.equal(status, 400);
-    assert.match(body, /expected a WebSocket upgrade/);
+    assert.equal(body, "Bad Request\n");
   }
   assert.equal(server.connections.length, cases.length + fine.length);
   assert.equal(server.connections[0].status, 400);
@@ -574,6 +575,53 @@ Deno.test("`serveJetstream()` answers pings, joins a fragmented hello and echoes
   await waitFor(() => server.connections[0].closeCode !== undefined);
   assert.equal(server.connections[0].closeCode, 4000);
   assert.equal(server.connections[0].hellos.length, 1);
+});
+
+Deno.test("`serveJetstream()` takes a hello sent in the same write as the handshake", async () => {
+  await using server = serve();
+  // A client that does not wait for the 101 (RFC 6455 says it should, but nothing stops it).
+  const ws = await RawWebSocket.connect(
+    server.port,
+    `/subscribe?requireHello=true&cursor=${EVENTS[2900].timeUs}`,
+    encodeFrame(1, encoder.encode(update({ wantedCollections: ["app.bsky.feed.like"] }))),
+  );
+  try {
+    const { frames, close } = await ws.untilClose();
+    assert.deepEqual(
+      frames.map((f) => new TextDecoder().decode(f.payload)),
+      lines((e) => e.kind !== "commit" || e.collection === "app.bsky.feed.like", 2900),
+    );
+    assert.equal(closeCode(close!), 1000);
+  } finally {
+    ws.close();
+  }
+  assert.equal(server.connections[0].hellos.length, 1);
+});
+
+Deno.test("`serveJetstream()` refuses a request that is no WebSocket handshake as gorilla/websocket does", async () => {
+  await using server = serve();
+  const upgrade = {
+    Upgrade: "websocket",
+    Connection: "Upgrade",
+    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+  };
+  for (
+    const headers of [
+      {} as Record<string, string>,
+      { ...upgrade, Connection: "keep-alive", "Sec-WebSocket-Version": "13" },
+      { ...upgrade, Upgrade: "h2c", "Sec-WebSocket-Version": "13" },
+      { ...upgrade, "Sec-WebSocket-Version": "8" },
+      { Upgrade: "websocket", Connection: "Upgrade", "Sec-WebSocket-Version": "13" },
+    ]
+  ) {
+    const response = await rawGet(server.port, "/subscribe", headers);
+    assert.deepEqual({ status: response.status, body: response.body }, {
+      status: 400,
+      body: "Bad Request\n",
+    });
+    assert.equal(response.headers.get("sec-websocket-version"), "13");
+    assert.match(response.headers.get("content-type") ?? "", /^text\/plain/);
+  }
 });
 
 Deno.test("`serveJetstream()` fails the connection on unmasked frames and invalid UTF-8", async () => {

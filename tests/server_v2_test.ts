@@ -15,6 +15,7 @@ import {
 import { serveCommand } from "../src/cli/serve.ts";
 import { UsageError } from "../src/errors.ts";
 import { collectMessages, rawGet, waitFor } from "./helpers/ws_collect.ts";
+import { closeCode, encodeFrame, RawWebSocket } from "./helpers/raw_ws.ts";
 import { V2_DICT } from "./helpers/zstd_cli.ts";
 
 const START_US = 1_770_000_000_000_000; // 2026-02-02, safely in the past
@@ -202,7 +203,10 @@ Deno.test("`serveJetstream()` v2 refuses bad /subscribe options with the v2 serv
   }
   // Unlike legacy, repeated prefixes are deduplicated, and a cursor is checked after the filter.
   const fine = Array.from({ length: 101 }, () => "wantedCollections=app.bsky.*").join("&");
-  assert.match((await rawGet(server.port, `/subscribe?${fine}`)).body, /expected a WebSocket upgrade/);
+  assert.match(
+    (await rawGet(server.port, `/subscribe?${fine}`)).body,
+    /^WebSocket protocol violation: Connection/,
+  );
   assert.equal(
     (await rawGet(server.port, "/subscribe?wantedDids=x&cursor=x")).body,
     "subscribe: invalid options: invalid DID: x",
@@ -285,6 +289,89 @@ Deno.test("`serveJetstream()` v2 handles options_update like the v2 server (1007
     wantedDids: [],
     maxMessageSizeBytes: limit,
   }]);
+});
+
+Deno.test("`serveJetstream()` v2 closes /subscribe with 1009 on a client message over 10,000,000 bytes, and the close arrives", async () => {
+  await using server = serve({ closeAtEnd: false });
+  const ws = await RawWebSocket.connect(server.port, "/subscribe?requireHello=true");
+  try {
+    const hello = JSON.stringify({ type: "options_update", payload: {}, padding: "x".repeat(10_000_000) });
+    // The server stops at the frame's header; the rest of it is still on its way when it closes.
+    const sending = ws.send(1, encoder.encode(hello)).catch((err) => err);
+    const { frames, close } = await ws.untilClose();
+    assert.deepEqual(frames, []);
+    assert.ok(close, "a close frame, not a reset");
+    assert.equal(closeCode(close), 1009);
+    assert.equal(await sending, undefined, "the whole message could be written");
+  } finally {
+    ws.close();
+  }
+  await waitFor(() => server.connections[0].closeCode !== undefined);
+  assert.equal(server.connections[0].closeCode, 1009);
+});
+
+Deno.test("`serveJetstream()` v2 answers subscribeEvents data sent with the handshake by 101, then 1008", async () => {
+  await using server = serve({ closeAtEnd: false });
+  const ws = await RawWebSocket.connect(
+    server.port,
+    `${V2_PATH}?cursor=${SEQ0 + 1999}`,
+    encodeFrame(1, encoder.encode("hello")),
+  );
+  try {
+    const { close } = await ws.untilClose();
+    assert.equal(closeCode(close!), 1008);
+  } finally {
+    ws.close();
+  }
+});
+
+Deno.test("`serveJetstream()` v2 refuses a request that is no WebSocket handshake as coder/websocket does", async () => {
+  await using server = serve();
+  const upgrade = {
+    Upgrade: "websocket",
+    Connection: "Upgrade",
+    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+  };
+  const cases: [Record<string, string>, number, string, Record<string, string>][] = [
+    [{}, 426, 'WebSocket protocol violation: Connection header "" does not contain Upgrade\n', {
+      upgrade: "websocket",
+      connection: "Upgrade, close",
+    }],
+    [
+      { ...upgrade, Connection: "keep-alive", "Sec-WebSocket-Version": "13" },
+      426,
+      'WebSocket protocol violation: Connection header "keep-alive" does not contain Upgrade\n',
+      { upgrade: "websocket" },
+    ],
+    [
+      { ...upgrade, Upgrade: "h2c", "Sec-WebSocket-Version": "13" },
+      426,
+      'WebSocket protocol violation: Upgrade header "h2c" does not contain websocket\n',
+      { upgrade: "websocket" },
+    ],
+    [
+      { ...upgrade, "Sec-WebSocket-Version": "8" },
+      400,
+      'unsupported WebSocket protocol version (only 13 is supported): "8"\n',
+      { "sec-websocket-version": "13" },
+    ],
+    [
+      { Upgrade: "websocket", Connection: "Upgrade", "Sec-WebSocket-Version": "13" },
+      400,
+      "WebSocket protocol violation: missing Sec-WebSocket-Key\n",
+      {},
+    ],
+  ];
+  for (const path of ["/subscribe", `${V2_PATH}?cursor=${SEQ0}`]) {
+    for (const [headers, status, body, fields] of cases) {
+      const response = await rawGet(server.port, path, headers);
+      assert.deepEqual({ status: response.status, body: response.body }, { status, body }, `${path} ${body}`);
+      assert.match(response.headers.get("content-type") ?? "", /^text\/plain/);
+      for (const [name, value] of Object.entries(fields)) {
+        assert.equal(response.headers.get(name), value, name);
+      }
+    }
+  }
 });
 
 Deno.test("`serveJetstream()` v2 compresses /subscribe events with the cursor and limits by uncompressed size", async () => {
@@ -469,7 +556,7 @@ Deno.test("`serveJetstream()` v2 refuses bad subscribeEvents requests with XRPC 
   // Other parameters are ignored, and a legacy server has no such endpoint.
   assert.match(
     (await rawGet(server.port, `${V2_PATH}?maxSize=5&collections=app.bsky.*`)).body,
-    /WebSocket upgrade/,
+    /^WebSocket protocol violation: Connection header "" does not contain Upgrade\n$/,
   );
   await using legacy = serveJetstream({ events: EVENTS });
   assert.equal((await rawGet(legacy.port, V2_PATH)).status, 404);

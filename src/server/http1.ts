@@ -173,8 +173,13 @@ export async function writeResponse(
  * await writeTextResponse(conn, 400, "invalid cursor: abc");
  * ```
  */
-export function writeTextResponse(conn: Deno.Conn, status: number, body: string): Promise<void> {
-  return writeResponse(conn, status, body, "text/plain; charset=UTF-8");
+export function writeTextResponse(
+  conn: Deno.Conn,
+  status: number,
+  body: string,
+  headers: Record<string, string> = {},
+): Promise<void> {
+  return writeResponse(conn, status, body, "text/plain; charset=UTF-8", headers);
 }
 
 /**
@@ -197,27 +202,103 @@ export function writeXrpcError(
 }
 
 /**
+ * Why a request is not a WebSocket opening handshake, answered as the real servers' WebSocket
+ * libraries answer it (before any WebSocket exists, as plain text): the status, the body and the
+ * extra header fields.
+ */
+export interface HandshakeRefusal {
+  /** The HTTP status: 400, or 426 (coder/websocket, for a request that is no upgrade at all). */
+  status: number;
+  /** The response body. */
+  body: string;
+  /** Extra header fields (`Sec-WebSocket-Version: 13`, or `Upgrade`/`Connection` for a 426). */
+  headers: Record<string, string>;
+}
+
+/**
+ * The library that makes a server's handshake: gorilla/websocket for the legacy server, whose
+ * refusals are a bare `400 Bad Request`; coder/websocket for the v2 server, which says what was wrong
+ * and answers a request that is no upgrade at all with 426.
+ */
+export type WebSocketLibrary = "gorilla" | "coder";
+
+/** The comma-separated tokens of a header field, trimmed and lower-cased. */
+function tokens(headers: Headers, name: string): string[] {
+  return (headers.get(name) ?? "").split(",").map((token) => token.trim().toLowerCase());
+}
+
+/** Go's %q of an ASCII string, near enough: a double-quoted string with `"` and `\` escaped. */
+function goQuote(text: string): string {
+  return JSON.stringify(text);
+}
+
+/** The first problem `library` finds with a handshake, in the order it checks, or undefined. */
+function handshakeRefusal(headers: Headers, library: WebSocketLibrary): HandshakeRefusal | undefined {
+  const hasConnection = tokens(headers, "connection").includes("upgrade");
+  const hasUpgrade = tokens(headers, "upgrade").includes("websocket");
+  const version = headers.get("sec-websocket-version");
+  const key = headers.get("sec-websocket-key");
+  if (library === "gorilla") {
+    // gorilla/websocket's Upgrader.returnError: the status text as body, whatever the reason.
+    const ok = hasConnection && hasUpgrade && tokens(headers, "sec-websocket-version").includes("13") &&
+      key !== null && key.trim() !== "";
+    return ok
+      ? undefined
+      : { status: 400, body: "Bad Request\n", headers: { "Sec-Websocket-Version": "13" } };
+  }
+  const upgradeRequired = { Connection: "Upgrade", Upgrade: "websocket" };
+  if (!hasConnection) {
+    return {
+      status: 426,
+      body: `WebSocket protocol violation: Connection header ${
+        goQuote(headers.get("connection") ?? "")
+      } does not contain Upgrade\n`,
+      headers: upgradeRequired,
+    };
+  }
+  if (!hasUpgrade) {
+    return {
+      status: 426,
+      body: `WebSocket protocol violation: Upgrade header ${
+        goQuote(headers.get("upgrade") ?? "")
+      } does not contain websocket\n`,
+      headers: upgradeRequired,
+    };
+  }
+  if (version !== "13") {
+    return {
+      status: 400,
+      body: `unsupported WebSocket protocol version (only 13 is supported): ${goQuote(version ?? "")}\n`,
+      headers: { "Sec-WebSocket-Version": "13" },
+    };
+  }
+  if (!key) {
+    return { status: 400, body: "WebSocket protocol violation: missing Sec-WebSocket-Key\n", headers: {} };
+  }
+  return undefined;
+}
+
+/**
  * Checks that a request is a WebSocket opening handshake and returns the `101 Switching Protocols`
- * response head to send, or a reason the request is not one. The first of `subprotocols` that the
- * client offered (matched case-sensitively) is echoed in `Sec-WebSocket-Protocol`.
+ * response head to send, or the refusal that `library` would answer with. The first of
+ * `subprotocols` that the client offered (matched case-sensitively) is echoed in
+ * `Sec-WebSocket-Protocol`.
  *
  * @example
  * ```ts ignore
  * import { acceptWebSocket } from "./http1.ts";
  * const accepted = await acceptWebSocket(head.headers);
- * if ("error" in accepted) console.log(accepted.error);
+ * if ("refusal" in accepted) console.log(accepted.refusal.status);
  * ```
  */
 export async function acceptWebSocket(
   headers: Headers,
   subprotocols: readonly string[] = [],
-): Promise<{ response: Uint8Array } | { error: string }> {
-  if (!(headers.get("upgrade") ?? "").toLowerCase().split(/\s*,\s*/).includes("websocket")) {
-    return { error: "expected a WebSocket upgrade request ('Upgrade: websocket')" };
-  }
-  const key = headers.get("sec-websocket-key");
-  if (!key) return { error: "missing 'Sec-WebSocket-Key'" };
-  if (headers.get("sec-websocket-version") !== "13") return { error: "unsupported 'Sec-WebSocket-Version'" };
+  library: WebSocketLibrary = "gorilla",
+): Promise<{ response: Uint8Array } | { refusal: HandshakeRefusal }> {
+  const refusal = handshakeRefusal(headers, library);
+  if (refusal) return { refusal };
+  const key = headers.get("sec-websocket-key")!;
   const digest = new Uint8Array(await crypto.subtle.digest("SHA-1", encoder.encode(key + WS_GUID)));
   let binary = "";
   for (const byte of digest) binary += String.fromCharCode(byte);

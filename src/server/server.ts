@@ -678,6 +678,8 @@ interface Refusal {
   message: string;
   /** The XRPC error name; plain text without it. */
   name?: string;
+  /** Extra header fields of a plain-text refusal. */
+  headers?: Record<string, string>;
 }
 
 /**
@@ -935,12 +937,17 @@ export function serveJetstream(options: JetstreamServerOptions): JetstreamServer
     }
     let handshake: Uint8Array | undefined;
     if (!("status" in prepared)) {
+      // The legacy server upgrades with gorilla/websocket, the v2 server with coder/websocket; each
+      // refuses a request that is no proper handshake in its own words.
       const accepted = await acceptWebSocket(
         head.headers,
         endpoint === "subscribeEvents" ? [V2_SUBPROTOCOL] : [],
+        version === "v2" ? "coder" : "gorilla",
       );
-      if ("error" in accepted) prepared = { status: 400, message: accepted.error };
-      else handshake = accepted.response;
+      if ("refusal" in accepted) {
+        const { status, body, headers } = accepted.refusal;
+        prepared = { status, message: body, headers };
+      } else handshake = accepted.response;
     }
     if ("status" in prepared || !handshake) {
       const refusal = prepared as Refusal;
@@ -950,7 +957,7 @@ export function serveJetstream(options: JetstreamServerOptions): JetstreamServer
         record.errorName = refusal.name;
         await writeXrpcError(conn, refusal.status, refusal.name, refusal.message);
       } else {
-        await writeTextResponse(conn, refusal.status, refusal.message);
+        await writeTextResponse(conn, refusal.status, refusal.message, refusal.headers);
       }
       return false;
     }

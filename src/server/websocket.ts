@@ -143,7 +143,9 @@ export class ServerWebSocket {
     this.#closeTimeoutMs = options.closeTimeoutMs ?? 2000;
     this.#writeTimeoutMs = options.writeTimeoutMs ?? Number.POSITIVE_INFINITY;
     this.finished = new Promise((resolve) => this.#resolveFinished = resolve);
-    this.#read(initial).catch(() => this.#finish(1006, ""));
+    // Frames the client sent right behind its request head are handled once the caller has queued
+    // the handshake response and set up its own state: a reply to them must not go out first.
+    queueMicrotask(() => this.#read(initial).catch(() => this.#finish(1006, "")));
   }
 
   /** Bytes queued and not yet handed to the kernel. */
@@ -454,7 +456,7 @@ export class ServerWebSocket {
       }
     } catch (err) {
       if (err instanceof ProtocolError) {
-        this.#failConnection(err.code, err.message);
+        await this.#failConnection(err.code, err.message, buf);
         return;
       }
       throw err;
@@ -464,10 +466,26 @@ export class ServerWebSocket {
     this.#finish(received?.code ?? 1006, received?.reason ?? "");
   }
 
-  #failConnection(code: number, reason: string): void {
+  /**
+   * Closes with `code` after the client broke the protocol. No close reply is awaited, but what the
+   * client still sends (the rest of an oversized message, say) is read and dropped until it closes
+   * or the close timeout passes: closing a socket with unread bytes resets the connection, and the
+   * reset can destroy the close frame before the client reads it.
+   */
+  async #failConnection(code: number, reason: string, scratch: Uint8Array): Promise<void> {
     this.close(code, reason);
-    // No close reply is expected from a client that broke the protocol.
-    this.drain(0).then(() => this.#finish(code, reason));
+    await this.drain(0);
+    try {
+      // Our side is done: a client that waits for the server to close first sees the end now.
+      await this.#conn.closeWrite();
+    } catch {
+      // Already closed.
+    }
+    while (!this.#finished) {
+      const n = await this.#conn.read(scratch).catch(() => null);
+      if (n === null) break;
+    }
+    this.#finish(code, reason);
   }
 
   #onFrame(fin: boolean, opcode: number, payload: Uint8Array): void {

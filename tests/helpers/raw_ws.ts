@@ -26,6 +26,39 @@ export interface RawFrame {
   payload: Uint8Array;
 }
 
+/** One client frame: masked unless `mask` is false, with the shortest length encoding. */
+export function encodeFrame(
+  opcode: number,
+  payload: Uint8Array,
+  { fin = true, mask = true }: { fin?: boolean; mask?: boolean } = {},
+): Uint8Array {
+  const n = payload.length;
+  const header = n < 126 ? 2 : n < 65536 ? 4 : 10;
+  const frame = new Uint8Array(header + (mask ? 4 : 0) + n);
+  frame[0] = (fin ? 0x80 : 0) | opcode;
+  if (n < 126) {
+    frame[1] = n;
+  } else if (n < 65536) {
+    frame[1] = 126;
+    frame[2] = n >> 8;
+    frame[3] = n & 255;
+  } else {
+    frame[1] = 127;
+    new DataView(frame.buffer).setBigUint64(2, BigInt(n));
+  }
+  let off = header;
+  if (mask) {
+    frame[1] |= 0x80;
+    const key = [0x12, 0x34, 0x56, 0x78];
+    frame.set(key, off);
+    off += 4;
+    for (let i = 0; i < n; i++) frame[off + i] = payload[i] ^ key[i & 3];
+  } else {
+    frame.set(payload, off);
+  }
+  return frame;
+}
+
 /**
  * A raw WebSocket connection on 127.0.0.1.
  *
@@ -46,12 +79,20 @@ export class RawWebSocket {
     this.#buf = rest;
   }
 
-  /** Connects and performs the opening handshake; throws unless the server answers 101. */
-  static async connect(port: number, target: string): Promise<RawWebSocket> {
+  /**
+   * Connects and performs the opening handshake; throws unless the server answers 101. `early`
+   * bytes (frames, say) go out in the same write as the request, before the answer.
+   */
+  static async connect(port: number, target: string, early?: Uint8Array): Promise<RawWebSocket> {
     const conn = await Deno.connect({ hostname: "127.0.0.1", port });
-    const request = `GET ${target} HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\nUpgrade: websocket\r\n` +
-      "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
-    await RawWebSocket.#writeAll(conn, encoder.encode(request));
+    const request = encoder.encode(
+      `GET ${target} HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\nUpgrade: websocket\r\n` +
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    );
+    const bytes = new Uint8Array(request.length + (early?.length ?? 0));
+    bytes.set(request);
+    if (early) bytes.set(early, request.length);
+    await RawWebSocket.#writeAll(conn, bytes);
     let buf = new Uint8Array(0);
     let end = -1;
     while (end === -1) {
@@ -83,29 +124,13 @@ export class RawWebSocket {
     while (off < bytes.length) off += await conn.write(bytes.subarray(off));
   }
 
-  /** Sends one frame, masked unless `mask` is false (payloads up to 65,535 bytes). */
-  async send(opcode: number, payload: Uint8Array, { fin = true, mask = true } = {}): Promise<void> {
-    const header = payload.length < 126 ? 2 : 4;
-    const frame = new Uint8Array(header + (mask ? 4 : 0) + payload.length);
-    frame[0] = (fin ? 0x80 : 0) | opcode;
-    if (payload.length < 126) {
-      frame[1] = payload.length;
-    } else {
-      frame[1] = 126;
-      frame[2] = payload.length >> 8;
-      frame[3] = payload.length & 255;
-    }
-    let off = header;
-    if (mask) {
-      frame[1] |= 0x80;
-      const key = [0x12, 0x34, 0x56, 0x78];
-      frame.set(key, off);
-      off += 4;
-      for (let i = 0; i < payload.length; i++) frame[off + i] = payload[i] ^ key[i & 3];
-    } else {
-      frame.set(payload, off);
-    }
-    await RawWebSocket.#writeAll(this.#conn, frame);
+  /** Sends one frame, masked unless `mask` is false. */
+  async send(
+    opcode: number,
+    payload: Uint8Array,
+    options: { fin?: boolean; mask?: boolean } = {},
+  ): Promise<void> {
+    await RawWebSocket.#writeAll(this.#conn, encodeFrame(opcode, payload, options));
   }
 
   /** Reads the next frame, or `null` at end of stream. */
