@@ -70,7 +70,10 @@ export function parseTimestamp(input: string | number | Date): number | undefine
   if (m) return utcUs(+m[1], +m[2], +m[3], +m[4], +m[5], +m[6], 0);
   m = ISO.exec(text);
   if (m) {
-    const frac = m[7] ? Math.floor(Number((m[7] + "000000").slice(0, 6))) : 0;
+    // Past six digits a time falls between two microseconds: the later one, so that a start keeps
+    // and an end (exclusive) leaves out exactly the events at or after the time given.
+    const digits = m[7] ?? "";
+    const frac = Number((digits + "000000").slice(0, 6)) + (/[1-9]/.test(digits.slice(6)) ? 1 : 0);
     const local = utcUs(+m[1], +m[2], +m[3], +m[4], +m[5], m[6] ? +m[6] : 0, frac);
     if (local === undefined) return undefined;
     if (m[8]) return local;

@@ -31,6 +31,16 @@ const BAD: [string[], RegExp][] = [
   [["sync", "--kind", "sync"], /'kinds' must be one of commit, identity, account: current value is "sync"/],
   [["sync", "--instance", "ftp://x"], /'instance' must be a host name or a ws:\/\/ or wss:\/\/ URL/],
   [["sync", "--dids-file", "/nonexistent/dids.txt"], /--dids-file "\/nonexistent\/dids.txt" cannot be read/],
+  // An empty list would mean every account.
+  [["sync", "--dids-file", "/dev/null"], /--dids-file "\/dev\/null" holds no DIDs/],
+  [
+    ["sync", "--start", "2026-01-01", "--start", "2026-01-02"],
+    /--start is given more than once; it takes one value/,
+  ],
+  [
+    ["sync", "--limit", "99999999999999999999"],
+    /--limit must be a positive integer up to 9007199254740991: current value is "99999999999999999999"/,
+  ],
   [["sync", "stray"], /Unexpected argument 'stray'/],
   [["nosuchcommand"], /unknown command 'nosuchcommand'/],
 ];

@@ -19,6 +19,15 @@ Deno.test("parseTimestamp() reads ISO-8601 with Z, with offsets and with microse
   assert.equal(parseTimestamp("2024-01-01T12:30Z"), noon);
 });
 
+Deno.test("parseTimestamp() takes a time between two microseconds as the later one", () => {
+  // An exclusive end of .6820351 leaves out what is at .682036 and keeps .682035; a start keeps
+  // .682036 and not .682035.
+  const noon = Date.UTC(2024, 0, 1, 12, 30) * 1000;
+  assert.equal(parseTimestamp("2024-01-01T12:30:00.6820351Z"), noon + 682036);
+  assert.equal(parseTimestamp("2024-01-01T12:30:00.682035000Z"), noon + 682035);
+  assert.equal(parseTimestamp("2024-01-01T12:30:00.999999001Z"), noon + 1_000_000);
+});
+
 Deno.test("parseTimestamp() reads integer unix microseconds and refuses seconds or milliseconds", () => {
   assert.equal(parseTimestamp("1725911162329308"), 1725911162329308);
   assert.equal(parseTimestamp(1725911162329308), 1725911162329308);

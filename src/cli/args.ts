@@ -15,14 +15,15 @@ export type FlagSpec = NonNullable<ParseArgsConfig["options"]>;
 
 /** Parses `args` against `spec`; unknown flags and stray arguments are usage errors. */
 export function parseFlags(command: string, args: string[], spec: FlagSpec): Record<string, unknown> {
+  let parsed;
   try {
-    const { values } = parseArgs({
+    parsed = parseArgs({
       args: attachNegatives(args, spec),
       options: spec,
       strict: true,
       allowPositionals: false,
+      tokens: true,
     });
-    return values as Record<string, unknown>;
   } catch (err) {
     // parseArgs explains some errors over several lines; the CLI promises one.
     const msg = (err as Error).message.replace(/\. To specify a positional argument.*$/s, "").replace(
@@ -31,6 +32,19 @@ export function parseFlags(command: string, args: string[], spec: FlagSpec): Rec
     );
     throw new UsageError(`${msg} (see '${programName()} ${command} --help')`);
   }
+  // parseArgs keeps the last of a flag given twice; a second --start is more likely a slip than a
+  // change of mind, so say so rather than drop the first silently.
+  const seen = new Set<string>();
+  for (const token of parsed.tokens ?? []) {
+    if (token.kind !== "option" || spec[token.name]?.multiple) continue;
+    if (seen.has(token.name)) {
+      throw new UsageError(
+        `--${token.name} is given more than once; it takes one value (see '${programName()} ${command} --help')`,
+      );
+    }
+    seen.add(token.name);
+  }
+  return parsed.values as Record<string, unknown>;
 }
 
 /**
@@ -76,7 +90,11 @@ export function numberFlag(
   // Plain decimal only: Number() would also take "0x10", "0b11", "1e1" and " 5 ".
   const n = /^(\d+(\.\d*)?|\.\d+)$/.test(text) ? Number(text) : NaN;
   const expected = rule.integer
-    ? rule.positive ? "a positive integer" : `an integer of at least ${rule.min ?? 0}`
+    ? `${rule.positive ? "a positive integer" : `an integer of at least ${rule.min ?? 0}`}${
+      Number.isFinite(n) && Number.isInteger(n) && !Number.isSafeInteger(n)
+        ? ` up to ${Number.MAX_SAFE_INTEGER}`
+        : ""
+    }`
     : rule.positive
     ? "a positive number"
     : "a number";

@@ -7,6 +7,7 @@ import { runBackfillSync } from "../backfill.ts";
 import type { BackfillSyncOptions } from "../options.ts";
 import type { SyncProgress, SyncStats } from "../stats.ts";
 import { isoFromUs, TIMESTAMP_FORMATS } from "../time.ts";
+import { UsageError } from "../errors.ts";
 import {
   type FlagSpec,
   interruptedExitCode,
@@ -98,7 +99,19 @@ const FLAGS: FlagSpec = {
 /** Turns the flags of `jetfill sync` into library options. */
 export async function syncOptionsFromFlags(v: Record<string, unknown>): Promise<BackfillSyncOptions> {
   const dids = [...((v.did as string[] | undefined) ?? [])];
-  if (v["dids-file"] !== undefined) dids.push(...await readListFile("dids-file", v["dids-file"] as string));
+  if (v["dids-file"] !== undefined) {
+    const path = v["dids-file"] as string;
+    const listed = await readListFile("dids-file", path);
+    // An empty list means every account: never what a file of DIDs was given for.
+    if (listed.length === 0) {
+      throw new UsageError(
+        `--dids-file ${
+          JSON.stringify(path)
+        } holds no DIDs (one a line; blank lines and # comments are skipped)`,
+      );
+    }
+    dids.push(...listed);
+  }
   const options: BackfillSyncOptions = {};
   if (dids.length > 0) options.wantedDids = dids;
   if (v.collection) options.wantedCollections = v.collection as string[];
