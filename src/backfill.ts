@@ -379,6 +379,18 @@ async function run(
       );
     }
     resumeFrom = existing.value;
+  } else if (
+    existing.value && existing.value.recordsStored > 0 && o.startUs !== undefined && !o.force &&
+    differences(existing.value.run.selection, selection).length === 0
+  ) {
+    // The same command again, after a Ctrl-C or a crash most likely: from the same start it would
+    // store the same events a second time.
+    const last = existing.value;
+    throw new UsageError(
+      `Cannot sync into queue '${o.queueName}': it already holds ${last.run.recordsStored} records of a run with these same options (the last from ${
+        isoFromUs(last.cursor)
+      }), and this run would store them again. Continue that run with --resume / resume: true, or pass --force / force: true to store them a second time`,
+    );
   } else if (existing.value && existing.value.recordsStored > 0) {
     // Easy to do by mistake: the same run again stores the same events again.
     options.onError?.({

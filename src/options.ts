@@ -119,7 +119,9 @@ export interface BackfillSyncOptions {
    */
   resume?: boolean;
   /**
-   * With `resume`, accept options that differ from the checkpoint's run.
+   * With `resume`, accept options that differ from the checkpoint's run. Without it, run again the
+   * same options from the same start into a queue whose last run stored records with them, storing
+   * those events a second time (refused otherwise: that is `resume`'s job).
    * @default {false}
    */
   force?: boolean;
@@ -525,11 +527,6 @@ export function resolveSyncOptions(options: BackfillSyncOptions = {}): ResolvedS
 
   const startUs = toUs("startTimestamp", o.startTimestamp);
   const endUs = toUs("endTimestamp", o.endTimestamp);
-  if (o.force && !o.resume) {
-    throw new UsageError(
-      "Cannot sync as 'force' only applies to a resume: it accepts options that differ from the run resumed (--force with --resume)",
-    );
-  }
   if (startUs !== undefined && endUs !== undefined && endUs <= startUs) {
     throw new UsageError(
       `Cannot sync as 'endTimestamp' must be after 'startTimestamp': ${isoFromUs(endUs)} is not after ${

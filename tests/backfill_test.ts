@@ -363,16 +363,41 @@ Deno.test("runBackfillSync() continues seq numbers and counters across runs on o
     startTimestamp: T0,
     numRecords: 5,
   });
+  // A run of other options (from a later start): a new run.
   const second = await runBackfillSync({
     instance: server.url,
     kv: db.path,
-    startTimestamp: T0,
+    startTimestamp: T0 + 500_000,
     numRecords: 5,
   });
   assert.equal(first.queueLength, 1);
   assert.equal(second.queueLength, 2);
   const { msgs } = await stored(db.path, 2);
   assert.deepEqual(msgs.map((m) => m.seq), [1, 2]);
+});
+
+Deno.test("runBackfillSync() run again with an interrupted run's options is refused, leaving the queue as it was", async () => {
+  const events = capture();
+  await using server = serveEvents(events);
+  await using db = await tempDb();
+  const options = { instance: server.url, kv: db.path, numRecords: 150, batchSize: 7 };
+  const first = await syncUntilMidnight(options);
+  assert.equal(first.stopReason, "aborted");
+  await assert.rejects(
+    () => runBackfillSync({ ...options, startTimestamp: T0, maxTime: 3 }),
+    (err: unknown) =>
+      err instanceof UsageError &&
+      err.message.includes(
+        `it already holds ${first.recordsStored} records of a run with these same options`,
+      ),
+  );
+  const kv = await Deno.openKv(db.path);
+  const status = await queueStatus(kv, "jetstream_sync").finally(() => kv.close());
+  assert.equal(status.recordsStored, first.recordsStored);
+  assert.equal(status.messagesEnqueued, first.queueLength);
+  // Without a start, a run takes what comes next, not the same events: that is a new run.
+  const live = await runBackfillSync({ ...options, startTimestamp: undefined, maxTime: 1 });
+  assert.notEqual(live.stopReason, "error");
 });
 
 Deno.test("runBackfillSync({ resume: true }) continues the last run with its own options", async () => {

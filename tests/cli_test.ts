@@ -231,7 +231,7 @@ Deno.test("jetfill sync warns on stderr about each event it leaves out for size,
   );
 });
 
-Deno.test("jetfill sync notes that a run without --resume adds to a queue that already holds records", async () => {
+Deno.test("jetfill sync refuses to store the same window again without --resume or --force, and notes a new run", async () => {
   const events = Array.from({ length: 20 }, (_, i) => commit(T0 + i * 1000));
   await using server = serveEvents(events, { closeAtEnd: true });
   await using db = await tempDb();
@@ -239,13 +239,26 @@ Deno.test("jetfill sync notes that a run without --resume adds to a queue that a
   const first = await run(args);
   assert.equal(first.code, 0, first.stderr);
   assert.doesNotMatch(first.stderr, /note:/);
+  // The same command again (after a Ctrl-C, say) would store the same events twice.
   const again = await run(args);
-  assert.equal(again.code, 0, again.stderr);
-  assert.match(
-    again.stderr,
-    /^jetfill sync: note: queue 'jetstream_sync' already holds 10 records \(the last from 2026-11-27T10:00:00\.009000Z\); this run adds its own after them, as a new run: to continue the run that stored them instead, use --resume/m,
+  assert.equal(again.code, 2, again.stderr);
+  assert.equal(
+    again.stderr.trim(),
+    "jetfill sync: Cannot sync into queue 'jetstream_sync': it already holds 10 records of a run with these same options (the last from 2026-11-27T10:00:00.009000Z), and this run would store them again. Continue that run with --resume / resume: true, or pass --force / force: true to store them a second time",
   );
-  assert.equal(JSON.parse(again.stdout).recordsStored, 10);
+  assert.equal(again.stdout, "");
+  const forced = await run([...args, "--force"]);
+  assert.equal(forced.code, 0, forced.stderr);
+  assert.equal(JSON.parse(forced.stdout).recordsStored, 10);
+  // Other options (a larger limit) make a new run, with a note.
+  const other = await run(syncArgs(server.url, db.path, T0, "--limit", "12", "--json"));
+  assert.equal(other.code, 0, other.stderr);
+  assert.match(
+    other.stderr,
+    /^jetfill sync: note: queue 'jetstream_sync' already holds 20 records \(the last from 2026-11-27T10:00:00\.009000Z\); this run adds its own after them, as a new run: to continue the run that stored them instead, use --resume/m,
+  );
+  assert.equal(JSON.parse(other.stdout).recordsStored, 12);
+  assert.equal(JSON.parse(other.stdout).queueLength, 3);
 });
 
 Deno.test("help and suggested commands name the CLI as it is run: deno run -A cli.ts, or the binary", () => {

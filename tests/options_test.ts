@@ -117,8 +117,8 @@ Deno.test("resolveSyncOptions() says what a refused integer timestamp looks like
   rejects({ startTimestamp: "17640000001234567" }, /\(an integer is taken as unix microseconds/);
 });
 
-Deno.test("resolveSyncOptions() refuses force without resume", () => {
-  rejects({ force: true }, /'force' only applies to a resume/);
+Deno.test("resolveSyncOptions() takes force with or without resume", () => {
+  assert.equal(resolveSyncOptions({ force: true }).force, true);
   assert.equal(resolveSyncOptions({ force: true, resume: true }).force, true);
 });
 

@@ -59,7 +59,8 @@ Queue:
                           1 s after its first record is committed as it is
   --resume                continue this queue's last run from its checkpoint: options left out
                           are the last run's; different selection options are refused
-  --force                 with --resume, accept different selection options
+  --force                 with --resume, accept different selection options; without it, store
+                          again a window this queue's last run stored (refused otherwise)
 
 Output:
   --json                  print the statistics as JSON on stdout
