@@ -200,9 +200,15 @@ for (const [signal, code] of [["SIGINT", 130], ["SIGTERM", 143], ["SIGHUP", 129]
     await new Promise((r) => setTimeout(r, 300));
     child.kill(signal);
     const out = await child.output();
-    assert.equal(out.code, code, new TextDecoder().decode(out.stderr));
+    const stderr = new TextDecoder().decode(out.stderr);
+    assert.equal(out.code, code, stderr);
     const stats = JSON.parse(new TextDecoder().decode(out.stdout));
     assert.equal(stats.stopReason, "aborted");
+    // stdout is the statistics alone; how to go on is said on stderr.
+    assert.match(
+      stderr,
+      /^jetfill sync: note: continue with deno run -A \S*cli\.ts sync --resume \(with the same --kv and --queue-name\)$/m,
+    );
     assert.equal(stats.recordsStored, 500);
     assert.equal(stats.latestCursor, events[499].time_us);
     const kv = await Deno.openKv(db.path);

@@ -193,11 +193,15 @@ export function formatSummary(s: SyncStats): string {
       }x)`,
     );
   }
-  // A run that stopped short of its limit and end can be continued where it stopped.
-  if (s.stopReason !== "limit" && s.stopReason !== "end" && s.latestCursor !== null) {
-    lines.push(`continue with       ${programName()} sync --resume (with the same --kv and --queue-name)`);
-  }
+  const resume = resumeHint(s);
+  if (resume) lines.push(`continue with       ${resume}`);
   return lines.join("\n");
+}
+
+/** How to continue a run that stopped short of its limit and end, or undefined when it did not. */
+function resumeHint(s: SyncStats): string | undefined {
+  if (s.stopReason === "limit" || s.stopReason === "end" || s.latestCursor === null) return undefined;
+  return `${programName()} sync --resume (with the same --kv and --queue-name)`;
 }
 
 /**
@@ -246,11 +250,13 @@ export async function syncCommand(args: string[]): Promise<number> {
     removeSignals();
     if (live) Deno.stderr.writeSync(enc.encode("\r\x1b[2K"));
   }
-  if (v.json) console.log(JSON.stringify(stats));
-  else console.log(formatSummary(stats));
-  if (stats.stopReason === "error") {
-    if (v.json) console.error(`jetfill sync: ${stats.error}`);
-    return 1;
-  }
+  if (v.json) {
+    console.log(JSON.stringify(stats));
+    // stdout holds the statistics alone; what a person needs to go on goes to stderr.
+    if (stats.stopReason === "error") console.error(`jetfill sync: ${stats.error}`);
+    const resume = resumeHint(stats);
+    if (resume) console.error(`jetfill sync: note: continue with ${resume}`);
+  } else console.log(formatSummary(stats));
+  if (stats.stopReason === "error") return 1;
   return stats.stopReason === "aborted" ? interruptedExitCode(stoppedBy) : 0;
 }
