@@ -537,6 +537,31 @@ Deno.test("runBackfillSync() stores a record whose structure serializes far larg
   assert.equal(new TextDecoder().decode(gunzipSync(gz[0])), hostileText);
 });
 
+Deno.test("runBackfillSync() stores an event nested too deep for Deno KV gzipped, so that its message can be read", async () => {
+  // KV writes an object nested 3,000 levels deep but cannot read it back, and 6,000 nested arrays
+  // overflow its serializer: either way the message, and every record in it, would be lost.
+  const deep = (timeUs: number, open: string, close: string, levels: number) => {
+    const base = JSON.stringify(commit(timeUs));
+    return base.replace('"text":', `"deep":${open.repeat(levels)}1${close.repeat(levels)},"text":`);
+  };
+  const deepObject = deep(T0 + 1, '{"a":', "}", 3000);
+  const deepArray = deep(T0 + 3, "[", "]", 6000);
+  // Many brackets, all shallow: a record like any other.
+  const wide = JSON.stringify(commit(T0 + 4, { text: "[".repeat(600) }))
+    .replace('"text":', `"wide":[${Array.from({ length: 600 }, () => '{"b":[1]}').join(",")}],"text":`);
+  const lines = [JSON.stringify(commit(T0)), deepObject, JSON.stringify(commit(T0 + 2)), deepArray, wide];
+  await using server = serveEvents(lines, { closeAtEnd: true });
+  await using db = await tempDb();
+  const stats = await syncEverything(server.url, db.path);
+  assert.equal(stats.stopReason, "closed");
+  assert.equal(stats.recordsStored, 5);
+  const { msgs, events: got } = await stored(db.path, stats.queueLength);
+  // (Compared as JSON: a deep comparison of the parsed values would overflow the stack itself.)
+  assert.deepEqual(got.map((e) => JSON.stringify(e)), lines.map((l) => JSON.stringify(JSON.parse(l))));
+  const gz = msgs.flatMap((m) => m.compressed ?? []).map((b) => new TextDecoder().decode(gunzipSync(b)));
+  assert.deepEqual(gz, [deepObject, deepArray]);
+});
+
 Deno.test("runBackfillSync() skips and reports an event too large even gzipped, and goes on", async () => {
   // 300,000 random characters: gzip cannot bring them under 64 KiB.
   const noise = Array.from({ length: 300_000 }, () => Math.floor(Math.random() * 36).toString(36)).join("");

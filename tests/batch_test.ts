@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { serialize } from "node:v8";
 import { Batcher } from "../src/pipeline/batch.ts";
 import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
-import { KV_VALUE_LIMIT, serializedSizeBound } from "../src/queue/size.ts";
+import { KV_VALUE_LIMIT, MAX_RECORD_DEPTH, nestedTooDeep, serializedSizeBound } from "../src/queue/size.ts";
 import { QueueWriter } from "../src/queue/writer.ts";
 import {
   emptyCheckpoint,
@@ -85,6 +85,16 @@ Deno.test("serializedSizeBound() is never below V8's serialized size", () => {
   assert.equal(serializedSizeBound(plain, plain.length), serializedSizeBound(plain));
   const escaped = texts.at(-2)!;
   assert.equal(serializedSizeBound(escaped, escaped.length), serializedSizeBound(escaped));
+});
+
+Deno.test("nestedTooDeep() follows the nesting of objects and arrays, not brackets in strings", () => {
+  const nest = (levels: number) => `{"a":${"[".repeat(levels - 1)}1${"]".repeat(levels - 1)}}`;
+  assert.equal(nestedTooDeep(nest(MAX_RECORD_DEPTH)), false);
+  assert.equal(nestedTooDeep(nest(MAX_RECORD_DEPTH + 1)), true);
+  // Brackets inside strings (escaped quotes too) do not nest.
+  assert.equal(nestedTooDeep(JSON.stringify({ t: `\\"${"{[".repeat(400)}` })), false);
+  // Many brackets side by side are shallow.
+  assert.equal(nestedTooDeep(JSON.stringify(Array.from({ length: 1000 }, () => ({ b: [1] })))), false);
 });
 
 Deno.test("Batcher packs messages under 64 KiB and at most batchSize records", () => {

@@ -6,7 +6,13 @@
  */
 import type { JetstreamEvent } from "../jetstream/events.ts";
 import { compressEvent } from "../queue/message.ts";
-import { KV_VALUE_LIMIT, serializedSizeBound } from "../queue/size.ts";
+import {
+  KV_VALUE_LIMIT,
+  MAX_RECORD_DEPTH,
+  nestedTooDeep,
+  openingsOfLastBound,
+  serializedSizeBound,
+} from "../queue/size.ts";
 import type { TailKeys } from "../queue/kv_queue.ts";
 
 /** The most content keys of records at one `time_us` that a checkpoint keeps. */
@@ -153,8 +159,12 @@ export class Batcher {
   ): boolean {
     if (this.#records === 0) this.startedAt = performance.now();
     const size = serializedSizeBound(text, utf8Bytes);
-    if (size + this.#overhead > this.#budget) {
-      // Too large to travel as a record: it goes alone, gzipped.
+    if (
+      size + this.#overhead > this.#budget ||
+      (openingsOfLastBound() > MAX_RECORD_DEPTH && nestedTooDeep(text))
+    ) {
+      // Too large to travel as a record, or nested too deep for KV to read back: it goes alone,
+      // gzipped.
       if (this.#current) this.#messages.push(this.#current);
       this.#current = undefined;
       const gz = compressEvent(text);

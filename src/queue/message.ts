@@ -10,7 +10,8 @@ import type { JetstreamEvent } from "../jetstream/events.ts";
  * One message of a jetfill queue, as enqueued in Deno KV.
  *
  * `records` are Jetstream events exactly as received (parsed JSON). An event too large to fit in a
- * message on its own travels alone under `compressed`, as the gzip of its UTF-8 JSON; use
+ * message on its own, or nested deeper than Deno KV can read back (over 256 levels of objects and
+ * arrays), travels alone under `compressed`, as the gzip of its UTF-8 JSON; use
  * {@link decodeQueueMessage} to get every event whatever the form.
  */
 export interface QueueMessage {
@@ -24,7 +25,7 @@ export interface QueueMessage {
   cursor: number;
   /** The events, as received. */
   records: JetstreamEvent[];
-  /** Events too large for a message, each the gzip of its UTF-8 JSON. */
+  /** Events too large for a message (or nested too deep), each the gzip of its UTF-8 JSON. */
   compressed?: Uint8Array[];
 }
 

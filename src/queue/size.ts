@@ -48,6 +48,43 @@ function wideExtra(text: string): number {
   return extra;
 }
 
+/**
+ * The deepest nesting of objects and arrays that a stored record may have. Deno KV stores deeper
+ * values but cannot read them back (V8's deserializer gives up at about 2,700 levels, fewer on a
+ * deeper stack, and the serializer overflows the stack at a few thousand): such an event travels
+ * gzipped, as its JSON text, like one too large for a message.
+ */
+export const MAX_RECORD_DEPTH = 256;
+
+/**
+ * Whether the JSON text nests objects and arrays deeper than {@link MAX_RECORD_DEPTH}. It follows
+ * the text through its strings: on the hot path, only for a text that
+ * {@link openingsOfLastBound} says has enough brackets.
+ *
+ * @example
+ * ```ts
+ * import { nestedTooDeep } from "./size.ts";
+ * nestedTooDeep('{"a":[1,{"b":2}]}'); // false
+ * ```
+ */
+export function nestedTooDeep(text: string): boolean {
+  let depth = 0;
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    if (c === 34) {
+      // A string: brackets inside it do not nest.
+      for (i++; i < text.length; i++) {
+        const d = text.charCodeAt(i);
+        if (d === 92) i++;
+        else if (d === 34) break;
+      }
+    } else if (c === 123 || c === 91) {
+      if (++depth > MAX_RECORD_DEPTH) return true;
+    } else if (c === 125 || c === 93) depth--;
+  }
+  return false;
+}
+
 function occurrences(text: string, char: string): number {
   let n = 0;
   for (let i = text.indexOf(char); i !== -1; i = text.indexOf(char, i + 1)) n++;
@@ -95,5 +132,26 @@ export function serializedSizeBound(text: string, utf8Bytes?: number): number {
   // One pass finds the wide strings; an all-ASCII text can only have wide escapes.
   const wide = utf8Bytes === n && !hasWideEscape(text) ? 0 : wideExtra(text);
   const base = n + (n >> 5) + 32 + wide;
-  return base + 4 * occurrences(text, "[") + occurrences(text, "{");
+  const arrays = occurrences(text, "[");
+  const objects = occurrences(text, "{");
+  lastOpenings = arrays + objects;
+  return base + 4 * arrays + objects;
+}
+
+// The brackets of the text last measured (module state: no allocation per event).
+let lastOpenings = 0;
+
+/**
+ * How many `[` and `{` the text last given to {@link serializedSizeBound} holds, strings included:
+ * a text can only nest deeper than {@link MAX_RECORD_DEPTH} with more than that many.
+ *
+ * @example
+ * ```ts
+ * import { openingsOfLastBound, serializedSizeBound } from "./size.ts";
+ * serializedSizeBound('{"a":[1,{"b":2}]}');
+ * openingsOfLastBound(); // 3
+ * ```
+ */
+export function openingsOfLastBound(): number {
+  return lastOpenings;
 }
