@@ -112,6 +112,39 @@ Deno.test("jetfill export writes to stdout, and cuts a partial last line before 
   }
 });
 
+Deno.test("jetfill export keeps a whole last event without its newline, and refuses a file that is no export's output", async () => {
+  const dir = await tempDir();
+  try {
+    const path = `${dir}/q.sqlite`;
+    const stored = await store(path, generateCapture({ count: 40, seed: 25 }), 50);
+    const out = `${dir}/out.ndjson`;
+    await Deno.writeTextFile(out, '{"kept":1}\n{"kept":2}');
+    const run = await jetfill("export", "--kv", path, "--out", out);
+    assert.equal(run.code, 0, run.stderr);
+    assert.doesNotMatch(run.stderr, /removed/);
+    assert.deepEqual(lines(await Deno.readTextFile(out)), [
+      '{"kept":1}',
+      '{"kept":2}',
+      ...stored.map((e) => JSON.stringify(e)),
+    ]);
+    // Not an export's output: left as it is, and nothing leaves the queue.
+    const more = await store(path, generateCapture({ count: 10, seed: 26 }), 50);
+    const notes = `${dir}/notes.txt`;
+    await Deno.writeTextFile(notes, "my notes, no newline");
+    const refused = await jetfill("export", "--kv", path, "--out", notes);
+    assert.equal(refused.code, 2);
+    assert.match(
+      refused.stderr,
+      /--out ".*notes\.txt" does not end as an export's output \(its last 20 bytes are no event and no part of one\); nothing was changed/,
+    );
+    assert.equal(await Deno.readTextFile(notes), "my notes, no newline");
+    const rest = await jetfill("export", "--kv", path);
+    assert.deepEqual(lines(rest.stdout), more.map((e) => JSON.stringify(e)));
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("jetfill export whose reader closes stdout (export | head) exits 0 quietly and keeps the message it was writing", async () => {
   const dir = await tempDir();
   try {

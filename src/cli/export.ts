@@ -39,7 +39,8 @@ Options:
 Each message's events are written, flushed and synced to disk before the message is acknowledged,
 so an interrupted export loses nothing. Delivery is at least once: an export killed between the
 sync and the acknowledgement writes that message's events again next time. A partial last line,
-left by an export killed in the middle of a write, is removed before --out appends.
+left by an export killed in the middle of a write, is removed before --out appends; a whole event
+without its newline is kept, and a file that ends in anything else is refused.
 
 Prints a summary on stderr. Exit codes: 0 done (also when the reader of stdout closes it early,
 as 'export | head' does: the message being written then stays in the queue, but the ones written
@@ -86,7 +87,9 @@ function stdoutSink(): Sink {
 
 /**
  * Opens `path` for appending, first cutting a partial last line: it can only come from an export
- * killed during a write, whose message was therefore not acknowledged and will be written again.
+ * killed during a write, whose message was therefore not acknowledged and will be written again. A
+ * complete event without its newline is kept (the newline is added); a file whose last line is no
+ * event nor the start of one is not an export's output, and is refused unchanged.
  */
 async function fileSink(path: string): Promise<{ sink: Sink; removed: number }> {
   let file: Deno.FsFile;
@@ -117,15 +120,60 @@ async function fileSink(path: string): Promise<{ sink: Sink; removed: number }> 
     }
     if (keep < 0) keep = 0;
     if (keep < size) {
-      removed = size - keep;
-      await file.truncate(keep);
-      await file.sync();
+      const tail = await lastLine(file, keep, size);
+      if (tail.complete) {
+        // A whole event without its newline (not written by an export): kept, and ended.
+        writeAll(file, UTF8.encode("\n"));
+        await file.sync();
+      } else if (tail.partial) {
+        removed = size - keep;
+        await file.truncate(keep);
+        await file.sync();
+      } else {
+        file.close();
+        throw new UsageError(
+          `--out ${JSON.stringify(path)} does not end as an export's output (its last ${
+            size - keep
+          } bytes are no event and no part of one); nothing was changed: give another file`,
+        );
+      }
     }
   }
   return {
     sink: { write: (bytes) => writeAll(file, bytes), sync: () => file.sync(), close: () => file.close() },
     removed,
   };
+}
+
+/**
+ * What the bytes from `from` to `to` (a last line without its newline) are: a complete JSON object,
+ * the start of one (what an export killed during a write leaves), or something else.
+ */
+async function lastLine(
+  file: Deno.FsFile,
+  from: number,
+  to: number,
+): Promise<{ complete: boolean; partial: boolean }> {
+  // An event line is at most a few MiB; anything longer is not one.
+  if (to - from > 64 << 20) return { complete: false, partial: false };
+  const bytes = new Uint8Array(to - from);
+  await file.seek(from, Deno.SeekMode.Start);
+  let got = 0;
+  while (got < bytes.length) {
+    const n = await file.read(bytes.subarray(got));
+    if (n === null) break;
+    got += n;
+  }
+  const text = new TextDecoder().decode(bytes.subarray(0, got));
+  try {
+    const value = JSON.parse(text);
+    if (typeof value === "object" && value !== null && !Array.isArray(value)) {
+      return { complete: true, partial: false };
+    }
+  } catch {
+    // Not whole: the start of an event, or not an event at all.
+  }
+  return { complete: false, partial: text.trimStart().startsWith("{") };
 }
 
 /** The summary line printed on stderr. */
