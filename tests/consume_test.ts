@@ -320,6 +320,7 @@ Deno.test("consume() rejects bad options with a UsageError that names them, befo
       `Cannot consume as 'queueName' must be 1 to 100 letters, digits, '_', '.' or '-', starting with a letter or digit: current value is "a/b"`,
     ],
     [{ handler, kv: {} }, "Cannot consume as 'kv' must be a Deno.Kv or a database path: current value is {}"],
+    [{ handler, kv: "" }, `Cannot consume as 'kv' must be a Deno.Kv or a database path: current value is ""`],
     [
       { handler, untilEmtpy: true },
       "Cannot consume as 'untilEmtpy' is not an option of consume() (did you mean 'untilEmpty'?)",

@@ -131,6 +131,17 @@ Deno.test("jetfill export keeps a whole last event without its newline, and refu
     const more = await store(path, generateCapture({ count: 10, seed: 26 }), 50);
     const notes = `${dir}/notes.txt`;
     await Deno.writeTextFile(notes, "my notes, no newline");
+    // Another queue's name: nothing taken, and a pointer to the queue the database holds.
+    const other = await jetfill("export", "--kv", path, "--queue-name", "other");
+    assert.equal(other.code, 0);
+    assert.equal(other.stdout, "");
+    assert.match(
+      other.stderr,
+      new RegExp(
+        `^jetfill export: queue 'other' has nothing in ${path}, which holds 'jetstream_sync': see --queue-name$`,
+        "m",
+      ),
+    );
     const refused = await jetfill("export", "--kv", path, "--out", notes);
     assert.equal(refused.code, 2);
     assert.match(

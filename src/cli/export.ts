@@ -4,7 +4,9 @@
  * @module
  */
 import { UsageError } from "../errors.ts";
-import { consume, type ConsumeResult } from "../queue/consume.ts";
+import { consume, type ConsumeResult, queueStatus } from "../queue/consume.ts";
+import { openKvAt } from "../queue/kv_queue.ts";
+import { otherQueuesNote } from "./status.ts";
 import {
   type FlagSpec,
   interruptedExitCode,
@@ -268,6 +270,18 @@ export async function exportCommand(args: string[]): Promise<number> {
     sink.close();
   }
   console.error(exportSummary(result, out));
+  if (result.messages === 0 && writeError === undefined && (await pathExists(path))) {
+    // Nothing at all of this queue, when the database holds others: most likely a wrong --queue-name.
+    const kv = await openKvAt(path);
+    try {
+      if ((await queueStatus(kv, queue)).messagesEnqueued === 0) {
+        const note = await otherQueuesNote(kv, queue, path);
+        if (note) console.error(`jetfill export: ${note}`);
+      }
+    } finally {
+      kv.close();
+    }
+  }
   if (writeError instanceof Deno.errors.BrokenPipe && out === undefined) {
     // The reader closed the pipe (`export | head`): it has what it wanted. The message being
     // written went back to the queue; the ones written before it have left it.
@@ -292,7 +306,7 @@ export async function exportCommand(args: string[]): Promise<number> {
   }
   if (result.stopReason === "idle") {
     console.error(
-      `jetfill export: stopped after 10 s without a message although the counters show messages waiting; they may have been taken by a consumer that keeps no counters (see '${programName()} status')`,
+      `jetfill export: stopped after 10 s without a message although the counters show messages waiting: a message whose handling failed comes back only at KV's next retry (up to a minute later), and a consumer that keeps no counters may have taken them; try again later (see '${programName()} status')`,
     );
   }
   return interrupted ? interruptedExitCode(interrupted) : 0;

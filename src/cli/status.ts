@@ -167,10 +167,10 @@ export async function statusCommand(args: string[]): Promise<number> {
   }
   const kv = await openKvAt(path);
   let status: QueueStatus;
-  let others: string[] = [];
+  let elsewhere: string | undefined;
   try {
     status = await queueStatus(kv, queue);
-    if (status.messagesEnqueued === 0) others = (await queuesIn(kv)).filter((q) => q !== queue);
+    if (status.messagesEnqueued === 0) elsewhere = await otherQueuesNote(kv, queue, path);
   } finally {
     kv.close();
   }
@@ -178,12 +178,26 @@ export async function statusCommand(args: string[]): Promise<number> {
   const lockFile = held === undefined ? null : { path: await queueLockPath(path, queue), held };
   if (v.json) console.log(JSON.stringify({ kv: path, ...status, lockFile } satisfies StatusJson));
   else console.log(formatStatus(status, path, lockFile));
-  if (others.length > 0) {
-    console.error(
-      `jetfill status: queue '${queue}' has nothing in ${path}, which holds ${
-        others.map((q) => `'${q}'`).join(", ")
-      }: see --queue-name`,
-    );
+  if (elsewhere) {
+    console.error(`jetfill status: ${elsewhere}`);
   }
   return 0;
+}
+
+/**
+ * When a database holds other queues than `queue` (which it does not hold): a note that says so,
+ * for a `--queue-name` that was mistyped or left out.
+ *
+ * @example
+ * ```ts ignore
+ * import { otherQueuesNote } from "./status.ts";
+ * console.error(await otherQueuesNote(kv, "other", "q.sqlite"));
+ * ```
+ */
+export async function otherQueuesNote(kv: Deno.Kv, queue: string, path: string): Promise<string | undefined> {
+  const others = (await queuesIn(kv)).filter((q) => q !== queue);
+  if (others.length === 0) return undefined;
+  return `queue '${queue}' has nothing in ${path}, which holds ${
+    others.map((q) => `'${q}'`).join(", ")
+  }: see --queue-name`;
 }

@@ -284,7 +284,7 @@ const ConsumeOptionsSchema = z.strictObject({
   handler: z.custom<ConsumeHandler>((v) => typeof v === "function", because("handler", "a function")),
   kv: z.union(
     [
-      z.string().min(1),
+      z.string().min(1, because("kv", "a Deno.Kv or a database path")),
       z.custom<Deno.Kv>(isDenoKv),
     ],
     because("kv", "a Deno.Kv or a database path"),
