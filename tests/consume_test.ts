@@ -377,6 +377,32 @@ Deno.test("consume() keeps slow handlers out of KV's 5 s redelivery while anothe
   }
 });
 
+Deno.test("consume() with a backlog it must put back still hands messages over in seq order", async () => {
+  const { dir, path } = await tempDb();
+  try {
+    const kv = await Deno.openKv(path);
+    await produce(kv, generateCapture({ count: 6000, seed: 16 }), { batchSize: 20 });
+    kv.close();
+    // 300 messages of 12 ms: KV hands over all of them at once (each commit's in random order), and
+    // more than a few seconds' worth must go back to come again.
+    const seqs: number[] = [];
+    const result = await consume({
+      kv: path,
+      untilEmpty: true,
+      handler: async (_events, { seq }) => {
+        seqs.push(seq);
+        await sleep(12);
+      },
+    });
+    assert.equal(result.messages, 300);
+    assert.ok(result.deferred > 0, "messages were put back");
+    const late = seqs.filter((seq, i) => i > 0 && seq < seqs[i - 1]);
+    assert.deepEqual(late, [], "a message put back came after higher seqs");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("consume() in another process sees each event of a producer process once, within 3 s of its enqueue", async () => {
   const { dir, path } = await tempDb();
   try {

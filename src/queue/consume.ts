@@ -582,21 +582,37 @@ class Consumer {
     // Put back, from the highest seq down, what is not expected to finish within HOLD_TARGET_MS
     // of its delivery (expected wait, its own handling, and half of that again as a margin).
     const busy = this.#running.size >= c ? 1 : 0;
+    // A message put back here and not back yet holds up every higher seq: those that could not wait
+    // for it go back too, due after it.
+    const pending = this.#pendingBelow(now);
     const evicted: Delivery[] = [];
     for (let k = this.#held.length - 1; k >= 0; k--) {
-      if (k === 0 && !busy) break; // it starts now; #handle decides with the exact time left
       const d = this.#held[k];
+      const waitsFor = pending !== undefined && d.message.seq > pending.seq
+        ? pending.due + REORDER_GRACE_MS > d.deliveredAt + HOLD_TARGET_MS / 2
+        : false;
+      if (k === 0 && !busy && !waitsFor) break; // it starts now; #handle decides with the exact time left
       const wait = (Math.floor(k / c) + busy) * plan;
-      if (now + wait + 1.5 * plan > d.deliveredAt + HOLD_TARGET_MS) evicted.push(this.#held.splice(k, 1)[0]);
+      if (waitsFor || now + wait + 1.5 * plan > d.deliveredAt + HOLD_TARGET_MS) {
+        evicted.push(this.#held.splice(k, 1)[0]);
+      }
     }
     // Each one put back gets its own slot, lowest seq first, after what stays and what was put
     // back before: they come back one by one about when a handler is free for them, instead of
-    // all at once (to be put back again).
+    // all at once (to be put back again). KV hands over the messages of a commit in random order,
+    // so a slot is also kept between those of the lower and the higher seqs put back before: a
+    // message must not come back after higher seqs, nor before lower ones.
     const freeAt = now + (Math.ceil(this.#held.length / c) + busy) * plan;
     for (let i = evicted.length - 1; i >= 0; i--) {
-      const slot = Math.max(freeAt, this.#reservedUntil);
-      this.#reservedUntil = slot + plan / c;
-      this.#defer(evicted[i], slot - now);
+      const d = evicted[i];
+      const base = Math.max(freeAt, this.#reservedUntil);
+      const { below, above } = this.#dueAround(d.message.seq, now);
+      let slot = below === undefined ? base : Math.max(base, below + 1);
+      if (above !== undefined && slot > above - 1) {
+        slot = below === undefined ? above - 1 : Math.max(below + 1, above - 1);
+      }
+      this.#reservedUntil = Math.max(this.#reservedUntil, slot + plan / c);
+      this.#defer(d, slot - now);
     }
     while (this.#running.size < c && this.#held.length > 0) {
       const first = this.#held[0];
@@ -621,13 +637,37 @@ class Consumer {
     if (last !== undefined && first.message.seq <= last + 1) return now;
     let until = first.deliveredAt + this.#o.reorderWindow;
     if (last !== undefined) {
+      // A seq put back here is waited for until it is due back (what is held and could not wait that
+      // long was put back after it).
       const due = this.#due.get(last + 1);
-      if (due !== undefined && due - now < this.#o.reorderWindow) {
-        until = Math.max(until, due + REORDER_GRACE_MS);
-      }
+      if (due !== undefined && due > now - REORDER_GRACE_MS) until = Math.max(until, due + REORDER_GRACE_MS);
     }
     // Never at the cost of the held messages' own deadline.
     return Math.min(until, first.deliveredAt + HOLD_TARGET_MS / 2);
+  }
+
+  /** The lowest seq put back here and not back yet (nor overdue), with when it is due. */
+  #pendingBelow(now: number): { seq: number; due: number } | undefined {
+    let lowest: { seq: number; due: number } | undefined;
+    for (const [seq, due] of this.#due) {
+      if (due > now - REORDER_GRACE_MS && (lowest === undefined || seq < lowest.seq)) lowest = { seq, due };
+    }
+    return lowest;
+  }
+
+  /**
+   * Among the messages put back here and not back yet: the latest due of a lower seq than `seq`,
+   * and the earliest due of a higher one.
+   */
+  #dueAround(seq: number, now: number): { below?: number; above?: number } {
+    let below: number | undefined;
+    let above: number | undefined;
+    for (const [s, due] of this.#due) {
+      if (due <= now) continue;
+      if (s < seq && (below === undefined || due > below)) below = due;
+      if (s > seq && (above === undefined || due < above)) above = due;
+    }
+    return { below, above };
   }
 
   #defer(d: Delivery, delay: number): void {
