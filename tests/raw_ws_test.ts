@@ -15,6 +15,7 @@ import { acceptWebSocket, readRequestHead } from "../src/server/http1.ts";
 import { serveJetstream } from "../src/server/server.ts";
 import { generateCapture } from "../src/server/synth.ts";
 import { commit, did } from "./helpers/events.ts";
+import { encodeFrame } from "./helpers/raw_ws.ts";
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
@@ -44,25 +45,9 @@ async function drain(conn: Connection): Promise<Frame[]> {
 function frame(
   opcode: number,
   payload: Uint8Array | string,
-  { fin = true, rsv = 0, mask = false } = {},
+  options: { fin?: boolean; rsv?: number; mask?: boolean } = {},
 ): Uint8Array {
-  const bytes = typeof payload === "string" ? encoder.encode(payload) : payload;
-  const n = bytes.length;
-  const header = n < 126 ? 2 : n < 65536 ? 4 : 10;
-  const out = new Uint8Array(header + (mask ? 4 : 0) + n);
-  out[0] = (fin ? 0x80 : 0) | rsv | opcode;
-  if (n < 126) out[1] = n;
-  else if (n < 65536) {
-    out[1] = 126;
-    out[2] = n >> 8;
-    out[3] = n & 255;
-  } else {
-    out[1] = 127;
-    new DataView(out.buffer).setBigUint64(2, BigInt(n));
-  }
-  if (mask) out[1] |= 0x80;
-  out.set(bytes, header + (mask ? 4 : 0));
-  return out;
+  return encodeFrame(opcode, payload, { mask: false, ...options });
 }
 
 function concat(...parts: Uint8Array[]): Uint8Array {

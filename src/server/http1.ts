@@ -247,21 +247,18 @@ function handshakeRefusal(headers: Headers, library: WebSocketLibrary): Handshak
       : { status: 400, body: "Bad Request\n", headers: { "Sec-Websocket-Version": "13" } };
   }
   const upgradeRequired = { Connection: "Upgrade", Upgrade: "websocket" };
-  if (!hasConnection) {
+  const missing = !hasConnection
+    ? ["Connection", "Upgrade"]
+    : !hasUpgrade
+    ? ["Upgrade", "websocket"]
+    : undefined;
+  if (missing) {
+    const [field, token] = missing;
     return {
       status: 426,
-      body: `WebSocket protocol violation: Connection header ${
-        goQuote(headers.get("connection") ?? "")
-      } does not contain Upgrade\n`,
-      headers: upgradeRequired,
-    };
-  }
-  if (!hasUpgrade) {
-    return {
-      status: 426,
-      body: `WebSocket protocol violation: Upgrade header ${
-        goQuote(headers.get("upgrade") ?? "")
-      } does not contain websocket\n`,
+      body: `WebSocket protocol violation: ${field} header ${
+        goQuote(headers.get(field) ?? "")
+      } does not contain ${token}\n`,
       headers: upgradeRequired,
     };
   }

@@ -26,16 +26,20 @@ export interface RawFrame {
   payload: Uint8Array;
 }
 
-/** One client frame: masked unless `mask` is false, with the shortest length encoding. */
+/**
+ * One frame with the shortest length encoding: masked unless `mask` is false (a client's frame), with
+ * `rsv` bits if given (to break the protocol on purpose).
+ */
 export function encodeFrame(
   opcode: number,
-  payload: Uint8Array,
-  { fin = true, mask = true }: { fin?: boolean; mask?: boolean } = {},
+  data: Uint8Array | string,
+  { fin = true, mask = true, rsv = 0 }: { fin?: boolean; mask?: boolean; rsv?: number } = {},
 ): Uint8Array {
+  const payload = typeof data === "string" ? encoder.encode(data) : data;
   const n = payload.length;
   const header = n < 126 ? 2 : n < 65536 ? 4 : 10;
   const frame = new Uint8Array(header + (mask ? 4 : 0) + n);
-  frame[0] = (fin ? 0x80 : 0) | opcode;
+  frame[0] = (fin ? 0x80 : 0) | rsv | opcode;
   if (n < 126) {
     frame[1] = n;
   } else if (n < 65536) {
