@@ -384,6 +384,13 @@ export async function consumeStream(
  * `/subscribe` on a bad or refused `options_update`), or 1000 with the legacy server's reasons for
  * refusing one (protocol doc §2).
  */
+function refusedSubscription(cause: CloseCause): cause is Extract<CloseCause, { kind: "closed" }> {
+  if (cause.kind !== "closed") return false;
+  if (cause.code === 1007 || cause.code === 1008) return true;
+  return cause.code === 1000 &&
+    /^failed to (unmarshal subscriber|parse subscriber options)/.test(cause.reason ?? "");
+}
+
 /**
  * A legacy server's failure to read its own history, which it reports as a normal close (1000
  * `failed to replay events`, protocol doc §5.3): the server's trouble, not the end of the stream, so
@@ -391,13 +398,6 @@ export async function consumeStream(
  */
 function replayFailure(cause: CloseCause): boolean {
   return cause.kind === "closed" && cause.code === 1000 && /^failed to replay/.test(cause.reason ?? "");
-}
-
-function refusedSubscription(cause: CloseCause): cause is Extract<CloseCause, { kind: "closed" }> {
-  if (cause.kind !== "closed") return false;
-  if (cause.code === 1007 || cause.code === 1008) return true;
-  return cause.code === 1000 &&
-    /^failed to (unmarshal subscriber|parse subscriber options)/.test(cause.reason ?? "");
 }
 
 /**
