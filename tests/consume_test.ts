@@ -18,6 +18,7 @@ import { queueKey, queueLength } from "../src/queue/kv_queue.ts";
 import type { QueueMessage } from "../src/queue/message.ts";
 import { generateCapture } from "../src/server/synth.ts";
 import { produce } from "./helpers/produce.ts";
+import { commit } from "./helpers/events.ts";
 import { UsageError } from "../src/errors.ts";
 
 const Q = "jetstream_sync";
@@ -400,6 +401,33 @@ Deno.test("consume() with a backlog it must put back still hands messages over i
     assert.deepEqual(late, [], "a message put back came after higher seqs");
   } finally {
     await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("consume() stops with a clear error when Deno KV cannot read a message, by path or on a Deno.Kv", async () => {
+  // What a jetfill before nested records were gzipped could write: KV stores it, and cannot read it.
+  let deep: unknown = 1;
+  for (let i = 0; i < 3000; i++) deep = { a: deep };
+  const expected =
+    /^Deno KV stopped delivering the queue's messages: could not deserialize value\. A message it cannot read .* stays in the queue and stops every consumer; no message was handled before it$/;
+  for (const mode of ["path", "Deno.Kv"]) {
+    const { dir, path } = await tempDb();
+    const kv = await Deno.openKv(path);
+    try {
+      await kv.atomic()
+        .enqueue(message(1, [{ ...commit(1), deep } as unknown as JetstreamEvent]))
+        .set(queueKey(Q, "count", "messages"), new Deno.KvU64(1n))
+        .set(queueKey(Q, "count", "records"), new Deno.KvU64(1n))
+        .commit();
+      await assert.rejects(
+        () => consume({ kv: mode === "path" ? path : kv, untilEmpty: true, handler: () => {} }),
+        (err: unknown) => err instanceof Error && expected.test(err.message),
+        mode,
+      );
+    } finally {
+      kv.close();
+      await Deno.remove(dir, { recursive: true });
+    }
   }
 });
 

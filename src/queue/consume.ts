@@ -333,8 +333,10 @@ function attach(kv: Deno.Kv, consumer: Consumer): void {
     registry.set(kv, created);
     kv.listenQueue((raw) =>
       created.consumer ? created.consumer.deliver(kv, raw) : putBackAlone(kv, raw, ORPHAN_DELAY_MS)
-    ).catch(() => {
-      // Ends with the Kv; a failure to listen leaves the messages in the queue, nothing to do.
+    ).catch((err) => {
+      // Ends with the Kv. A failure to listen leaves the messages in the queue; a consumer attached
+      // then is told, as it would otherwise wait for deliveries that never come.
+      created.consumer?.failListening(err);
     });
   }
   if (entry.consumer) {
@@ -452,6 +454,15 @@ class Consumer {
     if (!this.stopReason) this.stoppedAt = performance.now();
     this.stopReason ??= reason;
     this.notify();
+  }
+
+  /** Why KV stopped delivering (its listener failed), which consume() then throws. */
+  listenFailure: unknown;
+
+  /** KV's listener failed (a message it could not read): consume() stops, and throws once done. */
+  failListening(err: unknown): void {
+    this.listenFailure ??= err;
+    this.stop("aborted");
   }
 
   /** Stopped, and done with everything started: settled, or quiet after STOP_GRACE_MS. */
@@ -988,10 +999,14 @@ export async function consume(options: ConsumeOptions): Promise<ConsumeResult> {
       while (!consumer.stopReason) {
         const kv = await openKvAt(path!);
         consumer.result.sessions++;
-        const listening = kv.listenQueue((raw) => consumer.deliver(kv, raw));
+        let closing = false;
+        const listening = kv.listenQueue((raw) => consumer.deliver(kv, raw)).catch((err) => {
+          if (!closing) consumer.failListening(err);
+        });
         try {
           await session(consumer, kv, performance.now(), true);
         } finally {
+          closing = true;
           closedKvs.add(kv);
           kv.close();
           await listening;
@@ -1000,6 +1015,19 @@ export async function consume(options: ConsumeOptions): Promise<ConsumeResult> {
     }
   } finally {
     options.signal?.removeEventListener("abort", onAbort);
+  }
+  if (consumer.listenFailure !== undefined) {
+    const why = consumer.listenFailure instanceof Error
+      ? consumer.listenFailure.message
+      : String(consumer.listenFailure);
+    throw new Error(
+      `Deno KV stopped delivering the queue's messages: ${why}. A message it cannot read (a value nested thousands of levels deep, written by another program or by a jetfill before such records were gzipped) stays in the queue and stops every consumer; ${
+        consumer.result.messages === 0
+          ? "no message was handled before it"
+          : `the ${consumer.result.messages} messages handled before it are done`
+      }`,
+      { cause: consumer.listenFailure },
+    );
   }
   return {
     ...consumer.result,
