@@ -35,7 +35,9 @@
  *   after `close()` are lost (measured), and such messages come back only after their deadline.
  * - **Handlers run `concurrency` at a time** (default 1), lowest `seq` first: messages enqueued in
  *   one commit are dequeued in random order, so consume() waits up to `reorderWindow` for a missing
- *   `seq` before it goes on without it.
+ *   `seq` before it goes on without it. A missing `seq` that consume() put back itself is waited for
+ *   until it is due back: the held messages that cannot wait that long are put back too, due after
+ *   it, and every put-back is due in `seq` order, so a backlog put back comes out in order.
  * - **Failures and dead letters.** A handler that throws leaves its message to KV, which redelivers it
  *   on its backoff schedule; when the retries run out KV writes the message to the keys given at
  *   enqueue time, `["jetfill", queue, "dead", seq]` for jetfill's writer. Dead letters are not counted
