@@ -1,4 +1,5 @@
 import assert from "node:assert/strict";
+import { V2_SUBSCRIBE_PATH } from "../src/jetstream/v2.ts";
 import { runBackfillSync } from "../src/backfill.ts";
 import { UsageError } from "../src/errors.ts";
 import type { SyncErrorReport, SyncStats } from "../src/stats.ts";
@@ -43,8 +44,12 @@ Deno.test("runBackfillSync() reports a start older than the server's history as 
 Deno.test("runBackfillSync() sends a start before 2001-09-09 as 10^15 µs, which every wire reads as a time", async () => {
   // Under 10^15 a cursor is a prefix of the keys to a legacy server and a seq to a v2 one (protocol
   // doc §1): 2000-01-01 (946684800000000) would have been a future, live-only cursor on each.
-  const v2Path = "/xrpc/network.bsky.jetstream.subscribeEvents";
-  for (const [version, wire] of [["legacy", "/subscribe"], ["v2", "/subscribe"], ["v2", v2Path]] as const) {
+  for (
+    const [version, wire] of [["legacy", "/subscribe"], ["v2", "/subscribe"], [
+      "v2",
+      V2_SUBSCRIBE_PATH,
+    ]] as const
+  ) {
     await using server = serveEvents(events, { closeAtEnd: true, version });
     await using db = await tempDb();
     const { stats } = await syncReporting({

@@ -1,4 +1,5 @@
 import assert from "node:assert/strict";
+import { V2_SUBSCRIBE_PATH } from "../src/jetstream/v2.ts";
 import { UsageError } from "../src/errors.ts";
 import { instanceUrl, PUBLIC_INSTANCES, resolveSyncOptions } from "../src/options.ts";
 import type { BackfillSyncOptions } from "../src/options.ts";
@@ -148,7 +149,7 @@ Deno.test("instanceUrl() turns hosts into wss URLs and keeps given URLs", () => 
 });
 
 Deno.test("instanceUrl() gives the v2 hosts the v2 wire by default, and `wire` overrides it", () => {
-  const v2 = "/xrpc/network.bsky.jetstream.subscribeEvents";
+  const v2 = V2_SUBSCRIBE_PATH;
   assert.equal(instanceUrl("jetstream.us-east.bsky.network"), `wss://jetstream.us-east.bsky.network${v2}`);
   assert.equal(
     instanceUrl("jetstream.us-west.bsky.network", "v1"),

@@ -1,4 +1,5 @@
 import { spawnServer } from "../scripts/spawn_server.ts";
+import { V2_SUBSCRIBE_PATH } from "../src/jetstream/v2.ts";
 import assert from "node:assert/strict";
 import { generateCapture } from "../src/server/synth.ts";
 import { parseCapture } from "../src/server/capture.ts";
@@ -25,7 +26,7 @@ const EVENTS = parseCapture(LINES);
 const SEQ0 = 1001; // seq of EVENTS[0] with the default seqBase
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
-const V2_PATH = "/xrpc/network.bsky.jetstream.subscribeEvents";
+const V2_PATH = V2_SUBSCRIBE_PATH;
 const DICT_PATH = "/xrpc/network.bsky.jetstream.getZstdDictionary";
 
 function serve(options: Partial<JetstreamServerOptions> = {}): ReturnType<typeof serveJetstream> {

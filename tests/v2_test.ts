@@ -1,4 +1,5 @@
 import assert from "node:assert/strict";
+import { V2_SUBSCRIBE_PATH } from "../src/jetstream/v2.ts";
 import { runBackfillSync } from "../src/backfill.ts";
 import { UsageError } from "../src/errors.ts";
 import type { JetstreamEvent } from "../src/jetstream/events.ts";
@@ -10,7 +11,7 @@ import { serveEvents, syncConnections, tempDb } from "./helpers/loopback.ts";
 import { V2_DICT } from "./helpers/zstd_cli.ts";
 
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
-const V2_PATH = "/xrpc/network.bsky.jetstream.subscribeEvents";
+const V2_PATH = V2_SUBSCRIBE_PATH;
 
 function capture(n = 600): JetstreamEvent[] {
   return Array.from(
