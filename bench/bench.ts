@@ -3,7 +3,7 @@
  *
  * - ceiling: receive + `JSON.parse` only, from the project's server in another process;
  * - end to end: `runBackfillSync()` from the same server through to Deno KV, with its ratio to the ceiling
- *   (after one untimed warm-up sync; the ceiling and the first row alternate three times, each taking
+ *   (after one untimed warm-up sync; the ceiling and the first row alternate five times, each taking
  *   its best, so that the VM slowing down or speeding up between them moves the ratio less; the rounds
  *   are printed, so that a run where it did anyway can be told; the other rows are the best of two);
  * - the same with KV on a RAM disk (/dev/shm), to separate the pipeline from the disk;
@@ -27,6 +27,8 @@ import { openKvAt } from "../src/queue/kv_queue.ts";
 const quick = Deno.args.includes("--quick");
 const EVENTS = quick ? 50_000 : 200_000;
 const HOUR_US = 3_600_000_000;
+// Interleaved rounds of the ceiling and the first end-to-end row.
+const ROUNDS = 5;
 const root = new URL("..", import.meta.url).pathname;
 const work = `${root}.bench`;
 await Deno.mkdir(work, { recursive: true });
@@ -142,6 +144,11 @@ async function sync(url: string, kvPath: string, batchSize: number, compress = f
   });
 }
 
+/** Deletes a sync's database and the lock file it leaves beside it (/dev/shm is shared memory). */
+async function removeDatabase(path: string): Promise<void> {
+  for (const f of [path, `${path}@bench.lock`]) await Deno.remove(f).catch(() => {});
+}
+
 function fmt(n: number): string {
   return Math.round(n).toLocaleString("en-US");
 }
@@ -173,7 +180,7 @@ try {
   // the ratio, measured over the same minute.
   const ceilings: number[] = [];
   const firsts: number[] = [];
-  for (let round = 0; round < 3; round++) {
+  for (let round = 0; round < ROUNDS; round++) {
     ceilings.push(await ceiling(server.url));
     firsts.push(await timedSync(rows[0]));
   }
@@ -199,11 +206,17 @@ try {
     if (row === rows[0]) {
       // The rounds themselves, so that a VM changing speed during the measurement can be seen.
       const k = (n: number) => `${Math.round(n / 1000)}k`;
+      // Each round's own ratio (its ceiling and the sync right after it) and their median: a VM
+      // that changed speed between rounds moves one ratio, not the median.
+      const ratios = firsts.map((f, i) => f / ceilings[i]);
+      const median = [...ratios].sort((a, b) => a - b)[ratios.length >> 1];
+      const pct = (r: number) => `${(r * 100).toFixed(0)}%`;
+      const turns = `ceiling ${ceilings.map(k).join(", ")}; end to end ${firsts.map(k).join(", ")}`;
       console.log(
-        `  (rounds, in turns: ceiling ${ceilings.map(k).join(", ")}; end to end ${firsts.map(k).join(", ")})`,
+        `  (rounds, in turns: ${turns}; ratios ${ratios.map(pct).join(", ")}, median ${pct(median)})`,
       );
     }
-    await Deno.remove(path).catch(() => {});
+    await removeDatabase(path);
   }
 
   // Memory with a slow sink, in a process of its own so that nothing else counts in its RSS.
@@ -249,7 +262,7 @@ try {
       (s.bytesDecoded / s.bytesReceived).toFixed(2)
     }x smaller on the wire (target 60,000 events/s)`,
   );
-  await Deno.remove(path).catch(() => {});
+  await removeDatabase(path);
 } finally {
   await zserver.stop();
 }
