@@ -81,6 +81,29 @@ export type {
   IdentityEvent,
   JetstreamEvent,
 } from "./src/jetstream/events.ts";
+export {
+  createZstdDecoder,
+  DEFAULT_MAX_DECODED_BYTES,
+  dictionaryIdOf,
+  frameDictionaryId,
+  LEGACY_DICTIONARY_ID,
+  V2_DICTIONARY_ID,
+  ZstdDecodeError,
+  type ZstdDecodeErrorReason,
+  type ZstdDecoder,
+  type ZstdDecoderOptions,
+  ZstdDecompressionStream,
+  type ZstdDecompressionStreamInit,
+} from "./src/jetstream/zstd.ts";
+export {
+  DEFAULT_DICTIONARY_URLS,
+  LEGACY_DICTIONARY_SHA256,
+  type ResolvedZstdDictionary,
+  resolveZstdDictionary,
+  type ResolveZstdDictionaryOptions,
+  ZSTD_DICTIONARY_ENV,
+  type ZstdDictionarySource,
+} from "./src/jetstream/dictionary.ts";
 export { UsageError } from "./src/errors.ts";
 export { ConcurrentWriterError } from "./src/queue/writer.ts";
 export { isoFromUs, parseTimestamp, TIMESTAMP_FORMATS, utcDate } from "./src/time.ts";

@@ -1,13 +1,15 @@
 import assert from "node:assert/strict";
 import { LEGACY_DICT as LEGACY_PATH, V2_DICT as V2_PATH } from "./helpers/zstd_cli.ts";
-import { UsageError } from "../src/errors.ts";
+// The public API, as a library user imports it.
 import {
+  LEGACY_DICTIONARY_ID,
   LEGACY_DICTIONARY_SHA256,
   resolveZstdDictionary,
   type ResolveZstdDictionaryOptions,
+  UsageError,
+  V2_DICTIONARY_ID,
   ZSTD_DICTIONARY_ENV,
-} from "../src/jetstream/dictionary.ts";
-import { LEGACY_DICTIONARY_ID, V2_DICTIONARY_ID } from "../src/jetstream/zstd.ts";
+} from "../mod.ts";
 
 const legacyDictionary = await Deno.readFile(LEGACY_PATH);
 const CACHE_NAME = `zstd-dictionary-${LEGACY_DICTIONARY_SHA256}.zdict`;

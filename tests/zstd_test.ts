@@ -1,8 +1,8 @@
 import assert from "node:assert/strict";
 import { LEGACY_DICT as LEGACY_PATH, V2_DICT as V2_PATH } from "./helpers/zstd_cli.ts";
+// The public API, as a library user imports it.
 import {
   createZstdDecoder,
-  createZstdEncoder,
   DEFAULT_MAX_DECODED_BYTES,
   dictionaryIdOf,
   frameDictionaryId,
@@ -10,7 +10,8 @@ import {
   V2_DICTIONARY_ID,
   ZstdDecodeError,
   ZstdDecompressionStream,
-} from "../src/jetstream/zstd.ts";
+} from "../mod.ts";
+import { createZstdEncoder } from "../src/jetstream/zstd.ts";
 
 // The dictionaries live beside the repository (never committed: the legacy one holds real events).
 const legacyDictionary = await Deno.readFile(LEGACY_PATH);
