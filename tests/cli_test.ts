@@ -8,6 +8,11 @@ import { asRun, counted } from "../src/cli/program.ts";
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
 const run = runCli;
 
+// A list of DIDs with one that is not a DID.
+const DIDS_FILE = await Deno.makeTempFile({ prefix: "jetfill-dids-", suffix: ".txt" });
+await Deno.writeTextFile(DIDS_FILE, "did:plc:q6gjnaw2blty4crticxkmujt\nbob\n");
+globalThis.addEventListener("unload", () => Deno.removeSync(DIDS_FILE));
+
 const BAD: [string[], RegExp][] = [
   [["sync", "--bogus"], /Unknown option '--bogus'/],
   [["sync", "--limit", "abc"], /--limit must be a positive integer: current value is "abc"/],
@@ -21,15 +26,21 @@ const BAD: [string[], RegExp][] = [
     /current value is "1764000000" \(1764000000 looks like seconds; in microseconds that is 1764000000000000\)/,
   ],
   [["sync", "--max-time", "soon"], /--max-time must be a positive number: current value is "soon"/],
-  [["sync", "--start", "01/02/2024"], /'startTimestamp' must be YYYY-MM-DD.*"01\/02\/2024"/],
-  [["sync", "--start", "2024-01-02", "--end", "2024-01-01"], /'endTimestamp' must be after 'startTimestamp'/],
+  // The flag the user typed is named, not the library option it becomes.
+  [["sync", "--start", "01/02/2024"], /^jetfill sync: --start must be YYYY-MM-DD.*"01\/02\/2024"/],
+  [["sync", "--start", "2024-01-02", "--end", "2024-01-01"], /: --end must be after --start/],
   [
     ["sync", "--did", "did:plc:bad"],
-    /'wantedDids' must be did:plc: or did:web: DIDs: current value is "did:plc:bad"/,
+    /: --did must be did:plc: or did:web: DIDs: current value is "did:plc:bad"/,
   ],
-  [["sync", "--collection", "app.bsky.feed.po*"], /'wantedCollections' must be NSIDs/],
-  [["sync", "--kind", "sync"], /'kinds' must be one of commit, identity, account: current value is "sync"/],
-  [["sync", "--instance", "ftp://x"], /'instance' must be a host name or a ws:\/\/ or wss:\/\/ URL/],
+  [
+    ["sync", "--dids-file", DIDS_FILE],
+    /: --dids-file must be did:plc: or did:web: DIDs: current value is "bob"/,
+  ],
+  [["sync", "--collection", "app.bsky.feed.po*"], /: --collection must be NSIDs/],
+  [["sync", "--kind", "sync"], /: --kind must be one of commit, identity, account: current value is "sync"/],
+  [["sync", "--instance", "ftp://x"], /: --instance must be a host name or a ws:\/\/ or wss:\/\/ URL/],
+  [["sync", "--queue-name", "a b"], /: --queue-name must be /],
   [["sync", "--dids-file", "/nonexistent/dids.txt"], /--dids-file "\/nonexistent\/dids.txt" cannot be read/],
   // An empty list would mean every account.
   [["sync", "--dids-file", "/dev/null"], /--dids-file "\/dev\/null" holds no DIDs/],

@@ -198,6 +198,52 @@ export function formatSummary(s: SyncStats): string {
   return lines.join("\n");
 }
 
+/** The flag of each library option that `sync` sets from one, as its error messages name it. */
+const FLAG_OF: Readonly<Record<string, string>> = {
+  wantedDids: "--did",
+  wantedCollections: "--collection",
+  kinds: "--kind",
+  startTimestamp: "--start",
+  endTimestamp: "--end",
+  instance: "--instance",
+  queueName: "--queue-name",
+  kv: "--kv",
+  numRecords: "--limit",
+  batchSize: "--batch-size",
+  maxTime: "--max-time",
+  compress: "--compress",
+  wire: "--wire",
+  zstdDictionary: "--zstd-dictionary",
+  maxEventBytes: "--max-event-bytes",
+  idleTimeout: "--idle-timeout",
+  maxRetries: "--max-retries",
+  resume: "--resume",
+  force: "--force",
+  strict: "--strict",
+};
+
+/**
+ * A library error about an option ("Cannot sync as 'startTimestamp' must be …") as the command line
+ * says it: by the flag the user typed ("--start must be …"). `didsFlag` is the flag the DIDs came
+ * from (`--did`, `--dids-file`, or both).
+ *
+ * @example
+ * ```ts
+ * import { inFlagTerms } from "./sync.ts";
+ * inFlagTerms("Cannot sync as 'kinds' must be one of commit, identity, account: current value is \"x\"", "--did");
+ * // '--kind must be one of commit, identity, account: current value is "x"'
+ * ```
+ */
+export function inFlagTerms(message: string, didsFlag: string): string {
+  const flag = (name: string) => name === "wantedDids" ? didsFlag : FLAG_OF[name];
+  return message
+    .replace(
+      /^Cannot sync as '(\w+)' must/,
+      (whole, name: string) => flag(name) ? `${flag(name)} must` : whole,
+    )
+    .replace(/ must be after 'startTimestamp'/, " must be after --start");
+}
+
 /** How to continue a run that stopped short of its limit and end, or undefined when it did not. */
 function resumeHint(s: SyncStats): string | undefined {
   if (s.stopReason === "limit" || s.stopReason === "end" || s.latestCursor === null) return undefined;
@@ -246,6 +292,14 @@ export async function syncCommand(args: string[]): Promise<number> {
   let stats: SyncStats;
   try {
     stats = await runBackfillSync(options);
+  } catch (err) {
+    if (!(err instanceof UsageError)) throw err;
+    const didsFlag = v.did && v["dids-file"] !== undefined
+      ? "--did / --dids-file"
+      : v["dids-file"] !== undefined
+      ? "--dids-file"
+      : "--did";
+    throw new UsageError(inFlagTerms(err.message, didsFlag), { cause: err });
   } finally {
     removeSignals();
     if (live) Deno.stderr.writeSync(enc.encode("\r\x1b[2K"));
