@@ -358,3 +358,23 @@ Deno.test("jetfill sync reads a wss:// instance (TLS, the public Jetstream's sch
   assert.deepEqual(messages.sort((a, b) => a.seq - b.seq).flatMap((m) => m.records), events);
   assert.ok(syncConnections(server).length >= 1);
 });
+
+Deno.test("jetfill serve on a port another process holds exits 1 with one line that says to choose another", async () => {
+  const capture = await Deno.makeTempFile({ suffix: ".ndjson" });
+  try {
+    await Deno.writeTextFile(capture, JSON.stringify(commit(T0)) + "\n");
+    using holder = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+    const r = await run(["serve", "--file", capture, "--port", String(holder.addr.port)]);
+    assert.equal(r.code, 1, r.stderr);
+    const lines = r.stderr.trim().split("\n");
+    assert.equal(lines.length, 1, r.stderr);
+    assert.match(
+      lines[0],
+      new RegExp(
+        `^jetfill serve: Cannot serve on 127\\.0\\.0\\.1:${holder.addr.port}: the port is in use .*choose another --port, or --port 0`,
+      ),
+    );
+  } finally {
+    await Deno.remove(capture);
+  }
+});

@@ -233,7 +233,17 @@ export async function serveCommand(args: string[]): Promise<number> {
       signal: controller.signal,
     });
   } catch (err) {
-    if (err instanceof Deno.errors.AddrInUse || err instanceof Deno.errors.AddrNotAvailable) {
+    // A port another process holds is a runtime failure (exit 1); an address this machine does
+    // not have is bad input (exit 2).
+    if (err instanceof Deno.errors.AddrInUse) {
+      throw new Error(
+        `Cannot serve on ${hostname}:${port}: the port is in use (${
+          (err as Error).message
+        }); choose another --port, or --port 0 for any free one`,
+        { cause: err },
+      );
+    }
+    if (err instanceof Deno.errors.AddrNotAvailable) {
       throw new UsageError(`Cannot serve on ${hostname}:${port}: ${(err as Error).message}`, { cause: err });
     }
     throw err;
