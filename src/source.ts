@@ -166,7 +166,9 @@ export async function consumeStream(
     });
     if (giveUp) {
       ctx.stop = "error";
-      ctx.error = `gave up after ${failures} connection attempts without progress; last error: ${message}`;
+      ctx.error = `gave up after ${failures} connection attempt${
+        failures === 1 ? "" : "s"
+      } without progress; last error: ${message}`;
       return false;
     }
     if (o.instances.length > 1 && failures % o.failoverAfter === 0) {

@@ -130,6 +130,16 @@ Deno.test("runBackfillSync() retries 503 refusals with backoff, then gives up af
     );
     assert.equal(stats.recordsStored, 0);
   }
+  {
+    // maxRetries 0: one attempt, said as one.
+    await using server = serveEvents(events, { closeAtEnd: true, faults: { refuseFirst: 100 } });
+    await using db = await tempDb();
+    const stats = await runBackfillSync({ instance: server.url, kv: db.path, maxRetries: 0 });
+    assert.match(
+      stats.error!,
+      /^gave up after 1 connection attempt without progress; last error: .*HTTP 503/,
+    );
+  }
 });
 
 Deno.test("runBackfillSync() reconnects a stalled connection after the idle timeout", async () => {
