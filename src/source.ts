@@ -8,7 +8,7 @@
  */
 import { backoffDelay, delay } from "./async.ts";
 import { UsageError } from "./errors.ts";
-import { probeCoverageStart } from "./jetstream/coverage.ts";
+import { probeCoverageStart, probeV2HistoryStart } from "./jetstream/coverage.ts";
 import { resolveZstdDictionary } from "./jetstream/dictionary.ts";
 import { type CloseCause, ConnectError, type Connection, openConnection } from "./jetstream/socket.ts";
 import { buildSubscribeRequest } from "./jetstream/url.ts";
@@ -184,6 +184,9 @@ export async function consumeStream(
   // the server about to be used? Checked before its first connection and after a long outage.
   const from = neededUs >= 0 ? neededUs : o.startUs;
   let coverage = from === undefined ? undefined : { fromUs: from, atStart: neededUs < 0 };
+  // The instance whose coverage a v2 probe measured for the connection about to be made: that
+  // connection's own OutdatedCursor says nothing more (it stays set through a refused attempt).
+  let measuredOn: string | undefined;
 
   while (!ctx.stop) {
     const base = o.instances[instanceIndex];
@@ -197,11 +200,12 @@ export async function consumeStream(
     if (coverage) {
       const failed = await checkCoverage(ctx, base, coverage.fromUs, coverage.atStart);
       if (ctx.stop) break;
-      if (failed !== undefined) {
+      if (typeof failed === "string") {
         // A probe refused for a while (a v2 host warming up) or lost is retried like a connection.
         if (!await failedAttempt(base, failed)) break;
         continue;
       }
+      if (failed === true) measuredOn = base;
       coverage = undefined;
     }
     const bySeq = seq.host === base && seq.floor >= 0;
@@ -291,10 +295,13 @@ export async function consumeStream(
       errorFrame: false,
       outdatedFrom: undefined,
       // A history that begins within a rewind is no gap: measured from what is still needed.
-      requestedUs: bySeq || timeUs === undefined ? undefined : Math.max(timeUs, neededUs),
+      requestedUs: bySeq || timeUs === undefined || measuredOn === base
+        ? undefined
+        : Math.max(timeUs, neededUs),
       maxUs: -1,
       minUs: -1,
     };
+    measuredOn = undefined;
     try {
       await readConnection(ctx, conn, session, select, guard, seq, options);
     } finally {
@@ -394,6 +401,38 @@ function refusedSubscription(cause: CloseCause): cause is Extract<CloseCause, { 
 }
 
 /**
+ * {@link checkCoverage} on the v2 wire: an unfiltered probe from `fromUs` (see `probeV2HistoryStart`).
+ * Resolves to true when it measured coverage, so that the connection's own `OutdatedCursor` is not
+ * counted again; when the probe fails, that `OutdatedCursor` and the first event after it are the
+ * measure (later than the true start when the connection is filtered).
+ */
+async function checkV2Coverage(
+  ctx: RunContext,
+  base: string,
+  fromUs: number,
+  atStart: boolean,
+): Promise<boolean> {
+  let start: number | null;
+  try {
+    start = await probeV2HistoryStart(base, fromUs, { signal: ctx.internal.signal });
+  } catch (err) {
+    // Not worth a warning: the connection's own OutdatedCursor measures it, a little late when filtered.
+    if (!ctx.stop) {
+      ctx.report({
+        reason: "info",
+        message: `could not probe where ${new URL(base).host}'s history begins (${
+          (err as Error).message
+        }); the connection's own OutdatedCursor measures it`,
+        instance: base,
+      });
+    }
+    return false;
+  }
+  if (start !== null && !ctx.stop) coverageGap(ctx, base, fromUs, start, atStart);
+  return true;
+}
+
+/**
  * A legacy server's failure to read its own history, which it reports as a normal close (1000
  * `failed to replay events`, protocol doc §5.3): the server's trouble, not the end of the stream, so
  * the connection is retried like a dropped one.
@@ -407,13 +446,15 @@ function replayFailure(cause: CloseCause): boolean {
  * (`atStart`) or a resume point; see {@link coverageGap}. Resolves to a message when the probe
  * failed in a way worth retrying (a network error, a timeout, a 5xx or 429 refusal); a server that
  * refuses the probe itself leaves coverage unknown, which is reported (and stops a strict run).
+ * On the v2 wire it resolves to whether the probe measured coverage (see {@link checkV2Coverage}).
  */
 async function checkCoverage(
   ctx: RunContext,
   base: string,
   fromUs: number,
   atStart: boolean,
-): Promise<string | undefined> {
+): Promise<string | boolean | undefined> {
+  if (isV2Url(base)) return await checkV2Coverage(ctx, base, fromUs, atStart);
   if (!new URL(base).pathname.endsWith("/subscribe")) return undefined;
   let oldest: number | null;
   try {

@@ -7,7 +7,7 @@ import { createZstdEncoder } from "../src/jetstream/zstd.ts";
 import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
 import type { SyncErrorReport } from "../src/stats.ts";
 import { account, commit, did, drainQueue, identity } from "./helpers/events.ts";
-import { serveEvents, syncConnections, tempDb } from "./helpers/loopback.ts";
+import { isCoverageProbe, serveEvents, syncConnections, tempDb } from "./helpers/loopback.ts";
 import { V2_DICT } from "./helpers/zstd_cli.ts";
 
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
@@ -141,6 +141,53 @@ Deno.test("the v2 wire reports OutdatedCursor as a clamped start, and --strict r
       }),
     (err: unknown) => err instanceof UsageError && /refused by --strict \/ strict: true/.test(err.message),
   );
+});
+
+Deno.test("the v2 wire measures a clamped start from where history begins, not from the first event a filter lets through", async () => {
+  const events = capture();
+  const history = T0 + 100 * 1000;
+  await using server = serveEvents(events, { version: "v2", closeAtEnd: true, historyStartUs: history });
+  await using db = await tempDb();
+  const stats = await runBackfillSync({
+    instance: v2Url(server.url),
+    kv: db.path,
+    startTimestamp: T0,
+    wantedDids: [did(5)],
+    ...ALL,
+  });
+  const kept = await stored(db.path, stats.queueLength);
+  // did(5)'s first event in the history is the fifth of it, 4 ms after its start.
+  assert.equal(kept[0].time_us, history + 4000);
+  assert.equal(stats.startClamped, true);
+  assert.equal(stats.coverageStart, history);
+  assert.equal(stats.coverageGapUs, history - T0);
+  // One probe, unfiltered, from the requested start; the sync's own connection is filtered.
+  const probes = server.connections.filter(isCoverageProbe);
+  assert.deepEqual(probes.map((c) => c.query), [`cursor=${T0}`]);
+  assert.ok(syncConnections(server).every((c) => c.params.wantedDids.includes(did(5))));
+});
+
+Deno.test("a v2 probe that hears nothing for a while takes the start as covered: no OutdatedCursor came", async () => {
+  // Every event is older than the start, which is not in the future: the server has nothing to send.
+  await using server = serveEvents(capture(20), { version: "v2" });
+  await using db = await tempDb();
+  const reports: SyncErrorReport[] = [];
+  const t0 = performance.now();
+  const stats = await runBackfillSync({
+    instance: v2Url(server.url),
+    kv: db.path,
+    startTimestamp: Date.now() * 1000 - 60_000_000,
+    maxTime: 4,
+    onError: (r) => reports.push(r),
+  });
+  assert.equal(stats.stopReason, "max_time");
+  assert.equal(stats.coverageGapUs, 0);
+  assert.equal(stats.startClamped, false);
+  assert.deepEqual(reports.filter((r) => /probe/.test(r.message)), []);
+  // The probe waited for a first frame, then the sync connected and waited out the rest.
+  assert.equal(server.connections.filter(isCoverageProbe).length, 1);
+  assert.equal(syncConnections(server).length, 1);
+  assert.ok(performance.now() - t0 < 6000);
 });
 
 Deno.test("the v2 wire's InvalidRequest is the user's to fix: it fails fast with the server's message", async () => {

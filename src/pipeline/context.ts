@@ -36,7 +36,10 @@ export interface Session {
   errorFrame: boolean;
   /** An OutdatedCursor info came: the next event shows where history starts. */
   outdatedFrom: number | undefined;
-  /** The time cursor sent, if any. */
+  /**
+   * The time cursor sent, if any, for an OutdatedCursor to be measured from; undefined also when a
+   * probe measured coverage just before the connection (its OutdatedCursor then says nothing new).
+   */
   requestedUs: number | undefined;
   /** The highest time_us processed on this connection (-1 before any). */
   maxUs: number;

@@ -26,7 +26,15 @@ export async function tempDb(): Promise<{ path: string; dir: string } & AsyncDis
   };
 }
 
-/** The sync's own connections, without the coverage probes (`cursor=0`, no filters). */
+/**
+ * The sync's own connections, without the coverage probes: `/subscribe?cursor=0` and, on the v2
+ * wire, `subscribeEvents` with a cursor and nothing else (a sync names its kinds).
+ */
 export function syncConnections(server: JetstreamServer): JetstreamServer["connections"] {
-  return server.connections.filter((c) => c.query !== "cursor=0");
+  return server.connections.filter((c) => !isCoverageProbe(c));
+}
+
+/** Whether `c` is a sync's coverage probe (see {@link syncConnections}). */
+export function isCoverageProbe(c: JetstreamServer["connections"][number]): boolean {
+  return c.endpoint === "subscribe" ? c.query === "cursor=0" : /^cursor=\d+$/.test(c.query);
 }
