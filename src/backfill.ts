@@ -43,6 +43,7 @@ import { consumeStream } from "./source.ts";
 import { StatsTracker, type SyncErrorReport, type SyncStats } from "./stats.ts";
 import { isoFromUs } from "./time.ts";
 import { pathExists } from "./fs.ts";
+import { resolve } from "node:path";
 
 const PROGRESS_INTERVAL_MS = 250;
 
@@ -163,7 +164,10 @@ export async function runBackfillSync(options: BackfillSyncOptions = {}): Promis
       const previous = (await readCheckpoint(kv, o.queueName)).value?.run;
       if (!previous) throw await nothingToResume(kv, o.queueName);
       const dids = await loadDidList(kv, o.queueName, previous.selection.wantedDids);
-      options = inheritOptions(options, previous, dids);
+      // A dictionary file that has gone since is looked for as usual (environment, cache, download).
+      const dictionary = previous.settings?.zstdDictionary;
+      const keepDictionary = dictionary !== undefined && await pathExists(dictionary);
+      options = inheritOptions(options, previous, dids, keepDictionary ? dictionary : undefined);
       o = resolveSyncOptions(options);
     }
     if (path !== undefined) {
@@ -273,6 +277,7 @@ function inheritOptions(
   options: BackfillSyncOptions,
   run: RunState,
   dids: string[] | undefined,
+  zstdDictionary: string | undefined,
 ): BackfillSyncOptions {
   const sel = run.selection as {
     wantedCollections?: string[];
@@ -286,6 +291,7 @@ function inheritOptions(
     ...options,
     batchSize: options.batchSize ?? run.settings?.batchSize,
     compress: options.compress ?? run.settings?.compress,
+    zstdDictionary: options.zstdDictionary ?? zstdDictionary,
     maxEventBytes: options.maxEventBytes ?? sel.maxEventBytes,
     wantedDids: options.wantedDids ?? dids,
     wantedCollections: options.wantedCollections ?? sel.wantedCollections,
@@ -400,7 +406,15 @@ async function run(
       }); this run adds its own after them, as a new run: to continue the run that stored them instead, use --resume / resume: true`,
     });
   }
-  const settings = { batchSize: o.batchSize, compress: o.compress };
+  // A dictionary given as a path is remembered, so that `--resume` alone finds it again.
+  const dictionary = o.compress && typeof options.zstdDictionary === "string"
+    ? resolve(options.zstdDictionary)
+    : undefined;
+  const settings = {
+    batchSize: o.batchSize,
+    compress: o.compress,
+    ...(dictionary === undefined ? {} : { zstdDictionary: dictionary }),
+  };
   const runState: RunState = resumeFrom
     ? { ...resumeFrom.run, selection, instances: o.instances, settings }
     : {

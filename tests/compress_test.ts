@@ -90,6 +90,54 @@ async function syncCompressed(
   return { stats, errors };
 }
 
+Deno.test("a compressed run resumed with only --resume finds its dictionary again: the path given is remembered", async () => {
+  const events = capture(300);
+  // The first run's connection (after its coverage probe) stops sending after 120 events.
+  await using server = serveEvents(events, {
+    compressor: await cliCompressor(events, LEGACY_DICT),
+    faults: { stallAfter: 120, stallConnections: 2 },
+  });
+  await using db = await tempDb();
+  const dir = await Deno.makeTempDir();
+  const saved = ["JETFILL_ZSTD_DICTIONARY", "XDG_CACHE_HOME"].map((name) =>
+    [name, Deno.env.get(name)] as const
+  );
+  try {
+    // Nowhere else to find it: no environment variable, an empty cache, and no network in tests.
+    const dictionary = `${dir}/legacy.zdict`;
+    await Deno.copyFile(LEGACY_DICT, dictionary);
+    Deno.env.delete("JETFILL_ZSTD_DICTIONARY");
+    Deno.env.set("XDG_CACHE_HOME", `${dir}/cache`);
+    const common = { kv: db.path, maxTime: 1.5, idleTimeout: 30 };
+    const first = await runBackfillSync({
+      ...common,
+      instance: server.url,
+      compress: true,
+      zstdDictionary: dictionary,
+      startTimestamp: T0,
+      kinds: ["commit", "identity"],
+      wantedCollections: [],
+    });
+    assert.equal(first.stopReason, "max_time");
+    assert.equal(first.recordsStored, 120);
+    const second = await runBackfillSync({ ...common, resume: true });
+    assert.equal(second.stopReason, "max_time", second.error);
+    assert.ok(second.bytesDecoded > second.bytesReceived, "the resumed run is compressed too");
+    assert.deepEqual(await storedEvents(db.path, second.queueLength), events);
+    // A remembered file that has gone since is looked for as usual.
+    await Deno.remove(dictionary);
+    Deno.env.set("JETFILL_ZSTD_DICTIONARY", LEGACY_DICT);
+    const third = await runBackfillSync({ ...common, resume: true });
+    assert.equal(third.stopReason, "max_time", third.error);
+    assert.equal(third.recordsStored, 0);
+  } finally {
+    for (const [name, value] of saved) {
+      value === undefined ? Deno.env.delete(name) : Deno.env.set(name, value);
+    }
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("runBackfillSync() counts and reports a frame that fails to decode, and goes on", async () => {
   const events = capture(50);
   const good = await cliCompressor(events, LEGACY_DICT);

@@ -131,8 +131,11 @@ export interface RunState {
   seqCursor?: number;
   /** The instance that issued `seqCursor`; a sequence number is never sent to another. */
   seqInstance?: string;
-  /** How the run packs and asks for events, which a `--resume` that leaves them out keeps. */
-  settings?: { batchSize: number; compress: boolean };
+  /**
+   * How the run packs and asks for events, which a `--resume` that leaves them out keeps: with
+   * `compress`, the absolute path of the zstd dictionary when one was given as a path.
+   */
+  settings?: { batchSize: number; compress: boolean; zstdDictionary?: string };
 }
 
 /**
