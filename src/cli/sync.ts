@@ -254,7 +254,7 @@ function resumeHint(s: SyncStats): string | undefined {
  * Runs `jetfill sync` with its arguments; resolves to the exit code.
  *
  * @example
- * ```ts
+ * ```ts ignore
  * import { syncCommand } from "./sync.ts";
  * const code = await syncCommand(["--instance", "ws://127.0.0.1:6008", "--limit", "100", "--json"]);
  * ```
