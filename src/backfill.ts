@@ -489,6 +489,7 @@ async function run(
     v2Compress: true,
     v2Dictionary: undefined,
     awaitStoredUntilUs: -1,
+    initialGapUs: 0,
     awaitDrops: false,
   };
   callbacks.attach(ctx);

@@ -175,6 +175,8 @@ export async function consumeStream(
       instanceIndex = (instanceIndex + 1) % o.instances.length;
       stats.failovers++;
       if (floorUs >= 0) floorUs -= o.rewindUs;
+      // Nothing came yet: the history that counts is the next instance's, checked before it is used.
+      if (stats.lastProcessedUs === null) coverage = initialCoverage;
     }
     await delay(wait, ctx.internal.signal);
     return true;
@@ -183,10 +185,11 @@ export async function consumeStream(
   // Coverage still to check: is the requested start (or the resume point) within the history of
   // the server about to be used? Checked before its first connection and after a long outage.
   const from = neededUs >= 0 ? neededUs : o.startUs;
-  let coverage = from === undefined ? undefined : { fromUs: from, atStart: neededUs < 0 };
-  // The instance whose coverage a v2 probe measured for the connection about to be made: that
-  // connection's own OutdatedCursor says nothing more (it stays set through a refused attempt).
-  let measuredOn: string | undefined;
+  const initialCoverage = from === undefined ? undefined : { fromUs: from, atStart: neededUs < 0 };
+  let coverage = initialCoverage;
+  // The instances whose coverage a probe measured for the point last checked: their connections'
+  // own OutdatedCursor (v2 wire) says nothing more.
+  const probed = new Set<string>();
 
   while (!ctx.stop) {
     const base = o.instances[instanceIndex];
@@ -195,6 +198,7 @@ export async function consumeStream(
     ) {
       // After an outage longer than the idle timeout the cursor may have fallen out of history.
       coverage = { fromUs: neededUs, atStart: false };
+      probed.clear();
     }
     connecting = base;
     if (coverage) {
@@ -205,7 +209,7 @@ export async function consumeStream(
         if (!await failedAttempt(base, failed)) break;
         continue;
       }
-      if (failed === true) measuredOn = base;
+      if (failed) probed.add(base);
       coverage = undefined;
     }
     const bySeq = seq.host === base && seq.floor >= 0;
@@ -295,13 +299,10 @@ export async function consumeStream(
       errorFrame: false,
       outdatedFrom: undefined,
       // A history that begins within a rewind is no gap: measured from what is still needed.
-      requestedUs: bySeq || timeUs === undefined || measuredOn === base
-        ? undefined
-        : Math.max(timeUs, neededUs),
+      requestedUs: bySeq || timeUs === undefined || probed.has(base) ? undefined : Math.max(timeUs, neededUs),
       maxUs: -1,
       minUs: -1,
     };
-    measuredOn = undefined;
     try {
       await readConnection(ctx, conn, session, select, guard, seq, options);
     } finally {
@@ -367,6 +368,8 @@ export async function consumeStream(
       instanceIndex = (instanceIndex + 1) % o.instances.length;
       stats.failovers++;
       if (floorUs >= 0) floorUs -= o.rewindUs;
+      // Nothing came yet: the history that counts is the next instance's, checked before it is used.
+      if (stats.lastProcessedUs === null) coverage = initialCoverage;
     }
     if (failures > 0 || cause.kind !== "overflow") {
       // A part-filled batch is stored before the wait, not kept for the next connection.
@@ -401,38 +404,6 @@ function refusedSubscription(cause: CloseCause): cause is Extract<CloseCause, { 
 }
 
 /**
- * {@link checkCoverage} on the v2 wire: an unfiltered probe from `fromUs` (see `probeV2HistoryStart`).
- * Resolves to true when it measured coverage, so that the connection's own `OutdatedCursor` is not
- * counted again; when the probe fails, that `OutdatedCursor` and the first event after it are the
- * measure (later than the true start when the connection is filtered).
- */
-async function checkV2Coverage(
-  ctx: RunContext,
-  base: string,
-  fromUs: number,
-  atStart: boolean,
-): Promise<boolean> {
-  let start: number | null;
-  try {
-    start = await probeV2HistoryStart(base, fromUs, { signal: ctx.internal.signal });
-  } catch (err) {
-    // Not worth a warning: the connection's own OutdatedCursor measures it, a little late when filtered.
-    if (!ctx.stop) {
-      ctx.report({
-        reason: "info",
-        message: `could not probe where ${new URL(base).host}'s history begins (${
-          (err as Error).message
-        }); the connection's own OutdatedCursor measures it`,
-        instance: base,
-      });
-    }
-    return false;
-  }
-  if (start !== null && !ctx.stop) coverageGap(ctx, base, fromUs, start, atStart);
-  return true;
-}
-
-/**
  * A legacy server's failure to read its own history, which it reports as a normal close (1000
  * `failed to replay events`, protocol doc §5.3): the server's trouble, not the end of the stream, so
  * the connection is retried like a dropped one.
@@ -443,31 +414,35 @@ function replayFailure(cause: CloseCause): boolean {
 
 /**
  * Probes where `base`'s history begins and compares it with `fromUs`, the requested start
- * (`atStart`) or a resume point; see {@link coverageGap}. Resolves to a message when the probe
- * failed in a way worth retrying (a network error, a timeout, a 5xx or 429 refusal); a server that
- * refuses the probe itself leaves coverage unknown, which is reported (and stops a strict run).
- * On the v2 wire it resolves to whether the probe measured coverage (see {@link checkV2Coverage}).
+ * (`atStart`) or a resume point; see {@link coverageGap}. Resolves to true when it measured
+ * coverage, and to a message when the probe failed in a way worth retrying (a network error, a
+ * timeout, a 5xx or 429 refusal). A legacy server that refuses the probe itself leaves coverage
+ * unknown, which is reported (and stops a strict run); on the v2 wire, the sync connection's own
+ * `#info OutdatedCursor` then measures it (late by what a filter leaves out).
  */
 async function checkCoverage(
   ctx: RunContext,
   base: string,
   fromUs: number,
   atStart: boolean,
-): Promise<string | boolean | undefined> {
-  if (isV2Url(base)) return await checkV2Coverage(ctx, base, fromUs, atStart);
-  if (!new URL(base).pathname.endsWith("/subscribe")) return undefined;
+): Promise<string | boolean> {
+  const v2 = isV2Url(base);
+  if (!v2 && !new URL(base).pathname.endsWith("/subscribe")) return false;
   let oldest: number | null;
   try {
-    oldest = await probeCoverageStart(base, { signal: ctx.internal.signal });
+    const signal = ctx.internal.signal;
+    oldest = v2 ? await probeV2HistoryStart(base, { signal }) : await probeCoverageStart(base, { signal });
   } catch (err) {
-    if (ctx.stop) return undefined;
+    if (ctx.stop) return false;
     const status = err instanceof ConnectError ? err.status : undefined;
     const message = `could not find where ${new URL(base).host}'s history begins: ${(err as Error).message}`;
     if (status === undefined || status >= 500 || status === 429) return message;
-    coverageUnknown(ctx, base, message);
-    return undefined;
+    if (v2) {
+      ctx.report({ reason: "info", message: `${message}; OutdatedCursor will tell`, instance: base });
+    } else coverageUnknown(ctx, base, message);
+    return false;
   }
-  if (oldest === null || ctx.stop) return undefined;
+  if (oldest === null || ctx.stop) return false;
   coverageGap(ctx, base, fromUs, oldest, atStart);
-  return undefined;
+  return true;
 }

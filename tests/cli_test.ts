@@ -189,7 +189,7 @@ Deno.test("jetfill sync --resume refuses a queue without a checkpoint, and diffe
   assert.equal(other.code, 2);
   assert.match(
     other.stderr,
-    /with different options: wantedCollections was \["app.bsky.feed.post"\], now \["app.bsky.feed.like"\]/,
+    /with different options: --collection was \["app.bsky.feed.post"\], now \["app.bsky.feed.like"\]/,
   );
   const later = await run([...base, "--end", "2026-11-28", "--resume"]);
   assert.equal(later.code, 2);
@@ -276,6 +276,13 @@ Deno.test("jetfill sync refuses to store the same window again without --resume 
   );
   assert.equal(JSON.parse(other.stdout).recordsStored, 12);
   assert.equal(JSON.parse(other.stdout).queueLength, 3);
+  // A resume with other options names what differs by its flags.
+  const resumed = await run(["sync", "--kv", db.path, "--resume", "--limit", "13", "--kind", "identity"]);
+  assert.equal(resumed.code, 2, resumed.stderr);
+  assert.match(
+    resumed.stderr.trim(),
+    /^jetfill sync: Cannot resume queue 'jetstream_sync' with different options: --kind was \["commit"\], now \["identity"\]; --limit was 12, now 13 \(pass --force/,
+  );
 });
 
 Deno.test("help and suggested commands name the CLI as it is run: deno run -A cli.ts, or the binary", () => {

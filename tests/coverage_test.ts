@@ -213,3 +213,26 @@ Deno.test("runBackfillSync() warns when a server refuses the coverage probe, and
     /^could not find where 127\.0\.0\.1:\d+'s history begins: .*HTTP 400.*; a start before it would go unnoticed$/,
   );
 });
+
+Deno.test("runBackfillSync({ strict: true, resume: true }) refuses a resume point older than the server's history, storing nothing", async () => {
+  await using db = await tempDb();
+  {
+    // The first 30 events, then the server closes: a run to resume.
+    await using server = serveEvents(events.slice(0, 30), { closeAtEnd: true });
+    const stats = await runBackfillSync({
+      instance: server.url,
+      kv: db.path,
+      startTimestamp: T0,
+      numRecords: 200,
+    });
+    assert.equal(stats.recordsStored, 30);
+  }
+  // This server's history begins 20 s after the resume point.
+  await using later = serveEvents(events, { closeAtEnd: true, historyStartUs: T0 + 50 * 1_000_000 });
+  await assert.rejects(
+    () => runBackfillSync({ instance: later.url, kv: db.path, resume: true, strict: true }),
+    (err: unknown) =>
+      err instanceof UsageError &&
+      /the point to resume from.*\(refused by --strict \/ strict: true\)/.test(err.message),
+  );
+});

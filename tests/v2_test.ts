@@ -161,33 +161,34 @@ Deno.test("the v2 wire measures a clamped start from where history begins, not f
   assert.equal(stats.startClamped, true);
   assert.equal(stats.coverageStart, history);
   assert.equal(stats.coverageGapUs, history - T0);
-  // One probe, unfiltered, from the requested start; the sync's own connection is filtered.
+  // One probe, unfiltered, from the oldest time a cursor can name; the sync's own connection is filtered.
   const probes = server.connections.filter(isCoverageProbe);
-  assert.deepEqual(probes.map((c) => c.query), [`cursor=${T0}`]);
+  assert.deepEqual(probes.map((c) => c.query), ["cursor=1000000000000000"]);
   assert.ok(syncConnections(server).every((c) => c.params.wantedDids.includes(did(5))));
 });
 
-Deno.test("a v2 probe that hears nothing for a while takes the start as covered: no OutdatedCursor came", async () => {
-  // Every event is older than the start, which is not in the future: the server has nothing to send.
-  await using server = serveEvents(capture(20), { version: "v2" });
+Deno.test("failing over before any event, the next instance's history is checked and the gap counted once", async () => {
+  const events = capture();
+  const history = T0 + 100 * 1000;
+  // A v2 host that refuses everything, its probe included, then a legacy host whose history starts late.
+  await using refusing = serveEvents(events, { version: "v2", faults: { refuseFirst: 1000 } });
+  await using legacy = serveEvents(events, { closeAtEnd: true, historyStartUs: history });
   await using db = await tempDb();
   const reports: SyncErrorReport[] = [];
-  const t0 = performance.now();
   const stats = await runBackfillSync({
-    instance: v2Url(server.url),
+    instance: [v2Url(refusing.url), legacy.url],
     kv: db.path,
-    startTimestamp: Date.now() * 1000 - 60_000_000,
-    maxTime: 4,
+    startTimestamp: T0,
+    ...ALL,
     onError: (r) => reports.push(r),
   });
-  assert.equal(stats.stopReason, "max_time");
-  assert.equal(stats.coverageGapUs, 0);
-  assert.equal(stats.startClamped, false);
-  assert.deepEqual(reports.filter((r) => /probe/.test(r.message)), []);
-  // The probe waited for a first frame, then the sync connected and waited out the rest.
-  assert.equal(server.connections.filter(isCoverageProbe).length, 1);
-  assert.equal(syncConnections(server).length, 1);
-  assert.ok(performance.now() - t0 < 6000);
+  assert.equal(stats.stopReason, "closed");
+  assert.ok(stats.failovers >= 1);
+  assert.equal(stats.coverageStart, history);
+  assert.equal(stats.coverageGapUs, history - T0);
+  assert.equal(stats.startClamped, true);
+  assert.equal(reports.filter((r) => r.reason === "coverage").length, 1);
+  assert.equal(legacy.connections.filter(isCoverageProbe).length, 1);
 });
 
 Deno.test("the v2 wire's InvalidRequest is the user's to fix: it fails fast with the server's message", async () => {

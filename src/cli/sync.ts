@@ -223,9 +223,10 @@ const FLAG_OF: Readonly<Record<string, string>> = {
 };
 
 /**
- * A library error about an option ("Cannot sync as 'startTimestamp' must be …") as the command line
- * says it: by the flag the user typed ("--start must be …"). `didsFlag` is the flag the DIDs came
- * from (`--did`, `--dids-file`, or both).
+ * A library error about an option ("Cannot sync as 'startTimestamp' must be …", or a resume's
+ * "numRecords was 50, now 60") as the command line says it: by the flag the user typed ("--start
+ * must be …", "--limit was 50, now 60"). `didsFlag` is the flag the DIDs came from (`--did`,
+ * `--dids-file`, or both).
  *
  * @example
  * ```ts
@@ -236,12 +237,18 @@ const FLAG_OF: Readonly<Record<string, string>> = {
  */
 export function inFlagTerms(message: string, didsFlag: string): string {
   const flag = (name: string) => name === "wantedDids" ? didsFlag : FLAG_OF[name];
-  return message
+  message = message
     .replace(
       /^Cannot sync as '(\w+)' must/,
       (whole, name: string) => flag(name) ? `${flag(name)} must` : whole,
     )
     .replace(/ must be after 'startTimestamp'/, " must be after --start");
+  // "Cannot resume queue 'q' with different options: numRecords was 50, now 60; kinds was …"
+  if (!message.startsWith("Cannot resume queue ")) return message;
+  return message.replace(
+    /(different options: |; )(\w+) was /g,
+    (whole, before: string, name: string) => flag(name) ? `${before}${flag(name)} was ` : whole,
+  );
 }
 
 /** How to continue a run that stopped short of its limit and end, or undefined when it did not. */

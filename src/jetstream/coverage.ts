@@ -4,8 +4,7 @@
  * today's data and not know it. A short probe finds out first: `cursor=0` replays from the oldest
  * event the server holds (legacy: every key sorts after "0"; v2: seq 0 is floored to the oldest
  * available), and the first event's `time_us` is where coverage starts. On the v2 wire
- * (`subscribeEvents`), a probe from the requested time without filters shows it: the server says
- * when it moved the cursor forward, and its first event is the oldest it holds.
+ * (`subscribeEvents`), a time cursor older than the history does the same.
  *
  * @module
  */
@@ -37,74 +36,46 @@ export async function probeCoverageStart(
 }
 
 /**
- * Where the history of `base` (a v2 `subscribeEvents` URL) begins when it does not reach back to
- * `fromUs`, or `null` when it does. A v2 host moves a time cursor older than its history forward to
- * the oldest event it holds, and says so at once with an `#info` `OutdatedCursor` as the first frame
- * (protocol doc §1.3). On a connection filtered by DIDs or collections, the first event after it can
- * come much later than that: the probe asks for every event, so that the first one shows where
- * history begins. No frame at all within {@link V2_PROBE_QUIET_MS} means no `OutdatedCursor`: the
- * history reaches back (the cursor is at the live tip). Rejects when the server refuses, or when the
- * connection ends before it tells.
+ * The `time_us` of the oldest event `base` (a v2 `subscribeEvents` URL) still serves, or `null` when
+ * no event came within the timeout: {@link probeCoverageStart} for the v2 wire. A time cursor older
+ * than the history is moved forward to its oldest event (protocol doc §1.3), so the probe asks for
+ * every event from 10^15 µs (2001, the oldest a time cursor can be); it asks for every kind, DID and
+ * collection, since on a filtered connection the first event can come hours after the history's
+ * start. A refused or failed connection rejects with its error.
  *
  * @example
  * ```ts
  * import { probeV2HistoryStart } from "./coverage.ts";
- * const start = await probeV2HistoryStart(
+ * const oldest = await probeV2HistoryStart(
  *   "wss://jetstream.us-east.bsky.network/xrpc/network.bsky.jetstream.subscribeEvents",
- *   Date.UTC(2026, 0, 1) * 1000,
  * );
  * ```
  */
 export async function probeV2HistoryStart(
   base: string,
-  fromUs: number,
   options: { timeoutMs?: number; signal?: AbortSignal } = {},
 ): Promise<number | null> {
-  // Every kind, DID and collection; a time before 10^15 µs would be read as a seq.
   const url = buildV2Url(base, {
     kinds: [],
     wantedDids: [],
     wantedCollections: [],
-    cursor: Math.max(fromUs, MIN_TIMESTAMP_US),
+    cursor: MIN_TIMESTAMP_US,
   });
-  let outdated = false;
-  let frames = 0;
-  const conn = await probe(url, { ...options, idleTimeoutMs: V2_PROBE_QUIET_MS });
-  const found = await firstOf(conn, (frame) => {
-    frames++;
+  return await firstOf(await probe(url, options), (frame) => {
     const m = mapV2Frame(frame);
-    if (m.type === "info" && m.name === "OutdatedCursor") outdated = true;
-    if (m.type !== "event") return undefined;
-    // The first event settles it: without OutdatedCursor before it, history reaches back far enough.
-    return outdated ? m.event.time_us : null;
+    return m.type === "event" ? m.event.time_us : undefined;
   });
-  if (found !== null || (frames > 0 && !outdated)) return found;
-  if (frames === 0 && conn.cause?.kind === "idle") return null;
-  throw new Error(
-    outdated
-      ? "the connection ended after OutdatedCursor, before any event"
-      : `the connection ended before any frame (${JSON.stringify(conn.cause)})`,
-  );
 }
 
-/**
- * How long a v2 probe waits for its first frame: a clamped cursor's `OutdatedCursor` comes at once,
- * so silence means the cursor is at the live tip of a quiet stream (ms).
- */
-export const V2_PROBE_QUIET_MS = 3000;
-
-/**
- * Opens a probe's connection, which gives up after the timeout (10 s by default) or after
- * `idleTimeoutMs` without a message (the timeout by default).
- */
+/** Opens a probe's connection, which gives up after the timeout (10 s by default). */
 async function probe(
   url: string,
-  options: { timeoutMs?: number; idleTimeoutMs?: number; signal?: AbortSignal },
+  options: { timeoutMs?: number; signal?: AbortSignal },
 ): Promise<Connection> {
   const timeout = AbortSignal.timeout(options.timeoutMs ?? 10_000);
   const signal = options.signal ? AbortSignal.any([options.signal, timeout]) : timeout;
   return await openConnection(url, {
-    idleTimeoutMs: options.idleTimeoutMs ?? options.timeoutMs ?? 10_000,
+    idleTimeoutMs: options.timeoutMs ?? 10_000,
     maxBufferedBytes: 1 << 20,
     signal,
   });

@@ -90,6 +90,11 @@ export interface RunContext {
    */
   awaitStoredUntilUs: number;
   /**
+   * The coverage gap counted for the point the run starts from, before any event: replaced, not
+   * added to, when an instance failed over to measures it again (see `coverageGap`).
+   */
+  initialGapUs: number;
+  /**
    * Whether new events that come before the first record recognised are left out: near the start
    * they can be ones the first instance had before it. Further on, they are ones it left out, and
    * are stored.
@@ -117,12 +122,22 @@ export function coverageGap(
   atStart: boolean,
 ): void {
   const { stats } = ctx;
-  stats.coverageStart ??= firstUs;
+  // Before any event of the run, a measure is of the point the run starts from (the start or the
+  // resume point), and a later one (on the instance failed over to) replaces it: the history that
+  // counts is that of the instance the events come from.
+  const initial = stats.lastProcessedUs === null;
+  if (initial) {
+    stats.coverageStart = firstUs;
+    stats.coverageGapUs -= ctx.initialGapUs;
+    ctx.initialGapUs = 0;
+    if (atStart) stats.startClamped = false;
+  } else stats.coverageStart ??= firstUs;
   if (firstUs <= fromUs) return;
   // Only what was asked for is missing: up to the end, when there is one.
   const endUs = ctx.o.endUs ?? Number.POSITIVE_INFINITY;
   const gap = Math.min(firstUs, endUs) - fromUs;
   stats.coverageGapUs += gap;
+  if (initial) ctx.initialGapUs = gap;
   if (atStart) stats.startClamped = true;
   const what = atStart ? "the requested start" : "the point to resume from";
   const message = firstUs >= endUs
@@ -132,7 +147,8 @@ export function coverageGap(
     : `${new URL(base).host} only holds events from ${isoFromUs(firstUs)} on; ${what}, ${
       isoFromUs(fromUs)
     }, is ${describeDuration(gap)} earlier, so events in between cannot be had from this server`;
-  coverageProblem(ctx, base, message, message, atStart);
+  // A refusal while nothing was stored: at the start, and at a resume point too.
+  coverageProblem(ctx, base, message, message, atStart || initial);
 }
 
 /**
