@@ -195,7 +195,7 @@ Deno.test("jetfill sync --resume refuses a queue without a checkpoint, and diffe
   assert.equal(later.code, 2);
   assert.match(
     later.stderr,
-    /endTimestamp was none, now 2026-11-28T00:00:00.000000Z \(pass --force \/ force: true to resume anyway\)/,
+    /--end was none, now 2026-11-28T00:00:00.000000Z \(pass --force \/ force: true to resume anyway\)/,
   );
 });
 
