@@ -149,6 +149,15 @@ export async function consumeStream(
   let disconnectedAt = performance.now();
   let lastSpanUs = 0;
 
+  /** Moves on to the next instance, a little earlier in time (`rewindUs`): time_us differ between them. */
+  const failOver = () => {
+    instanceIndex = (instanceIndex + 1) % o.instances.length;
+    stats.failovers++;
+    if (floorUs >= 0) floorUs -= o.rewindUs;
+    // Nothing came yet: the history that counts is the next instance's, checked before it is used.
+    if (stats.lastProcessedUs === null) coverage = initialCoverage;
+  };
+
   /** Counts a failed attempt and waits out its backoff, failing over on the way; false: give up. */
   const failedAttempt = async (base: string, message: string): Promise<boolean> => {
     failures++;
@@ -172,11 +181,7 @@ export async function consumeStream(
       return false;
     }
     if (o.instances.length > 1 && failures % o.failoverAfter === 0) {
-      instanceIndex = (instanceIndex + 1) % o.instances.length;
-      stats.failovers++;
-      if (floorUs >= 0) floorUs -= o.rewindUs;
-      // Nothing came yet: the history that counts is the next instance's, checked before it is used.
-      if (stats.lastProcessedUs === null) coverage = initialCoverage;
+      failOver();
     }
     await delay(wait, ctx.internal.signal);
     return true;
@@ -202,14 +207,14 @@ export async function consumeStream(
     }
     connecting = base;
     if (coverage) {
-      const failed = await checkCoverage(ctx, base, coverage.fromUs, coverage.atStart);
+      const checked = await checkCoverage(ctx, base, coverage.fromUs, coverage.atStart);
       if (ctx.stop) break;
-      if (typeof failed === "string") {
+      if (typeof checked === "string") {
         // A probe refused for a while (a v2 host warming up) or lost is retried like a connection.
-        if (!await failedAttempt(base, failed)) break;
+        if (!await failedAttempt(base, checked)) break;
         continue;
       }
-      if (failed) probed.add(base);
+      if (checked) probed.add(base);
       coverage = undefined;
     }
     const bySeq = seq.host === base && seq.floor >= 0;
@@ -365,11 +370,7 @@ export async function consumeStream(
       break;
     }
     if (o.instances.length > 1 && failures > 0 && failures % o.failoverAfter === 0) {
-      instanceIndex = (instanceIndex + 1) % o.instances.length;
-      stats.failovers++;
-      if (floorUs >= 0) floorUs -= o.rewindUs;
-      // Nothing came yet: the history that counts is the next instance's, checked before it is used.
-      if (stats.lastProcessedUs === null) coverage = initialCoverage;
+      failOver();
     }
     if (failures > 0 || cause.kind !== "overflow") {
       // A part-filled batch is stored before the wait, not kept for the next connection.
