@@ -236,3 +236,30 @@ Deno.test("runBackfillSync({ strict: true, resume: true }) refuses a resume poin
       /the point to resume from.*\(refused by --strict \/ strict: true\)/.test(err.message),
   );
 });
+
+Deno.test("runBackfillSync() failing over before any event measures the next instance's history, replacing the first measure", async () => {
+  // The first instance answers its coverage probe (history from T0 + 10 s), then refuses the sync with 503.
+  const firstHistory = T0 + 10_000_000;
+  await using refusing = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, (req) => {
+    if (new URL(req.url).search !== "?cursor=0") return new Response("warming up", { status: 503 });
+    const { socket, response } = Deno.upgradeWebSocket(req);
+    socket.onopen = () => socket.send(JSON.stringify(commit(firstHistory)));
+    return response;
+  });
+  // The second holds events from T0 + 40 s on.
+  await using server = serveEvents(events, { closeAtEnd: true, historyStartUs: T0 + 40_000_000 });
+  await using db = await tempDb();
+  const { stats, reports } = await syncReporting({
+    instance: [`ws://127.0.0.1:${refusing.addr.port}/subscribe`, server.url],
+    kv: db.path,
+    startTimestamp: T0,
+  });
+  assert.equal(stats.stopReason, "closed");
+  assert.equal(stats.failovers, 1);
+  assert.equal(stats.coverageStart, T0 + 40_000_000);
+  assert.equal(stats.coverageGapUs, 40_000_000);
+  assert.equal(stats.startClamped, true);
+  // Both said what they hold; the statistics are the second's, where the events came from.
+  assert.equal(reports.filter((r) => r.reason === "coverage").length, 2);
+  assert.equal(stats.recordsStored, 60);
+});
