@@ -5,6 +5,7 @@ import { UsageError } from "../src/errors.ts";
 import type { SyncErrorReport, SyncStats } from "../src/stats.ts";
 import type { BackfillSyncOptions } from "../src/options.ts";
 import { commit } from "./helpers/events.ts";
+import { isoFromUs } from "../src/time.ts";
 import { serveEvents, tempDb } from "./helpers/loopback.ts";
 
 // The server's history starts at T0; the requests below ask for two days earlier.
@@ -262,4 +263,56 @@ Deno.test("runBackfillSync() failing over before any event measures the next ins
   // Both said what they hold; the statistics are the second's, where the events came from.
   assert.equal(reports.filter((r) => r.reason === "coverage").length, 2);
   assert.equal(stats.recordsStored, 60);
+});
+
+Deno.test("runBackfillSync() on a v2 host that refuses the coverage probe measures the gap from the sync's own OutdatedCursor", async () => {
+  const history = T0 + 30_000_000;
+  const requests: string[] = [];
+  await using v2 = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, (req) => {
+    const query = new URL(req.url).search;
+    requests.push(query);
+    // The probe (a cursor and nothing else) is refused as a client error.
+    if (/^\?cursor=\d+$/.test(query)) {
+      return Response.json({ error: "InvalidRequest", message: "no" }, { status: 400 });
+    }
+    const { socket, response } = Deno.upgradeWebSocket(req);
+    socket.onopen = () => {
+      const info = { name: "OutdatedCursor", message: "cursor below the lookback floor" };
+      socket.send(JSON.stringify({
+        $type: "message",
+        payload: { $type: "network.bsky.jetstream.subscribeEvents#info", ...info },
+      }));
+      const event = commit(history);
+      socket.send(JSON.stringify({
+        $type: "message",
+        payload: {
+          $type: "network.bsky.jetstream.subscribeEvents#commit",
+          seq: 5001,
+          did: event.did,
+          time: isoFromUs(history),
+          ...(event.kind === "commit" ? event.commit : {}),
+        },
+      }));
+      socket.close(1000);
+    };
+    return response;
+  });
+  await using db = await tempDb();
+  const { stats, reports } = await syncReporting({
+    instance: `ws://127.0.0.1:${v2.addr.port}${V2_SUBSCRIBE_PATH}`,
+    kv: db.path,
+    startTimestamp: T0,
+    maxRetries: 0,
+  });
+  assert.equal(stats.recordsStored, 1);
+  assert.equal(stats.coverageStart, history);
+  assert.equal(stats.coverageGapUs, 30_000_000);
+  assert.equal(stats.startClamped, true);
+  assert.ok(
+    reports.some((r) =>
+      r.reason === "info" && /history begins: .*400.*OutdatedCursor will tell/.test(r.message)
+    ),
+  );
+  assert.equal(reports.filter((r) => r.reason === "coverage").length, 1);
+  assert.equal(requests.length, 2);
 });
