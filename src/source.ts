@@ -80,11 +80,19 @@ export async function consumeStream(
   // asks for more than is needed, so a server's history that begins within it is no gap.
   let neededUs = floorUs;
   const tail = resumeFrom?.tail;
-  if (
-    floorUs >= 0 && tail?.us === floorUs && tail.keys && o.instances.includes(resumeFrom!.run.instance)
-  ) {
-    guard.remember(tail.keys);
-    floorKnown = true;
+  // The key entries (see KeyEntry), when the last of them is the checkpoint's own commit: they hold
+  // every record stored at the cursor, however many (entries at the newest time_us are never
+  // deleted), and the guard remembers them already.
+  const recentAtCursor = recent !== undefined && recent.keys.length > 0 &&
+    recent.cursor === resumeFrom?.cursor && recent.seq === resumeFrom.seq;
+  if (floorUs >= 0 && o.instances.includes(resumeFrom!.run.instance)) {
+    if (tail?.us === floorUs && tail.keys) {
+      guard.remember(tail.keys);
+      floorKnown = true;
+    } else if (recentAtCursor) {
+      // More records at the cursor than the checkpoint's tail names (MAX_TAIL_KEYS).
+      floorKnown = true;
+    }
   }
   if (floorUs >= 0 && !o.instances.includes(resumeFrom!.run.instance)) {
     // time_us is assigned by each instance: another one's cursor is only close. With the content of
@@ -92,9 +100,7 @@ export async function consumeStream(
     // seconds earlier, as on a failover, and what comes again is dropped. Without them (a queue
     // written by an older version) a rewind would only repeat events, so none is made; say so.
     const to = o.instances[0];
-    const known = recent !== undefined && recent.keys.length > 0 && recent.cursor === resumeFrom!.cursor &&
-      recent.seq === resumeFrom!.seq;
-    if (known) {
+    if (recentAtCursor) {
       floorUs -= o.rewindUs;
       floorKnown = true;
       // The start too is a time of the first instance: here an event stored after it can come a

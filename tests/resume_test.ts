@@ -333,3 +333,27 @@ for (const version of ["v1", "v2"] as const) {
     assert.deepEqual(stored, events);
   });
 }
+
+Deno.test("a resume at a time_us shared by more records than the checkpoint's tail names stores the rest of them, once", async () => {
+  // 100 posts, then 350 at one time_us (more than MAX_TAIL_KEYS), then 100 more.
+  const tie = T0 + 500_000;
+  const events = [
+    ...Array.from({ length: 100 }, (_, i) => commit(T0 + i * 1000, { did: did(i % 7), rkey: `a${i}` })),
+    ...Array.from({ length: 350 }, (_, i) => commit(tie, { did: did(i % 11), rkey: `tie${i}` })),
+    ...Array.from(
+      { length: 100 },
+      (_, i) => commit(tie + 1000 + i * 1000, { did: did(i % 5), rkey: `b${i}` }),
+    ),
+  ];
+  await using server = serveEvents(events, { closeAtEnd: true });
+  await using db = await tempDb();
+  const base = { instance: server.url, kv: db.path, startTimestamp: T0, batchSize: 50 };
+  // Stopped 300 records into the tie.
+  const first = await runBackfillSync({ ...base, numRecords: 400 });
+  assert.equal(first.recordsStored, 400);
+  assert.equal(first.latestCursor, tie);
+  const second = await runBackfillSync({ ...base, numRecords: 550, resume: true, force: true });
+  assert.equal(second.recordsStored, 150);
+  assert.equal(second.duplicatesDropped, 300);
+  assert.deepEqual(await queueEvents(db.path), events);
+});
