@@ -38,7 +38,8 @@ export interface Session {
   outdatedFrom: number | undefined;
   /**
    * The time cursor sent, if any, for an OutdatedCursor to be measured from; undefined also when a
-   * probe measured coverage just before the connection (its OutdatedCursor then says nothing new).
+   * probe measured this instance's coverage for the point last checked (its OutdatedCursor then
+   * says nothing new).
    */
   requestedUs: number | undefined;
   /** The highest time_us processed on this connection (-1 before any). */
