@@ -8,6 +8,8 @@ import { commit, did, drainQueue, identity } from "./helpers/events.ts";
 import { serveEvents, syncConnections, tempDb } from "./helpers/loopback.ts";
 import { LEGACY_DICT, V2_DICT, zstdFrames } from "./helpers/zstd_cli.ts";
 import { spawnServer } from "../scripts/spawn_server.ts";
+import { readCheckpoint } from "../src/queue/kv_queue.ts";
+import { relative } from "node:path";
 
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
 
@@ -113,13 +115,18 @@ Deno.test("a compressed run resumed with only --resume finds its dictionary agai
       ...common,
       instance: server.url,
       compress: true,
-      zstdDictionary: dictionary,
+      // Given relative to the working directory; remembered as an absolute path.
+      zstdDictionary: relative(Deno.cwd(), dictionary),
       startTimestamp: T0,
       kinds: ["commit", "identity"],
       wantedCollections: [],
     });
     assert.equal(first.stopReason, "max_time");
     assert.equal(first.recordsStored, 120);
+    const kv = await Deno.openKv(db.path);
+    const settings = (await readCheckpoint(kv, "jetstream_sync")).value?.run.settings;
+    kv.close();
+    assert.equal(settings?.zstdDictionary, dictionary);
     const second = await runBackfillSync({ ...common, resume: true });
     assert.equal(second.stopReason, "max_time", second.error);
     assert.ok(second.bytesDecoded > second.bytesReceived, "the resumed run is compressed too");
