@@ -385,3 +385,63 @@ Deno.test("jetfill serve on a port another process holds exits 1 with one line t
     await Deno.remove(capture);
   }
 });
+
+Deno.test("every sync flag sets its library option, and an error about that option names the flag", async () => {
+  const { inFlagTerms, syncOptionsFromFlags } = await import("../src/cli/sync.ts");
+  const flags: Record<string, unknown> = {
+    did: ["did:plc:q6gjnaw2blty4crticxkmujt"],
+    collection: ["app.bsky.feed.like"],
+    kind: ["identity"],
+    start: "2026-11-01",
+    end: "2026-11-02",
+    limit: "5",
+    instance: ["ws://127.0.0.1:1/subscribe"],
+    compress: true,
+    wire: "v2",
+    "max-event-bytes": "1000",
+    "zstd-dictionary": "/d.zdict",
+    "idle-timeout": "3",
+    "max-retries": "0",
+    "max-time": "9.5",
+    kv: "/k.sqlite",
+    "queue-name": "q",
+    "batch-size": "7",
+    resume: true,
+    strict: true,
+    force: true,
+  };
+  const options = await syncOptionsFromFlags(flags);
+  const expected: Record<string, [unknown, string]> = {
+    wantedDids: [["did:plc:q6gjnaw2blty4crticxkmujt"], "--did"],
+    wantedCollections: [["app.bsky.feed.like"], "--collection"],
+    kinds: [["identity"], "--kind"],
+    startTimestamp: ["2026-11-01", "--start"],
+    endTimestamp: ["2026-11-02", "--end"],
+    numRecords: [5, "--limit"],
+    instance: [["ws://127.0.0.1:1/subscribe"], "--instance"],
+    compress: [true, "--compress"],
+    wire: ["v2", "--wire"],
+    maxEventBytes: [1000, "--max-event-bytes"],
+    zstdDictionary: ["/d.zdict", "--zstd-dictionary"],
+    idleTimeout: [3, "--idle-timeout"],
+    maxRetries: [0, "--max-retries"],
+    maxTime: [9.5, "--max-time"],
+    kv: ["/k.sqlite", "--kv"],
+    queueName: ["q", "--queue-name"],
+    batchSize: [7, "--batch-size"],
+    resume: [true, "--resume"],
+    strict: [true, "--strict"],
+    force: [true, "--force"],
+  };
+  assert.deepEqual(options, Object.fromEntries(Object.entries(expected).map(([k, [v]]) => [k, v])));
+  for (const [option, [, flag]] of Object.entries(expected)) {
+    assert.equal(inFlagTerms(`Cannot sync as '${option}' must be x`, "--did"), `${flag} must be x`);
+    assert.equal(
+      inFlagTerms(`Cannot resume queue 'q' with different options: ${option} was 1, now 2`, "--did"),
+      `Cannot resume queue 'q' with different options: ${flag} was 1, now 2`,
+    );
+  }
+  // Flags left out set nothing, so that a resume takes the last run's options.
+  assert.deepEqual(await syncOptionsFromFlags({}), {});
+  assert.deepEqual(await syncOptionsFromFlags({ compress: false, json: true }), {});
+});

@@ -97,6 +97,44 @@ const FLAGS: FlagSpec = {
   help: { type: "boolean", short: "h" },
 };
 
+/** A flag's value as given (a string, or the list of a repeatable flag), or undefined when absent. */
+const given = (_flag: string, value: unknown) => value;
+/** A boolean flag: true when given. */
+const yes = (_flag: string, value: unknown) => value === true ? true : undefined;
+/** A number flag, checked against `rule` (see numberFlag). */
+const num = (rule: Parameters<typeof numberFlag>[2]) => (flag: string, value: unknown) =>
+  numberFlag(flag, value, rule);
+
+/**
+ * Each library option and the flag it comes from (but `wantedDids`, which `--did` and `--dids-file`
+ * both give): `syncOptionsFromFlags` reads them, and error messages name the flags by it.
+ */
+const OPTION_FLAGS: readonly {
+  option: Exclude<keyof BackfillSyncOptions, "wantedDids">;
+  flag: string;
+  read: (flag: string, value: unknown) => unknown;
+}[] = [
+  { option: "wantedCollections", flag: "collection", read: given },
+  { option: "kinds", flag: "kind", read: given },
+  { option: "startTimestamp", flag: "start", read: given },
+  { option: "endTimestamp", flag: "end", read: given },
+  { option: "instance", flag: "instance", read: given },
+  { option: "kv", flag: "kv", read: given },
+  { option: "queueName", flag: "queue-name", read: given },
+  { option: "compress", flag: "compress", read: yes },
+  { option: "wire", flag: "wire", read: given },
+  { option: "maxEventBytes", flag: "max-event-bytes", read: num({ integer: true, positive: true }) },
+  { option: "zstdDictionary", flag: "zstd-dictionary", read: given },
+  { option: "resume", flag: "resume", read: yes },
+  { option: "force", flag: "force", read: yes },
+  { option: "strict", flag: "strict", read: yes },
+  { option: "numRecords", flag: "limit", read: num({ integer: true, positive: true }) },
+  { option: "batchSize", flag: "batch-size", read: num({ integer: true, positive: true }) },
+  { option: "maxTime", flag: "max-time", read: num({ positive: true }) },
+  { option: "idleTimeout", flag: "idle-timeout", read: num({ positive: true }) },
+  { option: "maxRetries", flag: "max-retries", read: num({ integer: true, min: 0 }) },
+];
+
 /** Turns the flags of `jetfill sync` into library options. */
 export async function syncOptionsFromFlags(v: Record<string, unknown>): Promise<BackfillSyncOptions> {
   const dids = [...((v.did as string[] | undefined) ?? [])];
@@ -115,31 +153,11 @@ export async function syncOptionsFromFlags(v: Record<string, unknown>): Promise<
   }
   const options: BackfillSyncOptions = {};
   if (dids.length > 0) options.wantedDids = dids;
-  if (v.collection) options.wantedCollections = v.collection as string[];
-  if (v.kind) options.kinds = v.kind as BackfillSyncOptions["kinds"];
-  if (v.start !== undefined) options.startTimestamp = v.start as string;
-  if (v.end !== undefined) options.endTimestamp = v.end as string;
-  if (v.instance) options.instance = v.instance as string[];
-  if (v.kv !== undefined) options.kv = v.kv as string;
-  if (v["queue-name"] !== undefined) options.queueName = v["queue-name"] as string;
-  if (v.compress) options.compress = true;
-  if (v.wire !== undefined) options.wire = v.wire as "v1" | "v2";
-  const maxEvent = numberFlag("max-event-bytes", v["max-event-bytes"], { integer: true, positive: true });
-  if (maxEvent !== undefined) options.maxEventBytes = maxEvent;
-  if (v["zstd-dictionary"] !== undefined) options.zstdDictionary = v["zstd-dictionary"] as string;
-  if (v.resume) options.resume = true;
-  if (v.force) options.force = true;
-  if (v.strict) options.strict = true;
-  const limit = numberFlag("limit", v.limit, { integer: true, positive: true });
-  if (limit !== undefined) options.numRecords = limit;
-  const batch = numberFlag("batch-size", v["batch-size"], { integer: true, positive: true });
-  if (batch !== undefined) options.batchSize = batch;
-  const maxTime = numberFlag("max-time", v["max-time"], { positive: true });
-  if (maxTime !== undefined) options.maxTime = maxTime;
-  const idle = numberFlag("idle-timeout", v["idle-timeout"], { positive: true });
-  if (idle !== undefined) options.idleTimeout = idle;
-  const retries = numberFlag("max-retries", v["max-retries"], { integer: true, min: 0 });
-  if (retries !== undefined) options.maxRetries = retries;
+  const set = options as Record<string, unknown>;
+  for (const { option, flag, read } of OPTION_FLAGS) {
+    const value = read(flag, v[flag]);
+    if (value !== undefined) set[option] = value;
+  }
   return options;
 }
 
@@ -199,28 +217,9 @@ export function formatSummary(s: SyncStats): string {
 }
 
 /** The flag of each library option that `sync` sets from one, as its error messages name it. */
-const FLAG_OF: Readonly<Record<string, string>> = {
-  wantedDids: "--did",
-  wantedCollections: "--collection",
-  kinds: "--kind",
-  startTimestamp: "--start",
-  endTimestamp: "--end",
-  instance: "--instance",
-  queueName: "--queue-name",
-  kv: "--kv",
-  numRecords: "--limit",
-  batchSize: "--batch-size",
-  maxTime: "--max-time",
-  compress: "--compress",
-  wire: "--wire",
-  zstdDictionary: "--zstd-dictionary",
-  maxEventBytes: "--max-event-bytes",
-  idleTimeout: "--idle-timeout",
-  maxRetries: "--max-retries",
-  resume: "--resume",
-  force: "--force",
-  strict: "--strict",
-};
+const FLAG_OF: Readonly<Record<string, string>> = Object.fromEntries(
+  OPTION_FLAGS.map(({ option, flag }) => [option, `--${flag}`]),
+);
 
 /**
  * A library error about an option ("Cannot sync as 'startTimestamp' must be …", or a resume's
