@@ -351,13 +351,74 @@ Deno.test("`ZstdDecompressionStream` errors on a bad frame, like DecompressionSt
   }, (error: unknown) => error instanceof ZstdDecodeError && error.reason === "corrupt");
   assert.deepEqual(seen, [events[0]]);
 
-  // A dictionary that is not one errors the stream on the first chunk.
-  const broken = ReadableStream.from(frames).pipeThrough(
-    new ZstdDecompressionStream({ dictionary: new Uint8Array(8) }),
+  // A dictionary that is not one, or a limit out of range, throws in the constructor, as
+  // DecompressionStream does for an unknown format.
+  assert.throws(() => new ZstdDecompressionStream({ dictionary: new Uint8Array(8) }), TypeError);
+  assert.throws(
+    () => new ZstdDecompressionStream({ dictionary: legacyDictionary, maxDecodedBytes: 0 }),
+    RangeError,
+  );
+});
+
+Deno.test("`ZstdDecompressionStream` takes chunks and hands them out as DecompressionStream does", async () => {
+  const events = sampleEvents();
+  const frames = await zstdFrames(events, ["-D", LEGACY_PATH]);
+  const [a, b, c] = frames;
+  // Any BufferSource goes in: a Uint8Array, an ArrayBuffer, a DataView, another typed array's view of
+  // a frame in the middle of a larger buffer. An empty chunk is ignored.
+  const padded = new Uint8Array(c.byteLength + 16);
+  padded.set(c, 8);
+  const chunks: (ArrayBufferView | ArrayBuffer)[] = [
+    a,
+    new Uint8Array(0),
+    b.slice().buffer,
+    new DataView(padded.buffer, 8, c.byteLength),
+    new ArrayBuffer(0),
+  ];
+  const out: Uint8Array<ArrayBuffer>[] = [];
+  for await (
+    const chunk of ReadableStream.from(chunks).pipeThrough(
+      new ZstdDecompressionStream({ dictionary: legacyDictionary }),
+    )
+  ) out.push(chunk);
+  assert.deepEqual(
+    out.map((chunk) => decoder.decode(chunk)),
+    events.slice(0, 3).map((e) => decoder.decode(e)),
+  );
+  // Each chunk owns its buffer: transferring one leaves the others whole.
+  for (const chunk of out) {
+    assert.equal(chunk.byteOffset, 0);
+    assert.equal(chunk.buffer.byteLength, chunk.byteLength);
+  }
+  const before = decoder.decode(out[1]);
+  structuredClone(out[0].buffer, { transfer: [out[0].buffer] });
+  assert.equal(decoder.decode(out[1]), before);
+
+  // Anything else errors the stream, naming what it got.
+  const wrong = ReadableStream.from(["not bytes"]).pipeThrough(
+    new ZstdDecompressionStream({ dictionary: legacyDictionary }) as unknown as TransformStream<
+      string,
+      Uint8Array
+    >,
   );
   await assert.rejects(async () => {
-    for await (const _ of broken) { /* drain */ }
-  }, TypeError);
+    for await (const _ of wrong) { /* drain */ }
+  }, /Cannot decode a chunk of type string/);
+});
+
+Deno.test("zstd frames after skippable frames decode; a cut-off skippable frame is corrupt", async () => {
+  const [event] = sampleEvents();
+  const [frame] = await zstdFrames([event], ["-D", LEGACY_PATH]);
+  const skippable = (magicLowNibble: number, payload: number[]) =>
+    new Uint8Array([0x50 | magicLowNibble, 0x2a, 0x4d, 0x18, payload.length, 0, 0, 0, ...payload]);
+  const zstd = await createZstdDecoder(legacyDictionary);
+  const message = new Uint8Array([...skippable(0, [1, 2, 3]), ...skippable(15, []), ...frame]);
+  assert.equal(decoder.decode(zstd.decode(message)), decoder.decode(event));
+  assert.equal(frameDictionaryId(message), LEGACY_DICTIONARY_ID);
+  const cut = new Uint8Array([0x50, 0x2a, 0x4d, 0x18, 200, 0, 0, 0, ...frame.subarray(0, 20)]);
+  const error = decodeError(() => zstd.decode(cut));
+  assert.equal(error.reason, "corrupt");
+  assert.match(error.message, /skippable frame of 208 bytes is cut off after 28/);
 });
 
 Deno.test("`createZstdEncoder()` frames round-trip through the zstd CLI and the decoder", async () => {

@@ -141,7 +141,8 @@ export interface ZstdDecoder {
   /** The largest decoded frame accepted, in bytes. */
   readonly maxDecodedBytes: number;
   /**
-   * Decodes one complete zstd frame (one Jetstream binary message) and returns the decoded bytes.
+   * Decodes one complete zstd frame (one Jetstream binary message; skippable frames before it are
+   * skipped) and returns the decoded bytes.
    * Throws {@linkcode ZstdDecodeError} for a frame compressed with another dictionary, a corrupt or
    * truncated frame, or one larger than `maxDecodedBytes`.
    *
@@ -176,6 +177,8 @@ export interface ZstdEncoder {
 }
 
 const FRAME_MAGIC = 0xfd2fb528;
+// Skippable frames: 0x184D2A50 to 0x184D2A5F.
+const SKIPPABLE_MAGIC = 0x184d2a50;
 const DICTIONARY_MAGIC = 0xec30a437;
 
 /**
@@ -192,7 +195,8 @@ const DICTIONARY_MAGIC = 0xec30a437;
  * ```
  */
 export function frameDictionaryId(frame: Uint8Array): number | undefined {
-  const header = readFrameHeader(frame);
+  const start = afterSkippableFrames(frame);
+  const header = typeof start === "string" ? start : readFrameHeader(start);
   return typeof header === "string" ? undefined : header.dictionaryId;
 }
 
@@ -242,6 +246,16 @@ export async function createZstdDecoder(
   dictionary: Uint8Array,
   options: ZstdDecoderOptions = {},
 ): Promise<ZstdDecoder> {
+  const { dictionaryId, maxDecodedBytes } = decoderSettings(dictionary, options);
+  const wasm = await instantiate();
+  return new WasmDecoder(wasm, dictionary, dictionaryId, maxDecodedBytes);
+}
+
+/** A decoder's dictionary ID and limit, checked; throws as {@linkcode createZstdDecoder} documents. */
+function decoderSettings(
+  dictionary: Uint8Array,
+  options: ZstdDecoderOptions,
+): { dictionaryId: number; maxDecodedBytes: number } {
   const dictionaryId = dictionaryIdOf(dictionary);
   const maxDecodedBytes = options.maxDecodedBytes ?? DEFAULT_MAX_DECODED_BYTES;
   if (
@@ -252,8 +266,7 @@ export async function createZstdDecoder(
       `Cannot create a zstd decoder as 'maxDecodedBytes' must be an integer from 1 to ${DEFAULT_MAX_DECODED_BYTES}: current value is ${maxDecodedBytes}`,
     );
   }
-  const wasm = await instantiate();
-  return new WasmDecoder(wasm, dictionary, dictionaryId, maxDecodedBytes);
+  return { dictionaryId, maxDecodedBytes };
 }
 
 /**
@@ -301,8 +314,11 @@ export type ZstdDecompressionStreamInit =
  * written must be one complete zstd frame** (Jetstream sends one frame per WebSocket message, with
  * no state carried between messages), and each decoded frame comes out as one chunk.
  *
- * A bad frame errors the stream, as `DecompressionStream` does on corrupt input; to skip bad frames
- * and keep going, call {@linkcode ZstdDecoder.decode} per message instead.
+ * As with `DecompressionStream`: a chunk may be any `BufferSource` (a `Uint8Array` or other typed
+ * array, a `DataView`, an `ArrayBuffer`), an empty chunk is ignored, each chunk that comes out owns
+ * its `ArrayBuffer` (it can be transferred), a dictionary that is not one throws in the constructor,
+ * and a bad frame errors the stream. To skip bad frames and keep going, call
+ * {@linkcode ZstdDecoder.decode} per message instead.
  *
  * @example
  * ```ts
@@ -314,27 +330,70 @@ export type ZstdDecompressionStreamInit =
  * }
  * ```
  */
-export class ZstdDecompressionStream extends TransformStream<Uint8Array, Uint8Array> {
-  /** Creates the stream; WebAssembly starts loading at once and the first chunk waits for it. */
+export class ZstdDecompressionStream
+  extends TransformStream<ArrayBufferView | ArrayBuffer, Uint8Array<ArrayBuffer>> {
+  /**
+   * Creates the stream; WebAssembly starts loading at once and the first chunk waits for it. Throws
+   * `TypeError` for a dictionary that is not a structured zstd dictionary and `RangeError` for a
+   * `maxDecodedBytes` out of range.
+   */
   constructor(init: ZstdDecompressionStreamInit) {
-    let decoder: ZstdDecoder | undefined = "decode" in init ? init : undefined;
-    const ready = "decode" in init ? Promise.resolve(init) : createZstdDecoder(init.dictionary, init);
-    // A stream that is never written to must not leave a rejected promise unhandled; writes still
-    // see the rejection through their own `then`.
+    let decoder: ZstdDecoder | undefined;
+    let ready: Promise<ZstdDecoder>;
+    if ("decode" in init) {
+      decoder = init;
+      ready = Promise.resolve(init);
+    } else {
+      // Checked now, as `DecompressionStream` checks its format; only the WebAssembly is awaited.
+      decoderSettings(init.dictionary, init);
+      ready = createZstdDecoder(init.dictionary, init);
+    }
+    // A stream that is never written to must not leave a rejected promise unhandled; writes and
+    // the close still see the rejection through their own `then`.
     ready.catch(() => {});
+    const emit = (
+      d: ZstdDecoder,
+      frame: Uint8Array,
+      controller: TransformStreamDefaultController<Uint8Array>,
+    ) => {
+      const out = d.decode(frame);
+      // Small results share a pooled buffer (see ZstdDecoder.decode): a chunk handed out owns its own.
+      controller.enqueue(
+        out.byteOffset === 0 && out.byteLength === out.buffer.byteLength ? out : out.slice(),
+      );
+    };
     super({
-      transform(frame, controller): void | Promise<void> {
-        if (decoder) {
-          controller.enqueue(decoder.decode(frame));
-          return;
-        }
+      transform(chunk, controller): void | Promise<void> {
+        const frame = bufferSourceBytes(chunk);
+        if (frame.byteLength === 0) return;
+        if (decoder) return emit(decoder, frame, controller);
         return ready.then((ready) => {
           decoder = ready;
-          controller.enqueue(ready.decode(frame));
+          emit(ready, frame, controller);
         });
+      },
+      flush(): void | Promise<void> {
+        // A stream closed before any write still reports a decoder that could not be made.
+        if (!decoder) return ready.then(() => {});
       },
     });
   }
+}
+
+/** The bytes of a chunk written to a stream, as `DecompressionStream` takes them (any `BufferSource`). */
+function bufferSourceBytes(chunk: ArrayBufferView | ArrayBuffer): Uint8Array {
+  if (chunk instanceof Uint8Array) return chunk;
+  if (ArrayBuffer.isView(chunk)) return new Uint8Array(chunk.buffer, chunk.byteOffset, chunk.byteLength);
+  if (chunk instanceof ArrayBuffer) return new Uint8Array(chunk);
+  throw new TypeError(
+    `Cannot decode a chunk of type ${
+      chunk === null
+        ? "null"
+        : typeof chunk === "object"
+        ? (chunk as object).constructor?.name ?? "object"
+        : typeof chunk
+    }: each chunk must be one zstd frame as a BufferSource (Uint8Array, ArrayBuffer or another ArrayBufferView)`,
+  );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -346,6 +405,22 @@ interface FrameHeader {
   contentSize: number | undefined;
   /** Window size; equal to the content size for single-segment frames. */
   windowSize: number;
+}
+
+/**
+ * The bytes from the first zstd frame on, past any skippable frames before it (RFC 8878 §3.1.2:
+ * magic `0x184D2A5?`, a 4-byte length, that many bytes of anything), or why they cannot be skipped.
+ */
+function afterSkippableFrames(bytes: Uint8Array): Uint8Array | string {
+  let at = 0;
+  while (bytes.byteLength - at >= 8 && (readU32(bytes, at) & 0xfffffff0) === SKIPPABLE_MAGIC) {
+    const end = at + 8 + readU32(bytes, at + 4);
+    if (end > bytes.byteLength) {
+      return `its skippable frame of ${end - at} bytes is cut off after ${bytes.byteLength - at}`;
+    }
+    at = end;
+  }
+  return at === 0 ? bytes : bytes.subarray(at);
 }
 
 /** Parses the frame header, or returns why the bytes are not a zstd frame. */
@@ -781,7 +856,9 @@ class WasmDecoder implements ZstdDecoder {
     this.#maxFrameBytes = maxDecodedBytes + Math.ceil(maxDecodedBytes / 131072) * 3 + 32;
   }
 
-  decode(frame: Uint8Array): Uint8Array<ArrayBuffer> {
+  decode(bytes: Uint8Array): Uint8Array<ArrayBuffer> {
+    const frame = afterSkippableFrames(bytes);
+    if (typeof frame === "string") throw this.#error("corrupt", `The zstd frame is corrupt: ${frame}`);
     const header = readFrameHeader(frame);
     if (typeof header === "string") throw this.#error("corrupt", `The zstd frame is corrupt: ${header}`);
     const frameId = header.dictionaryId;
