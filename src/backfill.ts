@@ -10,9 +10,9 @@
  */
 import { delay, longTimeout, MAX_TIMER_MS } from "./async.ts";
 import { UsageError } from "./errors.ts";
-import { resolveZstdDictionary } from "./jetstream/dictionary.ts";
+import { LEGACY_DICTIONARY_SHA256, resolveZstdDictionary } from "./jetstream/dictionary.ts";
 import { isV2Url } from "./jetstream/v2.ts";
-import { createZstdDecoder } from "./jetstream/zstd.ts";
+import { createZstdDecoder, LEGACY_DICTIONARY_ID, V2_DICTIONARY_ID } from "./jetstream/zstd.ts";
 import {
   type BackfillSyncOptions,
   DEFAULT_MAX_EVENT_BYTES,
@@ -141,6 +141,8 @@ function differences(a: Record<string, unknown>, b: Record<string, unknown>): st
  */
 export async function runBackfillSync(options: BackfillSyncOptions = {}): Promise<SyncStats> {
   let o = resolveSyncOptions(options);
+  // (On a resume, compression may be the last run's: checked once the options are merged.)
+  if (!o.resume) checkDictionaryUse(options, o);
   const callbacks = new Callbacks();
   options = callbacks.guard(options);
   const started = performance.now();
@@ -158,6 +160,8 @@ export async function runBackfillSync(options: BackfillSyncOptions = {}): Promis
   }
   const kv = path === undefined ? await usableKv(o.kv as Deno.Kv) : await openKvAt(path);
   let fileLock: QueueFileLock | undefined;
+  // The dictionary file the resumed run used, when it is not there any more.
+  let lostDictionary: string | undefined;
   try {
     if (o.resume) {
       // Options left out on resume are the checkpoint's: `--resume` alone continues the same run.
@@ -167,8 +171,10 @@ export async function runBackfillSync(options: BackfillSyncOptions = {}): Promis
       // A dictionary file that has gone since is looked for as usual (environment, cache, download).
       const dictionary = previous.settings?.zstdDictionary;
       const keepDictionary = dictionary !== undefined && await pathExists(dictionary);
+      if (dictionary !== undefined && !keepDictionary) lostDictionary = dictionary;
       options = inheritOptions(options, previous, dids, keepDictionary ? dictionary : undefined);
       o = resolveSyncOptions(options);
+      checkDictionaryUse(options, o);
     }
     if (path !== undefined) {
       // Before anything is read: a sync that is running, even paused or kept from writing by a busy
@@ -195,7 +201,7 @@ export async function runBackfillSync(options: BackfillSyncOptions = {}): Promis
     }
     // The legacy dictionary is only needed for /subscribe connections; v2 hosts serve their own.
     const decodeFrame = o.compress && o.instances.some((u) => !isV2Url(u))
-      ? await loadDecoder(options, o.maxTimeMs)
+      ? await loadDecoder(options, o.maxTimeMs, lostDictionary)
       : undefined;
     return await run(o, options, kv, started, decodeFrame, fileLock !== undefined, callbacks);
   } finally {
@@ -287,11 +293,13 @@ function inheritOptions(
     numRecords?: number;
     maxEventBytes?: number;
   };
+  const compress = options.compress ?? run.settings?.compress;
   return {
     ...options,
     batchSize: options.batchSize ?? run.settings?.batchSize,
-    compress: options.compress ?? run.settings?.compress,
-    zstdDictionary: options.zstdDictionary ?? zstdDictionary,
+    compress,
+    // The remembered file, unless this resume is not compressed.
+    zstdDictionary: options.zstdDictionary ?? (compress ? zstdDictionary : undefined),
     maxEventBytes: options.maxEventBytes ?? sel.maxEventBytes,
     wantedDids: options.wantedDids ?? dids,
     wantedCollections: options.wantedCollections ?? sel.wantedCollections,
@@ -621,15 +629,56 @@ function windowPercent(
   return Math.max(0, Math.min(100, ((cursor - start) / (end - start)) * 100));
 }
 
-/** Resolves the dictionary (option, environment, cache, verified download) and prepares a decoder. */
+/** A dictionary given without compression is a mistake: it would be ignored. */
+function checkDictionaryUse(options: BackfillSyncOptions, o: ResolvedSyncOptions): void {
+  if (options.zstdDictionary === undefined || o.compress) return;
+  const value = typeof options.zstdDictionary === "string"
+    ? JSON.stringify(options.zstdDictionary)
+    : `${options.zstdDictionary.byteLength} bytes`;
+  throw new UsageError(
+    `Cannot sync as 'zstdDictionary' must be left out without 'compress' (it decodes compressed frames only): current value is ${value}`,
+  );
+}
+
+/**
+ * Resolves the legacy dictionary (option, environment, cache, verified download) and prepares a
+ * decoder for /subscribe connections. `lost` is the file a resumed run used, gone since.
+ */
 async function loadDecoder(
   options: BackfillSyncOptions,
   maxTimeMs: number,
+  lost: string | undefined,
 ): Promise<(bytes: Uint8Array) => Uint8Array> {
   // A download that hangs must not outlive --max-time.
   const limit = AbortSignal.timeout(Math.min(maxTimeMs, MAX_TIMER_MS));
   const signal = options.signal ? AbortSignal.any([options.signal, limit]) : limit;
-  const dictionary = await resolveZstdDictionary({ dictionary: options.zstdDictionary, signal });
+  let dictionary;
+  try {
+    dictionary = await resolveZstdDictionary({ dictionary: options.zstdDictionary, signal });
+  } catch (err) {
+    if (lost === undefined || !(err instanceof UsageError)) throw err;
+    throw new UsageError(
+      `The zstd dictionary that this queue's last run used, '${lost}', is gone. ${err.message}`,
+      {
+        cause: err,
+      },
+    );
+  }
+  const id = dictionary.dictionaryId;
+  if (id !== LEGACY_DICTIONARY_ID) {
+    throw new UsageError(
+      `${
+        dictionary.path === undefined
+          ? "The zstd dictionary given as bytes"
+          : `The zstd dictionary '${dictionary.path}'`
+      } has ID ${id}, but /subscribe connections (the legacy wire) are compressed with the legacy Jetstream dictionary, ` +
+        `ID ${LEGACY_DICTIONARY_ID} (legacy_subscribe.zdict, sha256 ${LEGACY_DICTIONARY_SHA256})${
+          id === V2_DICTIONARY_ID
+            ? "; it is the v2 wire's dictionary, which jetfill fetches from a v2 host (subscribeEvents) by itself"
+            : ""
+        }`,
+    );
+  }
   const decoder = await createZstdDecoder(dictionary.bytes);
   return (bytes) => decoder.decode(bytes);
 }

@@ -10,6 +10,7 @@ import { LEGACY_DICT, V2_DICT, zstdFrames } from "./helpers/zstd_cli.ts";
 import { spawnServer } from "../scripts/spawn_server.ts";
 import { readCheckpoint } from "../src/queue/kv_queue.ts";
 import { relative } from "node:path";
+import { runCli } from "./helpers/cli.ts";
 
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
 
@@ -143,6 +144,108 @@ Deno.test("a compressed run resumed with only --resume finds its dictionary agai
     }
     await Deno.remove(dir, { recursive: true });
   }
+});
+
+Deno.test("a resume whose dictionary file has gone names it, and --no-compress resumes uncompressed", async () => {
+  const events = capture(300);
+  await using server = serveEvents(events, {
+    compressor: await cliCompressor(events, LEGACY_DICT),
+    faults: { stallAfter: 120, stallConnections: 2 },
+  });
+  await using db = await tempDb();
+  const dir = await Deno.makeTempDir();
+  const saved = ["JETFILL_ZSTD_DICTIONARY", "XDG_CACHE_HOME"].map((name) =>
+    [name, Deno.env.get(name)] as const
+  );
+  try {
+    const dictionary = `${dir}/legacy.zdict`;
+    await Deno.copyFile(LEGACY_DICT, dictionary);
+    // Inherited by the CLI's processes: no environment variable and an empty cache.
+    Deno.env.delete("JETFILL_ZSTD_DICTIONARY");
+    Deno.env.set("XDG_CACHE_HOME", `${dir}/cache`);
+    // (Through the library: its probe and connection are the two that stall after 120 events.)
+    const first = await runBackfillSync({
+      kv: db.path,
+      maxTime: 1.5,
+      instance: server.url,
+      compress: true,
+      zstdDictionary: dictionary,
+      startTimestamp: T0,
+      kinds: ["commit", "identity"],
+      wantedCollections: [],
+    });
+    assert.equal(first.recordsStored, 120);
+    await Deno.remove(dictionary);
+    // The download it then tries cannot reach GitHub (denied, so that the test does not depend on
+    // the network).
+    const deny = ["--deny-net=raw.githubusercontent.com"];
+    const lost = await runCli(["sync", "--resume", "--kv", db.path, "--max-time", "1.5"], deny);
+    assert.equal(lost.code, 2, lost.stderr);
+    assert.match(
+      lost.stderr,
+      new RegExp(`the zstd dictionary that this queue's last run used, '${dictionary}', is gone`, "i"),
+    );
+    assert.match(lost.stderr, /--zstd-dictionary PATH/);
+    const plain = await runCli([
+      "sync",
+      "--resume",
+      "--no-compress",
+      "--kv",
+      db.path,
+      "--max-time",
+      "1.5",
+      "--json",
+    ], deny);
+    const stats = JSON.parse(plain.stdout);
+    assert.equal(stats.recordsStored, 180, plain.stderr);
+    assert.equal(stats.bytesDecoded, 0);
+    assert.deepEqual(await storedEvents(db.path, stats.queueLength), events);
+    const both = await runCli(["sync", "--resume", "--compress", "--no-compress", "--kv", db.path]);
+    assert.equal(both.code, 2);
+    assert.match(both.stderr, /--compress and --no-compress contradict each other/);
+  } finally {
+    for (const [name, value] of saved) {
+      value === undefined ? Deno.env.delete(name) : Deno.env.set(name, value);
+    }
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("a dictionary given without compression is refused before anything is made", async () => {
+  await using db = await tempDb();
+  const kv = `${db.dir}/never.sqlite`;
+  await assert.rejects(
+    () => runBackfillSync({ zstdDictionary: LEGACY_DICT, kv, instance: "ws://127.0.0.1:9/subscribe" }),
+    (err: unknown) =>
+      err instanceof UsageError &&
+      err.message ===
+        `Cannot sync as 'zstdDictionary' must be left out without 'compress' (it decodes compressed frames only): current value is ${
+          JSON.stringify(LEGACY_DICT)
+        }`,
+  );
+  const cli = await runCli(["sync", "--zstd-dictionary", LEGACY_DICT, "--kv", kv]);
+  assert.equal(cli.code, 2);
+  assert.match(
+    cli.stderr,
+    /sync: --zstd-dictionary must be left out without --compress \(it decodes compressed frames only\): current value is "/,
+  );
+  assert.equal(await Deno.stat(kv).catch(() => null), null);
+});
+
+Deno.test("the v2 dictionary given for /subscribe is refused before connecting, naming both dictionaries", async () => {
+  await using server = serveEvents(capture(5), { closeAtEnd: true });
+  await using db = await tempDb();
+  await assert.rejects(
+    () => runBackfillSync({ instance: server.url, kv: db.path, compress: true, zstdDictionary: V2_DICT }),
+    (err: unknown) =>
+      err instanceof UsageError &&
+      err.message.startsWith(
+        `The zstd dictionary '${V2_DICT}' has ID 20260811, but /subscribe connections`,
+      ) &&
+      err.message.includes("ID 1612007021 (legacy_subscribe.zdict, sha256 b8d77b46") &&
+      err.message.includes("the v2 wire's dictionary"),
+  );
+  assert.equal(syncConnections(server).length, 0);
 });
 
 Deno.test("runBackfillSync() counts and reports a frame that fails to decode, and goes on", async () => {

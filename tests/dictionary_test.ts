@@ -74,6 +74,35 @@ Deno.test("`resolveZstdDictionary()` uses the dictionary option given as a path"
   });
 });
 
+Deno.test("`resolveZstdDictionary()` refuses a damaged copy of the legacy dictionary, from a path, the environment or bytes", async () => {
+  await withTempDir(async (dir) => {
+    // Cut off, as by an interrupted download: it still starts with the legacy dictionary's ID.
+    const cut = legacyDictionary.slice(0, 100_000);
+    const path = `${dir}/cut.zdict`;
+    await Deno.writeFile(path, cut);
+    const actual = Array.from(
+      new Uint8Array(await crypto.subtle.digest("SHA-256", cut)),
+      (b) => b.toString(16).padStart(2, "0"),
+    ).join("");
+    const says = (what: string) => (err: unknown) =>
+      err instanceof UsageError &&
+      err.message ===
+        `${what} has the ID of the legacy Jetstream dictionary (1612007021) but not its contents: 100000 bytes of sha256 ${actual}, where legacy_subscribe.zdict has sha256 ${LEGACY_DICTIONARY_SHA256} (a damaged or cut-off copy?)`;
+    await assert.rejects(
+      () => resolveZstdDictionary(isolated(dir, { dictionary: path })),
+      says(`The file '${path}' (from --zstd-dictionary / zstdDictionary)`),
+    );
+    await assert.rejects(
+      () => resolveZstdDictionary(isolated(dir, { env: envOf({ [ZSTD_DICTIONARY_ENV]: path }) })),
+      says(`The file '${path}' (from ${ZSTD_DICTIONARY_ENV})`),
+    );
+    await assert.rejects(
+      () => resolveZstdDictionary(isolated(dir, { dictionary: cut })),
+      says("The zstd dictionary given as bytes"),
+    );
+  });
+});
+
 Deno.test("`resolveZstdDictionary()` uses the dictionary option given as bytes", async () => {
   await withTempDir(async (dir) => {
     const resolved = await resolveZstdDictionary(isolated(dir, { dictionary: legacyDictionary }));

@@ -43,6 +43,7 @@ Connection:
   --wire v1|v2            /subscribe (v1, every server) or subscribeEvents (v2 servers); default
                           v2 for jetstream.us-east/us-west.bsky.network, v1 otherwise
   --compress              ask for zstd-compressed frames
+  --no-compress           with --resume, do not (when the last run did)
   --zstd-dictionary PATH  the zstd dictionary for --compress (else $JETFILL_ZSTD_DICTIONARY, a
                           cached copy, or a download verified by its sha256)
   --idle-timeout SECONDS  reconnect when no message came for this long (default 60)
@@ -80,6 +81,7 @@ const FLAGS: FlagSpec = {
   limit: { type: "string" },
   instance: { type: "string", multiple: true },
   compress: { type: "boolean" },
+  "no-compress": { type: "boolean" },
   wire: { type: "string" },
   "max-event-bytes": { type: "string" },
   "zstd-dictionary": { type: "string" },
@@ -121,6 +123,8 @@ const OPTION_FLAGS: readonly {
   { option: "instance", flag: "instance", read: given },
   { option: "kv", flag: "kv", read: given },
   { option: "queueName", flag: "queue-name", read: given },
+  // (Before --compress: the flag that error messages name for compress is the last one listed.)
+  { option: "compress", flag: "no-compress", read: (_flag, value) => value === true ? false : undefined },
   { option: "compress", flag: "compress", read: yes },
   { option: "wire", flag: "wire", read: given },
   { option: "maxEventBytes", flag: "max-event-bytes", read: num({ integer: true, positive: true }) },
@@ -150,6 +154,9 @@ export async function syncOptionsFromFlags(v: Record<string, unknown>): Promise<
       );
     }
     dids.push(...listed);
+  }
+  if (v.compress && v["no-compress"]) {
+    throw new UsageError("--compress and --no-compress contradict each other");
   }
   const options: BackfillSyncOptions = {};
   if (dids.length > 0) options.wantedDids = dids;
@@ -235,13 +242,18 @@ const FLAG_OF: Readonly<Record<string, string>> = Object.fromEntries(
  * ```
  */
 export function inFlagTerms(message: string, didsFlag: string): string {
-  const flag = (name: string) => name === "wantedDids" ? didsFlag : FLAG_OF[name];
-  message = message
-    .replace(
-      /^Cannot sync as '(\w+)' must/,
-      (whole, name: string) => flag(name) ? `${flag(name)} must` : whole,
-    )
-    .replace(/ must be after 'startTimestamp'/, " must be after --start");
+  const flag = (name: string): string | undefined => name === "wantedDids" ? didsFlag : FLAG_OF[name];
+  const named = /^Cannot sync as '(\w+)' must/.exec(message);
+  if (named && flag(named[1])) {
+    // The rule may name other options ("must be after 'startTimestamp'"): by their flags too, but
+    // not in the value quoted after it.
+    const cut = message.includes(": current value is ")
+      ? message.indexOf(": current value is ")
+      : message.length;
+    return message.slice(0, cut)
+      .replace(/^Cannot sync as '\w+'/, flag(named[1])!)
+      .replace(/'(\w+)'/g, (whole, name: string) => flag(name) ?? whole) + message.slice(cut);
+  }
   // "Cannot resume queue 'q' with different options: numRecords was 50, now 60; kinds was …"
   if (!message.startsWith("Cannot resume queue ")) return message;
   return message.replace(

@@ -10,7 +10,7 @@
 
 import { concat } from "../bytes.ts";
 import { UsageError } from "../errors.ts";
-import { dictionaryIdOf } from "./zstd.ts";
+import { dictionaryIdOf, LEGACY_DICTIONARY_ID } from "./zstd.ts";
 
 /**
  * sha256 of the legacy Jetstream dictionary (`legacy_subscribe.zdict`, 112,640 bytes), the same
@@ -163,11 +163,10 @@ export async function resolveZstdDictionary(
     if (typeof options.dictionary === "string") {
       return await readGivenDictionary(options.dictionary, "option", "--zstd-dictionary / zstdDictionary");
     }
-    return {
-      bytes: options.dictionary,
-      dictionaryId: checkDictionary(options.dictionary, "The zstd dictionary given as bytes"),
-      source: "option",
-    };
+    const what = "The zstd dictionary given as bytes";
+    const dictionaryId = checkDictionary(options.dictionary, what);
+    await checkLegacyContents(options.dictionary, dictionaryId, what);
+    return { bytes: options.dictionary, dictionaryId, source: "option" };
   }
   const fromEnv = env(ZSTD_DICTIONARY_ENV);
   if (fromEnv) return await readGivenDictionary(fromEnv, "env", ZSTD_DICTIONARY_ENV);
@@ -241,7 +240,25 @@ async function readGivenDictionary(
       { cause: error },
     );
   }
-  return { bytes, dictionaryId: checkDictionary(bytes, `The file '${path}' (from ${via})`), source, path };
+  const what = `The file '${path}' (from ${via})`;
+  const dictionaryId = checkDictionary(bytes, what);
+  await checkLegacyContents(bytes, dictionaryId, what);
+  return { bytes, dictionaryId, source, path };
+}
+
+/**
+ * Refuses a dictionary that bears the legacy dictionary's ID without being it: a copy cut off or
+ * damaged on its way, with which every frame would fail to decode, or decode to garbage.
+ */
+async function checkLegacyContents(bytes: Uint8Array, dictionaryId: number, what: string): Promise<void> {
+  if (dictionaryId !== LEGACY_DICTIONARY_ID) return;
+  const actual = await sha256Hex(bytes);
+  if (actual === LEGACY_DICTIONARY_SHA256) return;
+  throw new UsageError(
+    `${what} has the ID of the legacy Jetstream dictionary (${LEGACY_DICTIONARY_ID}) but not its contents: ` +
+      `${bytes.byteLength} bytes of sha256 ${actual}, where legacy_subscribe.zdict has sha256 ${LEGACY_DICTIONARY_SHA256} ` +
+      "(a damaged or cut-off copy?)",
+  );
 }
 
 function checkDictionary(bytes: Uint8Array, what: string): number {
