@@ -445,3 +445,33 @@ Deno.test("every sync flag sets its library option, and an error about that opti
   assert.deepEqual(await syncOptionsFromFlags({}), {});
   assert.deepEqual(await syncOptionsFromFlags({ compress: false, json: true }), {});
 });
+
+Deno.test("jetfill sync warns of the first frame it skips for each reason; --verbose reports each", async () => {
+  const events = Array.from({ length: 400 }, (_, i) => commit(T0 + i * 1000));
+  // A bad frame after every 20 events, cycling through five kinds: four of each.
+  await using server = serveEvents(events, { closeAtEnd: true, faults: { garbageEvery: 20 } });
+  for (const verbose of [false, true]) {
+    await using db = await tempDb();
+    const r = await run(syncArgs(server.url, db.path, T0, "--json", ...(verbose ? ["--verbose"] : [])));
+    const stats = JSON.parse(r.stdout);
+    assert.equal(stats.recordsStored, 400, r.stderr);
+    const lines = r.stderr.split("\n").filter((l) => l.startsWith("jetfill sync: "));
+    for (
+      const [reason, what] of [["malformed_json", /frame is not JSON/], [
+        "unknown_kind",
+        /unknown kind/,
+      ]] as const
+    ) {
+      const said = lines.filter((l) => what.test(l));
+      assert.ok(stats.skipped[reason] >= 3, JSON.stringify(stats.skipped));
+      if (verbose) assert.equal(said.length, stats.skipped[reason], r.stderr);
+      else {
+        assert.equal(said.length, 1, r.stderr);
+        assert.match(
+          said[0],
+          new RegExp(`^jetfill sync: warning: .*\\(skipped; later ${reason} frames are only counted`),
+        );
+      }
+    }
+  }
+});

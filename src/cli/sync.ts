@@ -5,7 +5,7 @@
  */
 import { runBackfillSync } from "../backfill.ts";
 import type { BackfillSyncOptions } from "../options.ts";
-import type { SyncProgress, SyncStats } from "../stats.ts";
+import type { SkipReason, SyncProgress, SyncStats } from "../stats.ts";
 import { isoFromUs, TIMESTAMP_FORMATS } from "../time.ts";
 import { UsageError } from "../errors.ts";
 import {
@@ -262,6 +262,21 @@ export function inFlagTerms(message: string, didsFlag: string): string {
   );
 }
 
+/** The reasons a frame is skipped (counted in `skipped`), as reported: every one, or it does not compile. */
+const SKIP_REASONS: Readonly<Record<SkipReason, true>> = {
+  malformed_json: true,
+  missing_fields: true,
+  unknown_kind: true,
+  binary_frame: true,
+  invalid_utf8: true,
+  decode_failed: true,
+  oversized: true,
+};
+
+function isSkipReason(reason: string): boolean {
+  return Object.hasOwn(SKIP_REASONS, reason);
+}
+
 /** How to continue a run that stopped short of its limit and end, or undefined when it did not. */
 function resumeHint(s: SyncStats): string | undefined {
   if (s.stopReason === "limit" || s.stopReason === "end" || s.latestCursor === null) return undefined;
@@ -294,18 +309,26 @@ export async function syncCommand(args: string[]): Promise<number> {
   const enc = new TextEncoder();
   options.signal = controller.signal;
   if (live) options.onProgress = (p) => Deno.stderr.writeSync(enc.encode(`\r\x1b[2K${progressLine(p)}`));
+  // Skip reasons already warned of, without --verbose.
+  const warned = new Set<string>();
   options.onError = (r) => {
     // Data that cannot be had or is left out, and a queue that already holds records: always said.
+    // Other frames skipped: the first of each reason, then only counted (every one with --verbose).
+    const first = !v.verbose && isSkipReason(r.reason) && !warned.has(r.reason);
+    if (first) warned.add(r.reason);
     const label = r.reason === "queue"
       ? "note: "
-      : r.reason === "coverage" || r.reason === "oversized" || r.reason === "lock"
+      : r.reason === "coverage" || r.reason === "oversized" || r.reason === "lock" || first
       ? "warning: "
       : r.reason === "connection" || r.reason === "retry" || v.verbose
       ? ""
       : undefined;
     if (label === undefined) return;
     if (live) Deno.stderr.writeSync(enc.encode("\r\x1b[2K"));
-    console.error(`jetfill sync: ${label}${r.message}`);
+    const more = first && r.reason !== "oversized"
+      ? ` (skipped; later ${r.reason} frames are only counted, in the statistics' skipped: --verbose reports each)`
+      : "";
+    console.error(`jetfill sync: ${label}${r.message}${more}`);
   };
   let stats: SyncStats;
   try {
