@@ -261,6 +261,37 @@ Deno.test("consume() puts back another queue's message for its own consumer", as
   }
 });
 
+Deno.test("consume() until empty stops while another queue's backlog keeps coming back", async () => {
+  const { dir, path } = await tempDb();
+  try {
+    const kv = await Deno.openKv(path);
+    await produce(kv, generateCapture({ count: 1000, seed: 22 }), { batchSize: 10 });
+    // 1000 messages of another queue that nobody consumes: put back every 2 s, they never stop coming.
+    await produce(kv, generateCapture({ count: 20_000, seed: 23 }), { queue: "other", batchSize: 20 });
+    kv.close();
+    let records = 0;
+    const result = await consume({
+      kv: path,
+      untilEmpty: true,
+      // Only so that a consumer that never stops fails the test instead of hanging it.
+      signal: AbortSignal.timeout(30_000),
+      handler: (events) => void (records += events.length),
+    });
+    assert.equal(result.stopReason, "empty");
+    assert.equal(records, 1000);
+    assert.ok(result.foreign > 0);
+    const kv2 = await Deno.openKv(path);
+    assert.equal(
+      (await queueStatus(kv2, "other")).messagesWaiting,
+      1000,
+      "the other queue's messages are all kept",
+    );
+    kv2.close();
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("consume() on a Deno.Kv gets what the same process enqueues at once, and stops on signal", async () => {
   const kv = await Deno.openKv(":memory:");
   try {
@@ -399,6 +430,30 @@ Deno.test("consume() with a backlog it must put back still hands messages over i
     assert.ok(result.deferred > 0, "messages were put back");
     const late = seqs.filter((seq, i) => i > 0 && seq < seqs[i - 1]);
     assert.deepEqual(late, [], "a message put back came after higher seqs");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("consume() hands over a backlog of large commits in seq order, waiting for a seq KV hands over late", async () => {
+  const { dir, path } = await tempDb();
+  try {
+    const kv = await Deno.openKv(path);
+    // Two events a message: hundreds of messages a commit, which KV hands over in random order, one
+    // every few milliseconds, so a seq can come a second or more after higher ones of its commit.
+    await produce(kv, generateCapture({ count: 1200, seed: 21 }), { batchSize: 2 });
+    kv.close();
+    const seqs: number[] = [];
+    const result = await consume({
+      kv: path,
+      untilEmpty: true,
+      handler: (_events, { seq }) => void seqs.push(seq),
+    });
+    assert.equal(result.stopReason, "empty");
+    assert.equal(result.messages, 600);
+    assert.equal(result.duplicates, 0);
+    const late = seqs.filter((seq, i) => i > 0 && seq < seqs[i - 1]);
+    assert.deepEqual(late, [], "a seq was handled after higher ones");
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

@@ -101,6 +101,8 @@ const INITIAL_SERVICE_MS = 10;
 export const HOLD_TARGET_MS = 3_000;
 // How long to keep waiting for a message put back here when it is the next seq.
 const REORDER_GRACE_MS = 500;
+// How often a missing seq that the queue still holds is looked up again while it is waited for.
+const GAP_RECHECK_MS = 100;
 const MIN_PUT_BACK_DELAY_MS = 100;
 const MAX_PUT_BACK_DELAY_MS = 60_000;
 // After a handler failure, KV redelivers after 100 ms and then 1 s (its default schedule).
@@ -242,6 +244,14 @@ export interface ConsumeResult {
   elapsed: number;
 }
 
+/** What a consumer knows of a seq missing below the messages it holds. */
+interface Gap {
+  /** Handled (by any consumer) or dead-lettered: not to be waited for. */
+  gone: boolean;
+  /** When that was last read (performance.now() time); NaN while a read is in progress. */
+  checkedAt: number;
+}
+
 /** One listenQueue delivery waiting for its outcome. */
 interface Settle {
   resolve: () => void;
@@ -375,9 +385,14 @@ class Consumer {
   readonly #putBacks: PutBack[] = [];
   // When the messages this consumer put back are due to come back, by seq (for ordering).
   readonly #due = new Map<number, number>();
+  // Seqs missing below the held ones, as looked up (see #orderWait).
+  readonly #gaps = new Map<number, Gap>();
   #flushing = false;
   #unsettled = 0;
+  // Of #unsettled, the deliveries of other queues' messages.
+  #foreignUnsettled = 0;
   #lastSettleAt = 0;
+  #lastOwnSettleAt = 0;
   #lastDeliveryAt = performance.now();
   #lastStartedSeq: number | undefined;
   #serviceMs = INITIAL_SERVICE_MS;
@@ -484,28 +499,42 @@ class Consumer {
     return this.quiet() && now - this.#lastSettleAt >= ACK_SETTLE_MS;
   }
 
+  /**
+   * The same for this queue's own messages, whatever other queues' messages are doing: another
+   * queue's backlog, put back every FOREIGN_DELAY_MS for its own consumer, may never let the
+   * session be quiet, and must not keep `untilEmpty` from seeing this queue empty.
+   */
+  ownSettled(now: number): boolean {
+    return this.#unsettled === this.#foreignUnsettled && this.#held.length === 0 &&
+      this.#running.size === 0 &&
+      now - this.#lastOwnSettleAt >= ACK_SETTLE_MS;
+  }
+
   /** The listenQueue handler: resolves to acknowledge, rejects to have KV redeliver. */
   deliver(kv: Deno.Kv, raw: unknown): Promise<void> {
     // Deno can hand over a message it dequeued just as the session closed; its acknowledgement
     // cannot be sent any more, so it is left alone: KV delivers it again after its deadline.
     if (closedKvs.has(kv)) return Promise.resolve();
+    const foreign = !isQueueMessage(raw) || raw.queue !== this.#queue;
     this.#unsettled++;
     const now = performance.now();
-    this.#lastDeliveryAt = now;
+    // Another queue's messages are no news of this one (they come back every FOREIGN_DELAY_MS).
+    if (foreign) this.#foreignUnsettled++;
+    else this.#lastDeliveryAt = now;
     return new Promise<void>((resolve, reject) => {
       const settle: Settle = {
         resolve: () => {
-          this.#settled();
+          this.#settled(foreign);
           resolve();
         },
         reject: (err) => {
-          this.#settled();
+          this.#settled(foreign);
           // Deno prints what a listenQueue handler rejects with ("Exception in queue handler …"),
           // with its stack for an Error: one line says it all (onError has the error itself).
           reject(`jetfill consume: a message was left for KV to redeliver (${errorText(err)})`);
         },
       };
-      if (!isQueueMessage(raw) || raw.queue !== this.#queue) {
+      if (foreign) {
         this.result.foreign++;
         this.#report({
           reason: "foreign",
@@ -542,9 +571,11 @@ class Consumer {
     });
   }
 
-  #settled(): void {
+  #settled(foreign: boolean): void {
     this.#unsettled--;
     this.#lastSettleAt = performance.now();
+    if (foreign) this.#foreignUnsettled--;
+    else this.#lastOwnSettleAt = this.#lastSettleAt;
     this.notify();
   }
 
@@ -597,7 +628,7 @@ class Consumer {
     const busy = this.#running.size >= c ? 1 : 0;
     // A message put back here and not back yet holds up every higher seq: those that could not wait
     // for it go back too, due after it.
-    const pending = this.#pendingBelow(now);
+    const pending = this.#pendingBelow(now) ?? this.#outstandingGap(now);
     const evicted: Delivery[] = [];
     for (let k = this.#held.length - 1; k >= 0; k--) {
       const d = this.#held[k];
@@ -643,11 +674,14 @@ class Consumer {
    * Until when the lowest held message should wait for a lower seq to arrive (`now` or earlier:
    * go). Messages of one commit are dequeued in random order, so a gap after the last seq started
    * is given `reorderWindow` to fill, or a little longer when it is a message put back here and
-   * due back any moment.
+   * due back any moment. A missing seq that the queue still holds (neither handled, by this consumer
+   * or another, nor a dead letter: KV hands over the hundreds of messages of a large commit over a
+   * second or more) is waited for as long as the held messages can wait.
    */
   #orderWait(first: Delivery, now: number): number {
     const last = this.#lastStartedSeq;
-    if (last !== undefined && first.message.seq <= last + 1) return now;
+    const seq = first.message.seq;
+    if (seq === 1 || (last !== undefined && seq <= last + 1)) return now;
     let until = first.deliveredAt + this.#o.reorderWindow;
     if (last !== undefined) {
       // A seq put back here is waited for until it is due back (what is held and could not wait that
@@ -655,8 +689,62 @@ class Consumer {
       const due = this.#due.get(last + 1);
       if (due !== undefined && due > now - REORDER_GRACE_MS) until = Math.max(until, due + REORDER_GRACE_MS);
     }
+    const missing = this.#missingBelow(seq, last);
+    if (missing !== undefined) {
+      const gap = this.#gaps.get(missing);
+      if (gap === undefined || (!gap.gone && now - gap.checkedAt >= GAP_RECHECK_MS)) {
+        this.#lookUpGap(missing, first.kv, gap);
+      }
+      // Until it is known gone, or arrives: looked up again every GAP_RECHECK_MS (another consumer
+      // may be handling it).
+      if (!gap?.gone) until = Math.max(until, now + GAP_RECHECK_MS);
+    } else if (last !== undefined) {
+      // Every seq between was handled elsewhere or dead-lettered: nothing to wait for.
+      return now;
+    }
     // Never at the cost of the held messages' own deadline.
     return Math.min(until, first.deliveredAt + HOLD_TARGET_MS / 2);
+  }
+
+  /**
+   * The lowest seq below `seq` that may still come: after the last seq started, the first one not
+   * known gone; before anything started, the seq just below `seq` unless known gone.
+   */
+  #missingBelow(seq: number, last: number | undefined): number | undefined {
+    for (let s = last === undefined ? seq - 1 : last + 1; s < seq; s++) {
+      if (!this.#gaps.get(s)?.gone) return s;
+    }
+    return undefined;
+  }
+
+  /** Reads whether the missing `seq` was handled or dead-lettered, then wakes the consumer. */
+  #lookUpGap(seq: number, kv: Deno.Kv, known: Gap | undefined): void {
+    const gap: Gap = known ?? { gone: false, checkedAt: Number.NaN };
+    gap.checkedAt = Number.NaN;
+    this.#gaps.set(seq, gap);
+    kv.getMany([queueKey(this.#queue, "handled", seq), queueKey(this.#queue, "dead", seq)]).then(
+      ([handled, dead]) => gap.gone = handled.versionstamp !== null || dead.versionstamp !== null,
+      // (A session closed meanwhile: it counts as still to come, and is looked up again.)
+      () => {},
+    ).finally(() => {
+      gap.checkedAt = performance.now();
+      this.notify();
+    });
+  }
+
+  /**
+   * The missing seq that the lowest held message waits for, when the queue still holds it (looked
+   * up): expected within REORDER_GRACE_MS, so that the held messages that cannot wait that long are
+   * put back, due after it, rather than handled before it.
+   */
+  #outstandingGap(now: number): { seq: number; due: number } | undefined {
+    const first = this.#held[0];
+    if (first === undefined) return undefined;
+    const missing = this.#missingBelow(first.message.seq, this.#lastStartedSeq);
+    const gap = missing === undefined ? undefined : this.#gaps.get(missing);
+    return gap === undefined || gap.gone || Number.isNaN(gap.checkedAt)
+      ? undefined
+      : { seq: missing!, due: now + REORDER_GRACE_MS };
   }
 
   /** The lowest seq put back here and not back yet (nor overdue), with when it is due. */
@@ -756,6 +844,7 @@ class Consumer {
   #start(d: Delivery, now: number): void {
     const seq = d.message.seq;
     if (this.#lastStartedSeq === undefined || seq > this.#lastStartedSeq) this.#lastStartedSeq = seq;
+    for (const s of this.#gaps.keys()) if (s <= this.#lastStartedSeq) this.#gaps.delete(s);
     this.#running.set(d, now);
     void this.#handle(d).finally(() => {
       this.#serviceMs = 0.8 * this.#serviceMs + 0.2 * (performance.now() - now);
@@ -1049,23 +1138,26 @@ async function session(consumer: Consumer, kv: Deno.Kv, openedAt: number, reopen
     consumer.pump();
     const now = performance.now();
     if (consumer.finished(now)) return;
-    if (consumer.settled(now)) {
-      if (o.untilEmpty && now - openedAt >= MIN_SESSION_FOR_EMPTY_MS && now - consumer.lastCheck >= TICK_MS) {
-        consumer.lastCheck = now;
-        const waiting = await consumer.waiting(kv);
-        if (waiting !== consumer.lastWaiting) {
-          consumer.lastWaiting = waiting;
-          consumer.lastChange = performance.now();
-        }
-        if (waiting === 0) consumer.stop("empty");
-        else if (
-          performance.now() - Math.max(consumer.lastChange, consumer.lastDeliveryAt) >= o.emptyTimeout
-        ) {
-          consumer.stop("idle");
-        }
-        // Deliveries may have come during the read: look again before closing anything.
-        continue;
+    if (
+      o.untilEmpty && consumer.ownSettled(now) && now - openedAt >= MIN_SESSION_FOR_EMPTY_MS &&
+      now - consumer.lastCheck >= TICK_MS
+    ) {
+      consumer.lastCheck = now;
+      const waiting = await consumer.waiting(kv);
+      if (waiting !== consumer.lastWaiting) {
+        consumer.lastWaiting = waiting;
+        consumer.lastChange = performance.now();
       }
+      if (waiting === 0) consumer.stop("empty");
+      else if (
+        performance.now() - Math.max(consumer.lastChange, consumer.lastDeliveryAt) >= o.emptyTimeout
+      ) {
+        consumer.stop("idle");
+      }
+      // Deliveries may have come during the read: look again before closing anything.
+      continue;
+    }
+    if (consumer.settled(now)) {
       // Reopen to see other processes' messages, unless this session's own backend is about to
       // deliver messages put back or retried: closing then could catch one in flight.
       const age = now - openedAt;
