@@ -5,6 +5,8 @@ import { KV_PAGE_SIZE, openKvAt, retryWhileBusy } from "../src/queue/kv_queue.ts
 import type { QueueMessage } from "../src/queue/message.ts";
 import { commit, did, drainQueue } from "./helpers/events.ts";
 import { serveEvents, tempDb } from "./helpers/loopback.ts";
+import { UsageError } from "../src/errors.ts";
+import { runCli } from "./helpers/cli.ts";
 
 const T0 = Date.UTC(2026, 10, 27) * 1000;
 
@@ -153,10 +155,15 @@ Deno.test("openKvAt() names a database it cannot open, and why when it can tell"
     await assert.rejects(
       () => openKvAt(dir),
       (err: unknown) =>
-        err instanceof Error &&
+        err instanceof UsageError &&
         err.message.startsWith(`cannot open the Deno KV database ${JSON.stringify(dir)}: `) &&
         err.message.endsWith("(it is a folder: give the database file's path)"),
     );
+    // Bad input, as the CLI says it: exit 2, for every command.
+    for (const args of [["export", "--out", `${dir}/x.ndjson`], ["sync", "--max-time", "1"], ["status"]]) {
+      const r = await runCli([...args, "--kv", dir]);
+      assert.equal(r.code, 2, `${args[0]}: ${r.stderr}`);
+    }
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

@@ -230,7 +230,8 @@ export async function openKvAt(path: string): Promise<Deno.Kv> {
       : /unable to open|readonly|read-only/i.test((err as Error).message)
       ? " (is its folder writable? SQLite needs to create its -wal and -shm files beside it)"
       : "";
-    throw new Error(
+    // A folder given for the database is bad input (exit 2 in the CLI); the rest is the machine's.
+    throw new (folder ? UsageError : Error)(
       `cannot open the Deno KV database ${JSON.stringify(path)}: ${(err as Error).message}${hint}`,
       { cause: err },
     );
