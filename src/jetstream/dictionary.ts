@@ -67,7 +67,8 @@ const MAX_DOWNLOAD_BYTES = 16 * 1024 * 1024;
 export interface ResolveZstdDictionaryOptions {
   /**
    * A dictionary given by the user: a file path or the bytes. Used as given (it may be another
-   * dictionary than the legacy one, such as a v2 server's), after checking it is a zstd dictionary.
+   * dictionary than the legacy one, such as a v2 server's), after checking it is a zstd dictionary,
+   * and, when it bears the legacy dictionary's ID, that it has the legacy dictionary's sha256.
    */
   dictionary?: string | Uint8Array;
   /**
@@ -143,8 +144,8 @@ export interface ResolvedZstdDictionary {
  * a download checked against the sha256 (then cached, written atomically).
  *
  * Throws {@linkcode UsageError} for an explicit path that does not exist or is not a zstd
- * dictionary, and when nothing works, saying how to provide the dictionary and why the download
- * failed.
+ * dictionary, for a dictionary with the legacy ID but other contents (a damaged copy), and when
+ * nothing works, saying how to provide the dictionary and why the download failed.
  *
  * @example
  * ```ts
