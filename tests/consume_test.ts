@@ -435,30 +435,6 @@ Deno.test("consume() with a backlog it must put back still hands messages over i
   }
 });
 
-Deno.test("consume() hands over a backlog of large commits in seq order, waiting for a seq KV hands over late", async () => {
-  const { dir, path } = await tempDb();
-  try {
-    const kv = await Deno.openKv(path);
-    // Two events a message: hundreds of messages a commit, which KV hands over in random order, one
-    // every few milliseconds, so a seq can come a second or more after higher ones of its commit.
-    await produce(kv, generateCapture({ count: 1200, seed: 21 }), { batchSize: 2 });
-    kv.close();
-    const seqs: number[] = [];
-    const result = await consume({
-      kv: path,
-      untilEmpty: true,
-      handler: (_events, { seq }) => void seqs.push(seq),
-    });
-    assert.equal(result.stopReason, "empty");
-    assert.equal(result.messages, 600);
-    assert.equal(result.duplicates, 0);
-    const late = seqs.filter((seq, i) => i > 0 && seq < seqs[i - 1]);
-    assert.deepEqual(late, [], "a seq was handled after higher ones");
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
-});
-
 Deno.test("consume() stops with a clear error when Deno KV cannot read a message, by path or on a Deno.Kv", async () => {
   // What a jetfill before nested records were gzipped could write: KV stores it, and cannot read it.
   let deep: unknown = 1;

@@ -101,8 +101,6 @@ const INITIAL_SERVICE_MS = 10;
 export const HOLD_TARGET_MS = 3_000;
 // How long to keep waiting for a message put back here when it is the next seq.
 const REORDER_GRACE_MS = 500;
-// How often a missing seq that the queue still holds is looked up again while it is waited for.
-const GAP_RECHECK_MS = 100;
 const MIN_PUT_BACK_DELAY_MS = 100;
 const MAX_PUT_BACK_DELAY_MS = 60_000;
 // After a handler failure, KV redelivers after 100 ms and then 1 s (its default schedule).
@@ -244,14 +242,6 @@ export interface ConsumeResult {
   elapsed: number;
 }
 
-/** What a consumer knows of a seq missing below the messages it holds. */
-interface Gap {
-  /** Handled (by any consumer) or dead-lettered: not to be waited for. */
-  gone: boolean;
-  /** When that was last read (performance.now() time); NaN while a read is in progress. */
-  checkedAt: number;
-}
-
 /** One listenQueue delivery waiting for its outcome. */
 interface Settle {
   resolve: () => void;
@@ -385,8 +375,6 @@ class Consumer {
   readonly #putBacks: PutBack[] = [];
   // When the messages this consumer put back are due to come back, by seq (for ordering).
   readonly #due = new Map<number, number>();
-  // Seqs missing below the held ones, as looked up (see #orderWait).
-  readonly #gaps = new Map<number, Gap>();
   #flushing = false;
   #unsettled = 0;
   // Of #unsettled, the deliveries of other queues' messages.
@@ -517,10 +505,9 @@ class Consumer {
     if (closedKvs.has(kv)) return Promise.resolve();
     const foreign = !isQueueMessage(raw) || raw.queue !== this.#queue;
     this.#unsettled++;
-    const now = performance.now();
-    // Another queue's messages are no news of this one (they come back every FOREIGN_DELAY_MS).
     if (foreign) this.#foreignUnsettled++;
-    else this.#lastDeliveryAt = now;
+    const now = performance.now();
+    this.#lastDeliveryAt = now;
     return new Promise<void>((resolve, reject) => {
       const settle: Settle = {
         resolve: () => {
@@ -628,7 +615,7 @@ class Consumer {
     const busy = this.#running.size >= c ? 1 : 0;
     // A message put back here and not back yet holds up every higher seq: those that could not wait
     // for it go back too, due after it.
-    const pending = this.#pendingBelow(now) ?? this.#outstandingGap(now);
+    const pending = this.#pendingBelow(now);
     const evicted: Delivery[] = [];
     for (let k = this.#held.length - 1; k >= 0; k--) {
       const d = this.#held[k];
@@ -674,14 +661,11 @@ class Consumer {
    * Until when the lowest held message should wait for a lower seq to arrive (`now` or earlier:
    * go). Messages of one commit are dequeued in random order, so a gap after the last seq started
    * is given `reorderWindow` to fill, or a little longer when it is a message put back here and
-   * due back any moment. A missing seq that the queue still holds (neither handled, by this consumer
-   * or another, nor a dead letter: KV hands over the hundreds of messages of a large commit over a
-   * second or more) is waited for as long as the held messages can wait.
+   * due back any moment.
    */
   #orderWait(first: Delivery, now: number): number {
     const last = this.#lastStartedSeq;
-    const seq = first.message.seq;
-    if (seq === 1 || (last !== undefined && seq <= last + 1)) return now;
+    if (last !== undefined && first.message.seq <= last + 1) return now;
     let until = first.deliveredAt + this.#o.reorderWindow;
     if (last !== undefined) {
       // A seq put back here is waited for until it is due back (what is held and could not wait that
@@ -689,62 +673,8 @@ class Consumer {
       const due = this.#due.get(last + 1);
       if (due !== undefined && due > now - REORDER_GRACE_MS) until = Math.max(until, due + REORDER_GRACE_MS);
     }
-    const missing = this.#missingBelow(seq, last);
-    if (missing !== undefined) {
-      const gap = this.#gaps.get(missing);
-      if (gap === undefined || (!gap.gone && now - gap.checkedAt >= GAP_RECHECK_MS)) {
-        this.#lookUpGap(missing, first.kv, gap);
-      }
-      // Until it is known gone, or arrives: looked up again every GAP_RECHECK_MS (another consumer
-      // may be handling it).
-      if (!gap?.gone) until = Math.max(until, now + GAP_RECHECK_MS);
-    } else if (last !== undefined) {
-      // Every seq between was handled elsewhere or dead-lettered: nothing to wait for.
-      return now;
-    }
     // Never at the cost of the held messages' own deadline.
     return Math.min(until, first.deliveredAt + HOLD_TARGET_MS / 2);
-  }
-
-  /**
-   * The lowest seq below `seq` that may still come: after the last seq started, the first one not
-   * known gone; before anything started, the seq just below `seq` unless known gone.
-   */
-  #missingBelow(seq: number, last: number | undefined): number | undefined {
-    for (let s = last === undefined ? seq - 1 : last + 1; s < seq; s++) {
-      if (!this.#gaps.get(s)?.gone) return s;
-    }
-    return undefined;
-  }
-
-  /** Reads whether the missing `seq` was handled or dead-lettered, then wakes the consumer. */
-  #lookUpGap(seq: number, kv: Deno.Kv, known: Gap | undefined): void {
-    const gap: Gap = known ?? { gone: false, checkedAt: Number.NaN };
-    gap.checkedAt = Number.NaN;
-    this.#gaps.set(seq, gap);
-    kv.getMany([queueKey(this.#queue, "handled", seq), queueKey(this.#queue, "dead", seq)]).then(
-      ([handled, dead]) => gap.gone = handled.versionstamp !== null || dead.versionstamp !== null,
-      // (A session closed meanwhile: it counts as still to come, and is looked up again.)
-      () => {},
-    ).finally(() => {
-      gap.checkedAt = performance.now();
-      this.notify();
-    });
-  }
-
-  /**
-   * The missing seq that the lowest held message waits for, when the queue still holds it (looked
-   * up): expected within REORDER_GRACE_MS, so that the held messages that cannot wait that long are
-   * put back, due after it, rather than handled before it.
-   */
-  #outstandingGap(now: number): { seq: number; due: number } | undefined {
-    const first = this.#held[0];
-    if (first === undefined) return undefined;
-    const missing = this.#missingBelow(first.message.seq, this.#lastStartedSeq);
-    const gap = missing === undefined ? undefined : this.#gaps.get(missing);
-    return gap === undefined || gap.gone || Number.isNaN(gap.checkedAt)
-      ? undefined
-      : { seq: missing!, due: now + REORDER_GRACE_MS };
   }
 
   /** The lowest seq put back here and not back yet (nor overdue), with when it is due. */
@@ -844,7 +774,6 @@ class Consumer {
   #start(d: Delivery, now: number): void {
     const seq = d.message.seq;
     if (this.#lastStartedSeq === undefined || seq > this.#lastStartedSeq) this.#lastStartedSeq = seq;
-    for (const s of this.#gaps.keys()) if (s <= this.#lastStartedSeq) this.#gaps.delete(s);
     this.#running.set(d, now);
     void this.#handle(d).finally(() => {
       this.#serviceMs = 0.8 * this.#serviceMs + 0.2 * (performance.now() - now);
