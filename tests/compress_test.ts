@@ -93,9 +93,17 @@ async function syncCompressed(
   return { stats, errors };
 }
 
-Deno.test("a compressed run resumed with only --resume finds its dictionary again: the path given is remembered", async () => {
+/**
+ * A compressed run stopped after 120 of 300 events, with nowhere to find the dictionary but the copy
+ * it was given (no environment variable, an empty cache, and no network in tests): runs `body` with
+ * the server, the database, the copy's path and the events, then puts the environment back.
+ */
+async function withStoppedCompressedRun(
+  dictionaryOption: (copy: string) => string,
+  body: (run: { db: string; dictionary: string; events: JetstreamEvent[] }) => Promise<void>,
+): Promise<void> {
   const events = capture(300);
-  // The first run's connection (after its coverage probe) stops sending after 120 events.
+  // The first run's probe and connection stall after 120 events.
   await using server = serveEvents(events, {
     compressor: await cliCompressor(events, LEGACY_DICT),
     faults: { stallAfter: 120, stallConnections: 2 },
@@ -106,109 +114,79 @@ Deno.test("a compressed run resumed with only --resume finds its dictionary agai
     [name, Deno.env.get(name)] as const
   );
   try {
-    // Nowhere else to find it: no environment variable, an empty cache, and no network in tests.
     const dictionary = `${dir}/legacy.zdict`;
     await Deno.copyFile(LEGACY_DICT, dictionary);
+    // (Inherited by the CLI's processes too.)
     Deno.env.delete("JETFILL_ZSTD_DICTIONARY");
     Deno.env.set("XDG_CACHE_HOME", `${dir}/cache`);
-    const common = { kv: db.path, maxTime: 1.5, idleTimeout: 30 };
     const first = await runBackfillSync({
-      ...common,
+      kv: db.path,
+      maxTime: 1.5,
+      idleTimeout: 30,
       instance: server.url,
       compress: true,
-      // Given relative to the working directory; remembered as an absolute path.
-      zstdDictionary: relative(Deno.cwd(), dictionary),
+      zstdDictionary: dictionaryOption(dictionary),
       startTimestamp: T0,
       kinds: ["commit", "identity"],
       wantedCollections: [],
     });
     assert.equal(first.stopReason, "max_time");
     assert.equal(first.recordsStored, 120);
-    const kv = await Deno.openKv(db.path);
+    await body({ db: db.path, dictionary, events });
+  } finally {
+    for (const [name, value] of saved) {
+      value === undefined ? Deno.env.delete(name) : Deno.env.set(name, value);
+    }
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
+Deno.test("a compressed run resumed with only --resume finds its dictionary again: the path given is remembered", async () => {
+  // Given relative to the working directory; remembered as an absolute path.
+  await withStoppedCompressedRun((copy) => relative(Deno.cwd(), copy), async ({ db, dictionary, events }) => {
+    const kv = await Deno.openKv(db);
     const settings = (await readCheckpoint(kv, "jetstream_sync")).value?.run.settings;
     kv.close();
     assert.equal(settings?.zstdDictionary, dictionary);
+    const common = { kv: db, maxTime: 1.5, idleTimeout: 30 };
     const second = await runBackfillSync({ ...common, resume: true });
     assert.equal(second.stopReason, "max_time", second.error);
     assert.ok(second.bytesDecoded > second.bytesReceived, "the resumed run is compressed too");
-    assert.deepEqual(await storedEvents(db.path, second.queueLength), events);
+    assert.deepEqual(await storedEvents(db, second.queueLength), events);
     // A remembered file that has gone since is looked for as usual.
     await Deno.remove(dictionary);
     Deno.env.set("JETFILL_ZSTD_DICTIONARY", LEGACY_DICT);
     const third = await runBackfillSync({ ...common, resume: true });
     assert.equal(third.stopReason, "max_time", third.error);
     assert.equal(third.recordsStored, 0);
-  } finally {
-    for (const [name, value] of saved) {
-      value === undefined ? Deno.env.delete(name) : Deno.env.set(name, value);
-    }
-    await Deno.remove(dir, { recursive: true });
-  }
+  });
 });
 
 Deno.test("a resume whose dictionary file has gone names it, and --no-compress resumes uncompressed", async () => {
-  const events = capture(300);
-  await using server = serveEvents(events, {
-    compressor: await cliCompressor(events, LEGACY_DICT),
-    faults: { stallAfter: 120, stallConnections: 2 },
-  });
-  await using db = await tempDb();
-  const dir = await Deno.makeTempDir();
-  const saved = ["JETFILL_ZSTD_DICTIONARY", "XDG_CACHE_HOME"].map((name) =>
-    [name, Deno.env.get(name)] as const
-  );
-  try {
-    const dictionary = `${dir}/legacy.zdict`;
-    await Deno.copyFile(LEGACY_DICT, dictionary);
-    // Inherited by the CLI's processes: no environment variable and an empty cache.
-    Deno.env.delete("JETFILL_ZSTD_DICTIONARY");
-    Deno.env.set("XDG_CACHE_HOME", `${dir}/cache`);
-    // (Through the library: its probe and connection are the two that stall after 120 events.)
-    const first = await runBackfillSync({
-      kv: db.path,
-      maxTime: 1.5,
-      instance: server.url,
-      compress: true,
-      zstdDictionary: dictionary,
-      startTimestamp: T0,
-      kinds: ["commit", "identity"],
-      wantedCollections: [],
-    });
-    assert.equal(first.recordsStored, 120);
+  await withStoppedCompressedRun((copy) => copy, async ({ db, dictionary, events }) => {
     await Deno.remove(dictionary);
     // The download it then tries cannot reach GitHub (denied, so that the test does not depend on
     // the network).
     const deny = ["--deny-net=raw.githubusercontent.com"];
-    const lost = await runCli(["sync", "--resume", "--kv", db.path, "--max-time", "1.5"], deny);
+    const lost = await runCli(["sync", "--resume", "--kv", db, "--max-time", "1.5"], deny);
     assert.equal(lost.code, 2, lost.stderr);
     assert.match(
       lost.stderr,
       new RegExp(`the zstd dictionary that this queue's last run used, '${dictionary}', is gone`, "i"),
     );
     assert.match(lost.stderr, /--zstd-dictionary PATH/);
-    const plain = await runCli([
-      "sync",
-      "--resume",
-      "--no-compress",
-      "--kv",
-      db.path,
-      "--max-time",
-      "1.5",
-      "--json",
-    ], deny);
+    const plain = await runCli(
+      ["sync", "--resume", "--no-compress", "--kv", db, "--max-time", "1.5", "--json"],
+      deny,
+    );
     const stats = JSON.parse(plain.stdout);
     assert.equal(stats.recordsStored, 180, plain.stderr);
     assert.equal(stats.bytesDecoded, 0);
-    assert.deepEqual(await storedEvents(db.path, stats.queueLength), events);
-    const both = await runCli(["sync", "--resume", "--compress", "--no-compress", "--kv", db.path]);
+    assert.deepEqual(await storedEvents(db, stats.queueLength), events);
+    const both = await runCli(["sync", "--resume", "--compress", "--no-compress", "--kv", db]);
     assert.equal(both.code, 2);
     assert.match(both.stderr, /--compress and --no-compress contradict each other/);
-  } finally {
-    for (const [name, value] of saved) {
-      value === undefined ? Deno.env.delete(name) : Deno.env.set(name, value);
-    }
-    await Deno.remove(dir, { recursive: true });
-  }
+  });
 });
 
 Deno.test("a dictionary given without compression is refused before anything is made", async () => {
