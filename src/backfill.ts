@@ -10,7 +10,11 @@
  */
 import { delay, longTimeout, MAX_TIMER_MS } from "./async.ts";
 import { UsageError } from "./errors.ts";
-import { LEGACY_DICTIONARY_SHA256, resolveZstdDictionary } from "./jetstream/dictionary.ts";
+import {
+  LEGACY_DICTIONARY_SHA256,
+  resolveZstdDictionary,
+  ZSTD_DICTIONARY_ENV,
+} from "./jetstream/dictionary.ts";
 import { isV2Url } from "./jetstream/v2.ts";
 import { createZstdDecoder, LEGACY_DICTIONARY_ID, V2_DICTIONARY_ID } from "./jetstream/zstd.ts";
 import {
@@ -656,9 +660,19 @@ async function loadDecoder(
   try {
     dictionary = await resolveZstdDictionary({ dictionary: options.zstdDictionary, signal });
   } catch (err) {
-    if (lost === undefined || !(err instanceof UsageError)) throw err;
+    // maxTime ran out during the download (a network that hangs): the dictionary is what is missing.
+    const missing = limit.aborted && !options.signal?.aborted
+      ? new UsageError(
+        `No zstd dictionary for Jetstream's compressed wire: its download had not finished when maxTime (--max-time, ${
+          maxTimeMs / 1000
+        } s) ran out. Provide the legacy dictionary (legacy_subscribe.zdict, sha256 ${LEGACY_DICTIONARY_SHA256}) ` +
+          `with --zstd-dictionary PATH, the zstdDictionary option, or the ${ZSTD_DICTIONARY_ENV} environment variable, or connect without compression.`,
+        { cause: err },
+      )
+      : err;
+    if (lost === undefined || !(missing instanceof UsageError)) throw missing;
     throw new UsageError(
-      `The zstd dictionary that this queue's last run used, '${lost}', is gone. ${err.message}`,
+      `The zstd dictionary that this queue's last run used, '${lost}', is gone. ${missing.message}`,
       {
         cause: err,
       },

@@ -10,7 +10,7 @@ import { LEGACY_DICT, V2_DICT, zstdFrames } from "./helpers/zstd_cli.ts";
 import { spawnServer } from "../scripts/spawn_server.ts";
 import { readCheckpoint } from "../src/queue/kv_queue.ts";
 import { relative } from "node:path";
-import { runCli } from "./helpers/cli.ts";
+import { runCli, spawnCli } from "./helpers/cli.ts";
 
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
 
@@ -93,6 +93,12 @@ async function syncCompressed(
   return { stats, errors };
 }
 
+/** The cache folder of this Deno (`deno info --json`). */
+async function denoDir(): Promise<string> {
+  const out = await new Deno.Command(Deno.execPath(), { args: ["info", "--json"], stdout: "piped" }).output();
+  return JSON.parse(new TextDecoder().decode(out.stdout)).denoDir;
+}
+
 /**
  * A compressed run stopped after 120 of 300 events, with nowhere to find the dictionary but the copy
  * it was given (no environment variable, an empty cache, and no network in tests): runs `body` with
@@ -110,13 +116,15 @@ async function withStoppedCompressedRun(
   });
   await using db = await tempDb();
   const dir = await Deno.makeTempDir();
-  const saved = ["JETFILL_ZSTD_DICTIONARY", "XDG_CACHE_HOME"].map((name) =>
+  const saved = ["JETFILL_ZSTD_DICTIONARY", "XDG_CACHE_HOME", "DENO_DIR"].map((name) =>
     [name, Deno.env.get(name)] as const
   );
   try {
     const dictionary = `${dir}/legacy.zdict`;
     await Deno.copyFile(LEGACY_DICT, dictionary);
-    // (Inherited by the CLI's processes too.)
+    // (Inherited by the CLI's processes too, whose Deno keeps using its own cache: DENO_DIR
+    // otherwise follows XDG_CACHE_HOME, and the npm packages would be downloaded again.)
+    Deno.env.set("DENO_DIR", await denoDir());
     Deno.env.delete("JETFILL_ZSTD_DICTIONARY");
     Deno.env.set("XDG_CACHE_HOME", `${dir}/cache`);
     const first = await runBackfillSync({
@@ -186,6 +194,40 @@ Deno.test("a resume whose dictionary file has gone names it, and --no-compress r
     const both = await runCli(["sync", "--resume", "--compress", "--no-compress", "--kv", db]);
     assert.equal(both.code, 2);
     assert.match(both.stderr, /--compress and --no-compress contradict each other/);
+  });
+});
+
+Deno.test("a resume whose dictionary download hangs stops at --max-time naming the missing file; Ctrl-C gives 130", async () => {
+  await withStoppedCompressedRun((copy) => copy, async ({ db, dictionary }) => {
+    await Deno.remove(dictionary);
+    // HTTPS through a proxy that accepts and never answers: a network that hangs instead of failing.
+    const silent = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+    const conns: Deno.Conn[] = [];
+    const accepting = (async () => {
+      for await (const conn of silent) conns.push(conn);
+    })();
+    const saved = ["HTTPS_PROXY", "NO_PROXY"].map((name) => [name, Deno.env.get(name)] as const);
+    Deno.env.set("HTTPS_PROXY", `http://127.0.0.1:${silent.addr.port}`);
+    Deno.env.set("NO_PROXY", "registry.npmjs.org,localhost,127.0.0.1");
+    try {
+      const timedOut = await runCli(["sync", "--resume", "--kv", db, "--max-time", "1.5"]);
+      assert.equal(timedOut.code, 2, timedOut.stderr);
+      assert.match(timedOut.stderr, new RegExp(`last run used, '${dictionary}', is gone`));
+      assert.match(timedOut.stderr, /download had not finished when maxTime \(--max-time, 1\.5 s\) ran out/);
+      const child = spawnCli(["sync", "--resume", "--kv", db]);
+      await new Promise((resolve) => setTimeout(resolve, 1500));
+      child.kill("SIGINT");
+      const out = await child.output();
+      assert.equal(out.code, 130, new TextDecoder().decode(out.stderr));
+      assert.match(new TextDecoder().decode(out.stderr), /stopped by SIGINT while starting/);
+    } finally {
+      for (const [name, value] of saved) {
+        value === undefined ? Deno.env.delete(name) : Deno.env.set(name, value);
+      }
+      silent.close();
+      await accepting.catch(() => {});
+      for (const conn of conns) conn.close();
+    }
   });
 });
 

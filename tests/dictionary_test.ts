@@ -210,6 +210,44 @@ Deno.test("`resolveZstdDictionary()` ignores a corrupt cache file and replaces i
   });
 });
 
+/** A loopback TCP port that accepts connections and never answers (a network that hangs). */
+async function withSilentPort(fn: (port: number) => Promise<void>): Promise<void> {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const conns: Deno.Conn[] = [];
+  const accepting = (async () => {
+    for await (const conn of listener) conns.push(conn);
+  })();
+  try {
+    await fn(listener.addr.port);
+  } finally {
+    listener.close();
+    await accepting.catch(() => {});
+    for (const conn of conns) conn.close();
+  }
+}
+
+Deno.test("`resolveZstdDictionary()` gives a download URL that never answers downloadTimeoutMs, then tries the next", async () => {
+  await withTempDir(async (dir) => {
+    await withSilentPort(async (port) => {
+      await withServer({ "/d": legacyDictionary }, async (base) => {
+        const silent = `http://127.0.0.1:${port}/legacy.zdict`;
+        // (The refusal first: the download after it fills the cache.)
+        await assert.rejects(
+          () => resolveZstdDictionary(isolated(dir, { downloadUrls: [silent], downloadTimeoutMs: 300 })),
+          (err: unknown) =>
+            err instanceof UsageError &&
+            err.message.includes(`Downloading it failed: ${silent}: no answer within 0.3 s.`),
+        );
+        const resolved = await resolveZstdDictionary(
+          isolated(dir, { downloadUrls: [silent, `${base}/d`], downloadTimeoutMs: 300 }),
+        );
+        assert.equal(resolved.source, "download");
+        assert.deepEqual(resolved.bytes, legacyDictionary);
+      });
+    });
+  });
+});
+
 Deno.test("`resolveZstdDictionary()` refuses a download with the wrong sha256 and caches nothing", async () => {
   await withTempDir(async (dir) => {
     const v2 = await Deno.readFile(V2_PATH);

@@ -334,6 +334,13 @@ export async function syncCommand(args: string[]): Promise<number> {
   try {
     stats = await runBackfillSync(options);
   } catch (err) {
+    if (controller.signal.aborted && !(err instanceof UsageError)) {
+      // Stopped while the sync was still being set up (a dictionary download, say).
+      console.error(
+        `jetfill sync: stopped by ${stoppedBy} while starting (${(err as Error)?.message ?? err})`,
+      );
+      return interruptedExitCode(stoppedBy);
+    }
     if (!(err instanceof UsageError)) throw err;
     const didsFlag = v.did && v["dids-file"] !== undefined
       ? "--did / --dids-file"

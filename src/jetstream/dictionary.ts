@@ -51,6 +51,9 @@ export const DEFAULT_DICTIONARY_URLS: readonly string[] = [
   "https://raw.githubusercontent.com/bluesky-social/jetstream-legacy/main/pkg/models/zstd_dictionary",
 ];
 
+// How long one download URL may take (ms) by default.
+const DOWNLOAD_TIMEOUT_MS = 30_000;
+
 // A dictionary is ~110 KB; refuse to buffer an unexpectedly huge download.
 const MAX_DOWNLOAD_BYTES = 16 * 1024 * 1024;
 
@@ -89,6 +92,13 @@ export interface ResolveZstdDictionaryOptions {
    * @default {DEFAULT_DICTIONARY_URLS}
    */
   downloadUrls?: readonly string[];
+  /**
+   * How long one download URL may take, in milliseconds, before the next is tried: a network that
+   * hangs instead of failing costs this, not the whole of `signal`'s time.
+   *
+   * @default {30000}
+   */
+  downloadTimeoutMs?: number;
   /**
    * Lower-case hex sha256 that a cached or downloaded dictionary must have.
    *
@@ -186,14 +196,28 @@ export async function resolveZstdDictionary(
 
   const failures: string[] = [];
   const doFetch = options.fetch ?? fetch;
+  const timeoutMs = options.downloadTimeoutMs ?? DOWNLOAD_TIMEOUT_MS;
   for (const url of options.downloadUrls ?? DEFAULT_DICTIONARY_URLS) {
     options.signal?.throwIfAborted();
+    const timeout = AbortSignal.timeout(timeoutMs);
     let bytes: Uint8Array;
     try {
-      bytes = await download(doFetch, url, options.signal);
+      bytes = await download(
+        doFetch,
+        url,
+        options.signal ? AbortSignal.any([options.signal, timeout]) : timeout,
+      );
     } catch (error) {
       if (options.signal?.aborted) throw options.signal.reason;
-      failures.push(`${url}: ${error instanceof Error ? error.message : String(error)}`);
+      failures.push(
+        `${url}: ${
+          timeout.aborted
+            ? `no answer within ${timeoutMs / 1000} s`
+            : error instanceof Error
+            ? error.message
+            : String(error)
+        }`,
+      );
       continue;
     }
     const actual = await sha256Hex(bytes);
