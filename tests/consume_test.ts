@@ -435,6 +435,36 @@ Deno.test("consume() with a backlog it must put back still hands messages over i
   }
 });
 
+Deno.test("small batches make commits of at most 32 messages, whose backlog consume() hands over in seq order", async () => {
+  const { dir, path } = await tempDb();
+  try {
+    const kv = await Deno.openKv(path);
+    // Two events a message: without the cap, the writer put hundreds of messages in a commit, which KV
+    // hands over in random order, one every few milliseconds.
+    await produce(kv, generateCapture({ count: 1600, seed: 21 }), { batchSize: 2 });
+    kv.close();
+    const db = new DatabaseSync(path, { readOnly: true });
+    const largest = db.prepare("select count(*) as n from queue group by ts order by n desc limit 1")
+      .get() as {
+        n: number;
+      };
+    db.close();
+    assert.ok(largest.n <= 32, `a commit held ${largest.n} messages`);
+    const seqs: number[] = [];
+    const result = await consume({
+      kv: path,
+      untilEmpty: true,
+      handler: (_events, { seq }) => void seqs.push(seq),
+    });
+    assert.equal(result.stopReason, "empty");
+    assert.equal(result.messages, 800);
+    const late = seqs.filter((seq, i) => i > 0 && seq < seqs[i - 1]);
+    assert.deepEqual(late, [], "a seq was handled after higher ones");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("consume() stops with a clear error when Deno KV cannot read a message, by path or on a Deno.Kv", async () => {
   // What a jetfill before nested records were gzipped could write: KV stores it, and cannot read it.
   let deep: unknown = 1;
