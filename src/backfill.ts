@@ -12,8 +12,8 @@ import { delay, longTimeout, MAX_TIMER_MS } from "./async.ts";
 import { UsageError } from "./errors.ts";
 import {
   LEGACY_DICTIONARY_SHA256,
+  noDictionaryError,
   resolveZstdDictionary,
-  ZSTD_DICTIONARY_ENV,
 } from "./jetstream/dictionary.ts";
 import { isV2Url } from "./jetstream/v2.ts";
 import { createZstdDecoder, LEGACY_DICTIONARY_ID, V2_DICTIONARY_ID } from "./jetstream/zstd.ts";
@@ -662,12 +662,9 @@ async function loadDecoder(
   } catch (err) {
     // maxTime ran out during the download (a network that hangs): the dictionary is what is missing.
     const missing = limit.aborted && !options.signal?.aborted
-      ? new UsageError(
-        `No zstd dictionary for Jetstream's compressed wire: its download had not finished when maxTime (--max-time, ${
-          maxTimeMs / 1000
-        } s) ran out. Provide the legacy dictionary (legacy_subscribe.zdict, sha256 ${LEGACY_DICTIONARY_SHA256}) ` +
-          `with --zstd-dictionary PATH, the zstdDictionary option, or the ${ZSTD_DICTIONARY_ENV} environment variable, or connect without compression.`,
-        { cause: err },
+      ? noDictionaryError(
+        `Its download had not finished when maxTime (--max-time, ${maxTimeMs / 1000} s) ran out.`,
+        err,
       )
       : err;
     if (lost === undefined || !(missing instanceof UsageError)) throw missing;

@@ -5,7 +5,7 @@ import type { JetstreamEvent } from "../src/jetstream/events.ts";
 import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
 import type { SyncErrorReport, SyncStats } from "../src/stats.ts";
 import { commit, did, drainQueue, identity } from "./helpers/events.ts";
-import { serveEvents, syncConnections, tempDb } from "./helpers/loopback.ts";
+import { serveEvents, syncConnections, tempDb, withSilentPort } from "./helpers/loopback.ts";
 import { LEGACY_DICT, V2_DICT, zstdFrames } from "./helpers/zstd_cli.ts";
 import { spawnServer } from "../scripts/spawn_server.ts";
 import { readCheckpoint } from "../src/queue/kv_queue.ts";
@@ -201,33 +201,30 @@ Deno.test("a resume whose dictionary download hangs stops at --max-time naming t
   await withStoppedCompressedRun((copy) => copy, async ({ db, dictionary }) => {
     await Deno.remove(dictionary);
     // HTTPS through a proxy that accepts and never answers: a network that hangs instead of failing.
-    const silent = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-    const conns: Deno.Conn[] = [];
-    const accepting = (async () => {
-      for await (const conn of silent) conns.push(conn);
-    })();
-    const saved = ["HTTPS_PROXY", "NO_PROXY"].map((name) => [name, Deno.env.get(name)] as const);
-    Deno.env.set("HTTPS_PROXY", `http://127.0.0.1:${silent.addr.port}`);
-    Deno.env.set("NO_PROXY", "registry.npmjs.org,localhost,127.0.0.1");
-    try {
-      const timedOut = await runCli(["sync", "--resume", "--kv", db, "--max-time", "1.5"]);
-      assert.equal(timedOut.code, 2, timedOut.stderr);
-      assert.match(timedOut.stderr, new RegExp(`last run used, '${dictionary}', is gone`));
-      assert.match(timedOut.stderr, /download had not finished when maxTime \(--max-time, 1\.5 s\) ran out/);
-      const child = spawnCli(["sync", "--resume", "--kv", db]);
-      await new Promise((resolve) => setTimeout(resolve, 1500));
-      child.kill("SIGINT");
-      const out = await child.output();
-      assert.equal(out.code, 130, new TextDecoder().decode(out.stderr));
-      assert.match(new TextDecoder().decode(out.stderr), /stopped by SIGINT while starting/);
-    } finally {
-      for (const [name, value] of saved) {
-        value === undefined ? Deno.env.delete(name) : Deno.env.set(name, value);
+    await withSilentPort(async (port) => {
+      const saved = ["HTTPS_PROXY", "NO_PROXY"].map((name) => [name, Deno.env.get(name)] as const);
+      Deno.env.set("HTTPS_PROXY", `http://127.0.0.1:${port}`);
+      Deno.env.set("NO_PROXY", "registry.npmjs.org,localhost,127.0.0.1");
+      try {
+        const timedOut = await runCli(["sync", "--resume", "--kv", db, "--max-time", "1.5"]);
+        assert.equal(timedOut.code, 2, timedOut.stderr);
+        assert.match(timedOut.stderr, new RegExp(`last run used, '${dictionary}', is gone`));
+        assert.match(
+          timedOut.stderr,
+          /download had not finished when maxTime \(--max-time, 1\.5 s\) ran out/,
+        );
+        const child = spawnCli(["sync", "--resume", "--kv", db]);
+        await new Promise((resolve) => setTimeout(resolve, 1500));
+        child.kill("SIGINT");
+        const out = await child.output();
+        assert.equal(out.code, 130, new TextDecoder().decode(out.stderr));
+        assert.match(new TextDecoder().decode(out.stderr), /stopped by SIGINT while starting/);
+      } finally {
+        for (const [name, value] of saved) {
+          value === undefined ? Deno.env.delete(name) : Deno.env.set(name, value);
+        }
       }
-      silent.close();
-      await accepting.catch(() => {});
-      for (const conn of conns) conn.close();
-    }
+    });
   });
 });
 

@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
 import { LEGACY_DICT as LEGACY_PATH, V2_DICT as V2_PATH } from "./helpers/zstd_cli.ts";
+import { withSilentPort } from "./helpers/loopback.ts";
 // The public API, as a library user imports it.
 import {
   LEGACY_DICTIONARY_ID,
@@ -209,22 +210,6 @@ Deno.test("`resolveZstdDictionary()` ignores a corrupt cache file and replaces i
     });
   });
 });
-
-/** A loopback TCP port that accepts connections and never answers (a network that hangs). */
-async function withSilentPort(fn: (port: number) => Promise<void>): Promise<void> {
-  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const conns: Deno.Conn[] = [];
-  const accepting = (async () => {
-    for await (const conn of listener) conns.push(conn);
-  })();
-  try {
-    await fn(listener.addr.port);
-  } finally {
-    listener.close();
-    await accepting.catch(() => {});
-    for (const conn of conns) conn.close();
-  }
-}
 
 Deno.test("`resolveZstdDictionary()` gives a download URL that never answers downloadTimeoutMs, then tries the next", async () => {
   await withTempDir(async (dir) => {

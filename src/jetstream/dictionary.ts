@@ -236,13 +236,24 @@ export async function resolveZstdDictionary(
     return { bytes, dictionaryId, source: "download", path: written ? cachePath : undefined };
   }
 
-  throw new UsageError(
+  throw noDictionaryError(
+    failures.length === 0
+      ? "No download URL was configured."
+      : `Downloading it failed: ${failures.join("; ")}.`,
+  );
+}
+
+/**
+ * The error for a compressed sync without the legacy dictionary, saying how to give it, then `why`
+ * none was found (the download's failures, say).
+ */
+export function noDictionaryError(why: string, cause?: unknown): UsageError {
+  return new UsageError(
     "No zstd dictionary for Jetstream's compressed wire: provide the legacy dictionary " +
       `(legacy_subscribe.zdict, sha256 ${LEGACY_DICTIONARY_SHA256}) with --zstd-dictionary PATH, ` +
       `the zstdDictionary option, or the ${ZSTD_DICTIONARY_ENV} environment variable, or connect without compression. ` +
-      (failures.length === 0
-        ? "No download URL was configured."
-        : `Downloading it failed: ${failures.join("; ")}.`),
+      why,
+    { cause },
   );
 }
 

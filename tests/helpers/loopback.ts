@@ -38,3 +38,19 @@ export function syncConnections(server: JetstreamServer): JetstreamServer["conne
 export function isCoverageProbe(c: JetstreamServer["connections"][number]): boolean {
   return c.endpoint === "subscribe" ? c.query === "cursor=0" : /^cursor=\d+$/.test(c.query);
 }
+
+/** A loopback TCP port that accepts connections and never answers (a network that hangs). */
+export async function withSilentPort(fn: (port: number) => Promise<void>): Promise<void> {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const conns: Deno.Conn[] = [];
+  const accepting = (async () => {
+    for await (const conn of listener) conns.push(conn);
+  })();
+  try {
+    await fn(listener.addr.port);
+  } finally {
+    listener.close();
+    await accepting.catch(() => {});
+    for (const conn of conns) conn.close();
+  }
+}
