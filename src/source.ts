@@ -8,7 +8,7 @@
  */
 import { backoffDelay, delay } from "./async.ts";
 import { UsageError } from "./errors.ts";
-import { probeCoverageStart, probeV2HistoryStart } from "./jetstream/coverage.ts";
+import { PROBE_TIMEOUT_MS, probeCoverageStart, probeV2HistoryStart } from "./jetstream/coverage.ts";
 import { resolveZstdDictionary } from "./jetstream/dictionary.ts";
 import { type CloseCause, ConnectError, type Connection, openConnection } from "./jetstream/socket.ts";
 import { buildSubscribeRequest } from "./jetstream/url.ts";
@@ -421,11 +421,14 @@ function replayFailure(cause: CloseCause): boolean {
 
 /**
  * Probes where `base`'s history begins and compares it with `fromUs`, the requested start
- * (`atStart`) or a resume point; see {@link coverageGap}. Resolves to true when it measured
- * coverage, and to a message when the probe failed in a way worth retrying (a network error, a
- * timeout, a 5xx or 429 refusal). A legacy server that refuses the probe itself leaves coverage
- * unknown, which is reported (and stops a strict run); on the v2 wire, the sync connection's own
- * `#info OutdatedCursor` then measures it (late by what a filter leaves out).
+ * (`atStart`) or a resume point; see {@link coverageGap}. Resolves to true when it measured coverage,
+ * and to a message when the probe failed in a way worth retrying (a network error, a timeout, a 5xx
+ * or 429 refusal). A legacy server that refuses the probe itself leaves coverage unknown, which is
+ * reported (and stops a strict run); on the v2 wire, the sync connection's own `#info
+ * OutdatedCursor` then measures it (late by what a filter leaves out). A probe answered with no
+ * event at all (a server that does not replay, or holds nothing) leaves coverage unknown on either
+ * wire for a point in the past; one less than the probe's wait before it began is no concern, as the
+ * probe saw the server quiet for as long.
  */
 async function checkCoverage(
   ctx: RunContext,
@@ -436,6 +439,7 @@ async function checkCoverage(
   const v2 = isV2Url(base);
   if (!v2 && !new URL(base).pathname.endsWith("/subscribe")) return false;
   let oldest: number | null;
+  const askedUs = Date.now() * 1000;
   try {
     const signal = ctx.internal.signal;
     oldest = v2 ? await probeV2HistoryStart(base, { signal }) : await probeCoverageStart(base, { signal });
@@ -449,7 +453,19 @@ async function checkCoverage(
     } else coverageUnknown(ctx, base, message);
     return false;
   }
-  if (oldest === null || ctx.stop) return false;
+  if (ctx.stop) return false;
+  if (oldest === null) {
+    if (fromUs < askedUs - PROBE_TIMEOUT_MS * 1000) {
+      coverageUnknown(
+        ctx,
+        base,
+        `could not find where ${
+          new URL(base).host
+        }'s history begins: it sent no event when asked for all it holds`,
+      );
+    }
+    return false;
+  }
   coverageGap(ctx, base, fromUs, oldest, atStart);
   return true;
 }

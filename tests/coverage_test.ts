@@ -316,3 +316,43 @@ Deno.test("runBackfillSync() on a v2 host that refuses the coverage probe measur
   assert.equal(reports.filter((r) => r.reason === "coverage").length, 1);
   assert.equal(requests.length, 2);
 });
+
+Deno.test("runBackfillSync() reports coverage unknown when the probe gets no event for a start in the past, and --strict refuses it", async () => {
+  // A server that holds nothing to replay (protocol doc §1.2: a lookback of 0), on each wire.
+  for (const [version, wire] of [["legacy", "/subscribe"], ["v2", V2_SUBSCRIBE_PATH]] as const) {
+    await using server = serveEvents([], { closeAtEnd: true, version });
+    const instance = server.url.replace(/\/subscribe$/, wire);
+    await using db = await tempDb();
+    const start = Date.now() * 1000 - 3 * DAY;
+    const { stats, reports } = await syncReporting({ instance, kv: db.path, startTimestamp: start });
+    assert.equal(stats.stopReason, "closed");
+    assert.equal(stats.coverageStart, null);
+    const warnings = reports.filter((r) => r.reason === "coverage");
+    assert.equal(warnings.length, 1, JSON.stringify(reports));
+    assert.match(
+      warnings[0].message,
+      /^could not find where 127\.0\.0\.1:\d+'s history begins: it sent no event when asked for all it holds; a start before it would go unnoticed$/,
+    );
+    await assert.rejects(
+      () => runBackfillSync({ instance, kv: db.path, queueName: "s", startTimestamp: start, strict: true }),
+      (err: unknown) =>
+        err instanceof UsageError &&
+        /history begins: it sent no event .*\(refused by --strict \/ strict: true\)$/.test(err.message),
+    );
+  }
+});
+
+Deno.test("runBackfillSync() leaves a start near now alone when the probe gets no event, strict or not", async () => {
+  for (const [version, wire] of [["legacy", "/subscribe"], ["v2", V2_SUBSCRIBE_PATH]] as const) {
+    await using server = serveEvents([], { closeAtEnd: true, version });
+    await using db = await tempDb();
+    const { stats, reports } = await syncReporting({
+      instance: server.url.replace(/\/subscribe$/, wire),
+      kv: db.path,
+      startTimestamp: Date.now() * 1000 - 2_000_000,
+      strict: true,
+    });
+    assert.equal(stats.stopReason, "closed");
+    assert.deepEqual(reports.filter((r) => r.reason === "coverage"), []);
+  }
+});

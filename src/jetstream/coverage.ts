@@ -13,10 +13,14 @@ import { buildSubscribeRequest } from "./url.ts";
 import { buildV2Url, mapV2Frame } from "./v2.ts";
 import { MIN_TIMESTAMP_US } from "../time.ts";
 
+/** How long a probe waits for its first event, ms. */
+export const PROBE_TIMEOUT_MS = 10_000;
+
 /**
  * The `time_us` of the oldest event `base` (a `/subscribe` URL) still serves, or `null` when no
- * event came within the timeout. A refused or failed connection rejects with its error (a
- * `ConnectError` carries the HTTP status of a refusal), so that the caller can retry it.
+ * event came within the timeout (or the connection ended first). A refused or failed connection
+ * rejects with its error (a `ConnectError` carries the HTTP status of a refusal), so that the caller
+ * can retry it.
  *
  * @example
  * ```ts
@@ -67,15 +71,15 @@ export async function probeV2HistoryStart(
   });
 }
 
-/** Opens a probe's connection, which gives up after the timeout (10 s by default). */
+/** Opens a probe's connection, which gives up after the timeout ({@link PROBE_TIMEOUT_MS} by default). */
 async function probe(
   url: string,
   options: { timeoutMs?: number; signal?: AbortSignal },
 ): Promise<Connection> {
-  const timeout = AbortSignal.timeout(options.timeoutMs ?? 10_000);
+  const timeout = AbortSignal.timeout(options.timeoutMs ?? PROBE_TIMEOUT_MS);
   const signal = options.signal ? AbortSignal.any([options.signal, timeout]) : timeout;
   return await openConnection(url, {
-    idleTimeoutMs: options.timeoutMs ?? 10_000,
+    idleTimeoutMs: options.timeoutMs ?? PROBE_TIMEOUT_MS,
     maxBufferedBytes: 1 << 20,
     signal,
   });
