@@ -8,7 +8,12 @@
  */
 import { backoffDelay, delay } from "./async.ts";
 import { UsageError } from "./errors.ts";
-import { PROBE_TIMEOUT_MS, probeCoverageStart, probeV2HistoryStart } from "./jetstream/coverage.ts";
+import {
+  type HistoryStart,
+  PROBE_TIMEOUT_MS,
+  probeCoverageStart,
+  probeV2HistoryStart,
+} from "./jetstream/coverage.ts";
 import { resolveZstdDictionary } from "./jetstream/dictionary.ts";
 import { type CloseCause, ConnectError, type Connection, openConnection } from "./jetstream/socket.ts";
 import { buildSubscribeRequest } from "./jetstream/url.ts";
@@ -17,6 +22,7 @@ import { createZstdDecoder } from "./jetstream/zstd.ts";
 import type { BackfillSyncOptions } from "./options.ts";
 import {
   coverageGap,
+  coverageSeqGap,
   coverageUnknown,
   type RunContext,
   type SeqState,
@@ -213,7 +219,9 @@ export async function consumeStream(
     }
     connecting = base;
     if (coverage) {
-      const checked = await checkCoverage(ctx, base, coverage.fromUs, coverage.atStart);
+      // Resuming by seq on this host: its seq, not a display time_us, says what is still there.
+      const seqFrom = seq.host === base && seq.floor >= 0 ? seq.floor + 1 : undefined;
+      const checked = await checkCoverage(ctx, base, coverage.fromUs, coverage.atStart, seqFrom);
       if (ctx.stop) break;
       if (typeof checked === "string") {
         // A probe refused for a while (a v2 host warming up) or lost is retried like a connection.
@@ -421,7 +429,10 @@ function replayFailure(cause: CloseCause): boolean {
 
 /**
  * Probes where `base`'s history begins and compares it with `fromUs`, the requested start
- * (`atStart`) or a resume point; see {@link coverageGap}. Resolves to true when it measured coverage,
+ * (`atStart`) or a resume point; see {@link coverageGap}. A resume by seq on a v2 host (`seqFrom`,
+ * the first seq still needed) is judged by the oldest seq instead: there `time_us` is a display
+ * time, years old after an operator's import (protocol doc §3.2, §10.14), and a resume point within
+ * the history by seq loses nothing whatever its time. Resolves to true when it measured coverage,
  * and to a message when the probe failed in a way worth retrying (a network error, a timeout, a 5xx
  * or 429 refusal). A legacy server that refuses the probe itself leaves coverage unknown, which is
  * reported (and stops a strict run); on the v2 wire, the sync connection's own `#info
@@ -435,10 +446,11 @@ async function checkCoverage(
   base: string,
   fromUs: number,
   atStart: boolean,
+  seqFrom: number | undefined,
 ): Promise<string | boolean> {
   const v2 = isV2Url(base);
   if (!v2 && !new URL(base).pathname.endsWith("/subscribe")) return false;
-  let oldest: number | null;
+  let oldest: HistoryStart | null;
   const askedUs = Date.now() * 1000;
   try {
     const signal = ctx.internal.signal;
@@ -466,6 +478,18 @@ async function checkCoverage(
     }
     return false;
   }
-  coverageGap(ctx, base, fromUs, oldest, atStart);
+  if (seqFrom !== undefined && oldest.seq !== undefined) {
+    if (oldest.seq <= seqFrom) {
+      // Nothing is missing: only where the history begins is recorded.
+      coverageGap(ctx, base, oldest.us, oldest.us, atStart);
+      return true;
+    }
+    if (oldest.us <= fromUs) {
+      // Events are missing, but display times do not show how much.
+      coverageSeqGap(ctx, base, seqFrom, oldest.seq, oldest.us);
+      return true;
+    }
+  }
+  coverageGap(ctx, base, fromUs, oldest.us, atStart);
   return true;
 }

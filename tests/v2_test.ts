@@ -315,3 +315,81 @@ Deno.test("--resume on a v2 host whose seq fell out of its window goes on by tim
   const gap = reports.find((r) => r.reason === "coverage");
   assert.match(gap!.message, /the point to resume from, .* is .* earlier/);
 });
+
+/** 2024-04-24T23:06:40.002255Z: a display time an operator's import gave an event (protocol doc §3.2). */
+const IMPORTED_US = 1714000000002255;
+
+/**
+ * A first run on a v2 host on `wire` stopped after 150 events (seqs 1001 to 1150), the last of
+ * them showing an imported display time; returns the port for the host to come back on.
+ */
+async function stoppedOnImportedTime(events: JetstreamEvent[], path: string, wire: string): Promise<number> {
+  await using server = serveEvents(events, { version: "v2", faults: { dropEvery: 150 } });
+  const controller = new AbortController();
+  const first = await runBackfillSync({
+    instance: server.url.replace(/\/subscribe$/, wire),
+    kv: path,
+    ...ALL,
+    signal: controller.signal,
+    onError: (r) => r.reason === "retry" && controller.abort(),
+  });
+  assert.equal(first.stopReason, "aborted");
+  assert.equal(first.recordsStored, 150);
+  return Number(new URL(server.url).port);
+}
+
+Deno.test("--resume by seq on a v2 host is judged by the seq, not by a display time_us years old: no gap, and --strict goes on", async () => {
+  for (const wire of ["/subscribe", V2_PATH]) {
+    const events = capture();
+    events[149] = { ...events[149], time_us: IMPORTED_US };
+    await using db = await tempDb();
+    const port = await stoppedOnImportedTime(events, db.path, wire);
+    // The host later: its history starts at seq 1100 (2026), before the seq to resume from.
+    await using _server = serveEvents(events, {
+      version: "v2",
+      closeAtEnd: true,
+      port,
+      lookbackFloorSeq: 1100,
+    });
+    const reports: SyncErrorReport[] = [];
+    const second = await runBackfillSync({
+      kv: db.path,
+      resume: true,
+      strict: true,
+      onError: (r) => reports.push(r),
+    });
+    assert.equal(second.stopReason, "closed", wire);
+    assert.equal(second.coverageGapUs, 0);
+    assert.equal(second.coverageStart, events[99].time_us);
+    assert.deepEqual(reports.filter((r) => r.reason === "coverage"), []);
+    const got = await stored(db.path, second.queueLength);
+    assert.deepEqual(got.map((e) => e.cursor), events.map((_, i) => 1001 + i));
+  }
+});
+
+Deno.test("--resume by seq on a v2 host reports a seq that fell out of the history even when display times hide it", async () => {
+  for (const wire of ["/subscribe", V2_PATH]) {
+    const events = capture();
+    events[149] = { ...events[149], time_us: IMPORTED_US };
+    // The first event the host still holds shows an even older imported time.
+    events[299] = { ...events[299], time_us: IMPORTED_US - 86_400_000_000 };
+    await using db = await tempDb();
+    const port = await stoppedOnImportedTime(events, db.path, wire);
+    await using _server = serveEvents(events, {
+      version: "v2",
+      closeAtEnd: true,
+      port,
+      lookbackFloorSeq: 1300,
+    });
+    const message =
+      /only holds events from seq 1300 on; the point to resume from, seq 1151, is 149 seqs earlier/;
+    await assert.rejects(
+      () => runBackfillSync({ kv: db.path, resume: true, strict: true }),
+      (err: unknown) => err instanceof UsageError && message.test(err.message),
+    );
+    const reports: SyncErrorReport[] = [];
+    const second = await runBackfillSync({ kv: db.path, resume: true, onError: (r) => reports.push(r) });
+    assert.equal(second.stopReason, "closed", wire);
+    assert.match(reports.find((r) => r.reason === "coverage")!.message, message);
+  }
+});

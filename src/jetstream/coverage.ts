@@ -4,7 +4,9 @@
  * today's data and not know it. A short probe finds out first: `cursor=0` replays from the oldest
  * event the server holds (legacy: every key sorts after "0"; v2: seq 0 is floored to the oldest
  * available), and the first event's `time_us` is where coverage starts. On the v2 wire
- * (`subscribeEvents`), a time cursor older than the history does the same.
+ * (`subscribeEvents`), a time cursor older than the history does the same. On a v2 host the first
+ * event's sequence `cursor` is where its history begins too, which is what counts for a resume by
+ * seq: there `time_us` is a display time, years old after an operator's import (protocol doc §3.2).
  *
  * @module
  */
@@ -16,11 +18,23 @@ import { MIN_TIMESTAMP_US } from "../time.ts";
 /** How long a probe waits for its first event, ms. */
 export const PROBE_TIMEOUT_MS = 10_000;
 
+/** Where a server's history begins: its oldest event's `time_us`, and on a v2 host its seq. */
+export interface HistoryStart {
+  /** The oldest event's `time_us`. */
+  us: number;
+  /** The oldest event's sequence `cursor` (v2 hosts, on either wire), else undefined. */
+  seq: number | undefined;
+}
+
+/** The seq of an event that carries one (a v2 host's `cursor`), else undefined. */
+function seqOf(v: unknown): number | undefined {
+  return typeof v === "number" && Number.isSafeInteger(v) && v > 0 ? v : undefined;
+}
+
 /**
- * The `time_us` of the oldest event `base` (a `/subscribe` URL) still serves, or `null` when no
- * event came within the timeout (or the connection ended first). A refused or failed connection
- * rejects with its error (a `ConnectError` carries the HTTP status of a refusal), so that the caller
- * can retry it.
+ * The oldest event `base` (a `/subscribe` URL) still serves, or `null` when no event came within
+ * the timeout (or the connection ended first). A refused or failed connection rejects with its
+ * error (a `ConnectError` carries the HTTP status of a refusal), so that the caller can retry it.
  *
  * @example
  * ```ts
@@ -31,18 +45,18 @@ export const PROBE_TIMEOUT_MS = 10_000;
 export async function probeCoverageStart(
   base: string,
   options: { timeoutMs?: number; signal?: AbortSignal } = {},
-): Promise<number | null> {
+): Promise<HistoryStart | null> {
   const { url } = buildSubscribeRequest(base, { wantedDids: [], wantedCollections: [], cursor: 0 });
   return await firstOf(await probe(url, options), (frame) => {
-    const t = (frame as { time_us?: unknown }).time_us;
-    return typeof t === "number" && Number.isSafeInteger(t) ? t : undefined;
+    const { time_us: t, cursor } = frame as { time_us?: unknown; cursor?: unknown };
+    return typeof t === "number" && Number.isSafeInteger(t) ? { us: t, seq: seqOf(cursor) } : undefined;
   });
 }
 
 /**
- * The `time_us` of the oldest event `base` (a v2 `subscribeEvents` URL) still serves, or `null` when
- * no event came within the timeout: {@link probeCoverageStart} for the v2 wire. A time cursor older
- * than the history is moved forward to its oldest event (protocol doc §1.3), so the probe asks for
+ * The oldest event `base` (a v2 `subscribeEvents` URL) still serves, or `null` when no event came
+ * within the timeout: {@link probeCoverageStart} for the v2 wire. A time cursor older than the
+ * history is moved forward to its oldest event (protocol doc §1.3), so the probe asks for
  * every event from 10^15 µs (2001, the oldest a time cursor can be); it asks for every kind, DID and
  * collection, since on a filtered connection the first event can come hours after the history's
  * start. A refused or failed connection rejects with its error.
@@ -58,7 +72,7 @@ export async function probeCoverageStart(
 export async function probeV2HistoryStart(
   base: string,
   options: { timeoutMs?: number; signal?: AbortSignal } = {},
-): Promise<number | null> {
+): Promise<HistoryStart | null> {
   const url = buildV2Url(base, {
     kinds: [],
     wantedDids: [],
@@ -67,7 +81,7 @@ export async function probeV2HistoryStart(
   });
   return await firstOf(await probe(url, options), (frame) => {
     const m = mapV2Frame(frame);
-    return m.type === "event" ? m.event.time_us : undefined;
+    return m.type === "event" ? { us: m.event.time_us, seq: seqOf(m.event.cursor) } : undefined;
   });
 }
 

@@ -153,6 +153,33 @@ export function coverageGap(
 }
 
 /**
+ * Records that a resume by seq on a v2 host (`fromSeq`, the first seq still needed) is older than
+ * the history, which begins at `firstSeq` (`firstUs`), when display times do not show it (protocol
+ * doc §3.2): reported like {@link coverageGap}, with the gap's length unknown and not counted.
+ */
+export function coverageSeqGap(
+  ctx: RunContext,
+  base: string,
+  fromSeq: number,
+  firstSeq: number,
+  firstUs: number,
+): void {
+  const { stats } = ctx;
+  const initial = stats.lastProcessedUs === null;
+  if (initial) {
+    stats.coverageStart = firstUs;
+    stats.coverageGapUs -= ctx.initialGapUs;
+    ctx.initialGapUs = 0;
+  } else stats.coverageStart ??= firstUs;
+  const message = `${
+    new URL(base).host
+  } only holds events from seq ${firstSeq} on; the point to resume from, seq ${fromSeq}, is ${
+    firstSeq - fromSeq
+  } seqs earlier, so events in between cannot be had from this server`;
+  coverageProblem(ctx, base, message, message, initial);
+}
+
+/**
  * Records that where `base`'s history begins could not be found out (`message` says why): a start
  * older than it would be moved forward unseen. Reported; a strict run stops, before storing
  * anything when it has not started yet.
