@@ -137,8 +137,9 @@ export interface BackfillSyncOptions {
    */
   maxRetries?: number;
   /**
-   * Events of more UTF-8 bytes than this (after any zstd decoding) are skipped (counted as
-   * `oversized` and reported), not stored. Real Jetstream events are a few KB; records are far
+   * Events of more UTF-8 bytes than this (after any zstd decoding; on the v2 wire, the event as
+   * stored, without the frame's envelope) are skipped (counted as `oversized` and reported), not
+   * stored. Real Jetstream events are a few KB; records are far
    * below 1 MiB.
    * @default {1048576}
    */

@@ -393,3 +393,32 @@ Deno.test("--resume by seq on a v2 host reports a seq that fell out of the histo
     assert.match(reports.find((r) => r.reason === "coverage")!.message, message);
   }
 });
+
+Deno.test("maxEventBytes on the v2 wire limits the event as stored, not the frame and its envelope", async () => {
+  const events = capture(20);
+  events[10] = commit(events[10].time_us, { did: did(1), text: "é".repeat(3000) });
+  await using server = serveEvents(events, { version: "v2", closeAtEnd: true });
+  const sync = async (wire: string, maxEventBytes?: number) => {
+    await using db = await tempDb();
+    const stats = await runBackfillSync({
+      instance: server.url.replace(/\/subscribe$/, wire),
+      kv: db.path,
+      startTimestamp: T0,
+      maxEventBytes,
+      ...ALL,
+    });
+    return { stats, got: await stored(db.path, stats.queueLength) };
+  };
+  const { got } = await sync(V2_PATH);
+  const big = new TextEncoder().encode(JSON.stringify(got[10])).byteLength;
+  // The same event on /subscribe is no larger (the v2 server's v1 text), so both wires store it.
+  for (const wire of ["/subscribe", V2_PATH]) {
+    const at = await sync(wire, big);
+    assert.equal(at.stats.recordsStored, 20, wire);
+    assert.deepEqual(at.stats.skipped, {}, wire);
+    assert.deepEqual(at.got[10], got[10]);
+  }
+  const over = await sync(V2_PATH, big - 1);
+  assert.equal(over.stats.recordsStored, 19);
+  assert.equal(over.stats.skipped.oversized, 1);
+});

@@ -74,6 +74,13 @@ function oversizedFrameMessage(frame: OversizedFrame): string {
   }of ${frame.byteLength} bytes is over the ${frame.limit}-byte limit of a message the connection reads; skipped unread`;
 }
 
+/** What an event over `maxEventBytes` was (`at`: its time_us, when known). */
+function oversizedEventMessage(at: string | undefined, size: number, chars: boolean, limit: number): string {
+  return `event ${at ? `at time_us ${at} ` : ""}of ${size} ${
+    chars ? "characters" : "bytes"
+  } is over the ${limit}-byte event limit (maxEventBytes)`;
+}
+
 /** The first event after an OutdatedCursor shows where the server's history starts. */
 function noteOutdated(ctx: RunContext, session: Session, firstUs: number): void {
   const from = session.outdatedFrom!;
@@ -220,17 +227,16 @@ export async function readConnection(
           continue;
         }
         // In bytes of UTF-8: counted only when the characters alone do not settle it.
+        // A v2 frame over the limit is not yet an event over it: the envelope around the event is
+        // not stored, so the event is measured once mapped, below (only for such frames).
+        let frameOver = false;
         if (text.length * 3 > o.maxEventBytes) {
           const bytes = utf8Bytes ?? (text.length > o.maxEventBytes ? text.length : utf8Length(text));
-          if (bytes > o.maxEventBytes) {
+          if (bytes > o.maxEventBytes && session.v2) frameOver = true;
+          else if (bytes > o.maxEventBytes) {
             // Not parsed (it may be huge): its head says which event it is, when it can.
             const at = /"time_us":(\d+)/.exec(text.slice(0, 400))?.[1];
-            skip(
-              "oversized",
-              `event ${at ? `at time_us ${at} ` : ""}of ${
-                bytes === text.length ? `${bytes} characters` : `${bytes} bytes`
-              } is over the ${o.maxEventBytes}-byte event limit (maxEventBytes)`,
-            );
+            skip("oversized", oversizedEventMessage(at, bytes, bytes === text.length, o.maxEventBytes));
             continue;
           }
         }
@@ -253,6 +259,15 @@ export async function readConnection(
           utf8Bytes = undefined;
           if (session.outdatedFrom !== undefined) noteOutdated(ctx, session, ev.time_us);
           if (ctx.stop) return;
+          if (frameOver) {
+            // The limit is on the event as stored, the same on both wires.
+            const bytes = utf8Length(text);
+            if (bytes > o.maxEventBytes) {
+              skip("oversized", oversizedEventMessage(String(ev.time_us), bytes, false, o.maxEventBytes));
+              continue;
+            }
+            utf8Bytes = bytes;
+          }
         }
         const problem = shapeProblem(ev);
         if (problem) {
