@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { V2_SUBSCRIBE_PATH } from "../src/jetstream/v2.ts";
+import { fetchV2Dictionary, V2_DICTIONARY_PATH, V2_SUBSCRIBE_PATH } from "../src/jetstream/v2.ts";
 import { runBackfillSync } from "../src/backfill.ts";
 import { UsageError } from "../src/errors.ts";
 import type { JetstreamEvent } from "../src/jetstream/events.ts";
@@ -421,4 +421,20 @@ Deno.test("maxEventBytes on the v2 wire limits the event as stored, not the fram
   const over = await sync(V2_PATH, big - 1);
   assert.equal(over.stats.recordsStored, 19);
   assert.equal(over.stats.skipped.oversized, 1);
+});
+
+Deno.test("fetchV2Dictionary() asks a v2 host served under a path prefix under that prefix", async () => {
+  const dictionary = await Deno.readFile(V2_DICT);
+  const paths: string[] = [];
+  await using server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, (req) => {
+    const { pathname } = new URL(req.url);
+    paths.push(pathname);
+    return pathname === `/jetstream${V2_DICTIONARY_PATH}`
+      ? new Response(dictionary)
+      : Response.json({ error: "MethodNotImplemented" }, { status: 404 });
+  });
+  const got = await fetchV2Dictionary(`ws://127.0.0.1:${server.addr.port}/jetstream${V2_PATH}?cursor=5`);
+  assert.equal(got.id, 20260811);
+  assert.deepEqual(got.bytes, dictionary);
+  assert.deepEqual(paths, [`/jetstream${V2_DICTIONARY_PATH}`]);
 });

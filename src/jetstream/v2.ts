@@ -155,7 +155,9 @@ export function parseXrpcError(body: string | undefined): { error: string; messa
 }
 
 /**
- * Fetches the server's current v2 zstd dictionary (`getZstdDictionary`), with its ID.
+ * Fetches the server's current v2 zstd dictionary (`getZstdDictionary`), with its ID. Only the
+ * method in `wsUrl`'s path is replaced, so a host served under a path prefix
+ * (`…/prefix/xrpc/network.bsky.jetstream.subscribeEvents`) is asked under that prefix too.
  *
  * @example
  * ```ts
@@ -169,7 +171,10 @@ export async function fetchV2Dictionary(
 ): Promise<{ id: number; bytes: Uint8Array }> {
   const url = new URL(wsUrl);
   url.protocol = url.protocol === "wss:" ? "https:" : "http:";
-  url.pathname = V2_DICTIONARY_PATH;
+  const path = url.pathname;
+  url.pathname = path.endsWith(V2_SUBSCRIBE_PATH)
+    ? path.slice(0, -V2_SUBSCRIBE_PATH.length) + V2_DICTIONARY_PATH
+    : V2_DICTIONARY_PATH;
   url.search = "";
   const res = await fetch(url, { signal: signal ?? AbortSignal.timeout(30_000) });
   if (!res.ok) {
