@@ -775,3 +775,36 @@ Deno.test("`openRawConnection()` reads only when asked, so a slow consumer holds
   await srv.done;
   assert.equal(seen.wrote, false);
 });
+
+Deno.test("`openRawConnection()` answers a flood of pings with a few pongs, the last carrying the latest payload", async () => {
+  const pongs: string[] = [];
+  await using srv = scripted(async (peer, handshake) => {
+    // 100,000 empty pings in one burst, then one with a payload: one pong pending at a time.
+    const pings = new Uint8Array(200_000);
+    for (let i = 0; i < pings.length; i += 2) pings[i] = 0x89;
+    await peer.write(handshake, frame(1, "first"), pings, frame(9, "latest"), frame(1, "end"));
+    await peer.write(frame(8, new Uint8Array([3, 232])));
+    for (let f = await peer.readFrame(); f && f.opcode !== 8; f = await peer.readFrame()) {
+      if (f.opcode === 10) pongs.push(decoder.decode(f.payload));
+    }
+  });
+  const conn = await openRawConnection(srv.url, { idleTimeoutMs: 5000 });
+  assert.deepEqual(await drain(conn), ["first", "end"]);
+  await srv.done;
+  await conn.closed();
+  assert.ok(pongs.length >= 1 && pongs.length <= 20, `${pongs.length} pongs`);
+  assert.equal(pongs.at(-1), "latest");
+});
+
+Deno.test("`RawConnection.sendText()` refuses more text once 1 MiB waits for a server that does not read", async () => {
+  await using srv = scripted(async (peer, handshake) => {
+    await peer.write(handshake);
+    await new Promise((r) => setTimeout(r, 200)); // reads nothing meanwhile
+  });
+  const conn = await openRawConnection(srv.url, { idleTimeoutMs: 5000 });
+  const big = "x".repeat(600_000);
+  // The first goes to the socket at once; the second waits; a third would pass 1 MiB waiting.
+  assert.deepEqual([conn.sendText(big), conn.sendText(big), conn.sendText(big)], [true, true, false]);
+  conn.close();
+  await conn.closed();
+});

@@ -75,6 +75,11 @@ const BODY_TIMEOUT_MS = 2000;
 const CLOSE_WRITE_TIMEOUT_MS = 250;
 /** `closed()` never waits longer than this. */
 const CLOSED_TIMEOUT_MS = 2000;
+/**
+ * Text messages waiting to go out are held up to this many bytes (one larger message is still
+ * taken when none waits): a server that does not read cannot make them pile up.
+ */
+const MAX_OUTBOX_BYTES = 1024 * 1024;
 const WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 const TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
 
@@ -137,7 +142,20 @@ export class RawConnection implements Connection {
   #finishing = false;
   #closeSent = false;
   #connClosed = false;
-  /** Control frames and text go out one after another, never interleaved. */
+  /**
+   * What waits to go out, written one frame at a time by `#pump()` (never interleaved): at most one
+   * pong, carrying the latest ping's payload (RFC 6455 §5.5.3 lets a client answer only the most
+   * recent ping, so a ping flood costs one pending pong, not one each); text messages, bounded by
+   * {@linkcode MAX_OUTBOX_BYTES}; and the close frame, last.
+   */
+  readonly #pongPayload = new Uint8Array(125);
+  /** The length of the pending pong's payload, or -1 when no pong waits. */
+  #pongLength = -1;
+  #outbox: Uint8Array[] = [];
+  #outboxBytes = 0;
+  #closeFrame: Uint8Array | undefined;
+  #pumping = false;
+  /** Settles once what is pending has been written (or the connection failed). */
   #writes: Promise<void> = Promise.resolve();
   readonly #closedPromise: Promise<void>;
   #resolveClosed!: () => void;
@@ -194,7 +212,8 @@ export class RawConnection implements Connection {
   }
 
   /**
-   * Queues a text message (masked, as client frames must be). Returns false once closing.
+   * Queues a text message (masked, as client frames must be). Returns false once closing, or when
+   * messages already waiting to go out hold over 1 MiB (a server that does not read).
    *
    * @example
    * ```ts ignore
@@ -202,7 +221,13 @@ export class RawConnection implements Connection {
    * ```
    */
   sendText(text: string): boolean {
-    return this.#send(1, encoder.encode(text));
+    if (this.#closeSent || this.#connClosed) return false;
+    const frame = encodeClientFrame(1, encoder.encode(text));
+    if (this.#outboxBytes > 0 && this.#outboxBytes + frame.length > MAX_OUTBOX_BYTES) return false;
+    this.#outbox.push(frame);
+    this.#outboxBytes += frame.length;
+    this.#pump();
+    return true;
   }
 
   /** Sends a close frame (1000) if the connection is open, then drops it; frames already read can still be taken. */
@@ -427,13 +452,16 @@ export class RawConnection implements Connection {
         const reason = end - at > 2 ? decoder.decode(buf.subarray(at + 2, end)) : "";
         this.#stopped = true;
         // Echo the code, as browsers and Deno do; an empty close is answered with an empty one.
-        if (code !== 1005) this.#send(8, buf.slice(at, at + 2));
-        else this.#send(8, new Uint8Array(0));
+        this.#sendClose(code !== 1005 ? buf.slice(at, at + 2) : new Uint8Array(0));
         this.#finish({ kind: "closed", code, reason }, undefined);
         return false;
       }
       case 9:
-        this.#send(10, buf.slice(at, end));
+        // Only the latest ping needs an answer: a pong not yet written takes this payload instead.
+        if (this.#closeSent || this.#connClosed) return true;
+        this.#pongPayload.set(buf.subarray(at, end));
+        this.#pongLength = end - at;
+        this.#pump();
         return true;
       case 10:
         return true;
@@ -470,14 +498,48 @@ export class RawConnection implements Connection {
     else this.#idleTimer = setTimeout(this.#onIdleTick, this.#idleTimeoutMs - quiet);
   }
 
-  /** Queues a masked frame. Returns false once a close frame was sent or the connection dropped. */
-  #send(opcode: number, payload: Uint8Array): boolean {
-    if (this.#closeSent || this.#connClosed) return false;
-    if (opcode === 8) this.#closeSent = true;
-    const frame = encodeClientFrame(opcode, payload);
-    const conn = this.#conn;
-    this.#writes = this.#writes.then(() => writeAll(conn, frame)).catch(() => {});
-    return true;
+  /** Queues the close frame, after which nothing else is queued. */
+  #sendClose(payload: Uint8Array): void {
+    if (this.#closeSent || this.#connClosed) return;
+    this.#closeSent = true;
+    this.#closeFrame = encodeClientFrame(8, payload);
+    this.#pump();
+  }
+
+  /** Starts writing what is pending, unless a write is under way (it then takes it in turn). */
+  #pump(): void {
+    if (this.#pumping) return;
+    this.#pumping = true;
+    this.#writes = this.#writePending();
+  }
+
+  async #writePending(): Promise<void> {
+    try {
+      for (;;) {
+        let frame: Uint8Array;
+        if (this.#pongLength >= 0) {
+          frame = encodeClientFrame(10, this.#pongPayload.subarray(0, this.#pongLength));
+          this.#pongLength = -1;
+        } else if (this.#outbox.length > 0) {
+          frame = this.#outbox.shift()!;
+          this.#outboxBytes -= frame.length;
+        } else if (this.#closeFrame !== undefined) {
+          frame = this.#closeFrame;
+          this.#closeFrame = undefined;
+        } else {
+          return;
+        }
+        await writeAll(this.#conn, frame);
+      }
+    } catch {
+      // The connection was closed or reset: nothing more can go out.
+      this.#pongLength = -1;
+      this.#outbox = [];
+      this.#outboxBytes = 0;
+      this.#closeFrame = undefined;
+    } finally {
+      this.#pumping = false;
+    }
   }
 
   /**
@@ -491,7 +553,7 @@ export class RawConnection implements Connection {
     clearTimeout(this.#idleTimer);
     this.#idleTimer = undefined;
     this.#signal?.removeEventListener("abort", this.#onAbort);
-    if (closeCode !== undefined) this.#send(8, closePayload(closeCode, reason));
+    if (closeCode !== undefined) this.#sendClose(closePayload(closeCode, reason));
     this.#dropSoon();
   }
 
