@@ -367,13 +367,16 @@ export async function consumeStream(
     const progressed = stats.lastProcessedUs !== before.us || seq.floor !== before.seq ||
       ctx.accepted !== before.accepted;
     // A quiet connection closed by the idle timeout had been accepted by the server: a narrow
-    // filter can be silent for long, so it does not count as a failure.
+    // filter can be silent for long, so it does not count as a failure. One that stalled in the
+    // middle of a message does: the same message would stall again.
     if (progressed) failures = 0;
-    else if (cause.kind !== "idle") failures++;
+    else if (cause.kind !== "idle" || cause.partial) failures++;
     const why = cause.kind === "closed"
       ? `connection closed (code ${cause.code}${cause.reason ? `: ${cause.reason}` : ""})`
       : cause.kind === "idle"
-      ? `no message for ${o.idleTimeoutMs / 1000} s`
+      ? cause.partial
+        ? `a message stopped arriving midway: no progress for ${o.idleTimeoutMs / 1000} s`
+        : `no message for ${o.idleTimeoutMs / 1000} s`
       : cause.kind === "overflow"
       ? "the pipeline fell behind the socket; reconnecting from the cursor"
       : "connection aborted";

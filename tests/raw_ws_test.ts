@@ -808,3 +808,123 @@ Deno.test("`RawConnection.sendText()` refuses more text once 1 MiB waits for a s
   conn.close();
   await conn.closed();
 });
+
+Deno.test("`openRawConnection()` holds a message of many tiny fragments in memory proportional to its payload", async () => {
+  // 400,000 empty and 200,000 one-byte continuation frames: 1.4 MB on the wire, 200 kB of payload.
+  const empty = new Uint8Array(800_000); // [0x00, 0x00]: an empty continuation, FIN clear
+  const ones = new Uint8Array(600_000);
+  for (let i = 0; i < ones.length; i += 3) [ones[i], ones[i + 1], ones[i + 2]] = [0x00, 1, 0x61];
+  const { promise: sent, resolve: allSent } = Promise.withResolvers<void>();
+  const { promise: measured, resolve: measuredDone } = Promise.withResolvers<void>();
+  await using srv = scripted(async (peer, handshake) => {
+    await peer.write(handshake, frame(1, "{", { fin: false }), empty, ones);
+    allSent();
+    await measured;
+    await peer.write(frame(0, "}"), frame(8, new Uint8Array([3, 232])));
+    await peer.readFrame();
+  });
+  const conn = await openRawConnection(srv.url, { idleTimeoutMs: 5000 });
+  const used = () => Deno.memoryUsage().heapUsed + Deno.memoryUsage().external;
+  const before = used();
+  const pending = conn.next();
+  await sent;
+  await new Promise((r) => setTimeout(r, 300)); // the client reads all of it meanwhile
+  const grown = used() - before;
+  measuredDone();
+  const frames = await pending;
+  assert.ok(grown < 16 * 1024 * 1024, `${(grown / 1048576).toFixed(1)} MiB held for 200 kB of payload`);
+  assert.deepEqual(frames, ["{" + "a".repeat(200_000) + "}"]);
+  assert.equal(await conn.next(), null);
+  await conn.closed();
+});
+
+Deno.test("`openRawConnection()` does not call a large message that trickles in idle, but ends on a stall inside one", async () => {
+  const big = "t".repeat(20_000);
+  await using srv = scripted(async (peer, handshake) => {
+    await peer.write(handshake);
+    // 20 kB at 100 bytes every 10 ms: 2 s for one message, with idleTimeoutMs 300.
+    const whole = concat(frame(1, big), frame(1, "after"));
+    for (let i = 0; i < whole.length; i += 100) {
+      await peer.write(whole.subarray(i, i + 100));
+      await new Promise((r) => setTimeout(r, 10));
+    }
+    // A fragmented message that trickles, then stalls halfway while pings and empty fragments
+    // still come: no progress.
+    await peer.write(frame(1, "a", { fin: false }));
+    for (let i = 0; i < 10; i++) {
+      await peer.write(frame(0, "b", { fin: false }));
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    for (let i = 0; i < 40; i++) {
+      await peer.write(frame(9, "ping"), frame(0, "", { fin: false })).catch(() => {});
+      await new Promise((r) => setTimeout(r, 25));
+    }
+    await peer.readFrame();
+  });
+  const conn = await openRawConnection(srv.url, { idleTimeoutMs: 300 });
+  assert.deepEqual(await drain(conn), [big, "after"]);
+  assert.deepEqual(conn.cause, { kind: "idle", partial: true });
+  await conn.closed();
+});
+
+/** Serves every connection on 127.0.0.1 with `script`, until disposed. */
+function scriptedEach(
+  script: (peer: Peer, handshake: Uint8Array) => Promise<void>,
+): { url: string; count: () => number } & AsyncDisposable {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const peers: Peer[] = [];
+  const runs: Promise<void>[] = [];
+  const accepting = (async () => {
+    for await (const conn of listener) {
+      runs.push(
+        (async () => {
+          const head = await readRequestHead(conn);
+          assert.ok(head);
+          const peer = new Peer(conn, head.target, head.headers, head.rest);
+          peers.push(peer);
+          const accepted = await acceptWebSocket(head.headers);
+          assert.ok("response" in accepted);
+          try {
+            await script(peer, accepted.response);
+          } finally {
+            peer.close();
+          }
+        })().catch(() => {}),
+      );
+    }
+  })();
+  return {
+    url: `ws://127.0.0.1:${(listener.addr as Deno.NetAddr).port}`,
+    count: () => peers.length,
+    [Symbol.asyncDispose]: async () => {
+      listener.close();
+      await accepting.catch(() => {});
+      for (const peer of peers) peer.close();
+      await Promise.all(runs);
+    },
+  };
+}
+
+Deno.test("runBackfillSync() gives up on a server whose message stalls midway every time", async () => {
+  const T = 1764000000000000;
+  const event = JSON.stringify(commit(T + 1, { did: did(1), text: "x".repeat(2000) }));
+  await using srv = scriptedEach(async (peer, handshake) => {
+    await peer.write(handshake, frame(1, event).subarray(0, 1000));
+    await peer.readFrame(); // stalls until the client gives up on it
+  });
+  const dir = await Deno.makeTempDir();
+  try {
+    const stats = await runBackfillSync({
+      instance: `${srv.url}/subscribe`,
+      kv: `${dir}/q.sqlite`,
+      idleTimeout: 0.2,
+      maxRetries: 1,
+      maxTime: 20,
+    });
+    assert.equal(stats.stopReason, "error");
+    assert.match(stats.error ?? "", /a message stopped arriving midway: no progress for 0.2 s/);
+    assert.equal(srv.count(), 2);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});

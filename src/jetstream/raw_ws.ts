@@ -40,9 +40,10 @@ export type { CloseCause, Connection, Frame };
  */
 export interface RawConnectionOptions {
   /**
-   * End the connection (cause `idle`) when `next()` has waited this long without a message:
-   * pings and pongs do not count, so a server that stalls but keeps pinging is caught. The opening
-   * handshake is bounded by the smaller of this and 30 s.
+   * End the connection (cause `idle`) when `next()` has waited this long without progress: a
+   * message, or payload bytes of one still arriving (a large message that trickles in is not idle).
+   * Pings, pongs and empty fragments do not count, so a server that stalls but keeps pinging is
+   * caught. The opening handshake is bounded by the smaller of this and 30 s.
    *
    * @default {Infinity}
    */
@@ -85,6 +86,7 @@ const TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
+const EMPTY = new Uint8Array(0);
 
 /** The message's text, or an {@link InvalidTextFrame} when its bytes are not UTF-8. */
 function textOf(bytes: Uint8Array): string | InvalidTextFrame {
@@ -125,9 +127,13 @@ export class RawConnection implements Connection {
   #tail: number;
   /** Bytes (from `#head`) the frame in progress needs in the buffer, when it is incomplete. */
   #need = 0;
-  /** The fragmented message being received: its opcode (0 when none), parts and size. */
+  /**
+   * The fragmented message being received: its opcode (0 when none) and its payload so far,
+   * `#fragmentBuf[0..#fragmentBytes)`. One buffer, grown by doubling up to `maxMessageBytes`, so a
+   * message of many tiny (or empty) fragments holds its payload and no more.
+   */
   #fragmentOpcode = 0;
-  #fragments: Uint8Array[] = [];
+  #fragmentBuf: Uint8Array = EMPTY;
   #fragmentBytes = 0;
   /** The message being skipped for its size: what is known of it, and its frames still to come. */
   #skipping: { bytes: number; binary: boolean; head: Uint8Array; fin: boolean } | undefined;
@@ -137,7 +143,15 @@ export class RawConnection implements Connection {
   /** A close frame or a protocol error was met: nothing after it is parsed. */
   #stopped = false;
   #reading = false;
-  #lastActivity = Date.now();
+  /**
+   * When progress was last made (`performance.now()`), or `next()` was last called: the time the
+   * consumer spends between calls is not the server's idleness.
+   */
+  #lastProgress = performance.now();
+  /** The last parse stopped inside a data frame's payload: the next bytes read are payload. */
+  #awaitingPayload = false;
+  /** Payload bytes were taken in the parse under way without completing a message. */
+  #progressed = false;
   #idleTimer: ReturnType<typeof setTimeout> | undefined;
   #finishing = false;
   #closeSent = false;
@@ -198,9 +212,9 @@ export class RawConnection implements Connection {
    */
   async next(): Promise<Frame[] | null> {
     if (this.#reading) throw new Error("next() called while another next() is pending");
-    // Idle time runs from here until a message arrives: pings and pongs read meanwhile do not
-    // count, so a server that only pings (jetstream-legacy#48) is still caught.
-    this.#lastActivity = Date.now();
+    // Idle time runs from here until progress: pings and pongs read meanwhile do not count, so a
+    // server that only pings (jetstream-legacy#48) is still caught.
+    this.#lastProgress = performance.now();
     for (;;) {
       if (this.#head < this.#tail && !this.#stopped) {
         const frames = this.#parse();
@@ -282,6 +296,7 @@ export class RawConnection implements Connection {
       return;
     }
     this.#tail += n;
+    if (this.#awaitingPayload) this.#lastProgress = performance.now();
   }
 
   /** Parses every complete frame from `#head` on and returns the complete messages among them. */
@@ -293,6 +308,7 @@ export class RawConnection implements Connection {
     let pos = this.#head;
     let received = 0;
     this.#need = 0;
+    this.#awaitingPayload = false;
     for (;;) {
       if (this.#skipFrame) {
         // The payload of a frame being skipped for its size: dropped as it comes.
@@ -301,7 +317,11 @@ export class RawConnection implements Connection {
         this.#skipLeft -= n;
         this.#skipping!.bytes += n;
         received += n;
-        if (this.#skipLeft > 0) break;
+        if (n > 0) this.#progressed = true;
+        if (this.#skipLeft > 0) {
+          this.#awaitingPayload = true;
+          break;
+        }
         this.#skipFrame = false;
         const skipped = this.#skipping!;
         if (skipped.fin) {
@@ -373,7 +393,9 @@ export class RawConnection implements Connection {
         }
         // Too large to hold: skipped as it arrives (with what was held of it), and handed on as
         // an OversizedFrame once its last part is through.
-        const first = opcode === 0 ? this.#fragments[0] : buf.subarray(at, Math.min(tail, at + length));
+        const first = opcode === 0
+          ? this.#fragmentBuf.subarray(0, this.#fragmentBytes)
+          : buf.subarray(at, Math.min(tail, at + length));
         this.#skipping = {
           bytes: opcode === 0 ? this.#fragmentBytes : 0,
           binary: (opcode === 0 ? this.#fragmentOpcode : opcode) === 2,
@@ -381,7 +403,7 @@ export class RawConnection implements Connection {
           fin: (b0 & 0x80) !== 0,
         };
         this.#fragmentOpcode = 0;
-        this.#fragments = [];
+        this.#fragmentBuf = EMPTY;
         this.#fragmentBytes = 0;
         this.#skipFrame = true;
         this.#skipLeft = length;
@@ -390,6 +412,7 @@ export class RawConnection implements Connection {
       }
       if (tail - at < length) {
         this.#need = at - pos + length;
+        this.#awaitingPayload = opcode < 8;
         break;
       }
       const end = at + length;
@@ -411,6 +434,10 @@ export class RawConnection implements Connection {
     }
     this.#head = pos;
     this.bytesReceived += received;
+    if (this.#progressed) {
+      this.#progressed = false;
+      this.#lastProgress = performance.now();
+    }
     return frames;
   }
 
@@ -427,21 +454,22 @@ export class RawConnection implements Connection {
         if (fin) {
           this.#deliver(opcode, buf.subarray(at, end), frames);
         } else {
-          // Fragments are copied out: the read buffer is reused.
           this.#fragmentOpcode = opcode;
-          this.#fragments = [buf.slice(at, end)];
-          this.#fragmentBytes = end - at;
+          this.#appendFragment(buf, at, end);
         }
         return true;
       case 0: {
         if (this.#fragmentOpcode === 0) return this.#protocolError(1002, "continuation without a message");
-        this.#fragments.push(buf.slice(at, end));
-        this.#fragmentBytes += end - at;
+        this.#appendFragment(buf, at, end);
         if (!fin) return true;
-        const whole = concat(this.#fragments);
+        const size = this.#fragmentBytes;
+        // The buffer is handed on (or decoded) and not reused; a binary message gets its exact size.
+        const whole = this.#fragmentBuf.length === size || this.#fragmentOpcode === 1
+          ? this.#fragmentBuf.subarray(0, size)
+          : this.#fragmentBuf.slice(0, size);
         const messageOpcode = this.#fragmentOpcode;
         this.#fragmentOpcode = 0;
-        this.#fragments = [];
+        this.#fragmentBuf = EMPTY;
         this.#fragmentBytes = 0;
         this.#deliver(messageOpcode, whole, frames);
         return true;
@@ -470,6 +498,25 @@ export class RawConnection implements Connection {
     }
   }
 
+  /**
+   * Copies a fragment's payload out of the read buffer (which is reused) to the end of the message
+   * so far; the cap was checked from the frame's header, so it fits in `maxMessageBytes`.
+   */
+  #appendFragment(buf: Uint8Array, at: number, end: number): void {
+    const n = end - at;
+    if (n === 0) return;
+    this.#progressed = true;
+    const size = this.#fragmentBytes + n;
+    if (size > this.#fragmentBuf.length) {
+      const capacity = Math.min(Math.max(size, 2 * this.#fragmentBuf.length, 4096), this.#maxMessageBytes);
+      const grown = new Uint8Array(capacity);
+      grown.set(this.#fragmentBuf.subarray(0, this.#fragmentBytes));
+      this.#fragmentBuf = grown;
+    }
+    this.#fragmentBuf.set(buf.subarray(at, end), this.#fragmentBytes);
+    this.#fragmentBytes = size;
+  }
+
   #deliver(opcode: number, payload: Uint8Array, frames: Frame[]): void {
     this.frameBytes.push(payload.byteLength);
     if (opcode === 1) {
@@ -493,9 +540,12 @@ export class RawConnection implements Connection {
     this.#idleTimer = undefined;
     if (this.cause !== undefined) return;
     // Only time spent waiting on the socket counts: a busy consumer is not an idle server.
-    const quiet = this.#reading ? Date.now() - this.#lastActivity : 0;
-    if (quiet >= this.#idleTimeoutMs) this.#finish({ kind: "idle" }, 1000);
-    else this.#idleTimer = setTimeout(this.#onIdleTick, this.#idleTimeoutMs - quiet);
+    const quiet = this.#reading ? performance.now() - this.#lastProgress : 0;
+    if (quiet >= this.#idleTimeoutMs) {
+      // A message had begun and stalled: say so, as retrying may meet the same stall.
+      const partial = this.#fragmentOpcode !== 0 || this.#skipping !== undefined || this.#awaitingPayload;
+      this.#finish(partial ? { kind: "idle", partial: true } : { kind: "idle" }, 1000);
+    } else this.#idleTimer = setTimeout(this.#onIdleTick, this.#idleTimeoutMs - quiet);
   }
 
   /** Queues the close frame, after which nothing else is queued. */

@@ -73,7 +73,11 @@ export interface Connection {
 /** Why a connection ended. */
 export type CloseCause =
   | { kind: "closed"; code: number; reason: string }
-  | { kind: "idle" }
+  | {
+    kind: "idle";
+    /** Set when a message had begun arriving and stalled (an endless or stuck message). */
+    partial?: true;
+  }
   | { kind: "overflow" }
   | { kind: "aborted" };
 
