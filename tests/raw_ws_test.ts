@@ -928,3 +928,47 @@ Deno.test("runBackfillSync() gives up on a server whose message stalls midway ev
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("`openRawConnection()` fails with 1002 on a close code no endpoint may send, a reason not UTF-8 or a 64-bit length with its top bit set", async () => {
+  const closeWith = (code: number, reason: Uint8Array = new Uint8Array(0)) =>
+    frame(8, concat(new Uint8Array([code >> 8, code & 255]), reason));
+  const cases: [string, Uint8Array][] = [
+    ...[0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000].map((code): [string, Uint8Array] => [
+      `invalid close code ${code}`,
+      closeWith(code, encoder.encode("why")),
+    ]),
+    ["close reason is not UTF-8", closeWith(1000, new Uint8Array([0x62, 0x79, 0x65, 0x20, 0xff, 0xfe]))],
+    [
+      "64-bit payload length with the most significant bit set",
+      concat(new Uint8Array([0x81, 127, 0x80, 0, 0, 0, 0, 0, 0, 5]), encoder.encode("hello")),
+    ],
+  ];
+  for (const [reason, bad] of cases) {
+    const seen: { close?: ClientFrame | null } = {};
+    await using srv = scripted(async (peer, handshake) => {
+      await peer.write(handshake, frame(1, "fine"), bad, frame(1, "never"));
+      seen.close = await peer.readFrame();
+    });
+    const conn = await openRawConnection(srv.url, { idleTimeoutMs: 5000 });
+    assert.deepEqual(await drain(conn), ["fine"]);
+    assert.deepEqual(conn.cause, { kind: "closed", code: 1002, reason });
+    await srv.done;
+    await conn.closed();
+    assert.equal(seen.close!.opcode, 8);
+    assert.equal((seen.close!.payload[0] << 8) | seen.close!.payload[1], 1002, reason);
+  }
+  // The codes a server may send are taken as they come, and echoed.
+  for (const code of [1000, 1001, 1003, 1007, 1011, 1012, 1014, 3000, 4999]) {
+    const seen: { close?: ClientFrame | null } = {};
+    await using srv = scripted(async (peer, handshake) => {
+      await peer.write(handshake, closeWith(code, encoder.encode("ok ✓")));
+      seen.close = await peer.readFrame();
+    });
+    const conn = await openRawConnection(srv.url, { idleTimeoutMs: 5000 });
+    assert.deepEqual(await drain(conn), []);
+    assert.deepEqual(conn.cause, { kind: "closed", code, reason: "ok ✓" });
+    await srv.done;
+    await conn.closed();
+    assert.equal((seen.close!.payload[0] << 8) | seen.close!.payload[1], code);
+  }
+});

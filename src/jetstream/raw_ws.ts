@@ -347,6 +347,13 @@ export class RawConnection implements Connection {
         at = pos + 4;
       } else if (length === 127) {
         if (tail - pos < 10) break;
+        if (buf[pos + 2] >= 0x80) {
+          // RFC 6455 §5.2: the most significant bit of a 64-bit length must be 0.
+          this.#head = pos;
+          this.bytesReceived += received;
+          this.#protocolError(1002, "64-bit payload length with the most significant bit set");
+          return frames;
+        }
         const high = (buf[pos + 2] << 24 >>> 0) + (buf[pos + 3] << 16) + (buf[pos + 4] << 8) + buf[pos + 5];
         const low = (buf[pos + 6] << 24 >>> 0) + (buf[pos + 7] << 16) + (buf[pos + 8] << 8) + buf[pos + 9];
         // Beyond 2^53 the length is not even a safe integer; it is far over any limit anyway.
@@ -477,7 +484,11 @@ export class RawConnection implements Connection {
       case 8: {
         if (end - at === 1) return this.#protocolError(1002, "close frame with a one-byte payload");
         const code = end - at >= 2 ? (buf[at] << 8) | buf[at + 1] : 1005;
-        const reason = end - at > 2 ? decoder.decode(buf.subarray(at + 2, end)) : "";
+        if (end - at >= 2 && !validCloseCode(code)) {
+          return this.#protocolError(1002, `invalid close code ${code}`);
+        }
+        const reason = end - at > 2 ? utf8Text(buf.subarray(at + 2, end)) : "";
+        if (reason === undefined) return this.#protocolError(1002, "close reason is not UTF-8");
         this.#stopped = true;
         // Echo the code, as browsers and Deno do; an empty close is answered with an empty one.
         this.#sendClose(code !== 1005 ? buf.slice(at, at + 2) : new Uint8Array(0));
@@ -620,6 +631,14 @@ export class RawConnection implements Connection {
     await this.#writes;
     this.#resolveClosed();
   }
+}
+
+/**
+ * Whether a close frame may carry `code` (RFC 6455 §7.4): the defined codes that an endpoint may
+ * send (not 1004, 1005, 1006 or 1015), the ones registered since (1012 to 1014), and 3000 to 4999.
+ */
+function validCloseCode(code: number): boolean {
+  return (code >= 1000 && code <= 1003) || (code >= 1007 && code <= 1014) || (code >= 3000 && code <= 4999);
 }
 
 /** A client frame: FIN set, masked with a fresh random key. */
