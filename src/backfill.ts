@@ -16,6 +16,7 @@ import {
   resolveZstdDictionary,
 } from "./jetstream/dictionary.ts";
 import { isV2Url } from "./jetstream/v2.ts";
+import { printable } from "./jetstream/utf8.ts";
 import { createZstdDecoder, LEGACY_DICTIONARY_ID, V2_DICTIONARY_ID } from "./jetstream/zstd.ts";
 import {
   type BackfillSyncOptions,
@@ -496,7 +497,8 @@ async function run(
     error: undefined,
     accepted: runState.recordsStored,
     internal,
-    report: (r: SyncErrorReport) => options.onError?.(r),
+    // Server text (close reasons, refusals, v2 #info messages) goes to a terminal: no controls.
+    report: (r: SyncErrorReport) => options.onError?.({ ...r, message: printable(r.message) }),
     decodeFrame,
     v2Compress: true,
     v2Dictionary: undefined,
@@ -595,7 +597,7 @@ async function finish(
     startClamped: stats.startClamped,
     coverageGapUs: stats.coverageGapUs,
   };
-  if (ctx.error !== undefined) result.error = ctx.error;
+  if (ctx.error !== undefined) result.error = printable(ctx.error);
   // The run's record for `jetfill status` goes with the lock's release, and only while the lock is
   // still this run's; the statistics are returned whether or not it can be written.
   const record = {

@@ -288,7 +288,9 @@ export async function consumeStream(
         }
         continue;
       }
-      if (e.status !== undefined && e.status >= 400 && e.status < 500 && e.status !== 429) {
+      // A refusal (4xx but 429) or a redirect (3xx, not followed: the URL is the user's to change)
+      // would come again: stop, as for bad input.
+      if (e.status !== undefined && e.status >= 300 && e.status < 500 && e.status !== 429) {
         if (stats.recordsStored === 0 && connections === 0) throw new UsageError(e.message);
         ctx.stop = "error";
         ctx.error = e.message;

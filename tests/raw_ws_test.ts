@@ -9,6 +9,7 @@ import {
   OversizedFrame,
 } from "../src/jetstream/socket.ts";
 import { runBackfillSync } from "../src/backfill.ts";
+import { UsageError } from "../src/errors.ts";
 import type { SyncErrorReport } from "../src/stats.ts";
 import { parseCapture } from "../src/server/capture.ts";
 import { acceptWebSocket, readRequestHead } from "../src/server/http1.ts";
@@ -970,5 +971,89 @@ Deno.test("`openRawConnection()` fails with 1002 on a close code no endpoint may
     await srv.done;
     await conn.closed();
     assert.equal((seen.close!.payload[0] << 8) | seen.close!.payload[1], code);
+  }
+});
+
+Deno.test("`openRawConnection()` skips an interim 1xx response before the 101", async () => {
+  await using srv = scripted(async (peer, handshake) => {
+    await peer.write(encoder.encode("HTTP/1.1 100 Continue\r\n\r\n"));
+    await new Promise((r) => setTimeout(r, 20));
+    // Two interim responses and the 101 in one write, frames right behind.
+    await peer.write(
+      encoder.encode("HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n"),
+      handshake,
+      frame(1, "hi"),
+      frame(8, new Uint8Array([3, 232])),
+    );
+    await peer.readFrame();
+  });
+  const conn = await openRawConnection(srv.url, { idleTimeoutMs: 5000 });
+  assert.deepEqual(await drain(conn), ["hi"]);
+  assert.deepEqual(conn.cause, { kind: "closed", code: 1000, reason: "" });
+  await conn.closed();
+});
+
+Deno.test("`openRawConnection()` escapes control characters of a close reason and a refusal's body in messages", async () => {
+  const ansi = "\x1b]0;owned\x07\x1b[2K\rdone, 0 errors\x9b8m";
+  const escaped = "\\u001b]0;owned\\u0007\\u001b[2K\\u000ddone, 0 errors\\u009b8m";
+  await using srv = scripted(async (peer, handshake) => {
+    await peer.write(handshake, frame(8, concat(new Uint8Array([3, 232]), encoder.encode(ansi))));
+    await peer.readFrame();
+  });
+  const conn = await openRawConnection(srv.url, { idleTimeoutMs: 5000 });
+  assert.deepEqual(await drain(conn), []);
+  assert.deepEqual(conn.cause, { kind: "closed", code: 1000, reason: escaped });
+  await conn.closed();
+
+  await using refusing = scripted(async (peer) => {
+    const body = encoder.encode(`\x1b[2Jinvalid\n${ansi}`);
+    await peer.write(
+      encoder.encode(`HTTP/1.1 400 Bad Request\r\nContent-Length: ${body.length}\r\n\r\n`),
+      body,
+    );
+  });
+  const err = await openRawConnection(refusing.url, { idleTimeoutMs: 5000 }).catch((e: unknown) => e);
+  assert.ok(err instanceof ConnectError);
+  assert.equal(
+    err.message,
+    `${refusing.url} refused the connection: HTTP 400: \\u001b[2Jinvalid\\u000a${escaped}`,
+  );
+  assert.equal(err.body, `\x1b[2Jinvalid\n${ansi}`); // the body itself as it came (JSON to parse, say)
+});
+
+Deno.test("`openRawConnection()` names where a redirect points, and runBackfillSync() stops on it as on a 4xx", async () => {
+  const redirect = (peer: Peer) =>
+    peer.write(encoder.encode(
+      "HTTP/1.1 301 Moved Permanently\r\nLocation: ws://elsewhere.example/subscribe\r\n" +
+        "Content-Length: 9\r\n\r\nmoved it\n",
+    ));
+  await using srv = scripted(redirect);
+  const err = await openRawConnection(srv.url, { idleTimeoutMs: 5000 }).catch((e: unknown) => e);
+  assert.ok(err instanceof ConnectError);
+  assert.equal(err.status, 301);
+  assert.equal(
+    err.message,
+    `${srv.url} refused the connection: HTTP 301 (a redirect to ws://elsewhere.example/subscribe, not followed): moved it`,
+  );
+
+  await using each = scriptedEach(redirect);
+  const dir = await Deno.makeTempDir();
+  try {
+    const t0 = performance.now();
+    const failure = await runBackfillSync({
+      instance: `${each.url}/subscribe`,
+      kv: `${dir}/q.sqlite`,
+      maxTime: 10,
+    })
+      .then((stats) => stats, (e: unknown) => e);
+    assert.ok(failure instanceof UsageError, JSON.stringify(failure));
+    assert.match(
+      failure.message,
+      /HTTP 301 \(a redirect to ws:\/\/elsewhere\.example\/subscribe, not followed\)/,
+    );
+    assert.equal(each.count(), 1);
+    assert.ok(performance.now() - t0 < 5000);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
   }
 });

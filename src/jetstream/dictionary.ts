@@ -11,6 +11,7 @@
 import { concat } from "../bytes.ts";
 import { UsageError } from "../errors.ts";
 import { dictionaryIdOf, LEGACY_DICTIONARY_ID } from "./zstd.ts";
+import { printable } from "./utf8.ts";
 
 /**
  * sha256 of the legacy Jetstream dictionary (`legacy_subscribe.zdict`, 112,640 bytes), the same
@@ -321,7 +322,7 @@ async function download(doFetch: typeof fetch, url: string, signal?: AbortSignal
   const response = await doFetch(url, { signal, redirect: "follow" });
   if (!response.ok) {
     await response.body?.cancel();
-    throw new Error(`HTTP ${response.status} ${response.statusText}`.trimEnd());
+    throw new Error(`HTTP ${response.status} ${printable(response.statusText)}`.trimEnd());
   }
   const declared = Number(response.headers.get("content-length") ?? "0");
   if (declared > MAX_DOWNLOAD_BYTES) {

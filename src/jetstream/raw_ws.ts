@@ -23,7 +23,7 @@ import {
   InvalidTextFrame,
   OversizedFrame,
 } from "./socket.ts";
-import { utf8Text } from "./utf8.ts";
+import { printable, utf8Text } from "./utf8.ts";
 import { concat } from "../bytes.ts";
 
 export type { CloseCause, Connection, Frame };
@@ -492,7 +492,8 @@ export class RawConnection implements Connection {
         this.#stopped = true;
         // Echo the code, as browsers and Deno do; an empty close is answered with an empty one.
         this.#sendClose(code !== 1005 ? buf.slice(at, at + 2) : new Uint8Array(0));
-        this.#finish({ kind: "closed", code, reason }, undefined);
+        // The reason is printed as it comes: without control characters (terminal escapes).
+        this.#finish({ kind: "closed", code, reason: printable(reason) }, undefined);
         return false;
       }
       case 9:
@@ -857,17 +858,28 @@ export async function openRawConnection(
     const buf = new Uint8Array(READ_BUFFER_BYTES);
     let len = 0;
     let headEnd = -1;
-    while (headEnd === -1) {
-      if (len >= MAX_HEAD_BYTES) throw new Error("the server's response head is too large");
-      const n = await conn.read(buf.subarray(len, MAX_HEAD_BYTES));
-      if (n === null) throw new Error("the server closed the connection during the handshake");
-      headEnd = findHeadEnd(buf, len, len + n);
-      len += n;
+    let status = 0;
+    let lines: string[] = [];
+    for (;;) {
+      while (headEnd === -1) {
+        if (len >= MAX_HEAD_BYTES) throw new Error("the server's response head is too large");
+        const n = await conn.read(buf.subarray(len, MAX_HEAD_BYTES));
+        if (n === null) throw new Error("the server closed the connection during the handshake");
+        headEnd = findHeadEnd(buf, len, len + n);
+        len += n;
+      }
+      lines = decoder.decode(buf.subarray(0, headEnd)).split("\r\n");
+      const statusLine = /^HTTP\/1\.[01] (\d{3})/.exec(lines[0]);
+      if (!statusLine) {
+        throw new Error(`malformed response: ${printable(JSON.stringify(lines[0].slice(0, 100)))}`);
+      }
+      status = Number(statusLine[1]);
+      if (status === 101 || status < 100 || status > 199) break;
+      // An interim response (100 Continue, 103 Early Hints): the final one follows (RFC 9110 §15.2).
+      buf.copyWithin(0, headEnd + 4, len);
+      len -= headEnd + 4;
+      headEnd = findHeadEnd(buf, 0, len);
     }
-    const lines = decoder.decode(buf.subarray(0, headEnd)).split("\r\n");
-    const statusLine = /^HTTP\/1\.[01] (\d{3})/.exec(lines[0]);
-    if (!statusLine) throw new Error(`malformed response: ${JSON.stringify(lines[0].slice(0, 100))}`);
-    const status = Number(statusLine[1]);
     const headers = new Headers();
     for (let i = 1; i < lines.length; i++) {
       const colon = lines[i].indexOf(":");
@@ -880,8 +892,12 @@ export async function openRawConnection(
     }
     if (status !== 101) {
       const body = await readRefusalBody(conn, buf.slice(headEnd + 4, len), headers);
+      // A redirect is not followed (the URL is the user's to change), but where it points is said.
+      const location = status >= 300 && status < 400 ? headers.get("location") : null;
       throw new ConnectError(
-        `${url} refused the connection: HTTP ${status}${body ? `: ${body}` : ""}`,
+        `${url} refused the connection: HTTP ${status}${
+          location !== null ? ` (a redirect to ${printable(location)}, not followed)` : ""
+        }${body ? `: ${printable(body)}` : ""}`,
         status,
         body,
       );
@@ -903,7 +919,9 @@ export async function openRawConnection(
     }
     const protocol = headers.get("sec-websocket-protocol") ?? "";
     if (protocol !== "" && !protocols.includes(protocol)) {
-      throw new Error(`invalid handshake: the server chose protocol '${protocol}', which was not offered`);
+      throw new Error(
+        `invalid handshake: the server chose protocol '${printable(protocol)}', which was not offered`,
+      );
     }
     if (failure !== undefined) throw new Error(failure);
     const connection = new RawConnection(conn, url, buf, headEnd + 4, len, protocol, {

@@ -54,3 +54,22 @@ export function utf8Length(text: string): number {
   }
   return n;
 }
+
+/** C0 controls but tab, DEL, and C1 controls: what a terminal may read as a command. */
+// deno-lint-ignore no-control-regex
+const CONTROLS = /[\u0000-\u0008\u000a-\u001f\u007f-\u009f]/g;
+
+/**
+ * `text` (from a server: a close reason, an HTTP refusal's body) made safe to print: control
+ * characters but tab are written as `\uXXXX` escapes, so that a server cannot move the cursor,
+ * retitle the terminal or forge lines of output.
+ *
+ * @example
+ * ```ts
+ * import { printable } from "./utf8.ts";
+ * printable("bye\x1b[2J\r\n"); // "bye\\u001b[2J\\u000d\\u000a"
+ * ```
+ */
+export function printable(text: string): string {
+  return text.replace(CONTROLS, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`);
+}

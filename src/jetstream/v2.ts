@@ -17,6 +17,7 @@
  */
 import type { EventKind, JetstreamEvent } from "./events.ts";
 import { usFromIso } from "../time.ts";
+import { printable } from "./utf8.ts";
 
 /** Path of the v2 subscription endpoint. */
 export const V2_SUBSCRIBE_PATH = "/xrpc/network.bsky.jetstream.subscribeEvents";
@@ -178,7 +179,7 @@ export async function fetchV2Dictionary(
   url.search = "";
   const res = await fetch(url, { signal: signal ?? AbortSignal.timeout(30_000) });
   if (!res.ok) {
-    throw new Error(`${url} answered HTTP ${res.status}: ${(await res.text()).slice(0, 200)}`);
+    throw new Error(`${url} answered HTTP ${res.status}: ${printable((await res.text()).slice(0, 200))}`);
   }
   const bytes = new Uint8Array(await res.arrayBuffer());
   const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
