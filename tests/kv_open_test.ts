@@ -168,3 +168,42 @@ Deno.test("openKvAt() names a database it cannot open, and why when it can tell"
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+/** What SQLite plans for the statement Deno KV runs to take a message out of its ready table. */
+function dequeuePlan(path: string): string {
+  const db = new DatabaseSync(path, { readOnly: true });
+  try {
+    return (db.prepare("explain query plan delete from queue where id = ?").all("x") as { detail: string }[])
+      .map((r) => r.detail).join("; ");
+  } finally {
+    db.close();
+  }
+}
+
+Deno.test("openKvAt() indexes Deno KV's queue tables by message id, in a new database and in one Deno KV made", async () => {
+  await using db = await tempDb();
+  // Made by Deno KV itself, with messages already waiting: the index is added when jetfill opens it.
+  const old = `${db.dir}/old.sqlite`;
+  const plain = await Deno.openKv(old);
+  await plain.enqueue({ n: 1 });
+  plain.close();
+  assert.match(dequeuePlan(old), /SCAN queue/, "Deno KV alone reads the whole table to remove one message");
+  for (const path of [old, `${db.dir}/new.sqlite`]) {
+    const kv = await openKvAt(path);
+    try {
+      assert.match(dequeuePlan(path), /USING INDEX jetfill_queue_id/, path);
+      const indexes = new DatabaseSync(path, { readOnly: true });
+      const names = (indexes.prepare("select name, tbl_name from sqlite_master where name like 'jetfill_%'")
+        .all() as { name: string; tbl_name: string }[]).map((r) => `${r.tbl_name}.${r.name}`).sort();
+      indexes.close();
+      assert.deepEqual(names, ["queue.jetfill_queue_id", "queue_running.jetfill_queue_running_id"], path);
+      // Deno KV goes on using the database: a message enqueued before is still delivered.
+      if (path === old) {
+        const got = await new Promise<unknown>((resolve) => kv.listenQueue(resolve));
+        assert.deepEqual(got, { n: 1 });
+      }
+    } finally {
+      kv.close();
+    }
+  }
+});
