@@ -111,6 +111,23 @@ export function stopWith(ctx: RunContext, reason: StopReason): void {
 }
 
 /**
+ * Records where the history of the instance measured begins (`firstUs`), and whether the measure is
+ * the initial one. Before any event of the run, a measure is of the point the run starts from (the
+ * start or the resume point), and a later one (on the instance failed over to) replaces it: the
+ * history that counts is that of the instance the events come from.
+ */
+function noteHistoryStart(ctx: RunContext, firstUs: number): boolean {
+  const { stats } = ctx;
+  const initial = stats.lastProcessedUs === null;
+  if (initial) {
+    stats.coverageStart = firstUs;
+    stats.coverageGapUs -= ctx.initialGapUs;
+    ctx.initialGapUs = 0;
+  } else stats.coverageStart ??= firstUs;
+  return initial;
+}
+
+/**
  * Records that history before `firstUs` is missing where events from `fromUs` were asked for (the
  * requested start when `atStart`, else a resume point), reports it in plain words and, with
  * `strict`, refuses (before anything is stored) or stops the run.
@@ -123,16 +140,8 @@ export function coverageGap(
   atStart: boolean,
 ): void {
   const { stats } = ctx;
-  // Before any event of the run, a measure is of the point the run starts from (the start or the
-  // resume point), and a later one (on the instance failed over to) replaces it: the history that
-  // counts is that of the instance the events come from.
-  const initial = stats.lastProcessedUs === null;
-  if (initial) {
-    stats.coverageStart = firstUs;
-    stats.coverageGapUs -= ctx.initialGapUs;
-    ctx.initialGapUs = 0;
-    if (atStart) stats.startClamped = false;
-  } else stats.coverageStart ??= firstUs;
+  const initial = noteHistoryStart(ctx, firstUs);
+  if (initial && atStart) stats.startClamped = false;
   if (firstUs <= fromUs) return;
   // Only what was asked for is missing: up to the end, when there is one.
   const endUs = ctx.o.endUs ?? Number.POSITIVE_INFINITY;
@@ -164,13 +173,7 @@ export function coverageSeqGap(
   firstSeq: number,
   firstUs: number,
 ): void {
-  const { stats } = ctx;
-  const initial = stats.lastProcessedUs === null;
-  if (initial) {
-    stats.coverageStart = firstUs;
-    stats.coverageGapUs -= ctx.initialGapUs;
-    ctx.initialGapUs = 0;
-  } else stats.coverageStart ??= firstUs;
+  const initial = noteHistoryStart(ctx, firstUs);
   const message = `${
     new URL(base).host
   } only holds events from seq ${firstSeq} on; the point to resume from, seq ${fromSeq}, is ${
