@@ -15,8 +15,9 @@ const HELP = `Usage: jetfill status [options]
 
 Show a queue's checkpoint (last cursor and its UTC time), the messages and records enqueued,
 handled, waiting and dead-lettered, the records stored per UTC day, and the last run's options
-and statistics. Status only reads; but like any opening of the database, it lets KV requeue
-messages that a consumer has held past KV's 5 s deadline (they are then delivered again).
+and statistics. Status only reads (but adds the queue indexes to a database without them); but
+like any opening of the database, it lets KV requeue messages that a consumer has held past KV's
+5 s deadline (they are then delivered again).
 
 Options:
   --kv PATH               Deno KV database (default ./jetfill-data/<queue-name>.sqlite)
