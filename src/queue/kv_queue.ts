@@ -242,8 +242,8 @@ export async function openKvAt(path: string): Promise<Deno.Kv> {
   return kv;
 }
 
-/** Names of the indexes {@link indexQueueTables} adds, with the table and column each is on. */
-export const QUEUE_INDEXES = [
+/** The indexes {@link indexQueueTables} adds, each with its table (both are on `id`). */
+const QUEUE_INDEXES = [
   ["jetfill_queue_id", "queue"],
   ["jetfill_queue_running_id", "queue_running"],
 ] as const;
@@ -254,21 +254,16 @@ export const QUEUE_INDEXES = [
  * `id` alone (`delete from queue where id = ?`) each time it hands one over, so without an index on
  * `id` every delivery reads the whole queue table: draining a backlog costs time in the square of
  * its length (a plain `listenQueue` on 12,000 messages of 50 KB: 109 s, and 28 s with the index; on
- * 4,000: 14.6 s and 7.2 s). The index changes no value and no query's
- * result; any Deno KV reader of the database uses it (SQLite picks it for those statements).
- * Opened after Deno KV, which creates the tables; SQLite is one library in Deno, so the second
- * connection shares the first one's locks.
+ * 4,000: 14.6 s and 7.2 s). The index changes no value and no query's result; any Deno KV reader of
+ * the database uses it (SQLite picks it for those statements). The connection is opened after Deno
+ * KV's, which creates the tables; Deno links one SQLite, so the two share its bookkeeping of locks.
  */
 async function indexQueueTables(file: string): Promise<void> {
   const { DatabaseSync } = await import("node:sqlite");
   const db = new DatabaseSync(file, { timeout: 1000 });
   try {
-    const names = new Set(
-      (db.prepare("select name from sqlite_master where type in ('table', 'index')").all() as {
-        name: string;
-      }[])
-        .map((r) => r.name),
-    );
+    const rows = db.prepare("select name from sqlite_master where type in ('table', 'index')").all();
+    const names = new Set((rows as { name: string }[]).map((r) => r.name));
     const missing = QUEUE_INDEXES.filter(([index, table]) => names.has(table) && !names.has(index));
     for (const [index, table] of missing) db.exec(`create index if not exists ${index} on ${table} (id)`);
   } finally {
