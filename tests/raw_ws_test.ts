@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { openRawConnection, RawConnection } from "../src/jetstream/raw_ws.ts";
+import { type CloseCause, openRawConnection, RawConnection } from "../src/jetstream/raw_ws.ts";
 import {
   ConnectError,
   type Connection,
@@ -379,6 +379,24 @@ Deno.test("`openRawConnection()` reports 1006 when the TCP connection ends witho
   await conn.closed();
 });
 
+/**
+ * A server sends "fine", then `bad`, then "never": what the client took, why its connection ended,
+ * and the code of the close frame it sent back.
+ */
+async function afterBadFrame(bad: Uint8Array): Promise<{ cause: CloseCause | undefined; closeCode: number }> {
+  const seen: { close?: ClientFrame | null } = {};
+  await using srv = scripted(async (peer, handshake) => {
+    await peer.write(handshake, frame(1, "fine"), bad, frame(1, "never"));
+    seen.close = await peer.readFrame();
+  });
+  const conn = await openRawConnection(srv.url, { idleTimeoutMs: 5000 });
+  assert.deepEqual(await drain(conn), ["fine"]);
+  await srv.done;
+  await conn.closed();
+  assert.equal(seen.close!.opcode, 8);
+  return { cause: conn.cause, closeCode: (seen.close!.payload[0] << 8) | seen.close!.payload[1] };
+}
+
 Deno.test("`openRawConnection()` closes with 1002 on a masked server frame, reserved bits and other protocol errors", async () => {
   for (
     const bad of [
@@ -390,19 +408,9 @@ Deno.test("`openRawConnection()` closes with 1002 on a masked server frame, rese
       concat(frame(1, "a", { fin: false }), frame(1, "b")),
     ]
   ) {
-    const seen: { close?: ClientFrame | null } = {};
-    await using srv = scripted(async (peer, handshake) => {
-      await peer.write(handshake, frame(1, "fine"), bad, frame(1, "never"));
-      seen.close = await peer.readFrame();
-    });
-    const conn = await openRawConnection(srv.url, { idleTimeoutMs: 5000 });
-    assert.deepEqual(await drain(conn), ["fine"]);
-    assert.equal(conn.cause?.kind, "closed");
-    assert.equal(conn.cause?.kind === "closed" && conn.cause.code, 1002);
-    await srv.done;
-    await conn.closed();
-    assert.equal(seen.close!.opcode, 8);
-    assert.equal((seen.close!.payload[0] << 8) | seen.close!.payload[1], 1002);
+    const { cause, closeCode } = await afterBadFrame(bad);
+    assert.equal(cause?.kind === "closed" && cause.code, 1002);
+    assert.equal(closeCode, 1002);
   }
 });
 
@@ -945,18 +953,9 @@ Deno.test("`openRawConnection()` fails with 1002 on a close code no endpoint may
     ],
   ];
   for (const [reason, bad] of cases) {
-    const seen: { close?: ClientFrame | null } = {};
-    await using srv = scripted(async (peer, handshake) => {
-      await peer.write(handshake, frame(1, "fine"), bad, frame(1, "never"));
-      seen.close = await peer.readFrame();
-    });
-    const conn = await openRawConnection(srv.url, { idleTimeoutMs: 5000 });
-    assert.deepEqual(await drain(conn), ["fine"]);
-    assert.deepEqual(conn.cause, { kind: "closed", code: 1002, reason });
-    await srv.done;
-    await conn.closed();
-    assert.equal(seen.close!.opcode, 8);
-    assert.equal((seen.close!.payload[0] << 8) | seen.close!.payload[1], 1002, reason);
+    const { cause, closeCode } = await afterBadFrame(bad);
+    assert.deepEqual(cause, { kind: "closed", code: 1002, reason });
+    assert.equal(closeCode, 1002, reason);
   }
   // The codes a server may send are taken as they come, and echoed.
   for (const code of [1000, 1001, 1003, 1007, 1011, 1012, 1014, 3000, 4999]) {
