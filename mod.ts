@@ -68,9 +68,12 @@ export {
   DEDUPE_WINDOW_MS,
   HOLD_TARGET_MS,
   KV_REDELIVERY_DEADLINE_MS,
+  PARK_HEARTBEAT_MS,
+  PARK_STALE_MS,
   type QueueStatus,
   queueStatus,
   requeueDeadLetters,
+  requeueParked,
 } from "./src/queue/consume.ts";
 export type {
   AccountEvent,

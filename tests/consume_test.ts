@@ -11,8 +11,11 @@ import {
   type ConsumeErrorReport,
   type ConsumeOptions,
   deadLetters,
+  PARK_HEARTBEAT_MS,
+  PARK_STALE_MS,
   queueStatus,
   requeueDeadLetters,
+  requeueParked,
 } from "../src/queue/consume.ts";
 import { openKvAt, queueKey, queueLength } from "../src/queue/kv_queue.ts";
 import type { QueueMessage } from "../src/queue/message.ts";
@@ -44,6 +47,20 @@ function message(seq: number, events: JetstreamEvent[], queue = Q): QueueMessage
 }
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** The parked entries' keys left in a database: [run, seq] pairs. */
+async function listParked(path: string): Promise<[string, number][]> {
+  const kv = await Deno.openKv(path);
+  try {
+    const found: [string, number][] = [];
+    for await (const e of kv.list({ prefix: queueKey(Q, "parkedSeq") })) {
+      found.push([e.key.at(-2) as string, e.key.at(-1) as number]);
+    }
+    return found;
+  } finally {
+    kv.close();
+  }
+}
 
 Deno.test("consume() hands over every stored event once, in seq order, and drains the counters", async () => {
   const { dir, path } = await tempDb();
@@ -402,34 +419,42 @@ Deno.test("consume() keeps slow handlers out of KV's 5 s redelivery while anothe
     assert.equal(result.messages, 60);
     assert.equal(calls.size, 60);
     assert.deepEqual([...calls.values()].filter((n) => n > 1), [], "no handler ran twice for a message");
-    assert.ok(result.deferred > 0, "messages that could not be handled in time were put back");
+    assert.ok(result.deferred > 0, "messages that could not be handled in time were parked");
     assert.deepEqual(kvQueueTables(path), { queued: 0, running: 0 });
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
 });
 
-Deno.test("consume() with a backlog it must put back still hands messages over in seq order", async () => {
+Deno.test("consume() with a backlog it must park hands every message over in seq order, parking each at most once", async () => {
   const { dir, path } = await tempDb();
   try {
     const kv = await Deno.openKv(path);
-    await produce(kv, generateCapture({ count: 6000, seed: 16 }), { batchSize: 20 });
+    await produce(kv, generateCapture({ count: 5000, seed: 16 }), { batchSize: 5 });
     kv.close();
-    // 300 messages of 12 ms: KV hands over all of them at once (each commit's in random order), and
-    // more than a few seconds' worth must go back to come again.
+    // 1,000 messages of 10 ms: KV hands over all of them at once (each commit's in random order), and
+    // more than a few seconds' worth must be parked. (Put back in KV's queue instead, they came back
+    // when due, many of them several times: 3,151 put-backs here; 25,138 for 4,000 messages, with
+    // 94 seqs late.)
     const seqs: number[] = [];
     const result = await consume({
       kv: path,
       untilEmpty: true,
       handler: async (_events, { seq }) => {
         seqs.push(seq);
-        await sleep(12);
+        await sleep(10);
       },
     });
-    assert.equal(result.messages, 300);
-    assert.ok(result.deferred > 0, "messages were put back");
+    assert.equal(result.messages, 1000);
+    assert.ok(result.deferred > 0, "messages were parked");
+    assert.ok(
+      result.deferred <= result.messages,
+      `${result.deferred} parkings for ${result.messages} messages`,
+    );
     const late = seqs.filter((seq, i) => i > 0 && seq < seqs[i - 1]);
-    assert.deepEqual(late, [], "a message put back came after higher seqs");
+    assert.deepEqual(late, [], "a parked message came after higher seqs");
+    assert.deepEqual(kvQueueTables(path), { queued: 0, running: 0 });
+    assert.equal((await listParked(path)).length, 0, "parked entries were left behind");
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
@@ -467,7 +492,7 @@ Deno.test("small batches make commits of at most 32 messages, whose backlog cons
   }
 });
 
-Deno.test("consume({ untilEmpty }) waits for the messages it put back, however long its emptyTimeout is past", async () => {
+Deno.test("consume({ untilEmpty }) handles the messages it parked before it stops, however short its emptyTimeout", async () => {
   const { dir, path } = await tempDb();
   try {
     const kv = await openKvAt(path);
@@ -478,7 +503,7 @@ Deno.test("consume({ untilEmpty }) waits for the messages it put back, however l
       kv: path,
       untilEmpty: true,
       emptyTimeout: 500,
-      // A first message that takes 1.5 s: the rest is put back, due back over the next seconds.
+      // A first message that takes 1.5 s: the rest is parked, to be read back after it.
       handler: async () => {
         if (first) await sleep(1_500);
         first = false;
@@ -490,7 +515,7 @@ Deno.test("consume({ untilEmpty }) waits for the messages it put back, however l
       `stopped '${result.stopReason}' after ${result.messages} messages`,
     );
     assert.equal(result.messages, 15);
-    assert.ok(result.deferred > 0, "nothing was put back: the test no longer shows what it is for");
+    assert.ok(result.deferred > 0, "nothing was parked: the test no longer shows what it is for");
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
@@ -577,6 +602,15 @@ if (import.meta.main) {
       await sleep(intervalMs);
     }
     kv.close();
+  } else if (role === "parker") {
+    // Prints each seq it handles; slow enough that a backlog is parked. Killed by the test.
+    await consume({
+      kv: path,
+      handler: async (_events, { seq }) => {
+        console.log(seq);
+        await sleep(30);
+      },
+    });
   } else if (role === "consumer") {
     const expected = Number(rest[0]);
     const ac = new AbortController();
@@ -632,7 +666,213 @@ Deno.test("consume() stops soon when aborted with a backlog, and a later consume
   }
 });
 
-Deno.test("consume() puts back the message of a handler that fails once stopping, using up no retry", async () => {
+Deno.test("consume() leaves what it parked when stopped, status counts it, and the next consume() takes it over at once, in seq order", async () => {
+  const { dir, path } = await tempDb();
+  try {
+    const kv = await Deno.openKv(path);
+    const stored = await produce(kv, generateCapture({ count: 6000, seed: 23 }), { batchSize: 20 });
+    kv.close();
+    // 300 messages of 20 ms: far more than 3 s of work, so most are parked; stop after 20.
+    const ac = new AbortController();
+    const seqs: number[] = [];
+    const seen: JetstreamEvent[] = [];
+    const first = await consume({
+      kv: path,
+      signal: ac.signal,
+      handler: async (events, { seq }) => {
+        seqs.push(seq);
+        seen.push(...events);
+        await sleep(20);
+        if (seqs.length === 20) ac.abort();
+      },
+    });
+    assert.equal(first.messages, 20);
+    assert.ok(first.deferred > 0, "nothing was parked: the test no longer shows what it is for");
+    const kv2 = await openKvAt(path);
+    const status = await queueStatus(kv2, Q);
+    kv2.close();
+    assert.equal(status.messagesWaiting, 280);
+    assert.ok(status.messagesParked > 0 && status.messagesParked <= 280, `${status.messagesParked} parked`);
+    assert.ok((await listParked(path)).length > 0);
+    const started = performance.now();
+    const rest = await consume({
+      kv: path,
+      untilEmpty: true,
+      handler: (events, { seq }) => {
+        seqs.push(seq);
+        seen.push(...events);
+      },
+    });
+    // Taken over at once: the first consumer deleted its sign of life when it stopped.
+    assert.ok(performance.now() - started < PARK_STALE_MS, "the parked messages waited to be taken over");
+    assert.equal(rest.stopReason, "empty");
+    assert.equal(rest.messages, 280);
+    assert.deepEqual(seqs, Array.from({ length: 300 }, (_, i) => i + 1), "every message once, in seq order");
+    assert.deepEqual(seen, stored);
+    assert.deepEqual(await listParked(path), []);
+    assert.deepEqual(kvQueueTables(path), { queued: 0, running: 0 });
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("requeueParked() hands what a stopped consumer parked back to KV's queue, for a plain listenQueue", async () => {
+  const { dir, path } = await tempDb();
+  try {
+    const kv = await Deno.openKv(path);
+    await produce(kv, generateCapture({ count: 3000, seed: 26 }), { batchSize: 20 });
+    kv.close();
+    const ac = new AbortController();
+    const first = await consume({
+      kv: path,
+      signal: ac.signal,
+      handler: async (_events, { seq }) => {
+        await sleep(30);
+        if (seq === 10) ac.abort();
+      },
+    });
+    assert.equal(first.messages, 10);
+    const kv2 = await openKvAt(path);
+    try {
+      const parked = (await queueStatus(kv2, Q)).messagesParked;
+      assert.ok(parked > 0, "nothing was parked: the test no longer shows what it is for");
+      assert.equal(await requeueParked(kv2, Q), parked);
+      assert.equal((await queueStatus(kv2, Q)).messagesParked, 0);
+      assert.deepEqual(await listParked(path), []);
+      assert.equal(await requeueParked(kv2, Q), 0, "a second call finds nothing");
+    } finally {
+      kv2.close();
+    }
+    // A plain listener, with no jetfill code, now gets every message not handled.
+    const listener = await Deno.openKv(path);
+    const got = new Set<number>();
+    let all: () => void = () => {};
+    const done = new Promise<void>((resolve) => all = resolve);
+    const listening = listener.listenQueue((m) => {
+      got.add((m as QueueMessage).seq);
+      if (got.size === 140) all();
+    });
+    const timer = setTimeout(all, 20_000);
+    await done;
+    clearTimeout(timer);
+    listener.close();
+    await listening;
+    assert.deepEqual([...got].sort((a, b) => a - b), Array.from({ length: 140 }, (_, i) => i + 11));
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("the messages a killed consumer parked wait while it may be alive, then another consume() takes them over", async () => {
+  const { dir, path } = await tempDb();
+  try {
+    const kv = await Deno.openKv(path);
+    await produce(kv, generateCapture({ count: 4000, seed: 24 }), { batchSize: 20 });
+    kv.close();
+    // A consumer process with a 30 ms handler, killed (no clean stop) once it has parked messages.
+    const child = new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", "--unstable-kv", import.meta.filename!, "parker", path],
+      stdout: "piped",
+      stderr: "inherit",
+    }).spawn();
+    const handledByChild = new Set<number>();
+    const lines = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+    let buffered = "";
+    while (handledByChild.size < 10) {
+      const { value, done } = await lines.read();
+      if (done) break;
+      buffered += value;
+      const parts = buffered.split("\n");
+      buffered = parts.pop()!;
+      for (const part of parts) handledByChild.add(Number(part));
+    }
+    const deadline = performance.now() + 20_000;
+    while ((await listParked(path)).length === 0) {
+      if (performance.now() > deadline) assert.fail("the consumer parked nothing in 20 s");
+      await sleep(50);
+    }
+    child.kill("SIGKILL");
+    await child.status;
+    await lines.cancel();
+    const killedAt = performance.now();
+    const parked = await listParked(path);
+    assert.ok(parked.length > 0);
+    const seqs: number[] = [];
+    let firstParkedAt = Number.POSITIVE_INFINITY;
+    const parkedSeqs = new Set(parked.map(([, seq]) => seq));
+    const result = await consume({
+      kv: path,
+      untilEmpty: true,
+      handler: (_events, { seq }) => {
+        seqs.push(seq);
+        if (parkedSeqs.has(seq)) firstParkedAt = Math.min(firstParkedAt, performance.now());
+      },
+    });
+    assert.equal(
+      result.stopReason,
+      "empty",
+      `stopped '${result.stopReason}' after ${result.messages} messages`,
+    );
+    // Its last sign of life was at most PARK_HEARTBEAT_MS before the kill: not taken over before it
+    // is PARK_STALE_MS old.
+    const waited = firstParkedAt - killedAt;
+    assert.ok(
+      waited >= PARK_STALE_MS - PARK_HEARTBEAT_MS - 500,
+      `a parked message of the killed consumer was handled ${Math.round(waited)} ms after the kill`,
+    );
+    for (const seq of parkedSeqs) assert.ok(seqs.includes(seq), `parked message ${seq} was never handled`);
+    const all = new Set([...handledByChild, ...seqs]);
+    assert.equal(all.size, 200, "every message handled");
+    assert.deepEqual(await listParked(path), []);
+    assert.deepEqual(kvQueueTables(path), { queued: 0, running: 0 });
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("consume() tries a parked message whose handler failed again, and goes on with the others meanwhile", async () => {
+  const { dir, path } = await tempDb();
+  try {
+    const kv = await Deno.openKv(path);
+    await produce(kv, generateCapture({ count: 6000, seed: 25 }), { batchSize: 20 });
+    kv.close();
+    // 300 messages of 25 ms, 7.5 s of work: all but the first 3 s or so are parked; seq 280 fails once.
+    const seqs: number[] = [];
+    const reports: string[] = [];
+    let failed = false;
+    let kvTablesAtRetry: { queued: number; running: number } | undefined;
+    const result = await consume({
+      kv: path,
+      untilEmpty: true,
+      onError: (r) => reports.push(`${r.reason}: ${r.message}`),
+      handler: async (_events, { seq }) => {
+        await sleep(25);
+        if (seq === 280 && !failed) {
+          failed = true;
+          throw new Error("not now");
+        }
+        if (seq === 280) kvTablesAtRetry = kvQueueTables(path);
+        seqs.push(seq);
+      },
+    });
+    // It waited in its parked keys, not in KV's queue (a redelivery is in KV's running table).
+    assert.deepEqual(kvTablesAtRetry, { queued: 0, running: 0 });
+    assert.equal(result.stopReason, "empty");
+    assert.ok(result.deferred > 0);
+    assert.equal(result.messages, 300);
+    assert.equal(result.failures, 1);
+    assert.deepEqual(reports, ["handler: handler failed on message 280: not now"]);
+    // Tried again 100 ms later (KV's first retry delay), after a few of the next seqs.
+    const at = seqs.indexOf(280);
+    assert.ok(at > 279 && at < 290, `message 280 handled in place ${at}: ${seqs.slice(275)}`);
+    assert.deepEqual([...seqs].sort((a, b) => a - b), Array.from({ length: 300 }, (_, i) => i + 1));
+    assert.deepEqual(await listParked(path), []);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("consume() parks the message of a handler that fails once stopping, using up no retry", async () => {
   const { dir, path } = await tempDb();
   try {
     const kv = await Deno.openKv(path);
@@ -659,7 +899,7 @@ Deno.test("consume() puts back the message of a handler that fails once stopping
     assert.ok(first.deferred >= 1);
     assert.ok(
       reports.some((r) =>
-        /^handler: .*message 3 while stopping: output closed; the message was put back/.test(r)
+        /^handler: .*message 3 while stopping: output closed; the message was parked/.test(r)
       ),
       reports.join("\n"),
     );

@@ -397,6 +397,7 @@ Deno.test("status ties a held lock file to the writer only when the writer said 
     recordsHandled: 0,
     messagesWaiting: 0,
     recordsWaiting: 0,
+    messagesParked: 0,
     deadLetters: 0,
     deadRecords: 0,
     queueLength: 0,

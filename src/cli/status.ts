@@ -27,8 +27,9 @@ Options:
 
 JSON fields: kv (the database path), queue, lastSeq, latestCursor (time_us of the last record
 stored, or null), latestCursorTime (its ISO 8601 UTC time), checkpointUpdatedAt, recordsStored,
-messagesEnqueued, messagesHandled, recordsHandled, messagesWaiting and recordsWaiting (in the
-queue: neither handled nor dead-lettered), deadLetters and deadRecords (messages KV gave up
+messagesEnqueued, messagesHandled, recordsHandled, messagesWaiting and recordsWaiting (neither
+handled nor dead-lettered), messagesParked (of those, parked by a consumer in KV keys, out of
+KV's queue, for a consumer to take in seq order), deadLetters and deadRecords (messages KV gave up
 delivering), queueLength (messages not handled, dead letters included, as a sync reports it),
 recordsPerDay ({ "YYYY-MM-DD": records }), writer (the sync holding the queue's writer lock:
 { run, since, lastSeen, lockFile }, or null when none does; a lastSeen over 10 s old is a crashed
@@ -85,7 +86,9 @@ export function formatStatus(s: QueueStatus, path: string, lockFile: StatusJson[
     }`,
     `stored              ${counted(s.recordsStored, "record")} in ${counted(s.messagesEnqueued, "message")}`,
     `handled             ${counted(s.recordsHandled, "record")} in ${counted(s.messagesHandled, "message")}`,
-    `waiting             ${counted(s.recordsWaiting, "record")} in ${counted(s.messagesWaiting, "message")}`,
+    `waiting             ${counted(s.recordsWaiting, "record")} in ${counted(s.messagesWaiting, "message")}${
+      s.messagesParked > 0 ? ` (${s.messagesParked} parked by a consumer)` : ""
+    }`,
     `dead letters        ${counted(s.deadLetters, "message")} (${counted(s.deadRecords, "record")})`,
   ];
   const days = Object.entries(s.recordsPerDay).sort();

@@ -23,21 +23,28 @@
  *   for as long as it is held. And `listenQueue` dequeues every ready message at once, however slow
  *   the handler. So consume() keeps what it holds small and short-lived: it holds only the messages
  *   it expects to finish within {@link HOLD_TARGET_MS} of their delivery (from the measured handling
- *   time), and puts the others back, highest `seq` first, each with a delay that brings it back about
- *   when a handler is free for it (a new enqueue of the same message: it uses up no retry, and comes
- *   back with a fresh deadline). Each handler runs at most `min(handlerTimeout, ACK_DEADLINE_MS
- *   after its delivery)`; one past its time is reported as a `timeout`, its `signal` is aborted and
- *   its message failed, for KV to redeliver. Copies that a requeue still makes are skipped by `seq`.
+ *   time), and **parks** the others: one commit writes each message to
+ *   `["jetfill", queue, "parked", run, seq]` (with a small index entry under `"parkedSeq"`), and its
+ *   delivery is acknowledged. A parked message is out of KV's queue and its deadlines: it is read
+ *   back when a handler is free for it, lowest `seq` first, and deleted in the commit that records it
+ *   handled. Each handler of a delivery runs at most `min(handlerTimeout, ACK_DEADLINE_MS after its
+ *   delivery)`, one of a parked message `handlerTimeout`; one past its time is reported as a
+ *   `timeout`, its `signal` is aborted and its message failed: a delivery for KV to redeliver, a
+ *   parked message to be tried again on KV's default schedule, then written to its dead letter as KV
+ *   would. Copies that a requeue still makes are skipped by `seq`.
+ * - **Parked messages outlive their consumer.** A consumer that parked messages says it is alive
+ *   under `["jetfill", queue, "consumer", run]` every {@link PARK_HEARTBEAT_MS} and deletes that key
+ *   when it stops; another consumer takes over the messages of a run whose key is gone or older than
+ *   {@link PARK_STALE_MS} (a stopped or crashed consumer), and handles them in `seq` order with the
+ *   rest. A plain `listenQueue` does not see parked messages: `jetfill status` counts them.
  * - **No cross-process wake-up.** A listener only sees another process's enqueues on a 60 s poll, but
  *   it takes everything that is ready when it opens the database. With a path, consume() therefore
  *   runs in sessions: open, listen, handle what arrives, and once idle and at least `pollInterval` old,
  *   close and open again. A session is only closed when nothing is in flight: acknowledgements made
  *   after `close()` are lost (measured), and such messages come back only after their deadline.
- * - **Handlers run `concurrency` at a time** (default 1), lowest `seq` first: messages enqueued in
- *   one commit are dequeued in random order, so consume() waits up to `reorderWindow` for a missing
- *   `seq` before it goes on without it. A missing `seq` that consume() put back itself is waited for
- *   until it is due back: the held messages that cannot wait that long are put back too, due after
- *   it, and every put-back is due in `seq` order, so a backlog put back comes out in order.
+ * - **Handlers run `concurrency` at a time** (default 1), lowest `seq` first, parked messages and
+ *   deliveries together: messages enqueued in one commit are dequeued in random order, so consume()
+ *   waits up to `reorderWindow` for a missing `seq` before it goes on without it.
  * - **Failures and dead letters.** A handler that throws leaves its message to KV, which redelivers it
  *   on its backoff schedule; when the retries run out KV writes the message to the keys given at
  *   enqueue time, `["jetfill", queue, "dead", seq]` for jetfill's writer. Dead letters are not counted
@@ -78,7 +85,7 @@ export const DEDUPE_WINDOW_MS = 7 * 24 * 3600_000;
 // After the last handler settles, Deno still has to send the acknowledgement; closing the database
 // before that loses it. A few milliseconds are enough on an idle backend; this leaves room.
 const ACK_SETTLE_MS = 40;
-// After a stop, KV goes on delivering a backlog, and each delivery is put back at once: a quiet
+// After a stop, KV goes on delivering a backlog, and each delivery is parked at once: a quiet
 // spell of ACK_SETTLE_MS may never come. From this long after the stop, consume() returns at the
 // first moment nothing is unsettled.
 const STOP_GRACE_MS = 250;
@@ -86,23 +93,30 @@ const STOP_GRACE_MS = 250;
 const ORPHAN_DELAY_MS = 1_000;
 // Messages of another queue come back after this delay, for their own consumer to take.
 const FOREIGN_DELAY_MS = 2_000;
-// Put-backs per atomic commit: 12 messages of 64 KiB stay under KV's 800 KiB per commit.
-const PUT_BACKS_PER_COMMIT = 12;
-// A handler is not started with less time than this before the deadline: it is put back instead.
+// Put-backs or parked messages per atomic commit: 12 messages of 64 KiB stay under KV's 800 KiB.
+const MESSAGES_PER_COMMIT = 12;
+// A handler is not started with less time than this before the deadline: it is parked instead.
 const MIN_RUN_MS = 100;
 // The handling time assumed before the first message is measured.
 const INITIAL_SERVICE_MS = 10;
 /**
  * consume() holds a delivered message only when it expects to finish it within this time of its
- * delivery; it puts the others back. KV's deadline is 5 s after a message became ready, which for a
+ * delivery; it parks the others. KV's deadline is 5 s after a message became ready, which for a
  * fresh message picked up within a 1 s poll leaves about 4 s; this keeps a margin for slow turns of
  * the event loop and for handlers slower than their average.
  */
 export const HOLD_TARGET_MS = 3_000;
-// How long to keep waiting for a message put back here when it is the next seq.
-const REORDER_GRACE_MS = 500;
-const MIN_PUT_BACK_DELAY_MS = 100;
-const MAX_PUT_BACK_DELAY_MS = 60_000;
+/** A consumer with parked messages writes that it is alive this often, ms. */
+export const PARK_HEARTBEAT_MS = 1_000;
+/** The parked messages of a consumer not seen alive for this long are taken over by another, ms. */
+export const PARK_STALE_MS = 10_000;
+// A parked message whose handler failed is tried again after these delays (KV's default backoff),
+// then written to its dead letter: six tries, as KV gives a delivery.
+const PARKED_RETRY_MS = [100, 1_000, 5_000, 30_000, 60_000];
+// Parked messages are read back this many at once (KV's getMany limit), as their turn comes.
+const PARKED_READ_AHEAD = 10;
+// How often a running consumer looks for parked messages that a stopped or crashed one left, ms.
+const ADOPT_EVERY_MS = 5_000;
 // After a handler failure, KV redelivers after 100 ms and then 1 s (its default schedule).
 const RETRY_EXPECTED_MS = 1_300;
 // A session that is settled but expects messages back stays open at most this many poll intervals.
@@ -133,19 +147,19 @@ export interface ConsumeContext {
  * Handles the events of one queue message. Resolve when they are safely stored: the message is then
  * acknowledged. Throw (or reject) to have it redelivered later. A handler that throws once
  * consume() is stopping (its `signal` aborted, say by the handler itself when its output is gone)
- * has its message put back instead, like the messages held: it uses up no retry.
+ * has its message parked for the next consumer instead, like the messages held: it uses up no retry.
  */
 export type ConsumeHandler = (events: JetstreamEvent[], context: ConsumeContext) => void | Promise<void>;
 
 /** Why consume() reported a problem; none of them stops it. */
 export type ConsumeErrorReason =
-  /** The handler threw; KV will redeliver the message. */
+  /** The handler threw; KV will redeliver the message (a parked one is tried again). */
   | "handler"
-  /** The handler ran out of time; its signal was aborted and the message failed for redelivery. */
+  /** The handler ran out of time; its signal was aborted and the message failed, as with `handler`. */
   | "timeout"
   /** A message of another queue, or not a jetfill message, was put back for its own consumer. */
   | "foreign"
-  /** Recording a handled message, or putting one back, failed; KV will redeliver it. */
+  /** Recording a handled message, parking or reading one, or putting one back, failed; nothing is lost. */
   | "storage";
 
 /** A problem reported to {@link ConsumeOptions.onError}. */
@@ -181,7 +195,7 @@ export interface ConsumeOptions {
   kv?: Deno.Kv | string;
   /** The queue's name. @default {"jetstream_sync"} */
   queueName?: string;
-  /** Stops consume() when aborted: the running handlers finish, the messages held are put back. */
+  /** Stops consume() when aborted: the running handlers finish, the messages held are parked. */
   signal?: AbortSignal;
   /**
    * Stop once no message of the queue is waiting: the counters show every enqueued message handled
@@ -230,7 +244,10 @@ export interface ConsumeResult {
   failures: number;
   /** Of the failures, those that were timeouts. */
   timeouts: number;
-  /** Messages of this queue put back with a delay, to keep within the 5 s deadline or on stop. */
+  /**
+   * Messages of this queue set aside for later: parked in KV keys, out of KV's queue and its 5 s
+   * deadline, to be handled in `seq` order when a handler is free (by this consumer, or by the next).
+   */
   deferred: number;
   /** Messages of other queues (or not jetfill's) put back for their own consumers. */
   foreign: number;
@@ -265,6 +282,22 @@ interface Delivery {
   firstOfSession?: boolean;
   handlerStartedAt?: number;
   handlerMs?: number;
+  /** Set when the message is handled from where it was parked: it has no delivery to answer. */
+  parked?: Parked;
+}
+
+/** A message parked in KV keys and not handled yet, by this consumer or by one that left. */
+interface Parked {
+  seq: number;
+  /** The consumer run that parked it: part of its keys. */
+  run: string;
+  /** The message, once read back for its turn. */
+  message?: QueueMessage;
+  /** Since when it is known here (performance.now() time), for the reorder wait. */
+  since: number;
+  /** Failed handlings so far, and when it may be tried again (performance.now() time). */
+  failures: number;
+  retryAt: number;
 }
 
 interface PutBack {
@@ -372,6 +405,8 @@ class Consumer {
   readonly #o: Required<Omit<ConsumeOptions, "kv" | "signal" | "onError">>;
   readonly #onError: ((r: ConsumeErrorReport) => void) | undefined;
   readonly #queue: string;
+  /** This consumer's run: the keys of what it parks, and of its sign of life. */
+  readonly #run = crypto.randomUUID();
   // Held deliveries, sorted by seq; and by seq, the held and running ones not yet answered, for
   // coalescing the copies KV may deliver meanwhile.
   readonly #held: Delivery[] = [];
@@ -380,9 +415,22 @@ class Consumer {
   // copy of a seq can start while the previous one is still finishing.
   readonly #running = new Map<Delivery, number>();
   readonly #putBacks: PutBack[] = [];
-  // When the messages this consumer put back are due to come back, by seq (for ordering).
-  readonly #due = new Map<number, number>();
   #flushing = false;
+  // Parked messages waiting for a handler, sorted by seq; and by seq, those and the running ones.
+  readonly #parked: Parked[] = [];
+  readonly #parkedBySeq = new Map<number, Parked>();
+  // Deliveries being parked (still unanswered, and in #bySeq until answered).
+  readonly #parking: Delivery[] = [];
+  #parkFlushing = false;
+  #reading = false;
+  #readRetryAt = 0;
+  // The open database of the current session: where parked messages are read and recorded.
+  #kv: Deno.Kv | undefined;
+  // Whether parked messages left by other consumers were looked for: nothing starts before.
+  #ready = false;
+  #adoptedAt = Number.NEGATIVE_INFINITY;
+  // When this consumer last wrote that it is alive (0: never; it has parked nothing).
+  #beatAt = 0;
   #unsettled = 0;
   // Of #unsettled, the deliveries of other queues' messages.
   #foreignUnsettled = 0;
@@ -394,10 +442,9 @@ class Consumer {
   // The sessions (by their Deno.Kv) in which a message was started.
   readonly #sessionsStarted = new WeakSet<Deno.Kv>();
   #handlerMs = INITIAL_SERVICE_MS;
-  // The end of the last slot given to a message put back (performance.now() time).
-  #reservedUntil = 0;
-  // Until when messages of this queue are expected back (put back, or failed and retried by KV):
-  // a session stays open till then, as its own backend delivers them at once.
+  // Until when messages of this queue are expected back (failed and retried by KV, parked ones
+  // retried, or another consumer's parked ones to take over): a session stays open till then, as its
+  // own backend delivers KV's retries at once, and untilEmpty waits for them.
   #dueUntil = 0;
   #wakeAt = Number.POSITIVE_INFINITY;
   #wake: (() => void) | undefined;
@@ -485,10 +532,14 @@ class Consumer {
       (this.settled(now) || (this.quiet() && now - this.stoppedAt >= STOP_GRACE_MS));
   }
 
-  /** Nothing held, running, being put back or waiting for an answer. */
+  /** Nothing held, running, being put back, parked or read, or waiting for an answer. */
   quiet(): boolean {
     return this.#unsettled === 0 && this.#held.length === 0 && this.#running.size === 0 &&
-      this.#putBacks.length === 0 && !this.#flushing;
+      this.#putBacks.length === 0 && !this.#flushing && this.#parkingIdle();
+  }
+
+  #parkingIdle(): boolean {
+    return this.#parking.length === 0 && !this.#parkFlushing && !this.#reading;
   }
 
   /** Quiet long enough for Deno to have sent the last acknowledgement. */
@@ -503,7 +554,7 @@ class Consumer {
    */
   ownSettled(now: number): boolean {
     return this.#unsettled === this.#foreignUnsettled && this.#held.length === 0 &&
-      this.#running.size === 0 &&
+      this.#running.size === 0 && this.#parkingIdle() &&
       now - this.#lastOwnSettleAt >= ACK_SETTLE_MS;
   }
 
@@ -549,17 +600,19 @@ class Consumer {
         return;
       }
       const seq = raw.seq;
-      this.#due.delete(seq);
       const known = this.#bySeq.get(seq);
-      if (known && !known.done) {
-        // A second copy of a message already here (requeued by KV): it shares the first one's fate.
+      if ((known && !known.done) || this.#parkedBySeq.has(seq)) {
+        // A second copy of a message already here, or parked (requeued by KV): the first one's fate
+        // is its fate. A parked copy stands for it at once.
         this.result.duplicates++;
-        known.settles.push(settle);
+        if (known && !known.done) known.settles.push(settle);
+        else settle.resolve();
         return;
       }
       const delivery: Delivery = { message: raw, done: false, kv, deliveredAt: now, settles: [settle] };
       if (this.stopReason) {
-        this.#defer(delivery, ORPHAN_DELAY_MS);
+        this.#bySeq.set(seq, delivery);
+        this.#park(delivery);
         return;
       }
       this.#insert(delivery);
@@ -584,16 +637,13 @@ class Consumer {
   }
 
   #insert(d: Delivery): void {
-    const seq = d.message.seq;
-    let lo = 0;
-    let hi = this.#held.length;
-    while (lo < hi) {
-      const mid = (lo + hi) >> 1;
-      if (this.#held[mid].message.seq < seq) lo = mid + 1;
-      else hi = mid;
-    }
-    this.#held.splice(lo, 0, d);
-    this.#bySeq.set(seq, d);
+    this.#held.splice(lowerBound(this.#held, d.message.seq, (h) => h.message.seq), 0, d);
+    this.#bySeq.set(d.message.seq, d);
+  }
+
+  #insertParked(p: Parked): void {
+    this.#parked.splice(lowerBound(this.#parked, p.seq, (q) => q.seq), 0, p);
+    this.#parkedBySeq.set(p.seq, p);
   }
 
   /** The delivery is answered (or about to be): a later copy of its seq is judged afresh. */
@@ -612,125 +662,99 @@ class Consumer {
     return Math.max(1, ms);
   }
 
-  /** Starts what can start, and puts back what would be held too long. */
+  /** Uses `kv` for parked messages from now on: the current session's database. */
+  useKv(kv: Deno.Kv): void {
+    this.#kv = kv;
+  }
+
+  /** Starts what can start, parks what would be held too long. */
   pump(): void {
     const now = performance.now();
     this.#wakeAt = Number.POSITIVE_INFINITY;
     if (this.stopReason) {
-      while (this.#held.length > 0) this.#defer(this.#held.pop()!, ORPHAN_DELAY_MS);
+      // Left for the next consumer, in seq order with the rest.
+      for (const d of this.#held.splice(0)) this.#park(d);
       return;
     }
+    if (!this.#ready) return;
     const c = this.#o.concurrency;
     const plan = this.#planMs(now);
-    // Put back, from the highest seq down, what is not expected to finish within HOLD_TARGET_MS
-    // of its delivery (expected wait, its own handling, and half of that again as a margin).
+    // Park what is not expected to finish within HOLD_TARGET_MS of its delivery (expected wait,
+    // its own handling, and half of that again as a margin), counting the parked messages of lower
+    // seqs, which go first. The lowest held message to park, and with it every higher one: those
+    // would wait for it.
     const busy = this.#running.size >= c ? 1 : 0;
-    // A message put back here and not back yet holds up every higher seq: those that could not wait
-    // for it go back too, due after it.
-    const pending = this.#pendingBelow(now);
-    // The lowest held message to put back, and with it every higher seq held: those would wait for it.
     let cut = this.#held.length;
+    let below = 0;
     for (let k = 0; k < this.#held.length; k++) {
       const d = this.#held[k];
-      const waitsFor = pending !== undefined && d.message.seq > pending.seq
-        ? pending.due + REORDER_GRACE_MS > d.deliveredAt + HOLD_TARGET_MS / 2
-        : false;
-      if (k === 0 && !busy && !waitsFor) continue; // it starts now; #handle decides with the exact time left
-      const wait = (Math.floor(k / c) + busy) * plan;
-      if (waitsFor || now + wait + 1.5 * plan > d.deliveredAt + HOLD_TARGET_MS) {
+      while (below < this.#parked.length && this.#parked[below].seq < d.message.seq) below++;
+      const ahead = k + below;
+      if (ahead === 0 && !busy) continue; // it starts now; #handle decides with the exact time left
+      const wait = (Math.floor(ahead / c) + busy) * plan;
+      if (now + wait + 1.5 * plan > d.deliveredAt + HOLD_TARGET_MS) {
         cut = k;
         break;
       }
     }
-    // Highest seq first, as the slots below are given from the end.
-    const evicted = this.#held.splice(cut).reverse();
-    // Each one put back gets its own slot, lowest seq first, after what stays and what was put
-    // back before: they come back one by one about when a handler is free for them, instead of
-    // all at once (to be put back again). KV hands over the messages of a commit in random order,
-    // so a slot is also kept between those of the lower and the higher seqs put back before: a
-    // message must not come back after higher seqs, nor before lower ones.
-    const freeAt = now + (Math.ceil(this.#held.length / c) + busy) * plan;
-    for (let i = evicted.length - 1; i >= 0; i--) {
-      const d = evicted[i];
-      const base = Math.max(freeAt, this.#reservedUntil);
-      const { below, above } = this.#dueAround(d.message.seq, now);
-      let slot = below === undefined ? base : Math.max(base, below + 1);
-      if (above !== undefined && slot > above - 1) {
-        slot = below === undefined ? above - 1 : Math.max(below + 1, above - 1);
+    for (const d of this.#held.splice(cut)) this.#park(d);
+    while (this.#running.size < c) {
+      const held = this.#held[0];
+      const parkedAt = this.#nextParked(now);
+      const parked = parkedAt === -1 ? undefined : this.#parked[parkedAt];
+      if (parked && (!held || parked.seq < held.message.seq)) {
+        const kv = this.#kv;
+        if (!kv || closedKvs.has(kv)) break;
+        if (!parked.message) {
+          if (!this.#reading && now >= this.#readRetryAt) void this.#readParked(kv, parkedAt);
+          else this.#wakeAt = Math.min(this.#wakeAt, this.#readRetryAt);
+          break;
+        }
+        const waitUntil = this.#orderWait(parked.seq, parked.since, now);
+        if (waitUntil > now) {
+          this.#wakeAt = Math.min(this.#wakeAt, waitUntil);
+          break;
+        }
+        this.#parked.splice(parkedAt, 1);
+        const message = parked.message;
+        parked.message = undefined; // the delivery holds it while it runs
+        this.#start({ message, done: false, kv, deliveredAt: now, settles: [], parked }, now);
+        continue;
       }
-      this.#reservedUntil = Math.max(this.#reservedUntil, slot + plan / c);
-      this.#defer(d, slot - now);
-    }
-    while (this.#running.size < c && this.#held.length > 0) {
-      const first = this.#held[0];
-      const waitUntil = this.#orderWait(first, now);
+      if (!held) break;
+      // Never at the cost of the held messages' own deadline.
+      const waitUntil = Math.min(
+        this.#orderWait(held.message.seq, held.deliveredAt, now),
+        held.deliveredAt + HOLD_TARGET_MS / 2,
+      );
       if (waitUntil > now) {
         this.#wakeAt = Math.min(this.#wakeAt, waitUntil);
         break;
       }
       this.#held.shift();
-      this.#start(first, now);
+      this.#start(held, now);
     }
   }
 
+  /** Index in #parked of the lowest seq that may be tried now (-1: none), noting when the next may. */
+  #nextParked(now: number): number {
+    for (let i = 0; i < this.#parked.length; i++) {
+      const p = this.#parked[i];
+      if (p.retryAt <= now) return i;
+      this.#wakeAt = Math.min(this.#wakeAt, p.retryAt);
+    }
+    return -1;
+  }
+
   /**
-   * Until when the lowest held message should wait for a lower seq to arrive (`now` or earlier:
-   * go). Messages of one commit are dequeued in random order, so a gap after the last seq started
-   * is given `reorderWindow` to fill, or a little longer when it is a message put back here and
-   * due back any moment.
+   * Until when a message known `since` should wait for a lower seq to arrive (`now` or earlier: go).
+   * Messages of one commit are dequeued in random order, so a gap after the last seq started is given
+   * `reorderWindow` to fill.
    */
-  #orderWait(first: Delivery, now: number): number {
+  #orderWait(seq: number, since: number, now: number): number {
     const last = this.#lastStartedSeq;
-    if (last !== undefined && first.message.seq <= last + 1) return now;
-    let until = first.deliveredAt + this.#o.reorderWindow;
-    if (last !== undefined) {
-      // A seq put back here is waited for until it is due back (what is held and could not wait that
-      // long was put back after it).
-      const due = this.#due.get(last + 1);
-      if (due !== undefined && due > now - REORDER_GRACE_MS) until = Math.max(until, due + REORDER_GRACE_MS);
-    }
-    // Never at the cost of the held messages' own deadline.
-    return Math.min(until, first.deliveredAt + HOLD_TARGET_MS / 2);
-  }
-
-  /** The lowest seq put back here and not back yet (nor overdue), with when it is due. */
-  #pendingBelow(now: number): { seq: number; due: number } | undefined {
-    let lowest: { seq: number; due: number } | undefined;
-    for (const [seq, due] of this.#due) {
-      if (due > now - REORDER_GRACE_MS && (lowest === undefined || seq < lowest.seq)) lowest = { seq, due };
-    }
-    return lowest;
-  }
-
-  /**
-   * Among the messages put back here and not back yet: the latest due of a lower seq than `seq`,
-   * and the earliest due of a higher one.
-   */
-  #dueAround(seq: number, now: number): { below?: number; above?: number } {
-    let below: number | undefined;
-    let above: number | undefined;
-    for (const [s, due] of this.#due) {
-      if (due <= now) continue;
-      if (s < seq && (below === undefined || due > below)) below = due;
-      if (s > seq && (above === undefined || due < above)) above = due;
-    }
-    return { below, above };
-  }
-
-  #defer(d: Delivery, delay: number): void {
-    this.#finish(d);
-    this.result.deferred++;
-    const ms = Math.round(Math.min(MAX_PUT_BACK_DELAY_MS, Math.max(MIN_PUT_BACK_DELAY_MS, delay)));
-    const dueAt = performance.now() + ms;
-    this.#due.set(d.message.seq, dueAt);
-    this.#dueUntil = Math.max(this.#dueUntil, dueAt + 200);
-    this.#putBack({
-      kv: d.kv,
-      value: d.message,
-      delay: ms,
-      keysIfUndelivered: [queueKey(this.#queue, "dead", d.message.seq)],
-      settles: d.settles,
-    });
+    if (last !== undefined && seq <= last + 1) return now;
+    return since + this.#o.reorderWindow;
   }
 
   #putBack(p: PutBack): void {
@@ -745,26 +769,12 @@ class Consumer {
       // Let the put-backs of this turn gather.
       await Promise.resolve();
       while (this.#putBacks.length > 0) {
-        const kv = this.#putBacks[0].kv;
-        const group: PutBack[] = [];
-        while (
-          group.length < PUT_BACKS_PER_COMMIT && this.#putBacks.length > 0 && this.#putBacks[0].kv === kv
-        ) {
-          group.push(this.#putBacks.shift()!);
-        }
-        let failure: unknown;
-        try {
-          const res = await retryBusy(() => {
-            const op = kv.atomic();
-            for (const p of group) {
-              op.enqueue(p.value, { delay: p.delay, keysIfUndelivered: p.keysIfUndelivered });
-            }
-            return op.commit();
-          });
-          if (!res.ok) failure = new Error("the commit was refused");
-        } catch (err) {
-          failure = err;
-        }
+        const group = takeGroup(this.#putBacks);
+        const failure = await commitOrFailure(group[0].kv, (op) => {
+          for (const p of group) {
+            op.enqueue(p.value, { delay: p.delay, keysIfUndelivered: p.keysIfUndelivered });
+          }
+        });
         for (const p of group) {
           for (const s of p.settles) {
             if (failure === undefined) s.resolve();
@@ -784,6 +794,176 @@ class Consumer {
     } finally {
       this.#flushing = false;
       this.notify();
+    }
+  }
+
+  #parkedKey(p: { run: string; seq: number }): Deno.KvKey {
+    return queueKey(this.#queue, "parked", p.run, p.seq);
+  }
+
+  #parkedSeqKey(p: { run: string; seq: number }): Deno.KvKey {
+    return queueKey(this.#queue, "parkedSeq", p.run, p.seq);
+  }
+
+  #park(d: Delivery): void {
+    this.#parking.push(d);
+    if (!this.#parkFlushing) void this.#flushParking();
+  }
+
+  /**
+   * Group commits of parked messages: each is written to its keys, with this consumer's sign of
+   * life, before its delivery is acknowledged. Until then it stays in #bySeq, so that a copy KV
+   * delivers meanwhile shares its fate.
+   */
+  async #flushParking(): Promise<void> {
+    this.#parkFlushing = true;
+    try {
+      await Promise.resolve();
+      while (this.#parking.length > 0) {
+        const group = takeGroup(this.#parking);
+        const failure = await commitOrFailure(group[0].kv, (op) => {
+          for (const d of group) {
+            const at = { run: this.#run, seq: d.message.seq };
+            op.set(this.#parkedKey(at), d.message).set(this.#parkedSeqKey(at), true);
+          }
+          // Its sign of life; once stopping, none: its parked messages are the next consumer's at once.
+          if (!this.stopReason) op.set(queueKey(this.#queue, "consumer", this.#run), { at: Date.now() });
+        });
+        const now = performance.now();
+        if (failure === undefined && !this.stopReason) this.#beatAt = now;
+        for (const d of group) {
+          this.#finish(d);
+          if (failure === undefined) {
+            this.result.deferred++;
+            this.#insertParked({ seq: d.message.seq, run: this.#run, since: now, failures: 0, retryAt: 0 });
+          }
+          for (const s of d.settles) failure === undefined ? s.resolve() : s.reject(failure);
+        }
+        if (failure !== undefined) {
+          this.#report({
+            reason: "storage",
+            message: `could not park ${group.length} message(s): ${
+              errorText(failure)
+            }; KV will redeliver them`,
+            error: failure,
+          });
+        }
+      }
+    } finally {
+      this.#parkFlushing = false;
+      this.notify();
+    }
+  }
+
+  /** Reads back the parked messages from #parked[from] on whose turn is near (up to PARKED_READ_AHEAD). */
+  async #readParked(kv: Deno.Kv, from: number): Promise<void> {
+    this.#reading = true;
+    const batch: Parked[] = [];
+    for (let i = from; i < this.#parked.length && batch.length < PARKED_READ_AHEAD; i++) {
+      if (!this.#parked[i].message) batch.push(this.#parked[i]);
+    }
+    try {
+      const entries = await retryBusy(() => kv.getMany(batch.map((p) => this.#parkedKey(p))));
+      entries.forEach((entry, i) => {
+        const p = batch[i];
+        if (isQueueMessage(entry.value) && entry.value.queue === this.#queue && entry.value.seq === p.seq) {
+          p.message = entry.value;
+          return;
+        }
+        // Handled and deleted by another consumer meanwhile (or not a message: left where it is,
+        // for `jetfill status` to count).
+        this.#dropParked(p);
+        if (entry.versionstamp !== null) {
+          this.#report({
+            reason: "storage",
+            message: `the parked entry of message ${p.seq} is not a message of this queue; left in place`,
+            seq: p.seq,
+          });
+        }
+      });
+    } catch (err) {
+      this.#readRetryAt = performance.now() + 1_000;
+      this.#report({
+        reason: "storage",
+        message: `could not read parked messages: ${errorText(err)}; trying again`,
+        error: err,
+      });
+    } finally {
+      this.#reading = false;
+      this.pump();
+      this.notify();
+    }
+  }
+
+  #dropParked(p: Parked): void {
+    const i = this.#parked.indexOf(p);
+    if (i !== -1) this.#parked.splice(i, 1);
+    if (this.#parkedBySeq.get(p.seq) === p) this.#parkedBySeq.delete(p.seq);
+  }
+
+  /**
+   * Takes over the parked messages of consumers that left (their sign of life is gone or stale), and
+   * lets messages start once it has looked the first time. Cheap when nothing is parked: one list of
+   * small index entries.
+   */
+  async adopt(kv: Deno.Kv): Promise<void> {
+    const now = performance.now();
+    if (this.#ready && now - this.#adoptedAt < ADOPT_EVERY_MS) return;
+    this.#adoptedAt = now;
+    try {
+      const runs = await retryBusy(() => parkedByRun(kv, this.#queue));
+      runs.delete(this.#run);
+      for (const [run, seqs] of runs) {
+        const age = (await retryBusy(() => lastSeenOf(kv, this.#queue, run))).age;
+        if (age < PARK_STALE_MS) {
+          // Its messages are news to wait for (untilEmpty): taken over here if it is not seen again.
+          this.#dueUntil = Math.max(this.#dueUntil, performance.now() + PARK_STALE_MS - age + ADOPT_EVERY_MS);
+          continue;
+        }
+        for (const seq of seqs) {
+          // A delivery of it here now is handled first; a later look finds the leftover handled.
+          if (this.#parkedBySeq.has(seq) || this.#bySeq.has(seq)) continue;
+          this.#insertParked({ seq, run, since: performance.now(), failures: 0, retryAt: 0 });
+        }
+      }
+    } catch (err) {
+      this.#report({
+        reason: "storage",
+        message: `could not look for parked messages: ${errorText(err)}; looking again later`,
+        error: err,
+      });
+    }
+    this.#ready = true;
+  }
+
+  /** Writes that this consumer is alive, every PARK_HEARTBEAT_MS while it has parked messages. */
+  async keepAlive(kv: Deno.Kv): Promise<void> {
+    const now = performance.now();
+    if (this.#beatAt === 0 || now - this.#beatAt < PARK_HEARTBEAT_MS) return;
+    let mine = false;
+    for (const p of this.#parkedBySeq.values()) {
+      if (p.run === this.#run) {
+        mine = true;
+        break;
+      }
+    }
+    if (!mine) return;
+    this.#beatAt = now;
+    try {
+      await retryBusy(() => kv.set(queueKey(this.#queue, "consumer", this.#run), { at: Date.now() }));
+    } catch {
+      // The next beat tries again; parked messages are taken over only after PARK_STALE_MS.
+    }
+  }
+
+  /** Stopping: this consumer's parked messages are left for the next consumer, at once. */
+  async leave(kv: Deno.Kv): Promise<void> {
+    if (this.#beatAt === 0) return;
+    this.#beatAt = 0;
+    try {
+      await retryBusy(() => kv.delete(queueKey(this.#queue, "consumer", this.#run)));
+    } catch {
+      // Its parked messages are then taken over once its last sign of life is PARK_STALE_MS old.
     }
   }
 
@@ -828,20 +1008,73 @@ class Consumer {
     return d.handled === true;
   }
 
+  /**
+   * A failed handling: a delivery is left to KV (rejected, for redelivery on its schedule); a parked
+   * message is tried again on KV's default schedule, and after its sixth failure written to its dead
+   * letter, as KV does with a delivery.
+   */
+  async #failed(d: Delivery, err: unknown): Promise<void> {
+    const p = d.parked;
+    if (!p) {
+      this.#finish(d);
+      this.#dueUntil = Math.max(this.#dueUntil, performance.now() + RETRY_EXPECTED_MS);
+      for (const s of d.settles) s.reject(err);
+      return;
+    }
+    p.failures++;
+    if (p.failures <= PARKED_RETRY_MS.length) {
+      p.retryAt = performance.now() + PARKED_RETRY_MS[p.failures - 1];
+      this.#dueUntil = Math.max(this.#dueUntil, p.retryAt + 200);
+      this.#insertParked(p);
+      return;
+    }
+    const failure = await commitOrFailure(d.kv, (op) => {
+      op.set(queueKey(this.#queue, "dead", p.seq), d.message)
+        .delete(this.#parkedKey(p))
+        .delete(this.#parkedSeqKey(p));
+    });
+    if (failure === undefined) {
+      this.#parkedBySeq.delete(p.seq);
+      this.#report({
+        reason: "storage",
+        message: `message ${p.seq} failed ${p.failures} times; written to its dead letter`,
+        seq: p.seq,
+      });
+    } else {
+      p.retryAt = performance.now() + PARKED_RETRY_MS.at(-1)!;
+      this.#insertParked(p);
+      this.#report({
+        reason: "storage",
+        message: `could not write message ${p.seq} to its dead letter: ${
+          errorText(failure)
+        }; it stays parked`,
+        seq: p.seq,
+        error: failure,
+      });
+    }
+  }
+
+  /** Answers `d` as done: its delivery acknowledged, or its parked keys deleted. */
+  async #done(d: Delivery): Promise<void> {
+    this.#finish(d);
+    for (const s of d.settles) s.resolve();
+    const p = d.parked;
+    if (!p) return;
+    if (this.#parkedBySeq.get(p.seq) === p) this.#parkedBySeq.delete(p.seq);
+    await commitOrFailure(d.kv, (op) => {
+      op.delete(this.#parkedKey(p)).delete(this.#parkedSeqKey(p));
+    });
+  }
+
   async #handle(d: Delivery): Promise<void> {
-    const { message, kv } = d;
+    const { message, kv, parked } = d;
     const seq = message.seq;
     const handledKey = queueKey(this.#queue, "handled", seq);
-    const settleAll = (err?: unknown) => {
-      this.#finish(d);
-      if (err !== undefined) this.#dueUntil = Math.max(this.#dueUntil, performance.now() + RETRY_EXPECTED_MS);
-      for (const s of d.settles) err === undefined ? s.resolve() : s.reject(err);
-    };
     let events: JetstreamEvent[];
     try {
       if (await this.#alreadyHandled(d)) {
         this.result.duplicates++;
-        settleAll();
+        await this.#done(d);
         return;
       }
       events = decodeQueueMessage(message);
@@ -853,16 +1086,18 @@ class Consumer {
         seq,
         error: err,
       });
-      settleAll(err);
+      await this.#failed(d, err);
       return;
     }
     const now = performance.now();
-    const timeLeft = Math.min(this.#o.handlerTimeout, d.deliveredAt + ACK_DEADLINE_MS - now);
-    // A message that lost time waiting here and is now unlikely to finish goes back rather than
-    // time out (a timeout uses up one of its retries; a put-back does not). A fresh one always runs.
+    const timeLeft = parked
+      ? this.#o.handlerTimeout
+      : Math.min(this.#o.handlerTimeout, d.deliveredAt + ACK_DEADLINE_MS - now);
+    // A message that lost time waiting here and is now unlikely to finish is parked rather than
+    // timed out (a timeout uses up one of its retries). A fresh one always runs.
     const waited = now - d.deliveredAt;
-    if (timeLeft < MIN_RUN_MS || (waited > 250 && timeLeft < 1.5 * this.#handlerMs)) {
-      this.#defer(d, 0);
+    if (!parked && (timeLeft < MIN_RUN_MS || (waited > 250 && timeLeft < 1.5 * this.#handlerMs))) {
+      this.#park(d);
       return;
     }
     const controller = new AbortController();
@@ -888,16 +1123,18 @@ class Consumer {
     } catch (err) {
       if (this.stopReason !== undefined) {
         // A handler that fails once consume() is stopping (say, it stopped it: its output is gone)
-        // has its message put back, as the held ones are: no retry used up, no failure logged by Deno.
+        // has its message parked for the next consumer, as the held ones are: no retry used up, no
+        // failure logged by Deno.
         this.#report({
           reason: "handler",
           message: `handler failed on message ${seq} while stopping: ${
             errorText(err)
-          }; the message was put back`,
+          }; the message was parked`,
           seq,
           error: err,
         });
-        this.#defer(d, 0);
+        if (parked) this.#insertParked(parked);
+        else this.#park(d);
         return;
       }
       this.result.failures++;
@@ -907,7 +1144,7 @@ class Consumer {
         seq,
         error: err,
       });
-      settleAll(err);
+      await this.#failed(d, err);
       return;
     } finally {
       clearTimeout(timer);
@@ -922,39 +1159,45 @@ class Consumer {
       this.result.timeouts++;
       this.#report({
         reason: "timeout",
-        message: `${err.message}; the message will be redelivered`,
+        message: `${err.message}; the message will be ${parked ? "tried again" : "redelivered"}`,
         seq,
         error: err,
       });
-      settleAll(err);
+      await this.#failed(d, err);
       return;
     }
     try {
-      const res = await retryBusy(() =>
-        kv.atomic()
+      const res = await retryBusy(() => {
+        const op = kv.atomic()
           .check({ key: handledKey, versionstamp: null })
           .sum(queueKey(this.#queue, "count", "messagesHandled"), 1n)
           .sum(queueKey(this.#queue, "count", "recordsHandled"), BigInt(events.length))
-          .set(handledKey, Date.now(), { expireIn: DEDUPE_WINDOW_MS })
-          .commit()
-      );
+          .set(handledKey, Date.now(), { expireIn: DEDUPE_WINDOW_MS });
+        if (parked) op.delete(this.#parkedKey(parked)).delete(this.#parkedSeqKey(parked));
+        return op.commit();
+      });
       if (res.ok) {
         this.result.messages++;
         this.result.records += events.length;
+        this.#finish(d);
+        for (const s of d.settles) s.resolve();
+        if (parked && this.#parkedBySeq.get(seq) === parked) this.#parkedBySeq.delete(seq);
       } else {
         // Another consumer handled and recorded it while this handler ran.
         this.result.duplicates++;
+        await this.#done(d);
       }
-      settleAll();
     } catch (err) {
       this.result.failures++;
       this.#report({
         reason: "storage",
-        message: `could not record message ${seq} as handled: ${errorText(err)}; KV will redeliver it`,
+        message: `could not record message ${seq} as handled: ${errorText(err)}; ${
+          parked ? "it will be tried again" : "KV will redeliver it"
+        }`,
         seq,
         error: err,
       });
-      settleAll(err);
+      await this.#failed(d, err);
     }
   }
 
@@ -977,6 +1220,66 @@ class Consumer {
 /** A KV operation, run again a few times over about 350 ms while SQLite reports the database busy. */
 function retryBusy<T>(op: () => Promise<T>): Promise<T> {
   return retryWhileBusy(op, 350);
+}
+
+/** The seqs of the messages parked in `queue`, by the consumer run that parked them, lowest first. */
+async function parkedByRun(kv: Deno.Kv, queue: string): Promise<Map<string, number[]>> {
+  const runs = new Map<string, number[]>();
+  for await (const entry of kv.list({ prefix: queueKey(queue, "parkedSeq") })) {
+    const [run, seq] = entry.key.slice(-2);
+    if (typeof run !== "string" || typeof seq !== "number") continue;
+    const seqs = runs.get(run);
+    if (seqs) seqs.push(seq);
+    else runs.set(run, [seq]);
+  }
+  return runs;
+}
+
+/** How long ago (ms) a consumer run last said it was alive (Infinity: never, or it stopped), and its entry. */
+async function lastSeenOf(
+  kv: Deno.Kv,
+  queue: string,
+  run: string,
+): Promise<{ age: number; entry: Deno.KvEntryMaybe<{ at?: unknown }> }> {
+  const entry = await kv.get<{ at?: unknown }>(queueKey(queue, "consumer", run));
+  const at = entry.value?.at;
+  return { age: typeof at === "number" ? Date.now() - at : Number.POSITIVE_INFINITY, entry };
+}
+
+/** Index of the first element of `sorted` whose `seqOf` is not below `seq`. */
+function lowerBound<T>(sorted: T[], seq: number, seqOf: (t: T) => number): number {
+  let lo = 0;
+  let hi = sorted.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >> 1;
+    if (seqOf(sorted[mid]) < seq) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+/** Takes from the front of `queue` up to MESSAGES_PER_COMMIT items of the same database. */
+function takeGroup<T extends { kv: Deno.Kv }>(queue: T[]): T[] {
+  const kv = queue[0].kv;
+  const group: T[] = [];
+  while (group.length < MESSAGES_PER_COMMIT && queue.length > 0 && queue[0].kv === kv) {
+    group.push(queue.shift()!);
+  }
+  return group;
+}
+
+/** Commits what `build` adds to an atomic operation (again while busy); resolves to the failure, if any. */
+async function commitOrFailure(kv: Deno.Kv, build: (op: Deno.AtomicOperation) => void): Promise<unknown> {
+  try {
+    const res = await retryBusy(() => {
+      const op = kv.atomic();
+      build(op);
+      return op.commit();
+    });
+    return res.ok ? undefined : new Error("the commit was refused");
+  } catch (err) {
+    return err ?? new Error("the commit failed");
+  }
 }
 
 function errorText(err: unknown): string {
@@ -1090,10 +1393,17 @@ export async function consume(options: ConsumeOptions): Promise<ConsumeResult> {
  */
 async function session(consumer: Consumer, kv: Deno.Kv, openedAt: number, reopen: boolean): Promise<void> {
   const o = consumer.options;
+  consumer.useKv(kv);
   while (true) {
+    // Parked messages that a stopped or crashed consumer left go in seq order with the rest.
+    if (!consumer.stopReason) await consumer.adopt(kv);
     consumer.pump();
     const now = performance.now();
-    if (consumer.finished(now)) return;
+    if (consumer.finished(now)) {
+      await consumer.leave(kv);
+      return;
+    }
+    await consumer.keepAlive(kv);
     if (
       o.untilEmpty && consumer.ownSettled(now) && now - openedAt >= MIN_SESSION_FOR_EMPTY_MS &&
       now - consumer.lastCheck >= TICK_MS
@@ -1106,7 +1416,7 @@ async function session(consumer: Consumer, kv: Deno.Kv, openedAt: number, reopen
       }
       if (waiting === 0) consumer.stop("empty");
       else if (
-        // Messages this consumer put back are news it waits for: the time runs from when the last is due.
+        // Retries and parked messages to take over are news it waits for: the time runs from when the last is due.
         performance.now() - Math.max(consumer.lastChange, consumer.lastDeliveryAt, consumer.dueUntil) >=
           o.emptyTimeout
       ) {
@@ -1117,7 +1427,7 @@ async function session(consumer: Consumer, kv: Deno.Kv, openedAt: number, reopen
     }
     if (consumer.settled(now)) {
       // Reopen to see other processes' messages, unless this session's own backend is about to
-      // deliver messages put back or retried: closing then could catch one in flight.
+      // deliver messages retried: closing then could catch one in flight.
       const age = now - openedAt;
       if (
         reopen && age >= o.pollInterval &&
@@ -1206,6 +1516,39 @@ export async function requeueDeadLetters(kv: Deno.Kv, queue: string): Promise<nu
   return requeued;
 }
 
+/**
+ * Puts the messages that stopped or crashed consumers left parked (see {@link consume}) back in the
+ * queue, lowest `seq` first, for a plain `listenQueue` or any other consumer to take; each is
+ * deleted in the commit that enqueues it again, and one handled already is only deleted. The
+ * messages of a consumer that may still be running (seen within {@link PARK_STALE_MS}) are left
+ * alone. Resolves to the number of messages requeued.
+ *
+ * @example
+ * ```ts
+ * import { requeueParked } from "./consume.ts";
+ * const kv = await Deno.openKv("./jetfill-data/jetstream_sync.sqlite");
+ * console.log(`${await requeueParked(kv, "jetstream_sync")} parked messages back in the queue`);
+ * kv.close();
+ * ```
+ */
+export async function requeueParked(kv: Deno.Kv, queue: string): Promise<number> {
+  let requeued = 0;
+  for (const [run, seqs] of await parkedByRun(kv, queue)) {
+    const seen = await lastSeenOf(kv, queue, run);
+    if (seen.age < PARK_STALE_MS) continue;
+    for (const seq of seqs) {
+      const key = queueKey(queue, "parked", run, seq);
+      const [parked, handled] = await kv.getMany([key, queueKey(queue, "handled", seq)]);
+      const op = kv.atomic().check(parked).delete(key).delete(queueKey(queue, "parkedSeq", run, seq));
+      const again = parked.versionstamp !== null && handled.versionstamp === null;
+      if (again) op.enqueue(parked.value, { keysIfUndelivered: [queueKey(queue, "dead", seq)] });
+      if ((await op.commit()).ok && again) requeued++;
+    }
+    if (seen.entry.versionstamp !== null) await kv.atomic().check(seen.entry).delete(seen.entry.key).commit();
+  }
+  return requeued;
+}
+
 /** A queue's state, as `jetfill status` shows it. */
 export interface QueueStatus {
   /** The queue's name. */
@@ -1230,6 +1573,11 @@ export interface QueueStatus {
   messagesWaiting: number;
   /** Records in the waiting messages. */
   recordsWaiting: number;
+  /**
+   * Of the waiting messages, those a consumer parked in KV keys (out of KV's queue: consume() takes
+   * them in `seq` order with the rest, a plain `listenQueue` does not see them).
+   */
+  messagesParked: number;
   /** Dead letters not handled after all (see {@link deadLetters}). */
   deadLetters: number;
   /** Records in those dead letters. */
@@ -1299,6 +1647,7 @@ export async function queueStatus(kv: Deno.Kv, queue: string): Promise<QueueStat
     if (typeof day === "string") recordsPerDay[day] = counterValue(entry);
   }
   const dead = (await deadLetters(kv, queue)).filter((l) => !l.handled);
+  const parked = new Set([...(await parkedByRun(kv, queue)).values()].flat());
   const deadRecords = dead.reduce((n, l) => n + l.records, 0);
   const run = (await kv.get<{
     id: string;
@@ -1337,6 +1686,7 @@ export async function queueStatus(kv: Deno.Kv, queue: string): Promise<QueueStat
     recordsHandled,
     messagesWaiting: Math.max(0, messagesEnqueued - messagesHandled - dead.length),
     recordsWaiting: Math.max(0, recordsEnqueued - recordsHandled - deadRecords),
+    messagesParked: parked.size,
     deadLetters: dead.length,
     deadRecords,
     queueLength: Math.max(0, messagesEnqueued - messagesHandled),
