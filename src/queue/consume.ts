@@ -414,14 +414,64 @@ class Consumer {
   // Deliveries being handled, with when they started; by delivery, not by seq, because a fresh
   // copy of a seq can start while the previous one is still finishing.
   readonly #running = new Map<Delivery, number>();
-  readonly #putBacks: PutBack[] = [];
-  #flushing = false;
+  // Messages of other queues put back for their consumers, in group commits.
+  readonly #putBacks = new GroupWriter<PutBack>(
+    (op, group) => {
+      for (const p of group) op.enqueue(p.value, { delay: p.delay, keysIfUndelivered: p.keysIfUndelivered });
+    },
+    (group, failure) => {
+      for (const p of group) {
+        for (const s of p.settles) {
+          failure === undefined ? s.resolve() : s.reject(failure);
+        }
+      }
+      if (failure !== undefined) {
+        this.#report({
+          reason: "storage",
+          message: `could not put ${group.length} message(s) back: ${
+            errorText(failure)
+          }; KV will redeliver them`,
+          error: failure,
+        });
+      }
+    },
+    () => this.notify(),
+  );
   // Parked messages waiting for a handler, sorted by seq; and by seq, those and the running ones.
   readonly #parked: Parked[] = [];
   readonly #parkedBySeq = new Map<number, Parked>();
-  // Deliveries being parked (still unanswered, and in #bySeq until answered).
-  readonly #parking: Delivery[] = [];
-  #parkFlushing = false;
+  // Deliveries being parked, in group commits, each with this consumer's sign of life (none once
+  // stopping: its parked messages are then the next consumer's at once). A delivery is acknowledged
+  // once parked; until then it stays in #bySeq, so that a copy KV delivers meanwhile shares its fate.
+  readonly #parking = new GroupWriter<Delivery>(
+    (op, group) => {
+      for (const d of group) {
+        const at = { run: this.#run, seq: d.message.seq };
+        op.set(this.#parkedKey(at), d.message).set(this.#parkedSeqKey(at), true);
+      }
+      if (!this.stopReason) op.set(queueKey(this.#queue, "consumer", this.#run), { at: Date.now() });
+    },
+    (group, failure) => {
+      const now = performance.now();
+      if (failure === undefined && !this.stopReason) this.#beatAt = now;
+      for (const d of group) {
+        this.#finish(d);
+        if (failure === undefined) {
+          this.result.deferred++;
+          this.#insertParked({ seq: d.message.seq, run: this.#run, since: now, failures: 0, retryAt: 0 });
+        }
+        for (const s of d.settles) failure === undefined ? s.resolve() : s.reject(failure);
+      }
+      if (failure !== undefined) {
+        this.#report({
+          reason: "storage",
+          message: `could not park ${group.length} message(s): ${errorText(failure)}; KV will redeliver them`,
+          error: failure,
+        });
+      }
+    },
+    () => this.notify(),
+  );
   #reading = false;
   #readRetryAt = 0;
   // The open database of the current session: where parked messages are read and recorded.
@@ -535,11 +585,11 @@ class Consumer {
   /** Nothing held, running, being put back, parked or read, or waiting for an answer. */
   quiet(): boolean {
     return this.#unsettled === 0 && this.#held.length === 0 && this.#running.size === 0 &&
-      this.#putBacks.length === 0 && !this.#flushing && this.#parkingIdle();
+      !this.#putBacks.busy && this.#parkingIdle();
   }
 
   #parkingIdle(): boolean {
-    return this.#parking.length === 0 && !this.#parkFlushing && !this.#reading;
+    return !this.#parking.busy && !this.#reading;
   }
 
   /** Quiet long enough for Deno to have sent the last acknowledgement. */
@@ -590,7 +640,7 @@ class Consumer {
             : "a message that is not a jetfill queue message was put back for its consumer",
           seq: isQueueMessage(raw) ? raw.seq : undefined,
         });
-        this.#putBack({
+        this.#putBacks.add({
           kv,
           value: raw,
           delay: FOREIGN_DELAY_MS,
@@ -612,7 +662,7 @@ class Consumer {
       const delivery: Delivery = { message: raw, done: false, kv, deliveredAt: now, settles: [settle] };
       if (this.stopReason) {
         this.#bySeq.set(seq, delivery);
-        this.#park(delivery);
+        this.#parking.add(delivery);
         return;
       }
       this.#insert(delivery);
@@ -673,7 +723,7 @@ class Consumer {
     this.#wakeAt = Number.POSITIVE_INFINITY;
     if (this.stopReason) {
       // Left for the next consumer, in seq order with the rest.
-      for (const d of this.#held.splice(0)) this.#park(d);
+      for (const d of this.#held.splice(0)) this.#parking.add(d);
       return;
     }
     if (!this.#ready) return;
@@ -697,7 +747,7 @@ class Consumer {
         break;
       }
     }
-    for (const d of this.#held.splice(cut)) this.#park(d);
+    for (const d of this.#held.splice(cut)) this.#parking.add(d);
     while (this.#running.size < c) {
       const held = this.#held[0];
       const parkedAt = this.#nextParked(now);
@@ -757,102 +807,12 @@ class Consumer {
     return since + this.#o.reorderWindow;
   }
 
-  #putBack(p: PutBack): void {
-    this.#putBacks.push(p);
-    if (!this.#flushing) void this.#flushPutBacks();
-  }
-
-  /** Group commits of put-backs: each message is back in the queue before its delivery is acknowledged. */
-  async #flushPutBacks(): Promise<void> {
-    this.#flushing = true;
-    try {
-      // Let the put-backs of this turn gather.
-      await Promise.resolve();
-      while (this.#putBacks.length > 0) {
-        const group = takeGroup(this.#putBacks);
-        const failure = await commitOrFailure(group[0].kv, (op) => {
-          for (const p of group) {
-            op.enqueue(p.value, { delay: p.delay, keysIfUndelivered: p.keysIfUndelivered });
-          }
-        });
-        for (const p of group) {
-          for (const s of p.settles) {
-            if (failure === undefined) s.resolve();
-            else s.reject(failure);
-          }
-        }
-        if (failure !== undefined) {
-          this.#report({
-            reason: "storage",
-            message: `could not put ${group.length} message(s) back: ${
-              errorText(failure)
-            }; KV will redeliver them`,
-            error: failure,
-          });
-        }
-      }
-    } finally {
-      this.#flushing = false;
-      this.notify();
-    }
-  }
-
   #parkedKey(p: { run: string; seq: number }): Deno.KvKey {
     return queueKey(this.#queue, "parked", p.run, p.seq);
   }
 
   #parkedSeqKey(p: { run: string; seq: number }): Deno.KvKey {
     return queueKey(this.#queue, "parkedSeq", p.run, p.seq);
-  }
-
-  #park(d: Delivery): void {
-    this.#parking.push(d);
-    if (!this.#parkFlushing) void this.#flushParking();
-  }
-
-  /**
-   * Group commits of parked messages: each is written to its keys, with this consumer's sign of
-   * life, before its delivery is acknowledged. Until then it stays in #bySeq, so that a copy KV
-   * delivers meanwhile shares its fate.
-   */
-  async #flushParking(): Promise<void> {
-    this.#parkFlushing = true;
-    try {
-      await Promise.resolve();
-      while (this.#parking.length > 0) {
-        const group = takeGroup(this.#parking);
-        const failure = await commitOrFailure(group[0].kv, (op) => {
-          for (const d of group) {
-            const at = { run: this.#run, seq: d.message.seq };
-            op.set(this.#parkedKey(at), d.message).set(this.#parkedSeqKey(at), true);
-          }
-          // Its sign of life; once stopping, none: its parked messages are the next consumer's at once.
-          if (!this.stopReason) op.set(queueKey(this.#queue, "consumer", this.#run), { at: Date.now() });
-        });
-        const now = performance.now();
-        if (failure === undefined && !this.stopReason) this.#beatAt = now;
-        for (const d of group) {
-          this.#finish(d);
-          if (failure === undefined) {
-            this.result.deferred++;
-            this.#insertParked({ seq: d.message.seq, run: this.#run, since: now, failures: 0, retryAt: 0 });
-          }
-          for (const s of d.settles) failure === undefined ? s.resolve() : s.reject(failure);
-        }
-        if (failure !== undefined) {
-          this.#report({
-            reason: "storage",
-            message: `could not park ${group.length} message(s): ${
-              errorText(failure)
-            }; KV will redeliver them`,
-            error: failure,
-          });
-        }
-      }
-    } finally {
-      this.#parkFlushing = false;
-      this.notify();
-    }
   }
 
   /** Reads back the parked messages from #parked[from] on whose turn is near (up to PARKED_READ_AHEAD). */
@@ -1097,7 +1057,7 @@ class Consumer {
     // timed out (a timeout uses up one of its retries). A fresh one always runs.
     const waited = now - d.deliveredAt;
     if (!parked && (timeLeft < MIN_RUN_MS || (waited > 250 && timeLeft < 1.5 * this.#handlerMs))) {
-      this.#park(d);
+      this.#parking.add(d);
       return;
     }
     const controller = new AbortController();
@@ -1134,7 +1094,7 @@ class Consumer {
           error: err,
         });
         if (parked) this.#insertParked(parked);
-        else this.#park(d);
+        else this.#parking.add(d);
         return;
       }
       this.result.failures++;
@@ -1258,14 +1218,49 @@ function lowerBound<T>(sorted: T[], seq: number, seqOf: (t: T) => number): numbe
   return lo;
 }
 
-/** Takes from the front of `queue` up to MESSAGES_PER_COMMIT items of the same database. */
-function takeGroup<T extends { kv: Deno.Kv }>(queue: T[]): T[] {
-  const kv = queue[0].kv;
-  const group: T[] = [];
-  while (group.length < MESSAGES_PER_COMMIT && queue.length > 0 && queue[0].kv === kv) {
-    group.push(queue.shift()!);
+/**
+ * Writes items in group commits, in order: up to MESSAGES_PER_COMMIT of one database a commit, the
+ * items added during a turn together. `done` hears of each group's outcome (the failure, if any),
+ * `idle` of the end of each run of commits.
+ */
+class GroupWriter<T extends { kv: Deno.Kv }> {
+  readonly #items: T[] = [];
+  #flushing = false;
+
+  constructor(
+    readonly build: (op: Deno.AtomicOperation, group: T[]) => void,
+    readonly done: (group: T[], failure: unknown) => void,
+    readonly idle: () => void,
+  ) {}
+
+  /** Something waits to be written, or is being written. */
+  get busy(): boolean {
+    return this.#flushing || this.#items.length > 0;
   }
-  return group;
+
+  add(item: T): void {
+    this.#items.push(item);
+    if (!this.#flushing) void this.#flush();
+  }
+
+  async #flush(): Promise<void> {
+    this.#flushing = true;
+    try {
+      // Let the items of this turn gather.
+      await Promise.resolve();
+      while (this.#items.length > 0) {
+        const kv = this.#items[0].kv;
+        const group: T[] = [];
+        while (group.length < MESSAGES_PER_COMMIT && this.#items[0]?.kv === kv) {
+          group.push(this.#items.shift()!);
+        }
+        this.done(group, await commitOrFailure(kv, (op) => this.build(op, group)));
+      }
+    } finally {
+      this.#flushing = false;
+      this.idle();
+    }
+  }
 }
 
 /** Commits what `build` adds to an atomic operation (again while busy); resolves to the failure, if any. */
