@@ -1,5 +1,10 @@
 import assert from "node:assert/strict";
-import { type CloseCause, openRawConnection, RawConnection } from "../src/jetstream/raw_ws.ts";
+import {
+  type CloseCause,
+  ENDLESS_MESSAGE_BYTES,
+  openRawConnection,
+  RawConnection,
+} from "../src/jetstream/raw_ws.ts";
 import {
   ConnectError,
   type Connection,
@@ -845,6 +850,33 @@ Deno.test("`openRawConnection()` holds a message of many tiny fragments in memor
   assert.deepEqual(frames, ["{" + "a".repeat(200_000) + "}"]);
   assert.equal(await conn.next(), null);
   await conn.closed();
+});
+
+Deno.test("`openRawConnection()` fails with 1009 on a message skipped for its size that goes on without end", async () => {
+  // Fragments of 1 MiB, never the last one: skipped past maxMessageBytes, then given up on.
+  const part = frame(0, new Uint8Array(1 << 20).fill(0x7a), { fin: false });
+  let sentBytes = 0;
+  await using srv = scripted(async (peer, handshake) => {
+    await peer.write(handshake, frame(1, "small"), frame(1, "{", { fin: false }));
+    try {
+      // Until the client closes: up to four times the point where it must give up.
+      while (sentBytes < 4 * ENDLESS_MESSAGE_BYTES) {
+        await peer.write(part);
+        sentBytes += part.length;
+      }
+    } catch {
+      // The client closed the connection.
+    }
+  });
+  const conn = await openRawConnection(srv.url, { idleTimeoutMs: 5000, maxMessageBytes: 10_000 });
+  const frames = await drain(conn);
+  assert.deepEqual(frames, ["small"]);
+  assert.deepEqual(conn.cause, { kind: "closed", code: 1009, reason: "message too big" });
+  await conn.closed();
+  await srv.done;
+  assert.ok(sentBytes < 2 * ENDLESS_MESSAGE_BYTES, `the server could send ${sentBytes} bytes of one message`);
+  // Not before it had skipped that much (what it held before skipping is not counted here).
+  assert.ok(conn.bytesReceived >= ENDLESS_MESSAGE_BYTES - 10_000, `${conn.bytesReceived} bytes`);
 });
 
 Deno.test("`openRawConnection()` does not call a large message that trickles in idle, but ends on a stall inside one", async () => {

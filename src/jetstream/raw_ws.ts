@@ -56,13 +56,22 @@ export interface RawConnectionOptions {
   signal?: AbortSignal;
   /**
    * The largest message read, fragments included: a larger one is skipped as it arrives, without
-   * being held, and handed on as an `OversizedFrame`.
+   * being held, and handed on as an `OversizedFrame`. One that goes on past
+   * {@linkcode ENDLESS_MESSAGE_BYTES} (or twice this size, if larger) is no event a server would
+   * send (a message of endless fragments, say): the connection then fails with 1009 "message too
+   * big".
    *
    * @default {33554432}
    */
   maxMessageBytes?: number;
 }
 
+/**
+ * A message skipped for its size that reaches this many bytes (or twice `maxMessageBytes`, if
+ * larger) ends the connection: skipping it would go on for as long as the server sends. No Jetstream
+ * event comes near it (a record is at most about 1 MiB).
+ */
+export const ENDLESS_MESSAGE_BYTES = 256 * 1024 * 1024;
 const READ_BUFFER_BYTES = 256 * 1024;
 /** How much of the start of a message skipped for its size is kept (to say which event it was). */
 const SKIPPED_HEAD_BYTES = 512;
@@ -318,6 +327,12 @@ export class RawConnection implements Connection {
         this.#skipping!.bytes += n;
         received += n;
         if (n > 0) this.#progressed = true;
+        if (this.#skipping!.bytes >= Math.max(ENDLESS_MESSAGE_BYTES, 2 * this.#maxMessageBytes)) {
+          this.#head = pos;
+          this.bytesReceived += received;
+          this.#protocolError(1009, "message too big");
+          return frames;
+        }
         if (this.#skipLeft > 0) {
           this.#awaitingPayload = true;
           break;
