@@ -861,7 +861,9 @@ Deno.test("consume() tries a parked message whose handler failed again, and goes
     assert.ok(result.deferred > 0);
     assert.equal(result.messages, 300);
     assert.equal(result.failures, 1);
-    assert.deepEqual(reports, ["handler: handler failed on message 280: not now"]);
+    assert.deepEqual(reports, [
+      "handler: handler failed on message 280: not now; it stays parked, to be tried again in 100 ms",
+    ]);
     // Tried again 100 ms later (KV's first retry delay), after a few of the next seqs.
     const at = seqs.indexOf(280);
     assert.ok(at > 279 && at < 290, `message 280 handled in place ${at}: ${seqs.slice(275)}`);

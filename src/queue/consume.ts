@@ -756,8 +756,9 @@ class Consumer {
         const kv = this.#kv;
         if (!kv || closedKvs.has(kv)) break;
         if (!parked.message) {
-          if (!this.#reading && now >= this.#readRetryAt) void this.#readParked(kv, parkedAt);
-          else this.#wakeAt = Math.min(this.#wakeAt, this.#readRetryAt);
+          // A read in flight wakes the loop when done; one that failed is tried again later.
+          if (now < this.#readRetryAt) this.#wakeAt = Math.min(this.#wakeAt, this.#readRetryAt);
+          else if (!this.#reading) void this.#readParked(kv, parkedAt);
           break;
         }
         const waitUntil = this.#orderWait(parked.seq, parked.since, now);
@@ -968,6 +969,15 @@ class Consumer {
     return d.handled === true;
   }
 
+  /** What becomes of a parked message whose handling failed (see #failed), said in its report. */
+  #fate(d: Delivery): string {
+    const failures = d.parked?.failures;
+    if (failures === undefined) return "";
+    return failures < PARKED_RETRY_MS.length
+      ? `; it stays parked, to be tried again in ${PARKED_RETRY_MS[failures]} ms`
+      : `; it failed ${failures + 1} times and goes to its dead letter`;
+  }
+
   /**
    * A failed handling: a delivery is left to KV (rejected, for redelivery on its schedule); a parked
    * message is tried again on KV's default schedule, and after its sixth failure written to its dead
@@ -995,11 +1005,6 @@ class Consumer {
     });
     if (failure === undefined) {
       this.#parkedBySeq.delete(p.seq);
-      this.#report({
-        reason: "storage",
-        message: `message ${p.seq} failed ${p.failures} times; written to its dead letter`,
-        seq: p.seq,
-      });
     } else {
       p.retryAt = performance.now() + PARKED_RETRY_MS.at(-1)!;
       this.#insertParked(p);
@@ -1042,7 +1047,7 @@ class Consumer {
       this.result.failures++;
       this.#report({
         reason: "handler",
-        message: `message ${seq} could not be read: ${errorText(err)}`,
+        message: `message ${seq} could not be read: ${errorText(err)}${this.#fate(d)}`,
         seq,
         error: err,
       });
@@ -1100,7 +1105,7 @@ class Consumer {
       this.result.failures++;
       this.#report({
         reason: "handler",
-        message: `handler failed on message ${seq}: ${errorText(err)}`,
+        message: `handler failed on message ${seq}: ${errorText(err)}${this.#fate(d)}`,
         seq,
         error: err,
       });
@@ -1119,7 +1124,7 @@ class Consumer {
       this.result.timeouts++;
       this.#report({
         reason: "timeout",
-        message: `${err.message}; the message will be ${parked ? "tried again" : "redelivered"}`,
+        message: `${err.message}${parked ? this.#fate(d) : "; the message will be redelivered"}`,
         seq,
         error: err,
       });
@@ -1151,8 +1156,8 @@ class Consumer {
       this.result.failures++;
       this.#report({
         reason: "storage",
-        message: `could not record message ${seq} as handled: ${errorText(err)}; ${
-          parked ? "it will be tried again" : "KV will redeliver it"
+        message: `could not record message ${seq} as handled: ${errorText(err)}${
+          parked ? this.#fate(d) : "; KV will redeliver it"
         }`,
         seq,
         error: err,
