@@ -763,6 +763,83 @@ Deno.test("requeueParked() hands what a stopped consumer parked back to KV's que
   }
 });
 
+/** A queue of 400 messages of 20 events, whose first consumer (30 ms a message) stopped after 20, parking most of the rest. */
+async function stoppedWithParked(path: string, handled: Map<number, number>): Promise<void> {
+  const kv = await Deno.openKv(path);
+  await produce(kv, generateCapture({ count: 8000, seed: 27 }), { batchSize: 20 });
+  kv.close();
+  const ac = new AbortController();
+  const first = await consume({
+    kv: path,
+    signal: ac.signal,
+    handler: async (_events, { seq }) => {
+      handled.set(seq, (handled.get(seq) ?? 0) + 1);
+      await sleep(30);
+      if (handled.size === 20) ac.abort();
+    },
+  });
+  assert.equal(first.messages, 20);
+  assert.ok((await listParked(path)).length > 100, "too little was parked for the test to show anything");
+}
+
+Deno.test("requeueParked() leaves alone the parked messages a running consumer took over", async () => {
+  const { dir, path } = await tempDb();
+  try {
+    const handled = new Map<number, number>();
+    await stoppedWithParked(path, handled);
+    // The next consumer takes them over; a second in, a program hands "stopped consumers'" parked
+    // messages back to KV's queue. (They were: the consumer took their copies for duplicates of
+    // what it held, then found the entries gone, and 315 of 400 messages were lost.)
+    const kv = await openKvAt(path);
+    let requeued: Promise<number> | undefined;
+    const timer = setTimeout(() => requeued = requeueParked(kv, Q), 1000);
+    const second = await consume({
+      kv,
+      untilEmpty: true,
+      handler: async (_events, { seq }) => {
+        handled.set(seq, (handled.get(seq) ?? 0) + 1);
+        await sleep(30);
+      },
+    });
+    clearTimeout(timer);
+    assert.ok(requeued, "requeueParked() did not run while the consumer did");
+    assert.equal(await requeued, 0);
+    const status = await queueStatus(kv, Q);
+    kv.close();
+    assert.equal(second.stopReason, "empty");
+    assert.equal(handled.size, 400, "every message handled");
+    assert.deepEqual([status.messagesWaiting, status.messagesParked], [0, 0]);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("of two consumers started together, one takes over a stopped consumer's parked messages", async () => {
+  const { dir, path } = await tempDb();
+  try {
+    const handled = new Map<number, number>();
+    await stoppedWithParked(path, handled);
+    const consumer = () =>
+      consume({
+        kv: path,
+        untilEmpty: true,
+        handler: async (_events, { seq }) => {
+          handled.set(seq, (handled.get(seq) ?? 0) + 1);
+          await sleep(5);
+        },
+      });
+    const [b, c] = await Promise.all([consumer(), consumer()]);
+    assert.equal(b.messages + c.messages, 380);
+    assert.equal(handled.size, 400);
+    // Both took over the same run before, and handled nearly all of it twice, side by side.
+    const twice = [...handled].filter(([, n]) => n > 1).map(([seq]) => seq);
+    assert.ok(twice.length <= 2, `handled twice: ${twice}`);
+    assert.deepEqual(await listParked(path), []);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("the messages a killed consumer parked wait while it may be alive, then another consume() takes them over", async () => {
   const { dir, path } = await tempDb();
   try {

@@ -32,11 +32,14 @@
  *   `timeout`, its `signal` is aborted and its message failed: a delivery for KV to redeliver, a
  *   parked message to be tried again on KV's default schedule, then written to its dead letter as KV
  *   would. Copies that a requeue still makes are skipped by `seq`.
- * - **Parked messages outlive their consumer.** A consumer that parked messages says it is alive
- *   under `["jetfill", queue, "consumer", run]` every {@link PARK_HEARTBEAT_MS} and deletes that key
- *   when it stops; another consumer takes over the messages of a run whose key is gone or older than
- *   {@link PARK_STALE_MS} (a stopped or crashed consumer), and handles them in `seq` order with the
- *   rest. A plain `listenQueue` does not see parked messages: `jetfill status` counts them.
+ * - **Parked messages outlive their consumer.** A consumer that holds parked messages says it is
+ *   alive under `["jetfill", queue, "consumer", run]` every {@link PARK_HEARTBEAT_MS} and deletes
+ *   that key when it stops; another consumer takes over the messages of a run whose key is gone or
+ *   older than {@link PARK_STALE_MS} (a stopped or crashed consumer) by a checked commit of that key,
+ *   which it then keeps alive (so one consumer takes them, and {@link requeueParked} leaves them
+ *   alone), and handles them in `seq` order with the rest. A copy KV delivers of a message parked
+ *   here is acknowledged only while the parked entry is there. A plain `listenQueue` does not see
+ *   parked messages: `jetfill status` counts them.
  * - **No cross-process wake-up.** A listener only sees another process's enqueues on a 60 s poll, but
  *   it takes everything that is ready when it opens the database. With a path, consume() therefore
  *   runs in sessions: open, listen, handle what arrives, and once idle and at least `pollInterval` old,
@@ -453,7 +456,10 @@ class Consumer {
     },
     (group, failure) => {
       const now = performance.now();
-      if (failure === undefined && !this.stopReason) this.#beatAt = now;
+      if (failure === undefined && !this.stopReason) {
+        this.#heldRuns.add(this.#run);
+        this.#beatAt = now;
+      }
       for (const d of group) {
         this.#finish(d);
         if (failure === undefined) {
@@ -479,7 +485,9 @@ class Consumer {
   // Whether parked messages left by other consumers were looked for: nothing starts before.
   #ready = false;
   #adoptedAt = Number.NEGATIVE_INFINITY;
-  // When this consumer last wrote that it is alive (0: never; it has parked nothing).
+  // The runs whose parked messages this consumer holds (its own, and those it took over), whose
+  // signs of life it writes; and when it last wrote them.
+  readonly #heldRuns = new Set<string>();
   #beatAt = 0;
   #unsettled = 0;
   // Of #unsettled, the deliveries of other queues' messages.
@@ -651,23 +659,53 @@ class Consumer {
       }
       const seq = raw.seq;
       const known = this.#bySeq.get(seq);
-      if ((known && !known.done) || this.#parkedBySeq.has(seq)) {
-        // A second copy of a message already here, or parked (requeued by KV): the first one's fate
-        // is its fate. A parked copy stands for it at once.
+      if (known && !known.done) {
+        // A second copy of a message already here (requeued by KV): it shares the first one's fate.
         this.result.duplicates++;
-        if (known && !known.done) known.settles.push(settle);
-        else settle.resolve();
+        known.settles.push(settle);
         return;
       }
       const delivery: Delivery = { message: raw, done: false, kv, deliveredAt: now, settles: [settle] };
-      if (this.stopReason) {
-        this.#bySeq.set(seq, delivery);
-        this.#parking.add(delivery);
+      const parked = this.#parkedBySeq.get(seq);
+      if (parked) void this.#copyOfParked(delivery, parked);
+      else this.#take(delivery);
+    });
+  }
+
+  /** Holds a delivery of this queue, or parks it once stopping. */
+  #take(d: Delivery): void {
+    if (this.stopReason) {
+      this.#bySeq.set(d.message.seq, d);
+      this.#parking.add(d);
+      return;
+    }
+    this.#insert(d);
+    this.pump();
+  }
+
+  /**
+   * A delivery of a message known here as parked (KV requeued it after its parking, say). While its
+   * parked entry is there (or it is handled), the entry stands for it and the copy is acknowledged;
+   * an entry gone unhandled was handed back to KV's queue (`requeueParked()`, while this consumer
+   * seemed gone), and this delivery is the message now.
+   */
+  async #copyOfParked(d: Delivery, p: Parked): Promise<void> {
+    const settle = d.settles[0];
+    try {
+      const [entry, handled] = await retryBusy(() =>
+        d.kv.getMany([this.#parkedKey(p), queueKey(this.#queue, "handled", p.seq)])
+      );
+      if (entry.versionstamp !== null || handled.versionstamp !== null) {
+        this.result.duplicates++;
+        settle.resolve();
         return;
       }
-      this.#insert(delivery);
-      this.pump();
-    });
+    } catch (err) {
+      settle.reject(err);
+      return;
+    }
+    if (this.#parked.includes(p)) this.#dropParked(p);
+    this.#take(d);
   }
 
   #settled(foreign: boolean): void {
@@ -875,12 +913,23 @@ class Consumer {
       const runs = await retryBusy(() => parkedByRun(kv, this.#queue));
       runs.delete(this.#run);
       for (const [run, seqs] of runs) {
-        const age = (await retryBusy(() => lastSeenOf(kv, this.#queue, run))).age;
+        const seen = await retryBusy(() => lastSeenOf(kv, this.#queue, run));
+        const age = seen.age;
         if (age < PARK_STALE_MS) {
           // Its messages are news to wait for (untilEmpty): taken over here if it is not seen again.
           this.#dueUntil = Math.max(this.#dueUntil, performance.now() + PARK_STALE_MS - age + ADOPT_EVERY_MS);
           continue;
         }
+        // Claimed by a checked commit of its sign of life, now written by this consumer: another
+        // consumer, or requeueParked(), then sees the run alive and leaves its messages alone.
+        const claim = await retryBusy(() =>
+          kv.atomic().check(seen.entry).set(queueKey(this.#queue, "consumer", run), {
+            at: Date.now(),
+            by: this.#run,
+          }).commit()
+        );
+        if (!claim.ok) continue;
+        this.#heldRuns.add(run);
         for (const seq of seqs) {
           // A delivery of it here now is handled first; a later look finds the leftover handled.
           if (this.#parkedBySeq.has(seq) || this.#bySeq.has(seq)) continue;
@@ -897,32 +946,43 @@ class Consumer {
     this.#ready = true;
   }
 
-  /** Writes that this consumer is alive, every PARK_HEARTBEAT_MS while it has parked messages. */
+  /**
+   * Writes that this consumer is alive, every PARK_HEARTBEAT_MS, under each run whose parked
+   * messages it holds; a run none of whose messages are left loses its key.
+   */
   async keepAlive(kv: Deno.Kv): Promise<void> {
     const now = performance.now();
-    if (this.#beatAt === 0 || now - this.#beatAt < PARK_HEARTBEAT_MS) return;
-    let mine = false;
-    for (const p of this.#parkedBySeq.values()) {
-      if (p.run === this.#run) {
-        mine = true;
-        break;
-      }
-    }
-    if (!mine) return;
+    if (this.#heldRuns.size === 0 || now - this.#beatAt < PARK_HEARTBEAT_MS) return;
     this.#beatAt = now;
+    const left = new Set<string>();
+    for (const p of this.#parkedBySeq.values()) left.add(p.run);
+    const done = [...this.#heldRuns].filter((run) => !left.has(run));
+    for (const run of done) this.#heldRuns.delete(run);
     try {
-      await retryBusy(() => kv.set(queueKey(this.#queue, "consumer", this.#run), { at: Date.now() }));
+      await retryBusy(() => {
+        const op = kv.atomic();
+        for (const run of this.#heldRuns) {
+          op.set(queueKey(this.#queue, "consumer", run), { at: Date.now(), by: this.#run });
+        }
+        for (const run of done) op.delete(queueKey(this.#queue, "consumer", run));
+        return op.commit();
+      });
     } catch {
       // The next beat tries again; parked messages are taken over only after PARK_STALE_MS.
     }
   }
 
-  /** Stopping: this consumer's parked messages are left for the next consumer, at once. */
+  /** Stopping: the parked messages this consumer holds are left for the next consumer, at once. */
   async leave(kv: Deno.Kv): Promise<void> {
-    if (this.#beatAt === 0) return;
-    this.#beatAt = 0;
+    if (this.#heldRuns.size === 0) return;
+    const runs = [...this.#heldRuns];
+    this.#heldRuns.clear();
     try {
-      await retryBusy(() => kv.delete(queueKey(this.#queue, "consumer", this.#run)));
+      await retryBusy(() => {
+        const op = kv.atomic();
+        for (const run of runs) op.delete(queueKey(this.#queue, "consumer", run));
+        return op.commit();
+      });
     } catch {
       // Its parked messages are then taken over once its last sign of life is PARK_STALE_MS old.
     }
@@ -993,6 +1053,8 @@ class Consumer {
     }
     p.failures++;
     if (p.failures <= PARKED_RETRY_MS.length) {
+      // Kept at hand: its entry may be gone by its next try (handed back to KV's queue).
+      p.message = d.message;
       p.retryAt = performance.now() + PARKED_RETRY_MS[p.failures - 1];
       this.#dueUntil = Math.max(this.#dueUntil, p.retryAt + 200);
       this.#insertParked(p);
@@ -1401,7 +1463,9 @@ async function session(consumer: Consumer, kv: Deno.Kv, openedAt: number, reopen
     const now = performance.now();
     if (consumer.finished(now)) {
       await consumer.leave(kv);
-      return;
+      // A delivery that came meanwhile is parked before the database closes.
+      if (consumer.finished(performance.now())) return;
+      continue;
     }
     await consumer.keepAlive(kv);
     if (
@@ -1533,18 +1597,31 @@ export async function requeueDeadLetters(kv: Deno.Kv, queue: string): Promise<nu
  */
 export async function requeueParked(kv: Deno.Kv, queue: string): Promise<number> {
   let requeued = 0;
-  for (const [run, seqs] of await parkedByRun(kv, queue)) {
-    const seen = await lastSeenOf(kv, queue, run);
+  for (const [run, seqs] of await retryBusy(() => parkedByRun(kv, queue))) {
+    const seen = await retryBusy(() => lastSeenOf(kv, queue, run));
     if (seen.age < PARK_STALE_MS) continue;
+    // Claimed, as a consumer taking them over would: one that comes meanwhile sees the run alive.
+    const claim = await retryBusy(() =>
+      kv.atomic().check(seen.entry).set(queueKey(queue, "consumer", run), { at: Date.now() }).commit()
+    );
+    if (!claim.ok) continue;
+    let claimedAt = Date.now();
     for (const seq of seqs) {
+      if (Date.now() - claimedAt >= PARK_HEARTBEAT_MS) {
+        claimedAt = Date.now();
+        await retryBusy(() => kv.set(queueKey(queue, "consumer", run), { at: claimedAt }));
+      }
       const key = queueKey(queue, "parked", run, seq);
-      const [parked, handled] = await kv.getMany([key, queueKey(queue, "handled", seq)]);
-      const op = kv.atomic().check(parked).delete(key).delete(queueKey(queue, "parkedSeq", run, seq));
+      const [parked, handled] = await retryBusy(() => kv.getMany([key, queueKey(queue, "handled", seq)]));
       const again = parked.versionstamp !== null && handled.versionstamp === null;
-      if (again) op.enqueue(parked.value, { keysIfUndelivered: [queueKey(queue, "dead", seq)] });
-      if ((await op.commit()).ok && again) requeued++;
+      const res = await retryBusy(() => {
+        const op = kv.atomic().check(parked).delete(key).delete(queueKey(queue, "parkedSeq", run, seq));
+        if (again) op.enqueue(parked.value, { keysIfUndelivered: [queueKey(queue, "dead", seq)] });
+        return op.commit();
+      });
+      if (res.ok && again) requeued++;
     }
-    if (seen.entry.versionstamp !== null) await kv.atomic().check(seen.entry).delete(seen.entry.key).commit();
+    await retryBusy(() => kv.delete(queueKey(queue, "consumer", run)));
   }
   return requeued;
 }
