@@ -603,11 +603,23 @@ if (import.meta.main) {
     }
     kv.close();
   } else if (role === "parker") {
-    // Prints each seq it handles; slow enough that a backlog is parked. Killed by the test.
+    // Prints each seq it handles; slow enough that a backlog is parked. Killed by the test, or done
+    // once the queue is empty with "until-empty"; with a number of ms, its thread stops that long
+    // in its first handler of a parked message (the whole handlerTimeout to run) after 30.
+    const pauseMs = Number(rest[1] ?? 0);
+    let handled = 0;
+    let paused = false;
     await consume({
       kv: path,
-      handler: async (_events, { seq }) => {
+      untilEmpty: rest[0] === "until-empty",
+      handler: async (_events, { seq, timeLeft }) => {
         console.log(seq);
+        if (++handled >= 30 && timeLeft === 3000 && pauseMs > 0 && !paused) {
+          paused = true;
+          console.log("paused");
+          const until = performance.now() + pauseMs;
+          while (performance.now() < until) { /* the whole thread stands still */ }
+        }
         await sleep(30);
       },
     });
@@ -902,6 +914,80 @@ Deno.test("the messages a killed consumer parked wait while it may be alive, the
     assert.equal(all.size, 200, "every message handled");
     assert.deepEqual(await listParked(path), []);
     assert.deepEqual(kvQueueTables(path), { queued: 0, running: 0 });
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("a paused consumer whose parked messages were taken over leaves them to their new holder once it resumes", async () => {
+  const { dir, path } = await tempDb();
+  try {
+    const kv = await openKvAt(path);
+    await produce(kv, generateCapture({ count: 20000, seed: 28 }), { batchSize: 20 });
+    // A consumer process (30 ms a message) parks most of the 1,000 messages, and its thread then
+    // stops for 25 s once it handles parked ones, with the next few read (a process stopped by
+    // SIGSTOP could be holding SQLite's write lock, which would stop everyone).
+    const child = new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", "--unstable-kv", import.meta.filename!, "parker", path, "until-empty", "25000"],
+      stdout: "piped",
+      stderr: "inherit",
+    }).spawn();
+    const byChild = new Set<number>();
+    let pausedWith: Set<number> | undefined;
+    const reading = (async () => {
+      let buffered = "";
+      for await (const chunk of child.stdout.pipeThrough(new TextDecoderStream())) {
+        buffered += chunk;
+        const lines = buffered.split("\n");
+        buffered = lines.pop()!;
+        for (const line of lines) {
+          if (line === "paused") pausedWith = new Set(byChild);
+          else byChild.add(Number(line));
+        }
+      }
+    })();
+    const deadline = performance.now() + 20_000;
+    while (!pausedWith) {
+      if (performance.now() > deadline) assert.fail("the consumer did not get to a parked message in 20 s");
+      await sleep(100);
+    }
+    // Another consumer takes its run over once its sign of life is 10 s old, before it resumes.
+    let claimed = false;
+    const byOther = new Set<number>();
+    const other = await consume({
+      kv,
+      untilEmpty: true,
+      // What the paused consumer holds of KV's deliveries waits for it: news only once it resumes.
+      emptyTimeout: 30_000,
+      handler: async (_events, { seq }) => {
+        if (!claimed) {
+          for await (const e of kv.list<{ by?: string }>({ prefix: queueKey(Q, "consumer") })) {
+            claimed ||= e.value.by !== undefined && e.value.by !== e.key.at(-1);
+          }
+        }
+        byOther.add(seq);
+        // Slow enough to be still at it when the first one resumes.
+        await sleep(20);
+      },
+    });
+    assert.ok(claimed, "the paused consumer's run was never taken over");
+    assert.equal((await child.status).code, 0);
+    await reading;
+    assert.equal(other.stopReason, "empty");
+    const both = [...byOther].filter((seq) => byChild.has(seq) && !pausedWith!.has(seq));
+    // Before, the resumed consumer went on with the parked messages it remembered: 750 of 1,000
+    // were handled by both, side by side.
+    assert.ok(
+      both.length <= 3,
+      `${both.length} messages handled by both after the resume: ${both.slice(0, 20)}`,
+    );
+    assert.equal(new Set([...byChild, ...byOther]).size, 1000);
+    const status = await queueStatus(kv, Q);
+    assert.deepEqual([status.messagesWaiting, status.messagesParked], [0, 0]);
+    const signs = [];
+    for await (const e of kv.list({ prefix: queueKey(Q, "consumer") })) signs.push(e.key);
+    assert.deepEqual(signs, [], "signs of life were left behind");
+    kv.close();
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

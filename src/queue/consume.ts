@@ -37,7 +37,10 @@
  *   that key when it stops; another consumer takes over the messages of a run whose key is gone or
  *   older than {@link PARK_STALE_MS} (a stopped or crashed consumer) by a checked commit of that key,
  *   which it then keeps alive (so one consumer takes them, and {@link requeueParked} leaves them
- *   alone), and handles them in `seq` order with the rest. A copy KV delivers of a message parked
+ *   alone), and handles them in `seq` order with the rest. Each write of that key checks the
+ *   writer's last one, and parked messages start only while it is recent: a consumer paused past
+ *   PARK_STALE_MS finds its run taken over when it resumes, and leaves the run's messages alone.
+ *   Signs of life of runs with nothing parked are deleted once stale. A copy KV delivers of a message parked
  *   here is acknowledged only while the parked entry is there. A plain `listenQueue` does not see
  *   parked messages: `jetfill status` counts them.
  * - **No cross-process wake-up.** A listener only sees another process's enqueues on a 60 s poll, but
@@ -408,8 +411,8 @@ class Consumer {
   readonly #o: Required<Omit<ConsumeOptions, "kv" | "signal" | "onError">>;
   readonly #onError: ((r: ConsumeErrorReport) => void) | undefined;
   readonly #queue: string;
-  /** This consumer's run: the keys of what it parks, and of its sign of life. */
-  readonly #run = crypto.randomUUID();
+  /** This consumer's run: the keys of what it parks, and of its sign of life (new if it is taken over). */
+  #run = crypto.randomUUID();
   // Held deliveries, sorted by seq; and by seq, the held and running ones not yet answered, for
   // coalescing the copies KV may deliver meanwhile.
   readonly #held: Delivery[] = [];
@@ -422,7 +425,7 @@ class Consumer {
     (op, group) => {
       for (const p of group) op.enqueue(p.value, { delay: p.delay, keysIfUndelivered: p.keysIfUndelivered });
     },
-    (group, failure) => {
+    (group, { failure }) => {
       for (const p of group) {
         for (const s of p.settles) {
           failure === undefined ? s.resolve() : s.reject(failure);
@@ -448,23 +451,37 @@ class Consumer {
   // once parked; until then it stays in #bySeq, so that a copy KV delivers meanwhile shares its fate.
   readonly #parking = new GroupWriter<Delivery>(
     (op, group) => {
+      const run = this.#parkingRun = this.#run;
       for (const d of group) {
-        const at = { run: this.#run, seq: d.message.seq };
+        const at = { run, seq: d.message.seq };
         op.set(this.#parkedKey(at), d.message).set(this.#parkedSeqKey(at), true);
       }
-      if (!this.stopReason) op.set(queueKey(this.#queue, "consumer", this.#run), { at: Date.now() });
+      // The run's first sign of life; keepAlive() writes the next ones.
+      this.#parkingBeats = !this.stopReason && !this.#heldRuns.has(run);
+      if (this.#parkingBeats) {
+        const key = queueKey(this.#queue, "consumer", run);
+        op.check({ key, versionstamp: null }).set(key, { at: Date.now(), by: run });
+      }
     },
-    (group, failure) => {
+    (group, { failure, refused, versionstamp }) => {
       const now = performance.now();
-      if (failure === undefined && !this.stopReason) {
-        this.#heldRuns.add(this.#run);
+      const run = this.#parkingRun;
+      if (refused) {
+        // Only the sign-of-life check refuses: the run was taken over while this consumer seemed
+        // gone. The messages are parked again under a new run.
+        this.#lose(run);
+        for (const d of group) this.#parking.add(d);
+        return;
+      }
+      if (failure === undefined && this.#parkingBeats) {
+        this.#heldRuns.set(run, { versionstamp: versionstamp!, okAt: now });
         this.#beatAt = now;
       }
       for (const d of group) {
         this.#finish(d);
         if (failure === undefined) {
           this.result.deferred++;
-          this.#insertParked({ seq: d.message.seq, run: this.#run, since: now, failures: 0, retryAt: 0 });
+          this.#insertParked({ seq: d.message.seq, run, since: now, failures: 0, retryAt: 0 });
         }
         for (const s of d.settles) failure === undefined ? s.resolve() : s.reject(failure);
       }
@@ -485,10 +502,14 @@ class Consumer {
   // Whether parked messages left by other consumers were looked for: nothing starts before.
   #ready = false;
   #adoptedAt = Number.NEGATIVE_INFINITY;
-  // The runs whose parked messages this consumer holds (its own, and those it took over), whose
-  // signs of life it writes; and when it last wrote them.
-  readonly #heldRuns = new Set<string>();
+  // The runs whose parked messages this consumer holds (its own, and those it took over): the
+  // versionstamp of its last write of each one's sign of life, which the next write checks (a
+  // refusal means the run was taken over), and when that write was done. And when it last wrote.
+  readonly #heldRuns = new Map<string, { versionstamp: string; okAt: number }>();
   #beatAt = 0;
+  // The run the parking commit in flight writes under, and whether it writes its sign of life.
+  #parkingRun = "";
+  #parkingBeats = false;
   #unsettled = 0;
   // Of #unsettled, the deliveries of other queues' messages.
   #foreignUnsettled = 0;
@@ -793,6 +814,13 @@ class Consumer {
       if (parked && (!held || parked.seq < held.message.seq)) {
         const kv = this.#kv;
         if (!kv || closedKvs.has(kv)) break;
+        // Only while its run is surely this consumer's: a consumer that was paused (its signs of
+        // life stale) waits for keepAlive() to find out whether another took the run over meanwhile.
+        const owned = this.#heldRuns.get(parked.run);
+        if (!owned || now - owned.okAt > PARK_STALE_MS - 2_000) {
+          this.#wakeAt = Math.min(this.#wakeAt, now + TICK_MS);
+          break;
+        }
         if (!parked.message) {
           // A read in flight wakes the loop when done; one that failed is tried again later.
           if (now < this.#readRetryAt) this.#wakeAt = Math.min(this.#wakeAt, this.#readRetryAt);
@@ -911,7 +939,8 @@ class Consumer {
     this.#adoptedAt = now;
     try {
       const runs = await retryBusy(() => parkedByRun(kv, this.#queue));
-      runs.delete(this.#run);
+      await dropStaleSignsOfLife(kv, this.#queue, runs);
+      for (const run of this.#heldRuns.keys()) runs.delete(run);
       for (const [run, seqs] of runs) {
         const seen = await retryBusy(() => lastSeenOf(kv, this.#queue, run));
         const age = seen.age;
@@ -929,7 +958,7 @@ class Consumer {
           }).commit()
         );
         if (!claim.ok) continue;
-        this.#heldRuns.add(run);
+        this.#heldRuns.set(run, { versionstamp: claim.versionstamp, okAt: performance.now() });
         for (const seq of seqs) {
           // A delivery of it here now is handled first; a later look finds the leftover handled.
           if (this.#parkedBySeq.has(seq) || this.#bySeq.has(seq)) continue;
@@ -948,7 +977,9 @@ class Consumer {
 
   /**
    * Writes that this consumer is alive, every PARK_HEARTBEAT_MS, under each run whose parked
-   * messages it holds; a run none of whose messages are left loses its key.
+   * messages it holds, each write checked against its last one: a refusal means the run was taken
+   * over (this consumer seemed gone for PARK_STALE_MS), and its messages are left to their new
+   * holder. A run taken over here loses its key once none of its messages are left.
    */
   async keepAlive(kv: Deno.Kv): Promise<void> {
     const now = performance.now();
@@ -956,35 +987,40 @@ class Consumer {
     this.#beatAt = now;
     const left = new Set<string>();
     for (const p of this.#parkedBySeq.values()) left.add(p.run);
-    const done = [...this.#heldRuns].filter((run) => !left.has(run));
-    for (const run of done) this.#heldRuns.delete(run);
-    try {
-      await retryBusy(() => {
-        const op = kv.atomic();
-        for (const run of this.#heldRuns) {
-          op.set(queueKey(this.#queue, "consumer", run), { at: Date.now(), by: this.#run });
-        }
-        for (const run of done) op.delete(queueKey(this.#queue, "consumer", run));
-        return op.commit();
+    for (const [run, held] of [...this.#heldRuns]) {
+      const key = queueKey(this.#queue, "consumer", run);
+      // Its own run keeps its key while it runs: a parking may be on its way.
+      const keep = run === this.#run || left.has(run);
+      const { failure, refused, versionstamp } = await commitOutcome(kv, (op) => {
+        op.check({ key, versionstamp: held.versionstamp });
+        if (keep) op.set(key, { at: Date.now(), by: this.#run });
+        else op.delete(key);
       });
-    } catch {
-      // The next beat tries again; parked messages are taken over only after PARK_STALE_MS.
+      if (this.#heldRuns.get(run) !== held) continue;
+      if (refused) this.#lose(run);
+      else if (failure !== undefined) continue; // tried again at the next beat
+      else if (keep) this.#heldRuns.set(run, { versionstamp: versionstamp!, okAt: performance.now() });
+      else this.#heldRuns.delete(run);
     }
+  }
+
+  /** A run this consumer held was taken over: its messages not started here are its new holder's. */
+  #lose(run: string): void {
+    this.#heldRuns.delete(run);
+    for (const p of this.#parked.filter((q) => q.run === run)) this.#dropParked(p);
+    if (run === this.#run) this.#run = crypto.randomUUID();
   }
 
   /** Stopping: the parked messages this consumer holds are left for the next consumer, at once. */
   async leave(kv: Deno.Kv): Promise<void> {
-    if (this.#heldRuns.size === 0) return;
     const runs = [...this.#heldRuns];
     this.#heldRuns.clear();
-    try {
-      await retryBusy(() => {
-        const op = kv.atomic();
-        for (const run of runs) op.delete(queueKey(this.#queue, "consumer", run));
-        return op.commit();
+    for (const [run, held] of runs) {
+      // Checked: a run taken over meanwhile is its new holder's to keep alive.
+      await commitOutcome(kv, (op) => {
+        const key = queueKey(this.#queue, "consumer", run);
+        op.check({ key, versionstamp: held.versionstamp }).delete(key);
       });
-    } catch {
-      // Its parked messages are then taken over once its last sign of life is PARK_STALE_MS old.
     }
   }
 
@@ -1060,7 +1096,7 @@ class Consumer {
       this.#insertParked(p);
       return;
     }
-    const failure = await commitOrFailure(d.kv, (op) => {
+    const { failure } = await commitOutcome(d.kv, (op) => {
       op.set(queueKey(this.#queue, "dead", p.seq), d.message)
         .delete(this.#parkedKey(p))
         .delete(this.#parkedSeqKey(p));
@@ -1088,7 +1124,7 @@ class Consumer {
     const p = d.parked;
     if (!p) return;
     if (this.#parkedBySeq.get(p.seq) === p) this.#parkedBySeq.delete(p.seq);
-    await commitOrFailure(d.kv, (op) => {
+    await commitOutcome(d.kv, (op) => {
       op.delete(this.#parkedKey(p)).delete(this.#parkedSeqKey(p));
     });
   }
@@ -1273,6 +1309,28 @@ async function lastSeenOf(
   return { age: typeof at === "number" ? Date.now() - at : Number.POSITIVE_INFINITY, entry };
 }
 
+/**
+ * Deletes the signs of life of runs that hold no parked message and were not seen for
+ * PARK_STALE_MS: left by a consumer killed after its last parked message was handled, say.
+ */
+async function dropStaleSignsOfLife(
+  kv: Deno.Kv,
+  queue: string,
+  parked: Map<string, number[]>,
+): Promise<void> {
+  const stale: Deno.KvEntry<unknown>[] = [];
+  await retryBusy(async () => {
+    stale.length = 0;
+    for await (const entry of kv.list<{ at?: unknown }>({ prefix: queueKey(queue, "consumer") })) {
+      const run = entry.key.at(-1);
+      const at = entry.value?.at;
+      if (typeof run !== "string" || parked.has(run)) continue;
+      if (typeof at !== "number" || Date.now() - at >= PARK_STALE_MS) stale.push(entry);
+    }
+  });
+  for (const entry of stale) await retryBusy(() => kv.atomic().check(entry).delete(entry.key).commit());
+}
+
 /** Index of the first element of `sorted` whose `seqOf` is not below `seq`. */
 function lowerBound<T>(sorted: T[], seq: number, seqOf: (t: T) => number): number {
   let lo = 0;
@@ -1296,7 +1354,7 @@ class GroupWriter<T extends { kv: Deno.Kv }> {
 
   constructor(
     readonly build: (op: Deno.AtomicOperation, group: T[]) => void,
-    readonly done: (group: T[], failure: unknown) => void,
+    readonly done: (group: T[], outcome: CommitOutcome) => void,
     readonly idle: () => void,
   ) {}
 
@@ -1321,7 +1379,7 @@ class GroupWriter<T extends { kv: Deno.Kv }> {
         while (group.length < MESSAGES_PER_COMMIT && this.#items[0]?.kv === kv) {
           group.push(this.#items.shift()!);
         }
-        this.done(group, await commitOrFailure(kv, (op) => this.build(op, group)));
+        this.done(group, await commitOutcome(kv, (op) => this.build(op, group)));
       }
     } finally {
       this.#flushing = false;
@@ -1330,17 +1388,26 @@ class GroupWriter<T extends { kv: Deno.Kv }> {
   }
 }
 
-/** Commits what `build` adds to an atomic operation (again while busy); resolves to the failure, if any. */
-async function commitOrFailure(kv: Deno.Kv, build: (op: Deno.AtomicOperation) => void): Promise<unknown> {
+/** What came of a commit: its versionstamp, or its failure (`refused` when a check failed). */
+interface CommitOutcome {
+  versionstamp?: string;
+  failure?: unknown;
+  refused?: boolean;
+}
+
+/** Commits what `build` adds to an atomic operation (again while busy), and says what came of it. */
+async function commitOutcome(kv: Deno.Kv, build: (op: Deno.AtomicOperation) => void): Promise<CommitOutcome> {
   try {
     const res = await retryBusy(() => {
       const op = kv.atomic();
       build(op);
       return op.commit();
     });
-    return res.ok ? undefined : new Error("the commit was refused");
+    return res.ok
+      ? { versionstamp: res.versionstamp }
+      : { failure: new Error("the commit was refused"), refused: true };
   } catch (err) {
-    return err ?? new Error("the commit failed");
+    return { failure: err ?? new Error("the commit failed") };
   }
 }
 
@@ -1597,31 +1664,41 @@ export async function requeueDeadLetters(kv: Deno.Kv, queue: string): Promise<nu
  */
 export async function requeueParked(kv: Deno.Kv, queue: string): Promise<number> {
   let requeued = 0;
-  for (const [run, seqs] of await retryBusy(() => parkedByRun(kv, queue))) {
+  const runs = await retryBusy(() => parkedByRun(kv, queue));
+  await dropStaleSignsOfLife(kv, queue, runs);
+  for (const [run, seqs] of runs) {
     const seen = await retryBusy(() => lastSeenOf(kv, queue, run));
     if (seen.age < PARK_STALE_MS) continue;
-    // Claimed, as a consumer taking them over would: one that comes meanwhile sees the run alive.
-    const claim = await retryBusy(() =>
-      kv.atomic().check(seen.entry).set(queueKey(queue, "consumer", run), { at: Date.now() }).commit()
-    );
-    if (!claim.ok) continue;
+    // Claimed as a consumer taking them over would, and kept alive with checked writes: a consumer
+    // that comes meanwhile sees the run alive, and one that takes it over stops this.
+    const key = queueKey(queue, "consumer", run);
+    const beat = async (check: { key: Deno.KvKey; versionstamp: string | null }) =>
+      await retryBusy(() => kv.atomic().check(check).set(key, { at: Date.now() }).commit());
+    let claim = await beat(seen.entry);
     let claimedAt = Date.now();
     for (const seq of seqs) {
+      if (!claim.ok) break;
       if (Date.now() - claimedAt >= PARK_HEARTBEAT_MS) {
+        claim = await beat({ key, versionstamp: claim.versionstamp });
         claimedAt = Date.now();
-        await retryBusy(() => kv.set(queueKey(queue, "consumer", run), { at: claimedAt }));
+        if (!claim.ok) break;
       }
-      const key = queueKey(queue, "parked", run, seq);
-      const [parked, handled] = await retryBusy(() => kv.getMany([key, queueKey(queue, "handled", seq)]));
+      const parkedKey = queueKey(queue, "parked", run, seq);
+      const [parked, handled] = await retryBusy(() =>
+        kv.getMany([parkedKey, queueKey(queue, "handled", seq)])
+      );
       const again = parked.versionstamp !== null && handled.versionstamp === null;
       const res = await retryBusy(() => {
-        const op = kv.atomic().check(parked).delete(key).delete(queueKey(queue, "parkedSeq", run, seq));
+        const op = kv.atomic().check(parked).delete(parkedKey).delete(queueKey(queue, "parkedSeq", run, seq));
         if (again) op.enqueue(parked.value, { keysIfUndelivered: [queueKey(queue, "dead", seq)] });
         return op.commit();
       });
       if (res.ok && again) requeued++;
     }
-    await retryBusy(() => kv.delete(queueKey(queue, "consumer", run)));
+    if (claim.ok) {
+      const last = claim.versionstamp;
+      await retryBusy(() => kv.atomic().check({ key, versionstamp: last }).delete(key).commit());
+    }
   }
   return requeued;
 }
