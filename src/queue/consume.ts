@@ -211,9 +211,10 @@ export interface ConsumeOptions {
    */
   untilEmpty?: boolean;
   /**
-   * The most a handler may run, ms. It also never runs past {@link ACK_DEADLINE_MS} after its
-   * message's delivery, whatever this says. A handler past its time has its signal aborted and its
-   * message failed, for KV to redeliver; keep handlers well under this.
+   * The most a handler may run, ms. A handler of a delivery also never runs past
+   * {@link ACK_DEADLINE_MS} after it, whatever this says (one of a parked message gets all of it).
+   * A handler past its time has its signal aborted and its message failed, for KV to redeliver (or
+   * consume() to try again, when parked); keep handlers well under this.
    * @default {3000}
    */
   handlerTimeout?: number;
@@ -454,12 +455,12 @@ class Consumer {
       const run = this.#parkingRun = this.#run;
       for (const d of group) {
         const at = { run, seq: d.message.seq };
-        op.set(this.#parkedKey(at), d.message).set(this.#parkedSeqKey(at), true);
+        op.set(parkedKey(this.#queue, at), d.message).set(parkedSeqKey(this.#queue, at), true);
       }
       // The run's first sign of life; keepAlive() writes the next ones.
       this.#parkingBeats = !this.stopReason && !this.#heldRuns.has(run);
       if (this.#parkingBeats) {
-        const key = queueKey(this.#queue, "consumer", run);
+        const key = signOfLifeKey(this.#queue, run);
         op.check({ key, versionstamp: null }).set(key, { at: Date.now(), by: run });
       }
     },
@@ -714,7 +715,7 @@ class Consumer {
     const settle = d.settles[0];
     try {
       const [entry, handled] = await retryBusy(() =>
-        d.kv.getMany([this.#parkedKey(p), queueKey(this.#queue, "handled", p.seq)])
+        d.kv.getMany([parkedKey(this.#queue, p), queueKey(this.#queue, "handled", p.seq)])
       );
       if (entry.versionstamp !== null || handled.versionstamp !== null) {
         this.result.duplicates++;
@@ -874,14 +875,6 @@ class Consumer {
     return since + this.#o.reorderWindow;
   }
 
-  #parkedKey(p: { run: string; seq: number }): Deno.KvKey {
-    return queueKey(this.#queue, "parked", p.run, p.seq);
-  }
-
-  #parkedSeqKey(p: { run: string; seq: number }): Deno.KvKey {
-    return queueKey(this.#queue, "parkedSeq", p.run, p.seq);
-  }
-
   /** Reads back the parked messages from #parked[from] on whose turn is near (up to PARKED_READ_AHEAD). */
   async #readParked(kv: Deno.Kv, from: number): Promise<void> {
     this.#reading = true;
@@ -890,7 +883,7 @@ class Consumer {
       if (!this.#parked[i].message) batch.push(this.#parked[i]);
     }
     try {
-      const entries = await retryBusy(() => kv.getMany(batch.map((p) => this.#parkedKey(p))));
+      const entries = await retryBusy(() => kv.getMany(batch.map((p) => parkedKey(this.#queue, p))));
       entries.forEach((entry, i) => {
         const p = batch[i];
         if (isQueueMessage(entry.value) && entry.value.queue === this.#queue && entry.value.seq === p.seq) {
@@ -951,12 +944,7 @@ class Consumer {
         }
         // Claimed by a checked commit of its sign of life, now written by this consumer: another
         // consumer, or requeueParked(), then sees the run alive and leaves its messages alone.
-        const claim = await retryBusy(() =>
-          kv.atomic().check(seen.entry).set(queueKey(this.#queue, "consumer", run), {
-            at: Date.now(),
-            by: this.#run,
-          }).commit()
-        );
+        const claim = await claimSignOfLife(kv, this.#queue, run, seen.entry.versionstamp, this.#run);
         if (!claim.ok) continue;
         this.#heldRuns.set(run, { versionstamp: claim.versionstamp, okAt: performance.now() });
         for (const seq of seqs) {
@@ -988,7 +976,7 @@ class Consumer {
     const left = new Set<string>();
     for (const p of this.#parkedBySeq.values()) left.add(p.run);
     for (const [run, held] of [...this.#heldRuns]) {
-      const key = queueKey(this.#queue, "consumer", run);
+      const key = signOfLifeKey(this.#queue, run);
       // Its own run keeps its key while it runs: a parking may be on its way.
       const keep = run === this.#run || left.has(run);
       const { failure, refused, versionstamp } = await commitOutcome(kv, (op) => {
@@ -1018,7 +1006,7 @@ class Consumer {
     for (const [run, held] of runs) {
       // Checked: a run taken over meanwhile is its new holder's to keep alive.
       await commitOutcome(kv, (op) => {
-        const key = queueKey(this.#queue, "consumer", run);
+        const key = signOfLifeKey(this.#queue, run);
         op.check({ key, versionstamp: held.versionstamp }).delete(key);
       });
     }
@@ -1098,8 +1086,8 @@ class Consumer {
     }
     const { failure } = await commitOutcome(d.kv, (op) => {
       op.set(queueKey(this.#queue, "dead", p.seq), d.message)
-        .delete(this.#parkedKey(p))
-        .delete(this.#parkedSeqKey(p));
+        .delete(parkedKey(this.#queue, p))
+        .delete(parkedSeqKey(this.#queue, p));
     });
     if (failure === undefined) {
       this.#parkedBySeq.delete(p.seq);
@@ -1125,7 +1113,7 @@ class Consumer {
     if (!p) return;
     if (this.#parkedBySeq.get(p.seq) === p) this.#parkedBySeq.delete(p.seq);
     await commitOutcome(d.kv, (op) => {
-      op.delete(this.#parkedKey(p)).delete(this.#parkedSeqKey(p));
+      op.delete(parkedKey(this.#queue, p)).delete(parkedSeqKey(this.#queue, p));
     });
   }
 
@@ -1236,7 +1224,7 @@ class Consumer {
           .sum(queueKey(this.#queue, "count", "messagesHandled"), 1n)
           .sum(queueKey(this.#queue, "count", "recordsHandled"), BigInt(events.length))
           .set(handledKey, Date.now(), { expireIn: DEDUPE_WINDOW_MS });
-        if (parked) op.delete(this.#parkedKey(parked)).delete(this.#parkedSeqKey(parked));
+        if (parked) op.delete(parkedKey(this.#queue, parked)).delete(parkedSeqKey(this.#queue, parked));
         return op.commit();
       });
       if (res.ok) {
@@ -1285,6 +1273,42 @@ function retryBusy<T>(op: () => Promise<T>): Promise<T> {
   return retryWhileBusy(op, 350);
 }
 
+/** Where a parked message is kept: `["jetfill", queue, "parked", run, seq]`. */
+function parkedKey(queue: string, p: { run: string; seq: number }): Deno.KvKey {
+  return queueKey(queue, "parked", p.run, p.seq);
+}
+
+/** Its small index entry, listed to find parked messages without reading them. */
+function parkedSeqKey(queue: string, p: { run: string; seq: number }): Deno.KvKey {
+  return queueKey(queue, "parkedSeq", p.run, p.seq);
+}
+
+/** Where the consumer holding a run's parked messages writes that it is alive. */
+function signOfLifeKey(queue: string, run: string): Deno.KvKey {
+  return queueKey(queue, "consumer", run);
+}
+
+/**
+ * Writes a run's sign of life if it is still as the writer last saw it (`versionstamp`; null: none):
+ * the claim of a run's parked messages, or the next beat of one held. Refused when another wrote it.
+ */
+function claimSignOfLife(
+  kv: Deno.Kv,
+  queue: string,
+  run: string,
+  versionstamp: string | null,
+  by?: string,
+): Promise<Deno.KvCommitResult | Deno.KvCommitError> {
+  const key = signOfLifeKey(queue, run);
+  return retryBusy(() =>
+    kv.atomic().check({ key, versionstamp }).set(
+      key,
+      by === undefined ? { at: Date.now() } : { at: Date.now(), by },
+    )
+      .commit()
+  );
+}
+
 /** The seqs of the messages parked in `queue`, by the consumer run that parked them, lowest first. */
 async function parkedByRun(kv: Deno.Kv, queue: string): Promise<Map<string, number[]>> {
   const runs = new Map<string, number[]>();
@@ -1304,9 +1328,14 @@ async function lastSeenOf(
   queue: string,
   run: string,
 ): Promise<{ age: number; entry: Deno.KvEntryMaybe<{ at?: unknown }> }> {
-  const entry = await kv.get<{ at?: unknown }>(queueKey(queue, "consumer", run));
-  const at = entry.value?.at;
-  return { age: typeof at === "number" ? Date.now() - at : Number.POSITIVE_INFINITY, entry };
+  const entry = await kv.get<{ at?: unknown }>(signOfLifeKey(queue, run));
+  return { age: ageOf(entry.value), entry };
+}
+
+/** How long ago (ms) a sign of life was written: Infinity when there is none. */
+function ageOf(sign: { at?: unknown } | null): number {
+  const at = sign?.at;
+  return typeof at === "number" ? Date.now() - at : Number.POSITIVE_INFINITY;
 }
 
 /**
@@ -1323,9 +1352,9 @@ async function dropStaleSignsOfLife(
     stale.length = 0;
     for await (const entry of kv.list<{ at?: unknown }>({ prefix: queueKey(queue, "consumer") })) {
       const run = entry.key.at(-1);
-      const at = entry.value?.at;
-      if (typeof run !== "string" || parked.has(run)) continue;
-      if (typeof at !== "number" || Date.now() - at >= PARK_STALE_MS) stale.push(entry);
+      if (typeof run === "string" && !parked.has(run) && ageOf(entry.value) >= PARK_STALE_MS) {
+        stale.push(entry);
+      }
     }
   });
   for (const entry of stale) await retryBusy(() => kv.atomic().check(entry).delete(entry.key).commit());
@@ -1671,25 +1700,23 @@ export async function requeueParked(kv: Deno.Kv, queue: string): Promise<number>
     if (seen.age < PARK_STALE_MS) continue;
     // Claimed as a consumer taking them over would, and kept alive with checked writes: a consumer
     // that comes meanwhile sees the run alive, and one that takes it over stops this.
-    const key = queueKey(queue, "consumer", run);
-    const beat = async (check: { key: Deno.KvKey; versionstamp: string | null }) =>
-      await retryBusy(() => kv.atomic().check(check).set(key, { at: Date.now() }).commit());
-    let claim = await beat(seen.entry);
+    const key = signOfLifeKey(queue, run);
+    let claim = await claimSignOfLife(kv, queue, run, seen.entry.versionstamp);
     let claimedAt = Date.now();
     for (const seq of seqs) {
       if (!claim.ok) break;
       if (Date.now() - claimedAt >= PARK_HEARTBEAT_MS) {
-        claim = await beat({ key, versionstamp: claim.versionstamp });
+        claim = await claimSignOfLife(kv, queue, run, claim.versionstamp);
         claimedAt = Date.now();
         if (!claim.ok) break;
       }
-      const parkedKey = queueKey(queue, "parked", run, seq);
+      const entryKey = parkedKey(queue, { run, seq });
       const [parked, handled] = await retryBusy(() =>
-        kv.getMany([parkedKey, queueKey(queue, "handled", seq)])
+        kv.getMany([entryKey, queueKey(queue, "handled", seq)])
       );
       const again = parked.versionstamp !== null && handled.versionstamp === null;
       const res = await retryBusy(() => {
-        const op = kv.atomic().check(parked).delete(parkedKey).delete(queueKey(queue, "parkedSeq", run, seq));
+        const op = kv.atomic().check(parked).delete(entryKey).delete(parkedSeqKey(queue, { run, seq }));
         if (again) op.enqueue(parked.value, { keysIfUndelivered: [queueKey(queue, "dead", seq)] });
         return op.commit();
       });
