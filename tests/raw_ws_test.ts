@@ -133,6 +133,25 @@ class Peer {
   }
 }
 
+/** Answers the handshake on `conn` and runs `script` on it; `onPeer` gets the peer first. */
+async function servePeer(
+  conn: Deno.Conn,
+  script: (peer: Peer, handshake: Uint8Array) => Promise<void>,
+  onPeer: (peer: Peer) => void,
+): Promise<void> {
+  const head = await readRequestHead(conn);
+  assert.ok(head);
+  const peer = new Peer(conn, head.target, head.headers, head.rest);
+  onPeer(peer);
+  const accepted = await acceptWebSocket(head.headers);
+  assert.ok("response" in accepted);
+  try {
+    await script(peer, accepted.response);
+  } finally {
+    peer.close();
+  }
+}
+
 /**
  * Serves one connection on 127.0.0.1 with `script`. With `upgrade` (the default) the handshake is
  * answered first; the script may send more in the same write through `Peer.write`.
@@ -146,16 +165,7 @@ function scripted(
   const done = (async () => {
     const conn = await listener.accept();
     listener.close();
-    const head = await readRequestHead(conn);
-    assert.ok(head);
-    peer = new Peer(conn, head.target, head.headers, head.rest);
-    const accepted = await acceptWebSocket(head.headers);
-    assert.ok("response" in accepted);
-    try {
-      await script(peer, accepted.response);
-    } finally {
-      peer.close();
-    }
+    await servePeer(conn, script, (p) => peer = p);
   })();
   return {
     url: `ws://127.0.0.1:${port}`,
@@ -918,19 +928,7 @@ function scriptedEach(
   const accepting = (async () => {
     for await (const conn of listener) {
       runs.push(
-        (async () => {
-          const head = await readRequestHead(conn);
-          assert.ok(head);
-          const peer = new Peer(conn, head.target, head.headers, head.rest);
-          peers.push(peer);
-          const accepted = await acceptWebSocket(head.headers);
-          assert.ok("response" in accepted);
-          try {
-            await script(peer, accepted.response);
-          } finally {
-            peer.close();
-          }
-        })().catch(() => {}),
+        servePeer(conn, script, (peer) => peers.push(peer)).catch(() => {}),
       );
     }
   })();
