@@ -48,6 +48,21 @@ function message(seq: number, events: JetstreamEvent[], queue = Q): QueueMessage
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
+/** Stores `count` synthetic events (`seed`) at `path` in messages of `batchSize`; returns them. */
+async function backlog(
+  path: string,
+  count: number,
+  seed: number,
+  batchSize: number,
+): Promise<JetstreamEvent[]> {
+  const kv = await Deno.openKv(path);
+  try {
+    return await produce(kv, generateCapture({ count, seed }), { batchSize });
+  } finally {
+    kv.close();
+  }
+}
+
 /** The parked entries' keys left in a database: [run, seq] pairs. */
 async function listParked(path: string): Promise<[string, number][]> {
   const kv = await Deno.openKv(path);
@@ -215,9 +230,7 @@ Deno.test("consume() leaves a throwing handler's message for redelivery, then to
 Deno.test("consume() times out a handler past handlerTimeout, aborts its signal, and gets the message again", async () => {
   const { dir, path } = await tempDb();
   try {
-    const kv = await Deno.openKv(path);
-    await produce(kv, generateCapture({ count: 10, seed: 11 }), { batchSize: 10 });
-    kv.close();
+    await backlog(path, 10, 11, 10);
     let calls = 0;
     let aborted: unknown;
     const errors: ConsumeErrorReport[] = [];
@@ -395,9 +408,7 @@ Deno.test("consume() rejects bad options with a UsageError that names them, befo
 Deno.test("consume() keeps slow handlers out of KV's 5 s redelivery while another process opens the database", async () => {
   const { dir, path } = await tempDb();
   try {
-    const kv = await Deno.openKv(path);
-    await produce(kv, generateCapture({ count: 600, seed: 15 }), { batchSize: 10 });
-    kv.close();
+    await backlog(path, 600, 15, 10);
     // Every open of the file requeues the running messages past their deadline, so a consumer
     // that holds all 60 messages of 80 ms (4.8 s of work) would see many come back.
     const opener = new Deno.Command(Deno.execPath(), {
@@ -429,9 +440,7 @@ Deno.test("consume() keeps slow handlers out of KV's 5 s redelivery while anothe
 Deno.test("consume() with a backlog it must park hands every message over in seq order, parking each at most once", async () => {
   const { dir, path } = await tempDb();
   try {
-    const kv = await Deno.openKv(path);
-    await produce(kv, generateCapture({ count: 5000, seed: 16 }), { batchSize: 5 });
-    kv.close();
+    await backlog(path, 5000, 16, 5);
     // 1,000 messages of 10 ms: KV hands over all of them at once (each commit's in random order), and
     // more than a few seconds' worth must be parked. (Put back in KV's queue instead, they came back
     // when due, many of them several times: 3,151 put-backs here; 25,138 for 4,000 messages, with
@@ -644,9 +653,7 @@ if (import.meta.main) {
 Deno.test("consume() stops soon when aborted with a backlog, and a later consume() gets the rest once", async () => {
   const { dir, path } = await tempDb();
   try {
-    const kv = await Deno.openKv(path);
-    const stored = await produce(kv, generateCapture({ count: 8000, seed: 9 }), { batchSize: 10 });
-    kv.close();
+    const stored = await backlog(path, 8000, 9, 10);
     // Abort after 20 messages, with about 780 still waiting: KV keeps delivering them, and each one
     // that comes after the stop is put back. Stopping must not wait for those to cease.
     const ac = new AbortController();
@@ -681,9 +688,7 @@ Deno.test("consume() stops soon when aborted with a backlog, and a later consume
 Deno.test("consume() leaves what it parked when stopped, status counts it, and the next consume() takes it over at once, in seq order", async () => {
   const { dir, path } = await tempDb();
   try {
-    const kv = await Deno.openKv(path);
-    const stored = await produce(kv, generateCapture({ count: 6000, seed: 23 }), { batchSize: 20 });
-    kv.close();
+    const stored = await backlog(path, 6000, 23, 20);
     // 300 messages of 20 ms: far more than 3 s of work, so most are parked; stop after 20.
     const ac = new AbortController();
     const seqs: number[] = [];
@@ -731,9 +736,7 @@ Deno.test("consume() leaves what it parked when stopped, status counts it, and t
 Deno.test("requeueParked() hands what a stopped consumer parked back to KV's queue, for a plain listenQueue", async () => {
   const { dir, path } = await tempDb();
   try {
-    const kv = await Deno.openKv(path);
-    await produce(kv, generateCapture({ count: 3000, seed: 26 }), { batchSize: 20 });
-    kv.close();
+    await backlog(path, 3000, 26, 20);
     const ac = new AbortController();
     const first = await consume({
       kv: path,
@@ -777,9 +780,7 @@ Deno.test("requeueParked() hands what a stopped consumer parked back to KV's que
 
 /** A queue of 400 messages of 20 events, whose first consumer (30 ms a message) stopped after 20, parking most of the rest. */
 async function stoppedWithParked(path: string, handled: Map<number, number>): Promise<void> {
-  const kv = await Deno.openKv(path);
-  await produce(kv, generateCapture({ count: 8000, seed: 27 }), { batchSize: 20 });
-  kv.close();
+  await backlog(path, 8000, 27, 20);
   const ac = new AbortController();
   const first = await consume({
     kv: path,
@@ -855,9 +856,7 @@ Deno.test("of two consumers started together, one takes over a stopped consumer'
 Deno.test("the messages a killed consumer parked wait while it may be alive, then another consume() takes them over", async () => {
   const { dir, path } = await tempDb();
   try {
-    const kv = await Deno.openKv(path);
-    await produce(kv, generateCapture({ count: 4000, seed: 24 }), { batchSize: 20 });
-    kv.close();
+    await backlog(path, 4000, 24, 20);
     // A consumer process with a 30 ms handler, killed (no clean stop) once it has parked messages.
     const child = new Deno.Command(Deno.execPath(), {
       args: ["run", "-A", "--unstable-kv", import.meta.filename!, "parker", path],
@@ -996,9 +995,7 @@ Deno.test("a paused consumer whose parked messages were taken over leaves them t
 Deno.test("consume() tries a parked message whose handler failed again, and goes on with the others meanwhile", async () => {
   const { dir, path } = await tempDb();
   try {
-    const kv = await Deno.openKv(path);
-    await produce(kv, generateCapture({ count: 6000, seed: 25 }), { batchSize: 20 });
-    kv.close();
+    await backlog(path, 6000, 25, 20);
     // 300 messages of 25 ms, 7.5 s of work: all but the first 3 s or so are parked; seq 280 fails once.
     const seqs: number[] = [];
     const reports: string[] = [];
@@ -1040,9 +1037,7 @@ Deno.test("consume() tries a parked message whose handler failed again, and goes
 Deno.test("consume() parks the message of a handler that fails once stopping, using up no retry", async () => {
   const { dir, path } = await tempDb();
   try {
-    const kv = await Deno.openKv(path);
-    const stored = await produce(kv, generateCapture({ count: 50, seed: 12 }), { batchSize: 10 });
-    kv.close();
+    const stored = await backlog(path, 50, 12, 10);
     // The handler's output is gone at the third message: it stops consume() and throws.
     const ac = new AbortController();
     const seen: JetstreamEvent[] = [];
