@@ -63,18 +63,13 @@ export {
   type ConsumeOptions,
   type ConsumeResult,
   type ConsumeStopReason,
-  type DeadLetter,
-  deadLetters,
   DEDUPE_WINDOW_MS,
   HOLD_TARGET_MS,
   KV_REDELIVERY_DEADLINE_MS,
-  PARK_HEARTBEAT_MS,
-  PARK_STALE_MS,
-  type QueueStatus,
-  queueStatus,
-  requeueDeadLetters,
-  requeueParked,
 } from "./src/queue/consume.ts";
+export { type DeadLetter, deadLetters, requeueDeadLetters } from "./src/queue/dead_letters.ts";
+export { PARK_HEARTBEAT_MS, PARK_STALE_MS, requeueParked } from "./src/queue/parking.ts";
+export { type QueueStatus, queueStatus } from "./src/queue/status.ts";
 export type {
   AccountEvent,
   CommitData,

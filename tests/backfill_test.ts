@@ -15,7 +15,7 @@ import {
 import { ConcurrentWriterError, QueueWriter } from "../src/queue/writer.ts";
 import { Batcher } from "../src/pipeline/batch.ts";
 import { FLUSH_AFTER_MS } from "../src/pipeline/process.ts";
-import { queueStatus } from "../src/queue/consume.ts";
+import { queueStatus } from "../src/queue/status.ts";
 import { delay } from "../src/async.ts";
 import { KV_COMMIT_LIMIT, serializedSizeBound } from "../src/queue/size.ts";
 import { serialize } from "node:v8";

@@ -10,13 +10,10 @@ import {
   consume,
   type ConsumeErrorReport,
   type ConsumeOptions,
-  deadLetters,
-  PARK_HEARTBEAT_MS,
-  PARK_STALE_MS,
-  queueStatus,
-  requeueDeadLetters,
-  requeueParked,
 } from "../src/queue/consume.ts";
+import { deadLetters, requeueDeadLetters } from "../src/queue/dead_letters.ts";
+import { PARK_HEARTBEAT_MS, PARK_STALE_MS, requeueParked } from "../src/queue/parking.ts";
+import { queueStatus } from "../src/queue/status.ts";
 import { openKvAt, queueKey, queueLength } from "../src/queue/kv_queue.ts";
 import type { QueueMessage } from "../src/queue/message.ts";
 import { generateCapture } from "../src/server/synth.ts";

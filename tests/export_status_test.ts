@@ -10,7 +10,7 @@ import { serveEvents } from "./helpers/loopback.ts";
 import { produce } from "./helpers/produce.ts";
 import { isoFromUs, utcDate } from "../src/time.ts";
 import { queueKey } from "../src/queue/kv_queue.ts";
-import type { QueueStatus } from "../src/queue/consume.ts";
+import type { QueueStatus } from "../src/queue/status.ts";
 import { formatStatus } from "../src/cli/status.ts";
 
 const CLI = new URL("../cli.ts", import.meta.url).pathname;

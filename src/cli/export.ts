@@ -4,7 +4,8 @@
  * @module
  */
 import { UsageError } from "../errors.ts";
-import { consume, type ConsumeResult, queueStatus } from "../queue/consume.ts";
+import { consume, type ConsumeResult } from "../queue/consume.ts";
+import { queueStatus } from "../queue/status.ts";
 import { openKvAt } from "../queue/kv_queue.ts";
 import { otherQueuesNote } from "./status.ts";
 import {

@@ -4,7 +4,7 @@
  * @module
  */
 import { UsageError } from "../errors.ts";
-import { type QueueStatus, queueStatus } from "../queue/consume.ts";
+import { type QueueStatus, queueStatus } from "../queue/status.ts";
 import { openKvAt, queuesIn } from "../queue/kv_queue.ts";
 import { queueFileLocked, queueLockPath } from "../queue/file_lock.ts";
 import { isoFromUs } from "../time.ts";
@@ -69,7 +69,7 @@ function entries(o: Record<string, unknown>): string {
  * @example
  * ```ts
  * import { formatStatus } from "./status.ts";
- * import { queueStatus } from "../queue/consume.ts";
+ * import { queueStatus } from "../queue/status.ts";
  * const kv = await Deno.openKv("./jetfill-data/jetstream_sync.sqlite");
  * console.log(formatStatus(await queueStatus(kv, "jetstream_sync"), "./jetfill-data/jetstream_sync.sqlite"));
  * kv.close();

@@ -1,7 +1,8 @@
 /**
  * The other end of the queue: {@link consume} hands every message of a jetfill queue to a handler,
- * once, and keeps the queue's counters true; {@link queueStatus}, {@link deadLetters} and
- * {@link requeueDeadLetters} read and repair what it leaves behind.
+ * once, and keeps the queue's counters true. What it leaves behind is read and repaired by
+ * `queueStatus()` (`status.ts`), `deadLetters()` and `requeueDeadLetters()` (`dead_letters.ts`) and
+ * `requeueParked()` (`parking.ts`, which also holds the keys of parked messages).
  *
  * What Deno KV queues do, measured on Deno 2.9.6 with the local SQLite backend
  * (the README's "Consuming the queue" and `deno-runtime.md` §1 have the figures), and what this module does about it:
@@ -62,18 +63,23 @@
  * @module
  */
 import type { JetstreamEvent } from "../jetstream/events.ts";
-import {
-  counterValue,
-  defaultKvPath,
-  localDatabasePath,
-  openKvAt,
-  queueKey,
-  readCheckpoint,
-  retryWhileBusy,
-} from "./kv_queue.ts";
+import { counterValue, defaultKvPath, localDatabasePath, openKvAt, queueKey } from "./kv_queue.ts";
 import { decodeQueueMessage, isQueueMessage, type QueueMessage } from "./message.ts";
-import { isoFromUs } from "../time.ts";
 import { pathExists } from "../fs.ts";
+import { deadLetters } from "./dead_letters.ts";
+import { commitOutcome, GroupWriter } from "./group_writer.ts";
+import {
+  claimSignOfLife,
+  dropStaleSignsOfLife,
+  lastSeenOf,
+  PARK_HEARTBEAT_MS,
+  PARK_STALE_MS,
+  parkedByRun,
+  parkedKey,
+  parkedSeqKey,
+  retryBusy,
+  signOfLifeKey,
+} from "./parking.ts";
 import { UsageError } from "../errors.ts";
 import { isDenoKv, optionsObjectError, QUEUE_NAME, QUEUE_NAME_RULE, show } from "../options.ts";
 import { z } from "zod";
@@ -83,7 +89,7 @@ import { z } from "zod";
  * enqueued, or its delay ran out) is requeued by the next cleanup (any opening of the database).
  */
 export const KV_REDELIVERY_DEADLINE_MS = 5_000;
-/** consume() answers (acknowledges, fails or puts back) every delivery within this time of it. */
+/** consume() answers (acknowledges, fails, parks or puts back) every delivery within this time of it. */
 export const ACK_DEADLINE_MS = 4_000;
 /** How long the record of a handled `seq` is kept for deduplication: 7 days. */
 export const DEDUPE_WINDOW_MS = 7 * 24 * 3600_000;
@@ -99,8 +105,6 @@ const STOP_GRACE_MS = 250;
 const ORPHAN_DELAY_MS = 1_000;
 // Messages of another queue come back after this delay, for their own consumer to take.
 const FOREIGN_DELAY_MS = 2_000;
-// Put-backs or parked messages per atomic commit: 12 messages of 64 KiB stay under KV's 800 KiB.
-const MESSAGES_PER_COMMIT = 12;
 // A handler is not started with less time than this before the deadline: it is parked instead.
 const MIN_RUN_MS = 100;
 // The handling time assumed before the first message is measured.
@@ -112,10 +116,6 @@ const INITIAL_SERVICE_MS = 10;
  * the event loop and for handlers slower than their average.
  */
 export const HOLD_TARGET_MS = 3_000;
-/** A consumer with parked messages writes that it is alive this often, ms. */
-export const PARK_HEARTBEAT_MS = 1_000;
-/** The parked messages of a consumer not seen alive for this long are taken over by another, ms. */
-export const PARK_STALE_MS = 10_000;
 // A parked message whose handler failed is tried again after these delays (KV's default backoff),
 // then written to its dead letter: six tries, as KV gives a delivery.
 const PARKED_RETRY_MS = [100, 1_000, 5_000, 30_000, 60_000];
@@ -1268,98 +1268,6 @@ class Consumer {
   }
 }
 
-/** A KV operation, run again a few times over about 350 ms while SQLite reports the database busy. */
-function retryBusy<T>(op: () => Promise<T>): Promise<T> {
-  return retryWhileBusy(op, 350);
-}
-
-/** Where a parked message is kept: `["jetfill", queue, "parked", run, seq]`. */
-function parkedKey(queue: string, p: { run: string; seq: number }): Deno.KvKey {
-  return queueKey(queue, "parked", p.run, p.seq);
-}
-
-/** Its small index entry, listed to find parked messages without reading them. */
-function parkedSeqKey(queue: string, p: { run: string; seq: number }): Deno.KvKey {
-  return queueKey(queue, "parkedSeq", p.run, p.seq);
-}
-
-/** Where the consumer holding a run's parked messages writes that it is alive. */
-function signOfLifeKey(queue: string, run: string): Deno.KvKey {
-  return queueKey(queue, "consumer", run);
-}
-
-/**
- * Writes a run's sign of life if it is still as the writer last saw it (`versionstamp`; null: none):
- * the claim of a run's parked messages, or the next beat of one held. Refused when another wrote it.
- */
-function claimSignOfLife(
-  kv: Deno.Kv,
-  queue: string,
-  run: string,
-  versionstamp: string | null,
-  by?: string,
-): Promise<Deno.KvCommitResult | Deno.KvCommitError> {
-  const key = signOfLifeKey(queue, run);
-  return retryBusy(() =>
-    kv.atomic().check({ key, versionstamp }).set(
-      key,
-      by === undefined ? { at: Date.now() } : { at: Date.now(), by },
-    )
-      .commit()
-  );
-}
-
-/** The seqs of the messages parked in `queue`, by the consumer run that parked them, lowest first. */
-async function parkedByRun(kv: Deno.Kv, queue: string): Promise<Map<string, number[]>> {
-  const runs = new Map<string, number[]>();
-  for await (const entry of kv.list({ prefix: queueKey(queue, "parkedSeq") })) {
-    const [run, seq] = entry.key.slice(-2);
-    if (typeof run !== "string" || typeof seq !== "number") continue;
-    const seqs = runs.get(run);
-    if (seqs) seqs.push(seq);
-    else runs.set(run, [seq]);
-  }
-  return runs;
-}
-
-/** How long ago (ms) a consumer run last said it was alive (Infinity: never, or it stopped), and its entry. */
-async function lastSeenOf(
-  kv: Deno.Kv,
-  queue: string,
-  run: string,
-): Promise<{ age: number; entry: Deno.KvEntryMaybe<{ at?: unknown }> }> {
-  const entry = await kv.get<{ at?: unknown }>(signOfLifeKey(queue, run));
-  return { age: ageOf(entry.value), entry };
-}
-
-/** How long ago (ms) a sign of life was written: Infinity when there is none. */
-function ageOf(sign: { at?: unknown } | null): number {
-  const at = sign?.at;
-  return typeof at === "number" ? Date.now() - at : Number.POSITIVE_INFINITY;
-}
-
-/**
- * Deletes the signs of life of runs that hold no parked message and were not seen for
- * PARK_STALE_MS: left by a consumer killed after its last parked message was handled, say.
- */
-async function dropStaleSignsOfLife(
-  kv: Deno.Kv,
-  queue: string,
-  parked: Map<string, number[]>,
-): Promise<void> {
-  const stale: Deno.KvEntry<unknown>[] = [];
-  await retryBusy(async () => {
-    stale.length = 0;
-    for await (const entry of kv.list<{ at?: unknown }>({ prefix: queueKey(queue, "consumer") })) {
-      const run = entry.key.at(-1);
-      if (typeof run === "string" && !parked.has(run) && ageOf(entry.value) >= PARK_STALE_MS) {
-        stale.push(entry);
-      }
-    }
-  });
-  for (const entry of stale) await retryBusy(() => kv.atomic().check(entry).delete(entry.key).commit());
-}
-
 /** Index of the first element of `sorted` whose `seqOf` is not below `seq`. */
 function lowerBound<T>(sorted: T[], seq: number, seqOf: (t: T) => number): number {
   let lo = 0;
@@ -1370,74 +1278,6 @@ function lowerBound<T>(sorted: T[], seq: number, seqOf: (t: T) => number): numbe
     else hi = mid;
   }
   return lo;
-}
-
-/**
- * Writes items in group commits, in order: up to MESSAGES_PER_COMMIT of one database a commit, the
- * items added during a turn together. `done` hears of each group's outcome (the failure, if any),
- * `idle` of the end of each run of commits.
- */
-class GroupWriter<T extends { kv: Deno.Kv }> {
-  readonly #items: T[] = [];
-  #flushing = false;
-
-  constructor(
-    readonly build: (op: Deno.AtomicOperation, group: T[]) => void,
-    readonly done: (group: T[], outcome: CommitOutcome) => void,
-    readonly idle: () => void,
-  ) {}
-
-  /** Something waits to be written, or is being written. */
-  get busy(): boolean {
-    return this.#flushing || this.#items.length > 0;
-  }
-
-  add(item: T): void {
-    this.#items.push(item);
-    if (!this.#flushing) void this.#flush();
-  }
-
-  async #flush(): Promise<void> {
-    this.#flushing = true;
-    try {
-      // Let the items of this turn gather.
-      await Promise.resolve();
-      while (this.#items.length > 0) {
-        const kv = this.#items[0].kv;
-        const group: T[] = [];
-        while (group.length < MESSAGES_PER_COMMIT && this.#items[0]?.kv === kv) {
-          group.push(this.#items.shift()!);
-        }
-        this.done(group, await commitOutcome(kv, (op) => this.build(op, group)));
-      }
-    } finally {
-      this.#flushing = false;
-      this.idle();
-    }
-  }
-}
-
-/** What came of a commit: its versionstamp, or its failure (`refused` when a check failed). */
-interface CommitOutcome {
-  versionstamp?: string;
-  failure?: unknown;
-  refused?: boolean;
-}
-
-/** Commits what `build` adds to an atomic operation (again while busy), and says what came of it. */
-async function commitOutcome(kv: Deno.Kv, build: (op: Deno.AtomicOperation) => void): Promise<CommitOutcome> {
-  try {
-    const res = await retryBusy(() => {
-      const op = kv.atomic();
-      build(op);
-      return op.commit();
-    });
-    return res.ok
-      ? { versionstamp: res.versionstamp }
-      : { failure: new Error("the commit was refused"), refused: true };
-  } catch (err) {
-    return { failure: err ?? new Error("the commit failed") };
-  }
 }
 
 function errorText(err: unknown): string {
@@ -1455,8 +1295,9 @@ function errorText(err: unknown): string {
  * overran KV's 5 s deadline, can hand the same events over twice. Make the handler idempotent (for
  * example, key what you store by `did` + `commit.rev` + `commit.rkey`, or by `seq`).
  *
- * Handlers must finish well within {@link ACK_DEADLINE_MS} (default `handlerTimeout` 3 s): consume()
- * measures them and holds no more messages than it can finish in time, putting the rest back.
+ * A handler of a fresh delivery must finish within {@link ACK_DEADLINE_MS} of it (default
+ * `handlerTimeout` 3 s): consume() measures handlers, holds no more messages than it can finish in
+ * time, and parks the rest, whose handlers then get all of `handlerTimeout`.
  *
  * Bad options (a value out of range, a name that is not an option, a queue name that a sync would
  * refuse) are rejected with a `UsageError` that names them, before anything is opened.
@@ -1598,288 +1439,4 @@ async function session(consumer: Consumer, kv: Deno.Kv, openedAt: number, reopen
     }
     await consumer.sleep();
   }
-}
-
-/** A message KV gave up delivering, as kept under `["jetfill", queue, "dead", seq]`. */
-export interface DeadLetter {
-  /** The message's `seq` (from its key). */
-  seq: number;
-  /** The message as enqueued (a {@link QueueMessage} for jetfill's own messages). */
-  message: unknown;
-  /** Events in the message (0 when it cannot be decoded). */
-  records: number;
-  /**
-   * Whether the message was handled after all: its acknowledgement was lost on its last delivery.
-   * Such a letter is a leftover, not a lost message; {@link requeueDeadLetters} deletes it.
-   */
-  handled: boolean;
-}
-
-/**
- * The dead letters of a queue, lowest `seq` first.
- *
- * @example
- * ```ts
- * import { deadLetters } from "./consume.ts";
- * const kv = await Deno.openKv("./jetfill-data/jetstream_sync.sqlite");
- * for (const letter of await deadLetters(kv, "jetstream_sync")) {
- *   if (!letter.handled) console.log(`message ${letter.seq}: ${letter.records} events never handled`);
- * }
- * kv.close();
- * ```
- */
-export async function deadLetters(kv: Deno.Kv, queue: string): Promise<DeadLetter[]> {
-  const letters: DeadLetter[] = [];
-  for await (const entry of kv.list({ prefix: queueKey(queue, "dead") })) {
-    const seq = entry.key[entry.key.length - 1];
-    if (typeof seq !== "number") continue;
-    let records = 0;
-    try {
-      records = decodeQueueMessage(entry.value).length;
-    } catch {
-      // Not a jetfill message: kept and listed, with no events to count.
-    }
-    letters.push({ seq, message: entry.value, records, handled: false });
-  }
-  for (let i = 0; i < letters.length; i += 10) {
-    const chunk = letters.slice(i, i + 10);
-    const marks = await kv.getMany(chunk.map((l) => queueKey(queue, "handled", l.seq)));
-    marks.forEach((m, j) => chunk[j].handled = m.versionstamp !== null);
-  }
-  return letters;
-}
-
-/**
- * Puts a queue's dead letters back in the queue, for another round of deliveries (after fixing what
- * made the handler fail); each is deleted in the same commit that enqueues it again. Leftovers of
- * messages that were handled after all are deleted. Resolves to the number of messages requeued.
- *
- * @example
- * ```ts
- * import { requeueDeadLetters } from "./consume.ts";
- * const kv = await Deno.openKv("./jetfill-data/jetstream_sync.sqlite");
- * console.log(`${await requeueDeadLetters(kv, "jetstream_sync")} messages requeued`);
- * kv.close();
- * ```
- */
-export async function requeueDeadLetters(kv: Deno.Kv, queue: string): Promise<number> {
-  let requeued = 0;
-  for (const letter of await deadLetters(kv, queue)) {
-    const key = queueKey(queue, "dead", letter.seq);
-    const current = await kv.get(key);
-    if (current.versionstamp === null) continue;
-    const op = kv.atomic().check(current).delete(key);
-    if (!letter.handled) op.enqueue(letter.message, { keysIfUndelivered: [key] });
-    const res = await op.commit();
-    if (res.ok && !letter.handled) requeued++;
-  }
-  return requeued;
-}
-
-/**
- * Puts the messages that stopped or crashed consumers left parked (see {@link consume}) back in the
- * queue, lowest `seq` first, for a plain `listenQueue` or any other consumer to take; each is
- * deleted in the commit that enqueues it again, and one handled already is only deleted. The
- * messages of a consumer that may still be running (seen within {@link PARK_STALE_MS}) are left
- * alone. Resolves to the number of messages requeued.
- *
- * @example
- * ```ts
- * import { requeueParked } from "./consume.ts";
- * const kv = await Deno.openKv("./jetfill-data/jetstream_sync.sqlite");
- * console.log(`${await requeueParked(kv, "jetstream_sync")} parked messages back in the queue`);
- * kv.close();
- * ```
- */
-export async function requeueParked(kv: Deno.Kv, queue: string): Promise<number> {
-  let requeued = 0;
-  const runs = await retryBusy(() => parkedByRun(kv, queue));
-  await dropStaleSignsOfLife(kv, queue, runs);
-  for (const [run, seqs] of runs) {
-    const seen = await retryBusy(() => lastSeenOf(kv, queue, run));
-    if (seen.age < PARK_STALE_MS) continue;
-    // Claimed as a consumer taking them over would, and kept alive with checked writes: a consumer
-    // that comes meanwhile sees the run alive, and one that takes it over stops this.
-    const key = signOfLifeKey(queue, run);
-    let claim = await claimSignOfLife(kv, queue, run, seen.entry.versionstamp);
-    let claimedAt = Date.now();
-    for (const seq of seqs) {
-      if (!claim.ok) break;
-      if (Date.now() - claimedAt >= PARK_HEARTBEAT_MS) {
-        claim = await claimSignOfLife(kv, queue, run, claim.versionstamp);
-        claimedAt = Date.now();
-        if (!claim.ok) break;
-      }
-      const entryKey = parkedKey(queue, { run, seq });
-      const [parked, handled] = await retryBusy(() =>
-        kv.getMany([entryKey, queueKey(queue, "handled", seq)])
-      );
-      const again = parked.versionstamp !== null && handled.versionstamp === null;
-      const res = await retryBusy(() => {
-        const op = kv.atomic().check(parked).delete(entryKey).delete(parkedSeqKey(queue, { run, seq }));
-        if (again) op.enqueue(parked.value, { keysIfUndelivered: [queueKey(queue, "dead", seq)] });
-        return op.commit();
-      });
-      if (res.ok && again) requeued++;
-    }
-    if (claim.ok) {
-      const last = claim.versionstamp;
-      await retryBusy(() => kv.atomic().check({ key, versionstamp: last }).delete(key).commit());
-    }
-  }
-  return requeued;
-}
-
-/** A queue's state, as `jetfill status` shows it. */
-export interface QueueStatus {
-  /** The queue's name. */
-  queue: string;
-  /** Seq of the last message enqueued (0 when none). */
-  lastSeq: number;
-  /** `time_us` of the last record stored, or null when none was. */
-  latestCursor: number | null;
-  /** `latestCursor` as an ISO 8601 UTC time, or null. */
-  latestCursorTime: string | null;
-  /** When the checkpoint was last written, ISO 8601 UTC, or null. */
-  checkpointUpdatedAt: string | null;
-  /** Records ever stored in the queue (all runs). */
-  recordsStored: number;
-  /** Messages ever enqueued. */
-  messagesEnqueued: number;
-  /** Messages handled by consumers. */
-  messagesHandled: number;
-  /** Records in the handled messages. */
-  recordsHandled: number;
-  /** Messages still to be handled: in the KV queue, neither handled nor dead-lettered. */
-  messagesWaiting: number;
-  /** Records in the waiting messages. */
-  recordsWaiting: number;
-  /**
-   * Of the waiting messages, those a consumer parked in KV keys (out of KV's queue: consume() takes
-   * them in `seq` order with the rest, a plain `listenQueue` does not see them).
-   */
-  messagesParked: number;
-  /** Dead letters not handled after all (see {@link deadLetters}). */
-  deadLetters: number;
-  /** Records in those dead letters. */
-  deadRecords: number;
-  /** Messages not handled, dead letters included: what `queueLength()` and a sync's `queueLength` report. */
-  queueLength: number;
-  /** Records stored per UTC day of their `time_us`, all runs together. */
-  recordsPerDay: Record<string, number>;
-  /**
-   * The sync that holds the queue's writer lock, or null when none does (a sync gives it back when
-   * it stops). A running sync shows it is alive by its commits, or every 0.5 s while quiet: a
-   * `lastSeen` more than 10 s old is a sync that crashed, which the next one takes the lock over from
-   * (one seen less long ago is watched for 2 s first).
-   */
-  writer: {
-    /** Random id of its run. */
-    run: string;
-    /**
-     * Whether that sync holds the queue's lock file too (it was given a database path): while a
-     * process holds the lock file, it is running, however long ago it was last seen.
-     */
-    lockFile: boolean;
-    /** When it took the lock, ISO 8601 UTC. */
-    since: string;
-    /** Its last commit or heartbeat, ISO 8601 UTC. */
-    lastSeen: string;
-  } | null;
-  /** The last sync run, as it recorded itself when it finished, or null. */
-  lastRun: {
-    /** Random id of the run. */
-    id: string;
-    /** When it finished, ISO 8601 UTC. */
-    finishedAt: string;
-    /** The options it ran with. */
-    options: Record<string, unknown>;
-    /** Its statistics, as `jetfill sync --json` printed them. */
-    stats: Record<string, unknown>;
-  } | null;
-}
-
-/**
- * Reads a queue's checkpoint, counters, per-day counts, dead letters and last run. Reading takes
- * a consistent view of each part, not of all of them together: figures read while a sync or a
- * consumer runs may be a commit apart.
- *
- * @example
- * ```ts
- * import { queueStatus } from "./consume.ts";
- * const kv = await Deno.openKv("./jetfill-data/jetstream_sync.sqlite");
- * const s = await queueStatus(kv, "jetstream_sync");
- * console.log(`${s.messagesWaiting} messages (${s.recordsWaiting} records) waiting, ${s.deadLetters} dead`);
- * kv.close();
- * ```
- */
-export async function queueStatus(kv: Deno.Kv, queue: string): Promise<QueueStatus> {
-  const checkpoint = (await readCheckpoint(kv, queue)).value;
-  const counts = await kv.getMany([
-    queueKey(queue, "count", "messages"),
-    queueKey(queue, "count", "records"),
-    queueKey(queue, "count", "messagesHandled"),
-    queueKey(queue, "count", "recordsHandled"),
-  ]);
-  const [messagesEnqueued, recordsEnqueued, messagesHandled, recordsHandled] = counts.map(counterValue);
-  const recordsPerDay: Record<string, number> = {};
-  for await (const entry of kv.list({ prefix: queueKey(queue, "day") })) {
-    const day = entry.key[entry.key.length - 1];
-    if (typeof day === "string") recordsPerDay[day] = counterValue(entry);
-  }
-  const dead = (await deadLetters(kv, queue)).filter((l) => !l.handled);
-  const parked = new Set([...(await parkedByRun(kv, queue)).values()].flat());
-  const deadRecords = dead.reduce((n, l) => n + l.records, 0);
-  const run = (await kv.get<{
-    id: string;
-    finishedAt: number;
-    options: Record<string, unknown>;
-    stats: Record<string, unknown>;
-  }>(queueKey(queue, "run"))).value;
-  const latest = checkpoint && checkpoint.recordsStored > 0 ? checkpoint.cursor : null;
-  const [lock, alive] = await kv.getMany<
-    [{ run?: string; at?: number; lockFile?: boolean }, { at?: number }]
-  >([
-    queueKey(queue, "writer"),
-    queueKey(queue, "alive"),
-  ]);
-  let writer: QueueStatus["writer"] = null;
-  if (lock.value && typeof lock.value.at === "number") {
-    const at = lock.value.at;
-    // Commits of the lock's run count as signs of life too.
-    const committed = checkpoint && checkpoint.run.id === lock.value.run ? checkpoint.updatedAt : at;
-    writer = {
-      run: String(lock.value.run),
-      lockFile: lock.value.lockFile === true,
-      since: new Date(at).toISOString(),
-      lastSeen: new Date(Math.max(at, committed, alive.value?.at ?? at)).toISOString(),
-    };
-  }
-  return {
-    queue,
-    lastSeq: checkpoint?.seq ?? 0,
-    latestCursor: latest,
-    latestCursorTime: latest === null ? null : isoFromUs(latest),
-    checkpointUpdatedAt: checkpoint ? new Date(checkpoint.updatedAt).toISOString() : null,
-    recordsStored: checkpoint?.recordsStored ?? recordsEnqueued,
-    messagesEnqueued,
-    messagesHandled,
-    recordsHandled,
-    messagesWaiting: Math.max(0, messagesEnqueued - messagesHandled - dead.length),
-    recordsWaiting: Math.max(0, recordsEnqueued - recordsHandled - deadRecords),
-    messagesParked: parked.size,
-    deadLetters: dead.length,
-    deadRecords,
-    queueLength: Math.max(0, messagesEnqueued - messagesHandled),
-    recordsPerDay,
-    writer,
-    lastRun: run
-      ? {
-        id: run.id,
-        finishedAt: new Date(run.finishedAt).toISOString(),
-        options: run.options,
-        stats: run.stats,
-      }
-      : null,
-  };
 }

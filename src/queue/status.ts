@@ -1,0 +1,164 @@
+/**
+ * {@link queueStatus}: a queue's checkpoint, counters, parked messages, dead letters, writer lock and
+ * last run, as `jetfill status` shows them.
+ *
+ * @module
+ */
+import { counterValue, queueKey, readCheckpoint } from "./kv_queue.ts";
+import { deadLetters } from "./dead_letters.ts";
+import { parkedByRun } from "./parking.ts";
+import { isoFromUs } from "../time.ts";
+
+/** A queue's state, as `jetfill status` shows it. */
+export interface QueueStatus {
+  /** The queue's name. */
+  queue: string;
+  /** Seq of the last message enqueued (0 when none). */
+  lastSeq: number;
+  /** `time_us` of the last record stored, or null when none was. */
+  latestCursor: number | null;
+  /** `latestCursor` as an ISO 8601 UTC time, or null. */
+  latestCursorTime: string | null;
+  /** When the checkpoint was last written, ISO 8601 UTC, or null. */
+  checkpointUpdatedAt: string | null;
+  /** Records ever stored in the queue (all runs). */
+  recordsStored: number;
+  /** Messages ever enqueued. */
+  messagesEnqueued: number;
+  /** Messages handled by consumers. */
+  messagesHandled: number;
+  /** Records in the handled messages. */
+  recordsHandled: number;
+  /** Messages still to be handled: in the KV queue, neither handled nor dead-lettered. */
+  messagesWaiting: number;
+  /** Records in the waiting messages. */
+  recordsWaiting: number;
+  /**
+   * Of the waiting messages, those a consumer parked in KV keys (out of KV's queue: consume() takes
+   * them in `seq` order with the rest, a plain `listenQueue` does not see them).
+   */
+  messagesParked: number;
+  /** Dead letters not handled after all (see {@link deadLetters}). */
+  deadLetters: number;
+  /** Records in those dead letters. */
+  deadRecords: number;
+  /** Messages not handled, dead letters included: what `queueLength()` and a sync's `queueLength` report. */
+  queueLength: number;
+  /** Records stored per UTC day of their `time_us`, all runs together. */
+  recordsPerDay: Record<string, number>;
+  /**
+   * The sync that holds the queue's writer lock, or null when none does (a sync gives it back when
+   * it stops). A running sync shows it is alive by its commits, or every 0.5 s while quiet: a
+   * `lastSeen` more than 10 s old is a sync that crashed, which the next one takes the lock over from
+   * (one seen less long ago is watched for 2 s first).
+   */
+  writer: {
+    /** Random id of its run. */
+    run: string;
+    /**
+     * Whether that sync holds the queue's lock file too (it was given a database path): while a
+     * process holds the lock file, it is running, however long ago it was last seen.
+     */
+    lockFile: boolean;
+    /** When it took the lock, ISO 8601 UTC. */
+    since: string;
+    /** Its last commit or heartbeat, ISO 8601 UTC. */
+    lastSeen: string;
+  } | null;
+  /** The last sync run, as it recorded itself when it finished, or null. */
+  lastRun: {
+    /** Random id of the run. */
+    id: string;
+    /** When it finished, ISO 8601 UTC. */
+    finishedAt: string;
+    /** The options it ran with. */
+    options: Record<string, unknown>;
+    /** Its statistics, as `jetfill sync --json` printed them. */
+    stats: Record<string, unknown>;
+  } | null;
+}
+
+/**
+ * Reads a queue's checkpoint, counters, per-day counts, dead letters and last run. Reading takes
+ * a consistent view of each part, not of all of them together: figures read while a sync or a
+ * consumer runs may be a commit apart.
+ *
+ * @example
+ * ```ts
+ * import { queueStatus } from "./status.ts";
+ * const kv = await Deno.openKv("./jetfill-data/jetstream_sync.sqlite");
+ * const s = await queueStatus(kv, "jetstream_sync");
+ * console.log(`${s.messagesWaiting} messages (${s.recordsWaiting} records) waiting, ${s.deadLetters} dead`);
+ * kv.close();
+ * ```
+ */
+export async function queueStatus(kv: Deno.Kv, queue: string): Promise<QueueStatus> {
+  const checkpoint = (await readCheckpoint(kv, queue)).value;
+  const counts = await kv.getMany([
+    queueKey(queue, "count", "messages"),
+    queueKey(queue, "count", "records"),
+    queueKey(queue, "count", "messagesHandled"),
+    queueKey(queue, "count", "recordsHandled"),
+  ]);
+  const [messagesEnqueued, recordsEnqueued, messagesHandled, recordsHandled] = counts.map(counterValue);
+  const recordsPerDay: Record<string, number> = {};
+  for await (const entry of kv.list({ prefix: queueKey(queue, "day") })) {
+    const day = entry.key[entry.key.length - 1];
+    if (typeof day === "string") recordsPerDay[day] = counterValue(entry);
+  }
+  const dead = (await deadLetters(kv, queue)).filter((l) => !l.handled);
+  const parked = new Set([...(await parkedByRun(kv, queue)).values()].flat());
+  const deadRecords = dead.reduce((n, l) => n + l.records, 0);
+  const run = (await kv.get<{
+    id: string;
+    finishedAt: number;
+    options: Record<string, unknown>;
+    stats: Record<string, unknown>;
+  }>(queueKey(queue, "run"))).value;
+  const latest = checkpoint && checkpoint.recordsStored > 0 ? checkpoint.cursor : null;
+  const [lock, alive] = await kv.getMany<
+    [{ run?: string; at?: number; lockFile?: boolean }, { at?: number }]
+  >([
+    queueKey(queue, "writer"),
+    queueKey(queue, "alive"),
+  ]);
+  let writer: QueueStatus["writer"] = null;
+  if (lock.value && typeof lock.value.at === "number") {
+    const at = lock.value.at;
+    // Commits of the lock's run count as signs of life too.
+    const committed = checkpoint && checkpoint.run.id === lock.value.run ? checkpoint.updatedAt : at;
+    writer = {
+      run: String(lock.value.run),
+      lockFile: lock.value.lockFile === true,
+      since: new Date(at).toISOString(),
+      lastSeen: new Date(Math.max(at, committed, alive.value?.at ?? at)).toISOString(),
+    };
+  }
+  return {
+    queue,
+    lastSeq: checkpoint?.seq ?? 0,
+    latestCursor: latest,
+    latestCursorTime: latest === null ? null : isoFromUs(latest),
+    checkpointUpdatedAt: checkpoint ? new Date(checkpoint.updatedAt).toISOString() : null,
+    recordsStored: checkpoint?.recordsStored ?? recordsEnqueued,
+    messagesEnqueued,
+    messagesHandled,
+    recordsHandled,
+    messagesWaiting: Math.max(0, messagesEnqueued - messagesHandled - dead.length),
+    recordsWaiting: Math.max(0, recordsEnqueued - recordsHandled - deadRecords),
+    messagesParked: parked.size,
+    deadLetters: dead.length,
+    deadRecords,
+    queueLength: Math.max(0, messagesEnqueued - messagesHandled),
+    recordsPerDay,
+    writer,
+    lastRun: run
+      ? {
+        id: run.id,
+        finishedAt: new Date(run.finishedAt).toISOString(),
+        options: run.options,
+        stats: run.stats,
+      }
+      : null,
+  };
+}
