@@ -68,7 +68,7 @@ export {
   KV_REDELIVERY_DEADLINE_MS,
 } from "./src/queue/consume.ts";
 export { type DeadLetter, deadLetters, requeueDeadLetters } from "./src/queue/dead_letters.ts";
-export { PARK_HEARTBEAT_MS, PARK_STALE_MS, requeueParked } from "./src/queue/parking.ts";
+export { PARK_CONFIRM_MS, PARK_HEARTBEAT_MS, PARK_STALE_MS, requeueParked } from "./src/queue/parking.ts";
 export { type QueueStatus, queueStatus } from "./src/queue/status.ts";
 export type {
   AccountEvent,

@@ -12,7 +12,7 @@ import {
   type ConsumeOptions,
 } from "../src/queue/consume.ts";
 import { deadLetters, requeueDeadLetters } from "../src/queue/dead_letters.ts";
-import { PARK_HEARTBEAT_MS, PARK_STALE_MS, requeueParked } from "../src/queue/parking.ts";
+import { PARK_CONFIRM_MS, PARK_HEARTBEAT_MS, PARK_STALE_MS, requeueParked } from "../src/queue/parking.ts";
 import { queueStatus } from "../src/queue/status.ts";
 import { openKvAt, queueKey, queueLength } from "../src/queue/kv_queue.ts";
 import type { QueueMessage } from "../src/queue/message.ts";
@@ -71,6 +71,17 @@ async function listParked(path: string): Promise<[string, number][]> {
     return found;
   } finally {
     kv.close();
+  }
+}
+
+/** Calls `onLine` with each line a child process prints, until its stdout ends. */
+async function eachLine(stdout: ReadableStream<Uint8Array>, onLine: (line: string) => void): Promise<void> {
+  let buffered = "";
+  for await (const chunk of stdout.pipeThrough(new TextDecoderStream())) {
+    buffered += chunk;
+    const lines = buffered.split("\n");
+    buffered = lines.pop()!;
+    for (const line of lines) onLine(line);
   }
 }
 
@@ -629,6 +640,13 @@ if (import.meta.main) {
         await sleep(30);
       },
     });
+  } else if (role === "requeue-skewed") {
+    // requeueParked() in a process whose wall clock is `rest[0]` ms ahead, as after a step of the clock.
+    const realNow = Date.now;
+    Date.now = () => realNow() + Number(rest[0]);
+    const kv = await Deno.openKv(path);
+    console.log(await requeueParked(kv, Q));
+    kv.close();
   } else if (role === "consumer") {
     const expected = Number(rest[0]);
     const ac = new AbortController();
@@ -824,6 +842,39 @@ Deno.test("requeueParked() leaves alone the parked messages a running consumer t
   }
 });
 
+Deno.test("a consume() started after a consumer crashed watches its sign of life for PARK_CONFIRM_MS, then takes its parked messages first", async () => {
+  const { dir, path } = await tempDb();
+  try {
+    const handled = new Map<number, number>();
+    await stoppedWithParked(path, handled);
+    // As if that consumer had crashed a minute ago instead of stopping: its sign of life is left.
+    const runs = new Set((await listParked(path)).map(([run]) => run));
+    const kv = await openKvAt(path);
+    for (const run of runs) await kv.set(queueKey(Q, "consumer", run), { at: Date.now() - 60_000, by: run });
+    const started = performance.now();
+    let firstAt = 0;
+    const seqs: number[] = [];
+    const second = await consume({
+      kv,
+      untilEmpty: true,
+      handler: (_events, { seq }) => {
+        firstAt ||= performance.now();
+        seqs.push(seq);
+      },
+    });
+    kv.close();
+    assert.equal(second.stopReason, "empty");
+    assert.ok(
+      firstAt - started >= PARK_CONFIRM_MS - 100,
+      `handled from ${Math.round(firstAt - started)} ms: its sign of life was not watched first`,
+    );
+    assert.deepEqual(seqs, Array.from({ length: 380 }, (_, i) => i + 21), "every message once, in seq order");
+    assert.deepEqual(await listParked(path), []);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("of two consumers started together, one takes over a stopped consumer's parked messages", async () => {
   const { dir, path } = await tempDb();
   try {
@@ -915,6 +966,77 @@ Deno.test("the messages a killed consumer parked wait while it may be alive, the
   }
 });
 
+Deno.test("a step of the wall clock does not make requeueParked() take a live consumer's parked messages", async () => {
+  const { dir, path } = await tempDb();
+  try {
+    await backlog(path, 8000, 29, 20);
+    // A consumer process (30 ms a message) parks most of the 400 messages, 12 s of work.
+    const child = new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", "--unstable-kv", import.meta.filename!, "parker", path, "until-empty"],
+      stdout: "piped",
+      stderr: "inherit",
+    }).spawn();
+    const handled: number[] = [];
+    const reading = eachLine(child.stdout, (line) => handled.push(Number(line)));
+    const deadline = performance.now() + 20_000;
+    while ((await listParked(path)).length === 0) {
+      if (performance.now() > deadline) assert.fail("the consumer parked nothing in 20 s");
+      await sleep(50);
+    }
+    // Seen from a clock a minute ahead, its sign of life is a minute old; it still changes every second.
+    const skewed = await new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", "--unstable-kv", import.meta.filename!, "requeue-skewed", path, "60000"],
+      stderr: "inherit",
+    }).output();
+    const requeued = Number(new TextDecoder().decode(skewed.stdout));
+    assert.ok(
+      (await listParked(path)).length > 0,
+      "the consumer was done before the test could show anything",
+    );
+    assert.equal((await child.status).code, 0);
+    await reading;
+    // Judged by the wall clock alone, the run looked gone and its messages were requeued.
+    assert.equal(requeued, 0, "requeueParked() took parked messages of a live consumer");
+    assert.deepEqual(handled.toSorted((a, b) => a - b), Array.from({ length: 400 }, (_, i) => i + 1));
+    assert.deepEqual(await listParked(path), []);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("requeueParked() deletes a sign of life with nothing parked once it is stale, and only then", async () => {
+  const { dir, path } = await tempDb();
+  try {
+    const kv = await openKvAt(path);
+    const key = (run: string) => queueKey(Q, "consumer", run);
+    // Left by a consumer killed a minute ago; written a second ago; and one a minute old by its
+    // clock but written again every 300 ms, as by a live consumer after a step of the wall clock.
+    await kv.set(key("gone"), { at: Date.now() - 60_000 });
+    await kv.set(key("fresh"), { at: Date.now() - 1_000 });
+    let last = await kv.set(key("alive"), { at: Date.now() - 60_000 });
+    let lost = false;
+    const beating = setInterval(async () => {
+      const res = await kv.atomic().check({ key: key("alive"), versionstamp: last.versionstamp })
+        .set(key("alive"), { at: Date.now() - 60_000 }).commit();
+      if (res.ok) last = res;
+      else lost = true;
+    }, 300);
+    try {
+      assert.equal(await requeueParked(kv, Q), 0);
+    } finally {
+      clearInterval(beating);
+    }
+    await sleep(400);
+    const [gone, fresh, alive] = await kv.getMany([key("gone"), key("fresh"), key("alive")]);
+    kv.close();
+    assert.equal(gone.versionstamp, null, "the stale sign of life is still there");
+    assert.notEqual(fresh.versionstamp, null, "a sign of life written a second ago was deleted");
+    assert.ok(!lost && alive.versionstamp !== null, "the sign of life of a live consumer was deleted");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("a paused consumer whose parked messages were taken over leaves them to their new holder once it resumes", async () => {
   const { dir, path } = await tempDb();
   try {
@@ -930,18 +1052,10 @@ Deno.test("a paused consumer whose parked messages were taken over leaves them t
     }).spawn();
     const byChild = new Set<number>();
     let pausedWith: Set<number> | undefined;
-    const reading = (async () => {
-      let buffered = "";
-      for await (const chunk of child.stdout.pipeThrough(new TextDecoderStream())) {
-        buffered += chunk;
-        const lines = buffered.split("\n");
-        buffered = lines.pop()!;
-        for (const line of lines) {
-          if (line === "paused") pausedWith = new Set(byChild);
-          else byChild.add(Number(line));
-        }
-      }
-    })();
+    const reading = eachLine(child.stdout, (line) => {
+      if (line === "paused") pausedWith = new Set(byChild);
+      else byChild.add(Number(line));
+    });
     const deadline = performance.now() + 20_000;
     while (!pausedWith) {
       if (performance.now() > deadline) assert.fail("the consumer did not get to a parked message in 20 s");

@@ -35,15 +35,18 @@
  *   would. Copies that a requeue still makes are skipped by `seq`.
  * - **Parked messages outlive their consumer.** A consumer that holds parked messages says it is
  *   alive under `["jetfill", queue, "consumer", run]` every {@link PARK_HEARTBEAT_MS} and deletes
- *   that key when it stops; another consumer takes over the messages of a run whose key is gone or
- *   older than {@link PARK_STALE_MS} (a stopped or crashed consumer) by a checked commit of that key,
- *   which it then keeps alive (so one consumer takes them, and {@link requeueParked} leaves them
- *   alone), and handles them in `seq` order with the rest. Each write of that key checks the
- *   writer's last one, and parked messages start only while it is recent: a consumer paused past
- *   PARK_STALE_MS finds its run taken over when it resumes, and leaves the run's messages alone.
- *   Signs of life of runs with nothing parked are deleted once stale. A copy KV delivers of a message parked
- *   here is acknowledged only while the parked entry is there. A plain `listenQueue` does not see
- *   parked messages: `jetfill status` counts them.
+ *   that key when it stops; another consumer takes over the messages of a run whose key is gone (a
+ *   stopped consumer) or stale (a crashed one: written `PARK_STALE_MS` ago by the wall clock, then
+ *   seen unchanged for `PARK_CONFIRM_MS` on the taker's monotonic clock, so that a step of the wall
+ *   clock never makes a live consumer look gone) by a checked commit of that key, which it then keeps
+ *   alive (so one consumer takes them, and `requeueParked()` leaves them alone), and handles them in
+ *   `seq` order with the rest. Each write of that key checks the writer's last one, and parked
+ *   messages start only within `PARK_START_WITHIN_MS` of its last write that landed, less than
+ *   anyone waits before taking the run over: a consumer paused past that finds its run taken over
+ *   when it resumes, and leaves the run's messages alone. Signs of life of runs with nothing parked
+ *   are deleted once stale. A copy KV delivers of a message parked here is acknowledged only while
+ *   the parked entry is there. A plain `listenQueue` does not see parked messages: `jetfill status`
+ *   counts them.
  * - **No cross-process wake-up.** A listener only sees another process's enqueues on a 60 s poll, but
  *   it takes everything that is ready when it opens the database. With a path, consume() therefore
  *   runs in sessions: open, listen, handle what arrives, and once idle and at least `pollInterval` old,
@@ -71,12 +74,14 @@ import { commitOutcome, GroupWriter } from "./group_writer.ts";
 import {
   claimSignOfLife,
   dropStaleSignsOfLife,
-  lastSeenOf,
+  LifeWatch,
+  PARK_CONFIRM_MS,
   PARK_HEARTBEAT_MS,
-  PARK_STALE_MS,
+  PARK_START_WITHIN_MS,
   parkedByRun,
   parkedKey,
   parkedSeqKey,
+  readSignOfLife,
   retryBusy,
   signOfLifeKey,
 } from "./parking.ts";
@@ -459,6 +464,7 @@ class Consumer {
       }
       // The run's first sign of life; keepAlive() writes the next ones.
       this.#parkingBeats = !this.stopReason && !this.#heldRuns.has(run);
+      this.#parkingIssuedAt = performance.now();
       if (this.#parkingBeats) {
         const key = signOfLifeKey(this.#queue, run);
         op.check({ key, versionstamp: null }).set(key, { at: Date.now(), by: run });
@@ -475,7 +481,7 @@ class Consumer {
         return;
       }
       if (failure === undefined && this.#parkingBeats) {
-        this.#heldRuns.set(run, { versionstamp: versionstamp!, okAt: now });
+        this.#heldRuns.set(run, { versionstamp: versionstamp!, okAt: this.#parkingIssuedAt });
         this.#beatAt = now;
       }
       for (const d of group) {
@@ -502,15 +508,21 @@ class Consumer {
   #kv: Deno.Kv | undefined;
   // Whether parked messages left by other consumers were looked for: nothing starts before.
   #ready = false;
-  #adoptedAt = Number.NEGATIVE_INFINITY;
+  // When to look for them next.
+  #adoptAt = Number.NEGATIVE_INFINITY;
+  // Judges, from their signs of life, whether the consumers of the runs found parked are gone.
+  readonly #watch = new LifeWatch();
   // The runs whose parked messages this consumer holds (its own, and those it took over): the
   // versionstamp of its last write of each one's sign of life, which the next write checks (a
-  // refusal means the run was taken over), and when that write was done. And when it last wrote.
+  // refusal means the run was taken over), and when that write was issued (it landed later). And
+  // when it last wrote.
   readonly #heldRuns = new Map<string, { versionstamp: string; okAt: number }>();
   #beatAt = 0;
-  // The run the parking commit in flight writes under, and whether it writes its sign of life.
+  // The run the parking commit in flight writes under, whether it writes its sign of life, and when
+  // it was issued.
   #parkingRun = "";
   #parkingBeats = false;
+  #parkingIssuedAt = 0;
   #unsettled = 0;
   // Of #unsettled, the deliveries of other queues' messages.
   #foreignUnsettled = 0;
@@ -818,7 +830,7 @@ class Consumer {
         // Only while its run is surely this consumer's: a consumer that was paused (its signs of
         // life stale) waits for keepAlive() to find out whether another took the run over meanwhile.
         const owned = this.#heldRuns.get(parked.run);
-        if (!owned || now - owned.okAt > PARK_STALE_MS - 2_000) {
+        if (!owned || now - owned.okAt > PARK_START_WITHIN_MS) {
           this.#wakeAt = Math.min(this.#wakeAt, now + TICK_MS);
           break;
         }
@@ -928,31 +940,37 @@ class Consumer {
    */
   async adopt(kv: Deno.Kv): Promise<void> {
     const now = performance.now();
-    if (this.#ready && now - this.#adoptedAt < ADOPT_EVERY_MS) return;
-    this.#adoptedAt = now;
+    if (now < this.#adoptAt) return;
+    this.#adoptAt = now + ADOPT_EVERY_MS;
+    // A run that may be judged gone within PARK_CONFIRM_MS is looked at again then; the first look
+    // waits for it, so that its messages, of lower seqs, go first.
+    let confirm = Number.POSITIVE_INFINITY;
     try {
       const runs = await retryBusy(() => parkedByRun(kv, this.#queue));
-      await dropStaleSignsOfLife(kv, this.#queue, runs);
+      confirm = await dropStaleSignsOfLife(kv, this.#queue, runs, this.#watch);
       for (const run of this.#heldRuns.keys()) runs.delete(run);
       for (const [run, seqs] of runs) {
-        const seen = await retryBusy(() => lastSeenOf(kv, this.#queue, run));
-        const age = seen.age;
-        if (age < PARK_STALE_MS) {
+        const sign = await readSignOfLife(kv, this.#queue, run);
+        const wait = this.#watch.wait(run, sign);
+        if (wait > 0) {
           // Its messages are news to wait for (untilEmpty): taken over here if it is not seen again.
-          this.#dueUntil = Math.max(this.#dueUntil, performance.now() + PARK_STALE_MS - age + ADOPT_EVERY_MS);
+          this.#dueUntil = Math.max(this.#dueUntil, performance.now() + wait + ADOPT_EVERY_MS);
+          confirm = Math.min(confirm, wait);
           continue;
         }
         // Claimed by a checked commit of its sign of life, now written by this consumer: another
         // consumer, or requeueParked(), then sees the run alive and leaves its messages alone.
-        const claim = await claimSignOfLife(kv, this.#queue, run, seen.entry.versionstamp, this.#run);
+        const issuedAt = performance.now();
+        const claim = await claimSignOfLife(kv, this.#queue, run, sign.versionstamp, this.#run);
         if (!claim.ok) continue;
-        this.#heldRuns.set(run, { versionstamp: claim.versionstamp, okAt: performance.now() });
+        this.#heldRuns.set(run, { versionstamp: claim.versionstamp, okAt: issuedAt });
         for (const seq of seqs) {
           // A delivery of it here now is handled first; a later look finds the leftover handled.
           if (this.#parkedBySeq.has(seq) || this.#bySeq.has(seq)) continue;
           this.#insertParked({ seq, run, since: performance.now(), failures: 0, retryAt: 0 });
         }
       }
+      this.#watch.prune();
     } catch (err) {
       this.#report({
         reason: "storage",
@@ -960,13 +978,16 @@ class Consumer {
         error: err,
       });
     }
+    if (confirm <= PARK_CONFIRM_MS) this.#adoptAt = Math.min(this.#adoptAt, performance.now() + confirm);
+    // (The main loop wakes every TICK_MS: in time for the next look.)
+    if (!this.#ready && confirm <= PARK_CONFIRM_MS) return;
     this.#ready = true;
   }
 
   /**
    * Writes that this consumer is alive, every PARK_HEARTBEAT_MS, under each run whose parked
    * messages it holds, each write checked against its last one: a refusal means the run was taken
-   * over (this consumer seemed gone for PARK_STALE_MS), and its messages are left to their new
+   * over (this consumer seemed gone), and its messages are left to their new
    * holder. A run taken over here loses its key once none of its messages are left.
    */
   async keepAlive(kv: Deno.Kv): Promise<void> {
@@ -979,7 +1000,9 @@ class Consumer {
       const key = signOfLifeKey(this.#queue, run);
       // Its own run keeps its key while it runs: a parking may be on its way.
       const keep = run === this.#run || left.has(run);
+      let issuedAt = 0;
       const { failure, refused, versionstamp } = await commitOutcome(kv, (op) => {
+        issuedAt = performance.now();
         op.check({ key, versionstamp: held.versionstamp });
         if (keep) op.set(key, { at: Date.now(), by: this.#run });
         else op.delete(key);
@@ -987,7 +1010,7 @@ class Consumer {
       if (this.#heldRuns.get(run) !== held) continue;
       if (refused) this.#lose(run);
       else if (failure !== undefined) continue; // tried again at the next beat
-      else if (keep) this.#heldRuns.set(run, { versionstamp: versionstamp!, okAt: performance.now() });
+      else if (keep) this.#heldRuns.set(run, { versionstamp: versionstamp!, okAt: issuedAt });
       else this.#heldRuns.delete(run);
     }
   }
