@@ -947,7 +947,7 @@ class Consumer {
     let confirm = Number.POSITIVE_INFINITY;
     try {
       const runs = await retryBusy(() => parkedByRun(kv, this.#queue));
-      confirm = await dropStaleSignsOfLife(kv, this.#queue, runs, this.#watch);
+      await dropStaleSignsOfLife(kv, this.#queue, runs, this.#watch);
       for (const run of this.#heldRuns.keys()) runs.delete(run);
       for (const [run, seqs] of runs) {
         const sign = await readSignOfLife(kv, this.#queue, run);
