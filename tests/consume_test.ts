@@ -816,6 +816,57 @@ Deno.test("a consume() started after a consumer crashed watches its sign of life
   }
 });
 
+Deno.test("a consume() whose clock calls a live consumer's sign of life stale still starts, and leaves that consumer's parked messages alone", async () => {
+  const { dir, path } = await tempDb();
+  try {
+    await stoppedWithParked(path, new Map());
+    const parked = await listParked(path);
+    // That consumer is alive after all: it writes its sign of life every 300 ms, but with a clock a
+    // minute behind this one.
+    const kv = await openKvAt(path);
+    const signs = new Map<string, string>();
+    for (const [run] of parked) {
+      signs.set(
+        run,
+        (await kv.set(queueKey(Q, "consumer", run), { at: Date.now() - 60_000, by: run })).versionstamp,
+      );
+    }
+    // And 50 more messages come, for the next consumer to handle.
+    await produce(kv, generateCapture({ count: 1000, seed: 32 }), { batchSize: 20 });
+    let lost = false;
+    const beating = setInterval(async () => {
+      for (const [run, versionstamp] of signs) {
+        const key = queueKey(Q, "consumer", run);
+        const res = await kv.atomic().check({ key, versionstamp }).set(key, {
+          at: Date.now() - 60_000,
+          by: run,
+        })
+          .commit();
+        if (res.ok) signs.set(run, res.versionstamp);
+        else lost = true;
+      }
+    }, 300);
+    const ac = new AbortController();
+    const timer = setTimeout(() => ac.abort(), 10_000);
+    const seqs: number[] = [];
+    try {
+      await consume({ kv, signal: ac.signal, handler: (_events, { seq }) => void seqs.push(seq) });
+    } finally {
+      clearTimeout(timer);
+      clearInterval(beating);
+    }
+    await sleep(400);
+    kv.close();
+    // It waited for the first look's confirmation once, then went on with the new messages. (Before,
+    // it waited for a confirmation that never came, and handled nothing.)
+    assert.deepEqual(seqs, Array.from({ length: 50 }, (_, i) => i + 401));
+    assert.deepEqual(await listParked(path), parked, "the live consumer's messages were taken");
+    assert.ok(!lost, "the live consumer's sign of life was written over");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("of two consumers started together, one takes over a stopped consumer's parked messages", async () => {
   const { dir, path } = await tempDb();
   try {

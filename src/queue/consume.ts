@@ -508,8 +508,9 @@ class Consumer {
   #kv: Deno.Kv | undefined;
   // Whether parked messages left by other consumers were looked for: nothing starts before.
   #ready = false;
-  // When to look for them next.
+  // When to look for them next, and when it first looked.
   #adoptAt = Number.NEGATIVE_INFINITY;
+  #firstLookAt: number | undefined;
   // Judges, from their signs of life, whether the consumers of the runs found parked are gone.
   readonly #watch = new LifeWatch();
   // The runs whose parked messages this consumer holds (its own, and those it took over): the
@@ -979,8 +980,10 @@ class Consumer {
       });
     }
     if (confirm <= PARK_CONFIRM_MS) this.#adoptAt = Math.min(this.#adoptAt, performance.now() + confirm);
-    // (The main loop wakes every TICK_MS: in time for the next look.)
-    if (!this.#ready && confirm <= PARK_CONFIRM_MS) return;
+    // Once: a live consumer's sign of life that this clock calls stale keeps changing, and is never
+    // confirmed. (The main loop wakes every TICK_MS: in time for the next look.)
+    this.#firstLookAt ??= now;
+    if (!this.#ready && confirm <= PARK_CONFIRM_MS && now - this.#firstLookAt < PARK_CONFIRM_MS) return;
     this.#ready = true;
   }
 
