@@ -12,7 +12,14 @@ import {
   type ConsumeOptions,
 } from "../src/queue/consume.ts";
 import { deadLetters, requeueDeadLetters } from "../src/queue/dead_letters.ts";
-import { PARK_CONFIRM_MS, PARK_HEARTBEAT_MS, PARK_STALE_MS, requeueParked } from "../src/queue/parking.ts";
+import {
+  PARK_CONFIRM_MS,
+  PARK_HEARTBEAT_MS,
+  PARK_STALE_MS,
+  parkedKey,
+  parkedSeqKey,
+  requeueParked,
+} from "../src/queue/parking.ts";
 import { queueStatus } from "../src/queue/status.ts";
 import { openKvAt, queueKey, queueLength } from "../src/queue/kv_queue.ts";
 import type { QueueMessage } from "../src/queue/message.ts";
@@ -445,6 +452,36 @@ Deno.test("small batches make commits of at most 32 messages, whose backlog cons
     // few seqs); without the cap, hundreds of the 800 came late.
     const late = seqs.filter((seq, i) => i > 0 && seq < seqs[i - 1]);
     assert.ok(late.length <= 8, `${late.length} seqs were handled after higher ones: ${late.slice(0, 10)}`);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("consume({ untilEmpty }) clears parked copies of messages handled already before it says the queue is empty", async () => {
+  const { dir, path } = await tempDb();
+  try {
+    await backlog(path, 1000, 33, 2);
+    const first = await consume({ kv: path, untilEmpty: true, handler: () => {} });
+    assert.equal(first.messages, 500);
+    // Copies of every other one left parked by a consumer that stopped: the handled marks say they
+    // are done. (The gaps between their seqs make the consumer wait reorderWindow for those between.)
+    const kv = await openKvAt(path);
+    for (let seq = 2; seq <= 500; seq += 2) {
+      const at = { run: "stopped-run", seq };
+      await kv.atomic().set(parkedKey(Q, at), message(seq, [])).set(parkedSeqKey(Q, at), true).commit();
+    }
+    const seqs: number[] = [];
+    const second = await consume({
+      kv,
+      untilEmpty: true,
+      reorderWindow: 2_000,
+      handler: (_events, { seq }) => void seqs.push(seq),
+    });
+    kv.close();
+    assert.equal(second.stopReason, "empty");
+    assert.deepEqual([second.messages, seqs.length], [0, 0]);
+    // It stopped "empty" (no message waiting) while still waiting to clear them.
+    assert.deepEqual(await listParked(path), [], "parked copies were left behind");
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

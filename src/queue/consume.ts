@@ -643,11 +643,13 @@ class Consumer {
   /**
    * The same for this queue's own messages, whatever other queues' messages are doing: another
    * queue's backlog, put back every FOREIGN_DELAY_MS for its own consumer, may never let the
-   * session be quiet, and must not keep `untilEmpty` from seeing this queue empty.
+   * session be quiet, and must not keep `untilEmpty` from seeing this queue empty. Parked messages
+   * it holds count too: the counters may say none is waiting while it holds parked copies of
+   * messages handled elsewhere, whose entries it deletes once it finds them handled.
    */
   ownSettled(now: number): boolean {
     return this.#unsettled === this.#foreignUnsettled && this.#held.length === 0 &&
-      this.#running.size === 0 && this.#parkingIdle() &&
+      this.#running.size === 0 && this.#parked.length === 0 && this.#parkingIdle() &&
       now - this.#lastOwnSettleAt >= ACK_SETTLE_MS;
   }
 
@@ -1165,6 +1167,21 @@ class Consumer {
       });
       await this.#failed(d, err);
       return;
+    }
+    if (parked) {
+      // The read above took time: a parked message starts only while its run is surely still this
+      // consumer's (as in pump()). Otherwise it waits for the next sign of life, or is left to the
+      // run's new holder.
+      const owned = this.#heldRuns.get(parked.run);
+      if (!owned || performance.now() - owned.okAt > PARK_START_WITHIN_MS) {
+        if (owned) {
+          parked.message = message;
+          this.#insertParked(parked);
+        } else if (this.#parkedBySeq.get(seq) === parked) {
+          this.#parkedBySeq.delete(seq);
+        }
+        return;
+      }
     }
     const now = performance.now();
     const timeLeft = parked
