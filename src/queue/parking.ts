@@ -169,7 +169,9 @@ export async function dropStaleSignsOfLife(
  * deleted in the commit that enqueues it again, and one handled already is only deleted. The
  * messages of a consumer that may still be running are left alone: one seen within
  * {@link PARK_STALE_MS}, or whose sign of life then changes within {@link PARK_CONFIRM_MS} (so a stale
- * one costs that much more time). Resolves to the number of messages requeued.
+ * one costs that much more time). A crashed consumer's sign of life that looks recent to this clock
+ * (a clock behind the one that wrote it) is left too; a running consume() takes such a run over once
+ * the sign has stayed unchanged for PARK_STALE_MS. Resolves to the number of messages requeued.
  *
  * @example
  * ```ts
