@@ -58,7 +58,7 @@
  * - **Failures and dead letters.** A handler that throws leaves its message to KV, which redelivers it
  *   on its backoff schedule; when the retries run out KV writes the message to the keys given at
  *   enqueue time, `["jetfill", queue, "dead", seq]` for jetfill's writer. Dead letters are not counted
- *   as handled; list them with {@link deadLetters} and retry them with {@link requeueDeadLetters}.
+ *   as handled; list them with {@link deadLetters} and retry them with `requeueDeadLetters()`.
  * - **Messages that are not this queue's** (another queue name in the same database, or not a jetfill
  *   message at all) are put back with a delay and reported as `foreign`: a database has one KV queue,
  *   and consume() never drops a message it does not own.

@@ -12,7 +12,7 @@ import { decodeQueueMessage } from "./message.ts";
 export interface DeadLetter {
   /** The message's `seq` (from its key). */
   seq: number;
-  /** The message as enqueued (a {@link QueueMessage} for jetfill's own messages). */
+  /** The message as enqueued (a `QueueMessage` for jetfill's own messages). */
   message: unknown;
   /** Events in the message (0 when it cannot be decoded). */
   records: number;

@@ -164,7 +164,7 @@ export async function dropStaleSignsOfLife(
 }
 
 /**
- * Puts the messages that stopped or crashed consumers left parked (see {@link consume}) back in the
+ * Puts the messages that stopped or crashed consumers left parked (see `consume()`) back in the
  * queue, lowest `seq` first, for a plain `listenQueue` or any other consumer to take; each is
  * deleted in the commit that enqueues it again, and one handled already is only deleted. The
  * messages of a consumer that may still be running are left alone: one seen within
