@@ -243,7 +243,11 @@ export async function consumeStream(
     // A time before 2001-09-09 (under 10^15 µs) would be a prefix of the keys to a legacy server and a
     // seq to a v2 one (protocol doc §1): it goes as 10^15, earlier than any history, which asks for
     // all that is retained.
-    const cursor = bySeq ? seq.floor : timeUs === undefined ? undefined : Math.max(timeUs, MIN_TIMESTAMP_US);
+    const cursor = bySeq
+      ? seq.fromOldest ? MIN_TIMESTAMP_US : seq.floor
+      : timeUs === undefined
+      ? undefined
+      : Math.max(timeUs, MIN_TIMESTAMP_US);
     const v2 = isV2Url(base);
     let decode = ctx.decodeFrame;
     let req: { url: string; hello?: string };
@@ -266,12 +270,19 @@ export async function consumeStream(
       if (ctx.stop) break;
       const e = err as ConnectError;
       const xrpc = v2 ? parseXrpcError(e.body) : undefined;
-      if (xrpc?.error === "CursorTooOld" && bySeq) {
-        // The seq fell out of the server's window: go on from the time cursor, which the server
-        // clamps and reports (#info OutdatedCursor), so the gap is measured.
-        ctx.report({ reason: "retry", message: `${xrpc.message}; resuming by time instead`, instance: base });
-        seq.host = undefined;
-        seq.floor = -1;
+      if (xrpc?.error === "CursorTooOld" && bySeq && !seq.fromOldest) {
+        // The seq fell out of the server's window. Resuming by time would be clamped to the window's
+        // start, but then the time floor would drop new events whose display time is older than the
+        // last one stored (years old after an operator's import, protocol doc §3.2). So the next
+        // connection asks for all the server holds (a time before any history, which it moves to
+        // its window's start) and goes on by seq; a probe first measures the seqs lost.
+        ctx.report({
+          reason: "retry",
+          message: `CursorTooOld: ${xrpc.message}; resuming from the oldest event it holds`,
+          instance: base,
+        });
+        seq.fromOldest = true;
+        if (!probed.has(base)) coverage = { fromUs: neededUs, atStart: false };
         continue;
       }
       if (xrpc?.error === "UnknownZstdDictionary" && ctx.v2Dictionary && failures++ < o.maxRetries) {
@@ -338,6 +349,8 @@ export async function consumeStream(
       floorKnown = true;
     }
     lastSpanUs = session.maxUs >= 0 && session.minUs >= 0 ? session.maxUs - session.minUs : 0;
+    // Back in the window: later connections ask from the last seq again.
+    if (seq.floor !== before.seq) seq.fromOldest = false;
     disconnectedAt = performance.now();
     if (ctx.stop) break;
     const cause = conn.cause!;
@@ -487,13 +500,11 @@ async function checkCoverage(
     if (oldest.seq <= seqFrom) {
       // Nothing is missing: only where the history begins is recorded.
       coverageGap(ctx, base, oldest.us, oldest.us, atStart);
-      return true;
-    }
-    if (oldest.us <= fromUs) {
-      // Events are missing, but display times do not show how much.
+    } else {
+      // Events are missing, and display times do not say how long a span they cover.
       coverageSeqGap(ctx, base, seqFrom, oldest.seq, oldest.us);
-      return true;
     }
+    return true;
   }
   coverageGap(ctx, base, fromUs, oldest.us, atStart);
   return true;

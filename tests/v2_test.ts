@@ -277,7 +277,7 @@ Deno.test("--resume on a v2 host continues by the stored sequence cursor", async
   assert.deepEqual(got.map((e) => e.cursor), events.map((_, i) => 1001 + i));
 });
 
-Deno.test("--resume on a v2 host whose seq fell out of its window goes on by time and reports the gap from the resume point", async () => {
+Deno.test("--resume on a v2 host whose seq fell out of its window goes on by seq from the oldest event it holds, and reports the seqs lost", async () => {
   const events = capture();
   const db = await tempDb();
   await using _db = db;
@@ -309,11 +309,22 @@ Deno.test("--resume on a v2 host whose seq fell out of its window goes on by tim
   const second = await runBackfillSync({ kv: db.path, resume: true, onError: (r) => reports.push(r) });
   assert.equal(second.stopReason, "closed");
   assert.equal(second.startClamped, false, "the requested start was not what the server moved");
-  // From the last stored event (seq 1150) to the first the server still holds (seq 1300).
-  assert.equal(second.coverageGapUs, events[299].time_us - events[149].time_us);
-  assert.ok(reports.some((r) => /CursorTooOld|resuming by time instead/.test(r.message)));
+  // Counted in seqs, from the last one stored (1150) to the first the server still holds (1300):
+  // display times cannot say how long a span that is (protocol doc §3.2).
+  assert.equal(second.coverageGapUs, 0);
   const gap = reports.find((r) => r.reason === "coverage");
-  assert.match(gap!.message, /the point to resume from, .* is .* earlier/);
+  assert.match(
+    gap!.message,
+    /only holds events from seq 1300 on; the point to resume from, seq 1151, is 149 seqs/,
+  );
+  assert.ok(reports.some((r) => /CursorTooOld.*resuming from the oldest event it holds/.test(r.message)));
+  const asked = syncConnections(_server).map((c) => /cursor=(\d+)/.exec(c.query)?.[1]);
+  assert.deepEqual(asked, ["1150", "1000000000000000"], "by seq, then from the oldest event held");
+  const got = await stored(db.path, second.queueLength);
+  assert.deepEqual(
+    got.map((e) => e.cursor),
+    events.map((_, i) => 1001 + i).filter((s) => s <= 1150 || s >= 1300),
+  );
 });
 
 /** 2024-04-24T23:06:40.002255Z: a display time an operator's import gave an event (protocol doc §3.2). */
@@ -391,6 +402,14 @@ Deno.test("--resume by seq on a v2 host reports a seq that fell out of the histo
     const second = await runBackfillSync({ kv: db.path, resume: true, onError: (r) => reports.push(r) });
     assert.equal(second.stopReason, "closed", wire);
     assert.match(reports.find((r) => r.reason === "coverage")!.message, message);
+    // Every event the host still holds is new, whatever its display time: the first (seq 1300) shows
+    // one older than the last stored. (After the v2 wire's CursorTooOld, a resume by time dropped it.)
+    const got = await stored(db.path, second.queueLength);
+    assert.deepEqual(
+      got.map((e) => e.cursor),
+      events.map((_, i) => 1001 + i).filter((s) => s <= 1150 || s >= 1300),
+      wire,
+    );
   }
 });
 

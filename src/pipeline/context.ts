@@ -54,6 +54,11 @@ export interface SeqState {
   host: string | undefined;
   /** The last seq processed there, or -1. */
   floor: number;
+  /**
+   * That seq fell out of the host's window (`CursorTooOld`): the next connection asks for all the
+   * host holds, and goes on by seq from there.
+   */
+  fromOldest?: boolean;
 }
 
 /** A run's shared state. */
