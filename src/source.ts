@@ -17,7 +17,7 @@ import {
 import { resolveZstdDictionary } from "./jetstream/dictionary.ts";
 import { type CloseCause, ConnectError, type Connection, openConnection } from "./jetstream/socket.ts";
 import { buildSubscribeRequest } from "./jetstream/url.ts";
-import { buildV2Url, fetchV2Dictionary, isV2Url, parseXrpcError } from "./jetstream/v2.ts";
+import { buildV2Url, fetchV2Dictionary, isV2Url, parseXrpcError, V2_SUBPROTOCOL } from "./jetstream/v2.ts";
 import { createZstdDecoder } from "./jetstream/zstd.ts";
 import type { BackfillSyncOptions } from "./options.ts";
 import {
@@ -265,6 +265,7 @@ export async function consumeStream(
         maxBufferedBytes: o.maxBufferedBytes,
         hello: req.hello,
         signal: ctx.internal.signal,
+        protocols: v2 ? [V2_SUBPROTOCOL] : undefined,
       });
     } catch (err) {
       if (ctx.stop) break;

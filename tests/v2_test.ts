@@ -90,6 +90,10 @@ Deno.test("the v2 wire stores the same events as /subscribe on a v2 server", asy
   );
   assert.ok(v1.recordsStored > 0);
   assert.deepEqual(await stored(b.path, v2.queueLength), await stored(a.path, v1.queueLength));
+  // Its connections, the coverage probe's too, offer the v2 wire's subprotocol (protocol doc §1.3).
+  const onV2 = server.connections.filter((c) => c.endpoint === "subscribeEvents");
+  assert.equal(onV2.length, 2);
+  assert.deepEqual(onV2.map((c) => c.v2?.subprotocol), [true, true]);
 });
 
 Deno.test("the v2 wire reconnects after an error frame and resumes by seq", async () => {

@@ -12,7 +12,7 @@
  */
 import { type Connection, openConnection } from "./socket.ts";
 import { buildSubscribeRequest } from "./url.ts";
-import { buildV2Url, mapV2Frame } from "./v2.ts";
+import { buildV2Url, mapV2Frame, V2_SUBPROTOCOL } from "./v2.ts";
 import { MIN_TIMESTAMP_US } from "../time.ts";
 
 /** How long a probe waits for its first event, ms. */
@@ -79,7 +79,7 @@ export async function probeV2HistoryStart(
     wantedCollections: [],
     cursor: MIN_TIMESTAMP_US,
   });
-  return await firstOf(await probe(url, options), (frame) => {
+  return await firstOf(await probe(url, options, [V2_SUBPROTOCOL]), (frame) => {
     const m = mapV2Frame(frame);
     return m.type === "event" ? { us: m.event.time_us, seq: seqOf(m.event.cursor) } : undefined;
   });
@@ -89,6 +89,7 @@ export async function probeV2HistoryStart(
 async function probe(
   url: string,
   options: { timeoutMs?: number; signal?: AbortSignal },
+  protocols?: string[],
 ): Promise<Connection> {
   const timeout = AbortSignal.timeout(options.timeoutMs ?? PROBE_TIMEOUT_MS);
   const signal = options.signal ? AbortSignal.any([options.signal, timeout]) : timeout;
@@ -96,6 +97,7 @@ async function probe(
     idleTimeoutMs: options.timeoutMs ?? PROBE_TIMEOUT_MS,
     maxBufferedBytes: 1 << 20,
     signal,
+    protocols,
   });
 }
 

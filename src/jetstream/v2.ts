@@ -21,6 +21,11 @@ import { printable } from "./utf8.ts";
 
 /** Path of the v2 subscription endpoint. */
 export const V2_SUBSCRIBE_PATH = "/xrpc/network.bsky.jetstream.subscribeEvents";
+/**
+ * The v2 wire's WebSocket subprotocol (atproto proposal 0015, protocol doc §1.3), which jetfill
+ * offers: a server echoes it, and its framing is the same either way.
+ */
+export const V2_SUBPROTOCOL = "xrpc.v1.json";
 /** Path of the v2 dictionary endpoint. */
 export const V2_DICTIONARY_PATH = "/xrpc/network.bsky.jetstream.getZstdDictionary";
 /** Hosts that run the v2 server, where the v2 wire is the default. */

@@ -18,6 +18,7 @@ import {
   type SubscriberFilter,
   wants,
 } from "./options.ts";
+import { V2_SUBPROTOCOL } from "../jetstream/v2.ts";
 
 /**
  * The prefix of the v2 server's option errors (`ErrInvalidOptions`).
@@ -53,16 +54,8 @@ export const CURSOR_SEQ_MAX = 1_000_000_000_000_000;
  */
 export const V2_MAX_CLIENT_MESSAGE_BYTES = 10_000_000;
 
-/**
- * The only WebSocket subprotocol of `subscribeEvents`, echoed when offered.
- *
- * @example
- * ```ts
- * import { V2_SUBPROTOCOL } from "./v2_options.ts";
- * new WebSocket("ws://127.0.0.1:6008/xrpc/network.bsky.jetstream.subscribeEvents", [V2_SUBPROTOCOL]);
- * ```
- */
-export const V2_SUBPROTOCOL = "xrpc.v1.json";
+/** The only WebSocket subprotocol of `subscribeEvents`, echoed when offered (the client's constant). */
+export { V2_SUBPROTOCOL };
 
 const KINDS = ["commit", "identity", "account", "sync"] as const;
 const MAX_DIDS = 10_000;
