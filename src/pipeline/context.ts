@@ -168,8 +168,9 @@ export function coverageGap(
 
 /**
  * Records that a resume by seq on a v2 host (`fromSeq`, the first seq still needed) is older than
- * the history, which begins at `firstSeq` (`firstUs`), when display times do not show it (protocol
- * doc §3.2): reported like {@link coverageGap}, with the gap's length unknown and not counted.
+ * the history, which begins at `firstSeq` (`firstUs`): reported like {@link coverageGap}, as a count
+ * of seqs, since display times cannot say how long a span it covers (protocol doc §3.2); not added
+ * to `coverageGapUs`.
  */
 export function coverageSeqGap(
   ctx: RunContext,

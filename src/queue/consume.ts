@@ -832,8 +832,7 @@ class Consumer {
         if (!kv || closedKvs.has(kv)) break;
         // Only while its run is surely this consumer's: a consumer that was paused (its signs of
         // life stale) waits for keepAlive() to find out whether another took the run over meanwhile.
-        const owned = this.#heldRuns.get(parked.run);
-        if (!owned || now - owned.okAt > PARK_START_WITHIN_MS) {
+        if (!this.#surelyHeld(parked.run, now)) {
           this.#wakeAt = Math.min(this.#wakeAt, now + TICK_MS);
           break;
         }
@@ -867,6 +866,15 @@ class Consumer {
       this.#held.shift();
       this.#start(held, now);
     }
+  }
+
+  /**
+   * Whether `run` is surely still this consumer's: held, with a sign of life issued within
+   * PARK_START_WITHIN_MS that landed (another consumer waits longer before taking a run over).
+   */
+  #surelyHeld(run: string, now: number): boolean {
+    const held = this.#heldRuns.get(run);
+    return held !== undefined && now - held.okAt <= PARK_START_WITHIN_MS;
   }
 
   /** Index in #parked of the lowest seq that may be tried now (-1: none), noting when the next may. */
@@ -1172,9 +1180,8 @@ class Consumer {
       // The read above took time: a parked message starts only while its run is surely still this
       // consumer's (as in pump()). Otherwise it waits for the next sign of life, or is left to the
       // run's new holder.
-      const owned = this.#heldRuns.get(parked.run);
-      if (!owned || performance.now() - owned.okAt > PARK_START_WITHIN_MS) {
-        if (owned) {
+      if (!this.#surelyHeld(parked.run, performance.now())) {
+        if (this.#heldRuns.has(parked.run)) {
           parked.message = message;
           this.#insertParked(parked);
         } else if (this.#parkedBySeq.get(seq) === parked) {
