@@ -207,6 +207,9 @@ export async function consumeStream(
   // The instances whose coverage a probe measured for the point last checked: their connections'
   // own OutdatedCursor (v2 wire) says nothing more.
   const probed = new Set<string>();
+  // For each v2 host, the seq to resume from whose loss a probe last reported: a CursorTooOld for
+  // that same seq is then no news, any other is (the window moved after a probe found it whole).
+  const seqLossReported = new Map<string, number>();
 
   while (!ctx.stop) {
     const base = o.instances[instanceIndex];
@@ -223,12 +226,13 @@ export async function consumeStream(
       const seqFrom = seq.host === base && seq.floor >= 0 ? seq.floor + 1 : undefined;
       const checked = await checkCoverage(ctx, base, coverage.fromUs, coverage.atStart, seqFrom);
       if (ctx.stop) break;
-      if (typeof checked === "string") {
+      if ("retry" in checked) {
         // A probe refused for a while (a v2 host warming up) or lost is retried like a connection.
-        if (!await failedAttempt(base, checked)) break;
+        if (!await failedAttempt(base, checked.retry)) break;
         continue;
       }
-      if (checked) probed.add(base);
+      if (checked.measured) probed.add(base);
+      if (checked.seqsLost && seqFrom !== undefined) seqLossReported.set(base, seqFrom);
       coverage = undefined;
     }
     const bySeq = seq.host === base && seq.floor >= 0;
@@ -276,14 +280,16 @@ export async function consumeStream(
         // start, but then the time floor would drop new events whose display time is older than the
         // last one stored (years old after an operator's import, protocol doc §3.2). So the next
         // connection asks for all the server holds (a time before any history, which it moves to
-        // its window's start) and goes on by seq; a probe first measures the seqs lost.
+        // its window's start) and goes on by seq; a probe first measures the seqs lost, unless one
+        // just did for this very seq. (One that found them all still there was answered before
+        // the window moved on.)
         ctx.report({
           reason: "retry",
           message: `CursorTooOld: ${xrpc.message}; resuming from the oldest event it holds`,
           instance: base,
         });
         seq.fromOldest = true;
-        if (!probed.has(base)) coverage = { fromUs: neededUs, atStart: false };
+        if (seqLossReported.get(base) !== seq.floor + 1) coverage = { fromUs: neededUs, atStart: false };
         continue;
       }
       if (xrpc?.error === "UnknownZstdDictionary" && ctx.v2Dictionary && failures++ < o.maxRetries) {
@@ -446,14 +452,18 @@ function replayFailure(cause: CloseCause): boolean {
   return cause.kind === "closed" && cause.code === 1000 && /^failed to replay/.test(cause.reason ?? "");
 }
 
+/** What a coverage probe found: a failure worth retrying, or whether it measured coverage. */
+type CoverageCheck = { retry: string } | { measured: boolean; seqsLost: boolean };
+const NOT_MEASURED: CoverageCheck = { measured: false, seqsLost: false };
+
 /**
  * Probes where `base`'s history begins and compares it with `fromUs`, the requested start
  * (`atStart`) or a resume point; see {@link coverageGap}. A resume by seq on a v2 host (`seqFrom`,
  * the first seq still needed) is judged by the oldest seq instead: there `time_us` is a display
  * time, years old after an operator's import (protocol doc §3.2, §10.14), and a resume point within
- * the history by seq loses nothing whatever its time. Resolves to true when it measured coverage,
- * and to a message when the probe failed in a way worth retrying (a network error, a timeout, a 5xx
- * or 429 refusal). A legacy server that refuses the probe itself leaves coverage unknown, which is
+ * the history by seq loses nothing whatever its time. Resolves to whether it measured coverage (and
+ * found seqs lost), or to a message when the probe failed in a way worth retrying (a network error,
+ * a timeout, a 5xx or 429 refusal). A legacy server that refuses the probe itself leaves coverage unknown, which is
  * reported (and stops a strict run); on the v2 wire, the sync connection's own `#info
  * OutdatedCursor` then measures it (late by what a filter leaves out). A probe answered with no
  * event at all (a server that does not replay, or holds nothing) leaves coverage unknown on either
@@ -466,25 +476,25 @@ async function checkCoverage(
   fromUs: number,
   atStart: boolean,
   seqFrom: number | undefined,
-): Promise<string | boolean> {
+): Promise<CoverageCheck> {
   const v2 = isV2Url(base);
-  if (!v2 && !new URL(base).pathname.endsWith("/subscribe")) return false;
+  if (!v2 && !new URL(base).pathname.endsWith("/subscribe")) return NOT_MEASURED;
   let oldest: HistoryStart | null;
   const askedUs = Date.now() * 1000;
   try {
     const signal = ctx.internal.signal;
     oldest = v2 ? await probeV2HistoryStart(base, { signal }) : await probeCoverageStart(base, { signal });
   } catch (err) {
-    if (ctx.stop) return false;
+    if (ctx.stop) return NOT_MEASURED;
     const status = err instanceof ConnectError ? err.status : undefined;
     const message = `could not find where ${new URL(base).host}'s history begins: ${(err as Error).message}`;
-    if (status === undefined || status >= 500 || status === 429) return message;
+    if (status === undefined || status >= 500 || status === 429) return { retry: message };
     if (v2) {
       ctx.report({ reason: "info", message: `${message}; OutdatedCursor will tell`, instance: base });
     } else coverageUnknown(ctx, base, message);
-    return false;
+    return NOT_MEASURED;
   }
-  if (ctx.stop) return false;
+  if (ctx.stop) return NOT_MEASURED;
   if (oldest === null) {
     if (fromUs < askedUs - PROBE_TIMEOUT_MS * 1000) {
       coverageUnknown(
@@ -495,7 +505,7 @@ async function checkCoverage(
         }'s history begins: it sent no event when asked for all it holds`,
       );
     }
-    return false;
+    return NOT_MEASURED;
   }
   if (seqFrom !== undefined && oldest.seq !== undefined) {
     if (oldest.seq <= seqFrom) {
@@ -504,9 +514,10 @@ async function checkCoverage(
     } else {
       // Events are missing, and display times do not say how long a span they cover.
       coverageSeqGap(ctx, base, seqFrom, oldest.seq, oldest.us);
+      return { measured: true, seqsLost: true };
     }
-    return true;
+    return { measured: true, seqsLost: false };
   }
   coverageGap(ctx, base, fromUs, oldest.us, atStart);
-  return true;
+  return { measured: true, seqsLost: false };
 }

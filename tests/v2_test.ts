@@ -7,7 +7,7 @@ import { createZstdEncoder } from "../src/jetstream/zstd.ts";
 import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
 import type { SyncErrorReport } from "../src/stats.ts";
 import { account, commit, did, drainQueue, identity } from "./helpers/events.ts";
-import { isCoverageProbe, serveEvents, syncConnections, tempDb } from "./helpers/loopback.ts";
+import { isCoverageProbe, serveEvents, syncConnections, tcpRelay, tempDb } from "./helpers/loopback.ts";
 import { V2_DICT } from "./helpers/zstd_cli.ts";
 
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
@@ -324,6 +324,48 @@ Deno.test("--resume on a v2 host whose seq fell out of its window goes on by seq
   assert.ok(reports.some((r) => /CursorTooOld.*resuming from the oldest event it holds/.test(r.message)));
   const asked = syncConnections(_server).map((c) => /cursor=(\d+)/.exec(c.query)?.[1]);
   assert.deepEqual(asked, ["1150", "1000000000000000"], "by seq, then from the oldest event held");
+  const got = await stored(db.path, second.queueLength);
+  assert.deepEqual(
+    got.map((e) => e.cursor),
+    events.map((_, i) => 1001 + i).filter((s) => s <= 1150 || s >= 1300),
+  );
+});
+
+Deno.test("a v2 host whose window moves on between the probe that found the resume seq and the connection: the seqs lost are still reported", async () => {
+  const events = capture();
+  await using db = await tempDb();
+  // One host address, three servers behind it: the first run's, one whose window still holds the
+  // seq to resume from (seen by the probe), and one whose window has moved past it (all later).
+  await using first = serveEvents(events, { version: "v2", faults: { dropEvery: 150 } });
+  await using whole = serveEvents(events, { version: "v2", lookbackFloorSeq: 1100 });
+  await using moved = serveEvents(events, { version: "v2", closeAtEnd: true, lookbackFloorSeq: 1300 });
+  const portOf = (server: { url: string }) => Number(new URL(server.url).port);
+  let route = (_: number) => portOf(first);
+  await using relay = tcpRelay((n) => route(n));
+  const controller = new AbortController();
+  const stopped = await runBackfillSync({
+    instance: `ws://127.0.0.1:${relay.port}${V2_PATH}`,
+    kv: db.path,
+    ...ALL,
+    startTimestamp: T0,
+    signal: controller.signal,
+    onError: (r) => r.reason === "retry" && controller.abort(),
+  });
+  assert.equal(stopped.recordsStored, 150, "seqs 1001 to 1150");
+  // The resume's first connection (its probe) reaches the whole window, every later one the moved.
+  route = (n) => n === 1 + first.connections.length ? portOf(whole) : portOf(moved);
+  const reports: SyncErrorReport[] = [];
+  const second = await runBackfillSync({ kv: db.path, resume: true, onError: (r) => reports.push(r) });
+  assert.equal(second.stopReason, "closed");
+  assert.equal(whole.connections.length, 1, "the probe");
+  assert.ok(isCoverageProbe(whole.connections[0]));
+  assert.ok(reports.some((r) => /CursorTooOld.*resuming from the oldest event it holds/.test(r.message)));
+  const gaps = reports.filter((r) => r.reason === "coverage");
+  assert.equal(gaps.length, 1, JSON.stringify(reports));
+  assert.match(
+    gaps[0].message,
+    /only holds events from seq 1300 on; the point to resume from, seq 1151, is 149 seqs/,
+  );
   const got = await stored(db.path, second.queueLength);
   assert.deepEqual(
     got.map((e) => e.cursor),

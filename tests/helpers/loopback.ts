@@ -54,3 +54,47 @@ export async function withSilentPort(fn: (port: number) => Promise<void>): Promi
     for (const conn of conns) conn.close();
   }
 }
+
+/**
+ * A TCP relay on 127.0.0.1: each connection it accepts is piped, both ways, to the port that
+ * `route` names for it (by its ordinal from 1, asked when it arrives), so that one host's address
+ * can be served by different servers from one connection to the next.
+ */
+export function tcpRelay(route: (ordinal: number) => number): { port: number } & AsyncDisposable {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const open = new Set<Deno.Conn>();
+  const piping: Promise<unknown>[] = [];
+  const pipe = async (from: Deno.Conn, to: Deno.Conn) => {
+    try {
+      await from.readable.pipeTo(to.writable, { preventCancel: true, preventClose: true });
+    } catch {
+      // The other side went away: both are closed below.
+    }
+    for (const conn of [from, to]) closeQuietly(conn);
+  };
+  const closeQuietly = (conn: Deno.Conn) => {
+    if (!open.delete(conn)) return;
+    try {
+      conn.close();
+    } catch {
+      // Already closed by Deno when its streams ended.
+    }
+  };
+  let ordinal = 0;
+  const accepting = (async () => {
+    for await (const client of listener) {
+      const backend = await Deno.connect({ hostname: "127.0.0.1", port: route(++ordinal) });
+      open.add(client).add(backend);
+      piping.push(pipe(client, backend), pipe(backend, client));
+    }
+  })().catch(() => {});
+  return {
+    port: listener.addr.port,
+    [Symbol.asyncDispose]: async () => {
+      listener.close();
+      await accepting;
+      for (const conn of [...open]) closeQuietly(conn);
+      await Promise.allSettled(piping);
+    },
+  };
+}
