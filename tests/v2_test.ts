@@ -459,6 +459,42 @@ Deno.test("--resume by seq on a v2 host reports a seq that fell out of the histo
   }
 });
 
+Deno.test("resuming on another v2 host (by time: seqs are not portable), new events with imported display times older than the resume point are kept", async () => {
+  for (const wire of ["/subscribe", V2_PATH]) {
+    const events = capture();
+    for (const i of [60, 200, 300, 400]) events[i] = { ...events[i], time_us: IMPORTED_US - i };
+    await using db = await tempDb();
+    await using first = serveEvents(events, { version: "v2", faults: { dropEvery: 150 } });
+    const controller = new AbortController();
+    const stopped = await runBackfillSync({
+      instance: first.url.replace(/\/subscribe$/, wire),
+      kv: db.path,
+      ...ALL,
+      signal: controller.signal,
+      onError: (r) => r.reason === "retry" && controller.abort(),
+    });
+    assert.equal(stopped.recordsStored, 150, wire);
+    // Another host, with its own seqs: the resume asks it by time, from a little before the last
+    // stored event, and it sends everything from there on, imported display times included.
+    await using other = serveEvents(events, { version: "v2", seqBase: 7000, closeAtEnd: true });
+    const second = await runBackfillSync({
+      kv: db.path,
+      resume: true,
+      instance: other.url.replace(/\/subscribe$/, wire),
+      onError: () => {},
+    });
+    assert.equal(second.stopReason, "closed", wire);
+    const got = await stored(db.path, second.queueLength);
+    // Each event once: the first 150 from the first host, the rest from the other.
+    assert.deepEqual(got.map(({ cursor: _, ...event }) => event), events, wire);
+    assert.deepEqual(
+      got.map((e) => e.cursor),
+      events.map((_, i) => i < 150 ? 1001 + i : 7001 + i),
+      wire,
+    );
+  }
+});
+
 Deno.test("maxEventBytes on the v2 wire limits the event as stored, not the frame and its envelope", async () => {
   const events = capture(20);
   events[10] = commit(events[10].time_us, { did: did(1), text: "é".repeat(3000) });

@@ -148,6 +148,8 @@ export async function readConnection(
     ctx.report({ reason, message, instance: conn.url });
   };
   let mismatches = 0;
+  // On a v2 host connected by time: whether an event at or after the time floor has come.
+  let reachedFloor = false;
   // Bytes as the connection counts them: payload bytes on the wire (for text, UTF-8 bytes, not
   // characters).
   let counted = conn.bytesReceived;
@@ -297,10 +299,16 @@ export async function readConnection(
           }
           seq.floor = Math.max(seq.floor, evSeq);
           // Connected by time (no seq of this host yet): the floor applies by time_us, which also
-          // drops a v2 host's replay from before the cursor (#343).
-          if (seqFloor < 0 && (t < floorUs || (t === floorUs && !floorKnown))) {
-            stats.duplicatesDropped++;
-            continue;
+          // drops a v2 host's replay from before the cursor (#343), until the stream reaches it.
+          // From there the host's seq order is its witness order: a later event is new whatever its
+          // display time (an operator's import gives years-old ones, protocol doc §3.2), and what
+          // the rewind sends again is recognised by content below.
+          if (seqFloor < 0 && !reachedFloor) {
+            if (t < floorUs || (t === floorUs && !floorKnown)) {
+              stats.duplicatesDropped++;
+              continue;
+            }
+            reachedFloor = true;
           }
           if (t < startUs) continue;
         } else if (t < floorUs || (t === floorUs && !floorKnown) || t < startUs) {
