@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { queueKey } from "../src/queue/kv_queue.ts";
 import { commit, drainQueue } from "./helpers/events.ts";
-import { serveEvents, syncConnections, tempDb } from "./helpers/loopback.ts";
+import { serveEvents, syncConnections, tcpRelay, tempDb } from "./helpers/loopback.ts";
 import { runCli, spawnCli, syncArgs } from "./helpers/cli.ts";
 import { asRun, counted } from "../src/cli/program.ts";
 
@@ -317,33 +317,19 @@ Deno.test("the CLI run from a checkout says how to run it again: deno run -A and
  */
 function tlsFront(port: number) {
   const fixtures = new URL("./fixtures/", import.meta.url);
-  const listener = Deno.listenTls({
-    hostname: "127.0.0.1",
-    port: 0,
-    cert: Deno.readTextFileSync(new URL("localhost.crt", fixtures)),
-    key: Deno.readTextFileSync(new URL("localhost.key", fixtures)),
-  });
-  const open: Deno.Conn[] = [];
-  const serving = (async () => {
-    for await (const tls of listener) {
-      const plain = await Deno.connect({ hostname: "127.0.0.1", port });
-      open.push(tls, plain);
-      tls.readable.pipeTo(plain.writable).catch(() => {});
-      plain.readable.pipeTo(tls.writable).catch(() => {});
-    }
-  })().catch(() => {});
+  const front = tcpRelay(
+    () => port,
+    Deno.listenTls({
+      hostname: "127.0.0.1",
+      port: 0,
+      cert: Deno.readTextFileSync(new URL("localhost.crt", fixtures)),
+      key: Deno.readTextFileSync(new URL("localhost.key", fixtures)),
+    }),
+  );
   return {
-    port: (listener.addr as Deno.NetAddr).port,
+    port: front.port,
     ca: new URL("test-ca.crt", fixtures).pathname,
-    [Symbol.asyncDispose]: async () => {
-      listener.close();
-      for (const c of open) {
-        try {
-          c.close();
-        } catch { /* closed already */ }
-      }
-      await serving;
-    },
+    [Symbol.asyncDispose]: () => front[Symbol.asyncDispose](),
   };
 }
 

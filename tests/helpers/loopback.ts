@@ -56,12 +56,15 @@ export async function withSilentPort(fn: (port: number) => Promise<void>): Promi
 }
 
 /**
- * A TCP relay on 127.0.0.1: each connection it accepts is piped, both ways, to the port that
- * `route` names for it (by its ordinal from 1, asked when it arrives), so that one host's address
- * can be served by different servers from one connection to the next.
+ * A TCP relay: each connection `listener` (by default plain TCP on 127.0.0.1) accepts is piped,
+ * both ways, to the 127.0.0.1 port that `route` names for it (by its ordinal from 1, asked when it
+ * arrives), so that one host's address can be served by different servers from one connection to
+ * the next, or a TLS listener can front a plain server.
  */
-export function tcpRelay(route: (ordinal: number) => number): { port: number } & AsyncDisposable {
-  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+export function tcpRelay(
+  route: (ordinal: number) => number,
+  listener: Deno.Listener = Deno.listen({ hostname: "127.0.0.1", port: 0 }),
+): { port: number } & AsyncDisposable {
   const open = new Set<Deno.Conn>();
   const piping: Promise<unknown>[] = [];
   const pipe = async (from: Deno.Conn, to: Deno.Conn) => {
@@ -89,7 +92,7 @@ export function tcpRelay(route: (ordinal: number) => number): { port: number } &
     }
   })().catch(() => {});
   return {
-    port: listener.addr.port,
+    port: (listener.addr as Deno.NetAddr).port,
     [Symbol.asyncDispose]: async () => {
       listener.close();
       await accepting;
