@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { queueKey } from "../src/queue/kv_queue.ts";
 import { commit, drainQueue } from "./helpers/events.ts";
 import { serveEvents, syncConnections, tcpRelay, tempDb } from "./helpers/loopback.ts";
-import { runCli, spawnCli, syncArgs } from "./helpers/cli.ts";
+import { runCli, spawnCli, syncArgs, whileRunning } from "./helpers/cli.ts";
 import { asRun, counted } from "../src/cli/program.ts";
 
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
@@ -207,7 +207,7 @@ for (const [signal, code] of [["SIGINT", 130], ["SIGTERM", 143], ["SIGHUP", 129]
     await using db = await tempDb();
     const child = spawnCli(syncArgs(server.url, db.path, T0, "--json"));
     // Wait until the whole capture was served, then interrupt.
-    while (!(syncConnections(server)[0]?.sent >= 500)) await new Promise((r) => setTimeout(r, 50));
+    await whileRunning(child, () => syncConnections(server)[0]?.sent >= 500);
     await new Promise((r) => setTimeout(r, 300));
     child.kill(signal);
     const out = await child.output();
@@ -460,4 +460,12 @@ Deno.test("jetfill sync warns of the first frame it skips for each reason; --ver
       }
     }
   }
+});
+
+Deno.test("whileRunning() (the tests' wait on a child process) fails with the child's stderr when it ends first", async () => {
+  const child = spawnCli(["sync", "--bogus"]);
+  await assert.rejects(
+    () => whileRunning(child, () => false),
+    /the process ended \(code 2\) before it got there: .*--bogus/s,
+  );
 });

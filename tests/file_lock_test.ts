@@ -9,7 +9,7 @@ import { pathToFileURL as toFileUrlNode } from "node:url";
 import { commit } from "./helpers/events.ts";
 import { serveEvents, syncConnections, tempDb } from "./helpers/loopback.ts";
 import type { JetstreamServer } from "../src/server/server.ts";
-import { runCli, spawnCli, syncArgs } from "./helpers/cli.ts";
+import { runCli, spawnCli, syncArgs, whileRunning } from "./helpers/cli.ts";
 
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
 const dec = new TextDecoder();
@@ -27,7 +27,7 @@ async function take(path: string, queue = "jetstream_sync"): Promise<QueueFileLo
  */
 async function syncAll(server: JetstreamServer, kv: string, count: number): Promise<Deno.ChildProcess> {
   const child = spawnCli(syncArgs(server.url, kv, T0, "--json"));
-  while (!(syncConnections(server)[0]?.sent >= count)) await delay(50);
+  await whileRunning(child, () => syncConnections(server)[0]?.sent >= count);
   await delay(1500);
   return child;
 }

@@ -5,8 +5,7 @@ import type { SyncStats } from "../src/stats.ts";
 import { readCheckpoint } from "../src/queue/kv_queue.ts";
 import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
 import { commit, did, drainQueue } from "./helpers/events.ts";
-import { delay } from "../src/async.ts";
-import { CLI, spawnCli, syncArgs } from "./helpers/cli.ts";
+import { CLI, spawnCli, syncArgs, whileRunning } from "./helpers/cli.ts";
 import { serveEvents, tempDb } from "./helpers/loopback.ts";
 
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
@@ -220,7 +219,10 @@ Deno.test("a sync killed with SIGKILL leaves the keys of what it stored: a resum
   const child = spawnCli(syncArgs(first.url, db.path, T0, "--limit", "100"));
   const kv = await Deno.openKv(db.path);
   try {
-    while (((await readCheckpoint(kv, "jetstream_sync")).value?.recordsStored ?? 0) < 10) await delay(50);
+    await whileRunning(
+      child,
+      async () => ((await readCheckpoint(kv, "jetstream_sync")).value?.recordsStored ?? 0) >= 10,
+    );
   } finally {
     kv.close();
   }

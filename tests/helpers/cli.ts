@@ -27,3 +27,24 @@ export async function runCli(
   const dec = new TextDecoder();
   return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
 }
+
+/**
+ * Polls `ready` every 50 ms until it holds while `child` runs; if the child ends first, throws with
+ * its exit code and stderr instead of waiting for ever.
+ */
+export async function whileRunning(
+  child: Deno.ChildProcess,
+  ready: () => boolean | Promise<boolean>,
+): Promise<void> {
+  let ended = false;
+  child.status.then(() => ended = true, () => ended = true);
+  while (!(await ready())) {
+    if (ended) {
+      const out = await child.output();
+      throw new Error(
+        `the process ended (code ${out.code}) before it got there: ${new TextDecoder().decode(out.stderr)}`,
+      );
+    }
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
