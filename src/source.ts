@@ -17,7 +17,15 @@ import {
 import { resolveZstdDictionary } from "./jetstream/dictionary.ts";
 import { type CloseCause, ConnectError, type Connection, openConnection } from "./jetstream/socket.ts";
 import { buildSubscribeRequest } from "./jetstream/url.ts";
-import { buildV2Url, fetchV2Dictionary, isV2Url, parseXrpcError, V2_SUBPROTOCOL } from "./jetstream/v2.ts";
+import {
+  buildV2Url,
+  fetchV2Dictionary,
+  isV2Url,
+  parseXrpcError,
+  V2_DICTIONARY_TIMEOUT_MS,
+  V2_SUBPROTOCOL,
+  V2DictionaryError,
+} from "./jetstream/v2.ts";
 import { createZstdDecoder } from "./jetstream/zstd.ts";
 import type { BackfillSyncOptions } from "./options.ts";
 import {
@@ -42,15 +50,22 @@ async function v2Decoder(
   if (ctx.v2Dictionary) return ctx.v2Dictionary;
   let bytes: Uint8Array;
   try {
-    bytes = (await fetchV2Dictionary(base, ctx.internal.signal)).bytes;
+    const timeoutMs = Math.min(V2_DICTIONARY_TIMEOUT_MS, ctx.o.idleTimeoutMs);
+    bytes = (await fetchV2Dictionary(base, ctx.internal.signal, timeoutMs)).bytes;
   } catch (err) {
+    if (ctx.internal.signal.aborted) return undefined;
     if (options.zstdDictionary === undefined) {
+      // A host that may answer later (warming up, or not answering now) is asked again by the next
+      // connection; one that has no dictionary to give is not.
+      const again = err instanceof V2DictionaryError && err.transient;
       ctx.report({
         reason: "connection",
-        message: `cannot fetch the v2 zstd dictionary (${(err as Error).message}); continuing uncompressed`,
+        message: `cannot fetch the v2 zstd dictionary (${(err as Error).message}); ${
+          again ? "this connection goes uncompressed, the next one asks again" : "continuing uncompressed"
+        }`,
         instance: base,
       });
-      ctx.v2Compress = false;
+      if (!again) ctx.v2Compress = false;
       return undefined;
     }
     bytes = (await resolveZstdDictionary({ dictionary: options.zstdDictionary })).bytes;
@@ -155,6 +170,8 @@ export async function consumeStream(
   }
   let failures = 0;
   let connections = 0;
+  // The IDs of the v2 dictionaries a host answered UnknownZstdDictionary to.
+  const refusedDictionaries = new Set<number>();
   let lastFailure: string | undefined;
   // The instance being connected to (its coverage probe, then its stream), until it answers.
   let connecting: string | undefined;
@@ -292,11 +309,14 @@ export async function consumeStream(
         if (seqLossReported.get(base) !== seq.floor + 1) coverage = { fromUs: neededUs, atStart: false };
         continue;
       }
-      if (xrpc?.error === "UnknownZstdDictionary" && ctx.v2Dictionary && failures++ < o.maxRetries) {
-        const known = ctx.v2Dictionary.id;
+      if (xrpc?.error === "UnknownZstdDictionary" && ctx.v2Dictionary) {
+        // The host moved on to another dictionary: fetch it. One it refused already means it serves
+        // a dictionary it cannot compress with, so the run goes on uncompressed. (Each refusal
+        // either adds an ID or ends compression: no loop, and no connection attempt counted.)
+        refusedDictionaries.add(ctx.v2Dictionary.id);
         ctx.v2Dictionary = undefined;
         const again = await v2Decoder(ctx, base, options);
-        if (!again || again.id === known) {
+        if (again && refusedDictionaries.has(again.id)) {
           ctx.v2Compress = false;
           ctx.report({
             reason: "retry",

@@ -7,7 +7,14 @@ import { createZstdEncoder } from "../src/jetstream/zstd.ts";
 import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
 import type { SyncErrorReport } from "../src/stats.ts";
 import { account, commit, did, drainQueue, identity } from "./helpers/events.ts";
-import { isCoverageProbe, serveEvents, syncConnections, tcpRelay, tempDb } from "./helpers/loopback.ts";
+import {
+  isCoverageProbe,
+  serveEvents,
+  syncConnections,
+  tcpRelay,
+  tempDb,
+  withSilentPort,
+} from "./helpers/loopback.ts";
 import { V2_DICT } from "./helpers/zstd_cli.ts";
 
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
@@ -234,24 +241,112 @@ Deno.test("a compressed v2-wire sync fetches the v2 dictionary and decodes its f
   );
 });
 
+/** A v2 server compressing with the v2 dictionary, which it serves; `faults` as the server takes them. */
+async function compressingV2Server(events: JetstreamEvent[], options: { dropEvery?: number } = {}) {
+  const dictionary = await Deno.readFile(V2_DICT);
+  const encoder = await createZstdEncoder(dictionary);
+  const utf8 = new TextEncoder();
+  return serveEvents(events, {
+    version: "v2",
+    closeAtEnd: true,
+    v2Dictionary: dictionary,
+    v2Compressor: (text) => encoder.encode(utf8.encode(text)).slice(),
+    faults: options.dropEvery ? { dropEvery: options.dropEvery } : undefined,
+  });
+}
+
+Deno.test("a v2 host whose dictionary request never gets an answer: after the idle timeout the connection goes uncompressed", async () => {
+  const events = capture(100);
+  await using server = await compressingV2Server(events);
+  await withSilentPort(async (silent) => {
+    // The first connection (no start: no probe) is the dictionary's request, to a port that never answers.
+    await using relay = tcpRelay((n) => n === 1 ? silent : Number(new URL(server.url).port));
+    await using db = await tempDb();
+    const reports: SyncErrorReport[] = [];
+    const stats = await runBackfillSync({
+      instance: `ws://127.0.0.1:${relay.port}${V2_PATH}`,
+      kv: db.path,
+      compress: true,
+      idleTimeout: 1,
+      maxTime: 30,
+      ...ALL,
+      onError: (r) => reports.push(r),
+    });
+    assert.equal(stats.stopReason, "closed", stats.error);
+    assert.equal(stats.recordsStored, 100);
+    assert.match(
+      reports[0].message,
+      /^cannot fetch the v2 zstd dictionary \(.*getZstdDictionary: no answer within 1 s\); this connection goes uncompressed, the next one asks again$/,
+    );
+    assert.doesNotMatch(syncConnections(server)[0].query, /zstdDictionary/);
+  });
+});
+
+Deno.test("a v2 host that cannot give its dictionary for a while (503) is asked again by the next connection", async () => {
+  const events = capture(300);
+  await using server = await compressingV2Server(events, { dropEvery: 200 });
+  await using warming = Deno.serve(
+    { hostname: "127.0.0.1", port: 0, onListen: () => {} },
+    // (Closing the connection, so that the next request makes a new one, to the host.)
+    () =>
+      new Response("service not ready: bootstrap in progress", {
+        status: 503,
+        headers: { connection: "close" },
+      }),
+  );
+  // The first connection, the dictionary's request, meets the 503; later ones reach the host.
+  await using relay = tcpRelay((n) => n === 1 ? warming.addr.port : Number(new URL(server.url).port));
+  await using db = await tempDb();
+  const reports: SyncErrorReport[] = [];
+  const stats = await runBackfillSync({
+    instance: `ws://127.0.0.1:${relay.port}${V2_PATH}`,
+    kv: db.path,
+    compress: true,
+    ...ALL,
+    onError: (r) => reports.push(r),
+  });
+  assert.equal(stats.stopReason, "closed", stats.error);
+  assert.match(
+    reports[0].message,
+    /HTTP 503: service not ready.*this connection goes uncompressed, the next one asks again$/,
+  );
+  // Dropped after 200 events, the sync reconnects: that connection fetches the dictionary and uses it.
+  const queries = syncConnections(server).map((c) => c.query);
+  assert.equal(queries.length, 2);
+  assert.doesNotMatch(queries[0], /zstdDictionary/);
+  assert.match(queries[1], /zstdDictionary=20260811/);
+  assert.deepEqual(
+    (await stored(db.path, stats.queueLength)).map((e) => e.cursor),
+    events.map((_, i) => 1001 + i),
+  );
+});
+
 Deno.test("a v2 server that does not know the fetched dictionary ID is read uncompressed", async () => {
   const events = capture(100);
   const dictionary = await Deno.readFile(V2_DICT);
   // It serves a dictionary but cannot compress with it: zstdDictionary=<id> gets UnknownZstdDictionary.
   await using server = serveEvents(events, { version: "v2", closeAtEnd: true, v2Dictionary: dictionary });
-  await using db = await tempDb();
-  const reports: SyncErrorReport[] = [];
-  const stats = await runBackfillSync({
-    instance: v2Url(server.url),
-    kv: db.path,
-    startTimestamp: T0,
-    compress: true,
-    ...ALL,
-    kinds: ["commit", "identity", "account"],
-    onError: (r) => reports.push(r),
-  });
-  assert.equal(stats.recordsStored, 100);
-  assert.ok(reports.some((r) => /continuing uncompressed/.test(r.message)), JSON.stringify(reports));
+  // Fetching the dictionary again is not a connection retry: none allowed makes no difference.
+  for (const maxRetries of [undefined, 0]) {
+    await using db = await tempDb();
+    const reports: SyncErrorReport[] = [];
+    const stats = await runBackfillSync({
+      instance: v2Url(server.url),
+      kv: db.path,
+      startTimestamp: T0,
+      compress: true,
+      maxRetries,
+      ...ALL,
+      onError: (r) => reports.push(r),
+    });
+    assert.equal(stats.recordsStored, 100, stats.error);
+    assert.ok(
+      reports.some((r) =>
+        /UnknownZstdDictionary|unknown.*dictionary.*continuing uncompressed/i.test(r.message)
+      ),
+      JSON.stringify(reports),
+    );
+  }
 });
 
 Deno.test("--resume on a v2 host continues by the stored sequence cursor", async () => {

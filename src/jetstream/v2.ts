@@ -160,10 +160,38 @@ export function parseXrpcError(body: string | undefined): { error: string; messa
   return undefined;
 }
 
+/** How long {@link fetchV2Dictionary} waits for the dictionary by default, ms. */
+export const V2_DICTIONARY_TIMEOUT_MS = 30_000;
+
+/**
+ * A v2 dictionary that could not be fetched; `transient` when asking again later may work (no
+ * answer, a network error, HTTP 5xx or 429).
+ *
+ * @example
+ * ```ts
+ * import { V2DictionaryError } from "./v2.ts";
+ * const err = new V2DictionaryError("https://host/… answered HTTP 503: warming up", true);
+ * console.log(err.transient); // true
+ * ```
+ */
+export class V2DictionaryError extends Error {
+  /** Whether asking again later may work. */
+  readonly transient: boolean;
+
+  /** `message` says which URL and what went wrong. */
+  constructor(message: string, transient: boolean, options?: ErrorOptions) {
+    super(message, options);
+    this.name = "V2DictionaryError";
+    this.transient = transient;
+  }
+}
+
 /**
  * Fetches the server's current v2 zstd dictionary (`getZstdDictionary`), with its ID. Only the
  * method in `wsUrl`'s path is replaced, so a host served under a path prefix
- * (`…/prefix/xrpc/network.bsky.jetstream.subscribeEvents`) is asked under that prefix too.
+ * (`…/prefix/xrpc/network.bsky.jetstream.subscribeEvents`) is asked under that prefix too. A
+ * failure, no answer within `timeoutMs` included, throws a {@link V2DictionaryError}; an abort by
+ * `signal` throws its reason.
  *
  * @example
  * ```ts
@@ -174,6 +202,7 @@ export function parseXrpcError(body: string | undefined): { error: string; messa
 export async function fetchV2Dictionary(
   wsUrl: string,
   signal?: AbortSignal,
+  timeoutMs: number = V2_DICTIONARY_TIMEOUT_MS,
 ): Promise<{ id: number; bytes: Uint8Array }> {
   const url = new URL(wsUrl);
   url.protocol = url.protocol === "wss:" ? "https:" : "http:";
@@ -182,15 +211,32 @@ export async function fetchV2Dictionary(
     ? path.slice(0, -V2_SUBSCRIBE_PATH.length) + V2_DICTIONARY_PATH
     : V2_DICTIONARY_PATH;
   url.search = "";
-  const res = await fetch(url, { signal: signal ?? AbortSignal.timeout(30_000) });
-  if (!res.ok) {
-    throw new Error(`${url} answered HTTP ${res.status}: ${printable((await res.text()).slice(0, 200))}`);
+  // The caller's signal stops it at once; the timeout, whatever the caller's signal, stops a host
+  // that takes the request and never answers.
+  const timeout = AbortSignal.timeout(timeoutMs);
+  let res: Response;
+  let bytes: Uint8Array;
+  try {
+    res = await fetch(url, { signal: signal ? AbortSignal.any([signal, timeout]) : timeout });
+    if (!res.ok) {
+      const body = printable((await res.text()).slice(0, 200));
+      throw new V2DictionaryError(
+        `${url} answered HTTP ${res.status}: ${body}`,
+        res.status >= 500 || res.status === 429,
+      );
+    }
+    bytes = new Uint8Array(await res.arrayBuffer());
+  } catch (err) {
+    if (err instanceof V2DictionaryError || signal?.aborted) throw err;
+    const message = timeout.aborted ? `no answer within ${timeoutMs / 1000} s` : (err as Error).message;
+    throw new V2DictionaryError(`${url}: ${message}`, true, { cause: err });
   }
-  const bytes = new Uint8Array(await res.arrayBuffer());
   const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
   const id = bytes.byteLength >= 8 && view.getUint32(0, true) === 0xec30a437
     ? view.getUint32(4, true)
     : Number(res.headers.get("x-zstd-dictionary-id"));
-  if (!Number.isSafeInteger(id) || id <= 0) throw new Error(`${url} did not send a zstd dictionary`);
+  if (!Number.isSafeInteger(id) || id <= 0) {
+    throw new V2DictionaryError(`${url} did not send a zstd dictionary`, false);
+  }
   return { id, bytes };
 }
