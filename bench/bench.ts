@@ -295,7 +295,9 @@ if (dictionary === undefined) {
   console.log(
     `zstd decoder: ${z.decoderMBps.toFixed(0)} MB/s, ${fmt(z.decoderFramesPerSec)} frames/s on ${
       fmt(z.avgEventBytes)
-    }-byte events (target 100 MB/s); zstd CLI on the same frames: ${
+    }-byte events (target 100 MB/s), ${z.decoderNoSizeMBps.toFixed(0)} MB/s on ${
+      (z.noSizeFrameBytes / 1000).toFixed(0)
+    } KB frames without their size (${z.noSizeRatio.toFixed(0)}:1); zstd CLI on the same frames: ${
       z.cliMBps.toFixed(1)
     } MB/s (whole-file runs, mostly I/O)`,
   );

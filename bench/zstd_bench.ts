@@ -39,6 +39,15 @@ export interface BenchZstdResult {
   decoderMBps: number;
   /** Our decoder: frames per second. */
   decoderFramesPerSec: number;
+  /**
+   * Our decoder on frames without the content-size field (as a streaming encoder makes them), each
+   * 64 copies of one of the events as NDJSON: decompressed MB/s.
+   */
+  decoderNoSizeMBps: number;
+  /** Decoded over compressed size of those frames. */
+  noSizeRatio: number;
+  /** Their average decoded size in bytes. */
+  noSizeFrameBytes: number;
   /** Our encoder (level 3, the server's setting): frames per second. */
   encoderFramesPerSec: number;
   /** `zstd -d -D` over the same frames as files: decompressed megabytes per second, wall time. */
@@ -75,29 +84,47 @@ export async function benchZstd(options: BenchZstdOptions = {}): Promise<BenchZs
 
   const dir = await Deno.makeTempDir({ prefix: "jetfill_zstd_bench_" });
   try {
-    for (const sub of ["in", "zst", "out"]) await Deno.mkdir(`${dir}/${sub}`);
+    for (const sub of ["in", "zst", "big", "nosize", "out"]) await Deno.mkdir(`${dir}/${sub}`);
     const names = events.map((_, i) => `${String(i).padStart(6, "0")}.json`);
     await Promise.all(events.map((event, i) => Deno.writeFile(`${dir}/in/${names[i]}`, event)));
     // One CLI run for all files (default level 3), not one process per event.
     await zstd(["-q", "-D", dictionaryPath, "-r", `${dir}/in`, "--output-dir-flat", `${dir}/zst`]);
+    // 64 copies of an event as NDJSON, framed without the content-size field: a frame that
+    // decodes to far more than 8 times its size, which the decoder cannot size at its first try.
+    const text = new TextDecoder();
+    const groups: Uint8Array[] = [];
+    for (let i = 0; i < events.length; i += 64) {
+      groups.push(new TextEncoder().encode(Array(64).fill(text.decode(events[i])).join("\n")));
+    }
+    const groupNames = groups.map((_, i) => `${String(i).padStart(6, "0")}.ndjson`);
+    await Promise.all(groups.map((group, i) => Deno.writeFile(`${dir}/big/${groupNames[i]}`, group)));
+    const unsizedArgs = ["-q", "-D", dictionaryPath, "--no-content-size", "-r", `${dir}/big`];
+    await zstd([...unsizedArgs, "--output-dir-flat", `${dir}/nosize`]);
     const frames = await Promise.all(names.map((name) => Deno.readFile(`${dir}/zst/${name}.zst`)));
+    const unsized = await Promise.all(groupNames.map((name) => Deno.readFile(`${dir}/nosize/${name}.zst`)));
     const frameBytes = frames.reduce((sum, frame) => sum + frame.byteLength, 0);
+    const total = (all: Uint8Array[]) => all.reduce((sum, bytes) => sum + bytes.byteLength, 0);
 
     const decoder = await createZstdDecoder(dictionary);
-    // One full verified pass first, so the timed loop measures correct decoding only.
-    for (const [i, frame] of frames.entries()) {
-      if (!sameBytes(decoder.decode(frame), events[i])) {
-        throw new Error(`frame ${i} decoded to different bytes`);
+    const timed = (all: Uint8Array[], expected: Uint8Array[]) => {
+      // One full verified pass first, so the timed loop measures correct decoding only.
+      for (const [i, frame] of all.entries()) {
+        if (!sameBytes(decoder.decode(frame), expected[i])) {
+          throw new Error(`frame ${i} decoded to different bytes`);
+        }
       }
-    }
-    let decoded = 0;
-    let decodedFrames = 0;
-    const decodeStart = performance.now();
-    while (performance.now() - decodeStart < minMillis) {
-      for (const frame of frames) decoded += decoder.decode(frame).byteLength;
-      decodedFrames += frames.length;
-    }
-    const decodeSeconds = (performance.now() - decodeStart) / 1000;
+      let bytes = 0;
+      let count = 0;
+      const start = performance.now();
+      while (performance.now() - start < minMillis) {
+        for (const frame of all) bytes += decoder.decode(frame).byteLength;
+        count += all.length;
+      }
+      const seconds = (performance.now() - start) / 1000;
+      return { MBps: bytes / seconds / 1e6, framesPerSec: count / seconds };
+    };
+    const sized = timed(frames, events);
+    const noSize = timed(unsized, groups);
 
     const encoder = await createZstdEncoder(dictionary);
     let encodedFrames = 0;
@@ -113,8 +140,11 @@ export async function benchZstd(options: BenchZstdOptions = {}): Promise<BenchZs
     const cliSeconds = (performance.now() - cliStart) / 1000;
 
     return {
-      decoderMBps: decoded / decodeSeconds / 1e6,
-      decoderFramesPerSec: decodedFrames / decodeSeconds,
+      decoderMBps: sized.MBps,
+      decoderFramesPerSec: sized.framesPerSec,
+      decoderNoSizeMBps: noSize.MBps,
+      noSizeRatio: total(groups) / total(unsized),
+      noSizeFrameBytes: total(groups) / groups.length,
       encoderFramesPerSec: encodedFrames / encodeSeconds,
       cliMBps: eventBytes / cliSeconds / 1e6,
       frames: frames.length,
@@ -285,6 +315,11 @@ if (import.meta.main) {
   );
   console.log(
     `  encoder (level 3):         ${Math.round(result.encoderFramesPerSec).toLocaleString("en-US")} frames/s`,
+  );
+  console.log(
+    `  decoder, ${(result.noSizeFrameBytes / 1000).toFixed(0)} KB frames without their size (${
+      result.noSizeRatio.toFixed(0)
+    }:1): ${result.decoderNoSizeMBps.toFixed(1)} MB/s`,
   );
   console.log(`  zstd CLI (files, wall):    ${result.cliMBps.toFixed(1)} MB/s`);
 }
