@@ -49,7 +49,10 @@ export interface SyncStats {
   messagesEnqueued: number;
   /** Frames received but skipped, by reason. */
   skipped: Partial<Record<SkipReason, number>>;
-  /** Bytes received on the wire (compressed frames count as sent). */
+  /**
+   * Payload bytes of the messages the run took, as sent (compressed frames compressed), counted as
+   * `messagesReceived` is: not those read ahead of the stop.
+   */
   bytesReceived: number;
   /** Bytes after zstd decoding (0 when the stream was not compressed). */
   bytesDecoded: number;

@@ -1150,3 +1150,21 @@ Deno.test("the queue keeps the content keys of its last records with them: 12,28
   assert.equal((await keptIndexes(denser)).length, 30_000);
   denser.close();
 });
+
+Deno.test("bytesReceived counts the messages the run took, as sent, not those read ahead of its stop", async () => {
+  const events = Array.from({ length: 3000 }, (_, i) => commit(T0 + i * 1000, { text: `é ${i} 😀` }));
+  await using server = serveEvents(events);
+  await using db = await tempDb();
+  const stats = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    startTimestamp: T0,
+    numRecords: 700,
+  });
+  assert.equal(stats.stopReason, "limit");
+  assert.equal(stats.messagesReceived, 700);
+  // The server sent all 3000 at once: the transport had read well past the 700th when the run stopped.
+  const utf8 = new TextEncoder();
+  const sent = events.slice(0, 700).reduce((n, e) => n + utf8.encode(JSON.stringify(e)).length, 0);
+  assert.equal(stats.bytesReceived, sent);
+});

@@ -6,7 +6,7 @@
  * @module
  */
 import type { JetstreamEvent } from "../jetstream/events.ts";
-import { type Connection, InvalidTextFrame, OversizedFrame } from "../jetstream/socket.ts";
+import { type Connection, type Frame, InvalidTextFrame, OversizedFrame } from "../jetstream/socket.ts";
 import { utf8Length, utf8Text } from "../jetstream/utf8.ts";
 import { mapV2Frame, type V2Frame } from "../jetstream/v2.ts";
 import { DEFAULT_MAX_DECODED_BYTES, ZstdDecodeError } from "../jetstream/zstd.ts";
@@ -126,6 +126,11 @@ function startFlusher(ctx: RunContext): Flusher {
   return flusher;
 }
 
+/** A frame's payload size: bytes, or for text from a transport that does not count them, characters. */
+function frameLength(frame: Frame): number {
+  return typeof frame === "string" ? frame.length : frame.byteLength;
+}
+
 /**
  * Reads one connection until it ends or the run stops. A batch whose first record is
  * {@link FLUSH_AFTER_MS} old is committed as it is while the reader waits for frames.
@@ -150,9 +155,6 @@ export async function readConnection(
   let mismatches = 0;
   // On a v2 host connected by time: whether an event at or after the time floor has come.
   let reachedFloor = false;
-  // Bytes as the connection counts them: payload bytes on the wire (for text, UTF-8 bytes, not
-  // characters).
-  let counted = conn.bytesReceived;
   // A part-filled batch that is due is committed by a timer, and only while the loop waits for
   // frames: the loop itself is then parked, and before its own next commit it waits for that one,
   // so batches stay in order. (Racing each wait against a timer instead cost a third of the
@@ -166,8 +168,6 @@ export async function readConnection(
       flusher.waiting = false;
       if (got === null) return;
       const frames = got;
-      stats.bytesReceived += conn.bytesReceived - counted;
-      counted = conn.bytesReceived;
       const sizes = conn.frameBytes;
       if (ctx.stop) return;
       // Counted as the loop takes them, as the original did: frames read ahead of a stop are not
@@ -175,6 +175,9 @@ export async function readConnection(
       for (let i = 0; i < frames.length; i++) {
         const frame = frames[i];
         stats.messagesReceived++;
+        // Counted with the message, as it is: payload bytes as sent (a text frame's in UTF-8 when
+        // the transport knows them), not those of frames read ahead of a stop.
+        stats.bytesReceived += sizes?.[i] ?? frameLength(frame);
         let text: string;
         // The text's UTF-8 length, when known: it makes sizing cheaper.
         let utf8Bytes: number | undefined;
@@ -211,8 +214,13 @@ export async function readConnection(
             if (err instanceof ZstdDecodeError && err.reason === "dictionary-mismatch" && ++mismatches >= 5) {
               // Frame after frame naming another dictionary: a wrong dictionary, not a bad frame.
               stats.skip("decode_failed");
+              // On /subscribe only Jetstream's legacy dictionary is taken: no other could be given.
               throw new Error(
-                `${err.message}; give the matching dictionary (--zstd-dictionary / zstdDictionary)`,
+                `${err.message}; ${
+                  session.v2
+                    ? "give the dictionary this host uses (--zstd-dictionary / zstdDictionary), or sync"
+                    : "this host compresses with a dictionary other than Jetstream's legacy one: sync"
+                } without compression (no --compress / compress: false)`,
               );
             }
             skip(
