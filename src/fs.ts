@@ -23,3 +23,23 @@ export async function pathExists(path: string): Promise<boolean> {
     throw err;
   }
 }
+
+/**
+ * Whether a database may be at `path`: something exists there other than an empty file, which
+ * Deno KV would make into a new database. Errors other than "not found" go through.
+ *
+ * @example
+ * ```ts
+ * import { databaseExists } from "./fs.ts";
+ * await databaseExists("./jetfill-data/jetstream_sync.sqlite"); // false before the first sync
+ * ```
+ */
+export async function databaseExists(path: string): Promise<boolean> {
+  try {
+    const info = await Deno.stat(path);
+    return !info.isFile || info.size > 0;
+  } catch (err) {
+    if (err instanceof Deno.errors.NotFound) return false;
+    throw err;
+  }
+}

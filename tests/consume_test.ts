@@ -74,19 +74,26 @@ Deno.test("consume() hands over every stored event once, in seq order, and drain
   }
 });
 
-Deno.test("consume() until empty refuses a database that does not exist, and creates nothing", async () => {
+Deno.test("consume() until empty refuses a database that does not exist (or an empty file), and creates nothing", async () => {
   const { dir, path } = await tempDb();
   try {
-    await assert.rejects(
-      () => consume({ kv: path, untilEmpty: true, handler: () => {} }),
-      (err: unknown) =>
-        err instanceof UsageError &&
-        err.message ===
-          `Cannot consume as the database ${
-            JSON.stringify(path)
-          } does not exist (check 'kv' and 'queueName')`,
-    );
+    const refuses = (kv: string) =>
+      assert.rejects(
+        () => consume({ kv, untilEmpty: true, handler: () => {} }),
+        (err: unknown) =>
+          err instanceof UsageError &&
+          err.message ===
+            `Cannot consume as the database ${
+              JSON.stringify(kv)
+            } does not exist or is an empty file (check 'kv' and 'queueName')`,
+      );
+    await refuses(path);
     assert.deepEqual(await Array.fromAsync(Deno.readDir(dir)), []);
+    const empty = `${dir}/empty.sqlite`;
+    await Deno.writeTextFile(empty, "");
+    await refuses(empty);
+    assert.deepEqual((await Array.fromAsync(Deno.readDir(dir))).map((e) => e.name), ["empty.sqlite"]);
+    assert.equal((await Deno.stat(empty)).size, 0);
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

@@ -10,6 +10,7 @@ import { serveEvents } from "./helpers/loopback.ts";
 import { produce } from "./helpers/produce.ts";
 import { isoFromUs, utcDate } from "../src/time.ts";
 import { queueKey } from "../src/queue/kv_queue.ts";
+import { pathExists } from "../src/fs.ts";
 import type { QueueStatus } from "../src/queue/status.ts";
 import { formatStatus } from "../src/cli/status.ts";
 
@@ -27,6 +28,8 @@ async function jetfill(...args: string[]): Promise<Run> {
     args: ["run", "-A", "--unstable-kv", CLI, ...args],
     stdout: "piped",
     stderr: "piped",
+    // None of these runs waits for anything: one that does (a regression) is killed, not waited on.
+    signal: AbortSignal.timeout(60_000),
   }).output();
   return { code: out.code, stdout: TEXT.decode(out.stdout), stderr: TEXT.decode(out.stderr) };
 }
@@ -131,17 +134,17 @@ Deno.test("jetfill export keeps a whole last event without its newline, and refu
     const more = await store(path, generateCapture({ count: 10, seed: 26 }), 50);
     const notes = `${dir}/notes.txt`;
     await Deno.writeTextFile(notes, "my notes, no newline");
-    // Another queue's name: nothing taken, and a pointer to the queue the database holds.
-    const other = await jetfill("export", "--kv", path, "--queue-name", "other");
-    assert.equal(other.code, 0);
-    assert.equal(other.stdout, "");
-    assert.match(
-      other.stderr,
-      new RegExp(
-        `^jetfill export: queue 'other' has nothing in ${path}, which holds 'jetstream_sync': see --queue-name$`,
-        "m",
-      ),
-    );
+    // Another queue's name: refused, nothing taken (nor put back, which would reorder the queue
+    // the database holds), and a pointer to that queue.
+    for (const follow of [[], ["--follow"]]) {
+      const other = await jetfill("export", "--kv", path, "--queue-name", "other", ...follow);
+      assert.equal(other.code, 2);
+      assert.equal(other.stdout, "");
+      assert.equal(
+        other.stderr.trim(),
+        `jetfill export: Cannot export as queue 'other' has nothing in ${path}, which holds 'jetstream_sync': see --queue-name`,
+      );
+    }
     const refused = await jetfill("export", "--kv", path, "--out", notes);
     assert.equal(refused.code, 2);
     assert.match(
@@ -149,6 +152,12 @@ Deno.test("jetfill export keeps a whole last event without its newline, and refu
       /--out ".*notes\.txt" does not end as an export's output \(its last 20 bytes are no event and no part of one\); nothing was changed/,
     );
     assert.equal(await Deno.readTextFile(notes), "my notes, no newline");
+    // A last line that starts like JSON, after a line that is no event: no export wrote it.
+    await Deno.writeTextFile(notes, '# my notes\n{"not an event, and cut');
+    assert.equal((await jetfill("export", "--kv", path, "--out", notes)).code, 2);
+    await Deno.writeTextFile(notes, "# my notes\n{not json at all");
+    assert.equal((await jetfill("export", "--kv", path, "--out", notes)).code, 2);
+    assert.equal(await Deno.readTextFile(notes), "# my notes\n{not json at all");
     const rest = await jetfill("export", "--kv", path);
     assert.deepEqual(lines(rest.stdout), more.map((e) => JSON.stringify(e)));
   } finally {
@@ -212,6 +221,7 @@ Deno.test("jetfill export --follow picks up what another process enqueues and ex
     const result = await child.output();
     const stderr = TEXT.decode(result.stderr);
     assert.equal(result.code, 130, stderr);
+    assert.match(stderr, /^jetfill export: no database at \S*q\.sqlite yet; waiting for a sync to make it/);
     assert.match(stderr, /90 events from 9 messages/);
     assert.deepEqual(lines(await Deno.readTextFile(out)), expected);
   } finally {
@@ -308,13 +318,13 @@ Deno.test("jetfill status shows the queue's counts, per-day records and dead let
     assert.match(text.stdout, /dead letters\s+1 message \(7 records\)/);
     assert.match(text.stdout, /last cursor\s+\d+ \(\d{4}-\d\d-\d\dT[\d:.]+Z\)/);
     assert.equal(text.stderr, "");
-    // Another queue's name: nothing there, and a pointer to the queue the database holds.
+    // Another queue's name: refused, with a pointer to the queue the database holds.
     const other = await jetfill("status", "--kv", path, "--queue-name", "other");
-    assert.equal(other.code, 0);
-    assert.match(other.stdout, /last cursor\s+- \(nothing stored yet\)/);
+    assert.equal(other.code, 2);
+    assert.equal(other.stdout, "");
     assert.equal(
       other.stderr.trim(),
-      `jetfill status: queue 'other' has nothing in ${path}, which holds 'jetstream_sync': see --queue-name`,
+      `jetfill status: Cannot show the status as queue 'other' has nothing in ${path}, which holds 'jetstream_sync': see --queue-name`,
     );
   } finally {
     await Deno.remove(dir, { recursive: true });
@@ -433,4 +443,59 @@ Deno.test("status ties a held lock file to the writer only when the writer said 
     formatStatus({ ...base, writer: null }, "q.sqlite", held),
     /^writer +a sync is starting or stopping/m,
   );
+});
+
+Deno.test("status, export and sync refuse a file that is not a Deno KV database, and leave it as it was", async () => {
+  const dir = await tempDir();
+  try {
+    const { DatabaseSync } = await import("node:sqlite");
+    const other = `${dir}/other.db`;
+    const db = new DatabaseSync(other);
+    db.exec("CREATE TABLE notes (x); INSERT INTO notes VALUES (1)");
+    db.close();
+    const text = `${dir}/notes.txt`;
+    await Deno.writeTextFile(text, "not a database at all");
+    const empty = `${dir}/empty.sqlite`;
+    await Deno.writeTextFile(empty, "");
+    const files = [other, text, empty];
+    const before = await Promise.all(files.map((f) => Deno.readFile(f)));
+    const sqlite = /"\S*other\.db" is a SQLite database but not a Deno KV one \(its tables: notes\)/;
+    const notSqlite = /"\S*notes\.txt" is not a Deno KV database \(SQLite says: file is not a database\)/;
+    const cases: [string[], RegExp][] = [
+      [["status", "--kv", other], sqlite],
+      [["export", "--kv", other], sqlite],
+      [["sync", "--kv", other, "--instance", "ws://127.0.0.1:9/subscribe"], sqlite],
+      [["status", "--kv", text], notSqlite],
+      [["export", "--kv", text], notSqlite],
+      [["status", "--kv", empty], /"\S*empty\.sqlite" is an empty file, not a Deno KV database/],
+      [["export", "--kv", empty], /"\S*empty\.sqlite" does not exist or is an empty file/],
+    ];
+    for (const [args, message] of cases) {
+      const run = await jetfill(...args);
+      assert.equal(run.code, 2, `${args.join(" ")}: ${run.stderr}`);
+      assert.match(run.stderr, message, args.join(" "));
+    }
+    const after = await Promise.all(files.map((f) => Deno.readFile(f)));
+    assert.deepEqual(after, before);
+    assert.deepEqual((await Array.fromAsync(Deno.readDir(dir))).map((e) => e.name).sort(), [
+      "empty.sqlite",
+      "notes.txt",
+      "other.db",
+    ]);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("jetfill export --follow waits for a database that a sync will make, but not in a folder that does not exist", async () => {
+  const dir = await tempDir();
+  try {
+    const missing = `${dir}/typo/q.sqlite`;
+    const run = await jetfill("export", "--kv", missing, "--follow");
+    assert.equal(run.code, 2);
+    assert.match(run.stderr, /neither the database ".*typo\/q\.sqlite" nor its folder ".*typo" exists/);
+    assert.equal(await pathExists(`${dir}/typo`), false);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 });

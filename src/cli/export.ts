@@ -5,9 +5,8 @@
  */
 import { UsageError } from "../errors.ts";
 import { consume, type ConsumeResult } from "../queue/consume.ts";
-import { queueStatus } from "../queue/status.ts";
 import { openKvAt } from "../queue/kv_queue.ts";
-import { otherQueuesNote } from "./status.ts";
+import { unknownQueue } from "./status.ts";
 import {
   type FlagSpec,
   interruptedExitCode,
@@ -16,7 +15,8 @@ import {
   queueFlags,
   type StopSignal,
 } from "./args.ts";
-import { pathExists } from "../fs.ts";
+import { databaseExists, pathExists } from "../fs.ts";
+import { dirname } from "node:path";
 import { asRun, counted, programName } from "./program.ts";
 
 const HELP = `Usage: jetfill export [options]
@@ -104,31 +104,16 @@ async function fileSink(path: string): Promise<{ sink: Sink; removed: number }> 
   let removed = 0;
   const size = (await file.stat()).size;
   if (size > 0) {
-    const chunk = new Uint8Array(64 * 1024);
-    let end = size;
-    let keep = -1;
-    while (end > 0 && keep < 0) {
-      const start = Math.max(0, end - chunk.length);
-      await file.seek(start, Deno.SeekMode.Start);
-      const view = chunk.subarray(0, end - start);
-      let got = 0;
-      while (got < view.length) {
-        const n = await file.read(view.subarray(got));
-        if (n === null) break;
-        got += n;
-      }
-      const nl = view.subarray(0, got).lastIndexOf(10);
-      if (nl >= 0) keep = start + nl + 1;
-      end = start;
-    }
-    if (keep < 0) keep = 0;
+    const keep = await lineStart(file, size);
     if (keep < size) {
       const tail = await lastLine(file, keep, size);
+      // What an export killed during a write leaves follows an event, or nothing.
+      const after = keep === 0 || (await lastLine(file, await lineStart(file, keep - 1), keep - 1)).complete;
       if (tail.complete) {
         // A whole event without its newline (not written by an export): kept, and ended.
         writeAll(file, UTF8.encode("\n"));
         await file.sync();
-      } else if (tail.partial) {
+      } else if (tail.partial && after) {
         removed = size - keep;
         await file.truncate(keep);
         await file.sync();
@@ -148,9 +133,30 @@ async function fileSink(path: string): Promise<{ sink: Sink; removed: number }> 
   };
 }
 
+/** Where the line that ends at `end` (at a newline, or the end of the file) begins. */
+async function lineStart(file: Deno.FsFile, end: number): Promise<number> {
+  const chunk = new Uint8Array(64 * 1024);
+  while (end > 0) {
+    const start = Math.max(0, end - chunk.length);
+    await file.seek(start, Deno.SeekMode.Start);
+    const view = chunk.subarray(0, end - start);
+    let got = 0;
+    while (got < view.length) {
+      const n = await file.read(view.subarray(got));
+      if (n === null) break;
+      got += n;
+    }
+    const nl = view.subarray(0, got).lastIndexOf(10);
+    if (nl >= 0) return start + nl + 1;
+    end = start;
+  }
+  return 0;
+}
+
 /**
- * What the bytes from `from` to `to` (a last line without its newline) are: a complete JSON object,
- * the start of one (what an export killed during a write leaves), or something else.
+ * What the bytes from `from` to `to` (a line without its newline) are: a complete JSON object, the
+ * start of one as `JSON.stringify` writes it (what an export killed during a write leaves), or
+ * something else.
  */
 async function lastLine(
   file: Deno.FsFile,
@@ -176,7 +182,7 @@ async function lastLine(
   } catch {
     // Not whole: the start of an event, or not an event at all.
   }
-  return { complete: false, partial: text.trimStart().startsWith("{") };
+  return { complete: false, partial: text === "{" || text.startsWith('{"') };
 }
 
 /** The summary line printed on stderr. */
@@ -215,10 +221,27 @@ export async function exportCommand(args: string[]): Promise<number> {
   if (out === "") throw new UsageError("--out must name a file");
   // Without --follow there is nothing to wait for in a database that does not exist; with it, the
   // export may well start before the sync that creates it.
-  if (!v.follow && !(await pathExists(path))) {
+  const exists = await databaseExists(path);
+  if (!v.follow && !exists) {
     throw new UsageError(
-      `Cannot export as the database ${JSON.stringify(path)} does not exist (check --kv and --queue-name)`,
+      `Cannot export as the database ${
+        JSON.stringify(path)
+      } does not exist or is an empty file (check --kv and --queue-name)`,
     );
+  }
+  if (exists) {
+    // A queue never written where others are: refused before anything is taken from KV's queue,
+    // which all of them share (taking and putting back would reorder theirs).
+    const kv = await openKvAt(path);
+    try {
+      const unknown = await unknownQueue(kv, queue, path);
+      if (unknown) throw new UsageError(`Cannot export as ${unknown}`);
+    } finally {
+      kv.close();
+    }
+  } else if (await pathExists(dirname(path))) {
+    // (Where the folder is missing too, consume() refuses the path.)
+    console.error(`jetfill export: no database at ${path} yet; waiting for a sync to make it (Ctrl-C stops)`);
   }
   let sink: Sink;
   if (out !== undefined) {
@@ -271,18 +294,6 @@ export async function exportCommand(args: string[]): Promise<number> {
     sink.close();
   }
   console.error(exportSummary(result, out));
-  if (result.messages === 0 && writeError === undefined && (await pathExists(path))) {
-    // Nothing at all of this queue, when the database holds others: most likely a wrong --queue-name.
-    const kv = await openKvAt(path);
-    try {
-      if ((await queueStatus(kv, queue)).messagesEnqueued === 0) {
-        const note = await otherQueuesNote(kv, queue, path);
-        if (note) console.error(`jetfill export: ${note}`);
-      }
-    } finally {
-      kv.close();
-    }
-  }
   if (writeError instanceof Deno.errors.BrokenPipe && out === undefined) {
     // The reader closed the pipe (`export | head`): it has what it wanted. The message being
     // written went back to the queue; the ones written before it have left it.

@@ -159,6 +159,13 @@ export async function statusCommand(args: string[]): Promise<number> {
   try {
     const info = await Deno.stat(path);
     if (!info.isFile) throw new UsageError(`Cannot show the status as ${JSON.stringify(path)} is not a file`);
+    if (info.size === 0) {
+      throw new UsageError(
+        `Cannot show the status as ${
+          JSON.stringify(path)
+        } is an empty file, not a Deno KV database (check --kv)`,
+      );
+    }
   } catch (err) {
     if (err instanceof Deno.errors.NotFound) {
       throw new UsageError(
@@ -171,10 +178,10 @@ export async function statusCommand(args: string[]): Promise<number> {
   }
   const kv = await openKvAt(path);
   let status: QueueStatus;
-  let elsewhere: string | undefined;
   try {
+    const unknown = await unknownQueue(kv, queue, path);
+    if (unknown) throw new UsageError(`Cannot show the status as ${unknown}`);
     status = await queueStatus(kv, queue);
-    if (status.messagesEnqueued === 0) elsewhere = await otherQueuesNote(kv, queue, path);
   } finally {
     kv.close();
   }
@@ -182,24 +189,24 @@ export async function statusCommand(args: string[]): Promise<number> {
   const lockFile = held === undefined ? null : { path: await queueLockPath(path, queue), held };
   if (v.json) console.log(JSON.stringify({ kv: path, ...status, lockFile } satisfies StatusJson));
   else console.log(formatStatus(status, path, lockFile));
-  if (elsewhere) {
-    console.error(`jetfill status: ${elsewhere}`);
-  }
   return 0;
 }
 
 /**
- * When a database holds other queues than `queue` (which it does not hold): a note that says so,
- * for a `--queue-name` that was mistyped or left out.
+ * When `queue` has never been written in the database at `path` but other queues have: why a
+ * command on it is refused (most likely a mistyped or forgotten `--queue-name`). Undefined when the
+ * queue is there, or when the database holds no queue at all yet.
  *
  * @example
  * ```ts ignore
- * import { otherQueuesNote } from "./status.ts";
- * console.error(await otherQueuesNote(kv, "other", "q.sqlite"));
+ * import { unknownQueue } from "./status.ts";
+ * console.error(await unknownQueue(kv, "other", "q.sqlite"));
  * ```
  */
-export async function otherQueuesNote(kv: Deno.Kv, queue: string, path: string): Promise<string | undefined> {
-  const others = (await queuesIn(kv)).filter((q) => q !== queue);
+export async function unknownQueue(kv: Deno.Kv, queue: string, path: string): Promise<string | undefined> {
+  const [own] = await Array.fromAsync(kv.list({ prefix: ["jetfill", queue] }, { limit: 1 }));
+  if (own) return undefined;
+  const others = await queuesIn(kv);
   if (others.length === 0) return undefined;
   return `queue '${queue}' has nothing in ${path}, which holds ${
     others.map((q) => `'${q}'`).join(", ")

@@ -68,7 +68,8 @@
 import type { JetstreamEvent } from "../jetstream/events.ts";
 import { counterValue, defaultKvPath, localDatabasePath, openKvAt, queueKey } from "./kv_queue.ts";
 import { decodeQueueMessage, isQueueMessage, type QueueMessage } from "./message.ts";
-import { pathExists } from "../fs.ts";
+import { databaseExists, pathExists } from "../fs.ts";
+import { dirname } from "node:path";
 import { deadLetters } from "./dead_letters.ts";
 import { commitOutcome, GroupWriter } from "./group_writer.ts";
 import {
@@ -197,9 +198,10 @@ export interface ConsumeOptions {
    * `listenQueue` on it that lasts until you close it (do not call `listenQueue` on it yourself);
    * messages enqueued through the same `Deno.Kv` arrive at once, but those of other processes only
    * on KV's 60 s poll. While no consume() runs on that `Deno.Kv`, the messages it receives are put
-   * back with a 1 s delay. A path that does not exist is refused with `untilEmpty` (a
-   * {@link UsageError}: most likely a mistyped path); without it, consume() creates the database
-   * and waits for a sync to fill it.
+   * back with a 1 s delay. A path that does not exist (or is an empty file) is refused with
+   * `untilEmpty` (a {@link UsageError}: most likely a mistyped path); without it, consume() creates
+   * the database and waits for a sync to fill it, if its folder exists (else a `UsageError` too).
+   * A file that is not a Deno KV database is refused.
    *
    * @default {"./jetfill-data/<queueName>.sqlite"}
    */
@@ -1374,11 +1376,25 @@ export async function consume(options: ConsumeOptions): Promise<ConsumeResult> {
   const path = typeof options.kv === "object" && options.kv !== null
     ? undefined
     : options.kv ?? defaultKvPath(queue);
-  // Until empty, a database that does not exist is a mistyped path, not a queue to wait for.
-  if (path !== undefined && options.untilEmpty && !(await pathExists(localDatabasePath(path) ?? path))) {
-    throw new UsageError(
-      `Cannot consume as the database ${JSON.stringify(path)} does not exist (check 'kv' and 'queueName')`,
-    );
+  // Until empty, a database that does not exist is a mistyped path, not a queue to wait for; and
+  // a sync, not a consumer, makes the folder it goes in.
+  const file = path === undefined ? undefined : localDatabasePath(path);
+  if (file !== undefined && !(await databaseExists(file))) {
+    if (options.untilEmpty) {
+      throw new UsageError(
+        `Cannot consume as the database ${
+          JSON.stringify(path)
+        } does not exist or is an empty file (check 'kv' and 'queueName')`,
+      );
+    }
+    const folder = dirname(file);
+    if (!(await pathExists(folder))) {
+      throw new UsageError(
+        `Cannot consume as neither the database ${JSON.stringify(path)} nor its folder ${
+          JSON.stringify(folder)
+        } exists (check the path): a consumer waits for a sync only in an existing folder`,
+      );
+    }
   }
   const consumer = new Consumer(options, queue);
   const started = performance.now();

@@ -189,7 +189,8 @@ export const KV_PAGE_SIZE = 16_384;
 /**
  * Opens the database at `path`, creating its folder. A database that does not exist yet is created
  * with {@link KV_PAGE_SIZE} pages in WAL mode, then opened by Deno KV like any other; an existing
- * one is opened as it is. `runBackfillSync()` and `consume()` open a `kv` path this way; use it to
+ * one is opened as it is. A file that is not a SQLite database, or one with tables but not Deno
+ * KV's (which Deno KV would add to it), is refused with a `UsageError`. `runBackfillSync()` and `consume()` open a `kv` path this way; use it to
  * open a database yourself, for instance to share one handle between a sync and a consumer.
  *
  * @example
@@ -208,7 +209,11 @@ export async function openKvAt(path: string): Promise<Deno.Kv> {
     const info = await Deno.stat(file).catch(() => undefined);
     // Only a speed-up: where it cannot be done, Deno KV creates the database as it always does.
     if (!info) await createDatabase(file).catch(() => {});
-    else if (await linkCount(file, info) > 1) {
+    else if (info.isFile && info.size > 0 && !checkedDatabases.has(file)) {
+      await checkDatabaseFile(path, file);
+      checkedDatabases.add(file);
+    }
+    if (info && await linkCount(file, info) > 1) {
       throw new UsageError(
         `Cannot open the Deno KV database ${
           JSON.stringify(path)
@@ -240,6 +245,44 @@ export async function openKvAt(path: string): Promise<Deno.Kv> {
   // Only a speed-up too: a database that cannot be indexed now (read-only, or busy) is used as it is.
   if (file !== undefined) await indexQueueTables(file).catch(() => {});
   return kv;
+}
+
+/** Files {@link checkDatabaseFile} found to be Deno KV databases (or empty SQLite ones) in this process. */
+const checkedDatabases = new Set<string>();
+
+/**
+ * Refuses, with a {@link UsageError}, a file that Deno KV would otherwise turn into its own: one
+ * that is not a SQLite database, or a SQLite database with tables but not Deno KV's (Deno.openKv
+ * would add its tables to it). `path` is the name the user gave, for the message.
+ */
+async function checkDatabaseFile(path: string, file: string): Promise<void> {
+  const { DatabaseSync } = await import("node:sqlite");
+  let tables: string[];
+  try {
+    const db = new DatabaseSync(file, { readOnly: true, timeout: 1000 });
+    try {
+      const rows = db.prepare("SELECT name FROM sqlite_master WHERE type = 'table'").all();
+      tables = rows.map((row) => String(row.name));
+    } finally {
+      db.close();
+    }
+  } catch (err) {
+    const message = (err as Error).message;
+    if (!/file is not a database/.test(message)) return; // Busy, or unreadable: Deno KV will say.
+    throw new UsageError(
+      `${
+        JSON.stringify(path)
+      } is not a Deno KV database (SQLite says: ${message}): give a Deno KV database's path, or a new file's`,
+    );
+  }
+  if (tables.length === 0 || (tables.includes("kv") && tables.includes("migration_state"))) return;
+  throw new UsageError(
+    `${JSON.stringify(path)} is a SQLite database but not a Deno KV one (its tables: ${
+      tables.slice(0, 5).join(", ")
+    }${
+      tables.length > 5 ? ", …" : ""
+    }), and Deno KV would add its own tables to it: give a Deno KV database's path, or a new file's`,
+  );
 }
 
 /** The indexes {@link indexQueueTables} adds, each with its table (both are on `id`). */
