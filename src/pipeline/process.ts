@@ -76,8 +76,8 @@ function oversizedFrameMessage(frame: OversizedFrame): string {
 
 /** What an event over `maxEventBytes` was (`at`: its time_us, when known). */
 function oversizedEventMessage(at: string | undefined, size: number, chars: boolean, limit: number): string {
-  return `event ${at ? `at time_us ${at} ` : ""}of ${size} ${
-    chars ? "characters" : "bytes"
+  return `event ${at ? `at time_us ${at} ` : ""}of ${
+    chars ? `${size} characters (so at least as many bytes)` : `${size} bytes`
   } is over the ${limit}-byte event limit (maxEventBytes)`;
 }
 
