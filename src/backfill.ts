@@ -163,6 +163,13 @@ export async function runBackfillSync(options: BackfillSyncOptions = {}): Promis
       );
     }
   }
+  // The legacy dictionary is only needed for /subscribe connections; v2 hosts serve their own. A new
+  // run's is found before the database is opened (or made): a bad one is bad input. A resume's
+  // settings are in its queue.
+  const needsDecoder = (o: ResolvedSyncOptions) => o.compress && o.instances.some((u) => !isV2Url(u));
+  let decodeFrame = !o.resume && needsDecoder(o)
+    ? await loadDecoder(options, o.maxTimeMs, undefined)
+    : undefined;
   const kv = path === undefined ? await usableKv(o.kv as Deno.Kv) : await openKvAt(path);
   let fileLock: QueueFileLock | undefined;
   // The dictionary file the resumed run used, when it is not there any more.
@@ -204,10 +211,7 @@ export async function runBackfillSync(options: BackfillSyncOptions = {}): Promis
         fileLock = lock;
       }
     }
-    // The legacy dictionary is only needed for /subscribe connections; v2 hosts serve their own.
-    const decodeFrame = o.compress && o.instances.some((u) => !isV2Url(u))
-      ? await loadDecoder(options, o.maxTimeMs, lostDictionary)
-      : undefined;
+    if (o.resume && needsDecoder(o)) decodeFrame = await loadDecoder(options, o.maxTimeMs, lostDictionary);
     return await run(o, options, kv, started, decodeFrame, fileLock !== undefined, callbacks);
   } finally {
     if (path !== undefined) kv.close();

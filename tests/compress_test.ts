@@ -324,11 +324,19 @@ Deno.test("runBackfillSync() stops with a clear error when frames name another d
   assert.equal(stats.skipped.decode_failed, 5);
 });
 
-Deno.test("runBackfillSync() names a missing dictionary file before connecting", async () => {
+Deno.test("runBackfillSync() names a missing or wrong dictionary file before it makes its database", async () => {
+  await using db = await tempDb();
+  const kv = `${db.dir}/new/queue.sqlite`;
   await assert.rejects(
-    () => runBackfillSync({ compress: true, zstdDictionary: "/nonexistent/dict.zdict", kv: ":memory:" }),
+    () => runBackfillSync({ compress: true, zstdDictionary: "/nonexistent/dict.zdict", kv }),
     (err: unknown) => err instanceof UsageError && err.message.includes("/nonexistent/dict.zdict"),
   );
+  await assert.rejects(
+    () => runBackfillSync({ compress: true, zstdDictionary: V2_DICT, kv }),
+    (err: unknown) =>
+      err instanceof UsageError && /has ID 20260811, but \/subscribe connections/.test(err.message),
+  );
+  assert.deepEqual(await Array.fromAsync(Deno.readDir(db.dir)), []);
 });
 
 Deno.test("jetfill serve --zstd-dictionary serves compressed frames that jetfill sync stores", async () => {
