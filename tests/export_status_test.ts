@@ -326,6 +326,15 @@ Deno.test("jetfill status shows the queue's counts, per-day records and dead let
       other.stderr.trim(),
       `jetfill status: Cannot show the status as queue 'other' has nothing in ${path}, which holds 'jetstream_sync': see --queue-name`,
     );
+    // An export takes what waits (here, message 2 too: its dead letter is a copy made by hand), and
+    // says what it leaves aside.
+    const exported = await jetfill("export", "--kv", path);
+    assert.equal(exported.code, 0, exported.stderr);
+    assert.equal(lines(exported.stdout).length, 450);
+    assert.match(
+      exported.stderr,
+      /^jetfill export: 1 dead-lettered message \(7 records\) not exported: they failed every retry in an earlier consumer; requeueDeadLetters\(\) puts them back$/m,
+    );
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

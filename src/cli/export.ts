@@ -7,6 +7,7 @@ import { UsageError } from "../errors.ts";
 import { consume, type ConsumeResult } from "../queue/consume.ts";
 import { openKvAt } from "../queue/kv_queue.ts";
 import { unknownQueue } from "./status.ts";
+import { queueStatus } from "../queue/status.ts";
 import {
   type FlagSpec,
   interruptedExitCode,
@@ -294,6 +295,22 @@ export async function exportCommand(args: string[]): Promise<number> {
     sink.close();
   }
   console.error(exportSummary(result, out));
+  if (await databaseExists(path)) {
+    // Messages whose handling failed every retry are kept aside, not exported: say so.
+    const kv = await openKvAt(path);
+    try {
+      const { deadLetters, deadRecords } = await queueStatus(kv, queue);
+      if (deadLetters > 0) {
+        console.error(
+          `jetfill export: ${counted(deadLetters, "dead-lettered message")} (${
+            counted(deadRecords, "record")
+          }) not exported: they failed every retry in an earlier consumer; requeueDeadLetters() puts them back`,
+        );
+      }
+    } finally {
+      kv.close();
+    }
+  }
   if (writeError instanceof Deno.errors.BrokenPipe && out === undefined) {
     // The reader closed the pipe (`export | head`): it has what it wanted. The message being
     // written went back to the queue; the ones written before it have left it.
