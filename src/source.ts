@@ -483,8 +483,8 @@ const NOT_MEASURED: CoverageCheck = { measured: false, seqsLost: false };
  * time, years old after an operator's import (protocol doc §3.2, §10.14), and a resume point within
  * the history by seq loses nothing whatever its time. Resolves to whether it measured coverage (and
  * found seqs lost), or to a message when the probe failed in a way worth retrying (a network error,
- * a timeout, a 5xx or 429 refusal). A legacy server that refuses the probe itself leaves coverage unknown, which is
- * reported (and stops a strict run); on the v2 wire, the sync connection's own `#info
+ * a timeout, a 5xx or 429 refusal). A legacy server that refuses the probe itself leaves coverage
+ * unknown, which is reported (and stops a strict run); on the v2 wire, the sync connection's own `#info
  * OutdatedCursor` then measures it (late by what a filter leaves out). A probe answered with no
  * event at all (a server that does not replay, or holds nothing) leaves coverage unknown on either
  * wire for a point in the past; one less than the probe's wait before it began is no concern, as the

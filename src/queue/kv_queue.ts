@@ -190,8 +190,9 @@ export const KV_PAGE_SIZE = 16_384;
  * Opens the database at `path`, creating its folder. A database that does not exist yet is created
  * with {@link KV_PAGE_SIZE} pages in WAL mode, then opened by Deno KV like any other; an existing
  * one is opened as it is. A file that is not a SQLite database, or one with tables but not Deno
- * KV's (which Deno KV would add to it), is refused with a `UsageError`. `runBackfillSync()` and `consume()` open a `kv` path this way; use it to
- * open a database yourself, for instance to share one handle between a sync and a consumer.
+ * KV's (which Deno KV would add to it), is refused with a `UsageError`. `runBackfillSync()` and
+ * `consume()` open a `kv` path this way; use it to open a database yourself, for instance to share
+ * one handle between a sync and a consumer.
  *
  * @example
  * ```ts ignore
