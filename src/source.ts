@@ -180,9 +180,34 @@ export async function consumeStream(
 
   /** Moves on to the next instance, a little earlier in time (`rewindUs`): time_us differ between them. */
   const failOver = () => {
+    const from = o.instances[instanceIndex];
     instanceIndex = (instanceIndex + 1) % o.instances.length;
     stats.failovers++;
+    const to = o.instances[instanceIndex];
+    const lastUs = floorUs;
     if (floorUs >= 0) floorUs -= o.rewindUs;
+    // With records stored to recognise, as on a resume on another instance (above): the start is
+    // also a time of the instance left, so it moves back by the rewind, and new events before the
+    // first record recognised are left out near the start (they can be ones the instance left had
+    // before its start), stored further on; past the last time processed plus the rewind without
+    // one recognised, a coverage warning.
+    const known = ctx.accepted > 0 || (recent !== undefined && recent.keys.length > 0);
+    if (lastUs >= 0 && known && from !== to) {
+      startUs = (o.startUs ?? Number.NEGATIVE_INFINITY) - o.rewindUs;
+      ctx.awaitStoredUntilUs = lastUs + o.rewindUs;
+      ctx.awaitDrops = o.startUs !== undefined && lastUs - o.startUs < 2 * o.rewindUs;
+    }
+    ctx.report({
+      reason: "connection",
+      message: `failing over from ${new URL(from).host} to ${new URL(to).host}${
+        lastUs >= 0
+          ? `; time_us differ between instances, so the stream is taken up ${o.rewindUs / 1e6} s before ${
+            isoFromUs(lastUs)
+          } there and what was stored already is recognised by content`
+          : ""
+      }`,
+      instance: to,
+    });
     // Nothing came yet: the history that counts is the next instance's, checked before it is used.
     if (stats.lastProcessedUs === null) coverage = initialCoverage;
   };

@@ -207,6 +207,70 @@ Deno.test("runBackfillSync() fails over to the next instance, rewinds and dedupl
   assert.ok(Number(first) <= T0 + flakyLast * 1000, "the switch rewinds the cursor");
 });
 
+Deno.test("a failover near the start to an instance whose time_us run behind loses nothing and stores nothing from before the start", async () => {
+  // 4,000 posts 1 ms apart; the start is the 1,000th. The first instance has only the first 2,700,
+  // then goes away; the other has them all, each 2.37 s earlier (time_us differ between instances).
+  const events = Array.from(
+    { length: 4000 },
+    (_, i) => commit(T0 + i * 1000, { did: did(i % 13), text: `p${i}` }),
+  );
+  const start = T0 + 1000 * 1000;
+  const first = serveEvents(events.slice(0, 2700));
+  const behind = events.map((e) => ({ ...e, time_us: e.time_us - 2_370_000 }));
+  await using other = serveEvents(behind, { closeAtEnd: true });
+  await using db = await tempDb();
+  const reports: SyncErrorReport[] = [];
+  const sync = runBackfillSync({
+    instance: [first.url, other.url],
+    kv: db.path,
+    startTimestamp: start,
+    onError: (r) => reports.push(r),
+  });
+  while (!(syncConnections(first)[0]?.sent >= 1700)) await delay(20);
+  await first.shutdown();
+  const stats = await sync;
+  assert.equal(stats.stopReason, "closed", stats.error);
+  assert.equal(stats.failovers, 1);
+  // By content, each event from the start on once: the first 1,700 as the first instance sent them,
+  // the rest as the other did. Before, the other's events under the start (2.37 s of them) were
+  // left out as before the start, though the first instance had them after it.
+  const got = await stored(db.path, stats.queueLength);
+  assert.deepEqual(got, [...events.slice(1000, 2700), ...behind.slice(2700)]);
+  assert.equal(stats.recordsStored, 3000);
+  assert.ok(
+    reports.some((r) =>
+      r.reason === "connection" &&
+      /^failing over from 127\.0\.0\.1:\d+ to 127\.0\.0\.1:\d+; time_us differ/.test(r.message)
+    ),
+    JSON.stringify(reports),
+  );
+});
+
+Deno.test("a failover near the start to an instance whose time_us run ahead stores nothing the first had before the start", async () => {
+  const events = Array.from(
+    { length: 4000 },
+    (_, i) => commit(T0 + i * 1000, { did: did(i % 13), text: `p${i}` }),
+  );
+  const start = T0 + 1000 * 1000;
+  const first = serveEvents(events.slice(0, 2700));
+  const ahead = events.map((e) => ({ ...e, time_us: e.time_us + 900_000 }));
+  await using other = serveEvents(ahead, { closeAtEnd: true });
+  await using db = await tempDb();
+  const sync = runBackfillSync({
+    instance: [first.url, other.url],
+    kv: db.path,
+    startTimestamp: start,
+    onError: () => {},
+  });
+  while (!(syncConnections(first)[0]?.sent >= 1700)) await delay(20);
+  await first.shutdown();
+  const stats = await sync;
+  assert.equal(stats.stopReason, "closed", stats.error);
+  // The other instance puts events 100 to 999 after the start: the first had them before it.
+  const got = await stored(db.path, stats.queueLength);
+  assert.deepEqual(got, [...events.slice(1000, 2700), ...ahead.slice(2700)]);
+});
+
 Deno.test("runBackfillSync() does not count quiet idle reconnects as failures", async () => {
   // A cursor in the future: the server accepts and stays silent, like a narrow live filter.
   await using server = serveEvents(capture(10), { now: () => T0 });
