@@ -1252,3 +1252,35 @@ Deno.test("consume() leaves a failed delivery to KV with one line on stderr, not
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("consume() until empty refuses a queue name the database never held when it holds others, taking nothing", async () => {
+  const { dir, path } = await tempDb();
+  try {
+    const kv = await Deno.openKv(path);
+    await produce(kv, generateCapture({ count: 20, seed: 41 }), { batchSize: 10 });
+    kv.close();
+    const message =
+      `Cannot consume as queue 'jetstream_snyc' has nothing in ${path}, which holds 'jetstream_sync' (check 'queueName')`;
+    await assert.rejects(
+      () => consume({ kv: path, queueName: "jetstream_snyc", untilEmpty: true, handler: () => {} }),
+      (err: unknown) => err instanceof UsageError && err.message === message,
+    );
+    const handle = await Deno.openKv(path);
+    await assert.rejects(
+      () => consume({ kv: handle, queueName: "jetstream_snyc", untilEmpty: true, handler: () => {} }),
+      (err: unknown) => err instanceof UsageError && err.message === message.replace(path, "the database"),
+    );
+    handle.close();
+    // Nothing was taken: the queue's own consumer gets both messages.
+    const seen: number[] = [];
+    const result = await consume({
+      kv: path,
+      untilEmpty: true,
+      handler: (_events, { seq }) => void seen.push(seq),
+    });
+    assert.equal(result.messages, 2);
+    assert.deepEqual(seen, [1, 2]);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});

@@ -5,8 +5,7 @@
  */
 import { UsageError } from "../errors.ts";
 import { consume, type ConsumeResult } from "../queue/consume.ts";
-import { openKvAt } from "../queue/kv_queue.ts";
-import { unknownQueue } from "./status.ts";
+import { openKvAt, unknownQueue } from "../queue/kv_queue.ts";
 import { queueStatus } from "../queue/status.ts";
 import {
   type FlagSpec,
@@ -231,12 +230,15 @@ export async function exportCommand(args: string[]): Promise<number> {
     );
   }
   if (exists) {
-    // A queue never written where others are: refused before anything is taken from KV's queue,
-    // which all of them share (taking and putting back would reorder theirs).
+    // A queue never written where others are: refused (as consume() would) before --out is opened.
     const kv = await openKvAt(path);
     try {
       const unknown = await unknownQueue(kv, queue, path);
-      if (unknown) throw new UsageError(`Cannot export as ${unknown}`);
+      if (unknown && !v.follow) throw new UsageError(`Cannot export as ${unknown}: see --queue-name`);
+      // Following, it may be waiting for a sync; but a mistyped name waits for ever.
+      if (unknown) {
+        console.error(`jetfill export: ${unknown} yet: waiting for a sync to write it (see --queue-name)`);
+      }
     } finally {
       kv.close();
     }

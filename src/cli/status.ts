@@ -5,7 +5,7 @@
  */
 import { UsageError } from "../errors.ts";
 import { type QueueStatus, queueStatus } from "../queue/status.ts";
-import { openKvAt, queuesIn } from "../queue/kv_queue.ts";
+import { openKvAt, unknownQueue } from "../queue/kv_queue.ts";
 import { queueFileLocked, queueLockPath } from "../queue/file_lock.ts";
 import { isoFromUs } from "../time.ts";
 import { type FlagSpec, parseFlags, queueFlags } from "./args.ts";
@@ -180,7 +180,7 @@ export async function statusCommand(args: string[]): Promise<number> {
   let status: QueueStatus;
   try {
     const unknown = await unknownQueue(kv, queue, path);
-    if (unknown) throw new UsageError(`Cannot show the status as ${unknown}`);
+    if (unknown) throw new UsageError(`Cannot show the status as ${unknown}: see --queue-name`);
     status = await queueStatus(kv, queue);
   } finally {
     kv.close();
@@ -190,25 +190,4 @@ export async function statusCommand(args: string[]): Promise<number> {
   if (v.json) console.log(JSON.stringify({ kv: path, ...status, lockFile } satisfies StatusJson));
   else console.log(formatStatus(status, path, lockFile));
   return 0;
-}
-
-/**
- * When `queue` has never been written in the database at `path` but other queues have: why a
- * command on it is refused (most likely a mistyped or forgotten `--queue-name`). Undefined when the
- * queue is there, or when the database holds no queue at all yet.
- *
- * @example
- * ```ts ignore
- * import { unknownQueue } from "./status.ts";
- * console.error(await unknownQueue(kv, "other", "q.sqlite"));
- * ```
- */
-export async function unknownQueue(kv: Deno.Kv, queue: string, path: string): Promise<string | undefined> {
-  const [own] = await Array.fromAsync(kv.list({ prefix: ["jetfill", queue] }, { limit: 1 }));
-  if (own) return undefined;
-  const others = await queuesIn(kv);
-  if (others.length === 0) return undefined;
-  return `queue '${queue}' has nothing in ${path}, which holds ${
-    others.map((q) => `'${q}'`).join(", ")
-  }: see --queue-name`;
 }

@@ -61,12 +61,21 @@
  *   as handled; list them with {@link deadLetters} and retry them with `requeueDeadLetters()`.
  * - **Messages that are not this queue's** (another queue name in the same database, or not a jetfill
  *   message at all) are put back with a delay and reported as `foreign`: a database has one KV queue,
- *   and consume() never drops a message it does not own.
+ *   and consume() never drops a message it does not own. With `untilEmpty`, a `queueName` the database
+ *   has never held, when it holds other queues, is refused with a `UsageError` (a mistyped name would
+ *   take theirs).
  *
  * @module
  */
 import type { JetstreamEvent } from "../jetstream/events.ts";
-import { counterValue, defaultKvPath, localDatabasePath, openKvAt, queueKey } from "./kv_queue.ts";
+import {
+  counterValue,
+  defaultKvPath,
+  localDatabasePath,
+  openKvAt,
+  queueKey,
+  unknownQueue,
+} from "./kv_queue.ts";
 import { decodeQueueMessage, isQueueMessage, type QueueMessage } from "./message.ts";
 import { databaseExists, pathExists } from "../fs.ts";
 import { dirname } from "node:path";
@@ -1337,6 +1346,16 @@ function errorText(err: unknown): string {
 }
 
 /**
+ * Refuses to drain (`untilEmpty`) a queue never written in a database that holds others: most likely
+ * a mistyped name, and a consumer of it would take the others' messages from KV's queue, which they
+ * share, and put them back behind the rest. (A consumer that waits may be waiting for a sync.)
+ */
+async function refuseUnknownQueue(kv: Deno.Kv, queue: string, where: string): Promise<void> {
+  const unknown = await unknownQueue(kv, queue, where);
+  if (unknown) throw new UsageError(`Cannot consume as ${unknown} (check 'queueName')`);
+}
+
+/**
  * Consumes a jetfill queue: calls `options.handler` once per message with its decoded events,
  * records each handled message in the queue's counters, and resolves with what it did when it
  * stops (on `signal`, or with `untilEmpty` once nothing is waiting).
@@ -1404,6 +1423,7 @@ export async function consume(options: ConsumeOptions): Promise<ConsumeResult> {
   try {
     if (typeof options.kv === "object" && options.kv !== null) {
       const kv = options.kv;
+      if (options.untilEmpty) await refuseUnknownQueue(kv, queue, "the database");
       attach(kv, consumer);
       try {
         await session(consumer, kv, performance.now(), false);
@@ -1413,6 +1433,12 @@ export async function consume(options: ConsumeOptions): Promise<ConsumeResult> {
     } else {
       while (!consumer.stopReason) {
         const kv = await openKvAt(path!);
+        if (consumer.result.sessions === 0 && options.untilEmpty) {
+          await refuseUnknownQueue(kv, queue, path!).catch((err) => {
+            kv.close();
+            throw err;
+          });
+        }
         consumer.result.sessions++;
         let closing = false;
         const listening = kv.listenQueue((raw) => consumer.deliver(kv, raw)).catch((err) => {

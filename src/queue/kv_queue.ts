@@ -455,6 +455,29 @@ export async function readCheckpoint(kv: Deno.Kv, queue: string): Promise<Deno.K
   return await kv.get<Checkpoint>(queueKey(queue, "checkpoint"));
 }
 
+/**
+ * When `queue` has never been written in the database at `path` (a name for messages) but other
+ * queues have: why a command on it is refused, most likely a mistyped or forgotten queue name.
+ * Undefined when the queue is there, or when the database holds no queue at all yet.
+ *
+ * @example
+ * ```ts
+ * import { unknownQueue } from "./kv_queue.ts";
+ * const kv = await Deno.openKv(":memory:");
+ * await kv.set(["jetfill", "posts", "checkpoint"], {});
+ * console.log(await unknownQueue(kv, "post", "q.sqlite")); // queue 'post' has nothing in q.sqlite, which holds 'posts'
+ * kv.close();
+ * ```
+ */
+export async function unknownQueue(kv: Deno.Kv, queue: string, path: string): Promise<string | undefined> {
+  const [own] = await Array.fromAsync(kv.list({ prefix: ["jetfill", queue] }, { limit: 1 }));
+  if (own) return undefined;
+  const others = await queuesIn(kv);
+  // (Written meanwhile, when another process is starting on it.)
+  if (others.length === 0 || others.includes(queue)) return undefined;
+  return `queue '${queue}' has nothing in ${path}, which holds ${others.map((q) => `'${q}'`).join(", ")}`;
+}
+
 /** The names of the jetfill queues a database holds, one key read each (at most 20). */
 export async function queuesIn(kv: Deno.Kv): Promise<string[]> {
   const names: string[] = [];
