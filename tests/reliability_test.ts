@@ -207,23 +207,25 @@ Deno.test("runBackfillSync() fails over to the next instance, rewinds and dedupl
   assert.ok(Number(first) <= T0 + flakyLast * 1000, "the switch rewinds the cursor");
 });
 
-Deno.test("a failover near the start to an instance whose time_us run behind loses nothing and stores nothing from before the start", async () => {
-  // 4,000 posts 1 ms apart; the start is the 1,000th. The first instance has only the first 2,700,
-  // then goes away; the other has them all, each 2.37 s earlier (time_us differ between instances).
+/**
+ * 4,000 posts 1 ms apart, synced from the 1,000th on. The first instance has only the first 2,700,
+ * and goes away once it has sent them; the other has them all, each `shiftUs` later (time_us differ
+ * between instances). Resolves to what was stored, in order, with the statistics and reports.
+ */
+async function failoverNearStart(shiftUs: number) {
   const events = Array.from(
     { length: 4000 },
     (_, i) => commit(T0 + i * 1000, { did: did(i % 13), text: `p${i}` }),
   );
-  const start = T0 + 1000 * 1000;
   const first = serveEvents(events.slice(0, 2700));
-  const behind = events.map((e) => ({ ...e, time_us: e.time_us - 2_370_000 }));
-  await using other = serveEvents(behind, { closeAtEnd: true });
+  const shifted = events.map((e) => ({ ...e, time_us: e.time_us + shiftUs }));
+  await using other = serveEvents(shifted, { closeAtEnd: true });
   await using db = await tempDb();
   const reports: SyncErrorReport[] = [];
   const sync = runBackfillSync({
     instance: [first.url, other.url],
     kv: db.path,
-    startTimestamp: start,
+    startTimestamp: T0 + 1000 * 1000,
     onError: (r) => reports.push(r),
   });
   while (!(syncConnections(first)[0]?.sent >= 1700)) await delay(20);
@@ -232,11 +234,19 @@ Deno.test("a failover near the start to an instance whose time_us run behind los
   assert.equal(stats.stopReason, "closed", stats.error);
   assert.equal(stats.failovers, 1);
   // By content, each event from the start on once: the first 1,700 as the first instance sent them,
-  // the rest as the other did. Before, the other's events under the start (2.37 s of them) were
-  // left out as before the start, though the first instance had them after it.
-  const got = await stored(db.path, stats.queueLength);
-  assert.deepEqual(got, [...events.slice(1000, 2700), ...behind.slice(2700)]);
+  // the rest as the other did.
+  assert.deepEqual(await stored(db.path, stats.queueLength), [
+    ...events.slice(1000, 2700),
+    ...shifted.slice(2700),
+  ]);
   assert.equal(stats.recordsStored, 3000);
+  return reports;
+}
+
+Deno.test("a failover near the start to an instance whose time_us run behind loses nothing", async () => {
+  // Before, the other's events under the start (2.37 s of them) were left out as before the start,
+  // though the first instance had them after it.
+  const reports = await failoverNearStart(-2_370_000);
   assert.ok(
     reports.some((r) =>
       r.reason === "connection" &&
@@ -247,28 +257,8 @@ Deno.test("a failover near the start to an instance whose time_us run behind los
 });
 
 Deno.test("a failover near the start to an instance whose time_us run ahead stores nothing the first had before the start", async () => {
-  const events = Array.from(
-    { length: 4000 },
-    (_, i) => commit(T0 + i * 1000, { did: did(i % 13), text: `p${i}` }),
-  );
-  const start = T0 + 1000 * 1000;
-  const first = serveEvents(events.slice(0, 2700));
-  const ahead = events.map((e) => ({ ...e, time_us: e.time_us + 900_000 }));
-  await using other = serveEvents(ahead, { closeAtEnd: true });
-  await using db = await tempDb();
-  const sync = runBackfillSync({
-    instance: [first.url, other.url],
-    kv: db.path,
-    startTimestamp: start,
-    onError: () => {},
-  });
-  while (!(syncConnections(first)[0]?.sent >= 1700)) await delay(20);
-  await first.shutdown();
-  const stats = await sync;
-  assert.equal(stats.stopReason, "closed", stats.error);
-  // The other instance puts events 100 to 999 after the start: the first had them before it.
-  const got = await stored(db.path, stats.queueLength);
-  assert.deepEqual(got, [...events.slice(1000, 2700), ...ahead.slice(2700)]);
+  // Before, the other's events 100 to 999, which it puts after the start, were stored.
+  await failoverNearStart(900_000);
 });
 
 Deno.test("runBackfillSync() does not count quiet idle reconnects as failures", async () => {

@@ -212,17 +212,23 @@ Deno.test("the v2 wire's InvalidRequest is the user's to fix: it fails fast with
   );
 });
 
-Deno.test("a compressed v2-wire sync fetches the v2 dictionary and decodes its frames", async () => {
-  const events = capture();
+/** A v2 server compressing with the v2 dictionary, which it serves; `faults` as the server takes them. */
+async function compressingV2Server(events: JetstreamEvent[], options: { dropEvery?: number } = {}) {
   const dictionary = await Deno.readFile(V2_DICT);
   const encoder = await createZstdEncoder(dictionary);
   const utf8 = new TextEncoder();
-  await using server = serveEvents(events, {
+  return serveEvents(events, {
     version: "v2",
     closeAtEnd: true,
     v2Dictionary: dictionary,
     v2Compressor: (text) => encoder.encode(utf8.encode(text)).slice(),
+    faults: options.dropEvery ? { dropEvery: options.dropEvery } : undefined,
   });
+}
+
+Deno.test("a compressed v2-wire sync fetches the v2 dictionary and decodes its frames", async () => {
+  const events = capture();
+  await using server = await compressingV2Server(events);
   await using db = await tempDb();
   const stats = await runBackfillSync({
     instance: v2Url(server.url),
@@ -240,20 +246,6 @@ Deno.test("a compressed v2-wire sync fetches the v2 dictionary and decodes its f
     events.map((e) => e.time_us),
   );
 });
-
-/** A v2 server compressing with the v2 dictionary, which it serves; `faults` as the server takes them. */
-async function compressingV2Server(events: JetstreamEvent[], options: { dropEvery?: number } = {}) {
-  const dictionary = await Deno.readFile(V2_DICT);
-  const encoder = await createZstdEncoder(dictionary);
-  const utf8 = new TextEncoder();
-  return serveEvents(events, {
-    version: "v2",
-    closeAtEnd: true,
-    v2Dictionary: dictionary,
-    v2Compressor: (text) => encoder.encode(utf8.encode(text)).slice(),
-    faults: options.dropEvery ? { dropEvery: options.dropEvery } : undefined,
-  });
-}
 
 Deno.test("a v2 host whose dictionary request never gets an answer: after the idle timeout the connection goes uncompressed", async () => {
   const events = capture(100);
