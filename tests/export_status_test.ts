@@ -525,3 +525,39 @@ Deno.test("jetfill export says what it leaves aside: the dead letters", async ()
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("jetfill export --follow of a queue name the database never held says so, and waits for it", async () => {
+  const dir = await tempDir();
+  try {
+    const path = `${dir}/q.sqlite`;
+    await store(path, generateCapture({ count: 20, seed: 32 }), 10);
+    const child = new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", "--unstable-kv", CLI, "export", "--kv", path, "--queue-name", "other", "--follow"],
+      stdout: "piped",
+      stderr: "piped",
+      signal: AbortSignal.timeout(60_000),
+    }).spawn();
+    const reader = child.stderr.pipeThrough(new TextDecoderStream()).getReader();
+    let stderr = "";
+    while (!stderr.includes("\n")) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      stderr += value;
+    }
+    assert.equal(
+      stderr.split("\n")[0],
+      `jetfill export: queue 'other' has nothing in ${path}, which holds 'jetstream_sync'; waiting for a sync to write 'other' (see --queue-name)`,
+    );
+    child.kill("SIGINT");
+    const status = await child.status;
+    reader.releaseLock();
+    await child.stderr.cancel().catch(() => {});
+    await child.stdout.cancel();
+    assert.equal(status.code, 130);
+    // The queue it does hold is all still there.
+    const rest = await jetfill("export", "--kv", path);
+    assert.equal(lines(rest.stdout).length, 20);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});

@@ -237,7 +237,9 @@ export async function exportCommand(args: string[]): Promise<number> {
       if (unknown && !v.follow) throw new UsageError(`Cannot export as ${unknown}: see --queue-name`);
       // Following, it may be waiting for a sync; but a mistyped name waits for ever.
       if (unknown) {
-        console.error(`jetfill export: ${unknown} yet: waiting for a sync to write it (see --queue-name)`);
+        console.error(
+          `jetfill export: ${unknown}; waiting for a sync to write '${queue}' (see --queue-name)`,
+        );
       }
     } finally {
       kv.close();
