@@ -55,9 +55,10 @@ Deno.test("runBackfillSync() reconnects after abrupt drops and stores every even
 });
 
 Deno.test("runBackfillSync() held up by slow commits is dropped by the server's write deadline, and loses and repeats nothing", async () => {
-  // 40,000 events (about 10 MB), more than the socket buffers hold; each commit takes 250 ms, so the
-  // sync stops reading for longer than the server's 200 ms write deadline, which drops it (1006).
-  const events = capture(40_000);
+  // 80,000 events (about 20 MB), well over what loopback's socket buffers can hold (up to 6 MB to
+  // receive and 4 MB to send; 40,000 fitted now and then); each commit takes 250 ms, so the sync
+  // stops reading for longer than the server's 200 ms write deadline, which drops it (1006).
+  const events = capture(80_000);
   await using server = serveEvents(events, { closeAtEnd: true, writeTimeoutMs: 200 });
   await using db = await tempDb();
   const real = await Deno.openKv(db.path);
