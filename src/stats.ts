@@ -13,6 +13,7 @@ export type StopReason = "limit" | "end" | "max_time" | "aborted" | "closed" | "
 export type SkipReason =
   | "malformed_json"
   | "missing_fields"
+  | "bad_time"
   | "unknown_kind"
   | "binary_frame"
   | "invalid_utf8"

@@ -182,6 +182,56 @@ Deno.test("runBackfillSync() counts hostile frames by reason, stores none of the
   assert.deepEqual(await stored(db.path, stats.queueLength), events);
 });
 
+Deno.test("an event with a time_us no server could give is skipped as bad_time: it neither ends the run nor moves its cursor", async () => {
+  const events = capture(1500);
+  const year2100 = { ...commit(4102444800000000, { did: did(1), text: "from the future" }) };
+  const before2001 = { ...commit(0, { did: did(2), text: "from 1970" }) };
+  // As a buggy server sends them, among good events (the server sends its capture in file order).
+  const lines = [
+    ...events.slice(0, 500),
+    year2100,
+    ...events.slice(500, 1000),
+    before2001,
+    ...events.slice(1000),
+  ];
+  await using server = serveEvents(lines, { closeAtEnd: true, faults: { dropEvery: 700 } });
+  await using db = await tempDb();
+  const reports: SyncErrorReport[] = [];
+  const stats = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    startTimestamp: T0,
+    endTimestamp: T0 + 1_000_000_000,
+    onError: (r) => reports.push(r),
+  });
+  // Before, the year-2100 post was "the first event at or after the end" and stopped the run there.
+  assert.equal(stats.stopReason, "closed", stats.error);
+  assert.deepEqual(stats.skipped, { bad_time: 2 });
+  assert.deepEqual(await stored(db.path, stats.queueLength), posts(events));
+  assert.match(
+    reports.find((r) => r.reason === "bad_time")!.message,
+    /^time_us that no server could have given/,
+  );
+});
+
+Deno.test("the coverage probe takes the first event a sync would take, not a bad frame's time_us", async () => {
+  const events = capture(300);
+  // The server's first frame: an unknown kind from the year 2100.
+  const bogus = JSON.stringify({ did: did(1), time_us: 4102444800000000, kind: "heartbeat" });
+  await using server = serveEvents([bogus, ...events], { closeAtEnd: true });
+  await using db = await tempDb();
+  const stats = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    startTimestamp: T0,
+    strict: true,
+  });
+  assert.equal(stats.stopReason, "closed", stats.error);
+  assert.equal(stats.coverageStart, T0);
+  assert.equal(stats.coverageGapUs, 0);
+  assert.equal(stats.recordsStored, posts(events).length);
+});
+
 Deno.test("runBackfillSync() fails over to the next instance, rewinds and deduplicates by content", async () => {
   const events = capture(1200);
   const flaky = serveEvents(events);

@@ -266,6 +266,7 @@ export function inFlagTerms(message: string, didsFlag: string): string {
 const SKIP_REASONS: Readonly<Record<SkipReason, true>> = {
   malformed_json: true,
   missing_fields: true,
+  bad_time: true,
   unknown_kind: true,
   binary_frame: true,
   invalid_utf8: true,

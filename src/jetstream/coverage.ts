@@ -14,6 +14,7 @@ import { type Connection, openConnection } from "./socket.ts";
 import { buildSubscribeRequest } from "./url.ts";
 import { buildV2Url, mapV2Frame, V2_SUBPROTOCOL } from "./v2.ts";
 import { MIN_TIMESTAMP_US } from "../time.ts";
+import { shapeProblem } from "../pipeline/filter.ts";
 
 /** How long a probe waits for its first event, ms. */
 export const PROBE_TIMEOUT_MS = 10_000;
@@ -48,8 +49,10 @@ export async function probeCoverageStart(
 ): Promise<HistoryStart | null> {
   const { url } = buildSubscribeRequest(base, { wantedDids: [], wantedCollections: [], cursor: 0 });
   return await firstOf(await probe(url, options), (frame) => {
-    const { time_us: t, cursor } = frame as { time_us?: unknown; cursor?: unknown };
-    return typeof t === "number" && Number.isSafeInteger(t) ? { us: t, seq: seqOf(cursor) } : undefined;
+    // The first event a sync would take too: a frame it skips says nothing of the history.
+    if (shapeProblem(frame) !== undefined) return undefined;
+    const { time_us: t, cursor } = frame as { time_us: number; cursor?: unknown };
+    return { us: t, seq: seqOf(cursor) };
   });
 }
 
@@ -81,7 +84,8 @@ export async function probeV2HistoryStart(
   });
   return await firstOf(await probe(url, options, [V2_SUBPROTOCOL]), (frame) => {
     const m = mapV2Frame(frame);
-    return m.type === "event" ? { us: m.event.time_us, seq: seqOf(m.event.cursor) } : undefined;
+    if (m.type !== "event" || shapeProblem(m.event) !== undefined) return undefined;
+    return { us: m.event.time_us, seq: seqOf(m.event.cursor) };
   });
 }
 

@@ -7,22 +7,36 @@
 import type { EventKind, JetstreamEvent } from "../jetstream/events.ts";
 import type { SkipReason } from "../stats.ts";
 import { collectionMatcher } from "../validate.ts";
+import { MIN_TIMESTAMP_US } from "../time.ts";
+
+/** How far past this machine's clock a `time_us` may be, µs: a server's clock may run a little ahead. */
+export const FUTURE_SLACK_US = 3_600_000_000;
 
 /**
- * Why a parsed value cannot be treated as a Jetstream event, or undefined when it can.
+ * Why a parsed value cannot be treated as a Jetstream event, or undefined when it can. A `time_us`
+ * is the time a server received the event, so it is a unix µs time from 10^15 (2001) on, and not
+ * past `maxTimeUs` (by default this machine's clock plus {@link FUTURE_SLACK_US}); one outside
+ * that is `bad_time` (a single event from the year 2100 would otherwise end a run at `--end`, or
+ * move its reconnect cursor past everything).
  *
  * @example
  * ```ts
  * import { shapeProblem } from "./filter.ts";
- * shapeProblem({ did: "did:plc:x", time_us: 1, kind: "heartbeat" }); // "unknown_kind"
+ * shapeProblem({ did: "did:plc:x", time_us: 1725911162329308, kind: "heartbeat" }); // "unknown_kind"
+ * shapeProblem({ did: "did:plc:x", time_us: 0, kind: "identity", identity: {} }); // "bad_time"
  * ```
  */
-export function shapeProblem(value: unknown): SkipReason | undefined {
+export function shapeProblem(
+  value: unknown,
+  maxTimeUs: number = Date.now() * 1000 + FUTURE_SLACK_US,
+): SkipReason | undefined {
   if (typeof value !== "object" || value === null || Array.isArray(value)) return "missing_fields";
   const ev = value as Record<string, unknown>;
-  if (typeof ev.did !== "string" || typeof ev.time_us !== "number" || !Number.isSafeInteger(ev.time_us)) {
+  const t = ev.time_us;
+  if (typeof ev.did !== "string" || typeof t !== "number" || !Number.isSafeInteger(t)) {
     return "missing_fields";
   }
+  if (t < MIN_TIMESTAMP_US || t > maxTimeUs) return "bad_time";
   switch (ev.kind) {
     case "commit": {
       const c = ev.commit as Record<string, unknown> | null | undefined;

@@ -13,7 +13,7 @@ import { DEFAULT_MAX_DECODED_BYTES, ZstdDecodeError } from "../jetstream/zstd.ts
 import type { BackfillSyncOptions } from "../options.ts";
 import type { SkipReason } from "../stats.ts";
 import { coverageGap, type RunContext, type SeqState, type Session, stopWith } from "./context.ts";
-import { type ReplayGuard, shapeProblem } from "./filter.ts";
+import { FUTURE_SLACK_US, type ReplayGuard, shapeProblem } from "./filter.ts";
 import { OversizedEventError } from "./batch.ts";
 import { isoFromUs } from "../time.ts";
 
@@ -170,6 +170,8 @@ export async function readConnection(
       const frames = got;
       const sizes = conn.frameBytes;
       if (ctx.stop) return;
+      // The latest time_us a server could give (see shapeProblem), once for the frames read together.
+      const maxTimeUs = Date.now() * 1000 + FUTURE_SLACK_US;
       // Counted as the loop takes them, as the original did: frames read ahead of a stop are not
       // "received" by the run.
       for (let i = 0; i < frames.length; i++) {
@@ -279,11 +281,17 @@ export async function readConnection(
             utf8Bytes = bytes;
           }
         }
-        const problem = shapeProblem(ev);
+        const problem = shapeProblem(ev, maxTimeUs);
         if (problem) {
           skip(
             problem,
-            `${problem === "unknown_kind" ? "unknown kind" : "missing fields"} in ${text.slice(0, 120)}`,
+            `${
+              problem === "unknown_kind"
+                ? "unknown kind"
+                : problem === "bad_time"
+                ? "time_us that no server could have given (before 2001, or over an hour ahead of this clock)"
+                : "missing fields"
+            } in ${text.slice(0, 120)}`,
           );
           continue;
         }
