@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { ReplayGuard } from "../src/pipeline/filter.ts";
+import { ReplayGuard, shapeProblem } from "../src/pipeline/filter.ts";
 import type { JetstreamEvent } from "../src/jetstream/events.ts";
 
 function commit(
@@ -96,4 +96,17 @@ Deno.test("ReplayGuard keys identity and account events by did, kind, time and s
   assert.equal(guard.repeats({ ...identity(1, "2024-09-09T19:46:02.102Z"), time_us: 99 }), true);
   assert.equal(guard.repeats(identity(2, "2024-09-09T19:46:02.102Z")), false);
   assert.equal(guard.repeats(identity(1, "2024-09-09T19:46:03.000Z")), false);
+});
+
+Deno.test("shapeProblem() takes a time_us from 2001 to a day past this machine's clock, and no other", () => {
+  const nowUs = Date.now() * 1000;
+  const ev = (time_us: number) => ({ did: "did:plc:x", time_us, kind: "identity", identity: {} });
+  // A server's clock ahead of this one, or this one behind, by hours: still an event.
+  assert.equal(shapeProblem(ev(nowUs + 2 * 3_600_000_000)), undefined);
+  assert.equal(shapeProblem(ev(1_000_000_000_000_000)), undefined);
+  for (const t of [nowUs + 2 * 86_400_000_000, 4102444800000000, 999_999_999_999_999, 0, -5]) {
+    assert.equal(shapeProblem(ev(t)), "bad_time", String(t));
+  }
+  // The bound can be given, as the sync does once for the frames it reads together.
+  assert.equal(shapeProblem(ev(nowUs), nowUs - 1), "bad_time");
 });

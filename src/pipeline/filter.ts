@@ -9,8 +9,11 @@ import type { SkipReason } from "../stats.ts";
 import { collectionMatcher } from "../validate.ts";
 import { MIN_TIMESTAMP_US } from "../time.ts";
 
-/** How far past this machine's clock a `time_us` may be, µs: a server's clock may run a little ahead. */
-export const FUTURE_SLACK_US = 3_600_000_000;
+/**
+ * How far past this machine's clock a `time_us` may be, µs: a day, so that a clock running behind
+ * (a VM resumed without a time sync) does not make every event look impossible.
+ */
+export const FUTURE_SLACK_US = 86_400_000_000;
 
 /**
  * Why a parsed value cannot be treated as a Jetstream event, or undefined when it can. A `time_us`

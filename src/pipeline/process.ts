@@ -289,7 +289,9 @@ export async function readConnection(
               problem === "unknown_kind"
                 ? "unknown kind"
                 : problem === "bad_time"
-                ? "time_us that no server could have given (before 2001, or over an hour ahead of this clock)"
+                ? `time_us that no server could have given (before 2001, or over a day ahead of this machine's clock, ${
+                  isoFromUs(maxTimeUs - FUTURE_SLACK_US)
+                })`
                 : "missing fields"
             } in ${text.slice(0, 120)}`,
           );
