@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
-import { ReplayGuard, shapeProblem } from "../src/pipeline/filter.ts";
+import { ReplayGuard } from "../src/pipeline/filter.ts";
+import { shapeProblem } from "../src/jetstream/events.ts";
 import type { JetstreamEvent } from "../src/jetstream/events.ts";
 
 function commit(

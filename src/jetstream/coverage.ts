@@ -14,7 +14,7 @@ import { type Connection, openConnection } from "./socket.ts";
 import { buildSubscribeRequest } from "./url.ts";
 import { buildV2Url, mapV2Frame, V2_SUBPROTOCOL } from "./v2.ts";
 import { MIN_TIMESTAMP_US } from "../time.ts";
-import { shapeProblem } from "../pipeline/filter.ts";
+import { shapeProblem } from "./events.ts";
 
 /** How long a probe waits for its first event, ms. */
 export const PROBE_TIMEOUT_MS = 10_000;

@@ -1,64 +1,11 @@
 /**
- * Pure per-event stages: shape checks, selection by kind, DID and collection, and content keys for
+ * Pure per-event stages: selection by kind, DID and collection, and content keys for
  * deduplication. Each takes one event and returns one answer.
  *
  * @module
  */
 import type { EventKind, JetstreamEvent } from "../jetstream/events.ts";
-import type { SkipReason } from "../stats.ts";
 import { collectionMatcher } from "../validate.ts";
-import { MIN_TIMESTAMP_US } from "../time.ts";
-
-/**
- * How far past this machine's clock a `time_us` may be, µs: a day, so that a clock running behind
- * (a VM resumed without a time sync) does not make every event look impossible.
- */
-export const FUTURE_SLACK_US = 86_400_000_000;
-
-/**
- * Why a parsed value cannot be treated as a Jetstream event, or undefined when it can. A `time_us`
- * is the time a server received the event, so it is a unix µs time from 10^15 (2001) on, and not
- * past `maxTimeUs` (by default this machine's clock plus {@link FUTURE_SLACK_US}); one outside
- * that is `bad_time` (a single event from the year 2100 would otherwise end a run at `--end`, or
- * move its reconnect cursor past everything).
- *
- * @example
- * ```ts
- * import { shapeProblem } from "./filter.ts";
- * shapeProblem({ did: "did:plc:x", time_us: 1725911162329308, kind: "heartbeat" }); // "unknown_kind"
- * shapeProblem({ did: "did:plc:x", time_us: 0, kind: "identity", identity: {} }); // "bad_time"
- * ```
- */
-export function shapeProblem(
-  value: unknown,
-  maxTimeUs: number = Date.now() * 1000 + FUTURE_SLACK_US,
-): SkipReason | undefined {
-  if (typeof value !== "object" || value === null || Array.isArray(value)) return "missing_fields";
-  const ev = value as Record<string, unknown>;
-  const t = ev.time_us;
-  if (typeof ev.did !== "string" || typeof t !== "number" || !Number.isSafeInteger(t)) {
-    return "missing_fields";
-  }
-  if (t < MIN_TIMESTAMP_US || t > maxTimeUs) return "bad_time";
-  switch (ev.kind) {
-    case "commit": {
-      const c = ev.commit as Record<string, unknown> | null | undefined;
-      if (
-        typeof c !== "object" || c === null || typeof c.collection !== "string" ||
-        typeof c.operation !== "string" ||
-        typeof c.rkey !== "string"
-      ) return "missing_fields";
-      return undefined;
-    }
-    case "identity":
-    case "account":
-      return typeof ev[ev.kind] === "object" && ev[ev.kind] !== null ? undefined : "missing_fields";
-    case undefined:
-      return "missing_fields";
-    default:
-      return "unknown_kind";
-  }
-}
 
 /** What to keep. */
 export interface Selection {

@@ -5,7 +5,7 @@
  *
  * @module
  */
-import type { JetstreamEvent } from "../jetstream/events.ts";
+import { FUTURE_SLACK_US, type JetstreamEvent, shapeProblem } from "../jetstream/events.ts";
 import { type Connection, type Frame, InvalidTextFrame, OversizedFrame } from "../jetstream/socket.ts";
 import { utf8Length, utf8Text } from "../jetstream/utf8.ts";
 import { mapV2Frame, type V2Frame } from "../jetstream/v2.ts";
@@ -13,7 +13,7 @@ import { DEFAULT_MAX_DECODED_BYTES, ZstdDecodeError } from "../jetstream/zstd.ts
 import type { BackfillSyncOptions } from "../options.ts";
 import type { SkipReason } from "../stats.ts";
 import { coverageGap, type RunContext, type SeqState, type Session, stopWith } from "./context.ts";
-import { FUTURE_SLACK_US, type ReplayGuard, shapeProblem } from "./filter.ts";
+import type { ReplayGuard } from "./filter.ts";
 import { OversizedEventError } from "./batch.ts";
 import { isoFromUs } from "../time.ts";
 
