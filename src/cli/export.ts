@@ -36,7 +36,8 @@ Options:
   --out FILE              append to FILE instead of writing to stdout; FILE is created when
                           missing and never truncated, as the events in it have left the queue
   --follow                keep waiting for new messages until interrupted (default: stop once
-                          no message of the queue is waiting)
+                          no message of the queue is waiting); also waits for a database or a
+                          queue no sync has made yet, in an existing folder
   -h, --help              show this help
 
 Each message's events are written, flushed and synced to disk before the message is acknowledged,
