@@ -14,6 +14,7 @@ export type SkipReason =
   | "malformed_json"
   | "missing_fields"
   | "bad_time"
+  | "bad_value"
   | "unknown_kind"
   | "binary_frame"
   | "invalid_utf8"

@@ -111,3 +111,45 @@ Deno.test("shapeProblem() takes a time_us from 2001 to a day past this machine's
   // The bound can be given, as the sync does once for the frames it reads together.
   assert.equal(shapeProblem(ev(nowUs), nowUs - 1), "bad_time");
 });
+
+Deno.test("shapeProblem() refuses as bad_value a did, operation, collection or rkey no Jetstream sends", () => {
+  const t = 1725911162329308;
+  const post = (did: string, commit: Record<string, unknown> = {}) => ({
+    did,
+    time_us: t,
+    kind: "commit",
+    commit: {
+      rev: "3l3qo2vuowo2b",
+      operation: "create",
+      collection: "app.bsky.feed.post",
+      rkey: "3k",
+      ...commit,
+    },
+  });
+  for (const did of ["did:plc:abc", "did:web:example.com", "did:example:a:b"]) {
+    assert.equal(shapeProblem(post(did)), undefined, did);
+  }
+  for (const operation of ["update", "delete"]) {
+    assert.equal(shapeProblem(post("did:plc:abc", { operation })), undefined);
+  }
+  for (
+    const did of [
+      "",
+      "x",
+      "did:",
+      "did:plc",
+      "did:plc:",
+      "did::abc",
+      "DID:plc:abc",
+      `did:web:${"a".repeat(2041)}`,
+    ]
+  ) {
+    assert.equal(shapeProblem(post(did)), "bad_value", did);
+    assert.equal(shapeProblem({ did, time_us: t, kind: "account", account: {} }), "bad_value", did);
+  }
+  for (const commit of [{ operation: "explode" }, { operation: "" }, { collection: "" }, { rkey: "" }]) {
+    assert.equal(shapeProblem(post("did:plc:abc", commit)), "bad_value", JSON.stringify(commit));
+  }
+  // A field that is not there at all, as Go's omitempty leaves an empty one, stays missing_fields.
+  assert.equal(shapeProblem(post("did:plc:abc", { operation: undefined })), "missing_fields");
+});

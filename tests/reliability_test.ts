@@ -214,6 +214,34 @@ Deno.test("an event with a time_us no server could give is skipped as bad_time: 
   );
 });
 
+Deno.test("an event holding a did, operation, collection or rkey no Jetstream sends is skipped as bad_value", async () => {
+  const events = capture(1200);
+  const broken = [
+    { ...commit(T0 + 100_500, { did: did(1) }), did: "nobody" },
+    { ...commit(T0 + 300_500, { did: did(2), operation: "explode" as "create" }) },
+    commit(T0 + 500_500, { did: did(3), collection: "" }),
+    commit(T0 + 700_500, { did: did(4), rkey: "" }),
+  ];
+  const lines = [...events, ...broken].sort((a, b) => a.time_us - b.time_us);
+  await using server = serveEvents(lines, { closeAtEnd: true });
+  await using db = await tempDb();
+  const reports: SyncErrorReport[] = [];
+  // No collection filter: the empty collection must not pass as "every collection".
+  const stats = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    wantedCollections: [],
+    onError: (r) => reports.push(r),
+  });
+  assert.equal(stats.stopReason, "closed", stats.error);
+  assert.deepEqual(stats.skipped, { bad_value: 4 });
+  assert.deepEqual(await stored(db.path, stats.queueLength), events.filter((e) => e.kind === "commit"));
+  assert.match(
+    reports.find((r) => r.reason === "bad_value")!.message,
+    /^a value no Jetstream sends .* in \{"did":"nobody"/,
+  );
+});
+
 Deno.test("the coverage probe takes the first event a sync would take, not a bad frame's time_us", async () => {
   const events = capture(300);
   // The server's first frame: an unknown kind from the year 2100.

@@ -267,6 +267,7 @@ const SKIP_REASONS: Readonly<Record<SkipReason, true>> = {
   malformed_json: true,
   missing_fields: true,
   bad_time: true,
+  bad_value: true,
   unknown_kind: true,
   binary_frame: true,
   invalid_utf8: true,

@@ -75,18 +75,34 @@ export type JetstreamEvent = CommitEvent | IdentityEvent | AccountEvent;
  */
 export const FUTURE_SLACK_US = 86_400_000_000;
 
+/** The operations a commit event can carry (protocol doc §3.1). */
+const OPERATIONS: ReadonlySet<unknown> = new Set(["create", "update", "delete"]);
+
+/**
+ * Whether `did` has the outline of a DID, `did:METHOD:ID` (at most 2,048 characters): a check
+ * cheap enough for every event, which the empty or made-up values of a broken server fail.
+ * Method-specific syntax is left to the DID filter (`isDid` in `validate.ts`).
+ */
+function looksLikeDid(did: string): boolean {
+  const colon = did.indexOf(":", 4);
+  return colon > 4 && colon < did.length - 1 && did.length <= 2048 && did.startsWith("did:");
+}
+
 /**
  * Why a parsed value cannot be treated as a Jetstream event, or undefined when it can. A `time_us`
  * is the time a server received the event, so it is a unix µs time from 10^15 (2001) on, and not
  * past `maxTimeUs` (by default this machine's clock plus {@link FUTURE_SLACK_US}); one outside
  * that is `bad_time` (a single event from the year 2100 would otherwise end a run at `--end`, or
- * move its reconnect cursor past everything).
+ * move its reconnect cursor past everything). A field that is there but holds a value no
+ * Jetstream sends is `bad_value`: a `did` without the `did:METHOD:ID` outline, a commit
+ * `operation` other than `create`, `update` or `delete`, an empty collection or rkey.
  *
  * @example
  * ```ts
  * import { shapeProblem } from "./events.ts";
  * shapeProblem({ did: "did:plc:x", time_us: 1725911162329308, kind: "heartbeat" }); // "unknown_kind"
  * shapeProblem({ did: "did:plc:x", time_us: 0, kind: "identity", identity: {} }); // "bad_time"
+ * shapeProblem({ did: "", time_us: 1725911162329308, kind: "identity", identity: {} }); // "bad_value"
  * ```
  */
 export function shapeProblem(
@@ -100,6 +116,7 @@ export function shapeProblem(
     return "missing_fields";
   }
   if (t < MIN_TIMESTAMP_US || t > maxTimeUs) return "bad_time";
+  if (!looksLikeDid(ev.did)) return "bad_value";
   switch (ev.kind) {
     case "commit": {
       const c = ev.commit as Record<string, unknown> | null | undefined;
@@ -108,7 +125,7 @@ export function shapeProblem(
         typeof c.operation !== "string" ||
         typeof c.rkey !== "string"
       ) return "missing_fields";
-      return undefined;
+      return OPERATIONS.has(c.operation) && c.collection !== "" && c.rkey !== "" ? undefined : "bad_value";
     }
     case "identity":
     case "account":

@@ -81,6 +81,22 @@ function oversizedEventMessage(at: string | undefined, size: number, chars: bool
   } is over the ${limit}-byte event limit (maxEventBytes)`;
 }
 
+/** What is wrong with an event that {@link shapeProblem} refuses (`maxTimeUs` as given to it). */
+function shapeExplanation(problem: SkipReason, maxTimeUs: number): string {
+  switch (problem) {
+    case "unknown_kind":
+      return "unknown kind";
+    case "bad_time":
+      return `time_us that no server could have given (before 2001, or over a day ahead of this machine's clock, ${
+        isoFromUs(maxTimeUs - FUTURE_SLACK_US)
+      })`;
+    case "bad_value":
+      return "a value no Jetstream sends (a did not of the form did:METHOD:ID, an operation other than create, update or delete, or an empty collection or rkey)";
+    default:
+      return "missing fields";
+  }
+}
+
 /** The first event after an OutdatedCursor shows where the server's history starts. */
 function noteOutdated(ctx: RunContext, session: Session, firstUs: number): void {
   const from = session.outdatedFrom!;
@@ -283,18 +299,7 @@ export async function readConnection(
         }
         const problem = shapeProblem(ev, maxTimeUs);
         if (problem) {
-          skip(
-            problem,
-            `${
-              problem === "unknown_kind"
-                ? "unknown kind"
-                : problem === "bad_time"
-                ? `time_us that no server could have given (before 2001, or over a day ahead of this machine's clock, ${
-                  isoFromUs(maxTimeUs - FUTURE_SLACK_US)
-                })`
-                : "missing fields"
-            } in ${text.slice(0, 120)}`,
-          );
+          skip(problem, `${shapeExplanation(problem, maxTimeUs)} in ${text.slice(0, 120)}`);
           continue;
         }
         const t = ev.time_us;
