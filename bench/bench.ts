@@ -7,6 +7,7 @@
  *   its best, so that the VM slowing down or speeding up between them moves the ratio less; the rounds
  *   are printed, so that a run where it did anyway can be told; the other rows are the best of two);
  * - the same with KV on a RAM disk (/dev/shm), to separate the pipeline from the disk;
+ * - end to end on the v2 wire, from the same capture served as a v2 host;
  * - the sink alone (parsed events into KV, bench/sink_alone.ts), in a process of its own;
  * - Deno KV alone: ready-made payloads enqueued in commits like the writer's, the floor under all of it;
  * - peak RSS of a 200,000-event sync into a deliberately slow sink (KV commits delayed).
@@ -242,6 +243,29 @@ try {
       );
     }
     await removeDatabase(path);
+  }
+
+  // The v2 wire (a v2 host's subscribeEvents): each frame is mapped to the stored /subscribe shape,
+  // whose text is then written out for sizing, where /subscribe hands over the text it received.
+  const v2server = await startServer(["--v2"]);
+  try {
+    const v2url = /\S+subscribeEvents/.exec(v2server.banner)?.[0];
+    if (v2url === undefined) throw new Error(`no subscribeEvents URL in: ${v2server.banner}`);
+    const path = `${work}/bench-v2.sqlite`;
+    const rate = Math.max(...[await sync(v2url, path, 100), await sync(v2url, path, 100)].map((s) => {
+      if (s.recordsStored !== EVENTS) {
+        throw new Error(`v2 wire: stored ${s.recordsStored} of ${EVENTS} (${s.stopReason})`);
+      }
+      return s.recordsStored / s.totalTime;
+    }));
+    console.log(
+      `end to end, v2 wire (subscribeEvents), KV on disk, batchSize 100: ${fmt(rate)} events/s (${
+        (rate / first * 100).toFixed(0)
+      }% of the /subscribe row)`,
+    );
+    await removeDatabase(path);
+  } finally {
+    await v2server.stop();
   }
 
   // Memory with a slow sink, in a process of its own so that nothing else counts in its RSS.

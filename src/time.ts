@@ -127,6 +127,48 @@ export function isoFromUs(us: number): string {
  * ```
  */
 export function usFromIso(text: string): number | undefined {
-  const m = ISO.exec(text);
-  return m ? parseTimestamp(text) : undefined;
+  return v2TimeUs(text) ?? (ISO.test(text) ? parseTimestamp(text) : undefined);
+}
+
+/** The value of the ASCII digits of `text` from `from` to `to` (exclusive), or -1 if one is not a digit. */
+function digitsAt(text: string, from: number, to: number): number {
+  let n = 0;
+  for (let i = from; i < to; i++) {
+    const d = text.charCodeAt(i) - 48;
+    if (d < 0 || d > 9) return -1;
+    n = n * 10 + d;
+  }
+  return n;
+}
+
+/** Days from 1970-01-01 to a proleptic Gregorian date (month 1–12), by whole-number arithmetic. */
+function daysFromCivil(y: number, m: number, d: number): number {
+  const yy = m <= 2 ? y - 1 : y;
+  const era = Math.floor(yy / 400);
+  const yoe = yy - era * 400;
+  const doy = Math.floor((153 * (m > 2 ? m - 3 : m + 9) + 2) / 5) + d - 1;
+  return era * 146_097 + yoe * 365 + Math.floor(yoe / 4) - Math.floor(yoe / 100) + doy - 719_468;
+}
+
+const MONTH_DAYS = [31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+
+/**
+ * The v2 wire's own spelling, `YYYY-MM-DDTHH:MM:SS.ffffffZ` (protocol doc §3.3), read without a
+ * regular expression or a `Date`: it comes with every v2 event. Undefined for any other text.
+ */
+function v2TimeUs(t: string): number | undefined {
+  if (
+    t.length !== 27 || t.charCodeAt(4) !== 45 || t.charCodeAt(7) !== 45 || t.charCodeAt(10) !== 84 ||
+    t.charCodeAt(13) !== 58 || t.charCodeAt(16) !== 58 || t.charCodeAt(19) !== 46 || t.charCodeAt(26) !== 90
+  ) return undefined;
+  const y = digitsAt(t, 0, 4), mo = digitsAt(t, 5, 7), d = digitsAt(t, 8, 10);
+  const h = digitsAt(t, 11, 13), mi = digitsAt(t, 14, 16), s = digitsAt(t, 17, 19);
+  const frac = digitsAt(t, 20, 26);
+  if (y < 0 || mo < 1 || mo > 12 || d < 1 || h < 0 || h > 23 || mi < 0 || mi > 59 || s < 0 || s > 59) {
+    return undefined;
+  }
+  if (frac < 0) return undefined;
+  const leap = mo === 2 && y % 4 === 0 && (y % 100 !== 0 || y % 400 === 0);
+  if (d > MONTH_DAYS[mo - 1] + (leap ? 1 : 0)) return undefined;
+  return ((daysFromCivil(y, mo, d) * 24 + h) * 60 + mi) * 60_000_000 + s * 1_000_000 + frac;
 }

@@ -65,3 +65,44 @@ Deno.test("utcDate() and isoFromUs() format in UTC with microseconds", () => {
   assert.equal(isoFromUs(1725911162329308), "2024-09-09T19:46:02.329308Z");
   assert.equal(usFromIso("2024-09-09T19:46:02.329308Z"), 1725911162329308);
 });
+
+Deno.test("usFromIso() reads the v2 wire's times as parseTimestamp() does, and refuses impossible ones", () => {
+  // Its own path for the v2 spelling agrees with the general parser, leap days and centuries included.
+  for (
+    const t of [
+      "2024-09-09T19:46:02.329308Z",
+      "2024-02-29T00:00:00.000000Z",
+      "2000-02-29T23:59:59.999999Z",
+      "1970-01-01T00:00:00.000001Z",
+      "2026-12-31T23:59:59.000000Z",
+      "2100-03-01T12:00:00.500000Z",
+    ]
+  ) {
+    assert.equal(usFromIso(t), parseTimestamp(t), t);
+  }
+  for (let us = 1_600_000_000_000_000; us < 1_900_000_000_000_000; us += 987_654_321_987) {
+    assert.equal(usFromIso(isoFromUs(us)), us, isoFromUs(us));
+  }
+  for (
+    const t of [
+      "2023-02-29T00:00:00.000000Z",
+      "1900-02-29T00:00:00.000000Z",
+      "2024-04-31T00:00:00.000000Z",
+      "2024-13-01T00:00:00.000000Z",
+      "2024-00-01T00:00:00.000000Z",
+      "2024-01-00T00:00:00.000000Z",
+      "2024-01-01T24:00:00.000000Z",
+      "2024-01-01T00:60:00.000000Z",
+      "2024-01-01T00:00:60.000000Z",
+      "2024-01-01T00:00:00.00000aZ",
+      "2024-01-01T00:00:00.000000+",
+      "2024-01-01 00:00:00.000000X",
+    ]
+  ) {
+    assert.equal(usFromIso(t), undefined, t);
+  }
+  // Other ISO-8601 spellings still go through the general parser.
+  assert.equal(usFromIso("2024-09-09T19:46:02.329Z"), 1725911162329000);
+  assert.equal(usFromIso("2024-09-09T21:46:02.329308+02:00"), 1725911162329308);
+  assert.equal(usFromIso("2024-09-09"), undefined);
+});
