@@ -135,8 +135,9 @@ export async function consumeStream(
       startUs -= o.rewindUs;
       ctx.awaitStoredUntilUs = resumeFrom!.cursor + o.rewindUs;
       ctx.awaitDrops = o.startUs !== undefined && resumeFrom!.cursor - o.startUs < 2 * o.rewindUs;
+      // A "connection" report, as a failover's is: the CLI says it without --verbose.
       ctx.report({
-        reason: "info",
+        reason: "connection",
         message: `resuming on ${new URL(to).host}, not ${
           new URL(resumeFrom!.run.instance).host
         } where the queue's last record came from; time_us differ between instances, so the stream is taken up ${

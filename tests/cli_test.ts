@@ -248,6 +248,23 @@ Deno.test("jetfill sync warns on stderr about each event it leaves out for size,
   );
 });
 
+Deno.test("jetfill sync --resume on another instance says so without --verbose", async () => {
+  const events = Array.from({ length: 30 }, (_, i) => commit(T0 + i * 1000));
+  // The first instance goes away after 10 events; the second has them all.
+  await using a = serveEvents(events.slice(0, 10), { closeAtEnd: true });
+  await using b = serveEvents(events, { closeAtEnd: true });
+  await using db = await tempDb();
+  const first = await run(syncArgs(a.url, db.path, T0, "--json"));
+  assert.equal(first.code, 0, first.stderr);
+  const resumed = await run(["sync", "--resume", "--instance", b.url, "--kv", db.path, "--json"]);
+  assert.equal(resumed.code, 0, resumed.stderr);
+  assert.match(
+    resumed.stderr,
+    new RegExp(`^jetfill sync: resuming on ${new URL(b.url).host}, not ${new URL(a.url).host}`, "m"),
+  );
+  assert.equal(JSON.parse(resumed.stdout).recordsStored, 20);
+});
+
 Deno.test("jetfill sync refuses to store the same window again without --resume or --force, and notes a new run", async () => {
   const events = Array.from({ length: 20 }, (_, i) => commit(T0 + i * 1000));
   await using server = serveEvents(events, { closeAtEnd: true });

@@ -172,7 +172,7 @@ for (const skewMs of [1500, -1500]) {
     assert.equal(resumed.recordsStored, 10);
     assert.ok(
       reports.some((m) =>
-        /^info: resuming on .* the stream is taken up 5 s before .* recognised by content/.test(m)
+        /^connection: resuming on .* the stream is taken up 5 s before .* recognised by content/.test(m)
       ),
       reports.join("\n"),
     );
