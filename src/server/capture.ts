@@ -1,6 +1,7 @@
 /**
  * Reading capture files: NDJSON, one legacy-wire Jetstream event per line, as recorded from a real
- * `/subscribe` socket or made by `generateCapture()`.
+ * `/subscribe` socket or made by `generateCapture()`; and putting them in `time_us` order for the
+ * legacy server, since a capture joined from several files may not be.
  *
  * @module
  */
@@ -78,9 +79,9 @@ function parseLine(line: string): CaptureEvent {
 }
 
 /**
- * Parses capture lines into events, in the given order (a capture is already in `time_us` order, so
- * nothing is sorted). Blank lines are skipped; a malformed line throws an `Error` naming the source,
- * the 1-based line number and the problem.
+ * Parses capture lines into events, in the given order: nothing is sorted here, as the two servers
+ * order a capture differently (see {@linkcode inTimeOrder}). Blank lines are skipped; a malformed line
+ * throws an `Error` naming the source, the 1-based line number and the problem.
  *
  * @param lines The lines, without newlines (a trailing `\r` is tolerated).
  * @param source What to call the input in error messages, usually the file path.
@@ -110,8 +111,8 @@ export function parseCapture(lines: string[], source = "capture"): CaptureEvent[
 }
 
 /**
- * Reads a capture file (NDJSON) and parses it with {@linkcode parseCapture}. The file is streamed, so
- * captures larger than the biggest JavaScript string (about 512 MB) load fine.
+ * Reads a capture file (NDJSON) and parses it with {@linkcode parseCapture}, in file order. The file
+ * is streamed, so captures larger than the biggest JavaScript string (about 512 MB) load fine.
  *
  * Each line is decoded on its own: a line of ASCII becomes a one-byte string of its own, which the
  * server encodes into frames about 2.5 times faster than a slice of a larger decoded chunk (a chunk
@@ -167,4 +168,53 @@ export async function loadCapture(path: string): Promise<CaptureEvent[]> {
   }
   if (rest.length > 0) take(joinRest(new Uint8Array()));
   return events;
+}
+
+/**
+ * How many events have a `time_us` earlier than some event before them: 0 when the events are in
+ * time order. Equal `time_us` values count as in order. Two exports concatenated the wrong way
+ * round count every event of the earlier one; two instances' captures joined count the second's
+ * events that overlap the first.
+ *
+ * @example
+ * ```ts
+ * import { countOutOfOrder, parseCapture } from "./capture.ts";
+ * const events = parseCapture([3, 1, 2, 4].map((t) => `{"did":"did:plc:abc","time_us":${t},"kind":"identity"}`));
+ * console.log(countOutOfOrder(events)); // 2
+ * ```
+ */
+export function countOutOfOrder(events: readonly CaptureEvent[]): number {
+  let count = 0;
+  let latest = -Infinity;
+  for (let i = 0; i < events.length; i++) {
+    const timeUs = events[i].timeUs;
+    if (timeUs < latest) count++;
+    else latest = timeUs;
+  }
+  return count;
+}
+
+/**
+ * The events in `time_us` order, as a legacy server replays them (its store is keyed by `time_us`,
+ * protocol doc §5.1): `events` itself when they already are, which costs one pass over them, else a
+ * sorted copy. The sort is stable, so events with equal `time_us` (which one real instance never
+ * gives, two joined captures may) keep their capture order, where the legacy store would order them
+ * by its keys' next part, the DID (`{time_us}_{did}…`): the capture's order is the one its maker
+ * can see and choose.
+ *
+ * A v2 server does not sort: its order is that of its seqs, and its `time_us` is a display time that
+ * may go backwards (protocol doc §3.2), so it serves a capture in capture order.
+ *
+ * @example
+ * ```ts
+ * import { inTimeOrder, parseCapture } from "./capture.ts";
+ * const events = parseCapture([3, 1, 2].map((t) => `{"did":"did:plc:abc","time_us":${t},"kind":"identity"}`));
+ * console.log(inTimeOrder(events).map((event) => event.timeUs)); // [1, 2, 3]
+ * ```
+ */
+export function inTimeOrder(events: CaptureEvent[]): CaptureEvent[] {
+  if (countOutOfOrder(events) === 0) return events;
+  // Array.prototype.sort is stable (ES2019), and V8's TimSort merges the sorted runs of a capture
+  // joined from a few sorted pieces rather than sorting it from scratch.
+  return events.slice().sort((a, b) => a.timeUs - b.timeUs);
 }
