@@ -186,7 +186,7 @@ Deno.test("an event with a time_us no server could give is skipped as bad_time: 
   const events = capture(1500);
   const year2100 = { ...commit(4102444800000000, { did: did(1), text: "from the future" }) };
   const before2001 = { ...commit(0, { did: did(2), text: "from 1970" }) };
-  // As a buggy server sends them, among good events (the server sends its capture in file order).
+  // As a buggy server sends them, among good events (in file order: faults.fileOrder).
   const lines = [
     ...events.slice(0, 500),
     year2100,
@@ -194,7 +194,7 @@ Deno.test("an event with a time_us no server could give is skipped as bad_time: 
     before2001,
     ...events.slice(1000),
   ];
-  await using server = serveEvents(lines, { closeAtEnd: true, faults: { dropEvery: 700 } });
+  await using server = serveEvents(lines, { closeAtEnd: true, faults: { dropEvery: 700, fileOrder: true } });
   await using db = await tempDb();
   const reports: SyncErrorReport[] = [];
   const stats = await runBackfillSync({
@@ -244,9 +244,9 @@ Deno.test("an event holding a did, operation, collection or rkey no Jetstream se
 
 Deno.test("the coverage probe takes the first event a sync would take, not a bad frame's time_us", async () => {
   const events = capture(300);
-  // The server's first frame: an unknown kind from the year 2100.
+  // The server's first frame: an unknown kind from the year 2100 (first in file order: faults.fileOrder).
   const bogus = JSON.stringify({ did: did(1), time_us: 4102444800000000, kind: "heartbeat" });
-  await using server = serveEvents([bogus, ...events], { closeAtEnd: true });
+  await using server = serveEvents([bogus, ...events], { closeAtEnd: true, faults: { fileOrder: true } });
   await using db = await tempDb();
   const stats = await runBackfillSync({
     instance: server.url,

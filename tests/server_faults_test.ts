@@ -225,6 +225,26 @@ Deno.test("`serveJetstream()` applies garbage before the drop when both are due"
   assert.equal(server.connections[0].dropped, true);
 });
 
+// --- fileOrder -----------------------------------------------------------------------------------
+
+Deno.test("`serveJetstream()` serves a capture out of order as it is, skipping events before the cursor in time, when `faults.fileOrder` is set", async () => {
+  // As a buggy legacy server might; without the fault the capture is served in time_us order.
+  const shuffled = [EVENTS[5], EVENTS[1], EVENTS[9], EVENTS[3], EVENTS[7]];
+  await using server = serve({ events: shuffled, faults: { fileOrder: true } });
+  const { messages } = await collectMessages(`${server.url}?cursor=${EVENTS[4].timeUs}`);
+  assert.deepEqual(messages, [LINES[5], LINES[9], LINES[7]]);
+  const all = await collectMessages(server.url);
+  assert.deepEqual(all.messages, [LINES[5], LINES[1], LINES[9], LINES[3], LINES[7]]);
+  await using sorted = serve({ events: shuffled });
+  assert.deepEqual((await collectMessages(sorted.url)).messages, [
+    LINES[1],
+    LINES[3],
+    LINES[5],
+    LINES[7],
+    LINES[9],
+  ]);
+});
+
 // --- validation and CLI --------------------------------------------------------------------------
 
 Deno.test("`serveJetstream()` throws RangeError for bad fault counts", () => {
@@ -237,6 +257,15 @@ Deno.test("`serveJetstream()` throws RangeError for bad fault counts", () => {
   for (const [faults, message] of cases) {
     assert.throws(() => serveJetstream({ events: EVENTS, faults }), message);
   }
+});
+
+Deno.test("`serveJetstream()` throws TypeError for a `faults.fileOrder` that is no boolean", () => {
+  assert.throws(
+    () => serveJetstream({ events: EVENTS, faults: { fileOrder: "yes" as unknown as boolean } }),
+    (err: Error) =>
+      err instanceof TypeError &&
+      err.message === "Cannot serve as 'faults.fileOrder' must be a boolean: current value is yes",
+  );
 });
 
 Deno.test("`serveCommand()` rejects bad fault flags with UsageError", async () => {

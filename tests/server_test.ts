@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
 import { fileURLToPath } from "node:url";
+import { isDeepStrictEqual } from "node:util";
 import { generateCapture, synthDids } from "../src/server/synth.ts";
 import { type CaptureEvent, loadCapture, parseCapture } from "../src/server/capture.ts";
 import { type JetstreamServerOptions, serveJetstream } from "../src/server/server.ts";
@@ -341,12 +342,82 @@ Deno.test("`serveJetstream()` sends nothing for a cursor in the future (live)", 
   assert.deepEqual(past.messages, LINES.slice(1000));
 });
 
-Deno.test("`serveJetstream()` filters by cursor in array order when a capture is out of order", async () => {
-  // Captures from v2 hosts can have non-monotonic time_us; the server then scans instead of seeking.
-  const shuffled = [EVENTS[5], EVENTS[1], EVENTS[9], EVENTS[3], EVENTS[7]];
-  await using server = serve({ events: shuffled });
-  const { messages } = await collectMessages(`${server.url}?cursor=${EVENTS[4].timeUs}`);
-  assert.deepEqual(messages, [LINES[5], LINES[9], LINES[7]]);
+/** `event` with another `time_us`, in its line too. */
+function retimed(event: CaptureEvent, timeUs: number): CaptureEvent {
+  const text = event.text.replace(`"time_us":${event.timeUs},`, `"time_us":${timeUs},`);
+  assert.notEqual(text, event.text);
+  return { ...event, text, timeUs };
+}
+
+/**
+ * A capture as a user may put one together: two exports of one instance concatenated the wrong way
+ * round, then another instance's capture of the same seconds (its events interleave with the first's,
+ * and every hundredth shares a `time_us` with one of them).
+ */
+function joinedCapture(): CaptureEvent[] {
+  const other = parseCapture(
+    generateCapture({ count: 1000, seed: SEED + 1, startUs: START_US + 500, stepUs: 3000 }),
+  )
+    .map((event, i) => i % 100 === 0 ? retimed(event, EVENTS[3 * i].timeUs) : event);
+  return [...EVENTS.slice(1500), ...EVENTS.slice(0, 1500), ...other];
+}
+
+/**
+ * Asserts that `actual` is `expected`, naming the first place they differ: a whole-array diff of
+ * thousands of lines would take minutes and gigabytes.
+ */
+function assertSameFrames(actual: (string | Uint8Array)[], expected: (string | Uint8Array)[]): void {
+  const show = (frame: string | Uint8Array | undefined) =>
+    frame === undefined
+      ? "nothing"
+      : (typeof frame === "string" ? frame : new TextDecoder().decode(frame)).slice(0, 90);
+  const at = expected.findIndex((frame, i) => !isDeepStrictEqual(actual[i], frame));
+  if (at !== -1) {
+    assert.fail(
+      `frame ${at} of ${expected.length}: got ${show(actual[at])}…, expected ${show(expected[at])}…`,
+    );
+  }
+  assert.equal(actual.length, expected.length, "frames");
+}
+
+/** `events` by `time_us`, events with equal `time_us` in their order in `events`. */
+function byTime(events: CaptureEvent[]): CaptureEvent[] {
+  return events.map((event, i) => ({ event, i }))
+    .sort((a, b) => a.event.timeUs - b.event.timeUs || a.i - b.i)
+    .map(({ event }) => event);
+}
+
+Deno.test("`serveJetstream()` (legacy) serves a capture that is out of order in time_us order, from a cursor in the middle too", async () => {
+  // A legacy server's store is keyed by time_us: it never sends time_us going backwards.
+  const joined = joinedCapture();
+  const copy = [...joined];
+  const sorted = byTime(joined);
+  await using server = serve({ events: joined });
+  const all = await collectMessages(server.url);
+  assertSameFrames(all.messages, sorted.map((e) => e.text));
+  // The cursor is an event that shares its time_us with one of the other instance: both come, in
+  // capture order, and then exactly the events after them in time.
+  const cursor = EVENTS[2100].timeUs;
+  const from = sorted.filter((e) => e.timeUs >= cursor);
+  assert.ok(
+    from.length > 1000 && from.length < joined.length - 1000,
+    `${from.length} events from the cursor`,
+  );
+  assert.equal(from[1].timeUs, cursor);
+  const { messages } = await collectMessages(`${server.url}?cursor=${cursor}`);
+  assertSameFrames(messages, from.map((e) => e.text));
+  assert.equal(messages[0], EVENTS[2100].text);
+  // The caller's array is left as it was.
+  assert.deepEqual(joined, copy);
+});
+
+Deno.test("`serveJetstream()` (legacy) sends the frames of an out-of-order capture in time_us order on compressed connections", async () => {
+  const compressor = (text: string): Uint8Array => encoder.encode(`Z${text.length}:${text}`);
+  const joined = joinedCapture();
+  await using server = serve({ events: joined, compressor });
+  const cursor = EVENTS[1000].timeUs;
+  const { messages } = await collectMessages(`${server.url}?compress=true&cursor=${cursor}`);
+  assertSameFrames(messages, byTime(joined).filter((e) => e.timeUs >= cursor).map((e) => compressor(e.text)));
 });
 
 // --- size limit and compression ------------------------------------------------------------------

@@ -2,11 +2,11 @@
  * Deliberate misbehaviour for the replay server, to test how a client copes with what public
  * Jetstream hosts actually do (protocol doc §5.3, §9): refusals while bootstrapping (HTTP 503),
  * connections dropped without a close frame (1006, jetstream-legacy#27), connections that go quiet
- * but stay open (jetstream-legacy#48), and frames a client cannot use.
+ * but stay open (jetstream-legacy#48), frames a client cannot use, and `time_us` going backwards.
  *
  * Every fault is a pure function of the connection's own history (its record id, its ordinal among
- * WebSocket connections and the number of events it was sent), never of timing or randomness, so a
- * test that replays the same requests sees the same faults.
+ * WebSocket connections and the number of events it was sent) or of the capture, never of timing or
+ * randomness, so a test that replays the same requests sees the same faults.
  *
  * @module
  */
@@ -68,6 +68,17 @@ export interface ServerFaults {
    * `ConnectionRecord.garbage`.
    */
   garbageEvery?: number;
+  /**
+   * The legacy server sends the events in the order given even where `time_us` goes backwards,
+   * which no healthy legacy server does (its store is keyed by `time_us`), rather than sorting
+   * them: a buggy or hostile server's impossible `time_us` among good events, or the reordering at
+   * the legacy server's replay→live cutover (jetstream-legacy#42, protocol doc §5.2). A cursor then
+   * starts at the first event and skips those before it in time. A v2 server always keeps the
+   * order given, its seq order, so this changes nothing there.
+   *
+   * @default {false}
+   */
+  fileOrder?: boolean;
 }
 
 /**
@@ -139,11 +150,13 @@ export interface ResolvedFaults {
   stallConnections: number;
   /** See {@linkcode ServerFaults.garbageEvery}. */
   garbageEvery: number;
+  /** See {@linkcode ServerFaults.fileOrder}. */
+  fileOrder: boolean;
 }
 
 function check(
   faults: ServerFaults,
-  field: keyof ServerFaults,
+  field: Exclude<keyof ServerFaults, "fileOrder">,
   min: number,
   what: string,
 ): number | undefined {
@@ -159,7 +172,7 @@ function check(
 
 /**
  * Validates faults and applies defaults (absent counts are 0 or `Infinity`, meaning off). Throws
- * `RangeError` naming the bad field.
+ * `RangeError` (`TypeError` for a `fileOrder` that is no boolean) naming the bad field.
  *
  * @example
  * ```ts
@@ -172,12 +185,19 @@ export function resolveFaults(faults: ServerFaults = {}): ResolvedFaults {
   if (typeof faults !== "object" || faults === null) {
     throw new TypeError("Cannot serve as 'faults' must be an object");
   }
+  const { fileOrder = false } = faults;
+  if (typeof fileOrder !== "boolean") {
+    throw new TypeError(
+      `Cannot serve as 'faults.fileOrder' must be a boolean: current value is ${fileOrder}`,
+    );
+  }
   return {
     refuseFirst: check(faults, "refuseFirst", 0, "a non-negative integer") ?? 0,
     dropEvery: check(faults, "dropEvery", 1, "a positive integer") ?? Infinity,
     stallAfter: check(faults, "stallAfter", 0, "a non-negative integer") ?? Infinity,
     stallConnections: check(faults, "stallConnections", 0, "a non-negative integer") ?? 1,
     garbageEvery: check(faults, "garbageEvery", 1, "a positive integer") ?? Infinity,
+    fileOrder,
   };
 }
 

@@ -24,7 +24,7 @@
  *
  * @module
  */
-import type { CaptureEvent } from "./capture.ts";
+import { type CaptureEvent, inTimeOrder } from "./capture.ts";
 import {
   garbageKind,
   junkBytes,
@@ -104,7 +104,13 @@ export interface ErrorAfter {
  * ```
  */
 export interface JetstreamServerOptions {
-  /** The events to serve, in `time_us` order (see `loadCapture()` and `parseCapture()`). */
+  /**
+   * The events to serve (see `loadCapture()` and `parseCapture()`). The legacy server serves them in
+   * `time_us` order, as its store keeps them: when they are not, it sorts a copy (stably, so equal
+   * `time_us` keep their order; see `inTimeOrder()`), unless `faults.fileOrder` asks it to misbehave.
+   * A v2 server serves them in the given order, its seq order, whatever their `time_us` (a display
+   * time, which may go backwards).
+   */
   events: CaptureEvent[];
   /**
    * Interface to listen on.
@@ -686,17 +692,22 @@ interface Refusal {
  * Starts a Jetstream server playing `events`: a legacy one by default, a v2 one with
  * `version: "v2"`. It answers `GET /` with `Welcome to Jetstream`.
  *
- * **Legacy** (`GET /subscribe`): each event is sent as a text frame holding its exact captured
- * line, or as a binary frame from `compressor` on compressed connections. Query parameters follow
- * the legacy server: repeated `wantedCollections` (NSIDs or `<prefix>.*`, at most 100) and
- * `wantedDids` (at most 10,000), `cursor` (inclusive `time_us`), `compress`, `maxMessageSizeBytes`
- * and `requireHello`, with the same HTTP 400 texts. `options_update` messages replace the DID and
- * collection filters for events not yet sent; an invalid one closes the connection with code 1000.
+ * **Legacy** (`GET /subscribe`): events are sent in `time_us` order (a capture that is not in it is
+ * sorted, stably, as the legacy store keyed by `time_us` would hold it), each as a text frame
+ * holding its exact captured line, or as a binary frame from `compressor` on compressed
+ * connections. Query parameters follow the legacy server: repeated `wantedCollections` (NSIDs or
+ * `<prefix>.*`, at most 100) and `wantedDids` (at most 10,000), `cursor` (inclusive `time_us`),
+ * `compress`, `maxMessageSizeBytes` and `requireHello`, with the same HTTP 400 texts.
+ * `options_update` messages replace the DID and collection filters for events not yet sent; an
+ * invalid one closes the connection with code 1000.
  *
- * **v2**: events get seqs (`seqBase + 1 + index`). `GET /subscribe` adds `"cursor":<seq>` after
- * `time_us`, takes a cursor below 1e15 as a seq and above as unix µs (negative or non-integer: 400),
- * clamps old cursors silently, never sends `sync` events, applies `maxMessageSizeBytes` to the
- * uncompressed JSON and closes with 1007/1008 on bad `options_update`s. `GET
+ * **v2**: events keep the given order and get seqs in it (`seqBase + 1 + index`), whatever their
+ * `time_us` (a display time on a v2 host); a unix-µs cursor starts at the first event, in that
+ * order, with `time_us` at or after it, and the ones after it follow whatever their `time_us`, as
+ * on a v2 host (protocol doc §3.2). `GET /subscribe` adds `"cursor":<seq>` after `time_us`, takes
+ * a cursor below 1e15 as a seq and above as unix µs (negative or non-integer: 400), clamps old
+ * cursors silently, never sends `sync` events, applies `maxMessageSizeBytes` to the uncompressed
+ * JSON and closes with 1007/1008 on bad `options_update`s. `GET
  * /xrpc/network.bsky.jetstream.subscribeEvents` sends `xrpc.v1.json` frames
  * (`{"$type":"message","payload":{"$type":"network.bsky.jetstream.subscribeEvents#commit","seq":…}}`)
  * filtered by `kinds`, `dids` and `collections`, with XRPC JSON errors before the upgrade
@@ -805,7 +816,9 @@ export function serveJetstream(options: JetstreamServerOptions): JetstreamServer
     dictionaryId = inHeader;
   }
   dictionaryId ??= V2_DICTIONARY_ID;
-  const table = new EventTable(events, {
+  // The legacy store is keyed by time_us, so it replays in time order whatever order the capture's
+  // lines came in (protocol doc §5.1, §5.4); a v2 host's order is its seqs', the capture's (§3.2).
+  const table = new EventTable(version === "legacy" && !faults.fileOrder ? inTimeOrder(events) : events, {
     compressor,
     v2Compressor,
     seqBase: options.seqBase,

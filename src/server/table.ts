@@ -55,7 +55,10 @@ export interface EventTableOptions {
 export interface StartPlan {
   /** First index to consider. */
   start: number;
-  /** Events with a smaller `time_us` are skipped (legacy server, unsorted capture; else -Infinity). */
+  /**
+   * Events with a smaller `time_us` are skipped (a legacy server serving a capture out of order on
+   * purpose, `faults.fileOrder`; else -Infinity).
+   */
   minTimeUs: number;
   /** An `#info` frame to send first (`subscribeEvents` only). */
   notice?: { name: string; message: string };
@@ -94,7 +97,11 @@ function utf8Length(text: string): number {
  * ```
  */
 export class EventTable {
-  /** The events, in capture order. */
+  /**
+   * The events, in seq order: in `time_us` order on a legacy server (`serveJetstream()` sorts them
+   * for it, unless `faults.fileOrder`), in capture order on a v2 server, whose display times may go
+   * backwards.
+   */
   readonly events: CaptureEvent[];
   /** Whether `time_us` never decreases, so a cursor can be found by binary search. */
   readonly sorted: boolean;
@@ -172,7 +179,10 @@ export class EventTable {
     return this.seq(this.events.length);
   }
 
-  /** First index whose `time_us >= cursor` (by binary search when sorted, else by scanning). */
+  /**
+   * First index whose `time_us >= cursor`: by binary search when sorted, else by scanning, as a v2
+   * host translates a time to the first seq at or after it.
+   */
   firstAtOrAfter(timeUs: number): number {
     const events = this.events;
     if (!this.sorted) {
@@ -192,9 +202,10 @@ export class EventTable {
   /**
    * Resolves a legacy-server `/subscribe` cursor (unix µs, inclusive): none → the floor ("live"
    * from the start of the history window), in the future → nothing, else the first event at or
-   * after it, never before the floor. The legacy store compares its keys, `time_us` in decimal, as
-   * strings (protocol doc §1.1): a shorter cursor (seconds, milliseconds) acts as a prefix, that
-   * is, as if padded with zeros to the keys' 16 digits.
+   * after it, never before the floor; on a table out of `time_us` order (`faults.fileOrder`), the
+   * floor, skipping the events before the cursor in time. The legacy store compares its keys,
+   * `time_us` in decimal, as strings (protocol doc §1.1): a shorter cursor (seconds, milliseconds)
+   * acts as a prefix, that is, as if padded with zeros to the keys' 16 digits.
    */
   resolveLegacy(cursor: number | undefined, nowUs: number): StartPlan {
     if (cursor === undefined) return { start: this.floor, minTimeUs: -Infinity };
