@@ -248,11 +248,12 @@ export async function serveCommand(args: string[]): Promise<number> {
     }
     throw err;
   }
-  // One line; on a v2 server it names the v2 wire too.
-  console.log(`listening on ${server.url}${v2 ? ` and ${server.v2Url}` : ""}`);
-
+  // Listening for the stop signals before saying so: a supervisor that sends SIGTERM as soon as it
+  // reads the line must get a clean stop (exit 0), not Deno's default 143.
   const removeSignals = onStopSignals(() => controller.abort());
   try {
+    // One line; on a v2 server it names the v2 wire too.
+    console.log(`listening on ${server.url}${v2 ? ` and ${server.v2Url}` : ""}`);
     await new Promise<void>((resolve) =>
       controller.signal.addEventListener("abort", () => resolve(), { once: true })
     );
