@@ -827,6 +827,88 @@ Deno.test("`serveCommand()` runs as `jetfill serve`, prints one listening line a
   }
 });
 
+/** `jetfill serve` with `args` in a process of its own, once it listens: its URLs, and a stop that resolves to its exit code and stderr. */
+async function serveCli(
+  args: string[],
+): Promise<{ urls: string[]; stop(): Promise<{ code: number; stderr: string }> }> {
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", fileURLToPath(new URL("../cli.ts", import.meta.url)), "serve", ...args],
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const stdout = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  const stderr = new Response(child.stderr).text();
+  let out = "";
+  while (!out.includes("\n")) {
+    const { value, done } = await stdout.read();
+    if (done) break;
+    out += value;
+  }
+  return {
+    urls: [...out.matchAll(/ws:\/\/\S+/g)].map((m) => m[0]),
+    stop: async () => {
+      child.kill("SIGTERM");
+      await stdout.cancel();
+      return { code: (await child.status).code, stderr: await stderr };
+    },
+  };
+}
+
+Deno.test("`jetfill serve` says on stderr that a capture out of order is served sorted by time_us, and serves it so (in file order with --file-order or --v2)", async () => {
+  const joined = joinedCapture();
+  // Events with a time_us below that of one before them, counted by hand.
+  let outOfOrder = 0;
+  for (let i = 0; i < joined.length; i++) {
+    if (joined.slice(0, i).some((e) => e.timeUs > joined[i].timeUs)) outOfOrder++;
+  }
+  assert.ok(outOfOrder > 1500, `${outOfOrder} out of order`);
+  const dir = await Deno.makeTempDir();
+  try {
+    const file = `${dir}/joined.ndjson`;
+    await Deno.writeTextFile(file, joined.map((e) => e.text).join("\n") + "\n");
+    const legacy = await serveCli(["--file", file, "--close-at-end"]);
+    const cursor = EVENTS[2000].timeUs;
+    const { messages } = await collectMessages(`${legacy.urls[0]}?cursor=${cursor}`);
+    const { code, stderr } = await legacy.stop();
+    assert.equal(code, 0, stderr);
+    assert.equal(
+      stderr,
+      `jetfill serve: '${file}' is not in time_us order (${outOfOrder} of ${joined.length} events follow one with a later time_us); serving it sorted by time_us, as the legacy server's store holds events (equal time_us keep their file order)\n`,
+    );
+    assertSameFrames(messages, byTime(joined).filter((e) => e.timeUs >= cursor).map((e) => e.text));
+    // Asked to misbehave, the legacy server keeps the file's order, and says so.
+    const asked = await serveCli(["--file", file, "--close-at-end", "--file-order"]);
+    const asIs = await collectMessages(`${asked.urls[0]}?cursor=${cursor}`);
+    const askedStop = await asked.stop();
+    assert.equal(askedStop.code, 0, askedStop.stderr);
+    assert.equal(
+      askedStop.stderr,
+      `jetfill serve: '${file}' is not in time_us order (${outOfOrder} of ${joined.length} events follow one with a later time_us); serving it in file order as --file-order asks, time_us going backwards as no healthy legacy server's does\n`,
+    );
+    assertSameFrames(asIs.messages, joined.filter((e) => e.timeUs >= cursor).map((e) => e.text));
+    // A v2 server keeps the file's order, its seqs' order, and says so.
+    const v2 = await serveCli(["--file", file, "--close-at-end", "--v2"]);
+    const fromSeq = await collectMessages(`${v2.urls[0]}?cursor=${1001 + 2990}`);
+    const stopped = await v2.stop();
+    assert.equal(stopped.code, 0, stopped.stderr);
+    assert.deepEqual(
+      fromSeq.messages.map((m) => JSON.parse(m as string).time_us),
+      joined.slice(2990).map((e) => e.timeUs),
+    );
+    assert.equal(
+      stopped.stderr,
+      `jetfill serve: '${file}' is not in time_us order (${outOfOrder} of ${joined.length} events follow one with a later time_us); the v2 server serves it in file order, which its seqs follow, with time_us as display times that may go backwards\n`,
+    );
+    // A capture in order: not a word.
+    const inOrder = `${dir}/in_order.ndjson`;
+    await Deno.writeTextFile(inOrder, LINES.join("\n") + "\n");
+    const quiet = await serveCli(["--file", inOrder, "--close-at-end"]);
+    assert.deepEqual(await quiet.stop(), { code: 0, stderr: "" });
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("the package exports the server: the README's offline sync runs against it", async () => {
   const { generateCapture, parseCapture, runBackfillSync, serveJetstream } = await import("../mod.ts");
   const dir = await Deno.makeTempDir();

@@ -6,7 +6,7 @@
  */
 import { parseArgs } from "node:util";
 import { UsageError } from "../errors.ts";
-import { loadCapture } from "../server/capture.ts";
+import { countOutOfOrder, loadCapture } from "../server/capture.ts";
 import { type ErrorAfter, serveJetstream } from "../server/server.ts";
 import type { ServerFaults } from "../server/faults.ts";
 import { resolveZstdDictionary } from "../jetstream/dictionary.ts";
@@ -19,6 +19,9 @@ const HELP = `Usage: jetfill serve --file <capture.ndjson> [options]
 Serve a capture (NDJSON, one legacy-wire Jetstream event per line) on ws://HOST:PORT/subscribe with
 the legacy server's query parameters (wantedCollections, wantedDids, cursor, maxMessageSizeBytes,
 requireHello). A connection without a cursor gets the capture from its start, as if it were live.
+A capture not in time_us order is served sorted by time_us, as the legacy server's store holds
+events (one line on stderr says so; see --file-order); a v2 server (--v2) serves it in file order,
+its seq order.
 
 Options:
   --file <path>       capture file to serve (required)
@@ -56,6 +59,8 @@ Faults (all off by default, all deterministic):
                       how many connections stall, the first m (default: 1)
   --garbage-every <n> after every n events, send one bad frame (malformed JSON, binary junk,
                       unknown kind, missing time_us, ~2 MiB), cycling through the kinds
+  --file-order        serve the capture in file order even where time_us goes backwards, as no
+                      healthy legacy server does (a cursor skips the events before it in time)
 
 Prints one line, "listening on ws://HOST:PORT/subscribe", once ready; runs until SIGINT, SIGTERM or SIGHUP.`;
 
@@ -78,6 +83,26 @@ function parseCount(flag: string, raw: string | undefined, min: number): number 
     );
   }
   return Number(raw);
+}
+
+/** The line on stderr about a capture not in `time_us` order, served in `order`. */
+function outOfOrderNote(
+  file: string,
+  outOfOrder: number,
+  total: number,
+  order: "time" | "file" | "v2",
+): string {
+  const how = {
+    time:
+      "serving it sorted by time_us, as the legacy server's store holds events (equal time_us keep their file order)",
+    file:
+      "serving it in file order as --file-order asks, time_us going backwards as no healthy legacy server's does",
+    v2:
+      "the v2 server serves it in file order, which its seqs follow, with time_us as display times that may go backwards",
+  }[order];
+  return `jetfill serve: '${file}' is not in time_us order (${outOfOrder} of ${total} events ${
+    outOfOrder === 1 ? "follows" : "follow"
+  } one with a later time_us); ${how}`;
 }
 
 /**
@@ -107,6 +132,7 @@ export async function serveCommand(args: string[]): Promise<number> {
         "stall-after": { type: "string" },
         "stall-connections": { type: "string" },
         "garbage-every": { type: "string" },
+        "file-order": { type: "boolean" },
         v2: { type: "boolean" },
         "seq-base": { type: "string" },
         "lookback-floor-seq": { type: "string" },
@@ -139,6 +165,7 @@ export async function serveCommand(args: string[]): Promise<number> {
     stallAfter: parseCount("stall-after", values["stall-after"], 0),
     stallConnections: parseCount("stall-connections", values["stall-connections"], 0),
     garbageEvery: parseCount("garbage-every", values["garbage-every"], 1),
+    fileOrder: values["file-order"] ?? false,
   };
   const v2 = values.v2 ?? false;
   for (const flag of ["seq-base", "early-replay-us", "v2-zstd-dictionary"] as const) {
@@ -181,6 +208,14 @@ export async function serveCommand(args: string[]): Promise<number> {
     throw new UsageError(`Cannot serve as '--file' is not a valid capture: ${(err as Error).message}`, {
       cause: err,
     });
+  }
+  // serveJetstream() sorts for the legacy server (without --file-order); this only tells the user,
+  // who may expect the capture played in file order, or not know that the file is out of order.
+  const outOfOrder = countOutOfOrder(events);
+  if (outOfOrder > 0) {
+    console.error(
+      outOfOrderNote(values.file, outOfOrder, events.length, v2 ? "v2" : faults.fileOrder ? "file" : "time"),
+    );
   }
 
   let compressor: ((text: string) => Uint8Array) | undefined;
