@@ -6,7 +6,8 @@ import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
 import type { SyncErrorReport, SyncStats } from "../src/stats.ts";
 import { commit, did, drainQueue, identity } from "./helpers/events.ts";
 import { serveEvents, syncConnections, tempDb, withSilentPort } from "./helpers/loopback.ts";
-import { LEGACY_DICT, V2_DICT, zstdFrames } from "./helpers/zstd_cli.ts";
+import { zstdFrames } from "./helpers/zstd_cli.ts";
+import { legacyDictionary, v2Dictionary } from "./helpers/dictionaries.ts";
 import { spawnServer } from "../scripts/spawn_server.ts";
 import { readCheckpoint } from "../src/queue/kv_queue.ts";
 import { relative } from "node:path";
@@ -42,17 +43,18 @@ async function storedEvents(path: string, messages: number): Promise<JetstreamEv
 
 for (const noContentSize of [false, true]) {
   Deno.test(`runBackfillSync() stores every event of a compressed stream of zstd CLI frames${noContentSize ? " without content size" : ""}`, async () => {
+    const legacyDict = await legacyDictionary();
     const events = capture(300);
     await using server = serveEvents(events, {
       closeAtEnd: true,
-      compressor: await cliCompressor(events, LEGACY_DICT, noContentSize),
+      compressor: await cliCompressor(events, legacyDict.path, noContentSize),
     });
     await using db = await tempDb();
     const stats = await runBackfillSync({
       instance: server.url,
       kv: db.path,
       compress: true,
-      zstdDictionary: LEGACY_DICT,
+      zstdDictionary: legacyDict.path,
       startTimestamp: T0,
       wantedCollections: ["app.bsky.feed.post", "app.bsky.feed.like"],
     });
@@ -76,8 +78,9 @@ for (const noContentSize of [false, true]) {
  */
 async function syncCompressed(
   url: string,
-  dictionary: string | Uint8Array = LEGACY_DICT,
+  dictionary?: string | Uint8Array,
 ): Promise<{ stats: SyncStats; errors: SyncErrorReport[] }> {
+  dictionary ??= (await legacyDictionary()).path;
   await using db = await tempDb();
   const errors: SyncErrorReport[] = [];
   const stats = await runBackfillSync({
@@ -108,10 +111,11 @@ async function withStoppedCompressedRun(
   dictionaryOption: (copy: string) => string,
   body: (run: { db: string; dictionary: string; events: JetstreamEvent[] }) => Promise<void>,
 ): Promise<void> {
+  const legacyDict = await legacyDictionary();
   const events = capture(300);
   // The first run's probe and connection stall after 120 events.
   await using server = serveEvents(events, {
-    compressor: await cliCompressor(events, LEGACY_DICT),
+    compressor: await cliCompressor(events, legacyDict.path),
     faults: { stallAfter: 120, stallConnections: 2 },
   });
   await using db = await tempDb();
@@ -121,7 +125,7 @@ async function withStoppedCompressedRun(
   );
   try {
     const dictionary = `${dir}/legacy.zdict`;
-    await Deno.copyFile(LEGACY_DICT, dictionary);
+    await Deno.copyFile(legacyDict.path, dictionary);
     // (Inherited by the CLI's processes too, whose Deno keeps using its own cache: DENO_DIR
     // otherwise follows XDG_CACHE_HOME, and the npm packages would be downloaded again.)
     Deno.env.set("DENO_DIR", await denoDir());
@@ -150,6 +154,7 @@ async function withStoppedCompressedRun(
 }
 
 Deno.test("a compressed run resumed with only --resume finds its dictionary again: the path given is remembered", async () => {
+  const legacyDict = await legacyDictionary();
   // Given relative to the working directory; remembered as an absolute path.
   await withStoppedCompressedRun((copy) => relative(Deno.cwd(), copy), async ({ db, dictionary, events }) => {
     const kv = await Deno.openKv(db);
@@ -163,7 +168,7 @@ Deno.test("a compressed run resumed with only --resume finds its dictionary agai
     assert.deepEqual(await storedEvents(db, second.queueLength), events);
     // A remembered file that has gone since is looked for as usual.
     await Deno.remove(dictionary);
-    Deno.env.set("JETFILL_ZSTD_DICTIONARY", LEGACY_DICT);
+    Deno.env.set("JETFILL_ZSTD_DICTIONARY", legacyDict.path);
     const third = await runBackfillSync({ ...common, resume: true });
     assert.equal(third.stopReason, "max_time", third.error);
     assert.equal(third.recordsStored, 0);
@@ -229,18 +234,19 @@ Deno.test("a resume whose dictionary download hangs stops at --max-time naming t
 });
 
 Deno.test("a dictionary given without compression is refused before anything is made", async () => {
+  const legacyDict = await legacyDictionary();
   await using db = await tempDb();
   const kv = `${db.dir}/never.sqlite`;
   await assert.rejects(
-    () => runBackfillSync({ zstdDictionary: LEGACY_DICT, kv, instance: "ws://127.0.0.1:9/subscribe" }),
+    () => runBackfillSync({ zstdDictionary: legacyDict.path, kv, instance: "ws://127.0.0.1:9/subscribe" }),
     (err: unknown) =>
       err instanceof UsageError &&
       err.message ===
         `Cannot sync as 'zstdDictionary' must be left out without 'compress' (it decodes compressed frames only): current value is ${
-          JSON.stringify(LEGACY_DICT)
+          JSON.stringify(legacyDict.path)
         }`,
   );
-  const cli = await runCli(["sync", "--zstd-dictionary", LEGACY_DICT, "--kv", kv]);
+  const cli = await runCli(["sync", "--zstd-dictionary", legacyDict.path, "--kv", kv]);
   assert.equal(cli.code, 2);
   assert.match(
     cli.stderr,
@@ -250,14 +256,15 @@ Deno.test("a dictionary given without compression is refused before anything is 
 });
 
 Deno.test("the v2 dictionary given for /subscribe is refused before connecting, naming both dictionaries", async () => {
+  const v2Dict = await v2Dictionary();
   await using server = serveEvents(capture(5), { closeAtEnd: true });
   await using db = await tempDb();
   await assert.rejects(
-    () => runBackfillSync({ instance: server.url, kv: db.path, compress: true, zstdDictionary: V2_DICT }),
+    () => runBackfillSync({ instance: server.url, kv: db.path, compress: true, zstdDictionary: v2Dict.path }),
     (err: unknown) =>
       err instanceof UsageError &&
       err.message.startsWith(
-        `The zstd dictionary '${V2_DICT}' has ID 20260811, but /subscribe connections`,
+        `The zstd dictionary '${v2Dict.path}' has ID 20260811, but /subscribe connections`,
       ) &&
       err.message.includes("ID 1612007021 (legacy_subscribe.zdict, sha256 b8d77b46") &&
       err.message.includes("the v2 wire's dictionary"),
@@ -266,8 +273,9 @@ Deno.test("the v2 dictionary given for /subscribe is refused before connecting, 
 });
 
 Deno.test("runBackfillSync() counts and reports a frame that fails to decode, and goes on", async () => {
+  const legacyDict = await legacyDictionary();
   const events = capture(50);
-  const good = await cliCompressor(events, LEGACY_DICT);
+  const good = await cliCompressor(events, legacyDict.path);
   const bad = JSON.stringify(events[20]);
   await using server = serveEvents(events, {
     closeAtEnd: true,
@@ -275,7 +283,7 @@ Deno.test("runBackfillSync() counts and reports a frame that fails to decode, an
     compressor: (text) =>
       text === bad ? new Uint8Array([0x28, 0xb5, 0x2f, 0xfd, 1, 2, 3, 4, 5, 6, 7]) : good(text),
   });
-  const { stats, errors } = await syncCompressed(server.url, await Deno.readFile(LEGACY_DICT));
+  const { stats, errors } = await syncCompressed(server.url, legacyDict.bytes);
   assert.equal(stats.recordsStored, 49);
   assert.deepEqual(stats.skipped, { decode_failed: 1 });
   assert.equal(errors.filter((e) => e.reason === "decode_failed").length, 1);
@@ -283,13 +291,14 @@ Deno.test("runBackfillSync() counts and reports a frame that fails to decode, an
 });
 
 Deno.test("runBackfillSync() counts a frame that decodes past the decoder's limit as oversized, always reported", async () => {
+  const legacyDict = await legacyDictionary();
   const events = capture(30);
   // 40 MiB of one letter: a frame of a few kilobytes that would decode past the 32 MiB limit.
   const huge = commit(T0 + 15 * 1000 + 1, { did: did(1), text: "a".repeat(40 * 1024 * 1024) });
   const all = [...events.slice(0, 16), huge, ...events.slice(16)];
   await using server = serveEvents(all, {
     closeAtEnd: true,
-    compressor: await cliCompressor(all, LEGACY_DICT),
+    compressor: await cliCompressor(all, legacyDict.path),
   });
   const { stats, errors } = await syncCompressed(server.url);
   assert.equal(stats.recordsStored, 30);
@@ -301,17 +310,19 @@ Deno.test("runBackfillSync() counts a frame that decodes past the decoder's limi
 });
 
 Deno.test("runBackfillSync() stops with a clear error when frames name another dictionary", async () => {
+  const legacyDict = await legacyDictionary();
+  const v2Dict = await v2Dictionary();
   const events = capture(20);
   await using server = serveEvents(events, {
     closeAtEnd: true,
-    compressor: await cliCompressor(events, V2_DICT),
+    compressor: await cliCompressor(events, v2Dict.path),
   });
   await using db = await tempDb();
   const stats = await runBackfillSync({
     instance: server.url,
     kv: db.path,
     compress: true,
-    zstdDictionary: LEGACY_DICT,
+    zstdDictionary: legacyDict.path,
     startTimestamp: T0,
   });
   assert.equal(stats.stopReason, "error");
@@ -325,6 +336,7 @@ Deno.test("runBackfillSync() stops with a clear error when frames name another d
 });
 
 Deno.test("runBackfillSync() names a missing or wrong dictionary file before it makes its database", async () => {
+  const v2Dict = await v2Dictionary();
   await using db = await tempDb();
   const kv = `${db.dir}/new/queue.sqlite`;
   await assert.rejects(
@@ -332,7 +344,7 @@ Deno.test("runBackfillSync() names a missing or wrong dictionary file before it 
     (err: unknown) => err instanceof UsageError && err.message.includes("/nonexistent/dict.zdict"),
   );
   await assert.rejects(
-    () => runBackfillSync({ compress: true, zstdDictionary: V2_DICT, kv }),
+    () => runBackfillSync({ compress: true, zstdDictionary: v2Dict.path, kv }),
     (err: unknown) =>
       err instanceof UsageError && /has ID 20260811, but \/subscribe connections/.test(err.message),
   );
@@ -340,12 +352,13 @@ Deno.test("runBackfillSync() names a missing or wrong dictionary file before it 
 });
 
 Deno.test("jetfill serve --zstd-dictionary serves compressed frames that jetfill sync stores", async () => {
+  const legacyDict = await legacyDictionary();
   await using db = await tempDb();
   const events = capture(100);
   const file = `${db.dir}/capture.ndjson`;
   await Deno.writeTextFile(file, events.map((e) => JSON.stringify(e)).join("\n") + "\n");
   const cli = new URL("../cli.ts", import.meta.url).pathname;
-  const server = await spawnServer(["--file", file, "--zstd-dictionary", LEGACY_DICT, "--close-at-end"]);
+  const server = await spawnServer(["--file", file, "--zstd-dictionary", legacyDict.path, "--close-at-end"]);
   const url = server.url;
   try {
     const out = await new Deno.Command(Deno.execPath(), {
@@ -358,7 +371,7 @@ Deno.test("jetfill serve --zstd-dictionary serves compressed frames that jetfill
         url,
         "--compress",
         "--zstd-dictionary",
-        LEGACY_DICT,
+        legacyDict.path,
         "--start",
         String(T0),
         "--collection",

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { LEGACY_DICT as LEGACY_PATH, V2_DICT as V2_PATH } from "./helpers/zstd_cli.ts";
+import { legacyDictionary, v2Dictionary } from "./helpers/dictionaries.ts";
 import { withSilentPort } from "./helpers/loopback.ts";
 // The public API, as a library user imports it.
 import {
@@ -12,7 +12,6 @@ import {
   ZSTD_DICTIONARY_ENV,
 } from "../mod.ts";
 
-const legacyDictionary = await Deno.readFile(LEGACY_PATH);
 const CACHE_NAME = `zstd-dictionary-${LEGACY_DICTIONARY_SHA256}.zdict`;
 
 /** An environment with only the given variables, so the real one never leaks into a test. */
@@ -63,22 +62,25 @@ function isolated(dir: string, extra: ResolveZstdDictionaryOptions = {}): Resolv
 }
 
 Deno.test("`resolveZstdDictionary()` uses the dictionary option given as a path", async () => {
+  const legacyDict = await legacyDictionary();
+  const v2Dict = await v2Dictionary();
   await withTempDir(async (dir) => {
     const resolved = await resolveZstdDictionary(
-      isolated(dir, { dictionary: V2_PATH, env: envOf({ [ZSTD_DICTIONARY_ENV]: LEGACY_PATH }) }),
+      isolated(dir, { dictionary: v2Dict.path, env: envOf({ [ZSTD_DICTIONARY_ENV]: legacyDict.path }) }),
     );
     // Explicit dictionaries are not held to the legacy hash: a v2 dictionary is fine.
     assert.equal(resolved.source, "option");
-    assert.equal(resolved.path, V2_PATH);
+    assert.equal(resolved.path, v2Dict.path);
     assert.equal(resolved.dictionaryId, V2_DICTIONARY_ID);
-    assert.deepEqual(resolved.bytes, await Deno.readFile(V2_PATH));
+    assert.deepEqual(resolved.bytes, await Deno.readFile(v2Dict.path));
   });
 });
 
 Deno.test("`resolveZstdDictionary()` refuses a damaged copy of the legacy dictionary, from a path, the environment or bytes", async () => {
+  const legacyDict = await legacyDictionary();
   await withTempDir(async (dir) => {
     // Cut off, as by an interrupted download: it still starts with the legacy dictionary's ID.
-    const cut = legacyDictionary.slice(0, 100_000);
+    const cut = legacyDict.bytes.slice(0, 100_000);
     const path = `${dir}/cut.zdict`;
     await Deno.writeFile(path, cut);
     const actual = Array.from(
@@ -105,12 +107,13 @@ Deno.test("`resolveZstdDictionary()` refuses a damaged copy of the legacy dictio
 });
 
 Deno.test("`resolveZstdDictionary()` uses the dictionary option given as bytes", async () => {
+  const legacyDict = await legacyDictionary();
   await withTempDir(async (dir) => {
-    const resolved = await resolveZstdDictionary(isolated(dir, { dictionary: legacyDictionary }));
+    const resolved = await resolveZstdDictionary(isolated(dir, { dictionary: legacyDict.bytes }));
     assert.equal(resolved.source, "option");
     assert.equal(resolved.path, undefined);
     assert.equal(resolved.dictionaryId, LEGACY_DICTIONARY_ID);
-    assert.equal(resolved.bytes, legacyDictionary);
+    assert.equal(resolved.bytes, legacyDict.bytes);
     await assert.rejects(
       () => resolveZstdDictionary(isolated(dir, { dictionary: new TextEncoder().encode("{}") })),
       (error: unknown) =>
@@ -152,45 +155,48 @@ Deno.test("`resolveZstdDictionary()` names a missing or unusable dictionary path
 });
 
 Deno.test("`resolveZstdDictionary()` uses JETFILL_ZSTD_DICTIONARY when no option is given", async () => {
+  const legacyDict = await legacyDictionary();
   await withTempDir(async (dir) => {
     const resolved = await resolveZstdDictionary(
-      isolated(dir, { env: envOf({ [ZSTD_DICTIONARY_ENV]: LEGACY_PATH }) }),
+      isolated(dir, { env: envOf({ [ZSTD_DICTIONARY_ENV]: legacyDict.path }) }),
     );
     assert.equal(resolved.source, "env");
-    assert.equal(resolved.path, LEGACY_PATH);
+    assert.equal(resolved.path, legacyDict.path);
     assert.equal(resolved.dictionaryId, LEGACY_DICTIONARY_ID);
   });
 });
 
 Deno.test("`resolveZstdDictionary()` uses a cached copy whose sha256 matches, before downloading", async () => {
+  const legacyDict = await legacyDictionary();
   await withTempDir(async (dir) => {
     await Deno.mkdir(`${dir}/cache`);
-    await Deno.writeFile(`${dir}/cache/${CACHE_NAME}`, legacyDictionary);
-    await withServer({ "/dict": legacyDictionary }, async (base, hits) => {
+    await Deno.writeFile(`${dir}/cache/${CACHE_NAME}`, legacyDict.bytes);
+    await withServer({ "/dict": legacyDict.bytes }, async (base, hits) => {
       const resolved = await resolveZstdDictionary(isolated(dir, { downloadUrls: [`${base}/dict`] }));
       assert.equal(resolved.source, "cache");
       assert.equal(resolved.path, `${dir}/cache/${CACHE_NAME}`);
-      assert.deepEqual(resolved.bytes, legacyDictionary);
+      assert.deepEqual(resolved.bytes, legacyDict.bytes);
       assert.deepEqual(hits, []);
     });
   });
 });
 
 Deno.test("`resolveZstdDictionary()` downloads, verifies and caches the dictionary atomically", async () => {
+  const legacyDict = await legacyDictionary();
   await withTempDir(async (dir) => {
-    await withServer({ "/jetstream/legacy_subscribe.zdict": legacyDictionary }, async (base, hits) => {
+    await withServer({ "/jetstream/legacy_subscribe.zdict": legacyDict.bytes }, async (base, hits) => {
       const options = isolated(dir, {
         downloadUrls: [`${base}/missing.zdict`, `${base}/jetstream/legacy_subscribe.zdict`],
       });
       const resolved = await resolveZstdDictionary(options);
       assert.equal(resolved.source, "download");
       assert.equal(resolved.dictionaryId, LEGACY_DICTIONARY_ID);
-      assert.deepEqual(resolved.bytes, legacyDictionary);
+      assert.deepEqual(resolved.bytes, legacyDict.bytes);
       assert.equal(resolved.path, `${dir}/cache/${CACHE_NAME}`);
       // The 404 was skipped; only the final file is left, no temporary one.
       assert.deepEqual(hits, ["/missing.zdict", "/jetstream/legacy_subscribe.zdict"]);
       assert.deepEqual(await listDir(`${dir}/cache`), [CACHE_NAME]);
-      assert.deepEqual(await Deno.readFile(`${dir}/cache/${CACHE_NAME}`), legacyDictionary);
+      assert.deepEqual(await Deno.readFile(`${dir}/cache/${CACHE_NAME}`), legacyDict.bytes);
 
       const again = await resolveZstdDictionary(options);
       assert.equal(again.source, "cache");
@@ -200,21 +206,23 @@ Deno.test("`resolveZstdDictionary()` downloads, verifies and caches the dictiona
 });
 
 Deno.test("`resolveZstdDictionary()` ignores a corrupt cache file and replaces it", async () => {
+  const legacyDict = await legacyDictionary();
   await withTempDir(async (dir) => {
     await Deno.mkdir(`${dir}/cache`);
-    await Deno.writeFile(`${dir}/cache/${CACHE_NAME}`, legacyDictionary.subarray(0, 5000));
-    await withServer({ "/d": legacyDictionary }, async (base) => {
+    await Deno.writeFile(`${dir}/cache/${CACHE_NAME}`, legacyDict.bytes.subarray(0, 5000));
+    await withServer({ "/d": legacyDict.bytes }, async (base) => {
       const resolved = await resolveZstdDictionary(isolated(dir, { downloadUrls: [`${base}/d`] }));
       assert.equal(resolved.source, "download");
-      assert.deepEqual(await Deno.readFile(`${dir}/cache/${CACHE_NAME}`), legacyDictionary);
+      assert.deepEqual(await Deno.readFile(`${dir}/cache/${CACHE_NAME}`), legacyDict.bytes);
     });
   });
 });
 
 Deno.test("`resolveZstdDictionary()` gives a download URL that never answers downloadTimeoutMs, then tries the next", async () => {
+  const legacyDict = await legacyDictionary();
   await withTempDir(async (dir) => {
     await withSilentPort(async (port) => {
-      await withServer({ "/d": legacyDictionary }, async (base) => {
+      await withServer({ "/d": legacyDict.bytes }, async (base) => {
         const silent = `http://127.0.0.1:${port}/legacy.zdict`;
         // (The refusal first: the download after it fills the cache.)
         await assert.rejects(
@@ -227,15 +235,16 @@ Deno.test("`resolveZstdDictionary()` gives a download URL that never answers dow
           isolated(dir, { downloadUrls: [silent, `${base}/d`], downloadTimeoutMs: 300 }),
         );
         assert.equal(resolved.source, "download");
-        assert.deepEqual(resolved.bytes, legacyDictionary);
+        assert.deepEqual(resolved.bytes, legacyDict.bytes);
       });
     });
   });
 });
 
 Deno.test("`resolveZstdDictionary()` refuses a download with the wrong sha256 and caches nothing", async () => {
+  const v2Dict = await v2Dictionary();
   await withTempDir(async (dir) => {
-    const v2 = await Deno.readFile(V2_PATH);
+    const v2 = await Deno.readFile(v2Dict.path);
     await withServer({ "/d": v2 }, async (base) => {
       await assert.rejects(
         () => resolveZstdDictionary(isolated(dir, { downloadUrls: [`${base}/d`] })),
@@ -284,8 +293,9 @@ Deno.test("`resolveZstdDictionary()` says how to provide the dictionary when not
 });
 
 Deno.test("`resolveZstdDictionary()` caches under $XDG_CACHE_HOME/jetfill, else $HOME/.cache/jetfill", async () => {
+  const legacyDict = await legacyDictionary();
   await withTempDir(async (dir) => {
-    await withServer({ "/d": legacyDictionary }, async (base) => {
+    await withServer({ "/d": legacyDict.bytes }, async (base) => {
       const xdg = await resolveZstdDictionary({
         env: envOf({ XDG_CACHE_HOME: `${dir}/xdg`, HOME: `${dir}/home` }),
         downloadUrls: [`${base}/d`],

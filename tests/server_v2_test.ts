@@ -17,7 +17,7 @@ import { serveCommand } from "../src/cli/serve.ts";
 import { UsageError } from "../src/errors.ts";
 import { collectMessages, rawGet, waitFor } from "./helpers/ws_collect.ts";
 import { closeCode, encodeFrame, RawWebSocket } from "./helpers/raw_ws.ts";
-import { V2_DICT } from "./helpers/zstd_cli.ts";
+import { v2Dictionary } from "./helpers/dictionaries.ts";
 
 const START_US = 1_770_000_000_000_000; // 2026-02-02, safely in the past
 const STEP_US = 1000;
@@ -691,7 +691,7 @@ Deno.test("`serveJetstream()` v2 injects v2-shaped garbage on subscribeEvents", 
 Deno.test({
   name: "`serveJetstream()` v2 compresses every subscribeEvents frame with the v2 dictionary",
   async fn() {
-    const dictionary = await Deno.readFile(V2_DICT);
+    const dictionary = (await v2Dictionary()).bytes;
     const zstd = await createZstdEncoder(dictionary, 1);
     const v2Compressor = (text: string): Uint8Array => zstd.encode(encoder.encode(text)).slice();
     const zdecoder = await createZstdDecoder(dictionary);
@@ -817,6 +817,7 @@ Deno.test("`serveCommand()` rejects v2 flags without --v2 and bad v2 values", as
 Deno.test({
   name: "`serveCommand()` runs a v2 server with --v2 and its flags",
   async fn() {
+    const v2Dict = await v2Dictionary();
     const dir = await Deno.makeTempDir();
     try {
       const file = `${dir}/capture.ndjson`;
@@ -831,7 +832,7 @@ Deno.test({
         "--lookback-floor-seq",
         "51",
         "--v2-zstd-dictionary",
-        V2_DICT,
+        v2Dict.path,
         "--error-after",
         "10",
       ], { stderr: "null" });

@@ -15,7 +15,7 @@ import {
   tempDb,
   withSilentPort,
 } from "./helpers/loopback.ts";
-import { V2_DICT } from "./helpers/zstd_cli.ts";
+import { v2Dictionary } from "./helpers/dictionaries.ts";
 
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
 const V2_PATH = V2_SUBSCRIBE_PATH;
@@ -214,7 +214,7 @@ Deno.test("the v2 wire's InvalidRequest is the user's to fix: it fails fast with
 
 /** A v2 server compressing with the v2 dictionary, which it serves; `faults` as the server takes them. */
 async function compressingV2Server(events: JetstreamEvent[], options: { dropEvery?: number } = {}) {
-  const dictionary = await Deno.readFile(V2_DICT);
+  const dictionary = (await v2Dictionary()).bytes;
   const encoder = await createZstdEncoder(dictionary);
   const utf8 = new TextEncoder();
   return serveEvents(events, {
@@ -315,7 +315,7 @@ Deno.test("a v2 host that cannot give its dictionary for a while (503) is asked 
 
 Deno.test("a v2 server that does not know the fetched dictionary ID is read uncompressed", async () => {
   const events = capture(100);
-  const dictionary = await Deno.readFile(V2_DICT);
+  const dictionary = (await v2Dictionary()).bytes;
   // It serves a dictionary but cannot compress with it: zstdDictionary=<id> gets UnknownZstdDictionary.
   await using server = serveEvents(events, { version: "v2", closeAtEnd: true, v2Dictionary: dictionary });
   // Fetching the dictionary again is not a connection retry: none allowed makes no difference.
@@ -612,7 +612,7 @@ Deno.test("maxEventBytes on the v2 wire limits the event as stored, not the fram
 });
 
 Deno.test("fetchV2Dictionary() asks a v2 host served under a path prefix under that prefix", async () => {
-  const dictionary = await Deno.readFile(V2_DICT);
+  const dictionary = (await v2Dictionary()).bytes;
   const paths: string[] = [];
   await using server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, (req) => {
     const { pathname } = new URL(req.url);

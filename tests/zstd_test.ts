@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
-import { LEGACY_DICT as LEGACY_PATH, V2_DICT as V2_PATH } from "./helpers/zstd_cli.ts";
+// The dictionaries live beside the repository (never committed: the legacy one holds real events).
+import { legacyDictionary, v2Dictionary } from "./helpers/dictionaries.ts";
 // The public API, as a library user imports it.
 import {
   createZstdDecoder,
@@ -12,10 +13,6 @@ import {
   ZstdDecompressionStream,
 } from "../mod.ts";
 import { createZstdEncoder } from "../src/jetstream/zstd.ts";
-
-// The dictionaries live beside the repository (never committed: the legacy one holds real events).
-const legacyDictionary = await Deno.readFile(LEGACY_PATH);
-const v2Dictionary = await Deno.readFile(V2_PATH);
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
@@ -96,9 +93,10 @@ function decodeError(fn: () => unknown): ZstdDecodeError {
 }
 
 Deno.test("`createZstdDecoder()` decodes frames made by the zstd CLI with the legacy dictionary", async () => {
+  const legacyDict = await legacyDictionary();
   const events = sampleEvents();
-  const frames = await zstdFrames(events, ["-D", LEGACY_PATH]);
-  const zstd = await createZstdDecoder(legacyDictionary);
+  const frames = await zstdFrames(events, ["-D", legacyDict.path]);
+  const zstd = await createZstdDecoder(legacyDict.bytes);
   assert.equal(zstd.dictionaryId, LEGACY_DICTIONARY_ID);
   assert.equal(zstd.maxDecodedBytes, DEFAULT_MAX_DECODED_BYTES);
   for (const [i, frame] of frames.entries()) {
@@ -106,14 +104,15 @@ Deno.test("`createZstdDecoder()` decodes frames made by the zstd CLI with the le
     assert.deepEqual(zstd.decode(frame), events[i]);
   }
   // Through a pipe as well, the way a single message would be made.
-  const piped = await zstdPipe(["-D", LEGACY_PATH, "-c"], events[3]);
+  const piped = await zstdPipe(["-D", legacyDict.path, "-c"], events[3]);
   assert.equal(decoder.decode(zstd.decode(piped)), decoder.decode(events[3]));
 });
 
 Deno.test("`createZstdDecoder()` decodes frames without a content-size field", async () => {
+  const legacyDict = await legacyDictionary();
   const events = sampleEvents();
-  const frames = await zstdFrames(events, ["--no-content-size", "-D", LEGACY_PATH]);
-  const zstd = await createZstdDecoder(legacyDictionary);
+  const frames = await zstdFrames(events, ["--no-content-size", "-D", legacyDict.path]);
+  const zstd = await createZstdDecoder(legacyDict.bytes);
   for (const [i, frame] of frames.entries()) {
     // Frame_Content_Size_flag 0 and Single_Segment 0: the header records no size.
     assert.equal(frame[4] & 0xe0, 0);
@@ -122,9 +121,10 @@ Deno.test("`createZstdDecoder()` decodes frames without a content-size field", a
 });
 
 Deno.test("`createZstdDecoder()` decodes v2-dictionary frames with a v2 decoder", async () => {
+  const v2Dict = await v2Dictionary();
   const events = sampleEvents();
-  const frames = await zstdFrames(events, ["-D", V2_PATH]);
-  const zstd = await createZstdDecoder(v2Dictionary);
+  const frames = await zstdFrames(events, ["-D", v2Dict.path]);
+  const zstd = await createZstdDecoder(v2Dict.bytes);
   assert.equal(zstd.dictionaryId, V2_DICTIONARY_ID);
   for (const [i, frame] of frames.entries()) {
     assert.equal(frameDictionaryId(frame), V2_DICTIONARY_ID);
@@ -133,9 +133,11 @@ Deno.test("`createZstdDecoder()` decodes v2-dictionary frames with a v2 decoder"
 });
 
 Deno.test("`ZstdDecoder.decode()` rejects a frame made with another dictionary, naming both IDs", async () => {
+  const legacyDict = await legacyDictionary();
+  const v2Dict = await v2Dictionary();
   const [event] = sampleEvents();
-  const [v2Frame] = await zstdFrames([event], ["-D", V2_PATH]);
-  const legacy = await createZstdDecoder(legacyDictionary);
+  const [v2Frame] = await zstdFrames([event], ["-D", v2Dict.path]);
+  const legacy = await createZstdDecoder(legacyDict.bytes);
   const error = decodeError(() => legacy.decode(v2Frame));
   assert.equal(error.reason, "dictionary-mismatch");
   assert.equal(error.frameDictionaryId, V2_DICTIONARY_ID);
@@ -145,8 +147,8 @@ Deno.test("`ZstdDecoder.decode()` rejects a frame made with another dictionary, 
     /frame was compressed with dictionary 20260811, but the decoder has dictionary 1612007021/,
   );
 
-  const [legacyFrame] = await zstdFrames([event], ["-D", LEGACY_PATH]);
-  const v2 = await createZstdDecoder(v2Dictionary);
+  const [legacyFrame] = await zstdFrames([event], ["-D", legacyDict.path]);
+  const v2 = await createZstdDecoder(v2Dict.bytes);
   assert.match(
     decodeError(() => v2.decode(legacyFrame)).message,
     /dictionary 1612007021, but the decoder has dictionary 20260811/,
@@ -154,9 +156,10 @@ Deno.test("`ZstdDecoder.decode()` rejects a frame made with another dictionary, 
 });
 
 Deno.test("`createZstdDecoder()` decodes a frame compressed without a dictionary", async () => {
+  const legacyDict = await legacyDictionary();
   const events = sampleEvents();
   const frames = await zstdFrames(events, []);
-  const zstd = await createZstdDecoder(legacyDictionary);
+  const zstd = await createZstdDecoder(legacyDict.bytes);
   for (const [i, frame] of frames.entries()) {
     assert.equal(frameDictionaryId(frame), undefined);
     assert.deepEqual(zstd.decode(frame), events[i]);
@@ -164,9 +167,10 @@ Deno.test("`createZstdDecoder()` decodes a frame compressed without a dictionary
 });
 
 Deno.test("`ZstdDecoder.decode()` results stay intact across later decodes", async () => {
+  const legacyDict = await legacyDictionary();
   const events = sampleEvents();
-  const frames = await zstdFrames(events, ["-D", LEGACY_PATH]);
-  const zstd = await createZstdDecoder(legacyDictionary);
+  const frames = await zstdFrames(events, ["-D", legacyDict.path]);
+  const zstd = await createZstdDecoder(legacyDict.bytes);
   // Enough results to fill several 64 KiB pools.
   const kept: Uint8Array[] = [];
   for (let round = 0; round < 120; round++) for (const frame of frames) kept.push(zstd.decode(frame));
@@ -179,10 +183,11 @@ Deno.test("`ZstdDecoder.decode()` results stay intact across later decodes", asy
 });
 
 Deno.test("`ZstdDecoder.decode()` throws a corrupt ZstdDecodeError for damaged bytes and keeps working", async () => {
+  const legacyDict = await legacyDictionary();
   const events = sampleEvents();
-  const [frame] = await zstdFrames([events[5]], ["-D", LEGACY_PATH]);
-  const [unsized] = await zstdFrames([events[5]], ["--no-content-size", "-D", LEGACY_PATH]);
-  const zstd = await createZstdDecoder(legacyDictionary);
+  const [frame] = await zstdFrames([events[5]], ["-D", legacyDict.path]);
+  const [unsized] = await zstdFrames([events[5]], ["--no-content-size", "-D", legacyDict.path]);
+  const zstd = await createZstdDecoder(legacyDict.bytes);
   const flipped = frame.slice();
   for (let i = 20; i < flipped.length; i++) flipped[i] ^= 0x5a;
   const cases: [string, Uint8Array, RegExp][] = [
@@ -202,12 +207,13 @@ Deno.test("`ZstdDecoder.decode()` throws a corrupt ZstdDecodeError for damaged b
 });
 
 Deno.test("`ZstdDecoder.decode()` rejects frames over maxDecodedBytes as too-large", async () => {
+  const legacyDict = await legacyDictionary();
   const events = sampleEvents();
   const limit = events[0].length - 1;
-  const small = await createZstdDecoder(legacyDictionary, { maxDecodedBytes: limit });
+  const small = await createZstdDecoder(legacyDict.bytes, { maxDecodedBytes: limit });
   assert.equal(small.maxDecodedBytes, limit);
-  const [sized] = await zstdFrames([events[0]], ["-D", LEGACY_PATH]);
-  const [unsized] = await zstdFrames([events[0]], ["--no-content-size", "-D", LEGACY_PATH]);
+  const [sized] = await zstdFrames([events[0]], ["-D", legacyDict.path]);
+  const [unsized] = await zstdFrames([events[0]], ["--no-content-size", "-D", legacyDict.path]);
   const fromHeader = decodeError(() => small.decode(sized));
   assert.equal(fromHeader.reason, "too-large");
   assert.equal(
@@ -220,7 +226,7 @@ Deno.test("`ZstdDecoder.decode()` rejects frames over maxDecodedBytes as too-lar
   assert.equal(streamed.reason, "too-large");
   assert.match(streamed.message, new RegExp(`decodes to more than the limit of ${limit} bytes`));
   // A compressed frame longer than the limit cannot fit, whatever its header says.
-  const tiny = await createZstdDecoder(legacyDictionary, { maxDecodedBytes: 100 });
+  const tiny = await createZstdDecoder(legacyDict.bytes, { maxDecodedBytes: 100 });
   assert.match(
     decodeError(() => tiny.decode(unsized)).message,
     /bytes compressed, so it cannot decode within the limit/,
@@ -229,15 +235,15 @@ Deno.test("`ZstdDecoder.decode()` rejects frames over maxDecodedBytes as too-lar
   // 40 MiB of zeros compresses to about a kilobyte: a decompression bomb for the default 32 MiB cap,
   // with and without a recorded size.
   const zeros = new Uint8Array(40 * 1024 * 1024);
-  const zstd = await createZstdDecoder(legacyDictionary);
-  for (const args of [["-D", LEGACY_PATH], ["--no-content-size", "-D", LEGACY_PATH]]) {
+  const zstd = await createZstdDecoder(legacyDict.bytes);
+  for (const args of [["-D", legacyDict.path], ["--no-content-size", "-D", legacyDict.path]]) {
     const [bomb] = await zstdFrames([zeros], args);
     assert.ok(bomb.length < 4096);
     assert.equal(decodeError(() => zstd.decode(bomb)).reason, "too-large");
   }
   // Just under the cap still decodes, again with and without a recorded size.
   const large = new Uint8Array(DEFAULT_MAX_DECODED_BYTES - 1024).fill(0x61);
-  for (const args of [["-D", LEGACY_PATH], ["--no-content-size", "-D", LEGACY_PATH]]) {
+  for (const args of [["-D", legacyDict.path], ["--no-content-size", "-D", legacyDict.path]]) {
     const [frame] = await zstdFrames([large], args);
     const decoded = zstd.decode(frame);
     assert.equal(decoded.length, large.length);
@@ -247,50 +253,56 @@ Deno.test("`ZstdDecoder.decode()` rejects frames over maxDecodedBytes as too-lar
 });
 
 Deno.test("`ZstdDecoder.decode()` decodes an empty frame", async () => {
-  const zstd = await createZstdDecoder(legacyDictionary);
-  for (const args of [["-D", LEGACY_PATH, "-c"], ["--no-content-size", "-D", LEGACY_PATH, "-c"]]) {
+  const legacyDict = await legacyDictionary();
+  const zstd = await createZstdDecoder(legacyDict.bytes);
+  for (const args of [["-D", legacyDict.path, "-c"], ["--no-content-size", "-D", legacyDict.path, "-c"]]) {
     const frame = await zstdPipe(args, new Uint8Array(0));
     assert.equal(zstd.decode(frame).length, 0);
   }
 });
 
 Deno.test("`createZstdDecoder()` checks its arguments", async () => {
+  const legacyDict = await legacyDictionary();
   await assert.rejects(() => createZstdDecoder(encoder.encode("not a dictionary at all")), {
     name: "TypeError",
     message: /dictionary magic number 0xEC30A437/,
   });
-  await assert.rejects(() => createZstdDecoder(legacyDictionary, { maxDecodedBytes: 0 }), {
+  await assert.rejects(() => createZstdDecoder(legacyDict.bytes, { maxDecodedBytes: 0 }), {
     name: "RangeError",
     message: /'maxDecodedBytes' must be an integer from 1 to 33554432: current value is 0/,
   });
   await assert.rejects(
-    () => createZstdDecoder(legacyDictionary, { maxDecodedBytes: 64 * 1024 * 1024 }),
+    () => createZstdDecoder(legacyDict.bytes, { maxDecodedBytes: 64 * 1024 * 1024 }),
     RangeError,
   );
 });
 
 Deno.test("`createZstdDecoder()` creates independent decoders concurrently and restores WebAssembly.instantiate", async () => {
+  const legacyDict = await legacyDictionary();
+  const v2Dict = await v2Dictionary();
   const instantiate = WebAssembly.instantiate;
   const [a, b, c] = await Promise.all([
-    createZstdDecoder(legacyDictionary),
-    createZstdDecoder(v2Dictionary),
-    createZstdDecoder(legacyDictionary),
+    createZstdDecoder(legacyDict.bytes),
+    createZstdDecoder(v2Dict.bytes),
+    createZstdDecoder(legacyDict.bytes),
   ]);
   assert.equal(WebAssembly.instantiate, instantiate);
   const [event] = sampleEvents();
-  const [legacyFrame] = await zstdFrames([event], ["-D", LEGACY_PATH]);
-  const [v2Frame] = await zstdFrames([event], ["-D", V2_PATH]);
+  const [legacyFrame] = await zstdFrames([event], ["-D", legacyDict.path]);
+  const [v2Frame] = await zstdFrames([event], ["-D", v2Dict.path]);
   assert.deepEqual(a.decode(legacyFrame), event);
   assert.deepEqual(b.decode(v2Frame), event);
   assert.deepEqual(c.decode(legacyFrame), event);
 });
 
 Deno.test("`frameDictionaryId()` reads the dictionary ID from the frame header", async () => {
+  const legacyDict = await legacyDictionary();
+  const v2Dict = await v2Dictionary();
   const [event] = sampleEvents();
-  const [legacy] = await zstdFrames([event], ["-D", LEGACY_PATH]);
-  const [v2] = await zstdFrames([event], ["-D", V2_PATH]);
+  const [legacy] = await zstdFrames([event], ["-D", legacyDict.path]);
+  const [v2] = await zstdFrames([event], ["-D", v2Dict.path]);
   const [plain] = await zstdFrames([event], []);
-  const [noId] = await zstdFrames([event], ["--no-dictID", "-D", LEGACY_PATH]);
+  const [noId] = await zstdFrames([event], ["--no-dictID", "-D", legacyDict.path]);
   assert.equal(frameDictionaryId(legacy), LEGACY_DICTIONARY_ID);
   assert.equal(frameDictionaryId(v2), V2_DICTIONARY_ID);
   assert.equal(frameDictionaryId(plain), undefined);
@@ -302,23 +314,26 @@ Deno.test("`frameDictionaryId()` reads the dictionary ID from the frame header",
   assert.equal(frameDictionaryId(new Uint8Array([...magic, 0x01, 0x00, 0x7b, 0, 0, 0])), 123);
   assert.equal(frameDictionaryId(new Uint8Array([...magic, 0x02, 0x00, 0x39, 0x30, 0, 0, 0])), 12345);
   // A frame whose header names dictionary 123 is refused before decoding.
-  const zstd = await createZstdDecoder(legacyDictionary);
+  const zstd = await createZstdDecoder(legacyDict.bytes);
   assert.match(
     decodeError(() => zstd.decode(new Uint8Array([...magic, 0x01, 0x00, 0x7b, 0x01, 0, 0]))).message,
     /frame was compressed with dictionary 123, but the decoder has dictionary 1612007021/,
   );
 });
 
-Deno.test("`dictionaryIdOf()` reads a structured dictionary's ID and rejects other bytes", () => {
-  assert.equal(dictionaryIdOf(legacyDictionary), LEGACY_DICTIONARY_ID);
-  assert.equal(dictionaryIdOf(v2Dictionary), V2_DICTIONARY_ID);
+Deno.test("`dictionaryIdOf()` reads a structured dictionary's ID and rejects other bytes", async () => {
+  const legacyDict = await legacyDictionary();
+  const v2Dict = await v2Dictionary();
+  assert.equal(dictionaryIdOf(legacyDict.bytes), LEGACY_DICTIONARY_ID);
+  assert.equal(dictionaryIdOf(v2Dict.bytes), V2_DICTIONARY_ID);
   assert.throws(() => dictionaryIdOf(encoder.encode('{"did":"did:plc:x","kind":"commit"}')), TypeError);
   assert.throws(() => dictionaryIdOf(new Uint8Array([0x37, 0xa4, 0x30, 0xec])), TypeError);
 });
 
 Deno.test("`ZstdDecompressionStream` decodes several frames in order", async () => {
+  const legacyDict = await legacyDictionary();
   const events = sampleEvents();
-  const frames = await zstdFrames(events, ["-D", LEGACY_PATH]);
+  const frames = await zstdFrames(events, ["-D", legacyDict.path]);
   const collect = async (stream: ReadableStream<Uint8Array>): Promise<string[]> => {
     const out: string[] = [];
     for await (const chunk of stream) out.push(decoder.decode(chunk));
@@ -328,12 +343,12 @@ Deno.test("`ZstdDecompressionStream` decodes several frames in order", async () 
   // From a dictionary: the WebAssembly loads while the first chunk waits.
   assert.deepEqual(
     await collect(
-      ReadableStream.from(frames).pipeThrough(new ZstdDecompressionStream({ dictionary: legacyDictionary })),
+      ReadableStream.from(frames).pipeThrough(new ZstdDecompressionStream({ dictionary: legacyDict.bytes })),
     ),
     expected,
   );
   // From a ready decoder.
-  const ready = await createZstdDecoder(legacyDictionary);
+  const ready = await createZstdDecoder(legacyDict.bytes);
   assert.deepEqual(
     await collect(ReadableStream.from(frames).pipeThrough(new ZstdDecompressionStream(ready))),
     expected,
@@ -341,10 +356,11 @@ Deno.test("`ZstdDecompressionStream` decodes several frames in order", async () 
 });
 
 Deno.test("`ZstdDecompressionStream` errors on a bad frame, like DecompressionStream", async () => {
+  const legacyDict = await legacyDictionary();
   const events = sampleEvents();
-  const frames = await zstdFrames(events.slice(0, 2), ["-D", LEGACY_PATH]);
+  const frames = await zstdFrames(events.slice(0, 2), ["-D", legacyDict.path]);
   const stream = ReadableStream.from([frames[0], encoder.encode("garbage!"), frames[1]])
-    .pipeThrough(new ZstdDecompressionStream({ dictionary: legacyDictionary }));
+    .pipeThrough(new ZstdDecompressionStream({ dictionary: legacyDict.bytes }));
   const seen: Uint8Array[] = [];
   await assert.rejects(async () => {
     for await (const chunk of stream) seen.push(chunk);
@@ -355,14 +371,15 @@ Deno.test("`ZstdDecompressionStream` errors on a bad frame, like DecompressionSt
   // DecompressionStream does for an unknown format.
   assert.throws(() => new ZstdDecompressionStream({ dictionary: new Uint8Array(8) }), TypeError);
   assert.throws(
-    () => new ZstdDecompressionStream({ dictionary: legacyDictionary, maxDecodedBytes: 0 }),
+    () => new ZstdDecompressionStream({ dictionary: legacyDict.bytes, maxDecodedBytes: 0 }),
     RangeError,
   );
 });
 
 Deno.test("`ZstdDecompressionStream` takes chunks and hands them out as DecompressionStream does", async () => {
+  const legacyDict = await legacyDictionary();
   const events = sampleEvents();
-  const frames = await zstdFrames(events, ["-D", LEGACY_PATH]);
+  const frames = await zstdFrames(events, ["-D", legacyDict.path]);
   const [a, b, c] = frames;
   // Any BufferSource goes in: a Uint8Array, an ArrayBuffer, a DataView, another typed array's view of
   // a frame in the middle of a larger buffer. An empty chunk is ignored.
@@ -378,7 +395,7 @@ Deno.test("`ZstdDecompressionStream` takes chunks and hands them out as Decompre
   const out: Uint8Array<ArrayBuffer>[] = [];
   for await (
     const chunk of ReadableStream.from(chunks).pipeThrough(
-      new ZstdDecompressionStream({ dictionary: legacyDictionary }),
+      new ZstdDecompressionStream({ dictionary: legacyDict.bytes }),
     )
   ) out.push(chunk);
   assert.deepEqual(
@@ -396,7 +413,7 @@ Deno.test("`ZstdDecompressionStream` takes chunks and hands them out as Decompre
 
   // Anything else errors the stream, naming what it got.
   const wrong = ReadableStream.from(["not bytes"]).pipeThrough(
-    new ZstdDecompressionStream({ dictionary: legacyDictionary }) as unknown as TransformStream<
+    new ZstdDecompressionStream({ dictionary: legacyDict.bytes }) as unknown as TransformStream<
       string,
       Uint8Array
     >,
@@ -407,11 +424,12 @@ Deno.test("`ZstdDecompressionStream` takes chunks and hands them out as Decompre
 });
 
 Deno.test("zstd frames after skippable frames decode; a cut-off skippable frame is corrupt", async () => {
+  const legacyDict = await legacyDictionary();
   const [event] = sampleEvents();
-  const [frame] = await zstdFrames([event], ["-D", LEGACY_PATH]);
+  const [frame] = await zstdFrames([event], ["-D", legacyDict.path]);
   const skippable = (magicLowNibble: number, payload: number[]) =>
     new Uint8Array([0x50 | magicLowNibble, 0x2a, 0x4d, 0x18, payload.length, 0, 0, 0, ...payload]);
-  const zstd = await createZstdDecoder(legacyDictionary);
+  const zstd = await createZstdDecoder(legacyDict.bytes);
   const message = new Uint8Array([...skippable(0, [1, 2, 3]), ...skippable(15, []), ...frame]);
   assert.equal(decoder.decode(zstd.decode(message)), decoder.decode(event));
   assert.equal(frameDictionaryId(message), LEGACY_DICTIONARY_ID);
@@ -422,18 +440,20 @@ Deno.test("zstd frames after skippable frames decode; a cut-off skippable frame 
 });
 
 Deno.test("`createZstdEncoder()` frames round-trip through the zstd CLI and the decoder", async () => {
+  const legacyDict = await legacyDictionary();
+  const v2Dict = await v2Dictionary();
   const events = sampleEvents();
-  const zstd = await createZstdEncoder(legacyDictionary);
+  const zstd = await createZstdEncoder(legacyDict.bytes);
   assert.equal(zstd.dictionaryId, LEGACY_DICTIONARY_ID);
   assert.equal(zstd.level, 3);
-  const decoderForFrames = await createZstdDecoder(legacyDictionary);
+  const decoderForFrames = await createZstdDecoder(legacyDict.bytes);
   for (const event of events) {
     const frame = zstd.encode(event);
     assert.equal(frameDictionaryId(frame), LEGACY_DICTIONARY_ID);
     // Frame_Content_Size_flag is set, so the size is recorded.
     assert.ok(frame[4] >> 6 !== 0 || (frame[4] & 0x20) !== 0);
     assert.ok(frame.length < event.length);
-    assert.deepEqual(await zstdPipe(["-d", "-D", LEGACY_PATH, "-c"], frame), event);
+    assert.deepEqual(await zstdPipe(["-d", "-D", legacyDict.path, "-c"], frame), event);
     assert.deepEqual(decoderForFrames.decode(frame), event);
   }
   // The CLI refuses the frame without the dictionary: it really depends on it.
@@ -449,10 +469,10 @@ Deno.test("`createZstdEncoder()` frames round-trip through the zstd CLI and the 
   await writer.close();
   assert.notEqual((await child.status).code, 0);
 
-  const v2 = await createZstdEncoder(v2Dictionary, 1);
+  const v2 = await createZstdEncoder(v2Dict.bytes, 1);
   const frame = v2.encode(events[2]);
   assert.equal(frameDictionaryId(frame), V2_DICTIONARY_ID);
-  assert.deepEqual(await zstdPipe(["-d", "-D", V2_PATH, "-c"], frame), events[2]);
+  assert.deepEqual(await zstdPipe(["-d", "-D", v2Dict.path, "-c"], frame), events[2]);
   assert.deepEqual(v2.encode(new Uint8Array(0)).length > 0, true);
-  await assert.rejects(() => createZstdEncoder(legacyDictionary, 0), RangeError);
+  await assert.rejects(() => createZstdEncoder(legacyDict.bytes, 0), RangeError);
 });

@@ -1,32 +1,4 @@
 /** Frames made by the real `zstd` command-line tool, in one run for many events. */
-import { fileURLToPath } from "node:url";
-
-/**
- * Where the tests find Jetstream's zstd dictionaries, which this repository does not include:
- * `$JETFILL_TEST_DICTIONARIES`, else `../shared/jetstream/` beside the checkout.
- */
-const DICTIONARIES = Deno.env.get("JETFILL_TEST_DICTIONARIES") ??
-  fileURLToPath(new URL("../../../shared/jetstream/", import.meta.url));
-
-/** The path of dictionary `name`, or an error that says where to put it. */
-function dictionary(name: string): string {
-  const path = `${DICTIONARIES.replace(/\/$/, "")}/${name}`;
-  try {
-    Deno.statSync(path);
-  } catch {
-    throw new Error(
-      `the tests need Jetstream's zstd dictionary ${name}, which this repository does not include: copy it ` +
-        `(from github.com/bluesky-social/jetstream, internal/subscribe/dictionaries/) to ${path}, or set ` +
-        "JETFILL_TEST_DICTIONARIES to the folder that holds it",
-    );
-  }
-  return path;
-}
-
-/** The legacy dictionary (`/subscribe`), sha256 b8d77b46…. */
-export const LEGACY_DICT: string = dictionary("legacy_subscribe.zdict");
-/** The v2 dictionary (`subscribeEvents`). */
-export const V2_DICT: string = dictionary("subscribe_events_20260811.zdict");
 
 /**
  * Compresses each text as its own frame with `zstd -D dict`, like Jetstream does per event.
