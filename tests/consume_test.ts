@@ -1139,6 +1139,80 @@ Deno.test("a paused consumer whose parked messages were taken over leaves them t
   }
 });
 
+Deno.test("consume({ untilEmpty }) stops once the queue is done when a parked message fails after its run was taken over", async () => {
+  const { dir, path } = await tempDb();
+  const kv = await openKvAt(path);
+  try {
+    // Three messages parked by a consumer that stopped: the next consume() takes their run over at once.
+    const run = "stopped-run";
+    const seqs = [1, 2, 3];
+    const sign = queueKey(Q, "consumer", run);
+    const setup = kv.atomic()
+      .set(queueKey(Q, "count", "messages"), new Deno.KvU64(3n))
+      .set(queueKey(Q, "count", "records"), new Deno.KvU64(3n));
+    for (const seq of seqs) {
+      setup.set(parkedKey(Q, { run, seq }), message(seq, [commit(seq)])).set(
+        parkedSeqKey(Q, { run, seq }),
+        true,
+      );
+    }
+    assert.ok((await setup.commit()).ok);
+    const handled: number[] = [];
+    const reports: string[] = [];
+    // Before, it never stopped: bounded, so that the test fails instead.
+    const ac = new AbortController();
+    const bound = setTimeout(() => ac.abort(), 20_000);
+    let result;
+    try {
+      result = await consume({
+        kv,
+        untilEmpty: true,
+        signal: ac.signal,
+        handlerTimeout: 30_000,
+        onError: (r) => reports.push(`${r.reason}: ${r.message}`),
+        handler: async (_events, { seq }) => {
+          handled.push(seq);
+          // While the handler runs, this consumer seems gone to another (as after a pause), which
+          // takes the run over; this one's next sign of life (one every PARK_HEARTBEAT_MS) finds
+          // that out before the handler ends. (Had it not yet, it would find out later, and this
+          // test would pass on the old code too: it never fails for want of time.)
+          await kv.set(sign, { at: Date.now(), by: "taker" });
+          await sleep(2 * PARK_HEARTBEAT_MS + 500);
+          // The new holder handles the three messages and lets the run go, as it does when done.
+          const done = kv.atomic()
+            .sum(queueKey(Q, "count", "messagesHandled"), 3n)
+            .sum(queueKey(Q, "count", "recordsHandled"), 3n)
+            .delete(sign);
+          for (const s of seqs) {
+            done.set(queueKey(Q, "handled", s), Date.now())
+              .delete(parkedKey(Q, { run, seq: s }))
+              .delete(parkedSeqKey(Q, { run, seq: s }));
+          }
+          assert.ok((await done.commit()).ok);
+          // And this handler fails: its message went back among the parked ones it waits for, under
+          // a run it no longer held and would never start.
+          throw new Error(`message ${seq} failed after the take-over`);
+        },
+      });
+    } finally {
+      clearTimeout(bound);
+    }
+    assert.equal(
+      result.stopReason,
+      "empty",
+      `stopped '${result.stopReason}' (20 s bound): it waited for a parked message of a run taken over`,
+    );
+    assert.deepEqual(handled, [1]);
+    assert.deepEqual(reports, [
+      "handler: handler failed on message 1: message 1 failed after the take-over; its run was taken over meanwhile: it is left to its new holder",
+    ]);
+    assert.deepEqual(await listParked(path), []);
+  } finally {
+    kv.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("consume() tries a parked message whose handler failed again, and goes on with the others meanwhile", async () => {
   const { dir, path } = await tempDb();
   try {

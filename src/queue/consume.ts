@@ -777,7 +777,19 @@ class Consumer {
     this.#bySeq.set(d.message.seq, d);
   }
 
+  /**
+   * Keeps a parked message for its turn, unless its run was taken over meanwhile: keepAlive() can
+   * find that out while the message's handler runs (a paused consumer's, which times out as it
+   * resumes) or while its parking commit is on its way, after #lose() let go of the run's other
+   * messages. It is then the run's new holder's too. Kept here, it would never start (its run is
+   * never surely held again), and untilEmpty, which waits for the parked messages it holds, would
+   * never stop. Once stopping, they are kept: copies that KV delivers are then known for what they are.
+   */
   #insertParked(p: Parked): void {
+    if (this.#takenOver(p.run)) {
+      if (this.#parkedBySeq.get(p.seq) === p) this.#parkedBySeq.delete(p.seq);
+      return;
+    }
     this.#parked.splice(lowerBound(this.#parked, p.seq, (q) => q.seq), 0, p);
     this.#parkedBySeq.set(p.seq, p);
   }
@@ -886,6 +898,14 @@ class Consumer {
   #surelyHeld(run: string, now: number): boolean {
     const held = this.#heldRuns.get(run);
     return held !== undefined && now - held.okAt <= PARK_START_WITHIN_MS;
+  }
+
+  /**
+   * Whether `run`'s parked messages are another's now: it is not held here, taken over while this
+   * consumer seemed gone. (Once stopping, nothing more starts, and every run is the next consumer's.)
+   */
+  #takenOver(run: string): boolean {
+    return this.stopReason === undefined && !this.#heldRuns.has(run);
   }
 
   /** Index in #parked of the lowest seq that may be tried now (-1: none), noting when the next may. */
@@ -1102,17 +1122,18 @@ class Consumer {
 
   /** What becomes of a parked message whose handling failed (see #failed), said in its report. */
   #fate(d: Delivery): string {
-    const failures = d.parked?.failures;
-    if (failures === undefined) return "";
-    return failures < PARKED_RETRY_MS.length
-      ? `; it stays parked, to be tried again in ${PARKED_RETRY_MS[failures]} ms`
-      : `; it failed ${failures + 1} times and goes to its dead letter`;
+    const p = d.parked;
+    if (!p) return "";
+    if (this.#takenOver(p.run)) return "; its run was taken over meanwhile: it is left to its new holder";
+    return p.failures < PARKED_RETRY_MS.length
+      ? `; it stays parked, to be tried again in ${PARKED_RETRY_MS[p.failures]} ms`
+      : `; it failed ${p.failures + 1} times and goes to its dead letter`;
   }
 
   /**
    * A failed handling: a delivery is left to KV (rejected, for redelivery on its schedule); a parked
    * message is tried again on KV's default schedule, and after its sixth failure written to its dead
-   * letter, as KV does with a delivery.
+   * letter, as KV does with a delivery; one whose run was taken over meanwhile is its new holder's.
    */
   async #failed(d: Delivery, err: unknown): Promise<void> {
     const p = d.parked;
@@ -1120,6 +1141,11 @@ class Consumer {
       this.#finish(d);
       this.#dueUntil = Math.max(this.#dueUntil, performance.now() + RETRY_EXPECTED_MS);
       for (const s of d.settles) s.reject(err);
+      return;
+    }
+    // Neither tried again nor written to its dead letter here: its new holder tries it.
+    if (this.#takenOver(p.run)) {
+      if (this.#parkedBySeq.get(p.seq) === p) this.#parkedBySeq.delete(p.seq);
       return;
     }
     p.failures++;
