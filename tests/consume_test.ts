@@ -27,6 +27,7 @@ import { generateCapture } from "../src/server/synth.ts";
 import { produce } from "./helpers/produce.ts";
 import { commit } from "./helpers/events.ts";
 import { UsageError } from "../src/errors.ts";
+import { killIfRunning, statusWithin } from "./helpers/cli.ts";
 import { backlog, eachLine, kvQueueTables, listParked, Q, sleep, tempDb } from "./helpers/consume.ts";
 
 function message(seq: number, events: JetstreamEvent[], queue = Q): QueueMessage {
@@ -1075,20 +1076,22 @@ Deno.test("requeueParked() deletes a sign of life with nothing parked once it is
 
 Deno.test("a paused consumer whose parked messages were taken over leaves them to their new holder once it resumes", async () => {
   const { dir, path } = await tempDb();
+  const kv = await openKvAt(path);
+  let child: Deno.ChildProcess | undefined;
+  let reading: Promise<void> | undefined;
   try {
-    const kv = await openKvAt(path);
     await produce(kv, generateCapture({ count: 20000, seed: 28 }), { batchSize: 20 });
     // A consumer process (30 ms a message) parks most of the 1,000 messages, and its thread then
     // stops for 25 s once it handles parked ones, with the next few read (a process stopped by
     // SIGSTOP could be holding SQLite's write lock, which would stop everyone).
-    const child = new Deno.Command(Deno.execPath(), {
+    child = new Deno.Command(Deno.execPath(), {
       args: ["run", "-A", "--unstable-kv", import.meta.filename!, "parker", path, "until-empty", "25000"],
       stdout: "piped",
       stderr: "inherit",
     }).spawn();
     const byChild = new Set<number>();
     let pausedWith: Set<number> | undefined;
-    const reading = eachLine(child.stdout, (line) => {
+    reading = eachLine(child.stdout, (line) => {
       if (line === "paused") pausedWith = new Set(byChild);
       else byChild.add(Number(line));
     });
@@ -1100,26 +1103,41 @@ Deno.test("a paused consumer whose parked messages were taken over leaves them t
     // Another consumer takes its run over once its sign of life is 10 s old, before it resumes.
     let claimed = false;
     const byOther = new Set<number>();
-    const other = await consume({
-      kv,
-      untilEmpty: true,
-      // What the paused consumer holds of KV's deliveries waits for it: news only once it resumes.
-      emptyTimeout: 30_000,
-      handler: async (_events, { seq }) => {
-        if (!claimed) {
-          for await (const e of kv.list<{ by?: string }>({ prefix: queueKey(Q, "consumer") })) {
-            claimed ||= e.value.by !== undefined && e.value.by !== e.key.at(-1);
+    const ac = new AbortController();
+    const bound = setTimeout(() => ac.abort(), 120_000);
+    let other;
+    try {
+      other = await consume({
+        kv,
+        untilEmpty: true,
+        signal: ac.signal,
+        // What the paused consumer holds of KV's deliveries waits for it: news only once it resumes.
+        emptyTimeout: 30_000,
+        handler: async (_events, { seq }) => {
+          if (!claimed) {
+            for await (const e of kv.list<{ by?: string }>({ prefix: queueKey(Q, "consumer") })) {
+              claimed ||= e.value.by !== undefined && e.value.by !== e.key.at(-1);
+            }
           }
-        }
-        byOther.add(seq);
-        // Slow enough to be still at it when the first one resumes.
-        await sleep(20);
-      },
-    });
+          byOther.add(seq);
+          // Slow enough to be still at it when the first one resumes.
+          await sleep(20);
+        },
+      });
+    } finally {
+      clearTimeout(bound);
+    }
     assert.ok(claimed, "the paused consumer's run was never taken over");
-    assert.equal((await child.status).code, 0);
+    assert.equal(other.stopReason, "empty", `the other consumer stopped '${other.stopReason}' (120 s bound)`);
+    // The resumed consumer is done a moment after the other one. (It once waited for ever for a
+    // parked message of the run taken over, the queue done.)
+    const exit = await statusWithin(
+      child,
+      60_000,
+      "the resumed consumer (parker, until empty) was still waiting, 60 s after the other one found the queue empty",
+    );
+    assert.equal(exit.code, 0);
     await reading;
-    assert.equal(other.stopReason, "empty");
     const both = [...byOther].filter((seq) => byChild.has(seq) && !pausedWith!.has(seq));
     // Before, the resumed consumer went on with the parked messages it remembered: 750 of 1,000
     // were handled by both, side by side.
@@ -1133,8 +1151,14 @@ Deno.test("a paused consumer whose parked messages were taken over leaves them t
     const signs = [];
     for await (const e of kv.list({ prefix: queueKey(Q, "consumer") })) signs.push(e.key);
     assert.deepEqual(signs, [], "signs of life were left behind");
-    kv.close();
   } finally {
+    // A test that failed midway leaves no process behind.
+    if (child) {
+      killIfRunning(child, "SIGKILL");
+      await child.status;
+      await reading;
+    }
+    kv.close();
     await Deno.remove(dir, { recursive: true });
   }
 });

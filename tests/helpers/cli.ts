@@ -1,4 +1,7 @@
-/** The CLI in a process of its own, as a user runs it: `deno run -A cli.ts …`. */
+/**
+ * The CLI in a process of its own, as a user runs it (`deno run -A cli.ts …`), and the waits on and
+ * signals to child processes by which no test hangs on one, or fails for the wrong reason.
+ */
 
 /** The path of the project's `cli.ts`. */
 export const CLI: string = new URL("../../cli.ts", import.meta.url).pathname;
@@ -47,4 +50,43 @@ export async function whileRunning(
     }
     await new Promise((r) => setTimeout(r, 50));
   }
+}
+
+/**
+ * Sends `signal` to `child` if it still runs: false when it had ended already. Deno's `kill()`
+ * throws "Child process has already terminated" (a TypeError) as soon as Deno has seen the exit,
+ * which may be before the test's own look at `child.status`; a child that ended on its own then
+ * shows how in the exit code and stderr that the caller checks next, not as that TypeError.
+ */
+export function killIfRunning(child: Deno.ChildProcess, signal: Deno.Signal = "SIGTERM"): boolean {
+  try {
+    child.kill(signal);
+    return true;
+  } catch (err) {
+    if (err instanceof TypeError) return false;
+    throw err;
+  }
+}
+
+/**
+ * The exit status of `child`, which is expected to end by itself within `ms`; past that it is
+ * killed (SIGKILL) and this throws, saying what the child was doing (`what`), instead of waiting
+ * for ever.
+ */
+export async function statusWithin(
+  child: Deno.ChildProcess,
+  ms: number,
+  what: string,
+): Promise<Deno.CommandStatus> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const expired = new Promise<undefined>((resolve) => timer = setTimeout(() => resolve(undefined), ms));
+  try {
+    const status = await Promise.race([child.status, expired]);
+    if (status) return status;
+  } finally {
+    clearTimeout(timer);
+  }
+  killIfRunning(child, "SIGKILL");
+  await child.status;
+  throw new Error(`the child process did not end within ${ms / 1000} s (killed): ${what}`);
 }
