@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { queueKey } from "../src/queue/kv_queue.ts";
 import { commit, drainQueue } from "./helpers/events.ts";
 import { serveEvents, syncConnections, tcpRelay, tempDb } from "./helpers/loopback.ts";
-import { runCli, spawnCli, syncArgs, whileRunning } from "./helpers/cli.ts";
+import { killIfRunning, runCli, spawnCli, statusWithin, syncArgs, whileRunning } from "./helpers/cli.ts";
 import { asRun, counted } from "../src/cli/program.ts";
 
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
@@ -209,7 +209,7 @@ for (const [signal, code] of [["SIGINT", 130], ["SIGTERM", 143], ["SIGHUP", 129]
     // Wait until the whole capture was served, then interrupt.
     await whileRunning(child, () => syncConnections(server)[0]?.sent >= 500);
     await new Promise((r) => setTimeout(r, 300));
-    child.kill(signal);
+    killIfRunning(child, signal);
     const out = await child.output();
     const stderr = new TextDecoder().decode(out.stderr);
     assert.equal(out.code, code, stderr);
@@ -485,4 +485,26 @@ Deno.test("whileRunning() (the tests' wait on a child process) fails with the ch
     () => whileRunning(child, () => false),
     /the process ended \(code 2\) before it got there: .*--bogus/s,
   );
+});
+
+Deno.test("killIfRunning() signals a child that runs and says false for one that ended, where kill() throws", async () => {
+  const ended = new Deno.Command(Deno.execPath(), { args: ["eval", ""] }).spawn();
+  await ended.status;
+  assert.throws(() => ended.kill("SIGKILL"), TypeError);
+  assert.equal(killIfRunning(ended, "SIGKILL"), false);
+  const running = new Deno.Command(Deno.execPath(), { args: ["eval", "setTimeout(() => {}, 60_000)"] })
+    .spawn();
+  assert.equal(killIfRunning(running, "SIGKILL"), true);
+  assert.equal((await running.status).signal, "SIGKILL");
+});
+
+Deno.test("statusWithin() (the tests' bounded wait on a child process) kills a child that outlives it and says what it waited for", async () => {
+  const quick = new Deno.Command(Deno.execPath(), { args: ["eval", "Deno.exit(3)"] }).spawn();
+  assert.equal((await statusWithin(quick, 30_000, "exiting")).code, 3);
+  const stuck = new Deno.Command(Deno.execPath(), { args: ["eval", "setTimeout(() => {}, 60_000)"] }).spawn();
+  await assert.rejects(
+    () => statusWithin(stuck, 300, "the queue to be empty"),
+    /^Error: the child process did not end within 0\.3 s \(killed\): the queue to be empty$/,
+  );
+  assert.equal((await stuck.status).signal, "SIGKILL");
 });

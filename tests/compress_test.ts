@@ -11,7 +11,7 @@ import { legacyDictionary, v2Dictionary } from "./helpers/dictionaries.ts";
 import { spawnServer } from "../scripts/spawn_server.ts";
 import { readCheckpoint } from "../src/queue/kv_queue.ts";
 import { relative } from "node:path";
-import { runCli, spawnCli } from "./helpers/cli.ts";
+import { killIfRunning, runCli, spawnCli } from "./helpers/cli.ts";
 
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
 
@@ -220,7 +220,7 @@ Deno.test("a resume whose dictionary download hangs stops at --max-time naming t
         );
         const child = spawnCli(["sync", "--resume", "--kv", db]);
         await new Promise((resolve) => setTimeout(resolve, 1500));
-        child.kill("SIGINT");
+        killIfRunning(child, "SIGINT");
         const out = await child.output();
         assert.equal(out.code, 130, new TextDecoder().decode(out.stderr));
         assert.match(new TextDecoder().decode(out.stderr), /stopped by SIGINT while starting/);

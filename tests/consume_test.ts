@@ -389,7 +389,7 @@ Deno.test("consume() keeps slow handlers out of KV's 5 s redelivery while anothe
         await sleep(80);
       },
     });
-    opener.kill();
+    killIfRunning(opener);
     await opener.status;
     assert.equal(result.messages, 60);
     assert.equal(calls.size, 60);
@@ -964,7 +964,7 @@ Deno.test("the messages a killed consumer parked wait while it may be alive, the
       if (performance.now() > deadline) assert.fail("the consumer parked nothing in 20 s");
       await sleep(50);
     }
-    child.kill("SIGKILL");
+    killIfRunning(child, "SIGKILL");
     await child.status;
     await lines.cancel();
     const killedAt = performance.now();

@@ -7,6 +7,7 @@ import type { JetstreamEvent } from "../src/jetstream/events.ts";
 import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
 import { generateCapture } from "../src/server/synth.ts";
 import { serveEvents } from "./helpers/loopback.ts";
+import { killIfRunning } from "./helpers/cli.ts";
 import { produce } from "./helpers/produce.ts";
 import { isoFromUs, utcDate } from "../src/time.ts";
 import { queueKey } from "../src/queue/kv_queue.ts";
@@ -215,7 +216,7 @@ Deno.test("jetfill export --follow picks up what another process enqueues and ex
       if (lines(text).length >= expected.length) break;
       await new Promise((r) => setTimeout(r, 100));
     }
-    child.kill("SIGINT");
+    killIfRunning(child, "SIGINT");
     const result = await child.output();
     const stderr = TEXT.decode(result.stderr);
     assert.equal(result.code, 130, stderr);
@@ -548,7 +549,7 @@ Deno.test("jetfill export --follow of a queue name the database never held says 
       stderr.split("\n")[0],
       `jetfill export: queue 'other' has nothing in ${path}, which holds 'jetstream_sync'; waiting for a sync to write 'other' (see --queue-name)`,
     );
-    child.kill("SIGINT");
+    killIfRunning(child, "SIGINT");
     const status = await child.status;
     reader.releaseLock();
     await child.stderr.cancel().catch(() => {});

@@ -9,7 +9,7 @@ import { pathToFileURL as toFileUrlNode } from "node:url";
 import { commit } from "./helpers/events.ts";
 import { serveEvents, syncConnections, tempDb } from "./helpers/loopback.ts";
 import type { JetstreamServer } from "../src/server/server.ts";
-import { runCli, spawnCli, syncArgs, whileRunning } from "./helpers/cli.ts";
+import { killIfRunning, runCli, spawnCli, syncArgs, whileRunning } from "./helpers/cli.ts";
 
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
 const dec = new TextDecoder();
@@ -81,7 +81,7 @@ Deno.test("the lock file of a sync killed with SIGKILL is free at once: the next
   await using db = await tempDb();
   const first = await syncAll(server, db.path, events.length);
   assert.equal(await queueFileLocked(db.path, "jetstream_sync"), true);
-  first.kill("SIGKILL");
+  killIfRunning(first, "SIGKILL");
   await first.output();
   assert.equal(await queueFileLocked(db.path, "jetstream_sync"), false);
   const stats = await runBackfillSync({ kv: db.path, resume: true, maxTime: 2 });
@@ -94,7 +94,7 @@ Deno.test("a paused sync keeps its queue: a second sync is refused however long 
   await using server = serveEvents(events);
   await using db = await tempDb();
   const first = await syncAll(server, db.path, events.length);
-  first.kill("SIGSTOP");
+  killIfRunning(first, "SIGSTOP");
   try {
     // Longer than a sync waits for a sign of life in the database (10 s): by that alone, the paused
     // sync would be taken for crashed and its queue taken over.
@@ -116,10 +116,10 @@ Deno.test("a paused sync keeps its queue: a second sync is refused however long 
     assert.equal(second.code, 1, second.stderr);
     assert.match(second.stderr, /is being written by another sync right now \(a running process holds/);
   } finally {
-    first.kill("SIGCONT");
+    killIfRunning(first, "SIGCONT");
   }
   await delay(500);
-  first.kill("SIGINT");
+  killIfRunning(first, "SIGINT");
   const out = await first.output();
   assert.equal(out.code, 130, dec.decode(out.stderr));
   const stats = JSON.parse(dec.decode(out.stdout));

@@ -8,6 +8,7 @@ import { serveCommand } from "../src/cli/serve.ts";
 import { UsageError } from "../src/errors.ts";
 import { collectMessages, rawGet, waitFor } from "./helpers/ws_collect.ts";
 import { closeCode, encodeFrame, RawWebSocket } from "./helpers/raw_ws.ts";
+import { killIfRunning } from "./helpers/cli.ts";
 
 const SEED = 11;
 const START_US = 1_770_000_000_000_000; // 2026-02-02, safely in the past
@@ -812,7 +813,7 @@ Deno.test("`serveCommand()` runs as `jetfill serve`, prints one listening line a
         return event.kind !== "commit" || event.commit.collection === "app.bsky.feed.post";
       }),
     );
-    child.kill("SIGTERM");
+    killIfRunning(child, "SIGTERM");
     for (;;) {
       const { value, done } = await stdout.read();
       if (done) break;
@@ -847,7 +848,7 @@ async function serveCli(
   return {
     urls: [...out.matchAll(/ws:\/\/\S+/g)].map((m) => m[0]),
     stop: async () => {
-      child.kill("SIGTERM");
+      killIfRunning(child, "SIGTERM");
       await stdout.cancel();
       return { code: (await child.status).code, stderr: await stderr };
     },
