@@ -779,6 +779,42 @@ Deno.test("requeueParked() hands what a stopped consumer parked back to KV's que
   }
 });
 
+/** A sign of life that a test writes as a live consumer would: its key, its next value, its last versionstamp. */
+interface SignOfLifeBeat {
+  key: Deno.KvKey;
+  value: () => unknown;
+  versionstamp: string;
+}
+
+/**
+ * Writes each of `signs` every 300 ms, as a live consumer does, each write checked against its last
+ * one, until `stop()`, which resolves once the write on its way is done: to whether a write was
+ * refused, that is, whether another wrote the sign meanwhile. The writes go one at a time: with
+ * setInterval, a write that took over 300 ms (each commit waits for an fsync; a busy disk) had the
+ * next start from the same versionstamp, refused as if another had written the sign.
+ */
+function beatEvery300Ms(kv: Deno.Kv, signs: SignOfLifeBeat[]): { stop(): Promise<boolean> } {
+  let stopped = false;
+  let lost = false;
+  const beating = (async () => {
+    while (!stopped) {
+      await sleep(300);
+      for (const sign of signs) {
+        const res = await kv.atomic().check(sign).set(sign.key, sign.value()).commit();
+        if (res.ok) sign.versionstamp = res.versionstamp;
+        else lost = true;
+      }
+    }
+  })();
+  return {
+    stop: async () => {
+      stopped = true;
+      await beating;
+      return lost;
+    },
+  };
+}
+
 /** A queue of 400 messages of 20 events, whose first consumer (30 ms a message) stopped after 20, parking most of the rest. */
 async function stoppedWithParked(path: string, handled: Map<number, number>): Promise<void> {
   await backlog(path, 8000, 27, 20);
@@ -863,51 +899,62 @@ Deno.test("a consume() started after a consumer crashed watches its sign of life
 
 Deno.test("a consume() whose clock calls a live consumer's sign of life stale still starts, and leaves that consumer's parked messages alone", async () => {
   const { dir, path } = await tempDb();
+  const kv = await openKvAt(path);
   try {
-    await stoppedWithParked(path, new Map());
-    const parked = await listParked(path);
-    // That consumer is alive after all: it writes its sign of life every 300 ms, but with a clock a
-    // minute behind this one.
-    const kv = await openKvAt(path);
-    const signs = new Map<string, string>();
-    for (const [run] of parked) {
-      signs.set(
-        run,
-        (await kv.set(queueKey(Q, "consumer", run), { at: Date.now() - 60_000, by: run })).versionstamp,
-      );
-    }
-    // And 50 more messages come, for the next consumer to handle.
+    // 50 messages for the next consumer to handle (seqs 1 to 50), and 100 more that a live consumer
+    // took and parked. (Written here: a consumer stopped on a busy disk had left some of its backlog
+    // in KV's queue, for the next one to handle, and sometimes parked next to nothing.)
     await produce(kv, generateCapture({ count: 1000, seed: 32 }), { batchSize: 20 });
-    let lost = false;
-    const beating = setInterval(async () => {
-      for (const [run, versionstamp] of signs) {
-        const key = queueKey(Q, "consumer", run);
-        const res = await kv.atomic().check({ key, versionstamp }).set(key, {
-          at: Date.now() - 60_000,
-          by: run,
-        })
-          .commit();
-        if (res.ok) signs.set(run, res.versionstamp);
-        else lost = true;
-      }
-    }, 300);
-    const ac = new AbortController();
-    const timer = setTimeout(() => ac.abort(), 10_000);
-    const seqs: number[] = [];
-    try {
-      await consume({ kv, signal: ac.signal, handler: (_events, { seq }) => void seqs.push(seq) });
-    } finally {
-      clearTimeout(timer);
-      clearInterval(beating);
+    const run = "live-run";
+    const parked: [string, number][] = Array.from({ length: 100 }, (_, i) => [run, 51 + i]);
+    for (const [, seq] of parked) {
+      await kv.atomic()
+        .sum(queueKey(Q, "count", "messages"), 1n)
+        .sum(queueKey(Q, "count", "records"), 1n)
+        .set(parkedKey(Q, { run, seq }), message(seq, [commit(seq)]))
+        .set(parkedSeqKey(Q, { run, seq }), true)
+        .commit();
     }
-    await sleep(400);
-    kv.close();
+    // That consumer writes its sign of life every 300 ms, but with a clock a minute behind this one.
+    const key = queueKey(Q, "consumer", run);
+    const value = () => ({ at: Date.now() - 60_000, by: run });
+    const beating = beatEvery300Ms(kv, [{
+      key,
+      value,
+      versionstamp: (await kv.set(key, value())).versionstamp,
+    }]);
+    // The next consumer runs 10 s (it looks at the parked messages three times), and on until it has
+    // handled the 50 (a minute at most).
+    const ac = new AbortController();
+    const seqs: number[] = [];
+    let tenSeconds = false;
+    const ten = setTimeout(() => {
+      tenSeconds = true;
+      if (seqs.length >= 50) ac.abort();
+    }, 10_000);
+    const bound = setTimeout(() => ac.abort(), 60_000);
+    let lost: boolean;
+    try {
+      await consume({
+        kv,
+        signal: ac.signal,
+        handler: (_events, { seq }) => {
+          seqs.push(seq);
+          if (tenSeconds && seqs.length >= 50) ac.abort();
+        },
+      });
+    } finally {
+      clearTimeout(ten);
+      clearTimeout(bound);
+      lost = await beating.stop();
+    }
     // It waited for the first look's confirmation once, then went on with the new messages. (Before,
     // it waited for a confirmation that never came, and handled nothing.)
-    assert.deepEqual(seqs, Array.from({ length: 50 }, (_, i) => i + 401));
+    assert.deepEqual(seqs.toSorted((a, b) => a - b), Array.from({ length: 50 }, (_, i) => i + 1));
     assert.deepEqual(await listParked(path), parked, "the live consumer's messages were taken");
     assert.ok(!lost, "the live consumer's sign of life was written over");
   } finally {
+    kv.close();
     await Deno.remove(dir, { recursive: true });
   }
 });
@@ -1050,20 +1097,16 @@ Deno.test("requeueParked() deletes a sign of life with nothing parked once it is
     // clock but written again every 300 ms, as by a live consumer after a step of the wall clock.
     await kv.set(key("gone"), { at: Date.now() - 60_000 });
     await kv.set(key("fresh"), { at: Date.now() - 1_000 });
-    let last = await kv.set(key("alive"), { at: Date.now() - 60_000 });
-    let lost = false;
-    const beating = setInterval(async () => {
-      const res = await kv.atomic().check({ key: key("alive"), versionstamp: last.versionstamp })
-        .set(key("alive"), { at: Date.now() - 60_000 }).commit();
-      if (res.ok) last = res;
-      else lost = true;
-    }, 300);
+    const value = () => ({ at: Date.now() - 60_000 });
+    const beating = beatEvery300Ms(kv, [
+      { key: key("alive"), value, versionstamp: (await kv.set(key("alive"), value())).versionstamp },
+    ]);
+    let lost: boolean;
     try {
       assert.equal(await requeueParked(kv, Q), 0);
     } finally {
-      clearInterval(beating);
+      lost = await beating.stop();
     }
-    await sleep(400);
     const [gone, fresh, alive] = await kv.getMany([key("gone"), key("fresh"), key("alive")]);
     kv.close();
     assert.equal(gone.versionstamp, null, "the stale sign of life is still there");
