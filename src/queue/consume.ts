@@ -787,7 +787,7 @@ class Consumer {
    */
   #insertParked(p: Parked): void {
     if (this.#takenOver(p.run)) {
-      if (this.#parkedBySeq.get(p.seq) === p) this.#parkedBySeq.delete(p.seq);
+      this.#dropParked(p);
       return;
     }
     this.#parked.splice(lowerBound(this.#parked, p.seq, (q) => q.seq), 0, p);
@@ -1145,7 +1145,7 @@ class Consumer {
     }
     // Neither tried again nor written to its dead letter here: its new holder tries it.
     if (this.#takenOver(p.run)) {
-      if (this.#parkedBySeq.get(p.seq) === p) this.#parkedBySeq.delete(p.seq);
+      this.#dropParked(p);
       return;
     }
     p.failures++;
