@@ -12,6 +12,10 @@ import {
   retryWhileBusy,
 } from "../src/queue/kv_queue.ts";
 import { commit, drainQueue } from "./helpers/events.ts";
+import type { JetstreamEvent } from "../src/jetstream/events.ts";
+import { mapV2Frame } from "../src/jetstream/v2.ts";
+import { generateCapture } from "../src/server/synth.ts";
+import { v2Message } from "../src/server/v2_frames.ts";
 import { slowKv } from "./helpers/slow_kv.ts";
 import { patchAtomic } from "./helpers/kv_patch.ts";
 import { delay } from "../src/async.ts";
@@ -122,6 +126,126 @@ Deno.test("Batcher packs messages under 64 KiB and at most batchSize records", (
   }
   assert.equal(batch.messages.flatMap((m) => m.texts).length, 100);
   assert.equal(b.take(), undefined);
+});
+
+/** The event a v2 frame's text maps to, and how much shorter its JSON is at least. */
+function mapped(frame: string): { event: JetstreamEvent; shorterBy: number } {
+  const m = mapV2Frame(JSON.parse(frame));
+  if (m.type !== "event") throw new Error(`not an event frame: ${frame}`);
+  return m;
+}
+
+/** v2 frames that a server could send, from synthetic events and some spelled oddly but validly. */
+function v2Frames(): string[] {
+  const frames = generateCapture({ count: 3000, seed: 5, startUs: T0 }).map((line, i) =>
+    // Seqs of 1 to 16 digits.
+    v2Message(line, 10 ** (i % 16) + i)
+  );
+  const ev = JSON.stringify(commit(T0, { text: "é 😀" }));
+  const frame = v2Message(ev, 7);
+  frames.push(
+    // Members in another order, spaces, escapes where none are needed, a seq spelled short.
+    JSON.stringify(JSON.parse(frame), null, 1),
+    frame.replace('"seq":7', '"seq":7e0').replace('"$type":"message"', '"\u0024type":"m\u0065ssage"'),
+    // No rev, record or cid; the least of an identity and an account.
+    '{"$type":"message","payload":{"$type":"x#commit","seq":1,"did":"d","time":"2026-11-27T23:59:59Z","operation":"delete","collection":"c","rkey":"r"}}',
+    '{"payload":{"identity":{},"time":"2026-11-27T23:59:59Z","did":"d","seq":1,"$type":"#identity"},"$type":"message"}',
+    '{"$type":"message","payload":{"$type":"#account","seq":1,"did":"d","time":"2026-11-27T23:59:59Z","account":[]}}',
+  );
+  return frames;
+}
+
+Deno.test("a v2 frame's text, less mapV2Frame()'s shorterBy, bounds its event's stored JSON and its serialized size", () => {
+  const utf8 = new TextEncoder();
+  for (const frame of v2Frames()) {
+    const { event, shorterBy } = mapped(frame);
+    const stored = JSON.stringify(event);
+    assert.ok(
+      frame.length - shorterBy >= stored.length,
+      `${frame.length} - ${shorterBy} < ${stored.length}: ${frame}`,
+    );
+    const bound = serializedSizeBound(frame, utf8.encode(frame).byteLength, shorterBy);
+    assert.ok(bound >= serializedSizeBound(stored), frame);
+    assert.ok(bound >= serialize(event).length, frame);
+  }
+});
+
+/** What the Batcher of queue "q" has for a message's records: its limit less its margin and envelope. */
+const RECORDS_ROOM = KV_VALUE_LIMIT - 512 - (96 + 2);
+
+/** A commit with a post text of `length` as a v2 frame with `seq`, and the event mapped from it. */
+function framedCommit(length: number, seq: number) {
+  const frame = v2Message(JSON.stringify(commit(T0 + seq % 1000, { text: "x".repeat(length) })), seq);
+  return { frame, ...mapped(frame) };
+}
+
+/** The longest post text for which `fits(bound of framedCommit(…, seq)'s event's own JSON)` holds. */
+function longestText(fits: (bound: number) => boolean, seq = 1): number {
+  let [lo, hi] = [0, KV_VALUE_LIMIT];
+  while (lo < hi) {
+    const mid = (lo + hi + 1) >> 1;
+    if (fits(serializedSizeBound(JSON.stringify(framedCommit(mid, seq).event)))) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
+}
+
+Deno.test("Batcher packs events sized from their v2 frames as it packs them sized from their own JSON", () => {
+  // 100 records whose own bounds leave under 1 % of a message free: they share one, either way.
+  const length = longestText((bound) => 100 * (bound + 6) <= RECORDS_ROOM);
+  const own = new Batcher("q", 100);
+  const framed = new Batcher("q", 100);
+  for (let seq = 1; seq <= 100; seq++) {
+    const { frame, event, shorterBy } = framedCommit(length, seq);
+    const text = JSON.stringify(event);
+    own.add(event, text, "2026-11-27", "app.bsky.feed.post", text.length);
+    framed.add(event, frame, "2026-11-27", "app.bsky.feed.post", frame.length, shorterBy);
+  }
+  const a = own.take()!, b = framed.take()!;
+  assert.equal(a.messages.length, 1);
+  assert.equal(b.messages.length, 1);
+  // The frames' texts are kept, and make the records again.
+  assert.ok(b.messages[0].texts[0].startsWith('{"$type":"message"'));
+  assert.deepEqual(b.messages[0].texts.map(b.messages[0].fromText!), b.messages[0].records);
+});
+
+Deno.test("Batcher judges an event that its v2 frame makes look too large or too deep by its own JSON", () => {
+  const b = new Batcher("q", 100);
+  // Its frame says over a message, its own JSON says under: a record, not gzipped. (The frame spells
+  // its 16-digit seq in 6 more characters than the stored "cursor", which the bound does not count on.)
+  const seq = 10 ** 15;
+  const near = framedCommit(longestText((bound) => bound <= RECORDS_ROOM, seq), seq);
+  const nearFrame = near.frame;
+  assert.ok(serializedSizeBound(nearFrame, nearFrame.length, near.shorterBy) > RECORDS_ROOM);
+  b.add(near.event, nearFrame, "2026-11-27", "c", nearFrame.length, near.shorterBy);
+  // An identity body nested exactly as deep as a record may be: its frame is one level deeper.
+  let body: unknown = {};
+  for (let i = 1; i < MAX_RECORD_DEPTH - 1; i++) body = { a: body };
+  const deepFrame =
+    `{"$type":"message","payload":{"$type":"#identity","seq":2,"did":"d","time":"2026-11-27T23:59:59.000001Z","identity":${
+      JSON.stringify(body)
+    }}}`;
+  assert.equal(nestedTooDeep(deepFrame), true);
+  const deep = mapped(deepFrame);
+  assert.equal(nestedTooDeep(JSON.stringify(deep.event)), false);
+  b.add(deep.event, deepFrame, "2026-11-27", undefined, deepFrame.length, deep.shorterBy);
+  // Too large by its own JSON as well: gzipped, as its JSON.
+  const bigFrame = v2Message(JSON.stringify(commit(T0 + 2, { text: "z".repeat(KV_VALUE_LIMIT) })), 3);
+  const big = mapped(bigFrame);
+  b.add(big.event, bigFrame, "2026-11-27", "c", bigFrame.length, big.shorterBy);
+  const [first, second, third, ...rest] = b.take()!.messages;
+  assert.equal(rest.length, 0);
+  // The first two judged again and kept as records, with their own JSON as their texts.
+  assert.deepEqual(first.records, [near.event]);
+  assert.deepEqual(first.texts, [JSON.stringify(near.event)]);
+  assert.equal(first.fromText, undefined);
+  assert.deepEqual(second.records, [deep.event]);
+  assert.deepEqual(second.texts, [JSON.stringify(deep.event)]);
+  assert.equal(third.records.length, 0);
+  assert.deepEqual(
+    decodeQueueMessage({ v: 1, queue: "q", seq: 3, cursor: 0, records: [], compressed: third.compressed }),
+    [big.event],
+  );
 });
 
 /** A KV database in a temporary folder; closed (if still open) and removed on dispose. */

@@ -16,6 +16,7 @@ import {
   withSilentPort,
 } from "./helpers/loopback.ts";
 import { v2Dictionary } from "./helpers/dictionaries.ts";
+import { MAX_RECORD_DEPTH } from "../src/queue/size.ts";
 
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
 const V2_PATH = V2_SUBSCRIBE_PATH;
@@ -609,6 +610,41 @@ Deno.test("maxEventBytes on the v2 wire limits the event as stored, not the fram
   const over = await sync(V2_PATH, big - 1);
   assert.equal(over.stats.recordsStored, 19);
   assert.equal(over.stats.skipped.oversized, 1);
+});
+
+Deno.test("the v2 wire stores events too large, too deep or larger than their bound once parsed as /subscribe does", async () => {
+  const events = capture(60);
+  // Over a message: gzipped. Nested deeper than a record may be: gzipped. Floats, which the size
+  // bound does not foresee: KV refuses the commit, which is rebuilt from what was kept of its records.
+  events[10] = commit(events[10].time_us, { did: did(1), text: "big ".repeat(20_000) });
+  let deep: unknown = {};
+  for (let i = 0; i < MAX_RECORD_DEPTH + 10; i++) deep = [deep];
+  (events[20] as { commit: { record: Record<string, unknown> } }).commit.record.deep = deep;
+  (events[30] as { commit: { record: Record<string, unknown> } }).commit.record.items = Array.from(
+    { length: 9_000 },
+    () => 0.5,
+  );
+  await using server = serveEvents(events, { version: "v2", closeAtEnd: true });
+  const sync = async (wire: string) => {
+    await using db = await tempDb();
+    const stats = await runBackfillSync({
+      instance: server.url.replace(/\/subscribe$/, wire),
+      kv: db.path,
+      startTimestamp: T0,
+      batchSize: 10,
+      ...ALL,
+    });
+    assert.equal(stats.recordsStored, 60, wire);
+    assert.deepEqual(stats.skipped, {}, wire);
+    const msgs = (await drainQueue(db.path, stats.queueLength)) as QueueMessage[];
+    msgs.sort((a, b) => a.seq - b.seq);
+    assert.deepEqual(msgs.map((m) => m.seq), Array.from({ length: msgs.length }, (_, i) => i + 1));
+    return msgs;
+  };
+  const v1 = await sync("/subscribe");
+  const v2 = await sync(V2_PATH);
+  assert.deepEqual(v2.map((m) => decodeQueueMessage(m)), v1.map((m) => decodeQueueMessage(m)));
+  assert.equal(v2.filter((m) => m.compressed).length, 3);
 });
 
 Deno.test("fetchV2Dictionary() asks a v2 host served under a path prefix under that prefix", async () => {

@@ -80,7 +80,15 @@ export function buildV2Url(base: string, p: V2Params): string {
 
 /** One v2 frame, classified. */
 export type V2Frame =
-  | { type: "event"; event: JetstreamEvent }
+  | {
+    type: "event";
+    event: JetstreamEvent;
+    /**
+     * How many characters at least the stored event's JSON text (`JSON.stringify(event)`) is
+     * shorter than the frame's text: see {@link envelopeLength}.
+     */
+    shorterBy: number;
+  }
   | { type: "info"; name: string; message: string }
   | { type: "error"; error: string; message: string }
   | { type: "skip"; reason: string }
@@ -138,6 +146,7 @@ export function mapV2Frame(frame: unknown): V2Frame {
         kind: "commit",
         commit,
       } as unknown as JetstreamEvent,
+      shorterBy: envelopeLength(p.$type, p.time as string, timeUs, p.seq, kind),
     };
   }
   const body = p[kind];
@@ -147,7 +156,61 @@ export function mapV2Frame(frame: unknown): V2Frame {
   return {
     type: "event",
     event: { did: p.did, time_us: timeUs, cursor: p.seq, kind, [kind]: body } as unknown as JetstreamEvent,
+    shorterBy: envelopeLength(p.$type, p.time as string, timeUs, p.seq, kind),
   };
+}
+
+/**
+ * The event a v2 frame's text maps to, for a frame already mapped once (the writer keeps frames'
+ * texts rather than events, and rebuilds a commit KV refused from them).
+ *
+ * @example
+ * ```ts
+ * import { eventFromV2Text } from "./v2.ts";
+ * eventFromV2Text('{"$type":"message","payload":{"$type":"network.bsky.jetstream.subscribeEvents#account","seq":3,"did":"did:plc:x","time":"2024-09-09T19:46:02.329308Z","account":{"active":true}}}');
+ * // { did: "did:plc:x", time_us: 1725911162329308, cursor: 3, kind: "account", account: { active: true } }
+ * ```
+ */
+export function eventFromV2Text(text: string): JetstreamEvent {
+  const m = mapV2Frame(JSON.parse(text));
+  if (m.type !== "event") throw new Error(`not a v2 event frame (${m.type}): ${text.slice(0, 80)}`);
+  return m.event;
+}
+
+/** How many characters `String(n)` has, without building it (for the integers of a frame). */
+function decimalLength(n: number): number {
+  if (!Number.isSafeInteger(n) || n < 0) return String(n).length;
+  let digits = 1;
+  for (let x = n; x >= 10; x = Math.floor(x / 10)) digits++;
+  return digits;
+}
+
+/**
+ * How many characters the text of a v2 message frame has at least beyond its event's stored text
+ * (`JSON.stringify` of what {@link mapV2Frame} makes of it), so that the stored text's size can be
+ * bounded from the frame's without writing it out.
+ *
+ * - Only in the frame, each at least as long as spelled here: `"$type":"message"` (17),
+ *   `"payload":` (10), `"$type":P` (10 + P), `"seq":N` (7: N may be spelled short, `1e3`) and
+ *   `"time":T` (9 + T), and one comma more (the frame's two objects hold at least 5 + c members
+ *   between them, the stored event's 5 and c, c being a commit's fields or 1).
+ * - Only in the stored text, exactly: `"time_us":` and its digits, `"cursor":` and the seq's digits,
+ *   `"kind":K` (9 + K) and `"K":` (3 + K).
+ * - The rest is the same values under the same keys: `did` and a commit's fields or the body of an
+ *   identity or account, and `JSON.stringify` writes a string as short as JSON can. Numbers aside:
+ *   one spelled with an exponent can be shorter in the frame, as a float is shorter as text than
+ *   serialized, which the size bound leaves to the writer's repair (see `serializedSizeBound`).
+ */
+function envelopeLength(
+  payloadType: string,
+  time: string,
+  timeUs: number,
+  seq: number,
+  kind: string,
+): number {
+  const frameOnly = 17 + 10 + 10 + payloadType.length + 7 + 9 + time.length + 1;
+  const storedOnly = 10 + decimalLength(timeUs) + 9 + decimalLength(seq) + 9 + kind.length + 3 + kind.length;
+  return frameOnly - storedOnly;
 }
 
 /** The XRPC error name and message of a refused request body, when it is one. */

@@ -14,6 +14,7 @@ import {
   serializedSizeBound,
 } from "../queue/size.ts";
 import type { TailKeys } from "../queue/kv_queue.ts";
+import { eventFromV2Text } from "../jetstream/v2.ts";
 
 /** The most content keys of records at one `time_us` that a checkpoint keeps. */
 export const MAX_TAIL_KEYS = 256;
@@ -28,6 +29,11 @@ export interface PackedMessage {
    * commit refused for size is rebuilt from them.
    */
   texts: string[];
+  /**
+   * Set when `texts` are not the records' own JSON but the v2 frames they were mapped from: it makes
+   * a record again from its frame's text (the stored JSON is then `JSON.stringify` of that record).
+   */
+  fromText?: (text: string) => JetstreamEvent;
   /** Gzip of an event too large to travel as a record. */
   compressed?: Uint8Array[];
   /**
@@ -149,6 +155,11 @@ export class Batcher {
    * Adds an event with its JSON text (for sizing), UTC day and collection, and the text's UTF-8
    * length when known (it makes sizing cheaper). Returns true when the batch is full and should be
    * taken.
+   *
+   * An event mapped from a v2 frame comes with the frame's text instead, and `shorterBy`, how many
+   * characters at least its own JSON is shorter (see `mapV2Frame`): it is sized from the frame, and
+   * its JSON is written out only when that size is too large or the frame nests too deep for it to
+   * travel as a record.
    */
   add(
     event: JetstreamEvent,
@@ -156,13 +167,22 @@ export class Batcher {
     day: string,
     collection: string | undefined,
     utf8Bytes?: number,
+    shorterBy?: number,
   ): boolean {
     if (this.#records === 0) this.startedAt = performance.now();
-    const size = serializedSizeBound(text, utf8Bytes);
-    if (
-      size + this.#overhead > this.#budget ||
-      (openingsOfLastBound() > MAX_RECORD_DEPTH && nestedTooDeep(text))
-    ) {
+    let size = serializedSizeBound(text, utf8Bytes, shorterBy);
+    let alone = size + this.#overhead > this.#budget ||
+      (openingsOfLastBound() > MAX_RECORD_DEPTH && nestedTooDeep(text));
+    let framed = shorterBy !== undefined;
+    if (alone && framed) {
+      // Judged from a frame, which is larger and may nest deeper: judged again by its own JSON.
+      text = JSON.stringify(event);
+      framed = false;
+      size = serializedSizeBound(text);
+      alone = size + this.#overhead > this.#budget ||
+        (openingsOfLastBound() > MAX_RECORD_DEPTH && nestedTooDeep(text));
+    }
+    if (alone) {
       // Too large to travel as a record, or nested too deep for KV to read back: it goes alone,
       // gzipped.
       if (this.#current) this.#messages.push(this.#current);
@@ -177,12 +197,17 @@ export class Batcher {
       this.#note(m, event, day, collection);
       this.#messages.push(m);
     } else {
+      const fromText = framed ? eventFromV2Text : undefined;
       let m = this.#current;
-      if (m && m.size + size > this.#budget) {
+      // A message keeps texts of one kind: a failover between the wires starts another.
+      if (m && (m.size + size > this.#budget || m.fromText !== fromText)) {
         this.#messages.push(m);
         m = undefined;
       }
-      if (!m) m = this.#current = this.#fresh();
+      if (!m) {
+        m = this.#current = this.#fresh();
+        if (fromText) m.fromText = fromText;
+      }
       m.records.push(event);
       m.texts.push(text);
       m.size += size;

@@ -269,6 +269,8 @@ export async function readConnection(
           }
         }
         let ev: JetstreamEvent;
+        // Set for an event mapped from a v2 frame: see Batcher.add().
+        let shorterBy: number | undefined;
         try {
           ev = JSON.parse(text);
         } catch {
@@ -282,13 +284,14 @@ export async function readConnection(
             continue;
           }
           ev = m.event;
-          // Sizing and the gzip of an oversized event need the stored form's text.
-          text = JSON.stringify(ev);
-          utf8Bytes = undefined;
+          // The batcher sizes the event from its frame's text, which stands for the stored JSON.
+          shorterBy = m.shorterBy;
           if (session.outdatedFrom !== undefined) noteOutdated(ctx, session, ev.time_us);
           if (ctx.stop) return;
           if (frameOver) {
             // The limit is on the event as stored, the same on both wires.
+            text = JSON.stringify(ev);
+            shorterBy = undefined;
             const bytes = utf8Length(text);
             if (bytes > o.maxEventBytes) {
               skip("oversized", oversizedEventMessage(String(ev.time_us), bytes, false, o.maxEventBytes));
@@ -359,7 +362,7 @@ export async function readConnection(
         const collection = ev.kind === "commit" ? ev.commit.collection : undefined;
         let full: boolean;
         try {
-          full = batcher.add(ev, text, stats.dayOf(t), collection, utf8Bytes);
+          full = batcher.add(ev, text, stats.dayOf(t), collection, utf8Bytes, shorterBy);
         } catch (err) {
           if (!(err instanceof OversizedEventError)) throw err;
           // Too large for a queue message even gzipped: counted and reported, and the run goes on.

@@ -121,16 +121,20 @@ const HEX2 = /^[0-9a-fA-F]{2}$/;
  * `utf8Bytes`, the text's UTF-8 length when the caller knows it, saves the search for wide
  * characters in an all-ASCII text (as many bytes as characters): only escapes are looked for.
  *
+ * With `shorterBy`, `text` stands for another JSON text, at least that many characters shorter, whose
+ * wide strings, arrays and objects are all among this one's: the bound is then the other's (a v2
+ * frame's text stands for the event mapped from it).
+ *
  * @example
  * ```ts
  * import { serializedSizeBound } from "./size.ts";
  * serializedSizeBound('{"did":"did:plc:x","time_us":1}'); // a little over 31
  * ```
  */
-export function serializedSizeBound(text: string, utf8Bytes?: number): number {
-  const n = text.length;
+export function serializedSizeBound(text: string, utf8Bytes?: number, shorterBy = 0): number {
   // One pass finds the wide strings; an all-ASCII text can only have wide escapes.
-  const wide = utf8Bytes === n && !hasWideEscape(text) ? 0 : wideExtra(text);
+  const wide = utf8Bytes === text.length && !hasWideEscape(text) ? 0 : wideExtra(text);
+  const n = text.length - shorterBy;
   const base = n + (n >> 5) + 32 + wide;
   const arrays = occurrences(text, "[");
   const objects = occurrences(text, "{");

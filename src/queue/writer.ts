@@ -670,9 +670,10 @@ function fits(b: Building, messages: PackedMessage[]): boolean {
   return mutations <= KV_MUTATION_LIMIT && size + 4 * keys <= COMMIT_BUDGET && keys <= MAX_KEY_NUMBERS;
 }
 
-/** A message with its records parsed again from their texts (the JSON they were parsed from). */
+/** A message with its records made again from their texts (the JSON they were parsed from, or v2 frames). */
 function restore(m: PackedMessage): PackedMessage {
-  return m.records.length === m.texts.length ? m : { ...m, records: m.texts.map((t) => JSON.parse(t)) };
+  if (m.records.length === m.texts.length) return m;
+  return { ...m, records: m.texts.map(m.fromText ?? ((t) => JSON.parse(t))) };
 }
 
 /** The queue message that carries `m` as `seq`. */
@@ -700,8 +701,8 @@ function fitExactly(queue: string, m: PackedMessage): PackedMessage[] {
   }
   const event = m.records[0];
   // The text as received, as the batcher gzips it: re-encoding the parsed event could change it (a
-  // number written `0.50`, an integer beyond 2^53).
-  const gz = compressEvent(m.texts[0]);
+  // number written `0.50`, an integer beyond 2^53). A v2 frame's event was written out, as there.
+  const gz = compressEvent(m.fromText ? JSON.stringify(event) : m.texts[0]);
   const packed = { ...packRecords(m, 0, 0), keys: m.keys, compressed: [gz], count: 1, cursor: event.time_us };
   packed.days = new Map([[utcDate(event.time_us), 1]]);
   if (event.kind === "commit") packed.collections = new Set([event.commit.collection]);
@@ -733,6 +734,7 @@ function packRecords(m: PackedMessage, from: number, to: number): PackedMessage 
   return {
     records,
     texts,
+    fromText: m.fromText,
     keys,
     size: 0,
     count: records.length,
