@@ -538,7 +538,7 @@ async function run(
     options.signal?.removeEventListener("abort", onUserAbort);
   }
   if (refusal) {
-    await writer.release();
+    await writer.abandon();
     throw refusal.error;
   }
   try {

@@ -23,7 +23,7 @@ import { gunzipSync } from "node:zlib";
 import type { DateChange, SyncProgress, SyncStats } from "../src/stats.ts";
 import type { BackfillSyncOptions } from "../src/options.ts";
 import { account, commit, did, drainQueue, identity } from "./helpers/events.ts";
-import { serveEvents, syncConnections, tempDb } from "./helpers/loopback.ts";
+import { serveEvents, syncConnections, tcpRelay, tempDb, withSilentPort } from "./helpers/loopback.ts";
 import { patchAtomic } from "./helpers/kv_patch.ts";
 
 // 23:00 UTC on 2026-11-26: the capture crosses midnight after an hour.
@@ -374,6 +374,35 @@ Deno.test("runBackfillSync() continues seq numbers and counters across runs on o
   assert.equal(second.queueLength, 2);
   const { msgs } = await stored(db.path, 2);
   assert.deepEqual(msgs.map((m) => m.seq), [1, 2]);
+});
+
+Deno.test("a first run stopped before it stored anything is continued by a resume alone, from its start", async () => {
+  const events = capture();
+  await using server = serveEvents(events, { closeAtEnd: true });
+  await using db = await tempDb();
+  await withSilentPort(async (silent) => {
+    // The first run's connections hang (a network that does not answer); the resume's get the server.
+    let hanging = true;
+    await using relay = tcpRelay(() => hanging ? silent : Number(new URL(server.url).port));
+    const selection = {
+      startTimestamp: T0,
+      wantedCollections: ["app.bsky.feed.like"],
+      kinds: ["commit" as const],
+    };
+    const first = await runBackfillSync({
+      instance: `ws://127.0.0.1:${relay.port}/subscribe`,
+      kv: db.path,
+      signal: AbortSignal.timeout(500),
+      ...selection,
+    });
+    assert.equal(first.stopReason, "aborted");
+    assert.equal(first.recordsStored, 0);
+    hanging = false;
+    // (Before, the queue had no checkpoint to resume: "a first run of a queue is started without --resume".)
+    const resumed = await runBackfillSync({ kv: db.path, resume: true });
+    const likes = events.filter((e) => e.kind === "commit" && e.commit.collection === "app.bsky.feed.like");
+    await assertStoredOnce(db.path, resumed, likes);
+  });
 });
 
 Deno.test("runBackfillSync() run again with an interrupted run's options is refused, leaving the queue as it was", async () => {

@@ -211,6 +211,10 @@ Deno.test("the v2 wire's InvalidRequest is the user's to fix: it fails fast with
     () => runBackfillSync({ instance: `${v2Url(server.url)}?requireHello=true`, kv: db.path }),
     (err: unknown) => err instanceof UsageError && /HTTP 400.*InvalidRequest.*requireHello/.test(err.message),
   );
+  // A refused run leaves the queue as it found it: no checkpoint for a resume to take up.
+  const kv = await Deno.openKv(db.path);
+  const left = await Array.fromAsync(kv.list({ prefix: ["jetfill"] })).finally(() => kv.close());
+  assert.deepEqual(left.map((e) => e.key), []);
 });
 
 /** A v2 server compressing with the v2 dictionary, which it serves; `faults` as the server takes them. */

@@ -178,6 +178,11 @@ export class QueueWriter {
   #readVersionstamp: string | null;
   /** The writer lock's versionstamp, checked by every commit. */
   #lock: string | undefined;
+  /**
+   * The versionstamp of the checkpoint that taking the lock wrote, for a queue that had none (see
+   * {@link claim}), while nothing is committed on it.
+   */
+  #placed: string | undefined;
   /** The last seq given to a message (of the commit being built, or one issued). */
   #seq: number;
   #building: Building;
@@ -300,7 +305,9 @@ export class QueueWriter {
    * this writer is alive: when it has not committed for {@link WRITER_HEARTBEAT_MS}, it sets the
    * queue's `alive` key. A sync that starts beside it, even while it is quiet, then sees it running.
    * Throws {@link ConcurrentWriterError} when another writer took the lock or moved the checkpoint
-   * since they were read. {@link release} stops the heartbeat.
+   * since they were read. {@link release} stops the heartbeat. On a queue that has no checkpoint yet,
+   * the first one (this run's, with nothing stored) is written with the lock, so that a run stopped
+   * before its first commit can be resumed.
    */
   async claim(): Promise<void> {
     if (this.#lock === undefined) await this.#acquire("is being written by another sync right now");
@@ -363,6 +370,19 @@ export class QueueWriter {
     } else if (lock !== undefined) {
       await this.#release(lock);
     }
+  }
+
+  /**
+   * Gives the lock back like {@link release}, for a run that was refused (a request the server
+   * called invalid, say): the checkpoint that taking the lock wrote for a queue that had none goes
+   * too when nothing was committed on it, so that the queue is left as it was found. Best effort,
+   * like a release without `last`.
+   */
+  async abandon(): Promise<void> {
+    const placed = this.#placed;
+    if (placed === undefined || this.#durable.seq !== 0) return await this.release();
+    const key = queueKey(this.#queue, "checkpoint");
+    await this.release((op) => op.check({ key, versionstamp: placed }).delete(key)).catch(() => {});
   }
 
   /** Deletes the writer lock and `alive`, if the lock is still `lock`. */
@@ -441,9 +461,14 @@ export class QueueWriter {
     if (this.#seenLock !== undefined) op.check({ key: queueKey(q, "writer"), versionstamp: this.#seenLock });
     if (this.#seenAlive !== undefined) op.check({ key: queueKey(q, "alive"), versionstamp: this.#seenAlive });
     op.set(queueKey(q, "writer"), { run: this.#issued.run.id, at: Date.now(), lockFile: this.#lockFile });
+    // A queue's first run writes its checkpoint (its run, nothing stored yet) with the lock: a run
+    // stopped before its first commit can then be resumed too.
+    const first = this.#readVersionstamp === null && this.#issued.seq === 0;
+    if (first) op.set(queueKey(q, "checkpoint"), { ...this.#issued, updatedAt: Date.now() });
     const res = await retryWhileBusy(() => op.commit(), BUSY_BUDGET_MS);
     if (!res.ok) throw new ConcurrentWriterError(q, refusal, refusal !== undefined);
     this.#lock = res.versionstamp;
+    if (first) this.#placed = res.versionstamp;
     this.#lastWrite = Date.now();
   }
 
