@@ -209,6 +209,30 @@ Deno.test("Batcher packs events sized from their v2 frames as it packs them size
   assert.deepEqual(b.messages[0].texts.map(b.messages[0].fromText!), b.messages[0].records);
 });
 
+Deno.test("Batcher keeps the texts of /subscribe events and of v2 frames in separate messages, each of which makes its records again", () => {
+  // A failover from a /subscribe host to a v2 host and back, within one batch.
+  const b = new Batcher("q", 100);
+  const own = (seq: number) => {
+    const { event } = framedCommit(10, seq);
+    b.add(event, JSON.stringify(event), "2026-11-27", "c");
+  };
+  const framed = (seq: number) => {
+    const { frame, event, shorterBy } = framedCommit(10, seq);
+    b.add(event, frame, "2026-11-27", "c", frame.length, shorterBy);
+  };
+  own(1);
+  own(2);
+  framed(3);
+  framed(4);
+  own(5);
+  const messages = b.take()!.messages;
+  assert.deepEqual(messages.map((m) => m.count), [2, 2, 1]);
+  assert.deepEqual(messages.map((m) => m.fromText !== undefined), [false, true, false]);
+  for (const m of messages) {
+    assert.deepEqual(m.texts.map(m.fromText ?? ((t) => JSON.parse(t))), m.records);
+  }
+});
+
 Deno.test("Batcher judges an event that its v2 frame makes look too large or too deep by its own JSON", () => {
   const b = new Batcher("q", 100);
   // Its frame says over a message, its own JSON says under: a record, not gzipped. (The frame spells
