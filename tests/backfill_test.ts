@@ -376,27 +376,28 @@ Deno.test("runBackfillSync() continues seq numbers and counters across runs on o
   assert.deepEqual(msgs.map((m) => m.seq), [1, 2]);
 });
 
-Deno.test("a first run stopped before it stored anything is continued by a resume alone, from its start", async () => {
+Deno.test("a run stopped before its queue held anything is continued by a resume alone, from its start", async () => {
   const events = capture();
   await using server = serveEvents(events, { closeAtEnd: true });
   await using db = await tempDb();
   await withSilentPort(async (silent) => {
-    // The first run's connections hang (a network that does not answer); the resume's get the server.
+    // The first runs' connections hang (a network that does not answer); the resume's get the server.
     let hanging = true;
     await using relay = tcpRelay(() => hanging ? silent : Number(new URL(server.url).port));
-    const selection = {
-      startTimestamp: T0,
-      wantedCollections: ["app.bsky.feed.like"],
-      kinds: ["commit" as const],
+    const stoppedEarly = async (wantedCollections: string[]) => {
+      const stats = await runBackfillSync({
+        instance: `ws://127.0.0.1:${relay.port}/subscribe`,
+        kv: db.path,
+        signal: AbortSignal.timeout(500),
+        startTimestamp: T0,
+        wantedCollections,
+      });
+      assert.equal(stats.stopReason, "aborted");
+      assert.equal(stats.recordsStored, 0);
     };
-    const first = await runBackfillSync({
-      instance: `ws://127.0.0.1:${relay.port}/subscribe`,
-      kv: db.path,
-      signal: AbortSignal.timeout(500),
-      ...selection,
-    });
-    assert.equal(first.stopReason, "aborted");
-    assert.equal(first.recordsStored, 0);
+    // A run with a mistaken collection, then the intended one, both stopped before they stored anything.
+    await stoppedEarly(["app.bsky.feed.post"]);
+    await stoppedEarly(["app.bsky.feed.like"]);
     hanging = false;
     // (Before, the queue had no checkpoint to resume: "a first run of a queue is started without --resume".)
     const resumed = await runBackfillSync({ kv: db.path, resume: true });

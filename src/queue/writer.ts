@@ -179,8 +179,8 @@ export class QueueWriter {
   /** The writer lock's versionstamp, checked by every commit. */
   #lock: string | undefined;
   /**
-   * The versionstamp of the checkpoint that taking the lock wrote, for a queue that had none (see
-   * {@link claim}), while nothing is committed on it.
+   * The versionstamp of the checkpoint that taking the lock wrote for a queue that had none (see
+   * {@link claim}): {@link abandon} takes it back.
    */
   #placed: string | undefined;
   /** The last seq given to a message (of the commit being built, or one issued). */
@@ -305,8 +305,8 @@ export class QueueWriter {
    * this writer is alive: when it has not committed for {@link WRITER_HEARTBEAT_MS}, it sets the
    * queue's `alive` key. A sync that starts beside it, even while it is quiet, then sees it running.
    * Throws {@link ConcurrentWriterError} when another writer took the lock or moved the checkpoint
-   * since they were read. {@link release} stops the heartbeat. On a queue that has no checkpoint yet,
-   * the first one (this run's, with nothing stored) is written with the lock, so that a run stopped
+   * since they were read. {@link release} stops the heartbeat. On a queue that holds nothing yet,
+   * the checkpoint (this run's, with nothing stored) is written with the lock, so that a run stopped
    * before its first commit can be resumed.
    */
   async claim(): Promise<void> {
@@ -461,14 +461,14 @@ export class QueueWriter {
     if (this.#seenLock !== undefined) op.check({ key: queueKey(q, "writer"), versionstamp: this.#seenLock });
     if (this.#seenAlive !== undefined) op.check({ key: queueKey(q, "alive"), versionstamp: this.#seenAlive });
     op.set(queueKey(q, "writer"), { run: this.#issued.run.id, at: Date.now(), lockFile: this.#lockFile });
-    // A queue's first run writes its checkpoint (its run, nothing stored yet) with the lock: a run
-    // stopped before its first commit can then be resumed too.
-    const first = this.#readVersionstamp === null && this.#issued.seq === 0;
-    if (first) op.set(queueKey(q, "checkpoint"), { ...this.#issued, updatedAt: Date.now() });
+    // While the queue holds nothing, the checkpoint names this run from the moment it takes the
+    // queue: a run stopped before its first commit can then be resumed too.
+    const empty = this.#issued.seq === 0;
+    if (empty) op.set(queueKey(q, "checkpoint"), { ...this.#issued, updatedAt: Date.now() });
     const res = await retryWhileBusy(() => op.commit(), BUSY_BUDGET_MS);
     if (!res.ok) throw new ConcurrentWriterError(q, refusal, refusal !== undefined);
     this.#lock = res.versionstamp;
-    if (first) this.#placed = res.versionstamp;
+    if (empty && this.#readVersionstamp === null) this.#placed = res.versionstamp;
     this.#lastWrite = Date.now();
   }
 
