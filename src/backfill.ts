@@ -509,6 +509,7 @@ async function run(
     awaitStoredUntilUs: -1,
     initialGapUs: 0,
     awaitDrops: false,
+    toldBackdated: false,
   };
   callbacks.attach(ctx);
   if (options.signal?.aborted) stopWith(ctx, "aborted");

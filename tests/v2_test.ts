@@ -17,6 +17,7 @@ import {
 } from "./helpers/loopback.ts";
 import { v2Dictionary } from "./helpers/dictionaries.ts";
 import { MAX_RECORD_DEPTH } from "../src/queue/size.ts";
+import { isoFromUs } from "../src/time.ts";
 
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
 const V2_PATH = V2_SUBSCRIBE_PATH;
@@ -76,6 +77,35 @@ Deno.test("a v2 host's early replay from before the requested start (jetstream#3
   const got = await stored(db.path, stats.queueLength);
   assert.ok(syncConnections(server)[0].sent > events.length - 300, "the server replayed early");
   assert.deepEqual(got.map((e) => e.time_us), events.filter((e) => e.time_us >= start).map((e) => e.time_us));
+});
+
+Deno.test("a v2 host's events after the start whose display time is before it are left out by the window, and said so once", async () => {
+  for (const wire of ["/subscribe", V2_PATH]) {
+    // An operator's import: by the host's order after the start, by display time long before it.
+    const events = capture();
+    for (const i of [400, 450]) events[i] = { ...events[i], time_us: IMPORTED_US - i };
+    await using server = serveEvents(events, { version: "v2", closeAtEnd: true, earlyReplayUs: 200_000 });
+    await using db = await tempDb();
+    const start = T0 + 300 * 1000;
+    const reports: SyncErrorReport[] = [];
+    const stats = await runBackfillSync({
+      instance: server.url.replace(/\/subscribe$/, wire),
+      kv: db.path,
+      startTimestamp: start,
+      ...ALL,
+      onError: (r) => reports.push(r),
+    });
+    const got = await stored(db.path, stats.queueLength);
+    assert.deepEqual(
+      got.map((e) => e.time_us),
+      events.filter((e) => e.time_us >= start).map((e) => e.time_us),
+    );
+    // The early replay (jetstream#343) before the first event in the window is not what is said.
+    const told = reports.filter((r) => r.message.includes("display time is before the start"));
+    assert.equal(told.length, 1, wire);
+    assert.equal(told[0].reason, "coverage");
+    assert.ok(told[0].message.includes(isoFromUs(IMPORTED_US - 400)), told[0].message);
+  }
 });
 
 Deno.test("the v2 wire stores the same events as /subscribe on a v2 server", async () => {

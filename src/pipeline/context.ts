@@ -106,6 +106,11 @@ export interface RunContext {
    * are stored.
    */
   awaitDrops: boolean;
+  /**
+   * Whether the run said that a v2 host sent, after events within the window, one whose display
+   * time is before the start (said once a run).
+   */
+  toldBackdated: boolean;
 }
 
 /** Stops the run for `reason` (the first reason wins) and aborts what is waiting. */

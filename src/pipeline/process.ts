@@ -97,6 +97,24 @@ function shapeExplanation(problem: SkipReason, maxTimeUs: number): string {
   }
 }
 
+/**
+ * Says once a run that a v2 host sent, after events within the window, one whose display time
+ * (`time_us`) is before the start: an operator's import of older records (protocol doc §3.2), which
+ * the window, going by `time_us`, leaves out like the filters do.
+ */
+function tellBackdated(ctx: RunContext, instance: string, t: number): void {
+  ctx.toldBackdated = true;
+  ctx.report({
+    reason: "coverage",
+    message: `${
+      new URL(instance).host
+    } sends, after events from the start on, events whose display time is before the start (the first: ${
+      isoFromUs(t)
+    }, an import of older records, protocol doc §3.2); the window goes by time_us (display time), so they are left out, as the filters leave events out`,
+    instance,
+  });
+}
+
 /** The first event after an OutdatedCursor shows where the server's history starts. */
 function noteOutdated(ctx: RunContext, session: Session, firstUs: number): void {
   const from = session.outdatedFrom!;
@@ -171,6 +189,8 @@ export async function readConnection(
   let mismatches = 0;
   // On a v2 host connected by time: whether an event at or after the time floor has come.
   let reachedFloor = false;
+  // On a v2 host: whether an event at or after the start has come on this connection.
+  let inWindow = false;
   // A part-filled batch that is due is committed by a timer, and only while the loop waits for
   // frames: the loop itself is then parked, and before its own next commit it waits for that one,
   // so batches stay in order. (Racing each wait against a timer instead cost a third of the
@@ -336,7 +356,11 @@ export async function readConnection(
             }
             reachedFloor = true;
           }
-          if (t < startUs) continue;
+          if (t < startUs) {
+            if (inWindow && !ctx.toldBackdated) tellBackdated(ctx, conn.url, t);
+            continue;
+          }
+          inWindow = true;
         } else if (t < floorUs || (t === floorUs && !floorKnown) || t < startUs) {
           // (At the floor itself, with the guard knowing what was stored there, only what it knows is a
           // repeat: two events can share a time_us, and the second may not be stored yet.)
