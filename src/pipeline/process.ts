@@ -98,6 +98,13 @@ function shapeExplanation(problem: SkipReason, maxTimeUs: number): string {
 }
 
 /**
+ * How far before the start an event that a v2 host sends after events in the window must be for
+ * {@link tellBackdated}: a margin, so that an event a little before the start is not taken for an
+ * import, whose display times are hours or years earlier.
+ */
+const BACKDATED_US = 60_000_000;
+
+/**
  * Says once a run that a v2 host sent, after events within the window, one whose display time
  * (`time_us`) is before the start: an operator's import of older records (protocol doc §3.2), which
  * the window, going by `time_us`, leaves out like the filters do.
@@ -357,7 +364,7 @@ export async function readConnection(
             reachedFloor = true;
           }
           if (t < startUs) {
-            if (inWindow && !ctx.toldBackdated) tellBackdated(ctx, conn.url, t);
+            if (inWindow && !ctx.toldBackdated && t < startUs - BACKDATED_US) tellBackdated(ctx, conn.url, t);
             continue;
           }
           inWindow = true;
