@@ -84,9 +84,11 @@ Deno.test("a v2 host's events after the start whose display time is before it ar
     // An operator's import: by the host's order after the start, by display time long before it.
     const events = capture();
     for (const i of [400, 450]) events[i] = { ...events[i], time_us: IMPORTED_US - i };
+    const start = T0 + 300 * 1000;
+    // And one a little before the start, which is left out too, but is not said to be an import.
+    events[350] = { ...events[350], time_us: start - 10_000_000 };
     await using server = serveEvents(events, { version: "v2", closeAtEnd: true, earlyReplayUs: 200_000 });
     await using db = await tempDb();
-    const start = T0 + 300 * 1000;
     const reports: SyncErrorReport[] = [];
     const stats = await runBackfillSync({
       instance: server.url.replace(/\/subscribe$/, wire),
