@@ -23,7 +23,14 @@ import { gunzipSync } from "node:zlib";
 import type { DateChange, SyncProgress, SyncStats } from "../src/stats.ts";
 import type { BackfillSyncOptions } from "../src/options.ts";
 import { account, commit, did, drainQueue, identity } from "./helpers/events.ts";
-import { serveEvents, syncConnections, tcpRelay, tempDb, withSilentPort } from "./helpers/loopback.ts";
+import {
+  serveEvents,
+  syncConnections,
+  syncReporting,
+  tcpRelay,
+  tempDb,
+  withSilentPort,
+} from "./helpers/loopback.ts";
 import { patchAtomic } from "./helpers/kv_patch.ts";
 
 // 23:00 UTC on 2026-11-26: the capture crosses midnight after an hour.
@@ -490,12 +497,10 @@ Deno.test("runBackfillSync({ resume: true }) on another instance says how it tak
   });
   assert.equal(a.stopReason, "aborted");
   assert.ok(a.recordsStored > 0);
-  const reports: SyncErrorReport[] = [];
-  const b = await runBackfillSync({
+  const { stats: b, reports } = await syncReporting({
     kv: db.path,
     resume: true,
     instance: other.url,
-    onError: (r) => reports.push(r),
   });
   assert.equal(b.stopReason, "closed");
   const said = reports.filter((r) => /^resuming on /.test(r.message));

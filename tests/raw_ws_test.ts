@@ -15,13 +15,13 @@ import {
 } from "../src/jetstream/socket.ts";
 import { runBackfillSync } from "../src/backfill.ts";
 import { UsageError } from "../src/errors.ts";
-import type { SyncErrorReport } from "../src/stats.ts";
 import { parseCapture } from "../src/server/capture.ts";
 import { acceptWebSocket, readRequestHead } from "../src/server/http1.ts";
 import { serveJetstream } from "../src/server/server.ts";
 import { generateCapture } from "../src/server/synth.ts";
 import { commit, did } from "./helpers/events.ts";
 import { encodeFrame } from "./helpers/raw_ws.ts";
+import { syncReporting } from "./helpers/loopback.ts";
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
@@ -289,12 +289,10 @@ Deno.test("runBackfillSync() counts a text frame that is not UTF-8 as invalid_ut
   });
   const dir = await Deno.makeTempDir();
   try {
-    const reports: SyncErrorReport[] = [];
-    const stats = await runBackfillSync({
+    const { stats, reports } = await syncReporting({
       instance: `${srv.url}/subscribe`,
       kv: `${dir}/q.sqlite`,
       numRecords: 2,
-      onError: (r) => reports.push(r),
     });
     assert.equal(stats.stopReason, "limit");
     assert.equal(stats.recordsStored, 2);
@@ -482,12 +480,10 @@ Deno.test("runBackfillSync() counts an event too large to read as oversized and 
   await using server = serveJetstream({ events: parseCapture(lines), closeAtEnd: true });
   const dir = await Deno.makeTempDir();
   try {
-    const reports: SyncErrorReport[] = [];
-    const stats = await runBackfillSync({
+    const { stats, reports } = await syncReporting({
       instance: server.url,
       kv: `${dir}/q.sqlite`,
       startTimestamp: T,
-      onError: (r) => reports.push(r),
     });
     assert.equal(stats.stopReason, "closed");
     assert.equal(stats.recordsStored, 2);

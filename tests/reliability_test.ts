@@ -5,7 +5,7 @@ import type { JetstreamEvent } from "../src/jetstream/events.ts";
 import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
 import type { SyncErrorReport } from "../src/stats.ts";
 import { commit, did, drainQueue, identity } from "./helpers/events.ts";
-import { serveEvents, syncConnections, tempDb } from "./helpers/loopback.ts";
+import { serveEvents, syncConnections, syncReporting, tempDb } from "./helpers/loopback.ts";
 import { patchAtomic } from "./helpers/kv_patch.ts";
 import { delay } from "../src/async.ts";
 
@@ -34,13 +34,11 @@ Deno.test("runBackfillSync() reconnects after abrupt drops and stores every even
   const events = capture();
   await using server = serveEvents(events, { closeAtEnd: true, faults: { dropEvery: 170 } });
   await using db = await tempDb();
-  const reports: SyncErrorReport[] = [];
-  const stats = await runBackfillSync({
+  const { stats, reports } = await syncReporting({
     instance: server.url,
     kv: db.path,
     startTimestamp: T0,
     batchSize: 25,
-    onError: (r) => reports.push(r),
   });
   assert.equal(stats.stopReason, "closed");
   assert.ok(stats.reconnects >= 5, `reconnects: ${stats.reconnects}`);
@@ -161,13 +159,11 @@ Deno.test("runBackfillSync() counts hostile frames by reason, stores none of the
   const events = capture(1000);
   await using server = serveEvents(events, { closeAtEnd: true, faults: { garbageEvery: 40 } });
   await using db = await tempDb();
-  const reports: SyncErrorReport[] = [];
-  const stats = await runBackfillSync({
+  const { stats, reports } = await syncReporting({
     instance: server.url,
     kv: db.path,
     kinds: ["commit", "identity", "account"],
     wantedCollections: [],
-    onError: (r) => reports.push(r),
   });
   assert.equal(stats.stopReason, "closed");
   const garbage = syncConnections(server).reduce((n, c) => n + (c.garbage ?? 0), 0);
@@ -196,13 +192,11 @@ Deno.test("an event with a time_us no server could give is skipped as bad_time: 
   ];
   await using server = serveEvents(lines, { closeAtEnd: true, faults: { dropEvery: 700, fileOrder: true } });
   await using db = await tempDb();
-  const reports: SyncErrorReport[] = [];
-  const stats = await runBackfillSync({
+  const { stats, reports } = await syncReporting({
     instance: server.url,
     kv: db.path,
     startTimestamp: T0,
     endTimestamp: T0 + 1_000_000_000,
-    onError: (r) => reports.push(r),
   });
   // Before, the year-2100 post was "the first event at or after the end" and stopped the run there.
   assert.equal(stats.stopReason, "closed", stats.error);
@@ -434,13 +428,11 @@ Deno.test("runBackfillSync() reconnects when a legacy server fails its replay wi
     return response;
   });
   await using db = await tempDb();
-  const reports: SyncErrorReport[] = [];
-  const stats = await runBackfillSync({
+  const { stats, reports } = await syncReporting({
     instance: `ws://127.0.0.1:${server.addr.port}/subscribe`,
     kv: db.path,
     startTimestamp: T0,
     batchSize: 25,
-    onError: (r) => reports.push(r),
   });
   // The second connection's normal close ends the run; the first one's failure was retried.
   assert.equal(stats.stopReason, "closed");

@@ -11,6 +11,7 @@ import {
   isCoverageProbe,
   serveEvents,
   syncConnections,
+  syncReporting,
   tcpRelay,
   tempDb,
   withSilentPort,
@@ -89,13 +90,11 @@ Deno.test("a v2 host's events after the start whose display time is before it ar
     events[350] = { ...events[350], time_us: start - 10_000_000 };
     await using server = serveEvents(events, { version: "v2", closeAtEnd: true, earlyReplayUs: 200_000 });
     await using db = await tempDb();
-    const reports: SyncErrorReport[] = [];
-    const stats = await runBackfillSync({
+    const { stats, reports } = await syncReporting({
       instance: server.url.replace(/\/subscribe$/, wire),
       kv: db.path,
       startTimestamp: start,
       ...ALL,
-      onError: (r) => reports.push(r),
     });
     const got = await stored(db.path, stats.queueLength);
     assert.deepEqual(
@@ -144,14 +143,12 @@ Deno.test("the v2 wire reconnects after an error frame and resumes by seq", asyn
     errorAfter: { events: 200, error: "ConsumerTooSlow" },
   });
   await using db = await tempDb();
-  const reports: SyncErrorReport[] = [];
-  const stats = await runBackfillSync({
+  const { stats, reports } = await syncReporting({
     instance: v2Url(server.url),
     kv: db.path,
     startTimestamp: T0,
     ...ALL,
     kinds: ["commit", "identity", "account"],
-    onError: (r) => reports.push(r),
   });
   assert.equal(stats.stopReason, "closed");
   assert.ok(reports.some((r) => /ConsumerTooSlow/.test(r.message)));
@@ -163,12 +160,10 @@ Deno.test("the v2 wire reports OutdatedCursor as a clamped start, and --strict r
   const history = T0 + 100 * 1000;
   await using server = serveEvents(events, { version: "v2", closeAtEnd: true, historyStartUs: history });
   await using db = await tempDb();
-  const reports: SyncErrorReport[] = [];
-  const stats = await runBackfillSync({
+  const { stats, reports } = await syncReporting({
     instance: v2Url(server.url),
     kv: db.path,
     startTimestamp: T0,
-    onError: (r) => reports.push(r),
   });
   assert.equal(stats.startClamped, true);
   assert.equal(stats.coverageStart, history);
@@ -218,13 +213,11 @@ Deno.test("failing over before any event, the next instance's history is checked
   await using refusing = serveEvents(events, { version: "v2", faults: { refuseFirst: 1000 } });
   await using legacy = serveEvents(events, { closeAtEnd: true, historyStartUs: history });
   await using db = await tempDb();
-  const reports: SyncErrorReport[] = [];
-  const stats = await runBackfillSync({
+  const { stats, reports } = await syncReporting({
     instance: [v2Url(refusing.url), legacy.url],
     kv: db.path,
     startTimestamp: T0,
     ...ALL,
-    onError: (r) => reports.push(r),
   });
   assert.equal(stats.stopReason, "closed");
   assert.ok(stats.failovers >= 1);
@@ -291,15 +284,13 @@ Deno.test("a v2 host whose dictionary request never gets an answer: after the id
     // The first connection (no start: no probe) is the dictionary's request, to a port that never answers.
     await using relay = tcpRelay((n) => n === 1 ? silent : Number(new URL(server.url).port));
     await using db = await tempDb();
-    const reports: SyncErrorReport[] = [];
-    const stats = await runBackfillSync({
+    const { stats, reports } = await syncReporting({
       instance: `ws://127.0.0.1:${relay.port}${V2_PATH}`,
       kv: db.path,
       compress: true,
       idleTimeout: 1,
       maxTime: 30,
       ...ALL,
-      onError: (r) => reports.push(r),
     });
     assert.equal(stats.stopReason, "closed", stats.error);
     assert.equal(stats.recordsStored, 100);
@@ -326,13 +317,11 @@ Deno.test("a v2 host that cannot give its dictionary for a while (503) is asked 
   // The first connection, the dictionary's request, meets the 503; later ones reach the host.
   await using relay = tcpRelay((n) => n === 1 ? warming.addr.port : Number(new URL(server.url).port));
   await using db = await tempDb();
-  const reports: SyncErrorReport[] = [];
-  const stats = await runBackfillSync({
+  const { stats, reports } = await syncReporting({
     instance: `ws://127.0.0.1:${relay.port}${V2_PATH}`,
     kv: db.path,
     compress: true,
     ...ALL,
-    onError: (r) => reports.push(r),
   });
   assert.equal(stats.stopReason, "closed", stats.error);
   assert.match(
@@ -358,15 +347,13 @@ Deno.test("a v2 server that does not know the fetched dictionary ID is read unco
   // Fetching the dictionary again is not a connection retry: none allowed makes no difference.
   for (const maxRetries of [undefined, 0]) {
     await using db = await tempDb();
-    const reports: SyncErrorReport[] = [];
-    const stats = await runBackfillSync({
+    const { stats, reports } = await syncReporting({
       instance: v2Url(server.url),
       kv: db.path,
       startTimestamp: T0,
       compress: true,
       maxRetries,
       ...ALL,
-      onError: (r) => reports.push(r),
     });
     assert.equal(stats.recordsStored, 100, stats.error);
     assert.ok(
@@ -532,12 +519,10 @@ Deno.test("--resume by seq on a v2 host is judged by the seq, not by a display t
       port,
       lookbackFloorSeq: 1100,
     });
-    const reports: SyncErrorReport[] = [];
-    const second = await runBackfillSync({
+    const { stats: second, reports } = await syncReporting({
       kv: db.path,
       resume: true,
       strict: true,
-      onError: (r) => reports.push(r),
     });
     assert.equal(second.stopReason, "closed", wire);
     assert.equal(second.coverageGapUs, 0);

@@ -6,6 +6,9 @@ import {
   serveJetstream,
 } from "../../src/server/server.ts";
 import type { JetstreamEvent } from "../../src/jetstream/events.ts";
+import { runBackfillSync } from "../../src/backfill.ts";
+import type { BackfillSyncOptions } from "../../src/options.ts";
+import type { SyncErrorReport, SyncStats } from "../../src/stats.ts";
 
 /** Serves `events` (objects or exact lines) on 127.0.0.1. */
 export function serveEvents(
@@ -14,6 +17,15 @@ export function serveEvents(
 ): JetstreamServer {
   const lines = events.map((e) => typeof e === "string" ? e : JSON.stringify(e));
   return serveJetstream({ events: parseCapture(lines), ...options });
+}
+
+/** `runBackfillSync(options)`, with every report its `onError` gets. */
+export async function syncReporting(
+  options: BackfillSyncOptions,
+): Promise<{ stats: SyncStats; reports: SyncErrorReport[] }> {
+  const reports: SyncErrorReport[] = [];
+  const stats = await runBackfillSync({ ...options, onError: (r) => reports.push(r) });
+  return { stats, reports };
 }
 
 /** A temporary folder holding a KV database path; removed on dispose. */
