@@ -144,10 +144,10 @@ function v2Frames(): string[] {
   const ev = JSON.stringify(commit(T0, { text: "é 😀" }));
   const frame = v2Message(ev, 7);
   frames.push(
-    // Members in another order, spaces, escapes where none are needed, a seq spelled short.
+    // Spaces and line breaks; escapes where none are needed and a seq spelled short.
     JSON.stringify(JSON.parse(frame), null, 1),
-    frame.replace('"seq":7', '"seq":7e0').replace('"$type":"message"', '"\u0024type":"m\u0065ssage"'),
-    // No rev, record or cid; the least of an identity and an account.
+    frame.replace('"seq":7', '"seq":7e0').replace('"$type":"message"', '"\\u0024type":"m\\u0065ssage"'),
+    // No rev, record or cid; the least of an identity (its members in another order) and an account.
     '{"$type":"message","payload":{"$type":"x#commit","seq":1,"did":"d","time":"2026-11-27T23:59:59Z","operation":"delete","collection":"c","rkey":"r"}}',
     '{"payload":{"identity":{},"time":"2026-11-27T23:59:59Z","did":"d","seq":1,"$type":"#identity"},"$type":"message"}',
     '{"$type":"message","payload":{"$type":"#account","seq":1,"did":"d","time":"2026-11-27T23:59:59Z","account":[]}}',
@@ -170,8 +170,8 @@ Deno.test("a v2 frame's text, less mapV2Frame()'s shorterBy, bounds its event's 
   }
 });
 
-/** What the Batcher of queue "q" has for a message's records: its limit less its margin and envelope. */
-const RECORDS_ROOM = KV_VALUE_LIMIT - 512 - (96 + 2);
+/** The largest size bound of a record that travels in a message of queue "q". */
+const RECORDS_ROOM = new Batcher("q", 1).recordRoom;
 
 /** A commit with a post text of `length` as a v2 frame with `seq`, and the event mapped from it. */
 function framedCommit(length: number, seq: number) {

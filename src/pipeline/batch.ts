@@ -126,6 +126,19 @@ export class Batcher {
     return this.#records;
   }
 
+  /** The largest size bound (see `serializedSizeBound`) of a record that travels in a message. */
+  get recordRoom(): number {
+    return this.#budget - this.#overhead;
+  }
+
+  /**
+   * Whether a record of size bound `size` and JSON `text` (just measured: see openingsOfLastBound)
+   * must travel alone, gzipped: too large for a message, or nested too deep for KV to read back.
+   */
+  #alone(size: number, text: string): boolean {
+    return size > this.recordRoom || (openingsOfLastBound() > MAX_RECORD_DEPTH && nestedTooDeep(text));
+  }
+
   #fresh(): PackedMessage {
     return {
       records: [],
@@ -171,16 +184,14 @@ export class Batcher {
   ): boolean {
     if (this.#records === 0) this.startedAt = performance.now();
     let size = serializedSizeBound(text, utf8Bytes, shorterBy);
-    let alone = size + this.#overhead > this.#budget ||
-      (openingsOfLastBound() > MAX_RECORD_DEPTH && nestedTooDeep(text));
+    let alone = this.#alone(size, text);
     let framed = shorterBy !== undefined;
     if (alone && framed) {
       // Judged from a frame, which is larger and may nest deeper: judged again by its own JSON.
       text = JSON.stringify(event);
       framed = false;
       size = serializedSizeBound(text);
-      alone = size + this.#overhead > this.#budget ||
-        (openingsOfLastBound() > MAX_RECORD_DEPTH && nestedTooDeep(text));
+      alone = this.#alone(size, text);
     }
     if (alone) {
       // Too large to travel as a record, or nested too deep for KV to read back: it goes alone,
@@ -192,7 +203,7 @@ export class Batcher {
       m.compressed = [gz];
       m.size += gz.length + 16;
       if (m.size > this.#budget) {
-        throw new OversizedEventError(event.time_us, gz.length, this.#budget - this.#overhead);
+        throw new OversizedEventError(event.time_us, gz.length, this.recordRoom);
       }
       this.#note(m, event, day, collection);
       this.#messages.push(m);
