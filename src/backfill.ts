@@ -66,9 +66,7 @@ export async function selectionOf(o: ResolvedSyncOptions): Promise<Record<string
   const dids = [...o.wantedDids].sort();
   let wantedDids: unknown = dids;
   if (dids.length > INLINE_DIDS) {
-    const digest = await crypto.subtle.digest("SHA-256", new TextEncoder().encode(dids.join("\n")));
-    const sha256 = Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, "0")).join("");
-    wantedDids = { count: dids.length, sha256 };
+    wantedDids = { count: dids.length, sha256: await sha256Hex(dids.join("\n")) };
   }
   return {
     wantedDids,
@@ -82,17 +80,58 @@ export async function selectionOf(o: ResolvedSyncOptions): Promise<Record<string
   };
 }
 
-/** Stores a long DID list under `["jetfill", queue, "dids", i]`, so that `--resume` can reuse it. */
-async function storeDidList(kv: Deno.Kv, queue: string, dids: readonly string[]): Promise<void> {
-  const sorted = [...dids].sort();
-  const old = await Array.fromAsync(kv.list({ prefix: queueKey(queue, "dids") }));
+/** The hash that a selection gives a long DID list (see {@link selectionOf}), or undefined. */
+function listHash(wantedDids: unknown): string | undefined {
+  const sha256 = (wantedDids as { sha256?: unknown } | null)?.sha256;
+  return typeof sha256 === "string" ? sha256 : undefined;
+}
+
+async function sha256Hex(text: string): Promise<string> {
+  const digest = await crypto.subtle.digest("SHA-256", new TextEncoder().encode(text));
+  return Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+/**
+ * Stores a long DID list under `["jetfill", queue, "dids", sha256, i]`, so that `--resume` can reuse
+ * it. Each list is kept under its own hash: a run that stops before its first commit (a refused
+ * one, say) leaves the queue's checkpoint naming the run before it, whose list must stay. Lists of
+ * other runs go, except `keep` (the hash of the list of the run the checkpoint names).
+ */
+async function storeDidList(
+  kv: Deno.Kv,
+  queue: string,
+  dids: readonly string[],
+  sha256: string,
+  keep: string | undefined,
+): Promise<void> {
+  const stored = await Array.fromAsync(kv.list<string[]>({ prefix: queueKey(queue, "dids") }));
+  // Lists stored before they were kept by hash are under ["dids", i]: theirs is worked out.
+  const unhashed = stored.filter((e) => typeof e.key[3] === "number");
+  const unhashedHash = unhashed.length > 0
+    ? await sha256Hex(unhashed.flatMap((e) => e.value).sort().join("\n"))
+    : undefined;
+  const hashOf = (key: Deno.KvKey) => typeof key[3] === "number" ? unhashedHash : key[3];
   let op = kv.atomic();
-  for (const e of old) op.delete(e.key);
-  for (let i = 0; i * DIDS_PER_KEY < sorted.length; i++) {
-    op.set(queueKey(queue, "dids", i), sorted.slice(i * DIDS_PER_KEY, (i + 1) * DIDS_PER_KEY));
-    if ((i + 1) % 10 === 0) {
-      await commitWhileBusy(op);
-      op = kv.atomic();
+  let ops = 0;
+  const step = async () => {
+    if (++ops % 10 !== 0) return;
+    await commitWhileBusy(op);
+    op = kv.atomic();
+  };
+  for (const e of stored) {
+    const hash = hashOf(e.key);
+    if (hash !== sha256 && hash !== keep) {
+      op.delete(e.key);
+      await step();
+    }
+  }
+  const sorted = [...dids].sort();
+  const parts = Math.ceil(sorted.length / DIDS_PER_KEY);
+  // A resumed run's list is there already.
+  if (stored.filter((e) => e.key[3] === sha256).length !== parts) {
+    for (let i = 0; i < parts; i++) {
+      op.set(queueKey(queue, "dids", sha256, i), sorted.slice(i * DIDS_PER_KEY, (i + 1) * DIDS_PER_KEY));
+      await step();
     }
   }
   await commitWhileBusy(op);
@@ -106,9 +145,13 @@ function commitWhileBusy(op: Deno.AtomicOperation): Promise<Deno.KvCommitResult 
 /** The DID list of a run's selection, whether inline or stored apart. */
 async function loadDidList(kv: Deno.Kv, queue: string, value: unknown): Promise<string[] | undefined> {
   if (Array.isArray(value)) return value as string[];
-  if (typeof value !== "object" || value === null) return undefined;
-  const parts = await Array.fromAsync(kv.list<string[]>({ prefix: queueKey(queue, "dids") }));
-  return parts.flatMap((p) => p.value);
+  const sha256 = listHash(value);
+  if (sha256 === undefined) return undefined;
+  const parts = await Array.fromAsync(kv.list<string[]>({ prefix: queueKey(queue, "dids", sha256) }));
+  if (parts.length > 0) return parts.flatMap((p) => p.value);
+  // Stored before lists were kept by hash.
+  const unhashed = await Array.fromAsync(kv.list<string[]>({ prefix: queueKey(queue, "dids") }));
+  return unhashed.filter((p) => typeof p.key[3] === "number").flatMap((p) => p.value);
 }
 
 /** The option a selection key comes from, as the user wrote it. */
@@ -523,8 +566,18 @@ async function run(
     // The lock is held from now on, so that a sync started beside this one is refused even while
     // this one is quiet.
     await writer.claim();
-    // Only once this run is going ahead: a refused one must not replace the list of the run it met.
-    if (o.wantedDids.length > INLINE_DIDS) await storeDidList(kv, o.queueName, o.wantedDids);
+    // Once the lock is this run's. The list of the run the checkpoint names stays: this run may yet
+    // be refused, or stop before its first commit, and leave that checkpoint in place.
+    const sha256 = listHash(selection.wantedDids);
+    if (sha256 !== undefined) {
+      await storeDidList(
+        kv,
+        o.queueName,
+        o.wantedDids,
+        sha256,
+        listHash(existing.value?.run.selection.wantedDids),
+      );
+    }
     streaming = true;
     // Between commits too (a quiet selection stores little): the events processed, the date.
     if (options.onProgress) ticker = setInterval(() => progress(false), PROGRESS_INTERVAL_MS);
@@ -539,7 +592,7 @@ async function run(
     options.signal?.removeEventListener("abort", onUserAbort);
   }
   if (refusal) {
-    await writer.abandon();
+    await writer.abandon(existing.value);
     throw refusal.error;
   }
   try {

@@ -556,6 +556,136 @@ Deno.test("runBackfillSync() takes 3,000 DIDs (hello, hashed in the checkpoint) 
   assert.equal(syncConnections(server).at(-1)!.hellos[0].wantedDids?.length, 3000);
 });
 
+Deno.test("a run that stores nothing keeps the DID list of the run a resume continues", async () => {
+  const events = capture();
+  await using server = serveEvents(events);
+  // A v2 host refuses a v1 parameter: a refused run.
+  await using v2 = serveEvents([], { version: "v2" });
+  await using db = await tempDb();
+  const theirs = [did(3), did(4), ...Array.from({ length: 150 }, (_, i) => `did:web:a${i}.example`)];
+  const first = await syncUntilMidnight({
+    instance: server.url,
+    kv: db.path,
+    wantedDids: theirs,
+    wantedCollections: [],
+    batchSize: 5,
+  });
+  assert.equal(first.stopReason, "aborted");
+  assert.ok(first.recordsStored > 0);
+  const others = [did(5), ...Array.from({ length: 150 }, (_, i) => `did:web:b${i}.example`)];
+  // Refused by the server, then stopped while connecting: neither commits, so the checkpoint is still
+  // the first run's (before, each replaced the list it names, and the resume below was refused).
+  await assert.rejects(
+    () =>
+      runBackfillSync({
+        instance: v2.url.replace(
+          /\/subscribe$/,
+          "/xrpc/network.bsky.jetstream.subscribeEvents?requireHello=true",
+        ),
+        kv: db.path,
+        wantedDids: others,
+      }),
+    UsageError,
+  );
+  await withSilentPort(async (silent) => {
+    const stopped = await runBackfillSync({
+      instance: `ws://127.0.0.1:${silent}/subscribe`,
+      kv: db.path,
+      wantedDids: others,
+      signal: AbortSignal.timeout(300),
+    });
+    assert.equal(stopped.recordsStored, 0);
+  });
+  const second = await runBackfillSync({ instance: server.url, kv: db.path, resume: true, maxTime: 2 });
+  const expected = events.filter((e) => e.kind === "commit" && (e.did === did(3) || e.did === did(4)));
+  assert.equal(first.recordsStored + second.recordsStored, expected.length);
+  assert.equal(syncConnections(server).at(-1)!.hellos[0].wantedDids?.length, theirs.length);
+  // The lists of runs no checkpoint names are not kept: only the first run's is left.
+  const kv = await Deno.openKv(db.path);
+  try {
+    const lists = await Array.fromAsync(kv.list({ prefix: ["jetfill", "jetstream_sync", "dids"] }));
+    assert.deepEqual(new Set(lists.map((e) => e.key[3])).size, 1);
+    assert.deepEqual(lists.flatMap((e) => e.value as string[]), [...theirs].sort());
+  } finally {
+    kv.close();
+  }
+});
+
+Deno.test("a resume takes up a long DID list stored by an older version, which a run that stores nothing keeps", async () => {
+  const events = capture();
+  await using server = serveEvents(events);
+  await using db = await tempDb();
+  const theirs = [did(3), ...Array.from({ length: 1500 }, (_, i) => `did:web:a${i}.example`)];
+  const first = await syncUntilMidnight({
+    instance: server.url,
+    kv: db.path,
+    wantedDids: theirs,
+    batchSize: 5,
+  });
+  assert.ok(first.recordsStored > 0);
+  // Older versions kept one list a queue, under ["dids", i].
+  const kv = await Deno.openKv(db.path);
+  try {
+    const prefix = ["jetfill", "jetstream_sync", "dids"];
+    const lists = await Array.fromAsync(kv.list<string[]>({ prefix }));
+    assert.equal(lists.length, 2);
+    const op = kv.atomic();
+    lists.forEach((e, i) => op.delete(e.key).set([...prefix, i], e.value));
+    assert.ok((await op.commit()).ok);
+  } finally {
+    kv.close();
+  }
+  await withSilentPort(async (silent) => {
+    const stopped = await runBackfillSync({
+      instance: `ws://127.0.0.1:${silent}/subscribe`,
+      kv: db.path,
+      wantedDids: Array.from({ length: 150 }, (_, i) => `did:web:b${i}.example`),
+      signal: AbortSignal.timeout(300),
+    });
+    assert.equal(stopped.recordsStored, 0);
+  });
+  const second = await runBackfillSync({ instance: server.url, kv: db.path, resume: true, maxTime: 2 });
+  const posts = events.filter((e) =>
+    e.kind === "commit" && e.did === did(3) && e.commit.collection === "app.bsky.feed.post"
+  );
+  assert.equal(first.recordsStored + second.recordsStored, posts.length);
+  assert.equal(syncConnections(server).at(-1)!.hellos[0].wantedDids?.length, theirs.length);
+});
+
+Deno.test("a refused run puts back the checkpoint of a run stopped before its queue held anything", async () => {
+  const events = capture();
+  await using server = serveEvents(events, { closeAtEnd: true });
+  // A v2 host refuses a v1 parameter: a refused run.
+  await using v2 = serveEvents([], { version: "v2" });
+  await using db = await tempDb();
+  await withSilentPort(async (silent) => {
+    const stopped = await runBackfillSync({
+      instance: `ws://127.0.0.1:${silent}/subscribe`,
+      kv: db.path,
+      startTimestamp: T0,
+      wantedCollections: ["app.bsky.feed.like"],
+      signal: AbortSignal.timeout(300),
+    });
+    assert.equal(stopped.recordsStored, 0);
+  });
+  await assert.rejects(
+    () =>
+      runBackfillSync({
+        instance: v2.url.replace(
+          /\/subscribe$/,
+          "/xrpc/network.bsky.jetstream.subscribeEvents?requireHello=true",
+        ),
+        kv: db.path,
+        wantedCollections: ["app.bsky.graph.follow"],
+      }),
+    UsageError,
+  );
+  // Before, the refused run's checkpoint stayed, and the resume took up its follows.
+  const resumed = await runBackfillSync({ instance: server.url, kv: db.path, resume: true });
+  const likes = events.filter((e) => e.kind === "commit" && e.commit.collection === "app.bsky.feed.like");
+  await assertStoredOnce(db.path, resumed, likes);
+});
+
 Deno.test("runBackfillSync() stores a record whose structure serializes far larger than its JSON", async () => {
   // 9,000 doubles: 45 KB of JSON, 81 KB once V8 serializes it. Written `0.50`, which
   // JSON.stringify would spell `0.5`: the gzipped copy must be the text as received.

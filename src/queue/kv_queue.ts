@@ -9,7 +9,11 @@
  * - `"count", "messagesHandled" | "recordsHandled"`: totals consumed (see `consume()`);
  * - `"day", "YYYY-MM-DD"`: `Deno.KvU64` records stored per UTC day;
  * - `"run"`: the last run's options and statistics;
- * - `"dead", seq`: messages KV gave up delivering (`keysIfUndelivered`).
+ * - `"dead", seq`: messages KV gave up delivering (`keysIfUndelivered`);
+ * - `"alive"`: the writing run's sign of life while it is quiet;
+ * - `"keys", seq`: the content keys of the records stored last, for a resume;
+ * - `"dids", sha256, i`: a run's DID list too long for the checkpoint, which names it by its hash;
+ * - `"parked", …` and `"consumer", run`: `consume()`'s parked messages and its sign of life.
  *
  * @module
  */

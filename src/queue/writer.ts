@@ -179,7 +179,7 @@ export class QueueWriter {
   /** The writer lock's versionstamp, checked by every commit. */
   #lock: string | undefined;
   /**
-   * The versionstamp of the checkpoint that taking the lock wrote for a queue that had none (see
+   * The versionstamp of the checkpoint that taking the lock wrote for a queue that held nothing (see
    * {@link claim}): {@link abandon} takes it back.
    */
   #placed: string | undefined;
@@ -374,15 +374,20 @@ export class QueueWriter {
 
   /**
    * Gives the lock back like {@link release}, for a run that was refused (a request the server
-   * called invalid, say): the checkpoint that taking the lock wrote for a queue that had none goes
-   * too when nothing was committed on it, so that the queue is left as it was found. Best effort,
-   * like a release without `last`.
+   * called invalid, say): the checkpoint that taking the lock wrote for a queue that held nothing
+   * is put back as it was found (`found`, the checkpoint read before, or null for none) when nothing
+   * was committed on it, so that the queue is left as it was found. Best effort, like a release
+   * without `last`.
    */
-  async abandon(): Promise<void> {
+  async abandon(found: Checkpoint | null): Promise<void> {
     const placed = this.#placed;
     if (placed === undefined || this.#durable.seq !== 0) return await this.release();
     const key = queueKey(this.#queue, "checkpoint");
-    await this.release((op) => op.check({ key, versionstamp: placed }).delete(key)).catch(() => {});
+    await this.release((op) => {
+      op.check({ key, versionstamp: placed });
+      if (found === null) op.delete(key);
+      else op.set(key, found);
+    }).catch(() => {});
   }
 
   /** Deletes the writer lock and `alive`, if the lock is still `lock`. */
@@ -468,7 +473,7 @@ export class QueueWriter {
     const res = await retryWhileBusy(() => op.commit(), BUSY_BUDGET_MS);
     if (!res.ok) throw new ConcurrentWriterError(q, refusal, refusal !== undefined);
     this.#lock = res.versionstamp;
-    if (empty && this.#readVersionstamp === null) this.#placed = res.versionstamp;
+    if (empty) this.#placed = res.versionstamp;
     this.#lastWrite = Date.now();
   }
 
