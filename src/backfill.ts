@@ -93,48 +93,49 @@ async function sha256Hex(text: string): Promise<string> {
 
 /**
  * Stores a long DID list under `["jetfill", queue, "dids", sha256, i]`, so that `--resume` can reuse
- * it. Each list is kept under its own hash: a run that stops before its first commit (a refused
- * one, say) leaves the queue's checkpoint naming the run before it, whose list must stay. Lists of
- * other runs go, except `keep` (the hash of the list of the run the checkpoint names).
+ * it; a list already there (a resumed run's) is left as it is. Written before the run takes the
+ * queue, whose checkpoint may then name it at once: under its own hash, it replaces nothing another
+ * run needs.
  */
 async function storeDidList(
   kv: Deno.Kv,
   queue: string,
   dids: readonly string[],
   sha256: string,
-  keep: string | undefined,
 ): Promise<void> {
+  const sorted = [...dids].sort();
+  const parts = Math.ceil(sorted.length / DIDS_PER_KEY);
+  const there = await Array.fromAsync(kv.list({ prefix: queueKey(queue, "dids", sha256) }));
+  if (there.length === parts) return;
+  for (let i = 0; i < parts; i += 10) {
+    const op = kv.atomic();
+    for (let j = i; j < Math.min(parts, i + 10); j++) {
+      op.set(queueKey(queue, "dids", sha256, j), sorted.slice(j * DIDS_PER_KEY, (j + 1) * DIDS_PER_KEY));
+    }
+    await commitWhileBusy(op);
+  }
+}
+
+/**
+ * Deletes the DID lists of runs other than `keep` (this run's, and the one the checkpoint it found
+ * names: this run may yet be refused, or stop before its first commit, and leave that checkpoint in
+ * place). Lists stored before they were kept by hash are under `["dids", i]`: theirs is worked out.
+ * Only while the queue's lock is held.
+ */
+async function pruneDidLists(kv: Deno.Kv, queue: string, keep: (string | undefined)[]): Promise<void> {
   const stored = await Array.fromAsync(kv.list<string[]>({ prefix: queueKey(queue, "dids") }));
-  // Lists stored before they were kept by hash are under ["dids", i]: theirs is worked out.
   const unhashed = stored.filter((e) => typeof e.key[3] === "number");
   const unhashedHash = unhashed.length > 0
     ? await sha256Hex(unhashed.flatMap((e) => e.value).sort().join("\n"))
     : undefined;
-  const hashOf = (key: Deno.KvKey) => typeof key[3] === "number" ? unhashedHash : key[3];
-  let op = kv.atomic();
-  let ops = 0;
-  const step = async () => {
-    if (++ops % 10 !== 0) return;
+  const gone = stored.filter((e) =>
+    !keep.includes(typeof e.key[3] === "number" ? unhashedHash : String(e.key[3]))
+  );
+  for (let i = 0; i < gone.length; i += 100) {
+    const op = kv.atomic();
+    for (const e of gone.slice(i, i + 100)) op.delete(e.key);
     await commitWhileBusy(op);
-    op = kv.atomic();
-  };
-  for (const e of stored) {
-    const hash = hashOf(e.key);
-    if (hash !== sha256 && hash !== keep) {
-      op.delete(e.key);
-      await step();
-    }
   }
-  const sorted = [...dids].sort();
-  const parts = Math.ceil(sorted.length / DIDS_PER_KEY);
-  // A resumed run's list is there already.
-  if (stored.filter((e) => e.key[3] === sha256).length !== parts) {
-    for (let i = 0; i < parts; i++) {
-      op.set(queueKey(queue, "dids", sha256, i), sorted.slice(i * DIDS_PER_KEY, (i + 1) * DIDS_PER_KEY));
-      await step();
-    }
-  }
-  await commitWhileBusy(op);
 }
 
 /** Commits `op`, again while SQLite reports the database busy (it then wrote nothing). */
@@ -563,21 +564,12 @@ async function run(
   let streaming = false;
   let ticker: ReturnType<typeof setInterval> | undefined;
   try {
+    const sha256 = listHash(selection.wantedDids);
+    if (sha256 !== undefined) await storeDidList(kv, o.queueName, o.wantedDids, sha256);
     // The lock is held from now on, so that a sync started beside this one is refused even while
     // this one is quiet.
     await writer.claim();
-    // Once the lock is this run's. The list of the run the checkpoint names stays: this run may yet
-    // be refused, or stop before its first commit, and leave that checkpoint in place.
-    const sha256 = listHash(selection.wantedDids);
-    if (sha256 !== undefined) {
-      await storeDidList(
-        kv,
-        o.queueName,
-        o.wantedDids,
-        sha256,
-        listHash(existing.value?.run.selection.wantedDids),
-      );
-    }
+    await pruneDidLists(kv, o.queueName, [sha256, listHash(existing.value?.run.selection.wantedDids)]);
     streaming = true;
     // Between commits too (a quiet selection stores little): the events processed, the date.
     if (options.onProgress) ticker = setInterval(() => progress(false), PROGRESS_INTERVAL_MS);
