@@ -1443,3 +1443,32 @@ Deno.test("consume() until empty refuses a queue name the database never held wh
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("status counts as parked only the parked messages not handled yet", async () => {
+  const { dir, path } = await tempDb();
+  try {
+    await backlog(path, 200, 41, 20);
+    const done = await consume({ kv: path, untilEmpty: true, handler: () => {} });
+    assert.equal(done.messages, 10);
+    const kv = await openKvAt(path);
+    try {
+      // A consumer killed after parking messages 3 and 4, whose acknowledgements KV never got: KV
+      // delivered them again, and the consumer above handled them. Their parked copies stay until
+      // a consumer takes the killed one's run over.
+      const run = "killed-run";
+      for (const seq of [3, 4]) {
+        await kv.atomic()
+          .set(parkedKey(Q, { run, seq }), message(seq, [commit(seq)]))
+          .set(parkedSeqKey(Q, { run, seq }), true)
+          .commit();
+      }
+      const status = await queueStatus(kv, Q);
+      // (Before, 2 parked of 0 waiting.)
+      assert.deepEqual([status.messagesWaiting, status.messagesParked], [0, 0]);
+    } finally {
+      kv.close();
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});

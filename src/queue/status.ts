@@ -79,6 +79,24 @@ export interface QueueStatus {
 }
 
 /**
+ * Of the parked seqs, those not handled yet. A parked copy of a handled message is left behind when
+ * a consumer is killed after parking a message whose acknowledgement KV never got: KV delivers it
+ * again and another consumer handles it, and the copy is deleted once a consumer takes the killed
+ * one's run over.
+ */
+async function stillWaiting(kv: Deno.Kv, queue: string, seqs: Set<number>): Promise<Set<number>> {
+  const all = [...seqs];
+  for (let i = 0; i < all.length; i += 10) {
+    const chunk = all.slice(i, i + 10);
+    const marks = await kv.getMany(chunk.map((seq) => queueKey(queue, "handled", seq)));
+    marks.forEach((m, j) => {
+      if (m.versionstamp !== null) seqs.delete(chunk[j]);
+    });
+  }
+  return seqs;
+}
+
+/**
  * Reads a queue's checkpoint, counters, per-day counts, dead letters and last run. Reading takes
  * a consistent view of each part, not of all of them together: figures read while a sync or a
  * consumer runs may be a commit apart.
@@ -107,7 +125,7 @@ export async function queueStatus(kv: Deno.Kv, queue: string): Promise<QueueStat
     if (typeof day === "string") recordsPerDay[day] = counterValue(entry);
   }
   const dead = (await deadLetters(kv, queue)).filter((l) => !l.handled);
-  const parked = new Set([...(await parkedByRun(kv, queue)).values()].flat());
+  const parked = await stillWaiting(kv, queue, new Set([...(await parkedByRun(kv, queue)).values()].flat()));
   const deadRecords = dead.reduce((n, l) => n + l.records, 0);
   const run = (await kv.get<{
     id: string;
