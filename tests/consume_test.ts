@@ -1472,3 +1472,40 @@ Deno.test("status counts as parked only the parked messages not handled yet", as
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("consume() takes a handlerTimeout beyond setTimeout's range (24.8 days) as given", async () => {
+  const { dir, path } = await tempDb();
+  try {
+    const kv = await openKvAt(path);
+    try {
+      // Parked by a consumer that stopped cleanly: the next takes them over at once, and a parked
+      // message's handler gets the whole handlerTimeout.
+      const run = "stopped-run";
+      for (const seq of [1, 2, 3]) {
+        await kv.atomic()
+          .sum(queueKey(Q, "count", "messages"), 1n)
+          .sum(queueKey(Q, "count", "records"), 1n)
+          .set(parkedKey(Q, { run, seq }), message(seq, [commit(seq)]))
+          .set(parkedSeqKey(Q, { run, seq }), true)
+          .commit();
+      }
+    } finally {
+      kv.close();
+    }
+    const reports: string[] = [];
+    const result = await consume({
+      kv: path,
+      untilEmpty: true,
+      handlerTimeout: 2 ** 31,
+      onError: (r) => reports.push(`${r.reason}: ${r.message}`),
+      handler: async () => {
+        await sleep(50);
+      },
+    });
+    // (Before, each timed out at once, and was tried again until it went to its dead letter.)
+    assert.deepEqual(reports, []);
+    assert.deepEqual([result.messages, result.timeouts, result.failures], [3, 0, 0]);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});

@@ -96,6 +96,7 @@ import {
   signOfLifeKey,
 } from "./parking.ts";
 import { UsageError } from "../errors.ts";
+import { longTimeout } from "../async.ts";
 import { isDenoKv, optionsObjectError, QUEUE_NAME, QUEUE_NAME_RULE, show } from "../options.ts";
 import { z } from "zod";
 
@@ -1246,9 +1247,10 @@ class Consumer {
       signal: controller.signal,
       timeLeft: Math.round(timeLeft),
     };
-    let timer: ReturnType<typeof setTimeout> | undefined;
+    let cancelTimer = () => {};
     const timedOut = new Promise<"timeout">((resolve) => {
-      timer = setTimeout(() => resolve("timeout"), timeLeft);
+      // A handlerTimeout beyond setTimeout's range (about 24.8 days) would fire at once.
+      cancelTimer = longTimeout(() => resolve("timeout"), timeLeft);
     });
     let outcome: "ok" | "timeout";
     const started = performance.now();
@@ -1285,7 +1287,7 @@ class Consumer {
       await this.#failed(d, err);
       return;
     } finally {
-      clearTimeout(timer);
+      cancelTimer();
       d.handlerMs = performance.now() - started;
       this.#handlerMs = 0.8 * this.#handlerMs + 0.2 * d.handlerMs;
     }
