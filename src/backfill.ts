@@ -573,7 +573,12 @@ async function run(
     streaming = true;
     // Between commits too (a quiet selection stores little): the events processed, the date.
     if (options.onProgress) ticker = setInterval(() => progress(false), PROGRESS_INTERVAL_MS);
-    await consumeStream(ctx, options, resumeFrom, resumeFrom ? recentKeysOf(keyEntries) : undefined);
+    await consumeStream(
+      ctx,
+      options,
+      resumeFrom,
+      resumeFrom ? recentKeysOf(keyEntries, resumeFrom.run.id) : undefined,
+    );
   } catch (err) {
     if (err instanceof UsageError || !streaming) refusal = { error: err };
     ctx.stop ??= "error";

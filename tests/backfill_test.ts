@@ -1294,7 +1294,8 @@ async function writeKeyed(kv: Deno.Kv, count: number, stepUs: number): Promise<v
 
 /** The keys a queue keeps, as the indexes of writeKeyed()'s records, in order. */
 async function keptIndexes(kv: Deno.Kv): Promise<number[]> {
-  const recent = recentKeysOf(await listKeyEntries(kv, "jetstream_sync"))!;
+  const entries = await listKeyEntries(kv, "jetstream_sync");
+  const recent = recentKeysOf(entries, entries.at(-1)!.run!)!;
   const out: number[] = [];
   for (let k = 0; k < recent.keys.length; k += 2) {
     assert.equal(recent.keys[k + 1], -recent.keys[k]);

@@ -6,7 +6,7 @@ import { readCheckpoint } from "../src/queue/kv_queue.ts";
 import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
 import { commit, did, drainQueue } from "./helpers/events.ts";
 import { CLI, killIfRunning, spawnCli, syncArgs, whileRunning } from "./helpers/cli.ts";
-import { serveEvents, tempDb } from "./helpers/loopback.ts";
+import { serveEvents, tcpRelay, tempDb } from "./helpers/loopback.ts";
 
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
 const LIMIT = 20_000;
@@ -362,4 +362,36 @@ Deno.test("a resume at a time_us shared by more records than the checkpoint's ta
   assert.equal(second.recordsStored, 150);
   assert.equal(second.duplicatesDropped, 300);
   assert.deepEqual(await queueEvents(db.path), events);
+});
+
+Deno.test("a resume of a new run on a queue that holds another run's records stores what the new run selects, theirs too", async () => {
+  const events = capture().slice(0, 2_000);
+  await using half = serveEvents(events.slice(0, 1_000), { closeAtEnd: true });
+  await using all = serveEvents(events, { closeAtEnd: true });
+  await using db = await tempDb();
+  // One instance: first a server that has the first half, then one that has everything.
+  let whole = false;
+  await using relay = tcpRelay(() => Number(new URL((whole ? all : half).url).port));
+  const base = { instance: `ws://127.0.0.1:${relay.port}/subscribe`, kv: db.path, startTimestamp: T0 };
+  whole = true;
+  // A first run stores the posts.
+  const posts = await runBackfillSync({ ...base, wantedCollections: ["app.bsky.feed.post"] });
+  assert.equal(posts.recordsStored, 1_500);
+  // A new run, of posts and likes, stops halfway (its server closes), and is resumed.
+  whole = false;
+  const both = { ...base, wantedCollections: ["app.bsky.feed.post", "app.bsky.feed.like"] };
+  const first = await runBackfillSync(both);
+  assert.equal(first.stopReason, "closed");
+  assert.equal(first.recordsStored, 1_000);
+  whole = true;
+  const second = await runBackfillSync({ kv: db.path, resume: true });
+  // Only the event at the cursor, which the server sends again. (Before, the resume also took the
+  // first run's posts for records it had stored, and dropped 750 of them.)
+  assert.equal(second.duplicatesDropped, 1);
+  assert.equal(second.recordsStored, 1_000);
+  const stored = await queueEvents(db.path);
+  assert.deepEqual(stored, [
+    ...events.filter((e) => e.kind === "commit" && e.commit.collection === "app.bsky.feed.post"),
+    ...events,
+  ]);
 });

@@ -76,6 +76,8 @@ export interface KeyEntry {
   cursor: number;
   /** (b, a) pairs of 32-bit hashes. */
   keys: Int32Array;
+  /** The id of the run that stored the records; absent in entries of older versions. */
+  run?: string;
 }
 
 /** The key of a {@link KeyEntry}. */
@@ -87,11 +89,14 @@ export function keysKey(queue: string, seq: number): Deno.KvKey {
 export async function listKeyEntries(kv: Deno.Kv, queue: string): Promise<KeyEntry[]> {
   const entries: KeyEntry[] = [];
   for await (
-    const e of kv.list<{ v: number; cursor: number; keys: Int32Array }>({ prefix: queueKey(queue, "keys") })
+    const e of kv.list<{ v: number; cursor: number; keys: Int32Array; run?: unknown }>({
+      prefix: queueKey(queue, "keys"),
+    })
   ) {
     const seq = e.key[e.key.length - 1];
     if (typeof seq !== "number" || e.value?.v !== 1 || !(e.value.keys instanceof Int32Array)) continue;
-    entries.push({ seq, cursor: e.value.cursor, keys: e.value.keys });
+    const run = typeof e.value.run === "string" ? e.value.run : undefined;
+    entries.push({ seq, cursor: e.value.cursor, keys: e.value.keys, ...(run === undefined ? {} : { run }) });
   }
   return entries;
 }
@@ -106,8 +111,13 @@ export interface RecentKeys {
   keys: Int32Array;
 }
 
-/** All the keys of `entries` (oldest first), or undefined when there are none. */
-export function recentKeysOf(entries: KeyEntry[]): RecentKeys | undefined {
+/**
+ * All the keys of the entries of run `run` (oldest first), or undefined when there are none. Another
+ * run's records are not this run's to recognise: a new run on a queue that holds records stores its
+ * own copies of the events they share. Entries of older versions, which do not say their run, count.
+ */
+export function recentKeysOf(all: KeyEntry[], run: string): RecentKeys | undefined {
+  const entries = all.filter((e) => e.run === undefined || e.run === run);
   const last = entries.at(-1);
   if (!last) return undefined;
   const keys = new Int32Array(entries.reduce((n, e) => n + e.keys.length, 0));

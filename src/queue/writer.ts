@@ -573,7 +573,12 @@ export class QueueWriter {
     const q = this.#queue;
     const entries = this.#keyEntries;
     if (keys.length > 0) {
-      op.set(keysKey(q, checkpoint.seq), { v: 1, cursor: checkpoint.cursor, keys: Int32Array.from(keys) });
+      op.set(keysKey(q, checkpoint.seq), {
+        v: 1,
+        cursor: checkpoint.cursor,
+        keys: Int32Array.from(keys),
+        run: checkpoint.run.id,
+      });
       entries.push({ seq: checkpoint.seq, cursor: checkpoint.cursor, count: keys.length / 2 });
       this.#keyRecords += keys.length / 2;
     }
