@@ -563,8 +563,8 @@ async function run(
   let refusal: { error: unknown } | undefined;
   let streaming = false;
   let ticker: ReturnType<typeof setInterval> | undefined;
+  const sha256 = listHash(selection.wantedDids);
   try {
-    const sha256 = listHash(selection.wantedDids);
     if (sha256 !== undefined) await storeDidList(kv, o.queueName, o.wantedDids, sha256);
     // The lock is held from now on, so that a sync started beside this one is refused even while
     // this one is quiet.
@@ -589,6 +589,13 @@ async function run(
     options.signal?.removeEventListener("abort", onUserAbort);
   }
   if (refusal) {
+    // Its DID list goes too, unless a commit of this run names it, if the lock was this run's (a list
+    // is only pruned under the lock).
+    if (streaming) {
+      const committed = writer.checkpoint.seq !== checkpoint.seq;
+      const keep = [listHash(existing.value?.run.selection.wantedDids), committed ? sha256 : undefined];
+      await pruneDidLists(kv, o.queueName, keep).catch(() => {});
+    }
     await writer.abandon(existing.value);
     throw refusal.error;
   }

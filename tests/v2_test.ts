@@ -233,7 +233,13 @@ Deno.test("the v2 wire's InvalidRequest is the user's to fix: it fails fast with
   await using db = await tempDb();
   await assert.rejects(
     // A v1 parameter left in the URL: the v2 wire refuses it, naming its replacement.
-    () => runBackfillSync({ instance: `${v2Url(server.url)}?requireHello=true`, kv: db.path }),
+    () =>
+      runBackfillSync({
+        instance: `${v2Url(server.url)}?requireHello=true`,
+        kv: db.path,
+        // Over 100 DIDs: a list kept apart from the checkpoint, which goes with it.
+        wantedDids: Array.from({ length: 150 }, (_, i) => `did:web:a${i}.example`),
+      }),
     (err: unknown) => err instanceof UsageError && /HTTP 400.*InvalidRequest.*requireHello/.test(err.message),
   );
   // A refused run leaves the queue as it found it: no checkpoint for a resume to take up.
