@@ -464,7 +464,7 @@ async function run(
       reason: "queue",
       message: `queue '${o.queueName}' already holds ${existing.value.recordsStored} records (the last from ${
         isoFromUs(existing.value.cursor)
-      }); this run adds its own after them, as a new run: to continue the run that stored them instead, use --resume / resume: true`,
+      }); this run adds its own after them, as a new run: to continue the run that stored them instead, use --resume / resume: true (with --force / force: true to give it another limit or end)`,
     });
   }
   // A dictionary given as a path is remembered, so that `--resume` alone finds it again.

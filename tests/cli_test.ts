@@ -289,7 +289,7 @@ Deno.test("jetfill sync refuses to store the same window again without --resume 
   assert.equal(other.code, 0, other.stderr);
   assert.match(
     other.stderr,
-    /^jetfill sync: note: queue 'jetstream_sync' already holds 20 records \(the last from 2026-11-27T10:00:00\.009000Z\); this run adds its own after them, as a new run: to continue the run that stored them instead, use --resume/m,
+    /^jetfill sync: note: queue 'jetstream_sync' already holds 20 records \(the last from 2026-11-27T10:00:00\.009000Z\); this run adds its own after them, as a new run: to continue the run that stored them instead, use --resume \/ resume: true \(with --force \/ force: true to give it another limit or end\)$/m,
   );
   assert.equal(JSON.parse(other.stdout).recordsStored, 12);
   assert.equal(JSON.parse(other.stdout).queueLength, 3);
