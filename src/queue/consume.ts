@@ -262,7 +262,11 @@ export interface ConsumeResult {
   messages: number;
   /** Events in those messages. */
   records: number;
-  /** Deliveries skipped because their `seq` was already handled or being handled. */
+  /**
+   * Deliveries skipped because their `seq` was already handled or being handled, and messages whose
+   * handler ran here while another consumer handled and recorded them first (those events were
+   * handed over twice).
+   */
   duplicates: number;
   /** Handler failures (thrown, or timed out), each leaving its message for redelivery. */
   failures: number;
@@ -1390,9 +1394,12 @@ async function refuseUnknownQueue(kv: Deno.Kv, queue: string, where: string): Pr
  *
  * Delivery is at least once; consume() makes duplicates rare (see the module documentation for
  * how): a message whose `seq` was handled already is skipped, but a process that dies between
- * storing a message's events and its acknowledgement, or two consumers both running a handler that
- * overran KV's 5 s deadline, can hand the same events over twice. Make the handler idempotent (for
- * example, key what you store by `did` + `commit.rev` + `commit.rkey`, or by `seq`).
+ * storing a message's events and its acknowledgement can hand the same events over twice, and so can
+ * two consumers at once on one queue: each opening of the database by one puts back in KV's queue
+ * the messages the other holds past KV's deadline, which for a backlog are all it holds (the
+ * deadline runs from the enqueue time). Run one consume() a queue, with `concurrency` for handlers
+ * in parallel, and make the handler idempotent (for example, key what you store by `did` +
+ * `commit.rev` + `commit.rkey`, or by `seq`).
  *
  * A handler of a fresh delivery must finish within {@link ACK_DEADLINE_MS} of it (default
  * `handlerTimeout` 3 s): consume() measures handlers, holds no more messages than it can finish in
