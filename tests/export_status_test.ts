@@ -220,7 +220,10 @@ Deno.test("jetfill export --follow picks up what another process enqueues and ex
     const result = await child.output();
     const stderr = TEXT.decode(result.stderr);
     assert.equal(result.code, 130, stderr);
-    assert.match(stderr, /^jetfill export: no database at \S*q\.sqlite yet; waiting for a sync to make it/);
+    assert.match(
+      stderr,
+      /^jetfill export: no database at \S*q\.sqlite yet; made it empty, and waiting for a sync to write queue 'jetstream_sync' there/,
+    );
     assert.match(stderr, /90 events from 9 messages/);
     assert.deepEqual(lines(await Deno.readTextFile(out)), expected);
   } finally {

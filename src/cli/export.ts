@@ -247,7 +247,10 @@ export async function exportCommand(args: string[]): Promise<number> {
     }
   } else if (await pathExists(dirname(path))) {
     // (Where the folder is missing too, consume() refuses the path.)
-    console.error(`jetfill export: no database at ${path} yet; waiting for a sync to make it (Ctrl-C stops)`);
+    // consume() opens it, which makes it (an empty file too): a sync then writes into it as it is.
+    console.error(
+      `jetfill export: no database at ${path} yet; made it empty, and waiting for a sync to write queue '${queue}' there (Ctrl-C stops)`,
+    );
   }
   let sink: Sink;
   if (out !== undefined) {
