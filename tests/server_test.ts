@@ -279,6 +279,28 @@ Deno.test("`serveJetstream()` treats a `.*` suffix as a prefix match", async () 
   assert.ok(expected.some((line) => line.includes("app.bsky.graph.block")));
 });
 
+Deno.test("`serveJetstream()` (legacy) leaves out a malformed query pair, as Go's URL.Query() does", async () => {
+  await using server = serve();
+  const likes = lines((e) => e.kind !== "commit" || e.collection === "app.bsky.feed.like");
+  // A bad escape or a `;` in a pair: that pair is dropped, the others apply.
+  for (
+    const query of [
+      "wantedCollections=%zz&wantedCollections=app.bsky.feed.like",
+      "cursor=%zz&wantedCollections=app.bsky.feed.like",
+      "wantedCollections=app.bsky.feed.post;x=1&wantedCollections=app.bsky.feed.like",
+    ]
+  ) {
+    const { messages } = await collectMessages(`${server.url}?${query}`);
+    assert.deepEqual(messages, likes, query);
+  }
+  // `+` is a space, as in any query.
+  const { status, body } = await rawGet(server.port, "/subscribe?wantedCollections=app.bsky+feed");
+  assert.deepEqual({ status, body }, {
+    status: 400,
+    body: "invalid subscriber options: invalid collection: app.bsky feed",
+  });
+});
+
 Deno.test("`serveJetstream()` lets identity and account events through a collection filter", async () => {
   await using server = serve();
   const { messages } = await collectMessages(`${server.url}?wantedCollections=app.bsky.feed.post`);

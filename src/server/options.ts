@@ -165,6 +165,49 @@ export function wants(
   return false;
 }
 
+/** Go's `url.QueryUnescape`: `+` is a space, a `%` must start two hex digits; undefined on error. */
+function goUnescape(text: string): string | undefined {
+  if (!text.includes("%")) return text.replaceAll("+", " ");
+  const bytes: number[] = [];
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    if (c === 37) {
+      const hex = text.slice(i + 1, i + 3);
+      if (!/^[0-9a-fA-F]{2}$/.test(hex)) return undefined;
+      bytes.push(parseInt(hex, 16));
+      i += 2;
+    } else if (c === 43) {
+      bytes.push(32);
+    } else {
+      bytes.push(...new TextEncoder().encode(text[i]));
+    }
+  }
+  return new TextDecoder().decode(new Uint8Array(bytes));
+}
+
+/**
+ * A raw query string as the legacy server reads it, with Go's `URL.Query()`: `&` separates pairs,
+ * and a pair that `url.ParseQuery` finds malformed (a `;` in it, a `%` not followed by two hex
+ * digits) is left out, silently. (The v2 server's compat `/subscribe` refuses such a query instead.)
+ *
+ * @example
+ * ```ts
+ * import { goQueryValues } from "./options.ts";
+ * goQueryValues("cursor=%zz&wantedCollections=app.bsky.feed.post").get("cursor"); // null
+ * ```
+ */
+export function goQueryValues(rawQuery: string): URLSearchParams {
+  const values = new URLSearchParams();
+  for (const pair of rawQuery.split("&")) {
+    if (pair === "" || pair.includes(";")) continue;
+    const eq = pair.indexOf("=");
+    const key = goUnescape(eq === -1 ? pair : pair.slice(0, eq));
+    const value = goUnescape(eq === -1 ? "" : pair.slice(eq + 1));
+    if (key !== undefined && value !== undefined) values.append(key, value);
+  }
+  return values;
+}
+
 /**
  * Options of one `/subscribe` request, resolved from its query string and headers.
  *

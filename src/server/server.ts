@@ -43,6 +43,7 @@ import {
   writeXrpcError,
 } from "./http1.ts";
 import {
+  goQueryValues,
   type OptionsUpdatePayload,
   parseClientMessage,
   parseSubscribeRequest,
@@ -840,11 +841,10 @@ export function serveJetstream(options: JetstreamServerOptions): JetstreamServer
   const prepareV1 = (
     record: ConnectionRecord,
     rawQuery: string,
-    url: URL,
     headers: Headers,
   ): Refusal | Omit<SessionConfig, "record" | "stalls"> => {
     const parsed = version === "legacy"
-      ? parseSubscribeRequest(url.searchParams, headers)
+      ? parseSubscribeRequest(goQueryValues(rawQuery), headers)
       : parseV2ServerSubscribe(rawQuery, headers);
     record.params = parsed.params;
     if (!parsed.ok) return { status: 400, message: parsed.error };
@@ -938,7 +938,7 @@ export function serveJetstream(options: JetstreamServerOptions): JetstreamServer
     };
     connections.push(record);
     let prepared = endpoint === "subscribe"
-      ? prepareV1(record, rawQuery, url, head.headers)
+      ? prepareV1(record, rawQuery, head.headers)
       : prepareV2(record, rawQuery, head.headers);
     // A bootstrapping server refuses whatever was asked (the params are still recorded).
     if (refused < faults.refuseFirst) {
