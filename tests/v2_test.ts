@@ -1,6 +1,7 @@
 import assert from "node:assert/strict";
 import { fetchV2Dictionary, V2_DICTIONARY_PATH, V2_SUBSCRIBE_PATH } from "../src/jetstream/v2.ts";
 import { runBackfillSync } from "../src/backfill.ts";
+import { readCheckpoint } from "../src/queue/kv_queue.ts";
 import { UsageError } from "../src/errors.ts";
 import type { JetstreamEvent } from "../src/jetstream/events.ts";
 import { createZstdEncoder } from "../src/jetstream/zstd.ts";
@@ -688,4 +689,46 @@ Deno.test("fetchV2Dictionary() asks a v2 host served under a path prefix under t
   assert.equal(got.id, 20260811);
   assert.deepEqual(got.bytes, dictionary);
   assert.deepEqual(paths, [`/jetstream${V2_DICTIONARY_PATH}`]);
+});
+
+Deno.test("a v2 host's seq is not used again once records came from a legacy instance after it", async () => {
+  const events = Array.from(
+    { length: 900 },
+    (_, i) => commit(T0 + i * 1000, { did: did(i % 9), text: `p${i}` }),
+  );
+  // One v2 host, first holding the first 300 events, later all of them.
+  await using early = serveEvents(events.slice(0, 300), { version: "v2", closeAtEnd: true });
+  await using later = serveEvents(events, { version: "v2", closeAtEnd: true });
+  let grown = false;
+  await using relay = tcpRelay(() => Number(new URL((grown ? later : early).url).port));
+  const host = `ws://127.0.0.1:${relay.port}${V2_PATH}`;
+  await using legacy = serveEvents(events.slice(0, 600), { closeAtEnd: true });
+  await using db = await tempDb();
+  const seqOf = async () => {
+    const kv = await Deno.openKv(db.path);
+    try {
+      return (await readCheckpoint(kv, "jetstream_sync")).value?.run.seqCursor;
+    } finally {
+      kv.close();
+    }
+  };
+  const first = await runBackfillSync({ instance: host, kv: db.path, startTimestamp: T0 });
+  assert.equal(first.recordsStored, 300);
+  const seq = await seqOf();
+  assert.ok(seq !== undefined && seq > 0);
+  // Resumed on a legacy instance, which stores 300 more: the v2 seq is no longer where the run is.
+  const second = await runBackfillSync({
+    instance: legacy.url,
+    kv: db.path,
+    resume: true,
+    onError: () => {},
+  });
+  assert.equal(second.recordsStored, 300);
+  assert.equal(await seqOf(), undefined);
+  // Back on the v2 host, the run asks by time. (Before, by that seq: everything after it again.)
+  grown = true;
+  const third = await runBackfillSync({ instance: host, kv: db.path, resume: true, onError: () => {} });
+  assert.equal(third.recordsStored, 300);
+  const cursor = Number(/(?:^|&)cursor=(\d+)/.exec(syncConnections(later).at(-1)!.query)![1]);
+  assert.ok(cursor >= 1e15, `cursor=${cursor}, the seq was ${seq}`);
 });

@@ -368,11 +368,19 @@ export async function readConnection(
             continue;
           }
           inWindow = true;
-        } else if (t < floorUs || (t === floorUs && !floorKnown) || t < startUs) {
-          // (At the floor itself, with the guard knowing what was stored there, only what it knows is a
-          // repeat: two events can share a time_us, and the second may not be stored yet.)
-          if (t <= floorUs) stats.duplicatesDropped++;
-          continue;
+        } else {
+          if (seq.host !== undefined) {
+            // An event of a host without seqs (a legacy one, after a failover): a v2 host's last seq
+            // is no longer where the run is. Going back there, the run asks by time.
+            seq.host = undefined;
+            seq.floor = -1;
+          }
+          if (t < floorUs || (t === floorUs && !floorKnown) || t < startUs) {
+            // (At the floor itself, with the guard knowing what was stored there, only what it knows is
+            // a repeat: two events can share a time_us, and the second may not be stored yet.)
+            if (t <= floorUs) stats.duplicatesDropped++;
+            continue;
+          }
         }
         if (t > session.maxUs) session.maxUs = t;
         if (session.minUs < 0) session.minUs = t;

@@ -514,6 +514,11 @@ export class QueueWriter {
       if (m.seq !== undefined) {
         seqCursor = m.seq;
         seqInstance = m.seqHost;
+      } else if (m.host !== undefined) {
+        // Records of a host without seqs (a legacy one) came after: the seq of a v2 host is no
+        // longer where the run is, and a resume there by it would store what came since again.
+        seqCursor = undefined;
+        seqInstance = undefined;
       }
     }
     op.sum(queueKey(q, "count", "messages"), BigInt(group.length));
