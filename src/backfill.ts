@@ -277,14 +277,19 @@ class Callbacks {
 
   /** `options` with its callbacks guarded. */
   guard(options: BackfillSyncOptions): BackfillSyncOptions {
+    const fail = (name: string, err: unknown) => {
+      this.failure ??= `${name} threw: ${err instanceof Error ? err.message : String(err)}`;
+      this.#stop?.(this.failure);
+    };
     const wrap = <A>(name: string, fn: ((arg: A) => void) | undefined) =>
       fn &&
       ((arg: A) => {
         try {
-          fn(arg);
+          // An async callback's rejection counts as its throw (unhandled, it would end the process).
+          const returned: unknown = fn(arg);
+          if (returned instanceof Promise) returned.catch((err) => fail(name, err));
         } catch (err) {
-          this.failure ??= `${name} threw: ${err instanceof Error ? err.message : String(err)}`;
-          this.#stop?.(this.failure);
+          fail(name, err);
         }
       });
     return {
@@ -554,6 +559,7 @@ async function run(
     initialGapUs: 0,
     awaitDrops: false,
     toldBackdated: false,
+    probeAnswered: false,
   };
   callbacks.attach(ctx);
   if (options.signal?.aborted) stopWith(ctx, "aborted");

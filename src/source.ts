@@ -179,14 +179,21 @@ export async function consumeStream(
   let disconnectedAt = performance.now();
   let lastSpanUs = 0;
 
+  // The floor on the instance that delivered last, while failovers since have not reached one that
+  // delivers: each of them rewinds from it, not from the floor the one before rewound.
+  let unrewoundUs: number | undefined;
+
   /** Moves on to the next instance, a little earlier in time (`rewindUs`): time_us differ between them. */
   const failOver = () => {
     const from = o.instances[instanceIndex];
     instanceIndex = (instanceIndex + 1) % o.instances.length;
     stats.failovers++;
     const to = o.instances[instanceIndex];
-    const lastUs = floorUs;
-    if (floorUs >= 0) floorUs -= o.rewindUs;
+    const lastUs = unrewoundUs ?? floorUs;
+    if (lastUs >= 0) {
+      unrewoundUs = lastUs;
+      floorUs = lastUs - o.rewindUs;
+    }
     // With records stored to recognise, as on a resume on another instance (above): the start is
     // also a time of the instance left, so it moves back by the rewind, and new events before the
     // first record recognised are left out near the start (they can be ones the instance left had
@@ -211,6 +218,12 @@ export async function consumeStream(
     });
     // Nothing came yet: the history that counts is the next instance's, checked before it is used.
     if (stats.lastProcessedUs === null) coverage = initialCoverage;
+    else if (from !== to && neededUs >= 0) {
+      // Whether the next instance still holds what is needed: a legacy server moves a cursor older
+      // than its history to its oldest event without a word.
+      coverage = { fromUs: neededUs, atStart: false };
+      probed.clear();
+    }
   };
 
   /** Counts a failed attempt and waits out its backoff, failing over on the way; false: give up. */
@@ -397,6 +410,7 @@ export async function consumeStream(
     // The floor is this instance's own clock: what this connection processed, not another
     // instance's time (after a failover the two differ by up to the rewind).
     if (session.maxUs >= 0) {
+      unrewoundUs = undefined;
       floorUs = Math.max(session.floorUs, session.maxUs);
       neededUs = Math.max(neededUs, floorUs);
       floorKnown = true;
@@ -465,7 +479,8 @@ export async function consumeStream(
     }
   }
   if (
-    ctx.stop === "max_time" && connections === 0 && (lastFailure !== undefined || connecting !== undefined)
+    ctx.stop === "max_time" && connections === 0 && !ctx.probeAnswered &&
+    (lastFailure !== undefined || connecting !== undefined)
   ) {
     // Not a run that ran out of time, but one that never got a connection: attempts failed, or the
     // one under way had no answer yet (a server that accepts TCP but never answers the upgrade).
@@ -529,7 +544,10 @@ async function checkCoverage(
   const askedUs = Date.now() * 1000;
   try {
     const signal = ctx.internal.signal;
-    oldest = v2 ? await probeV2HistoryStart(base, { signal }) : await probeCoverageStart(base, { signal });
+    const onOpen = () => ctx.probeAnswered = true;
+    oldest = v2
+      ? await probeV2HistoryStart(base, { signal, onOpen })
+      : await probeCoverageStart(base, { signal, onOpen });
   } catch (err) {
     if (ctx.stop) return NOT_MEASURED;
     const status = err instanceof ConnectError ? err.status : undefined;

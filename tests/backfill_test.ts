@@ -832,29 +832,34 @@ Deno.test("runBackfillSync() reports progress while events come, not only when i
 });
 
 for (const name of ["onProgress", "onDateChange", "onError"] as const) {
-  Deno.test(`runBackfillSync() whose ${name} throws stops as an error naming it, with what it stored and its record`, async () => {
-    // Two days of posts, one frame of garbage: each callback is called at least once.
-    const events: unknown[] = capture();
-    events.splice(3, 0, { did: did(1), time_us: T0 + 1, kind: "heartbeat" });
-    await using server = serveEvents(events as JetstreamEvent[], { closeAtEnd: true });
-    await using db = await tempDb();
-    const stats = await runBackfillSync({
-      instance: server.url,
-      kv: db.path,
-      startTimestamp: T0,
-      batchSize: 5,
-      [name]: () => {
-        throw new Error("boom");
-      },
+  for (const how of ["throws", "rejects"]) {
+    Deno.test(`runBackfillSync() whose ${name} ${how} stops as an error naming it, with what it stored and its record`, async () => {
+      // Two days of posts, one frame of garbage: each callback is called at least once.
+      const events: unknown[] = capture();
+      events.splice(3, 0, { did: did(1), time_us: T0 + 1, kind: "heartbeat" });
+      await using server = serveEvents(events as JetstreamEvent[], { closeAtEnd: true });
+      await using db = await tempDb();
+      const stats = await runBackfillSync({
+        instance: server.url,
+        kv: db.path,
+        startTimestamp: T0,
+        batchSize: 5,
+        // An async callback's rejection ended the process before.
+        [name]: how === "throws"
+          ? () => {
+            throw new Error("boom");
+          }
+          : () => Promise.reject(new Error("boom")),
+      });
+      assert.equal(stats.stopReason, "error");
+      assert.equal(stats.error, `${name} threw: boom`);
+      assert.equal(stats.endCursorReached, false);
+      // What it says it stored is what the queue holds, and the run is on record.
+      const queue = await stored(db.path, stats.queueLength);
+      assert.equal(queue.events.length, stats.recordsStored);
+      assert.deepEqual((await lastRunOf(db.path))?.stats, stats);
     });
-    assert.equal(stats.stopReason, "error");
-    assert.equal(stats.error, `${name} threw: boom`);
-    assert.equal(stats.endCursorReached, false);
-    // What it says it stored is what the queue holds, and the run is on record.
-    const queue = await stored(db.path, stats.queueLength);
-    assert.equal(queue.events.length, stats.recordsStored);
-    assert.deepEqual((await lastRunOf(db.path))?.stats, stats);
-  });
+  }
 }
 
 Deno.test("runBackfillSync() whose last progress report throws still returns its statistics and records the run", async () => {

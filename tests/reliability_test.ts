@@ -522,3 +522,84 @@ Deno.test("runBackfillSync() stores once what a server re-ingested under new tim
   assert.equal(stats.recordsStored, 120);
   assert.deepEqual(await stored(db.path, stats.queueLength), [...first, ...after]);
 });
+
+Deno.test("runBackfillSync() whose maxTime ends while a quiet server's coverage probe waits stops by max_time", async () => {
+  // The server answers, and has nothing to send: the probe waits for a first event.
+  await using server = serveEvents([]);
+  await using db = await tempDb();
+  const stats = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    startTimestamp: Date.now() * 1000 - 3_600_000_000,
+    maxTime: 1,
+    onError: () => {},
+  });
+  // (Before: an error, "no connection within --max-time / maxTime (1 s); … had not answered yet".)
+  assert.equal(stats.stopReason, "max_time", stats.error);
+  assert.equal(stats.error, undefined);
+});
+
+/**
+ * 4,000 posts 1 ms apart, synced from the 1,000th on. The first instance has them up to the 2,700th
+ * and goes away once it has sent them; the next instances hold what `others` gives for each (null:
+ * a port where nothing listens).
+ */
+async function failingOver(others: (events: JetstreamEvent[]) => (JetstreamEvent[] | null)[]) {
+  const events = Array.from(
+    { length: 4000 },
+    (_, i) => commit(T0 + i * 1000, { did: did(i % 13), text: `p${i}` }),
+  );
+  const first = serveEvents(events.slice(0, 2700));
+  const servers = others(events).map((held) => held && serveEvents(held, { closeAtEnd: true }));
+  const dead = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  dead.close();
+  const deadUrl = `ws://127.0.0.1:${(dead.addr as Deno.NetAddr).port}/subscribe`;
+  await using db = await tempDb();
+  try {
+    const reports: SyncErrorReport[] = [];
+    const sync = runBackfillSync({
+      instance: [first.url, ...servers.map((s) => s?.url ?? deadUrl)],
+      kv: db.path,
+      startTimestamp: T0 + 1000 * 1000,
+      onError: (r) => reports.push(r),
+    });
+    while (!(syncConnections(first)[0]?.sent >= 1700)) await delay(20);
+    await first.shutdown();
+    const stats = await sync;
+    return { events, stats, reports, got: await stored(db.path, stats.queueLength) };
+  } finally {
+    for (const s of servers) await s?.shutdown();
+  }
+}
+
+Deno.test("a failover to an instance whose history begins after the switch says how much is missing", async () => {
+  // The other instance's history begins 301 ms after the last event the first sent.
+  const { events, stats, reports, got } = await failingOver((ev) => [ev.slice(3000)]);
+  assert.equal(stats.stopReason, "closed", stats.error);
+  assert.deepEqual(got, [...events.slice(1000, 2700), ...events.slice(3000)]);
+  // (Before, nothing was said: a legacy server moves an older cursor to its oldest event.)
+  assert.equal(stats.coverageGapUs, events[3000].time_us - events[2699].time_us);
+  assert.ok(
+    reports.some((r) =>
+      r.reason === "coverage" &&
+      /only holds events from 2026-11-27T10:00:03\.000000Z on; .* is 0\.3 s earlier/.test(r.message)
+    ),
+    JSON.stringify(reports.filter((r) => r.reason === "coverage")),
+  );
+});
+
+Deno.test("failovers one after another each take the stream up the rewind before the last event processed", async () => {
+  // The second instance cannot be reached: the run fails over twice.
+  const { events, stats, reports, got } = await failingOver((ev) => [null, ev]);
+  assert.equal(stats.stopReason, "closed", stats.error);
+  assert.equal(stats.failovers, 2);
+  assert.deepEqual(got, events.slice(1000));
+  const switches = reports.filter((r) => r.message.startsWith("failing over"));
+  // (Before, the second was taken up 5 s before the first one's rewound time.)
+  const last = new Date(events[2699].time_us / 1000).toISOString().replace("Z", "");
+  assert.deepEqual(
+    switches.map((r) => /taken up 5 s before (\S+) there/.exec(r.message)?.[1]?.startsWith(last)),
+    [true, true],
+    JSON.stringify(switches),
+  );
+});

@@ -45,7 +45,7 @@ function seqOf(v: unknown): number | undefined {
  */
 export async function probeCoverageStart(
   base: string,
-  options: { timeoutMs?: number; signal?: AbortSignal } = {},
+  options: ProbeOptions = {},
 ): Promise<HistoryStart | null> {
   const { url } = buildSubscribeRequest(base, { wantedDids: [], wantedCollections: [], cursor: 0 });
   return await firstOf(await probe(url, options), (frame) => {
@@ -74,7 +74,7 @@ export async function probeCoverageStart(
  */
 export async function probeV2HistoryStart(
   base: string,
-  options: { timeoutMs?: number; signal?: AbortSignal } = {},
+  options: ProbeOptions = {},
 ): Promise<HistoryStart | null> {
   const url = buildV2Url(base, {
     kinds: [],
@@ -89,20 +89,28 @@ export async function probeV2HistoryStart(
   });
 }
 
+/** How a probe runs. */
+export interface ProbeOptions {
+  /** How long it waits, ms: {@link PROBE_TIMEOUT_MS} by default. */
+  timeoutMs?: number;
+  /** Stops it. */
+  signal?: AbortSignal;
+  /** Called once the server has accepted the probe's connection. */
+  onOpen?: () => void;
+}
+
 /** Opens a probe's connection, which gives up after the timeout ({@link PROBE_TIMEOUT_MS} by default). */
-async function probe(
-  url: string,
-  options: { timeoutMs?: number; signal?: AbortSignal },
-  protocols?: string[],
-): Promise<Connection> {
+async function probe(url: string, options: ProbeOptions, protocols?: string[]): Promise<Connection> {
   const timeout = AbortSignal.timeout(options.timeoutMs ?? PROBE_TIMEOUT_MS);
   const signal = options.signal ? AbortSignal.any([options.signal, timeout]) : timeout;
-  return await openConnection(url, {
+  const conn = await openConnection(url, {
     idleTimeoutMs: options.timeoutMs ?? PROBE_TIMEOUT_MS,
     maxBufferedBytes: 1 << 20,
     signal,
     protocols,
   });
+  options.onOpen?.();
+  return conn;
 }
 
 /**

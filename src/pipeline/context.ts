@@ -111,6 +111,11 @@ export interface RunContext {
    * time is before the start (said once a run).
    */
   toldBackdated: boolean;
+  /**
+   * Whether a server accepted a coverage probe's connection: a run stopped by `maxTime` then got an
+   * answer, even with no sync connection yet (a quiet server), and is not one that never connected.
+   */
+  probeAnswered: boolean;
 }
 
 /** Stops the run for `reason` (the first reason wins) and aborts what is waiting. */
@@ -153,6 +158,9 @@ export function coverageGap(
   const initial = noteHistoryStart(ctx, firstUs);
   if (initial && atStart) stats.startClamped = false;
   if (firstUs <= fromUs) return;
+  // The records stored last are before this history: none can come again to be recognised (see
+  // `awaitStoredUntilUs`), and what comes is new.
+  ctx.awaitStoredUntilUs = -1;
   // Only what was asked for is missing: up to the end, when there is one.
   const endUs = ctx.o.endUs ?? Number.POSITIVE_INFINITY;
   const gap = Math.min(firstUs, endUs) - fromUs;
