@@ -10,7 +10,8 @@ const run = runCli;
 
 // A list of DIDs with one that is not a DID.
 const DIDS_FILE = await Deno.makeTempFile({ prefix: "jetfill-dids-", suffix: ".txt" });
-await Deno.writeTextFile(DIDS_FILE, "did:plc:q6gjnaw2blty4crticxkmujt\nbob\n");
+// Old Mac line endings, a comment after a DID, and a bad DID on line 3.
+await Deno.writeTextFile(DIDS_FILE, "did:plc:q6gjnaw2blty4crticxkmujt # main\r# left\rbob\r");
 globalThis.addEventListener("unload", () => Deno.removeSync(DIDS_FILE));
 
 const BAD: [string[], RegExp][] = [
@@ -35,12 +36,15 @@ const BAD: [string[], RegExp][] = [
   ],
   [
     ["sync", "--dids-file", DIDS_FILE],
-    /: --dids-file must be did:plc: or did:web: DIDs: current value is "bob"/,
+    /: --dids-file ".*" line 3: "bob" is not a did:plc: or did:web: DID \(one a line; # starts a comment\)$/m,
   ],
   [["sync", "--collection", "app.bsky.feed.po*"], /: --collection must be NSIDs/],
   [["sync", "--kind", "sync"], /: --kind must be one of commit, identity, account: current value is "sync"/],
   [["sync", "--instance", "ftp://x"], /: --instance must be a host name or a ws:\/\/ or wss:\/\/ URL/],
   [["sync", "--queue-name", "a b"], /: --queue-name must be /],
+  // Gone, with what it stored, when the command ends.
+  [["sync", "--kv", ":memory:"], /: --kv must be a database file: current value is ":memory:"/],
+  [["status", "--kv", ":memory:"], /: --kv must be a database file: current value is ":memory:"/],
   [["sync", "--dids-file", "/nonexistent/dids.txt"], /--dids-file "\/nonexistent\/dids.txt" cannot be read/],
   // An empty list would mean every account.
   [["sync", "--dids-file", "/dev/null"], /--dids-file "\/dev\/null" holds no DIDs/],
@@ -105,7 +109,7 @@ Deno.test("jetfill sync --json prints exactly the statistics object on stdout", 
   await using server = serveEvents(events);
   await using db = await tempDb();
   const path = `${db.dir}/dids.txt`;
-  await Deno.writeTextFile(path, `# accounts\n${events[0].did}\n\n`);
+  await Deno.writeTextFile(path, `# accounts\n${events[0].did}  # the only one\n\n`);
   const r = await run(syncArgs(server.url, db.path, T0, "--limit", "20", "--dids-file", path, "--json"));
   assert.equal(r.code, 0, r.stderr);
   const stats = JSON.parse(r.stdout);

@@ -66,6 +66,21 @@ function attachNegatives(args: string[], spec: FlagSpec): string[] {
   return out;
 }
 
+/**
+ * A `--kv` value as given, refusing `:memory:`: Deno KV's in-memory database is gone when the command
+ * ends, with what a sync stored in it (the library takes one, as a `Deno.Kv` a program keeps open).
+ */
+export function kvFlag(flag: string, value: unknown): string | undefined {
+  if (value === undefined) return undefined;
+  const path = String(value);
+  if (path === ":memory:") {
+    throw new UsageError(
+      `--${flag} must be a database file: current value is ":memory:", a database in memory that is gone when the command ends`,
+    );
+  }
+  return path;
+}
+
 /** The queue (`--queue-name`, default `jetstream_sync`) and its database (`--kv`, default by queue). */
 export function queueFlags(v: Record<string, unknown>): { queue: string; path: string } {
   const queue = (v["queue-name"] as string | undefined) ?? "jetstream_sync";
@@ -74,7 +89,7 @@ export function queueFlags(v: Record<string, unknown>): { queue: string; path: s
       `--queue-name must be ${QUEUE_NAME_RULE}: current value is ${JSON.stringify(queue)}`,
     );
   }
-  const given = (v.kv as string | undefined) ?? defaultKvPath(queue);
+  const given = kvFlag("kv", v.kv) ?? defaultKvPath(queue);
   // A file: URL names a file like its path does (Deno.openKv takes both).
   return { queue, path: localDatabasePath(given) ?? given };
 }
@@ -105,14 +120,17 @@ export function numberFlag(
 }
 
 /** Reads a list file: one entry a line, blank lines and `#` comments skipped. */
-export async function readListFile(flag: string, path: string): Promise<string[]> {
+export async function readListFile(flag: string, path: string): Promise<{ line: number; value: string }[]> {
   let text: string;
   try {
     text = await Deno.readTextFile(path);
   } catch (err) {
     throw new UsageError(`--${flag} ${JSON.stringify(path)} cannot be read: ${(err as Error).message}`);
   }
-  return text.split(/\r?\n/).map((l) => l.trim()).filter((l) => l !== "" && !l.startsWith("#"));
+  // Any line ending (\r alone too); a comment is a line, or the end of one after a space.
+  return text.split(/\r\n|\r|\n/)
+    .map((l, i) => ({ line: i + 1, value: l.replace(/(^|\s)#.*$/, "").trim() }))
+    .filter((l) => l.value !== "");
 }
 
 /**

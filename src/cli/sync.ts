@@ -8,9 +8,11 @@ import type { BackfillSyncOptions } from "../options.ts";
 import type { SkipReason, SyncProgress, SyncStats } from "../stats.ts";
 import { isoFromUs, TIMESTAMP_FORMATS } from "../time.ts";
 import { UsageError } from "../errors.ts";
+import { isDid } from "../validate.ts";
 import {
   type FlagSpec,
   interruptedExitCode,
+  kvFlag,
   numberFlag,
   onStopSignals,
   parseFlags,
@@ -121,7 +123,7 @@ const OPTION_FLAGS: readonly {
   { option: "startTimestamp", flag: "start", read: given },
   { option: "endTimestamp", flag: "end", read: given },
   { option: "instance", flag: "instance", read: given },
-  { option: "kv", flag: "kv", read: given },
+  { option: "kv", flag: "kv", read: kvFlag },
   { option: "queueName", flag: "queue-name", read: given },
   // (Before --compress: the flag that error messages name for compress is the last one listed.)
   { option: "compress", flag: "no-compress", read: (_flag, value) => value === true ? false : undefined },
@@ -153,7 +155,16 @@ export async function syncOptionsFromFlags(v: Record<string, unknown>): Promise<
         } holds no DIDs (one a line; blank lines and # comments are skipped)`,
       );
     }
-    dids.push(...listed);
+    // Named by its line: a list of thousands is otherwise hard to mend.
+    const bad = listed.find((l) => !isDid(l.value));
+    if (bad) {
+      throw new UsageError(
+        `--dids-file ${JSON.stringify(path)} line ${bad.line}: ${
+          JSON.stringify(bad.value)
+        } is not a did:plc: or did:web: DID (one a line; # starts a comment)`,
+      );
+    }
+    dids.push(...listed.map((l) => l.value));
   }
   if (v.compress && v["no-compress"]) {
     throw new UsageError("--compress and --no-compress contradict each other");
