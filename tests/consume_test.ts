@@ -34,6 +34,20 @@ function message(seq: number, events: JetstreamEvent[], queue = Q): QueueMessage
   return { v: 1, queue, seq, cursor: events.at(-1)?.time_us ?? 0, records: events };
 }
 
+/**
+ * Writes messages of one record as consumer run `run` parks them; `enqueued` counts them in the
+ * queue's counters too, as for messages no sync wrote.
+ */
+async function parkAs(kv: Deno.Kv, run: string, seqs: number[], enqueued: boolean): Promise<void> {
+  for (const seq of seqs) {
+    const op = kv.atomic();
+    if (enqueued) op.sum(queueKey(Q, "count", "messages"), 1n).sum(queueKey(Q, "count", "records"), 1n);
+    await op.set(parkedKey(Q, { run, seq }), message(seq, [commit(seq)]))
+      .set(parkedSeqKey(Q, { run, seq }), true)
+      .commit();
+  }
+}
+
 Deno.test("consume() hands over every stored event once, in seq order, and drains the counters", async () => {
   const { dir, path } = await tempDb();
   try {
@@ -918,14 +932,7 @@ Deno.test("a consume() whose clock calls a live consumer's sign of life stale st
     await produce(kv, generateCapture({ count: 1000, seed: 32 }), { batchSize: 20 });
     const run = "live-run";
     const parked: [string, number][] = Array.from({ length: 100 }, (_, i) => [run, 51 + i]);
-    for (const [, seq] of parked) {
-      await kv.atomic()
-        .sum(queueKey(Q, "count", "messages"), 1n)
-        .sum(queueKey(Q, "count", "records"), 1n)
-        .set(parkedKey(Q, { run, seq }), message(seq, [commit(seq)]))
-        .set(parkedSeqKey(Q, { run, seq }), true)
-        .commit();
-    }
+    await parkAs(kv, run, parked.map(([, seq]) => seq), true);
     // That consumer writes its sign of life every 300 ms, but with a clock a minute behind this one.
     const key = queueKey(Q, "consumer", run);
     const value = () => ({ at: Date.now() - 60_000, by: run });
@@ -1455,13 +1462,7 @@ Deno.test("status counts as parked only the parked messages not handled yet", as
       // A consumer killed after parking messages 3 and 4, whose acknowledgements KV never got: KV
       // delivered them again, and the consumer above handled them. Their parked copies stay until
       // a consumer takes the killed one's run over.
-      const run = "killed-run";
-      for (const seq of [3, 4]) {
-        await kv.atomic()
-          .set(parkedKey(Q, { run, seq }), message(seq, [commit(seq)]))
-          .set(parkedSeqKey(Q, { run, seq }), true)
-          .commit();
-      }
+      await parkAs(kv, "killed-run", [3, 4], false);
       const status = await queueStatus(kv, Q);
       // (Before, 2 parked of 0 waiting.)
       assert.deepEqual([status.messagesWaiting, status.messagesParked], [0, 0]);
@@ -1480,15 +1481,7 @@ Deno.test("consume() takes a handlerTimeout beyond setTimeout's range (24.8 days
     try {
       // Parked by a consumer that stopped cleanly: the next takes them over at once, and a parked
       // message's handler gets the whole handlerTimeout.
-      const run = "stopped-run";
-      for (const seq of [1, 2, 3]) {
-        await kv.atomic()
-          .sum(queueKey(Q, "count", "messages"), 1n)
-          .sum(queueKey(Q, "count", "records"), 1n)
-          .set(parkedKey(Q, { run, seq }), message(seq, [commit(seq)]))
-          .set(parkedSeqKey(Q, { run, seq }), true)
-          .commit();
-      }
+      await parkAs(kv, "stopped-run", [1, 2, 3], true);
     } finally {
       kv.close();
     }

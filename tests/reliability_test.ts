@@ -281,37 +281,50 @@ Deno.test("runBackfillSync() fails over to the next instance, rewinds and dedupl
 });
 
 /**
- * 4,000 posts 1 ms apart, synced from the 1,000th on. The first instance has only the first 2,700,
- * and goes away once it has sent them; the other has them all, each `shiftUs` later (time_us differ
- * between instances). Resolves to what was stored, in order, with the statistics and reports.
+ * 4,000 posts 1 ms apart, synced from the 1,000th on. The first instance has them up to the 2,700th
+ * and goes away once it has sent them; the next instances hold what `others` gives for each (null:
+ * a port where nothing listens).
  */
-async function failoverNearStart(shiftUs: number) {
+async function failingOver(others: (events: JetstreamEvent[]) => (JetstreamEvent[] | null)[]) {
   const events = Array.from(
     { length: 4000 },
     (_, i) => commit(T0 + i * 1000, { did: did(i % 13), text: `p${i}` }),
   );
   const first = serveEvents(events.slice(0, 2700));
-  const shifted = events.map((e) => ({ ...e, time_us: e.time_us + shiftUs }));
-  await using other = serveEvents(shifted, { closeAtEnd: true });
+  const servers = others(events).map((held) => held && serveEvents(held, { closeAtEnd: true }));
+  const dead = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  dead.close();
+  const deadUrl = `ws://127.0.0.1:${(dead.addr as Deno.NetAddr).port}/subscribe`;
   await using db = await tempDb();
-  const reports: SyncErrorReport[] = [];
-  const sync = runBackfillSync({
-    instance: [first.url, other.url],
-    kv: db.path,
-    startTimestamp: T0 + 1000 * 1000,
-    onError: (r) => reports.push(r),
-  });
-  while (!(syncConnections(first)[0]?.sent >= 1700)) await delay(20);
-  await first.shutdown();
-  const stats = await sync;
+  try {
+    const reports: SyncErrorReport[] = [];
+    const sync = runBackfillSync({
+      instance: [first.url, ...servers.map((s) => s?.url ?? deadUrl)],
+      kv: db.path,
+      startTimestamp: T0 + 1000 * 1000,
+      onError: (r) => reports.push(r),
+    });
+    while (!(syncConnections(first)[0]?.sent >= 1700)) await delay(20);
+    await first.shutdown();
+    const stats = await sync;
+    return { events, stats, reports, got: await stored(db.path, stats.queueLength) };
+  } finally {
+    for (const s of servers) await s?.shutdown();
+  }
+}
+
+/**
+ * {@link failingOver} to an instance that has all the events, each `shiftUs` later (time_us differ
+ * between instances). Resolves to the reports.
+ */
+async function failoverNearStart(shiftUs: number) {
+  const shift = (e: JetstreamEvent) => ({ ...e, time_us: e.time_us + shiftUs });
+  const { events, stats, reports, got } = await failingOver((ev) => [ev.map(shift)]);
   assert.equal(stats.stopReason, "closed", stats.error);
   assert.equal(stats.failovers, 1);
   // By content, each event from the start on once: the first 1,700 as the first instance sent them,
   // the rest as the other did.
-  assert.deepEqual(await stored(db.path, stats.queueLength), [
-    ...events.slice(1000, 2700),
-    ...shifted.slice(2700),
-  ]);
+  assert.deepEqual(got, [...events.slice(1000, 2700), ...events.slice(2700).map(shift)]);
   assert.equal(stats.recordsStored, 3000);
   return reports;
 }
@@ -538,39 +551,6 @@ Deno.test("runBackfillSync() whose maxTime ends while a quiet server's coverage 
   assert.equal(stats.stopReason, "max_time", stats.error);
   assert.equal(stats.error, undefined);
 });
-
-/**
- * 4,000 posts 1 ms apart, synced from the 1,000th on. The first instance has them up to the 2,700th
- * and goes away once it has sent them; the next instances hold what `others` gives for each (null:
- * a port where nothing listens).
- */
-async function failingOver(others: (events: JetstreamEvent[]) => (JetstreamEvent[] | null)[]) {
-  const events = Array.from(
-    { length: 4000 },
-    (_, i) => commit(T0 + i * 1000, { did: did(i % 13), text: `p${i}` }),
-  );
-  const first = serveEvents(events.slice(0, 2700));
-  const servers = others(events).map((held) => held && serveEvents(held, { closeAtEnd: true }));
-  const dead = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  dead.close();
-  const deadUrl = `ws://127.0.0.1:${(dead.addr as Deno.NetAddr).port}/subscribe`;
-  await using db = await tempDb();
-  try {
-    const reports: SyncErrorReport[] = [];
-    const sync = runBackfillSync({
-      instance: [first.url, ...servers.map((s) => s?.url ?? deadUrl)],
-      kv: db.path,
-      startTimestamp: T0 + 1000 * 1000,
-      onError: (r) => reports.push(r),
-    });
-    while (!(syncConnections(first)[0]?.sent >= 1700)) await delay(20);
-    await first.shutdown();
-    const stats = await sync;
-    return { events, stats, reports, got: await stored(db.path, stats.queueLength) };
-  } finally {
-    for (const s of servers) await s?.shutdown();
-  }
-}
 
 Deno.test("a failover to an instance whose history begins after the switch says how much is missing", async () => {
   // The other instance's history begins 301 ms after the last event the first sent.
