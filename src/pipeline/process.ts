@@ -229,6 +229,9 @@ export async function readConnection(
         if (typeof frame === "string") {
           text = frame;
           utf8Bytes = sizes?.[i];
+          // A run that asked for compression and got text frames (a connection that fell back to
+          // none): counted as decoded too, so that the two counts give the ratio of the whole run.
+          if (o.compress) stats.bytesDecoded += utf8Bytes ?? frame.length;
         } else if (frame instanceof InvalidTextFrame) {
           skip("invalid_utf8", `text frame of ${frame.byteLength} bytes is not valid UTF-8`);
           continue;
