@@ -214,6 +214,11 @@ export async function runBackfillSync(options: BackfillSyncOptions = {}): Promis
   let decodeFrame = !o.resume && needsDecoder(o)
     ? await loadDecoder(options, o.maxTimeMs, undefined)
     : undefined;
+  // On v2 hosts alone, a dictionary given is the one used when a host has none to give: a bad one is
+  // bad input all the same, found now rather than once a host is asked.
+  if (!o.resume && o.compress && !needsDecoder(o) && options.zstdDictionary !== undefined) {
+    await resolveZstdDictionary({ dictionary: options.zstdDictionary });
+  }
   const kv = path === undefined ? await usableKv(o.kv as Deno.Kv) : await openKvAt(path);
   let fileLock: QueueFileLock | undefined;
   // The dictionary file the resumed run used, when it is not there any more.

@@ -736,3 +736,28 @@ Deno.test("a v2 host's seq is not used again once records came from a legacy ins
   const cursor = Number(/(?:^|&)cursor=(\d+)/.exec(syncConnections(later).at(-1)!.query)![1]);
   assert.ok(cursor >= 1e15, `cursor=${cursor}, the seq was ${seq}`);
 });
+
+Deno.test("on v2 hosts alone, a bad zstdDictionary is refused before anything is opened", async () => {
+  await using server = serveEvents(capture(10), { version: "v2", closeAtEnd: true });
+  await using db = await tempDb();
+  for (
+    const [dictionary, why] of [["/nonexistent.zdict", /no such file/], [
+      new Uint8Array(10),
+      /not a zstd dictionary|magic/,
+    ]] as const
+  ) {
+    await assert.rejects(
+      () =>
+        runBackfillSync({
+          instance: v2Url(server.url),
+          kv: db.path,
+          compress: true,
+          zstdDictionary: dictionary,
+        }),
+      (err: unknown) => err instanceof UsageError && why.test(err.message),
+    );
+  }
+  // (Before, it was only read once a host had no dictionary to give, and the run went on without it.)
+  assert.equal(server.connections.length, 0);
+  assert.equal(await Deno.stat(db.path).then(() => true, () => false), false);
+});
