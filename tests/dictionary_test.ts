@@ -241,6 +241,20 @@ Deno.test("`resolveZstdDictionary()` gives a download URL that never answers dow
   });
 });
 
+Deno.test("`resolveZstdDictionary()` says why a download could not connect, not only that fetch failed", async () => {
+  await withTempDir(async (dir) => {
+    const closed = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+    closed.close();
+    const url = `http://127.0.0.1:${(closed.addr as Deno.NetAddr).port}/legacy.zdict`;
+    await assert.rejects(
+      () => resolveZstdDictionary(isolated(dir, { downloadUrls: [url] })),
+      (err: unknown) =>
+        err instanceof UsageError &&
+        new RegExp(`${url}: fetch failed \\(.*Connection refused`).test(err.message),
+    );
+  });
+});
+
 Deno.test("`resolveZstdDictionary()` refuses a download with the wrong sha256 and caches nothing", async () => {
   const v2Dict = await v2Dictionary();
   await withTempDir(async (dir) => {

@@ -215,7 +215,7 @@ export async function resolveZstdDictionary(
           timeout.aborted
             ? `no answer within ${timeoutMs / 1000} s`
             : error instanceof Error
-            ? error.message
+            ? withCause(error)
             : String(error)
         }`,
       );
@@ -380,4 +380,10 @@ function readEnv(name: string): string | undefined {
     // Without --allow-env the variable is treated as unset rather than failing the run.
     return undefined;
   }
+}
+
+/** An error's message with its cause's (fetch's "fetch failed" says why only there: a DNS failure, say). */
+function withCause(error: Error): string {
+  const cause = error.cause instanceof Error ? error.cause.message : undefined;
+  return cause && !error.message.includes(cause) ? `${error.message} (${cause})` : error.message;
 }
