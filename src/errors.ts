@@ -21,3 +21,20 @@ export class UsageError extends Error {
     this.name = "UsageError";
   }
 }
+
+/**
+ * An error's message with its cause's, when the message alone does not say it: `fetch` throws
+ * "fetch failed" and gives the reason (a refused connection, a DNS failure) only as its cause.
+ *
+ * @example
+ * ```ts
+ * import { messageWithCause } from "./errors.ts";
+ * messageWithCause(new TypeError("fetch failed", { cause: new Error("Connection refused") }));
+ * // "fetch failed (Connection refused)"
+ * ```
+ */
+export function messageWithCause(error: unknown): string {
+  if (!(error instanceof Error)) return String(error);
+  const cause = error.cause instanceof Error ? error.cause.message : undefined;
+  return cause && !error.message.includes(cause) ? `${error.message} (${cause})` : error.message;
+}

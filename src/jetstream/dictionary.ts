@@ -9,7 +9,7 @@
  */
 
 import { concat } from "../bytes.ts";
-import { UsageError } from "../errors.ts";
+import { messageWithCause, UsageError } from "../errors.ts";
 import { dictionaryIdOf, LEGACY_DICTIONARY_ID } from "./zstd.ts";
 import { printable } from "./utf8.ts";
 
@@ -211,13 +211,7 @@ export async function resolveZstdDictionary(
     } catch (error) {
       if (options.signal?.aborted) throw options.signal.reason;
       failures.push(
-        `${url}: ${
-          timeout.aborted
-            ? `no answer within ${timeoutMs / 1000} s`
-            : error instanceof Error
-            ? withCause(error)
-            : String(error)
-        }`,
+        `${url}: ${timeout.aborted ? `no answer within ${timeoutMs / 1000} s` : messageWithCause(error)}`,
       );
       continue;
     }
@@ -380,10 +374,4 @@ function readEnv(name: string): string | undefined {
     // Without --allow-env the variable is treated as unset rather than failing the run.
     return undefined;
   }
-}
-
-/** An error's message with its cause's (fetch's "fetch failed" says why only there: a DNS failure, say). */
-function withCause(error: Error): string {
-  const cause = error.cause instanceof Error ? error.cause.message : undefined;
-  return cause && !error.message.includes(cause) ? `${error.message} (${cause})` : error.message;
 }

@@ -15,6 +15,7 @@
  *
  * @module
  */
+import { messageWithCause } from "../errors.ts";
 import type { EventKind, JetstreamEvent } from "./events.ts";
 import { usFromIso } from "../time.ts";
 import { printable } from "./utf8.ts";
@@ -291,7 +292,7 @@ export async function fetchV2Dictionary(
     bytes = new Uint8Array(await res.arrayBuffer());
   } catch (err) {
     if (err instanceof V2DictionaryError || signal?.aborted) throw err;
-    const message = timeout.aborted ? `no answer within ${timeoutMs / 1000} s` : (err as Error).message;
+    const message = timeout.aborted ? `no answer within ${timeoutMs / 1000} s` : messageWithCause(err);
     throw new V2DictionaryError(`${url}: ${message}`, true, { cause: err });
   }
   const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
