@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
 import { runBackfillSync } from "../src/backfill.ts";
+import type { BackfillSyncOptions } from "../src/options.ts";
 import { UsageError } from "../src/errors.ts";
 import type { JetstreamEvent } from "../src/jetstream/events.ts";
 import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
@@ -79,6 +80,7 @@ for (const noContentSize of [false, true]) {
 async function syncCompressed(
   url: string,
   dictionary?: string | Uint8Array,
+  extra: BackfillSyncOptions = {},
 ): Promise<{ stats: SyncStats; errors: SyncErrorReport[] }> {
   dictionary ??= (await legacyDictionary()).path;
   await using db = await tempDb();
@@ -92,6 +94,7 @@ async function syncCompressed(
     kinds: ["commit", "identity"],
     wantedCollections: [],
     onError: (e) => errors.push(e),
+    ...extra,
   });
   return { stats, errors };
 }
@@ -306,6 +309,13 @@ Deno.test("runBackfillSync() counts a frame that decodes past the decoder's limi
   assert.match(
     errors.find((e) => e.reason === "oversized")!.message,
     /^frame of \d+ bytes decodes to more than 33554432 bytes, over the 1048576-byte event limit \(maxEventBytes\)$/,
+  );
+  // With an event limit above the decoder's, the decoder's is the one the frame is over.
+  const larger = await syncCompressed(server.url, undefined, { maxEventBytes: 48 * 1024 * 1024 });
+  assert.deepEqual(larger.stats.skipped, { oversized: 1 });
+  assert.match(
+    larger.errors.find((e) => e.reason === "oversized")!.message,
+    /^frame of \d+ bytes decodes to more than 33554432 bytes, the most a compressed frame is decoded to$/,
   );
 });
 

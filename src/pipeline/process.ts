@@ -255,7 +255,11 @@ export async function readConnection(
               // An event over any size this run stores: the event limit's business, not a bad frame.
               skip(
                 "oversized",
-                `frame of ${frame.byteLength} bytes decodes to more than ${DEFAULT_MAX_DECODED_BYTES} bytes, over the ${o.maxEventBytes}-byte event limit (maxEventBytes)`,
+                `frame of ${frame.byteLength} bytes decodes to more than ${DEFAULT_MAX_DECODED_BYTES} bytes, ${
+                  o.maxEventBytes < DEFAULT_MAX_DECODED_BYTES
+                    ? `over the ${o.maxEventBytes}-byte event limit (maxEventBytes)`
+                    : "the most a compressed frame is decoded to"
+                }`,
               );
               continue;
             }
