@@ -476,3 +476,27 @@ Deno.test("`createZstdEncoder()` frames round-trip through the zstd CLI and the 
   assert.deepEqual(v2.encode(new Uint8Array(0)).length > 0, true);
   await assert.rejects(() => createZstdEncoder(legacyDict.bytes, 0), RangeError);
 });
+
+Deno.test("the encoder stores an input over 32 MiB in raw blocks: a frame the zstd CLI reads, and the decoder calls too large", async () => {
+  const legacyDict = await legacyDictionary();
+  const zstd = await createZstdEncoder(legacyDict.bytes);
+  const big = new Uint8Array(33 * 1024 * 1024 + 123).map((_, i) => (i * 7) & 0xff);
+  // (Before, encode() threw, and the server dropped every compressed connection at such an event.)
+  const frame = zstd.encode(big);
+  assert.equal(frameDictionaryId(frame), LEGACY_DICTIONARY_ID);
+  // (Through files: a pipe both ways would fill up, as this test writes all before it reads.)
+  const dir = await Deno.makeTempDir({ prefix: "jetfill_zstd_raw_" });
+  try {
+    await Deno.writeFile(`${dir}/big.zst`, frame);
+    const { code, stderr } = await new Deno.Command("zstd", {
+      args: ["-q", "-d", "-D", legacyDict.path, "-o", `${dir}/big`, `${dir}/big.zst`],
+      stderr: "piped",
+    }).output();
+    assert.equal(code, 0, decoder.decode(stderr));
+    assert.deepEqual(await Deno.readFile(`${dir}/big`), big);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+  const zstdDecoder = await createZstdDecoder(legacyDict.bytes);
+  assert.equal(decodeError(() => zstdDecoder.decode(frame)).reason, "too-large");
+});

@@ -170,8 +170,9 @@ export interface ZstdEncoder {
   readonly level: number;
   /**
    * Compresses `bytes` into one zstd frame that records the content size and the dictionary ID,
-   * as Jetstream does for each message. Throws `RangeError` above 32 MiB. Small frames share a
-   * pooled `ArrayBuffer`, as {@linkcode ZstdDecoder.decode}'s results do.
+   * as Jetstream does for each message. Above 32 MiB, more than the WASM heap holds, the frame
+   * stores `bytes` in raw blocks, uncompressed (still a valid frame naming the dictionary). Small
+   * frames share a pooled `ArrayBuffer`, as {@linkcode ZstdDecoder.decode}'s results do.
    */
   encode(bytes: Uint8Array): Uint8Array<ArrayBuffer>;
 }
@@ -964,6 +965,40 @@ class WasmDecoder implements ZstdDecoder {
 // Largest input the encoder accepts: its input, output and workspace must fit the fixed heap.
 const MAX_ENCODE_BYTES = DEFAULT_MAX_DECODED_BYTES;
 
+// A raw block holds at most this much (RFC 8878 §3.1.1.2.4: the block maximum size, 128 KiB).
+const RAW_BLOCK_BYTES = 128 * 1024;
+
+/**
+ * A zstd frame (RFC 8878) holding `bytes` in raw blocks, uncompressed: an 8-byte content size, the
+ * dictionary ID, and a 128 KiB window, which a raw block needs at most.
+ */
+function rawFrame(bytes: Uint8Array, dictionaryId: number): Uint8Array<ArrayBuffer> {
+  const blocks = Math.max(1, Math.ceil(bytes.byteLength / RAW_BLOCK_BYTES));
+  const out = new Uint8Array(4 + 1 + 1 + 4 + 8 + 3 * blocks + bytes.byteLength);
+  const view = new DataView(out.buffer);
+  view.setUint32(0, FRAME_MAGIC, true);
+  // Frame header descriptor: a content size of 8 bytes (0b11), not a single segment, a 4-byte
+  // dictionary ID (0b11), no checksum.
+  out[4] = 0b1100_0011;
+  // Window descriptor: exponent 7, mantissa 0 (2^(10+7) = 128 KiB).
+  out[5] = 7 << 3;
+  view.setUint32(6, dictionaryId, true);
+  view.setBigUint64(10, BigInt(bytes.byteLength), true);
+  let at = 18;
+  for (let i = 0; i < blocks; i++) {
+    const start = i * RAW_BLOCK_BYTES;
+    const size = Math.min(RAW_BLOCK_BYTES, bytes.byteLength - start);
+    // Block header, 3 bytes little-endian: last block (1 bit), type 0 = raw (2 bits), size (21 bits).
+    const header = (size << 3) | (i === blocks - 1 ? 1 : 0);
+    out[at] = header & 0xff;
+    out[at + 1] = (header >>> 8) & 0xff;
+    out[at + 2] = (header >>> 16) & 0xff;
+    out.set(bytes.subarray(start, start + size), at + 3);
+    at += 3 + size;
+  }
+  return out;
+}
+
 class WasmEncoder implements ZstdEncoder {
   readonly dictionaryId: number;
   readonly level: number;
@@ -984,11 +1019,7 @@ class WasmEncoder implements ZstdEncoder {
   }
 
   encode(bytes: Uint8Array): Uint8Array<ArrayBuffer> {
-    if (bytes.byteLength > MAX_ENCODE_BYTES) {
-      throw new RangeError(
-        `Cannot zstd-encode ${bytes.byteLength} bytes: the encoder accepts at most ${MAX_ENCODE_BYTES} bytes per frame`,
-      );
-    }
+    if (bytes.byteLength > MAX_ENCODE_BYTES) return rawFrame(bytes, this.dictionaryId);
     this.#src.fill(bytes);
     this.#dest.resize(this.#codec.compressBound(bytes.byteLength));
     const size = this.#codec.compressUsingDict(this.#dest.vector, this.#src.vector, this.#cdict);
