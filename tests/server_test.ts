@@ -460,6 +460,27 @@ Deno.test("`serveJetstream()` skips events longer than maxMessageSizeBytes", asy
   );
 });
 
+Deno.test("`serveJetstream()` records and says why it dropped a connection whose send loop failed", async () => {
+  const bad = EVENTS[100].text;
+  const compressor = (text: string): Uint8Array => {
+    if (text === bad) throw new Error("cannot compress event 100");
+    return encoder.encode(text);
+  };
+  await using server = serve({ compressor });
+  const said: string[] = [];
+  const error = console.error;
+  console.error = (...args: unknown[]) => said.push(args.join(" "));
+  try {
+    const { messages } = await collectMessages(`${server.url}?compress=true`);
+    assert.equal(messages.length, 100);
+  } finally {
+    console.error = error;
+  }
+  // (Before, the connection just went, with nothing recorded or said.)
+  assert.equal(server.connections[0].failure, "cannot compress event 100");
+  assert.deepEqual(said, ["jetfill serve: dropped a connection: cannot compress event 100"]);
+});
+
 Deno.test("`serveJetstream()` sends compressor output as binary frames on compressed connections", async () => {
   // Any encoder will do here; a real one is zstd with the legacy dictionary.
   const compressor = (text: string): Uint8Array => encoder.encode(`Z${text.length}:${text}`);

@@ -271,6 +271,8 @@ export interface ConnectionRecord {
   status: number;
   /** The refusal's message (legacy text, or the `message` of the XRPC envelope). */
   error?: string;
+  /** Why the server dropped the connection when its own send loop failed (a bug, or a capture it cannot send). */
+  failure?: string;
   /** The XRPC error name of a refused `subscribeEvents` request (`InvalidRequest`, `CursorTooOld`, …). */
   errorName?: string;
   /** Payloads of the valid `options_update` messages received, in order (the first is the hello). */
@@ -420,7 +422,15 @@ class Session {
       },
     );
     this.#ws.sendRaw(handshake);
-    const pump = this.#pump().catch(() => this.#ws.abort());
+    const pump = this.#pump().catch((err) => {
+      // A failure of the send loop itself (a socket that went away is not one): the connection is
+      // dropped, and the reason recorded and said, not hidden.
+      if (!this.#ws.closing) {
+        config.record.failure = err instanceof Error ? err.message : String(err);
+        console.error(`jetfill serve: dropped a connection: ${config.record.failure}`);
+      }
+      this.#ws.abort();
+    });
     const pinging = this.#pingEvery(config.ping, config.wire !== "legacy");
     this.done = Promise.all([pump, this.#ws.finished]).then(() => clearInterval(pinging));
   }
