@@ -10,6 +10,7 @@
  */
 import { delay, longTimeout, MAX_TIMER_MS } from "./async.ts";
 import { UsageError } from "./errors.ts";
+import { sha256Hex } from "./bytes.ts";
 import {
   LEGACY_DICTIONARY_SHA256,
   noDictionaryError,
@@ -84,11 +85,6 @@ export async function selectionOf(o: ResolvedSyncOptions): Promise<Record<string
 function listHash(wantedDids: unknown): string | undefined {
   const sha256 = (wantedDids as { sha256?: unknown } | null)?.sha256;
   return typeof sha256 === "string" ? sha256 : undefined;
-}
-
-async function sha256Hex(text: string): Promise<string> {
-  const digest = await crypto.subtle.digest("SHA-256", new TextEncoder().encode(text));
-  return Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
 /**

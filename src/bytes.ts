@@ -1,6 +1,6 @@
 /**
  * Joining byte arrays, as `@std/bytes`' `concat()` does (JSR is not reachable here; the signature is
- * the same, so moving to it is an import change).
+ * the same, so moving to it is an import change), and their SHA-256 in hex.
  *
  * @module
  */
@@ -24,4 +24,19 @@ export function concat(buffers: readonly Uint8Array[]): Uint8Array<ArrayBuffer> 
     at += b.length;
   }
   return out;
+}
+
+/**
+ * The lower-case hex SHA-256 of `data` (a string as its UTF-8 bytes).
+ *
+ * @example
+ * ```ts
+ * import { sha256Hex } from "./bytes.ts";
+ * await sha256Hex("abc"); // "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+ * ```
+ */
+export async function sha256Hex(data: Uint8Array | string): Promise<string> {
+  const bytes = typeof data === "string" ? new TextEncoder().encode(data) : data;
+  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", bytes as Uint8Array<ArrayBuffer>));
+  return Array.from(digest, (byte) => byte.toString(16).padStart(2, "0")).join("");
 }

@@ -8,7 +8,7 @@
  * @module
  */
 
-import { concat } from "../bytes.ts";
+import { concat, sha256Hex } from "../bytes.ts";
 import { messageWithCause, UsageError } from "../errors.ts";
 import { dictionaryIdOf, LEGACY_DICTIONARY_ID } from "./zstd.ts";
 import { printable } from "./utf8.ts";
@@ -349,11 +349,6 @@ async function writeAtomically(path: string, bytes: Uint8Array): Promise<boolean
     await Deno.remove(temp).catch(() => {});
     return false;
   }
-}
-
-async function sha256Hex(bytes: Uint8Array): Promise<string> {
-  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", bytes as Uint8Array<ArrayBuffer>));
-  return Array.from(digest, (byte) => byte.toString(16).padStart(2, "0")).join("");
 }
 
 function defaultCacheDir(env: (name: string) => string | undefined): string | undefined {

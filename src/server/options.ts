@@ -165,21 +165,41 @@ export function wants(
   return false;
 }
 
-/** Go's `url.QueryUnescape`: `+` is a space, a `%` must start two hex digits; undefined on error. */
-function goUnescape(text: string): string | undefined {
-  if (!text.includes("%")) return text.replaceAll("+", " ");
+/**
+ * Checks a raw query string the way Go's `url.ParseQuery` does and returns its first error text,
+ * or `undefined` when it parses: a `;` in a pair and a `%` not followed by two hex digits are errors.
+ *
+ * @example
+ * ```ts
+ * import { goQueryError } from "./options.ts";
+ * goQueryError("cursor=1;x=2"); // "invalid semicolon separator in query"
+ * goQueryError("dids=%zz"); // 'invalid URL escape "%zz"'
+ * ```
+ */
+export function goQueryError(rawQuery: string): string | undefined {
+  for (const pair of rawQuery.split("&")) {
+    if (pair.includes(";")) return "invalid semicolon separator in query";
+    for (let i = pair.indexOf("%"); i !== -1; i = pair.indexOf("%", i + 1)) {
+      if (!/^%[0-9a-fA-F]{2}/.test(pair.slice(i, i + 3))) {
+        return `invalid URL escape ${JSON.stringify(pair.slice(i, i + 3))}`;
+      }
+    }
+  }
+  return undefined;
+}
+
+/** Go's `url.QueryUnescape` of a text whose escapes {@link goQueryError} found valid: `+` is a space. */
+function goUnescape(text: string): string {
+  const spaced = text.replaceAll("+", " ");
+  if (!spaced.includes("%")) return spaced;
+  // Byte by byte: an escaped byte need not be part of valid UTF-8 (Go keeps it; here it decodes as U+FFFD).
   const bytes: number[] = [];
-  for (let i = 0; i < text.length; i++) {
-    const c = text.charCodeAt(i);
-    if (c === 37) {
-      const hex = text.slice(i + 1, i + 3);
-      if (!/^[0-9a-fA-F]{2}$/.test(hex)) return undefined;
-      bytes.push(parseInt(hex, 16));
+  for (let i = 0; i < spaced.length; i++) {
+    if (spaced[i] === "%") {
+      bytes.push(parseInt(spaced.slice(i + 1, i + 3), 16));
       i += 2;
-    } else if (c === 43) {
-      bytes.push(32);
     } else {
-      bytes.push(...new TextEncoder().encode(text[i]));
+      bytes.push(...new TextEncoder().encode(spaced[i]));
     }
   }
   return new TextDecoder().decode(new Uint8Array(bytes));
@@ -199,11 +219,12 @@ function goUnescape(text: string): string | undefined {
 export function goQueryValues(rawQuery: string): URLSearchParams {
   const values = new URLSearchParams();
   for (const pair of rawQuery.split("&")) {
-    if (pair === "" || pair.includes(";")) continue;
+    if (pair === "" || goQueryError(pair) !== undefined) continue;
     const eq = pair.indexOf("=");
-    const key = goUnescape(eq === -1 ? pair : pair.slice(0, eq));
-    const value = goUnescape(eq === -1 ? "" : pair.slice(eq + 1));
-    if (key !== undefined && value !== undefined) values.append(key, value);
+    values.append(
+      goUnescape(eq === -1 ? pair : pair.slice(0, eq)),
+      goUnescape(eq === -1 ? "" : pair.slice(eq + 1)),
+    );
   }
   return values;
 }

@@ -10,6 +10,7 @@
  * @module
  */
 import {
+  goQueryError,
   isValidDid,
   isValidNsid,
   type OptionsUpdatePayload,
@@ -60,29 +61,6 @@ export { V2_SUBPROTOCOL };
 const KINDS = ["commit", "identity", "account", "sync"] as const;
 const MAX_DIDS = 10_000;
 const MAX_COLLECTIONS = 100;
-
-/**
- * Checks a raw query string the way Go's `url.ParseQuery` does and returns its first error text,
- * or `undefined` when it parses: a `;` in a pair and a `%` not followed by two hex digits are errors.
- *
- * @example
- * ```ts
- * import { goQueryError } from "./v2_options.ts";
- * goQueryError("cursor=1;x=2"); // "invalid semicolon separator in query"
- * goQueryError("dids=%zz"); // 'invalid URL escape "%zz"'
- * ```
- */
-export function goQueryError(rawQuery: string): string | undefined {
-  for (const pair of rawQuery.split("&")) {
-    if (pair.includes(";")) return "invalid semicolon separator in query";
-    for (let i = pair.indexOf("%"); i !== -1; i = pair.indexOf("%", i + 1)) {
-      if (!/^%[0-9a-fA-F]{2}/.test(pair.slice(i, i + 3))) {
-        return `invalid URL escape ${JSON.stringify(pair.slice(i, i + 3))}`;
-      }
-    }
-  }
-  return undefined;
-}
 
 /**
  * Parses a cursor like the v2 server's `ResolveCursor`: empty is `undefined` (live), otherwise a
