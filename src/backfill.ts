@@ -26,7 +26,7 @@ import {
   resolveSyncOptions,
 } from "./options.ts";
 import { Batcher } from "./pipeline/batch.ts";
-import { type RunContext, stopWith } from "./pipeline/context.ts";
+import { type RunContext, stopWith, userAbort } from "./pipeline/context.ts";
 import { ReplayGuard } from "./pipeline/filter.ts";
 import {
   type Checkpoint,
@@ -499,7 +499,7 @@ async function run(
   const stats = new StatsTracker(o.startUs);
   if (resumeFrom && resumeFrom.run.recordsStored > 0) stats.latestCursor = resumeFrom.cursor;
   const internal = new AbortController();
-  const onUserAbort = () => stopWith(ctx, "aborted");
+  const onUserAbort = () => userAbort(ctx);
   options.signal?.addEventListener("abort", onUserAbort, { once: true });
   const cancelTimer = longTimeout(() => stopWith(ctx, "max_time"), o.maxTimeMs);
 
@@ -561,6 +561,8 @@ async function run(
     awaitDrops: false,
     toldBackdated: false,
     probeAnswered: false,
+    drain: undefined,
+    draining: false,
   };
   callbacks.attach(ctx);
   if (options.signal?.aborted) stopWith(ctx, "aborted");

@@ -99,7 +99,12 @@ export interface BackfillSyncOptions {
   zstdDictionary?: string | Uint8Array;
   /** A `Deno.Kv` to write to, or a database path. Default `./jetfill-data/<queueName>.sqlite`. */
   kv?: Deno.Kv | string;
-  /** Aborting stops the run: pending records are flushed, then the statistics are returned. */
+  /**
+   * Aborting stops the run: a connection being read is closed with the WebSocket closing handshake,
+   * and the events the server sent before it saw the close are processed too (for 2 s at most), so
+   * that none it sent is lost; pending records are flushed, then the statistics are returned. A
+   * connection attempt, a probe or a wait between attempts stops at once.
+   */
   signal?: AbortSignal;
   /**
    * Called with progress figures about four times a second while events come (and after each

@@ -32,9 +32,11 @@ import {
   coverageGap,
   coverageSeqGap,
   coverageUnknown,
+  DRAIN_MS,
   type RunContext,
   type SeqState,
   type Session,
+  stopWith,
 } from "./pipeline/context.ts";
 import { createSelector } from "./pipeline/filter.ts";
 import { readConnection } from "./pipeline/process.ts";
@@ -401,12 +403,16 @@ export async function consumeStream(
       maxUs: -1,
       minUs: -1,
     };
+    ctx.drain = () => conn.drain?.(DRAIN_MS) ?? false;
     try {
       await readConnection(ctx, conn, session, select, guard, seq, options);
     } finally {
+      ctx.drain = undefined;
       conn.close();
       await conn.closed();
     }
+    // A drain after the user's abort ended: what the server sent before the close was read.
+    if (ctx.draining) stopWith(ctx, "aborted");
     // The floor is this instance's own clock: what this connection processed, not another
     // instance's time (after a failover the two differ by up to the rewind).
     if (session.maxUs >= 0) {

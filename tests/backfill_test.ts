@@ -32,6 +32,7 @@ import {
   withSilentPort,
 } from "./helpers/loopback.ts";
 import { patchAtomic } from "./helpers/kv_patch.ts";
+import { generateCapture } from "../src/server/synth.ts";
 
 // 23:00 UTC on 2026-11-26: the capture crosses midnight after an hour.
 const T0 = Date.UTC(2026, 10, 26, 23) * 1000;
@@ -334,6 +335,35 @@ Deno.test("runBackfillSync() flushes what it has and reports aborted when its si
   assert.equal(events.at(-1)!.time_us, stats.latestCursor);
 });
 
+Deno.test("an abort closes the stream with the closing handshake: every event the server sent before the close is stored", async () => {
+  // Far more than the server can have in flight, sent as fast as the socket takes them.
+  const lines = generateCapture({ count: 60_000, seed: 11, startUs: T0, stepUs: 1000 });
+  const events = lines.map((line) => JSON.parse(line));
+  await using server = serveEvents(lines, { highWaterMark: 256 * 1024 });
+  await using db = await tempDb();
+  const controller = new AbortController();
+  const stats = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    wantedCollections: [],
+    kinds: ["commit", "identity", "account"],
+    numRecords: 1_000_000,
+    signal: controller.signal,
+    onProgress: (p) => p.recordsStored > 0 && controller.abort(),
+  });
+  assert.equal(stats.stopReason, "aborted");
+  const [record] = server.connections;
+  while (record.closeCode === undefined) await delay(10);
+  assert.equal(record.closeCode, 1000);
+  // The server had more to send: the abort, not the end of the capture, ended the stream.
+  assert.ok(record.sent < events.length, `sent ${record.sent}`);
+  // Nothing the server sent is lost (a server without history could not send it again), and nothing
+  // after it is stored.
+  assert.equal(stats.recordsStored, record.sent);
+  const { events: got } = await stored(db.path, stats.queueLength);
+  assert.deepEqual(got, events.slice(0, record.sent));
+});
+
 Deno.test("runBackfillSync() fails fast with the server's text on HTTP 400", async () => {
   await using db = await tempDb();
   await using http = Deno.serve(
@@ -439,7 +469,9 @@ Deno.test("runBackfillSync() run again with an interrupted run's options is refu
 
 Deno.test("runBackfillSync({ resume: true }) continues the last run with its own options", async () => {
   const events = capture();
-  await using server = serveEvents(events);
+  // The first run's connections (its coverage probe's and its own) go quiet after 80 events: the
+  // abort at midnight (the 61st) drains what the server sent, and the run stops short of its limit.
+  await using server = serveEvents(events, { faults: { stallAfter: 80, stallConnections: 2 } });
   await using db = await tempDb();
   const first = await syncUntilMidnight({
     instance: server.url,
@@ -469,7 +501,11 @@ Deno.test("runBackfillSync({ resume: true }) keeps the last run's maxEventBytes,
     { length: 200 },
     (_, i) => commit(T0 + i * MINUTE, { text: i % 10 === 4 ? "x".repeat(3000) : `post ${i}` }),
   );
-  await using server = serveEvents(events, { closeAtEnd: true });
+  // The first run's connections go quiet after 80 events (see above).
+  await using server = serveEvents(events, {
+    closeAtEnd: true,
+    faults: { stallAfter: 80, stallConnections: 2 },
+  });
   await using db = await tempDb();
   const first = await syncUntilMidnight({ instance: server.url, kv: db.path, maxEventBytes: 2000 });
   assert.equal(first.stopReason, "aborted");

@@ -690,6 +690,48 @@ Deno.test("`openRawConnection()` closes on abort: a pending `next()` resolves an
   assert.equal(cut.message, `cannot connect to ${silent.url}: aborted`);
 });
 
+Deno.test("`drain()` sends a close and reads on: what the server sent before it saw the close, then its close", async () => {
+  const seen: { close?: ClientFrame | null } = {};
+  await using srv = scripted(async (peer, handshake) => {
+    await peer.write(handshake, frame(1, "one"));
+    seen.close = await peer.readFrame();
+    // Sent after the client's close, before the server's answer: a server writing as it reads.
+    await peer.write(frame(1, "two"), frame(1, "three"));
+    await new Promise((r) => setTimeout(r, 50));
+    await peer.write(frame(1, "four"), frame(8, new Uint8Array([3, 232])));
+  });
+  const conn = await openRawConnection(srv.url, { idleTimeoutMs: 5000 });
+  assert.deepEqual(await conn.next(), ["one"]);
+  assert.equal(conn.drain(5000), true);
+  assert.equal(conn.drain(5000), false, "a second drain does nothing");
+  assert.equal(conn.sendText("{}"), false, "nothing goes out after the close");
+  assert.deepEqual(await drain(conn), ["two", "three", "four"]);
+  assert.deepEqual(conn.cause, { kind: "closed", code: 1000, reason: "" });
+  await srv.done;
+  await conn.closed();
+  assert.equal(seen.close!.opcode, 8);
+  assert.equal((seen.close!.payload[0] << 8) | seen.close!.payload[1], 1000);
+});
+
+Deno.test("`drain()` of a server that never answers the close ends after its time, keeping what was read", async () => {
+  await using srv = scripted(async (peer, handshake) => {
+    await peer.write(handshake, frame(1, "one"));
+    await peer.readFrame(); // the close, never answered
+    await peer.write(frame(1, "two"));
+    await peer.readFrame(); // until the client drops the connection
+  });
+  const conn = await openRawConnection(srv.url, { idleTimeoutMs: 5000 });
+  assert.deepEqual(await conn.next(), ["one"]);
+  const t = performance.now();
+  assert.equal(conn.drain(300), true);
+  assert.deepEqual(await drain(conn), ["two"]);
+  const took = performance.now() - t;
+  assert.deepEqual(conn.cause, { kind: "aborted" });
+  assert.ok(took >= 250, `ended after ${took} ms`);
+  await srv.done;
+  await conn.closed();
+});
+
 Deno.test("`openRawConnection()` gives up on a handshake after min(idleTimeoutMs, 30 s)", async () => {
   await using silent = scripted(async (peer) => {
     await peer.readFrame();

@@ -162,6 +162,8 @@ export class RawConnection implements Connection {
   /** Payload bytes were taken in the parse under way without completing a message. */
   #progressed = false;
   #idleTimer: ReturnType<typeof setTimeout> | undefined;
+  /** Ends a {@linkcode RawConnection.drain} that the server's close has not ended. */
+  #drainTimer: ReturnType<typeof setTimeout> | undefined;
   #finishing = false;
   #closeSent = false;
   #connClosed = false;
@@ -250,6 +252,25 @@ export class RawConnection implements Connection {
     this.#outbox.push(frame);
     this.#outboxBytes += frame.length;
     this.#pump();
+    return true;
+  }
+
+  /**
+   * Starts the closing handshake and goes on reading (RFC 6455 §7.1.2): sends a close frame (1000),
+   * and `next()` goes on returning what the server sent before it saw that close, then `null` once
+   * the server's close frame came (cause `closed`), or after `timeoutMs` (cause `aborted`: the TCP
+   * connection is dropped, and what was read by then can still be taken). Returns false, doing
+   * nothing, when the connection is already ending.
+   *
+   * @example
+   * ```ts ignore
+   * if (conn.drain(2000)) for (let f = await conn.next(); f !== null; f = await conn.next()) use(f);
+   * ```
+   */
+  drain(timeoutMs: number): boolean {
+    if (this.cause !== undefined || this.#finishing || this.#closeSent || this.#connClosed) return false;
+    this.#sendClose(closePayload(1000, ""));
+    this.#drainTimer = setTimeout(() => this.#finish({ kind: "aborted" }, undefined), timeoutMs);
     return true;
   }
 
@@ -629,6 +650,7 @@ export class RawConnection implements Connection {
     this.#finishing = true;
     clearTimeout(this.#idleTimer);
     this.#idleTimer = undefined;
+    clearTimeout(this.#drainTimer);
     this.#signal?.removeEventListener("abort", this.#onAbort);
     if (closeCode !== undefined) this.#sendClose(closePayload(closeCode, reason));
     this.#dropSoon();

@@ -66,6 +66,12 @@ export interface Connection {
   readonly frameBytes?: readonly number[];
   /** Closes the connection. */
   close(): void;
+  /**
+   * Starts the closing handshake but goes on reading: `next()` returns what the server sent before
+   * it saw the close, then `null` (after `timeoutMs` at most). False when the connection is already
+   * ending. Only jetfill's own transport has it: a `WebSocket` drops what arrives once it closes.
+   */
+  drain?(timeoutMs: number): boolean;
   /** Resolves once the socket is fully released. */
   closed(): Promise<void>;
 }

@@ -116,13 +116,40 @@ export interface RunContext {
    * answer, even with no sync connection yet (a quiet server), and is not one that never connected.
    */
   probeAnswered: boolean;
+  /**
+   * Set while a connection is read: starts its closing handshake, whose end the run then waits
+   * for, storing what the server sent before it saw the close; false when it cannot (the
+   * connection is ending, or its transport drops what arrives once closing).
+   */
+  drain: (() => boolean) | undefined;
+  /** The user aborted, and the connection being read is draining: the run stops once it ends. */
+  draining: boolean;
 }
 
-/** Stops the run for `reason` (the first reason wins) and aborts what is waiting. */
+/**
+ * Stops the run for `reason` (the first reason wins) and aborts what is waiting. During a drain
+ * (see {@link userAbort}) the user's abort came first: running out of time then stops it as
+ * `aborted`, while the limit or the end, reached with what the server had sent, still say so.
+ */
 export function stopWith(ctx: RunContext, reason: StopReason): void {
   if (ctx.stop) return;
-  ctx.stop = reason;
+  ctx.stop = ctx.draining && reason === "max_time" ? "aborted" : reason;
   ctx.internal.abort();
+}
+
+/** How long a connection drains after the user's abort, at most (ms). */
+export const DRAIN_MS = 2000;
+
+/**
+ * The user's abort. A connection being read is closed with the WebSocket closing handshake and read
+ * to its end, so that the events the server sent before it saw the close are stored too (a server
+ * without history could not send them again on a resume); the run stops once it ends (at most
+ * {@link DRAIN_MS} later). Anything else (a connection attempt, a probe, a wait) stops at once.
+ */
+export function userAbort(ctx: RunContext): void {
+  if (ctx.stop || ctx.draining) return;
+  if (ctx.drain?.()) ctx.draining = true;
+  else stopWith(ctx, "aborted");
 }
 
 /**
