@@ -737,6 +737,48 @@ Deno.test("a v2 host's seq is not used again once records came from a legacy ins
   assert.ok(cursor >= 1e15, `cursor=${cursor}, the seq was ${seq}`);
 });
 
+Deno.test("within a run, a v2 host's seq is not used again once records came from a legacy instance after it", async () => {
+  const events = Array.from(
+    { length: 900 },
+    (_, i) => commit(T0 + i * 1000, { did: did(i % 9), text: `p${i}` }),
+  );
+  // A v2 host that serves 300 events and fails, then cannot be reached until a legacy instance has
+  // served 600 (and failed, and cannot be reached either); by then the v2 host holds all 900.
+  const refused = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const refusedPort = refused.addr.port;
+  refused.close();
+  await using early = serveEvents(events.slice(0, 300), {
+    version: "v2",
+    errorAfter: { events: 300, error: "InternalError" },
+  });
+  await using later = serveEvents(events, { version: "v2", closeAtEnd: true });
+  await using legacy = serveEvents(events.slice(0, 600), {
+    errorAfter: { events: 600, error: "InternalError" },
+  });
+  const served = (server: typeof early, n: number) => syncConnections(server).some((c) => c.sent >= n);
+  const portOf = (server: typeof early) => Number(new URL(server.url).port);
+  await using relayA = tcpRelay(() =>
+    served(legacy, 600) ? portOf(later) : served(early, 300) ? refusedPort : portOf(early)
+  );
+  await using relayB = tcpRelay(() => served(legacy, 600) ? refusedPort : portOf(legacy));
+  const hostA = `ws://127.0.0.1:${relayA.port}${V2_PATH}`;
+  await using db = await tempDb();
+  const stats = await runBackfillSync({
+    instance: [hostA, `ws://127.0.0.1:${relayB.port}/subscribe`],
+    kv: db.path,
+    startTimestamp: T0,
+    onError: () => {},
+  });
+  assert.equal(stats.stopReason, "closed");
+  // Each event once, in order, from whichever instance it came.
+  const got = await stored(db.path, stats.queueLength);
+  assert.deepEqual(got.map((e) => e.time_us), events.map((e) => e.time_us));
+  assert.equal(syncConnections(later).length, 1);
+  // Back on the v2 host, the run asks by time. (Before, by the seq it had there.)
+  const cursor = Number(/(?:^|&)cursor=(\d+)/.exec(syncConnections(later)[0].query)![1]);
+  assert.ok(cursor >= 1e15, `cursor=${cursor}`);
+});
+
 Deno.test("on v2 hosts alone, a bad zstdDictionary is refused before anything is opened", async () => {
   await using server = serveEvents(capture(10), { version: "v2", closeAtEnd: true });
   await using db = await tempDb();

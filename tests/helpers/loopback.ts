@@ -98,7 +98,15 @@ export function tcpRelay(
   let ordinal = 0;
   const accepting = (async () => {
     for await (const client of listener) {
-      const backend = await Deno.connect({ hostname: "127.0.0.1", port: route(++ordinal) });
+      let backend: Deno.Conn;
+      try {
+        backend = await Deno.connect({ hostname: "127.0.0.1", port: route(++ordinal) });
+      } catch {
+        // A backend that refuses (one shut down, or a closed port on purpose): the client's
+        // connection is dropped, as a host that cannot be reached drops it, and the relay goes on.
+        client.close();
+        continue;
+      }
       open.add(client).add(backend);
       piping.push(pipe(client, backend), pipe(backend, client));
     }
