@@ -261,9 +261,11 @@ export function inFlagTerms(message: string, didsFlag: string): string {
     const cut = message.includes(": current value is ")
       ? message.indexOf(": current value is ")
       : message.length;
+    // A number checked by the library was typed as text: quoted, as the command line's own checks do.
     return message.slice(0, cut)
       .replace(/^Cannot sync as '\w+'/, flag(named[1])!)
-      .replace(/'(\w+)'/g, (whole, name: string) => flag(name) ?? whole) + message.slice(cut);
+      .replace(/'(\w+)'/g, (whole, name: string) => flag(name) ?? whole) +
+      message.slice(cut).replace(/^(: current value is )(-?\d+(?:\.\d+)?)$/, '$1"$2"');
   }
   // "Cannot resume queue 'q' with different options: numRecords was 50, now 60; kinds was …"
   if (!message.startsWith("Cannot resume queue ")) return message;
