@@ -60,7 +60,9 @@ function storedYet(ctx: RunContext, t: number, instance: string): boolean {
       }; storing from there, so events just before may be missing`
       : `none of the records stored last came again on ${host} up to ${
         isoFromUs(t)
-      }: it lacks them, and may lack events around them too, which are then missing`,
+      }: it lacks them, or its time_us run more than ${
+        ctx.o.rewindUs / 1_000_000
+      } s behind the other instance's (the stream was taken up too late); either way, events around them may be missing`,
     instance,
   });
   return true;
