@@ -12,6 +12,7 @@ import { delay, longTimeout, MAX_TIMER_MS } from "./async.ts";
 import { UsageError } from "./errors.ts";
 import { sha256Hex } from "./bytes.ts";
 import {
+  DICTIONARY_OPTION,
   LEGACY_DICTIONARY_SHA256,
   noDictionaryError,
   resolveZstdDictionary,
@@ -219,6 +220,8 @@ export async function runBackfillSync(options: BackfillSyncOptions = {}): Promis
   let fileLock: QueueFileLock | undefined;
   // The dictionary file the resumed run used, when it is not there any more.
   let lostDictionary: string | undefined;
+  // The dictionary file the resumed run used, taken again (none was given this time).
+  let rememberedDictionary: string | undefined;
   try {
     if (o.resume) {
       // Options left out on resume are the checkpoint's: `--resume` alone continues the same run.
@@ -229,6 +232,7 @@ export async function runBackfillSync(options: BackfillSyncOptions = {}): Promis
       const dictionary = previous.settings?.zstdDictionary;
       const keepDictionary = dictionary !== undefined && await pathExists(dictionary);
       if (dictionary !== undefined && !keepDictionary) lostDictionary = dictionary;
+      if (keepDictionary && options.zstdDictionary === undefined) rememberedDictionary = dictionary;
       options = inheritOptions(options, previous, dids, keepDictionary ? dictionary : undefined);
       o = resolveSyncOptions(options);
       checkDictionaryUse(options, o);
@@ -256,7 +260,9 @@ export async function runBackfillSync(options: BackfillSyncOptions = {}): Promis
         fileLock = lock;
       }
     }
-    if (o.resume && needsDecoder(o)) decodeFrame = await loadDecoder(options, o.maxTimeMs, lostDictionary);
+    if (o.resume && needsDecoder(o)) {
+      decodeFrame = await loadDecoder(options, o.maxTimeMs, lostDictionary, rememberedDictionary);
+    }
     return await run(o, options, kv, started, decodeFrame, fileLock !== undefined, callbacks);
   } finally {
     if (path !== undefined) kv.close();
@@ -719,9 +725,29 @@ function checkDictionaryUse(options: BackfillSyncOptions, o: ResolvedSyncOptions
 
 /**
  * Resolves the legacy dictionary (option, environment, cache, verified download) and prepares a
- * decoder for /subscribe connections. `lost` is the file a resumed run used, gone since.
+ * decoder for /subscribe connections. `lost` is the file a resumed run used, gone since;
+ * `remembered`, that file taken again, as none was given: a fault of it is not the option's.
  */
 async function loadDecoder(
+  options: BackfillSyncOptions,
+  maxTimeMs: number,
+  lost: string | undefined,
+  remembered?: string,
+): Promise<(bytes: Uint8Array) => Uint8Array> {
+  try {
+    return await loadGivenDecoder(options, maxTimeMs, lost);
+  } catch (err) {
+    if (remembered === undefined || !(err instanceof UsageError)) throw err;
+    const why = err.message.replace(` (from ${DICTIONARY_OPTION})`, "");
+    throw new UsageError(
+      `The zstd dictionary that this queue's last run used, '${remembered}', cannot be used now. ${why}. ` +
+        `Give the legacy dictionary with ${DICTIONARY_OPTION}`,
+      { cause: err },
+    );
+  }
+}
+
+async function loadGivenDecoder(
   options: BackfillSyncOptions,
   maxTimeMs: number,
   lost: string | undefined,

@@ -178,6 +178,23 @@ Deno.test("a compressed run resumed with only --resume finds its dictionary agai
   });
 });
 
+Deno.test("a resume whose remembered dictionary file was replaced by a bad one blames that file, not the option", async () => {
+  await withStoppedCompressedRun((copy) => copy, async ({ db, dictionary }) => {
+    await Deno.chmod(dictionary, 0o644);
+    await Deno.writeFile(dictionary, new Uint8Array(1000));
+    const bad = await runCli(["sync", "--resume", "--kv", db, "--max-time", "1.5"]);
+    assert.equal(bad.code, 2, bad.stderr);
+    assert.match(
+      bad.stderr,
+      new RegExp(`dictionary that this queue's last run used, '${dictionary}', cannot be used now`),
+    );
+    assert.match(bad.stderr, /is not a zstd dictionary/);
+    // The flag was not given this time: it is offered, not blamed.
+    assert.doesNotMatch(bad.stderr, /\(from --zstd-dictionary/);
+    assert.match(bad.stderr, /Give the legacy dictionary with --zstd-dictionary/);
+  });
+});
+
 Deno.test("a resume whose dictionary file has gone names it, and --no-compress resumes uncompressed", async () => {
   await withStoppedCompressedRun((copy) => copy, async ({ db, dictionary, events }) => {
     await Deno.remove(dictionary);

@@ -36,6 +36,9 @@ export const LEGACY_DICTIONARY_SHA256 = "b8d77b46933aceecbdd5275a01241efc985c970
  */
 export const ZSTD_DICTIONARY_ENV = "JETFILL_ZSTD_DICTIONARY";
 
+/** How messages name the option that gives the dictionary: its flag and its library name. */
+export const DICTIONARY_OPTION = "--zstd-dictionary / zstdDictionary";
+
 /**
  * Where the legacy dictionary is downloaded from, in order: the v2 repository's copy, then the
  * legacy repository's original (the same bytes).
@@ -173,7 +176,7 @@ export async function resolveZstdDictionary(
   const env = options.env ?? readEnv;
   if (options.dictionary !== undefined) {
     if (typeof options.dictionary === "string") {
-      return await readGivenDictionary(options.dictionary, "option", "--zstd-dictionary / zstdDictionary");
+      return await readGivenDictionary(options.dictionary, "option", DICTIONARY_OPTION);
     }
     const what = "The zstd dictionary given as bytes";
     const dictionaryId = checkDictionary(options.dictionary, what);
