@@ -34,8 +34,11 @@ function utcUs(
   fracUs: number,
 ): number | undefined {
   if (mo < 1 || mo > 12 || d < 1 || h > 23 || mi > 59 || s > 59) return undefined;
-  const ms = Date.UTC(y, mo - 1, d, h, mi, s);
-  const back = new Date(ms);
+  // Not Date.UTC(y, …): it takes years 0 to 99 for 1900 to 1999.
+  const back = new Date(0);
+  back.setUTCFullYear(y, mo - 1, d);
+  back.setUTCHours(h, mi, s, 0);
+  const ms = back.getTime();
   // Date.UTC rolls 2024-02-30 over to March; a round trip catches impossible days.
   if (back.getUTCFullYear() !== y || back.getUTCMonth() !== mo - 1 || back.getUTCDate() !== d) {
     return undefined;

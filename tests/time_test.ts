@@ -5,6 +5,14 @@ Deno.test("parseTimestamp() reads YYYY-MM-DD as UTC midnight", () => {
   assert.equal(parseTimestamp("2024-01-01"), Date.UTC(2024, 0, 1) * 1000);
 });
 
+Deno.test("parseTimestamp() reads the years 0 to 99 as they are, not as 1900 to 1999", () => {
+  // Date.UTC's two-digit years refused these as not YYYY-MM-DD.
+  assert.equal(parseTimestamp("0050-06-01"), new Date("0050-06-01T00:00:00Z").getTime() * 1000);
+  assert.equal(parseTimestamp("0000-01-01-00:00:01"), new Date("0000-01-01T00:00:01Z").getTime() * 1000);
+  assert.equal(parseTimestamp("0099-12-31T23:59:59Z"), new Date("0099-12-31T23:59:59Z").getTime() * 1000);
+  assert.equal(parseTimestamp("0099-02-29"), undefined);
+});
+
 Deno.test("parseTimestamp() reads the original YYYY-MM-DD-HH:MM:SS format as UTC", () => {
   assert.equal(parseTimestamp("2024-01-01-12:30:00"), Date.UTC(2024, 0, 1, 12, 30) * 1000);
 });
