@@ -233,6 +233,28 @@ Deno.test("Batcher keeps the texts of /subscribe events and of v2 frames in sepa
   }
 });
 
+Deno.test("decodeQueueMessage() names the message and the entry of a compressed event it cannot unpack", () => {
+  const message = {
+    v: 1,
+    queue: "q",
+    seq: 9,
+    cursor: 0,
+    records: [],
+    compressed: [new Uint8Array([1, 2, 3])],
+  };
+  assert.throws(
+    () => decodeQueueMessage(message),
+    (err: unknown) =>
+      err instanceof TypeError &&
+      /^Cannot decode queue message 9 of queue 'q': compressed\[0\] \(3 bytes\) is not the gzip of an event's JSON: /
+        .test(err.message),
+  );
+  assert.throws(
+    () => decodeQueueMessage({ ...message, compressed: ["text"] }),
+    /compressed\[0\] \(text\) is not the gzip/,
+  );
+});
+
 Deno.test("Batcher judges an event that its v2 frame makes look too large or too deep by its own JSON", () => {
   const b = new Batcher("q", 100);
   // Its frame says over a message, its own JSON says under: a record, not gzipped. (The frame spells

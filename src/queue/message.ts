@@ -48,7 +48,8 @@ export function isQueueMessage(value: unknown): value is QueueMessage {
 
 /**
  * Every event of a queue message, in order, with `compressed` events unpacked.
- * Throws a `TypeError` for a value that is not a jetfill message.
+ * Throws a `TypeError` for a value that is not a jetfill message, or one with a `compressed` entry
+ * that is not the gzip of an event's JSON (naming the message's seq and the entry).
  *
  * @example
  * ```ts
@@ -67,8 +68,19 @@ export function decodeQueueMessage(message: unknown): JetstreamEvent[] {
   }
   if (!message.compressed || message.compressed.length === 0) return message.records;
   const out = message.records.slice();
-  for (const bytes of message.compressed) {
-    out.push(JSON.parse(TEXT.decode(gunzipSync(bytes))) as JetstreamEvent);
+  for (let i = 0; i < message.compressed.length; i++) {
+    try {
+      out.push(JSON.parse(TEXT.decode(gunzipSync(message.compressed[i]))) as JetstreamEvent);
+    } catch (err) {
+      const entry: unknown = message.compressed[i];
+      const what = entry instanceof Uint8Array ? `${entry.byteLength} bytes` : describe(entry);
+      throw new TypeError(
+        `Cannot decode queue message ${message.seq} of queue '${message.queue}': compressed[${i}] (${what}) is not the gzip of an event's JSON: ${
+          (err as Error).message
+        }`,
+        { cause: err },
+      );
+    }
   }
   return out;
 }
