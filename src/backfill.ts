@@ -33,6 +33,7 @@ import {
   type Checkpoint,
   defaultKvPath,
   emptyCheckpoint,
+  ensureOpenKv,
   listKeyEntries,
   localDatabasePath,
   openKvAt,
@@ -216,7 +217,7 @@ export async function runBackfillSync(options: BackfillSyncOptions = {}): Promis
   if (!o.resume && o.compress && !needsDecoder(o) && options.zstdDictionary !== undefined) {
     await resolveZstdDictionary({ dictionary: options.zstdDictionary });
   }
-  const kv = path === undefined ? await usableKv(o.kv as Deno.Kv) : await openKvAt(path);
+  const kv = path === undefined ? await ensureOpenKv(o.kv as Deno.Kv, "sync") : await openKvAt(path);
   let fileLock: QueueFileLock | undefined;
   // The dictionary file the resumed run used, when it is not there any more.
   let lostDictionary: string | undefined;
@@ -315,21 +316,6 @@ class Callbacks {
     };
     if (this.failure !== undefined) this.#stop(this.failure);
   }
-}
-
-/** A `Deno.Kv` given as `kv`, once it is known to be open. */
-async function usableKv(kv: Deno.Kv): Promise<Deno.Kv> {
-  try {
-    await kv.get(queueKey("-"));
-  } catch (err) {
-    if (err instanceof Deno.errors.BadResource) {
-      throw new UsageError(
-        "Cannot sync as 'kv' must be an open Deno.Kv: current value is one that was closed",
-      );
-    }
-    throw err;
-  }
-  return kv;
 }
 
 /** The refusal of a resume of a queue that has no checkpoint, naming the queues the database holds. */

@@ -38,3 +38,27 @@ export function messageWithCause(error: unknown): string {
   const cause = error.cause instanceof Error ? error.cause.message : undefined;
   return cause && !error.message.includes(cause) ? `${error.message} (${cause})` : error.message;
 }
+
+/**
+ * A value as an error message shows it: strings quoted, arrays by length, others as JSON.
+ *
+ * @example
+ * ```ts
+ * import { show } from "./errors.ts";
+ * show("7440"); // "\"7440\""
+ * show(7440); // "7440"
+ * ```
+ */
+export function show(value: unknown): string {
+  if (typeof value === "string") return JSON.stringify(value);
+  if (typeof value === "bigint") return `${value}n`;
+  // JSON would spell NaN and Infinity as null.
+  if (typeof value === "number") return String(value);
+  if (value instanceof Date) return `Date(${value.toString()})`;
+  if (Array.isArray(value)) return `an array of ${value.length}`;
+  try {
+    return JSON.stringify(value) ?? String(value);
+  } catch {
+    return String(value);
+  }
+}

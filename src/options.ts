@@ -5,7 +5,7 @@
  * @module
  */
 import { z } from "zod";
-import { UsageError } from "./errors.ts";
+import { show, UsageError } from "./errors.ts";
 import { MAX_TIMER_MS } from "./async.ts";
 import { EVENT_KINDS, type EventKind } from "./jetstream/events.ts";
 import { isCollectionFilter, isDid, isNsid } from "./validate.ts";
@@ -284,21 +284,6 @@ export function optionsObjectError(
   };
 }
 
-/** A value as an error message shows it: strings quoted, arrays by length, others as JSON. */
-export function show(value: unknown): string {
-  if (typeof value === "string") return JSON.stringify(value);
-  if (typeof value === "bigint") return `${value}n`;
-  // JSON would spell NaN and Infinity as null.
-  if (typeof value === "number") return String(value);
-  if (value instanceof Date) return `Date(${value.toString()})`;
-  if (Array.isArray(value)) return `an array of ${value.length}`;
-  try {
-    return JSON.stringify(value) ?? String(value);
-  } catch {
-    return String(value);
-  }
-}
-
 function because(name: string, expected: string, value: unknown): string {
   return `Cannot sync as '${name}' must be ${expected}: current value is ${show(value)}`;
 }
@@ -437,7 +422,12 @@ export function instanceUrl(value: string, wire?: "v1" | "v2"): string {
     if (!/^[a-zA-Z0-9.-]+(:\d{1,5})?$/.test(text) || text.startsWith(".") || text.length === 0) {
       throw new UsageError(because("instance", expected, value));
     }
-    url = new URL(`wss://${text}/`);
+    try {
+      url = new URL(`wss://${text}/`);
+    } catch {
+      // A port over 65535.
+      throw new UsageError(because("instance", expected, value));
+    }
   }
   url.hash = "";
   const bare = url.pathname === "" || url.pathname === "/";

@@ -383,6 +383,32 @@ Deno.test("consume() rejects bad options with a UsageError that names them, befo
   assert.equal([...Deno.readDirSync(".")].length, before, "nothing created");
 });
 
+Deno.test("consume() refuses a closed Deno.Kv, and a second consume() on one Deno.Kv, with a UsageError", async () => {
+  const closed = await Deno.openKv(":memory:");
+  closed.close();
+  for (const untilEmpty of [true, false]) {
+    // Before: BadResource, or (listening) an error that blamed a message KV cannot read.
+    await assert.rejects(
+      () => consume({ kv: closed, handler: () => {}, untilEmpty }),
+      (err: unknown) =>
+        err instanceof UsageError &&
+        err.message ===
+          "Cannot consume as 'kv' must be an open Deno.Kv: current value is one that was closed",
+    );
+  }
+  await using kv = await Deno.openKv(":memory:");
+  const stop = new AbortController();
+  const first = consume({ kv, handler: () => {}, signal: stop.signal });
+  await sleep(50);
+  await assert.rejects(
+    () => consume({ kv, handler: () => {} }),
+    (err: unknown) =>
+      err instanceof UsageError && /another consume\(\) is already running on this Deno.Kv/.test(err.message),
+  );
+  stop.abort();
+  assert.equal((await first).stopReason, "aborted");
+});
+
 Deno.test("consume() keeps slow handlers out of KV's 5 s redelivery while another process opens the database", async () => {
   const { dir, path } = await tempDb();
   try {

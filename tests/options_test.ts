@@ -83,6 +83,11 @@ Deno.test("resolveSyncOptions() names the bad value and what was expected", () =
     { instance: "http://example.com" },
     /'instance' must be a host name or a ws:\/\/ or wss:\/\/ URL: current value is "http:\/\/example.com"/,
   );
+  // A host with a port no URL can hold (a TypeError from URL before).
+  rejects(
+    { instance: "127.0.0.1:70000" },
+    /'instance' must be a host name or a ws:\/\/ or wss:\/\/ URL: current value is "127.0.0.1:70000"/,
+  );
   rejects({ queueName: "../etc" }, /'queueName' must be .*"..\/etc"/);
   rejects({ batchSize: "100" }, /'batchSize' must be a positive integer: current value is "100"/);
   rejects({ bogus: 1 }, /'bogus' is not an option of runBackfillSync\(\)$/);

@@ -264,7 +264,7 @@ Deno.test("`serveJetstream()` throws TypeError for a `faults.fileOrder` that is 
     () => serveJetstream({ events: EVENTS, faults: { fileOrder: "yes" as unknown as boolean } }),
     (err: Error) =>
       err instanceof TypeError &&
-      err.message === "Cannot serve as 'faults.fileOrder' must be a boolean: current value is yes",
+      err.message === `Cannot serve as 'faults.fileOrder' must be a boolean: current value is "yes"`,
   );
 });
 

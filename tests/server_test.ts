@@ -1037,3 +1037,25 @@ Deno.test("`serveJetstream()` drops a client that stops reading once a write has
   const reader = await collectMessages(`${server.url}?cursor=0`, { count: big.length, timeoutMs: 20_000 });
   assert.equal(reader.messages.length, big.length);
 });
+
+Deno.test("`serveJetstream()` and `generateCapture()` name a bad value as given: a string quoted, missing options said", () => {
+  const cases: [() => unknown, string][] = [
+    [
+      () => serveJetstream(undefined as never),
+      "Cannot serve as the options must be an object: current value is undefined",
+    ],
+    [
+      () => serveJetstream({ events: [], port: "7440" as never }),
+      `Cannot serve as 'port' must be an integer from 0 to 65535: current value is "7440"`,
+    ],
+    [
+      () => generateCapture(null as never),
+      "Cannot generate a capture as the options must be an object: current value is null",
+    ],
+    [
+      () => generateCapture({ count: "5" as never }),
+      `Cannot generate a capture as 'count' must be a non-negative integer: current value is "5"`,
+    ],
+  ];
+  for (const [call, message] of cases) assert.throws(call, (err: Error) => err.message === message, message);
+});

@@ -15,6 +15,7 @@
  *
  * @module
  */
+import { show } from "../errors.ts";
 import {
   type CloseCause,
   ConnectError,
@@ -826,19 +827,23 @@ export async function openRawConnection(
   const secure = target.protocol === "wss:";
   if (!secure && target.protocol !== "ws:") {
     throw new TypeError(
-      `Cannot open a WebSocket as the URL must start with ws:// or wss://: current value is ${url}`,
+      `Cannot open a WebSocket as the URL must start with ws:// or wss://: current value is ${show(url)}`,
     );
   }
   const idleTimeoutMs = options.idleTimeoutMs ?? Number.POSITIVE_INFINITY;
   if (!(idleTimeoutMs > 0)) {
     throw new RangeError(
-      `Cannot open a WebSocket as 'idleTimeoutMs' must be a positive number: current value is ${idleTimeoutMs}`,
+      `Cannot open a WebSocket as 'idleTimeoutMs' must be a positive number: current value is ${
+        show(idleTimeoutMs)
+      }`,
     );
   }
   const max = options.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES;
   if (!Number.isSafeInteger(max) || max <= 0) {
     throw new RangeError(
-      `Cannot open a WebSocket as 'maxMessageBytes' must be a positive integer: current value is ${max}`,
+      `Cannot open a WebSocket as 'maxMessageBytes' must be a positive integer: current value is ${
+        show(max)
+      }`,
     );
   }
   const protocols = options.protocols ?? [];

@@ -15,6 +15,7 @@
  *
  * @module
  */
+import { show } from "../errors.ts";
 
 /**
  * Dictionary ID of the legacy Jetstream dictionary (`legacy_subscribe.zdict`, `0x6015466D`), used on
@@ -264,7 +265,9 @@ function decoderSettings(
     maxDecodedBytes > DEFAULT_MAX_DECODED_BYTES
   ) {
     throw new RangeError(
-      `Cannot create a zstd decoder as 'maxDecodedBytes' must be an integer from 1 to ${DEFAULT_MAX_DECODED_BYTES}: current value is ${maxDecodedBytes}`,
+      `Cannot create a zstd decoder as 'maxDecodedBytes' must be an integer from 1 to ${DEFAULT_MAX_DECODED_BYTES}: current value is ${
+        show(maxDecodedBytes)
+      }`,
     );
   }
   return { dictionaryId, maxDecodedBytes };
@@ -289,7 +292,9 @@ export async function createZstdEncoder(dictionary: Uint8Array, level = 3): Prom
   const dictionaryId = dictionaryIdOf(dictionary);
   if (!Number.isInteger(level) || level < 1 || level > 19) {
     throw new RangeError(
-      `Cannot create a zstd encoder as 'level' must be an integer from 1 to 19: current value is ${level}`,
+      `Cannot create a zstd encoder as 'level' must be an integer from 1 to 19: current value is ${
+        show(level)
+      }`,
     );
   }
   const wasm = await instantiate();

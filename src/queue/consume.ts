@@ -71,6 +71,7 @@ import type { JetstreamEvent } from "../jetstream/events.ts";
 import {
   counterValue,
   defaultKvPath,
+  ensureOpenKv,
   localDatabasePath,
   openKvAt,
   queueKey,
@@ -95,9 +96,9 @@ import {
   retryBusy,
   signOfLifeKey,
 } from "./parking.ts";
-import { UsageError } from "../errors.ts";
+import { show, UsageError } from "../errors.ts";
 import { longTimeout } from "../async.ts";
-import { isDenoKv, optionsObjectError, QUEUE_NAME, QUEUE_NAME_RULE, show } from "../options.ts";
+import { isDenoKv, optionsObjectError, QUEUE_NAME, QUEUE_NAME_RULE } from "../options.ts";
 import { z } from "zod";
 
 /**
@@ -410,7 +411,9 @@ function attach(kv: Deno.Kv, consumer: Consumer): void {
     });
   }
   if (entry.consumer) {
-    throw new TypeError("Cannot consume as another consume() is already running on this Deno.Kv");
+    throw new UsageError(
+      "Cannot consume as another consume() is already running on this Deno.Kv (one at a time on a Deno.Kv; use `concurrency` for handlers in parallel)",
+    );
   }
   entry.consumer = consumer;
 }
@@ -1457,7 +1460,7 @@ export async function consume(options: ConsumeOptions): Promise<ConsumeResult> {
   options.signal?.addEventListener("abort", onAbort, { once: true });
   try {
     if (typeof options.kv === "object" && options.kv !== null) {
-      const kv = options.kv;
+      const kv = await ensureOpenKv(options.kv, "consume");
       if (options.untilEmpty) await refuseUnknownQueue(kv, queue, "the database");
       attach(kv, consumer);
       try {

@@ -201,6 +201,29 @@ export interface PreparedMessage {
 export const KV_PAGE_SIZE = 16_384;
 
 /**
+ * `kv`, a `Deno.Kv` given to `verb` (`sync`, `consume`), once it is known to be open: a closed one is
+ * refused with a `UsageError` that says so, rather than failing later with `BadResource`.
+ *
+ * @example
+ * ```ts ignore
+ * const kv = await ensureOpenKv(await Deno.openKv(":memory:"), "sync");
+ * ```
+ */
+export async function ensureOpenKv(kv: Deno.Kv, verb: string): Promise<Deno.Kv> {
+  try {
+    await kv.get(queueKey("-"));
+  } catch (err) {
+    if (err instanceof Deno.errors.BadResource) {
+      throw new UsageError(
+        `Cannot ${verb} as 'kv' must be an open Deno.Kv: current value is one that was closed`,
+      );
+    }
+    throw err;
+  }
+  return kv;
+}
+
+/**
  * Opens the database at `path`, creating its folder. A database that does not exist yet is created
  * with {@link KV_PAGE_SIZE} pages in WAL mode, then opened by Deno KV like any other; an existing
  * one is opened as it is. A file that is not a SQLite database, or one with tables but not Deno

@@ -10,6 +10,7 @@
  *
  * @module
  */
+import { show } from "../errors.ts";
 import { objectMembers } from "./json_scan.ts";
 
 /**
@@ -164,7 +165,7 @@ function check(
   if (value === undefined) return undefined;
   if (!Number.isSafeInteger(value) || value < min) {
     throw new RangeError(
-      `Cannot serve as 'faults.${field}' must be ${what}: current value is ${value}`,
+      `Cannot serve as 'faults.${field}' must be ${what}: current value is ${show(value)}`,
     );
   }
   return value;
@@ -188,7 +189,7 @@ export function resolveFaults(faults: ServerFaults = {}): ResolvedFaults {
   const { fileOrder = false } = faults;
   if (typeof fileOrder !== "boolean") {
     throw new TypeError(
-      `Cannot serve as 'faults.fileOrder' must be a boolean: current value is ${fileOrder}`,
+      `Cannot serve as 'faults.fileOrder' must be a boolean: current value is ${show(fileOrder)}`,
     );
   }
   return {

@@ -24,6 +24,7 @@
  *
  * @module
  */
+import { show } from "../errors.ts";
 import { type CaptureEvent, inTimeOrder } from "./capture.ts";
 import {
   garbageKind,
@@ -684,7 +685,7 @@ function hostForUrl(hostname: string): string {
 function nonNegativeInteger(name: string, value: number | undefined): void {
   if (value !== undefined && (!Number.isSafeInteger(value) || value < 0)) {
     throw new RangeError(
-      `Cannot serve as '${name}' must be a non-negative integer: current value is ${value}`,
+      `Cannot serve as '${name}' must be a non-negative integer: current value is ${show(value)}`,
     );
   }
 }
@@ -743,6 +744,9 @@ interface Refusal {
  * ```
  */
 export function serveJetstream(options: JetstreamServerOptions): JetstreamServer {
+  if (typeof options !== "object" || options === null) {
+    throw new TypeError(`Cannot serve as the options must be an object: current value is ${show(options)}`);
+  }
   const {
     events,
     hostname = "127.0.0.1",
@@ -767,7 +771,7 @@ export function serveJetstream(options: JetstreamServerOptions): JetstreamServer
   }
   if (!Number.isInteger(port) || port < 0 || port > 65535) {
     throw new RangeError(
-      `Cannot serve as 'port' must be an integer from 0 to 65535: current value is ${port}`,
+      `Cannot serve as 'port' must be an integer from 0 to 65535: current value is ${show(port)}`,
     );
   }
   for (
@@ -779,18 +783,22 @@ export function serveJetstream(options: JetstreamServerOptions): JetstreamServer
   ) {
     if (!(ms > 0)) {
       throw new RangeError(
-        `Cannot serve as '${name}' must be a positive number of ms: current value is ${ms}`,
+        `Cannot serve as '${name}' must be a positive number of ms: current value is ${show(ms)}`,
       );
     }
   }
   const ping = { intervalMs: pingIntervalMs, pongTimeoutMs };
   if (!Number.isFinite(highWaterMark) || highWaterMark < 1) {
     throw new RangeError(
-      `Cannot serve as 'highWaterMark' must be a positive number of bytes: current value is ${highWaterMark}`,
+      `Cannot serve as 'highWaterMark' must be a positive number of bytes: current value is ${
+        show(highWaterMark)
+      }`,
     );
   }
   if (version !== "legacy" && version !== "v2") {
-    throw new TypeError(`Cannot serve as 'version' must be "legacy" or "v2": current value is ${version}`);
+    throw new TypeError(
+      `Cannot serve as 'version' must be "legacy" or "v2": current value is ${show(version)}`,
+    );
   }
   if (version === "legacy") {
     for (const name of ["earlyReplayUs", "v2Compressor", "v2Dictionary", "v2DictionaryId"] as const) {
@@ -804,7 +812,9 @@ export function serveJetstream(options: JetstreamServerOptions): JetstreamServer
     nonNegativeInteger("errorAfter.events", errorAfter.events);
     if (!ERROR_NAMES.includes(errorAfter.error)) {
       throw new TypeError(
-        `Cannot serve as 'errorAfter.error' must be "ConsumerTooSlow" or "InternalError": current value is ${errorAfter.error}`,
+        `Cannot serve as 'errorAfter.error' must be "ConsumerTooSlow" or "InternalError": current value is ${
+          show(errorAfter.error)
+        }`,
       );
     }
   }
@@ -814,7 +824,9 @@ export function serveJetstream(options: JetstreamServerOptions): JetstreamServer
     (!Number.isInteger(dictionaryId) || dictionaryId < 1 || dictionaryId > 0xffffffff)
   ) {
     throw new RangeError(
-      `Cannot serve as 'v2DictionaryId' must be a positive 32-bit integer: current value is ${dictionaryId}`,
+      `Cannot serve as 'v2DictionaryId' must be a positive 32-bit integer: current value is ${
+        show(dictionaryId)
+      }`,
     );
   }
   if (v2Dictionary !== undefined) {

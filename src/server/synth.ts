@@ -7,6 +7,7 @@
  *
  * @module
  */
+import { show } from "../errors.ts";
 
 /**
  * Options of {@linkcode generateCapture}.
@@ -109,7 +110,9 @@ function randomBase32(random: () => number, pairs: number): string {
  */
 export function synthDids(count: number, seed = 1): string[] {
   if (!Number.isSafeInteger(count) || count < 1) {
-    throw new RangeError(`Cannot make DIDs as 'count' must be a positive integer: current value is ${count}`);
+    throw new RangeError(
+      `Cannot make DIDs as 'count' must be a positive integer: current value is ${show(count)}`,
+    );
   }
   // A separate stream from the event PRNG, so changing the event mix never changes the accounts.
   const random = mulberry32((seed ^ 0x5bd1e995) >>> 0);
@@ -435,26 +438,35 @@ class Generator {
  * ```
  */
 export function generateCapture(options: GenerateCaptureOptions): string[] {
+  if (typeof options !== "object" || options === null) {
+    throw new TypeError(
+      `Cannot generate a capture as the options must be an object: current value is ${show(options)}`,
+    );
+  }
   const { count, seed = 1, dids = 500 } = options;
   if (!Number.isSafeInteger(count) || count < 0) {
     throw new RangeError(
-      `Cannot generate a capture as 'count' must be a non-negative integer: current value is ${count}`,
+      `Cannot generate a capture as 'count' must be a non-negative integer: current value is ${show(count)}`,
     );
   }
   if (!Number.isSafeInteger(seed)) {
-    throw new RangeError(`Cannot generate a capture as 'seed' must be an integer: current value is ${seed}`);
+    throw new RangeError(
+      `Cannot generate a capture as 'seed' must be an integer: current value is ${show(seed)}`,
+    );
   }
   const startUs = options.startUs ?? Date.now() * 1000 - WINDOW_US;
   if (!Number.isSafeInteger(startUs) || startUs < 0) {
     throw new RangeError(
-      `Cannot generate a capture as 'startUs' must be a non-negative integer of microseconds: current value is ${startUs}`,
+      `Cannot generate a capture as 'startUs' must be a non-negative integer of microseconds: current value is ${
+        show(startUs)
+      }`,
     );
   }
   // 47 h rather than 48 h, so the random walk of the gaps rarely ends past "now".
   const stepUs = options.stepUs ?? Math.max(1, Math.floor((WINDOW_US - HOUR_US) / Math.max(1, count)));
   if (!Number.isFinite(stepUs) || stepUs <= 0) {
     throw new RangeError(
-      `Cannot generate a capture as 'stepUs' must be a positive number: current value is ${stepUs}`,
+      `Cannot generate a capture as 'stepUs' must be a positive number: current value is ${show(stepUs)}`,
     );
   }
   const generator = new Generator(seed, synthDids(dids, seed));

@@ -5,6 +5,7 @@
  *
  * @module
  */
+import { show } from "../errors.ts";
 import type { CaptureEvent } from "./capture.ts";
 import { v2Message, withCursor } from "./v2_frames.ts";
 import { CURSOR_SEQ_MAX } from "./v2_options.ts";
@@ -135,7 +136,9 @@ export class EventTable {
     const { seqBase = 1000, lookbackFloorSeq, historyStartUs } = options;
     if (!Number.isSafeInteger(seqBase) || seqBase < 0 || seqBase + events.length >= CURSOR_SEQ_MAX) {
       throw new RangeError(
-        `Cannot serve as 'seqBase' must be a non-negative integer keeping seqs below 1e15: current value is ${seqBase}`,
+        `Cannot serve as 'seqBase' must be a non-negative integer keeping seqs below 1e15: current value is ${
+          show(seqBase)
+        }`,
       );
     }
     this.seqBase = seqBase;
@@ -143,7 +146,9 @@ export class EventTable {
     if (historyStartUs !== undefined) {
       if (!Number.isSafeInteger(historyStartUs)) {
         throw new RangeError(
-          `Cannot serve as 'historyStartUs' must be an integer of microseconds: current value is ${historyStartUs}`,
+          `Cannot serve as 'historyStartUs' must be an integer of microseconds: current value is ${
+            show(historyStartUs)
+          }`,
         );
       }
       floor = this.firstAtOrAfter(historyStartUs);
@@ -151,7 +156,9 @@ export class EventTable {
     if (lookbackFloorSeq !== undefined) {
       if (!Number.isSafeInteger(lookbackFloorSeq) || lookbackFloorSeq < 1) {
         throw new RangeError(
-          `Cannot serve as 'lookbackFloorSeq' must be a positive integer: current value is ${lookbackFloorSeq}`,
+          `Cannot serve as 'lookbackFloorSeq' must be a positive integer: current value is ${
+            show(lookbackFloorSeq)
+          }`,
         );
       }
       floor = Math.max(floor, Math.min(events.length, Math.max(0, lookbackFloorSeq - seqBase - 1)));
