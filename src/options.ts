@@ -101,9 +101,10 @@ export interface BackfillSyncOptions {
   kv?: Deno.Kv | string;
   /**
    * Aborting stops the run: a connection being read is closed with the WebSocket closing handshake,
-   * and the events the server sent before it saw the close are processed too (for 2 s at most), so
-   * that none it sent is lost; pending records are flushed, then the statistics are returned. A
-   * connection attempt, a probe or a wait between attempts stops at once.
+   * and the events the server sent before it saw the close are processed too (a server that does
+   * not answer is given up after 2 s of waiting for it), so that none it sent is lost; pending
+   * records are flushed, then the statistics are returned. A connection attempt, a probe or a wait
+   * between attempts stops at once.
    */
   signal?: AbortSignal;
   /**

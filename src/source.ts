@@ -32,7 +32,8 @@ import {
   coverageGap,
   coverageSeqGap,
   coverageUnknown,
-  DRAIN_MS,
+  DRAIN_MAX_MS,
+  DRAIN_WAIT_MS,
   type RunContext,
   type SeqState,
   type Session,
@@ -403,7 +404,12 @@ export async function consumeStream(
       maxUs: -1,
       minUs: -1,
     };
-    ctx.drain = () => conn.drain?.(DRAIN_MS) ?? false;
+    ctx.drain = () => {
+      if (!conn.drain) return false;
+      // Ending already (the server closed): what was read is processed all the same.
+      conn.drain(DRAIN_WAIT_MS, DRAIN_MAX_MS);
+      return true;
+    };
     try {
       await readConnection(ctx, conn, session, select, guard, seq, options);
     } finally {

@@ -32,6 +32,7 @@ import {
   withSilentPort,
 } from "./helpers/loopback.ts";
 import { patchAtomic } from "./helpers/kv_patch.ts";
+import { slowKv } from "./helpers/slow_kv.ts";
 import { generateCapture } from "../src/server/synth.ts";
 
 // 23:00 UTC on 2026-11-26: the capture crosses midnight after an hour.
@@ -362,6 +363,66 @@ Deno.test("an abort closes the stream with the closing handshake: every event th
   assert.equal(stats.recordsStored, record.sent);
   const { events: got } = await stored(db.path, stats.queueLength);
   assert.deepEqual(got, events.slice(0, record.sent));
+});
+
+Deno.test("an abort while storage is slow still stores what the server sent before the close: only waiting for the server counts", async () => {
+  const lines = generateCapture({ count: 60_000, seed: 12, startUs: T0, stepUs: 1000 });
+  const events = lines.map((line) => JSON.parse(line));
+  await using server = serveEvents(lines, { highWaterMark: 256 * 1024 });
+  await using db = await tempDb();
+  const controller = new AbortController();
+  // Every commit issued within 2.5 s of the abort waits until then: a database another process
+  // holds. Meanwhile the socket is not read, and the server's answer waits in it.
+  let abortedAt = 0;
+  const kv = patchAtomic(await Deno.openKv(db.path), (op, commit) => {
+    op.commit = async () => {
+      const wait = abortedAt + 2500 - performance.now();
+      if (abortedAt > 0 && wait > 0) await delay(wait);
+      return await commit();
+    };
+  });
+  const stats = await runBackfillSync({
+    instance: server.url,
+    kv,
+    wantedCollections: [],
+    kinds: ["commit", "identity", "account"],
+    numRecords: 1_000_000,
+    signal: controller.signal,
+    onProgress: (p) => {
+      if (p.recordsStored > 0 && abortedAt === 0) {
+        abortedAt = performance.now();
+        controller.abort();
+      }
+    },
+  }).finally(() => kv.close());
+  assert.equal(stats.stopReason, "aborted");
+  const [record] = server.connections;
+  while (record.closeCode === undefined) await delay(10);
+  assert.ok(record.sent < events.length, `sent ${record.sent}`);
+  // (Before, the drain's 2 s ran on while the run waited for its own commits: the socket was
+  // dropped with the server's answer unread.)
+  assert.equal(stats.recordsStored, record.sent);
+  const { events: got } = await stored(db.path, stats.queueLength);
+  assert.deepEqual(got, events.slice(0, record.sent));
+});
+
+Deno.test("an abort after the server closed the stream still stores what it had sent", async () => {
+  // 100 events (midnight at the 61st) in one turn of the server, then its close: both arrive in
+  // one read, so the connection has ended when the abort at midnight comes, with 40 events to go.
+  const events = capture().slice(0, 100);
+  await using server = serveEvents(events, { closeAtEnd: true });
+  await using db = await tempDb();
+  const stats = await syncUntilMidnight({
+    instance: server.url,
+    kv: db.path,
+    wantedCollections: [],
+    kinds: ["commit", "identity", "account"],
+  });
+  // (Before, the abort stopped the run at once: the rest of what was read was dropped.)
+  assert.equal(stats.stopReason, "aborted");
+  assert.equal(stats.messagesReceived, events.length);
+  const { events: got } = await stored(db.path, stats.queueLength);
+  assert.deepEqual(got, events);
 });
 
 Deno.test("runBackfillSync() fails fast with the server's text on HTTP 400", async () => {

@@ -4,6 +4,7 @@ import { commit, drainQueue } from "./helpers/events.ts";
 import { serveEvents, syncConnections, tcpRelay, tempDb } from "./helpers/loopback.ts";
 import { killIfRunning, runCli, spawnCli, statusWithin, syncArgs, whileRunning } from "./helpers/cli.ts";
 import { asRun, counted } from "../src/cli/program.ts";
+import { acceptWebSocket, readRequestHead } from "../src/server/http1.ts";
 
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
 const run = runCli;
@@ -235,6 +236,54 @@ for (const [signal, code] of [["SIGINT", 130], ["SIGTERM", 143], ["SIGHUP", 129]
     assert.equal(lock.versionstamp, null, "the writer lock was left behind");
   });
 }
+
+Deno.test("a second Ctrl-C exits at once while the stop waits for a server that does not answer the close", async () => {
+  // A server that sends one event and then ignores everything, the close included: the first
+  // SIGINT's drain would wait 2 s for it.
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  let connected = false;
+  const serving = (async () => {
+    const conn = await listener.accept();
+    const head = await readRequestHead(conn);
+    const accepted = await acceptWebSocket(head!.headers);
+    if (!("response" in accepted)) throw new Error("refused");
+    const event = new TextEncoder().encode(JSON.stringify(commit(T0 + 1)));
+    await conn.write(
+      new Uint8Array([...accepted.response, 0x81, 126, event.length >> 8, event.length & 255, ...event]),
+    );
+    connected = true;
+    const sink = new Uint8Array(65536);
+    try {
+      while (await conn.read(sink) !== null);
+    } catch { /* the client went away */ }
+    conn.close();
+  })();
+  await using db = await tempDb();
+  const child = spawnCli([
+    "sync",
+    "--instance",
+    `ws://127.0.0.1:${listener.addr.port}/subscribe`,
+    "--kv",
+    db.path,
+    "--json",
+  ]);
+  await whileRunning(child, () => connected);
+  await new Promise((r) => setTimeout(r, 300));
+  killIfRunning(child, "SIGINT");
+  await new Promise((r) => setTimeout(r, 300));
+  killIfRunning(child, "SIGINT");
+  const out = await child.output();
+  const stderr = new TextDecoder().decode(out.stderr);
+  assert.equal(out.code, 130, stderr);
+  assert.match(
+    stderr,
+    /^jetfill sync: stopped at once by a second SIGINT; continue with deno run -A \S*cli\.ts sync --resume \(with the same --kv and --queue-name\)$/m,
+  );
+  // Not the statistics of a run that finished its stop.
+  assert.equal(new TextDecoder().decode(out.stdout), "");
+  listener.close();
+  await serving;
+});
 
 Deno.test("jetfill sync warns on stderr about each event it leaves out for size, naming it", async () => {
   const events = [commit(T0), commit(T0 + 1, { text: "x".repeat(3000) }), commit(T0 + 2)];

@@ -723,13 +723,58 @@ Deno.test("`drain()` of a server that never answers the close ends after its tim
   const conn = await openRawConnection(srv.url, { idleTimeoutMs: 5000 });
   assert.deepEqual(await conn.next(), ["one"]);
   const t = performance.now();
-  assert.equal(conn.drain(300), true);
+  assert.equal(conn.drain(300, 5000), true);
   assert.deepEqual(await drain(conn), ["two"]);
   const took = performance.now() - t;
   assert.deepEqual(conn.cause, { kind: "aborted" });
   assert.ok(took >= 250, `ended after ${took} ms`);
   await srv.done;
   await conn.closed();
+});
+
+Deno.test("`drain()` counts only the time spent waiting for the server, up to its cap", async () => {
+  // The server answers the close at once, after two more messages; the consumer takes 400 ms over
+  // each message, more than the 300 ms the drain may wait for the server.
+  await using srv = scripted(async (peer, handshake) => {
+    await peer.write(handshake, frame(1, "one"));
+    await peer.readFrame();
+    await peer.write(frame(1, "two"));
+    await peer.write(frame(1, "three"), frame(8, new Uint8Array([3, 232])));
+    await peer.readFrame();
+  });
+  const conn = await openRawConnection(srv.url, { idleTimeoutMs: 5000 });
+  assert.deepEqual(await conn.next(), ["one"]);
+  assert.equal(conn.drain(300, 5000), true);
+  const got: Frame[] = [];
+  for (let frames = await conn.next(); frames; frames = await conn.next()) {
+    got.push(...frames);
+    await new Promise((r) => setTimeout(r, 400)); // a consumer waiting for its own storage
+  }
+  assert.deepEqual(got, ["two", "three"]);
+  assert.deepEqual(conn.cause, { kind: "closed", code: 1000, reason: "" });
+  await srv.done;
+  await conn.closed();
+
+  // A server that streams on and never answers: given up at the cap, whatever the consumer does.
+  await using endless = scripted(async (peer, handshake) => {
+    await peer.write(handshake, frame(1, "one"));
+    await peer.readFrame();
+    for (let i = 0; i < 50; i++) {
+      await new Promise((r) => setTimeout(r, 20));
+      if (!await peer.write(frame(1, `more ${i}`)).then(() => true, () => false)) break;
+    }
+  });
+  const other = await openRawConnection(endless.url, { idleTimeoutMs: 5000 });
+  assert.deepEqual(await other.next(), ["one"]);
+  const t = performance.now();
+  assert.equal(other.drain(5000, 300), true);
+  const rest = await drain(other);
+  const took = performance.now() - t;
+  assert.ok(rest.length > 0 && rest.length < 50, `${rest.length} messages`);
+  assert.deepEqual(other.cause, { kind: "aborted" });
+  assert.ok(took >= 250 && took < 2000, `ended after ${took} ms`);
+  await endless.done;
+  await other.closed();
 });
 
 Deno.test("`openRawConnection()` gives up on a handshake after min(idleTimeoutMs, 30 s)", async () => {

@@ -317,6 +317,15 @@ export async function syncCommand(args: string[]): Promise<number> {
   const controller = new AbortController();
   let stoppedBy: StopSignal = "SIGINT";
   const removeSignals = onStopSignals((signal) => {
+    if (controller.signal.aborted) {
+      // A second signal while the stop stores what the server had sent (a slow database, say):
+      // out at once. Each commit is atomic, so the queue holds whole batches; what was not stored
+      // yet is left for --resume.
+      console.error(
+        `jetfill sync: stopped at once by a second ${signal}; continue with ${programName()} sync --resume (with the same --kv and --queue-name)`,
+      );
+      Deno.exit(interruptedExitCode(signal));
+    }
     stoppedBy = signal;
     controller.abort();
   });

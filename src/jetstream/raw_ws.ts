@@ -163,8 +163,13 @@ export class RawConnection implements Connection {
   /** Payload bytes were taken in the parse under way without completing a message. */
   #progressed = false;
   #idleTimer: ReturnType<typeof setTimeout> | undefined;
-  /** Ends a {@linkcode RawConnection.drain} that the server's close has not ended. */
+  /** Ends a {@linkcode RawConnection.drain} that the server's close has not ended, at its `maxMs`. */
   #drainTimer: ReturnType<typeof setTimeout> | undefined;
+  /** During a drain: the time `next()` may still spend waiting for the server (ms). */
+  #drainLeftMs: number | undefined;
+  /** Ends a drain once `next()` has used up its time. */
+  #drainWaitTimer: ReturnType<typeof setTimeout> | undefined;
+  readonly #onDrainOver = (): void => this.#finish({ kind: "aborted" }, undefined);
   #finishing = false;
   #closeSent = false;
   #connClosed = false;
@@ -226,14 +231,23 @@ export class RawConnection implements Connection {
     if (this.#reading) throw new Error("next() called while another next() is pending");
     // Idle time runs from here until progress: pings and pongs read meanwhile do not count, so a
     // server that only pings (jetstream-legacy#48) is still caught.
-    this.#lastProgress = performance.now();
-    for (;;) {
-      if (this.#head < this.#tail && !this.#stopped) {
-        const frames = this.#parse();
-        if (frames.length > 0) return frames;
+    const entered = this.#lastProgress = performance.now();
+    const draining = this.#drainLeftMs !== undefined && this.cause === undefined;
+    if (draining) this.#drainWaitTimer = setTimeout(this.#onDrainOver, this.#drainLeftMs);
+    try {
+      for (;;) {
+        if (this.#head < this.#tail && !this.#stopped) {
+          const frames = this.#parse();
+          if (frames.length > 0) return frames;
+        }
+        if (this.cause !== undefined || this.#stopped) return null;
+        await this.#fill();
       }
-      if (this.cause !== undefined || this.#stopped) return null;
-      await this.#fill();
+    } finally {
+      if (draining) {
+        clearTimeout(this.#drainWaitTimer);
+        this.#drainLeftMs! -= performance.now() - entered;
+      }
     }
   }
 
@@ -259,19 +273,23 @@ export class RawConnection implements Connection {
   /**
    * Starts the closing handshake and goes on reading (RFC 6455 §7.1.2): sends a close frame (1000),
    * and `next()` goes on returning what the server sent before it saw that close, then `null` once
-   * the server's close frame came (cause `closed`), or after `timeoutMs` (cause `aborted`: the TCP
-   * connection is dropped, and what was read by then can still be taken). Returns false, doing
-   * nothing, when the connection is already ending.
+   * the server's close frame came (cause `closed`). A server that does not answer is given up
+   * (cause `aborted`: the TCP connection is dropped, and what was read by then can still be taken)
+   * once `next()` has spent `waitMs` in all waiting for the socket, or `maxMs` after the call
+   * whatever the consumer does. Only time spent in `next()` counts against `waitMs`: a consumer
+   * slowed by its own storage is not a server that does not answer, and what the server sent waits
+   * in the socket meanwhile. Returns false, doing nothing, when the connection is already ending.
    *
    * @example
    * ```ts ignore
    * if (conn.drain(2000)) for (let f = await conn.next(); f !== null; f = await conn.next()) use(f);
    * ```
    */
-  drain(timeoutMs: number): boolean {
+  drain(waitMs: number, maxMs: number = waitMs): boolean {
     if (this.cause !== undefined || this.#finishing || this.#closeSent || this.#connClosed) return false;
     this.#sendClose(closePayload(1000, ""));
-    this.#drainTimer = setTimeout(() => this.#finish({ kind: "aborted" }, undefined), timeoutMs);
+    this.#drainLeftMs = waitMs;
+    this.#drainTimer = setTimeout(this.#onDrainOver, maxMs);
     return true;
   }
 
@@ -652,6 +670,7 @@ export class RawConnection implements Connection {
     clearTimeout(this.#idleTimer);
     this.#idleTimer = undefined;
     clearTimeout(this.#drainTimer);
+    clearTimeout(this.#drainWaitTimer);
     this.#signal?.removeEventListener("abort", this.#onAbort);
     if (closeCode !== undefined) this.#sendClose(closePayload(closeCode, reason));
     this.#dropSoon();

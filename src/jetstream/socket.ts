@@ -68,10 +68,11 @@ export interface Connection {
   close(): void;
   /**
    * Starts the closing handshake but goes on reading: `next()` returns what the server sent before
-   * it saw the close, then `null` (after `timeoutMs` at most). False when the connection is already
-   * ending. Only jetfill's own transport has it: a `WebSocket` drops what arrives once it closes.
+   * it saw the close, then `null` (once it has waited `waitMs` in all for a server that does not
+   * answer, or `maxMs` after the call). False when the connection is already ending. Only jetfill's
+   * own transport has it: a `WebSocket` drops what arrives once it closes.
    */
-  drain?(timeoutMs: number): boolean;
+  drain?(waitMs: number, maxMs?: number): boolean;
   /** Resolves once the socket is fully released. */
   closed(): Promise<void>;
 }

@@ -117,9 +117,9 @@ export interface RunContext {
    */
   probeAnswered: boolean;
   /**
-   * Set while a connection is read: starts its closing handshake, whose end the run then waits
-   * for, storing what the server sent before it saw the close; false when it cannot (the
-   * connection is ending, or its transport drops what arrives once closing).
+   * Set while a connection is read: starts its closing handshake (unless the connection is ending
+   * already), whose end the run then waits for, storing what the server sent before it saw the
+   * close; false when it cannot (a transport that drops what arrives once closing).
    */
   drain: (() => boolean) | undefined;
   /** The user aborted, and the connection being read is draining: the run stops once it ends. */
@@ -137,14 +137,24 @@ export function stopWith(ctx: RunContext, reason: StopReason): void {
   ctx.internal.abort();
 }
 
-/** How long a connection drains after the user's abort, at most (ms). */
-export const DRAIN_MS = 2000;
+/**
+ * A connection draining after the user's abort is given up once reading it has waited this long in
+ * all for the server (a server that does not answer the close), ms.
+ */
+export const DRAIN_WAIT_MS = 2000;
+
+/**
+ * …or this long after the abort, whatever holds the run up (ms): the time a busy database may take
+ * to accept a commit (see `retryWhileBusy`), during which what the server sent waits in the socket.
+ */
+export const DRAIN_MAX_MS = 30_000;
 
 /**
  * The user's abort. A connection being read is closed with the WebSocket closing handshake and read
  * to its end, so that the events the server sent before it saw the close are stored too (a server
- * without history could not send them again on a resume); the run stops once it ends (at most
- * {@link DRAIN_MS} later). Anything else (a connection attempt, a probe, a wait) stops at once.
+ * without history could not send them again on a resume); the run stops once it ends (see
+ * {@link DRAIN_WAIT_MS}). A connection that the server has closed already is read to its end too:
+ * what it holds was received. Anything else (a connection attempt, a probe, a wait) stops at once.
  */
 export function userAbort(ctx: RunContext): void {
   if (ctx.stop || ctx.draining) return;
