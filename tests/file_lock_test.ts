@@ -179,6 +179,21 @@ Deno.test("a database with two names (hard links) is refused before anything is 
   assert.equal(server.connections.length, 0);
 });
 
+Deno.test("the temporary name a killed creation of the database left is removed, and the database opens", async () => {
+  const events = [commit(T0)];
+  await using server = serveEvents(events, { closeAtEnd: true });
+  await using db = await tempDb();
+  (await openKvAt(db.path)).close();
+  // A kill -9 between linking the new database into place and removing its temporary name.
+  const stray = `${db.path}.${crypto.randomUUID()}.new`;
+  await Deno.link(db.path, stray);
+  // (Before, every command refused it: "the file has several names".)
+  const stats = await runBackfillSync({ instance: server.url, kv: db.path, startTimestamp: T0 });
+  assert.equal(stats.recordsStored, 1);
+  assert.equal(await Deno.stat(stray).then(() => true, () => false), false, "the temporary name is gone");
+  assert.equal((await Deno.stat(db.path)).nlink, 1);
+});
+
 Deno.test("a sync whose lock file cannot be written says so, and goes on with the writer lock alone", async () => {
   const events = Array.from({ length: 3 }, (_, i) => commit(T0 + i * 1000));
   await using server = serveEvents(events, { closeAtEnd: true });

@@ -19,6 +19,7 @@
  */
 import type { QueueMessage } from "./message.ts";
 import { fileURLToPath } from "node:url";
+import { basename, dirname, join } from "node:path";
 import { UsageError } from "../errors.ts";
 import { delay } from "../async.ts";
 
@@ -354,13 +355,49 @@ async function indexQueueTables(file: string): Promise<void> {
 
 /**
  * How many names (hard links) the file `info` of `path` has. A database that another process is
- * creating has two for a moment (see {@link createDatabase}): only a count that stays is counted.
+ * creating has two for a moment (see {@link createDatabase}): only a count that stays is counted,
+ * once the temporary name of a creation killed at that moment is removed.
  */
 async function linkCount(path: string, info: Deno.FileInfo): Promise<number> {
   if (!info.isFile || info.nlink === null || info.nlink <= 1) return 1;
   await delay(100);
-  return (await Deno.stat(path).catch(() => info)).nlink ?? 1;
+  let now = await Deno.stat(path).catch(() => info);
+  if ((now.nlink ?? 1) > 1 && await removeStrayCreations(path, now)) {
+    now = await Deno.stat(path).catch(() => now);
+  }
+  return now.nlink ?? 1;
 }
+
+/**
+ * Removes the names {@link createDatabase} left beside the database at `path` (file `info`) when
+ * its process was killed between linking the new file into place and removing its temporary name:
+ * `<name>.<uuid>.new`, the same file. Another name is the user's, and left alone. Resolves to
+ * whether one was removed.
+ */
+async function removeStrayCreations(path: string, info: Deno.FileInfo): Promise<boolean> {
+  const base = basename(path);
+  const dir = dirname(path);
+  let removed = false;
+  try {
+    for await (const entry of Deno.readDir(dir)) {
+      if (
+        !entry.isFile || !entry.name.startsWith(`${base}.`) ||
+        !STRAY_CREATION.test(entry.name.slice(base.length))
+      ) {
+        continue;
+      }
+      const stray = join(dir, entry.name);
+      const same = await Deno.lstat(stray).then((s) => s.ino === info.ino && s.dev === info.dev, () => false);
+      if (same) removed = await Deno.remove(stray).then(() => true, () => removed);
+    }
+  } catch {
+    // A folder that cannot be listed: the count stands.
+  }
+  return removed;
+}
+
+/** The end of a temporary name of {@link createDatabase}: `.<uuid>.new`. */
+const STRAY_CREATION = /^\.[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\.new$/;
 
 /**
  * The file of a local database: `path` itself, or the path of a `file:` URL; undefined for
