@@ -359,7 +359,33 @@ function inheritOptions(
     endTimestamp: options.endTimestamp ?? sel.endUs ?? undefined,
     numRecords: options.numRecords ?? sel.numRecords,
     instance: options.instance ?? run.instances,
+    wire: options.wire ??
+      (options.instance === undefined ? undefined : wireForBareInstances(options.instance, run)),
   };
+}
+
+/**
+ * The wire of the resumed run, for instances given now without a path (a host name, or a URL of
+ * just a host), which would otherwise get the wire their host has by default: a resume on another
+ * v2 server named by its address alone stays on the v2 wire, as `wire` was left out. Undefined when
+ * an instance names its path (and so its wire), or the run used both wires.
+ */
+function wireForBareInstances(instance: string | readonly string[], run: RunState): "v1" | "v2" | undefined {
+  const given = typeof instance === "string" ? [instance] : instance;
+  const bare = given.every((value) => {
+    const text = value.trim();
+    if (!/^[a-z][a-z0-9+.-]*:\/\//i.test(text)) return true;
+    try {
+      const { pathname } = new URL(text);
+      return pathname === "" || pathname === "/";
+    } catch {
+      return false; // refused with its own message
+    }
+  });
+  const previous = run.instances ?? [run.instance];
+  if (!bare || previous.length === 0) return undefined;
+  const v2 = previous.map(isV2Url);
+  return v2.every((b) => b) ? "v2" : v2.some((b) => b) ? undefined : "v1";
 }
 
 /** How long a sync watches a queue whose lock is taken, for a sign of life of the sync holding it. */

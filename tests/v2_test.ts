@@ -779,6 +779,35 @@ Deno.test("within a run, a v2 host's seq is not used again once records came fro
   assert.ok(cursor >= 1e15, `cursor=${cursor}`);
 });
 
+Deno.test("a resume given another v2 server by its address alone stays on the v2 wire (wire is taken from the checkpoint)", async () => {
+  const events = capture(300);
+  await using first = serveEvents(events, { version: "v2", closeAtEnd: true });
+  await using other = serveEvents(events, { version: "v2", closeAtEnd: true });
+  await using db = await tempDb();
+  const a = await runBackfillSync({
+    instance: v2Url(first.url),
+    kv: db.path,
+    startTimestamp: T0,
+    numRecords: 100,
+  });
+  assert.equal(a.recordsStored, 100);
+  const b = await runBackfillSync({
+    instance: new URL(other.url).origin, // ws://127.0.0.1:PORT, no path
+    kv: db.path,
+    resume: true,
+    force: true,
+    numRecords: 200,
+    onError: () => {},
+  });
+  assert.ok(b.recordsStored > 0);
+  // (Before, a path-less URL meant /subscribe: the resume went on over the v1 wire.)
+  assert.ok(other.connections.length > 0);
+  assert.ok(
+    other.connections.every((c) => c.endpoint === "subscribeEvents"),
+    JSON.stringify(other.connections.map((c) => c.endpoint)),
+  );
+});
+
 Deno.test("on v2 hosts alone, a bad zstdDictionary is refused before anything is opened", async () => {
   await using server = serveEvents(capture(10), { version: "v2", closeAtEnd: true });
   await using db = await tempDb();
