@@ -32,7 +32,6 @@ import {
   withSilentPort,
 } from "./helpers/loopback.ts";
 import { patchAtomic } from "./helpers/kv_patch.ts";
-import { slowKv } from "./helpers/slow_kv.ts";
 import { generateCapture } from "../src/server/synth.ts";
 
 // 23:00 UTC on 2026-11-26: the capture crosses midnight after an hour.
