@@ -23,6 +23,7 @@ import { createZstdDecoder, LEGACY_DICTIONARY_ID, V2_DICTIONARY_ID } from "./jet
 import {
   type BackfillSyncOptions,
   DEFAULT_MAX_EVENT_BYTES,
+  isBareInstance,
   type ResolvedSyncOptions,
   resolveSyncOptions,
 } from "./options.ts";
@@ -372,16 +373,7 @@ function inheritOptions(
  */
 function wireForBareInstances(instance: string | readonly string[], run: RunState): "v1" | "v2" | undefined {
   const given = typeof instance === "string" ? [instance] : instance;
-  const bare = given.every((value) => {
-    const text = value.trim();
-    if (!/^[a-z][a-z0-9+.-]*:\/\//i.test(text)) return true;
-    try {
-      const { pathname } = new URL(text);
-      return pathname === "" || pathname === "/";
-    } catch {
-      return false; // refused with its own message
-    }
-  });
+  const bare = given.every(isBareInstance);
   const previous = run.instances ?? [run.instance];
   if (!bare || previous.length === 0) return undefined;
   const v2 = previous.map(isV2Url);

@@ -410,7 +410,7 @@ export function instanceUrl(value: string, wire?: "v1" | "v2"): string {
   const text = value.trim();
   const expected = "a host name or a ws:// or wss:// URL";
   let url: URL;
-  if (/^[a-z][a-z0-9+.-]*:\/\//i.test(text)) {
+  if (HAS_SCHEME.test(text)) {
     try {
       url = new URL(text);
     } catch {
@@ -431,13 +431,38 @@ export function instanceUrl(value: string, wire?: "v1" | "v2"): string {
     }
   }
   url.hash = "";
-  const bare = url.pathname === "" || url.pathname === "/";
+  const bare = isBareInstance(text);
   const v2 = wire === "v2" || (wire === undefined && bare && V2_HOSTS.includes(url.hostname));
   if (bare || wire !== undefined) {
     if (v2) url.pathname = V2_SUBSCRIBE_PATH;
     else if (bare || url.pathname.endsWith(V2_SUBSCRIBE_PATH)) url.pathname = "/subscribe";
   }
   return url.toString();
+}
+
+const HAS_SCHEME = /^[a-z][a-z0-9+.-]*:\/\//i;
+
+/**
+ * Whether an `instance` value names no path (a host, or a URL of just a host), so that its wire is
+ * its host's default unless `wire` says otherwise (see {@link instanceUrl}). False for a value that
+ * is not a URL at all (which `instanceUrl()` refuses).
+ *
+ * @example
+ * ```ts
+ * import { isBareInstance } from "./options.ts";
+ * isBareInstance("ws://127.0.0.1:6008"); // true
+ * isBareInstance("ws://127.0.0.1:6008/subscribe"); // false
+ * ```
+ */
+export function isBareInstance(value: string): boolean {
+  const text = value.trim();
+  if (!HAS_SCHEME.test(text)) return true;
+  try {
+    const { pathname } = new URL(text);
+    return pathname === "" || pathname === "/";
+  } catch {
+    return false;
+  }
 }
 
 function unique<T>(values: readonly T[]): T[] {

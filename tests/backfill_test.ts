@@ -24,6 +24,7 @@ import type { DateChange, SyncProgress, SyncStats } from "../src/stats.ts";
 import type { BackfillSyncOptions } from "../src/options.ts";
 import { account, commit, did, drainQueue, identity } from "./helpers/events.ts";
 import {
+  closeIgnoringServer,
   serveEvents,
   syncConnections,
   syncReporting,
@@ -422,6 +423,25 @@ Deno.test("an abort after the server closed the stream still stores what it had 
   assert.equal(stats.messagesReceived, events.length);
   const { events: got } = await stored(db.path, stats.queueLength);
   assert.deepEqual(got, events);
+});
+
+Deno.test("maxTime running out while an abort waits for a server that does not answer the close still says aborted", async () => {
+  await using server = closeIgnoringServer(commit(T0 + 1));
+  await using db = await tempDb();
+  const controller = new AbortController();
+  const waiting = runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    maxTime: 1,
+    signal: controller.signal,
+  });
+  while (!server.connected()) await delay(10);
+  await delay(200);
+  controller.abort();
+  const stats = await waiting;
+  // The drain would wait 2 s; maxTime ends it first, but the user's stop came first.
+  assert.equal(stats.stopReason, "aborted");
+  assert.equal(stats.recordsStored, 1);
 });
 
 Deno.test("runBackfillSync() fails fast with the server's text on HTTP 400", async () => {

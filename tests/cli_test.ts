@@ -1,10 +1,9 @@
 import assert from "node:assert/strict";
 import { queueKey } from "../src/queue/kv_queue.ts";
 import { commit, drainQueue } from "./helpers/events.ts";
-import { serveEvents, syncConnections, tcpRelay, tempDb } from "./helpers/loopback.ts";
+import { closeIgnoringServer, serveEvents, syncConnections, tcpRelay, tempDb } from "./helpers/loopback.ts";
 import { killIfRunning, runCli, spawnCli, statusWithin, syncArgs, whileRunning } from "./helpers/cli.ts";
 import { asRun, counted } from "../src/cli/program.ts";
-import { acceptWebSocket, readRequestHead } from "../src/server/http1.ts";
 
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
 const run = runCli;
@@ -240,34 +239,17 @@ for (const [signal, code] of [["SIGINT", 130], ["SIGTERM", 143], ["SIGHUP", 129]
 Deno.test("a second Ctrl-C exits at once while the stop waits for a server that does not answer the close", async () => {
   // A server that sends one event and then ignores everything, the close included: the first
   // SIGINT's drain would wait 2 s for it.
-  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  let connected = false;
-  const serving = (async () => {
-    const conn = await listener.accept();
-    const head = await readRequestHead(conn);
-    const accepted = await acceptWebSocket(head!.headers);
-    if (!("response" in accepted)) throw new Error("refused");
-    const event = new TextEncoder().encode(JSON.stringify(commit(T0 + 1)));
-    await conn.write(
-      new Uint8Array([...accepted.response, 0x81, 126, event.length >> 8, event.length & 255, ...event]),
-    );
-    connected = true;
-    const sink = new Uint8Array(65536);
-    try {
-      while (await conn.read(sink) !== null);
-    } catch { /* the client went away */ }
-    conn.close();
-  })();
+  await using server = closeIgnoringServer(commit(T0 + 1));
   await using db = await tempDb();
   const child = spawnCli([
     "sync",
     "--instance",
-    `ws://127.0.0.1:${listener.addr.port}/subscribe`,
+    server.url,
     "--kv",
     db.path,
     "--json",
   ]);
-  await whileRunning(child, () => connected);
+  await whileRunning(child, server.connected);
   await new Promise((r) => setTimeout(r, 300));
   killIfRunning(child, "SIGINT");
   await new Promise((r) => setTimeout(r, 300));
@@ -281,8 +263,6 @@ Deno.test("a second Ctrl-C exits at once while the stop waits for a server that 
   );
   // Not the statistics of a run that finished its stop.
   assert.equal(new TextDecoder().decode(out.stdout), "");
-  listener.close();
-  await serving;
 });
 
 Deno.test("jetfill sync warns on stderr about each event it leaves out for size, naming it", async () => {

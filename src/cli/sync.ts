@@ -71,7 +71,8 @@ Output:
   -h, --help              show this help
 
 Exit codes: 0 done, 1 runtime failure, 2 bad input, 130 interrupted by Ctrl-C (143 by SIGTERM, 129 by
-SIGHUP), after storing what was received.`;
+SIGHUP), after storing what the server sent before it saw the close (a second Ctrl-C exits at once,
+leaving the rest to --resume).`;
 
 const FLAGS: FlagSpec = {
   did: { type: "string", multiple: true },

@@ -6,6 +6,7 @@ import {
   serveJetstream,
 } from "../../src/server/server.ts";
 import type { JetstreamEvent } from "../../src/jetstream/events.ts";
+import { acceptWebSocket, readRequestHead } from "../../src/server/http1.ts";
 import { runBackfillSync } from "../../src/backfill.ts";
 import type { BackfillSyncOptions } from "../../src/options.ts";
 import type { SyncErrorReport, SyncStats } from "../../src/stats.ts";
@@ -118,6 +119,45 @@ export function tcpRelay(
       await accepting;
       for (const conn of [...open]) closeQuietly(conn);
       await Promise.allSettled(piping);
+    },
+  };
+}
+
+/**
+ * A server that takes one WebSocket connection, sends it `event`, then reads and ignores whatever
+ * comes, the close frame included, and never closes: a server that does not answer a close.
+ * `connected()` says when the event was sent.
+ */
+export function closeIgnoringServer(
+  event: JetstreamEvent,
+): { url: string; connected: () => boolean } & AsyncDisposable {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  let connected = false;
+  let conn: Deno.Conn | undefined;
+  const serving = (async () => {
+    conn = await listener.accept();
+    const head = await readRequestHead(conn);
+    const accepted = await acceptWebSocket(head!.headers);
+    if (!("response" in accepted)) throw new Error("refused");
+    const text = new TextEncoder().encode(JSON.stringify(event));
+    await conn.write(
+      new Uint8Array([...accepted.response, 0x81, 126, text.length >> 8, text.length & 255, ...text]),
+    );
+    connected = true;
+    const sink = new Uint8Array(65536);
+    while (await conn.read(sink) !== null);
+  })().catch(() => {/* the client went away */});
+  return {
+    url: `ws://127.0.0.1:${listener.addr.port}/subscribe`,
+    connected: () => connected,
+    [Symbol.asyncDispose]: async () => {
+      try {
+        listener.close();
+      } catch { /* closed */ }
+      try {
+        conn?.close();
+      } catch { /* closed */ }
+      await serving;
     },
   };
 }
