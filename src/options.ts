@@ -10,6 +10,7 @@ import { MAX_TIMER_MS } from "./async.ts";
 import { EVENT_KINDS, type EventKind } from "./jetstream/events.ts";
 import { isCollectionFilter, isDid, isNsid } from "./validate.ts";
 import { isV2Url, V2_HOSTS, V2_SUBSCRIBE_PATH } from "./jetstream/v2.ts";
+import { proxyFor } from "./jetstream/proxy.ts";
 import { isoFromUs, MIN_TIMESTAMP_US, parseTimestamp, TIMESTAMP_FORMATS } from "./time.ts";
 import type { DateChange, SyncErrorReport, SyncProgress } from "./stats.ts";
 
@@ -563,6 +564,14 @@ export function resolveSyncOptions(options: BackfillSyncOptions = {}): ResolvedS
     : o.instance;
   if (given.length === 0) throw new UsageError(because("instance", "at least one host or URL", []));
   const instances = unique(given.map((i) => instanceUrl(i, o.wire)));
+  for (const instance of instances) {
+    // A proxy in the environment that cannot be used is the user's to fix, before connecting.
+    try {
+      proxyFor(new URL(instance));
+    } catch (err) {
+      throw new UsageError((err as Error).message);
+    }
+  }
   const v2 = instances.find(isV2Url);
   if (v2 !== undefined) {
     // The v2 wire checks a prefix's head as an NSID prefix (`app.*` is refused there, accepted on

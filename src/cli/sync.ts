@@ -70,6 +70,10 @@ Output:
   --verbose               report every skipped frame on stderr
   -h, --help              show this help
 
+Environment: HTTPS_PROXY (wss://) or HTTP_PROXY (ws://), an http:// proxy tunnelled with CONNECT
+(http://user:password@host:port when it wants credentials), and NO_PROXY; loopback hosts never go
+through a proxy.
+
 Exit codes: 0 done, 1 runtime failure, 2 bad input, 130 interrupted by Ctrl-C (143 by SIGTERM, 129 by
 SIGHUP), after storing what the server sent before it saw the close (a second Ctrl-C exits at once,
 leaving the rest to --resume).`;

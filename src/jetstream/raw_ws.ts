@@ -26,6 +26,7 @@ import {
 } from "./socket.ts";
 import { printable, utf8Text } from "./utf8.ts";
 import { concat } from "../bytes.ts";
+import { connectRequest, parseProxy, proxyFor, type ProxyRoute } from "./proxy.ts";
 
 export type { CloseCause, Connection, Frame };
 
@@ -65,6 +66,12 @@ export interface RawConnectionOptions {
    * @default {33554432}
    */
   maxMessageBytes?: number;
+  /**
+   * The HTTP proxy to tunnel through (an `http://` URL, see `proxyFor()`), or `null` to connect
+   * directly; by default the environment's (`HTTPS_PROXY` for `wss://`, `HTTP_PROXY` for `ws://`,
+   * `NO_PROXY`), as Deno's `WebSocket` takes it.
+   */
+  proxy?: string | null;
 }
 
 /**
@@ -749,6 +756,78 @@ export function closePayload(code: number, reason: string): Uint8Array {
   return payload;
 }
 
+/** The header fields of a response head's `lines` (the status line first). */
+function parseHeaders(lines: string[]): Headers {
+  const headers = new Headers();
+  for (let i = 1; i < lines.length; i++) {
+    const colon = lines[i].indexOf(":");
+    if (colon <= 0) continue;
+    try {
+      headers.append(lines[i].slice(0, colon).trim(), lines[i].slice(colon + 1).trim());
+    } catch {
+      // An invalid header line is ignored, as browsers do.
+    }
+  }
+  return headers;
+}
+
+/**
+ * Asks the proxy on `conn` for a tunnel to `hostname`:`port` (HTTP `CONNECT`) and returns once it
+ * is open. A refusal rejects with a {@linkcode ConnectError} carrying the proxy's status: a 4xx
+ * (407 when it wants credentials) stops a run as a refused upgrade does, and a 5xx (the proxy could
+ * not reach the host) is retried.
+ */
+async function tunnel(
+  conn: Deno.Conn,
+  route: ProxyRoute,
+  hostname: string,
+  port: number,
+  url: string,
+): Promise<void> {
+  await writeAll(conn, encoder.encode(connectRequest(route, hostname, port)));
+  // Nothing comes behind the proxy's answer until the tunnel is used: the head is all there is.
+  const buf = new Uint8Array(MAX_HEAD_BYTES);
+  let len = 0;
+  for (;;) {
+    let headEnd = findHeadEnd(buf, 0, len);
+    while (headEnd === -1) {
+      if (len >= MAX_HEAD_BYTES) throw new Error("the proxy's response head is too large");
+      const n = await conn.read(buf.subarray(len));
+      if (n === null) throw new Error("the proxy closed the connection before it answered the CONNECT");
+      headEnd = findHeadEnd(buf, len, len + n);
+      len += n;
+    }
+    const lines = decoder.decode(buf.subarray(0, headEnd)).split("\r\n");
+    const status = Number(/^HTTP\/1\.[01] (\d{3})/.exec(lines[0])?.[1]);
+    if (!(status >= 100)) {
+      throw new Error(
+        `malformed response from the proxy: ${printable(JSON.stringify(lines[0].slice(0, 100)))}`,
+      );
+    }
+    if (status < 200) {
+      // An interim response: the final one follows.
+      buf.copyWithin(0, headEnd + 4, len);
+      len -= headEnd + 4;
+      continue;
+    }
+    if (status < 300) {
+      if (len > headEnd + 4) throw new Error("the proxy sent data into the tunnel before it was used");
+      return;
+    }
+    const body = await readRefusalBody(conn, buf.slice(headEnd + 4, len), parseHeaders(lines));
+    const authority = `${hostname.includes(":") ? `[${hostname}]` : hostname}:${port}`;
+    throw new ConnectError(
+      `cannot connect to ${url}: the proxy ${route.label} refused the tunnel to ${authority}: HTTP ${status}${
+        status === 407
+          ? " (it wants credentials: give them in the proxy URL, http://user:password@host:port)"
+          : ""
+      }${body ? `: ${printable(body)}` : ""}`,
+      status,
+      body,
+    );
+  }
+}
+
 async function writeAll(conn: Deno.Conn, bytes: Uint8Array): Promise<void> {
   let off = 0;
   while (off < bytes.length) off += await conn.write(bytes.subarray(off));
@@ -878,6 +957,13 @@ export async function openRawConnection(
   const limit = Math.min(idleTimeoutMs, 30_000);
   const hostname = target.hostname.replace(/^\[(.*)\]$/, "$1");
   const port = target.port ? Number(target.port) : secure ? 443 : 80;
+  // (A proxy that cannot be used is a TypeError, as a bad option is: runBackfillSync() checks the
+  // environment's before it connects.)
+  const route: ProxyRoute | undefined = options.proxy === undefined
+    ? proxyFor(target)
+    : options.proxy === null
+    ? undefined
+    : parseProxy(options.proxy, "the proxy option");
   // The deadline and the caller's signal both cut the handshake short: closing the connection
   // makes the pending read or write fail at once.
   let conn: Deno.Conn | undefined;
@@ -897,7 +983,9 @@ export async function openRawConnection(
   const onAbort = (): void => cut("aborted");
   signal?.addEventListener("abort", onAbort, { once: true });
   try {
-    const connecting: Promise<Deno.Conn> = secure
+    const connecting: Promise<Deno.Conn> = route
+      ? Deno.connect({ hostname: route.hostname, port: route.port, signal: connectAbort.signal })
+      : secure
       ? Deno.connectTls({ hostname, port })
       : Deno.connect({ hostname, port, signal: connectAbort.signal });
     // A connection that arrives after the handshake was cut short is closed as it arrives.
@@ -905,6 +993,17 @@ export async function openRawConnection(
       if (failure !== undefined) closeQuietly(c);
     }, () => {});
     conn = await Promise.race([connecting, cutShort]);
+    if (route) {
+      await tunnel(conn, route, hostname, port, url);
+      if (secure) {
+        const tcp = conn;
+        const tls = Deno.startTls(tcp as Deno.TcpConn, { hostname });
+        tls.then((c) => {
+          if (failure !== undefined) closeQuietly(c);
+        }, () => {});
+        conn = await Promise.race([tls, cutShort]);
+      }
+    }
 
     const key = base64(crypto.getRandomValues(new Uint8Array(16)));
     const request = `GET ${target.pathname}${target.search} HTTP/1.1\r\n` +
@@ -941,16 +1040,7 @@ export async function openRawConnection(
       len -= headEnd + 4;
       headEnd = findHeadEnd(buf, 0, len);
     }
-    const headers = new Headers();
-    for (let i = 1; i < lines.length; i++) {
-      const colon = lines[i].indexOf(":");
-      if (colon <= 0) continue;
-      try {
-        headers.append(lines[i].slice(0, colon).trim(), lines[i].slice(colon + 1).trim());
-      } catch {
-        // An invalid header line is ignored, as browsers do.
-      }
-    }
+    const headers = parseHeaders(lines);
     if (status !== 101) {
       const body = await readRefusalBody(conn, buf.slice(headEnd + 4, len), headers);
       // A redirect is not followed (the URL is the user's to change), but where it points is said.
@@ -996,7 +1086,9 @@ export async function openRawConnection(
     if (conn) closeQuietly(conn);
     if (err instanceof ConnectError) throw err;
     const message = failure ?? ((err as Error)?.message || String(err));
-    throw new ConnectError(`cannot connect to ${url}: ${message}`);
+    throw new ConnectError(
+      `cannot connect to ${url}${route ? ` through the proxy ${route.label}` : ""}: ${message}`,
+    );
   } finally {
     clearTimeout(timer);
     signal?.removeEventListener("abort", onAbort);

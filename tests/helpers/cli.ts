@@ -11,13 +11,20 @@ export function syncArgs(url: string, kv: string, startUs: number, ...more: stri
   return ["sync", "--instance", url, "--kv", kv, "--start", String(startUs), ...more];
 }
 
-/** Starts the CLI with `args` (and Deno's own `flags`, such as permissions), its output piped. */
-export function spawnCli(args: string[], flags: string[] = []): Deno.ChildProcess {
+/**
+ * Starts the CLI with `args` (and Deno's own `flags`, such as permissions), its output piped, with
+ * `env` on top of this process's environment.
+ */
+export function spawnCli(
+  args: string[],
+  flags: string[] = [],
+  env: Record<string, string> = {},
+): Deno.ChildProcess {
   return new Deno.Command(Deno.execPath(), {
     args: ["run", "-A", ...flags, CLI, ...args],
     stdout: "piped",
     stderr: "piped",
-    env: { NO_COLOR: "1" },
+    env: { NO_COLOR: "1", ...env },
   }).spawn();
 }
 
@@ -25,8 +32,9 @@ export function spawnCli(args: string[], flags: string[] = []): Deno.ChildProces
 export async function runCli(
   args: string[],
   flags: string[] = [],
+  env: Record<string, string> = {},
 ): Promise<{ code: number; stdout: string; stderr: string }> {
-  const out = await spawnCli(args, flags).output();
+  const out = await spawnCli(args, flags, env).output();
   const dec = new TextDecoder();
   return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
 }

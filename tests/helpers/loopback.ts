@@ -78,6 +78,90 @@ export function tcpRelay(
   route: (ordinal: number) => number,
   listener: Deno.Listener = Deno.listen({ hostname: "127.0.0.1", port: 0 }),
 ): { port: number } & AsyncDisposable {
+  return relay(listener, (_client, ordinal) => Promise.resolve(route(ordinal)));
+}
+
+/** What {@link connectProxy} was asked: each CONNECT's request line and headers. */
+export interface ProxyRequest {
+  line: string;
+  headers: Headers;
+}
+
+/**
+ * An HTTP proxy on 127.0.0.1 that tunnels `CONNECT` requests (as a corporate proxy does for
+ * `wss://`): `route` maps the requested `host:port` to a 127.0.0.1 port (undefined: 502). With
+ * `credentials`, a request without that `Proxy-Authorization` gets a 407.
+ */
+export function connectProxy(
+  route: (authority: string) => number | undefined,
+  credentials?: string,
+): { port: number; url: string; requests: ProxyRequest[] } & AsyncDisposable {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const requests: ProxyRequest[] = [];
+  const encoder = new TextEncoder();
+  const answer = (client: Deno.Conn, text: string) => client.write(encoder.encode(text)).catch(() => 0);
+  const relayed = relay(
+    listener,
+    async (client) => {
+      const head = await readHead(client);
+      if (head === undefined) return undefined;
+      const [line, ...fields] = head.split("\r\n");
+      const headers = new Headers(
+        fields.map((f) => [f.slice(0, f.indexOf(":")).trim(), f.slice(f.indexOf(":") + 1).trim()]),
+      );
+      requests.push({ line, headers });
+      const authority = /^CONNECT (\S+) HTTP\/1\.1$/.exec(line)?.[1];
+      if (authority === undefined) {
+        await answer(client, "HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n");
+        return undefined;
+      }
+      if (credentials !== undefined && headers.get("proxy-authorization") !== `Basic ${btoa(credentials)}`) {
+        const body = "credentials, please";
+        await answer(
+          client,
+          `HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm="test"\r\nContent-Length: ${body.length}\r\n\r\n${body}`,
+        );
+        return undefined;
+      }
+      const port = route(authority);
+      if (port === undefined) await answer(client, "HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n");
+      return port;
+    },
+    (client) => answer(client, "HTTP/1.1 200 Connection established\r\n\r\n"),
+  );
+  const port = listener.addr.port;
+  return {
+    port,
+    url: `http://127.0.0.1:${port}`,
+    requests,
+    [Symbol.asyncDispose]: relayed[Symbol.asyncDispose],
+  };
+}
+
+/** A request head (up to its blank line) read from `conn`; undefined if it closed first. */
+async function readHead(conn: Deno.Conn): Promise<string | undefined> {
+  const buf = new Uint8Array(16 * 1024);
+  let len = 0;
+  while (len < buf.length) {
+    const n = await conn.read(buf.subarray(len)).catch(() => null);
+    if (n === null) return undefined;
+    len += n;
+    const text = new TextDecoder().decode(buf.subarray(0, len));
+    const end = text.indexOf("\r\n\r\n");
+    if (end !== -1) return text.slice(0, end);
+  }
+  return undefined;
+}
+
+/**
+ * Accepts connections on `listener` and pipes each, both ways, to the 127.0.0.1 port `pick` names
+ * for it (undefined: the client is dropped); `connected`, if given, runs once the backend took it.
+ */
+function relay(
+  listener: Deno.Listener,
+  pick: (client: Deno.Conn, ordinal: number) => Promise<number | undefined>,
+  connected?: (client: Deno.Conn) => Promise<unknown>,
+): { port: number } & AsyncDisposable {
   const open = new Set<Deno.Conn>();
   const piping: Promise<unknown>[] = [];
   const pipe = async (from: Deno.Conn, to: Deno.Conn) => {
@@ -96,21 +180,26 @@ export function tcpRelay(
       // Already closed by Deno when its streams ended.
     }
   };
+  const serve = async (client: Deno.Conn, ordinal: number) => {
+    open.add(client);
+    const port = await pick(client, ordinal).catch(() => undefined);
+    let backend: Deno.Conn;
+    try {
+      if (port === undefined) throw new Error("no backend");
+      backend = await Deno.connect({ hostname: "127.0.0.1", port });
+    } catch {
+      // A backend that refuses (one shut down, or a closed port on purpose): the client's
+      // connection is dropped, as a host that cannot be reached drops it, and the relay goes on.
+      closeQuietly(client);
+      return;
+    }
+    open.add(backend);
+    await connected?.(client);
+    piping.push(pipe(client, backend), pipe(backend, client));
+  };
   let ordinal = 0;
   const accepting = (async () => {
-    for await (const client of listener) {
-      let backend: Deno.Conn;
-      try {
-        backend = await Deno.connect({ hostname: "127.0.0.1", port: route(++ordinal) });
-      } catch {
-        // A backend that refuses (one shut down, or a closed port on purpose): the client's
-        // connection is dropped, as a host that cannot be reached drops it, and the relay goes on.
-        client.close();
-        continue;
-      }
-      open.add(client).add(backend);
-      piping.push(pipe(client, backend), pipe(backend, client));
-    }
+    for await (const client of listener) piping.push(serve(client, ++ordinal));
   })().catch(() => {});
   return {
     port: (listener.addr as Deno.NetAddr).port,
