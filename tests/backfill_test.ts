@@ -2,6 +2,7 @@ import assert from "node:assert/strict";
 import { runBackfillSync } from "../src/backfill.ts";
 import type { SyncErrorReport } from "../src/stats.ts";
 import { UsageError } from "../src/errors.ts";
+import { V2_SUBSCRIBE_PATH } from "../src/jetstream/v2.ts";
 import type { JetstreamEvent } from "../src/jetstream/events.ts";
 import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
 import {
@@ -894,6 +895,53 @@ Deno.test("runBackfillSync() measures maxEventBytes in UTF-8 bytes, not characte
     reports[0],
   );
   assert.deepEqual((await stored(db.path, stats.queueLength)).events, [events[0], ascii]);
+});
+
+Deno.test("an event over maxEventBytes that the run does not select is no loss, and one at the end still ends the run", async () => {
+  const big = "x".repeat(6000);
+  const events = [
+    commit(T0),
+    // Left out by the kind filter, and by the collection filter: neither counted nor reported.
+    identity(T0 + 1, did(3)),
+    commit(T0 + 2, { collection: "app.bsky.feed.like", text: big }),
+    commit(T0 + 3),
+    // Selected: skipped and reported.
+    commit(T0 + 4, { text: big }),
+    commit(T0 + 5),
+    // At the end: the run ends there, as it would at any event.
+    commit(T0 + 8, { text: big }),
+    commit(T0 + 9),
+  ];
+  (events[1] as { identity: { handle: string } }).identity.handle = `${"h".repeat(6000)}.test`;
+  for (const version of ["legacy", "v2"] as const) {
+    await using server = serveEvents(events, { version });
+    await using db = await tempDb();
+    const reports: string[] = [];
+    const stats = await runBackfillSync({
+      instance: version === "v2" ? server.url.replace(/\/subscribe$/, V2_SUBSCRIBE_PATH) : server.url,
+      kv: db.path,
+      startTimestamp: T0,
+      endTimestamp: T0 + 8,
+      maxEventBytes: 5000,
+      maxTime: 20,
+      onError: (r) => reports.push(r.message),
+    });
+    assert.equal(stats.stopReason, "end", version);
+    assert.equal(stats.endCursorReached, true, version);
+    assert.deepEqual(stats.skipped, { oversized: 1 }, version);
+    assert.deepEqual(
+      reports.filter((m) => /over the 5000-byte event limit/.test(m)).length,
+      1,
+      reports.join("\n"),
+    );
+    assert.match(
+      reports.find((m) => /event limit/.test(m))!,
+      new RegExp(`^event at time_us ${T0 + 4} of \\d+ `),
+    );
+    // (A v2 host's events carry their seq as `cursor`.)
+    const got = (await stored(db.path, stats.queueLength)).events.map(({ cursor: _, ...ev }) => ev);
+    assert.deepEqual(got, [events[0], events[3], events[5]], version);
+  }
 });
 
 /** A sync of `capture()` from a server that stays open, with `options`, and its progress reports. */

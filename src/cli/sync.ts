@@ -51,7 +51,7 @@ Connection:
   --idle-timeout SECONDS  reconnect when no progress (a message, or bytes of one) for this long (default 60)
   --max-retries N         retries in a row without progress before giving up (default 10)
   --max-time SECONDS      stop after this long, even when nothing arrives (default 900)
-  --max-event-bytes N     skip (and count) events of more UTF-8 bytes (default 1048576)
+  --max-event-bytes N     skip (and count) selected events of more UTF-8 bytes (default 1048576)
 
 Queue:
   --kv PATH               Deno KV database (default ./jetfill-data/<queue-name>.sqlite); while it

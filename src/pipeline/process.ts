@@ -294,15 +294,14 @@ export async function readConnection(
         // A v2 frame over the limit is not yet an event over it: the envelope around the event is
         // not stored, so the event is measured once mapped, below (only for such frames).
         let frameOver = false;
+        // An event over the limit is parsed all the same (the transport bounds what it holds), so
+        // that the window, the end and the filters apply to it as to any other: it is skipped, and
+        // counted, only if the run selects it (one that the filters leave out is no loss).
+        let over: { bytes: number; chars: boolean } | undefined;
         if (text.length * 3 > o.maxEventBytes) {
           const bytes = utf8Bytes ?? (text.length > o.maxEventBytes ? text.length : utf8Length(text));
           if (bytes > o.maxEventBytes && session.v2) frameOver = true;
-          else if (bytes > o.maxEventBytes) {
-            // Not parsed (it may be huge): its head says which event it is, when it can.
-            const at = /"time_us":(\d+)/.exec(text.slice(0, 400))?.[1];
-            skip("oversized", oversizedEventMessage(at, bytes, bytes === text.length, o.maxEventBytes));
-            continue;
-          }
+          else if (bytes > o.maxEventBytes) over = { bytes, chars: bytes === text.length };
         }
         let ev: JetstreamEvent;
         // Set for an event mapped from a v2 frame: see Batcher.add().
@@ -329,11 +328,8 @@ export async function readConnection(
             text = JSON.stringify(ev);
             shorterBy = undefined;
             const bytes = utf8Length(text);
-            if (bytes > o.maxEventBytes) {
-              skip("oversized", oversizedEventMessage(String(ev.time_us), bytes, false, o.maxEventBytes));
-              continue;
-            }
-            utf8Bytes = bytes;
+            if (bytes > o.maxEventBytes) over = { bytes, chars: false };
+            else utf8Bytes = bytes;
           }
         }
         const problem = shapeProblem(ev, maxTimeUs);
@@ -399,6 +395,10 @@ export async function readConnection(
           if (change) options.onDateChange?.(change);
         }
         if (!select(ev)) continue;
+        if (over !== undefined) {
+          skip("oversized", oversizedEventMessage(String(t), over.bytes, over.chars, o.maxEventBytes));
+          continue;
+        }
         // The same content again: a replay, a rewind, or a server's re-ingest under new time_us.
         if (guard.repeats(ev)) {
           stats.duplicatesDropped++;
