@@ -37,7 +37,8 @@ export interface BackfillSyncOptions {
   /** DIDs to keep (`did:plc:` or `did:web:`); all accounts when empty. At most 10,000. */
   wantedDids?: readonly string[];
   /**
-   * Collection NSIDs, or prefixes such as `app.bsky.graph.*`. At most 100.
+   * Collection NSIDs, or prefixes such as `app.bsky.graph.*`. At most 100. Empty, or holding `"*"`:
+   * every collection.
    * @default {["app.bsky.feed.post"]}
    */
   wantedCollections?: readonly string[];
@@ -523,7 +524,10 @@ export function resolveSyncOptions(options: BackfillSyncOptions = {}): ResolvedS
       `Cannot sync as 'wantedDids' must hold at most ${MAX_WANTED_DIDS} DIDs (Jetstream's limit): current value has ${wantedDids.length}`,
     );
   }
-  const wantedCollections = unique(o.wantedCollections ?? ["app.bsky.feed.post"]);
+  // "*" (how the command line asks for every collection, --collection '*') covers all the others.
+  const wantedCollections = o.wantedCollections?.includes("*")
+    ? []
+    : unique(o.wantedCollections ?? ["app.bsky.feed.post"]);
   for (const c of wantedCollections) {
     if (!isCollectionFilter(c)) {
       throw new UsageError(

@@ -28,7 +28,8 @@ Copy the Jetstream events you select into a Deno KV queue, then print statistics
 Selection:
   --did DID               keep this DID (did:plc: or did:web:); repeatable
   --dids-file PATH        DIDs to keep, one per line
-  --collection NSID       keep this collection, or a prefix like app.bsky.graph.*; repeatable
+  --collection NSID       keep this collection, or a prefix like app.bsky.graph.*; repeatable;
+                          '*' keeps every collection
                           (default app.bsky.feed.post)
   --kind KIND             commit, identity or account; repeatable (default commit)
   --start TIME            start here (sent as the cursor), in UTC: ${
