@@ -161,6 +161,8 @@ function optionName(key: string): string {
 
 /** A selection value for people: times as UTC ISO-8601, none as "none". */
 function showSelected(key: string, value: unknown): string {
+  // Left out of a selection when it is the default (see selectionOf).
+  if (key === "maxEventBytes" && value === undefined) return `${DEFAULT_MAX_EVENT_BYTES} (the default)`;
   if (value === null || value === undefined) return "none";
   if ((key === "startUs" || key === "endUs") && typeof value === "number") return isoFromUs(value);
   return JSON.stringify(value);

@@ -869,6 +869,20 @@ Deno.test("runBackfillSync() skips and reports an event too large even gzipped, 
   );
 });
 
+Deno.test("a resume refused for its maxEventBytes names the default the last run had, not none", async () => {
+  await using server = serveEvents(Array.from({ length: 10 }, (_, i) => commit(T0 + i)), {
+    closeAtEnd: true,
+  });
+  await using db = await tempDb();
+  await runBackfillSync({ instance: server.url, kv: db.path, startTimestamp: T0, numRecords: 3 });
+  await assert.rejects(
+    () => runBackfillSync({ kv: db.path, resume: true, maxEventBytes: 5000 }),
+    (err: unknown) =>
+      err instanceof UsageError &&
+      /: maxEventBytes was 1048576 \(the default\), now 5000 \(pass/.test(err.message),
+  );
+});
+
 Deno.test("runBackfillSync() measures maxEventBytes in UTF-8 bytes, not characters", async () => {
   // 3,000 characters of 3 bytes each: under a 5,000 limit by characters, over it by bytes.
   const wide = commit(T0 + 1, { text: "✓".repeat(3000) });
