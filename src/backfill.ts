@@ -688,6 +688,8 @@ async function finish(
     finishedAt: Date.now(),
     options: {
       ...selection,
+      // (The selection leaves out the default, which status shows all the same.)
+      maxEventBytes: o.maxEventBytes,
       instances: o.instances,
       queueName: o.queueName,
       batchSize: o.batchSize,

@@ -368,6 +368,8 @@ Deno.test("a finished jetfill sync: status --json matches its statistics, export
     assert.equal(s.latestCursor, stats.latestCursor);
     assert.deepEqual(s.recordsPerDay, stats.recordsPerDay);
     assert.equal(s.lastRun.options.queueName, "jetstream_sync");
+    // Every option it ran with, the event size limit's default included.
+    assert.equal(s.lastRun.options.maxEventBytes, 1048576);
 
     // An independent reading of the same queue, from a copy of the database.
     const copy = `${dir}/copy.sqlite`;
