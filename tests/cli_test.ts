@@ -107,6 +107,20 @@ Deno.test("jetfill sync --help lists every option", async () => {
   }
 });
 
+Deno.test("a --dids-file comment starts at any #, right after a DID too", async () => {
+  const { readListFile } = await import("../src/cli/args.ts");
+  await using db = await tempDb();
+  const path = `${db.dir}/dids.txt`;
+  await Deno.writeTextFile(
+    path,
+    "#all of them\r\ndid:plc:q6gjnaw2blty4crticxkmujt# main account\n  did:web:example.com  #x\n#\n",
+  );
+  assert.deepEqual(await readListFile("dids-file", path), [
+    { line: 2, value: "did:plc:q6gjnaw2blty4crticxkmujt" },
+    { line: 3, value: "did:web:example.com" },
+  ]);
+});
+
 Deno.test("jetfill sync --json prints exactly the statistics object on stdout", async () => {
   const events = Array.from({ length: 50 }, (_, i) => commit(T0 + i * 1000));
   await using server = serveEvents(events);

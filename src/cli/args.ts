@@ -127,9 +127,9 @@ export async function readListFile(flag: string, path: string): Promise<{ line: 
   } catch (err) {
     throw new UsageError(`--${flag} ${JSON.stringify(path)} cannot be read: ${(err as Error).message}`);
   }
-  // Any line ending (\r alone too); a comment is a line, or the end of one after a space.
+  // Any line ending (\r alone too); a # starts a comment wherever it is (no DID holds one).
   return text.split(/\r\n|\r|\n/)
-    .map((l, i) => ({ line: i + 1, value: l.replace(/(^|\s)#.*$/, "").trim() }))
+    .map((l, i) => ({ line: i + 1, value: l.replace(/#.*$/, "").trim() }))
     .filter((l) => l.value !== "");
 }
 
