@@ -8,7 +8,7 @@ import { z } from "zod";
 import { show, UsageError } from "./errors.ts";
 import { MAX_TIMER_MS } from "./async.ts";
 import { EVENT_KINDS, type EventKind } from "./jetstream/events.ts";
-import { isCollectionFilter, isDid, isNsid } from "./validate.ts";
+import { DID_FORMS, isCollectionFilter, isDid, isNsid } from "./validate.ts";
 import { isV2Url, V2_HOSTS, V2_SUBSCRIBE_PATH } from "./jetstream/v2.ts";
 import { proxyFor } from "./jetstream/proxy.ts";
 import { isoFromUs, MIN_TIMESTAMP_US, parseTimestamp, TIMESTAMP_FORMATS } from "./time.ts";
@@ -517,7 +517,7 @@ export function resolveSyncOptions(options: BackfillSyncOptions = {}): ResolvedS
 
   const wantedDids = unique(o.wantedDids ?? []);
   for (const did of wantedDids) {
-    if (!isDid(did)) throw new UsageError(because("wantedDids", "did:plc: or did:web: DIDs", did));
+    if (!isDid(did)) throw new UsageError(because("wantedDids", DID_FORMS, did));
   }
   if (wantedDids.length > MAX_WANTED_DIDS) {
     throw new UsageError(

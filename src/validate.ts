@@ -15,6 +15,10 @@ const NSID = new RegExp(
 );
 const NSID_PREFIX = new RegExp(`^[a-zA-Z](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?(?:\\.${DOMAIN_SEGMENT})*\\.\\*$`);
 
+/** What {@link isDid} accepts, for messages. */
+export const DID_FORMS =
+  "did:plc: or did:web: DIDs (did:plc: then 24 characters of a-z and 2-7; did:web: then a host name)";
+
 /**
  * Whether `did` is a `did:plc:` (24 base32 characters) or `did:web:` (a host name) DID.
  *

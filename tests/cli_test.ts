@@ -34,11 +34,11 @@ const BAD: [string[], RegExp][] = [
   [["sync", "--start", "2024-01-02", "--end", "2024-01-01"], /: --end must be after --start/],
   [
     ["sync", "--did", "did:plc:bad"],
-    /: --did must be did:plc: or did:web: DIDs: current value is "did:plc:bad"/,
+    /: --did must be did:plc: or did:web: DIDs \(did:plc: then 24 characters of a-z and 2-7; did:web: then a host name\): current value is "did:plc:bad"/,
   ],
   [
     ["sync", "--dids-file", DIDS_FILE],
-    /: --dids-file ".*" line 3: "bob" is not a did:plc: or did:web: DID \(one a line; # starts a comment\)$/m,
+    /: --dids-file ".*" line 3: "bob" is not a did:plc: or did:web: DID \(did:plc: then 24 characters of a-z and 2-7; did:web: then a host name; one a line; # starts a comment\)$/m,
   ],
   [["sync", "--collection", "app.bsky.feed.po*"], /: --collection must be NSIDs/],
   [["sync", "--kind", "sync"], /: --kind must be one of commit, identity, account: current value is "sync"/],

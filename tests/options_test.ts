@@ -57,7 +57,7 @@ Deno.test("resolveSyncOptions() names the bad value and what was expected", () =
   rejects({ endTimestamp: "2024-02-30" }, /'endTimestamp' must be .*"2024-02-30"/);
   rejects(
     { wantedDids: ["did:plc:nope"] },
-    /'wantedDids' must be did:plc: or did:web: DIDs: current value is "did:plc:nope"/,
+    /'wantedDids' must be did:plc: or did:web: DIDs \(did:plc: then 24 characters of a-z and 2-7; did:web: then a host name\): current value is "did:plc:nope"/,
   );
   rejects(
     { wantedCollections: ["app.bsky.graph.fo*"] },

@@ -167,7 +167,7 @@ export async function syncOptionsFromFlags(v: Record<string, unknown>): Promise<
       throw new UsageError(
         `--dids-file ${JSON.stringify(path)} line ${bad.line}: ${
           JSON.stringify(bad.value)
-        } is not a did:plc: or did:web: DID (one a line; # starts a comment)`,
+        } is not a did:plc: or did:web: DID (did:plc: then 24 characters of a-z and 2-7; did:web: then a host name; one a line; # starts a comment)`,
       );
     }
     dids.push(...listed.map((l) => l.value));
