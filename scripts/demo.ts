@@ -9,6 +9,18 @@ import { generateCapture } from "../src/server/synth.ts";
 import { isoFromUs } from "../src/time.ts";
 import { spawnServer } from "./spawn_server.ts";
 
+if (Deno.args.length > 0) {
+  const help = Deno.args.every((a) => a === "-h" || a === "--help");
+  (help ? console.log : console.error)(
+    `Usage: deno task demo
+
+Generates 40,000 synthetic events (made-up accounts) into ./jetfill-data/demo-capture.ndjson, serves
+them on a free loopback port with 'jetfill serve', syncs them into ./jetfill-data/demo.sqlite with
+'jetfill sync' and prints the statistics. It takes no options; see 'deno run -A cli.ts --help'.`,
+  );
+  Deno.exit(help ? 0 : 2);
+}
+
 const HOUR_US = 3_600_000_000;
 const dir = "./jetfill-data";
 const capture = `${dir}/demo-capture.ndjson`;
@@ -31,7 +43,8 @@ console.log(`serving it at ${url}`);
 // A window of one day that starts 6 hours into the capture: posts and likes, at most 20,000.
 const start = isoFromUs(startUs + 6 * HOUR_US).replace(/\.\d+Z$/, "Z");
 const end = isoFromUs(startUs + 30 * HOUR_US).replace(/\.\d+Z$/, "Z");
-await Deno.remove(kvPath).catch(() => {});
+// A fresh queue each time (with what SQLite keeps beside the database).
+for (const path of [kvPath, `${kvPath}-wal`, `${kvPath}-shm`]) await Deno.remove(path).catch(() => {});
 const args = [
   "run",
   "-A",

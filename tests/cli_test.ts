@@ -107,6 +107,32 @@ Deno.test("jetfill sync --help lists every option", async () => {
   }
 });
 
+Deno.test("deno task demo (the README's first command) syncs its synthetic capture and prints the statistics", async () => {
+  await using db = await tempDb();
+  const demo = new URL("../scripts/demo.ts", import.meta.url).pathname;
+  const runDemo = async (...args: string[]) => {
+    const out = await new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", demo, ...args],
+      cwd: db.dir,
+      env: { NO_COLOR: "1" },
+    }).output();
+    const dec = new TextDecoder();
+    return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
+  };
+  const help = await runDemo("--help");
+  assert.equal(help.code, 0);
+  assert.match(help.stdout, /^Usage: deno task demo/);
+  for (let round = 0; round < 2; round++) {
+    // Twice: a second demo starts a fresh queue.
+    const r = await runDemo();
+    assert.equal(r.code, 0, r.stderr);
+    const stored = Number(/records stored\s+(\d+)/.exec(r.stdout)?.[1]);
+    assert.ok(stored > 1000, r.stdout);
+    assert.match(r.stdout, /stopped by\s+end\n/);
+    assert.match(r.stdout, /end reached\s+true\n/);
+  }
+});
+
 Deno.test("a --dids-file comment starts at any #, right after a DID too", async () => {
   const { readListFile } = await import("../src/cli/args.ts");
   await using db = await tempDb();
