@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { queueKey } from "../src/queue/kv_queue.ts";
 import { commit, drainQueue } from "./helpers/events.ts";
-import { closeIgnoringServer, serveEvents, syncConnections, tcpRelay, tempDb } from "./helpers/loopback.ts";
+import { closeIgnoringServer, serveEvents, syncConnections, tempDb, tlsFront } from "./helpers/loopback.ts";
 import { killIfRunning, runCli, spawnCli, statusWithin, syncArgs, whileRunning } from "./helpers/cli.ts";
 import { asRun, counted } from "../src/cli/program.ts";
 
@@ -402,48 +402,6 @@ Deno.test("the CLI run from a checkout says how to run it again: deno run -A and
   assert.match(r.stderr, /\(see 'deno run -A \S*cli\.ts sync --help'\)/);
   const help = await runCli(["serve", "--help"]);
   assert.match(help.stdout, /^Usage: deno run -A \S*cli\.ts serve --file/);
-});
-
-/**
- * A TLS front for `server` on 127.0.0.1, with the test certificate for `localhost` (its CA is
- * `tests/fixtures/test-ca.crt`): what a client sees of a public Jetstream's `wss://` endpoint.
- */
-function tlsFront(port: number) {
-  const fixtures = new URL("./fixtures/", import.meta.url);
-  const front = tcpRelay(
-    () => port,
-    Deno.listenTls({
-      hostname: "127.0.0.1",
-      port: 0,
-      cert: Deno.readTextFileSync(new URL("localhost.crt", fixtures)),
-      key: Deno.readTextFileSync(new URL("localhost.key", fixtures)),
-    }),
-  );
-  return {
-    port: front.port,
-    ca: new URL("test-ca.crt", fixtures).pathname,
-    [Symbol.asyncDispose]: () => front[Symbol.asyncDispose](),
-  };
-}
-
-Deno.test("jetfill sync --collection '*' keeps every collection, and asks the server for all", async () => {
-  const collections = [
-    "app.bsky.feed.post",
-    "app.bsky.feed.like",
-    "app.bsky.graph.follow",
-    "chat.bsky.actor.declaration",
-  ];
-  const events = collections.map((collection, i) => commit(T0 + i * 1000, { collection }));
-  await using server = serveEvents(events, { closeAtEnd: true });
-  await using db = await tempDb();
-  const r = await run(
-    syncArgs(server.url, db.path, T0, "--json", "--collection", "*", "--collection", "app.bsky.feed.post"),
-  );
-  assert.equal(r.code, 0, r.stderr);
-  const stats = JSON.parse(r.stdout);
-  assert.equal(stats.recordsStored, 4);
-  assert.deepEqual(stats.collections, [...collections].sort());
-  for (const c of syncConnections(server)) assert.doesNotMatch(c.query, /wantedCollections/);
 });
 
 Deno.test("jetfill sync reads a wss:// instance (TLS, the public Jetstream's scheme) as it reads ws://", async () => {

@@ -2,11 +2,10 @@ import assert from "node:assert/strict";
 import { parseProxy, proxyFor } from "../src/jetstream/proxy.ts";
 import { openRawConnection } from "../src/jetstream/raw_ws.ts";
 import { commit, drainQueue } from "./helpers/events.ts";
-import { connectProxy, serveEvents, syncConnections, tcpRelay, tempDb } from "./helpers/loopback.ts";
+import { connectProxy, serveEvents, syncConnections, tempDb, tlsFront } from "./helpers/loopback.ts";
 import { runCli, syncArgs } from "./helpers/cli.ts";
 
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
-const fixtures = new URL("./fixtures/", import.meta.url);
 
 /** An environment reader over `vars`. */
 const envOf = (vars: Record<string, string>) => (name: string) => vars[name];
@@ -129,23 +128,10 @@ Deno.test("a proxy that cannot reach the host (502) is a failed attempt that nam
   );
 });
 
-/** A TLS front for `port` with the `jetstream.test` certificate (its CA is `proxy-test-ca.crt`). */
-function jetstreamTestTls(port: number) {
-  return tcpRelay(
-    () => port,
-    Deno.listenTls({
-      hostname: "127.0.0.1",
-      port: 0,
-      cert: Deno.readTextFileSync(new URL("jetstream.test.crt", fixtures)),
-      key: Deno.readTextFileSync(new URL("jetstream.test.key", fixtures)),
-    }),
-  );
-}
-
 Deno.test("jetfill sync reaches a wss:// instance through HTTPS_PROXY, with its credentials, and stores every event", async () => {
   const events = Array.from({ length: 2000 }, (_, i) => commit(T0 + i * 1000, { text: `é${i}`.repeat(10) }));
   await using server = serveEvents(events, { closeAtEnd: true });
-  await using front = jetstreamTestTls(Number(new URL(server.url).port));
+  await using front = tlsFront(Number(new URL(server.url).port), "jetstream.test");
   await using proxy = connectProxy(
     (a) => a === "jetstream.test:443" ? front.port : undefined,
     "al@ice:s:cret",
@@ -153,7 +139,7 @@ Deno.test("jetfill sync reaches a wss:// instance through HTTPS_PROXY, with its 
   await using db = await tempDb();
   const r = await runCli(
     syncArgs("wss://jetstream.test/subscribe", db.path, T0, "--json"),
-    [`--cert=${new URL("proxy-test-ca.crt", fixtures).pathname}`],
+    [`--cert=${front.ca}`],
     proxyEnv({ HTTPS_PROXY: `http://al%40ice:s%3Acret@127.0.0.1:${proxy.port}` }),
   );
   assert.equal(r.code, 0, r.stderr);

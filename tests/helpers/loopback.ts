@@ -81,6 +81,39 @@ export function tcpRelay(
   return relay(listener, (_client, ordinal) => Promise.resolve(route(ordinal)));
 }
 
+/** The test certificates in `tests/fixtures/`: each host's certificate, key and CA. */
+const TLS_FIXTURES = {
+  localhost: { cert: "localhost.crt", key: "localhost.key", ca: "test-ca.crt" },
+  "jetstream.test": { cert: "jetstream.test.crt", key: "jetstream.test.key", ca: "proxy-test-ca.crt" },
+};
+
+/**
+ * A TLS front on 127.0.0.1 for the plain server on `port`, with the test certificate of `host`
+ * (`ca` is the path of its CA, for Deno's `--cert`): what a client sees of a public Jetstream's
+ * `wss://` endpoint.
+ */
+export function tlsFront(
+  port: number,
+  host: keyof typeof TLS_FIXTURES = "localhost",
+): { port: number; ca: string } & AsyncDisposable {
+  const fixtures = new URL("../fixtures/", import.meta.url);
+  const files = TLS_FIXTURES[host];
+  const front = tcpRelay(
+    () => port,
+    Deno.listenTls({
+      hostname: "127.0.0.1",
+      port: 0,
+      cert: Deno.readTextFileSync(new URL(files.cert, fixtures)),
+      key: Deno.readTextFileSync(new URL(files.key, fixtures)),
+    }),
+  );
+  return {
+    port: front.port,
+    ca: new URL(files.ca, fixtures).pathname,
+    [Symbol.asyncDispose]: () => front[Symbol.asyncDispose](),
+  };
+}
+
 /** What {@link connectProxy} was asked: each CONNECT's request line and headers. */
 export interface ProxyRequest {
   line: string;
