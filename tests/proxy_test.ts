@@ -199,3 +199,27 @@ Deno.test("jetfill sync connects a loopback instance directly whatever HTTP_PROX
     /^jetfill sync: Cannot use the proxy in HTTPS_PROXY as socks5 proxies are not supported; it must be an http:\/\/ proxy URL such as http:\/\/proxy\.example:3128: current value is "socks5:\/\/127\.0\.0\.1:1080"\n$/,
   );
 });
+
+Deno.test("without the env permission, the proxy variables are left unread (a direct connection), not an error", async () => {
+  await using db = await tempDb();
+  const script = `${db.dir}/read_env.ts`;
+  const env = new URL("../src/env.ts", import.meta.url).href;
+  await Deno.writeTextFile(
+    script,
+    `import { readEnv } from "${env}";\nconsole.log(String(readEnv("HTTPS_PROXY")));\n`,
+  );
+  const run = async (...flags: string[]) => {
+    const out = await new Deno.Command(Deno.execPath(), {
+      args: ["run", "--no-prompt", "--allow-read", ...flags, script],
+      env: { HTTPS_PROXY: "http://proxy.example:3128" },
+      stdin: "null",
+    }).output();
+    const dec = new TextDecoder();
+    return { code: out.code, stdout: dec.decode(out.stdout).trim(), stderr: dec.decode(out.stderr) };
+  };
+  const allowed = await run("--allow-env");
+  assert.equal(allowed.stdout, "http://proxy.example:3128", allowed.stderr);
+  const unallowed = await run();
+  assert.equal(unallowed.code, 0, unallowed.stderr);
+  assert.equal(unallowed.stdout, "undefined");
+});

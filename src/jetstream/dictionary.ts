@@ -10,6 +10,7 @@
 
 import { concat, sha256Hex } from "../bytes.ts";
 import { messageWithCause, UsageError } from "../errors.ts";
+import { readEnv } from "../env.ts";
 import { dictionaryIdOf, LEGACY_DICTIONARY_ID } from "./zstd.ts";
 import { printable } from "./utf8.ts";
 
@@ -81,7 +82,8 @@ export interface ResolveZstdDictionaryOptions {
   /**
    * Reads an environment variable (`JETFILL_ZSTD_DICTIONARY`, `XDG_CACHE_HOME`, `HOME`).
    *
-   * @default {(name) => Deno.env.get(name)}, treating a denied permission as unset
+   * @default {(name) => Deno.env.get(name)}, treating a permission not granted already as unset (no
+   *   prompt)
    */
   env?: (name: string) => string | undefined;
   /**
@@ -363,13 +365,4 @@ function defaultCacheDir(env: (name: string) => string | undefined): string | un
 
 function joinPath(...parts: string[]): string {
   return parts.map((part, i) => (i === 0 ? part.replace(/[/\\]+$/, "") : part)).join("/");
-}
-
-function readEnv(name: string): string | undefined {
-  try {
-    return Deno.env.get(name);
-  } catch {
-    // Without --allow-env the variable is treated as unset rather than failing the run.
-    return undefined;
-  }
 }

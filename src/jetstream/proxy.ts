@@ -7,6 +7,7 @@
  * @module
  */
 import { show } from "../errors.ts";
+import { readEnv } from "../env.ts";
 
 /** Where a proxied connection goes first, and how it says who it is. */
 export interface ProxyRoute {
@@ -22,19 +23,6 @@ export interface ProxyRoute {
 
 /** Reads an environment variable; `undefined` when unset. */
 export type EnvReader = (name: string) => string | undefined;
-
-/**
- * Reads `name` only when the env permission for it is granted already, so that a library run
- * without `--allow-env` connects directly instead of prompting for it or failing.
- */
-export function readEnvIfAllowed(name: string): string | undefined {
-  try {
-    if (Deno.permissions.querySync?.({ name: "env", variable: name }).state !== "granted") return undefined;
-    return Deno.env.get(name);
-  } catch {
-    return undefined;
-  }
-}
 
 /** Whether `hostname` (without brackets) is this machine: `localhost`, 127.0.0.0/8 or ::1. */
 function isLoopback(hostname: string): boolean {
@@ -84,7 +72,7 @@ function exempt(noProxy: string, hostname: string, port: number): boolean {
  * proxyFor(new URL("wss://jetstream.internal/subscribe"), (n) => env[n]); // undefined
  * ```
  */
-export function proxyFor(url: URL, env: EnvReader = readEnvIfAllowed): ProxyRoute | undefined {
+export function proxyFor(url: URL, env: EnvReader = readEnv): ProxyRoute | undefined {
   const secure = url.protocol === "wss:";
   const hostname = url.hostname.replace(/^\[(.*)\]$/, "$1");
   if (isLoopback(hostname)) return undefined;
