@@ -404,6 +404,26 @@ Deno.test("the CLI run from a checkout says how to run it again: deno run -A and
   assert.match(help.stdout, /^Usage: deno run -A \S*cli\.ts serve --file/);
 });
 
+Deno.test("jetfill sync --collection '*' keeps every collection, and asks the server for all", async () => {
+  const collections = [
+    "app.bsky.feed.post",
+    "app.bsky.feed.like",
+    "app.bsky.graph.follow",
+    "chat.bsky.actor.declaration",
+  ];
+  const events = collections.map((collection, i) => commit(T0 + i * 1000, { collection }));
+  await using server = serveEvents(events, { closeAtEnd: true });
+  await using db = await tempDb();
+  const r = await run(
+    syncArgs(server.url, db.path, T0, "--json", "--collection", "*", "--collection", "app.bsky.feed.post"),
+  );
+  assert.equal(r.code, 0, r.stderr);
+  const stats = JSON.parse(r.stdout);
+  assert.equal(stats.recordsStored, 4);
+  assert.deepEqual(stats.collections, [...collections].sort());
+  for (const c of syncConnections(server)) assert.doesNotMatch(c.query, /wantedCollections/);
+});
+
 Deno.test("jetfill sync reads a wss:// instance (TLS, the public Jetstream's scheme) as it reads ws://", async () => {
   const events = Array.from({ length: 3000 }, (_, i) => commit(T0 + i * 1000, { text: `é${i}`.repeat(20) }));
   await using server = serveEvents(events, { closeAtEnd: true });
