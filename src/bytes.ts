@@ -1,6 +1,7 @@
 /**
- * Joining byte arrays, as `@std/bytes`' `concat()` does (JSR is not reachable here; the signature is
- * the same, so moving to it is an import change), and their SHA-256 in hex.
+ * Joining byte arrays, as `@std/bytes`' `concat()` does, and Base64, as `@std/encoding`'s
+ * `encodeBase64()` does (JSR is not reachable here; the signatures are the same, so moving to them
+ * is an import change), and the SHA-256 of bytes in hex.
  *
  * @module
  */
@@ -39,4 +40,20 @@ export async function sha256Hex(data: Uint8Array | string): Promise<string> {
   const bytes = typeof data === "string" ? new TextEncoder().encode(data) : data;
   const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", bytes as Uint8Array<ArrayBuffer>));
   return Array.from(digest, (byte) => byte.toString(16).padStart(2, "0")).join("");
+}
+
+/**
+ * `data` (a string as its UTF-8 bytes) in standard Base64, with padding.
+ *
+ * @example
+ * ```ts
+ * import { encodeBase64 } from "./bytes.ts";
+ * encodeBase64("al@ice:s:cret"); // "YWxAaWNlOnM6Y3JldA=="
+ * ```
+ */
+export function encodeBase64(data: Uint8Array | string): string {
+  const bytes = typeof data === "string" ? new TextEncoder().encode(data) : data;
+  let binary = "";
+  for (const byte of bytes) binary += String.fromCharCode(byte);
+  return btoa(binary);
 }

@@ -85,6 +85,14 @@ Deno.test("a proxy URL's credentials become a Basic Proxy-Authorization and neve
       return !err.message.includes("hunter2");
     },
   );
+  // A % that starts no escape: the variable named, what to write instead, and no password shown.
+  assert.throws(
+    () => parseProxy("http://al:100%sure@proxy.example:8080", "HTTPS_PROXY"),
+    (err: Error) =>
+      err instanceof TypeError && !err.message.includes("100") &&
+      /^Cannot use the proxy in HTTPS_PROXY as its user name or password holds a % that starts no %XX escape \(write % as %25\): current value is "http:\/\/proxy\.example:8080"$/
+        .test(err.message),
+  );
   assert.throws(
     () => parseProxy("socks5://proxy.example:1080", "HTTP_PROXY"),
     /Cannot use the proxy in HTTP_PROXY as socks5 proxies are not supported; it must be an http:\/\/ proxy URL/,

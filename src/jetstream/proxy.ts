@@ -8,6 +8,7 @@
  */
 import { show } from "../errors.ts";
 import { readEnv } from "../env.ts";
+import { encodeBase64 } from "../bytes.ts";
 
 /** Where a proxied connection goes first, and how it says who it is. */
 export interface ProxyRoute {
@@ -117,9 +118,17 @@ export function parseProxy(value: string, name: string): ProxyRoute {
     label: `${redact(url)} (${name})`,
   };
   if (url.username !== "" || url.password !== "") {
-    const credentials = `${decodeURIComponent(url.username)}:${decodeURIComponent(url.password)}`;
-    const bytes = new TextEncoder().encode(credentials);
-    route.authorization = `Basic ${btoa(String.fromCharCode(...bytes))}`;
+    let credentials: string;
+    try {
+      credentials = `${decodeURIComponent(url.username)}:${decodeURIComponent(url.password)}`;
+    } catch {
+      throw new TypeError(
+        `Cannot use the proxy in ${name} as its user name or password holds a % that starts no %XX escape (write % as %25): current value is ${
+          show(redact(url))
+        }`,
+      );
+    }
+    route.authorization = `Basic ${encodeBase64(credentials)}`;
   }
   return route;
 }
@@ -139,8 +148,21 @@ function redact(url: URL): string {
  * brackets), with credentials when the route has them.
  */
 export function connectRequest(route: ProxyRoute, hostname: string, port: number): string {
-  const authority = `${hostname.includes(":") ? `[${hostname}]` : hostname}:${port}`;
+  const authority = authorityOf(hostname, port);
   return `CONNECT ${authority} HTTP/1.1\r\nHost: ${authority}\r\n` +
     (route.authorization ? `Proxy-Authorization: ${route.authorization}\r\n` : "") +
     "User-Agent: jetfill\r\n\r\n";
+}
+
+/**
+ * `hostname`:`port` as a request target and a message name a host (an IPv6 address in brackets).
+ *
+ * @example
+ * ```ts
+ * import { authorityOf } from "./proxy.ts";
+ * authorityOf("::1", 443); // "[::1]:443"
+ * ```
+ */
+export function authorityOf(hostname: string, port: number): string {
+  return `${hostname.includes(":") ? `[${hostname}]` : hostname}:${port}`;
 }

@@ -25,8 +25,8 @@ import {
   OversizedFrame,
 } from "./socket.ts";
 import { printable, utf8Text } from "./utf8.ts";
-import { concat } from "../bytes.ts";
-import { connectRequest, parseProxy, proxyFor, type ProxyRoute } from "./proxy.ts";
+import { concat, encodeBase64 } from "../bytes.ts";
+import { authorityOf, connectRequest, parseProxy, proxyFor, type ProxyRoute } from "./proxy.ts";
 
 export type { CloseCause, Connection, Frame };
 
@@ -815,9 +815,10 @@ async function tunnel(
       return;
     }
     const body = await readRefusalBody(conn, buf.slice(headEnd + 4, len), parseHeaders(lines));
-    const authority = `${hostname.includes(":") ? `[${hostname}]` : hostname}:${port}`;
     throw new ConnectError(
-      `cannot connect to ${url}: the proxy ${route.label} refused the tunnel to ${authority}: HTTP ${status}${
+      `cannot connect to ${url}: the proxy ${route.label} refused the tunnel to ${
+        authorityOf(hostname, port)
+      }: HTTP ${status}${
         status === 407
           ? " (it wants credentials: give them in the proxy URL, http://user:password@host:port)"
           : ""
@@ -839,12 +840,6 @@ function closeQuietly(conn: Deno.Conn): void {
   } catch {
     // Already closed.
   }
-}
-
-function base64(bytes: Uint8Array): string {
-  let binary = "";
-  for (const byte of bytes) binary += String.fromCharCode(byte);
-  return btoa(binary);
 }
 
 function findHeadEnd(buf: Uint8Array, from: number, to: number): number {
@@ -1005,7 +1000,7 @@ export async function openRawConnection(
       }
     }
 
-    const key = base64(crypto.getRandomValues(new Uint8Array(16)));
+    const key = encodeBase64(crypto.getRandomValues(new Uint8Array(16)));
     const request = `GET ${target.pathname}${target.search} HTTP/1.1\r\n` +
       `Host: ${target.host}\r\n` +
       "Upgrade: websocket\r\nConnection: Upgrade\r\n" +
@@ -1053,7 +1048,7 @@ export async function openRawConnection(
         body,
       );
     }
-    const expected = base64(
+    const expected = encodeBase64(
       new Uint8Array(await crypto.subtle.digest("SHA-1", encoder.encode(key + WS_GUID))),
     );
     if ((headers.get("upgrade") ?? "").toLowerCase() !== "websocket") {

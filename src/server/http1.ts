@@ -7,6 +7,7 @@
  *
  * @module
  */
+import { encodeBase64 } from "../bytes.ts";
 
 /**
  * A parsed request head plus the bytes that followed it on the connection.
@@ -297,12 +298,10 @@ export async function acceptWebSocket(
   if (refusal) return { refusal };
   const key = headers.get("sec-websocket-key")!;
   const digest = new Uint8Array(await crypto.subtle.digest("SHA-1", encoder.encode(key + WS_GUID)));
-  let binary = "";
-  for (const byte of digest) binary += String.fromCharCode(byte);
   const offered = (headers.get("sec-websocket-protocol") ?? "").split(",").map((token) => token.trim());
   const protocol = subprotocols.find((token) => offered.includes(token));
   const head = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
-    `Sec-WebSocket-Accept: ${btoa(binary)}\r\n` +
+    `Sec-WebSocket-Accept: ${encodeBase64(digest)}\r\n` +
     (protocol ? `Sec-WebSocket-Protocol: ${protocol}\r\n` : "") + "\r\n";
   return { response: encoder.encode(head) };
 }
