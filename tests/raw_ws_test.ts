@@ -786,6 +786,69 @@ Deno.test("`openRawConnection()` gives up on a handshake after min(idleTimeoutMs
   assert.match(err.message, /no answer within/);
 });
 
+/**
+ * A listener whose accept queue is full, so that the kernel drops the next SYN and a connect to it hangs:
+ * filled with connections that are never accepted, until one does not complete within 300 ms.
+ */
+async function unansweredPort(): Promise<{ port: number } & AsyncDisposable> {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = (listener.addr as Deno.NetAddr).port;
+  const held: Deno.Conn[] = [];
+  for (;;) {
+    const conn = await Deno.connect({ hostname: "127.0.0.1", port, signal: AbortSignal.timeout(300) })
+      .catch(() => null);
+    if (conn === null) break;
+    held.push(conn);
+    if (held.length > 10_000) throw new Error("the listener's accept queue never filled");
+  }
+  return {
+    port,
+    [Symbol.asyncDispose]: () => {
+      for (const c of held) c.close();
+      listener.close();
+      return Promise.resolve();
+    },
+  };
+}
+
+// In a process of its own, which must end by itself: a connect left pending behind the deadline kept a
+// library caller's process alive until the system gave up on it, minutes later.
+for (const scheme of ["ws", "wss"]) {
+  Deno.test(`\`openRawConnection()\` gives up on an unanswered ${scheme}:// connect and leaves nothing pending`, async () => {
+    await using silent = await unansweredPort();
+    const module = new URL("../src/jetstream/raw_ws.ts", import.meta.url).href;
+    const child = new Deno.Command(Deno.execPath(), {
+      args: [
+        "eval",
+        `const { openRawConnection } = await import(${JSON.stringify(module)});
+         const err = await openRawConnection("${scheme}://127.0.0.1:${silent.port}/subscribe", { idleTimeoutMs: 300 })
+           .catch((e) => e);
+         console.log(err.name, err.message);`,
+      ],
+      stdout: "piped",
+      stderr: "inherit",
+    }).spawn();
+    const t = performance.now();
+    const killer = setTimeout(() => child.kill(), 8000);
+    const out = await child.output();
+    clearTimeout(killer);
+    const printed = decoder.decode(out.stdout);
+    assert.match(printed, /^ConnectError .*no answer within 0\.3 s/);
+    assert.ok(out.success && performance.now() - t < 8000, `the process did not end by itself: ${printed}`);
+  });
+}
+
+Deno.test("`openRawConnection()` gives up on a TLS handshake that gets no answer", async () => {
+  // TCP is accepted, TLS never answered.
+  using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const accepted = listener.accept();
+  const url = `wss://127.0.0.1:${(listener.addr as Deno.NetAddr).port}/subscribe`;
+  const err = await openRawConnection(url, { idleTimeoutMs: 300 }).catch((e: unknown) => e);
+  assert.ok(err instanceof ConnectError, String(err));
+  assert.match(err.message, /no answer within 0\.3 s/);
+  (await accepted).close();
+});
+
 Deno.test("`openRawConnection()` sends `hello` and offers `protocols`", async () => {
   const got: string[] = [];
   let offered: string | null = null;

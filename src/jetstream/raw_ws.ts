@@ -895,7 +895,7 @@ async function readRefusalBody(conn: Deno.Conn, initial: Uint8Array, headers: He
 }
 
 /**
- * Opens a WebSocket over `Deno.connect` (ws://) or `Deno.connectTls` (wss://) and resolves once the
+ * Opens a WebSocket over `Deno.connect` (and `Deno.startTls` for wss://) and resolves once the
  * handshake is done and the `hello`, if any, is queued. A refused upgrade rejects with a
  * {@linkcode ConnectError} carrying the HTTP status and the response body; a network failure,
  * timeout or abort with a `ConnectError` without a status.
@@ -978,26 +978,27 @@ export async function openRawConnection(
   const onAbort = (): void => cut("aborted");
   signal?.addEventListener("abort", onAbort, { once: true });
   try {
-    const connecting: Promise<Deno.Conn> = route
-      ? Deno.connect({ hostname: route.hostname, port: route.port, signal: connectAbort.signal })
-      : secure
-      ? Deno.connectTls({ hostname, port })
-      : Deno.connect({ hostname, port, signal: connectAbort.signal });
+    // TCP first, with the signal, even for wss://: `Deno.connectTls()` takes none, so a host that never
+    // answers its SYN would leave a pending connect behind the deadline, and the process could not
+    // exit until the system gave up on it minutes later. TLS starts on the TCP connection (its
+    // handshake runs with the first write, which closing the connection cancels).
+    const connecting: Promise<Deno.Conn> = Deno.connect({
+      hostname: route?.hostname ?? hostname,
+      port: route?.port ?? port,
+      signal: connectAbort.signal,
+    });
     // A connection that arrives after the handshake was cut short is closed as it arrives.
     connecting.then((c) => {
       if (failure !== undefined) closeQuietly(c);
     }, () => {});
     conn = await Promise.race([connecting, cutShort]);
-    if (route) {
-      await tunnel(conn, route, hostname, port, url);
-      if (secure) {
-        const tcp = conn;
-        const tls = Deno.startTls(tcp as Deno.TcpConn, { hostname });
-        tls.then((c) => {
-          if (failure !== undefined) closeQuietly(c);
-        }, () => {});
-        conn = await Promise.race([tls, cutShort]);
-      }
+    if (route) await tunnel(conn, route, hostname, port, url);
+    if (secure) {
+      const tls = Deno.startTls(conn as Deno.TcpConn, { hostname });
+      tls.then((c) => {
+        if (failure !== undefined) closeQuietly(c);
+      }, () => {});
+      conn = await Promise.race([tls, cutShort]);
     }
 
     const key = encodeBase64(crypto.getRandomValues(new Uint8Array(16)));

@@ -118,7 +118,7 @@ export interface ConnectionOptions {
   /** Use the buffered `WebSocket` transport even where `WebSocketStream` exists (`transport: "websocket"`). */
   forceBuffered?: boolean;
   /**
-   * How to connect: `"raw"`, this project's own WebSocket client on `Deno.connect`/`Deno.connectTls`
+   * How to connect: `"raw"`, this project's own WebSocket client on `Deno.connect` and `Deno.startTls`
    * (pulled, many messages per read; see `raw_ws.ts`); `"stream"`, Deno's `WebSocketStream` (pulled,
    * one message per read), or `WebSocket` where it is missing; `"websocket"`, the standard
    * `WebSocket` with a bounded buffer.
