@@ -41,7 +41,10 @@ export interface SyncStats {
   queueLength: number;
   /** UTC date (`YYYY-MM-DD`) of the last event processed, or null. */
   currentDate: string | null;
-  /** Whether the run stopped at the end timestamp. */
+  /**
+   * Whether the run stopped at the end timestamp (also when the last `onProgress` call, made after the end
+   * was reached, threw and made `stopReason` `error`).
+   */
   endCursorReached: boolean;
   /** Why the run stopped. */
   stopReason: StopReason;
