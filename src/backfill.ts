@@ -164,6 +164,8 @@ function showSelected(key: string, value: unknown): string {
   // Left out of a selection when it is the default (see selectionOf).
   if (key === "maxEventBytes" && value === undefined) return `${DEFAULT_MAX_EVENT_BYTES} (the default)`;
   if (value === null || value === undefined) return "none";
+  // No DIDs or collections named: all of them (`["*"]` is recorded so too).
+  if (Array.isArray(value) && value.length === 0 && key.startsWith("wanted")) return "[] (all)";
   if ((key === "startUs" || key === "endUs") && typeof value === "number") return isoFromUs(value);
   return JSON.stringify(value);
 }

@@ -238,6 +238,10 @@ Deno.test("jetfill sync --resume refuses a queue without a checkpoint, and diffe
     other.stderr,
     /with different options: --collection was \["app.bsky.feed.post"\], now \["app.bsky.feed.like"\]/,
   );
+  // Every collection ('*', recorded as none named) is said as such, not as a bare [].
+  const all = await run([...base, "--collection", "*", "--resume"]);
+  assert.equal(all.code, 2);
+  assert.match(all.stderr, /--collection was \["app.bsky.feed.post"\], now \[\] \(all\)/);
   const later = await run([...base, "--end", "2026-11-28", "--resume"]);
   assert.equal(later.code, 2);
   assert.match(
