@@ -53,7 +53,10 @@ export interface BackfillSyncOptions {
    * microseconds, or a `Date`. Always UTC. Sent as Jetstream's `cursor`. Live tail when absent.
    */
   startTimestamp?: string | number | Date;
-  /** Exclusive end, same formats: the first event at or after it stops the run and is not stored. */
+  /**
+   * Exclusive end, same formats: the first event at or after it stops the run and is not stored. After
+   * the start, or without one (a live tail) after now.
+   */
   endTimestamp?: string | number | Date;
   /**
    * Stop after exactly this many stored records.
@@ -558,6 +561,14 @@ export function resolveSyncOptions(options: BackfillSyncOptions = {}): ResolvedS
     throw new UsageError(
       `Cannot sync as 'endTimestamp' must be after 'startTimestamp': ${isoFromUs(endUs)} is not after ${
         isoFromUs(startUs)
+      }`,
+    );
+  }
+  if (startUs === undefined && endUs !== undefined && !o.resume && endUs <= Date.now() * 1000) {
+    // Without a start the run follows the live stream, whose first event is already past the end.
+    throw new UsageError(
+      `Cannot sync as 'endTimestamp' must be in the future when no 'startTimestamp' is given (the run then follows the live stream from now; give a 'startTimestamp' for a past window): current value is ${
+        isoFromUs(endUs)
       }`,
     );
   }

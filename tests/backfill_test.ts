@@ -961,8 +961,9 @@ Deno.test("an event over maxEventBytes that the run does not select is no loss, 
 /** A sync of `capture()` from a server that stays open, with `options`, and its progress reports. */
 async function syncWithProgress(
   options: BackfillSyncOptions,
+  events: JetstreamEvent[] = capture(),
 ): Promise<{ stats: SyncStats; progress: SyncProgress[] }> {
-  await using server = serveEvents(capture());
+  await using server = serveEvents(events);
   await using db = await tempDb();
   const progress: SyncProgress[] = [];
   const stats = await runBackfillSync({
@@ -975,10 +976,13 @@ async function syncWithProgress(
 }
 
 Deno.test("runBackfillSync() reports the percent of the window when only an end is given", async () => {
+  // A live tail (no start): its events are from now on, and its end is after now.
+  const now = Date.now() * 1000;
+  const live = capture().map((ev) => ({ ...ev, time_us: ev.time_us - T0 + now }));
   const { stats, progress } = await syncWithProgress({
-    endTimestamp: T0 + 100 * MINUTE,
+    endTimestamp: now + 100 * MINUTE,
     wantedCollections: [],
-  });
+  }, live);
   assert.equal(stats.stopReason, "end");
   const last = progress.at(-1)!;
   assert.equal(last.percent, 100);

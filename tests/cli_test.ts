@@ -33,6 +33,10 @@ const BAD: [string[], RegExp][] = [
   [["sync", "--start", "01/02/2024"], /^jetfill sync: --start must be YYYY-MM-DD.*"01\/02\/2024"/],
   [["sync", "--start", "2024-01-02", "--end", "2024-01-01"], /: --end must be after --start/],
   [
+    ["sync", "--end", "2024-01-01"],
+    /: --end must be in the future when no --start is given \(the run then follows the live stream from now; give a --start for a past window\): current value is 2024-01-01T00:00:00.000000Z$/m,
+  ],
+  [
     ["sync", "--did", "did:plc:bad"],
     /: --did must be did:plc: or did:web: DIDs \(did:plc: then 24 characters of a-z and 2-7; did:web: then a host name\): current value is "did:plc:bad"/,
   ],

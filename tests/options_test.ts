@@ -135,6 +135,17 @@ Deno.test("resolveSyncOptions() refuses an end that is not after the start", () 
   );
 });
 
+Deno.test("resolveSyncOptions() refuses an end in the past without a start: the live stream is past it", () => {
+  rejects(
+    { endTimestamp: "2020-01-01" },
+    /'endTimestamp' must be in the future when no 'startTimestamp' is given \(the run then follows the live stream from now; give a 'startTimestamp' for a past window\): current value is 2020-01-01T00:00:00.000000Z$/,
+  );
+  const soon = Date.now() * 1000 + 3_600_000_000;
+  assert.equal(resolveSyncOptions({ endTimestamp: soon }).endUs, soon);
+  // A resume starts where its queue stopped, not from now.
+  assert.equal(resolveSyncOptions({ endTimestamp: "2020-01-01", resume: true }).endUs, 1_577_836_800_000_000);
+});
+
 Deno.test("resolveSyncOptions() enforces Jetstream's DID and collection limits", () => {
   const dids = Array.from({ length: 10_001 }, (_, i) => `did:web:host${i}.example`);
   rejects({ wantedDids: dids }, /at most 10000 DIDs.*has 10001/);
