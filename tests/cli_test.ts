@@ -13,6 +13,10 @@ const DIDS_FILE = await Deno.makeTempFile({ prefix: "jetfill-dids-", suffix: ".t
 // Old Mac line endings, a comment after a DID, and a bad DID on line 3.
 await Deno.writeTextFile(DIDS_FILE, "did:plc:q6gjnaw2blty4crticxkmujt # main\r# left\rbob\r");
 globalThis.addEventListener("unload", () => Deno.removeSync(DIDS_FILE));
+// A capture of one event, for serve's flags.
+const CAPTURE_FILE = await Deno.makeTempFile({ prefix: "jetfill-capture-", suffix: ".ndjson" });
+await Deno.writeTextFile(CAPTURE_FILE, JSON.stringify(commit(T0)) + "\n");
+globalThis.addEventListener("unload", () => Deno.removeSync(CAPTURE_FILE));
 
 const BAD: [string[], RegExp][] = [
   [["sync", "--bogus"], /Unknown option '--bogus'/],
@@ -64,12 +68,40 @@ const BAD: [string[], RegExp][] = [
     /--limit must be a positive integer up to 9007199254740991: current value is "99999999999999999999"/,
   ],
   [["sync", "stray"], /Unexpected argument 'stray'/],
+  // serve checks its flags as the other commands do.
+  [
+    ["serve", "--file", CAPTURE_FILE, "--port", "-1"],
+    /: Cannot serve as '--port' must be an integer from 0 to 65535: current value is '-1'$/,
+  ],
+  [
+    ["serve", "--file", CAPTURE_FILE, "--drop-every", "-3"],
+    /'--drop-every' must be a positive integer: current value is '-3'$/,
+  ],
+  [
+    ["serve", "--file", CAPTURE_FILE, "--port", "1", "--port", "2"],
+    /--port is given more than once; it takes one value/,
+  ],
+  [
+    ["serve", "--file", CAPTURE_FILE, "--hostname", "no.such.host.invalid"],
+    /: Cannot serve on no\.such\.host\.invalid:0: .* \(see --hostname and --port\)$/,
+  ],
+  [
+    ["serve", "--file", CAPTURE_FILE, "--stall-connections", "3"],
+    /'--stall-connections' needs '--stall-after'$/,
+  ],
   [["nosuchcommand"], /unknown command 'nosuchcommand'/],
 ];
 
 for (const [args, pattern] of BAD) {
-  Deno.test(`jetfill ${args.join(" ")} exits 2 with one clear line`, async () => {
-    const r = await run(args);
+  // Named without the temporary files' random names, so that the name is the same in every run.
+  const shown = args.map((a) => a === CAPTURE_FILE ? "capture.ndjson" : a === DIDS_FILE ? "dids.txt" : a);
+  Deno.test(`jetfill ${shown.join(" ")} exits 2 with one clear line`, async () => {
+    // Bounded: a command that took its bad flag and went on (a server listening) fails, not hangs.
+    const child = spawnCli(args);
+    const bound = setTimeout(() => killIfRunning(child, "SIGKILL"), 20_000);
+    const out = await child.output();
+    clearTimeout(bound);
+    const r = { code: out.code, stderr: new TextDecoder().decode(out.stderr) };
     assert.equal(r.code, 2, r.stderr);
     const lines = r.stderr.trim().split("\n");
     assert.equal(lines.length, 1, `expected one line, got:\n${r.stderr}`);

@@ -4,14 +4,13 @@
  *
  * @module
  */
-import { parseArgs } from "node:util";
 import { UsageError } from "../errors.ts";
 import { countOutOfOrder, loadCapture } from "../server/capture.ts";
 import { type ErrorAfter, serveJetstream } from "../server/server.ts";
 import type { ServerFaults } from "../server/faults.ts";
 import { resolveZstdDictionary } from "../jetstream/dictionary.ts";
 import { createZstdEncoder, dictionaryIdOf } from "../jetstream/zstd.ts";
-import { onStopSignals } from "./args.ts";
+import { onStopSignals, parseFlags } from "./args.ts";
 import { asRun, programName } from "./program.ts";
 
 const HELP = `Usage: jetfill serve --file <capture.ndjson> [options]
@@ -47,7 +46,8 @@ v2 server (protocol doc §1.2, §1.3):
   --v2-zstd-dictionary <path>
                       serve subscribeEvents?zstdDictionary=<id> with zstd frames made with this
                       dictionary, and the dictionary itself on getZstdDictionary
-  --error-after <n>   end each connection after n events: on subscribeEvents with an error frame
+  --error-after <n>   end each connection after n events: on subscribeEvents with an error frame,
+                      on /subscribe (with or without --v2) by dropping it (1006)
   --error-name <name> ConsumerTooSlow (default) or InternalError
 
 Faults (all off by default, all deterministic):
@@ -117,38 +117,31 @@ function outOfOrderNote(
  * ```
  */
 export async function serveCommand(args: string[]): Promise<number> {
-  let values;
-  try {
-    ({ values } = parseArgs({
-      args,
-      options: {
-        file: { type: "string" },
-        port: { type: "string" },
-        hostname: { type: "string" },
-        "close-at-end": { type: "boolean" },
-        "zstd-dictionary": { type: "string" },
-        "refuse-first": { type: "string" },
-        "drop-every": { type: "string" },
-        "stall-after": { type: "string" },
-        "stall-connections": { type: "string" },
-        "garbage-every": { type: "string" },
-        "file-order": { type: "boolean" },
-        v2: { type: "boolean" },
-        "seq-base": { type: "string" },
-        "lookback-floor-seq": { type: "string" },
-        "history-start-us": { type: "string" },
-        "early-replay-us": { type: "string" },
-        "v2-zstd-dictionary": { type: "string" },
-        "error-after": { type: "string" },
-        "error-name": { type: "string" },
-        help: { type: "boolean", short: "h" },
-      },
-      strict: true,
-      allowPositionals: false,
-    }));
-  } catch (err) {
-    throw new UsageError(`${(err as Error).message}; see '${programName()} serve --help'`);
-  }
+  // The shared parser: one line for a bad flag, `--port -1` checked as a value, a flag given twice refused.
+  const values = parseFlags("serve", args, {
+    file: { type: "string" },
+    port: { type: "string" },
+    hostname: { type: "string" },
+    "close-at-end": { type: "boolean" },
+    "zstd-dictionary": { type: "string" },
+    "refuse-first": { type: "string" },
+    "drop-every": { type: "string" },
+    "stall-after": { type: "string" },
+    "stall-connections": { type: "string" },
+    "garbage-every": { type: "string" },
+    "file-order": { type: "boolean" },
+    v2: { type: "boolean" },
+    "seq-base": { type: "string" },
+    "lookback-floor-seq": { type: "string" },
+    "history-start-us": { type: "string" },
+    "early-replay-us": { type: "string" },
+    "v2-zstd-dictionary": { type: "string" },
+    "error-after": { type: "string" },
+    "error-name": { type: "string" },
+    help: { type: "boolean", short: "h" },
+  }) as
+    & Partial<Record<string, string>>
+    & Partial<Record<"close-at-end" | "file-order" | "v2" | "help", boolean>>;
   if (values.help) {
     console.log(asRun(HELP));
     return 0;
@@ -159,6 +152,9 @@ export async function serveCommand(args: string[]): Promise<number> {
   const port = values.port === undefined ? 0 : parsePort(values.port);
   const hostname = values.hostname ?? "127.0.0.1";
   if (hostname === "") throw new UsageError("Cannot serve as '--hostname' must not be empty");
+  if (values["stall-connections"] !== undefined && values["stall-after"] === undefined) {
+    throw new UsageError("Cannot serve as '--stall-connections' needs '--stall-after'");
+  }
   const faults: ServerFaults = {
     refuseFirst: parseCount("refuse-first", values["refuse-first"], 0),
     dropEvery: parseCount("drop-every", values["drop-every"], 1),
@@ -269,7 +265,7 @@ export async function serveCommand(args: string[]): Promise<number> {
     });
   } catch (err) {
     // A port another process holds is a runtime failure (exit 1); an address this machine does
-    // not have is bad input (exit 2).
+    // not have, or a name that does not resolve, is bad input (exit 2).
     if (err instanceof Deno.errors.AddrInUse) {
       throw new Error(
         `Cannot serve on ${hostname}:${port}: the port is in use (${
@@ -278,10 +274,13 @@ export async function serveCommand(args: string[]): Promise<number> {
         { cause: err },
       );
     }
-    if (err instanceof Deno.errors.AddrNotAvailable) {
-      throw new UsageError(`Cannot serve on ${hostname}:${port}: ${(err as Error).message}`, { cause: err });
-    }
-    throw err;
+    if (err instanceof UsageError) throw err;
+    // Anything else the listener refuses is the address given: one this machine does not have, a
+    // --hostname that does not resolve, a port it may not use.
+    throw new UsageError(
+      `Cannot serve on ${hostname}:${port}: ${(err as Error).message} (see --hostname and --port)`,
+      { cause: err },
+    );
   }
   // Listening for the stop signals before saying so: a supervisor that sends SIGTERM as soon as it
   // reads the line must get a clean stop (exit 0), not Deno's default 143.
