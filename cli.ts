@@ -36,7 +36,7 @@ function usage(): string {
     "Commands:",
     ...lines,
     "",
-    `Run '${program} <command> --help' for the options of a command.`,
+    `Run '${program} <command> --help' (or '${program} help <command>') for the options of a command.`,
   ].join("\n");
 }
 
@@ -57,6 +57,10 @@ export async function main(args: string[]): Promise<number> {
     // Not what was asked for: the usage goes where errors go.
     console.error(usage());
     return 2;
+  }
+  if (name === "help" && rest.length > 0) {
+    // `jetfill help sync` as `jetfill sync --help`.
+    return await main([rest[0], "--help"]);
   }
   if (name === "--help" || name === "-h" || name === "help") {
     console.log(usage());

@@ -117,6 +117,19 @@ Deno.test("jetfill without a command prints its usage on stderr and exits 2", as
   assert.match(r.stderr, /^Usage: deno run -A \S*cli\.ts <command> \[options\]/);
 });
 
+Deno.test("jetfill help COMMAND prints that command's help, as COMMAND --help does", async () => {
+  for (const command of ["sync", "serve", "export", "status"]) {
+    const [help, flag] = await Promise.all([run(["help", command]), run([command, "--help"])]);
+    assert.equal(help.code, 0, help.stderr);
+    assert.equal(help.stdout, flag.stdout);
+  }
+  const sync = await run(["help", "sync"]);
+  assert.match(sync.stdout, /^Usage: deno run -A \S*cli\.ts sync \[options\]/);
+  const unknown = await run(["help", "nosuch"]);
+  assert.equal(unknown.code, 2);
+  assert.match(unknown.stderr, /unknown command 'nosuch'/);
+});
+
 Deno.test("jetfill sync --help lists every option", async () => {
   const r = await run(["sync", "--help"]);
   assert.equal(r.code, 0);
