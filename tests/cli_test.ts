@@ -177,7 +177,7 @@ Deno.test("deno task demo (the README's first command) syncs its synthetic captu
     assert.equal(r.code, 0, r.stderr);
     const stored = Number(/records stored\s+(\d+)/.exec(r.stdout)?.[1]);
     assert.ok(stored > 1000, r.stdout);
-    assert.match(r.stdout, /stopped by\s+end\n/);
+    assert.match(r.stdout, /stop reason\s+end\n/);
     assert.match(r.stdout, /end reached\s+true\n/);
   }
 });
@@ -232,7 +232,7 @@ Deno.test("jetfill sync prints a readable summary without --json", async () => {
   const r = await run(["sync", "--instance", server.url, "--kv", db.path, "--start", "2026-11-27T10:00:00Z"]);
   assert.equal(r.code, 0, r.stderr);
   assert.match(r.stdout, /records stored\s+10/);
-  assert.match(r.stdout, /stopped by\s+closed/);
+  assert.match(r.stdout, /stop reason\s+closed/);
 });
 
 Deno.test("jetfill sync --resume refuses a queue without a checkpoint, and different filters unless forced", async () => {

@@ -130,7 +130,7 @@ export function formatStatus(s: QueueStatus, path: string, lockFile: StatusJson[
       `last run            ${s.lastRun.id}, finished ${s.lastRun.finishedAt}`,
       `  stored            ${st.recordsStored} records in ${st.messagesEnqueued} messages${latest}, ${
         typeof st.totalTime === "number" ? st.totalTime.toFixed(2) : "?"
-      } s, stopped by ${st.stopReason}${st.error ? `: ${st.error}` : ""}`,
+      } s, stop reason ${st.stopReason}${st.error ? `: ${st.error}` : ""}`,
       `  options           ${entries(s.lastRun.options)}`,
     );
   } else {

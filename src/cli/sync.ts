@@ -198,7 +198,7 @@ export function formatSummary(s: SyncStats): string {
     `records stored      ${s.recordsStored}`,
     `messages received   ${s.messagesReceived}`,
     `total time          ${s.totalTime.toFixed(2)} s (${Math.round(s.recordsPerSecond)} records/s)`,
-    `stopped by          ${s.stopReason}${s.error ? `: ${s.error}` : ""}`,
+    `stop reason         ${s.stopReason}${s.error ? `: ${s.error}` : ""}`,
     `target reached      ${s.targetReached}`,
     `end reached         ${s.endCursorReached}`,
     `collections         ${s.collections.join(", ") || "-"}`,
