@@ -11,7 +11,7 @@ import type { ServerFaults } from "../server/faults.ts";
 import { resolveZstdDictionary } from "../jetstream/dictionary.ts";
 import { createZstdEncoder, dictionaryIdOf } from "../jetstream/zstd.ts";
 import { onStopSignals, parseFlags } from "./args.ts";
-import { asRun, programName } from "./program.ts";
+import { asRun } from "./program.ts";
 
 const HELP = `Usage: jetfill serve --file <capture.ndjson> [options]
 
