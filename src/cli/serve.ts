@@ -10,7 +10,7 @@ import { type ErrorAfter, serveJetstream } from "../server/server.ts";
 import type { ServerFaults } from "../server/faults.ts";
 import { resolveZstdDictionary } from "../jetstream/dictionary.ts";
 import { createZstdEncoder, dictionaryIdOf } from "../jetstream/zstd.ts";
-import { onStopSignals, parseFlags } from "./args.ts";
+import { type FlagSpec, onStopSignals, parseFlags } from "./args.ts";
 import { asRun } from "./program.ts";
 
 const HELP = `Usage: jetfill serve --file <capture.ndjson> [options]
@@ -63,6 +63,29 @@ Faults (all off by default, all deterministic):
                       healthy legacy server does (a cursor skips the events before it in time)
 
 Prints one line, "listening on ws://HOST:PORT/subscribe", once ready; runs until SIGINT, SIGTERM or SIGHUP.`;
+
+const FLAGS: FlagSpec = {
+  file: { type: "string" },
+  port: { type: "string" },
+  hostname: { type: "string" },
+  "close-at-end": { type: "boolean" },
+  "zstd-dictionary": { type: "string" },
+  "refuse-first": { type: "string" },
+  "drop-every": { type: "string" },
+  "stall-after": { type: "string" },
+  "stall-connections": { type: "string" },
+  "garbage-every": { type: "string" },
+  "file-order": { type: "boolean" },
+  v2: { type: "boolean" },
+  "seq-base": { type: "string" },
+  "lookback-floor-seq": { type: "string" },
+  "history-start-us": { type: "string" },
+  "early-replay-us": { type: "string" },
+  "v2-zstd-dictionary": { type: "string" },
+  "error-after": { type: "string" },
+  "error-name": { type: "string" },
+  help: { type: "boolean", short: "h" },
+};
 
 function parsePort(raw: string): number {
   if (!/^\d+$/.test(raw) || Number(raw) > 65535) {
@@ -118,31 +141,11 @@ function outOfOrderNote(
  */
 export async function serveCommand(args: string[]): Promise<number> {
   // The shared parser: one line for a bad flag, `--port -1` checked as a value, a flag given twice refused.
-  const values = parseFlags("serve", args, {
-    file: { type: "string" },
-    port: { type: "string" },
-    hostname: { type: "string" },
-    "close-at-end": { type: "boolean" },
-    "zstd-dictionary": { type: "string" },
-    "refuse-first": { type: "string" },
-    "drop-every": { type: "string" },
-    "stall-after": { type: "string" },
-    "stall-connections": { type: "string" },
-    "garbage-every": { type: "string" },
-    "file-order": { type: "boolean" },
-    v2: { type: "boolean" },
-    "seq-base": { type: "string" },
-    "lookback-floor-seq": { type: "string" },
-    "history-start-us": { type: "string" },
-    "early-replay-us": { type: "string" },
-    "v2-zstd-dictionary": { type: "string" },
-    "error-after": { type: "string" },
-    "error-name": { type: "string" },
-    help: { type: "boolean", short: "h" },
-  }) as
-    & Partial<Record<string, string>>
-    & Partial<Record<"close-at-end" | "file-order" | "v2" | "help", boolean>>;
-  if (values.help) {
+  const parsed = parseFlags("serve", args, FLAGS);
+  // The values of the flags that take one; the switches are read with on().
+  const values = parsed as Record<string, string | undefined>;
+  const on = (flag: string): boolean => parsed[flag] === true;
+  if (on("help")) {
     console.log(asRun(HELP));
     return 0;
   }
@@ -161,9 +164,9 @@ export async function serveCommand(args: string[]): Promise<number> {
     stallAfter: parseCount("stall-after", values["stall-after"], 0),
     stallConnections: parseCount("stall-connections", values["stall-connections"], 0),
     garbageEvery: parseCount("garbage-every", values["garbage-every"], 1),
-    fileOrder: values["file-order"] ?? false,
+    fileOrder: on("file-order"),
   };
-  const v2 = values.v2 ?? false;
+  const v2 = on("v2");
   for (const flag of ["seq-base", "early-replay-us", "v2-zstd-dictionary"] as const) {
     if (!v2 && values[flag] !== undefined) throw new UsageError(`Cannot serve as '--${flag}' needs '--v2'`);
   }
@@ -250,7 +253,7 @@ export async function serveCommand(args: string[]): Promise<number> {
       events,
       hostname,
       port,
-      closeAtEnd: values["close-at-end"] ?? false,
+      closeAtEnd: on("close-at-end"),
       compressor,
       faults,
       version: v2 ? "v2" : "legacy",
