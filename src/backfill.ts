@@ -451,6 +451,7 @@ async function run(
     await readCheckpoint(kv, o.queueName),
   );
   let resumeFrom: Checkpoint | undefined;
+  let newRunNote: SyncErrorReport | undefined;
   if (o.resume) {
     if (!existing.value) throw await nothingToResume(kv, o.queueName);
     const diff = differences(existing.value.run.selection, selection);
@@ -479,13 +480,15 @@ async function run(
       }), and this run would store them again. Continue that run with --resume / resume: true, or pass --force / force: true to store them a second time`,
     );
   } else if (existing.value && existing.value.recordsStored > 0) {
-    // Easy to do by mistake: the same run again stores the same events again.
-    options.onError?.({
+    // Easy to do by mistake: the same run again stores the same events again. Said as this run stores
+    // its first records after them (below): a run refused by its server, or one that stores nothing,
+    // adds nothing.
+    newRunNote = {
       reason: "queue",
       message: `queue '${o.queueName}' already holds ${existing.value.recordsStored} records (the last from ${
         isoFromUs(existing.value.cursor)
       }); this run adds its own after them, as a new run: to continue the run that stored them instead, use --resume / resume: true (with --force / force: true to give it another limit or end)`,
-    });
+    };
   }
   // A dictionary given as a path is remembered, so that `--resume` alone finds it again.
   const dictionary = o.compress && typeof options.zstdDictionary === "string"
@@ -547,6 +550,10 @@ async function run(
     o.queueName,
     { checkpoint, versionstamp: existing.versionstamp, lock, alive, lockFile, keyEntries },
     (r) => {
+      if (newRunNote !== undefined) {
+        options.onError?.(newRunNote);
+        newRunNote = undefined;
+      }
       stats.committed(r.records, r.cursor, r.days, r.collections, r.messages);
       progress(false);
     },

@@ -422,6 +422,12 @@ Deno.test("jetfill sync refuses to store the same window again without --resume 
   );
   assert.equal(JSON.parse(other.stdout).recordsStored, 12);
   assert.equal(JSON.parse(other.stdout).queueLength, 3);
+  // A new run that stores nothing (its server cannot be reached) adds nothing, and says nothing of it.
+  const unreachable = await run(
+    syncArgs("ws://127.0.0.1:9/subscribe", db.path, T0, "--limit", "14", "--max-retries", "0", "--json"),
+  );
+  assert.equal(unreachable.code, 1, unreachable.stderr);
+  assert.doesNotMatch(unreachable.stderr, /as a new run/);
   // A resume with other options names what differs by its flags.
   const resumed = await run(["sync", "--kv", db.path, "--resume", "--limit", "13", "--kind", "identity"]);
   assert.equal(resumed.code, 2, resumed.stderr);
