@@ -173,6 +173,8 @@ export async function consumeStream(
     seq.floor = resumeFrom.run.seqCursor;
   }
   let failures = 0;
+  // Connections in a row that the idle timeout ended before they brought a single frame.
+  let silentInARow = 0;
   let connections = 0;
   // The IDs of the v2 dictionaries a host answered UnknownZstdDictionary to.
   const refusedDictionaries = new Set<number>();
@@ -191,6 +193,7 @@ export async function consumeStream(
     const from = o.instances[instanceIndex];
     instanceIndex = (instanceIndex + 1) % o.instances.length;
     stats.failovers++;
+    silentInARow = 0;
     const to = o.instances[instanceIndex];
     const lastUs = unrewoundUs ?? floorUs;
     if (lastUs >= 0) {
@@ -463,8 +466,15 @@ export async function consumeStream(
     // A quiet connection closed by the idle timeout had been accepted by the server: a narrow
     // filter can be silent for long, so it does not count as a failure. One that stalled in the
     // middle of a message does: the same message would stall again.
+    const failed = !progressed && (cause.kind !== "idle" || cause.partial);
     if (progressed) failures = 0;
-    else if (cause.kind !== "idle" || cause.partial) failures++;
+    else if (failed) failures++;
+    // One that brought no frame at all, not even the event at its inclusive cursor, may be a
+    // narrow filter with nothing yet, or a server that accepts and sends nothing (protocol doc §9,
+    // jetstream-legacy#48). Such connections in a row never stop the run, but with other
+    // instances they move to the next one, as failed attempts do.
+    const silent = cause.kind === "idle" && !cause.partial && stats.messagesReceived === before.messages;
+    silentInARow = silent ? silentInARow + 1 : 0;
     const why = cause.kind === "closed"
       ? `connection closed (code ${cause.code}${cause.reason ? `: ${cause.reason}` : ""})`
       : cause.kind === "idle"
@@ -480,7 +490,10 @@ export async function consumeStream(
       ctx.error = `gave up after ${failures} reconnects without progress; last: ${why}`;
       break;
     }
-    if (o.instances.length > 1 && failures > 0 && failures % o.failoverAfter === 0) {
+    if (
+      o.instances.length > 1 &&
+      (failed && failures % o.failoverAfter === 0 || silent && silentInARow % o.failoverAfter === 0)
+    ) {
       failOver();
     }
     if (failures > 0 || cause.kind !== "overflow") {

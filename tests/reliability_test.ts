@@ -363,6 +363,72 @@ Deno.test("runBackfillSync() does not count quiet idle reconnects as failures", 
   assert.ok(stats.reconnects >= 2, `reconnects: ${stats.reconnects}`);
 });
 
+Deno.test("runBackfillSync() fails over from an instance that accepts and then sends nothing at all", async () => {
+  // Every connection to the first instance stays open and silent (jetstream-legacy#48). Before, its
+  // idle reconnects were never failures: the run ended by maxTime with nothing stored.
+  const events = capture(600);
+  await using silent = serveEvents(events, { faults: { stallAfter: 0, stallConnections: 1000 } });
+  await using good = serveEvents(events, { closeAtEnd: true });
+  await using db = await tempDb();
+  const { stats, reports } = await syncReporting({
+    instance: [silent.url, good.url],
+    kv: db.path,
+    idleTimeout: 0.3,
+    maxTime: 10,
+  });
+  assert.equal(stats.stopReason, "closed", stats.error);
+  assert.equal(stats.failovers, 1);
+  assert.equal(syncConnections(silent).length, 2);
+  assert.deepEqual(await stored(db.path, stats.queueLength), posts(events));
+  assert.ok(
+    reports.some((r) => r.reason === "connection" && r.message.startsWith("failing over from")),
+    JSON.stringify(reports),
+  );
+});
+
+Deno.test("runBackfillSync() with a quiet filter does not fail over once its instance has sent an event", async () => {
+  // Both instances hold the events and then stay open with nothing new: each idle reconnect brings
+  // back the event at its inclusive cursor, so the instance is alive however quiet the filter.
+  const events = capture(100);
+  await using first = serveEvents(events);
+  await using second = serveEvents(events);
+  await using db = await tempDb();
+  const stats = await runBackfillSync({
+    instance: [first.url, second.url],
+    kv: db.path,
+    startTimestamp: T0,
+    idleTimeout: 0.2,
+    maxTime: 2,
+  });
+  assert.equal(stats.stopReason, "max_time", stats.error);
+  assert.ok(stats.reconnects >= 3, `reconnects: ${stats.reconnects}`);
+  assert.equal(stats.failovers, 0);
+  assert.equal(syncConnections(second).length, 0);
+  assert.deepEqual(await stored(db.path, stats.queueLength), posts(events));
+});
+
+Deno.test("runBackfillSync() with a filter that has brought nothing yet moves between instances, and never gives up", async () => {
+  // Nothing matches the DID: every connection is silent. They cannot be told from a dead server's,
+  // so they move to the other instance; they are no failures, so maxRetries does not end the run.
+  const events = capture(100);
+  await using first = serveEvents(events);
+  await using second = serveEvents(events);
+  await using db = await tempDb();
+  const stats = await runBackfillSync({
+    instance: [first.url, second.url],
+    kv: db.path,
+    wantedDids: [did(99)],
+    idleTimeout: 0.15,
+    maxRetries: 1,
+    maxTime: 2,
+  });
+  assert.equal(stats.stopReason, "max_time", stats.error);
+  assert.equal(stats.error, undefined);
+  assert.ok(stats.failovers >= 2, `failovers: ${stats.failovers}`);
+  assert.ok(syncConnections(second).length >= 1);
+  assert.equal(stats.recordsStored, 0);
+});
+
 Deno.test("runBackfillSync() rewinds a second on reconnect after a long connection, storing each event once", async () => {
   // 10 ms apart: the first connection covers 4 s before it is dropped, so the reconnect rewinds.
   const events = Array.from(
