@@ -94,6 +94,9 @@ export async function consumeStream(
   // is dropped, as within a run.
   if (recent) guard.remember(recent.keys);
   let instanceIndex = Math.max(0, resumeFrom ? o.instances.indexOf(resumeFrom.run.instance) : 0);
+  // The instance whose time_us the end is a time of: where the run began, or where the queue's last
+  // record came from on a resume.
+  const endInstance = resumeFrom?.run.instance ?? o.instances[0];
   let startUs = o.startUs ?? Number.NEGATIVE_INFINITY;
   // Events at or below this time_us were processed on the current instance (its cursor is inclusive).
   let floorUs = resumeFrom && resumeFrom.run.recordsStored > 0 ? resumeFrom.cursor : -1;
@@ -422,6 +425,20 @@ export async function consumeStream(
     }
     // A drain after the user's abort ended: what the server sent before the close was read.
     if (ctx.draining) stopWith(ctx, "aborted");
+    if (ctx.stop === "end" && base !== endInstance) {
+      // The end was compared with this instance's time_us, which differ from the other's by up to
+      // seconds: events that near the end may be on the wrong side of it. Data that may be
+      // missing or extra is said as a coverage warning is, always.
+      ctx.report({
+        reason: "coverage",
+        message: `the end, ${isoFromUs(o.endUs!)}, was reached on ${new URL(base).host}, not ${
+          new URL(endInstance).host
+        } ${
+          resumeFrom ? "where the queue's last record came from" : "where the run began"
+        }; time_us differ between instances by up to seconds, so events within that of the end may be missing or stored past it`,
+        instance: base,
+      });
+    }
     // The floor is this instance's own clock: what this connection processed, not another
     // instance's time (after a failover the two differ by up to the rewind).
     if (session.maxUs >= 0) {

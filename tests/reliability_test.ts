@@ -4,6 +4,7 @@ import { UsageError } from "../src/errors.ts";
 import type { JetstreamEvent } from "../src/jetstream/events.ts";
 import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
 import type { SyncErrorReport } from "../src/stats.ts";
+import type { BackfillSyncOptions } from "../src/options.ts";
 import { commit, did, drainQueue, identity } from "./helpers/events.ts";
 import { serveEvents, syncConnections, syncReporting, tempDb } from "./helpers/loopback.ts";
 import { patchAtomic } from "./helpers/kv_patch.ts";
@@ -285,7 +286,10 @@ Deno.test("runBackfillSync() fails over to the next instance, rewinds and dedupl
  * and goes away once it has sent them; the next instances hold what `others` gives for each (null:
  * a port where nothing listens).
  */
-async function failingOver(others: (events: JetstreamEvent[]) => (JetstreamEvent[] | null)[]) {
+async function failingOver(
+  others: (events: JetstreamEvent[]) => (JetstreamEvent[] | null)[],
+  extra: BackfillSyncOptions = {},
+) {
   const events = Array.from(
     { length: 4000 },
     (_, i) => commit(T0 + i * 1000, { did: did(i % 13), text: `p${i}` }),
@@ -303,6 +307,7 @@ async function failingOver(others: (events: JetstreamEvent[]) => (JetstreamEvent
       kv: db.path,
       startTimestamp: T0 + 1000 * 1000,
       onError: (r) => reports.push(r),
+      ...extra,
     });
     while (!(syncConnections(first)[0]?.sent >= 1700)) await delay(20);
     await first.shutdown();
@@ -616,6 +621,24 @@ Deno.test("runBackfillSync() whose maxTime ends while a quiet server's coverage 
   // (Before: an error, "no connection within --max-time / maxTime (1 s); … had not answered yet".)
   assert.equal(stats.stopReason, "max_time", stats.error);
   assert.equal(stats.error, undefined);
+});
+
+Deno.test("an end reached after a failover says that it was applied to the other instance's time_us", async () => {
+  // The other instance's time_us run 0.3 s behind: the end, a time of the first, lets in 300 events
+  // past it there. (Before, nothing said so.)
+  const shift = (e: JetstreamEvent) => ({ ...e, time_us: e.time_us - 300_000 });
+  const { events, stats, reports, got } = await failingOver((ev) => [ev.map(shift)], {
+    endTimestamp: T0 + 3_500_000,
+  });
+  assert.equal(stats.stopReason, "end", stats.error);
+  assert.equal(stats.endCursorReached, true);
+  assert.deepEqual(got, [...events.slice(1000, 2700), ...events.slice(2700, 3800).map(shift)]);
+  const warnings = reports.filter((r) => r.reason === "coverage");
+  assert.equal(warnings.length, 1, JSON.stringify(warnings));
+  assert.match(
+    warnings[0].message,
+    /^the end, 2026-11-27T10:00:03\.500000Z, was reached on 127\.0\.0\.1:\d+, not 127\.0\.0\.1:\d+ where the run began; time_us differ between instances by up to seconds/,
+  );
 });
 
 Deno.test("a failover to an instance whose history begins after the switch says how much is missing", async () => {

@@ -281,6 +281,31 @@ Deno.test("a resume on an instance whose time_us run ahead, right after the star
   assert.deepEqual(await queueEvents(db.path), [...behind.slice(3, 5), ...events.slice(5)]);
 });
 
+Deno.test("an end reached on a resume on another instance says that it was applied to that instance's time_us", async () => {
+  // The other instance is 1.5 s behind: the end, 15 s after the start, lets in its events 15 and 16.
+  await using pair = twoInstances(20, 1_000_000, -1_500_000);
+  const { events, other, a, b } = pair;
+  await using db = await tempDb();
+  const end = T0 + 15_000_000;
+  await runBackfillSync({
+    instance: a.url,
+    kv: db.path,
+    startTimestamp: T0,
+    endTimestamp: end,
+    numRecords: 10,
+  });
+  const { resumed, reports } = await resumeOn(db.path, b.url);
+  assert.equal(resumed.stopReason, "end");
+  assert.deepEqual(await queueEvents(db.path), [...events.slice(0, 10), ...other.slice(10, 17)]);
+  assert.ok(
+    reports.some((m) =>
+      /^coverage: the end, 2026-11-27T10:00:15\.000000Z, was reached on 127\.0\.0\.1:\d+, not 127\.0\.0\.1:\d+ where the queue's last record came from;/
+        .test(m)
+    ),
+    reports.join("\n"),
+  );
+});
+
 Deno.test("a resume on another instance whose history begins after the point to resume from says how much is missing, and stores what it holds", async () => {
   const events = Array.from({ length: 30 }, (_, i) => commit(T0 + i * 1_000_000, { did: did(i) }));
   await using a = serveEvents(events, { closeAtEnd: true });
