@@ -69,9 +69,16 @@ export interface SyncStats {
   duplicatesDropped: number;
   /** `time_us` of the oldest event the server still held when asked (probed when a start is given), or null. */
   coverageStart: number | null;
-  /** Whether the requested start was older than the server's history, so the server moved it forward. */
+  /**
+   * Whether the requested start was older than the server's history, so the server moved it forward
+   * (a resume point moved forward counts in `coverageGapUs` alone).
+   */
   startClamped: boolean;
-  /** Microseconds of requested time that the server could not provide (at the start and after long outages). */
+  /**
+   * Microseconds of requested time that the server could not provide, as a probe measured it (at the
+   * start, a resume point, a failover and after long outages). The seconds that may be missing
+   * around a switch of instance are said by a `coverage` report, not counted here.
+   */
   coverageGapUs: number;
   /** The error that stopped the run, when `stopReason` is `error`. */
   error?: string;
