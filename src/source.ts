@@ -186,6 +186,18 @@ export async function consumeStream(
   let connecting: string | undefined;
   let disconnectedAt = performance.now();
   let lastSpanUs = 0;
+  // A live tail (no start) begins with its first connection, which asks for no cursor: only what
+  // comes after it. Until an event comes, a reconnect asks from the time the last connection was
+  // opened, by this machine's clock: what came while the run was away is not lost, and a healthy
+  // server that was quiet all along replays one idle timeout at most (a cursor kept at the tail's
+  // beginning would make it scan ever more history, which a narrow filter could keep from ever
+  // getting back to live). A failover after silent connections asks from the first of them, as
+  // the server left may have been stalled. Events from before the tail began (a v2 host's replay
+  // from before a time cursor, protocol doc §9) are left out.
+  let tailBeganUs: number | undefined;
+  let liveFromUs: number | undefined;
+  // When the first of the silent connections in a row was opened.
+  let silentSinceUs = 0;
 
   // The floor on the instance that delivered last, while failovers since have not reached one that
   // delivers: each of them rewinds from it, not from the floor the one before rewound.
@@ -308,7 +320,7 @@ export async function consumeStream(
     // connection early still lets the sync move forward.
     const rewind = !bySeq && floorUs >= 0 && lastSpanUs > 2 * RECONNECT_REWIND_US;
     const sessionFloor = rewind ? floorUs - RECONNECT_REWIND_US : floorUs;
-    const timeUs = sessionFloor >= 0 ? sessionFloor : o.startUs;
+    const timeUs = sessionFloor >= 0 ? sessionFloor : o.startUs ?? liveFromUs;
     // A time before 2001-09-09 (under 10^15 µs) would be a prefix of the keys to a legacy server and a
     // seq to a v2 one (protocol doc §1): it goes as 10^15, earlier than any history, which asks for
     // all that is retained.
@@ -328,6 +340,7 @@ export async function consumeStream(
       req = buildSubscribeRequest(base, { ...o, cursor, compress: o.compress });
     }
     let conn: Connection;
+    const openedUs = Date.now() * 1000;
     try {
       conn = await openConnection(req.url, {
         idleTimeoutMs: o.idleTimeoutMs,
@@ -402,7 +415,7 @@ export async function consumeStream(
       floorUs: sessionFloor,
       floorKnown,
       seqFloor: bySeq ? seq.floor : -1,
-      startUs,
+      startUs: sessionFloor < 0 && tailBeganUs !== undefined ? Math.max(startUs, tailBeganUs) : startUs,
       errorFrame: false,
       outdatedFrom: undefined,
       // A history that begins within a rewind is no gap: measured from what is still needed.
@@ -422,6 +435,10 @@ export async function consumeStream(
       ctx.drain = undefined;
       conn.close();
       await conn.closed();
+    }
+    if (o.startUs === undefined) {
+      tailBeganUs ??= openedUs;
+      liveFromUs ??= openedUs;
     }
     // A drain after the user's abort ended: what the server sent before the close was read.
     if (ctx.draining) stopWith(ctx, "aborted");
@@ -492,6 +509,9 @@ export async function consumeStream(
     // instances they move to the next one, as failed attempts do.
     const silent = cause.kind === "idle" && !cause.partial && stats.messagesReceived === before.messages;
     silentInARow = silent ? silentInARow + 1 : 0;
+    if (silentInARow === 1) silentSinceUs = openedUs;
+    // One that failed may have been cut short: the time it covered is in doubt.
+    if (o.startUs === undefined && !failed) liveFromUs = openedUs;
     const why = cause.kind === "closed"
       ? `connection closed (code ${cause.code}${cause.reason ? `: ${cause.reason}` : ""})`
       : cause.kind === "idle"
@@ -511,6 +531,7 @@ export async function consumeStream(
       o.instances.length > 1 &&
       (failed && failures % o.failoverAfter === 0 || silent && silentInARow % o.failoverAfter === 0)
     ) {
+      if (silent && liveFromUs !== undefined) liveFromUs = silentSinceUs;
       failOver();
     }
     if (failures > 0 || cause.kind !== "overflow") {

@@ -370,8 +370,11 @@ Deno.test("runBackfillSync() does not count quiet idle reconnects as failures", 
 
 Deno.test("runBackfillSync() fails over from an instance that accepts and then sends nothing at all", async () => {
   // Every connection to the first instance stays open and silent (jetstream-legacy#48). Before, its
-  // idle reconnects were never failures: the run ended by maxTime with nothing stored.
-  const events = capture(600);
+  // idle reconnects were never failures: the run ended by maxTime with nothing stored. A live tail:
+  // the events come after it began (a minute ahead, so that the next instance, asked from when the
+  // first silent connection opened, replays them all).
+  const ahead = Date.now() * 1000 + 60_000_000 - T0;
+  const events = capture(600).map((e) => ({ ...e, time_us: e.time_us + ahead }));
   await using silent = serveEvents(events, { faults: { stallAfter: 0, stallConnections: 1000 } });
   await using good = serveEvents(events, { closeAtEnd: true });
   await using db = await tempDb();
@@ -383,7 +386,12 @@ Deno.test("runBackfillSync() fails over from an instance that accepts and then s
   });
   assert.equal(stats.stopReason, "closed", stats.error);
   assert.equal(stats.failovers, 1);
+  const [first, second] = syncConnections(silent);
   assert.equal(syncConnections(silent).length, 2);
+  assert.equal(first.params.cursor, undefined);
+  // Both ask from when the first silent connection opened: the server left may have been stalled.
+  const cursor = (c: { query: string }) => /cursor=(\d+)/.exec(c.query)?.[1];
+  assert.equal(cursor(syncConnections(good)[0]), cursor(second));
   assert.deepEqual(await stored(db.path, stats.queueLength), posts(events));
   assert.ok(
     reports.some((r) => r.reason === "connection" && r.message.startsWith("failing over from")),
@@ -432,6 +440,45 @@ Deno.test("runBackfillSync() with a filter that has brought nothing yet moves be
   assert.ok(stats.failovers >= 2, `failovers: ${stats.failovers}`);
   assert.ok(syncConnections(second).length >= 1);
   assert.equal(stats.recordsStored, 0);
+});
+
+Deno.test("a live tail's reconnect before any event asks from when the last connection opened, so that an event that came in between is kept", async () => {
+  // A legacy server's cursor semantics, by hand: no cursor gets only what comes later (nothing
+  // here), a cursor replays what came from it on. The event comes while the client is away, after
+  // its third connection idled out. (Before, the reconnect asked for no cursor: the event was lost.)
+  const queries: (string | null)[] = [];
+  let arrived: JetstreamEvent | undefined;
+  let closes = 0;
+  await using server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, (req) => {
+    const cursor = new URL(req.url).searchParams.get("cursor");
+    queries.push(cursor);
+    const { socket, response } = Deno.upgradeWebSocket(req);
+    socket.onopen = () => {
+      if (cursor !== null && arrived && arrived.time_us >= Number(cursor)) {
+        socket.send(JSON.stringify(arrived));
+      }
+    };
+    socket.onclose = () => {
+      if (++closes === 3) arrived = commit(Date.now() * 1000, { did: did(3) });
+    };
+    return response;
+  });
+  await using db = await tempDb();
+  const stats = await runBackfillSync({
+    instance: `ws://127.0.0.1:${server.addr.port}/subscribe`,
+    kv: db.path,
+    idleTimeout: 0.2,
+    numRecords: 1,
+    maxTime: 5,
+  });
+  assert.equal(stats.stopReason, "limit", stats.error);
+  assert.equal(queries.length, 4);
+  assert.equal(queries[0], null);
+  // Each asks from when the one before opened: a quiet server replays one idle timeout at most.
+  const cursors = queries.slice(1).map(Number);
+  assert.ok(cursors[0] < cursors[1] && cursors[1] < cursors[2], JSON.stringify(queries));
+  assert.ok(cursors[2] <= arrived!.time_us, JSON.stringify(queries));
+  assert.deepEqual(await stored(db.path, stats.queueLength), [arrived]);
 });
 
 Deno.test("runBackfillSync() rewinds a second on reconnect after a long connection, storing each event once", async () => {
