@@ -94,12 +94,15 @@ export async function consumeStream(
   // is dropped, as within a run.
   if (recent) guard.remember(recent.keys);
   let instanceIndex = Math.max(0, resumeFrom ? o.instances.indexOf(resumeFrom.run.instance) : 0);
-  // The instance whose time_us the end is a time of: where the run began, or where the queue's last
-  // record came from on a resume.
-  const endInstance = resumeFrom?.run.instance ?? o.instances[0];
   let startUs = o.startUs ?? Number.NEGATIVE_INFINITY;
   // Events at or below this time_us were processed on the current instance (its cursor is inclusive).
   let floorUs = resumeFrom && resumeFrom.run.recordsStored > 0 ? resumeFrom.cursor : -1;
+  // The instance whose time_us the end is a time of: where the queue's last record came from on a
+  // resume, else the one the run's first events come from.
+  let endInstance = floorUs >= 0 ? resumeFrom!.run.instance : undefined;
+  const endWhere = floorUs >= 0
+    ? "where the queue's last record came from"
+    : "where the run's first events came from";
   // Whether the guard knows the records stored at floorUs: a resume learns them from the checkpoint
   // (on the instance they came from), a run from storing them.
   let floorKnown = floorUs < 0;
@@ -442,7 +445,8 @@ export async function consumeStream(
     }
     // A drain after the user's abort ended: what the server sent before the close was read.
     if (ctx.draining) stopWith(ctx, "aborted");
-    if (ctx.stop === "end" && base !== endInstance) {
+    if (session.maxUs >= 0) endInstance ??= base;
+    if (ctx.stop === "end" && endInstance !== undefined && base !== endInstance) {
       // The end was compared with this instance's time_us, which differ from the other's by up to
       // seconds: events that near the end may be on the wrong side of it. Data that may be
       // missing or extra is said as a coverage warning is, always.
@@ -450,9 +454,7 @@ export async function consumeStream(
         reason: "coverage",
         message: `the end, ${isoFromUs(o.endUs!)}, was reached on ${new URL(base).host}, not ${
           new URL(endInstance).host
-        } ${
-          resumeFrom ? "where the queue's last record came from" : "where the run began"
-        }; time_us differ between instances by up to seconds, so events within that of the end may be missing or stored past it`,
+        } ${endWhere}; time_us differ between instances by up to seconds, so events within that of the end may be missing or stored past it`,
         instance: base,
       });
     }
