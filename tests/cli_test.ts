@@ -316,9 +316,13 @@ for (const [signal, code] of [["SIGINT", 130], ["SIGTERM", 143], ["SIGHUP", 129]
     const stats = JSON.parse(new TextDecoder().decode(out.stdout));
     assert.equal(stats.stopReason, "aborted");
     // stdout is the statistics alone; how to go on is said on stderr.
-    assert.match(
+    // The command to go on with, with the --kv given (before: "with the same --kv and --queue-name").
+    assert.ok(
+      stderr.split("\n").some((l) =>
+        /^jetfill sync: note: continue with deno run -A \S*cli\.ts sync --resume --kv /.test(l) &&
+        l.endsWith(`sync --resume --kv ${db.path}`)
+      ),
       stderr,
-      /^jetfill sync: note: continue with deno run -A \S*cli\.ts sync --resume \(with the same --kv and --queue-name\)$/m,
     );
     assert.equal(stats.recordsStored, 500);
     assert.equal(stats.latestCursor, events[499].time_us);
@@ -334,12 +338,16 @@ Deno.test("a second Ctrl-C exits at once while the stop waits for a server that 
   // SIGINT's drain would wait 2 s for it.
   await using server = closeIgnoringServer(commit(T0 + 1));
   await using db = await tempDb();
+  // A path the resume command must quote for a shell.
+  const path = `${db.dir}/it's here.sqlite`;
   const child = spawnCli([
     "sync",
     "--instance",
     server.url,
     "--kv",
-    db.path,
+    path,
+    "--queue-name",
+    "q1",
     "--json",
   ]);
   await whileRunning(child, server.connected);
@@ -350,10 +358,12 @@ Deno.test("a second Ctrl-C exits at once while the stop waits for a server that 
   const out = await child.output();
   const stderr = new TextDecoder().decode(out.stderr);
   assert.equal(out.code, 130, stderr);
+  const line = stderr.split("\n").find((l) => l.startsWith("jetfill sync: stopped at once"));
   assert.match(
-    stderr,
-    /^jetfill sync: stopped at once by a second SIGINT; continue with deno run -A \S*cli\.ts sync --resume \(with the same --kv and --queue-name\)$/m,
+    line ?? "",
+    /^jetfill sync: stopped at once by a second SIGINT; continue with deno run -A \S*cli\.ts sync --resume /,
   );
+  assert.ok(line!.endsWith(` sync --resume --kv '${db.dir}/it'\\''s here.sqlite' --queue-name q1`), line);
   // Not the statistics of a run that finished its stop.
   assert.equal(new TextDecoder().decode(out.stdout), "");
 });

@@ -195,7 +195,7 @@ function progressLine(p: SyncProgress): string {
 }
 
 /** A readable summary of the statistics. */
-export function formatSummary(s: SyncStats): string {
+export function formatSummary(s: SyncStats, resume = `${programName()} sync --resume`): string {
   const lines = [
     `records stored      ${s.recordsStored}`,
     `messages received   ${s.messagesReceived}`,
@@ -237,8 +237,8 @@ export function formatSummary(s: SyncStats): string {
       }x)`,
     );
   }
-  const resume = resumeHint(s);
-  if (resume) lines.push(`continue with       ${resume}`);
+  const hint = resumeHint(s, resume);
+  if (hint) lines.push(`continue with       ${hint}`);
   return lines.join("\n");
 }
 
@@ -301,9 +301,23 @@ function isSkipReason(reason: string): boolean {
 }
 
 /** How to continue a run that stopped short of its limit and end, or undefined when it did not. */
-function resumeHint(s: SyncStats): string | undefined {
+function resumeHint(s: SyncStats, command: string): string | undefined {
   if (s.stopReason === "limit" || s.stopReason === "end" || s.latestCursor === null) return undefined;
-  return `${programName()} sync --resume (with the same --kv and --queue-name)`;
+  return command;
+}
+
+/** The command that resumes the queue this sync writes: `--resume` with the `--kv` and `--queue-name` given. */
+function resumeCommand(v: { kv?: string; "queue-name"?: string }): string {
+  const flags = [
+    v.kv === undefined ? "" : ` --kv ${shellWord(v.kv)}`,
+    v["queue-name"] === undefined ? "" : ` --queue-name ${shellWord(v["queue-name"])}`,
+  ];
+  return `${programName()} sync --resume${flags.join("")}`;
+}
+
+/** `word` as a POSIX shell reads it back: as it is when plain, else in single quotes. */
+function shellWord(word: string): string {
+  return /^[\w@%+=:,./-]+$/.test(word) ? word : `'${word.replaceAll("'", `'\\''`)}'`;
 }
 
 /**
@@ -330,7 +344,7 @@ export async function syncCommand(args: string[]): Promise<number> {
       // out at once. Each commit is atomic, so the queue holds whole batches; what was not stored
       // yet is left for --resume.
       console.error(
-        `jetfill sync: stopped at once by a second ${signal}; continue with ${programName()} sync --resume (with the same --kv and --queue-name)`,
+        `jetfill sync: stopped at once by a second ${signal}; continue with ${resumeCommand(v)}`,
       );
       Deno.exit(interruptedExitCode(signal));
     }
@@ -388,9 +402,9 @@ export async function syncCommand(args: string[]): Promise<number> {
     console.log(JSON.stringify(stats));
     // stdout holds the statistics alone; what a person needs to go on goes to stderr.
     if (stats.stopReason === "error") console.error(`jetfill sync: ${stats.error}`);
-    const resume = resumeHint(stats);
+    const resume = resumeHint(stats, resumeCommand(v));
     if (resume) console.error(`jetfill sync: note: continue with ${resume}`);
-  } else console.log(formatSummary(stats));
+  } else console.log(formatSummary(stats, resumeCommand(v)));
   if (stats.stopReason === "error") return 1;
   return stats.stopReason === "aborted" ? interruptedExitCode(stoppedBy) : 0;
 }
