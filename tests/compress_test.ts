@@ -219,6 +219,13 @@ Deno.test("a resume whose dictionary file has gone names it, and --no-compress r
     const both = await runCli(["sync", "--resume", "--compress", "--no-compress", "--kv", db]);
     assert.equal(both.code, 2);
     assert.match(both.stderr, /--compress and --no-compress contradict each other/);
+    // Not a resume: the flag would do nothing. (Before, it was taken and ignored.)
+    const fresh = await runCli(["sync", "--no-compress", "--kv", db, "--max-time", "1"]);
+    assert.equal(fresh.code, 2, fresh.stderr);
+    assert.match(
+      fresh.stderr,
+      /^jetfill sync: --no-compress is for --resume only .*; without --resume, leave out --compress\n$/,
+    );
   });
 });
 

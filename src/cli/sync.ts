@@ -177,6 +177,12 @@ export async function syncOptionsFromFlags(v: Record<string, unknown>): Promise<
   if (v.compress && v["no-compress"]) {
     throw new UsageError("--compress and --no-compress contradict each other");
   }
+  if (v["no-compress"] && !v.resume) {
+    // Without a resume, no compression is the default: a flag that does nothing is a mistake.
+    throw new UsageError(
+      "--no-compress is for --resume only (it turns off the compression of the run resumed); without --resume, leave out --compress",
+    );
+  }
   const options: BackfillSyncOptions = {};
   if (dids.length > 0) options.wantedDids = dids;
   const set = options as Record<string, unknown>;
