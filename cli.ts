@@ -60,6 +60,10 @@ export async function main(args: string[]): Promise<number> {
   }
   if (name === "help" && rest.length > 0) {
     // `jetfill help sync` as `jetfill sync --help`.
+    if (rest.length > 1) {
+      console.error(`jetfill help: takes one command name, got ${rest.length}: ${rest.join(" ")}`);
+      return 2;
+    }
     return await main([rest[0], "--help"]);
   }
   if (name === "--help" || name === "-h" || name === "help") {

@@ -128,6 +128,10 @@ Deno.test("jetfill help COMMAND prints that command's help, as COMMAND --help do
   const unknown = await run(["help", "nosuch"]);
   assert.equal(unknown.code, 2);
   assert.match(unknown.stderr, /unknown command 'nosuch'/);
+  // (Before, the rest was ignored.)
+  const extra = await run(["help", "sync", "extra"]);
+  assert.equal(extra.code, 2);
+  assert.equal(extra.stderr, "jetfill help: takes one command name, got 2: sync extra\n");
 });
 
 Deno.test("jetfill sync --help lists every option", async () => {

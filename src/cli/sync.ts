@@ -27,7 +27,7 @@ Copy the Jetstream events you select into a Deno KV queue, then print statistics
 
 Selection:
   --did DID               keep this DID (did:plc: or did:web:); repeatable
-  --dids-file PATH        DIDs to keep, one per line
+  --dids-file PATH        DIDs to keep, one per line (blank lines and # comments skipped)
   --collection NSID       keep this collection, or a prefix like app.bsky.graph.*; repeatable;
                           '*' keeps every collection
                           (default app.bsky.feed.post)
