@@ -97,10 +97,10 @@ export async function consumeStream(
   let startUs = o.startUs ?? Number.NEGATIVE_INFINITY;
   // Events at or below this time_us were processed on the current instance (its cursor is inclusive).
   let floorUs = resumeFrom && resumeFrom.run.recordsStored > 0 ? resumeFrom.cursor : -1;
-  // The instance whose time_us the end is a time of: where the queue's last record came from on a
-  // resume, else the one the run's first events come from.
-  let endInstance = floorUs >= 0 ? resumeFrom!.run.instance : undefined;
-  const endWhere = floorUs >= 0
+  // The instance whose time_us the end is a time of: the one the run's first events come from (on a
+  // resume, its first records; where its last came from, in a checkpoint of an older version).
+  let endInstance = floorUs >= 0 ? resumeFrom!.run.firstInstance ?? resumeFrom!.run.instance : undefined;
+  const endWhere = floorUs >= 0 && resumeFrom!.run.firstInstance === undefined
     ? "where the queue's last record came from"
     : "where the run's first events came from";
   // Whether the guard knows the records stored at floorUs: a resume learns them from the checkpoint
@@ -421,6 +421,7 @@ export async function consumeStream(
       startUs: sessionFloor < 0 && tailBeganUs !== undefined ? Math.max(startUs, tailBeganUs) : startUs,
       errorFrame: false,
       outdatedFrom: undefined,
+      infoFrames: 0,
       // A history that begins within a rewind is no gap: measured from what is still needed.
       requestedUs: bySeq || timeUs === undefined || probed.has(base) ? undefined : Math.max(timeUs, neededUs),
       maxUs: -1,
@@ -503,13 +504,16 @@ export async function consumeStream(
     // filter can be silent for long, so it does not count as a failure. One that stalled in the
     // middle of a message does: the same message would stall again.
     const failed = !progressed && (cause.kind !== "idle" || cause.partial);
-    if (progressed) failures = 0;
-    else if (failed) failures++;
-    // One that brought no frame at all, not even the event at its inclusive cursor, may be a
-    // narrow filter with nothing yet, or a server that accepts and sends nothing (protocol doc §9,
-    // jetstream-legacy#48). Such connections in a row never stop the run, but with other
-    // instances they move to the next one, as failed attempts do.
-    const silent = cause.kind === "idle" && !cause.partial && stats.messagesReceived === before.messages;
+    // (An idle one does not add up with the failures of another instance before it either: a
+    // quiet filter would otherwise end the run when one of its instances is down.)
+    if (progressed || !failed) failures = 0;
+    else failures++;
+    // One that brought no frame but notices (a v2 host's #info), not even the event at its
+    // inclusive cursor, may be a narrow filter with nothing yet, or a server that accepts and sends
+    // nothing (protocol doc §9, jetstream-legacy#48). Such connections in a row never stop the run,
+    // but with other instances they move to the next one, as failed attempts do.
+    const silent = cause.kind === "idle" && !cause.partial &&
+      stats.messagesReceived - before.messages === session.infoFrames;
     silentInARow = silent ? silentInARow + 1 : 0;
     if (silentInARow === 1) silentSinceUs = openedUs;
     // One that failed may have been cut short: the time it covered is in doubt.
@@ -607,12 +611,15 @@ async function checkCoverage(
   if (!v2 && !new URL(base).pathname.endsWith("/subscribe")) return NOT_MEASURED;
   let oldest: HistoryStart | null;
   const askedUs = Date.now() * 1000;
+  // A healthy server sends its oldest event at once; the idle timeout, when shorter, is what the
+  // user takes for a server that has stalled.
+  const timeoutMs = Math.min(PROBE_TIMEOUT_MS, ctx.o.idleTimeoutMs);
   try {
     const signal = ctx.internal.signal;
     const onOpen = () => ctx.probeAnswered = true;
     oldest = v2
-      ? await probeV2HistoryStart(base, { signal, onOpen })
-      : await probeCoverageStart(base, { signal, onOpen });
+      ? await probeV2HistoryStart(base, { signal, onOpen, timeoutMs })
+      : await probeCoverageStart(base, { signal, onOpen, timeoutMs });
   } catch (err) {
     if (ctx.stop) return NOT_MEASURED;
     const status = err instanceof ConnectError ? err.status : undefined;
@@ -625,14 +632,14 @@ async function checkCoverage(
   }
   if (ctx.stop) return NOT_MEASURED;
   if (oldest === null) {
-    if (fromUs < askedUs - PROBE_TIMEOUT_MS * 1000) {
-      coverageUnknown(
-        ctx,
-        base,
-        `could not find where ${
-          new URL(base).host
-        }'s history begins: it sent no event when asked for all it holds`,
-      );
+    if (fromUs < askedUs - timeoutMs * 1000) {
+      const message = `could not find where ${
+        new URL(base).host
+      }'s history begins: it sent no event when asked for all it holds`;
+      // A strict run, which would refuse it, tries the other instances first, as for a failed
+      // attempt: the host may be one that accepts and sends nothing.
+      if (ctx.o.strict && ctx.o.instances.length > 1) return { retry: message };
+      coverageUnknown(ctx, base, message);
     }
     return NOT_MEASURED;
   }

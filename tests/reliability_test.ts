@@ -481,6 +481,82 @@ Deno.test("a live tail's reconnect before any event asks from when the last conn
   assert.deepEqual(await stored(db.path, stats.queueLength), [arrived]);
 });
 
+Deno.test("runBackfillSync() fails over from a v2 host whose connections bring an #info notice and then nothing", async () => {
+  // The start is older than the first host's history: each connection there gets an OutdatedCursor
+  // notice first, then nothing. (Before, the notice made it look alive, and it was never left.)
+  const events = capture(600);
+  const v2 = (options: Parameters<typeof serveEvents>[1]) =>
+    serveEvents(events, { version: "v2", ...options });
+  await using hung = v2({
+    historyStartUs: T0 + 100_000,
+    faults: { stallAfter: 0, stallConnections: 1000 },
+  });
+  await using good = v2({ closeAtEnd: true });
+  await using db = await tempDb();
+  const stats = await runBackfillSync({
+    instance: [hung.v2Url, good.v2Url],
+    kv: db.path,
+    startTimestamp: T0,
+    idleTimeout: 0.3,
+    maxTime: 10,
+    onError: () => {},
+  });
+  assert.equal(stats.stopReason, "closed", stats.error);
+  assert.equal(stats.failovers, 1);
+  const got = (await stored(db.path, stats.queueLength)).map(({ cursor: _, ...e }) => e as JetstreamEvent);
+  assert.deepEqual(got, posts(events));
+});
+
+Deno.test("runBackfillSync() with a quiet filter and another instance that is down does not give up", async () => {
+  // The first instance is healthy and has nothing for the filter; the second refuses every
+  // connection. (Before, the second's failures added up across the first's quiet connections, and
+  // the run ended in an error after maxRetries.)
+  await using quiet = serveEvents(capture(100));
+  const dead = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  dead.close();
+  await using db = await tempDb();
+  const stats = await runBackfillSync({
+    instance: [quiet.url, `ws://127.0.0.1:${(dead.addr as Deno.NetAddr).port}/subscribe`],
+    kv: db.path,
+    wantedDids: [did(99)],
+    idleTimeout: 0.15,
+    // Two refusals in a row move back to the first instance; a third would end the run.
+    maxRetries: 2,
+    maxTime: 4,
+    onError: () => {},
+  });
+  assert.equal(stats.stopReason, "max_time", stats.error);
+  assert.ok(stats.failovers >= 4, `failovers: ${stats.failovers}`);
+});
+
+Deno.test("a strict run whose first instance's probe gets nothing tries the next instance rather than refusing", async () => {
+  // (Before, --strict refused the run, exit 2, as for a history it cannot know, and the next
+  // instance was never tried.)
+  const events = capture(600);
+  await using silent = serveEvents(events, { faults: { stallAfter: 0, stallConnections: 1000 } });
+  await using good = serveEvents(events, { closeAtEnd: true });
+  await using db = await tempDb();
+  const { stats, reports } = await syncReporting({
+    instance: [silent.url, good.url],
+    kv: db.path,
+    startTimestamp: T0,
+    strict: true,
+    idleTimeout: 0.3,
+    maxTime: 10,
+  });
+  assert.equal(stats.stopReason, "closed", stats.error);
+  assert.equal(stats.failovers, 1);
+  assert.equal(stats.coverageStart, T0);
+  assert.deepEqual(await stored(db.path, stats.queueLength), posts(events));
+  assert.ok(
+    reports.some((r) =>
+      r.reason === "connection" &&
+      /history begins: it sent no event when asked for all it holds \(attempt 1 of 11/.test(r.message)
+    ),
+    JSON.stringify(reports),
+  );
+});
+
 Deno.test("runBackfillSync() rewinds a second on reconnect after a long connection, storing each event once", async () => {
   // 10 ms apart: the first connection covers 4 s before it is dropped, so the reconnect rewinds.
   const events = Array.from(
@@ -706,6 +782,40 @@ Deno.test("an end reached on the instance failed over to before any event came g
   assert.equal(stats.failovers, 1);
   assert.deepEqual(await stored(db.path, stats.queueLength), posts(events.slice(0, 500)));
   assert.deepEqual(reports.filter((r) => r.reason === "coverage"), []);
+});
+
+Deno.test("an end reached on the resume of a run that failed over says that it was the other instance's time_us", async () => {
+  // The run's first events came from the first instance, the end is one of its times, and the
+  // second's time_us run 0.3 s behind. (Before, the resume compared the end with the instance of
+  // the queue's last record, the second, and said nothing.)
+  const events = Array.from(
+    { length: 4000 },
+    (_, i) => commit(T0 + i * 1000, { did: did(i % 13), text: `p${i}` }),
+  );
+  const shift = (e: JetstreamEvent) => ({ ...e, time_us: e.time_us - 300_000 });
+  const first = serveEvents(events.slice(0, 2700));
+  await using second = serveEvents(events.map(shift), { closeAtEnd: true });
+  await using db = await tempDb();
+  const window = { kv: db.path, startTimestamp: T0 + 1_000_000, endTimestamp: T0 + 3_500_000 };
+  const sync = runBackfillSync({ ...window, instance: [first.url, second.url], numRecords: 2000 });
+  while (!(syncConnections(first)[0]?.sent >= 1700)) await delay(20);
+  await first.shutdown();
+  assert.equal((await sync).stopReason, "limit");
+  const { stats, reports } = await syncReporting({
+    kv: db.path,
+    resume: true,
+    force: true,
+    numRecords: 10_000,
+  });
+  assert.equal(stats.stopReason, "end", stats.error);
+  const got = await stored(db.path, stats.queueLength);
+  assert.deepEqual(got, [...events.slice(1000, 2700), ...events.slice(2700, 3800).map(shift)]);
+  const warnings = reports.filter((r) => r.reason === "coverage");
+  assert.equal(warnings.length, 1, JSON.stringify(warnings));
+  assert.match(
+    warnings[0].message,
+    new RegExp(`not ${new URL(first.url).host} where the run's first events came from;`),
+  );
 });
 
 Deno.test("a failover to an instance whose history begins after the switch says how much is missing", async () => {

@@ -299,7 +299,7 @@ Deno.test("an end reached on a resume on another instance says that it was appli
   assert.deepEqual(await queueEvents(db.path), [...events.slice(0, 10), ...other.slice(10, 17)]);
   assert.ok(
     reports.some((m) =>
-      /^coverage: the end, 2026-11-27T10:00:15\.000000Z, was reached on 127\.0\.0\.1:\d+, not 127\.0\.0\.1:\d+ where the queue's last record came from;/
+      /^coverage: the end, 2026-11-27T10:00:15\.000000Z, was reached on 127\.0\.0\.1:\d+, not 127\.0\.0\.1:\d+ where the run's first events came from;/
         .test(m)
     ),
     reports.join("\n"),

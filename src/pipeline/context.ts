@@ -36,6 +36,8 @@ export interface Session {
   errorFrame: boolean;
   /** An OutdatedCursor info came: the next event shows where history starts. */
   outdatedFrom: number | undefined;
+  /** v2 info frames received on this connection (a notice, not an event: no sign the stream flows). */
+  infoFrames: number;
   /**
    * The time cursor sent, if any, for an OutdatedCursor to be measured from; undefined also when a
    * probe measured this instance's coverage for the point last checked (its OutdatedCursor then

@@ -21,6 +21,7 @@ import { isoFromUs } from "../time.ts";
 function handleV2Frame(ctx: RunContext, session: Session, m: Exclude<V2Frame, { type: "event" }>): boolean {
   switch (m.type) {
     case "info":
+      session.infoFrames++;
       ctx.report({ reason: "info", message: `${m.name}: ${m.message}`, instance: session.base });
       if (m.name === "OutdatedCursor" && session.requestedUs !== undefined) {
         session.outdatedFrom = session.requestedUs;

@@ -140,6 +140,11 @@ export interface RunState {
   recordsStored: number;
   /** The WebSocket URL the last record came from. */
   instance: string;
+  /**
+   * The WebSocket URL the run's first record came from: its start and end are times of that
+   * instance (each instance has its own time_us). Absent in checkpoints of older versions.
+   */
+  firstInstance?: string;
   /** The instances the run was given, in order. */
   instances?: string[];
   /** Server sequence cursor (v2 hosts) of the last stored record that had one. */

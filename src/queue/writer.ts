@@ -498,7 +498,7 @@ export class QueueWriter {
     op.check({ key: queueKey(q, "writer"), versionstamp: this.#lock! });
     const prev = this.#issued;
     let { cursor } = prev;
-    let { seqCursor, seqInstance, instance } = prev.run;
+    let { seqCursor, seqInstance, instance, firstInstance } = prev.run;
     let records = 0;
     let last = cursor;
     const days = new Map<string, number>();
@@ -511,6 +511,7 @@ export class QueueWriter {
       cursor = m.cursor;
       // The checkpoint names the host of the last stored record, so a resume asks the right one.
       if (m.host !== undefined) instance = m.host;
+      if (firstInstance === undefined && prev.run.recordsStored === 0) firstInstance = m.host;
       if (m.seq !== undefined) {
         seqCursor = m.seq;
         seqInstance = m.seqHost;
@@ -534,7 +535,14 @@ export class QueueWriter {
       cursor,
       recordsStored: prev.recordsStored + records,
       updatedAt: Date.now(),
-      run: { ...prev.run, recordsStored: prev.run.recordsStored + records, seqCursor, seqInstance, instance },
+      run: {
+        ...prev.run,
+        recordsStored: prev.run.recordsStored + records,
+        seqCursor,
+        seqInstance,
+        instance,
+        ...(firstInstance === undefined ? {} : { firstInstance }),
+      },
     };
     op.set(queueKey(q, "checkpoint"), checkpoint);
     this.#keepKeys(op, b.keys, checkpoint);
