@@ -179,7 +179,7 @@ export async function consumeStream(
     seq.floor = resumeFrom.run.seqCursor;
   }
   let failures = 0;
-  // Connections in a row that the idle timeout ended before they brought a single frame.
+  // Connections in a row that the idle timeout ended before they brought a frame other than a notice.
   let silentInARow = 0;
   let connections = 0;
   // The IDs of the v2 dictionaries a host answered UnknownZstdDictionary to.
