@@ -71,11 +71,11 @@ const BAD: [string[], RegExp][] = [
   // serve checks its flags as the other commands do.
   [
     ["serve", "--file", CAPTURE_FILE, "--port", "-1"],
-    /: Cannot serve as '--port' must be an integer from 0 to 65535: current value is '-1'$/,
+    /: --port must be an integer from 0 to 65535: current value is "-1"$/,
   ],
   [
     ["serve", "--file", CAPTURE_FILE, "--drop-every", "-3"],
-    /'--drop-every' must be a positive integer: current value is '-3'$/,
+    /: --drop-every must be a positive integer: current value is "-3"$/,
   ],
   [
     ["serve", "--file", CAPTURE_FILE, "--port", "1", "--port", "2"],
@@ -87,7 +87,7 @@ const BAD: [string[], RegExp][] = [
   ],
   [
     ["serve", "--file", CAPTURE_FILE, "--stall-connections", "3"],
-    /'--stall-connections' needs '--stall-after'$/,
+    /: --stall-connections needs --stall-after$/,
   ],
   [["nosuchcommand"], /unknown command 'nosuchcommand'/],
 ];

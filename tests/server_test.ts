@@ -779,7 +779,8 @@ Deno.test("`serveCommand()` throws UsageError for bad flags and files", async ()
   );
   await assert.rejects(
     serveCommand(["--file", "x.ndjson", "--port", "http"]),
-    (err: Error) => err instanceof UsageError && /'--port'.*'http'/.test(err.message),
+    (err: Error) =>
+      err instanceof UsageError && /^--port must be .*: current value is "http"$/.test(err.message),
   );
   await assert.rejects(
     serveCommand(["--file", "x.ndjson", "--port", "70000"]),
@@ -787,7 +788,9 @@ Deno.test("`serveCommand()` throws UsageError for bad flags and files", async ()
   );
   await assert.rejects(
     serveCommand(["--file", "/nonexistent/capture.ndjson"]),
-    (err: Error) => err instanceof UsageError && /'\/nonexistent\/capture\.ndjson'/.test(err.message),
+    (err: Error) =>
+      err instanceof UsageError &&
+      /^--file "\/nonexistent\/capture\.ndjson" does not exist$/.test(err.message),
   );
   await assert.rejects(
     serveCommand(["--file", "x.ndjson", "--bogus"]),

@@ -787,11 +787,11 @@ Deno.test("`serveJetstream()` validates the v2 options", () => {
 
 Deno.test("`serveCommand()` rejects v2 flags without --v2 and bad v2 values", async () => {
   const cases: [string[], RegExp][] = [
-    [["--seq-base", "5"], /'--seq-base' needs '--v2'/],
-    [["--early-replay-us", "5"], /'--early-replay-us' needs '--v2'/],
-    [["--v2", "--error-name", "InternalError"], /'--error-name' needs '--error-after'/],
-    [["--v2", "--error-after", "1", "--error-name", "Oops"], /'--error-name' must be ConsumerTooSlow/],
-    [["--v2", "--lookback-floor-seq", "0"], /'--lookback-floor-seq' must be a positive integer/],
+    [["--seq-base", "5"], /--seq-base needs --v2/],
+    [["--early-replay-us", "5"], /--early-replay-us needs --v2/],
+    [["--v2", "--error-name", "InternalError"], /--error-name needs --error-after/],
+    [["--v2", "--error-after", "1", "--error-name", "Oops"], /--error-name must be ConsumerTooSlow/],
+    [["--v2", "--lookback-floor-seq", "0"], /--lookback-floor-seq must be a positive integer/],
   ];
   for (const [args, message] of cases) {
     await assert.rejects(
@@ -807,7 +807,7 @@ Deno.test("`serveCommand()` rejects v2 flags without --v2 and bad v2 values", as
       serveCommand(["--file", `${dir}/capture.ndjson`, "--v2", "--v2-zstd-dictionary", `${dir}/none.zdict`]),
       (err: Error) =>
         err instanceof UsageError &&
-        /'--v2-zstd-dictionary' is not a readable zstd dictionary/.test(err.message),
+        /^--v2-zstd-dictionary ".*none\.zdict" is not a readable zstd dictionary \(/.test(err.message),
     );
   } finally {
     await Deno.remove(dir, { recursive: true });

@@ -90,7 +90,7 @@ const FLAGS: FlagSpec = {
 function parsePort(raw: string): number {
   if (!/^\d+$/.test(raw) || Number(raw) > 65535) {
     throw new UsageError(
-      `Cannot serve as '--port' must be an integer from 0 to 65535: current value is '${raw}'`,
+      `--port must be an integer from 0 to 65535: current value is ${JSON.stringify(raw)}`,
     );
   }
   return Number(raw);
@@ -100,9 +100,9 @@ function parseCount(flag: string, raw: string | undefined, min: number): number 
   if (raw === undefined) return undefined;
   if (!/^\d+$/.test(raw) || !Number.isSafeInteger(Number(raw)) || Number(raw) < min) {
     throw new UsageError(
-      `Cannot serve as '--${flag}' must be ${
-        min === 0 ? "a non-negative" : "a positive"
-      } integer: current value is '${raw}'`,
+      `--${flag} must be ${min === 0 ? "a non-negative" : "a positive"} integer: current value is ${
+        JSON.stringify(raw)
+      }`,
     );
   }
   return Number(raw);
@@ -150,13 +150,13 @@ export async function serveCommand(args: string[]): Promise<number> {
     return 0;
   }
   if (values.file === undefined || values.file === "") {
-    throw new UsageError("Cannot serve as '--file' is required: expected the path of an NDJSON capture");
+    throw new UsageError("--file is required: expected the path of an NDJSON capture");
   }
   const port = values.port === undefined ? 0 : parsePort(values.port);
   const hostname = values.hostname ?? "127.0.0.1";
-  if (hostname === "") throw new UsageError("Cannot serve as '--hostname' must not be empty");
+  if (hostname === "") throw new UsageError("--hostname must not be empty");
   if (values["stall-connections"] !== undefined && values["stall-after"] === undefined) {
-    throw new UsageError("Cannot serve as '--stall-connections' needs '--stall-after'");
+    throw new UsageError("--stall-connections needs --stall-after");
   }
   const faults: ServerFaults = {
     refuseFirst: parseCount("refuse-first", values["refuse-first"], 0),
@@ -168,7 +168,7 @@ export async function serveCommand(args: string[]): Promise<number> {
   };
   const v2 = on("v2");
   for (const flag of ["seq-base", "early-replay-us", "v2-zstd-dictionary"] as const) {
-    if (!v2 && values[flag] !== undefined) throw new UsageError(`Cannot serve as '--${flag}' needs '--v2'`);
+    if (!v2 && values[flag] !== undefined) throw new UsageError(`--${flag} needs --v2`);
   }
   const seqBase = parseCount("seq-base", values["seq-base"], 0);
   const lookbackFloorSeq = parseCount("lookback-floor-seq", values["lookback-floor-seq"], 1);
@@ -178,11 +178,11 @@ export async function serveCommand(args: string[]): Promise<number> {
   const errorName = values["error-name"] ?? "ConsumerTooSlow";
   if (errorName !== "ConsumerTooSlow" && errorName !== "InternalError") {
     throw new UsageError(
-      `Cannot serve as '--error-name' must be ConsumerTooSlow or InternalError: current value is '${errorName}'`,
+      `--error-name must be ConsumerTooSlow or InternalError: current value is ${JSON.stringify(errorName)}`,
     );
   }
   if (values["error-name"] !== undefined && errorEvents === undefined) {
-    throw new UsageError("Cannot serve as '--error-name' needs '--error-after'");
+    throw new UsageError("--error-name needs --error-after");
   }
   const errorAfter: ErrorAfter | undefined = errorEvents === undefined
     ? undefined
@@ -193,18 +193,18 @@ export async function serveCommand(args: string[]): Promise<number> {
     events = await loadCapture(values.file);
   } catch (err) {
     if (err instanceof Deno.errors.NotFound) {
-      throw new UsageError(`Cannot serve as '--file' does not exist: '${values.file}'`, { cause: err });
+      throw new UsageError(`--file ${JSON.stringify(values.file)} does not exist`, { cause: err });
     }
     if (err instanceof Deno.errors.PermissionDenied || err instanceof Deno.errors.IsADirectory) {
       throw new UsageError(
-        `Cannot serve as '--file' cannot be read: '${values.file}' (${(err as Error).message})`,
+        `--file ${JSON.stringify(values.file)} cannot be read (${(err as Error).message})`,
         {
           cause: err,
         },
       );
     }
     // A malformed line: the message names the file, the line and the problem.
-    throw new UsageError(`Cannot serve as '--file' is not a valid capture: ${(err as Error).message}`, {
+    throw new UsageError(`--file is not a valid capture: ${(err as Error).message}`, {
       cause: err,
     });
   }
@@ -235,7 +235,7 @@ export async function serveCommand(args: string[]): Promise<number> {
       dictionaryIdOf(v2Dictionary);
     } catch (err) {
       throw new UsageError(
-        `Cannot serve as '--v2-zstd-dictionary' is not a readable zstd dictionary: '${v2Path}' (${
+        `--v2-zstd-dictionary ${JSON.stringify(v2Path)} is not a readable zstd dictionary (${
           (err as Error).message
         })`,
         { cause: err },
