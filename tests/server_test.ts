@@ -9,6 +9,7 @@ import { UsageError } from "../src/errors.ts";
 import { collectMessages, rawGet, waitFor } from "./helpers/ws_collect.ts";
 import { closeCode, encodeFrame, RawWebSocket } from "./helpers/raw_ws.ts";
 import { killIfRunning } from "./helpers/cli.ts";
+import { parseGoJson } from "../src/server/go_json.ts";
 
 const SEED = 11;
 const START_US = 1_770_000_000_000_000; // 2026-02-02, safely in the past
@@ -554,8 +555,23 @@ Deno.test("`serveJetstream()` replaces, not merges, the filters on options_updat
 Deno.test("`serveJetstream()` closes with 1000 and a reason on an invalid options_update", async () => {
   await using server = serve();
   const cases: [string, RegExp][] = [
-    ["{nope", /^failed to unmarshal subscriber sourced message: /],
-    [update({ wantedDids: "did:plc:abc" }), /^failed to unmarshal subscriber options update: /],
+    [
+      "{nope",
+      /^failed to unmarshal subscriber sourced message: invalid character 'n' looking for beginning of object key string$/,
+    ],
+    // (Before, JavaScript's longer parse errors made these reasons too long to send: 1006.)
+    [
+      '{"type":"options_update"',
+      /^failed to unmarshal subscriber sourced message: unexpected end of JSON input$/,
+    ],
+    [
+      '{"type":"options_update","payload":{},}',
+      /^failed to unmarshal subscriber sourced message: invalid character '}' looking for beginning of object key string$/,
+    ],
+    [
+      '{"type":"options_update"}',
+      /^failed to unmarshal subscriber options update: unexpected end of JSON input$/,
+    ],
     [
       update({ wantedDids: ["not a did"] }),
       /^failed to parse subscriber options: invalid subscriber options$/,
@@ -572,12 +588,68 @@ Deno.test("`serveJetstream()` closes with 1000 and a reason on an invalid option
     assert.ok(new TextEncoder().encode(result.reason).length <= 123);
     assert.deepEqual(result.messages, []);
   }
-  // A reason too long for a close frame cannot be sent: the connection is dropped (1006), §2.
-  const long = await collectMessages(`${server.url}?requireHello=true`, {
-    send: [update({ wantedCollections: [`app.bsky.${"a".repeat(120)}*`] })],
+  // A reason too long for a close frame cannot be sent: the connection is dropped (1006), §2. Go's
+  // type errors are all that long.
+  for (
+    const message of [
+      update({ wantedCollections: [`app.bsky.${"a".repeat(120)}*`] }),
+      update({ wantedDids: "did:plc:abc" }),
+      update({ maxMessageSizeBytes: 1.5 }),
+      "[1]",
+      '{"type":5}',
+    ]
+  ) {
+    const long = await collectMessages(`${server.url}?requireHello=true`, { send: [message] });
+    assert.equal(long.code, 1006, message);
+    assert.deepEqual(long.messages, []);
+  }
+});
+
+Deno.test("`serveJetstream()` reads an options_update as Go's decoder does: keys in any case, null as nothing", async () => {
+  await using server = serve();
+  // null is no type: ignored, and the next message is the hello. Keys match without regard to case.
+  const result = await collectMessages(`${server.url}?requireHello=true`, {
+    send: [
+      "null",
+      '{"type":null}',
+      '{"TYPE":"options_update","Payload":{"WANTEDCOLLECTIONS":["app.bsky.feed.like"]}}',
+    ],
   });
-  assert.equal(long.code, 1006);
-  assert.deepEqual(long.messages, []);
+  assert.deepEqual(
+    result.messages,
+    lines((e) => e.kind !== "commit" || e.collection === "app.bsky.feed.like"),
+  );
+  assert.deepEqual(server.connections[0].hellos, [{ wantedCollections: ["app.bsky.feed.like"] }]);
+});
+
+Deno.test("parseGoJson() gives Go's encoding/json syntax errors", () => {
+  const cases: [string, string][] = [
+    ["", "unexpected end of JSON input"],
+    ["  ", "unexpected end of JSON input"],
+    ['{"a":', "unexpected end of JSON input"],
+    ["{'type':1}", "invalid character '\\'' looking for beginning of object key string"],
+    ['{"a" 1}', "invalid character '1' after object key"],
+    ['{"a":1 "b":2}', `invalid character '"' after object key:value pair`],
+    ["[1 2]", "invalid character '2' after array element"],
+    ["[1,]", "invalid character ']' looking for beginning of value"],
+    ['{"a":tru}', "invalid character '}' in literal true (expecting 'e')"],
+    ['{"a":nul}', "invalid character '}' in literal null (expecting 'l')"],
+    ['{"a":-}', "invalid character '}' in numeric literal"],
+    ['{"a":1.}', "invalid character '}' after decimal point in numeric literal"],
+    ['{"a":1e}', "invalid character '}' in exponent of numeric literal"],
+    ['{"a":"\\x"}', "invalid character 'x' in string escape code"],
+    ['{"a":"\\u12g4"}', "invalid character 'g' in \\u hexadecimal character escape"],
+    ['"a\tb"', "invalid character '\\t' in string literal"],
+    ["{} x", "invalid character 'x' after top-level value"],
+    ["01", "invalid character '1' after top-level value"],
+    ["@", "invalid character '@' looking for beginning of value"],
+  ];
+  for (const [text, message] of cases) {
+    assert.throws(() => parseGoJson(text), (err: Error) => err.message === message, JSON.stringify(text));
+  }
+  assert.deepEqual(parseGoJson(' {"a":[1.5e3,true,null,"x\\u00e9"],"a":{}} '), {
+    entries: [["a", [{ number: "1.5e3" }, true, null, "xé"]], ["a", { entries: [] }]],
+  });
 });
 
 Deno.test("`serveJetstream()` (legacy) ignores a client message over 10,000,000 bytes", async () => {

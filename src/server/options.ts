@@ -6,6 +6,8 @@
  * @module
  */
 
+import { goFieldOf, type GoJson, goKind, isGoObject, parseGoJson } from "./go_json.ts";
+
 /** A DID as the legacy server's `syntax.ParseDID` accepts it (generic DID syntax, at most 2048 chars). */
 const DID_RE = /^did:[a-z]+:[a-zA-Z0-9._:%-]*[a-zA-Z0-9._-]$/;
 /** An NSID as `syntax.ParseNSID` accepts it: a domain authority, then a name of letters only. */
@@ -360,17 +362,44 @@ export type ClientMessage =
   | { type: "ignored"; messageType: unknown }
   | { type: "invalid"; reason: string };
 
-function stringArray(value: unknown, field: string): string[] {
-  if (value === undefined || value === null) return [];
-  if (!Array.isArray(value) || !value.every((v) => typeof v === "string")) {
-    throw new Error(`'${field}' must be an array of strings`);
-  }
-  return value;
+/** The Go types a client message is decoded into (protocol doc §2), as its errors name them. */
+const SOURCED = "SubscriberSourcedMessage";
+const UPDATE = "SubscriberOptionsUpdatePayload";
+
+/** Go's `UnmarshalTypeError` text for `v` given to a field (or the whole value) of type `goType`. */
+function typeError(v: GoJson, goType: string, struct: string, field?: string): string {
+  const what = typeof v === "object" && v !== null && !Array.isArray(v) && "number" in v && goType === "int"
+    ? `number ${v.number}`
+    : goKind(v);
+  return field === undefined
+    ? `json: cannot unmarshal ${what} into Go value of type server.${struct}`
+    : `json: cannot unmarshal ${what} into Go struct field ${struct}.${field} of type ${goType}`;
+}
+
+/** Whether a JSON number's text is one Go's decoder stores in an `int` (64 bits). */
+function goInt(text: string): boolean {
+  return /^-?\d+$/.test(text) && BigInt(text) >= -(2n ** 63n) && BigInt(text) < 2n ** 63n;
+}
+
+/** A `[]string` field decoded as Go does: null elements are left "", others of another kind are errors. */
+function goStrings(v: GoJson, field: string): { list?: string[]; error?: string } {
+  if (v === null) return {}; // null sets a slice to nil
+  if (!Array.isArray(v)) return { error: typeError(v, "[]string", UPDATE, field) };
+  let error: string | undefined;
+  const list = v.map((item) => {
+    if (typeof item === "string") return item;
+    if (item !== null) error ??= typeError(item, "string", UPDATE, field);
+    return "";
+  });
+  return { list, error };
 }
 
 /**
- * Interprets a text message from a subscriber. An `options_update` yields the replacement filter; an
- * unknown `type` is ignored; anything malformed yields the legacy close reason.
+ * Interprets a text message from a subscriber as the legacy server does: Go's `json.Unmarshal` into
+ * `SubscriberSourcedMessage`, then its `payload` into `SubscriberOptionsUpdatePayload` for an
+ * `options_update`. An `options_update` yields the replacement filter; another `type` is ignored;
+ * anything malformed yields the legacy close reason, with Go's error text (keys match fields
+ * without regard to case, null leaves a field as it is, the first type error is the one reported).
  *
  * @example
  * ```ts
@@ -380,49 +409,52 @@ function stringArray(value: unknown, field: string): string[] {
  * ```
  */
 export function parseClientMessage(text: string): ClientMessage {
-  let envelope: unknown;
+  const invalid = (reason: string): ClientMessage => ({ type: "invalid", reason });
+  let envelope: GoJson;
   try {
-    envelope = JSON.parse(text);
+    envelope = parseGoJson(text);
   } catch (err) {
-    return {
-      type: "invalid",
-      reason: `failed to unmarshal subscriber sourced message: ${(err as Error).message}`,
-    };
+    return invalid(`failed to unmarshal subscriber sourced message: ${(err as Error).message}`);
   }
-  if (typeof envelope !== "object" || envelope === null || Array.isArray(envelope)) {
-    return { type: "invalid", reason: "failed to unmarshal subscriber sourced message: not a JSON object" };
+  let type = "";
+  // A json.RawMessage: absent (nil), or the value's JSON, null included.
+  let payload: GoJson | undefined;
+  let error: string | undefined;
+  if (envelope !== null) {
+    if (!isGoObject(envelope)) error = typeError(envelope, "", SOURCED);
+    else {
+      for (const [key, v] of envelope.entries) {
+        const field = goFieldOf(key, ["type", "payload"] as const);
+        if (field === "payload") payload = v;
+        else if (field === "type" && v !== null) {
+          if (typeof v === "string") type = v;
+          else error ??= typeError(v, "string", SOURCED, "type");
+        }
+      }
+    }
   }
-  const { type, payload } = envelope as Record<string, unknown>;
-  if (type !== undefined && typeof type !== "string") {
-    return {
-      type: "invalid",
-      reason: "failed to unmarshal subscriber sourced message: 'type' must be a string",
-    };
-  }
+  if (error !== undefined) return invalid(`failed to unmarshal subscriber sourced message: ${error}`);
   if (type !== "options_update") return { type: "ignored", messageType: type };
-  let update: OptionsUpdatePayload;
-  try {
-    // Go unmarshals a missing payload as empty input, which is an error; `null` is an empty struct.
-    if (payload === undefined) throw new Error("missing 'payload'");
-    if (payload !== null && (typeof payload !== "object" || Array.isArray(payload))) {
-      throw new Error("'payload' must be an object");
+  const update: OptionsUpdatePayload = {};
+  // A payload left out is empty input to Unmarshal; null is an empty struct.
+  if (payload === undefined) error = "unexpected end of JSON input";
+  else if (payload !== null && !isGoObject(payload)) error = typeError(payload, "", UPDATE);
+  else if (payload !== null) {
+    for (const [key, v] of payload.entries) {
+      const field = goFieldOf(key, ["wantedCollections", "wantedDids", "maxMessageSizeBytes"] as const);
+      if (field === "maxMessageSizeBytes") {
+        if (v === null) continue;
+        if (typeof v === "object" && !Array.isArray(v) && "number" in v && goInt(v.number)) {
+          update.maxMessageSizeBytes = Number(v.number);
+        } else error ??= typeError(v, "int", UPDATE, field);
+      } else if (field !== undefined) {
+        const got = goStrings(v, field);
+        error ??= got.error;
+        update[field] = got.list;
+      }
     }
-    const body = (payload ?? {}) as Record<string, unknown>;
-    const max = body.maxMessageSizeBytes;
-    if (max !== undefined && max !== null && !Number.isInteger(max)) {
-      throw new Error("'maxMessageSizeBytes' must be an integer");
-    }
-    update = {
-      wantedCollections: stringArray(body.wantedCollections, "wantedCollections"),
-      wantedDids: stringArray(body.wantedDids, "wantedDids"),
-    };
-    if (typeof max === "number") update.maxMessageSizeBytes = max;
-  } catch (err) {
-    return {
-      type: "invalid",
-      reason: `failed to unmarshal subscriber options update: ${(err as Error).message}`,
-    };
   }
+  if (error !== undefined) return invalid(`failed to unmarshal subscriber options update: ${error}`);
   try {
     const filter = parseFilter(update.wantedCollections ?? [], update.wantedDids ?? []);
     return { type: "options_update", payload: update, filter };
