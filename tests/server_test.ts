@@ -832,6 +832,38 @@ Deno.test("`serveJetstream()` fails the connection on unmasked frames and invali
   assert.deepEqual(server.connections.map((c) => c.closeCode), [1002, 1007]);
 });
 
+Deno.test("`serveJetstream()` answers a close frame with a code no client may send, or a reason not in UTF-8, with 1002", async () => {
+  await using server = serve({ closeAtEnd: false });
+  // (Before, the code was echoed: 1005 and 1006 must never be sent in a close frame, RFC 6455 §7.4.1.)
+  const cases: [Uint8Array, string][] = [
+    [new Uint8Array([0x03, 0xed]), "bad close code 1005"],
+    [new Uint8Array([0x03, 0xee]), "bad close code 1006"],
+    [new Uint8Array([0x03, 0xe7]), "bad close code 999"],
+    [new Uint8Array([0x03, 0xf6]), "bad close code 1014"],
+    [new Uint8Array([0x03, 0xe8, 0xff]), "invalid utf8 payload in close frame"],
+  ];
+  for (const [payload, reason] of cases) {
+    const ws = await RawWebSocket.connect(server.port, "/subscribe?requireHello=true");
+    try {
+      await ws.send(8, payload);
+      const { close } = await ws.untilClose();
+      assert.equal(closeCode(close!), 1002);
+      assert.equal(new TextDecoder().decode(close!.payload.subarray(2)), reason);
+    } finally {
+      ws.close();
+    }
+  }
+  // A one-byte payload is read as no code at all, as gorilla/websocket reads it: an empty close back.
+  const ws = await RawWebSocket.connect(server.port, "/subscribe?requireHello=true");
+  try {
+    await ws.send(8, new Uint8Array([0x03]));
+    const { close } = await ws.untilClose();
+    assert.equal(close!.payload.length, 0);
+  } finally {
+    ws.close();
+  }
+});
+
 Deno.test("`serveJetstream()` records 1006 when a client drops the connection without a close frame", async () => {
   await using server = serve({ closeAtEnd: false });
   const ws = await RawWebSocket.connect(server.port, `/subscribe?cursor=${EVENTS[2999].timeUs}`);
