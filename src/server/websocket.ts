@@ -74,7 +74,7 @@ const strictDecoder = new TextDecoder("utf-8", { fatal: true });
 
 /** A protocol violation by the client: close with this code. */
 /** The close codes a client may send (gorilla/websocket's list), besides 3000–4999. */
-const VALID_RECEIVED_CLOSE_CODES = new Set([1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013]);
+const CLIENT_CLOSE_CODES = new Set([1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013]);
 
 class ProtocolError extends Error {
   readonly code: number;
@@ -545,7 +545,7 @@ export class ServerWebSocket {
     const code = payload.length >= 2 ? (payload[0] << 8) | payload[1] : 1005;
     // A code no endpoint may send (1005, 1006, 1015, unassigned ones) or a reason that is not UTF-8
     // is a protocol error, answered with 1002 as gorilla/websocket answers it (RFC 6455 §7.4).
-    if (payload.length >= 2 && !VALID_RECEIVED_CLOSE_CODES.has(code) && !(code >= 3000 && code <= 4999)) {
+    if (payload.length >= 2 && !CLIENT_CLOSE_CODES.has(code) && !(code >= 3000 && code <= 4999)) {
       throw new ProtocolError(1002, `bad close code ${code}`);
     }
     let reason: string;
