@@ -72,10 +72,10 @@ const SPARE_BATCHES = 36;
 const encoder = new TextEncoder();
 const strictDecoder = new TextDecoder("utf-8", { fatal: true });
 
-/** A protocol violation by the client: close with this code. */
 /** The close codes a client may send (gorilla/websocket's list), besides 3000–4999. */
 const CLIENT_CLOSE_CODES = new Set([1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013]);
 
+/** A protocol violation by the client: close with this code. */
 class ProtocolError extends Error {
   readonly code: number;
   constructor(code: number, message: string) {
