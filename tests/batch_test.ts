@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { serialize } from "node:v8";
 import { Batcher } from "../src/pipeline/batch.ts";
-import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
+import { compressEvent, decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
 import { KV_VALUE_LIMIT, MAX_RECORD_DEPTH, nestedTooDeep, serializedSizeBound } from "../src/queue/size.ts";
 import { QueueWriter } from "../src/queue/writer.ts";
 import {
@@ -251,7 +251,51 @@ Deno.test("decodeQueueMessage() names the message and the entry of a compressed 
   );
   assert.throws(
     () => decodeQueueMessage({ ...message, compressed: ["text"] }),
-    /compressed\[0\] \(text\) is not the gzip/,
+    /compressed\[0\] \("text" \(a string\)\) is not the gzip/,
+  );
+  // The gzip of JSON that is no object: not an event. (Before, it was returned as one.)
+  assert.throws(
+    () => decodeQueueMessage({ ...message, compressed: [compressEvent("42")] }),
+    (err: Error) =>
+      /^Cannot decode queue message 9 of queue 'q': compressed\[0\] \(\d+ bytes\) is not the gzip of an event's JSON: it holds 42, not an object$/
+        .test(err.message),
+  );
+});
+
+Deno.test("decodeQueueMessage() names the field of a value that is not a queue message, and a record that is not an event", () => {
+  const message = { v: 1, queue: "q", seq: 3, cursor: 0, records: [{ did: "did:plc:x" }] };
+  const cases: [unknown, string][] = [
+    [{ ...message, v: 2 }, "'v' is 2, expected 1"],
+    [{ ...message, seq: "1" }, `'seq' is "1" (a string), expected a number`],
+    [{ ...message, records: "x" }, `'records' is "x" (a string), expected an array`],
+    [{ ...message, records: undefined }, "'records' is missing, expected an array"],
+    [{ ...message, compressed: {} }, "'compressed' is an object without keys, expected an array, or nothing"],
+  ];
+  for (const [value, problem] of cases) {
+    assert.throws(
+      () => decodeQueueMessage(value),
+      (err: unknown) =>
+        err instanceof TypeError &&
+        err.message ===
+          `Cannot decode queue message: expected { v: 1, queue, seq, cursor, records }: ${problem}`,
+      problem,
+    );
+  }
+  assert.throws(() => decodeQueueMessage("hello"), /, got "hello" \(a string\)$/);
+  // Thousands of keys are not all listed.
+  const wide = Object.fromEntries(Array.from({ length: 5000 }, (_, i) => [`k${i}`, i]));
+  assert.throws(
+    () => decodeQueueMessage({ ...message, records: wide }),
+    (err: Error) =>
+      err.message.length < 200 &&
+      /'records' is an object with keys k0, .*, … \(5000 in all\)/.test(err.message),
+  );
+  // (Before, records that are no objects were returned as events.)
+  assert.throws(
+    () => decodeQueueMessage({ ...message, records: [{ did: "did:plc:x" }, null, 5] }),
+    (err: Error) =>
+      err.message ===
+        "Cannot decode queue message 3 of queue 'q': records[1] is null, expected an event (an object)",
   );
 });
 

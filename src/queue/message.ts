@@ -48,8 +48,9 @@ export function isQueueMessage(value: unknown): value is QueueMessage {
 
 /**
  * Every event of a queue message, in order, with `compressed` events unpacked.
- * Throws a `TypeError` for a value that is not a jetfill message, or one with a `compressed` entry
- * that is not the gzip of an event's JSON (naming the message's seq and the entry).
+ * Throws a `TypeError` for a value that is not a jetfill message (naming the field that is not as
+ * expected), one whose records are not all JSON objects, or one with a `compressed` entry that is
+ * not the gzip of an event's JSON (naming the message's seq and the entry).
  *
  * @example
  * ```ts
@@ -62,32 +63,74 @@ export function isQueueMessage(value: unknown): value is QueueMessage {
  */
 export function decodeQueueMessage(message: unknown): JetstreamEvent[] {
   if (!isQueueMessage(message)) {
+    throw new TypeError(`Cannot decode queue message: ${shapeProblem(message)}`);
+  }
+  const where = `queue message ${message.seq} of queue '${message.queue}'`;
+  const bad = message.records.findIndex(notAnObject);
+  if (bad !== -1) {
     throw new TypeError(
-      `Cannot decode queue message: expected { v: 1, queue, seq, cursor, records }, got ${describe(message)}`,
+      `Cannot decode ${where}: records[${bad}] is ${
+        describe(message.records[bad])
+      }, expected an event (an object)`,
     );
   }
   if (!message.compressed || message.compressed.length === 0) return message.records;
   const out = message.records.slice();
   for (let i = 0; i < message.compressed.length; i++) {
+    const entry: unknown = message.compressed[i];
+    let event: unknown;
     try {
-      out.push(JSON.parse(TEXT.decode(gunzipSync(message.compressed[i]))) as JetstreamEvent);
+      event = JSON.parse(TEXT.decode(gunzipSync(message.compressed[i])));
+      if (notAnObject(event)) throw new Error(`it holds ${describe(event)}, not an object`);
     } catch (err) {
-      const entry: unknown = message.compressed[i];
       const what = entry instanceof Uint8Array ? `${entry.byteLength} bytes` : describe(entry);
       throw new TypeError(
-        `Cannot decode queue message ${message.seq} of queue '${message.queue}': compressed[${i}] (${what}) is not the gzip of an event's JSON: ${
+        `Cannot decode ${where}: compressed[${i}] (${what}) is not the gzip of an event's JSON: ${
           (err as Error).message
         }`,
         { cause: err },
       );
     }
+    out.push(event as JetstreamEvent);
   }
   return out;
 }
 
+function notAnObject(value: unknown): boolean {
+  return typeof value !== "object" || value === null || Array.isArray(value);
+}
+
+/** What makes `value` no jetfill message, field by field as {@link isQueueMessage} checks them. */
+function shapeProblem(value: unknown): string {
+  const expected = "expected { v: 1, queue, seq, cursor, records }";
+  if (typeof value !== "object" || value === null) return `${expected}, got ${describe(value)}`;
+  const m = value as Record<string, unknown>;
+  const field = (name: string, want: string) =>
+    `${expected}: '${name}' is ${describe(m[name])}, expected ${want}`;
+  if (m.v !== 1) return field("v", "1");
+  if (typeof m.queue !== "string") return field("queue", "a string");
+  if (typeof m.seq !== "number") return field("seq", "a number");
+  if (typeof m.cursor !== "number") return field("cursor", "a number");
+  if (!Array.isArray(m.records)) return field("records", "an array");
+  return field("compressed", "an array, or nothing");
+}
+
+/** A value, shortly, for an error message: strings quoted, objects by their first keys. */
 function describe(value: unknown): string {
+  if (value === undefined) return "missing";
+  if (typeof value === "string") {
+    return value.length > 40
+      ? `${JSON.stringify(value.slice(0, 40))}… (a string)`
+      : `${JSON.stringify(value)} (a string)`;
+  }
   if (typeof value !== "object" || value === null) return String(value);
-  return `an object with keys ${Object.keys(value).join(", ") || "(none)"}`;
+  if (Array.isArray(value)) return `an array of ${value.length}`;
+  if (value instanceof Uint8Array) return `${value.byteLength} bytes`;
+  const keys = Object.keys(value);
+  const shown = keys.slice(0, 8).join(", ");
+  return keys.length === 0
+    ? "an object without keys"
+    : `an object with keys ${shown}${keys.length > 8 ? `, … (${keys.length} in all)` : ""}`;
 }
 
 const TEXT = new TextDecoder();
