@@ -66,6 +66,9 @@ Deno.test("consume() hands over every stored event once, in seq order, and drain
       handler: (events, ctx) => {
         seqs.push(ctx.seq);
         seen.push(...events);
+        // The array is the handler's own: emptying it changes no count. (Before, the counts were
+        // taken from it after the handler, and came to 0.)
+        events.length = 0;
       },
     });
     assert.equal(result.stopReason, "empty");
@@ -1339,18 +1342,26 @@ Deno.test("consume() tries a parked message whose handler failed again, and goes
     const seqs: number[] = [];
     const reports: string[] = [];
     let failed = false;
+    let retried: JetstreamEvent[] = [];
     let kvTablesAtRetry: { queued: number; running: number } | undefined;
     const result = await consume({
       kv: path,
       untilEmpty: true,
       onError: (r) => reports.push(`${r.reason}: ${r.message}`),
-      handler: async (_events, { seq }) => {
+      handler: async (events, { seq }) => {
         await sleep(25);
         if (seq === 280 && !failed) {
           failed = true;
+          // What a failing handler did to its events is not what the next try gets. (Before, the
+          // parked message was tried again with them changed.)
+          (events[0] as { did: string }).did = "changed";
+          events.pop();
           throw new Error("not now");
         }
-        if (seq === 280) kvTablesAtRetry = kvQueueTables(path);
+        if (seq === 280) {
+          kvTablesAtRetry = kvQueueTables(path);
+          retried = events;
+        }
         seqs.push(seq);
       },
     });
@@ -1368,6 +1379,9 @@ Deno.test("consume() tries a parked message whose handler failed again, and goes
     assert.ok(at > 279 && at < 290, `message 280 handled in place ${at}: ${seqs.slice(275)}`);
     assert.deepEqual([...seqs].sort((a, b) => a - b), Array.from({ length: 300 }, (_, i) => i + 1));
     assert.deepEqual(await listParked(path), []);
+    assert.equal(retried.length, 20);
+    assert.ok(retried.every((e) => e.did.startsWith("did:")), JSON.stringify(retried[0]));
+    assert.equal(result.records, 6000);
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

@@ -171,6 +171,11 @@ export interface ConsumeContext {
  * acknowledged. Throw (or reject) to have it redelivered later. A handler that throws once
  * consume() is stopping (its `signal` aborted, say by the handler itself when its output is gone)
  * has its message parked for the next consumer instead, like the messages held: it uses up no retry.
+ *
+ * The array is the handler's own: taking events out of it changes nothing else. The events in it
+ * are best left as they are: a message KV redelivers comes with its own copy, and so does every
+ * try of a parked message, but one parked by a handler that changed its events and then failed
+ * while consume() stopped keeps those changes.
  */
 export type ConsumeHandler = (events: JetstreamEvent[], context: ConsumeContext) => void | Promise<void>;
 
@@ -1262,8 +1267,12 @@ class Consumer {
     let outcome: "ok" | "timeout";
     const started = performance.now();
     d.handlerStartedAt = started;
+    // The handler gets its own array, so that what it does to it changes neither the counts below
+    // nor the message; a parked message, which consume() keeps for its next try and its dead letter
+    // (KV's own copy is gone), gets its own copy of the events too.
+    const given = parked ? structuredClone(events) : events.slice();
     try {
-      const running = Promise.resolve().then(() => this.#o.handler(events, context));
+      const running = Promise.resolve().then(() => this.#o.handler(given, context));
       // A handler left behind by a timeout may still fail; that must not become an unhandled rejection.
       running.catch(() => {});
       outcome = await Promise.race([running.then(() => "ok" as const), timedOut]);
