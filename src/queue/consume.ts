@@ -61,7 +61,10 @@
  *   as handled; list them with {@link deadLetters} and retry them with `requeueDeadLetters()`.
  * - **Messages that are not this queue's** (another queue name in the same database, or not a jetfill
  *   message at all) are put back with a delay and reported as `foreign`: a database has one KV queue,
- *   and consume() never drops a message it does not own. With `untilEmpty`, a `queueName` the database
+ *   and consume() never drops a message it does not own. A put-back is a new enqueue: KV does not hand
+ *   a listener the options a message was enqueued with, so a jetfill message gets its dead-letter key
+ *   again, but another program's loses its `keysIfUndelivered` and `backoffSchedule` (keep such a
+ *   queue in a database of its own). With `untilEmpty`, a `queueName` the database
  *   has never held, when it holds other queues, is refused with a `UsageError` (a mistyped name would
  *   take theirs).
  *
@@ -283,7 +286,10 @@ export interface ConsumeResult {
    * deadline, to be handled in `seq` order when a handler is free (by this consumer, or by the next).
    */
   deferred: number;
-  /** Messages of other queues (or not jetfill's) put back for their own consumers. */
+  /**
+   * Put-backs of messages of other queues (or not jetfill's) for their own consumers: one message
+   * comes back, and is counted, as often as KV delivers it to this consumer.
+   */
   foreign: number;
   /** Times the database was opened (sessions). */
   sessions: number;
