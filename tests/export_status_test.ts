@@ -157,6 +157,12 @@ Deno.test("jetfill export keeps a whole last event without its newline, and refu
     await Deno.writeTextFile(notes, "# my notes\n{not json at all");
     assert.equal((await jetfill("export", "--kv", path, "--out", notes)).code, 2);
     assert.equal(await Deno.readTextFile(notes), "# my notes\n{not json at all");
+    // After an event, a last line that is an object and more is no part of one either. (Before, any
+    // line starting with '{"' that did not parse was cut as the start of an event.)
+    const junk = `${JSON.stringify(stored[0])}\n{"did":"a"}}`;
+    await Deno.writeTextFile(notes, junk);
+    assert.equal((await jetfill("export", "--kv", path, "--out", notes)).code, 2);
+    assert.equal(await Deno.readTextFile(notes), junk);
     const rest = await jetfill("export", "--kv", path);
     assert.deepEqual(lines(rest.stdout), more.map((e) => JSON.stringify(e)));
   } finally {

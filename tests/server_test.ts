@@ -9,7 +9,7 @@ import { UsageError } from "../src/errors.ts";
 import { collectMessages, rawGet, waitFor } from "./helpers/ws_collect.ts";
 import { closeCode, encodeFrame, RawWebSocket } from "./helpers/raw_ws.ts";
 import { killIfRunning } from "./helpers/cli.ts";
-import { parseGoJson } from "../src/server/go_json.ts";
+import { parseGoJson } from "../src/go_json.ts";
 
 const SEED = 11;
 const START_US = 1_770_000_000_000_000; // 2026-02-02, safely in the past

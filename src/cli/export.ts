@@ -4,6 +4,7 @@
  * @module
  */
 import { UsageError } from "../errors.ts";
+import { GO_JSON_EOF, parseGoJson } from "../go_json.ts";
 import { consume, type ConsumeResult } from "../queue/consume.ts";
 import { openKvAt, unknownQueue } from "../queue/kv_queue.ts";
 import { queueStatus } from "../queue/status.ts";
@@ -155,9 +156,9 @@ async function lineStart(file: Deno.FsFile, end: number): Promise<number> {
 }
 
 /**
- * What the bytes from `from` to `to` (a line without its newline) are: a complete JSON object, the
- * start of one as `JSON.stringify` writes it (what an export killed during a write leaves), or
- * something else.
+ * What the bytes from `from` to `to` (a line without its newline) are: a complete JSON object (an
+ * event), the start of one, cut short (what an export killed during a write leaves), or something
+ * else.
  */
 async function lastLine(
   file: Deno.FsFile,
@@ -177,13 +178,17 @@ async function lastLine(
   const text = new TextDecoder().decode(bytes.subarray(0, got));
   try {
     const value = JSON.parse(text);
-    if (typeof value === "object" && value !== null && !Array.isArray(value)) {
-      return { complete: true, partial: false };
-    }
+    return { complete: typeof value === "object" && value !== null && !Array.isArray(value), partial: false };
   } catch {
     // Not whole: the start of an event, or not an event at all.
   }
-  return { complete: false, partial: text === "{" || text.startsWith('{"') };
+  try {
+    parseGoJson(text);
+  } catch (err) {
+    // Text that only ends too soon is the start of a JSON text; of an object, it is an event's.
+    return { complete: false, partial: text.startsWith("{") && (err as Error).message === GO_JSON_EOF };
+  }
+  return { complete: false, partial: false };
 }
 
 /** The summary line printed on stderr. */

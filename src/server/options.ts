@@ -6,7 +6,7 @@
  * @module
  */
 
-import { goFieldOf, type GoJson, goKind, isGoObject, parseGoJson } from "./go_json.ts";
+import { goFieldOf, type GoJson, goKind, isGoObject, parseGoJson } from "../go_json.ts";
 
 /** A DID as the legacy server's `syntax.ParseDID` accepts it (generic DID syntax, at most 2048 chars). */
 const DID_RE = /^did:[a-z]+:[a-zA-Z0-9._:%-]*[a-zA-Z0-9._-]$/;

@@ -1,6 +1,6 @@
 /**
  * JSON read as Go's `encoding/json` reads it, for the legacy server's client messages (protocol doc
- * §2): its syntax errors word by word (a close reason must fit in 123 bytes, and JavaScript's
+ * §2), and to tell the start of a JSON text from other text: its syntax errors word by word (a close reason must fit in 123 bytes, and JavaScript's
  * `JSON.parse` messages often do not, where Go's do), and a parse that keeps what `Unmarshal` looks
  * at: every key of an object in order (duplicates too) and the literal text of numbers.
  *
@@ -16,8 +16,8 @@ export type GoJson =
   | GoJson[]
   | { entries: [string, GoJson][] };
 
-/** The message of Go's `*json.SyntaxError` for input that ends too soon. */
-const EOF = "unexpected end of JSON input";
+/** The message of Go's `*json.SyntaxError` for input that ends too soon: the start of a JSON text. */
+export const GO_JSON_EOF = "unexpected end of JSON input";
 
 class GoSyntaxError extends Error {}
 
@@ -56,7 +56,7 @@ export function parseGoJson(text: string): GoJson {
   const decoder = new TextDecoder();
   let i = 0;
   const fail = (context: string): never => {
-    if (i >= b.length) throw new GoSyntaxError(EOF);
+    if (i >= b.length) throw new GoSyntaxError(GO_JSON_EOF);
     throw new GoSyntaxError(`invalid character ${quoteChar(b[i])} ${context}`);
   };
   const space = () => {
