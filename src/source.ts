@@ -195,8 +195,9 @@ export async function consumeStream(
   // server that was quiet all along replays one idle timeout at most (a cursor kept at the tail's
   // beginning would make it scan ever more history, which a narrow filter could keep from ever
   // getting back to live). A failover after silent connections asks from the first of them, as
-  // the server left may have been stalled. Events from before the tail began (a v2 host's replay
-  // from before a time cursor, protocol doc §9) are left out.
+  // the server left may have been stalled. This machine's clock and the server's time_us differ:
+  // the cursor goes back the rewind (5 s) further, and only events more than that before the tail
+  // began are left out (a v2 host's replay from before a time cursor, protocol doc §9).
   let tailBeganUs: number | undefined;
   let liveFromUs: number | undefined;
   // When the first of the silent connections in a row was opened.
@@ -323,7 +324,9 @@ export async function consumeStream(
     // connection early still lets the sync move forward.
     const rewind = !bySeq && floorUs >= 0 && lastSpanUs > 2 * RECONNECT_REWIND_US;
     const sessionFloor = rewind ? floorUs - RECONNECT_REWIND_US : floorUs;
-    const timeUs = sessionFloor >= 0 ? sessionFloor : o.startUs ?? liveFromUs;
+    const timeUs = sessionFloor >= 0
+      ? sessionFloor
+      : o.startUs ?? (liveFromUs === undefined ? undefined : liveFromUs - o.rewindUs);
     // A time before 2001-09-09 (under 10^15 µs) would be a prefix of the keys to a legacy server and a
     // seq to a v2 one (protocol doc §1): it goes as 10^15, earlier than any history, which asks for
     // all that is retained.
@@ -418,7 +421,9 @@ export async function consumeStream(
       floorUs: sessionFloor,
       floorKnown,
       seqFloor: bySeq ? seq.floor : -1,
-      startUs: sessionFloor < 0 && tailBeganUs !== undefined ? Math.max(startUs, tailBeganUs) : startUs,
+      startUs: sessionFloor < 0 && tailBeganUs !== undefined
+        ? Math.max(startUs, tailBeganUs - o.rewindUs)
+        : startUs,
       errorFrame: false,
       outdatedFrom: undefined,
       infoFrames: 0,

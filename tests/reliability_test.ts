@@ -442,44 +442,51 @@ Deno.test("runBackfillSync() with a filter that has brought nothing yet moves be
   assert.equal(stats.recordsStored, 0);
 });
 
-Deno.test("a live tail's reconnect before any event asks from when the last connection opened, so that an event that came in between is kept", async () => {
-  // A legacy server's cursor semantics, by hand: no cursor gets only what comes later (nothing
-  // here), a cursor replays what came from it on. The event comes while the client is away, after
-  // its third connection idled out. (Before, the reconnect asked for no cursor: the event was lost.)
-  const queries: (string | null)[] = [];
-  let arrived: JetstreamEvent | undefined;
-  let closes = 0;
-  await using server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, (req) => {
-    const cursor = new URL(req.url).searchParams.get("cursor");
-    queries.push(cursor);
-    const { socket, response } = Deno.upgradeWebSocket(req);
-    socket.onopen = () => {
-      if (cursor !== null && arrived && arrived.time_us >= Number(cursor)) {
-        socket.send(JSON.stringify(arrived));
-      }
-    };
-    socket.onclose = () => {
-      if (++closes === 3) arrived = commit(Date.now() * 1000, { did: did(3) });
-    };
-    return response;
+for (const skewMs of [0, -3000, 3000]) {
+  Deno.test(`a live tail's reconnect before any event asks from when the last connection opened, so that an event that came in between is kept (server clock ${skewMs} ms off)`, async () => {
+    // A legacy server's cursor semantics, by hand, with time_us from its own clock: no cursor, or
+    // one in its future, gets only what comes later (nothing here); another cursor replays what
+    // came from it on. The event comes while the client is away, after its third connection idled
+    // out. (Before, the reconnect asked for no cursor: the event was lost; and with the server's
+    // clock 3 s behind, a cursor by this machine's clock alone was in the server's future, and the
+    // event was taken for one from before the tail began.)
+    const serverNow = () => Date.now() * 1000 + skewMs * 1000;
+    const queries: (string | null)[] = [];
+    let arrived: JetstreamEvent | undefined;
+    let closes = 0;
+    await using server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, (req) => {
+      const cursor = new URL(req.url).searchParams.get("cursor");
+      queries.push(cursor);
+      const { socket, response } = Deno.upgradeWebSocket(req);
+      socket.onopen = () => {
+        const replay = cursor !== null && Number(cursor) <= serverNow();
+        if (replay && arrived && arrived.time_us >= Number(cursor)) socket.send(JSON.stringify(arrived));
+      };
+      socket.onclose = () => {
+        if (++closes === 3) arrived = commit(serverNow(), { did: did(3) });
+      };
+      return response;
+    });
+    await using db = await tempDb();
+    const stats = await runBackfillSync({
+      instance: `ws://127.0.0.1:${server.addr.port}/subscribe`,
+      kv: db.path,
+      idleTimeout: 0.2,
+      numRecords: 1,
+      maxTime: 5,
+    });
+    assert.equal(stats.stopReason, "limit", stats.error);
+    assert.equal(queries.length, 4);
+    assert.equal(queries[0], null);
+    // Each asks from when the one before opened (less 5 s for the clocks): a quiet server replays
+    // one idle timeout (and those 5 s) at most.
+    const cursors = queries.slice(1).map(Number);
+    assert.ok(cursors[0] < cursors[1] && cursors[1] < cursors[2], JSON.stringify(queries));
+    assert.ok(cursors[2] <= arrived!.time_us, JSON.stringify(queries));
+    assert.ok(Date.now() * 1000 - cursors[0] < 7_000_000, JSON.stringify(queries));
+    assert.deepEqual(await stored(db.path, stats.queueLength), [arrived]);
   });
-  await using db = await tempDb();
-  const stats = await runBackfillSync({
-    instance: `ws://127.0.0.1:${server.addr.port}/subscribe`,
-    kv: db.path,
-    idleTimeout: 0.2,
-    numRecords: 1,
-    maxTime: 5,
-  });
-  assert.equal(stats.stopReason, "limit", stats.error);
-  assert.equal(queries.length, 4);
-  assert.equal(queries[0], null);
-  // Each asks from when the one before opened: a quiet server replays one idle timeout at most.
-  const cursors = queries.slice(1).map(Number);
-  assert.ok(cursors[0] < cursors[1] && cursors[1] < cursors[2], JSON.stringify(queries));
-  assert.ok(cursors[2] <= arrived!.time_us, JSON.stringify(queries));
-  assert.deepEqual(await stored(db.path, stats.queueLength), [arrived]);
-});
+}
 
 Deno.test("runBackfillSync() fails over from a v2 host whose connections bring an #info notice and then nothing", async () => {
   // The start is older than the first host's history: each connection there gets an OutdatedCursor
