@@ -78,6 +78,9 @@ async function v2Decoder(
   return ctx.v2Dictionary;
 }
 
+/** The most times idleTimeout a connection waits after idle ends without a new event. */
+const MAX_IDLE_SCALE = 16;
+
 /** How far a reconnect by time rewinds, µs (the replay guard drops what comes again). */
 const RECONNECT_REWIND_US = 1_000_000;
 
@@ -181,6 +184,12 @@ export async function consumeStream(
   let failures = 0;
   // Connections in a row that the idle timeout ended before they brought a frame other than a notice.
   let silentInARow = 0;
+  // How many times idleTimeout the next connection waits: doubled after each idle end without a new
+  // event, up to MAX_IDLE_SCALE, and back to 1 with one. Reconnected from its last event, a narrow
+  // filter makes the server scan the history since (protocol doc §5.2: every row counts, filtered
+  // or not); once that scan takes longer than idleTimeout, the same wait would cut it off every time
+  // and the run would never get back to live.
+  let idleScale = 1;
   let connections = 0;
   // The IDs of the v2 dictionaries a host answered UnknownZstdDictionary to.
   const refusedDictionaries = new Set<number>();
@@ -213,6 +222,7 @@ export async function consumeStream(
     instanceIndex = (instanceIndex + 1) % o.instances.length;
     stats.failovers++;
     silentInARow = 0;
+    idleScale = 1;
     const to = o.instances[instanceIndex];
     const lastUs = unrewoundUs ?? floorUs;
     if (lastUs >= 0) {
@@ -349,7 +359,7 @@ export async function consumeStream(
     const openedUs = Date.now() * 1000;
     try {
       conn = await openConnection(req.url, {
-        idleTimeoutMs: o.idleTimeoutMs,
+        idleTimeoutMs: o.idleTimeoutMs * idleScale,
         maxBufferedBytes: o.maxBufferedBytes,
         hello: req.hello,
         signal: ctx.internal.signal,
@@ -523,12 +533,15 @@ export async function consumeStream(
     if (silentInARow === 1) silentSinceUs = openedUs;
     // One that failed may have been cut short: the time it covered is in doubt.
     if (o.startUs === undefined && !failed) liveFromUs = openedUs;
+    const waitedMs = o.idleTimeoutMs * idleScale;
+    if (progressed) idleScale = 1;
+    else if (cause.kind === "idle" && !cause.partial) idleScale = Math.min(2 * idleScale, MAX_IDLE_SCALE);
     const why = cause.kind === "closed"
       ? `connection closed (code ${cause.code}${cause.reason ? `: ${cause.reason}` : ""})`
       : cause.kind === "idle"
       ? cause.partial
-        ? `a message stopped arriving midway: no progress for ${o.idleTimeoutMs / 1000} s`
-        : `no message for ${o.idleTimeoutMs / 1000} s`
+        ? `a message stopped arriving midway: no progress for ${waitedMs / 1000} s`
+        : `no message for ${waitedMs / 1000} s`
       : cause.kind === "overflow"
       ? "the pipeline fell behind the socket; reconnecting from the cursor"
       : "connection aborted";

@@ -49,7 +49,8 @@ Connection:
   --no-compress           with --resume, do not (when the last run did)
   --zstd-dictionary PATH  the zstd dictionary for --compress (else $JETFILL_ZSTD_DICTIONARY, a
                           cached copy, or a download verified by its sha256)
-  --idle-timeout SECONDS  reconnect when no progress (a message, or bytes of one) for this long (default 60)
+  --idle-timeout SECONDS  reconnect when no progress (a message, or bytes of one) for this long (default 60);
+                          doubled after each idle end without a new event, up to 16 times
   --max-retries N         retries in a row without progress before giving up (default 10)
   --max-time SECONDS      stop after this long, even when nothing arrives (default 900)
   --max-event-bytes N     skip (and count) selected events of more UTF-8 bytes (default 1048576)
