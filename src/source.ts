@@ -201,7 +201,7 @@ export async function consumeStream(
   // A live tail (no start) begins with its first connection, which asks for no cursor: only what
   // comes after it. Until an event comes, a reconnect asks from the time the last connection was
   // opened, by this machine's clock: what came while the run was away is not lost, and a healthy
-  // server that was quiet all along replays one idle timeout at most (a cursor kept at the tail's
+  // server that was quiet all along replays one connection's time at most (a cursor kept at the tail's
   // beginning would make it scan ever more history, which a narrow filter could keep from ever
   // getting back to live). A failover after silent connections asks from the first of them, as
   // the server left may have been stalled. This machine's clock and the server's time_us differ:
