@@ -6,7 +6,7 @@
  *
  * @module
  */
-import { backoffDelay, delay } from "./async.ts";
+import { backoffDelay, delay, MAX_TIMER_MS } from "./async.ts";
 import { UsageError } from "./errors.ts";
 import {
   type HistoryStart,
@@ -188,7 +188,8 @@ export async function consumeStream(
   // event, up to MAX_IDLE_SCALE, and back to 1 with one. Reconnected from its last event, a narrow
   // filter makes the server scan the history since (protocol doc §5.2: every row counts, filtered
   // or not); once that scan takes longer than idleTimeout, the same wait would cut it off every time
-  // and the run would never get back to live.
+  // and the run would never get back to live. A failover keeps it: the scan is as long there, and a
+  // first scan from the start brings no frame at all, so it fails over after every two waits.
   let idleScale = 1;
   let connections = 0;
   // The IDs of the v2 dictionaries a host answered UnknownZstdDictionary to.
@@ -222,7 +223,6 @@ export async function consumeStream(
     instanceIndex = (instanceIndex + 1) % o.instances.length;
     stats.failovers++;
     silentInARow = 0;
-    idleScale = 1;
     const to = o.instances[instanceIndex];
     const lastUs = unrewoundUs ?? floorUs;
     if (lastUs >= 0) {
@@ -359,7 +359,7 @@ export async function consumeStream(
     const openedUs = Date.now() * 1000;
     try {
       conn = await openConnection(req.url, {
-        idleTimeoutMs: o.idleTimeoutMs * idleScale,
+        idleTimeoutMs: Math.min(o.idleTimeoutMs * idleScale, MAX_TIMER_MS),
         maxBufferedBytes: o.maxBufferedBytes,
         hello: req.hello,
         signal: ctx.internal.signal,
@@ -533,7 +533,7 @@ export async function consumeStream(
     if (silentInARow === 1) silentSinceUs = openedUs;
     // One that failed may have been cut short: the time it covered is in doubt.
     if (o.startUs === undefined && !failed) liveFromUs = openedUs;
-    const waitedMs = o.idleTimeoutMs * idleScale;
+    const waitedMs = Math.min(o.idleTimeoutMs * idleScale, MAX_TIMER_MS);
     if (progressed) idleScale = 1;
     else if (cause.kind === "idle" && !cause.partial) idleScale = Math.min(2 * idleScale, MAX_IDLE_SCALE);
     const why = cause.kind === "closed"

@@ -433,7 +433,8 @@ Deno.test("runBackfillSync() with a filter that has brought nothing yet moves be
     wantedDids: [did(99)],
     idleTimeout: 0.15,
     maxRetries: 1,
-    maxTime: 2,
+    // (Each silent connection doubles the next one's wait: 0.15, 0.3, then 0.6, 1.2 s there.)
+    maxTime: 5,
   });
   assert.equal(stats.stopReason, "max_time", stats.error);
   assert.equal(stats.error, undefined);
@@ -538,6 +539,39 @@ Deno.test("a narrow filter whose server scans longer than idleTimeout for the ne
     ],
   );
   assert.deepEqual(cursors, [T0, T0, T0, T0]);
+});
+
+Deno.test("a narrow filter's first scan, longer than idleTimeout, gets through with two instances: a failover keeps the doubled wait", async () => {
+  // Both servers scan 1 s of history from the start before the one event the filter selects: every
+  // connection before it is silent, so the run fails over after every two. (Before, the failover
+  // reset the wait, which never went past 2 × 0.3 s, and nothing was stored.)
+  const event = commit(T0 + 3_600_000_000, { did: did(3) });
+  const scanning = () =>
+    Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, (req) => {
+      const probe = new URL(req.url).searchParams.get("cursor") === "0";
+      const { socket, response } = Deno.upgradeWebSocket(req);
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      socket.onopen = () => {
+        timer = setTimeout(() => socket.send(JSON.stringify(event)), probe ? 0 : 1000);
+      };
+      socket.onclose = () => clearTimeout(timer);
+      return response;
+    });
+  await using a = scanning();
+  await using b = scanning();
+  await using db = await tempDb();
+  const stats = await runBackfillSync({
+    instance: [a, b].map((s) => `ws://127.0.0.1:${s.addr.port}/subscribe`),
+    kv: db.path,
+    startTimestamp: T0,
+    idleTimeout: 0.3,
+    numRecords: 1,
+    maxTime: 10,
+    onError: () => {},
+  });
+  assert.equal(stats.stopReason, "limit", stats.error);
+  assert.equal(stats.failovers, 1);
+  assert.deepEqual(await stored(db.path, stats.queueLength), [event]);
 });
 
 Deno.test("runBackfillSync() fails over from a v2 host whose connections bring an #info notice and then nothing", async () => {
