@@ -139,8 +139,8 @@ export interface BackfillSyncOptions {
   /**
    * Seconds without any message before a connection is taken for dead and reopened. Narrow filters
    * can be quiet for long; the reconnect is harmless (the cursor makes it lossless). Each idle end
-   * without a new event doubles the next connection's wait, up to 16 times this, so that a server
-   * scanning a long history for a narrow filter is not cut short every time.
+   * without a new event doubles the next connection's wait, up to 16 times this (a new event brings
+   * it back), so that a server scanning a long history for a narrow filter is not cut short every time.
    * @default {60}
    */
   idleTimeout?: number;

@@ -437,6 +437,7 @@ export async function consumeStream(
       errorFrame: false,
       outdatedFrom: undefined,
       infoFrames: 0,
+      idleResetMs: idleScale > 1 ? o.idleTimeoutMs : undefined,
       // A history that begins within a rewind is no gap: measured from what is still needed.
       requestedUs: bySeq || timeUs === undefined || probed.has(base) ? undefined : Math.max(timeUs, neededUs),
       maxUs: -1,
@@ -533,7 +534,10 @@ export async function consumeStream(
     if (silentInARow === 1) silentSinceUs = openedUs;
     // One that failed may have been cut short: the time it covered is in doubt.
     if (o.startUs === undefined && !failed) liveFromUs = openedUs;
-    const waitedMs = Math.min(o.idleTimeoutMs * idleScale, MAX_TIMER_MS);
+    // (Back to idleTimeout once a new event came: see idleResetMs.)
+    const waitedMs = idleScale > 1 && session.idleResetMs === undefined
+      ? o.idleTimeoutMs
+      : Math.min(o.idleTimeoutMs * idleScale, MAX_TIMER_MS);
     if (progressed) idleScale = 1;
     else if (cause.kind === "idle" && !cause.partial) idleScale = Math.min(2 * idleScale, MAX_IDLE_SCALE);
     const why = cause.kind === "closed"

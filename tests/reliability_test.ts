@@ -539,6 +539,26 @@ Deno.test("a narrow filter whose server scans longer than idleTimeout for the ne
     ],
   );
   assert.deepEqual(cursors, [T0, T0, T0, T0]);
+  // Once the next event came, the fourth waits 0.4 s again, at once: a stall after it is caught as
+  // soon as ever. (Before, it was caught after the doubled 1.6 s.)
+  await using db2 = await tempDb();
+  const more = await syncReporting({
+    instance: `ws://127.0.0.1:${server.addr.port}/subscribe`,
+    kv: db2.path,
+    startTimestamp: T0,
+    idleTimeout: 0.4,
+    numRecords: 3,
+    maxTime: 6,
+  });
+  assert.deepEqual(
+    more.reports.filter((r) => r.reason === "retry").map((r) => r.message).slice(0, 4),
+    [
+      "no message for 0.4 s; reconnecting",
+      "no message for 0.4 s; reconnecting",
+      "no message for 0.8 s; reconnecting",
+      "no message for 0.4 s; reconnecting",
+    ],
+  );
 });
 
 Deno.test("a narrow filter's first scan, longer than idleTimeout, gets through with two instances: a failover keeps the doubled wait", async () => {

@@ -136,7 +136,7 @@ export class RawConnection implements Connection {
   readonly protocol: string;
   readonly #conn: Deno.Conn;
   readonly #maxMessageBytes: number;
-  readonly #idleTimeoutMs: number;
+  #idleTimeoutMs: number;
   readonly #signal: AbortSignal | undefined;
   /** Received bytes: `#head` is the first not yet parsed, `#tail` the end of what was read. */
   #buf: Uint8Array;
@@ -301,6 +301,17 @@ export class RawConnection implements Connection {
   }
 
   /** Sends a close frame (1000) if the connection is open, then drops it; frames already read can still be taken. */
+  /**
+   * Changes the idle timeout from now on (counted from the last progress, as before): a shorter one
+   * takes effect at once.
+   */
+  setIdleTimeout(ms: number): void {
+    this.#idleTimeoutMs = ms;
+    if (this.#idleTimer === undefined || this.cause !== undefined) return;
+    clearTimeout(this.#idleTimer);
+    this.#idleTick();
+  }
+
   close(): void {
     this.#finish({ kind: "aborted" }, 1000);
   }

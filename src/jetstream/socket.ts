@@ -66,6 +66,8 @@ export interface Connection {
   readonly frameBytes?: readonly number[];
   /** Closes the connection. */
   close(): void;
+  /** Changes the idle timeout from now on; only jetfill's own transport has it. */
+  setIdleTimeout?(ms: number): void;
   /**
    * Starts the closing handshake but goes on reading: `next()` returns what the server sent before
    * it saw the close, then `null` (once it has waited `waitMs` in all for a server that does not

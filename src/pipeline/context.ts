@@ -38,6 +38,8 @@ export interface Session {
   outdatedFrom: number | undefined;
   /** v2 info frames received on this connection (a notice, not an event: no sign the stream flows). */
   infoFrames: number;
+  /** The idle timeout to go back to at the first new event, when this connection's wait was doubled. */
+  idleResetMs: number | undefined;
   /**
    * The time cursor sent, if any, for an OutdatedCursor to be measured from; undefined also when a
    * probe measured this instance's coverage for the point last checked (its OutdatedCursor then

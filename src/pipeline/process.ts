@@ -394,6 +394,12 @@ export async function readConnection(
         if (stats.lastProcessedUs === null || t > stats.lastProcessedUs) {
           const change = stats.processed(t);
           if (change) options.onDateChange?.(change);
+          // A new event: a wait that idle ends had doubled is back to idleTimeout at once, so that a
+          // stall that follows is caught as soon as ever.
+          if (session.idleResetMs !== undefined) {
+            conn.setIdleTimeout?.(session.idleResetMs);
+            session.idleResetMs = undefined;
+          }
         }
         if (!select(ev)) continue;
         if (over !== undefined) {
