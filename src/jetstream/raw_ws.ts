@@ -300,7 +300,6 @@ export class RawConnection implements Connection {
     return true;
   }
 
-  /** Sends a close frame (1000) if the connection is open, then drops it; frames already read can still be taken. */
   /**
    * Changes the idle timeout from now on (counted from the last progress, as before): a shorter one
    * takes effect at once.
@@ -312,6 +311,7 @@ export class RawConnection implements Connection {
     this.#idleTick();
   }
 
+  /** Sends a close frame (1000) if the connection is open, then drops it; frames already read can still be taken. */
   close(): void {
     this.#finish({ kind: "aborted" }, 1000);
   }
