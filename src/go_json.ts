@@ -21,6 +21,9 @@ export const GO_JSON_EOF = "unexpected end of JSON input";
 
 class GoSyntaxError extends Error {}
 
+/** The control characters `strconv.Quote` writes by letter. */
+const NAMED_ESCAPES: Record<number, string> = { 7: "a", 8: "b", 9: "t", 10: "n", 11: "v", 12: "f", 13: "r" };
+
 /**
  * A byte as Go's `quoteChar` shows it in a syntax error: in single quotes, escaped as
  * `strconv.Quote` escapes the rune of that value.
@@ -28,8 +31,7 @@ class GoSyntaxError extends Error {}
 function quoteChar(c: number): string {
   if (c === 0x27) return `'\\''`;
   if (c === 0x22) return `'"'`;
-  const named: Record<number, string> = { 7: "a", 8: "b", 9: "t", 10: "n", 11: "v", 12: "f", 13: "r" };
-  if (named[c]) return `'\\${named[c]}'`;
+  if (NAMED_ESCAPES[c]) return `'\\${NAMED_ESCAPES[c]}'`;
   if (c === 0x5c) return `'\\\\'`;
   if (c < 0x20 || c === 0x7f) return `'\\x${c.toString(16).padStart(2, "0")}'`;
   // Runes U+0080 to U+00FF: Go prints the letters and signs, and escapes controls and spaces.
@@ -198,6 +200,11 @@ export function goKind(v: GoJson): string {
   if (typeof v === "string") return "string";
   if (Array.isArray(v)) return "array";
   return "number" in v ? "number" : "object";
+}
+
+/** Whether `v` is a JSON number (its text). */
+export function isGoNumber(v: GoJson | undefined): v is { number: string } {
+  return typeof v === "object" && v !== null && !Array.isArray(v) && "number" in v;
 }
 
 /** Whether `v` is a JSON object. */

@@ -6,7 +6,7 @@
  * @module
  */
 
-import { goFieldOf, type GoJson, goKind, isGoObject, parseGoJson } from "../go_json.ts";
+import { goFieldOf, type GoJson, goKind, isGoNumber, isGoObject, parseGoJson } from "../go_json.ts";
 
 /** A DID as the legacy server's `syntax.ParseDID` accepts it (generic DID syntax, at most 2048 chars). */
 const DID_RE = /^did:[a-z]+:[a-zA-Z0-9._:%-]*[a-zA-Z0-9._-]$/;
@@ -368,9 +368,7 @@ const UPDATE = "SubscriberOptionsUpdatePayload";
 
 /** Go's `UnmarshalTypeError` text for `v` given to a field (or the whole value) of type `goType`. */
 function typeError(v: GoJson, goType: string, struct: string, field?: string): string {
-  const what = typeof v === "object" && v !== null && !Array.isArray(v) && "number" in v && goType === "int"
-    ? `number ${v.number}`
-    : goKind(v);
+  const what = isGoNumber(v) && goType === "int" ? `number ${v.number}` : goKind(v);
   return field === undefined
     ? `json: cannot unmarshal ${what} into Go value of type server.${struct}`
     : `json: cannot unmarshal ${what} into Go struct field ${struct}.${field} of type ${goType}`;
@@ -444,7 +442,7 @@ export function parseClientMessage(text: string): ClientMessage {
       const field = goFieldOf(key, ["wantedCollections", "wantedDids", "maxMessageSizeBytes"] as const);
       if (field === "maxMessageSizeBytes") {
         if (v === null) continue;
-        if (typeof v === "object" && !Array.isArray(v) && "number" in v && goInt(v.number)) {
+        if (isGoNumber(v) && goInt(v.number)) {
           update.maxMessageSizeBytes = Number(v.number);
         } else error ??= typeError(v, "int", UPDATE, field);
       } else if (field !== undefined) {
