@@ -9,7 +9,7 @@ import { UsageError } from "../src/errors.ts";
 import { collectMessages, rawGet, waitFor } from "./helpers/ws_collect.ts";
 import { closeCode, encodeFrame, RawWebSocket } from "./helpers/raw_ws.ts";
 import { killIfRunning } from "./helpers/cli.ts";
-import { parseGoJson } from "../src/go_json.ts";
+import { goFieldOf, parseGoJson } from "../src/go_json.ts";
 
 const SEED = 11;
 const START_US = 1_770_000_000_000_000; // 2026-02-02, safely in the past
@@ -643,6 +643,10 @@ Deno.test("parseGoJson() gives Go's encoding/json syntax errors", () => {
     ["{} x", "invalid character 'x' after top-level value"],
     ["01", "invalid character '1' after top-level value"],
     ["@", "invalid character '@' looking for beginning of value"],
+    // Go names the byte, not the character: the first byte of a UTF-8 sequence, as a rune.
+    ['{"a":\u00e9}', "invalid character '\u00c3' looking for beginning of value"],
+    ["[1\u00a0]", "invalid character '\u00c2' after array element"],
+    ['{"a":1\u{1f600}}', "invalid character '\u00f0' after object key:value pair"],
   ];
   for (const [text, message] of cases) {
     assert.throws(() => parseGoJson(text), (err: Error) => err.message === message, JSON.stringify(text));
@@ -650,6 +654,19 @@ Deno.test("parseGoJson() gives Go's encoding/json syntax errors", () => {
   assert.deepEqual(parseGoJson(' {"a":[1.5e3,true,null,"x\\u00e9"],"a":{}} '), {
     entries: [["a", [{ number: "1.5e3" }, true, null, "xé"]], ["a", { entries: [] }]],
   });
+});
+
+Deno.test("goFieldOf() matches keys to fields as Go's decoder does: exact first, then folded case", () => {
+  const fields = ["wantedDids", "maxMessageSizeBytes", "Kind", "kind"] as const;
+  assert.equal(goFieldOf("wantedDids", fields), "wantedDids");
+  assert.equal(goFieldOf("WANTEDDIDS", fields), "wantedDids");
+  assert.equal(goFieldOf("kind", fields), "kind"); // an exact match wins over an earlier folded one
+  assert.equal(goFieldOf("KIND", fields), "Kind");
+  // Unicode simple folding: the long s folds to s, the Kelvin sign to k.
+  assert.equal(goFieldOf("maxMe\u017f\u017fageSizeBytes", fields), "maxMessageSizeBytes");
+  assert.equal(goFieldOf("\u212aind", fields), "Kind");
+  assert.equal(goFieldOf("wantedDid", fields), undefined);
+  assert.equal(goFieldOf("wanted_dids", fields), undefined);
 });
 
 Deno.test("`serveJetstream()` (legacy) ignores a client message over 10,000,000 bytes", async () => {
