@@ -296,6 +296,16 @@ function because(name: string, expected: string, value: unknown): string {
   return `Cannot sync as '${name}' must be ${expected}: current value is ${show(value)}`;
 }
 
+/**
+ * Why a `kv` of ":memory:" is refused: a database this call opens is closed when it returns, and an
+ * in-memory one goes with everything it holds. `verb` is the call's ("sync", "consume").
+ */
+export function inMemoryPathRefusal(verb: string): string {
+  return `Cannot ${verb} as 'kv' must be a Deno.Kv or a database path: current value is ":memory:", ` +
+    "a database in memory that would be gone when the call returns " +
+    '(open it with Deno.openKv(":memory:") and pass that Deno.Kv)';
+}
+
 function err(name: string, expected: string) {
   return { error: (iss: { input?: unknown }) => because(name, expected, iss.input) };
 }
@@ -366,7 +376,10 @@ export const SyncOptionsSchema = z.strictObject({
   ).optional(),
   kv: z.union(
     [
-      z.string().min(1, err("kv", "a Deno.Kv or a database path")),
+      z.string().min(1, err("kv", "a Deno.Kv or a database path")).refine(
+        (path) => path !== ":memory:",
+        { error: () => inMemoryPathRefusal("sync") },
+      ),
       z.custom<Deno.Kv>(isDenoKv),
     ],
     err(

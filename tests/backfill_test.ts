@@ -1071,13 +1071,17 @@ Deno.test("runBackfillSync() whose last progress report throws still returns its
   assert.deepEqual((await lastRunOf(db.path))?.stats, stats);
 });
 
-Deno.test("runBackfillSync() refuses a kv that is not an open Deno.Kv or a path, and options that are not an object", async () => {
+Deno.test('runBackfillSync() refuses a kv that is not an open Deno.Kv or a path (or is ":memory:"), and options that are not an object', async () => {
   const closed = await Deno.openKv(":memory:");
   closed.close();
   const cases: [unknown, RegExp][] = [
     [{ kv: {} }, /^Cannot sync as 'kv' must be a Deno.Kv or a database path: current value is \{\}$/],
     [{ kv: new Map() }, /^Cannot sync as 'kv' must be a Deno.Kv or a database path/],
     [{ kv: [] }, /^Cannot sync as 'kv' must be a Deno.Kv or a database path/],
+    [
+      { kv: ":memory:" },
+      /^Cannot sync as 'kv' must be a Deno.Kv or a database path: current value is ":memory:", a database in memory that would be gone when the call returns \(open it with Deno.openKv\(":memory:"\) and pass that Deno.Kv\)$/,
+    ],
     [{ kv: closed }, /^Cannot sync as 'kv' must be an open Deno.Kv: current value is one that was closed$/],
     [null, /^Cannot sync as the options must be an object: current value is null$/],
   ];

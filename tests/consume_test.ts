@@ -365,6 +365,10 @@ Deno.test("consume() rejects bad options with a UsageError that names them, befo
     [{ handler, kv: {} }, "Cannot consume as 'kv' must be a Deno.Kv or a database path: current value is {}"],
     [{ handler, kv: "" }, `Cannot consume as 'kv' must be a Deno.Kv or a database path: current value is ""`],
     [
+      { handler, kv: ":memory:" },
+      `Cannot consume as 'kv' must be a Deno.Kv or a database path: current value is ":memory:", a database in memory that would be gone when the call returns (open it with Deno.openKv(":memory:") and pass that Deno.Kv)`,
+    ],
+    [
       { handler, untilEmtpy: true },
       "Cannot consume as 'untilEmtpy' is not an option of consume() (did you mean 'untilEmpty'?)",
     ],

@@ -101,7 +101,13 @@ import {
 } from "./parking.ts";
 import { show, UsageError } from "../errors.ts";
 import { longTimeout } from "../async.ts";
-import { isDenoKv, optionsObjectError, QUEUE_NAME, QUEUE_NAME_RULE } from "../options.ts";
+import {
+  inMemoryPathRefusal,
+  isDenoKv,
+  optionsObjectError,
+  QUEUE_NAME,
+  QUEUE_NAME_RULE,
+} from "../options.ts";
 import { z } from "zod";
 
 /**
@@ -366,7 +372,10 @@ const ConsumeOptionsSchema = z.strictObject({
   handler: z.custom<ConsumeHandler>((v) => typeof v === "function", because("handler", "a function")),
   kv: z.union(
     [
-      z.string().min(1, because("kv", "a Deno.Kv or a database path")),
+      z.string().min(1, because("kv", "a Deno.Kv or a database path")).refine(
+        (path) => path !== ":memory:",
+        { error: () => inMemoryPathRefusal("consume") },
+      ),
       z.custom<Deno.Kv>(isDenoKv),
     ],
     because("kv", "a Deno.Kv or a database path"),
