@@ -207,6 +207,31 @@ Deno.test("the v2 wire measures a clamped start from where history begins, not f
   assert.ok(syncConnections(server).every((c) => c.params.wantedDids.includes(did(5))));
 });
 
+Deno.test("the v2 wire takes 10,000 DIDs in its URL on every connection", async () => {
+  const events = capture();
+  // The capture's nine DIDs among 10,000: the most a run takes, all of them in each URL.
+  const dids = [
+    ...Array.from({ length: 9_991 }, (_, i) => `did:web:d${i}.example`),
+    ...[0, 1, 2, 3, 4, 5, 6, 7, 8].map(did),
+  ];
+  await using server = serveEvents(events, { version: "v2", closeAtEnd: true, faults: { dropEvery: 200 } });
+  await using db = await tempDb();
+  const stats = await runBackfillSync({
+    instance: v2Url(server.url),
+    kv: db.path,
+    startTimestamp: T0,
+    wantedDids: dids,
+    ...ALL,
+  });
+  assert.equal(stats.stopReason, "closed");
+  assert.ok(stats.reconnects >= 2);
+  const kept = await stored(db.path, stats.queueLength);
+  assert.deepEqual(kept.map((e) => e.time_us), events.map((e) => e.time_us));
+  const connections = syncConnections(server);
+  assert.equal(connections.length, stats.reconnects + 1);
+  for (const c of connections) assert.deepEqual(c.params.wantedDids, dids);
+});
+
 Deno.test("failing over before any event, the next instance's history is checked and the gap counted once", async () => {
   const events = capture();
   const history = T0 + 100 * 1000;

@@ -44,7 +44,8 @@ export interface SubscribeRequest {
  */
 export function buildSubscribeRequest(base: string, params: SubscribeParams): SubscribeRequest {
   const url = new URL(base);
-  const q = url.searchParams;
+  // A copy, written back once: each change to url.searchParams rewrites the whole URL.
+  const q = new URLSearchParams(url.search);
   for (const key of ["wantedDids", "wantedCollections", "cursor", "compress", "requireHello"]) q.delete(key);
   for (const c of params.wantedCollections) q.append("wantedCollections", c);
   const viaHello = params.wantedDids.length > URL_DID_LIMIT;
@@ -53,6 +54,7 @@ export function buildSubscribeRequest(base: string, params: SubscribeParams): Su
   if (params.cursor !== undefined) q.set("cursor", String(Math.trunc(params.cursor)));
   if (params.compress) q.set("compress", "true");
   if (viaHello) q.set("requireHello", "true");
+  url.search = q.toString();
   // URLSearchParams encodes '*' as %2A and ':' as %3A; Jetstream decodes both, but keeping them
   // literal makes logged URLs readable.
   const text = url.toString().replaceAll("%2A", "*").replaceAll("%3A", ":");
