@@ -330,10 +330,10 @@ export async function consumeStream(
     // Reconnecting by time, ask for a little more than the inclusive cursor: a legacy server can
     // drop or reorder events around its replay-to-live switch (jetstream-legacy#42). What comes
     // again is recognised by the replay guard.
-    // Only after a connection that covered well over the rewind, so that a server dropping every
-    // connection early still lets the sync move forward.
-    const rewind = !bySeq && floorUs >= 0 && lastSpanUs > 2 * RECONNECT_REWIND_US;
-    const sessionFloor = rewind ? floorUs - RECONNECT_REWIND_US : floorUs;
+    // At most half the time the last connection with events covered, so that a server dropping
+    // every connection early still lets the sync move forward.
+    const rewindUs = !bySeq && floorUs >= 0 ? Math.min(RECONNECT_REWIND_US, Math.floor(lastSpanUs / 2)) : 0;
+    const sessionFloor = floorUs - rewindUs;
     const timeUs = sessionFloor >= 0
       ? sessionFloor
       : o.startUs ?? (liveFromUs === undefined ? undefined : liveFromUs - o.rewindUs);
@@ -483,7 +483,8 @@ export async function consumeStream(
       neededUs = Math.max(neededUs, floorUs);
       floorKnown = true;
     }
-    lastSpanUs = session.maxUs >= 0 && session.minUs >= 0 ? session.maxUs - session.minUs : 0;
+    // A connection without events leaves it: the next attempt covers the same drop again.
+    if (session.maxUs >= 0 && session.minUs >= 0) lastSpanUs = session.maxUs - session.minUs;
     // Back in the window: later connections ask from the last seq again.
     if (seq.floor !== before.seq) seq.fromOldest = false;
     disconnectedAt = performance.now();

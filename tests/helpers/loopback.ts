@@ -246,6 +246,34 @@ function relay(
 }
 
 /**
+ * A server that accepts every WebSocket connection and drops it at once, without a frame or a close
+ * (a server that goes down right after the upgrade). `accepted()` counts the connections.
+ */
+export function upgradeThenDropServer(): { port: number; accepted: () => number } & AsyncDisposable {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  let accepted = 0;
+  const serving = (async () => {
+    for await (const conn of listener) {
+      const head = await readRequestHead(conn).catch(() => undefined);
+      const answer = head && await acceptWebSocket(head.headers);
+      if (answer && "response" in answer) {
+        await conn.write(answer.response).catch(() => {});
+        accepted++;
+      }
+      conn.close();
+    }
+  })().catch(() => {/* closed */});
+  return {
+    port: listener.addr.port,
+    accepted: () => accepted,
+    [Symbol.asyncDispose]: async () => {
+      listener.close();
+      await serving;
+    },
+  };
+}
+
+/**
  * A server that takes one WebSocket connection, sends it `event`, then reads and ignores whatever
  * comes, the close frame included, and never closes: a server that does not answer a close.
  * `connected()` says when the event was sent.
