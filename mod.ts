@@ -48,7 +48,6 @@ export {
   type Checkpoint,
   KV_PAGE_SIZE,
   openKvAt,
-  queueLength,
   readCheckpoint,
   type RunState,
   type TailKeys,
@@ -69,7 +68,7 @@ export {
 } from "./src/queue/consume.ts";
 export { type DeadLetter, deadLetters, requeueDeadLetters } from "./src/queue/dead_letters.ts";
 export { PARK_CONFIRM_MS, PARK_HEARTBEAT_MS, PARK_STALE_MS, requeueParked } from "./src/queue/parking.ts";
-export { type QueueStatus, queueStatus } from "./src/queue/status.ts";
+export { queueLength, type QueueStatus, queueStatus } from "./src/queue/status.ts";
 export type {
   AccountEvent,
   CommitData,

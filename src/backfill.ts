@@ -39,13 +39,13 @@ import {
   localDatabasePath,
   openKvAt,
   queueKey,
-  queueLength,
   queuesIn,
   readCheckpoint,
   recentKeysOf,
   retryWhileBusy,
   type RunState,
 } from "./queue/kv_queue.ts";
+import { queueLength } from "./queue/status.ts";
 import { lockQueueFile, type QueueFileLock, queueLockPath } from "./queue/file_lock.ts";
 import { ConcurrentWriterError, QueueWriter } from "./queue/writer.ts";
 import { consumeStream } from "./source.ts";

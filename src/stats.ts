@@ -37,7 +37,7 @@ export interface SyncStats {
   targetReached: boolean;
   /** `time_us` of the last record durably stored by this run (or, on resume, by the run it continues), or null. */
   latestCursor: number | null;
-  /** Messages waiting in this queue after the run. */
+  /** Messages waiting in this queue after the run (see `queueLength()`). */
   queueLength: number;
   /** UTC date (`YYYY-MM-DD`) of the last event processed, or null. */
   currentDate: string | null;

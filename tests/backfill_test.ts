@@ -1071,6 +1071,20 @@ Deno.test("runBackfillSync() whose last progress report throws still returns its
   assert.deepEqual((await lastRunOf(db.path))?.stats, stats);
 });
 
+Deno.test("runBackfillSync() whose kv folder cannot be made says which database it was for", async () => {
+  const file = await Deno.makeTempFile({ prefix: "jetfill_notafolder_" });
+  try {
+    const path = `${file}/sub/q.sqlite`;
+    await assert.rejects(
+      () => runBackfillSync({ kv: path, instance: "ws://127.0.0.1:1/subscribe" }),
+      (err: Error) =>
+        err.message.startsWith(`cannot make the folder of the Deno KV database ${JSON.stringify(path)}: `),
+    );
+  } finally {
+    await Deno.remove(file);
+  }
+});
+
 Deno.test('runBackfillSync() refuses a kv that is not an open Deno.Kv or a path (or is ":memory:"), and options that are not an object', async () => {
   const closed = await Deno.openKv(":memory:");
   closed.close();

@@ -4,13 +4,8 @@ import { Batcher } from "../src/pipeline/batch.ts";
 import { compressEvent, decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
 import { KV_VALUE_LIMIT, MAX_RECORD_DEPTH, nestedTooDeep, serializedSizeBound } from "../src/queue/size.ts";
 import { QueueWriter } from "../src/queue/writer.ts";
-import {
-  emptyCheckpoint,
-  queueKey,
-  queueLength,
-  readCheckpoint,
-  retryWhileBusy,
-} from "../src/queue/kv_queue.ts";
+import { emptyCheckpoint, queueKey, readCheckpoint, retryWhileBusy } from "../src/queue/kv_queue.ts";
+import { queueLength } from "../src/queue/status.ts";
 import { commit, drainQueue } from "./helpers/events.ts";
 import type { JetstreamEvent } from "../src/jetstream/events.ts";
 import { mapV2Frame } from "../src/jetstream/v2.ts";

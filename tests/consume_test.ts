@@ -21,7 +21,8 @@ import {
   requeueParked,
 } from "../src/queue/parking.ts";
 import { queueStatus } from "../src/queue/status.ts";
-import { openKvAt, queueKey, queueLength } from "../src/queue/kv_queue.ts";
+import { openKvAt, queueKey } from "../src/queue/kv_queue.ts";
+import { queueLength } from "../src/queue/status.ts";
 import type { QueueMessage } from "../src/queue/message.ts";
 import { generateCapture } from "../src/server/synth.ts";
 import { produce } from "./helpers/produce.ts";

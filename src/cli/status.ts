@@ -30,7 +30,8 @@ stored, or null), latestCursorTime (its ISO 8601 UTC time), checkpointUpdatedAt,
 messagesEnqueued, messagesHandled, recordsHandled, messagesWaiting and recordsWaiting (neither
 handled nor dead-lettered), messagesParked (of those, parked by a consumer in KV keys, out of
 KV's queue, for a consumer to take in seq order), deadLetters and deadRecords (messages KV gave up
-delivering), queueLength (messages not handled, dead letters included, as a sync reports it),
+delivering), queueLength (messages not handled, dead letters included, as a sync reports it;
+the waiting ones are counted in Deno KV's queue, so those a plain listenQueue took do not count),
 recordsPerDay ({ "YYYY-MM-DD": records }), writer (the sync holding the queue's writer lock:
 { run, since, lastSeen, lockFile }, or null when none does; a lastSeen over 10 s old is a crashed
 sync, unless it holds the lock file (lockFile true) and the lock file is held), lockFile ({ path,

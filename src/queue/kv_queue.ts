@@ -249,7 +249,14 @@ export async function openKvAt(path: string): Promise<Deno.Kv> {
   const file = localDatabasePath(path);
   if (file !== undefined) {
     const slash = file.lastIndexOf("/");
-    if (slash > 0) await Deno.mkdir(file.slice(0, slash), { recursive: true });
+    if (slash > 0) {
+      await Deno.mkdir(file.slice(0, slash), { recursive: true }).catch((err) => {
+        throw new Error(
+          `cannot make the folder of the Deno KV database ${JSON.stringify(path)}: ${(err as Error).message}`,
+          { cause: err },
+        );
+      });
+    }
     const info = await Deno.stat(file).catch(() => undefined);
     // Only a speed-up: where it cannot be done, Deno KV creates the database as it always does.
     if (!info) await createDatabase(file).catch(() => {});
@@ -287,8 +294,112 @@ export async function openKvAt(path: string): Promise<Deno.Kv> {
     );
   }
   // Only a speed-up too: a database that cannot be indexed now (read-only, or busy) is used as it is.
-  if (file !== undefined) await indexQueueTables(file).catch(() => {});
+  if (file !== undefined) {
+    await indexQueueTables(file).catch(() => {});
+    databaseFiles.set(kv, file);
+  }
   return kv;
+}
+
+/** The database files of the handles {@link openKvAt} opened. */
+const databaseFiles = new WeakMap<Deno.Kv, string>();
+
+/** A queue message's row in Deno KV's queue tables, as {@link readKvQueue} reads it. */
+type QueueRow = { data?: Uint8Array };
+
+/**
+ * The rows of `queue`'s messages in Deno KV's own queue, in the database file of `kv`: waiting, or
+ * being delivered. Each jetfill message names its queue in its dead-letter key
+ * (`keysIfUndelivered`), which Deno KV keeps beside it, encoded as the database encodes keys. When
+ * the database holds no other jetfill queue, the tables' rows are counted by their index (the
+ * messages, up to 64 KiB each, are not read), and another program's messages there count too.
+ * Undefined when the file cannot be read: `kv` was not opened by {@link openKvAt} (a `Deno.Kv`
+ * opened elsewhere, whose file is not known), or the database is busy or unreadable.
+ */
+async function readKvQueue(
+  kv: Deno.Kv,
+  queue: string,
+  read: "count" | "data",
+): Promise<QueueRow[] | number | undefined> {
+  const file = databaseFiles.get(kv);
+  if (file === undefined) return undefined;
+  const onlyThis = read === "count" && (await queuesIn(kv)).every((q) => q === queue);
+  try {
+    const { DatabaseSync } = await import("node:sqlite");
+    const db = new DatabaseSync(file, { readOnly: true, timeout: 1000 });
+    try {
+      const tables = new Set(
+        (db.prepare("select name from sqlite_master where type = 'table'").all() as { name: string }[]).map((
+          r,
+        ) => r.name),
+      );
+      if (!tables.has("queue") || !tables.has("queue_running")) return read === "count" ? 0 : [];
+      if (onlyThis) {
+        const row = db.prepare(
+          "select (select count(*) from queue) + (select count(*) from queue_running) as n",
+        ).get();
+        return Number((row as { n: number }).n);
+      }
+      const pattern = `[[${encodedKeyPrefix(queueKey(queue, "dead"))},%`;
+      const what = read === "count" ? "count(*) as n" : "data";
+      const rows = ["queue", "queue_running"].flatMap((table) =>
+        db.prepare(`select ${what} from ${table} where keys_if_undelivered like ?`).all(
+          pattern,
+        ) as (QueueRow & {
+          n?: number;
+        })[]
+      );
+      return read === "count" ? rows.reduce((n, r) => n + Number(r.n), 0) : rows;
+    } finally {
+      db.close();
+    }
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * The bytes of a key of string parts as Deno KV encodes it (each part: 0x02, its UTF-8 with 0x00
+ * escaped as 0x00 0xFF, then 0x00), joined with commas, as its queue tables write key lists (JSON).
+ */
+function encodedKeyPrefix(key: Deno.KvKey): string {
+  const bytes: number[] = [];
+  for (const part of key) {
+    bytes.push(2);
+    for (const b of new TextEncoder().encode(String(part))) bytes.push(...(b === 0 ? [0, 0xff] : [b]));
+    bytes.push(0);
+  }
+  return bytes.join(",");
+}
+
+/**
+ * How many of `queue`'s messages Deno KV's own queue holds (waiting, or being delivered), read from
+ * the database file: undefined when it cannot be (see {@link readKvQueue}). Unlike the queue's
+ * counters, this sees what a plain `listenQueue` took.
+ */
+export async function messagesInKvQueue(kv: Deno.Kv, queue: string): Promise<number | undefined> {
+  return await readKvQueue(kv, queue, "count") as number | undefined;
+}
+
+/**
+ * The records in `queue`'s messages that Deno KV's own queue holds, read from the database file (each
+ * message is decoded): undefined when it cannot be (see {@link readKvQueue}).
+ */
+export async function recordsInKvQueue(kv: Deno.Kv, queue: string): Promise<number | undefined> {
+  const rows = await readKvQueue(kv, queue, "data") as QueueRow[] | undefined;
+  if (rows === undefined) return undefined;
+  const { deserialize } = await import("node:v8");
+  let records = 0;
+  for (const row of rows) {
+    try {
+      const m = deserialize(row.data!) as { records?: unknown; compressed?: unknown };
+      records += (Array.isArray(m.records) ? m.records.length : 0) +
+        (Array.isArray(m.compressed) ? m.compressed.length : 0);
+    } catch {
+      // Not a message this version can read: no records counted.
+    }
+  }
+  return records;
 }
 
 /** Files {@link checkDatabaseFile} found to be Deno KV databases (or empty SQLite ones) in this process. */
@@ -508,25 +619,6 @@ export function defaultKvPath(queue: string): string {
 export function counterValue(entry: Deno.KvEntryMaybe<unknown>): number {
   const v = entry.value;
   return v instanceof Deno.KvU64 ? Number(v.value) : 0;
-}
-
-/**
- * Messages waiting in a queue: enqueued minus handled.
- *
- * @example
- * ```ts
- * import { queueLength } from "./kv_queue.ts";
- * const kv = await Deno.openKv(":memory:");
- * await queueLength(kv, "jetstream_sync"); // 0
- * kv.close();
- * ```
- */
-export async function queueLength(kv: Deno.Kv, queue: string): Promise<number> {
-  const [enq, handled] = await kv.getMany([
-    queueKey(queue, "count", "messages"),
-    queueKey(queue, "count", "messagesHandled"),
-  ]);
-  return Math.max(0, counterValue(enq) - counterValue(handled));
 }
 
 /** Reads a queue's checkpoint. */

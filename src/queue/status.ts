@@ -4,10 +4,11 @@
  *
  * @module
  */
-import { counterValue, queueKey, readCheckpoint } from "./kv_queue.ts";
+import { counterValue, messagesInKvQueue, queueKey, readCheckpoint, recordsInKvQueue } from "./kv_queue.ts";
 import { deadLetters } from "./dead_letters.ts";
 import { parkedByRun } from "./parking.ts";
 import { isoFromUs } from "../time.ts";
+import { decodeQueueMessage } from "./message.ts";
 
 /** A queue's state, as `jetfill status` shows it. */
 export interface QueueStatus {
@@ -96,6 +97,55 @@ async function stillWaiting(kv: Deno.Kv, queue: string, seqs: Set<number>): Prom
   return seqs;
 }
 
+/** Of the messages a consumer parked, those not handled yet: their seqs. */
+async function parkedWaiting(kv: Deno.Kv, queue: string): Promise<Set<number>> {
+  return await stillWaiting(kv, queue, new Set([...(await parkedByRun(kv, queue)).values()].flat()));
+}
+
+/** The records in the parked messages whose seqs are in `waiting`. */
+async function parkedRecords(kv: Deno.Kv, queue: string, waiting: Set<number>): Promise<number> {
+  if (waiting.size === 0) return 0;
+  let records = 0;
+  for await (const entry of kv.list({ prefix: queueKey(queue, "parked") })) {
+    if (!waiting.has(entry.key[entry.key.length - 1] as number)) continue;
+    try {
+      records += decodeQueueMessage(entry.value).length;
+    } catch {
+      // Not a message this version can read: no records counted.
+    }
+  }
+  return records;
+}
+
+/**
+ * Messages of a queue not handled yet, dead letters included: those in Deno KV's queue, those a
+ * consumer parked and the dead letters. For a database opened by path (as `runBackfillSync()`,
+ * `consume()` and the CLI open theirs), Deno KV's queue is counted in its file, so that messages a
+ * plain `listenQueue` took do not count; the messages of another program in a database that holds
+ * only this jetfill queue count too. For a `Deno.Kv` opened elsewhere, whose file is not known, it
+ * is the queue's counters: enqueued minus handled by `consume()`.
+ *
+ * @example
+ * ```ts
+ * import { queueLength } from "./status.ts";
+ * const kv = await Deno.openKv(":memory:");
+ * await queueLength(kv, "jetstream_sync"); // 0
+ * kv.close();
+ * ```
+ */
+export async function queueLength(kv: Deno.Kv, queue: string): Promise<number> {
+  const inKv = await messagesInKvQueue(kv, queue);
+  if (inKv === undefined) {
+    const [enq, handled] = await kv.getMany([
+      queueKey(queue, "count", "messages"),
+      queueKey(queue, "count", "messagesHandled"),
+    ]);
+    return Math.max(0, counterValue(enq) - counterValue(handled));
+  }
+  const dead = (await deadLetters(kv, queue)).filter((l) => !l.handled);
+  return inKv + (await parkedWaiting(kv, queue)).size + dead.length;
+}
+
 /**
  * Reads a queue's checkpoint, counters, per-day counts, dead letters and last run. Reading takes
  * a consistent view of each part, not of all of them together: figures read while a sync or a
@@ -125,8 +175,18 @@ export async function queueStatus(kv: Deno.Kv, queue: string): Promise<QueueStat
     if (typeof day === "string") recordsPerDay[day] = counterValue(entry);
   }
   const dead = (await deadLetters(kv, queue)).filter((l) => !l.handled);
-  const parked = await stillWaiting(kv, queue, new Set([...(await parkedByRun(kv, queue)).values()].flat()));
+  const parked = await parkedWaiting(kv, queue);
   const deadRecords = dead.reduce((n, l) => n + l.records, 0);
+  // What the counters say waits, and, for a database opened by path, what Deno KV's queue holds.
+  let messagesWaiting = Math.max(0, messagesEnqueued - messagesHandled - dead.length);
+  let recordsWaiting = Math.max(0, recordsEnqueued - recordsHandled - deadRecords);
+  const inKv = await messagesInKvQueue(kv, queue);
+  if (inKv !== undefined && inKv + parked.size !== messagesWaiting) {
+    // Taken by a plain listener (or put there by another program): the records are counted in the
+    // messages themselves, those in KV's queue and those parked.
+    messagesWaiting = inKv + parked.size;
+    recordsWaiting = (await recordsInKvQueue(kv, queue) ?? 0) + await parkedRecords(kv, queue, parked);
+  }
   const run = (await kv.get<{
     id: string;
     finishedAt: number;
@@ -162,12 +222,12 @@ export async function queueStatus(kv: Deno.Kv, queue: string): Promise<QueueStat
     messagesEnqueued,
     messagesHandled,
     recordsHandled,
-    messagesWaiting: Math.max(0, messagesEnqueued - messagesHandled - dead.length),
-    recordsWaiting: Math.max(0, recordsEnqueued - recordsHandled - deadRecords),
+    messagesWaiting,
+    recordsWaiting,
     messagesParked: parked.size,
     deadLetters: dead.length,
     deadRecords,
-    queueLength: Math.max(0, messagesEnqueued - messagesHandled),
+    queueLength: messagesWaiting + dead.length,
     recordsPerDay,
     writer,
     lastRun: run

@@ -1,0 +1,96 @@
+/**
+ * `queueLength`: the messages waiting in a queue, counted in Deno KV's own queue for a database opened
+ * by path, so that what a plain `listenQueue` took is not counted.
+ */
+import assert from "node:assert/strict";
+import { runBackfillSync } from "../src/backfill.ts";
+import { openKvAt } from "../src/queue/kv_queue.ts";
+import { queueLength, queueStatus } from "../src/queue/status.ts";
+import { delay } from "../src/async.ts";
+import { commit, did } from "./helpers/events.ts";
+import { serveEvents, tempDb } from "./helpers/loopback.ts";
+
+const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
+const EVENTS = Array.from(
+  { length: 1000 },
+  (_, i) => commit(T0 + i * 1000, { did: did(i % 7), text: `post ${i}` }),
+);
+
+/** Takes `count` messages with a plain `listenQueue`, as another program would, and lets KV settle. */
+async function plainListener(path: string, count: number): Promise<void> {
+  const kv = await Deno.openKv(path);
+  let taken = 0;
+  let done!: () => void;
+  const finished = new Promise<void>((r) => (done = r));
+  const listening = kv.listenQueue(() => {
+    if (++taken === count) done();
+  });
+  const timer = setTimeout(done, 10_000);
+  await finished;
+  clearTimeout(timer);
+  // The last handler's acknowledgement is committed after it returns.
+  await delay(500);
+  kv.close();
+  await listening;
+  assert.equal(taken, count);
+}
+
+Deno.test("a sync's queueLength counts what Deno KV's queue holds: messages a plain listenQueue took do not count", async () => {
+  await using server = serveEvents(EVENTS, { closeAtEnd: true });
+  await using db = await tempDb();
+  const sync = (start: number, numRecords: number) =>
+    runBackfillSync({ instance: server.url, kv: db.path, startTimestamp: start, numRecords, batchSize: 50 });
+  const first = await sync(T0, 300);
+  assert.equal(first.queueLength, 6);
+  await plainListener(db.path, 6);
+  const second = await sync(T0 + 500_000, 100);
+  assert.equal(second.recordsStored, 100);
+  // Before, enqueued minus handled by consume(): 8.
+  assert.equal(second.queueLength, 2);
+  const kv = await openKvAt(db.path);
+  try {
+    const status = await queueStatus(kv, "jetstream_sync");
+    assert.equal(status.messagesEnqueued, 8);
+    assert.equal(status.messagesWaiting, 2);
+    assert.equal(status.recordsWaiting, 100);
+    assert.equal(status.queueLength, 2);
+  } finally {
+    kv.close();
+  }
+});
+
+Deno.test("two queues in one database: each one's queueLength counts its own messages in Deno KV's queue", async () => {
+  await using server = serveEvents(EVENTS, { closeAtEnd: true });
+  await using db = await tempDb();
+  const sync = (queueName: string, numRecords: number) =>
+    runBackfillSync({
+      instance: server.url,
+      kv: db.path,
+      queueName,
+      startTimestamp: T0,
+      numRecords,
+      batchSize: 50,
+    });
+  assert.equal((await sync("first", 150)).queueLength, 3);
+  assert.equal((await sync("second", 250)).queueLength, 5);
+  await plainListener(db.path, 8);
+  // Not taken by a listener: the second queue's next run.
+  const again = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    queueName: "second",
+    startTimestamp: T0 + 600_000,
+    numRecords: 100,
+    batchSize: 50,
+  });
+  assert.equal(again.queueLength, 2);
+  const kv = await openKvAt(db.path);
+  try {
+    assert.equal(await queueLength(kv, "first"), 0);
+    assert.equal(await queueLength(kv, "second"), 2);
+    const status = await queueStatus(kv, "second");
+    assert.deepEqual([status.messagesWaiting, status.recordsWaiting], [2, 100]);
+  } finally {
+    kv.close();
+  }
+});
