@@ -516,9 +516,6 @@ async function run(
   const stats = new StatsTracker(o.startUs);
   if (resumeFrom && resumeFrom.run.recordsStored > 0) stats.latestCursor = resumeFrom.cursor;
   const internal = new AbortController();
-  const onUserAbort = () => userAbort(ctx);
-  options.signal?.addEventListener("abort", onUserAbort, { once: true });
-  const cancelTimer = longTimeout(() => stopWith(ctx, "max_time"), o.maxTimeMs);
 
   let lastProgress = 0;
   const progress = (force: boolean) => {
@@ -586,6 +583,13 @@ async function run(
     draining: false,
   };
   callbacks.attach(ctx);
+  // Only now that ctx is there: an abort while the lines above awaited is seen just below.
+  const onUserAbort = () => userAbort(ctx);
+  options.signal?.addEventListener("abort", onUserAbort, { once: true });
+  const cancelTimer = longTimeout(
+    () => stopWith(ctx, "max_time"),
+    Math.max(0, o.maxTimeMs - (performance.now() - started)),
+  );
   if (options.signal?.aborted) stopWith(ctx, "aborted");
   if (ctx.accepted >= o.numRecords) stopWith(ctx, "limit");
 

@@ -337,6 +337,40 @@ Deno.test("runBackfillSync() flushes what it has and reports aborted when its si
   assert.equal(events.at(-1)!.time_us, stats.latestCursor);
 });
 
+Deno.test("runBackfillSync() aborted while it reads its queue at the start stops as aborted, not with an uncaught error", async () => {
+  await using db = await tempDb();
+  const kv = await Deno.openKv(db.path);
+  const controller = new AbortController();
+  // The abort comes while the run lists the content keys of its queue, before it connects.
+  const list = kv.list.bind(kv);
+  kv.list = ((selector: Deno.KvListSelector, options?: Deno.KvListOptions) => {
+    if ("prefix" in selector && selector.prefix.includes("keys")) controller.abort();
+    return list(selector, options);
+  }) as typeof kv.list;
+  const uncaught: unknown[] = [];
+  const onError = (e: ErrorEvent) => {
+    e.preventDefault();
+    uncaught.push(e.error);
+  };
+  globalThis.addEventListener("error", onError);
+  try {
+    const stats = await runBackfillSync({
+      kv,
+      instance: "ws://127.0.0.1:1/subscribe",
+      startTimestamp: T0,
+      signal: controller.signal,
+    });
+    assert.ok(controller.signal.aborted);
+    assert.equal(stats.stopReason, "aborted");
+    assert.equal(stats.recordsStored, 0);
+    await delay(50);
+    assert.deepEqual(uncaught, []);
+  } finally {
+    globalThis.removeEventListener("error", onError);
+    kv.close();
+  }
+});
+
 Deno.test("an abort closes the stream with the closing handshake: every event the server sent before the close is stored", async () => {
   // Far more than the server can have in flight, sent as fast as the socket takes them.
   const lines = generateCapture({ count: 60_000, seed: 11, startUs: T0, stepUs: 1000 });
