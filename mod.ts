@@ -73,6 +73,7 @@ export type {
   AccountEvent,
   CommitData,
   CommitEvent,
+  CommitOperation,
   EventBase,
   EventKind,
   IdentityEvent,

@@ -19,6 +19,7 @@ import {
 } from "./jetstream/dictionary.ts";
 import { isV2Url } from "./jetstream/v2.ts";
 import { printable } from "./jetstream/utf8.ts";
+import { COMMIT_OPERATIONS, type CommitOperation } from "./jetstream/events.ts";
 import { createZstdDecoder, LEGACY_DICTIONARY_ID, V2_DICTIONARY_ID } from "./jetstream/zstd.ts";
 import {
   type BackfillSyncOptions,
@@ -76,12 +77,21 @@ export async function selectionOf(o: ResolvedSyncOptions): Promise<Record<string
     wantedDids,
     wantedCollections: [...o.wantedCollections].sort(),
     kinds: [...o.kinds].sort(),
+    // Only when some are left out, so that runs recorded before the option compare equal.
+    ...(o.operations.length === COMMIT_OPERATIONS.length
+      ? {}
+      : { operations: sortedOperations(o.operations) }),
     startUs: o.startUs ?? null,
     endUs: o.endUs ?? null,
     numRecords: o.numRecords,
     // Which events are stored too; only when set, so that runs recorded before it compare equal.
     ...(o.maxEventBytes === DEFAULT_MAX_EVENT_BYTES ? {} : { maxEventBytes: o.maxEventBytes }),
   };
+}
+
+/** Operations in the order Jetstream documents them. */
+function sortedOperations(ops: readonly CommitOperation[]): CommitOperation[] {
+  return COMMIT_OPERATIONS.filter((op) => ops.includes(op));
 }
 
 /** The hash that a selection gives a long DID list (see {@link selectionOf}), or undefined. */
@@ -163,6 +173,7 @@ function optionName(key: string): string {
 function showSelected(key: string, value: unknown): string {
   // Left out of a selection when it is the default (see selectionOf).
   if (key === "maxEventBytes" && value === undefined) return `${DEFAULT_MAX_EVENT_BYTES} (the default)`;
+  if (key === "operations" && value === undefined) return `${JSON.stringify(COMMIT_OPERATIONS)} (all)`;
   if (value === null || value === undefined) return "none";
   // No DIDs or collections named: all of them (`["*"]` is recorded so too).
   if (Array.isArray(value) && value.length === 0 && key.startsWith("wanted")) return "[] (all)";
@@ -344,6 +355,7 @@ function inheritOptions(
   const sel = run.selection as {
     wantedCollections?: string[];
     kinds?: BackfillSyncOptions["kinds"];
+    operations?: BackfillSyncOptions["operations"];
     startUs?: number | null;
     endUs?: number | null;
     numRecords?: number;
@@ -360,6 +372,7 @@ function inheritOptions(
     wantedDids: options.wantedDids ?? dids,
     wantedCollections: options.wantedCollections ?? sel.wantedCollections,
     kinds: options.kinds ?? sel.kinds,
+    operations: options.operations ?? sel.operations,
     startTimestamp: options.startTimestamp ?? sel.startUs ?? undefined,
     endTimestamp: options.endTimestamp ?? sel.endUs ?? undefined,
     numRecords: options.numRecords ?? sel.numRecords,
@@ -703,6 +716,7 @@ async function finish(
       ...selection,
       // (The selection leaves out the default, which status shows all the same.)
       maxEventBytes: o.maxEventBytes,
+      operations: sortedOperations(o.operations),
       instances: o.instances,
       queueName: o.queueName,
       batchSize: o.batchSize,

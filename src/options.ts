@@ -7,7 +7,7 @@
 import { z } from "zod";
 import { show, UsageError } from "./errors.ts";
 import { MAX_TIMER_MS } from "./async.ts";
-import { EVENT_KINDS, type EventKind } from "./jetstream/events.ts";
+import { COMMIT_OPERATIONS, type CommitOperation, EVENT_KINDS, type EventKind } from "./jetstream/events.ts";
 import { DID_FORMS, isCollectionFilter, isDid, isNsid } from "./validate.ts";
 import { isV2Url, V2_HOSTS, V2_SUBSCRIBE_PATH } from "./jetstream/v2.ts";
 import { proxyFor } from "./jetstream/proxy.ts";
@@ -48,6 +48,14 @@ export interface BackfillSyncOptions {
    * @default {["commit"]}
    */
   kinds?: readonly EventKind[];
+  /**
+   * Commit operations to store: `create`, `update`, `delete`. Jetstream sends all three (a deleted
+   * post comes as a `delete` commit of `app.bsky.feed.post`, with no record); leaving some out is
+   * done here, as no server filters by operation, and only the kept commits count toward
+   * `numRecords`. Identity and account events have no operation.
+   * @default {["create", "update", "delete"]}
+   */
+  operations?: readonly CommitOperation[];
   /**
    * Where to start: `YYYY-MM-DD`, `YYYY-MM-DD-HH:MM:SS`, ISO-8601 with `Z` or an offset, integer unix
    * microseconds, or a `Date`. Always UTC. Sent as Jetstream's `cursor`. Live tail when absent.
@@ -173,6 +181,8 @@ export interface ResolvedSyncOptions {
   wantedCollections: string[];
   /** Unique kinds. */
   kinds: EventKind[];
+  /** Unique commit operations; all three when none were named. */
+  operations: CommitOperation[];
   /** Start, unix µs. */
   startUs: number | undefined;
   /** Exclusive end, unix µs. */
@@ -214,6 +224,7 @@ export interface ResolvedSyncOptions {
 }
 
 const KIND_SET = new Set<string>(EVENT_KINDS);
+const OPERATION_SET = new Set<string>(COMMIT_OPERATIONS);
 /** The default of `maxEventBytes`: 1 MiB of UTF-8. */
 export const DEFAULT_MAX_EVENT_BYTES = 1_048_576;
 
@@ -331,6 +342,7 @@ const CLI_NAMES: Record<string, string> = {
   collection: "wantedCollections",
   collections: "wantedCollections",
   kind: "kinds",
+  operation: "operations",
   start: "startTimestamp",
   end: "endTimestamp",
   limit: "numRecords",
@@ -347,6 +359,7 @@ export const SyncOptionsSchema = z.strictObject({
   wantedDids: stringList("wantedDids").optional(),
   wantedCollections: stringList("wantedCollections").optional(),
   kinds: stringList("kinds").optional(),
+  operations: stringList("operations").optional(),
   startTimestamp: timestamp("startTimestamp").optional(),
   endTimestamp: timestamp("endTimestamp").optional(),
   numRecords: positiveInt("numRecords").optional(),
@@ -569,6 +582,15 @@ export function resolveSyncOptions(options: BackfillSyncOptions = {}): ResolvedS
   if (kinds.length === 0) {
     throw new UsageError(because("kinds", `at least one of ${EVENT_KINDS.join(", ")}`, []));
   }
+  const operations = unique(o.operations ?? COMMIT_OPERATIONS);
+  for (const op of operations) {
+    if (!OPERATION_SET.has(op)) {
+      throw new UsageError(because("operations", `one of ${COMMIT_OPERATIONS.join(", ")}`, op));
+    }
+  }
+  if (operations.length === 0) {
+    throw new UsageError(because("operations", `at least one of ${COMMIT_OPERATIONS.join(", ")}`, []));
+  }
 
   const startUs = toUs("startTimestamp", o.startTimestamp);
   const endUs = toUs("endTimestamp", o.endTimestamp);
@@ -622,6 +644,7 @@ export function resolveSyncOptions(options: BackfillSyncOptions = {}): ResolvedS
     wantedDids,
     wantedCollections,
     kinds: kinds as EventKind[],
+    operations: operations as CommitOperation[],
     startUs,
     endUs,
     numRecords: o.numRecords ?? 10_000,

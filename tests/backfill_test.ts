@@ -635,6 +635,55 @@ Deno.test("runBackfillSync({ resume: true }) keeps the last run's maxEventBytes,
   assert.deepEqual(got, events.filter((_, i) => i % 10 !== 4));
 });
 
+Deno.test("runBackfillSync() with operations keeps only those commits, counts only them, and a resume keeps them", async () => {
+  // One event a minute across midnight: creates, updates and deletes in turn.
+  const ops = ["create", "update", "delete"] as const;
+  const events = Array.from(
+    { length: 240 },
+    (_, i) => commit(T0 + i * MINUTE, { operation: ops[i % 3], text: `p${i}` }),
+  );
+  const kept = events.filter((e) => e.kind === "commit" && e.commit.operation !== "update");
+  // The first run's connections go quiet after 80 events (see above).
+  await using server = serveEvents(events, {
+    closeAtEnd: true,
+    faults: { stallAfter: 80, stallConnections: 2 },
+  });
+  await using db = await tempDb();
+  const first = await syncUntilMidnight({
+    instance: server.url,
+    kv: db.path,
+    operations: ["delete", "create"],
+    numRecords: 120,
+  });
+  assert.equal(first.stopReason, "aborted");
+  await assert.rejects(
+    () => runBackfillSync({ kv: db.path, resume: true, operations: ["create"] }),
+    (err: unknown) =>
+      err instanceof UsageError && err.message.includes('operations was ["create","delete"], now ["create"]'),
+  );
+  const second = await runBackfillSync({ kv: db.path, resume: true });
+  assert.equal(second.stopReason, "limit");
+  assert.equal(first.recordsStored + second.recordsStored, 120);
+  const { events: got } = await stored(db.path, first.queueLength + second.messagesEnqueued);
+  assert.deepEqual(got, kept.slice(0, 120));
+  const kv = await Deno.openKv(db.path);
+  try {
+    assert.deepEqual((await queueStatus(kv, "jetstream_sync")).lastRun?.options.operations, [
+      "create",
+      "delete",
+    ]);
+  } finally {
+    kv.close();
+  }
+  await assert.rejects(
+    () => runBackfillSync({ kv: db.path, operations: ["remove" as "delete"] }),
+    (err: unknown) =>
+      err instanceof UsageError &&
+      err.message ===
+        `Cannot sync as 'operations' must be one of create, update, delete: current value is "remove"`,
+  );
+});
+
 Deno.test("runBackfillSync({ resume: true }) on another instance says how it takes up the stream there", async () => {
   const events = capture();
   await using first = serveEvents(events, { closeAtEnd: true });

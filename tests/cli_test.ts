@@ -50,6 +50,10 @@ const BAD: [string[], RegExp][] = [
   ],
   [["sync", "--collection", "app.bsky.feed.po*"], /: --collection must be NSIDs/],
   [["sync", "--kind", "sync"], /: --kind must be one of commit, identity, account: current value is "sync"/],
+  [
+    ["sync", "--operation", "remove"],
+    /: --operation must be one of create, update, delete: current value is "remove"/,
+  ],
   [["sync", "--instance", "127.0.0.1:70000"], /: --instance must be a host name .*"127.0.0.1:70000"/],
   [["sync", "--instance", "ftp://x"], /: --instance must be a host name or a ws:\/\/ or wss:\/\/ URL/],
   [["sync", "--queue-name", "a b"], /: --queue-name must be /],

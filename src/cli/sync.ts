@@ -32,6 +32,8 @@ Selection:
                           '*' keeps every collection
                           (default app.bsky.feed.post)
   --kind KIND             commit, identity or account; repeatable (default commit)
+  --operation OP          keep commits of this operation: create, update or delete; repeatable
+                          (default all three: a deleted post is a delete commit, with no record)
   --start TIME            start here (sent as the cursor), in UTC: ${
   TIMESTAMP_FORMATS.replace(", ISO", ",\n                          ISO")
 }
@@ -87,6 +89,7 @@ const FLAGS: FlagSpec = {
   "dids-file": { type: "string" },
   collection: { type: "string", multiple: true },
   kind: { type: "string", multiple: true },
+  operation: { type: "string", multiple: true },
   start: { type: "string" },
   end: { type: "string" },
   limit: { type: "string" },
@@ -129,6 +132,7 @@ const OPTION_FLAGS: readonly {
 }[] = [
   { option: "wantedCollections", flag: "collection", read: given },
   { option: "kinds", flag: "kind", read: given },
+  { option: "operations", flag: "operation", read: given },
   { option: "startTimestamp", flag: "start", read: given },
   { option: "endTimestamp", flag: "end", read: given },
   { option: "instance", flag: "instance", read: given },

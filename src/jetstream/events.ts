@@ -16,12 +16,18 @@ export type EventKind = "commit" | "identity" | "account";
 /** The kinds jetfill can select, in the order they are documented. */
 export const EVENT_KINDS: readonly EventKind[] = ["commit", "identity", "account"];
 
+/** What a commit event does to its record. */
+export type CommitOperation = "create" | "update" | "delete";
+
+/** Every commit operation, in the order Jetstream documents them. */
+export const COMMIT_OPERATIONS: readonly CommitOperation[] = ["create", "update", "delete"];
+
 /** A repository operation, one per Jetstream event. */
 export interface CommitData {
   /** Repository revision (a TID) shared by all operations of one relay commit. */
   rev: string;
   /** What happened to the record. */
-  operation: "create" | "update" | "delete";
+  operation: CommitOperation;
   /** The record's collection NSID, for example `app.bsky.feed.post`. */
   collection: string;
   /** The record key. */
@@ -76,7 +82,7 @@ export type JetstreamEvent = CommitEvent | IdentityEvent | AccountEvent;
 export const FUTURE_SLACK_US = 86_400_000_000;
 
 /** The operations a commit event can carry (protocol doc §3.1). */
-const OPERATIONS: ReadonlySet<unknown> = new Set(["create", "update", "delete"]);
+const OPERATIONS: ReadonlySet<unknown> = new Set(COMMIT_OPERATIONS);
 
 /**
  * Whether `did` has the outline of a DID, `did:METHOD:ID` (at most 2,048 characters): a check

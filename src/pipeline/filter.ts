@@ -4,7 +4,12 @@
  *
  * @module
  */
-import type { EventKind, JetstreamEvent } from "../jetstream/events.ts";
+import {
+  COMMIT_OPERATIONS,
+  type CommitOperation,
+  type EventKind,
+  type JetstreamEvent,
+} from "../jetstream/events.ts";
 import { collectionMatcher } from "../validate.ts";
 
 /** What to keep. */
@@ -15,11 +20,13 @@ export interface Selection {
   wantedDids: readonly string[];
   /** Collections (or `prefix.*`) of commits to keep; all when empty. */
   wantedCollections: readonly string[];
+  /** Operations of commits to keep; all when absent. */
+  operations?: readonly CommitOperation[];
 }
 
 /**
  * A predicate for well-formed events: the kind must be wanted, the DID too (when a DID filter is
- * set) and, for commits, the collection. Identity and account events are not subject to the
+ * set) and, for commits, the collection and the operation. Identity and account events are not subject to the
  * collection filter, as on Jetstream, but only pass when their kind is wanted.
  *
  * @example
@@ -32,10 +39,13 @@ export function createSelector(selection: Selection): (event: JetstreamEvent) =>
   const kinds = new Set<string>(selection.kinds);
   const dids = selection.wantedDids.length > 0 ? new Set(selection.wantedDids) : undefined;
   const wants = collectionMatcher(selection.wantedCollections);
+  const ops = selection.operations && selection.operations.length < COMMIT_OPERATIONS.length
+    ? new Set<string>(selection.operations)
+    : undefined;
   return (ev) => {
     if (!kinds.has(ev.kind)) return false;
     if (dids && !dids.has(ev.did)) return false;
-    return ev.kind !== "commit" || wants(ev.commit.collection);
+    return ev.kind !== "commit" || (wants(ev.commit.collection) && (!ops || ops.has(ev.commit.operation)));
   };
 }
 
