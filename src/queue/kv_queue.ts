@@ -328,11 +328,10 @@ async function readKvQueue(
     const { DatabaseSync } = await import("node:sqlite");
     const db = new DatabaseSync(file, { readOnly: true, timeout: 1000 });
     try {
-      const tables = new Set(
-        (db.prepare("select name from sqlite_master where type = 'table'").all() as { name: string }[]).map((
-          r,
-        ) => r.name),
-      );
+      const names = db.prepare("select name from sqlite_master where type = 'table'").all() as {
+        name: string;
+      }[];
+      const tables = new Set(names.map((r) => r.name));
       if (!tables.has("queue") || !tables.has("queue_running")) return read === "count" ? 0 : [];
       if (onlyThis) {
         const row = db.prepare(
@@ -340,16 +339,17 @@ async function readKvQueue(
         ).get();
         return Number((row as { n: number }).n);
       }
+      // One statement, so one snapshot: a message moving between the two tables is seen once.
       const pattern = `[[${encodedKeyPrefix(queueKey(queue, "dead"))},%`;
-      const what = read === "count" ? "count(*) as n" : "data";
-      const rows = ["queue", "queue_running"].flatMap((table) =>
-        db.prepare(`select ${what} from ${table} where keys_if_undelivered like ?`).all(
-          pattern,
-        ) as (QueueRow & {
-          n?: number;
-        })[]
-      );
-      return read === "count" ? rows.reduce((n, r) => n + Number(r.n), 0) : rows;
+      const ours = (table: string) => `from ${table} where keys_if_undelivered like ?1`;
+      if (read === "count") {
+        const row = db.prepare(
+          `select (select count(*) ${ours("queue")}) + (select count(*) ${ours("queue_running")}) as n`,
+        ).get(pattern);
+        return Number((row as { n: number }).n);
+      }
+      return db.prepare(`select data ${ours("queue")} union all select data ${ours("queue_running")}`)
+        .all(pattern) as QueueRow[];
     } finally {
       db.close();
     }
