@@ -7,6 +7,7 @@ import { runBackfillSync } from "../src/backfill.ts";
 import { openKvAt } from "../src/queue/kv_queue.ts";
 import { queueLength, queueStatus } from "../src/queue/status.ts";
 import { delay } from "../src/async.ts";
+import { consume } from "../src/queue/consume.ts";
 import { commit, did } from "./helpers/events.ts";
 import { serveEvents, tempDb } from "./helpers/loopback.ts";
 
@@ -92,5 +93,59 @@ Deno.test("two queues in one database: each one's queueLength counts its own mes
     assert.deepEqual([status.messagesWaiting, status.recordsWaiting], [2, 100]);
   } finally {
     kv.close();
+  }
+});
+
+Deno.test("consume({ untilEmpty }) after a plain listenQueue took the messages stops as empty, not idle", async () => {
+  await using server = serveEvents(EVENTS, { closeAtEnd: true });
+  await using db = await tempDb();
+  const stats = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    startTimestamp: T0,
+    numRecords: 300,
+    batchSize: 50,
+  });
+  assert.equal(stats.queueLength, 6);
+  await plainListener(db.path, 6);
+  let handled = 0;
+  const result = await consume({
+    kv: db.path,
+    untilEmpty: true,
+    // The counters still say 6 wait: before, consume() waited this long for them, then said idle.
+    emptyTimeout: 8_000,
+    handler: () => {
+      handled++;
+    },
+  });
+  assert.equal(result.stopReason, "empty");
+  assert.equal(handled, 0);
+});
+
+Deno.test("queueLength of a database opened by a relative path reads that database after a change of folder", async () => {
+  await using server = serveEvents(EVENTS, { closeAtEnd: true });
+  await using db = await tempDb();
+  const stats = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    startTimestamp: T0,
+    numRecords: 100,
+    batchSize: 50,
+  });
+  assert.equal(stats.queueLength, 2);
+  const here = Deno.cwd();
+  const name = db.path.slice(db.dir.length + 1);
+  Deno.chdir(db.dir);
+  const kv = await openKvAt(name);
+  // Elsewhere, an empty database of the same name.
+  const other = await Deno.makeTempDir({ prefix: "jetfill_elsewhere_" });
+  try {
+    Deno.chdir(other);
+    (await openKvAt(name)).close();
+    assert.equal(await queueLength(kv, "jetstream_sync"), 2);
+  } finally {
+    Deno.chdir(here);
+    kv.close();
+    await Deno.remove(other, { recursive: true });
   }
 });

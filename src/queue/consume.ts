@@ -76,10 +76,12 @@ import {
   defaultKvPath,
   ensureOpenKv,
   localDatabasePath,
+  messagesInKvQueue,
   openKvAt,
   queueKey,
   unknownQueue,
 } from "./kv_queue.ts";
+import { parkedWaiting } from "./status.ts";
 import { decodeQueueMessage, isQueueMessage, type QueueMessage } from "./message.ts";
 import { databaseExists, pathExists } from "../fs.ts";
 import { dirname } from "node:path";
@@ -157,6 +159,10 @@ const MAX_SESSION_POLLS = 10;
 const TICK_MS = 100;
 // untilEmpty looks at the counters only after a session had this long to receive what was ready.
 const MIN_SESSION_FOR_EMPTY_MS = 250;
+// untilEmpty reads Deno KV's queue itself (a scan of its table) only after this long without a
+// delivery, and at most this often.
+const KV_READ_QUIET_MS = 1_000;
+const KV_READ_EVERY_MS = 2_000;
 
 /** What a handler gets with the events of one message. */
 export interface ConsumeContext {
@@ -237,8 +243,11 @@ export interface ConsumeOptions {
   signal?: AbortSignal;
   /**
    * Stop once no message of the queue is waiting: the counters show every enqueued message handled
-   * or dead-lettered. Should messages be counted as waiting that never arrive (taken by a plain
-   * `listenQueue` that keeps no counters), consume() stops after `emptyTimeout` without news.
+   * or dead-lettered, or (when they do not, after a second without a delivery) Deno KV's queue,
+   * read in the database file, holds none of the queue's messages and none is parked: a plain
+   * `listenQueue`, which keeps no counters, took them. With a `Deno.Kv` opened elsewhere, whose
+   * file is not known, messages counted as waiting that never arrive stop consume() after
+   * `emptyTimeout` without news.
    * @default {false}
    */
   untilEmpty?: boolean;
@@ -1372,7 +1381,18 @@ class Consumer {
     }
   }
 
-  /** Messages of the queue still to come: enqueued, not handled, not dead-lettered. */
+  /** When {@link waiting} last read Deno KV's queue itself, and what it found then. */
+  #lastKvRead = Number.NEGATIVE_INFINITY;
+  #lastKvFigure: number | undefined;
+
+  /**
+   * Messages of the queue still to come: enqueued, not handled, not dead-lettered, by the counters.
+   * Those a plain `listenQueue` took are counted there still, so when the counters say some wait and
+   * nothing has come for a while, Deno KV's queue (read in the database file, when it is known) and
+   * the parked messages say what is really left. Their figure is taken when it is the smaller and
+   * two reads in a row, with no delivery between, found it: a message that another consumer moves
+   * between KV's queue and its parked keys during a read can be missed by that read.
+   */
   async waiting(kv: Deno.Kv): Promise<number> {
     const [enq, handled] = await retryBusy(() =>
       kv.getMany([
@@ -1384,7 +1404,22 @@ class Consumer {
     if (open <= 0) return 0;
     let dead = 0;
     for (const letter of await deadLetters(kv, this.#queue)) if (!letter.handled) dead++;
-    return Math.max(0, open - dead);
+    const byCounters = Math.max(0, open - dead);
+    const now = performance.now();
+    if (
+      byCounters === 0 || now - this.#lastDeliveryAt < KV_READ_QUIET_MS ||
+      now - this.#lastKvRead < KV_READ_EVERY_MS
+    ) {
+      return byCounters;
+    }
+    const before = this.#lastDeliveryAt < this.#lastKvRead ? this.#lastKvFigure : undefined;
+    this.#lastKvRead = now;
+    const parked = await retryBusy(() => parkedWaiting(kv, this.#queue));
+    const inKv = await messagesInKvQueue(kv, this.#queue, { exact: true });
+    this.#lastKvFigure = inKv === undefined ? undefined : inKv + parked.size;
+    return this.#lastKvFigure !== undefined && this.#lastKvFigure === before && before < byCounters
+      ? before
+      : byCounters;
   }
 }
 

@@ -19,7 +19,7 @@
  */
 import type { QueueMessage } from "./message.ts";
 import { fileURLToPath } from "node:url";
-import { basename, dirname, join } from "node:path";
+import { basename, dirname, join, resolve } from "node:path";
 import { UsageError } from "../errors.ts";
 import { delay } from "../async.ts";
 
@@ -296,7 +296,8 @@ export async function openKvAt(path: string): Promise<Deno.Kv> {
   // Only a speed-up too: a database that cannot be indexed now (read-only, or busy) is used as it is.
   if (file !== undefined) {
     await indexQueueTables(file).catch(() => {});
-    databaseFiles.set(kv, file);
+    // Absolute: the file is read again later, whatever the working folder is by then.
+    databaseFiles.set(kv, resolve(file));
   }
   return kv;
 }
@@ -304,23 +305,22 @@ export async function openKvAt(path: string): Promise<Deno.Kv> {
 /** The database files of the handles {@link openKvAt} opened. */
 const databaseFiles = new WeakMap<Deno.Kv, string>();
 
-/** A queue message's row in Deno KV's queue tables, as {@link readKvQueue} reads it. */
-type QueueRow = { data?: Uint8Array };
-
 /**
- * The rows of `queue`'s messages in Deno KV's own queue, in the database file of `kv`: waiting, or
- * being delivered. Each jetfill message names its queue in its dead-letter key
- * (`keysIfUndelivered`), which Deno KV keeps beside it, encoded as the database encodes keys. When
- * the database holds no other jetfill queue, the tables' rows are counted by their index (the
- * messages, up to 64 KiB each, are not read), and another program's messages there count too.
- * Undefined when the file cannot be read: `kv` was not opened by {@link openKvAt} (a `Deno.Kv`
- * opened elsewhere, whose file is not known), or the database is busy or unreadable.
+ * How many of `queue`'s messages Deno KV's own queue holds in the database file of `kv` (waiting, or
+ * being delivered), or (`records`) how many records they hold. Each jetfill message names its queue
+ * in its dead-letter key (`keysIfUndelivered`), which Deno KV keeps beside it, encoded as the
+ * database encodes keys. With `count`, when the database holds no other jetfill queue, the tables'
+ * rows are counted by their index (the messages, up to 64 KiB each, are not read), and another
+ * program's messages there count too; `exact` counts by the key whatever the database holds, which
+ * reads the whole table. Undefined when the file cannot be read: `kv` was not opened by
+ * {@link openKvAt} (a `Deno.Kv` opened elsewhere, whose file is not known), or the database is busy
+ * or unreadable.
  */
 async function readKvQueue(
   kv: Deno.Kv,
   queue: string,
-  read: "count" | "data",
-): Promise<QueueRow[] | number | undefined> {
+  read: "count" | "exact" | "records",
+): Promise<number | undefined> {
   const file = databaseFiles.get(kv);
   if (file === undefined) return undefined;
   const onlyThis = read === "count" && (await queuesIn(kv)).every((q) => q === queue);
@@ -332,7 +332,7 @@ async function readKvQueue(
         name: string;
       }[];
       const tables = new Set(names.map((r) => r.name));
-      if (!tables.has("queue") || !tables.has("queue_running")) return read === "count" ? 0 : [];
+      if (!tables.has("queue") || !tables.has("queue_running")) return 0;
       if (onlyThis) {
         const row = db.prepare(
           "select (select count(*) from queue) + (select count(*) from queue_running) as n",
@@ -342,14 +342,26 @@ async function readKvQueue(
       // One statement, so one snapshot: a message moving between the two tables is seen once.
       const pattern = `[[${encodedKeyPrefix(queueKey(queue, "dead"))},%`;
       const ours = (table: string) => `from ${table} where keys_if_undelivered like ?1`;
-      if (read === "count") {
+      if (read !== "records") {
         const row = db.prepare(
           `select (select count(*) ${ours("queue")}) + (select count(*) ${ours("queue_running")}) as n`,
         ).get(pattern);
         return Number((row as { n: number }).n);
       }
-      return db.prepare(`select data ${ours("queue")} union all select data ${ours("queue_running")}`)
-        .all(pattern) as QueueRow[];
+      // Message by message, keeping only the count: a backlog can be gigabytes.
+      const { deserialize } = await import("node:v8");
+      let records = 0;
+      const rows = db.prepare(`select data ${ours("queue")} union all select data ${ours("queue_running")}`);
+      for (const row of rows.iterate(pattern) as Iterable<{ data: Uint8Array }>) {
+        try {
+          const m = deserialize(row.data) as { records?: unknown; compressed?: unknown };
+          records += (Array.isArray(m.records) ? m.records.length : 0) +
+            (Array.isArray(m.compressed) ? m.compressed.length : 0);
+        } catch {
+          // Not a message this version can read: no records counted.
+        }
+      }
+      return records;
     } finally {
       db.close();
     }
@@ -375,10 +387,15 @@ function encodedKeyPrefix(key: Deno.KvKey): string {
 /**
  * How many of `queue`'s messages Deno KV's own queue holds (waiting, or being delivered), read from
  * the database file: undefined when it cannot be (see {@link readKvQueue}). Unlike the queue's
- * counters, this sees what a plain `listenQueue` took.
+ * counters, this sees what a plain `listenQueue` took. `exact` leaves out another program's messages
+ * in a database that holds only this jetfill queue, at the cost of reading the whole queue table.
  */
-export async function messagesInKvQueue(kv: Deno.Kv, queue: string): Promise<number | undefined> {
-  return await readKvQueue(kv, queue, "count") as number | undefined;
+export async function messagesInKvQueue(
+  kv: Deno.Kv,
+  queue: string,
+  options: { exact?: boolean } = {},
+): Promise<number | undefined> {
+  return await readKvQueue(kv, queue, options.exact ? "exact" : "count") as number | undefined;
 }
 
 /**
@@ -386,20 +403,7 @@ export async function messagesInKvQueue(kv: Deno.Kv, queue: string): Promise<num
  * message is decoded): undefined when it cannot be (see {@link readKvQueue}).
  */
 export async function recordsInKvQueue(kv: Deno.Kv, queue: string): Promise<number | undefined> {
-  const rows = await readKvQueue(kv, queue, "data") as QueueRow[] | undefined;
-  if (rows === undefined) return undefined;
-  const { deserialize } = await import("node:v8");
-  let records = 0;
-  for (const row of rows) {
-    try {
-      const m = deserialize(row.data!) as { records?: unknown; compressed?: unknown };
-      records += (Array.isArray(m.records) ? m.records.length : 0) +
-        (Array.isArray(m.compressed) ? m.compressed.length : 0);
-    } catch {
-      // Not a message this version can read: no records counted.
-    }
-  }
-  return records;
+  return await readKvQueue(kv, queue, "records") as number | undefined;
 }
 
 /** Files {@link checkDatabaseFile} found to be Deno KV databases (or empty SQLite ones) in this process. */

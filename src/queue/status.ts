@@ -98,7 +98,7 @@ async function stillWaiting(kv: Deno.Kv, queue: string, seqs: Set<number>): Prom
 }
 
 /** Of the messages a consumer parked, those not handled yet: their seqs. */
-async function parkedWaiting(kv: Deno.Kv, queue: string): Promise<Set<number>> {
+export async function parkedWaiting(kv: Deno.Kv, queue: string): Promise<Set<number>> {
   return await stillWaiting(kv, queue, new Set([...(await parkedByRun(kv, queue)).values()].flat()));
 }
 
@@ -118,12 +118,12 @@ async function parkedRecords(kv: Deno.Kv, queue: string, waiting: Set<number>): 
 }
 
 /**
- * Messages of a queue not handled yet, dead letters included: those in Deno KV's queue, those a
- * consumer parked and the dead letters. For a database opened by path (as `runBackfillSync()`,
- * `consume()` and the CLI open theirs), Deno KV's queue is counted in its file, so that messages a
- * plain `listenQueue` took do not count; the messages of another program in a database that holds
- * only this jetfill queue count too. For a `Deno.Kv` opened elsewhere, whose file is not known, it
- * is the queue's counters: enqueued minus handled by `consume()`.
+ * Messages of a queue not handled yet, dead letters included. By the queue's counters, enqueued minus
+ * handled by `consume()`; but for a database opened by path (as `runBackfillSync()`, `consume()` and
+ * the CLI open theirs), Deno KV's queue is counted in its file too, with the parked messages and the
+ * dead letters, and the smaller figure is the answer: messages a plain `listenQueue` took (which
+ * keeps no counters) do not count. For a `Deno.Kv` opened elsewhere, whose file is not known, the
+ * counters alone.
  *
  * @example
  * ```ts
@@ -134,16 +134,18 @@ async function parkedRecords(kv: Deno.Kv, queue: string, waiting: Set<number>): 
  * ```
  */
 export async function queueLength(kv: Deno.Kv, queue: string): Promise<number> {
-  const inKv = await messagesInKvQueue(kv, queue);
-  if (inKv === undefined) {
-    const [enq, handled] = await kv.getMany([
-      queueKey(queue, "count", "messages"),
-      queueKey(queue, "count", "messagesHandled"),
-    ]);
-    return Math.max(0, counterValue(enq) - counterValue(handled));
-  }
-  const dead = (await deadLetters(kv, queue)).filter((l) => !l.handled);
-  return inKv + (await parkedWaiting(kv, queue)).size + dead.length;
+  const [enq, handled] = await kv.getMany([
+    queueKey(queue, "count", "messages"),
+    queueKey(queue, "count", "messagesHandled"),
+  ]);
+  const byCounters = Math.max(0, counterValue(enq) - counterValue(handled));
+  // A plain listenQueue can only make Deno KV's figure the smaller one: the counters stand unless it
+  // is (a message being parked is for a moment both in KV's queue and parked).
+  const inKv = byCounters === 0 ? undefined : await messagesInKvQueue(kv, queue);
+  if (inKv === undefined || inKv >= byCounters) return byCounters;
+  const dead = (await deadLetters(kv, queue)).filter((l) => !l.handled).length;
+  if (inKv + dead >= byCounters) return byCounters;
+  return Math.min(byCounters, inKv + dead + (await parkedWaiting(kv, queue)).size);
 }
 
 /**
@@ -180,12 +182,15 @@ export async function queueStatus(kv: Deno.Kv, queue: string): Promise<QueueStat
   // What the counters say waits, and, for a database opened by path, what Deno KV's queue holds.
   let messagesWaiting = Math.max(0, messagesEnqueued - messagesHandled - dead.length);
   let recordsWaiting = Math.max(0, recordsEnqueued - recordsHandled - deadRecords);
-  const inKv = await messagesInKvQueue(kv, queue);
-  if (inKv !== undefined && inKv + parked.size !== messagesWaiting) {
-    // Taken by a plain listener (or put there by another program): the records are counted in the
-    // messages themselves, those in KV's queue and those parked.
+  const inKv = messagesWaiting === 0 ? undefined : await messagesInKvQueue(kv, queue);
+  if (inKv !== undefined && inKv + parked.size < messagesWaiting) {
+    // Taken by a plain listener: the records are counted in the messages themselves, those in KV's
+    // queue and those parked. (A figure above the counters' is a message being parked, seen in both.)
     messagesWaiting = inKv + parked.size;
-    recordsWaiting = (await recordsInKvQueue(kv, queue) ?? 0) + await parkedRecords(kv, queue, parked);
+    const inMessages = await recordsInKvQueue(kv, queue);
+    if (inMessages !== undefined) {
+      recordsWaiting = Math.min(recordsWaiting, inMessages + await parkedRecords(kv, queue, parked));
+    }
   }
   const run = (await kv.get<{
     id: string;
