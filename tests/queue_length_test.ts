@@ -149,3 +149,82 @@ Deno.test("queueLength of a database opened by a relative path reads that databa
     await Deno.remove(other, { recursive: true });
   }
 });
+
+Deno.test("consume({ untilEmpty }) of a queue whose messages a plain listener took stops as empty while another queue's messages keep coming back", async () => {
+  await using server = serveEvents(EVENTS, { closeAtEnd: true });
+  await using db = await tempDb();
+  const sync = (queueName: string, numRecords: number) =>
+    runBackfillSync({
+      instance: server.url,
+      kv: db.path,
+      queueName,
+      startTimestamp: T0,
+      numRecords,
+      batchSize: 50,
+    });
+  assert.equal((await sync("first", 150)).queueLength, 3);
+  assert.equal((await sync("second", 250)).queueLength, 5);
+  // A plain listener takes the first queue's messages and leaves the second's (it fails them).
+  const plain = await Deno.openKv(db.path);
+  let taken = 0;
+  const listening = plain.listenQueue((m) => {
+    if ((m as { queue?: string }).queue !== "first") throw new Error("not mine");
+    taken++;
+  });
+  for (const until = Date.now() + 10_000; taken < 3 && Date.now() < until;) await delay(50);
+  await delay(500);
+  plain.close();
+  await listening;
+  assert.equal(taken, 3);
+  const result = await consume({
+    kv: db.path,
+    queueName: "first",
+    untilEmpty: true,
+    handler: () => {},
+    onError: () => {},
+    // Before, the second queue's messages, put back every 2 s, kept it from ever stopping.
+    signal: AbortSignal.timeout(40_000),
+  });
+  assert.equal(result.stopReason, "empty");
+  assert.equal(result.messages, 0);
+});
+
+Deno.test("consume({ untilEmpty }) waits for a message that Deno KV's queue holds for a retry, rather than stop as idle", async () => {
+  await using server = serveEvents(EVENTS, { closeAtEnd: true });
+  await using db = await tempDb();
+  await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    startTimestamp: T0,
+    numRecords: 100,
+    batchSize: 50,
+  });
+  // A consumer whose handler fails: after its third try, KV retries each message 5 s later.
+  const failing = new AbortController();
+  let tries = 0;
+  const first = consume({
+    kv: db.path,
+    handler: () => {
+      if (++tries === 6) setTimeout(() => failing.abort(), 300);
+      throw new Error("not now");
+    },
+    onError: () => {},
+    signal: failing.signal,
+  });
+  await first;
+  assert.ok(tries >= 6, String(tries));
+  let handled = 0;
+  const result = await consume({
+    kv: db.path,
+    untilEmpty: true,
+    // Before, it stopped as idle this long after it began, seconds before the retries came.
+    emptyTimeout: 2_000,
+    handler: () => {
+      handled++;
+    },
+    onError: () => {},
+    signal: AbortSignal.timeout(60_000),
+  });
+  assert.equal(result.stopReason, "empty");
+  assert.equal(handled, 2);
+});

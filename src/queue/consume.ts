@@ -75,8 +75,8 @@ import {
   counterValue,
   defaultKvPath,
   ensureOpenKv,
+  kvQueueOf,
   localDatabasePath,
-  messagesInKvQueue,
   openKvAt,
   queueKey,
   unknownQueue,
@@ -163,6 +163,8 @@ const MIN_SESSION_FOR_EMPTY_MS = 250;
 // delivery, and at most this often.
 const KV_READ_QUIET_MS = 1_000;
 const KV_READ_EVERY_MS = 2_000;
+// After a retry that Deno KV's queue says is due, untilEmpty waits this much longer for it.
+const RETRY_SLACK_MS = 1_000;
 
 /** What a handler gets with the events of one message. */
 export interface ConsumeContext {
@@ -263,7 +265,12 @@ export interface ConsumeOptions {
   concurrency?: number;
   /** With a path, how often an idle consumer reopens the database to see new messages, ms. @default {1000} */
   pollInterval?: number;
-  /** With `untilEmpty`, stop after this long without a delivery or a change of the counters, ms. @default {10000} */
+  /**
+   * With `untilEmpty`, stop after this long without a delivery of this queue's messages or a change of
+   * the counters, counted from when the last retry that Deno KV's queue holds for them is due (read in
+   * the database file, when it is known), ms.
+   * @default {10000}
+   */
   emptyTimeout?: number;
   /** How long to wait for a missing lower `seq` before handling a higher one, ms. @default {250} */
   reorderWindow?: number;
@@ -577,6 +584,7 @@ class Consumer {
   #foreignUnsettled = 0;
   #lastSettleAt = 0;
   #lastOwnSettleAt = 0;
+  /** When a message of this queue was last delivered (another queue's do not count). */
   #lastDeliveryAt = performance.now();
   #lastStartedSeq: number | undefined;
   #serviceMs = INITIAL_SERVICE_MS;
@@ -626,6 +634,7 @@ class Consumer {
     return this.#o;
   }
 
+  /** When a message of this queue was last delivered. */
   get lastDeliveryAt(): number {
     return this.#lastDeliveryAt;
   }
@@ -710,7 +719,8 @@ class Consumer {
     this.#unsettled++;
     if (foreign) this.#foreignUnsettled++;
     const now = performance.now();
-    this.#lastDeliveryAt = now;
+    // Another queue's messages, put back again and again, are no news for this one.
+    if (!foreign) this.#lastDeliveryAt = now;
     return new Promise<void>((resolve, reject) => {
       const settle: Settle = {
         resolve: () => {
@@ -1415,8 +1425,11 @@ class Consumer {
     const before = this.#lastDeliveryAt < this.#lastKvRead ? this.#lastKvFigure : undefined;
     this.#lastKvRead = now;
     const parked = await retryBusy(() => parkedWaiting(kv, this.#queue));
-    const inKv = await messagesInKvQueue(kv, this.#queue, { exact: true });
-    this.#lastKvFigure = inKv === undefined ? undefined : inKv + parked.size;
+    const inKv = await kvQueueOf(kv, this.#queue);
+    this.#lastKvFigure = inKv === undefined ? undefined : inKv.messages + parked.size;
+    // A message KV retries after a failure waits in its queue for up to a minute: news to wait for.
+    const dueInMs = (inKv?.latestDueMs ?? 0) - Date.now();
+    if (dueInMs > 0) this.#dueUntil = Math.max(this.#dueUntil, performance.now() + dueInMs + RETRY_SLACK_MS);
     return this.#lastKvFigure !== undefined && this.#lastKvFigure === before && before < byCounters
       ? before
       : byCounters;

@@ -320,7 +320,7 @@ async function readKvQueue(
   kv: Deno.Kv,
   queue: string,
   read: "count" | "exact" | "records",
-): Promise<number | undefined> {
+): Promise<KvQueueFigures | undefined> {
   const file = databaseFiles.get(kv);
   if (file === undefined) return undefined;
   const onlyThis = read === "count" && (await queuesIn(kv)).every((q) => q === queue);
@@ -332,21 +332,24 @@ async function readKvQueue(
         name: string;
       }[];
       const tables = new Set(names.map((r) => r.name));
-      if (!tables.has("queue") || !tables.has("queue_running")) return 0;
+      if (!tables.has("queue") || !tables.has("queue_running")) {
+        return { messages: 0, latestDueMs: 0, records: 0 };
+      }
       if (onlyThis) {
         const row = db.prepare(
           "select (select count(*) from queue) + (select count(*) from queue_running) as n",
         ).get();
-        return Number((row as { n: number }).n);
+        return { messages: Number((row as { n: number }).n) };
       }
       // One statement, so one snapshot: a message moving between the two tables is seen once.
       const pattern = `[[${encodedKeyPrefix(queueKey(queue, "dead"))},%`;
       const ours = (table: string) => `from ${table} where keys_if_undelivered like ?1`;
       if (read !== "records") {
         const row = db.prepare(
-          `select (select count(*) ${ours("queue")}) + (select count(*) ${ours("queue_running")}) as n`,
-        ).get(pattern);
-        return Number((row as { n: number }).n);
+          `select (select count(*) ${ours("queue")}) + (select count(*) ${ours("queue_running")}) as n, ` +
+            `(select max(ts) ${ours("queue")}) as due`,
+        ).get(pattern) as { n: number; due: number | null };
+        return { messages: Number(row.n), latestDueMs: Number(row.due ?? 0) };
       }
       // Message by message, keeping only the count: a backlog can be gigabytes.
       const { deserialize } = await import("node:v8");
@@ -361,7 +364,7 @@ async function readKvQueue(
           // Not a message this version can read: no records counted.
         }
       }
-      return records;
+      return { records };
     } finally {
       db.close();
     }
@@ -387,15 +390,34 @@ function encodedKeyPrefix(key: Deno.KvKey): string {
 /**
  * How many of `queue`'s messages Deno KV's own queue holds (waiting, or being delivered), read from
  * the database file: undefined when it cannot be (see {@link readKvQueue}). Unlike the queue's
- * counters, this sees what a plain `listenQueue` took. `exact` leaves out another program's messages
- * in a database that holds only this jetfill queue, at the cost of reading the whole queue table.
+ * counters, this sees what a plain `listenQueue` took.
  */
-export async function messagesInKvQueue(
+export async function messagesInKvQueue(kv: Deno.Kv, queue: string): Promise<number | undefined> {
+  return (await readKvQueue(kv, queue, "count"))?.messages;
+}
+
+/** What {@link readKvQueue} finds: those figures it was asked for. */
+interface KvQueueFigures {
+  /** The queue's messages in Deno KV's queue, waiting or being delivered. */
+  messages?: number;
+  /** When the last of those waiting is due, ms since 1970 (0: none waits). */
+  latestDueMs?: number;
+  /** The records in those messages. */
+  records?: number;
+}
+
+/**
+ * The queue's messages in Deno KV's own queue, counted by their dead-letter key (another program's
+ * messages left out, at the cost of reading the whole queue table), and when the last of those
+ * waiting is due (ms since 1970; 0 when none waits): a message KV retries after a failure waits there
+ * up to a minute. Undefined when the database file cannot be read (see {@link readKvQueue}).
+ */
+export async function kvQueueOf(
   kv: Deno.Kv,
   queue: string,
-  options: { exact?: boolean } = {},
-): Promise<number | undefined> {
-  return await readKvQueue(kv, queue, options.exact ? "exact" : "count") as number | undefined;
+): Promise<{ messages: number; latestDueMs: number } | undefined> {
+  const figures = await readKvQueue(kv, queue, "exact");
+  return figures && { messages: figures.messages ?? 0, latestDueMs: figures.latestDueMs ?? 0 };
 }
 
 /**
@@ -403,7 +425,7 @@ export async function messagesInKvQueue(
  * message is decoded): undefined when it cannot be (see {@link readKvQueue}).
  */
 export async function recordsInKvQueue(kv: Deno.Kv, queue: string): Promise<number | undefined> {
-  return await readKvQueue(kv, queue, "records") as number | undefined;
+  return (await readKvQueue(kv, queue, "records"))?.records;
 }
 
 /** Files {@link checkDatabaseFile} found to be Deno KV databases (or empty SQLite ones) in this process. */
