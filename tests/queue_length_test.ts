@@ -8,6 +8,7 @@ import { openKvAt } from "../src/queue/kv_queue.ts";
 import { queueLength, queueStatus } from "../src/queue/status.ts";
 import { delay } from "../src/async.ts";
 import { consume } from "../src/queue/consume.ts";
+import { formatStatus } from "../src/cli/status.ts";
 import { commit, did } from "./helpers/events.ts";
 import { serveEvents, tempDb } from "./helpers/loopback.ts";
 
@@ -55,6 +56,13 @@ Deno.test("a sync's queueLength counts what Deno KV's queue holds: messages a pl
     assert.equal(status.messagesWaiting, 2);
     assert.equal(status.recordsWaiting, 100);
     assert.equal(status.queueLength, 2);
+    // The readable status says where the rest went, so that its figures add up.
+    assert.ok(
+      formatStatus(status, db.path).split("\n").includes(
+        "taken elsewhere     300 records in 6 messages (by a reader other than consume(), such as a plain listenQueue)",
+      ),
+      formatStatus(status, db.path),
+    );
   } finally {
     kv.close();
   }

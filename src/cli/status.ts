@@ -92,6 +92,15 @@ export function formatStatus(s: QueueStatus, path: string, lockFile: StatusJson[
     }`,
     `dead letters        ${counted(s.deadLetters, "message")} (${counted(s.deadRecords, "record")})`,
   ];
+  // The rest left Deno KV's queue without consume(): a plain listenQueue, which keeps no counters.
+  const elsewhere = s.messagesEnqueued - s.messagesHandled - s.messagesWaiting - s.deadLetters;
+  if (elsewhere > 0) {
+    lines.push(
+      `taken elsewhere     ${
+        counted(s.recordsStored - s.recordsHandled - s.recordsWaiting - s.deadRecords, "record")
+      } in ${counted(elsewhere, "message")} (by a reader other than consume(), such as a plain listenQueue)`,
+    );
+  }
   const days = Object.entries(s.recordsPerDay).sort();
   lines.push(
     `records per day     ${days.length === 0 ? "-" : days.map(([d, n]) => `${d}: ${n}`).join(", ")}`,
