@@ -4,6 +4,8 @@
  */
 import assert from "node:assert/strict";
 import { runBackfillSync } from "../src/backfill.ts";
+import type { BackfillSyncOptions } from "../src/options.ts";
+import type { SyncStats } from "../src/stats.ts";
 import { openKvAt } from "../src/queue/kv_queue.ts";
 import { queueLength, queueStatus } from "../src/queue/status.ts";
 import { delay } from "../src/async.ts";
@@ -17,6 +19,23 @@ const EVENTS = Array.from(
   { length: 1000 },
   (_, i) => commit(T0 + i * 1000, { did: did(i % 7), text: `post ${i}` }),
 );
+
+/** A sync of {@link EVENTS} from `server` into `path` from T0, 50 records a message. */
+function syncOf(
+  server: { url: string },
+  path: string,
+  numRecords: number,
+  more: Partial<BackfillSyncOptions> = {},
+): Promise<SyncStats> {
+  return runBackfillSync({
+    instance: server.url,
+    kv: path,
+    startTimestamp: T0,
+    numRecords,
+    batchSize: 50,
+    ...more,
+  });
+}
 
 /** Takes `count` messages with a plain `listenQueue`, as another program would, and lets KV settle. */
 async function plainListener(path: string, count: number): Promise<void> {
@@ -41,7 +60,7 @@ Deno.test("a sync's queueLength counts what Deno KV's queue holds: messages a pl
   await using server = serveEvents(EVENTS, { closeAtEnd: true });
   await using db = await tempDb();
   const sync = (start: number, numRecords: number) =>
-    runBackfillSync({ instance: server.url, kv: db.path, startTimestamp: start, numRecords, batchSize: 50 });
+    syncOf(server, db.path, numRecords, { startTimestamp: start });
   const first = await sync(T0, 300);
   assert.equal(first.queueLength, 6);
   await plainListener(db.path, 6);
@@ -71,27 +90,12 @@ Deno.test("a sync's queueLength counts what Deno KV's queue holds: messages a pl
 Deno.test("two queues in one database: each one's queueLength counts its own messages in Deno KV's queue", async () => {
   await using server = serveEvents(EVENTS, { closeAtEnd: true });
   await using db = await tempDb();
-  const sync = (queueName: string, numRecords: number) =>
-    runBackfillSync({
-      instance: server.url,
-      kv: db.path,
-      queueName,
-      startTimestamp: T0,
-      numRecords,
-      batchSize: 50,
-    });
+  const sync = (queueName: string, numRecords: number) => syncOf(server, db.path, numRecords, { queueName });
   assert.equal((await sync("first", 150)).queueLength, 3);
   assert.equal((await sync("second", 250)).queueLength, 5);
   await plainListener(db.path, 8);
   // Not taken by a listener: the second queue's next run.
-  const again = await runBackfillSync({
-    instance: server.url,
-    kv: db.path,
-    queueName: "second",
-    startTimestamp: T0 + 600_000,
-    numRecords: 100,
-    batchSize: 50,
-  });
+  const again = await syncOf(server, db.path, 100, { queueName: "second", startTimestamp: T0 + 600_000 });
   assert.equal(again.queueLength, 2);
   const kv = await openKvAt(db.path);
   try {
@@ -107,13 +111,7 @@ Deno.test("two queues in one database: each one's queueLength counts its own mes
 Deno.test("consume({ untilEmpty }) after a plain listenQueue took the messages stops as empty, not idle", async () => {
   await using server = serveEvents(EVENTS, { closeAtEnd: true });
   await using db = await tempDb();
-  const stats = await runBackfillSync({
-    instance: server.url,
-    kv: db.path,
-    startTimestamp: T0,
-    numRecords: 300,
-    batchSize: 50,
-  });
+  const stats = await syncOf(server, db.path, 300);
   assert.equal(stats.queueLength, 6);
   await plainListener(db.path, 6);
   let handled = 0;
@@ -133,13 +131,7 @@ Deno.test("consume({ untilEmpty }) after a plain listenQueue took the messages s
 Deno.test("queueLength of a database opened by a relative path reads that database after a change of folder", async () => {
   await using server = serveEvents(EVENTS, { closeAtEnd: true });
   await using db = await tempDb();
-  const stats = await runBackfillSync({
-    instance: server.url,
-    kv: db.path,
-    startTimestamp: T0,
-    numRecords: 100,
-    batchSize: 50,
-  });
+  const stats = await syncOf(server, db.path, 100);
   assert.equal(stats.queueLength, 2);
   const here = Deno.cwd();
   const name = db.path.slice(db.dir.length + 1);
@@ -161,15 +153,7 @@ Deno.test("queueLength of a database opened by a relative path reads that databa
 Deno.test("consume({ untilEmpty }) of a queue whose messages a plain listener took stops as empty while another queue's messages keep coming back", async () => {
   await using server = serveEvents(EVENTS, { closeAtEnd: true });
   await using db = await tempDb();
-  const sync = (queueName: string, numRecords: number) =>
-    runBackfillSync({
-      instance: server.url,
-      kv: db.path,
-      queueName,
-      startTimestamp: T0,
-      numRecords,
-      batchSize: 50,
-    });
+  const sync = (queueName: string, numRecords: number) => syncOf(server, db.path, numRecords, { queueName });
   assert.equal((await sync("first", 150)).queueLength, 3);
   assert.equal((await sync("second", 250)).queueLength, 5);
   // A plain listener takes the first queue's messages and leaves the second's (it fails them).
@@ -200,13 +184,7 @@ Deno.test("consume({ untilEmpty }) of a queue whose messages a plain listener to
 Deno.test("consume({ untilEmpty }) waits for a message that Deno KV's queue holds for a retry, rather than stop as idle", async () => {
   await using server = serveEvents(EVENTS, { closeAtEnd: true });
   await using db = await tempDb();
-  await runBackfillSync({
-    instance: server.url,
-    kv: db.path,
-    startTimestamp: T0,
-    numRecords: 100,
-    batchSize: 50,
-  });
+  await syncOf(server, db.path, 100);
   // A consumer whose handler fails: after its third try, KV retries each message 5 s later.
   const failing = new AbortController();
   let tries = 0;
