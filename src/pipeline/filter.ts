@@ -26,8 +26,8 @@ export interface Selection {
 
 /**
  * A predicate for well-formed events: the kind must be wanted, the DID too (when a DID filter is
- * set) and, for commits, the collection and the operation. Identity and account events are not subject to the
- * collection filter, as on Jetstream, but only pass when their kind is wanted.
+ * set) and, for commits, the collection and the operation. Identity and account events are not
+ * subject to the collection filter, as on Jetstream, but only pass when their kind is wanted.
  *
  * @example
  * ```ts

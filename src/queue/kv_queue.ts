@@ -312,7 +312,7 @@ const databaseFiles = new WeakMap<Deno.Kv, string>();
  * database encodes keys. With `count`, when the database holds no other jetfill queue, the tables'
  * rows are counted by their index (the messages, up to 64 KiB each, are not read), and another
  * program's messages there count too; `exact` counts by the key whatever the database holds, which
- * reads the whole table. Undefined when the file cannot be read: `kv` was not opened by
+ * reads the whole table, and finds when the last of the messages waiting is due. Undefined when the file cannot be read: `kv` was not opened by
  * {@link openKvAt} (a `Deno.Kv` opened elsewhere, whose file is not known), or the database is busy
  * or unreadable.
  */
