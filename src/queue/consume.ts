@@ -1424,9 +1424,13 @@ class Consumer {
     }
     const before = this.#lastDeliveryAt < this.#lastKvRead ? this.#lastKvFigure : undefined;
     this.#lastKvRead = now;
-    const parked = await retryBusy(() => parkedWaiting(kv, this.#queue));
+    // KV's queue before the parked messages: a message being parked is then seen twice, not missed.
     const inKv = await kvQueueOf(kv, this.#queue);
-    this.#lastKvFigure = inKv === undefined ? undefined : inKv.messages + parked.size;
+    const parked = await retryBusy(() => parkedWaiting(kv, this.#queue));
+    // A delivery during the reads may have moved a message between them: the figure is not taken.
+    this.#lastKvFigure = inKv === undefined || this.#lastDeliveryAt >= now
+      ? undefined
+      : inKv.messages + parked.size;
     // A message KV retries after a failure waits in its queue for up to a minute: news to wait for.
     const dueInMs = (inKv?.latestDueMs ?? 0) - Date.now();
     if (dueInMs > 0) this.#dueUntil = Math.max(this.#dueUntil, performance.now() + dueInMs + RETRY_SLACK_MS);
