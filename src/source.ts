@@ -81,9 +81,6 @@ async function v2Decoder(
 /** The most times idleTimeout a connection waits after idle ends without a new event. */
 const MAX_IDLE_SCALE = 16;
 
-/** How far a reconnect by time rewinds, µs (the replay guard drops what comes again). */
-const RECONNECT_REWIND_US = 1_000_000;
-
 /** The reconnect loop: one connection at a time, until a stop condition. */
 export async function consumeStream(
   ctx: RunContext,
@@ -327,12 +324,13 @@ export async function consumeStream(
       coverage = undefined;
     }
     const bySeq = seq.host === base && seq.floor >= 0;
-    // Reconnecting by time, ask for a little more than the inclusive cursor: a legacy server can
-    // drop or reorder events around its replay-to-live switch (jetstream-legacy#42). What comes
-    // again is recognised by the replay guard.
-    // At most half the time the last connection with events covered, so that a server dropping
-    // every connection early still lets the sync move forward.
-    const rewindUs = !bySeq && floorUs >= 0 ? Math.min(RECONNECT_REWIND_US, Math.floor(lastSpanUs / 2)) : 0;
+    // Reconnecting by time, ask for a few seconds more than the inclusive cursor (the failover's
+    // rewind, 5 s): a legacy server can drop or reorder events around its replay-to-live switch
+    // (jetstream-legacy#42), and a connection can go on for seconds after that before it drops
+    // (protocol doc §9.1: "rewind more than a few seconds"). What comes again is recognised by the
+    // replay guard. At most half the time the last connection with events covered, so that a
+    // server dropping every connection early still lets the sync move forward.
+    const rewindUs = !bySeq && floorUs >= 0 ? Math.min(o.rewindUs, Math.floor(lastSpanUs / 2)) : 0;
     const sessionFloor = floorUs - rewindUs;
     const timeUs = sessionFloor >= 0
       ? sessionFloor

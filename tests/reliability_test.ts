@@ -679,20 +679,39 @@ Deno.test("a strict run whose first instance's probe gets nothing tries the next
   );
 });
 
-Deno.test("runBackfillSync() rewinds a second on reconnect after a long connection, storing each event once", async () => {
-  // 10 ms apart: the first connection covers 4 s before it is dropped, so the reconnect rewinds.
+Deno.test("runBackfillSync() rewinds 5 s on reconnect after a long connection, storing each event once", async () => {
+  // 20 ms apart: the first connection covers 11 s before it is dropped, so the reconnect rewinds the
+  // whole 5 s.
   const events = Array.from(
     { length: 600 },
-    (_, i) => commit(T0 + i * 10_000, { did: did(i % 5), text: `p${i}` }),
+    (_, i) => commit(T0 + i * 20_000, { did: did(i % 5), text: `p${i}` }),
   );
-  await using server = serveEvents(events, { closeAtEnd: true, faults: { dropEvery: 400 } });
+  await using server = serveEvents(events, { closeAtEnd: true, faults: { dropEvery: 550 } });
   await using db = await tempDb();
   const stats = await runBackfillSync({ instance: server.url, kv: db.path, startTimestamp: T0 });
   assert.equal(stats.stopReason, "closed");
   const second = syncConnections(server)[1].query;
-  assert.ok(second.includes(`cursor=${T0 + 399 * 10_000 - 1_000_000}`), second);
-  assert.ok(stats.duplicatesDropped >= 100, `duplicates: ${stats.duplicatesDropped}`);
+  assert.ok(second.includes(`cursor=${T0 + 549 * 20_000 - 5_000_000}`), second);
+  assert.ok(stats.duplicatesDropped >= 250, `duplicates: ${stats.duplicatesDropped}`);
   assert.deepEqual(await stored(db.path, stats.queueLength), events);
+});
+
+Deno.test("runBackfillSync() recovers events a legacy server dropped at its replay-to-live switch seconds before the connection dropped", async () => {
+  // jetstream-legacy#42: three events (at 9.90–9.92 s) are skipped at the switch and the connection
+  // goes on for 2.2 s more before it drops. Protocol doc §9.1: rewind more than a few seconds. A
+  // rewind of 1 s asked from 11.1 s and lost them for good; the replay from the store has them.
+  const events = Array.from(
+    { length: 1300 },
+    (_, i) => commit(T0 + i * 10_000, { did: did(i % 5), text: `p${i}` }),
+  );
+  const lines = [...events.slice(0, 990), ...events.slice(993), ...events.slice(990, 993)];
+  await using server = serveEvents(lines, { closeAtEnd: true, faults: { dropEvery: 1210, fileOrder: true } });
+  await using db = await tempDb();
+  const stats = await runBackfillSync({ instance: server.url, kv: db.path, startTimestamp: T0 });
+  assert.equal(stats.stopReason, "closed", stats.error);
+  assert.equal(syncConnections(server).length, 2);
+  const kept = await stored(db.path, stats.queueLength);
+  assert.deepEqual(kept.map((e) => e.time_us).sort((a, b) => a - b), events.map((e) => e.time_us));
 });
 
 Deno.test("runBackfillSync() rewinds half of a short connection, so an event reordered just before a drop is kept", async () => {
@@ -720,9 +739,9 @@ Deno.test("runBackfillSync() rewinds half of a short connection, so an event reo
 Deno.test("runBackfillSync() rewinds after a drop even when the reconnect that follows brings nothing", async () => {
   const events = Array.from(
     { length: 600 },
-    (_, i) => commit(T0 + i * 10_000, { did: did(i % 5), text: `p${i}` }),
+    (_, i) => commit(T0 + i * 20_000, { did: did(i % 5), text: `p${i}` }),
   );
-  await using server = serveEvents(events, { closeAtEnd: true, faults: { dropEvery: 400 } });
+  await using server = serveEvents(events, { closeAtEnd: true, faults: { dropEvery: 550 } });
   // The first reconnect after the drop is upgraded and dropped at once, as by a server going down.
   await using dropping = upgradeThenDropServer();
   await using relay = tcpRelay(() => {
@@ -737,9 +756,9 @@ Deno.test("runBackfillSync() rewinds after a drop even when the reconnect that f
   });
   assert.equal(stats.stopReason, "closed", stats.error);
   assert.equal(dropping.accepted(), 1);
-  // The connection after the empty one still covers the second before the drop.
+  // The connection after the empty one still covers the 5 s before the drop.
   const second = syncConnections(server)[1].query;
-  assert.ok(second.includes(`cursor=${T0 + 399 * 10_000 - 1_000_000}`), second);
+  assert.ok(second.includes(`cursor=${T0 + 549 * 20_000 - 5_000_000}`), second);
   assert.deepEqual(await stored(db.path, stats.queueLength), events);
 });
 
