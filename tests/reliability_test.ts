@@ -714,6 +714,28 @@ Deno.test("runBackfillSync() recovers events a legacy server dropped at its repl
   assert.deepEqual(kept.map((e) => e.time_us).sort((a, b) => a - b), events.map((e) => e.time_us));
 });
 
+Deno.test("an event too large to store that a reconnect's rewind sends again is counted and reported once", async () => {
+  // The 200th of 300 events, 10 ms apart, is over the run's 2,000-byte limit; the connection drops
+  // after the 250th, and the rewind asks again from before the large one.
+  const events = Array.from(
+    { length: 300 },
+    (_, i) => commit(T0 + i * 10_000, { did: did(i % 5), text: i === 200 ? "x".repeat(3000) : `p${i}` }),
+  );
+  await using server = serveEvents(events, { closeAtEnd: true, faults: { dropEvery: 250 } });
+  await using db = await tempDb();
+  const { stats, reports } = await syncReporting({
+    instance: server.url,
+    kv: db.path,
+    startTimestamp: T0,
+    maxEventBytes: 2000,
+  });
+  assert.equal(stats.stopReason, "closed", stats.error);
+  assert.ok(syncConnections(server)[1].query.includes(`cursor=${T0 + 249 * 10_000 - 1_245_000}`));
+  assert.equal(stats.skipped.oversized, 1);
+  assert.equal(reports.filter((r) => r.reason === "oversized").length, 1, JSON.stringify(reports));
+  assert.deepEqual(await stored(db.path, stats.queueLength), events.filter((_, i) => i !== 200));
+});
+
 Deno.test("runBackfillSync() rewinds half of a short connection, so an event reordered just before a drop is kept", async () => {
   // A legacy server's replay-to-live switch can send events out of order (jetstream-legacy#42): here
   // the 12th before the 11th, and the connection drops after 11 events, 11 ms of time_us. A cursor

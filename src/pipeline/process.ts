@@ -402,15 +402,17 @@ export async function readConnection(
           }
         }
         if (!select(ev)) continue;
-        if (over !== undefined) {
-          skip("oversized", oversizedEventMessage(String(t), over.bytes, over.chars, o.maxEventBytes));
-          continue;
-        }
         // The same content again: a replay, a rewind, or a server's re-ingest under new time_us.
+        // (An event too large to store is remembered too, so that a replay does not count and
+        // report it twice.)
         if (guard.repeats(ev)) {
           stats.duplicatesDropped++;
-          // A record stored before: what comes after it on this instance is new.
+          // An event processed before: what comes after it on this instance is new.
           ctx.awaitStoredUntilUs = -1;
+          continue;
+        }
+        if (over !== undefined) {
+          skip("oversized", oversizedEventMessage(String(t), over.bytes, over.chars, o.maxEventBytes));
           continue;
         }
         if (ctx.awaitStoredUntilUs >= 0 && !storedYet(ctx, t, conn.url)) continue;
