@@ -656,6 +656,9 @@ async function run(
   }
   try {
     const endReached = ctx.stop === "end";
+    if (ctx.stop === "max_time" && o.endUs !== undefined && o.endUs <= Date.now() * 1000) {
+      ctx.report({ reason: "coverage", message: endNotReached(o, stats.lastProcessedUs) });
+    }
     progress(true);
     if (callbacks.failure !== undefined && ctx.stop !== "error") {
       // The last progress report threw, after the run had stopped for another reason.
@@ -667,6 +670,20 @@ async function run(
     // Done by finish() unless something failed before it: release() is idempotent.
     await writer.release();
   }
+}
+
+/**
+ * What a run stopped by `maxTime` before its end, which is past, says: the window may be complete or
+ * not. Jetstream filters on the server, so only a selected event (or, on `/subscribe`, an identity or
+ * account event) can show the end, and a narrow selection may send none for long after it; whether
+ * the server was still reading history for one cannot be seen (protocol doc §9.8).
+ */
+function endNotReached(o: ResolvedSyncOptions, lastUs: number | null): string {
+  return `the end, ${isoFromUs(o.endUs!)}, was not reached within --max-time / maxTime (${
+    o.maxTimeMs / 1000
+  } s): no event at or after it came (${
+    lastUs === null ? "nor any other" : `the last one processed is at ${isoFromUs(lastUs)}`
+  }). What came before it is stored, and a resume (--resume / resume: true) goes on from there. With a narrow selection (a few quiet accounts, a rare collection) this happens even when the window is complete: Jetstream filters on the server, so the event that would show the end can be long in coming`;
 }
 
 /** The run's statistics, recorded for `jetfill status` as the writer lock is given back. */

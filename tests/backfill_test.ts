@@ -18,6 +18,7 @@ import { Batcher } from "../src/pipeline/batch.ts";
 import { FLUSH_AFTER_MS } from "../src/pipeline/process.ts";
 import { queueStatus } from "../src/queue/status.ts";
 import { delay } from "../src/async.ts";
+import { isoFromUs } from "../src/time.ts";
 import { KV_COMMIT_LIMIT, serializedSizeBound } from "../src/queue/size.ts";
 import { serialize } from "node:v8";
 import { gunzipSync } from "node:zlib";
@@ -194,6 +195,59 @@ Deno.test("runBackfillSync() stops at the exclusive end, without storing the eve
     (e.kind !== "commit" || e.commit.collection.startsWith("app.bsky.feed."))
   );
   assert.equal(stats.messagesReceived, sent.length);
+});
+
+Deno.test("runBackfillSync() whose past end no event shows stops at maxTime and says why the end was not reached", async () => {
+  // One account, quiet after 50 minutes: nothing selected comes at or after the end to show it.
+  const events = capture().filter((e) => e.time_us < T0 + 50 * MINUTE);
+  await using server = serveEvents(events);
+  await using db = await tempDb();
+  const end = T0 + 100 * MINUTE;
+  const { stats, reports } = await syncReporting({
+    instance: server.url,
+    kv: db.path,
+    wantedDids: [did(3)],
+    wantedCollections: [],
+    startTimestamp: T0,
+    endTimestamp: end,
+    idleTimeout: 0.2,
+    maxTime: 1.5,
+  });
+  assert.equal(stats.stopReason, "max_time", stats.error);
+  assert.equal(stats.endCursorReached, false);
+  const mine = events.filter((e) => e.did === did(3) && e.kind === "commit");
+  assert.equal(stats.recordsStored, mine.length);
+  const said = reports.filter((r) => r.reason === "coverage");
+  assert.equal(said.length, 1, JSON.stringify(reports));
+  assert.ok(
+    said[0].message.startsWith(
+      `the end, ${
+        isoFromUs(end)
+      }, was not reached within --max-time / maxTime (1.5 s): no event at or after it came (the last one processed is at ${
+        isoFromUs(mine.at(-1)!.time_us)
+      }). What came before it is stored`,
+    ),
+    said[0].message,
+  );
+  assert.match(said[0].message, /narrow selection .* Jetstream filters on the server/);
+});
+
+Deno.test("runBackfillSync() stopped by maxTime before an end still to come says nothing of the end", async () => {
+  // A live tail whose end is an hour away: running out of time before it is no news.
+  const now = Date.now() * 1000;
+  const live = capture().slice(0, 20).map((ev) => ({ ...ev, time_us: ev.time_us - T0 + now }));
+  await using server = serveEvents(live);
+  await using db = await tempDb();
+  const { stats, reports } = await syncReporting({
+    instance: server.url,
+    kv: db.path,
+    wantedCollections: [],
+    endTimestamp: now + 3_600_000_000,
+    idleTimeout: 0.2,
+    maxTime: 1,
+  });
+  assert.equal(stats.stopReason, "max_time", stats.error);
+  assert.deepEqual(reports.filter((r) => r.reason === "coverage"), []);
 });
 
 Deno.test("runBackfillSync() keeps identity and account events out unless their kinds are asked for", async () => {

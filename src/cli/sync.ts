@@ -37,7 +37,9 @@ Selection:
   --start TIME            start here (sent as the cursor), in UTC: ${
   TIMESTAMP_FORMATS.replace(", ISO", ",\n                          ISO")
 }
-  --end TIME              stop at the first event at or after this time (not stored)
+  --end TIME              stop at the first event at or after this time (not stored); Jetstream
+                          filters on the server, so with a narrow selection that event can be
+                          long in coming, and --max-time ends the run instead
   --limit N               stop after exactly N stored records (default 10000)
   --strict                refuse to run when the server's history starts after --start (it
                           would silently start later), and stop on a gap after a long outage
