@@ -816,9 +816,12 @@ async function loadGivenDecoder(
       ? noDictionaryError(
         `Its download had not finished when maxTime (--max-time, ${maxTimeMs / 1000} s) ran out.`,
         err,
+        "runtime",
       )
       : err;
-    if (lost === undefined || !(missing instanceof UsageError)) throw missing;
+    // The last run's file is gone: the input's failure whatever went wrong after it (a download
+    // that failed as well), so a UsageError that says so.
+    if (lost === undefined || options.signal?.aborted || !(missing instanceof Error)) throw missing;
     throw new UsageError(
       `The zstd dictionary that this queue's last run used, '${lost}', is gone. ${missing.message}`,
       {

@@ -229,6 +229,34 @@ Deno.test("a resume whose dictionary file has gone names it, and --no-compress r
   });
 });
 
+Deno.test("sync --compress whose dictionary download fails exits 1 (the network's failure), saying how to give the dictionary", async () => {
+  // HTTPS through a proxy whose port refuses: every download fails at once, as offline.
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = listener.addr.port;
+  listener.close();
+  const dir = await Deno.makeTempDir();
+  try {
+    const r = await runCli(
+      ["sync", "--compress", "--instance", "ws://127.0.0.1:1/subscribe", "--kv", `${dir}/db.sqlite`],
+      [],
+      {
+        HTTPS_PROXY: `http://127.0.0.1:${port}`,
+        NO_PROXY: "127.0.0.1,localhost",
+        XDG_CACHE_HOME: `${dir}/cache`,
+        DENO_DIR: await denoDir(),
+        JETFILL_ZSTD_DICTIONARY: "",
+      },
+    );
+    assert.equal(r.code, 1, r.stderr);
+    assert.match(r.stderr, /^jetfill sync: No zstd dictionary for Jetstream's compressed wire: /);
+    assert.match(r.stderr, /with --zstd-dictionary PATH/);
+    assert.match(r.stderr, /Downloading it failed: https:\/\//);
+    assert.equal(r.stderr.trim().split("\n").length, 1, r.stderr);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("a resume whose dictionary download hangs stops at --max-time naming the missing file; Ctrl-C gives 130", async () => {
   await withStoppedCompressedRun((copy) => copy, async ({ db, dictionary }) => {
     await Deno.remove(dictionary);

@@ -160,8 +160,9 @@ export interface ResolvedZstdDictionary {
  * a download checked against the sha256 (then cached, written atomically).
  *
  * Throws {@linkcode UsageError} for an explicit path that does not exist or is not a zstd
- * dictionary, for a dictionary with the legacy ID but other contents (a damaged copy), and when
- * nothing works, saying how to provide the dictionary and why the download failed.
+ * dictionary, for a dictionary with the legacy ID but other contents (a damaged copy), and when no
+ * download URL is configured; when the downloads fail, a plain `Error` that says how to provide the
+ * dictionary and why each download failed.
  *
  * @example
  * ```ts
@@ -236,25 +237,23 @@ export async function resolveZstdDictionary(
     return { bytes, dictionaryId, source: "download", path: written ? cachePath : undefined };
   }
 
-  throw noDictionaryError(
-    failures.length === 0
-      ? "No download URL was configured."
-      : `Downloading it failed: ${failures.join("; ")}.`,
-  );
+  if (failures.length === 0) throw noDictionaryError("No download URL was configured.");
+  // The network's failure, not the input's: a runtime error (the CLI exits 1), saying all the same
+  // how to give the dictionary.
+  throw noDictionaryError(`Downloading it failed: ${failures.join("; ")}.`, undefined, "runtime");
 }
 
 /**
  * The error for a compressed sync without the legacy dictionary, saying how to give it, then `why`
- * none was found (the download's failures, say).
+ * none was found (the download's failures, say): a {@linkcode UsageError}, or with `kind` "runtime"
+ * (the download failed) a plain `Error`.
  */
-export function noDictionaryError(why: string, cause?: unknown): UsageError {
-  return new UsageError(
-    "No zstd dictionary for Jetstream's compressed wire: provide the legacy dictionary " +
-      `(legacy_subscribe.zdict, sha256 ${LEGACY_DICTIONARY_SHA256}) with --zstd-dictionary PATH, ` +
-      `the zstdDictionary option, or the ${ZSTD_DICTIONARY_ENV} environment variable, or connect without compression. ` +
-      why,
-    { cause },
-  );
+export function noDictionaryError(why: string, cause?: unknown, kind: "usage" | "runtime" = "usage"): Error {
+  const message = "No zstd dictionary for Jetstream's compressed wire: provide the legacy dictionary " +
+    `(legacy_subscribe.zdict, sha256 ${LEGACY_DICTIONARY_SHA256}) with --zstd-dictionary PATH, ` +
+    `the zstdDictionary option, or the ${ZSTD_DICTIONARY_ENV} environment variable, or connect without compression. ` +
+    why;
+  return kind === "usage" ? new UsageError(message, { cause }) : new Error(message, { cause });
 }
 
 async function readGivenDictionary(
