@@ -6,7 +6,7 @@ import type { JetstreamEvent } from "../src/jetstream/events.ts";
 import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
 import type { SyncErrorReport, SyncStats } from "../src/stats.ts";
 import { commit, did, drainQueue, identity } from "./helpers/events.ts";
-import { serveEvents, syncConnections, tempDb, withSilentPort } from "./helpers/loopback.ts";
+import { refusedPort, serveEvents, syncConnections, tempDb, withSilentPort } from "./helpers/loopback.ts";
 import { zstdFrames } from "./helpers/zstd_cli.ts";
 import { legacyDictionary, v2Dictionary } from "./helpers/dictionaries.ts";
 import { spawnServer } from "../scripts/spawn_server.ts";
@@ -231,9 +231,7 @@ Deno.test("a resume whose dictionary file has gone names it, and --no-compress r
 
 Deno.test("sync --compress whose dictionary download fails exits 1 (the network's failure), saying how to give the dictionary", async () => {
   // HTTPS through a proxy whose port refuses: every download fails at once, as offline.
-  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const port = listener.addr.port;
-  listener.close();
+  const port = await refusedPort();
   const dir = await Deno.makeTempDir();
   try {
     const r = await runCli(

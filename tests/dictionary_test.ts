@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { legacyDictionary, v2Dictionary } from "./helpers/dictionaries.ts";
-import { withSilentPort } from "./helpers/loopback.ts";
+import { refusedPort, withSilentPort } from "./helpers/loopback.ts";
 // The public API, as a library user imports it.
 import {
   LEGACY_DICTIONARY_ID,
@@ -243,9 +243,7 @@ Deno.test("`resolveZstdDictionary()` gives a download URL that never answers dow
 
 Deno.test("`resolveZstdDictionary()` says why a download could not connect, not only that fetch failed", async () => {
   await withTempDir(async (dir) => {
-    const closed = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-    closed.close();
-    const url = `http://127.0.0.1:${(closed.addr as Deno.NetAddr).port}/legacy.zdict`;
+    const url = `http://127.0.0.1:${await refusedPort()}/legacy.zdict`;
     await assert.rejects(
       () => resolveZstdDictionary(isolated(dir, { downloadUrls: [url] })),
       (err: unknown) =>
@@ -281,13 +279,8 @@ Deno.test("`resolveZstdDictionary()` refuses a download with the wrong sha256 an
 
 Deno.test("`resolveZstdDictionary()` says how to provide the dictionary when nothing works", async () => {
   await withTempDir(async (dir) => {
-    // A port that was just closed: the connection is refused, a network error.
-    const server = Deno.serve(
-      { hostname: "127.0.0.1", port: 0, onListen: () => {} },
-      () => new Response("x"),
-    );
-    const url = `http://127.0.0.1:${server.addr.port}/legacy_subscribe.zdict`;
-    await server.shutdown();
+    // The connection is refused: a network error.
+    const url = `http://127.0.0.1:${await refusedPort()}/legacy_subscribe.zdict`;
     await assert.rejects(
       () => resolveZstdDictionary(isolated(dir, { downloadUrls: [url] })),
       (error: unknown) => {

@@ -7,6 +7,7 @@ import type { SyncErrorReport } from "../src/stats.ts";
 import type { BackfillSyncOptions } from "../src/options.ts";
 import { commit, did, drainQueue, identity } from "./helpers/events.ts";
 import {
+  refusedPort,
   serveEvents,
   syncConnections,
   syncReporting,
@@ -303,9 +304,8 @@ async function failingOver(
   );
   const first = serveEvents(events.slice(0, 2700));
   const servers = others(events).map((held) => held && serveEvents(held, { closeAtEnd: true }));
-  const dead = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  dead.close();
-  const deadUrl = `ws://127.0.0.1:${(dead.addr as Deno.NetAddr).port}/subscribe`;
+  const deadPort = await refusedPort();
+  const deadUrl = `ws://127.0.0.1:${deadPort}/subscribe`;
   await using db = await tempDb();
   try {
     const reports: SyncErrorReport[] = [];
@@ -632,11 +632,10 @@ Deno.test("runBackfillSync() with a quiet filter and another instance that is do
   // connection. (Before, the second's failures added up across the first's quiet connections, and
   // the run ended in an error after maxRetries.)
   await using quiet = serveEvents(capture(100));
-  const dead = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  dead.close();
+  const deadPort = await refusedPort();
   await using db = await tempDb();
   const stats = await runBackfillSync({
-    instance: [quiet.url, `ws://127.0.0.1:${(dead.addr as Deno.NetAddr).port}/subscribe`],
+    instance: [quiet.url, `ws://127.0.0.1:${deadPort}/subscribe`],
     kv: db.path,
     wantedDids: [did(99)],
     idleTimeout: 0.15,
@@ -866,10 +865,8 @@ Deno.test("runBackfillSync() reconnects when a legacy server fails its replay wi
 });
 
 Deno.test("runBackfillSync() that never gets a connection within maxTime stops with an error, not max_time", async () => {
-  // A port that was just free: nothing listens there.
-  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const port = (listener.addr as Deno.NetAddr).port;
-  listener.close();
+  // Nothing listens there.
+  const port = await refusedPort();
   await using db = await tempDb();
   const reports: string[] = [];
   const stats = await runBackfillSync({
@@ -980,12 +977,11 @@ Deno.test("an end reached on the instance failed over to before any event came g
   // No event came from the first instance, which cannot be reached: the end is only ever compared
   // with the second one's time_us. (Before, it was said to be another instance's.)
   const events = capture(1000);
-  const dead = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  dead.close();
+  const deadPort = await refusedPort();
   await using good = serveEvents(events, { closeAtEnd: true });
   await using db = await tempDb();
   const { stats, reports } = await syncReporting({
-    instance: [`ws://127.0.0.1:${(dead.addr as Deno.NetAddr).port}/subscribe`, good.url],
+    instance: [`ws://127.0.0.1:${deadPort}/subscribe`, good.url],
     kv: db.path,
     startTimestamp: T0,
     endTimestamp: T0 + 500_000,

@@ -10,6 +10,7 @@ import type { SyncErrorReport } from "../src/stats.ts";
 import { account, commit, did, drainQueue, identity } from "./helpers/events.ts";
 import {
   isCoverageProbe,
+  refusedPort,
   serveEvents,
   syncConnections,
   syncReporting,
@@ -771,9 +772,7 @@ Deno.test("within a run, a v2 host's seq is not used again once records came fro
   );
   // A v2 host that serves 300 events and fails, then cannot be reached until a legacy instance has
   // served 600 (and failed, and cannot be reached either); by then the v2 host holds all 900.
-  const refused = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const refusedPort = refused.addr.port;
-  refused.close();
+  const refusedAt = await refusedPort();
   await using early = serveEvents(events.slice(0, 300), {
     version: "v2",
     errorAfter: { events: 300, error: "InternalError" },
@@ -785,9 +784,9 @@ Deno.test("within a run, a v2 host's seq is not used again once records came fro
   const served = (server: typeof early, n: number) => syncConnections(server).some((c) => c.sent >= n);
   const portOf = (server: typeof early) => Number(new URL(server.url).port);
   await using relayA = tcpRelay(() =>
-    served(legacy, 600) ? portOf(later) : served(early, 300) ? refusedPort : portOf(early)
+    served(legacy, 600) ? portOf(later) : served(early, 300) ? refusedAt : portOf(early)
   );
-  await using relayB = tcpRelay(() => served(legacy, 600) ? refusedPort : portOf(legacy));
+  await using relayB = tcpRelay(() => served(legacy, 600) ? refusedAt : portOf(legacy));
   const hostA = `ws://127.0.0.1:${relayA.port}${V2_PATH}`;
   await using db = await tempDb();
   const stats = await runBackfillSync({

@@ -52,6 +52,25 @@ export function isCoverageProbe(c: JetstreamServer["connections"][number]): bool
   return c.endpoint === "subscribe" ? c.query === "cursor=0" : /^cursor=\d+$/.test(c.query);
 }
 
+/**
+ * A loopback TCP port that refuses connections (nothing listens there). A port that a listener on port
+ * 0 was just given and gave back can be handed to another test's server before it is used (tests run
+ * in parallel); a port below 1024 never is (Linux gives port 0 listeners ports of its ephemeral range,
+ * 32768–60999 by default), so the first of a few low ports that refuses now is taken (none of them on
+ * the fetch standard's list of bad ports, which `fetch` refuses to try).
+ */
+export async function refusedPort(): Promise<number> {
+  for (const port of [2, 3, 4, 5, 6, 8, 10]) {
+    try {
+      const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+      conn.close();
+    } catch (err) {
+      if (err instanceof Deno.errors.ConnectionRefused) return port;
+    }
+  }
+  throw new Error("no low loopback port refuses connections on this machine");
+}
+
 /** A loopback TCP port that accepts connections and never answers (a network that hangs). */
 export async function withSilentPort(fn: (port: number) => Promise<void>): Promise<void> {
   const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
