@@ -21,7 +21,7 @@ import { serveJetstream } from "../src/server/server.ts";
 import { generateCapture } from "../src/server/synth.ts";
 import { commit, did } from "./helpers/events.ts";
 import { encodeFrame } from "./helpers/raw_ws.ts";
-import { syncReporting } from "./helpers/loopback.ts";
+import { refusedPort, syncReporting } from "./helpers/loopback.ts";
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
@@ -585,9 +585,7 @@ Deno.test("`openRawConnection()` throws a ConnectError with the status and body 
 });
 
 Deno.test("`openRawConnection()` throws a ConnectError without a status for network and handshake failures", async () => {
-  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const port = (listener.addr as Deno.NetAddr).port;
-  listener.close();
+  const port = await refusedPort();
   const refused = await openRawConnection(`ws://127.0.0.1:${port}/`).catch((e: unknown) => e as ConnectError);
   assert.ok(refused instanceof ConnectError);
   assert.match(refused.message, new RegExp(`^cannot connect to ws://127.0.0.1:${port}/: `));
@@ -1216,9 +1214,37 @@ Deno.test("`openRawConnection()` escapes control characters of a close reason an
   assert.ok(err instanceof ConnectError);
   assert.equal(
     err.message,
-    `${refusing.url} refused the connection: HTTP 400: \\u001b[2Jinvalid\\u000a${escaped}`,
+    // (Whitespace, the carriage return too, becomes single spaces: a body shows on one line.)
+    `${refusing.url} refused the connection: HTTP 400: \\u001b[2Jinvalid ${escaped.replace("\\u000d", " ")}`,
   );
   assert.equal(err.body, `\x1b[2Jinvalid\n${ansi}`); // the body itself as it came (JSON to parse, say)
+});
+
+Deno.test("`openRawConnection()` shows a long refusal page in its message on one line, cut short, and keeps it whole in body", async () => {
+  // A web server's or proxy's error page: lines of HTML, far longer than an error message's line.
+  const page = `<!DOCTYPE html>\n<html>\n  <head><title>404 Not Found</title></head>\n  <body>\n${
+    "    <p>nothing here</p>\n".repeat(60)
+  }  </body>\n</html>\n`;
+  await using refusing = scripted(async (peer) => {
+    const body = encoder.encode(page);
+    await peer.write(
+      encoder.encode(`HTTP/1.1 404 Not Found\r\nContent-Length: ${body.length}\r\n\r\n`),
+      body,
+    );
+  });
+  const err = await openRawConnection(refusing.url, { idleTimeoutMs: 5000 }).catch((e: unknown) => e);
+  assert.ok(err instanceof ConnectError);
+  assert.equal(err.body, page.trim());
+  const shown = err.message.slice(`${refusing.url} refused the connection: HTTP 404: `.length);
+  assert.ok(
+    shown.startsWith(
+      "<!DOCTYPE html> <html> <head><title>404 Not Found</title></head> <body> <p>nothing here</p>",
+    ),
+    err.message,
+  );
+  assert.ok(shown.endsWith(`… (${page.trim().length} characters in all)`), err.message);
+  assert.ok(shown.length < 360, err.message);
+  assert.ok(!err.message.includes("\\u000a") && !err.message.includes("\n"), err.message);
 });
 
 Deno.test("`openRawConnection()` names where a redirect points, and runBackfillSync() stops on it as on a 4xx", async () => {

@@ -833,7 +833,7 @@ async function tunnel(
         status === 407
           ? " (it wants credentials: give them in the proxy URL, http://user:password@host:port)"
           : ""
-      }${body ? `: ${printable(body)}` : ""}`,
+      }${body ? `: ${bodyInMessage(body)}` : ""}`,
       status,
       body,
     );
@@ -858,6 +858,23 @@ function findHeadEnd(buf: Uint8Array, from: number, to: number): number {
     if (buf[i] === 13 && buf[i + 1] === 10 && buf[i + 2] === 13 && buf[i + 3] === 10) return i;
   }
   return -1;
+}
+
+/** Characters of a refusal's body that its error message shows at most (the error keeps it whole). */
+const BODY_IN_MESSAGE_CHARS = 300;
+
+/**
+ * A refusal's body as one line of an error message: Jetstream's own refusals are a line of text or
+ * JSON, shown as they are; a proxy's or web server's HTML page has its whitespace runs made single
+ * spaces and is cut short, with its length said.
+ */
+function bodyInMessage(body: string): string {
+  const line = body.replace(/\s+/g, " ");
+  return printable(
+    line.length <= BODY_IN_MESSAGE_CHARS
+      ? line
+      : `${line.slice(0, BODY_IN_MESSAGE_CHARS)}… (${body.length} characters in all)`,
+  );
 }
 
 /** The body of a `Transfer-Encoding: chunked` response, as much of it as arrived. */
@@ -1055,7 +1072,7 @@ export async function openRawConnection(
       throw new ConnectError(
         `${url} refused the connection: HTTP ${status}${
           location !== null ? ` (a redirect to ${printable(location)}, not followed)` : ""
-        }${body ? `: ${printable(body)}` : ""}`,
+        }${body ? `: ${bodyInMessage(body)}` : ""}`,
         status,
         body,
       );
