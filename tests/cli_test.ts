@@ -540,6 +540,34 @@ Deno.test("jetfill serve on a port another process holds exits 1 with one line t
   }
 });
 
+Deno.test("jetfill serve checks its dictionary paths before it loads the capture", async () => {
+  // A large capture takes a while to load: a mistyped dictionary is said first (here the capture is
+  // missing too, and not the one blamed).
+  const r = await run([
+    "serve",
+    "--file",
+    "/nonexistent/capture.ndjson",
+    "--zstd-dictionary",
+    "/nonexistent/d.zdict",
+  ]);
+  assert.equal(r.code, 2, r.stderr);
+  assert.match(r.stderr, /\/nonexistent\/d\.zdict/);
+  assert.doesNotMatch(r.stderr, /capture\.ndjson/);
+  const v2 = await run([
+    "serve",
+    "--v2",
+    "--file",
+    "/nonexistent/capture.ndjson",
+    "--v2-zstd-dictionary",
+    "/nonexistent/v2.zdict",
+  ]);
+  assert.equal(v2.code, 2, v2.stderr);
+  assert.match(
+    v2.stderr,
+    /^jetfill serve: --v2-zstd-dictionary "\/nonexistent\/v2\.zdict" is not a readable zstd dictionary/,
+  );
+});
+
 Deno.test("every sync flag sets its library option, and an error about that option names the flag", async () => {
   const { inFlagTerms, syncOptionsFromFlags } = await import("../src/cli/sync.ts");
   const flags: Record<string, unknown> = {

@@ -188,35 +188,7 @@ export async function serveCommand(args: string[]): Promise<number> {
     ? undefined
     : { events: errorEvents, error: errorName };
 
-  let events;
-  try {
-    events = await loadCapture(values.file);
-  } catch (err) {
-    if (err instanceof Deno.errors.NotFound) {
-      throw new UsageError(`--file ${JSON.stringify(values.file)} does not exist`, { cause: err });
-    }
-    if (err instanceof Deno.errors.PermissionDenied || err instanceof Deno.errors.IsADirectory) {
-      throw new UsageError(
-        `--file ${JSON.stringify(values.file)} cannot be read (${(err as Error).message})`,
-        {
-          cause: err,
-        },
-      );
-    }
-    // A malformed line: the message names the file, the line and the problem.
-    throw new UsageError(`--file is not a valid capture: ${(err as Error).message}`, {
-      cause: err,
-    });
-  }
-  // serveJetstream() sorts for the legacy server (without --file-order); this only tells the user,
-  // who may expect the capture played in file order, or not know that the file is out of order.
-  const outOfOrder = countOutOfOrder(events);
-  if (outOfOrder > 0) {
-    console.error(
-      outOfOrderNote(values.file, outOfOrder, events.length, v2 ? "v2" : faults.fileOrder ? "file" : "time"),
-    );
-  }
-
+  // The dictionaries first: a capture can take a while to load, and a mistyped path is cheap to tell.
   let compressor: ((text: string) => Uint8Array) | undefined;
   if (values["zstd-dictionary"] !== undefined) {
     const dictionary = await resolveZstdDictionary({ dictionary: values["zstd-dictionary"] });
@@ -244,6 +216,35 @@ export async function serveCommand(args: string[]): Promise<number> {
     const encoder = await createZstdEncoder(v2Dictionary, 1);
     const utf8 = new TextEncoder();
     v2Compressor = (text) => encoder.encode(utf8.encode(text)).slice();
+  }
+
+  let events;
+  try {
+    events = await loadCapture(values.file);
+  } catch (err) {
+    if (err instanceof Deno.errors.NotFound) {
+      throw new UsageError(`--file ${JSON.stringify(values.file)} does not exist`, { cause: err });
+    }
+    if (err instanceof Deno.errors.PermissionDenied || err instanceof Deno.errors.IsADirectory) {
+      throw new UsageError(
+        `--file ${JSON.stringify(values.file)} cannot be read (${(err as Error).message})`,
+        {
+          cause: err,
+        },
+      );
+    }
+    // A malformed line: the message names the file, the line and the problem.
+    throw new UsageError(`--file is not a valid capture: ${(err as Error).message}`, {
+      cause: err,
+    });
+  }
+  // serveJetstream() sorts for the legacy server (without --file-order); this only tells the user,
+  // who may expect the capture played in file order, or not know that the file is out of order.
+  const outOfOrder = countOutOfOrder(events);
+  if (outOfOrder > 0) {
+    console.error(
+      outOfOrderNote(values.file, outOfOrder, events.length, v2 ? "v2" : faults.fileOrder ? "file" : "time"),
+    );
   }
 
   const controller = new AbortController();

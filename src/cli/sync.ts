@@ -60,9 +60,9 @@ Connection:
   --max-event-bytes N     skip (and count) selected events of more UTF-8 bytes (default 1048576)
 
 Queue:
-  --kv PATH               Deno KV database (default ./jetfill-data/<queue-name>.sqlite); while it
-                          runs, the sync holds PATH@<queue-name>.lock beside it, and a second
-                          sync of the same queue is refused
+  --kv PATH               Deno KV database (default ./jetfill-data/<queue-name>.sqlite; missing
+                          folders are made); while it runs, the sync holds PATH@<queue-name>.lock
+                          beside it, and a second sync of the same queue is refused
   --queue-name NAME       queue name (default jetstream_sync)
   --batch-size N          records per batch and atomic commit (default 100); a batch not full
                           1 s after its first record is committed as it is
