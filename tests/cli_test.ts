@@ -3,7 +3,9 @@ import { queueKey } from "../src/queue/kv_queue.ts";
 import { commit, drainQueue } from "./helpers/events.ts";
 import { closeIgnoringServer, serveEvents, syncConnections, tempDb, tlsFront } from "./helpers/loopback.ts";
 import { killIfRunning, runCli, spawnCli, statusWithin, syncArgs, whileRunning } from "./helpers/cli.ts";
-import { asRun, counted } from "../src/cli/program.ts";
+import { asRun, counted, programName } from "../src/cli/program.ts";
+import { relative } from "node:path";
+import { fileURLToPath as fromFileUrl } from "node:url";
 
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
 const run = runCli;
@@ -538,6 +540,19 @@ Deno.test("jetfill serve on a port another process holds exits 1 with one line t
   } finally {
     await Deno.remove(capture);
   }
+});
+
+Deno.test("programName() spells the command as the user runs it: a binary, deno run, or npx's Deno", () => {
+  const cli = new URL("../cli.ts", import.meta.url).href;
+  const path = relative(Deno.cwd(), fromFileUrl(cli));
+  assert.equal(programName("/usr/local/bin/deno", cli), `deno run -A ${path}`);
+  // The README's first commands on a machine without Deno: npx's cache holds it, not the PATH.
+  assert.equal(
+    programName("/home/u/.npm/_npx/6a0d4f1c/node_modules/deno/deno", cli),
+    `npx -y deno@${Deno.version.deno} run -A ${path}`,
+  );
+  assert.equal(programName("/opt/dist/jetfill", cli), "jetfill");
+  assert.equal(programName("/usr/local/bin/deno", "file:///srv/app/main.ts"), "jetfill");
 });
 
 Deno.test("jetfill serve checks its dictionary paths before it loads the capture", async () => {

@@ -9,8 +9,9 @@ import { fileURLToPath } from "node:url";
 
 /**
  * The command that runs this CLI: the binary's own name when it is `deno compile`d, else
- * `deno run -A` and the path of `cli.ts` from the working directory; `jetfill` when neither applies
- * (the CLI's functions called from another program).
+ * `deno run -A` and the path of `cli.ts` from the working directory (`npx -y deno@VERSION run -A`
+ * when npx runs this Deno, as the README's first commands do on a machine without it); `jetfill`
+ * when none applies (the CLI's functions called from another program).
  *
  * @example
  * ```ts ignore
@@ -18,10 +19,11 @@ import { fileURLToPath } from "node:url";
  * programName(); // "deno run -A cli.ts" in a checkout
  * ```
  */
-export function programName(): string {
-  const exe = Deno.execPath().split(/[\\/]/).at(-1)!.replace(/\.exe$/i, "");
+export function programName(execPath: string = Deno.execPath(), main: string = Deno.mainModule): string {
+  const exe = execPath.split(/[\\/]/).at(-1)!.replace(/\.exe$/i, "");
   if (exe !== "deno") return exe;
-  const main = Deno.mainModule;
+  // npx keeps the packages it fetches under its cache's _npx folder: Deno is not on the PATH then.
+  const deno = /[\\/]_npx[\\/]/.test(execPath) ? `npx -y deno@${Deno.version.deno}` : "deno";
   if (!main.startsWith("file:") || !main.endsWith("/cli.ts")) return "jetfill";
   let path = fileURLToPath(main);
   try {
@@ -29,7 +31,7 @@ export function programName(): string {
   } catch {
     // No working directory (removed, or not readable): the absolute path.
   }
-  return `deno run -A ${/^[\w./@+-]+$/.test(path) ? path : JSON.stringify(path)}`;
+  return `${deno} run -A ${/^[\w./@+-]+$/.test(path) ? path : JSON.stringify(path)}`;
 }
 
 /**
