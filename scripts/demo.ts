@@ -8,6 +8,7 @@
 import { generateCapture } from "../src/server/synth.ts";
 import { isoFromUs } from "../src/time.ts";
 import { spawnServer } from "./spawn_server.ts";
+import { programName } from "../src/cli/program.ts";
 
 if (Deno.args.length > 0) {
   const help = Deno.args.every((a) => a === "-h" || a === "--help");
@@ -34,6 +35,8 @@ await Deno.writeTextFile(capture, lines.join("\n") + "\n");
 console.log(`wrote ${lines.length} synthetic events to ${capture}`);
 
 const self = new URL("../cli.ts", import.meta.url).pathname;
+// How the user runs the CLI: `deno run -A cli.ts`, or through npx when Deno is not installed.
+const cli = programName(Deno.execPath(), new URL("../cli.ts", import.meta.url).href);
 
 // The server runs in its own process, as a real Jetstream would.
 const server = await spawnServer(["--file", capture, "--port", "0"]);
@@ -67,10 +70,10 @@ const args = [
   "--queue-name",
   "demo",
 ];
-console.log(`\n$ deno run -A cli.ts sync ${args.slice(4).join(" ")}\n`);
+console.log(`\n$ ${cli} sync ${args.slice(4).join(" ")}\n`);
 const sync = await new Deno.Command(Deno.execPath(), { args, stdout: "inherit", stderr: "inherit" }).output();
 await server.stop();
 console.log(
-  `\nThe queue is in ${kvPath}; read it with: deno run -A cli.ts export --kv ${kvPath} --queue-name demo`,
+  `\nThe queue is in ${kvPath}; read it with: ${cli} export --kv ${kvPath} --queue-name demo`,
 );
 Deno.exit(sync.code);
