@@ -184,6 +184,31 @@ export function writeTextResponse(
 }
 
 /**
+ * Writes a plain-text error the way Go's `http.Error` does, as the v2 server answers a refused
+ * `/subscribe` (protocol doc §1.2): `text/plain; charset=utf-8`, `X-Content-Type-Options: nosniff`,
+ * and the message followed by a newline.
+ *
+ * @example
+ * ```ts ignore
+ * import { writeGoHttpError } from "./http1.ts";
+ * await writeGoHttpError(conn, 400, "subscribe: invalid cursor: negative value -1");
+ * ```
+ */
+export function writeGoHttpError(
+  conn: Deno.Conn,
+  status: number,
+  message: string,
+  headers: Record<string, string> = {},
+): Promise<void> {
+  // (A refusal in coder/websocket's words is written with its newline already.)
+  const body = message.endsWith("\n") ? message : `${message}\n`;
+  return writeResponse(conn, status, body, "text/plain; charset=utf-8", {
+    ...headers,
+    "X-Content-Type-Options": "nosniff",
+  });
+}
+
+/**
  * Writes an XRPC error envelope `{"error":name,"message":message}` as `application/json`, the way
  * the v2 server answers refused `subscribeEvents` requests and failed XRPC calls.
  *

@@ -39,6 +39,7 @@ import {
   HttpError,
   readRequestHead,
   type RequestHead,
+  writeGoHttpError,
   writeResponse,
   writeTextResponse,
   writeXrpcError,
@@ -991,6 +992,8 @@ export function serveJetstream(options: JetstreamServerOptions): JetstreamServer
       if (endpoint === "subscribeEvents" && refusal.name) {
         record.errorName = refusal.name;
         await writeXrpcError(conn, refusal.status, refusal.name, refusal.message);
+      } else if (version === "v2") {
+        await writeGoHttpError(conn, refusal.status, refusal.message, refusal.headers);
       } else {
         await writeTextResponse(conn, refusal.status, refusal.message, refusal.headers);
       }
