@@ -225,6 +225,8 @@ export async function consumeStream(
     if (lastUs >= 0) {
       unrewoundUs = lastUs;
       floorUs = lastUs - o.rewindUs;
+      // That rewind covers what a reconnect's would (the same 5 s at most): not both.
+      lastSpanUs = 0;
     }
     // With records stored to recognise, as on a resume on another instance (above): the start is
     // also a time of the instance left, so it moves back by the rewind, and new events before the

@@ -289,6 +289,31 @@ Deno.test("runBackfillSync() fails over to the next instance, rewinds and dedupl
   assert.ok(Number(first) <= T0 + flakyLast * 1000, "the switch rewinds the cursor");
 });
 
+Deno.test("a failover after a drop takes the stream up the failover's rewind (5 s) before the last event, not that and the reconnect's", async () => {
+  // 20 ms apart: the first instance's connection covers 20 s and drops after its 1,000th event; the
+  // instance is gone from then on, and the sync fails over.
+  const events = Array.from(
+    { length: 1500 },
+    (_, i) => commit(T0 + i * 20_000, { did: did(i % 5), text: `p${i}` }),
+  );
+  await using first = serveEvents(events, { faults: { dropEvery: 1000 } });
+  await using good = serveEvents(events, { closeAtEnd: true });
+  const gone = await refusedPort();
+  await using relay = tcpRelay(() => syncConnections(first)[0]?.dropped ? gone : first.port);
+  await using db = await tempDb();
+  const stats = await runBackfillSync({
+    instance: [`ws://127.0.0.1:${relay.port}/subscribe`, good.url],
+    kv: db.path,
+    startTimestamp: T0,
+  });
+  assert.equal(stats.stopReason, "closed", stats.error);
+  assert.equal(stats.failovers, 1);
+  const cursor = /cursor=(\d+)/.exec(syncConnections(good)[0].query)?.[1];
+  // Before, the reconnect's rewind came on top: 10 s.
+  assert.equal(Number(cursor), T0 + 999 * 20_000 - 5_000_000);
+  assert.deepEqual(await stored(db.path, stats.queueLength), events);
+});
+
 /**
  * 4,000 posts 1 ms apart, synced from the 1,000th on. The first instance has them up to the 2,700th
  * and goes away once it has sent them; the next instances hold what `others` gives for each (null:
