@@ -610,6 +610,15 @@ async function run(
   let refusal: { error: unknown } | undefined;
   let streaming = false;
   let ticker: ReturnType<typeof setInterval> | undefined;
+  // When the last new event was seen, to within QUIET_CHECK_MS: a run that ends by maxTime while
+  // events still come has simply run out of time; one that had been quiet may never see its end.
+  let lastSeenUs = stats.lastProcessedUs;
+  let newAt = performance.now();
+  const watch = setInterval(() => {
+    if (stats.lastProcessedUs === lastSeenUs) return;
+    lastSeenUs = stats.lastProcessedUs;
+    newAt = performance.now();
+  }, QUIET_CHECK_MS);
   const sha256 = listHash(selection.wantedDids);
   try {
     if (sha256 !== undefined) await storeDidList(kv, o.queueName, o.wantedDids, sha256);
@@ -632,6 +641,7 @@ async function run(
     ctx.error ??= err instanceof Error ? err.message : String(err);
   } finally {
     clearInterval(ticker);
+    clearInterval(watch);
     cancelTimer();
     options.signal?.removeEventListener("abort", onUserAbort);
   }
@@ -656,8 +666,14 @@ async function run(
   }
   try {
     const endReached = ctx.stop === "end";
-    if (ctx.stop === "max_time" && o.endUs !== undefined && o.endUs <= Date.now() * 1000) {
-      ctx.report({ reason: "coverage", message: endNotReached(o, stats.lastProcessedUs) });
+    // Quiet: nothing new for as long as the idle timeout, or 5 s if shorter (a narrow selection's
+    // replay can bring its events seconds apart, a busy one never does).
+    const quietMs = stats.lastProcessedUs === lastSeenUs ? performance.now() - newAt : 0;
+    if (
+      ctx.stop === "max_time" && o.endUs !== undefined && o.endUs <= Date.now() * 1000 &&
+      quietMs >= Math.min(o.idleTimeoutMs, QUIET_MS)
+    ) {
+      ctx.report({ reason: "coverage", message: endNotReached(o, stats.lastProcessedUs, quietMs) });
     }
     progress(true);
     if (callbacks.failure !== undefined && ctx.stop !== "error") {
@@ -672,17 +688,26 @@ async function run(
   }
 }
 
+/** How often a run checks whether a new event came (for {@link endNotReached}), ms. */
+const QUIET_CHECK_MS = 500;
+/** The quiet spell, at most, after which a run stopped by `maxTime` says why its end was not reached. */
+const QUIET_MS = 5_000;
+
 /**
- * What a run stopped by `maxTime` before its end, which is past, says: the window may be complete or
+ * What a run stopped by `maxTime` before its end, which is past, after a quiet spell, says: the window may be complete or
  * not. Jetstream filters on the server, so only a selected event (or, on `/subscribe`, an identity or
  * account event) can show the end, and a narrow selection may send none for long after it; whether
  * the server was still reading history for one cannot be seen (protocol doc §9.8).
  */
-function endNotReached(o: ResolvedSyncOptions, lastUs: number | null): string {
+function endNotReached(o: ResolvedSyncOptions, lastUs: number | null, quietMs: number): string {
   return `the end, ${isoFromUs(o.endUs!)}, was not reached within --max-time / maxTime (${
     o.maxTimeMs / 1000
   } s): no event at or after it came (${
-    lastUs === null ? "nor any other" : `the last one processed is at ${isoFromUs(lastUs)}`
+    lastUs === null
+      ? "nor any other"
+      : `the last one processed is at ${isoFromUs(lastUs)}, and nothing new came in the last ${
+        Math.floor(quietMs / 1000)
+      } s`
   }). What came before it is stored, and a resume (--resume / resume: true) goes on from there. With a narrow selection (a few quiet accounts, a rare collection) this happens even when the window is complete: Jetstream filters on the server, so the event that would show the end can be long in coming`;
 }
 

@@ -225,11 +225,31 @@ Deno.test("runBackfillSync() whose past end no event shows stops at maxTime and 
         isoFromUs(end)
       }, was not reached within --max-time / maxTime (1.5 s): no event at or after it came (the last one processed is at ${
         isoFromUs(mine.at(-1)!.time_us)
-      }). What came before it is stored`,
+      }, and nothing new came in the last `,
     ),
     said[0].message,
   );
+  assert.match(said[0].message, / s\)\. What came before it is stored, and a resume/);
   assert.match(said[0].message, /narrow selection .* Jetstream filters on the server/);
+});
+
+Deno.test("runBackfillSync() stopped by maxTime while events still come says nothing of its past end", async () => {
+  // A busy backfill that runs out of time: no quiet spell, so no word about a narrow selection.
+  const lines = generateCapture({ count: 60_000, seed: 3, startUs: T0, stepUs: 1000 });
+  await using server = serveEvents(lines.map((l) => JSON.parse(l)));
+  await using db = await tempDb();
+  const { stats, reports } = await syncReporting({
+    instance: server.url,
+    kv: db.path,
+    wantedCollections: [],
+    startTimestamp: T0,
+    endTimestamp: T0 + 3_600_000_000,
+    numRecords: 1_000_000,
+    maxTime: 0.4,
+  });
+  assert.equal(stats.stopReason, "max_time", stats.error);
+  assert.ok(stats.recordsStored > 0 && stats.recordsStored < 60_000, `${stats.recordsStored}`);
+  assert.deepEqual(reports.filter((r) => r.reason === "coverage"), []);
 });
 
 Deno.test("runBackfillSync() stopped by maxTime before an end still to come says nothing of the end", async () => {
