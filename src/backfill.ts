@@ -588,6 +588,7 @@ async function run(
     v2Compress: true,
     v2Dictionary: undefined,
     awaitStoredUntilUs: -1,
+    sentWhileAwaiting: undefined,
     initialGapUs: 0,
     awaitDrops: false,
     toldBackdated: false,

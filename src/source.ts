@@ -143,6 +143,7 @@ export async function consumeStream(
       // lack events around the cursor.)
       startUs -= o.rewindUs;
       ctx.awaitStoredUntilUs = resumeFrom!.cursor + o.rewindUs;
+      ctx.sentWhileAwaiting = new Set();
       ctx.awaitDrops = o.startUs !== undefined && resumeFrom!.cursor - o.startUs < 2 * o.rewindUs;
       // A "connection" report, as a failover's is: the CLI says it without --verbose.
       ctx.report({
@@ -237,6 +238,7 @@ export async function consumeStream(
     if (lastUs >= 0 && known && from !== to) {
       startUs = (o.startUs ?? Number.NEGATIVE_INFINITY) - o.rewindUs;
       ctx.awaitStoredUntilUs = lastUs + o.rewindUs;
+      ctx.sentWhileAwaiting = new Set();
       ctx.awaitDrops = o.startUs !== undefined && lastUs - o.startUs < 2 * o.rewindUs;
     }
     ctx.report({

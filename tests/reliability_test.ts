@@ -314,6 +314,46 @@ Deno.test("a failover after a drop takes the stream up the failover's rewind (5 
   assert.deepEqual(await stored(db.path, stats.queueLength), events);
 });
 
+Deno.test("after a failover to an instance that lacks the records stored, its own events sent again by a reconnect do not end the wait for one", async () => {
+  // 10 ms apart. The first instance goes away after 1,200 events; the second holds other records
+  // (other rkeys) up to the 1,500th, and drops every connection after 600 events: its reconnect's
+  // rewind sends some of its own events again. Before, such a repeat counted as a record stored
+  // before, and the warning that the instance lacks them never came.
+  const events = Array.from(
+    { length: 3000 },
+    (_, i) => commit(T0 + i * 10_000, { did: did(i % 5), text: `p${i}` }),
+  );
+  const other = events.map((e, i) =>
+    i < 1500 ? commit(e.time_us, { did: e.did, text: `q${i}`, rkey: `3zz${i}` }) : e
+  );
+  const first = serveEvents(events.slice(0, 1500));
+  await using second = serveEvents(other, { closeAtEnd: true, faults: { dropEvery: 600 } });
+  await using db = await tempDb();
+  try {
+    const reports: SyncErrorReport[] = [];
+    const sync = runBackfillSync({
+      instance: [first.url, second.url],
+      kv: db.path,
+      startTimestamp: T0,
+      onError: (r) => reports.push(r),
+    });
+    while (!(syncConnections(first)[0]?.sent >= 1200)) await delay(20);
+    await first.shutdown();
+    const stats = await sync;
+    assert.equal(stats.stopReason, "closed", stats.error);
+    assert.equal(stats.failovers, 1);
+    assert.ok(syncConnections(second).length >= 2, "the second instance's reconnect");
+    assert.ok(
+      reports.some((r) =>
+        r.reason === "coverage" && r.message.startsWith("none of the records stored last came again")
+      ),
+      JSON.stringify(reports.map((r) => r.message)),
+    );
+  } finally {
+    await first.shutdown();
+  }
+});
+
 /**
  * 4,000 posts 1 ms apart, synced from the 1,000th on. The first instance has them up to the 2,700th
  * and goes away once it has sent them; the next instances hold what `others` gives for each (null:

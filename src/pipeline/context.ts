@@ -100,6 +100,12 @@ export interface RunContext {
    */
   awaitStoredUntilUs: number;
   /**
+   * While {@link awaitStoredUntilUs} waits: the content keys of the events that this instance has
+   * sent since, so that one it sends again (a reconnect's rewind here) is not taken for a record
+   * stored before.
+   */
+  sentWhileAwaiting: Set<string> | undefined;
+  /**
    * The coverage gap counted for the point the run starts from, before any event: replaced, not
    * added to, when an instance failed over to measures it again (see `coverageGap`).
    */
@@ -202,6 +208,7 @@ export function coverageGap(
   // The records stored last are before this history: none can come again to be recognised (see
   // `awaitStoredUntilUs`), and what comes is new.
   ctx.awaitStoredUntilUs = -1;
+  ctx.sentWhileAwaiting = undefined;
   // Only what was asked for is missing: up to the end, when there is one.
   const endUs = ctx.o.endUs ?? Number.POSITIVE_INFINITY;
   const gap = Math.min(firstUs, endUs) - fromUs;

@@ -52,6 +52,7 @@ function handleV2Frame(ctx: RunContext, session: Session, m: Exclude<V2Frame, { 
 function storedYet(ctx: RunContext, t: number, instance: string): boolean {
   if (t < ctx.awaitStoredUntilUs) return !ctx.awaitDrops;
   ctx.awaitStoredUntilUs = -1;
+  ctx.sentWhileAwaiting = undefined;
   const host = new URL(instance).host;
   ctx.report({
     reason: "coverage",
@@ -407,10 +408,15 @@ export async function readConnection(
         // report it twice.)
         if (guard.repeats(ev)) {
           stats.duplicatesDropped++;
-          // An event processed before: what comes after it on this instance is new.
-          ctx.awaitStoredUntilUs = -1;
+          // An event processed before the switch to this instance: what comes after it here is new.
+          // (One this instance sent already, again after a reconnect, says nothing of that.)
+          if (ctx.awaitStoredUntilUs >= 0 && !ctx.sentWhileAwaiting?.has(`${guard.lastB},${guard.lastA}`)) {
+            ctx.awaitStoredUntilUs = -1;
+            ctx.sentWhileAwaiting = undefined;
+          }
           continue;
         }
+        if (ctx.awaitStoredUntilUs >= 0) ctx.sentWhileAwaiting?.add(`${guard.lastB},${guard.lastA}`);
         if (over !== undefined) {
           skip("oversized", oversizedEventMessage(String(t), over.bytes, over.chars, o.maxEventBytes));
           continue;
