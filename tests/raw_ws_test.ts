@@ -21,6 +21,7 @@ import { serveJetstream } from "../src/server/server.ts";
 import { generateCapture } from "../src/server/synth.ts";
 import { commit, did } from "./helpers/events.ts";
 import { encodeFrame } from "./helpers/raw_ws.ts";
+import { bodyInMessage } from "../src/jetstream/utf8.ts";
 import { refusedPort, syncReporting } from "./helpers/loopback.ts";
 
 const encoder = new TextEncoder();
@@ -1245,6 +1246,15 @@ Deno.test("`openRawConnection()` shows a long refusal page in its message on one
   assert.ok(shown.endsWith(`… (${page.trim().length} characters in all)`), err.message);
   assert.ok(shown.length < 360, err.message);
   assert.ok(!err.message.includes("\\u000a") && !err.message.includes("\n"), err.message);
+});
+
+Deno.test("`bodyInMessage()` keeps a short body as it is and cuts a long one between characters, never inside one", () => {
+  assert.equal(bodyInMessage("invalid cursor: abc"), "invalid cursor: abc");
+  assert.equal(bodyInMessage("a\n\t b\r\nc\x1b"), "a b c\\u001b");
+  // A pair of UTF-16 halves across the 300th place: cut before it, not between its halves.
+  const long = "a".repeat(299) + "😀" + "b".repeat(10);
+  assert.equal(bodyInMessage(long), `${"a".repeat(299)}… (311 characters in all)`);
+  assert.equal(bodyInMessage("a".repeat(301)), `${"a".repeat(300)}… (301 characters in all)`);
 });
 
 Deno.test("`openRawConnection()` names where a redirect points, and runBackfillSync() stops on it as on a 4xx", async () => {

@@ -24,7 +24,7 @@ import {
   InvalidTextFrame,
   OversizedFrame,
 } from "./socket.ts";
-import { printable, utf8Text } from "./utf8.ts";
+import { bodyInMessage, printable, utf8Text } from "./utf8.ts";
 import { concat, encodeBase64 } from "../bytes.ts";
 import { authorityOf, connectRequest, parseProxy, proxyFor, type ProxyRoute } from "./proxy.ts";
 
@@ -858,23 +858,6 @@ function findHeadEnd(buf: Uint8Array, from: number, to: number): number {
     if (buf[i] === 13 && buf[i + 1] === 10 && buf[i + 2] === 13 && buf[i + 3] === 10) return i;
   }
   return -1;
-}
-
-/** Characters of a refusal's body that its error message shows at most (the error keeps it whole). */
-const BODY_IN_MESSAGE_CHARS = 300;
-
-/**
- * A refusal's body as one line of an error message: Jetstream's own refusals are a line of text or
- * JSON, shown as they are; a proxy's or web server's HTML page has its whitespace runs made single
- * spaces and is cut short, with its length said.
- */
-function bodyInMessage(body: string): string {
-  const line = body.replace(/\s+/g, " ");
-  return printable(
-    line.length <= BODY_IN_MESSAGE_CHARS
-      ? line
-      : `${line.slice(0, BODY_IN_MESSAGE_CHARS)}… (${body.length} characters in all)`,
-  );
 }
 
 /** The body of a `Transfer-Encoding: chunked` response, as much of it as arrived. */

@@ -17,6 +17,7 @@
  * @module
  */
 import { openRawConnection } from "./raw_ws.ts";
+import { bodyInMessage } from "./utf8.ts";
 
 /**
  * A text message whose payload is not valid UTF-8. Deno's `WebSocket` fails the whole connection
@@ -399,7 +400,7 @@ async function connectError(url: string, message: string, signal?: AbortSignal):
     const r = await refusalBody(url, signal);
     const body = r.status === Number(status) ? r.body : undefined;
     return new ConnectError(
-      `${url} refused the connection: HTTP ${status}${body ? `: ${body}` : ""}`,
+      `${url} refused the connection: HTTP ${status}${body ? `: ${bodyInMessage(body)}` : ""}`,
       Number(status),
       body,
     );

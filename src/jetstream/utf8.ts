@@ -73,3 +73,28 @@ const CONTROLS = /[\u0000-\u0008\u000a-\u001f\u007f-\u009f]/g;
 export function printable(text: string): string {
   return text.replace(CONTROLS, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`);
 }
+
+/** Characters of a refusal's body that an error message shows at most (the error keeps it whole). */
+const BODY_IN_MESSAGE_CHARS = 300;
+
+/**
+ * A refused request's body (from a server) as one line of an error message: Jetstream's own
+ * refusals are a line of text or JSON, shown as they are; a proxy's or web server's HTML page has
+ * its whitespace runs made single spaces and is cut short, with its length said. Made
+ * {@link printable}.
+ *
+ * @example
+ * ```ts
+ * import { bodyInMessage } from "./utf8.ts";
+ * bodyInMessage("<html>\n  <body>gone</body>\n</html>"); // "<html> <body>gone</body> </html>"
+ * ```
+ */
+export function bodyInMessage(body: string): string {
+  const line = body.replace(/\s+/g, " ");
+  if (line.length <= BODY_IN_MESSAGE_CHARS) return printable(line);
+  // Not between the two halves of a surrogate pair.
+  const cut = /[\ud800-\udbff]/.test(line[BODY_IN_MESSAGE_CHARS - 1])
+    ? BODY_IN_MESSAGE_CHARS - 1
+    : BODY_IN_MESSAGE_CHARS;
+  return printable(`${line.slice(0, cut)}… (${body.length} characters in all)`);
+}
