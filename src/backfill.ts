@@ -611,6 +611,7 @@ async function run(
   let refusal: { error: unknown } | undefined;
   let streaming = false;
   let ticker: ReturnType<typeof setInterval> | undefined;
+  const sha256 = listHash(selection.wantedDids);
   // When the last new event was seen, to within QUIET_CHECK_MS: a run that ends by maxTime while
   // events still come has simply run out of time; one that had been quiet may never see its end.
   let lastSeenUs = stats.lastProcessedUs;
@@ -620,7 +621,6 @@ async function run(
     lastSeenUs = stats.lastProcessedUs;
     newAt = performance.now();
   }, QUIET_CHECK_MS);
-  const sha256 = listHash(selection.wantedDids);
   try {
     if (sha256 !== undefined) await storeDidList(kv, o.queueName, o.wantedDids, sha256);
     // The lock is held from now on, so that a sync started beside this one is refused even while
@@ -695,10 +695,11 @@ const QUIET_CHECK_MS = 500;
 const QUIET_MS = 5_000;
 
 /**
- * What a run stopped by `maxTime` before its end, which is past, after a quiet spell, says: the window may be complete or
- * not. Jetstream filters on the server, so only a selected event (or, on `/subscribe`, an identity or
- * account event) can show the end, and a narrow selection may send none for long after it; whether
- * the server was still reading history for one cannot be seen (protocol doc §9.8).
+ * What a run stopped by `maxTime` after a quiet spell, before its end, which is past, says: the
+ * window may be complete or not. Jetstream filters on the server, so only a selected event (or, on
+ * `/subscribe`, an identity or account event) can show the end, and a narrow selection may send
+ * none for long after it; whether the server was still reading history for one cannot be seen
+ * (protocol doc §9.8).
  */
 function endNotReached(o: ResolvedSyncOptions, lastUs: number | null, quietMs: number): string {
   return `the end, ${isoFromUs(o.endUs!)}, was not reached within --max-time / maxTime (${

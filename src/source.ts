@@ -29,6 +29,7 @@ import {
 import { createZstdDecoder } from "./jetstream/zstd.ts";
 import type { BackfillSyncOptions } from "./options.ts";
 import {
+  awaitStored,
   coverageGap,
   coverageSeqGap,
   coverageUnknown,
@@ -142,9 +143,11 @@ export async function consumeStream(
       // without a record recognised, the wait ends with a warning: this instance lacks them, and may
       // lack events around the cursor.)
       startUs -= o.rewindUs;
-      ctx.awaitStoredUntilUs = resumeFrom!.cursor + o.rewindUs;
-      ctx.sentWhileAwaiting = new Set();
-      ctx.awaitDrops = o.startUs !== undefined && resumeFrom!.cursor - o.startUs < 2 * o.rewindUs;
+      awaitStored(
+        ctx,
+        resumeFrom!.cursor + o.rewindUs,
+        o.startUs !== undefined && resumeFrom!.cursor - o.startUs < 2 * o.rewindUs,
+      );
       // A "connection" report, as a failover's is: the CLI says it without --verbose.
       ctx.report({
         reason: "connection",
@@ -237,9 +240,7 @@ export async function consumeStream(
     const known = ctx.accepted > 0 || (recent !== undefined && recent.keys.length > 0);
     if (lastUs >= 0 && known && from !== to) {
       startUs = (o.startUs ?? Number.NEGATIVE_INFINITY) - o.rewindUs;
-      ctx.awaitStoredUntilUs = lastUs + o.rewindUs;
-      ctx.sentWhileAwaiting = new Set();
-      ctx.awaitDrops = o.startUs !== undefined && lastUs - o.startUs < 2 * o.rewindUs;
+      awaitStored(ctx, lastUs + o.rewindUs, o.startUs !== undefined && lastUs - o.startUs < 2 * o.rewindUs);
     }
     ctx.report({
       reason: "connection",

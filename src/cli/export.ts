@@ -50,8 +50,8 @@ without its newline is kept, and a file that ends in anything else is refused.
 Prints a summary on stderr. Exit codes: 0 done (also when the reader of stdout closes it early,
 as 'export | head' does: the message being written then stays in the queue, but the ones written
 before it have left it, read or not: what the pipe held when its reader quit is gone from the
-queue, so export a copy of the database to peek), 1 runtime failure (such as a write error), 2 bad input, 130 interrupted
-by Ctrl-C (143 by SIGTERM, 129 by SIGHUP), after a clean stop.`;
+queue, so export a copy of the database to peek), 1 runtime failure (such as a write error),
+2 bad input, 130 interrupted by Ctrl-C (143 by SIGTERM, 129 by SIGHUP), after a clean stop.`;
 
 const FLAGS: FlagSpec = {
   kv: { type: "string" },

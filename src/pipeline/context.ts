@@ -207,8 +207,7 @@ export function coverageGap(
   if (firstUs <= fromUs) return;
   // The records stored last are before this history: none can come again to be recognised (see
   // `awaitStoredUntilUs`), and what comes is new.
-  ctx.awaitStoredUntilUs = -1;
-  ctx.sentWhileAwaiting = undefined;
+  endAwait(ctx);
   // Only what was asked for is missing: up to the end, when there is one.
   const endUs = ctx.o.endUs ?? Number.POSITIVE_INFINITY;
   const gap = Math.min(firstUs, endUs) - fromUs;
@@ -288,4 +287,20 @@ function describeDuration(us: number): string {
   if (s < 7200) return `${(s / 60).toFixed(1)} min`;
   if (s < 172800) return `${(s / 3600).toFixed(1)} h`;
   return `${(s / 86400).toFixed(1)} days`;
+}
+
+/**
+ * Starts the wait for a record stored before to come again (see `RunContext.awaitStoredUntilUs`),
+ * up to `untilUs`; with `drops`, new events before it are left out.
+ */
+export function awaitStored(ctx: RunContext, untilUs: number, drops: boolean): void {
+  ctx.awaitStoredUntilUs = untilUs;
+  ctx.awaitDrops = drops;
+  ctx.sentWhileAwaiting = new Set();
+}
+
+/** Ends the wait that {@link awaitStored} started: what comes from now on is new. */
+export function endAwait(ctx: RunContext): void {
+  ctx.awaitStoredUntilUs = -1;
+  ctx.sentWhileAwaiting = undefined;
 }

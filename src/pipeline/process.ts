@@ -12,7 +12,7 @@ import { mapV2Frame, type V2Frame } from "../jetstream/v2.ts";
 import { DEFAULT_MAX_DECODED_BYTES, ZstdDecodeError } from "../jetstream/zstd.ts";
 import type { BackfillSyncOptions } from "../options.ts";
 import type { SkipReason } from "../stats.ts";
-import { coverageGap, type RunContext, type SeqState, type Session, stopWith } from "./context.ts";
+import { coverageGap, endAwait, type RunContext, type SeqState, type Session, stopWith } from "./context.ts";
 import type { ReplayGuard } from "./filter.ts";
 import { OversizedEventError } from "./batch.ts";
 import { isoFromUs } from "../time.ts";
@@ -51,8 +51,7 @@ function handleV2Frame(ctx: RunContext, session: Session, m: Exclude<V2Frame, { 
  */
 function storedYet(ctx: RunContext, t: number, instance: string): boolean {
   if (t < ctx.awaitStoredUntilUs) return !ctx.awaitDrops;
-  ctx.awaitStoredUntilUs = -1;
-  ctx.sentWhileAwaiting = undefined;
+  endAwait(ctx);
   const host = new URL(instance).host;
   ctx.report({
     reason: "coverage",
@@ -68,6 +67,11 @@ function storedYet(ctx: RunContext, t: number, instance: string): boolean {
     instance,
   });
   return true;
+}
+
+/** The content key of the event last checked by `guard`, as `RunContext.sentWhileAwaiting` holds it. */
+function lastKey(guard: ReplayGuard): string {
+  return `${guard.lastB},${guard.lastA}`;
 }
 
 /** What a message too large to read was, as far as its start says. */
@@ -410,13 +414,10 @@ export async function readConnection(
           stats.duplicatesDropped++;
           // An event processed before the switch to this instance: what comes after it here is new.
           // (One this instance sent already, again after a reconnect, says nothing of that.)
-          if (ctx.awaitStoredUntilUs >= 0 && !ctx.sentWhileAwaiting?.has(`${guard.lastB},${guard.lastA}`)) {
-            ctx.awaitStoredUntilUs = -1;
-            ctx.sentWhileAwaiting = undefined;
-          }
+          if (ctx.awaitStoredUntilUs >= 0 && !ctx.sentWhileAwaiting?.has(lastKey(guard))) endAwait(ctx);
           continue;
         }
-        if (ctx.awaitStoredUntilUs >= 0) ctx.sentWhileAwaiting?.add(`${guard.lastB},${guard.lastA}`);
+        if (ctx.awaitStoredUntilUs >= 0) ctx.sentWhileAwaiting?.add(lastKey(guard));
         if (over !== undefined) {
           skip("oversized", oversizedEventMessage(String(t), over.bytes, over.chars, o.maxEventBytes));
           continue;
