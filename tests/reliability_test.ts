@@ -29,6 +29,11 @@ function capture(n = 2000): JetstreamEvent[] {
     }));
 }
 
+/** `count` posts by five accounts from T0, `stepUs` apart (the i-th says `p<i>`). */
+function spaced(count: number, stepUs: number): JetstreamEvent[] {
+  return Array.from({ length: count }, (_, i) => commit(T0 + i * stepUs, { did: did(i % 5), text: `p${i}` }));
+}
+
 const posts = (events: JetstreamEvent[]) =>
   events.filter((e) => e.kind === "commit" && e.commit.collection === "app.bsky.feed.post");
 
@@ -292,10 +297,7 @@ Deno.test("runBackfillSync() fails over to the next instance, rewinds and dedupl
 Deno.test("a failover after a drop takes the stream up the failover's rewind (5 s) before the last event, not that and the reconnect's", async () => {
   // 20 ms apart: the first instance's connection covers 20 s and drops after its 1,000th event; the
   // instance is gone from then on, and the sync fails over.
-  const events = Array.from(
-    { length: 1500 },
-    (_, i) => commit(T0 + i * 20_000, { did: did(i % 5), text: `p${i}` }),
-  );
+  const events = spaced(1500, 20_000);
   await using first = serveEvents(events, { faults: { dropEvery: 1000 } });
   await using good = serveEvents(events, { closeAtEnd: true });
   const gone = await refusedPort();
@@ -319,10 +321,7 @@ Deno.test("after a failover to an instance that lacks the records stored, its ow
   // (other rkeys) up to the 1,500th, and drops every connection after 600 events: its reconnect's
   // rewind sends some of its own events again. Before, such a repeat counted as a record stored
   // before, and the warning that the instance lacks them never came.
-  const events = Array.from(
-    { length: 3000 },
-    (_, i) => commit(T0 + i * 10_000, { did: did(i % 5), text: `p${i}` }),
-  );
+  const events = spaced(3000, 10_000);
   const other = events.map((e, i) =>
     i < 1500 ? commit(e.time_us, { did: e.did, text: `q${i}`, rkey: `3zz${i}` }) : e
   );
@@ -746,10 +745,7 @@ Deno.test("a strict run whose first instance's probe gets nothing tries the next
 Deno.test("runBackfillSync() rewinds 5 s on reconnect after a long connection, storing each event once", async () => {
   // 20 ms apart: the first connection covers 11 s before it is dropped, so the reconnect rewinds the
   // whole 5 s.
-  const events = Array.from(
-    { length: 600 },
-    (_, i) => commit(T0 + i * 20_000, { did: did(i % 5), text: `p${i}` }),
-  );
+  const events = spaced(600, 20_000);
   await using server = serveEvents(events, { closeAtEnd: true, faults: { dropEvery: 550 } });
   await using db = await tempDb();
   const stats = await runBackfillSync({ instance: server.url, kv: db.path, startTimestamp: T0 });
@@ -764,10 +760,7 @@ Deno.test("runBackfillSync() recovers events a legacy server dropped at its repl
   // jetstream-legacy#42: three events (at 9.90–9.92 s) are skipped at the switch and the connection
   // goes on for 2.2 s more before it drops. Protocol doc §9.1: rewind more than a few seconds. A
   // rewind of 1 s asked from 11.1 s and lost them for good; the replay from the store has them.
-  const events = Array.from(
-    { length: 1300 },
-    (_, i) => commit(T0 + i * 10_000, { did: did(i % 5), text: `p${i}` }),
-  );
+  const events = spaced(1300, 10_000);
   const lines = [...events.slice(0, 990), ...events.slice(993), ...events.slice(990, 993)];
   await using server = serveEvents(lines, { closeAtEnd: true, faults: { dropEvery: 1210, fileOrder: true } });
   await using db = await tempDb();
@@ -781,9 +774,8 @@ Deno.test("runBackfillSync() recovers events a legacy server dropped at its repl
 Deno.test("an event too large to store that a reconnect's rewind sends again is counted and reported once", async () => {
   // The 200th of 300 events, 10 ms apart, is over the run's 2,000-byte limit; the connection drops
   // after the 250th, and the rewind asks again from before the large one.
-  const events = Array.from(
-    { length: 300 },
-    (_, i) => commit(T0 + i * 10_000, { did: did(i % 5), text: i === 200 ? "x".repeat(3000) : `p${i}` }),
+  const events = spaced(300, 10_000).map((e, i) =>
+    i === 200 ? commit(e.time_us, { did: e.did, text: "x".repeat(3000) }) : e
   );
   await using server = serveEvents(events, { closeAtEnd: true, faults: { dropEvery: 250 } });
   await using db = await tempDb();
@@ -804,10 +796,7 @@ Deno.test("runBackfillSync() rewinds half of a short connection, so an event reo
   // A legacy server's replay-to-live switch can send events out of order (jetstream-legacy#42): here
   // the 12th before the 11th, and the connection drops after 11 events, 11 ms of time_us. A cursor
   // at the last event processed would skip the 11th for good.
-  const events = Array.from(
-    { length: 40 },
-    (_, i) => commit(T0 + i * 1000, { did: did(i % 5), text: `p${i}` }),
-  );
+  const events = spaced(40, 1000);
   const lines = [...events.slice(0, 10), events[11], events[10], ...events.slice(12)];
   await using server = serveEvents(lines, { closeAtEnd: true, faults: { dropEvery: 11, fileOrder: true } });
   await using db = await tempDb();
@@ -823,10 +812,7 @@ Deno.test("runBackfillSync() rewinds half of a short connection, so an event reo
 });
 
 Deno.test("runBackfillSync() rewinds after a drop even when the reconnect that follows brings nothing", async () => {
-  const events = Array.from(
-    { length: 600 },
-    (_, i) => commit(T0 + i * 20_000, { did: did(i % 5), text: `p${i}` }),
-  );
+  const events = spaced(600, 20_000);
   await using server = serveEvents(events, { closeAtEnd: true, faults: { dropEvery: 550 } });
   // The first reconnect after the drop is upgraded and dropped at once, as by a server going down.
   await using dropping = upgradeThenDropServer();
