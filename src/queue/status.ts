@@ -138,14 +138,35 @@ export async function queueLength(kv: Deno.Kv, queue: string): Promise<number> {
     queueKey(queue, "count", "messages"),
     queueKey(queue, "count", "messagesHandled"),
   ]);
-  const byCounters = Math.max(0, counterValue(enq) - counterValue(handled));
+  return await smallerFigure(
+    kv,
+    queue,
+    Math.max(0, counterValue(enq) - counterValue(handled)),
+    async () => (await deadLetters(kv, queue)).filter((l) => !l.handled).length,
+    async () => (await parkedWaiting(kv, queue)).size,
+  );
+}
+
+/**
+ * The rule of {@link queueLength}: the messages waiting by the counters (`byCounters`, dead letters
+ * included), unless Deno KV's queue in the database file, with the dead letters and the parked
+ * messages not handled yet, holds fewer. Those two are asked for only when needed (a sync calls this
+ * at its end).
+ */
+async function smallerFigure(
+  kv: Deno.Kv,
+  queue: string,
+  byCounters: number,
+  dead: () => Promise<number>,
+  parked: () => Promise<number>,
+): Promise<number> {
   // A plain listenQueue can only make Deno KV's figure the smaller one: the counters stand unless it
   // is (a message being parked is for a moment both in KV's queue and parked).
   const inKv = byCounters === 0 ? undefined : await messagesInKvQueue(kv, queue);
   if (inKv === undefined || inKv >= byCounters) return byCounters;
-  const dead = (await deadLetters(kv, queue)).filter((l) => !l.handled).length;
-  if (inKv + dead >= byCounters) return byCounters;
-  return Math.min(byCounters, inKv + dead + (await parkedWaiting(kv, queue)).size);
+  const deadCount = await dead();
+  if (inKv + deadCount >= byCounters) return byCounters;
+  return Math.min(byCounters, inKv + deadCount + await parked());
 }
 
 /**
@@ -179,14 +200,21 @@ export async function queueStatus(kv: Deno.Kv, queue: string): Promise<QueueStat
   const dead = (await deadLetters(kv, queue)).filter((l) => !l.handled);
   const parked = await parkedWaiting(kv, queue);
   const deadRecords = dead.reduce((n, l) => n + l.records, 0);
-  // What the counters say waits, and, for a database opened by path, what Deno KV's queue holds.
-  let messagesWaiting = Math.max(0, messagesEnqueued - messagesHandled - dead.length);
+  // What the counters say waits, or, for a database opened by path, what Deno KV's queue holds when
+  // that is less (see queueLength()).
+  const byCounters = Math.max(0, messagesEnqueued - messagesHandled);
+  const length = await smallerFigure(
+    kv,
+    queue,
+    byCounters,
+    () => Promise.resolve(dead.length),
+    () => Promise.resolve(parked.size),
+  );
+  const messagesWaiting = Math.max(0, length - dead.length);
   let recordsWaiting = Math.max(0, recordsEnqueued - recordsHandled - deadRecords);
-  const inKv = messagesWaiting === 0 ? undefined : await messagesInKvQueue(kv, queue);
-  if (inKv !== undefined && inKv + parked.size < messagesWaiting) {
+  if (length < byCounters) {
     // Taken by a plain listener: the records are counted in the messages themselves, those in KV's
-    // queue and those parked. (A figure above the counters' is a message being parked, seen in both.)
-    messagesWaiting = inKv + parked.size;
+    // queue and those parked.
     const inMessages = await recordsInKvQueue(kv, queue);
     if (inMessages !== undefined) {
       recordsWaiting = Math.min(recordsWaiting, inMessages + await parkedRecords(kv, queue, parked));
@@ -232,7 +260,7 @@ export async function queueStatus(kv: Deno.Kv, queue: string): Promise<QueueStat
     messagesParked: parked.size,
     deadLetters: dead.length,
     deadRecords,
-    queueLength: messagesWaiting + dead.length,
+    queueLength: length,
     recordsPerDay,
     writer,
     lastRun: run
