@@ -1255,6 +1255,12 @@ Deno.test("`bodyInMessage()` keeps a short body as it is and cuts a long one bet
   const long = "a".repeat(299) + "😀" + "b".repeat(10);
   assert.equal(bodyInMessage(long), `${"a".repeat(299)}… (311 characters in all)`);
   assert.equal(bodyInMessage("a".repeat(301)), `${"a".repeat(300)}… (301 characters in all)`);
+  // Control characters are escaped before the cut: the message stays as short, and no escape is cut.
+  assert.equal(bodyInMessage("\x00".repeat(1000)), `${"\\u0000".repeat(50)}… (1000 characters in all)`);
+  assert.equal(
+    bodyInMessage("a".repeat(297) + "\x1b" + "b".repeat(10)),
+    `${"a".repeat(297)}… (308 characters in all)`,
+  );
 });
 
 Deno.test("`openRawConnection()` names where a redirect points, and runBackfillSync() stops on it as on a 4xx", async () => {

@@ -81,7 +81,8 @@ const BODY_IN_MESSAGE_CHARS = 300;
  * A refused request's body (from a server) as one line of an error message: Jetstream's own
  * refusals are a line of text or JSON, shown as they are; a proxy's or web server's HTML page has
  * its whitespace runs made single spaces and is cut short, with its length said. Made
- * {@link printable}.
+ * {@link printable} before the cut, so that a body of control characters is cut at the same length
+ * (never inside an escape or between the two halves of a surrogate pair).
  *
  * @example
  * ```ts
@@ -90,11 +91,13 @@ const BODY_IN_MESSAGE_CHARS = 300;
  * ```
  */
 export function bodyInMessage(body: string): string {
-  const line = body.replace(/\s+/g, " ");
-  if (line.length <= BODY_IN_MESSAGE_CHARS) return printable(line);
+  const line = printable(body.replace(/\s+/g, " "));
+  if (line.length <= BODY_IN_MESSAGE_CHARS) return line;
+  let cut = BODY_IN_MESSAGE_CHARS;
+  // Not inside a \uXXXX escape that printable() wrote.
+  const escape = line.lastIndexOf("\\u", cut - 1);
+  if (escape >= 0 && escape > cut - 6) cut = escape;
   // Not between the two halves of a surrogate pair.
-  const cut = /[\ud800-\udbff]/.test(line[BODY_IN_MESSAGE_CHARS - 1])
-    ? BODY_IN_MESSAGE_CHARS - 1
-    : BODY_IN_MESSAGE_CHARS;
-  return printable(`${line.slice(0, cut)}… (${body.length} characters in all)`);
+  if (/[\ud800-\udbff]/.test(line[cut - 1])) cut--;
+  return `${line.slice(0, cut)}… (${body.length} characters in all)`;
 }
