@@ -35,6 +35,7 @@ import {
   coverageUnknown,
   DRAIN_MAX_MS,
   DRAIN_WAIT_MS,
+  endAwait,
   type RunContext,
   type SeqState,
   type Session,
@@ -137,17 +138,14 @@ export async function consumeStream(
       // The start too is a time of the first instance: here an event stored after it can come a
       // little before it. Within the rewind, what was stored is recognised. Near the start (a cursor
       // less than two rewinds after it, as the instances' time_us differ by up to one), new events
-      // before the first of those can be ones the first instance had before its start: they are
-      // left out, and the ones after it are let in whatever their time here. Further on, new events
+      // before the first of those and before the start plus the rewind can be ones the first
+      // instance had before its start: they are left out, and the ones after it are let in whatever
+      // their time here. Further on, new events
       // are ones the first instance left out, and are stored. (Past the cursor plus the rewind
       // without a record recognised, the wait ends with a warning: this instance lacks them, and may
       // lack events around the cursor.)
       startUs -= o.rewindUs;
-      awaitStored(
-        ctx,
-        resumeFrom!.cursor + o.rewindUs,
-        o.startUs !== undefined && resumeFrom!.cursor - o.startUs < 2 * o.rewindUs,
-      );
+      awaitStored(ctx, resumeFrom!.cursor, resumeFrom!.cursor);
       // A "connection" report, as a failover's is: the CLI says it without --verbose.
       ctx.report({
         reason: "connection",
@@ -217,6 +215,12 @@ export async function consumeStream(
   // The floor on the instance that delivered last, while failovers since have not reached one that
   // delivers: each of them rewinds from it, not from the floor the one before rewound.
   let unrewoundUs: number | undefined;
+  // The instance that delivered last, the latest time_us of a selected event there (-1: none), and
+  // the start its events were held to (a failover moves it back by the rewind).
+  const resumedUs = resumeFrom && resumeFrom.run.recordsStored > 0 ? resumeFrom.cursor : -1;
+  let deliveredBy = resumedUs >= 0 ? resumeFrom!.run.instance : undefined;
+  let selectedUs = resumedUs;
+  let deliveredStartUs = startUs;
 
   /** Moves on to the next instance, a little earlier in time (`rewindUs`): time_us differ between them. */
   const failOver = () => {
@@ -240,7 +244,7 @@ export async function consumeStream(
     const known = ctx.accepted > 0 || (recent !== undefined && recent.keys.length > 0);
     if (lastUs >= 0 && known && from !== to) {
       startUs = (o.startUs ?? Number.NEGATIVE_INFINITY) - o.rewindUs;
-      awaitStored(ctx, lastUs + o.rewindUs, o.startUs !== undefined && lastUs - o.startUs < 2 * o.rewindUs);
+      awaitStored(ctx, lastUs, selectedUs);
     }
     ctx.report({
       reason: "connection",
@@ -329,6 +333,13 @@ export async function consumeStream(
       coverage = undefined;
     }
     const bySeq = seq.host === base && seq.floor >= 0;
+    if (bySeq) {
+      // On the host that delivered last (back after a failover, when none of the others delivered
+      // since): its seq takes the stream up exactly where it was, so nothing stored comes again to
+      // be recognised, and what comes is new, held to the start it was held to there.
+      if (ctx.awaitStoredUntilUs >= 0) endAwait(ctx);
+      startUs = deliveredStartUs;
+    }
     // Reconnecting by time, ask for a few seconds more than the inclusive cursor (the failover's
     // rewind, 5 s): a legacy server can drop or reorder events around its replay-to-live switch
     // (jetstream-legacy#42), and a connection can go on for seconds after that before it drops
@@ -445,6 +456,7 @@ export async function consumeStream(
       requestedUs: bySeq || timeUs === undefined || probed.has(base) ? undefined : Math.max(timeUs, neededUs),
       maxUs: -1,
       minUs: -1,
+      maxSelectedUs: -1,
     };
     ctx.drain = () => {
       if (!conn.drain) return false;
@@ -481,6 +493,10 @@ export async function consumeStream(
     // The floor is this instance's own clock: what this connection processed, not another
     // instance's time (after a failover the two differ by up to the rewind).
     if (session.maxUs >= 0) {
+      // (Another instance's time_us are not this one's: a selection seen only there does not count.)
+      selectedUs = base === deliveredBy ? Math.max(selectedUs, session.maxSelectedUs) : session.maxSelectedUs;
+      deliveredBy = base;
+      deliveredStartUs = startUs;
       unrewoundUs = undefined;
       floorUs = Math.max(session.floorUs, session.maxUs);
       neededUs = Math.max(neededUs, floorUs);

@@ -50,6 +50,8 @@ export interface Session {
   maxUs: number;
   /** The first new time_us processed on this connection (-1 before any). */
   minUs: number;
+  /** The highest time_us of a selected event on this connection (-1 before any). */
+  maxSelectedUs: number;
 }
 
 /** The v2 sequence position: the host whose seq it is, and the last seq processed there. */
@@ -94,9 +96,10 @@ export interface RunContext {
   /** The v2 dictionary's decoder, once fetched. */
   v2Dictionary: { id: number; decode: (bytes: Uint8Array) => Uint8Array } | undefined;
   /**
-   * On a resume on another instance: the `time_us` up to which a record stored before is looked
-   * for, -1 once one is recognised (or otherwise). Past it without one, a coverage warning says
-   * that the instance lacks them, and may lack events around the cursor.
+   * On a resume on another instance, or after a failover: the `time_us` up to which a record stored
+   * before is looked for, -1 once one is recognised (or otherwise). Past it without one, when one
+   * was expected ({@link awaitWarns}), a coverage warning says that the instance lacks them, and may
+   * lack events around the cursor.
    */
   awaitStoredUntilUs: number;
   /**
@@ -111,11 +114,16 @@ export interface RunContext {
    */
   initialGapUs: number;
   /**
-   * Whether new events that come before the first record recognised are left out: near the start
-   * they can be ones the first instance had before it. Further on, they are ones it left out, and
-   * are stored.
+   * While {@link awaitStoredUntilUs} waits: new events before this `time_us` are left out. Near the
+   * start they can be ones the first instance had before it (its `time_us` differ by up to the
+   * rewind, so only those before the start plus the rewind can be). Further on, they are ones it
+   * left out, and are stored.
    */
-  awaitDrops: boolean;
+  awaitDropsBelowUs: number;
+  /** Whether a record stored before was expected to come again: one was selected within the rewind. */
+  awaitWarns: boolean;
+  /** New events left out while waiting (see {@link awaitDropsBelowUs}). */
+  awaitDropped: number;
   /**
    * Whether the run said that a v2 host sent, after events within the window, one whose display
    * time is before the start (said once a run).
@@ -290,12 +298,27 @@ function describeDuration(us: number): string {
 }
 
 /**
- * Starts the wait for a record stored before to come again (see `RunContext.awaitStoredUntilUs`),
- * up to `untilUs`; with `drops`, new events before it are left out.
+ * Starts the wait for a record stored before to come again (see `RunContext.awaitStoredUntilUs`)
+ * on an instance whose `time_us` differ from those of the one that stored it, taken up the rewind
+ * before `lastUs`, its last time processed there:
+ * - when a record was selected there within the rewind (at or after `lastUs - rewind`, by
+ *   `selectedUs`), it is looked for up to `lastUs` plus the rewind, and its absence is warned of;
+ * - new events before the start plus the rewind are left out until one is recognised: they can be
+ *   ones the first instance had before the start;
+ * - with neither, there is nothing to wait for.
  */
-export function awaitStored(ctx: RunContext, untilUs: number, drops: boolean): void {
-  ctx.awaitStoredUntilUs = untilUs;
-  ctx.awaitDrops = drops;
+export function awaitStored(ctx: RunContext, lastUs: number, selectedUs: number): void {
+  const { rewindUs, startUs } = ctx.o;
+  const warns = selectedUs >= lastUs - rewindUs;
+  const dropsBelowUs = (startUs ?? Number.NEGATIVE_INFINITY) + rewindUs;
+  if (!warns && dropsBelowUs <= lastUs - rewindUs) {
+    endAwait(ctx);
+    return;
+  }
+  ctx.awaitStoredUntilUs = warns ? lastUs + rewindUs : dropsBelowUs;
+  ctx.awaitDropsBelowUs = dropsBelowUs;
+  ctx.awaitWarns = warns;
+  ctx.awaitDropped = 0;
   ctx.sentWhileAwaiting = new Set();
 }
 

@@ -45,20 +45,34 @@ function handleV2Frame(ctx: RunContext, session: Session, m: Exclude<V2Frame, { 
 }
 
 /**
- * Whether a new event on a resume on another instance is stored while no record stored before was
- * recognised yet (see `RunContext.awaitStoredUntilUs` and `awaitDrops`). Once the wait is over, a
- * coverage warning says that none came.
+ * Whether a new event on a resume on another instance, or after a failover, is stored while no
+ * record stored before was recognised yet (see `RunContext.awaitStoredUntilUs` and
+ * `awaitDropsBelowUs`). Once the wait is over, a coverage warning says that none came, when one was
+ * expected, or that new events were left out.
  */
 function storedYet(ctx: RunContext, t: number, instance: string): boolean {
-  if (t < ctx.awaitStoredUntilUs) return !ctx.awaitDrops;
+  if (t < ctx.awaitStoredUntilUs) {
+    if (t >= ctx.awaitDropsBelowUs) return true;
+    ctx.awaitDropped++;
+    return false;
+  }
+  const { awaitWarns: warns, awaitDropped: dropped, awaitDropsBelowUs: dropsBelowUs } = ctx;
   endAwait(ctx);
+  if (!warns && dropped === 0) return true;
   const host = new URL(instance).host;
+  const left = dropped === 0
+    ? ""
+    : `${dropped} new event${dropped === 1 ? "" : "s"} before ${isoFromUs(dropsBelowUs)} ${
+      dropped === 1 ? "was" : "were"
+    } left out, as the first instance may have had ${dropped === 1 ? "it" : "them"} before the start`;
   ctx.report({
     reason: "coverage",
-    message: ctx.awaitDrops
+    message: !warns
+      ? `on ${host}, ${left} (no record stored before was within the rewind, to line the two instances' time_us up); they may be missing`
+      : dropped > 0
       ? `none of the records stored last came again on ${host} up to ${
         isoFromUs(t)
-      }; storing from there, so events just before may be missing`
+      }; ${left}, so events just before may be missing`
       : `none of the records stored last came again on ${host} up to ${
         isoFromUs(t)
       }: it lacks them, or its time_us run more than ${
@@ -407,6 +421,7 @@ export async function readConnection(
           }
         }
         if (!select(ev)) continue;
+        if (t > session.maxSelectedUs) session.maxSelectedUs = t;
         // The same content again: a replay, a rewind, or a server's re-ingest under new time_us.
         // (An event too large to store is remembered too, so that a replay does not count and
         // report it twice.)
