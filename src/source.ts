@@ -110,7 +110,8 @@ export async function consumeStream(
   let floorKnown = floorUs < 0;
   // Where the events still needed begin (-1: at the start): the floor before any rewind. A rewind
   // asks for more than is needed, so a server's history that begins within it is no gap.
-  let neededUs = floorUs;
+  // (Never before the start: a checkpoint set back to before the run's first record is just before it.)
+  let neededUs = floorUs >= 0 && o.startUs !== undefined ? Math.max(floorUs, o.startUs) : floorUs;
   const tail = resumeFrom?.tail;
   // The key entries (see KeyEntry), when the last of them is the checkpoint's own commit: they hold
   // every record stored at the cursor, however many (entries at the newest time_us are never

@@ -37,13 +37,15 @@
  * acknowledging messages, wrote between the commit's checks and its writes) wrote nothing. It is
  * committed again once the commits issued after it have settled, and none of those moves the
  * checkpoint back. Until it lands, a crash could leave its records behind a later checkpoint: the one
- * window left, as long as a retry takes.
+ * window left, as long as a retry takes. A commit that fails for good (busy past the retries, or
+ * failed by KV otherwise) stops the sync, and the checkpoint is set back to before its records (see
+ * #stopShort).
  *
  * @module
  */
 import { serialize } from "node:v8";
 import { type Batch, OversizedEventError, type PackedMessage } from "../pipeline/batch.ts";
-import { utcDate } from "../time.ts";
+import { isoFromUs, utcDate } from "../time.ts";
 import { compressEvent, type QueueMessage } from "./message.ts";
 import {
   type Checkpoint,
@@ -111,6 +113,8 @@ const MAX_MESSAGES_PER_COMMIT = 32;
 const DEPTH = 3;
 // How long a commit is tried again while SQLite reports the database busy.
 const BUSY_BUDGET_MS = 30_000;
+// How long a sync stopping on such a commit tries to set the checkpoint back (see #stopShort).
+const SET_BACK_BUDGET_MS = 5_000;
 
 /**
  * How often a writer that holds its queue's lock shows that it is alive when it has not committed
@@ -625,7 +629,9 @@ export class QueueWriter {
       // (Deno KV checks a commit's limits before it writes anything, so a refusal cannot come later
       // than that. If one ever did, with commits after it or its texts let go, the sync stops with
       // KV's error rather than store the records out of place.)
-      if (head.exact || later.length > 0 || head.group.length === 0 || !tooLarge(err)) throw err;
+      if (head.exact || later.length > 0 || head.group.length === 0 || !tooLarge(err)) {
+        throw await this.#stopShort([head, ...later.splice(0)], 0, new Set([head]), undefined, err as Error);
+      }
       const parts = head.group.flatMap((m) => fitExactly(this.#queue, restore(m)));
       // The repair takes the refused commit's seqs and, if it needs more, the next ones: the
       // messages of the commit being built, which took those, are numbered again after it.
@@ -681,12 +687,17 @@ export class QueueWriter {
         else throw err;
       }
     }
-    for (const f of all) {
+    for (const [i, f] of all.entries()) {
       if (!again.has(f)) continue;
       if (newest !== undefined && newest.seq > f.checkpoint.seq) {
         f.op.set(queueKey(this.#queue, "checkpoint"), newest);
       } else newest = f.checkpoint;
-      const res = await retryWhileBusy(() => f.op.commit(), BUSY_BUDGET_MS);
+      let res: Deno.KvCommitResult | Deno.KvCommitError;
+      try {
+        res = await retryWhileBusy(() => f.op.commit(), BUSY_BUDGET_MS);
+      } catch (err) {
+        throw await this.#stopShort(all, i, again, refused, err as Error);
+      }
       if (!res.ok) throw new ConcurrentWriterError(this.#queue);
     }
     for (const f of all) {
@@ -695,6 +706,66 @@ export class QueueWriter {
       this.#onCommit(f.report, f.checkpoint);
     }
     if (refused) await this.#complete(refused, []);
+  }
+
+  /**
+   * `all[failed]`, of the commits issued in the order of `all`, failed for good (the database stayed
+   * busy, or KV failed it otherwise): the sync stops. The commits before it are stored, and so are
+   * those after it that landed, the first time, but for those in `again` (which failed too and were
+   * to be committed again) and `refused`. Those stored are reported, so that the statistics say what
+   * is stored. The checkpoints of the ones after it count the records of those that failed, which
+   * are not stored: the checkpoint is set back to the last record before them, so that a resume
+   * takes them up again and recognises the later ones by their content keys (kept with them).
+   * Returns the error to throw, which says so when that could not be written either.
+   */
+  async #stopShort(
+    all: Inflight[],
+    failed: number,
+    again: Set<Inflight>,
+    refused: Inflight | undefined,
+    err: Error,
+  ): Promise<Error> {
+    // (Those before it landed, the first time or again.)
+    const landed = await Promise.all(
+      all.map((f, i) =>
+        i < failed ||
+        (i > failed && !again.has(f) && f !== refused && f.promise.then((res) => res.ok, () => false))
+      ),
+    );
+    for (const f of all) f.vet();
+    const stored = all.filter((_, i) => landed[i]);
+    const after = stored.filter((f) => all.indexOf(f) > failed);
+    const before = failed === 0 ? this.#durable : all[failed - 1].checkpoint;
+    let message = err.message;
+    if (after.length > 0) {
+      const records = after.reduce((n, f) => n + f.report.records, 0);
+      // With no record of this run before them, a resume takes the run up at its start.
+      const startUs = before.run.recordsStored === 0 ? before.run.selection.startUs : undefined;
+      const checkpoint: Checkpoint = {
+        ...before,
+        ...(typeof startUs === "number" ? { cursor: startUs - 1, tail: undefined } : {}),
+        seq: after.at(-1)!.checkpoint.seq,
+        recordsStored: before.recordsStored + records,
+        updatedAt: Date.now(),
+        run: { ...before.run, recordsStored: before.run.recordsStored + records },
+      };
+      const op = this.#kv.atomic()
+        .check({ key: queueKey(this.#queue, "writer"), versionstamp: this.#lock! })
+        .set(queueKey(this.#queue, "checkpoint"), checkpoint);
+      const res = await retryWhileBusy(() => op.commit(), SET_BACK_BUDGET_MS).catch(() => undefined);
+      this.#durable = res?.ok ? checkpoint : after.at(-1)!.checkpoint;
+      if (!res?.ok) {
+        const missing = all.filter((_, i) => i >= failed && !landed[i]);
+        message += `; and the queue's checkpoint, which counts the ${
+          missing.reduce((n, f) => n + f.report.records, 0)
+        } records of the commits that failed, could not be set back: a --resume would leave out those after ${
+          isoFromUs(before.cursor)
+        } up to ${isoFromUs(missing.at(-1)!.report.cursor)}, so sync that span again`;
+      }
+    }
+    if (after.length === 0 && stored.length > 0) this.#durable = stored.at(-1)!.checkpoint;
+    for (const f of stored) this.#onCommit(f.report, f.checkpoint);
+    return message === err.message ? err : new Error(message, { cause: err });
   }
 }
 
