@@ -81,6 +81,7 @@ export type {
 } from "./src/jetstream/events.ts";
 export {
   createZstdDecoder,
+  createZstdEncoder,
   DEFAULT_MAX_DECODED_BYTES,
   dictionaryIdOf,
   frameDictionaryId,
@@ -92,6 +93,7 @@ export {
   type ZstdDecoderOptions,
   ZstdDecompressionStream,
   type ZstdDecompressionStreamInit,
+  type ZstdEncoder,
 } from "./src/jetstream/zstd.ts";
 export {
   DEFAULT_DICTIONARY_URLS,

@@ -46,7 +46,7 @@ import {
   retryWhileBusy,
   type RunState,
 } from "./queue/kv_queue.ts";
-import { queueLength } from "./queue/status.ts";
+import { waitingIn } from "./queue/status.ts";
 import { lockQueueFile, type QueueFileLock, queueLockPath } from "./queue/file_lock.ts";
 import { ConcurrentWriterError, QueueWriter } from "./queue/writer.ts";
 import { consumeStream } from "./source.ts";
@@ -193,10 +193,13 @@ function differences(a: Record<string, unknown>, b: Record<string, unknown>): st
  * @example
  * ```ts
  * import { runBackfillSync } from "./backfill.ts";
+ * // The posts and likes of an hour that ended an hour ago (Jetstream keeps a day or so of history).
+ * const hourUs = 3_600_000_000;
+ * const nowUs = Date.now() * 1000;
  * const stats = await runBackfillSync({
  *   wantedCollections: ["app.bsky.feed.post", "app.bsky.feed.like"],
- *   startTimestamp: "2024-01-01",
- *   endTimestamp: "2024-01-02",
+ *   startTimestamp: nowUs - 2 * hourUs,
+ *   endTimestamp: nowUs - hourUs,
  *   numRecords: 5000,
  * });
  * console.log(`stored ${stats.recordsStored} records, stopped by ${stats.stopReason}`);
@@ -736,7 +739,7 @@ async function finish(
     collections: stats.collections(),
     targetReached: writer.checkpoint.run.recordsStored >= o.numRecords,
     latestCursor: stats.latestCursor,
-    queueLength: await queueLength(kv, o.queueName),
+    queueLength: await waitingIn(kv, o.queueName),
     currentDate: stats.currentDate,
     endCursorReached: endReached,
     stopReason: ctx.stop ?? "closed",

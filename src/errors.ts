@@ -47,6 +47,7 @@ export function messageWithCause(error: unknown): string {
  * import { show } from "./errors.ts";
  * show("7440"); // "\"7440\""
  * show(7440); // "7440"
+ * show(new URL("file:///tmp/q.sqlite")); // "URL(\"file:///tmp/q.sqlite\")"
  * ```
  */
 export function show(value: unknown): string {
@@ -55,6 +56,8 @@ export function show(value: unknown): string {
   // JSON would spell NaN and Infinity as null.
   if (typeof value === "number") return String(value);
   if (value instanceof Date) return `Date(${value.toString()})`;
+  // (JSON would spell it as its text, as if a string had been given.)
+  if (value instanceof URL) return `URL(${JSON.stringify(value.href)})`;
   if (Array.isArray(value)) return `an array of ${value.length}`;
   try {
     return JSON.stringify(value) ?? String(value);

@@ -120,7 +120,7 @@ export interface SyncErrorReport {
   reason: SkipReason | "connection" | "retry" | "coverage" | "info" | "lock" | "queue";
   /** A readable explanation. */
   message: string;
-  /** The WebSocket URL concerned. */
+  /** The instance concerned: its WebSocket URL, as resolved from the options (no query string). */
   instance?: string;
 }
 

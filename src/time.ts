@@ -48,7 +48,8 @@ function utcUs(
 
 /**
  * Parses a timestamp into unix microseconds, always as UTC. Returns `undefined` for text that is not
- * one of {@link TIMESTAMP_FORMATS}; numbers are taken as microseconds.
+ * one of {@link TIMESTAMP_FORMATS}, and for a number that is not an integer from 10^15 on (unix
+ * microseconds since 2001-09-09: a time in seconds or milliseconds is refused, not misread).
  *
  * @example
  * ```ts

@@ -1251,6 +1251,11 @@ Deno.test('runBackfillSync() refuses a kv that is not an open Deno.Kv or a path 
     [{ kv: {} }, /^Cannot sync as 'kv' must be a Deno.Kv or a database path: current value is \{\}$/],
     [{ kv: new Map() }, /^Cannot sync as 'kv' must be a Deno.Kv or a database path/],
     [{ kv: [] }, /^Cannot sync as 'kv' must be a Deno.Kv or a database path/],
+    // A URL object is said to be one: JSON would show its text, as if a path had been given.
+    [
+      { kv: new URL("file:///tmp/q.sqlite") },
+      /^Cannot sync as 'kv' must be a Deno.Kv or a database path: current value is URL\("file:\/\/\/tmp\/q\.sqlite"\)$/,
+    ],
     [
       { kv: ":memory:" },
       /^Cannot sync as 'kv' must be a Deno.Kv or a database path: current value is ":memory:", a database in memory that would be gone when the call returns \(open it with Deno.openKv\(":memory:"\) and pass that Deno.Kv\)$/,

@@ -203,3 +203,33 @@ Deno.test("openKvAt() indexes Deno KV's queue tables by message id, in a new dat
     }
   }
 });
+
+Deno.test("`openKvAt()` in a program without Deno KV enabled says how to enable it, and makes nothing", async () => {
+  await using db = await tempDb();
+  const dir = db.dir;
+  const mod = new URL("../mod.ts", import.meta.url).pathname;
+  // A project of a user who left "unstable": ["kv"] out of its deno.json.
+  await Deno.writeTextFile(`${dir}/deno.json`, JSON.stringify({ imports: { "@jetfill/jetfill": mod } }));
+  await Deno.writeTextFile(
+    `${dir}/main.ts`,
+    `import { runBackfillSync } from "@jetfill/jetfill";
+try {
+  await runBackfillSync({ instance: "ws://127.0.0.1:9/subscribe", kv: "./data/q.sqlite" });
+} catch (err) {
+  console.log((err as Error).name, (err as Error).message);
+}
+`,
+  );
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", "--no-lock", "main.ts"],
+    cwd: dir,
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  assert.equal(
+    new TextDecoder().decode(out.stdout).trim(),
+    'UsageError Cannot open the Deno KV database "./data/q.sqlite": Deno KV is not enabled; run with --unstable-kv, or add "unstable": ["kv"] to deno.json',
+    new TextDecoder().decode(out.stderr),
+  );
+  assert.equal(await Deno.stat(`${dir}/data`).catch(() => null), null);
+});

@@ -11,6 +11,7 @@ import { queueLength, queueStatus } from "../src/queue/status.ts";
 import { delay } from "../src/async.ts";
 import { consume } from "../src/queue/consume.ts";
 import { formatStatus } from "../src/cli/status.ts";
+import { UsageError } from "../src/errors.ts";
 import { commit, did } from "./helpers/events.ts";
 import { serveEvents, tempDb } from "./helpers/loopback.ts";
 
@@ -213,4 +214,39 @@ Deno.test("consume({ untilEmpty }) waits for a message that Deno KV's queue hold
   });
   assert.equal(result.stopReason, "empty");
   assert.equal(handled, 2);
+});
+
+Deno.test("`queueStatus()` and `queueLength()` refuse a queue name the database never held, and one that breaks the rule", async () => {
+  await using db = await tempDb();
+  const kv = await openKvAt(db.path);
+  try {
+    await kv.set(["jetfill", "posts", "checkpoint"], { v: 1 });
+    for (const read of [queueStatus, queueLength]) {
+      // (Before, each gave zeros: a mistyped name looked like an empty queue.)
+      await assert.rejects(
+        () => read(kv, "post"),
+        (err: unknown) =>
+          err instanceof UsageError &&
+          err.message.endsWith(` as queue 'post' has nothing in ${db.path}, which holds 'posts'`),
+      );
+      await assert.rejects(
+        () => read(kv, "no such/queue!"),
+        (err: unknown) =>
+          err instanceof UsageError &&
+          err.message.endsWith(
+            `as the queue name must be 1 to 100 letters, digits, '_', '.' or '-', starting with a letter or digit: current value is "no such/queue!"`,
+          ),
+      );
+    }
+    assert.equal(await queueLength(kv, "posts"), 0);
+  } finally {
+    kv.close();
+  }
+  // A database that holds no queue yet: any valid name is an empty queue.
+  const empty = await Deno.openKv(":memory:");
+  try {
+    assert.equal(await queueLength(empty, "jetstream_sync"), 0);
+  } finally {
+    empty.close();
+  }
 });

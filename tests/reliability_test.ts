@@ -176,6 +176,7 @@ Deno.test("runBackfillSync() counts hostile frames by reason, stores none of the
   const { stats, reports } = await syncReporting({
     instance: server.url,
     kv: db.path,
+    startTimestamp: T0,
     kinds: ["commit", "identity", "account"],
     wantedCollections: [],
   });
@@ -189,6 +190,8 @@ Deno.test("runBackfillSync() counts hostile frames by reason, stores none of the
     assert.ok((stats.skipped[reason] ?? 0) > 0, `no ${reason} counted: ${JSON.stringify(stats.skipped)}`);
     assert.ok(reports.some((r) => r.reason === reason), `no ${reason} reported`);
   }
+  // Each names the instance as given, not the connection's URL with the run's query.
+  assert.deepEqual([...new Set(reports.map((r) => r.instance))], [server.url]);
   assert.deepEqual(await stored(db.path, stats.queueLength), events);
 });
 

@@ -275,7 +275,8 @@ function decoderSettings(
 
 /**
  * Creates an encoder that writes frames like Jetstream's: one frame per call, with the content
- * size and the dictionary ID in the header. Used by the replay server and the tests.
+ * size and the dictionary ID in the header: the replay server's `compressor` (see `serveJetstream()`)
+ * and the tests use it.
  * Throws `RangeError` for a level outside 1..19.
  *
  * @example

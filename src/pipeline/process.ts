@@ -213,7 +213,7 @@ export async function readConnection(
   const startUs = session.startUs;
   const skip = (reason: SkipReason, message: string) => {
     stats.skip(reason);
-    ctx.report({ reason, message, instance: conn.url });
+    ctx.report({ reason, message, instance: session.base });
   };
   let mismatches = 0;
   // On a v2 host connected by time: whether an event at or after the time floor has come.
@@ -389,7 +389,9 @@ export async function readConnection(
             reachedFloor = true;
           }
           if (t < startUs) {
-            if (inWindow && !ctx.toldBackdated && t < startUs - BACKDATED_US) tellBackdated(ctx, conn.url, t);
+            if (inWindow && !ctx.toldBackdated && t < startUs - BACKDATED_US) {
+              tellBackdated(ctx, session.base, t);
+            }
             continue;
           }
           inWindow = true;
@@ -437,7 +439,7 @@ export async function readConnection(
           skip("oversized", oversizedEventMessage(String(t), over.bytes, over.chars, o.maxEventBytes));
           continue;
         }
-        if (ctx.awaitStoredUntilUs >= 0 && !storedYet(ctx, t, conn.url)) continue;
+        if (ctx.awaitStoredUntilUs >= 0 && !storedYet(ctx, t, session.base)) continue;
         const collection = ev.kind === "commit" ? ev.commit.collection : undefined;
         let full: boolean;
         try {

@@ -1492,6 +1492,7 @@ async function refuseUnknownQueue(kv: Deno.Kv, queue: string, where: string): Pr
  * import { consume } from "./consume.ts";
  * const controller = new AbortController();
  * Deno.addSignalListener("SIGINT", () => controller.abort());
+ * await Deno.mkdir("./out", { recursive: true });
  * const result = await consume({
  *   kv: "./jetfill-data/jetstream_sync.sqlite",
  *   signal: controller.signal,

@@ -246,6 +246,15 @@ export async function ensureOpenKv(kv: Deno.Kv, verb: string): Promise<Deno.Kv> 
  * ```
  */
 export async function openKvAt(path: string): Promise<Deno.Kv> {
+  // Before anything is made: without it, the folder and the file would be, and then Deno's own
+  // "Deno.openKv is not a function" would say little of what to do.
+  if (typeof Deno.openKv !== "function") {
+    throw new UsageError(
+      `Cannot open the Deno KV database ${
+        JSON.stringify(path)
+      }: Deno KV is not enabled; run with --unstable-kv, or add "unstable": ["kv"] to deno.json`,
+    );
+  }
   const file = localDatabasePath(path);
   if (file !== undefined) {
     const slash = file.lastIndexOf("/");
@@ -304,6 +313,11 @@ export async function openKvAt(path: string): Promise<Deno.Kv> {
 
 /** The database files of the handles {@link openKvAt} opened. */
 const databaseFiles = new WeakMap<Deno.Kv, string>();
+
+/** The database file of a handle {@link openKvAt} opened, for messages; "this database" otherwise. */
+export function databaseName(kv: Deno.Kv): string {
+  return databaseFiles.get(kv) ?? "this database";
+}
 
 /**
  * How many of `queue`'s messages Deno KV's own queue holds in the database file of `kv` (waiting, or

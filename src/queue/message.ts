@@ -55,8 +55,10 @@ export function isQueueMessage(value: unknown): value is QueueMessage {
  * @example
  * ```ts
  * import { decodeQueueMessage } from "./message.ts";
- * const kv = await Deno.openKv(":memory:");
- * kv.listenQueue((msg) => {
+ * const kv = await Deno.openKv("./jetfill-data/jetstream_sync.sqlite");
+ * // Takes the messages as they come, until Ctrl-C (kv.close() ends the listener).
+ * Deno.addSignalListener("SIGINT", () => kv.close());
+ * await kv.listenQueue((msg) => {
  *   for (const event of decodeQueueMessage(msg)) console.log(event.did, event.time_us);
  * });
  * ```

@@ -4,7 +4,17 @@
  *
  * @module
  */
-import { counterValue, messagesInKvQueue, queueKey, readCheckpoint, recordsInKvQueue } from "./kv_queue.ts";
+import {
+  counterValue,
+  databaseName,
+  messagesInKvQueue,
+  queueKey,
+  readCheckpoint,
+  recordsInKvQueue,
+  unknownQueue,
+} from "./kv_queue.ts";
+import { QUEUE_NAME, QUEUE_NAME_RULE } from "../options.ts";
+import { show, UsageError } from "../errors.ts";
 import { deadLetters } from "./dead_letters.ts";
 import { parkedByRun } from "./parking.ts";
 import { isoFromUs } from "../time.ts";
@@ -123,7 +133,8 @@ async function parkedRecords(kv: Deno.Kv, queue: string, waiting: Set<number>): 
  * the CLI open theirs), Deno KV's queue is counted in its file too, with the parked messages and the
  * dead letters, and the smaller figure is the answer: messages a plain `listenQueue` took (which
  * keeps no counters) do not count. For a `Deno.Kv` opened elsewhere, whose file is not known, the
- * counters alone.
+ * counters alone. A queue name that breaks `queueName`'s rule, or that the database has never held
+ * when it holds other queues (a mistyped name), is refused with a `UsageError`.
  *
  * @example
  * ```ts
@@ -134,6 +145,26 @@ async function parkedRecords(kv: Deno.Kv, queue: string, waiting: Set<number>): 
  * ```
  */
 export async function queueLength(kv: Deno.Kv, queue: string): Promise<number> {
+  await refuseQueueName(kv, queue, "count the messages waiting");
+  return await waitingIn(kv, queue);
+}
+
+/**
+ * Refuses (`UsageError`) a queue name that breaks the rule of `queueName`, or that the database has
+ * never held when it holds other queues (most likely a mistyped name): its figures would all be 0.
+ */
+async function refuseQueueName(kv: Deno.Kv, queue: string, what: string): Promise<void> {
+  if (typeof queue !== "string" || !QUEUE_NAME.test(queue)) {
+    throw new UsageError(
+      `Cannot ${what} as the queue name must be ${QUEUE_NAME_RULE}: current value is ${show(queue)}`,
+    );
+  }
+  const unknown = await unknownQueue(kv, queue, databaseName(kv));
+  if (unknown) throw new UsageError(`Cannot ${what} as ${unknown}`);
+}
+
+/** {@link queueLength} of a queue known to be there (a sync's own, at its end). */
+export async function waitingIn(kv: Deno.Kv, queue: string): Promise<number> {
   const [enq, handled] = await kv.getMany([
     queueKey(queue, "count", "messages"),
     queueKey(queue, "count", "messagesHandled"),
@@ -172,7 +203,9 @@ async function smallerFigure(
 /**
  * Reads a queue's checkpoint, counters, per-day counts, dead letters and last run. Reading takes
  * a consistent view of each part, not of all of them together: figures read while a sync or a
- * consumer runs may be a commit apart.
+ * consumer runs may be a commit apart. A queue name that breaks `queueName`'s rule, or that the
+ * database has never held when it holds other queues (a mistyped name), is refused with a
+ * `UsageError`.
  *
  * @example
  * ```ts
@@ -184,6 +217,7 @@ async function smallerFigure(
  * ```
  */
 export async function queueStatus(kv: Deno.Kv, queue: string): Promise<QueueStatus> {
+  await refuseQueueName(kv, queue, "read the status");
   const checkpoint = (await readCheckpoint(kv, queue)).value;
   const counts = await kv.getMany([
     queueKey(queue, "count", "messages"),

@@ -54,7 +54,8 @@ export interface ServerFaults {
   /**
    * How many connections stall with `stallAfter`: the first M WebSocket connections, in order of
    * upgrade (refused requests do not count), so that a client reconnecting after it detects the
-   * stall gets a healthy connection.
+   * stall gets a healthy connection. A `runBackfillSync()` given a start first opens a short coverage
+   * probe (`cursor=0`), which counts: to stall its first stream connection, give 2.
    *
    * @default {1}
    */

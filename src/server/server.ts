@@ -168,7 +168,10 @@ export interface JetstreamServerOptions {
    * Encoder for compressed `/subscribe` connections (`compress=true` or a `Socket-Encoding` header
    * containing `zstd`), normally zstd with the legacy dictionary: each event is sent as a binary
    * frame of `compressor(text)`, computed once per event and cached. Without it, such requests get
-   * HTTP 400 `compression not available on this server`.
+   * HTTP 400 `compression not available on this server`. As `jetfill serve --zstd-dictionary` makes
+   * it: `const encoder = await createZstdEncoder(await Deno.readFile("legacy_subscribe.zdict"))`, then
+   * `(text) => encoder.encode(new TextEncoder().encode(text)).slice()` (a copy: small frames share
+   * the encoder's buffer).
    */
   compressor?: (text: string) => Uint8Array;
   /**
