@@ -683,3 +683,32 @@ Deno.test("QueueWriter keeps writing while another connection writes to the same
     closeQuietly(other);
   }
 });
+
+Deno.test("QueueWriter keeps a v2 host's seq in the checkpoint when a record it gzips after a refusal is the last", async () => {
+  await using db = await tempKv();
+  const w = new QueueWriter(db.kv, "q", newCheckpoint("q"), () => {});
+  const host = "ws://v2.example/subscribe";
+  // 7,500 doubles: 30 KB of JSON, which the size bound lets into one message, but 67 KB serialized:
+  // KV refuses the commit, and the record travels gzipped, alone.
+  const weird = { ...commit(T0 + 2, { collection: "com.example.weird" }), cursor: 502 };
+  (weird as { commit: { record: Record<string, unknown> } }).commit.record.items = Array.from(
+    { length: 7500 },
+    () => 0.5,
+  );
+  const events = [{ ...commit(T0), cursor: 500 }, { ...commit(T0 + 1), cursor: 501 }, weird];
+  const b = new Batcher("q", events.length);
+  b.host = host;
+  for (const e of events) b.add(e, JSON.stringify(e), "2026-11-27", undefined);
+  await w.add(b.take()!);
+  await w.flush();
+  const checkpoint = (await readCheckpoint(db.kv, "q")).value!;
+  // (Before, the repaired message had no seq: the checkpoint forgot it, and a resume there went by
+  // time_us, which a v2 host's imports do not keep in order.)
+  assert.equal(checkpoint.run.seqCursor, 502);
+  assert.equal(checkpoint.run.seqInstance, host);
+  const stored = (await drainQueue(db.path, await queueLength(db.kv, "q")) as QueueMessage[]).sort((a, b) =>
+    a.seq - b.seq
+  );
+  assert.ok(stored.some((m) => m.compressed?.length === 1), "the test no longer exercises a gzipped repair");
+  assert.deepEqual(stored.flatMap((m) => decodeQueueMessage(m)), events);
+});

@@ -823,6 +823,11 @@ function fitExactly(queue: string, m: PackedMessage): PackedMessage[] {
   // number written `0.50`, an integer beyond 2^53). A v2 frame's event was written out, as there.
   const gz = compressEvent(m.fromText ? JSON.stringify(event) : m.texts[0]);
   const packed = { ...packRecords(m, 0, 0), keys: m.keys, compressed: [gz], count: 1, cursor: event.time_us };
+  // A v2 host's seq, which the checkpoint keeps for a resume there.
+  if (typeof event.cursor === "number") {
+    packed.seq = event.cursor;
+    packed.seqHost = m.seqHost;
+  }
   packed.days = new Map([[utcDate(event.time_us), 1]]);
   if (event.kind === "commit") packed.collections = new Set([event.commit.collection]);
   const again = exactSize(queue, packed);
