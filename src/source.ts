@@ -141,10 +141,9 @@ export async function consumeStream(
       // less than two rewinds after it, as the instances' time_us differ by up to one), new events
       // before the first of those and before the start plus the rewind can be ones the first
       // instance had before its start: they are left out, and the ones after it are let in whatever
-      // their time here. Further on, new events
-      // are ones the first instance left out, and are stored. (Past the cursor plus the rewind
-      // without a record recognised, the wait ends with a warning: this instance lacks them, and may
-      // lack events around the cursor.)
+      // their time here. Further on, new events are ones the first instance left out, and are
+      // stored. (Past the cursor plus the rewind without a record recognised, the wait ends with a
+      // warning: this instance lacks them, and may lack events around the cursor.)
       startUs -= o.rewindUs;
       awaitStored(ctx, resumeFrom!.cursor, resumeFrom!.cursor);
       // A "connection" report, as a failover's is: the CLI says it without --verbose.
