@@ -858,3 +858,49 @@ Deno.test("on v2 hosts alone, a bad zstdDictionary is refused before anything is
   assert.equal(server.connections.length, 0);
   assert.equal(await Deno.stat(db.path).then(() => true, () => false), false);
 });
+
+for (const wire of ["/subscribe", "subscribeEvents"] as const) {
+  Deno.test(`a resume on another v2 host whose early replay (#343) drops midway stores nothing twice (${wire})`, async () => {
+    // The first host stores 15,000 posts and the run stops there. The other replays from 10 s before
+    // the cursor asked (bluesky-social/jetstream#343) and drops every 1,000 events, so the replay
+    // below the run's floor spans connections. (Before, the next connection went on from the seq of
+    // the last event left out below the floor, with no floor: the replay's events older than the
+    // 12,288 records whose keys the resume knows were stored again, 1,500 of them.)
+    const events = Array.from(
+      { length: 20_000 },
+      (_, i) => commit(T0 + i * 1000, { did: did(i % 50), text: `p${i}` }),
+    );
+    await using db = await tempDb();
+    await using first = serveEvents(events, { version: "v2", faults: { dropEvery: 15_000 } });
+    const controller = new AbortController();
+    const a = await runBackfillSync({
+      instance: first.url,
+      kv: db.path,
+      ...ALL,
+      startTimestamp: T0 - 60_000_000,
+      numRecords: 1_000_000,
+      signal: controller.signal,
+      onError: (r) => r.reason === "retry" && controller.abort(),
+    });
+    assert.equal(a.recordsStored, 15_000);
+    await using other = serveEvents(events, {
+      version: "v2",
+      seqBase: 70_000,
+      closeAtEnd: true,
+      earlyReplayUs: 10_000_000,
+      faults: { dropEvery: 1000 },
+    });
+    const b = await runBackfillSync({
+      kv: db.path,
+      resume: true,
+      instance: wire === "/subscribe" ? other.url : v2Url(other.url),
+      onError: () => {},
+    });
+    assert.equal(b.stopReason, "closed", b.error);
+    assert.equal(b.recordsStored, 5000);
+    // Taken up by seq after the first drop, still below the floor.
+    assert.ok(syncConnections(other).some((c) => /cursor=7\d{4}(&|$)/.test(c.query)));
+    const got = await stored(db.path, b.queueLength);
+    assert.deepEqual(got.map((e) => e.time_us), events.map((e) => e.time_us));
+  });
+}

@@ -61,6 +61,11 @@ export interface SeqState {
   /** The last seq processed there, or -1. */
   floor: number;
   /**
+   * False while that host, taken up by time, still replays events below the run's time floor
+   * (#343, or a rewind): the floor applies by time_us to a connection taken up by its seq too.
+   */
+  floorReached?: boolean;
+  /**
    * That seq fell out of the host's window (`CursorTooOld`): the next connection asks for all the
    * host holds, and goes on by seq from there.
    */

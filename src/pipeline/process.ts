@@ -216,8 +216,9 @@ export async function readConnection(
     ctx.report({ reason, message, instance: session.base });
   };
   let mismatches = 0;
-  // On a v2 host connected by time: whether an event at or after the time floor has come.
-  let reachedFloor = false;
+  // On a v2 host: whether an event at or after the time floor has come (on this connection, or,
+  // taken up by seq, on the host since it was taken up by time: see SeqState.floorReached).
+  let reachedFloor = seqFloor >= 0 && seq.floorReached !== false;
   // On a v2 host: whether an event at or after the start has come on this connection.
   let inWindow = false;
   // A part-filled batch that is due is committed by a timer, and only while the loop waits for
@@ -374,19 +375,22 @@ export async function readConnection(
           if (seq.host !== base) {
             seq.host = base;
             seq.floor = -1;
+            seq.floorReached = false;
           }
           seq.floor = Math.max(seq.floor, evSeq);
           // Connected by time (no seq of this host yet): the floor applies by time_us, which also
-          // drops a v2 host's replay from before the cursor (#343), until the stream reaches it.
+          // drops a v2 host's replay from before the cursor (#343), until the stream reaches it;
+          // and so it does on the connections taken up by seq after one that dropped before then.
           // From there the host's seq order is its witness order: a later event is new whatever its
           // display time (an operator's import gives years-old ones, protocol doc §3.2), and what
           // the rewind sends again is recognised by content below.
-          if (seqFloor < 0 && !reachedFloor) {
+          if (!reachedFloor) {
             if (t < floorUs || (t === floorUs && !floorKnown)) {
               stats.duplicatesDropped++;
               continue;
             }
             reachedFloor = true;
+            seq.floorReached = true;
           }
           if (t < startUs) {
             if (inWindow && !ctx.toldBackdated && t < startUs - BACKDATED_US) {
