@@ -197,7 +197,14 @@ export async function consumeStream(
   // The instance being connected to (its coverage probe, then its stream), until it answers.
   let connecting: string | undefined;
   let disconnectedAt = performance.now();
-  let lastSpanUs = 0;
+  // A resume on the instance its last records came from is a reconnect after a stop: taken up the
+  // rewind before its cursor, as a reconnect is, when the content keys of the records stored last
+  // are known to recognise them (a stop can come right after a replay-to-live switch dropped or
+  // reordered events, jetstream-legacy#42). On another instance the failover's rewind applies.
+  let lastSpanUs = floorKnown && floorUs >= 0 && recent !== undefined && recent.keys.length > 0 &&
+      o.instances.includes(resumeFrom!.run.instance)
+    ? 2 * o.rewindUs
+    : 0;
   // A live tail (no start) begins with its first connection, which asks for no cursor: only what
   // comes after it. Until an event comes, a reconnect asks from the time the last connection was
   // opened, by this machine's clock: what came while the run was away is not lost, and a healthy

@@ -124,8 +124,8 @@ Deno.test("a resume drops a server's re-ingest, under new time_us, of records th
   const resumed = await runBackfillSync({ kv: db.path, resume: true, force: true, numRecords: 100 });
   assert.equal(resumed.stopReason, "closed");
   assert.equal(resumed.recordsStored, 5);
-  // The five copies, and event 9 again (the cursor is inclusive).
-  assert.equal(resumed.duplicatesDropped, 6);
+  // The five copies, and events 0 to 9 again (taken up the rewind, 5 s, before the cursor).
+  assert.equal(resumed.duplicatesDropped, 15);
   assert.deepEqual(await queueEvents(db.path), originals);
 });
 
@@ -391,7 +391,8 @@ Deno.test("a resume at a time_us shared by more records than the checkpoint's ta
   assert.equal(first.latestCursor, tie);
   const second = await runBackfillSync({ ...base, numRecords: 550, resume: true, force: true });
   assert.equal(second.recordsStored, 150);
-  assert.equal(second.duplicatesDropped, 300);
+  // Taken up 5 s before the tie: the 100 before it and the 300 of it stored come again, known.
+  assert.equal(second.duplicatesDropped, 400);
   assert.deepEqual(await queueEvents(db.path), events);
 });
 
@@ -416,13 +417,43 @@ Deno.test("a resume of a new run on a queue that holds another run's records sto
   assert.equal(first.recordsStored, 1_000);
   whole = true;
   const second = await runBackfillSync({ kv: db.path, resume: true });
-  // Only the event at the cursor, which the server sends again. (Before, the resume also took the
-  // first run's posts for records it had stored, and dropped 750 of them.)
-  assert.equal(second.duplicatesDropped, 1);
+  // Only this run's records, which the server sends again from the rewind (5 s, all 1,000 of them)
+  // before the cursor. (Before, the resume also took the first run's posts for records it had
+  // stored, and dropped 750 of them.)
+  assert.equal(second.duplicatesDropped, 1_000);
   assert.equal(second.recordsStored, 1_000);
   const stored = await queueEvents(db.path);
   assert.deepEqual(stored, [
     ...events.filter((e) => e.kind === "commit" && e.commit.collection === "app.bsky.feed.post"),
     ...events,
   ]);
+});
+
+Deno.test("a resume takes the stream up the rewind before its cursor, so an event a server reordered at the stop is kept", async () => {
+  // A legacy server's replay-to-live switch sends event 50 after event 51 (jetstream-legacy#42), and
+  // the connection drops right after 51; the run is stopped there (as by a kill) and resumed. An
+  // uninterrupted run gets 50 back by its reconnect's rewind: so must the resume. (Before, it asked
+  // from 51 exactly and lost 50.)
+  const events = Array.from(
+    { length: 100 },
+    (_, i) => commit(T0 + i * 1000, { did: did(i % 9), rkey: `r${i}` }),
+  );
+  [events[50], events[51]] = [events[51], events[50]];
+  await using server = serveEvents(events, { closeAtEnd: true, faults: { fileOrder: true, dropEvery: 51 } });
+  await using db = await tempDb();
+  const controller = new AbortController();
+  const first = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    startTimestamp: T0,
+    batchSize: 1,
+    signal: controller.signal,
+    onError: (r) => r.reason === "retry" && controller.abort(),
+  });
+  assert.equal(first.recordsStored, 51);
+  const resumed = await runBackfillSync({ kv: db.path, resume: true });
+  assert.equal(resumed.stopReason, "closed", resumed.error);
+  assert.equal(resumed.recordsStored, 49);
+  const byTime = (list: { time_us: number }[]) => list.map((e) => e.time_us).sort((a, b) => a - b);
+  assert.deepEqual(byTime(await queueEvents(db.path)), byTime(events));
 });
