@@ -70,3 +70,50 @@ Deno.test("consume() tries a parked message that always fails six times on KV's 
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("consume() gives a handler slower than a delivery's 4 s its whole handlerTimeout, by parking the message", async () => {
+  // One message; the handler takes 4.5 s, and handlerTimeout allows 8. A delivery can give it 4 s at
+  // most (ACK_DEADLINE_MS): cut short there, the message is parked, and its next try gets all 8.
+  // (Before, every delivery was run and cut short at 4 s, and KV's six went by in 96 s before the
+  // message went to its dead letter, never handled.)
+  const { dir, path } = await tempDb();
+  try {
+    await backlog(path, 5, 3, 5);
+    const tries: number[] = [];
+    const reports: string[] = [];
+    const result = await consume({
+      kv: path,
+      untilEmpty: true,
+      handlerTimeout: 8000,
+      signal: AbortSignal.timeout(30_000),
+      onError: (r) => reports.push(`${r.reason}: ${r.message}`),
+      handler: async (_events, { signal, timeLeft }) => {
+        tries.push(timeLeft);
+        await new Promise<void>((resolve) => {
+          const timer = setTimeout(resolve, 4500);
+          signal.addEventListener("abort", () => {
+            clearTimeout(timer);
+            resolve();
+          });
+        });
+        signal.throwIfAborted();
+      },
+    });
+    assert.equal(result.stopReason, "empty", JSON.stringify(reports));
+    assert.equal(result.messages, 1);
+    assert.equal(tries.length, 2, JSON.stringify(tries));
+    assert.ok(tries[0] <= 4000 && tries[1] === 8000, JSON.stringify(tries));
+    assert.ok(
+      reports.some((r) => /^timeout: .*; parked: its next try gets the whole handlerTimeout/.test(r)),
+      JSON.stringify(reports),
+    );
+    const kv = await openKvAt(path);
+    try {
+      assert.equal((await deadLetters(kv, Q)).length, 0);
+    } finally {
+      kv.close();
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});

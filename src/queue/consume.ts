@@ -1279,9 +1279,13 @@ class Consumer {
       ? this.#o.handlerTimeout
       : Math.min(this.#o.handlerTimeout, d.deliveredAt + ACK_DEADLINE_MS - now);
     // A message that lost time waiting here and is now unlikely to finish is parked rather than
-    // timed out (a timeout uses up one of its retries). A fresh one always runs.
+    // timed out (a timeout uses up one of its retries). A fresh one runs, unless handlers take longer
+    // than a delivery can give and handlerTimeout more: parked, it gets all of handlerTimeout.
     const waited = now - d.deliveredAt;
-    if (!parked && (timeLeft < MIN_RUN_MS || (waited > 250 && timeLeft < 1.5 * this.#handlerMs))) {
+    const cut = this.#o.handlerTimeout > timeLeft;
+    if (
+      !parked && (timeLeft < MIN_RUN_MS || ((waited > 250 || cut) && timeLeft < 1.5 * this.#handlerMs))
+    ) {
       this.#parking.add(d);
       return;
     }
@@ -1347,13 +1351,23 @@ class Consumer {
       controller.abort(err);
       this.result.failures++;
       this.result.timeouts++;
+      // Cut short by the delivery's deadline, not by handlerTimeout: parked (which answers the
+      // delivery), its next try gets the whole of handlerTimeout, and none of KV's retries is used.
+      const park = !parked && cut && !this.stopReason;
       this.#report({
         reason: "timeout",
-        message: `${err.message}${parked ? this.#fate(d) : "; the message will be redelivered"}`,
+        message: `${err.message}${
+          parked
+            ? this.#fate(d)
+            : park
+            ? "; parked: its next try gets the whole handlerTimeout"
+            : "; the message will be redelivered"
+        }`,
         seq,
         error: err,
       });
-      await this.#failed(d, err);
+      if (park) this.#parking.add(d);
+      else await this.#failed(d, err);
       return;
     }
     try {
