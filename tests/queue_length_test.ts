@@ -12,6 +12,8 @@ import { delay } from "../src/async.ts";
 import { consume } from "../src/queue/consume.ts";
 import { formatStatus } from "../src/cli/status.ts";
 import { UsageError } from "../src/errors.ts";
+import { deadLetters, requeueDeadLetters } from "../src/queue/dead_letters.ts";
+import { requeueParked } from "../src/queue/parking.ts";
 import { commit, did } from "./helpers/events.ts";
 import { serveEvents, tempDb } from "./helpers/loopback.ts";
 
@@ -216,12 +218,12 @@ Deno.test("consume({ untilEmpty }) waits for a message that Deno KV's queue hold
   assert.equal(handled, 2);
 });
 
-Deno.test("`queueStatus()` and `queueLength()` refuse a queue name the database never held, and one that breaks the rule", async () => {
+Deno.test("`queueStatus()`, `queueLength()` and the repair functions refuse a queue name the database never held, and one that breaks the rule", async () => {
   await using db = await tempDb();
   const kv = await openKvAt(db.path);
   try {
     await kv.set(["jetfill", "posts", "checkpoint"], { v: 1 });
-    for (const read of [queueStatus, queueLength]) {
+    for (const read of [queueStatus, queueLength, deadLetters, requeueDeadLetters, requeueParked]) {
       // (Before, each gave zeros: a mistyped name looked like an empty queue.)
       await assert.rejects(
         () => read(kv, "post"),

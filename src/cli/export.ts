@@ -7,7 +7,7 @@ import { UsageError } from "../errors.ts";
 import { GO_JSON_EOF, parseGoJson } from "../go_json.ts";
 import { consume, type ConsumeResult } from "../queue/consume.ts";
 import { openKvAt, unknownQueue } from "../queue/kv_queue.ts";
-import { deadLetters } from "../queue/dead_letters.ts";
+import { deadLettersOf } from "../queue/dead_letters.ts";
 import {
   type FlagSpec,
   interruptedExitCode,
@@ -313,7 +313,7 @@ export async function exportCommand(args: string[]): Promise<number> {
     // Messages whose handling failed every retry are kept aside, not exported: say so.
     const kv = await openKvAt(path);
     try {
-      const dead = (await deadLetters(kv, queue)).filter((l) => !l.handled);
+      const dead = (await deadLettersOf(kv, queue)).filter((l) => !l.handled);
       const deadRecords = dead.reduce((n, l) => n + l.records, 0);
       if (dead.length > 0) {
         console.error(

@@ -85,7 +85,7 @@ import { parkedWaiting } from "./status.ts";
 import { decodeQueueMessage, isQueueMessage, type QueueMessage } from "./message.ts";
 import { databaseExists, pathExists } from "../fs.ts";
 import { dirname } from "node:path";
-import { deadLetters } from "./dead_letters.ts";
+import { deadLettersOf } from "./dead_letters.ts";
 import { commitOutcome, GroupWriter } from "./group_writer.ts";
 import {
   claimSignOfLife,
@@ -1427,7 +1427,7 @@ class Consumer {
     const open = counterValue(enq) - counterValue(handled);
     if (open <= 0) return 0;
     let dead = 0;
-    for (const letter of await deadLetters(kv, this.#queue)) if (!letter.handled) dead++;
+    for (const letter of await deadLettersOf(kv, this.#queue)) if (!letter.handled) dead++;
     const byCounters = Math.max(0, open - dead);
     const now = performance.now();
     if (

@@ -5,7 +5,7 @@
  *
  * @module
  */
-import { queueKey } from "./kv_queue.ts";
+import { queueKey, refuseQueueName } from "./kv_queue.ts";
 import { decodeQueueMessage } from "./message.ts";
 
 /** A message KV gave up delivering, as kept under `["jetfill", queue, "dead", seq]`. */
@@ -24,7 +24,9 @@ export interface DeadLetter {
 }
 
 /**
- * The dead letters of a queue, lowest `seq` first.
+ * The dead letters of a queue, lowest `seq` first. A queue name that breaks `queueName`'s rule, or
+ * that the database has never held when it holds other queues (a mistyped name), is refused with a
+ * `UsageError`.
  *
  * @example
  * ```ts
@@ -37,6 +39,12 @@ export interface DeadLetter {
  * ```
  */
 export async function deadLetters(kv: Deno.Kv, queue: string): Promise<DeadLetter[]> {
+  await refuseQueueName(kv, queue, "list the dead letters");
+  return await deadLettersOf(kv, queue);
+}
+
+/** {@link deadLetters} of a queue known to be there. */
+export async function deadLettersOf(kv: Deno.Kv, queue: string): Promise<DeadLetter[]> {
   const letters: DeadLetter[] = [];
   for await (const entry of kv.list({ prefix: queueKey(queue, "dead") })) {
     const seq = entry.key[entry.key.length - 1];
@@ -60,7 +68,8 @@ export async function deadLetters(kv: Deno.Kv, queue: string): Promise<DeadLette
 /**
  * Puts a queue's dead letters back in the queue, for another round of deliveries (after fixing what
  * made the handler fail); each is deleted in the same commit that enqueues it again. Leftovers of
- * messages that were handled after all are deleted. Resolves to the number of messages requeued.
+ * messages that were handled after all are deleted. Resolves to the number of messages requeued. A
+ * queue name is refused as {@link deadLetters} refuses it.
  *
  * @example
  * ```ts
@@ -71,8 +80,9 @@ export async function deadLetters(kv: Deno.Kv, queue: string): Promise<DeadLette
  * ```
  */
 export async function requeueDeadLetters(kv: Deno.Kv, queue: string): Promise<number> {
+  await refuseQueueName(kv, queue, "requeue the dead letters");
   let requeued = 0;
-  for (const letter of await deadLetters(kv, queue)) {
+  for (const letter of await deadLettersOf(kv, queue)) {
     const key = queueKey(queue, "dead", letter.seq);
     const current = await kv.get(key);
     if (current.versionstamp === null) continue;

@@ -20,8 +20,9 @@
 import type { QueueMessage } from "./message.ts";
 import { fileURLToPath } from "node:url";
 import { basename, dirname, join, resolve } from "node:path";
-import { UsageError } from "../errors.ts";
+import { show, UsageError } from "../errors.ts";
 import { delay } from "../async.ts";
+import { QUEUE_NAME, QUEUE_NAME_RULE } from "../options.ts";
 
 /** The state a queue keeps about what it holds; written in the same commit as the messages. */
 export interface Checkpoint {
@@ -687,6 +688,30 @@ export async function unknownQueue(kv: Deno.Kv, queue: string, path: string): Pr
   // (Written meanwhile, when another process is starting on it.)
   if (others.length === 0 || others.includes(queue)) return undefined;
   return `queue '${queue}' has nothing in ${path}, which holds ${others.map((q) => `'${q}'`).join(", ")}`;
+}
+
+/**
+ * Refuses (`UsageError`) a queue name that breaks the rule of `queueName`, or that the database has
+ * never held when it holds other queues (most likely a mistyped name): a public function that reads
+ * or repairs a queue would otherwise answer 0, or change nothing, without a word. `what` is what it
+ * does ("read the status").
+ *
+ * @example
+ * ```ts
+ * import { refuseQueueName } from "./kv_queue.ts";
+ * const kv = await Deno.openKv(":memory:");
+ * await refuseQueueName(kv, "jetstream_sync", "read the status"); // a database without queues: fine
+ * kv.close();
+ * ```
+ */
+export async function refuseQueueName(kv: Deno.Kv, queue: string, what: string): Promise<void> {
+  if (typeof queue !== "string" || !QUEUE_NAME.test(queue)) {
+    throw new UsageError(
+      `Cannot ${what} as the queue name must be ${QUEUE_NAME_RULE}: current value is ${show(queue)}`,
+    );
+  }
+  const unknown = await unknownQueue(kv, queue, databaseName(kv));
+  if (unknown) throw new UsageError(`Cannot ${what} as ${unknown}`);
 }
 
 /** The names of the jetfill queues a database holds, one key read each (at most 20). */

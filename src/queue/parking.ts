@@ -7,7 +7,7 @@
  * @module
  */
 import { delay } from "../async.ts";
-import { queueKey, retryWhileBusy } from "./kv_queue.ts";
+import { queueKey, refuseQueueName, retryWhileBusy } from "./kv_queue.ts";
 
 /** A consumer with parked messages writes that it is alive this often, ms. */
 export const PARK_HEARTBEAT_MS = 1_000;
@@ -171,7 +171,9 @@ export async function dropStaleSignsOfLife(
  * {@link PARK_STALE_MS}, or whose sign of life then changes within {@link PARK_CONFIRM_MS} (so a stale
  * one costs that much more time). A crashed consumer's sign of life that looks recent to this clock
  * (a clock behind the one that wrote it) is left too; a running consume() takes such a run over once
- * the sign has stayed unchanged for PARK_STALE_MS. Resolves to the number of messages requeued.
+ * the sign has stayed unchanged for PARK_STALE_MS. Resolves to the number of messages requeued. A
+ * queue name that breaks `queueName`'s rule, or that the database has never held when it holds other
+ * queues (a mistyped name), is refused with a `UsageError`.
  *
  * @example
  * ```ts
@@ -182,6 +184,7 @@ export async function dropStaleSignsOfLife(
  * ```
  */
 export async function requeueParked(kv: Deno.Kv, queue: string): Promise<number> {
+  await refuseQueueName(kv, queue, "requeue the parked messages");
   let requeued = 0;
   const watch = new LifeWatch();
   const runs = await retryBusy(() => parkedByRun(kv, queue));

@@ -6,16 +6,13 @@
  */
 import {
   counterValue,
-  databaseName,
   messagesInKvQueue,
   queueKey,
   readCheckpoint,
   recordsInKvQueue,
-  unknownQueue,
+  refuseQueueName,
 } from "./kv_queue.ts";
-import { QUEUE_NAME, QUEUE_NAME_RULE } from "../options.ts";
-import { show, UsageError } from "../errors.ts";
-import { deadLetters } from "./dead_letters.ts";
+import { deadLettersOf } from "./dead_letters.ts";
 import { parkedByRun } from "./parking.ts";
 import { isoFromUs } from "../time.ts";
 import { decodeQueueMessage } from "./message.ts";
@@ -149,20 +146,6 @@ export async function queueLength(kv: Deno.Kv, queue: string): Promise<number> {
   return await waitingIn(kv, queue);
 }
 
-/**
- * Refuses (`UsageError`) a queue name that breaks the rule of `queueName`, or that the database has
- * never held when it holds other queues (most likely a mistyped name): its figures would all be 0.
- */
-async function refuseQueueName(kv: Deno.Kv, queue: string, what: string): Promise<void> {
-  if (typeof queue !== "string" || !QUEUE_NAME.test(queue)) {
-    throw new UsageError(
-      `Cannot ${what} as the queue name must be ${QUEUE_NAME_RULE}: current value is ${show(queue)}`,
-    );
-  }
-  const unknown = await unknownQueue(kv, queue, databaseName(kv));
-  if (unknown) throw new UsageError(`Cannot ${what} as ${unknown}`);
-}
-
 /** {@link queueLength} of a queue known to be there (a sync's own, at its end). */
 export async function waitingIn(kv: Deno.Kv, queue: string): Promise<number> {
   const [enq, handled] = await kv.getMany([
@@ -173,7 +156,7 @@ export async function waitingIn(kv: Deno.Kv, queue: string): Promise<number> {
     kv,
     queue,
     Math.max(0, counterValue(enq) - counterValue(handled)),
-    async () => (await deadLetters(kv, queue)).filter((l) => !l.handled).length,
+    async () => (await deadLettersOf(kv, queue)).filter((l) => !l.handled).length,
     async () => (await parkedWaiting(kv, queue)).size,
   );
 }
@@ -231,7 +214,7 @@ export async function queueStatus(kv: Deno.Kv, queue: string): Promise<QueueStat
     const day = entry.key[entry.key.length - 1];
     if (typeof day === "string") recordsPerDay[day] = counterValue(entry);
   }
-  const dead = (await deadLetters(kv, queue)).filter((l) => !l.handled);
+  const dead = (await deadLettersOf(kv, queue)).filter((l) => !l.handled);
   const parked = await parkedWaiting(kv, queue);
   const deadRecords = dead.reduce((n, l) => n + l.records, 0);
   // What the counters say waits, or, for a database opened by path, what Deno KV's queue holds when
