@@ -1112,6 +1112,30 @@ Deno.test("failovers one after another each take the stream up the rewind before
   );
 });
 
+/**
+ * A sync from T0+0.5 s on two instances: the first sends `mine` and goes down, and the run fails over
+ * to the other, which sends `theirs` and closes. Resolves to the statistics (checked closed), the
+ * reports and the records stored.
+ */
+async function failOverFrom(mine: JetstreamEvent[], theirs: JetstreamEvent[]) {
+  const first = serveEvents(mine);
+  await using second = serveEvents(theirs, { closeAtEnd: true });
+  await using db = await tempDb();
+  const reports: SyncErrorReport[] = [];
+  const sync = runBackfillSync({
+    instance: [first.url, second.url],
+    kv: db.path,
+    startTimestamp: T0 + 500_000,
+    maxTime: 30,
+    onError: (r) => reports.push(r),
+  });
+  while (!(syncConnections(first)[0]?.sent >= mine.length)) await delay(20);
+  await first.shutdown();
+  const stats = await sync;
+  assert.equal(stats.stopReason, "closed", stats.error);
+  return { stats, reports, got: await stored(db.path, stats.queueLength) };
+}
+
 Deno.test("a failover near the start stores new events after it when no record stored lies within the rewind", async () => {
   // The first instance processed identity events (passed by Jetstream's collection filter, not
   // selected by the run's kinds) up to T0+6 s after its only post, at T0+0.5 s: taken up 5 s before
@@ -1126,23 +1150,8 @@ Deno.test("a failover near the start stores new events after it when no record s
       (_, i) => commit(T0 + (10 + i) * 1_000_000, { did: did(3), text: `later ${i}` }),
     ),
   ];
-  const first = serveEvents(events.slice(0, 7));
-  await using second = serveEvents(events, { closeAtEnd: true });
-  await using db = await tempDb();
-  const reports: SyncErrorReport[] = [];
-  const sync = runBackfillSync({
-    instance: [first.url, second.url],
-    kv: db.path,
-    startTimestamp: T0 + 500_000,
-    maxTime: 30,
-    onError: (r) => reports.push(r),
-  });
-  while (!(syncConnections(first)[0]?.sent >= 7)) await delay(20);
-  await first.shutdown();
-  const stats = await sync;
-  assert.equal(stats.stopReason, "closed", stats.error);
+  const { stats, reports, got } = await failOverFrom(events.slice(0, 7), events);
   assert.equal(stats.failovers, 1);
-  const got = await stored(db.path, stats.queueLength);
   assert.deepEqual(got, events.filter((e) => e.kind === "commit"));
   // Nothing was expected to come again, and nothing was left out: no coverage warning.
   assert.deepEqual(reports.filter((r) => r.reason === "coverage"), []);
@@ -1198,22 +1207,8 @@ Deno.test("a failover near the start to an instance without the records stored l
     (_, i) => commit(T0 + (i + 1) * 500_000, { did: did(1), text: `a${i}` }),
   );
   const theirs = [1, 4, 6, 9].map((s) => commit(T0 + s * 1_000_000, { did: did(2), text: `b${s}` }));
-  const first = serveEvents(mine);
-  await using second = serveEvents(theirs, { closeAtEnd: true });
-  await using db = await tempDb();
-  const reports: SyncErrorReport[] = [];
-  const sync = runBackfillSync({
-    instance: [first.url, second.url],
-    kv: db.path,
-    startTimestamp: T0 + 500_000,
-    maxTime: 30,
-    onError: (r) => reports.push(r),
-  });
-  while (!(syncConnections(first)[0]?.sent >= mine.length)) await delay(20);
-  await first.shutdown();
-  const stats = await sync;
-  assert.equal(stats.stopReason, "closed", stats.error);
-  assert.deepEqual(await stored(db.path, stats.queueLength), [...mine, ...theirs.slice(2)]);
+  const { reports, got } = await failOverFrom(mine, theirs);
+  assert.deepEqual(got, [...mine, ...theirs.slice(2)]);
   const warnings = reports.filter((r) => r.reason === "coverage").map((r) => r.message);
   assert.ok(
     warnings.some((m) =>
