@@ -255,9 +255,11 @@ export interface ConsumeOptions {
   untilEmpty?: boolean;
   /**
    * The most a handler may run, ms. A handler of a delivery also never runs past
-   * {@link ACK_DEADLINE_MS} after it, whatever this says (one of a parked message gets all of it).
-   * A handler past its time has its signal aborted and its message failed, for KV to redeliver (or
-   * consume() to try again, when parked); keep handlers well under this.
+   * {@link ACK_DEADLINE_MS} after it, whatever this says (one of a parked message gets all of it:
+   * a delivery cut short there while this allows more has its message parked, and once handlers are
+   * seen to take that long, deliveries are parked before they run). A handler past its time has its
+   * signal aborted and its message failed, for KV to redeliver (or consume() to try again, when
+   * parked); keep handlers well under this.
    * @default {3000}
    */
   handlerTimeout?: number;
