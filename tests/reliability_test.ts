@@ -1267,13 +1267,11 @@ async function firstCommitFails(error: Error) {
   }
   // The checkpoint goes back to before the records that were not stored: a resume stores them and
   // recognises the others.
-  const reports: string[] = [];
-  const resumed = await runBackfillSync({
+  const { stats: resumed, reports } = await syncReporting({
     instance: server.url,
     kv: db.path,
     resume: true,
     batchSize: 1,
-    onError: (r) => reports.push(r.message),
   });
   assert.deepEqual(reports, []);
   assert.equal(resumed.stopReason, "closed", resumed.error);
