@@ -356,3 +356,42 @@ Deno.test("runBackfillSync() leaves a start near now alone when the probe gets n
     assert.deepEqual(reports.filter((r) => r.reason === "coverage"), []);
   }
 });
+
+Deno.test("a v2 host whose oldest event is an import still has its OutdatedCursor heard: the start was clamped", async () => {
+  // The host holds seqs from 1101 on (the 100 events before are gone), and its oldest, seq 1101, is
+  // an operator's import with a display time a day before the start. The probe, by display time,
+  // finds the start covered; the connection's OutdatedCursor says otherwise. (Before, it was not
+  // heard once the probe had measured: no warning, startClamped false, and --strict stored all the
+  // same.)
+  const events = Array.from({ length: 600 }, (_, i) => commit(T0 + i * 1000, { text: `p${i}` }));
+  events[100] = { ...events[100], time_us: T0 - 86_400_000_000 + 7 };
+  await using server = serveEvents(events, { version: "v2", closeAtEnd: true, lookbackFloorSeq: 1101 });
+  await using db = await tempDb();
+  const reports: SyncErrorReport[] = [];
+  const options = {
+    instance: server.url.replace(/\/subscribe$/, V2_SUBSCRIBE_PATH),
+    kv: db.path,
+    startTimestamp: T0,
+    wantedCollections: [],
+    onError: (r: SyncErrorReport) => reports.push(r),
+  };
+  const stats = await runBackfillSync(options);
+  assert.equal(stats.startClamped, true);
+  assert.equal(stats.recordsStored, 499);
+  const said = `said that its history begins after the requested start, ${
+    isoFromUs(T0)
+  } (OutdatedCursor), though the first event it sent has an earlier display time, ${
+    isoFromUs(T0 - 86_400_000_000 + 7)
+  } (an import of older records): events after ${
+    isoFromUs(T0)
+  } cannot be had from this server, and how many cannot be told`;
+  assert.ok(
+    reports.some((r) => r.reason === "coverage" && r.message.endsWith(said)),
+    JSON.stringify(reports.map((r) => r.message)),
+  );
+  await using strictDb = await tempDb();
+  await assert.rejects(
+    () => runBackfillSync({ ...options, kv: strictDb.path, strict: true }),
+    (err: unknown) => err instanceof UsageError && err.message.includes("(OutdatedCursor)"),
+  );
+});

@@ -240,6 +240,32 @@ export function coverageGap(
 }
 
 /**
+ * Records that a v2 host moved a time cursor (`fromUs`) to the start of its history (`OutdatedCursor`)
+ * though the first event it sent has a display time at or before it (`firstUs`: an operator's import,
+ * protocol doc §3.2): events are missing, and how many cannot be told. Reported, and with `strict`
+ * refused or stopped, as {@link coverageGap} does; no span is added to `coverageGapUs`.
+ */
+export function coverageClampedUnmeasured(
+  ctx: RunContext,
+  base: string,
+  fromUs: number,
+  firstUs: number,
+  atStart: boolean,
+): void {
+  const initial = noteHistoryStart(ctx, firstUs);
+  endAwait(ctx);
+  if (atStart) ctx.stats.startClamped = true;
+  const message = `${new URL(base).host} said that its history begins after ${
+    atStart ? "the requested start" : "the point to resume from"
+  }, ${isoFromUs(fromUs)} (OutdatedCursor), though the first event it sent has an earlier display time, ${
+    isoFromUs(firstUs)
+  } (an import of older records): events after ${
+    isoFromUs(fromUs)
+  } cannot be had from this server, and how many cannot be told`;
+  coverageProblem(ctx, base, message, message, atStart || initial);
+}
+
+/**
  * Records that a resume by seq on a v2 host (`fromSeq`, the first seq still needed) is older than
  * the history, which begins at `firstSeq` (`firstUs`): reported like {@link coverageGap}, as a count
  * of seqs, since display times cannot say how long a span it covers (protocol doc §3.2); not added
