@@ -205,7 +205,8 @@ function noteHistoryStart(ctx: RunContext, firstUs: number): boolean {
 /**
  * Records that history before `firstUs` is missing where events from `fromUs` were asked for (the
  * requested start when `atStart`, else a resume point), reports it in plain words and, with
- * `strict`, refuses (before anything is stored) or stops the run.
+ * `strict`, refuses (before anything is stored) or stops the run. With `outdated` (the host said the
+ * cursor was before its history), a first event not after `fromUs` is a gap of unknown size.
  */
 export function coverageGap(
   ctx: RunContext,
@@ -213,10 +214,28 @@ export function coverageGap(
   fromUs: number,
   firstUs: number,
   atStart: boolean,
+  outdated = false,
 ): void {
   const { stats } = ctx;
   const initial = noteHistoryStart(ctx, firstUs);
   if (initial && atStart) stats.startClamped = false;
+  if (firstUs <= fromUs && outdated) {
+    // The host said that it moved the cursor to its history's start (a v2 host's OutdatedCursor), yet
+    // its first event is not after the cursor: the display time of an operator's import (protocol doc
+    // §3.2), which says nothing of where the history begins. Events are missing; how many, no one can
+    // tell, so no span is counted.
+    endAwait(ctx);
+    if (atStart) stats.startClamped = true;
+    const message = `${new URL(base).host} said that its history begins after ${
+      atStart ? "the requested start" : "the point to resume from"
+    }, ${isoFromUs(fromUs)} (OutdatedCursor), though the first event it sent has an earlier display time, ${
+      isoFromUs(firstUs)
+    } (an import of older records): events after ${
+      isoFromUs(fromUs)
+    } cannot be had from this server, and how many cannot be told`;
+    coverageProblem(ctx, base, message, message, atStart || initial);
+    return;
+  }
   if (firstUs <= fromUs) return;
   // The records stored last are before this history: none can come again to be recognised (see
   // `awaitStoredUntilUs`), and what comes is new.
@@ -236,32 +255,6 @@ export function coverageGap(
       isoFromUs(fromUs)
     }, is ${describeDuration(gap)} earlier, so events in between cannot be had from this server`;
   // A refusal while nothing was stored: at the start, and at a resume point too.
-  coverageProblem(ctx, base, message, message, atStart || initial);
-}
-
-/**
- * Records that a v2 host moved a time cursor (`fromUs`) to the start of its history (`OutdatedCursor`)
- * though the first event it sent has a display time at or before it (`firstUs`: an operator's import,
- * protocol doc §3.2): events are missing, and how many cannot be told. Reported, and with `strict`
- * refused or stopped, as {@link coverageGap} does; no span is added to `coverageGapUs`.
- */
-export function coverageClampedUnmeasured(
-  ctx: RunContext,
-  base: string,
-  fromUs: number,
-  firstUs: number,
-  atStart: boolean,
-): void {
-  const initial = noteHistoryStart(ctx, firstUs);
-  endAwait(ctx);
-  if (atStart) ctx.stats.startClamped = true;
-  const message = `${new URL(base).host} said that its history begins after ${
-    atStart ? "the requested start" : "the point to resume from"
-  }, ${isoFromUs(fromUs)} (OutdatedCursor), though the first event it sent has an earlier display time, ${
-    isoFromUs(firstUs)
-  } (an import of older records): events after ${
-    isoFromUs(fromUs)
-  } cannot be had from this server, and how many cannot be told`;
   coverageProblem(ctx, base, message, message, atStart || initial);
 }
 

@@ -12,15 +12,7 @@ import { mapV2Frame, type V2Frame } from "../jetstream/v2.ts";
 import { DEFAULT_MAX_DECODED_BYTES, ZstdDecodeError } from "../jetstream/zstd.ts";
 import type { BackfillSyncOptions } from "../options.ts";
 import type { SkipReason } from "../stats.ts";
-import {
-  coverageClampedUnmeasured,
-  coverageGap,
-  endAwait,
-  type RunContext,
-  type SeqState,
-  type Session,
-  stopWith,
-} from "./context.ts";
+import { coverageGap, endAwait, type RunContext, type SeqState, type Session, stopWith } from "./context.ts";
 import type { ReplayGuard } from "./filter.ts";
 import { OversizedEventError } from "./batch.ts";
 import { isoFromUs } from "../time.ts";
@@ -157,11 +149,14 @@ function noteOutdated(ctx: RunContext, session: Session, firstUs: number): void 
   const from = session.outdatedFrom!;
   session.outdatedFrom = undefined;
   // The requested start when nothing came before it, in this run or the one it resumes.
-  const atStart = ctx.stats.lastProcessedUs === null && ctx.accepted === 0;
-  // A first event no later than the cursor, though the host said the cursor was before its history:
-  // an import's display time, which says nothing of where the history begins.
-  if (firstUs <= from) coverageClampedUnmeasured(ctx, session.base, from, firstUs, atStart);
-  else coverageGap(ctx, session.base, from, firstUs, atStart);
+  coverageGap(
+    ctx,
+    session.base,
+    from,
+    firstUs,
+    ctx.stats.lastProcessedUs === null && ctx.accepted === 0,
+    true,
+  );
 }
 
 /**
