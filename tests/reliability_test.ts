@@ -17,6 +17,7 @@ import {
 } from "./helpers/loopback.ts";
 import { patchAtomic } from "./helpers/kv_patch.ts";
 import { delay } from "../src/async.ts";
+import { isoFromUs } from "../src/time.ts";
 
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
 
@@ -1292,4 +1293,52 @@ Deno.test("a commit that KV fails while later ones land: statistics count those,
 Deno.test("a commit that SQLite keeps busy while later ones land: statistics count those, and a resume stores the rest", async () => {
   // Committed again for 30 s (BUSY_BUDGET_MS), in vain.
   await firstCommitFails(new TypeError("database is locked"));
+});
+
+Deno.test("a commit that fails for good, when the checkpoint cannot be set back either, says which span to sync again", async () => {
+  const events = spaced(80, 1000);
+  await using server = serveEvents(events, { closeAtEnd: true });
+  await using db = await tempDb();
+  const real = await Deno.openKv(db.path);
+  let failing: Deno.AtomicOperation | undefined;
+  let failed = false;
+  // The first commit with messages fails 300 ms after it is issued (later ones land meanwhile); from
+  // then on every commit fails, the one that would set the checkpoint back too.
+  const kv = patchAtomic(real, (op, commit) => {
+    const enqueue = op.enqueue.bind(op);
+    op.enqueue = (...args: Parameters<Deno.AtomicOperation["enqueue"]>) => {
+      failing ??= op;
+      return enqueue(...args);
+    };
+    op.commit = async () => {
+      if (op !== failing && !failed) return await commit();
+      if (op === failing) await delay(300);
+      failed = true;
+      throw new Error("disk I/O error");
+    };
+  });
+  let stats;
+  try {
+    stats = await runBackfillSync({
+      instance: server.url,
+      kv,
+      startTimestamp: T0,
+      batchSize: 1,
+      onError: () => {},
+    });
+  } finally {
+    real.close();
+  }
+  assert.equal(stats.stopReason, "error");
+  assert.ok(stats.recordsStored > 0, String(stats.recordsStored));
+  // Nothing of the run was stored before the failed commit: the span begins at the run's start.
+  assert.ok(
+    stats.error?.endsWith(
+      `; and the queue's checkpoint, which counts the 1 record of the commits that failed, could not be set back: ` +
+        `a --resume would leave out those from the run's start, ${isoFromUs(T0)}, up to ${
+          isoFromUs(events[0].time_us)
+        }, so sync that span again`,
+    ),
+    stats.error,
+  );
 });

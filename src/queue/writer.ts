@@ -756,11 +756,15 @@ export class QueueWriter {
       this.#durable = res?.ok ? checkpoint : after.at(-1)!.checkpoint;
       if (!res?.ok) {
         const missing = all.filter((_, i) => i >= failed && !landed[i]);
-        message += `; and the queue's checkpoint, which counts the ${
-          missing.reduce((n, f) => n + f.report.records, 0)
-        } records of the commits that failed, could not be set back: a --resume would leave out those after ${
-          isoFromUs(before.cursor)
-        } up to ${isoFromUs(missing.at(-1)!.report.cursor)}, so sync that span again`;
+        const lost = missing.reduce((n, f) => n + f.report.records, 0);
+        const from = typeof startUs === "number"
+          ? `from the run's start, ${isoFromUs(startUs)},`
+          : `after ${isoFromUs(before.cursor)}`;
+        message += `; and the queue's checkpoint, which counts the ${lost} record${
+          lost === 1 ? "" : "s"
+        } of the commits that failed, could not be set back: a --resume would leave out those ${from} up to ${
+          isoFromUs(missing.at(-1)!.report.cursor)
+        }, so sync that span again`;
       }
     }
     if (after.length === 0 && stored.length > 0) this.#durable = stored.at(-1)!.checkpoint;
