@@ -43,7 +43,7 @@ import {
 } from "./pipeline/context.ts";
 import { createSelector } from "./pipeline/filter.ts";
 import { readConnection } from "./pipeline/process.ts";
-import type { Checkpoint, RecentKeys } from "./queue/kv_queue.ts";
+import { type Checkpoint, KEYS_SPAN_US, type RecentKeys } from "./queue/kv_queue.ts";
 import { isoFromUs, MIN_TIMESTAMP_US } from "./time.ts";
 
 /** The decoder for a v2 host's dictionary, fetched from it once (or the one given, if its ID matches). */
@@ -83,6 +83,18 @@ async function v2Decoder(
 /** The most times idleTimeout a connection waits after idle ends without a new event. */
 const MAX_IDLE_SCALE = 16;
 
+/**
+ * Where a resume by time takes the stream up: the checkpoint's cursor, the `time_us` of the last
+ * record stored, unless the run stored records much later than that (further than the span whose
+ * content keys the queue keeps): the last one was then an operator's import on a v2 host, shown
+ * with a display time years old (protocol doc §3.2), and the run was at its highest time, not there.
+ * (Instances' clocks differ by seconds, so a last record a little behind the highest is no import.)
+ */
+function resumePointUs(cp: Checkpoint): number {
+  const maxUs = cp.run.maxUs;
+  return maxUs !== undefined && maxUs - cp.cursor > KEYS_SPAN_US ? maxUs : cp.cursor;
+}
+
 /** The reconnect loop: one connection at a time, until a stop condition. */
 export async function consumeStream(
   ctx: RunContext,
@@ -98,7 +110,8 @@ export async function consumeStream(
   let instanceIndex = Math.max(0, resumeFrom ? o.instances.indexOf(resumeFrom.run.instance) : 0);
   let startUs = o.startUs ?? Number.NEGATIVE_INFINITY;
   // Events at or below this time_us were processed on the current instance (its cursor is inclusive).
-  let floorUs = resumeFrom && resumeFrom.run.recordsStored > 0 ? resumeFrom.cursor : -1;
+  const resumedUs = resumeFrom && resumeFrom.run.recordsStored > 0 ? resumePointUs(resumeFrom) : -1;
+  let floorUs = resumedUs;
   // The instance whose time_us the end is a time of: the one the run's first events come from (on a
   // resume, its first records; where its last came from, in a checkpoint of an older version).
   let endInstance = floorUs >= 0 ? resumeFrom!.run.firstInstance ?? resumeFrom!.run.instance : undefined;
@@ -145,7 +158,7 @@ export async function consumeStream(
       // stored. (Past the cursor plus the rewind without a record recognised, the wait ends with a
       // warning: this instance lacks them, and may lack events around the cursor.)
       startUs -= o.rewindUs;
-      awaitStored(ctx, resumeFrom!.cursor, resumeFrom!.cursor);
+      awaitStored(ctx, resumedUs, resumedUs);
       // A "connection" report, as a failover's is: the CLI says it without --verbose.
       ctx.report({
         reason: "connection",
@@ -154,7 +167,7 @@ export async function consumeStream(
         } where the queue's last record came from; time_us differ between instances, so the stream is taken up ${
           o.rewindUs / 1e6
         } s before ${
-          isoFromUs(resumeFrom!.cursor)
+          isoFromUs(resumedUs)
         } and the events stored already are recognised by content (the last ${
           recent.keys.length / 2
         } records stored are known)`,
@@ -224,7 +237,6 @@ export async function consumeStream(
   let unrewoundUs: number | undefined;
   // The instance that delivered last, the latest time_us of a selected event there (-1: none), and
   // the start its events were held to (a failover moves it back by the rewind).
-  const resumedUs = resumeFrom && resumeFrom.run.recordsStored > 0 ? resumeFrom.cursor : -1;
   let deliveredBy = resumedUs >= 0 ? resumeFrom!.run.instance : undefined;
   let selectedUs = resumedUs;
   let deliveredStartUs = startUs;

@@ -643,6 +643,40 @@ Deno.test("resuming on another v2 host (by time: seqs are not portable), new eve
   }
 });
 
+Deno.test("resuming on another v2 host after a run whose last record showed an imported display time takes the stream up where the run was, not years back", async () => {
+  // More records than the queue keeps the content keys of (RECENT_KEYS), so that a replay from the
+  // imported time would bring back records no longer recognised.
+  const N = 16_000, STOP = 14_000;
+  for (const wire of ["/subscribe", V2_PATH]) {
+    const events = capture(N);
+    events[STOP - 1] = { ...events[STOP - 1], time_us: IMPORTED_US };
+    await using db = await tempDb();
+    await using first = serveEvents(events, { version: "v2", faults: { dropEvery: STOP } });
+    const controller = new AbortController();
+    const stopped = await runBackfillSync({
+      instance: first.url.replace(/\/subscribe$/, wire),
+      kv: db.path,
+      ...ALL,
+      numRecords: 2 * N,
+      signal: controller.signal,
+      onError: (r) => r.reason === "retry" && controller.abort(),
+    });
+    assert.equal(stopped.recordsStored, STOP, wire);
+    assert.equal(stopped.latestCursor, IMPORTED_US, wire);
+    await using other = serveEvents(events, { version: "v2", seqBase: 70_000, closeAtEnd: true });
+    const second = await runBackfillSync({
+      kv: db.path,
+      resume: true,
+      instance: other.url.replace(/\/subscribe$/, wire),
+      onError: () => {},
+    });
+    assert.equal(second.stopReason, "closed", wire);
+    assert.equal(second.recordsStored, N - STOP, wire);
+    const got = await stored(db.path, second.queueLength);
+    assert.deepEqual(got.map(({ cursor: _, ...event }) => event), events, wire);
+  }
+});
+
 Deno.test("maxEventBytes on the v2 wire limits the event as stored, not the frame and its envelope", async () => {
   const events = capture(20);
   events[10] = commit(events[10].time_us, { did: did(1), text: "é".repeat(3000) });

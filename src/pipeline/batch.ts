@@ -47,6 +47,11 @@ export interface PackedMessage {
   count: number;
   /** `time_us` of the last event. */
   cursor: number;
+  /**
+   * The highest `time_us` of its events (-1 for none): after an operator's import on a v2 host, the
+   * last event's display time can be years older (protocol doc §3.2).
+   */
+  maxUs: number;
   /** The v2 server's sequence number (`cursor` field) of the last event that had one. */
   seq?: number;
   /** The instance that issued `seq` (sequence numbers are only meaningful there). */
@@ -147,6 +152,7 @@ export class Batcher {
       size: this.#overhead,
       count: 0,
       cursor: 0,
+      maxUs: -1,
       days: new Map(),
       collections: new Set(),
     };
@@ -155,6 +161,7 @@ export class Batcher {
   #note(m: PackedMessage, event: JetstreamEvent, day: string, collection: string | undefined): void {
     m.count++;
     m.cursor = event.time_us;
+    if (event.time_us > m.maxUs) m.maxUs = event.time_us;
     m.host = this.host;
     if (typeof event.cursor === "number") {
       m.seq = event.cursor;

@@ -148,6 +148,12 @@ export interface RunState {
   firstInstance?: string;
   /** The instances the run was given, in order. */
   instances?: string[];
+  /**
+   * The highest `time_us` of the records the run stored. On a v2 host it can be far later than the
+   * checkpoint's `cursor`: an operator's import gives events display times years old (protocol doc
+   * §3.2), and the last record stored may be one of them. Absent in checkpoints of older versions.
+   */
+  maxUs?: number;
   /** Server sequence cursor (v2 hosts) of the last stored record that had one. */
   seqCursor?: number;
   /** The instance that issued `seqCursor`; a sequence number is never sent to another. */

@@ -502,7 +502,7 @@ export class QueueWriter {
     op.check({ key: queueKey(q, "writer"), versionstamp: this.#lock! });
     const prev = this.#issued;
     let { cursor } = prev;
-    let { seqCursor, seqInstance, instance, firstInstance } = prev.run;
+    let { seqCursor, seqInstance, instance, firstInstance, maxUs } = prev.run;
     let records = 0;
     let last = cursor;
     const days = new Map<string, number>();
@@ -513,6 +513,7 @@ export class QueueWriter {
       for (const [d, n] of m.days) days.set(d, (days.get(d) ?? 0) + n);
       for (const c of m.collections) collections.add(c);
       cursor = m.cursor;
+      if (m.maxUs > (maxUs ?? -1)) maxUs = m.maxUs;
       // The checkpoint names the host of the last stored record, so a resume asks the right one.
       if (m.host !== undefined) instance = m.host;
       if (firstInstance === undefined && prev.run.recordsStored === 0) firstInstance = m.host;
@@ -546,6 +547,7 @@ export class QueueWriter {
         seqInstance,
         instance,
         ...(firstInstance === undefined ? {} : { firstInstance }),
+        ...(maxUs === undefined ? {} : { maxUs }),
       },
     };
     op.set(queueKey(q, "checkpoint"), checkpoint);
@@ -853,7 +855,9 @@ function packRecords(m: PackedMessage, from: number, to: number): PackedMessage 
   const days = new Map<string, number>();
   const collections = new Set<string>();
   let seq: number | undefined;
+  let maxUs = -1;
   for (const r of records) {
+    if (r.time_us > maxUs) maxUs = r.time_us;
     const d = utcDate(r.time_us);
     days.set(d, (days.get(d) ?? 0) + 1);
     if (r.kind === "commit") collections.add(r.commit.collection);
@@ -867,6 +871,7 @@ function packRecords(m: PackedMessage, from: number, to: number): PackedMessage 
     size: 0,
     count: records.length,
     cursor: records.at(-1)?.time_us ?? m.cursor,
+    maxUs: records.length > 0 ? maxUs : m.maxUs,
     days,
     collections,
     seq,
