@@ -19,7 +19,8 @@ export async function pathExists(path: string): Promise<boolean> {
     await Deno.stat(path);
     return true;
   } catch (err) {
-    if (err instanceof Deno.errors.NotFound) return false;
+    // (A file where a folder of the path should be: nothing there either.)
+    if (err instanceof Deno.errors.NotFound || err instanceof Deno.errors.NotADirectory) return false;
     throw err;
   }
 }
@@ -39,7 +40,7 @@ export async function databaseExists(path: string): Promise<boolean> {
     const info = await Deno.stat(path);
     return !info.isFile || info.size > 0;
   } catch (err) {
-    if (err instanceof Deno.errors.NotFound) return false;
+    if (err instanceof Deno.errors.NotFound || err instanceof Deno.errors.NotADirectory) return false;
     throw err;
   }
 }

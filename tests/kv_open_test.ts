@@ -165,6 +165,27 @@ Deno.test("openKvAt() names a database it cannot open, and why when it can tell"
   }
 });
 
+Deno.test("a database path through a file (not a folder) is bad input for every command, naming the file", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "jetfill-test-" });
+  try {
+    const file = `${dir}/notes.txt`;
+    await Deno.writeTextFile(file, "not a folder");
+    await assert.rejects(
+      () => openKvAt(`${file}/sub/q.sqlite`),
+      (err: unknown) =>
+        err instanceof UsageError && err.message.endsWith(`${JSON.stringify(file)} is a file, not a folder`),
+    );
+    for (const args of [["export", "--out", `${dir}/x.ndjson`], ["sync", "--max-time", "1"], ["status"]]) {
+      const r = await runCli([...args, "--kv", `${file}/q.sqlite`]);
+      assert.equal(r.code, 2, `${args[0]}: ${r.stderr}`);
+      assert.match(r.stderr, /notes\.txt/, args[0]);
+    }
+    assert.equal(await Deno.readTextFile(file), "not a folder");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 /** What SQLite plans for the statement Deno KV runs to take a message out of its ready table. */
 function dequeuePlan(path: string): string {
   const db = new DatabaseSync(path, { readOnly: true });

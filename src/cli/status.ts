@@ -177,7 +177,8 @@ export async function statusCommand(args: string[]): Promise<number> {
       );
     }
   } catch (err) {
-    if (err instanceof Deno.errors.NotFound) {
+    // (A file where a folder of the path should be: there is no such database either.)
+    if (err instanceof Deno.errors.NotFound || err instanceof Deno.errors.NotADirectory) {
       throw new UsageError(
         `Cannot show the status as the database ${
           JSON.stringify(path)

@@ -266,7 +266,19 @@ export async function openKvAt(path: string): Promise<Deno.Kv> {
   if (file !== undefined) {
     const slash = file.lastIndexOf("/");
     if (slash > 0) {
-      await Deno.mkdir(file.slice(0, slash), { recursive: true }).catch((err) => {
+      const folder = file.slice(0, slash);
+      await Deno.mkdir(folder, { recursive: true }).catch(async (err) => {
+        // A file where a folder of the path should be is the path's fault (bad input); the rest
+        // (permissions, a full disk) is the machine's.
+        const blocker = await fileOnPath(folder);
+        if (blocker !== undefined) {
+          throw new UsageError(
+            `Cannot make the folder of the Deno KV database ${JSON.stringify(path)}: ${
+              JSON.stringify(blocker)
+            } is a file, not a folder`,
+            { cause: err },
+          );
+        }
         throw new Error(
           `cannot make the folder of the Deno KV database ${JSON.stringify(path)}: ${(err as Error).message}`,
           { cause: err },
@@ -316,6 +328,15 @@ export async function openKvAt(path: string): Promise<Deno.Kv> {
     databaseFiles.set(kv, resolve(file));
   }
   return kv;
+}
+
+/** The first of `folder` and its parents that exists as something other than a folder, if any. */
+async function fileOnPath(folder: string): Promise<string | undefined> {
+  for (let at = folder; at.length > 0; at = at.slice(0, Math.max(0, at.lastIndexOf("/")))) {
+    const info = await Deno.stat(at).catch(() => undefined);
+    if (info) return info.isDirectory ? undefined : at;
+  }
+  return undefined;
 }
 
 /** The database files of the handles {@link openKvAt} opened. */
