@@ -464,6 +464,18 @@ export function instanceUrl(value: string, wire?: "v1" | "v2"): string {
     }
   }
   url.hash = "";
+  for (const key of url.searchParams.keys()) {
+    const option = OWN_PARAMS.get(key);
+    if (option !== undefined) {
+      throw new UsageError(
+        because(
+          "instance",
+          `a URL without ${key} in its query string (jetfill sets it from ${option})`,
+          value,
+        ),
+      );
+    }
+  }
   const bare = isBareInstance(text);
   const v2 = wire === "v2" || (wire === undefined && bare && V2_HOSTS.includes(url.hostname));
   if (bare || wire !== undefined) {
@@ -474,6 +486,22 @@ export function instanceUrl(value: string, wire?: "v1" | "v2"): string {
 }
 
 const HAS_SCHEME = /^[a-z][a-z0-9+.-]*:\/\//i;
+
+/**
+ * The query parameters of either wire that jetfill writes from its own options (protocol doc §1.1,
+ * §1.3), with the option to give instead: one left in an instance's URL would be replaced without
+ * a word, and the run would not select what its user asked for.
+ */
+const OWN_PARAMS = new Map<string, string>([
+  ["wantedDids", "--did / wantedDids"],
+  ["dids", "--did / wantedDids"],
+  ["wantedCollections", "--collection / wantedCollections"],
+  ["collections", "--collection / wantedCollections"],
+  ["kinds", "--kind / kinds"],
+  ["cursor", "--start / startTimestamp (or --resume)"],
+  ["compress", "--compress / compress"],
+  ["zstdDictionary", "--compress / compress (and --zstd-dictionary / zstdDictionary)"],
+]);
 
 /**
  * Whether an `instance` value names no path (a host, or a URL of just a host), so that its wire is

@@ -58,6 +58,10 @@ const BAD: [string[], RegExp][] = [
   ],
   [["sync", "--instance", "127.0.0.1:70000"], /: --instance must be a host name .*"127.0.0.1:70000"/],
   [["sync", "--instance", "ftp://x"], /: --instance must be a host name or a ws:\/\/ or wss:\/\/ URL/],
+  [
+    ["sync", "--instance", "ws://127.0.0.1:1/subscribe?wantedDids=did:plc:aaaaaaaaaaaaaaaaaaaaaaaa"],
+    /: --instance must be a URL without wantedDids in its query string \(jetfill sets it from --did \/ wantedDids\)/,
+  ],
   [["sync", "--queue-name", "a b"], /: --queue-name must be /],
   // Gone, with what it stored, when the command ends.
   [["sync", "--kv", ":memory:"], /: --kv must be a database file: current value is ":memory:"/],

@@ -88,6 +88,20 @@ Deno.test("resolveSyncOptions() names the bad value and what was expected", () =
     { instance: "127.0.0.1:70000" },
     /'instance' must be a host name or a ws:\/\/ or wss:\/\/ URL: current value is "127.0.0.1:70000"/,
   );
+  // A filter or cursor in the URL's query string would be replaced by jetfill's own without a word.
+  rejects(
+    { instance: "ws://127.0.0.1:6008/subscribe?wantedCollections=app.bsky.feed.like" },
+    /'instance' must be a URL without wantedCollections in its query string \(jetfill sets it from --collection \/ wantedCollections\): current value is "ws:/,
+  );
+  rejects(
+    {
+      instance: [
+        "ws://127.0.0.1:6008/subscribe",
+        "wss://h.example/xrpc/network.bsky.jetstream.subscribeEvents?cursor=5",
+      ],
+    },
+    /'instance' must be a URL without cursor in its query string \(jetfill sets it from --start/,
+  );
   rejects({ queueName: "../etc" }, /'queueName' must be .*"..\/etc"/);
   rejects({ batchSize: "100" }, /'batchSize' must be a positive integer: current value is "100"/);
   rejects({ bogus: 1 }, /'bogus' is not an option of runBackfillSync\(\)$/);
