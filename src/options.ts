@@ -637,6 +637,16 @@ export function resolveSyncOptions(options: BackfillSyncOptions = {}): ResolvedS
       }`,
     );
   }
+  const maxTimeS = o.maxTime ?? 900;
+  if (startUs !== undefined && !o.resume && startUs > Date.now() * 1000 + maxTimeS * 1e6) {
+    // Jetstream sends the live stream for a cursor in the future: the run would wait out its maxTime
+    // and store nothing (a mistyped year, most likely).
+    throw new UsageError(
+      `Cannot sync as 'startTimestamp' must be before the run's time limit (maxTime, --max-time: ${maxTimeS} s) is over: current value is ${
+        isoFromUs(startUs)
+      }, later than that, so no event could be stored`,
+    );
+  }
   const given = o.instance === undefined
     ? [PUBLIC_INSTANCES[0]]
     : typeof o.instance === "string"
@@ -677,7 +687,7 @@ export function resolveSyncOptions(options: BackfillSyncOptions = {}): ResolvedS
     endUs,
     numRecords: o.numRecords ?? 10_000,
     instances,
-    maxTimeMs: (o.maxTime ?? 900) * 1000,
+    maxTimeMs: maxTimeS * 1000,
     queueName: o.queueName ?? "jetstream_sync",
     batchSize: o.batchSize ?? 100,
     compress: o.compress ?? false,

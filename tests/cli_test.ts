@@ -62,6 +62,10 @@ const BAD: [string[], RegExp][] = [
     ["sync", "--instance", "ws://127.0.0.1:1/subscribe?wantedDids=did:plc:aaaaaaaaaaaaaaaaaaaaaaaa"],
     /: --instance must be a URL without wantedDids in its query string \(jetfill sets it from --did \/ wantedDids\)/,
   ],
+  [
+    ["sync", "--start", "2062-01-01"],
+    /: --start must be before the run's time limit \(maxTime, --max-time: 900 s\)/,
+  ],
   [["sync", "--queue-name", "a b"], /: --queue-name must be /],
   // Gone, with what it stored, when the command ends.
   [["sync", "--kv", ":memory:"], /: --kv must be a database file: current value is ":memory:"/],
