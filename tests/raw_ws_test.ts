@@ -844,8 +844,37 @@ Deno.test("`openRawConnection()` gives up on a TLS handshake that gets no answer
   const url = `wss://127.0.0.1:${(listener.addr as Deno.NetAddr).port}/subscribe`;
   const err = await openRawConnection(url, { idleTimeoutMs: 300 }).catch((e: unknown) => e);
   assert.ok(err instanceof ConnectError, String(err));
-  assert.match(err.message, /no answer within 0\.3 s/);
+  // A plain server given as wss:// (a bare host:port means wss://) is the likely cause: said so.
+  const port = (listener.addr as Deno.NetAddr).port;
+  assert.match(
+    err.message,
+    new RegExp(
+      `no answer to the TLS handshake within 0\\.3 s; if this server speaks plain WebSocket, give ws://127\\.0\\.0\\.1:${port}/subscribe$`,
+    ),
+  );
   (await accepted).close();
+});
+
+Deno.test("`openRawConnection()` says a TLS handshake answered in plain HTTP may be a plain server's", async () => {
+  using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = (listener.addr as Deno.NetAddr).port;
+  const serving = (async () => {
+    const conn = await listener.accept();
+    await conn.read(new Uint8Array(4096));
+    await conn.write(new TextEncoder().encode("HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n"));
+    conn.close();
+  })();
+  const err = await openRawConnection(`wss://127.0.0.1:${port}/subscribe`, { idleTimeoutMs: 5000 }).catch((
+    e: unknown,
+  ) => e);
+  await serving;
+  assert.ok(err instanceof ConnectError, String(err));
+  assert.match(
+    err.message,
+    new RegExp(
+      `TLS handshake failed: .*; if this server speaks plain WebSocket, give ws://127\\.0\\.0\\.1:${port}/subscribe$`,
+    ),
+  );
 });
 
 Deno.test("`openRawConnection()` sends `hello` and offers `protocols`", async () => {

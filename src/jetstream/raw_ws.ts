@@ -985,7 +985,19 @@ export async function openRawConnection(
     if (conn) closeQuietly(conn);
     rejectCut(new Error(why));
   };
-  const timer = setTimeout(() => cut(`no answer within ${limit / 1000} s`), limit);
+  // Set while the TLS handshake runs: a server that speaks plain WebSocket given as wss:// (a bare
+  // host:port means wss://) never answers it, or answers in plain text.
+  let inTls = false;
+  const plainHint = `; if this server speaks plain WebSocket, give ws://${target.host}${target.pathname}`;
+  const timer = setTimeout(
+    () =>
+      cut(
+        inTls
+          ? `no answer to the TLS handshake within ${limit / 1000} s${plainHint}`
+          : `no answer within ${limit / 1000} s`,
+      ),
+    limit,
+  );
   const onAbort = (): void => cut("aborted");
   signal?.addEventListener("abort", onAbort, { once: true });
   try {
@@ -1009,7 +1021,22 @@ export async function openRawConnection(
       tls.then((c) => {
         if (failure !== undefined) closeQuietly(c);
       }, () => {});
-      conn = await Promise.race([tls, cutShort]);
+      const tlsConn = await Promise.race([tls, cutShort]);
+      conn = tlsConn;
+      inTls = true;
+      try {
+        await Promise.race([tlsConn.handshake(), cutShort]);
+      } catch (err) {
+        const message = (err as Error)?.message || String(err);
+        // Bytes that are not TLS at all: most likely an HTTP answer from a plain server.
+        throw new Error(
+          failure ??
+            `TLS handshake failed: ${message}${
+              /corrupt|InvalidContentType|eof/i.test(message) ? plainHint : ""
+            }`,
+        );
+      }
+      inTls = false;
     }
 
     const key = encodeBase64(crypto.getRandomValues(new Uint8Array(16)));
