@@ -80,6 +80,12 @@ async function v2Decoder(
   return ctx.v2Dictionary;
 }
 
+/**
+ * A resolver's answer that the name does not exist (getaddrinfo's EAI_NONAME, in glibc's and macOS's
+ * words), not that it could not ask ("Temporary failure in name resolution", which is retried).
+ */
+const NO_SUCH_HOST = /Name or service not known|nodename nor servname provided/i;
+
 /** The most times idleTimeout a connection waits after idle ends without a new event. */
 const MAX_IDLE_SCALE = 16;
 
@@ -286,8 +292,18 @@ export async function consumeStream(
     }
   };
 
+  // The instances whose host name did not resolve, before any connection.
+  const unresolved = new Set<string>();
   /** Counts a failed attempt and waits out its backoff, failing over on the way; false: give up. */
   const failedAttempt = async (base: string, message: string): Promise<boolean> => {
+    if (connections === 0 && stats.recordsStored === 0 && NO_SUCH_HOST.test(message)) {
+      // A host name that does not resolve before anything came is the user's to fix (a typo), not a
+      // server to wait for: once every instance given is such a name, the run stops as for bad input.
+      unresolved.add(base);
+      if (o.instances.every((i) => unresolved.has(i))) {
+        throw new UsageError(`${message} (no such host: check --instance / instance)`);
+      }
+    }
     failures++;
     lastFailure = message;
     connecting = undefined;
