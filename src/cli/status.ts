@@ -15,7 +15,8 @@ const HELP = `Usage: jetfill status [options]
 
 Show a queue's checkpoint (last cursor and its UTC time), the messages and records enqueued,
 handled, waiting and dead-lettered, the records stored per UTC day, and the last run's options
-and statistics. Status only reads (but adds the queue indexes to a database without them); but
+and statistics. Status only reads (but adds the queue indexes to a database without them), yet
+needs write access to the file and its folder, as Deno KV opens every database for writing; and
 like any opening of the database, it lets KV requeue messages that a consumer has held past KV's
 5 s deadline (they are then delivered again).
 
