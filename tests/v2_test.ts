@@ -208,6 +208,42 @@ Deno.test("the v2 wire measures a clamped start from where history begins, not f
   assert.ok(syncConnections(server).every((c) => c.params.wantedDids.includes(did(5))));
 });
 
+Deno.test("a v2 host whose oldest event is an operator's import: its history start is the next event's time, on both wires, and --strict refuses a start before it", async () => {
+  for (const wire of ["/subscribe", V2_PATH]) {
+    const events = capture();
+    // The history begins at events[100] (seq 1101), an import shown years back.
+    events[100] = { ...events[100], time_us: IMPORTED_US };
+    await using server = serveEvents(events, { version: "v2", closeAtEnd: true, lookbackFloorSeq: 1101 });
+    await using db = await tempDb();
+    const instance = server.url.replace(/\/subscribe$/, wire);
+    const stats = await runBackfillSync({
+      instance,
+      kv: db.path,
+      startTimestamp: T0,
+      ...ALL,
+      onError: () => {},
+    });
+    assert.equal(stats.startClamped, true, wire);
+    assert.equal(stats.coverageStart, events[101].time_us, wire);
+    await assert.rejects(
+      () => runBackfillSync({ instance, kv: db.path, queueName: "strict", startTimestamp: T0, strict: true }),
+      (err: unknown) => err instanceof UsageError && /refused by --strict \/ strict: true/.test(err.message),
+      wire,
+    );
+    // A start within the history is covered, and said to be.
+    const within = await runBackfillSync({
+      instance,
+      kv: db.path,
+      queueName: "within",
+      startTimestamp: events[300].time_us,
+      strict: true,
+      ...ALL,
+    });
+    assert.equal(within.startClamped, false, wire);
+    assert.equal(within.coverageStart, events[101].time_us, wire);
+  }
+});
+
 Deno.test("the v2 wire takes 10,000 DIDs in its URL on every connection", async () => {
   const events = capture();
   // The capture's nine DIDs among 10,000: the most a run takes, all of them in each URL.

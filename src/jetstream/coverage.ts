@@ -3,7 +3,8 @@
  * is silently moved forward (protocol doc §1.1, §1.2), so a sync asked for last week would get
  * today's data and not know it. A short probe finds out first: `cursor=0` replays from the oldest
  * event the server holds (legacy: every key sorts after "0"; v2: seq 0 is floored to the oldest
- * available), and the first event's `time_us` is where coverage starts. On the v2 wire
+ * available), and the first event's `time_us` is where coverage starts (on a v2 host, the first one that is
+ * no operator's import: see oldestOf). On the v2 wire
  * (`subscribeEvents`), a time cursor older than the history does the same. On a v2 host the first
  * event's sequence `cursor` is where its history begins too, which is what counts for a resume by
  * seq: there `time_us` is a display time, years old after an operator's import (protocol doc §3.2).
@@ -48,7 +49,7 @@ export async function probeCoverageStart(
   options: ProbeOptions = {},
 ): Promise<HistoryStart | null> {
   const { url } = buildSubscribeRequest(base, { wantedDids: [], wantedCollections: [], cursor: 0 });
-  return await firstOf(await probe(url, options), (frame) => {
+  return await oldestOf(await probe(url, options), (frame) => {
     // The first event a sync would take too: a frame it skips says nothing of the history.
     if (shapeProblem(frame) !== undefined) return undefined;
     const { time_us: t, cursor } = frame as { time_us: number; cursor?: unknown };
@@ -82,7 +83,7 @@ export async function probeV2HistoryStart(
     wantedCollections: [],
     cursor: MIN_TIMESTAMP_US,
   });
-  return await firstOf(await probe(url, options, [V2_SUBPROTOCOL]), (frame) => {
+  return await oldestOf(await probe(url, options, [V2_SUBPROTOCOL]), (frame) => {
     const m = mapV2Frame(frame);
     if (m.type !== "event" || shapeProblem(m.event) !== undefined) return undefined;
     return { us: m.event.time_us, seq: seqOf(m.event.cursor) };
@@ -113,13 +114,33 @@ async function probe(url: string, options: ProbeOptions, protocols?: string[]): 
   return conn;
 }
 
+/** How many events, among those read with the oldest, a v2 host's history start is judged by. */
+const DISPLAY_TIME_SAMPLE = 64;
+
 /**
- * Reads `conn` until `pick` returns something other than undefined for a parsed text frame, closes
- * it, and returns that (null when the connection ended first).
+ * A display time this far before the latest of the events read with it is an operator's import:
+ * those events were all witnessed within moments of each other.
  */
-async function firstOf<T>(conn: Connection, pick: (frame: unknown) => T | undefined): Promise<T | null> {
+const IMPORT_GAP_US = 3_600_000_000;
+
+/**
+ * Reads `conn` until `pick` returns a history start for a parsed text frame, closes it, and returns
+ * that (null when the connection ended first).
+ *
+ * On a v2 host (events that carry a seq), `time_us` is a display time, which an operator's import
+ * sets years back (protocol doc §3.2): an oldest event that is an import would make the history
+ * seem to reach back years. So the events read together with it are looked at too (up to
+ * {@link DISPLAY_TIME_SAMPLE}): an oldest event shown more than an hour before the latest of them is
+ * an import, and the history start is the time of the first of them that is not (within that hour
+ * of the latest), which was witnessed right after it. Its seq stays the oldest event's.
+ */
+async function oldestOf(
+  conn: Connection,
+  pick: (frame: unknown) => HistoryStart | undefined,
+): Promise<HistoryStart | null> {
   try {
     for (let frames = await conn.next(); frames; frames = await conn.next()) {
+      const sample: HistoryStart[] = [];
       for (const frame of frames) {
         if (typeof frame !== "string") continue;
         let parsed: unknown;
@@ -130,8 +151,16 @@ async function firstOf<T>(conn: Connection, pick: (frame: unknown) => T | undefi
         }
         if (typeof parsed !== "object" || parsed === null) continue;
         const picked = pick(parsed);
-        if (picked !== undefined) return picked;
+        if (picked === undefined) continue;
+        // A legacy host's time_us is its own clock: the first event says it all.
+        if (picked.seq === undefined && sample.length === 0) return picked;
+        sample.push(picked);
+        if (sample.length >= DISPLAY_TIME_SAMPLE) break;
       }
+      if (sample.length === 0) continue;
+      const latest = Math.max(...sample.map((e) => e.us));
+      const witnessed = sample.find((e) => e.us >= latest - IMPORT_GAP_US)!;
+      return { us: witnessed.us, seq: sample[0].seq };
     }
     return null;
   } finally {
