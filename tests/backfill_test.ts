@@ -1237,8 +1237,13 @@ Deno.test("runBackfillSync() whose kv folder cannot be made says which database 
     const path = `${file}/sub/q.sqlite`;
     await assert.rejects(
       () => runBackfillSync({ kv: path, instance: "ws://127.0.0.1:1/subscribe" }),
+      // A file where a folder should be: the path's fault, bad input, naming both.
       (err: Error) =>
-        err.message.startsWith(`cannot make the folder of the Deno KV database ${JSON.stringify(path)}: `),
+        err instanceof UsageError &&
+        err.message ===
+          `Cannot make the folder of the Deno KV database ${JSON.stringify(path)}: ${
+            JSON.stringify(file)
+          } is a file, not a folder`,
     );
   } finally {
     await Deno.remove(file);
