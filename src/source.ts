@@ -342,6 +342,51 @@ export async function consumeStream(
   // For each v2 host, the seq to resume from whose loss a probe last reported: a CursorTooOld for
   // that same seq is then no news, any other is (the window moved after a probe found it whole).
   const seqLossReported = new Map<string, number>();
+  // A connection taken up by seq whose first event came later than the seq asked for: the host no
+  // longer holds it (a v2 server's /subscribe clamps such a cursor without a word, protocol doc §1.2).
+  // A probe beside the stream finds where its history begins now and reports the seqs lost, as the
+  // probe before a connection does (a strict run stops).
+  let seqProbe: Promise<void> | undefined;
+  ctx.onSeqClamped = (base, seqFrom) => {
+    if (seqLossReported.get(base) === seqFrom || seqProbe !== undefined) return;
+    seqLossReported.set(base, seqFrom);
+    const lost = `it no longer holds seq ${
+      seqFrom - 1
+    }, asked for on reconnecting, so seqs from ${seqFrom} on may be lost`;
+    // Not cut short by the run's stop: its stream may end before the probe has answered, and what it
+    // finds is said all the same (only the user's abort ends it).
+    const probeOptions = { timeoutMs: Math.min(PROBE_TIMEOUT_MS, o.idleTimeoutMs), signal: options.signal };
+    seqProbe = (async () => {
+      let oldest: HistoryStart | null;
+      try {
+        oldest = isV2Url(base)
+          ? await probeV2HistoryStart(base, probeOptions)
+          : await probeCoverageStart(base, probeOptions);
+      } catch (err) {
+        if (options.signal?.aborted) return;
+        const why = `could not find where ${new URL(base).host}'s history begins: ${(err as Error).message}`;
+        coverageUnknown(ctx, base, `${why}; ${lost}`);
+        return;
+      }
+      if (oldest === null) {
+        coverageUnknown(
+          ctx,
+          base,
+          `${new URL(base).host} sent no event when asked for all it holds; ${lost}`,
+        );
+      } else if (oldest.seq !== undefined && oldest.seq > seqFrom) {
+        coverageSeqGap(ctx, base, seqFrom, oldest.seq, oldest.us);
+      }
+    })().catch((err) => {
+      // A strict run's refusal, thrown where nothing was stored yet: here the run is under way.
+      ctx.error ??= err instanceof Error ? err.message : String(err);
+      stopWith(ctx, "error");
+    }).finally(() => {
+      // A strict run stopped by what the probe found, after the stream had ended for another reason.
+      if (ctx.error !== undefined && o.strict && ctx.stop !== undefined) ctx.stop = "error";
+      seqProbe = undefined;
+    });
+  };
 
   while (!ctx.stop) {
     const base = o.instances[instanceIndex];
@@ -480,6 +525,7 @@ export async function consumeStream(
       floorUs: sessionFloor,
       floorKnown,
       seqFloor: bySeq ? seq.floor : -1,
+      askedSeq: bySeq && !seq.fromOldest ? seq.floor : undefined,
       startUs: sessionFloor < 0 && tailBeganUs !== undefined
         ? Math.max(startUs, tailBeganUs - o.rewindUs)
         : startUs,
@@ -624,6 +670,8 @@ export async function consumeStream(
       await delay(backoffDelay(Math.max(1, failures)), ctx.internal.signal);
     }
   }
+  // What a probe beside the stream finds is part of the run's outcome.
+  await seqProbe;
   if (
     ctx.stop === "max_time" && connections === 0 && !ctx.probeAnswered &&
     (lastFailure !== undefined || connecting !== undefined)

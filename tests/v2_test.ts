@@ -559,6 +559,43 @@ Deno.test("a v2 host whose window moves on between the probe that found the resu
   );
 });
 
+Deno.test("a v2 server's /subscribe that clamps a reconnect's seq cursor without a word: the seqs lost are reported, and --strict stops", async () => {
+  for (const strict of [false, true]) {
+    const events = capture();
+    await using db = await tempDb();
+    // One host address: the server of the first connections drops after 150 events; the one after
+    // it no longer holds seqs before 1300, and (as the v2 server's /subscribe does) clamps silently.
+    await using first = serveEvents(events, { version: "v2", faults: { dropEvery: 150 } });
+    await using moved = serveEvents(events, { version: "v2", closeAtEnd: true, lookbackFloorSeq: 1300 });
+    const portOf = (server: { url: string }) => Number(new URL(server.url).port);
+    // The coverage probe and the first sync connection reach the first server.
+    await using relay = tcpRelay((n) => n <= 2 ? portOf(first) : portOf(moved));
+    const { stats, reports } = await syncReporting({
+      instance: `ws://127.0.0.1:${relay.port}/subscribe`,
+      kv: db.path,
+      ...ALL,
+      startTimestamp: T0,
+      strict,
+    });
+    const gaps = reports.filter((r) => r.reason === "coverage");
+    const said =
+      /only holds events from seq 1300 on; the point to resume from, seq 1151, is 149 seqs earlier/;
+    if (strict) {
+      assert.equal(stats.stopReason, "error");
+      assert.match(stats.error ?? "", said);
+    } else {
+      assert.equal(gaps.length, 1, JSON.stringify(reports));
+      assert.match(gaps[0].message, said);
+      assert.equal(stats.stopReason, "closed");
+      const got = await stored(db.path, stats.queueLength);
+      assert.deepEqual(
+        got.map((e) => e.cursor),
+        events.map((_, i) => 1001 + i).filter((s) => s <= 1150 || s >= 1300),
+      );
+    }
+  }
+});
+
 /** 2024-04-24T23:06:40.002255Z: a display time an operator's import gave an event (protocol doc §3.2). */
 const IMPORTED_US = 1714000000002255;
 

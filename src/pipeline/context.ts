@@ -30,6 +30,11 @@ export interface Session {
   floorKnown: boolean;
   /** seq already processed on this instance, or -1. */
   seqFloor: number;
+  /**
+   * The seq this connection asked for (its cursor), when it was taken up by seq from the last one
+   * processed: a host that still holds it sends it again first (the cursor is inclusive).
+   */
+  askedSeq?: number;
   /** Events before this time_us are before the window (the start, or a little earlier: see consumeStream). */
   startUs: number;
   /** An error frame came: the close that follows is not the end of the stream. */
@@ -139,6 +144,12 @@ export interface RunContext {
    * answer, even with no sync connection yet (a quiet server), and is not one that never connected.
    */
   probeAnswered: boolean;
+  /**
+   * Called when a connection taken up by seq (see Session.askedSeq) got a later seq first: the host
+   * no longer holds the one asked for, and a v2 server's `/subscribe` clamps such a cursor without a
+   * word (protocol doc §1.2). `seqFrom` is the first seq still needed.
+   */
+  onSeqClamped?: (base: string, seqFrom: number) => void;
   /**
    * Set while a connection is read: starts its closing handshake (unless the connection is ending
    * already), whose end the run then waits for, storing what the server sent before it saw the

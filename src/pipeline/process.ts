@@ -223,6 +223,7 @@ export async function readConnection(
     ctx.report({ reason, message, instance: session.base });
   };
   let mismatches = 0;
+  let askedSeq = session.askedSeq;
   // On a v2 host: whether an event at or after the time floor has come (on this connection, or,
   // taken up by seq, on the host since it was taken up by time: see SeqState.floorReached).
   let reachedFloor = seqFloor >= 0 && seq.floorReached !== false;
@@ -374,6 +375,11 @@ export async function readConnection(
         // replays from before the requested cursor (bluesky-social/jetstream#343).
         const evSeq = (ev as { cursor?: unknown }).cursor;
         if (typeof evSeq === "number") {
+          if (askedSeq !== undefined) {
+            // The first event by seq: the one asked for, unless the host no longer holds it.
+            if (evSeq > askedSeq) ctx.onSeqClamped?.(base, askedSeq + 1);
+            askedSeq = undefined;
+          }
           // A v2 host: its seq orders events; time_us may not (protocol doc §3.2).
           if (evSeq <= seqFloor) {
             stats.duplicatesDropped++;
