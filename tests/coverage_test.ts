@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
 import { V2_SUBSCRIBE_PATH } from "../src/jetstream/v2.ts";
+import { probeCoverageStart } from "../src/jetstream/coverage.ts";
 import { runBackfillSync } from "../src/backfill.ts";
 import { UsageError } from "../src/errors.ts";
 import type { SyncErrorReport, SyncStats } from "../src/stats.ts";
@@ -396,4 +397,31 @@ Deno.test("a v2 host whose oldest event is an import still has its OutdatedCurso
     () => runBackfillSync({ ...options, kv: strictDb.path, strict: true }),
     (err: unknown) => err instanceof UsageError && err.message.includes("(OutdatedCursor)"),
   );
+});
+
+Deno.test("probeCoverageStart() on a v2 host waits a moment for more events than the oldest, and takes an import's display time for none", async () => {
+  // The oldest event (seq 7), an import shown a year back, comes alone; the next ones 30 ms later,
+  // as separate reads. Legacy events (no seq) are judged by the first alone.
+  const year = 365 * 86_400_000_000;
+  const frames = (seq: number, us: number) => JSON.stringify({ ...commit(us, { text: "x" }), cursor: seq });
+  const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, (request) => {
+    const { socket, response } = Deno.upgradeWebSocket(request);
+    const legacy = new URL(request.url).searchParams.has("legacy");
+    socket.onopen = () => {
+      socket.send(legacy ? JSON.stringify(commit(T0 - year, { text: "x" })) : frames(7, T0 - year));
+      setTimeout(() => {
+        for (let i = 1; i <= 5; i++) {
+          socket.send(legacy ? JSON.stringify(commit(T0 + i, { text: "x" })) : frames(7 + i, T0 + i));
+        }
+      }, 30);
+    };
+    return response;
+  });
+  try {
+    const base = `ws://127.0.0.1:${server.addr.port}/subscribe`;
+    assert.deepEqual(await probeCoverageStart(base), { us: T0 + 1, seq: 7 });
+    assert.deepEqual(await probeCoverageStart(`${base}?legacy`), { us: T0 - year, seq: undefined });
+  } finally {
+    await server.shutdown();
+  }
 });

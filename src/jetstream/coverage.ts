@@ -11,7 +11,7 @@
  *
  * @module
  */
-import { type Connection, openConnection } from "./socket.ts";
+import { type Connection, type Frame, openConnection } from "./socket.ts";
 import { buildSubscribeRequest } from "./url.ts";
 import { buildV2Url, mapV2Frame, V2_SUBPROTOCOL } from "./v2.ts";
 import { MIN_TIMESTAMP_US } from "../time.ts";
@@ -138,9 +138,13 @@ async function oldestOf(
   conn: Connection,
   pick: (frame: unknown) => HistoryStart | undefined,
 ): Promise<HistoryStart | null> {
+  const sample: HistoryStart[] = [];
+  // Once the oldest event has come: until when more are waited for.
+  let deadline = Number.POSITIVE_INFINITY;
   try {
-    for (let frames = await conn.next(); frames; frames = await conn.next()) {
-      const sample: HistoryStart[] = [];
+    for (;;) {
+      const frames = await nextBefore(conn, deadline);
+      if (!frames) break;
       for (const frame of frames) {
         if (typeof frame !== "string") continue;
         let parsed: unknown;
@@ -154,17 +158,40 @@ async function oldestOf(
         if (picked === undefined) continue;
         // A legacy host's time_us is its own clock: the first event says it all.
         if (picked.seq === undefined && sample.length === 0) return picked;
+        if (sample.length === 0) deadline = performance.now() + SAMPLE_WAIT_MS;
         sample.push(picked);
         if (sample.length >= DISPLAY_TIME_SAMPLE) break;
       }
-      if (sample.length === 0) continue;
-      const latest = Math.max(...sample.map((e) => e.us));
-      const witnessed = sample.find((e) => e.us >= latest - IMPORT_GAP_US)!;
-      return { us: witnessed.us, seq: sample[0].seq };
+      if (sample.length >= DISPLAY_TIME_SAMPLE) break;
     }
-    return null;
+    if (sample.length === 0) return null;
+    const latest = Math.max(...sample.map((e) => e.us));
+    const witnessed = sample.find((e) => e.us >= latest - IMPORT_GAP_US)!;
+    return { us: witnessed.us, seq: sample[0].seq };
   } finally {
     conn.close();
     await conn.closed();
+  }
+}
+
+/**
+ * How long a probe on a v2 host waits for the rest of its sample once the oldest event has come, ms:
+ * a host replaying from its oldest event sends them at once, unless it holds fewer.
+ */
+const SAMPLE_WAIT_MS = 250;
+
+/** The next frames of `conn`, or null when it ended or `deadline` (`performance.now()`) passed first. */
+async function nextBefore(conn: Connection, deadline: number): Promise<Frame[] | null> {
+  const next = conn.next();
+  if (deadline === Number.POSITIVE_INFINITY) return await next;
+  next.catch(() => {});
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const late = new Promise<null>((resolve) =>
+    timer = setTimeout(() => resolve(null), Math.max(0, deadline - performance.now()))
+  );
+  try {
+    return await Promise.race([next, late]);
+  } finally {
+    clearTimeout(timer);
   }
 }
