@@ -425,3 +425,24 @@ Deno.test("probeCoverageStart() on a v2 host waits a moment for more events than
     await server.shutdown();
   }
 });
+
+Deno.test("a quiet v2 host, its events hours apart, is not taken for one whose oldest event is an import", async () => {
+  // One event every 2 hours, all shown when witnessed: the start at the oldest is covered, on both wires.
+  const H = 3_600_000_000;
+  const first = Date.now() * 1000 - 80 * H;
+  const events = Array.from({ length: 40 }, (_, i) => commit(first + i * 2 * H, { text: `p${i}` }));
+  await using server = serveEvents(events, { version: "v2", closeAtEnd: true });
+  assert.deepEqual(await probeCoverageStart(server.url), { us: first, seq: 1001 });
+  for (const wire of ["/subscribe", V2_SUBSCRIBE_PATH]) {
+    await using db = await tempDb();
+    const stats = await runBackfillSync({
+      instance: server.url.replace(/\/subscribe$/, wire),
+      kv: db.path,
+      startTimestamp: first,
+      strict: true,
+    });
+    assert.equal(stats.recordsStored, 40, wire);
+    assert.equal(stats.startClamped, false, wire);
+    assert.equal(stats.coverageStart, first, wire);
+  }
+});

@@ -118,10 +118,12 @@ async function probe(url: string, options: ProbeOptions, protocols?: string[]): 
 const DISPLAY_TIME_SAMPLE = 64;
 
 /**
- * A display time this far before the latest of the events read with it is an operator's import:
- * those events were all witnessed within moments of each other.
+ * A display time this far before the latest of the events read with it is an operator's import
+ * (those shown years back, as the records' own times): a v2 host keeps a few days of history at most
+ * (a lookback of 36 h by default, protocol doc §1.2), so that many events of its oldest are never
+ * this far apart, however quiet it is.
  */
-const IMPORT_GAP_US = 3_600_000_000;
+const IMPORT_GAP_US = 7 * 86_400_000_000;
 
 /**
  * Reads `conn` until `pick` returns a history start for a parsed text frame, closes it, and returns
@@ -130,9 +132,10 @@ const IMPORT_GAP_US = 3_600_000_000;
  * On a v2 host (events that carry a seq), `time_us` is a display time, which an operator's import
  * sets years back (protocol doc §3.2): an oldest event that is an import would make the history
  * seem to reach back years. So the events read together with it are looked at too (up to
- * {@link DISPLAY_TIME_SAMPLE}): an oldest event shown more than an hour before the latest of them is
- * an import, and the history start is the time of the first of them that is not (within that hour
- * of the latest), which was witnessed right after it. Its seq stays the oldest event's.
+ * {@link DISPLAY_TIME_SAMPLE}): an oldest event shown more than a week ({@link IMPORT_GAP_US}) before
+ * the latest of them is an import, and the history start is the time of the first of them that is
+ * not (within that week of the latest), which was witnessed right after it. Its seq stays the oldest
+ * event's. (An import of records only days old goes unseen: its display time is taken as the start.)
  */
 async function oldestOf(
   conn: Connection,
