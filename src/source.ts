@@ -82,7 +82,7 @@ async function v2Decoder(
 
 /**
  * A resolver's answer that the name does not exist (getaddrinfo's EAI_NONAME, in glibc's and macOS's
- * words), not that it could not ask ("Temporary failure in name resolution", which is retried).
+ * words), not that it could not ask ("Temporary failure in name resolution").
  */
 const NO_SUCH_HOST = /Name or service not known|nodename nor servname provided/i;
 
@@ -292,18 +292,13 @@ export async function consumeStream(
     }
   };
 
-  // The instances whose host name did not resolve, before any connection.
-  const unresolved = new Set<string>();
   /** Counts a failed attempt and waits out its backoff, failing over on the way; false: give up. */
-  const failedAttempt = async (base: string, message: string): Promise<boolean> => {
-    if (connections === 0 && stats.recordsStored === 0 && NO_SUCH_HOST.test(message)) {
-      // A host name that does not resolve before anything came is the user's to fix (a typo), not a
-      // server to wait for: once every instance given is such a name, the run stops as for bad input.
-      unresolved.add(base);
-      if (o.instances.every((i) => unresolved.has(i))) {
-        throw new UsageError(`${message} (no such host: check --instance / instance)`);
-      }
-    }
+  const failedAttempt = async (base: string, failure: string): Promise<boolean> => {
+    // A name the resolver says does not exist: most likely a typo, but also a machine without its
+    // network, or a service name not up yet; so it is retried like any failure, and said at once.
+    const message = NO_SUCH_HOST.test(failure)
+      ? `${failure} (no such host: check --instance / instance, or this machine's network)`
+      : failure;
     failures++;
     lastFailure = message;
     connecting = undefined;
