@@ -492,6 +492,30 @@ const HAS_SCHEME = /^[a-z][a-z0-9+.-]*:\/\//i;
  * §1.3), with the option to give instead: one left in an instance's URL would be replaced without
  * a word, and the run would not select what its user asked for.
  */
+/**
+ * `url` without the query parameters jetfill writes itself (see {@link OWN_PARAMS}); `url` itself when
+ * it has none of them (or is not a URL). Versions before 2026-12-01 kept an instance's query string
+ * as given, and a resume takes the instances its checkpoint names.
+ *
+ * @example
+ * ```ts
+ * import { withoutOwnParams } from "./options.ts";
+ * withoutOwnParams("ws://127.0.0.1:6008/subscribe?wantedCollections=app.bsky.feed.post"); // "ws://127.0.0.1:6008/subscribe"
+ * ```
+ */
+export function withoutOwnParams(url: string): string {
+  let parsed: URL;
+  try {
+    parsed = new URL(url);
+  } catch {
+    return url;
+  }
+  const own = [...new Set(parsed.searchParams.keys())].filter((k) => OWN_PARAMS.has(k));
+  if (own.length === 0) return url;
+  for (const key of own) parsed.searchParams.delete(key);
+  return parsed.toString();
+}
+
 const OWN_PARAMS = new Map<string, string>([
   ["wantedDids", "--did / wantedDids"],
   ["dids", "--did / wantedDids"],

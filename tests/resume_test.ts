@@ -456,3 +456,38 @@ Deno.test("a resume takes the stream up the rewind before its cursor, so an even
   const byTime = (list: { time_us: number }[]) => list.map((e) => e.time_us).sort((a, b) => a - b);
   assert.deepEqual(byTime(await queueEvents(db.path)), byTime(events));
 });
+
+Deno.test("a queue whose checkpoint names its instance with a query string (as versions before 2026-12-01 kept it) resumes as it did", async () => {
+  const events = Array.from(
+    { length: 100 },
+    (_, i) => commit(T0 + i * 1000, { did: did(i % 9), rkey: `r${i}` }),
+  );
+  await using server = serveEvents(events, { closeAtEnd: true, faults: { dropEvery: 40 } });
+  await using db = await tempDb();
+  const controller = new AbortController();
+  const first = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    startTimestamp: T0,
+    batchSize: 1,
+    signal: controller.signal,
+    onError: (r) => r.reason === "retry" && controller.abort(),
+  });
+  assert.equal(first.recordsStored, 40);
+  // What an older version wrote: the URL as given, with the filter the run replaced on connecting.
+  const asGiven = `${server.url}?wantedCollections=app.bsky.feed.post`;
+  const kv = await Deno.openKv(db.path);
+  const key = ["jetfill", "jetstream_sync", "checkpoint"];
+  const stored = (await kv.get<{ run: Record<string, unknown> }>(key)).value!;
+  await kv.set(key, {
+    ...stored,
+    run: { ...stored.run, instance: asGiven, firstInstance: asGiven, instances: [asGiven] },
+  });
+  assert.equal((await readCheckpoint(kv, "jetstream_sync")).value?.run.instance, server.url);
+  kv.close();
+  const resumed = await runBackfillSync({ kv: db.path, resume: true, onError: () => {} });
+  assert.equal(resumed.stopReason, "closed", resumed.error);
+  assert.equal(resumed.recordsStored, 60);
+  const byTime = (list: { time_us: number }[]) => list.map((e) => e.time_us).sort((a, b) => a - b);
+  assert.deepEqual(byTime(await queueEvents(db.path)), byTime(events));
+});

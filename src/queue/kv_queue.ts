@@ -22,7 +22,7 @@ import { fileURLToPath } from "node:url";
 import { basename, dirname, join, resolve } from "node:path";
 import { show, UsageError } from "../errors.ts";
 import { delay } from "../async.ts";
-import { QUEUE_NAME, QUEUE_NAME_RULE } from "../options.ts";
+import { QUEUE_NAME, QUEUE_NAME_RULE, withoutOwnParams } from "../options.ts";
 
 /** The state a queue keeps about what it holds; written in the same commit as the messages. */
 export interface Checkpoint {
@@ -691,7 +691,17 @@ export function counterValue(entry: Deno.KvEntryMaybe<unknown>): number {
 
 /** Reads a queue's checkpoint. */
 export async function readCheckpoint(kv: Deno.Kv, queue: string): Promise<Deno.KvEntryMaybe<Checkpoint>> {
-  return await kv.get<Checkpoint>(queueKey(queue, "checkpoint"));
+  const entry = await kv.get<Checkpoint>(queueKey(queue, "checkpoint"));
+  const run = entry.value?.run;
+  if (run) {
+    // Instances as jetfill names them now: older versions kept a URL's query string as given, filters
+    // and cursor included, which jetfill replaced on each connection and now refuses.
+    run.instance = withoutOwnParams(run.instance);
+    if (run.firstInstance !== undefined) run.firstInstance = withoutOwnParams(run.firstInstance);
+    if (run.seqInstance !== undefined) run.seqInstance = withoutOwnParams(run.seqInstance);
+    if (run.instances !== undefined) run.instances = run.instances.map(withoutOwnParams);
+  }
+  return entry;
 }
 
 /**
