@@ -585,6 +585,7 @@ async function run(
     error: undefined,
     accepted: runState.recordsStored,
     internal,
+    sideProbes: new AbortController(),
     // Server text (close reasons, refusals, v2 #info messages) goes to a terminal: no controls.
     report: (r: SyncErrorReport) => options.onError?.({ ...r, message: printable(r.message) }),
     decodeFrame,
@@ -642,6 +643,8 @@ async function run(
       resumeFrom ? recentKeysOf(keyEntries, resumeFrom.run.id) : undefined,
     );
   } catch (err) {
+    // A probe made beside the stream does not outlive the run.
+    ctx.sideProbes.abort();
     if (err instanceof UsageError || !streaming) refusal = { error: err };
     ctx.stop ??= "error";
     ctx.error ??= err instanceof Error ? err.message : String(err);

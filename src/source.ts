@@ -31,6 +31,7 @@ import type { BackfillSyncOptions } from "./options.ts";
 import {
   awaitStored,
   coverageGap,
+  coverageLoss,
   coverageSeqGap,
   coverageUnknown,
   DRAIN_MAX_MS,
@@ -342,33 +343,37 @@ export async function consumeStream(
   // A probe beside the stream finds where its history begins now and reports the seqs lost, as the
   // probe before a connection does (a strict run stops).
   let seqProbe: Promise<void> | undefined;
-  ctx.onSeqClamped = (base, seqFrom) => {
-    if (seqLossReported.get(base) === seqFrom || seqProbe !== undefined) return;
+  ctx.onSeqClamped = (base, seqFrom, firstSeq) => {
+    if (seqLossReported.get(base) === seqFrom || seqProbe !== undefined) return undefined;
     seqLossReported.set(base, seqFrom);
-    const lost = `it no longer holds seq ${
-      seqFrom - 1
-    }, asked for on reconnecting, so seqs from ${seqFrom} on may be lost`;
+    const host = new URL(base).host;
+    // What the stream itself shows, said when the probe cannot tell more.
+    const shown = (why: string) =>
+      `${host} no longer holds seq ${
+        seqFrom - 1
+      }, asked for on reconnecting: it sent seq ${firstSeq} first, so events of seqs ${seqFrom} to ${
+        firstSeq - 1
+      } may be missing (${why})`;
     // Not cut short by the run's stop: its stream may end before the probe has answered, and what it
-    // finds is said all the same (only the user's abort ends it).
-    const probeOptions = { timeoutMs: Math.min(PROBE_TIMEOUT_MS, o.idleTimeoutMs), signal: options.signal };
-    seqProbe = (async () => {
+    // finds is said all the same (the user's abort says what the stream showed).
+    const signal = AbortSignal.any([ctx.sideProbes.signal, ...(options.signal ? [options.signal] : [])]);
+    const probeOptions = { timeoutMs: Math.min(PROBE_TIMEOUT_MS, o.idleTimeoutMs), signal };
+    const probing = (async () => {
       let oldest: HistoryStart | null;
       try {
         oldest = isV2Url(base)
           ? await probeV2HistoryStart(base, probeOptions)
           : await probeCoverageStart(base, probeOptions);
       } catch (err) {
-        if (options.signal?.aborted) return;
-        const why = `could not find where ${new URL(base).host}'s history begins: ${(err as Error).message}`;
-        coverageUnknown(ctx, base, `${why}; ${lost}`);
+        if (ctx.sideProbes.signal.aborted) return;
+        const why = options.signal?.aborted
+          ? "the run was stopped before the seqs lost were measured"
+          : `where its history begins now could not be found: ${(err as Error).message}`;
+        coverageLoss(ctx, base, shown(why));
         return;
       }
       if (oldest === null) {
-        coverageUnknown(
-          ctx,
-          base,
-          `${new URL(base).host} sent no event when asked for all it holds; ${lost}`,
-        );
+        coverageLoss(ctx, base, shown("asked for all it holds, it sent nothing"));
       } else if (oldest.seq !== undefined && oldest.seq > seqFrom) {
         coverageSeqGap(ctx, base, seqFrom, oldest.seq, oldest.us);
       }
@@ -381,6 +386,8 @@ export async function consumeStream(
       if (ctx.error !== undefined && o.strict && ctx.stop !== undefined) ctx.stop = "error";
       seqProbe = undefined;
     });
+    seqProbe = probing;
+    return probing;
   };
 
   while (!ctx.stop) {

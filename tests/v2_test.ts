@@ -583,6 +583,10 @@ Deno.test("a v2 server's /subscribe that clamps a reconnect's seq cursor without
     if (strict) {
       assert.equal(stats.stopReason, "error");
       assert.match(stats.error ?? "", said);
+      // Nothing after the loss it stops for is stored: a resume would meet it again.
+      assert.equal(stats.recordsStored, 150);
+      const got = await stored(db.path, stats.queueLength);
+      assert.deepEqual(got.map((e) => e.cursor), events.slice(0, 150).map((_, i) => 1001 + i));
     } else {
       assert.equal(gaps.length, 1, JSON.stringify(reports));
       assert.match(gaps[0].message, said);
@@ -593,6 +597,51 @@ Deno.test("a v2 server's /subscribe that clamps a reconnect's seq cursor without
         events.map((_, i) => 1001 + i).filter((s) => s <= 1150 || s >= 1300),
       );
     }
+  }
+});
+
+Deno.test("a seq cursor clamped without a word, where the probe then gets no answer or the user stops the run: what the stream showed is reported", async () => {
+  const events = capture();
+  for (const userStops of [false, true]) {
+    await withSilentPort(async (silent) => {
+      await using db = await tempDb();
+      await using first = serveEvents(events, { version: "v2", faults: { dropEvery: 150 } });
+      await using moved = serveEvents(events, {
+        version: "v2",
+        closeAtEnd: !userStops,
+        lookbackFloorSeq: 1300,
+      });
+      const portOf = (server: { url: string }) => Number(new URL(server.url).port);
+      // The start's probe and the first sync connection, then the moved server, then silence.
+      await using relay = tcpRelay((n) => n <= 2 ? portOf(first) : n === 3 ? portOf(moved) : silent);
+      const controller = new AbortController();
+      const reports: SyncErrorReport[] = [];
+      const stats = await runBackfillSync({
+        instance: `ws://127.0.0.1:${relay.port}/subscribe`,
+        kv: db.path,
+        ...ALL,
+        startTimestamp: T0,
+        // The probe waits this long for its answer: stopped by the user well before, when they do.
+        idleTimeout: userStops ? 30 : 0.5,
+        signal: controller.signal,
+        onError: (r) => {
+          reports.push(r);
+          if (userStops && r.reason === "retry") setTimeout(() => controller.abort(), 1000);
+        },
+      });
+      assert.equal(stats.stopReason, userStops ? "aborted" : "closed", stats.error);
+      const gaps = reports.filter((r) => r.reason === "coverage");
+      assert.equal(gaps.length, 1, JSON.stringify(reports));
+      assert.match(
+        gaps[0].message,
+        new RegExp(
+          "no longer holds seq 1150, asked for on reconnecting: it sent seq 1300 first, so events of seqs 1151 to 1299 may be missing \\(" +
+            (userStops
+              ? "the run was stopped before the seqs lost were measured"
+              : "where its history begins now could not be found: "),
+        ),
+      );
+    });
   }
 });
 

@@ -145,11 +145,14 @@ export interface RunContext {
    */
   probeAnswered: boolean;
   /**
-   * Called when a connection taken up by seq (see Session.askedSeq) got a later seq first: the host
-   * no longer holds the one asked for, and a v2 server's `/subscribe` clamps such a cursor without a
-   * word (protocol doc §1.2). `seqFrom` is the first seq still needed.
+   * Called when a connection taken up by seq (see Session.askedSeq) got a later seq first, `firstSeq`:
+   * the host no longer holds the one asked for, and a v2 server's `/subscribe` clamps such a cursor
+   * without a word (protocol doc §1.2). `seqFrom` is the first seq still needed. Resolves once what
+   * was lost is measured and reported (undefined: being measured already).
    */
-  onSeqClamped?: (base: string, seqFrom: number) => void;
+  onSeqClamped?: (base: string, seqFrom: number, firstSeq: number) => Promise<void> | undefined;
+  /** Aborts probes made beside the stream (see onSeqClamped) when the run ends by an error. */
+  sideProbes: AbortController;
   /**
    * Set while a connection is read: starts its closing handshake (unless the connection is ending
    * already), whose end the run then waits for, storing what the server sent before it saw the
@@ -289,6 +292,14 @@ export function coverageSeqGap(
     firstSeq - fromSeq
   } seqs earlier, so events in between cannot be had from this server`;
   coverageProblem(ctx, base, message, message, initial);
+}
+
+/**
+ * Reports events a host can no longer give (`message` says which), measured or not: a strict run
+ * stops.
+ */
+export function coverageLoss(ctx: RunContext, base: string, message: string): void {
+  coverageProblem(ctx, base, message, message, false);
 }
 
 /**

@@ -376,9 +376,14 @@ export async function readConnection(
         const evSeq = (ev as { cursor?: unknown }).cursor;
         if (typeof evSeq === "number") {
           if (askedSeq !== undefined) {
-            // The first event by seq: the one asked for, unless the host no longer holds it.
-            if (evSeq > askedSeq) ctx.onSeqClamped?.(base, askedSeq + 1);
+            // The first event by seq: the one asked for, unless the host no longer holds it. A strict
+            // run stores nothing after a loss it would stop for: it waits for the measure.
+            const clamped = evSeq > askedSeq ? ctx.onSeqClamped?.(base, askedSeq + 1, evSeq) : undefined;
             askedSeq = undefined;
+            if (clamped && o.strict) {
+              await clamped;
+              if (ctx.stop) return;
+            }
           }
           // A v2 host: its seq orders events; time_us may not (protocol doc §3.2).
           if (evSeq <= seqFloor) {
