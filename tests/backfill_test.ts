@@ -1653,12 +1653,17 @@ Deno.test("a resume refused for its DIDs leaves the stored DID list of the run a
 });
 
 /** Writes `count` records `stepUs` apart through a batcher and a writer, noting key (i + 1, -(i + 1)) for record i. */
-async function writeKeyed(kv: Deno.Kv, count: number, stepUs: number): Promise<void> {
+async function writeKeyed(
+  kv: Deno.Kv,
+  count: number,
+  stepUs: number,
+  timeOf = (i: number) => T0 + i * stepUs,
+): Promise<void> {
   const q = "jetstream_sync";
   const writer = new QueueWriter(kv, q, { checkpoint: emptyCheckpoint(q), versionstamp: null }, () => {});
   const batcher = new Batcher(q, 100);
   for (let i = 0; i < count; i++) {
-    const ev = commit(T0 + i * stepUs, { did: did(i % 7) });
+    const ev = commit(timeOf(i), { did: did(i % 7) });
     const full = batcher.add(ev, JSON.stringify(ev), "2026-11-26", "app.bsky.feed.post");
     batcher.noteKey(ev.time_us, i + 1, -(i + 1));
     if (full) await writer.add(batcher.take()!);
@@ -1693,6 +1698,25 @@ Deno.test("the queue keeps the content keys of its last records with them: 12,28
   await writeKeyed(denser, 30_000, 100);
   assert.equal((await keptIndexes(denser)).length, 30_000);
   denser.close();
+});
+
+Deno.test("an operator's import stored after recent records (shown years back) does not keep every key it stores", async () => {
+  // 2,000 records a millisecond apart, then 30,000 of an import shown in 2024 (protocol doc §3.2).
+  // The first 2,000 stay the newest by time: their keys are kept, and so are the import's last
+  // 12,288 at least, but not all of them (before, every entry after the recent ones was kept).
+  const kv = await Deno.openKv(":memory:");
+  const imported = Date.UTC(2024, 3, 24) * 1000;
+  await writeKeyed(kv, 32_000, 1000, (i) => i < 2000 ? T0 + i * 1000 : imported + i);
+  const kept = await keptIndexes(kv);
+  kv.close();
+  // (Entries go a commit's worth of records at a time, which may group many batches.)
+  assert.ok(kept.length < 2000 + RECENT_KEYS + 5000, `${kept.length} kept`);
+  assert.deepEqual(kept.slice(0, 2000), Array.from({ length: 2000 }, (_, i) => i));
+  // The import's last ones (and those sharing a commit with the recent records).
+  assert.deepEqual(
+    kept.slice(-RECENT_KEYS),
+    Array.from({ length: RECENT_KEYS }, (_, i) => 32_000 - RECENT_KEYS + i),
+  );
 });
 
 Deno.test("bytesReceived counts the messages the run took, as sent, not those read ahead of its stop", async () => {

@@ -76,6 +76,11 @@ export interface KeyEntry {
   seq: number;
   /** The `time_us` of the commit's last record (the checkpoint's cursor after it). */
   cursor: number;
+  /**
+   * The newest `time_us` of the commit's records, what its age is judged by (the last one's may be
+   * an operator's import, years old). Absent in entries of older versions.
+   */
+  maxUs?: number;
   /** (b, a) pairs of 32-bit hashes. */
   keys: Int32Array;
   /** The id of the run that stored the records; absent in entries of older versions. */
@@ -91,14 +96,21 @@ export function keysKey(queue: string, seq: number): Deno.KvKey {
 export async function listKeyEntries(kv: Deno.Kv, queue: string): Promise<KeyEntry[]> {
   const entries: KeyEntry[] = [];
   for await (
-    const e of kv.list<{ v: number; cursor: number; keys: Int32Array; run?: unknown }>({
+    const e of kv.list<{ v: number; cursor: number; maxUs?: unknown; keys: Int32Array; run?: unknown }>({
       prefix: queueKey(queue, "keys"),
     })
   ) {
     const seq = e.key[e.key.length - 1];
     if (typeof seq !== "number" || e.value?.v !== 1 || !(e.value.keys instanceof Int32Array)) continue;
     const run = typeof e.value.run === "string" ? e.value.run : undefined;
-    entries.push({ seq, cursor: e.value.cursor, keys: e.value.keys, ...(run === undefined ? {} : { run }) });
+    const maxUs = typeof e.value.maxUs === "number" ? e.value.maxUs : undefined;
+    entries.push({
+      seq,
+      cursor: e.value.cursor,
+      ...(maxUs === undefined ? {} : { maxUs }),
+      keys: e.value.keys,
+      ...(run === undefined ? {} : { run }),
+    });
   }
   return entries;
 }

@@ -202,7 +202,8 @@ export class QueueWriter {
   /** This sync holds the queue's lock file too. */
   readonly #lockFile: boolean;
   /** The queue's key entries (see `KeyEntry`), oldest first: seq, cursor and records of each. */
-  readonly #keyEntries: { seq: number; cursor: number; count: number }[];
+  /** The key entries kept, oldest first: each one's seq, the newest `time_us` of its records, and their count. */
+  readonly #keyEntries: { seq: number; newestUs: number; count: number }[];
   /** Records whose keys the entries hold. */
   #keyRecords: number;
   /** The largest cursor of the entries. */
@@ -250,11 +251,11 @@ export class QueueWriter {
     this.#lockFile = start.lockFile === true;
     this.#keyEntries = (start.keyEntries ?? []).map((e) => ({
       seq: e.seq,
-      cursor: e.cursor,
+      newestUs: e.maxUs ?? e.cursor,
       count: e.keys.length / 2,
     }));
     this.#keyRecords = this.#keyEntries.reduce((n, e) => n + e.count, 0);
-    this.#keysNewest = this.#keyEntries.reduce((n, e) => Math.max(n, e.cursor), -Infinity);
+    this.#keysNewest = this.#keyEntries.reduce((n, e) => Math.max(n, e.newestUs), -Infinity);
     this.#onCommit = onCommit;
     this.#building = this.#open();
   }
@@ -505,6 +506,8 @@ export class QueueWriter {
     let { seqCursor, seqInstance, instance, firstInstance, maxUs } = prev.run;
     let records = 0;
     let last = cursor;
+    // The newest time_us of this commit's records (its last one's may be an import's, years old).
+    let commitMaxUs = -1;
     const days = new Map<string, number>();
     const collections = new Set<string>();
     for (const m of group) {
@@ -514,6 +517,7 @@ export class QueueWriter {
       for (const c of m.collections) collections.add(c);
       cursor = m.cursor;
       if (m.maxUs > (maxUs ?? -1)) maxUs = m.maxUs;
+      if (m.maxUs > commitMaxUs) commitMaxUs = m.maxUs;
       // The checkpoint names the host of the last stored record, so a resume asks the right one.
       if (m.host !== undefined) instance = m.host;
       if (firstInstance === undefined && prev.run.recordsStored === 0) firstInstance = m.host;
@@ -551,7 +555,7 @@ export class QueueWriter {
       },
     };
     op.set(queueKey(q, "checkpoint"), checkpoint);
-    this.#keepKeys(op, b.keys, checkpoint);
+    this.#keepKeys(op, b.keys, checkpoint, Math.max(commitMaxUs, cursor));
     this.#issued = checkpoint;
     this.#lastWrite = checkpoint.updatedAt;
     const promise = op.commit();
@@ -585,32 +589,42 @@ export class QueueWriter {
   }
 
   /**
-   * Adds the commit's key entry to `op`, and deletes the oldest entries that are past both
-   * {@link KEYS_SPAN_US} and {@link RECENT_KEYS} records (a few a commit).
+   * Adds the commit's key entry to `op` (`newestUs`: the newest `time_us` of its records), and
+   * deletes the oldest entries that are past both {@link KEYS_SPAN_US} and {@link RECENT_KEYS} records
+   * (a few a commit). Entries within the span are kept where they are and passed over: after an
+   * operator's import (records shown years back, protocol doc §3.2) the entries before it are the
+   * newest by time, and the import's own, past the recent records, go all the same.
    */
-  #keepKeys(op: Deno.AtomicOperation, keys: number[], checkpoint: Checkpoint): void {
+  #keepKeys(op: Deno.AtomicOperation, keys: number[], checkpoint: Checkpoint, newestUs: number): void {
     const q = this.#queue;
     const entries = this.#keyEntries;
     if (keys.length > 0) {
       op.set(keysKey(q, checkpoint.seq), {
         v: 1,
         cursor: checkpoint.cursor,
+        maxUs: newestUs,
         keys: Int32Array.from(keys),
         run: checkpoint.run.id,
       });
-      entries.push({ seq: checkpoint.seq, cursor: checkpoint.cursor, count: keys.length / 2 });
+      entries.push({ seq: checkpoint.seq, newestUs, count: keys.length / 2 });
       this.#keyRecords += keys.length / 2;
     }
     // (time_us can go back, after a failover: the newest is the largest.)
-    this.#keysNewest = Math.max(this.#keysNewest, checkpoint.cursor);
-    for (let n = 0; n < KEY_DELETES && entries.length > 1; n++) {
-      const oldest = entries[0];
-      if (oldest.cursor >= this.#keysNewest - KEYS_SPAN_US || this.#keyRecords - oldest.count < RECENT_KEYS) {
-        break;
+    this.#keysNewest = Math.max(this.#keysNewest, newestUs);
+    // Records in the entries after the one looked at.
+    let after = this.#keyRecords;
+    for (let i = 0, deleted = 0; i < entries.length - 1 && deleted < KEY_DELETES;) {
+      const entry = entries[i];
+      after -= entry.count;
+      if (after < RECENT_KEYS) break;
+      if (entry.newestUs >= this.#keysNewest - KEYS_SPAN_US) {
+        i++;
+        continue;
       }
-      op.delete(keysKey(q, oldest.seq));
-      this.#keyRecords -= oldest.count;
-      entries.shift();
+      op.delete(keysKey(q, entry.seq));
+      this.#keyRecords -= entry.count;
+      entries.splice(i, 1);
+      deleted++;
     }
   }
 
