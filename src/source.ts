@@ -297,9 +297,11 @@ export async function consumeStream(
   const failedAttempt = async (base: string, failure: string): Promise<boolean> => {
     // A name the resolver says does not exist: most likely a typo, but also a machine without its
     // network, or a service name not up yet; so it is retried like any failure, and said at once.
-    const message = NO_SUCH_HOST.test(failure)
-      ? `${failure} (no such host: check --instance / instance, or this machine's network)`
-      : failure;
+    const message = !NO_SUCH_HOST.test(failure)
+      ? failure
+      : / through the proxy /.test(failure)
+      ? `${failure} (no such host: check the proxy, HTTPS_PROXY / HTTP_PROXY, or this machine's network)`
+      : `${failure} (no such host: check --instance / instance, or this machine's network)`;
     failures++;
     lastFailure = message;
     connecting = undefined;

@@ -18,6 +18,7 @@ import {
 import { patchAtomic } from "./helpers/kv_patch.ts";
 import { delay } from "../src/async.ts";
 import { isoFromUs } from "../src/time.ts";
+import { runCli } from "./helpers/cli.ts";
 
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
 
@@ -467,6 +468,26 @@ Deno.test("a host name that does not resolve is said to be no such host at the f
     ),
     noSuchHost,
     `${answer}: ${tries[0].message}`,
+  );
+  // Through a proxy whose name does not resolve, the proxy is the one to check.
+  const viaProxy = await runCli(
+    [
+      "sync",
+      "--instance",
+      "ws://jetstream.example/subscribe",
+      "--kv",
+      `${db.path}.proxy.sqlite`,
+      "--max-time",
+      "1",
+    ],
+    [],
+    { HTTP_PROXY: "http://no-such-proxy.invalid:3128" },
+  );
+  assert.equal(
+    /through the proxy .*\(no such host: check the proxy, HTTPS_PROXY \/ HTTP_PROXY, or this machine's network\)/
+      .test(viaProxy.stderr),
+    noSuchHost,
+    viaProxy.stderr,
   );
   const events = capture(300);
   await using good = serveEvents(events, { closeAtEnd: true });
