@@ -488,11 +488,6 @@ export function instanceUrl(value: string, wire?: "v1" | "v2"): string {
 const HAS_SCHEME = /^[a-z][a-z0-9+.-]*:\/\//i;
 
 /**
- * The query parameters of either wire that jetfill writes from its own options (protocol doc §1.1,
- * §1.3), with the option to give instead: one left in an instance's URL would be replaced without
- * a word, and the run would not select what its user asked for.
- */
-/**
  * `url` without the query parameters jetfill writes itself (see {@link OWN_PARAMS}); `url` itself when
  * it has none of them (or is not a URL). Versions before 2026-12-01 kept an instance's query string
  * as given, and a resume takes the instances its checkpoint names.
@@ -516,6 +511,11 @@ export function withoutOwnParams(url: string): string {
   return parsed.toString();
 }
 
+/**
+ * The query parameters of either wire that jetfill writes from its own options (protocol doc §1.1,
+ * §1.3), with the option to give instead: one left in an instance's URL would be replaced without
+ * a word, and the run would not select what its user asked for.
+ */
 const OWN_PARAMS = new Map<string, string>([
   ["wantedDids", "--did / wantedDids"],
   ["dids", "--did / wantedDids"],

@@ -3,11 +3,11 @@
  * is silently moved forward (protocol doc §1.1, §1.2), so a sync asked for last week would get
  * today's data and not know it. A short probe finds out first: `cursor=0` replays from the oldest
  * event the server holds (legacy: every key sorts after "0"; v2: seq 0 is floored to the oldest
- * available), and the first event's `time_us` is where coverage starts (on a v2 host, the first one that is
- * no operator's import: see oldestOf). On the v2 wire
- * (`subscribeEvents`), a time cursor older than the history does the same. On a v2 host the first
- * event's sequence `cursor` is where its history begins too, which is what counts for a resume by
- * seq: there `time_us` is a display time, years old after an operator's import (protocol doc §3.2).
+ * available), and the first event's `time_us` is where coverage starts (on a v2 host, the first one
+ * that is no operator's import: see oldestOf). On the v2 wire (`subscribeEvents`), a time cursor
+ * older than the history does the same. On a v2 host the first event's sequence `cursor` is where
+ * its history begins too, which is what counts for a resume by seq: there `time_us` is a display
+ * time, years old after an operator's import (protocol doc §3.2).
  *
  * @module
  */
