@@ -428,51 +428,49 @@ Deno.test("a resume of a new run on a queue that holds another run's records sto
   ]);
 });
 
+/** 100 posts a millisecond apart from T0, each with an rkey of its own. */
+function hundredPosts(): JetstreamEvent[] {
+  return Array.from({ length: 100 }, (_, i) => commit(T0 + i * 1000, { did: did(i % 9), rkey: `r${i}` }));
+}
+
+/** A sync from T0, a record a batch, stopped (as by a kill) when its connection first drops. */
+async function syncUntilDropped(url: string, path: string): Promise<SyncStats> {
+  const controller = new AbortController();
+  return await runBackfillSync({
+    instance: url,
+    kv: path,
+    startTimestamp: T0,
+    batchSize: 1,
+    signal: controller.signal,
+    onError: (r) => r.reason === "retry" && controller.abort(),
+  });
+}
+
+/** The events' time_us, sorted. */
+const byTime = (list: { time_us: number }[]) => list.map((e) => e.time_us).sort((a, b) => a - b);
+
 Deno.test("a resume takes the stream up the rewind before its cursor, so an event a server reordered at the stop is kept", async () => {
   // A legacy server's replay-to-live switch sends event 50 after event 51 (jetstream-legacy#42), and
   // the connection drops right after 51; the run is stopped there (as by a kill) and resumed. An
   // uninterrupted run gets 50 back by its reconnect's rewind: so must the resume. (Before, it asked
   // from 51 exactly and lost 50.)
-  const events = Array.from(
-    { length: 100 },
-    (_, i) => commit(T0 + i * 1000, { did: did(i % 9), rkey: `r${i}` }),
-  );
+  const events = hundredPosts();
   [events[50], events[51]] = [events[51], events[50]];
   await using server = serveEvents(events, { closeAtEnd: true, faults: { fileOrder: true, dropEvery: 51 } });
   await using db = await tempDb();
-  const controller = new AbortController();
-  const first = await runBackfillSync({
-    instance: server.url,
-    kv: db.path,
-    startTimestamp: T0,
-    batchSize: 1,
-    signal: controller.signal,
-    onError: (r) => r.reason === "retry" && controller.abort(),
-  });
+  const first = await syncUntilDropped(server.url, db.path);
   assert.equal(first.recordsStored, 51);
   const resumed = await runBackfillSync({ kv: db.path, resume: true });
   assert.equal(resumed.stopReason, "closed", resumed.error);
   assert.equal(resumed.recordsStored, 49);
-  const byTime = (list: { time_us: number }[]) => list.map((e) => e.time_us).sort((a, b) => a - b);
   assert.deepEqual(byTime(await queueEvents(db.path)), byTime(events));
 });
 
 Deno.test("a queue whose checkpoint names its instance with a query string (as versions before 2026-12-01 kept it) resumes as it did", async () => {
-  const events = Array.from(
-    { length: 100 },
-    (_, i) => commit(T0 + i * 1000, { did: did(i % 9), rkey: `r${i}` }),
-  );
+  const events = hundredPosts();
   await using server = serveEvents(events, { closeAtEnd: true, faults: { dropEvery: 40 } });
   await using db = await tempDb();
-  const controller = new AbortController();
-  const first = await runBackfillSync({
-    instance: server.url,
-    kv: db.path,
-    startTimestamp: T0,
-    batchSize: 1,
-    signal: controller.signal,
-    onError: (r) => r.reason === "retry" && controller.abort(),
-  });
+  const first = await syncUntilDropped(server.url, db.path);
   assert.equal(first.recordsStored, 40);
   // What an older version wrote: the URL as given, with the filter the run replaced on connecting.
   const asGiven = `${server.url}?wantedCollections=app.bsky.feed.post`;
@@ -488,6 +486,5 @@ Deno.test("a queue whose checkpoint names its instance with a query string (as v
   const resumed = await runBackfillSync({ kv: db.path, resume: true, onError: () => {} });
   assert.equal(resumed.stopReason, "closed", resumed.error);
   assert.equal(resumed.recordsStored, 60);
-  const byTime = (list: { time_us: number }[]) => list.map((e) => e.time_us).sort((a, b) => a - b);
   assert.deepEqual(byTime(await queueEvents(db.path)), byTime(events));
 });

@@ -43,6 +43,21 @@ async function stored(path: string, messages: number): Promise<JetstreamEvent[]>
 }
 
 const v2Url = (url: string) => url.replace(/\/subscribe$/, V2_PATH);
+
+/** The port of a server started by serveEvents(). */
+const portOf = (server: { url: string }) => Number(new URL(server.url).port);
+
+/**
+ * Asserts that the queue at `path` holds, in `messages` messages, the events of seqs 1001 to 1150
+ * and from 1300 on: what a run gets when its host's window moves to seq 1300 after its first 150.
+ */
+async function assertAroundGap(path: string, messages: number, events: JetstreamEvent[]): Promise<void> {
+  const got = await stored(path, messages);
+  assert.deepEqual(
+    got.map((e) => e.cursor),
+    events.map((_, i) => 1001 + i).filter((s) => s <= 1150 || s >= 1300),
+  );
+}
 const ALL = { kinds: ["commit", "identity", "account"] as const, wantedCollections: [] as string[] };
 
 Deno.test("a v1-wire sync on a v2 host reconnects by sequence cursor and stores each event once", async () => {
@@ -510,11 +525,7 @@ Deno.test("--resume on a v2 host whose seq fell out of its window goes on by seq
   assert.ok(reports.some((r) => /CursorTooOld.*resuming from the oldest event it holds/.test(r.message)));
   const asked = syncConnections(_server).map((c) => /cursor=(\d+)/.exec(c.query)?.[1]);
   assert.deepEqual(asked, ["1150", "1000000000000000"], "by seq, then from the oldest event held");
-  const got = await stored(db.path, second.queueLength);
-  assert.deepEqual(
-    got.map((e) => e.cursor),
-    events.map((_, i) => 1001 + i).filter((s) => s <= 1150 || s >= 1300),
-  );
+  await assertAroundGap(db.path, second.queueLength, events);
 });
 
 Deno.test("a v2 host whose window moves on between the probe that found the resume seq and the connection: the seqs lost are still reported", async () => {
@@ -525,7 +536,6 @@ Deno.test("a v2 host whose window moves on between the probe that found the resu
   await using first = serveEvents(events, { version: "v2", faults: { dropEvery: 150 } });
   await using whole = serveEvents(events, { version: "v2", lookbackFloorSeq: 1100 });
   await using moved = serveEvents(events, { version: "v2", closeAtEnd: true, lookbackFloorSeq: 1300 });
-  const portOf = (server: { url: string }) => Number(new URL(server.url).port);
   let route = (_: number) => portOf(first);
   await using relay = tcpRelay((n) => route(n));
   const controller = new AbortController();
@@ -552,11 +562,7 @@ Deno.test("a v2 host whose window moves on between the probe that found the resu
     gaps[0].message,
     /only holds events from seq 1300 on; the point to resume from, seq 1151, is 149 seqs/,
   );
-  const got = await stored(db.path, second.queueLength);
-  assert.deepEqual(
-    got.map((e) => e.cursor),
-    events.map((_, i) => 1001 + i).filter((s) => s <= 1150 || s >= 1300),
-  );
+  await assertAroundGap(db.path, second.queueLength, events);
 });
 
 Deno.test("a v2 server's /subscribe that clamps a reconnect's seq cursor without a word: the seqs lost are reported, and --strict stops", async () => {
@@ -567,7 +573,6 @@ Deno.test("a v2 server's /subscribe that clamps a reconnect's seq cursor without
     // it no longer holds seqs before 1300, and (as the v2 server's /subscribe does) clamps silently.
     await using first = serveEvents(events, { version: "v2", faults: { dropEvery: 150 } });
     await using moved = serveEvents(events, { version: "v2", closeAtEnd: true, lookbackFloorSeq: 1300 });
-    const portOf = (server: { url: string }) => Number(new URL(server.url).port);
     // The coverage probe and the first sync connection reach the first server.
     await using relay = tcpRelay((n) => n <= 2 ? portOf(first) : portOf(moved));
     const { stats, reports } = await syncReporting({
@@ -591,11 +596,7 @@ Deno.test("a v2 server's /subscribe that clamps a reconnect's seq cursor without
       assert.equal(gaps.length, 1, JSON.stringify(reports));
       assert.match(gaps[0].message, said);
       assert.equal(stats.stopReason, "closed");
-      const got = await stored(db.path, stats.queueLength);
-      assert.deepEqual(
-        got.map((e) => e.cursor),
-        events.map((_, i) => 1001 + i).filter((s) => s <= 1150 || s >= 1300),
-      );
+      await assertAroundGap(db.path, stats.queueLength, events);
     }
   }
 });
@@ -611,7 +612,6 @@ Deno.test("a seq cursor clamped without a word, where the probe then gets no ans
         closeAtEnd: !userStops,
         lookbackFloorSeq: 1300,
       });
-      const portOf = (server: { url: string }) => Number(new URL(server.url).port);
       // The start's probe and the first sync connection, then the moved server, then silence.
       await using relay = tcpRelay((n) => n <= 2 ? portOf(first) : n === 3 ? portOf(moved) : silent);
       const controller = new AbortController();
@@ -938,7 +938,6 @@ Deno.test("within a run, a v2 host's seq is not used again once records came fro
     errorAfter: { events: 600, error: "InternalError" },
   });
   const served = (server: typeof early, n: number) => syncConnections(server).some((c) => c.sent >= n);
-  const portOf = (server: typeof early) => Number(new URL(server.url).port);
   await using relayA = tcpRelay(() =>
     served(legacy, 600) ? portOf(later) : served(early, 300) ? refusedAt : portOf(early)
   );
