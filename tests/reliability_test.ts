@@ -3,7 +3,7 @@ import { runBackfillSync } from "../src/backfill.ts";
 import { UsageError } from "../src/errors.ts";
 import type { JetstreamEvent } from "../src/jetstream/events.ts";
 import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
-import type { SyncErrorReport } from "../src/stats.ts";
+import type { SyncErrorReport, SyncStats } from "../src/stats.ts";
 import type { BackfillSyncOptions } from "../src/options.ts";
 import { commit, did, drainQueue, identity } from "./helpers/events.ts";
 import {
@@ -1252,6 +1252,15 @@ Deno.test("a failover from a v2 host and back to it goes on by seq and loses not
   assert.deepEqual(await stored(db.path, stats.queueLength), events);
 });
 
+/** A sync from T0, a record a batch, into `kv` (a patched view of `real`, closed after it). */
+async function syncInto(url: string, kv: Deno.Kv, real: Deno.Kv): Promise<SyncStats> {
+  try {
+    return await runBackfillSync({ instance: url, kv, startTimestamp: T0, batchSize: 1, onError: () => {} });
+  } finally {
+    real.close();
+  }
+}
+
 Deno.test("a failover near the start to an instance without the records stored leaves out only what may be before the start", async () => {
   // The first instance stores posts from T0+0.5 s to T0+3 s and goes down; the other has none of
   // them, and new posts at T0+1, T0+4, T0+6 and T0+9 s. Taken up at T0-2 s, without a record to
@@ -1298,18 +1307,7 @@ async function firstCommitFails(error: Error) {
       throw error;
     };
   });
-  let stats;
-  try {
-    stats = await runBackfillSync({
-      instance: server.url,
-      kv,
-      startTimestamp: T0,
-      batchSize: 1,
-      onError: () => {},
-    });
-  } finally {
-    real.close();
-  }
+  const stats = await syncInto(server.url, kv, real);
   assert.equal(stats.stopReason, "error");
   assert.match(stats.error ?? "", new RegExp(`^could not store (a|the last) batch: ${error.message}`));
   // Commits issued after the failed one landed: counted, as stored, though the one before failed.
@@ -1372,18 +1370,7 @@ Deno.test("a commit that fails for good, when the checkpoint cannot be set back 
       throw new Error("disk I/O error");
     };
   });
-  let stats;
-  try {
-    stats = await runBackfillSync({
-      instance: server.url,
-      kv,
-      startTimestamp: T0,
-      batchSize: 1,
-      onError: () => {},
-    });
-  } finally {
-    real.close();
-  }
+  const stats = await syncInto(server.url, kv, real);
   assert.equal(stats.stopReason, "error");
   assert.ok(stats.recordsStored > 0, String(stats.recordsStored));
   // Nothing of the run was stored before the failed commit: the span begins at the run's start.
