@@ -6,7 +6,7 @@ import { UsageError } from "../src/errors.ts";
 import type { JetstreamEvent } from "../src/jetstream/events.ts";
 import { createZstdEncoder } from "../src/jetstream/zstd.ts";
 import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
-import type { SyncErrorReport } from "../src/stats.ts";
+import type { SyncErrorReport, SyncStats } from "../src/stats.ts";
 import { account, commit, did, drainQueue, identity } from "./helpers/events.ts";
 import {
   isCoverageProbe,
@@ -645,6 +645,25 @@ Deno.test("a seq cursor clamped without a word, where the probe then gets no ans
   }
 });
 
+/**
+ * A resume of the queue at `path`, to the end, on another v2 host serving `events` on `wire` with
+ * seqs of its own (from `seqBase` + 1).
+ */
+async function resumeOnAnotherHost(
+  events: JetstreamEvent[],
+  path: string,
+  wire: string,
+  seqBase: number,
+): Promise<SyncStats> {
+  await using other = serveEvents(events, { version: "v2", seqBase, closeAtEnd: true });
+  return await runBackfillSync({
+    kv: path,
+    resume: true,
+    instance: other.url.replace(/\/subscribe$/, wire),
+    onError: () => {},
+  });
+}
+
 /** 2024-04-24T23:06:40.002255Z: a display time an operator's import gave an event (protocol doc §3.2). */
 const IMPORTED_US = 1714000000002255;
 
@@ -746,13 +765,7 @@ Deno.test("resuming on another v2 host (by time: seqs are not portable), new eve
     assert.equal(stopped.recordsStored, 150, wire);
     // Another host, with its own seqs: the resume asks it by time, from a little before the last
     // stored event, and it sends everything from there on, imported display times included.
-    await using other = serveEvents(events, { version: "v2", seqBase: 7000, closeAtEnd: true });
-    const second = await runBackfillSync({
-      kv: db.path,
-      resume: true,
-      instance: other.url.replace(/\/subscribe$/, wire),
-      onError: () => {},
-    });
+    const second = await resumeOnAnotherHost(events, db.path, wire, 7000);
     assert.equal(second.stopReason, "closed", wire);
     const got = await stored(db.path, second.queueLength);
     // Each event once: the first 150 from the first host, the rest from the other.
@@ -785,13 +798,7 @@ Deno.test("resuming on another v2 host after a run whose last record showed an i
     });
     assert.equal(stopped.recordsStored, STOP, wire);
     assert.equal(stopped.latestCursor, IMPORTED_US, wire);
-    await using other = serveEvents(events, { version: "v2", seqBase: 70_000, closeAtEnd: true });
-    const second = await runBackfillSync({
-      kv: db.path,
-      resume: true,
-      instance: other.url.replace(/\/subscribe$/, wire),
-      onError: () => {},
-    });
+    const second = await resumeOnAnotherHost(events, db.path, wire, 70_000);
     assert.equal(second.stopReason, "closed", wire);
     assert.equal(second.recordsStored, N - STOP, wire);
     const got = await stored(db.path, second.queueLength);
