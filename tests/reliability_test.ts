@@ -1285,6 +1285,28 @@ Deno.test("a failover near the start to an instance without the records stored l
 });
 
 /**
+ * `real`, patched so that its first commit with messages fails with `error` 300 ms after it is issued
+ * (later commits are issued and land meanwhile); with `thenEvery`, every commit after it fails too.
+ */
+function firstCommitFailing(real: Deno.Kv, error: Error, thenEvery = false): Deno.Kv {
+  let failing: Deno.AtomicOperation | undefined;
+  let failed = false;
+  return patchAtomic(real, (op, commit) => {
+    const enqueue = op.enqueue.bind(op);
+    op.enqueue = (...args: Parameters<Deno.AtomicOperation["enqueue"]>) => {
+      failing ??= op;
+      return enqueue(...args);
+    };
+    op.commit = async () => {
+      if (op !== failing && !(thenEvery && failed)) return await commit();
+      if (op === failing) await delay(300);
+      failed = true;
+      throw error;
+    };
+  });
+}
+
+/**
  * Syncs `events` into `path` through a KV whose first commit with messages fails, with `error`,
  * 300 ms after it is issued: later commits are issued and land meanwhile. Then checks that the
  * statistics say what the queue holds, and that a resume stores every event once.
@@ -1294,19 +1316,7 @@ async function firstCommitFails(error: Error) {
   await using server = serveEvents(events, { closeAtEnd: true });
   await using db = await tempDb();
   const real = await Deno.openKv(db.path);
-  let failing: Deno.AtomicOperation | undefined;
-  const kv = patchAtomic(real, (op, commit) => {
-    const enqueue = op.enqueue.bind(op);
-    op.enqueue = (...args: Parameters<Deno.AtomicOperation["enqueue"]>) => {
-      failing ??= op;
-      return enqueue(...args);
-    };
-    op.commit = async () => {
-      if (op !== failing) return await commit();
-      await delay(300);
-      throw error;
-    };
-  });
+  const kv = firstCommitFailing(real, error);
   const stats = await syncInto(server.url, kv, real);
   assert.equal(stats.stopReason, "error");
   assert.match(stats.error ?? "", new RegExp(`^could not store (a|the last) batch: ${error.message}`));
@@ -1353,23 +1363,8 @@ Deno.test("a commit that fails for good, when the checkpoint cannot be set back 
   await using server = serveEvents(events, { closeAtEnd: true });
   await using db = await tempDb();
   const real = await Deno.openKv(db.path);
-  let failing: Deno.AtomicOperation | undefined;
-  let failed = false;
-  // The first commit with messages fails 300 ms after it is issued (later ones land meanwhile); from
-  // then on every commit fails, the one that would set the checkpoint back too.
-  const kv = patchAtomic(real, (op, commit) => {
-    const enqueue = op.enqueue.bind(op);
-    op.enqueue = (...args: Parameters<Deno.AtomicOperation["enqueue"]>) => {
-      failing ??= op;
-      return enqueue(...args);
-    };
-    op.commit = async () => {
-      if (op !== failing && !failed) return await commit();
-      if (op === failing) await delay(300);
-      failed = true;
-      throw new Error("disk I/O error");
-    };
-  });
+  // From the failure on every commit fails, the one that would set the checkpoint back too.
+  const kv = firstCommitFailing(real, new Error("disk I/O error"), true);
   const stats = await syncInto(server.url, kv, real);
   assert.equal(stats.stopReason, "error");
   assert.ok(stats.recordsStored > 0, String(stats.recordsStored));
