@@ -8,12 +8,7 @@
  */
 import { backoffDelay, delay, MAX_TIMER_MS } from "./async.ts";
 import { UsageError } from "./errors.ts";
-import {
-  type HistoryStart,
-  PROBE_TIMEOUT_MS,
-  probeCoverageStart,
-  probeV2HistoryStart,
-} from "./jetstream/coverage.ts";
+import { type HistoryStart, PROBE_TIMEOUT_MS, probeHistoryStart } from "./jetstream/coverage.ts";
 import { resolveZstdDictionary } from "./jetstream/dictionary.ts";
 import { type CloseCause, ConnectError, type Connection, openConnection } from "./jetstream/socket.ts";
 import { buildSubscribeRequest } from "./jetstream/url.ts";
@@ -363,9 +358,7 @@ export async function consumeStream(
     const probing = (async () => {
       let oldest: HistoryStart | null;
       try {
-        oldest = isV2Url(base)
-          ? await probeV2HistoryStart(base, probeOptions)
-          : await probeCoverageStart(base, probeOptions);
+        oldest = await probeHistoryStart(base, probeOptions);
       } catch (err) {
         if (ctx.sideProbes.signal.aborted) return;
         const why = options.signal?.aborted
@@ -384,8 +377,7 @@ export async function consumeStream(
       ctx.error ??= err instanceof Error ? err.message : String(err);
       stopWith(ctx, "error");
     }).finally(() => {
-      // A strict run stopped by what the probe found, after the stream had ended for another reason.
-      if (ctx.error !== undefined && o.strict && ctx.stop !== undefined) ctx.stop = "error";
+      // (A strict run waits for the probe it starts, see readConnection: its stop is the probe's.)
       seqProbe = undefined;
     });
     seqProbe = probing;
@@ -746,9 +738,7 @@ async function checkCoverage(
   try {
     const signal = ctx.internal.signal;
     const onOpen = () => ctx.probeAnswered = true;
-    oldest = v2
-      ? await probeV2HistoryStart(base, { signal, onOpen, timeoutMs })
-      : await probeCoverageStart(base, { signal, onOpen, timeoutMs });
+    oldest = await probeHistoryStart(base, { signal, onOpen, timeoutMs });
   } catch (err) {
     if (ctx.stop) return NOT_MEASURED;
     const status = err instanceof ConnectError ? err.status : undefined;

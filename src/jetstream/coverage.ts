@@ -13,7 +13,7 @@
  */
 import { type Connection, type Frame, openConnection } from "./socket.ts";
 import { buildSubscribeRequest } from "./url.ts";
-import { buildV2Url, mapV2Frame, V2_SUBPROTOCOL } from "./v2.ts";
+import { buildV2Url, isV2Url, mapV2Frame, V2_SUBPROTOCOL } from "./v2.ts";
 import { MIN_TIMESTAMP_US } from "../time.ts";
 import { shapeProblem } from "./events.ts";
 
@@ -88,6 +88,23 @@ export async function probeV2HistoryStart(
     if (m.type !== "event" || shapeProblem(m.event) !== undefined) return undefined;
     return { us: m.event.time_us, seq: seqOf(m.event.cursor) };
   });
+}
+
+/**
+ * The oldest event the instance `base` still serves, by the probe of its wire: {@link probeV2HistoryStart}
+ * for a v2 `subscribeEvents` URL, {@link probeCoverageStart} for a `/subscribe` one.
+ *
+ * @example
+ * ```ts ignore
+ * import { probeHistoryStart } from "./coverage.ts";
+ * const oldest = await probeHistoryStart("wss://jetstream.us-east.bsky.network/xrpc/network.bsky.jetstream.subscribeEvents");
+ * ```
+ */
+export async function probeHistoryStart(
+  base: string,
+  options: ProbeOptions = {},
+): Promise<HistoryStart | null> {
+  return isV2Url(base) ? await probeV2HistoryStart(base, options) : await probeCoverageStart(base, options);
 }
 
 /** How a probe runs. */
