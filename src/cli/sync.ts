@@ -43,9 +43,11 @@ Selection:
   --limit N               stop after exactly N stored records (default 10000)
   --strict                refuse to run when the server's history starts after --start (it
                           would silently start later), and stop on a gap after a long outage
+                          or in a v2 host's seqs
 
 Connection:
-  --instance HOST|URL     Jetstream host or ws:// / wss:// URL; repeatable, tried in order
+  --instance HOST|URL     Jetstream host or ws:// / wss:// URL (no filters or cursor in its query:
+                          the options set those); repeatable, tried in order
                           (default jetstream1.us-east.bsky.network)
   --wire v1|v2            /subscribe (v1, every server) or subscribeEvents (v2 servers); default
                           v2 for jetstream.us-east/us-west.bsky.network, v1 otherwise
