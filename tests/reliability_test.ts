@@ -1379,3 +1379,31 @@ Deno.test("a commit that fails for good, when the checkpoint cannot be set back 
     stats.error,
   );
 });
+
+Deno.test("a sync that stops at its limit ends its connections with the closing handshake, the probe's too", async () => {
+  // The server replays far more than the sync reads: a connection simply dropped with data unread is
+  // reset, which the server sees as an abnormal close (1006), as it would a crash.
+  const closes: { code: number; clean: boolean }[] = [];
+  const texts = capture(4000).map((e) => JSON.stringify(e));
+  const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, (request) => {
+    const { socket, response } = Deno.upgradeWebSocket(request);
+    socket.onopen = () => texts.forEach((t) => socket.send(t));
+    socket.onclose = (e) => closes.push({ code: e.code, clean: e.wasClean });
+    return response;
+  });
+  try {
+    await using db = await tempDb();
+    const stats = await runBackfillSync({
+      instance: `ws://127.0.0.1:${server.addr.port}/subscribe`,
+      kv: db.path,
+      startTimestamp: String(T0),
+      numRecords: 5,
+      wantedCollections: ["app.bsky.feed.like"],
+    });
+    assert.equal(stats.stopReason, "limit");
+    for (let i = 0; i < 100 && closes.length < 2; i++) await delay(20);
+    assert.deepEqual(closes, [{ code: 1000, clean: true }, { code: 1000, clean: true }]);
+  } finally {
+    await server.shutdown();
+  }
+});

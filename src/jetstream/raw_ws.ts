@@ -94,6 +94,12 @@ const CLOSE_WRITE_TIMEOUT_MS = 250;
 /** `closed()` never waits longer than this. */
 const CLOSED_TIMEOUT_MS = 2000;
 /**
+ * After sending a close frame, how long the TCP connection is read on, what comes dropped, for the
+ * server to close it (RFC 6455 §7.1.1), ms: a connection closed with data still unread is reset, and
+ * the server would see an abnormal close (1006) rather than the closing handshake.
+ */
+const LINGER_MS = 500;
+/**
  * Text messages waiting to go out are held up to this many bytes (one larger message is still
  * taken when none waits): a server that does not read cannot make them pile up.
  */
@@ -160,6 +166,8 @@ export class RawConnection implements Connection {
   /** A close frame or a protocol error was met: nothing after it is parsed. */
   #stopped = false;
   #reading = false;
+  /** The last read of the TCP connection, which may still be under way. */
+  #read: Promise<number | null> | undefined;
   /**
    * When progress was last made (`performance.now()`), or `next()` was last called: the time the
    * consumer spends between calls is not the server's idleness.
@@ -350,7 +358,7 @@ export class RawConnection implements Connection {
     this.#reading = true;
     let n: number | null;
     try {
-      n = await this.#conn.read(buf.subarray(pending));
+      n = await (this.#read = this.#conn.read(buf.subarray(pending)));
     } catch (err) {
       // Closing the connection (idle, abort) interrupts the read; otherwise the peer reset it.
       this.#reading = false;
@@ -694,6 +702,23 @@ export class RawConnection implements Connection {
     this.#dropSoon();
   }
 
+  /**
+   * Reads the TCP connection on after the close frame, dropping what comes, until the server closes
+   * it or {@link LINGER_MS} have passed (when it is closed from here, which ends a read under way).
+   */
+  async #linger(): Promise<void> {
+    const timer = setTimeout(() => closeQuietly(this.#conn), LINGER_MS);
+    try {
+      if (this.#reading) await this.#read;
+      const scratch = new Uint8Array(READ_BUFFER_BYTES);
+      while (await this.#conn.read(scratch) !== null);
+    } catch {
+      // Closed from here, or reset by the server: either way it has ended.
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
   async #dropSoon(): Promise<void> {
     let timer: ReturnType<typeof setTimeout> | undefined;
     await Promise.race([
@@ -701,6 +726,8 @@ export class RawConnection implements Connection {
       new Promise<void>((resolve) => timer = setTimeout(resolve, CLOSE_WRITE_TIMEOUT_MS)),
     ]);
     clearTimeout(timer);
+    // Once the server's close frame came (or the connection ended), there is nothing left to read.
+    if (this.#closeSent && this.cause?.kind !== "closed") await this.#linger();
     this.#connClosed = true;
     closeQuietly(this.#conn);
     // A write still pending was interrupted by the close; let it settle before reporting closed.
