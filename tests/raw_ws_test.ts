@@ -1,6 +1,7 @@
 import assert from "node:assert/strict";
 import {
   type CloseCause,
+  CloseFrameFinder,
   ENDLESS_MESSAGE_BYTES,
   openRawConnection,
   RawConnection,
@@ -1349,4 +1350,89 @@ Deno.test("`RawConnection.close()` lets go of a server that neither answers the 
   await conn.closed();
   await srv.done;
   assert.deepEqual(seen, { close: 8, eof: true });
+});
+
+Deno.test("`RawConnection.close()` ends at the server's close frame, not waiting for it to close TCP as well", async () => {
+  // This server answers the close frame, then waits for the client to close the TCP connection
+  // (RFC 6455 lets either side do it). Waiting for EOF would take the whole linger (500 ms).
+  const seen: { answered?: boolean; eof?: boolean } = {};
+  await using srv = scripted(async (peer, handshake) => {
+    await peer.write(handshake, frame(1, "hello"), frame(2, new Uint8Array(200_000)));
+    const f = await peer.readFrame();
+    await peer.write(frame(8, new Uint8Array([3, 232])));
+    seen.answered = f?.opcode === 8;
+    seen.eof = (await peer.readFrame()) === null;
+  });
+  const conn = await openRawConnection(srv.url, { idleTimeoutMs: 5000 });
+  assert.deepEqual(await conn.next(), ["hello"]);
+  const t = performance.now();
+  conn.close();
+  await conn.closed();
+  const took = performance.now() - t;
+  await srv.done;
+  assert.deepEqual(seen, { answered: true, eof: true });
+  assert.ok(took < 400, `closing took ${Math.round(took)} ms`);
+});
+
+Deno.test("an idle connection is let go at once: a server silent for the idle timeout leaves nothing unread", async () => {
+  await using srv = scripted(async (peer, handshake) => {
+    await peer.write(handshake);
+    await peer.readFrame(); // the close frame, never answered
+    await peer.readFrame();
+  });
+  const conn = await openRawConnection(srv.url, { idleTimeoutMs: 200 });
+  const t = performance.now();
+  assert.equal(await conn.next(), null);
+  assert.equal(conn.cause?.kind, "idle");
+  await conn.closed();
+  // The idle timeout, and not the 500 ms a close from here waits for the server's answer.
+  const took = performance.now() - t;
+  assert.ok(took < 600, `the idle end and the close took ${Math.round(took)} ms`);
+});
+
+Deno.test("a `next()` waiting when the connection is closed returns null, not what the server sends after the close", async () => {
+  const abort = new AbortController();
+  await using srv = scripted(async (peer, handshake) => {
+    await peer.write(handshake, frame(1, "before"));
+    await peer.readFrame(); // the close frame
+    await peer.write(frame(1, "after"), frame(8, new Uint8Array([3, 232])));
+  });
+  const conn = await openRawConnection(srv.url, { idleTimeoutMs: 5000, signal: abort.signal });
+  assert.deepEqual(await conn.next(), ["before"]);
+  const waiting = conn.next();
+  await new Promise((r) => setTimeout(r, 50));
+  abort.abort();
+  assert.equal(await waiting, null);
+  await conn.closed();
+  await srv.done;
+});
+
+Deno.test("`CloseFrameFinder` finds the server's whole close frame past frames of every length form, however the bytes are cut", () => {
+  // Frames of 7-bit, 16-bit and 64-bit lengths (and a masked one, which a broken server may send),
+  // then the close frame with its code and reason.
+  const before = concat(
+    frame(1, "short"),
+    frame(2, new Uint8Array(300)),
+    frame(2, new Uint8Array(70_000)),
+    frame(9, "ping"),
+    frame(1, "masked", { mask: true }),
+  );
+  const close = frame(8, concat(new Uint8Array([3, 232]), new TextEncoder().encode("bye")));
+  const bytes = concat(before, close);
+  for (const cut of [1, 2, 3, 7, 100, 65_536, bytes.length]) {
+    const finder = new CloseFrameFinder(0);
+    let found = -1;
+    for (let at = 0; at < bytes.length && found < 0; at += cut) {
+      if (finder.feed(bytes.subarray(at, Math.min(at + cut, bytes.length)))) {
+        found = Math.min(at + cut, bytes.length);
+      }
+    }
+    // Found once its last byte has come, and not before.
+    assert.equal(found >= bytes.length, true, `cut ${cut}: found at ${found} of ${bytes.length}`);
+    assert.equal(new CloseFrameFinder(0).feed(bytes.subarray(0, bytes.length - 1)), false, `cut ${cut}`);
+  }
+  // An empty close frame is whole with its header; the rest of a frame being skipped comes first.
+  assert.equal(new CloseFrameFinder(0).feed(frame(8, new Uint8Array(0))), true);
+  assert.equal(new CloseFrameFinder(5).feed(concat(new Uint8Array(5), frame(8, new Uint8Array(0)))), true);
+  assert.equal(new CloseFrameFinder(5).feed(concat(new Uint8Array(4), frame(8, new Uint8Array(0)))), false);
 });

@@ -168,6 +168,8 @@ export class RawConnection implements Connection {
   #reading = false;
   /** The last read of the TCP connection, which may still be under way. */
   #read: Promise<number | null> | undefined;
+  /** Closed from here, the connection is read on for the server's close (see `#linger()`). */
+  #lingering = false;
   /**
    * When progress was last made (`performance.now()`), or `next()` was last called: the time the
    * consumer spends between calls is not the server's idleness.
@@ -366,6 +368,8 @@ export class RawConnection implements Connection {
       return;
     }
     this.#reading = false;
+    // Bytes that came after the close frame went out are the linger's, to drop (see #linger()).
+    if (this.#lingering) return;
     if (n === null) {
       this.#finish({ kind: "closed", code: 1006, reason: "" }, undefined);
       return;
@@ -703,15 +707,30 @@ export class RawConnection implements Connection {
   }
 
   /**
-   * Reads the TCP connection on after the close frame, dropping what comes, until the server closes
-   * it or {@link LINGER_MS} have passed (when it is closed from here, which ends a read under way).
+   * Reads the TCP connection on after the close frame, dropping what comes, until the server's close
+   * frame comes or the server closes it, or {@link LINGER_MS} have passed (when it is closed from
+   * here, which ends a read under way). What was read before the close can still be taken by
+   * `next()`; what comes after it is walked through only to find the server's close frame.
    */
   async #linger(): Promise<void> {
+    this.#lingering = true;
     const timer = setTimeout(() => closeQuietly(this.#conn), LINGER_MS);
+    // Frames are found from #head on (the parse took every complete frame before it), past what
+    // remains of a frame being skipped for its size.
+    const finder = new CloseFrameFinder(this.#skipFrame ? this.#skipLeft : 0);
     try {
-      if (this.#reading) await this.#read;
+      if (finder.feed(this.#buf.subarray(this.#head, this.#tail))) return;
+      if (this.#reading) {
+        // The read under way puts its bytes after #tail, where #fill leaves them.
+        const at = this.#tail;
+        const n = await this.#read!;
+        if (n === null || finder.feed(this.#buf.subarray(at, at + n))) return;
+      }
       const scratch = new Uint8Array(READ_BUFFER_BYTES);
-      while (await this.#conn.read(scratch) !== null);
+      for (;;) {
+        const n = await this.#conn.read(scratch);
+        if (n === null || finder.feed(scratch.subarray(0, n))) return;
+      }
     } catch {
       // Closed from here, or reset by the server: either way it has ended.
     } finally {
@@ -726,13 +745,66 @@ export class RawConnection implements Connection {
       new Promise<void>((resolve) => timer = setTimeout(resolve, CLOSE_WRITE_TIMEOUT_MS)),
     ]);
     clearTimeout(timer);
-    // Once the server's close frame came (or the connection ended), there is nothing left to read.
-    if (this.#closeSent && this.cause?.kind !== "closed") await this.#linger();
+    // Only a close from here (an abort, close()) waits for the server's: a server whose close came,
+    // or that ended the connection, has nothing more to send; an idle one sent nothing to leave
+    // unread; a drain has had its time; a protocol error is the server's fault, and what follows it
+    // cannot be parsed.
+    if (this.#closeSent && this.cause?.kind === "aborted" && this.#drainLeftMs === undefined) {
+      await this.#linger();
+    }
     this.#connClosed = true;
     closeQuietly(this.#conn);
     // A write still pending was interrupted by the close; let it settle before reporting closed.
     await this.#writes;
     this.#resolveClosed();
+  }
+}
+
+/**
+ * Walks the server's frames through the bytes that come after the client's close frame, only to tell
+ * when the server's close frame (opcode 8) comes: each frame's payload is skipped unread.
+ */
+export class CloseFrameFinder {
+  /** Payload bytes of the current frame still to skip. */
+  #skip: number;
+  /** The header being gathered (at most 14 bytes: 2, 8 of extended length, 4 of mask). */
+  readonly #head = new Uint8Array(14);
+  #headBytes = 0;
+  /** The frame being skipped is the server's close frame. */
+  #closing = false;
+
+  constructor(skip: number) {
+    this.#skip = skip;
+  }
+
+  /** Takes the next bytes; true once the whole of the server's close frame has come. */
+  feed(bytes: Uint8Array): boolean {
+    const head = this.#head;
+    let i = 0;
+    for (;;) {
+      if (this.#skip > 0) {
+        const n = Math.min(this.#skip, bytes.length - i);
+        this.#skip -= n;
+        i += n;
+        if (this.#skip > 0) return false;
+      }
+      if (this.#closing) return true;
+      if (i === bytes.length) return false;
+      head[this.#headBytes++] = bytes[i++];
+      if (this.#headBytes < 2) continue;
+      const short = head[1] & 0x7f;
+      const need = 2 + (short === 126 ? 2 : short === 127 ? 8 : 0) + (head[1] & 0x80 ? 4 : 0);
+      if (this.#headBytes < need) continue;
+      this.#closing = (head[0] & 0x0f) === 8;
+      let length = short;
+      if (short === 126) length = (head[2] << 8) | head[3];
+      else if (short === 127) {
+        length = 0;
+        for (let k = 2; k < 10; k++) length = length * 256 + head[k];
+      }
+      this.#skip = length;
+      this.#headBytes = 0;
+    }
   }
 }
 

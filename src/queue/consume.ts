@@ -5,7 +5,7 @@
  * `requeueParked()` (`parking.ts`, which also holds the keys of parked messages).
  *
  * What Deno KV queues do, measured on Deno 2.9.6 with the local SQLite backend
- * (the README's "Consuming the queue" and `deno-runtime.md` §1 have the figures), and what this module does about it:
+ * (`docs/consuming.md` and `deno-runtime.md` §1 have the figures), and what this module does about it:
  *
  * - **At-least-once.** A message can be delivered again: after its handler failed, after an
  *   acknowledgement was lost, or because it was "requeued" (below). Every jetfill message carries a
