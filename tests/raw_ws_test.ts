@@ -1436,3 +1436,28 @@ Deno.test("`CloseFrameFinder` finds the server's whole close frame past frames o
   assert.equal(new CloseFrameFinder(5).feed(concat(new Uint8Array(5), frame(8, new Uint8Array(0)))), true);
   assert.equal(new CloseFrameFinder(5).feed(concat(new Uint8Array(4), frame(8, new Uint8Array(0)))), false);
 });
+
+Deno.test("`close()` ends with the closing handshake a connection the server floods; with `linger: false` it drops it at once", async () => {
+  const closes: { linger: boolean; clean: boolean }[] = [];
+  const filler = "x".repeat(1000);
+  await using srv = denoServer((socket, headers) => {
+    const linger = headers.get("sec-websocket-protocol") === "linger";
+    socket.onopen = () => {
+      for (let i = 0; i < 4000; i++) socket.send(filler);
+    };
+    socket.onclose = (e) => closes.push({ linger, clean: e.wasClean && e.code === 1000 });
+  });
+  for (const linger of [true, false]) {
+    // The protocol offered only tells the server which connection this is.
+    const protocols = [linger ? "linger" : "drop"];
+    const conn = await openRawConnection(srv.url, { idleTimeoutMs: 5000, linger, protocols });
+    assert.ok(((await conn.next()) ?? []).length > 0);
+    conn.close();
+    await conn.closed();
+  }
+  for (let i = 0; i < 100 && closes.length < 2; i++) await new Promise((r) => setTimeout(r, 20));
+  assert.deepEqual(closes.sort((a, b) => Number(b.linger) - Number(a.linger)), [
+    { linger: true, clean: true },
+    { linger: false, clean: false },
+  ]);
+});

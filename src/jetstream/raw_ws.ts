@@ -72,6 +72,16 @@ export interface RawConnectionOptions {
    * `NO_PROXY`), as Deno's `WebSocket` takes it.
    */
   proxy?: string | null;
+  /**
+   * Once it closes the connection (an abort, `close()`), read on, dropping what comes, until the
+   * server's close frame comes or it closes the TCP connection, 500 ms at most: a connection closed
+   * with data unread is reset, which the server sees as an abnormal close (1006). False drops it at
+   * once, for a connection whose server is sending fast what is no longer wanted (a probe's replay):
+   * reading that on would only compete with the work that matters.
+   *
+   * @default {true}
+   */
+  linger?: boolean;
 }
 
 /**
@@ -168,8 +178,10 @@ export class RawConnection implements Connection {
   #reading = false;
   /** The last read of the TCP connection, which may still be under way. */
   #read: Promise<number | null> | undefined;
-  /** Closed from here, the connection is read on for the server's close (see `#linger()`). */
+  /** Closed from here, the connection is read on for the server's close (see `#readToServerClose()`)… */
   #lingering = false;
+  /** …unless the option `linger` is false. */
+  readonly #linger: boolean;
   /**
    * When progress was last made (`performance.now()`), or `next()` was last called: the time the
    * consumer spends between calls is not the server's idleness.
@@ -232,6 +244,7 @@ export class RawConnection implements Connection {
     this.#maxMessageBytes = options.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES;
     this.#idleTimeoutMs = options.idleTimeoutMs ?? Number.POSITIVE_INFINITY;
     this.#signal = options.signal;
+    this.#linger = options.linger ?? true;
     this.#closedPromise = new Promise((resolve) => this.#resolveClosed = resolve);
     this.#signal?.addEventListener("abort", this.#onAbort, { once: true });
     if (Number.isFinite(this.#idleTimeoutMs)) {
@@ -368,7 +381,7 @@ export class RawConnection implements Connection {
       return;
     }
     this.#reading = false;
-    // Bytes that came after the close frame went out are the linger's, to drop (see #linger()).
+    // Bytes that came after the close frame went out are the linger's, to drop (see #readToServerClose()).
     if (this.#lingering) return;
     if (n === null) {
       this.#finish({ kind: "closed", code: 1006, reason: "" }, undefined);
@@ -712,7 +725,7 @@ export class RawConnection implements Connection {
    * here, which ends a read under way). What was read before the close can still be taken by
    * `next()`; what comes after it is walked through only to find the server's close frame.
    */
-  async #linger(): Promise<void> {
+  async #readToServerClose(): Promise<void> {
     this.#lingering = true;
     const timer = setTimeout(() => closeQuietly(this.#conn), LINGER_MS);
     // Frames are found from #head on (the parse took every complete frame before it), past what
@@ -749,8 +762,10 @@ export class RawConnection implements Connection {
     // or that ended the connection, has nothing more to send; an idle one sent nothing to leave
     // unread; a drain has had its time; a protocol error is the server's fault, and what follows it
     // cannot be parsed.
-    if (this.#closeSent && this.cause?.kind === "aborted" && this.#drainLeftMs === undefined) {
-      await this.#linger();
+    if (
+      this.#linger && this.#closeSent && this.cause?.kind === "aborted" && this.#drainLeftMs === undefined
+    ) {
+      await this.#readToServerClose();
     }
     this.#connClosed = true;
     closeQuietly(this.#conn);

@@ -129,6 +129,8 @@ export interface ConnectionOptions {
    * @default {"raw", or "websocket" with forceBuffered}
    */
   transport?: "raw" | "stream" | "websocket";
+  /** The raw client's `linger` (see `RawConnectionOptions`); the others close as their `WebSocket` does. */
+  linger?: boolean;
 }
 
 /**
