@@ -74,7 +74,8 @@ export interface RawConnectionOptions {
   proxy?: string | null;
   /**
    * Once it closes the connection (an abort, `close()`), read on, dropping what comes, until the
-   * server's close frame comes or it closes the TCP connection, 500 ms at most: a connection closed
+   * server's close frame comes or it closes the TCP connection (or nothing has come for 100 ms; 500
+   * ms at most): a connection closed
    * with data unread is reset, which the server sees as an abnormal close (1006). False drops it at
    * once, for a connection whose server is sending fast what is no longer wanted (a probe's replay):
    * reading that on would only compete with the work that matters.
@@ -109,6 +110,11 @@ const CLOSED_TIMEOUT_MS = 2000;
  * the server would see an abnormal close (1006) rather than the closing handshake.
  */
 const LINGER_MS = 500;
+/**
+ * …and given up sooner once nothing has come for this long, ms: nothing is left unread to reset the
+ * connection, and a server that answers later still had the close frame.
+ */
+const LINGER_QUIET_MS = 100;
 /**
  * Text messages waiting to go out are held up to this many bytes (one larger message is still
  * taken when none waits): a server that does not read cannot make them pile up.
@@ -721,28 +727,40 @@ export class RawConnection implements Connection {
 
   /**
    * Reads the TCP connection on after the close frame, dropping what comes, until the server's close
-   * frame comes or the server closes it, or {@link LINGER_MS} have passed (when it is closed from
-   * here, which ends a read under way). What was read before the close can still be taken by
-   * `next()`; what comes after it is walked through only to find the server's close frame.
+   * frame comes or the server closes it. It is closed from here (which ends a read under way) once
+   * nothing has come for {@link LINGER_QUIET_MS}, as nothing is left unread then, or after
+   * {@link LINGER_MS} in all. What was read before the close can still be taken by `next()`; what
+   * comes after it is walked through only to find the server's close frame.
    */
   async #readToServerClose(): Promise<void> {
     this.#lingering = true;
-    const timer = setTimeout(() => closeQuietly(this.#conn), LINGER_MS);
+    const giveUpAt = performance.now() + LINGER_MS;
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const wait = () => {
+      clearTimeout(timer);
+      timer = setTimeout(
+        () => closeQuietly(this.#conn),
+        Math.min(LINGER_QUIET_MS, giveUpAt - performance.now()),
+      );
+    };
     // Frames are found from #head on (the parse took every complete frame before it), past what
     // remains of a frame being skipped for its size.
     const finder = new CloseFrameFinder(this.#skipFrame ? this.#skipLeft : 0);
     try {
       if (finder.feed(this.#buf.subarray(this.#head, this.#tail))) return;
+      wait();
       if (this.#reading) {
         // The read under way puts its bytes after #tail, where #fill leaves them.
         const at = this.#tail;
         const n = await this.#read!;
         if (n === null || finder.feed(this.#buf.subarray(at, at + n))) return;
+        wait();
       }
       const scratch = new Uint8Array(READ_BUFFER_BYTES);
       for (;;) {
         const n = await this.#conn.read(scratch);
         if (n === null || finder.feed(scratch.subarray(0, n))) return;
+        wait();
       }
     } catch {
       // Closed from here, or reset by the server: either way it has ended.
