@@ -1356,6 +1356,25 @@ Deno.test("`RawConnection.close()` soon lets go of a server that neither answers
   assert.ok(took < 400, `closing took ${Math.round(took)} ms`);
 });
 
+Deno.test("`RawConnection.close()` after the server's close frame, parsed only after it, does not wait for another", async () => {
+  // The server's close comes with the handshake; it then waits for the client to close TCP. The
+  // client closes first and takes the close frame from its buffer afterwards: nothing is left to read.
+  await using srv = scripted(async (peer, handshake) => {
+    await peer.write(handshake, frame(1, "hello"), frame(8, new Uint8Array([3, 232])));
+    while (await peer.readFrame() !== null);
+  });
+  const conn = await openRawConnection(srv.url, { idleTimeoutMs: 5000 });
+  const t = performance.now();
+  conn.close();
+  assert.deepEqual(await conn.next(), ["hello"]);
+  assert.equal(await conn.next(), null);
+  await conn.closed();
+  // The quiet wait (100 ms) would be for a close frame that came already.
+  const took = performance.now() - t;
+  await srv.done;
+  assert.ok(took < 90, `closing took ${Math.round(took)} ms`);
+});
+
 Deno.test("`RawConnection.close()` ends at the server's close frame, not waiting for it to close TCP as well", async () => {
   // This server answers the close frame, then waits for the client to close the TCP connection
   // (RFC 6455 lets either side do it). Waiting for EOF would take the whole linger (500 ms).

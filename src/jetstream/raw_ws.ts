@@ -738,10 +738,9 @@ export class RawConnection implements Connection {
     let timer: ReturnType<typeof setTimeout> | undefined;
     const wait = () => {
       clearTimeout(timer);
-      timer = setTimeout(
-        () => closeQuietly(this.#conn),
-        Math.min(LINGER_QUIET_MS, giveUpAt - performance.now()),
-      );
+      // Never a negative delay, which Deno warns of on stderr.
+      const ms = Math.max(0, Math.min(LINGER_QUIET_MS, giveUpAt - performance.now()));
+      timer = setTimeout(() => closeQuietly(this.#conn), ms);
     };
     // Frames are found from #head on (the parse took every complete frame before it), past what
     // remains of a frame being skipped for its size.
@@ -776,12 +775,13 @@ export class RawConnection implements Connection {
       new Promise<void>((resolve) => timer = setTimeout(resolve, CLOSE_WRITE_TIMEOUT_MS)),
     ]);
     clearTimeout(timer);
-    // Only a close from here (an abort, close()) waits for the server's: a server whose close came,
-    // or that ended the connection, has nothing more to send; an idle one sent nothing to leave
-    // unread; a drain has had its time; a protocol error is the server's fault, and what follows it
-    // cannot be parsed.
+    // Only a close from here (an abort, close()) waits for the server's: a server whose close came
+    // (even one parsed after the close from here: #stopped), or that ended the connection, has
+    // nothing more to send; an idle one sent nothing to leave unread; a drain has had its time; a
+    // protocol error (#stopped too) is the server's fault, and what follows it cannot be parsed.
     if (
-      this.#linger && this.#closeSent && this.cause?.kind === "aborted" && this.#drainLeftMs === undefined
+      this.#linger && this.#closeSent && this.cause?.kind === "aborted" && this.#drainLeftMs === undefined &&
+      !this.#stopped
     ) {
       await this.#readToServerClose();
     }
