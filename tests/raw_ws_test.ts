@@ -1335,6 +1335,14 @@ if (import.meta.main && Deno.args[0] === "fragments") {
   console.log(JSON.stringify(await heldByFragments()));
 }
 
+/** Closes `conn` and resolves to how long it took until `closed()` resolved, ms. */
+async function timedClose(conn: RawConnection): Promise<number> {
+  const t = performance.now();
+  conn.close();
+  await conn.closed();
+  return performance.now() - t;
+}
+
 Deno.test("`RawConnection.close()` soon lets go of a server that neither answers the close frame nor closes", async () => {
   const seen: { close?: number; eof?: boolean } = {};
   await using srv = scripted(async (peer, handshake) => {
@@ -1346,11 +1354,8 @@ Deno.test("`RawConnection.close()` soon lets go of a server that neither answers
   });
   const conn = await openRawConnection(srv.url, { idleTimeoutMs: 5000 });
   assert.deepEqual(await conn.next(), ["hello"]);
-  const t = performance.now();
-  conn.close();
-  await conn.closed();
   // Once nothing has come for a moment, nothing is left unread: no need to wait the whole 500 ms.
-  const took = performance.now() - t;
+  const took = await timedClose(conn);
   await srv.done;
   assert.deepEqual(seen, { close: 8, eof: true });
   assert.ok(took < 400, `closing took ${Math.round(took)} ms`);
@@ -1388,10 +1393,7 @@ Deno.test("`RawConnection.close()` ends at the server's close frame, not waiting
   });
   const conn = await openRawConnection(srv.url, { idleTimeoutMs: 5000 });
   assert.deepEqual(await conn.next(), ["hello"]);
-  const t = performance.now();
-  conn.close();
-  await conn.closed();
-  const took = performance.now() - t;
+  const took = await timedClose(conn);
   await srv.done;
   assert.deepEqual(seen, { answered: true, eof: true });
   assert.ok(took < 400, `closing took ${Math.round(took)} ms`);
