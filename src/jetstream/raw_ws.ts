@@ -75,10 +75,9 @@ export interface RawConnectionOptions {
   /**
    * Once it closes the connection (an abort, `close()`), read on, dropping what comes, until the
    * server's close frame comes or it closes the TCP connection (or nothing has come for 100 ms; 500
-   * ms at most): a connection closed
-   * with data unread is reset, which the server sees as an abnormal close (1006). False drops it at
-   * once, for a connection whose server is sending fast what is no longer wanted (a probe's replay):
-   * reading that on would only compete with the work that matters.
+   * ms at most): a connection closed with data unread is reset, which the server sees as an abnormal
+   * close (1006). False drops it at once, for a connection whose server is sending fast what is no
+   * longer wanted (a probe's replay): reading that on would only compete with the work that matters.
    *
    * @default {true}
    */
@@ -184,7 +183,7 @@ export class RawConnection implements Connection {
   #reading = false;
   /** The last read of the TCP connection, which may still be under way. */
   #read: Promise<number | null> | undefined;
-  /** Closed from here, the connection is read on for the server's close (see `#readToServerClose()`)… */
+  /** Closed from here, the connection is read on for the server's close (`#readToServerClose()`)… */
   #lingering = false;
   /** …unless the option `linger` is false. */
   readonly #linger: boolean;
@@ -387,7 +386,7 @@ export class RawConnection implements Connection {
       return;
     }
     this.#reading = false;
-    // Bytes that came after the close frame went out are the linger's, to drop (see #readToServerClose()).
+    // Bytes that came after the close frame went out are #readToServerClose()'s, to drop.
     if (this.#lingering) return;
     if (n === null) {
       this.#finish({ kind: "closed", code: 1006, reason: "" }, undefined);
