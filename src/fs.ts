@@ -5,6 +5,20 @@
  */
 
 /**
+ * Whether `err` says that nothing is at a path: not found, or a file where a folder of the path
+ * should be (`notes.txt/q.sqlite`).
+ *
+ * @example
+ * ```ts
+ * import { isNothingThere } from "./fs.ts";
+ * await Deno.stat("./no/such/file").catch((err) => isNothingThere(err)); // true
+ * ```
+ */
+export function isNothingThere(err: unknown): boolean {
+  return err instanceof Deno.errors.NotFound || err instanceof Deno.errors.NotADirectory;
+}
+
+/**
  * Whether something exists at `path` (a file, a folder, or a link to one); errors other than "not
  * found", such as a denied permission, go through.
  *
@@ -19,8 +33,7 @@ export async function pathExists(path: string): Promise<boolean> {
     await Deno.stat(path);
     return true;
   } catch (err) {
-    // (A file where a folder of the path should be: nothing there either.)
-    if (err instanceof Deno.errors.NotFound || err instanceof Deno.errors.NotADirectory) return false;
+    if (isNothingThere(err)) return false;
     throw err;
   }
 }
@@ -40,7 +53,7 @@ export async function databaseExists(path: string): Promise<boolean> {
     const info = await Deno.stat(path);
     return !info.isFile || info.size > 0;
   } catch (err) {
-    if (err instanceof Deno.errors.NotFound || err instanceof Deno.errors.NotADirectory) return false;
+    if (isNothingThere(err)) return false;
     throw err;
   }
 }

@@ -124,18 +124,22 @@ Deno.test("`resolveZstdDictionary()` uses the dictionary option given as bytes",
 
 Deno.test("`resolveZstdDictionary()` names a missing or unusable dictionary path in a UsageError", async () => {
   await withTempDir(async (dir) => {
+    // A folder that is not there, and a file where a folder of the path should be.
+    await Deno.writeTextFile(`${dir}/notes.txt`, "x");
+    for (const missing of [`${dir}/nope/legacy.zdict`, `${dir}/notes.txt/legacy.zdict`]) {
+      await assert.rejects(
+        () => resolveZstdDictionary(isolated(dir, { dictionary: missing })),
+        (error: unknown) => {
+          assert.ok(error instanceof UsageError);
+          assert.equal(
+            error.message,
+            `Cannot read the zstd dictionary '${missing}' (from --zstd-dictionary / zstdDictionary): no such file`,
+          );
+          return true;
+        },
+      );
+    }
     const missing = `${dir}/nope/legacy.zdict`;
-    await assert.rejects(
-      () => resolveZstdDictionary(isolated(dir, { dictionary: missing })),
-      (error: unknown) => {
-        assert.ok(error instanceof UsageError);
-        assert.equal(
-          error.message,
-          `Cannot read the zstd dictionary '${missing}' (from --zstd-dictionary / zstdDictionary): no such file`,
-        );
-        return true;
-      },
-    );
     await assert.rejects(
       () => resolveZstdDictionary(isolated(dir, { env: envOf({ [ZSTD_DICTIONARY_ENV]: missing }) })),
       (error: unknown) =>

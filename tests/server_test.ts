@@ -924,6 +924,13 @@ Deno.test("`serveCommand()` throws UsageError for bad flags and files", async ()
       serveCommand(["--file", `${dir}/bad.ndjson`]),
       (err: Error) => err instanceof UsageError && err.message.includes(`${dir}/bad.ndjson:2: invalid JSON`),
     );
+    // A path through a file (the file where a folder should be) holds no capture either.
+    await assert.rejects(
+      serveCommand(["--file", `${dir}/bad.ndjson/capture.ndjson`]),
+      (err: Error) =>
+        err instanceof UsageError &&
+        err.message === `--file "${dir}/bad.ndjson/capture.ndjson" does not exist`,
+    );
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

@@ -5,6 +5,7 @@
  * @module
  */
 import { UsageError } from "../errors.ts";
+import { isNothingThere } from "../fs.ts";
 import { countOutOfOrder, loadCapture } from "../server/capture.ts";
 import { type ErrorAfter, serveJetstream } from "../server/server.ts";
 import type { ServerFaults } from "../server/faults.ts";
@@ -222,7 +223,7 @@ export async function serveCommand(args: string[]): Promise<number> {
   try {
     events = await loadCapture(values.file);
   } catch (err) {
-    if (err instanceof Deno.errors.NotFound) {
+    if (isNothingThere(err)) {
       throw new UsageError(`--file ${JSON.stringify(values.file)} does not exist`, { cause: err });
     }
     if (err instanceof Deno.errors.PermissionDenied || err instanceof Deno.errors.IsADirectory) {

@@ -4,6 +4,7 @@
  * @module
  */
 import { UsageError } from "../errors.ts";
+import { isNothingThere } from "../fs.ts";
 import { type QueueStatus, queueStatus } from "../queue/status.ts";
 import { openKvAt, unknownQueue } from "../queue/kv_queue.ts";
 import { queueFileLocked, queueLockPath } from "../queue/file_lock.ts";
@@ -178,8 +179,7 @@ export async function statusCommand(args: string[]): Promise<number> {
       );
     }
   } catch (err) {
-    // (A file where a folder of the path should be: there is no such database either.)
-    if (err instanceof Deno.errors.NotFound || err instanceof Deno.errors.NotADirectory) {
+    if (isNothingThere(err)) {
       throw new UsageError(
         `Cannot show the status as the database ${
           JSON.stringify(path)

@@ -13,6 +13,7 @@ import { messageWithCause, UsageError } from "../errors.ts";
 import { readEnv } from "../env.ts";
 import { dictionaryIdOf, LEGACY_DICTIONARY_ID } from "./zstd.ts";
 import { printable } from "./utf8.ts";
+import { isNothingThere } from "../fs.ts";
 
 /**
  * sha256 of the legacy Jetstream dictionary (`legacy_subscribe.zdict`, 112,640 bytes), the same
@@ -265,7 +266,7 @@ async function readGivenDictionary(
   try {
     bytes = await Deno.readFile(path);
   } catch (error) {
-    if (error instanceof Deno.errors.NotFound) {
+    if (isNothingThere(error)) {
       throw new UsageError(`Cannot read the zstd dictionary '${path}' (from ${via}): no such file`, {
         cause: error,
       });
