@@ -33,6 +33,7 @@ import {
   DRAIN_WAIT_MS,
   endAwait,
   type RunContext,
+  searchFurther,
   type SeqState,
   type Session,
   stopWith,
@@ -97,6 +98,16 @@ function resumePointUs(cp: Checkpoint): number {
   return maxUs !== undefined && maxUs - cp.cursor > KEYS_SPAN_US ? maxUs : cp.cursor;
 }
 
+/**
+ * From which `time_us` on the queue's key entries know every record the run stored: all of them
+ * when the entries hold as many keys as it stored records; else those after the oldest entry's
+ * cursor, and those within {@link KEYS_SPAN_US} of the newest (entries are only deleted past both).
+ */
+function recentCoveredFromUs(recent: RecentKeys, resumeFrom: Checkpoint): number {
+  if (recent.keys.length / 2 >= resumeFrom.run.recordsStored) return Number.NEGATIVE_INFINITY;
+  return Math.min(recent.oldestCursor, recent.cursor - KEYS_SPAN_US);
+}
+
 /** The reconnect loop: one connection at a time, until a stop condition. */
 export async function consumeStream(
   ctx: RunContext,
@@ -108,7 +119,12 @@ export async function consumeStream(
   const select = createSelector(o);
   // The last records the queue stored, by content: a server's re-ingest of them under new time_us
   // is dropped, as within a run.
-  if (recent) guard.remember(recent.keys);
+  if (recent) {
+    guard.remember(recent.keys, recentCoveredFromUs(recent, resumeFrom!));
+    // The last pair is the last record stored.
+    ctx.lastStoredB = recent.keys[recent.keys.length - 2] ?? 0;
+    ctx.lastStoredA = recent.keys[recent.keys.length - 1] ?? 0;
+  }
   let instanceIndex = Math.max(0, resumeFrom ? o.instances.indexOf(resumeFrom.run.instance) : 0);
   let startUs = o.startUs ?? Number.NEGATIVE_INFINITY;
   // Events at or below this time_us were processed on the current instance (its cursor is inclusive).
@@ -135,7 +151,7 @@ export async function consumeStream(
     recent.cursor === resumeFrom?.cursor && recent.seq === resumeFrom.seq;
   if (floorUs >= 0 && o.instances.includes(resumeFrom!.run.instance)) {
     if (tail?.us === floorUs && tail.keys) {
-      guard.remember(tail.keys);
+      guard.remember(tail.keys, tail.us);
       floorKnown = true;
     } else if (recentAtCursor) {
       // More records at the cursor than the checkpoint's tail names (MAX_TAIL_KEYS).
@@ -554,6 +570,38 @@ export async function consumeStream(
     }
     // A drain after the user's abort ended: what the server sent before the close was read.
     if (ctx.draining) stopWith(ctx, "aborted");
+    if (ctx.searchBack) {
+      ctx.searchBack = false;
+      if (!ctx.stop) {
+        // A new record came here before any of those stored last (see RunContext.search): nothing
+        // of this connection was stored, and the next goes further back on this instance.
+        const { lastUs, rewindUs: tried } = ctx.search!;
+        floorUs = searchFurther(ctx);
+        lastSpanUs = 0;
+        // (By time: a seq of this connection would take the stream up where it ended.)
+        if (seq.host === base) {
+          seq.host = undefined;
+          seq.floor = -1;
+        }
+        disconnectedAt = performance.now();
+        ctx.report({
+          reason: "connection",
+          message: `on ${
+            new URL(base).host
+          }, a new record came before any of those stored last: its time_us may run more than ${
+            tried / 1e6
+          } s behind the other instance's, and events in between would be missing; ${
+            ctx.search === undefined
+              ? `no further search can tell, so the stream is taken up ${o.rewindUs / 1e6} s before ${
+                isoFromUs(lastUs)
+              } again`
+              : `the stream is taken up ${(lastUs - floorUs) / 1e6} s before ${isoFromUs(lastUs)} instead`
+          }`,
+          instance: base,
+        });
+        continue;
+      }
+    }
     if (session.maxUs >= 0) endInstance ??= base;
     if (ctx.stop === "end" && endInstance !== undefined && base !== endInstance) {
       // The end was compared with this instance's time_us, which differ from the other's by up to

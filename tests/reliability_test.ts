@@ -349,7 +349,11 @@ Deno.test("after a failover to an instance that lacks the records stored, its ow
     assert.ok(syncConnections(second).length >= 2, "the second instance's reconnect");
     assert.ok(
       reports.some((r) =>
-        r.reason === "coverage" && r.message.startsWith("none of the records stored last came again")
+        r.reason === "coverage" && r.message.startsWith("none of the records stored last came again") &&
+        // It looked back 5, 10 and 20 s: 20 s before the last time processed is before the start.
+        / s behind the other instance's \(the stream was taken up too late, even 20 s before\)/.test(
+          r.message,
+        )
       ),
       JSON.stringify(reports.map((r) => r.message)),
     );
@@ -357,6 +361,58 @@ Deno.test("after a failover to an instance that lacks the records stored, its ow
     await first.shutdown();
   }
 });
+
+for (
+  const [name, skewUs, stepUs, version] of [
+    ["8 s behind", -8_000_000, 10_000, "v1"],
+    ["40 s behind", -40_000_000, 50_000, "v1"],
+    ["8 s ahead", 8_000_000, 10_000, "v1"],
+    ["8 s behind", -8_000_000, 10_000, "v2"],
+  ] as const
+) {
+  Deno.test(`a failover to a ${version} instance whose time_us run ${name} the first's stores every event once`, async () => {
+    // 3,000 posts, 10 or 50 ms apart. The first instance goes away after 1,200 of them; the second
+    // has them all. Running behind by more than the rewind (5 s), the second's cursor fell after events the
+    // first never sent: before, they were missing, with only a coverage warning. It now looks further
+    // back until it meets a record stored before.
+    const events = spaced(3000, stepUs);
+    const other = events.map((e) => ({ ...e, time_us: e.time_us + skewUs }));
+    const first = serveEvents(events.slice(0, 1500));
+    await using second = serveEvents(other, {
+      closeAtEnd: true,
+      version: version === "v2" ? "v2" : undefined,
+    });
+    await using db = await tempDb();
+    try {
+      const reports: SyncErrorReport[] = [];
+      const sync = runBackfillSync({
+        instance: [first.url, version === "v2" ? second.v2Url : second.url],
+        kv: db.path,
+        startTimestamp: T0,
+        numRecords: 100_000,
+        onError: (r) => reports.push(r),
+      });
+      while (!(syncConnections(first)[0]?.sent >= 1200)) await delay(20);
+      await first.shutdown();
+      const stats = await sync;
+      assert.equal(stats.stopReason, "closed", stats.error);
+      assert.equal(stats.failovers, 1);
+      const got = await stored(db.path, stats.queueLength);
+      const text = (e: JetstreamEvent) =>
+        e.kind === "commit" ? (e.commit.record as { text: string }).text : e.kind;
+      assert.deepEqual(got.map(text), events.map(text));
+      assert.equal(stats.recordsStored, 3000);
+      assert.deepEqual(reports.filter((r) => r.reason === "coverage"), []);
+      // Running ahead, a record stored came first at once.
+      const searched = reports.some((r) =>
+        / a new record came before any of those stored last/.test(r.message)
+      );
+      assert.equal(searched, skewUs < 0, JSON.stringify(reports.map((r) => r.message)));
+    } finally {
+      await first.shutdown();
+    }
+  });
+}
 
 /**
  * 4,000 posts 1 ms apart, synced from the 1,000th on. The first instance has them up to the 2,700th

@@ -163,7 +163,7 @@ function twoInstances(count: number, stepUs: number, skewUs: number) {
   };
 }
 
-for (const skewMs of [1500, -1500]) {
+for (const skewMs of [1500, -1500, 8000, -8000]) {
   Deno.test(`a resume on another instance, whose time_us are ${skewMs} ms off, stores each event once`, async () => {
     await using pair = twoInstances(20, 1_000_000, skewMs * 1000);
     const { events, other, a, b } = pair;
@@ -343,9 +343,41 @@ Deno.test("a resume on another instance far from the start stores the events the
   assert.equal(resumed.recordsStored, 16, reports.join("\n"));
   assert.deepEqual(await queueEvents(db.path), [...events.slice(0, 15), extra, ...events.slice(15)]);
   assert.ok(
-    reports.some((m) => /^coverage: none of the records stored last came again on .*: it lacks them/.test(m)),
+    // Taken up 5 s before, the extra event came first; 10 s before, event 4 did, but not event 14,
+    // the last stored, up to 5 s after it.
+    reports.some((m) =>
+      /^coverage: on .*, records stored before came again, taken up 10 s before .*, but not the last one stored, up to .*: it lacks it/
+        .test(m)
+    ),
     reports.join("\n"),
   );
+});
+
+Deno.test("a resume on another instance 8 s behind, which has an event the first lacked among those stored, stores it and warns of nothing", async () => {
+  const events = Array.from({ length: 20 }, (_, i) => commit(T0 + i * 1_000_000, { did: did(i) }));
+  const behind = (e: JetstreamEvent) => ({ ...e, time_us: e.time_us - 8_000_000 });
+  // Between events 12 and 13, which the first instance never sent.
+  const extra = behind(commit(T0 + 12_500_000, { did: did(99), rkey: "3kextra" }));
+  await using a = serveEvents(events, { closeAtEnd: true });
+  await using b = serveEvents([...events.slice(0, 13).map(behind), extra, ...events.slice(13).map(behind)], {
+    closeAtEnd: true,
+  });
+  await using db = await tempDb();
+  await runBackfillSync({ instance: a.url, kv: db.path, startTimestamp: T0, numRecords: 15 });
+  const { resumed, reports } = await resumeOn(db.path, b.url);
+  // Taken up 5 s before event 14, event 17 came first; 10 s before, event 12 did, then the extra
+  // one, and event 14, the last stored.
+  assert.ok(
+    reports.some((m) => / the stream is taken up 10 s before .* instead$/.test(m)),
+    reports.join("\n"),
+  );
+  assert.deepEqual(reports.filter((m) => m.startsWith("coverage:")), []);
+  assert.equal(resumed.recordsStored, 6);
+  assert.deepEqual(await queueEvents(db.path), [
+    ...events.slice(0, 15),
+    extra,
+    ...events.slice(15).map(behind),
+  ]);
 });
 
 for (const version of ["v1", "v2"] as const) {

@@ -132,6 +132,36 @@ export interface RunContext {
   awaitDropsBelowUs: number;
   /** Whether a record stored before was expected to come again: one was selected within the rewind. */
   awaitWarns: boolean;
+  /**
+   * While {@link awaitStoredUntilUs} waits for a record that was expected ({@link awaitWarns}): how
+   * far back from `lastUs` the instance's stream is taken up. A new record that comes before any
+   * stored one means the stream was taken up too late (this instance's `time_us` run behind the
+   * other's by more than the rewind): the connection is ended ({@link searchBack}) and the next one
+   * goes twice as far back, down to `lowUs` (what the replay guard still knows, the start) or 64
+   * rewinds. Undefined when nothing is looked for, or once the search has given up.
+   */
+  search: {
+    lastUs: number;
+    rewindUs: number;
+    lowUs: number;
+    /** The content key of the last record stored ({@link lastStoredB}, {@link lastStoredA}). */
+    lastB: number;
+    lastA: number;
+    /**
+     * Whether a record stored before came first after a search went further back than the first
+     * rewind: the streams are lined up, and the last record stored must come too before a new one,
+     * or the instance lacks it (and perhaps events around it).
+     */
+    linedUp: boolean;
+  } | undefined;
+  /** The content key of the last record stored (see `ReplayGuard.lastB`); (0, 0) when none is known. */
+  lastStoredB: number;
+  /** See {@link lastStoredB}. */
+  lastStoredA: number;
+  /** Set by the pipeline when the connection must end for {@link search} to look further back. */
+  searchBack: boolean;
+  /** How far back the last search looked before it gave up (0: none did): for the coverage warning. */
+  searchedUs: number;
   /** New events left out while waiting (see {@link awaitDropsBelowUs}). */
   awaitDropped: number;
   /**
@@ -366,10 +396,45 @@ export function awaitStored(ctx: RunContext, lastUs: number, selectedUs: number)
   ctx.awaitWarns = warns;
   ctx.awaitDropped = 0;
   ctx.sentWhileAwaiting = new Set();
+  ctx.searchedUs = 0;
+  ctx.search = warns
+    ? {
+      lastUs,
+      rewindUs,
+      // Further back than the guard remembers, a record stored would not be recognised; before the
+      // start (a time of the other instance, so less the rewind), none was stored.
+      lowUs: Math.max(ctx.guard.coveredFromUs(), (startUs ?? Number.NEGATIVE_INFINITY) - rewindUs),
+      lastB: ctx.lastStoredB,
+      lastA: ctx.lastStoredA,
+      linedUp: false,
+    }
+    : undefined;
 }
 
 /** Ends the wait that {@link awaitStored} started: what comes from now on is new. */
 export function endAwait(ctx: RunContext): void {
   ctx.awaitStoredUntilUs = -1;
   ctx.sentWhileAwaiting = undefined;
+  ctx.search = undefined;
+}
+
+/** The most rewinds a {@link RunContext.search} goes back. */
+export const SEARCH_MAX_REWINDS = 64;
+
+/**
+ * After the pipeline ended a connection for {@link RunContext.search}: the `time_us` to take the
+ * stream up from next, twice as far back as the last, or, when that one already reached back to
+ * `lowUs` or the limit, from the first rewind again with the search given up (what comes is then
+ * stored, and a coverage warning follows if no record stored before does).
+ */
+export function searchFurther(ctx: RunContext): number {
+  const s = ctx.search!;
+  const base = ctx.o.rewindUs;
+  if (s.lastUs - s.rewindUs > s.lowUs && 2 * s.rewindUs <= SEARCH_MAX_REWINDS * base) {
+    s.rewindUs *= 2;
+    return s.lastUs - s.rewindUs;
+  }
+  ctx.searchedUs = s.rewindUs;
+  ctx.search = undefined;
+  return s.lastUs - base;
 }

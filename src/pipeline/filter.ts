@@ -119,8 +119,14 @@ export class ReplayGuard {
   /** The same pairs by hash, with linear probing; (0, 0) is an empty slot. */
   readonly #table: Int32Array;
   readonly #mask: number;
+  /** The `time_us` of each remembered event, by its place in the ring. */
+  readonly #times: Float64Array;
+  /** The earliest time passed to {@link remember}: what was stored before that is not known. */
+  #rememberedFromUs = Number.POSITIVE_INFINITY;
   #next = 0;
   #count = 0;
+  /** Whether an event was forgotten to make room. */
+  #forgot = false;
   /** The content key of the event last passed to {@link repeats}: its two hashes. */
   lastB = 0;
   /** See {@link lastB}. */
@@ -130,6 +136,7 @@ export class ReplayGuard {
   constructor(capacity: number) {
     this.#capacity = Math.max(1, capacity);
     this.#ring = new Int32Array(2 * this.#capacity);
+    this.#times = new Float64Array(this.#capacity);
     // At most half full, so that probes stay short.
     let size = 2;
     while (size < 2 * this.#capacity) size *= 2;
@@ -139,15 +146,35 @@ export class ReplayGuard {
 
   /** Whether `ev` repeats one of the last `capacity` events passed here; if not, it is remembered. */
   repeats(ev: JetstreamEvent): boolean {
+    if (this.seen(ev)) return true;
+    this.#insert(this.lastB, this.lastA, ev.time_us);
+    return false;
+  }
+
+  /**
+   * Whether `ev` repeats one of the events remembered, without remembering it: its content key is
+   * left in {@link lastB} and {@link lastA} all the same.
+   */
+  seen(ev: JetstreamEvent): boolean {
     hashContent(ev);
     const b = hashB;
     // (0, 0) marks an empty slot.
     const a = hashA === 0 && b === 0 ? 1 : hashA;
     this.lastB = b;
     this.lastA = a;
-    if (this.#has(b, a)) return true;
-    this.#insert(b, a);
-    return false;
+    return this.#has(b, a);
+  }
+
+  /**
+   * From which `time_us` on every event passed here (or to {@link remember}) is still remembered:
+   * -Infinity while none has been forgotten and none was remembered from before. Times are those of
+   * the events as they came, from whichever instance, so this is a close guide, not an exact bound.
+   */
+  coveredFromUs(): number {
+    if (this.#forgot) return this.#times[this.#next];
+    return this.#rememberedFromUs === Number.POSITIVE_INFINITY
+      ? Number.NEGATIVE_INFINITY
+      : this.#rememberedFromUs;
   }
 
   #has(b: number, a: number): boolean {
@@ -161,22 +188,27 @@ export class ReplayGuard {
 
   /**
    * Remembers content keys as (b, a) pairs, as {@link repeats} leaves them in {@link lastB} and
-   * {@link lastA}: a resume gives the keys of the records its queue stored last. Keys already
-   * remembered are not remembered twice.
+   * {@link lastA}: a resume gives the keys of the records its queue stored last, all of those
+   * stored from `fromUs` on (see {@link coveredFromUs}). Keys already remembered are not remembered
+   * twice.
    */
-  remember(keys: ArrayLike<number>): void {
+  remember(keys: ArrayLike<number>, fromUs: number): void {
+    this.#rememberedFromUs = Math.min(this.#rememberedFromUs, fromUs);
     for (let k = 0; k + 1 < keys.length; k += 2) {
-      if (!this.#has(keys[k], keys[k + 1])) this.#insert(keys[k], keys[k + 1]);
+      if (!this.#has(keys[k], keys[k + 1])) this.#insert(keys[k], keys[k + 1], fromUs);
     }
   }
 
-  #insert(b: number, a: number): void {
+  #insert(b: number, a: number, us: number): void {
     const table = this.#table, mask = this.#mask;
     const ring = this.#ring, i = this.#next;
-    if (this.#count === this.#capacity) this.#forget(ring[2 * i], ring[2 * i + 1]);
-    else this.#count++;
+    if (this.#count === this.#capacity) {
+      this.#forget(ring[2 * i], ring[2 * i + 1]);
+      this.#forgot = true;
+    } else this.#count++;
     ring[2 * i] = b;
     ring[2 * i + 1] = a;
+    this.#times[i] = us;
     let slot = b & mask;
     while (table[2 * slot] !== 0 || table[2 * slot + 1] !== 0) slot = (slot + 1) & mask;
     table[2 * slot] = b;
