@@ -211,6 +211,9 @@ export async function consumeStream(
     seq.host = resumeFrom.run.seqInstance;
     seq.floor = resumeFrom.run.seqCursor;
   }
+  // The host whose seq the run had when the wait for a record stored before began (see
+  // awaitStored): the resume's, or a failover's.
+  let seqHostAtAwait = seq.host;
   let failures = 0;
   // Connections in a row that the idle timeout ended before they brought a frame other than a notice.
   let silentInARow = 0;
@@ -282,6 +285,7 @@ export async function consumeStream(
     if (lastUs >= 0 && known && from !== to) {
       startUs = (o.startUs ?? Number.NEGATIVE_INFINITY) - o.rewindUs;
       awaitStored(ctx, lastUs, selectedUs);
+      seqHostAtAwait = seq.host;
     }
     ctx.report({
       reason: "connection",
@@ -429,7 +433,9 @@ export async function consumeStream(
       // On the host that delivered last (back after a failover, when none of the others delivered
       // since): its seq takes the stream up exactly where it was, so nothing stored comes again to
       // be recognised, and what comes is new, held to the start it was held to there.
-      if (ctx.awaitStoredUntilUs >= 0) endAwait(ctx);
+      // (Not on the instance failed over to, whose seq came with the wait: a reconnect by it takes
+      // that stream up where it was, and the wait goes on.)
+      if (ctx.awaitStoredUntilUs >= 0 && base === seqHostAtAwait) endAwait(ctx);
       startUs = deliveredStartUs;
     }
     // Reconnecting by time, ask for a few seconds more than the inclusive cursor (the failover's
@@ -526,6 +532,7 @@ export async function consumeStream(
     ctx.batcher.host = base;
     const before = {
       us: stats.lastProcessedUs,
+      floorUs,
       seq: seq.floor,
       accepted: ctx.accepted,
       messages: stats.messagesReceived,
@@ -545,8 +552,13 @@ export async function consumeStream(
       outdatedFrom: undefined,
       infoFrames: 0,
       idleResetMs: idleScale > 1 ? o.idleTimeoutMs : undefined,
-      // A history that begins within a rewind is no gap: measured from what is still needed.
-      requestedUs: bySeq || timeUs === undefined || probed.has(base) ? undefined : Math.max(timeUs, neededUs),
+      // A history that begins within a rewind is no gap: measured from what is still needed. (A
+      // search further back than the first rewind asks for more than is needed: see
+      // RunContext.search for a history that begins after its cursor.)
+      requestedUs: bySeq || timeUs === undefined || probed.has(base) ||
+          (ctx.search !== undefined && ctx.search.rewindUs > o.rewindUs)
+        ? undefined
+        : Math.max(timeUs, neededUs),
       maxUs: -1,
       minUs: -1,
       maxSelectedUs: -1,
@@ -578,6 +590,8 @@ export async function consumeStream(
         const { lastUs, rewindUs: tried } = ctx.search!;
         floorUs = searchFurther(ctx);
         lastSpanUs = 0;
+        // The instance answered and sent events: no failed attempt.
+        failures = 0;
         // (By time: a seq of this connection would take the stream up where it ended.)
         if (seq.host === base) {
           seq.host = undefined;
@@ -659,8 +673,10 @@ export async function consumeStream(
       break;
     }
     // Progress means new events, not the inclusive replay of the last one.
+    // (Or events past the floor asked from: after a failover to an instance whose time_us run
+    // behind, its replay of what was stored is all before the time processed last.)
     const progressed = stats.lastProcessedUs !== before.us || seq.floor !== before.seq ||
-      ctx.accepted !== before.accepted;
+      ctx.accepted !== before.accepted || (before.floorUs >= 0 && session.maxUs > before.floorUs);
     // A quiet connection closed by the idle timeout had been accepted by the server: a narrow
     // filter can be silent for long, so it does not count as a failure. One that stalled in the
     // middle of a message does: the same message would stall again.

@@ -362,57 +362,151 @@ Deno.test("after a failover to an instance that lacks the records stored, its ow
   }
 });
 
+/** How a {@link failoverBehind} scenario's second instance differs from the plain one. */
+interface SecondInstance {
+  /** How much later its time_us are (earlier when negative). */
+  skewUs: number;
+  /** The spacing of the 3,000 posts. */
+  stepUs?: number;
+  /** Serves the v2 wire. */
+  v2?: boolean;
+  /** Which of the (skewed) events it holds. */
+  holds?: (index: number) => boolean;
+  /** Its server's options (faults, history start). */
+  server?: Parameters<typeof serveEvents>[1];
+  /** A route to it in place of its own URL: a relay given its port. */
+  via?: (port: number) => { port: number } & AsyncDisposable;
+  /** More sync options. */
+  options?: BackfillSyncOptions;
+}
+
+/**
+ * 3,000 posts `stepUs` apart (10 ms) from T0, synced from T0. The first instance holds 1,200 of
+ * them and goes away once it has sent them; the second holds them as `second` says.
+ */
+async function failoverBehind(second: SecondInstance) {
+  const events = spaced(3000, second.stepUs ?? 10_000);
+  const other = events.map((e) => ({ ...e, time_us: e.time_us + second.skewUs }))
+    .filter((_, i) => second.holds?.(i) ?? true);
+  const first = serveEvents(events.slice(0, 1200));
+  await using server = serveEvents(other, {
+    closeAtEnd: true,
+    ...(second.v2 ? { version: "v2" as const } : {}),
+    ...second.server,
+  });
+  await using relay = second.via?.(server.port);
+  const url = relay ? `ws://127.0.0.1:${relay.port}/subscribe` : second.v2 ? server.v2Url : server.url;
+  await using db = await tempDb();
+  try {
+    const reports: SyncErrorReport[] = [];
+    const sync = runBackfillSync({
+      instance: [first.url, url],
+      kv: db.path,
+      startTimestamp: T0,
+      numRecords: 100_000,
+      onError: (r) => reports.push(r),
+      ...second.options,
+    });
+    while (!(syncConnections(first)[0]?.sent >= 1200)) await delay(20);
+    await first.shutdown();
+    const stats = await sync;
+    const got = await stored(db.path, stats.queueLength);
+    const text = (e: JetstreamEvent) =>
+      e.kind === "commit" ? (e.commit.record as { text: string }).text : e.kind;
+    return {
+      stats,
+      reports,
+      stored: got.map(text),
+      expected: events.map(text),
+      messages: (reason: string) => reports.filter((r) => r.reason === reason).map((r) => r.message),
+    };
+  } finally {
+    await first.shutdown();
+  }
+}
+
+/** A failover that must store every event once, with no coverage warning. */
+async function failoverLosesNothing(second: SecondInstance) {
+  const run = await failoverBehind(second);
+  assert.equal(run.stats.stopReason, "closed", run.stats.error);
+  assert.equal(run.stats.failovers, 1);
+  assert.deepEqual(run.stored, run.expected);
+  assert.equal(run.stats.recordsStored, 3000);
+  assert.deepEqual(run.messages("coverage"), []);
+  return run;
+}
+
+const SEARCHED = / a new record came before any of those stored last/;
+
 for (
-  const [name, skewUs, stepUs, version] of [
-    ["8 s behind", -8_000_000, 10_000, "v1"],
-    ["40 s behind", -40_000_000, 50_000, "v1"],
-    ["8 s ahead", 8_000_000, 10_000, "v1"],
-    ["8 s behind", -8_000_000, 10_000, "v2"],
+  const [name, skewUs, stepUs, v2] of [
+    ["8 s behind", -8_000_000, 10_000, false],
+    ["40 s behind", -40_000_000, 50_000, false],
+    ["8 s ahead", 8_000_000, 10_000, false],
+    ["8 s behind", -8_000_000, 10_000, true],
   ] as const
 ) {
-  Deno.test(`a failover to a ${version} instance whose time_us run ${name} the first's stores every event once`, async () => {
-    // 3,000 posts, 10 or 50 ms apart. The first instance goes away after 1,200 of them; the second
-    // has them all. Running behind by more than the rewind (5 s), the second's cursor fell after events the
-    // first never sent: before, they were missing, with only a coverage warning. It now looks further
-    // back until it meets a record stored before.
-    const events = spaced(3000, stepUs);
-    const other = events.map((e) => ({ ...e, time_us: e.time_us + skewUs }));
-    const first = serveEvents(events.slice(0, 1500));
-    await using second = serveEvents(other, {
-      closeAtEnd: true,
-      version: version === "v2" ? "v2" : undefined,
-    });
-    await using db = await tempDb();
-    try {
-      const reports: SyncErrorReport[] = [];
-      const sync = runBackfillSync({
-        instance: [first.url, version === "v2" ? second.v2Url : second.url],
-        kv: db.path,
-        startTimestamp: T0,
-        numRecords: 100_000,
-        onError: (r) => reports.push(r),
-      });
-      while (!(syncConnections(first)[0]?.sent >= 1200)) await delay(20);
-      await first.shutdown();
-      const stats = await sync;
-      assert.equal(stats.stopReason, "closed", stats.error);
-      assert.equal(stats.failovers, 1);
-      const got = await stored(db.path, stats.queueLength);
-      const text = (e: JetstreamEvent) =>
-        e.kind === "commit" ? (e.commit.record as { text: string }).text : e.kind;
-      assert.deepEqual(got.map(text), events.map(text));
-      assert.equal(stats.recordsStored, 3000);
-      assert.deepEqual(reports.filter((r) => r.reason === "coverage"), []);
-      // Running ahead, a record stored came first at once.
-      const searched = reports.some((r) =>
-        / a new record came before any of those stored last/.test(r.message)
-      );
-      assert.equal(searched, skewUs < 0, JSON.stringify(reports.map((r) => r.message)));
-    } finally {
-      await first.shutdown();
-    }
+  Deno.test(`a failover to a ${v2 ? "v2" : "legacy"} instance whose time_us run ${name} the first's stores every event once`, async () => {
+    // Running behind by more than the rewind (5 s), the second's cursor fell after events the first
+    // never sent: before, they were missing, with only a coverage warning. It now looks further back
+    // until it meets a record stored before.
+    const run = await failoverLosesNothing({ skewUs, stepUs, v2 });
+    // Running ahead, a record stored came first at once.
+    assert.equal(run.messages("connection").some((m) => SEARCHED.test(m)), skewUs < 0);
   });
 }
+
+Deno.test("a failover to an instance 8 s behind that drops every connection after 100 events goes on from it: its replay of what was stored is progress there", async () => {
+  // Before, the replay from 10 s back, all before the time processed last, did not count as
+  // progress: two drops failed over to the dead first instance and back, until the run gave up.
+  await failoverLosesNothing({
+    skewUs: -8_000_000,
+    server: { faults: { dropEvery: 100 } },
+    options: { maxRetries: 2 },
+  });
+});
+
+Deno.test("a search step is no failed attempt: one refused connection after it does not end a maxRetries 2 run", async () => {
+  const gone = await refusedPort();
+  // The second instance's first connection is its coverage probe, the second the stream taken up
+  // 5 s back; the third (10 s back) is refused once.
+  await failoverLosesNothing({
+    skewUs: -8_000_000,
+    via: (port) => tcpRelay((n) => n === 3 ? gone : port),
+    options: { maxRetries: 2 },
+  });
+});
+
+for (const strict of [false, true]) {
+  Deno.test(`a search further back than a v2 host's history is no coverage gap${strict ? " (strict)" : ""}`, async () => {
+    // 8 s behind, its history begins 9 s (its time) before the last time processed: it answers the
+    // search's 10 s cursor with OutdatedCursor and sends from there, the last second of what was
+    // stored and all that follows. Before, that was measured from the time processed last, and its
+    // first event, earlier, taken for an import of older records (a strict run stopped).
+    await failoverLosesNothing({
+      skewUs: -8_000_000,
+      v2: true,
+      server: { historyStartUs: T0 + 11_990_000 - 9_000_000 },
+      options: { strict },
+    });
+  });
+}
+
+Deno.test("a v2 instance 8 s behind that lacks the last records stored is warned of, though it drops every connection", async () => {
+  // It lacks events 1180 to 1519, the last stored (1199) among them. Each of its reconnects (by seq)
+  // goes on where it was; before, one ended the wait for the last record stored, without a warning.
+  const run = await failoverBehind({
+    skewUs: -8_000_000,
+    v2: true,
+    holds: (i) => i < 1180 || i >= 1520,
+    server: { faults: { dropEvery: 100 } },
+  });
+  assert.equal(run.stats.stopReason, "closed", run.stats.error);
+  assert.ok(
+    run.messages("coverage").some((m) => /: it lacks it, and events around it may be missing$/.test(m)),
+    JSON.stringify(run.reports),
+  );
+});
 
 /**
  * 4,000 posts 1 ms apart, synced from the 1,000th on. The first instance has them up to the 2,700th

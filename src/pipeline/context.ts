@@ -137,8 +137,9 @@ export interface RunContext {
    * far back from `lastUs` the instance's stream is taken up. A new record that comes before any
    * stored one means the stream was taken up too late (this instance's `time_us` run behind the
    * other's by more than the rewind): the connection is ended ({@link searchBack}) and the next one
-   * goes twice as far back, down to `lowUs` (what the replay guard still knows, the start) or 64
-   * rewinds. Undefined when nothing is looked for, or once the search has given up.
+   * goes twice as far back, down to `lowUs` (what the replay guard still knows, the start, or the
+   * beginning of the instance's history, when a v2 host says the cursor is older: OutdatedCursor)
+   * or 64 rewinds. Undefined when nothing is looked for, or once the search has given up.
    */
   search: {
     lastUs: number;

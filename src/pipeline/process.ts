@@ -26,6 +26,10 @@ function handleV2Frame(ctx: RunContext, session: Session, m: Exclude<V2Frame, { 
       if (m.name === "OutdatedCursor" && session.requestedUs !== undefined) {
         session.outdatedFrom = session.requestedUs;
       }
+      // The host's history begins after the cursor: a search looks no further back there.
+      if (m.name === "OutdatedCursor" && ctx.search !== undefined) {
+        ctx.search.lowUs = Number.POSITIVE_INFINITY;
+      }
       return false;
     case "error":
       session.errorFrame = true;
