@@ -130,6 +130,9 @@ export async function consumeStream(
   // Events at or below this time_us were processed on the current instance (its cursor is inclusive).
   const resumedUs = resumeFrom && resumeFrom.run.recordsStored > 0 ? resumePointUs(resumeFrom) : -1;
   let floorUs = resumedUs;
+  // The instance whose own time_us floorUs is (undefined after a failover or a search moved it to
+  // another instance's time): only there do events past it show progress.
+  let floorOf = resumedUs >= 0 ? resumeFrom!.run.instance : undefined;
   // The instance whose time_us the end is a time of: the one the run's first events come from (on a
   // resume, its first records; where its last came from, in a checkpoint of an older version).
   let endInstance = floorUs >= 0 ? resumeFrom!.run.firstInstance ?? resumeFrom!.run.instance : undefined;
@@ -273,6 +276,7 @@ export async function consumeStream(
     if (lastUs >= 0) {
       unrewoundUs = lastUs;
       floorUs = lastUs - o.rewindUs;
+      floorOf = undefined;
       // That rewind covers what a reconnect's would (the same 5 s at most): not both.
       lastSpanUs = 0;
     }
@@ -532,8 +536,10 @@ export async function consumeStream(
     ctx.batcher.host = base;
     const before = {
       us: stats.lastProcessedUs,
-      floorUs,
+      // (Events past the floor are progress only on the instance whose time it is.)
+      floorUs: floorOf === base ? floorUs : Number.POSITIVE_INFINITY,
       seq: seq.floor,
+      seqHost: seq.host,
       accepted: ctx.accepted,
       messages: stats.messagesReceived,
     };
@@ -589,6 +595,7 @@ export async function consumeStream(
         // of this connection was stored, and the next goes further back on this instance.
         const { lastUs, rewindUs: tried } = ctx.search!;
         floorUs = searchFurther(ctx);
+        floorOf = undefined;
         lastSpanUs = 0;
         // The instance answered and sent events: no failed attempt.
         failures = 0;
@@ -638,6 +645,7 @@ export async function consumeStream(
       deliveredStartUs = startUs;
       unrewoundUs = undefined;
       floorUs = Math.max(session.floorUs, session.maxUs);
+      floorOf = base;
       neededUs = Math.max(neededUs, floorUs);
       floorKnown = true;
     }
@@ -673,10 +681,13 @@ export async function consumeStream(
       break;
     }
     // Progress means new events, not the inclusive replay of the last one.
-    // (Or events past the floor asked from: after a failover to an instance whose time_us run
-    // behind, its replay of what was stored is all before the time processed last.)
-    const progressed = stats.lastProcessedUs !== before.us || seq.floor !== before.seq ||
-      ctx.accepted !== before.accepted || (before.floorUs >= 0 && session.maxUs > before.floorUs);
+    // (Or events past this instance's own floor: after a failover to one whose time_us run behind,
+    // its replay of what was stored is all before the time processed last. Not past a floor rewound
+    // from another instance's time: a replay of what was stored would then count.)
+    // (A seq is progress on the host it was before: another host's seqs are another count.)
+    const progressed = stats.lastProcessedUs !== before.us ||
+      (seq.floor !== before.seq && seq.host === before.seqHost) ||
+      ctx.accepted !== before.accepted || session.maxUs > before.floorUs;
     // A quiet connection closed by the idle timeout had been accepted by the server: a narrow
     // filter can be silent for long, so it does not count as a failure. One that stalled in the
     // middle of a message does: the same message would stall again.

@@ -1402,6 +1402,52 @@ Deno.test("a failover from a v2 host and back to it goes on by seq and loses not
   assert.deepEqual(await stored(db.path, stats.queueLength), events);
 });
 
+/**
+ * An instance that sends all it holds from the cursor (by time, or by seq when its events carry
+ * `seqBase` + index as their `cursor`), then drops the connection (1011): nothing new, ever.
+ */
+function replayThenDrop(events: JetstreamEvent[], seqBase?: number) {
+  const held = events.map((e, i) => seqBase === undefined ? e : { ...e, cursor: seqBase + i });
+  return Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, (req) => {
+    const cursor = Number(new URL(req.url).searchParams.get("cursor"));
+    const { socket, response } = Deno.upgradeWebSocket(req);
+    const from = cursor === 0
+      ? 0 // The coverage probe: the oldest event.
+      : held.findIndex((e) =>
+        cursor >= 1e15 ? e.time_us >= cursor : (e as { cursor: number }).cursor > cursor
+      );
+    socket.onopen = () => {
+      for (const e of cursor === 0 ? held.slice(0, 1) : from < 0 ? [] : held.slice(from)) {
+        socket.send(JSON.stringify(e));
+      }
+      setTimeout(() => socket.close(cursor === 0 ? 1000 : 1011), 50);
+    };
+    return response;
+  });
+}
+
+for (const v2 of [false, true]) {
+  Deno.test(`two instances that only ever replay what they hold and drop the connection end the run after maxRetries${v2 ? " (by seq)" : ""}`, async () => {
+    // Each failover's first connection brings events past the floor rewound from the other instance's
+    // time, and each v2 host its own seqs: neither is progress (before, the run went on until maxTime).
+    const events = spaced(100, 10_000);
+    await using a = replayThenDrop(events, v2 ? 1000 : undefined);
+    await using b = replayThenDrop(events, v2 ? 5000 : undefined);
+    await using db = await tempDb();
+    const stats = await runBackfillSync({
+      instance: [`ws://127.0.0.1:${a.addr.port}/subscribe`, `ws://127.0.0.1:${b.addr.port}/subscribe`],
+      kv: db.path,
+      startTimestamp: T0,
+      maxRetries: 3,
+      maxTime: 30,
+      onError: () => {},
+    });
+    assert.equal(stats.stopReason, "error");
+    assert.match(stats.error ?? "", /^gave up after 4 reconnects without progress/);
+    assert.equal(stats.recordsStored, 100);
+  });
+}
+
 /** A sync from T0, a record a batch, into `kv` (a patched view of `real`, closed after it). */
 async function syncInto(url: string, kv: Deno.Kv, real: Deno.Kv): Promise<SyncStats> {
   try {
