@@ -680,11 +680,11 @@ export async function consumeStream(
       ctx.stop = "closed";
       break;
     }
-    // Progress means new events, not the inclusive replay of the last one.
-    // (Or events past this instance's own floor: after a failover to one whose time_us run behind,
-    // its replay of what was stored is all before the time processed last. Not past a floor rewound
-    // from another instance's time: a replay of what was stored would then count.)
-    // (A seq is progress on the host it was before: another host's seqs are another count.)
+    // Progress means new events, not the inclusive replay of the last one; or a later seq on the
+    // same host (another host's seqs are another count); or events past the floor when it is this
+    // instance's own time (failed over to one whose time_us run behind, its replay of what was stored
+    // is all before the time processed last, yet moves on; past a floor rewound from another
+    // instance's time, that replay alone would count).
     const progressed = stats.lastProcessedUs !== before.us ||
       (seq.floor !== before.seq && seq.host === before.seqHost) ||
       ctx.accepted !== before.accepted || session.maxUs > before.floorUs;
