@@ -492,6 +492,26 @@ for (const strict of [false, true]) {
   });
 }
 
+Deno.test("a search that meets the beginning of a v2 host's history looks no further back", async () => {
+  // 8 s behind, its history begins at the first instance's 10.99 s, and it lacks events 1099 to 1199,
+  // the last stored: taken up 10 s back, it says OutdatedCursor and sends event 1200 first, new.
+  // Further back is the same history: the search gives up there, rather than at 320 s.
+  const run = await failoverBehind({
+    skewUs: -8_000_000,
+    v2: true,
+    holds: (i) => i < 1099 || i >= 1200,
+    server: { historyStartUs: T0 + 10_990_000 - 8_000_000 },
+  });
+  assert.equal(run.stats.stopReason, "closed", run.stats.error);
+  const searches = run.messages("connection").filter((m) => SEARCHED.test(m));
+  assert.equal(searches.length, 2, JSON.stringify(searches));
+  assert.match(searches[1], /no further search can tell/);
+  assert.ok(
+    run.messages("coverage").some((m) => /\(the stream was taken up too late, even 10 s before\)/.test(m)),
+    JSON.stringify(run.reports),
+  );
+});
+
 Deno.test("a v2 instance 8 s behind that lacks the last records stored is warned of, though it drops every connection", async () => {
   // It lacks events 1180 to 1519, the last stored (1199) among them. Each of its reconnects (by seq)
   // goes on where it was; before, one ended the wait for the last record stored, without a warning.
