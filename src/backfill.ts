@@ -597,6 +597,7 @@ async function run(
     awaitDropsBelowUs: Number.NEGATIVE_INFINITY,
     awaitWarns: false,
     awaitDropped: 0,
+    awaited: undefined,
     search: undefined,
     searchBack: false,
     lastStoredB: 0,

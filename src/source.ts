@@ -33,6 +33,7 @@ import {
   DRAIN_WAIT_MS,
   endAwait,
   type RunContext,
+  searchAgain,
   searchFurther,
   type SeqState,
   type Session,
@@ -272,7 +273,11 @@ export async function consumeStream(
     stats.failovers++;
     silentInARow = 0;
     const to = o.instances[instanceIndex];
-    const lastUs = unrewoundUs ?? floorUs;
+    // A wait for the last record stored that is not over goes on there (see RunContext.awaited):
+    // from the time processed last on the instance that stored it, not from that of one since,
+    // which may lack it.
+    const awaited = from !== to ? ctx.awaited : undefined;
+    const lastUs = awaited?.lastUs ?? unrewoundUs ?? floorUs;
     if (lastUs >= 0) {
       unrewoundUs = lastUs;
       floorUs = lastUs - o.rewindUs;
@@ -288,16 +293,19 @@ export async function consumeStream(
     const known = ctx.accepted > 0 || (recent !== undefined && recent.keys.length > 0);
     if (lastUs >= 0 && known && from !== to) {
       startUs = (o.startUs ?? Number.NEGATIVE_INFINITY) - o.rewindUs;
-      awaitStored(ctx, lastUs, selectedUs);
-      seqHostAtAwait = seq.host;
+      if (awaited !== undefined) floorUs = lastUs - searchAgain(ctx, to);
+      else {
+        awaitStored(ctx, lastUs, selectedUs);
+        seqHostAtAwait = seq.host;
+      }
     }
     ctx.report({
       reason: "connection",
       message: `failing over from ${new URL(from).host} to ${new URL(to).host}${
         lastUs >= 0
-          ? `; time_us differ between instances, so the stream is taken up ${o.rewindUs / 1e6} s before ${
-            isoFromUs(lastUs)
-          } there and what was stored already is recognised by content`
+          ? `; time_us differ between instances, so the stream is taken up ${
+            (lastUs - floorUs) / 1e6
+          } s before ${isoFromUs(lastUs)} there and what was stored already is recognised by content`
           : ""
       }`,
       instance: to,
@@ -593,7 +601,8 @@ export async function consumeStream(
       if (!ctx.stop) {
         // A new record came here before any of those stored last (see RunContext.search): nothing
         // of this connection was stored, and the next goes further back on this instance.
-        const { lastUs, rewindUs: tried } = ctx.search!;
+        const { lastUs } = ctx.awaited!;
+        const tried = ctx.search!.rewindUs;
         floorUs = searchFurther(ctx);
         floorOf = undefined;
         lastSpanUs = 0;

@@ -183,7 +183,8 @@ Deno.test("searchFurther() doubles the rewind down to lowUs or 64 rewinds, then 
   const ctxWith = (lowUs: number) =>
     ({
       o: { rewindUs },
-      search: { lastUs, rewindUs, lowUs, lastB: 1, lastA: 1, linedUp: false },
+      awaited: { lastUs, lastB: 1, lastA: 1, lined: undefined },
+      search: { rewindUs, lowUs, linedUp: false },
       searchedUs: 0,
     }) as unknown as RunContext;
   // Nothing in the way: 10, 20, … 320 s, then back to 5 s, the search given up.

@@ -395,7 +395,9 @@ async function failoverBehind(second: SecondInstance) {
     ...second.server,
   });
   await using relay = second.via?.(server.port);
-  const url = relay ? `ws://127.0.0.1:${relay.port}/subscribe` : second.v2 ? server.v2Url : server.url;
+  const direct = new URL(second.v2 ? server.v2Url : server.url);
+  if (relay) direct.port = String(relay.port);
+  const url = direct.href;
   await using db = await tempDb();
   try {
     const reports: SyncErrorReport[] = [];
@@ -527,6 +529,34 @@ Deno.test("a v2 instance 8 s behind that lacks the last records stored is warned
     JSON.stringify(run.reports),
   );
 });
+
+for (const v2 of [false, true]) {
+  Deno.test(`a failover away and back to a ${v2 ? "v2" : "legacy"} instance that lacks the last record stored, after a search lined the streams up there, still warns of it`, async () => {
+    // As above (it lacks events 1180 to 1519), and its connection after the one a search lined up
+    // is refused: two failed attempts fail over to the first instance, gone, and two more back.
+    // Before, the first instance was taken up from the second's time, and the second then from
+    // its own: a record stored came first, which ended the wait without the warning (on the legacy
+    // wire, each failover's floor went 5 s further back, until the run gave up).
+    const gone = await refusedPort();
+    const run = await failoverBehind({
+      skewUs: -8_000_000,
+      v2,
+      holds: (i) => i < 1180 || i >= 1520,
+      server: { faults: { dropEvery: 100 } },
+      // Its connections: the coverage probe, the stream 5 s back (a new record first), 10 s back
+      // (lined up, dropped after 100 events), then the refused one.
+      via: (port) => tcpRelay((n) => n === 4 ? gone : port),
+    });
+    assert.equal(run.stats.stopReason, "closed", run.stats.error);
+    assert.equal(run.stats.failovers, 3);
+    assert.ok(
+      run.messages("coverage").some((m) => /: it lacks it, and events around it may be missing$/.test(m)),
+      JSON.stringify(run.reports),
+    );
+    // What it lacks and the first had not sent yet is all that is missing, and nothing twice.
+    assert.deepEqual(run.stored, run.expected.filter((_, i) => i < 1200 || i >= 1520));
+  });
+}
 
 /**
  * 4,000 posts 1 ms apart, synced from the 1,000th on. The first instance has them up to the 2,700th

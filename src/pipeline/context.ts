@@ -133,21 +133,34 @@ export interface RunContext {
   /** Whether a record stored before was expected to come again: one was selected within the rewind. */
   awaitWarns: boolean;
   /**
-   * While {@link awaitStoredUntilUs} waits for a record that was expected ({@link awaitWarns}): how
-   * far back from `lastUs` the instance's stream is taken up. A new record that comes before any
-   * stored one means the stream was taken up too late (this instance's `time_us` run behind the
-   * other's by more than the rewind): the connection is ended ({@link searchBack}) and the next one
-   * goes twice as far back, down to `lowUs` (what the replay guard still knows, the start, or the
-   * beginning of the instance's history, when a v2 host says the cursor is older: OutdatedCursor)
-   * or 64 rewinds. Undefined when nothing is looked for, or once the search has given up.
+   * While {@link awaitStoredUntilUs} waits for a record that was expected ({@link awaitWarns}): the
+   * last record stored (its content key, {@link lastStoredB} and {@link lastStoredA} when the wait
+   * began) and `lastUs`, the time processed last on the instance that stored it. A failover before
+   * the wait is over carries it on to the next instance (see {@link searchAgain}) rather than start
+   * another from the time of the instance left, which may lack that record. Undefined otherwise.
    */
-  search: {
+  awaited: {
     lastUs: number;
-    rewindUs: number;
-    lowUs: number;
-    /** The content key of the last record stored ({@link lastStoredB}, {@link lastStoredA}). */
     lastB: number;
     lastA: number;
+    /**
+     * The instance where a search lined the streams up ({@link search}'s `linedUp`), and how far
+     * back: a failover back to it goes on lined up there.
+     */
+    lined: { on: string; rewindUs: number } | undefined;
+  } | undefined;
+  /**
+   * While {@link awaited} is looked for: how far back from its `lastUs` the instance's stream is
+   * taken up. A new record that comes before any stored one means the stream was taken up too late
+   * (this instance's `time_us` run behind the other's by more than the rewind): the connection is
+   * ended ({@link searchBack}) and the next one goes twice as far back, down to `lowUs` (what the
+   * replay guard still knows, the start, or the beginning of the instance's history, when a v2 host
+   * says the cursor is older: OutdatedCursor) or 64 rewinds. Undefined when nothing is looked for,
+   * or once the search has given up.
+   */
+  search: {
+    rewindUs: number;
+    lowUs: number;
     /**
      * Whether a record stored before came first after a search went further back than the first
      * rewind: the streams are lined up, and the last record stored must come too before a new one,
@@ -398,24 +411,39 @@ export function awaitStored(ctx: RunContext, lastUs: number, selectedUs: number)
   ctx.awaitDropped = 0;
   ctx.sentWhileAwaiting = new Set();
   ctx.searchedUs = 0;
-  ctx.search = warns
-    ? {
-      lastUs,
-      rewindUs,
-      // Further back than the guard remembers, a record stored would not be recognised; before the
-      // start (a time of the other instance, so less the rewind), none was stored.
-      lowUs: Math.max(ctx.guard.coveredFromUs(), (startUs ?? Number.NEGATIVE_INFINITY) - rewindUs),
-      lastB: ctx.lastStoredB,
-      lastA: ctx.lastStoredA,
-      linedUp: false,
-    }
-    : undefined;
+  ctx.search = undefined;
+  ctx.awaited = undefined;
+  if (warns) {
+    ctx.awaited = { lastUs, lastB: ctx.lastStoredB, lastA: ctx.lastStoredA, lined: undefined };
+    searchAgain(ctx, undefined);
+  }
+}
+
+/**
+ * Starts the search for {@link RunContext.awaited} on an instance: from the first rewind, or, on
+ * the one where a search lined the streams up already, lined up as far back as there. Returns how
+ * far back from its `lastUs` the stream is to be taken up.
+ */
+export function searchAgain(ctx: RunContext, instance: string | undefined): number {
+  const { rewindUs, startUs } = ctx.o;
+  const lined = ctx.awaited!.lined;
+  const again = lined !== undefined && lined.on === instance;
+  ctx.searchedUs = 0;
+  ctx.search = {
+    rewindUs: again ? lined.rewindUs : rewindUs,
+    // Further back than the guard remembers, a record stored would not be recognised; before the
+    // start (a time of the other instance, so less the rewind), none was stored.
+    lowUs: Math.max(ctx.guard.coveredFromUs(), (startUs ?? Number.NEGATIVE_INFINITY) - rewindUs),
+    linedUp: again,
+  };
+  return ctx.search.rewindUs;
 }
 
 /** Ends the wait that {@link awaitStored} started: what comes from now on is new. */
 export function endAwait(ctx: RunContext): void {
   ctx.awaitStoredUntilUs = -1;
   ctx.sentWhileAwaiting = undefined;
+  ctx.awaited = undefined;
   ctx.search = undefined;
 }
 
@@ -430,12 +458,13 @@ export const SEARCH_MAX_REWINDS = 64;
  */
 export function searchFurther(ctx: RunContext): number {
   const s = ctx.search!;
+  const { lastUs } = ctx.awaited!;
   const base = ctx.o.rewindUs;
-  if (s.lastUs - s.rewindUs > s.lowUs && 2 * s.rewindUs <= SEARCH_MAX_REWINDS * base) {
+  if (lastUs - s.rewindUs > s.lowUs && 2 * s.rewindUs <= SEARCH_MAX_REWINDS * base) {
     s.rewindUs *= 2;
-    return s.lastUs - s.rewindUs;
+    return lastUs - s.rewindUs;
   }
   ctx.searchedUs = s.rewindUs;
   ctx.search = undefined;
-  return s.lastUs - base;
+  return lastUs - base;
 }

@@ -458,24 +458,30 @@ export async function readConnection(
           // until one is found, so one recognised was stored (or selected) before the switch.
           if (guard.seen(ev)) {
             stats.duplicatesDropped++;
+            const awaited = ctx.awaited!;
             if (
-              (guard.lastB === search.lastB && guard.lastA === search.lastA) || search.rewindUs === o.rewindUs
+              (guard.lastB === awaited.lastB && guard.lastA === awaited.lastA) ||
+              search.rewindUs === o.rewindUs
             ) {
               // The last record stored, or, within the first rewind, any: the streams are lined up.
               endAwait(ctx);
-            } else search.linedUp = true;
+            } else if (!search.linedUp) {
+              search.linedUp = true;
+              awaited.lined = { on: session.base, rewindUs: search.rewindUs };
+            }
             continue;
           }
           if (search.linedUp) {
             // Lined up further back: what is new is stored, and the last record stored is looked for
             // up to the time processed last there plus the rewind.
             if (t >= ctx.awaitStoredUntilUs) {
+              const { lastUs } = ctx.awaited!;
               endAwait(ctx);
               ctx.report({
                 reason: "coverage",
                 message: `on ${new URL(session.base).host}, records stored before came again, taken up ${
                   search.rewindUs / 1e6
-                } s before ${isoFromUs(search.lastUs)}, but not the last one stored, up to ${
+                } s before ${isoFromUs(lastUs)}, but not the last one stored, up to ${
                   isoFromUs(t)
                 }: it lacks it, and events around it may be missing`,
                 instance: session.base,
