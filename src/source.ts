@@ -99,16 +99,6 @@ function resumePointUs(cp: Checkpoint): number {
   return maxUs !== undefined && maxUs - cp.cursor > KEYS_SPAN_US ? maxUs : cp.cursor;
 }
 
-/**
- * From which `time_us` on the queue's key entries know every record the run stored: all of them
- * when the entries hold as many keys as it stored records; else those after the oldest entry's
- * cursor, and those within {@link KEYS_SPAN_US} of the newest (entries are only deleted past both).
- */
-function recentCoveredFromUs(recent: RecentKeys, resumeFrom: Checkpoint): number {
-  if (recent.keys.length / 2 >= resumeFrom.run.recordsStored) return Number.NEGATIVE_INFINITY;
-  return Math.min(recent.oldestCursor, recent.cursor - KEYS_SPAN_US);
-}
-
 /** The reconnect loop: one connection at a time, until a stop condition. */
 export async function consumeStream(
   ctx: RunContext,
@@ -121,7 +111,7 @@ export async function consumeStream(
   // The last records the queue stored, by content: a server's re-ingest of them under new time_us
   // is dropped, as within a run.
   if (recent) {
-    guard.remember(recent.keys, recentCoveredFromUs(recent, resumeFrom!));
+    guard.remember(recent.keys);
     // The last pair is the last record stored.
     ctx.lastStoredB = recent.keys[recent.keys.length - 2] ?? 0;
     ctx.lastStoredA = recent.keys[recent.keys.length - 1] ?? 0;
@@ -155,7 +145,7 @@ export async function consumeStream(
     recent.cursor === resumeFrom?.cursor && recent.seq === resumeFrom.seq;
   if (floorUs >= 0 && o.instances.includes(resumeFrom!.run.instance)) {
     if (tail?.us === floorUs && tail.keys) {
-      guard.remember(tail.keys, tail.us);
+      guard.remember(tail.keys);
       floorKnown = true;
     } else if (recentAtCursor) {
       // More records at the cursor than the checkpoint's tail names (MAX_TAIL_KEYS).
@@ -292,12 +282,13 @@ export async function consumeStream(
     // one recognised, a coverage warning.
     const known = ctx.accepted > 0 || (recent !== undefined && recent.keys.length > 0);
     if (lastUs >= 0 && known && from !== to) {
-      startUs = (o.startUs ?? Number.NEGATIVE_INFINITY) - o.rewindUs;
       if (awaited !== undefined) floorUs = lastUs - searchAgain(ctx, to);
       else {
         awaitStored(ctx, lastUs, selectedUs);
         seqHostAtAwait = seq.host;
       }
+      // (Further back where a search lined the streams up already.)
+      startUs = (o.startUs ?? Number.NEGATIVE_INFINITY) - (lastUs - floorUs);
     }
     ctx.report({
       reason: "connection",
@@ -590,6 +581,8 @@ export async function consumeStream(
       conn.close();
       await conn.closed();
     }
+    // (Lowered where a search lined this instance's stream up further back than the rewind.)
+    startUs = Math.min(startUs, session.startUs);
     if (o.startUs === undefined) {
       tailBeganUs ??= openedUs;
       liveFromUs ??= openedUs;

@@ -52,11 +52,11 @@ Deno.test("ReplayGuard remembers keys given as (b, a) pairs, in order, each once
     keys.push(source.lastB, source.lastA);
   }
   const next = new ReplayGuard(10);
-  next.remember(keys.slice(2 * 21), commit(21).time_us);
+  next.remember(keys.slice(2 * 21));
   for (let i = 21; i < 25; i++) assert.equal(next.repeats(commit(i)), true, `event ${i}`);
   assert.equal(next.repeats(commit(20)), false);
   // Given again (with one more, 19), only 19 is new; in order, so that the oldest go first.
-  next.remember(keys.slice(2 * 19), commit(19).time_us);
+  next.remember(keys.slice(2 * 19));
   assert.equal(next.repeats(commit(19)), true);
   for (let i = 0; i < 4; i++) next.repeats(commit(100 + i));
   // All 10 slots: 21 to 24 (remembered first), 20, 19, 100 to 103. One more pushes out 21, the
@@ -67,26 +67,15 @@ Deno.test("ReplayGuard remembers keys given as (b, a) pairs, in order, each once
   assert.equal(next.repeats(commit(21)), false);
 });
 
-Deno.test("ReplayGuard.seen() recognises without remembering, and coveredFromUs() says from when all is remembered", () => {
+Deno.test("ReplayGuard.seen() recognises without remembering", () => {
   const guard = new ReplayGuard(4);
-  assert.equal(guard.coveredFromUs(), Number.NEGATIVE_INFINITY, "nothing forgotten yet");
   assert.equal(guard.seen(commit(1)), false);
   assert.equal(guard.seen(commit(1)), false, "seen() did not remember it");
   for (let i = 1; i <= 4; i++) guard.repeats(commit(i));
   assert.equal(guard.seen(commit(1)), true);
-  assert.equal(guard.coveredFromUs(), Number.NEGATIVE_INFINITY, "full, but nothing forgotten yet");
   guard.repeats(commit(5));
-  // 1 is forgotten: all is remembered from 2 on.
-  assert.equal(guard.coveredFromUs(), commit(2).time_us);
-  assert.equal(guard.seen(commit(1)), false);
-  // Keys remembered from a queue: what it stored before their time is not known.
-  const resumed = new ReplayGuard(100);
-  resumed.repeats(commit(7));
-  const keys = [resumed.lastB, resumed.lastA];
-  const next = new ReplayGuard(100);
-  next.remember(keys, 1_700_000_000_000_000);
-  assert.equal(next.coveredFromUs(), 1_700_000_000_000_000);
-  assert.equal(next.seen(commit(7)), true);
+  assert.equal(guard.seen(commit(1)), false, "forgotten to make room for 5");
+  assert.equal(guard.seen(commit(2)), true);
 });
 
 Deno.test("ReplayGuard agrees with a plain window of the last `capacity` keys over a long random run", () => {
@@ -177,26 +166,26 @@ Deno.test("shapeProblem() refuses as bad_value a did, operation, collection or r
   assert.equal(shapeProblem(post("did:plc:abc", { operation: undefined })), "missing_fields");
 });
 
-Deno.test("searchFurther() doubles the rewind down to lowUs or 64 rewinds, then gives up at the first rewind", () => {
+Deno.test("searchFurther() doubles the rewind up to 64 rewinds or the beginning of the history, then gives up at the first rewind", () => {
   const rewindUs = 5_000_000;
   const lastUs = 1_700_000_000_000_000;
-  const ctxWith = (lowUs: number) =>
-    ({
-      o: { rewindUs },
-      awaited: { lastUs, lastB: 1, lastA: 1, lined: undefined },
-      search: { rewindUs, lowUs, linedUp: false },
-      searchedUs: 0,
-    }) as unknown as RunContext;
-  // Nothing in the way: 10, 20, … 320 s, then back to 5 s, the search given up.
-  const free = ctxWith(Number.NEGATIVE_INFINITY);
+  const ctx = {
+    o: { rewindUs },
+    awaited: { lastUs, lastB: 1, lastA: 1, lined: undefined },
+    search: { rewindUs, historyMet: false, linedUp: false },
+    searchedUs: 0,
+  } as unknown as RunContext;
+  // 10, 20, … 320 s, then back to 5 s, the search given up.
   const cursors: number[] = [];
-  while (free.search !== undefined) cursors.push(lastUs - searchFurther(free));
+  while (ctx.search !== undefined) cursors.push(lastUs - searchFurther(ctx));
   assert.deepEqual(cursors, [10, 20, 40, 80, 160, 320, 5].map((s) => s * 1_000_000));
-  assert.equal(free.searchedUs, 320_000_000);
-  // What is remembered begins 15 s back: 10 s is tried, then 20 s, which reaches past it, and no more.
-  const bounded = ctxWith(lastUs - 15_000_000);
-  const tried: number[] = [];
-  while (bounded.search !== undefined) tried.push(lastUs - searchFurther(bounded));
+  assert.equal(ctx.searchedUs, 320_000_000);
+  // A v2 host said that the 20 s step was older than its history: no further back.
+  ctx.search = { rewindUs, historyMet: false, linedUp: false };
+  const tried = [lastUs - searchFurther(ctx), lastUs - searchFurther(ctx)];
+  ctx.search!.historyMet = true;
+  tried.push(lastUs - searchFurther(ctx));
   assert.deepEqual(tried, [10, 20, 5].map((s) => s * 1_000_000));
-  assert.equal(bounded.searchedUs, 20_000_000);
+  assert.equal(ctx.search, undefined);
+  assert.equal(ctx.searchedUs, 20_000_000);
 });

@@ -350,8 +350,9 @@ Deno.test("after a failover to an instance that lacks the records stored, its ow
     assert.ok(
       reports.some((r) =>
         r.reason === "coverage" && r.message.startsWith("none of the records stored last came again") &&
-        // It looked back 5, 10 and 20 s: 20 s before the last time processed is before the start.
-        / s behind the other instance's \(the stream was taken up too late, even 20 s before\)/.test(
+        // It looked back 5, 10, 20, … 320 s: the start is no bound, as this instance's time_us could
+        // run behind by more than the run is long.
+        / s behind the other instance's \(the stream was taken up too late, even 320 s before\)/.test(
           r.message,
         )
       ),
@@ -457,6 +458,16 @@ for (
     assert.equal(run.messages("connection").some((m) => SEARCHED.test(m)), skewUs < 0);
   });
 }
+
+Deno.test("a failover 24 s into the run to an instance 40 s behind stores every event once: the start is no bound on its clock", async () => {
+  // Its copies of the records stored are 40 s before the first's times of them: the search meets
+  // the last one 40 s back, 16 s before the start by its clock. Before, the search stopped at 20 s
+  // back (past the start less the rewind, by the first instance's clock), and the start left out
+  // the records stored and those that follow them by this instance's clock: the stream was taken up
+  // 5 s back again, and 40 s of events were missing.
+  const run = await failoverLosesNothing({ skewUs: -40_000_000, stepUs: 20_000 });
+  assert.equal(run.messages("connection").filter((m) => SEARCHED.test(m)).length, 3);
+});
 
 Deno.test("a failover to an instance 8 s behind that drops every connection after 100 events goes on from it: its replay of what was stored is progress there", async () => {
   // Before, the replay from 10 s back, all before the time processed last, did not count as

@@ -153,14 +153,15 @@ export interface RunContext {
    * While {@link awaited} is looked for: how far back from its `lastUs` the instance's stream is
    * taken up. A new record that comes before any stored one means the stream was taken up too late
    * (this instance's `time_us` run behind the other's by more than the rewind): the connection is
-   * ended ({@link searchBack}) and the next one goes twice as far back, down to `lowUs` (what the
-   * replay guard still knows, the start, or the beginning of the instance's history, when a v2 host
-   * says the cursor is older: OutdatedCursor) or 64 rewinds. Undefined when nothing is looked for,
-   * or once the search has given up.
+   * ended ({@link searchBack}) and the next one goes twice as far back, up to 64 rewinds, or until
+   * it meets the beginning of the instance's history (`historyMet`: a v2 host said the cursor is
+   * older, OutdatedCursor). Neither the start nor what the replay guard remembers bounds it: those
+   * are times of the instance that stored the records, and this one's may run behind by more than
+   * the run is long. Undefined when nothing is looked for, or once the search has given up.
    */
   search: {
     rewindUs: number;
-    lowUs: number;
+    historyMet: boolean;
     /**
      * Whether a record stored before came first after a search went further back than the first
      * rewind: the streams are lined up, and the last record stored must come too before a new one,
@@ -425,15 +426,13 @@ export function awaitStored(ctx: RunContext, lastUs: number, selectedUs: number)
  * far back from its `lastUs` the stream is to be taken up.
  */
 export function searchAgain(ctx: RunContext, instance: string | undefined): number {
-  const { rewindUs, startUs } = ctx.o;
+  const { rewindUs } = ctx.o;
   const lined = ctx.awaited!.lined;
   const again = lined !== undefined && lined.on === instance;
   ctx.searchedUs = 0;
   ctx.search = {
     rewindUs: again ? lined.rewindUs : rewindUs,
-    // Further back than the guard remembers, a record stored would not be recognised; before the
-    // start (a time of the other instance, so less the rewind), none was stored.
-    lowUs: Math.max(ctx.guard.coveredFromUs(), (startUs ?? Number.NEGATIVE_INFINITY) - rewindUs),
+    historyMet: false,
     linedUp: again,
   };
   return ctx.search.rewindUs;
@@ -452,15 +451,15 @@ export const SEARCH_MAX_REWINDS = 64;
 
 /**
  * After the pipeline ended a connection for {@link RunContext.search}: the `time_us` to take the
- * stream up from next, twice as far back as the last, or, when that one already reached back to
- * `lowUs` or the limit, from the first rewind again with the search given up (what comes is then
- * stored, and a coverage warning follows if no record stored before does).
+ * stream up from next, twice as far back as the last, or, when that one already met the beginning
+ * of the instance's history or reached the limit, from the first rewind again with the search given
+ * up (what comes is then stored, and a coverage warning follows if no record stored before does).
  */
 export function searchFurther(ctx: RunContext): number {
   const s = ctx.search!;
   const { lastUs } = ctx.awaited!;
   const base = ctx.o.rewindUs;
-  if (lastUs - s.rewindUs > s.lowUs && 2 * s.rewindUs <= SEARCH_MAX_REWINDS * base) {
+  if (!s.historyMet && 2 * s.rewindUs <= SEARCH_MAX_REWINDS * base) {
     s.rewindUs *= 2;
     return lastUs - s.rewindUs;
   }

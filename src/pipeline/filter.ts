@@ -119,14 +119,8 @@ export class ReplayGuard {
   /** The same pairs by hash, with linear probing; (0, 0) is an empty slot. */
   readonly #table: Int32Array;
   readonly #mask: number;
-  /** The `time_us` of each remembered event, by its place in the ring. */
-  readonly #times: Float64Array;
-  /** The earliest time passed to {@link remember}: what was stored before that is not known. */
-  #rememberedFromUs = Number.POSITIVE_INFINITY;
   #next = 0;
   #count = 0;
-  /** Whether an event was forgotten to make room. */
-  #forgot = false;
   /** The content key of the event last passed to {@link repeats}: its two hashes. */
   lastB = 0;
   /** See {@link lastB}. */
@@ -136,7 +130,6 @@ export class ReplayGuard {
   constructor(capacity: number) {
     this.#capacity = Math.max(1, capacity);
     this.#ring = new Int32Array(2 * this.#capacity);
-    this.#times = new Float64Array(this.#capacity);
     // At most half full, so that probes stay short.
     let size = 2;
     while (size < 2 * this.#capacity) size *= 2;
@@ -147,7 +140,7 @@ export class ReplayGuard {
   /** Whether `ev` repeats one of the last `capacity` events passed here; if not, it is remembered. */
   repeats(ev: JetstreamEvent): boolean {
     if (this.seen(ev)) return true;
-    this.#insert(this.lastB, this.lastA, ev.time_us);
+    this.#insert(this.lastB, this.lastA);
     return false;
   }
 
@@ -165,18 +158,6 @@ export class ReplayGuard {
     return this.#has(b, a);
   }
 
-  /**
-   * From which `time_us` on every event passed here (or to {@link remember}) is still remembered:
-   * -Infinity while none has been forgotten and none was remembered from before. Times are those of
-   * the events as they came, from whichever instance, so this is a close guide, not an exact bound.
-   */
-  coveredFromUs(): number {
-    if (this.#forgot) return this.#times[this.#next];
-    return this.#rememberedFromUs === Number.POSITIVE_INFINITY
-      ? Number.NEGATIVE_INFINITY
-      : this.#rememberedFromUs;
-  }
-
   #has(b: number, a: number): boolean {
     const table = this.#table, mask = this.#mask;
     for (let slot = b & mask;; slot = (slot + 1) & mask) {
@@ -188,27 +169,23 @@ export class ReplayGuard {
 
   /**
    * Remembers content keys as (b, a) pairs, as {@link repeats} leaves them in {@link lastB} and
-   * {@link lastA}: a resume gives the keys of the records its queue stored last, all of those
-   * stored from `fromUs` on (see {@link coveredFromUs}). Keys already remembered are not remembered
-   * twice.
+   * {@link lastA}: a resume gives the keys of the records its queue stored last. Keys already
+   * remembered are not remembered twice.
    */
-  remember(keys: ArrayLike<number>, fromUs: number): void {
-    this.#rememberedFromUs = Math.min(this.#rememberedFromUs, fromUs);
+  remember(keys: ArrayLike<number>): void {
     for (let k = 0; k + 1 < keys.length; k += 2) {
-      if (!this.#has(keys[k], keys[k + 1])) this.#insert(keys[k], keys[k + 1], fromUs);
+      if (!this.#has(keys[k], keys[k + 1])) this.#insert(keys[k], keys[k + 1]);
     }
   }
 
-  #insert(b: number, a: number, us: number): void {
+  #insert(b: number, a: number): void {
     const table = this.#table, mask = this.#mask;
     const ring = this.#ring, i = this.#next;
     if (this.#count === this.#capacity) {
       this.#forget(ring[2 * i], ring[2 * i + 1]);
-      this.#forgot = true;
     } else this.#count++;
     ring[2 * i] = b;
     ring[2 * i + 1] = a;
-    this.#times[i] = us;
     let slot = b & mask;
     while (table[2 * slot] !== 0 || table[2 * slot + 1] !== 0) slot = (slot + 1) & mask;
     table[2 * slot] = b;

@@ -28,7 +28,7 @@ function handleV2Frame(ctx: RunContext, session: Session, m: Exclude<V2Frame, { 
       }
       // The host's history begins after the cursor: a search looks no further back there.
       if (m.name === "OutdatedCursor" && ctx.search !== undefined) {
-        ctx.search.lowUs = Number.POSITIVE_INFINITY;
+        ctx.search.historyMet = true;
       }
       return false;
     case "error":
@@ -46,6 +46,16 @@ function handleV2Frame(ctx: RunContext, session: Session, m: Exclude<V2Frame, { 
     default:
       return false;
   }
+}
+
+/**
+ * Whether a search looks for a record stored before and has not lined the streams up yet (see
+ * `RunContext.search`): this instance's `time_us` may run behind by more than the run is long, so
+ * that events before the start by its clock are records stored. (Those that are not are left out
+ * all the same, new events near the start being left out while it looks.)
+ */
+function lookingBack(ctx: RunContext): boolean {
+  return ctx.search !== undefined && !ctx.search.linedUp;
 }
 
 /**
@@ -223,7 +233,7 @@ export async function readConnection(
   const { o, stats, batcher } = ctx;
   const { base, decode, floorUs, floorKnown, seqFloor } = session;
   const endUs = o.endUs ?? Number.POSITIVE_INFINITY;
-  const startUs = session.startUs;
+  let startUs = session.startUs;
   const skip = (reason: SkipReason, message: string) => {
     stats.skip(reason);
     ctx.report({ reason, message, instance: session.base });
@@ -416,7 +426,7 @@ export async function readConnection(
             reachedFloor = true;
             seq.floorReached = true;
           }
-          if (t < startUs) {
+          if (t < startUs && !lookingBack(ctx)) {
             if (inWindow && !ctx.toldBackdated && t < startUs - BACKDATED_US) {
               tellBackdated(ctx, session.base, t);
             }
@@ -430,7 +440,7 @@ export async function readConnection(
             seq.host = undefined;
             seq.floor = -1;
           }
-          if (t < floorUs || (t === floorUs && !floorKnown) || t < startUs) {
+          if (t < floorUs || (t === floorUs && !floorKnown) || (t < startUs && !lookingBack(ctx))) {
             // (At the floor itself, with the guard knowing what was stored there, only what it knows is
             // a repeat: two events can share a time_us, and the second may not be stored yet.)
             if (t <= floorUs) stats.duplicatesDropped++;
@@ -459,6 +469,14 @@ export async function readConnection(
           if (guard.seen(ev)) {
             stats.duplicatesDropped++;
             const awaited = ctx.awaited!;
+            if (search.rewindUs > o.rewindUs) {
+              // This instance's time_us run behind by up to the search's rewind: what follows a
+              // record stored is within the window, though its time_us be that much before the start.
+              startUs = session.startUs = Math.min(
+                startUs,
+                (o.startUs ?? Number.NEGATIVE_INFINITY) - search.rewindUs,
+              );
+            }
             if (
               (guard.lastB === awaited.lastB && guard.lastA === awaited.lastA) ||
               search.rewindUs === o.rewindUs

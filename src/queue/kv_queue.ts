@@ -121,8 +121,6 @@ export interface RecentKeys {
   cursor: number;
   /** The seq of the newest entry: the checkpoint's, when the entries are complete. */
   seq: number;
-  /** The cursor of the oldest entry: every record stored after it is among {@link keys}. */
-  oldestCursor: number;
   /** (b, a) pairs, oldest first. */
   keys: Int32Array;
 }
@@ -142,7 +140,7 @@ export function recentKeysOf(all: KeyEntry[], run: string): RecentKeys | undefin
     keys.set(e.keys, at);
     at += e.keys.length;
   }
-  return { cursor: last.cursor, seq: last.seq, oldestCursor: entries[0].cursor, keys };
+  return { cursor: last.cursor, seq: last.seq, keys };
 }
 
 /** What a run must remember so that it can be resumed. */
