@@ -18,6 +18,7 @@ import {
 import { patchAtomic } from "./helpers/kv_patch.ts";
 import { delay } from "../src/async.ts";
 import { isoFromUs } from "../src/time.ts";
+import type { JetstreamServer } from "../src/server/server.ts";
 import { runCli } from "./helpers/cli.ts";
 
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
@@ -375,35 +376,39 @@ interface SecondInstance {
   holds?: (index: number) => boolean;
   /** Its server's options (faults, history start). */
   server?: Parameters<typeof serveEvents>[1];
-  /** A route to it in place of its own URL: a relay given its port. */
-  via?: (port: number) => { port: number } & AsyncDisposable;
+  /** A route to it in place of its own URL: a relay given its server. */
+  via?: (server: JetstreamServer) => { port: number } & AsyncDisposable;
   /** More sync options. */
   options?: BackfillSyncOptions;
 }
 
 /**
  * 3,000 posts `stepUs` apart (10 ms) from T0, synced from T0. The first instance holds 1,200 of
- * them and goes away once it has sent them; the second holds them as `second` says.
+ * them and goes away once it has sent them; the second holds them as `second` says, and so do the
+ * instances after it (their `stepUs` and `options` are the second's).
  */
-async function failoverBehind(second: SecondInstance) {
+async function failoverBehind(second: SecondInstance, ...more: SecondInstance[]) {
   const events = spaced(3000, second.stepUs ?? 10_000);
-  const other = events.map((e) => ({ ...e, time_us: e.time_us + second.skewUs }))
-    .filter((_, i) => second.holds?.(i) ?? true);
   const first = serveEvents(events.slice(0, 1200));
-  await using server = serveEvents(other, {
-    closeAtEnd: true,
-    ...(second.v2 ? { version: "v2" as const } : {}),
-    ...second.server,
+  await using stack = new AsyncDisposableStack();
+  const urls = [second, ...more].map((other) => {
+    const held = events.map((e) => ({ ...e, time_us: e.time_us + other.skewUs }))
+      .filter((_, i) => other.holds?.(i) ?? true);
+    const server = stack.use(serveEvents(held, {
+      closeAtEnd: true,
+      ...(other.v2 ? { version: "v2" as const } : {}),
+      ...other.server,
+    }));
+    const relay = other.via && stack.use(other.via(server));
+    const url = new URL(other.v2 ? server.v2Url : server.url);
+    if (relay) url.port = String(relay.port);
+    return url.href;
   });
-  await using relay = second.via?.(server.port);
-  const direct = new URL(second.v2 ? server.v2Url : server.url);
-  if (relay) direct.port = String(relay.port);
-  const url = direct.href;
   await using db = await tempDb();
   try {
     const reports: SyncErrorReport[] = [];
     const sync = runBackfillSync({
-      instance: [first.url, url],
+      instance: [first.url, ...urls],
       kv: db.path,
       startTimestamp: T0,
       numRecords: 100_000,
@@ -485,7 +490,7 @@ Deno.test("a search step is no failed attempt: one refused connection after it d
   // 5 s back; the third (10 s back) is refused once.
   await failoverLosesNothing({
     skewUs: -8_000_000,
-    via: (port) => tcpRelay((n) => n === 3 ? gone : port),
+    via: (server) => tcpRelay((n) => n === 3 ? gone : server.port),
     options: { maxRetries: 2 },
   });
 });
@@ -556,7 +561,7 @@ for (const v2 of [false, true]) {
       server: { faults: { dropEvery: 100 } },
       // Its connections: the coverage probe, the stream 5 s back (a new record first), 10 s back
       // (lined up, dropped after 100 events), then the refused one.
-      via: (port) => tcpRelay((n) => n === 4 ? gone : port),
+      via: (server) => tcpRelay((n) => n === 4 ? gone : server.port),
     });
     assert.equal(run.stats.stopReason, "closed", run.stats.error);
     assert.equal(run.stats.failovers, 3);
@@ -568,6 +573,36 @@ for (const v2 of [false, true]) {
     assert.deepEqual(run.stored, run.expected.filter((_, i) => i < 1200 || i >= 1520));
   });
 }
+
+Deno.test("a wait carried on to a third instance is not ended by a record the second stored while it waited", async () => {
+  // The second runs 8 s behind and lacks events 1180 to 1519; a search lines it up 10 s back, and
+  // it stores from 1520 on, until it cannot be reached (once it was asked from 1950 on). The third
+  // runs 12 s behind and holds every event: taken up 5 s before the first's last time processed,
+  // it sends 1899 first, stored by the second. Before, that ended the wait as a record stored before
+  // the switch, and the 320 events the third holds and the second lacks were lost without a word.
+  const gone = await refusedPort();
+  const queried = (server: JetstreamServer) =>
+    syncConnections(server).map((c) => Number(/cursor=(\d+)/.exec(c.query)?.[1] ?? -1));
+  const run = await failoverBehind(
+    {
+      skewUs: -8_000_000,
+      holds: (i) => i < 1180 || i >= 1520,
+      server: { faults: { dropEvery: 100 } },
+      via: (server) =>
+        tcpRelay(() =>
+          queried(server).some((us) => us >= T0 + 1950 * 10_000 - 8_000_000) ? gone : server.port
+        ),
+    },
+    { skewUs: -12_000_000 },
+  );
+  assert.equal(run.stats.stopReason, "closed", run.stats.error);
+  assert.equal(run.stats.failovers, 2);
+  // Every event once; those the second lacked come after those it stored past them.
+  const byIndex = (a: string, b: string) => Number(a.slice(1)) - Number(b.slice(1));
+  assert.deepEqual(run.stored.toSorted(byIndex), run.expected);
+  assert.equal(run.stored.length, 3000);
+  assert.deepEqual(run.messages("coverage"), []);
+});
 
 /**
  * 4,000 posts 1 ms apart, synced from the 1,000th on. The first instance has them up to the 2,700th

@@ -6,7 +6,7 @@ import { readCheckpoint } from "../src/queue/kv_queue.ts";
 import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
 import { commit, did, drainQueue } from "./helpers/events.ts";
 import { CLI, killIfRunning, spawnCli, syncArgs, whileRunning } from "./helpers/cli.ts";
-import { serveEvents, tcpRelay, tempDb } from "./helpers/loopback.ts";
+import { refusedPort, serveEvents, tcpRelay, tempDb } from "./helpers/loopback.ts";
 
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
 const LIMIT = 20_000;
@@ -129,13 +129,17 @@ Deno.test("a resume drops a server's re-ingest, under new time_us, of records th
 });
 
 /** Resumes the queue at `path` on `instance`, with a higher limit; the run's reports as "reason: message". */
-async function resumeOn(path: string, instance: string): Promise<{ resumed: SyncStats; reports: string[] }> {
+async function resumeOn(
+  path: string,
+  instance: string | string[],
+  numRecords = 100,
+): Promise<{ resumed: SyncStats; reports: string[] }> {
   const reports: string[] = [];
   const resumed = await runBackfillSync({
     kv: path,
     resume: true,
     force: true,
-    numRecords: 100,
+    numRecords,
     instance,
     onError: (r) => reports.push(`${r.reason}: ${r.message}`),
   });
@@ -188,6 +192,30 @@ for (const skewMs of [1500, -1500, 8000, -8000]) {
     assert.deepEqual(stored.slice(10), other.slice(10));
   });
 }
+
+Deno.test("a resume elsewhere that fails over to an instance that lacks the last record stored warns of it", async () => {
+  // 10 ms apart; the first run stores 1,200 from `x`. The resume lists an instance that cannot be
+  // reached and then `c`, 8 s behind, which lacks events 1180 to 1519. Before, `c` was taken up from
+  // the resume's floor, already rewound, so the first record within 5 s of it ended the wait for the
+  // last one stored, and that `c` lacks it went unsaid.
+  const events = Array.from({ length: 3000 }, (_, i) => commit(T0 + i * 10_000, { did: did(i % 5) }));
+  await using x = serveEvents(events.slice(0, 1200), { closeAtEnd: true });
+  await using c = serveEvents(
+    events.map((e) => ({ ...e, time_us: e.time_us - 8_000_000 })).filter((_, i) => i < 1180 || i >= 1520),
+    { closeAtEnd: true },
+  );
+  await using db = await tempDb();
+  const first = await runBackfillSync({ instance: x.url, kv: db.path, startTimestamp: T0 });
+  assert.equal(first.recordsStored, 1200);
+  const gone = `ws://127.0.0.1:${await refusedPort()}/subscribe`;
+  const { resumed, reports } = await resumeOn(db.path, [gone, c.url], 100_000);
+  assert.equal(resumed.stopReason, "closed", resumed.error);
+  assert.equal(resumed.recordsStored, 3000 - 1520);
+  assert.ok(
+    reports.some((m) => /^coverage: .*: it lacks it, and events around it may be missing$/.test(m)),
+    reports.join("\n"),
+  );
+});
 
 Deno.test("a resume on another instance without the keys of the last records stored (a queue of an older version) says what it cannot do", async () => {
   const events = Array.from({ length: 20 }, (_, i) => commit(T0 + i * 1_000_000, { did: did(i) }));

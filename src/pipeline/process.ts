@@ -465,9 +465,12 @@ export async function readConnection(
         const search = ctx.search;
         if (search !== undefined) {
           // Looking for a record stored before (see `RunContext.search`); no new one is remembered
-          // until one is found, so one recognised was stored (or selected) before the switch.
+          // until one is found, so one recognised was stored (or selected) before the switch, or
+          // while waiting (on an instance failed over from since, or here): only the first kind
+          // lines the streams up.
           if (guard.seen(ev)) {
             stats.duplicatesDropped++;
+            if (ctx.sentWhileAwaiting?.has(lastKey(guard))) continue;
             const awaited = ctx.awaited!;
             if (search.rewindUs > o.rewindUs) {
               // This instance's time_us run behind by up to the search's rewind: what follows a
