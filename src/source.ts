@@ -293,7 +293,9 @@ export async function consumeStream(
     ctx.report({
       reason: "connection",
       message: `failing over from ${new URL(from).host} to ${new URL(to).host}${
-        lastUs >= 0
+        seq.host === to && seq.floor >= 0
+          ? "; back on the host that delivered last, the stream is taken up by its seq, where it was"
+          : lastUs >= 0
           ? `; time_us differ between instances, so the stream is taken up ${
             (lastUs - floorUs) / 1e6
           } s before ${isoFromUs(lastUs)} there and what was stored already is recognised by content`

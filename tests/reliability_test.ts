@@ -569,6 +569,14 @@ for (const v2 of [false, true]) {
       run.messages("coverage").some((m) => /: it lacks it, and events around it may be missing$/.test(m)),
       JSON.stringify(run.reports),
     );
+    // Back on the v2 host, by its seq: no time is rewound from (the report said one before).
+    assert.equal(
+      run.messages("connection").some((m) =>
+        /^failing over .*; back on the host that delivered last, the stream is taken up by its seq, where it was$/
+          .test(m)
+      ),
+      v2,
+    );
     // What it lacks and the first had not sent yet is all that is missing, and nothing twice.
     assert.deepEqual(run.stored, run.expected.filter((_, i) => i < 1200 || i >= 1520));
   });
