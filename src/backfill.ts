@@ -600,6 +600,7 @@ async function run(
     awaited: undefined,
     search: undefined,
     searchBack: false,
+    searchLeftOut: 0,
     lastStoredB: 0,
     lastStoredA: 0,
     searchedUs: 0,

@@ -282,8 +282,9 @@ export async function consumeStream(
     // one recognised, a coverage warning.
     const known = ctx.accepted > 0 || (recent !== undefined && recent.keys.length > 0);
     if (lastUs >= 0 && known && from !== to) {
-      if (awaited !== undefined) floorUs = lastUs - searchAgain(ctx, to);
-      else {
+      if (awaited !== undefined) {
+        floorUs = lastUs - searchAgain(ctx, to, seq.host === to && seq.floor >= 0 && !seq.fromOldest);
+      } else {
         awaitStored(ctx, lastUs, selectedUs);
         seqHostAtAwait = seq.host;
       }
@@ -293,7 +294,7 @@ export async function consumeStream(
     ctx.report({
       reason: "connection",
       message: `failing over from ${new URL(from).host} to ${new URL(to).host}${
-        seq.host === to && seq.floor >= 0
+        seq.host === to && seq.floor >= 0 && !seq.fromOldest
           ? "; back on the host that delivered last, the stream is taken up by its seq, where it was"
           : lastUs >= 0
           ? `; time_us differ between instances, so the stream is taken up ${
@@ -583,8 +584,8 @@ export async function consumeStream(
       conn.close();
       await conn.closed();
     }
-    // (Lowered where a search lined this instance's stream up further back than the rewind.)
-    startUs = Math.min(startUs, session.startUs);
+    // (Moved where a search lined this instance's stream up further back than the rewind.)
+    if (session.linedStartUs !== undefined) startUs = session.linedStartUs;
     if (o.startUs === undefined) {
       tailBeganUs ??= openedUs;
       liveFromUs ??= openedUs;
@@ -598,6 +599,8 @@ export async function consumeStream(
         // of this connection was stored, and the next goes further back on this instance.
         const { lastUs } = ctx.awaited!;
         const tried = ctx.search!.rewindUs;
+        const leftOut = ctx.searchLeftOut;
+        ctx.searchLeftOut = 0;
         floorUs = searchFurther(ctx);
         floorOf = undefined;
         lastSpanUs = 0;
@@ -611,17 +614,25 @@ export async function consumeStream(
         disconnectedAt = performance.now();
         ctx.report({
           reason: "connection",
-          message: `on ${
-            new URL(base).host
-          }, a new record came before any of those stored last: its time_us may run more than ${
-            tried / 1e6
-          } s behind the other instance's, and events in between would be missing; ${
-            ctx.search === undefined
-              ? `no further search can tell, so the stream is taken up ${o.rewindUs / 1e6} s before ${
-                isoFromUs(lastUs)
-              } again`
-              : `the stream is taken up ${(lastUs - floorUs) / 1e6} s before ${isoFromUs(lastUs)} instead`
-          }`,
+          message: leftOut > 0
+            ? `on ${new URL(base).host}, ${leftOut} new record${
+              leftOut === 1 ? "" : "s"
+            } came before the first of those stored last, taken up ${tried / 1e6} s before ${
+              isoFromUs(lastUs)
+            }: before the start by the other instance's time_us, yet perhaps ones it lacked, as this one's may run behind; the stream is taken up ${
+              (lastUs - floorUs) / 1e6
+            } s before instead, to tell`
+            : `on ${
+              new URL(base).host
+            }, a new record came before any of those stored last: its time_us may run more than ${
+              tried / 1e6
+            } s behind the other instance's, and events in between would be missing; ${
+              ctx.search === undefined
+                ? `no further search can tell, so the stream is taken up ${o.rewindUs / 1e6} s before ${
+                  isoFromUs(lastUs)
+                } again`
+                : `the stream is taken up ${(lastUs - floorUs) / 1e6} s before ${isoFromUs(lastUs)} instead`
+            }`,
           instance: base,
         });
         continue;

@@ -380,16 +380,24 @@ interface SecondInstance {
   via?: (server: JetstreamServer) => { port: number } & AsyncDisposable;
   /** More sync options. */
   options?: BackfillSyncOptions;
+  /** Which of the posts the first instance holds (the first 1,200). */
+  firstHolds?: (index: number) => boolean;
+  /** The post the run starts at (the first). */
+  startAt?: number;
 }
 
 /**
- * 3,000 posts `stepUs` apart (10 ms) from T0, synced from T0. The first instance holds 1,200 of
- * them and goes away once it has sent them; the second holds them as `second` says, and so do the
- * instances after it (their `stepUs` and `options` are the second's).
+ * 3,000 posts `stepUs` apart (10 ms) from T0, synced from T0 (or `startAt`). The first instance
+ * holds 1,200 of them (or `firstHolds`) and goes away once it has sent them; the second holds them
+ * as `second` says, and so do the instances after it (their `stepUs`, `options`, `firstHolds` and
+ * `startAt` are the second's).
  */
 async function failoverBehind(second: SecondInstance, ...more: SecondInstance[]) {
   const events = spaced(3000, second.stepUs ?? 10_000);
-  const first = serveEvents(events.slice(0, 1200));
+  const firstHolds = second.firstHolds ?? ((i: number) => i < 1200);
+  const startAt = second.startAt ?? 0;
+  const first = serveEvents(events.filter((_, i) => firstHolds(i)));
+  const firstSends = events.filter((_, i) => firstHolds(i) && i >= startAt).length;
   await using stack = new AsyncDisposableStack();
   const urls = [second, ...more].map((other) => {
     const held = events.map((e) => ({ ...e, time_us: e.time_us + other.skewUs }))
@@ -410,12 +418,12 @@ async function failoverBehind(second: SecondInstance, ...more: SecondInstance[])
     const sync = runBackfillSync({
       instance: [first.url, ...urls],
       kv: db.path,
-      startTimestamp: T0,
+      startTimestamp: events[startAt].time_us,
       numRecords: 100_000,
       onError: (r) => reports.push(r),
       ...second.options,
     });
-    while (!(syncConnections(first)[0]?.sent >= 1200)) await delay(20);
+    while (!(syncConnections(first)[0]?.sent >= firstSends)) await delay(20);
     await first.shutdown();
     const stats = await sync;
     const got = await stored(db.path, stats.queueLength);
@@ -425,7 +433,7 @@ async function failoverBehind(second: SecondInstance, ...more: SecondInstance[])
       stats,
       reports,
       stored: got.map(text),
-      expected: events.map(text),
+      expected: events.slice(startAt).map(text),
       messages: (reason: string) => reports.filter((r) => r.reason === reason).map((r) => r.message),
     };
   } finally {
@@ -445,6 +453,9 @@ async function failoverLosesNothing(second: SecondInstance) {
 }
 
 const SEARCHED = / a new record came before any of those stored last/;
+
+/** Orders posts `p<index>` by index. */
+const byIndex = (a: string, b: string) => Number(a.slice(1)) - Number(b.slice(1));
 
 for (
   const [name, skewUs, stepUs, v2] of [
@@ -606,10 +617,77 @@ Deno.test("a wait carried on to a third instance is not ended by a record the se
   assert.equal(run.stats.stopReason, "closed", run.stats.error);
   assert.equal(run.stats.failovers, 2);
   // Every event once; those the second lacked come after those it stored past them.
-  const byIndex = (a: string, b: string) => Number(a.slice(1)) - Number(b.slice(1));
   assert.deepEqual(run.stored.toSorted(byIndex), run.expected);
   assert.equal(run.stored.length, 3000);
   assert.deepEqual(run.messages("coverage"), []);
+});
+
+Deno.test("a search far back on an instance 38 s behind stores what the first lacked, though by its clock that is before the start", async () => {
+  // Posts 20 ms apart; the first lacks 1099 to 1149 and goes away 24 s in. Taken up 40 s back, the
+  // second sends 1099 first, 16 s before the start by its clock, then 1150, stored. Before, new
+  // records before the start plus the rewind were left out as ones the first may have had before
+  // the start, by the first's clock: the 51 it lacked were lost without a word. Now a search that
+  // left records out before the first one stored that came looks further back, and lines up once
+  // the same one comes first.
+  const run = await failoverBehind({
+    skewUs: -38_000_000,
+    stepUs: 20_000,
+    firstHolds: (i) => i < 1200 && (i < 1099 || i > 1149),
+  });
+  assert.equal(run.stats.stopReason, "closed", run.stats.error);
+  assert.deepEqual(run.stored.toSorted(byIndex), run.expected);
+  assert.equal(run.stored.length, 3000);
+  assert.deepEqual(run.messages("coverage"), []);
+});
+
+Deno.test("a search far back on an instance that holds events from before the start stores none of them, and all the first lacked", async () => {
+  // Synced from post 100 (2 s in); the first lacks 150 to 1100. The second's clock is the first's:
+  // the search goes 40 s back for a record stored, and meets the 100 posts before the start first.
+  // They are left out, and looked past once more (80 s back) they still come before the first one
+  // stored: they are before the start. Looking for more each time would have gone on to 320 s and
+  // given up, with what the first lacked missing.
+  const run = await failoverBehind({
+    skewUs: 0,
+    stepUs: 20_000,
+    startAt: 100,
+    firstHolds: (i) => i < 150 || (i > 1100 && i < 1200),
+  });
+  assert.equal(run.stats.stopReason, "closed", run.stats.error);
+  assert.deepEqual(run.stored.toSorted(byIndex), run.expected);
+  assert.equal(run.stored.length, 2900);
+  assert.deepEqual(run.messages("coverage"), []);
+});
+
+Deno.test("failed over away from a legacy instance where a search lined up and back, the run stores nothing from before the start", async () => {
+  // Posts 10 ms apart, synced from post 1000 (10 s in); the first holds them up to 2499. The
+  // second's clock is the first's; it lacks 1300 to 2549, and drops every connection after 1,200
+  // events. A search lines it up on post 1000, after the 1,000 before the start; dropped, two
+  // connections refused, the run fails over to the first instance, gone, and back. Before, it came
+  // back lined up while it was taken up by time, before post 1000: the posts before the start that
+  // came were stored. Lined up, a reconnect's rewind brought more of them after a drop.
+  const gone = await refusedPort();
+  let refused = 0;
+  const run = await failoverBehind({
+    skewUs: 0,
+    startAt: 1000,
+    firstHolds: (i) => i < 2500,
+    holds: (i) => i < 1300 || i >= 2550,
+    server: { faults: { dropEvery: 1200 } },
+    via: (server) =>
+      tcpRelay(() => {
+        if (refused === 2 || !syncConnections(server).some((c) => c.dropped)) return server.port;
+        refused++;
+        return gone;
+      }),
+  });
+  assert.equal(run.stats.stopReason, "closed", run.stats.error);
+  assert.equal(run.stats.failovers, 3, JSON.stringify(run.reports));
+  // Missing: what the second lacks and the first had not sent.
+  assert.deepEqual(run.stored, run.expected.filter((_, i) => i < 1500 || i >= 1550));
+  assert.ok(
+    run.messages("coverage").some((m) => /: it lacks it, and events around it may be missing$/.test(m)),
+    JSON.stringify(run.reports),
+  );
 });
 
 /**

@@ -37,6 +37,11 @@ export interface Session {
   askedSeq?: number;
   /** Events before this time_us are before the window (the start, or a little earlier: see consumeStream). */
   startUs: number;
+  /**
+   * Set where a search lined this instance's stream up (see RunContext.search): the start by its
+   * clock, which the connections after this one keep to (`startUs` is set to it too).
+   */
+  linedStartUs?: number;
   /** An error frame came: the close that follows is not the end of the stream. */
   errorFrame: boolean;
   /** An OutdatedCursor info came: the next event shows where history starts. */
@@ -145,9 +150,14 @@ export interface RunContext {
     lastA: number;
     /**
      * The instance where a search lined the streams up ({@link search}'s `linedUp`), and how far
-     * back: a failover back to it goes on lined up there.
+     * back: a failover back to it looks there again (see {@link searchAgain}).
      */
     lined: { on: string; rewindUs: number } | undefined;
+    /**
+     * The first record stored before that came on `on` in the last connection of a search that
+     * left new records out before it (see {@link search}), by its content key.
+     */
+    first: { on: string; b: number; a: number } | undefined;
   } | undefined;
   /**
    * While {@link awaited} is looked for: how far back from its `lastUs` the instance's stream is
@@ -157,7 +167,12 @@ export interface RunContext {
    * it meets the beginning of the instance's history (`historyMet`: a v2 host said the cursor is
    * older, OutdatedCursor). Neither the start nor what the replay guard remembers bounds it: those
    * are times of the instance that stored the records, and this one's may run behind by more than
-   * the run is long. Undefined when nothing is looked for, or once the search has given up.
+   * the run is long. Further back than the first rewind, new records before the start plus the
+   * rewind that come before a record stored are left out ({@link awaitDropsBelowUs}), but they are
+   * before the start only by the other instance's clock: the search goes back once more
+   * ({@link searchLeftOut}), and lines up when the same record stored comes first again (they are
+   * then before the start here too), or on an earlier one (they are then stored). Undefined when
+   * nothing is looked for, or once the search has given up.
    */
   search: {
     rewindUs: number;
@@ -175,6 +190,11 @@ export interface RunContext {
   lastStoredA: number;
   /** Set by the pipeline when the connection must end for {@link search} to look further back. */
   searchBack: boolean;
+  /**
+   * With {@link searchBack}: how many new records were left out before the first record stored
+   * that came (0: a new record came first, past where they are left out).
+   */
+  searchLeftOut: number;
   /** How far back the last search looked before it gave up (0: none did): for the coverage warning. */
   searchedUs: number;
   /** New events left out while waiting (see {@link awaitDropsBelowUs}). */
@@ -415,17 +435,24 @@ export function awaitStored(ctx: RunContext, lastUs: number, selectedUs: number)
   ctx.search = undefined;
   ctx.awaited = undefined;
   if (warns) {
-    ctx.awaited = { lastUs, lastB: ctx.lastStoredB, lastA: ctx.lastStoredA, lined: undefined };
-    searchAgain(ctx, undefined);
+    ctx.awaited = {
+      lastUs,
+      lastB: ctx.lastStoredB,
+      lastA: ctx.lastStoredA,
+      lined: undefined,
+      first: undefined,
+    };
+    searchAgain(ctx, undefined, false);
   }
 }
 
 /**
  * Starts the search for {@link RunContext.awaited} on an instance: from the first rewind, or, on
- * the one where a search lined the streams up already, lined up as far back as there. Returns how
- * far back from its `lastUs` the stream is to be taken up.
+ * the one where a search lined the streams up already, as far back as there: lined up still when
+ * the stream is taken up by seq where it was (`bySeq`), else from before the record it lined up on,
+ * which lines it up again. Returns how far back from its `lastUs` the stream is to be taken up.
  */
-export function searchAgain(ctx: RunContext, instance: string | undefined): number {
+export function searchAgain(ctx: RunContext, instance: string | undefined, bySeq: boolean): number {
   const { rewindUs } = ctx.o;
   const lined = ctx.awaited!.lined;
   const again = lined !== undefined && lined.on === instance;
@@ -433,9 +460,15 @@ export function searchAgain(ctx: RunContext, instance: string | undefined): numb
   ctx.search = {
     rewindUs: again ? lined.rewindUs : rewindUs,
     historyMet: false,
-    linedUp: again,
+    linedUp: again && bySeq,
   };
   return ctx.search.rewindUs;
+}
+
+/** Whether {@link searchFurther} would look further back, rather than give the search up. */
+export function searchCanGoFurther(ctx: RunContext): boolean {
+  const s = ctx.search!;
+  return !s.historyMet && 2 * s.rewindUs <= SEARCH_MAX_REWINDS * ctx.o.rewindUs;
 }
 
 /** Ends the wait that {@link awaitStored} started: what comes from now on is new. */
@@ -459,7 +492,7 @@ export function searchFurther(ctx: RunContext): number {
   const s = ctx.search!;
   const { lastUs } = ctx.awaited!;
   const base = ctx.o.rewindUs;
-  if (!s.historyMet && 2 * s.rewindUs <= SEARCH_MAX_REWINDS * base) {
+  if (searchCanGoFurther(ctx)) {
     s.rewindUs *= 2;
     return lastUs - s.rewindUs;
   }

@@ -12,7 +12,15 @@ import { mapV2Frame, type V2Frame } from "../jetstream/v2.ts";
 import { DEFAULT_MAX_DECODED_BYTES, ZstdDecodeError } from "../jetstream/zstd.ts";
 import type { BackfillSyncOptions } from "../options.ts";
 import type { SkipReason } from "../stats.ts";
-import { coverageGap, endAwait, type RunContext, type SeqState, type Session, stopWith } from "./context.ts";
+import {
+  coverageGap,
+  endAwait,
+  type RunContext,
+  searchCanGoFurther,
+  type SeqState,
+  type Session,
+  stopWith,
+} from "./context.ts";
 import type { ReplayGuard } from "./filter.ts";
 import { OversizedEventError } from "./batch.ts";
 import { isoFromUs } from "../time.ts";
@@ -239,6 +247,8 @@ export async function readConnection(
     ctx.report({ reason, message, instance: session.base });
   };
   let mismatches = 0;
+  // New records a search left out on this connection before a record stored came (see RunContext.search).
+  let leftOut = 0;
   let askedSeq = session.askedSeq;
   // On a v2 host: whether an event at or after the time floor has come (on this connection, or,
   // taken up by seq, on the host since it was taken up by time: see SeqState.floorReached).
@@ -472,13 +482,26 @@ export async function readConnection(
             stats.duplicatesDropped++;
             if (ctx.sentWhileAwaiting?.has(lastKey(guard))) continue;
             const awaited = ctx.awaited!;
-            if (search.rewindUs > o.rewindUs) {
+            if (search.rewindUs > o.rewindUs && !search.linedUp) {
+              // Records left out before it are before the start by the other instance's clock, and
+              // this one's may run behind: they may be ones the other lacked. Looked for further
+              // back, the same record comes first again when they are before the start here too.
+              const first = awaited.first;
+              if (
+                leftOut > 0 && searchCanGoFurther(ctx) &&
+                !(first?.on === session.base && first.b === guard.lastB && first.a === guard.lastA)
+              ) {
+                awaited.first = { on: session.base, b: guard.lastB, a: guard.lastA };
+                ctx.searchLeftOut = leftOut;
+                ctx.searchBack = true;
+                return;
+              }
               // This instance's time_us run behind by up to the search's rewind: what follows a
-              // record stored is within the window, though its time_us be that much before the start.
-              startUs = session.startUs = Math.min(
-                startUs,
-                (o.startUs ?? Number.NEGATIVE_INFINITY) - search.rewindUs,
-              );
+              // record stored is within the window, though its time_us be that much before the
+              // start; what came before it was before the start.
+              startUs = session.startUs = session.linedStartUs = leftOut > 0
+                ? t
+                : (o.startUs ?? Number.NEGATIVE_INFINITY) - search.rewindUs;
             }
             if (
               (guard.lastB === awaited.lastB && guard.lastA === awaited.lastA) ||
@@ -512,6 +535,7 @@ export async function readConnection(
             // Near the start, a new record may be one the other instance had before its start (see
             // `storedYet()`): left out, but not remembered, so that it is judged again once a record
             // stored before is recognised.
+            leftOut++;
             continue;
           } else {
             // The stream was taken up too late here: the next connection goes further back.
