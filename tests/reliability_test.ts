@@ -640,6 +640,22 @@ Deno.test("a search far back on an instance 38 s behind stores what the first la
   assert.deepEqual(run.messages("coverage"), []);
 });
 
+Deno.test("a failover 6 s into the run stores what the first lacked in the rewind before a record stored came", async () => {
+  // Posts 5 ms apart; the first lacks 150 to 300 and goes away 6 s in. Taken up 5 s back, the
+  // second, with the same clock, sends 199 to 300 first, before the start plus the rewind, then 301,
+  // stored. Before, the first record stored lined the streams up within the first rewind, and what
+  // came before it was lost without a word, as events the first may have had before the start.
+  const run = await failoverBehind({
+    skewUs: 0,
+    stepUs: 5_000,
+    firstHolds: (i) => i < 1200 && (i < 150 || i > 300),
+  });
+  assert.equal(run.stats.stopReason, "closed", run.stats.error);
+  assert.deepEqual(run.stored.toSorted(byIndex), run.expected);
+  assert.equal(run.stored.length, 3000);
+  assert.deepEqual(run.messages("coverage"), []);
+});
+
 Deno.test("a search far back on an instance that holds events from before the start stores none of them, and all the first lacked", async () => {
   // Synced from post 100 (2 s in); the first lacks 150 to 1100. The second's clock is the first's:
   // the search goes 40 s back for a record stored, and meets the 100 posts before the start first.

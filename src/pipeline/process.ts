@@ -482,7 +482,7 @@ export async function readConnection(
             stats.duplicatesDropped++;
             if (ctx.sentWhileAwaiting?.has(lastKey(guard))) continue;
             const awaited = ctx.awaited!;
-            if (search.rewindUs > o.rewindUs && !search.linedUp) {
+            if (!search.linedUp) {
               // Records left out before it are before the start by the other instance's clock, and
               // this one's may run behind: they may be ones the other lacked. Looked for further
               // back, the same record comes first again when they are before the start here too.
@@ -496,12 +496,14 @@ export async function readConnection(
                 ctx.searchBack = true;
                 return;
               }
-              // This instance's time_us run behind by up to the search's rewind: what follows a
-              // record stored is within the window, though its time_us be that much before the
-              // start; what came before it was before the start.
-              startUs = session.startUs = session.linedStartUs = leftOut > 0
-                ? t
-                : (o.startUs ?? Number.NEGATIVE_INFINITY) - search.rewindUs;
+              // What came before it was before the start. Else, further back than the first rewind,
+              // this instance's time_us run behind by up to the search's rewind: what follows a
+              // record stored is within the window, though its time_us be that much before the start.
+              if (leftOut > 0) startUs = session.startUs = session.linedStartUs = t;
+              else if (search.rewindUs > o.rewindUs) {
+                startUs = session.startUs = session.linedStartUs = (o.startUs ?? Number.NEGATIVE_INFINITY) -
+                  search.rewindUs;
+              }
             }
             if (
               (guard.lastB === awaited.lastB && guard.lastA === awaited.lastA) ||
