@@ -255,6 +255,16 @@ export async function consumeStream(
   let deliveredBy = resumedUs >= 0 ? resumeFrom!.run.instance : undefined;
   let selectedUs = resumedUs;
   let deliveredStartUs = startUs;
+  // The start by the clock of each instance where a search lined the stream up (see
+  // Session.linedStartUs): back on one by time, it is held to that, not to the start less the rewind,
+  // which is another instance's time (one 30 s behind has its first 30 s of the window before it).
+  const linedStarts = new Map<string, number>();
+  // (A resume there too: the checkpoint keeps it.)
+  const resumedStart = resumeFrom?.run.instanceStartUs;
+  if (resumedUs >= 0 && resumedStart !== undefined && o.instances.includes(resumeFrom!.run.instance)) {
+    linedStarts.set(resumeFrom!.run.instance, resumedStart);
+    if (o.instances[instanceIndex] === resumeFrom!.run.instance) startUs = deliveredStartUs = resumedStart;
+  }
 
   /** Moves on to the next instance, a little earlier in time (`rewindUs`): time_us differ between them. */
   const failOver = () => {
@@ -280,17 +290,20 @@ export async function consumeStream(
     // first record recognised are left out near the start (they can be ones the instance left had
     // before its start), stored further on; past the last time processed plus the rewind without
     // one recognised, a coverage warning.
+    // (On one where a search lined the stream up, the start by its clock.)
+    const linedStart = from !== to ? linedStarts.get(to) : undefined;
     const known = ctx.accepted > 0 || (recent !== undefined && recent.keys.length > 0);
     if (lastUs >= 0 && known && from !== to) {
       if (awaited !== undefined) {
         floorUs = lastUs - searchAgain(ctx, to, seq.host === to && seq.floor >= 0 && !seq.fromOldest);
       } else {
-        awaitStored(ctx, lastUs, selectedUs);
+        awaitStored(ctx, lastUs, selectedUs, linedStart);
         seqHostAtAwait = seq.host;
       }
       // (Further back where a search lined the streams up already.)
       startUs = (o.startUs ?? Number.NEGATIVE_INFINITY) - (lastUs - floorUs);
     }
+    if (linedStart !== undefined) startUs = linedStart;
     ctx.report({
       reason: "connection",
       message: `failing over from ${new URL(from).host} to ${new URL(to).host}${
@@ -536,6 +549,7 @@ export async function consumeStream(
     connections++;
     if (connections > 1) stats.reconnects++;
     ctx.batcher.host = base;
+    ctx.batcher.hostStartUs = linedStarts.get(base);
     const before = {
       us: stats.lastProcessedUs,
       // (Events past the floor are progress only on the instance whose time it is.)
@@ -585,7 +599,10 @@ export async function consumeStream(
       await conn.closed();
     }
     // (Moved where a search lined this instance's stream up further back than the rewind.)
-    if (session.linedStartUs !== undefined) startUs = session.linedStartUs;
+    if (session.linedStartUs !== undefined) {
+      startUs = session.linedStartUs;
+      linedStarts.set(base, startUs);
+    }
     if (o.startUs === undefined) {
       tailBeganUs ??= openedUs;
       liveFromUs ??= openedUs;

@@ -18,7 +18,7 @@ import {
 import { patchAtomic } from "./helpers/kv_patch.ts";
 import { delay } from "../src/async.ts";
 import { isoFromUs } from "../src/time.ts";
-import type { JetstreamServer } from "../src/server/server.ts";
+import type { ConnectionRecord, JetstreamServer } from "../src/server/server.ts";
 import { runCli } from "./helpers/cli.ts";
 
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
@@ -374,6 +374,8 @@ interface SecondInstance {
   v2?: boolean;
   /** Which of the (skewed) events it holds. */
   holds?: (index: number) => boolean;
+  /** How much later than the skew an event's time_us is (a reorder, with `fileOrder`). */
+  jitterUs?: (index: number) => number;
   /** Its server's options (faults, history start). */
   server?: Parameters<typeof serveEvents>[1];
   /** A route to it in place of its own URL: a relay given its server. */
@@ -400,7 +402,10 @@ async function failoverBehind(second: SecondInstance, ...more: SecondInstance[])
   const firstSends = events.filter((_, i) => firstHolds(i) && i >= startAt).length;
   await using stack = new AsyncDisposableStack();
   const urls = [second, ...more].map((other) => {
-    const held = events.map((e) => ({ ...e, time_us: e.time_us + other.skewUs }))
+    const held = events.map((e, i) => ({
+      ...e,
+      time_us: e.time_us + other.skewUs + (other.jitterUs?.(i) ?? 0),
+    }))
       .filter((_, i) => other.holds?.(i) ?? true);
     const server = stack.use(serveEvents(held, {
       closeAtEnd: true,
@@ -638,6 +643,142 @@ Deno.test("a search far back on an instance 38 s behind stores what the first la
   assert.deepEqual(run.stored.toSorted(byIndex), run.expected);
   assert.equal(run.stored.length, 3000);
   assert.deepEqual(run.messages("coverage"), []);
+});
+
+/** A relay to a server that refuses `n` connections once `after` holds for its connections. */
+function refusingOnce(gone: number, after: (connections: ConnectionRecord[]) => boolean, n = 2) {
+  let refused = 0;
+  return (server: JetstreamServer) =>
+    tcpRelay(() => {
+      if (refused === n || !after(syncConnections(server))) return server.port;
+      refused++;
+      return gone;
+    });
+}
+
+Deno.test("an event that follows the record a search lined up on, with a time_us a little before it, is stored", async () => {
+  // Synced from post 1000 (posts 20 ms apart); the first lacks 1001 and goes away 3 s after the
+  // start. The second runs 30 s behind, and sends 1001 right after 1000 with a time_us 25 ms
+  // before it (a reorder). The search lines up on 1000 after the posts before the start: before,
+  // the start moved to 1000's time_us at once, and 1001 was left out without a word.
+  for (const v2 of [false, true]) {
+    const run = await failoverBehind({
+      skewUs: -30_000_000,
+      stepUs: 20_000,
+      startAt: 1000,
+      firstHolds: (i) => i < 1150 && i !== 1001,
+      jitterUs: (i) => i === 1001 ? -25_000 : 0,
+      v2,
+      server: v2 ? {} : { faults: { fileOrder: true } },
+    });
+    assert.equal(run.stats.stopReason, "closed", run.stats.error);
+    assert.deepEqual(run.stored.toSorted(byIndex), run.expected, v2 ? "v2" : "legacy");
+    assert.deepEqual(run.messages("coverage"), []);
+  }
+});
+
+Deno.test("a search step interrupted by a failover away and back starts over: the record that came first before says nothing at the same rewind", async () => {
+  // Synced from post 1000; the first lacks 1025 to 1099 and goes away 6 s after the start. Taken up
+  // 5 s back, the second leaves 1049 to 1099 out and meets 1100, stored; the search's next
+  // connection is refused twice, the run fails over to the first, gone, and back. Before, 1100
+  // coming first again, 5 s back again, lined the search up there, and 1049 to 1099 were lost.
+  const gone = await refusedPort();
+  const lastUs = T0 + 1299 * 20_000;
+  const run = await failoverBehind({
+    skewUs: 0,
+    stepUs: 20_000,
+    startAt: 1000,
+    firstHolds: (i) => i < 1300 && !(i >= 1025 && i < 1100),
+    via: refusingOnce(gone, (cs) => cs.some((c) => (c.params.cursor ?? Infinity) <= lastUs - 5_000_000)),
+  });
+  assert.equal(run.stats.stopReason, "closed", run.stats.error);
+  assert.equal(run.stats.failovers, 3, JSON.stringify(run.reports));
+  assert.deepEqual(run.stored.toSorted(byIndex), run.expected);
+  assert.deepEqual(run.messages("coverage"), []);
+});
+
+Deno.test("failed over away and back to an instance 30 s behind after a search lined it up, the run keeps to the start by its clock", async () => {
+  // Synced from post 1000 (20 s in); the first goes away after 1299. A search lines the second,
+  // 30 s behind, up 80 s back, and the wait for 1299 settles; it drops after 2,000 events (at post
+  // 1999, 10 s after the start by its clock), then refuses two connections: the run fails over to the
+  // first, gone, and back. Before, it was then held to the start less the rewind by the first's
+  // clock, and posts 2000 to 2249, before that by the second's, were lost without a word.
+  const gone = await refusedPort();
+  const lastUs = T0 + 1299 * 20_000;
+  const run = await failoverBehind({
+    skewUs: -30_000_000,
+    stepUs: 20_000,
+    startAt: 1000,
+    firstHolds: (i) => i < 1300,
+    server: { faults: { dropEvery: 2000 } },
+    // (Once the connection taken up 80 s back is made: the next one is refused.)
+    via: refusingOnce(gone, (cs) => cs.some((c) => (c.params.cursor ?? Infinity) <= lastUs - 80_000_000)),
+  });
+  assert.equal(run.stats.stopReason, "closed", run.stats.error);
+  assert.equal(run.stats.failovers, 3, JSON.stringify(run.reports));
+  assert.deepEqual(run.stored, run.expected);
+  assert.deepEqual(run.messages("coverage"), []);
+});
+
+Deno.test("a failover near the start to an instance more than the rewind ahead, whose search gives up, warns of what it stored before a record stored came", async () => {
+  // Synced from post 1000 (20 s in); the first goes away after 1299, 6 s after the start. The second
+  // runs 8 s ahead: its posts before the start are new records past the start plus the rewind by its
+  // clock, and no search back shows a record stored first. Given up, the search stores them (they
+  // cannot be told from ones the first lacked): before, without a word.
+  const run = await failoverBehind({
+    skewUs: 8_000_000,
+    stepUs: 20_000,
+    startAt: 1000,
+    firstHolds: (i) => i < 1300,
+  });
+  assert.equal(run.stats.stopReason, "closed", run.stats.error);
+  const early = run.stored.filter((p) => Number(p.slice(1)) < 1000).length;
+  assert.ok(early > 0, "the case this warning is for");
+  assert.ok(
+    run.messages("coverage").some((m) =>
+      new RegExp(
+        ` ${early} new records were stored before a record stored before came again \\(a search 320 s back had given up\\): `,
+      )
+        .test(m)
+    ),
+    JSON.stringify(run.reports),
+  );
+});
+
+Deno.test("a resume on an instance 30 s behind, where a search lined the run up, stores what its clock puts before the start", async () => {
+  // The first instance has posts 0 to 1199 (20 ms apart) and goes away; the second runs 30 s behind,
+  // and a search lines it up. The run stops at 1,301 records: by the second's clock, post 1300 is
+  // 4 s before the start. Before, the resume held that instance to the start by the first's clock,
+  // and the 199 posts after 1300 that it puts before the start were lost without a word.
+  const events = spaced(3000, 20_000);
+  const first = serveEvents(events.slice(0, 1200));
+  await using behind = serveEvents(events.map((e) => ({ ...e, time_us: e.time_us - 30_000_000 })), {
+    closeAtEnd: true,
+  });
+  await using db = await tempDb();
+  const base = { instance: [first.url, behind.url], kv: db.path, startTimestamp: T0 };
+  try {
+    const sync = runBackfillSync({ ...base, numRecords: 1301 });
+    while (!(syncConnections(first)[0]?.sent >= 1200)) await delay(20);
+    await first.shutdown();
+    const one = await sync;
+    assert.equal(one.stopReason, "limit", one.error);
+    const reports: SyncErrorReport[] = [];
+    const two = await runBackfillSync({
+      ...base,
+      numRecords: 100_000,
+      resume: true,
+      force: true,
+      onError: (r) => reports.push(r),
+    });
+    assert.equal(two.stopReason, "closed", two.error);
+    assert.equal(two.recordsStored, 1699, JSON.stringify(reports));
+    const text = (e: JetstreamEvent) =>
+      e.kind === "commit" ? (e.commit.record as { text: string }).text : e.kind;
+    assert.deepEqual((await stored(db.path, two.queueLength)).map(text), events.map(text));
+  } finally {
+    await first.shutdown();
+  }
 });
 
 Deno.test("a failover 6 s into the run stores what the first lacked in the rewind before a record stored came", async () => {

@@ -48,8 +48,9 @@ export interface PackedMessage {
   /** `time_us` of the last event. */
   cursor: number;
   /**
-   * The highest `time_us` of its events (-1 for none): after an operator's import on a v2 host, the
-   * last event's display time can be years older (protocol doc §3.2).
+   * The highest `time_us` of its events from `host` (-1 for none): after an operator's import on a
+   * v2 host, the last event's display time can be years older (protocol doc §3.2). (Another
+   * instance's events, before a failover, say nothing of this one's time.)
    */
   maxUs: number;
   /** The v2 server's sequence number (`cursor` field) of the last event that had one. */
@@ -58,6 +59,11 @@ export interface PackedMessage {
   seqHost?: string;
   /** The instance the last event came from. */
   host?: string;
+  /**
+   * The start by the clock of `host`, where a search lined its stream up (see
+   * `Session.linedStartUs`); undefined: the run's start.
+   */
+  hostStartUs?: number;
   /** Events per UTC day. */
   days: Map<string, number>;
   /** Collections of the commit events. */
@@ -109,6 +115,8 @@ export class Batcher {
   #records = 0;
   /** The instance events are coming from now, recorded with their sequence numbers. */
   host: string | undefined;
+  /** The start by the clock of {@link host}, where a search moved it (see PackedMessage.hostStartUs). */
+  hostStartUs: number | undefined;
   /** `performance.now()` when the batch being built got its first record. */
   startedAt = 0;
   #tailUs = -1;
@@ -161,8 +169,11 @@ export class Batcher {
   #note(m: PackedMessage, event: JetstreamEvent, day: string, collection: string | undefined): void {
     m.count++;
     m.cursor = event.time_us;
+    // (Of the events from the last one's instance: another's time_us run ahead or behind.)
+    if (m.host !== this.host) m.maxUs = -1;
     if (event.time_us > m.maxUs) m.maxUs = event.time_us;
     m.host = this.host;
+    m.hostStartUs = this.hostStartUs;
     if (typeof event.cursor === "number") {
       m.seq = event.cursor;
       m.seqHost = this.host;

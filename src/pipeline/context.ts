@@ -155,9 +155,10 @@ export interface RunContext {
     lined: { on: string; rewindUs: number } | undefined;
     /**
      * The first record stored before that came on `on` in the last connection of a search that
-     * left new records out before it (see {@link search}), by its content key.
+     * left new records out before it (see {@link search}), by its content key, and how far back
+     * that search had taken the stream up: only further back does the same record say anything.
      */
-    first: { on: string; b: number; a: number } | undefined;
+    first: { on: string; b: number; a: number; rewindUs: number } | undefined;
   } | undefined;
   /**
    * While {@link awaited} is looked for: how far back from its `lastUs` the instance's stream is
@@ -197,6 +198,8 @@ export interface RunContext {
   searchLeftOut: number;
   /** How far back the last search looked before it gave up (0: none did): for the coverage warning. */
   searchedUs: number;
+  /** {@link accepted} when the last search gave up (see {@link searchedUs}). */
+  acceptedAtGiveUp: number;
   /** New events left out while waiting (see {@link awaitDropsBelowUs}). */
   awaitDropped: number;
   /**
@@ -417,9 +420,17 @@ function describeDuration(us: number): string {
  * - new events before the start plus the rewind are left out until one is recognised: they can be
  *   ones the first instance had before the start;
  * - with neither, there is nothing to wait for.
+ *
+ * `startUs` is the start by the clock of the instance waited on, where a search lined its stream up
+ * before (the run's start otherwise).
  */
-export function awaitStored(ctx: RunContext, lastUs: number, selectedUs: number): void {
-  const { rewindUs, startUs } = ctx.o;
+export function awaitStored(
+  ctx: RunContext,
+  lastUs: number,
+  selectedUs: number,
+  startUs = ctx.o.startUs,
+): void {
+  const { rewindUs } = ctx.o;
   const warns = selectedUs >= lastUs - rewindUs;
   const dropsBelowUs = (startUs ?? Number.NEGATIVE_INFINITY) + rewindUs;
   if (!warns && dropsBelowUs <= lastUs - rewindUs) {
@@ -497,6 +508,7 @@ export function searchFurther(ctx: RunContext): number {
     return lastUs - s.rewindUs;
   }
   ctx.searchedUs = s.rewindUs;
+  ctx.acceptedAtGiveUp = ctx.accepted;
   ctx.search = undefined;
   return lastUs - base;
 }

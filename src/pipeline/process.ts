@@ -489,20 +489,33 @@ export async function readConnection(
               const first = awaited.first;
               if (
                 leftOut > 0 && searchCanGoFurther(ctx) &&
-                !(first?.on === session.base && first.b === guard.lastB && first.a === guard.lastA)
+                !(first?.on === session.base && first.b === guard.lastB && first.a === guard.lastA &&
+                  first.rewindUs < search.rewindUs)
               ) {
-                awaited.first = { on: session.base, b: guard.lastB, a: guard.lastA };
+                awaited.first = {
+                  on: session.base,
+                  b: guard.lastB,
+                  a: guard.lastA,
+                  rewindUs: search.rewindUs,
+                };
                 ctx.searchLeftOut = leftOut;
                 ctx.searchBack = true;
                 return;
               }
-              // What came before it was before the start. Else, further back than the first rewind,
-              // this instance's time_us run behind by up to the search's rewind: what follows a
-              // record stored is within the window, though its time_us be that much before the start.
-              if (leftOut > 0) startUs = session.startUs = session.linedStartUs = t;
-              else if (search.rewindUs > o.rewindUs) {
-                startUs = session.startUs = session.linedStartUs = (o.startUs ?? Number.NEGATIVE_INFINITY) -
-                  search.rewindUs;
+              // What came before it was before the start: later connections keep to its time_us,
+              // and this one to the stream's order (what follows it with a smaller time_us, a
+              // reorder, is within the window). Else, further back than the first rewind, this
+              // instance's time_us run behind by up to the search's rewind: what follows a record
+              // stored is within the window, though its time_us be that much before the start.
+              if (leftOut > 0) {
+                session.startUs = session.linedStartUs = batcher.hostStartUs = t;
+                startUs = Number.NEGATIVE_INFINITY;
+              } else if (search.rewindUs > o.rewindUs) {
+                startUs =
+                  session.startUs =
+                  session.linedStartUs =
+                  batcher.hostStartUs =
+                    (o.startUs ?? Number.NEGATIVE_INFINITY) - search.rewindUs;
               }
             }
             if (
@@ -552,7 +565,27 @@ export async function readConnection(
           stats.duplicatesDropped++;
           // An event processed before the switch to this instance: what comes after it here is new.
           // (One this instance sent already, again after a reconnect, says nothing of that.)
-          if (ctx.awaitStoredUntilUs >= 0 && !ctx.sentWhileAwaiting?.has(lastKey(guard))) endAwait(ctx);
+          if (ctx.awaitStoredUntilUs >= 0 && !ctx.sentWhileAwaiting?.has(lastKey(guard))) {
+            // After a search gave up, new records stored before this one are before a record stored
+            // on the other instance: ones it lacked, or, near the start, ones it had before the start
+            // (this instance's time_us run ahead of its by more than the rewind).
+            const before = ctx.searchedUs > 0 ? ctx.accepted - ctx.acceptedAtGiveUp : 0;
+            const searchedUs = ctx.searchedUs;
+            endAwait(ctx);
+            if (before > 0) {
+              ctx.report({
+                reason: "coverage",
+                message: `on ${new URL(session.base).host}, ${before} new record${
+                  before === 1 ? " was" : "s were"
+                } stored before a record stored before came again (a search ${
+                  searchedUs / 1e6
+                } s back had given up): ones the other instance lacked, or, near the start, ones from before the start, if this one's time_us run ahead of its by more than ${
+                  o.rewindUs / 1e6
+                } s`,
+                instance: session.base,
+              });
+            }
+          }
           continue;
         }
         if (ctx.awaitStoredUntilUs >= 0) ctx.sentWhileAwaiting?.add(lastKey(guard));

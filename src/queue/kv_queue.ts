@@ -154,6 +154,12 @@ export interface RunState {
   /** The WebSocket URL the last record came from. */
   instance: string;
   /**
+   * The start by the clock of `instance`, where a search that lined its stream up after a failover
+   * moved it (that instance's `time_us` run behind another's, or a record stored there marks where
+   * the window begins): a resume there is held to it. Absent: the run's start.
+   */
+  instanceStartUs?: number;
+  /**
    * The WebSocket URL the run's first record came from: its start and end are times of that
    * instance (each instance has its own time_us). Absent in checkpoints of older versions.
    */
@@ -161,7 +167,8 @@ export interface RunState {
   /** The instances the run was given, in order. */
   instances?: string[];
   /**
-   * The highest `time_us` of the records the run stored. On a v2 host it can be far later than the
+   * The highest `time_us` of the records the run stored from `instance` since it last came to it
+   * (another instance's time_us run ahead or behind). On a v2 host it can be far later than the
    * checkpoint's `cursor`: an operator's import gives events display times years old (protocol doc
    * §3.2), and the last record stored may be one of them. Absent in checkpoints of older versions.
    */

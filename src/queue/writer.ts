@@ -503,7 +503,7 @@ export class QueueWriter {
     op.check({ key: queueKey(q, "writer"), versionstamp: this.#lock! });
     const prev = this.#issued;
     let { cursor } = prev;
-    let { seqCursor, seqInstance, instance, firstInstance, maxUs } = prev.run;
+    let { seqCursor, seqInstance, instance, instanceStartUs, firstInstance, maxUs } = prev.run;
     let records = 0;
     let last = cursor;
     // The newest time_us of this commit's records (its last one's may be an import's, years old).
@@ -516,10 +516,15 @@ export class QueueWriter {
       for (const [d, n] of m.days) days.set(d, (days.get(d) ?? 0) + n);
       for (const c of m.collections) collections.add(c);
       cursor = m.cursor;
-      if (m.maxUs > (maxUs ?? -1)) maxUs = m.maxUs;
+      // (A time of the instance the records came from: another's run ahead or behind.)
+      if (m.host !== undefined && m.host !== instance) maxUs = m.maxUs;
+      else if (m.maxUs > (maxUs ?? -1)) maxUs = m.maxUs;
       if (m.maxUs > commitMaxUs) commitMaxUs = m.maxUs;
       // The checkpoint names the host of the last stored record, so a resume asks the right one.
-      if (m.host !== undefined) instance = m.host;
+      if (m.host !== undefined) {
+        instance = m.host;
+        instanceStartUs = m.hostStartUs;
+      }
       if (firstInstance === undefined && prev.run.recordsStored === 0) firstInstance = m.host;
       if (m.seq !== undefined) {
         seqCursor = m.seq;
@@ -550,6 +555,7 @@ export class QueueWriter {
         seqCursor,
         seqInstance,
         instance,
+        instanceStartUs,
         ...(firstInstance === undefined ? {} : { firstInstance }),
         ...(maxUs === undefined ? {} : { maxUs }),
       },
@@ -891,5 +897,6 @@ function packRecords(m: PackedMessage, from: number, to: number): PackedMessage 
     seq,
     seqHost: seq === undefined ? undefined : m.seqHost,
     host: m.host,
+    hostStartUs: m.hostStartUs,
   };
 }
