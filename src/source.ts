@@ -94,8 +94,9 @@ const MAX_IDLE_SCALE = 16;
  * with a display time years old (protocol doc §3.2), and the run was at its highest time, not there.
  * (Instances' clocks differ by seconds, so a last record a little behind the highest is no import.)
  */
-function resumePointUs(cp: Checkpoint): number {
-  const maxUs = cp.run.maxUs;
+function resumePointUs(cp: Checkpoint, there: boolean): number {
+  // (On the instance the last record came from, its own highest time: another's run ahead or behind.)
+  const maxUs = there ? cp.run.instanceMaxUs ?? cp.run.maxUs : cp.run.maxUs;
   return maxUs !== undefined && maxUs - cp.cursor > KEYS_SPAN_US ? maxUs : cp.cursor;
 }
 
@@ -119,7 +120,9 @@ export async function consumeStream(
   let instanceIndex = Math.max(0, resumeFrom ? o.instances.indexOf(resumeFrom.run.instance) : 0);
   let startUs = o.startUs ?? Number.NEGATIVE_INFINITY;
   // Events at or below this time_us were processed on the current instance (its cursor is inclusive).
-  const resumedUs = resumeFrom && resumeFrom.run.recordsStored > 0 ? resumePointUs(resumeFrom) : -1;
+  const resumedUs = resumeFrom && resumeFrom.run.recordsStored > 0
+    ? resumePointUs(resumeFrom, o.instances.includes(resumeFrom.run.instance))
+    : -1;
   let floorUs = resumedUs;
   // The instance whose own time_us floorUs is (undefined after a failover or a search moved it to
   // another instance's time): only there do events past it show progress.

@@ -48,11 +48,15 @@ export interface PackedMessage {
   /** `time_us` of the last event. */
   cursor: number;
   /**
-   * The highest `time_us` of its events from `host` (-1 for none): after an operator's import on a
-   * v2 host, the last event's display time can be years older (protocol doc §3.2). (Another
-   * instance's events, before a failover, say nothing of this one's time.)
+   * The highest `time_us` of its events (-1 for none): after an operator's import on a v2 host, the
+   * last event's display time can be years older (protocol doc §3.2).
    */
   maxUs: number;
+  /**
+   * The highest `time_us` processed on `host` up to its last event (see Batcher.seenUs), or -1: a
+   * time of that instance, where another's (before a failover) run ahead or behind.
+   */
+  hostMaxUs?: number;
   /** The v2 server's sequence number (`cursor` field) of the last event that had one. */
   seq?: number;
   /** The instance that issued `seq` (sequence numbers are only meaningful there). */
@@ -117,6 +121,11 @@ export class Batcher {
   host: string | undefined;
   /** The start by the clock of {@link host}, where a search moved it (see PackedMessage.hostStartUs). */
   hostStartUs: number | undefined;
+  /**
+   * The highest `time_us` processed on {@link host}'s connection so far, records recognised and
+   * events not selected too (set before each record is added; -1: none).
+   */
+  seenUs = -1;
   /** `performance.now()` when the batch being built got its first record. */
   startedAt = 0;
   #tailUs = -1;
@@ -169,9 +178,10 @@ export class Batcher {
   #note(m: PackedMessage, event: JetstreamEvent, day: string, collection: string | undefined): void {
     m.count++;
     m.cursor = event.time_us;
-    // (Of the events from the last one's instance: another's time_us run ahead or behind.)
-    if (m.host !== this.host) m.maxUs = -1;
     if (event.time_us > m.maxUs) m.maxUs = event.time_us;
+    // (Of the instance the last event came from: another's time_us run ahead or behind.)
+    if (m.host !== this.host || m.hostMaxUs === undefined) m.hostMaxUs = -1;
+    m.hostMaxUs = Math.max(m.hostMaxUs, event.time_us, this.seenUs);
     m.host = this.host;
     m.hostStartUs = this.hostStartUs;
     if (typeof event.cursor === "number") {

@@ -600,6 +600,7 @@ export async function readConnection(
         const collection = ev.kind === "commit" ? ev.commit.collection : undefined;
         let full: boolean;
         try {
+          batcher.seenUs = session.maxUs;
           full = batcher.add(ev, text, stats.dayOf(t), collection, utf8Bytes, shorterBy);
         } catch (err) {
           if (!(err instanceof OversizedEventError)) throw err;

@@ -160,6 +160,13 @@ export interface RunState {
    */
   instanceStartUs?: number;
   /**
+   * The highest `time_us` processed on `instance` up to the last record stored from it (records
+   * recognised and events not selected too), by its clock: where a resume there takes the stream up
+   * when the last record's display time is an import's (see `maxUs`). Absent in checkpoints of older
+   * versions.
+   */
+  instanceMaxUs?: number;
+  /**
    * The WebSocket URL the run's first record came from: its start and end are times of that
    * instance (each instance has its own time_us). Absent in checkpoints of older versions.
    */
@@ -167,8 +174,7 @@ export interface RunState {
   /** The instances the run was given, in order. */
   instances?: string[];
   /**
-   * The highest `time_us` of the records the run stored from `instance` since it last came to it
-   * (another instance's time_us run ahead or behind). On a v2 host it can be far later than the
+   * The highest `time_us` of the records the run stored. On a v2 host it can be far later than the
    * checkpoint's `cursor`: an operator's import gives events display times years old (protocol doc
    * §3.2), and the last record stored may be one of them. Absent in checkpoints of older versions.
    */

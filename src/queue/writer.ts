@@ -503,7 +503,7 @@ export class QueueWriter {
     op.check({ key: queueKey(q, "writer"), versionstamp: this.#lock! });
     const prev = this.#issued;
     let { cursor } = prev;
-    let { seqCursor, seqInstance, instance, instanceStartUs, firstInstance, maxUs } = prev.run;
+    let { seqCursor, seqInstance, instance, instanceStartUs, instanceMaxUs, firstInstance, maxUs } = prev.run;
     let records = 0;
     let last = cursor;
     // The newest time_us of this commit's records (its last one's may be an import's, years old).
@@ -516,9 +516,13 @@ export class QueueWriter {
       for (const [d, n] of m.days) days.set(d, (days.get(d) ?? 0) + n);
       for (const c of m.collections) collections.add(c);
       cursor = m.cursor;
+      if (m.maxUs > (maxUs ?? -1)) maxUs = m.maxUs;
       // (A time of the instance the records came from: another's run ahead or behind.)
-      if (m.host !== undefined && m.host !== instance) maxUs = m.maxUs;
-      else if (m.maxUs > (maxUs ?? -1)) maxUs = m.maxUs;
+      if (m.hostMaxUs !== undefined) {
+        instanceMaxUs = m.host !== undefined && m.host !== instance
+          ? m.hostMaxUs
+          : Math.max(instanceMaxUs ?? -1, m.hostMaxUs);
+      }
       if (m.maxUs > commitMaxUs) commitMaxUs = m.maxUs;
       // The checkpoint names the host of the last stored record, so a resume asks the right one.
       if (m.host !== undefined) {
@@ -556,6 +560,7 @@ export class QueueWriter {
         seqInstance,
         instance,
         instanceStartUs,
+        instanceMaxUs,
         ...(firstInstance === undefined ? {} : { firstInstance }),
         ...(maxUs === undefined ? {} : { maxUs }),
       },
@@ -898,5 +903,6 @@ function packRecords(m: PackedMessage, from: number, to: number): PackedMessage 
     seqHost: seq === undefined ? undefined : m.seqHost,
     host: m.host,
     hostStartUs: m.hostStartUs,
+    hostMaxUs: m.hostMaxUs,
   };
 }
