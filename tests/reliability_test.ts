@@ -781,6 +781,60 @@ Deno.test("a resume on an instance 30 s behind, where a search lined the run up,
   }
 });
 
+for (const resumeOn of ["another host", "the same host"]) {
+  Deno.test(`an import right after a failover between v2 hosts, then a resume on ${resumeOn}, stores every event once`, async () => {
+    // 16,000 posts 2 ms apart; the first host goes away after 14,000, and the second's next five
+    // are an operator's import, display times two years back: the run stops on them. Resumed by
+    // time on a third host, it takes the stream up at the highest time_us processed, not at the
+    // imports' (a change of this session made the resume point the second host's highest time_us
+    // of records stored, the imports': the third sent 400 posts stored already again); on the
+    // second host, by its seq.
+    const importedUs = 1714000000002255;
+    const events = spaced(16_000, 2_000);
+    const imported = (e: JetstreamEvent, i: number) =>
+      i >= 14_000 && i < 14_005 ? { ...e, time_us: importedUs - (14_005 - i) } : e;
+    const first = serveEvents(events.slice(0, 14_000), { version: "v2" });
+    await using second = serveEvents(events.map(imported), {
+      version: "v2",
+      seqBase: 1000,
+      closeAtEnd: true,
+    });
+    await using third = serveEvents(events.map(imported), {
+      version: "v2",
+      seqBase: 70_000,
+      closeAtEnd: true,
+    });
+    await using db = await tempDb();
+    try {
+      const sync = runBackfillSync({
+        instance: [first.v2Url, second.v2Url],
+        kv: db.path,
+        numRecords: 14_005,
+      });
+      while (!(syncConnections(first)[0]?.sent >= 14_000)) await delay(20);
+      await first.shutdown();
+      const one = await sync;
+      assert.equal(one.stopReason, "limit", one.error);
+      const reports: SyncErrorReport[] = [];
+      const two = await runBackfillSync({
+        instance: [resumeOn === "another host" ? third.v2Url : second.v2Url],
+        kv: db.path,
+        resume: true,
+        force: true,
+        numRecords: 100_000,
+        onError: (r) => reports.push(r),
+      });
+      assert.equal(two.stopReason, "closed", two.error);
+      const text = (e: JetstreamEvent) =>
+        e.kind === "commit" ? (e.commit.record as { text: string }).text : e.kind;
+      assert.deepEqual((await stored(db.path, two.queueLength)).map(text), events.map(text));
+      assert.deepEqual(reports.filter((r) => r.reason === "coverage"), []);
+    } finally {
+      await first.shutdown();
+    }
+  });
+}
+
 Deno.test("a failover 6 s into the run stores what the first lacked in the rewind before a record stored came", async () => {
   // Posts 5 ms apart; the first lacks 150 to 300 and goes away 6 s in. Taken up 5 s back, the
   // second, with the same clock, sends 199 to 300 first, before the start plus the rewind, then 301,
