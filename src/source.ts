@@ -300,7 +300,7 @@ export async function consumeStream(
       if (awaited !== undefined) {
         floorUs = lastUs - searchAgain(ctx, to, seq.host === to && seq.floor >= 0 && !seq.fromOldest);
       } else {
-        awaitStored(ctx, lastUs, selectedUs, linedStart);
+        awaitStored(ctx, lastUs, selectedUs);
         seqHostAtAwait = seq.host;
       }
       // (Further back where a search lined the streams up already.)

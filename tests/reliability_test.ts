@@ -32,6 +32,9 @@ function capture(n = 2000): JetstreamEvent[] {
     }));
 }
 
+/** What an event says: a post's text (`p<i>` from {@link spaced}), or its kind. */
+const text = (e: JetstreamEvent) => e.kind === "commit" ? (e.commit.record as { text: string }).text : e.kind;
+
 /** `count` posts by five accounts from T0, `stepUs` apart (the i-th says `p<i>`). */
 function spaced(count: number, stepUs: number): JetstreamEvent[] {
   return Array.from({ length: count }, (_, i) => commit(T0 + i * stepUs, { did: did(i % 5), text: `p${i}` }));
@@ -432,8 +435,6 @@ async function failoverBehind(second: SecondInstance, ...more: SecondInstance[])
     await first.shutdown();
     const stats = await sync;
     const got = await stored(db.path, stats.queueLength);
-    const text = (e: JetstreamEvent) =>
-      e.kind === "commit" ? (e.commit.record as { text: string }).text : e.kind;
     return {
       stats,
       reports,
@@ -773,8 +774,6 @@ Deno.test("a resume on an instance 30 s behind, where a search lined the run up,
     });
     assert.equal(two.stopReason, "closed", two.error);
     assert.equal(two.recordsStored, 1699, JSON.stringify(reports));
-    const text = (e: JetstreamEvent) =>
-      e.kind === "commit" ? (e.commit.record as { text: string }).text : e.kind;
     assert.deepEqual((await stored(db.path, two.queueLength)).map(text), events.map(text));
   } finally {
     await first.shutdown();
@@ -825,8 +824,6 @@ for (const resumeOn of ["another host", "the same host"]) {
         onError: (r) => reports.push(r),
       });
       assert.equal(two.stopReason, "closed", two.error);
-      const text = (e: JetstreamEvent) =>
-        e.kind === "commit" ? (e.commit.record as { text: string }).text : e.kind;
       assert.deepEqual((await stored(db.path, two.queueLength)).map(text), events.map(text));
       assert.deepEqual(reports.filter((r) => r.reason === "coverage"), []);
     } finally {

@@ -168,12 +168,12 @@ export interface RunContext {
    * it meets the beginning of the instance's history (`historyMet`: a v2 host said the cursor is
    * older, OutdatedCursor). Neither the start nor what the replay guard remembers bounds it: those
    * are times of the instance that stored the records, and this one's may run behind by more than
-   * the run is long. Further back than the first rewind, new records before the start plus the
-   * rewind that come before a record stored are left out ({@link awaitDropsBelowUs}), but they are
-   * before the start only by the other instance's clock: the search goes back once more
-   * ({@link searchLeftOut}), and lines up when the same record stored comes first again (they are
-   * then before the start here too), or on an earlier one (they are then stored). Undefined when
-   * nothing is looked for, or once the search has given up.
+   * the run is long. New records before the start plus the rewind that come before a record stored
+   * are left out ({@link awaitDropsBelowUs}), but they are before the start only by the other
+   * instance's clock: the search goes back once more ({@link searchLeftOut}), and lines up when the
+   * same record stored comes first again (they are then before the start here too), or on an
+   * earlier one (they are then stored). Undefined when nothing is looked for, or once the search
+   * has given up.
    */
   search: {
     rewindUs: number;
@@ -420,17 +420,9 @@ function describeDuration(us: number): string {
  * - new events before the start plus the rewind are left out until one is recognised: they can be
  *   ones the first instance had before the start;
  * - with neither, there is nothing to wait for.
- *
- * `startUs` is the start by the clock of the instance waited on, where a search lined its stream up
- * before (the run's start otherwise).
  */
-export function awaitStored(
-  ctx: RunContext,
-  lastUs: number,
-  selectedUs: number,
-  startUs = ctx.o.startUs,
-): void {
-  const { rewindUs } = ctx.o;
+export function awaitStored(ctx: RunContext, lastUs: number, selectedUs: number): void {
+  const { rewindUs, startUs } = ctx.o;
   const warns = selectedUs >= lastUs - rewindUs;
   const dropsBelowUs = (startUs ?? Number.NEGATIVE_INFINITY) + rewindUs;
   if (!warns && dropsBelowUs <= lastUs - rewindUs) {
