@@ -220,7 +220,7 @@ Deno.test("without the env permission, the proxy variables are left unread (a di
   const run = async (...flags: string[]) => {
     const out = await new Deno.Command(Deno.execPath(), {
       args: ["run", "--no-prompt", "--allow-read", ...flags, script],
-      env: { HTTPS_PROXY: "http://proxy.example:3128" },
+      env: { HTTPS_PROXY: "http://proxy.example:3128", DENO_NO_UPDATE_CHECK: "1" },
       stdin: "null",
     }).output();
     const dec = new TextDecoder();

@@ -13,7 +13,8 @@ export function syncArgs(url: string, kv: string, startUs: number, ...more: stri
 
 /**
  * Starts the CLI with `args` (and Deno's own `flags`, such as permissions), its output piped, with
- * `env` on top of this process's environment.
+ * `env` on top of this process's environment. Deno's own check for a newer release is off: it would
+ * open a connection of its own (to dl.deno.land, through any proxy the test sets) that is not the CLI's.
  */
 export function spawnCli(
   args: string[],
@@ -24,7 +25,7 @@ export function spawnCli(
     args: ["run", "-A", ...flags, CLI, ...args],
     stdout: "piped",
     stderr: "piped",
-    env: { NO_COLOR: "1", ...env },
+    env: { NO_COLOR: "1", DENO_NO_UPDATE_CHECK: "1", ...env },
   }).spawn();
 }
 
