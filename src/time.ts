@@ -16,8 +16,12 @@ export const MIN_TIMESTAMP_US = 1_000_000_000_000_000;
 
 const DATE = /^(\d{4})-(\d{2})-(\d{2})$/;
 const LEGACY = /^(\d{4})-(\d{2})-(\d{2})-(\d{2}):(\d{2}):(\d{2})$/;
+// ISO-8601's extended form (and RFC 3339's) and its basic form (20240101T123000Z); a decimal comma or
+// point; an offset of hours alone or hours and minutes.
 const ISO =
-  /^(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2})(?::(\d{2})(?:\.(\d{1,9}))?)?(?:([Zz])|([+-])(\d{2}):?(\d{2}))$/;
+  /^(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d{1,9}))?)?(?:([Zz])|([+-])(\d{2})(?::?(\d{2}))?)$/;
+const ISO_BASIC =
+  /^(\d{4})(\d{2})(\d{2})[Tt](\d{2})(\d{2})(?:(\d{2})(?:[.,](\d{1,9}))?)?(?:([Zz])|([+-])(\d{2})(\d{2})?)$/;
 const INTEGER = /^\d+$/;
 
 /** The accepted timestamp formats, as the error messages and `--help` describe them. */
@@ -72,7 +76,7 @@ export function parseTimestamp(input: string | number | Date): number | undefine
   if (m) return utcUs(+m[1], +m[2], +m[3], 0, 0, 0, 0);
   m = LEGACY.exec(text);
   if (m) return utcUs(+m[1], +m[2], +m[3], +m[4], +m[5], +m[6], 0);
-  m = ISO.exec(text);
+  m = ISO.exec(text) ?? ISO_BASIC.exec(text);
   if (m) {
     // Past six digits a time falls between two microseconds: the later one, so that a start keeps
     // and an end (exclusive) leaves out exactly the events at or after the time given.
@@ -81,7 +85,7 @@ export function parseTimestamp(input: string | number | Date): number | undefine
     const local = utcUs(+m[1], +m[2], +m[3], +m[4], +m[5], m[6] ? +m[6] : 0, frac);
     if (local === undefined) return undefined;
     if (m[8]) return local;
-    const oh = +m[10], om = +m[11];
+    const oh = +m[10], om = m[11] ? +m[11] : 0;
     if (oh > 23 || om > 59) return undefined;
     const offsetUs = (oh * 60 + om) * 60_000_000;
     return m[9] === "+" ? local - offsetUs : local + offsetUs;

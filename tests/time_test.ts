@@ -25,6 +25,12 @@ Deno.test("parseTimestamp() reads ISO-8601 with Z, with offsets and with microse
   assert.equal(parseTimestamp("2024-01-01T12:30:00.123456Z"), noon + 123456);
   assert.equal(parseTimestamp("2024-01-01T12:30:00.1Z"), noon + 100000);
   assert.equal(parseTimestamp("2024-01-01T12:30Z"), noon);
+  // An offset of hours alone, a decimal comma, and the basic form without separators.
+  assert.equal(parseTimestamp("2024-01-01T14:30:00+02"), noon);
+  assert.equal(parseTimestamp("2024-01-01T12:30:00,5Z"), noon + 500000);
+  assert.equal(parseTimestamp("20240101T123000Z"), noon);
+  assert.equal(parseTimestamp("20240101T143000.25+0200"), noon + 250000);
+  assert.equal(parseTimestamp("20240101T0730-05"), noon);
 });
 
 Deno.test("parseTimestamp() takes a time between two microseconds as the later one", () => {
@@ -58,7 +64,19 @@ Deno.test("parseTimestamp() does not depend on the host time zone", () => {
 
 Deno.test("parseTimestamp() refuses impossible dates, local times and other text", () => {
   for (
-    const bad of ["2024-02-30", "2024-13-01", "2024-01-01T25:00:00Z", "2024-01-01T12:00:00", "yesterday", ""]
+    const bad of [
+      "2024-02-30",
+      "2024-13-01",
+      "2024-01-01T25:00:00Z",
+      "2024-01-01T12:00:00",
+      "20240101T120000",
+      "20240230T120000Z",
+      "2024-01-01T12:00:00+2",
+      "2024-01-01T12:00:00+24",
+      "20240101T12:00:00Z",
+      "yesterday",
+      "",
+    ]
   ) {
     assert.equal(parseTimestamp(bad), undefined, bad);
   }
