@@ -32,6 +32,7 @@ import {
   DRAIN_MAX_MS,
   DRAIN_WAIT_MS,
   endAwait,
+  reportUnfinishedAwait,
   type RunContext,
   searchAgain,
   searchFurther,
@@ -778,6 +779,7 @@ export async function consumeStream(
   }
   // What a probe beside the stream finds is part of the run's outcome.
   await seqProbe;
+  reportUnfinishedAwait(ctx, ctx.batcher.host);
   if (
     ctx.stop === "max_time" && connections === 0 && !ctx.probeAnswered &&
     (lastFailure !== undefined || connecting !== undefined)

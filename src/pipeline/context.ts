@@ -482,6 +482,49 @@ export function endAwait(ctx: RunContext): void {
   ctx.search = undefined;
 }
 
+/**
+ * At the end of the run: a wait for a record stored before (see `RunContext.awaitStoredUntilUs`) on
+ * `instance`, the one read last, that is not over leaves events in doubt, which is said as the wait
+ * would have said it: records stored last that did not come again (its stream was taken up too late
+ * or it lacks them: events after them may be missing), or new records left out near the start that
+ * no record stored came to tell from ones the first instance had before it. A search that lined the
+ * streams up left nothing new out.
+ */
+export function reportUnfinishedAwait(ctx: RunContext, instance: string | undefined): void {
+  if (ctx.awaitStoredUntilUs < 0 || instance === undefined || ctx.search?.linedUp) return;
+  const host = new URL(instance).host;
+  const stopped = `the run stopped (${ctx.stop ?? "error"}) before`;
+  if (ctx.awaited !== undefined) {
+    const back = Math.max(ctx.search?.rewindUs ?? 0, ctx.searchedUs, ctx.o.rewindUs);
+    ctx.report({
+      reason: "coverage",
+      message: `${stopped} any of the records stored last came again on ${host}, taken up ${
+        back / 1_000_000
+      } s before ${
+        isoFromUs(ctx.awaited.lastUs)
+      } by its time_us: it lacks them, or its time_us run more than ${
+        back / 1_000_000
+      } s behind the other instance's; either way, events after ${
+        isoFromUs(ctx.awaited.lastUs)
+      } (the other instance's time) may be missing`,
+      instance,
+    });
+  } else if (ctx.awaitDropped > 0) {
+    const n = ctx.awaitDropped;
+    ctx.report({
+      reason: "coverage",
+      message: `${stopped} a record stored before came again on ${host}: ${n} new event${
+        n === 1 ? "" : "s"
+      } before ${isoFromUs(ctx.awaitDropsBelowUs)} ${
+        n === 1 ? "was" : "were"
+      } left out, as the first instance may have had ${n === 1 ? "it" : "them"} before the start; ${
+        n === 1 ? "it" : "they"
+      } may be missing`,
+      instance,
+    });
+  }
+}
+
 /** The most rewinds a {@link RunContext.search} goes back. */
 export const SEARCH_MAX_REWINDS = 64;
 
