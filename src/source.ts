@@ -585,6 +585,7 @@ export async function consumeStream(
           (ctx.search !== undefined && ctx.search.rewindUs > o.rewindUs)
         ? undefined
         : Math.max(timeUs, neededUs),
+      sentUs: cursor ?? -1,
       maxUs: -1,
       minUs: -1,
       maxSelectedUs: -1,

@@ -389,6 +389,8 @@ interface SecondInstance {
   firstHolds?: (index: number) => boolean;
   /** The post the run starts at (the first). */
   startAt?: number;
+  /** Whether it is a v2 host read on `/subscribe` (`v2`: on `subscribeEvents`). */
+  v2Subscribe?: boolean;
 }
 
 /**
@@ -412,7 +414,7 @@ async function failoverBehind(second: SecondInstance, ...more: SecondInstance[])
       .filter((_, i) => other.holds?.(i) ?? true);
     const server = stack.use(serveEvents(held, {
       closeAtEnd: true,
-      ...(other.v2 ? { version: "v2" as const } : {}),
+      ...(other.v2 || other.v2Subscribe ? { version: "v2" as const } : {}),
       ...other.server,
     }));
     const relay = other.via && stack.use(other.via(server));
@@ -539,6 +541,56 @@ Deno.test("a failover near the start whose new event is left out, when the run s
       } was left out, as the first instance may have had it before the start; it may be missing$`,
     ),
   );
+});
+
+for (const wire of ["subscribe", "subscribeEvents"] as const) {
+  Deno.test(`a failover to a v2 host (${wire}) whose history begins within the rewind sees no gap`, async () => {
+    // The first instance goes away at 11.99 s; the second is asked from 6.99 s, 5 s before, and its
+    // history begins at 9 s: on subscribeEvents it says OutdatedCursor (on /subscribe it moves the
+    // cursor without a word) and sends from 9 s on. That answers the cursor sent; the resume point,
+    // 11.99 s, is within that history. Before, the first event, at 9 s, was compared with the resume
+    // point and taken for an import's display time: a false warning that events cannot be had, and
+    // with strict, a run stopped with 1,800 posts missing.
+    for (const strict of [false, true]) {
+      const run = await failoverLosesNothing({
+        skewUs: 0,
+        v2: wire === "subscribeEvents",
+        v2Subscribe: wire === "subscribe",
+        server: { historyStartUs: T0 + 9_000_000 },
+        options: { strict },
+      });
+      assert.equal(
+        run.messages("info").some((m) => m.startsWith("OutdatedCursor")),
+        wire === "subscribeEvents",
+        run.messages("info").join("\n"),
+      );
+      assert.equal(run.stats.coverageGapUs, 0);
+    }
+  });
+}
+
+Deno.test("a failover to a v2 host whose history begins with an import before the cursor sent says how many cannot be told", async () => {
+  // Its history begins at post 900, whose copies there (900 to 949) are an operator's import shown a
+  // day back: its first event after OutdatedCursor says nothing of where the history begins.
+  const run = await failoverBehind({
+    skewUs: 0,
+    v2: true,
+    jitterUs: (i) => i >= 900 && i < 950 ? -86_400_000_000 : 0,
+    server: { lookbackFloorSeq: 1001 + 900 },
+  });
+  assert.equal(run.stats.stopReason, "closed", run.stats.error);
+  assert.deepEqual(run.stored, run.expected);
+  assert.deepEqual(run.messages("coverage"), [
+    `127.0.0.1:${
+      new URL(run.reports.find((r) => r.reason === "coverage")!.instance!).port
+    } said that its history begins after the cursor sent, 5.0 s before the point to resume from, ${
+      isoFromUs(T0 + 6_990_000)
+    } (OutdatedCursor), though the first event it sent has an earlier display time, ${
+      isoFromUs(T0 + 9_000_000 - 86_400_000_000)
+    } (an import of older records): events after ${
+      isoFromUs(T0 + 11_990_000)
+    } cannot be had from this server, and how many cannot be told`,
+  ]);
 });
 
 Deno.test("a failover 24 s into the run to an instance 40 s behind stores every event once: the start is no bound on its clock", async () => {

@@ -44,8 +44,12 @@ export interface Session {
   linedStartUs?: number;
   /** An error frame came: the close that follows is not the end of the stream. */
   errorFrame: boolean;
-  /** An OutdatedCursor info came: the next event shows where history starts. */
-  outdatedFrom: number | undefined;
+  /**
+   * An OutdatedCursor info came: the next event shows where history starts. `fromUs` is what was
+   * still needed (see {@link requestedUs}), `sentUs` the cursor sent, which the notice answers (a
+   * rewind earlier).
+   */
+  outdatedFrom: { fromUs: number; sentUs: number } | undefined;
   /** v2 info frames received on this connection (a notice, not an event: no sign the stream flows). */
   infoFrames: number;
   /** The idle timeout to go back to at the first new event, when this connection's wait was doubled. */
@@ -56,6 +60,8 @@ export interface Session {
    * says nothing new).
    */
   requestedUs: number | undefined;
+  /** The time cursor sent, when {@link requestedUs} is set. */
+  sentUs: number;
   /** The highest time_us processed on this connection (-1 before any). */
   maxUs: number;
   /** The first new time_us processed on this connection (-1 before any). */
@@ -287,8 +293,9 @@ function noteHistoryStart(ctx: RunContext, firstUs: number): boolean {
 /**
  * Records that history before `firstUs` is missing where events from `fromUs` were asked for (the
  * requested start when `atStart`, else a resume point), reports it in plain words and, with
- * `strict`, refuses (before anything is stored) or stops the run. With `outdated` (the host said the
- * cursor was before its history), a first event not after `fromUs` is a gap of unknown size.
+ * `strict`, refuses (before anything is stored) or stops the run. With `outdatedSentUs`, the cursor
+ * sent (the host said that it was before its history), a first event not after that cursor is a gap
+ * of unknown size; one after it but not after `fromUs` (within a rewind) is no gap.
  */
 export function coverageGap(
   ctx: RunContext,
@@ -296,21 +303,26 @@ export function coverageGap(
   fromUs: number,
   firstUs: number,
   atStart: boolean,
-  outdated = false,
+  outdatedSentUs?: number,
 ): void {
   const { stats } = ctx;
   const initial = noteHistoryStart(ctx, firstUs);
   if (initial && atStart) stats.startClamped = false;
-  if (firstUs <= fromUs && outdated) {
+  if (outdatedSentUs !== undefined && firstUs <= outdatedSentUs) {
     // The host said that it moved the cursor to its history's start (a v2 host's OutdatedCursor), yet
     // its first event is not after the cursor: the display time of an operator's import (protocol doc
     // §3.2), which says nothing of where the history begins. Events are missing; how many, no one can
     // tell, so no span is counted.
     endAwait(ctx);
     if (atStart) stats.startClamped = true;
+    const asked = atStart ? "the requested start" : "the point to resume from";
     const message = `${new URL(base).host} said that its history begins after ${
-      atStart ? "the requested start" : "the point to resume from"
-    }, ${isoFromUs(fromUs)} (OutdatedCursor), though the first event it sent has an earlier display time, ${
+      outdatedSentUs < fromUs
+        ? `the cursor sent, ${describeDuration(fromUs - outdatedSentUs)} before ${asked}`
+        : asked
+    }, ${
+      isoFromUs(outdatedSentUs)
+    } (OutdatedCursor), though the first event it sent has an earlier display time, ${
       isoFromUs(firstUs)
     } (an import of older records): events after ${
       isoFromUs(fromUs)

@@ -32,7 +32,7 @@ function handleV2Frame(ctx: RunContext, session: Session, m: Exclude<V2Frame, { 
       session.infoFrames++;
       ctx.report({ reason: "info", message: `${m.name}: ${m.message}`, instance: session.base });
       if (m.name === "OutdatedCursor" && session.requestedUs !== undefined) {
-        session.outdatedFrom = session.requestedUs;
+        session.outdatedFrom = { fromUs: session.requestedUs, sentUs: session.sentUs };
       }
       // The host's history begins after the cursor: a search looks no further back there.
       if (m.name === "OutdatedCursor" && ctx.search !== undefined) {
@@ -170,16 +170,16 @@ function tellBackdated(ctx: RunContext, instance: string, t: number): void {
 
 /** The first event after an OutdatedCursor shows where the server's history starts. */
 function noteOutdated(ctx: RunContext, session: Session, firstUs: number): void {
-  const from = session.outdatedFrom!;
+  const { fromUs, sentUs } = session.outdatedFrom!;
   session.outdatedFrom = undefined;
   // The requested start when nothing came before it, in this run or the one it resumes.
   coverageGap(
     ctx,
     session.base,
-    from,
+    fromUs,
     firstUs,
     ctx.stats.lastProcessedUs === null && ctx.accepted === 0,
-    true,
+    sentUs,
   );
 }
 
