@@ -446,3 +446,23 @@ Deno.test("a quiet v2 host, its events hours apart, is not taken for one whose o
     assert.equal(stats.coverageStart, first, wire);
   }
 });
+
+Deno.test("a start a moment before a server's oldest event says how long a moment, never 0.0 s", async () => {
+  for (
+    const [afterUs, said] of [[17_249, "17 ms"], [400, "400 µs"], [250_000, "0.3 s"]] as const
+  ) {
+    await using server = serveEvents([commit(T0 + afterUs), commit(T0 + afterUs + 1000)], {
+      closeAtEnd: true,
+    });
+    await using db = await tempDb();
+    const { stats, reports } = await syncReporting({ instance: server.url, kv: db.path, startTimestamp: T0 });
+    assert.equal(stats.coverageGapUs, afterUs);
+    assert.deepEqual(reports.filter((r) => r.reason === "coverage").map((r) => r.message), [
+      `127.0.0.1:${new URL(server.url).port} only holds events from ${
+        isoFromUs(T0 + afterUs)
+      } on; the requested start, ${
+        isoFromUs(T0)
+      }, is ${said} earlier, so events in between cannot be had from this server`,
+    ]);
+  }
+});

@@ -417,6 +417,9 @@ function coverageProblem(
 
 function describeDuration(us: number): string {
   const s = us / 1e6;
+  // (Under a tenth of a second, "0.0 s" would read as no gap at all.)
+  if (s < 0.001) return `${us} µs`;
+  if (s < 0.1) return `${Math.round(us / 1000)} ms`;
   if (s < 120) return `${s.toFixed(1)} s`;
   if (s < 7200) return `${(s / 60).toFixed(1)} min`;
   if (s < 172800) return `${(s / 3600).toFixed(1)} h`;
