@@ -604,6 +604,7 @@ async function run(
     lastStoredB: 0,
     lastStoredA: 0,
     searchedUs: 0,
+    gapOnTrial: undefined,
     acceptedAtGiveUp: 0,
     toldBackdated: false,
     probeAnswered: false,

@@ -593,6 +593,37 @@ Deno.test("a failover to a v2 host whose history begins with an import before th
   ]);
 });
 
+Deno.test("a failover to an instance 3 s ahead whose history begins after the resume point by its clock takes the gap back when a record stored comes first", async () => {
+  // The second holds posts from 1000 on (the first's 10 s, its own 13 s): its oldest is 1.01 s after
+  // the last time processed, 11.99 s, by the two clocks, a gap as its probe measures it. Yet the
+  // first event it sends, post 1000, was stored: its history covers the resume point. Before, the gap
+  // stayed in coverageGapUs and its warning stood, with every event stored.
+  const run = await failoverBehind({ skewUs: 3_000_000, holds: (i) => i >= 1000 });
+  assert.equal(run.stats.stopReason, "closed", run.stats.error);
+  assert.deepEqual(run.stored, run.expected);
+  assert.equal(run.stats.coverageGapUs, 0);
+  const [gap, withdrawn, ...rest] = run.messages("coverage");
+  assert.deepEqual(rest, []);
+  assert.match(gap, /only holds events from .* on; the point to resume from, .*, is 1\.0 s earlier/);
+  assert.match(
+    withdrawn,
+    new RegExp(
+      `^on 127\\.0\\.0\\.1:\\d+, a record stored before came again before any new one: its history covers ${
+        isoFromUs(T0 + 11_990_000).replaceAll(".", "\\.")
+      } after all \\(its time_us run ahead of the other instance's\\), so the 1\\.0 s said to be missing there is not; coverageGapUs no longer counts it$`,
+    ),
+  );
+});
+
+Deno.test("a failover to an instance whose history begins after the resume point, and that sends new records first, keeps the gap", async () => {
+  // The same by the second's clock, 3 s ahead, but it holds posts from 1300 on: nothing stored comes.
+  const run = await failoverBehind({ skewUs: 3_000_000, holds: (i) => i >= 1300 });
+  assert.equal(run.stats.stopReason, "closed", run.stats.error);
+  assert.deepEqual(run.stored, [...run.expected.slice(0, 1200), ...run.expected.slice(1300)]);
+  assert.equal(run.stats.coverageGapUs, 4_010_000);
+  assert.equal(run.messages("coverage").length, 1);
+});
+
 Deno.test("a failover 24 s into the run to an instance 40 s behind stores every event once: the start is no bound on its clock", async () => {
   // Its copies of the records stored are 40 s before the first's times of them: the search meets
   // the last one 40 s back, 16 s before the start by its clock. Before, the search stopped at 20 s

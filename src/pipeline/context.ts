@@ -206,6 +206,12 @@ export interface RunContext {
   searchedUs: number;
   /** {@link accepted} when the last search gave up (see {@link searchedUs}). */
   acceptedAtGiveUp: number;
+  /**
+   * A coverage gap measured where a resume point or a failover took the stream up on `base`, from
+   * the `time_us` of its oldest event, which may run ahead of the other instance's: withdrawn if a
+   * record stored before comes there before any new one is stored (see {@link withdrawGap}).
+   */
+  gapOnTrial: { base: string; gapUs: number; fromUs: number } | undefined;
   /** New events left out while waiting (see {@link awaitDropsBelowUs}). */
   awaitDropped: number;
   /**
@@ -339,6 +345,7 @@ export function coverageGap(
   const gap = Math.min(firstUs, endUs) - fromUs;
   stats.coverageGapUs += gap;
   if (initial) ctx.initialGapUs = gap;
+  ctx.gapOnTrial = atStart ? undefined : { base, gapUs: gap, fromUs };
   if (atStart) stats.startClamped = true;
   const what = atStart ? "the requested start" : "the point to resume from";
   const message = firstUs >= endUs
@@ -350,6 +357,30 @@ export function coverageGap(
     }, is ${describeDuration(gap)} earlier, so events in between cannot be had from this server`;
   // A refusal while nothing was stored: at the start, and at a resume point too.
   coverageProblem(ctx, base, message, message, atStart || initial);
+}
+
+/**
+ * A record stored before came on the instance where {@link RunContext.gapOnTrial} was measured,
+ * before any new record was stored there: its history holds that record, so it covers the point the
+ * stream was taken up from after all (its `time_us` run ahead of the other instance's), and the gap
+ * is taken back out of `coverageGapUs`, in a report that says so.
+ */
+export function withdrawGap(ctx: RunContext): void {
+  const { base, gapUs, fromUs } = ctx.gapOnTrial!;
+  ctx.gapOnTrial = undefined;
+  ctx.stats.coverageGapUs -= gapUs;
+  if (ctx.initialGapUs === gapUs) ctx.initialGapUs = 0;
+  ctx.report({
+    reason: "coverage",
+    message: `on ${
+      new URL(base).host
+    }, a record stored before came again before any new one: its history covers ${
+      isoFromUs(fromUs)
+    } after all (its time_us run ahead of the other instance's), so the ${
+      describeDuration(gapUs)
+    } said to be missing there is not; coverageGapUs no longer counts it`,
+    instance: base,
+  });
 }
 
 /**

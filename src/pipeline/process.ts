@@ -20,6 +20,7 @@ import {
   type SeqState,
   type Session,
   stopWith,
+  withdrawGap,
 } from "./context.ts";
 import type { ReplayGuard } from "./filter.ts";
 import { OversizedEventError } from "./batch.ts";
@@ -563,6 +564,7 @@ export async function readConnection(
         // report it twice.)
         if (guard.repeats(ev)) {
           stats.duplicatesDropped++;
+          if (ctx.gapOnTrial?.base === session.base) withdrawGap(ctx);
           // An event processed before the switch to this instance: what comes after it here is new.
           // (One this instance sent already, again after a reconnect, says nothing of that.)
           if (ctx.awaitStoredUntilUs >= 0 && !ctx.sentWhileAwaiting?.has(lastKey(guard))) {
@@ -610,6 +612,7 @@ export async function readConnection(
         }
         batcher.noteKey(t, guard.lastB, guard.lastA);
         ctx.accepted++;
+        if (ctx.gapOnTrial !== undefined) ctx.gapOnTrial = undefined;
         ctx.lastStoredB = guard.lastB;
         ctx.lastStoredA = guard.lastA;
         if (ctx.accepted >= o.numRecords) {
