@@ -442,6 +442,12 @@ export async function consumeStream(
       const seqFrom = seq.host === base && seq.floor >= 0 ? seq.floor + 1 : undefined;
       const checked = await checkCoverage(ctx, base, coverage.fromUs, coverage.atStart, seqFrom);
       if (ctx.stop) break;
+      if ("refused" in checked) {
+        if (stats.recordsStored === 0 && connections === 0) throw new UsageError(checked.refused);
+        ctx.stop = "error";
+        ctx.error = checked.refused;
+        break;
+      }
       if ("retry" in checked) {
         // A probe refused for a while (a v2 host warming up) or lost is retried like a connection.
         if (!await failedAttempt(base, checked.retry)) break;
@@ -538,9 +544,9 @@ export async function consumeStream(
         }
         continue;
       }
-      // A refusal (4xx but 429) or a redirect (3xx, not followed: the URL is the user's to change)
-      // would come again: stop, as for bad input.
-      if (e.status !== undefined && e.status >= 300 && e.status < 500 && e.status !== 429) {
+      // A refusal (4xx but 429), a redirect (3xx, not followed: the URL is the user's to change) or
+      // a connection Deno's permissions deny would come again: stop, as for bad input.
+      if (e.denied || (e.status !== undefined && e.status >= 300 && e.status < 500 && e.status !== 429)) {
         if (stats.recordsStored === 0 && connections === 0) throw new UsageError(e.message);
         ctx.stop = "error";
         ctx.error = e.message;
@@ -817,7 +823,7 @@ function replayFailure(cause: CloseCause): boolean {
 }
 
 /** What a coverage probe found: a failure worth retrying, or whether it measured coverage. */
-type CoverageCheck = { retry: string } | { measured: boolean; seqsLost: boolean };
+type CoverageCheck = { retry: string } | { refused: string } | { measured: boolean; seqsLost: boolean };
 const NOT_MEASURED: CoverageCheck = { measured: false, seqsLost: false };
 
 /**
@@ -855,6 +861,8 @@ async function checkCoverage(
   } catch (err) {
     if (ctx.stop) return NOT_MEASURED;
     const status = err instanceof ConnectError ? err.status : undefined;
+    // Denied by Deno's permissions: the stream's own connection would be too, and no retry helps.
+    if (err instanceof ConnectError && err.denied) return { refused: err.message };
     const message = `could not find where ${new URL(base).host}'s history begins: ${(err as Error).message}`;
     if (status === undefined || status >= 500 || status === 429) return { retry: message };
     if (v2) {

@@ -19,7 +19,7 @@ import { patchAtomic } from "./helpers/kv_patch.ts";
 import { delay } from "../src/async.ts";
 import { isoFromUs } from "../src/time.ts";
 import type { ConnectionRecord, JetstreamServer } from "../src/server/server.ts";
-import { runCli } from "./helpers/cli.ts";
+import { runCli, whileRunning } from "./helpers/cli.ts";
 
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
 
@@ -2138,4 +2138,68 @@ Deno.test("a sync that stops at its limit ends its connection with the closing h
   } finally {
     await server.shutdown();
   }
+});
+
+Deno.test("a connection Deno's permissions deny is refused at once, not retried as a network failure", async () => {
+  // Before, a library user without --allow-net for the host saw eleven attempts over 72 s, then "gave
+  // up"; with the first instance allowed and the second not, a failover now stops the run at once.
+  await using first = serveEvents(Array.from({ length: 50 }, (_, i) => commit(T0 + i * 1000)), {
+    closeAtEnd: false,
+  });
+  await using db = await tempDb();
+  const script = `${db.dir}/denied.ts`;
+  const backfill = new URL("../src/backfill.ts", import.meta.url).href;
+  const run = async (allowNet: string, instances: string[], start = true) => {
+    await Deno.writeTextFile(
+      script,
+      `import { runBackfillSync } from "${backfill}";
+try {
+  const s = await runBackfillSync({ instance: ${
+        JSON.stringify(instances)
+      }, kv: "${db.dir}/q.sqlite", force: true, ${
+        start ? `startTimestamp: ${T0}, ` : ""
+      }idleTimeout: 1, maxTime: 15 });
+  console.log(JSON.stringify({ stopReason: s.stopReason, error: s.error, recordsStored: s.recordsStored }));
+} catch (err) {
+  console.log(JSON.stringify({ thrown: (err as Error).name, message: (err as Error).message }));
+}
+`,
+    );
+    const config = new URL("../deno.json", import.meta.url).pathname;
+    const child = new Deno.Command(Deno.execPath(), {
+      args: ["run", "--no-prompt", "--config", config, "--allow-read", "--allow-write", allowNet, script],
+      env: { DENO_NO_UPDATE_CHECK: "1" },
+      stdin: "null",
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+    if (instances.length > 1) {
+      // The first instance goes away once it has sent its events: the run fails over.
+      await whileRunning(child, () => syncConnections(first)[0]?.sent >= 50);
+      await first.shutdown();
+    }
+    const out = await child.output();
+    const stderr = new TextDecoder().decode(out.stderr);
+    assert.equal(out.code, 0, stderr);
+    return JSON.parse(new TextDecoder().decode(out.stdout));
+  };
+  const firstPort = new URL(first.url).port;
+  // Its coverage probe, with a start; the stream's own connection, without.
+  for (const start of [true, false]) {
+    const none = await run("--allow-net=127.0.0.1:1", [first.url], start);
+    assert.equal(none.thrown, "UsageError", JSON.stringify(none));
+    assert.match(
+      none.message,
+      new RegExp(
+        `^cannot connect to ws://127\\.0\\.0\\.1:${firstPort}/subscribe.*: Requires net access to "127\\.0\\.0\\.1:${firstPort}"`,
+      ),
+    );
+  }
+  // A second instance this process may not reach (nothing listens there: it is never reached).
+  const other = `ws://127.0.0.2:${firstPort}/subscribe`;
+  const half = await run(`--allow-net=127.0.0.1:${firstPort}`, [first.url, other]);
+  assert.equal(half.thrown, undefined, JSON.stringify(half));
+  assert.equal(half.recordsStored, 50);
+  assert.equal(half.stopReason, "error");
+  assert.match(half.error, /Requires net access to "127\.0\.0\.2:\d+"/);
 });

@@ -1253,9 +1253,17 @@ export async function openRawConnection(
     const message = failure ?? ((err as Error)?.message || String(err));
     throw new ConnectError(
       `cannot connect to ${url}${route ? ` through the proxy ${route.label}` : ""}: ${message}`,
+      undefined,
+      undefined,
+      failure === undefined && isPermissionError(err),
     );
   } finally {
     clearTimeout(timer);
     signal?.removeEventListener("abort", onAbort);
   }
+}
+
+/** Whether `err` is Deno's refusal of an operation for want of a permission. */
+function isPermissionError(err: unknown): boolean {
+  return err instanceof Deno.errors.NotCapable || err instanceof Deno.errors.PermissionDenied;
 }

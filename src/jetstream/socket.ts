@@ -97,12 +97,18 @@ export class ConnectError extends Error {
   readonly status: number | undefined;
   /** The body of the refusal (Jetstream explains a 400 there), when it could be read. */
   readonly body: string | undefined;
+  /**
+   * Deno's permissions denied the connection (no `--allow-net` for the host): trying again cannot
+   * help.
+   */
+  readonly denied: boolean;
   /** Creates the error. */
-  constructor(message: string, status?: number, body?: string) {
+  constructor(message: string, status?: number, body?: string, denied = false) {
     super(message);
     this.name = "ConnectError";
     this.status = status;
     this.body = body;
+    this.denied = denied;
   }
 }
 
