@@ -45,7 +45,7 @@ Deno.test("a sync is refused at once, reading and writing nothing, while its que
         assert.ok(err instanceof ConcurrentWriterError, String(err));
         assert.match(
           err.message,
-          /queue 'jetstream_sync' is being written by another sync right now \(a running process holds ".*queue\.sqlite@jetstream_sync\.lock"; lsof or fuser on that file shows which\): let that sync finish or stop it, then run again \(--resume \/ resume: true continues its run\); a separate run needs a queue name of its own/,
+          /queue 'jetstream_sync' is being written by another sync right now \(a running process holds ".*queue\.sqlite@jetstream_sync\.lock"; lsof or fuser on that file shows which\): let that sync finish or stop it, then run again \(--resume \/ resume: true continues its run\); a separate run needs a database of its own \(--kv \/ kv\), as a database holds one queue$/,
         );
         return true;
       },

@@ -86,7 +86,7 @@ export class ConcurrentWriterError extends Error {
   constructor(queue: string, what = "was changed by another writer during this run", refused = false) {
     super(
       refused
-        ? `queue '${queue}' ${what}: let that sync finish or stop it, then run again (--resume / resume: true continues its run); a separate run needs a queue name of its own (--queue-name / queueName)`
+        ? `queue '${queue}' ${what}: let that sync finish or stop it, then run again (--resume / resume: true continues its run); a separate run needs a database of its own (--kv / kv), as a database holds one queue`
         : `queue '${queue}' ${what} (another sync on the same database and queue name?); stopped so that its checkpoint stays true: run one sync per queue, then resume it (--resume / resume: true)`,
     );
     this.name = "ConcurrentWriterError";
