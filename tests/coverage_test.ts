@@ -69,6 +69,29 @@ Deno.test("runBackfillSync() sends a start before 2001-09-09 as 10^15 µs, which
   }
 });
 
+Deno.test("a window that ends before the server's history ends the run at once, though no event would come to show the end", async () => {
+  // A narrow selection (an account that posted nothing) gets no event at all from the server: before,
+  // the run waited for one until maxTime, knowing that nothing of the window could be had.
+  await using server = serveEvents(events, { closeAtEnd: true });
+  await using db = await tempDb();
+  const { stats, reports } = await syncReporting({
+    instance: server.url,
+    kv: db.path,
+    wantedDids: ["did:plc:aaaaaaaaaaaaaaaaaaaaaaaa"],
+    startTimestamp: T0 - 2 * DAY,
+    endTimestamp: T0 - DAY,
+    maxTime: 30,
+  });
+  assert.equal(stats.stopReason, "end");
+  assert.equal(stats.endCursorReached, true);
+  assert.equal(stats.recordsStored, 0);
+  assert.equal(stats.coverageGapUs, DAY);
+  // Its probe alone: the stream was never asked for.
+  assert.equal(server.connections.length, 1);
+  assert.equal(new URLSearchParams(server.connections[0].query).get("cursor"), "0");
+  assert.equal(reports.filter((r) => r.reason === "coverage").length, 1);
+});
+
 Deno.test("runBackfillSync() counts as missing only the requested window, not the time after its end", async () => {
   await using server = serveEvents(events, { closeAtEnd: true });
   await using db = await tempDb();

@@ -357,6 +357,11 @@ export function coverageGap(
     }, is ${describeDuration(gap)} earlier, so events in between cannot be had from this server`;
   // A refusal while nothing was stored: at the start, and at a resume point too.
   coverageProblem(ctx, base, message, message, atStart || initial);
+  // A history that begins after the end, on the instance whose clock the start and end are: none of
+  // the window can come, and no event may come to show the end (a narrow selection), so the run ends
+  // here rather than wait for one until maxTime. (Elsewhere, after a failover or a resume on another
+  // instance, its clock may run ahead: a record stored that comes first takes the gap back.)
+  if (firstUs >= endUs && atStart) stopWith(ctx, "end");
 }
 
 /**
