@@ -180,3 +180,25 @@ function v2TimeUs(t: string): number | undefined {
   if (d > MONTH_DAYS[mo - 1] + (leap ? 1 : 0)) return undefined;
   return ((daysFromCivil(y, mo, d) * 24 + h) * 60 + mi) * 60_000_000 + s * 1_000_000 + frac;
 }
+
+/**
+ * A span of microseconds for people: µs or ms under a tenth of a second, then seconds, minutes,
+ * hours or days, one decimal.
+ *
+ * @example
+ * ```ts
+ * import { describeDuration } from "./time.ts";
+ * describeDuration(17_249); // "17 ms"
+ * describeDuration(259_200_000_000); // "3.0 days"
+ * ```
+ */
+export function describeDuration(us: number): string {
+  const s = us / 1e6;
+  // (Under a tenth of a second, "0.0 s" would read as no gap at all.)
+  if (s < 0.001) return `${us} µs`;
+  if (s < 0.1) return `${Math.round(us / 1000)} ms`;
+  if (s < 120) return `${s.toFixed(1)} s`;
+  if (s < 7200) return `${(s / 60).toFixed(1)} min`;
+  if (s < 172800) return `${(s / 3600).toFixed(1)} h`;
+  return `${(s / 86400).toFixed(1)} days`;
+}

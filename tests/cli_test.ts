@@ -6,6 +6,7 @@ import { killIfRunning, runCli, spawnCli, statusWithin, syncArgs, whileRunning }
 import { asRun, counted, programName } from "../src/cli/program.ts";
 import { relative } from "node:path";
 import { fileURLToPath as fromFileUrl } from "node:url";
+import { isoFromUs } from "../src/time.ts";
 
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
 const run = runCli;
@@ -251,6 +252,28 @@ Deno.test("jetfill sync prints a readable summary without --json", async () => {
   assert.equal(r.code, 0, r.stderr);
   assert.match(r.stdout, /records stored\s+10/);
   assert.match(r.stdout, /stop reason\s+closed/);
+  assert.doesNotMatch(r.stdout, /coverage/);
+  // A start three days before the server's history: the span said as the warning says it.
+  await using older = await tempDb();
+  const early = await run([
+    "sync",
+    "--instance",
+    server.url,
+    "--kv",
+    older.path,
+    "--start",
+    "2026-11-24T10:00:00Z",
+  ]);
+  assert.equal(early.code, 0, early.stderr);
+  assert.match(
+    early.stdout,
+    new RegExp(
+      `\\ncoverage\\s+server history starts ${
+        isoFromUs(T0).replaceAll(".", "\\.")
+      }; 3\\.0 days of the requested time could not be had \\(start moved forward by the server\\)\\n`,
+    ),
+  );
+  assert.match(early.stderr, /is 3\.0 days earlier, so events in between cannot be had/);
 });
 
 Deno.test("jetfill sync --resume refuses a queue without a checkpoint, and different filters unless forced", async () => {

@@ -6,7 +6,7 @@
 import { runBackfillSync } from "../backfill.ts";
 import type { BackfillSyncOptions } from "../options.ts";
 import type { SkipReason, SyncProgress, SyncStats } from "../stats.ts";
-import { isoFromUs, TIMESTAMP_FORMATS } from "../time.ts";
+import { describeDuration, isoFromUs, TIMESTAMP_FORMATS } from "../time.ts";
 import { UsageError } from "../errors.ts";
 import { isDid } from "../validate.ts";
 import {
@@ -240,7 +240,7 @@ export function formatSummary(s: SyncStats, resume = `${programName()} sync --re
     lines.push(
       `coverage            server history starts ${
         s.coverageStart === null ? "?" : isoFromUs(s.coverageStart)
-      }; ${(s.coverageGapUs / 3.6e9).toFixed(2)} h of the requested time could not be had${
+      }; ${describeDuration(s.coverageGapUs)} of the requested time could not be had${
         s.startClamped ? " (start moved forward by the server)" : ""
       }`,
     );

@@ -9,7 +9,7 @@ import type { StatsTracker, StopReason, SyncErrorReport } from "../stats.ts";
 import type { QueueWriter } from "../queue/writer.ts";
 import type { Batcher } from "./batch.ts";
 import type { ReplayGuard } from "./filter.ts";
-import { isoFromUs } from "../time.ts";
+import { describeDuration, isoFromUs } from "../time.ts";
 import { UsageError } from "../errors.ts";
 
 /** What one connection needs to know about itself. */
@@ -449,17 +449,6 @@ function coverageProblem(
   }
   stopWith(ctx, "error");
   ctx.error = `${message} (stopped by --strict / strict: true)`;
-}
-
-function describeDuration(us: number): string {
-  const s = us / 1e6;
-  // (Under a tenth of a second, "0.0 s" would read as no gap at all.)
-  if (s < 0.001) return `${us} µs`;
-  if (s < 0.1) return `${Math.round(us / 1000)} ms`;
-  if (s < 120) return `${s.toFixed(1)} s`;
-  if (s < 7200) return `${(s / 60).toFixed(1)} min`;
-  if (s < 172800) return `${(s / 3600).toFixed(1)} h`;
-  return `${(s / 86400).toFixed(1)} days`;
 }
 
 /**
