@@ -74,6 +74,6 @@ console.log(`\n$ ${cli} sync ${args.slice(4).join(" ")}\n`);
 const sync = await new Deno.Command(Deno.execPath(), { args, stdout: "inherit", stderr: "inherit" }).output();
 await server.stop();
 console.log(
-  `\nThe queue is in ${kvPath}; read it with: ${cli} export --kv ${kvPath} --queue-name demo`,
+  `\nThe queue is in ${kvPath}; see it with: ${cli} status --kv ${kvPath} --queue-name demo\nand read it out (export takes each message off the queue as it writes it) with: ${cli} export --kv ${kvPath} --queue-name demo`,
 );
 Deno.exit(sync.code);

@@ -512,7 +512,10 @@ Deno.test("jetfill export --follow waits for a database that a sync will make, b
     const missing = `${dir}/typo/q.sqlite`;
     const run = await jetfill("export", "--kv", missing, "--follow");
     assert.equal(run.code, 2);
-    assert.match(run.stderr, /neither the database ".*typo\/q\.sqlite" nor its folder ".*typo" exists/);
+    assert.match(
+      run.stderr,
+      /^jetfill export: Cannot export as neither the database ".*typo\/q\.sqlite" nor its folder ".*typo" exists \(check --kv\): --follow waits for a sync only in an existing folder\n$/,
+    );
     assert.equal(await pathExists(`${dir}/typo`), false);
   } finally {
     await Deno.remove(dir, { recursive: true });

@@ -251,8 +251,13 @@ export async function exportCommand(args: string[]): Promise<number> {
     } finally {
       kv.close();
     }
-  } else if (await pathExists(dirname(path))) {
-    // (Where the folder is missing too, consume() refuses the path.)
+  } else if (!(await pathExists(dirname(path)))) {
+    throw new UsageError(
+      `Cannot export as neither the database ${JSON.stringify(path)} nor its folder ${
+        JSON.stringify(dirname(path))
+      } exists (check --kv): --follow waits for a sync only in an existing folder`,
+    );
+  } else {
     // consume() opens it, which makes it (an empty file too): a sync then writes into it as it is.
     console.error(
       `jetfill export: no database at ${path} yet; made it empty, and waiting for a sync to write queue '${queue}' there (Ctrl-C stops)`,
