@@ -747,6 +747,19 @@ async function finish(
 ): Promise<SyncStats> {
   const { stats, writer } = ctx;
 
+  let queueLength: number;
+  try {
+    queueLength = await waitingIn(kv, o.queueName);
+  } catch (err) {
+    if (!(err instanceof Deno.errors.BadResource)) throw err;
+    // The caller's own Deno.Kv, closed while the run went on: the statistics cannot be completed,
+    // but what is stored, and where a resume goes on from, can be said.
+    throw new Error(
+      `the Deno.Kv given as kv was closed before the run ended (${err.message}): ${stats.recordsStored} records were stored${
+        stats.latestCursor === null ? "" : `, the last at time_us ${stats.latestCursor}`
+      }; a resume (resume: true) goes on from there`,
+    );
+  }
   const totalTime = (performance.now() - started) / 1000;
   const result: SyncStats = {
     recordsStored: stats.recordsStored,
@@ -756,7 +769,7 @@ async function finish(
     collections: stats.collections(),
     targetReached: writer.checkpoint.run.recordsStored >= o.numRecords,
     latestCursor: stats.latestCursor,
-    queueLength: await waitingIn(kv, o.queueName),
+    queueLength,
     currentDate: stats.currentDate,
     endCursorReached: endReached,
     stopReason: ctx.stop ?? "closed",

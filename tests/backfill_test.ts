@@ -1736,3 +1736,41 @@ Deno.test("bytesReceived counts the messages the run took, as sent, not those re
   const sent = events.slice(0, 700).reduce((n, e) => n + utf8.encode(JSON.stringify(e)).length, 0);
   assert.equal(stats.bytesReceived, sent);
 });
+
+Deno.test("a Deno.Kv that its caller closes during the run: the error says what was stored and that a resume goes on", async () => {
+  // Before, the run rejected with Deno's bare "BadResource: Bad resource ID".
+  const events = Array.from({ length: 30_000 }, (_, i) => commit(T0 + i * 1000, { text: `p${i}` }));
+  await using server = serveEvents(events);
+  await using db = await tempDb();
+  const kv = await Deno.openKv(db.path);
+  let closed = false;
+  let said = -1;
+  await assert.rejects(
+    () =>
+      runBackfillSync({
+        instance: server.url,
+        kv,
+        startTimestamp: T0,
+        numRecords: 1_000_000,
+        onProgress: (p) => {
+          if (p.recordsStored > 0 && !closed) {
+            closed = true;
+            kv.close();
+          }
+        },
+      }),
+    (err: Error) => {
+      const m =
+        /^the Deno\.Kv given as kv was closed before the run ended \(Bad resource ID\): (\d+) records were stored, the last at time_us \d+; a resume \(resume: true\) goes on from there$/
+          .exec(err.message);
+      assert.ok(m, err.message);
+      said = Number(m[1]);
+      return true;
+    },
+  );
+  // What it says was stored is what the queue holds.
+  const reopened = await Deno.openKv(db.path);
+  const status = await queueStatus(reopened, "jetstream_sync").finally(() => reopened.close());
+  assert.ok(said > 0);
+  assert.equal(status.recordsStored, said);
+});
