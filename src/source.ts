@@ -34,6 +34,7 @@ import {
   endAwait,
   reportUnfinishedAwait,
   type RunContext,
+  SEARCH_MAX_REWINDS,
   searchAgain,
   searchFurther,
   type SeqState,
@@ -271,6 +272,23 @@ export async function consumeStream(
   }
 
   /** Moves on to the next instance, a little earlier in time (`rewindUs`): time_us differ between them. */
+  /**
+   * Says that a failover from `from` to `to` after `lastUs` has no record to line the two
+   * instances' `time_us` up on (`why`): the stream is taken up the rewind before, which covers
+   * clocks that differ by less than that, and no search can tell more.
+   */
+  const unaligned = (from: string, to: string, lastUs: number, why: string) =>
+    ctx.report({
+      reason: "coverage",
+      message: `${why} ${isoFromUs(lastUs)}, to line the time_us of ${new URL(to).host} up with those of ${
+        new URL(from).host
+      }: if they run more than ${o.rewindUs / 1e6} s behind, selected events just after ${
+        isoFromUs(lastUs)
+      } may be missing${
+        o.startUs === undefined ? "" : ", and if ahead, ones just before the start may be stored"
+      }`,
+      instance: to,
+    });
   const failOver = () => {
     const from = o.instances[instanceIndex];
     instanceIndex = (instanceIndex + 1) % o.instances.length;
@@ -298,14 +316,29 @@ export async function consumeStream(
     const linedStart = from !== to ? linedStarts.get(to) : undefined;
     const known = ctx.accepted > 0 || (recent !== undefined && recent.keys.length > 0);
     if (lastUs >= 0 && known && from !== to) {
+      let anchorUs = lastUs;
       if (awaited !== undefined) {
         floorUs = lastUs - searchAgain(ctx, to, seq.host === to && seq.floor >= 0 && !seq.fromOldest);
       } else {
-        awaitStored(ctx, lastUs, selectedUs);
+        // (From before the last record selected, when that is further back than the rewind.)
+        anchorUs = awaitStored(ctx, lastUs, selectedUs);
+        floorUs = anchorUs - o.rewindUs;
         seqHostAtAwait = seq.host;
+        if (anchorUs === lastUs && selectedUs < lastUs - o.rewindUs) {
+          unaligned(
+            from,
+            to,
+            lastUs,
+            `no record was selected on ${new URL(from).host} in the ${
+              SEARCH_MAX_REWINDS * o.rewindUs / 1e6
+            } s before`,
+          );
+        }
       }
       // (Further back where a search lined the streams up already.)
-      startUs = (o.startUs ?? Number.NEGATIVE_INFINITY) - (lastUs - floorUs);
+      startUs = (o.startUs ?? Number.NEGATIVE_INFINITY) - (anchorUs - floorUs);
+    } else if (lastUs >= 0 && from !== to) {
+      unaligned(from, to, lastUs, "no record was stored yet, before");
     }
     if (linedStart !== undefined) startUs = linedStart;
     ctx.report({

@@ -506,15 +506,77 @@ Deno.test("a failover to an instance 30 s behind that sends nothing more before 
 });
 
 Deno.test("a failover near the start whose new event is left out, when the run stops before a record stored comes, says it may be missing", async () => {
-  // The first instance sends p0 at the start, then only identity events (not selected) for 6 s, and
-  // goes away. The second, taken up 5 s before the last of them, sends p1, 2 s after the start: new
-  // here, yet perhaps one the first had before the start (their time_us differ), so it is left out
-  // until a record stored comes to tell; the second closes first. Before, nothing was said of it.
+  // The first instance stores p0 and goes away. The second's history begins after it (a gap: nothing
+  // stored can come there) and it sends identity events alone (not selected) before it goes away too:
+  // no record selected there to line the third up on. The third, taken up 5 s before the second's
+  // last, sends p1, 4 s after the start: new, yet perhaps one the second had before the start (their
+  // time_us differ), so it is left out until a record stored comes to tell; the third closes first.
+  // Before, nothing was said of it.
   const p0 = commit(T0, { text: "p0" });
-  const p1 = commit(T0 + 2_000_000, { text: "p1" });
-  const quiet = Array.from({ length: 60 }, (_, i) => identity(T0 + 100_000 * (i + 1)));
-  await using first = serveEvents([p0, ...quiet]);
-  await using second = serveEvents([p0, p1, ...quiet].sort((a, b) => a.time_us - b.time_us), {
+  const p1 = commit(T0 + 4_000_000, { text: "p1" });
+  const quiet = (from: number, n: number) =>
+    Array.from({ length: n }, (_, i) => identity(from + 100_000 * i));
+  await using first = serveEvents([p0, ...quiet(T0 + 100_000, 5)]);
+  await using second = serveEvents(quiet(T0 + 1_000_000, 71));
+  await using third = serveEvents(
+    [p0, ...quiet(T0 + 100_000, 30), p1].sort((a, b) => a.time_us - b.time_us),
+    {
+      closeAtEnd: true,
+    },
+  );
+  await using db = await tempDb();
+  const reports: SyncErrorReport[] = [];
+  const sync = runBackfillSync({
+    instance: [first.url, second.url, third.url],
+    kv: db.path,
+    startTimestamp: T0,
+    onError: (r) => reports.push(r),
+  });
+  while (!(syncConnections(first)[0]?.sent >= 6)) await delay(20);
+  await first.shutdown();
+  while (!(syncConnections(second)[0]?.sent >= 71)) await delay(20);
+  await second.shutdown();
+  const stats = await sync;
+  assert.equal(stats.stopReason, "closed", stats.error);
+  assert.equal(stats.failovers, 2);
+  assert.deepEqual((await stored(db.path, stats.queueLength)).map(text), ["p0"]);
+  const coverage = reports.filter((r) => r.reason === "coverage").map((r) => r.message);
+  assert.equal(coverage.length, 3, coverage.join("\n"));
+  assert.match(coverage[0], /only holds events from .* on; the point to resume from, .*, is 0\.5 s earlier/);
+  assert.match(
+    coverage[1],
+    new RegExp(
+      `^no record was selected on 127\\.0\\.0\\.1:\\d+ in the 320 s before ${
+        isoFromUs(T0 + 8_000_000).replaceAll(".", "\\.")
+      }, to line the time_us of 127\\.0\\.0\\.1:\\d+ up with those of 127\\.0\\.0\\.1:\\d+: if they run more than 5 s behind, selected events just after .* may be missing, and if ahead, ones just before the start may be stored$`,
+    ),
+  );
+  assert.match(
+    coverage[2],
+    new RegExp(
+      `^the run stopped \\(closed\\) before a record stored before came again on 127\\.0\\.0\\.1:\\d+: 1 new event before ${
+        isoFromUs(T0 + 5_000_000).replaceAll(".", "\\.")
+      } was left out, as the first instance may have had it before the start; it may be missing$`,
+    ),
+  );
+});
+
+Deno.test("a failover after a run of events not selected takes the next instance up before the last record selected, and finds one 8 s behind", async () => {
+  // The first instance sends posts to 10 s, then only identity events (not selected) to 30 s, and
+  // goes away; the second runs 8 s behind. Taken up 5 s before the last time processed (30 s), by
+  // its clock the first's 33 s, it would miss the posts the first lacked between 30 and 33 s, with
+  // no record selected within the rewind to tell: before, they were lost without a word. Now the
+  // stream is taken up 5 s before the last post (10 s), a search finds it 8 s behind, and every
+  // post is stored once.
+  const posts = Array.from({ length: 100 }, (_, i) => commit(T0 + i * 100_000, { text: `p${i}` }));
+  const later = Array.from(
+    { length: 60 },
+    (_, i) => commit(T0 + 30_500_000 + i * 100_000, { text: `q${i}` }),
+  );
+  const quiet = Array.from({ length: 200 }, (_, i) => identity(T0 + 10_000_000 + i * 100_000));
+  const all = [...posts, ...quiet, ...later].sort((a, b) => a.time_us - b.time_us);
+  await using first = serveEvents([...posts, ...quiet]);
+  await using second = serveEvents(all.map((e) => ({ ...e, time_us: e.time_us - 8_000_000 })), {
     closeAtEnd: true,
   });
   await using db = await tempDb();
@@ -525,21 +587,58 @@ Deno.test("a failover near the start whose new event is left out, when the run s
     startTimestamp: T0,
     onError: (r) => reports.push(r),
   });
-  while (!(syncConnections(first)[0]?.sent >= 61)) await delay(20);
+  while (!(syncConnections(first)[0]?.sent >= 300)) await delay(20);
   await first.shutdown();
   const stats = await sync;
   assert.equal(stats.stopReason, "closed", stats.error);
   assert.equal(stats.failovers, 1);
-  assert.deepEqual((await stored(db.path, stats.queueLength)).map(text), ["p0"]);
-  const coverage = reports.filter((r) => r.reason === "coverage").map((r) => r.message);
-  assert.equal(coverage.length, 1, coverage.join("\n"));
-  assert.match(
-    coverage[0],
-    new RegExp(
-      `^the run stopped \\(closed\\) before a record stored before came again on 127\\.0\\.0\\.1:\\d+: 1 new event before ${
-        isoFromUs(T0 + 5_000_000).replaceAll(".", "\\.")
-      } was left out, as the first instance may have had it before the start; it may be missing$`,
+  assert.deepEqual(
+    (await stored(db.path, stats.queueLength)).map(text),
+    [...posts, ...later].map(text),
+  );
+  assert.deepEqual(reports.filter((r) => r.reason === "coverage").map((r) => r.message), []);
+  assert.ok(
+    reports.some((r) => r.reason === "connection" && SEARCHED.test(r.message)),
+    reports.map((r) => r.message).join("\n"),
+  );
+});
+
+Deno.test("a failover before any record is stored says that the two instances cannot be lined up", async () => {
+  // The first instance sends identity events alone (not selected) and goes away: no record to line
+  // the second up on, which runs 8 s behind and so skips the posts of the first's 3 s after its last.
+  // Before, they were lost without a word.
+  const quiet = Array.from({ length: 20 }, (_, i) => identity(T0 + i * 100_000));
+  const posts = Array.from({ length: 50 }, (_, i) => commit(T0 + 2_000_000 + i * 100_000, { text: `p${i}` }));
+  await using first = serveEvents(quiet);
+  await using second = serveEvents(
+    [...quiet, ...posts].map((e) => ({ ...e, time_us: e.time_us - 8_000_000 })).sort((a, b) =>
+      a.time_us - b.time_us
     ),
+    { closeAtEnd: true },
+  );
+  await using db = await tempDb();
+  const reports: SyncErrorReport[] = [];
+  const sync = runBackfillSync({
+    instance: [first.url, second.url],
+    kv: db.path,
+    startTimestamp: T0,
+    onError: (r) => reports.push(r),
+  });
+  while (!(syncConnections(first)[0]?.sent >= 20)) await delay(20);
+  await first.shutdown();
+  const stats = await sync;
+  assert.equal(stats.stopReason, "closed", stats.error);
+  assert.deepEqual(
+    reports.filter((r) => r.reason === "coverage").map((r) =>
+      r.message.replace(/\d+\.\d+\.\d+\.\d+:\d+/g, "HOST")
+    ),
+    [
+      `no record was stored yet, before ${
+        isoFromUs(T0 + 1_900_000)
+      }, to line the time_us of HOST up with those of HOST: if they run more than 5 s behind, selected events just after ${
+        isoFromUs(T0 + 1_900_000)
+      } may be missing, and if ahead, ones just before the start may be stored`,
+    ],
   );
 });
 

@@ -454,22 +454,30 @@ function coverageProblem(
 /**
  * Starts the wait for a record stored before to come again (see `RunContext.awaitStoredUntilUs`)
  * on an instance whose `time_us` differ from those of the one that stored it, taken up the rewind
- * before `lastUs`, its last time processed there:
- * - when a record was selected there within the rewind (at or after `lastUs - rewind`, by
- *   `selectedUs`), it is looked for up to `lastUs` plus the rewind, and its absence is warned of;
+ * before `lastUs`, its last time processed there, or before the last record selected there
+ * (`selectedUs`) when that is earlier than the rewind but within a search's reach
+ * ({@link SEARCH_MAX_REWINDS} rewinds): what came after it was not selected, and taken again is
+ * left out again, while the record can line the two streams up. Returns that time (the anchor),
+ * which the stream is taken up the rewind before:
+ * - when a record was selected there within the rewind of the anchor, it is looked for up to the
+ *   anchor plus the rewind, and its absence is warned of;
  * - new events before the start plus the rewind are left out until one is recognised: they can be
  *   ones the first instance had before the start;
  * - with neither, there is nothing to wait for.
  */
-export function awaitStored(ctx: RunContext, lastUs: number, selectedUs: number): void {
+export function awaitStored(ctx: RunContext, lastUs: number, selectedUs: number): number {
   const { rewindUs, startUs } = ctx.o;
-  const warns = selectedUs >= lastUs - rewindUs;
+  const anchorUs = selectedUs >= 0 && selectedUs < lastUs - rewindUs &&
+      lastUs - selectedUs <= SEARCH_MAX_REWINDS * rewindUs
+    ? selectedUs
+    : lastUs;
+  const warns = selectedUs >= anchorUs - rewindUs;
   const dropsBelowUs = (startUs ?? Number.NEGATIVE_INFINITY) + rewindUs;
-  if (!warns && dropsBelowUs <= lastUs - rewindUs) {
+  if (!warns && dropsBelowUs <= anchorUs - rewindUs) {
     endAwait(ctx);
-    return;
+    return anchorUs;
   }
-  ctx.awaitStoredUntilUs = warns ? lastUs + rewindUs : dropsBelowUs;
+  ctx.awaitStoredUntilUs = warns ? anchorUs + rewindUs : dropsBelowUs;
   ctx.awaitDropsBelowUs = dropsBelowUs;
   ctx.awaitWarns = warns;
   ctx.awaitDropped = 0;
@@ -479,7 +487,7 @@ export function awaitStored(ctx: RunContext, lastUs: number, selectedUs: number)
   ctx.awaited = undefined;
   if (warns) {
     ctx.awaited = {
-      lastUs,
+      lastUs: anchorUs,
       lastB: ctx.lastStoredB,
       lastA: ctx.lastStoredA,
       lined: undefined,
@@ -487,6 +495,7 @@ export function awaitStored(ctx: RunContext, lastUs: number, selectedUs: number)
     };
     searchAgain(ctx, undefined, false);
   }
+  return anchorUs;
 }
 
 /**
