@@ -271,7 +271,6 @@ export async function consumeStream(
     if (o.instances[instanceIndex] === resumeFrom!.run.instance) startUs = deliveredStartUs = resumedStart;
   }
 
-  /** Moves on to the next instance, a little earlier in time (`rewindUs`): time_us differ between them. */
   /**
    * Says that a failover from `from` to `to` after `lastUs` has no record to line the two
    * instances' `time_us` up on (`why`): the stream is taken up the rewind before, which covers
@@ -289,6 +288,8 @@ export async function consumeStream(
       }`,
       instance: to,
     });
+
+  /** Moves on to the next instance, a little earlier in time (`rewindUs`): time_us differ between them. */
   const failOver = () => {
     const from = o.instances[instanceIndex];
     instanceIndex = (instanceIndex + 1) % o.instances.length;
@@ -819,7 +820,8 @@ export async function consumeStream(
   }
   // What a probe beside the stream finds is part of the run's outcome.
   await seqProbe;
-  reportUnfinishedAwait(ctx, ctx.batcher.host);
+  // (On the instance the run was on: after a failover, perhaps one never reached.)
+  if (stats.lastProcessedUs !== null) reportUnfinishedAwait(ctx, o.instances[instanceIndex]);
   if (
     ctx.stop === "max_time" && connections === 0 && !ctx.probeAnswered &&
     (lastFailure !== undefined || connecting !== undefined)

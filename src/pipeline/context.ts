@@ -533,14 +533,14 @@ export function endAwait(ctx: RunContext): void {
 
 /**
  * At the end of the run: a wait for a record stored before (see `RunContext.awaitStoredUntilUs`) on
- * `instance`, the one read last, that is not over leaves events in doubt, which is said as the wait
+ * `instance`, the one the run was on, that is not over leaves events in doubt, which is said as the wait
  * would have said it: records stored last that did not come again (its stream was taken up too late
  * or it lacks them: events after them may be missing), or new records left out near the start that
  * no record stored came to tell from ones the first instance had before it. A search that lined the
  * streams up left nothing new out.
  */
-export function reportUnfinishedAwait(ctx: RunContext, instance: string | undefined): void {
-  if (ctx.awaitStoredUntilUs < 0 || instance === undefined || ctx.search?.linedUp) return;
+export function reportUnfinishedAwait(ctx: RunContext, instance: string): void {
+  if (ctx.awaitStoredUntilUs < 0 || ctx.search?.linedUp) return;
   const host = new URL(instance).host;
   const stopped = `the run stopped (${ctx.stop ?? "error"}) before`;
   if (ctx.awaited !== undefined) {
