@@ -505,6 +505,33 @@ Deno.test("a failover to an instance 30 s behind that sends nothing more before 
   );
 });
 
+/**
+ * A sync from T0 on `servers` in turn, each but the last going away once it has sent its first sync
+ * connection `sent[i]` events (a failover each time): the statistics, the reports, the coverage
+ * warnings and the texts of what was stored, in order.
+ */
+async function failoverInTurn(servers: JetstreamServer[], sent: number[]) {
+  await using db = await tempDb();
+  const reports: SyncErrorReport[] = [];
+  const sync = runBackfillSync({
+    instance: servers.map((s) => s.url),
+    kv: db.path,
+    startTimestamp: T0,
+    onError: (r) => reports.push(r),
+  });
+  for (const [i, n] of sent.entries()) {
+    while (!(syncConnections(servers[i])[0]?.sent >= n)) await delay(20);
+    await servers[i].shutdown();
+  }
+  const stats = await sync;
+  return {
+    stats,
+    reports,
+    coverage: reports.filter((r) => r.reason === "coverage").map((r) => r.message),
+    stored: (await stored(db.path, stats.queueLength)).map(text),
+  };
+}
+
 Deno.test("a failover near the start whose new event is left out, when the run stops before a record stored comes, says it may be missing", async () => {
   // The first instance stores p0 and goes away. The second's history begins after it (a gap: nothing
   // stored can come there) and it sends identity events alone (not selected) before it goes away too:
@@ -524,23 +551,10 @@ Deno.test("a failover near the start whose new event is left out, when the run s
       closeAtEnd: true,
     },
   );
-  await using db = await tempDb();
-  const reports: SyncErrorReport[] = [];
-  const sync = runBackfillSync({
-    instance: [first.url, second.url, third.url],
-    kv: db.path,
-    startTimestamp: T0,
-    onError: (r) => reports.push(r),
-  });
-  while (!(syncConnections(first)[0]?.sent >= 6)) await delay(20);
-  await first.shutdown();
-  while (!(syncConnections(second)[0]?.sent >= 71)) await delay(20);
-  await second.shutdown();
-  const stats = await sync;
+  const { stats, stored: got, coverage } = await failoverInTurn([first, second, third], [6, 71]);
   assert.equal(stats.stopReason, "closed", stats.error);
   assert.equal(stats.failovers, 2);
-  assert.deepEqual((await stored(db.path, stats.queueLength)).map(text), ["p0"]);
-  const coverage = reports.filter((r) => r.reason === "coverage").map((r) => r.message);
+  assert.deepEqual(got, ["p0"]);
   assert.equal(coverage.length, 3, coverage.join("\n"));
   assert.match(coverage[0], /only holds events from .* on; the point to resume from, .*, is 0\.5 s earlier/);
   assert.match(
@@ -579,24 +593,11 @@ Deno.test("a failover after a run of events not selected takes the next instance
   await using second = serveEvents(all.map((e) => ({ ...e, time_us: e.time_us - 8_000_000 })), {
     closeAtEnd: true,
   });
-  await using db = await tempDb();
-  const reports: SyncErrorReport[] = [];
-  const sync = runBackfillSync({
-    instance: [first.url, second.url],
-    kv: db.path,
-    startTimestamp: T0,
-    onError: (r) => reports.push(r),
-  });
-  while (!(syncConnections(first)[0]?.sent >= 300)) await delay(20);
-  await first.shutdown();
-  const stats = await sync;
+  const { stats, stored: got, coverage, reports } = await failoverInTurn([first, second], [300]);
   assert.equal(stats.stopReason, "closed", stats.error);
   assert.equal(stats.failovers, 1);
-  assert.deepEqual(
-    (await stored(db.path, stats.queueLength)).map(text),
-    [...posts, ...later].map(text),
-  );
-  assert.deepEqual(reports.filter((r) => r.reason === "coverage").map((r) => r.message), []);
+  assert.deepEqual(got, [...posts, ...later].map(text));
+  assert.deepEqual(coverage, []);
   assert.ok(
     reports.some((r) => r.reason === "connection" && SEARCHED.test(r.message)),
     reports.map((r) => r.message).join("\n"),
@@ -616,22 +617,10 @@ Deno.test("a failover before any record is stored says that the two instances ca
     ),
     { closeAtEnd: true },
   );
-  await using db = await tempDb();
-  const reports: SyncErrorReport[] = [];
-  const sync = runBackfillSync({
-    instance: [first.url, second.url],
-    kv: db.path,
-    startTimestamp: T0,
-    onError: (r) => reports.push(r),
-  });
-  while (!(syncConnections(first)[0]?.sent >= 20)) await delay(20);
-  await first.shutdown();
-  const stats = await sync;
+  const { stats, coverage } = await failoverInTurn([first, second], [20]);
   assert.equal(stats.stopReason, "closed", stats.error);
   assert.deepEqual(
-    reports.filter((r) => r.reason === "coverage").map((r) =>
-      r.message.replace(/\d+\.\d+\.\d+\.\d+:\d+/g, "HOST")
-    ),
+    coverage.map((m) => m.replace(/\d+\.\d+\.\d+\.\d+:\d+/g, "HOST")),
     [
       `no record was stored yet, before ${
         isoFromUs(T0 + 1_900_000)
