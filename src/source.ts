@@ -625,7 +625,8 @@ export async function consumeStream(
           (ctx.search !== undefined && ctx.search.rewindUs > o.rewindUs)
         ? undefined
         : Math.max(timeUs, neededUs),
-      sentUs: cursor ?? -1,
+      // (A seq when taken up by seq: then requestedUs is undefined, and this is not read.)
+      sentUs: bySeq ? -1 : cursor ?? -1,
       maxUs: -1,
       minUs: -1,
       maxSelectedUs: -1,

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { isoFromUs, parseTimestamp, usFromIso, utcDate } from "../src/time.ts";
+import { describeDuration, isoFromUs, parseTimestamp, usFromIso, utcDate } from "../src/time.ts";
 
 Deno.test("parseTimestamp() reads YYYY-MM-DD as UTC midnight", () => {
   assert.equal(parseTimestamp("2024-01-01"), Date.UTC(2024, 0, 1) * 1000);
@@ -131,4 +131,18 @@ Deno.test("usFromIso() reads the v2 wire's times as parseTimestamp() does, and r
   assert.equal(usFromIso("2024-09-09T19:46:02.329Z"), 1725911162329000);
   assert.equal(usFromIso("2024-09-09T21:46:02.329308+02:00"), 1725911162329308);
   assert.equal(usFromIso("2024-09-09"), undefined);
+});
+
+Deno.test("describeDuration() says a span in the unit that shows it, never 0.0 s", () => {
+  const cases: [number, string][] = [
+    [400, "400 µs"],
+    [17_249, "17 ms"],
+    [99_499, "99 ms"],
+    [250_000, "0.3 s"],
+    [119_000_000, "119.0 s"],
+    [600_000_000, "10.0 min"],
+    [36_000_000_000, "10.0 h"],
+    [259_200_000_000, "3.0 days"],
+  ];
+  for (const [us, said] of cases) assert.equal(describeDuration(us), said, String(us));
 });

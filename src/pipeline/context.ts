@@ -60,7 +60,7 @@ export interface Session {
    * says nothing new).
    */
   requestedUs: number | undefined;
-  /** The time cursor sent, when {@link requestedUs} is set. */
+  /** The time cursor sent (-1 by seq, or live); read only when {@link requestedUs} is set. */
   sentUs: number;
   /** The highest time_us processed on this connection (-1 before any). */
   maxUs: number;
