@@ -43,7 +43,7 @@ export type {
   SyncProgress,
   SyncStats,
 } from "./src/stats.ts";
-export { decodeQueueMessage, isQueueMessage, type QueueMessage } from "./src/queue/message.ts";
+export { decodeQueueMessage, isQueueMessage, type QueueMessage, repackMessage } from "./src/queue/message.ts";
 export {
   type Checkpoint,
   KV_PAGE_SIZE,

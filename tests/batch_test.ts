@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { serialize } from "node:v8";
 import { Batcher } from "../src/pipeline/batch.ts";
-import { compressEvent, decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
+import { compressEvent, decodeQueueMessage, type QueueMessage, repackMessage } from "../src/queue/message.ts";
 import { KV_VALUE_LIMIT, MAX_RECORD_DEPTH, nestedTooDeep, serializedSizeBound } from "../src/queue/size.ts";
 import { QueueWriter } from "../src/queue/writer.ts";
 import { emptyCheckpoint, queueKey, readCheckpoint, retryWhileBusy } from "../src/queue/kv_queue.ts";
@@ -711,4 +711,33 @@ Deno.test("QueueWriter keeps a v2 host's seq in the checkpoint when a record it 
   );
   assert.ok(stored.some((m) => m.compressed?.length === 1), "the test no longer exercises a gzipped repair");
   assert.deepEqual(stored.flatMap((m) => decodeQueueMessage(m)), events);
+});
+
+Deno.test("repackMessage() copies a message read back from KV so that it serializes to its stored size, keeping its values", async () => {
+  const text = '{"did":"did:plc:a","time_us":1,"kind":"commit","commit":{"record":' +
+    '{"__proto__":[1,2],"n":[0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0],"m":[[],[{"a":[1.5,"x"]}]],"1":null}}}';
+  const stored: QueueMessage = {
+    v: 1,
+    queue: "q",
+    seq: 1,
+    cursor: 1,
+    records: [JSON.parse(text)],
+    compressed: [compressEvent(text)],
+  };
+  const kv = await Deno.openKv(":memory:");
+  await kv.set(["m"], stored);
+  const read = (await kv.get<QueueMessage>(["m"])).value!;
+  kv.close();
+  assert.ok(
+    serialize(read).length > serialize(stored).length,
+    "a read message no longer grows: the test shows nothing",
+  );
+  const copy = repackMessage(read);
+  assert.equal(serialize(copy).length, serialize(stored).length);
+  assert.deepEqual(copy, stored);
+  assert.equal(JSON.stringify(copy.records[0]), JSON.stringify(stored.records[0]));
+  const record = (copy.records[0] as { commit: { record: object } }).commit.record;
+  assert.ok(Object.hasOwn(record, "__proto__") && Object.getPrototypeOf(record) === Object.prototype);
+  assert.ok(copy.compressed![0] instanceof Uint8Array);
+  assert.equal(repackMessage("not a message"), "not a message");
 });

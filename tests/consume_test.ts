@@ -209,6 +209,31 @@ Deno.test("consume() leaves a throwing handler's message for redelivery, then to
   }
 });
 
+Deno.test("requeueDeadLetters() hands back a dead letter that a read makes larger than KV's limit", async () => {
+  const { dir, path } = await tempDb();
+  try {
+    const kv = await Deno.openKv(path);
+    const event = manySmallNumbers(1);
+    await enqueueLikeWriter(kv, message(1, [event]), [50]);
+    const failed = await consume({
+      kv,
+      untilEmpty: true,
+      onError: () => {},
+      handler: () => Promise.reject(new Error("no")),
+    });
+    assert.deepEqual([failed.messages, (await deadLetters(kv, Q)).length], [0, 1]);
+    // Read back, the dead letter's array of 20,000 numbers would be written 60 KB larger.
+    assert.equal(await requeueDeadLetters(kv, Q), 1);
+    let got: JetstreamEvent[] = [];
+    const again = await consume({ kv, untilEmpty: true, handler: (evs) => void (got = evs) });
+    kv.close();
+    assert.equal(again.messages, 1);
+    assert.deepEqual(got, [event]);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("consume() times out a handler past handlerTimeout, aborts its signal, and gets the message again", async () => {
   const { dir, path } = await tempDb();
   try {
@@ -476,6 +501,59 @@ Deno.test("consume() with a backlog it must park hands every message over in seq
     assert.deepEqual(late, [], "a parked message came after higher seqs");
     assert.deepEqual(kvQueueTables(path), { queued: 0, running: 0 });
     assert.equal((await listParked(path)).length, 0, "parked entries were left behind");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+/** A post at `i` µs past a fixed time whose record holds 20,000 small numbers (40 KB of JSON). */
+function manySmallNumbers(i: number): JetstreamEvent {
+  const ev = commit(1_700_000_000_000_000 + i) as JetstreamEvent & { commit: { record: { n?: number[] } } };
+  ev.commit.record.n = new Array(20_000).fill(i % 2);
+  return ev;
+}
+
+Deno.test("consume() parks, and requeueParked() hands back, messages that a delivery makes larger than KV's limit", async () => {
+  // A record of many small numbers: 2 bytes each as the sync stored it, but an array Deno KV
+  // hands over is written back element by element with its index (5 to 6 bytes each). Writing
+  // the delivered message as it came (to park it, or to put it back) exceeded KV's 64 KiB.
+  const { dir, path } = await tempDb();
+  try {
+    const lines = Array.from({ length: 12 }, (_, i) => JSON.stringify(manySmallNumbers(i)));
+    const kv = await Deno.openKv(path);
+    const stored = await produce(kv, lines, { batchSize: 1 });
+    kv.close();
+    // 12 messages of 700 ms: most are parked; stop after 4, leaving the rest parked.
+    const ac = new AbortController();
+    const seen: JetstreamEvent[] = [];
+    const reports: string[] = [];
+    const first = await consume({
+      kv: path,
+      signal: ac.signal,
+      onError: (r) => reports.push(`${r.reason}: ${r.message}`),
+      handler: async (events) => {
+        seen.push(...events);
+        await sleep(700);
+        if (seen.length === 4) ac.abort();
+      },
+    });
+    assert.deepEqual(reports, []);
+    assert.ok(first.deferred > 0, "nothing was parked: the test no longer shows what it is for");
+    // A plain listener gets the rest from KV's queue.
+    const kv2 = await Deno.openKv(path);
+    assert.equal(await requeueParked(kv2, Q), 12 - first.messages);
+    const rest = new Map<number, JetstreamEvent[]>();
+    const done = Promise.withResolvers<void>();
+    const listening = kv2.listenQueue((m) => {
+      const msg = m as QueueMessage;
+      rest.set(msg.seq, msg.records);
+      if (seen.length + rest.size === 12) done.resolve();
+    });
+    await done.promise;
+    kv2.close();
+    await listening;
+    const all = [...seen, ...[...rest.entries()].sort((a, b) => a[0] - b[0]).flatMap(([, r]) => r)];
+    assert.deepEqual(all, stored);
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

@@ -82,7 +82,7 @@ import {
   unknownQueue,
 } from "./kv_queue.ts";
 import { parkedWaiting } from "./status.ts";
-import { decodeQueueMessage, isQueueMessage, type QueueMessage } from "./message.ts";
+import { decodeQueueMessage, isQueueMessage, type QueueMessage, repackMessage } from "./message.ts";
 import { databaseExists, pathExists } from "../fs.ts";
 import { dirname } from "node:path";
 import { deadLettersOf } from "./dead_letters.ts";
@@ -467,7 +467,7 @@ function deadKeysOf(value: unknown): Deno.KvKey[] {
 }
 
 async function putBackAlone(kv: Deno.Kv, value: unknown, delay: number): Promise<void> {
-  await kv.enqueue(value, { delay, keysIfUndelivered: deadKeysOf(value) });
+  await kv.enqueue(repackMessage(value), { delay, keysIfUndelivered: deadKeysOf(value) });
 }
 
 class Consumer {
@@ -486,7 +486,9 @@ class Consumer {
   // Messages of other queues put back for their consumers, in group commits.
   readonly #putBacks = new GroupWriter<PutBack>(
     (op, group) => {
-      for (const p of group) op.enqueue(p.value, { delay: p.delay, keysIfUndelivered: p.keysIfUndelivered });
+      for (const p of group) {
+        op.enqueue(repackMessage(p.value), { delay: p.delay, keysIfUndelivered: p.keysIfUndelivered });
+      }
     },
     (group, { failure }) => {
       for (const p of group) {
@@ -517,7 +519,7 @@ class Consumer {
       const run = this.#parkingRun = this.#run;
       for (const d of group) {
         const at = { run, seq: d.message.seq };
-        op.set(parkedKey(this.#queue, at), d.message).set(parkedSeqKey(this.#queue, at), true);
+        op.set(parkedKey(this.#queue, at), repackMessage(d.message)).set(parkedSeqKey(this.#queue, at), true);
       }
       // The run's first sign of life; keepAlive() writes the next ones.
       this.#parkingBeats = !this.stopReason && !this.#heldRuns.has(run);
@@ -1207,7 +1209,7 @@ class Consumer {
       return;
     }
     const { failure } = await commitOutcome(d.kv, (op) => {
-      op.set(queueKey(this.#queue, "dead", p.seq), d.message)
+      op.set(queueKey(this.#queue, "dead", p.seq), repackMessage(d.message))
         .delete(parkedKey(this.#queue, p))
         .delete(parkedSeqKey(this.#queue, p));
     });

@@ -6,7 +6,7 @@
  * @module
  */
 import { queueKey, refuseQueueName } from "./kv_queue.ts";
-import { decodeQueueMessage } from "./message.ts";
+import { decodeQueueMessage, repackMessage } from "./message.ts";
 
 /** A message KV gave up delivering, as kept under `["jetfill", queue, "dead", seq]`. */
 export interface DeadLetter {
@@ -87,7 +87,7 @@ export async function requeueDeadLetters(kv: Deno.Kv, queue: string): Promise<nu
     const current = await kv.get(key);
     if (current.versionstamp === null) continue;
     const op = kv.atomic().check(current).delete(key);
-    if (!letter.handled) op.enqueue(letter.message, { keysIfUndelivered: [key] });
+    if (!letter.handled) op.enqueue(repackMessage(letter.message), { keysIfUndelivered: [key] });
     const res = await op.commit();
     if (res.ok && !letter.handled) requeued++;
   }

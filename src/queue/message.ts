@@ -47,6 +47,51 @@ export function isQueueMessage(value: unknown): value is QueueMessage {
 }
 
 /**
+ * A copy of a queue message that Deno KV handed over (a delivery, or a read), to be written again:
+ * V8 reads every array back as one that may have holes and writes such an array element by element
+ * with its index, so the message as it came can be half as large again as when it was stored (an
+ * array of small numbers: from 2 bytes an element to 6) and over KV's 64 KiB limit though it was
+ * stored under it. The copy's arrays are built anew, as `JSON.parse` builds them, and serialize to
+ * the size stored. Its `compressed` entries are the same `Uint8Array`s; any other value is returned
+ * as it is.
+ *
+ * @example
+ * ```ts
+ * import { repackMessage } from "./message.ts";
+ * const kv = await Deno.openKv("./jetfill-data/jetstream_sync.sqlite");
+ * // A message that an application of its own kept aside under a key of its own, back into the queue:
+ * const kept = await kv.get(["my-app", "kept", 1]);
+ * if (kept.value !== null) await kv.enqueue(repackMessage(kept.value));
+ * ```
+ */
+export function repackMessage<T>(value: T): T {
+  if (!isQueueMessage(value)) return value;
+  const m = { ...value, records: rebuilt(value.records) as JetstreamEvent[] };
+  if (value.compressed) m.compressed = rebuilt(value.compressed) as Uint8Array[];
+  return m as T;
+}
+
+/** `value` with its arrays and plain objects built anew, recursively (JSON values only). */
+function rebuilt(value: unknown): unknown {
+  if (typeof value !== "object" || value === null) return value;
+  if (Array.isArray(value)) {
+    const out: unknown[] = [];
+    for (let i = 0; i < value.length; i++) out.push(rebuilt(value[i]));
+    return out;
+  }
+  if (Object.getPrototypeOf(value) !== Object.prototype) return value;
+  const out: Record<string, unknown> = {};
+  for (const key of Object.keys(value)) {
+    const v = rebuilt((value as Record<string, unknown>)[key]);
+    // A "__proto__" key of the JSON is an own property, as JSON.parse makes it, not the prototype.
+    if (key === "__proto__") {
+      Object.defineProperty(out, key, { value: v, enumerable: true, writable: true, configurable: true });
+    } else out[key] = v;
+  }
+  return out;
+}
+
+/**
  * Every event of a queue message, in order, with `compressed` events unpacked.
  * Throws a `TypeError` for a value that is not a jetfill message (naming the field that is not as
  * expected), one whose records are not all JSON objects, or one with a `compressed` entry that is

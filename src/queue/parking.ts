@@ -8,6 +8,7 @@
  */
 import { delay } from "../async.ts";
 import { queueKey, refuseQueueName, retryWhileBusy } from "./kv_queue.ts";
+import { repackMessage } from "./message.ts";
 
 /** A consumer with parked messages writes that it is alive this often, ms. */
 export const PARK_HEARTBEAT_MS = 1_000;
@@ -236,7 +237,9 @@ async function requeueRun(
     const again = parked.versionstamp !== null && handled.versionstamp === null;
     const res = await retryBusy(() => {
       const op = kv.atomic().check(held, parked).delete(entryKey).delete(parkedSeqKey(queue, { run, seq }));
-      if (again) op.enqueue(parked.value, { keysIfUndelivered: [queueKey(queue, "dead", seq)] });
+      if (again) {
+        op.enqueue(repackMessage(parked.value), { keysIfUndelivered: [queueKey(queue, "dead", seq)] });
+      }
       return op.commit();
     });
     if (res.ok && again) requeued++;
