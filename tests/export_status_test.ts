@@ -16,6 +16,9 @@ import { queueKey } from "../src/queue/kv_queue.ts";
 import { pathExists } from "../src/fs.ts";
 import type { QueueStatus } from "../src/queue/status.ts";
 import { formatStatus } from "../src/cli/status.ts";
+import { exportSummary } from "../src/cli/export.ts";
+import type { ConsumeResult } from "../src/queue/consume.ts";
+import { eachLine } from "./helpers/consume.ts";
 
 const CLI = new URL("../cli.ts", import.meta.url).pathname;
 const TEXT = new TextDecoder();
@@ -155,7 +158,9 @@ Deno.test("jetfill export keeps a whole last event without its newline, and refu
     assert.equal(await Deno.readTextFile(notes), "my notes, no newline");
     // A last line that starts like JSON, after a line that is no event: no export wrote it.
     await Deno.writeTextFile(notes, '# my notes\n{"not an event, and cut');
-    assert.equal((await jetfill("export", "--kv", path, "--out", notes)).code, 2);
+    const cut = await jetfill("export", "--kv", path, "--out", notes);
+    assert.equal(cut.code, 2);
+    assert.match(cut.stderr, /\(its last 23 bytes begin an event but follow a line that is no event\)/);
     await Deno.writeTextFile(notes, "# my notes\n{not json at all");
     assert.equal((await jetfill("export", "--kv", path, "--out", notes)).code, 2);
     assert.equal(await Deno.readTextFile(notes), "# my notes\n{not json at all");
@@ -239,6 +244,49 @@ Deno.test("jetfill export --follow picks up what another process enqueues and ex
   }
 });
 
+Deno.test("jetfill export --follow on an empty file says it made the file a database, not that there was none", async () => {
+  const dir = await tempDir();
+  try {
+    const path = `${dir}/q.sqlite`;
+    await Deno.writeFile(path, new Uint8Array());
+    const child = new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", "--unstable-kv", CLI, "export", "--kv", path, "--follow"],
+      stdout: "null",
+      stderr: "piped",
+    }).spawn();
+    const said: string[] = [];
+    await eachLine(child.stderr, (line) => {
+      said.push(line);
+      if (said.length === 1) killIfRunning(child, "SIGINT");
+    });
+    assert.equal((await child.status).code, 130);
+    assert.equal(
+      said[0],
+      `jetfill export: the database ${path} is an empty file yet; made it a database, and waiting for a sync to write queue 'jetstream_sync' there (Ctrl-C stops)`,
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("the export summary says how many events it wrote for deliveries it could not record as handled", () => {
+  const result = {
+    messages: 3,
+    records: 300,
+    duplicates: 0,
+    failures: 1,
+    elapsed: 1.2,
+  } as ConsumeResult;
+  assert.equal(
+    exportSummary(result, "a.ndjson", 400),
+    "jetfill export: 300 events from 3 messages appended to a.ndjson; 1 failed delivery left to KV; 100 more events written for deliveries that could not be recorded as handled: KV delivers them again, so they are written twice (here or by the next export) (1.2 s)",
+  );
+  assert.equal(
+    exportSummary(result, undefined),
+    "jetfill export: 300 events from 3 messages written; 1 failed delivery left to KV (1.2 s)",
+  );
+});
+
 Deno.test("jetfill export and status refuse a missing database and bad flags with exit code 2", async () => {
   const dir = await tempDir();
   try {
@@ -256,6 +304,14 @@ Deno.test("jetfill export and status refuse a missing database and bad flags wit
       /jetfill status: Cannot show the status as the database ".*missing\.sqlite" does not exist/,
     );
     assert.equal((await Array.fromAsync(Deno.readDir(dir))).length, 0, "no database was created");
+    const folder = await jetfill("status", "--kv", dir);
+    assert.equal(folder.code, 2);
+    assert.equal(
+      folder.stderr.trim(),
+      `jetfill status: Cannot show the status as ${
+        JSON.stringify(dir)
+      } is not a file (--kv names a Deno KV database file)`,
+    );
     for (const command of ["export", "status"]) {
       for (const name of ["", "bad/name"]) {
         const refused = await jetfill(command, "--queue-name", name);

@@ -123,9 +123,11 @@ async function fileSink(path: string): Promise<{ sink: Sink; removed: number }> 
       } else {
         file.close();
         throw new UsageError(
-          `--out ${JSON.stringify(path)} does not end as an export's output (its last ${
-            size - keep
-          } bytes are no event and no part of one); nothing was changed: give another file`,
+          `--out ${JSON.stringify(path)} does not end as an export's output (its last ${size - keep} bytes ${
+            tail.partial
+              ? "begin an event but follow a line that is no event"
+              : "are no event and no part of one"
+          }); nothing was changed: give another file`,
         );
       }
     }
@@ -192,8 +194,12 @@ async function lastLine(
   return { complete: false, partial: false };
 }
 
-/** The summary line printed on stderr. */
-export function exportSummary(r: ConsumeResult, out: string | undefined): string {
+/**
+ * The summary line printed on stderr. `written` counts the events the handler wrote and synced:
+ * more than `r.records` when a delivery's handling could not be recorded after its events were
+ * written (KV delivers it again).
+ */
+export function exportSummary(r: ConsumeResult, out: string | undefined, written = r.records): string {
   const parts = [
     `${counted(r.records, "event")} from ${counted(r.messages, "message")} ${
       out ? `appended to ${out}` : "written"
@@ -204,6 +210,13 @@ export function exportSummary(r: ConsumeResult, out: string | undefined): string
   }
   if (r.failures > 0) {
     parts.push(`${counted(r.failures, "failed delivery", "failed deliveries")} left to KV`);
+  }
+  if (written > r.records) {
+    parts.push(
+      `${
+        counted(written - r.records, "more event")
+      } written for deliveries that could not be recorded as handled: KV delivers them again, so they are written twice (here or by the next export)`,
+    );
   }
   return `jetfill export: ${parts.join("; ")} (${r.elapsed.toFixed(1)} s)`;
 }
@@ -260,7 +273,11 @@ export async function exportCommand(args: string[]): Promise<number> {
   } else {
     // consume() opens it, which makes it (an empty file too): a sync then writes into it as it is.
     console.error(
-      `jetfill export: no database at ${path} yet; made it empty, and waiting for a sync to write queue '${queue}' there (Ctrl-C stops)`,
+      `jetfill export: ${
+        (await pathExists(path))
+          ? `the database ${path} is an empty file yet; made it a database`
+          : `no database at ${path} yet; made it empty`
+      }, and waiting for a sync to write queue '${queue}' there (Ctrl-C stops)`,
     );
   }
   let sink: Sink;
@@ -283,6 +300,7 @@ export async function exportCommand(args: string[]): Promise<number> {
     controller.abort();
   });
   let writeError: unknown;
+  let written = 0;
   let result: ConsumeResult;
   try {
     result = await consume({
@@ -297,6 +315,7 @@ export async function exportCommand(args: string[]): Promise<number> {
         try {
           sink.write(UTF8.encode(text));
           await sink.sync();
+          written += events.length;
         } catch (err) {
           // Every later message would fail the same way (a full disk, a closed pipe): stop, and
           // leave this one unacknowledged for the next export.
@@ -313,7 +332,7 @@ export async function exportCommand(args: string[]): Promise<number> {
     removeSignals();
     sink.close();
   }
-  console.error(exportSummary(result, out));
+  console.error(exportSummary(result, out, written));
   if (await databaseExists(path)) {
     // Messages whose handling failed every retry are kept aside, not exported: say so.
     const kv = await openKvAt(path);

@@ -170,7 +170,13 @@ export async function statusCommand(args: string[]): Promise<number> {
   // Deno.openKv would create an empty database just to report that it is empty.
   try {
     const info = await Deno.stat(path);
-    if (!info.isFile) throw new UsageError(`Cannot show the status as ${JSON.stringify(path)} is not a file`);
+    if (!info.isFile) {
+      throw new UsageError(
+        `Cannot show the status as ${
+          JSON.stringify(path)
+        } is not a file (--kv names a Deno KV database file)`,
+      );
+    }
     if (info.size === 0) {
       throw new UsageError(
         `Cannot show the status as ${
