@@ -1600,6 +1600,49 @@ Deno.test("status counts as parked only the parked messages not handled yet", as
   }
 });
 
+Deno.test("status adds up when a consumer handles a parked message while it reads", async () => {
+  const { dir, path } = await tempDb();
+  try {
+    const kv = await openKvAt(path);
+    try {
+      // Ten messages a consumer took from KV's queue and parked.
+      await parkAs(kv, "running", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], true);
+      // The consumer handles message 1 just before status lists the parked messages: its parked
+      // keys go and the handled counters rise in one commit, as consume() does it.
+      const list = kv.list.bind(kv);
+      let handled = false;
+      kv.list = ((selector: Deno.KvListSelector, options?: Deno.KvListOptions) => {
+        const prefix = "prefix" in selector ? selector.prefix : [];
+        if (!handled && prefix.includes("parkedSeq")) {
+          handled = true;
+          return (async function* () {
+            await kv.atomic()
+              .delete(parkedKey(Q, { run: "running", seq: 1 }))
+              .delete(parkedSeqKey(Q, { run: "running", seq: 1 }))
+              .set(queueKey(Q, "handled", 1), Date.now())
+              .sum(queueKey(Q, "count", "messagesHandled"), 1n)
+              .sum(queueKey(Q, "count", "recordsHandled"), 1n)
+              .commit();
+            yield* list(selector, options);
+          })() as unknown as Deno.KvListIterator<unknown>;
+        }
+        return list(selector, options);
+      }) as typeof kv.list;
+      const status = await queueStatus(kv, Q);
+      assert.ok(handled, "status no longer lists parked messages: the test shows nothing");
+      // (Before, 0 handled and 9 waiting: the message was in neither figure.)
+      assert.deepEqual(
+        [status.messagesHandled, status.messagesWaiting, status.messagesParked, status.queueLength],
+        [1, 9, 9, 9],
+      );
+    } finally {
+      kv.close();
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("consume() takes a handlerTimeout beyond setTimeout's range (24.8 days) as given", async () => {
   const { dir, path } = await tempDb();
   try {

@@ -148,17 +148,45 @@ export async function queueLength(kv: Deno.Kv, queue: string): Promise<number> {
 
 /** {@link queueLength} of a queue known to be there (a sync's own, at its end). */
 export async function waitingIn(kv: Deno.Kv, queue: string): Promise<number> {
-  const [enq, handled] = await kv.getMany([
+  return await withSteadyCounters(kv, queue, ([enqueued, , handled]) =>
+    smallerFigure(
+      kv,
+      queue,
+      Math.max(0, enqueued - handled),
+      async () => (await deadLettersOf(kv, queue)).filter((l) => !l.handled).length,
+      async () => (await parkedWaiting(kv, queue)).size,
+    ));
+}
+
+/** The queue's counters: messages and records enqueued, messages and records handled. */
+async function readCounters(kv: Deno.Kv, queue: string): Promise<number[]> {
+  const counts = await kv.getMany([
     queueKey(queue, "count", "messages"),
+    queueKey(queue, "count", "records"),
     queueKey(queue, "count", "messagesHandled"),
+    queueKey(queue, "count", "recordsHandled"),
   ]);
-  return await smallerFigure(
-    kv,
-    queue,
-    Math.max(0, counterValue(enq) - counterValue(handled)),
-    async () => (await deadLettersOf(kv, queue)).filter((l) => !l.handled).length,
-    async () => (await parkedWaiting(kv, queue)).size,
-  );
+  return counts.map(counterValue);
+}
+
+/**
+ * What `read` makes of the queue's counters and of what it reads after them, read again until the
+ * counters are the same after it as before (four times at most, under a steady stream of commits).
+ * A consumer's commit in between (a parked message handled: its key deleted and the handled counter
+ * raised at once) would otherwise leave a message in neither figure, and a sync's in both.
+ */
+async function withSteadyCounters<T>(
+  kv: Deno.Kv,
+  queue: string,
+  read: (counters: number[]) => Promise<T>,
+): Promise<T> {
+  let counters = await readCounters(kv, queue);
+  for (let attempt = 1;; attempt++) {
+    const figures = await read(counters);
+    const after = await readCounters(kv, queue);
+    if (attempt === 4 || after.every((n, i) => n === counters[i])) return figures;
+    counters = after;
+  }
 }
 
 /**
@@ -202,31 +230,34 @@ async function smallerFigure(
 export async function queueStatus(kv: Deno.Kv, queue: string): Promise<QueueStatus> {
   await refuseQueueName(kv, queue, "read the status");
   const checkpoint = (await readCheckpoint(kv, queue)).value;
-  const counts = await kv.getMany([
-    queueKey(queue, "count", "messages"),
-    queueKey(queue, "count", "records"),
-    queueKey(queue, "count", "messagesHandled"),
-    queueKey(queue, "count", "recordsHandled"),
-  ]);
-  const [messagesEnqueued, recordsEnqueued, messagesHandled, recordsHandled] = counts.map(counterValue);
   const recordsPerDay: Record<string, number> = {};
   for await (const entry of kv.list({ prefix: queueKey(queue, "day") })) {
     const day = entry.key[entry.key.length - 1];
     if (typeof day === "string") recordsPerDay[day] = counterValue(entry);
   }
-  const dead = (await deadLettersOf(kv, queue)).filter((l) => !l.handled);
-  const parked = await parkedWaiting(kv, queue);
-  const deadRecords = dead.reduce((n, l) => n + l.records, 0);
-  // What the counters say waits, or, for a database opened by path, what Deno KV's queue holds when
-  // that is less (see queueLength()).
+  const {
+    counters: [messagesEnqueued, recordsEnqueued, messagesHandled, recordsHandled],
+    dead,
+    parked,
+    length,
+  } = await withSteadyCounters(kv, queue, async (counters) => {
+    const dead = (await deadLettersOf(kv, queue)).filter((l) => !l.handled);
+    // Read after Deno KV's queue: a message parked in between is then counted twice, not missed.
+    let parked: Set<number> | undefined;
+    const waitingParked = async () => (parked = await parkedWaiting(kv, queue)).size;
+    // What the counters say waits, or, for a database opened by path, what Deno KV's queue holds
+    // when that is less (see queueLength()).
+    const length = await smallerFigure(
+      kv,
+      queue,
+      Math.max(0, counters[0] - counters[2]),
+      () => Promise.resolve(dead.length),
+      waitingParked,
+    );
+    return { counters, dead, parked: parked ?? await parkedWaiting(kv, queue), length };
+  });
   const byCounters = Math.max(0, messagesEnqueued - messagesHandled);
-  const length = await smallerFigure(
-    kv,
-    queue,
-    byCounters,
-    () => Promise.resolve(dead.length),
-    () => Promise.resolve(parked.size),
-  );
+  const deadRecords = dead.reduce((n, l) => n + l.records, 0);
   const messagesWaiting = Math.max(0, length - dead.length);
   let recordsWaiting = Math.max(0, recordsEnqueued - recordsHandled - deadRecords);
   if (length < byCounters) {
