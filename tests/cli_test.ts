@@ -733,3 +733,23 @@ Deno.test("statusWithin() (the tests' bounded wait on a child process) kills a c
   );
   assert.equal((await stuck.status).signal, "SIGKILL");
 });
+
+Deno.test("the live progress line is cut to the terminal's width less one, so that it never wraps", async () => {
+  const { progressLine } = await import("../src/cli/sync.ts");
+  const p = {
+    recordsStored: 148,
+    messagesReceived: 191,
+    rate: 32.4,
+    currentDate: "2026-12-02",
+    cursor: 1,
+    elapsed: 5,
+    percent: 11.1,
+    percentOfLimit: 1.5,
+  } as import("../src/stats.ts").SyncProgress;
+  const whole = "148 records, 32/s, 191 messages, 2026-12-02 11.1% of window, 5 s";
+  assert.equal(progressLine(p), whole);
+  assert.equal(progressLine(p, whole.length + 1), whole);
+  // (Before, the whole line at any width: at 50 columns it wrapped, and each update left a row.)
+  assert.equal(progressLine(p, whole.length), whole.slice(0, -1));
+  assert.equal(progressLine(p, 50), whole.slice(0, 49));
+});

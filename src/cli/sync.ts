@@ -202,12 +202,29 @@ export async function syncOptionsFromFlags(v: Record<string, unknown>): Promise<
   return options;
 }
 
-function progressLine(p: SyncProgress): string {
+/**
+ * The live progress line, cut to `columns - 1` characters: a line as wide as the terminal or wider
+ * wraps, and the next update's clear (`\r`, erase line) would leave its first rows behind.
+ */
+export function progressLine(p: SyncProgress, columns = Number.POSITIVE_INFINITY): string {
   const pct = p.percent !== null ? ` ${p.percent.toFixed(1)}% of window` : "";
-  return `${p.recordsStored} records, ${Math.round(p.rate)}/s, ${p.messagesReceived} messages, ${
+  const line = `${p.recordsStored} records, ${Math.round(p.rate)}/s, ${p.messagesReceived} messages, ${
     p.currentDate ?? "-"
   }${pct}, ${p.elapsed.toFixed(0)} s`;
+  return line.length < columns ? line : line.slice(0, Math.max(0, columns - 1));
 }
+
+/** The width of the terminal on stderr, or Infinity when it cannot be read. */
+function stderrColumns(): number {
+  try {
+    return Deno.consoleSize().columns || Number.POSITIVE_INFINITY;
+  } catch {
+    return Number.POSITIVE_INFINITY;
+  }
+}
+
+/** Erases the progress line, when there is one, before a line of text goes to stderr. */
+const CLEAR_LINE = new TextEncoder().encode("\r\x1b[2K");
 
 /** A readable summary of the statistics. */
 export function formatSummary(s: SyncStats, resume = `${programName()} sync --resume`): string {
@@ -353,11 +370,13 @@ export async function syncCommand(args: string[]): Promise<number> {
   const options = await syncOptionsFromFlags(v);
   const controller = new AbortController();
   let stoppedBy: StopSignal = "SIGINT";
+  const live = Deno.stderr.isTerminal() && !v.json;
   const removeSignals = onStopSignals((signal) => {
     if (controller.signal.aborted) {
       // A second signal while the stop stores what the server had sent (a slow database, say):
       // out at once. Each commit is atomic, so the queue holds whole batches; what was not stored
       // yet is left for --resume.
+      if (live) Deno.stderr.writeSync(CLEAR_LINE);
       console.error(
         `jetfill sync: stopped at once by a second ${signal}; continue with ${resumeCommand(v)}`,
       );
@@ -366,10 +385,12 @@ export async function syncCommand(args: string[]): Promise<number> {
     stoppedBy = signal;
     controller.abort();
   });
-  const live = Deno.stderr.isTerminal() && !v.json;
   const enc = new TextEncoder();
   options.signal = controller.signal;
-  if (live) options.onProgress = (p) => Deno.stderr.writeSync(enc.encode(`\r\x1b[2K${progressLine(p)}`));
+  if (live) {
+    options.onProgress = (p) =>
+      Deno.stderr.writeSync(enc.encode(`\r\x1b[2K${progressLine(p, stderrColumns())}`));
+  }
   // Skip reasons already warned of, without --verbose.
   const warned = new Set<string>();
   options.onError = (r) => {
@@ -385,7 +406,7 @@ export async function syncCommand(args: string[]): Promise<number> {
       ? ""
       : undefined;
     if (label === undefined) return;
-    if (live) Deno.stderr.writeSync(enc.encode("\r\x1b[2K"));
+    if (live) Deno.stderr.writeSync(CLEAR_LINE);
     const more = first && r.reason !== "oversized"
       ? ` (skipped; later ${r.reason} frames are only counted, in the statistics' skipped: --verbose reports each)`
       : "";
@@ -411,7 +432,7 @@ export async function syncCommand(args: string[]): Promise<number> {
     throw new UsageError(inFlagTerms(err.message, didsFlag), { cause: err });
   } finally {
     removeSignals();
-    if (live) Deno.stderr.writeSync(enc.encode("\r\x1b[2K"));
+    if (live) Deno.stderr.writeSync(CLEAR_LINE);
   }
   if (v.json) {
     console.log(JSON.stringify(stats));
