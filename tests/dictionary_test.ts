@@ -214,6 +214,16 @@ Deno.test("`resolveZstdDictionary()` ignores a corrupt cache file and replaces i
   await withTempDir(async (dir) => {
     await Deno.mkdir(`${dir}/cache`);
     await Deno.writeFile(`${dir}/cache/${CACHE_NAME}`, legacyDict.bytes.subarray(0, 5000));
+    // Offline, the error says what the cache held and why it was not used.
+    const url = `http://127.0.0.1:${await refusedPort()}/legacy.zdict`;
+    await assert.rejects(
+      () => resolveZstdDictionary(isolated(dir, { downloadUrls: [url] })),
+      (err: unknown) =>
+        err instanceof Error &&
+        new RegExp(
+          `The cached copy ${dir}/cache/${CACHE_NAME} is not the dictionary \\(5000 bytes of sha256 [0-9a-f]{64}\\), so it was not used\\. Downloading it failed: ${url}: `,
+        ).test(err.message),
+    );
     await withServer({ "/d": legacyDict.bytes }, async (base) => {
       const resolved = await resolveZstdDictionary(isolated(dir, { downloadUrls: [`${base}/d`] }));
       assert.equal(resolved.source, "download");
@@ -293,7 +303,12 @@ Deno.test("`resolveZstdDictionary()` says how to provide the dictionary when not
         assert.match(error.message, /--zstd-dictionary PATH/);
         assert.match(error.message, /the zstdDictionary option/);
         assert.match(error.message, /JETFILL_ZSTD_DICTIONARY/);
-        assert.ok(error.message.includes(`Downloading it failed: ${url}: `), error.message);
+        assert.ok(
+          error.message.includes(
+            `No cached copy at ${dir}/cache/${CACHE_NAME}. Downloading it failed: ${url}: `,
+          ),
+          error.message,
+        );
         return true;
       },
     );

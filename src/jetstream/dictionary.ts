@@ -195,11 +195,16 @@ export async function resolveZstdDictionary(
   const cachePath = cacheDir === undefined
     ? undefined
     : joinPath(cacheDir, `zstd-dictionary-${expectedSha256}.zdict`);
+  // What the cache held, for the error when no download works either.
+  let cacheNote = "No cache folder: set XDG_CACHE_HOME or HOME.";
   if (cachePath !== undefined) {
     const cached = await readCached(cachePath, expectedSha256);
-    if (cached) {
+    if (cached instanceof Uint8Array) {
       return { bytes: cached, dictionaryId: dictionaryIdOf(cached), source: "cache", path: cachePath };
     }
+    cacheNote = cached === undefined
+      ? `No cached copy at ${cachePath}.`
+      : `The cached copy ${cachePath} is not the dictionary (${cached.size} bytes of sha256 ${cached.sha256}), so it was not used.`;
   }
 
   const failures: string[] = [];
@@ -238,10 +243,14 @@ export async function resolveZstdDictionary(
     return { bytes, dictionaryId, source: "download", path: written ? cachePath : undefined };
   }
 
-  if (failures.length === 0) throw noDictionaryError("No download URL was configured.");
+  if (failures.length === 0) throw noDictionaryError(`${cacheNote} No download URL was configured.`);
   // The network's failure, not the input's: a runtime error (the CLI exits 1), saying all the same
   // how to give the dictionary.
-  throw noDictionaryError(`Downloading it failed: ${failures.join("; ")}.`, undefined, "runtime");
+  throw noDictionaryError(
+    `${cacheNote} Downloading it failed: ${failures.join("; ")}.`,
+    undefined,
+    "runtime",
+  );
 }
 
 /**
@@ -306,15 +315,23 @@ function checkDictionary(bytes: Uint8Array, what: string): number {
 }
 
 /** Reads the cached copy; `undefined` when it is missing, unreadable or not the expected bytes. */
-async function readCached(path: string, expectedSha256: string): Promise<Uint8Array | undefined> {
+/**
+ * The cached dictionary at `path` when its sha256 is the one expected; undefined when there is none
+ * to read; otherwise what the file is (a truncated or tampered copy: not used, and a successful
+ * download replaces it).
+ */
+async function readCached(
+  path: string,
+  expectedSha256: string,
+): Promise<Uint8Array | { size: number; sha256: string } | undefined> {
   let bytes: Uint8Array;
   try {
     bytes = await Deno.readFile(path);
   } catch {
     return undefined;
   }
-  // A truncated or tampered cache file is ignored; a successful download replaces it.
-  return await sha256Hex(bytes) === expectedSha256 ? bytes : undefined;
+  const sha256 = await sha256Hex(bytes);
+  return sha256 === expectedSha256 ? bytes : { size: bytes.byteLength, sha256 };
 }
 
 async function download(doFetch: typeof fetch, url: string, signal?: AbortSignal): Promise<Uint8Array> {
