@@ -395,6 +395,34 @@ Deno.test("runBackfillSync() stops with a clear error when frames name another d
   assert.equal(stats.skipped.decode_failed, 5);
 });
 
+Deno.test("runBackfillSync() stops with a clear error when frames without a dictionary ID were made with another one", async () => {
+  const legacyDict = await legacyDictionary();
+  const v2Dict = await v2Dictionary();
+  const events = capture(40);
+  const texts = events.map((e) => JSON.stringify(e));
+  const frames = await zstdFrames(texts, v2Dict.path, false, true);
+  await using server = serveEvents(events, {
+    closeAtEnd: true,
+    compressor: (text) => frames[texts.indexOf(text)],
+  });
+  await using db = await tempDb();
+  const stats = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    compress: true,
+    zstdDictionary: legacyDict.path,
+    startTimestamp: T0,
+  });
+  // (Before, all 40 counted as decode_failed, one warning, and a run that "closed" with nothing stored.)
+  assert.equal(stats.stopReason, "error");
+  assert.equal(stats.recordsStored, 0);
+  assert.match(
+    stats.error!,
+    /^20 frames in a row could not be decoded \(the last: .+\): the dictionary does not fit this host's frames; it compresses with a dictionary other than Jetstream's legacy one: sync without compression \(no --compress \/ compress: false\)$/s,
+  );
+  assert.equal(stats.skipped.decode_failed, 20);
+});
+
 Deno.test("runBackfillSync() names a missing or wrong dictionary file before it makes its database", async () => {
   const v2Dict = await v2Dictionary();
   await using db = await tempDb();

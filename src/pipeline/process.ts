@@ -152,6 +152,13 @@ function shapeExplanation(problem: SkipReason, maxTimeUs: number): string {
 const BACKDATED_US = 60_000_000;
 
 /**
+ * Compressed frames in a row that cannot be decoded (corrupt by the dictionary's reading) after
+ * which a run stops: frames made with another dictionary and without its ID fail that way, every
+ * one of them.
+ */
+const UNDECODABLE_STOP = 20;
+
+/**
  * Says once a run that a v2 host sent, after events within the window, one whose display time
  * (`time_us`) is before the start: an operator's import of older records (protocol doc §3.2), which
  * the window, going by `time_us`, leaves out like the filters do.
@@ -247,7 +254,9 @@ export async function readConnection(
     stats.skip(reason);
     ctx.report({ reason, message, instance: session.base });
   };
+  // Frames in a row that named another dictionary, and that could not be decoded for any reason.
   let mismatches = 0;
+  let undecodable = 0;
   // New records a search left out on this connection before a record stored came (see RunContext.search).
   let leftOut = 0;
   let askedSeq = session.askedSeq;
@@ -300,6 +309,7 @@ export async function readConnection(
           try {
             const raw = decode(frame instanceof Uint8Array ? frame : new Uint8Array(frame));
             mismatches = 0;
+            undecodable = 0;
             stats.bytesDecoded += raw.byteLength;
             const decoded = utf8Text(raw);
             if (decoded === undefined) {
@@ -330,6 +340,18 @@ export async function readConnection(
                   session.v2
                     ? "give the dictionary this host uses (--zstd-dictionary / zstdDictionary), or sync"
                     : "this host compresses with a dictionary other than Jetstream's legacy one: sync"
+                } without compression (no --compress / compress: false)`,
+              );
+            }
+            if (err instanceof ZstdDecodeError && ++undecodable >= UNDECODABLE_STOP) {
+              // Frames without a dictionary ID made with another dictionary fail as corrupt: a
+              // connection's frames are whole (TCP, TLS), so so many in a row are the dictionary's fault.
+              stats.skip("decode_failed");
+              throw new Error(
+                `${UNDECODABLE_STOP} frames in a row could not be decoded (the last: ${err.message}): the dictionary does not fit this host's frames; ${
+                  session.v2
+                    ? "give the dictionary this host uses (--zstd-dictionary / zstdDictionary), or sync"
+                    : "it compresses with a dictionary other than Jetstream's legacy one: sync"
                 } without compression (no --compress / compress: false)`,
               );
             }

@@ -2,12 +2,13 @@
 
 /**
  * Compresses each text as its own frame with `zstd -D dict`, like Jetstream does per event.
- * `noContentSize` makes frames without the content-size field.
+ * `noContentSize` makes frames without the content-size field, `noDictId` without the dictionary's ID.
  */
 export async function zstdFrames(
   texts: string[],
   dict: string,
   noContentSize = false,
+  noDictId = false,
 ): Promise<Uint8Array[]> {
   const dir = await Deno.makeTempDir({ prefix: "jetfill-zstd-" });
   try {
@@ -22,6 +23,7 @@ export async function zstdFrames(
       "--output-dir-flat",
       `${dir}/out`,
       ...(noContentSize ? ["--no-content-size"] : []),
+      ...(noDictId ? ["--no-dictID"] : []),
     ];
     const out = await new Deno.Command("zstd", { args: [...args, ...names], stderr: "piped" }).output();
     if (!out.success) throw new Error(`zstd failed: ${new TextDecoder().decode(out.stderr)}`);
