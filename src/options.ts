@@ -161,7 +161,7 @@ export interface BackfillSyncOptions {
    * Events of more UTF-8 bytes than this (after any zstd decoding; on the v2 wire, the event as
    * stored, without the frame's envelope) are skipped (counted as `oversized` and reported), not
    * stored. Real Jetstream events are a few KB; records are far
-   * below 1 MiB.
+   * below 1 MiB. At most 33554432 (32 MiB): no larger message is read.
    * @default {1048576}
    */
   maxEventBytes?: number;
@@ -225,6 +225,8 @@ export interface ResolvedSyncOptions {
 
 const KIND_SET = new Set<string>(EVENT_KINDS);
 const OPERATION_SET = new Set<string>(COMMIT_OPERATIONS);
+/** The largest `maxEventBytes`: the largest message a connection reads, and a frame is decoded to. */
+export const MAX_EVENT_BYTES_LIMIT = 32 * 1024 * 1024;
 /** The default of `maxEventBytes`: 1 MiB of UTF-8. */
 export const DEFAULT_MAX_EVENT_BYTES = 1_048_576;
 
@@ -411,7 +413,12 @@ export const SyncOptionsSchema = z.strictObject({
     err("idleTimeout", "a positive number of seconds"),
   ).optional(),
   strict: z.boolean(err("strict", "a boolean")).optional(),
-  maxEventBytes: positiveInt("maxEventBytes").optional(),
+  // No message over 32 MiB is read (nor a compressed frame decoded past it): a larger limit would
+  // say more than a run does.
+  maxEventBytes: positiveInt("maxEventBytes").refine(
+    (n) => n <= MAX_EVENT_BYTES_LIMIT,
+    err("maxEventBytes", `at most ${MAX_EVENT_BYTES_LIMIT} (32 MiB, the largest message jetfill reads)`),
+  ).optional(),
   maxRetries: z.number(err("maxRetries", "a non-negative integer")).refine(
     (n) => Number.isSafeInteger(n) && n >= 0,
     err("maxRetries", "a non-negative integer"),

@@ -29,6 +29,10 @@ const BAD: [string[], RegExp][] = [
   [["sync", "--batch-size", "-3"], /--batch-size must be a positive integer: current value is "-3"/],
   // A rule of the library's, checked after the flag was read: the value still shown as typed.
   [["sync", "--batch-size", "10001"], /--batch-size must be at most 10000: current value is "10001"$/m],
+  [
+    ["sync", "--max-event-bytes", "33554433"],
+    /--max-event-bytes must be at most 33554432 \(32 MiB, the largest message jetfill reads\): current value is "33554433"$/m,
+  ],
   [["sync", "--limit", "0x10"], /--limit must be a positive integer: current value is "0x10"/],
   [["sync", "--limit", "1e3"], /--limit must be a positive integer: current value is "1e3"/],
   [

@@ -59,7 +59,7 @@ Connection:
                           doubled after each idle end without a new event, up to 16 times
   --max-retries N         retries in a row without progress before giving up (default 10)
   --max-time SECONDS      stop after this long, even when nothing arrives (default 900)
-  --max-event-bytes N     skip (and count) selected events of more UTF-8 bytes (default 1048576)
+  --max-event-bytes N     skip (and count) selected events of more UTF-8 bytes (default 1048576, at most 33554432)
 
 Queue:
   --kv PATH               Deno KV database (default ./jetfill-data/<queue-name>.sqlite; missing
