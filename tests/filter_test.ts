@@ -120,6 +120,11 @@ Deno.test("shapeProblem() takes a time_us from 2001 to a day past this machine's
   for (const t of [nowUs + 2 * 86_400_000_000, 4102444800000000, 999_999_999_999_999, 0, -5]) {
     assert.equal(shapeProblem(ev(t)), "bad_time", String(t));
   }
+  // There but no integer of µs: a bad time too, not a missing field (as before).
+  for (const t of [9007199254740993, 1725911162329308.5, "1725911162329308", true]) {
+    assert.equal(shapeProblem(ev(t as number)), "bad_time", String(t));
+  }
+  assert.equal(shapeProblem({ did: "did:plc:x", kind: "identity", identity: {} }), "missing_fields");
   // The bound can be given, as the sync does once for the frames it reads together.
   assert.equal(shapeProblem(ev(nowUs), nowUs - 1), "bad_time");
 });
@@ -164,6 +169,27 @@ Deno.test("shapeProblem() refuses as bad_value a did, operation, collection or r
   }
   // A field that is not there at all, as Go's omitempty leaves an empty one, stays missing_fields.
   assert.equal(shapeProblem(post("did:plc:abc", { operation: undefined })), "missing_fields");
+  // The fields the content key reads as text or a number: another type is bad_value (before, the
+  // key's String() threw on some, ending the run, every time it met the event again).
+  assert.equal(shapeProblem(post("did:plc:abc", { rev: undefined })), undefined);
+  for (const rev of [{ toString: 1 }, [[["x"]]], 5, null]) {
+    assert.equal(shapeProblem(post("did:plc:abc", { rev })), "bad_value", JSON.stringify(rev));
+  }
+  const relay = (body: Record<string, unknown>) => ({
+    did: "did:plc:abc",
+    time_us: t,
+    kind: "identity",
+    identity: body,
+  });
+  assert.equal(
+    shapeProblem(relay({ did: "did:plc:abc", seq: 5, time: "2024-09-09T19:46:02.102Z" })),
+    undefined,
+  );
+  assert.equal(shapeProblem(relay({})), undefined);
+  for (const body of [{ time: { valueOf: 1, toString: 1 } }, { time: 5 }, { seq: "5" }, { seq: {} }]) {
+    assert.equal(shapeProblem(relay(body)), "bad_value", JSON.stringify(body));
+  }
+  assert.equal(shapeProblem({ ...relay({}), identity: [] }), "missing_fields");
 });
 
 Deno.test("searchFurther() doubles the rewind up to 64 rewinds or the beginning of the history, then gives up at the first rewind", () => {

@@ -231,14 +231,20 @@ Deno.test("an event with a time_us no server could give is skipped as bad_time: 
   );
 });
 
-Deno.test("an event holding a did, operation, collection or rkey no Jetstream sends is skipped as bad_value", async () => {
+Deno.test("an event holding a did, operation, collection, rkey, rev or relay time no Jetstream sends is skipped as bad_value", async () => {
   const events = capture(1200);
+  const badRev = commit(T0 + 800_500, { did: did(5) }) as JetstreamEvent & { commit: { rev: unknown } };
+  badRev.commit.rev = { toString: 1 };
   const broken = [
     { ...commit(T0 + 100_500, { did: did(1) }), did: "nobody" },
     { ...commit(T0 + 300_500, { did: did(2), operation: "explode" as "create" }) },
     commit(T0 + 500_500, { did: did(3), collection: "" }),
     commit(T0 + 700_500, { did: did(4), rkey: "" }),
-  ];
+    // (Before, these two stopped the run with "Cannot convert object to primitive value", the
+    // first every time a run met it again.)
+    badRev,
+    { did: did(6), time_us: T0 + 900_500, kind: "identity", identity: { did: did(6), time: { valueOf: 1 } } },
+  ] as JetstreamEvent[];
   const lines = [...events, ...broken].sort((a, b) => a.time_us - b.time_us);
   await using server = serveEvents(lines, { closeAtEnd: true });
   await using db = await tempDb();
@@ -248,11 +254,15 @@ Deno.test("an event holding a did, operation, collection or rkey no Jetstream se
     instance: server.url,
     kv: db.path,
     wantedCollections: [],
+    kinds: ["commit", "identity"],
     onError: (r) => reports.push(r),
   });
   assert.equal(stats.stopReason, "closed", stats.error);
-  assert.deepEqual(stats.skipped, { bad_value: 4 });
-  assert.deepEqual(await stored(db.path, stats.queueLength), events.filter((e) => e.kind === "commit"));
+  assert.deepEqual(stats.skipped, { bad_value: 6 });
+  assert.deepEqual(
+    await stored(db.path, stats.queueLength),
+    events.filter((e) => e.kind === "commit" || e.kind === "identity"),
+  );
   assert.match(
     reports.find((r) => r.reason === "bad_value")!.message,
     /^a value no Jetstream sends .* in \{"did":"nobody"/,

@@ -101,7 +101,8 @@ function looksLikeDid(did: string): boolean {
  * that is `bad_time` (a single event from the year 2100 would otherwise end a run at `--end`, or
  * move its reconnect cursor past everything). A field that is there but holds a value no
  * Jetstream sends is `bad_value`: a `did` without the `did:METHOD:ID` outline, a commit
- * `operation` other than `create`, `update` or `delete`, an empty collection or rkey.
+ * `operation` other than `create`, `update` or `delete`, an empty collection or rkey, a `rev` that
+ * is not text, an identity or account event's relay `time` that is not text or `seq` not a number.
  *
  * @example
  * ```ts
@@ -118,10 +119,11 @@ export function shapeProblem(
   if (typeof value !== "object" || value === null || Array.isArray(value)) return "missing_fields";
   const ev = value as Record<string, unknown>;
   const t = ev.time_us;
-  if (typeof ev.did !== "string" || typeof t !== "number" || !Number.isSafeInteger(t)) {
-    return "missing_fields";
+  if (typeof ev.did !== "string" || t === undefined || t === null) return "missing_fields";
+  // A time_us that is there but no integer of µs (a string, a fraction, past 2^53): a bad time.
+  if (typeof t !== "number" || !Number.isSafeInteger(t) || t < MIN_TIMESTAMP_US || t > maxTimeUs) {
+    return "bad_time";
   }
-  if (t < MIN_TIMESTAMP_US || t > maxTimeUs) return "bad_time";
   if (!looksLikeDid(ev.did)) return "bad_value";
   switch (ev.kind) {
     case "commit": {
@@ -131,11 +133,22 @@ export function shapeProblem(
         typeof c.operation !== "string" ||
         typeof c.rkey !== "string"
       ) return "missing_fields";
-      return OPERATIONS.has(c.operation) && c.collection !== "" && c.rkey !== "" ? undefined : "bad_value";
+      // The content key reads rev (absent when empty, Go's omitempty) as text.
+      return OPERATIONS.has(c.operation) && c.collection !== "" && c.rkey !== "" &&
+          (c.rev === undefined || typeof c.rev === "string")
+        ? undefined
+        : "bad_value";
     }
     case "identity":
-    case "account":
-      return typeof ev[ev.kind] === "object" && ev[ev.kind] !== null ? undefined : "missing_fields";
+    case "account": {
+      const body = ev[ev.kind] as Record<string, unknown> | null | undefined;
+      if (typeof body !== "object" || body === null || Array.isArray(body)) return "missing_fields";
+      // The relay's time (text) and seq (a number), which the content key reads, when they are there.
+      return (body.time === undefined || typeof body.time === "string") &&
+          (body.seq === undefined || typeof body.seq === "number")
+        ? undefined
+        : "bad_value";
+    }
     case undefined:
       return "missing_fields";
     default:

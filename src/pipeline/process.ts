@@ -134,11 +134,11 @@ function shapeExplanation(problem: SkipReason, maxTimeUs: number): string {
     case "unknown_kind":
       return "unknown kind";
     case "bad_time":
-      return `time_us that no server could have given (before 2001, or over a day ahead of this machine's clock, ${
+      return `time_us that no server could have given (no integer of µs, before 2001, or over a day ahead of this machine's clock, ${
         isoFromUs(maxTimeUs - FUTURE_SLACK_US)
       })`;
     case "bad_value":
-      return "a value no Jetstream sends (a did not of the form did:METHOD:ID, an operation other than create, update or delete, or an empty collection or rkey)";
+      return "a value no Jetstream sends (a did not of the form did:METHOD:ID, an operation other than create, update or delete, an empty collection or rkey, a rev that is not text, or a relay time or seq that is not text or a number)";
     default:
       return "missing fields";
   }
