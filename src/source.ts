@@ -366,7 +366,7 @@ export async function consumeStream(
   };
 
   /** Counts a failed attempt and waits out its backoff, failing over on the way; false: give up. */
-  const failedAttempt = async (base: string, failure: string): Promise<boolean> => {
+  const failedAttempt = async (base: string, failure: string, retryAfterMs?: number): Promise<boolean> => {
     // A name the resolver says does not exist: most likely a typo, but also a machine without its
     // network, or a service name not up yet; so it is retried like any failure, and said at once.
     const message = !NO_SUCH_HOST.test(failure)
@@ -378,12 +378,19 @@ export async function consumeStream(
     lastFailure = message;
     connecting = undefined;
     const giveUp = failures > o.maxRetries;
-    const wait = giveUp ? 0 : backoffDelay(failures);
+    const switching = o.instances.length > 1 && failures % o.failoverAfter === 0;
+    const backoff = giveUp ? 0 : backoffDelay(failures);
+    // A refusal that says how long to wait (Retry-After) is taken at its word, when longer: for
+    // the same instance, not for the next one a failover goes to.
+    const asked = !giveUp && !switching && retryAfterMs !== undefined && retryAfterMs > backoff;
+    const wait = asked ? retryAfterMs : backoff;
     // Which try it was, and what comes next: a run that cannot connect is not silently stuck.
     ctx.report({
       reason: "connection",
       message: `${message} (attempt ${failures} of ${o.maxRetries + 1}${
-        giveUp ? "" : `; trying again in ${(wait / 1000).toFixed(1)} s`
+        giveUp
+          ? ""
+          : `; trying again in ${(wait / 1000).toFixed(1)} s${asked ? ", as its Retry-After asks" : ""}`
       })`,
       instance: base,
     });
@@ -394,9 +401,7 @@ export async function consumeStream(
       } without progress; last error: ${message}`;
       return false;
     }
-    if (o.instances.length > 1 && failures % o.failoverAfter === 0) {
-      failOver();
-    }
+    if (switching) failOver();
     await delay(wait, ctx.internal.signal);
     return true;
   };
@@ -484,7 +489,7 @@ export async function consumeStream(
       }
       if ("retry" in checked) {
         // A probe refused for a while (a v2 host warming up) or lost is retried like a connection.
-        if (!await failedAttempt(base, checked.retry)) break;
+        if (!await failedAttempt(base, checked.retry, checked.retryAfterMs)) break;
         continue;
       }
       if (checked.measured) probed.add(base);
@@ -586,7 +591,7 @@ export async function consumeStream(
         ctx.error = e.message;
         break;
       }
-      if (!await failedAttempt(base, e.message)) break;
+      if (!await failedAttempt(base, e.message, e.retryAfterMs)) break;
       continue;
     }
     connecting = undefined;
@@ -859,7 +864,10 @@ function replayFailure(cause: CloseCause): boolean {
 }
 
 /** What a coverage probe found: a failure worth retrying, or whether it measured coverage. */
-type CoverageCheck = { retry: string } | { refused: string } | { measured: boolean; seqsLost: boolean };
+type CoverageCheck =
+  | { retry: string; retryAfterMs?: number }
+  | { refused: string }
+  | { measured: boolean; seqsLost: boolean };
 const NOT_MEASURED: CoverageCheck = { measured: false, seqsLost: false };
 
 /**
@@ -900,7 +908,9 @@ async function checkCoverage(
     // Denied by Deno's permissions: the stream's own connection would be too, and no retry helps.
     if (err instanceof ConnectError && err.denied) return { refused: err.message };
     const message = `could not find where ${new URL(base).host}'s history begins: ${(err as Error).message}`;
-    if (status === undefined || status >= 500 || status === 429) return { retry: message };
+    if (status === undefined || status >= 500 || status === 429) {
+      return { retry: message, retryAfterMs: (err as ConnectError).retryAfterMs };
+    }
     if (v2) {
       ctx.report({ reason: "info", message: `${message}; OutdatedCursor will tell`, instance: base });
     } else coverageUnknown(ctx, base, message);

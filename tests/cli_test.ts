@@ -108,6 +108,14 @@ const BAD: [string[], RegExp][] = [
     ["serve", "--file", CAPTURE_FILE, "--stall-connections", "3"],
     /: --stall-connections needs --stall-after$/,
   ],
+  [
+    ["serve", "--file", CAPTURE_FILE, "--retry-after", "3"],
+    /: --retry-after needs --refuse-first$/,
+  ],
+  [
+    ["serve", "--file", CAPTURE_FILE, "--refuse-first", "1", "--retry-after", "soon"],
+    /--retry-after must be .*: current value is "soon"/,
+  ],
   [["nosuchcommand"], /unknown command 'nosuchcommand'/],
 ];
 

@@ -18,6 +18,7 @@ import {
 import { patchAtomic } from "./helpers/kv_patch.ts";
 import { delay } from "../src/async.ts";
 import { isoFromUs } from "../src/time.ts";
+import { retryAfterMs } from "../src/jetstream/raw_ws.ts";
 import type { ConnectionRecord, JetstreamServer } from "../src/server/server.ts";
 import { runCli, whileRunning } from "./helpers/cli.ts";
 
@@ -127,6 +128,46 @@ Deno.test("runBackfillSync() keeps an event that shares its time_us with the las
   assert.equal(stats.recordsStored, 10);
   // Event 5 came again with its replay and was recognised by content.
   assert.ok(stats.duplicatesDropped >= 1);
+});
+
+Deno.test("a refusal's Retry-After is waited for when longer than the backoff, on both wires", async () => {
+  const events = capture(300);
+  for (const version of ["legacy", "v2"] as const) {
+    await using server = serveEvents(events, {
+      closeAtEnd: true,
+      version,
+      faults: { refuseFirst: 1, retryAfter: 2 },
+    });
+    await using db = await tempDb();
+    const reports: SyncErrorReport[] = [];
+    const started = performance.now();
+    const stats = await runBackfillSync({
+      instance: server.url,
+      kv: db.path,
+      startTimestamp: T0,
+      onError: (r) => reports.push(r),
+    });
+    // (Before, the first retry came after the backoff's 125 to 250 ms.)
+    assert.ok(performance.now() - started >= 2_000, `${version}: the second attempt did not wait 2 s`);
+    assert.equal(stats.stopReason, "closed", stats.error);
+    assert.equal(stats.recordsStored, posts(events).length);
+    assert.match(
+      reports.find((r) => r.reason === "connection")!.message,
+      /HTTP 503.*\(attempt 1 of 11; trying again in 2\.0 s, as its Retry-After asks\)$/,
+    );
+  }
+});
+
+Deno.test("retryAfterMs() reads seconds and HTTP dates, at most an hour, and nothing else", () => {
+  const now = Date.parse("2026-12-02T08:00:00Z");
+  assert.equal(retryAfterMs("120", now), 120_000);
+  assert.equal(retryAfterMs(" 0 ", now), 0);
+  assert.equal(retryAfterMs("Wed, 02 Dec 2026 08:00:30 GMT", now), 30_000);
+  assert.equal(retryAfterMs("Wed, 02 Dec 2026 07:00:00 GMT", now), 0);
+  assert.equal(retryAfterMs("999999", now), 3_600_000);
+  for (const bad of [null, undefined, "", "soon", "-5", "1.5"]) {
+    assert.equal(retryAfterMs(bad, now), undefined, String(bad));
+  }
 });
 
 Deno.test("runBackfillSync() retries 503 refusals with backoff, then gives up after maxRetries with a clear error", async () => {

@@ -54,6 +54,7 @@ v2 server (protocol doc §1.2, §1.3):
 Faults (all off by default, all deterministic):
   --refuse-first <k>  answer the first k subscription requests with HTTP 503
                       "service not ready: bootstrap in progress"
+  --retry-after <s>   with --refuse-first, a Retry-After header of s seconds on those refusals
   --drop-every <n>    drop every connection without a close frame (1006) after its n-th event
   --stall-after <n>   after its n-th event (0: at once), a connection goes quiet but stays open
   --stall-connections <m>
@@ -72,6 +73,7 @@ const FLAGS: FlagSpec = {
   "close-at-end": { type: "boolean" },
   "zstd-dictionary": { type: "string" },
   "refuse-first": { type: "string" },
+  "retry-after": { type: "string" },
   "drop-every": { type: "string" },
   "stall-after": { type: "string" },
   "stall-connections": { type: "string" },
@@ -159,8 +161,14 @@ export async function serveCommand(args: string[]): Promise<number> {
   if (values["stall-connections"] !== undefined && values["stall-after"] === undefined) {
     throw new UsageError("--stall-connections needs --stall-after");
   }
+  if (values["retry-after"] !== undefined && values["refuse-first"] === undefined) {
+    throw new UsageError("--retry-after needs --refuse-first");
+  }
   const faults: ServerFaults = {
     refuseFirst: parseCount("refuse-first", values["refuse-first"], 0),
+    ...(values["retry-after"] === undefined
+      ? {}
+      : { retryAfter: parseCount("retry-after", values["retry-after"], 0) }),
     dropEvery: parseCount("drop-every", values["drop-every"], 1),
     stallAfter: parseCount("stall-after", values["stall-after"], 0),
     stallConnections: parseCount("stall-connections", values["stall-connections"], 0),

@@ -1216,6 +1216,8 @@ export async function openRawConnection(
         }${body ? `: ${bodyInMessage(body)}` : ""}`,
         status,
         body,
+        false,
+        status === 429 || status >= 500 ? retryAfterMs(headers.get("retry-after")) : undefined,
       );
     }
     const expected = encodeBase64(
@@ -1261,6 +1263,29 @@ export async function openRawConnection(
     clearTimeout(timer);
     signal?.removeEventListener("abort", onAbort);
   }
+}
+
+/** The longest wait a `Retry-After` header is taken at: one hour. */
+const MAX_RETRY_AFTER_MS = 3_600_000;
+
+/**
+ * The wait (ms) a `Retry-After` header's value asks for (RFC 9110 §10.2.3: seconds, or an HTTP
+ * date), at most an hour; undefined when there is none or it cannot be read.
+ *
+ * @example
+ * ```ts
+ * import { retryAfterMs } from "./raw_ws.ts";
+ * retryAfterMs("120"); // 120000
+ * retryAfterMs("Wed, 02 Dec 2026 08:00:30 GMT", Date.parse("2026-12-02T08:00:00Z")); // 30000
+ * ```
+ */
+export function retryAfterMs(value: string | null | undefined, now: number = Date.now()): number | undefined {
+  if (value === null || value === undefined) return undefined;
+  const text = value.trim();
+  // An HTTP date begins with the day's name ("Wed, 02 Dec 2026 08:00:30 GMT").
+  const ms = /^\d+$/.test(text) ? Number(text) * 1000 : /^[A-Za-z]/.test(text) ? Date.parse(text) - now : NaN;
+  if (Number.isNaN(ms)) return undefined;
+  return Math.min(Math.max(0, ms), MAX_RETRY_AFTER_MS);
 }
 
 /** Whether `err` is Deno's refusal of an operation for want of a permission. */

@@ -102,13 +102,16 @@ export class ConnectError extends Error {
    * help.
    */
   readonly denied: boolean;
+  /** How long the refusal's `Retry-After` header asks to wait before trying again (ms), if it did. */
+  readonly retryAfterMs: number | undefined;
   /** Creates the error. */
-  constructor(message: string, status?: number, body?: string, denied = false) {
+  constructor(message: string, status?: number, body?: string, denied = false, retryAfterMs?: number) {
     super(message);
     this.name = "ConnectError";
     this.status = status;
     this.body = body;
     this.denied = denied;
+    this.retryAfterMs = retryAfterMs;
   }
 }
 

@@ -37,6 +37,11 @@ export interface ServerFaults {
    */
   refuseFirst?: number;
   /**
+   * Seconds that the refusals of {@linkcode refuseFirst} ask a client to wait, in a `Retry-After`
+   * header (RFC 9110 §10.2.3), as a server or a proxy in front of it may; none when absent.
+   */
+  retryAfter?: number;
+  /**
    * Every WebSocket connection is dropped after its N-th event: the events are flushed to the
    * socket, then the TCP connection is closed without a close frame, so the client sees 1006 after
    * exactly N events (the legacy server's slow-consumer drop). Connections that select fewer
@@ -144,6 +149,8 @@ export const OVERSIZED_TEXT_CHARS = 2 * 1024 * 1024;
 export interface ResolvedFaults {
   /** See {@linkcode ServerFaults.refuseFirst}. */
   refuseFirst: number;
+  /** See {@linkcode ServerFaults.retryAfter}. */
+  retryAfter: number | undefined;
   /** See {@linkcode ServerFaults.dropEvery}. */
   dropEvery: number;
   /** See {@linkcode ServerFaults.stallAfter}. */
@@ -195,6 +202,7 @@ export function resolveFaults(faults: ServerFaults = {}): ResolvedFaults {
   }
   return {
     refuseFirst: check(faults, "refuseFirst", 0, "a non-negative integer") ?? 0,
+    retryAfter: check(faults, "retryAfter", 0, "a non-negative integer of seconds"),
     dropEvery: check(faults, "dropEvery", 1, "a positive integer") ?? Infinity,
     stallAfter: check(faults, "stallAfter", 0, "a non-negative integer") ?? Infinity,
     stallConnections: check(faults, "stallConnections", 0, "a non-negative integer") ?? 1,

@@ -223,8 +223,9 @@ export function writeXrpcError(
   status: number,
   name: string,
   message: string,
+  headers: Record<string, string> = {},
 ): Promise<void> {
-  return writeResponse(conn, status, JSON.stringify({ error: name, message }), "application/json");
+  return writeResponse(conn, status, JSON.stringify({ error: name, message }), "application/json", headers);
 }
 
 /**

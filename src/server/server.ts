@@ -969,7 +969,12 @@ export function serveJetstream(options: JetstreamServerOptions): JetstreamServer
     // A bootstrapping server refuses whatever was asked (the params are still recorded).
     if (refused < faults.refuseFirst) {
       refused++;
-      prepared = { status: 503, name: "ServiceUnavailable", message: BOOTSTRAPPING };
+      prepared = {
+        status: 503,
+        name: "ServiceUnavailable",
+        message: BOOTSTRAPPING,
+        ...(faults.retryAfter === undefined ? {} : { headers: { "Retry-After": String(faults.retryAfter) } }),
+      };
     }
     if (!("status" in prepared) && stopping) {
       prepared = { status: 503, name: "ServiceUnavailable", message: "server shutting down" };
@@ -994,7 +999,7 @@ export function serveJetstream(options: JetstreamServerOptions): JetstreamServer
       record.error = refusal.message;
       if (endpoint === "subscribeEvents" && refusal.name) {
         record.errorName = refusal.name;
-        await writeXrpcError(conn, refusal.status, refusal.name, refusal.message);
+        await writeXrpcError(conn, refusal.status, refusal.name, refusal.message, refusal.headers);
       } else if (version === "v2") {
         await writeGoHttpError(conn, refusal.status, refusal.message, refusal.headers);
       } else {
