@@ -15,7 +15,8 @@ export const DAY_US = 86_400_000_000;
 export const MIN_TIMESTAMP_US = 1_000_000_000_000_000;
 
 const DATE = /^(\d{4})-(\d{2})-(\d{2})$/;
-const LEGACY = /^(\d{4})-(\d{2})-(\d{2})-(\d{2}):(\d{2}):(\d{2})$/;
+// The original's "%Y-%m-%d-%H:%M:%S", which strptime also reads without leading zeros (2024-1-5-9:5:0).
+const LEGACY = /^(\d{4})-(\d{1,2})-(\d{1,2})-(\d{1,2}):(\d{1,2}):(\d{1,2})$/;
 // ISO-8601's extended form (and RFC 3339's) and its basic form (20240101T123000Z); a decimal comma or
 // point; an offset of hours alone or hours and minutes.
 const ISO =

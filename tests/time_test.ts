@@ -15,6 +15,12 @@ Deno.test("parseTimestamp() reads the years 0 to 99 as they are, not as 1900 to 
 
 Deno.test("parseTimestamp() reads the original YYYY-MM-DD-HH:MM:SS format as UTC", () => {
   assert.equal(parseTimestamp("2024-01-01-12:30:00"), Date.UTC(2024, 0, 1, 12, 30) * 1000);
+  // As the original's strptime reads it, without leading zeros too (before, refused).
+  assert.equal(parseTimestamp("2024-01-01-1:2:3"), Date.UTC(2024, 0, 1, 1, 2, 3) * 1000);
+  assert.equal(parseTimestamp("2024-1-5-12:30:00"), Date.UTC(2024, 0, 5, 12, 30) * 1000);
+  // Its YYYY-MM-DD alone is tried only on ten characters, as the original does.
+  assert.equal(parseTimestamp("2024-1-5"), undefined);
+  assert.equal(parseTimestamp("2024-01-01-123:00:00"), undefined);
 });
 
 Deno.test("parseTimestamp() reads ISO-8601 with Z, with offsets and with microseconds", () => {
