@@ -765,3 +765,50 @@ Deno.test("the live progress line is cut to the terminal's width less one, so th
   assert.equal(progressLine(p, whole.length), whole.slice(0, -1));
   assert.equal(progressLine(p, 50), whole.slice(0, 49));
 });
+
+Deno.test("sync takes the original Python CLI's flags, and comma lists of DIDs and collections", async () => {
+  const { syncOptionsFromFlags, withOriginalFlags } = await import("../src/cli/sync.ts");
+  const { parseFlags } = await import("../src/cli/args.ts");
+  const args = withOriginalFlags([
+    "-c",
+    "app.bsky.feed.like",
+    "--wanted-collections=app.bsky.graph.follow,app.bsky.feed.post",
+    "-d",
+    "did:plc:q6gjnaw2blty4crticxkmujt,did:web:example.com",
+    "-s",
+    "2024-01-01",
+    "--end-timestamp",
+    "2024-01-02-12:00:00",
+    "-n",
+    "5",
+    "-i",
+    "ws://127.0.0.1:1/subscribe",
+    "-t",
+    "30",
+  ]);
+  // A value is never taken for a flag: a database named "-t" stays a value.
+  assert.deepEqual(withOriginalFlags(["--kv", "-t", "-t", "-n"]), ["--kv", "-t", "--max-time", "-n"]);
+  const options = await syncOptionsFromFlags(parseFlags("sync", args, {
+    collection: { type: "string", multiple: true },
+    did: { type: "string", multiple: true },
+    start: { type: "string" },
+    end: { type: "string" },
+    limit: { type: "string" },
+    instance: { type: "string", multiple: true },
+    "max-time": { type: "string" },
+  }));
+  assert.deepEqual(options.wantedCollections, [
+    "app.bsky.feed.like",
+    "app.bsky.graph.follow",
+    "app.bsky.feed.post",
+  ]);
+  assert.deepEqual(options.wantedDids, ["did:plc:q6gjnaw2blty4crticxkmujt", "did:web:example.com"]);
+  assert.deepEqual(
+    [options.startTimestamp, options.endTimestamp, options.numRecords, options.instance, options.maxTime],
+    ["2024-01-01", "2024-01-02-12:00:00", 5, ["ws://127.0.0.1:1/subscribe"], 30],
+  );
+  assert.throws(
+    () => withOriginalFlags(["-u", "alice.bsky.social"]),
+    /^UsageError: -u \(the original CLI's user handles, which it took and ignored\) is not supported: give DIDs with --did or --dids-file$/,
+  );
+});

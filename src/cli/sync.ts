@@ -75,6 +75,10 @@ Queue:
   --force                 with --resume, accept different selection options; without it, store
                           again a window this queue's last run stored (refused otherwise)
 
+The original Python CLI's flags are taken too: -c/--wanted-collections (--collection),
+-d/--wanted-dids (--did; a comma list too, as --did and --collection take), -s/--start-timestamp
+(--start), -e/--end-timestamp (--end), -n/--num-records (--limit), -i (--instance), -t (--max-time).
+
 Output:
   --json                  print the statistics as JSON on stdout
   --verbose               report every skipped frame on stderr
@@ -87,6 +91,49 @@ through a proxy.
 Exit codes: 0 done, 1 runtime failure, 2 bad input, 130 interrupted by Ctrl-C (143 by SIGTERM, 129 by
 SIGHUP), after storing what the server sent before it saw the close (a second Ctrl-C exits at once,
 leaving the rest to --resume).`;
+
+/** The original Python CLI's flags (protocol doc's peers.md, `backfill_sync_cli`), and jetfill's. */
+const ORIGINAL_FLAGS: Record<string, string> = {
+  "-c": "collection",
+  "--wanted-collections": "collection",
+  "-d": "did",
+  "--wanted-dids": "did",
+  "-s": "start",
+  "--start-timestamp": "start",
+  "-e": "end",
+  "--end-timestamp": "end",
+  "-n": "limit",
+  "--num-records": "limit",
+  "-i": "instance",
+  "-t": "max-time",
+};
+
+/**
+ * The arguments with the original CLI's flags given jetfill's names (`-n 5` as `--limit 5`); a
+ * value is never taken for a flag. Its `-u/--bluesky-user-handles`, which it took and ignored, is
+ * refused.
+ */
+export function withOriginalFlags(args: string[]): string[] {
+  const out: string[] = [];
+  for (let i = 0; i < args.length; i++) {
+    const arg = args[i];
+    const eq = arg.startsWith("--") ? arg.indexOf("=") : -1;
+    const name = eq === -1 ? arg : arg.slice(0, eq);
+    if (name === "-u" || name === "--bluesky-user-handles") {
+      throw new UsageError(
+        `${name} (the original CLI's user handles, which it took and ignored) is not supported: give DIDs with --did or --dids-file`,
+      );
+    }
+    const ours = ORIGINAL_FLAGS[name];
+    out.push(ours === undefined ? arg : `--${ours}${eq === -1 ? "" : arg.slice(eq)}`);
+    // A flag that takes a value, given apart: the next argument is its value, as it is.
+    const flag = ours ?? (name.startsWith("--") ? name.slice(2) : undefined);
+    if (eq === -1 && flag !== undefined && FLAGS[flag]?.type === "string" && i + 1 < args.length) {
+      out.push(args[++i]);
+    }
+  }
+  return out;
+}
 
 const FLAGS: FlagSpec = {
   did: { type: "string", multiple: true },
@@ -158,9 +205,18 @@ const OPTION_FLAGS: readonly {
   { option: "maxRetries", flag: "max-retries", read: num({ integer: true, min: 0 }) },
 ];
 
+/** The values of a repeatable flag, each split at its commas. */
+function commaLists(values: unknown): string[] {
+  return ((values as string[] | undefined) ?? []).flatMap((v) =>
+    v.includes(",") ? v.split(",").map((p) => p.trim()) : [v]
+  );
+}
+
 /** Turns the flags of `jetfill sync` into library options. */
 export async function syncOptionsFromFlags(v: Record<string, unknown>): Promise<BackfillSyncOptions> {
-  const dids = [...((v.did as string[] | undefined) ?? [])];
+  // A comma list, as the original's --wanted-dids took (no DID or NSID holds a comma).
+  const dids = commaLists(v.did);
+  if (v.collection !== undefined) v.collection = commaLists(v.collection);
   if (v["dids-file"] !== undefined) {
     const path = v["dids-file"] as string;
     const listed = await readListFile("dids-file", path);
@@ -362,7 +418,7 @@ function shellWord(word: string): string {
  * ```
  */
 export async function syncCommand(args: string[]): Promise<number> {
-  const v = parseFlags("sync", args, FLAGS);
+  const v = parseFlags("sync", withOriginalFlags(args), FLAGS);
   if (v.help) {
     console.log(asRun(HELP));
     return 0;
