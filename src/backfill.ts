@@ -534,7 +534,10 @@ async function run(
     ? { ...existing.value, run: runState }
     : emptyCheckpoint(o.queueName, runState);
 
-  const stats = new StatsTracker(o.startUs);
+  // Date changes go on from the day the resumed run stored last, not from its start's day again.
+  const stats = new StatsTracker(
+    resumeFrom && resumeFrom.run.recordsStored > 0 ? resumeFrom.run.maxUs ?? resumeFrom.cursor : o.startUs,
+  );
   if (resumeFrom && resumeFrom.run.recordsStored > 0) stats.latestCursor = resumeFrom.cursor;
   const internal = new AbortController();
 

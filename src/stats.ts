@@ -170,8 +170,9 @@ export class StatsTracker {
   #dateBefore: string | null = null;
 
   /**
-   * Creates a tracker. `currentDate` stays null until an event is processed; the first event on a
-   * later day than the start timestamp's is a date change from that day, as in the original.
+   * Creates a tracker. `currentDate` stays null until an event is processed; the first event on
+   * another day than `startUs`'s (the start timestamp's, or on a resume the time stored last) is a
+   * date change from that day, as in the original.
    */
   constructor(startUs?: number) {
     if (startUs !== undefined) this.#dateBefore = utcDate(startUs);

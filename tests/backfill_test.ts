@@ -1774,3 +1774,33 @@ Deno.test("a Deno.Kv that its caller closes during the run: the error says what 
   assert.ok(said > 0);
   assert.equal(status.recordsStored, said);
 });
+
+Deno.test("a resume's date changes go on from the day it stored last, not from the start's day again", async () => {
+  await using server = serveEvents(capture(), { closeAtEnd: true });
+  await using db = await tempDb();
+  const first = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    startTimestamp: T0,
+    wantedCollections: [],
+    numRecords: 100,
+  });
+  assert.equal(
+    first.currentDate,
+    "2026-11-27",
+    "the first run no longer ends on the 27th: the test shows nothing",
+  );
+  const changes: DateChange[] = [];
+  const resumed = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    resume: true,
+    force: true,
+    numRecords: 150,
+    onDateChange: (c) => changes.push(c),
+  });
+  assert.equal(resumed.recordsStored, 50, resumed.error);
+  // (Before, the resume said 2026-11-26 to -27 again, from its start's day.)
+  assert.deepEqual(changes, []);
+  assert.equal(resumed.currentDate, "2026-11-27");
+});
