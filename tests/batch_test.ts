@@ -714,13 +714,15 @@ Deno.test("QueueWriter keeps a v2 host's seq in the checkpoint when a record it 
 });
 
 Deno.test("repackMessage() copies a message read back from KV so that it serializes to its stored size, keeping its values", async () => {
-  const text = '{"did":"did:plc:a","time_us":1,"kind":"commit","commit":{"record":' +
+  // (Times as real ones: V8 writes a small integer as a double where an earlier object of the same
+  // shape held a larger number, so a time_us of 1 measured 7 bytes apart from one test order to another.)
+  const text = '{"did":"did:plc:a","time_us":1700000000000000,"kind":"commit","commit":{"record":' +
     '{"__proto__":[1,2],"n":[0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0],"m":[[],[{"a":[1.5,"x"]}]],"1":null}}}';
   const stored: QueueMessage = {
     v: 1,
     queue: "q",
     seq: 1,
-    cursor: 1,
+    cursor: 1700000000000000,
     records: [JSON.parse(text)],
     compressed: [compressEvent(text)],
   };
