@@ -26,9 +26,14 @@ function capture(n: number): JetstreamEvent[] {
 }
 
 /** A compressor serving frames made by the zstd CLI, looked up by event text. */
-async function cliCompressor(events: JetstreamEvent[], dict: string, noContentSize = false) {
+async function cliCompressor(
+  events: JetstreamEvent[],
+  dict: string,
+  noContentSize = false,
+  noDictId = false,
+) {
   const texts = events.map((e) => JSON.stringify(e));
-  const frames = await zstdFrames(texts, dict, noContentSize);
+  const frames = await zstdFrames(texts, dict, noContentSize, noDictId);
   const table = new Map(texts.map((t, i) => [t, frames[i]]));
   return (text: string) => {
     const frame = table.get(text);
@@ -369,13 +374,14 @@ Deno.test("runBackfillSync() counts a frame that decodes past the decoder's limi
   );
 });
 
-Deno.test("runBackfillSync() stops with a clear error when frames name another dictionary", async () => {
+/** A sync with the legacy dictionary of `n` events compressed with the v2 one (without its ID: `noDictId`). */
+async function syncWithWrongDictionary(n: number, noDictId: boolean): Promise<SyncStats> {
   const legacyDict = await legacyDictionary();
   const v2Dict = await v2Dictionary();
-  const events = capture(20);
+  const events = capture(n);
   await using server = serveEvents(events, {
     closeAtEnd: true,
-    compressor: await cliCompressor(events, v2Dict.path),
+    compressor: await cliCompressor(events, v2Dict.path, false, noDictId),
   });
   await using db = await tempDb();
   const stats = await runBackfillSync({
@@ -387,6 +393,11 @@ Deno.test("runBackfillSync() stops with a clear error when frames name another d
   });
   assert.equal(stats.stopReason, "error");
   assert.equal(stats.recordsStored, 0);
+  return stats;
+}
+
+Deno.test("runBackfillSync() stops with a clear error when frames name another dictionary", async () => {
+  const stats = await syncWithWrongDictionary(20, false);
   assert.match(
     stats.error!,
     /dictionary 20260811.*dictionary 1612007021.*; this host compresses with a dictionary other than Jetstream's legacy one: sync without compression \(no --compress \/ compress: false\)$/s,
@@ -396,26 +407,8 @@ Deno.test("runBackfillSync() stops with a clear error when frames name another d
 });
 
 Deno.test("runBackfillSync() stops with a clear error when frames without a dictionary ID were made with another one", async () => {
-  const legacyDict = await legacyDictionary();
-  const v2Dict = await v2Dictionary();
-  const events = capture(40);
-  const texts = events.map((e) => JSON.stringify(e));
-  const frames = await zstdFrames(texts, v2Dict.path, false, true);
-  await using server = serveEvents(events, {
-    closeAtEnd: true,
-    compressor: (text) => frames[texts.indexOf(text)],
-  });
-  await using db = await tempDb();
-  const stats = await runBackfillSync({
-    instance: server.url,
-    kv: db.path,
-    compress: true,
-    zstdDictionary: legacyDict.path,
-    startTimestamp: T0,
-  });
   // (Before, all 40 counted as decode_failed, one warning, and a run that "closed" with nothing stored.)
-  assert.equal(stats.stopReason, "error");
-  assert.equal(stats.recordsStored, 0);
+  const stats = await syncWithWrongDictionary(40, true);
   assert.match(
     stats.error!,
     /^20 frames in a row could not be decoded \(the last: .+\): the dictionary does not fit this host's frames; it compresses with a dictionary other than Jetstream's legacy one: sync without compression \(no --compress \/ compress: false\)$/s,
