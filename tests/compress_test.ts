@@ -411,7 +411,7 @@ Deno.test("runBackfillSync() stops with a clear error when frames without a dict
   const stats = await syncWithWrongDictionary(40, true);
   assert.match(
     stats.error!,
-    /^20 frames in a row could not be decoded \(the last: .+\): the dictionary does not fit this host's frames; it compresses with a dictionary other than Jetstream's legacy one: sync without compression \(no --compress \/ compress: false\)$/s,
+    /^20 frames in a row could not be decoded \(the last: .+\): the dictionary does not fit this host's frames; this host compresses with a dictionary other than Jetstream's legacy one: sync without compression \(no --compress \/ compress: false\)$/s,
   );
   assert.equal(stats.skipped.decode_failed, 20);
 });

@@ -158,6 +158,16 @@ const BACKDATED_US = 60_000_000;
  */
 const UNDECODABLE_STOP = 20;
 
+/** What to do about frames compressed with a dictionary this run does not have. */
+function wrongDictionaryAdvice(v2: boolean): string {
+  // On /subscribe only Jetstream's legacy dictionary is taken: no other could be given.
+  return `${
+    v2
+      ? "give the dictionary this host uses (--zstd-dictionary / zstdDictionary), or sync"
+      : "this host compresses with a dictionary other than Jetstream's legacy one: sync"
+  } without compression (no --compress / compress: false)`;
+}
+
 /**
  * Says once a run that a v2 host sent, after events within the window, one whose display time
  * (`time_us`) is before the start: an operator's import of older records (protocol doc §3.2), which
@@ -334,14 +344,7 @@ export async function readConnection(
             if (err instanceof ZstdDecodeError && err.reason === "dictionary-mismatch" && ++mismatches >= 5) {
               // Frame after frame naming another dictionary: a wrong dictionary, not a bad frame.
               stats.skip("decode_failed");
-              // On /subscribe only Jetstream's legacy dictionary is taken: no other could be given.
-              throw new Error(
-                `${err.message}; ${
-                  session.v2
-                    ? "give the dictionary this host uses (--zstd-dictionary / zstdDictionary), or sync"
-                    : "this host compresses with a dictionary other than Jetstream's legacy one: sync"
-                } without compression (no --compress / compress: false)`,
-              );
+              throw new Error(`${err.message}; ${wrongDictionaryAdvice(session.v2)}`);
             }
             if (err instanceof ZstdDecodeError && ++undecodable >= UNDECODABLE_STOP) {
               // Frames without a dictionary ID made with another dictionary fail as corrupt: a
@@ -349,10 +352,8 @@ export async function readConnection(
               stats.skip("decode_failed");
               throw new Error(
                 `${UNDECODABLE_STOP} frames in a row could not be decoded (the last: ${err.message}): the dictionary does not fit this host's frames; ${
-                  session.v2
-                    ? "give the dictionary this host uses (--zstd-dictionary / zstdDictionary), or sync"
-                    : "it compresses with a dictionary other than Jetstream's legacy one: sync"
-                } without compression (no --compress / compress: false)`,
+                  wrongDictionaryAdvice(session.v2)
+                }`,
               );
             }
             skip(
