@@ -11,6 +11,8 @@ import { COMMIT_OPERATIONS, type CommitOperation, EVENT_KINDS, type EventKind } 
 import { DID_FORMS, isCollectionFilter, isDid, isNsid } from "./validate.ts";
 import { isV2Url, V2_HOSTS, V2_SUBSCRIBE_PATH } from "./jetstream/v2.ts";
 import { proxyFor } from "./jetstream/proxy.ts";
+import { DEFAULT_MAX_MESSAGE_BYTES } from "./jetstream/raw_ws.ts";
+import { DEFAULT_MAX_DECODED_BYTES } from "./jetstream/zstd.ts";
 import { isoFromUs, MIN_TIMESTAMP_US, parseTimestamp, TIMESTAMP_FORMATS } from "./time.ts";
 import type { DateChange, SyncErrorReport, SyncProgress } from "./stats.ts";
 
@@ -226,7 +228,7 @@ export interface ResolvedSyncOptions {
 const KIND_SET = new Set<string>(EVENT_KINDS);
 const OPERATION_SET = new Set<string>(COMMIT_OPERATIONS);
 /** The largest `maxEventBytes`: the largest message a connection reads, and a frame is decoded to. */
-export const MAX_EVENT_BYTES_LIMIT = 32 * 1024 * 1024;
+export const MAX_EVENT_BYTES_LIMIT: number = Math.min(DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_DECODED_BYTES);
 /** The default of `maxEventBytes`: 1 MiB of UTF-8. */
 export const DEFAULT_MAX_EVENT_BYTES = 1_048_576;
 

@@ -93,7 +93,8 @@ export const ENDLESS_MESSAGE_BYTES = 256 * 1024 * 1024;
 const READ_BUFFER_BYTES = 256 * 1024;
 /** How much of the start of a message skipped for its size is kept (to say which event it was). */
 const SKIPPED_HEAD_BYTES = 512;
-const DEFAULT_MAX_MESSAGE_BYTES = 32 * 1024 * 1024;
+/** The largest message a connection holds unless told otherwise; a larger one is skipped as it comes. */
+export const DEFAULT_MAX_MESSAGE_BYTES: number = 32 * 1024 * 1024;
 /** Largest response head accepted in the handshake. */
 const MAX_HEAD_BYTES = 64 * 1024;
 /** A refusal's body is read up to this size, and for at most this long. */
