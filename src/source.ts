@@ -378,11 +378,12 @@ export async function consumeStream(
     lastFailure = message;
     connecting = undefined;
     const giveUp = failures > o.maxRetries;
-    const switching = o.instances.length > 1 && failures % o.failoverAfter === 0;
     const backoff = giveUp ? 0 : backoffDelay(failures);
-    // A refusal that says how long to wait (Retry-After) is taken at its word, when longer: for
-    // the same instance, not for the next one a failover goes to.
-    const asked = !giveUp && !switching && retryAfterMs !== undefined && retryAfterMs > backoff;
+    // A refusal that asks for a longer wait (Retry-After) is taken at its word on a run with one
+    // instance; a run with others goes to the next one at once instead.
+    const longer = retryAfterMs !== undefined && retryAfterMs > backoff;
+    const switching = o.instances.length > 1 && (longer || failures % o.failoverAfter === 0);
+    const asked = !giveUp && !switching && longer;
     const wait = asked ? retryAfterMs : backoff;
     // Which try it was, and what comes next: a run that cannot connect is not silently stuck.
     ctx.report({

@@ -158,6 +158,26 @@ Deno.test("a refusal's Retry-After is waited for when longer than the backoff, o
   }
 });
 
+Deno.test("a refusal whose Retry-After asks for longer than the backoff sends a run with other instances to the next at once", async () => {
+  const events = capture(300);
+  await using busy = serveEvents(events, { closeAtEnd: true, faults: { refuseFirst: 100, retryAfter: 60 } });
+  await using good = serveEvents(events, { closeAtEnd: true });
+  await using db = await tempDb();
+  const reports: SyncErrorReport[] = [];
+  const started = performance.now();
+  const stats = await runBackfillSync({
+    instance: [busy.url, good.url],
+    kv: db.path,
+    startTimestamp: T0,
+    onError: (r) => reports.push(r),
+  });
+  // (Before, it waited the 60 s the first instance asked for, then tried it again.)
+  assert.ok(performance.now() - started < 30_000, "the run waited for the busy instance");
+  assert.equal(stats.stopReason, "closed", stats.error);
+  assert.equal(stats.recordsStored, posts(events).length);
+  assert.ok(!reports.some((r) => /Retry-After asks/.test(r.message)), JSON.stringify(reports));
+});
+
 Deno.test("retryAfterMs() reads seconds and HTTP dates, at most an hour, and nothing else", () => {
   const now = Date.parse("2026-12-02T08:00:00Z");
   assert.equal(retryAfterMs("120", now), 120_000);
