@@ -138,12 +138,48 @@ Deno.test("retryWhileBusy() runs again while the database is busy, then says for
   assert.equal(calls, 1);
 });
 
-// The subprocess of the test above.
+// The subprocess of the tests above and below.
 if (import.meta.main && Deno.args[0] === "open") {
   const kv = await openKvAt(Deno.args[1]);
   await kv.set(["k"], 1);
   kv.close();
 }
+if (import.meta.main && Deno.args[0] === "open-denied") {
+  for (const path of Deno.args.slice(1)) {
+    try {
+      (await openKvAt(path)).close();
+      console.log("opened");
+    } catch (err) {
+      console.log(JSON.stringify({ name: (err as Error).name, message: (err as Error).message }));
+    }
+  }
+}
+
+Deno.test("openKvAt() says that Deno's permissions refused the database, as bad input (a UsageError)", async () => {
+  await using db = await tempDb();
+  // Allowed to read the folder, not to write it: neither a new subfolder nor the file can be made.
+  const paths = [`${db.dir}/sub/q.sqlite`, db.path];
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "--no-prompt",
+      "--unstable-kv",
+      `--allow-read=${db.dir}`,
+      import.meta.filename!,
+      "open-denied",
+      ...paths,
+    ],
+    stdout: "piped",
+    stderr: "inherit",
+  }).output();
+  const lines = new TextDecoder().decode(out.stdout).trim().split("\n").map((l) => JSON.parse(l));
+  assert.equal(lines.length, 2);
+  for (const [i, { name, message }] of lines.entries()) {
+    assert.equal(name, "UsageError", message);
+    assert.ok(message.includes(JSON.stringify(paths[i])), message);
+    assert.match(message, /Requires write access to .*--allow-write/);
+  }
+});
 
 Deno.test("openKvAt() names a database it cannot open, and why when it can tell", async () => {
   const dir = await Deno.makeTempDir({ prefix: "jetfill-test-" });

@@ -304,7 +304,8 @@ export async function openKvAt(path: string): Promise<Deno.Kv> {
             { cause: err },
           );
         }
-        throw new Error(
+        // Deno's permissions refusing it is how the process was started: bad input too.
+        throw new (err instanceof Deno.errors.NotCapable ? UsageError : Error)(
           `cannot make the folder of the Deno KV database ${JSON.stringify(path)}: ${(err as Error).message}`,
           { cause: err },
         );
@@ -340,8 +341,9 @@ export async function openKvAt(path: string): Promise<Deno.Kv> {
       : /unable to open|readonly|read-only/i.test((err as Error).message)
       ? " (is its folder writable? SQLite needs to create its -wal and -shm files beside it)"
       : "";
-    // A folder given for the database is bad input (exit 2 in the CLI); the rest is the machine's.
-    throw new (folder ? UsageError : Error)(
+    // A folder given for the database, or Deno's permissions refusing it, is bad input (exit 2 in the
+    // CLI); the rest is the machine's.
+    throw new (folder || err instanceof Deno.errors.NotCapable ? UsageError : Error)(
       `cannot open the Deno KV database ${JSON.stringify(path)}: ${(err as Error).message}${hint}`,
       { cause: err },
     );
