@@ -188,8 +188,9 @@ function differences(a: Record<string, unknown>, b: Record<string, unknown>): st
 
 /**
  * Copies the events that `options` select from Jetstream into a Deno KV queue and resolves to the
- * run's statistics. Bad options (and a connection that Deno's permissions deny, before anything is
- * stored) are rejected with a {@link UsageError} before connecting, and a second sync into the same
+ * run's statistics. Bad options (and, before anything is stored, a connection or a database that Deno's
+ * permissions deny, or a server's 4xx refusal but 429 or its redirect) are rejected with a
+ * {@link UsageError}, and a second sync into the same
  * database and queue with a {@link ConcurrentWriterError}; a failure once under way (a server that cannot
  * be reached, a database that refuses a commit) is in the statistics instead, with `stopReason`
  * `"error"` and the `error` message. A `kv` given as a `Deno.Kv` is left open for the caller; one

@@ -112,7 +112,11 @@ export interface BackfillSyncOptions {
    * cached copy, or a download from the public Jetstream repository verified by its sha256.
    */
   zstdDictionary?: string | Uint8Array;
-  /** A `Deno.Kv` to write to, or a database path. Default `./jetfill-data/<queueName>.sqlite`. */
+  /**
+   * A `Deno.Kv` to write to, or a database path (its folders are made when missing). Default
+   * `./jetfill-data/<queueName>.sqlite`. The path `:memory:` is refused, as that database would be gone
+   * when the run closes it: pass a `Deno.Kv` opened on it instead.
+   */
   kv?: Deno.Kv | string;
   /**
    * Aborting stops the run: a connection being read is closed with the WebSocket closing handshake,
