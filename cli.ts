@@ -4,7 +4,7 @@
  * @module
  */
 import { UsageError } from "./src/errors.ts";
-import { programName } from "./src/cli/program.ts";
+import { flagsOnly, programName } from "./src/cli/program.ts";
 
 type Command = (args: string[]) => Promise<number>;
 
@@ -79,10 +79,10 @@ export async function main(args: string[]): Promise<number> {
     return await (await command.load())(rest);
   } catch (err) {
     if (err instanceof UsageError) {
-      console.error(`jetfill ${name}: ${err.message}`);
+      console.error(`jetfill ${name}: ${flagsOnly(err.message)}`);
       return 2;
     }
-    console.error(`jetfill ${name}: ${err instanceof Error ? err.message : String(err)}`);
+    console.error(`jetfill ${name}: ${flagsOnly(err instanceof Error ? err.message : String(err))}`);
     return 1;
   }
 }

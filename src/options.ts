@@ -535,9 +535,9 @@ const OWN_PARAMS = new Map<string, string>([
   ["wantedCollections", "--collection / wantedCollections"],
   ["collections", "--collection / wantedCollections"],
   ["kinds", "--kind / kinds"],
-  ["cursor", "--start / startTimestamp (or --resume)"],
+  ["cursor", "--start / startTimestamp or --resume / resume: true"],
   ["compress", "--compress / compress"],
-  ["zstdDictionary", "--compress / compress (and --zstd-dictionary / zstdDictionary)"],
+  ["zstdDictionary", "--compress / compress with --zstd-dictionary / zstdDictionary"],
 ]);
 
 /**
@@ -679,7 +679,7 @@ export function resolveSyncOptions(options: BackfillSyncOptions = {}): ResolvedS
     // Jetstream sends the live stream for a cursor in the future: the run would wait out its maxTime
     // and store nothing (a mistyped year, most likely).
     throw new UsageError(
-      `Cannot sync as 'startTimestamp' must be before the run's time limit (maxTime, --max-time: ${maxTimeS} s) is over: current value is ${
+      `Cannot sync as 'startTimestamp' must be before the run's time limit ('maxTime', ${maxTimeS} s) is over: current value is ${
         isoFromUs(startUs)
       }, later than that, so no event could be stored`,
     );

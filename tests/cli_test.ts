@@ -3,7 +3,7 @@ import { queueKey } from "../src/queue/kv_queue.ts";
 import { commit, drainQueue } from "./helpers/events.ts";
 import { closeIgnoringServer, serveEvents, syncConnections, tempDb, tlsFront } from "./helpers/loopback.ts";
 import { killIfRunning, runCli, spawnCli, statusWithin, syncArgs, whileRunning } from "./helpers/cli.ts";
-import { asRun, counted, programName } from "../src/cli/program.ts";
+import { asRun, counted, flagsOnly, programName } from "../src/cli/program.ts";
 import { relative } from "node:path";
 import { fileURLToPath as fromFileUrl } from "node:url";
 import { isoFromUs } from "../src/time.ts";
@@ -23,7 +23,10 @@ globalThis.addEventListener("unload", () => Deno.removeSync(CAPTURE_FILE));
 
 const BAD: [string[], RegExp][] = [
   [["sync", "--bogus"], /Unknown option '--bogus'/],
-  [["sync", "--limit", "abc"], /--limit must be a positive integer: current value is "abc"/],
+  [
+    ["sync", "--limit", "abc"],
+    /--limit must be a positive integer written in decimal digits \(such as 5000\): current value is "abc"/,
+  ],
   [["sync", "--limit", "0"], /--limit must be a positive integer: current value is "0"/],
   [["sync", "--batch-size=-3"], /--batch-size must be a positive integer: current value is "-3"/],
   [["sync", "--batch-size", "-3"], /--batch-size must be a positive integer: current value is "-3"/],
@@ -33,13 +36,44 @@ const BAD: [string[], RegExp][] = [
     ["sync", "--max-event-bytes", "33554433"],
     /--max-event-bytes must be at most 33554432 \(32 MiB, the largest message jetfill reads\): current value is "33554433"$/m,
   ],
-  [["sync", "--limit", "0x10"], /--limit must be a positive integer: current value is "0x10"/],
-  [["sync", "--limit", "1e3"], /--limit must be a positive integer: current value is "1e3"/],
+  [
+    ["sync", "--limit", "0x10"],
+    /--limit must be a positive integer written in decimal digits .*: current value is "0x10"/,
+  ],
+  // Numbers too, but not as the flag takes them: the message says how it does.
+  [
+    ["sync", "--limit", "1e3"],
+    /--limit must be a positive integer written in decimal digits .*: current value is "1e3"/,
+  ],
+  [
+    ["sync", "--limit", "10_000"],
+    /--limit must be a positive integer written in decimal digits .*: current value is "10_000"/,
+  ],
+  [
+    ["sync", "--max-time", "1e1"],
+    /--max-time must be a positive number written in decimal digits \(such as 90 or 2\.5\): current value is "1e1"$/m,
+  ],
+  [
+    ["sync", "--max-time", "Infinity"],
+    /--max-time must be a positive number written in decimal digits .*"Infinity"$/m,
+  ],
+  // An empty item of a comma list: the value as typed is named, not the empty item.
+  [
+    ["sync", "--collection", "app.bsky.feed.post,"],
+    /: --collection must be one value or a list of them separated by commas, without an empty one: current value is "app.bsky.feed.post,"$/m,
+  ],
+  [
+    ["sync", "-d", ",did:plc:aaaaaaaaaaaaaaaaaaaaaaaa"],
+    /: --did must be one value or a list .*: current value is ",did:plc:/,
+  ],
   [
     ["sync", "--start", "1764000000"],
     /current value is "1764000000" \(1764000000 looks like seconds; in microseconds that is 1764000000000000\)/,
   ],
-  [["sync", "--max-time", "soon"], /--max-time must be a positive number: current value is "soon"/],
+  [
+    ["sync", "--max-time", "soon"],
+    /--max-time must be a positive number written in decimal digits .*: current value is "soon"/,
+  ],
   // The flag the user typed is named, not the library option it becomes.
   [["sync", "--start", "01/02/2024"], /^jetfill sync: --start must be YYYY-MM-DD.*"01\/02\/2024"/],
   [["sync", "--start", "2024-01-02", "--end", "2024-01-01"], /: --end must be after --start/],
@@ -65,12 +99,18 @@ const BAD: [string[], RegExp][] = [
   [["sync", "--instance", "ftp://x"], /: --instance must be a host name or a ws:\/\/ or wss:\/\/ URL/],
   [
     ["sync", "--instance", "ws://127.0.0.1:1/subscribe?wantedDids=did:plc:aaaaaaaaaaaaaaaaaaaaaaaa"],
-    /: --instance must be a URL without wantedDids in its query string \(jetfill sets it from --did \/ wantedDids\)/,
+    /: --instance must be a URL without wantedDids in its query string \(jetfill sets it from --did\): /,
+  ],
+  [
+    ["sync", "--instance", "ws://127.0.0.1:1/subscribe?cursor=5"],
+    /: --instance must be a URL without cursor in its query string \(jetfill sets it from --start or --resume\): /,
   ],
   [
     ["sync", "--start", "2062-01-01"],
-    /: --start must be before the run's time limit \(maxTime, --max-time: 900 s\)/,
+    /: --start must be before the run's time limit \(--max-time, 900 s\) is over/,
   ],
+  // The command line gives a database by its path, never a Deno.Kv.
+  [["sync", "--kv", ""], /: --kv must be a database path: current value is ""$/m],
   [["sync", "--queue-name", "a b"], /: --queue-name must be /],
   // Gone, with what it stored, when the command ends.
   [["sync", "--kv", ":memory:"], /: --kv must be a database file: current value is ":memory:"/],
@@ -328,7 +368,7 @@ Deno.test("jetfill sync --resume refuses a queue without a checkpoint, and diffe
   assert.equal(none.code, 2);
   assert.match(
     none.stderr,
-    /Cannot resume queue 'jetstream_sync': it has no checkpoint yet \(this database holds 'other': see --queue-name \/ queueName\); a first run of a queue is started without --resume/,
+    /Cannot resume queue 'jetstream_sync': it has no checkpoint yet \(this database holds 'other': see --queue-name\); a first run of a queue is started without --resume/,
   );
   assert.ok(!(await Deno.stat(`${db.path}@jetstream_sync.lock`).then(() => true, () => false)));
   const base = ["sync", "--instance", server.url, "--kv", db.path, "--start", String(T0), "--limit", "10"];
@@ -348,7 +388,7 @@ Deno.test("jetfill sync --resume refuses a queue without a checkpoint, and diffe
   assert.equal(later.code, 2);
   assert.match(
     later.stderr,
-    /--end was none, now 2026-11-28T00:00:00.000000Z \(pass --force \/ force: true to resume anyway\)/,
+    /--end was none, now 2026-11-28T00:00:00.000000Z \(pass --force to resume anyway\)/,
   );
 });
 
@@ -470,7 +510,7 @@ Deno.test("jetfill sync refuses to store the same window again without --resume 
   assert.equal(again.code, 2, again.stderr);
   assert.equal(
     again.stderr.trim(),
-    "jetfill sync: Cannot sync into queue 'jetstream_sync': it already holds 10 records of a run with these same options (the last from 2026-11-27T10:00:00.009000Z), and this run would store them again. Continue that run with --resume / resume: true, or pass --force / force: true to store them a second time",
+    "jetfill sync: Cannot sync into queue 'jetstream_sync': it already holds 10 records of a run with these same options (the last from 2026-11-27T10:00:00.009000Z), and this run would store them again. Continue that run with --resume, or pass --force to store them a second time",
   );
   assert.equal(again.stdout, "");
   const forced = await run([...args, "--force"]);
@@ -481,7 +521,7 @@ Deno.test("jetfill sync refuses to store the same window again without --resume 
   assert.equal(other.code, 0, other.stderr);
   assert.match(
     other.stderr,
-    /^jetfill sync: note: queue 'jetstream_sync' already holds 20 records \(the last from 2026-11-27T10:00:00\.009000Z\); this run adds its own after them, as a new run: to continue the run that stored them instead, use --resume \/ resume: true \(with --force \/ force: true to give it another limit or end\)$/m,
+    /^jetfill sync: note: queue 'jetstream_sync' already holds 20 records \(the last from 2026-11-27T10:00:00\.009000Z\); this run adds its own after them, as a new run: to continue the run that stored them instead, use --resume \(with --force to give it another limit or end\)$/m,
   );
   assert.equal(JSON.parse(other.stdout).recordsStored, 12);
   assert.equal(JSON.parse(other.stdout).queueLength, 3);
@@ -516,6 +556,17 @@ Deno.test("help and suggested commands name the CLI as it is run: deno run -A cl
   ]);
   assert.equal(counted(1, "failed delivery", "failed deliveries"), "1 failed delivery");
   assert.equal(counted(3, "failed delivery", "failed deliveries"), "3 failed deliveries");
+});
+
+Deno.test("messages on the command line name options by their flags alone, not as the library does too", () => {
+  assert.equal(
+    flagsOnly(
+      "use --resume / resume: true (with --force / force: true), see --kv / kv and --compress / compress with --zstd-dictionary / zstdDictionary",
+    ),
+    "use --resume (with --force), see --kv and --compress with --zstd-dictionary",
+  );
+  // Text that only looks like it is left alone.
+  assert.equal(flagsOnly("a / b, --x /y, 10 / 2 s"), "a / b, --x /y, 10 / 2 s");
 });
 
 Deno.test("the CLI run from a checkout says how to run it again: deno run -A and the path of cli.ts", async () => {
@@ -810,5 +861,15 @@ Deno.test("sync takes the original Python CLI's flags, and comma lists of DIDs a
   assert.throws(
     () => withOriginalFlags(["-u", "alice.bsky.social"]),
     /^UsageError: -u \(the original CLI's user handles, which it took and ignored\) is not supported: give DIDs with --did or --dids-file$/,
+  );
+});
+
+Deno.test("a switch given twice is taken once, while a flag with a value given twice is refused", async () => {
+  const { parseFlags } = await import("../src/cli/args.ts");
+  const spec = { json: { type: "boolean" }, start: { type: "string" } } as const;
+  assert.deepEqual({ ...parseFlags("sync", ["--json", "--json"], spec) }, { json: true });
+  assert.throws(
+    () => parseFlags("sync", ["--start", "a", "--start", "b"], spec),
+    /^UsageError: --start is given more than once; it takes one value/,
   );
 });

@@ -176,7 +176,7 @@ Deno.test("jetfill sync warns in plain words about a clamped start, and --strict
     stderr: "piped",
   }).output();
   assert.equal(strict.code, 2);
-  assert.match(new TextDecoder().decode(strict.stderr), /refused by --strict \/ strict: true/);
+  assert.match(new TextDecoder().decode(strict.stderr), /\(refused by --strict\)$/m);
 });
 
 Deno.test("runBackfillSync() retries a coverage probe refused with 503 instead of skipping the check", async () => {

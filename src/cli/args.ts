@@ -36,7 +36,10 @@ export function parseFlags(command: string, args: string[], spec: FlagSpec): Rec
   // change of mind, so say so rather than drop the first silently.
   const seen = new Set<string>();
   for (const token of parsed.tokens ?? []) {
-    if (token.kind !== "option" || spec[token.name]?.multiple) continue;
+    // A switch given twice (--json --json) says the same thing twice: nothing to choose between.
+    if (token.kind !== "option" || spec[token.name]?.multiple || spec[token.name]?.type === "boolean") {
+      continue;
+    }
     if (seen.has(token.name)) {
       throw new UsageError(
         `--${token.name} is given more than once; it takes one value (see '${programName()} ${command} --help')`,
@@ -113,9 +116,15 @@ export function numberFlag(
     : rule.positive
     ? "a positive number"
     : "a number";
+  // "1e1" and "Infinity" are numbers too, but not written as this flag takes them.
+  const written = text !== "" && !/^-?(\d+(\.\d*)?|\.\d+)$/.test(text)
+    ? ` written in decimal digits (such as ${rule.integer ? "5000" : "90 or 2.5"})`
+    : "";
   const ok = Number.isFinite(n) && (!rule.integer || Number.isSafeInteger(n)) &&
     (!rule.positive || n > 0) && (rule.min === undefined || n >= rule.min);
-  if (!ok) throw new UsageError(`--${flag} must be ${expected}: current value is ${JSON.stringify(text)}`);
+  if (!ok) {
+    throw new UsageError(`--${flag} must be ${expected}${written}: current value is ${JSON.stringify(text)}`);
+  }
   return n;
 }
 

@@ -55,3 +55,18 @@ export function asRun(text: string, program: string = programName()): string {
 export function counted(n: number, noun: string, plural = `${noun}s`): string {
   return `${n} ${n === 1 ? noun : plural}`;
 }
+
+/**
+ * A library message as the command line says it: the library names an option by its flag and its own
+ * name ("--resume / resume: true", "--kv / kv"), for both audiences; a person at the command line
+ * typed the flag, so the flag alone.
+ *
+ * @example
+ * ```ts
+ * import { flagsOnly } from "./program.ts";
+ * flagsOnly("continue it with --resume / resume: true (see --kv / kv)"); // "continue it with --resume (see --kv)"
+ * ```
+ */
+export function flagsOnly(message: string): string {
+  return message.replace(/(--[a-z][\w-]*) \/ [a-z]\w*(?:: true)?/g, "$1");
+}

@@ -19,7 +19,7 @@ import {
   readListFile,
   type StopSignal,
 } from "./args.ts";
-import { asRun, counted, programName } from "./program.ts";
+import { asRun, counted, flagsOnly, programName } from "./program.ts";
 
 const HELP = `Usage: jetfill sync [options]
 
@@ -206,17 +206,27 @@ const OPTION_FLAGS: readonly {
 ];
 
 /** The values of a repeatable flag, each split at its commas. */
-function commaLists(values: unknown): string[] {
-  return ((values as string[] | undefined) ?? []).flatMap((v) =>
-    v.includes(",") ? v.split(",").map((p) => p.trim()) : [v]
-  );
+function commaLists(flag: string, values: unknown): string[] {
+  return ((values as string[] | undefined) ?? []).flatMap((v) => {
+    if (!v.includes(",")) return [v];
+    const items = v.split(",").map((p) => p.trim());
+    // Named as typed: the empty item alone ("") would not show which value held it.
+    if (items.includes("")) {
+      throw new UsageError(
+        `--${flag} must be one value or a list of them separated by commas, without an empty one: current value is ${
+          JSON.stringify(v)
+        }`,
+      );
+    }
+    return items;
+  });
 }
 
 /** Turns the flags of `jetfill sync` into library options. */
 export async function syncOptionsFromFlags(v: Record<string, unknown>): Promise<BackfillSyncOptions> {
   // A comma list, as the original's --wanted-dids took (no DID or NSID holds a comma).
-  const dids = commaLists(v.did);
-  if (v.collection !== undefined) v.collection = commaLists(v.collection);
+  const dids = commaLists("did", v.did);
+  if (v.collection !== undefined) v.collection = commaLists("collection", v.collection);
   if (v["dids-file"] !== undefined) {
     const path = v["dids-file"] as string;
     const listed = await readListFile("dids-file", path);
@@ -288,7 +298,7 @@ export function formatSummary(s: SyncStats, resume = `${programName()} sync --re
     `records stored      ${s.recordsStored}`,
     `messages received   ${s.messagesReceived}`,
     `total time          ${s.totalTime.toFixed(2)} s (${Math.round(s.recordsPerSecond)} records/s)`,
-    `stop reason         ${s.stopReason}${s.error ? `: ${s.error}` : ""}`,
+    `stop reason         ${s.stopReason}${s.error ? `: ${flagsOnly(s.error)}` : ""}`,
     `target reached      ${s.targetReached}`,
     `end reached         ${s.endCursorReached}`,
     `collections         ${s.collections.join(", ") || "-"}`,
@@ -358,10 +368,14 @@ export function inFlagTerms(message: string, didsFlag: string): string {
       ? message.indexOf(": current value is ")
       : message.length;
     // A number checked by the library was typed as text: quoted, as the command line's own checks do.
-    return message.slice(0, cut)
+    // The command line gives the database as a path only.
+    const rule = named[1] === "kv"
+      ? message.replace("a Deno.Kv or a database path", "a database path")
+      : message;
+    return rule.slice(0, cut)
       .replace(/^Cannot sync as '\w+'/, flag(named[1])!)
       .replace(/'(\w+)'/g, (whole, name: string) => flag(name) ?? whole) +
-      message.slice(cut).replace(/^(: current value is )(-?\d+(?:\.\d+)?)$/, '$1"$2"');
+      rule.slice(cut).replace(/^(: current value is )(-?\d+(?:\.\d+)?)$/, '$1"$2"');
   }
   // "Cannot resume queue 'q' with different options: numRecords was 50, now 60; kinds was …"
   if (!message.startsWith("Cannot resume queue ")) return message;
@@ -466,7 +480,7 @@ export async function syncCommand(args: string[]): Promise<number> {
     const more = first && r.reason !== "oversized"
       ? ` (skipped; later ${r.reason} frames are only counted, in the statistics' skipped: --verbose reports each)`
       : "";
-    console.error(`jetfill sync: ${label}${r.message}${more}`);
+    console.error(`jetfill sync: ${label}${flagsOnly(r.message)}${more}`);
   };
   let stats: SyncStats;
   try {
@@ -493,7 +507,7 @@ export async function syncCommand(args: string[]): Promise<number> {
   if (v.json) {
     console.log(JSON.stringify(stats));
     // stdout holds the statistics alone; what a person needs to go on goes to stderr.
-    if (stats.stopReason === "error") console.error(`jetfill sync: ${stats.error}`);
+    if (stats.stopReason === "error") console.error(`jetfill sync: ${flagsOnly(stats.error ?? "")}`);
     const resume = resumeHint(stats, resumeCommand(v));
     if (resume) console.error(`jetfill sync: note: continue with ${resume}`);
   } else console.log(formatSummary(stats, resumeCommand(v)));
