@@ -905,6 +905,7 @@ async function checkCoverage(
     oldest = await probeHistoryStart(base, { signal, onOpen, timeoutMs });
   } catch (err) {
     if (ctx.stop) return NOT_MEASURED;
+    ctx.probeAnswered = false;
     const status = err instanceof ConnectError ? err.status : undefined;
     // Denied by Deno's permissions: the stream's own connection would be too, and no retry helps.
     if (err instanceof ConnectError && err.denied) return { refused: err.message };
@@ -918,6 +919,8 @@ async function checkCoverage(
     return NOT_MEASURED;
   }
   if (ctx.stop) return NOT_MEASURED;
+  // Over, and not stopped by the run's end: what it answered says nothing of the sync's connections.
+  ctx.probeAnswered = false;
   if (oldest === null) {
     if (fromUs < askedUs - timeoutMs * 1000) {
       const message = `could not find where ${

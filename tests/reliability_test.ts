@@ -1875,6 +1875,37 @@ Deno.test("runBackfillSync() whose server never answers the upgrade within maxTi
   }
 });
 
+Deno.test("runBackfillSync() whose coverage probe was answered but whose own connections all failed stops with an error, not max_time", async () => {
+  // Answers the probe (cursor=0) with its oldest event, and refuses every sync connection: an
+  // answered probe is no connection of the run's. (Before: max_time, a clean stop, exit 0.)
+  const oldest = commit(Date.now() * 1000 - 7_200_000_000);
+  const asked: string[] = [];
+  await using server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, (req) => {
+    const cursor = new URL(req.url).searchParams.get("cursor");
+    asked.push(cursor ?? "none");
+    if (cursor !== "0") return new Response("busy", { status: 503 });
+    const { socket, response } = Deno.upgradeWebSocket(req);
+    socket.onopen = () => socket.send(JSON.stringify(oldest));
+    socket.onerror = () => {};
+    return response;
+  });
+  await using db = await tempDb();
+  const stats = await runBackfillSync({
+    instance: `ws://127.0.0.1:${server.addr.port}/subscribe`,
+    kv: db.path,
+    startTimestamp: Date.now() * 1000 - 3_600_000_000,
+    maxTime: 1.5,
+    onError: () => {},
+  });
+  assert.ok(asked.includes("0") && asked.some((c) => c !== "0"), asked.join(" "));
+  assert.equal(stats.stopReason, "error");
+  assert.match(
+    stats.error!,
+    /^no connection within --max-time \/ maxTime \(1\.5 s\); last error: .*HTTP 503/,
+  );
+  assert.equal(stats.recordsStored, 0);
+});
+
 Deno.test("runBackfillSync() stores once what a server re-ingested under new time_us, within one connection", async () => {
   // A legacy server that restarted re-ingests its last seconds with new time_us (protocol doc §5.4):
   // a replay of its history then holds those events twice, with no reconnect on the client's side.

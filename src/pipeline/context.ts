@@ -220,8 +220,10 @@ export interface RunContext {
    */
   toldBackdated: boolean;
   /**
-   * Whether a server accepted a coverage probe's connection: a run stopped by `maxTime` then got an
-   * answer, even with no sync connection yet (a quiet server), and is not one that never connected.
+   * Whether the server of a coverage probe still under way accepted its connection: a run stopped by
+   * `maxTime` during it got an answer, even with no sync connection yet (a quiet server), and is not
+   * one that never connected. Cleared when a probe ends before the run does: a probe answered
+   * earlier says nothing of the sync's own connections, which may all have failed since.
    */
   probeAnswered: boolean;
   /**
