@@ -365,6 +365,8 @@ export async function consumeStream(
     }
   };
 
+  // For each instance whose refusal asked for a wait (Retry-After), when it is over (Date.now() ms).
+  const notBefore = new Map<string, number>();
   /** Counts a failed attempt and waits out its backoff, failing over on the way; false: give up. */
   const failedAttempt = async (base: string, failure: string, retryAfterMs?: number): Promise<boolean> => {
     // A name the resolver says does not exist: most likely a typo, but also a machine without its
@@ -379,19 +381,24 @@ export async function consumeStream(
     connecting = undefined;
     const giveUp = failures > o.maxRetries;
     const backoff = giveUp ? 0 : backoffDelay(failures);
-    // A refusal that asks for a longer wait (Retry-After) is taken at its word on a run with one
-    // instance; a run with others goes to the next one at once instead.
+    // A refusal that asks for a longer wait (Retry-After) is taken at its word: that instance is not
+    // asked again before it is over. A run with others goes to the next one meanwhile.
     const longer = retryAfterMs !== undefined && retryAfterMs > backoff;
+    if (longer) notBefore.set(base, Date.now() + retryAfterMs);
     const switching = o.instances.length > 1 && (longer || failures % o.failoverAfter === 0);
-    const asked = !giveUp && !switching && longer;
-    const wait = asked ? retryAfterMs : backoff;
+    const next = switching ? o.instances[(instanceIndex + 1) % o.instances.length] : base;
+    const held = Math.max(0, (notBefore.get(next) ?? 0) - Date.now());
+    const asked = !giveUp && held > backoff;
+    const wait = asked ? held : backoff;
     // Which try it was, and what comes next: a run that cannot connect is not silently stuck.
     ctx.report({
       reason: "connection",
       message: `${message} (attempt ${failures} of ${o.maxRetries + 1}${
         giveUp
           ? ""
-          : `; trying again in ${(wait / 1000).toFixed(1)} s${asked ? ", as its Retry-After asks" : ""}`
+          : `; ${switching ? `next, ${new URL(next).host}` : "trying again"} in ${
+            (wait / 1000).toFixed(1)
+          } s${asked ? `, as ${next === base ? "its" : "that one's"} Retry-After asks` : ""}`
       })`,
       instance: base,
     });
@@ -822,7 +829,9 @@ export async function consumeStream(
       // A part-filled batch is stored before the wait, not kept for the next connection.
       const partial = ctx.batcher.take();
       if (partial) await ctx.writer.add(partial);
-      await delay(backoffDelay(Math.max(1, failures)), ctx.internal.signal);
+      // (Not before an instance's Retry-After is over: one failed over to may have asked for one.)
+      const held = (notBefore.get(o.instances[instanceIndex]) ?? 0) - Date.now();
+      await delay(Math.max(backoffDelay(Math.max(1, failures)), held), ctx.internal.signal);
     }
   }
   // What a probe beside the stream finds is part of the run's outcome.

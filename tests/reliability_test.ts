@@ -178,6 +178,39 @@ Deno.test("a refusal whose Retry-After asks for longer than the backoff sends a 
   assert.ok(!reports.some((r) => /Retry-After asks/.test(r.message)), JSON.stringify(reports));
 });
 
+Deno.test("a run with other instances asks none of them again before its Retry-After is over", async () => {
+  const events = capture(300);
+  const faults = { refuseFirst: 3, retryAfter: 2 };
+  await using a = serveEvents(events, { closeAtEnd: true, faults });
+  await using b = serveEvents(events, { closeAtEnd: true, faults });
+  await using db = await tempDb();
+  // When each instance refused, by this machine's clock.
+  const refused = new Map<string, number[]>([[a.url, []], [b.url, []]]);
+  const reports: string[] = [];
+  const stats = await runBackfillSync({
+    instance: [a.url, b.url],
+    kv: db.path,
+    startTimestamp: T0,
+    onError: (r) => {
+      reports.push(r.message);
+      if (/HTTP 503/.test(r.message)) refused.get(r.instance!)!.push(performance.now());
+    },
+  });
+  assert.equal(stats.stopReason, "closed", stats.error);
+  assert.equal(stats.recordsStored, posts(events).length);
+  for (const [url, times] of refused) {
+    assert.ok(times.length >= 2, `${url}: ${times.length} refusals\n${reports.join("\n")}`);
+    // (Before, the two were asked in turn on the backoff alone: 0.3, then 0.6 s apart, and so on.)
+    for (let i = 1; i < times.length; i++) {
+      assert.ok(times[i] - times[i - 1] >= 1_950, `${url} asked again after ${times[i] - times[i - 1]} ms`);
+    }
+  }
+  assert.ok(
+    reports.some((m) => /; next, 127\.0\.0\.1:\d+ in \d\.\d s, as that one's Retry-After asks\)$/.test(m)),
+    reports.join("\n"),
+  );
+});
+
 Deno.test("retryAfterMs() reads seconds and HTTP dates, at most an hour, and nothing else", () => {
   const now = Date.parse("2026-12-02T08:00:00Z");
   assert.equal(retryAfterMs("120", now), 120_000);
