@@ -716,14 +716,14 @@ export async function consumeStream(
     }
     if (session.maxUs >= 0) endInstance ??= base;
     if (ctx.stop === "end" && endInstance !== undefined && base !== endInstance) {
-      // The end was compared with this instance's time_us, which differ from the other's by up to
-      // seconds: events that near the end may be on the wrong side of it. Data that may be
+      // The end was compared with this instance's time_us, which differ from the other's by seconds,
+      // or by as much as the two clocks differ: events that near the end may be on the wrong side of it. Data that may be
       // missing or extra is said as a coverage warning is, always.
       ctx.report({
         reason: "coverage",
         message: `the end, ${isoFromUs(o.endUs!)}, was reached on ${new URL(base).host}, not ${
           new URL(endInstance).host
-        } ${endWhere}; time_us differ between instances by up to seconds, so events within that of the end may be missing or stored past it`,
+        } ${endWhere}; time_us differ between instances, by seconds between healthy ones but by as much as their clocks differ, so events within that of the end may be missing or stored past it`,
         instance: base,
       });
     }
