@@ -121,6 +121,43 @@ Deno.test("jetfill export writes to stdout, and cuts a partial last line before 
   }
 });
 
+Deno.test("jetfill export --out writes to a named pipe or a device as to stdout (nothing to cut, nothing to fsync)", async () => {
+  const dir = await tempDir();
+  try {
+    const path = `${dir}/q.sqlite`;
+    await store(path, generateCapture({ count: 100, seed: 24 }), 50);
+    // (Before: exit 1, "cannot write /dev/null: Invalid argument", from the fsync, and every message left.)
+    const nowhere = await jetfill("export", "--kv", path, "--out", "/dev/null");
+    assert.equal(nowhere.code, 0, nowhere.stderr);
+    assert.match(nowhere.stderr, /: 100 events from 2 messages appended to \/dev\/null/);
+    const stored = await store(path, generateCapture({ count: 200, seed: 26 }), 50);
+    const fifo = `${dir}/pipe`;
+    assert.ok((await new Deno.Command("mkfifo", { args: [fifo] }).output()).success);
+    const reading = Deno.readFile(fifo);
+    const piped = await jetfill("export", "--kv", path, "--out", fifo);
+    assert.equal(piped.code, 0, piped.stderr);
+    assert.deepEqual(lines(TEXT.decode(await reading)), stored.map((e) => JSON.stringify(e)));
+    assert.match((await jetfill("export", "--kv", path)).stderr, /0 events from 0 messages/);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("jetfill export says a partial last line of one byte in the singular", async () => {
+  const dir = await tempDir();
+  try {
+    const path = `${dir}/q.sqlite`;
+    await store(path, generateCapture({ count: 10, seed: 25 }));
+    const out = `${dir}/out.ndjson`;
+    await Deno.writeTextFile(out, "{");
+    const run = await jetfill("export", "--kv", path, "--out", out);
+    assert.equal(run.code, 0, run.stderr);
+    assert.match(run.stderr, /removed a partial last line \(1 byte\) from /);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("jetfill export keeps a whole last event without its newline, and refuses a file that is no export's output", async () => {
   const dir = await tempDir();
   try {

@@ -98,11 +98,21 @@ function stdoutSink(): Sink {
  * event nor the start of one is not an export's output, and is refused unchanged.
  */
 async function fileSink(path: string): Promise<{ sink: Sink; removed: number }> {
+  // A named pipe or a device (/dev/null, a FIFO a reader waits on) is written as stdout is: nothing to
+  // cut, and nothing to sync (fsync fails on them). Opened for writing only, so that a pipe waits for
+  // its reader as a shell's redirection does.
+  const special = await Deno.stat(path).then((info) => !info.isFile && !info.isDirectory, () => false);
   let file: Deno.FsFile;
   try {
-    file = await Deno.open(path, { read: true, append: true, create: true });
+    file = await Deno.open(path, special ? { write: true } : { read: true, append: true, create: true });
   } catch (err) {
     throw new UsageError(`--out ${JSON.stringify(path)} cannot be opened: ${(err as Error).message}`);
+  }
+  if (special) {
+    return {
+      sink: { write: (bytes) => writeAll(file, bytes), sync: async () => {}, close: () => file.close() },
+      removed: 0,
+    };
   }
   let removed = 0;
   const size = (await file.stat()).size;
@@ -286,7 +296,9 @@ export async function exportCommand(args: string[]): Promise<number> {
     sink = opened.sink;
     if (opened.removed > 0) {
       console.error(
-        `jetfill export: removed a partial last line (${opened.removed} bytes) from ${out}, left by an interrupted export; its events are written again`,
+        `jetfill export: removed a partial last line (${
+          counted(opened.removed, "byte")
+        }) from ${out}, left by an interrupted export; its events are written again`,
       );
     }
   } else {
