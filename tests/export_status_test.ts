@@ -14,7 +14,7 @@ import { produce } from "./helpers/produce.ts";
 import { isoFromUs, utcDate } from "../src/time.ts";
 import { queueKey } from "../src/queue/kv_queue.ts";
 import { pathExists } from "../src/fs.ts";
-import type { QueueStatus } from "../src/queue/status.ts";
+import { type QueueStatus, queueStatus } from "../src/queue/status.ts";
 import { formatStatus } from "../src/cli/status.ts";
 import { exportSummary } from "../src/cli/export.ts";
 import type { ConsumeResult } from "../src/queue/consume.ts";
@@ -505,6 +505,73 @@ Deno.test("a finished jetfill sync: status --json matches its statistics, export
   }
 });
 
+Deno.test("queueStatus() reads the checkpoint with the counters: a sync's commit between them leaves stored = handled + waiting", async () => {
+  const dir = await tempDir();
+  const kv = await Deno.openKv(`${dir}/q.sqlite`);
+  try {
+    await produce(kv, generateCapture({ count: 300, seed: 31 }), { batchSize: 50 });
+    const checkpoint = JSON.stringify(queueKey("jetstream_sync", "checkpoint"));
+    let committed = false;
+    // A sync that commits 50 more records just after the status read the checkpoint.
+    const busy = new Proxy(kv, {
+      get(target, prop) {
+        if (prop === "get") {
+          return async (key: Deno.KvKey) => {
+            const entry = await target.get(key);
+            if (!committed && JSON.stringify(key) === checkpoint) {
+              committed = true;
+              await produce(target, generateCapture({ count: 50, seed: 32 }), { batchSize: 50 });
+            }
+            return entry;
+          };
+        }
+        const value = Reflect.get(target, prop);
+        return typeof value === "function" ? value.bind(target) : value;
+      },
+    });
+    const s = await queueStatus(busy, "jetstream_sync");
+    assert.ok(committed);
+    // (Before: the checkpoint's 300 records stored against the counters' 350 waiting.)
+    assert.equal(s.recordsStored, 350);
+    assert.equal(s.recordsStored, s.recordsHandled + s.recordsWaiting + s.deadRecords);
+    assert.equal(s.messagesEnqueued, s.messagesHandled + s.messagesWaiting + s.deadLetters);
+    assert.equal(s.steady, true);
+  } finally {
+    kv.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("status says when the queue changed all through the reading, and then draws nothing from the difference", () => {
+  const moving: QueueStatus = {
+    queue: "q",
+    lastSeq: 10,
+    latestCursor: null,
+    latestCursorTime: null,
+    checkpointUpdatedAt: null,
+    recordsStored: 1000,
+    messagesEnqueued: 10,
+    messagesHandled: 2,
+    recordsHandled: 200,
+    messagesWaiting: 7,
+    recordsWaiting: 700,
+    messagesParked: 0,
+    deadLetters: 0,
+    deadRecords: 0,
+    queueLength: 7,
+    recordsPerDay: {},
+    steady: false,
+    writer: null,
+    lastRun: null,
+  };
+  const text = formatStatus(moving, "q.sqlite");
+  assert.match(text, /^note +the queue changed all through the reading \(a sync or a consumer at work\)/m);
+  assert.doesNotMatch(text, /taken elsewhere/);
+  const still = formatStatus({ ...moving, steady: true }, "q.sqlite");
+  assert.doesNotMatch(still, /^note /m);
+  assert.match(still, /^taken elsewhere +100 records in 1 message /m);
+});
+
 Deno.test("status ties a held lock file to the writer only when the writer said it holds one", () => {
   const long = new Date(Date.now() - 60_000).toISOString();
   const base: QueueStatus = {
@@ -524,6 +591,7 @@ Deno.test("status ties a held lock file to the writer only when the writer said 
     deadRecords: 0,
     queueLength: 0,
     recordsPerDay: {},
+    steady: true,
     writer: { run: "r1", since: long, lastSeen: long, lockFile: true },
     lastRun: null,
   };

@@ -34,7 +34,8 @@ handled nor dead-lettered), messagesParked (of those, parked by a consumer in KV
 KV's queue, for a consumer to take in seq order), deadLetters and deadRecords (messages KV gave up
 delivering), queueLength (messages not handled, dead letters included, as a sync reports it;
 the waiting ones are counted in Deno KV's queue, so those a plain listenQueue took do not count),
-recordsPerDay ({ "YYYY-MM-DD": records }), writer (the sync holding the queue's writer lock:
+recordsPerDay ({ "YYYY-MM-DD": records }), steady (false when a sync or a consumer changed the
+queue all through the reading: the figures may then be a few commits apart), writer (the sync holding the queue's writer lock:
 { run, since, lastSeen, lockFile }, or null when none does; a lastSeen over 10 s old is a crashed
 sync, unless it holds the lock file (lockFile true) and the lock file is held), lockFile ({ path,
 held }: held while a sync's process is alive, even paused; null when there is none to look at),
@@ -94,9 +95,15 @@ export function formatStatus(s: QueueStatus, path: string, lockFile: StatusJson[
     }`,
     `dead letters        ${counted(s.deadLetters, "message")} (${counted(s.deadRecords, "record")})`,
   ];
+  if (!s.steady) {
+    lines.push(
+      "note                the queue changed all through the reading (a sync or a consumer at work): these figures may be a few commits apart, and need not add up",
+    );
+  }
   // The rest left Deno KV's queue without consume(): a plain listenQueue, which keeps no counters.
+  // (Not from figures of different moments.)
   const elsewhere = s.messagesEnqueued - s.messagesHandled - s.messagesWaiting - s.deadLetters;
-  if (elsewhere > 0) {
+  if (elsewhere > 0 && s.steady) {
     lines.push(
       `taken elsewhere     ${
         counted(s.recordsStored - s.recordsHandled - s.recordsWaiting - s.deadRecords, "record")

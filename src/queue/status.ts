@@ -55,6 +55,13 @@ export interface QueueStatus {
   /** Records stored per UTC day of their `time_us`, all runs together. */
   recordsPerDay: Record<string, number>;
   /**
+   * Whether the queue's counters stood still while the figures above were read, so that they are of
+   * one moment and add up (stored = handled + waiting + dead letters, unless a plain `listenQueue`
+   * took some). False when a sync or a consumer committed all through four readings: each figure is
+   * then true of a moment of the reading, perhaps not the same one.
+   */
+  steady: boolean;
+  /**
    * The sync that holds the queue's writer lock, or null when none does (a sync gives it back when
    * it stops). A running sync shows it is alive by its commits, or every 0.5 s while quiet: a
    * `lastSeen` more than 10 s old is a sync that crashed, which the next one takes the lock over from
@@ -148,7 +155,7 @@ export async function queueLength(kv: Deno.Kv, queue: string): Promise<number> {
 
 /** {@link queueLength} of a queue known to be there (a sync's own, at its end). */
 export async function waitingIn(kv: Deno.Kv, queue: string): Promise<number> {
-  return await withSteadyCounters(kv, queue, ([enqueued, , handled]) =>
+  const { value } = await withSteadyCounters(kv, queue, ([enqueued, , handled]) =>
     smallerFigure(
       kv,
       queue,
@@ -156,6 +163,7 @@ export async function waitingIn(kv: Deno.Kv, queue: string): Promise<number> {
       async () => (await deadLettersOf(kv, queue)).filter((l) => !l.handled).length,
       async () => (await parkedWaiting(kv, queue)).size,
     ));
+  return value;
 }
 
 /** The queue's counters: messages and records enqueued, messages and records handled. */
@@ -171,20 +179,22 @@ async function readCounters(kv: Deno.Kv, queue: string): Promise<number[]> {
 
 /**
  * What `read` makes of the queue's counters and of what it reads after them, read again until the
- * counters are the same after it as before (four times at most, under a steady stream of commits).
- * A consumer's commit in between (a parked message handled: its key deleted and the handled counter
- * raised at once) would otherwise leave a message in neither figure, and a sync's in both.
+ * counters are the same after it as before (four times at most, under a steady stream of commits;
+ * `steady` says whether they were). A consumer's commit in between (a parked message handled: its
+ * key deleted and the handled counter raised at once) would otherwise leave a message in neither
+ * figure, and a sync's in both.
  */
 async function withSteadyCounters<T>(
   kv: Deno.Kv,
   queue: string,
   read: (counters: number[]) => Promise<T>,
-): Promise<T> {
+): Promise<{ value: T; steady: boolean }> {
   let counters = await readCounters(kv, queue);
   for (let attempt = 1;; attempt++) {
-    const figures = await read(counters);
+    const value = await read(counters);
     const after = await readCounters(kv, queue);
-    if (attempt === 4 || after.every((n, i) => n === counters[i])) return figures;
+    const steady = after.every((n, i) => n === counters[i]);
+    if (steady || attempt === 4) return { value, steady };
     counters = after;
   }
 }
@@ -213,10 +223,10 @@ async function smallerFigure(
 
 /**
  * Reads a queue's checkpoint, counters, per-day counts, dead letters and last run. Reading takes
- * a consistent view of each part, not of all of them together: the counters, the parked messages
- * and Deno KV's queue are read again when the counters moved meanwhile (up to four times), so
- * that handled and waiting add up; other figures read while a sync or a consumer runs may be a
- * commit apart. A queue name that breaks `queueName`'s rule, or that the
+ * a consistent view of each part, not of all of them together: the checkpoint, the counters, the
+ * parked messages and Deno KV's queue are read again when the counters moved meanwhile (up to four
+ * times), so that stored, handled and waiting add up (`steady` says whether they could be read so);
+ * other figures read while a sync or a consumer runs may be a commit apart. A queue name that breaks `queueName`'s rule, or that the
  * database has never held when it holds other queues (a mistyped name), is refused with a
  * `UsageError`.
  *
@@ -231,45 +241,54 @@ async function smallerFigure(
  */
 export async function queueStatus(kv: Deno.Kv, queue: string): Promise<QueueStatus> {
   await refuseQueueName(kv, queue, "read the status");
-  const checkpoint = (await readCheckpoint(kv, queue)).value;
   const recordsPerDay: Record<string, number> = {};
   for await (const entry of kv.list({ prefix: queueKey(queue, "day") })) {
     const day = entry.key[entry.key.length - 1];
     if (typeof day === "string") recordsPerDay[day] = counterValue(entry);
   }
   const {
-    counters: [messagesEnqueued, recordsEnqueued, messagesHandled, recordsHandled],
-    dead,
-    parked,
-    length,
+    value: {
+      checkpoint,
+      counters: [messagesEnqueued, recordsEnqueued, messagesHandled, recordsHandled],
+      dead,
+      deadRecords,
+      parked,
+      length,
+      recordsWaiting,
+    },
+    steady,
   } = await withSteadyCounters(kv, queue, async (counters) => {
+    // (A sync commits its checkpoint with the counters: read between two equal readings of them, it
+    // is of the same moment.)
+    const checkpoint = (await readCheckpoint(kv, queue)).value;
     const dead = (await deadLettersOf(kv, queue)).filter((l) => !l.handled);
     // Read after Deno KV's queue: a message parked in between is then counted twice, not missed.
     let parked: Set<number> | undefined;
     const waitingParked = async () => (parked = await parkedWaiting(kv, queue)).size;
     // What the counters say waits, or, for a database opened by path, what Deno KV's queue holds
     // when that is less (see queueLength()).
+    const byCounters = Math.max(0, counters[0] - counters[2]);
     const length = await smallerFigure(
       kv,
       queue,
-      Math.max(0, counters[0] - counters[2]),
+      byCounters,
       () => Promise.resolve(dead.length),
       waitingParked,
     );
-    return { counters, dead, parked: parked ?? await parkedWaiting(kv, queue), length };
-  });
-  const byCounters = Math.max(0, messagesEnqueued - messagesHandled);
-  const deadRecords = dead.reduce((n, l) => n + l.records, 0);
-  const messagesWaiting = Math.max(0, length - dead.length);
-  let recordsWaiting = Math.max(0, recordsEnqueued - recordsHandled - deadRecords);
-  if (length < byCounters) {
-    // Taken by a plain listener: the records are counted in the messages themselves, those in KV's
-    // queue and those parked.
-    const inMessages = await recordsInKvQueue(kv, queue);
-    if (inMessages !== undefined) {
-      recordsWaiting = Math.min(recordsWaiting, inMessages + await parkedRecords(kv, queue, parked));
+    parked ??= await parkedWaiting(kv, queue);
+    const deadRecords = dead.reduce((n, l) => n + l.records, 0);
+    let recordsWaiting = Math.max(0, counters[1] - counters[3] - deadRecords);
+    if (length < byCounters) {
+      // Taken by a plain listener: the records are counted in the messages themselves, those in KV's
+      // queue and those parked.
+      const inMessages = await recordsInKvQueue(kv, queue);
+      if (inMessages !== undefined) {
+        recordsWaiting = Math.min(recordsWaiting, inMessages + await parkedRecords(kv, queue, parked));
+      }
     }
-  }
+    return { checkpoint, counters, dead, deadRecords, parked, length, recordsWaiting };
+  });
+  const messagesWaiting = Math.max(0, length - dead.length);
   const run = (await kv.get<{
     id: string;
     finishedAt: number;
@@ -312,6 +331,7 @@ export async function queueStatus(kv: Deno.Kv, queue: string): Promise<QueueStat
     deadRecords,
     queueLength: length,
     recordsPerDay,
+    steady,
     writer,
     lastRun: run
       ? {
