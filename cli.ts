@@ -78,7 +78,8 @@ export async function main(args: string[]): Promise<number> {
   try {
     return await (await command.load())(rest);
   } catch (err) {
-    if (err instanceof UsageError) {
+    // Deno's permissions refusing something is how the command was started: bad input too.
+    if (err instanceof UsageError || err instanceof Deno.errors.NotCapable) {
       console.error(`jetfill ${name}: ${flagsOnly(err.message)}`);
       return 2;
     }

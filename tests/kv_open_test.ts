@@ -179,6 +179,20 @@ Deno.test("openKvAt() says that Deno's permissions refused the database, as bad 
     assert.ok(message.includes(JSON.stringify(paths[i])), message);
     assert.match(message, /Requires write access to .*--allow-write/);
   }
+  // A folder that exists is not made again (which Deno's permissions refuse all the same).
+  assert.match(lines[1].message, /^cannot open the Deno KV database /);
+  // The command line says so as bad input: exit 2, one line.
+  const cli = new URL("../cli.ts", import.meta.url).pathname;
+  const status = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "--no-prompt", "--unstable-kv", cli, "status", "--kv", db.path],
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  assert.equal(status.code, 2, new TextDecoder().decode(status.stderr));
+  assert.match(
+    new TextDecoder().decode(status.stderr),
+    /^jetfill status: Requires read access to .*--allow-read flag\n$/,
+  );
 });
 
 Deno.test("openKvAt() names a database it cannot open, and why when it can tell", async () => {

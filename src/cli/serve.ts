@@ -64,7 +64,9 @@ Faults (all off by default, all deterministic):
   --file-order        serve the capture in file order even where time_us goes backwards, as no
                       healthy legacy server does (a cursor skips the events before it in time)
 
-Prints one line, "listening on ws://HOST:PORT/subscribe", once ready; runs until SIGINT, SIGTERM or SIGHUP.`;
+Prints one line, "listening on ws://HOST:PORT/subscribe" (with --v2, "... and
+ws://HOST:PORT/xrpc/network.bsky.jetstream.subscribeEvents"), once ready; runs until SIGINT, SIGTERM or
+SIGHUP.`;
 
 const FLAGS: FlagSpec = {
   file: { type: "string" },

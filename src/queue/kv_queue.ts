@@ -290,8 +290,9 @@ export async function openKvAt(path: string): Promise<Deno.Kv> {
   const file = localDatabasePath(path);
   if (file !== undefined) {
     const slash = file.lastIndexOf("/");
-    if (slash > 0) {
-      const folder = file.slice(0, slash);
+    const folder = slash > 0 ? file.slice(0, slash) : undefined;
+    // (Made only when missing: Deno's permissions ask for write access to make one that exists.)
+    if (folder !== undefined && !await Deno.stat(folder).then((i) => i.isDirectory, () => false)) {
       await Deno.mkdir(folder, { recursive: true }).catch(async (err) => {
         // A file where a folder of the path should be is the path's fault (bad input); the rest
         // (permissions, a full disk) is the machine's.
