@@ -489,3 +489,25 @@ Deno.test("a start a moment before a server's oldest event says how long a momen
     ]);
   }
 });
+
+Deno.test("probeCoverageStart() that has no answer in its time says so, not 'aborted'", async () => {
+  // Accepts TCP connections and never answers the upgrade.
+  using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const held: Deno.Conn[] = [];
+  const accepting = (async () => {
+    for await (const conn of listener) held.push(conn);
+  })().catch(() => {});
+  try {
+    const url = `ws://127.0.0.1:${(listener.addr as Deno.NetAddr).port}/subscribe`;
+    await assert.rejects(() => probeCoverageStart(url, { timeoutMs: 300 }), /: no answer within 0\.3 s$/);
+    // The caller's own abort is still an abort.
+    await assert.rejects(
+      () => probeCoverageStart(url, { timeoutMs: 5000, signal: AbortSignal.timeout(200) }),
+      /: aborted$/,
+    );
+  } finally {
+    listener.close();
+    for (const conn of held) conn.close();
+    await accepting;
+  }
+});

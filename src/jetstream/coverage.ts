@@ -11,7 +11,7 @@
  *
  * @module
  */
-import { type Connection, type Frame, openConnection } from "./socket.ts";
+import { ConnectError, type Connection, type Frame, openConnection } from "./socket.ts";
 import { buildSubscribeRequest } from "./url.ts";
 import { buildV2Url, isV2Url, mapV2Frame, V2_SUBPROTOCOL } from "./v2.ts";
 import { MIN_TIMESTAMP_US } from "../time.ts";
@@ -121,17 +121,31 @@ export interface ProbeOptions {
 async function probe(url: string, options: ProbeOptions, protocols?: string[]): Promise<Connection> {
   const timeout = AbortSignal.timeout(options.timeoutMs ?? PROBE_TIMEOUT_MS);
   const signal = options.signal ? AbortSignal.any([options.signal, timeout]) : timeout;
-  const conn = await openConnection(url, {
-    idleTimeoutMs: options.timeoutMs ?? PROBE_TIMEOUT_MS,
-    maxBufferedBytes: 1 << 20,
-    signal,
-    protocols,
-    // The probe asks for the whole history and reads one event of it, or a few: reading on until
-    // the server saw the close would take the replay in flight (MBs, on a fast link), and that
-    // competes with the sync beside it (`deno task bench --quick`: end to end from about 50 % of the
-    // ceiling to 43 %). The server sees the connection reset instead.
-    linger: false,
-  });
+  let conn: Connection;
+  try {
+    conn = await openConnection(url, {
+      idleTimeoutMs: options.timeoutMs ?? PROBE_TIMEOUT_MS,
+      maxBufferedBytes: 1 << 20,
+      signal,
+      protocols,
+      // The probe asks for the whole history and reads one event of it, or a few: reading on until
+      // the server saw the close would take the replay in flight (MBs, on a fast link), and that
+      // competes with the sync beside it (`deno task bench --quick`: end to end from about 50 % of the
+      // ceiling to 43 %). The server sees the connection reset instead.
+      linger: false,
+    });
+  } catch (err) {
+    // Its own time ran out, not the caller's: said as a stream connection's would be, not "aborted".
+    if (timeout.aborted && !options.signal?.aborted && err instanceof ConnectError) {
+      throw new ConnectError(
+        err.message.replace(
+          /: aborted$/,
+          `: no answer within ${(options.timeoutMs ?? PROBE_TIMEOUT_MS) / 1000} s`,
+        ),
+      );
+    }
+    throw err;
+  }
   options.onOpen?.();
   return conn;
 }
