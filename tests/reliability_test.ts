@@ -211,6 +211,21 @@ Deno.test("a run with other instances asks none of them again before its Retry-A
   );
 });
 
+Deno.test("a sync given the bundled server as a bare host:port (so wss://) is told at once to give ws://", async () => {
+  await using server = serveEvents(capture(10), { closeAtEnd: true });
+  const hostPort = new URL(server.url).host;
+  await using db = await tempDb();
+  const started = performance.now();
+  const { stats } = await syncReporting({ instance: hostPort, kv: db.path, maxRetries: 0, idleTimeout: 20 });
+  // (Before: the server waited for a request head that a TLS handshake never ends, for the 20 s.)
+  assert.ok(performance.now() - started < 10_000, `took ${performance.now() - started} ms`);
+  assert.equal(stats.stopReason, "error");
+  assert.match(
+    stats.error!,
+    new RegExp(`if this server speaks plain WebSocket, give ws://${hostPort}/subscribe`),
+  );
+});
+
 Deno.test("retryAfterMs() reads seconds and HTTP dates, at most an hour, and nothing else", () => {
   const now = Date.parse("2026-12-02T08:00:00Z");
   assert.equal(retryAfterMs("120", now), 120_000);

@@ -115,6 +115,10 @@ export async function readRequestHead(conn: Deno.Conn): Promise<RequestHead | nu
     }
     const from = len;
     len += n;
+    // A request line begins with its method, in capitals: anything else (a TLS handshake, from a
+    // client given wss:// for this plain server) is answered at once, as Go's server would soon do,
+    // rather than waited on for a head that never ends.
+    if (from === 0 && !(buf[0] >= 0x41 && buf[0] <= 0x5a)) throw new HttpError(400, "malformed request line");
     end = findHeadEnd(buf, from, len);
   }
   const lines = decoder.decode(buf.subarray(0, end)).split("\r\n");
