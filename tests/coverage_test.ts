@@ -1,6 +1,7 @@
 import assert from "node:assert/strict";
 import { V2_SUBSCRIBE_PATH } from "../src/jetstream/v2.ts";
 import { probeCoverageStart } from "../src/jetstream/coverage.ts";
+import { ConnectError } from "../src/jetstream/socket.ts";
 import { runBackfillSync } from "../src/backfill.ts";
 import { UsageError } from "../src/errors.ts";
 import type { SyncErrorReport, SyncStats } from "../src/stats.ts";
@@ -504,6 +505,56 @@ Deno.test("probeCoverageStart() that has no answer in its time says so, not 'abo
     await assert.rejects(
       () => probeCoverageStart(url, { timeoutMs: 5000, signal: AbortSignal.timeout(200) }),
       /: aborted$/,
+    );
+  } finally {
+    listener.close();
+    for (const conn of held) conn.close();
+    await accepting;
+  }
+});
+
+Deno.test("probeCoverageStart() refused near the end of its time keeps the refusal's status and Retry-After", async () => {
+  // A 503 whose body never comes whole: the client reads it for a while, past the probe's time.
+  using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const held: Deno.Conn[] = [];
+  const serving = (async () => {
+    for await (const conn of listener) {
+      held.push(conn);
+      await conn.read(new Uint8Array(4096));
+      await conn.write(
+        new TextEncoder().encode(
+          "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 30\r\nContent-Length: 100\r\n\r\nbusy",
+        ),
+      );
+    }
+  })().catch(() => {});
+  try {
+    const url = `ws://127.0.0.1:${(listener.addr as Deno.NetAddr).port}/subscribe`;
+    const err = await probeCoverageStart(url, { timeoutMs: 500 }).catch((e: unknown) => e);
+    // (Before: a ConnectError with the text alone, which a sync retried as a network failure.)
+    assert.ok(err instanceof ConnectError, String(err));
+    assert.equal(err.status, 503, err.message);
+    assert.equal(err.retryAfterMs, 30_000);
+  } finally {
+    listener.close();
+    for (const conn of held) conn.close();
+    await serving;
+  }
+});
+
+Deno.test("probeCoverageStart() over wss:// to a server that never answers the TLS handshake says what a plain server needs", async () => {
+  using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const held: Deno.Conn[] = [];
+  const accepting = (async () => {
+    for await (const conn of listener) held.push(conn);
+  })().catch(() => {});
+  try {
+    const port = (listener.addr as Deno.NetAddr).port;
+    await assert.rejects(
+      () => probeCoverageStart(`wss://127.0.0.1:${port}/subscribe`, { timeoutMs: 300 }),
+      new RegExp(
+        `no answer to the TLS handshake within 0\\.3 s; if this server speaks plain WebSocket, give ws://127\\.0\\.0\\.1:${port}/subscribe`,
+      ),
     );
   } finally {
     listener.close();

@@ -119,7 +119,9 @@ export interface ProbeOptions {
 
 /** Opens a probe's connection, which gives up after the timeout ({@link PROBE_TIMEOUT_MS} by default). */
 async function probe(url: string, options: ProbeOptions, protocols?: string[]): Promise<Connection> {
-  const timeout = AbortSignal.timeout(options.timeoutMs ?? PROBE_TIMEOUT_MS);
+  // A moment after the connection's own limit: that one says what it waited for (a TLS handshake
+  // a plain server never answers, with its hint), this one only that time ran out.
+  const timeout = AbortSignal.timeout((options.timeoutMs ?? PROBE_TIMEOUT_MS) + 100);
   const signal = options.signal ? AbortSignal.any([options.signal, timeout]) : timeout;
   let conn: Connection;
   try {
@@ -136,12 +138,19 @@ async function probe(url: string, options: ProbeOptions, protocols?: string[]): 
     });
   } catch (err) {
     // Its own time ran out, not the caller's: said as a stream connection's would be, not "aborted".
-    if (timeout.aborted && !options.signal?.aborted && err instanceof ConnectError) {
+    if (
+      timeout.aborted && !options.signal?.aborted && err instanceof ConnectError &&
+      err.message.endsWith(": aborted")
+    ) {
       throw new ConnectError(
         err.message.replace(
           /: aborted$/,
           `: no answer within ${(options.timeoutMs ?? PROBE_TIMEOUT_MS) / 1000} s`,
         ),
+        err.status,
+        err.body,
+        err.denied,
+        err.retryAfterMs,
       );
     }
     throw err;
