@@ -565,8 +565,22 @@ Deno.test("messages on the command line name options by their flags alone, not a
     ),
     "use --resume (with --force), see --kv and --compress with --zstd-dictionary",
   );
-  // Text that only looks like it is left alone.
+  // Text that only looks like it is left alone, and quoted values (a path, a server's text) whatever they hold.
   assert.equal(flagsOnly("a / b, --x /y, 10 / 2 s"), "a / b, --x /y, 10 / 2 s");
+  assert.equal(
+    flagsOnly('--dids-file "/tmp/my --notes / backup/dids.txt" cannot be read; see --kv / kv'),
+    '--dids-file "/tmp/my --notes / backup/dids.txt" cannot be read; see --kv',
+  );
+  assert.equal(
+    flagsOnly("the run's --old / path.txt and --a / b-c"),
+    "the run's --old / path.txt and --a / b-c",
+  );
+  assert.equal(
+    flagsOnly(
+      "sync without compression (without --compress / compress: true; on a resume, with --no-compress)",
+    ),
+    "sync without compression (without --compress; on a resume, with --no-compress)",
+  );
 });
 
 Deno.test("the CLI run from a checkout says how to run it again: deno run -A and the path of cli.ts", async () => {

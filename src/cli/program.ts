@@ -68,5 +68,9 @@ export function counted(n: number, noun: string, plural = `${noun}s`): string {
  * ```
  */
 export function flagsOnly(message: string): string {
-  return message.replace(/(--[a-z][\w-]*) \/ [a-z]\w*(?:: true)?/g, "$1");
+  // Not within a quoted value (a path, a server's text), which is the user's or the server's.
+  // (Double quotes only: a single one is as often an apostrophe.)
+  return message.split(/("(?:[^"\\]|\\.)*")/).map((part, i) =>
+    i % 2 === 1 ? part : part.replace(/(--[a-z][\w-]*) \/ [a-z]\w*(?:: true)?(?![\w/.-])/g, "$1")
+  ).join("");
 }

@@ -10,7 +10,7 @@ import { openKvAt, unknownQueue } from "../queue/kv_queue.ts";
 import { queueFileLocked, queueLockPath } from "../queue/file_lock.ts";
 import { isoFromUs } from "../time.ts";
 import { type FlagSpec, parseFlags, queueFlags } from "./args.ts";
-import { asRun, counted } from "./program.ts";
+import { asRun, counted, flagsOnly } from "./program.ts";
 
 const HELP = `Usage: jetfill status [options]
 
@@ -149,7 +149,7 @@ export function formatStatus(s: QueueStatus, path: string, lockFile: StatusJson[
       `last run            ${s.lastRun.id}, finished ${s.lastRun.finishedAt}`,
       `  stored            ${st.recordsStored} records in ${st.messagesEnqueued} messages${latest}, ${
         typeof st.totalTime === "number" ? st.totalTime.toFixed(2) : "?"
-      } s, stop reason ${st.stopReason}${st.error ? `: ${st.error}` : ""}`,
+      } s, stop reason ${st.stopReason}${st.error ? `: ${flagsOnly(String(st.error))}` : ""}`,
       `  options           ${entries(s.lastRun.options)}`,
     );
   } else {

@@ -364,14 +364,12 @@ export function inFlagTerms(message: string, didsFlag: string): string {
   if (named && flag(named[1])) {
     // The rule may name other options ("must be after 'startTimestamp'"): by their flags too, but
     // not in the value quoted after it.
-    const cut = message.includes(": current value is ")
-      ? message.indexOf(": current value is ")
-      : message.length;
-    // A number checked by the library was typed as text: quoted, as the command line's own checks do.
     // The command line gives the database as a path only.
     const rule = named[1] === "kv"
       ? message.replace("a Deno.Kv or a database path", "a database path")
       : message;
+    const cut = rule.includes(": current value is ") ? rule.indexOf(": current value is ") : rule.length;
+    // A number checked by the library was typed as text: quoted, as the command line's own checks do.
     return rule.slice(0, cut)
       .replace(/^Cannot sync as '\w+'/, flag(named[1])!)
       .replace(/'(\w+)'/g, (whole, name: string) => flag(name) ?? whole) +

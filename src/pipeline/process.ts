@@ -165,7 +165,7 @@ function wrongDictionaryAdvice(v2: boolean): string {
     v2
       ? "give the dictionary this host uses (--zstd-dictionary / zstdDictionary), or sync"
       : "this host compresses with a dictionary other than Jetstream's legacy one: sync"
-  } without compression (no --compress / compress: false)`;
+  } without compression (without --compress / compress: true; on a resume, with --no-compress)`;
 }
 
 /**
