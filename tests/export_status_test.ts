@@ -143,6 +143,32 @@ Deno.test("jetfill export --out writes to a named pipe or a device as to stdout 
   }
 });
 
+Deno.test("jetfill export --out to a named pipe whose reader closes early ends as for stdout: exit 0", async () => {
+  const dir = await tempDir();
+  try {
+    const path = `${dir}/q.sqlite`;
+    // More than a pipe holds (64 KiB): the export is still writing when the reader leaves.
+    await store(path, generateCapture({ count: 1000, seed: 27 }), 50);
+    const fifo = `${dir}/pipe`;
+    assert.ok((await new Deno.Command("mkfifo", { args: [fifo] }).output()).success);
+    const reading = (async () => {
+      const f = await Deno.open(fifo, { read: true });
+      await f.read(new Uint8Array(100));
+      f.close();
+    })();
+    const run = await jetfill("export", "--kv", path, "--out", fifo);
+    await reading;
+    // (Before: exit 1, "stopped: cannot write …: Broken pipe".)
+    assert.equal(run.code, 0, run.stderr);
+    assert.match(
+      run.stderr,
+      /: .*\/pipe was closed by its reader; the message being written stays in the queue/,
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("jetfill export says a partial last line of one byte in the singular", async () => {
   const dir = await tempDir();
   try {
@@ -475,6 +501,8 @@ Deno.test("a finished jetfill sync: status --json matches its statistics, export
     assert.equal(s.queueLength, stats.queueLength);
     assert.equal(s.latestCursor, stats.latestCursor);
     assert.deepEqual(s.recordsPerDay, stats.recordsPerDay);
+    // Nothing wrote while it read.
+    assert.equal(s.steady, true);
     assert.equal(s.lastRun.options.queueName, "jetstream_sync");
     // Every option it ran with, the event size limit's default included.
     assert.equal(s.lastRun.options.maxEventBytes, 1048576);
@@ -536,6 +564,40 @@ Deno.test("queueStatus() reads the checkpoint with the counters: a sync's commit
     assert.equal(s.recordsStored, s.recordsHandled + s.recordsWaiting + s.deadRecords);
     assert.equal(s.messagesEnqueued, s.messagesHandled + s.messagesWaiting + s.deadLetters);
     assert.equal(s.steady, true);
+    assert.equal(Object.values(s.recordsPerDay).reduce((a, b) => a + b, 0), s.recordsStored);
+  } finally {
+    kv.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("queueStatus() under a sync that commits at every reading says its figures are not steady", async () => {
+  const dir = await tempDir();
+  const kv = await Deno.openKv(`${dir}/q.sqlite`);
+  try {
+    await produce(kv, generateCapture({ count: 100, seed: 33 }), { batchSize: 50 });
+    const counters = JSON.stringify(queueKey("jetstream_sync", "count", "messages"));
+    let commits = 0;
+    // A commit of 10 more records after each reading of the counters.
+    const busy = new Proxy(kv, {
+      get(target, prop) {
+        if (prop === "getMany") {
+          return async (keys: Deno.KvKey[]) => {
+            const entries = await target.getMany(keys);
+            if (JSON.stringify(keys[0]) === counters) {
+              commits++;
+              await produce(target, generateCapture({ count: 10, seed: 100 + commits }), { batchSize: 10 });
+            }
+            return entries;
+          };
+        }
+        const value = Reflect.get(target, prop);
+        return typeof value === "function" ? value.bind(target) : value;
+      },
+    });
+    const s = await queueStatus(busy, "jetstream_sync");
+    assert.ok(commits >= 5, `${commits} commits`);
+    assert.equal(s.steady, false);
   } finally {
     kv.close();
     await Deno.remove(dir, { recursive: true });

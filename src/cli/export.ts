@@ -18,7 +18,7 @@ import {
 } from "./args.ts";
 import { databaseExists, pathExists } from "../fs.ts";
 import { dirname } from "node:path";
-import { asRun, counted, programName } from "./program.ts";
+import { asRun, counted, flagsOnly, programName } from "./program.ts";
 
 const HELP = `Usage: jetfill export [options]
 
@@ -42,13 +42,14 @@ Options:
   -h, --help              show this help
 
 Each message's events are written, flushed and synced to disk before the message is acknowledged,
-so an interrupted export loses nothing. Delivery is at least once: an export killed between the
+so an interrupted export loses nothing (to a pipe or a device, stdout or an --out naming one,
+there is no disk to sync: what the pipe accepted has left the queue). Delivery is at least once: an export killed between the
 sync and the acknowledgement writes that message's events again next time. A partial last line,
 left by an export killed in the middle of a write, is removed before --out appends; a whole event
 without its newline is kept, and a file that ends in anything else is refused.
 
-Prints a summary on stderr. Exit codes: 0 done (also when the reader of stdout closes it early,
-as 'export | head' does: the message being written then stays in the queue, but the ones written
+Prints a summary on stderr. Exit codes: 0 done (also when the reader of stdout, or of a named pipe
+given to --out, closes it early, as 'export | head' does: the message being written then stays in the queue, but the ones written
 before it have left it, read or not: what the pipe held when its reader quit is gone from the
 queue, so export a copy of the database to peek), 1 runtime failure (such as a write error),
 2 bad input, 130 interrupted by Ctrl-C (143 by SIGTERM, 129 by SIGHUP), after a clean stop.`;
@@ -65,6 +66,8 @@ const UTF8 = new TextEncoder();
 
 /** Where the lines go: writes that complete, and a sync that makes them durable. */
 interface Sink {
+  /** Whether it is a pipe or a device (stdout, or `--out` naming one): nothing is synced to disk. */
+  stream?: boolean;
   write(bytes: Uint8Array): void;
   sync(): Promise<void>;
   close(): void;
@@ -110,7 +113,12 @@ async function fileSink(path: string): Promise<{ sink: Sink; removed: number }> 
   }
   if (special) {
     return {
-      sink: { write: (bytes) => writeAll(file, bytes), sync: async () => {}, close: () => file.close() },
+      sink: {
+        stream: true,
+        write: (bytes) => writeAll(file, bytes),
+        sync: async () => {},
+        close: () => file.close(),
+      },
       removed: 0,
     };
   }
@@ -337,7 +345,9 @@ export async function exportCommand(args: string[]): Promise<number> {
         }
       },
       onError: (r) => {
-        if (r.reason !== "foreign" && writeError === undefined) console.error(`jetfill export: ${r.message}`);
+        if (r.reason !== "foreign" && writeError === undefined) {
+          console.error(`jetfill export: ${flagsOnly(r.message)}`);
+        }
       },
     });
   } finally {
@@ -362,11 +372,13 @@ export async function exportCommand(args: string[]): Promise<number> {
       kv.close();
     }
   }
-  if (writeError instanceof Deno.errors.BrokenPipe && out === undefined) {
+  if (writeError instanceof Deno.errors.BrokenPipe && (out === undefined || sink.stream)) {
     // The reader closed the pipe (`export | head`): it has what it wanted. The message being
     // written went back to the queue; the ones written before it have left it.
     console.error(
-      `jetfill export: stdout was closed by its reader; the message being written stays in the queue${
+      `jetfill export: ${
+        out === undefined ? "stdout" : out
+      } was closed by its reader; the message being written stays in the queue${
         result.messages === 1
           ? "; the message written before it has left it"
           : result.messages > 1

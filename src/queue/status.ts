@@ -241,14 +241,10 @@ async function smallerFigure(
  */
 export async function queueStatus(kv: Deno.Kv, queue: string): Promise<QueueStatus> {
   await refuseQueueName(kv, queue, "read the status");
-  const recordsPerDay: Record<string, number> = {};
-  for await (const entry of kv.list({ prefix: queueKey(queue, "day") })) {
-    const day = entry.key[entry.key.length - 1];
-    if (typeof day === "string") recordsPerDay[day] = counterValue(entry);
-  }
   const {
     value: {
       checkpoint,
+      recordsPerDay,
       counters: [messagesEnqueued, recordsEnqueued, messagesHandled, recordsHandled],
       dead,
       deadRecords,
@@ -261,6 +257,12 @@ export async function queueStatus(kv: Deno.Kv, queue: string): Promise<QueueStat
     // (A sync commits its checkpoint with the counters: read between two equal readings of them, it
     // is of the same moment.)
     const checkpoint = (await readCheckpoint(kv, queue)).value;
+    // (Counted in the same commits as well.)
+    const recordsPerDay: Record<string, number> = {};
+    for await (const entry of kv.list({ prefix: queueKey(queue, "day") })) {
+      const day = entry.key[entry.key.length - 1];
+      if (typeof day === "string") recordsPerDay[day] = counterValue(entry);
+    }
     const dead = (await deadLettersOf(kv, queue)).filter((l) => !l.handled);
     // Read after Deno KV's queue: a message parked in between is then counted twice, not missed.
     let parked: Set<number> | undefined;
@@ -286,7 +288,7 @@ export async function queueStatus(kv: Deno.Kv, queue: string): Promise<QueueStat
         recordsWaiting = Math.min(recordsWaiting, inMessages + await parkedRecords(kv, queue, parked));
       }
     }
-    return { checkpoint, counters, dead, deadRecords, parked, length, recordsWaiting };
+    return { checkpoint, recordsPerDay, counters, dead, deadRecords, parked, length, recordsWaiting };
   });
   const messagesWaiting = Math.max(0, length - dead.length);
   const run = (await kv.get<{
