@@ -365,7 +365,8 @@ export async function consumeStream(
     }
   };
 
-  // For each instance whose refusal asked for a wait (Retry-After), when it is over (Date.now() ms).
+  // For each instance whose refusal asked for a wait (Retry-After), when it is over (performance.now()
+  // ms: a step of the wall clock changes nothing).
   const notBefore = new Map<string, number>();
   /** Counts a failed attempt and waits out its backoff, failing over on the way; false: give up. */
   const failedAttempt = async (base: string, failure: string, retryAfterMs?: number): Promise<boolean> => {
@@ -384,10 +385,10 @@ export async function consumeStream(
     // A refusal that asks for a longer wait (Retry-After) is taken at its word: that instance is not
     // asked again before it is over. A run with others goes to the next one meanwhile.
     const longer = retryAfterMs !== undefined && retryAfterMs > backoff;
-    if (longer) notBefore.set(base, Date.now() + retryAfterMs);
+    if (longer) notBefore.set(base, performance.now() + retryAfterMs);
     const switching = o.instances.length > 1 && (longer || failures % o.failoverAfter === 0);
     const next = switching ? o.instances[(instanceIndex + 1) % o.instances.length] : base;
-    const held = Math.max(0, (notBefore.get(next) ?? 0) - Date.now());
+    const held = Math.max(0, (notBefore.get(next) ?? 0) - performance.now());
     const asked = !giveUp && held > backoff;
     const wait = asked ? held : backoff;
     // Which try it was, and what comes next: a run that cannot connect is not silently stuck.
@@ -830,7 +831,7 @@ export async function consumeStream(
       const partial = ctx.batcher.take();
       if (partial) await ctx.writer.add(partial);
       // (Not before an instance's Retry-After is over: one failed over to may have asked for one.)
-      const held = (notBefore.get(o.instances[instanceIndex]) ?? 0) - Date.now();
+      const held = (notBefore.get(o.instances[instanceIndex]) ?? 0) - performance.now();
       await delay(Math.max(backoffDelay(Math.max(1, failures)), held), ctx.internal.signal);
     }
   }
