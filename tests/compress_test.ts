@@ -400,7 +400,7 @@ Deno.test("runBackfillSync() stops with a clear error when frames name another d
   const stats = await syncWithWrongDictionary(20, false);
   assert.match(
     stats.error!,
-    /dictionary 20260811.*dictionary 1612007021.*; this host compresses with a dictionary other than Jetstream's legacy one: sync without compression \(no --compress \/ compress: false\)$/s,
+    /dictionary 20260811.*dictionary 1612007021.*; this host compresses with a dictionary other than Jetstream's legacy one: sync without compression \(without --compress \/ compress: true; on a resume, with --no-compress\)$/s,
   );
   // Five frames in a row naming it, each counted: the fifth stops the run.
   assert.equal(stats.skipped.decode_failed, 5);
@@ -411,7 +411,7 @@ Deno.test("runBackfillSync() stops with a clear error when frames without a dict
   const stats = await syncWithWrongDictionary(40, true);
   assert.match(
     stats.error!,
-    /^20 frames in a row could not be decoded \(the last: .+\): the dictionary does not fit this host's frames; this host compresses with a dictionary other than Jetstream's legacy one: sync without compression \(no --compress \/ compress: false\)$/s,
+    /^20 frames in a row could not be decoded \(the last: .+\): the dictionary does not fit this host's frames; this host compresses with a dictionary other than Jetstream's legacy one: sync without compression \(without --compress \/ compress: true; on a resume, with --no-compress\)$/s,
   );
   assert.equal(stats.skipped.decode_failed, 20);
 });

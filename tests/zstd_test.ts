@@ -277,6 +277,33 @@ Deno.test("`createZstdDecoder()` checks its arguments", async () => {
   );
 });
 
+Deno.test("a damaged copy of one of Jetstream's dictionaries is refused when the decoder is made, not blamed on each frame", async () => {
+  const legacyDict = await legacyDictionary();
+  const v2Dict = await v2Dictionary();
+  const zeroed = legacyDict.bytes.slice();
+  zeroed.fill(0, 8);
+  for (
+    const [bytes, file] of [
+      [legacyDict.bytes.slice(0, 1000), "legacy_subscribe.zdict"],
+      [zeroed, "legacy_subscribe.zdict"],
+      [v2Dict.bytes.slice(0, 2000), "subscribe_events_20260811.zdict"],
+    ] as const
+  ) {
+    const refused = new RegExp(
+      `^Cannot use the bytes as a zstd dictionary: they carry the ID \\d+ of Jetstream's ${file}, but are not it \\(${bytes.byteLength} bytes of sha256 [0-9a-f]{64}; it has sha256 [0-9a-f]{64}\\): a damaged or cut-short copy$`,
+    );
+    // (Before: made without a word; then every frame failed as "corrupt or truncated".)
+    await assert.rejects(() => createZstdDecoder(bytes), { name: "TypeError", message: refused });
+    assert.throws(() => new ZstdDecompressionStream({ dictionary: bytes }), {
+      name: "TypeError",
+      message: refused,
+    });
+  }
+  // The whole dictionaries are taken, as before.
+  assert.equal((await createZstdDecoder(legacyDict.bytes)).dictionaryId, LEGACY_DICTIONARY_ID);
+  assert.equal((await createZstdDecoder(v2Dict.bytes)).dictionaryId, V2_DICTIONARY_ID);
+});
+
 Deno.test("`createZstdDecoder()` creates independent decoders concurrently and restores WebAssembly.instantiate", async () => {
   const legacyDict = await legacyDictionary();
   const v2Dict = await v2Dictionary();

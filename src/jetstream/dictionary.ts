@@ -11,21 +11,11 @@
 import { concat, sha256Hex } from "../bytes.ts";
 import { messageWithCause, UsageError } from "../errors.ts";
 import { readEnv } from "../env.ts";
-import { dictionaryIdOf, LEGACY_DICTIONARY_ID } from "./zstd.ts";
+import { dictionaryIdOf, LEGACY_DICTIONARY_ID, LEGACY_DICTIONARY_SHA256 } from "./zstd.ts";
 import { printable } from "./utf8.ts";
 import { isNothingThere } from "../fs.ts";
 
-/**
- * sha256 of the legacy Jetstream dictionary (`legacy_subscribe.zdict`, 112,640 bytes), the same
- * bytes in the v2 repository and the legacy one.
- *
- * @example
- * ```ts
- * import { LEGACY_DICTIONARY_SHA256, resolveZstdDictionary } from "./dictionary.ts";
- * const { bytes } = await resolveZstdDictionary({ expectedSha256: LEGACY_DICTIONARY_SHA256 });
- * ```
- */
-export const LEGACY_DICTIONARY_SHA256 = "b8d77b46933aceecbdd5275a01241efc985c970c78162b8150cf67a26522f70c";
+export { LEGACY_DICTIONARY_SHA256 };
 
 /**
  * The environment variable that names a dictionary file: `JETFILL_ZSTD_DICTIONARY`.

@@ -15,6 +15,7 @@
  *
  * @module
  */
+import { createHash } from "node:crypto";
 import { show } from "../errors.ts";
 
 /**
@@ -41,6 +42,36 @@ export const LEGACY_DICTIONARY_ID = 1612007021;
  * ```
  */
 export const V2_DICTIONARY_ID = 20260811;
+
+/**
+ * Jetstream's published dictionaries by ID: their file names and sha256. Bytes that carry one of
+ * these IDs with another sha256 are a damaged or cut-short copy, which would decode nothing (each
+ * frame would fail as corrupt), so they are refused as a dictionary.
+ */
+const JETSTREAM_DICTIONARIES: ReadonlyMap<number, { file: string; sha256: string }> = new Map([
+  [LEGACY_DICTIONARY_ID, {
+    file: "legacy_subscribe.zdict",
+    sha256: "b8d77b46933aceecbdd5275a01241efc985c970c78162b8150cf67a26522f70c",
+  }],
+  [V2_DICTIONARY_ID, {
+    file: "subscribe_events_20260811.zdict",
+    sha256: "f631a689a829b84b042ba45bcd7a7c2f792467192c5832fcfc1fc48afbec96aa",
+  }],
+]);
+
+/**
+ * sha256 of the legacy Jetstream dictionary (`legacy_subscribe.zdict`, 112,640 bytes), the same
+ * bytes in the v2 repository and the legacy one.
+ *
+ * @example
+ * ```ts
+ * import { LEGACY_DICTIONARY_SHA256 } from "./zstd.ts";
+ * const bytes = await Deno.readFile("legacy_subscribe.zdict");
+ * const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", bytes));
+ * console.log(Array.from(digest, (b) => b.toString(16).padStart(2, "0")).join("") === LEGACY_DICTIONARY_SHA256);
+ * ```
+ */
+export const LEGACY_DICTIONARY_SHA256: string = JETSTREAM_DICTIONARIES.get(LEGACY_DICTIONARY_ID)!.sha256;
 
 /**
  * The default and the largest `maxDecodedBytes`: 32 MiB, the read limit the official Go client
@@ -259,6 +290,15 @@ function decoderSettings(
   options: ZstdDecoderOptions,
 ): { dictionaryId: number; maxDecodedBytes: number } {
   const dictionaryId = dictionaryIdOf(dictionary);
+  const published = JETSTREAM_DICTIONARIES.get(dictionaryId);
+  if (published) {
+    const sha256 = createHash("sha256").update(dictionary).digest("hex");
+    if (sha256 !== published.sha256) {
+      throw new TypeError(
+        `Cannot use the bytes as a zstd dictionary: they carry the ID ${dictionaryId} of Jetstream's ${published.file}, but are not it (${dictionary.byteLength} bytes of sha256 ${sha256}; it has sha256 ${published.sha256}): a damaged or cut-short copy`,
+      );
+    }
+  }
   const maxDecodedBytes = options.maxDecodedBytes ?? DEFAULT_MAX_DECODED_BYTES;
   if (
     !Number.isSafeInteger(maxDecodedBytes) || maxDecodedBytes < 1 ||
