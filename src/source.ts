@@ -21,7 +21,7 @@ import {
   V2_SUBPROTOCOL,
   V2DictionaryError,
 } from "./jetstream/v2.ts";
-import { createZstdDecoder } from "./jetstream/zstd.ts";
+import { createServedDictionaryDecoder, createZstdDecoder } from "./jetstream/zstd.ts";
 import type { BackfillSyncOptions } from "./options.ts";
 import {
   awaitStored,
@@ -54,6 +54,8 @@ async function v2Decoder(
 ): Promise<{ id: number; decode: (bytes: Uint8Array) => Uint8Array } | undefined> {
   if (ctx.v2Dictionary) return ctx.v2Dictionary;
   let bytes: Uint8Array;
+  // What the host served is what it compresses with, whatever its ID: taken as it is.
+  let served = true;
   try {
     const timeoutMs = Math.min(V2_DICTIONARY_TIMEOUT_MS, ctx.o.idleTimeoutMs);
     bytes = (await fetchV2Dictionary(base, ctx.internal.signal, timeoutMs)).bytes;
@@ -74,8 +76,9 @@ async function v2Decoder(
       return undefined;
     }
     bytes = (await resolveZstdDictionary({ dictionary: options.zstdDictionary })).bytes;
+    served = false;
   }
-  const decoder = await createZstdDecoder(bytes);
+  const decoder = served ? await createServedDictionaryDecoder(bytes) : await createZstdDecoder(bytes);
   ctx.v2Dictionary = { id: decoder.dictionaryId, decode: (b) => decoder.decode(b) };
   return ctx.v2Dictionary;
 }

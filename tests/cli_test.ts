@@ -577,6 +577,17 @@ Deno.test("messages on the command line name options by their flags alone, not a
   );
   assert.equal(
     flagsOnly(
+      "Cannot read the zstd dictionary '/tmp/my --notes / backup x.zdict' (from --zstd-dictionary / zstdDictionary)",
+    ),
+    "Cannot read the zstd dictionary '/tmp/my --notes / backup x.zdict' (from --zstd-dictionary)",
+  );
+  // At the end of a sentence too; never a pair said false (it would read as its opposite).
+  assert.equal(flagsOnly("see --kv / kv. Then --strict / strict: true."), "see --kv. Then --strict.");
+  assert.equal(flagsOnly("with --compress / compress: false"), "with --compress / compress: false");
+  // An apostrophe is no quote: the server's --kv / kv is still a pair.
+  assert.equal(flagsOnly("the server's --kv / kv, the run's"), "the server's --kv, the run's");
+  assert.equal(
+    flagsOnly(
       "sync without compression (without --compress / compress: true; on a resume, with --no-compress)",
     ),
     "sync without compression (without --compress; on a resume, with --no-compress)",

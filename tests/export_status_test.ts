@@ -129,7 +129,7 @@ Deno.test("jetfill export --out writes to a named pipe or a device as to stdout 
     // (Before: exit 1, "cannot write /dev/null: Invalid argument", from the fsync, and every message left.)
     const nowhere = await jetfill("export", "--kv", path, "--out", "/dev/null");
     assert.equal(nowhere.code, 0, nowhere.stderr);
-    assert.match(nowhere.stderr, /: 100 events from 2 messages appended to \/dev\/null/);
+    assert.match(nowhere.stderr, /: 100 events from 2 messages written to \/dev\/null/);
     const stored = await store(path, generateCapture({ count: 200, seed: 26 }), 50);
     const fifo = `${dir}/pipe`;
     assert.ok((await new Deno.Command("mkfifo", { args: [fifo] }).output()).success);

@@ -329,8 +329,11 @@ Deno.test("the v2 wire's InvalidRequest is the user's to fix: it fails fast with
 });
 
 /** A v2 server compressing with the v2 dictionary, which it serves; `faults` as the server takes them. */
-async function compressingV2Server(events: JetstreamEvent[], options: { dropEvery?: number } = {}) {
-  const dictionary = (await v2Dictionary()).bytes;
+async function compressingV2Server(
+  events: JetstreamEvent[],
+  options: { dropEvery?: number; dictionary?: Uint8Array } = {},
+) {
+  const dictionary = options.dictionary ?? (await v2Dictionary()).bytes;
   const encoder = await createZstdEncoder(dictionary);
   const utf8 = new TextEncoder();
   return serveEvents(events, {
@@ -360,6 +363,39 @@ Deno.test("a compressed v2-wire sync fetches the v2 dictionary and decodes its f
   assert.deepEqual(
     (await stored(db.path, stats.queueLength)).map((e) => e.time_us),
     events.map((e) => e.time_us),
+  );
+});
+
+Deno.test("a v2 host's own dictionary under the published ID is taken as it serves it, while one given for it is checked", async () => {
+  // A byte near the end changed: not the published subscribe_events_20260811.zdict, but what this
+  // host compresses with, so its frames decode with it.
+  const own = (await v2Dictionary()).bytes.slice();
+  own[own.length - 10] ^= 0x20;
+  const events = capture(300);
+  await using server = await compressingV2Server(events, { dictionary: own });
+  await using db = await tempDb();
+  const stats = await runBackfillSync({
+    instance: v2Url(server.url),
+    kv: db.path,
+    startTimestamp: T0,
+    compress: true,
+  });
+  // (Before this was allowed for: an error stop, "a damaged or cut-short copy", nothing stored.)
+  assert.equal(stats.stopReason, "closed", stats.error);
+  assert.equal(
+    stats.recordsStored,
+    events.filter((e) => e.kind === "commit" && e.commit.collection === "app.bsky.feed.post").length,
+  );
+  assert.ok(stats.bytesDecoded > stats.bytesReceived);
+  // Given by the user, the same bytes are a damaged copy: refused before anything is opened.
+  await using other = await tempDb();
+  await assert.rejects(
+    () =>
+      runBackfillSync({ instance: v2Url(server.url), kv: other.path, compress: true, zstdDictionary: own }),
+    (err: unknown) =>
+      err instanceof UsageError &&
+      /has the ID of Jetstream's subscribe_events_20260811\.zdict \(20260811\) but not its contents: \d+ bytes of sha256 [0-9a-f]{64}, where subscribe_events_20260811\.zdict has sha256 f631a689/
+        .test(err.message),
   );
 });
 

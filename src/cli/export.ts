@@ -43,16 +43,18 @@ Options:
 
 Each message's events are written, flushed and synced to disk before the message is acknowledged,
 so an interrupted export loses nothing (to a pipe or a device, stdout or an --out naming one,
-there is no disk to sync: what the pipe accepted has left the queue). Delivery is at least once: an export killed between the
-sync and the acknowledgement writes that message's events again next time. A partial last line,
+there is no disk to sync: what the pipe accepted has left the queue). Delivery is at least once:
+an export killed between the sync and the acknowledgement writes that message's events again next
+time. A partial last line,
 left by an export killed in the middle of a write, is removed before --out appends; a whole event
 without its newline is kept, and a file that ends in anything else is refused.
 
-Prints a summary on stderr. Exit codes: 0 done (also when the reader of stdout, or of a named pipe
-given to --out, closes it early, as 'export | head' does: the message being written then stays in the queue, but the ones written
-before it have left it, read or not: what the pipe held when its reader quit is gone from the
-queue, so export a copy of the database to peek), 1 runtime failure (such as a write error),
-2 bad input, 130 interrupted by Ctrl-C (143 by SIGTERM, 129 by SIGHUP), after a clean stop.`;
+Prints a summary on stderr. Exit codes: 0 done (also when the reader of stdout, or of a named
+pipe given to --out, closes it early, as 'export | head' does: the message being written then
+stays in the queue, but the ones written before it have left it, read or not: what the pipe held
+when its reader quit is gone from the queue, so export a copy of the database to peek),
+1 runtime failure (such as a write error), 2 bad input, 130 interrupted by Ctrl-C (143 by
+SIGTERM, 129 by SIGHUP), after a clean stop.`;
 
 const FLAGS: FlagSpec = {
   kv: { type: "string" },
@@ -217,10 +219,15 @@ async function lastLine(
  * more than `r.records` when a delivery's handling could not be recorded after its events were
  * written (KV delivers it again).
  */
-export function exportSummary(r: ConsumeResult, out: string | undefined, written = r.records): string {
+export function exportSummary(
+  r: ConsumeResult,
+  out: string | undefined,
+  written = r.records,
+  stream = false,
+): string {
   const parts = [
     `${counted(r.records, "event")} from ${counted(r.messages, "message")} ${
-      out ? `appended to ${out}` : "written"
+      out ? `${stream ? "written" : "appended"} to ${out}` : "written"
     }`,
   ];
   if (r.duplicates > 0) {
@@ -354,7 +361,7 @@ export async function exportCommand(args: string[]): Promise<number> {
     removeSignals();
     sink.close();
   }
-  console.error(exportSummary(result, out, written));
+  console.error(exportSummary(result, out, written, sink.stream));
   if (await databaseExists(path)) {
     // Messages whose handling failed every retry are kept aside, not exported: say so.
     const kv = await openKvAt(path);

@@ -69,8 +69,9 @@ export function counted(n: number, noun: string, plural = `${noun}s`): string {
  */
 export function flagsOnly(message: string): string {
   // Not within a quoted value (a path, a server's text), which is the user's or the server's.
-  // (Double quotes only: a single one is as often an apostrophe.)
-  return message.split(/("(?:[^"\\]|\\.)*")/).map((part, i) =>
-    i % 2 === 1 ? part : part.replace(/(--[a-z][\w-]*) \/ [a-z]\w*(?:: true)?(?![\w/.-])/g, "$1")
+  // A single quote opens or closes a value only where no letter touches it on that side: one within a
+  // word ("the server's") is an apostrophe.
+  return message.split(/("(?:[^"\\]|\\.)*"|(?<!\w)'[^']*'(?!\w))/).map((part, i) =>
+    i % 2 === 1 ? part : part.replace(/(--[a-z][\w-]*) \/ [a-z]\w*(?:: true)?(?![\w/:-]|\.\w)/g, "$1")
   ).join("");
 }

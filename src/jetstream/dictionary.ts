@@ -11,7 +11,12 @@
 import { concat, sha256Hex } from "../bytes.ts";
 import { messageWithCause, UsageError } from "../errors.ts";
 import { readEnv } from "../env.ts";
-import { dictionaryIdOf, LEGACY_DICTIONARY_ID, LEGACY_DICTIONARY_SHA256 } from "./zstd.ts";
+import {
+  dictionaryIdOf,
+  LEGACY_DICTIONARY_ID,
+  LEGACY_DICTIONARY_SHA256,
+  publishedDictionary,
+} from "./zstd.ts";
 import { printable } from "./utf8.ts";
 import { isNothingThere } from "../fs.ts";
 
@@ -174,7 +179,7 @@ export async function resolveZstdDictionary(
     }
     const what = "The zstd dictionary given as bytes";
     const dictionaryId = checkDictionary(options.dictionary, what);
-    await checkLegacyContents(options.dictionary, dictionaryId, what);
+    await checkPublishedContents(options.dictionary, dictionaryId, what);
     return { bytes: options.dictionary, dictionaryId, source: "option" };
   }
   const fromEnv = env(ZSTD_DICTIONARY_ENV);
@@ -277,21 +282,26 @@ async function readGivenDictionary(
   }
   const what = `The file '${path}' (from ${via})`;
   const dictionaryId = checkDictionary(bytes, what);
-  await checkLegacyContents(bytes, dictionaryId, what);
+  await checkPublishedContents(bytes, dictionaryId, what);
   return { bytes, dictionaryId, source, path };
 }
 
 /**
- * Refuses a dictionary that bears the legacy dictionary's ID without being it: a copy cut off or
- * damaged on its way, with which every frame would fail to decode, or decode to garbage.
+ * Refuses a dictionary that bears the ID of one of Jetstream's published dictionaries (the legacy one,
+ * the v2 one) without being it: a copy cut off or damaged on its way, with which every frame would
+ * fail to decode, or decode to garbage.
  */
-async function checkLegacyContents(bytes: Uint8Array, dictionaryId: number, what: string): Promise<void> {
-  if (dictionaryId !== LEGACY_DICTIONARY_ID) return;
+async function checkPublishedContents(bytes: Uint8Array, dictionaryId: number, what: string): Promise<void> {
+  const published = publishedDictionary(dictionaryId);
+  if (published === undefined) return;
   const actual = await sha256Hex(bytes);
-  if (actual === LEGACY_DICTIONARY_SHA256) return;
+  if (actual === published.sha256) return;
+  const name = dictionaryId === LEGACY_DICTIONARY_ID
+    ? "the legacy Jetstream dictionary"
+    : `Jetstream's ${published.file}`;
   throw new UsageError(
-    `${what} has the ID of the legacy Jetstream dictionary (${LEGACY_DICTIONARY_ID}) but not its contents: ` +
-      `${bytes.byteLength} bytes of sha256 ${actual}, where legacy_subscribe.zdict has sha256 ${LEGACY_DICTIONARY_SHA256} ` +
+    `${what} has the ID of ${name} (${dictionaryId}) but not its contents: ` +
+      `${bytes.byteLength} bytes of sha256 ${actual}, where ${published.file} has sha256 ${published.sha256} ` +
       "(a damaged or cut-off copy?)",
   );
 }

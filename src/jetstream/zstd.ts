@@ -74,6 +74,19 @@ const JETSTREAM_DICTIONARIES: ReadonlyMap<number, { file: string; sha256: string
 export const LEGACY_DICTIONARY_SHA256: string = JETSTREAM_DICTIONARIES.get(LEGACY_DICTIONARY_ID)!.sha256;
 
 /**
+ * The file name and sha256 of the Jetstream dictionary published under `dictionaryId`, if any.
+ *
+ * @example
+ * ```ts
+ * import { LEGACY_DICTIONARY_ID, publishedDictionary } from "./zstd.ts";
+ * publishedDictionary(LEGACY_DICTIONARY_ID)?.file; // "legacy_subscribe.zdict"
+ * ```
+ */
+export function publishedDictionary(dictionaryId: number): { file: string; sha256: string } | undefined {
+  return JETSTREAM_DICTIONARIES.get(dictionaryId);
+}
+
+/**
  * The default and the largest `maxDecodedBytes`: 32 MiB, the read limit the official Go client
  * applies to decoded messages.
  *
@@ -260,7 +273,10 @@ export function dictionaryIdOf(dictionary: Uint8Array): number {
  * the decoder.
  *
  * Frames that name no dictionary are decoded with this one too; frames that name another
- * dictionary are rejected before decoding, naming both IDs.
+ * dictionary are rejected before decoding, naming both IDs. Rejects with a `TypeError` bytes that
+ * are not a structured zstd dictionary, or that carry the ID of one of Jetstream's published
+ * dictionaries without being it (a damaged or cut-short copy), and with a `RangeError` a
+ * `maxDecodedBytes` out of range.
  *
  * @example
  * ```ts
@@ -284,18 +300,32 @@ export async function createZstdDecoder(
   return new WasmDecoder(wasm, dictionary, dictionaryId, maxDecodedBytes);
 }
 
-/** A decoder's dictionary ID and limit, checked; throws as {@linkcode createZstdDecoder} documents. */
+/**
+ * A decoder for the dictionary a host served (a v2 host's `getZstdDictionary`): the host compresses
+ * with what it serves, so bytes under the ID of a published dictionary are taken as they are, where
+ * {@linkcode createZstdDecoder} refuses a copy that is not the published one.
+ */
+export async function createServedDictionaryDecoder(dictionary: Uint8Array): Promise<ZstdDecoder> {
+  const { dictionaryId, maxDecodedBytes } = decoderSettings(dictionary, {}, false);
+  return new WasmDecoder(await instantiate(), dictionary, dictionaryId, maxDecodedBytes);
+}
+
+/**
+ * A decoder's dictionary ID and limit, checked; throws as {@linkcode createZstdDecoder} documents
+ * (`published` false: without comparing bytes under a published dictionary's ID with it).
+ */
 function decoderSettings(
   dictionary: Uint8Array,
   options: ZstdDecoderOptions,
+  published = true,
 ): { dictionaryId: number; maxDecodedBytes: number } {
   const dictionaryId = dictionaryIdOf(dictionary);
-  const published = JETSTREAM_DICTIONARIES.get(dictionaryId);
-  if (published) {
+  const known = published ? JETSTREAM_DICTIONARIES.get(dictionaryId) : undefined;
+  if (known) {
     const sha256 = createHash("sha256").update(dictionary).digest("hex");
-    if (sha256 !== published.sha256) {
+    if (sha256 !== known.sha256) {
       throw new TypeError(
-        `Cannot use the bytes as a zstd dictionary: they carry the ID ${dictionaryId} of Jetstream's ${published.file}, but are not it (${dictionary.byteLength} bytes of sha256 ${sha256}; it has sha256 ${published.sha256}): a damaged or cut-short copy`,
+        `Cannot use the bytes as a zstd dictionary: they carry the ID ${dictionaryId} of Jetstream's ${known.file}, but are not it (${dictionary.byteLength} bytes of sha256 ${sha256}; it has sha256 ${known.sha256}): a damaged or cut-short copy`,
       );
     }
   }
@@ -381,8 +411,9 @@ export class ZstdDecompressionStream
   extends TransformStream<ArrayBufferView | ArrayBuffer, Uint8Array<ArrayBuffer>> {
   /**
    * Creates the stream; WebAssembly starts loading at once and the first chunk waits for it. Throws
-   * `TypeError` for a dictionary that is not a structured zstd dictionary and `RangeError` for a
-   * `maxDecodedBytes` out of range.
+   * `TypeError` for a dictionary that is not a structured zstd dictionary (or carries the ID of one
+   * of Jetstream's published dictionaries without being it) and `RangeError` for a `maxDecodedBytes`
+   * out of range.
    */
   constructor(init: ZstdDecompressionStreamInit) {
     let decoder: ZstdDecoder | undefined;

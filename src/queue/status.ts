@@ -224,11 +224,12 @@ async function smallerFigure(
 /**
  * Reads a queue's checkpoint, counters, per-day counts, dead letters and last run. Reading takes
  * a consistent view of each part, not of all of them together: the checkpoint, the counters, the
- * parked messages and Deno KV's queue are read again when the counters moved meanwhile (up to four
- * times), so that stored, handled and waiting add up (`steady` says whether they could be read so);
- * other figures read while a sync or a consumer runs may be a commit apart. A queue name that breaks `queueName`'s rule, or that the
- * database has never held when it holds other queues (a mistyped name), is refused with a
- * `UsageError`.
+ * per-day counts, the dead letters, the parked messages and Deno KV's queue are read again when the
+ * counters moved meanwhile (up to four times), so that stored, handled and waiting add up
+ * (`steady` says whether they could be read so); the writer lock and the last run, read after
+ * them while a sync or a consumer runs, may be a commit apart. A queue name that breaks
+ * `queueName`'s rule, or that the database has never held when it holds other queues (a mistyped
+ * name), is refused with a `UsageError`.
  *
  * @example
  * ```ts
