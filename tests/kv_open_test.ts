@@ -304,3 +304,26 @@ try {
   );
   assert.equal(await Deno.stat(`${dir}/data`).catch(() => null), null);
 });
+
+Deno.test("openKvAt() and the commands refuse a device or a named pipe as the database, as bad input", async () => {
+  await using db = await tempDb();
+  const fifo = `${db.dir}/pipe`;
+  assert.ok((await new Deno.Command("mkfifo", { args: [fifo] }).output()).success);
+  for (const path of ["/dev/null", fifo]) {
+    await assert.rejects(
+      () => openKvAt(path),
+      (err: unknown) =>
+        err instanceof UsageError &&
+        err.message ===
+          `Cannot open the Deno KV database ${
+            JSON.stringify(path)
+          }: it is not a file (a device, a pipe or a socket); give a Deno KV database file`,
+    );
+  }
+  // (Before: "disk I/O error", exit 1.)
+  for (const args of [["sync", "--max-time", "1"], ["export"]]) {
+    const r = await runCli([...args, "--kv", fifo]);
+    assert.equal(r.code, 2, r.stderr);
+    assert.match(r.stderr, /it is not a file \(a device, a pipe or a socket\)/);
+  }
+});

@@ -313,6 +313,14 @@ export async function openKvAt(path: string): Promise<Deno.Kv> {
       });
     }
     const info = await Deno.stat(file).catch(() => undefined);
+    // (A folder is said below, as SQLite's refusal of it is.)
+    if (info && !info.isFile && !info.isDirectory) {
+      throw new UsageError(
+        `Cannot open the Deno KV database ${
+          JSON.stringify(path)
+        }: it is not a file (a device, a pipe or a socket); give a Deno KV database file`,
+      );
+    }
     // Only a speed-up: where it cannot be done, Deno KV creates the database as it always does.
     if (!info) await createDatabase(file).catch(() => {});
     else if (info.isFile && info.size > 0 && !checkedDatabases.has(file)) {
