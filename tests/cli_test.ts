@@ -111,6 +111,10 @@ const BAD: [string[], RegExp][] = [
   ],
   // The command line gives a database by its path, never a Deno.Kv.
   [["sync", "--kv", ""], /: --kv must be a database path: current value is ""$/m],
+  [
+    ["sync", "--compress", "--zstd-dictionary", ""],
+    /: --zstd-dictionary must be a file path: current value is ""$/m,
+  ],
   [["sync", "--queue-name", "a b"], /: --queue-name must be /],
   // Gone, with what it stored, when the command ends.
   [["sync", "--kv", ":memory:"], /: --kv must be a database file: current value is ":memory:"/],
@@ -897,4 +901,56 @@ Deno.test("a switch given twice is taken once, while a flag with a value given t
     () => parseFlags("sync", ["--start", "a", "--start", "b"], spec),
     /^UsageError: --start is given more than once; it takes one value/,
   );
+});
+
+Deno.test("jetfill sync says the first 20 selected events too large for it, then counts the rest (all with --verbose)", async () => {
+  const events = Array.from(
+    { length: 50 },
+    (_, i) => commit(T0 + i * 1000, { text: `post ${i} ${"x".repeat(200)}` }),
+  );
+  await using server = serveEvents(events, { closeAtEnd: true });
+  for (const verbose of [false, true]) {
+    await using db = await tempDb();
+    const run = await runCli(
+      syncArgs(
+        server.url,
+        db.path,
+        T0,
+        "--max-event-bytes",
+        "100",
+        "--json",
+        ...(verbose ? ["--verbose"] : []),
+      ),
+    );
+    assert.equal(run.code, 0, run.stderr);
+    assert.equal(JSON.parse(run.stdout).skipped.oversized, 50);
+    const said = run.stderr.split("\n").filter((l) => /event limit/.test(l));
+    // (Before: one line for each, however many; a run of thousands printed thousands.)
+    assert.equal(said.length, verbose ? 50 : 20, run.stderr);
+    if (!verbose) {
+      assert.match(
+        said[19],
+        /\(the 20th said; later ones are only counted, in the statistics' skipped\.oversized/,
+      );
+    }
+  }
+});
+
+Deno.test("--kind and --operation take comma lists, as --did and --collection do", async () => {
+  const { syncOptionsFromFlags } = await import("../src/cli/sync.ts");
+  const { parseFlags } = await import("../src/cli/args.ts");
+  const spec = {
+    kind: { type: "string", multiple: true },
+    operation: { type: "string", multiple: true },
+  } as const;
+  const options = await syncOptionsFromFlags(
+    parseFlags(
+      "sync",
+      ["--kind", "commit,identity", "--kind", "account", "--operation", "create, delete"],
+      spec,
+    ),
+  );
+  // (Before: --kind must be one of commit, identity, account: current value is "commit,identity".)
+  assert.deepEqual(options.kinds, ["commit", "identity", "account"]);
+  assert.deepEqual(options.operations, ["create", "delete"]);
 });

@@ -26,16 +26,20 @@ const HELP = `Usage: jetfill sync [options]
 Copy the Jetstream events you select into a Deno KV queue, then print statistics.
 
 Selection:
-  --did DID               keep this DID (did:plc: or did:web:); repeatable
+  --did DID               keep this DID (did:plc: or did:web:); repeatable, or a comma list
   --dids-file PATH        DIDs to keep, one per line (blank lines and # comments skipped)
-  --collection NSID       keep this collection, or a prefix like app.bsky.graph.*; repeatable;
-                          '*' keeps every collection
+  --collection NSID       keep this collection, or a prefix like app.bsky.graph.*; repeatable,
+                          or a comma list; '*' keeps every collection
                           (default app.bsky.feed.post)
-  --kind KIND             commit, identity or account; repeatable (default commit)
-  --operation OP          keep commits of this operation: create, update or delete; repeatable
+  --kind KIND             commit, identity or account; repeatable, or a comma list (default commit)
+  --operation OP          keep commits of this operation: create, update or delete; repeatable,
+                          or a comma list
                           (default all three: a deleted post is a delete commit, with no record)
   --start TIME            start here (sent as the cursor), in UTC: ${
-  TIMESTAMP_FORMATS.replace(", ISO", ",\n                          ISO")
+  TIMESTAMP_FORMATS.replace(", ISO", ",\n                          ISO").replace(
+    ", or integer",
+    ",\n                          or integer",
+  )
 }
   --end TIME              stop at the first event at or after this time (not stored); Jetstream
                           filters on the server, so with a narrow selection that event can be
@@ -55,11 +59,13 @@ Connection:
   --no-compress           with --resume, do not (when the last run did)
   --zstd-dictionary PATH  the zstd dictionary for --compress (else $JETFILL_ZSTD_DICTIONARY, a
                           cached copy, or a download verified by its sha256)
-  --idle-timeout SECONDS  reconnect when no progress (a message, or bytes of one) for this long (default 60);
-                          doubled after each idle end without a new event, up to 16 times
+  --idle-timeout SECONDS  reconnect when no progress (a message, or bytes of one) for this long
+                          (default 60); doubled after each idle end without a new event, up to
+                          16 times
   --max-retries N         retries in a row without progress before giving up (default 10)
   --max-time SECONDS      stop after this long, even when nothing arrives (default 900)
-  --max-event-bytes N     skip (and count) selected events of more UTF-8 bytes (default 1048576, at most 33554432)
+  --max-event-bytes N     skip (and count) selected events of more UTF-8 bytes (default 1048576,
+                          at most 33554432)
 
 Queue:
   --kv PATH               Deno KV database (default ./jetfill-data/<queue-name>.sqlite; missing
@@ -76,8 +82,9 @@ Queue:
                           again a window this queue's last run stored (refused otherwise)
 
 The original Python CLI's flags are taken too: -c/--wanted-collections (--collection),
--d/--wanted-dids (--did; a comma list too, as --did and --collection take), -s/--start-timestamp
-(--start), -e/--end-timestamp (--end), -n/--num-records (--limit), -i (--instance), -t (--max-time).
+-d/--wanted-dids (--did; a comma list too, as --did, --collection, --kind and --operation take),
+-s/--start-timestamp (--start), -e/--end-timestamp (--end), -n/--num-records (--limit),
+-i (--instance), -t (--max-time).
 
 Output:
   --json                  print the statistics as JSON on stdout
@@ -88,9 +95,9 @@ Environment: HTTPS_PROXY (wss://) or HTTP_PROXY (ws://), an http:// proxy tunnel
 (http://user:password@host:port when it wants credentials), and NO_PROXY; loopback hosts never go
 through a proxy.
 
-Exit codes: 0 done, 1 runtime failure, 2 bad input, 130 interrupted by Ctrl-C (143 by SIGTERM, 129 by
-SIGHUP), after storing what the server sent before it saw the close (a second Ctrl-C exits at once,
-leaving the rest to --resume).`;
+Exit codes: 0 done, 1 runtime failure, 2 bad input, 130 interrupted by Ctrl-C (143 by SIGTERM,
+129 by SIGHUP), after storing what the server sent before it saw the close (a second Ctrl-C exits
+at once, leaving the rest to --resume).`;
 
 /** The original Python CLI's flags (protocol doc's peers.md, `backfill_sync_cli`), and jetfill's. */
 const ORIGINAL_FLAGS: Record<string, string> = {
@@ -226,7 +233,9 @@ function commaLists(flag: string, values: unknown): string[] {
 export async function syncOptionsFromFlags(v: Record<string, unknown>): Promise<BackfillSyncOptions> {
   // A comma list, as the original's --wanted-dids took (no DID or NSID holds a comma).
   const dids = commaLists("did", v.did);
-  if (v.collection !== undefined) v.collection = commaLists("collection", v.collection);
+  for (const flag of ["collection", "kind", "operation"] as const) {
+    if (v[flag] !== undefined) v[flag] = commaLists(flag, v[flag]);
+  }
   if (v["dids-file"] !== undefined) {
     const path = v["dids-file"] as string;
     const listed = await readListFile("dids-file", path);
@@ -288,6 +297,9 @@ function stderrColumns(): number {
     return Number.POSITIVE_INFINITY;
   }
 }
+
+/** How many selected events left out as too large `sync` reports one by one without --verbose. */
+const OVERSIZED_SAID = 20;
 
 /** Erases the progress line, when there is one, before a line of text goes to stderr. */
 const CLEAR_LINE = new TextEncoder().encode("\r\x1b[2K");
@@ -364,10 +376,9 @@ export function inFlagTerms(message: string, didsFlag: string): string {
   if (named && flag(named[1])) {
     // The rule may name other options ("must be after 'startTimestamp'"): by their flags too, but
     // not in the value quoted after it.
-    // The command line gives the database as a path only.
-    const rule = named[1] === "kv"
-      ? message.replace("a Deno.Kv or a database path", "a database path")
-      : message;
+    // The command line gives the database and the dictionary as paths only.
+    const rule = message.replace("a Deno.Kv or a database path", "a database path")
+      .replace("a file path or the dictionary's bytes", "a file path");
     const cut = rule.includes(": current value is ") ? rule.indexOf(": current value is ") : rule.length;
     // A number checked by the library was typed as text: quoted, as the command line's own checks do.
     return rule.slice(0, cut)
@@ -461,22 +472,27 @@ export async function syncCommand(args: string[]): Promise<number> {
   }
   // Skip reasons already warned of, without --verbose.
   const warned = new Set<string>();
+  // Selected events left out as too large, said so far without --verbose.
+  let oversized = 0;
   options.onError = (r) => {
-    // Data that cannot be had or is left out, and a queue that already holds records: always said.
+    // Data that cannot be had or is left out, and a queue that already holds records: always said
+    // (selected events too large for the queue: the first OVERSIZED_SAID, then only counted).
     // Other frames skipped: the first of each reason, then only counted (every one with --verbose).
-    const first = !v.verbose && isSkipReason(r.reason) && !warned.has(r.reason);
+    const first = !v.verbose && isSkipReason(r.reason) && r.reason !== "oversized" && !warned.has(r.reason);
     if (first) warned.add(r.reason);
-    const label = r.reason === "queue"
-      ? "note: "
-      : r.reason === "coverage" || r.reason === "oversized" || r.reason === "lock" || first
+    const lastOversized = !v.verbose && r.reason === "oversized" && ++oversized === OVERSIZED_SAID;
+    const label = r.reason === "queue" ? "note: " : r.reason === "coverage" || r.reason === "lock" || first ||
+        (r.reason === "oversized" && (v.verbose || oversized <= OVERSIZED_SAID))
       ? "warning: "
       : r.reason === "connection" || r.reason === "retry" || v.verbose
       ? ""
       : undefined;
     if (label === undefined) return;
     if (live) Deno.stderr.writeSync(CLEAR_LINE);
-    const more = first && r.reason !== "oversized"
+    const more = first
       ? ` (skipped; later ${r.reason} frames are only counted, in the statistics' skipped: --verbose reports each)`
+      : lastOversized
+      ? ` (the ${OVERSIZED_SAID}th said; later ones are only counted, in the statistics' skipped.oversized: --verbose reports each)`
       : "";
     console.error(`jetfill sync: ${label}${flagsOnly(r.message)}${more}`);
   };
