@@ -736,7 +736,11 @@ function endNotReached(o: ResolvedSyncOptions, lastUs: number | null, quietMs: n
       : `the last one processed is at ${isoFromUs(lastUs)}, and nothing new came in the last ${
         Math.floor(quietMs / 1000)
       } s`
-  }). What came before it is stored, and a resume (--resume / resume: true) goes on from there. With a narrow selection (a few quiet accounts, a rare collection) this happens even when the window is complete: Jetstream filters on the server, so the event that would show the end can be long in coming`;
+  }).${
+    lastUs === null
+      ? ""
+      : " What came before it is stored, and a resume (--resume / resume: true) goes on from there."
+  } With a narrow selection (a few quiet accounts, a rare collection) this happens even when the window is complete: Jetstream filters on the server, so the event that would show the end can be long in coming`;
 }
 
 /** The run's statistics, recorded for `jetfill status` as the writer lock is given back. */
@@ -880,7 +884,7 @@ async function loadGivenDecoder(
     // maxTime ran out during the download (a network that hangs): the dictionary is what is missing.
     const missing = limit.aborted && !options.signal?.aborted
       ? noDictionaryError(
-        `Its download had not finished when maxTime (--max-time, ${maxTimeMs / 1000} s) ran out.`,
+        `Its download had not finished when --max-time / maxTime (${maxTimeMs / 1000} s) ran out.`,
         err,
         "runtime",
       )

@@ -234,6 +234,27 @@ Deno.test("runBackfillSync() whose past end no event shows stops at maxTime and 
   assert.match(said[0].message, /narrow selection .* Jetstream filters on the server/);
 });
 
+Deno.test("runBackfillSync() whose end is not reached with no event at all does not say that anything was stored", async () => {
+  // A server with nothing to send for the window.
+  await using server = serveEvents([]);
+  await using db = await tempDb();
+  const { stats, reports } = await syncReporting({
+    instance: server.url,
+    kv: db.path,
+    startTimestamp: T0,
+    endTimestamp: T0 + 100 * MINUTE,
+    idleTimeout: 0.2,
+    maxTime: 1.5,
+  });
+  assert.equal(stats.stopReason, "max_time", stats.error);
+  assert.equal(stats.recordsStored, 0);
+  const said = reports.filter((r) => r.reason === "coverage" && r.message.startsWith("the end, "));
+  assert.equal(said.length, 1, JSON.stringify(reports));
+  assert.match(said[0].message, /no event at or after it came \(nor any other\)\. With a narrow selection/);
+  // (Before: "What came before it is stored, and a resume goes on from there", of a run that stored nothing.)
+  assert.doesNotMatch(said[0].message, /is stored/);
+});
+
 Deno.test("runBackfillSync() stopped by maxTime while events still come says nothing of its past end", async () => {
   // A busy backfill that runs out of time: no quiet spell, so no word about a narrow selection.
   const lines = generateCapture({ count: 60_000, seed: 3, startUs: T0, stepUs: 1000 });
@@ -1064,7 +1085,10 @@ Deno.test("runBackfillSync() measures maxEventBytes in UTF-8 bytes, not characte
   const bytes = new TextEncoder().encode(JSON.stringify(wide)).length;
   assert.ok(
     reports.some((m) =>
-      m === `event at time_us ${T0 + 1} of ${bytes} bytes is over the 5000-byte event limit (maxEventBytes)`
+      m ===
+        `event at time_us ${
+          T0 + 1
+        } of ${bytes} bytes is over the 5000-byte event limit (--max-event-bytes / maxEventBytes)`
     ),
     reports[0],
   );

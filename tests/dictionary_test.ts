@@ -301,7 +301,10 @@ Deno.test("`resolveZstdDictionary()` says how to provide the dictionary when not
         // A failed download is the network's failure, not bad input (the CLI exits 1).
         assert.ok(error instanceof Error && !(error instanceof UsageError), String(error));
         assert.match(error.message, /--zstd-dictionary PATH/);
-        assert.match(error.message, /the zstdDictionary option/);
+        assert.match(
+          error.message,
+          /with --zstd-dictionary \/ zstdDictionary \(a path\), or the JETFILL_ZSTD_DICTIONARY/,
+        );
         assert.match(error.message, /JETFILL_ZSTD_DICTIONARY/);
         assert.ok(
           error.message.includes(

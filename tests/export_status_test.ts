@@ -298,7 +298,7 @@ Deno.test("jetfill export --follow picks up what another process enqueues and ex
     assert.equal(result.code, 130, stderr);
     assert.match(
       stderr,
-      /^jetfill export: no database at \S*q\.sqlite yet; made it empty, and waiting for a sync to write queue 'jetstream_sync' there/,
+      /^jetfill export: no database at \S*q\.sqlite yet; made an empty one, and waiting for a sync to write queue 'jetstream_sync' there/,
     );
     assert.match(stderr, /90 events from 9 messages/);
     assert.deepEqual(lines(await Deno.readTextFile(out)), expected);
@@ -325,7 +325,7 @@ Deno.test("jetfill export --follow on an empty file says it made the file a data
     assert.equal((await child.status).code, 130);
     assert.equal(
       said[0],
-      `jetfill export: the database ${path} is an empty file yet; made it a database, and waiting for a sync to write queue 'jetstream_sync' there (Ctrl-C stops)`,
+      `jetfill export: the database ${path} is an empty file; made it an empty database, and waiting for a sync to write queue 'jetstream_sync' there (Ctrl-C stops)`,
     );
   } finally {
     await Deno.remove(dir, { recursive: true });
@@ -632,6 +632,17 @@ Deno.test("status says when the queue changed all through the reading, and then 
   const still = formatStatus({ ...moving, steady: true }, "q.sqlite");
   assert.doesNotMatch(still, /^note /m);
   assert.match(still, /^taken elsewhere +100 records in 1 message /m);
+  // The last run's line counts in the singular too. (Before: "1 records in 1 messages".)
+  const one = formatStatus({
+    ...moving,
+    lastRun: {
+      id: "r1",
+      finishedAt: "2026-12-02T10:00:00.000Z",
+      options: {},
+      stats: { recordsStored: 1, messagesEnqueued: 1, totalTime: 0.5, stopReason: "limit" },
+    },
+  }, "q.sqlite");
+  assert.match(one, /^ {2}stored +1 record in 1 message, 0\.50 s, stop reason limit$/m);
 });
 
 Deno.test("status ties a held lock file to the writer only when the writer said it holds one", () => {

@@ -81,7 +81,7 @@ Deno.test("a sync's queueLength counts what Deno KV's queue holds: messages a pl
     // The readable status says where the rest went, so that its figures add up.
     assert.ok(
       formatStatus(status, db.path).split("\n").includes(
-        "taken elsewhere     300 records in 6 messages (by a reader other than consume(), such as a plain listenQueue)",
+        "taken elsewhere     300 records in 6 messages (by a reader other than jetfill export and consume(), such as a plain listenQueue)",
       ),
       formatStatus(status, db.path),
     );

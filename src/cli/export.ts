@@ -300,8 +300,8 @@ export async function exportCommand(args: string[]): Promise<number> {
     console.error(
       `jetfill export: ${
         (await pathExists(path))
-          ? `the database ${path} is an empty file yet; made it a database`
-          : `no database at ${path} yet; made it empty`
+          ? `the database ${path} is an empty file; made it an empty database`
+          : `no database at ${path} yet; made an empty one`
       }, and waiting for a sync to write queue '${queue}' there (Ctrl-C stops)`,
     );
   }

@@ -65,8 +65,8 @@ Faults (all off by default, all deterministic):
                       healthy legacy server does (a cursor skips the events before it in time)
 
 Prints one line, "listening on ws://HOST:PORT/subscribe" (with --v2, "... and
-ws://HOST:PORT/xrpc/network.bsky.jetstream.subscribeEvents"), once ready; runs until SIGINT, SIGTERM or
-SIGHUP.`;
+ws://HOST:PORT/xrpc/network.bsky.jetstream.subscribeEvents"), once ready; runs until SIGINT,
+SIGTERM or SIGHUP.`;
 
 const FLAGS: FlagSpec = {
   file: { type: "string" },

@@ -35,10 +35,11 @@ KV's queue, for a consumer to take in seq order), deadLetters and deadRecords (m
 delivering), queueLength (messages not handled, dead letters included, as a sync reports it;
 the waiting ones are counted in Deno KV's queue, so those a plain listenQueue took do not count),
 recordsPerDay ({ "YYYY-MM-DD": records }), steady (false when a sync or a consumer changed the
-queue all through the reading: the figures may then be a few commits apart), writer (the sync holding the queue's writer lock:
-{ run, since, lastSeen, lockFile }, or null when none does; a lastSeen over 10 s old is a crashed
-sync, unless it holds the lock file (lockFile true) and the lock file is held), lockFile ({ path,
-held }: held while a sync's process is alive, even paused; null when there is none to look at),
+queue all through the reading: the figures may then be a few commits apart), writer (the sync
+holding the queue's writer lock: { run, since, lastSeen, lockFile }, or null when none does; a
+lastSeen over 10 s old is a crashed sync, unless it holds the lock file (lockFile true) and the
+lock file is held), lockFile ({ path, held }: held while a sync's process is alive, even paused;
+null when there is none to look at),
 lastRun ({ id, finishedAt, options, stats } with the sync's own statistics as
 'jetfill sync --json' printed them, or null).
 
@@ -107,7 +108,9 @@ export function formatStatus(s: QueueStatus, path: string, lockFile: StatusJson[
     lines.push(
       `taken elsewhere     ${
         counted(s.recordsStored - s.recordsHandled - s.recordsWaiting - s.deadRecords, "record")
-      } in ${counted(elsewhere, "message")} (by a reader other than consume(), such as a plain listenQueue)`,
+      } in ${
+        counted(elsewhere, "message")
+      } (by a reader other than jetfill export and consume(), such as a plain listenQueue)`,
     );
   }
   const days = Object.entries(s.recordsPerDay).sort();
@@ -147,7 +150,9 @@ export function formatStatus(s: QueueStatus, path: string, lockFile: StatusJson[
     const latest = typeof st.latestCursor === "number" ? ` up to ${isoFromUs(st.latestCursor)}` : "";
     lines.push(
       `last run            ${s.lastRun.id}, finished ${s.lastRun.finishedAt}`,
-      `  stored            ${st.recordsStored} records in ${st.messagesEnqueued} messages${latest}, ${
+      `  stored            ${counted(Number(st.recordsStored), "record")} in ${
+        counted(Number(st.messagesEnqueued), "message")
+      }${latest}, ${
         typeof st.totalTime === "number" ? st.totalTime.toFixed(2) : "?"
       } s, stop reason ${st.stopReason}${st.error ? `: ${flagsOnly(String(st.error))}` : ""}`,
       `  options           ${entries(s.lastRun.options)}`,

@@ -125,7 +125,7 @@ function oversizedFrameMessage(frame: OversizedFrame): string {
 function oversizedEventMessage(at: string | undefined, size: number, chars: boolean, limit: number): string {
   return `event ${at ? `at time_us ${at} ` : ""}of ${
     chars ? `${size} characters (so at least as many bytes)` : `${size} bytes`
-  } is over the ${limit}-byte event limit (maxEventBytes)`;
+  } is over the ${limit}-byte event limit (--max-event-bytes / maxEventBytes)`;
 }
 
 /** What is wrong with an event that {@link shapeProblem} refuses (`maxTimeUs` as given to it). */
@@ -335,7 +335,7 @@ export async function readConnection(
                 "oversized",
                 `frame of ${frame.byteLength} bytes decodes to more than ${DEFAULT_MAX_DECODED_BYTES} bytes, ${
                   o.maxEventBytes < DEFAULT_MAX_DECODED_BYTES
-                    ? `over the ${o.maxEventBytes}-byte event limit (maxEventBytes)`
+                    ? `over the ${o.maxEventBytes}-byte event limit (--max-event-bytes / maxEventBytes)`
                     : "the most a compressed frame is decoded to"
                 }`,
               );
