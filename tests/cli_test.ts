@@ -954,3 +954,29 @@ Deno.test("--kind and --operation take comma lists, as --did and --collection do
   assert.deepEqual(options.kinds, ["commit", "identity", "account"]);
   assert.deepEqual(options.operations, ["create", "delete"]);
 });
+
+Deno.test("jetfill serve without the permissions it needs says which, and nothing else (exit 2)", async () => {
+  const cli = new URL("../cli.ts", import.meta.url).pathname;
+  const run = async (...flags: string[]) => {
+    const out = await new Deno.Command(Deno.execPath(), {
+      args: ["run", "--no-prompt", ...flags, cli, "serve", "--file", CAPTURE_FILE, "--port", "0"],
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    return { code: out.code, stderr: new TextDecoder().decode(out.stderr) };
+  };
+  // (Before: "--file is not a valid capture: Requires read access …", of a valid capture.)
+  const noRead = await run("--allow-net");
+  assert.equal(noRead.code, 2, noRead.stderr);
+  assert.match(
+    noRead.stderr,
+    /^jetfill serve: --file ".*" cannot be read: Requires read access to .*--allow-read flag\n$/,
+  );
+  // (Before: "… run again with the --allow-net flag (see --hostname and --port)".)
+  const noNet = await run("--allow-read");
+  assert.equal(noNet.code, 2, noNet.stderr);
+  assert.match(
+    noNet.stderr,
+    /^jetfill serve: Cannot serve on 127\.0\.0\.1:0: Requires net access to .*--allow-net flag\n$/,
+  );
+});

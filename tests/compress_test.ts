@@ -274,7 +274,7 @@ Deno.test("a resume whose dictionary download hangs stops at --max-time naming t
         assert.match(timedOut.stderr, new RegExp(`last run used, '${dictionary}', is gone`));
         assert.match(
           timedOut.stderr,
-          /download had not finished when maxTime \(--max-time, 1\.5 s\) ran out/,
+          /download had not finished when --max-time \(1\.5 s\) ran out/,
         );
         const child = spawnCli(["sync", "--resume", "--kv", db]);
         await new Promise((resolve) => setTimeout(resolve, 1500));
@@ -363,7 +363,7 @@ Deno.test("runBackfillSync() counts a frame that decodes past the decoder's limi
   assert.deepEqual(stats.skipped, { oversized: 1 });
   assert.match(
     errors.find((e) => e.reason === "oversized")!.message,
-    /^frame of \d+ bytes decodes to more than 33554432 bytes, over the 1048576-byte event limit \(maxEventBytes\)$/,
+    /^frame of \d+ bytes decodes to more than 33554432 bytes, over the 1048576-byte event limit \(--max-event-bytes \/ maxEventBytes\)$/,
   );
   // With the largest event limit, the decoder's own (the same 32 MiB), the frame is over that.
   const larger = await syncCompressed(server.url, undefined, { maxEventBytes: 32 * 1024 * 1024 });

@@ -276,7 +276,7 @@ Deno.test("`resolveZstdDictionary()` refuses a download with the wrong sha256 an
         () => resolveZstdDictionary(isolated(dir, { downloadUrls: [`${base}/d`] })),
         (error: unknown) => {
           assert.ok(error instanceof Error && !(error instanceof UsageError), String(error));
-          assert.match(error.message, /--zstd-dictionary PATH/);
+          assert.match(error.message, /--zstd-dictionary \/ zstdDictionary PATH/);
           assert.match(
             error.message,
             new RegExp(
@@ -300,10 +300,10 @@ Deno.test("`resolveZstdDictionary()` says how to provide the dictionary when not
       (error: unknown) => {
         // A failed download is the network's failure, not bad input (the CLI exits 1).
         assert.ok(error instanceof Error && !(error instanceof UsageError), String(error));
-        assert.match(error.message, /--zstd-dictionary PATH/);
+        assert.match(error.message, /--zstd-dictionary \/ zstdDictionary PATH/);
         assert.match(
           error.message,
-          /with --zstd-dictionary \/ zstdDictionary \(a path\), or the JETFILL_ZSTD_DICTIONARY/,
+          /with --zstd-dictionary \/ zstdDictionary PATH, or the JETFILL_ZSTD_DICTIONARY/,
         );
         assert.match(error.message, /JETFILL_ZSTD_DICTIONARY/);
         assert.ok(

@@ -236,9 +236,12 @@ export async function serveCommand(args: string[]): Promise<number> {
     if (isNothingThere(err)) {
       throw new UsageError(`--file ${JSON.stringify(values.file)} does not exist`, { cause: err });
     }
-    if (err instanceof Deno.errors.PermissionDenied || err instanceof Deno.errors.IsADirectory) {
+    if (
+      err instanceof Deno.errors.PermissionDenied || err instanceof Deno.errors.IsADirectory ||
+      err instanceof Deno.errors.NotCapable
+    ) {
       throw new UsageError(
-        `--file ${JSON.stringify(values.file)} cannot be read (${(err as Error).message})`,
+        `--file ${JSON.stringify(values.file)} cannot be read: ${(err as Error).message}`,
         {
           cause: err,
         },
@@ -291,9 +294,12 @@ export async function serveCommand(args: string[]): Promise<number> {
     }
     if (err instanceof UsageError) throw err;
     // Anything else the listener refuses is the address given: one this machine does not have, a
-    // --hostname that does not resolve, a port it may not use.
+    // --hostname that does not resolve, a port it may not use; or Deno's permissions (no
+    // --allow-net), which say what to do themselves.
     throw new UsageError(
-      `Cannot serve on ${hostname}:${port}: ${(err as Error).message} (see --hostname and --port)`,
+      `Cannot serve on ${hostname}:${port}: ${(err as Error).message}${
+        err instanceof Deno.errors.NotCapable ? "" : " (see --hostname and --port)"
+      }`,
       { cause: err },
     );
   }

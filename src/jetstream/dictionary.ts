@@ -255,7 +255,7 @@ export async function resolveZstdDictionary(
  */
 export function noDictionaryError(why: string, cause?: unknown, kind: "usage" | "runtime" = "usage"): Error {
   const message = "No zstd dictionary for Jetstream's compressed wire: provide the legacy dictionary " +
-    `(legacy_subscribe.zdict, sha256 ${LEGACY_DICTIONARY_SHA256}) with --zstd-dictionary / zstdDictionary (a path), ` +
+    `(legacy_subscribe.zdict, sha256 ${LEGACY_DICTIONARY_SHA256}) with --zstd-dictionary / zstdDictionary PATH, ` +
     `or the ${ZSTD_DICTIONARY_ENV} environment variable, or connect without compression (without --compress; on a resume, with --no-compress). ` +
     why;
   return kind === "usage" ? new UsageError(message, { cause }) : new Error(message, { cause });
