@@ -629,7 +629,15 @@ async function run(
     Math.max(0, o.maxTimeMs - (performance.now() - started)),
   );
   if (options.signal?.aborted) stopWith(ctx, "aborted");
-  if (ctx.accepted >= o.numRecords) stopWith(ctx, "limit");
+  if (ctx.accepted >= o.numRecords) {
+    // A resume of a run that was done: said, as a run that stores nothing would otherwise seem stuck.
+    ctx.report({
+      reason: "queue",
+      message:
+        `the run being resumed already stored its limit of ${o.numRecords} records, so there is nothing more to store: to go on, give a larger --limit / numRecords with --force / force: true`,
+    });
+    stopWith(ctx, "limit");
+  }
 
   // Errors before the stream starts, and refused subscriptions, are thrown, not reported.
   let refusal: { error: unknown } | undefined;

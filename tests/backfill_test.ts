@@ -708,6 +708,27 @@ Deno.test("runBackfillSync({ resume: true }) continues the last run with its own
   assert.ok(msgs.every((m) => m.records.length <= 7), "the batch size is the last run's too");
 });
 
+Deno.test("runBackfillSync({ resume: true }) of a run that stored its limit says there is nothing more to store", async () => {
+  await using server = serveEvents(capture(), { closeAtEnd: true });
+  await using db = await tempDb();
+  const first = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    startTimestamp: T0,
+    numRecords: 10,
+  });
+  assert.equal(first.stopReason, "limit");
+  const connections = server.connections.length;
+  const { stats, reports } = await syncReporting({ kv: db.path, resume: true });
+  assert.equal(stats.stopReason, "limit");
+  assert.equal(stats.recordsStored, 0);
+  assert.equal(server.connections.length, connections, "no connection for nothing");
+  // (Before: a summary of 0 records stored, and not a word of why.)
+  assert.deepEqual(reports.map((r) => `${r.reason}: ${r.message}`), [
+    "queue: the run being resumed already stored its limit of 10 records, so there is nothing more to store: to go on, give a larger --limit / numRecords with --force / force: true",
+  ]);
+});
+
 Deno.test("runBackfillSync({ resume: true }) keeps the last run's maxEventBytes, and refuses another unless forced", async () => {
   // One event a minute across midnight; every tenth is too large for the run's 2,000-byte limit.
   const events = Array.from(
