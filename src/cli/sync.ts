@@ -501,9 +501,13 @@ export async function syncCommand(args: string[]): Promise<number> {
     stats = await runBackfillSync(options);
   } catch (err) {
     if (controller.signal.aborted && !(err instanceof UsageError)) {
-      // Stopped while the sync was still being set up (a dictionary download, say).
+      // Stopped while the sync was still being set up (a dictionary download, say). The abort's own
+      // words ("The signal has been aborted") say nothing more.
+      const why = (err as Error)?.name === "AbortError" ? undefined : (err as Error)?.message ?? String(err);
       console.error(
-        `jetfill sync: stopped by ${stoppedBy} while starting (${(err as Error)?.message ?? err})`,
+        `jetfill sync: stopped by ${stoppedBy} while starting, before any connection; nothing was stored${
+          why === undefined ? "" : ` (${flagsOnly(why)})`
+        }`,
       );
       return interruptedExitCode(stoppedBy);
     }
