@@ -634,7 +634,7 @@ async function run(
     ctx.report({
       reason: "queue",
       message:
-        `the run being resumed already stored its limit of ${o.numRecords} records, so there is nothing more to store: to go on, give a larger --limit / numRecords with --force / force: true`,
+        `the run being resumed already stored ${ctx.accepted} records, at or over the limit of ${o.numRecords}, so there is nothing more to store: to go on, give a larger --limit / numRecords with --force / force: true`,
     });
     stopWith(ctx, "limit");
   }
@@ -708,7 +708,10 @@ async function run(
       ctx.stop === "max_time" && o.endUs !== undefined && o.endUs <= Date.now() * 1000 &&
       quietMs >= Math.min(o.idleTimeoutMs, QUIET_MS)
     ) {
-      ctx.report({ reason: "coverage", message: endNotReached(o, stats.lastProcessedUs, quietMs) });
+      ctx.report({
+        reason: "coverage",
+        message: endNotReached(o, stats.lastProcessedUs, quietMs, ctx.accepted > 0),
+      });
     }
     progress(true);
     if (callbacks.failure !== undefined && ctx.stop !== "error") {
@@ -735,7 +738,12 @@ const QUIET_MS = 5_000;
  * none for long after it; whether the server was still reading history for one cannot be seen
  * (protocol doc §9.8).
  */
-function endNotReached(o: ResolvedSyncOptions, lastUs: number | null, quietMs: number): string {
+function endNotReached(
+  o: ResolvedSyncOptions,
+  lastUs: number | null,
+  quietMs: number,
+  stored: boolean,
+): string {
   return `the end, ${isoFromUs(o.endUs!)}, was not reached within --max-time / maxTime (${
     o.maxTimeMs / 1000
   } s): no event at or after it came (${
@@ -745,9 +753,7 @@ function endNotReached(o: ResolvedSyncOptions, lastUs: number | null, quietMs: n
         Math.floor(quietMs / 1000)
       } s`
   }).${
-    lastUs === null
-      ? ""
-      : " What came before it is stored, and a resume (--resume / resume: true) goes on from there."
+    stored ? " What came before it is stored, and a resume (--resume / resume: true) goes on from there." : ""
   } With a narrow selection (a few quiet accounts, a rare collection) this happens even when the window is complete: Jetstream filters on the server, so the event that would show the end can be long in coming`;
 }
 

@@ -725,7 +725,7 @@ Deno.test("runBackfillSync({ resume: true }) of a run that stored its limit says
   assert.equal(server.connections.length, connections, "no connection for nothing");
   // (Before: a summary of 0 records stored, and not a word of why.)
   assert.deepEqual(reports.map((r) => `${r.reason}: ${r.message}`), [
-    "queue: the run being resumed already stored its limit of 10 records, so there is nothing more to store: to go on, give a larger --limit / numRecords with --force / force: true",
+    "queue: the run being resumed already stored 10 records, at or over the limit of 10, so there is nothing more to store: to go on, give a larger --limit / numRecords with --force / force: true",
   ]);
 });
 

@@ -930,7 +930,7 @@ Deno.test("jetfill sync says the first 20 selected events too large for it, then
     if (!verbose) {
       assert.match(
         said[19],
-        /\(the 20th said; later ones are only counted, in the statistics' skipped\.oversized/,
+        /\(--max-event-bytes\); later ones are only counted \(skipped oversized, in the statistics;/,
       );
     }
   }

@@ -284,7 +284,7 @@ Deno.test("a resume whose dictionary download hangs stops at --max-time naming t
         // (Before: "… while starting (The signal has been aborted)".)
         assert.match(
           new TextDecoder().decode(out.stderr),
-          /^jetfill sync: stopped by SIGINT while starting, before any connection; nothing was stored\n$/m,
+          /^jetfill sync: stopped by SIGINT before the sync was under way\n$/m,
         );
       } finally {
         for (const [name, value] of saved) {

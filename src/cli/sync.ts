@@ -88,7 +88,8 @@ The original Python CLI's flags are taken too: -c/--wanted-collections (--collec
 
 Output:
   --json                  print the statistics as JSON on stdout
-  --verbose               report every skipped frame on stderr
+  --verbose               report every skipped frame on stderr (without it, the first of each
+                          reason, and the first 20 selected events too large)
   -h, --help              show this help
 
 Environment: HTTPS_PROXY (wss://) or HTTP_PROXY (ws://), an http:// proxy tunnelled with CONNECT
@@ -492,7 +493,7 @@ export async function syncCommand(args: string[]): Promise<number> {
     const more = first
       ? ` (skipped; later ${r.reason} frames are only counted, in the statistics' skipped: --verbose reports each)`
       : lastOversized
-      ? ` (the ${OVERSIZED_SAID}th said; later ones are only counted, in the statistics' skipped.oversized: --verbose reports each)`
+      ? `; later ones are only counted (skipped oversized, in the statistics; --verbose reports each)`
       : "";
     console.error(`jetfill sync: ${label}${flagsOnly(r.message)}${more}`);
   };
@@ -505,8 +506,8 @@ export async function syncCommand(args: string[]): Promise<number> {
       // words ("The signal has been aborted") say nothing more.
       const why = (err as Error)?.name === "AbortError" ? undefined : (err as Error)?.message ?? String(err);
       console.error(
-        `jetfill sync: stopped by ${stoppedBy} while starting, before any connection; nothing was stored${
-          why === undefined ? "" : ` (${flagsOnly(why)})`
+        `jetfill sync: stopped by ${stoppedBy}${
+          why === undefined ? " before the sync was under way" : ` (${flagsOnly(why)})`
         }`,
       );
       return interruptedExitCode(stoppedBy);
