@@ -8,7 +8,7 @@ import type { SyncErrorReport, SyncStats } from "../src/stats.ts";
 import type { BackfillSyncOptions } from "../src/options.ts";
 import { commit } from "./helpers/events.ts";
 import { isoFromUs } from "../src/time.ts";
-import { serveEvents, tempDb } from "./helpers/loopback.ts";
+import { serveEvents, tempDb, withSilentPort } from "./helpers/loopback.ts";
 
 // The server's history starts at T0; the requests below ask for two days earlier.
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
@@ -493,24 +493,15 @@ Deno.test("a start a moment before a server's oldest event says how long a momen
 
 Deno.test("probeCoverageStart() that has no answer in its time says so, not 'aborted'", async () => {
   // Accepts TCP connections and never answers the upgrade.
-  using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const held: Deno.Conn[] = [];
-  const accepting = (async () => {
-    for await (const conn of listener) held.push(conn);
-  })().catch(() => {});
-  try {
-    const url = `ws://127.0.0.1:${(listener.addr as Deno.NetAddr).port}/subscribe`;
+  await withSilentPort(async (port) => {
+    const url = `ws://127.0.0.1:${port}/subscribe`;
     await assert.rejects(() => probeCoverageStart(url, { timeoutMs: 300 }), /: no answer within 0\.3 s$/);
     // The caller's own abort is still an abort.
     await assert.rejects(
       () => probeCoverageStart(url, { timeoutMs: 5000, signal: AbortSignal.timeout(200) }),
       /: aborted$/,
     );
-  } finally {
-    listener.close();
-    for (const conn of held) conn.close();
-    await accepting;
-  }
+  });
 });
 
 Deno.test("probeCoverageStart() refused near the end of its time keeps the refusal's status and Retry-After", async () => {
@@ -543,22 +534,12 @@ Deno.test("probeCoverageStart() refused near the end of its time keeps the refus
 });
 
 Deno.test("probeCoverageStart() over wss:// to a server that never answers the TLS handshake says what a plain server needs", async () => {
-  using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const held: Deno.Conn[] = [];
-  const accepting = (async () => {
-    for await (const conn of listener) held.push(conn);
-  })().catch(() => {});
-  try {
-    const port = (listener.addr as Deno.NetAddr).port;
+  await withSilentPort(async (port) => {
     await assert.rejects(
       () => probeCoverageStart(`wss://127.0.0.1:${port}/subscribe`, { timeoutMs: 300 }),
       new RegExp(
         `no answer to the TLS handshake within 0\\.3 s; if this server speaks plain WebSocket, give ws://127\\.0\\.0\\.1:${port}/subscribe`,
       ),
     );
-  } finally {
-    listener.close();
-    for (const conn of held) conn.close();
-    await accepting;
-  }
+  });
 });
