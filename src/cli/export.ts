@@ -90,6 +90,7 @@ function stdoutSink(): Sink {
     file = undefined;
   }
   return {
+    stream: file === undefined,
     write: (bytes) => writeAll(Deno.stdout, bytes),
     sync: async () => await file?.sync(),
     close: () => file?.close(),
@@ -379,7 +380,7 @@ export async function exportCommand(args: string[]): Promise<number> {
       kv.close();
     }
   }
-  if (writeError instanceof Deno.errors.BrokenPipe && (out === undefined || sink.stream)) {
+  if (writeError instanceof Deno.errors.BrokenPipe && sink.stream) {
     // The reader closed the pipe (`export | head`): it has what it wanted. The message being
     // written went back to the queue; the ones written before it have left it.
     console.error(
