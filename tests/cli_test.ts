@@ -980,3 +980,27 @@ Deno.test("jetfill serve without the permissions it needs says which, and nothin
     /^jetfill serve: Cannot serve on 127\.0\.0\.1:0: Requires net access to .*--allow-net flag\n$/,
   );
 });
+
+Deno.test("jetfill sync's summary and --json error line name flags alone, as its other messages do", async () => {
+  const { refusedPort } = await import("./helpers/loopback.ts");
+  const url = `ws://127.0.0.1:${await refusedPort()}/subscribe`;
+  await using db = await tempDb();
+  for (const json of [false, true]) {
+    const run = await runCli([
+      "sync",
+      "--instance",
+      url,
+      "--kv",
+      db.path,
+      "--max-time",
+      "1",
+      ...(json ? ["--json"] : []),
+    ]);
+    assert.equal(run.code, 1, run.stderr);
+    // The statistics keep the library's words; what a person reads names the flag.
+    const said = json ? run.stderr : run.stdout;
+    assert.match(said, /no connection within --max-time \(1 s\); last error: /);
+    assert.doesNotMatch(said, /maxTime/);
+    if (json) assert.match(JSON.parse(run.stdout).error, /--max-time \/ maxTime \(1 s\)/);
+  }
+});
