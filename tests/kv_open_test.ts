@@ -195,6 +195,26 @@ Deno.test("openKvAt() says that Deno's permissions refused the database, as bad 
   );
 });
 
+Deno.test("openKvAt() without read access to an existing folder says so, not that it could not make it", async () => {
+  await using db = await tempDb();
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "--no-prompt", "--unstable-kv", import.meta.filename!, "open-denied", db.path],
+    stdout: "piped",
+    stderr: "inherit",
+  }).output();
+  const { name, message } = JSON.parse(new TextDecoder().decode(out.stdout));
+  assert.equal(name, "UsageError", message);
+  // (Before: "cannot make the folder of the Deno KV database …: Requires write access to" the folder,
+  // which was there all along.)
+  assert.equal(
+    message,
+    `Cannot open the Deno KV database ${JSON.stringify(db.path)}: Requires read access to ${
+      JSON.stringify(db.dir)
+    }, run again with the --allow-read flag`,
+  );
+  assert.deepEqual([...Deno.readDirSync(db.dir)], []);
+});
+
 Deno.test("openKvAt() names a database it cannot open, and why when it can tell", async () => {
   const dir = await Deno.makeTempDir({ prefix: "jetfill-test-" });
   try {
