@@ -177,6 +177,11 @@ Deno.test("a database with two names (hard links) is refused before anything is 
     );
   }
   assert.equal(server.connections.length, 0);
+  // Not even SQLite's log files beside either name (a read-only look makes them).
+  assert.deepEqual([...Deno.readDirSync(db.dir)].map((e) => e.name).sort(), [
+    "other-name.sqlite",
+    "queue.sqlite",
+  ]);
 });
 
 Deno.test("the temporary name a killed creation of the database left is removed, and the database opens", async () => {

@@ -331,12 +331,7 @@ export async function openKvAt(path: string): Promise<Deno.Kv> {
         }: it is not a file (a device, a pipe or a socket); give a Deno KV database file`,
       );
     }
-    // Only a speed-up: where it cannot be done, Deno KV creates the database as it always does.
-    if (!info) await createDatabase(file).catch(() => {});
-    else if (info.isFile && info.size > 0 && !checkedDatabases.has(file)) {
-      await checkDatabaseFile(path, file);
-      checkedDatabases.add(file);
-    }
+    // (Before the file is opened at all: even a read-only look makes its log files beside this name.)
     if (info && await linkCount(file, info) > 1) {
       throw new UsageError(
         `Cannot open the Deno KV database ${
@@ -346,6 +341,12 @@ export async function openKvAt(path: string): Promise<Deno.Kv> {
           "names would not see each other's writes and could corrupt it; give the database a single name " +
           "(a symbolic link to it is fine)",
       );
+    }
+    // Only a speed-up: where it cannot be done, Deno KV creates the database as it always does.
+    if (!info) await createDatabase(file).catch(() => {});
+    else if (info.isFile && info.size > 0 && !checkedDatabases.has(file)) {
+      await checkDatabaseFile(path, file);
+      checkedDatabases.add(file);
     }
     path = file;
   }
