@@ -10,14 +10,17 @@ import { isoFromUs } from "../src/time.ts";
 import { spawnServer } from "./spawn_server.ts";
 import { programName } from "../src/cli/program.ts";
 
+// How the user runs the CLI: `deno run -A cli.ts`, or through npx when Deno is not installed.
+const cli = programName(Deno.execPath(), new URL("../cli.ts", import.meta.url).href);
+
 if (Deno.args.length > 0) {
   const help = Deno.args.every((a) => a === "-h" || a === "--help");
   (help ? console.log : console.error)(
-    `Usage: deno task demo
+    `Usage: ${cli.slice(0, cli.indexOf(" run -A "))} task demo
 
 Generates 40,000 synthetic events (made-up accounts) into ./jetfill-data/demo-capture.ndjson, serves
 them on a free loopback port with 'jetfill serve', syncs them into ./jetfill-data/demo.sqlite with
-'jetfill sync' and prints the statistics. It takes no options; see 'deno run -A cli.ts --help'.`,
+'jetfill sync' and prints the statistics. It takes no options; see '${cli} --help'.`,
   );
   Deno.exit(help ? 0 : 2);
 }
@@ -35,8 +38,6 @@ await Deno.writeTextFile(capture, lines.join("\n") + "\n");
 console.log(`wrote ${lines.length} synthetic events to ${capture}`);
 
 const self = new URL("../cli.ts", import.meta.url).pathname;
-// How the user runs the CLI: `deno run -A cli.ts`, or through npx when Deno is not installed.
-const cli = programName(Deno.execPath(), new URL("../cli.ts", import.meta.url).href);
 
 // The server runs in its own process, as a real Jetstream would.
 const server = await spawnServer(["--file", capture, "--port", "0"]);

@@ -246,6 +246,8 @@ Deno.test("deno task demo (the README's first command) syncs its synthetic captu
   const help = await runDemo("--help");
   assert.equal(help.code, 0);
   assert.match(help.stdout, /^Usage: deno task demo/);
+  // The CLI as this Deno runs it (through npx, "npx -y deno@… run -A …"), from where the demo was run.
+  assert.match(help.stdout, /see 'deno run -A \S+\/cli\.ts --help'/);
   for (let round = 0; round < 2; round++) {
     // Twice: a second demo starts a fresh queue.
     const r = await runDemo();
