@@ -1671,3 +1671,57 @@ Deno.test("consume() takes a handlerTimeout beyond setTimeout's range (24.8 days
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+/** Holds SQLite's write lock on the database at `path` from a connection of its own, for `ms`. */
+async function holdWriteLock(path: string, ms: number): Promise<void> {
+  const { DatabaseSync } = await import("node:sqlite");
+  const db = new DatabaseSync(path);
+  db.exec("BEGIN IMMEDIATE");
+  await sleep(ms);
+  db.exec("COMMIT");
+  db.close();
+}
+
+Deno.test("a handler that succeeded is not run again when the database stays busy while consume() records it", async () => {
+  // Another connection holds the write lock from the moment each handler returns: for 0.8 s (past
+  // the 0.35 s a busy commit used to be retried), then for 4.5 s (past the delivery's deadline, so
+  // the record can only be made on the message's next delivery).
+  for (const holdMs of [800, 4_500]) {
+    const { dir, path } = await tempDb();
+    try {
+      await backlog(path, 3, 5, 3);
+      const calls: number[] = [];
+      const said: ConsumeErrorReport[] = [];
+      let held: Promise<void> | undefined;
+      const result = await consume({
+        kv: path,
+        untilEmpty: true,
+        onError: (r) => said.push(r),
+        handler: (_events, ctx) => {
+          calls.push(ctx.seq);
+          held ??= holdWriteLock(path, holdMs);
+        },
+      });
+      await held;
+      // (Before: [1, 1]: the commit gave up after 0.35 s and KV delivered the message again.)
+      assert.deepEqual(calls, [1], `held ${holdMs} ms; told: ${said.map((r) => r.message).join(" | ")}`);
+      assert.deepEqual([result.messages, result.records, result.duplicates], [1, 3, 0]);
+      if (holdMs > ACK_DEADLINE_MS) {
+        assert.equal(result.failures, 1);
+        assert.deepEqual(said.map((r) => r.reason), ["storage"]);
+        assert.match(
+          said[0].message,
+          /^could not record message 1 as handled: database is locked: another connection kept the database busy for \d\.\d s \(another process writing to it\?\); KV will redeliver it; its handler succeeded and is not run again for it here: its next try only records it$/,
+        );
+      } else {
+        assert.deepEqual([result.failures, said], [0, []]);
+      }
+      const kv = await Deno.openKv(path);
+      const status = await queueStatus(kv, Q);
+      kv.close();
+      assert.deepEqual([status.messagesHandled, status.recordsHandled, status.deadLetters], [1, 3, 0]);
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  }
+});

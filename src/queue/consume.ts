@@ -79,6 +79,7 @@ import {
   localDatabasePath,
   openKvAt,
   queueKey,
+  retryWhileBusy,
   unknownQueue,
 } from "./kv_queue.ts";
 import { parkedWaiting } from "./status.ts";
@@ -88,6 +89,7 @@ import { dirname } from "node:path";
 import { deadLettersOf } from "./dead_letters.ts";
 import { commitOutcome, GroupWriter } from "./group_writer.ts";
 import {
+  BUSY_RETRY_MS,
   claimSignOfLife,
   dropStaleSignsOfLife,
   LifeWatch,
@@ -301,7 +303,10 @@ export interface ConsumeResult {
    * handed over twice).
    */
   duplicates: number;
-  /** Handler failures (thrown, or timed out), each leaving its message for redelivery. */
+  /**
+   * Failed handlings, each leaving its message for redelivery: the handler threw or timed out, or the
+   * database refused to say or to record whether it was handled (reported as `storage`).
+   */
   failures: number;
   /** Of the failures, those that were timeouts. */
   timeouts: number;
@@ -511,6 +516,11 @@ class Consumer {
   // Parked messages waiting for a handler, sorted by seq; and by seq, those and the running ones.
   readonly #parked: Parked[] = [];
   readonly #parkedBySeq = new Map<number, Parked>();
+  /**
+   * Messages whose handler succeeded here but whose record as handled could not be committed (the
+   * database stayed busy): their next try records them without running the handler again.
+   */
+  readonly #unrecorded = new Set<number>();
   // Deliveries being parked, in group commits, each with this consumer's sign of life (none once
   // stopping: its parked messages are then the next consumer's at once). A delivery is acknowledged
   // once parked; until then it stays in #bySeq, so that a copy KV delivers meanwhile shares its fate.
@@ -1156,15 +1166,17 @@ class Consumer {
    * limit), so deduplication costs a tenth of a read a message; a message handled elsewhere
    * between this read and its own commit is caught by that commit's check.
    */
-  async #alreadyHandled(d: Delivery): Promise<boolean> {
+  async #alreadyHandled(d: Delivery, busyBudgetMs: number): Promise<boolean> {
     if (d.handled === undefined) {
       const batch = [d];
       for (const h of this.#held) {
         if (batch.length >= 10) break;
         if (h.handled === undefined && h.kv === d.kv) batch.push(h);
       }
-      const marks = await retryBusy(() =>
-        d.kv.getMany(batch.map((b) => queueKey(this.#queue, "handled", b.message.seq)))
+      const marks = await retryWhileBusy(
+        () => d.kv.getMany(batch.map((b) => queueKey(this.#queue, "handled", b.message.seq))),
+        busyBudgetMs,
+        "",
       );
       marks.forEach((m, i) => batch[i].handled = m.versionstamp !== null);
     }
@@ -1242,16 +1254,30 @@ class Consumer {
   }
 
   async #handle(d: Delivery): Promise<void> {
-    const { message, kv, parked } = d;
+    const { message, parked } = d;
     const seq = message.seq;
-    const handledKey = queueKey(this.#queue, "handled", seq);
     let events: JetstreamEvent[];
     try {
-      if (await this.#alreadyHandled(d)) {
+      if (await this.#alreadyHandled(d, this.#busyBudget(d))) {
+        this.#unrecorded.delete(seq);
         this.result.duplicates++;
         await this.#done(d);
         return;
       }
+    } catch (err) {
+      this.result.failures++;
+      this.#report({
+        reason: "storage",
+        message: `could not read whether message ${seq} was handled: ${errorText(err)}${
+          parked ? this.#fate(d) : "; KV will redeliver it"
+        }`,
+        seq,
+        error: err,
+      });
+      await this.#failed(d, err);
+      return;
+    }
+    try {
       events = decodeQueueMessage(message);
     } catch (err) {
       this.result.failures++;
@@ -1278,6 +1304,8 @@ class Consumer {
         return;
       }
     }
+    // Handled here already, but not recorded: only the record is made again.
+    if (this.#unrecorded.has(seq)) return await this.#record(d, events);
     const now = performance.now();
     const timeLeft = parked
       ? this.#o.handlerTimeout
@@ -1374,16 +1402,40 @@ class Consumer {
       else await this.#failed(d, err);
       return;
     }
+    await this.#record(d, events);
+  }
+
+  /** The most a KV operation on `d`'s behalf retries while the database is busy: to its deadline. */
+  #busyBudget(d: Delivery): number {
+    return d.parked
+      ? ACK_DEADLINE_MS
+      : Math.max(BUSY_RETRY_MS, d.deliveredAt + ACK_DEADLINE_MS - performance.now());
+  }
+
+  /**
+   * Records `d`'s message as handled (its handler succeeded) and acknowledges it. While the database
+   * is busy, tried again until the delivery's deadline; past it the message fails, to come again,
+   * and is only recorded then: its handler is not run again here.
+   */
+  async #record(d: Delivery, events: JetstreamEvent[]): Promise<void> {
+    const { message, kv, parked } = d;
+    const seq = message.seq;
+    const handledKey = queueKey(this.#queue, "handled", seq);
     try {
-      const res = await retryBusy(() => {
-        const op = kv.atomic()
-          .check({ key: handledKey, versionstamp: null })
-          .sum(queueKey(this.#queue, "count", "messagesHandled"), 1n)
-          .sum(queueKey(this.#queue, "count", "recordsHandled"), BigInt(events.length))
-          .set(handledKey, Date.now(), { expireIn: DEDUPE_WINDOW_MS });
-        if (parked) op.delete(parkedKey(this.#queue, parked)).delete(parkedSeqKey(this.#queue, parked));
-        return op.commit();
-      });
+      const res = await retryWhileBusy(
+        () => {
+          const op = kv.atomic()
+            .check({ key: handledKey, versionstamp: null })
+            .sum(queueKey(this.#queue, "count", "messagesHandled"), 1n)
+            .sum(queueKey(this.#queue, "count", "recordsHandled"), BigInt(events.length))
+            .set(handledKey, Date.now(), { expireIn: DEDUPE_WINDOW_MS });
+          if (parked) op.delete(parkedKey(this.#queue, parked)).delete(parkedSeqKey(this.#queue, parked));
+          return op.commit();
+        },
+        this.#busyBudget(d),
+        "",
+      );
+      this.#unrecorded.delete(seq);
       if (res.ok) {
         this.result.messages++;
         this.result.records += events.length;
@@ -1396,12 +1448,13 @@ class Consumer {
         await this.#done(d);
       }
     } catch (err) {
+      this.#unrecorded.add(seq);
       this.result.failures++;
       this.#report({
         reason: "storage",
         message: `could not record message ${seq} as handled: ${errorText(err)}${
           parked ? this.#fate(d) : "; KV will redeliver it"
-        }`,
+        }; its handler succeeded and is not run again for it here: its next try only records it`,
         seq,
         error: err,
       });

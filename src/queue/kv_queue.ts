@@ -688,7 +688,7 @@ export function isBusy(err: unknown): boolean {
 /**
  * Runs `op` again while SQLite reports the database busy, after a random 5 to 25 ms each time, until
  * `budgetMs` have been spent waiting, then throws an error that says so; other errors go through at
- * once. Short waits, not a growing backoff: a busy consumer in another process holds the write lock
+ * once, and `advice` (what the user can do) ends its message. Short waits, not a growing backoff: a busy consumer in another process holds the write lock
  * for most of each second (a commit and its sync per message it handles), and only an attempt that
  * comes in one of the gaps between its commits gets through; SQLite answers a busy attempt at once,
  * so trying often costs little.
@@ -704,7 +704,11 @@ export function isBusy(err: unknown): boolean {
  * kv.close();
  * ```
  */
-export async function retryWhileBusy<T>(op: () => Promise<T>, budgetMs: number): Promise<T> {
+export async function retryWhileBusy<T>(
+  op: () => Promise<T>,
+  budgetMs: number,
+  advice = "stop it or wait, then run again",
+): Promise<T> {
   const started = performance.now();
   for (;;) {
     try {
@@ -716,7 +720,7 @@ export async function retryWhileBusy<T>(op: () => Promise<T>, budgetMs: number):
         throw new Error(
           `${(err as Error).message}: another connection kept the database busy for ${
             (waited / 1000).toFixed(1)
-          } s (another process writing to it?); stop it or wait, then run again`,
+          } s (another process writing to it?)${advice === "" ? "" : `; ${advice}`}`,
           { cause: err },
         );
       }

@@ -32,9 +32,12 @@ export const PARK_CONFIRM_MS = 3_000;
  */
 export const PARK_START_WITHIN_MS = 2_000;
 
+/** How long {@link retryBusy} runs an operation again while SQLite reports the database busy, ms. */
+export const BUSY_RETRY_MS = 350;
+
 /** A KV operation, run again a few times over about 350 ms while SQLite reports the database busy. */
 export function retryBusy<T>(op: () => Promise<T>): Promise<T> {
-  return retryWhileBusy(op, 350);
+  return retryWhileBusy(op, BUSY_RETRY_MS);
 }
 
 /** Where a parked message is kept: `["jetfill", queue, "parked", run, seq]`. */
