@@ -465,6 +465,18 @@ export async function consumeStream(
         coverageLoss(ctx, base, shown("asked for all it holds, it sent nothing"));
       } else if (oldest.seq !== undefined && oldest.seq > seqFrom) {
         coverageSeqGap(ctx, base, seqFrom, oldest.seq, oldest.us);
+      } else if (oldest.seq !== undefined && oldest.seq < seqFrom) {
+        // It held the seq asked for (a history only moves on) and sent a later one first: it skipped
+        // what came between, as a v2 server once did at a segment's seam (bluesky-social/jetstream#190).
+        coverageLoss(
+          ctx,
+          base,
+          `${host} skipped events on reconnecting: asked for seq ${
+            seqFrom - 1
+          } on, which it holds (its history begins at seq ${oldest.seq}), it sent seq ${firstSeq} first, so events of seqs ${seqFrom} to ${
+            firstSeq - 1
+          } may be missing (a server fault, as in bluesky-social/jetstream#190)`,
+        );
       }
     })().catch((err) => {
       // A strict run's refusal, thrown where nothing was stored yet: here the run is under way.

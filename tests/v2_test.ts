@@ -637,6 +637,46 @@ Deno.test("a v2 server's /subscribe that clamps a reconnect's seq cursor without
   }
 });
 
+Deno.test("a v2 host that skips seqs it still holds when a reconnect takes the stream up: reported, and --strict stops", async () => {
+  // What a sync of posts and likes gets from a host that still holds seqs 1150 to 1299 but skips
+  // them on the reconnect (bluesky-social/jetstream#190): the second server's events of those seqs
+  // are of a collection the filter leaves out, so it sends seq 1300 first, and its history begins
+  // at seq 1001.
+  const events = capture();
+  const skipped = events.map((e, i) =>
+    i >= 149 && i < 299 ? commit(e.time_us, { collection: "app.bsky.graph.block" }) : e
+  );
+  for (const [wire, strict] of [["/subscribe", false], ["/subscribe", true], [V2_PATH, false]] as const) {
+    await using db = await tempDb();
+    await using first = serveEvents(events, { version: "v2", faults: { dropEvery: 150 } });
+    await using skipping = serveEvents(skipped, { version: "v2", closeAtEnd: true });
+    // The start's probe and the first sync connection reach the first server, the rest the other.
+    await using relay = tcpRelay((n) => n <= 2 ? portOf(first) : portOf(skipping));
+    const { stats, reports } = await syncReporting({
+      instance: `ws://127.0.0.1:${relay.port}${wire}`,
+      kv: db.path,
+      kinds: ALL.kinds,
+      wantedCollections: ["app.bsky.feed.post", "app.bsky.feed.like"],
+      startTimestamp: T0,
+      strict,
+    });
+    const said =
+      /skipped events on reconnecting: asked for seq 1150 on, which it holds \(its history begins at seq 1001\), it sent seq 1300 first, so events of seqs 1151 to 1299 may be missing/;
+    // (Before: nothing said, and a strict run went on to the end.)
+    if (strict) {
+      assert.equal(stats.stopReason, "error");
+      assert.match(stats.error ?? "", said);
+      assert.equal(stats.recordsStored, 150);
+    } else {
+      const gaps = reports.filter((r) => r.reason === "coverage");
+      assert.equal(gaps.length, 1, JSON.stringify(reports));
+      assert.match(gaps[0].message, said);
+      assert.equal(stats.stopReason, "closed");
+      await assertAroundGap(db.path, stats.queueLength, events);
+    }
+  }
+});
+
 Deno.test("a seq cursor clamped without a word, where the probe then gets no answer or the user stops the run: what the stream showed is reported", async () => {
   const events = capture();
   for (const userStops of [false, true]) {
