@@ -35,7 +35,8 @@ KV's queue, for a consumer to take in seq order), deadLetters and deadRecords (m
 delivering), queueLength (messages not handled, dead letters included, as a sync reports it;
 the waiting ones are counted in Deno KV's queue, so those a plain listenQueue took do not count),
 recordsPerDay ({ "YYYY-MM-DD": records }), steady (false when a sync or a consumer changed the
-queue all through the reading: the figures may then be a few commits apart), writer (the sync
+queue all through the reading: the figures may then be apart by what was committed meanwhile, even
+messages waiting against records waiting), writer (the sync
 holding the queue's writer lock: { run, since, lastSeen, lockFile }, or null when none does; a
 lastSeen over 10 s old is a crashed sync, unless it holds the lock file (lockFile true) and the
 lock file is held), lockFile ({ path, held }: held while a sync's process is alive, even paused;
@@ -98,7 +99,7 @@ export function formatStatus(s: QueueStatus, path: string, lockFile: StatusJson[
   ];
   if (!s.steady) {
     lines.push(
-      "note                the queue changed all through the reading (a sync or a consumer at work): these figures may be a few commits apart, and need not add up",
+      "note                the queue changed all through the reading (a sync or a consumer at work): these figures may be apart by what was committed meanwhile, and need not add up",
     );
   }
   // The rest left Deno KV's queue without consume(): a plain listenQueue, which keeps no counters.
