@@ -1624,12 +1624,24 @@ Deno.test("of two syncs started together on one queue, each with its own Deno.Kv
   );
   for (const kv of handles) kv.close();
   const refused = both.filter((r) => r.status === "rejected");
-  assert.equal(refused.length, 1, JSON.stringify(both.map((r) => r.status)));
-  assert.ok((refused[0] as PromiseRejectedResult).reason instanceof ConcurrentWriterError);
-  const ran = (both.find((r) => r.status === "fulfilled") as PromiseFulfilledResult<SyncStats>).value;
-  assert.equal(ran.stopReason, "limit");
-  const { msgs } = await stored(db.path, ran.queueLength);
+  const ran = both.filter((r) => r.status === "fulfilled").map((r) =>
+    (r as PromiseFulfilledResult<SyncStats>).value
+  );
+  for (const r of refused) {
+    assert.ok((r as PromiseRejectedResult).reason instanceof ConcurrentWriterError, String(r));
+  }
+  if (refused.length === 0) {
+    // On a loaded machine one can get as far as reading the queue only once the other is done: it
+    // then finds the limit reached and stores nothing (seen once in a full suite beside other work).
+    assert.deepEqual(ran.map((s) => [s.stopReason, s.recordsStored]).sort(), [["limit", 0], ["limit", 20]]);
+  } else {
+    assert.equal(refused.length, 1);
+    assert.deepEqual([ran[0].stopReason, ran[0].recordsStored], ["limit", 20]);
+  }
+  // Never both: the queue holds the first sync's 10 and the 20 of one of these, in seq order.
+  const { msgs, events: got } = await stored(db.path, Math.max(...ran.map((s) => s.queueLength)));
   assert.deepEqual(msgs.map((m) => m.seq), Array.from({ length: msgs.length }, (_, i) => i + 1));
+  assert.deepEqual(got, events.slice(0, 30));
 });
 
 Deno.test("of two syncs started together on one queue of a database path, the second waits its turn or is refused", async () => {
