@@ -598,7 +598,7 @@ async function run(
     // Server text (close reasons, refusals, v2 #info messages) goes to a terminal: no controls.
     report: (r: SyncErrorReport) => options.onError?.({ ...r, message: printable(r.message) }),
     decodeFrame,
-    v2Compress: true,
+    v2Uncompressed: new Set(),
     v2Dictionary: undefined,
     awaitStoredUntilUs: -1,
     sentWhileAwaiting: undefined,

@@ -72,7 +72,7 @@ async function v2Decoder(
         }`,
         instance: base,
       });
-      if (!again) ctx.v2Compress = false;
+      if (!again) ctx.v2Uncompressed.add(base);
       return undefined;
     }
     bytes = (await resolveZstdDictionary({ dictionary: options.zstdDictionary })).bytes;
@@ -227,8 +227,8 @@ export async function consumeStream(
   // first scan from the start brings no frame at all, so it fails over after every two waits.
   let idleScale = 1;
   let connections = 0;
-  // The IDs of the v2 dictionaries a host answered UnknownZstdDictionary to.
-  const refusedDictionaries = new Set<number>();
+  // For each v2 host, the IDs of the dictionaries it answered UnknownZstdDictionary to.
+  const refusedDictionaries = new Map<string, Set<number>>();
   let lastFailure: string | undefined;
   // The instance being connected to (its coverage probe, then its stream), until it answers.
   let connecting: string | undefined;
@@ -553,7 +553,9 @@ export async function consumeStream(
     let decode = ctx.decodeFrame;
     let req: { url: string; hello?: string };
     if (v2) {
-      const dict = o.compress && ctx.v2Compress ? await v2Decoder(ctx, base, options) : undefined;
+      const dict = o.compress && !ctx.v2Uncompressed.has(base)
+        ? await v2Decoder(ctx, base, options)
+        : undefined;
       decode = dict?.decode;
       req = { url: buildV2Url(base, { ...o, cursor, zstdDictionary: dict?.id }) };
     } else {
@@ -591,14 +593,17 @@ export async function consumeStream(
         continue;
       }
       if (xrpc?.error === "UnknownZstdDictionary" && ctx.v2Dictionary) {
-        // The host moved on to another dictionary: fetch it. One it refused already means it serves
-        // a dictionary it cannot compress with, so the run goes on uncompressed. (Each refusal
-        // either adds an ID or ends compression: no loop, and no connection attempt counted.)
-        refusedDictionaries.add(ctx.v2Dictionary.id);
+        // The host moved on to another dictionary (or, after a failover, uses another than the last
+        // host did): fetch it. One this host refused already means it serves a dictionary it cannot
+        // compress with, so its connections go on uncompressed; other hosts' still ask. (Each refusal
+        // either adds an ID to the host's or ends its compression: no loop, and no connection
+        // attempt counted.)
+        const refused = refusedDictionaries.get(base) ?? new Set<number>();
+        refusedDictionaries.set(base, refused.add(ctx.v2Dictionary.id));
         ctx.v2Dictionary = undefined;
         const again = await v2Decoder(ctx, base, options);
-        if (again && refusedDictionaries.has(again.id)) {
-          ctx.v2Compress = false;
+        if (again && refused.has(again.id)) {
+          ctx.v2Uncompressed.add(base);
           ctx.report({
             reason: "retry",
             message: `${xrpc.message}; continuing uncompressed`,

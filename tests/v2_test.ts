@@ -21,6 +21,7 @@ import {
 import { v2Dictionary } from "./helpers/dictionaries.ts";
 import { MAX_RECORD_DEPTH } from "../src/queue/size.ts";
 import { isoFromUs } from "../src/time.ts";
+import type { JetstreamServer } from "../src/server/server.ts";
 
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
 const V2_PATH = V2_SUBSCRIBE_PATH;
@@ -489,6 +490,90 @@ Deno.test("a v2 server that does not know the fetched dictionary ID is read unco
     assert.ok(stats.bytesReceived > 0);
     assert.equal(stats.bytesDecoded, stats.bytesReceived);
   }
+});
+
+Deno.test("a v2 host that refuses its own dictionary goes uncompressed, and the next host is still asked for zstd frames", async () => {
+  const events = capture(300);
+  const dictionary = (await v2Dictionary()).bytes;
+  // A serves a dictionary it cannot compress with (its connections go uncompressed), drops its
+  // stream after 50 events and is gone after that; B serves the same dictionary and compresses.
+  await using broken = serveEvents(events, {
+    version: "v2",
+    v2Dictionary: dictionary,
+    faults: { dropEvery: 50 },
+  });
+  await using b = await compressingV2Server(events);
+  const gone = await refusedPort();
+  let dropped = false;
+  await using a = tcpRelay(() => dropped ? gone : portOf(broken));
+  await using db = await tempDb();
+  const reports: SyncErrorReport[] = [];
+  const stats = await runBackfillSync({
+    instance: [`ws://127.0.0.1:${a.port}${V2_PATH}`, v2Url(b.url)],
+    kv: db.path,
+    startTimestamp: T0,
+    compress: true,
+    ...ALL,
+    onError: (r) => {
+      reports.push(r);
+      if (/code 1006/.test(r.message)) dropped = true;
+    },
+  });
+  assert.equal(stats.stopReason, "closed", stats.error);
+  assert.equal(stats.failovers, 1);
+  assert.ok(reports.some((r) => /unknown.*dictionary.*continuing uncompressed/i.test(r.message)));
+  // (Before: B's connection went uncompressed too, as if B had refused the dictionary.)
+  const onB = syncConnections(b);
+  assert.equal(onB.length, 1);
+  assert.match(onB[0].query, /zstdDictionary=20260811/);
+  assert.ok(stats.bytesDecoded > stats.bytesReceived, `${stats.bytesDecoded} ≤ ${stats.bytesReceived}`);
+  assert.deepEqual(
+    (await stored(db.path, stats.queueLength)).map((e) => e.cursor),
+    events.map((_, i) => 1001 + i),
+  );
+});
+
+Deno.test("failing over A → B → A between v2 hosts with different dictionaries keeps zstd frames on both", async () => {
+  const events = capture(300);
+  const d1 = (await v2Dictionary()).bytes;
+  // B's dictionary: the same, with another ID in its header (424242), as after a rotation on B only.
+  const d2 = d1.slice();
+  new DataView(d2.buffer).setUint32(4, 424242, true);
+  await using a1 = await compressingV2Server(events, { dropEvery: 50 });
+  await using a2 = await compressingV2Server(events);
+  await using b1 = await compressingV2Server(events, { dropEvery: 50, dictionary: d2 });
+  const gone = await refusedPort();
+  // A's stream drops, and A is gone until B's drops too; then A is back (a2), and B gone.
+  let drops = 0;
+  await using a = tcpRelay(() => drops === 0 ? portOf(a1) : drops === 1 ? gone : portOf(a2));
+  await using b = tcpRelay(() => drops <= 1 ? portOf(b1) : gone);
+  await using db = await tempDb();
+  const reports: SyncErrorReport[] = [];
+  const stats = await runBackfillSync({
+    instance: [`ws://127.0.0.1:${a.port}${V2_PATH}`, `ws://127.0.0.1:${b.port}${V2_PATH}`],
+    kv: db.path,
+    startTimestamp: T0,
+    compress: true,
+    ...ALL,
+    onError: (r) => {
+      reports.push(r);
+      if (/code 1006/.test(r.message)) drops++;
+    },
+  });
+  assert.equal(stats.stopReason, "closed", stats.error);
+  assert.equal(stats.failovers, 2, JSON.stringify(reports));
+  // (Before: back on A, which refused B's dictionary, the one A gave again counted as refused too,
+  // and the rest of the run went uncompressed.)
+  assert.ok(!reports.some((r) => /uncompressed/.test(r.message)), JSON.stringify(reports));
+  // Each host refuses the other's dictionary once (UnknownZstdDictionary), then gets its own.
+  const asked = (server: JetstreamServer) =>
+    syncConnections(server).map((c) => /zstdDictionary=(\d+)/.exec(c.query)?.[1]);
+  assert.deepEqual(asked(b1), ["20260811", "424242"]);
+  assert.deepEqual(asked(a2), ["424242", "20260811"]);
+  assert.deepEqual(
+    (await stored(db.path, stats.queueLength)).map((e) => e.cursor),
+    events.map((_, i) => 1001 + i),
+  );
 });
 
 Deno.test("--resume on a v2 host continues by the stored sequence cursor", async () => {

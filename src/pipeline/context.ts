@@ -112,8 +112,11 @@ export interface RunContext {
   report: (r: SyncErrorReport) => void;
   /** Decoder of legacy-dictionary zstd frames, when compressing on /subscribe. */
   decodeFrame: ((bytes: Uint8Array) => Uint8Array) | undefined;
-  /** Whether v2 connections still ask for zstd frames. */
-  v2Compress: boolean;
+  /**
+   * The v2 hosts (instance URLs) whose connections no longer ask for zstd frames: one that has no
+   * dictionary to give, or that refused the one it gave. Others still do.
+   */
+  v2Uncompressed: Set<string>;
   /** The v2 dictionary's decoder, once fetched. */
   v2Dictionary: { id: number; decode: (bytes: Uint8Array) => Uint8Array } | undefined;
   /**
