@@ -824,15 +824,16 @@ export async function consumeStream(
       : Math.min(o.idleTimeoutMs * idleScale, MAX_TIMER_MS);
     if (progressed) idleScale = 1;
     else if (cause.kind === "idle" && !cause.partial) idleScale = Math.min(2 * idleScale, MAX_IDLE_SCALE);
-    const why = cause.kind === "closed"
-      ? `connection closed (code ${cause.code}${cause.reason ? `: ${cause.reason}` : ""})`
-      : cause.kind === "idle"
-      ? cause.partial
-        ? `a message stopped arriving midway: no progress for ${waitedMs / 1000} s`
-        : `no message for ${waitedMs / 1000} s`
-      : cause.kind === "overflow"
-      ? "the pipeline fell behind the socket; reconnecting from the cursor"
-      : "connection aborted";
+    const why = session.handedBack ??
+      (cause.kind === "closed"
+        ? `connection closed (code ${cause.code}${cause.reason ? `: ${cause.reason}` : ""})`
+        : cause.kind === "idle"
+        ? cause.partial
+          ? `a message stopped arriving midway: no progress for ${waitedMs / 1000} s`
+          : `no message for ${waitedMs / 1000} s`
+        : cause.kind === "overflow"
+        ? "the pipeline fell behind the socket; reconnecting from the cursor"
+        : "connection aborted");
     ctx.report({ reason: "retry", message: `${why}; reconnecting`, instance: base });
     if (failures > o.maxRetries) {
       ctx.stop = "error";

@@ -576,6 +576,50 @@ Deno.test("failing over A → B → A between v2 hosts with different dictionari
   );
 });
 
+Deno.test("a resume by seq meeting a new instance at the same address (its seqs lower) takes the stream up by time, losing nothing", async () => {
+  const events = capture(300);
+  await using db = await tempDb();
+  // The first instance: the first 150 events, seqs 1001 to 1150.
+  let instance: "old" | "new" = "old";
+  await using old = serveEvents(events.slice(0, 150), { version: "v2", closeAtEnd: true });
+  // The new one numbers the same history 1 to 300. A seq past its last is live: it sends what comes
+  // from now on, here the events from the 151st; a time cursor replays from that time. Then it closes.
+  await using rebuilt = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, (req) => {
+    const cursor = Number(new URL(req.url).searchParams.get("cursor"));
+    const from = cursor >= 1e15
+      ? events.findIndex((e) => e.time_us >= cursor)
+      : cursor > 300
+      ? 150
+      : cursor - 1;
+    const { socket, response } = Deno.upgradeWebSocket(req);
+    socket.onopen = () => {
+      for (let i = Math.max(0, from); i < events.length; i++) {
+        socket.send(JSON.stringify({ ...events[i], cursor: i + 1 }));
+      }
+      socket.close(1000, "done");
+    };
+    return response;
+  });
+  await using relay = tcpRelay(() => instance === "old" ? portOf(old) : rebuilt.addr.port);
+  const url = `ws://127.0.0.1:${relay.port}/subscribe`;
+  const first = await runBackfillSync({ instance: url, kv: db.path, startTimestamp: T0, ...ALL });
+  assert.equal(first.recordsStored, 150);
+  instance = "new";
+  const { stats, reports } = await syncReporting({ kv: db.path, resume: true });
+  assert.equal(stats.stopReason, "closed", stats.error);
+  // (Before: its events, seqs 151 to 300, all below the 1150 stored last, were dropped as repeats.)
+  assert.equal(stats.recordsStored, 150, JSON.stringify(reports));
+  assert.ok(
+    reports.some((r) =>
+      /sent seq 151 first, asked for seq 1150: its seqs are not those of the events stored from it .*, so the stream is taken up again by time; reconnecting$/
+        .test(r.message)
+    ),
+    JSON.stringify(reports),
+  );
+  const got = await stored(db.path, stats.queueLength);
+  assert.deepEqual(got.map((e) => e.time_us), events.map((e) => e.time_us));
+});
+
 Deno.test("--resume on a v2 host continues by the stored sequence cursor", async () => {
   const events = capture();
   await using server = serveEvents(events, { version: "v2", closeAtEnd: true, faults: { dropEvery: 150 } });

@@ -44,6 +44,8 @@ export interface Session {
   linedStartUs?: number;
   /** An error frame came: the close that follows is not the end of the stream. */
   errorFrame: boolean;
+  /** Why the run itself ended this connection to connect again, said with its reconnect. */
+  handedBack?: string;
   /**
    * An OutdatedCursor info came: the next event shows where history starts. `fromUs` is what was
    * still needed (see {@link requestedUs}), `sentUs` the cursor sent, which the notice answers (a

@@ -425,6 +425,19 @@ export async function readConnection(
         // replays from before the requested cursor (bluesky-social/jetstream#343).
         const evSeq = (ev as { cursor?: unknown }).cursor;
         if (typeof evSeq === "number") {
+          if (askedSeq !== undefined && evSeq < askedSeq) {
+            // An earlier seq than the one asked for, first: not the numbering the run's seq came
+            // from (a new instance at the same address, which took that seq for a future one and
+            // sent what is live). Its events would all look stored already: the stream is taken up
+            // again by time, as on another host, and what comes again is recognised by content.
+            session.handedBack = `${
+              new URL(base).host
+            } sent seq ${evSeq} first, asked for seq ${askedSeq}: its seqs are not those of the events stored from it (a new instance at the same address?), so the stream is taken up again by time`;
+            seq.host = undefined;
+            seq.floor = -1;
+            seq.floorReached = false;
+            return;
+          }
           if (askedSeq !== undefined) {
             // The first event by seq: the one asked for, unless the host no longer holds it. A strict
             // run stores nothing after a loss it would stop for: it waits for the measure.
