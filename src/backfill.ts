@@ -18,6 +18,7 @@ import {
   resolveZstdDictionary,
 } from "./jetstream/dictionary.ts";
 import { isV2Url } from "./jetstream/v2.ts";
+import { URL_DID_LIMIT } from "./jetstream/url.ts";
 import { printable } from "./jetstream/utf8.ts";
 import { COMMIT_OPERATIONS, type CommitOperation } from "./jetstream/events.ts";
 import { createZstdDecoder, LEGACY_DICTIONARY_ID, V2_DICTIONARY_ID } from "./jetstream/zstd.ts";
@@ -637,6 +638,17 @@ async function run(
         `the run being resumed already stored ${ctx.accepted} records, at or over the limit of ${o.numRecords}, so there is nothing more to store: to go on, give a larger --limit / numRecords with --force / force: true`,
     });
     stopWith(ctx, "limit");
+  }
+  const longUrl = o.wantedDids.length > URL_DID_LIMIT ? o.instances.find(isV2Url) : undefined;
+  if (longUrl !== undefined && !ctx.stop) {
+    // The v2 wire has no options_update: the URL is its only channel (protocol doc §9, item 4).
+    ctx.report({
+      reason: "connection",
+      message: `the ${o.wantedDids.length} DIDs go in the URL on the v2 wire (${
+        new URL(longUrl).host
+      }), which takes no options_update: a server or a proxy may refuse a URL this long (HTTP 414 or 431); --wire v1 / wire: "v1" sends them in a hello on /subscribe, which v2 hosts serve too`,
+      instance: longUrl,
+    });
   }
 
   // Errors before the stream starts, and refused subscriptions, are thrown, not reported.

@@ -12,6 +12,7 @@ import { DID_FORMS, isCollectionFilter, isDid, isNsid } from "./validate.ts";
 import { isV2Url, V2_HOSTS, V2_SUBSCRIBE_PATH } from "./jetstream/v2.ts";
 import { proxyFor } from "./jetstream/proxy.ts";
 import { DEFAULT_MAX_MESSAGE_BYTES } from "./jetstream/raw_ws.ts";
+import { URL_DID_LIMIT } from "./jetstream/url.ts";
 import { DEFAULT_MAX_DECODED_BYTES } from "./jetstream/zstd.ts";
 import { isoFromUs, MIN_TIMESTAMP_US, parseTimestamp, TIMESTAMP_FORMATS } from "./time.ts";
 import type { DateChange, SyncErrorReport, SyncProgress } from "./stats.ts";
@@ -104,7 +105,8 @@ export interface BackfillSyncOptions {
   /**
    * The wire to speak: `v1` is `/subscribe` (every server), `v2` is
    * `/xrpc/network.bsky.jetstream.subscribeEvents` (v2 servers only). By default the v2 hosts get v2
-   * and everything else v1; a URL with a path keeps its path.
+   * (v1 with more than 50 DIDs: the v2 wire takes them in the URL only) and everything else v1; a URL
+   * with a path keeps its path.
    */
   wire?: "v1" | "v2";
   /**
@@ -441,8 +443,10 @@ export const SyncOptionsSchema = z.strictObject({
 /**
  * Turns a host, or a `ws://`/`wss://` URL, into the WebSocket URL to connect to. A bare host means
  * `wss://HOST/subscribe`, except the v2 hosts, whose default is the v2 wire
- * (`/xrpc/network.bsky.jetstream.subscribeEvents`); a URL without a path gets the same default.
- * `wire` forces one wire: `/subscribe` (v1) or `subscribeEvents` (v2).
+ * (`/xrpc/network.bsky.jetstream.subscribeEvents`) unless `manyDids`: that wire has no
+ * `options_update`, so more DIDs than a URL holds go in a hello on `/subscribe`, which v2 hosts serve
+ * too. A URL without a path gets the same default. `wire` forces one wire: `/subscribe` (v1) or
+ * `subscribeEvents` (v2).
  *
  * @example
  * ```ts
@@ -452,7 +456,7 @@ export const SyncOptionsSchema = z.strictObject({
  * instanceUrl("jetstream.us-east.bsky.network"); // "wss://jetstream.us-east.bsky.network/xrpc/network.bsky.jetstream.subscribeEvents"
  * ```
  */
-export function instanceUrl(value: string, wire?: "v1" | "v2"): string {
+export function instanceUrl(value: string, wire?: "v1" | "v2", manyDids = false): string {
   const text = value.trim();
   const expected = "a host name or a ws:// or wss:// URL";
   let url: URL;
@@ -490,7 +494,7 @@ export function instanceUrl(value: string, wire?: "v1" | "v2"): string {
     }
   }
   const bare = isBareInstance(text);
-  const v2 = wire === "v2" || (wire === undefined && bare && V2_HOSTS.includes(url.hostname));
+  const v2 = wire === "v2" || (wire === undefined && bare && !manyDids && V2_HOSTS.includes(url.hostname));
   if (bare || wire !== undefined) {
     if (v2) url.pathname = V2_SUBSCRIBE_PATH;
     else if (bare || url.pathname.endsWith(V2_SUBSCRIBE_PATH)) url.pathname = "/subscribe";
@@ -690,7 +694,7 @@ export function resolveSyncOptions(options: BackfillSyncOptions = {}): ResolvedS
     ? [o.instance]
     : o.instance;
   if (given.length === 0) throw new UsageError(because("instance", "at least one host or URL", []));
-  const instances = unique(given.map((i) => instanceUrl(i, o.wire)));
+  const instances = unique(given.map((i) => instanceUrl(i, o.wire, wantedDids.length > URL_DID_LIMIT)));
   for (const instance of instances) {
     // A proxy in the environment that cannot be used is the user's to fix, before connecting.
     try {

@@ -204,3 +204,18 @@ Deno.test("instanceUrl() gives the v2 hosts the v2 wire by default, and `wire` o
     "wss://jetstream.us-east.bsky.network/subscribe",
   ]);
 });
+
+Deno.test("with over 50 DIDs the v2 hosts' default is /subscribe, whose hello takes them; a v2 wire asked for stays", () => {
+  const dids = (n: number) => Array.from({ length: n }, (_, i) => `did:web:a${i}.example`);
+  const hosts = ["jetstream.us-east.bsky.network", "jetstream1.us-east.bsky.network", "ws://127.0.0.1:6008"];
+  const v2 = `wss://jetstream.us-east.bsky.network${V2_SUBSCRIBE_PATH}`;
+  // (Before: the v2 wire, whatever the count, and so 51 DIDs or 10,000 in the URL.)
+  assert.deepEqual(resolveSyncOptions({ instance: hosts, wantedDids: dids(51) }).instances, [
+    "wss://jetstream.us-east.bsky.network/subscribe",
+    "wss://jetstream1.us-east.bsky.network/subscribe",
+    "ws://127.0.0.1:6008/subscribe",
+  ]);
+  assert.equal(resolveSyncOptions({ instance: hosts[0], wantedDids: dids(50) }).instances[0], v2);
+  assert.equal(resolveSyncOptions({ instance: hosts[0], wantedDids: dids(51), wire: "v2" }).instances[0], v2);
+  assert.equal(resolveSyncOptions({ instance: v2, wantedDids: dids(51) }).instances[0], v2);
+});

@@ -620,6 +620,37 @@ Deno.test("a resume by seq meeting a new instance at the same address (its seqs 
   assert.deepEqual(got.map((e) => e.time_us), events.map((e) => e.time_us));
 });
 
+Deno.test("over 50 DIDs on the v2 wire go in its URL, as they must there, with a warning that says so", async () => {
+  const events = capture(90);
+  await using server = serveEvents(events, { version: "v2", closeAtEnd: true });
+  await using db = await tempDb();
+  // The capture's nine accounts, and 51 more that post nothing.
+  const dids = [
+    ...Array.from({ length: 9 }, (_, i) => did(i)),
+    ...Array.from({ length: 51 }, (_, i) => `did:web:q${i}.example`),
+  ];
+  const { stats, reports } = await syncReporting({
+    instance: v2Url(server.url),
+    kv: db.path,
+    startTimestamp: T0,
+    wantedDids: dids,
+  });
+  assert.equal(stats.stopReason, "closed", stats.error);
+  assert.equal(
+    stats.recordsStored,
+    events.filter((e) => e.kind === "commit" && e.commit.collection === "app.bsky.feed.post").length,
+  );
+  const [warning, ...rest] = reports.filter((r) => /DIDs go in the URL/.test(r.message));
+  assert.equal(rest.length, 0);
+  assert.equal(
+    warning.message,
+    `the 60 DIDs go in the URL on the v2 wire (127.0.0.1:${
+      portOf(server)
+    }), which takes no options_update: a server or a proxy may refuse a URL this long (HTTP 414 or 431); --wire v1 / wire: "v1" sends them in a hello on /subscribe, which v2 hosts serve too`,
+  );
+  assert.equal(syncConnections(server)[0].query.match(/dids=/g)?.length, 60);
+});
+
 Deno.test("--resume on a v2 host continues by the stored sequence cursor", async () => {
   const events = capture();
   await using server = serveEvents(events, { version: "v2", closeAtEnd: true, faults: { dropEvery: 150 } });

@@ -54,7 +54,8 @@ Connection:
                           the options set those); repeatable, tried in order
                           (default jetstream1.us-east.bsky.network)
   --wire v1|v2            /subscribe (v1, every server) or subscribeEvents (v2 servers); default
-                          v2 for jetstream.us-east/us-west.bsky.network, v1 otherwise
+                          v2 for jetstream.us-east/us-west.bsky.network (v1 with over 50
+                          DIDs, which v2 takes in the URL only), v1 otherwise
   --compress              ask for zstd-compressed frames
   --no-compress           with --resume, do not (when the last run did)
   --zstd-dictionary PATH  the zstd dictionary for --compress (else $JETFILL_ZSTD_DICTIONARY, a
