@@ -213,6 +213,23 @@ Deno.test("openKvAt() without read access to an existing folder says so, not tha
     }, run again with the --allow-read flag`,
   );
   assert.deepEqual([...Deno.readDirSync(db.dir)], []);
+  // Allowed to write, and to read the database file alone: it opens, as it did before the look at
+  // the folder was said as a refusal.
+  const allowed = await new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "--no-prompt",
+      "--unstable-kv",
+      `--allow-read=${db.path}`,
+      "--allow-write",
+      import.meta.filename!,
+      "open-denied",
+      db.path,
+    ],
+    stdout: "piped",
+    stderr: "inherit",
+  }).output();
+  assert.equal(new TextDecoder().decode(allowed.stdout).trim(), "opened");
 });
 
 Deno.test("openKvAt() names a database it cannot open, and why when it can tell", async () => {

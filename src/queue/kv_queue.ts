@@ -292,18 +292,24 @@ export async function openKvAt(path: string): Promise<Deno.Kv> {
     const slash = file.lastIndexOf("/");
     const folder = slash > 0 ? file.slice(0, slash) : undefined;
     // (Made only when missing: Deno's permissions ask for write access to make one that exists.)
+    // Deno's permissions may refuse to look at the folder yet allow what follows (write access, and
+    // read access to the file alone): then it is made as if missing, which is harmless when it is
+    // there, and only a refusal of that too is said, as the look's refusal.
+    let unseen: Error | undefined;
     const folderThere = folder !== undefined && await Deno.stat(folder).then((i) => i.isDirectory, (err) => {
-      // Deno's permissions refusing to look is how the process was started: said as it is, rather
-      // than as a folder that could not be made.
-      if (err instanceof Deno.errors.NotCapable) {
-        throw new UsageError(`Cannot open the Deno KV database ${JSON.stringify(path)}: ${err.message}`, {
-          cause: err,
-        });
-      }
+      if (err instanceof Deno.errors.NotCapable) unseen = err;
       return false;
     });
     if (folder !== undefined && !folderThere) {
       await Deno.mkdir(folder, { recursive: true }).catch(async (err) => {
+        if (unseen !== undefined) {
+          throw new UsageError(
+            `Cannot open the Deno KV database ${JSON.stringify(path)}: ${unseen.message}`,
+            {
+              cause: unseen,
+            },
+          );
+        }
         // A file where a folder of the path should be is the path's fault (bad input); the rest
         // (permissions, a full disk) is the machine's.
         const blocker = await fileOnPath(folder);
