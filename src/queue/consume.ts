@@ -518,9 +518,11 @@ class Consumer {
   readonly #parkedBySeq = new Map<number, Parked>();
   /**
    * Messages whose handler succeeded here but whose record as handled could not be committed (the
-   * database stayed busy): their next try records them without running the handler again.
+   * database stayed busy): their next try records them without running the handler again. By seq,
+   * with the message's cursor, so that another message under the same seq (the database made anew
+   * at the same path) is not taken for it.
    */
-  readonly #unrecorded = new Set<number>();
+  readonly #unrecorded = new Map<number, number>();
   // Deliveries being parked, in group commits, each with this consumer's sign of life (none once
   // stopping: its parked messages are then the next consumer's at once). A delivery is acknowledged
   // once parked; until then it stays in #bySeq, so that a copy KV delivers meanwhile shares its fate.
@@ -1305,7 +1307,7 @@ class Consumer {
       }
     }
     // Handled here already, but not recorded: only the record is made again.
-    if (this.#unrecorded.has(seq)) return await this.#record(d, events);
+    if (this.#unrecorded.get(seq) === message.cursor) return await this.#record(d, events);
     const now = performance.now();
     const timeLeft = parked
       ? this.#o.handlerTimeout
@@ -1448,7 +1450,7 @@ class Consumer {
         await this.#done(d);
       }
     } catch (err) {
-      this.#unrecorded.add(seq);
+      this.#unrecorded.set(seq, message.cursor);
       this.result.failures++;
       this.#report({
         reason: "storage",
