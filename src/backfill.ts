@@ -17,7 +17,7 @@ import {
   noDictionaryError,
   resolveZstdDictionary,
 } from "./jetstream/dictionary.ts";
-import { isV2Url } from "./jetstream/v2.ts";
+import { isV2Url, V2_HOSTS } from "./jetstream/v2.ts";
 import { URL_DID_LIMIT } from "./jetstream/url.ts";
 import { printable } from "./jetstream/utf8.ts";
 import { COMMIT_OPERATIONS, type CommitOperation } from "./jetstream/events.ts";
@@ -236,7 +236,16 @@ export async function runBackfillSync(options: BackfillSyncOptions = {}): Promis
   // settings are in its queue.
   const needsDecoder = (o: ResolvedSyncOptions) => o.compress && o.instances.some((u) => !isV2Url(u));
   let decodeFrame = !o.resume && needsDecoder(o)
-    ? await loadDecoder(options, o.maxTimeMs, undefined)
+    ? await loadDecoder(options, o.maxTimeMs, undefined).catch((err) => {
+      // A v2 host that only the number of DIDs took to /subscribe: said, as the user did not ask for it.
+      const moved = options.wire === undefined && o.wantedDids.length > URL_DID_LIMIT &&
+        o.instances.some((u) => !isV2Url(u) && V2_HOSTS.includes(new URL(u).hostname));
+      if (!moved || !(err instanceof UsageError)) throw err;
+      throw new UsageError(
+        `${err.message} (with over ${URL_DID_LIMIT} DIDs, the v2 hosts are spoken to on /subscribe, whose hello carries them; --wire v2 / wire: "v2" keeps their own wire, with the DIDs in its URL)`,
+        { cause: err },
+      );
+    })
     : undefined;
   // On v2 hosts alone, a dictionary given is the one used when a host has none to give: a bad one is
   // bad input all the same, found now rather than once a host is asked.
@@ -599,6 +608,10 @@ async function run(
     // Server text (close reasons, refusals, v2 #info messages) goes to a terminal: no controls.
     report: (r: SyncErrorReport) => options.onError?.({ ...r, message: printable(r.message) }),
     decodeFrame,
+    resumedFilterChanged: resumeFrom !== undefined &&
+      differences(resumeFrom.run.selection, selection).some((k) =>
+        k === "wantedDids" || k === "wantedCollections" || k === "kinds"
+      ),
     v2Uncompressed: new Set(),
     v2Dictionary: undefined,
     awaitStoredUntilUs: -1,

@@ -213,6 +213,9 @@ export async function consumeStream(
     seq.host = resumeFrom.run.seqInstance;
     seq.floor = resumeFrom.run.seqCursor;
   }
+  // The seq the resumed run stored last, which a resume with another server-side filter may not
+  // select: a later seq first then says nothing of a loss (see Session.askedSeqSelected).
+  const resumedSeq = ctx.resumedFilterChanged ? { host: seq.host, floor: seq.floor } : undefined;
   // The host whose seq the run had when the wait for a record stored before began (see
   // awaitStored): the resume's, or a failover's.
   let seqHostAtAwait = seq.host;
@@ -645,6 +648,8 @@ export async function consumeStream(
       floorKnown,
       seqFloor: bySeq ? seq.floor : -1,
       askedSeq: bySeq && !seq.fromOldest ? seq.floor : undefined,
+      askedSeqSelected: resumedSeq === undefined || resumedSeq.host !== seq.host ||
+        resumedSeq.floor !== seq.floor,
       startUs: sessionFloor < 0 && tailBeganUs !== undefined
         ? Math.max(startUs, tailBeganUs - o.rewindUs)
         : startUs,
@@ -689,6 +694,25 @@ export async function consumeStream(
     }
     // A drain after the user's abort ended: what the server sent before the close was read.
     if (ctx.draining) stopWith(ctx, "aborted");
+    if (session.handedBack !== undefined && !ctx.stop) {
+      // Another numbering at this address (see readConnection): another instance, as after a
+      // failover, though at the same place in the list. Its time_us are not those the floor is a
+      // time of: the stream is taken up the rewind before it (what comes again is recognised by
+      // content), and where its history begins is checked again (a gap is reported; a strict run
+      // stops). The host answered: no failed attempt.
+      ctx.report({ reason: "connection", message: session.handedBack, instance: base });
+      if (floorUs >= 0) {
+        unrewoundUs ??= floorUs;
+        floorUs = unrewoundUs - o.rewindUs;
+        floorOf = undefined;
+        lastSpanUs = 0;
+      }
+      coverage = { fromUs: neededUs, atStart: false };
+      probed.clear();
+      failures = 0;
+      disconnectedAt = performance.now();
+      continue;
+    }
     if (ctx.searchBack) {
       ctx.searchBack = false;
       if (!ctx.stop) {
@@ -824,16 +848,15 @@ export async function consumeStream(
       : Math.min(o.idleTimeoutMs * idleScale, MAX_TIMER_MS);
     if (progressed) idleScale = 1;
     else if (cause.kind === "idle" && !cause.partial) idleScale = Math.min(2 * idleScale, MAX_IDLE_SCALE);
-    const why = session.handedBack ??
-      (cause.kind === "closed"
-        ? `connection closed (code ${cause.code}${cause.reason ? `: ${cause.reason}` : ""})`
-        : cause.kind === "idle"
-        ? cause.partial
-          ? `a message stopped arriving midway: no progress for ${waitedMs / 1000} s`
-          : `no message for ${waitedMs / 1000} s`
-        : cause.kind === "overflow"
-        ? "the pipeline fell behind the socket; reconnecting from the cursor"
-        : "connection aborted");
+    const why = cause.kind === "closed"
+      ? `connection closed (code ${cause.code}${cause.reason ? `: ${cause.reason}` : ""})`
+      : cause.kind === "idle"
+      ? cause.partial
+        ? `a message stopped arriving midway: no progress for ${waitedMs / 1000} s`
+        : `no message for ${waitedMs / 1000} s`
+      : cause.kind === "overflow"
+      ? "the pipeline fell behind the socket; reconnecting from the cursor"
+      : "connection aborted";
     ctx.report({ reason: "retry", message: `${why}; reconnecting`, instance: base });
     if (failures > o.maxRetries) {
       ctx.stop = "error";

@@ -576,48 +576,110 @@ Deno.test("failing over A → B → A between v2 hosts with different dictionari
   );
 });
 
-Deno.test("a resume by seq meeting a new instance at the same address (its seqs lower) takes the stream up by time, losing nothing", async () => {
-  const events = capture(300);
-  await using db = await tempDb();
-  // The first instance: the first 150 events, seqs 1001 to 1150.
-  let instance: "old" | "new" = "old";
-  await using old = serveEvents(events.slice(0, 150), { version: "v2", closeAtEnd: true });
-  // The new one numbers the same history 1 to 300. A seq past its last is live: it sends what comes
-  // from now on, here the events from the 151st; a time cursor replays from that time. Then it closes.
-  await using rebuilt = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, (req) => {
+/**
+ * A new instance at one address, numbering from 1 the events of `events` from index `from` on (its
+ * history): a seq past its last is live, and it sends what comes from now on, here the events from
+ * the 151st; a time cursor replays from that time (clamped to its history). Then it closes.
+ */
+function renumberedHost(events: JetstreamEvent[], from: number) {
+  return Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, (req) => {
     const cursor = Number(new URL(req.url).searchParams.get("cursor"));
-    const from = cursor >= 1e15
+    const first = cursor >= 1e15
       ? events.findIndex((e) => e.time_us >= cursor)
-      : cursor > 300
+      : cursor > events.length - from
       ? 150
-      : cursor - 1;
+      : from + cursor - 1;
     const { socket, response } = Deno.upgradeWebSocket(req);
     socket.onopen = () => {
-      for (let i = Math.max(0, from); i < events.length; i++) {
-        socket.send(JSON.stringify({ ...events[i], cursor: i + 1 }));
+      for (let i = Math.max(from, first); i < events.length; i++) {
+        socket.send(JSON.stringify({ ...events[i], cursor: i - from + 1 }));
       }
       socket.close(1000, "done");
     };
     return response;
   });
-  await using relay = tcpRelay(() => instance === "old" ? portOf(old) : rebuilt.addr.port);
-  const url = `ws://127.0.0.1:${relay.port}/subscribe`;
-  const first = await runBackfillSync({ instance: url, kv: db.path, startTimestamp: T0, ...ALL });
-  assert.equal(first.recordsStored, 150);
-  instance = "new";
-  const { stats, reports } = await syncReporting({ kv: db.path, resume: true });
-  assert.equal(stats.stopReason, "closed", stats.error);
-  // (Before: its events, seqs 151 to 300, all below the 1150 stored last, were dropped as repeats.)
-  assert.equal(stats.recordsStored, 150, JSON.stringify(reports));
-  assert.ok(
-    reports.some((r) =>
-      /sent seq 151 first, asked for seq 1150: its seqs are not those of the events stored from it .*, so the stream is taken up again by time; reconnecting$/
-        .test(r.message)
-    ),
-    JSON.stringify(reports),
+}
+
+Deno.test("a resume by seq meeting a new instance at the same address (its seqs lower) takes the stream up by time, losing nothing", async () => {
+  const events = capture(300);
+  // Its history: all of it; from the 201st event (a gap after the 150 stored); the same, strict.
+  for (const [from, strict] of [[0, false], [200, false], [200, true]] as const) {
+    await using db = await tempDb();
+    // The first instance: the first 150 events, seqs 1001 to 1150.
+    let instance: "old" | "new" = "old";
+    await using old = serveEvents(events.slice(0, 150), { version: "v2", closeAtEnd: true });
+    await using rebuilt = renumberedHost(events, from);
+    await using relay = tcpRelay(() => instance === "old" ? portOf(old) : rebuilt.addr.port);
+    const url = `ws://127.0.0.1:${relay.port}/subscribe`;
+    const first = await runBackfillSync({ instance: url, kv: db.path, startTimestamp: T0, ...ALL });
+    assert.equal(first.recordsStored, 150);
+    instance = "new";
+    // (No retry allowed: the host answered, and taking it up by time is no failed attempt.)
+    const reports: SyncErrorReport[] = [];
+    const run = runBackfillSync({
+      kv: db.path,
+      resume: true,
+      maxRetries: 0,
+      strict,
+      onError: (r) => reports.push(r),
+    });
+    // A strict run stops for the gap before it stores anything: refused, as a resume into a gap is.
+    const stats = strict ? undefined : await run;
+    if (strict) {
+      await assert.rejects(
+        run,
+        (err) => err instanceof UsageError && /only holds events from .* on/.test(err.message),
+      );
+    }
+    const said = JSON.stringify(reports);
+    // (Before: its events, seqs 1 to 150, all below the 1150 stored last, were dropped as repeats.)
+    assert.ok(
+      reports.some((r) =>
+        r.reason === "connection" &&
+        new RegExp(
+          `sent seq ${
+            Math.max(from, 150) - from + 1
+          } first, asked for seq 1150: its seqs are not those of the events stored from it .*, so the stream is taken up again by time$`,
+        ).test(r.message)
+      ),
+      said,
+    );
+    if (stats === undefined) continue;
+    assert.equal(stats.stopReason, "closed", stats.error);
+    assert.equal(stats.recordsStored, 300 - Math.max(from, 150), said);
+    // Where the new instance's history begins is checked again: the gap is said.
+    const gaps = reports.filter((r) => r.reason === "coverage");
+    assert.equal(gaps.length, from === 0 ? 0 : 1, said);
+    const got = await stored(db.path, stats.queueLength);
+    assert.deepEqual(
+      got.map((e) => e.time_us),
+      events.filter((_, i) => i < 150 || i >= from).map((e) => e.time_us),
+    );
+  }
+});
+
+Deno.test("over 50 DIDs with --compress on a v2 host given by name: a refused dictionary's message says why /subscribe", async () => {
+  const dids = Array.from({ length: 51 }, (_, i) => `did:web:a${i}.example`);
+  const v2Bytes = (await v2Dictionary()).bytes;
+  await using db = await tempDb();
+  await assert.rejects(
+    () =>
+      runBackfillSync({
+        instance: "jetstream.us-east.bsky.network",
+        wantedDids: dids,
+        compress: true,
+        zstdDictionary: v2Bytes,
+        kv: db.path,
+      }),
+    (err) =>
+      err instanceof UsageError &&
+      err.message.startsWith(
+        "The zstd dictionary given as bytes has ID 20260811, but /subscribe connections",
+      ) &&
+      err.message.endsWith(
+        '(with over 50 DIDs, the v2 hosts are spoken to on /subscribe, whose hello carries them; --wire v2 / wire: "v2" keeps their own wire, with the DIDs in its URL)',
+      ),
   );
-  const got = await stored(db.path, stats.queueLength);
-  assert.deepEqual(got.map((e) => e.time_us), events.map((e) => e.time_us));
 });
 
 Deno.test("over 50 DIDs on the v2 wire go in its URL, as they must there, with a warning that says so", async () => {
@@ -794,6 +856,58 @@ Deno.test("a v2 server's /subscribe that clamps a reconnect's seq cursor without
       assert.equal(stats.stopReason, "closed");
       await assertAroundGap(db.path, stats.queueLength, events);
     }
+  }
+});
+
+Deno.test("a later seq first that loses nothing is not reported: the next seq, or a resume with a narrower filter", async () => {
+  const events = capture();
+  const posts = ["app.bsky.feed.post"];
+  // The host sends seq 1151 first for seq 1150 asked for (its event is one the filter leaves out
+  // there): that seq is stored already, and 1151 on come.
+  {
+    const other = events.map((e, i) =>
+      i === 149 ? commit(e.time_us, { collection: "app.bsky.graph.block" }) : e
+    );
+    await using db = await tempDb();
+    await using first = serveEvents(events, { version: "v2", faults: { dropEvery: 150 } });
+    await using next = serveEvents(other, { version: "v2", closeAtEnd: true });
+    await using relay = tcpRelay((n) => n <= 2 ? portOf(first) : portOf(next));
+    const { stats, reports } = await syncReporting({
+      instance: `ws://127.0.0.1:${relay.port}/subscribe`,
+      kv: db.path,
+      kinds: ALL.kinds,
+      wantedCollections: [...posts, "app.bsky.feed.like"],
+      startTimestamp: T0,
+      strict: true,
+    });
+    // (Before: "events of seqs 1151 to 1150 may be missing", and the strict run stopped.)
+    assert.equal(stats.stopReason, "closed", stats.error);
+    assert.deepEqual(reports.filter((r) => r.reason === "coverage"), []);
+    assert.equal(stats.recordsStored, events.length);
+  }
+  // A resume, with --force, for one account's records alone: the host sends that account's next
+  // one first (seq 1154, for 1151 asked for), which is what the new filter asks for.
+  {
+    await using db = await tempDb();
+    await using server = serveEvents(events, { version: "v2", closeAtEnd: true });
+    const first = await runBackfillSync({
+      instance: server.url,
+      kv: db.path,
+      ...ALL,
+      startTimestamp: T0,
+      numRecords: 151,
+    });
+    assert.equal((await stored(db.path, first.queueLength)).at(-1)!.cursor, 1151);
+    const { stats, reports } = await syncReporting({
+      kv: db.path,
+      resume: true,
+      force: true,
+      wantedDids: [did(0)],
+      numRecords: 10_000,
+      strict: true,
+    });
+    assert.equal(stats.stopReason, "closed", stats.error);
+    assert.deepEqual(reports.filter((r) => r.reason === "coverage"), [], JSON.stringify(reports));
   }
 });
 

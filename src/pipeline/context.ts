@@ -35,6 +35,12 @@ export interface Session {
    * processed: a host that still holds it sends it again first (the cursor is inclusive).
    */
   askedSeq?: number;
+  /**
+   * Whether the event at `askedSeq` passes this connection's server-side filter, as it does when
+   * this run received it: not on a resume with other DIDs, collections or kinds than the run had,
+   * until it has a seq of its own. Only then does a later seq first say that events were lost.
+   */
+  askedSeqSelected: boolean;
   /** Events before this time_us are before the window (the start, or a little earlier: see consumeStream). */
   startUs: number;
   /**
@@ -114,6 +120,11 @@ export interface RunContext {
   report: (r: SyncErrorReport) => void;
   /** Decoder of legacy-dictionary zstd frames, when compressing on /subscribe. */
   decodeFrame: ((bytes: Uint8Array) => Uint8Array) | undefined;
+  /**
+   * A resume whose server-side filter (DIDs, collections, kinds) differs from the resumed run's
+   * (`force`): the event at its stored seq may not pass it (see Session.askedSeqSelected).
+   */
+  resumedFilterChanged: boolean;
   /**
    * The v2 hosts (instance URLs) whose connections no longer ask for zstd frames: one that has no
    * dictionary to give, or that refused the one it gave. Others still do.

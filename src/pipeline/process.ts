@@ -441,7 +441,11 @@ export async function readConnection(
           if (askedSeq !== undefined) {
             // The first event by seq: the one asked for, unless the host no longer holds it. A strict
             // run stores nothing after a loss it would stop for: it waits for the measure.
-            const clamped = evSeq > askedSeq ? ctx.onSeqClamped?.(base, askedSeq + 1, evSeq) : undefined;
+            // (The next seq first: the one asked for was not sent again, but it is stored, and
+            // nothing is missing.)
+            const clamped = evSeq > askedSeq + 1 && session.askedSeqSelected
+              ? ctx.onSeqClamped?.(base, askedSeq + 1, evSeq)
+              : undefined;
             askedSeq = undefined;
             if (clamped && o.strict) {
               await clamped;
