@@ -212,6 +212,8 @@ export async function consumeStream(
   if (resumeFrom?.run.seqCursor !== undefined && resumeFrom.run.seqInstance !== undefined) {
     seq.host = resumeFrom.run.seqInstance;
     seq.floor = resumeFrom.run.seqCursor;
+    // (The checkpoint's cursor is the time_us of its last record, whose seq that is.)
+    seq.floorUs = resumeFrom.cursor;
   }
   // The seq the resumed run stored last, which a resume with another server-side filter may not
   // select: a later seq first then says nothing of a loss (see Session.askedSeqSelected).
@@ -731,6 +733,7 @@ export async function consumeStream(
         if (seq.host === base) {
           seq.host = undefined;
           seq.floor = -1;
+          seq.floorUs = undefined;
         }
         disconnectedAt = performance.now();
         ctx.report({

@@ -577,28 +577,62 @@ Deno.test("failing over A → B → A between v2 hosts with different dictionari
 });
 
 /**
- * A new instance at one address, numbering from 1 the events of `events` from index `from` on (its
- * history): a seq past its last is live, and it sends what comes from now on, here the events from
- * the 151st; a time cursor replays from that time (clamped to its history). Then it closes.
+ * A new instance at one address, numbering from `seqBase` + 1 the events of `events` from index
+ * `from` on (its history): a seq past its last is live, and it sends what comes from now on, here
+ * the events from the 151st; a time cursor replays from that time (clamped to its history). Then it
+ * closes.
  */
-function renumberedHost(events: JetstreamEvent[], from: number) {
+function renumberedHost(events: JetstreamEvent[], from: number, seqBase = 0) {
+  const seqOf = (i: number) => seqBase + i - from + 1;
   return Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, (req) => {
     const cursor = Number(new URL(req.url).searchParams.get("cursor"));
     const first = cursor >= 1e15
       ? events.findIndex((e) => e.time_us >= cursor)
-      : cursor > events.length - from
+      : cursor > seqOf(events.length - 1)
       ? 150
-      : from + cursor - 1;
+      : from + cursor - seqBase - 1;
     const { socket, response } = Deno.upgradeWebSocket(req);
     socket.onopen = () => {
       for (let i = Math.max(from, first); i < events.length; i++) {
-        socket.send(JSON.stringify({ ...events[i], cursor: i - from + 1 }));
+        socket.send(JSON.stringify({ ...events[i], cursor: seqOf(i) }));
       }
       socket.close(1000, "done");
     };
     return response;
   });
 }
+
+Deno.test("a resume by seq meeting a new instance at the same address whose seq asked for is another event takes the stream up by time", async () => {
+  const events = capture(300);
+  await using db = await tempDb();
+  let instance: "old" | "new" = "old";
+  await using old = serveEvents(events.slice(0, 150), { version: "v2", closeAtEnd: true });
+  // Seqs 951 to 1250: its seq 1150 is the 200th event, not the 150th that the run stored at it.
+  await using rebuilt = renumberedHost(events, 0, 950);
+  await using relay = tcpRelay(() => instance === "old" ? portOf(old) : rebuilt.addr.port);
+  const url = `ws://127.0.0.1:${relay.port}/subscribe`;
+  assert.equal(
+    (await runBackfillSync({ instance: url, kv: db.path, startTimestamp: T0, ...ALL })).recordsStored,
+    150,
+  );
+  instance = "new";
+  const { stats, reports } = await syncReporting({ kv: db.path, resume: true });
+  assert.equal(stats.stopReason, "closed", stats.error);
+  assert.ok(
+    reports.some((r) =>
+      new RegExp(
+        `sent seq 1150 first, as asked, but with time_us ${events[199].time_us}, not the ${
+          events[149].time_us
+        } of the event at that seq before: its seqs are not those`,
+      ).test(r.message)
+    ),
+    JSON.stringify(reports),
+  );
+  // (Before: the stream went on from its seq 1150, and the 151st to the 199th were missing, unsaid.)
+  assert.equal(stats.recordsStored, 150);
+  const got = await stored(db.path, stats.queueLength);
+  assert.deepEqual(got.map((e) => e.time_us), events.map((e) => e.time_us));
+});
 
 Deno.test("a resume by seq meeting a new instance at the same address (its seqs lower) takes the stream up by time, losing nothing", async () => {
   const events = capture(300);

@@ -85,6 +85,11 @@ export interface SeqState {
   /** The last seq processed there, or -1. */
   floor: number;
   /**
+   * The `time_us` of the event at `floor`, when known: the host sends that event again first, with
+   * the same time (a v2 host's event keeps its time), unless its seqs are not those of the run.
+   */
+  floorUs?: number;
+  /**
    * False while that host, taken up by time, still replays events below the run's time floor
    * (#343, or a rewind): the floor applies by time_us to a connection taken up by its seq too.
    */

@@ -425,16 +425,26 @@ export async function readConnection(
         // replays from before the requested cursor (bluesky-social/jetstream#343).
         const evSeq = (ev as { cursor?: unknown }).cursor;
         if (typeof evSeq === "number") {
-          if (askedSeq !== undefined && evSeq < askedSeq) {
-            // An earlier seq than the one asked for, first: not the numbering the run's seq came
-            // from (a new instance at the same address, which took that seq for a future one and
-            // sent what is live). Its events would all look stored already: the stream is taken up
-            // again by time, as on another host, and what comes again is recognised by content.
+          // An earlier seq than the one asked for, first, or that seq with another time_us than the
+          // event the run had at it (a v2 host's event keeps its time): not the numbering the run's
+          // seq came from (a new instance at the same address, which took that seq for a future one
+          // and sent what is live, or numbered other events with it). Its events would look stored
+          // already, or come from elsewhere in its history: the stream is taken up again by time, as
+          // on another host, and what comes again is recognised by content.
+          const renumbered = askedSeq === undefined
+            ? undefined
+            : evSeq < askedSeq
+            ? `sent seq ${evSeq} first, asked for seq ${askedSeq}`
+            : evSeq === askedSeq && seq.floorUs !== undefined && t !== seq.floorUs
+            ? `sent seq ${evSeq} first, as asked, but with time_us ${t}, not the ${seq.floorUs} of the event at that seq before`
+            : undefined;
+          if (renumbered !== undefined) {
             session.handedBack = `${
               new URL(base).host
-            } sent seq ${evSeq} first, asked for seq ${askedSeq}: its seqs are not those of the events stored from it (a new instance at the same address?), so the stream is taken up again by time`;
+            } ${renumbered}: its seqs are not those of the events stored from it (a new instance at the same address?), so the stream is taken up again by time`;
             seq.host = undefined;
             seq.floor = -1;
+            seq.floorUs = undefined;
             seq.floorReached = false;
             return;
           }
@@ -460,9 +470,13 @@ export async function readConnection(
           if (seq.host !== base) {
             seq.host = base;
             seq.floor = -1;
+            seq.floorUs = undefined;
             seq.floorReached = false;
           }
-          seq.floor = Math.max(seq.floor, evSeq);
+          if (evSeq > seq.floor) {
+            seq.floor = evSeq;
+            seq.floorUs = t;
+          }
           // Connected by time (no seq of this host yet): the floor applies by time_us, which also
           // drops a v2 host's replay from before the cursor (#343), until the stream reaches it;
           // and so it does on the connections taken up by seq after one that dropped before then.
@@ -490,6 +504,7 @@ export async function readConnection(
             // is no longer where the run is. Going back there, the run asks by time.
             seq.host = undefined;
             seq.floor = -1;
+            seq.floorUs = undefined;
           }
           if (t < floorUs || (t === floorUs && !floorKnown) || (t < startUs && !lookingBack(ctx))) {
             // (At the floor itself, with the guard knowing what was stored there, only what it knows is
