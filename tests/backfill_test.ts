@@ -363,6 +363,38 @@ Deno.test("runBackfillSync() filters by DID in the URL, and by options_update fo
   assert.equal(conn.hellos[0].wantedDids?.length, 201);
 });
 
+Deno.test("a maxMessageSizeBytes in the instance URL goes in the hello too, which would lift it on a v2 server", async () => {
+  const events = capture();
+  const sizes = events.map((e) => new TextEncoder().encode(JSON.stringify(e)).length).sort((a, b) => a - b);
+  // A limit that leaves out the larger half of the events.
+  const limit = sizes[Math.floor(sizes.length / 2)];
+  const many = [
+    ...Array.from({ length: 9 }, (_, i) => did(i)),
+    ...Array.from({ length: 60 }, (_, i) => did(1000 + i)),
+  ];
+  for (const version of ["legacy", "v2"] as const) {
+    await using server = serveEvents(events, { version, closeAtEnd: true });
+    await using db = await tempDb();
+    const stats = await runBackfillSync({
+      instance: `${server.url}?maxMessageSizeBytes=${limit}`,
+      kv: db.path,
+      startTimestamp: T0,
+      wantedDids: many,
+      wantedCollections: [],
+      kinds: ["commit", "identity", "account"],
+    });
+    const sync = server.connections.find((c) => c.query.includes("requireHello=true"))!;
+    assert.equal(sync.hellos[0].maxMessageSizeBytes, limit);
+    const got = await stored(db.path, stats.queueLength);
+    // (Before, on the v2 server: the hello without it lifted the limit, and all were stored.)
+    assert.ok(got.events.length > 0 && got.events.length < events.length, `${version}: ${got.events.length}`);
+    assert.ok(
+      got.events.every((e) => new TextEncoder().encode(JSON.stringify(e)).length <= limit + 40),
+      version,
+    );
+  }
+});
+
 Deno.test("runBackfillSync() reports date changes and per-day counts in UTC", async () => {
   const events = capture();
   await using server = serveEvents(events, { closeAtEnd: true });

@@ -59,9 +59,18 @@ export function buildSubscribeRequest(base: string, params: SubscribeParams): Su
   // literal makes logged URLs readable.
   const text = url.toString().replaceAll("%2A", "*").replaceAll("%3A", ":");
   if (!viaHello) return { url: text };
+  // An update replaces the whole of a v2 server's options (protocol doc §2, §10.7): a size limit
+  // given in the instance URL goes in it too, or the hello would lift it there (a legacy server
+  // keeps the URL's and ignores it in the update).
+  const size = q.get("maxMessageSizeBytes");
+  const limit = size !== null && /^\+?\d{1,15}$/.test(size) ? Number(size) : undefined;
   const hello = JSON.stringify({
     type: "options_update",
-    payload: { wantedCollections: params.wantedCollections, wantedDids: params.wantedDids },
+    payload: {
+      wantedCollections: params.wantedCollections,
+      wantedDids: params.wantedDids,
+      ...(limit === undefined ? {} : { maxMessageSizeBytes: limit }),
+    },
   });
   return { url: text, hello };
 }
