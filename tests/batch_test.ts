@@ -96,6 +96,22 @@ Deno.test("nestedTooDeep() follows the nesting of objects and arrays, not bracke
   assert.equal(nestedTooDeep(JSON.stringify(Array.from({ length: 1000 }, () => ({ b: [1] })))), false);
 });
 
+Deno.test("a message's seq is its last record's: none when a legacy host's record came after a v2 host's", () => {
+  const b = new Batcher("q", 100);
+  const add = (e: ReturnType<typeof commit>) =>
+    b.add(e, JSON.stringify(e), "2026-11-27", "app.bsky.feed.post");
+  b.host = "ws://v2.example/subscribe";
+  add({ ...commit(T0), cursor: 1001 });
+  b.host = "ws://legacy.example/subscribe";
+  add(commit(T0 + 1));
+  const [m] = b.take()!.messages;
+  // (Before: seq 1001 of the v2 host, with the legacy record's time_us as the message's cursor.)
+  assert.deepEqual([m.seq, m.seqHost, m.cursor], [undefined, undefined, T0 + 1]);
+  b.host = "ws://v2.example/subscribe";
+  add({ ...commit(T0 + 2), cursor: 1002 });
+  assert.deepEqual([b.take()!.messages[0].seq], [1002]);
+});
+
 Deno.test("Batcher packs messages under 64 KiB and at most batchSize records", () => {
   const b = new Batcher("q", 100);
   let full = false;

@@ -184,9 +184,14 @@ export class Batcher {
     m.hostMaxUs = Math.max(m.hostMaxUs, event.time_us, this.seenUs);
     m.host = this.host;
     m.hostStartUs = this.hostStartUs;
+    // The seq of the message's last record, so that it goes with the cursor (its time_us): none
+    // when that record has none (a legacy host's, after a v2 host's).
     if (typeof event.cursor === "number") {
       m.seq = event.cursor;
       m.seqHost = this.host;
+    } else {
+      m.seq = undefined;
+      m.seqHost = undefined;
     }
     m.days.set(day, (m.days.get(day) ?? 0) + 1);
     if (collection !== undefined) m.collections.add(collection);

@@ -886,7 +886,8 @@ function packRecords(m: PackedMessage, from: number, to: number): PackedMessage 
     const d = utcDate(r.time_us);
     days.set(d, (days.get(d) ?? 0) + 1);
     if (r.kind === "commit") collections.add(r.commit.collection);
-    if (typeof r.cursor === "number") seq = r.cursor;
+    // (Of the last record: one without a seq after one with it, a legacy host's, leaves none.)
+    seq = typeof r.cursor === "number" ? r.cursor : undefined;
   }
   return {
     records,
