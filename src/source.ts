@@ -284,30 +284,35 @@ export async function consumeStream(
    * instances' `time_us` up on (`why`): the stream is taken up the rewind before, which covers
    * clocks that differ by less than that, and no search can tell more.
    */
-  const unaligned = (from: string, to: string, lastUs: number, why: string) =>
+  const unaligned = (from: string, to: string, instance: string, lastUs: number, why: string) =>
     ctx.report({
       reason: "coverage",
-      message: `${why} ${isoFromUs(lastUs)}, to line the time_us of ${new URL(to).host} up with those of ${
-        new URL(from).host
-      }: if they run more than ${o.rewindUs / 1e6} s behind, selected events just after ${
+      message: `${why} ${
         isoFromUs(lastUs)
-      } may be missing${
+      }, to line the time_us of ${to} up with those of ${from}: if they run more than ${
+        o.rewindUs / 1e6
+      } s behind, selected events just after ${isoFromUs(lastUs)} may be missing${
         o.startUs === undefined ? "" : ", and if ahead, ones just before the start may be stored"
       }`,
-      instance: to,
+      instance,
     });
 
-  /** Moves on to the next instance, a little earlier in time (`rewindUs`): time_us differ between them. */
-  const failOver = () => {
-    const from = o.instances[instanceIndex];
-    instanceIndex = (instanceIndex + 1) % o.instances.length;
-    stats.failovers++;
-    silentInARow = 0;
-    const to = o.instances[instanceIndex];
+  /**
+   * Takes the stream up by time on `to` after `from`, a little earlier (`rewindUs`); when `other`
+   * (another instance, whose time_us differ: a failover to another one, or a host at the same
+   * address numbering anew), lined up with what was stored, as a resume on another instance is.
+   * `names` say the two in messages. Returns the time processed last (-1: none).
+   */
+  const realign = (
+    from: string,
+    to: string,
+    other: boolean,
+    names = [from, to].map((u) => new URL(u).host),
+  ) => {
     // A wait for the last record stored that is not over goes on there (see RunContext.awaited):
     // from the time processed last on the instance that stored it, not from that of one since,
     // which may lack it.
-    const awaited = from !== to ? ctx.awaited : undefined;
+    const awaited = other ? ctx.awaited : undefined;
     const lastUs = awaited?.lastUs ?? unrewoundUs ?? floorUs;
     if (lastUs >= 0) {
       unrewoundUs = lastUs;
@@ -322,9 +327,9 @@ export async function consumeStream(
     // before its start), stored further on; past the last time processed plus the rewind without
     // one recognised, a coverage warning.
     // (On one where a search lined the stream up, the start by its clock.)
-    const linedStart = from !== to ? linedStarts.get(to) : undefined;
+    const linedStart = other ? linedStarts.get(to) : undefined;
     const known = ctx.accepted > 0 || (recent !== undefined && recent.keys.length > 0);
-    if (lastUs >= 0 && known && from !== to) {
+    if (lastUs >= 0 && known && other) {
       let anchorUs = lastUs;
       if (awaited !== undefined) {
         floorUs = lastUs - searchAgain(ctx, to, seq.host === to && seq.floor >= 0 && !seq.fromOldest);
@@ -335,21 +340,31 @@ export async function consumeStream(
         seqHostAtAwait = seq.host;
         if (anchorUs === lastUs && selectedUs < lastUs - o.rewindUs) {
           unaligned(
-            from,
+            names[0],
+            names[1],
             to,
             lastUs,
-            `no record was selected on ${new URL(from).host} in the ${
-              SEARCH_MAX_REWINDS * o.rewindUs / 1e6
-            } s before`,
+            `no record was selected on ${names[0]} in the ${SEARCH_MAX_REWINDS * o.rewindUs / 1e6} s before`,
           );
         }
       }
       // (Further back where a search lined the streams up already.)
       startUs = (o.startUs ?? Number.NEGATIVE_INFINITY) - (anchorUs - floorUs);
-    } else if (lastUs >= 0 && from !== to) {
-      unaligned(from, to, lastUs, "no record was stored yet, before");
+    } else if (lastUs >= 0 && other) {
+      unaligned(names[0], names[1], to, lastUs, "no record was stored yet, before");
     }
     if (linedStart !== undefined) startUs = linedStart;
+    return lastUs;
+  };
+
+  /** Moves on to the next instance, a little earlier in time (`rewindUs`): time_us differ between them. */
+  const failOver = () => {
+    const from = o.instances[instanceIndex];
+    instanceIndex = (instanceIndex + 1) % o.instances.length;
+    stats.failovers++;
+    silentInARow = 0;
+    const to = o.instances[instanceIndex];
+    const lastUs = realign(from, to, from !== to);
     ctx.report({
       reason: "connection",
       message: `failing over from ${new URL(from).host} to ${new URL(to).host}${
@@ -700,18 +715,15 @@ export async function consumeStream(
       // Another numbering at this address (see readConnection): another instance, as after a
       // failover, though at the same place in the list. Its time_us are not those the floor is a
       // time of: the stream is taken up the rewind before it (what comes again is recognised by
-      // content), and where its history begins is checked again (a gap is reported; a strict run
-      // stops). The host answered: no failed attempt.
+      // content, and lined up with what was stored), and where its history begins is checked again
+      // (a gap is reported; a strict run stops). The host answered: no failed attempt (nor are the
+      // ones before it forgiven).
       ctx.report({ reason: "connection", message: session.handedBack, instance: base });
-      if (floorUs >= 0) {
-        unrewoundUs ??= floorUs;
-        floorUs = unrewoundUs - o.rewindUs;
-        floorOf = undefined;
-        lastSpanUs = 0;
-      }
+      const host = new URL(base).host;
+      linedStarts.delete(base);
+      realign(base, base, true, [`${host}'s earlier instance`, `its new one`]);
       coverage = { fromUs: neededUs, atStart: false };
       probed.clear();
-      failures = 0;
       disconnectedAt = performance.now();
       continue;
     }

@@ -578,29 +578,71 @@ Deno.test("failing over A → B → A between v2 hosts with different dictionari
 
 /**
  * A new instance at one address, numbering from `seqBase` + 1 the events of `events` from index
- * `from` on (its history): a seq past its last is live, and it sends what comes from now on, here
- * the events from the 151st; a time cursor replays from that time (clamped to its history). Then it
- * closes.
+ * `from` on (its history), its time_us `skewUs` off: a seq past its last is live, and it sends what
+ * comes from now on, here the events from the 151st; a time cursor replays from that time (clamped
+ * to its history). Then it closes.
  */
-function renumberedHost(events: JetstreamEvent[], from: number, seqBase = 0) {
+function renumberedHost(events: JetstreamEvent[], from: number, seqBase = 0, skewUs = 0) {
   const seqOf = (i: number) => seqBase + i - from + 1;
+  const shown = events.map((e) => ({ ...e, time_us: e.time_us + skewUs }));
   return Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, (req) => {
     const cursor = Number(new URL(req.url).searchParams.get("cursor"));
     const first = cursor >= 1e15
-      ? events.findIndex((e) => e.time_us >= cursor)
+      ? shown.findIndex((e) => e.time_us >= cursor)
       : cursor > seqOf(events.length - 1)
       ? 150
       : from + cursor - seqBase - 1;
     const { socket, response } = Deno.upgradeWebSocket(req);
     socket.onopen = () => {
       for (let i = Math.max(from, first); i < events.length; i++) {
-        socket.send(JSON.stringify({ ...events[i], cursor: seqOf(i) }));
+        socket.send(JSON.stringify({ ...shown[i], cursor: seqOf(i) }));
       }
       socket.close(1000, "done");
     };
     return response;
   });
 }
+
+Deno.test("a renumbered host is said before the end is looked at, and lined up with what was stored as another instance is", async () => {
+  // 30 s of events, one each 100 ms.
+  const events = capture(300).map((e, i) => ({ ...e, time_us: T0 + i * 100_000 }));
+  // Its seq 1150 is the 200th event, past the end (the 181st); then, one whose time_us run 10 s
+  // behind the first instance's (twice the rewind).
+  for (const [seqBase, skewUs, endIndex] of [[950, 0, 180], [0, -10_000_000, undefined]] as const) {
+    await using db = await tempDb();
+    let instance: "old" | "new" = "old";
+    await using old = serveEvents(events.slice(0, 150), { version: "v2", closeAtEnd: true });
+    await using rebuilt = renumberedHost(events, 0, seqBase, skewUs);
+    await using relay = tcpRelay(() => instance === "old" ? portOf(old) : rebuilt.addr.port);
+    const url = `ws://127.0.0.1:${relay.port}/subscribe`;
+    const endTimestamp = endIndex === undefined ? undefined : events[endIndex].time_us;
+    const first = await runBackfillSync({
+      instance: url,
+      kv: db.path,
+      startTimestamp: T0,
+      endTimestamp,
+      ...ALL,
+    });
+    assert.equal(first.recordsStored, 150);
+    instance = "new";
+    const { stats, reports } = await syncReporting({ kv: db.path, resume: true });
+    const said = JSON.stringify(reports);
+    assert.ok(
+      reports.some((r) => /its seqs are not those of the events stored from it/.test(r.message)),
+      said,
+    );
+    // (Before: the run stopped at the end with nothing stored and nothing said; or, 10 s behind, the
+    // 151st to the 199th were missing, unsaid.)
+    assert.equal(stats.stopReason, endIndex === undefined ? "closed" : "end", stats.error);
+    const wanted = events.slice(0, endIndex ?? events.length);
+    const got = await stored(db.path, stats.queueLength);
+    assert.deepEqual(
+      got.map((e) => e.time_us - (got.indexOf(e) < 150 ? 0 : skewUs)),
+      wanted.map((e) => e.time_us),
+      said,
+    );
+  }
+});
 
 Deno.test("a resume by seq meeting a new instance at the same address whose seq asked for is another event takes the stream up by time", async () => {
   const events = capture(300);

@@ -417,23 +417,17 @@ export async function readConnection(
           continue;
         }
         const t = ev.time_us;
-        if (t >= endUs) {
-          stopWith(ctx, "end");
-          return;
-        }
-        // Below the floor: the inclusive replay of a reconnect. Below the start: a server that
-        // replays from before the requested cursor (bluesky-social/jetstream#343).
         const evSeq = (ev as { cursor?: unknown }).cursor;
-        if (typeof evSeq === "number") {
+        // The first event of a connection taken up by seq, before the end is looked at: what it
+        // says of the host (numbered anew, or events lost) holds whatever its time.
+        if (typeof evSeq === "number" && askedSeq !== undefined) {
           // An earlier seq than the one asked for, first, or that seq with another time_us than the
           // event the run had at it (a v2 host's event keeps its time): not the numbering the run's
           // seq came from (a new instance at the same address, which took that seq for a future one
           // and sent what is live, or numbered other events with it). Its events would look stored
           // already, or come from elsewhere in its history: the stream is taken up again by time, as
           // on another host, and what comes again is recognised by content.
-          const renumbered = askedSeq === undefined
-            ? undefined
-            : evSeq < askedSeq
+          const renumbered = evSeq < askedSeq
             ? `sent seq ${evSeq} first, asked for seq ${askedSeq}`
             : evSeq === askedSeq && seq.floorUs !== undefined && t !== seq.floorUs
             ? `sent seq ${evSeq} first, as asked, but with time_us ${t}, not the ${seq.floorUs} of the event at that seq before`
@@ -448,20 +442,25 @@ export async function readConnection(
             seq.floorReached = false;
             return;
           }
-          if (askedSeq !== undefined) {
-            // The first event by seq: the one asked for, unless the host no longer holds it. A strict
-            // run stores nothing after a loss it would stop for: it waits for the measure.
-            // (The next seq first: the one asked for was not sent again, but it is stored, and
-            // nothing is missing.)
-            const clamped = evSeq > askedSeq + 1 && session.askedSeqSelected
-              ? ctx.onSeqClamped?.(base, askedSeq + 1, evSeq)
-              : undefined;
-            askedSeq = undefined;
-            if (clamped && o.strict) {
-              await clamped;
-              if (ctx.stop) return;
-            }
+          // The one asked for, unless the host no longer holds it. A strict run stores nothing after
+          // a loss it would stop for: it waits for the measure. (The next seq first: the one asked
+          // for was not sent again, but it is stored, and nothing is missing.)
+          const clamped = evSeq > askedSeq + 1 && session.askedSeqSelected
+            ? ctx.onSeqClamped?.(base, askedSeq + 1, evSeq)
+            : undefined;
+          askedSeq = undefined;
+          if (clamped && o.strict) {
+            await clamped;
+            if (ctx.stop) return;
           }
+        }
+        if (t >= endUs) {
+          stopWith(ctx, "end");
+          return;
+        }
+        // Below the floor: the inclusive replay of a reconnect. Below the start: a server that
+        // replays from before the requested cursor (bluesky-social/jetstream#343).
+        if (typeof evSeq === "number") {
           // A v2 host: its seq orders events; time_us may not (protocol doc §3.2).
           if (evSeq <= seqFloor) {
             stats.duplicatesDropped++;
