@@ -721,7 +721,7 @@ export async function consumeStream(
       ctx.report({ reason: "connection", message: session.handedBack, instance: base });
       const host = new URL(base).host;
       linedStarts.delete(base);
-      realign(base, base, true, [`${host}'s earlier instance`, `its new one`]);
+      realign(base, base, true, [`the earlier instance at ${host}`, "the new one"]);
       coverage = { fromUs: neededUs, atStart: false };
       probed.clear();
       disconnectedAt = performance.now();
