@@ -259,10 +259,31 @@ export async function runBackfillSync(options: BackfillSyncOptions = {}): Promis
   // The dictionary file the resumed run used, taken again (none was given this time).
   let rememberedDictionary: string | undefined;
   try {
-    if (o.resume) {
+    // (undefined: no resume, or one that finds no checkpoint.)
+    const previous = o.resume ? (await readCheckpoint(kv, o.queueName)).value?.run : undefined;
+    if (o.resume && !previous) {
+      // A run killed in its first moments, before it took the queue, leaves a database without a
+      // checkpoint, and so nothing stored: given the run's options again, the resume starts that
+      // run. Without them (or where the database holds other queues: a mistyped name?), there
+      // is nothing to go on.
+      const given = RUN_OPTIONS.some((k) => options[k] !== undefined);
+      if (!given || (await queuesIn(kv)).some((q) => q !== o.queueName)) {
+        throw await nothingToResume(kv, o.queueName);
+      }
+      options.onError?.({
+        reason: "queue",
+        message:
+          `queue '${o.queueName}' has no checkpoint yet (a run stopped before it began leaves none, and nothing stored): nothing to resume, so this run starts it with the options given`,
+      });
+      options = { ...options, resume: false };
+      o = resolveSyncOptions(options);
+      if (needsDecoder(o)) decodeFrame = await loadDecoder(options, o.maxTimeMs, undefined);
+      else if (o.compress && options.zstdDictionary !== undefined) {
+        await resolveZstdDictionary({ dictionary: options.zstdDictionary });
+      }
+    }
+    if (previous) {
       // Options left out on resume are the checkpoint's: `--resume` alone continues the same run.
-      const previous = (await readCheckpoint(kv, o.queueName)).value?.run;
-      if (!previous) throw await nothingToResume(kv, o.queueName);
       const dids = await loadDidList(kv, o.queueName, previous.selection.wantedDids);
       // A dictionary file that has gone since is looked for as usual (environment, cache, download).
       const dictionary = previous.settings?.zstdDictionary;
@@ -354,6 +375,17 @@ class Callbacks {
 }
 
 /** The refusal of a resume of a queue that has no checkpoint, naming the queues the database holds. */
+/** The options that say which run a sync is: given with a resume that finds none, they start it. */
+const RUN_OPTIONS = [
+  "startTimestamp",
+  "endTimestamp",
+  "wantedDids",
+  "wantedCollections",
+  "kinds",
+  "operations",
+  "numRecords",
+] as const;
+
 async function nothingToResume(kv: Deno.Kv, queue: string): Promise<UsageError> {
   const others = (await queuesIn(kv)).filter((q) => q !== queue);
   return new UsageError(

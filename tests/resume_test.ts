@@ -2,7 +2,9 @@ import assert from "node:assert/strict";
 import { runBackfillSync } from "../src/backfill.ts";
 import type { JetstreamEvent } from "../src/jetstream/events.ts";
 import type { SyncStats } from "../src/stats.ts";
-import { readCheckpoint } from "../src/queue/kv_queue.ts";
+import { openKvAt, readCheckpoint } from "../src/queue/kv_queue.ts";
+import { UsageError } from "../src/errors.ts";
+import type { SyncErrorReport } from "../src/stats.ts";
 import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
 import { commit, did, drainQueue } from "./helpers/events.ts";
 import { CLI, killIfRunning, spawnCli, syncArgs, whileRunning } from "./helpers/cli.ts";
@@ -547,4 +549,60 @@ Deno.test("a queue whose checkpoint names its instance with a query string (as v
   assert.equal(resumed.stopReason, "closed", resumed.error);
   assert.equal(resumed.recordsStored, 60);
   assert.deepEqual(byTime(await queueEvents(db.path)), byTime(events));
+});
+
+Deno.test("--resume of a run killed before it took the queue (a database without a checkpoint) starts that run with the options given", async () => {
+  const events = Array.from({ length: 40 }, (_, i) => commit(T0 + i * 1000));
+  await using server = serveEvents(events, { closeAtEnd: true });
+  await using db = await tempDb();
+  // What a kill -9 in a sync's first moments leaves: the database, made, and nothing in it.
+  (await openKvAt(db.path)).close();
+  // --resume alone has nothing to go on.
+  await assert.rejects(
+    () => runBackfillSync({ kv: db.path, resume: true, instance: server.url }),
+    (err) =>
+      err instanceof UsageError &&
+      /Cannot resume queue 'jetstream_sync': it has no checkpoint yet/.test(err.message),
+  );
+  // With the run's options, as a script that resumes after a kill gives them: that run, from its start.
+  const reports: SyncErrorReport[] = [];
+  const stats = await runBackfillSync({
+    kv: db.path,
+    resume: true,
+    instance: server.url,
+    startTimestamp: T0,
+    onError: (r) => reports.push(r),
+  });
+  // (Before: "Cannot resume queue 'jetstream_sync': it has no checkpoint yet; a first run of a queue is
+  // started without --resume", where the README says a kill -9 at any moment can be followed by --resume.)
+  assert.equal(stats.recordsStored, 40);
+  assert.deepEqual(reports.map((r) => r.reason), ["queue"]);
+  assert.match(
+    reports[0].message,
+    /^queue 'jetstream_sync' has no checkpoint yet .* this run starts it with the options given$/,
+  );
+  // And the CLI the same way.
+  await using db2 = await tempDb();
+  (await openKvAt(db2.path)).close();
+  const cli = await new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "-A",
+      CLI,
+      "sync",
+      "--resume",
+      "--kv",
+      db2.path,
+      "--instance",
+      server.url,
+      "--start",
+      String(T0),
+    ],
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const stderr = new TextDecoder().decode(cli.stderr);
+  assert.equal(cli.code, 0, stderr);
+  assert.match(stderr, /has no checkpoint yet .* this run starts it with the options given/);
+  assert.match(new TextDecoder().decode(cli.stdout), /records stored\s+40\n/);
 });
