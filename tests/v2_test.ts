@@ -59,6 +59,11 @@ async function assertAroundGap(path: string, messages: number, events: Jetstream
     events.map((_, i) => 1001 + i).filter((s) => s <= 1150 || s >= 1300),
   );
 }
+/** How many of `events` are posts: what a sync with the default collection stores. */
+function postCount(events: JetstreamEvent[]): number {
+  return events.filter((e) => e.kind === "commit" && e.commit.collection === "app.bsky.feed.post").length;
+}
+
 /** Asserts that the queue at `path` holds, in `messages` messages, every event of `events` (seqs from 1001). */
 async function assertAllStored(path: string, messages: number, events: JetstreamEvent[]): Promise<void> {
   assert.deepEqual((await stored(path, messages)).map((e) => e.cursor), events.map((_, i) => 1001 + i));
@@ -389,7 +394,7 @@ Deno.test("a v2 host's own dictionary under the published ID is taken as it serv
   assert.equal(stats.stopReason, "closed", stats.error);
   assert.equal(
     stats.recordsStored,
-    events.filter((e) => e.kind === "commit" && e.commit.collection === "app.bsky.feed.post").length,
+    postCount(events),
   );
   assert.ok(stats.bytesDecoded > stats.bytesReceived);
   // Given by the user, the same bytes are a damaged copy: refused before anything is opened.
@@ -771,7 +776,7 @@ Deno.test("over 50 DIDs on the v2 wire go in its URL, as they must there, with a
   assert.equal(stats.stopReason, "closed", stats.error);
   assert.equal(
     stats.recordsStored,
-    events.filter((e) => e.kind === "commit" && e.commit.collection === "app.bsky.feed.post").length,
+    postCount(events),
   );
   const [warning, ...rest] = reports.filter((r) => /DIDs go in the URL/.test(r.message));
   assert.equal(rest.length, 0);
