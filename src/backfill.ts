@@ -19,6 +19,7 @@ import {
 } from "./jetstream/dictionary.ts";
 import { isV2Url, V2_HOSTS } from "./jetstream/v2.ts";
 import { URL_DID_LIMIT } from "./jetstream/url.ts";
+import { permissionHost } from "./jetstream/proxy.ts";
 import { printable } from "./jetstream/utf8.ts";
 import { COMMIT_OPERATIONS, type CommitOperation } from "./jetstream/events.ts";
 import { createZstdDecoder, LEGACY_DICTIONARY_ID, V2_DICTIONARY_ID } from "./jetstream/zstd.ts";
@@ -214,8 +215,12 @@ function differences(a: Record<string, unknown>, b: Record<string, unknown>): st
  */
 export async function runBackfillSync(options: BackfillSyncOptions = {}): Promise<SyncStats> {
   let o = resolveSyncOptions(options);
-  // (On a resume, compression may be the last run's: checked once the options are merged.)
-  if (!o.resume) checkDictionaryUse(options, o);
+  const resuming = o.resume;
+  // (On a resume, compression and instances may be the last run's: checked once the options are merged.)
+  if (!resuming) {
+    checkDictionaryUse(options, o);
+    checkNetAccess(o.instances);
+  }
   const callbacks = new Callbacks();
   options = callbacks.guard(options);
   const started = performance.now();
@@ -294,6 +299,7 @@ export async function runBackfillSync(options: BackfillSyncOptions = {}): Promis
       o = resolveSyncOptions(options);
       checkDictionaryUse(options, o);
     }
+    if (resuming) checkNetAccess(o.instances);
     if (path !== undefined) {
       // Before anything is read: a sync that is running, even paused or kept from writing by a busy
       // consumer, holds it.
@@ -903,6 +909,26 @@ function windowPercent(
     return null;
   }
   return Math.max(0, Math.min(100, ((cursor - start) / (end - start)) * 100));
+}
+
+/**
+ * Deno's net permission for every instance (or the proxy it is reached through), asked for before a
+ * new run's database is opened: a run that could not connect, or not fail over, is refused having
+ * made nothing. In a terminal, Deno's prompt comes here rather than mid-run.
+ */
+function checkNetAccess(instances: readonly string[]): void {
+  const permissions = Deno.permissions;
+  if (permissions?.querySync === undefined) return;
+  for (const instance of instances) {
+    const host = permissionHost(new URL(instance));
+    const descriptor = { name: "net", host } as const;
+    const state = permissions.querySync(descriptor).state;
+    if (state === "granted") continue;
+    if (state === "prompt" && permissions.requestSync(descriptor).state === "granted") continue;
+    throw new UsageError(
+      `cannot connect to ${instance}: Requires net access to "${host}", run again with the --allow-net flag`,
+    );
+  }
 }
 
 /** A dictionary given without compression is a mistake: it would be ignored. */

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { parseProxy, proxyFor } from "../src/jetstream/proxy.ts";
+import { parseProxy, permissionHost, proxyFor } from "../src/jetstream/proxy.ts";
 import { openRawConnection } from "../src/jetstream/raw_ws.ts";
 import { commit, drainQueue } from "./helpers/events.ts";
 import { connectProxy, serveEvents, syncConnections, tempDb, tlsFront } from "./helpers/loopback.ts";
@@ -67,6 +67,23 @@ Deno.test("proxyFor connects loopback hosts and those NO_PROXY names directly", 
     const route = proxyFor(new URL(url), envOf({ ...via, no_proxy: noProxy }));
     assert.equal(route !== undefined, proxied, `NO_PROXY=${noProxy} ${url}`);
   }
+});
+
+Deno.test("permissionHost names the host:port Deno's net permission must allow: the proxy's, when one is used", () => {
+  const via = envOf({ HTTPS_PROXY: "http://user:pw@proxy.example:3128", HTTP_PROXY: "[2001:db8::7]:8080" });
+  const cases: [string, string][] = [
+    ["wss://jetstream1.us-east.bsky.network/subscribe", "proxy.example:3128"],
+    ["ws://jetstream.internal:6008/subscribe", "[2001:db8::7]:8080"],
+    ["ws://127.0.0.1:6008/subscribe", "127.0.0.1:6008"],
+    ["ws://[::1]/subscribe", "[::1]:80"],
+  ];
+  for (const [url, host] of cases) assert.equal(permissionHost(new URL(url), via), host, url);
+  const direct = envOf({});
+  assert.equal(
+    permissionHost(new URL("wss://jetstream2.us-west.bsky.network/subscribe"), direct),
+    "jetstream2.us-west.bsky.network:443",
+  );
+  assert.equal(permissionHost(new URL("ws://host.example/subscribe"), direct), "host.example:80");
 });
 
 Deno.test("a proxy URL's credentials become a Basic Proxy-Authorization and never appear in messages", () => {

@@ -2380,14 +2380,19 @@ Deno.test("a sync that stops at its limit ends its connection with the closing h
 
 Deno.test("a connection Deno's permissions deny is refused at once, not retried as a network failure", async () => {
   // Before, a library user without --allow-net for the host saw eleven attempts over 72 s, then "gave
-  // up"; with the first instance allowed and the second not, a failover now stops the run at once.
+  // up". Each instance's permission is now asked for before the database is made; one taken away
+  // during the run stops it at its failover.
   await using first = serveEvents(Array.from({ length: 50 }, (_, i) => commit(T0 + i * 1000)), {
     closeAtEnd: false,
   });
   await using db = await tempDb();
   const script = `${db.dir}/denied.ts`;
   const backfill = new URL("../src/backfill.ts", import.meta.url).href;
-  const run = async (allowNet: string, instances: string[], start = true) => {
+  const run = async (allowNet: string, instances: string[], start = true, revoke?: string) => {
+    // (revoke: a host whose permission the script gives up once the run has stored something.)
+    const onProgress = revoke === undefined
+      ? ""
+      : `onProgress: () => Deno.permissions.revokeSync({ name: "net", host: "${revoke}" }), `;
     await Deno.writeTextFile(
       script,
       `import { runBackfillSync } from "${backfill}";
@@ -2396,7 +2401,7 @@ try {
         JSON.stringify(instances)
       }, kv: "${db.dir}/q.sqlite", force: true, ${
         start ? `startTimestamp: ${T0}, ` : ""
-      }idleTimeout: 1, maxTime: 15 });
+      }${onProgress}idleTimeout: 1, maxTime: 15 });
   console.log(JSON.stringify({ stopReason: s.stopReason, error: s.error, recordsStored: s.recordsStored }));
 } catch (err) {
   console.log(JSON.stringify({ thrown: (err as Error).name, message: (err as Error).message }));
@@ -2411,7 +2416,7 @@ try {
       stdout: "piped",
       stderr: "piped",
     }).spawn();
-    if (instances.length > 1) {
+    if (revoke !== undefined) {
       // The first instance goes away once it has sent its events: the run fails over.
       await whileRunning(child, () => syncConnections(first)[0]?.sent >= 50);
       await first.shutdown();
@@ -2432,10 +2437,27 @@ try {
         `^cannot connect to ws://127\\.0\\.0\\.1:${firstPort}/subscribe.*: Requires net access to "127\\.0\\.0\\.1:${firstPort}"`,
       ),
     );
+    // Refused before the database (and its lock file) was made.
+    assert.deepEqual(await Array.fromAsync(Deno.readDir(db.dir), (e) => e.name), ["denied.ts"]);
   }
-  // A second instance this process may not reach (nothing listens there: it is never reached).
+  // A second instance this process may not reach (nothing listens there: it is never reached): the
+  // run is refused before it begins, rather than at its first failover.
   const other = `ws://127.0.0.2:${firstPort}/subscribe`;
-  const half = await run(`--allow-net=127.0.0.1:${firstPort}`, [first.url, other]);
+  const refused = await run(`--allow-net=127.0.0.1:${firstPort}`, [first.url, other]);
+  assert.equal(refused.thrown, "UsageError", JSON.stringify(refused));
+  assert.match(
+    refused.message,
+    /^cannot connect to ws:\/\/127\.0\.0\.2:\d+\/subscribe.*: Requires net access to "127\.0\.0\.2:\d+"/,
+  );
+  assert.equal(first.connections.length, 0);
+  // Given up during the run: its failover stops it.
+  const otherHost = `127.0.0.2:${firstPort}`;
+  const half = await run(
+    `--allow-net=127.0.0.1:${firstPort},${otherHost}`,
+    [first.url, other],
+    true,
+    otherHost,
+  );
   assert.equal(half.thrown, undefined, JSON.stringify(half));
   assert.equal(half.recordsStored, 50);
   assert.equal(half.stopReason, "error");

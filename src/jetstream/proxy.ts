@@ -86,6 +86,17 @@ export function proxyFor(url: URL, env: EnvReader = readEnv): ProxyRoute | undef
   return parseProxy(env(name)!.trim(), name);
 }
 
+/**
+ * The host Deno's net permission must allow for a connection to `url` (`ws://` or `wss://`), as
+ * `hostname:port`: the proxy's when the environment routes the connection through one (see
+ * {@link proxyFor}), else the URL's own.
+ */
+export function permissionHost(url: URL, env: EnvReader = readEnv): string {
+  const route = proxyFor(url, env);
+  if (route) return `${route.hostname.includes(":") ? `[${route.hostname}]` : route.hostname}:${route.port}`;
+  return `${url.hostname}:${url.port || (url.protocol === "wss:" ? 443 : 80)}`;
+}
+
 /** The route for a proxy URL given in variable `name`; see {@link proxyFor}. */
 export function parseProxy(value: string, name: string): ProxyRoute {
   const expected = "an http:// proxy URL such as http://proxy.example:3128";
