@@ -240,18 +240,7 @@ export async function runBackfillSync(options: BackfillSyncOptions = {}): Promis
   // run's is found before the database is opened (or made): a bad one is bad input. A resume's
   // settings are in its queue.
   const needsDecoder = (o: ResolvedSyncOptions) => o.compress && o.instances.some((u) => !isV2Url(u));
-  let decodeFrame = !o.resume && needsDecoder(o)
-    ? await loadDecoder(options, o.maxTimeMs, undefined).catch((err) => {
-      // A v2 host that only the number of DIDs took to /subscribe: said, as the user did not ask for it.
-      const moved = options.wire === undefined && o.wantedDids.length > URL_DID_LIMIT &&
-        o.instances.some((u) => !isV2Url(u) && V2_HOSTS.includes(new URL(u).hostname));
-      if (!moved || !(err instanceof UsageError)) throw err;
-      throw new UsageError(
-        `${err.message} (with over ${URL_DID_LIMIT} DIDs, the v2 hosts are spoken to on /subscribe, whose hello carries them; --wire v2 / wire: "v2" keeps their own wire, with the DIDs in its URL)`,
-        { cause: err },
-      );
-    })
-    : undefined;
+  let decodeFrame = !o.resume && needsDecoder(o) ? await loadNewRunDecoder(options, o) : undefined;
   // On v2 hosts alone, a dictionary given is the one used when a host has none to give: a bad one is
   // bad input all the same, found now rather than once a host is asked.
   if (!o.resume && o.compress && !needsDecoder(o) && options.zstdDictionary !== undefined) {
@@ -282,7 +271,7 @@ export async function runBackfillSync(options: BackfillSyncOptions = {}): Promis
       });
       options = { ...options, resume: false };
       o = resolveSyncOptions(options);
-      if (needsDecoder(o)) decodeFrame = await loadDecoder(options, o.maxTimeMs, undefined);
+      if (needsDecoder(o)) decodeFrame = await loadNewRunDecoder(options, o);
       else if (o.compress && options.zstdDictionary !== undefined) {
         await resolveZstdDictionary({ dictionary: options.zstdDictionary });
       }
@@ -940,6 +929,23 @@ function checkDictionaryUse(options: BackfillSyncOptions, o: ResolvedSyncOptions
   throw new UsageError(
     `Cannot sync as 'zstdDictionary' must be left out without 'compress' (it decodes compressed frames only): current value is ${value}`,
   );
+}
+
+/** {@link loadDecoder} for a new run, whose refused dictionary says when the v2 hosts were moved to /subscribe. */
+function loadNewRunDecoder(
+  options: BackfillSyncOptions,
+  o: ResolvedSyncOptions,
+): Promise<(bytes: Uint8Array) => Uint8Array> {
+  return loadDecoder(options, o.maxTimeMs, undefined).catch((err) => {
+    // A v2 host that only the number of DIDs took to /subscribe: said, as the user did not ask for it.
+    const moved = options.wire === undefined && o.wantedDids.length > URL_DID_LIMIT &&
+      o.instances.some((u) => !isV2Url(u) && V2_HOSTS.includes(new URL(u).hostname));
+    if (!moved || !(err instanceof UsageError)) throw err;
+    throw new UsageError(
+      `${err.message} (with over ${URL_DID_LIMIT} DIDs, the v2 hosts are spoken to on /subscribe, whose hello carries them; --wire v2 / wire: "v2" keeps their own wire, with the DIDs in its URL)`,
+      { cause: err },
+    );
+  });
 }
 
 /**

@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { fetchV2Dictionary, V2_DICTIONARY_PATH, V2_SUBSCRIBE_PATH } from "../src/jetstream/v2.ts";
 import { runBackfillSync } from "../src/backfill.ts";
-import { readCheckpoint } from "../src/queue/kv_queue.ts";
+import { openKvAt, readCheckpoint } from "../src/queue/kv_queue.ts";
 import { UsageError } from "../src/errors.ts";
 import type { JetstreamEvent } from "../src/jetstream/events.ts";
 import { createZstdEncoder } from "../src/jetstream/zstd.ts";
@@ -738,24 +738,32 @@ Deno.test("over 50 DIDs with --compress on a v2 host given by name: a refused di
   const dids = Array.from({ length: 51 }, (_, i) => `did:web:a${i}.example`);
   const v2Bytes = (await v2Dictionary()).bytes;
   await using db = await tempDb();
-  await assert.rejects(
-    () =>
-      runBackfillSync({
-        instance: "jetstream.us-east.bsky.network",
-        wantedDids: dids,
-        compress: true,
-        zstdDictionary: v2Bytes,
-        kv: db.path,
-      }),
-    (err) =>
-      err instanceof UsageError &&
-      err.message.startsWith(
-        "The zstd dictionary given as bytes has ID 20260811, but /subscribe connections",
-      ) &&
-      err.message.endsWith(
-        '(with over 50 DIDs, the v2 hosts are spoken to on /subscribe, whose hello carries them; --wire v2 / wire: "v2" keeps their own wire, with the DIDs in its URL)',
-      ),
-  );
+  // A new run; and a --resume that finds no checkpoint (a run killed in its first moments) and so
+  // starts the run with the options given (before, without the reason).
+  for (const resume of [false, true]) {
+    if (resume) (await openKvAt(db.path)).close();
+    await assert.rejects(
+      () =>
+        runBackfillSync({
+          instance: "jetstream.us-east.bsky.network",
+          wantedDids: dids,
+          compress: true,
+          zstdDictionary: v2Bytes,
+          kv: db.path,
+          resume,
+          onError: () => {},
+        }),
+      (err) =>
+        err instanceof UsageError &&
+        err.message.startsWith(
+          "The zstd dictionary given as bytes has ID 20260811, but /subscribe connections",
+        ) &&
+        err.message.endsWith(
+          '(with over 50 DIDs, the v2 hosts are spoken to on /subscribe, whose hello carries them; --wire v2 / wire: "v2" keeps their own wire, with the DIDs in its URL)',
+        ),
+      `resume: ${resume}`,
+    );
+  }
 });
 
 Deno.test("over 50 DIDs on the v2 wire go in its URL, as they must there, with a warning that says so", async () => {
