@@ -9,6 +9,7 @@ import type { JetstreamEvent } from "../src/jetstream/events.ts";
 import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
 import { generateCapture } from "../src/server/synth.ts";
 import { serveEvents } from "./helpers/loopback.ts";
+import { commit } from "./helpers/events.ts";
 import { killIfRunning } from "./helpers/cli.ts";
 import { produce } from "./helpers/produce.ts";
 import { isoFromUs, utcDate } from "../src/time.ts";
@@ -92,6 +93,27 @@ Deno.test("jetfill export writes exactly the stored events, in order, and leaves
     assert.equal(second.code, 0);
     assert.match(second.stderr, /0 events from 0 messages/);
     assert.equal(await Deno.readTextFile(out), before, "appends, never truncates");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("jetfill export keeps U+2028 and U+2029 escaped, as Jetstream sends them: a line reader splitting on them cuts no event", async () => {
+  const dir = await tempDir();
+  try {
+    const path = `${dir}/q.sqlite`;
+    const texts = ["one\u2028two", "para\u2029graph", "plain ✓"];
+    const sent = texts.map((text, i) => JSON.stringify(commit(1_725_000_000_000_000 + i, { text })));
+    const stored = await store(path, sent);
+    const r = await jetfill("export", "--kv", path);
+    assert.equal(r.code, 0, r.stderr);
+    // (Before: written raw, valid JSON that Python's splitlines(), for one, cuts in two.)
+    assert.ok(!/[\u2028\u2029]/.test(r.stdout), r.stdout);
+    assert.deepEqual(
+      r.stdout.split(/\r?\n|\r|\u2028|\u2029/).filter((l) => l !== "").map((l) => JSON.parse(l)),
+      stored,
+    );
+    assert.equal(lines(r.stdout)[0], sent[0].replace("\u2028", "\\u2028"));
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

@@ -20,11 +20,20 @@ import { databaseExists, pathExists } from "../fs.ts";
 import { dirname } from "node:path";
 import { asRun, counted, flagsOnly, programName } from "./program.ts";
 
+/** Line and paragraph separators, which JSON allows raw in strings but some line readers split on. */
+const SEPARATORS = /[\u2028\u2029]/g;
+
+/** An event as one NDJSON line: `JSON.stringify`, with U+2028 and U+2029 escaped as Go's encoder does. */
+function ndjsonLine(event: unknown): string {
+  return JSON.stringify(event).replace(SEPARATORS, (c) => c === "\u2028" ? "\\u2028" : "\\u2029") + "\n";
+}
+
 const HELP = `Usage: jetfill export [options]
 
 Write the events of a queue as NDJSON, one Jetstream event per line, to stdout or to a file: the
 event as stored, written by JSON.stringify (the same values as received; an escape such as \\u003c
-in a string comes out as the character it stands for). The output is a capture for
+in a string comes out as the character it stands for, but U+2028 and U+2029 stay escaped, as
+Jetstream writes them, for readers that split lines on them). The output is a capture for
 'jetfill serve --file', so a sync can be replayed.
 
 Export consumes the queue: a Deno KV queue cannot be read without taking its messages, so the
@@ -339,7 +348,7 @@ export async function exportCommand(args: string[]): Promise<number> {
       handler: async (events) => {
         if (writeError !== undefined) throw writeError;
         let text = "";
-        for (const event of events) text += JSON.stringify(event) + "\n";
+        for (const event of events) text += ndjsonLine(event);
         try {
           sink.write(UTF8.encode(text));
           await sink.sync();
