@@ -3,7 +3,7 @@ import { runBackfillSync } from "../src/backfill.ts";
 import type { SyncErrorReport } from "../src/stats.ts";
 import { UsageError } from "../src/errors.ts";
 import { V2_SUBSCRIBE_PATH } from "../src/jetstream/v2.ts";
-import type { JetstreamEvent } from "../src/jetstream/events.ts";
+import type { CommitEvent, JetstreamEvent } from "../src/jetstream/events.ts";
 import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
 import {
   emptyCheckpoint,
@@ -1098,7 +1098,14 @@ Deno.test("runBackfillSync() skips and reports an event too large even gzipped, 
   assert.equal(stats.recordsStored, 2);
   assert.equal(stats.skipped.oversized, 1);
   assert.ok(
-    reports.some((m) => m.startsWith(`oversized: event at time_us ${T0 + 1} is `)),
+    // Named by time, account and record, and said to be skipped.
+    reports.some((m) =>
+      m.startsWith(
+        `oversized: event at time_us ${T0 + 1} (${huge.did}, app.bsky.feed.post/${
+          (huge as CommitEvent).commit.rkey
+        }) is `,
+      ) && m.endsWith("; skipped")
+    ),
     reports.join("\n"),
   );
 });
@@ -1139,9 +1146,9 @@ Deno.test("runBackfillSync() measures maxEventBytes in UTF-8 bytes, not characte
   assert.ok(
     reports.some((m) =>
       m ===
-        `event at time_us ${
-          T0 + 1
-        } of ${bytes} bytes is over the 5000-byte event limit (--max-event-bytes / maxEventBytes)`
+        `event at time_us ${T0 + 1} (${wide.did}, app.bsky.feed.post/${
+          (wide as CommitEvent).commit.rkey
+        }) of ${bytes} bytes is over the 5000-byte event limit (--max-event-bytes / maxEventBytes); skipped`
     ),
     reports[0],
   );
@@ -1187,7 +1194,7 @@ Deno.test("an event over maxEventBytes that the run does not select is no loss, 
     );
     assert.match(
       reports.find((m) => /event limit/.test(m))!,
-      new RegExp(`^event at time_us ${T0 + 4} of \\d+ `),
+      new RegExp(`^event at time_us ${T0 + 4} \\(did:[^,]+, app\\.bsky\\.feed\\.post/[^)]+\\) of \\d+ `),
     );
     // (A v2 host's events carry their seq as `cursor`.)
     const got = (await stored(db.path, stats.queueLength)).events.map(({ cursor: _, ...ev }) => ev);

@@ -1,6 +1,7 @@
 import assert from "node:assert/strict";
 import { queueKey } from "../src/queue/kv_queue.ts";
 import { commit, drainQueue } from "./helpers/events.ts";
+import type { CommitEvent } from "../src/jetstream/events.ts";
 import { closeIgnoringServer, serveEvents, syncConnections, tempDb, tlsFront } from "./helpers/loopback.ts";
 import { killIfRunning, runCli, spawnCli, statusWithin, syncArgs, whileRunning } from "./helpers/cli.ts";
 import { asRun, counted, flagsOnly, programName } from "../src/cli/program.ts";
@@ -478,9 +479,9 @@ Deno.test("jetfill sync warns on stderr about each event it leaves out for size,
   assert.match(
     r.stderr,
     new RegExp(
-      `^jetfill sync: warning: event at time_us ${
-        T0 + 1
-      } of \\d+ (bytes|characters \\(so at least as many bytes\\)) is over the 2000-byte event limit`,
+      `^jetfill sync: warning: event at time_us ${T0 + 1} \\(${events[1].did}, app\\.bsky\\.feed\\.post/${
+        (events[1] as CommitEvent).commit.rkey
+      }\\) of \\d+ (bytes|characters \\(so at least as many bytes\\)) is over the 2000-byte event limit \\(--max-event-bytes\\); skipped$`,
       "m",
     ),
   );
@@ -786,8 +787,11 @@ Deno.test("jetfill sync warns of the first frame it skips for each reason; --ver
     ) {
       const said = lines.filter((l) => what.test(l));
       assert.ok(stats.skipped[reason] >= 3, JSON.stringify(stats.skipped));
-      if (verbose) assert.equal(said.length, stats.skipped[reason], r.stderr);
-      else {
+      if (verbose) {
+        assert.equal(said.length, stats.skipped[reason], r.stderr);
+        // Each a warning that says it was skipped (before: bare lines).
+        for (const l of said) assert.match(l, /^jetfill sync: warning: .*\(skipped\)$/);
+      } else {
         assert.equal(said.length, 1, r.stderr);
         assert.match(
           said[0],
@@ -932,7 +936,7 @@ Deno.test("jetfill sync says the first 20 selected events too large for it, then
     if (!verbose) {
       assert.match(
         said[19],
-        /\(--max-event-bytes\); later ones are only counted \(skipped oversized, in the statistics;/,
+        /\(--max-event-bytes\); skipped; later ones are only counted \(skipped oversized, in the statistics;/,
       );
     }
   }

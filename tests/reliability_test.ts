@@ -310,6 +310,38 @@ Deno.test("runBackfillSync() counts hostile frames by reason, stores none of the
   assert.deepEqual(await stored(db.path, stats.queueLength), events);
 });
 
+Deno.test("a JSON value that is not an object is skipped as missing_fields, and said to be no object", async () => {
+  const good = [commit(T0), commit(T0 + 1000)];
+  const frames = [JSON.stringify(good[0]), "[1,2,3]", "42", "null", '"text"', JSON.stringify(good[1])];
+  await using server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, (req) => {
+    const { socket, response } = Deno.upgradeWebSocket(req);
+    // (The coverage probe, cursor=0, is answered the same way.)
+    socket.onopen = () => {
+      for (const f of frames) socket.send(f);
+      socket.close(1000, "done");
+    };
+    return response;
+  });
+  await using db = await tempDb();
+  const { stats, reports } = await syncReporting({
+    instance: `ws://127.0.0.1:${server.addr.port}/subscribe`,
+    kv: db.path,
+    startTimestamp: T0,
+  });
+  assert.equal(stats.skipped.missing_fields, 4);
+  // (Before: "missing fields in [1,2,3]".)
+  assert.deepEqual(
+    reports.filter((r) => r.reason === "missing_fields").map((r) => r.message),
+    [
+      "not a JSON object: [1,2,3]",
+      "not a JSON object: 42",
+      "not a JSON object: null",
+      'not a JSON object: "text"',
+    ],
+  );
+  assert.deepEqual(await stored(db.path, stats.queueLength), good);
+});
+
 Deno.test("an event with a time_us no server could give is skipped as bad_time: it neither ends the run nor moves its cursor", async () => {
   const events = capture(1500);
   const year2100 = { ...commit(4102444800000000, { did: did(1), text: "from the future" }) };

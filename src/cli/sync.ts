@@ -483,8 +483,10 @@ export async function syncCommand(args: string[]): Promise<number> {
     const first = !v.verbose && isSkipReason(r.reason) && r.reason !== "oversized" && !warned.has(r.reason);
     if (first) warned.add(r.reason);
     const lastOversized = !v.verbose && r.reason === "oversized" && ++oversized === OVERSIZED_SAID;
+    // With --verbose, every frame skipped is a warning that says so.
+    const skippedToo = v.verbose && isSkipReason(r.reason);
     const label = r.reason === "queue" ? "note: " : r.reason === "coverage" || r.reason === "lock" || first ||
-        (r.reason === "oversized" && (v.verbose || oversized <= OVERSIZED_SAID))
+        skippedToo || (r.reason === "oversized" && oversized <= OVERSIZED_SAID)
       ? "warning: "
       : r.reason === "connection" || r.reason === "retry" || v.verbose
       ? ""
@@ -495,6 +497,8 @@ export async function syncCommand(args: string[]): Promise<number> {
       ? ` (skipped; later ${r.reason} frames are only counted, in the statistics' skipped: --verbose reports each)`
       : lastOversized
       ? `; later ones are only counted (skipped oversized, in the statistics; --verbose reports each)`
+      : skippedToo && !/skipped( unread)?$/.test(r.message)
+      ? " (skipped)"
       : "";
     console.error(`jetfill sync: ${label}${flagsOnly(r.message)}${more}`);
   };

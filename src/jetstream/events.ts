@@ -81,6 +81,26 @@ export type JetstreamEvent = CommitEvent | IdentityEvent | AccountEvent;
  */
 export const FUTURE_SLACK_US = 86_400_000_000;
 
+/**
+ * Which event this is, for a message about it: its time, account and, for a commit, record (the
+ * event's shape checked already).
+ *
+ * @example
+ * ```ts
+ * import { describeEvent } from "./events.ts";
+ * describeEvent({
+ *   did: "did:plc:x",
+ *   time_us: 1725911162329308,
+ *   kind: "commit",
+ *   commit: { rev: "r", operation: "create", collection: "app.bsky.feed.post", rkey: "3k" },
+ * }); // "event at time_us 1725911162329308 (did:plc:x, app.bsky.feed.post/3k)"
+ * ```
+ */
+export function describeEvent(event: JetstreamEvent): string {
+  const what = event.kind === "commit" ? `${event.commit.collection}/${event.commit.rkey}` : event.kind;
+  return `event at time_us ${event.time_us} (${event.did}, ${what})`;
+}
+
 /** The operations a commit event can carry (protocol doc §3.1). */
 const OPERATIONS: ReadonlySet<unknown> = new Set(COMMIT_OPERATIONS);
 

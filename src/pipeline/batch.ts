@@ -4,7 +4,7 @@
  *
  * @module
  */
-import type { JetstreamEvent } from "../jetstream/events.ts";
+import { describeEvent, type JetstreamEvent } from "../jetstream/events.ts";
 import { compressEvent } from "../queue/message.ts";
 import {
   KV_VALUE_LIMIT,
@@ -89,10 +89,12 @@ export interface Batch {
 
 /** An event that is too large for a queue message even when gzipped. */
 export class OversizedEventError extends Error {
-  /** Creates the error for the event at `timeUs`. */
-  constructor(timeUs: number, bytes: number, limit: number) {
+  /** Creates the error for `event`, `bytes` long once gzipped. */
+  constructor(event: JetstreamEvent, bytes: number, limit: number) {
     super(
-      `event at time_us ${timeUs} is ${bytes} bytes after gzip, more than the ${limit} bytes a Deno KV queue message can hold`,
+      `${
+        describeEvent(event)
+      } is ${bytes} bytes after gzip, more than the ${limit} bytes a Deno KV queue message can hold; skipped`,
     );
     this.name = "OversizedEventError";
   }
@@ -236,7 +238,7 @@ export class Batcher {
       m.compressed = [gz];
       m.size += gz.length + 16;
       if (m.size > this.#budget) {
-        throw new OversizedEventError(event.time_us, gz.length, this.recordRoom);
+        throw new OversizedEventError(event, gz.length, this.recordRoom);
       }
       this.#note(m, event, day, collection);
       this.#messages.push(m);

@@ -5,7 +5,7 @@
  *
  * @module
  */
-import { FUTURE_SLACK_US, type JetstreamEvent, shapeProblem } from "../jetstream/events.ts";
+import { describeEvent, FUTURE_SLACK_US, type JetstreamEvent, shapeProblem } from "../jetstream/events.ts";
 import { type Connection, type Frame, InvalidTextFrame, OversizedFrame } from "../jetstream/socket.ts";
 import { utf8Length, utf8Text } from "../jetstream/utf8.ts";
 import { mapV2Frame, type V2Frame } from "../jetstream/v2.ts";
@@ -121,15 +121,24 @@ function oversizedFrameMessage(frame: OversizedFrame): string {
   }of ${frame.byteLength} bytes is over the ${frame.limit}-byte limit of a message the connection reads; skipped unread`;
 }
 
-/** What an event over `maxEventBytes` was (`at`: its time_us, when known). */
-function oversizedEventMessage(at: string | undefined, size: number, chars: boolean, limit: number): string {
-  return `event ${at ? `at time_us ${at} ` : ""}of ${
+/** What an event over `maxEventBytes` was. */
+function oversizedEventMessage(event: JetstreamEvent, size: number, chars: boolean, limit: number): string {
+  return `${describeEvent(event)} of ${
     chars ? `${size} characters (so at least as many bytes)` : `${size} bytes`
-  } is over the ${limit}-byte event limit (--max-event-bytes / maxEventBytes)`;
+  } is over the ${limit}-byte event limit (--max-event-bytes / maxEventBytes); skipped`;
 }
 
-/** What is wrong with an event that {@link shapeProblem} refuses (`maxTimeUs` as given to it). */
-function shapeExplanation(problem: SkipReason, maxTimeUs: number): string {
+/**
+ * What is wrong with an event that {@link shapeProblem} refuses (`maxTimeUs` as given to it), said
+ * before its text.
+ */
+function shapeExplanation(problem: SkipReason, maxTimeUs: number, value: unknown): string {
+  if (typeof value !== "object" || value === null || Array.isArray(value)) return "not a JSON object:";
+  return `${explainProblem(problem, maxTimeUs)} in`;
+}
+
+/** What is wrong with an event object that {@link shapeProblem} refuses. */
+function explainProblem(problem: SkipReason, maxTimeUs: number): string {
   switch (problem) {
     case "unknown_kind":
       return "unknown kind";
@@ -413,7 +422,7 @@ export async function readConnection(
         }
         const problem = shapeProblem(ev, maxTimeUs);
         if (problem) {
-          skip(problem, `${shapeExplanation(problem, maxTimeUs)} in ${text.slice(0, 120)}`);
+          skip(problem, `${shapeExplanation(problem, maxTimeUs, ev)} ${text.slice(0, 120)}`);
           continue;
         }
         const t = ev.time_us;
@@ -646,7 +655,7 @@ export async function readConnection(
         }
         if (ctx.awaitStoredUntilUs >= 0) ctx.sentWhileAwaiting?.add(lastKey(guard));
         if (over !== undefined) {
-          skip("oversized", oversizedEventMessage(String(t), over.bytes, over.chars, o.maxEventBytes));
+          skip("oversized", oversizedEventMessage(ev, over.bytes, over.chars, o.maxEventBytes));
           continue;
         }
         // (Lined up by a search, what is new is stored.)

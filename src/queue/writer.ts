@@ -863,7 +863,7 @@ function fitExactly(queue: string, m: PackedMessage): PackedMessage[] {
   if (event.kind === "commit") packed.collections = new Set([event.commit.collection]);
   const again = exactSize(queue, packed);
   if (again > KV_VALUE_LIMIT - 256) {
-    throw new OversizedEventError(event.time_us, gz.length, KV_VALUE_LIMIT - 256);
+    throw new OversizedEventError(event, gz.length, KV_VALUE_LIMIT - 256);
   }
   return [{ ...packed, size: again }];
 }
