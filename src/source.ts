@@ -278,6 +278,17 @@ export async function consumeStream(
     linedStarts.set(resumeFrom!.run.instance, resumedStart);
     if (o.instances[instanceIndex] === resumeFrom!.run.instance) startUs = deliveredStartUs = resumedStart;
   }
+  // A live tail resumed by time on the instance where it began is held to its first event there, as
+  // the run was: the rewind before the cursor (5 s) would reach events from before the tail began
+  // when it had run for less than that. (By seq, a v2 host takes the stream up exactly, and an
+  // import's event, whose time_us is years old, is stored as the run stored it.)
+  const tailFrom = resumeFrom?.run.tailFrom;
+  if (
+    o.startUs === undefined && resumedUs >= 0 && tailFrom !== undefined && resumedStart === undefined &&
+    resumeFrom!.run.seqCursor === undefined && o.instances[instanceIndex] === tailFrom.instance
+  ) {
+    startUs = deliveredStartUs = tailFrom.us;
+  }
 
   /**
    * Says that a failover from `from` to `to` after `lastUs` has no record to line the two

@@ -606,3 +606,52 @@ Deno.test("--resume of a run killed before it took the queue (a database without
   assert.match(stderr, /has no checkpoint yet .* this run starts it with the options given/);
   assert.match(new TextDecoder().decode(cli.stdout), /records stored\s+40\n/);
 });
+
+Deno.test("--resume of a live tail stores nothing from before the tail began, though it ran for less than the rewind", async () => {
+  // A legacy server by hand, with time_us from its own clock: 60 events of the 3 s before the tail
+  // began, then one every 20 ms (while the run is away too). No cursor: what comes from now on; a cursor:
+  // what it holds from it on (inclusive), then what comes. (Before, the resume asked from its last
+  // record less 5 s and stored the events from before the tail began.)
+  const held: JetstreamEvent[] = [];
+  const nowUs = () => Date.now() * 1000;
+  const began = nowUs();
+  for (let i = 0; i < 60; i++) held.push(commit(began - 3_000_000 + i * 50_000, { did: did(i % 5) }));
+  const listening = new Set<WebSocket>();
+  let n = 0;
+  const ticker = setInterval(() => {
+    const ev = commit(Math.max(nowUs(), held.at(-1)!.time_us + 1), { did: did(n++ % 5) });
+    held.push(ev);
+    for (const s of listening) if (s.readyState === WebSocket.OPEN) s.send(JSON.stringify(ev));
+  }, 20);
+  await using server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, (req) => {
+    const raw = new URL(req.url).searchParams.get("cursor");
+    const { socket, response } = Deno.upgradeWebSocket(req);
+    socket.onopen = () => {
+      // (cursor=0: the coverage probe, which reads the oldest and closes.)
+      if (raw !== null) {
+        for (const ev of held) if (ev.time_us >= Number(raw)) socket.send(JSON.stringify(ev));
+      }
+      listening.add(socket);
+    };
+    socket.onclose = () => listening.delete(socket);
+    return response;
+  });
+  try {
+    await using db = await tempDb();
+    const instance = `ws://127.0.0.1:${server.addr.port}/subscribe`;
+    // A tail stopped after 1 s, then resumed for 1 s.
+    const first = await runBackfillSync({ instance, kv: db.path, signal: AbortSignal.timeout(1000) });
+    assert.equal(first.stopReason, "aborted", first.error);
+    assert.ok(first.recordsStored > 10, String(first.recordsStored));
+    const resumed = await runBackfillSync({ kv: db.path, resume: true, signal: AbortSignal.timeout(1000) });
+    assert.equal(resumed.stopReason, "aborted", resumed.error);
+    const got = await queueEvents(db.path);
+    // From the tail's first record on, every event the server made, once, and none from before.
+    const from = held.findIndex((e) => e.time_us === got[0].time_us);
+    assert.ok(got[0].time_us >= began, `${got[0].time_us} is before the tail began, ${began}`);
+    assert.deepEqual(got, held.slice(from, from + got.length));
+    assert.equal(got.length, first.recordsStored + resumed.recordsStored);
+  } finally {
+    clearInterval(ticker);
+  }
+});

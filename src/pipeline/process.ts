@@ -522,7 +522,11 @@ export async function readConnection(
           }
         }
         if (t > session.maxUs) session.maxUs = t;
-        if (session.minUs < 0) session.minUs = t;
+        if (session.minUs < 0) {
+          session.minUs = t;
+          // A live tail begins with the first event it processes (a resume is held to it).
+          if (o.startUs === undefined) ctx.writer.tailFrom ??= { us: t, instance: base };
+        }
         // A rewound replay after a failover must not move the date backwards.
         if (stats.lastProcessedUs === null || t > stats.lastProcessedUs) {
           const change = stats.processed(t);

@@ -174,6 +174,13 @@ export interface RunState {
   /** The instances the run was given, in order. */
   instances?: string[];
   /**
+   * A live tail's (a run without a start's) first event processed: its `time_us`, by the clock of
+   * the instance it came from. A resume by time there is held to it, as the run was (the rewind
+   * before the cursor would otherwise reach events from before the tail began). Absent with a start,
+   * and in checkpoints of older versions.
+   */
+  tailFrom?: { us: number; instance: string };
+  /**
    * The highest `time_us` of the records the run stored. On a v2 host it can be far later than the
    * checkpoint's `cursor`: an operator's import gives events display times years old (protocol doc
    * §3.2), and the last record stored may be one of them. Absent in checkpoints of older versions.

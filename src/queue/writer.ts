@@ -201,7 +201,6 @@ export class QueueWriter {
   readonly #seenAlive: string | null | undefined;
   /** This sync holds the queue's lock file too. */
   readonly #lockFile: boolean;
-  /** The queue's key entries (see `KeyEntry`), oldest first: seq, cursor and records of each. */
   /** The key entries kept, oldest first: each one's seq, the newest `time_us` of its records, and their count. */
   readonly #keyEntries: { seq: number; newestUs: number; count: number }[];
   /** Records whose keys the entries hold. */
@@ -217,6 +216,11 @@ export class QueueWriter {
    * paused, say, and taken for dead): the run should stop, as its next commit would fail.
    */
   onLost: ((err: ConcurrentWriterError) => void) | undefined;
+  /**
+   * A live tail's first event processed (see `RunState.tailFrom`), set by the run: its first commit
+   * records it, unless the run's state has one already (a resume).
+   */
+  tailFrom: { us: number; instance: string } | undefined;
 
   /**
    * A writer that continues from `checkpoint` (as read, with its versionstamp, or null for a new
@@ -563,6 +567,9 @@ export class QueueWriter {
         instanceMaxUs,
         ...(firstInstance === undefined ? {} : { firstInstance }),
         ...(maxUs === undefined ? {} : { maxUs }),
+        ...(prev.run.tailFrom === undefined && this.tailFrom !== undefined
+          ? { tailFrom: this.tailFrom }
+          : {}),
       },
     };
     op.set(queueKey(q, "checkpoint"), checkpoint);
