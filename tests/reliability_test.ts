@@ -2495,3 +2495,81 @@ try {
   assert.equal(half.stopReason, "error");
   assert.match(half.error, /Requires net access to "127\.0\.0\.2:\d+"/);
 });
+
+Deno.test("a legacy server's replay-to-live switch that skips events (jetstream-legacy#42): a second pass over it stores them", async () => {
+  // A legacy server by hand, with time_us from its own clock: 8 s of history at 100 events/s, and one
+  // more every 10 ms. A cursor replays 20 events every 5 ms; once the replay is within 1 s of the
+  // newest event, the newest is sent live and the older ones still to replay are skipped (at or
+  // below the last time sent), as protocol doc §5.2 reads the legacy code; then what comes is sent.
+  const nowUs = () => Date.now() * 1000;
+  const began = nowUs();
+  const held: JetstreamEvent[] = [];
+  for (let i = 0; i < 800; i++) held.push(commit(began - 8_000_000 + i * 10_000, { did: did(i % 5) }));
+  const live = new Set<WebSocket>();
+  const skipped: JetstreamEvent[] = [];
+  let n = 0;
+  const ticker = setInterval(() => {
+    const ev = commit(Math.max(nowUs(), held.at(-1)!.time_us + 1), { did: did(n++ % 5) });
+    held.push(ev);
+    for (const s of live) if (s.readyState === WebSocket.OPEN) s.send(JSON.stringify(ev));
+  }, 10);
+  const replays = new Set<ReturnType<typeof setInterval>>();
+  await using server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, (req) => {
+    const raw = new URL(req.url).searchParams.get("cursor");
+    const { socket, response } = Deno.upgradeWebSocket(req);
+    socket.onopen = () => {
+      if (raw === null) return void live.add(socket);
+      let pos = held.findIndex((e) => e.time_us >= Number(raw));
+      if (pos < 0) pos = held.length;
+      const timer = setInterval(() => {
+        if (socket.readyState !== WebSocket.OPEN) return void clearInterval(timer);
+        const newest = held.at(-1)!;
+        if (pos < held.length && newest.time_us - held[pos].time_us <= 1_000_000) {
+          // The switch: the newest goes live, and what was still to replay before it is skipped.
+          socket.send(JSON.stringify(newest));
+          if (raw !== "0" && raw !== String(1e15)) skipped.push(...held.slice(pos, held.length - 1));
+          clearInterval(timer);
+          live.add(socket);
+          return;
+        }
+        for (const end = Math.min(pos + 20, held.length); pos < end; pos++) {
+          socket.send(JSON.stringify(held[pos]));
+        }
+      }, 5);
+      replays.add(timer);
+    };
+    socket.onclose = () => live.delete(socket);
+    return response;
+  });
+  try {
+    await using db = await tempDb();
+    const startUs = began - 8_000_000;
+    const endUs = began + 12_000_000;
+    const { stats, reports } = await syncReporting({
+      instance: `ws://127.0.0.1:${server.addr.port}/subscribe`,
+      kv: db.path,
+      startTimestamp: startUs,
+      endTimestamp: endUs,
+      maxTime: 30,
+    });
+    assert.equal(stats.stopReason, "end", stats.error);
+    // The server did skip events at its switch (the sync's connection; the second pass's does not
+    // come near live).
+    assert.ok(skipped.length > 20, `${skipped.length} skipped`);
+    const found = reports.filter((r) => /second pass over the replay-to-live switch/.test(r.message));
+    assert.equal(found.length, 1, JSON.stringify(reports));
+    assert.equal(found[0].reason, "connection");
+    assert.match(found[0].message, new RegExp(`found ${skipped.length} selected events`));
+    // Every event of the window, once (the skipped ones after later ones).
+    const got = await stored(db.path, stats.queueLength);
+    const byTime = (a: JetstreamEvent, b: JetstreamEvent) => a.time_us - b.time_us;
+    assert.deepEqual(
+      [...got].sort(byTime),
+      held.filter((e) => e.time_us >= startUs && e.time_us < endUs),
+    );
+    assert.equal(stats.recordsStored, got.length);
+  } finally {
+    clearInterval(ticker);
+    for (const t of replays) clearInterval(t);
+  }
+});

@@ -7,6 +7,7 @@
 import type { ResolvedSyncOptions } from "../options.ts";
 import type { StatsTracker, StopReason, SyncErrorReport } from "../stats.ts";
 import type { QueueWriter } from "../queue/writer.ts";
+import type { Connection } from "../jetstream/socket.ts";
 import type { Batcher } from "./batch.ts";
 import type { ReplayGuard } from "./filter.ts";
 import { describeDuration, isoFromUs } from "../time.ts";
@@ -125,6 +126,12 @@ export interface RunContext {
   report: (r: SyncErrorReport) => void;
   /** Decoder of legacy-dictionary zstd frames, when compressing on /subscribe. */
   decodeFrame: ((bytes: Uint8Array) => Uint8Array) | undefined;
+  /**
+   * Opens a second, short connection to the /subscribe instance `base` from `cursorUs`, with the
+   * run's filters, for a pass over a legacy server's replay-to-live switch (see `passOverSeam()` in
+   * process.ts). Undefined: no such pass is made.
+   */
+  openSeamPass?: (base: string, cursorUs: number) => Promise<Connection>;
   /**
    * A resume whose server-side filter (DIDs, collections, kinds) differs from the resumed run's
    * (`force`): the event at its stored seq may not pass it (see Session.askedSeqSelected).

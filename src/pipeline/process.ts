@@ -247,6 +247,173 @@ function startFlusher(ctx: RunContext): Flusher {
   return flusher;
 }
 
+/**
+ * How close to this machine's clock (µs) a legacy connection's replay comes before its switch to
+ * live is taken to be near: the first event processed that close marks it (see passOverSeam).
+ */
+const SEAM_EDGE_US = 3_000_000;
+/**
+ * How long after that mark the second pass over the switch is made (ms): by then the stream is far
+ * enough past it that the pass, which reads only to a few seconds after the mark, never comes near
+ * live and its own switch.
+ */
+const SEAM_PASS_AFTER_MS = 10_000;
+/** How far past the mark the second pass reads (µs): the switch comes within about a second of live. */
+const SEAM_AFTER_US = 4_000_000;
+/** How far before the mark the second pass begins at most (µs), whatever came before it. */
+const SEAM_BEFORE_MAX_US = 60_000_000;
+/** How long the second pass may take (ms). */
+const SEAM_PASS_MS = 20_000;
+
+/** Where a legacy connection's replay came near live (see passOverSeam). */
+interface Seam {
+  /** The first event processed within SEAM_EDGE_US of this machine's clock. */
+  us: number;
+  /** The highest time_us processed before it on the connection (-1: none). */
+  beforeUs: number;
+  /** When it came (performance.now()). */
+  at: number;
+}
+
+/**
+ * A second pass over a legacy server's replay-to-live switch. While a subscriber replays, the legacy
+ * server already sends it live events once it is within a second of them, and then skips the older
+ * ones it had still to replay (they are at or below the last time it sent): up to about a second of
+ * events lost, with no sign (protocol doc §5.2, jetstream-legacy#42). A reconnect's rewind recovers
+ * them only if the connection drops. So once the stream is well past the switch, a short connection
+ * replays from a little before it to a little after it, far behind live (where nothing is skipped),
+ * and the selected events the replay guard does not know are stored, after later ones. Reported when
+ * it finds any, or cannot be made.
+ */
+async function passOverSeam(
+  ctx: RunContext,
+  session: Session,
+  select: (ev: JetstreamEvent) => boolean,
+  guard: ReplayGuard,
+  seam: Seam,
+  flusher: Flusher,
+): Promise<void> {
+  const { o, stats, batcher } = ctx;
+  const before = seam.beforeUs >= 0 ? Math.min(seam.beforeUs, seam.us - o.rewindUs) : seam.us - o.rewindUs;
+  const fromUs = Math.max(before, seam.us - SEAM_BEFORE_MAX_US);
+  const toUs = seam.us + SEAM_AFTER_US;
+  const endUs = o.endUs ?? Number.POSITIVE_INFINITY;
+  const host = new URL(session.base).host;
+  const where = `the replay-to-live switch near ${isoFromUs(seam.us)}`;
+  let conn: Connection;
+  try {
+    conn = await ctx.openSeamPass!(session.base, fromUs);
+  } catch (err) {
+    if (ctx.stop) return;
+    ctx.report({
+      reason: "coverage",
+      message: `on ${host}, could not make a second pass over ${where} (${
+        (err as Error).message
+      }): events a legacy server skips there (jetstream-legacy#42) may be missing`,
+      instance: session.base,
+    });
+    return;
+  }
+  const deadline = setTimeout(() => conn.close(), SEAM_PASS_MS);
+  let found = 0;
+  let reached = false;
+  try {
+    read: for (;;) {
+      const frames = await conn.next();
+      if (frames === null || ctx.stop) break;
+      for (const frame of frames) {
+        stats.messagesReceived++;
+        let text: string | undefined;
+        if (typeof frame === "string") text = frame;
+        else if (session.decode && (frame instanceof Uint8Array || frame instanceof ArrayBuffer)) {
+          try {
+            text = utf8Text(session.decode(frame instanceof Uint8Array ? frame : new Uint8Array(frame)));
+          } catch {
+            // (Counted and reported by the stream's own connection, which had the same frame.)
+          }
+        }
+        if (text === undefined) continue;
+        let ev: JetstreamEvent;
+        try {
+          ev = JSON.parse(text);
+        } catch {
+          continue;
+        }
+        if (shapeProblem(ev) !== undefined) continue;
+        const t = ev.time_us;
+        if (t > toUs) {
+          reached = true;
+          break read;
+        }
+        if (t < fromUs || t < session.startUs || t >= endUs || !select(ev)) continue;
+        if (guard.repeats(ev)) {
+          stats.duplicatesDropped++;
+          continue;
+        }
+        if (utf8Length(text) > o.maxEventBytes) {
+          stats.skip("oversized");
+          ctx.report({
+            reason: "oversized",
+            message: oversizedEventMessage(ev, utf8Length(text), false, o.maxEventBytes),
+            instance: session.base,
+          });
+          continue;
+        }
+        let full: boolean;
+        try {
+          batcher.seenUs = session.maxUs;
+          full = batcher.add(
+            ev,
+            text,
+            stats.dayOf(t),
+            ev.kind === "commit" ? ev.commit.collection : undefined,
+          );
+        } catch (err) {
+          if (!(err instanceof OversizedEventError)) throw err;
+          stats.skip("oversized");
+          ctx.report({ reason: "oversized", message: err.message, instance: session.base });
+          continue;
+        }
+        batcher.noteKey(t, guard.lastB, guard.lastA);
+        ctx.accepted++;
+        found++;
+        if (ctx.accepted >= o.numRecords) {
+          stopWith(ctx, "limit");
+          break read;
+        }
+        if (full) {
+          const batch = batcher.take()!;
+          if (flusher.flushing) await flusher.flushing;
+          await ctx.writer.add(batch);
+        }
+        if (ctx.stop) break read;
+      }
+    }
+  } finally {
+    clearTimeout(deadline);
+    conn.close();
+    await conn.closed();
+  }
+  if (found > 0) {
+    ctx.report({
+      reason: "connection",
+      message: `on ${host}, a second pass over ${where} found ${found} selected event${
+        found === 1 ? "" : "s"
+      } the connection was not sent (jetstream-legacy#42): stored, after later ones`,
+      instance: session.base,
+    });
+  }
+  if (!reached && !ctx.stop) {
+    ctx.report({
+      reason: "coverage",
+      message: `on ${host}, the second pass over ${where} ended before ${
+        isoFromUs(toUs)
+      }: events a legacy server skips there (jetstream-legacy#42) may be missing`,
+      instance: session.base,
+    });
+  }
+}
+
 /** A frame's payload size: bytes, or for text from a transport that does not count them, characters. */
 function frameLength(frame: Frame): number {
   return typeof frame === "string" ? frame.length : frame.byteLength;
@@ -289,6 +456,10 @@ export async function readConnection(
   // so batches stay in order. (Racing each wait against a timer instead cost a third of the
   // throughput with KV on disk.)
   const flusher = startFlusher(ctx);
+  // A legacy host's replay by time comes to live through its replay-to-live switch: watched for,
+  // and passed over a second time (see passOverSeam).
+  let seam: Seam | undefined;
+  let seamPassed = session.v2 || session.sentUs < 0 || ctx.openSeamPass === undefined;
   let pending = conn.next();
   try {
     for (;;) {
@@ -300,7 +471,9 @@ export async function readConnection(
       const sizes = conn.frameBytes;
       if (ctx.stop) return;
       // The latest time_us a server could give (see shapeProblem), once for the frames read together.
-      const maxTimeUs = Date.now() * 1000 + FUTURE_SLACK_US;
+      const nowUs = Date.now() * 1000;
+      const maxTimeUs = nowUs + FUTURE_SLACK_US;
+      let seamEdgeUs = seamPassed || seam !== undefined ? Number.POSITIVE_INFINITY : nowUs - SEAM_EDGE_US;
       // Counted as the loop takes them, as the original did: frames read ahead of a stop are not
       // "received" by the run.
       for (let i = 0; i < frames.length; i++) {
@@ -521,6 +694,10 @@ export async function readConnection(
             continue;
           }
         }
+        if (t >= seamEdgeUs && evSeq === undefined) {
+          seam = { us: t, beforeUs: session.maxUs, at: performance.now() };
+          seamEdgeUs = Number.POSITIVE_INFINITY;
+        }
         if (t > session.maxUs) session.maxUs = t;
         if (session.minUs < 0) {
           session.minUs = t;
@@ -691,6 +868,14 @@ export async function readConnection(
           if (flusher.flushing) await flusher.flushing;
           await ctx.writer.add(batch);
         }
+        if (ctx.stop) return;
+      }
+      if (
+        seam !== undefined && !seamPassed && performance.now() - seam.at >= SEAM_PASS_AFTER_MS &&
+        ctx.awaitStoredUntilUs < 0
+      ) {
+        seamPassed = true;
+        await passOverSeam(ctx, session, select, guard, seam, flusher);
         if (ctx.stop) return;
       }
       pending = conn.next();
