@@ -45,6 +45,7 @@ import {
   queuesIn,
   readCheckpoint,
   recentKeysOf,
+  requireWritable,
   retryWhileBusy,
   type RunState,
 } from "./queue/kv_queue.ts";
@@ -246,6 +247,7 @@ export async function runBackfillSync(options: BackfillSyncOptions = {}): Promis
   if (!o.resume && o.compress && !needsDecoder(o) && options.zstdDictionary !== undefined) {
     await resolveZstdDictionary({ dictionary: options.zstdDictionary });
   }
+  if (path !== undefined) await requireWritable(path, "Cannot sync", "a sync stores its records in it");
   const kv = path === undefined ? await ensureOpenKv(o.kv as Deno.Kv, "sync") : await openKvAt(path);
   let fileLock: QueueFileLock | undefined;
   // The dictionary file the resumed run used, when it is not there any more.

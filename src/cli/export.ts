@@ -6,7 +6,7 @@
 import { UsageError } from "../errors.ts";
 import { GO_JSON_EOF, parseGoJson } from "../go_json.ts";
 import { consume, type ConsumeResult } from "../queue/consume.ts";
-import { openKvAt, unknownQueue } from "../queue/kv_queue.ts";
+import { openKvAt, requireWritable, unknownQueue } from "../queue/kv_queue.ts";
 import { deadLettersOf } from "../queue/dead_letters.ts";
 import {
   type FlagSpec,
@@ -285,6 +285,8 @@ export async function exportCommand(args: string[]): Promise<number> {
     );
   }
   if (exists) {
+    // Before --out is opened.
+    await requireWritable(path, "Cannot export", "export records in it each message it takes");
     // A queue never written where others are: refused (as consume() would) before --out is opened.
     const kv = await openKvAt(path);
     try {

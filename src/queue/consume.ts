@@ -79,6 +79,7 @@ import {
   localDatabasePath,
   openKvAt,
   queueKey,
+  requireWritable,
   retryWhileBusy,
   unknownQueue,
 } from "./kv_queue.ts";
@@ -1619,6 +1620,7 @@ export async function consume(options: ConsumeOptions): Promise<ConsumeResult> {
         detach(kv, consumer);
       }
     } else {
+      await requireWritable(path!, "Cannot consume", "consume() records in it each message it takes");
       while (!consumer.stopReason) {
         const kv = await openKvAt(path!);
         if (consumer.result.sessions === 0 && options.untilEmpty) {

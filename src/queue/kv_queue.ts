@@ -390,6 +390,35 @@ export async function openKvAt(path: string): Promise<Deno.Kv> {
   return kv;
 }
 
+/**
+ * Refuses a local database file that this process can read but not write (its mode or owner, or a
+ * read-only file system): SQLite opens such a file read-only without a word, and then a queue
+ * listener is given nothing and a commit fails. `what` opens the message ("Cannot export"), `why`
+ * says what the command writes. A file that is not there, or that Deno's permissions keep from
+ * view, is left to {@link openKvAt}.
+ */
+export async function requireWritable(path: string, what: string, why: string): Promise<void> {
+  const file = localDatabasePath(path);
+  if (file === undefined) return;
+  let f: Deno.FsFile;
+  try {
+    // (Neither created nor truncated: opened, and closed.)
+    f = await Deno.open(file, { read: true, write: true });
+  } catch (err) {
+    const message = (err as Error)?.message ?? String(err);
+    if (err instanceof Deno.errors.PermissionDenied || /read-only file system/i.test(message)) {
+      throw new UsageError(
+        `${what} as the Deno KV database ${
+          JSON.stringify(path)
+        } cannot be written by this process (${message}): ${why}; give it write access, or use a writable copy`,
+        { cause: err },
+      );
+    }
+    return;
+  }
+  f.close();
+}
+
 /** The first of `folder` and its parents that exists as something other than a folder, if any. */
 async function fileOnPath(folder: string): Promise<string | undefined> {
   for (let at = folder; at.length > 0; at = at.slice(0, Math.max(0, at.lastIndexOf("/")))) {
@@ -555,7 +584,7 @@ async function checkDatabaseFile(path: string, file: string): Promise<void> {
     throw new UsageError(
       `${
         JSON.stringify(path)
-      } is not a Deno KV database (SQLite says: ${message}): give a Deno KV database's path, or a new file's`,
+      } is not a Deno KV database (SQLite says: ${message}): give a Deno KV database's path (a sync makes one where none is)`,
     );
   }
   if (tables.length === 0 || (tables.includes("kv") && tables.includes("migration_state"))) return;
@@ -564,7 +593,7 @@ async function checkDatabaseFile(path: string, file: string): Promise<void> {
       tables.slice(0, 5).join(", ")
     }${
       tables.length > 5 ? ", …" : ""
-    }), and Deno KV would add its own tables to it: give a Deno KV database's path, or a new file's`,
+    }), and Deno KV would add its own tables to it: give a Deno KV database's path (a sync makes one where none is)`,
   );
 }
 
