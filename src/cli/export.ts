@@ -54,8 +54,9 @@ Each message's events are written, flushed and synced to disk before the message
 so an interrupted export loses nothing (to a pipe or a device, stdout or an --out naming one,
 there is no disk to sync: what the pipe accepted has left the queue). Delivery is at least once:
 an export killed between the sync and the acknowledgement writes that message's events again next
-time. A partial last line, left by an export killed in the middle of a write, is removed before
---out appends; a whole event without its newline is kept, and a file that ends in anything else is
+time. A partial last line, left by an export killed (or stopped by a full disk) in the middle of
+a write, is removed before --out appends (that message's whole lines before it stay, and come
+again with the message); a whole event without its newline is kept, and a file that ends in anything else is
 refused.
 
 Prints a summary on stderr. Exit codes: 0 done (also when the reader of stdout, or of a named
