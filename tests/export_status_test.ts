@@ -130,14 +130,12 @@ Deno.test("jetfill export writes to stdout, and cuts a partial last line before 
 
     const more = await store(path, generateCapture({ count: 40, seed: 23 }), 50);
     const out = `${dir}/out.ndjson`;
-    await Deno.writeTextFile(out, '{"kept":1}\n{"did":"did:plc:cut-in-the-middle');
+    const kept = JSON.stringify(commit(1_725_000_000_000_000));
+    await Deno.writeTextFile(out, `${kept}\n{"did":"did:plc:cut-in-the-middle`);
     const run = await jetfill("export", "--kv", path, "--out", out);
     assert.equal(run.code, 0, run.stderr);
     assert.match(run.stderr, /removed a partial last line \(33 bytes\)/);
-    assert.deepEqual(lines(await Deno.readTextFile(out)), [
-      '{"kept":1}',
-      ...more.map((e) => JSON.stringify(e)),
-    ]);
+    assert.deepEqual(lines(await Deno.readTextFile(out)), [kept, ...more.map((e) => JSON.stringify(e))]);
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
@@ -212,15 +210,19 @@ Deno.test("jetfill export keeps a whole last event without its newline, and refu
     const path = `${dir}/q.sqlite`;
     const stored = await store(path, generateCapture({ count: 40, seed: 25 }), 50);
     const out = `${dir}/out.ndjson`;
-    await Deno.writeTextFile(out, '{"kept":1}\n{"kept":2}');
+    const kept = [commit(1_725_000_000_000_000), commit(1_725_000_000_000_001)].map((e) => JSON.stringify(e));
+    // A JSON object that is no Jetstream event is not taken for one (before, any object was kept).
+    const object = `${dir}/object.ndjson`;
+    await Deno.writeTextFile(object, '{"a":1}');
+    const notEvent = await jetfill("export", "--kv", path, "--out", object);
+    assert.equal(notEvent.code, 2, notEvent.stderr);
+    assert.match(notEvent.stderr, /its last 7 bytes are no event and no part of one/);
+    assert.equal(await Deno.readTextFile(object), '{"a":1}');
+    await Deno.writeTextFile(out, `${kept[0]}\n${kept[1]}`);
     const run = await jetfill("export", "--kv", path, "--out", out);
     assert.equal(run.code, 0, run.stderr);
     assert.doesNotMatch(run.stderr, /removed/);
-    assert.deepEqual(lines(await Deno.readTextFile(out)), [
-      '{"kept":1}',
-      '{"kept":2}',
-      ...stored.map((e) => JSON.stringify(e)),
-    ]);
+    assert.deepEqual(lines(await Deno.readTextFile(out)), [...kept, ...stored.map((e) => JSON.stringify(e))]);
     // Not an export's output: left as it is, and nothing leaves the queue.
     const more = await store(path, generateCapture({ count: 10, seed: 26 }), 50);
     const notes = `${dir}/notes.txt`;

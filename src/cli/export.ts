@@ -5,6 +5,7 @@
  */
 import { UsageError } from "../errors.ts";
 import { GO_JSON_EOF, parseGoJson } from "../go_json.ts";
+import { shapeProblem } from "../jetstream/events.ts";
 import { consume, type ConsumeResult } from "../queue/consume.ts";
 import { openKvAt, requireWritable, unknownQueue } from "../queue/kv_queue.ts";
 import { deadLettersOf } from "../queue/dead_letters.ts";
@@ -212,7 +213,8 @@ async function lastLine(
   const text = new TextDecoder().decode(bytes.subarray(0, got));
   try {
     const value = JSON.parse(text);
-    return { complete: typeof value === "object" && value !== null && !Array.isArray(value), partial: false };
+    // (A Jetstream event, as every line an export writes is: not any JSON object.)
+    return { complete: shapeProblem(value) === undefined, partial: false };
   } catch {
     // Not whole: the start of an event, or not an event at all.
   }
