@@ -33,13 +33,13 @@ messagesEnqueued, messagesHandled, recordsHandled, messagesWaiting and recordsWa
 handled nor dead-lettered), messagesParked (of those, parked by a consumer in KV keys, out of
 KV's queue, for a consumer to take in seq order), deadLetters and deadRecords (messages KV gave up
 delivering), queueLength (messages not handled, dead letters included, as a sync reports it;
-the waiting ones are counted in Deno KV's queue, so those a plain listenQueue took do not count),
-recordsPerDay ({ "YYYY-MM-DD": records }), steady (false when a sync or a consumer changed the
-queue all through the reading: the figures may then be apart by what was committed meanwhile, even
-messages waiting against records waiting), writer (the sync
-holding the queue's writer lock: { run, since, lastSeen, lockFile }, or null when none does; a
-lastSeen over 10 s old is a crashed sync, unless it holds the lock file (lockFile true) and the
-lock file is held), lockFile ({ path, held }: held while a sync's process is alive, even paused;
+the waiting ones are counted in Deno KV's queue, so those a plain listenQueue took do not count:
+the text shows them as "taken elsewhere"), recordsPerDay ({ "YYYY-MM-DD": records }), steady
+(false when a sync or a consumer changed the queue all through the reading: the figures may then
+be apart by what was committed meanwhile, even messages waiting against records waiting), writer
+(the sync holding the queue's writer lock: { run, since, lastSeen, lockFile }, or null when none
+does; a lastSeen over 10 s old is a crashed sync, unless it holds the lock file (lockFile true)
+and the lock file is held), lockFile ({ path, held }: held while a sync's process is alive, even paused;
 null when there is none to look at),
 lastRun ({ id, finishedAt, options, stats } with the sync's own statistics as
 'jetfill sync --json' printed them, or null).
