@@ -39,10 +39,9 @@ the text shows them as "taken elsewhere"), recordsPerDay ({ "YYYY-MM-DD": record
 be apart by what was committed meanwhile, even messages waiting against records waiting), writer
 (the sync holding the queue's writer lock: { run, since, lastSeen, lockFile }, or null when none
 does; a lastSeen over 10 s old is a crashed sync, unless it holds the lock file (lockFile true)
-and the lock file is held), lockFile ({ path, held }: held while a sync's process is alive, even paused;
-null when there is none to look at),
-lastRun ({ id, finishedAt, options, stats } with the sync's own statistics as
-'jetfill sync --json' printed them, or null).
+and the lock file is held), lockFile ({ path, held }: held while a sync's process is alive, even
+paused; null when there is none to look at), lastRun ({ id, finishedAt, options, stats } with the
+sync's own statistics as 'jetfill sync --json' printed them, or null).
 
 Exit codes: 0 done, 1 runtime failure, 2 bad input (such as a database that does not exist).`;
 
