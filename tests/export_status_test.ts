@@ -843,3 +843,39 @@ Deno.test("jetfill export --follow of a queue name the database never held says 
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("jetfill export refuses an --out that is the database or a file kept beside it, and changes nothing", async () => {
+  const dir = await tempDir();
+  try {
+    const path = `${dir}/q.sqlite`;
+    await store(path, generateCapture({ count: 20, seed: 27 }));
+    await Deno.writeTextFile(`${path}@jetstream_sync.lock`, "");
+    await Deno.symlink(dir, `${dir}/link`);
+    const before = await Deno.readFile(path);
+    // (Before: the lock file became the export's output, and the database was refused as "no event".)
+    for (
+      const [out, what] of [
+        [path, "the database itself"],
+        [`${dir}/link/q.sqlite`, "the database itself"],
+        [`${path}@jetstream_sync.lock`, "a file kept beside the database"],
+        [`${path}-wal`, "a file kept beside the database"],
+      ]
+    ) {
+      const r = await jetfill("export", "--kv", path, "--out", out);
+      assert.equal(r.code, 2, r.stderr);
+      assert.equal(
+        r.stderr.trim(),
+        `jetfill export: --out ${JSON.stringify(out)} is ${what} (--kv ${
+          JSON.stringify(path)
+        }), which export must not write into: give another file`,
+      );
+    }
+    assert.equal(await Deno.readTextFile(`${path}@jetstream_sync.lock`), "");
+    assert.deepEqual(await Deno.readFile(path), before);
+    // Nothing left the queue.
+    const all = await jetfill("export", "--kv", path);
+    assert.equal(lines(all.stdout).length, 20);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});

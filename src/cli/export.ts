@@ -7,7 +7,7 @@ import { UsageError } from "../errors.ts";
 import { GO_JSON_EOF, parseGoJson } from "../go_json.ts";
 import { shapeProblem } from "../jetstream/events.ts";
 import { consume, type ConsumeResult } from "../queue/consume.ts";
-import { openKvAt, requireWritable, unknownQueue } from "../queue/kv_queue.ts";
+import { localDatabasePath, openKvAt, requireWritable, unknownQueue } from "../queue/kv_queue.ts";
 import { deadLettersOf } from "../queue/dead_letters.ts";
 import {
   type FlagSpec,
@@ -18,7 +18,7 @@ import {
   type StopSignal,
 } from "./args.ts";
 import { databaseExists, pathExists } from "../fs.ts";
-import { dirname } from "node:path";
+import { basename, dirname, join, resolve } from "node:path";
 import { asRun, counted, flagsOnly, programName } from "./program.ts";
 
 /** Line and paragraph separators, which JSON allows raw in strings but some line readers split on. */
@@ -106,6 +106,32 @@ function stdoutSink(): Sink {
     sync: async () => await file?.sync(),
     close: () => file?.close(),
   };
+}
+
+/** `path` with its folder's symbolic links resolved (and itself too, when it exists). */
+async function realPathOf(path: string): Promise<string> {
+  return await Deno.realPath(path).catch(async () =>
+    join(await Deno.realPath(dirname(path)).catch(() => resolve(dirname(path))), basename(path))
+  );
+}
+
+/**
+ * Refuses an `--out` that is the database (`path`) or a file kept beside it: SQLite's `-wal`,
+ * `-shm` and `-journal`, and the queues' lock files (`<database>@<queue>.lock`).
+ */
+async function refuseDatabaseFiles(out: string, path: string): Promise<void> {
+  const file = localDatabasePath(path);
+  if (file === undefined) return;
+  const db = await realPathOf(file);
+  const target = await realPathOf(out);
+  const beside = ["-wal", "-shm", "-journal"].some((s) => target === db + s) ||
+    (target.startsWith(`${db}@`) && target.endsWith(".lock"));
+  if (target !== db && !beside) return;
+  throw new UsageError(
+    `--out ${JSON.stringify(out)} is ${
+      target === db ? "the database itself" : "a file kept beside the database"
+    } (--kv ${JSON.stringify(path)}), which export must not write into: give another file`,
+  );
 }
 
 /**
@@ -277,6 +303,7 @@ export async function exportCommand(args: string[]): Promise<number> {
   const { queue, path } = queueFlags(v);
   const out = v.out as string | undefined;
   if (out === "") throw new UsageError("--out must name a file");
+  if (out !== undefined) await refuseDatabaseFiles(out, path);
   // Without --follow there is nothing to wait for in a database that does not exist; with it, the
   // export may well start before the sync that creates it.
   const exists = await databaseExists(path);
