@@ -256,13 +256,14 @@ async function lastLine(
 /**
  * The summary line printed on stderr. `written` counts the events the handler wrote and synced:
  * more than `r.records` when a delivery's handling could not be recorded after its events were
- * written (KV delivers it again).
+ * written (KV delivers it again). `stoppedBy`: the signal that stopped the export.
  */
 export function exportSummary(
   r: ConsumeResult,
   out: string | undefined,
   written = r.records,
   stream = false,
+  stoppedBy?: StopSignal,
 ): string {
   const parts = [
     `${counted(r.records, "event")} from ${counted(r.messages, "message")} ${
@@ -282,6 +283,7 @@ export function exportSummary(
       } written for deliveries that could not be recorded as handled: KV delivers them again, so they are written twice (here or by the next export)`,
     );
   }
+  if (stoppedBy !== undefined) parts.push(`stopped by ${stoppedBy}: what was not written stays in the queue`);
   return `jetfill export: ${parts.join("; ")} (${r.elapsed.toFixed(1)} s)`;
 }
 
@@ -403,7 +405,7 @@ export async function exportCommand(args: string[]): Promise<number> {
     removeSignals();
     sink.close();
   }
-  console.error(exportSummary(result, out, written, sink.stream));
+  console.error(exportSummary(result, out, written, sink.stream, interrupted));
   if (await databaseExists(path)) {
     // Messages whose handling failed every retry are kept aside, not exported: say so.
     const kv = await openKvAt(path);
