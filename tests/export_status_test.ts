@@ -805,7 +805,7 @@ Deno.test("jetfill export says what it leaves aside: the dead letters", async ()
     );
     assert.match(
       exported.stderr,
-      /^jetfill export: 1 dead-lettered message \(10 records\) not exported: they failed every retry in an earlier consumer; requeueDeadLetters\(\) puts them back$/m,
+      /^jetfill export: 1 dead-lettered message \(10 records\) not exported: they failed every retry in an earlier consumer; the library's requeueDeadLetters\(kv, queue\) puts them back \(docs\/consuming\.md\)$/m,
     );
   } finally {
     await Deno.remove(dir, { recursive: true });

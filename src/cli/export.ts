@@ -416,7 +416,7 @@ export async function exportCommand(args: string[]): Promise<number> {
         console.error(
           `jetfill export: ${counted(dead.length, "dead-lettered message")} (${
             counted(deadRecords, "record")
-          }) not exported: they failed every retry in an earlier consumer; requeueDeadLetters() puts them back`,
+          }) not exported: they failed every retry in an earlier consumer; the library's requeueDeadLetters(kv, queue) puts them back (docs/consuming.md)`,
         );
       }
     } finally {
