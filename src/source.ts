@@ -116,13 +116,13 @@ export async function consumeStream(
   const select = createSelector(o);
   // The second pass over a legacy server's replay-to-live switch (see passOverSeam in process.ts):
   // the run's own request, from another cursor, on a connection of its own.
-  ctx.openSeamPass ??= (base, cursorUs) => {
+  ctx.openSeamPass ??= (base, cursorUs, signal) => {
     const req = buildSubscribeRequest(base, { ...o, cursor: cursorUs, compress: o.compress });
     return openConnection(req.url, {
       idleTimeoutMs: Math.min(o.idleTimeoutMs, MAX_TIMER_MS),
       maxBufferedBytes: o.maxBufferedBytes,
       hello: req.hello,
-      signal: ctx.internal.signal,
+      signal,
     });
   };
   // The last records the queue stored, by content: a server's re-ingest of them under new time_us

@@ -131,7 +131,7 @@ export interface RunContext {
    * run's filters, for a pass over a legacy server's replay-to-live switch (see `passOverSeam()` in
    * process.ts). Undefined: no such pass is made.
    */
-  openSeamPass?: (base: string, cursorUs: number) => Promise<Connection>;
+  openSeamPass?: (base: string, cursorUs: number, signal: AbortSignal | undefined) => Promise<Connection>;
   /**
    * A resume whose server-side filter (DIDs, collections, kinds) differs from the resumed run's
    * (`force`): the event at its stored seq may not pass it (see Session.askedSeqSelected).

@@ -25,6 +25,7 @@ import {
 import type { ReplayGuard } from "./filter.ts";
 import { OversizedEventError } from "./batch.ts";
 import { isoFromUs } from "../time.ts";
+import { delay } from "../async.ts";
 
 /** Handles a v2 info, error or other non-event frame; true when the connection is done. */
 function handleV2Frame(ctx: RunContext, session: Session, m: Exclude<V2Frame, { type: "event" }>): boolean {
@@ -258,6 +259,11 @@ const SEAM_EDGE_US = 3_000_000;
  * live and its own switch.
  */
 const SEAM_PASS_AFTER_MS = 10_000;
+/**
+ * On a connection that ends sooner (it dropped, or the run's end came), the pass is made once this
+ * long has gone by since the mark (ms): the live edge is then some seconds past what the pass reads.
+ */
+const SEAM_PASS_AT_END_MS = 4_000;
 /** How far past the mark the second pass reads (µs): the switch comes within about a second of live. */
 const SEAM_AFTER_US = 4_000_000;
 /** How far before the mark the second pass begins at most (µs), whatever came before it. */
@@ -283,7 +289,8 @@ interface Seam {
  * them only if the connection drops. So once the stream is well past the switch, a short connection
  * replays from a little before it to a little after it, far behind live (where nothing is skipped),
  * and the selected events the replay guard does not know are stored, after later ones. Reported when
- * it finds any, or cannot be made.
+ * it finds any, or cannot be made. Made after the run's end came too (`ctx.stop` "end"): then only
+ * the user's signal cuts it short.
  */
 async function passOverSeam(
   ctx: RunContext,
@@ -292,8 +299,12 @@ async function passOverSeam(
   guard: ReplayGuard,
   seam: Seam,
   flusher: Flusher,
+  signal: AbortSignal | undefined,
 ): Promise<void> {
   const { o, stats, batcher } = ctx;
+  // (A stop that came before the pass, the run's end, does not end it; one that comes during it does.)
+  const stopAtStart = ctx.stop;
+  const halted = () => ctx.stop !== stopAtStart;
   const before = seam.beforeUs >= 0 ? Math.min(seam.beforeUs, seam.us - o.rewindUs) : seam.us - o.rewindUs;
   const fromUs = Math.max(before, seam.us - SEAM_BEFORE_MAX_US);
   const toUs = seam.us + SEAM_AFTER_US;
@@ -302,9 +313,9 @@ async function passOverSeam(
   const where = `the replay-to-live switch near ${isoFromUs(seam.us)}`;
   let conn: Connection;
   try {
-    conn = await ctx.openSeamPass!(session.base, fromUs);
+    conn = await ctx.openSeamPass!(session.base, fromUs, stopAtStart ? signal : ctx.internal.signal);
   } catch (err) {
-    if (ctx.stop) return;
+    if (halted() || signal?.aborted) return;
     ctx.report({
       reason: "coverage",
       message: `on ${host}, could not make a second pass over ${where} (${
@@ -320,7 +331,7 @@ async function passOverSeam(
   try {
     read: for (;;) {
       const frames = await conn.next();
-      if (frames === null || ctx.stop) break;
+      if (frames === null || halted()) break;
       for (const frame of frames) {
         stats.messagesReceived++;
         let text: string | undefined;
@@ -378,6 +389,7 @@ async function passOverSeam(
         ctx.accepted++;
         found++;
         if (ctx.accepted >= o.numRecords) {
+          // (After the end: the limit is reached too, and the end stays the reason.)
           stopWith(ctx, "limit");
           break read;
         }
@@ -386,7 +398,7 @@ async function passOverSeam(
           if (flusher.flushing) await flusher.flushing;
           await ctx.writer.add(batch);
         }
-        if (ctx.stop) break read;
+        if (halted()) break read;
       }
     }
   } finally {
@@ -403,7 +415,7 @@ async function passOverSeam(
       instance: session.base,
     });
   }
-  if (!reached && !ctx.stop) {
+  if (!reached && !halted() && !signal?.aborted) {
     ctx.report({
       reason: "coverage",
       message: `on ${host}, the second pass over ${where} ended before ${
@@ -460,6 +472,7 @@ export async function readConnection(
   // and passed over a second time (see passOverSeam).
   let seam: Seam | undefined;
   let seamPassed = session.v2 || session.sentUs < 0 || ctx.openSeamPass === undefined;
+  let failed = false;
   let pending = conn.next();
   try {
     for (;;) {
@@ -875,16 +888,33 @@ export async function readConnection(
         ctx.awaitStoredUntilUs < 0
       ) {
         seamPassed = true;
-        await passOverSeam(ctx, session, select, guard, seam, flusher);
+        await passOverSeam(ctx, session, select, guard, seam, flusher, options.signal);
         if (ctx.stop) return;
       }
       pending = conn.next();
     }
+  } catch (err) {
+    failed = true;
+    throw err;
   } finally {
     clearInterval(flusher.timer);
     // Left behind when the run stops before the connection ends: its end is no one's error.
     pending.catch(() => {});
     // What comes next (a reconnect's flush, the run's last batch) goes after it.
     if (flusher.flushing) await flusher.flushing;
+    // A switch not passed over yet, on a connection that ended (it dropped, or the run's end came):
+    // once the live edge is far enough past it. (Not after a limit, a stop by time or by the user,
+    // or a failure; nor during a failover's search.)
+    if (
+      seam !== undefined && !seamPassed && !failed && (ctx.stop === undefined || ctx.stop === "end") &&
+      ctx.awaitStoredUntilUs < 0
+    ) {
+      seamPassed = true;
+      const wait = SEAM_PASS_AT_END_MS - (performance.now() - seam.at);
+      if (wait > 0) await delay(wait, ctx.stop === "end" ? options.signal : ctx.internal.signal);
+      if (!options.signal?.aborted && (ctx.stop === undefined || ctx.stop === "end")) {
+        await passOverSeam(ctx, session, select, guard, seam, flusher, options.signal);
+      }
+    }
   }
 }
