@@ -2514,6 +2514,8 @@ Deno.test("a legacy server's replay-to-live switch that skips events (jetstream-
     for (const s of live) if (s.readyState === WebSocket.OPEN) s.send(JSON.stringify(ev));
   }, 10);
   const replays = new Set<ReturnType<typeof setInterval>>();
+  // Set: the next connection that switches to live is dropped (close 4000, not the end) this long after.
+  let dropAfterMs: number | undefined;
   await using server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, (req) => {
     const raw = new URL(req.url).searchParams.get("cursor");
     const { socket, response } = Deno.upgradeWebSocket(req);
@@ -2528,6 +2530,10 @@ Deno.test("a legacy server's replay-to-live switch that skips events (jetstream-
           // The switch: the newest goes live, and what was still to replay before it is skipped.
           socket.send(JSON.stringify(newest));
           if (raw !== "0" && raw !== String(1e15)) skipped.push(...held.slice(pos, held.length - 1));
+          if (dropAfterMs !== undefined) {
+            setTimeout(() => socket.close(4000, "dropped"), dropAfterMs);
+            dropAfterMs = undefined;
+          }
           clearInterval(timer);
           live.add(socket);
           return;
@@ -2543,10 +2549,14 @@ Deno.test("a legacy server's replay-to-live switch that skips events (jetstream-
   });
   try {
     // The end 12 s on: the pass comes 10 s after the switch, the run going on. The end 4 s on: it
-    // comes once the end has (before, the run stopped with the skipped events missing).
-    for (const endInS of [12, 4]) {
+    // comes once the end has (before, the run stopped with the skipped events missing). The
+    // connection dropped 2 s after its switch: its pass comes before the reconnect, whose own switch
+    // is passed over at the end, 8 s on.
+    const runs: [number, number | undefined][] = [[12, undefined], [4, undefined], [8, 2000]];
+    for (const [endInS, drop] of runs) {
       await using db = await tempDb();
       skipped.length = 0;
+      dropAfterMs = drop;
       const startUs = nowUs() - 5_000_000;
       const endUs = nowUs() + endInS * 1_000_000;
       const { stats, reports } = await syncReporting({
@@ -2561,9 +2571,10 @@ Deno.test("a legacy server's replay-to-live switch that skips events (jetstream-
       // not come near live).
       assert.ok(skipped.length > 20, `${skipped.length} skipped`);
       const found = reports.filter((r) => /second pass over the replay-to-live switch/.test(r.message));
-      assert.equal(found.length, 1, JSON.stringify(reports));
-      assert.equal(found[0].reason, "connection");
-      assert.match(found[0].message, new RegExp(`found ${skipped.length} selected events`));
+      assert.equal(found.length, drop === undefined ? 1 : 2, JSON.stringify(reports));
+      assert.ok(found.every((r) => r.reason === "connection"));
+      const counts = found.map((r) => Number(/found (\d+) selected events/.exec(r.message)?.[1]));
+      assert.equal(counts.reduce((a, b) => a + b, 0), skipped.length, JSON.stringify(found));
       // Every event of the window, once (the skipped ones after later ones).
       const got = await stored(db.path, stats.queueLength);
       const byTime = (a: JetstreamEvent, b: JetstreamEvent) => a.time_us - b.time_us;
