@@ -2585,6 +2585,22 @@ Deno.test("a legacy server's replay-to-live switch that skips events (jetstream-
       );
       assert.equal(stats.recordsStored, got.length);
     }
+    // A limit reached about a second after the switch, before any pass: said.
+    await using db = await tempDb();
+    const { stats, reports } = await syncReporting({
+      instance: `ws://127.0.0.1:${server.addr.port}/subscribe`,
+      kv: db.path,
+      startTimestamp: nowUs() - 5_000_000,
+      numRecords: 600,
+    });
+    assert.equal(stats.stopReason, "limit", stats.error);
+    const said = reports.filter((r) => /stopped before a second pass/.test(r.message));
+    assert.equal(said.length, 1, JSON.stringify(reports));
+    assert.equal(said[0].reason, "coverage");
+    assert.match(
+      said[0].message,
+      /^on 127\.0\.0\.1:\d+, the run stopped before a second pass over the replay-to-live switch near \S+: events a legacy server skips there \(jetstream-legacy#42\) may be missing from the records stored, and a resume does not go back to them$/,
+    );
   } finally {
     clearInterval(ticker);
     for (const t of replays) clearInterval(t);

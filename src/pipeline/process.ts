@@ -254,9 +254,8 @@ function startFlusher(ctx: RunContext): Flusher {
  */
 const SEAM_EDGE_US = 3_000_000;
 /**
- * How long after that mark the second pass over the switch is made (ms): by then the stream is far
- * enough past it that the pass, which reads only to a few seconds after the mark, never comes near
- * live and its own switch.
+ * How long after that mark the second pass over the switch is made (ms): by then the stream is past
+ * the switch even where this machine's clock is behind the server's, or the server replays slowly.
  */
 const SEAM_PASS_AFTER_MS = 10_000;
 /**
@@ -264,12 +263,28 @@ const SEAM_PASS_AFTER_MS = 10_000;
  * long has gone by since the mark (ms): the live edge is then some seconds past what the pass reads.
  */
 const SEAM_PASS_AT_END_MS = 4_000;
-/** How far past the mark the second pass reads (µs): the switch comes within about a second of live. */
+/**
+ * How far past the mark the second pass reads at least (µs): the switch comes within about a second
+ * of live...
+ */
 const SEAM_AFTER_US = 4_000_000;
-/** How far before the mark the second pass begins at most (µs), whatever came before it. */
+/**
+ * ...and up to this far behind the newest event the connection processed (µs), so that a mark made
+ * early (a server's clock ahead of this machine's, a slow replay) is passed too, while the pass stays
+ * behind live, where the server skips nothing...
+ */
+const SEAM_BEHIND_NEWEST_US = 3_000_000;
+/** ...but no further past the mark than this (µs). */
+const SEAM_AFTER_MAX_US = 30_000_000;
+/**
+ * How far before the mark the second pass begins (µs): a mark made late (this machine processing
+ * events some seconds after the server sent them) is still passed over. From the event before the
+ * mark when that is earlier (a narrow filter's), but never more than SEAM_BEFORE_MAX_US.
+ */
+const SEAM_BEFORE_US = 15_000_000;
 const SEAM_BEFORE_MAX_US = 60_000_000;
 /** How long the second pass may take (ms). */
-const SEAM_PASS_MS = 20_000;
+const SEAM_PASS_MS = 30_000;
 
 /** Where a legacy connection's replay came near live (see passOverSeam). */
 interface Seam {
@@ -279,6 +294,11 @@ interface Seam {
   beforeUs: number;
   /** When it came (performance.now()). */
   at: number;
+  /**
+   * Pairs of (time_us, records stored by the run then) on the connection, about one a second of its
+   * stream, oldest first: the pass begins no earlier than the replay guard remembers.
+   */
+  marks: number[];
 }
 
 /**
@@ -305,9 +325,28 @@ async function passOverSeam(
   // (A stop that came before the pass, the run's end, does not end it; one that comes during it does.)
   const stopAtStart = ctx.stop;
   const halted = () => ctx.stop !== stopAtStart;
-  const before = seam.beforeUs >= 0 ? Math.min(seam.beforeUs, seam.us - o.rewindUs) : seam.us - o.rewindUs;
-  const fromUs = Math.max(before, seam.us - SEAM_BEFORE_MAX_US);
-  const toUs = seam.us + SEAM_AFTER_US;
+  const before = seam.beforeUs >= 0
+    ? Math.min(seam.beforeUs, seam.us - SEAM_BEFORE_US)
+    : seam.us - SEAM_BEFORE_US;
+  // Not before the connection's own cursor (the switch came after it), nor, on a live tail, before its
+  // first event; and no further back than the replay guard remembers the records stored since (with a
+  // fifth to spare), or what it forgot would be stored again.
+  let fromUs = Math.max(before, seam.us - SEAM_BEFORE_MAX_US, session.sentUs);
+  const tail = ctx.writer.tailFrom;
+  if (o.startUs === undefined && tail !== undefined && tail.instance === session.base) {
+    fromUs = Math.max(fromUs, tail.us);
+  }
+  const room = o.dedupeWindow * 0.8;
+  for (let i = 0; i < seam.marks.length; i += 2) {
+    if (ctx.accepted - seam.marks[i + 1] <= room) {
+      fromUs = Math.max(fromUs, seam.marks[i]);
+      break;
+    }
+  }
+  const toUs = Math.max(
+    seam.us + SEAM_AFTER_US,
+    Math.min(session.maxUs - SEAM_BEHIND_NEWEST_US, seam.us + SEAM_AFTER_MAX_US),
+  );
   const endUs = o.endUs ?? Number.POSITIVE_INFINITY;
   const host = new URL(session.base).host;
   const where = `the replay-to-live switch near ${isoFromUs(seam.us)}`;
@@ -332,8 +371,11 @@ async function passOverSeam(
     read: for (;;) {
       const frames = await conn.next();
       if (frames === null || halted()) break;
-      for (const frame of frames) {
+      const sizes = conn.frameBytes;
+      for (let i = 0; i < frames.length; i++) {
+        const frame = frames[i];
         stats.messagesReceived++;
+        stats.bytesReceived += sizes?.[i] ?? frameLength(frame);
         let text: string | undefined;
         if (typeof frame === "string") text = frame;
         else if (session.decode && (frame instanceof Uint8Array || frame instanceof ArrayBuffer)) {
@@ -418,7 +460,9 @@ async function passOverSeam(
   if (!reached && !halted() && !signal?.aborted) {
     ctx.report({
       reason: "coverage",
-      message: `on ${host}, the second pass over ${where} ended before ${
+      message: `on ${host}, the second pass over ${where} ended (or was cut off after ${
+        SEAM_PASS_MS / 1000
+      } s) before ${
         isoFromUs(toUs)
       }: events a legacy server skips there (jetstream-legacy#42) may be missing`,
       instance: session.base,
@@ -472,6 +516,9 @@ export async function readConnection(
   // and passed over a second time (see passOverSeam).
   let seam: Seam | undefined;
   let seamPassed = session.v2 || session.sentUs < 0 || ctx.openSeamPass === undefined;
+  // (See Seam.marks: kept until the pass is made.)
+  const marks: number[] = [];
+  let markedUs = Number.NEGATIVE_INFINITY;
   let failed = false;
   let pending = conn.next();
   try {
@@ -487,6 +534,12 @@ export async function readConnection(
       const nowUs = Date.now() * 1000;
       const maxTimeUs = nowUs + FUTURE_SLACK_US;
       let seamEdgeUs = seamPassed || seam !== undefined ? Number.POSITIVE_INFINITY : nowUs - SEAM_EDGE_US;
+      if (!seamPassed && session.maxUs >= markedUs + 1_000_000) {
+        markedUs = session.maxUs;
+        marks.push(markedUs, ctx.accepted);
+        // (A long replay: the first ones are of no use, a pass reads about a minute at most.)
+        if (marks.length > 1024) marks.splice(0, 512);
+      }
       // Counted as the loop takes them, as the original did: frames read ahead of a stop are not
       // "received" by the run.
       for (let i = 0; i < frames.length; i++) {
@@ -708,7 +761,7 @@ export async function readConnection(
           }
         }
         if (t >= seamEdgeUs && evSeq === undefined) {
-          seam = { us: t, beforeUs: session.maxUs, at: performance.now() };
+          seam = { us: t, beforeUs: session.maxUs, at: performance.now(), marks };
           seamEdgeUs = Number.POSITIVE_INFINITY;
         }
         if (t > session.maxUs) session.maxUs = t;
@@ -907,14 +960,31 @@ export async function readConnection(
     // or a failure; nor during a failover's search.)
     if (
       seam !== undefined && !seamPassed && !failed && (ctx.stop === undefined || ctx.stop === "end") &&
-      ctx.awaitStoredUntilUs < 0
+      ctx.awaitStoredUntilUs < 0 && !ctx.draining && !options.signal?.aborted
     ) {
       seamPassed = true;
       const wait = SEAM_PASS_AT_END_MS - (performance.now() - seam.at);
       if (wait > 0) await delay(wait, ctx.stop === "end" ? options.signal : ctx.internal.signal);
       if (!options.signal?.aborted && (ctx.stop === undefined || ctx.stop === "end")) {
         await passOverSeam(ctx, session, select, guard, seam, flusher, options.signal);
+      } else {
+        seamPassed = false;
       }
+    }
+    // One the run stopped before (its limit, its time, the user, a failure): said, as what the server
+    // skipped there may be missing, and a resume does not go back to it.
+    if (seam !== undefined && !seamPassed && ctx.awaitStoredUntilUs < 0) {
+      ctx.report({
+        reason: "coverage",
+        message: `on ${
+          new URL(session.base).host
+        }, the run stopped before a second pass over the replay-to-live switch near ${
+          isoFromUs(seam.us)
+        }: events a legacy server skips there (jetstream-legacy#42) may be missing${
+          ctx.stop === "limit" ? " from the records stored" : ""
+        }, and a resume does not go back to them`,
+        instance: session.base,
+      });
     }
   }
 }
