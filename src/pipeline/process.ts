@@ -250,36 +250,49 @@ function startFlusher(ctx: RunContext): Flusher {
 
 /**
  * How close to this machine's clock (µs) a legacy connection's replay comes before its switch to
- * live is taken to be near: the first event processed that close marks it (see passOverSeam).
+ * live is watched for: from the first event processed that close, the point is moved on each time
+ * the stream comes SEAM_STEP_US closer to this machine's clock (see passOverSeam). Wide enough for a
+ * server's clock some seconds behind this machine's.
  */
-const SEAM_EDGE_US = 3_000_000;
+const SEAM_EDGE_US = 10_000_000;
 /**
- * How long after that mark the second pass over the switch is made (ms): by then the stream is past
- * the switch even where this machine's clock is behind the server's, or the server replays slowly.
+ * How much closer to this machine's clock (µs) the stream must come to move the point on: the stream
+ * stops coming closer once the server has switched to live (a step at the switch itself, as the
+ * newest event is sent then), while a stall of this machine's only takes it further away.
+ */
+const SEAM_STEP_US = 250_000;
+/**
+ * How long after the point's last move the second pass over the switch is made (ms): by then the
+ * stream has been as close to live as it comes for a while, past the switch even where the server
+ * replays slowly or this machine's clock is behind or ahead of the server's.
  */
 const SEAM_PASS_AFTER_MS = 10_000;
 /**
  * On a connection that ends sooner (it dropped, or the run's end came), the pass is made once this
- * long has gone by since the mark (ms): the live edge is then some seconds past what the pass reads.
+ * long has gone by since the point's last move (ms): the live edge is then some seconds past what
+ * the pass reads.
  */
-const SEAM_PASS_AT_END_MS = 4_000;
+const SEAM_PASS_AT_END_MS = 5_000;
 /**
- * How far past the mark the second pass reads at least (µs): the switch comes within about a second
- * of live...
+ * How far past the point the second pass reads at least (µs): the switch sends the newest event, so
+ * the stream comes closer to live by up to a second there and the point moves to it; the skipped
+ * events are before it. (Not much further: made SEAM_PASS_AT_END_MS after the point, the pass must
+ * stay some seconds behind live, where the server skips nothing.)...
  */
-const SEAM_AFTER_US = 4_000_000;
+const SEAM_AFTER_US = 2_000_000;
 /**
- * ...and up to this far behind the newest event the connection processed (µs), so that a mark made
- * early (a server's clock ahead of this machine's, a slow replay) is passed too, while the pass stays
- * behind live, where the server skips nothing...
+ * ...and up to this far behind the newest event the connection processed (µs), so that a switch a
+ * little after the point (a replay closing in on live too slowly to move it) is passed too, while the
+ * pass stays behind live, where the server skips nothing...
  */
 const SEAM_BEHIND_NEWEST_US = 3_000_000;
-/** ...but no further past the mark than this (µs). */
+/** ...but no further past the point than this (µs). */
 const SEAM_AFTER_MAX_US = 30_000_000;
 /**
- * How far before the mark the second pass begins (µs): a mark made late (this machine processing
- * events some seconds after the server sent them) is still passed over. From the event before the
- * mark when that is earlier (a narrow filter's), but never more than SEAM_BEFORE_MAX_US.
+ * How far before the point the second pass begins (µs): a point moved late (this machine processing
+ * events some seconds after the server sent them) is still passed over. From the newest event before
+ * the frames that moved it when that is earlier (a narrow filter's), but never more than
+ * SEAM_BEFORE_MAX_US.
  */
 const SEAM_BEFORE_US = 15_000_000;
 const SEAM_BEFORE_MAX_US = 60_000_000;
@@ -288,12 +301,17 @@ const SEAM_PASS_MS = 30_000;
 
 /** Where a legacy connection's replay came near live (see passOverSeam). */
 interface Seam {
-  /** The first event processed within SEAM_EDGE_US of this machine's clock. */
+  /**
+   * The newest event processed when the stream last came SEAM_STEP_US closer to this machine's clock
+   * (at first, the first event within SEAM_EDGE_US of it).
+   */
   us: number;
-  /** The highest time_us processed before it on the connection (-1: none). */
+  /** The highest time_us processed on the connection before the frames that brought it (-1: none). */
   beforeUs: number;
   /** When it came (performance.now()). */
   at: number;
+  /** How far behind this machine's clock the stream was then (µs; below zero: ahead). */
+  lagUs: number;
   /**
    * Pairs of (time_us, records stored by the run then) on the connection, about one a second of its
    * stream, oldest first: the pass begins no earlier than the replay guard remembers.
@@ -534,6 +552,8 @@ export async function readConnection(
       const nowUs = Date.now() * 1000;
       const maxTimeUs = nowUs + FUTURE_SLACK_US;
       let seamEdgeUs = seamPassed || seam !== undefined ? Number.POSITIVE_INFINITY : nowUs - SEAM_EDGE_US;
+      // (The newest time_us before these frames: where a switch among them may have skipped from.)
+      const maxBeforeUs = session.maxUs;
       if (!seamPassed && session.maxUs >= markedUs + 1_000_000) {
         markedUs = session.maxUs;
         marks.push(markedUs, ctx.accepted);
@@ -761,7 +781,7 @@ export async function readConnection(
           }
         }
         if (t >= seamEdgeUs && evSeq === undefined) {
-          seam = { us: t, beforeUs: session.maxUs, at: performance.now(), marks };
+          seam = { us: t, beforeUs: session.maxUs, at: performance.now(), lagUs: nowUs - t, marks };
           seamEdgeUs = Number.POSITIVE_INFINITY;
         }
         if (t > session.maxUs) session.maxUs = t;
@@ -935,6 +955,14 @@ export async function readConnection(
           await ctx.writer.add(batch);
         }
         if (ctx.stop) return;
+      }
+      // Still coming closer to live: the switch is not behind yet (a slow replay, a server clock
+      // ahead of this machine's), and the point moves on.
+      if (seam !== undefined && !seamPassed && nowUs - session.maxUs < seam.lagUs - SEAM_STEP_US) {
+        seam.us = session.maxUs;
+        seam.beforeUs = maxBeforeUs;
+        seam.at = performance.now();
+        seam.lagUs = nowUs - session.maxUs;
       }
       if (
         seam !== undefined && !seamPassed && performance.now() - seam.at >= SEAM_PASS_AFTER_MS &&
