@@ -7,6 +7,8 @@ import type { SyncErrorReport, SyncStats } from "../src/stats.ts";
 import { commit, did, drainQueue } from "./helpers/events.ts";
 import { syncReporting, tempDb } from "./helpers/loopback.ts";
 
+const RARE = did(99);
+
 async function stored(path: string, messages: number): Promise<JetstreamEvent[]> {
   const msgs = (await drainQueue(path, messages)) as QueueMessage[];
   msgs.sort((a, b) => a.seq - b.seq);
@@ -20,20 +22,27 @@ async function stored(path: string, messages: number): Promise<JetstreamEvent[]>
  * 5 ms (3 every 25 ms, 120 events/s, for the next sync connection after `slowNext` is set: a replay
  * held back, as by a busy per-IP limit); once the replay is within 1 s of the newest event, the
  * newest is sent live and the older ones still to replay are skipped (at or below the last time
- * sent), as protocol doc §5.2 reads the legacy code; then what comes is sent.
+ * sent), as protocol doc §5.2 reads the legacy code; then what comes is sent. Every 50th event is by
+ * RARE until `rareForS` after the server began (none with 0). `wantedDids` is honoured.
  */
-function legacySwitchServer(offsetUs = 0) {
+function legacySwitchServer(offsetUs = 0, rareForS = 0) {
   const nowUs = () => Date.now() * 1000 + offsetUs;
   const began = nowUs();
+  const by = (i: number, t: number) => i % 50 === 0 && t < began + rareForS * 1e6 ? RARE : did(i % 5);
   const held: JetstreamEvent[] = [];
-  for (let i = 0; i < 800; i++) held.push(commit(began - 8_000_000 + i * 10_000, { did: did(i % 5) }));
+  for (let i = 0; i < 800; i++) {
+    const t = began - 8_000_000 + i * 10_000;
+    held.push(commit(t, { did: by(i, t) }));
+  }
   const live = new Set<WebSocket>();
   const skipped: JetstreamEvent[] = [];
-  let n = 0;
+  const wanted = new Map<WebSocket, Set<string>>();
+  const sends = (s: WebSocket, ev: JetstreamEvent) => wanted.get(s)!.size === 0 || wanted.get(s)!.has(ev.did);
   const ticker = setInterval(() => {
-    const ev = commit(Math.max(nowUs(), held.at(-1)!.time_us + 1), { did: did(n++ % 5) });
+    const t = Math.max(nowUs(), held.at(-1)!.time_us + 1);
+    const ev = commit(t, { did: by(held.length, t) });
     held.push(ev);
-    for (const s of live) if (s.readyState === WebSocket.OPEN) s.send(JSON.stringify(ev));
+    for (const s of live) if (s.readyState === WebSocket.OPEN && sends(s, ev)) s.send(JSON.stringify(ev));
   }, 10);
   const replays = new Set<ReturnType<typeof setInterval>>();
   const control = {
@@ -49,6 +58,7 @@ function legacySwitchServer(offsetUs = 0) {
   const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, (req) => {
     const raw = new URL(req.url).searchParams.get("cursor");
     const { socket, response } = Deno.upgradeWebSocket(req);
+    wanted.set(socket, new Set(new URL(req.url).searchParams.getAll("wantedDids")));
     // (The coverage probe asks for the whole history, or for none of it.)
     const probe = raw === "0" || raw === String(1e15);
     const slow = control.slowNext && !probe;
@@ -62,8 +72,8 @@ function legacySwitchServer(offsetUs = 0) {
         const newest = held.at(-1)!;
         if (pos < held.length && newest.time_us - held[pos].time_us <= 1_000_000) {
           // The switch: the newest goes live, and what was still to replay before it is skipped.
-          socket.send(JSON.stringify(newest));
-          if (!probe) skipped.push(...held.slice(pos, held.length - 1));
+          if (sends(socket, newest)) socket.send(JSON.stringify(newest));
+          if (!probe) skipped.push(...held.slice(pos, held.length - 1).filter((e) => sends(socket, e)));
           if (control.dropAfterMs !== undefined) {
             setTimeout(() => socket.close(4000, "dropped"), control.dropAfterMs);
             control.dropAfterMs = undefined;
@@ -73,7 +83,7 @@ function legacySwitchServer(offsetUs = 0) {
           return;
         }
         for (const end = Math.min(pos + (slow ? 3 : 20), held.length); pos < end; pos++) {
-          socket.send(JSON.stringify(held[pos]));
+          if (sends(socket, held[pos])) socket.send(JSON.stringify(held[pos]));
         }
       }, slow ? 25 : 5);
       replays.add(timer);
@@ -191,4 +201,27 @@ Deno.test("the second pass over a replay-to-live switch waits for a slow replay 
     await assertWhole(server, db.path, stats, startUs, endUs, what);
   };
   await Promise.all([run(0, true, 28), run(-5_000_000, false, 14)]);
+});
+
+Deno.test("a second pass that falls due while a narrow filter's stream is quiet is made then, not left for the run's end", async () => {
+  // Before, the pass was looked at only when frames came: a filter whose events stop after the switch
+  // had none until the run's time was up, which then warned that the skipped events may be missing
+  // (and they were). Every 50th event is by RARE until 3 s on, and the run asks for RARE alone.
+  await using server = legacySwitchServer(0, 3);
+  await using db = await tempDb();
+  const startUs = server.nowUs() - 6_000_000;
+  const { stats, reports } = await syncReporting({
+    instance: server.url,
+    kv: db.path,
+    startTimestamp: startUs,
+    wantedDids: [RARE],
+    maxTime: 18,
+  });
+  assert.equal(stats.stopReason, "max_time", stats.error);
+  assert.ok(server.skipped.length > 0, "the server skipped none of RARE's events");
+  assert.deepEqual(passesFound(reports), [server.skipped.length], JSON.stringify(reports));
+  assert.ok(!reports.some((r) => r.reason === "coverage"), JSON.stringify(reports));
+  const got = await stored(db.path, stats.queueLength);
+  const byTime = (a: JetstreamEvent, b: JetstreamEvent) => a.time_us - b.time_us;
+  assert.deepEqual([...got].sort(byTime), server.held.filter((e) => e.did === RARE && e.time_us >= startUs));
 });

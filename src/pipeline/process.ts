@@ -488,6 +488,13 @@ async function passOverSeam(
   }
 }
 
+/** The frames `pending` brings, or undefined if `ms` go by first (`pending` is then still to come). */
+function framesOrTimeout<T>(pending: Promise<T>, ms: number): Promise<T | undefined> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const timeout = new Promise<undefined>((resolve) => timer = setTimeout(() => resolve(undefined), ms));
+  return Promise.race([pending, timeout]).finally(() => clearTimeout(timer));
+}
+
 /** A frame's payload size: bytes, or for text from a transport that does not count them, characters. */
 function frameLength(frame: Frame): number {
   return typeof frame === "string" ? frame.length : frame.byteLength;
@@ -542,8 +549,22 @@ export async function readConnection(
   try {
     for (;;) {
       flusher.waiting = true;
-      const got = await pending;
+      // A pass due while no frame comes (a narrow filter's stream, live) is made on time: the wait
+      // is raced against it, only then.
+      const passInMs = seam !== undefined && !seamPassed
+        ? seam.at + SEAM_PASS_AFTER_MS - performance.now()
+        : Number.NEGATIVE_INFINITY;
+      const got = passInMs > 0 ? await framesOrTimeout(pending, passInMs) : await pending;
       flusher.waiting = false;
+      if (got === undefined) {
+        if (!ctx.stop && ctx.awaitStoredUntilUs < 0) {
+          seamPassed = true;
+          await passOverSeam(ctx, session, select, guard, seam!, flusher, options.signal);
+        }
+        if (ctx.stop) return;
+        // (The frames asked for are still to come.)
+        continue;
+      }
       if (got === null) return;
       const frames = got;
       const sizes = conn.frameBytes;
