@@ -17,85 +17,126 @@ async function stored(path: string, messages: number): Promise<JetstreamEvent[]>
 }
 
 /**
- * A legacy server by hand, with time_us from its own clock (`offsetUs` from this machine's): 8 s of
- * history at 100 events/s, and one more every 10 ms from then on. A cursor replays 20 events every
- * 5 ms (3 every 25 ms, 120 events/s, for the next sync connection after `slowNext` is set: a replay
- * held back, as by a busy per-IP limit); once the replay is within 1 s of the newest event, the
- * newest is sent live and the older ones still to replay are skipped (at or below the last time
- * sent), as protocol doc §5.2 reads the legacy code; then what comes is sent. Every 50th event is by
- * RARE until `rareForS` after the server began (none with 0). `wantedDids` is honoured.
+ * A legacy server by hand, with time_us from its own clock (`offsetUs` from this machine's):
+ * `historyS` of history at 100 events/s, and one more every 10 ms from then on. A cursor replays 20
+ * events every 5 ms; once the replay is within 1 s of the newest event, the newest is sent live and
+ * the older ones still to replay are skipped (at or below the last time sent), as protocol doc §5.2
+ * reads the legacy code; then what comes is sent. Every 50th event is by RARE until `rareForS` after
+ * the server began (none with 0). `wantedDids` is honoured. The next sync connection after
+ * `slowNext` is set replays as it says (a replay held back, as by a busy per-IP limit); after
+ * `outboxNext` is set, what it is sent goes out at that many events a second, through an outbox
+ * that the replay fills much faster (1,000 events every 5 ms, until 5 s from the newest: the legacy
+ * server's, behind its per-subscriber rate limit).
  */
-function legacySwitchServer(offsetUs = 0, rareForS = 0) {
+function legacySwitchServer({ offsetUs = 0, rareForS = 0, historyS = 8 } = {}) {
   const nowUs = () => Date.now() * 1000 + offsetUs;
   const began = nowUs();
   const by = (i: number, t: number) => i % 50 === 0 && t < began + rareForS * 1e6 ? RARE : did(i % 5);
   const held: JetstreamEvent[] = [];
-  for (let i = 0; i < 800; i++) {
-    const t = began - 8_000_000 + i * 10_000;
+  for (let i = 0; i < historyS * 100; i++) {
+    const t = began - historyS * 1e6 + i * 10_000;
     held.push(commit(t, { did: by(i, t) }));
   }
+  // Each open connection's filter and way out.
+  const open = new Map<WebSocket, { wanted: Set<string>; send: (ev: JetstreamEvent) => void }>();
   const live = new Set<WebSocket>();
   const skipped: JetstreamEvent[] = [];
-  const wanted = new Map<WebSocket, Set<string>>();
-  const sends = (s: WebSocket, ev: JetstreamEvent) => wanted.get(s)!.size === 0 || wanted.get(s)!.has(ev.did);
+  const sends = (s: WebSocket, ev: JetstreamEvent) => {
+    const { wanted } = open.get(s)!;
+    return wanted.size === 0 || wanted.has(ev.did);
+  };
   const ticker = setInterval(() => {
     const t = Math.max(nowUs(), held.at(-1)!.time_us + 1);
     const ev = commit(t, { did: by(held.length, t) });
     held.push(ev);
-    for (const s of live) if (s.readyState === WebSocket.OPEN && sends(s, ev)) s.send(JSON.stringify(ev));
+    for (const s of live) if (s.readyState === WebSocket.OPEN && sends(s, ev)) open.get(s)!.send(ev);
   }, 10);
-  const replays = new Set<ReturnType<typeof setInterval>>();
+  const timers = new Set<ReturnType<typeof setInterval>>();
   const control = {
     nowUs,
     held,
     skipped,
     /** Set: the next connection that switches to live is dropped (close 4000, not the end) this long after. */
     dropAfterMs: undefined as number | undefined,
-    /** Set: the next sync connection replays at 120 events/s. */
-    slowNext: false,
+    /** Set: the next sync connection replays `perTick` events every `tickMs`, for `forMs` (then as others). */
+    slowNext: undefined as { perTick: number; tickMs: number; forMs: number } | undefined,
+    /** Set: the next sync connection is sent what it gets at this many events a second. */
+    outboxNext: undefined as number | undefined,
     url: "",
   };
   const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, (req) => {
     const raw = new URL(req.url).searchParams.get("cursor");
     const { socket, response } = Deno.upgradeWebSocket(req);
-    wanted.set(socket, new Set(new URL(req.url).searchParams.getAll("wantedDids")));
     // (The coverage probe asks for the whole history, or for none of it.)
     const probe = raw === "0" || raw === String(1e15);
-    const slow = control.slowNext && !probe;
-    if (slow) control.slowNext = false;
+    const slow = probe ? undefined : control.slowNext;
+    const rate = probe ? undefined : control.outboxNext;
+    if (!probe) control.slowNext = control.outboxNext = undefined;
+    const outbox: JetstreamEvent[] = [];
+    const send = rate === undefined
+      ? (ev: JetstreamEvent) => socket.send(JSON.stringify(ev))
+      : (ev: JetstreamEvent) => void outbox.push(ev);
+    open.set(socket, { wanted: new Set(new URL(req.url).searchParams.getAll("wantedDids")), send });
     socket.onopen = () => {
+      if (rate !== undefined) {
+        let sent = 0;
+        const opened = performance.now();
+        const drain = setInterval(() => {
+          if (socket.readyState !== WebSocket.OPEN) return void clearInterval(drain);
+          for (
+            const due = ((performance.now() - opened) / 1000) * rate;
+            sent < due && outbox.length > 0;
+            sent++
+          ) {
+            socket.send(JSON.stringify(outbox.shift()));
+          }
+        }, 10);
+        timers.add(drain);
+      }
       if (raw === null) return void live.add(socket);
       let pos = held.findIndex((e) => e.time_us >= Number(raw));
       if (pos < 0) pos = held.length;
-      const timer = setInterval(() => {
-        if (socket.readyState !== WebSocket.OPEN) return void clearInterval(timer);
+      const opened = performance.now();
+      let last = 0;
+      const replay = setInterval(() => {
+        if (socket.readyState !== WebSocket.OPEN) return void clearInterval(replay);
+        const now = performance.now();
+        const slowNow = slow !== undefined && now - opened < slow.forMs;
+        if (slowNow && now - last < slow.tickMs) return;
+        last = now;
         const newest = held.at(-1)!;
         if (pos < held.length && newest.time_us - held[pos].time_us <= 1_000_000) {
           // The switch: the newest goes live, and what was still to replay before it is skipped.
-          if (sends(socket, newest)) socket.send(JSON.stringify(newest));
+          if (sends(socket, newest)) send(newest);
           if (!probe) skipped.push(...held.slice(pos, held.length - 1).filter((e) => sends(socket, e)));
           if (control.dropAfterMs !== undefined) {
             setTimeout(() => socket.close(4000, "dropped"), control.dropAfterMs);
             control.dropAfterMs = undefined;
           }
-          clearInterval(timer);
+          clearInterval(replay);
           live.add(socket);
           return;
         }
-        for (const end = Math.min(pos + (slow ? 3 : 20), held.length); pos < end; pos++) {
-          if (sends(socket, held[pos])) socket.send(JSON.stringify(held[pos]));
+        // (Into an outbox, up to 1,000 at a time until 5 s from the newest.)
+        const most = slowNow ? slow.perTick : rate === undefined ? 20 : 1000;
+        for (let k = 0; k < most && pos < held.length; k++, pos++) {
+          if (k >= 20 && newest.time_us - held[pos].time_us <= 5_000_000) break;
+          if (sends(socket, held[pos])) send(held[pos]);
         }
-      }, slow ? 25 : 5);
-      replays.add(timer);
+      }, 5);
+      timers.add(replay);
     };
-    socket.onclose = () => live.delete(socket);
+    socket.onclose = () => {
+      live.delete(socket);
+      open.delete(socket);
+    };
     return response;
   });
   control.url = `ws://127.0.0.1:${server.addr.port}/subscribe`;
   return Object.assign(control, {
     async [Symbol.asyncDispose]() {
       clearInterval(ticker);
-      for (const t of replays) clearInterval(t);
+      for (const t of timers) clearInterval(t);
       await server.shutdown();
     },
   });
@@ -180,9 +221,10 @@ Deno.test("the second pass over a replay-to-live switch waits for a slow replay 
   // pass, and a server clock 5 s behind this machine's never came that close, with no pass at all;
   // either way about a second of events was lost without a word. The two runs go side by side.
   const run = async (offsetUs: number, slow: boolean, endInS: number) => {
-    await using server = legacySwitchServer(offsetUs);
+    await using server = legacySwitchServer({ offsetUs });
     await using db = await tempDb();
-    server.slowNext = slow;
+    // (120 events/s, against 100 live.)
+    if (slow) server.slowNext = { perTick: 3, tickMs: 25, forMs: Number.POSITIVE_INFINITY };
     const startUs = server.nowUs() - 4_000_000;
     const endUs = server.nowUs() + endInS * 1_000_000;
     const { stats, reports } = await syncReporting({
@@ -207,7 +249,7 @@ Deno.test("a second pass that falls due while a narrow filter's stream is quiet 
   // Before, the pass was looked at only when frames came: a filter whose events stop after the switch
   // had none until the run's time was up, which then warned that the skipped events may be missing
   // (and they were). Every 50th event is by RARE until 3 s on, and the run asks for RARE alone.
-  await using server = legacySwitchServer(0, 3);
+  await using server = legacySwitchServer({ rareForS: 3 });
   await using db = await tempDb();
   const startUs = server.nowUs() - 6_000_000;
   const { stats, reports } = await syncReporting({
@@ -224,4 +266,52 @@ Deno.test("a second pass that falls due while a narrow filter's stream is quiet 
   const got = await stored(db.path, stats.queueLength);
   const byTime = (a: JetstreamEvent, b: JetstreamEvent) => a.time_us - b.time_us;
   assert.deepEqual([...got].sort(byTime), server.held.filter((e) => e.did === RARE && e.time_us >= startUs));
+});
+
+Deno.test("a replay that comes closer to live after the second pass has another; a switch read from a backlog 20 s late is passed over from before it", async () => {
+  // Before, one pass a connection: a replay closing in on live too slowly to move the point made its
+  // pass before the switch (here 13 s at the live rate, then fast), and the switch then lost about a
+  // second, unsaid. And the pass read from 15 s before the point: a switch that this machine read
+  // from a backlog (an outbox that the replay fills far faster than the server's rate limit lets it
+  // out) came more than that before the point, which the backlog's end moved on to, unsaid too.
+  const run = async (
+    what: string,
+    historyS: number,
+    behindS: number,
+    endInS: number,
+    set: (
+      server: ReturnType<typeof legacySwitchServer>,
+    ) => void,
+  ) => {
+    await using server = legacySwitchServer({ historyS });
+    await using db = await tempDb();
+    set(server);
+    const startUs = server.nowUs() - behindS * 1e6;
+    const endUs = server.nowUs() + endInS * 1e6;
+    const { stats, reports } = await syncReporting({
+      instance: server.url,
+      kv: db.path,
+      startTimestamp: startUs,
+      endTimestamp: endUs,
+      numRecords: 1_000_000,
+      maxTime: endInS + 25,
+    });
+    assert.equal(stats.stopReason, "end", `${what}: ${stats.error}`);
+    assert.ok(server.skipped.length > 20, `${what}: ${server.skipped.length} skipped`);
+    const counts = passesFound(reports);
+    assert.equal(
+      counts.reduce((a, b) => a + b, 0),
+      server.skipped.length,
+      `${what}: ${JSON.stringify(reports)}`,
+    );
+    assert.ok(!reports.some((r) => r.reason === "coverage"), `${what}: ${JSON.stringify(reports)}`);
+    await assertWhole(server, db.path, stats, startUs, endUs, what);
+  };
+  await Promise.all([
+    run("a replay at the live rate for 13 s", 8, 4, 27, (s) => {
+      s.slowNext = { perTick: 1, tickMs: 10, forMs: 13_000 };
+    }),
+    // 20,000 events in the outbox, let out at 1,000 a second: the switch is read 20 s late.
+    run("a switch read 20 s late", 220, 200, 36, (s) => s.outboxNext = 1000),
+  ]);
 });

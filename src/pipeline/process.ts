@@ -295,6 +295,8 @@ const SEAM_AFTER_MAX_US = 30_000_000;
  * SEAM_BEFORE_MAX_US.
  */
 const SEAM_BEFORE_US = 15_000_000;
+/** A jump forward in a connection's stream that the second pass reads from before (µs; see Seam.jumps). */
+const SEAM_JUMP_US = 100_000;
 const SEAM_BEFORE_MAX_US = 60_000_000;
 /** How long the second pass may take (ms). */
 const SEAM_PASS_MS = 30_000;
@@ -317,6 +319,11 @@ interface Seam {
    * stream, oldest first: the pass begins no earlier than the replay guard remembers.
    */
   marks: number[];
+  /**
+   * Pairs of (time_us, time_us) of the connection's jumps forward of SEAM_JUMP_US or more, from the
+   * newest event before to the event, the latest 32 of them.
+   */
+  jumps: number[];
 }
 
 /**
@@ -343,9 +350,15 @@ async function passOverSeam(
   // (A stop that came before the pass, the run's end, does not end it; one that comes during it does.)
   const stopAtStart = ctx.stop;
   const halted = () => ctx.stop !== stopAtStart;
-  const before = seam.beforeUs >= 0
+  let before = seam.beforeUs >= 0
     ? Math.min(seam.beforeUs, seam.us - SEAM_BEFORE_US)
     : seam.us - SEAM_BEFORE_US;
+  // From before a jump forward in the stream too (the switch sends the newest event, past the ones it
+  // skips): when this machine read the switch from a backlog, some seconds late, the point came to
+  // rest further on than the 15 s reach back.
+  for (let i = 0; i < seam.jumps.length; i += 2) {
+    if (seam.jumps[i + 1] >= seam.us - SEAM_BEFORE_MAX_US) before = Math.min(before, seam.jumps[i]);
+  }
   // Not before the connection's own cursor (the switch came after it), nor, on a live tail, before its
   // first event; and no further back than the replay guard remembers the records stored since (with a
   // fifth to spare), or what it forgot would be stored again.
@@ -541,8 +554,10 @@ export async function readConnection(
   // and passed over a second time (see passOverSeam).
   let seam: Seam | undefined;
   let seamPassed = session.v2 || session.sentUs < 0 || ctx.openSeamPass === undefined;
-  // (See Seam.marks: kept until the pass is made.)
+  // (See Seam.marks and Seam.jumps: kept on a connection whose switch is watched for.)
+  const watched = !seamPassed;
   const marks: number[] = [];
+  const jumps: number[] = [];
   let markedUs = Number.NEGATIVE_INFINITY;
   let failed = false;
   let pending = conn.next();
@@ -575,7 +590,7 @@ export async function readConnection(
       let seamEdgeUs = seamPassed || seam !== undefined ? Number.POSITIVE_INFINITY : nowUs - SEAM_EDGE_US;
       // (The newest time_us before these frames: where a switch among them may have skipped from.)
       const maxBeforeUs = session.maxUs;
-      if (!seamPassed && session.maxUs >= markedUs + 1_000_000) {
+      if (watched && session.maxUs >= markedUs + 1_000_000) {
         markedUs = session.maxUs;
         marks.push(markedUs, ctx.accepted);
         // (A long replay: the first ones are of no use, a pass reads about a minute at most.)
@@ -802,10 +817,16 @@ export async function readConnection(
           }
         }
         if (t >= seamEdgeUs && evSeq === undefined) {
-          seam = { us: t, beforeUs: session.maxUs, at: performance.now(), lagUs: nowUs - t, marks };
+          seam = { us: t, beforeUs: session.maxUs, at: performance.now(), lagUs: nowUs - t, marks, jumps };
           seamEdgeUs = Number.POSITIVE_INFINITY;
         }
-        if (t > session.maxUs) session.maxUs = t;
+        if (t > session.maxUs) {
+          if (watched && t - session.maxUs >= SEAM_JUMP_US && session.maxUs >= 0) {
+            jumps.push(session.maxUs, t);
+            if (jumps.length > 64) jumps.splice(0, 32);
+          }
+          session.maxUs = t;
+        }
         if (session.minUs < 0) {
           session.minUs = t;
           // A live tail begins with the first event it processes (a resume is held to it).
@@ -978,8 +999,11 @@ export async function readConnection(
         if (ctx.stop) return;
       }
       // Still coming closer to live: the switch is not behind yet (a slow replay, a server clock
-      // ahead of this machine's), and the point moves on.
-      if (seam !== undefined && !seamPassed && nowUs - session.maxUs < seam.lagUs - SEAM_STEP_US) {
+      // ahead of this machine's), and the point moves on; after a pass too, which was then made too
+      // soon (a replay closing in on live by less than SEAM_STEP_US in SEAM_PASS_AFTER_MS): another
+      // one is due.
+      if (seam !== undefined && nowUs - session.maxUs < seam.lagUs - SEAM_STEP_US) {
+        seamPassed = false;
         seam.us = session.maxUs;
         seam.beforeUs = maxBeforeUs;
         seam.at = performance.now();
