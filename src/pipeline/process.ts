@@ -295,9 +295,9 @@ const SEAM_AFTER_MAX_US = 30_000_000;
  * SEAM_BEFORE_MAX_US.
  */
 const SEAM_BEFORE_US = 15_000_000;
+const SEAM_BEFORE_MAX_US = 60_000_000;
 /** A jump forward in a connection's stream that the second pass reads from before (µs; see Seam.jumps). */
 const SEAM_JUMP_US = 100_000;
-const SEAM_BEFORE_MAX_US = 60_000_000;
 /** How long the second pass may take (ms). */
 const SEAM_PASS_MS = 30_000;
 
@@ -321,7 +321,7 @@ interface Seam {
   marks: number[];
   /**
    * Pairs of (time_us, time_us) of the connection's jumps forward of SEAM_JUMP_US or more, from the
-   * newest event before to the event, the latest 32 of them.
+   * newest event before to the event: the latest 16 to 32 of them.
    */
   jumps: number[];
 }
