@@ -3,7 +3,7 @@
 import assert from "node:assert/strict";
 import type { JetstreamEvent } from "../src/jetstream/events.ts";
 import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
-import type { SyncErrorReport, SyncStats } from "../src/stats.ts";
+import type { SyncErrorReport } from "../src/stats.ts";
 import { commit, did, drainQueue } from "./helpers/events.ts";
 import { syncReporting, tempDb } from "./helpers/loopback.ts";
 
@@ -153,16 +153,41 @@ function passesFound(reports: SyncErrorReport[]): number[] {
   return found.map((r) => Number(/found (\d+) selected events/.exec(r.message)?.[1]));
 }
 
-/** Every event of the window that the server holds was stored, once (the skipped ones after later ones). */
-async function assertWhole(
+/**
+ * A sync of the window from `behindS` before the server's clock to `endInS` after it, which must reach
+ * its end having had every event of the window the server holds stored once (the skipped ones after
+ * later ones), the second passes finding all the server skipped, and no coverage warning. Returns what
+ * each pass found.
+ */
+async function syncWindow(
   server: ReturnType<typeof legacySwitchServer>,
-  path: string,
-  stats: SyncStats,
-  startUs: number,
-  endUs: number,
+  behindS: number,
+  endInS: number,
   what: string,
-): Promise<void> {
-  const got = await stored(path, stats.queueLength);
+): Promise<number[]> {
+  await using db = await tempDb();
+  const startUs = server.nowUs() - behindS * 1e6;
+  const endUs = server.nowUs() + endInS * 1e6;
+  const { stats, reports } = await syncReporting({
+    instance: server.url,
+    kv: db.path,
+    startTimestamp: startUs,
+    endTimestamp: endUs,
+    numRecords: 1_000_000,
+    maxTime: endInS + 25,
+  });
+  assert.equal(stats.stopReason, "end", `${what}: ${stats.error}`);
+  // The server did skip events at its switch (the sync's connection; the second pass's does not come
+  // near live).
+  assert.ok(server.skipped.length > 20, `${what}: ${server.skipped.length} skipped`);
+  const counts = passesFound(reports);
+  assert.equal(
+    counts.reduce((a, b) => a + b, 0),
+    server.skipped.length,
+    `${what}: ${JSON.stringify(reports)}`,
+  );
+  assert.ok(!reports.some((r) => r.reason === "coverage"), `${what}: ${JSON.stringify(reports)}`);
+  const got = await stored(db.path, stats.queueLength);
   const byTime = (a: JetstreamEvent, b: JetstreamEvent) => a.time_us - b.time_us;
   assert.deepEqual(
     [...got].sort(byTime),
@@ -170,6 +195,7 @@ async function assertWhole(
     what,
   );
   assert.equal(stats.recordsStored, got.length);
+  return counts;
 }
 
 Deno.test("a legacy server's replay-to-live switch that skips events (jetstream-legacy#42): a second pass over it stores them", async () => {
@@ -180,26 +206,10 @@ Deno.test("a legacy server's replay-to-live switch that skips events (jetstream-
   // is passed over at the end, 8 s on.
   const runs: [number, number | undefined][] = [[12, undefined], [4, undefined], [8, 2000]];
   for (const [endInS, drop] of runs) {
-    await using db = await tempDb();
     server.skipped.length = 0;
     server.dropAfterMs = drop;
-    const startUs = server.nowUs() - 5_000_000;
-    const endUs = server.nowUs() + endInS * 1_000_000;
-    const { stats, reports } = await syncReporting({
-      instance: server.url,
-      kv: db.path,
-      startTimestamp: startUs,
-      endTimestamp: endUs,
-      maxTime: 30,
-    });
-    assert.equal(stats.stopReason, "end", stats.error);
-    // The server did skip events at its switch (the sync's connection; the second pass's does
-    // not come near live).
-    assert.ok(server.skipped.length > 20, `${server.skipped.length} skipped`);
-    const counts = passesFound(reports);
-    assert.equal(counts.length, drop === undefined ? 1 : 2, JSON.stringify(reports));
-    assert.equal(counts.reduce((a, b) => a + b, 0), server.skipped.length, JSON.stringify(reports));
-    await assertWhole(server, db.path, stats, startUs, endUs, `end in ${endInS} s`);
+    const counts = await syncWindow(server, 5, endInS, `end in ${endInS} s`);
+    assert.equal(counts.length, drop === undefined ? 1 : 2, `end in ${endInS} s: ${counts}`);
   }
   // A limit reached about a second after the switch, before any pass: said.
   await using db = await tempDb();
@@ -226,25 +236,10 @@ Deno.test("the second pass over a replay-to-live switch waits for a slow replay 
   // either way about a second of events was lost without a word. The two runs go side by side.
   const run = async (offsetUs: number, slow: boolean, endInS: number) => {
     await using server = legacySwitchServer({ offsetUs });
-    await using db = await tempDb();
     // (120 events/s, against 100 live.)
     if (slow) server.slowNext = { perTick: 3, tickMs: 25, forMs: Number.POSITIVE_INFINITY };
-    const startUs = server.nowUs() - 4_000_000;
-    const endUs = server.nowUs() + endInS * 1_000_000;
-    const { stats, reports } = await syncReporting({
-      instance: server.url,
-      kv: db.path,
-      startTimestamp: startUs,
-      endTimestamp: endUs,
-      maxTime: endInS + 20,
-    });
     const what = slow ? "a slow replay" : `a server clock ${-offsetUs / 1e6} s behind`;
-    assert.equal(stats.stopReason, "end", `${what}: ${stats.error}`);
-    assert.ok(server.skipped.length > 20, `${what}: ${server.skipped.length} skipped`);
-    const counts = passesFound(reports);
-    assert.equal(counts.length, 1, `${what}: ${JSON.stringify(reports)}`);
-    assert.equal(counts[0], server.skipped.length, `${what}: ${JSON.stringify(reports)}`);
-    await assertWhole(server, db.path, stats, startUs, endUs, what);
+    assert.equal((await syncWindow(server, 4, endInS, what)).length, 1, what);
   };
   await Promise.all([run(0, true, 28), run(-5_000_000, false, 14)]);
 });
@@ -283,33 +278,11 @@ Deno.test("a replay that comes closer to live after the second pass has another;
     historyS: number,
     behindS: number,
     endInS: number,
-    set: (
-      server: ReturnType<typeof legacySwitchServer>,
-    ) => void,
+    set: (server: ReturnType<typeof legacySwitchServer>) => void,
   ) => {
     await using server = legacySwitchServer({ historyS });
-    await using db = await tempDb();
     set(server);
-    const startUs = server.nowUs() - behindS * 1e6;
-    const endUs = server.nowUs() + endInS * 1e6;
-    const { stats, reports } = await syncReporting({
-      instance: server.url,
-      kv: db.path,
-      startTimestamp: startUs,
-      endTimestamp: endUs,
-      numRecords: 1_000_000,
-      maxTime: endInS + 25,
-    });
-    assert.equal(stats.stopReason, "end", `${what}: ${stats.error}`);
-    assert.ok(server.skipped.length > 20, `${what}: ${server.skipped.length} skipped`);
-    const counts = passesFound(reports);
-    assert.equal(
-      counts.reduce((a, b) => a + b, 0),
-      server.skipped.length,
-      `${what}: ${JSON.stringify(reports)}`,
-    );
-    assert.ok(!reports.some((r) => r.reason === "coverage"), `${what}: ${JSON.stringify(reports)}`);
-    await assertWhole(server, db.path, stats, startUs, endUs, what);
+    await syncWindow(server, behindS, endInS, what);
   };
   await Promise.all([
     run("a replay at the live rate for 13 s", 8, 4, 27, (s) => {
