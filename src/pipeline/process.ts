@@ -581,23 +581,24 @@ export async function readConnection(
   let pending = conn.next();
   try {
     for (;;) {
-      flusher.waiting = true;
-      // A pass due while no frame comes (a narrow filter's stream, live) is made on time: the wait
-      // is raced against it, only then.
+      // The second pass, once due (not during a failover's search). Due while no frame comes (a
+      // narrow filter's stream, live), it is made on time: the wait is raced against it, only then.
       const passInMs = seam !== undefined && !seamPassed
         ? seam.at + SEAM_PASS_AFTER_MS - performance.now()
-        : Number.NEGATIVE_INFINITY;
-      const got = passInMs > 0 ? await framesOrTimeout(pending, passInMs) : await pending;
-      flusher.waiting = false;
-      if (got === undefined) {
-        if (!ctx.stop && ctx.awaitStoredUntilUs < 0) {
-          seamPassed = true;
-          await passOverSeam(ctx, session, select, guard, seam!, flusher, options.signal);
-        }
+        : Number.POSITIVE_INFINITY;
+      if (passInMs <= 0 && ctx.awaitStoredUntilUs < 0 && !ctx.stop) {
+        seamPassed = true;
+        await passOverSeam(ctx, session, select, guard, seam!, flusher, options.signal);
         if (ctx.stop) return;
-        // (The frames asked for are still to come.)
         continue;
       }
+      flusher.waiting = true;
+      const got = passInMs > 0 && passInMs < Number.POSITIVE_INFINITY
+        ? await framesOrTimeout(pending, passInMs)
+        : await pending;
+      flusher.waiting = false;
+      // (The pass is due; the frames asked for are still to come.)
+      if (got === undefined) continue;
       if (got === null) return;
       const frames = got;
       const sizes = conn.frameBytes;
@@ -1026,14 +1027,6 @@ export async function readConnection(
         seam.beforeUs = maxBeforeUs;
         seam.at = performance.now();
         seam.lagUs = nowUs - session.maxUs;
-      }
-      if (
-        seam !== undefined && !seamPassed && performance.now() - seam.at >= SEAM_PASS_AFTER_MS &&
-        ctx.awaitStoredUntilUs < 0
-      ) {
-        seamPassed = true;
-        await passOverSeam(ctx, session, select, guard, seam, flusher, options.signal);
-        if (ctx.stop) return;
       }
       pending = conn.next();
     }
