@@ -26,15 +26,19 @@ async function stored(path: string, messages: number): Promise<JetstreamEvent[]>
  * `slowNext` is set replays as it says (a replay held back, as by a busy per-IP limit); after
  * `outboxNext` is set, what it is sent goes out at that many events a second, through an outbox
  * that the replay fills much faster (1,000 events every 5 ms, until 5 s from the newest: the legacy
- * server's, behind its per-subscriber rate limit).
+ * server's, behind its per-subscriber rate limit). The history has no events for 0.5 s from each of
+ * `gapsS` seconds before the server began. `cursors` are the sync connections' cursors, in order.
  */
-function legacySwitchServer({ offsetUs = 0, rareForS = 0, historyS = 8 } = {}) {
+function legacySwitchServer(
+  { offsetUs = 0, rareForS = 0, historyS = 8, gapsS = [] as number[] } = {},
+) {
   const nowUs = () => Date.now() * 1000 + offsetUs;
   const began = nowUs();
   const by = (i: number, t: number) => i % 50 === 0 && t < began + rareForS * 1e6 ? RARE : did(i % 5);
   const held: JetstreamEvent[] = [];
   for (let i = 0; i < historyS * 100; i++) {
     const t = began - historyS * 1e6 + i * 10_000;
+    if (gapsS.some((g) => t >= began - g * 1e6 && t < began - g * 1e6 + 500_000)) continue;
     held.push(commit(t, { did: by(i, t) }));
   }
   // Each open connection's filter and way out.
@@ -64,6 +68,7 @@ function legacySwitchServer({ offsetUs = 0, rareForS = 0, historyS = 8 } = {}) {
     slowSkip: 0,
     /** Set: the next sync connection is sent what it gets at this many events a second. */
     outboxNext: undefined as number | undefined,
+    cursors: [] as number[],
     url: "",
   };
   const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, (req) => {
@@ -71,6 +76,7 @@ function legacySwitchServer({ offsetUs = 0, rareForS = 0, historyS = 8 } = {}) {
     const { socket, response } = Deno.upgradeWebSocket(req);
     // (The coverage probe asks for the whole history, or for none of it.)
     const probe = raw === "0" || raw === String(1e15);
+    if (!probe && raw !== null) control.cursors.push(Number(raw));
     const skip = !probe && control.slowNext !== undefined && control.slowSkip-- > 0;
     const slow = probe || skip ? undefined : control.slowNext;
     const rate = probe ? undefined : control.outboxNext;
@@ -291,6 +297,21 @@ Deno.test("a replay that comes closer to live after the second pass has another;
     // 20,000 events in the outbox, let out at 1,000 a second: the switch is read 20 s late.
     run("a switch read 20 s late", 220, 200, 36, (s) => s.outboxNext = 1000),
   ]);
+});
+
+Deno.test("the second pass reads from before a jump in the stream up to 30 s before the switch, not from one further back", async () => {
+  // A jump forward (here a pause of 0.5 s in the history) may be a switch read late, and the pass
+  // reads from before it; but a bursty stream pauses often, and reading from every pause up to a
+  // minute back made each pass as long as it can be, the main connection waiting. The pauses are 45 s
+  // and 20 s before the server began; the switch comes about 2 s after.
+  await using server = legacySwitchServer({ historyS: 60, gapsS: [45, 20] });
+  // (The history's last event, 10 ms before the server began.)
+  const last = server.held.at(-1)!.time_us;
+  await syncWindow(server, 58, 14, "pauses 45 s and 20 s back");
+  // The stream's connection, then its one pass, from the newest event before the pause 20 s back.
+  assert.equal(server.cursors.length, 2, JSON.stringify(server.cursors));
+  const fromS = (last - server.cursors[1]) / 1e6;
+  assert.ok(fromS > 19.9 && fromS < 20.1, `the pass read from ${fromS} s before the history's end`);
 });
 
 Deno.test("a run whose time is up during a second pass says that the events skipped at the switch may be missing", async () => {
