@@ -70,11 +70,11 @@ const DIDS_PER_KEY = 1000;
  * list is represented by its count and hash: the checkpoint is rewritten on every commit and a KV
  * value holds 64 KiB at most (the list itself is stored once, by {@link storeDidList}).
  */
-export async function selectionOf(o: ResolvedSyncOptions): Promise<Record<string, unknown>> {
+export function selectionOf(o: ResolvedSyncOptions): Record<string, unknown> {
   const dids = [...o.wantedDids].sort();
   let wantedDids: unknown = dids;
   if (dids.length > INLINE_DIDS) {
-    wantedDids = { count: dids.length, sha256: await sha256Hex(dids.join("\n")) };
+    wantedDids = { count: dids.length, sha256: sha256Hex(dids.join("\n")) };
   }
   return {
     wantedDids,
@@ -138,7 +138,7 @@ async function pruneDidLists(kv: Deno.Kv, queue: string, keep: (string | undefin
   const stored = await Array.fromAsync(kv.list<string[]>({ prefix: queueKey(queue, "dids") }));
   const unhashed = stored.filter((e) => typeof e.key[3] === "number");
   const unhashedHash = unhashed.length > 0
-    ? await sha256Hex(unhashed.flatMap((e) => e.value).sort().join("\n"))
+    ? sha256Hex(unhashed.flatMap((e) => e.value).sort().join("\n"))
     : undefined;
   const gone = stored.filter((e) =>
     !keep.includes(typeof e.key[3] === "number" ? unhashedHash : String(e.key[3]))
@@ -504,7 +504,7 @@ async function run(
   lockFile: boolean,
   callbacks: Callbacks,
 ): Promise<SyncStats> {
-  const selection = await selectionOf(o);
+  const selection = selectionOf(o);
   const { existing, lock, alive } = await watchForLiveWriter(
     kv,
     o.queueName,

@@ -5,6 +5,7 @@
  *
  * @module
  */
+import { createHash } from "node:crypto";
 
 /**
  * One new array holding `buffers` one after the other.
@@ -33,13 +34,12 @@ export function concat(buffers: readonly Uint8Array[]): Uint8Array<ArrayBuffer> 
  * @example
  * ```ts
  * import { sha256Hex } from "./bytes.ts";
- * await sha256Hex("abc"); // "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+ * sha256Hex("abc"); // "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
  * ```
  */
-export async function sha256Hex(data: Uint8Array | string): Promise<string> {
-  const bytes = typeof data === "string" ? new TextEncoder().encode(data) : data;
-  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", bytes as Uint8Array<ArrayBuffer>));
-  return Array.from(digest, (byte) => byte.toString(16).padStart(2, "0")).join("");
+export function sha256Hex(data: Uint8Array | string): string {
+  // (Synchronous, for the zstd decoder's constructor, which checks a dictionary's bytes.)
+  return createHash("sha256").update(data).digest("hex");
 }
 
 /**

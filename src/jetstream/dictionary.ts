@@ -179,7 +179,7 @@ export async function resolveZstdDictionary(
     }
     const what = "The zstd dictionary given as bytes";
     const dictionaryId = checkDictionary(options.dictionary, what);
-    await checkPublishedContents(options.dictionary, dictionaryId, what);
+    checkPublishedContents(options.dictionary, dictionaryId, what);
     return { bytes: options.dictionary, dictionaryId, source: "option" };
   }
   const fromEnv = env(ZSTD_DICTIONARY_ENV);
@@ -222,7 +222,7 @@ export async function resolveZstdDictionary(
       );
       continue;
     }
-    const actual = await sha256Hex(bytes);
+    const actual = sha256Hex(bytes);
     if (actual !== expectedSha256) {
       failures.push(`${url}: sha256 mismatch: got ${actual}, expected ${expectedSha256}`);
       continue;
@@ -282,7 +282,7 @@ async function readGivenDictionary(
   }
   const what = `The file '${path}' (from ${via})`;
   const dictionaryId = checkDictionary(bytes, what);
-  await checkPublishedContents(bytes, dictionaryId, what);
+  checkPublishedContents(bytes, dictionaryId, what);
   return { bytes, dictionaryId, source, path };
 }
 
@@ -291,10 +291,10 @@ async function readGivenDictionary(
  * the v2 one) without being it: a copy cut off or damaged on its way, with which every frame would
  * fail to decode, or decode to garbage.
  */
-async function checkPublishedContents(bytes: Uint8Array, dictionaryId: number, what: string): Promise<void> {
+function checkPublishedContents(bytes: Uint8Array, dictionaryId: number, what: string): void {
   const published = publishedDictionary(dictionaryId);
   if (published === undefined) return;
-  const actual = await sha256Hex(bytes);
+  const actual = sha256Hex(bytes);
   if (actual === published.sha256) return;
   const name = dictionaryId === LEGACY_DICTIONARY_ID
     ? "the legacy Jetstream dictionary"
@@ -330,7 +330,7 @@ async function readCached(
   } catch {
     return undefined;
   }
-  const sha256 = await sha256Hex(bytes);
+  const sha256 = sha256Hex(bytes);
   return sha256 === expectedSha256 ? bytes : { size: bytes.byteLength, sha256 };
 }
 

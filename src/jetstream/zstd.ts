@@ -15,7 +15,7 @@
  *
  * @module
  */
-import { createHash } from "node:crypto";
+import { sha256Hex } from "../bytes.ts";
 import { show } from "../errors.ts";
 
 /**
@@ -322,7 +322,7 @@ function decoderSettings(
   const dictionaryId = dictionaryIdOf(dictionary);
   const known = published ? JETSTREAM_DICTIONARIES.get(dictionaryId) : undefined;
   if (known) {
-    const sha256 = createHash("sha256").update(dictionary).digest("hex");
+    const sha256 = sha256Hex(dictionary);
     if (sha256 !== known.sha256) {
       throw new TypeError(
         `Cannot use the bytes as a zstd dictionary: they carry the ID ${dictionaryId} of Jetstream's ${known.file}, but are not it (${dictionary.byteLength} bytes of sha256 ${sha256}; it has sha256 ${known.sha256}): a damaged or cut-short copy`,
