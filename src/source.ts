@@ -116,8 +116,13 @@ export async function consumeStream(
   const select = createSelector(o);
   // The second pass over a legacy server's replay-to-live switch (see passOverSeam in process.ts):
   // the run's own request, from another cursor, on a connection of its own.
-  ctx.openSeamPass ??= (base, cursorUs, signal) => {
-    const req = buildSubscribeRequest(base, { ...o, cursor: cursorUs, compress: o.compress });
+  ctx.openSeamPass ??= (base, cursorUs, everyDid, signal) => {
+    const req = buildSubscribeRequest(base, {
+      ...o,
+      wantedDids: everyDid ? [] : o.wantedDids,
+      cursor: cursorUs,
+      compress: o.compress,
+    });
     return openConnection(req.url, {
       idleTimeoutMs: Math.min(o.idleTimeoutMs, MAX_TIMER_MS),
       maxBufferedBytes: o.maxBufferedBytes,

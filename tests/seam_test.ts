@@ -250,11 +250,14 @@ Deno.test("the second pass over a replay-to-live switch waits for a slow replay 
   await Promise.all([run(0, true, 28), run(-5_000_000, false, 14)]);
 });
 
-Deno.test("a second pass that falls due while a narrow filter's stream is quiet is made then, not left for the run's end", async () => {
+Deno.test("a second pass that falls due while a narrow filter's stream is quiet is made then, and reads past the switch though the filter's stream brings nothing more", async () => {
   // Before, the pass was looked at only when frames came: a filter whose events stop after the switch
   // had none until the run's time was up, which then warned that the skipped events may be missing
-  // (and they were). Every 50th event is by RARE until 3 s on, and the run asks for RARE alone.
-  await using server = legacySwitchServer({ rareForS: 3 });
+  // (and they were). And the pass asked for RARE alone, so it waited for an event of RARE's past
+  // where it must read to, until it was cut off after 30 s (here: the run's time was up first), with
+  // a warning: now it asks for every DID. Every 50th event is by RARE until 1.5 s on (the switch comes
+  // before, and the pass reads to 2 s past it at least), and the run asks for RARE alone.
+  await using server = legacySwitchServer({ rareForS: 1.5 });
   await using db = await tempDb();
   const startUs = server.nowUs() - 6_000_000;
   const { stats, reports } = await syncReporting({

@@ -128,10 +128,15 @@ export interface RunContext {
   decodeFrame: ((bytes: Uint8Array) => Uint8Array) | undefined;
   /**
    * Opens a second, short connection to the /subscribe instance `base` from `cursorUs`, with the
-   * run's filters, for a pass over a legacy server's replay-to-live switch (see `passOverSeam()` in
-   * process.ts). Undefined: no such pass is made.
+   * run's filters (`everyDid`: its collections alone), for a pass over a legacy server's
+   * replay-to-live switch (see `passOverSeam()` in process.ts). Undefined: no such pass is made.
    */
-  openSeamPass?: (base: string, cursorUs: number, signal: AbortSignal | undefined) => Promise<Connection>;
+  openSeamPass?: (
+    base: string,
+    cursorUs: number,
+    everyDid: boolean,
+    signal: AbortSignal | undefined,
+  ) => Promise<Connection>;
   /**
    * A resume whose server-side filter (DIDs, collections, kinds) differs from the resumed run's
    * (`force`): the event at its stored seq may not pass it (see Session.askedSeqSelected).

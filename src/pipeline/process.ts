@@ -387,9 +387,18 @@ async function passOverSeam(
   const endUs = o.endUs ?? Number.POSITIVE_INFINITY;
   const host = new URL(session.base).host;
   const where = `the replay-to-live switch near ${isoFromUs(seam.us)}`;
+  // The pass has read far enough once an event past toUs comes. When the connection had none (a few
+  // DIDs', quiet since), the pass might wait for one until it is cut off, and warn: it asks for every
+  // DID then (those selected are picked here), whose stream comes past toUs in seconds.
+  const everyDid = o.wantedDids.length > 0 && session.maxUs <= toUs;
   let conn: Connection;
   try {
-    conn = await ctx.openSeamPass!(session.base, fromUs, stopAtStart ? signal : ctx.internal.signal);
+    conn = await ctx.openSeamPass!(
+      session.base,
+      fromUs,
+      everyDid,
+      stopAtStart ? signal : ctx.internal.signal,
+    );
   } catch (err) {
     if (halted() || signal?.aborted) return;
     ctx.report({
