@@ -5,7 +5,8 @@ import type { JetstreamEvent } from "../src/jetstream/events.ts";
 import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
 import type { SyncErrorReport } from "../src/stats.ts";
 import { commit, did, drainQueue } from "./helpers/events.ts";
-import { syncReporting, tempDb } from "./helpers/loopback.ts";
+import { connectProxy, syncReporting, tempDb } from "./helpers/loopback.ts";
+import { runCli } from "./helpers/cli.ts";
 
 const RARE = did(99);
 
@@ -21,7 +22,7 @@ async function stored(path: string, messages: number): Promise<JetstreamEvent[]>
  * `historyS` of history at 100 events/s, and one more every 10 ms from then on. A cursor replays 20
  * events every 5 ms; once the replay is within 1 s of the newest event, the newest is sent live and
  * the older ones still to replay are skipped (at or below the last time sent), as protocol doc §5.2
- * reads the legacy code; then what comes is sent. Every 50th event is by RARE until `rareForS` after
+ * reads the legacy code (with `skips` false, sent: a v2 server's way); then what comes is sent. Every 50th event is by RARE until `rareForS` after
  * the server began (none with 0). `wantedDids` is honoured. The next sync connection after
  * `slowNext` is set replays as it says (a replay held back, as by a busy per-IP limit); after
  * `outboxNext` is set, what it is sent goes out at that many events a second, through an outbox
@@ -30,7 +31,7 @@ async function stored(path: string, messages: number): Promise<JetstreamEvent[]>
  * `gapsS` seconds before the server began. `cursors` are the sync connections' cursors, in order.
  */
 function legacySwitchServer(
-  { offsetUs = 0, rareForS = 0, historyS = 8, gapsS = [] as number[] } = {},
+  { offsetUs = 0, rareForS = 0, historyS = 8, gapsS = [] as number[], skips = true } = {},
 ) {
   const nowUs = () => Date.now() * 1000 + offsetUs;
   const began = nowUs();
@@ -117,8 +118,10 @@ function legacySwitchServer(
         const newest = held.at(-1)!;
         if (pos < held.length && newest.time_us - held[pos].time_us <= 1_000_000) {
           // The switch: the newest goes live, and what was still to replay before it is skipped.
+          const rest = held.slice(pos, held.length - 1).filter((e) => sends(socket, e));
+          if (!skips) rest.forEach(send);
           if (sends(socket, newest)) send(newest);
-          if (!probe) skipped.push(...held.slice(pos, held.length - 1).filter((e) => sends(socket, e)));
+          if (!probe && skips) skipped.push(...rest);
           if (control.dropAfterMs !== undefined) {
             setTimeout(() => socket.close(4000, "dropped"), control.dropAfterMs);
             control.dropAfterMs = undefined;
@@ -340,4 +343,43 @@ Deno.test("a run whose time is up during a second pass says that the events skip
     said[0].message,
     /^on 127\.0\.0\.1:\d+, the run stopped during the second pass over the replay-to-live switch near \S+, before it read to \S+: events a legacy server skips there \(jetstream-legacy#42\) may be missing, and a resume does not go back to them$/,
   );
+});
+
+Deno.test("a v2 host's /subscribe, which has no replay-to-live switch, is not passed over a second time", async () => {
+  // Before, every connection by time on /subscribe was watched, a v2 host's too (the wire that over 50
+  // DIDs take there): a second connection for nothing, the main one not read meanwhile, where a v2
+  // server wants a pong within 5 s. The host's name is reached through a proxy to this server.
+  await using server = legacySwitchServer({ skips: false });
+  await using proxy = connectProxy((authority) =>
+    authority === "jetstream.us-east.bsky.network:80" ? Number(new URL(server.url).port) : undefined
+  );
+  await using db = await tempDb();
+  const startUs = server.nowUs() - 5_000_000;
+  const endUs = server.nowUs() + 12_000_000;
+  const r = await runCli(
+    [
+      "sync",
+      "--instance",
+      "ws://jetstream.us-east.bsky.network/subscribe",
+      "--kv",
+      db.path,
+      "--start",
+      String(startUs),
+      "--end",
+      String(endUs),
+      "--limit",
+      "1000000",
+      "--json",
+    ],
+    [],
+    { HTTP_PROXY: proxy.url, http_proxy: "", NO_PROXY: "", no_proxy: "" },
+  );
+  assert.equal(r.code, 0, r.stderr);
+  const stats = JSON.parse(r.stdout);
+  assert.equal(stats.stopReason, "end", r.stderr);
+  // The sync's connection alone (the coverage probe's cursor is not counted).
+  assert.deepEqual(server.cursors, [startUs], r.stderr);
+  assert.doesNotMatch(r.stderr, /second pass/);
+  const got = await stored(db.path, stats.queueLength);
+  assert.deepEqual(got, server.held.filter((e) => e.time_us >= startUs && e.time_us < endUs));
 });

@@ -8,7 +8,7 @@
 import { describeEvent, FUTURE_SLACK_US, type JetstreamEvent, shapeProblem } from "../jetstream/events.ts";
 import { type Connection, type Frame, InvalidTextFrame, OversizedFrame } from "../jetstream/socket.ts";
 import { utf8Length, utf8Text } from "../jetstream/utf8.ts";
-import { mapV2Frame, type V2Frame } from "../jetstream/v2.ts";
+import { mapV2Frame, V2_HOSTS, type V2Frame } from "../jetstream/v2.ts";
 import { DEFAULT_MAX_DECODED_BYTES, ZstdDecodeError } from "../jetstream/zstd.ts";
 import type { BackfillSyncOptions } from "../options.ts";
 import type { SkipReason } from "../stats.ts";
@@ -580,7 +580,9 @@ export async function readConnection(
   // A legacy host's replay by time comes to live through its replay-to-live switch: watched for,
   // and passed over a second time (see passOverSeam).
   let seam: Seam | undefined;
-  let seamPassed = session.v2 || session.sentUs < 0 || ctx.openSeamPass === undefined;
+  // (Not a v2 host's: the v2 server has no such switch, on either wire, protocol doc §5.2.)
+  let seamPassed = session.v2 || V2_HOSTS.includes(new URL(session.base).hostname) || session.sentUs < 0 ||
+    ctx.openSeamPass === undefined;
   // (See Seam.marks and Seam.jumps: kept on a connection whose switch is watched for.)
   const watched = !seamPassed;
   const marks: number[] = [];
