@@ -269,6 +269,32 @@ Deno.test("a v2 host whose oldest event is an operator's import: its history sta
   }
 });
 
+Deno.test("a v2 host whose oldest event is a #sync: its history begins there on the v2 wire, and a start after it is covered", async () => {
+  // Before, the v2 wire's probe passed over the #sync (as a sync does) and took the next event for
+  // where the history begins: a start between the two was said to be moved forward, with a gap, and
+  // --strict refused it.
+  const events = capture();
+  const syncUs = T0 - 30_000_000;
+  events.unshift({
+    did: did(1),
+    time_us: syncUs,
+    kind: "sync",
+    sync: { $type: "com.atproto.sync.subscribeRepos#sync", did: did(1), rev: "3l3qo2vutsw2b", seq: 5 },
+  } as unknown as JetstreamEvent);
+  await using server = serveEvents(events, { version: "v2", closeAtEnd: true });
+  await using db = await tempDb();
+  const stats = await runBackfillSync({
+    instance: server.url.replace(/\/subscribe$/, V2_PATH),
+    kv: db.path,
+    startTimestamp: T0 - 10_000_000,
+    strict: true,
+    ...ALL,
+  });
+  assert.equal(stats.startClamped, false);
+  assert.equal(stats.coverageStart, syncUs);
+  assert.equal(stats.recordsStored, events.length - 1);
+});
+
 Deno.test("the v2 wire takes 10,000 DIDs in its URL on every connection", async () => {
   const events = capture();
   // The capture's nine DIDs among 10,000: the most a run takes, all of them in each URL.

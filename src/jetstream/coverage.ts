@@ -14,7 +14,7 @@
 import { ConnectError, type Connection, type Frame, openConnection } from "./socket.ts";
 import { buildSubscribeRequest } from "./url.ts";
 import { buildV2Url, isV2Url, mapV2Frame, V2_SUBPROTOCOL } from "./v2.ts";
-import { MIN_TIMESTAMP_US } from "../time.ts";
+import { MIN_TIMESTAMP_US, usFromIso } from "../time.ts";
 import { shapeProblem } from "./events.ts";
 
 /** How long a probe waits for its first event, ms. */
@@ -85,6 +85,14 @@ export async function probeV2HistoryStart(
   });
   return await oldestOf(await probe(url, options, [V2_SUBPROTOCOL]), (frame) => {
     const m = mapV2Frame(frame);
+    if (m.type === "skip") {
+      // A #sync event (or a kind to come) that a sync passes over is in the history all the same: where
+      // it begins, when it comes first.
+      const p = (frame as { payload?: { seq?: unknown; time?: unknown } }).payload;
+      const us = typeof p?.time === "string" ? usFromIso(p.time) : undefined;
+      const seq = seqOf(p?.seq);
+      return us === undefined || seq === undefined ? undefined : { us, seq };
+    }
     if (m.type !== "event" || shapeProblem(m.event) !== undefined) return undefined;
     return { us: m.event.time_us, seq: seqOf(m.event.cursor) };
   });
