@@ -116,10 +116,11 @@ export async function consumeStream(
   const select = createSelector(o);
   // The second pass over a legacy server's replay-to-live switch (see passOverSeam in process.ts):
   // the run's own request, from another cursor, on a connection of its own.
-  ctx.openSeamPass ??= (base, cursorUs, everyDid, signal) => {
+  ctx.openSeamPass ??= (base, cursorUs, unfiltered, signal) => {
     const req = buildSubscribeRequest(base, {
       ...o,
-      wantedDids: everyDid ? [] : o.wantedDids,
+      wantedDids: unfiltered ? [] : o.wantedDids,
+      wantedCollections: unfiltered ? [] : o.wantedCollections,
       cursor: cursorUs,
       compress: o.compress,
     });

@@ -9,6 +9,7 @@ import { connectProxy, syncReporting, tempDb } from "./helpers/loopback.ts";
 import { runCli } from "./helpers/cli.ts";
 
 const RARE = did(99);
+const RARE_COLLECTION = "app.bsky.feed.threadgate";
 
 async function stored(path: string, messages: number): Promise<JetstreamEvent[]> {
   const msgs = (await drainQueue(path, messages)) as QueueMessage[];
@@ -22,8 +23,9 @@ async function stored(path: string, messages: number): Promise<JetstreamEvent[]>
  * `historyS` of history at 100 events/s, and one more every 10 ms from then on. A cursor replays 20
  * events every 5 ms; once the replay is within 1 s of the newest event, the newest is sent live and
  * the older ones still to replay are skipped (at or below the last time sent), as protocol doc §5.2
- * reads the legacy code (with `skips` false, sent: a v2 server's way); then what comes is sent. Every 50th event is by RARE until `rareForS` after
- * the server began (none with 0). `wantedDids` is honoured. The next sync connection after
+ * reads the legacy code (with `skips` false, sent: a v2 server's way); then what comes is sent.
+ * Every 50th event is by RARE, in RARE_COLLECTION, until `rareForS` after the server began (none
+ * with 0); the others are posts. `wantedDids` and `wantedCollections` are honoured. The next sync connection after
  * `slowNext` is set replays as it says (a replay held back, as by a busy per-IP limit); after
  * `outboxNext` is set, what it is sent goes out at that many events a second, through an outbox
  * that the replay fills much faster (1,000 events every 5 ms, until 5 s from the newest: the legacy
@@ -35,24 +37,33 @@ function legacySwitchServer(
 ) {
   const nowUs = () => Date.now() * 1000 + offsetUs;
   const began = nowUs();
-  const by = (i: number, t: number) => i % 50 === 0 && t < began + rareForS * 1e6 ? RARE : did(i % 5);
+  const make = (i: number, t: number) =>
+    rareForS > 0 && i % 50 === 0 && t < began + rareForS * 1e6
+      ? commit(t, { did: RARE, collection: RARE_COLLECTION })
+      : commit(t, { did: did(i % 5) });
   const held: JetstreamEvent[] = [];
   for (let i = 0; i < historyS * 100; i++) {
     const t = began - historyS * 1e6 + i * 10_000;
     if (gapsS.some((g) => t >= began - g * 1e6 && t < began - g * 1e6 + 500_000)) continue;
-    held.push(commit(t, { did: by(i, t) }));
+    held.push(make(i, t));
   }
   // Each open connection's filter and way out.
-  const open = new Map<WebSocket, { wanted: Set<string>; send: (ev: JetstreamEvent) => void }>();
+  const open = new Map<
+    WebSocket,
+    { dids: Set<string>; collections: string[]; send: (ev: JetstreamEvent) => void }
+  >();
   const live = new Set<WebSocket>();
   const skipped: JetstreamEvent[] = [];
   const sends = (s: WebSocket, ev: JetstreamEvent) => {
-    const { wanted } = open.get(s)!;
-    return wanted.size === 0 || wanted.has(ev.did);
+    const { dids, collections } = open.get(s)!;
+    const collection = ev.kind === "commit" ? ev.commit.collection : undefined;
+    return (dids.size === 0 || dids.has(ev.did)) &&
+      (collections.length === 0 || collection === undefined ||
+        collections.some((c) => c.endsWith(".*") ? collection.startsWith(c.slice(0, -1)) : c === collection));
   };
   const ticker = setInterval(() => {
     const t = Math.max(nowUs(), held.at(-1)!.time_us + 1);
-    const ev = commit(t, { did: by(held.length, t) });
+    const ev = make(held.length, t);
     held.push(ev);
     for (const s of live) if (s.readyState === WebSocket.OPEN && sends(s, ev)) open.get(s)!.send(ev);
   }, 10);
@@ -87,7 +98,12 @@ function legacySwitchServer(
     const send = rate === undefined
       ? (ev: JetstreamEvent) => socket.send(JSON.stringify(ev))
       : (ev: JetstreamEvent) => void outbox.push(ev);
-    open.set(socket, { wanted: new Set(new URL(req.url).searchParams.getAll("wantedDids")), send });
+    const params = new URL(req.url).searchParams;
+    open.set(socket, {
+      dids: new Set(params.getAll("wantedDids")),
+      collections: params.getAll("wantedCollections"),
+      send,
+    });
     socket.onopen = () => {
       if (rate !== undefined) {
         let sent = 0;
@@ -256,35 +272,50 @@ Deno.test("the second pass over a replay-to-live switch waits for a slow replay 
 Deno.test("a second pass that falls due while a narrow filter's stream is quiet is made then, and reads past the switch though the filter's stream brings nothing more", async () => {
   // Before, the pass was looked at only when frames came: a filter whose events stop after the switch
   // had none until the run's time was up, which then warned that the skipped events may be missing
-  // (and they were). And the pass asked for RARE alone, so it waited for an event of RARE's past
+  // (and they were). And the pass asked for the run's filter, so it waited for one of its events past
   // where it must read to, until it was cut off after 30 s (here: the run's time was up first), with
-  // a warning: now it asks for every DID. Every 50th event is by RARE until 1.5 s on (the switch comes
-  // before, and the pass reads to 2 s past it at least), and the run asks for RARE alone.
-  await using server = legacySwitchServer({ rareForS: 1.5 });
-  await using db = await tempDb();
-  const startUs = server.nowUs() - 6_000_000;
-  const { stats, reports } = await syncReporting({
-    instance: server.url,
-    kv: db.path,
-    startTimestamp: startUs,
-    wantedDids: [RARE],
-    maxTime: 18,
-  });
-  assert.equal(stats.stopReason, "max_time", stats.error);
-  assert.ok(server.skipped.length > 0, "the server skipped none of RARE's events");
-  assert.deepEqual(passesFound(reports), [server.skipped.length], JSON.stringify(reports));
-  assert.ok(!reports.some((r) => r.reason === "coverage"), JSON.stringify(reports));
-  const got = await stored(db.path, stats.queueLength);
-  const byTime = (a: JetstreamEvent, b: JetstreamEvent) => a.time_us - b.time_us;
-  assert.deepEqual([...got].sort(byTime), server.held.filter((e) => e.did === RARE && e.time_us >= startUs));
+  // a warning: now it asks for every event. Every 50th event is by RARE in RARE_COLLECTION until 1.5 s
+  // on (the switch comes before, and the pass reads to 2 s past it at least); one run asks for RARE's
+  // feed records, the other for RARE_COLLECTION (a second review found it still waited after the pass
+  // asked for every DID).
+  const run = async (filter: { wantedDids?: string[]; wantedCollections: string[] }) => {
+    const what = JSON.stringify(filter);
+    await using server = legacySwitchServer({ rareForS: 1.5 });
+    await using db = await tempDb();
+    const startUs = server.nowUs() - 6_000_000;
+    const { stats, reports } = await syncReporting({
+      instance: server.url,
+      kv: db.path,
+      startTimestamp: startUs,
+      ...filter,
+      maxTime: 18,
+    });
+    assert.equal(stats.stopReason, "max_time", `${what}: ${stats.error}`);
+    assert.ok(server.skipped.length > 0, `${what}: the server skipped none of RARE's events`);
+    assert.deepEqual(passesFound(reports), [server.skipped.length], `${what}: ${JSON.stringify(reports)}`);
+    assert.ok(!reports.some((r) => r.reason === "coverage"), `${what}: ${JSON.stringify(reports)}`);
+    const got = await stored(db.path, stats.queueLength);
+    const byTime = (a: JetstreamEvent, b: JetstreamEvent) => a.time_us - b.time_us;
+    assert.deepEqual(
+      [...got].sort(byTime),
+      server.held.filter((e) => e.did === RARE && e.time_us >= startUs),
+      what,
+    );
+  };
+  await Promise.all([
+    run({ wantedDids: [RARE], wantedCollections: ["app.bsky.feed.*"] }),
+    run({ wantedCollections: [RARE_COLLECTION] }),
+  ]);
 });
 
-Deno.test("a replay that comes closer to live after the second pass has another; a switch read from a backlog 20 s late is passed over from before it", async () => {
+Deno.test("a replay that comes closer to live after the second pass has another, from where the first read to; a switch read from a backlog 20 s late is passed over from before it", async () => {
   // Before, one pass a connection: a replay closing in on live too slowly to move the point made its
   // pass before the switch (here 13 s at the live rate, then fast), and the switch then lost about a
   // second, unsaid. And the pass read from 15 s before the point: a switch that this machine read
   // from a backlog (an outbox that the replay fills far faster than the server's rate limit lets it
   // out) came more than that before the point, which the backlog's end moved on to, unsaid too.
+  // And a pass after another read again what the first had (a reviewer saw 52 s of every event read
+  // for a rare DID); now it reads from where the first read to.
   const run = async (
     what: string,
     historyS: number,
@@ -295,14 +326,20 @@ Deno.test("a replay that comes closer to live after the second pass has another;
     await using server = legacySwitchServer({ historyS });
     set(server);
     await syncWindow(server, behindS, endInS, what);
+    return server.cursors;
   };
-  await Promise.all([
+  const [slow] = await Promise.all([
     run("a replay at the live rate for 13 s", 8, 4, 27, (s) => {
       s.slowNext = { perTick: 1, tickMs: 10, forMs: 13_000 };
     }),
     // 20,000 events in the outbox, let out at 1,000 a second: the switch is read 20 s late.
     run("a switch read 20 s late", 220, 200, 36, (s) => s.outboxNext = 1000),
   ]);
+  // The slow replay's second pass read from where its first read to (about 6.4 s after the start
+  // here: 3 s behind the newest event then), not again from 15 s before its point (about 2.1 s).
+  assert.equal(slow.length, 3, JSON.stringify(slow));
+  const apartS = (slow[2] - slow[1]) / 1e6;
+  assert.ok(apartS > 4.2, `the second pass read from ${apartS} s after the first's start`);
 });
 
 Deno.test("the second pass reads from before a jump in the stream up to 30 s before the switch, not from one further back", async () => {

@@ -128,13 +128,13 @@ export interface RunContext {
   decodeFrame: ((bytes: Uint8Array) => Uint8Array) | undefined;
   /**
    * Opens a second, short connection to the /subscribe instance `base` from `cursorUs`, with the
-   * run's filters (`everyDid`: its collections alone), for a pass over a legacy server's
+   * run's filters (`unfiltered`: none, every event), for a pass over a legacy server's
    * replay-to-live switch (see `passOverSeam()` in process.ts). Undefined: no such pass is made.
    */
   openSeamPass?: (
     base: string,
     cursorUs: number,
-    everyDid: boolean,
+    unfiltered: boolean,
     signal: AbortSignal | undefined,
   ) => Promise<Connection>;
   /**

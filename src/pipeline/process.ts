@@ -330,6 +330,11 @@ interface Seam {
    * newest event before to the event: the latest 16 to 32 of them.
    */
   jumps: number[];
+  /**
+   * How far a pass on the connection read to (µs; -1: none did): every selected event up to it is
+   * stored, so a pass after it reads from there.
+   */
+  readToUs: number;
 }
 
 /**
@@ -368,7 +373,7 @@ async function passOverSeam(
   // Not before the connection's own cursor (the switch came after it), nor, on a live tail, before its
   // first event; and no further back than the replay guard remembers the records stored since (with a
   // fifth to spare), or what it forgot would be stored again.
-  let fromUs = Math.max(before, seam.us - SEAM_BEFORE_MAX_US, session.sentUs);
+  let fromUs = Math.max(before, seam.us - SEAM_BEFORE_MAX_US, session.sentUs, seam.readToUs);
   const tail = ctx.writer.tailFrom;
   if (o.startUs === undefined && tail !== undefined && tail.instance === session.base) {
     fromUs = Math.max(fromUs, tail.us);
@@ -388,15 +393,17 @@ async function passOverSeam(
   const host = new URL(session.base).host;
   const where = `the replay-to-live switch near ${isoFromUs(seam.us)}`;
   // The pass has read far enough once an event past toUs comes. When the connection had none (a few
-  // DIDs', quiet since), the pass might wait for one until it is cut off, and warn: it asks for every
-  // DID then (those selected are picked here), whose stream comes past toUs in seconds.
-  const everyDid = o.wantedDids.length > 0 && session.maxUs <= toUs;
+  // DIDs' or a rare collection's stream, quiet since), the pass might wait for one until it is cut
+  // off, and warn: it asks for every event then (those selected are picked here), whose stream comes
+  // past toUs in seconds.
+  const unfiltered = session.maxUs <= toUs &&
+    (o.wantedDids.length > 0 || o.wantedCollections.length > 0);
   let conn: Connection;
   try {
     conn = await ctx.openSeamPass!(
       session.base,
       fromUs,
-      everyDid,
+      unfiltered,
       stopAtStart ? signal : ctx.internal.signal,
     );
   } catch (err) {
@@ -494,6 +501,7 @@ async function passOverSeam(
     conn.close();
     await conn.closed();
   }
+  if (reached) seam.readToUs = toUs;
   if (found > 0) {
     ctx.report({
       reason: "connection",
@@ -847,7 +855,15 @@ export async function readConnection(
           }
         }
         if (t >= seamEdgeUs && evSeq === undefined) {
-          seam = { us: t, beforeUs: session.maxUs, at: performance.now(), lagUs: nowUs - t, marks, jumps };
+          seam = {
+            us: t,
+            beforeUs: session.maxUs,
+            at: performance.now(),
+            lagUs: nowUs - t,
+            marks,
+            jumps,
+            readToUs: -1,
+          };
           seamEdgeUs = Number.POSITIVE_INFINITY;
         }
         if (t > session.maxUs) {
