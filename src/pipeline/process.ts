@@ -394,114 +394,119 @@ async function passOverSeam(
   const where = `the replay-to-live switch near ${isoFromUs(seam.us)}`;
   // The pass has read far enough once an event past toUs comes. When the connection had none (a few
   // DIDs' or a rare collection's stream, quiet since), the pass might wait for one until it is cut
-  // off, and warn: it asks for every event then (those selected are picked here), whose stream comes
-  // past toUs in seconds.
-  const unfiltered = session.maxUs <= toUs &&
-    (o.wantedDids.length > 0 || o.wantedCollections.length > 0);
-  let conn: Connection;
-  try {
-    conn = await ctx.openSeamPass!(
-      session.base,
-      fromUs,
-      unfiltered,
-      stopAtStart ? signal : ctx.internal.signal,
-    );
-  } catch (err) {
-    if (halted() || signal?.aborted) return;
-    ctx.report({
-      reason: "coverage",
-      message: `on ${host}, could not make a second pass over ${where} (${
-        (err as Error).message
-      }): events a legacy server skips there (jetstream-legacy#42) may be missing`,
-      instance: session.base,
-    });
-    return;
-  }
-  const deadline = setTimeout(() => conn.close(), SEAM_PASS_MS);
+  // off, and warn. It then reads in two legs: with the run's filter up to the newest event the
+  // connection had, which comes again, and from there with none (those selected are picked here), a
+  // stream that comes past toUs in seconds.
+  // (A leg with nothing to read is left out: a pass after another can begin past toUs.)
+  const legs =
+    (session.maxUs > toUs || (o.wantedDids.length === 0 && o.wantedCollections.length === 0)
+      ? [{ fromUs, doneAtUs: toUs + 1, unfiltered: false }]
+      : [
+        { fromUs, doneAtUs: session.maxUs, unfiltered: false },
+        { fromUs: Math.max(fromUs, session.maxUs), doneAtUs: toUs + 1, unfiltered: true },
+      ]).filter((leg) => leg.fromUs < leg.doneAtUs);
+  const passEndsAt = performance.now() + SEAM_PASS_MS;
   let found = 0;
-  let reached = false;
-  try {
-    read: for (;;) {
-      const frames = await conn.next();
-      if (frames === null || halted()) break;
-      const sizes = conn.frameBytes;
-      for (let i = 0; i < frames.length; i++) {
-        const frame = frames[i];
-        stats.messagesReceived++;
-        stats.bytesReceived += sizes?.[i] ?? frameLength(frame);
-        let text: string | undefined;
-        if (typeof frame === "string") text = frame;
-        else if (session.decode && (frame instanceof Uint8Array || frame instanceof ArrayBuffer)) {
-          try {
-            text = utf8Text(session.decode(frame instanceof Uint8Array ? frame : new Uint8Array(frame)));
-          } catch {
-            // (Counted and reported by the stream's own connection, which had the same frame.)
-          }
-        }
-        if (text === undefined) continue;
-        let ev: JetstreamEvent;
-        try {
-          ev = JSON.parse(text);
-        } catch {
-          continue;
-        }
-        if (shapeProblem(ev) !== undefined) continue;
-        const t = ev.time_us;
-        if (t > toUs) {
-          reached = true;
-          break read;
-        }
-        if (t < fromUs || t < session.startUs || t >= endUs || !select(ev)) continue;
-        if (guard.repeats(ev)) {
-          stats.duplicatesDropped++;
-          continue;
-        }
-        if (utf8Length(text) > o.maxEventBytes) {
-          stats.skip("oversized");
-          ctx.report({
-            reason: "oversized",
-            message: oversizedEventMessage(ev, utf8Length(text), false, o.maxEventBytes),
-            instance: session.base,
-          });
-          continue;
-        }
-        let full: boolean;
-        try {
-          batcher.seenUs = session.maxUs;
-          full = batcher.add(
-            ev,
-            text,
-            stats.dayOf(t),
-            ev.kind === "commit" ? ev.commit.collection : undefined,
-          );
-        } catch (err) {
-          if (!(err instanceof OversizedEventError)) throw err;
-          stats.skip("oversized");
-          ctx.report({ reason: "oversized", message: err.message, instance: session.base });
-          continue;
-        }
-        batcher.noteKey(t, guard.lastB, guard.lastA);
-        ctx.accepted++;
-        found++;
-        if (ctx.accepted >= o.numRecords) {
-          // (After the end: the limit is reached too, and the end stays the reason.)
-          stopWith(ctx, "limit");
-          break read;
-        }
-        if (full) {
-          const batch = batcher.take()!;
-          if (flusher.flushing) await flusher.flushing;
-          await ctx.writer.add(batch);
-        }
-        if (halted()) break read;
-      }
+  let reached = true;
+  let openError: unknown;
+  for (const leg of legs) {
+    reached = false;
+    let conn: Connection;
+    try {
+      conn = await ctx.openSeamPass!(
+        session.base,
+        leg.fromUs,
+        leg.unfiltered,
+        stopAtStart ? signal : ctx.internal.signal,
+      );
+    } catch (err) {
+      openError = err;
+      break;
     }
-  } finally {
-    clearTimeout(deadline);
-    conn.close();
-    await conn.closed();
+    const deadline = setTimeout(() => conn.close(), Math.max(0, passEndsAt - performance.now()));
+    try {
+      read: for (;;) {
+        const frames = await conn.next();
+        if (frames === null || halted()) break;
+        const sizes = conn.frameBytes;
+        for (let i = 0; i < frames.length; i++) {
+          const frame = frames[i];
+          stats.messagesReceived++;
+          stats.bytesReceived += sizes?.[i] ?? frameLength(frame);
+          let text: string | undefined;
+          if (typeof frame === "string") text = frame;
+          else if (session.decode && (frame instanceof Uint8Array || frame instanceof ArrayBuffer)) {
+            try {
+              text = utf8Text(session.decode(frame instanceof Uint8Array ? frame : new Uint8Array(frame)));
+            } catch {
+              // (Counted and reported by the stream's own connection, which had the same frame.)
+            }
+          }
+          if (text === undefined) continue;
+          let ev: JetstreamEvent;
+          try {
+            ev = JSON.parse(text);
+          } catch {
+            continue;
+          }
+          if (shapeProblem(ev) !== undefined) continue;
+          const t = ev.time_us;
+          if (t >= leg.doneAtUs) {
+            reached = true;
+            break read;
+          }
+          if (t < leg.fromUs || t < session.startUs || t >= endUs || !select(ev)) continue;
+          if (guard.repeats(ev)) {
+            stats.duplicatesDropped++;
+            continue;
+          }
+          if (utf8Length(text) > o.maxEventBytes) {
+            stats.skip("oversized");
+            ctx.report({
+              reason: "oversized",
+              message: oversizedEventMessage(ev, utf8Length(text), false, o.maxEventBytes),
+              instance: session.base,
+            });
+            continue;
+          }
+          let full: boolean;
+          try {
+            batcher.seenUs = session.maxUs;
+            full = batcher.add(
+              ev,
+              text,
+              stats.dayOf(t),
+              ev.kind === "commit" ? ev.commit.collection : undefined,
+            );
+          } catch (err) {
+            if (!(err instanceof OversizedEventError)) throw err;
+            stats.skip("oversized");
+            ctx.report({ reason: "oversized", message: err.message, instance: session.base });
+            continue;
+          }
+          batcher.noteKey(t, guard.lastB, guard.lastA);
+          ctx.accepted++;
+          found++;
+          if (ctx.accepted >= o.numRecords) {
+            // (After the end: the limit is reached too, and the end stays the reason.)
+            stopWith(ctx, "limit");
+            break read;
+          }
+          if (full) {
+            const batch = batcher.take()!;
+            if (flusher.flushing) await flusher.flushing;
+            await ctx.writer.add(batch);
+          }
+          if (halted()) break read;
+        }
+      }
+    } finally {
+      clearTimeout(deadline);
+      conn.close();
+      await conn.closed();
+    }
+    if (!reached) break;
   }
-  if (reached) seam.readToUs = toUs;
   if (found > 0) {
     ctx.report({
       reason: "connection",
@@ -511,7 +516,9 @@ async function passOverSeam(
       instance: session.base,
     });
   }
-  if (!reached && (halted() || signal?.aborted)) {
+  if (reached) {
+    seam.readToUs = toUs;
+  } else if (halted() || signal?.aborted) {
     // Stopped during the pass (its limit, its time, the user, a failure): said, as a pass the run
     // stopped before is.
     ctx.report({
@@ -523,7 +530,15 @@ async function passOverSeam(
       }, and a resume does not go back to them`,
       instance: session.base,
     });
-  } else if (!reached) {
+  } else if (openError !== undefined) {
+    ctx.report({
+      reason: "coverage",
+      message: `on ${host}, could not make a second pass over ${where} (${
+        (openError as Error).message
+      }): events a legacy server skips there (jetstream-legacy#42) may be missing`,
+      instance: session.base,
+    });
+  } else {
     ctx.report({
       reason: "coverage",
       message: `on ${host}, the second pass over ${where} ended (or was cut off after ${
