@@ -357,7 +357,7 @@ async function passOverSeam(
   flusher: Flusher,
   signal: AbortSignal | undefined,
 ): Promise<void> {
-  const { o, stats, batcher } = ctx;
+  const { o } = ctx;
   // (A stop that came before the pass, the run's end, does not end it; one that comes during it does.)
   const stopAtStart = ctx.stop;
   const halted = () => ctx.stop !== stopAtStart;
@@ -389,7 +389,6 @@ async function passOverSeam(
     seam.us + SEAM_AFTER_US,
     Math.min(session.maxUs - SEAM_BEHIND_NEWEST_US, seam.us + SEAM_AFTER_MAX_US),
   );
-  const endUs = o.endUs ?? Number.POSITIVE_INFINITY;
   const host = new URL(session.base).host;
   const where = `the replay-to-live switch near ${isoFromUs(seam.us)}`;
   // The pass has read far enough once an event past toUs comes. When the connection had none (a few
@@ -425,81 +424,9 @@ async function passOverSeam(
     }
     const deadline = setTimeout(() => conn.close(), Math.max(0, passEndsAt - performance.now()));
     try {
-      read: for (;;) {
-        const frames = await conn.next();
-        if (frames === null || halted()) break;
-        const sizes = conn.frameBytes;
-        for (let i = 0; i < frames.length; i++) {
-          const frame = frames[i];
-          stats.messagesReceived++;
-          stats.bytesReceived += sizes?.[i] ?? frameLength(frame);
-          let text: string | undefined;
-          if (typeof frame === "string") text = frame;
-          else if (session.decode && (frame instanceof Uint8Array || frame instanceof ArrayBuffer)) {
-            try {
-              text = utf8Text(session.decode(frame instanceof Uint8Array ? frame : new Uint8Array(frame)));
-            } catch {
-              // (Counted and reported by the stream's own connection, which had the same frame.)
-            }
-          }
-          if (text === undefined) continue;
-          let ev: JetstreamEvent;
-          try {
-            ev = JSON.parse(text);
-          } catch {
-            continue;
-          }
-          if (shapeProblem(ev) !== undefined) continue;
-          const t = ev.time_us;
-          if (t >= leg.doneAtUs) {
-            reached = true;
-            break read;
-          }
-          if (t < leg.fromUs || t < session.startUs || t >= endUs || !select(ev)) continue;
-          if (guard.repeats(ev)) {
-            stats.duplicatesDropped++;
-            continue;
-          }
-          if (utf8Length(text) > o.maxEventBytes) {
-            stats.skip("oversized");
-            ctx.report({
-              reason: "oversized",
-              message: oversizedEventMessage(ev, utf8Length(text), false, o.maxEventBytes),
-              instance: session.base,
-            });
-            continue;
-          }
-          let full: boolean;
-          try {
-            batcher.seenUs = session.maxUs;
-            full = batcher.add(
-              ev,
-              text,
-              stats.dayOf(t),
-              ev.kind === "commit" ? ev.commit.collection : undefined,
-            );
-          } catch (err) {
-            if (!(err instanceof OversizedEventError)) throw err;
-            stats.skip("oversized");
-            ctx.report({ reason: "oversized", message: err.message, instance: session.base });
-            continue;
-          }
-          batcher.noteKey(t, guard.lastB, guard.lastA);
-          ctx.accepted++;
-          found++;
-          if (ctx.accepted >= o.numRecords) {
-            // (After the end: the limit is reached too, and the end stays the reason.)
-            stopWith(ctx, "limit");
-            break read;
-          }
-          if (full) {
-            const batch = batcher.take()!;
-            if (flusher.flushing) await flusher.flushing;
-            await ctx.writer.add(batch);
-          }
-          if (halted()) break read;
-        }
-      }
+      const done = await readPassLeg(ctx, conn, leg, session, select, guard, flusher, halted);
+      found += done.found;
+      reached = done.reached;
     } finally {
       clearTimeout(deadline);
       conn.close();
@@ -549,6 +476,99 @@ async function passOverSeam(
       instance: session.base,
     });
   }
+}
+
+/**
+ * Reads one leg of a second pass (see passOverSeam): the selected events from `leg.fromUs` on that
+ * the replay guard does not know are stored, until an event at or after `leg.doneAtUs` comes
+ * (`reached`), the connection ends or the run stops.
+ */
+async function readPassLeg(
+  ctx: RunContext,
+  conn: Connection,
+  leg: { fromUs: number; doneAtUs: number },
+  session: Session,
+  select: (ev: JetstreamEvent) => boolean,
+  guard: ReplayGuard,
+  flusher: Flusher,
+  halted: () => boolean,
+): Promise<{ reached: boolean; found: number }> {
+  const { o, stats, batcher } = ctx;
+  const endUs = o.endUs ?? Number.POSITIVE_INFINITY;
+  let found = 0;
+  read: for (;;) {
+    const frames = await conn.next();
+    if (frames === null || halted()) break;
+    const sizes = conn.frameBytes;
+    for (let i = 0; i < frames.length; i++) {
+      const frame = frames[i];
+      stats.messagesReceived++;
+      stats.bytesReceived += sizes?.[i] ?? frameLength(frame);
+      let text: string | undefined;
+      if (typeof frame === "string") text = frame;
+      else if (session.decode && (frame instanceof Uint8Array || frame instanceof ArrayBuffer)) {
+        try {
+          text = utf8Text(session.decode(frame instanceof Uint8Array ? frame : new Uint8Array(frame)));
+        } catch {
+          // (Counted and reported by the stream's own connection, which had the same frame.)
+        }
+      }
+      if (text === undefined) continue;
+      let ev: JetstreamEvent;
+      try {
+        ev = JSON.parse(text);
+      } catch {
+        continue;
+      }
+      if (shapeProblem(ev) !== undefined) continue;
+      const t = ev.time_us;
+      if (t >= leg.doneAtUs) return { reached: true, found };
+      if (t < leg.fromUs || t < session.startUs || t >= endUs || !select(ev)) continue;
+      if (guard.repeats(ev)) {
+        stats.duplicatesDropped++;
+        continue;
+      }
+      if (utf8Length(text) > o.maxEventBytes) {
+        stats.skip("oversized");
+        ctx.report({
+          reason: "oversized",
+          message: oversizedEventMessage(ev, utf8Length(text), false, o.maxEventBytes),
+          instance: session.base,
+        });
+        continue;
+      }
+      let full: boolean;
+      try {
+        batcher.seenUs = session.maxUs;
+        full = batcher.add(
+          ev,
+          text,
+          stats.dayOf(t),
+          ev.kind === "commit" ? ev.commit.collection : undefined,
+        );
+      } catch (err) {
+        if (!(err instanceof OversizedEventError)) throw err;
+        stats.skip("oversized");
+        ctx.report({ reason: "oversized", message: err.message, instance: session.base });
+        continue;
+      }
+      batcher.noteKey(t, guard.lastB, guard.lastA);
+      ctx.accepted++;
+      found++;
+      if (ctx.accepted >= o.numRecords) {
+        // (After the end: the limit is reached too, and the end stays the reason.)
+        stopWith(ctx, "limit");
+        break read;
+      }
+      if (full) {
+        const batch = batcher.take()!;
+        if (flusher.flushing) await flusher.flushing;
+        await ctx.writer.add(batch);
+      }
+      if (halted()) break read;
+    }
+  }
+  return { reached: false, found };
 }
 
 /** The frames `pending` brings, or undefined if `ms` go by first (`pending` is then still to come). */
