@@ -346,7 +346,9 @@ interface Seam {
  * replays from a little before it to a little after it, far behind live (where nothing is skipped),
  * and the selected events the replay guard does not know are stored, after later ones. Reported when
  * it finds any, or cannot be made. Made after the run's end came too (`ctx.stop` "end"): then only
- * the user's signal cuts it short.
+ * the user's signal cuts it short. After the connection `dropped`, it reads no further than the
+ * newest event the connection had: what came after was not sent yet, not skipped, and the reconnect
+ * brings it.
  */
 async function passOverSeam(
   ctx: RunContext,
@@ -356,6 +358,7 @@ async function passOverSeam(
   seam: Seam,
   flusher: Flusher,
   signal: AbortSignal | undefined,
+  dropped = false,
 ): Promise<void> {
   const { o } = ctx;
   // (A stop that came before the pass, the run's end, does not end it; one that comes during it does.)
@@ -385,10 +388,12 @@ async function passOverSeam(
       break;
     }
   }
-  const toUs = Math.max(
+  let toUs = Math.max(
     seam.us + SEAM_AFTER_US,
     Math.min(session.maxUs - SEAM_BEHIND_NEWEST_US, seam.us + SEAM_AFTER_MAX_US),
   );
+  // (Then the pass is done at the newest event, which comes again.)
+  if (dropped) toUs = Math.min(toUs, session.maxUs - 1);
   const host = new URL(session.base).host;
   const where = `the replay-to-live switch near ${isoFromUs(seam.us)}`;
   // The pass has read far enough once an event past toUs comes. When the connection had none (a few
@@ -1112,7 +1117,16 @@ export async function readConnection(
       const wait = SEAM_PASS_AT_END_MS - (performance.now() - seam.at);
       if (wait > 0) await delay(wait, ctx.stop === "end" ? options.signal : ctx.internal.signal);
       if (!options.signal?.aborted && (ctx.stop === undefined || ctx.stop === "end")) {
-        await passOverSeam(ctx, session, select, guard, seam, flusher, options.signal);
+        await passOverSeam(
+          ctx,
+          session,
+          select,
+          guard,
+          seam,
+          flusher,
+          options.signal,
+          ctx.stop === undefined,
+        );
       } else {
         seamPassed = false;
       }
