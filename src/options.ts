@@ -129,13 +129,16 @@ export interface BackfillSyncOptions {
    */
   signal?: AbortSignal;
   /**
-   * Called with progress figures about four times a second while events come (and after each
+   * Called with progress figures about four times a second while the run goes on, events or none (and after each
    * commit, at most as often), and once at the end. Like `onDateChange` and `onError`, a callback
    * that throws stops the run as an error (`stopReason: "error"`, `error` naming the callback),
    * after what was received is stored.
    */
   onProgress?: (progress: SyncProgress) => void;
-  /** Called when the UTC date of the events being processed changes. */
+  /**
+   * Called when the UTC date of the events being processed changes; for the first event, from the
+   * start timestamp's date (see {@link DateChange}).
+   */
   onDateChange?: (change: DateChange) => void;
   /** Called for every frame that is skipped (malformed, unknown kind…) and every connection problem. */
   onError?: (report: SyncErrorReport) => void;
@@ -468,6 +471,10 @@ export function instanceUrl(value: string, wire?: "v1" | "v2", manyDids = false)
     }
     if (url.protocol !== "ws:" && url.protocol !== "wss:") {
       throw new UsageError(because("instance", expected, value));
+    }
+    // (`ws:///subscribe` parses as the host "subscribe": the URL parser passes over extra slashes.)
+    if (/^wss?:\/\/[/\\]/i.test(text)) {
+      throw new UsageError(because("instance", "a ws:// or wss:// URL with a host after the //", value));
     }
   } else {
     if (!/^[a-zA-Z0-9.-]+(:\d{1,5})?$/.test(text) || text.startsWith(".") || text.length === 0) {

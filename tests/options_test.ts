@@ -83,6 +83,11 @@ Deno.test("resolveSyncOptions() names the bad value and what was expected", () =
     { instance: "http://example.com" },
     /'instance' must be a host name or a ws:\/\/ or wss:\/\/ URL: current value is "http:\/\/example.com"/,
   );
+  // No host: the URL parser takes the path for one (before, a host "subscribe" was tried 11 times).
+  rejects(
+    { instance: "ws:///subscribe" },
+    /'instance' must be a ws:\/\/ or wss:\/\/ URL with a host after the \/\/: current value is "ws:\/\/\/subscribe"/,
+  );
   // A host with a port no URL can hold (a TypeError from URL before).
   rejects(
     { instance: "127.0.0.1:70000" },
