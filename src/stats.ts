@@ -25,7 +25,10 @@ export type SkipReason =
 export interface SyncStats {
   /** Records stored in the queue by this run (durably committed). */
   recordsStored: number;
-  /** WebSocket messages received from Jetstream, stored or not. */
+  /**
+   * WebSocket messages received from Jetstream, stored or not: on the sync's connections and its
+   * second passes, not on the coverage probe's (see the README's "Coverage").
+   */
   messagesReceived: number;
   /** Seconds from start to the end of the run. */
   totalTime: number;
@@ -104,9 +107,13 @@ export interface SyncProgress {
   percentOfLimit: number;
 }
 
-/** The UTC date of processed events moved from one day to another. */
+/**
+ * The UTC date of processed events moved from one day to another. For the first event processed,
+ * the day before is the start timestamp's (on a resume, the last stored record's), as in the
+ * original: a run that starts on a day with no event selected reports a change at its first one.
+ */
 export interface DateChange {
-  /** The previous date. */
+  /** The previous date: the last event processed's, or before the first, the start's (see above). */
   from: string;
   /** The new date. */
   to: string;
