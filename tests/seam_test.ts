@@ -90,8 +90,9 @@ function legacySwitchServer(
   let closing = false;
   const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, async (req) => {
     const raw = new URL(req.url).searchParams.get("cursor");
-    const index = control.cursors.length;
-    if (raw !== "0" && raw !== String(1e15) && raw !== null && control.hold?.index === index) {
+    // (The coverage probe asks for the whole history, or for none of it.)
+    const probe = raw === "0" || raw === String(1e15);
+    if (!probe && raw !== null && control.hold?.index === control.cursors.length) {
       const { ms } = control.hold;
       await new Promise<void>((resolve) => {
         const release = () => (clearTimeout(t), holds.delete(release), resolve());
@@ -101,8 +102,6 @@ function legacySwitchServer(
       if (closing) return new Response(null, { status: 503 });
     }
     const { socket, response } = Deno.upgradeWebSocket(req);
-    // (The coverage probe asks for the whole history, or for none of it.)
-    const probe = raw === "0" || raw === String(1e15);
     if (!probe && raw !== null) control.cursors.push(Number(raw));
     const skip = !probe && control.slowNext !== undefined && control.slowSkip-- > 0;
     const slow = probe || skip ? undefined : control.slowNext;
