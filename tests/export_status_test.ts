@@ -883,3 +883,48 @@ Deno.test("jetfill export refuses an --out that is the database or a file kept b
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("status, export and consume refuse a database that holds no jetfill queue but another program's data, and leave its queue as it was", async () => {
+  // Before, they took it for an empty jetfill database: status showed an empty queue, and export and
+  // consume took the other program's messages and put them back without their keysIfUndelivered.
+  const dir = await tempDir();
+  const withKeys = `${dir}/app.sqlite`;
+  const queueOnly = `${dir}/jobs.sqlite`;
+  for (const path of [withKeys, queueOnly]) {
+    const kv = await Deno.openKv(path);
+    if (path === withKeys) await kv.set(["users", 1], "someone");
+    for (let i = 0; i < 3; i++) await kv.enqueue({ job: i }, { keysIfUndelivered: [["failed", i]] });
+    kv.close();
+  }
+  const kept = (path: string) => {
+    const db = new DatabaseSync(path, { readOnly: true });
+    try {
+      return db.prepare("select keys_if_undelivered as k from queue").all().map((r) => String(r.k));
+    } finally {
+      db.close();
+    }
+  };
+  const before = [kept(withKeys), kept(queueOnly)];
+  assert.equal(before[0].length, 3);
+  // (The key ["failed", i], encoded: "failed" is 102,97,105,108,101,100.)
+  assert.ok(before.flat().every((k) => k.includes("2,102,97,105,108,101,100,0")), JSON.stringify(before));
+  const refusal = (command: string, path: string, held: string) =>
+    `jetfill ${command}: Cannot ${
+      command === "status" ? "show the status" : command
+    } as ${path} holds no jetfill queue but another program's data (${held}): give the path of a jetfill database`;
+  const status = await jetfill("status", "--kv", withKeys);
+  assert.equal(status.code, 2, status.stderr);
+  assert.equal(status.stderr.trim(), refusal("status", withKeys, `the key ["users", 1]`));
+  const exported = await jetfill("export", "--kv", queueOnly, "--out", `${dir}/out.ndjson`);
+  assert.equal(exported.code, 2, exported.stderr);
+  assert.equal(exported.stderr.trim(), refusal("export", queueOnly, "3 queued messages"));
+  assert.equal(await pathExists(`${dir}/out.ndjson`), false);
+  const { consume } = await import("../src/queue/consume.ts");
+  await assert.rejects(
+    consume({ kv: withKeys, untilEmpty: true, handler: () => {} }),
+    (err: Error) =>
+      err.name === "UsageError" && /holds no jetfill queue but another program's data/.test(err.message),
+  );
+  assert.deepEqual([kept(withKeys), kept(queueOnly)], before);
+  await Deno.remove(dir, { recursive: true });
+});

@@ -322,7 +322,7 @@ export async function exportCommand(args: string[]): Promise<number> {
     // A queue never written where others are: refused (as consume() would) before --out is opened.
     const kv = await openKvAt(path);
     try {
-      const unknown = await unknownQueue(kv, queue, path);
+      const unknown = await unknownQueue(kv, queue, path, "export");
       if (unknown && !v.follow) throw new UsageError(`Cannot export as ${unknown}: see --queue-name`);
       // Following, it may be waiting for a sync; but a mistyped name waits for ever.
       if (unknown) {

@@ -209,7 +209,7 @@ export async function statusCommand(args: string[]): Promise<number> {
   const kv = await openKvAt(path);
   let status: QueueStatus;
   try {
-    const unknown = await unknownQueue(kv, queue, path);
+    const unknown = await unknownQueue(kv, queue, path, "show the status");
     if (unknown) throw new UsageError(`Cannot show the status as ${unknown}: see --queue-name`);
     status = await queueStatus(kv, queue);
   } finally {

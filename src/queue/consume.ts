@@ -1536,7 +1536,7 @@ function errorText(err: unknown): string {
  * share, and put them back behind the rest. (A consumer that waits may be waiting for a sync.)
  */
 async function refuseUnknownQueue(kv: Deno.Kv, queue: string, where: string): Promise<void> {
-  const unknown = await unknownQueue(kv, queue, where);
+  const unknown = await unknownQueue(kv, queue, where, "consume");
   if (unknown) throw new UsageError(`Cannot consume as ${unknown} (check 'queueName')`);
 }
 

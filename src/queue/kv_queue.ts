@@ -800,29 +800,50 @@ export async function readCheckpoint(kv: Deno.Kv, queue: string): Promise<Deno.K
 /**
  * When `queue` has never been written in the database at `path` (a name for messages) but other
  * queues have: why a command on it is refused, most likely a mistyped or forgotten queue name.
- * Undefined when the queue is there, or when the database holds no queue at all yet.
+ * Undefined when the queue is there, or when the database holds no queue at all yet. A database
+ * that holds no jetfill queue but another program's keys or queued messages is refused at once
+ * (`UsageError`, "Cannot `what` as …"): reading a queue there would take that program's messages
+ * and put them back without their `keysIfUndelivered`.
  *
  * @example
  * ```ts
  * import { unknownQueue } from "./kv_queue.ts";
  * const kv = await Deno.openKv(":memory:");
  * await kv.set(["jetfill", "posts", "checkpoint"], {});
- * console.log(await unknownQueue(kv, "post", "q.sqlite")); // queue 'post' has nothing in q.sqlite, which holds 'posts'
+ * console.log(await unknownQueue(kv, "post", "q.sqlite", "export")); // queue 'post' has nothing in q.sqlite, which holds 'posts'
  * kv.close();
  * ```
  */
-export async function unknownQueue(kv: Deno.Kv, queue: string, path: string): Promise<string | undefined> {
+export async function unknownQueue(
+  kv: Deno.Kv,
+  queue: string,
+  path: string,
+  what: string,
+): Promise<string | undefined> {
   const [own] = await Array.fromAsync(kv.list({ prefix: ["jetfill", queue] }, { limit: 1 }));
   if (own) return undefined;
   const others = await queuesIn(kv);
   // (Written meanwhile, when another process is starting on it.)
-  if (others.length === 0 || others.includes(queue)) return undefined;
-  return `queue '${queue}' has nothing in ${path}, which holds ${others.map((q) => `'${q}'`).join(", ")}`;
+  if (others.includes(queue)) return undefined;
+  if (others.length > 0) {
+    return `queue '${queue}' has nothing in ${path}, which holds ${others.map((q) => `'${q}'`).join(", ")}`;
+  }
+  const [key] = await Array.fromAsync(kv.list({ prefix: [] }, { limit: 1 }));
+  const queued = key ? 0 : (await readKvQueue(kv, queue, "count"))?.messages ?? 0;
+  // (A sync starting on a new database writes its first keys with its first messages.)
+  if ((key === undefined && queued === 0) || (await queuesIn(kv)).length > 0) return undefined;
+  const held = key
+    ? `the key [${key.key.map(show).join(", ")}]`
+    : `${queued} queued message${queued === 1 ? "" : "s"}`;
+  throw new UsageError(
+    `Cannot ${what} as ${path} holds no jetfill queue but another program's data (${held}): give the path of a jetfill database`,
+  );
 }
 
 /**
  * Refuses (`UsageError`) a queue name that breaks the rule of `queueName`, or that the database has
- * never held when it holds other queues (most likely a mistyped name): a public function that reads
+ * never held when it holds other queues (most likely a mistyped name), and a database that holds no
+ * jetfill queue but another program's data (see {@link unknownQueue}): a public function that reads
  * or repairs a queue would otherwise answer 0, or change nothing, without a word. `what` is what it
  * does ("read the status").
  *
@@ -840,7 +861,7 @@ export async function refuseQueueName(kv: Deno.Kv, queue: string, what: string):
       `Cannot ${what} as the queue name must be ${QUEUE_NAME_RULE}: current value is ${show(queue)}`,
     );
   }
-  const unknown = await unknownQueue(kv, queue, databaseName(kv));
+  const unknown = await unknownQueue(kv, queue, databaseName(kv), what);
   if (unknown) throw new UsageError(`Cannot ${what} as ${unknown}`);
 }
 

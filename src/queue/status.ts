@@ -138,7 +138,8 @@ async function parkedRecords(kv: Deno.Kv, queue: string, waiting: Set<number>): 
  * dead letters, and the smaller figure is the answer: messages a plain `listenQueue` took (which
  * keeps no counters) do not count. For a `Deno.Kv` opened elsewhere, whose file is not known, the
  * counters alone. A queue name that breaks `queueName`'s rule, or that the database has never held
- * when it holds other queues (a mistyped name), is refused with a `UsageError`.
+ * when it holds other queues (a mistyped name), is refused with a `UsageError`, as is a database that
+ * holds no jetfill queue but another program's data.
  *
  * @example
  * ```ts
