@@ -127,6 +127,18 @@ Deno.test("jetfill export writes to stdout, and cuts a partial last line before 
     const half = await jetfill("export", "--kv", path);
     assert.equal(half.code, 0, half.stderr);
     assert.deepEqual(lines(half.stdout), stored.map((e) => JSON.stringify(e)));
+    // `--out -` is stdout too (before, a file named "-" in the working directory).
+    const dashed = await store(path, generateCapture({ count: 30, seed: 24 }), 50);
+    const dash = await new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", "--unstable-kv", CLI, "export", "--kv", path, "--out", "-"],
+      cwd: dir,
+      stdout: "piped",
+      stderr: "piped",
+      signal: AbortSignal.timeout(60_000),
+    }).output();
+    assert.equal(dash.code, 0, TEXT.decode(dash.stderr));
+    assert.deepEqual(lines(TEXT.decode(dash.stdout)), dashed.map((e) => JSON.stringify(e)));
+    assert.equal(await pathExists(`${dir}/-`), false);
 
     const more = await store(path, generateCapture({ count: 40, seed: 23 }), 50);
     const out = `${dir}/out.ndjson`;

@@ -44,8 +44,9 @@ export a copy of the database file (made while no sync writes to it).
 Options:
   --kv PATH               Deno KV database (default ./jetfill-data/<queue-name>.sqlite)
   --queue-name NAME       queue name (default jetstream_sync)
-  --out FILE              append to FILE instead of writing to stdout; FILE is created when
-                          missing and never truncated, as the events in it have left the queue
+  --out FILE              append to FILE instead of writing to stdout ('-': stdout); FILE is
+                          created when missing and never truncated, as the events in it have
+                          left the queue
   --follow                keep waiting for new messages until interrupted (default: stop once
                           no message of the queue is waiting); also waits for a database or a
                           queue no sync has made yet, in an existing folder
@@ -303,7 +304,8 @@ export async function exportCommand(args: string[]): Promise<number> {
     return 0;
   }
   const { queue, path } = queueFlags(v);
-  const out = v.out as string | undefined;
+  // ("-": stdout, as without --out.)
+  const out = v.out === "-" ? undefined : v.out as string | undefined;
   if (out === "") throw new UsageError("--out must name a file");
   if (out !== undefined) await refuseDatabaseFiles(out, path);
   // Without --follow there is nothing to wait for in a database that does not exist; with it, the
