@@ -937,6 +937,18 @@ Deno.test("status, export and consume refuse a database that holds no jetfill qu
     (err: Error) =>
       err.name === "UsageError" && /holds no jetfill queue but another program's data/.test(err.message),
   );
+  const { queueLength } = await import("../src/queue/status.ts");
+  const kv = await Deno.openKv(withKeys);
+  try {
+    await assert.rejects(
+      queueLength(kv, "jetstream_sync"),
+      (err: Error) =>
+        err.message ===
+          `Cannot count the messages waiting as this database holds no jetfill queue but another program's data (the key ["users", 1]): give the path of a jetfill database`,
+    );
+  } finally {
+    kv.close();
+  }
   assert.deepEqual([kept(withKeys), kept(queueOnly)], before);
   await Deno.remove(dir, { recursive: true });
 });
