@@ -372,12 +372,13 @@ Deno.test("jetfill export --follow on an empty file says it made the file a data
   }
 });
 
-Deno.test("the export summary says how many events it wrote for deliveries it could not record as handled", () => {
+Deno.test("the export summary says how many events it wrote for deliveries it could not record as handled, and how many of another queue's messages it put back", () => {
   const result = {
     messages: 3,
     records: 300,
     duplicates: 0,
     failures: 1,
+    foreign: 0,
     elapsed: 1.2,
   } as ConsumeResult;
   assert.equal(
@@ -387,6 +388,11 @@ Deno.test("the export summary says how many events it wrote for deliveries it co
   assert.equal(
     exportSummary(result, undefined),
     "jetfill export: 300 events from 3 messages written; 1 failed delivery left to KV (1.2 s)",
+  );
+  // (Before, another queue's messages taken and put back went unsaid.)
+  assert.equal(
+    exportSummary({ ...result, failures: 0, foreign: 2 }, undefined),
+    "jetfill export: 300 events from 3 messages written; 2 deliveries of another queue's messages put back for its consumer (1.2 s)",
   );
 });
 

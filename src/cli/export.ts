@@ -277,6 +277,11 @@ export function exportSummary(
   if (r.failures > 0) {
     parts.push(`${counted(r.failures, "failed delivery", "failed deliveries")} left to KV`);
   }
+  if (r.foreign > 0) {
+    parts.push(
+      `${counted(r.foreign, "delivery", "deliveries")} of another queue's messages put back for its consumer`,
+    );
+  }
   if (written > r.records) {
     parts.push(
       `${
