@@ -130,9 +130,9 @@ export interface BackfillSyncOptions {
   signal?: AbortSignal;
   /**
    * Called with progress figures about four times a second while the run goes on, events or none
-   * (and after each commit, at most as often), and once at the end. Like `onDateChange` and `onError`, a callback
-   * that throws stops the run as an error (`stopReason: "error"`, `error` naming the callback),
-   * after what was received is stored.
+   * (and after each commit, at most as often), and once at the end. Like `onDateChange` and
+   * `onError`, a callback that throws stops the run as an error (`stopReason: "error"`, `error`
+   * naming the callback), after what was received is stored.
    */
   onProgress?: (progress: SyncProgress) => void;
   /**
