@@ -420,6 +420,26 @@ Deno.test("runBackfillSync() stops with a clear error when frames without a dict
   assert.equal(stats.skipped.decode_failed, 20);
 });
 
+Deno.test("runBackfillSync() stops with a clear error when the binary frames are not zstd at all", async () => {
+  // (Before, the error blamed the dictionary, which no dictionary could have mended.)
+  const legacyDict = await legacyDictionary();
+  const events = capture(40);
+  const encoder = new TextEncoder();
+  await using server = serveEvents(events, {
+    closeAtEnd: true,
+    // Binary frames of gzip-like bytes: no zstd frame magic number.
+    compressor: (text) => new Uint8Array([0x1f, 0x8b, 8, 0, ...encoder.encode(text)]),
+  });
+  const { stats } = await syncCompressed(server.url, legacyDict.bytes);
+  assert.equal(stats.stopReason, "error");
+  assert.equal(stats.recordsStored, 0);
+  assert.match(
+    stats.error!,
+    /^20 binary frames in a row were not zstd frames \(the last: .*0x00088b1f, not the zstd frame magic number 0xfd2fb528\): this host does not send Jetstream's zstd-compressed frames; sync without compression \(without --compress \/ compress: true; on a resume, with --no-compress\)$/s,
+  );
+  assert.equal(stats.skipped.decode_failed, 20);
+});
+
 Deno.test("runBackfillSync() names a missing or wrong dictionary file before it makes its database", async () => {
   const v2Dict = await v2Dictionary();
   await using db = await tempDb();

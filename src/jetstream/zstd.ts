@@ -247,6 +247,21 @@ export function frameDictionaryId(frame: Uint8Array): number | undefined {
 }
 
 /**
+ * Whether the bytes start as a zstd frame does, past any skippable frames: with the frame magic
+ * number `0xFD2FB528`. Bytes that do not are not zstd at all, whatever the dictionary.
+ *
+ * @example
+ * ```ts
+ * import { startsAsZstdFrame } from "./zstd.ts";
+ * console.log(startsAsZstdFrame(new TextEncoder().encode("{}"))); // false
+ * ```
+ */
+export function startsAsZstdFrame(bytes: Uint8Array): boolean {
+  const start = afterSkippableFrames(bytes);
+  return typeof start !== "string" && start.byteLength >= 4 && readU32(start, 0) === FRAME_MAGIC;
+}
+
+/**
  * Reads the ID of a structured zstd dictionary (magic `0xEC30A437`, ID in bytes 4..8,
  * little-endian). Throws `TypeError` for bytes that are not a structured zstd dictionary.
  *

@@ -9,7 +9,7 @@ import { describeEvent, FUTURE_SLACK_US, type JetstreamEvent, shapeProblem } fro
 import { type Connection, type Frame, InvalidTextFrame, OversizedFrame } from "../jetstream/socket.ts";
 import { utf8Length, utf8Text } from "../jetstream/utf8.ts";
 import { mapV2Frame, V2_HOSTS, type V2Frame } from "../jetstream/v2.ts";
-import { DEFAULT_MAX_DECODED_BYTES, ZstdDecodeError } from "../jetstream/zstd.ts";
+import { DEFAULT_MAX_DECODED_BYTES, startsAsZstdFrame, ZstdDecodeError } from "../jetstream/zstd.ts";
 import type { BackfillSyncOptions } from "../options.ts";
 import type { SkipReason } from "../stats.ts";
 import {
@@ -609,9 +609,11 @@ export async function readConnection(
     stats.skip(reason);
     ctx.report({ reason, message, instance: session.base });
   };
-  // Frames in a row that named another dictionary, and that could not be decoded for any reason.
+  // Frames in a row that named another dictionary, that could not be decoded for any reason, and,
+  // of those, that were not zstd frames at all.
   let mismatches = 0;
   let undecodable = 0;
+  let notZstd = 0;
   // New records a search left out on this connection before a record stored came (see RunContext.search).
   let leftOut = 0;
   let askedSeq = session.askedSeq;
@@ -698,10 +700,12 @@ export async function readConnection(
           skip("oversized", oversizedFrameMessage(frame));
           continue;
         } else if (decode) {
+          const binary = frame instanceof Uint8Array ? frame : new Uint8Array(frame);
           try {
-            const raw = decode(frame instanceof Uint8Array ? frame : new Uint8Array(frame));
+            const raw = decode(binary);
             mismatches = 0;
             undecodable = 0;
+            notZstd = 0;
             stats.bytesDecoded += raw.byteLength;
             const decoded = utf8Text(raw);
             if (decoded === undefined) {
@@ -728,10 +732,17 @@ export async function readConnection(
               stats.skip("decode_failed");
               throw new Error(`${err.message}; ${wrongDictionaryAdvice(session.v2)}`);
             }
+            if (err instanceof ZstdDecodeError) notZstd = startsAsZstdFrame(binary) ? 0 : notZstd + 1;
             if (err instanceof ZstdDecodeError && ++undecodable >= UNDECODABLE_STOP) {
+              stats.skip("decode_failed");
+              // Binary frames that are not zstd at all: no dictionary would decode them.
+              if (notZstd >= UNDECODABLE_STOP) {
+                throw new Error(
+                  `${UNDECODABLE_STOP} binary frames in a row were not zstd frames (the last: ${err.message}): this host does not send Jetstream's zstd-compressed frames; sync without compression (without --compress / compress: true; on a resume, with --no-compress)`,
+                );
+              }
               // Frames without a dictionary ID made with another dictionary fail as corrupt: a
               // connection's frames are whole (TCP, TLS), so so many in a row are the dictionary's fault.
-              stats.skip("decode_failed");
               throw new Error(
                 `${UNDECODABLE_STOP} frames in a row could not be decoded (the last: ${err.message}): the dictionary does not fit this host's frames; ${
                   wrongDictionaryAdvice(session.v2)
