@@ -13,9 +13,12 @@ import { UsageError } from "./errors.ts";
 import { sha256Hex } from "./bytes.ts";
 import {
   DICTIONARY_OPTION,
+  type DictionarySearch,
   LEGACY_DICTIONARY_SHA256,
   noDictionaryError,
   resolveZstdDictionary,
+  searchFindings,
+  searchZstdDictionary,
 } from "./jetstream/dictionary.ts";
 import { isV2Url, V2_HOSTS } from "./jetstream/v2.ts";
 import { URL_DID_LIMIT } from "./jetstream/url.ts";
@@ -983,13 +986,16 @@ async function loadGivenDecoder(
   const limit = AbortSignal.timeout(Math.min(maxTimeMs, MAX_TIMER_MS));
   const signal = options.signal ? AbortSignal.any([options.signal, limit]) : limit;
   let dictionary;
+  const search: DictionarySearch = { failures: [] };
   try {
-    dictionary = await resolveZstdDictionary({ dictionary: options.zstdDictionary, signal });
+    dictionary = await searchZstdDictionary({ dictionary: options.zstdDictionary, signal }, search);
   } catch (err) {
     // maxTime ran out during the download (a network that hangs): the dictionary is what is missing.
     const missing = limit.aborted && !options.signal?.aborted
       ? noDictionaryError(
-        `Its download had not finished when --max-time / maxTime (${maxTimeMs / 1000} s) ran out.`,
+        `${searchFindings(search)} Its download had not finished when --max-time / maxTime (${
+          maxTimeMs / 1000
+        } s) ran out.`,
         err,
         "runtime",
       )

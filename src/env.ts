@@ -17,9 +17,25 @@
  */
 export function readEnv(name: string): string | undefined {
   try {
-    if (Deno.permissions.querySync?.({ name: "env", variable: name }).state !== "granted") return undefined;
-    return Deno.env.get(name);
+    return envReadable(name) ? Deno.env.get(name) : undefined;
   } catch {
     return undefined;
+  }
+}
+
+/**
+ * Whether the env permission for `name` is granted already, so that {@linkcode readEnv} reads it.
+ *
+ * @example
+ * ```ts
+ * import { envReadable } from "./env.ts";
+ * if (!envReadable("HOME")) console.error("HOME is not read without --allow-env");
+ * ```
+ */
+export function envReadable(name: string): boolean {
+  try {
+    return Deno.permissions.querySync?.({ name: "env", variable: name }).state === "granted";
+  } catch {
+    return false;
   }
 }

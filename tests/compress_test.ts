@@ -274,7 +274,7 @@ Deno.test("a resume whose dictionary download hangs stops at --max-time naming t
         assert.match(timedOut.stderr, new RegExp(`last run used, '${dictionary}', is gone`));
         assert.match(
           timedOut.stderr,
-          /download had not finished when --max-time \(1\.5 s\) ran out/,
+          /\. Downloading it: https:\/\/\S+: not finished\. Its download had not finished when --max-time \(1\.5 s\) ran out/,
         );
         const child = spawnCli(["sync", "--resume", "--kv", db]);
         await new Promise((resolve) => setTimeout(resolve, 1500));
@@ -293,6 +293,36 @@ Deno.test("a resume whose dictionary download hangs stops at --max-time naming t
       }
     });
   });
+});
+
+Deno.test("sync --compress without the env permission says that JETFILL_ZSTD_DICTIONARY and the cache's variables were not read", async () => {
+  // (Before: "use the JETFILL_ZSTD_DICTIONARY environment variable", which was set, and "No cache
+  // folder: set XDG_CACHE_HOME or HOME", which were set as well.)
+  const legacyDict = await legacyDictionary();
+  await using db = await tempDb();
+  const out = await new Deno.Command(Deno.execPath(), {
+    // No net access but to loopback: the downloads fail at once, with or without internet.
+    args: [
+      "run",
+      "--no-prompt",
+      "--unstable-kv",
+      "--allow-read",
+      "--allow-write",
+      "--allow-net=127.0.0.1",
+      new URL("../cli.ts", import.meta.url).pathname,
+      ...["sync", "--compress", "--instance", "ws://127.0.0.1:1/subscribe", "--kv", db.path],
+    ],
+    env: { NO_COLOR: "1", DENO_NO_UPDATE_CHECK: "1", JETFILL_ZSTD_DICTIONARY: legacyDict.path },
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const stderr = new TextDecoder().decode(out.stderr);
+  assert.equal(out.code, 1, stderr);
+  assert.match(
+    stderr,
+    /^jetfill sync: No zstd dictionary for Jetstream's compressed wire: .* Without the env permission \(--allow-env\) JETFILL_ZSTD_DICTIONARY, XDG_CACHE_HOME, HOME were not read\. No cache folder either\. Downloading it failed: https:\/\/.*\n$/,
+  );
 });
 
 Deno.test("a dictionary given without compression is refused before anything is made", async () => {

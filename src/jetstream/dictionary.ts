@@ -10,7 +10,7 @@
 
 import { concat, sha256Hex } from "../bytes.ts";
 import { messageWithCause, UsageError } from "../errors.ts";
-import { readEnv } from "../env.ts";
+import { envReadable, readEnv } from "../env.ts";
 import {
   dictionaryIdOf,
   LEGACY_DICTIONARY_ID,
@@ -172,7 +172,53 @@ export interface ResolvedZstdDictionary {
 export async function resolveZstdDictionary(
   options: ResolveZstdDictionaryOptions = {},
 ): Promise<ResolvedZstdDictionary> {
+  return await searchZstdDictionary(options, { failures: [] });
+}
+
+/**
+ * What a search for the dictionary found on its way: what it could not read, what the cache held,
+ * why each download failed and which one it was waiting for. A caller whose own deadline cuts the
+ * search short (`signal`) says from it why no dictionary was found.
+ */
+export interface DictionarySearch {
+  /** The environment variables left unread for want of the env permission, as a sentence. */
+  envNote?: string;
+  /** What the cache held, as a sentence. */
+  cacheNote?: string;
+  /** Each failed download: its URL and why. */
+  failures: string[];
+  /** The URL being downloaded from, while it is. */
+  downloading?: string;
+}
+
+/** Why `search` found no dictionary, in sentences, for the error that says so. */
+export function searchFindings(search: DictionarySearch): string {
+  const tried = [...search.failures];
+  if (search.downloading !== undefined) tried.push(`${search.downloading}: not finished`);
+  return [
+    search.envNote,
+    search.cacheNote,
+    tried.length > 0
+      ? `Downloading it${search.downloading === undefined ? " failed" : ""}: ${tried.join("; ")}.`
+      : undefined,
+  ].filter((part) => part !== undefined).join(" ");
+}
+
+/** {@linkcode resolveZstdDictionary}, writing what it finds on its way into `search`. */
+export async function searchZstdDictionary(
+  options: ResolveZstdDictionaryOptions,
+  search: DictionarySearch,
+): Promise<ResolvedZstdDictionary> {
   const env = options.env ?? readEnv;
+  if (options.env === undefined) {
+    // Read as unset without the permission (no prompt): say so, since they may well be set.
+    const unread = [ZSTD_DICTIONARY_ENV, "XDG_CACHE_HOME", "HOME"].filter((name) => !envReadable(name));
+    if (unread.length > 0) {
+      search.envNote = `Without the env permission (--allow-env) ${unread.join(", ")} ${
+        unread.length === 1 ? "was" : "were"
+      } not read.`;
+    }
+  }
   if (options.dictionary !== undefined) {
     if (typeof options.dictionary === "string") {
       return await readGivenDictionary(options.dictionary, "option", DICTIONARY_OPTION);
@@ -191,24 +237,27 @@ export async function resolveZstdDictionary(
     ? undefined
     : joinPath(cacheDir, `zstd-dictionary-${expectedSha256}.zdict`);
   // What the cache held, for the error when no download works either.
-  let cacheNote = "No cache folder: set XDG_CACHE_HOME or HOME.";
+  search.cacheNote = search.envNote?.includes("HOME")
+    ? "No cache folder either."
+    : "No cache folder: set XDG_CACHE_HOME or HOME.";
   if (cachePath !== undefined) {
     const cached = await readCached(cachePath, expectedSha256);
     if (cached instanceof Uint8Array) {
       return { bytes: cached, dictionaryId: dictionaryIdOf(cached), source: "cache", path: cachePath };
     }
-    cacheNote = cached === undefined
+    search.cacheNote = cached === undefined
       ? `No cached copy at ${cachePath}.`
       : `The cached copy ${cachePath} is not the dictionary (${cached.size} bytes of sha256 ${cached.sha256}), so it was not used.`;
   }
 
-  const failures: string[] = [];
+  const failures = search.failures;
   const doFetch = options.fetch ?? fetch;
   const timeoutMs = options.downloadTimeoutMs ?? DOWNLOAD_TIMEOUT_MS;
   for (const url of options.downloadUrls ?? DEFAULT_DICTIONARY_URLS) {
     options.signal?.throwIfAborted();
     const timeout = AbortSignal.timeout(timeoutMs);
     let bytes: Uint8Array;
+    search.downloading = url;
     try {
       bytes = await download(
         doFetch,
@@ -221,6 +270,8 @@ export async function resolveZstdDictionary(
         `${url}: ${timeout.aborted ? `no answer within ${timeoutMs / 1000} s` : messageWithCause(error)}`,
       );
       continue;
+    } finally {
+      if (!options.signal?.aborted) search.downloading = undefined;
     }
     const actual = sha256Hex(bytes);
     if (actual !== expectedSha256) {
@@ -238,14 +289,12 @@ export async function resolveZstdDictionary(
     return { bytes, dictionaryId, source: "download", path: written ? cachePath : undefined };
   }
 
-  if (failures.length === 0) throw noDictionaryError(`${cacheNote} No download URL was configured.`);
+  if (failures.length === 0) {
+    throw noDictionaryError(`${searchFindings(search)} No download URL was configured.`);
+  }
   // The network's failure, not the input's: a runtime error (the CLI exits 1), saying all the same
   // how to give the dictionary.
-  throw noDictionaryError(
-    `${cacheNote} Downloading it failed: ${failures.join("; ")}.`,
-    undefined,
-    "runtime",
-  );
+  throw noDictionaryError(searchFindings(search), undefined, "runtime");
 }
 
 /**
@@ -314,7 +363,6 @@ function checkDictionary(bytes: Uint8Array, what: string): number {
   }
 }
 
-/** Reads the cached copy; `undefined` when it is missing, unreadable or not the expected bytes. */
 /**
  * The cached dictionary at `path` when its sha256 is the one expected; undefined when there is none
  * to read; otherwise what the file is (a truncated or tampered copy: not used, and a successful
