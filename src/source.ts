@@ -252,6 +252,11 @@ export async function consumeStream(
   // For each v2 host, the IDs of the dictionaries it answered UnknownZstdDictionary to.
   const refusedDictionaries = new Map<string, Set<number>>();
   let lastFailure: string | undefined;
+  // Whether a connection was made to the instance the run is on since the run began or failed over
+  // to it: a wait for the records stored last says nothing of one never reached.
+  let reached = false;
+  // Whether the run stopped while a connection was open (or as it ended), not while connecting.
+  let stoppedConnected = false;
   // The instance being connected to (its coverage probe, then its stream), until it answers.
   let connecting: string | undefined;
   let disconnectedAt = performance.now();
@@ -390,6 +395,7 @@ export async function consumeStream(
     const from = o.instances[instanceIndex];
     instanceIndex = (instanceIndex + 1) % o.instances.length;
     stats.failovers++;
+    reached = false;
     silentInARow = 0;
     const to = o.instances[instanceIndex];
     const lastUs = realign(from, to, from !== to);
@@ -673,6 +679,7 @@ export async function consumeStream(
     }
     connecting = undefined;
     connections++;
+    reached = true;
     if (connections > 1) stats.reconnects++;
     ctx.batcher.host = base;
     ctx.batcher.hostStartUs = linedStarts.get(base);
@@ -833,7 +840,10 @@ export async function consumeStream(
     // Back in the window: later connections ask from the last seq again.
     if (seq.floor !== before.seq) seq.fromOldest = false;
     disconnectedAt = performance.now();
-    if (ctx.stop) break;
+    if (ctx.stop) {
+      stoppedConnected = true;
+      break;
+    }
     const cause = conn.cause!;
     if (stats.messagesReceived === before.messages && refusedSubscription(cause)) {
       // Closed before sending anything, for what was asked: retrying the same request is no use.
@@ -900,6 +910,7 @@ export async function consumeStream(
       : cause.kind === "overflow"
       ? "the pipeline fell behind the socket; reconnecting from the cursor"
       : "connection aborted";
+    if (failed) lastFailure = why;
     ctx.report({ reason: "retry", message: `${why}; reconnecting`, instance: base });
     if (failures > o.maxRetries) {
       ctx.stop = "error";
@@ -924,8 +935,6 @@ export async function consumeStream(
   }
   // What a probe beside the stream finds is part of the run's outcome.
   await seqProbe;
-  // (On the instance the run was on: after a failover, perhaps one never reached.)
-  if (stats.lastProcessedUs !== null) reportUnfinishedAwait(ctx, o.instances[instanceIndex]);
   if (
     ctx.stop === "max_time" && connections === 0 && !ctx.probeAnswered &&
     (lastFailure !== undefined || connecting !== undefined)
@@ -937,7 +946,18 @@ export async function consumeStream(
     if (connecting !== undefined) parts.push(`${new URL(connecting).host} had not answered yet`);
     if (lastFailure !== undefined) parts.push(`last error: ${lastFailure}`);
     ctx.error = parts.join("; ");
+  } else if (ctx.stop === "max_time" && connections > 0 && !stoppedConnected && failures > 0) {
+    // Nor is one whose connection was lost and that could not get one back: every attempt since
+    // failed (a drop alone, or a connection under way that has not answered yet, is not enough).
+    ctx.stop = "error";
+    ctx.error = `the connection was lost, and ${
+      failures === 1 ? "the attempt" : `all ${failures} attempts`
+    } to get one back failed before --max-time / maxTime (${
+      o.maxTimeMs / 1000
+    } s) ran out; last error: ${lastFailure}`;
   }
+  // (On the instance the run was on, if it was reached since the run failed over to it.)
+  if (stats.lastProcessedUs !== null && reached) reportUnfinishedAwait(ctx, o.instances[instanceIndex]);
 }
 
 /**

@@ -21,6 +21,7 @@ import { isoFromUs } from "../src/time.ts";
 import { retryAfterMs } from "../src/jetstream/raw_ws.ts";
 import type { ConnectionRecord, JetstreamServer } from "../src/server/server.ts";
 import { runCli, whileRunning } from "./helpers/cli.ts";
+import { waitFor } from "./helpers/ws_collect.ts";
 
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
 
@@ -1984,6 +1985,39 @@ Deno.test("runBackfillSync() whose coverage probe was answered but whose own con
     /^no connection within --max-time \/ maxTime \(1\.5 s\); last error: .*HTTP 503/,
   );
   assert.equal(stats.recordsStored, 0);
+});
+
+Deno.test("runBackfillSync() whose instances all go away after progress stops with an error at maxTime, not max_time", async () => {
+  // The first instance sends its events and goes away; nothing listens at the second. (Before:
+  // max_time, a clean stop, exit 0, and a warning that the instance never reached lacked the records
+  // stored last.)
+  const events = Array.from({ length: 300 }, (_, i) => commit(T0 + i * 1000, { did: did(i % 5) }));
+  const first = serveEvents(events);
+  const second = `ws://127.0.0.1:${await refusedPort()}/subscribe`;
+  await using db = await tempDb();
+  const reports: string[] = [];
+  let storedAll = false;
+  const run = runBackfillSync({
+    instance: [first.url, second],
+    kv: db.path,
+    startTimestamp: T0,
+    maxTime: 4,
+    maxRetries: 100,
+    onError: (r) => reports.push(`${r.reason}: ${r.message}`),
+    onProgress: (p) => storedAll ||= p.recordsStored === events.length,
+  });
+  await waitFor(() => storedAll);
+  await first.shutdown();
+  const stats = await run;
+  assert.equal(stats.stopReason, "error");
+  assert.match(
+    stats.error!,
+    /^the connection was lost, and all \d+ attempts to get one back failed before --max-time \/ maxTime \(4 s\) ran out; last error: .*127\.0\.0\.1/,
+  );
+  assert.equal(stats.recordsStored, events.length);
+  assert.ok(stats.failovers >= 1, reports.join("\n"));
+  assert.deepEqual(reports.filter((r) => r.startsWith("coverage:")), []);
+  assert.deepEqual(await stored(db.path, stats.queueLength), events);
 });
 
 Deno.test("runBackfillSync() stores once what a server re-ingested under new time_us, within one connection", async () => {
