@@ -1333,6 +1333,47 @@ async function failoverNearStart(shiftUs: number) {
   return reports;
 }
 
+Deno.test("a failover to an instance that lacks the last records stored, and events after them, warns", async () => {
+  // 10 ms apart: 40 s of events. The first instance goes away after 27 s of them; the next lacks
+  // the last 0.1 s it sent and 1 s after. (Before, the records stored before it that came again
+  // ended the wait, and the loss went without a word.)
+  const events = Array.from({ length: 4000 }, (_, i) => commit(T0 + i * 10_000, { did: did(i % 13) }));
+  const first = serveEvents(events.slice(0, 2700));
+  const second = serveEvents([...events.slice(0, 2690), ...events.slice(2800)], { closeAtEnd: true });
+  await using db = await tempDb();
+  const reports: SyncErrorReport[] = [];
+  const sync = runBackfillSync({
+    instance: [first.url, second.url],
+    kv: db.path,
+    startTimestamp: T0 + 10_000_000,
+    onError: (r) => reports.push(r),
+  });
+  try {
+    while (!(syncConnections(first)[0]?.sent >= 1700)) await delay(20);
+    await first.shutdown();
+    const stats = await sync;
+    assert.equal(stats.stopReason, "closed", stats.error);
+    assert.equal(stats.failovers, 1);
+    assert.deepEqual(await stored(db.path, stats.queueLength), [
+      ...events.slice(1000, 2700),
+      ...events.slice(2800),
+    ]);
+    const coverage = reports.filter((r) => r.reason === "coverage").map((r) => r.message);
+    assert.equal(coverage.length, 1, coverage.join("\n"));
+    assert.match(
+      coverage[0],
+      new RegExp(
+        `^on 127\\.0\\.0\\.1:\\d+, records stored before came again, taken up 5 s before ${
+          isoFromUs(events[2699].time_us).replaceAll(".", "\\.")
+        }, but not the last one stored, up to .*: it lacks it, and events around it may be missing$`,
+      ),
+    );
+  } finally {
+    await first.shutdown();
+    await second.shutdown();
+  }
+});
+
 Deno.test("a failover near the start to an instance whose time_us run behind loses nothing", async () => {
   // Before, the other's events under the start (2.37 s of them) were left out as before the start,
   // though the first instance had them after it.

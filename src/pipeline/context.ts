@@ -218,9 +218,9 @@ export interface RunContext {
     rewindUs: number;
     historyMet: boolean;
     /**
-     * Whether a record stored before came first after a search went further back than the first
-     * rewind: the streams are lined up, and the last record stored must come too before a new one,
-     * or the instance lacks it (and perhaps events around it).
+     * Whether a record stored before, other than the last, came first: the streams are lined up,
+     * and the last record stored must come too before a new one past the time processed last plus
+     * the rewind, or the instance lacks it (and perhaps events around it).
      */
     linedUp: boolean;
   } | undefined;

@@ -988,21 +988,21 @@ export async function readConnection(
                     (o.startUs ?? Number.NEGATIVE_INFINITY) - search.rewindUs;
               }
             }
-            if (
-              (guard.lastB === awaited.lastB && guard.lastA === awaited.lastA) ||
-              search.rewindUs === o.rewindUs
-            ) {
-              // The last record stored, or, within the first rewind, any: the streams are lined up.
+            if (guard.lastB === awaited.lastB && guard.lastA === awaited.lastA) {
+              // The last record stored: the streams are lined up, and nothing before it is lacked.
               endAwait(ctx);
             } else if (!search.linedUp) {
+              // Another: lined up, and the last one must come too before a new record past the
+              // time processed last plus the rewind, or this instance lacks it (and perhaps the
+              // events after it).
               search.linedUp = true;
               awaited.lined = { on: session.base, rewindUs: search.rewindUs };
             }
             continue;
           }
           if (search.linedUp) {
-            // Lined up further back: what is new is stored, and the last record stored is looked for
-            // up to the time processed last there plus the rewind.
+            // Lined up: what is new is stored, and the last record stored is looked for up to the
+            // time processed last there plus the rewind.
             if (t >= ctx.awaitStoredUntilUs) {
               const { lastUs } = ctx.awaited!;
               endAwait(ctx);
