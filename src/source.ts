@@ -391,9 +391,9 @@ export async function consumeStream(
   };
 
   /** Moves on to the next instance, a little earlier in time (`rewindUs`): time_us differ between them. */
-  const failOver = () => {
+  const failOver = (toIndex = (instanceIndex + 1) % o.instances.length, lacks = false) => {
     const from = o.instances[instanceIndex];
-    instanceIndex = (instanceIndex + 1) % o.instances.length;
+    instanceIndex = toIndex;
     stats.failovers++;
     reached = false;
     silentInARow = 0;
@@ -419,6 +419,12 @@ export async function consumeStream(
       // than its history to its oldest event without a word.
       coverage = { fromUs: neededUs, atStart: false };
       probed.clear();
+    }
+    if (coverage !== undefined && coverage.fromUs !== lackingFrom) newPoint(coverage.fromUs, from);
+    else if (!lacks) {
+      // Left for failing (or silence), not for its history: no longer one to go back to.
+      lacking.delete(from);
+      if (settleOn === from) settleOn = undefined;
     }
   };
 
@@ -480,6 +486,33 @@ export async function consumeStream(
   // The instances whose coverage a probe measured for the point last checked: their connections'
   // own OutdatedCursor (v2 wire) says nothing more.
   const probed = new Set<string>();
+  // With several instances, one whose probe finds that its history begins after the point needed
+  // (`lackingFrom`) is left for the others until each was tried for that point (`visited`), and
+  // then the one whose history begins first (`lacking`, its probe's oldest event) is taken
+  // (`settleOn`, where the gap is taken whatever a probe finds, so that two instances never take
+  // turns): another instance may hold what that one lacks.
+  const lacking = new Map<string, number>();
+  const visited = new Set<string>();
+  let lackingFrom: number | undefined;
+  let settleOn: string | undefined;
+  /**
+   * Starts over for a new point needed, `fromUs`; `left` is an instance the run failed over from
+   * (it failed, or was silent), which counts as tried.
+   */
+  const newPoint = (fromUs: number, left?: string) => {
+    lacking.clear();
+    visited.clear();
+    if (left !== undefined) visited.add(left);
+    lackingFrom = fromUs;
+    settleOn = undefined;
+  };
+  /** Whether to try another instance than `base`, whose history begins at `firstUs`, after the point needed. */
+  const tryOthers = (base: string, firstUs: number): boolean => {
+    if (o.instances.length === 1 || settleOn === base) return false;
+    lacking.set(base, firstUs);
+    return o.instances.some((other) => !visited.has(other)) ||
+      [...lacking].some(([other, otherUs]) => other !== base && otherUs < firstUs);
+  };
   // For each v2 host, the seq to resume from whose loss a probe last reported: a CursorTooOld for
   // that same seq is then no news, any other is (the window moved after a probe found it whole).
   const seqLossReported = new Map<string, number>();
@@ -557,8 +590,31 @@ export async function consumeStream(
     if (coverage) {
       // Resuming by seq on this host: its seq, not a display time_us, says what is still there.
       const seqFrom = seq.host === base && seq.floor >= 0 ? seq.floor + 1 : undefined;
-      const checked = await checkCoverage(ctx, base, coverage.fromUs, coverage.atStart, seqFrom);
+      if (coverage.fromUs !== lackingFrom) newPoint(coverage.fromUs);
+      visited.add(base);
+      const checked = await checkCoverage(ctx, base, coverage.fromUs, coverage.atStart, seqFrom, tryOthers);
       if (ctx.stop) break;
+      if ("lacks" in checked) {
+        // The next instance not tried yet for this point, else the one whose history begins first.
+        let next = o.instances.findIndex((other) => !visited.has(other));
+        if (next < 0) {
+          const [first] = [...lacking].reduce((a, b) => (b[1] < a[1] ? b : a));
+          next = o.instances.indexOf(first);
+          settleOn = first;
+        }
+        ctx.report({
+          reason: "connection",
+          message: `${new URL(base).host} only holds events from ${isoFromUs(checked.lacks)} on, after ${
+            coverage.atStart ? "the requested start" : "the point to go on from"
+          }, ${isoFromUs(coverage.fromUs)}: ${settleOn === undefined ? "trying" : "back to"} ${
+            new URL(o.instances[next]).host
+          }${settleOn === undefined ? ", which may hold it" : ", whose history begins first"}`,
+          instance: base,
+        });
+        connecting = undefined;
+        failOver(next, true);
+        continue;
+      }
       if ("refused" in checked) {
         if (stats.recordsStored === 0 && connections === 0) throw new UsageError(checked.refused);
         ctx.stop = "error";
@@ -985,6 +1041,7 @@ function replayFailure(cause: CloseCause): boolean {
 type CoverageCheck =
   | { retry: string; retryAfterMs?: number }
   | { refused: string }
+  | { lacks: number }
   | { measured: boolean; seqsLost: boolean };
 const NOT_MEASURED: CoverageCheck = { measured: false, seqsLost: false };
 
@@ -1000,7 +1057,8 @@ const NOT_MEASURED: CoverageCheck = { measured: false, seqsLost: false };
  * OutdatedCursor` then measures it (late by what a filter leaves out). A probe answered with no
  * event at all (a server that does not replay, or holds nothing) leaves coverage unknown on either
  * wire for a point in the past; one less than the probe's wait before it began is no concern, as the
- * probe saw the server quiet for as long.
+ * probe saw the server quiet for as long. A history that begins after `fromUs` resolves to where it
+ * begins (`lacks`), unreported, when `tryOthers` says to try other instances first.
  */
 async function checkCoverage(
   ctx: RunContext,
@@ -1008,6 +1066,7 @@ async function checkCoverage(
   fromUs: number,
   atStart: boolean,
   seqFrom: number | undefined,
+  tryOthers: (base: string, firstUs: number) => boolean,
 ): Promise<CoverageCheck> {
   const v2 = isV2Url(base);
   if (!v2 && !new URL(base).pathname.endsWith("/subscribe")) return NOT_MEASURED;
@@ -1061,6 +1120,7 @@ async function checkCoverage(
     }
     return { measured: true, seqsLost: false };
   }
+  if (oldest.us > fromUs && tryOthers(base, oldest.us)) return { lacks: oldest.us };
   coverageGap(ctx, base, fromUs, oldest.us, atStart);
   // A v2 host whose oldest event is not after the point asked for may still lack events after it: the
   // display time of an operator's import says nothing of where its history begins. Its connection's

@@ -281,7 +281,9 @@ Deno.test("runBackfillSync() failing over before any event measures the next ins
     startTimestamp: T0,
   });
   assert.equal(stats.stopReason, "closed");
-  assert.equal(stats.failovers, 1);
+  // To the second (the first's history begins after the start: the second may hold it), back to
+  // the first (the second's begins later still), which refuses the sync: to the second again.
+  assert.equal(stats.failovers, 3);
   assert.equal(stats.coverageStart, T0 + 40_000_000);
   assert.equal(stats.coverageGapUs, 40_000_000);
   assert.equal(stats.startClamped, true);
@@ -542,4 +544,59 @@ Deno.test("probeCoverageStart() over wss:// to a server that never answers the T
       ),
     );
   });
+});
+
+Deno.test("runBackfillSync() with several instances takes the one that holds the start over one whose history begins after it", async () => {
+  // (Before: the first instance's gap was warned of and taken, though the second held it all.)
+  await using late = serveEvents(events.slice(30), { closeAtEnd: true });
+  await using whole = serveEvents(events, { closeAtEnd: true });
+  for (const strict of [false, true]) {
+    await using db = await tempDb();
+    const { stats, reports } = await syncReporting({
+      instance: [late.url, whole.url],
+      kv: db.path,
+      startTimestamp: T0,
+      strict,
+    });
+    assert.equal(stats.stopReason, "closed", stats.error);
+    assert.equal(stats.recordsStored, 100);
+    assert.equal(stats.coverageGapUs, 0);
+    assert.equal(stats.startClamped, false);
+    assert.deepEqual(reports.filter((r) => r.reason === "coverage"), []);
+    assert.ok(
+      reports.some((r) =>
+        r.reason === "connection" &&
+        r.message ===
+          `127.0.0.1:${new URL(late.url).port} only holds events from ${
+            isoFromUs(T0 + 30_000_000)
+          } on, after the requested start, ${isoFromUs(T0)}: trying 127.0.0.1:${
+            new URL(whole.url).port
+          }, which may hold it`
+      ),
+      JSON.stringify(reports),
+    );
+  }
+});
+
+Deno.test("runBackfillSync() with several instances that all begin after the start takes the one whose history begins first", async () => {
+  await using from10 = serveEvents(events.slice(10), { closeAtEnd: true });
+  await using from30 = serveEvents(events.slice(30), { closeAtEnd: true });
+  for (const order of [[from30, from10], [from10, from30]]) {
+    await using db = await tempDb();
+    const { stats, reports } = await syncReporting({
+      instance: order.map((s) => s.url),
+      kv: db.path,
+      startTimestamp: T0,
+    });
+    assert.equal(stats.stopReason, "closed", stats.error);
+    assert.equal(stats.recordsStored, 90);
+    assert.equal(stats.coverageGapUs, 10_000_000);
+    assert.equal(stats.startClamped, true);
+    const coverage = reports.filter((r) => r.reason === "coverage");
+    assert.equal(coverage.length, 1, JSON.stringify(reports));
+    assert.match(
+      coverage[0].message,
+      new RegExp(`^127\\.0\\.0\\.1:${new URL(from10.url).port} only holds events from `),
+    );
+  }
 });

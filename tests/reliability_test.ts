@@ -686,26 +686,23 @@ async function failoverInTurn(servers: JetstreamServer[], sent: number[]) {
 
 Deno.test("a failover near the start whose new event is left out, when the run stops before a record stored comes, says it may be missing", async () => {
   // The first instance stores p0 and goes away. The second's history begins after it (a gap: nothing
-  // stored can come there) and it sends identity events alone (not selected) before it goes away too:
-  // no record selected there to line the third up on. The third, taken up 5 s before the second's
-  // last, sends p1, 4 s after the start: new, yet perhaps one the second had before the start (their
-  // time_us differ), so it is left out until a record stored comes to tell; the third closes first.
-  // Before, nothing was said of it.
+  // stored can come there), and the third's later still, so the second is taken (after a look at the
+  // third). It sends identity events alone (not selected) before it goes away too: no record selected
+  // there to line the third up on. The third, taken up 5 s before the second's last, sends p1, 4 s
+  // after the start: new, yet perhaps one the second had before the start (their time_us differ), so
+  // it is left out until a record stored comes to tell; the third closes first. Before, nothing was
+  // said of it.
   const p0 = commit(T0, { text: "p0" });
   const p1 = commit(T0 + 4_000_000, { text: "p1" });
   const quiet = (from: number, n: number) =>
     Array.from({ length: n }, (_, i) => identity(from + 100_000 * i));
   await using first = serveEvents([p0, ...quiet(T0 + 100_000, 5)]);
   await using second = serveEvents(quiet(T0 + 1_000_000, 71));
-  await using third = serveEvents(
-    [p0, ...quiet(T0 + 100_000, 30), p1].sort((a, b) => a.time_us - b.time_us),
-    {
-      closeAtEnd: true,
-    },
-  );
+  await using third = serveEvents([...quiet(T0 + 2_000_000, 20), p1], { closeAtEnd: true });
   const { stats, stored: got, coverage } = await failoverInTurn([first, second, third], [6, 71]);
   assert.equal(stats.stopReason, "closed", stats.error);
-  assert.equal(stats.failovers, 2);
+  // To the second, on to the third (its history begins later), back to the second, to the third.
+  assert.equal(stats.failovers, 4);
   assert.deepEqual(got, ["p0"]);
   assert.equal(coverage.length, 3, coverage.join("\n"));
   assert.match(coverage[0], /only holds events from .* on; the point to resume from, .*, is 0\.5 s earlier/);
@@ -1374,6 +1371,35 @@ Deno.test("a failover to an instance that lacks the last records stored, and eve
   }
 });
 
+Deno.test("a failover passes over an instance whose history begins after the point needed, to one that holds it", async () => {
+  // The first instance goes away after 27 s of events; the next one's history begins at 35 s, the
+  // third holds it all. (Before: the second's gap was warned of and taken, and 8 s of events lost.)
+  const events = Array.from({ length: 4000 }, (_, i) => commit(T0 + i * 10_000, { did: did(i % 13) }));
+  const first = serveEvents(events.slice(0, 2700));
+  const late = serveEvents(events.slice(3500), { closeAtEnd: true });
+  const whole = serveEvents(events, { closeAtEnd: true });
+  await using db = await tempDb();
+  const reports: SyncErrorReport[] = [];
+  const sync = runBackfillSync({
+    instance: [first.url, late.url, whole.url],
+    kv: db.path,
+    startTimestamp: T0 + 10_000_000,
+    onError: (r) => reports.push(r),
+  });
+  try {
+    while (!(syncConnections(first)[0]?.sent >= 1700)) await delay(20);
+    await first.shutdown();
+    const stats = await sync;
+    assert.equal(stats.stopReason, "closed", stats.error);
+    assert.equal(stats.coverageGapUs, 0);
+    assert.deepEqual(reports.filter((r) => r.reason === "coverage"), []);
+    assert.deepEqual(syncConnections(late), []);
+    assert.deepEqual(await stored(db.path, stats.queueLength), events.slice(1000));
+  } finally {
+    for (const server of [first, late, whole]) await server.shutdown();
+  }
+});
+
 Deno.test("a failover near the start to an instance whose time_us run behind loses nothing", async () => {
   // Before, the other's events under the start (2.37 s of them) were left out as before the start,
   // though the first instance had them after it.
@@ -1684,7 +1710,9 @@ Deno.test("a narrow filter's first scan, longer than idleTimeout, gets through w
     onError: () => {},
   });
   assert.equal(stats.stopReason, "limit", stats.error);
-  assert.equal(stats.failovers, 1);
+  // To the second, as the first's history begins after the start (the second's too, no later: it is
+  // taken), and back to the first after two silent connections.
+  assert.equal(stats.failovers, 2);
   assert.deepEqual(await stored(db.path, stats.queueLength), [event]);
 });
 
