@@ -938,7 +938,7 @@ Deno.test("a v2 instance 8 s behind that lacks the last records stored is warned
   });
   assert.equal(run.stats.stopReason, "closed", run.stats.error);
   assert.ok(
-    run.messages("coverage").some((m) => /: it lacks it, and events around it may be missing$/.test(m)),
+    run.messages("coverage").some((m) => /: it lacks it, and events between the two times may be missing$/.test(m)),
     JSON.stringify(run.reports),
   );
 });
@@ -963,7 +963,7 @@ for (const v2 of [false, true]) {
     assert.equal(run.stats.stopReason, "closed", run.stats.error);
     assert.equal(run.stats.failovers, 3);
     assert.ok(
-      run.messages("coverage").some((m) => /: it lacks it, and events around it may be missing$/.test(m)),
+      run.messages("coverage").some((m) => /: it lacks it, and events between the two times may be missing$/.test(m)),
       JSON.stringify(run.reports),
     );
     // Back on the v2 host, by its seq: no time is rewound from (the report said one before).
@@ -1273,7 +1273,7 @@ Deno.test("failed over away from a legacy instance where a search lined up and b
   // Missing: what the second lacks and the first had not sent.
   assert.deepEqual(run.stored, run.expected.filter((_, i) => i < 1500 || i >= 1550));
   assert.ok(
-    run.messages("coverage").some((m) => /: it lacks it, and events around it may be missing$/.test(m)),
+    run.messages("coverage").some((m) => /: it lacks it, and events between the two times may be missing$/.test(m)),
     JSON.stringify(run.reports),
   );
 });
@@ -1350,7 +1350,7 @@ Deno.test("a failover to an instance that lacks the last records stored, and eve
     new RegExp(
       `^on 127\\.0\\.0\\.1:\\d+, records stored before came again, taken up 5 s before ${
         isoFromUs(events[2699].time_us).replaceAll(".", "\\.")
-      }, but not the last one stored, up to .*: it lacks it, and events around it may be missing$`,
+      }, but not the last one stored before a new record at .*: it lacks it, and events between the two times may be missing$`,
     ),
   );
 });

@@ -1010,9 +1010,9 @@ export async function readConnection(
                 reason: "coverage",
                 message: `on ${new URL(session.base).host}, records stored before came again, taken up ${
                   search.rewindUs / 1e6
-                } s before ${isoFromUs(lastUs)}, but not the last one stored, up to ${
+                } s before ${isoFromUs(lastUs)}, but not the last one stored before a new record at ${
                   isoFromUs(t)
-                }: it lacks it, and events around it may be missing`,
+                }: it lacks it, and events between the two times may be missing`,
                 instance: session.base,
               });
             }
