@@ -938,7 +938,9 @@ Deno.test("a v2 instance 8 s behind that lacks the last records stored is warned
   });
   assert.equal(run.stats.stopReason, "closed", run.stats.error);
   assert.ok(
-    run.messages("coverage").some((m) => /: it lacks it, and events between the two times may be missing$/.test(m)),
+    run.messages("coverage").some((m) =>
+      /: it lacks it, and events between the two times may be missing$/.test(m)
+    ),
     JSON.stringify(run.reports),
   );
 });
@@ -963,7 +965,9 @@ for (const v2 of [false, true]) {
     assert.equal(run.stats.stopReason, "closed", run.stats.error);
     assert.equal(run.stats.failovers, 3);
     assert.ok(
-      run.messages("coverage").some((m) => /: it lacks it, and events between the two times may be missing$/.test(m)),
+      run.messages("coverage").some((m) =>
+        /: it lacks it, and events between the two times may be missing$/.test(m)
+      ),
       JSON.stringify(run.reports),
     );
     // Back on the v2 host, by its seq: no time is rewound from (the report said one before).
@@ -1273,7 +1277,9 @@ Deno.test("failed over away from a legacy instance where a search lined up and b
   // Missing: what the second lacks and the first had not sent.
   assert.deepEqual(run.stored, run.expected.filter((_, i) => i < 1500 || i >= 1550));
   assert.ok(
-    run.messages("coverage").some((m) => /: it lacks it, and events between the two times may be missing$/.test(m)),
+    run.messages("coverage").some((m) =>
+      /: it lacks it, and events between the two times may be missing$/.test(m)
+    ),
     JSON.stringify(run.reports),
   );
 });

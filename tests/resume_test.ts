@@ -214,7 +214,9 @@ Deno.test("a resume elsewhere that fails over to an instance that lacks the last
   assert.equal(resumed.stopReason, "closed", resumed.error);
   assert.equal(resumed.recordsStored, 3000 - 1520);
   assert.ok(
-    reports.some((m) => /^coverage: .*: it lacks it, and events between the two times may be missing$/.test(m)),
+    reports.some((m) =>
+      /^coverage: .*: it lacks it, and events between the two times may be missing$/.test(m)
+    ),
     reports.join("\n"),
   );
 });
