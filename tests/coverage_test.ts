@@ -598,5 +598,11 @@ Deno.test("runBackfillSync() with several instances that all begin after the sta
       coverage[0].message,
       new RegExp(`^127\\.0\\.0\\.1:${new URL(from10.url).port} only holds events from `),
     );
+    // Tried first, and left, the one whose history begins first is gone back to.
+    const back = reports.filter((r) => r.reason === "connection" && /: back to /.test(r.message));
+    assert.deepEqual(
+      back.map((r) => r.message.replace(/^.*: back to /, "")),
+      order[0] === from10 ? [`127.0.0.1:${new URL(from10.url).port}, whose history begins first`] : [],
+    );
   }
 });
