@@ -210,15 +210,6 @@ export async function searchZstdDictionary(
   search: DictionarySearch,
 ): Promise<ResolvedZstdDictionary> {
   const env = options.env ?? readEnv;
-  if (options.env === undefined) {
-    // Read as unset without the permission (no prompt): say so, since they may well be set.
-    const unread = [ZSTD_DICTIONARY_ENV, "XDG_CACHE_HOME", "HOME"].filter((name) => !envReadable(name));
-    if (unread.length > 0) {
-      search.envNote = `Without the env permission (--allow-env) ${unread.join(", ")} ${
-        unread.length === 1 ? "was" : "were"
-      } not read.`;
-    }
-  }
   if (options.dictionary !== undefined) {
     if (typeof options.dictionary === "string") {
       return await readGivenDictionary(options.dictionary, "option", DICTIONARY_OPTION);
@@ -227,6 +218,15 @@ export async function searchZstdDictionary(
     const dictionaryId = checkDictionary(options.dictionary, what);
     checkPublishedContents(options.dictionary, dictionaryId, what);
     return { bytes: options.dictionary, dictionaryId, source: "option" };
+  }
+  // Read as unset without the permission (no prompt): the error says so, since they may well be set.
+  const unread = options.env !== undefined
+    ? []
+    : [ZSTD_DICTIONARY_ENV, "XDG_CACHE_HOME", "HOME"].filter((name) => !envReadable(name));
+  if (unread.length > 0) {
+    search.envNote = `Without the env permission (--allow-env) ${unread.join(", ")} ${
+      unread.length === 1 ? "was" : "were"
+    } not read.`;
   }
   const fromEnv = env(ZSTD_DICTIONARY_ENV);
   if (fromEnv) return await readGivenDictionary(fromEnv, "env", ZSTD_DICTIONARY_ENV);
@@ -237,7 +237,7 @@ export async function searchZstdDictionary(
     ? undefined
     : joinPath(cacheDir, `zstd-dictionary-${expectedSha256}.zdict`);
   // What the cache held, for the error when no download works either.
-  search.cacheNote = search.envNote?.includes("HOME")
+  search.cacheNote = unread.includes("HOME")
     ? "No cache folder either."
     : "No cache folder: set XDG_CACHE_HOME or HOME.";
   if (cachePath !== undefined) {
