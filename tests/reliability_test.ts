@@ -2071,6 +2071,25 @@ Deno.test("runBackfillSync() whose instances all go away after progress stops wi
   assert.deepEqual(await stored(db.path, stats.queueLength), events);
 });
 
+Deno.test("runBackfillSync() stopped by maxTime on a connection made after failed attempts stops by max_time", async () => {
+  // Three refusals, then a connection that sends its events and stays open, quiet: the failed
+  // attempts before it do not make the run's end an error.
+  const events = Array.from({ length: 50 }, (_, i) => commit(T0 + i * 1000, { did: did(i % 5) }));
+  await using server = serveEvents(events, { faults: { refuseFirst: 3 } });
+  await using db = await tempDb();
+  const stats = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    startTimestamp: T0,
+    maxTime: 4,
+    onError: () => {},
+  });
+  assert.equal(server.connections.filter((c) => c.status === 503).length, 3);
+  assert.equal(stats.stopReason, "max_time", stats.error);
+  assert.equal(stats.error, undefined);
+  assert.equal(stats.recordsStored, 50);
+});
+
 Deno.test("runBackfillSync() stores once what a server re-ingested under new time_us, within one connection", async () => {
   // A legacy server that restarted re-ingests its last seconds with new time_us (protocol doc §5.4):
   // a replay of its history then holds those events twice, with no reconnect on the client's side.
