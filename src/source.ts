@@ -602,13 +602,21 @@ export async function consumeStream(
           next = o.instances.indexOf(first);
           settleOn = first;
         }
+        const point = `${coverage.atStart ? "the requested start" : "the point to go on from"}, ${
+          isoFromUs(coverage.fromUs)
+        }`;
+        const nextHost = new URL(o.instances[next]).host;
         ctx.report({
           reason: "connection",
-          message: `${new URL(base).host} only holds events from ${isoFromUs(checked.lacks)} on, after ${
-            coverage.atStart ? "the requested start" : "the point to go on from"
-          }, ${isoFromUs(coverage.fromUs)}: ${settleOn === undefined ? "trying" : "back to"} ${
-            new URL(o.instances[next]).host
-          }${settleOn === undefined ? ", which may hold it" : ", whose history begins first"}`,
+          message: `${new URL(base).host} ${
+            checked.lacks === Infinity
+              ? `sent no event when asked for all it holds, so it may not hold ${point}`
+              : `only holds events from ${isoFromUs(checked.lacks)} on, after ${point}`
+          }: ${
+            settleOn === undefined
+              ? `trying ${nextHost}, which may hold it`
+              : `back to ${nextHost}, whose history begins first`
+          }`,
           instance: base,
         });
         connecting = undefined;
@@ -1056,9 +1064,11 @@ const NOT_MEASURED: CoverageCheck = { measured: false, seqsLost: false };
  * unknown, which is reported (and stops a strict run); on the v2 wire, the sync connection's own `#info
  * OutdatedCursor` then measures it (late by what a filter leaves out). A probe answered with no
  * event at all (a server that does not replay, or holds nothing) leaves coverage unknown on either
- * wire for a point in the past; one less than the probe's wait before it began is no concern, as the
- * probe saw the server quiet for as long. A history that begins after `fromUs` resolves to where it
- * begins (`lacks`), unreported, when `tryOthers` says to try other instances first.
+ * wire for a point in the past (with several instances, tried after the others, as `lacks` of
+ * `Infinity`: a host that accepts and never sends looks the same); one less than the probe's wait
+ * before it began is no concern, as the probe saw the server quiet for as long. A history that
+ * begins after `fromUs` resolves to where it begins (`lacks`), unreported, when `tryOthers` says to
+ * try other instances first.
  */
 async function checkCoverage(
   ctx: RunContext,
@@ -1105,6 +1115,9 @@ async function checkCoverage(
       // A strict run, which would refuse it, tries the other instances first, as for a failed
       // attempt: the host may be one that accepts and sends nothing.
       if (ctx.o.strict && ctx.o.instances.length > 1) return { retry: message };
+      // Another instance may hold it: tried first, as for a history that begins after the point
+      // (a host that accepts and never sends would otherwise keep the run until its end).
+      if (tryOthers(base, Infinity)) return { lacks: Infinity };
       coverageUnknown(ctx, base, message);
     }
     return NOT_MEASURED;

@@ -606,3 +606,39 @@ Deno.test("runBackfillSync() with several instances that all begin after the sta
     );
   }
 });
+
+Deno.test("runBackfillSync() with several instances leaves one that sends no event when asked for all it holds for the others", async () => {
+  // (Before: coverage was reported unknown and the quiet instance kept the run until its end.)
+  // It accepts and never sends: a host that holds nothing, or has hung, looks the same.
+  await using quiet = serveEvents([]);
+  await using whole = serveEvents(events, { closeAtEnd: true });
+  await using late = serveEvents(events.slice(30), { closeAtEnd: true });
+  const host = (s: { url: string }) => `127.0.0.1:${new URL(s.url).port}`;
+  const quietSaid = `${host(quiet)} sent no event when asked for all it holds, so it may not hold the ` +
+    `requested start, ${isoFromUs(T0)}: `;
+  const cases = [
+    { order: [quiet, whole], stored: 100, then: `trying ${host(whole)}, which may hold it` },
+    // Tried after the late one, the quiet one is left for it: its history is known to begin first.
+    { order: [late, quiet], stored: 70, then: `back to ${host(late)}, whose history begins first` },
+  ];
+  for (const { order, stored, then } of cases) {
+    await using db = await tempDb();
+    const { stats, reports } = await syncReporting({
+      instance: order.map((s) => s.url),
+      kv: db.path,
+      startTimestamp: T0,
+      idleTimeout: 1,
+      maxTime: 30,
+    });
+    assert.equal(stats.stopReason, "closed", stats.error);
+    assert.equal(stats.recordsStored, stored);
+    const said = reports.filter((r) => r.reason === "connection" && r.message.startsWith(quietSaid));
+    assert.deepEqual(said.map((r) => r.message.slice(quietSaid.length)), [then], JSON.stringify(reports));
+    // The late one's gap is the only coverage warning: the quiet one's is not given, as it was left.
+    assert.deepEqual(
+      reports.filter((r) => r.reason === "coverage").map((r) => r.message.split(" ")[0]),
+      stored === 70 ? [host(late)] : [],
+      JSON.stringify(reports),
+    );
+  }
+});
