@@ -159,9 +159,9 @@ function v2Frames(): string[] {
     JSON.stringify(JSON.parse(frame), null, 1),
     frame.replace('"seq":7', '"seq":7e0').replace('"$type":"message"', '"\\u0024type":"m\\u0065ssage"'),
     // No rev, record or cid; the least of an identity (its members in another order) and an account.
-    '{"$type":"message","payload":{"$type":"x#commit","seq":1,"did":"d","time":"2026-11-27T23:59:59Z","operation":"delete","collection":"c","rkey":"r"}}',
-    '{"payload":{"identity":{},"time":"2026-11-27T23:59:59Z","did":"d","seq":1,"$type":"#identity"},"$type":"message"}',
-    '{"$type":"message","payload":{"$type":"#account","seq":1,"did":"d","time":"2026-11-27T23:59:59Z","account":[]}}',
+    '{"$type":"message","payload":{"$type":"network.bsky.jetstream.subscribeEvents#commit","seq":1,"did":"d","time":"2026-11-27T23:59:59Z","operation":"delete","collection":"c","rkey":"r"}}',
+    '{"payload":{"identity":{},"time":"2026-11-27T23:59:59Z","did":"d","seq":1,"$type":"network.bsky.jetstream.subscribeEvents#identity"},"$type":"message"}',
+    '{"$type":"message","payload":{"$type":"network.bsky.jetstream.subscribeEvents#account","seq":1,"did":"d","time":"2026-11-27T23:59:59Z","account":[]}}',
   );
   return frames;
 }
@@ -323,7 +323,7 @@ Deno.test("Batcher judges an event that its v2 frame makes look too large or too
   let body: unknown = {};
   for (let i = 1; i < MAX_RECORD_DEPTH - 1; i++) body = { a: body };
   const deepFrame =
-    `{"$type":"message","payload":{"$type":"#identity","seq":2,"did":"d","time":"2026-11-27T23:59:59.000001Z","identity":${
+    `{"$type":"message","payload":{"$type":"network.bsky.jetstream.subscribeEvents#identity","seq":2,"did":"d","time":"2026-11-27T23:59:59.000001Z","identity":${
       JSON.stringify(body)
     }}}`;
   assert.equal(nestedTooDeep(deepFrame), true);

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { fetchV2Dictionary, V2_DICTIONARY_PATH, V2_SUBSCRIBE_PATH } from "../src/jetstream/v2.ts";
+import { fetchV2Dictionary, mapV2Frame, V2_DICTIONARY_PATH, V2_SUBSCRIBE_PATH } from "../src/jetstream/v2.ts";
 import { runBackfillSync } from "../src/backfill.ts";
 import { openKvAt, readCheckpoint } from "../src/queue/kv_queue.ts";
 import { UsageError } from "../src/errors.ts";
@@ -69,6 +69,38 @@ async function assertAllStored(path: string, messages: number, events: Jetstream
   assert.deepEqual((await stored(path, messages)).map((e) => e.cursor), events.map((_, i) => 1001 + i));
 }
 const ALL = { kinds: ["commit", "identity", "account"] as const, wantedCollections: [] as string[] };
+
+Deno.test("mapV2Frame() takes a payload only of this wire's own type: another namespace's #commit is skipped", () => {
+  // (Before: the text after "#" alone was read, so these were stored as events.)
+  const payload = { seq: 5, did: "did:plc:x", time: "2026-11-27T10:00:00.000000Z" };
+  const commitBody = { rev: "r", operation: "create", collection: "app.bsky.feed.post", rkey: "k" };
+  const frame = ($type: string, body: Record<string, unknown>) => ({
+    $type: "message",
+    payload: { $type, ...payload, ...body },
+  });
+  for (
+    const [kind, body] of [["commit", commitBody], ["identity", { identity: {} }], ["account", {
+      account: {},
+    }]] as const
+  ) {
+    assert.equal(
+      mapV2Frame(frame(`network.bsky.jetstream.subscribeEvents#${kind}`, body)).type,
+      "event",
+      kind,
+    );
+    for (
+      const $type of [
+        `com.example.other#${kind}`,
+        kind,
+        `#${kind}`,
+        `network.bsky.jetstream.subscribeEventsX#${kind}`,
+      ]
+    ) {
+      assert.deepEqual(mapV2Frame(frame($type, body)), { type: "skip", reason: `payload type ${$type}` });
+    }
+  }
+  assert.equal(mapV2Frame(frame("com.example.other#info", { name: "OutdatedCursor" })).type, "skip");
+});
 
 Deno.test("a v1-wire sync on a v2 host reconnects by sequence cursor and stores each event once", async () => {
   const events = capture();

@@ -27,6 +27,8 @@ export const V2_SUBSCRIBE_PATH = "/xrpc/network.bsky.jetstream.subscribeEvents";
  * offers: a server echoes it, and its framing is the same either way.
  */
 export const V2_SUBPROTOCOL = "xrpc.v1.json";
+/** What a v2 message frame's payload `$type` begins with: the kind follows (`#commit`, `#info`, …). */
+export const V2_PAYLOAD_TYPE = "network.bsky.jetstream.subscribeEvents#";
 /** Path of the v2 dictionary endpoint. */
 export const V2_DICTIONARY_PATH = "/xrpc/network.bsky.jetstream.getZstdDictionary";
 /** Hosts that run the v2 server, where the v2 wire is the default. */
@@ -122,7 +124,9 @@ export function mapV2Frame(frame: unknown): V2Frame {
   if (typeof p !== "object" || p === null || typeof p.$type !== "string") {
     return { type: "invalid", reason: "message without payload" };
   }
-  const kind = p.$type.slice(p.$type.indexOf("#") + 1);
+  // Another namespace's `#commit` is no event of this wire: skipped, as any unknown payload type.
+  if (!p.$type.startsWith(V2_PAYLOAD_TYPE)) return { type: "skip", reason: `payload type ${p.$type}` };
+  const kind = p.$type.slice(V2_PAYLOAD_TYPE.length);
   if (kind === "info") return { type: "info", name: String(p.name ?? ""), message: String(p.message ?? "") };
   if (!KINDS.has(kind)) return { type: "skip", reason: `payload type ${p.$type}` };
   const timeUs = typeof p.time === "string" ? usFromIso(p.time) : undefined;
