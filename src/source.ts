@@ -8,7 +8,12 @@
  */
 import { backoffDelay, delay, MAX_TIMER_MS } from "./async.ts";
 import { UsageError } from "./errors.ts";
-import { type HistoryStart, PROBE_TIMEOUT_MS, probeHistoryStart } from "./jetstream/coverage.ts";
+import {
+  type HistoryStart,
+  PROBE_TIMEOUT_MS,
+  probeHistoryStart,
+  replayFailure,
+} from "./jetstream/coverage.ts";
 import { resolveZstdDictionary } from "./jetstream/dictionary.ts";
 import { type CloseCause, ConnectError, type Connection, openConnection } from "./jetstream/socket.ts";
 import { buildSubscribeRequest } from "./jetstream/url.ts";
@@ -1034,15 +1039,6 @@ function refusedSubscription(cause: CloseCause): cause is Extract<CloseCause, { 
   if (cause.code === 1007 || cause.code === 1008) return true;
   return cause.code === 1000 &&
     /^failed to (unmarshal subscriber|parse subscriber options)/.test(cause.reason ?? "");
-}
-
-/**
- * A legacy server's failure to read its own history, which it reports as a normal close (1000
- * `failed to replay events`, protocol doc §5.3): the server's trouble, not the end of the stream, so
- * the connection is retried like a dropped one.
- */
-function replayFailure(cause: CloseCause): boolean {
-  return cause.kind === "closed" && cause.code === 1000 && /^failed to replay/.test(cause.reason ?? "");
 }
 
 /** What a coverage probe found: a failure worth retrying, or whether it measured coverage. */

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { V2_SUBSCRIBE_PATH } from "../src/jetstream/v2.ts";
-import { probeCoverageStart } from "../src/jetstream/coverage.ts";
+import { probeCoverageStart, probeHistoryStart } from "../src/jetstream/coverage.ts";
 import { ConnectError } from "../src/jetstream/socket.ts";
 import { runBackfillSync } from "../src/backfill.ts";
 import { UsageError } from "../src/errors.ts";
@@ -8,7 +8,7 @@ import type { SyncErrorReport, SyncStats } from "../src/stats.ts";
 import type { BackfillSyncOptions } from "../src/options.ts";
 import { commit } from "./helpers/events.ts";
 import { isoFromUs } from "../src/time.ts";
-import { serveEvents, tempDb, withSilentPort } from "./helpers/loopback.ts";
+import { serveEvents, tcpRelay, tempDb, upgradeThenDropServer, withSilentPort } from "./helpers/loopback.ts";
 
 // The server's history starts at T0; the requests below ask for two days earlier.
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
@@ -641,4 +641,81 @@ Deno.test("runBackfillSync() with several instances leaves one that sends no eve
       JSON.stringify(reports),
     );
   }
+});
+
+Deno.test("a coverage probe whose connection ends in trouble before any event rejects, to be retried: a normal close alone is an empty history", async () => {
+  // (Before: each of these was taken for a server that holds nothing.)
+  const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, (request) => {
+    const { socket, response } = Deno.upgradeWebSocket(request);
+    const how = new URL(request.url).searchParams.get("how");
+    socket.onopen = () => {
+      if (how === "error") {
+        socket.send(JSON.stringify({ $type: "error", error: "InternalError", message: "read failed" }));
+        socket.close(1000);
+      } else if (how === "foreign") {
+        // Another namespace's commit, older: no event of this wire, so not where its history begins.
+        const frame = ($type: string, seq: number, us: number) =>
+          JSON.stringify({
+            $type: "message",
+            payload: {
+              $type,
+              seq,
+              did: "did:plc:x",
+              time: isoFromUs(us),
+              ...{ rev: "r", operation: "create", collection: "app.bsky.feed.post", rkey: "k" },
+            },
+          });
+        socket.send(frame("com.example.other#commit", 1, T0 - DAY));
+        socket.send(frame("network.bsky.jetstream.subscribeEvents#commit", 9, T0));
+        socket.close(1000);
+      } else if (how === "replay") socket.close(1000, "failed to replay events");
+      else if (how === "away") socket.close(1001, "server shutting down");
+      else socket.close(1000);
+    };
+    return response;
+  });
+  try {
+    const base = `ws://127.0.0.1:${server.addr.port}/subscribe`;
+    const v2 = `ws://127.0.0.1:${server.addr.port}${V2_SUBSCRIBE_PATH}`;
+    assert.equal(await probeCoverageStart(base), null);
+    await assert.rejects(
+      () => probeCoverageStart(`${base}?how=replay`),
+      /^Error: its connection closed before any event came \(code 1000: failed to replay events\)$/,
+    );
+    await assert.rejects(
+      () => probeCoverageStart(`${base}?how=away`),
+      /^Error: its connection closed before any event came \(code 1001: server shutting down\)$/,
+    );
+    await assert.rejects(
+      () => probeHistoryStart(`${v2}?how=error`),
+      /^Error: it sent an error frame before any event: InternalError: read failed$/,
+    );
+    assert.deepEqual(await probeHistoryStart(`${v2}?how=foreign`), { us: T0, seq: 9 });
+  } finally {
+    await server.shutdown();
+  }
+});
+
+Deno.test("a coverage probe dropped before any event is retried, and --strict goes on once one answers", async () => {
+  // (Before: taken for a server that sent nothing when asked for all it holds, so strict refused.)
+  await using whole = serveEvents(events, { closeAtEnd: true });
+  await using dropping = upgradeThenDropServer();
+  await using relay = tcpRelay((n) => n === 1 ? dropping.port : Number(new URL(whole.url).port));
+  await using db = await tempDb();
+  const { stats, reports } = await syncReporting({
+    instance: `ws://127.0.0.1:${relay.port}/subscribe`,
+    kv: db.path,
+    startTimestamp: T0,
+    strict: true,
+  });
+  assert.equal(stats.stopReason, "closed", stats.error);
+  assert.equal(stats.recordsStored, 100);
+  assert.equal(stats.coverageStart, T0);
+  assert.equal(dropping.accepted(), 1);
+  assert.ok(
+    reports.some((r) =>
+      /history begins: its connection closed before any event came \(code 1006/.test(r.message)
+    ),
+    JSON.stringify(reports),
+  );
 });

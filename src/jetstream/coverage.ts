@@ -11,9 +11,9 @@
  *
  * @module
  */
-import { ConnectError, type Connection, type Frame, openConnection } from "./socket.ts";
+import { type CloseCause, ConnectError, type Connection, type Frame, openConnection } from "./socket.ts";
 import { buildSubscribeRequest } from "./url.ts";
-import { buildV2Url, isV2Url, mapV2Frame, V2_SUBPROTOCOL } from "./v2.ts";
+import { buildV2Url, isV2Url, mapV2Frame, V2_PAYLOAD_TYPE, V2_SUBPROTOCOL } from "./v2.ts";
 import { MIN_TIMESTAMP_US, usFromIso } from "../time.ts";
 import { shapeProblem } from "./events.ts";
 
@@ -35,8 +35,9 @@ function seqOf(v: unknown): number | undefined {
 
 /**
  * The oldest event `base` (a `/subscribe` URL) still serves, or `null` when no event came within
- * the timeout (or the connection ended first). A refused or failed connection rejects with its
- * error (a `ConnectError` carries the HTTP status of a refusal), so that the caller can retry it.
+ * the timeout (or the server closed the connection normally first). A refused or failed connection
+ * rejects with its error (a `ConnectError` carries the HTTP status of a refusal), so that the caller
+ * can retry it, as does one dropped, shut down or failing to replay before any event came.
  *
  * @example
  * ```ts
@@ -63,7 +64,8 @@ export async function probeCoverageStart(
  * history is moved forward to its oldest event (protocol doc §1.3), so the probe asks for
  * every event from 10^15 µs (2001, the oldest a time cursor can be); it asks for every kind, DID and
  * collection, since on a filtered connection the first event can come hours after the history's
- * start. A refused or failed connection rejects with its error.
+ * start. A refused or failed connection rejects with its error, as does an error frame before any
+ * event.
  *
  * @example
  * ```ts
@@ -87,11 +89,21 @@ export async function probeV2HistoryStart(
     const m = mapV2Frame(frame);
     if (m.type === "skip") {
       // A #sync event (or a kind to come) that a sync passes over is in the history all the same: where
-      // it begins, when it comes first.
-      const p = (frame as { payload?: { seq?: unknown; time?: unknown } }).payload;
-      const us = typeof p?.time === "string" ? usFromIso(p.time) : undefined;
+      // it begins, when it comes first. (Not a frame of another type, or another namespace's.)
+      const f = frame as { $type?: unknown; payload?: { $type?: unknown; seq?: unknown; time?: unknown } };
+      const p = f.payload;
+      if (f.$type !== "message" || typeof p?.$type !== "string" || !p.$type.startsWith(V2_PAYLOAD_TYPE)) {
+        return undefined;
+      }
+      const us = typeof p.time === "string" ? usFromIso(p.time) : undefined;
       const seq = seqOf(p?.seq);
       return us === undefined || seq === undefined ? undefined : { us, seq };
+    }
+    // Terminal for the connection (protocol doc §3.3): the server's trouble, retried as a drop is.
+    if (m.type === "error") {
+      throw new Error(
+        `it sent an error frame before any event: ${m.error}${m.message ? `: ${m.message}` : ""}`,
+      );
     }
     if (m.type !== "event" || shapeProblem(m.event) !== undefined) return undefined;
     return { us: m.event.time_us, seq: seqOf(m.event.cursor) };
@@ -180,7 +192,7 @@ const IMPORT_GAP_US = 7 * 86_400_000_000;
 
 /**
  * Reads `conn` until `pick` returns a history start for a parsed text frame, closes it, and returns
- * that (null when the connection ended first).
+ * that (null when the connection ended normally first; it throws when it ended otherwise).
  *
  * On a v2 host (events that carry a seq), `time_us` is a display time, which an operator's import
  * sets years back (protocol doc §3.2): an oldest event that is an import would make the history
@@ -220,7 +232,21 @@ async function oldestOf(
       }
       if (sample.length >= DISPLAY_TIME_SAMPLE) break;
     }
-    if (sample.length === 0) return null;
+    if (sample.length === 0) {
+      const cause = conn.cause;
+      // Dropped (1006), shut down (1001), or a legacy server's failure to replay: the server's
+      // trouble, worth retrying, not a history with nothing in it (protocol doc §5.3, §10.13).
+      if (
+        cause?.kind === "closed" && ((cause.code !== 1000 && cause.code !== 1005) || replayFailure(cause))
+      ) {
+        throw new Error(
+          `its connection closed before any event came (code ${cause.code}${
+            cause.reason ? `: ${cause.reason}` : ""
+          })`,
+        );
+      }
+      return null;
+    }
     const latest = Math.max(...sample.map((e) => e.us));
     const witnessed = sample.find((e) => e.us >= latest - IMPORT_GAP_US)!;
     return { us: witnessed.us, seq: sample[0].seq };
@@ -250,4 +276,13 @@ async function nextBefore(conn: Connection, deadline: number): Promise<Frame[] |
   } finally {
     clearTimeout(timer);
   }
+}
+
+/**
+ * A legacy server's failure to read its own history, which it reports as a normal close (1000
+ * `failed to replay events`, protocol doc §5.3): the server's trouble, not the end of the stream, so
+ * the connection is retried like a dropped one.
+ */
+export function replayFailure(cause: CloseCause): boolean {
+  return cause.kind === "closed" && cause.code === 1000 && /^failed to replay/.test(cause.reason ?? "");
 }
