@@ -666,6 +666,13 @@ async function run(
     drain: undefined,
     draining: false,
   };
+  if (!resumeFrom && o.startUs === undefined && existing.value) {
+    // A new live tail on a queue that holds records: what the last run stored last, come again in
+    // a reconnect's rewind (the few seconds before this tail began, for the clocks' difference), is
+    // recognised by content, as within a run.
+    const last = recentKeysOf(keyEntries, existing.value.run.id);
+    if (last) ctx.guard.remember(last.keys);
+  }
   callbacks.attach(ctx);
   // Only now that ctx is there: an abort while the lines above awaited is seen just below.
   const onUserAbort = () => userAbort(ctx);

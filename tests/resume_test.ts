@@ -657,3 +657,39 @@ Deno.test("--resume of a live tail stores nothing from before the tail began, th
     clearInterval(ticker);
   }
 });
+
+Deno.test("a new live tail on a queue whose last run stored an event a moment before does not store it again on a reconnect's rewind", async () => {
+  // A legacy server by hand, with time_us from this machine's clock: no cursor gets what comes from
+  // now on; a cursor, what it holds from it on (inclusive). The first tail stores one event and
+  // stops; the next, at once, has a quiet first connection, and its reconnect asks from 5 s before
+  // it opened. (Before: the event came again in that rewind and was stored a second time.)
+  const held: JetstreamEvent[] = [];
+  const listening = new Set<WebSocket>();
+  await using server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, (req) => {
+    const raw = new URL(req.url).searchParams.get("cursor");
+    const { socket, response } = Deno.upgradeWebSocket(req);
+    socket.onopen = () => {
+      if (raw !== null) {
+        for (const ev of held) if (ev.time_us >= Number(raw)) socket.send(JSON.stringify(ev));
+      }
+      listening.add(socket);
+      if (held.length === 0) {
+        const ev = commit(Date.now() * 1000, { did: did(1) });
+        held.push(ev);
+        socket.send(JSON.stringify(ev));
+      }
+    };
+    socket.onclose = () => listening.delete(socket);
+    return response;
+  });
+  await using db = await tempDb();
+  const instance = `ws://127.0.0.1:${server.addr.port}/subscribe`;
+  const first = await runBackfillSync({ instance, kv: db.path, numRecords: 1 });
+  assert.equal(first.stopReason, "limit", first.error);
+  const next = await runBackfillSync({ instance, kv: db.path, idleTimeout: 0.2, maxTime: 1.5 });
+  assert.equal(next.stopReason, "max_time", next.error);
+  assert.ok(next.reconnects >= 1, String(next.reconnects));
+  assert.equal(next.recordsStored, 0);
+  assert.equal(next.duplicatesDropped, 1);
+  assert.deepEqual(await queueEvents(db.path), held);
+});
