@@ -21,7 +21,7 @@ import {
   searchZstdDictionary,
 } from "./jetstream/dictionary.ts";
 import { isV2Url, V2_HOSTS } from "./jetstream/v2.ts";
-import { URL_DID_LIMIT } from "./jetstream/url.ts";
+import { didsNeedHello, URL_DID_CHARS, URL_DID_LIMIT } from "./jetstream/url.ts";
 import { permissionHost } from "./jetstream/proxy.ts";
 import { printable } from "./jetstream/utf8.ts";
 import { COMMIT_OPERATIONS, type CommitOperation } from "./jetstream/events.ts";
@@ -691,7 +691,7 @@ async function run(
     });
     stopWith(ctx, "limit");
   }
-  const longUrl = o.wantedDids.length > URL_DID_LIMIT ? o.instances.find(isV2Url) : undefined;
+  const longUrl = didsNeedHello(o.wantedDids) ? o.instances.find(isV2Url) : undefined;
   if (longUrl !== undefined && !ctx.stop) {
     // The v2 wire has no options_update: the URL is its only channel (protocol doc §9, item 4).
     ctx.report({
@@ -950,11 +950,11 @@ function loadNewRunDecoder(
 ): Promise<(bytes: Uint8Array) => Uint8Array> {
   return loadDecoder(options, o.maxTimeMs, undefined).catch((err) => {
     // A v2 host that only the number of DIDs took to /subscribe: said, as the user did not ask for it.
-    const moved = options.wire === undefined && o.wantedDids.length > URL_DID_LIMIT &&
+    const moved = options.wire === undefined && didsNeedHello(o.wantedDids) &&
       o.instances.some((u) => !isV2Url(u) && V2_HOSTS.includes(new URL(u).hostname));
     if (!moved || !(err instanceof UsageError)) throw err;
     throw new UsageError(
-      `${err.message} (with over ${URL_DID_LIMIT} DIDs, the v2 hosts are spoken to on /subscribe, whose hello carries them; --wire v2 / wire: "v2" keeps their own wire, with the DIDs in its URL)`,
+      `${err.message} (with over ${URL_DID_LIMIT} DIDs, or over ${URL_DID_CHARS} characters of them, the v2 hosts are spoken to on /subscribe, whose hello carries them; --wire v2 / wire: "v2" keeps their own wire, with the DIDs in its URL)`,
       { cause: err },
     );
   });

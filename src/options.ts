@@ -12,7 +12,7 @@ import { DID_FORMS, isCollectionFilter, isDid, isNsid } from "./validate.ts";
 import { isV2Url, V2_HOSTS, V2_SUBSCRIBE_PATH } from "./jetstream/v2.ts";
 import { proxyFor } from "./jetstream/proxy.ts";
 import { DEFAULT_MAX_MESSAGE_BYTES } from "./jetstream/raw_ws.ts";
-import { URL_DID_LIMIT } from "./jetstream/url.ts";
+import { didsNeedHello } from "./jetstream/url.ts";
 import { DEFAULT_MAX_DECODED_BYTES } from "./jetstream/zstd.ts";
 import { isoFromUs, MIN_TIMESTAMP_US, parseTimestamp, TIMESTAMP_FORMATS } from "./time.ts";
 import type { DateChange, SyncErrorReport, SyncProgress } from "./stats.ts";
@@ -105,8 +105,8 @@ export interface BackfillSyncOptions {
   /**
    * The wire to speak: `v1` is `/subscribe` (every server), `v2` is
    * `/xrpc/network.bsky.jetstream.subscribeEvents` (v2 servers only). By default the v2 hosts get v2
-   * (v1 with more than 50 DIDs: the v2 wire takes them in the URL only) and everything else v1; a URL
-   * with a path keeps its path.
+   * (v1 with more than 50 DIDs, or over 1,600 characters of them: the v2 wire takes them in the URL
+   * only) and everything else v1; a URL with a path keeps its path.
    */
   wire?: "v1" | "v2";
   /**
@@ -701,7 +701,7 @@ export function resolveSyncOptions(options: BackfillSyncOptions = {}): ResolvedS
     ? [o.instance]
     : o.instance;
   if (given.length === 0) throw new UsageError(because("instance", "at least one host or URL", []));
-  const instances = unique(given.map((i) => instanceUrl(i, o.wire, wantedDids.length > URL_DID_LIMIT)));
+  const instances = unique(given.map((i) => instanceUrl(i, o.wire, didsNeedHello(wantedDids))));
   for (const instance of instances) {
     // A proxy in the environment that cannot be used is the user's to fix, before connecting.
     try {

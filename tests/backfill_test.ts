@@ -361,6 +361,22 @@ Deno.test("runBackfillSync() filters by DID in the URL, and by options_update fo
   assert.ok(conn.query.includes("requireHello=true"));
   assert.ok(!conn.query.includes("wantedDids"));
   assert.equal(conn.hellos[0].wantedDids?.length, 201);
+
+  // Few, but long (did:web names of 200 characters or more): over 1,600 characters in all, the
+  // hello too. (Before: the count alone decided, and 50 such DIDs made a URL of about 10 KB.)
+  const long = [did(3), ...Array.from({ length: 8 }, (_, i) => `did:web:${"l".repeat(200)}${i}.example`)];
+  const longDids = await runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    queueName: "long",
+    startTimestamp: T0,
+    wantedDids: long,
+    wantedCollections: ["app.bsky.feed.post", "app.bsky.graph.follow"],
+  });
+  assert.equal(longDids.recordsStored, expectFew.length);
+  const longConn = syncConnections(server)[2];
+  assert.ok(longConn.query.includes("requireHello=true") && !longConn.query.includes("wantedDids"));
+  assert.deepEqual(longConn.hellos[0].wantedDids, long);
 });
 
 Deno.test("a maxMessageSizeBytes in the instance URL goes in the hello too, which would lift it on a v2 server", async () => {

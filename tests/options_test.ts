@@ -223,4 +223,11 @@ Deno.test("with over 50 DIDs the v2 hosts' default is /subscribe, whose hello ta
   assert.equal(resolveSyncOptions({ instance: hosts[0], wantedDids: dids(50) }).instances[0], v2);
   assert.equal(resolveSyncOptions({ instance: hosts[0], wantedDids: dids(51), wire: "v2" }).instances[0], v2);
   assert.equal(resolveSyncOptions({ instance: v2, wantedDids: dids(51) }).instances[0], v2);
+  // Few but long: over 1,600 characters of DIDs go in the hello as well.
+  const long = Array.from({ length: 8 }, (_, i) => `did:web:${"l".repeat(200)}${i}.example`);
+  assert.equal(
+    resolveSyncOptions({ instance: hosts[0], wantedDids: long }).instances[0],
+    "wss://jetstream.us-east.bsky.network/subscribe",
+  );
+  assert.equal(resolveSyncOptions({ instance: hosts[0], wantedDids: long.slice(0, 7) }).instances[0], v2);
 });

@@ -6,6 +6,29 @@
 
 /** Above this many DIDs the filter goes in an `options_update` message instead of the URL. */
 export const URL_DID_LIMIT = 50;
+/**
+ * Above this many characters of DIDs in all (what 50 `did:plc:` DIDs take), the filter goes in the
+ * hello too, however few they are: a `did:web:` name can be hundreds of characters long, and servers
+ * and proxies refuse URLs of about 8 KB (protocol doc §9, item 4).
+ */
+export const URL_DID_CHARS = 1_600;
+
+/**
+ * Whether `dids` go in an `options_update` hello rather than the URL: over {@link URL_DID_LIMIT} of
+ * them, or over {@link URL_DID_CHARS} characters in all.
+ *
+ * @example
+ * ```ts
+ * import { didsNeedHello } from "./url.ts";
+ * didsNeedHello(["did:plc:z72i7hdynmk6r22z27h6tvur"]); // false
+ * ```
+ */
+export function didsNeedHello(dids: readonly string[]): boolean {
+  if (dids.length > URL_DID_LIMIT) return true;
+  let chars = 0;
+  for (const d of dids) chars += d.length;
+  return chars > URL_DID_CHARS;
+}
 
 /** What a subscription asks for. */
 export interface SubscribeParams {
@@ -48,7 +71,7 @@ export function buildSubscribeRequest(base: string, params: SubscribeParams): Su
   const q = new URLSearchParams(url.search);
   for (const key of ["wantedDids", "wantedCollections", "cursor", "compress", "requireHello"]) q.delete(key);
   for (const c of params.wantedCollections) q.append("wantedCollections", c);
-  const viaHello = params.wantedDids.length > URL_DID_LIMIT;
+  const viaHello = didsNeedHello(params.wantedDids);
   if (!viaHello) { for (const d of params.wantedDids) q.append("wantedDids", d); }
   // Always an integer of microseconds: a seconds value would be a sequence number on a v2 server.
   if (params.cursor !== undefined) q.set("cursor", String(Math.trunc(params.cursor)));
