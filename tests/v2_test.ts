@@ -817,7 +817,7 @@ Deno.test("over 50 DIDs with --compress on a v2 host given by name: a refused di
           "The zstd dictionary given as bytes has ID 20260811, but /subscribe connections",
         ) &&
         err.message.endsWith(
-          '(with over 50 DIDs, the v2 hosts are spoken to on /subscribe, whose hello carries them; --wire v2 / wire: "v2" keeps their own wire, with the DIDs in its URL)',
+          '(with over 50 DIDs, or over 1600 characters of them, the v2 hosts are spoken to on /subscribe, whose hello carries them; --wire v2 / wire: "v2" keeps their own wire, with the DIDs in its URL)',
         ),
       `resume: ${resume}`,
     );
@@ -1558,3 +1558,23 @@ for (const wire of ["/subscribe", "subscribeEvents"] as const) {
     assert.deepEqual(got.map((e) => e.time_us), events.map((e) => e.time_us));
   });
 }
+
+Deno.test("a refusal of a v2-wire URL thousands of characters long shows the URL cut short, with its length", async () => {
+  // (Before: the whole URL, 150 DIDs, was in the message.)
+  await using server = Deno.serve(
+    { hostname: "127.0.0.1", port: 0, onListen: () => {} },
+    () => new Response("URI Too Long", { status: 414 }),
+  );
+  await using db = await tempDb();
+  const dids = Array.from({ length: 150 }, (_, i) => did(i));
+  const err = await runBackfillSync({
+    instance: `ws://127.0.0.1:${server.addr.port}${V2_PATH}`,
+    kv: db.path,
+    startTimestamp: T0,
+    wantedDids: dids,
+  }).then(() => undefined, (e: unknown) => e as Error);
+  assert.ok(err instanceof UsageError, String(err));
+  assert.match(err.message, /refused the connection: HTTP 414: URI Too Long/);
+  assert.match(err.message, /\(a URL of \d{4} characters\)/);
+  assert.ok(err.message.length < 1000, `${err.message.length} characters`);
+});

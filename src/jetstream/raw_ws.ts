@@ -24,7 +24,7 @@ import {
   InvalidTextFrame,
   OversizedFrame,
 } from "./socket.ts";
-import { bodyInMessage, printable, utf8Text } from "./utf8.ts";
+import { bodyInMessage, printable, urlInMessage, utf8Text } from "./utf8.ts";
 import { concat, encodeBase64 } from "../bytes.ts";
 import { authorityOf, connectRequest, parseProxy, proxyFor, type ProxyRoute } from "./proxy.ts";
 
@@ -959,7 +959,7 @@ async function tunnel(
     }
     const body = await readRefusalBody(conn, buf.slice(headEnd + 4, len), parseHeaders(lines));
     throw new ConnectError(
-      `cannot connect to ${url}: the proxy ${route.label} refused the tunnel to ${
+      `cannot connect to ${urlInMessage(url)}: the proxy ${route.label} refused the tunnel to ${
         authorityOf(hostname, port)
       }: HTTP ${status}${
         status === 407
@@ -1090,7 +1090,7 @@ export async function openRawConnection(
     );
   }
   const signal = options.signal;
-  if (signal?.aborted) throw new ConnectError(`connection to ${url} aborted`);
+  if (signal?.aborted) throw new ConnectError(`connection to ${urlInMessage(url)} aborted`);
 
   const limit = Math.min(idleTimeoutMs, 30_000);
   const hostname = target.hostname.replace(/^\[(.*)\]$/, "$1");
@@ -1212,7 +1212,7 @@ export async function openRawConnection(
       // A redirect is not followed (the URL is the user's to change), but where it points is said.
       const location = status >= 300 && status < 400 ? headers.get("location") : null;
       throw new ConnectError(
-        `${url} refused the connection: HTTP ${status}${
+        `${urlInMessage(url)} refused the connection: HTTP ${status}${
           location !== null ? ` (a redirect to ${printable(location)}, not followed)` : ""
         }${body ? `: ${bodyInMessage(body)}` : ""}`,
         status,
@@ -1255,7 +1255,7 @@ export async function openRawConnection(
     if (err instanceof ConnectError) throw err;
     const message = failure ?? ((err as Error)?.message || String(err));
     throw new ConnectError(
-      `cannot connect to ${url}${route ? ` through the proxy ${route.label}` : ""}: ${message}`,
+      `cannot connect to ${urlInMessage(url)}${route ? ` through the proxy ${route.label}` : ""}: ${message}`,
       undefined,
       undefined,
       failure === undefined && isPermissionError(err),

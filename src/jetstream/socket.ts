@@ -17,7 +17,7 @@
  * @module
  */
 import { openRawConnection } from "./raw_ws.ts";
-import { bodyInMessage } from "./utf8.ts";
+import { bodyInMessage, urlInMessage } from "./utf8.ts";
 
 /**
  * A text message whose payload is not valid UTF-8. Deno's `WebSocket` fails the whole connection
@@ -372,7 +372,7 @@ async function openStreamConnection(
   url: string,
   opts: ConnectionOptions,
 ): Promise<Connection> {
-  if (opts.signal?.aborted) throw new ConnectError(`connection to ${url} aborted`);
+  if (opts.signal?.aborted) throw new ConnectError(`connection to ${urlInMessage(url)} aborted`);
   const wss = new Stream(url, opts.protocols ? { protocols: opts.protocols } : undefined);
   wss.closed.catch(() => {});
   const limit = Math.min(opts.idleTimeoutMs, 30_000);
@@ -411,13 +411,13 @@ async function connectError(url: string, message: string, signal?: AbortSignal):
     const r = await refusalBody(url, signal);
     const body = r.status === Number(status) ? r.body : undefined;
     return new ConnectError(
-      `${url} refused the connection: HTTP ${status}${body ? `: ${bodyInMessage(body)}` : ""}`,
+      `${urlInMessage(url)} refused the connection: HTTP ${status}${body ? `: ${bodyInMessage(body)}` : ""}`,
       Number(status),
       body,
     );
   }
   return new ConnectError(
-    `cannot connect to ${url}: ${message.replace(/^(NetworkError|WebSocketError): /, "")}`,
+    `cannot connect to ${urlInMessage(url)}: ${message.replace(/^(NetworkError|WebSocketError): /, "")}`,
     status ? Number(status) : undefined,
   );
 }
@@ -457,7 +457,7 @@ export function openConnection(url: string, opts: ConnectionOptions): Promise<Co
   const Stream = (globalThis as unknown as { WebSocketStream?: WebSocketStreamCtor }).WebSocketStream;
   if (Stream && transport !== "websocket") return openStreamConnection(Stream, url, opts);
   return new Promise((resolve, reject) => {
-    if (opts.signal?.aborted) return reject(new ConnectError(`connection to ${url} aborted`));
+    if (opts.signal?.aborted) return reject(new ConnectError(`connection to ${urlInMessage(url)} aborted`));
     const ws = new WebSocket(url, opts.protocols);
     ws.binaryType = "arraybuffer";
     let message = "";

@@ -101,3 +101,22 @@ export function bodyInMessage(body: string): string {
   if (/[\ud800-\udbff]/.test(line[cut - 1])) cut--;
   return `${line.slice(0, cut)}… (${body.length} characters in all)`;
 }
+
+/** How many characters of a URL a message shows before it cuts the query short. */
+const URL_IN_MESSAGE_CHARS = 300;
+
+/**
+ * A connection's URL as an error message shows it: whole, unless its query makes it long (thousands
+ * of DIDs in the URL of the v2 wire), when the middle of the query gives way to its length, and the
+ * end, where the cursor is, is kept.
+ *
+ * @example
+ * ```ts
+ * import { urlInMessage } from "./utf8.ts";
+ * urlInMessage("wss://host/subscribe?cursor=1"); // "wss://host/subscribe?cursor=1"
+ * ```
+ */
+export function urlInMessage(url: string): string {
+  if (url.length <= URL_IN_MESSAGE_CHARS) return url;
+  return `${url.slice(0, URL_IN_MESSAGE_CHARS - 60)}…${url.slice(-60)} (a URL of ${url.length} characters)`;
+}
