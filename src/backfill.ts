@@ -572,6 +572,7 @@ async function run(
       instance: o.instances[0],
       instances: o.instances,
       settings,
+      ...(o.startUs === undefined ? { tailBeganUs: Date.now() * 1000 } : {}),
     };
   const checkpoint: Checkpoint = existing.value
     ? { ...existing.value, run: runState }

@@ -282,8 +282,13 @@ export async function consumeStream(
   // the server left may have been stalled. This machine's clock and the server's time_us differ:
   // the cursor goes back the rewind (5 s) further, and only events more than that before the tail
   // began are left out (a v2 host's replay from before a time cursor, protocol doc §9).
-  let tailBeganUs: number | undefined;
-  let liveFromUs: number | undefined;
+  // (A resume of a tail that stored nothing: from when that tail began, as its reconnects were.)
+  const resumedTail =
+    o.startUs === undefined && resumeFrom !== undefined && resumeFrom.run.recordsStored === 0
+      ? resumeFrom.run.tailBeganUs
+      : undefined;
+  let tailBeganUs = resumedTail;
+  let liveFromUs = resumedTail;
   // When the first of the silent connections in a row was opened.
   let silentSinceUs = 0;
 
@@ -485,8 +490,13 @@ export async function consumeStream(
 
   // Coverage still to check: is the requested start (or the resume point) within the history of
   // the server about to be used? Checked before its first connection and after a long outage.
-  const from = neededUs >= 0 ? neededUs : o.startUs;
-  const initialCoverage = from === undefined ? undefined : { fromUs: from, atStart: neededUs < 0 };
+  // (Where a resumed tail that stored nothing is taken up: its cursor must be within the history too.)
+  const from = neededUs >= 0
+    ? neededUs
+    : o.startUs ?? (resumedTail === undefined ? undefined : resumedTail - o.rewindUs);
+  const initialCoverage = from === undefined
+    ? undefined
+    : { fromUs: from, atStart: neededUs < 0 && o.startUs !== undefined };
   let coverage = initialCoverage;
   // The instances whose coverage a probe measured for the point last checked: their connections'
   // own OutdatedCursor (v2 wire) says nothing more.

@@ -693,3 +693,38 @@ Deno.test("a new live tail on a queue whose last run stored an event a moment be
   assert.equal(next.duplicatesDropped, 1);
   assert.deepEqual(await queueEvents(db.path), held);
 });
+
+Deno.test("--resume of a live tail that stored nothing asks from when that tail began: an event that came in between is stored", async () => {
+  // A legacy server by hand, as above. The first tail gets nothing and stops; an event comes while
+  // no run is there; the resume's first connection asks from 5 s before the first tail began.
+  // (Before: the resume asked for no cursor, and the event was lost without a word.)
+  const held: JetstreamEvent[] = [];
+  const cursors: (string | null)[] = [];
+  await using server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, (req) => {
+    const raw = new URL(req.url).searchParams.get("cursor");
+    if (raw !== "0") cursors.push(raw);
+    const { socket, response } = Deno.upgradeWebSocket(req);
+    socket.onopen = () => {
+      if (raw !== null) {
+        for (const ev of held) if (ev.time_us >= Number(raw)) socket.send(JSON.stringify(ev));
+      }
+    };
+    return response;
+  });
+  await using db = await tempDb();
+  const instance = `ws://127.0.0.1:${server.addr.port}/subscribe`;
+  const began = Date.now() * 1000;
+  const first = await runBackfillSync({ instance, kv: db.path, maxTime: 0.5 });
+  assert.equal(first.stopReason, "max_time", first.error);
+  assert.equal(first.recordsStored, 0);
+  const between = commit(Date.now() * 1000, { did: did(9) });
+  held.push(between);
+  await new Promise((resolve) => setTimeout(resolve, 100));
+  const resumed = await runBackfillSync({ kv: db.path, resume: true, maxTime: 1 });
+  assert.equal(resumed.recordsStored, 1, JSON.stringify({ resumed, cursors }));
+  assert.deepEqual(await queueEvents(db.path), [between]);
+  // The first tail's connection asked for no cursor; the resume's, from when that tail began.
+  assert.equal(cursors[0], null);
+  const asked = Number(cursors[1]);
+  assert.ok(asked >= began - 5_000_000 && asked <= began - 4_000_000, JSON.stringify({ cursors, began }));
+});

@@ -181,6 +181,12 @@ export interface RunState {
    */
   tailFrom?: { us: number; instance: string };
   /**
+   * When a live tail began (it took the queue), unix µs by this machine's clock: a resume of one that
+   * stored nothing asks from there, as its reconnects did, rather than from the moment it is resumed
+   * (what came in between would be lost). Absent with a start, and in checkpoints of older versions.
+   */
+  tailBeganUs?: number;
+  /**
    * The highest `time_us` of the records the run stored. On a v2 host it can be far later than the
    * checkpoint's `cursor`: an operator's import gives events display times years old (protocol doc
    * §3.2), and the last record stored may be one of them. Absent in checkpoints of older versions.
