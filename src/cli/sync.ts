@@ -55,7 +55,8 @@ Connection:
                           (default jetstream1.us-east.bsky.network)
   --wire v1|v2            /subscribe (v1, every server) or subscribeEvents (v2 servers); default
                           v2 for jetstream.us-east/us-west.bsky.network (v1 with over 50
-                          DIDs, which v2 takes in the URL only), v1 otherwise
+                          DIDs or 1,600 characters of them, which v2 takes in the URL only),
+                          v1 otherwise
   --compress              ask for zstd-compressed frames
   --no-compress           with --resume, do not (when the last run did)
   --zstd-dictionary PATH  the zstd dictionary for --compress (else $JETFILL_ZSTD_DICTIONARY, a
