@@ -204,7 +204,7 @@ function differences(a: Record<string, unknown>, b: Record<string, unknown>): st
  *
  * @example
  * ```ts
- * import { runBackfillSync } from "./backfill.ts";
+ * import { runBackfillSync } from "@jetfill/jetfill";
  * // The posts and likes of an hour that ended an hour ago (Jetstream keeps a day or so of history).
  * const hourUs = 3_600_000_000;
  * const nowUs = Date.now() * 1000;

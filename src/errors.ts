@@ -10,7 +10,7 @@
  *
  * @example
  * ```ts
- * import { UsageError } from "./errors.ts";
+ * import { UsageError } from "@jetfill/jetfill";
  * throw new UsageError("Cannot sync as 'batchSize' must be a positive integer: current value is 0");
  * ```
  */

@@ -453,7 +453,7 @@ export const SyncOptionsSchema = z.strictObject({
  *
  * @example
  * ```ts
- * import { instanceUrl } from "./options.ts";
+ * import { instanceUrl } from "@jetfill/jetfill";
  * instanceUrl("jetstream2.us-west.bsky.network"); // "wss://jetstream2.us-west.bsky.network/subscribe"
  * instanceUrl("ws://127.0.0.1:6008"); // "ws://127.0.0.1:6008/subscribe"
  * instanceUrl("jetstream.us-east.bsky.network"); // "wss://jetstream.us-east.bsky.network/xrpc/network.bsky.jetstream.subscribeEvents"
@@ -612,7 +612,7 @@ function unitHint(value: string | number | Date): string {
  *
  * @example
  * ```ts
- * import { resolveSyncOptions } from "./options.ts";
+ * import { resolveSyncOptions } from "@jetfill/jetfill";
  * const o = resolveSyncOptions({ startTimestamp: "2024-01-01", numRecords: 50 });
  * o.startUs; // 1704067200000000
  * ```

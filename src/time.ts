@@ -58,7 +58,7 @@ function utcUs(
  *
  * @example
  * ```ts
- * import { parseTimestamp } from "./time.ts";
+ * import { parseTimestamp } from "@jetfill/jetfill";
  * parseTimestamp("2024-01-01"); // 1704067200000000
  * parseTimestamp("2024-01-01-12:30:00"); // 1704112200000000
  * parseTimestamp("2024-01-01T14:30:00+02:00"); // 1704112200000000
@@ -103,7 +103,7 @@ export function parseTimestamp(input: string | number | Date): number | undefine
  *
  * @example
  * ```ts
- * import { utcDate } from "./time.ts";
+ * import { utcDate } from "@jetfill/jetfill";
  * utcDate(1725911162329308); // "2024-09-09"
  * ```
  */
@@ -116,7 +116,7 @@ export function utcDate(us: number): string {
  *
  * @example
  * ```ts
- * import { isoFromUs } from "./time.ts";
+ * import { isoFromUs } from "@jetfill/jetfill";
  * isoFromUs(1725911162329308); // "2024-09-09T19:46:02.329308Z"
  * ```
  */

@@ -74,7 +74,7 @@ function entries(o: Record<string, unknown>): string {
  * @example
  * ```ts
  * import { formatStatus } from "./status.ts";
- * import { queueStatus } from "../queue/status.ts";
+ * import { queueStatus } from "@jetfill/jetfill";
  * const kv = await Deno.openKv("./jetfill-data/jetstream_sync.sqlite");
  * console.log(formatStatus(await queueStatus(kv, "jetstream_sync"), "./jetfill-data/jetstream_sync.sqlite"));
  * kv.close();

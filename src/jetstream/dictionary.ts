@@ -27,7 +27,7 @@ export { LEGACY_DICTIONARY_SHA256 };
  *
  * @example
  * ```ts
- * import { ZSTD_DICTIONARY_ENV } from "./dictionary.ts";
+ * import { ZSTD_DICTIONARY_ENV } from "@jetfill/jetfill";
  * Deno.env.set(ZSTD_DICTIONARY_ENV, "/etc/jetfill/legacy_subscribe.zdict");
  * ```
  */
@@ -42,7 +42,7 @@ export const DICTIONARY_OPTION = "--zstd-dictionary / zstdDictionary";
  *
  * @example
  * ```ts
- * import { DEFAULT_DICTIONARY_URLS, resolveZstdDictionary } from "./dictionary.ts";
+ * import { DEFAULT_DICTIONARY_URLS, resolveZstdDictionary } from "@jetfill/jetfill";
  * const mirror = "https://mirror.example/legacy_subscribe.zdict";
  * await resolveZstdDictionary({ downloadUrls: [mirror, ...DEFAULT_DICTIONARY_URLS] });
  * ```
@@ -63,7 +63,7 @@ const MAX_DOWNLOAD_BYTES = 16 * 1024 * 1024;
  *
  * @example
  * ```ts
- * import { resolveZstdDictionary, type ResolveZstdDictionaryOptions } from "./dictionary.ts";
+ * import { resolveZstdDictionary, type ResolveZstdDictionaryOptions } from "@jetfill/jetfill";
  * const options: ResolveZstdDictionaryOptions = { cacheDir: "/var/cache/jetfill", signal: AbortSignal.timeout(30_000) };
  * await resolveZstdDictionary(options);
  * ```
@@ -123,7 +123,7 @@ export interface ResolveZstdDictionaryOptions {
  *
  * @example
  * ```ts
- * import { resolveZstdDictionary, type ZstdDictionarySource } from "./dictionary.ts";
+ * import { resolveZstdDictionary, type ZstdDictionarySource } from "@jetfill/jetfill";
  * const source: ZstdDictionarySource = (await resolveZstdDictionary()).source;
  * ```
  */
@@ -134,7 +134,7 @@ export type ZstdDictionarySource = "option" | "env" | "cache" | "download";
  *
  * @example
  * ```ts
- * import { resolveZstdDictionary, type ResolvedZstdDictionary } from "./dictionary.ts";
+ * import { resolveZstdDictionary, type ResolvedZstdDictionary } from "@jetfill/jetfill";
  * const resolved: ResolvedZstdDictionary = await resolveZstdDictionary();
  * console.log(`dictionary ${resolved.dictionaryId} from ${resolved.path ?? resolved.source}`);
  * ```
@@ -162,8 +162,8 @@ export interface ResolvedZstdDictionary {
  *
  * @example
  * ```ts
- * import { resolveZstdDictionary } from "./dictionary.ts";
- * import { createZstdDecoder } from "./zstd.ts";
+ * import { resolveZstdDictionary } from "@jetfill/jetfill";
+ * import { createZstdDecoder } from "@jetfill/jetfill";
  * const { bytes, source } = await resolveZstdDictionary({ dictionary: "./legacy_subscribe.zdict" });
  * console.log(source); // "option"
  * const decoder = await createZstdDecoder(bytes);

@@ -24,7 +24,7 @@ import { show } from "../errors.ts";
  *
  * @example
  * ```ts
- * import { frameDictionaryId, LEGACY_DICTIONARY_ID } from "./zstd.ts";
+ * import { frameDictionaryId, LEGACY_DICTIONARY_ID } from "@jetfill/jetfill";
  * const frame = await Deno.readFile("event.json.zst");
  * console.log(frameDictionaryId(frame) === LEGACY_DICTIONARY_ID);
  * ```
@@ -36,7 +36,7 @@ export const LEGACY_DICTIONARY_ID = 1612007021;
  *
  * @example
  * ```ts
- * import { dictionaryIdOf, V2_DICTIONARY_ID } from "./zstd.ts";
+ * import { dictionaryIdOf, V2_DICTIONARY_ID } from "@jetfill/jetfill";
  * const dictionary = await Deno.readFile("subscribe_events_20260811.zdict");
  * console.log(dictionaryIdOf(dictionary) === V2_DICTIONARY_ID); // true
  * ```
@@ -65,7 +65,7 @@ const JETSTREAM_DICTIONARIES: ReadonlyMap<number, { file: string; sha256: string
  *
  * @example
  * ```ts
- * import { LEGACY_DICTIONARY_SHA256 } from "./zstd.ts";
+ * import { LEGACY_DICTIONARY_SHA256 } from "@jetfill/jetfill";
  * const bytes = await Deno.readFile("legacy_subscribe.zdict");
  * const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", bytes));
  * console.log(Array.from(digest, (b) => b.toString(16).padStart(2, "0")).join("") === LEGACY_DICTIONARY_SHA256);
@@ -92,7 +92,7 @@ export function publishedDictionary(dictionaryId: number): { file: string; sha25
  *
  * @example
  * ```ts
- * import { createZstdDecoder, DEFAULT_MAX_DECODED_BYTES } from "./zstd.ts";
+ * import { createZstdDecoder, DEFAULT_MAX_DECODED_BYTES } from "@jetfill/jetfill";
  * const dictionary = await Deno.readFile("legacy_subscribe.zdict");
  * const decoder = await createZstdDecoder(dictionary, { maxDecodedBytes: DEFAULT_MAX_DECODED_BYTES / 4 });
  * ```
@@ -117,7 +117,7 @@ export type ZstdDecodeErrorReason = "dictionary-mismatch" | "corrupt" | "too-lar
  *
  * @example
  * ```ts
- * import { createZstdDecoder, ZstdDecodeError } from "./zstd.ts";
+ * import { createZstdDecoder, ZstdDecodeError } from "@jetfill/jetfill";
  * const decoder = await createZstdDecoder(await Deno.readFile("legacy_subscribe.zdict"));
  * try {
  *   decoder.decode(new Uint8Array([1, 2, 3]));
@@ -153,7 +153,7 @@ export class ZstdDecodeError extends Error {
  *
  * @example
  * ```ts
- * import { createZstdDecoder, type ZstdDecoderOptions } from "./zstd.ts";
+ * import { createZstdDecoder, type ZstdDecoderOptions } from "@jetfill/jetfill";
  * const options: ZstdDecoderOptions = { maxDecodedBytes: 4 * 1024 * 1024 };
  * const decoder = await createZstdDecoder(await Deno.readFile("legacy_subscribe.zdict"), options);
  * ```
@@ -175,7 +175,7 @@ export interface ZstdDecoderOptions {
  *
  * @example
  * ```ts
- * import { createZstdDecoder, type ZstdDecoder } from "./zstd.ts";
+ * import { createZstdDecoder, type ZstdDecoder } from "@jetfill/jetfill";
  * const decoder: ZstdDecoder = await createZstdDecoder(await Deno.readFile("legacy_subscribe.zdict"));
  * const json = new TextDecoder().decode(decoder.decode(await Deno.readFile("event.json.zst")));
  * ```
@@ -203,7 +203,7 @@ export interface ZstdDecoder {
  *
  * @example
  * ```ts
- * import { createZstdEncoder, type ZstdEncoder } from "./zstd.ts";
+ * import { createZstdEncoder, type ZstdEncoder } from "@jetfill/jetfill";
  * const encoder: ZstdEncoder = await createZstdEncoder(await Deno.readFile("legacy_subscribe.zdict"));
  * const frame = encoder.encode(new TextEncoder().encode('{"kind":"commit"}'));
  * ```
@@ -235,7 +235,7 @@ const DICTIONARY_MAGIC = 0xec30a437;
  *
  * @example
  * ```ts
- * import { frameDictionaryId, LEGACY_DICTIONARY_ID } from "./zstd.ts";
+ * import { frameDictionaryId, LEGACY_DICTIONARY_ID } from "@jetfill/jetfill";
  * const frame = await Deno.readFile("event.json.zst");
  * if (frameDictionaryId(frame) === LEGACY_DICTIONARY_ID) console.log("needs the legacy dictionary");
  * ```
@@ -267,7 +267,7 @@ export function startsAsZstdFrame(bytes: Uint8Array): boolean {
  *
  * @example
  * ```ts
- * import { dictionaryIdOf, LEGACY_DICTIONARY_ID } from "./zstd.ts";
+ * import { dictionaryIdOf, LEGACY_DICTIONARY_ID } from "@jetfill/jetfill";
  * const dictionary = await Deno.readFile("legacy_subscribe.zdict");
  * console.log(dictionaryIdOf(dictionary) === LEGACY_DICTIONARY_ID); // true
  * ```
@@ -295,7 +295,7 @@ export function dictionaryIdOf(dictionary: Uint8Array): number {
  *
  * @example
  * ```ts
- * import { createZstdDecoder } from "./zstd.ts";
+ * import { createZstdDecoder } from "@jetfill/jetfill";
  * const decoder = await createZstdDecoder(await Deno.readFile("legacy_subscribe.zdict"));
  * const socket = new WebSocket("wss://jetstream1.us-east.bsky.network/subscribe?compress=true");
  * socket.binaryType = "arraybuffer";
@@ -366,7 +366,7 @@ function decoderSettings(
  *
  * @example
  * ```ts
- * import { createZstdDecoder, createZstdEncoder } from "./zstd.ts";
+ * import { createZstdDecoder, createZstdEncoder } from "@jetfill/jetfill";
  * const dictionary = await Deno.readFile("legacy_subscribe.zdict");
  * const encoder = await createZstdEncoder(dictionary);
  * const decoder = await createZstdDecoder(dictionary);
@@ -414,7 +414,7 @@ export type ZstdDecompressionStreamInit =
  *
  * @example
  * ```ts
- * import { ZstdDecompressionStream } from "./zstd.ts";
+ * import { ZstdDecompressionStream } from "@jetfill/jetfill";
  * const dictionary = await Deno.readFile("legacy_subscribe.zdict");
  * const frames = ReadableStream.from([await Deno.readFile("event.json.zst")]);
  * for await (const json of frames.pipeThrough(new ZstdDecompressionStream({ dictionary }))) {

@@ -1563,7 +1563,7 @@ async function refuseUnknownQueue(kv: Deno.Kv, queue: string, where: string): Pr
  *
  * @example
  * ```ts
- * import { consume } from "./consume.ts";
+ * import { consume } from "@jetfill/jetfill";
  * const controller = new AbortController();
  * Deno.addSignalListener("SIGINT", () => controller.abort());
  * await Deno.mkdir("./out", { recursive: true });

@@ -30,7 +30,7 @@ export interface DeadLetter {
  *
  * @example
  * ```ts
- * import { deadLetters } from "./dead_letters.ts";
+ * import { deadLetters } from "@jetfill/jetfill";
  * const kv = await Deno.openKv("./jetfill-data/jetstream_sync.sqlite");
  * for (const letter of await deadLetters(kv, "jetstream_sync")) {
  *   if (!letter.handled) console.log(`message ${letter.seq}: ${letter.records} events never handled`);
@@ -73,7 +73,7 @@ export async function deadLettersOf(kv: Deno.Kv, queue: string): Promise<DeadLet
  *
  * @example
  * ```ts
- * import { requeueDeadLetters } from "./dead_letters.ts";
+ * import { requeueDeadLetters } from "@jetfill/jetfill";
  * const kv = await Deno.openKv("./jetfill-data/jetstream_sync.sqlite");
  * console.log(`${await requeueDeadLetters(kv, "jetstream_sync")} messages requeued`);
  * kv.close();

@@ -284,7 +284,7 @@ export async function ensureOpenKv(kv: Deno.Kv, verb: string): Promise<Deno.Kv> 
  *
  * @example
  * ```ts ignore
- * import { openKvAt, runBackfillSync } from "./mod.ts";
+ * import { openKvAt, runBackfillSync } from "@jetfill/jetfill";
  * const kv = await openKvAt("./jetfill-data/jetstream_sync.sqlite");
  * await runBackfillSync({ kv, numRecords: 1000 });
  * kv.close();

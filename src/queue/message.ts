@@ -34,7 +34,7 @@ export interface QueueMessage {
  *
  * @example
  * ```ts
- * import { isQueueMessage } from "./message.ts";
+ * import { isQueueMessage } from "@jetfill/jetfill";
  * isQueueMessage({ v: 1, queue: "q", seq: 1, cursor: 1, records: [] }); // true
  * ```
  */
@@ -57,7 +57,7 @@ export function isQueueMessage(value: unknown): value is QueueMessage {
  *
  * @example
  * ```ts
- * import { repackMessage } from "./message.ts";
+ * import { repackMessage } from "@jetfill/jetfill";
  * const kv = await Deno.openKv("./jetfill-data/jetstream_sync.sqlite");
  * // A message that an application of its own kept aside under a key of its own, back into the queue:
  * const kept = await kv.get(["my-app", "kept", 1]);
@@ -99,7 +99,7 @@ function rebuilt(value: unknown): unknown {
  *
  * @example
  * ```ts
- * import { decodeQueueMessage } from "./message.ts";
+ * import { decodeQueueMessage } from "@jetfill/jetfill";
  * const kv = await Deno.openKv("./jetfill-data/jetstream_sync.sqlite");
  * // Takes the messages as they come, until Ctrl-C (kv.close() ends the listener).
  * Deno.addSignalListener("SIGINT", () => kv.close());

@@ -181,7 +181,7 @@ export async function dropStaleSignsOfLife(
  *
  * @example
  * ```ts
- * import { requeueParked } from "./parking.ts";
+ * import { requeueParked } from "@jetfill/jetfill";
  * const kv = await Deno.openKv("./jetfill-data/jetstream_sync.sqlite");
  * console.log(`${await requeueParked(kv, "jetstream_sync")} parked messages back in the queue`);
  * kv.close();

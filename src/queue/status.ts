@@ -143,7 +143,7 @@ async function parkedRecords(kv: Deno.Kv, queue: string, waiting: Set<number>): 
  *
  * @example
  * ```ts
- * import { queueLength } from "./status.ts";
+ * import { queueLength } from "@jetfill/jetfill";
  * const kv = await Deno.openKv(":memory:");
  * await queueLength(kv, "jetstream_sync"); // 0
  * kv.close();
@@ -234,7 +234,7 @@ async function smallerFigure(
  *
  * @example
  * ```ts
- * import { queueStatus } from "./status.ts";
+ * import { queueStatus } from "@jetfill/jetfill";
  * const kv = await Deno.openKv("./jetfill-data/jetstream_sync.sqlite");
  * const s = await queueStatus(kv, "jetstream_sync");
  * console.log(`${s.messagesWaiting} messages (${s.recordsWaiting} records) waiting, ${s.deadLetters} dead`);

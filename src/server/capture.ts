@@ -88,7 +88,7 @@ function parseLine(line: string): CaptureEvent {
  *
  * @example
  * ```ts
- * import { parseCapture } from "./capture.ts";
+ * import { parseCapture } from "@jetfill/jetfill";
  * const events = parseCapture([
  *   '{"did":"did:plc:abc","time_us":1725911162329308,"kind":"identity","identity":{"did":"did:plc:abc","seq":1,"time":"2024-09-09T19:46:02.102Z"}}',
  * ]);
@@ -121,7 +121,7 @@ export function parseCapture(lines: string[], source = "capture"): CaptureEvent[
  *
  * @example
  * ```ts
- * import { loadCapture } from "./capture.ts";
+ * import { loadCapture } from "@jetfill/jetfill";
  * const events = await loadCapture("capture.ndjson");
  * console.log(`${events.length} events`);
  * ```

@@ -29,7 +29,7 @@ export const INVALID_OPTIONS = "invalid subscriber options";
  *
  * @example
  * ```ts
- * import { MAX_WANTED_COLLECTIONS } from "./options.ts";
+ * import { MAX_WANTED_COLLECTIONS } from "@jetfill/jetfill";
  * console.log(MAX_WANTED_COLLECTIONS); // 100
  * ```
  */
@@ -39,7 +39,7 @@ export const MAX_WANTED_COLLECTIONS = 100;
  *
  * @example
  * ```ts
- * import { MAX_WANTED_DIDS } from "./options.ts";
+ * import { MAX_WANTED_DIDS } from "@jetfill/jetfill";
  * console.log(MAX_WANTED_DIDS); // 10000
  * ```
  */

@@ -312,7 +312,7 @@ export interface ConnectionRecord {
  *
  * @example
  * ```ts
- * import { serveJetstream } from "./server.ts";
+ * import { serveJetstream } from "@jetfill/jetfill";
  * const server = serveJetstream({ events: [] });
  * console.log(server.url); // ws://127.0.0.1:PORT/subscribe
  * await server.shutdown();
@@ -736,9 +736,9 @@ interface Refusal {
  *
  * @example
  * ```ts
- * import { generateCapture } from "./synth.ts";
- * import { parseCapture } from "./capture.ts";
- * import { serveJetstream } from "./server.ts";
+ * import { generateCapture } from "@jetfill/jetfill";
+ * import { parseCapture } from "@jetfill/jetfill";
+ * import { serveJetstream } from "@jetfill/jetfill";
  *
  * const events = parseCapture(generateCapture({ count: 100, seed: 1 }));
  * await using server = serveJetstream({ events, closeAtEnd: true, version: "v2" });

@@ -432,7 +432,7 @@ class Generator {
  *
  * @example
  * ```ts
- * import { generateCapture } from "./synth.ts";
+ * import { generateCapture } from "@jetfill/jetfill";
  * const lines = generateCapture({ count: 1000, seed: 7, startUs: 1_770_000_000_000_000 });
  * await Deno.writeTextFile("capture.ndjson", lines.join("\n") + "\n");
  * ```

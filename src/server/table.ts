@@ -90,8 +90,8 @@ function utf8Length(text: string): number {
  *
  * @example
  * ```ts
- * import { parseCapture } from "./capture.ts";
- * import { generateCapture } from "./synth.ts";
+ * import { parseCapture } from "@jetfill/jetfill";
+ * import { generateCapture } from "@jetfill/jetfill";
  * import { EventTable } from "./table.ts";
  * const table = new EventTable(parseCapture(generateCapture({ count: 10, seed: 1 })), { seqBase: 1000 });
  * console.log(table.seq(0), table.v1Text(0).includes('"cursor":1001')); // 1001 true
