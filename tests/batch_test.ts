@@ -262,7 +262,7 @@ Deno.test("decodeQueueMessage() names the message and the entry of a compressed 
   );
   assert.throws(
     () => decodeQueueMessage({ ...message, compressed: ["text"] }),
-    /compressed\[0\] \("text" \(a string\)\) is not the gzip/,
+    /^TypeError: Cannot decode queue message: expected \{ v: 1, queue, seq, cursor, records \}: 'compressed\[0\]' is "text" \(a string\), expected bytes \(a Uint8Array\)$/,
   );
   // The gzip of JSON that is no object: not an event. (Before, it was returned as one.)
   assert.throws(
@@ -277,7 +277,10 @@ Deno.test("decodeQueueMessage() names the field of a value that is not a queue m
   const message = { v: 1, queue: "q", seq: 3, cursor: 0, records: [{ did: "did:plc:x" }] };
   const cases: [unknown, string][] = [
     [{ ...message, v: 2 }, "'v' is 2, expected 1"],
-    [{ ...message, seq: "1" }, `'seq' is "1" (a string), expected a number`],
+    [{ ...message, seq: "1" }, `'seq' is "1" (a string), expected a whole number from 1`],
+    // (Before: taken for a message, though seqs count from 1.)
+    [{ ...message, seq: 0 }, "'seq' is 0, expected a whole number from 1"],
+    [{ ...message, seq: 1.5 }, "'seq' is 1.5, expected a whole number from 1"],
     [{ ...message, records: "x" }, `'records' is "x" (a string), expected an array`],
     [{ ...message, records: undefined }, "'records' is missing, expected an array"],
     [{ ...message, compressed: {} }, "'compressed' is an object without keys, expected an array, or nothing"],

@@ -30,7 +30,8 @@ export interface QueueMessage {
 }
 
 /**
- * Whether `value` has the shape of a {@link QueueMessage}.
+ * Whether `value` has the shape of a {@link QueueMessage}: `v` 1, a `queue` name, a `seq` counted
+ * from 1, a numeric `cursor`, a `records` array and, if any, `compressed` entries that are bytes.
  *
  * @example
  * ```ts
@@ -41,9 +42,13 @@ export interface QueueMessage {
 export function isQueueMessage(value: unknown): value is QueueMessage {
   if (typeof value !== "object" || value === null) return false;
   const m = value as Record<string, unknown>;
-  return m.v === 1 && typeof m.queue === "string" && typeof m.seq === "number" &&
-    typeof m.cursor === "number" &&
-    Array.isArray(m.records) && (m.compressed === undefined || Array.isArray(m.compressed));
+  return m.v === 1 && typeof m.queue === "string" && Number.isSafeInteger(m.seq) && (m.seq as number) >= 1 &&
+    typeof m.cursor === "number" && Array.isArray(m.records) &&
+    (m.compressed === undefined || Array.isArray(m.compressed) && m.compressed.every(isBytes));
+}
+
+function isBytes(value: unknown): boolean {
+  return value instanceof Uint8Array;
 }
 
 /**
@@ -156,10 +161,12 @@ function shapeProblem(value: unknown): string {
     `${expected}: '${name}' is ${describe(m[name])}, expected ${want}`;
   if (m.v !== 1) return field("v", "1");
   if (typeof m.queue !== "string") return field("queue", "a string");
-  if (typeof m.seq !== "number") return field("seq", "a number");
+  if (!Number.isSafeInteger(m.seq) || (m.seq as number) < 1) return field("seq", "a whole number from 1");
   if (typeof m.cursor !== "number") return field("cursor", "a number");
   if (!Array.isArray(m.records)) return field("records", "an array");
-  return field("compressed", "an array, or nothing");
+  if (!Array.isArray(m.compressed)) return field("compressed", "an array, or nothing");
+  const at = m.compressed.findIndex((e) => !isBytes(e));
+  return `${expected}: 'compressed[${at}]' is ${describe(m.compressed[at])}, expected bytes (a Uint8Array)`;
 }
 
 /** A value, shortly, for an error message: strings quoted, objects by their first keys. */
