@@ -86,7 +86,8 @@ export interface BackfillSyncOptions {
    */
   maxTime?: number;
   /**
-   * The queue's name; it also names the default database file.
+   * The queue's name: 1 to 100 letters, digits, `_`, `.` or `-`, starting with a letter or digit. It
+   * also names the default database file.
    * @default {"jetstream_sync"}
    */
   queueName?: string;

@@ -788,7 +788,18 @@ export function counterValue(entry: Deno.KvEntryMaybe<unknown>): number {
   return v instanceof Deno.KvU64 ? Number(v.value) : 0;
 }
 
-/** Reads a queue's checkpoint. */
+/**
+ * Reads a queue's checkpoint: its entry, whose `value` is null while no run has taken the queue.
+ *
+ * @example
+ * ```ts
+ * import { readCheckpoint } from "@jetfill/jetfill";
+ * const kv = await Deno.openKv("./jetfill-data/jetstream_sync.sqlite");
+ * const checkpoint = (await readCheckpoint(kv, "jetstream_sync")).value;
+ * console.log(checkpoint?.seq ?? 0, "messages enqueued; last cursor", checkpoint?.cursor);
+ * kv.close();
+ * ```
+ */
 export async function readCheckpoint(kv: Deno.Kv, queue: string): Promise<Deno.KvEntryMaybe<Checkpoint>> {
   const entry = await kv.get<Checkpoint>(queueKey(queue, "checkpoint"));
   const run = entry.value?.run;

@@ -77,6 +77,17 @@ export interface CommitReport {
  * Another sync is writing the queue. `runBackfillSync()` rejects with it before connecting when a
  * sync that is running holds the queue, and a run stops with its message (`stopReason: "error"`)
  * when another writer took the queue during the run; what was stored stays as it is.
+ *
+ * @example
+ * ```ts
+ * import { ConcurrentWriterError, runBackfillSync } from "@jetfill/jetfill";
+ * try {
+ *   await runBackfillSync({ kv: "./jetfill-data/jetstream_sync.sqlite" });
+ * } catch (err) {
+ *   if (!(err instanceof ConcurrentWriterError)) throw err;
+ *   console.error("another sync is writing this queue:", err.message);
+ * }
+ * ```
  */
 export class ConcurrentWriterError extends Error {
   /**
