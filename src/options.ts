@@ -20,6 +20,13 @@ import type { DateChange, SyncErrorReport, SyncProgress } from "./stats.ts";
 /**
  * The public Jetstream hosts: the four numbered legacy hosts (v1 wire, µs cursors), then the two
  * v2 hosts (protocol doc §0). The first is the default instance.
+ *
+ * @example
+ * ```ts
+ * import { PUBLIC_INSTANCES, runBackfillSync } from "@jetfill/jetfill";
+ * // Every legacy host in turn, should one be down.
+ * await runBackfillSync({ instance: PUBLIC_INSTANCES.slice(0, 4), numRecords: 100 });
+ * ```
  */
 export const PUBLIC_INSTANCES: readonly string[] = [
   "jetstream1.us-east.bsky.network",
@@ -35,7 +42,24 @@ export const MAX_WANTED_DIDS = 10_000;
 /** Jetstream's own limits on one subscription (protocol doc §1.1). */
 export const MAX_WANTED_COLLECTIONS = 100;
 
-/** Options of {@link runBackfillSync}. Every field is optional. */
+/**
+ * Options of {@link runBackfillSync}. Every field is optional.
+ *
+ * @example
+ * ```ts
+ * import { type BackfillSyncOptions, runBackfillSync } from "@jetfill/jetfill";
+ * // Every post and like of two accounts over two days, into ./likes.sqlite.
+ * const options: BackfillSyncOptions = {
+ *   wantedDids: ["did:plc:z72i7hdynmk6r22z27h6tvur", "did:web:example.com"],
+ *   wantedCollections: ["app.bsky.feed.post", "app.bsky.feed.like"],
+ *   startTimestamp: "2026-11-23",
+ *   endTimestamp: "2026-11-25",
+ *   numRecords: 50_000,
+ *   kv: "./likes.sqlite",
+ * };
+ * const stats = await runBackfillSync(options);
+ * ```
+ */
 export interface BackfillSyncOptions {
   /** DIDs to keep (`did:plc:` or `did:web:`); all accounts when empty. At most 10,000. */
   wantedDids?: readonly string[];

@@ -6,7 +6,16 @@
  */
 import { utcDate } from "./time.ts";
 
-/** Why a run stopped. */
+/**
+ * Why a run stopped.
+ *
+ * @example
+ * ```ts
+ * import { runBackfillSync } from "@jetfill/jetfill";
+ * const { stopReason, error } = await runBackfillSync({ numRecords: 100 });
+ * if (stopReason === "error") console.error(error);
+ * ```
+ */
 export type StopReason = "limit" | "end" | "max_time" | "aborted" | "closed" | "error";
 
 /** Why a frame was received but not stored. */
@@ -21,7 +30,17 @@ export type SkipReason =
   | "decode_failed"
   | "oversized";
 
-/** The statistics of a run: the original specification's fields in camelCase, and more. */
+/**
+ * The statistics of a run: the original specification's fields in camelCase, and more.
+ *
+ * @example
+ * ```ts
+ * import { runBackfillSync, type SyncStats } from "@jetfill/jetfill";
+ * const stats: SyncStats = await runBackfillSync({ startTimestamp: "2026-11-28", numRecords: 1000 });
+ * console.log(`${stats.recordsStored} records in ${stats.totalTime.toFixed(1)} s (${stats.stopReason})`);
+ * for (const [day, n] of Object.entries(stats.recordsPerDay)) console.log(day, n);
+ * ```
+ */
 export interface SyncStats {
   /** Records stored in the queue by this run (durably committed). */
   recordsStored: number;
@@ -87,7 +106,17 @@ export interface SyncStats {
   error?: string;
 }
 
-/** A progress report, sent while the run goes on. */
+/**
+ * A progress report, sent while the run goes on.
+ *
+ * @example
+ * ```ts
+ * import { runBackfillSync, type SyncProgress } from "@jetfill/jetfill";
+ * const show = (p: SyncProgress) =>
+ *   console.error(`${p.recordsStored} records, ${p.rate.toFixed(0)}/s, ${p.percent ?? "?"} % of the window`);
+ * await runBackfillSync({ startTimestamp: "2026-11-28", endTimestamp: "2026-11-29", onProgress: show });
+ * ```
+ */
 export interface SyncProgress {
   /** Records durably stored so far. */
   recordsStored: number;
@@ -111,6 +140,13 @@ export interface SyncProgress {
  * The UTC date of processed events moved from one day to another. For the first event processed,
  * the day before is the start timestamp's (on a resume, the last stored record's), as in the
  * original: a run that starts on a day with no event selected reports a change at its first one.
+ *
+ * @example
+ * ```ts
+ * import { type DateChange, runBackfillSync } from "@jetfill/jetfill";
+ * const onDateChange = ({ from, to }: DateChange) => console.error(`${from} done, now ${to}`);
+ * await runBackfillSync({ startTimestamp: "2026-11-27", endTimestamp: "2026-11-29", onDateChange });
+ * ```
  */
 export interface DateChange {
   /** The previous date: the last event processed's, or before the first, the start's (see above). */
@@ -121,7 +157,18 @@ export interface DateChange {
   timeUs: number;
 }
 
-/** Something went wrong with one frame or one connection; the run goes on unless it says otherwise. */
+/**
+ * Something went wrong with one frame or one connection; the run goes on unless it says otherwise.
+ *
+ * @example
+ * ```ts
+ * import { runBackfillSync, type SyncErrorReport } from "@jetfill/jetfill";
+ * const onError = (r: SyncErrorReport) => {
+ *   if (r.reason === "coverage") console.warn(`events may be missing: ${r.message}`);
+ * };
+ * await runBackfillSync({ startTimestamp: "2026-11-20", onError });
+ * ```
+ */
 export interface SyncErrorReport {
   /** What kind of problem. */
   reason: SkipReason | "connection" | "retry" | "coverage" | "info" | "lock" | "queue";

@@ -72,7 +72,24 @@ export interface AccountEvent extends EventBase {
   account: { did: string; active: boolean; seq: number; time: string; status?: string };
 }
 
-/** Any event of the `/subscribe` wire. */
+/**
+ * Any event of the `/subscribe` wire.
+ *
+ * @example
+ * ```ts
+ * import type { JetstreamEvent } from "@jetfill/jetfill";
+ * function describe(e: JetstreamEvent): string {
+ *   switch (e.kind) {
+ *     case "commit":
+ *       return `${e.did} ${e.commit.operation} ${e.commit.collection}/${e.commit.rkey}`;
+ *     case "identity":
+ *       return `${e.did} is now ${e.identity.handle ?? "without a handle"}`;
+ *     case "account":
+ *       return `${e.did} is ${e.account.active ? "active" : "inactive"}`;
+ *   }
+ * }
+ * ```
+ */
 export type JetstreamEvent = CommitEvent | IdentityEvent | AccountEvent;
 
 /**

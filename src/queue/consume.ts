@@ -222,7 +222,21 @@ export interface ConsumeErrorReport {
   error?: unknown;
 }
 
-/** Options of {@link consume}. */
+/**
+ * Options of {@link consume}.
+ *
+ * @example
+ * ```ts
+ * import { consume, type ConsumeOptions } from "@jetfill/jetfill";
+ * // What is waiting in the queue, then stop.
+ * const options: ConsumeOptions = {
+ *   kv: "./jetfill-data/jetstream_sync.sqlite",
+ *   untilEmpty: true,
+ *   handler: (events, { seq }) => console.log(seq, events.length),
+ * };
+ * await consume(options);
+ * ```
+ */
 export interface ConsumeOptions {
   /** Called once per message with its events, in `seq` order as far as delivery allows. */
   handler: ConsumeHandler;
@@ -292,7 +306,16 @@ export type ConsumeStopReason =
   /** `untilEmpty`: the counters show messages waiting, but nothing arrived for `emptyTimeout`. */
   | "idle";
 
-/** What consume() did, when it stops. */
+/**
+ * What consume() did, when it stops.
+ *
+ * @example
+ * ```ts
+ * import { consume } from "@jetfill/jetfill";
+ * const result = await consume({ untilEmpty: true, handler: () => {} });
+ * console.log(`${result.messages} messages handled, ${result.failures} failures (${result.stopReason})`);
+ * ```
+ */
 export interface ConsumeResult {
   /** Messages handled (handler resolved, recorded as handled). */
   messages: number;

@@ -13,6 +13,17 @@ import type { JetstreamEvent } from "../jetstream/events.ts";
  * message on its own, or nested deeper than Deno KV can read back (over 256 levels of objects and
  * arrays), travels alone under `compressed`, as the gzip of its UTF-8 JSON; use
  * {@link decodeQueueMessage} to get every event whatever the form.
+ *
+ * @example
+ * ```ts
+ * import { decodeQueueMessage, isQueueMessage, type QueueMessage } from "@jetfill/jetfill";
+ * const kv = await Deno.openKv("./jetfill-data/jetstream_sync.sqlite");
+ * await kv.listenQueue((value: unknown) => {
+ *   if (!isQueueMessage(value)) return; // another program's message
+ *   const m: QueueMessage = value;
+ *   console.log(`message ${m.seq} of '${m.queue}':`, decodeQueueMessage(m).length, "events");
+ * });
+ * ```
  */
 export interface QueueMessage {
   /** Format version. */
