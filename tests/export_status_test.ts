@@ -830,34 +830,71 @@ Deno.test("jetfill export says what it leaves aside: the dead letters", async ()
   }
 });
 
-Deno.test("jetfill export --follow of a queue name the database never held says so, and waits for it", async () => {
+Deno.test("jetfill export --follow of a queue name the database never held says so, and waits for it without taking the others' messages", async () => {
   const dir = await tempDir();
   try {
     const path = `${dir}/q.sqlite`;
     await store(path, generateCapture({ count: 20, seed: 32 }), 10);
-    const child = new Deno.Command(Deno.execPath(), {
-      args: ["run", "-A", "--unstable-kv", CLI, "export", "--kv", path, "--queue-name", "other", "--follow"],
-      stdout: "piped",
-      stderr: "piped",
-      signal: AbortSignal.timeout(60_000),
-    }).spawn();
-    const reader = child.stderr.pipeThrough(new TextDecoderStream()).getReader();
-    let stderr = "";
-    while (!stderr.includes("\n")) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      stderr += value;
-    }
-    assert.equal(
-      stderr.split("\n")[0],
-      `jetfill export: queue 'other' has nothing in ${path}, which holds 'jetstream_sync'; waiting for a sync to write 'other' (see --queue-name)`,
+    const waited = `${dir}/other.ndjson`;
+    /** An export --follow of 'other', with its stderr line by line. */
+    const follow = () => {
+      const child = new Deno.Command(Deno.execPath(), {
+        args: [
+          ...["run", "-A", "--unstable-kv", CLI, "export", "--kv", path, "--queue-name", "other", "--follow"],
+          ...["--out", waited],
+        ],
+        stdout: "null",
+        stderr: "piped",
+        signal: AbortSignal.timeout(60_000),
+      }).spawn();
+      const reader = child.stderr.pipeThrough(new TextDecoderStream()).getReader();
+      let stderr = "";
+      const readLine = async () => {
+        while (!stderr.includes("\n")) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          stderr += value;
+        }
+        const [line] = stderr.split("\n");
+        stderr = stderr.slice(line.length + 1);
+        return line;
+      };
+      const stop = async () => {
+        killIfRunning(child, "SIGINT");
+        const { code } = await child.status;
+        const summary = await readLine();
+        reader.releaseLock();
+        await child.stderr.cancel().catch(() => {});
+        return { code, summary };
+      };
+      return { readLine, stop };
+    };
+    const waiting =
+      `jetfill export: queue 'other' has nothing in ${path}, which holds 'jetstream_sync'; waiting for a sync to write 'other' (see --queue-name)`;
+    // Stopped while it waits: it took nothing. (Before: it listened, and took the other queue's
+    // messages and put them back, over and over, hundreds a second.)
+    const idle = follow();
+    assert.equal(await idle.readLine(), waiting);
+    await new Promise((resolve) => setTimeout(resolve, 1500));
+    const stopped = await idle.stop();
+    assert.equal(stopped.code, 130);
+    assert.match(
+      stopped.summary,
+      /^jetfill export: 0 events from 0 messages appended to .*\/other\.ndjson; stopped by SIGINT: what was not written stays in the queue \(\d+\.\d s\)$/,
     );
-    killIfRunning(child, "SIGINT");
-    const status = await child.status;
-    reader.releaseLock();
-    await child.stderr.cancel().catch(() => {});
-    await child.stdout.cancel();
-    assert.equal(status.code, 130);
+    // Once a sync writes the queue, what comes is exported.
+    const picking = follow();
+    assert.equal(await picking.readLine(), waiting);
+    const kv = await Deno.openKv(path);
+    const theirs = await produce(kv, generateCapture({ count: 5, seed: 33 }), { queue: "other" })
+      .finally(() => kv.close());
+    for (let i = 0; i < 100 && lines(await Deno.readTextFile(waited)).length < 5; i++) {
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
+    const picked = await picking.stop();
+    assert.equal(picked.code, 130);
+    assert.match(picked.summary, /^jetfill export: 5 events from 1 message appended to /);
+    assert.deepEqual(lines(await Deno.readTextFile(waited)), theirs.map((e) => JSON.stringify(e)));
     // The queue it does hold is all still there.
     const rest = await jetfill("export", "--kv", path);
     assert.equal(lines(rest.stdout).length, 20);

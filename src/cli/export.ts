@@ -18,6 +18,7 @@ import {
   type StopSignal,
 } from "./args.ts";
 import { databaseExists, pathExists } from "../fs.ts";
+import { delay } from "../async.ts";
 import { basename, dirname, join, resolve } from "node:path";
 import { asRun, counted, flagsOnly, programName } from "./program.ts";
 
@@ -293,6 +294,9 @@ export function exportSummary(
   return `jetfill export: ${parts.join("; ")} (${r.elapsed.toFixed(1)} s)`;
 }
 
+/** How often `export --follow` looks whether a queue the database has never held was written, ms. */
+const QUEUE_POLL_MS = 1000;
+
 /**
  * Runs `jetfill export` with its arguments; resolves to the exit code.
  *
@@ -308,6 +312,27 @@ export async function exportCommand(args: string[]): Promise<number> {
     console.log(asRun(HELP));
     return 0;
   }
+  // From the start, and once: a signal listener removed and added again leaves a gap in which Deno
+  // passes a signal over.
+  const controller = new AbortController();
+  let interrupted: StopSignal | undefined;
+  const removeSignals = onStopSignals((signal) => {
+    interrupted = signal;
+    controller.abort();
+  });
+  try {
+    return await exportWith(v, controller, () => interrupted);
+  } finally {
+    removeSignals();
+  }
+}
+
+/** {@link exportCommand} once its flags are read, its stop signals going to `controller`. */
+async function exportWith(
+  v: Record<string, unknown>,
+  controller: AbortController,
+  interrupted: () => StopSignal | undefined,
+): Promise<number> {
   const { queue, path } = queueFlags(v);
   // ("-": stdout, as without --out.)
   const out = v.out === "-" ? undefined : v.out as string | undefined;
@@ -331,11 +356,16 @@ export async function exportCommand(args: string[]): Promise<number> {
     try {
       const unknown = await unknownQueue(kv, queue, path, "export");
       if (unknown && !v.follow) throw new UsageError(`Cannot export as ${unknown}: see --queue-name`);
-      // Following, it may be waiting for a sync; but a mistyped name waits for ever.
+      // Following, it may be waiting for a sync; but a mistyped name waits for ever. It waits for the
+      // queue to be written before it listens: listening would take the other queues' messages (KV's
+      // queue is one for the database) and put them back behind the rest, over and over.
       if (unknown) {
         console.error(
           `jetfill export: ${unknown}; waiting for a sync to write '${queue}' (see --queue-name)`,
         );
+        while (!controller.signal.aborted && await unknownQueue(kv, queue, path, "export") !== undefined) {
+          await delay(QUEUE_POLL_MS, controller.signal);
+        }
       }
     } finally {
       kv.close();
@@ -371,12 +401,6 @@ export async function exportCommand(args: string[]): Promise<number> {
     sink = stdoutSink();
   }
 
-  const controller = new AbortController();
-  let interrupted: StopSignal | undefined;
-  const removeSignals = onStopSignals((signal) => {
-    interrupted = signal;
-    controller.abort();
-  });
   let writeError: unknown;
   let written = 0;
   let result: ConsumeResult;
@@ -409,10 +433,9 @@ export async function exportCommand(args: string[]): Promise<number> {
       },
     });
   } finally {
-    removeSignals();
     sink.close();
   }
-  console.error(exportSummary(result, out, written, sink.stream, interrupted));
+  console.error(exportSummary(result, out, written, sink.stream, interrupted()));
   if (await databaseExists(path)) {
     // Messages whose handling failed every retry are kept aside, not exported: say so.
     const kv = await openKvAt(path);
@@ -459,5 +482,6 @@ export async function exportCommand(args: string[]): Promise<number> {
       `jetfill export: stopped after 10 s without a message although the counters show messages waiting: a message whose handling failed comes back only at KV's next retry (up to a minute later), and a consumer that keeps no counters may have taken them; try again later (see '${programName()} status')`,
     );
   }
-  return interrupted ? interruptedExitCode(interrupted) : 0;
+  const signal = interrupted();
+  return signal ? interruptedExitCode(signal) : 0;
 }
