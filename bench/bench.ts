@@ -44,7 +44,9 @@ const startUs = Date.now() * 1000 - 40 * HOUR_US;
 const capturePath = `${work}/capture-${EVENTS}.ndjson`;
 const lines = generateCapture({ count: EVENTS, seed: 11, startUs, stepUs: (30 * HOUR_US) / EVENTS });
 await Deno.writeTextFile(capturePath, lines.join("\n") + "\n");
-const avgBytes = lines.reduce((n, l) => n + l.length, 0) / lines.length;
+const avgChars = lines.reduce((n, l) => n + l.length, 0) / lines.length;
+const utf8 = new TextEncoder();
+const avgBytes = lines.reduce((n, l) => n + utf8.encode(l).byteLength, 0) / lines.length;
 // What KV stores of an event: its parsed form, serialized by V8 (the first 20,000 are enough).
 const sample = lines.slice(0, 20_000);
 const serializedBytes = sample.reduce((n, l) => n + serialize(JSON.parse(l)).length, 0) / sample.length;
@@ -179,7 +181,11 @@ function fmt(n: number): string {
   return Math.round(n).toLocaleString("en-US");
 }
 
-console.log(`capture: ${fmt(EVENTS)} synthetic events, ${fmt(avgBytes)} bytes on average\n`);
+console.log(
+  `capture: ${fmt(EVENTS)} synthetic events, ${fmt(avgChars)} characters (${
+    fmt(avgBytes)
+  } bytes of UTF-8) on average\n`,
+);
 const server = await startServer();
 try {
   const own = Math.max(await ownCeiling(server.url), await ownCeiling(server.url));
