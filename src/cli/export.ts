@@ -312,8 +312,8 @@ export async function exportCommand(args: string[]): Promise<number> {
     console.log(asRun(HELP));
     return 0;
   }
-  // From the start, and once: a signal listener removed and added again leaves a gap in which Deno
-  // passes a signal over.
+  // From the start: a stop signal while it checks the database or waits for the queue stops it as one
+  // during the export does, with its summary.
   const controller = new AbortController();
   let interrupted: StopSignal | undefined;
   const removeSignals = onStopSignals((signal) => {
