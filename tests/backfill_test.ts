@@ -331,52 +331,39 @@ Deno.test("runBackfillSync() filters by DID in the URL, and by options_update fo
   const events = capture();
   await using server = serveEvents(events, { closeAtEnd: true });
   await using db = await tempDb();
-  const few = await runBackfillSync({
-    instance: server.url,
-    kv: db.path,
-    queueName: "few",
-    startTimestamp: T0,
-    wantedDids: [did(3)],
-    wantedCollections: ["app.bsky.feed.post", "app.bsky.graph.follow"],
-  });
-  const expectFew = events.filter((e) =>
-    e.kind === "commit" && e.did === did(3) &&
-    ["app.bsky.feed.post", "app.bsky.graph.follow"].includes(e.commit.collection)
+  const collections = ["app.bsky.feed.post", "app.bsky.graph.follow"];
+  const expected = events.filter((e) =>
+    e.kind === "commit" && e.did === did(3) && collections.includes(e.commit.collection)
   );
-  assert.equal(few.recordsStored, expectFew.length);
-  assert.ok(syncConnections(server)[0].query.includes(`wantedDids=${did(3)}`));
-  assert.deepEqual(syncConnections(server)[0].hellos, []);
+  /** A sync of `wantedDids` (did(3)'s events among them) into queue `name`, and its connection. */
+  const syncOf = async (name: string, wantedDids: string[]) => {
+    const stats = await runBackfillSync({
+      instance: server.url,
+      kv: db.path,
+      queueName: name,
+      startTimestamp: T0,
+      wantedDids,
+      wantedCollections: collections,
+    });
+    assert.equal(stats.recordsStored, expected.length, name);
+    return syncConnections(server).at(-1)!;
+  };
 
-  const many = [did(3), ...Array.from({ length: 200 }, (_, i) => did(1000 + i))];
-  const viaHello = await runBackfillSync({
-    instance: server.url,
-    kv: db.path,
-    queueName: "many",
-    startTimestamp: T0,
-    wantedDids: many,
-    wantedCollections: ["app.bsky.feed.post", "app.bsky.graph.follow"],
-  });
-  assert.equal(viaHello.recordsStored, expectFew.length);
-  const conn = syncConnections(server)[1];
-  assert.ok(conn.query.includes("requireHello=true"));
-  assert.ok(!conn.query.includes("wantedDids"));
-  assert.equal(conn.hellos[0].wantedDids?.length, 201);
+  const few = await syncOf("few", [did(3)]);
+  assert.ok(few.query.includes(`wantedDids=${did(3)}`));
+  assert.deepEqual(few.hellos, []);
+
+  const many = await syncOf("many", [did(3), ...Array.from({ length: 200 }, (_, i) => did(1000 + i))]);
+  assert.ok(many.query.includes("requireHello=true"));
+  assert.ok(!many.query.includes("wantedDids"));
+  assert.equal(many.hellos[0].wantedDids?.length, 201);
 
   // Few, but long (did:web names of 200 characters or more): over 1,600 characters in all, the
   // hello too. (Before: the count alone decided, and 50 such DIDs made a URL of about 10 KB.)
-  const long = [did(3), ...Array.from({ length: 8 }, (_, i) => `did:web:${"l".repeat(200)}${i}.example`)];
-  const longDids = await runBackfillSync({
-    instance: server.url,
-    kv: db.path,
-    queueName: "long",
-    startTimestamp: T0,
-    wantedDids: long,
-    wantedCollections: ["app.bsky.feed.post", "app.bsky.graph.follow"],
-  });
-  assert.equal(longDids.recordsStored, expectFew.length);
-  const longConn = syncConnections(server)[2];
-  assert.ok(longConn.query.includes("requireHello=true") && !longConn.query.includes("wantedDids"));
-  assert.deepEqual(longConn.hellos[0].wantedDids, long);
+  const longDids = [did(3), ...Array.from({ length: 8 }, (_, i) => `did:web:${"l".repeat(200)}${i}.example`)];
+  const long = await syncOf("long", longDids);
+  assert.ok(long.query.includes("requireHello=true") && !long.query.includes("wantedDids"));
+  assert.deepEqual(long.hellos[0].wantedDids, longDids);
 });
 
 Deno.test("a maxMessageSizeBytes in the instance URL goes in the hello too, which would lift it on a v2 server", async () => {

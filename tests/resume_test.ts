@@ -609,6 +609,37 @@ Deno.test("--resume of a run killed before it took the queue (a database without
   assert.match(new TextDecoder().decode(cli.stdout), /records stored\s+40\n/);
 });
 
+/**
+ * A legacy server by hand, with time_us from this machine's clock: no cursor gets only what is sent to
+ * its `listening` sockets from then on; a cursor, what `held` holds from it on (inclusive), then what
+ * comes. `cursors` has each connection's but the coverage probe's (cursor=0, which reads the oldest and
+ * closes); `onOpen` is called for each connection once its replay is sent.
+ */
+function handServer(held: JetstreamEvent[], onOpen?: (socket: WebSocket) => void) {
+  const listening = new Set<WebSocket>();
+  const cursors: (string | null)[] = [];
+  const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, (req) => {
+    const raw = new URL(req.url).searchParams.get("cursor");
+    if (raw !== "0") cursors.push(raw);
+    const { socket, response } = Deno.upgradeWebSocket(req);
+    socket.onopen = () => {
+      if (raw !== null) {
+        for (const ev of held) if (ev.time_us >= Number(raw)) socket.send(JSON.stringify(ev));
+      }
+      listening.add(socket);
+      onOpen?.(socket);
+    };
+    socket.onclose = () => listening.delete(socket);
+    return response;
+  });
+  return {
+    instance: `ws://127.0.0.1:${server.addr.port}/subscribe`,
+    listening,
+    cursors,
+    [Symbol.asyncDispose]: () => server.shutdown(),
+  };
+}
+
 Deno.test("--resume of a live tail stores nothing from before the tail began, though it ran for less than the rewind", async () => {
   // A legacy server by hand, with time_us from its own clock: 60 events of the 3 s before the tail
   // began, then one every 20 ms (while the run is away too). No cursor: what comes from now on; a cursor:
@@ -618,29 +649,16 @@ Deno.test("--resume of a live tail stores nothing from before the tail began, th
   const nowUs = () => Date.now() * 1000;
   const began = nowUs();
   for (let i = 0; i < 60; i++) held.push(commit(began - 3_000_000 + i * 50_000, { did: did(i % 5) }));
-  const listening = new Set<WebSocket>();
+  await using server = handServer(held);
   let n = 0;
   const ticker = setInterval(() => {
     const ev = commit(Math.max(nowUs(), held.at(-1)!.time_us + 1), { did: did(n++ % 5) });
     held.push(ev);
-    for (const s of listening) if (s.readyState === WebSocket.OPEN) s.send(JSON.stringify(ev));
+    for (const s of server.listening) if (s.readyState === WebSocket.OPEN) s.send(JSON.stringify(ev));
   }, 20);
-  await using server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, (req) => {
-    const raw = new URL(req.url).searchParams.get("cursor");
-    const { socket, response } = Deno.upgradeWebSocket(req);
-    socket.onopen = () => {
-      // (cursor=0: the coverage probe, which reads the oldest and closes.)
-      if (raw !== null) {
-        for (const ev of held) if (ev.time_us >= Number(raw)) socket.send(JSON.stringify(ev));
-      }
-      listening.add(socket);
-    };
-    socket.onclose = () => listening.delete(socket);
-    return response;
-  });
   try {
     await using db = await tempDb();
-    const instance = `ws://127.0.0.1:${server.addr.port}/subscribe`;
+    const { instance } = server;
     // A tail stopped after 1 s, then resumed for 1 s.
     const first = await runBackfillSync({ instance, kv: db.path, signal: AbortSignal.timeout(1000) });
     assert.equal(first.stopReason, "aborted", first.error);
@@ -664,26 +682,15 @@ Deno.test("a new live tail on a queue whose last run stored an event a moment be
   // stops; the next, at once, has a quiet first connection, and its reconnect asks from 5 s before
   // it opened. (Before: the event came again in that rewind and was stored a second time.)
   const held: JetstreamEvent[] = [];
-  const listening = new Set<WebSocket>();
-  await using server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, (req) => {
-    const raw = new URL(req.url).searchParams.get("cursor");
-    const { socket, response } = Deno.upgradeWebSocket(req);
-    socket.onopen = () => {
-      if (raw !== null) {
-        for (const ev of held) if (ev.time_us >= Number(raw)) socket.send(JSON.stringify(ev));
-      }
-      listening.add(socket);
-      if (held.length === 0) {
-        const ev = commit(Date.now() * 1000, { did: did(1) });
-        held.push(ev);
-        socket.send(JSON.stringify(ev));
-      }
-    };
-    socket.onclose = () => listening.delete(socket);
-    return response;
+  // The first connection gets one new event.
+  await using server = handServer(held, (socket) => {
+    if (held.length > 0) return;
+    const ev = commit(Date.now() * 1000, { did: did(1) });
+    held.push(ev);
+    socket.send(JSON.stringify(ev));
   });
   await using db = await tempDb();
-  const instance = `ws://127.0.0.1:${server.addr.port}/subscribe`;
+  const { instance } = server;
   const first = await runBackfillSync({ instance, kv: db.path, numRecords: 1 });
   assert.equal(first.stopReason, "limit", first.error);
   const next = await runBackfillSync({ instance, kv: db.path, idleTimeout: 0.2, maxTime: 1.5 });
@@ -699,20 +706,9 @@ Deno.test("--resume of a live tail that stored nothing asks from when that tail 
   // no run is there; the resume's first connection asks from 5 s before the first tail began.
   // (Before: the resume asked for no cursor, and the event was lost without a word.)
   const held: JetstreamEvent[] = [];
-  const cursors: (string | null)[] = [];
-  await using server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, (req) => {
-    const raw = new URL(req.url).searchParams.get("cursor");
-    if (raw !== "0") cursors.push(raw);
-    const { socket, response } = Deno.upgradeWebSocket(req);
-    socket.onopen = () => {
-      if (raw !== null) {
-        for (const ev of held) if (ev.time_us >= Number(raw)) socket.send(JSON.stringify(ev));
-      }
-    };
-    return response;
-  });
+  await using server = handServer(held);
+  const { instance, cursors } = server;
   await using db = await tempDb();
-  const instance = `ws://127.0.0.1:${server.addr.port}/subscribe`;
   const began = Date.now() * 1000;
   const first = await runBackfillSync({ instance, kv: db.path, maxTime: 0.5 });
   assert.equal(first.stopReason, "max_time", first.error);

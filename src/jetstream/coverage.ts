@@ -96,7 +96,7 @@ export async function probeV2HistoryStart(
         return undefined;
       }
       const us = typeof p.time === "string" ? usFromIso(p.time) : undefined;
-      const seq = seqOf(p?.seq);
+      const seq = seqOf(p.seq);
       return us === undefined || seq === undefined ? undefined : { us, seq };
     }
     // Terminal for the connection (protocol doc §3.3): the server's trouble, retried as a drop is.
