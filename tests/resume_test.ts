@@ -2,11 +2,12 @@ import assert from "node:assert/strict";
 import { runBackfillSync } from "../src/backfill.ts";
 import type { JetstreamEvent } from "../src/jetstream/events.ts";
 import type { SyncStats } from "../src/stats.ts";
-import { openKvAt, readCheckpoint } from "../src/queue/kv_queue.ts";
+import { openKvAt, queueKey, readCheckpoint } from "../src/queue/kv_queue.ts";
 import { UsageError } from "../src/errors.ts";
 import type { SyncErrorReport } from "../src/stats.ts";
 import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
 import { commit, did, drainQueue } from "./helpers/events.ts";
+import { isoFromUs } from "../src/time.ts";
 import { CLI, killIfRunning, spawnCli, syncArgs, whileRunning } from "./helpers/cli.ts";
 import { refusedPort, serveEvents, tcpRelay, tempDb } from "./helpers/loopback.ts";
 
@@ -723,4 +724,41 @@ Deno.test("--resume of a live tail that stored nothing asks from when that tail 
   assert.equal(cursors[0], null);
   const asked = Number(cursors[1]);
   assert.ok(asked >= began - 5_000_000 && asked <= began - 4_000_000, JSON.stringify({ cursors, began }));
+});
+
+Deno.test("--resume of a live tail that stored nothing, begun before the server's history, says what cannot be had", async () => {
+  const held = [commit(Date.now() * 1000 - 10_000_000, { did: did(2) })];
+  await using server = handServer(held);
+  await using db = await tempDb();
+  const first = await runBackfillSync({ instance: server.instance, kv: db.path, maxTime: 0.5 });
+  assert.equal(first.recordsStored, 0);
+  // As if that tail had begun two days ago.
+  const kv = await Deno.openKv(db.path);
+  const { value } = await readCheckpoint(kv, "jetstream_sync");
+  const beganUs = Date.now() * 1000 - 2 * 86_400_000_000;
+  await kv.set(queueKey("jetstream_sync", "checkpoint"), {
+    ...value!,
+    run: { ...value!.run, tailBeganUs: beganUs },
+  });
+  kv.close();
+  const reports: SyncErrorReport[] = [];
+  const resumed = await runBackfillSync({
+    kv: db.path,
+    resume: true,
+    maxTime: 1,
+    onError: (r) => reports.push(r),
+  });
+  assert.equal(resumed.recordsStored, 1, resumed.error);
+  assert.equal(resumed.startClamped, false);
+  assert.equal(resumed.coverageGapUs, held[0].time_us - (beganUs - 5_000_000));
+  assert.deepEqual(
+    reports.filter((r) => r.reason === "coverage").map((r) => r.message),
+    [
+      `127.0.0.1:${new URL(server.instance).port} only holds events from ${
+        isoFromUs(held[0].time_us)
+      } on; the point to resume from, ${
+        isoFromUs(beganUs - 5_000_000)
+      }, is 48.0 h earlier, so events in between cannot be had from this server`,
+    ],
+  );
 });
