@@ -1118,11 +1118,9 @@ async function checkCoverage(
       const message = `could not find where ${
         new URL(base).host
       }'s history begins: it sent no event when asked for all it holds`;
-      // A strict run, which would refuse it, tries the other instances first, as for a failed
-      // attempt: the host may be one that accepts and sends nothing.
-      if (ctx.o.strict && ctx.o.instances.length > 1) return { retry: message };
-      // Another instance may hold it: tried first, as for a history that begins after the point
-      // (a host that accepts and never sends would otherwise keep the run until its end).
+      // Another instance may hold it: tried first, as for a history that begins after the point (a
+      // host that accepts and never sends would otherwise keep the run until its end, and a strict
+      // run would refuse it while another instance holds the start).
       if (tryOthers(base, Infinity)) return { lacks: Infinity };
       coverageUnknown(ctx, base, message);
     }

@@ -643,6 +643,38 @@ Deno.test("runBackfillSync() with several instances leaves one that sends no eve
   }
 });
 
+Deno.test("a strict run whose instances all send no event when asked for all they hold is refused once each was tried", async () => {
+  await using first = serveEvents([]);
+  await using second = serveEvents([]);
+  await using db = await tempDb();
+  const reports: SyncErrorReport[] = [];
+  await assert.rejects(
+    () =>
+      runBackfillSync({
+        instance: [first.url, second.url],
+        kv: db.path,
+        startTimestamp: T0,
+        strict: true,
+        idleTimeout: 1,
+        maxTime: 30,
+        onError: (r) => reports.push(r),
+      }),
+    (err: unknown) =>
+      err instanceof UsageError &&
+      new RegExp(
+        `^could not find where 127\\.0\\.0\\.1:${
+          new URL(second.url).port
+        }'s history begins: it sent no event .*\\(refused by --strict / strict: true\\)$`,
+      )
+        .test(err.message),
+  );
+  // The first was left for the second, which was then the last to try.
+  assert.equal(
+    reports.filter((r) => r.reason === "connection" && / sent no event .*: trying /.test(r.message)).length,
+    1,
+  );
+});
+
 Deno.test("a coverage probe whose connection ends in trouble before any event rejects, to be retried: a normal close alone is an empty history", async () => {
   // (Before: each of these was taken for a server that holds nothing.)
   const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, (request) => {
