@@ -12,6 +12,7 @@ import {
   type HistoryStart,
   PROBE_TIMEOUT_MS,
   probeHistoryStart,
+  probeLiveEvent,
   replayFailure,
 } from "./jetstream/coverage.ts";
 import { resolveZstdDictionary } from "./jetstream/dictionary.ts";
@@ -291,6 +292,10 @@ export async function consumeStream(
   let liveFromUs = resumedTail;
   // When the first of the silent connections in a row was opened.
   let silentSinceUs = 0;
+  // Connections in a row that the idle timeout ended after they brought only what was processed
+  // already (the replay of the event at the cursor, say): a quiet filter, or a stale instance.
+  let quietInARow = 0;
+  let quietSinceUs = 0;
 
   // The floor on the instance that delivered last, while failovers since have not reached one that
   // delivers: each of them rewinds from it, not from the floor the one before rewound.
@@ -407,6 +412,7 @@ export async function consumeStream(
     stats.failovers++;
     reached = false;
     silentInARow = 0;
+    quietInARow = 0;
     const to = o.instances[instanceIndex];
     const lastUs = realign(from, to, from !== to);
     ctx.report({
@@ -436,6 +442,32 @@ export async function consumeStream(
       lacking.delete(from);
       if (settleOn === from) settleOn = undefined;
     }
+  };
+
+  /**
+   * The index of the next instance whose live stream sends an event, when that of `base` sends none
+   * (said in a report); undefined when `base`'s does, when none does, or when a probe cannot tell.
+   */
+  const liveInstead = async (base: string): Promise<number | undefined> => {
+    const timeoutMs = Math.min(PROBE_TIMEOUT_MS, o.idleTimeoutMs);
+    const live = (url: string) =>
+      probeLiveEvent(url, { timeoutMs, signal: ctx.internal.signal }).catch(() => undefined);
+    if (await live(base) !== false) return undefined;
+    for (let i = 1; i < o.instances.length && !ctx.stop; i++) {
+      const index = (instanceIndex + i) % o.instances.length;
+      if (await live(o.instances[index]) !== true) continue;
+      ctx.report({
+        reason: "connection",
+        message: `${
+          new URL(base).host
+        } sends nothing new: its live stream, asked for every event, sent none in ${
+          timeoutMs / 1000
+        } s, while that of ${new URL(o.instances[index]).host} did (its source may have stopped)`,
+        instance: base,
+      });
+      return index;
+    }
+    return undefined;
   };
 
   // For each instance whose refusal asked for a wait (Retry-After), when it is over (performance.now()
@@ -1002,6 +1034,19 @@ export async function consumeStream(
     ) {
       if (silent && liveFromUs !== undefined) liveFromUs = silentSinceUs;
       failOver();
+    }
+    const quiet = cause.kind === "idle" && !cause.partial && !progressed && !silent;
+    quietInARow = quiet ? quietInARow + 1 : 0;
+    if (quietInARow === 1) quietSinceUs = openedUs;
+    if (o.instances.length > 1 && quiet && quietInARow % o.failoverAfter === 0) {
+      // Each reconnect brings back the event at its cursor, so a quiet filter cannot be told from an
+      // instance whose own source stopped (it replays what it holds, and nothing new comes): its live
+      // stream, for every event, can. One that sends nothing while another's does is left for it.
+      const to = await liveInstead(base);
+      if (to !== undefined) {
+        if (liveFromUs !== undefined) liveFromUs = quietSinceUs;
+        failOver(to);
+      }
     }
     if (failures > 0 || cause.kind !== "overflow") {
       // A part-filled batch is stored before the wait, not kept for the next connection.

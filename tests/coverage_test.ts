@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { V2_SUBSCRIBE_PATH } from "../src/jetstream/v2.ts";
-import { probeCoverageStart, probeHistoryStart } from "../src/jetstream/coverage.ts";
+import { probeCoverageStart, probeHistoryStart, probeLiveEvent } from "../src/jetstream/coverage.ts";
 import { ConnectError } from "../src/jetstream/socket.ts";
 import { runBackfillSync } from "../src/backfill.ts";
 import { UsageError } from "../src/errors.ts";
@@ -8,7 +8,14 @@ import type { SyncErrorReport, SyncStats } from "../src/stats.ts";
 import type { BackfillSyncOptions } from "../src/options.ts";
 import { commit } from "./helpers/events.ts";
 import { isoFromUs } from "../src/time.ts";
-import { serveEvents, tcpRelay, tempDb, upgradeThenDropServer, withSilentPort } from "./helpers/loopback.ts";
+import {
+  handServer,
+  serveEvents,
+  tcpRelay,
+  tempDb,
+  upgradeThenDropServer,
+  withSilentPort,
+} from "./helpers/loopback.ts";
 
 // The server's history starts at T0; the requests below ask for two days earlier.
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
@@ -42,6 +49,20 @@ Deno.test("runBackfillSync() reports a start older than the server's history as 
     warning!.message,
     /only holds events from 2026-11-27T10:00:00.000000Z on; the requested start, 2026-11-25T10:00:00.000000Z, is 2.0 days earlier/,
   );
+});
+
+Deno.test("probeLiveEvent() asks for the live stream, without a cursor, on either wire, and is false for one that sends nothing", async () => {
+  for (const [version, wire] of [["legacy", "/subscribe"], ["v2", V2_SUBSCRIBE_PATH]] as const) {
+    // (The project's server sends a connection without a cursor its capture, as if live.)
+    await using server = serveEvents(events, { version });
+    assert.equal(await probeLiveEvent(server.url.replace(/\/subscribe$/, wire), { timeoutMs: 2000 }), true);
+    const asked = server.connections.map((c) => new URLSearchParams(c.query).get("cursor"));
+    assert.deepEqual(asked, [null], `${version} ${wire}`);
+  }
+  // One that replays what it holds from a cursor, and has nothing new.
+  await using stale = handServer(events);
+  assert.equal(await probeLiveEvent(stale.instance, { timeoutMs: 300 }), false);
+  assert.deepEqual(stale.cursors, [null]);
 });
 
 Deno.test("runBackfillSync() sends a start before 2001-09-09 as 10^15 µs, which every wire reads as a time", async () => {

@@ -7,6 +7,7 @@ import type { SyncErrorReport, SyncStats } from "../src/stats.ts";
 import type { BackfillSyncOptions } from "../src/options.ts";
 import { commit, did, drainQueue, identity } from "./helpers/events.ts";
 import {
+  handServer,
   refusedPort,
   serveEvents,
   syncConnections,
@@ -1520,6 +1521,37 @@ Deno.test("runBackfillSync() with a quiet filter does not fail over once its ins
   assert.equal(stats.failovers, 0);
   assert.equal(syncConnections(second).length, 0);
   assert.deepEqual(await stored(db.path, stats.queueLength), posts(events));
+});
+
+Deno.test("runBackfillSync() leaves an instance that replays what it holds and has nothing new, for one whose live stream goes on", async () => {
+  // The first instance's own source stopped after the 80th event: each reconnect brings back the event
+  // at its cursor, and its live stream (no cursor) sends nothing. Before, that was taken for a quiet
+  // filter, and the run stayed there until maxTime without the last 20 events.
+  const events = capture(100);
+  await using stale = handServer(events.slice(0, 80));
+  await using good = serveEvents(events, { closeAtEnd: true });
+  await using db = await tempDb();
+  const { stats, reports } = await syncReporting({
+    instance: [stale.instance, good.url],
+    kv: db.path,
+    startTimestamp: T0,
+    idleTimeout: 0.2,
+    maxTime: 10,
+  });
+  assert.equal(stats.stopReason, "closed", stats.error);
+  assert.equal(stats.failovers, 1);
+  assert.deepEqual(await stored(db.path, stats.queueLength), posts(events));
+  // Its live stream was asked (no cursor) after two quiet reconnects.
+  assert.deepEqual(stale.cursors.slice(0, 3).map((c) => c !== null), [true, true, true]);
+  assert.equal(stale.cursors[3], null);
+  assert.ok(
+    reports.some((r) =>
+      r.reason === "connection" &&
+      /^127\.0\.0\.1:\d+ sends nothing new: its live stream, asked for every event, sent none in 0\.2 s, while that of 127\.0\.0\.1:\d+ did/
+        .test(r.message)
+    ),
+    JSON.stringify(reports),
+  );
 });
 
 Deno.test("runBackfillSync() with a filter that has brought nothing yet moves between instances, and never gives up", async () => {

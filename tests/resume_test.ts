@@ -9,7 +9,7 @@ import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
 import { commit, did, drainQueue } from "./helpers/events.ts";
 import { isoFromUs } from "../src/time.ts";
 import { CLI, killIfRunning, spawnCli, syncArgs, whileRunning } from "./helpers/cli.ts";
-import { refusedPort, serveEvents, tcpRelay, tempDb } from "./helpers/loopback.ts";
+import { handServer, refusedPort, serveEvents, tcpRelay, tempDb } from "./helpers/loopback.ts";
 
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
 const LIMIT = 20_000;
@@ -609,37 +609,6 @@ Deno.test("--resume of a run killed before it took the queue (a database without
   assert.match(stderr, /has no checkpoint yet .* this run starts it with the options given/);
   assert.match(new TextDecoder().decode(cli.stdout), /records stored\s+40\n/);
 });
-
-/**
- * A legacy server by hand, with time_us from this machine's clock: no cursor gets only what is sent to
- * its `listening` sockets from then on; a cursor, what `held` holds from it on (inclusive), then what
- * comes. `cursors` has each connection's but the coverage probe's (cursor=0, which reads the oldest and
- * closes); `onOpen` is called for each connection once its replay is sent.
- */
-function handServer(held: JetstreamEvent[], onOpen?: (socket: WebSocket) => void) {
-  const listening = new Set<WebSocket>();
-  const cursors: (string | null)[] = [];
-  const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, (req) => {
-    const raw = new URL(req.url).searchParams.get("cursor");
-    if (raw !== "0") cursors.push(raw);
-    const { socket, response } = Deno.upgradeWebSocket(req);
-    socket.onopen = () => {
-      if (raw !== null) {
-        for (const ev of held) if (ev.time_us >= Number(raw)) socket.send(JSON.stringify(ev));
-      }
-      listening.add(socket);
-      onOpen?.(socket);
-    };
-    socket.onclose = () => listening.delete(socket);
-    return response;
-  });
-  return {
-    instance: `ws://127.0.0.1:${server.addr.port}/subscribe`,
-    listening,
-    cursors,
-    [Symbol.asyncDispose]: () => server.shutdown(),
-  };
-}
 
 Deno.test("--resume of a live tail stores nothing from before the tail began, though it ran for less than the rewind", async () => {
   // A legacy server by hand, with time_us from its own clock: 60 events of the 3 s before the tail

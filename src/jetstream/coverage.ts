@@ -50,12 +50,15 @@ export async function probeCoverageStart(
   options: ProbeOptions = {},
 ): Promise<HistoryStart | null> {
   const { url } = buildSubscribeRequest(base, { wantedDids: [], wantedCollections: [], cursor: 0 });
-  return await oldestOf(await probe(url, options), (frame) => {
-    // The first event a sync would take too: a frame it skips says nothing of the history.
-    if (shapeProblem(frame) !== undefined) return undefined;
-    const { time_us: t, cursor } = frame as { time_us: number; cursor?: unknown };
-    return { us: t, seq: seqOf(cursor) };
-  });
+  return await oldestOf(await probe(url, options), legacyEvent);
+}
+
+/** A legacy frame's time and seq, when it is an event a sync would take too (else undefined). */
+function legacyEvent(frame: unknown): HistoryStart | undefined {
+  // A frame a sync skips says nothing of the history.
+  if (shapeProblem(frame) !== undefined) return undefined;
+  const { time_us: t, cursor } = frame as { time_us: number; cursor?: unknown };
+  return { us: t, seq: seqOf(cursor) };
 }
 
 /**
@@ -85,29 +88,57 @@ export async function probeV2HistoryStart(
     wantedCollections: [],
     cursor: MIN_TIMESTAMP_US,
   });
-  return await oldestOf(await probe(url, options, [V2_SUBPROTOCOL]), (frame) => {
-    const m = mapV2Frame(frame);
-    if (m.type === "skip") {
-      // A #sync event (or a kind to come) that a sync passes over is in the history all the same: where
-      // it begins, when it comes first. (Not a frame of another type, or another namespace's.)
-      const f = frame as { $type?: unknown; payload?: { $type?: unknown; seq?: unknown; time?: unknown } };
-      const p = f.payload;
-      if (f.$type !== "message" || typeof p?.$type !== "string" || !p.$type.startsWith(V2_PAYLOAD_TYPE)) {
-        return undefined;
-      }
-      const us = typeof p.time === "string" ? usFromIso(p.time) : undefined;
-      const seq = seqOf(p.seq);
-      return us === undefined || seq === undefined ? undefined : { us, seq };
+  return await oldestOf(await probe(url, options, [V2_SUBPROTOCOL]), v2Event);
+}
+
+/**
+ * A v2 frame's time and seq, when it is an event of the stream, one a sync takes or passes over (else
+ * undefined); an error frame throws.
+ */
+function v2Event(frame: unknown): HistoryStart | undefined {
+  const m = mapV2Frame(frame);
+  if (m.type === "skip") {
+    // A #sync event (or a kind to come) that a sync passes over is in the history all the same: where
+    // it begins, when it comes first. (Not a frame of another type, or another namespace's.)
+    const f = frame as { $type?: unknown; payload?: { $type?: unknown; seq?: unknown; time?: unknown } };
+    const p = f.payload;
+    if (f.$type !== "message" || typeof p?.$type !== "string" || !p.$type.startsWith(V2_PAYLOAD_TYPE)) {
+      return undefined;
     }
-    // Terminal for the connection (protocol doc §3.3): the server's trouble, retried as a drop is.
-    if (m.type === "error") {
-      throw new Error(
-        `it sent an error frame before any event: ${m.error}${m.message ? `: ${m.message}` : ""}`,
-      );
-    }
-    if (m.type !== "event" || shapeProblem(m.event) !== undefined) return undefined;
-    return { us: m.event.time_us, seq: seqOf(m.event.cursor) };
-  });
+    const us = typeof p.time === "string" ? usFromIso(p.time) : undefined;
+    const seq = seqOf(p.seq);
+    return us === undefined || seq === undefined ? undefined : { us, seq };
+  }
+  // Terminal for the connection (protocol doc §3.3): the server's trouble, retried as a drop is.
+  if (m.type === "error") {
+    throw new Error(
+      `it sent an error frame before any event: ${m.error}${m.message ? `: ${m.message}` : ""}`,
+    );
+  }
+  if (m.type !== "event" || shapeProblem(m.event) !== undefined) return undefined;
+  return { us: m.event.time_us, seq: seqOf(m.event.cursor) };
+}
+
+/**
+ * Whether the live stream of `base` (either wire) sends an event: a connection without a cursor, for
+ * every event, gets what comes from then on, which on a healthy instance is the whole network's, many
+ * events a second. False when none came within the timeout (or the server closed the connection
+ * normally first): an instance whose own source stopped, which replays what it holds and has nothing
+ * new. A refused or failed connection rejects with its error, as for {@link probeCoverageStart}.
+ *
+ * @example
+ * ```ts
+ * import { probeLiveEvent } from "./coverage.ts";
+ * const live = await probeLiveEvent("wss://jetstream2.us-east.bsky.network/subscribe", { timeoutMs: 5000 });
+ * ```
+ */
+export async function probeLiveEvent(base: string, options: ProbeOptions = {}): Promise<boolean> {
+  if (isV2Url(base)) {
+    const url = buildV2Url(base, { kinds: [], wantedDids: [], wantedCollections: [] });
+    return await oldestOf(await probe(url, options, [V2_SUBPROTOCOL]), v2Event) !== null;
+  }
+  const { url } = buildSubscribeRequest(base, { wantedDids: [], wantedCollections: [] });
+  return await oldestOf(await probe(url, options), legacyEvent) !== null;
 }
 
 /**

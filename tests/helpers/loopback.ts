@@ -330,3 +330,34 @@ export function closeIgnoringServer(
     },
   };
 }
+
+/**
+ * A legacy server by hand, with time_us from this machine's clock: no cursor gets only what is sent to
+ * its `listening` sockets from then on; a cursor, what `held` holds from it on (inclusive), then what
+ * comes. `cursors` has each connection's but the coverage probe's (cursor=0, which reads the oldest and
+ * closes); `onOpen` is called for each connection once its replay is sent.
+ */
+export function handServer(held: JetstreamEvent[], onOpen?: (socket: WebSocket) => void) {
+  const listening = new Set<WebSocket>();
+  const cursors: (string | null)[] = [];
+  const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, (req) => {
+    const raw = new URL(req.url).searchParams.get("cursor");
+    if (raw !== "0") cursors.push(raw);
+    const { socket, response } = Deno.upgradeWebSocket(req);
+    socket.onopen = () => {
+      if (raw !== null) {
+        for (const ev of held) if (ev.time_us >= Number(raw)) socket.send(JSON.stringify(ev));
+      }
+      listening.add(socket);
+      onOpen?.(socket);
+    };
+    socket.onclose = () => listening.delete(socket);
+    return response;
+  });
+  return {
+    instance: `ws://127.0.0.1:${server.addr.port}/subscribe`,
+    listening,
+    cursors,
+    [Symbol.asyncDispose]: () => server.shutdown(),
+  };
+}
