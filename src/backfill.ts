@@ -51,6 +51,7 @@ import {
   requireWritable,
   retryWhileBusy,
   type RunState,
+  storingRun,
 } from "./queue/kv_queue.ts";
 import { waitingIn } from "./queue/status.ts";
 import { lockQueueFile, type QueueFileLock, queueLockPath } from "./queue/file_lock.ts";
@@ -516,6 +517,8 @@ async function run(
   );
   let resumeFrom: Checkpoint | undefined;
   let newRunNote: SyncErrorReport | undefined;
+  // The last run that stored records: the checkpoint's own, or the one before a run that stored none.
+  const storing = storingRun(existing.value);
   if (o.resume) {
     if (!existing.value) throw await nothingToResume(kv, o.queueName);
     const diff = differences(existing.value.run.selection, selection);
@@ -532,15 +535,14 @@ async function run(
     }
     resumeFrom = existing.value;
   } else if (
-    existing.value && existing.value.recordsStored > 0 && o.startUs !== undefined && !o.force &&
-    differences(existing.value.run.selection, selection).length === 0
+    existing.value && storing !== undefined && o.startUs !== undefined && !o.force &&
+    differences(storing.selection, selection).length === 0
   ) {
     // The same command again, after a Ctrl-C or a crash most likely: from the same start it would
     // store the same events a second time.
-    const last = existing.value;
     throw new UsageError(
-      `Cannot sync into queue '${o.queueName}': it already holds ${last.run.recordsStored} records of a run with these same options (the last from ${
-        isoFromUs(last.cursor)
+      `Cannot sync into queue '${o.queueName}': it already holds ${storing.recordsStored} records of a run with these same options (the last from ${
+        isoFromUs(existing.value.cursor)
       }), and this run would store them again. Continue that run with --resume / resume: true, or pass --force / force: true to store them a second time`,
     );
   } else if (existing.value && existing.value.recordsStored > 0) {
@@ -574,9 +576,12 @@ async function run(
       settings,
       ...(o.startUs === undefined ? { tailBeganUs: Date.now() * 1000 } : {}),
     };
-  const checkpoint: Checkpoint = existing.value
+  // A new run names the one before it that stored records, as it takes the queue (see claim()).
+  const checkpoint: Checkpoint = !existing.value
+    ? emptyCheckpoint(o.queueName, runState)
+    : resumeFrom || storing === undefined
     ? { ...existing.value, run: runState }
-    : emptyCheckpoint(o.queueName, runState);
+    : { ...existing.value, run: runState, priorRun: storing };
 
   // Date changes go on from the day the resumed run stored last, not from its start's day again.
   const stats = new StatsTracker(
@@ -664,14 +669,15 @@ async function run(
     acceptedAtGiveUp: 0,
     toldBackdated: false,
     probeAnswered: false,
+    connected: false,
     drain: undefined,
     draining: false,
   };
-  if (!resumeFrom && o.startUs === undefined && existing.value) {
-    // A new live tail on a queue that holds records: what the last run stored last, come again in
-    // a reconnect's rewind (the few seconds before this tail began, for the clocks' difference), is
-    // recognised by content, as within a run.
-    const last = recentKeysOf(keyEntries, existing.value.run.id);
+  if ((!resumeFrom || resumeFrom.run.recordsStored === 0) && o.startUs === undefined && storing) {
+    // A new live tail on a queue that holds records (or the resume of one that stored none): what
+    // the last run stored last, come again in a reconnect's rewind (the few seconds before this tail
+    // began, for the clocks' difference), is recognised by content, as within a run.
+    const last = recentKeysOf(keyEntries, storing.id);
     if (last) ctx.guard.remember(last.keys);
   }
   callbacks.attach(ctx);
@@ -784,7 +790,11 @@ async function run(
       ctx.stop = "error";
       ctx.error = callbacks.failure;
     }
-    return await finish(o, options, kv, ctx, selection, started, endReached);
+    // A run that never got a connection and stored nothing (its server unreachable, a typo in
+    // --instance, a stop while connecting) does not displace the run before it that stored records:
+    // the checkpoint that taking the queue wrote is put back, so that --resume continues that one.
+    const putBack = !ctx.connected && storing !== undefined ? existing.value : undefined;
+    return await finish(o, options, kv, ctx, selection, started, endReached, putBack);
   } finally {
     // Done by finish() unless something failed before it: release() is idempotent.
     await writer.release();
@@ -831,6 +841,7 @@ async function finish(
   selection: Record<string, unknown>,
   started: number,
   endReached: boolean,
+  putBack: Checkpoint | null | undefined,
 ): Promise<SyncStats> {
   const { stats, writer } = ctx;
 
@@ -891,7 +902,10 @@ async function finish(
     stats: result,
   };
   try {
-    await writer.release((op) => op.set(queueKey(o.queueName, "run"), record));
+    await writer.release((op) => {
+      op.set(queueKey(o.queueName, "run"), record);
+      if (putBack !== undefined) writer.putBack(op, putBack);
+    });
   } catch (err) {
     options.onError?.({
       reason: "connection",

@@ -790,6 +790,7 @@ export async function consumeStream(
     }
     connecting = undefined;
     connections++;
+    ctx.connected = true;
     reached = true;
     if (connections > 1) stats.reconnects++;
     ctx.batcher.host = base;

@@ -695,6 +695,69 @@ Deno.test("--resume of a live tail that stored nothing asks from when that tail 
   assert.ok(asked >= began - 5_000_000 && asked <= began - 4_000_000, JSON.stringify({ cursors, began }));
 });
 
+Deno.test("--resume after a run that stored nothing in a queue that held records continues that run, not the one before it", async () => {
+  // Run A stores 20 records and reaches its limit; tail B stores nothing; an event comes; --resume.
+  // (Before: B left the checkpoint to A, and the resume said that A had reached its limit, storing
+  // nothing: the event was lost.)
+  const nowUs = Date.now() * 1000;
+  const held = Array.from(
+    { length: 30 },
+    (_, i) => commit(nowUs - 60_000_000 + i * 100_000, { did: did(i) }),
+  );
+  await using server = handServer(held);
+  const { instance, cursors } = server;
+  await using db = await tempDb();
+  const a = { instance, kv: db.path, startTimestamp: held[0].time_us, numRecords: 20 };
+  assert.equal((await runBackfillSync(a)).stopReason, "limit");
+  const began = Date.now() * 1000;
+  const b = await runBackfillSync({ instance, kv: db.path, maxTime: 0.5 });
+  assert.equal(b.recordsStored, 0, b.error);
+  const checkpoint = async () => {
+    const kv = await Deno.openKv(db.path);
+    const { value } = await readCheckpoint(kv, "jetstream_sync");
+    kv.close();
+    return value!;
+  };
+  // The checkpoint names B, and A as the run before it that stored records.
+  const afterB = await checkpoint();
+  assert.equal(afterB.run.recordsStored, 0);
+  assert.equal(afterB.run.selection.startUs, null);
+  assert.equal(afterB.priorRun?.recordsStored, 20);
+  assert.equal(afterB.recordsStored, 20);
+  // A's command again is still refused: it would store A's records a second time.
+  await assert.rejects(
+    () => runBackfillSync(a),
+    (err) =>
+      err instanceof UsageError &&
+      /already holds 20 records of a run with these same options/.test(err.message),
+  );
+  // A run the server refuses leaves the checkpoint as it was.
+  await using refusing = Deno.serve(
+    { hostname: "127.0.0.1", port: 0, onListen() {} },
+    () => new Response("bad request", { status: 400 }),
+  );
+  await assert.rejects(
+    () =>
+      runBackfillSync({
+        instance: `ws://127.0.0.1:${refusing.addr.port}/subscribe`,
+        kv: db.path,
+        wantedCollections: ["app.bsky.feed.like"],
+      }),
+    UsageError,
+  );
+  assert.deepEqual(await checkpoint(), afterB);
+  const between = commit(Date.now() * 1000, { did: did(40) });
+  held.push(between);
+  const resumed = await runBackfillSync({ kv: db.path, resume: true, maxTime: 1 });
+  assert.equal(resumed.recordsStored, 1, JSON.stringify({ resumed, cursors }));
+  assert.deepEqual(await queueEvents(db.path), [...held.slice(0, 20), between]);
+  // B's tail was taken up from when it began, less 5 s.
+  const asked = Number(cursors.at(-1));
+  assert.ok(asked >= began - 5_000_000 && asked <= began - 4_000_000, JSON.stringify({ cursors, began }));
+  // Once it stored a record, the run before it is no longer named.
+  assert.equal((await checkpoint()).priorRun, undefined);
+});
+
 Deno.test("--resume of a live tail that stored nothing, begun before the server's history, says what cannot be had", async () => {
   const held = [commit(Date.now() * 1000 - 10_000_000, { did: did(2) })];
   await using server = handServer(held);

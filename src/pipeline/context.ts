@@ -259,6 +259,8 @@ export interface RunContext {
    * earlier says nothing of the sync's own connections, which may all have failed since.
    */
   probeAnswered: boolean;
+  /** Whether a stream connection of the run was opened (a probe's does not count). */
+  connected: boolean;
   /**
    * Called when a connection taken up by seq (see Session.askedSeq) got a later seq first, `firstSeq`:
    * the host no longer holds the one asked for, and a v2 server's `/subscribe` clamps such a cursor

@@ -38,8 +38,13 @@ export interface Checkpoint {
   recordsStored: number;
   /** When the commit happened, ms since the epoch. */
   updatedAt: number;
-  /** The run that wrote it: what `--resume` needs to continue it. */
+  /** The run that wrote it, or that took the queue last: what `--resume` needs to continue it. */
   run: RunState;
+  /**
+   * The last run that stored records in the queue, while `run` has stored none (a run writes the
+   * checkpoint when it takes the queue): what a new run compares itself with. Absent otherwise.
+   */
+  priorRun?: RunState;
   /**
    * The content keys (pairs of 32-bit hashes, see `ReplayGuard`) of the records stored at `cursor`,
    * so that a resume, whose cursor is inclusive, tells them from other events at that same time;
@@ -223,6 +228,15 @@ export function emptyCheckpoint(queue: string, run?: RunState): Checkpoint {
     updatedAt: Date.now(),
     run: run ?? { id: crypto.randomUUID(), selection: {}, recordsStored: 0, instance: "" },
   };
+}
+
+/**
+ * The last run that stored records in the queue of `checkpoint`: its own run, or, when that one has
+ * stored none, the one before it. Undefined for a queue that holds none.
+ */
+export function storingRun(checkpoint: Checkpoint | null): RunState | undefined {
+  if (checkpoint === null) return undefined;
+  return checkpoint.run.recordsStored > 0 ? checkpoint.run : checkpoint.priorRun;
 }
 
 /** Key of a queue's item under the jetfill namespace. */

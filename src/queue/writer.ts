@@ -194,10 +194,12 @@ export class QueueWriter {
   /** The writer lock's versionstamp, checked by every commit. */
   #lock: string | undefined;
   /**
-   * The versionstamp of the checkpoint that taking the lock wrote for a queue that held nothing (see
-   * {@link claim}): {@link abandon} takes it back.
+   * The versionstamp of the checkpoint that taking the lock wrote for a run that had stored nothing
+   * (see {@link claim}): {@link abandon} takes it back.
    */
   #placed: string | undefined;
+  /** The seq of the last message in the queue when this writer started. */
+  readonly #startSeq: number;
   /** The last seq given to a message (of the commit being built, or one issued). */
   #seq: number;
   #building: Building;
@@ -260,6 +262,7 @@ export class QueueWriter {
     this.#issued = start.checkpoint;
     this.#durable = start.checkpoint;
     this.#seq = start.checkpoint.seq;
+    this.#startSeq = start.checkpoint.seq;
     this.#readVersionstamp = start.versionstamp;
     this.#seenLock = start.lock;
     this.#seenAlive = start.alive;
@@ -325,9 +328,9 @@ export class QueueWriter {
    * this writer is alive: when it has not committed for {@link WRITER_HEARTBEAT_MS}, it sets the
    * queue's `alive` key. A sync that starts beside it, even while it is quiet, then sees it running.
    * Throws {@link ConcurrentWriterError} when another writer took the lock or moved the checkpoint
-   * since they were read. {@link release} stops the heartbeat. On a queue that holds nothing yet,
-   * the checkpoint (this run's, with nothing stored) is written with the lock, so that a run stopped
-   * before its first commit can be resumed.
+   * since they were read. {@link release} stops the heartbeat. For a run that has stored nothing yet
+   * (a new one, say), the checkpoint (this run's, with nothing stored) is written with the lock, so
+   * that a run stopped before its first commit is the one `--resume` continues.
    */
   async claim(): Promise<void> {
     if (this.#lock === undefined) await this.#acquire("is being written by another sync right now");
@@ -394,20 +397,31 @@ export class QueueWriter {
 
   /**
    * Gives the lock back like {@link release}, for a run that was refused (a request the server
-   * called invalid, say): the checkpoint that taking the lock wrote for a queue that held nothing
-   * is put back as it was found (`found`, the checkpoint read before, or null for none) when nothing
-   * was committed on it, so that the queue is left as it was found. Best effort, like a release
+   * called invalid, say): the checkpoint that taking the lock wrote for a run that had stored nothing
+   * is put back as it was found (`found`, the checkpoint read before, or null for none) when this
+   * writer committed nothing, so that the queue is left as it was found. Best effort, like a release
    * without `last`.
    */
   async abandon(found: Checkpoint | null): Promise<void> {
-    const placed = this.#placed;
-    if (placed === undefined || this.#durable.seq !== 0) return await this.release();
+    if (!this.#placedAlone) return await this.release();
+    await this.release((op) => this.putBack(op, found)).catch(() => {});
+  }
+
+  /** Taking the lock wrote this run's checkpoint, and this writer committed nothing since. */
+  get #placedAlone(): boolean {
+    return this.#placed !== undefined && this.#durable.seq === this.#startSeq;
+  }
+
+  /**
+   * Adds to `op` (a commit of {@link release}'s `last`) the putting back of `found`, as {@link abandon}
+   * does, when taking the lock wrote this run's checkpoint and nothing was committed since.
+   */
+  putBack(op: Deno.AtomicOperation, found: Checkpoint | null): void {
+    if (!this.#placedAlone) return;
     const key = queueKey(this.#queue, "checkpoint");
-    await this.release((op) => {
-      op.check({ key, versionstamp: placed });
-      if (found === null) op.delete(key);
-      else op.set(key, found);
-    }).catch(() => {});
+    op.check({ key, versionstamp: this.#placed! });
+    if (found === null) op.delete(key);
+    else op.set(key, found);
   }
 
   /** Deletes the writer lock and `alive`, if the lock is still `lock`. */
@@ -486,14 +500,14 @@ export class QueueWriter {
     if (this.#seenLock !== undefined) op.check({ key: queueKey(q, "writer"), versionstamp: this.#seenLock });
     if (this.#seenAlive !== undefined) op.check({ key: queueKey(q, "alive"), versionstamp: this.#seenAlive });
     op.set(queueKey(q, "writer"), { run: this.#issued.run.id, at: Date.now(), lockFile: this.#lockFile });
-    // While the queue holds nothing, the checkpoint names this run from the moment it takes the
-    // queue: a run stopped before its first commit can then be resumed too.
-    const empty = this.#issued.seq === 0;
-    if (empty) op.set(queueKey(q, "checkpoint"), { ...this.#issued, updatedAt: Date.now() });
+    // Until it stores a record, the checkpoint names this run from the moment it takes the queue: a
+    // run stopped before its first commit can then be resumed too, rather than the one before it.
+    const unstored = this.#issued.run.recordsStored === 0;
+    if (unstored) op.set(queueKey(q, "checkpoint"), { ...this.#issued, updatedAt: Date.now() });
     const res = await retryWhileBusy(() => op.commit(), BUSY_BUDGET_MS);
     if (!res.ok) throw new ConcurrentWriterError(q, refusal, refusal !== undefined);
     this.#lock = res.versionstamp;
-    if (empty) this.#placed = res.versionstamp;
+    if (unstored) this.#placed = res.versionstamp;
     this.#lastWrite = Date.now();
   }
 
@@ -559,8 +573,10 @@ export class QueueWriter {
     op.sum(queueKey(q, "count", "records"), BigInt(records));
     for (const [d, n] of days) op.sum(queueKey(q, "day", d), BigInt(n));
     const tail = group.at(-1)?.tail;
+    // (Once this run stores records, the run before it is no longer what the queue is compared with.)
+    const { priorRun: _prior, ...kept } = prev;
     const checkpoint: Checkpoint = {
-      ...prev,
+      ...kept,
       // Only the keys of records at the checkpoint's own cursor (a batch split by KV's limits
       // leaves its first part without them: a resume there keeps every record at that time out).
       tail: tail?.us === cursor ? tail : undefined,
@@ -786,8 +802,9 @@ export class QueueWriter {
       const records = after.reduce((n, f) => n + f.report.records, 0);
       // With no record of this run before them, a resume takes the run up at its start.
       const startUs = before.run.recordsStored === 0 ? before.run.selection.startUs : undefined;
+      const { priorRun: _prior, ...kept } = before;
       const checkpoint: Checkpoint = {
-        ...before,
+        ...kept,
         ...(typeof startUs === "number" ? { cursor: startUs - 1, tail: undefined } : {}),
         seq: after.at(-1)!.checkpoint.seq,
         recordsStored: before.recordsStored + records,
