@@ -758,6 +758,28 @@ Deno.test("--resume after a run that stored nothing in a queue that held records
   assert.equal((await checkpoint()).priorRun, undefined);
 });
 
+Deno.test("--resume of a live tail that stored nothing, after a run that stored an event a moment before it began, does not store that event again", async () => {
+  // As above: the first tail stores one event; the next stores nothing; its resume asks from 5 s
+  // before it began, which brings that event back.
+  const held: JetstreamEvent[] = [];
+  await using server = handServer(held, (socket) => {
+    if (held.length > 0) return;
+    const ev = commit(Date.now() * 1000, { did: did(1) });
+    held.push(ev);
+    socket.send(JSON.stringify(ev));
+  });
+  await using db = await tempDb();
+  const { instance } = server;
+  assert.equal((await runBackfillSync({ instance, kv: db.path, numRecords: 1 })).stopReason, "limit");
+  const quiet = await runBackfillSync({ instance, kv: db.path, maxTime: 0.3 });
+  assert.equal(quiet.recordsStored, 0, quiet.error);
+  const resumed = await runBackfillSync({ kv: db.path, resume: true, maxTime: 1 });
+  assert.equal(resumed.stopReason, "max_time", resumed.error);
+  assert.equal(resumed.recordsStored, 0);
+  assert.equal(resumed.duplicatesDropped, 1);
+  assert.deepEqual(await queueEvents(db.path), held);
+});
+
 Deno.test("--resume of a live tail that stored nothing, begun before the server's history, says what cannot be had", async () => {
   const held = [commit(Date.now() * 1000 - 10_000_000, { did: did(2) })];
   await using server = handServer(held);
