@@ -1043,7 +1043,10 @@ export async function consumeStream(
       // Each reconnect brings back the event at its cursor, so a quiet filter cannot be told from an
       // instance whose own source stopped (it replays what it holds, and nothing new comes): its live
       // stream, for every event, can. One that sends nothing while another's does is left for it.
+      const probing = performance.now();
       const to = await liveInstead(base);
+      // (The probes' time is no outage: it does not call for a coverage probe, see above.)
+      disconnectedAt += performance.now() - probing;
       if (to !== undefined) {
         if (liveFromUs !== undefined) liveFromUs = quietSinceUs;
         failOver(to);

@@ -1554,6 +1554,31 @@ Deno.test("runBackfillSync() leaves an instance that replays what it holds and h
   );
 });
 
+Deno.test("runBackfillSync() stays on its instance when no instance's live stream sends anything, and the probes' time asks for no coverage probe", async () => {
+  // Both instances replay what they hold and have nothing new (or no live traffic at all).
+  const events = capture(100);
+  await using first = handServer(events);
+  await using second = handServer(events);
+  await using db = await tempDb();
+  const stats = await runBackfillSync({
+    instance: [first.instance, second.instance],
+    kv: db.path,
+    startTimestamp: T0,
+    // (Longer than a reconnect's backoff, 250 ms at most, by a margin for a loaded machine.)
+    idleTimeout: 0.5,
+    maxTime: 5,
+  });
+  assert.equal(stats.stopReason, "max_time", stats.error);
+  assert.equal(stats.failovers, 0);
+  assert.deepEqual(await stored(db.path, stats.queueLength), posts(events));
+  // Both live streams were asked (no cursor), at least once.
+  assert.ok(first.cursors.includes(null) && second.cursors.includes(null), JSON.stringify(first.cursors));
+  // Only the run's first connection had a coverage probe: the live probes' seconds were no outage.
+  // (Before, each round of them, longer than idleTimeout, made the next connection probe again.)
+  assert.equal(first.probes, 1);
+  assert.equal(second.probes, 0);
+});
+
 Deno.test("runBackfillSync() with a filter that has brought nothing yet moves between instances, and never gives up", async () => {
   // Nothing matches the DID: every connection is silent. They cannot be told from a dead server's,
   // so they move to the other instance; they are no failures, so maxRetries does not end the run.

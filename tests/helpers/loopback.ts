@@ -334,15 +334,17 @@ export function closeIgnoringServer(
 /**
  * A legacy server by hand, with time_us from this machine's clock: no cursor gets only what is sent to
  * its `listening` sockets from then on; a cursor, what `held` holds from it on (inclusive), then what
- * comes. `cursors` has each connection's but the coverage probe's (cursor=0, which reads the oldest and
- * closes); `onOpen` is called for each connection once its replay is sent.
+ * comes. `cursors` has each connection's but the coverage probes' (cursor=0, which read the oldest and
+ * close), which `probes` counts; `onOpen` is called for each connection once its replay is sent.
  */
 export function handServer(held: JetstreamEvent[], onOpen?: (socket: WebSocket) => void) {
   const listening = new Set<WebSocket>();
   const cursors: (string | null)[] = [];
+  let probes = 0;
   const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, (req) => {
     const raw = new URL(req.url).searchParams.get("cursor");
     if (raw !== "0") cursors.push(raw);
+    else probes++;
     const { socket, response } = Deno.upgradeWebSocket(req);
     socket.onopen = () => {
       if (raw !== null) {
@@ -358,6 +360,9 @@ export function handServer(held: JetstreamEvent[], onOpen?: (socket: WebSocket) 
     instance: `ws://127.0.0.1:${server.addr.port}/subscribe`,
     listening,
     cursors,
+    get probes() {
+      return probes;
+    },
     [Symbol.asyncDispose]: () => server.shutdown(),
   };
 }
