@@ -279,7 +279,7 @@ export async function consumeStream(
   // opened, by this machine's clock: what came while the run was away is not lost, and a healthy
   // server that was quiet all along replays one connection's time at most (a cursor kept at the tail's
   // beginning would make it scan ever more history, which a narrow filter could keep from ever
-  // getting back to live). A failover after silent connections asks from the first of them, as
+  // getting back to live). A failover after quiet connections asks from the first of them, as
   // the server left may have been stalled. This machine's clock and the server's time_us differ:
   // the cursor goes back the rewind (5 s) further, and only events more than that before the tail
   // began are left out (a v2 host's replay from before a time cursor, protocol doc §9).
@@ -290,10 +290,9 @@ export async function consumeStream(
       : undefined;
   let tailBeganUs = resumedTail;
   let liveFromUs = resumedTail;
-  // When the first of the silent connections in a row was opened.
-  let silentSinceUs = 0;
-  // Connections in a row that the idle timeout ended after they brought only what was processed
-  // already (the replay of the event at the cursor, say): a quiet filter, or a stale instance.
+  // Connections in a row that the idle timeout ended after they brought nothing new (nothing at all,
+  // or the replay of the event at the cursor): a quiet filter, or an instance that has nothing new;
+  // and when the first of them was opened.
   let quietInARow = 0;
   let quietSinceUs = 0;
 
@@ -411,7 +410,6 @@ export async function consumeStream(
     instanceIndex = toIndex;
     stats.failovers++;
     reached = false;
-    silentInARow = 0;
     quietInARow = 0;
     const to = o.instances[instanceIndex];
     const lastUs = realign(from, to, from !== to);
@@ -544,7 +542,7 @@ export async function consumeStream(
   let settleOn: string | undefined;
   /**
    * Starts over for a new point needed, `fromUs`; `left` is an instance the run failed over from
-   * (it failed, or was silent), which counts as tried.
+   * (it failed, or had nothing new), which counts as tried.
    */
   const newPoint = (fromUs: number, left?: string) => {
     lacking.clear();
@@ -997,14 +995,6 @@ export async function consumeStream(
     // quiet filter would otherwise end the run when one of its instances is down.)
     if (progressed || !failed) failures = 0;
     else failures++;
-    // One that brought no frame but notices (a v2 host's #info), not even the event at its
-    // inclusive cursor, may be a narrow filter with nothing yet, or a server that accepts and sends
-    // nothing (protocol doc §9, jetstream-legacy#48). Such connections in a row never stop the run,
-    // but with other instances they move to the next one, as failed attempts do.
-    const silent = cause.kind === "idle" && !cause.partial &&
-      stats.messagesReceived - before.messages === session.infoFrames;
-    silentInARow = silent ? silentInARow + 1 : 0;
-    if (silentInARow === 1) silentSinceUs = openedUs;
     // One that failed may have been cut short: the time it covered is in doubt.
     if (o.startUs === undefined && !failed) liveFromUs = openedUs;
     // (Back to idleTimeout once a new event came: see idleResetMs.)
@@ -1029,20 +1019,17 @@ export async function consumeStream(
       ctx.error = `gave up after ${failures} reconnects without progress; last: ${why}`;
       break;
     }
-    if (
-      o.instances.length > 1 &&
-      (failed && failures % o.failoverAfter === 0 || silent && silentInARow % o.failoverAfter === 0)
-    ) {
-      if (silent && liveFromUs !== undefined) liveFromUs = silentSinceUs;
-      failOver();
-    }
-    const quiet = cause.kind === "idle" && !cause.partial && !progressed && !silent;
+    if (o.instances.length > 1 && failed && failures % o.failoverAfter === 0) failOver();
+    // Quiet connections in a row never stop the run. Whether they bring no frame at all (but
+    // notices, a v2 host's #info) or only the event at their inclusive cursor, a narrow filter with
+    // nothing new cannot be told by them from a server that accepts and sends nothing (protocol doc
+    // §9, jetstream-legacy#48) or from an instance whose own source stopped (it replays what it
+    // holds, and nothing new comes): its live stream, for every event, can. With other instances,
+    // one that sends nothing there while another's does is left for it.
+    const quiet = cause.kind === "idle" && !cause.partial && !progressed;
     quietInARow = quiet ? quietInARow + 1 : 0;
     if (quietInARow === 1) quietSinceUs = openedUs;
     if (o.instances.length > 1 && quiet && quietInARow % o.failoverAfter === 0) {
-      // Each reconnect brings back the event at its cursor, so a quiet filter cannot be told from an
-      // instance whose own source stopped (it replays what it holds, and nothing new comes): its live
-      // stream, for every event, can. One that sends nothing while another's does is left for it.
       const probing = performance.now();
       const to = await liveInstead(base);
       // (The probes' time is no outage: it does not call for a coverage probe, see above.)
