@@ -245,8 +245,6 @@ export async function consumeStream(
   // awaitStored): the resume's, or a failover's.
   let seqHostAtAwait = seq.host;
   let failures = 0;
-  // Connections in a row that the idle timeout ended before they brought a frame other than a notice.
-  let silentInARow = 0;
   // How many times idleTimeout the next connection waits: doubled after each idle end without a new
   // event, up to MAX_IDLE_SCALE, and back to 1 with one. Reconnected from its last event, a narrow
   // filter makes the server scan the history since (protocol doc §5.2: every row counts, filtered
