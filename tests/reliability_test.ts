@@ -1729,38 +1729,49 @@ Deno.test("a narrow filter whose server scans longer than idleTimeout for the ne
   );
 });
 
-Deno.test("a narrow filter's first scan, longer than idleTimeout, gets through with two instances: a failover keeps the doubled wait", async () => {
+Deno.test("a narrow filter's first scan, longer than idleTimeout, gets through after a failover: the failover keeps the doubled wait", async () => {
   // Both servers scan 1 s of history from the start before the one event the filter selects: every
-  // connection before it is silent, so the run fails over after every two. (Before, the failover
-  // reset the wait, which never went past 2 × 0.3 s, and nothing was stored.)
+  // connection before it is silent. The first one's live stream has nothing new, the second's has:
+  // after two silent connections the run moves there, where it waits 1.2 s, and gets the event.
+  // (Before, the failover reset the wait, which never went past 2 × 0.3 s, and nothing was stored.)
+  const oldest = commit(T0, { did: did(4) });
   const event = commit(T0 + 3_600_000_000, { did: did(3) });
-  const scanning = () =>
+  const scanning = (live: boolean) =>
     Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, (req) => {
-      const probe = new URL(req.url).searchParams.get("cursor") === "0";
+      const cursor = new URL(req.url).searchParams.get("cursor");
       const { socket, response } = Deno.upgradeWebSocket(req);
       let timer: ReturnType<typeof setTimeout> | undefined;
       socket.onopen = () => {
-        timer = setTimeout(() => socket.send(JSON.stringify(event)), probe ? 0 : 1000);
+        // The coverage probe (cursor=0) gets the history's oldest event at once, the live stream (no
+        // cursor) a new one at once if there is any, a sync's connection its event after the scan.
+        if (cursor === null && !live) return;
+        const sent = cursor === "0" ? oldest : cursor === null ? commit(Date.now() * 1000) : event;
+        timer = setTimeout(
+          () => socket.send(JSON.stringify(sent)),
+          cursor === "0" || cursor === null ? 0 : 1000,
+        );
       };
       socket.onclose = () => clearTimeout(timer);
       return response;
     });
-  await using a = scanning();
-  await using b = scanning();
+  await using a = scanning(false);
+  await using b = scanning(true);
   await using db = await tempDb();
-  const stats = await runBackfillSync({
+  const { stats, reports } = await syncReporting({
     instance: [a, b].map((s) => `ws://127.0.0.1:${s.addr.port}/subscribe`),
     kv: db.path,
     startTimestamp: T0,
     idleTimeout: 0.3,
     numRecords: 1,
     maxTime: 10,
-    onError: () => {},
   });
   assert.equal(stats.stopReason, "limit", stats.error);
-  // To the second, as the first's history begins after the start (the second's too, no later: it is
-  // taken), and back to the first after two silent connections.
-  assert.equal(stats.failovers, 2);
+  assert.equal(stats.failovers, 1);
+  // The second's first connection waited the doubled 1.2 s: no idle end there.
+  assert.deepEqual(
+    reports.filter((r) => r.reason === "retry").map((r) => r.message),
+    ["no message for 0.3 s; reconnecting", "no message for 0.6 s; reconnecting"],
+  );
   assert.deepEqual(await stored(db.path, stats.queueLength), [event]);
 });
 
@@ -1790,10 +1801,11 @@ Deno.test("runBackfillSync() fails over from a v2 host whose connections bring a
   assert.deepEqual(got, posts(events));
 });
 
-Deno.test("runBackfillSync() with a quiet filter and another instance that is down does not give up", async () => {
+Deno.test("runBackfillSync() with a quiet filter and another instance that is down does not give up, nor move there", async () => {
   // The first instance is healthy and has nothing for the filter; the second refuses every
-  // connection. (Before, the second's failures added up across the first's quiet connections, and
-  // the run ended in an error after maxRetries.)
+  // connection. (Before, the run moved there after two quiet connections, and earlier still, the
+  // second's failures added up across the first's quiet connections, and the run ended in an error
+  // after maxRetries.)
   await using quiet = serveEvents(capture(100));
   const deadPort = await refusedPort();
   await using db = await tempDb();
@@ -1802,15 +1814,15 @@ Deno.test("runBackfillSync() with a quiet filter and another instance that is do
     kv: db.path,
     wantedDids: [did(99)],
     idleTimeout: 0.15,
-    // Two refusals in a row move back to the first instance; a third would end the run.
+    // (Three refusals in a row would end the run, were it to go there.)
     maxRetries: 2,
     maxTime: 6,
     onError: () => {},
   });
   assert.equal(stats.stopReason, "max_time", stats.error);
-  // To the second instance twice: its refusals on the second visit did not add to the first's.
-  // (The doubling idle wait on the quiet one leaves room for few more in the time.)
-  assert.ok(stats.failovers >= 3, `failovers: ${stats.failovers}`);
+  // The first's live stream goes on; the second's cannot be reached.
+  assert.equal(stats.failovers, 0);
+  assert.ok(stats.reconnects >= 3, `reconnects: ${stats.reconnects}`);
 });
 
 Deno.test("a strict run whose first instance's probe gets nothing tries the next instance rather than refusing", async () => {
