@@ -540,10 +540,13 @@ async function run(
   ) {
     // The same command again, after a Ctrl-C or a crash most likely: from the same start it would
     // store the same events a second time.
+    const last = isoFromUs(existing.value.cursor);
     throw new UsageError(
-      `Cannot sync into queue '${o.queueName}': it already holds ${storing.recordsStored} records of a run with these same options (the last from ${
-        isoFromUs(existing.value.cursor)
-      }), and this run would store them again. Continue that run with --resume / resume: true, or pass --force / force: true to store them a second time`,
+      `Cannot sync into queue '${o.queueName}': it already holds ${storing.recordsStored} records of a run with these same options (the last from ${last}), and this run would store them again. ${
+        storing === existing.value.run
+          ? "Continue that run with --resume / resume: true, or pass --force / force: true to store them a second time"
+          : `A later run, which stored nothing, took the queue since, so --resume / resume: true would continue that one, not this: pass --force / force: true to store them a second time, or a start after ${last} (--start / startTimestamp) to go on from there`
+      }`,
     );
   } else if (existing.value && existing.value.recordsStored > 0) {
     // Easy to do by mistake: the same run again stores the same events again. Said as this run stores
@@ -553,7 +556,11 @@ async function run(
       reason: "queue",
       message: `queue '${o.queueName}' already holds ${existing.value.recordsStored} records (the last from ${
         isoFromUs(existing.value.cursor)
-      }); this run adds its own after them, as a new run: to continue the run that stored them instead, use --resume / resume: true (with --force / force: true to give it another limit or end)`,
+      }); this run adds its own after them, as a new run${
+        storing === existing.value.run
+          ? ": to continue the run that stored them instead, use --resume / resume: true (with --force / force: true to give it another limit or end)"
+          : ""
+      }`,
     };
   }
   // A dictionary given as a path is remembered, so that `--resume` alone finds it again.
@@ -793,6 +800,7 @@ async function run(
     // A run that never got a connection and stored nothing (its server unreachable, a typo in
     // --instance, a stop while connecting) does not displace the run before it that stored records:
     // the checkpoint that taking the queue wrote is put back, so that --resume continues that one.
+    // (Runs that stored nothing take each other's place: the last is the one meant, most likely.)
     const putBack = !ctx.connected && storing !== undefined ? existing.value : undefined;
     return await finish(o, options, kv, ctx, selection, started, endReached, putBack);
   } finally {

@@ -670,6 +670,7 @@ Deno.test("status says when the queue changed all through the reading, and then 
     recordsPerDay: {},
     steady: false,
     writer: null,
+    resumeRun: null,
     lastRun: null,
   };
   const text = formatStatus(moving, "q.sqlite");
@@ -712,6 +713,7 @@ Deno.test("status ties a held lock file to the writer only when the writer said 
     recordsPerDay: {},
     steady: true,
     writer: { run: "r1", since: long, lastSeen: long, lockFile: true },
+    resumeRun: null,
     lastRun: null,
   };
   const held = { path: "/d/q.sqlite@q.lock", held: true };

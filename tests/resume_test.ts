@@ -8,7 +8,8 @@ import type { SyncErrorReport } from "../src/stats.ts";
 import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
 import { commit, did, drainQueue } from "./helpers/events.ts";
 import { isoFromUs } from "../src/time.ts";
-import { CLI, killIfRunning, spawnCli, syncArgs, whileRunning } from "./helpers/cli.ts";
+import { queueStatus } from "../src/queue/status.ts";
+import { CLI, killIfRunning, runCli, spawnCli, syncArgs, whileRunning } from "./helpers/cli.ts";
 import { handServer, refusedPort, serveEvents, tcpRelay, tempDb } from "./helpers/loopback.ts";
 
 const T0 = Date.UTC(2026, 10, 27, 10) * 1000;
@@ -724,12 +725,14 @@ Deno.test("--resume after a run that stored nothing in a queue that held records
   assert.equal(afterB.run.selection.startUs, null);
   assert.equal(afterB.priorRun?.recordsStored, 20);
   assert.equal(afterB.recordsStored, 20);
-  // A's command again is still refused: it would store A's records a second time.
+  // A's command again is still refused: it would store A's records a second time. (--resume now
+  // continues B, which the refusal says, rather than offer it for A.)
   await assert.rejects(
     () => runBackfillSync(a),
     (err) =>
       err instanceof UsageError &&
-      /already holds 20 records of a run with these same options/.test(err.message),
+      /already holds 20 records of a run with these same options .*A later run, which stored nothing, took the queue since, so --resume \/ resume: true would continue that one, not this: pass --force/
+        .test(err.message),
   );
   // A run the server refuses leaves the checkpoint as it was.
   await using refusing = Deno.serve(
@@ -756,6 +759,45 @@ Deno.test("--resume after a run that stored nothing in a queue that held records
   assert.ok(asked >= began - 5_000_000 && asked <= began - 4_000_000, JSON.stringify({ cursors, began }));
   // Once it stored a record, the run before it is no longer named.
   assert.equal((await checkpoint()).priorRun, undefined);
+});
+
+Deno.test("a run that never gets a connection leaves the checkpoint of the run before it, and status names that one for --resume", async () => {
+  // The first connection gets one new event.
+  const held: JetstreamEvent[] = [];
+  await using server = handServer(held, (socket) => {
+    if (held.length > 0) return;
+    held.push(commit(Date.now() * 1000, { did: did(1) }));
+    socket.send(JSON.stringify(held[0]));
+  });
+  await using db = await tempDb();
+  const checkpoint = async () => {
+    const kv = await Deno.openKv(db.path);
+    const { value } = await readCheckpoint(kv, "jetstream_sync");
+    kv.close();
+    return value;
+  };
+  // A live tail that stored that event.
+  const a = await runBackfillSync({ instance: server.instance, kv: db.path, numRecords: 1 });
+  assert.equal(a.recordsStored, 1, a.error);
+  const afterA = await checkpoint();
+  assert.ok(afterA);
+  // Its server cannot be reached (a typo in --instance, say).
+  const b = await runBackfillSync({
+    instance: `ws://127.0.0.1:${await refusedPort()}/subscribe`,
+    kv: db.path,
+    wantedCollections: ["app.bsky.feed.like"],
+    maxRetries: 0,
+  });
+  assert.equal(b.stopReason, "error");
+  assert.deepEqual(await checkpoint(), afterA);
+  // Status says so: the last run is B, the one --resume continues A.
+  const kv = await Deno.openKv(db.path);
+  const status = await queueStatus(kv, "jetstream_sync");
+  kv.close();
+  assert.equal(status.resumeRun?.id, afterA!.run.id);
+  assert.notEqual(status.lastRun?.id, afterA!.run.id);
+  const text = await runCli(["status", "--kv", db.path]);
+  assert.match(text.stdout, new RegExp(`\nresume continues    ${afterA!.run.id}, which stored 1 record\n`));
 });
 
 Deno.test("--resume of a live tail that stored nothing, after a run that stored an event a moment before it began, does not store that event again", async () => {

@@ -40,8 +40,9 @@ be apart by what was committed meanwhile, even messages waiting against records 
 (the sync holding the queue's writer lock: { run, since, lastSeen, lockFile }, or null when none
 does; a lastSeen over 10 s old is a crashed sync, unless it holds the lock file (lockFile true)
 and the lock file is held), lockFile ({ path, held }: held while a sync's process is alive, even
-paused; null when there is none to look at), lastRun ({ id, finishedAt, options, stats } with the
-sync's own statistics as 'jetfill sync --json' printed them, or null).
+paused; null when there is none to look at), resumeRun (the run --resume continues, which the
+checkpoint names: { id, recordsStored, selection }, or null), lastRun ({ id, finishedAt, options,
+stats } with the sync's own statistics as 'jetfill sync --json' printed them, or null).
 
 Exit codes: 0 done, 1 runtime failure, 2 bad input (such as a database that does not exist).`;
 
@@ -159,6 +160,14 @@ export function formatStatus(s: QueueStatus, path: string, lockFile: StatusJson[
     );
   } else {
     lines.push(`last run            -`);
+  }
+  if (s.resumeRun) {
+    // Another run than the last one when that one put the checkpoint back (it never connected).
+    lines.push(
+      `resume continues    ${s.resumeRun.id}${
+        s.resumeRun.id === s.lastRun?.id ? " (the last run)" : ""
+      }, which stored ${counted(s.resumeRun.recordsStored, "record")}`,
+    );
   }
   return lines.join("\n");
 }

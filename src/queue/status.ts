@@ -80,6 +80,19 @@ export interface QueueStatus {
     /** Its last commit or heartbeat, ISO 8601 UTC. */
     lastSeen: string;
   } | null;
+  /**
+   * The run `--resume` continues, named by the checkpoint, or null when there is none: the last run
+   * to take the queue, unless one after it put the checkpoint back (it never got a connection, or
+   * its server refused it), in which case it is not {@link lastRun}.
+   */
+  resumeRun: {
+    /** Random id of the run. */
+    id: string;
+    /** Records it stored (with its resumptions). */
+    recordsStored: number;
+    /** The options that select its events, as the checkpoint keeps them. */
+    selection: Record<string, unknown>;
+  } | null;
   /** The last sync run, as it recorded itself when it finished, or null. */
   lastRun: {
     /** Random id of the run. */
@@ -337,6 +350,13 @@ export async function queueStatus(kv: Deno.Kv, queue: string): Promise<QueueStat
     recordsPerDay,
     steady,
     writer,
+    resumeRun: checkpoint
+      ? {
+        id: checkpoint.run.id,
+        recordsStored: checkpoint.run.recordsStored,
+        selection: checkpoint.run.selection,
+      }
+      : null,
     lastRun: run
       ? {
         id: run.id,
