@@ -647,19 +647,24 @@ Deno.test("--resume of a live tail stores nothing from before the tail began, th
   }
 });
 
+/** A {@link handServer} whose first connection gets one new event (by this machine's clock), then held. */
+function oneNewEvent() {
+  const held: JetstreamEvent[] = [];
+  const server = handServer(held, (socket) => {
+    if (held.length > 0) return;
+    held.push(commit(Date.now() * 1000, { did: did(1) }));
+    socket.send(JSON.stringify(held[0]));
+  });
+  return Object.assign(server, { held });
+}
+
 Deno.test("a new live tail on a queue whose last run stored an event a moment before does not store it again on a reconnect's rewind", async () => {
   // A legacy server by hand, with time_us from this machine's clock: no cursor gets what comes from
   // now on; a cursor, what it holds from it on (inclusive). The first tail stores one event and
   // stops; the next, at once, has a quiet first connection, and its reconnect asks from 5 s before
   // it opened. (Before: the event came again in that rewind and was stored a second time.)
-  const held: JetstreamEvent[] = [];
-  // The first connection gets one new event.
-  await using server = handServer(held, (socket) => {
-    if (held.length > 0) return;
-    const ev = commit(Date.now() * 1000, { did: did(1) });
-    held.push(ev);
-    socket.send(JSON.stringify(ev));
-  });
+  await using server = oneNewEvent();
+  const { held } = server;
   await using db = await tempDb();
   const { instance } = server;
   const first = await runBackfillSync({ instance, kv: db.path, numRecords: 1 });
@@ -762,13 +767,7 @@ Deno.test("--resume after a run that stored nothing in a queue that held records
 });
 
 Deno.test("a run that never gets a connection leaves the checkpoint of the run before it, and status names that one for --resume", async () => {
-  // The first connection gets one new event.
-  const held: JetstreamEvent[] = [];
-  await using server = handServer(held, (socket) => {
-    if (held.length > 0) return;
-    held.push(commit(Date.now() * 1000, { did: did(1) }));
-    socket.send(JSON.stringify(held[0]));
-  });
+  await using server = oneNewEvent();
   await using db = await tempDb();
   const checkpoint = async () => {
     const kv = await Deno.openKv(db.path);
@@ -803,13 +802,8 @@ Deno.test("a run that never gets a connection leaves the checkpoint of the run b
 Deno.test("--resume of a live tail that stored nothing, after a run that stored an event a moment before it began, does not store that event again", async () => {
   // As above: the first tail stores one event; the next stores nothing; its resume asks from 5 s
   // before it began, which brings that event back.
-  const held: JetstreamEvent[] = [];
-  await using server = handServer(held, (socket) => {
-    if (held.length > 0) return;
-    const ev = commit(Date.now() * 1000, { did: did(1) });
-    held.push(ev);
-    socket.send(JSON.stringify(ev));
-  });
+  await using server = oneNewEvent();
+  const { held } = server;
   await using db = await tempDb();
   const { instance } = server;
   assert.equal((await runBackfillSync({ instance, kv: db.path, numRecords: 1 })).stopReason, "limit");
