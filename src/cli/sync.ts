@@ -76,8 +76,9 @@ Queue:
   --queue-name NAME       queue name (default jetstream_sync)
   --batch-size N          records per batch and atomic commit (default 100); a batch not full
                           1 s after its first record is committed as it is
-  --resume                continue this queue's last run from its checkpoint: selection options
-                          and instances left out are the last run's, different selection
+  --resume                continue this queue's last run (the one 'status' says it continues)
+                          from its checkpoint: selection options and instances left out are
+                          the last run's, different selection
                           options are refused; --max-time, --idle-timeout, --max-retries and
                           --strict are this run's own
   --force                 with --resume, accept different selection options; without it, store
