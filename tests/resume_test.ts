@@ -2,6 +2,7 @@ import assert from "node:assert/strict";
 import { runBackfillSync } from "../src/backfill.ts";
 import type { JetstreamEvent } from "../src/jetstream/events.ts";
 import type { SyncStats } from "../src/stats.ts";
+import type { BackfillSyncOptions } from "../src/options.ts";
 import { openKvAt, queueKey, readCheckpoint } from "../src/queue/kv_queue.ts";
 import { UsageError } from "../src/errors.ts";
 import type { SyncErrorReport } from "../src/stats.ts";
@@ -764,6 +765,30 @@ Deno.test("--resume after a run that stored nothing in a queue that held records
   assert.ok(asked >= began - 5_000_000 && asked <= began - 4_000_000, JSON.stringify({ cursors, began }));
   // Once it stored a record, the run before it is no longer named.
   assert.equal((await checkpoint()).priorRun, undefined);
+});
+
+Deno.test("a new run's note offers --resume for the run that stored the records only when --resume would continue that one", async () => {
+  const nowUs = Date.now() * 1000;
+  const held = Array.from(
+    { length: 30 },
+    (_, i) => commit(nowUs - 60_000_000 + i * 100_000, { did: did(i) }),
+  );
+  await using server = handServer(held);
+  await using db = await tempDb();
+  const { instance } = server;
+  const notes = async (options: Partial<BackfillSyncOptions>) => {
+    const reports: SyncErrorReport[] = [];
+    await runBackfillSync({ instance, kv: db.path, maxTime: 1, ...options, onError: (r) => reports.push(r) });
+    return reports.filter((r) => r.reason === "queue").map((r) => r.message);
+  };
+  await notes({ startTimestamp: held[0].time_us, numRecords: 20 });
+  // A new run right after it: --resume would continue the run that stored them.
+  const [offered] = await notes({ startTimestamp: held[0].time_us, wantedDids: [did(20)] });
+  assert.match(offered, /as a new run: to continue the run that stored them instead, use --resume/);
+  // A quiet tail takes the queue: --resume would continue it, so the next new run's note offers nothing.
+  await notes({ maxTime: 0.3 });
+  const [plain] = await notes({ startTimestamp: held[0].time_us, wantedDids: [did(21)] });
+  assert.match(plain, /this run adds its own after them, as a new run$/);
 });
 
 Deno.test("a run that never gets a connection leaves the checkpoint of the run before it, and status names that one for --resume", async () => {
