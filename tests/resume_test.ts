@@ -3,7 +3,7 @@ import { runBackfillSync } from "../src/backfill.ts";
 import type { JetstreamEvent } from "../src/jetstream/events.ts";
 import type { SyncStats } from "../src/stats.ts";
 import type { BackfillSyncOptions } from "../src/options.ts";
-import { openKvAt, queueKey, readCheckpoint } from "../src/queue/kv_queue.ts";
+import { type Checkpoint, openKvAt, queueKey, readCheckpoint } from "../src/queue/kv_queue.ts";
 import { UsageError } from "../src/errors.ts";
 import type { SyncErrorReport } from "../src/stats.ts";
 import { decodeQueueMessage, type QueueMessage } from "../src/queue/message.ts";
@@ -36,9 +36,7 @@ function limitedSync(url: string, kv: string): string[] {
 }
 
 async function queueEvents(path: string): Promise<JetstreamEvent[]> {
-  const kv = await Deno.openKv(path);
-  const seq = (await readCheckpoint(kv, "jetstream_sync")).value?.seq ?? 0;
-  kv.close();
+  const seq = (await checkpointAt(path))?.seq ?? 0;
   const msgs = (await drainQueue(path, seq, 30_000)) as QueueMessage[];
   assert.equal(msgs.length, seq);
   msgs.sort((a, b) => a.seq - b.seq);
@@ -702,15 +700,27 @@ Deno.test("--resume of a live tail that stored nothing asks from when that tail 
   assert.ok(asked >= began - 5_000_000 && asked <= began - 4_000_000, JSON.stringify({ cursors, began }));
 });
 
+/** 30 posts by 30 accounts, 0.1 s apart, from a minute ago (time_us by this machine's clock). */
+function lastMinute(): JetstreamEvent[] {
+  const nowUs = Date.now() * 1000;
+  return Array.from({ length: 30 }, (_, i) => commit(nowUs - 60_000_000 + i * 100_000, { did: did(i) }));
+}
+
+/** The checkpoint of the default queue in the database at `path`, or null. */
+async function checkpointAt(path: string): Promise<Checkpoint | null> {
+  const kv = await Deno.openKv(path);
+  try {
+    return (await readCheckpoint(kv, "jetstream_sync")).value;
+  } finally {
+    kv.close();
+  }
+}
+
 Deno.test("--resume after a run that stored nothing in a queue that held records continues that run, not the one before it", async () => {
   // Run A stores 20 records and reaches its limit; tail B stores nothing; an event comes; --resume.
   // (Before: B left the checkpoint to A, and the resume said that A had reached its limit, storing
   // nothing: the event was lost.)
-  const nowUs = Date.now() * 1000;
-  const held = Array.from(
-    { length: 30 },
-    (_, i) => commit(nowUs - 60_000_000 + i * 100_000, { did: did(i) }),
-  );
+  const held = lastMinute();
   await using server = handServer(held);
   const { instance, cursors } = server;
   await using db = await tempDb();
@@ -719,12 +729,7 @@ Deno.test("--resume after a run that stored nothing in a queue that held records
   const began = Date.now() * 1000;
   const b = await runBackfillSync({ instance, kv: db.path, maxTime: 0.5 });
   assert.equal(b.recordsStored, 0, b.error);
-  const checkpoint = async () => {
-    const kv = await Deno.openKv(db.path);
-    const { value } = await readCheckpoint(kv, "jetstream_sync");
-    kv.close();
-    return value!;
-  };
+  const checkpoint = async () => (await checkpointAt(db.path))!;
   // The checkpoint names B, and A as the run before it that stored records.
   const afterB = await checkpoint();
   assert.equal(afterB.run.recordsStored, 0);
@@ -768,11 +773,7 @@ Deno.test("--resume after a run that stored nothing in a queue that held records
 });
 
 Deno.test("a new run's note offers --resume for the run that stored the records only when --resume would continue that one", async () => {
-  const nowUs = Date.now() * 1000;
-  const held = Array.from(
-    { length: 30 },
-    (_, i) => commit(nowUs - 60_000_000 + i * 100_000, { did: did(i) }),
-  );
+  const held = lastMinute();
   await using server = handServer(held);
   await using db = await tempDb();
   const { instance } = server;
@@ -794,12 +795,7 @@ Deno.test("a new run's note offers --resume for the run that stored the records 
 Deno.test("a run that never gets a connection leaves the checkpoint of the run before it, and status names that one for --resume", async () => {
   await using server = oneNewEvent();
   await using db = await tempDb();
-  const checkpoint = async () => {
-    const kv = await Deno.openKv(db.path);
-    const { value } = await readCheckpoint(kv, "jetstream_sync");
-    kv.close();
-    return value;
-  };
+  const checkpoint = () => checkpointAt(db.path);
   // A live tail that stored that event.
   const a = await runBackfillSync({ instance: server.instance, kv: db.path, numRecords: 1 });
   assert.equal(a.recordsStored, 1, a.error);
