@@ -7,7 +7,7 @@
  * ```
  *
  * Without `--start-us` the capture starts 48 hours ago, so it spans calendar days and stays inside a
- * replay window; without `--step-us` it ends about an hour ago.
+ * replay window; without `--step-us` it ends an hour ago on average (the gaps are random).
  *
  * @module
  */

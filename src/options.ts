@@ -360,10 +360,17 @@ function err(name: string, expected: string) {
 }
 
 const positiveInt = (name: string) =>
-  z.number(err(name, "a positive integer")).refine(
-    (n) => Number.isSafeInteger(n) && n > 0,
-    err(name, "a positive integer"),
-  );
+  z.number(err(name, "a positive integer")).refine((n) => Number.isSafeInteger(n) && n > 0, {
+    // An integer too large for a double to count by ones is still an integer: say where they end.
+    error: (iss: { input?: unknown }) =>
+      because(
+        name,
+        Number.isInteger(iss.input) && (iss.input as number) > 0
+          ? `a positive integer up to ${Number.MAX_SAFE_INTEGER}`
+          : "a positive integer",
+        iss.input,
+      ),
+  });
 
 const stringList = (name: string) =>
   z.array(z.string(err(name, "an array of strings")), err(name, "an array of strings"));

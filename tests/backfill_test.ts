@@ -631,6 +631,11 @@ Deno.test("runBackfillSync() refuses bad options before connecting", async () =>
     () => runBackfillSync({ batchSize: 0 }),
     /'batchSize' must be a positive integer: current value is 0/,
   );
+  // Past 2^53 a double no longer counts by ones: the message says where integers end, not just "integer".
+  await assert.rejects(
+    () => runBackfillSync({ numRecords: 2 ** 53 + 2 }),
+    /'numRecords' must be a positive integer up to 9007199254740991: current value is 9007199254740994$/,
+  );
   await assert.rejects(
     () => runBackfillSync({ startTimestamp: "2024-01-02", endTimestamp: "2024-01-01" }),
     /'endTimestamp' must be after 'startTimestamp'/,

@@ -36,7 +36,10 @@ export interface GenerateCaptureOptions {
   /**
    * Mean gap between consecutive events, microseconds (gaps are exponentially distributed, at least 1).
    *
-   * @default {47 hours / count, so a default capture ends about an hour ago and spans two or three calendar days}
+   * The gaps are random, so where a capture ends varies by about 47 hours / √count either way (40
+   * minutes for 5,000 events, 90 for 1,000).
+   *
+   * @default {47 hours / count, so a default capture ends an hour ago on average and spans two or three calendar days}
    */
   stepUs?: number;
   /**
