@@ -6,7 +6,7 @@ import type { QueueMessage } from "../src/queue/message.ts";
 import { commit, did, drainQueue } from "./helpers/events.ts";
 import { serveEvents, tempDb } from "./helpers/loopback.ts";
 import { UsageError } from "../src/errors.ts";
-import { runCli } from "./helpers/cli.ts";
+import { runCli, runCliUnprivileged } from "./helpers/cli.ts";
 
 const T0 = Date.UTC(2026, 10, 27) * 1000;
 
@@ -362,5 +362,74 @@ Deno.test("openKvAt() and the commands refuse a device or a named pipe as the da
     const r = await runCli([...args, "--kv", fifo]);
     assert.equal(r.code, 2, r.stderr);
     assert.match(r.stderr, /it is not a file \(a device, a pipe or a socket\)/);
+  }
+});
+
+/** The mode bits (no file type) of `path`, or null when there is no such file. */
+function modeOf(path: string): number | null {
+  try {
+    return Deno.lstatSync(path).mode! & 0o777;
+  } catch {
+    return null;
+  }
+}
+
+Deno.test("status on a read-only database leaves SQLite's files beside it writable, and a read-only one left by another is named", async () => {
+  await using server = serveEvents(posts(3));
+  await using db = await tempDb();
+  const stats = await runBackfillSync({ instance: server.url, kv: db.path, numRecords: 3, maxTime: 30 });
+  assert.equal(stats.recordsStored, 3);
+  // Shown while read-only: SQLite makes its -wal and -shm with the database's mode (r--r--r--), which
+  // would keep every writer out once the database is writable again, and Deno KV would then panic.
+  await Deno.chmod(db.path, 0o444);
+  const looked = await runCliUnprivileged(["status", "--kv", db.path]);
+  assert.equal(looked.code, 0, looked.stderr);
+  assert.match(looked.stdout, /3 records/);
+  for (const suffix of ["-wal", "-shm"]) {
+    const mode = modeOf(db.path + suffix);
+    assert.ok(mode === null || (mode & 0o200) !== 0, `${suffix} left with mode ${mode?.toString(8)}`);
+  }
+  await Deno.chmod(db.path, 0o644);
+  const again = await runCliUnprivileged(["status", "--kv", db.path]);
+  assert.equal(again.code, 0, again.stderr);
+  assert.doesNotMatch(again.stderr, /panicked/);
+  // The same files made read-only by another program: bad input, naming the file and what to do.
+  await Deno.writeFile(`${db.path}-shm`, new Uint8Array(0), { append: true });
+  await Deno.chmod(`${db.path}-shm`, 0o444);
+  for (const args of [["status"], ["sync", "--resume", "--max-time", "5"]]) {
+    const r = await runCliUnprivileged([...args, "--kv", db.path]);
+    assert.equal(r.code, 2, `${args[0]}: ${r.stderr}`);
+    assert.match(
+      r.stderr,
+      new RegExp(
+        `its SQLite file "${db.path}-shm" cannot be written by this process while the database can.*chmod u\\+w`,
+      ),
+    );
+    assert.doesNotMatch(r.stderr, /panicked/);
+  }
+  // Nothing stored was lost.
+  await Deno.chmod(`${db.path}-shm`, 0o644);
+  const after = await runCliUnprivileged(["status", "--kv", db.path]);
+  assert.equal(after.code, 0, after.stderr);
+  assert.match(after.stdout, /3 records/);
+});
+
+Deno.test("a database folder that cannot be written, or made, is bad input (exit 2), named", async () => {
+  await using db = await tempDb();
+  const folder = `${db.dir}/ro`;
+  await Deno.mkdir(folder);
+  await Deno.chmod(folder, 0o555);
+  try {
+    const opened = await runCliUnprivileged(["sync", "--kv", `${folder}/q.sqlite`, "--max-time", "1"]);
+    assert.equal(opened.code, 2, opened.stderr);
+    assert.match(opened.stderr, new RegExp(`its folder "${folder}" cannot be written by this process`));
+    const made = await runCliUnprivileged(["sync", "--kv", `${folder}/sub/q.sqlite`, "--max-time", "1"]);
+    assert.equal(made.code, 2, made.stderr);
+    assert.match(
+      made.stderr,
+      new RegExp(`cannot make the folder of the Deno KV database "${folder}/sub/q.sqlite"`),
+    );
+  } finally {
+    await Deno.chmod(folder, 0o755);
   }
 });

@@ -6,7 +6,7 @@
 import { UsageError } from "../errors.ts";
 import { isNothingThere } from "../fs.ts";
 import { type QueueStatus, queueStatus } from "../queue/status.ts";
-import { openKvAt, unknownQueue } from "../queue/kv_queue.ts";
+import { localDatabasePath, openKvAt, unknownQueue, unlockLogFiles } from "../queue/kv_queue.ts";
 import { queueFileLocked, queueLockPath } from "../queue/file_lock.ts";
 import { isoFromUs } from "../time.ts";
 import { type FlagSpec, parseFlags, queueFlags } from "./args.ts";
@@ -223,6 +223,8 @@ export async function statusCommand(args: string[]): Promise<number> {
     status = await queueStatus(kv, queue);
   } finally {
     kv.close();
+    const file = localDatabasePath(path);
+    if (file !== undefined) await unlockLogFiles(file);
   }
   const held = await queueFileLocked(path, queue);
   const lockFile = held === undefined ? null : { path: await queueLockPath(path, queue), held };

@@ -348,8 +348,9 @@ export async function openKvAt(path: string): Promise<Deno.Kv> {
             { cause: err },
           );
         }
-        // Deno's permissions refusing it is how the process was started: bad input too.
-        throw new (err instanceof Deno.errors.NotCapable ? UsageError : Error)(
+        // Deno's permissions refusing it is how the process was started, and the file system's is
+        // where the path points: bad input too, as a read-only database file is.
+        throw new (refused(err) ? UsageError : Error)(
           `cannot make the folder of the Deno KV database ${JSON.stringify(path)}: ${(err as Error).message}`,
           { cause: err },
         );
@@ -375,6 +376,7 @@ export async function openKvAt(path: string): Promise<Deno.Kv> {
           "(a symbolic link to it is fine)",
       );
     }
+    await checkLogFiles(path, file);
     // Only a speed-up: where it cannot be done, Deno KV creates the database as it always does.
     if (!info) await createDatabase(file).catch(() => {});
     else if (info.isFile && info.size > 0 && !checkedDatabases.has(file)) {
@@ -389,14 +391,21 @@ export async function openKvAt(path: string): Promise<Deno.Kv> {
   } catch (err) {
     // SQLite's "unable to open database file" does not say why.
     const folder = await Deno.stat(path).then((s) => s.isDirectory, () => false);
+    const unwritable =
+      !folder && file !== undefined && /unable to open|readonly|read-only/i.test((err as Error).message)
+        ? !(await canMakeFileIn(dirname(file)))
+        : undefined;
     const hint = folder
       ? " (it is a folder: give the database file's path)"
-      : /unable to open|readonly|read-only/i.test((err as Error).message)
+      : unwritable
+      ? ` (its folder ${JSON.stringify(dirname(file!))} cannot be written by this process, and SQLite ` +
+        "needs to create its -wal and -shm files beside it; give the folder write access, or use a writable copy)"
+      : unwritable === false
       ? " (is its folder writable? SQLite needs to create its -wal and -shm files beside it)"
       : "";
-    // A folder given for the database, or Deno's permissions refusing it, is bad input (exit 2 in the
-    // CLI); the rest is the machine's.
-    throw new (folder || err instanceof Deno.errors.NotCapable ? UsageError : Error)(
+    // A folder given for the database, a folder that cannot be written, or Deno's permissions refusing
+    // it, is bad input (exit 2 in the CLI); the rest is the machine's.
+    throw new (folder || unwritable || err instanceof Deno.errors.NotCapable ? UsageError : Error)(
       `cannot open the Deno KV database ${JSON.stringify(path)}: ${(err as Error).message}${hint}`,
       { cause: err },
     );
@@ -408,6 +417,79 @@ export async function openKvAt(path: string): Promise<Deno.Kv> {
     databaseFiles.set(kv, resolve(file));
   }
   return kv;
+}
+
+/** An error by which Deno's permissions or the file system refused access (not a missing file). */
+function refused(err: unknown): boolean {
+  return err instanceof Deno.errors.NotCapable || err instanceof Deno.errors.PermissionDenied ||
+    /read-only file system/i.test((err as Error)?.message ?? "");
+}
+
+/** Whether this process may write `file`: false only when that is refused (see {@link refused}). */
+async function canWrite(file: string): Promise<boolean> {
+  try {
+    // (Neither created nor truncated: opened, and closed.)
+    (await Deno.open(file, { read: true, write: true })).close();
+    return true;
+  } catch (err) {
+    return !refused(err);
+  }
+}
+
+/** Whether this process may make a file in `folder`: tried with a file made and removed at once. */
+async function canMakeFileIn(folder: string): Promise<boolean> {
+  try {
+    await Deno.remove(await Deno.makeTempFile({ dir: folder, prefix: ".jetfill-probe-" }));
+    return true;
+  } catch (err) {
+    return !refused(err);
+  }
+}
+
+/** SQLite's files beside a database in WAL mode: its log and the log's shared-memory index. */
+const LOG_FILES = ["-wal", "-shm"] as const;
+
+/**
+ * Refuses SQLite's log file beside the database `file` that this process cannot write when it can
+ * write the database: SQLite would open the database for reading alone without a word, and Deno KV's
+ * background work then fails its first write with a panic. A look at a database while it was
+ * read-only leaves such files, as SQLite gives them the database's mode (see
+ * {@link unlockLogFiles}), and so may another program.
+ */
+async function checkLogFiles(path: string, file: string): Promise<void> {
+  let databaseWritable: boolean | undefined;
+  for (const suffix of LOG_FILES) {
+    const log = file + suffix;
+    if (!(await Deno.lstat(log).then(() => true, () => false))) continue;
+    databaseWritable ??= await canWrite(file);
+    if (!databaseWritable || await canWrite(log)) continue;
+    throw new UsageError(
+      `Cannot open the Deno KV database ${JSON.stringify(path)}: its SQLite file ${
+        JSON.stringify(log)
+      } cannot be written by this process while the database can, so SQLite would refuse every write ` +
+        "(a look at the database while it was read-only leaves such a file); give it write access " +
+        `(chmod u+w ${JSON.stringify(log)}), or delete it while no program has the database open`,
+    );
+  }
+}
+
+/**
+ * After a look at a database `file` that has no write access for its owner (see `jetfill status`):
+ * gives its owner write access to SQLite's log files beside it, which SQLite made with the
+ * database's mode, so that they do not keep every writer out once the database is writable again
+ * (see {@link checkLogFiles}). Call it once the database is closed: SQLite may make them again
+ * until then. Files of another owner, or a system without modes, are left as they are.
+ */
+export async function unlockLogFiles(file: string): Promise<void> {
+  const mode = await Deno.stat(file).then((i) => i.mode, () => null);
+  if (mode === null || (mode & 0o200) !== 0) return;
+  for (const suffix of LOG_FILES) {
+    const log = file + suffix;
+    const logMode = await Deno.lstat(log).then((i) => i.isFile ? i.mode : null, () => null);
+    if (logMode !== null && (logMode & 0o200) === 0) {
+      await Deno.chmod(log, (logMode & 0o7777) | 0o200).catch(() => {});
+    }
+  }
 }
 
 /**

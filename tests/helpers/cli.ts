@@ -29,6 +29,34 @@ export function spawnCli(
   }).spawn();
 }
 
+/**
+ * Runs the CLI with `args` to its end, as {@link runCli} does, in a process that file modes bind: as
+ * it is when this one is not root; as root, through util-linux's `setpriv` without the capabilities
+ * by which root passes over modes (still uid 0, so it reads Deno's cache as before).
+ */
+export async function runCliUnprivileged(
+  args: string[],
+): Promise<{ code: number; stdout: string; stderr: string }> {
+  if (Deno.uid() !== 0) return await runCli(args);
+  const out = await new Deno.Command("setpriv", {
+    args: [
+      "--bounding-set=-dac_override,-dac_read_search,-fowner",
+      Deno.execPath(),
+      "run",
+      "-A",
+      CLI,
+      ...args,
+    ],
+    stdout: "piped",
+    stderr: "piped",
+    env: { NO_COLOR: "1", DENO_NO_UPDATE_CHECK: "1" },
+  }).output().catch((err) => {
+    throw new Error(`this test needs setpriv (util-linux) when it runs as root: ${err}`);
+  });
+  const dec = new TextDecoder();
+  return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
+}
+
 /** Runs the CLI with `args` to its end: its exit code and its output, decoded. */
 export async function runCli(
   args: string[],
