@@ -542,7 +542,9 @@ async function run(
     // store the same events a second time.
     const last = isoFromUs(existing.value.cursor);
     throw new UsageError(
-      `Cannot sync into queue '${o.queueName}': it already holds ${storing.recordsStored} records of a run with these same options (the last from ${last}), and this run would store them again. ${
+      `Cannot sync into queue '${o.queueName}': it already holds ${storing.recordsStored} record${
+        storing.recordsStored === 1 ? "" : "s"
+      } of a run with these same options (the last from ${last}), and this run would store them again. ${
         storing === existing.value.run
           ? "Continue that run with --resume / resume: true, or pass --force / force: true to store them a second time"
           : `A later run, which stored nothing, took the queue since, so --resume / resume: true would continue that one, not this: pass --force / force: true to store them a second time, or a start after ${last} (--start / startTimestamp) to go on from there`
@@ -554,9 +556,9 @@ async function run(
     // adds nothing.
     newRunNote = {
       reason: "queue",
-      message: `queue '${o.queueName}' already holds ${existing.value.recordsStored} records (the last from ${
-        isoFromUs(existing.value.cursor)
-      }); this run adds its own after them, as a new run${
+      message: `queue '${o.queueName}' already holds ${existing.value.recordsStored} record${
+        existing.value.recordsStored === 1 ? "" : "s"
+      } (the last from ${isoFromUs(existing.value.cursor)}); this run adds its own after them, as a new run${
         storing === existing.value.run
           ? ": to continue the run that stored them instead, use --resume / resume: true (with --force / force: true to give it another limit or end)"
           : ""

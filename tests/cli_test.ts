@@ -532,6 +532,13 @@ Deno.test("jetfill sync refuses to store the same window again without --resume 
   );
   assert.equal(JSON.parse(other.stdout).recordsStored, 12);
   assert.equal(JSON.parse(other.stdout).queueLength, 3);
+  // One record is one record.
+  await using one = await tempDb();
+  assert.equal((await run(syncArgs(server.url, one.path, T0, "--limit", "1"))).code, 0);
+  const refusedOne = await run(syncArgs(server.url, one.path, T0, "--limit", "1"));
+  assert.match(refusedOne.stderr, /it already holds 1 record of a run/);
+  const afterOne = await run(syncArgs(server.url, one.path, T0, "--limit", "2"));
+  assert.match(afterOne.stderr, /note: queue 'jetstream_sync' already holds 1 record \(the last from /);
   // A new run that stores nothing (its server cannot be reached) adds nothing, and says nothing of it.
   const unreachable = await run(
     syncArgs("ws://127.0.0.1:9/subscribe", db.path, T0, "--limit", "14", "--max-retries", "0", "--json"),

@@ -1079,6 +1079,14 @@ Deno.test("`jetfill serve` says on stderr that a capture out of order is served 
     await Deno.writeTextFile(inOrder, LINES.join("\n") + "\n");
     const quiet = await serveCli(["--file", inOrder, "--close-at-end"]);
     assert.deepEqual(await quiet.stop(), { code: 0, stderr: "" });
+    // An empty capture is served (a live stream with nothing yet), but said: most likely not the one meant.
+    const empty = `${dir}/empty.ndjson`;
+    await Deno.writeTextFile(empty, "");
+    const none = await serveCli(["--file", empty]);
+    assert.deepEqual(await none.stop(), {
+      code: 0,
+      stderr: `jetfill serve: '${empty}' holds no events: every connection gets none\n`,
+    });
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

@@ -65,8 +65,8 @@ Faults (all off by default, all deterministic):
                       healthy legacy server does (a cursor skips the events before it in time)
 
 Prints one line, "listening on ws://HOST:PORT/subscribe" (with --v2, "... and
-ws://HOST:PORT/xrpc/network.bsky.jetstream.subscribeEvents"), once ready; runs until SIGINT,
-SIGTERM or SIGHUP.`;
+ws://HOST:PORT/xrpc/network.bsky.jetstream.subscribeEvents"), once ready, on stdout; a capture
+out of time_us order, or empty, is said on stderr. Runs until SIGINT, SIGTERM or SIGHUP.`;
 
 const FLAGS: FlagSpec = {
   file: { type: "string" },
@@ -251,6 +251,10 @@ export async function serveCommand(args: string[]): Promise<number> {
     throw new UsageError(`--file is not a valid capture: ${(err as Error).message}`, {
       cause: err,
     });
+  }
+  // Served all the same (a live stream with nothing yet), but most likely not the capture meant.
+  if (events.length === 0) {
+    console.error(`jetfill serve: '${values.file}' holds no events: every connection gets none`);
   }
   // serveJetstream() sorts for the legacy server (without --file-order); this only tells the user,
   // who may expect the capture played in file order, or not know that the file is out of order.
