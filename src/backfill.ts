@@ -707,6 +707,19 @@ async function run(
     });
     stopWith(ctx, "limit");
   }
+  for (const collection of ctx.stop ? [] : o.wantedCollections) {
+    // Valid, but most likely a slip: records name their collection with a lowercase domain part
+    // (atproto normalizes it), and Jetstream matches the filter exactly.
+    const domain = collection.slice(0, collection.lastIndexOf("."));
+    if (domain === domain.toLowerCase()) continue;
+    ctx.report({
+      reason: "coverage",
+      message:
+        `collection "${collection}" has capitals in its domain part "${domain}", which records' NSIDs ` +
+        `write in lowercase: Jetstream matches collections exactly, so it most likely matches nothing ` +
+        `(did you mean "${domain.toLowerCase()}${collection.slice(domain.length)}"?)`,
+    });
+  }
   const longUrl = didsNeedHello(o.wantedDids) ? o.instances.find(isV2Url) : undefined;
   if (longUrl !== undefined && !ctx.stop) {
     // The v2 wire has no options_update: the URL is its only channel (protocol doc §9, item 4).

@@ -398,6 +398,27 @@ Deno.test("a maxMessageSizeBytes in the instance URL goes in the hello too, whic
   }
 });
 
+Deno.test("runBackfillSync() warns of a collection whose domain part has capitals: valid, but it matches nothing", async () => {
+  const events = capture();
+  await using server = serveEvents(events, { closeAtEnd: true });
+  await using db = await tempDb();
+  const { stats, reports } = await syncReporting({
+    instance: server.url,
+    kv: db.path,
+    startTimestamp: T0,
+    wantedCollections: ["App.Bsky.Feed.Post", "app.bsky.feed.like", "App.bsky.*"],
+    maxTime: 30,
+  });
+  assert.equal(
+    stats.recordsStored,
+    events.filter((e) => e.kind === "commit" && e.commit.collection === "app.bsky.feed.like").length,
+  );
+  assert.deepEqual(reports.filter((r) => r.reason === "coverage").map((r) => r.message), [
+    'collection "App.Bsky.Feed.Post" has capitals in its domain part "App.Bsky.Feed", which records\' NSIDs write in lowercase: Jetstream matches collections exactly, so it most likely matches nothing (did you mean "app.bsky.feed.Post"?)',
+    'collection "App.bsky.*" has capitals in its domain part "App.bsky", which records\' NSIDs write in lowercase: Jetstream matches collections exactly, so it most likely matches nothing (did you mean "app.bsky.*"?)',
+  ]);
+});
+
 Deno.test("runBackfillSync() reports date changes and per-day counts in UTC", async () => {
   const events = capture();
   await using server = serveEvents(events, { closeAtEnd: true });
