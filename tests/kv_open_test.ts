@@ -433,3 +433,46 @@ Deno.test("a database folder that cannot be written, or made, is bad input (exit
     await Deno.chmod(folder, 0o755);
   }
 });
+
+Deno.test("a database path that cannot mean what was meant is bad input for every command, and nothing is made", async () => {
+  await using db = await tempDb();
+  const name = `jetfill-test-${crypto.randomUUID()}.sqlite`;
+  const cases: [string, RegExp][] = [
+    [`${db.dir}/new.sqlite/`, /ends in "\/", so it names a folder/],
+    [`~/${name}`, /begins with "~", which only a shell expands/],
+    // (file:NAME is file:///NAME: a database at the root, before.)
+    [`file:${name}`, /a file: URL without "\/\/" names a file from the root/],
+  ];
+  try {
+    for (const [path, why] of cases) {
+      for (
+        const args of [["sync", "--max-time", "1"], ["status"], ["export", "--out", `${db.dir}/out.ndjson`]]
+      ) {
+        const r = await runCli([...args, "--kv", path]);
+        assert.equal(r.code, 2, `${args[0]} ${path}: ${r.stderr}`);
+        assert.match(
+          r.stderr,
+          new RegExp(
+            `^jetfill ${args[0]}: "${
+              path.replace(/[/.]/g, "\\$&")
+            }" is not a usable database path: (it )?${why.source}`,
+          ),
+        );
+      }
+      await assert.rejects(
+        () => openKvAt(path),
+        (err: unknown) => err instanceof UsageError && why.test(err.message),
+      );
+    }
+    assert.deepEqual([...Deno.readDirSync(db.dir)].map((e) => e.name), []);
+    // A remote database (KV Connect) is not opened by the command line, nor is the network used.
+    const remote = await runCli(["sync", "--kv", "http://127.0.0.1:9/db", "--max-time", "1"]);
+    assert.equal(remote.code, 2, remote.stderr);
+    assert.match(
+      remote.stderr,
+      /--kv must be a database file's path or a file: URL: current value is "http:\/\/127\.0\.0\.1:9\/db", a remote database/,
+    );
+  } finally {
+    for (const left of [`/${name}`, `/${name}@jetstream_sync.lock`]) await Deno.remove(left).catch(() => {});
+  }
+});

@@ -81,6 +81,14 @@ export function kvFlag(flag: string, value: unknown): string | undefined {
       `--${flag} must be a database file: current value is ":memory:", a database in memory that is gone when the command ends`,
     );
   }
+  // Deno.openKv would take a URL as a remote database (KV Connect), over the network.
+  if (/^[a-z][a-z0-9+.-]*:\/\//i.test(path) && !/^file:/i.test(path)) {
+    throw new UsageError(
+      `--${flag} must be a database file's path or a file: URL: current value is ${
+        JSON.stringify(path)
+      }, a remote database, which the command line does not open (from code, open it with Deno.openKv and pass that Deno.Kv as kv)`,
+    );
+  }
   return path;
 }
 

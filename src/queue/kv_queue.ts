@@ -776,7 +776,9 @@ const STRAY_CREATION = /^\.[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a
 
 /**
  * The file of a local database: `path` itself, or the path of a `file:` URL; undefined for
- * `:memory:` and for a remote database's URL.
+ * `:memory:` and for a remote database's URL. Throws a `UsageError` for a path that cannot mean
+ * what was meant: a `file:` URL without `//` (`file:q.sqlite` is `/q.sqlite`, at the root), a path
+ * that begins with `~` (a shell's, never expanded here) or that ends in `/` (a folder).
  *
  * @example
  * ```ts
@@ -787,16 +789,35 @@ const STRAY_CREATION = /^\.[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a
  */
 export function localDatabasePath(path: string): string | undefined {
   if (path === ":memory:") return undefined;
+  const unusable = (why: string) =>
+    new UsageError(`${JSON.stringify(path)} is not a usable database path: ${why}`);
+  let file = path;
   if (/^file:/i.test(path)) {
+    if (!/^file:\/\//i.test(path)) {
+      throw unusable(
+        'a file: URL without "//" names a file from the root, not from the current folder: give file:/// and ' +
+          "the whole path, or the path itself",
+      );
+    }
     try {
-      return fileURLToPath(path);
+      file = fileURLToPath(path);
     } catch (err) {
       throw new UsageError(
         `${JSON.stringify(path)} is not a database path or a file: URL of one (${(err as Error).message})`,
       );
     }
+  } else if (/^[a-z][a-z0-9+.-]*:\/\//i.test(path)) return undefined;
+  // (~ or ~user and a folder below: a file named "~notes.sqlite" is one.)
+  if (/^~(\/|$)|^~[a-z_][a-z0-9_-]*\//i.test(file)) {
+    throw unusable(
+      'it begins with "~", which only a shell expands (not in quotes, nor after "="); give the path from "/" ' +
+        "or from $HOME",
+    );
   }
-  return /^[a-z][a-z0-9+.-]*:\/\//i.test(path) ? undefined : path;
+  if (file.endsWith("/")) {
+    throw unusable('it ends in "/", so it names a folder; give the database file\'s path');
+  }
+  return file;
 }
 
 /**
