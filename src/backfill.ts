@@ -321,7 +321,7 @@ export async function runBackfillSync(options: BackfillSyncOptions = {}): Promis
     if (o.resume && needsDecoder(o)) {
       decodeFrame = await loadDecoder(options, o.maxTimeMs, lostDictionary, rememberedDictionary);
     }
-    return await run(o, options, kv, started, decodeFrame, fileLock !== undefined, callbacks);
+    return await run(o, options, kv, started, decodeFrame, fileLock, callbacks);
   } finally {
     if (path !== undefined) kv.close();
     // After the writer lock is given back (in run()): the next sync finds the queue free.
@@ -465,21 +465,28 @@ const RECENT_WRITER_MS = 10_000;
  * reckoned from that time, gives it its chance.) A crashed sync costs the next one that wait. The
  * lock is then taken with a check that the lock and `alive` are still as seen, so that a sync that
  * shows itself alive only then, or another sync starting at the same time, makes the taking fail.
- * When this sync holds the queue's lock file (`lockFile`) and the lock's holder said it held it too,
- * that holder has stopped: no watch.
+ * When this sync holds the queue's lock file (`fileLock`) and the lock's holder said it held that
+ * same file too, that holder has stopped: no watch. (A lock file deleted, or replaced, while a sync
+ * held it is another file, which the new sync's lock says nothing about.)
  */
 async function watchForLiveWriter(
   kv: Deno.Kv,
   queue: string,
-  lockFile: boolean,
+  fileLock: QueueFileLock | undefined,
   existing: Deno.KvEntryMaybe<Checkpoint>,
 ): Promise<{ existing: Deno.KvEntryMaybe<Checkpoint>; lock: string | null; alive: string | null }> {
   const keys = [queueKey(queue, "writer"), queueKey(queue, "alive")] as const;
-  const [lock, alive] = await kv.getMany<[{ at?: number; lockFile?: boolean }, { at?: number }]>(keys);
+  const [lock, alive] = await kv.getMany<[{ at?: number; lockFile?: boolean; lockFileId?: string }, {
+    at?: number;
+  }]>(keys);
   const seen = { existing, lock: lock.versionstamp, alive: alive.versionstamp };
   if (lock.versionstamp === null) return seen;
-  // Its holder held the queue's lock file, which this sync holds now: it is not running.
-  if (lockFile && lock.value?.lockFile === true) return seen;
+  // Its holder held the queue's lock file, which this sync holds now: it is not running. (A holder
+  // from before lock files had identities said only that it held one.)
+  const heldId = lock.value?.lockFileId;
+  if (fileLock && lock.value?.lockFile === true && (heldId === undefined || heldId === fileLock.id)) {
+    return seen;
+  }
   const last = Math.max(
     existing.value?.updatedAt ?? -Infinity,
     alive.value?.at ?? -Infinity,
@@ -505,14 +512,14 @@ async function run(
   kv: Deno.Kv,
   started: number,
   decodeFrame: ((bytes: Uint8Array) => Uint8Array) | undefined,
-  lockFile: boolean,
+  fileLock: QueueFileLock | undefined,
   callbacks: Callbacks,
 ): Promise<SyncStats> {
   const selection = selectionOf(o);
   const { existing, lock, alive } = await watchForLiveWriter(
     kv,
     o.queueName,
-    lockFile,
+    fileLock,
     await readCheckpoint(kv, o.queueName),
   );
   let resumeFrom: Checkpoint | undefined;
@@ -627,7 +634,15 @@ async function run(
   const writer = new QueueWriter(
     kv,
     o.queueName,
-    { checkpoint, versionstamp: existing.versionstamp, lock, alive, lockFile, keyEntries },
+    {
+      checkpoint,
+      versionstamp: existing.versionstamp,
+      lock,
+      alive,
+      lockFile: fileLock !== undefined,
+      lockFileId: fileLock?.id,
+      keyEntries,
+    },
     (r) => {
       if (newRunNote !== undefined) {
         options.onError?.(newRunNote);

@@ -239,6 +239,30 @@ Deno.test("a sync finding the writer lock of a sync that held the lock file, now
   assert.ok(free < watched - 1000, `took ${free} ms, against ${watched} ms with the watch`);
 });
 
+Deno.test("a lock file deleted while its sync runs is not taken for that sync's: the next sync watches for signs of life, and is refused", async () => {
+  const events = Array.from({ length: 20 }, (_, i) => commit(T0 + i * 1000));
+  await using server = serveEvents(events);
+  await using db = await tempDb();
+  const first = await syncAll(server, db.path, events.length);
+  try {
+    // (A clean-up of stale files, say.) The next sync makes a new lock file and finds it free.
+    await Deno.remove(`${db.path}@jetstream_sync.lock`);
+    await assert.rejects(
+      () => runBackfillSync({ instance: server.url, kv: db.path, resume: true, maxTime: 3 }),
+      (err) =>
+        err instanceof ConcurrentWriterError &&
+        /is being written by another sync right now/.test(err.message),
+    );
+  } finally {
+    killIfRunning(first, "SIGINT");
+  }
+  const out = await first.output();
+  assert.equal(out.code, 130, dec.decode(out.stderr));
+  const stats = JSON.parse(dec.decode(out.stdout));
+  assert.equal(stats.error, undefined);
+  assert.equal(stats.recordsStored, 20);
+});
+
 Deno.test("a file: URL names the database like its path, lock file included", async () => {
   const events = Array.from({ length: 3 }, (_, i) => commit(T0 + i * 1000));
   await using server = serveEvents(events, { closeAtEnd: true });

@@ -24,6 +24,12 @@ import { isBusy, localDatabasePath } from "./kv_queue.ts";
 export interface QueueFileLock {
   /** The lock file's path. */
   readonly path: string;
+  /**
+   * The lock file's identity on its file system (device and inode), when it has one: another file
+   * put in its place (the one a sync locked deleted, say) is another lock, which that sync does not
+   * hold.
+   */
+  readonly id: string | undefined;
   /** Gives the lock back (idempotent). */
   release(): void;
 }
@@ -133,8 +139,10 @@ export async function lockQueueFile(
     }
     if (!("exec" in db)) return db;
     let held = true;
+    const info = await Deno.stat(path).catch(() => undefined);
     return {
       path,
+      id: info?.ino != null ? `${info.dev}:${info.ino}` : undefined,
       release() {
         if (!held) return;
         held = false;

@@ -214,6 +214,7 @@ export class QueueWriter {
   readonly #seenAlive: string | null | undefined;
   /** This sync holds the queue's lock file too. */
   readonly #lockFile: boolean;
+  readonly #lockFileId: string | undefined;
   /** The key entries kept, oldest first: each one's seq, the newest `time_us` of its records, and their count. */
   readonly #keyEntries: { seq: number; newestUs: number; count: number }[];
   /** Records whose keys the entries hold. */
@@ -240,7 +241,8 @@ export class QueueWriter {
    * queue) and calls `onCommit` after every durable commit. With `lock` (the writer lock's
    * versionstamp as seen, null when there was none), taking the lock also checks that nobody took it
    * since; with `alive`, that the sync holding it showed no sign of life since. `lockFile` says in
-   * the writer lock that this sync also holds the queue's lock file (see `file_lock.ts`).
+   * the writer lock that this sync also holds the queue's lock file (see `file_lock.ts`), and
+   * `lockFileId` which file that is (see `QueueFileLock.id`).
    * `keyEntries` are the queue's key entries as read (see `KeyEntry`), which its commits then keep
    * up to date.
    */
@@ -253,6 +255,7 @@ export class QueueWriter {
       lock?: string | null;
       alive?: string | null;
       lockFile?: boolean;
+      lockFileId?: string;
       keyEntries?: readonly KeyEntry[];
     },
     onCommit: (report: CommitReport, checkpoint: Checkpoint) => void,
@@ -267,6 +270,7 @@ export class QueueWriter {
     this.#seenLock = start.lock;
     this.#seenAlive = start.alive;
     this.#lockFile = start.lockFile === true;
+    this.#lockFileId = start.lockFileId;
     this.#keyEntries = (start.keyEntries ?? []).map((e) => ({
       seq: e.seq,
       newestUs: e.maxUs ?? e.cursor,
@@ -499,7 +503,12 @@ export class QueueWriter {
       .check({ key: queueKey(q, "checkpoint"), versionstamp: this.#readVersionstamp });
     if (this.#seenLock !== undefined) op.check({ key: queueKey(q, "writer"), versionstamp: this.#seenLock });
     if (this.#seenAlive !== undefined) op.check({ key: queueKey(q, "alive"), versionstamp: this.#seenAlive });
-    op.set(queueKey(q, "writer"), { run: this.#issued.run.id, at: Date.now(), lockFile: this.#lockFile });
+    op.set(queueKey(q, "writer"), {
+      run: this.#issued.run.id,
+      at: Date.now(),
+      lockFile: this.#lockFile,
+      ...(this.#lockFileId === undefined ? {} : { lockFileId: this.#lockFileId }),
+    });
     // Until it stores a record, the checkpoint names this run from the moment it takes the queue: a
     // run stopped before its first commit can then be resumed too, rather than the one before it.
     const unstored = this.#issued.run.recordsStored === 0;
