@@ -465,6 +465,11 @@ Deno.test("a database path that cannot mean what was meant is bad input for ever
       );
     }
     assert.deepEqual([...Deno.readDirSync(db.dir)].map((e) => e.name), []);
+    // (The command line says an empty --kv is not a path before.)
+    await assert.rejects(
+      () => openKvAt(""),
+      (err: unknown) => err instanceof UsageError && /is empty/.test(err.message),
+    );
     // A remote database (KV Connect) is not opened by the command line, nor is the network used.
     const remote = await runCli(["sync", "--kv", "http://127.0.0.1:9/db", "--max-time", "1"]);
     assert.equal(remote.code, 2, remote.stderr);

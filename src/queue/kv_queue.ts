@@ -814,6 +814,7 @@ export function localDatabasePath(path: string): string | undefined {
         "or from $HOME",
     );
   }
+  if (file === "") throw unusable("it is empty; give the database file's path");
   if (file.endsWith("/")) {
     throw unusable('it ends in "/", so it names a folder; give the database file\'s path');
   }
