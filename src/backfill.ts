@@ -717,22 +717,24 @@ async function run(
     // A resume of a run that was done: said, as a run that stores nothing would otherwise seem stuck.
     ctx.report({
       reason: "queue",
-      message:
-        `the run being resumed already stored ${ctx.accepted} records, at or over the limit of ${o.numRecords}, so there is nothing more to store: to go on, give a larger --limit / numRecords with --force / force: true`,
+      message: `the run being resumed already stored ${ctx.accepted} record${
+        ctx.accepted === 1 ? "" : "s"
+      }, at or over the limit of ${o.numRecords}, so there is nothing more to store: to go on, give a larger --limit / numRecords with --force / force: true`,
     });
     stopWith(ctx, "limit");
   }
   for (const collection of ctx.stop ? [] : o.wantedCollections) {
     // Valid, but most likely a slip: records name their collection with a lowercase domain part
-    // (atproto normalizes it), and Jetstream matches the filter exactly.
-    const domain = collection.slice(0, collection.lastIndexOf("."));
-    if (domain === domain.toLowerCase()) continue;
+    // (atproto normalizes it) and a lowerCamelCase name, and Jetstream matches the filter exactly.
+    const dot = collection.lastIndexOf(".");
+    const name = collection.slice(dot + 1);
+    const usual = collection.slice(0, dot).toLowerCase() + "." + name.charAt(0).toLowerCase() + name.slice(1);
+    if (usual === collection) continue;
     ctx.report({
       reason: "coverage",
-      message:
-        `collection "${collection}" has capitals in its domain part "${domain}", which records' NSIDs ` +
-        `write in lowercase: Jetstream matches collections exactly, so it most likely matches nothing ` +
-        `(did you mean "${domain.toLowerCase()}${collection.slice(domain.length)}"?)`,
+      message: `collection "${collection}" has capitals where NSIDs have none (a domain part in lowercase, ` +
+        `a name in lowerCamelCase): Jetstream matches collections exactly, so it most likely matches nothing ` +
+        `(did you mean "${usual}"?)`,
     });
   }
   const longUrl = didsNeedHello(o.wantedDids) ? o.instances.find(isV2Url) : undefined;

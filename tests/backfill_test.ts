@@ -398,7 +398,7 @@ Deno.test("a maxMessageSizeBytes in the instance URL goes in the hello too, whic
   }
 });
 
-Deno.test("runBackfillSync() warns of a collection whose domain part has capitals: valid, but it matches nothing", async () => {
+Deno.test("runBackfillSync() warns of a collection written with capitals where NSIDs have none: valid, but it matches nothing", async () => {
   const events = capture();
   await using server = serveEvents(events, { closeAtEnd: true });
   await using db = await tempDb();
@@ -406,7 +406,7 @@ Deno.test("runBackfillSync() warns of a collection whose domain part has capital
     instance: server.url,
     kv: db.path,
     startTimestamp: T0,
-    wantedCollections: ["App.Bsky.Feed.Post", "app.bsky.feed.like", "App.bsky.*"],
+    wantedCollections: ["App.Bsky.Feed.Post", "app.bsky.feed.like", "App.bsky.*", "app.bsky.feed.Repost"],
     maxTime: 30,
   });
   assert.equal(
@@ -414,8 +414,9 @@ Deno.test("runBackfillSync() warns of a collection whose domain part has capital
     events.filter((e) => e.kind === "commit" && e.commit.collection === "app.bsky.feed.like").length,
   );
   assert.deepEqual(reports.filter((r) => r.reason === "coverage").map((r) => r.message), [
-    'collection "App.Bsky.Feed.Post" has capitals in its domain part "App.Bsky.Feed", which records\' NSIDs write in lowercase: Jetstream matches collections exactly, so it most likely matches nothing (did you mean "app.bsky.feed.Post"?)',
-    'collection "App.bsky.*" has capitals in its domain part "App.bsky", which records\' NSIDs write in lowercase: Jetstream matches collections exactly, so it most likely matches nothing (did you mean "app.bsky.*"?)',
+    'collection "App.Bsky.Feed.Post" has capitals where NSIDs have none (a domain part in lowercase, a name in lowerCamelCase): Jetstream matches collections exactly, so it most likely matches nothing (did you mean "app.bsky.feed.post"?)',
+    'collection "App.bsky.*" has capitals where NSIDs have none (a domain part in lowercase, a name in lowerCamelCase): Jetstream matches collections exactly, so it most likely matches nothing (did you mean "app.bsky.*"?)',
+    'collection "app.bsky.feed.Repost" has capitals where NSIDs have none (a domain part in lowercase, a name in lowerCamelCase): Jetstream matches collections exactly, so it most likely matches nothing (did you mean "app.bsky.feed.repost"?)',
   ]);
 });
 
@@ -788,6 +789,14 @@ Deno.test("runBackfillSync({ resume: true }) of a run that stored its limit says
   assert.deepEqual(reports.map((r) => `${r.reason}: ${r.message}`), [
     "queue: the run being resumed already stored 10 records, at or over the limit of 10, so there is nothing more to store: to go on, give a larger --limit / numRecords with --force / force: true",
   ]);
+  // One record is one record.
+  await using one = await tempDb();
+  await runBackfillSync({ instance: server.url, kv: one.path, startTimestamp: T0, numRecords: 1 });
+  const single = await syncReporting({ kv: one.path, resume: true });
+  assert.match(
+    single.reports[0].message,
+    /^the run being resumed already stored 1 record, at or over the limit of 1,/,
+  );
 });
 
 Deno.test("runBackfillSync({ resume: true }) keeps the last run's maxEventBytes, and refuses another unless forced", async () => {

@@ -253,6 +253,13 @@ Deno.test("a lock file deleted while its sync runs is not taken for that sync's:
         err instanceof ConcurrentWriterError &&
         /is being written by another sync right now/.test(err.message),
     );
+    // The lock file there now (the refused sync's) is not the running one's: status goes by its
+    // signs of life, not by that file being free.
+    const status = await runCli(["status", "--kv", db.path]);
+    assert.match(status.stdout, /^writer {14}a sync is running: run /m);
+    const json = JSON.parse((await runCli(["status", "--kv", db.path, "--json"])).stdout);
+    assert.equal(json.writer.lockFile, false);
+    assert.equal(json.lockFile.held, false);
   } finally {
     killIfRunning(first, "SIGINT");
   }

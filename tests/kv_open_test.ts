@@ -439,9 +439,11 @@ Deno.test("a database path that cannot mean what was meant is bad input for ever
   const name = `jetfill-test-${crypto.randomUUID()}.sqlite`;
   const cases: [string, RegExp][] = [
     [`${db.dir}/new.sqlite/`, /ends in "\/", so it names a folder/],
+    [`${db.dir}/n1/.`, /ends in "\.", so it names a folder/],
+    [`${db.dir}/n2/x/..`, /ends in "\.\.", so it names a folder/],
     [`~/${name}`, /begins with "~", which only a shell expands/],
     // (file:NAME is file:///NAME: a database at the root, before.)
-    [`file:${name}`, /a file: URL without "\/\/" names a file from the root/],
+    [`file:${name}`, /a file: URL without "\/" after "file:" names a file from the root/],
   ];
   try {
     for (const [path, why] of cases) {
@@ -465,6 +467,9 @@ Deno.test("a database path that cannot mean what was meant is bad input for ever
       );
     }
     assert.deepEqual([...Deno.readDirSync(db.dir)].map((e) => e.name), []);
+    // A file: URL with one slash is absolute as it is written.
+    (await openKvAt(`file:${db.dir}/abs.sqlite`)).close();
+    assert.ok(Deno.statSync(`${db.dir}/abs.sqlite`).isFile);
     // (The command line says an empty --kv is not a path before.)
     await assert.rejects(
       () => openKvAt(""),

@@ -139,10 +139,9 @@ export async function lockQueueFile(
     }
     if (!("exec" in db)) return db;
     let held = true;
-    const info = await Deno.stat(path).catch(() => undefined);
     return {
       path,
-      id: info?.ino != null ? `${info.dev}:${info.ino}` : undefined,
+      id: await fileIdentity(path),
       release() {
         if (!held) return;
         held = false;
@@ -151,6 +150,12 @@ export async function lockQueueFile(
       },
     };
   }
+}
+
+/** The identity of the file at `path` on its file system (device and inode), when it has one. */
+export async function fileIdentity(path: string): Promise<string | undefined> {
+  const info = await Deno.stat(path).catch(() => undefined);
+  return info?.ino != null ? `${info.dev}:${info.ino}` : undefined;
 }
 
 /**

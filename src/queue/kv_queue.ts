@@ -467,8 +467,9 @@ async function checkLogFiles(path: string, file: string): Promise<void> {
       `Cannot open the Deno KV database ${JSON.stringify(path)}: its SQLite file ${
         JSON.stringify(log)
       } cannot be written by this process while the database can, so SQLite would refuse every write ` +
-        "(a look at the database while it was read-only leaves such a file); give it write access " +
-        `(chmod u+w ${JSON.stringify(log)}), or delete it while no program has the database open`,
+        "(a look at the database by a process that could not write it leaves such a file); have its owner " +
+        `give it write access (chmod u+w ${JSON.stringify(log)}), or delete it while no program has the ` +
+        "database open",
     );
   }
 }
@@ -532,6 +533,11 @@ async function fileOnPath(folder: string): Promise<string | undefined> {
 
 /** The database files of the handles {@link openKvAt} opened. */
 const databaseFiles = new WeakMap<Deno.Kv, string>();
+
+/** The database file of a handle {@link openKvAt} opened; undefined for another handle. */
+export function databaseFileOf(kv: Deno.Kv): string | undefined {
+  return databaseFiles.get(kv);
+}
 
 /** The database file of a handle {@link openKvAt} opened, for messages; "this database" otherwise. */
 export function databaseName(kv: Deno.Kv): string {
@@ -793,10 +799,11 @@ export function localDatabasePath(path: string): string | undefined {
     new UsageError(`${JSON.stringify(path)} is not a usable database path: ${why}`);
   let file = path;
   if (/^file:/i.test(path)) {
-    if (!/^file:\/\//i.test(path)) {
+    // (file:/tmp/q.sqlite is /tmp/q.sqlite, as written; file:q.sqlite is /q.sqlite, which it seems not to be.)
+    if (!/^file:\//i.test(path)) {
       throw unusable(
-        'a file: URL without "//" names a file from the root, not from the current folder: give file:/// and ' +
-          "the whole path, or the path itself",
+        'a file: URL without "/" after "file:" names a file from the root, not from the current folder: give ' +
+          "file:/// and the whole path, or the path itself",
       );
     }
     try {
@@ -815,8 +822,11 @@ export function localDatabasePath(path: string): string | undefined {
     );
   }
   if (file === "") throw unusable("it is empty; give the database file's path");
-  if (file.endsWith("/")) {
-    throw unusable('it ends in "/", so it names a folder; give the database file\'s path');
+  // ("x/", "x/." and "x/..", "." and "..": folders.)
+  if (/(^|\/)\.{0,2}$/.test(file)) {
+    throw unusable(
+      `it ends in "${/\.*$/.exec(file)![0] || "/"}", so it names a folder; give the database file's path`,
+    );
   }
   return file;
 }

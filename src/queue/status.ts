@@ -6,6 +6,7 @@
  */
 import {
   counterValue,
+  databaseFileOf,
   messagesInKvQueue,
   queueKey,
   readCheckpoint,
@@ -13,6 +14,7 @@ import {
   refuseQueueName,
 } from "./kv_queue.ts";
 import { deadLettersOf } from "./dead_letters.ts";
+import { fileIdentity, queueLockPath } from "./file_lock.ts";
 import { parkedByRun } from "./parking.ts";
 import { isoFromUs } from "../time.ts";
 import { decodeQueueMessage } from "./message.ts";
@@ -72,7 +74,8 @@ export interface QueueStatus {
     run: string;
     /**
      * Whether that sync holds the queue's lock file too (it was given a database path): while a
-     * process holds the lock file, it is running, however long ago it was last seen.
+     * process holds the lock file, it is running, however long ago it was last seen. False when the
+     * lock file there now is another than the one it took (that one was deleted or replaced since).
      */
     lockFile: boolean;
     /** When it took the lock, ISO 8601 UTC. */
@@ -314,7 +317,7 @@ export async function queueStatus(kv: Deno.Kv, queue: string): Promise<QueueStat
   }>(queueKey(queue, "run"))).value;
   const latest = checkpoint && checkpoint.recordsStored > 0 ? checkpoint.cursor : null;
   const [lock, alive] = await kv.getMany<
-    [{ run?: string; at?: number; lockFile?: boolean }, { at?: number }]
+    [{ run?: string; at?: number; lockFile?: boolean; lockFileId?: string }, { at?: number }]
   >([
     queueKey(queue, "writer"),
     queueKey(queue, "alive"),
@@ -324,9 +327,15 @@ export async function queueStatus(kv: Deno.Kv, queue: string): Promise<QueueStat
     const at = lock.value.at;
     // Commits of the lock's run count as signs of life too.
     const committed = checkpoint && checkpoint.run.id === lock.value.run ? checkpoint.updatedAt : at;
+    let lockFile = lock.value.lockFile === true;
+    const file = databaseFileOf(kv);
+    if (lockFile && lock.value.lockFileId !== undefined && file !== undefined) {
+      const now = await queueLockPath(file, queue).then(fileIdentity, () => undefined);
+      lockFile = now === lock.value.lockFileId;
+    }
     writer = {
       run: String(lock.value.run),
-      lockFile: lock.value.lockFile === true,
+      lockFile,
       since: new Date(at).toISOString(),
       lastSeen: new Date(Math.max(at, committed, alive.value?.at ?? at)).toISOString(),
     };
