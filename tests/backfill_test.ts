@@ -633,6 +633,29 @@ Deno.test("maxTime running out while an abort waits for a server that does not a
   assert.equal(stats.recordsStored, 1);
 });
 
+Deno.test("an abort while the stream is quiet gives a server that does not answer the close its 2 s, not 30", async () => {
+  await using server = closeIgnoringServer(commit(T0 + 1));
+  await using db = await tempDb();
+  const controller = new AbortController();
+  const waiting = runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    maxTime: 120,
+    signal: controller.signal,
+  });
+  while (!server.connected()) await delay(10);
+  // Long enough for the sync to be waiting for the next frame when the stop comes.
+  await delay(500);
+  const stoppedAt = performance.now();
+  controller.abort();
+  const stats = await waiting;
+  const waitedMs = performance.now() - stoppedAt;
+  // (Before: the wait began only at a next read, which a quiet server never let come: 30 s.)
+  assert.ok(waitedMs < 10_000, `the stop took ${Math.round(waitedMs)} ms`);
+  assert.equal(stats.stopReason, "aborted");
+  assert.equal(stats.recordsStored, 1);
+});
+
 Deno.test("runBackfillSync() fails fast with the server's text on HTTP 400", async () => {
   await using db = await tempDb();
   await using http = Deno.serve(

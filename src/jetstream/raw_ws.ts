@@ -204,6 +204,10 @@ export class RawConnection implements Connection {
   #drainLeftMs: number | undefined;
   /** Ends a drain once `next()` has used up its time. */
   #drainWaitTimer: ReturnType<typeof setTimeout> | undefined;
+  /** While that timer runs: when it started (a `next()` that waits, from its start or the drain's). */
+  #drainWaitFrom: number | undefined;
+  /** Whether a `next()` is pending. */
+  #inNext = false;
   readonly #onDrainOver = (): void => this.#finish({ kind: "aborted" }, undefined);
   #finishing = false;
   #closeSent = false;
@@ -264,12 +268,12 @@ export class RawConnection implements Connection {
    * left; `null` once the connection has ended and everything received was taken.
    */
   async next(): Promise<Frame[] | null> {
-    if (this.#reading) throw new Error("next() called while another next() is pending");
+    if (this.#inNext) throw new Error("next() called while another next() is pending");
+    this.#inNext = true;
     // Idle time runs from here until progress: pings and pongs read meanwhile do not count, so a
     // server that only pings (jetstream-legacy#48) is still caught.
-    const entered = this.#lastProgress = performance.now();
-    const draining = this.#drainLeftMs !== undefined && this.cause === undefined;
-    if (draining) this.#drainWaitTimer = setTimeout(this.#onDrainOver, this.#drainLeftMs);
+    this.#lastProgress = performance.now();
+    if (this.#drainLeftMs !== undefined && this.cause === undefined) this.#startDrainWait();
     try {
       for (;;) {
         if (this.#head < this.#tail && !this.#stopped) {
@@ -280,11 +284,19 @@ export class RawConnection implements Connection {
         await this.#fill();
       }
     } finally {
-      if (draining) {
+      this.#inNext = false;
+      if (this.#drainWaitFrom !== undefined) {
         clearTimeout(this.#drainWaitTimer);
-        this.#drainLeftMs! -= performance.now() - entered;
+        this.#drainLeftMs! -= performance.now() - this.#drainWaitFrom;
+        this.#drainWaitFrom = undefined;
       }
     }
+  }
+
+  /** Starts counting the time `next()` waits against the drain's (see {@linkcode drain}). */
+  #startDrainWait(): void {
+    this.#drainWaitFrom = performance.now();
+    this.#drainWaitTimer = setTimeout(this.#onDrainOver, Math.max(0, this.#drainLeftMs!));
   }
 
   /**
@@ -326,6 +338,8 @@ export class RawConnection implements Connection {
     this.#sendClose(closePayload(1000, ""));
     this.#drainLeftMs = waitMs;
     this.#drainTimer = setTimeout(this.#onDrainOver, maxMs);
+    // A next() waiting already (a quiet server, the usual case of a stop) waits from now on.
+    if (this.#inNext) this.#startDrainWait();
     return true;
   }
 
