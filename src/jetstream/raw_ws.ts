@@ -773,6 +773,12 @@ export class RawConnection implements Connection {
       for (;;) {
         const n = await this.#conn.read(scratch);
         if (n === null || finder.feed(scratch.subarray(0, n))) return;
+        // (Reads that each complete at once, as in a ping flood, would clear the timer before it
+        // ever fired.)
+        if (performance.now() >= giveUpAt) {
+          closeQuietly(this.#conn);
+          return;
+        }
         wait();
       }
     } catch {
