@@ -614,44 +614,38 @@ Deno.test("an abort after the server closed the stream still stores what it had 
   assert.deepEqual(got, events);
 });
 
-Deno.test("maxTime running out while an abort waits for a server that does not answer the close still says aborted", async () => {
+/**
+ * A sync of a server that sends one event and never answers the close, with `maxTime` (s), aborted
+ * `afterMs` after it connected: its statistics, and how long the stop took (ms).
+ */
+async function abortUnanswered(
+  maxTime: number,
+  afterMs: number,
+): Promise<{ stats: SyncStats; stopMs: number }> {
   await using server = closeIgnoringServer(commit(T0 + 1));
   await using db = await tempDb();
   const controller = new AbortController();
-  const waiting = runBackfillSync({
-    instance: server.url,
-    kv: db.path,
-    maxTime: 1,
-    signal: controller.signal,
-  });
+  const waiting = runBackfillSync({ instance: server.url, kv: db.path, maxTime, signal: controller.signal });
   while (!server.connected()) await delay(10);
-  await delay(200);
+  await delay(afterMs);
+  const stoppedAt = performance.now();
   controller.abort();
   const stats = await waiting;
+  return { stats, stopMs: performance.now() - stoppedAt };
+}
+
+Deno.test("maxTime running out while an abort waits for a server that does not answer the close still says aborted", async () => {
+  const { stats } = await abortUnanswered(1, 200);
   // The drain would wait 2 s; maxTime ends it first, but the user's stop came first.
   assert.equal(stats.stopReason, "aborted");
   assert.equal(stats.recordsStored, 1);
 });
 
 Deno.test("an abort while the stream is quiet gives a server that does not answer the close its 2 s, not 30", async () => {
-  await using server = closeIgnoringServer(commit(T0 + 1));
-  await using db = await tempDb();
-  const controller = new AbortController();
-  const waiting = runBackfillSync({
-    instance: server.url,
-    kv: db.path,
-    maxTime: 120,
-    signal: controller.signal,
-  });
-  while (!server.connected()) await delay(10);
   // Long enough for the sync to be waiting for the next frame when the stop comes.
-  await delay(500);
-  const stoppedAt = performance.now();
-  controller.abort();
-  const stats = await waiting;
-  const waitedMs = performance.now() - stoppedAt;
+  const { stats, stopMs } = await abortUnanswered(120, 500);
   // (Before: the wait began only at a next read, which a quiet server never let come: 30 s.)
-  assert.ok(waitedMs < 10_000, `the stop took ${Math.round(waitedMs)} ms`);
+  assert.ok(stopMs < 10_000, `the stop took ${Math.round(stopMs)} ms`);
   assert.equal(stats.stopReason, "aborted");
   assert.equal(stats.recordsStored, 1);
 });

@@ -21,6 +21,16 @@ async function take(path: string, queue = "jetstream_sync"): Promise<QueueFileLo
   return lock;
 }
 
+/** Stops `child`, a sync that stored `records`, with Ctrl-C: it ends cleanly, its records stored. */
+async function interruptCleanly(child: Deno.ChildProcess, records: number): Promise<void> {
+  killIfRunning(child, "SIGINT");
+  const out = await child.output();
+  assert.equal(out.code, 130, dec.decode(out.stderr));
+  const stats = JSON.parse(dec.decode(out.stdout));
+  assert.equal(stats.error, undefined);
+  assert.equal(stats.recordsStored, records);
+}
+
 /**
  * Starts `jetfill sync` from T0 on `server`, which stays open, and resolves once the server sent all
  * `count` events and the sync had time to store them.
@@ -119,12 +129,7 @@ Deno.test("a paused sync keeps its queue: a second sync is refused however long 
     killIfRunning(first, "SIGCONT");
   }
   await delay(500);
-  killIfRunning(first, "SIGINT");
-  const out = await first.output();
-  assert.equal(out.code, 130, dec.decode(out.stderr));
-  const stats = JSON.parse(dec.decode(out.stdout));
-  assert.equal(stats.error, undefined);
-  assert.equal(stats.recordsStored, 20);
+  await interruptCleanly(first, 20);
   assert.equal(await queueFileLocked(db.path, "jetstream_sync"), false);
 });
 
@@ -260,14 +265,12 @@ Deno.test("a lock file deleted while its sync runs is not taken for that sync's:
     const json = JSON.parse((await runCli(["status", "--kv", db.path, "--json"])).stdout);
     assert.equal(json.writer.lockFile, false);
     assert.equal(json.lockFile.held, false);
-  } finally {
-    killIfRunning(first, "SIGINT");
+  } catch (err) {
+    killIfRunning(first, "SIGKILL");
+    await first.output();
+    throw err;
   }
-  const out = await first.output();
-  assert.equal(out.code, 130, dec.decode(out.stderr));
-  const stats = JSON.parse(dec.decode(out.stdout));
-  assert.equal(stats.error, undefined);
-  assert.equal(stats.recordsStored, 20);
+  await interruptCleanly(first, 20);
 });
 
 Deno.test("a file: URL names the database like its path, lock file included", async () => {
