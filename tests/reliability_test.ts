@@ -1883,6 +1883,31 @@ Deno.test("runBackfillSync() recovers events a legacy server dropped at its repl
   assert.deepEqual(kept.map((e) => e.time_us).sort((a, b) => a - b), events.map((e) => e.time_us));
 });
 
+Deno.test("a stop while the pass over a switch waits, after the connection dropped, ends the run at once", async () => {
+  // A live tail whose every connection drops after three events: a reconnect's (by time, from the
+  // rewind) has a switch to pass over, which waits till 5 s after it (SEAM_PASS_AT_END_MS).
+  const now = Date.now() * 1000;
+  const events = Array.from({ length: 10 }, (_, i) => commit(now - 2_000_000 + i * 1000));
+  await using server = serveEvents(events, { faults: { dropEvery: 3 } });
+  await using db = await tempDb();
+  const controller = new AbortController();
+  const waiting = runBackfillSync({
+    instance: server.url,
+    kv: db.path,
+    maxTime: 60,
+    signal: controller.signal,
+  });
+  while (syncConnections(server)[1]?.closeCode === undefined) await delay(10);
+  await delay(200);
+  const stoppedAt = performance.now();
+  controller.abort();
+  const stats = await waiting;
+  const stopMs = performance.now() - stoppedAt;
+  // (Before: the wait went on, up to 5 s; only the run's own stops ended it.)
+  assert.ok(stopMs < 2500, `the stop took ${Math.round(stopMs)} ms`);
+  assert.equal(stats.stopReason, "aborted");
+});
+
 Deno.test("an event too large to store that a reconnect's rewind sends again is counted and reported once", async () => {
   // The 200th of 300 events, 10 ms apart, is over the run's 2,000-byte limit; the connection drops
   // after the 250th, and the rewind asks again from before the large one.

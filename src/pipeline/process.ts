@@ -1126,7 +1126,9 @@ export async function readConnection(
     ) {
       seamPassed = true;
       const wait = SEAM_PASS_AT_END_MS - (performance.now() - seam.at);
-      if (wait > 0) await delay(wait, ctx.stop === "end" ? options.signal : ctx.internal.signal);
+      // (The user's stop ends it too: with the connection over, it has no drain to wait for.)
+      const stops = [ctx.stop === "end" ? undefined : ctx.internal.signal, options.signal];
+      if (wait > 0) await delay(wait, AbortSignal.any(stops.filter((s) => s !== undefined)));
       if (!options.signal?.aborted && (ctx.stop === undefined || ctx.stop === "end")) {
         await passOverSeam(
           ctx,
