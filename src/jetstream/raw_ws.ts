@@ -110,6 +110,9 @@ const CLOSED_TIMEOUT_MS = 2000;
  * the server would see an abnormal close (1006) rather than the closing handshake.
  */
 const LINGER_MS = 500;
+
+/** How long `next()` reads at most before it gives the event loop a turn (ms). */
+const YIELD_EVERY_MS = 50;
 /**
  * …and given up sooner once nothing has come for this long, ms: nothing is left unread to reset the
  * connection, and a server that answers later still had the close frame.
@@ -208,6 +211,8 @@ export class RawConnection implements Connection {
   #drainWaitFrom: number | undefined;
   /** Whether a `next()` is pending. */
   #inNext = false;
+  /** When `next()` last gave the event loop a turn (see {@link YIELD_EVERY_MS}). */
+  #yieldedAt = performance.now();
   readonly #onDrainOver = (): void => this.#finish({ kind: "aborted" }, undefined);
   #finishing = false;
   #closeSent = false;
@@ -281,6 +286,13 @@ export class RawConnection implements Connection {
           if (frames.length > 0) return frames;
         }
         if (this.cause !== undefined || this.#stopped) return null;
+        // Reads that each complete at once (a flood of frames, pings or ones the run drops) would
+        // keep timers and signals (max time, idle, a drain's wait, Ctrl-C) waiting for seconds: a
+        // turn of the event loop every YIELD_EVERY_MS.
+        if (performance.now() - this.#yieldedAt > YIELD_EVERY_MS) {
+          await new Promise((resolve) => setTimeout(resolve, 0));
+          this.#yieldedAt = performance.now();
+        }
         await this.#fill();
       }
     } finally {

@@ -14,6 +14,7 @@ import type { BackfillSyncOptions } from "../options.ts";
 import type { SkipReason } from "../stats.ts";
 import {
   coverageGap,
+  DRAIN_WAIT_MS,
   endAwait,
   type RunContext,
   searchCanGoFurther,
@@ -639,6 +640,9 @@ export async function readConnection(
   const jumps: number[] = [];
   let markedUs = Number.NEGATIVE_INFINITY;
   let failed = false;
+  // During a drain (the user's stop): since when nothing was stored, and what had been by then.
+  let drainQuietFrom: number | undefined;
+  let drainAccepted = 0;
   let pending = conn.next();
   try {
     for (;;) {
@@ -664,6 +668,18 @@ export async function readConnection(
       const frames = got;
       const sizes = conn.frameBytes;
       if (ctx.stop) return;
+      if (ctx.draining) {
+        const now = performance.now();
+        if (drainQuietFrom === undefined || ctx.accepted !== drainAccepted) {
+          drainQuietFrom = now;
+          drainAccepted = ctx.accepted;
+        } else if (now - drainQuietFrom > DRAIN_WAIT_MS) {
+          // A server that goes on sending what this run does not store (frames it skips, events its
+          // filters leave out), the close ignored, is given up as one that does not answer is: the
+          // frames read so far are still taken.
+          conn.close();
+        }
+      }
       // The latest time_us a server could give (see shapeProblem), once for the frames read together.
       const nowUs = Date.now() * 1000;
       const maxTimeUs = nowUs + FUTURE_SLACK_US;
